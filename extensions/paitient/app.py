@@ -1,0 +1,65 @@
+"""Base class for ``paitient`` subcommands: a traitlets Application that knows the site configuration."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from traitlets import Unicode, default
+from traitlets.config import Application
+
+from paitient import __version__
+from paitient.config import ConfigError, SiteConfig, load
+
+
+class PaitientCommand(Application):
+    """A ``paitient`` subcommand. ``--site=PATH`` picks the site configuration, ``--state-dir`` overrides its state directory."""
+
+    version = __version__
+
+    site = Unicode(
+        "",
+        help="Site configuration file (TOML). Empty: the embedded demo default (demo directory, demo data).",
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        "",
+        help="Where all state lives (directory, hub database, services, data). "
+        "Overrides [workspace] state_dir of the site configuration; default /var/lib/paitient.",
+    ).tag(config=True)
+
+    aliases = {
+        "site": "PaitientCommand.site",
+        "state-dir": "PaitientCommand.state_dir",
+        "log-level": "Application.log_level",
+    }
+
+    @default("log_format")
+    def _log_format(self) -> str:
+        return "[%(levelname)1.1s %(asctime)s %(name)s] %(message)s"
+
+    def overrides(self) -> dict[str, dict]:
+        """Command-line settings that override the site configuration file."""
+        out: dict[str, dict] = {}
+        if self.state_dir:
+            out.setdefault("workspace", {})["state_dir"] = str(Path(self.state_dir).absolute())
+        return out
+
+    def load_site(self) -> SiteConfig:
+        try:
+            return load(self.site or None, overrides=self.overrides())
+        except ConfigError as e:
+            self.fail(f"site configuration: {e}")
+
+    def fail(self, message: str, code: int = 2) -> None:
+        print(f"paitient {self.name}: {message}", file=sys.stderr)
+        self.exit(code)
+
+    def require_root(self) -> None:
+        if os.geteuid() != 0:
+            self.fail("must run as root (it manages system accounts, the data root and root-owned state)")
+
+    def _log_default(self) -> logging.Logger:
+        return super()._log_default()

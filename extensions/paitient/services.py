@@ -1,0 +1,44 @@
+"""``paitient service NAME``: run one root-side service in the foreground.
+
+The hub starts these as managed services (see ``hub_config/jupyterhub_config.py``); each serves a unix
+socket under ``<state_dir>/run`` for kernels and user servers, and some a web page under
+``/services/NAME/`` behind the hub's OAuth. A service module exposes ``serve(site, log)``, which blocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from traitlets import Unicode
+
+from paitient.app import PaitientCommand
+
+SERVICES = {
+    "ledger": "paitient.ledger.service",
+    "audit": "paitient.audit.service",
+    "airlock": "paitient.airlock.service",
+}
+
+
+def socket_path(site, name: str):
+    """Where service ``name`` listens (host path; the same path inside every sandbox)."""
+    return site.run_dir / f"{name}.sock"
+
+
+class ServiceCommand(PaitientCommand):
+    name = "service"
+    description = "Run one root-side service (ledger, audit, airlock) in the foreground."
+    service = Unicode("", help="Which service: " + ", ".join(SERVICES)).tag(config=True)
+
+    def parse_command_line(self, argv=None):
+        super().parse_command_line(argv)
+        if self.extra_args:
+            self.service = self.extra_args[0]
+
+    def start(self) -> None:
+        if self.service not in SERVICES:
+            self.fail(f"name a service: paitient service {{{','.join(SERVICES)}}}")
+        self.require_root()
+        site = self.load_site()
+        module = importlib.import_module(SERVICES[self.service])
+        module.serve(site, self.log)

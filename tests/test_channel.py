@@ -1,0 +1,78 @@
+"""The unix-socket channel: peer credentials identify the caller, file descriptors travel, errors are JSON."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from paitient.channel import ChannelError, ChannelServer, call
+
+
+@pytest.fixture
+def server(world_tmp):
+    def whoami(peer, args, fds):
+        return {"uid": peer.uid, "pid": peer.pid, "account": peer.account}
+
+    def read_fd(peer, args, fds):
+        if len(fds) != 1:
+            raise ChannelError("send exactly one file", "bad_request")
+        return os.read(fds[0], 100).decode()
+
+    srv = ChannelServer(world_tmp / "run" / "t.sock", {"whoami": whoami, "read": read_fd}, name="test")
+    srv.start_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_peer_credentials_name_the_caller(server):
+    assert call(server.path, "whoami") == {"uid": os.getuid(), "pid": os.getpid(), "account": "root"}
+
+
+def test_peer_credentials_of_another_uid(server):
+    # A process running as 'nobody' is seen as nobody, whatever it might claim in its arguments.
+    code = (
+        "import json,sys; from paitient.channel import call; "
+        f"print(json.dumps(call({str(server.path)!r}, 'whoami', {{'uid': 0}})))"
+    )
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True).stdout
+    assert '"uid": 65534' in out and '"account": "nobody"' in out
+
+
+def test_file_descriptor_travels(server, tmp_path):
+    f = tmp_path / "payload.txt"
+    f.write_text("hello from the kernel")
+    with open(f, "rb") as fh:
+        assert call(server.path, "read", fds=[fh.fileno()]) == "hello from the kernel"
+
+
+def test_unknown_op_and_refusal_are_reported(server):
+    with pytest.raises(ChannelError, match="unknown operation 'nope'") as e:
+        call(server.path, "nope")
+    assert e.value.code == "unknown_op"
+    with pytest.raises(ChannelError, match="send exactly one file"):
+        call(server.path, "read")
+
+
+def test_malformed_request_gets_json_error(server):
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(server.path))
+        s.sendall(b"not json\n")
+        assert b'"code": "bad_request"' in s.recv(1000)
+
+
+def test_missing_service_says_so(tmp_path):
+    with pytest.raises(ChannelError, match="is not running") as e:
+        call(tmp_path / "absent.sock", "whoami")
+    assert e.value.code == "unavailable"
+
+
+def test_refuses_to_replace_a_non_socket(tmp_path):
+    p = tmp_path / "x.sock"
+    p.write_text("data")
+    with pytest.raises(RuntimeError, match="is not a socket"):
+        ChannelServer(p, {})

@@ -1,0 +1,71 @@
+"""Site configuration: the embedded default validates; every kind of mistake is named in the error."""
+
+import os
+
+import pytest
+
+from paitient.config import ConfigError, check_owner, load, parse
+
+
+def test_embedded_default_is_valid():
+    site = load(None)
+    assert site.directory.embedded
+    assert [p.name for p in site.projects] == ["oncology", "cardiometabolic"]
+    assert site.project("oncology").budget_for("gbsg2").epsilon == 10.0
+    assert site.data_root == site.state_dir / "data"
+
+
+def test_overrides_win():
+    site = load(None, overrides={"workspace": {"state_dir": "/tmp/x", "port": 8123}})
+    assert str(site.state_dir) == "/tmp/x" and site.workspace.port == 8123
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"wrkspace": {}}, "unknown section"),
+        ({"workspace": {"prot": 1}}, r"\[workspace\] unknown key 'prot'"),
+        ({"workspace": {"port": "80"}}, r"\[workspace\] port: expected a whole number"),
+        ({"workspace": {"port": 70000}}, "not a usable port"),
+        ({"workspace": {"bind_ip": "example"}}, "not an IP address"),
+        ({"directory": {"url": "http://x"}}, "must start with ldap://"),
+        ({"directory": {"url": "ldap://dc1.hospital.example", "tls": "none",
+                        "bind_dn_template": ["uid={username}"]}}, "clear text"),
+        ({"directory": {"url": "ldap://127.0.0.1"}}, "needs bind_dn_template"),
+        ({"directory": {"url": "ldap://127.0.0.1", "bind_dn_template": ["uid=x"]}}, "must contain {username}"),
+        ({"projects": [{"name": "Bad Name", "group": "g"}]}, "must be lower-case"),
+        ({"projects": [{"name": "a"}]}, "'group' is required"),
+        ({"projects": [{"name": "a", "group": "g"}, {"name": "a", "group": "h"}]}, "repeated: a"),
+        ({"projects": [{"name": "a", "group": "g", "approvals": 3}]}, "approvals: must be 1 or 2"),
+        ({"projects": [{"name": "a", "group": "g", "budget": {"epsilon": -1}}]}, "epsilon: must be positive"),
+        ({"projects": [{"name": "a", "group": "g", "budgets": {"x": {"epsilon": 1}}}]}, "not one of the project"),
+        ({"projects": [{"name": "a", "group": "g", "auto_release": ["everything"]}]}, "unknown kind"),
+        ({"accounts": {"prefix": "Root"}}, r"\[accounts\] prefix"),
+        ({"sandbox": {"memory_mb": 0}}, r"\[sandbox\] memory_mb"),
+    ],
+)
+def test_mistakes_are_named(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(raw)
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    p = tmp_path / "site.toml"
+    p.write_text("[workspace\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
+
+
+def test_check_owner_refuses_readable_secret(tmp_path):
+    p = tmp_path / "key"
+    p.write_bytes(b"k" * 32)
+    os.chmod(p, 0o644)
+    with pytest.raises(ConfigError, match="readable by root only"):
+        check_owner(p, secret=True)
+    os.chmod(p, 0o600)
+    check_owner(p, secret=True)
+    os.chmod(p, 0o666)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        check_owner(p)
