@@ -154,12 +154,26 @@ class Workspace:
 
 
 @dataclass(frozen=True)
+class Audit:
+    """The audit trail under ``<state_dir>/audit``."""
+
+    rotate_bytes: int = 64 << 20
+    """Start a new trail file when the current one reaches this size (the chain carries over)."""
+    user_string_chars: int = 65536
+    """Strings in events from users' servers and kernels (e.g. a cell's code) are cut here; the record
+    keeps the full length and SHA-256."""
+    user_details_bytes: int = 262144
+    """Details of a user-side event larger than this (as JSON) are replaced by their length and SHA-256."""
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     workspace: Workspace = field(default_factory=Workspace)
     directory: Directory = field(default_factory=Directory)
     accounts: Accounts = field(default_factory=Accounts)
     sandbox: Sandbox = field(default_factory=Sandbox)
     server: Server = field(default_factory=Server)
+    audit: Audit = field(default_factory=Audit)
     projects: tuple[Project, ...] = ()
     source: str = ""
     """Path the configuration was read from (empty for the embedded default)."""
@@ -374,6 +388,11 @@ def _validate(cfg: SiteConfig) -> None:
         raise ConfigError(f"[sandbox] cpu_seconds: must be 0 (no limit) or positive")
     if cfg.server.output_cap_message_bytes <= 0 or cfg.server.output_cap_execution_bytes <= 0:
         raise ConfigError("[server] output caps must be positive")
+    au = cfg.audit
+    if au.rotate_bytes < 4096:
+        raise ConfigError(f"[audit] rotate_bytes: must be at least 4096, got {au.rotate_bytes}")
+    if au.user_string_chars < 64 or au.user_details_bytes < 1024:
+        raise ConfigError("[audit] user_string_chars must be >= 64 and user_details_bytes >= 1024")
 
 
 SECTIONS = {
@@ -382,6 +401,7 @@ SECTIONS = {
     "accounts": Accounts,
     "sandbox": Sandbox,
     "server": Server,
+    "audit": Audit,
 }
 
 

@@ -1,1 +1,45 @@
-"""paitient.audit"""
+"""The audit trail: who signed in, ran what, and took what out, in a hash chain written by root only.
+
+Root-side processes (hub, services, ingest) call :func:`emit`; users' servers and kernels call
+:func:`paitient.audit.client.send`, and the audit service (``paitient service audit``) records the event
+under the name the kernel vouches for (``SO_PEERCRED``). ``paitient audit verify`` checks the chain.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from paitient.audit.records import AuditError, RecordError
+
+__all__ = ["AuditError", "RecordError", "emit", "trail_dir"]
+
+
+def trail_dir(site) -> Path:
+    """Where the trail of ``site`` lives: ``<state_dir>/audit``."""
+    return Path(site.state_dir) / "audit"
+
+
+def emit(
+    site,
+    *,
+    actor: str,
+    action: str,
+    object: str = "",
+    outcome: str = "ok",
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Append one record to the site's trail (flushed and fsync'd) and return it.
+
+    ``actor`` is the username the event is about (or ``"system"``), ``action`` a dotted name such as
+    ``airlock.decision``, ``object`` what it acted on (``"<project>/<dataset>"``, a request id, ...),
+    ``outcome`` one of ``ok``, ``denied``, ``error``. Put the project in ``details["project"]`` when
+    there is one: ``paitient audit show --project`` filters on it.
+
+    Raises :class:`RecordError` for a malformed event and :class:`AuditError` when the trail cannot be
+    written; both are loud on purpose: the caller decides whether to go on without a record.
+    """
+    from paitient.audit.writer import AuditLog
+
+    log = AuditLog(trail_dir(site), rotate_bytes=site.audit.rotate_bytes)
+    return log.append(actor=actor, action=action, object=object, outcome=outcome, details=details)
