@@ -1,4 +1,4 @@
-"""A private OpenLDAP server on loopback: the embedded demo hospital directory, and real directories for tests.
+"""A private OpenLDAP server on loopback: the embedded demo hospital directory, and directories for tests.
 
 :class:`Slapd` runs one ``slapd`` as a foreground child (we own its pid) with its own ``slapd.conf``,
 database, pid and args files under one folder; it can be loaded with any LDIF, so tests can build
@@ -210,7 +210,9 @@ class Slapd:
             atomic_write_text(self.rootpw_file, secrets.token_urlsafe(24), mode=0o600)
         missing = [str(p) for p in self.schema_files if not p.is_file()]
         if missing:
-            raise DirectoryError(f"schema file(s) not found: {', '.join(missing)}; install slapd (scripts/setup)")
+            raise DirectoryError(
+                f"schema file(s) not found: {', '.join(missing)}; install slapd (scripts/setup)"
+            )
         text = slapd_conf(
             suffix=self.suffix,
             rootdn=self.rootdn,
@@ -295,7 +297,9 @@ class Slapd:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise DirectoryError(f"slapd did not answer on port {self.port} within {timeout:.0f} s; see {self.log_path}")
+        raise DirectoryError(
+            f"slapd did not answer on port {self.port} within {timeout:.0f} s; see {self.log_path}"
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop exactly the slapd this object started (SIGTERM, then SIGKILL after ``timeout``)."""
@@ -357,7 +361,9 @@ def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bo
     groups.setdefault("workspace-admins", [])
     for group, members in groups.items():
         gdn = f"cn={group},ou=groups,{base_dn}"
-        entries.append(ldif_entry(gdn, {"objectClass": "groupOfNames", "cn": group, "member": members or [gdn]}))
+        entries.append(
+            ldif_entry(gdn, {"objectClass": "groupOfNames", "cn": group, "member": members or [gdn]})
+        )
     return "\n".join(entries)
 
 
