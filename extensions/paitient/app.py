@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,7 +14,10 @@ from paitient.config import ConfigError, SiteConfig, load
 
 
 class PaitientCommand(Application):
-    """A ``paitient`` subcommand. ``--site=PATH`` picks the site configuration, ``--state-dir`` overrides its state directory."""
+    """A ``paitient`` subcommand.
+
+    ``--site=PATH`` picks the site configuration, ``--state-dir`` overrides its state directory.
+    """
 
     version = __version__
 
@@ -60,6 +62,3 @@ class PaitientCommand(Application):
     def require_root(self) -> None:
         if os.geteuid() != 0:
             self.fail("must run as root (it manages system accounts, the data root and root-owned state)")
-
-    def _log_default(self) -> logging.Logger:
-        return super()._log_default()

@@ -148,9 +148,11 @@ class Workspace:
     key_file: str = ""
     """Pseudonymisation key (root-only, 0600). Empty: ``<state_dir>/keys/pseudonym.key``."""
     spawner: str = "paitient-local"
-    """``paitient-local`` (system accounts, bubblewrap) or ``paitient-docker``."""
+    """``paitient-local``: a system account per user, kernels in bubblewrap."""
     min_k: int = 5
     """Ingest refuses a dataset whose smallest quasi-identifier group is smaller than this."""
+    date_shift_days: int = 180
+    """Ingest moves each patient's dates by a keyed offset of 1 to this many days, either direction."""
 
 
 @dataclass(frozen=True)
@@ -376,16 +378,18 @@ def _validate(cfg: SiteConfig) -> None:
         raise ConfigError(f"[workspace] bind_ip: not an IP address: {w.bind_ip!r}") from None
     if not w.state_dir.startswith("/"):
         raise ConfigError(f"[workspace] state_dir: must be an absolute path, got {w.state_dir!r}")
-    if w.spawner not in ("paitient-local", "paitient-docker"):
-        raise ConfigError(
-            f"[workspace] spawner: 'paitient-local' or 'paitient-docker', got {w.spawner!r}"
-        )
+    if w.spawner not in ("paitient-local",):
+        raise ConfigError(f"[workspace] spawner: only 'paitient-local' is available, got {w.spawner!r}")
+    if w.min_k < 1:
+        raise ConfigError(f"[workspace] min_k: must be at least 1, got {w.min_k}")
+    if not 1 <= w.date_shift_days <= 3650:
+        raise ConfigError(f"[workspace] date_shift_days: must lie between 1 and 3650, got {w.date_shift_days}")
     s = cfg.sandbox
     for name in ("memory_mb", "max_processes", "max_open_files"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"[sandbox] {name}: must be positive, got {getattr(s, name)}")
     if s.cpu_seconds < 0:
-        raise ConfigError(f"[sandbox] cpu_seconds: must be 0 (no limit) or positive")
+        raise ConfigError("[sandbox] cpu_seconds: must be 0 (no limit) or positive")
     if cfg.server.output_cap_message_bytes <= 0 or cfg.server.output_cap_execution_bytes <= 0:
         raise ConfigError("[server] output caps must be positive")
     au = cfg.audit

@@ -1,0 +1,103 @@
+"""JupyterHub configuration derived from the site configuration.
+
+One function, :func:`configure`, sets every hub setting paitient needs on a traitlets Config. It is used
+by ``paitient up`` (through ``paitient hub``) and by ``hub_config/jupyterhub_config.py`` for operators
+who run ``jupyterhub`` themselves, so both run the same policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from traitlets.config import Config
+
+from paitient.config import SiteConfig
+from paitient.hub.paths import HubPaths, venv_python
+from paitient.services import SERVICES
+
+# The operator's own token: `paitient up` uses it to stop user servers on shutdown and to check readiness.
+OPERATOR_SERVICE = "paitient-operator"
+
+RESEARCHER_SCOPES = ["self", "access:services", "custom:airlock:request", "custom:airlock:download"]
+STEWARD_SCOPES = [
+    "self",
+    "access:services",
+    "custom:airlock:review",
+    "custom:ledger:read",
+    "custom:audit:read",
+    "list:users",
+    "read:users:name",
+    "read:groups",
+]
+
+
+def managed_services(site: SiteConfig) -> list[Any]:
+    """The root-side service modules (each exposes ``hub_service(site, python)`` and ``custom_scopes()``)."""
+    return [importlib.import_module(module) for module in SERVICES.values()]
+
+
+def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int, proxy_api_port: int) -> Config:
+    paths = HubPaths.of(site)
+    w = site.workspace
+
+    # -- network: the public proxy port, the hub and proxy API on loopback only -----------------------
+    c.JupyterHub.bind_url = f"http://{w.bind_ip}:{w.port}/"
+    c.JupyterHub.hub_ip = "127.0.0.1"
+    c.JupyterHub.hub_port = hub_port
+    c.ConfigurableHTTPProxy.should_start = False
+    c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
+    c.ConfigurableHTTPProxy.auth_token = paths.secret("proxy_token")
+
+    # -- state ----------------------------------------------------------------------------------------
+    c.JupyterHub.db_url = paths.db_url
+    c.JupyterHub.cookie_secret_file = str(paths.cookie_secret_file)
+    c.JupyterHub.pid_file = str(paths.hub_dir / "jupyterhub.pid")
+    # A hub restart (upgrade, configuration change) leaves researchers' servers running;
+    # `paitient up` stops them itself on a full shutdown.
+    c.JupyterHub.cleanup_servers = False
+    c.JupyterHub.cleanup_proxy = False
+    c.JupyterHub.internal_ssl = False
+
+    # -- who may sign in ------------------------------------------------------------------------------
+    from paitient.hub.auth import configure_from_site
+
+    c.JupyterHub.authenticator_class = "paitient-ldap"
+    configure_from_site(c, site, directory_url)
+    c.Authenticator.manage_groups = True
+    c.Authenticator.manage_roles = True
+    c.Authenticator.auto_login = False
+
+    # -- what they get --------------------------------------------------------------------------------
+    c.JupyterHub.spawner_class = site.workspace.spawner
+    c.JupyterHub.allow_named_servers = False
+    c.JupyterHub.default_url = "/hub/home"
+    c.Spawner.site_file = site.source
+    c.Spawner.site_state_dir = str(site.state_dir)
+    c.Spawner.default_url = "/lab"
+    c.Spawner.start_timeout = 60
+    c.Spawner.http_timeout = 60
+
+    # -- roles, scopes, services -------------------------------------------------------------------------
+    python = venv_python()
+    services = [
+        {"name": OPERATOR_SERVICE, "api_token": paths.secret("operator_token"),
+         "display": False},
+    ]
+    custom_scopes: dict[str, dict] = {}
+    for module in managed_services(site):
+        services.append(module.hub_service(site, python))
+        custom_scopes.update(module.custom_scopes())
+    c.JupyterHub.services = services
+    c.JupyterHub.custom_scopes = custom_scopes
+    known = set(custom_scopes)
+    c.JupyterHub.load_roles = [
+        {"name": "researcher", "description": "Member of a paitient project",
+         "scopes": [s for s in RESEARCHER_SCOPES if not s.startswith("custom:") or s in known]},
+        {"name": "steward", "description": "Data steward: reviews outputs, reads ledger and audit",
+         "scopes": [s for s in STEWARD_SCOPES if not s.startswith("custom:") or s in known]},
+        {"name": "paitient-operator", "description": "Used by `paitient up` to manage servers",
+         "scopes": ["list:users", "read:users", "read:servers", "delete:servers"],
+         "services": [OPERATOR_SERVICE]},
+    ]
+    return c

@@ -1,0 +1,53 @@
+"""The hub process that ``paitient up`` starts: JupyterHub configured from the site configuration.
+
+Started as ``python -m paitient.hub.run --site=... --state-dir=... --directory-url=... --hub-port=N
+--proxy-api-port=N``. It runs in its own process (and its own traitlets singleton) so the hub can be
+restarted without touching the proxy, the directory or the researchers' servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from traitlets.config import Config
+
+from paitient import config as site_config
+from paitient.hub.hubconfig import configure
+from paitient.hub.paths import HubPaths
+
+
+def effective_configuration(site: site_config.SiteConfig) -> dict:
+    """The site configuration as it takes effect (secrets are never part of it: only file paths are)."""
+    return dataclasses.asdict(site)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m paitient.hub.run", description=__doc__)
+    parser.add_argument("--site", default="")
+    parser.add_argument("--state-dir", default="")
+    parser.add_argument("--directory-url", required=True)
+    parser.add_argument("--hub-port", type=int, required=True)
+    parser.add_argument("--proxy-api-port", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    overrides = {"workspace": {"state_dir": args.state_dir}} if args.state_dir else None
+    site = site_config.load(args.site or None, overrides=overrides)
+    paths = HubPaths.of(site)
+    cfg = configure(Config(), site, directory_url=args.directory_url, hub_port=args.hub_port,
+                    proxy_api_port=args.proxy_api_port)
+
+    from paitient import audit
+
+    audit.emit(site, actor="paitient", action="config.effective", object=site.source or "embedded-default",
+               details=effective_configuration(site))
+
+    from jupyterhub.app import JupyterHub
+
+    os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
+    JupyterHub.launch_instance(argv=[], config=cfg)
+
+
+if __name__ == "__main__":
+    main()

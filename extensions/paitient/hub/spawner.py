@@ -1,0 +1,133 @@
+"""Spawners: each researcher's server runs as their own system account, configured from root-owned places.
+
+``PaitientLocalSpawner`` extends JupyterHub's LocalProcessSpawner: before the server starts it makes sure
+the user's system account exists (created on first sign-in, see :mod:`paitient.hub.accounts`), records
+who the account belongs to and which projects it may use (the registry the services read), and writes
+the server's configuration into a root-owned directory the user can read but not change. The server
+runs ``python -I`` from the workspace environment with a minimal environment: nothing the user controls
+(PYTHONPATH, user site-packages, ~/.jupyter) can change its policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from pathlib import Path
+
+from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from traitlets import Unicode, default
+
+from paitient import config as site_config
+from paitient.hub.paths import HubPaths, venv_python
+from paitient.registry import Member
+
+
+class SiteSpawnerMixin:
+    """Access to the site configuration the hub was started with (set by :func:`paitient.hub.hubconfig.configure`)."""
+
+    site_file = Unicode("", help="Site configuration file; empty for the embedded default.").tag(config=True)
+    site_state_dir = Unicode("", help="State directory override, as given to `paitient up`.").tag(config=True)
+
+    _site: site_config.SiteConfig | None = None
+
+    @property
+    def site(self) -> site_config.SiteConfig:
+        if self._site is None:
+            overrides = {"workspace": {"state_dir": self.site_state_dir}} if self.site_state_dir else None
+            self._site = site_config.load(self.site_file or None, overrides=overrides)
+        return self._site
+
+    def member_groups(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(projects, roles) of the hub user, as the authenticator last synchronised them from the directory."""
+        known = {p.name for p in self.site.projects}
+        projects = tuple(sorted(g.name for g in self.user.groups if g.name in known))
+        roles = tuple(sorted(r.name for r in self.user.roles if r.name in ("researcher", "steward", "admin")))
+        return projects, roles
+
+
+class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
+    account = Unicode("", help="System account the server runs as (set at start; kept across hub restarts).")
+
+    @default("cmd")
+    def _cmd_default(self) -> list[str]:
+        return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
+
+    @default("default_url")
+    def _default_url_default(self) -> str:
+        return "/lab"
+
+    @default("env_keep")
+    def _env_keep_default(self) -> list[str]:
+        # Nothing that changes how Python or the loader behaves (PYTHONPATH, LD_*): PATH is set below.
+        return ["LANG", "LC_ALL"]
+
+    @default("disable_user_config")
+    def _disable_user_config_default(self) -> bool:
+        return True
+
+    # -- state across hub restarts -------------------------------------------------------------
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.account = state.get("account", "")
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.account:
+            state["account"] = self.account
+        return state
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def _prepare(self) -> Member:
+        """Blocking part of the start: account, registry, root-owned server configuration."""
+        from paitient.hub.accounts import ensure_account
+        from paitient.server.config import write_user_server_config
+
+        projects, roles = self.member_groups()
+        member = ensure_account(self.site, self.user.name, projects=projects, roles=roles)
+        paths = HubPaths.of(self.site)
+        user_dir = paths.user_dir(member.account)
+        config_dir, data_dir = user_dir / "config", user_dir / "data"
+        for d in (user_dir, config_dir, data_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, 0, 0)
+            os.chmod(d, 0o755)
+        write_user_server_config(self.site, member, config_dir, data_dir)
+        return member
+
+    async def start(self):
+        member = await asyncio.to_thread(self._prepare)
+        self.account = member.account
+        log_path = HubPaths.of(self.site).log_dir / f"server-{member.account}.log"
+        log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - Popen duplicates it; closed below
+        try:
+            self.popen_kwargs = {**self.popen_kwargs, "stdout": log, "stderr": subprocess.STDOUT}
+            return await super().start()
+        finally:
+            log.close()
+
+    def make_preexec_fn(self, name: str):
+        return set_user_setuid(self.account or name)
+
+    def user_env(self, env: dict[str, str]) -> dict[str, str]:
+        import pwd
+
+        pw = pwd.getpwnam(self.account)
+        user_dir = HubPaths.of(self.site).user_dir(self.account)
+        env.update(
+            USER=pw.pw_name,
+            LOGNAME=pw.pw_name,
+            HOME=pw.pw_dir,
+            SHELL=pw.pw_shell,
+            PATH=f"{Path(venv_python()).parent}:/usr/local/bin:/usr/bin:/bin",
+            JUPYTER_CONFIG_DIR=str(user_dir / "config"),
+            JUPYTER_DATA_DIR=str(user_dir / "data"),
+            JUPYTER_RUNTIME_DIR=str(Path(pw.pw_dir) / ".local" / "share" / "jupyter" / "runtime"),
+            PAITIENT_RUN_DIR=str(self.site.run_dir),
+        )
+        for var in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD",
+                    "LD_LIBRARY_PATH", "PYTHONHOME"):
+            env.pop(var, None)
+        return env

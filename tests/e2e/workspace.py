@@ -1,0 +1,224 @@
+"""A real workspace for end-to-end tests: `paitient up` in a subprocess, driven like a browser would.
+
+``Workspace.start(root)`` writes a site configuration (the demo projects and the embedded demo directory,
+accounts under a test prefix and a private home root), runs ``paitient up`` on a free port, and waits for
+its ready line. ``login`` signs in through the hub's login form, ``start_server`` spawns the user's
+server, ``run_cell`` executes code in a real kernel over the kernel websocket. ``stop`` stops the
+workspace through ``paitient stop`` and removes the system accounts it created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from paitient.demo import DEMO_SITE
+from paitient.hub.up import READY_PREFIX, free_port
+from paitient.registry import Registry
+
+PAITIENT = [sys.executable, "-m", "paitient.cli"]
+
+
+def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: str = "") -> str:
+    """The demo site with test paths: same directory layout and projects, private state and homes."""
+    body = DEMO_SITE.replace('state_dir = "/var/lib/paitient"',
+                             f'state_dir = "{state_dir}"\nport = {port}')
+    return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
+
+
+@dataclass
+class CellResult:
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = None
+    error: str | None = None
+    outputs: list[dict] = field(default_factory=list)
+
+
+class Workspace:
+    def __init__(self, root: Path, prefix: str = "ptt", extra_site: str = ""):
+        self.root = root
+        self.state_dir = root / "state"
+        self.home_root = root / "homes"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.site_file = root / "site.toml"
+        self.prefix = prefix
+        self.site_file.write_text(site_toml(self.state_dir, self.home_root, self.port, prefix, extra_site))
+        os.chmod(self.site_file, 0o644)
+        self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def args(self) -> list[str]:
+        return [f"--site={self.site_file}"]
+
+    def start(self, timeout: float = 120.0) -> Workspace:
+        self.proc = subprocess.Popen([*PAITIENT, "up", *self.args()], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("paitient up exited before it was ready:\n" + "".join(self.output)
+                                   + self.logs())
+            self.output.append(line)
+            if line.startswith(READY_PREFIX):
+                # read the credential lines that follow, then keep draining in the background
+                self._drain()
+                return self
+        raise RuntimeError(f"paitient up not ready within {timeout}s:\n" + "".join(self.output) + self.logs())
+
+    def _drain(self) -> None:
+        import threading
+
+        def run():
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def logs(self) -> str:
+        out = []
+        for name in ("hub", "proxy"):
+            p = self.state_dir / "logs" / f"{name}.log"
+            if p.exists():
+                out.append(f"\n--- {name}.log (tail) ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]))
+        return "".join(out)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run([*PAITIENT, "stop", *self.args()], capture_output=True, timeout=90)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.remove_accounts()
+
+    def remove_accounts(self) -> None:
+        for member in Registry.for_state_dir(self.state_dir).all():
+            subprocess.run(["pkill", "-KILL", "-u", member.account], capture_output=True)
+            subprocess.run(["userdel", "--remove", member.account], capture_output=True)
+
+    # -- people ---------------------------------------------------------------------------------------
+
+    def password(self, user: str) -> str:
+        return json.loads((self.state_dir / "directory" / "demo-credentials.json").read_text())[user]
+
+    def member(self, user: str):
+        return Registry.for_state_dir(self.state_dir).by_username(user)
+
+    def login(self, user: str, password: str | None = None) -> requests.Session:
+        """Sign in through the login form; raise with the page text if it is refused."""
+        s = requests.Session()
+        r = s.post(*self.login_form(s, user, password if password is not None else self.password(user)))
+        if "/hub/login" in r.url:
+            raise PermissionError(f"sign-in refused for {user!r}: {login_error(r.text)}")
+        return s
+
+    def login_form(self, s: requests.Session, user: str, password: str):
+        r = s.get(self.url + "hub/login", timeout=10)
+        r.raise_for_status()
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+        data = {"username": user, "password": password}
+        if xsrf:
+            data["_xsrf"] = xsrf.group(1)
+        return (self.url + "hub/login?next=%2Fhub%2Fhome",), {"data": data, "timeout": 30}
+
+    def start_server(self, s: requests.Session, user: str, timeout: float = 90.0) -> None:
+        r = s.get(self.url + f"hub/spawn/{user}", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = s.get(self.url + f"user/{user}/api/status", timeout=10)
+            if r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"server of {user} not ready: {r.status_code} {r.text[:300]}" + self.logs())
+
+    def xsrf_headers(self, s: requests.Session, user: str) -> dict[str, str]:
+        token = s.cookies.get("_xsrf", path=f"/user/{user}/") or s.cookies.get("_xsrf")
+        return {"X-XSRFToken": token} if token else {}
+
+    def api(self, s: requests.Session, user: str, method: str, path: str, **kw) -> requests.Response:
+        headers = {**self.xsrf_headers(s, user), **kw.pop("headers", {})}
+        return s.request(method, self.url + f"user/{user}/api/{path}", headers=headers, timeout=60, **kw)
+
+    # -- kernels --------------------------------------------------------------------------------------
+
+    def start_kernel(self, s: requests.Session, user: str, name: str | None = None) -> str:
+        body = {"name": name} if name else {}
+        r = self.api(s, user, "POST", "kernels", json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"kernel start refused: {r.status_code} {r.text[:500]}")
+        return r.json()["id"]
+
+    def run_cell(self, s: requests.Session, user: str, code: str, kernel_id: str | None = None,
+                 timeout: float = 120.0) -> CellResult:
+        kernel_id = kernel_id or self.start_kernel(s, user)
+        return asyncio.run(self._execute(s, user, kernel_id, code, timeout))
+
+    async def _execute(self, s: requests.Session, user: str, kernel_id: str, code: str, timeout: float) -> CellResult:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
+        url = self.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel_id}/channels"
+        ws = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookie, **self.xsrf_headers(s, user)}),
+                                     max_message_size=1 << 30)
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user,
+                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }))
+        out = CellResult()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
+                if raw is None:
+                    raise RuntimeError("kernel websocket closed")
+                if isinstance(raw, bytes):
+                    continue
+                msg = json.loads(raw)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if msg.get("channel") == "iopub":
+                    out.outputs.append({"msg_type": kind, "content": content})
+                if kind == "stream":
+                    if content["name"] == "stdout":
+                        out.stdout += content["text"]
+                    else:
+                        out.stderr += content["text"]
+                elif kind == "execute_result":
+                    out.result = content["data"].get("text/plain")
+                elif kind == "error":
+                    out.error = f"{content['ename']}: {content['evalue']}"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return out
+        finally:
+            ws.close()
+        raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+
+
+def login_error(html: str) -> str:
+    m = re.search(r'class="login_error[^"]*"[^>]*>(.*?)</', html, re.S)
+    return re.sub(r"\s+", " ", m.group(1)).strip() if m else html[-300:]
