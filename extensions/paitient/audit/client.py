@@ -34,9 +34,7 @@ def send(
         "action": action,
         "object": object,
         "outcome": outcome,
-        "details": cap_details(
-            details or {}, string_limit=_CLIENT_STRING_CHARS, total_limit=_CLIENT_DETAILS_BYTES
-        ),
+        "details": cap_details(details or {}, string_limit=_CLIENT_STRING_CHARS, total_limit=_CLIENT_DETAILS_BYTES),
     }
     try:
         return call(os.path.join(os.fspath(run_dir), "audit.sock"), "record", args, timeout=timeout)

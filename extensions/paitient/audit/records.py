@@ -52,9 +52,7 @@ def utc_now() -> str:
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes that are hashed: the record without ``hash``, keys sorted, compact, ASCII."""
     body = {k: v for k, v in record.items() if k != "hash"}
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode()
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
 def record_hash(record: dict[str, Any]) -> str:
@@ -75,16 +73,12 @@ def normalise_details(details: dict[str, Any] | None) -> dict[str, Any]:
     try:
         return json.loads(json.dumps(details, default=str, allow_nan=False))
     except (TypeError, ValueError) as e:
-        raise RecordError(
-            f"details are not JSON-serialisable ({e}); pass strings, numbers, lists, dicts"
-        ) from None
+        raise RecordError(f"details are not JSON-serialisable ({e}); pass strings, numbers, lists, dicts") from None
 
 
 def check_fields(actor: str, action: str, object: str, outcome: str) -> None:
     if not isinstance(actor, str) or not actor:
-        raise RecordError(
-            "actor must be a non-empty string (a username, or 'system' for the workspace itself)"
-        )
+        raise RecordError("actor must be a non-empty string (a username, or 'system' for the workspace itself)")
     if len(actor) > MAX_ACTOR_CHARS:
         raise RecordError(f"actor is longer than {MAX_ACTOR_CHARS} characters; truncate it before logging")
     if not isinstance(action, str) or not ACTION_RE.match(action):
@@ -172,9 +166,7 @@ def cap_strings(value: Any, limit: int) -> Any:
         return out
     if isinstance(value, list):
         return [
-            {"truncated": v[:limit], **_digest(v)}
-            if isinstance(v, str) and len(v) > limit
-            else cap_strings(v, limit)
+            {"truncated": v[:limit], **_digest(v)} if isinstance(v, str) and len(v) > limit else cap_strings(v, limit)
             for v in value
         ]
     return value

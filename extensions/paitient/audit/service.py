@@ -130,9 +130,7 @@ def handlers(site, log: logging.Logger) -> dict[str, Any]:
             raise ChannelError(str(e), "bad_request") from None
         except AuditError as e:
             log.error("audit: %s", e)
-            raise ChannelError(
-                "the audit trail cannot be written; the operator has been told", "unavailable"
-            ) from None
+            raise ChannelError("the audit trail cannot be written; the operator has been told", "unavailable") from None
         return {"seq": rec["seq"], "hash": rec["hash"]}
 
     return {"record": record}

@@ -109,7 +109,7 @@ def read_tail(fd: int) -> Tail:
     torn = False
     if os.pread(fd, 1, size - 1) != b"\n":
         torn = True
-        prev_nl = _last_newline(fd, size)
+        prev_nl = last_newline(fd, size)
         end = prev_nl + 1 if prev_nl >= 0 else 0
     corrupt = False
     for offset, line in lines_backwards(fd, end):
@@ -125,7 +125,7 @@ def read_tail(fd: int) -> Tail:
     return Tail(None, 0, size, os.pread(fd, size, 0), "corrupt" if corrupt else "torn")
 
 
-def _last_newline(fd: int, size: int, chunk: int = 65536) -> int:
+def last_newline(fd: int, size: int, chunk: int = 65536) -> int:
     pos = size
     while pos > 0:
         start = max(0, pos - chunk)
@@ -165,9 +165,7 @@ class AuditLog:
         details: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Append one record and return it (with seq and hash). Raises :class:`AuditError` if it cannot."""
-        return self.append_many(
-            [dict(actor=actor, action=action, object=object, outcome=outcome, details=details)]
-        )[-1]
+        return self.append_many([dict(actor=actor, action=action, object=object, outcome=outcome, details=details)])[-1]
 
     def append_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append several records under one lock and one fsync (same guarantees as :meth:`append`)."""
@@ -239,9 +237,7 @@ class AuditLog:
                     os.close(fd)
                     number += 1
                     previous, path = path, self.directory / file_name(number)
-                    last = self._create_file(
-                        path, prev=last["hash"], seq=last["seq"] + 1, previous=previous.name
-                    )
+                    last = self._create_file(path, prev=last["hash"], seq=last["seq"] + 1, previous=previous.name)
                     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                     size = os.fstat(fd).st_size
                 record = make_record(seq=last["seq"] + 1, prev=last["hash"], **ev)
