@@ -1,0 +1,110 @@
+"""The airlock's request life cycle as pure functions: which state changes are allowed, what a decision does.
+
+::
+
+    submitted -> checking -> in_review -> released | rejected | returned
+
+``returned`` means the researcher must change the output and submit a new request; ``released``,
+``rejected`` and ``returned`` are final. Nothing here touches storage: the store calls these functions
+inside its transaction and records what they decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+SUBMITTED = "submitted"
+CHECKING = "checking"
+IN_REVIEW = "in_review"
+RELEASED = "released"
+REJECTED = "rejected"
+RETURNED = "returned"
+
+STATES = (SUBMITTED, CHECKING, IN_REVIEW, RELEASED, REJECTED, RETURNED)
+FINAL = frozenset({RELEASED, REJECTED, RETURNED})
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    SUBMITTED: frozenset({CHECKING}),
+    # A restart while checking runs the checks again from the start.
+    CHECKING: frozenset({IN_REVIEW, CHECKING}),
+    IN_REVIEW: frozenset({RELEASED, REJECTED, RETURNED}),
+    RELEASED: frozenset(),
+    REJECTED: frozenset(),
+    RETURNED: frozenset(),
+}
+
+ACTIONS = ("approve", "reject", "return")
+_ACTION_STATE = {"reject": REJECTED, "return": RETURNED}
+
+
+class TransitionError(ValueError):
+    """A state change or a decision that the rules do not allow; the message says why."""
+
+
+def check_transition(current: str, new: str) -> None:
+    """Raise :class:`TransitionError` unless ``current -> new`` is an allowed step."""
+    if current not in TRANSITIONS:
+        raise TransitionError(f"unknown state {current!r}; states: {', '.join(STATES)}")
+    if new not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (the request is final)"
+        raise TransitionError(f"a request in state {current!r} cannot move to {new!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a steward's decision does: the new state (``None``: stays in review, waiting for another approval)."""
+
+    new_state: str | None
+    approvals: int
+    """Distinct approvals counted after this decision."""
+    needed: int
+
+
+def decide(*, state: str, requester: str, reviewer: str, action: str, comment: str,
+           may_review: bool, earlier_approvers: Iterable[str], approvals_needed: int) -> Decision:
+    """Apply one steward decision to a request in review, or raise :class:`TransitionError` saying why not.
+
+    Rules: only a steward of the request's project decides; nobody decides on their own request; every
+    decision carries a comment; an approval counts once per steward, and the request is released when
+    ``approvals_needed`` distinct stewards approved; a rejection or return ends the review at once.
+    """
+    if action not in ACTIONS:
+        raise TransitionError(f"unknown decision {action!r}; choose one of: {', '.join(ACTIONS)}")
+    if not may_review:
+        raise TransitionError(f"{reviewer} is not a steward of this request's project and cannot decide on it")
+    if reviewer == requester:
+        raise TransitionError("nobody reviews their own request: another steward of the project must decide")
+    if not comment or not comment.strip():
+        raise TransitionError("a decision needs a comment that tells the researcher why")
+    if state != IN_REVIEW:
+        raise TransitionError(f"the request is {state!r}, not in review; there is nothing to decide")
+    if approvals_needed not in (1, 2):
+        raise TransitionError(f"approvals needed must be 1 or 2, got {approvals_needed}")
+    approvers = set(earlier_approvers)
+    if action != "approve":
+        return Decision(new_state=_ACTION_STATE[action], approvals=len(approvers), needed=approvals_needed)
+    if reviewer in approvers:
+        raise TransitionError(
+            f"{reviewer} already approved this request; it needs an independent approval from another steward"
+        )
+    approvers.add(reviewer)
+    new_state = RELEASED if len(approvers) >= approvals_needed else None
+    return Decision(new_state=new_state, approvals=len(approvers), needed=approvals_needed)
+
+
+def overall_status(statuses: Iterable[str]) -> str:
+    """Combine check outcomes: any ``fail`` fails, else any ``review``/``error`` needs review, else ``pass``."""
+    statuses = list(statuses)
+    if not statuses:
+        return "review"
+    if "fail" in statuses:
+        return "fail"
+    if any(s != "pass" for s in statuses):
+        return "review"
+    return "pass"
+
+
+def may_auto_release(kind: str, auto_release_kinds: Iterable[str], statuses: Iterable[str]) -> bool:
+    """Automatic release only for kinds the stewards allowed, and only when every automatic check passed."""
+    return kind in set(auto_release_kinds) and overall_status(statuses) == "pass"

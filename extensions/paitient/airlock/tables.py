@@ -1,0 +1,236 @@
+"""Disclosure checks for tables (CSV, Parquet).
+
+Two ways to check, depending on what the request carries:
+
+- The table alone. Cells that hold whole numbers are read as counts: a count below the minimum
+  (default 10) or a zero (when zeros are disclosive) fails. Dominance (n, k) and the p-ratio need the
+  values that make up each cell, which a finished table does not contain: they are reported as
+  "needs review" unless the request also carries the table's recipe.
+- The table with its recipe (``{"dataset": "...", "index": [...], "columns": [...], "values": ...,
+  "aggfunc": ...}``): the service recomputes the table from the dataset with ACRO's ``crosstab``, which
+  applies the minimum-count, dominance, p-ratio and zeros rules cell by cell, and compares the result with
+  the submitted table. ACRO 1.0.2 marks every cell of a ``std`` table as failing its degrees-of-freedom
+  check (so its suppression blanks the whole table); for ``std`` the rules are applied to the ``mean``
+  table over the same cells, which has the same contributors.
+
+Every function returns check results: ``{"check", "status" (pass|fail|review|error), "reason", "details"}``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MAX_CELLS_LISTED = 50
+
+
+@dataclass(frozen=True)
+class TableRules:
+    min_count: int = 10
+    nk_n: int = 2
+    nk_k: float = 0.9
+    p_ratio: float = 0.1
+    zeros_disclosive: bool = True
+
+
+class TableError(ValueError):
+    """The file is not a table the airlock can read; the message says what to send instead."""
+
+
+def result(check: str, status: str, reason: str, **details: Any) -> dict[str, Any]:
+    return {"check": check, "status": status, "reason": reason, "details": details}
+
+
+def read_table(data: bytes, filename: str) -> pd.DataFrame:
+    """Read CSV or Parquet by content (Parquet files start and end with ``PAR1``)."""
+    if data[:4] == b"PAR1" and data[-4:] == b"PAR1":
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except Exception as e:
+            raise TableError(f"{filename}: not a readable Parquet file ({e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TableError(f"{filename}: neither Parquet nor UTF-8 CSV; save tables with df.to_csv or "
+                         "df.to_parquet") from None
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except Exception as e:
+        raise TableError(f"{filename}: not a readable CSV file ({e})") from None
+
+
+def count_cells(df: pd.DataFrame) -> list[tuple[int, str, float]]:
+    """The cells read as counts: (row, column, value) for whole-number numeric cells."""
+    cells = []
+    for col in df.columns:
+        s = df[col]
+        if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
+            continue
+        values = s.to_numpy(dtype=float, na_value=np.nan)
+        if not np.all(np.isnan(values) | (values == np.round(values))):
+            continue
+        for i, v in enumerate(values):
+            if not np.isnan(v):
+                cells.append((i, str(col), float(v)))
+    return cells
+
+
+def _listed(cells: list[tuple[int, str, float]]) -> list[dict[str, Any]]:
+    return [{"row": r, "column": c, "value": v} for r, c, v in cells[:MAX_CELLS_LISTED]]
+
+
+def check_min_count(cells: list[tuple[int, str, float]], min_count: int) -> dict[str, Any]:
+    small = [c for c in cells if 0 < c[2] < min_count]
+    if small:
+        return result("minimum_count", "fail",
+                      f"{len(small)} cell(s) count fewer than {min_count} individuals; merge categories or "
+                      "suppress these cells", threshold=min_count, cells=_listed(small))
+    return result("minimum_count", "pass", f"every count is at least {min_count} (or zero)", threshold=min_count)
+
+
+def check_zeros(cells: list[tuple[int, str, float]], zeros_disclosive: bool) -> dict[str, Any]:
+    zeros = [c for c in cells if c[2] == 0]
+    if zeros and zeros_disclosive:
+        return result("zeros", "fail",
+                      f"{len(zeros)} cell(s) are zero, which can disclose that no one has an attribute; "
+                      "merge categories or explain why the zero is structural", cells=_listed(zeros))
+    return result("zeros", "pass", "no zero cells" if not zeros else "zeros are not disclosive at this site")
+
+
+def check_table_alone(df: pd.DataFrame, rules: TableRules) -> list[dict[str, Any]]:
+    """Rules that can be applied to a finished table."""
+    cells = count_cells(df)
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]
+    out: list[dict[str, Any]] = []
+    if not cells:
+        out.append(result("minimum_count", "review",
+                          "no column holds whole-number counts, so cell sizes cannot be checked from the table "
+                          "alone; submit the table's recipe or state each cell's count in the justification"))
+    else:
+        out.append(check_min_count(cells, rules.min_count))
+        out.append(check_zeros(cells, rules.zeros_disclosive))
+    non_count = sorted({str(c) for c in numeric} - {c for _, c, _ in cells})
+    out.append(result("dominance", "review",
+                      f"dominance (n={rules.nk_n}, k={rules.nk_k}) and p-ratio ({rules.p_ratio}) need the values "
+                      "behind each cell; without the table's recipe a steward checks them by hand",
+                      statistic_columns=non_count))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# With a recipe: recompute through ACRO
+
+
+RECIPE_KEYS = {"dataset", "version", "index", "columns", "values", "aggfunc"}
+AGGFUNCS = ("count", "mean", "sum", "median", "std", "min", "max")
+_ACRO_CHECKS = {
+    "MinimumThresholdCheck": "minimum_count",
+    "NKCheck": "dominance",
+    "PPercentCheck": "p_ratio",
+    "ZerosCheck": "zeros",
+    "MissingValuesCheck": "missing",
+    "NegativeValuesCheck": "negative",
+}
+
+
+def validate_recipe(recipe: Any) -> dict[str, Any]:
+    if not isinstance(recipe, dict):
+        raise TableError("the table recipe must be a dict with dataset, index, columns, values, aggfunc")
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise TableError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(RECIPE_KEYS)}")
+    for key in ("index", "columns"):
+        v = recipe.get(key, [])
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise TableError(f"recipe {key!r} must be a column name or a list of column names")
+        recipe = {**recipe, key: v}
+    if not recipe["index"]:
+        raise TableError("the recipe needs at least one 'index' column")
+    agg = recipe.get("aggfunc", "count" if recipe.get("values") is None else "mean")
+    if agg not in AGGFUNCS:
+        raise TableError(f"recipe aggfunc {agg!r} is not supported; use one of {', '.join(AGGFUNCS)}")
+    if (agg == "count") != (recipe.get("values") is None):
+        raise TableError("a count table has no 'values'; any other aggfunc needs 'values'")
+    if not isinstance(recipe.get("dataset"), str) or not recipe["dataset"]:
+        raise TableError("the recipe needs 'dataset': the name of one of the project's datasets")
+    return {**recipe, "aggfunc": agg}
+
+
+def _crosstab_frame(data: pd.DataFrame, recipe: dict[str, Any]):
+    index = [data[c] for c in recipe["index"]]
+    columns = [data[c] for c in recipe["columns"]] if recipe["columns"] else None
+    values = data[recipe["values"]] if recipe.get("values") else None
+    return index, columns, values
+
+
+def check_with_recipe(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any],
+                      rules: TableRules) -> list[dict[str, Any]]:
+    """Recompute the table from ``data`` through ACRO and report each rule and whether the table matches."""
+    from acro import ACRO
+
+    missing = [c for c in [*recipe["index"], *recipe["columns"], recipe.get("values")] if c and c not in data]
+    if missing:
+        return [result("recipe", "fail", f"the dataset has no column(s) {missing}; correct the recipe")]
+    logging.getLogger("acro").setLevel(logging.WARNING)
+    acro = ACRO(suppress=False)
+    # sdc_checks.risk_appetite is this same dict, so the site's rules apply to every check.
+    acro.config.update({"safe_threshold": rules.min_count, "safe_nk_n": rules.nk_n, "safe_nk_k": rules.nk_k,
+                        "safe_pratio_p": rules.p_ratio, "zeros_are_disclosive": rules.zeros_disclosive})
+    index, columns, values = _crosstab_frame(data, recipe)
+    agg = recipe["aggfunc"]
+    if columns is None:
+        columns = [pd.Series(["all"] * len(data), index=data.index, name="all")]
+    if agg == "count":
+        acro.crosstab(index, columns)
+    else:
+        # ACRO 1.0.2 fails every cell of a std table on degrees of freedom; mean has the same contributors.
+        acro.crosstab(index, columns, values=values, aggfunc="mean" if agg == "std" else agg)
+    record = list(acro.results.results.values())[-1]
+    sdc = record.sdc or {"summary": {}, "cells": {}}
+    out = []
+    for acro_name, name in _ACRO_CHECKS.items():
+        if acro_name not in sdc["summary"]:
+            continue
+        n = int(sdc["summary"][acro_name])
+        cells = sdc["cells"].get(acro_name, [])[:MAX_CELLS_LISTED]
+        if n:
+            out.append(result(name, "fail", f"{n} cell(s) fail {name.replace('_', ' ')} "
+                              f"(ACRO {acro_name}); merge categories or suppress them", cells=cells))
+        else:
+            out.append(result(name, "pass", f"every cell passes {name.replace('_', ' ')} (ACRO {acro_name})"))
+    if not any(r["check"] == "zeros" for r in out):
+        index, columns, _ = _crosstab_frame(data, recipe)
+        counts = pd.crosstab(index, columns) if columns is not None else pd.crosstab(index, "n")
+        out.append(check_zeros(count_cells(counts.reset_index(drop=True)), rules.zeros_disclosive))
+    out.append(_compare(submitted, data, recipe))
+    return out
+
+
+def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Does the submitted table hold the recomputed numbers (compared as a sorted multiset of values)?"""
+    index, columns, values = _crosstab_frame(data, recipe)
+    agg = recipe["aggfunc"]
+    if columns is None:
+        table = (pd.crosstab(index, columns=pd.Series(["n"] * len(data), index=data.index))
+                 if agg == "count" else data.groupby(recipe["index"])[recipe["values"]].agg(agg).to_frame())
+    elif agg == "count":
+        table = pd.crosstab(index, columns)
+    else:
+        table = pd.crosstab(index, columns, values=values, aggfunc=agg)
+    expected = np.sort(table.to_numpy(dtype=float).ravel())
+    expected = expected[~np.isnan(expected)]
+    got = submitted.select_dtypes("number").to_numpy(dtype=float).ravel()
+    got = np.sort(got[~np.isnan(got)])
+    if len(got) == len(expected) and np.allclose(got, expected, rtol=1e-6, atol=1e-9):
+        return result("recipe", "pass", "the submitted table holds exactly the numbers its recipe produces")
+    return result("recipe", "fail",
+                  "the submitted table does not hold the numbers its recipe produces from the dataset; "
+                  "submit the table the recipe makes, or correct the recipe",
+                  expected_cells=int(len(expected)), submitted_cells=int(len(got)))
