@@ -1,0 +1,349 @@
+"""Hospital sign-on: LDAPAuthenticator with projects from directory groups, roles, and clear refusals.
+
+``PaitientLDAPAuthenticator`` (entry point ``paitient-ldap``) binds as the user (bind-DN template, or
+search-then-bind with a service account for Active Directory), reads the groups whose ``member`` holds
+the user's DN, and returns the projects as JupyterHub groups and the steward/researcher roles as
+JupyterHub roles (``manage_groups`` and ``manage_roles`` are on). Refusals:
+
+- a name carrying anything outside ``[a-z0-9._-]`` is refused before any directory call;
+- a wrong or empty password and an unknown user get the generic "Invalid username or password";
+- a user in no project (and neither steward nor admin) is told so on the login page;
+- an unreachable directory gives a message on the login page, not a 500; the next attempt tries again.
+
+Every attempt is recorded in the audit trail as ``auth.login`` with outcome ``ok``, ``denied`` or ``error``.
+Blocking directory calls run in a thread, with connect and receive timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ldap3
+from ldap3.core.exceptions import (
+    LDAPBindError,
+    LDAPCommunicationError,
+    LDAPException,
+    LDAPStartTLSError,
+)
+from ldap3.core.tls import Tls
+from ldap3.utils.conv import escape_filter_chars
+from ldap3.utils.dn import escape_rdn
+from ldapauthenticator import LDAPAuthenticator
+from ldapauthenticator.ldapauthenticator import TlsStrategy
+from tornado import web
+from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
+
+from paitient.config import SiteConfig, check_owner
+from paitient.hub import signon
+from paitient.hub.signon import Membership
+
+
+class DirectoryUnavailable(Exception):
+    """The directory could not be reached or refused to talk (network, timeout, TLS)."""
+
+
+class ServiceAccountRefused(Exception):
+    """The service account used for search-then-bind could not bind."""
+
+
+@dataclass(frozen=True)
+class Signed:
+    dn: str
+    membership: Membership
+
+
+class PaitientLDAPAuthenticator(LDAPAuthenticator):
+    """LDAP / Active Directory sign-on mapping directory groups to paitient projects and roles."""
+
+    manage_groups = Bool(
+        True, config=True, help="Projects become JupyterHub groups, kept in step with the directory."
+    )
+    manage_roles = Bool(
+        True, config=True, help="researcher / steward / admin roles come from the directory at each sign-in."
+    )
+
+    project_groups = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="Project name -> directory group (full DN, or a cn looked up under group_base).",
+    )
+    steward_group = Unicode("", config=True, help="Members get the steward role (DN or cn).")
+    admin_group = Unicode("", config=True, help="Members become JupyterHub admins (DN or cn).")
+    group_base = Unicode(
+        "", config=True, help="Subtree holding the groups; empty: each configured group DN is read directly."
+    )
+    timeout = Float(5.0, config=True, help="Seconds to wait for the directory to connect and to answer.")
+    service_password_file = Unicode(
+        "", config=True, help="Root-only file holding the lookup_dn_search_user password."
+    )
+    site = Instance(
+        SiteConfig, allow_none=True, config=True, help="The site configuration (audit trail location)."
+    )
+
+    steward_scopes = List(
+        Unicode(),
+        config=True,
+        help="Scopes of the steward role (the audit view's scopes are added by default).",
+    )
+
+    @default("steward_scopes")
+    def _steward_scopes_default(self) -> list[str]:
+        from paitient.audit.service import role_scopes
+
+        return [*signon.BASE_STEWARD_SCOPES, *role_scopes()]
+
+    @default("lookup_dn_search_password")
+    def _service_password_default(self) -> str | None:
+        if not self.service_password_file:
+            return None
+        path = Path(self.service_password_file)
+        check_owner(path, secret=True)
+        return path.read_text().rstrip("\n")
+
+    # ------------------------------------------------------------------ validation
+    def validate_username(self, username: str) -> bool:
+        if signon.username_problem(username, allow_at=self._allow_at):
+            return False
+        return super().validate_username(username)
+
+    @property
+    def _allow_at(self) -> bool:
+        return self.user_attribute == "userPrincipalName"
+
+    # ------------------------------------------------------------------ directory access
+    def get_connection(self, userdn: str, password: str) -> ldap3.Connection | None:
+        """Bound connection, or None when the directory refused the credentials.
+
+        Raises :class:`DirectoryUnavailable` for network, timeout and TLS failures.
+        """
+        if self.tls_strategy == TlsStrategy.on_connect:
+            use_ssl, auto_bind = True, ldap3.AUTO_BIND_NO_TLS
+        elif self.tls_strategy == TlsStrategy.before_bind:
+            use_ssl, auto_bind = False, ldap3.AUTO_BIND_TLS_BEFORE_BIND
+        else:
+            use_ssl, auto_bind = False, ldap3.AUTO_BIND_NO_TLS
+        server = ldap3.Server(
+            self.server_address,
+            port=self.server_port,
+            use_ssl=use_ssl,
+            tls=Tls(**self.tls_kwargs),
+            get_info=ldap3.NONE,
+            connect_timeout=self.timeout,
+        )
+        try:
+            return ldap3.Connection(
+                server,
+                user=userdn,
+                password=password,
+                auto_bind=auto_bind,
+                receive_timeout=max(1, math.ceil(self.timeout)),  # ldap3 packs it as whole seconds
+            )
+        except LDAPBindError:
+            return None
+        except (LDAPCommunicationError, LDAPStartTLSError) as e:
+            raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
+        except LDAPException as e:
+            if "timeout" in type(e).__name__.lower() or "tls" in str(e).lower():
+                raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
+            raise
+
+    def _lookup(self, login: str) -> str | None:
+        """Search-then-bind, step one: the DN of the one entry whose user_attribute equals ``login``."""
+        conn = self.get_connection(self.lookup_dn_search_user, self.lookup_dn_search_password)
+        if conn is None:
+            raise ServiceAccountRefused(self.lookup_dn_search_user)
+        try:
+            conn.search(
+                search_base=self.user_search_base,
+                search_scope=ldap3.SUBTREE,
+                search_filter=self.lookup_dn_search_filter.format(
+                    login_attr=self.user_attribute, login=escape_filter_chars(login)
+                ),
+                attributes=[],
+                size_limit=2,
+            )
+            entries = [r for r in conn.response or () if r.get("type") == "searchResEntry"]
+        finally:
+            conn.unbind()
+        if len(entries) != 1:
+            if len(entries) > 1:
+                self.log.error("looking up %s found several entries; refusing", signon.shown(login))
+            return None
+        return entries[0]["dn"]
+
+    def _groups_of(self, conn: ldap3.Connection, user_dn: str) -> set[str]:
+        """The configured groups (as configured: DN or cn) whose ``member`` holds ``user_dn``."""
+        wanted = {*self.project_groups.values(), self.steward_group, self.admin_group} - {""}
+        member_filter = f"(member={escape_filter_chars(user_dn)})"
+        found: list[tuple[str, list[str]]] = []
+        if self.group_base:
+            conn.search(self.group_base, member_filter, ldap3.SUBTREE, attributes=["cn"])
+            found = [(r["dn"], _values(r, "cn")) for r in conn.response or () if r.get("type") == "searchResEntry"]
+        else:
+            for group in sorted(w for w in wanted if signon.is_dn(w)):
+                conn.search(group, member_filter, ldap3.BASE, attributes=["cn"])
+                found += [(r["dn"], _values(r, "cn")) for r in conn.response or ()
+                          if r.get("type") == "searchResEntry"]
+        return signon.matching_groups(found, wanted)
+
+    def sign_in(self, login: str, password: str) -> Signed | None:
+        """Blocking: bind as the user and read their groups. None when the credentials are refused."""
+        if self.lookup_dn:
+            dn = self._lookup(login)
+            candidates = [dn] if dn else []
+        else:
+            candidates = [t.format(username=escape_rdn(login)) for t in self.bind_dn_template]
+        for dn in candidates:
+            conn = self.get_connection(dn, password)
+            if conn is None:
+                continue
+            try:
+                in_groups = self._groups_of(conn, dn)
+            except (LDAPCommunicationError, LDAPStartTLSError) as e:
+                raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
+            finally:
+                conn.unbind()
+            return Signed(
+                dn=dn,
+                membership=signon.membership(in_groups, self.project_groups, self.steward_group, self.admin_group),
+            )
+        return None
+
+    # ------------------------------------------------------------------ JupyterHub hooks
+    async def authenticate(self, handler: web.RequestHandler | None, data: dict[str, Any]) -> dict | None:
+        raw = data.get("username", "")
+        password = data.get("password") or ""
+        actor = signon.actor_name(raw)
+        problem = signon.username_problem(raw, allow_at=self._allow_at)
+        if problem:
+            self.log.warning("sign-in refused for %s: %s", signon.shown(raw), problem)
+            await self._audit(actor, "denied", reason=f"invalid username: {problem}")
+            return None
+        login = raw.lower()
+        if not password.strip():
+            self.log.warning("sign-in refused for %s: empty password", signon.shown(login))
+            await self._audit(actor, "denied", reason="empty password")
+            return None
+        try:
+            signed = await asyncio.get_running_loop().run_in_executor(None, self.sign_in, login, password)
+        except DirectoryUnavailable as e:
+            self.log.error("directory %s:%s unreachable: %s", self.server_address, self.server_port, e)
+            await self._audit(actor, "error", reason="directory unreachable")
+            raise web.HTTPError(503, signon.UNREACHABLE_MESSAGE) from None
+        except ServiceAccountRefused as e:
+            self.log.error("the directory refused the service account %r; check its password file", str(e))
+            await self._audit(actor, "error", reason="service account refused")
+            raise web.HTTPError(503, signon.SERVICE_ACCOUNT_MESSAGE) from None
+        if signed is None:
+            self.log.warning("sign-in refused for %s: wrong password or unknown user", signon.shown(login))
+            await self._audit(actor, "denied", reason="wrong password or unknown user")
+            return None
+        m = signed.membership
+        if not m.may_sign_in:
+            self.log.warning("sign-in refused for %s: in no paitient project", signon.shown(login))
+            await self._audit(actor, "denied", reason="not a member of any project")
+            raise web.HTTPError(403, signon.NO_PROJECT_MESSAGE)
+        return {
+            "name": login,
+            "groups": list(m.projects),
+            "roles": signon.hub_roles(m, self.steward_scopes),
+            "admin": m.admin if self.admin_group else None,
+            "auth_state": {
+                "dn": signed.dn,
+                "projects": list(m.projects),
+                "roles": list(m.roles),
+                "ldap_groups": list(m.groups),
+            },
+        }
+
+    async def check_allowed(self, username: str, auth_model: dict | None = None) -> bool:
+        state = (auth_model or {}).get("auth_state") or {}
+        if state.get("projects") or {"steward", "admin"} & set(state.get("roles", ())):
+            return True
+        return await super().check_allowed(username, auth_model)
+
+    async def run_post_auth_hook(self, handler: web.RequestHandler | None, auth_model: dict) -> dict:
+        """Record the sign-in; without a record there is no sign-in."""
+        auth_model = await super().run_post_auth_hook(handler, auth_model)
+        state = auth_model.get("auth_state") or {}
+        await self._audit(
+            auth_model["name"], "ok", reason="signed in",
+            projects=state.get("projects", []), roles=state.get("roles", []), must_record=True,
+        )
+        return auth_model
+
+    async def load_managed_roles(self) -> list[dict]:
+        return list(signon.role_specs(self.steward_scopes).values())
+
+    async def _audit(self, actor: str, outcome: str, *, must_record: bool = False, **details: Any) -> None:
+        try:
+            if self.site is None:
+                raise RuntimeError("no site configuration given to the authenticator (c.<class>.site)")
+            from paitient import audit
+
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: audit.emit(self.site, actor=actor, action="auth.login", outcome=outcome, details=details),
+            )
+        except Exception as e:
+            self.log.error("audit record auth.login (%s) for %s not written: %s", outcome, signon.shown(actor), e)
+            if must_record:
+                raise web.HTTPError(503, signon.AUDIT_MESSAGE) from None
+
+
+def _values(response: dict, attr: str) -> list[str]:
+    value = (response.get("attributes") or {}).get(attr, [])
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+# ---------------------------------------------------------------------- configuration from the site file
+def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = None) -> None:
+    """Set the authenticator's traitlets on JupyterHub config ``c`` from ``site``.
+
+    ``directory_url`` is the embedded demo directory's URL when ``site.directory.url`` is empty.
+    """
+    d = site.directory
+    url = directory_url or d.url
+    if not url:
+        raise ValueError("the site names no directory url; start the embedded directory and pass its url")
+    from urllib.parse import urlparse
+
+    tls = signon.tls_choice(d, url)
+    names = [p.group for p in site.projects if not signon.is_dn(p.group)]
+    if names and not d.group_base:
+        raise ValueError(
+            f"project group(s) {', '.join(names)} are plain names: set [directory] group_base "
+            "so they can be found, or give full DNs"
+        )
+    a = c.PaitientLDAPAuthenticator
+    c.JupyterHub.authenticator_class = "paitient-ldap"
+    a.server_address = urlparse(url).hostname
+    a.server_port = tls.port
+    a.tls_strategy = tls.strategy
+    a.tls_kwargs = tls.tls_kwargs
+    a.timeout = d.timeout
+    a.lookup_dn = d.lookup_dn
+    if d.lookup_dn:
+        a.user_search_base = d.search_base
+        a.user_attribute = d.user_attribute
+        a.lookup_dn_user_dn_attribute = d.user_attribute
+        a.lookup_dn_search_user = d.service_dn or None
+        if d.service_password_file:
+            a.service_password_file = d.service_password_file
+    else:
+        a.bind_dn_template = list(d.bind_dn_template)
+    a.project_groups = {p.name: p.group for p in site.projects}
+    a.steward_group = d.steward_group
+    a.admin_group = d.admin_group
+    a.group_base = d.group_base
+    a.allowed_groups = sorted({p.group for p in site.projects} | ({d.steward_group} - {""}))
+    a.site = site
+    from paitient.audit.service import custom_scopes
+
+    scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
+    c.JupyterHub.custom_scopes = {**scopes, **custom_scopes()}

@@ -1,0 +1,192 @@
+"""Pure rules of hospital sign-on: which usernames are acceptable, how TLS is chosen, groups -> projects, roles.
+
+The authenticator (:mod:`paitient.hub.auth`) is a thin stateful wrapper around these functions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ldap3.core.exceptions import LDAPInvalidDnError
+from ldap3.utils.dn import parse_dn
+
+from paitient.config import Directory
+
+MAX_USERNAME = 64
+USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
+UPN_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}@[a-z0-9][a-z0-9.-]{0,189}", re.ASCII)
+
+NO_PROJECT_MESSAGE = (
+    "You are not a member of any paitient project. "
+    "Ask your data integration centre to add you to a project group."
+)
+UNREACHABLE_MESSAGE = "The hospital directory cannot be reached; try again in a few minutes."
+SERVICE_ACCOUNT_MESSAGE = (
+    "The workspace cannot look up accounts in the hospital directory right now; "
+    "please tell the workspace operator (the service account was refused)."
+)
+AUDIT_MESSAGE = "Sign-in is paused because the audit trail cannot be written; please tell the workspace operator."
+
+
+def username_problem(raw: object, *, allow_at: bool = False) -> str | None:
+    """Why ``raw`` cannot be a login name, or None when it can.
+
+    The check runs on the name as typed, before lower-casing, so that characters whose lower case is
+    ASCII (the Kelvin sign K lower-cases to k) cannot pass as another user. Anything outside
+    ``[A-Za-z0-9._-]`` (plus one ``@`` when Active Directory userPrincipalName is the login attribute)
+    is refused, which keeps LDAP filter and DN syntax (``* ( ) \\ , = + < > ; "`` and NUL) out entirely.
+    """
+    if not isinstance(raw, str) or not raw:
+        return "empty username"
+    if raw != raw.strip():
+        return "leading or trailing spaces"
+    if not raw.isascii():
+        return "non-ASCII characters"
+    if len(raw) > (MAX_USERNAME + 191 if allow_at else MAX_USERNAME):
+        return "too long"
+    pattern = UPN_RE if allow_at and "@" in raw else USERNAME_RE
+    if not pattern.fullmatch(raw.lower()):
+        return "characters outside a-z 0-9 . _ -" + (" @" if allow_at else "")
+    return None
+
+
+def shown(name: object, limit: int = 32) -> str:
+    """A username made safe for logs: repr (control characters escaped) and cut to ``limit`` characters."""
+    text = name if isinstance(name, str) else repr(name)
+    if len(text) > limit:
+        return repr(text[:limit]) + f"...({len(text)} chars)"
+    return repr(text)
+
+
+def actor_name(name: object, limit: int = 64) -> str:
+    """The audit actor for a login attempt: the name as typed, cut, never empty."""
+    text = name if isinstance(name, str) else repr(name)
+    text = text.replace("\x00", "\\x00")
+    return (text[:limit] + "...") if len(text) > limit else (text or "(empty)")
+
+
+@dataclass(frozen=True)
+class TlsChoice:
+    strategy: str
+    """LDAPAuthenticator.tls_strategy: ``before_bind`` (StartTLS), ``on_connect`` (LDAPS) or ``insecure``."""
+    port: int
+    tls_kwargs: dict
+
+
+def tls_choice(directory: Directory, url: str | None = None) -> TlsChoice:
+    """How to protect the bind for ``directory`` (reached at ``url``, default ``directory.url``).
+
+    ``ldaps://`` URLs and ``tls = "ldaps"`` encrypt from the first byte; ``auto`` means StartTLS except on
+    loopback; ``none`` is accepted by the site configuration only for loopback and is checked again here.
+    Certificates are always verified (``ca_file`` or the system store).
+    """
+    import ssl
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url or directory.url)
+    host = parsed.hostname or ""
+    loopback = Directory(url=f"ldap://{host}/").is_loopback if host else False
+    mode = directory.tls
+    if parsed.scheme == "ldaps" or mode == "ldaps":
+        strategy = "on_connect"
+    elif mode == "starttls" or (mode == "auto" and not loopback):
+        strategy = "before_bind"
+    else:
+        if not loopback:
+            raise ValueError(
+                f"refusing to send passwords in clear text to {host!r}: "
+                "set [directory] tls to 'starttls' or 'ldaps'"
+            )
+        strategy = "insecure"
+    port = parsed.port or (636 if strategy == "on_connect" else 389)
+    kwargs: dict = {}
+    if strategy != "insecure":
+        kwargs["validate"] = ssl.CERT_REQUIRED
+        if directory.ca_file:
+            kwargs["ca_certs_file"] = directory.ca_file
+    return TlsChoice(strategy=strategy, port=port, tls_kwargs=kwargs)
+
+
+def normalise_dn(dn: str) -> str:
+    """A DN in a form fit for comparison: attribute names and values lower-cased, no spaces around separators."""
+    try:
+        parts = parse_dn(dn, escape=False, strip=True)
+    except LDAPInvalidDnError:
+        return dn.strip().lower()
+    return ",".join(f"{attr.strip().lower()}={value.strip().lower()}" for attr, value, _sep in parts)
+
+
+def is_dn(text: str) -> bool:
+    return "=" in text
+
+
+def matching_groups(found: Iterable[tuple[str, Iterable[str]]], wanted: Iterable[str]) -> set[str]:
+    """Which of the configured groups ``wanted`` (full DNs, or plain names matched against cn) are among
+    the groups ``found`` (pairs of DN and cn values) the user is a member of."""
+    dns: set[str] = set()
+    cns: set[str] = set()
+    for dn, cn_values in found:
+        dns.add(normalise_dn(dn))
+        cns.update(c.lower() for c in cn_values)
+    return {w for w in wanted if (normalise_dn(w) in dns if is_dn(w) else w.lower() in cns)}
+
+
+BASE_STEWARD_SCOPES = ("self", "read:users:name", "read:groups:name")
+
+
+def role_specs(steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES) -> dict[str, dict]:
+    """The JupyterHub roles the authenticator manages (fresh dicts: JupyterHub annotates them)."""
+    return {
+        "researcher": {
+            "name": "researcher",
+            "description": "Member of at least one paitient project: works on the project's data.",
+            "scopes": ["self"],
+        },
+        "steward": {
+            "name": "steward",
+            "description": "Data steward: reviews what leaves the workspace and reads the audit trail.",
+            "scopes": list(dict.fromkeys(steward_scopes)),
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Membership:
+    projects: tuple[str, ...]
+    roles: tuple[str, ...]
+    admin: bool
+    groups: tuple[str, ...]
+    """The configured group identifiers the user is in (for LDAPAuthenticator.allowed_groups)."""
+
+    @property
+    def may_sign_in(self) -> bool:
+        return bool(self.projects) or "steward" in self.roles or self.admin
+
+
+def membership(
+    in_groups: set[str], project_groups: Mapping[str, str], steward_group: str, admin_group: str
+) -> Membership:
+    """Projects and paitient roles from the configured groups the user is in."""
+    projects = tuple(sorted(p for p, g in project_groups.items() if g in in_groups))
+    roles = []
+    if projects:
+        roles.append("researcher")
+    if steward_group and steward_group in in_groups:
+        roles.append("steward")
+    admin = bool(admin_group) and admin_group in in_groups
+    if admin:
+        roles.append("admin")
+    return Membership(projects=projects, roles=tuple(roles), admin=admin, groups=tuple(sorted(in_groups)))
+
+
+def hub_roles(m: Membership, steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES) -> list[dict]:
+    """The ``roles`` list of the JupyterHub auth model: every role the user holds, ``user`` included
+    (JupyterHub strips roles missing from this list, the default ``user`` role too)."""
+    specs = role_specs(steward_scopes)
+    out: list[dict] = [{"name": "user"}]
+    out.extend(specs[r] for r in m.roles if r in specs)
+    if m.admin:
+        out.append({"name": "admin"})
+    return out
