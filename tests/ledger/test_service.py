@@ -1,0 +1,191 @@
+"""The ledger service over its real unix socket: identity from peer credentials, concurrency, crash safety."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from paitient.channel import ChannelError, call
+from paitient.ledger.client import BudgetExceeded, LedgerClient
+from paitient.ledger.store import Ledger, db_path
+
+from .conftest import register, start_service_process
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_nobody(code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*NOBODY, sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_kernel_acts_only_for_its_users_projects(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("oncology",))
+    out = as_nobody(f"""
+        import json
+        from paitient.ledger.client import LedgerClient, ChannelError
+        c = LedgerClient({str(site.run_dir)!r})
+        r = c.reserve("oncology", "breast_cancer", 1.0, 1e-6, run_id="t")
+        res = {{"reserved": r["username"], "pid": r.get("pid")}}
+        for project, ds in (("cardio", "diabetes"),):
+            try:
+                c.reserve(project, ds, 1.0, 1e-6)
+            except ChannelError as e:
+                res["foreign"] = [e.code, str(e)]
+        res["budget"] = sorted(c.budget()["projects"])
+        try:
+            c.records(project="cardio")
+        except ChannelError as e:
+            res["records_foreign"] = e.code
+        print(json.dumps(res))
+    """)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["reserved"] == "alice"          # the user comes from the uid, not from the request
+    assert res["pid"] is None                  # process details are not handed out
+    assert res["foreign"][0] == "forbidden" and "not a member of project 'cardio'" in res["foreign"][1]
+    assert res["budget"] == ["oncology"]
+    assert res["records_foreign"] == "forbidden"
+    run = service.ledger.runs("oncology")[0]
+    assert run["username"] == "alice" and run["pid"] > 0
+
+
+def test_unknown_uid_is_refused(service, site):
+    out = as_nobody(f"""
+        from paitient.ledger.client import LedgerClient, ChannelError
+        try:
+            LedgerClient({str(site.run_dir)!r}).reserve("oncology", "breast_cancer", 1.0, 1e-6)
+        except ChannelError as e:
+            print(e.code, e)
+    """)
+    assert out.stdout.startswith("unknown_user uid 65534 is not a paitient user"), out.stdout + out.stderr
+    assert service.ledger.runs() == []
+
+
+def test_claims_in_the_request_are_refused(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("oncology",))
+    out = as_nobody(f"""
+        from paitient.channel import call, ChannelError
+        try:
+            call({str(site.run_dir / 'ledger.sock')!r}, "reserve", {{"project": "oncology", "dataset": "gbsg2",
+                 "epsilon": 1.0, "delta": 1e-7, "user": "bob"}})
+        except ChannelError as e:
+            print(e.code, e)
+    """)
+    assert out.stdout.startswith("bad_request unknown argument(s) user"), out.stdout + out.stderr
+
+
+def test_refusal_over_socket_carries_the_numbers(service, site, state_dir):
+    register(state_dir, "root-tester", 0, ("oncology",))
+    c = LedgerClient(site.run_dir)
+    c.reserve("oncology", "gbsg2", 1.5, 1e-7)
+    with pytest.raises(BudgetExceeded, match="epsilon 1 asked, but oncology/gbsg2 has 0.5 left of 2"):
+        c.reserve("oncology", "gbsg2", 1.0, 1e-7)
+
+
+def test_dead_reserver_counts_in_full(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("oncology",))
+    out = as_nobody(f"""
+        from paitient.ledger.client import LedgerClient
+        print(LedgerClient({str(site.run_dir)!r}).reserve("oncology", "gbsg2", 0.75, 1e-7)["reservation"])
+    """)
+    rid = out.stdout.strip()
+    assert rid, out.stderr
+    # the process has exited: the next question to the ledger finds the reservation lost, counted in full
+    b = call(site.run_dir / "ledger.sock", "budget", {"project": "oncology"})
+    gbsg2 = {x["dataset"]: x for x in b["projects"]["oncology"]}["gbsg2"]
+    assert (gbsg2["epsilon_spent"], gbsg2["epsilon_reserved"]) == (0.75, 0.0)
+    assert service.ledger.run(rid)["state"] == "lost"
+
+
+def test_concurrent_reservations_never_exceed_the_budget(service, site, state_dir):
+    """Eight processes (as another uid) race for gbsg2's epsilon 2.0 in steps of 0.07: exactly 28 fit."""
+    register(state_dir, "alice", 65534, ("oncology",))
+    code = f"""
+        import sys, time
+        from paitient.ledger.client import LedgerClient, BudgetExceeded
+        c = LedgerClient({str(site.run_dir)!r})
+        got = refused = 0
+        for _ in range(10):
+            try:
+                c.reserve("oncology", "gbsg2", 0.07, 1e-9); got += 1
+            except BudgetExceeded:
+                refused += 1
+        print(got, refused, flush=True)
+        sys.stdin.read()   # stay alive (a live kernel) until the test has looked
+    """
+    procs = [subprocess.Popen([*NOBODY, sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    try:
+        counts = [tuple(map(int, p.stdout.readline().split())) for p in procs]
+        assert sum(g for g, _ in counts) == 28
+        assert sum(r for _, r in counts) == 80 - 28
+        b = {x["dataset"]: x for x in service.ledger.budget("oncology")}["gbsg2"]
+        assert b["epsilon_reserved"] == pytest.approx(28 * 0.07) and b["epsilon_reserved"] <= 2.0
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait(timeout=30)
+
+
+def test_kill_9_of_the_service_loses_nothing_acknowledged(site, state_dir, world_tmp):
+    """A client reserves as fast as it can; the service gets SIGKILL mid-stream, three times."""
+    register(state_dir, "alice", 65534, ("oncology",))
+    Ledger(site).set_budget("oncology", "breast_cancer", 1e6, 0.5, by="test")
+    acknowledged: list[str] = []
+    log = world_tmp / "ledger.log"
+    code = f"""
+        from paitient.ledger.client import LedgerClient, ChannelError
+        c = LedgerClient({str(site.run_dir)!r}, timeout=10)
+        while True:
+            try:
+                print(c.reserve("oncology", "breast_cancer", 0.001, 1e-12)["reservation"], flush=True)
+            except ChannelError:
+                break
+    """
+    for delay in (0.7, 1.3, 2.1):
+        service = start_service_process(site, log_path=log)
+        client = subprocess.Popen([*NOBODY, sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                                  text=True)
+        time.sleep(delay)
+        os.kill(service.pid, signal.SIGKILL)
+        service.wait(timeout=30)
+        out, _ = client.communicate(timeout=60)
+        acknowledged += out.split()
+        (site.run_dir / "ledger.sock").unlink(missing_ok=True)
+    assert len(acknowledged) > 30, log.read_text()[-2000:]
+    with sqlite3.connect(db_path(site)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    ledger = Ledger(site)
+    stored = {r["id"] for r in ledger.runs("oncology", "breast_cancer")}
+    assert set(acknowledged) <= stored
+    # the clients have exited: every reservation is now counted as spent, none twice
+    service = start_service_process(site, log_path=log)
+    try:
+        b = {x["dataset"]: x for x in call(site.run_dir / "ledger.sock", "budget")["projects"]["oncology"]}
+        assert b["breast_cancer"]["epsilon_spent"] == pytest.approx(0.001 * len(stored))
+        assert b["breast_cancer"]["epsilon_reserved"] == 0
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+    assert not (site.run_dir / "ledger.sock").exists()
+
+
+def test_record_by_hash_is_limited_to_own_projects(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("cardio",))
+    row = service.ledger.reserve("oncology", "breast_cancer", 1.0, 1e-6, user="carol")
+    service.ledger.settle(row["id"], 1.0, record={"weights_sha256": "ef" * 32})
+    assert call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "ef" * 32})["id"] == row["id"]  # root
+    out = as_nobody(f"""
+        from paitient.ledger.client import LedgerClient
+        print(LedgerClient({str(site.run_dir)!r}).record_by_hash({"ef" * 32!r}))
+    """)
+    assert out.stdout.strip() == "None", out.stderr
+    with pytest.raises(ChannelError, match="64 hex digits"):
+        call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "xyz"})
