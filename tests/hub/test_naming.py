@@ -5,6 +5,7 @@ import pwd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from paitient.hub.naming import (
     ACCOUNT_RE,
     NamingError,

@@ -291,11 +291,13 @@ class Slapd:
                     f"slapd exited with code {code} at start on port {self.port}; "
                     f"see {self.log_path}: {self._log_tail()}"
                 )
-            try:
-                with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self._pid_file_names(self._proc.pid):  # written once its listener is bound
+                try:
+                    with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.05)
         self.stop()
         raise DirectoryError(
             f"slapd did not answer on port {self.port} within {timeout:.0f} s; see {self.log_path}"
@@ -312,6 +314,12 @@ class Slapd:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+    def _pid_file_names(self, pid: int) -> bool:
+        try:
+            return int(self.pid_file.read_text().strip() or 0) == pid
+        except (OSError, ValueError):
+            return False
 
     def _log_tail(self) -> str:
         try:
