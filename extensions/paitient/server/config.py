@@ -1,0 +1,167 @@
+"""The configuration of one user's server, written by the spawner (as root) before the server starts.
+
+The server reads its policy only from root-owned places: the spawner points ``JUPYTER_CONFIG_DIR`` and
+``JUPYTER_DATA_DIR`` at ``<state_dir>/users/<account>/jupyter/{config,data}`` (root-owned 0755, files
+0644) and starts ``python -I -m jupyterhub.singleuser`` with the environment of :func:`user_server_env`.
+Nothing under the user's home (``~/.jupyter``, ``~/.local/share/jupyter``, ``~/.ipython/kernels``,
+user site-packages) is read for policy.
+
+:func:`server_config` is the pure part (site + member -> config dict); :func:`write_user_server_config`
+writes it, the kernel spec, the JupyterLab page config and the ``migrated`` marker.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from paitient.config import SiteConfig
+from paitient.fsutil import atomic_write_json, atomic_write_text
+from paitient.registry import Member
+
+KERNEL_NAME = "python3"
+DISPLAY_NAME = "Python 3 (sandbox)"
+
+# JupyterLab plugins whose commands download or export (ids as shipped in JupyterLab 4.6), and the
+# terminal UI. The server refuses the routes behind them anyway; this removes the buttons.
+DISABLED_LAB_PLUGINS: tuple[str, ...] = (
+    "@jupyterlab/docmanager-extension:download",
+    "@jupyterlab/filebrowser-extension:download",
+    "@jupyterlab/filebrowser-extension:open-browser-tab",
+    "@jupyterlab/notebook-extension:export",
+    "@jupyterlab/terminal-extension",
+)
+
+
+def kernel_spec(python: str = sys.executable) -> dict[str, Any]:
+    """The one kernel spec of the workspace: IPython in the sandbox, interrupted by message."""
+    return {
+        "argv": [python, "-I", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": DISPLAY_NAME,
+        "language": "python",
+        "interrupt_mode": "message",
+        "env": {},
+        "metadata": {
+            "debugger": False,
+            "kernel_provisioner": {"provisioner_name": "paitient-sandbox"},
+        },
+    }
+
+
+def member_datasets(site: SiteConfig, member: Member) -> dict[str, list[str]]:
+    """Project -> datasets the member may read (projects the site no longer lists are left out)."""
+    known = {p.name: p for p in site.projects}
+    return {name: list(known[name].datasets) for name in member.projects if name in known}
+
+
+def server_config(site: SiteConfig, member: Member, home: str, data_dir: str) -> dict[str, Any]:
+    """The traitlets configuration (as JSON) of ``member``'s server."""
+    home = str(home)
+    lab_dir = os.path.join(home, ".jupyter", "lab")
+    return {
+        "ServerApp": {
+            "jpserver_extensions": {
+                "paitient.server": True,
+                "jupyterlab": True,
+                "jupyter_server_terminals": False,
+                "jupyter_lsp": False,
+            },
+            "root_dir": home,
+            "terminals_enabled": False,
+            "kernel_manager_class": "paitient.server.kernels.SandboxMappingKernelManager",
+            "kernel_spec_manager_class": "paitient.server.kernels.SandboxKernelSpecManager",
+            "contents_manager_class": "paitient.server.contents.ConfinedContentsManager",
+            "kernel_websocket_connection_class": "paitient.server.websocket.CappedWebsocketConnection",
+        },
+        "ContentsManager": {
+            "allow_hidden": False,
+            "files_handler_class": "paitient.server.handlers.BlockedFilesHandler",
+        },
+        "KernelManager": {"transport": "ipc"},
+        "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},
+        "KernelSpecManager": {
+            "ensure_native_kernel": False,
+            "allowed_kernelspecs": [KERNEL_NAME],
+        },
+        "SandboxKernelSpecManager": {"sandbox_kernel_dirs": [os.path.join(data_dir, "kernels")]},
+        "MappingKernelManager": {"default_kernel_name": KERNEL_NAME},
+        "SandboxProvisioner": {
+            "data_root": str(site.data_root),
+            "run_dir": str(site.run_dir),
+            "projects": member_datasets(site, member),
+            "memory_mb": site.sandbox.memory_mb,
+            "max_processes": site.sandbox.max_processes,
+            "max_open_files": site.sandbox.max_open_files,
+            "cpu_seconds": site.sandbox.cpu_seconds,
+        },
+        "CappedWebsocketConnection": {
+            "output_cap_message_bytes": site.server.output_cap_message_bytes,
+            "output_cap_execution_bytes": site.server.output_cap_execution_bytes,
+            "audit_run_dir": str(site.run_dir),
+        },
+        "LabApp": {
+            "user_settings_dir": os.path.join(lab_dir, "user-settings"),
+            "workspaces_dir": os.path.join(lab_dir, "workspaces"),
+        },
+    }
+
+
+def page_config() -> dict[str, Any]:
+    return {"disabledExtensions": {plugin: True for plugin in DISABLED_LAB_PLUGINS}}
+
+
+def user_server_env(config_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str], home: str) -> dict[str, str]:
+    """Jupyter variables the spawner sets for the user's server (on top of the hub's own ones).
+
+    ``JUPYTER_PREFER_ENV_PATH=0`` puts the root-owned config dir ahead of the Python environment's.
+    """
+    return {
+        "JUPYTER_CONFIG_DIR": str(config_dir),
+        "JUPYTER_DATA_DIR": str(data_dir),
+        "JUPYTER_RUNTIME_DIR": os.path.join(home, ".local", "share", "jupyter", "runtime"),
+        "JUPYTER_PREFER_ENV_PATH": "0",
+        "JUPYTER_PLATFORM_DIRS": "0",
+        "PYTHONNOUSERSITE": "1",
+    }
+
+
+def _root_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+
+
+def write_user_server_config(
+    site: SiteConfig,
+    member: Member,
+    dest_config_dir: str | os.PathLike[str],
+    dest_data_dir: str | os.PathLike[str],
+) -> None:
+    """Write ``member``'s server configuration; the spawner calls this (as root) before every start.
+
+    Files are root-owned 0644 in root-owned 0755 folders, published atomically. Kernel specs other than
+    the workspace's are removed from the data dir.
+    """
+    config_dir, data_dir = Path(dest_config_dir), Path(dest_data_dir)
+    home = pwd.getpwnam(member.account).pw_dir
+    for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels"):
+        _root_dir(d)
+    kernels = data_dir / "kernels"
+    for old in kernels.iterdir():
+        if old.name != KERNEL_NAME:
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    spec_dir = kernels / KERNEL_NAME
+    if spec_dir.is_symlink():
+        spec_dir.unlink()
+    _root_dir(spec_dir)
+    atomic_write_json(spec_dir / "kernel.json", kernel_spec(), mode=0o644)
+    atomic_write_json(config_dir / "jupyter_server_config.json",
+                      server_config(site, member, home, str(data_dir)), mode=0o644)
+    atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
+    # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
+    atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)

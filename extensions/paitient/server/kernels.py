@@ -1,0 +1,81 @@
+"""Kernel spec and kernel managers of the user's server: every kernel is a sandboxed one.
+
+A stock server starts any spec it can find (and ``allowed_kernelspecs`` only filters the listing), reads
+specs from the user's own data dir, and adds a native kernel. Here specs come only from the root-owned
+folders the spawner configured (``kernel_dirs``), only the allowed names start, every spec is forced onto
+the ``paitient-sandbox`` provisioner, and a client cannot choose a kernel id that escapes the runtime dir.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from tornado import web
+from traitlets import List, Unicode, default
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class SandboxKernelSpecManager(KernelSpecManager):
+    """Kernel specs from the configured root-owned folders only, each one bound to the sandbox provisioner."""
+
+    provisioner_name = Unicode(
+        "paitient-sandbox", help="Provisioner every kernel spec is started with, whatever the spec says."
+    ).tag(config=True)
+
+    sandbox_kernel_dirs = List(
+        Unicode(),
+        help="The only folders kernel specs are read from (root-owned; the user's data dirs are never searched).",
+    ).tag(config=True)
+
+    @default("kernel_dirs")
+    def _kernel_dirs_default(self) -> list[str]:
+        if not self.sandbox_kernel_dirs:
+            raise ValueError(
+                "SandboxKernelSpecManager.sandbox_kernel_dirs is empty; the spawner writes it with "
+                "paitient.server.config.write_user_server_config"
+            )
+        return list(self.sandbox_kernel_dirs)
+
+    def _allowed(self, name: str) -> bool:
+        return not self.allowed_kernelspecs or name in self.allowed_kernelspecs
+
+    def find_kernel_specs(self) -> dict[str, str]:
+        return {n: d for n, d in super().find_kernel_specs().items() if self._allowed(n)}
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        if not self._allowed(kernel_name):
+            raise NoSuchKernel(kernel_name)
+        spec = super().get_kernel_spec(kernel_name)
+        spec.metadata = {**spec.metadata, "kernel_provisioner": {"provisioner_name": self.provisioner_name}}
+        spec.interrupt_mode = "message"
+        return spec
+
+    def get_all_specs(self) -> dict[str, Any]:
+        out = super().get_all_specs()
+        for model in out.values():
+            model["spec"].setdefault("metadata", {})["kernel_provisioner"] = {
+                "provisioner_name": self.provisioner_name
+            }
+        return out
+
+
+class SandboxMappingKernelManager(AsyncMappingKernelManager):
+    """Refuses kernel names that are not allowed and client-chosen kernel ids that are not UUIDs."""
+
+    async def start_kernel(self, *args: Any, kernel_id: str | None = None, **kwargs: Any) -> str:
+        name = kwargs.get("kernel_name") or self.default_kernel_name
+        if kernel_id is not None and kernel_id not in self and not UUID_RE.match(str(kernel_id)):
+            raise web.HTTPError(400, "kernel_id must be a UUID (or leave it out)")
+        if kernel_id is None or kernel_id not in self:
+            specs = self.kernel_spec_manager.find_kernel_specs()
+            if name not in specs:
+                known = ", ".join(sorted(specs)) or "none"
+                raise web.HTTPError(
+                    404, f"No kernel named {name!r} here; every kernel runs in the sandbox. Available: {known}"
+                )
+            kwargs["kernel_name"] = name
+        return await super().start_kernel(*args, kernel_id=kernel_id, **kwargs)

@@ -1,0 +1,134 @@
+"""The output cap: how much a kernel may send to the browser, decided outside the kernel.
+
+Pure logic, no I/O. :class:`OutputCap` keeps the byte count of each execution the *server* saw a client
+ask for (an ``execute_request`` passing through the server), so a kernel cannot open fresh budgets by
+inventing parent ids: a message whose parent is not one of those executions is charged to the latest
+one. :func:`verdict` decides per message; :func:`replacement` builds what the browser gets instead.
+
+Rules:
+- a message larger than ``message_bytes`` is cut (stream text keeps its head) or replaced by a notice;
+- once an execution has sent ``execution_bytes``, its next output message becomes one notice and every
+  later one is dropped; status messages and replies (which the protocol needs) still pass, stripped to
+  their protocol fields so they cannot carry data.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_TYPES = frozenset({"status", "clear_output", "comm_close", "shutdown_reply"})
+TRACKED_EXECUTIONS = 256
+NOTICE = (
+    "[paitient] output cut: {what} exceeded {limit:,} bytes. Large results stay in the workspace; "
+    "summarise them, or request an export through the airlock."
+)
+
+
+class Verdict(enum.Enum):
+    FORWARD = "forward"
+    CUT = "cut"
+    """Over the per-message cap: truncate or replace with a notice."""
+    NOTICE = "notice"
+    """First output over the per-execution cap: replace with a notice."""
+    STRIP = "strip"
+    """Over the per-execution cap, but the protocol needs it: keep only protocol fields."""
+    DROP = "drop"
+
+
+def is_protocol(msg_type: str) -> bool:
+    return msg_type in PROTOCOL_TYPES or msg_type.endswith("_reply")
+
+
+@dataclass
+class OutputCap:
+    message_bytes: int
+    execution_bytes: int
+    executions: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    noticed: set[str] = field(default_factory=set)
+    current: str = ""
+
+    def note_execute(self, msg_id: str) -> None:
+        """A client's execute_request went to the kernel: it opens a new budget."""
+        self.executions[msg_id] = 0
+        self.executions.move_to_end(msg_id)
+        self.current = msg_id
+        while len(self.executions) > TRACKED_EXECUTIONS:
+            old, _ = self.executions.popitem(last=False)
+            self.noticed.discard(old)
+
+    def charge(self, msg_type: str, parent_id: str, size: int) -> Verdict:
+        """Count ``size`` bytes of an outgoing message against its execution; say what to do with it."""
+        key = parent_id if parent_id in self.executions else self.current
+        used = self.executions.get(key, 0) + size
+        self.executions[key] = used
+        if used > self.execution_bytes:
+            if is_protocol(msg_type):
+                return Verdict.STRIP
+            if key in self.noticed:
+                return Verdict.DROP
+            self.noticed.add(key)
+            return Verdict.NOTICE
+        if size > self.message_bytes:
+            return Verdict.CUT
+        return Verdict.FORWARD
+
+
+def notice_text(what: str, limit: int) -> str:
+    return NOTICE.format(what=what, limit=limit)
+
+
+def _strip_protocol(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+    if msg_type == "status":
+        state = content.get("execution_state")
+        return {"execution_state": state if state in ("busy", "idle", "starting") else "idle"}
+    if msg_type == "clear_output":
+        return {"wait": bool(content.get("wait", False))}
+    if msg_type == "comm_close":
+        return {"comm_id": str(content.get("comm_id", ""))[:64], "data": {}}
+    out: dict[str, Any] = {"status": content.get("status") if content.get("status") in ("ok", "abort") else "error"}
+    if isinstance(content.get("execution_count"), int):
+        out["execution_count"] = content["execution_count"]
+    if out["status"] == "error":
+        out.update(ename="OutputCapped", evalue="reply withheld by the output cap", traceback=[])
+    if msg_type == "kernel_info_reply":
+        out = {k: content[k] for k in ("status", "protocol_version", "implementation", "language_info")
+               if k in content and len(repr(content[k])) < 4096}
+    return out
+
+
+def replacement(
+    verdict: Verdict, msg_type: str, content: dict[str, Any], cap: OutputCap
+) -> tuple[str, dict[str, Any]]:
+    """What the browser receives instead of ``(msg_type, content)`` under ``verdict``.
+
+    Metadata and binary buffers of a replaced message are always dropped by the caller.
+    """
+    if verdict is Verdict.STRIP:
+        return msg_type, _strip_protocol(msg_type, content)
+    if verdict is Verdict.NOTICE:
+        text = notice_text("this execution's output", cap.execution_bytes)
+        return "stream", {"name": "stderr", "text": "\n" + text + "\n"}
+    # Verdict.CUT: over the per-message cap.
+    text = notice_text("one output message", cap.message_bytes)
+    if msg_type == "stream" and isinstance(content.get("text"), str):
+        head = content["text"].encode("utf-8")[: cap.message_bytes // 2].decode("utf-8", "ignore")
+        return "stream", {"name": content.get("name", "stdout"), "text": head + "\n" + text + "\n"}
+    if msg_type in ("display_data", "execute_result", "update_display_data"):
+        new: dict[str, Any] = {"data": {"text/plain": text}, "metadata": {}}
+        if msg_type == "execute_result" and isinstance(content.get("execution_count"), int):
+            new["execution_count"] = content["execution_count"]
+        transient = content.get("transient")
+        if isinstance(transient, dict) and isinstance(transient.get("display_id"), str):
+            new["transient"] = {"display_id": transient["display_id"][:128]}
+        return msg_type, new
+    if msg_type == "error":
+        return "error", {"ename": "OutputCapped", "evalue": text, "traceback": [text]}
+    if is_protocol(msg_type):
+        stripped = _strip_protocol(msg_type, content)
+        if msg_type.endswith("_reply"):
+            stripped.update(status="error", ename="OutputCapped", evalue=text, traceback=[text])
+        return msg_type, stripped
+    return "stream", {"name": "stderr", "text": "\n" + text + "\n"}
