@@ -1,0 +1,100 @@
+"""Does an undeclared column look like a direct identifier? By its name, then by a sample of its values.
+
+Strict mode (the default) refuses such a column until the spec says what happens to it. The checks err
+on the side of refusing: a false alarm costs one line in the spec, a miss costs a patient's identity.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SAMPLE = 2000
+SHARE = 0.6  # of the sampled non-missing values must match
+
+_NAME_RULES: list[tuple[str, str]] = [
+    ("a person's name", r"^(names?|full_?name|display_?name)$"
+     r"|(^|_)(first|last|given|family|middle|maiden|patient|person|sur|fore|vor|nach|familien|geburts)_?names?$"),
+    ("an email address", r"(^|_)e_?mail(_?address)?$|(^|_)mail_?address$"),
+    ("a phone number",
+     r"(^|_)((tele)?phone|tel|mobile|cell_?phone|fax|telefon|telefonnummer|handy)(_?(number|no|nr))?$"),
+    ("a street address", r"(^|_)(address|street|strasse|straße|adresse|addr)(_?(line|\d))*(_\d)?$"
+     r"|(^|_)(house|haus)_?(number|no|nr|nummer)$|(^|_)address_line_?\d?$"),
+    ("an insurance or national number", r"(^|_)(ssn|social_security(_number)?|nhs(_?(number|no))?|ni_?number"
+     r"|national_insurance(_number)?|insurance_?(number|no|id|nr)|kvnr|versicherten_?nummer|sv_?nummer)$"),
+    ("a record number", r"^id$|(^|_)(mrn|medical_record(_number)?|record_?(number|no)|patient_?(id|number|no|nr)"
+     r"|pat_?id|pid|case_?(id|number|no)|fall_?(nummer|nr)|encounter_?id|visit_?id|admission_?id)$"),
+    ("a birth date", r"(^|_)(date_of_birth|birth_?(date|day)|dob|geburts_?datum)$"),
+]
+
+_CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
+    # (what, pattern, needs mostly distinct values)
+    ("email addresses", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), False),
+    ("insurance numbers", re.compile(
+        r"[A-Z]\d{9}"                                   # German health insurance (KVNR)
+        r"|\d{2}\s?\d{6}\s?[A-Z]\s?\d{3}"                # German social insurance
+        r"|[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]"  # UK National Insurance
+        r"|\d{3}[ -]\d{3}[ -]\d{4}"                     # UK NHS number, spaced
+    ), False),
+    ("phone numbers", re.compile(r"(\+|00|0)\d[\d ()/.-]{5,}\d"), False),
+    ("record numbers", re.compile(r"(?i)((mrn|pid|pat|kis|case|fall)[-_: ]?)?[A-Z]{0,3}[-_]?\d{6,12}"), True),
+    ("street addresses", re.compile(
+        r"(?i)(\d+[a-z]?,?\s+(\w+\s+){0,3}(street|st|road|rd|avenue|ave|lane|ln|drive|dr|way|close|court|place"
+        r"|square|crescent|terrace|gardens)\.?\b.*"
+        r"|.*\w(straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s*\d+[a-z]?\b.*)"
+    ), False),
+    ("person names", re.compile(
+        r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
+]
+
+
+def _norm(column: str) -> str:
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", column)
+    return re.sub(r"[^0-9a-zäöüß]+", "_", s.lower()).strip("_")
+
+
+def by_name(column: str) -> str | None:
+    """What the column's name suggests it holds, if that is a direct identifier."""
+    n = _norm(column)
+    for what, pattern in _NAME_RULES:
+        if re.search(pattern, n):
+            return what
+    return None
+
+
+def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
+    """(what, first matching row, 1-based) if most sampled values look like direct identifiers."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.slice(0, SAMPLE * 4).combine_chunks()
+    else:
+        arr = arr.slice(0, SAMPLE * 4)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if pa.types.is_integer(arr.type):
+        valid = pc.drop_null(arr)
+        if len(valid) >= 5 and pc.min(valid).as_py() >= 100_000 and (
+            pc.count_distinct(valid).as_py() > 0.9 * len(valid)
+        ):
+            return "record numbers", 1 + int(pc.index(pc.is_valid(arr), True).as_py())
+        return None
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return None
+    values = [(i, v.strip()) for i, v in enumerate(arr.to_pylist()) if v is not None and v.strip()][:SAMPLE]
+    if not values:
+        return None
+    distinct = len({v for _, v in values}) / len(values)
+    for what, pattern, needs_distinct in _CONTENT_RULES:
+        if needs_distinct and distinct < 0.5:
+            continue
+        hits = [
+            i for i, v in values
+            if pattern.fullmatch(v) and (what != "phone numbers" or sum(c.isdigit() for c in v) >= 7)
+        ]
+        if len(hits) >= SHARE * len(values):
+            return what, hits[0] + 1
+    words = sum(len(v.split()) for _, v in values) / len(values)
+    if words >= 6 and distinct >= 0.5:
+        return "free text (which can hold names, dates and places)", values[0][0] + 1
+    return None

@@ -1,0 +1,165 @@
+"""Where published datasets live, and how a new version appears there all at once or not at all.
+
+    <data_root>/<project>/<dataset>/versions/<N>/data.parquet
+                                              /manifest.json
+    <data_root>/<project>/<dataset>/current -> versions/<N>
+
+A version is written into a temporary directory beside ``versions/``, fsync'd, made read-only (files
+0444, directory 0555) and renamed into place; then ``current`` is switched by renaming a new symlink
+over it. A reader sees the previous version or the new one, never a part. A crash leaves at most a
+``.tmp-*`` directory that the next publication of that dataset removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from paitient.fsutil import fsync_dir, locked
+
+DATA_FILE = "data.parquet"
+MANIFEST_FILE = "manifest.json"
+_VERSION_RE = re.compile(r"^[1-9][0-9]*$")
+
+
+def dataset_dir(data_root: Path, project: str, dataset: str) -> Path:
+    return Path(data_root) / project / dataset
+
+
+def versions(ds_dir: Path) -> list[int]:
+    """Published version numbers of a dataset, ascending."""
+    try:
+        names = os.listdir(ds_dir / "versions")
+    except FileNotFoundError:
+        return []
+    return sorted(int(n) for n in names if _VERSION_RE.match(n))
+
+
+def current_version(ds_dir: Path) -> int | None:
+    try:
+        target = os.readlink(ds_dir / "current")
+    except (FileNotFoundError, OSError):
+        return None
+    name = target.rsplit("/", 1)[-1]
+    return int(name) if _VERSION_RE.match(name) else None
+
+
+def read_manifest(ds_dir: Path, version: int | None = None) -> dict[str, Any] | None:
+    where = ds_dir / "current" if version is None else ds_dir / "versions" / str(version)
+    try:
+        return json.loads((where / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Published:
+    project: str
+    dataset: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(path: Path, mode: int = 0o755) -> None:
+    path.mkdir(mode=mode, exist_ok=True)
+    os.chmod(path, mode)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+
+
+class Publisher:
+    """Publishes versions under ``data_root``; one publication per dataset at a time (``lock_dir`` flocks)."""
+
+    def __init__(self, data_root: Path, lock_dir: Path):
+        self.data_root = Path(data_root)
+        self.lock_dir = Path(lock_dir)
+
+    def publish(self, project: str, dataset: str, table: pa.Table, manifest: dict[str, Any]) -> Published:
+        self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with locked(self.lock_dir / f"ingest.{project}.{dataset}.lock"):
+            for d in (self.data_root, self.data_root / project):
+                if not d.exists():
+                    d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    _mkdir(d)
+            ds = dataset_dir(self.data_root, project, dataset)
+            _mkdir(ds)
+            _mkdir(ds / "versions")
+            self._clean_stale(ds)
+            version = max(versions(ds), default=0) + 1
+            manifest = {**manifest, "version": version}
+            tmp = ds / f".tmp-v{version}-{secrets.token_hex(4)}"
+            tmp.mkdir(mode=0o700)
+            final = ds / "versions" / str(version)
+            try:
+                self.write_version(tmp, table, manifest)
+                self.place(tmp, final)
+            except BaseException:
+                _remove(tmp)
+                raise
+            try:
+                self.switch_current(ds, version)
+            except BaseException:
+                if current_version(ds) != version:  # not switched: take the unseen version back
+                    _remove(final)
+                    fsync_dir(ds / "versions")
+                raise
+            return Published(project, dataset, version, final, manifest)
+
+    # The steps, separate so a test can make one fail.
+
+    def write_version(self, tmp: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
+        data, man = tmp / DATA_FILE, tmp / MANIFEST_FILE
+        pq.write_table(table, data)
+        man.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for f in (data, man):
+            _fsync_file(f)
+            os.chmod(f, 0o444)
+        os.chmod(tmp, 0o555)
+        fsync_dir(tmp)
+
+    def place(self, tmp: Path, final: Path) -> None:
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+
+    def switch_current(self, ds: Path, version: int) -> None:
+        link = ds / f".current-{secrets.token_hex(4)}"
+        os.symlink(f"versions/{version}", link)
+        try:
+            os.replace(link, ds / "current")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            raise
+        fsync_dir(ds)
+
+    def _clean_stale(self, ds: Path) -> None:
+        for p in ds.iterdir():
+            if p.name.startswith(".tmp-v"):
+                _remove(p)
+            elif p.name.startswith(".current-") and p.is_symlink():
+                p.unlink()
+
+
+def _remove(path: Path) -> None:
+    if path.exists():
+        os.chmod(path, 0o700)
+        shutil.rmtree(path)

@@ -1,0 +1,268 @@
+"""Pure column transforms: keyed pseudonyms, per-patient date shifts, generalisation, k-anonymity.
+
+Everything here takes Arrow arrays and returns Arrow arrays, holds no state and touches no files.
+Identifiers repeat (a patient has many rows), so each distinct value is hashed once and mapped back.
+Error messages name the column and row (1-based, header not counted), never the offending value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from paitient.data.errors import ColumnError
+
+_B32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
+PSEUDONYM_BYTES = 10  # 80 bits -> 16 base32 characters
+
+
+def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    return arr
+
+
+def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """The identifiers' text form (trimmed; empty counts as missing) as codes into distinct values.
+
+    Codes are -1 where the identifier is missing.
+    """
+    arr = _plain(arr)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.string())
+    arr = pc.utf8_trim_whitespace(arr)
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+    enc = arr.dictionary_encode()
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return codes, enc.dictionary.to_pylist()
+
+
+def _digests(values: list[str], key: bytes, person: bytes, size: int) -> np.ndarray:
+    base = hashlib.blake2b(key=key, digest_size=size, person=person)
+    copy = base.copy
+    out = bytearray()
+    for v in values:
+        h = copy()
+        h.update(v.encode())
+        out += h.digest()
+    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(len(values), size)
+
+
+def domain_key(pkey: bytes, domain: str) -> bytes:
+    """Separate pseudonym spaces inside a project (e.g. patients vs. lab orders); "" is the default."""
+    if not domain:
+        return pkey
+    return hashlib.blake2b(domain.encode(), key=pkey, digest_size=32, person=b"pt-domain").digest()
+
+
+def pseudonym_strings(values: list[str], key: bytes, prefix: str = "P-") -> pa.Array:
+    """Keyed BLAKE2b (80 bits) of each value, base32-encoded behind ``prefix``."""
+    n = len(values)
+    d = _digests(values, key, b"pt-pseudonym", PSEUDONYM_BYTES).astype(np.uint64)
+    chars = np.empty((n, 16), dtype=np.uint8)
+    for half in range(2):
+        v = np.zeros(n, dtype=np.uint64)
+        for b in range(5):
+            v = (v << np.uint64(8)) | d[:, half * 5 + b]
+        for j in range(8):
+            chars[:, half * 8 + j] = _B32[((v >> np.uint64(35 - 5 * j)) & np.uint64(31)).astype(np.intp)]
+    p = np.frombuffer(prefix.encode(), dtype=np.uint8)
+    width = len(p) + 16
+    buf = np.empty((n, width), dtype=np.uint8)
+    buf[:, : len(p)] = p
+    buf[:, len(p) :] = chars
+    offsets = np.arange(0, width * (n + 1), width, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
+
+
+def pseudonymise(arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "", prefix: str = "P-",
+                 column: str = "") -> pa.Array:
+    """Replace each identifier by its pseudonym; missing stays missing."""
+    codes, values = identifier_codes(arr)
+    return pseudonyms_by_code(codes, values, key, domain=domain, prefix=prefix, column=column)
+
+
+def pseudonyms_by_code(codes: np.ndarray, values: list[str], key: bytes, *, domain: str = "",
+                       prefix: str = "P-", column: str = "") -> pa.Array:
+    """:func:`pseudonymise` for identifiers already split by :func:`identifier_codes`."""
+    table = pseudonym_strings(values, domain_key(key, domain), prefix)
+    if pc.count_distinct(table).as_py() != len(values):  # 80-bit collision: never seen, but never silent
+        raise ColumnError(column, "two identifiers got the same pseudonym; report this, it should never happen")
+    return table.take(pa.array(codes, mask=codes < 0))
+
+
+def shift_days(values: list[str], key: bytes, window: int) -> np.ndarray:
+    """Each patient's offset: keyed, uniform over -window..-1 and 1..window days (never 0)."""
+    d = _digests(values, key, b"pt-dateshift", 8)
+    u = d.view("<u8").reshape(-1) % np.uint64(2 * window)
+    off = u.astype(np.int64) - window
+    off[off >= 0] += 1
+    return off
+
+
+def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> pa.Array:
+    """Dates stay dates; text becomes date32 (``YYYY-MM-DD`` only) or a timestamp (with a time)."""
+    arr = _plain(arr)
+    if pa.types.is_date(arr.type) or pa.types.is_timestamp(arr.type):
+        return arr
+    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+        raise ColumnError(column, f"expected dates, found {arr.type} values; use keep or generalise instead")
+    arr = pc.utf8_trim_whitespace(arr)
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+    if fmt:
+        out = pc.strptime(arr, format=fmt, unit="s", error_is_null=True)
+        bad = pc.and_(pc.is_null(out), pc.is_valid(arr))
+        if pc.any(bad).as_py():
+            row = int(pc.index(bad, True).as_py()) + 1
+            raise ColumnError(column, f"not a date in format {fmt!r}; fix the source or the format", row)
+        if "%H" not in fmt:
+            out = out.cast(pa.date32())
+        return out
+    longest = pc.max(pc.utf8_length(arr)).as_py() or 0
+    zoned = pc.any(pc.match_substring_regex(arr, r"(Z|[+-]\d\d:?\d\d)$")).as_py()
+    target = pa.date32() if longest <= 10 else pa.timestamp("s", "UTC" if zoned else None)
+    try:
+        return arr.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        row = None
+        for i, v in enumerate(arr.to_pylist()):
+            try:
+                pa.array([v]).cast(target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                row = i + 1
+                break
+        raise ColumnError(
+            column, "not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS); give format = '...' for other forms", row
+        ) from None
+
+
+def shift_dates(arr: pa.Array, offsets: np.ndarray, column: str) -> pa.Array:
+    """Move every date by its row's offset in days; intervals within a patient are kept exactly."""
+    arr = _plain(arr)
+    off = pa.array(offsets)
+    if pa.types.is_date32(arr.type):
+        return pc.add(arr.cast(pa.int32()), off.cast(pa.int32())).cast(pa.date32())
+    if pa.types.is_date64(arr.type):
+        arr = arr.cast(pa.timestamp("ms"))
+    if pa.types.is_timestamp(arr.type):
+        per_day = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}[arr.type.unit]
+        moved = pc.add(arr.cast(pa.int64()), pc.multiply(off.cast(pa.int64()), per_day))
+        return moved.cast(arr.type)
+    raise ColumnError(column, f"cannot shift values of type {arr.type}")
+
+
+def row_offsets(patient_codes: np.ndarray, per_patient: np.ndarray) -> np.ndarray:
+    return per_patient[np.where(patient_codes < 0, 0, patient_codes)] if len(per_patient) else np.zeros(
+        len(patient_codes), dtype=np.int64
+    )
+
+
+def _numbers(arr: pa.Array, column: str) -> np.ndarray:
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = pc.utf8_trim_whitespace(arr)
+        arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
+        try:
+            arr = arr.cast(pa.float64())
+        except pa.ArrowInvalid:
+            for i, v in enumerate(arr.to_pylist()):
+                try:
+                    float(v) if v is not None else None
+                except ValueError:
+                    raise ColumnError(column, "not a number", i + 1) from None
+            raise
+    elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+        raise ColumnError(column, f"expected numbers, found {arr.type}")
+    return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _banded(values: np.ndarray, edges: list[int], open_top: bool, column: str) -> pa.Array:
+    missing = np.isnan(values)
+    low = np.nan_to_num(values, nan=edges[0])
+    if (low < edges[0]).any():
+        row = int(np.argmax(low < edges[0])) + 1
+        raise ColumnError(column, f"below the lowest band edge {edges[0]}", row)
+    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), low, side="right") - 1
+    labels = [f"{a}-{b - 1}" if b - 1 != a else f"{a}" for a, b in zip(edges, edges[1:], strict=False)]
+    labels.append(f"{edges[-1]}+")
+    if not open_top and (idx >= len(edges) - 1).any():
+        row = int(np.argmax(idx >= len(edges) - 1)) + 1
+        raise ColumnError(column, f"at or above the highest band edge {edges[-1]}", row)
+    dictionary = pa.array(labels)
+    return dictionary.take(pa.array(idx, mask=missing))
+
+
+def age_bands(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 10, top: int = 90,
+              edges: list[int] | None = None) -> pa.Array:
+    """Ages to bands ``40-49``; ``top`` and above become ``90+``. ``edges`` gives uneven bands instead."""
+    values = _numbers(_plain(arr), column)
+    if not edges:
+        edges = list(range(0, top, width)) + [top]
+    return _banded(values, list(edges), True, column)
+
+
+def years(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 1, fmt: str = "") -> pa.Array:
+    """Dates to their year (an integer) or, with ``width`` > 1, to spans of years ``1950-1959``."""
+    dates = parse_dates(arr, column, fmt)
+    y = pc.year(dates)
+    if width == 1:
+        return y.cast(pa.int32())
+    v = y.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    lo = int(np.nanmin(v) // width * width) if np.isfinite(v).any() else 0
+    hi = int(np.nanmax(v) // width * width + width) if np.isfinite(v).any() else width
+    return _banded(v, list(range(lo, hi + 1, width)), False, column)
+
+
+def prefixes(arr: pa.Array | pa.ChunkedArray, *, length: int = 2) -> pa.Array:
+    """The first ``length`` characters (after trimming and removing inner spaces), e.g. postcode areas."""
+    arr = _plain(arr)
+    if not pa.types.is_string(arr.type):
+        arr = arr.cast(pa.string())
+    arr = pc.replace_substring(pc.utf8_trim_whitespace(arr), " ", "")
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    return pc.utf8_slice_codeunits(arr, 0, length)
+
+
+def rare_to_other(arr: pa.Array | pa.ChunkedArray, *, min_count: int, other: str = "other",
+                  patient_codes: np.ndarray | None = None) -> pa.Array:
+    """Categories held by fewer than ``min_count`` patients (rows, without a patient id) become ``other``."""
+    arr = _plain(arr)
+    if not pa.types.is_string(arr.type):
+        arr = arr.cast(pa.string())
+    enc = arr.dictionary_encode()
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    ncat = len(enc.dictionary)
+    valid = codes >= 0
+    if patient_codes is not None:
+        pairs = np.unique(codes[valid] * (int(patient_codes.max(initial=0)) + 2) + patient_codes[valid] + 1)
+        counts = np.bincount(pairs // (int(patient_codes.max(initial=0)) + 2), minlength=ncat)
+    else:
+        counts = np.bincount(codes[valid], minlength=ncat)
+    labels = np.array(enc.dictionary.to_pylist(), dtype=object)
+    labels[counts < min_count] = other
+    return pa.array(labels, type=pa.string()).take(pa.array(codes, mask=~valid))
+
+
+def k_anonymity(table: pa.Table, columns: list[str], patient_codes: np.ndarray | None = None) -> tuple[int, dict]:
+    """The smallest group size over ``columns`` (distinct patients per group when ids are given).
+
+    Returns ``(k, smallest_group)`` where ``smallest_group`` maps each column to its value in that group.
+    Missing values form their own group.
+    """
+    if table.num_rows == 0:
+        return 0, {}
+    t = table.select(columns)
+    if patient_codes is not None:
+        t = t.append_column("__patient", pa.array(patient_codes))
+        g = t.group_by(columns).aggregate([("__patient", "count_distinct")])
+        counts = g.column("__patient_count_distinct")
+    else:
+        t = t.append_column("__one", pa.array(np.ones(table.num_rows, dtype=np.int8)))
+        g = t.group_by(columns).aggregate([("__one", "count")])
+        counts = g.column("__one_count")
+    i = int(pc.index(counts, pc.min(counts)).as_py())
+    return int(counts[i].as_py()), {c: g.column(c)[i].as_py() for c in columns}
