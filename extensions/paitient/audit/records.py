@@ -153,16 +153,22 @@ def cap_strings(value: Any, limit: int) -> Any:
 
     In a dict, ``{"code": <long>}`` becomes ``{"code": <first limit chars>, "code_truncated":
     {"length": n, "sha256": ...}}``; inside a list the string is replaced by ``{"truncated": <prefix>, ...}``.
+    Cutting twice keeps the first ``<key>_truncated``: it describes the whole original text, of which the
+    kept string is still a prefix.
     """
     if isinstance(value, dict):
         out: dict[str, Any] = {}
+        digests: dict[str, Any] = {}
         for k, v in value.items():
             k = str(k)[:limit]
             if isinstance(v, str) and len(v) > limit:
                 out[k] = v[:limit]
-                out[f"{k}_truncated"] = _digest(v)
+                digests[f"{k}_truncated"] = _digest(v)
             else:
                 out[k] = cap_strings(v, limit)
+        for k, d in digests.items():
+            if not (isinstance(out.get(k), dict) and {"length", "sha256"} <= set(out[k])):
+                out[k] = d
         return out
     if isinstance(value, list):
         return [

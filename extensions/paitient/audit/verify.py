@@ -183,7 +183,6 @@ class _Checker:
         if (
             following is not None
             and len(damage) == 1
-            and d.reason == "torn"
             and following["action"] == RECOVERED_ACTION
         ):
             info = following.get("details") or {}

@@ -1,0 +1,147 @@
+"""The audit service: the sender is who its uid says, forged actions are refused, sizes are capped."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from paitient.audit import client
+from paitient.audit.service import custom_scopes, hub_service
+from paitient.audit.verify import verify_dir
+from paitient.audit.writer import trail_files
+from paitient.registry import Member, Registry
+
+
+@pytest.fixture
+def service(site):
+    """`paitient service audit` as a real root process on the site's state dir; stopped by its pid."""
+    sock = site.run_dir / "audit.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
+                             f"--state-dir={site.state_dir}"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "audit service did not start"
+        time.sleep(0.05)
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def records(site):
+    out = []
+    for _, path in trail_files(site.state_dir / "audit"):
+        out += [json.loads(line) for line in path.read_bytes().splitlines()]
+    return out
+
+
+def as_nobody(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60)
+
+
+def send_as_nobody(site, **kwargs) -> subprocess.CompletedProcess:
+    code = ("import json, os; from paitient.audit.client import send; from paitient.audit import AuditError\n"
+            "try:\n"
+            f"    print(json.dumps(send({str(site.run_dir)!r}, **{kwargs!r})))\n"
+            "except AuditError as e:\n"
+            "    print('REFUSED', e.__cause__.code, e)\n"
+            "print('PID', os.getpid())\n")
+    return as_nobody(code)
+
+
+def test_sender_is_identified_by_peer_credentials(site, service):
+    Registry.for_state_dir(site.state_dir).put(Member(username="alice", account="nobody", uid=65534,
+                                                      projects=("demo",)))
+    out = send_as_nobody(site, action="cell.execute", object="kernel-1", details={"code": "1 + 1"})
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split("PID ")[1])
+    rec = records(site)[-1]
+    assert rec["actor"] == "alice" and rec["action"] == "cell.execute" and rec["object"] == "kernel-1"
+    assert rec["details"]["code"] == "1 + 1"
+    assert rec["details"]["peer"] == {"pid": pid, "uid": 65534}
+
+
+def test_unknown_uid_is_recorded_as_such(site, service):
+    out = send_as_nobody(site, action="kernel.start", details={"datasets": ["demo/heart"]})
+    assert out.returncode == 0 and "REFUSED" not in out.stdout, out.stdout + out.stderr
+    assert records(site)[-1]["actor"] == "uid:65534"
+
+
+@pytest.mark.parametrize("action", ["airlock.decision", "airlock.request", "auth.login", "ledger.settle",
+                                    "audit.recovered", "audit.file", "config.effective"])
+def test_forged_actions_are_refused(site, service, action):
+    before = len(records(site))
+    out = send_as_nobody(site, action=action, object="r1", outcome="ok")
+    assert "REFUSED forbidden" in out.stdout and "may not be reported from a user's server" in out.stdout
+    assert len(records(site)) == before
+
+
+def test_the_actor_cannot_be_claimed(site, service):
+    code = ("from paitient.channel import call, ChannelError\n"
+            "try:\n"
+            f"    call({str(site.run_dir / 'audit.sock')!r}, 'record', "
+            "{'action': 'cell.execute', 'actor': 'bob', 'details': {}})\n"
+            "except ChannelError as e:\n"
+            "    print(e.code, e)\n")
+    out = as_nobody(code)
+    assert out.stdout.startswith("bad_request unknown field(s) actor")
+    assert all(r["actor"] != "bob" for r in records(site))
+
+
+def test_users_cannot_touch_the_trail_files(site, service):
+    send_as_nobody(site, action="kernel.stop")
+    (_, path), = trail_files(site.state_dir / "audit")
+    code = (f"import os\nfor p, m in (({str(path)!r}, 'ab'), ({str(path)!r}, 'rb'), "
+            f"({str(site.state_dir / 'audit' / 'x')!r}, 'wb')):\n"
+            "    try:\n        open(p, m)\n        print('OPENED', p, m)\n"
+            "    except PermissionError:\n        print('denied')\n")
+    out = as_nobody(code)
+    assert out.stdout.split() == ["denied"] * 3, out.stdout
+
+
+def test_huge_cell_is_recorded_cut_with_length_and_digest(site, service):
+    code = "x = 1\n" * 200_000  # 1.2 MB: more than one request may carry
+    rec_ok = client.send(site.run_dir, action="cell.execute", object="k", details={"code": code})
+    rec = records(site)[-1]
+    assert rec["seq"] == rec_ok["seq"] and rec["hash"] == rec_ok["hash"]
+    assert len(rec["details"]["code"]) == site.audit.user_string_chars
+    assert code.startswith(rec["details"]["code"])
+    # the client cut it to fit one request; the record describes the whole cell the user ran
+    assert rec["details"]["code_truncated"] == {"length": len(code),
+                                                "sha256": hashlib.sha256(code.encode()).hexdigest()}
+
+
+def test_service_computes_the_digest_of_what_it_cut(site, service):
+    code = "y = 2\n" * 20_000  # 120 kB: fits one request, longer than the service keeps
+    client.send(site.run_dir, action="cell.execute", object="k", details={"code": code})
+    rec = records(site)[-1]
+    assert rec["details"]["code"] == code[: site.audit.user_string_chars]
+    assert rec["details"]["code_truncated"] == {"length": len(code),
+                                                "sha256": hashlib.sha256(code.encode()).hexdigest()}
+
+
+def test_service_stops_cleanly_and_the_chain_holds(site, service):
+    for i in range(5):
+        client.send(site.run_dir, action="cell.execute", details={"i": i})
+    service.send_signal(signal.SIGTERM)
+    assert service.wait(20) == 0
+    assert not (site.run_dir / "audit.sock").exists()
+    report = verify_dir(site.state_dir / "audit")
+    assert report.ok and report.records == 7  # header, audit.start, 5 cells
+
+
+def test_hub_service_entry(site):
+    entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
+    assert entry["name"] == "audit" and entry["url"] == "http://127.0.0.1:18123"
+    assert entry["command"] == ["/opt/paitient/venv/bin/python", "-m", "paitient.cli", "service", "audit",
+                                f"--state-dir={site.state_dir}"]
+    assert entry["oauth_client_allowed_scopes"] == ["custom:audit:read"]
+    assert "custom:audit:read" in custom_scopes()
+    assert os.path.basename(entry["command"][0]) == "python"
