@@ -37,7 +37,7 @@ from ldapauthenticator.ldapauthenticator import TlsStrategy
 from tornado import web
 from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
 
-from paitient.config import SiteConfig, check_owner
+from paitient.config import ConfigError, SiteConfig, check_owner
 from paitient.hub import signon
 from paitient.hub.signon import Membership
 
@@ -310,14 +310,14 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     d = site.directory
     url = directory_url or d.url
     if not url:
-        raise ValueError("the site names no directory url; start the embedded directory and pass its url")
+        raise ConfigError("the site names no directory url; start the embedded directory and pass its url")
     from urllib.parse import urlparse
 
     tls = signon.tls_choice(d, url)
     names = [p.group for p in site.projects if not signon.is_dn(p.group)]
     if names and not d.group_base:
-        raise ValueError(
-            f"project group(s) {', '.join(names)} are plain names: set [directory] group_base "
+        raise ConfigError(
+            f"[projects] group(s) {', '.join(names)} are plain names: set [directory] group_base "
             "so they can be found, or give full DNs"
         )
     a = c.PaitientLDAPAuthenticator
@@ -334,6 +334,13 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
         a.lookup_dn_user_dn_attribute = d.user_attribute
         a.lookup_dn_search_user = d.service_dn or None
         if d.service_password_file:
+            path = Path(d.service_password_file)
+            if not path.is_file():
+                raise ConfigError(
+                    f"[directory] service_password_file {path} does not exist; write the service "
+                    "account's password there (owner root, mode 0600)"
+                )
+            check_owner(path, secret=True)
             a.service_password_file = d.service_password_file
     else:
         a.bind_dn_template = list(d.bind_dn_template)

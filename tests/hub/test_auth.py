@@ -1,0 +1,396 @@
+"""Hospital sign-on against a real slapd: who gets in, with which projects and roles, and who does not.
+
+The authenticator is driven through JupyterHub's outer API ``get_authenticated_user`` (authenticate,
+normalise, validate, allow, post-auth hook) exactly as the login handler calls it.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+from tornado import web
+from traitlets.config import Config
+
+from paitient.audit import trail_dir
+from paitient.audit.query import newest_first
+from paitient.config import ConfigError
+from paitient.demo import DEMO_BASE_DN
+from paitient.hub import signon
+from paitient.hub.auth import PaitientLDAPAuthenticator, configure_from_site
+
+PEOPLE = f"ou=people,{DEMO_BASE_DN}"
+
+
+class CountingAuthenticator(PaitientLDAPAuthenticator):
+    """Records every DN the authenticator tries to bind as (to prove some names never reach the directory)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.binds: list[str | None] = []
+
+    def get_connection(self, userdn, password):
+        self.binds.append(userdn)
+        return super().get_connection(userdn, password)
+
+
+def login_records(site):
+    return [r for r in newest_first(trail_dir(site)) if r["action"] == "auth.login"]
+
+
+async def sign_in(auth, username, password):
+    return await auth.get_authenticated_user(None, {"username": username, "password": password})
+
+
+@pytest.fixture
+def demo(slapd, demo_site, make_authenticator):
+    site = demo_site()
+    auth = make_authenticator(site, slapd.url, cls=CountingAuthenticator)
+    return site, auth, slapd.credentials()
+
+
+# ---------------------------------------------------------------------------------- who gets in
+
+
+@pytest.mark.parametrize(
+    ("user", "projects"),
+    [("alice", ["oncology"]), ("bob", ["cardiometabolic"]), ("carol", ["cardiometabolic", "oncology"])],
+)
+async def test_project_members_sign_in_with_their_projects(demo, user, projects):
+    site, auth, creds = demo
+    model = await sign_in(auth, user, creds[user])
+    assert model["name"] == user
+    assert model["groups"] == projects
+    assert [r["name"] for r in model["roles"]] == ["user", "researcher"]
+    assert model["admin"] is False
+    assert model["auth_state"] == {
+        "dn": f"uid={user},{PEOPLE}",
+        "projects": projects,
+        "roles": ["researcher"],
+        "ldap_groups": sorted(f"cn={p},ou=groups,{DEMO_BASE_DN}" for p in projects),
+    }
+    [record] = login_records(site)
+    assert (record["actor"], record["outcome"]) == (user, "ok")
+    assert record["details"]["projects"] == projects
+
+
+async def test_steward_without_project_signs_in_with_the_steward_role(demo):
+    site, auth, creds = demo
+    model = await sign_in(auth, "sam", creds["sam"])
+    assert model["groups"] == []
+    steward = [r for r in model["roles"] if r["name"] == "steward"]
+    assert [r["name"] for r in model["roles"]] == ["user", "steward"]
+    assert "custom:audit:read" in steward[0]["scopes"]
+    assert model["auth_state"]["roles"] == ["steward"]
+
+
+async def test_login_name_case_does_not_make_another_user(demo):
+    _, auth, creds = demo
+    model = await sign_in(auth, "ALICE", creds["alice"])
+    assert model["name"] == "alice"
+
+
+async def test_admin_group_makes_hub_admins(slapd, demo_site, make_authenticator):
+    # the group is edited as the directory's root, the way the hospital's directory admins would
+    subprocess.run(
+        ["ldapmodify", "-x", "-H", slapd.url, "-D", slapd.rootdn, "-y", str(slapd.rootpw_file)],
+        input=(f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+               f"add: member\nmember: uid=bob,{PEOPLE}\n").encode(),
+        check=True, capture_output=True,
+    )
+    auth = make_authenticator(demo_site(), slapd.url)
+    model = await sign_in(auth, "bob", slapd.credentials()["bob"])
+    assert model["admin"] is True
+    assert [r["name"] for r in model["roles"]] == ["user", "researcher", "admin"]
+    model = await sign_in(auth, "alice", slapd.credentials()["alice"])
+    assert model["admin"] is False
+
+
+# ---------------------------------------------------------------------------------- who does not
+
+
+async def test_user_in_no_project_is_told_so(demo):
+    site, auth, creds = demo
+    with pytest.raises(web.HTTPError) as e:
+        await sign_in(auth, "dave", creds["dave"])
+    assert e.value.status_code == 403
+    assert e.value.log_message == (
+        "You are not a member of any paitient project. "
+        "Ask your data integration centre to add you to a project group."
+    )
+    [record] = login_records(site)
+    assert (record["actor"], record["outcome"], record["details"]["reason"]) == (
+        "dave", "denied", "not a member of any project")
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "reason"),
+    [
+        ("alice", "wrong", "wrong password or unknown user"),
+        ("alice", "", "empty password"),
+        ("alice", "   ", "empty password"),
+        ("zelda", "anything", "wrong password or unknown user"),
+    ],
+)
+async def test_wrong_empty_or_unknown_is_refused_without_detail(demo, user, password, reason):
+    site, auth, creds = demo
+    assert await sign_in(auth, user, password) is None
+    [record] = login_records(site)
+    assert (record["actor"], record["outcome"], record["details"]["reason"]) == (user, "denied", reason)
+
+
+async def test_empty_password_never_reaches_the_directory(demo):
+    # an LDAP simple bind with an empty password is an anonymous bind that *succeeds*
+    _, auth, _ = demo
+    assert await sign_in(auth, "alice", "") is None
+    assert auth.binds == []
+
+
+async def test_another_users_password_does_not_work(demo):
+    _, auth, creds = demo
+    assert await sign_in(auth, "alice", creds["carol"]) is None
+
+
+# ---------------------------------------------------------------------------------- hostile names
+
+HOSTILE = [
+    "*",
+    ")(uid=*",
+    "alice)(uid=*",
+    "*)(|(uid=*",
+    "al*",
+    "alice,ou=people",
+    "uid=alice",
+    "alice\\",
+    "alice\\2a",
+    "alice\x00",
+    "alice\x00)(uid=*",
+    "a" * 65,
+    "alice" + "x" * 5000,
+    " alice",
+    "alice ",
+    "\u0430lice",  # Cyrillic a
+    "\u212a",  # Kelvin sign: lower-cases to ASCII k
+    "alice\n",
+    "alice@hospital.example",
+    "alice+cn=x",
+    '"alice"',
+    "<alice>",
+    "alice;",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=[repr(n)[:24] for n in HOSTILE])
+async def test_names_with_filter_or_dn_syntax_are_refused_before_any_directory_call(demo, name):
+    site, auth, creds = demo
+    # alice's real password: if the name matched alice in any way, sign-in would succeed
+    assert await sign_in(auth, name, creds["alice"]) is None
+    assert auth.binds == []
+    [record] = login_records(site)
+    assert record["outcome"] == "denied" and record["details"]["reason"].startswith("invalid username")
+    assert len(record["actor"]) <= 67
+
+
+def test_hub_level_validation_refuses_the_same_names():
+    auth = PaitientLDAPAuthenticator(bind_dn_template=["uid={username},ou=people,dc=x"])
+    for name in HOSTILE:
+        assert not auth.validate_username(name), name
+    assert auth.validate_username("alice.adler-2_x")
+
+
+def test_usernames_in_logs_are_cut_and_escaped():
+    assert signon.shown("alice") == "'alice'"
+    assert "\x00" not in signon.shown("a\x00b") and "\\x00" in signon.shown("a\x00b")
+    long = signon.shown("x" * 5000)
+    assert len(long) < 60 and "(5000 chars)" in long
+
+
+# ---------------------------------------------------------------------------------- directory down
+
+
+async def test_directory_down_shows_a_message_and_sign_in_recovers(demo, slapd):
+    site, auth, creds = demo
+    slapd.stop()
+    started = time.monotonic()
+    with pytest.raises(web.HTTPError) as e:
+        await sign_in(auth, "alice", creds["alice"])
+    assert time.monotonic() - started < auth.timeout + 1
+    assert e.value.status_code == 503
+    assert e.value.log_message == "The hospital directory cannot be reached; try again in a few minutes."
+    assert login_records(site)[0]["outcome"] == "error"
+    slapd.start()  # same object, same port
+    model = await sign_in(auth, "alice", creds["alice"])
+    assert model["groups"] == ["oncology"]
+
+
+async def test_hung_directory_times_out_instead_of_hanging_the_hub(slapd, demo_site, make_authenticator):
+    auth = make_authenticator(demo_site(timeout=1.0), slapd.url)
+    creds = slapd.credentials()
+    os.kill(slapd.pid, signal.SIGSTOP)
+    try:
+        # the event loop stays free while the directory call waits in a thread
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.monotonic()
+        with pytest.raises(web.HTTPError) as e:
+            await sign_in(auth, "alice", creds["alice"])
+        elapsed = time.monotonic() - started
+        ticker.cancel()
+        assert e.value.status_code == 503
+        assert elapsed < 4
+        assert ticks >= 10
+    finally:
+        os.kill(slapd.pid, signal.SIGCONT)
+    assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
+
+
+# ---------------------------------------------------------------------------------- audit
+
+
+async def test_sign_in_without_an_audit_record_is_refused(demo, tmp_path):
+    site, auth, creds = demo
+    audit_dir = trail_dir(site)
+    audit_dir.parent.mkdir(parents=True, exist_ok=True)
+    audit_dir.write_text("not a directory")  # the trail cannot be written
+    with pytest.raises(web.HTTPError) as e:
+        await sign_in(auth, "alice", creds["alice"])
+    assert e.value.status_code == 503
+    assert "audit trail" in e.value.log_message
+
+
+# ---------------------------------------------------------------------------------- TLS choice
+
+
+def _tls(demo_site, url, **directory):
+    c = Config()
+    configure_from_site(c, demo_site(url=url, **directory), None)
+    return PaitientLDAPAuthenticator(config=c)
+
+
+@pytest.mark.parametrize(
+    ("url", "tls", "strategy", "port"),
+    [
+        ("ldap://127.0.0.1:3890/", "auto", "insecure", 3890),
+        ("ldap://localhost/", "none", "insecure", 389),
+        ("ldap://127.0.0.1/", "starttls", "before_bind", 389),
+        ("ldap://dc1.hospital.example/", "auto", "before_bind", 389),
+        ("ldap://dc1.hospital.example/", "starttls", "before_bind", 389),
+        ("ldaps://dc1.hospital.example/", "auto", "on_connect", 636),
+        ("ldap://dc1.hospital.example:3269/", "ldaps", "on_connect", 3269),
+    ],
+)
+def test_tls_strategy_follows_the_site_configuration(demo_site, url, tls, strategy, port):
+    auth = _tls(demo_site, url, tls=tls, bind_dn_template=["uid={username},ou=people,dc=x"])
+    assert auth.tls_strategy.name == strategy
+    assert auth.server_port == port
+    if strategy == "insecure":
+        assert auth.tls_kwargs == {}
+    else:
+        assert auth.tls_kwargs["validate"] == ssl.CERT_REQUIRED
+
+
+def test_remote_directory_with_ca_file_verifies_against_it(demo_site, tmp_path):
+    auth = _tls(demo_site, "ldaps://dc1.hospital.example/", ca_file="/etc/ssl/hospital-ca.pem")
+    assert auth.tls_kwargs == {"validate": ssl.CERT_REQUIRED, "ca_certs_file": "/etc/ssl/hospital-ca.pem"}
+
+
+def test_clear_text_to_a_remote_directory_is_refused(demo_site):
+    with pytest.raises(ConfigError, match="clear text"):
+        demo_site(url="ldap://dc1.hospital.example/", tls="none")
+    with pytest.raises(ValueError, match="clear text"):
+        signon.tls_choice(demo_site().directory.__class__(url="ldap://10.0.0.5/", tls="none"))
+
+
+class Eavesdropper:
+    """A loopback TCP server posing as a directory: records every byte a client sends, never answers."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.sock.settimeout(5)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(3)
+            try:
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("tls", ["starttls", "none"])
+async def test_password_crosses_the_wire_only_inside_tls(demo_site, make_authenticator, tls):
+    spy = Eavesdropper()
+    try:
+        auth = make_authenticator(demo_site(url=f"ldap://127.0.0.1:{spy.port}/", tls=tls, timeout=1.0))
+        with pytest.raises(web.HTTPError) as e:
+            await sign_in(auth, "alice", "s3cret-Pa55word")
+        assert e.value.status_code == 503
+    finally:
+        spy.close()
+    if tls == "starttls":
+        # the first and only thing sent is the StartTLS request; the server never upgraded, so no bind
+        assert b"1.3.6.1.4.1.1466.20037" in spy.received
+        assert b"s3cret-Pa55word" not in spy.received
+    else:
+        # the loopback-only clear-text mode does send it: the spy would have seen a password
+        assert b"s3cret-Pa55word" in spy.received
+
+
+# ---------------------------------------------------------------------------------- configuration
+
+
+def test_configure_from_site_sets_groups_roles_and_allowed_groups(demo_site):
+    c = Config()
+    site = demo_site()
+    configure_from_site(c, site, "ldap://127.0.0.1:3890/")
+    auth = PaitientLDAPAuthenticator(config=c)
+    assert c.JupyterHub.authenticator_class == "paitient-ldap"
+    assert auth.manage_groups and auth.manage_roles
+    assert auth.project_groups == {
+        "oncology": f"cn=oncology,ou=groups,{DEMO_BASE_DN}",
+        "cardiometabolic": f"cn=cardiometabolic,ou=groups,{DEMO_BASE_DN}",
+    }
+    assert set(auth.allowed_groups) == {*auth.project_groups.values(), auth.steward_group}
+    assert auth.bind_dn_template == [f"uid={{username}},ou=people,{DEMO_BASE_DN}"]
+    assert "custom:audit:read" in c.JupyterHub.custom_scopes
+    assert auth.site == site
+
+
+def test_configure_needs_a_directory_url(demo_site):
+    with pytest.raises(ConfigError, match="no directory url"):
+        configure_from_site(Config(), demo_site(), None)
+
+
+async def test_managed_roles_are_loadable(demo):
+    _, auth, _ = demo
+    roles = {r["name"]: r for r in await auth.load_managed_roles()}
+    assert set(roles) == {"researcher", "steward"}
+    assert roles["researcher"]["scopes"] == ["self"]
