@@ -54,10 +54,11 @@ def bwrap_argv(*, uid: int, gid: int, job_dir: str, prefix: str, python: str) ->
         argv += ["--ro-bind", prefix, prefix]
     argv += [
         "--ro-bind", job_dir, "/audit",
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108 - a fresh tmpfs inside the sandbox
         "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
         "--cap-drop", "ALL", "--clearenv",
-        "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin", "--setenv", "OMP_NUM_THREADS", "1",
+        "--setenv", "HOME", "/tmp",  # noqa: S108
+        "--setenv", "PATH", "/usr/bin", "--setenv", "OMP_NUM_THREADS", "1",
         "--chdir", "/audit",
         python, "-I", "/audit/worker.py", "/audit/job.json",
     ]

@@ -340,6 +340,8 @@ class Store:
         if states_:
             where.append(f"state IN ({','.join('?' * len(states_))})")
             args += states_
-        q = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created DESC"
+        # Only placeholders and fixed column names are joined here; every value goes in as a parameter.
+        q = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
+        q += " ORDER BY created DESC"
         with self._connect() as db:
             return [_row_request(r) for r in db.execute(q, args).fetchall()]

@@ -122,31 +122,45 @@ def check_format(data: bytes) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
                   tensors=len(tensors)), tensors
 
 
-def check_training_record(record: dict[str, Any] | None, *, project: str, budget_for) -> dict[str, Any]:
-    """Is there a DP training record for these parameters, for this project, within the budget?
+def check_training_record(run: dict[str, Any] | None, *, project: str, budget_for) -> dict[str, Any]:
+    """Is there a settled DP run in the ledger for these parameters, for this project, within the budget?
 
-    ``budget_for(dataset)`` returns the project's :class:`paitient.config.Budget` for a dataset.
+    ``run`` is the ledger's row (``paitient.ledger.store.Ledger.record_by_hash``): project, dataset,
+    epsilon_spent, delta_spent, and the training ``record``. ``budget_for(dataset)`` returns the
+    project's total :class:`paitient.config.Budget` for a dataset.
     """
-    if record is None:
+    if run is None:
         return result("training_record", "fail",
                       "no training record in the privacy ledger matches these parameters: export only the weights "
                       "that paitient.dp training saved, unchanged")
-    if record.get("project") != project:
+    summary = summarise_run(run)
+    if run.get("project") != project:
         return result("training_record", "fail",
-                      f"the matching training record belongs to project {record.get('project')!r}, not {project!r}",
-                      record=record)
-    dataset = record.get("dataset", "")
+                      f"the matching training record belongs to project {run.get('project')!r}, not {project!r}",
+                      record=summary)
+    dataset = str(run.get("dataset", ""))
     try:
         budget = budget_for(dataset)
-    except KeyError as e:
-        return result("training_record", "fail", f"the record names dataset {dataset!r}: {e}", record=record)
-    eps, delta = record.get("epsilon"), record.get("delta")
+    except (KeyError, ValueError) as e:
+        return result("training_record", "fail", f"the record names dataset {dataset!r}: {e}", record=summary)
+    eps = run.get("epsilon_spent", run.get("epsilon"))
+    delta = run.get("delta_spent", run.get("delta"))
     if not isinstance(eps, int | float) or not isinstance(delta, int | float):
-        return result("training_record", "fail", "the training record has no epsilon/delta", record=record)
+        return result("training_record", "fail", "the training record has no epsilon/delta spent", record=summary)
     if eps > budget.epsilon or delta > budget.delta:
         return result("training_record", "fail",
                       f"the run spent epsilon={eps:g}, delta={delta:g}, beyond the project's budget for {dataset} "
-                      f"(epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=record)
+                      f"(epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=summary)
     return result("training_record", "pass",
                   f"trained with differential privacy on {dataset}: epsilon={eps:g}, delta={delta:g} "
-                  f"(budget epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=record)
+                  f"(budget epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=summary)
+
+
+def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a ledger run a steward needs to see (flat, JSON-safe)."""
+    out = {k: run.get(k) for k in ("id", "project", "dataset", "username", "epsilon_spent", "delta_spent",
+                                     "closed", "weights_sha256")}
+    record = run.get("record") or {}
+    if isinstance(record, dict):
+        out.update({f"record.{k}": v for k, v in record.items()})
+    return out

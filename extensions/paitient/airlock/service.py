@@ -1,0 +1,460 @@
+"""The airlock service: the only way out of the workspace, run root-side as a JupyterHub-managed service.
+
+``paitient service airlock`` runs :func:`serve`, which serves
+
+- a unix socket ``<run_dir>/airlock.sock`` for kernels (:mod:`paitient.channel`): ``request`` takes the
+  file as an open descriptor (so the service reads exactly what the caller could open), ``status`` and
+  ``list`` show the caller's own requests. The caller is who ``SO_PEERCRED`` says, looked up in the
+  account registry;
+- the review and download pages under ``/services/airlock/`` on a loopback port, signed in through the
+  hub's OAuth (:mod:`paitient.airlock.web`).
+
+Submitted files go to the root-only store (:mod:`paitient.airlock.store`); a worker thread runs the
+automatic checks (:mod:`paitient.airlock.checks`) one request at a time and hands the request to review.
+A restart re-queues every request that was submitted or being checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import threading
+import unicodedata
+from typing import Any
+from urllib.parse import urlparse
+
+from traitlets import Bool, Float, Integer, Unicode
+from traitlets.config import Configurable
+
+from paitient.airlock import states
+from paitient.airlock.checks import CheckContext, load_published, run_checks
+from paitient.airlock.store import Request, Store, StoreError
+from paitient.airlock.tables import TableRules
+from paitient.airlock.weights import WeightsFormatError, parse_safetensors
+from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.config import AIRLOCK_KINDS, SiteConfig
+from paitient.registry import Member, Registry
+
+SCOPE_REQUEST = "custom:airlock:request"
+SCOPE_REVIEW = "custom:airlock:review"
+SCOPE_DOWNLOAD = "custom:airlock:download"
+MAX_JUSTIFICATION = 10_000
+MAX_MODEL_SOURCE = 200_000
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """The airlock's scopes, for ``JupyterHub.custom_scopes``."""
+    return {
+        SCOPE_REQUEST: {"description": "Ask the airlock to release an output of one's own projects."},
+        SCOPE_REVIEW: {"description": "Review airlock requests of the projects one is a steward of."},
+        SCOPE_DOWNLOAD: {"description": "Download released outputs of one's own projects."},
+    }
+
+
+def role_scopes() -> dict[str, list[str]]:
+    """Scopes the hub's roles need for the airlock (the access scope lets a user sign in to the service)."""
+    access = "access:services!service=airlock"
+    return {"researcher": [access, SCOPE_REQUEST, SCOPE_DOWNLOAD], "steward": [access, SCOPE_REVIEW]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AirlockSettings(Configurable):
+    """Knobs of the airlock service (``paitient service airlock --AirlockSettings.<name>=...``)."""
+
+    port = Integer(0, help="Loopback port of the review pages; 0: the port in $JUPYTERHUB_SERVICE_URL, "
+                           "or a free one chosen when the hub's service entry is made.").tag(config=True)
+    max_bytes = Integer(512 << 20, help="Largest file the airlock takes (bytes).").tag(config=True)
+    min_count = Integer(10, help="Minimum number of individuals behind a table cell.").tag(config=True)
+    nk_n = Integer(2, help="Dominance rule: the n largest contributors ...").tag(config=True)
+    nk_k = Float(0.9, help="... may make up at most this share of a cell's total.").tag(config=True)
+    p_ratio = Float(0.1, help="p-ratio rule: the smaller contributors must make up at least this share of "
+                              "the largest.").tag(config=True)
+    zeros_disclosive = Bool(True, help="Treat zero cells as disclosive.").tag(config=True)
+    mia_max_auc = Float(0.6, help="The membership-inference check fails above this attack AUC.").tag(config=True)
+    mia_max_advantage = Float(0.2, help="... or above this attack advantage (max TPR - FPR).").tag(config=True)
+    audit_account = Unicode("nobody", help="Unprivileged account the membership-inference audit runs as, "
+                                           "in bubblewrap.").tag(config=True)
+    audit_timeout = Float(600.0, help="Seconds the membership-inference audit may take.").tag(config=True)
+
+
+def _clean_filename(name: Any) -> str:
+    name = os.path.basename(str(name or ""))
+    name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
+    name = re.sub(r"[\\/\"]", "_", name).strip(" .")[:200]
+    return name or "output"
+
+
+class Airlock:
+    """The service's logic over its store; the socket and web layers are thin around it."""
+
+    def __init__(self, site: SiteConfig, *, settings: AirlockSettings | None = None, store: Store | None = None,
+                 lookup_run=None, emit=None, log: logging.Logger | None = None):
+        self.site = site
+        self.settings = settings or AirlockSettings()
+        self.store = store or Store.for_site(site)
+        self.registry = Registry.for_state_dir(site.state_dir)
+        self.log = log or logging.getLogger("paitient.airlock")
+        self._emit = emit
+        self._lookup_run = lookup_run
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # Collaborators
+
+    def emit(self, *, actor: str, action: str, object: str, outcome: str = "ok",
+             details: dict[str, Any] | None = None, required: bool = False) -> None:
+        """Write an audit record; if ``required``, a failure to write it raises (the action must not happen)."""
+        try:
+            if self._emit is not None:
+                self._emit(actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+            else:
+                from paitient.audit import emit
+
+                emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+        except Exception:
+            self.log.exception("could not write the audit record %s %s", action, object)
+            if required:
+                raise
+
+    def lookup_run(self, sha256: str) -> dict[str, Any] | None:
+        if self._lookup_run is not None:
+            return self._lookup_run(sha256)
+        from paitient.ledger.store import Ledger
+
+        return Ledger(self.site).record_by_hash(sha256)
+
+    def budget_for(self, project: str, dataset: str):
+        try:
+            from paitient.ledger.store import Ledger
+
+            return Ledger(self.site).total_for(project, dataset)
+        except ImportError:
+            return self.site.project(project).budget_for(dataset)
+
+    def check_context(self) -> CheckContext:
+        s = self.settings
+        return CheckContext(
+            rules=TableRules(min_count=s.min_count, nk_n=s.nk_n, nk_k=s.nk_k, p_ratio=s.p_ratio,
+                             zeros_disclosive=s.zeros_disclosive),
+            lookup_run=self.lookup_run, budget_for=self.budget_for,
+            load_dataset=self._load_dataset, mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
+            audit_account=s.audit_account, audit_timeout=s.audit_timeout,
+        )
+
+    def _load_dataset(self, project: str, dataset: str, version: Any):
+        name = dataset.split("/")[-1]
+        if name not in self.site.project(project).datasets:
+            raise KeyError(f"{name!r} is not a dataset of project {project!r}")
+        return load_published(self.site.data_root, project, name, version)
+
+    # ------------------------------------------------------------------------------------------------
+    # Kernel side (unix socket)
+
+    def handlers(self) -> dict[str, Any]:
+        return {"request": self.op_request, "status": self.op_status, "list": self.op_status}
+
+    def _caller(self, peer: Peer) -> Member:
+        member = self.registry.by_uid(peer.uid)
+        if member is None:
+            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace",
+                               "forbidden")
+        return member
+
+    def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        member = self._caller(peer)
+        try:
+            kind, project, justification, meta = self._validate_request(member, args)
+        except ChannelError as e:
+            self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
+                      details={"reason": str(e), "project": args.get("project")})
+            raise
+        if len(fds) != 1:
+            raise ChannelError("send the file as exactly one open file descriptor", "bad_request")
+        filename = _clean_filename(args.get("filename"))
+        if kind == "weights":
+            try:
+                parse_safetensors(_read_all(fds[0], self.settings.max_bytes))
+            except (WeightsFormatError, StoreError) as e:
+                self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
+                          details={"reason": str(e), "project": project, "kind": kind, "filename": filename})
+                raise ChannelError(str(e), "refused") from None
+        try:
+            sha, size = self.store.put_blob_from_fd(fds[0], self.settings.max_bytes)
+        except StoreError as e:
+            raise ChannelError(str(e), "refused") from None
+        req = self.store.create(project=project, username=member.username, account=member.account,
+                                uid=peer.uid, kind=kind, filename=filename, sha256=sha, size=size,
+                                justification=justification, meta=meta)
+        self.emit(actor=member.username, action="airlock.request", object=req.id,
+                  details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size})
+        self._queue.put(req.id)
+        return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
+
+    def _validate_request(self, member: Member, args: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+        kind = args.get("kind")
+        if kind not in AIRLOCK_KINDS:
+            raise ChannelError(f"kind must be one of {', '.join(AIRLOCK_KINDS)}; got {kind!r}", "bad_request")
+        justification = args.get("justification")
+        if not isinstance(justification, str) or not justification.strip():
+            raise ChannelError("say why this output should leave the workspace: justification='...'", "bad_request")
+        if len(justification) > MAX_JUSTIFICATION:
+            raise ChannelError(f"the justification is longer than {MAX_JUSTIFICATION} characters", "bad_request")
+        project = args.get("project")
+        if project is None:
+            if len(member.projects) != 1:
+                raise ChannelError("name the project: project= one of "
+                                   f"{', '.join(member.projects) or '(you are in no project)'}", "bad_request")
+            project = member.projects[0]
+        if project not in member.projects:
+            raise ChannelError(f"you are not a member of project {project!r}; your projects: "
+                               f"{', '.join(member.projects) or 'none'}", "forbidden")
+        meta: dict[str, Any] = {}
+        if args.get("recipe") is not None:
+            if kind != "table" or not isinstance(args["recipe"], dict):
+                raise ChannelError("a recipe (dict) goes with kind='table' only", "bad_request")
+            meta["recipe"] = args["recipe"]
+        if args.get("model") is not None:
+            model = args["model"]
+            if kind != "weights" or not isinstance(model, dict):
+                raise ChannelError("a model description (dict) goes with kind='weights' only", "bad_request")
+            if len(str(model.get("source", ""))) > MAX_MODEL_SOURCE:
+                raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", "bad_request")
+            meta["model"] = model
+        if args.get("supersedes"):
+            meta["supersedes"] = str(args["supersedes"])
+        return kind, project, justification.strip(), meta
+
+    def op_status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> Any:
+        member = self._caller(peer)
+        rid = args.get("id")
+        if rid:
+            try:
+                req = self.store.get(str(rid))
+            except StoreError as e:
+                raise ChannelError(str(e), "not_found") from None
+            if req.username != member.username:
+                raise ChannelError(f"request {rid} is not yours", "forbidden")
+            return self.describe(req, for_steward=False)
+        return [self.describe(r, for_steward=False) for r in self.store.list(username=member.username)]
+
+    def describe(self, req: Request, *, for_steward: bool) -> dict[str, Any]:
+        """A request with its check results and decisions; details of checks only for stewards."""
+        checks = self.store.checks(req.id)
+        if not for_steward:
+            checks = [{k: c[k] for k in ("check", "status", "reason")} for c in checks]
+        decisions = [{"by": e.actor, "ts": e.ts, **e.data} for e in self.store.events(req.id, "decision")]
+        return {**req.public(), "checks": checks, "decisions": decisions,
+                "overall": states.overall_status(c["status"] for c in checks) if checks else None}
+
+    # ------------------------------------------------------------------------------------------------
+    # Checks
+
+    def start(self) -> None:
+        """Start the check worker and re-queue everything a restart interrupted."""
+        self._worker = threading.Thread(target=self._work, name="airlock-checks", daemon=True)
+        self._worker.start()
+        for req in reversed(self.store.list(states_=[states.SUBMITTED, states.CHECKING])):
+            self._queue.put(req.id)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+
+    def wait_idle(self) -> None:
+        self._queue.join()
+
+    def _work(self) -> None:
+        while True:
+            rid = self._queue.get()
+            try:
+                if rid is None:
+                    return
+                self.check(rid)
+            except Exception:
+                self.log.exception("checking airlock request %s failed", rid)
+            finally:
+                self._queue.task_done()
+
+    def check(self, rid: str) -> None:
+        req = self.store.get(rid)
+        if req.state not in (states.SUBMITTED, states.CHECKING):
+            return
+        restarted = req.state == states.CHECKING
+        req = self.store.transition(rid, states.CHECKING, actor="airlock", data={"rerun": restarted})
+        try:
+            results = run_checks(req, self.store.read_blob(req.sha256), self.check_context())
+        except Exception as e:
+            self.log.exception("checks of %s raised", rid)
+            results = [{"check": "internal", "status": "error", "reason": "the automatic checks failed; a steward "
+                        "reviews by hand", "details": {"error": f"{type(e).__name__}: {e}"}}]
+        self.store.record_checks(rid, results)
+        overall = states.overall_status(r["status"] for r in results)
+        self.emit(actor="airlock", action="airlock.check", object=rid, outcome="ok",
+                  details={"project": req.project, "kind": req.kind, "overall": overall,
+                           "checks": {r["check"]: r["status"] for r in results}})
+        self.store.transition(rid, states.IN_REVIEW, actor="airlock", data={"overall": overall})
+        project = self.site.project(req.project)
+        if states.may_auto_release(req.kind, project.auto_release, [r["status"] for r in results]):
+            self.store.transition(rid, states.RELEASED, actor="airlock",
+                                  data={"automatic": True, "reason": f"every automatic check passed and project "
+                                        f"{req.project} releases {req.kind} outputs automatically"})
+            self.emit(actor="airlock", action="airlock.decision", object=rid,
+                      details={"project": req.project, "action": "approve", "automatic": True})
+
+    # ------------------------------------------------------------------------------------------------
+    # Web side: who may see, decide and download what
+
+    def member(self, username: str) -> Member | None:
+        return self.registry.by_username(username)
+
+    def steward_projects(self, username: str, scopes: set[str]) -> list[str]:
+        if SCOPE_REVIEW not in scopes:
+            return []
+        return [p.name for p in self.site.projects if username in p.stewards]
+
+    def member_projects(self, username: str) -> list[str]:
+        m = self.member(username)
+        return list(m.projects) if m else []
+
+    def may_review(self, username: str, scopes: set[str], req: Request) -> bool:
+        return req.project in self.steward_projects(username, scopes)
+
+    def may_download(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (req.state == states.RELEASED and SCOPE_DOWNLOAD in scopes
+                and (username == req.username or req.project in self.member_projects(username)))
+
+    def may_view(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req) \
+            or self.may_download(username, scopes, req)
+
+    def may_preview(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req)
+
+    def visible(self, username: str, scopes: set[str]) -> list[Request]:
+        reviewable = self.steward_projects(username, scopes)
+        reqs = self.store.list(projects=reviewable, username=username if SCOPE_REQUEST in scopes else None) \
+            if (reviewable or SCOPE_REQUEST in scopes) else []
+        seen = {r.id for r in reqs}
+        if SCOPE_DOWNLOAD in scopes:
+            for r in self.store.list(projects=self.member_projects(username), states_=[states.RELEASED]):
+                if r.id not in seen:
+                    reqs.append(r)
+        return sorted(reqs, key=lambda r: r.created, reverse=True)
+
+    def decide(self, rid: str, *, username: str, scopes: set[str], action: str, comment: str) -> states.Decision:
+        req = self.store.get(rid)
+        try:
+            decision = self.store.decide(
+                rid, reviewer=username, action=action, comment=comment,
+                may_review=self.may_review(username, scopes, req),
+                approvals_needed=self.site.project(req.project).approvals)
+        except states.TransitionError as e:
+            self.emit(actor=username, action="airlock.decision", object=rid, outcome="denied",
+                      details={"project": req.project, "action": action, "reason": str(e)})
+            raise
+        self.emit(actor=username, action="airlock.decision", object=rid,
+                  details={"project": req.project, "action": action, "comment": comment.strip(),
+                           "approvals": decision.approvals, "needed": decision.needed,
+                           "state": decision.new_state or states.IN_REVIEW})
+        return decision
+
+    def download(self, rid: str, *, username: str, scopes: set[str], client: str = "") -> tuple[Request, bytes]:
+        """The released file for ``username``; raises PermissionError (recorded) if they may not have it."""
+        req = self.store.get(rid)
+        if not self.may_download(username, scopes, req):
+            reason = (f"request {rid} is {req.state}, not released" if req.state != states.RELEASED else
+                      f"only the requester and members of project {req.project} download its released outputs")
+            self.emit(actor=username, action="airlock.download", object=rid, outcome="denied",
+                      details={"project": req.project, "reason": reason})
+            raise PermissionError(reason)
+        data = self.store.read_blob(req.sha256)
+        # Recorded first, in the airlock's own events and the audit trail: no record, no download.
+        self.store.record_download(rid, actor=username, data={"client": client, "sha256": req.sha256})
+        self.emit(actor=username, action="airlock.download", object=rid, required=True,
+                  details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client})
+        return req, data
+
+
+def _read_all(fd: int, max_bytes: int) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        raise StoreError(f"the file has {size} bytes; the airlock takes at most {max_bytes}")
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+        if offset > max_bytes:
+            raise StoreError(f"the file is larger than {max_bytes} bytes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hub's service entry and the process
+
+
+def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> dict[str, Any]:
+    """The ``JupyterHub.services`` entry that runs the airlock as a managed service."""
+    port = port or AirlockSettings().port or free_port()
+    command = [python, "-m", "paitient.cli", "service", "airlock", f"--state-dir={site.state_dir}"]
+    if site.source:
+        command.append(f"--site={site.source}")
+    return {
+        "name": "airlock",
+        "url": f"http://127.0.0.1:{port}",
+        "command": command,
+        "oauth_client_allowed_scopes": sorted(custom_scopes()),
+        "oauth_no_confirm": True,
+        "display": True,
+        "info": {"description": "Request, review and download outputs that leave the workspace."},
+    }
+
+
+def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | None = None) -> None:
+    """Run the airlock until SIGTERM/SIGINT: the kernel socket, the check worker and the web pages."""
+    from paitient.airlock import web
+    from paitient.services import socket_path
+
+    settings = settings or AirlockSettings()
+    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+    port = settings.port or urlparse(service_url).port
+    if not port:
+        raise SystemExit("the airlock needs a port: run it as a hub-managed service (JUPYTERHUB_SERVICE_URL) "
+                         "or pass --AirlockSettings.port=N")
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/airlock/")
+    airlock = Airlock(site, settings=settings, log=log)
+    site.run_dir.mkdir(parents=True, exist_ok=True)
+    channel = ChannelServer(socket_path(site, "airlock"), airlock.handlers(), name="airlock", mode=0o666)
+    channel.start_in_thread()
+    airlock.start()
+
+    async def main() -> None:
+        app = web.make_app(airlock, prefix=prefix)
+        server = app.listen(port, address="127.0.0.1")
+        log.info("airlock: socket %s, pages on http://127.0.0.1:%d%s", channel.path, port, prefix)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        channel.shutdown()
+        channel.server_close()
+        airlock.stop()
