@@ -145,3 +145,35 @@ def test_hub_service_entry(site):
     assert entry["oauth_client_allowed_scopes"] == ["custom:audit:read"]
     assert "custom:audit:read" in custom_scopes()
     assert os.path.basename(entry["command"][0]) == "python"
+
+
+def test_service_serves_the_web_view_behind_hub_login(site):
+    import requests
+
+    from paitient.audit.service import _free_loopback_port
+
+    port = _free_loopback_port()
+    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+           "JUPYTERHUB_SERVICE_PREFIX": "/services/audit/", "JUPYTERHUB_API_TOKEN": "test-token",
+           "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api", "JUPYTERHUB_CLIENT_ID": "service-audit",
+           "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/audit/oauth_callback", "JUPYTERHUB_BASE_URL": "/"}
+    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/services/audit/", allow_redirects=False, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "web view did not start"
+                time.sleep(0.1)
+        assert r.status_code == 302
+        assert r.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+        assert "client_id=service-audit" in r.headers["Location"]
+        api = requests.get(f"http://127.0.0.1:{port}/services/audit/api/records", timeout=5)
+        assert api.status_code == 403 and api.json()["status"] == 403
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

@@ -8,6 +8,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from paitient.audit.records import AuditError
 from paitient.audit.verify import verify_dir
 from paitient.audit.writer import AuditLog, trail_files
 
@@ -125,3 +128,16 @@ def test_batch_append_is_one_chain(trail):
     recs = trail.append_many([{"actor": "a", "action": "ledger.settle", "details": {"i": i}} for i in range(50)])
     assert [r["seq"] for r in recs] == list(range(1, 51))
     assert verify_dir(trail.directory).ok
+
+
+def test_writer_refuses_a_directory_users_could_write(tmp_path):
+    directory = tmp_path / "audit"
+    directory.mkdir(mode=0o777)
+    os.chmod(directory, 0o777)
+    with pytest.raises(AuditError, match=r"group or others may write to it \(mode 777\); run: chmod 750"):
+        AuditLog(directory).append(actor="a", action="auth.login")
+    os.chmod(directory, 0o750)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(AuditError, match="it is owned by uid 65534, not by the writer"):
+        AuditLog(directory).append(actor="a", action="auth.login")
+    assert trail_files(directory) == []

@@ -180,11 +180,7 @@ class _Checker:
             return
         damage, self.damage = self.damage, []
         d = damage[0]
-        if (
-            following is not None
-            and len(damage) == 1
-            and following["action"] == RECOVERED_ACTION
-        ):
+        if following is not None and len(damage) == 1 and following["action"] == RECOVERED_ACTION:
             info = following.get("details") or {}
             if (
                 info.get("reason") == "torn"

@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlparse
 from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from tornado import web
 
-from paitient.audit import trail_dir
+from paitient.audit import emit, trail_dir
 from paitient.audit.query import Filter, FilterError, select
 from paitient.audit.verify import verify_dir
 
@@ -139,11 +139,24 @@ class ReaderHandler(HubOAuthenticated, web.RequestHandler):
             raise web.HTTPError(400, "limit and before must be whole numbers") from None
 
     async def query(self, args: dict[str, str], limit: int, before: int | None) -> list[dict[str, Any]]:
+        """Matching records; the reading itself is recorded (``audit.view``): who looked at what."""
         flt = Filter.parse(**args)
-        directory = trail_dir(self.settings["paitient_site"])
-        return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: select(directory, flt, limit=limit, before=before)
+        site = self.settings["paitient_site"]
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(None, lambda: select(trail_dir(site), flt, limit=limit, before=before))
+        filters = {k: v for k, v in args.items() if v}
+        if before is not None:
+            filters["before"] = before
+        await loop.run_in_executor(
+            None,
+            lambda: emit(
+                site,
+                actor=self.current_user["name"],
+                action="audit.view",
+                details={"filters": filters, "records": len(records)},
+            ),
         )
+        return records
 
 
 class RecordsPage(ReaderHandler):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,17 @@ FILE_MODE = 0o640
 DEFAULT_ROTATE_BYTES = 64 << 20
 HEAD_SIZE = 512
 """head.json is rewritten in place at a fixed size (padded), so one pwrite replaces it whole."""
+
+
+def check_dir_stat(st: os.stat_result, euid: int) -> str:
+    """What is wrong with the trail directory's owner or mode ('' if nothing): users must not write there."""
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != euid:
+        return f"it is owned by uid {st.st_uid}, not by the writer (uid {euid}); run: chown root:root DIR"
+    if st.st_mode & 0o022:
+        return f"group or others may write to it (mode {stat.S_IMODE(st.st_mode):o}); run: chmod 750 DIR"
+    return ""
 
 
 def file_name(number: int) -> str:
@@ -112,7 +124,7 @@ def read_tail(fd: int) -> Tail:
         prev_nl = last_newline(fd, size)
         end = prev_nl + 1 if prev_nl >= 0 else 0
     corrupt = False
-    for offset, line in lines_backwards(fd, end):
+    for offset, line in lines_backwards(fd, end, chunk=8192):
         try:
             record = parse_line(line)
         except ValueError:
@@ -196,9 +208,15 @@ class AuditLog:
     # ---------------------------------------------------------------- internals
 
     def _ensure_dir(self) -> None:
-        if not self.directory.is_dir():
+        try:
+            st = os.stat(self.directory)
+        except FileNotFoundError:
             self.directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(self.directory, DIR_MODE)
+            st = os.stat(self.directory)
+        problem = check_dir_stat(st, os.geteuid())
+        if problem:
+            raise AuditError(f"refusing to write the audit trail in {self.directory}: {problem}")
 
     def _append_locked(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         files = trail_files(self.directory)

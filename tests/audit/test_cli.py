@@ -1,0 +1,84 @@
+"""`paitient audit show`: filters, terminal-safe output, clear errors."""
+
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import pytest
+
+from paitient.audit import emit
+from paitient.audit.query import Filter, FilterError, matches, parse_time, printable
+
+
+def show(site, *args):
+    return subprocess.run([sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={site.state_dir}",
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def events(site):
+    emit(site, actor="alice", action="kernel.start", object="k1", details={"datasets": ["demo/heart", "demo/diab"]})
+    emit(site, actor="alice", action="cell.execute", object="k1", details={"code": "print('\x1b[2J')"})
+    emit(site, actor="bob", action="airlock.decision", object="req-7", outcome="denied",
+         details={"project": "heart", "user": "alice"})
+    emit(site, actor="bob", action="ledger.reserve", object="heart/whas", details={"epsilon": 0.5})
+
+
+def actions(out):
+    return [json.loads(line)["action"] for line in out.stdout.splitlines()]
+
+
+def test_show_filters_by_user_project_action(site, events):
+    assert actions(show(site, "--json", "--user=alice")) == ["kernel.start", "cell.execute", "airlock.decision"]
+    assert actions(show(site, "--json", "--project=demo")) == ["kernel.start"]
+    assert actions(show(site, "--json", "--project=heart")) == ["airlock.decision", "ledger.reserve"]
+    assert actions(show(site, "--json", "--action=*.decision")) == ["airlock.decision"]
+    assert actions(show(site, "--json", "--outcome=denied")) == ["airlock.decision"]
+    assert actions(show(site, "--json", "--limit=2")) == ["airlock.decision", "ledger.reserve"]
+    assert actions(show(site, "--json", "--since=1h", "--action=ledger")) == ["ledger.reserve"]
+    assert actions(show(site, "--json", "--until=2001-01-01")) == []
+
+
+def test_show_text_output_cannot_drive_the_terminal(site, events):
+    emit(site, actor="mallory\x1b]0;owned\x07", action="kernel.stop", object="k\u202e9")
+    out = show(site, "--action=cell.execute")
+    assert out.returncode == 0
+    assert "\x1b" not in out.stdout and "\\u001b[2J" in out.stdout  # JSON-escaped in details
+    assert out.stdout.count("\n") == 1 and "  alice  cell.execute  k1  ok  " in out.stdout
+    out = show(site, "--action=kernel.stop")
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u202e" not in out.stdout
+    assert "  mallory\\x1b]0;owned\\x07  kernel.stop  k\\u202e9  ok" in out.stdout
+
+
+def test_show_rejects_bad_time_with_what_to_use(site, events):
+    out = show(site, "--since=last tuesday")
+    assert out.returncode == 2 and "use e.g. 2026-11-28, 2026-11-28T17:00Z, 24h or 7d" in out.stderr
+
+
+def test_show_without_a_trail_says_where_it_looked(world_tmp):
+    out = subprocess.run([sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={world_tmp}/none"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"no audit trail at {world_tmp}/none/audit" in out.stderr
+
+
+def test_non_root_cannot_read_the_trail(site, events):
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                          "paitient.cli", "audit", "verify", f"--trail={site.state_dir}/audit"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "readable by root only; run as root" in out.stderr
+
+
+def test_time_parsing_and_matching_are_pure():
+    now = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+    assert parse_time("24h", now=now) == "2026-11-27T12:00:00.000000Z"
+    assert parse_time("2026-11-28T13:00+01:00") == "2026-11-28T12:00:00.000000Z"
+    assert parse_time("2026-11-28") == "2026-11-28T00:00:00.000000Z"
+    with pytest.raises(FilterError):
+        parse_time("soon")
+    rec = {"time": "2026-11-28T10:00:00.000000Z", "actor": "a", "action": "airlock.download", "object": "p1/x",
+           "outcome": "ok", "details": {}}
+    assert matches(rec, Filter.parse(project="p1", action="airlock", until="2026-11-28T11:00Z"))
+    assert not matches(rec, Filter.parse(action="air"))  # a family is a whole dotted prefix
+    assert not matches(rec, Filter.parse(since="2026-11-28T11:00Z"))
+    assert printable("a\u202eb\x07") == "a\\u202eb\\x07"
