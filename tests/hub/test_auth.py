@@ -204,6 +204,19 @@ def test_hub_level_validation_refuses_the_same_names():
     assert auth.validate_username("alice.adler-2_x")
 
 
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("cn=Smith\\, Jones,ou=Groups,dc=x", "CN=smith\\2C jones, OU=groups,DC=X", True),
+        ("cn=Zo\\C3\\AB,dc=x", "cn=Zoë,dc=x", True),
+        ("cn=a\\,b=c,dc=x", "cn=a,b=c,dc=x", False),
+        ("cn=oncology,ou=groups,dc=x", "cn=oncology-2,ou=groups,dc=x", False),
+    ],
+)
+def test_group_dns_compare_by_meaning_not_spelling(a, b, same):
+    assert (signon.normalise_dn(a) == signon.normalise_dn(b)) is same
+
+
 def test_usernames_in_logs_are_cut_and_escaped():
     assert signon.shown("alice") == "'alice'"
     assert "\x00" not in signon.shown("a\x00b") and "\\x00" in signon.shown("a\x00b")

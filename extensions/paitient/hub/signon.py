@@ -109,13 +109,31 @@ def tls_choice(directory: Directory, url: str | None = None) -> TlsChoice:
     return TlsChoice(strategy=strategy, port=port, tls_kwargs=kwargs)
 
 
+_DN_ESCAPE = re.compile(r"\\([0-9a-fA-F]{2}|.)", re.DOTALL)
+
+
+def _unescape_dn_value(value: str) -> str:
+    """``\\2C`` and ``\\,`` both stand for ``,``: reduce a value to its characters (RFC 4514)."""
+    out = bytearray()
+    pos = 0
+    for m in _DN_ESCAPE.finditer(value):
+        out += value[pos : m.start()].encode("utf-8")
+        code = m.group(1)
+        out += bytes.fromhex(code) if len(code) == 2 else code.encode("utf-8")
+        pos = m.end()
+    out += value[pos:].encode("utf-8")
+    return out.decode("utf-8", errors="replace")
+
+
 def normalise_dn(dn: str) -> str:
-    """A DN in a form fit for comparison: attribute names and values lower-cased, no spaces around separators."""
+    """A DN in a form fit for comparison: escapes resolved, names and values lower-cased, spaces trimmed."""
     try:
         parts = parse_dn(dn, escape=False, strip=True)
     except LDAPInvalidDnError:
         return dn.strip().lower()
-    return ",".join(f"{attr.strip().lower()}={value.strip().lower()}" for attr, value, _sep in parts)
+    return ",".join(
+        f"{attr.strip().lower()}={_unescape_dn_value(value.strip()).lower()!r}" for attr, value, _sep in parts
+    )
 
 
 def is_dn(text: str) -> bool:
