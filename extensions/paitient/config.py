@@ -353,6 +353,13 @@ def _validate(cfg: SiteConfig) -> None:
         for t in d.bind_dn_template:
             if "{username}" not in t:
                 raise ConfigError(f"[directory] bind_dn_template {t!r} must contain {{username}}")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9-]{0,63}\Z", d.user_attribute):
+        raise ConfigError(
+            f"[directory] user_attribute: {d.user_attribute!r} is not an attribute name; "
+            "use uid, sAMAccountName or userPrincipalName"
+        )
+    if not 0 < d.timeout <= 120:
+        raise ConfigError(f"[directory] timeout: seconds between 0 and 120, got {d.timeout}")
     names = [p.name for p in cfg.projects]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

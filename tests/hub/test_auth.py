@@ -407,3 +407,12 @@ async def test_managed_roles_are_loadable(demo):
     roles = {r["name"]: r for r in await auth.load_managed_roles()}
     assert set(roles) == {"researcher", "steward"}
     assert roles["researcher"]["scopes"] == ["self"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("user_attribute", "uid)(objectClass=*", "not an attribute name"), ("timeout", 0, "timeout")],
+)
+def test_directory_settings_that_would_reach_a_filter_or_hang_are_refused(demo_site, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        demo_site(**{key: value})
