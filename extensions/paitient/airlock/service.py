@@ -428,7 +428,12 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
     from paitient.airlock import web
     from paitient.services import socket_path
 
-    settings = settings or AirlockSettings()
+    if settings is None:
+        from paitient.services import ServiceCommand
+
+        # --AirlockSettings.<name>=... on the `paitient service airlock` command line
+        config = ServiceCommand.instance().config if ServiceCommand.initialized() else None
+        settings = AirlockSettings(config=config)
     service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
     port = settings.port or urlparse(service_url).port
     if not port:

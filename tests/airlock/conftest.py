@@ -1,0 +1,55 @@
+"""Fixtures for the airlock: a site with three projects, registered accounts, a real store, ledger and trail."""
+
+from __future__ import annotations
+
+import pytest
+
+from paitient.airlock.service import Airlock, AirlockSettings
+from paitient.channel import ChannelServer
+from paitient.config import parse
+from paitient.registry import Registry
+
+SITE = {
+    "workspace": {"state_dir": "/placeholder"},
+    "projects": [
+        {"name": "oncology", "group": "oncology", "datasets": ["breast_cancer"], "stewards": ["sam", "steph"],
+         "approvals": 1, "budget": {"epsilon": 5.0, "delta": 1e-5}},
+        {"name": "cardio", "group": "cardio", "datasets": ["diabetes"], "stewards": ["sam", "steph"],
+         "approvals": 2},
+        {"name": "registry", "group": "registry", "datasets": ["counts"], "stewards": ["sam"],
+         "auto_release": ["table"]},
+    ],
+}
+
+
+
+@pytest.fixture
+def site(world_tmp):
+    state = world_tmp / "state"
+    state.mkdir(mode=0o755)
+    return parse(SITE, overrides={"workspace": {"state_dir": str(state)}})
+
+
+@pytest.fixture
+def registry(site):
+    return Registry.for_state_dir(site.state_dir)
+
+
+@pytest.fixture
+def airlock(site):
+    """An Airlock with its check worker running, the real audit trail and the real privacy ledger."""
+    a = Airlock(site, settings=AirlockSettings(audit_timeout=300))
+    a.start()
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def channel(site, airlock):
+    srv = ChannelServer(site.run_dir / "airlock.sock", airlock.handlers(), name="airlock")
+    srv.start_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+

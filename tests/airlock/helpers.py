@@ -1,0 +1,79 @@
+"""Helpers for the airlock tests: accounts, files owned by other users, published datasets."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from paitient.airlock.service import Airlock
+from paitient.registry import Member, Registry
+
+STEWARD = ["access:services!service=airlock", "custom:airlock:review"]
+RESEARCHER = ["access:services!service=airlock", "custom:airlock:request", "custom:airlock:download"]
+
+
+def register(registry: Registry, username: str, uid: int, projects=(), roles=("researcher",)) -> Member:
+    m = Member(username=username, account=f"pt-{username}", uid=uid, projects=tuple(projects), roles=tuple(roles))
+    registry.put(m)
+    return m
+
+
+def run_as(uid: int, code: str, run_dir: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run Python ``code`` as ``uid`` (a real other account), with the kernel's environment variable."""
+    env = {"PATH": "/usr/bin:/bin", "PAITIENT_RUN_DIR": str(run_dir), "HOME": str(cwd or "/")}
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         textwrap.dedent(code)],
+        capture_output=True, text=True, env=env, cwd=str(cwd or "/"), timeout=120,
+    )
+
+
+def give(path: Path, data: bytes, uid: int) -> Path:
+    path.write_bytes(data)
+    os.chown(path, uid, 65534)
+    os.chmod(path, 0o600)
+    return path
+
+
+def csv_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    return buf.getvalue().encode()
+
+
+def publish(site, project: str, dataset: str, df: pd.DataFrame, version: int = 1) -> Path:
+    """Lay a dataset out as the ingest part publishes it (versions/N/data.parquet, current -> versions/N)."""
+    base = site.data_root / project / dataset
+    where = base / "versions" / str(version)
+    where.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(where / "data.parquet")
+    (where / "manifest.json").write_text(f'{{"version": {version}}}')
+    if not (base / "current").exists():
+        os.symlink(f"versions/{version}", base / "current")
+    return where
+
+
+def breast_cancer() -> pd.DataFrame:
+    from sklearn.datasets import load_breast_cancer
+
+    df = load_breast_cancer(as_frame=True).frame
+    df.columns = [c.replace(" ", "_") for c in df.columns]
+    return df
+
+
+def wait_state(airlock: Airlock, rid: str, *wanted: str) -> None:
+    airlock.wait_idle()
+    state = airlock.store.get(rid).state
+    assert state in wanted, f"request {rid} is {state}, expected {wanted}"
+
+
+def rng_table(seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"g": rng.choice(["a", "b"], 200), "v": rng.normal(size=200)})

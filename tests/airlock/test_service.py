@@ -1,0 +1,245 @@
+"""The airlock service over its real unix socket, with requests from real processes of other accounts."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save
+
+from paitient.airlock import states
+from paitient.airlock.service import Airlock, AirlockSettings
+from paitient.audit import trail_dir
+from paitient.audit.query import newest_first
+from paitient.ledger.store import Ledger
+from tests.airlock.helpers import breast_cancer, csv_bytes, give, publish, register, run_as, wait_state
+
+LINEAR = '''
+import torch
+class Model(torch.nn.Module):
+    def __init__(self, d=30):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, 2)
+    def forward(self, x):
+        return self.lin(x)
+'''
+
+
+def submit(user, site, path, kind, justification="for the paper", **extra):
+    code = f"""
+        import json
+        from paitient import airlock
+        try:
+            print(json.dumps({{"id": airlock.request({str(path)!r}, kind={kind!r},
+                                justification={justification!r}, **{extra!r})}}))
+        except airlock.AirlockError as e:
+            print(json.dumps({{"error": str(e)}}))
+    """
+    proc = run_as(user.pw_uid, code, site.run_dir, cwd=path.parent)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def status_as(user, site, rid=None):
+    code = f"""
+        import json
+        from paitient import airlock
+        try:
+            print(json.dumps(airlock.status({rid!r})))
+        except airlock.AirlockError as e:
+            print(json.dumps({{"error": str(e)}}))
+    """
+    proc = run_as(user.pw_uid, code, site.run_dir)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def audit_records(site, action):
+    return [r for r in newest_first(trail_dir(site)) if r["action"] == action]
+
+
+@pytest.fixture
+def alice(make_system_user, registry):
+    pw = make_system_user("alice")
+    register(registry, "alice", pw.pw_uid, projects=["oncology"])
+    return pw
+
+
+@pytest.fixture
+def bob(make_system_user, registry):
+    pw = make_system_user("bob")
+    register(registry, "bob", pw.pw_uid, projects=["cardio"])
+    return pw
+
+
+def test_table_with_small_cell_is_flagged(site, channel, airlock, alice):
+    table = pd.DataFrame({"stage": ["I", "II", "III"], "patients": [120, 48, 3]})
+    path = give(Path(alice.pw_dir) / "stages.csv", csv_bytes(table), alice.pw_uid)
+    answer = submit(alice, site, path, "table")
+    rid = answer["id"]
+    wait_state(airlock, rid, states.IN_REVIEW)
+    mine = status_as(alice, site, rid)
+    assert mine["state"] == "in_review" and mine["username"] == "alice" and mine["project"] == "oncology"
+    by_check = {c["check"]: c for c in mine["checks"]}
+    assert by_check["minimum_count"]["status"] == "fail"
+    assert "1 cell(s) count fewer than 10" in by_check["minimum_count"]["reason"]
+    assert mine["overall"] == "fail"
+    # The requester sees reasons, not the steward-only details.
+    assert "details" not in by_check["minimum_count"]
+    # The stored copy is the file's bytes, root-only and read-only.
+    blob = airlock.store.blob_path(mine["sha256"])
+    assert blob.read_bytes() == path.read_bytes()
+    assert oct(blob.stat().st_mode & 0o777) == "0o400" and blob.stat().st_uid == 0
+    assert mine["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # ... and the trail says who asked and what the checks found.
+    req = audit_records(site, "airlock.request")[0]
+    assert req["actor"] == "alice" and req["object"] == rid
+    assert audit_records(site, "airlock.check")[0]["details"]["overall"] == "fail"
+
+
+def test_the_service_reads_what_the_caller_opened_not_a_path(site, channel, airlock, alice, bob):
+    # bob's private file: alice names its path, but her kernel cannot open it, so nothing is sent.
+    secret = give(Path(bob.pw_dir) / "secret.csv", b"a,b\n1,2\n", bob.pw_uid)
+    answer = submit(alice, site, secret, "table")
+    assert "cannot open" in answer["error"] and "Permission denied" in answer["error"]
+    assert airlock.store.list() == []
+
+
+def test_pickle_is_refused_by_content(site, channel, airlock, alice):
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    for name in ("model.pt", "model.safetensors"):  # the name does not matter, the content does
+        path = give(Path(alice.pw_dir) / name, buf.getvalue(), alice.pw_uid)
+        answer = submit(alice, site, path, "weights")
+        assert "zip archive" in answer["error"] and "refused" in answer["error"]
+        assert "safetensors.torch.save_file" in answer["error"]
+    plain = give(Path(alice.pw_dir) / "weights.bin", pickle.dumps({"w": [1.0]}), alice.pw_uid)
+    assert "a pickle (protocol" in submit(alice, site, plain, "weights")["error"]
+    assert airlock.store.list() == []
+    denied = audit_records(site, "airlock.request")
+    assert len(denied) == 3 and {r["outcome"] for r in denied} == {"denied"}
+
+
+def _weights(seed: int = 0) -> tuple[bytes, torch.nn.Module]:
+    ns: dict = {}
+    exec(LINEAR, ns)  # noqa: S102 - the test's own model definition
+    torch.manual_seed(seed)
+    model = ns["Model"]()
+    return save(model.state_dict()), model
+
+
+def test_weights_without_a_dp_record_are_flagged(site, channel, airlock, alice):
+    publish(site, "oncology", "breast_cancer", breast_cancer())
+    data, _ = _weights()
+    path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
+    answer = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
+                    split={"holdout": 0.3, "seed": 0}, dataset="breast_cancer")
+    rid = answer["id"]
+    wait_state(airlock, rid, states.IN_REVIEW)
+    checks = {c["check"]: c for c in status_as(alice, site, rid)["checks"]}
+    assert checks["format"]["status"] == "pass"
+    assert checks["training_record"]["status"] == "fail"
+    assert "no training record in the privacy ledger" in checks["training_record"]["reason"]
+    # An untrained linear model does not memorise: the audit itself ran in the sandbox and passed.
+    assert checks["membership_inference"]["status"] == "pass"
+
+
+def test_weights_matching_a_dp_record_within_budget_pass(site, channel, airlock, alice):
+    publish(site, "oncology", "breast_cancer", breast_cancer())
+    data, _ = _weights(1)
+    sha = hashlib.sha256(data).hexdigest()
+    ledger = Ledger(site)
+    run = ledger.reserve("oncology", "breast_cancer", 2.0, 1e-5, user="alice")
+    ledger.settle(run["id"], 1.5, record={"dataset": "breast_cancer", "dataset_version": 1, "epsilon": 1.5,
+                                           "delta": 1e-5, "weights_sha256": sha, "mode": "ghost"})
+    path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
+    rid = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
+                 split={"holdout": 0.3, "seed": 0})["id"]
+    wait_state(airlock, rid, states.IN_REVIEW)
+    full = airlock.describe(airlock.store.get(rid), for_steward=True)
+    checks = {c["check"]: c for c in full["checks"]}
+    assert checks["training_record"]["status"] == "pass", checks["training_record"]
+    assert "epsilon=1.5" in checks["training_record"]["reason"]
+    assert checks["training_record"]["details"]["record"]["record.mode"] == "ghost"
+    mi = checks["membership_inference"]["details"]
+    assert mi["members"] == 398 and mi["nonmembers"] == 171  # 569 rows, 30% held out
+
+
+def test_a_record_of_another_project_does_not_count(site, channel, airlock, alice, registry):
+    data, _ = _weights(2)
+    ledger = Ledger(site)
+    run = ledger.reserve("cardio", "diabetes", 1.0, 1e-5, user="carol")
+    ledger.settle(run["id"], 1.0, record={"dataset": "diabetes", "weights_sha256": hashlib.sha256(data).hexdigest()})
+    path = give(Path(alice.pw_dir) / "m.safetensors", data, alice.pw_uid)
+    rid = submit(alice, site, path, "weights")["id"]
+    wait_state(airlock, rid, states.IN_REVIEW)
+    checks = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert "belongs to project 'cardio', not 'oncology'" in checks["training_record"]["reason"]
+    assert checks["membership_inference"]["status"] == "fail"
+    assert "no model definition came with the weights" in checks["membership_inference"]["reason"]
+
+
+def test_identity_comes_from_peer_credentials(site, channel, airlock, alice, bob):
+    path = give(Path(alice.pw_dir) / "t.csv", b"x,n\na,50\n", alice.pw_uid)
+    rid = submit(alice, site, path, "table")["id"]
+    # bob cannot read alice's request, nor act for her project.
+    assert "is not yours" in status_as(bob, site, rid)["error"]
+    assert status_as(bob, site) == []
+    bpath = give(Path(bob.pw_dir) / "t.csv", b"x,n\na,50\n", bob.pw_uid)
+    err = submit(bob, site, bpath, "table", project="oncology")["error"]
+    assert "not a member of project 'oncology'" in err and "cardio" in err
+    # An account the hub never registered gets nothing.
+    assert "is not a paitient account" in status_as(type("pw", (), {"pw_uid": 65534})(), site)["error"]
+
+
+def test_bad_requests_say_what_to_do(site, channel, airlock, alice):
+    path = give(Path(alice.pw_dir) / "t.csv", b"x,n\na,50\n", alice.pw_uid)
+    assert "kind must be one of" in submit(alice, site, path, "report")["error"]
+    assert "justification" in submit(alice, site, path, "table", justification="  ")["error"]
+    assert "recipe (dict) goes with kind='table' only" in submit(alice, site, path, "figure", recipe={"a": 1})["error"]
+
+
+def test_restart_keeps_every_request_and_decision(site, alice, registry):
+    from paitient.channel import ChannelServer
+
+    register(registry, "sam", 1, roles=("steward",))
+    first = Airlock(site, settings=AirlockSettings())
+    first.start()
+    srv = ChannelServer(site.run_dir / "airlock.sock", first.handlers(), name="airlock")
+    srv.start_in_thread()
+    ids = []
+    for i in range(3):
+        path = give(Path(alice.pw_dir) / f"t{i}.csv", f"x,n\na,{50 + i}\n".encode(), alice.pw_uid)
+        ids.append(submit(alice, site, path, "table", justification=f"table {i}")["id"])
+    first.wait_idle()
+    first.decide(ids[0], username="sam", scopes={"custom:airlock:review"}, action="approve", comment="fine")
+    first.decide(ids[1], username="sam", scopes={"custom:airlock:review"}, action="return", comment="round it")
+    # A request caught mid-check by the stop is checked again after the restart.
+    stuck = first.store.create(project="oncology", username="alice", account="pt-alice", uid=alice.pw_uid,
+                               kind="table", filename="s.csv", sha256=first.store.get(ids[2]).sha256, size=9,
+                               justification="stuck", meta={})
+    first.store.transition(stuck.id, states.CHECKING, actor="airlock")
+    srv.shutdown()
+    srv.server_close()
+    first.stop()
+
+    second = Airlock(site, settings=AirlockSettings())
+    second.start()
+    try:
+        second.wait_idle()
+        assert [second.store.get(i).state for i in ids] == ["released", "returned", "in_review"]
+        decisions = second.store.events(ids[0], "decision")
+        assert [(d.actor, d.data["action"], d.data["comment"]) for d in decisions] == [("sam", "approve", "fine")]
+        assert second.store.events(ids[1], "decision")[0].data["comment"] == "round it"
+        assert second.store.get(stuck.id).state == "in_review"
+        assert [c["check"] for c in second.store.checks(stuck.id)] == ["minimum_count", "zeros", "dominance"]
+        reruns = [e.data for e in second.store.events(stuck.id, "state") if e.data["to"] == "checking"]
+        assert reruns[-1]["rerun"] is True
+    finally:
+        second.stop()
