@@ -127,9 +127,12 @@ def test_port_in_use_gives_a_clear_error(tmp_path):
         port = taken.getsockname()[1]
         server = Slapd(tmp_path / "d", "dc=x,dc=example", port=port)
         server.configure()
-        with pytest.raises(DirectoryError, match=f"slapd exited .* on port {port}"):
-            server.start()
-        assert not server.running
+        try:
+            with pytest.raises(DirectoryError, match=f"slapd exited .* on port {port}"):
+                server.start()
+            assert not server.running
+        finally:
+            server.stop()
 
 
 def test_add_entries_to_a_running_directory(make_slapd):
