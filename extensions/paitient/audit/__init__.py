@@ -7,6 +7,7 @@ under the name the kernel vouches for (``SO_PEERCRED``). ``paitient audit verify
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,12 @@ def emit(
     Raises :class:`RecordError` for a malformed event and :class:`AuditError` when the trail cannot be
     written; both are loud on purpose: the caller decides whether to go on without a record.
     """
+    log = _log_for(str(site.state_dir), site.audit.rotate_bytes)
+    return log.append(actor=actor, action=action, object=object, outcome=outcome, details=details)
+
+
+@functools.lru_cache(maxsize=16)
+def _log_for(state_dir: str, rotate_bytes: int):
     from paitient.audit.writer import AuditLog
 
-    log = AuditLog(trail_dir(site), rotate_bytes=site.audit.rotate_bytes)
-    return log.append(actor=actor, action=action, object=object, outcome=outcome, details=details)
+    return AuditLog(Path(state_dir) / "audit", rotate_bytes=rotate_bytes)

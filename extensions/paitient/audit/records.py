@@ -89,6 +89,34 @@ def check_fields(actor: str, action: str, object: str, outcome: str) -> None:
         raise RecordError(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
 
 
+def prepare_event(
+    *, actor: str, action: str, object: str = "", outcome: str = "ok", details: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Validate an event and normalise its details, before any lock is taken (see :func:`seal`)."""
+    check_fields(actor, action, object, outcome)
+    event = {
+        "actor": actor,
+        "action": action,
+        "object": object[:MAX_OBJECT_CHARS],
+        "outcome": outcome,
+        "details": normalise_details(details),
+    }
+    size = len(json.dumps(event["details"], separators=(",", ":"))) + len(object) + len(actor) + 400
+    if size > MAX_RECORD_BYTES:
+        raise RecordError(
+            f"record for {action} is larger than {MAX_RECORD_BYTES} bytes; "
+            "cap its details (paitient.audit.records.cap_details)"
+        )
+    return event
+
+
+def seal(event: dict[str, Any], *, seq: int, prev: str, time: str | None = None) -> dict[str, Any]:
+    """The record for a prepared event at position ``seq`` after ``prev``, hash included."""
+    record: dict[str, Any] = {"time": time or utc_now(), "seq": seq, **event, "prev": prev}
+    record["hash"] = record_hash(record)
+    return record
+
+
 def make_record(
     *,
     seq: int,
@@ -101,21 +129,8 @@ def make_record(
     time: str | None = None,
 ) -> dict[str, Any]:
     """A complete record, hash included. Fields are validated; ``object`` is capped at MAX_OBJECT_CHARS."""
-    check_fields(actor, action, object, outcome)
-    if len(object) > MAX_OBJECT_CHARS:
-        object = object[:MAX_OBJECT_CHARS]
-    record: dict[str, Any] = {
-        "time": time or utc_now(),
-        "seq": seq,
-        "actor": actor,
-        "action": action,
-        "object": object,
-        "outcome": outcome,
-        "details": normalise_details(details),
-        "prev": prev,
-    }
-    record["hash"] = record_hash(record)
-    return record
+    event = prepare_event(actor=actor, action=action, object=object, outcome=outcome, details=details)
+    return seal(event, seq=seq, prev=prev, time=time)
 
 
 def parse_line(line: bytes) -> dict[str, Any]:

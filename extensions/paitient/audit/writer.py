@@ -29,13 +29,13 @@ from typing import Any
 from paitient.audit.records import (
     GENESIS,
     HEADER_ACTION,
-    MAX_RECORD_BYTES,
     RECOVERED_ACTION,
     AuditError,
-    RecordError,
     encode,
     make_record,
     parse_line,
+    prepare_event,
+    seal,
 )
 from paitient.fsutil import fsync_dir
 
@@ -155,6 +155,11 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+_TAILS: dict[str, tuple[str, int, int, int, int, dict[str, Any]]] = {}
+"""Per trail directory: (file, dev, inode, size, mtime_ns, last record) after this process's last append.
+Any other write changes size or mtime, so a mismatch means: read the tail from the file again."""
+
+
 class AuditLog:
     """Appends to the trail in ``directory``. Safe for many threads and processes at once."""
 
@@ -182,13 +187,7 @@ class AuditLog:
     def append_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append several records under one lock and one fsync (same guarantees as :meth:`append`)."""
         # Validate before taking the lock: a bad event must not leave half a batch behind.
-        for ev in events:
-            probe = make_record(seq=0, prev=GENESIS, **ev)
-            if len(encode(probe)) > MAX_RECORD_BYTES:
-                raise RecordError(
-                    f"record for {ev.get('action')} is larger than {MAX_RECORD_BYTES} bytes; "
-                    "cap its details (paitient.audit.records.cap_details)"
-                )
+        events = [prepare_event(**ev) for ev in events]
         try:
             self._ensure_dir()
             lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -227,7 +226,7 @@ class AuditLog:
         number, path = files[-1]
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
-            tail = read_tail(fd)
+            tail = self._cached_tail(fd, path) or read_tail(fd)
             out = b""
             last = tail.last
             if last is None:
@@ -258,7 +257,7 @@ class AuditLog:
                     last = self._create_file(path, prev=last["hash"], seq=last["seq"] + 1, previous=previous.name)
                     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
                     size = os.fstat(fd).st_size
-                record = make_record(seq=last["seq"] + 1, prev=last["hash"], **ev)
+                record = seal(ev, seq=last["seq"] + 1, prev=last["hash"])
                 line = encode(record)
                 out += line
                 size += len(line)
@@ -267,9 +266,21 @@ class AuditLog:
             self._write_out(fd, out)
             os.fsync(fd)
             self._write_head(path.name, last)
+            st = os.fstat(fd)
+            _TAILS[str(self.directory)] = (path.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, last)
             return written
         finally:
             os.close(fd)
+
+    def _cached_tail(self, fd: int, path: Path) -> Tail | None:
+        """The tail this process wrote last, if the file is still exactly as it left it (same inode, size)."""
+        cached = _TAILS.get(str(self.directory))
+        if cached is None:
+            return None
+        st = os.fstat(fd)
+        if cached[:5] != (path.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            return None
+        return Tail(cached[5], st.st_size, st.st_size)
 
     def _create_file(self, path: Path, *, prev: str, seq: int, previous: str) -> dict[str, Any]:
         """Publish a new trail file whose only line is its header record (never an empty file)."""
