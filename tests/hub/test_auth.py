@@ -416,3 +416,19 @@ async def test_managed_roles_are_loadable(demo):
 def test_directory_settings_that_would_reach_a_filter_or_hang_are_refused(demo_site, key, value, message):
     with pytest.raises(ConfigError, match=message):
         demo_site(**{key: value})
+
+
+async def test_blocked_user_is_refused_and_recorded(slapd, demo_site, make_authenticator):
+    site = demo_site()
+    auth = make_authenticator(site, slapd.url, blocked_users={"alice"})
+    assert await sign_in(auth, "alice", slapd.credentials()["alice"]) is None
+    [record] = login_records(site)
+    assert (record["outcome"], record["details"]["reason"]) == ("denied", "blocked by the hub configuration")
+    assert (await sign_in(auth, "bob", slapd.credentials()["bob"]))["name"] == "bob"
+
+
+async def test_group_base_that_does_not_exist_gives_no_projects(slapd, demo_site, make_authenticator):
+    auth = make_authenticator(demo_site(group_base=f"ou=nowhere,{DEMO_BASE_DN}"), slapd.url)
+    with pytest.raises(web.HTTPError) as e:
+        await sign_in(auth, "alice", slapd.credentials()["alice"])
+    assert e.value.status_code == 403

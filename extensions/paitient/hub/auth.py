@@ -27,6 +27,7 @@ from ldap3.core.exceptions import (
     LDAPBindError,
     LDAPCommunicationError,
     LDAPException,
+    LDAPResponseTimeoutError,
     LDAPStartTLSError,
 )
 from ldap3.core.tls import Tls
@@ -180,19 +181,29 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         """The configured groups (as configured: DN or cn) whose ``member`` holds ``user_dn``."""
         wanted = {*self.project_groups.values(), self.steward_group, self.admin_group} - {""}
         member_filter = f"(member={escape_filter_chars(user_dn)})"
-        found: list[tuple[str, list[str]]] = []
         if self.group_base:
-            conn.search(self.group_base, member_filter, ldap3.SUBTREE, attributes=["cn"])
-            found = [(r["dn"], _values(r, "cn")) for r in conn.response or () if r.get("type") == "searchResEntry"]
+            searches = [(self.group_base, ldap3.SUBTREE)]
         else:
-            for group in sorted(w for w in wanted if signon.is_dn(w)):
-                conn.search(group, member_filter, ldap3.BASE, attributes=["cn"])
-                found += [(r["dn"], _values(r, "cn")) for r in conn.response or ()
-                          if r.get("type") == "searchResEntry"]
+            searches = [(group, ldap3.BASE) for group in sorted(w for w in wanted if signon.is_dn(w))]
+        found: list[tuple[str, list[str]]] = []
+        for base, scope in searches:
+            conn.search(base, member_filter, scope, attributes=["cn"])
+            if conn.result.get("description") != "success":  # a group or group_base that is not there
+                self.log.error("group search under %r failed: %s", base, conn.result.get("description"))
+            found += [(r["dn"], _values(r, "cn")) for r in conn.response or () if r.get("type") == "searchResEntry"]
         return signon.matching_groups(found, wanted)
 
     def sign_in(self, login: str, password: str) -> Signed | None:
-        """Blocking: bind as the user and read their groups. None when the credentials are refused."""
+        """Blocking: bind as the user and read their groups. None when the credentials are refused.
+
+        Raises :class:`DirectoryUnavailable` when the directory cannot be reached or stops answering.
+        """
+        try:
+            return self._sign_in(login, password)
+        except (LDAPCommunicationError, LDAPStartTLSError, LDAPResponseTimeoutError) as e:
+            raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
+
+    def _sign_in(self, login: str, password: str) -> Signed | None:
         if self.lookup_dn:
             dn = self._lookup(login)
             candidates = [dn] if dn else []
@@ -204,8 +215,6 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
                 continue
             try:
                 in_groups = self._groups_of(conn, dn)
-            except (LDAPCommunicationError, LDAPStartTLSError) as e:
-                raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
             finally:
                 conn.unbind()
             return Signed(
@@ -265,7 +274,16 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         state = (auth_model or {}).get("auth_state") or {}
         if state.get("projects") or {"steward", "admin"} & set(state.get("roles", ())):
             return True
-        return await super().check_allowed(username, auth_model)
+        if await super().check_allowed(username, auth_model):
+            return True
+        await self._audit(username, "denied", reason="not allowed by the hub configuration")
+        return False
+
+    async def check_blocked_users(self, username: str, auth_model: dict | None = None) -> bool:
+        if super().check_blocked_users(username, auth_model):
+            return True
+        await self._audit(username, "denied", reason="blocked by the hub configuration")
+        return False
 
     async def run_post_auth_hook(self, handler: web.RequestHandler | None, auth_model: dict) -> dict:
         """Record the sign-in; without a record there is no sign-in."""
