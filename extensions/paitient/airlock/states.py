@@ -39,7 +39,15 @@ _ACTION_STATE = {"reject": REJECTED, "return": RETURNED}
 
 
 class TransitionError(ValueError):
-    """A state change or a decision that the rules do not allow; the message says why."""
+    """A state change or a decision that the rules do not allow; the message says why.
+
+    ``status`` is the HTTP status that fits: 400 malformed, 403 not allowed for this person, 409 not in
+    this state.
+    """
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
 
 
 def check_transition(current: str, new: str) -> None:
@@ -70,17 +78,17 @@ def decide(*, state: str, requester: str, reviewer: str, action: str, comment: s
     ``approvals_needed`` distinct stewards approved; a rejection or return ends the review at once.
     """
     if action not in ACTIONS:
-        raise TransitionError(f"unknown decision {action!r}; choose one of: {', '.join(ACTIONS)}")
+        raise TransitionError(f"unknown decision {action!r}; choose one of: {', '.join(ACTIONS)}", 400)
     if not may_review:
-        raise TransitionError(f"{reviewer} is not a steward of this request's project and cannot decide on it")
+        raise TransitionError(f"{reviewer} is not a steward of this request's project and cannot decide on it", 403)
     if reviewer == requester:
-        raise TransitionError("nobody reviews their own request: another steward of the project must decide")
+        raise TransitionError("nobody reviews their own request: another steward of the project must decide", 403)
     if not comment or not comment.strip():
-        raise TransitionError("a decision needs a comment that tells the researcher why")
+        raise TransitionError("a decision needs a comment that tells the researcher why", 400)
     if state != IN_REVIEW:
         raise TransitionError(f"the request is {state!r}, not in review; there is nothing to decide")
     if approvals_needed not in (1, 2):
-        raise TransitionError(f"approvals needed must be 1 or 2, got {approvals_needed}")
+        raise TransitionError(f"approvals needed must be 1 or 2, got {approvals_needed}", 500)
     approvers = set(earlier_approvers)
     if action != "approve":
         return Decision(new_state=_ACTION_STATE[action], approvals=len(approvers), needed=approvals_needed)

@@ -115,10 +115,14 @@ def check_table_alone(df: pd.DataFrame, rules: TableRules) -> list[dict[str, Any
         out.append(check_min_count(cells, rules.min_count))
         out.append(check_zeros(cells, rules.zeros_disclosive))
     non_count = sorted({str(c) for c in numeric} - {c for _, c, _ in cells})
-    out.append(result("dominance", "review",
-                      f"dominance (n={rules.nk_n}, k={rules.nk_k}) and p-ratio ({rules.p_ratio}) need the values "
-                      "behind each cell; without the table's recipe a steward checks them by hand",
-                      statistic_columns=non_count))
+    if cells and not non_count:
+        out.append(result("dominance", "pass", "a frequency table (every number is a count): dominance and "
+                          "p-ratio apply to tables of magnitudes only"))
+    else:
+        out.append(result("dominance", "review",
+                          f"dominance (n={rules.nk_n}, k={rules.nk_k}) and p-ratio ({rules.p_ratio}) need the "
+                          "values behind each cell; without the table's recipe a steward checks them by hand",
+                          statistic_columns=non_count))
     return out
 
 

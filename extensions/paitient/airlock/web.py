@@ -129,7 +129,7 @@ class DecisionHandler(AirlockHandler):
             await self.run(self.airlock.decide, rid, username=self.username, scopes=self.scopes,
                            action=action, comment=comment)
         except states.TransitionError as e:
-            raise web.HTTPError(403 if "steward" in str(e) or "own request" in str(e) else 400, str(e)) from None
+            raise web.HTTPError(e.status, str(e)) from None
         self.redirect(f"{self.settings['airlock_prefix']}requests/{rid}", status=303)
 
 

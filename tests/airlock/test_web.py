@@ -1,0 +1,300 @@
+"""The review pages through tornado, with the hub's real OAuth client and XSRF rules.
+
+Only the identity step is replaced: :class:`KnownUserOAuth` subclasses JupyterHub's ``HubOAuth`` and returns
+a fixed user model (name and scopes, as the hub would give them for a token) chosen by a test cookie, so
+the handlers' real ``HubOAuthenticated`` logic (scope check, login redirect, XSRF) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from http.cookies import SimpleCookie
+from urllib.parse import urlencode
+
+import pandas as pd
+import pytest
+from jupyterhub.services.auth import HubOAuth
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+from traitlets import Dict
+
+from paitient.airlock import states
+from paitient.airlock.web import make_app
+from paitient.audit import trail_dir
+from paitient.audit.query import newest_first
+from paitient.channel import Peer
+from tests.airlock.helpers import RESEARCHER, STEWARD, csv_bytes, register, wait_state
+
+PREFIX = "/services/airlock/"
+
+
+class KnownUserOAuth(HubOAuth):
+    """The hub's OAuth client, except that the user model comes from a test cookie instead of the hub API."""
+
+    users = Dict()
+
+    def get_user(self, handler, *, sync=True):
+        model = self.users.get(handler.get_cookie("test-user", ""))
+        return {"kind": "user", **model, "scopes": list(model["scopes"])} if model else None
+
+
+USERS = {
+    "alice": {"name": "alice", "scopes": RESEARCHER},
+    "carol": {"name": "carol", "scopes": RESEARCHER},
+    "bob": {"name": "bob", "scopes": RESEARCHER},
+    "dave": {"name": "dave", "scopes": ["access:services!service=airlock", "custom:airlock:request"]},
+    "sam": {"name": "sam", "scopes": STEWARD},
+    "steph": {"name": "steph", "scopes": [*STEWARD, *RESEARCHER]},
+    "rita": {"name": "rita", "scopes": STEWARD},
+    "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
+}
+
+
+@pytest.fixture
+def people(registry):
+    register(registry, "alice", 30001, projects=["oncology"])
+    register(registry, "carol", 30002, projects=["oncology", "cardio"])
+    register(registry, "bob", 30003, projects=["cardio"])
+    register(registry, "dave", 30004, projects=["oncology"])
+    register(registry, "steph", 30005, projects=["oncology", "registry"], roles=("researcher", "steward"))
+    register(registry, "sam", 30006, roles=("steward",))
+    register(registry, "rita", 30007, roles=("steward",))
+    register(registry, "ren", 30008, projects=["registry"])
+    return registry
+
+
+@pytest.fixture
+async def web(airlock, people):
+    auth = KnownUserOAuth(
+        users=USERS, api_token="not-used", api_url="http://127.0.0.1:9/hub/api", hub_prefix="/hub/",
+        base_url=PREFIX, oauth_client_id="service-airlock", access_scopes={"access:services!service=airlock"},
+        oauth_redirect_uri="http://127.0.0.1:8000/services/airlock/oauth_callback",
+    )
+    app = make_app(airlock, prefix=PREFIX, hub_auth=auth)
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_sockets([sock])
+    yield Client(f"http://127.0.0.1:{port}")
+    server.stop()
+    await server.close_all_connections()
+
+
+class Client:
+    def __init__(self, base: str):
+        self.base = base
+        self.http = AsyncHTTPClient()
+
+    async def fetch(self, user: str | None, path: str, *, method="GET", body=None, cookies=None):
+        jar = dict(cookies or {})
+        if user:
+            jar["test-user"] = user
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        try:
+            return await self.http.fetch(self.base + PREFIX + path, method=method, headers=headers,
+                                         body=urlencode(body) if body is not None else None,
+                                         follow_redirects=False, raise_error=True)
+        except HTTPClientError as e:
+            if e.response is None:
+                raise
+            return e.response
+
+    async def decide(self, user: str, rid: str, action: str, comment: str):
+        page = await self.fetch(user, f"requests/{rid}")
+        assert page.code == 200
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
+        cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
+        assert token, f"{user} sees no decision form"
+        return await self.fetch(user, f"requests/{rid}/decision", method="POST",
+                                body={"action": action, "comment": comment, "_xsrf": token.group(1)},
+                                cookies={"_xsrf": cookie["_xsrf"].value})
+
+
+def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.csv", **args) -> str:
+    """Submit through the service's own request operation (the socket layer is tested in test_service)."""
+    member = registry.by_username(username)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            answer = airlock.op_request(Peer(pid=1, uid=member.uid, gid=65534),
+                                        {"kind": kind, "justification": args.pop("justification", "needed"),
+                                         "filename": name, **args}, [fd])
+        finally:
+            os.close(fd)
+    return answer["id"]
+
+
+GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
+
+
+async def test_unauthenticated_visitors_go_to_the_hub_login(web):
+    r = await web.fetch(None, "")
+    assert r.code == 302
+    assert r.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+    assert "client_id=service-airlock" in r.headers["Location"]
+
+
+async def test_a_token_without_access_to_the_service_is_refused(web):
+    r = await web.fetch("eve", "")
+    assert r.code == 403 and b"user eve is not allowed" in r.body
+
+
+async def test_steward_sees_checks_preview_and_justification_escaped(web, airlock, people):
+    hostile = pd.DataFrame({"group": ["<script>alert(1)</script>", "b"], "n": [3, 40]})
+    rid = submit(airlock, people, "alice", csv_bytes(hostile), justification="<img src=x onerror=alert(2)>")
+    wait_state(airlock, rid, states.IN_REVIEW)
+    listing = (await web.fetch("sam", "")).body.decode()
+    assert f'data-id="{rid}"' in listing and "awaits your review" in listing
+    r = await web.fetch("sam", f"requests/{rid}")
+    page = r.body.decode()
+    assert r.code == 200 and "script-src" not in r.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page and "<img src=x" not in page
+    assert 'data-check="minimum_count"' in page and "1 cell(s) count fewer than 10" in page
+    assert 'id="decision-form"' in page
+    # Check details (which cells) are for stewards; the researcher's own page shows reasons only.
+    assert '&quot;threshold&quot;: 10' in page
+    own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
+    assert "1 cell(s) count fewer than 10" in own and 'threshold' not in own
+    assert 'id="decision-form"' not in own
+
+
+async def test_decisions_need_the_xsrf_token_and_a_comment(web, airlock, people):
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, states.IN_REVIEW)
+    r = await web.fetch("sam", f"requests/{rid}/decision", method="POST", body={"action": "approve", "comment": "ok"})
+    assert r.code == 403 and b"&#x27;_xsrf&#x27; argument missing from POST" in r.body
+    r = await web.decide("sam", rid, "approve", "   ")
+    assert r.code == 400 and b"a decision needs a comment" in r.body
+    assert airlock.store.get(rid).state == "in_review"
+    r = await web.decide("sam", rid, "approve", "aggregate, counts above 10")
+    assert r.code == 303 and r.headers["Location"] == f"{PREFIX}requests/{rid}"
+    assert airlock.store.get(rid).state == "released"
+
+
+async def test_nobody_reviews_their_own_request(web, airlock, people):
+    rid = submit(airlock, people, "steph", GOOD, project="oncology")
+    wait_state(airlock, rid, states.IN_REVIEW)
+    page = (await web.fetch("steph", f"requests/{rid}")).body.decode()
+    assert 'id="own-request"' in page and 'id="decision-form"' not in page
+    # Even with a valid token from another page, the decision is refused and recorded as denied.
+    other = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, other, states.IN_REVIEW)
+    form = await web.fetch("steph", f"requests/{other}")
+    token = re.search(r'name="_xsrf" value="([^"]+)"', form.body.decode()).group(1)
+    cookie = SimpleCookie(form.headers["Set-Cookie"])["_xsrf"].value
+    r = await web.fetch("steph", f"requests/{rid}/decision", method="POST",
+                        body={"action": "approve", "comment": "mine is fine", "_xsrf": token},
+                        cookies={"_xsrf": cookie})
+    assert r.code == 403 and b"nobody reviews their own request" in r.body
+    assert airlock.store.get(rid).state == "in_review"
+    denied = [x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.decision"]
+    assert denied[0]["outcome"] == "denied" and denied[0]["actor"] == "steph"
+    assert (await web.decide("sam", rid, "approve", "checked")).code == 303
+    assert airlock.store.get(rid).state == "released"
+
+
+async def test_two_independent_approvals_where_the_project_needs_them(web, airlock, people):
+    rid = submit(airlock, people, "bob", GOOD)
+    wait_state(airlock, rid, states.IN_REVIEW)
+    assert (await web.decide("sam", rid, "approve", "first look fine")).code == 303
+    assert airlock.store.get(rid).state == "in_review"
+    r = await web.decide("sam", rid, "approve", "again")
+    assert r.code == 409 and b"already approved this request" in r.body
+    assert (await web.decide("steph", rid, "approve", "second look fine")).code == 303
+    assert airlock.store.get(rid).state == "released"
+    page = (await web.fetch("bob", f"requests/{rid}")).body.decode()
+    assert "first look fine" in page and "second look fine" in page
+
+
+async def test_return_and_reject_end_the_review_with_the_reason(web, airlock, people):
+    returned = submit(airlock, people, "alice", GOOD)
+    rejected = submit(airlock, people, "alice", GOOD, name="u.csv")
+    airlock.wait_idle()
+    assert (await web.decide("sam", returned, "return", "round to 5")).code == 303
+    assert (await web.decide("sam", rejected, "reject", "row-level data")).code == 303
+    assert airlock.store.get(returned).state == "returned" and airlock.store.get(rejected).state == "rejected"
+    mine = airlock.op_status(Peer(1, 30001, 65534), {"id": returned}, [])
+    assert mine["decisions"][0]["comment"] == "round to 5" and mine["state"] == "returned"
+    page = (await web.fetch("sam", f"requests/{returned}")).body.decode()
+    assert 'id="decision-form"' not in page
+
+
+async def test_only_stewards_of_the_project_review_it(web, airlock, people):
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, states.IN_REVIEW)
+    r = await web.fetch("rita", f"requests/{rid}")
+    assert r.code == 403 and b"not of a project you review" in r.body
+    assert f'data-id="{rid}"'.encode() not in (await web.fetch("rita", "")).body
+    # bob is a researcher of another project: not even the page.
+    assert (await web.fetch("bob", f"requests/{rid}")).code == 403
+
+
+async def test_download_only_by_requester_and_members_each_recorded(web, airlock, people):
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, states.IN_REVIEW)
+    early = await web.fetch("alice", f"requests/{rid}/download")
+    assert early.code == 403 and b"is in_review, not released" in early.body
+    assert (await web.decide("sam", rid, "approve", "fine")).code == 303
+    for user in ("alice", "carol"):
+        r = await web.fetch(user, f"requests/{rid}/download")
+        assert r.code == 200 and r.body == GOOD
+        assert r.headers["X-Airlock-SHA256"] == hashlib.sha256(GOOD).hexdigest()
+        assert r.headers["Content-Disposition"] == "attachment; filename*=UTF-8''t.csv"
+    for user, reason in (("bob", b"only the requester and members of project oncology"),
+                         ("sam", b"only the requester and members of project oncology"),
+                         ("dave", b"only the requester and members of project oncology")):
+        r = await web.fetch(user, f"requests/{rid}/download")
+        assert r.code == 403 and reason in r.body, (user, r.body)
+    downloads = airlock.store.events(rid, "download")
+    assert [d.actor for d in downloads] == ["alice", "carol"]
+    trail = [x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.download"]
+    assert sorted((x["actor"], x["outcome"]) for x in trail) == [
+        ("alice", "denied"), ("alice", "ok"), ("bob", "denied"), ("carol", "ok"), ("dave", "denied"),
+        ("sam", "denied")]
+
+
+async def test_automatic_release_only_when_allowed_and_every_check_passed(web, airlock, people):
+    clean = submit(airlock, people, "ren", GOOD)
+    small = submit(airlock, people, "ren", csv_bytes(pd.DataFrame({"x": ["a"], "n": [4]})), name="s.csv")
+    figure = submit(airlock, people, "ren", b"\x89PNG\r\n\x1a\n" + b"\0" * 32, kind="figure", name="f.png")
+    airlock.wait_idle()
+    assert airlock.store.get(clean).state == "released"
+    assert airlock.store.events(clean, "state")[-1].data["automatic"] is True
+    assert airlock.store.get(small).state == "in_review"
+    assert airlock.store.get(figure).state == "in_review"  # figures always get a human
+    assert airlock.store.checks(figure)[0]["reason"].startswith("there is no automatic disclosure check for figures")
+    # oncology does not release automatically, even a clean table.
+    onc = submit(airlock, people, "alice", GOOD)
+    airlock.wait_idle()
+    assert airlock.store.get(onc).state == "in_review"
+
+
+async def test_image_preview_for_the_steward(web, airlock, people):
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    rid = submit(airlock, people, "alice", png, kind="figure", name="km.png")
+    wait_state(airlock, rid, states.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert f'src="{PREFIX}requests/{rid}/preview"' in page
+    r = await web.fetch("sam", f"requests/{rid}/preview")
+    assert r.code == 200 and r.headers["Content-Type"] == "image/png" and r.body == png
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert (await web.fetch("carol", f"requests/{rid}/preview")).code == 403
+
+
+async def test_api_answers_json_errors(web, airlock, people):
+    r = await web.fetch("alice", "api/requests/20260101-deadbeef")
+    assert r.code == 404 and r.headers["Content-Type"] == "application/json"
+    assert r.body == b'{"error": "there is no airlock request 20260101-deadbeef", "status": 404}'
+    rid = submit(airlock, people, "alice", GOOD)
+    airlock.wait_idle()
+    import json
+
+    listing = json.loads((await web.fetch("alice", "api/requests")).body)
+    assert [x["id"] for x in listing["requests"]] == [rid]
