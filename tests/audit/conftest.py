@@ -17,8 +17,9 @@ def site(world_tmp):
 
 
 def _fill(log: AuditLog, n: int, actor: str = "alice") -> list[dict]:
-    return [log.append(actor=actor, action="cell.execute", object=f"k{i}", details={"code": f"x = {i}"})
-            for i in range(n)]
+    return [
+        log.append(actor=actor, action="cell.execute", object=f"k{i}", details={"code": f"x = {i}"}) for i in range(n)
+    ]
 
 
 @pytest.fixture

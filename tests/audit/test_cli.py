@@ -12,16 +12,26 @@ from paitient.audit.query import Filter, FilterError, matches, parse_time, print
 
 
 def show(site, *args):
-    return subprocess.run([sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={site.state_dir}",
-                           *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={site.state_dir}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
 def events(site):
     emit(site, actor="alice", action="kernel.start", object="k1", details={"datasets": ["demo/heart", "demo/diab"]})
     emit(site, actor="alice", action="cell.execute", object="k1", details={"code": "print('\x1b[2J')"})
-    emit(site, actor="bob", action="airlock.decision", object="req-7", outcome="denied",
-         details={"project": "heart", "user": "alice"})
+    emit(
+        site,
+        actor="bob",
+        action="airlock.decision",
+        object="req-7",
+        outcome="denied",
+        details={"project": "heart", "user": "alice"},
+    )
     emit(site, actor="bob", action="ledger.reserve", object="heart/whas", details={"epsilon": 0.5})
 
 
@@ -57,15 +67,33 @@ def test_show_rejects_bad_time_with_what_to_use(site, events):
 
 
 def test_show_without_a_trail_says_where_it_looked(world_tmp):
-    out = subprocess.run([sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={world_tmp}/none"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={world_tmp}/none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and f"no audit trail at {world_tmp}/none/audit" in out.stderr
 
 
 def test_non_root_cannot_read_the_trail(site, events):
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-                          "paitient.cli", "audit", "verify", f"--trail={site.state_dir}/audit"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "audit",
+            "verify",
+            f"--trail={site.state_dir}/audit",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "readable by root only; run as root" in out.stderr
 
 
@@ -76,8 +104,14 @@ def test_time_parsing_and_matching_are_pure():
     assert parse_time("2026-11-28") == "2026-11-28T00:00:00.000000Z"
     with pytest.raises(FilterError):
         parse_time("soon")
-    rec = {"time": "2026-11-28T10:00:00.000000Z", "actor": "a", "action": "airlock.download", "object": "p1/x",
-           "outcome": "ok", "details": {}}
+    rec = {
+        "time": "2026-11-28T10:00:00.000000Z",
+        "actor": "a",
+        "action": "airlock.download",
+        "object": "p1/x",
+        "outcome": "ok",
+        "details": {},
+    }
     assert matches(rec, Filter.parse(project="p1", action="airlock", until="2026-11-28T11:00Z"))
     assert not matches(rec, Filter.parse(action="air"))  # a family is a whole dotted prefix
     assert not matches(rec, Filter.parse(since="2026-11-28T11:00Z"))

@@ -69,13 +69,13 @@ def test_unknown_detail_types_become_strings():
 
 def test_cap_details_keeps_length_and_digest_of_a_huge_cell():
     code = "print('x')\n" * 100_000
-    out = cap_details({"code": code, "kernel": "k1", "parts": ["y" * 500, "short"]}, string_limit=100,
-                      total_limit=10_000)
+    out = cap_details(
+        {"code": code, "kernel": "k1", "parts": ["y" * 500, "short"]}, string_limit=100, total_limit=10_000
+    )
     assert out["code"] == code[:100]
     assert out["code_truncated"] == {"length": len(code), "sha256": hashlib.sha256(code.encode()).hexdigest()}
     assert out["kernel"] == "k1"
-    assert out["parts"][0] == {"truncated": "y" * 100, "length": 500,
-                               "sha256": hashlib.sha256(b"y" * 500).hexdigest()}
+    assert out["parts"][0] == {"truncated": "y" * 100, "length": 500, "sha256": hashlib.sha256(b"y" * 500).hexdigest()}
     assert out["parts"][1] == "short"
 
 
@@ -83,3 +83,15 @@ def test_cap_details_drops_oversized_details_to_a_digest():
     many = {f"k{i}": "v" * 50 for i in range(1000)}
     out = cap_details(many, string_limit=100, total_limit=2000)
     assert out["dropped"] is True and out["length"] > 2000 and len(out["sha256"]) == 64
+
+
+def test_effective_configuration_details(site):
+    from paitient.audit import config_details, emit
+
+    details = config_details(site)
+    assert details["config"]["workspace"]["state_dir"] == str(site.state_dir)
+    assert details["config"]["audit"]["rotate_bytes"] == site.audit.rotate_bytes
+    assert [p["name"] for p in details["config"]["projects"]] == [p.name for p in site.projects]
+    assert details["sha256"] == config_details(site)["sha256"] and len(details["sha256"]) == 64
+    rec = emit(site, actor="system", action="config.effective", details=details)
+    assert rec["details"]["sha256"] == details["sha256"]

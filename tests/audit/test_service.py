@@ -21,8 +21,11 @@ from paitient.registry import Member, Registry
 def service(site):
     """`paitient service audit` as a real root process on the site's state dir; stopped by its pid."""
     sock = site.run_dir / "audit.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
-                             f"--state-dir={site.state_dir}"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not sock.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -42,30 +45,64 @@ def records(site):
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def send_as_nobody(site, **kwargs) -> subprocess.CompletedProcess:
-    code = ("import json, os; from paitient.audit.client import send; from paitient.audit import AuditError\n"
-            "try:\n"
-            f"    print(json.dumps(send({str(site.run_dir)!r}, **{kwargs!r})))\n"
-            "except AuditError as e:\n"
-            "    print('REFUSED', e.__cause__.code, e)\n"
-            "print('PID', os.getpid())\n")
+    code = (
+        "import json, os; from paitient.audit.client import send; from paitient.audit import AuditError\n"
+        "try:\n"
+        f"    print(json.dumps(send({str(site.run_dir)!r}, **{kwargs!r})))\n"
+        "except AuditError as e:\n"
+        "    print('REFUSED', e.__cause__.code, e)\n"
+        "print('PID', os.getpid())\n"
+    )
     return as_nobody(code)
 
 
 def test_sender_is_identified_by_peer_credentials(site, service):
-    Registry.for_state_dir(site.state_dir).put(Member(username="alice", account="nobody", uid=65534,
-                                                      projects=("demo",)))
+    Registry.for_state_dir(site.state_dir).put(
+        Member(username="alice", account="nobody", uid=65534, projects=("demo",))
+    )
     out = send_as_nobody(site, action="cell.execute", object="kernel-1", details={"code": "1 + 1"})
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split("PID ")[1])
     rec = records(site)[-1]
     assert rec["actor"] == "alice" and rec["action"] == "cell.execute" and rec["object"] == "kernel-1"
     assert rec["details"]["code"] == "1 + 1"
-    assert rec["details"]["peer"] == {"pid": pid, "uid": 65534}
+    assert rec["details"]["peer"] == {"pid": pid, "uid": 65534, "origin": "host"}
+
+
+def test_records_sent_from_inside_a_pid_namespace_are_marked(site, service):
+    # A sandboxed kernel has its own pid namespace; it shares the uid with the user's server, but the
+    # service can tell them apart and says so in the record.
+    code = f"from paitient.audit.client import send; send({str(site.run_dir)!r}, action='kernel.stop', object='k9')"
+    out = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    rec = records(site)[-1]
+    assert rec["object"] == "k9" and rec["details"]["peer"]["origin"] == "namespaced"
+    assert rec["details"]["peer"]["uid"] == 65534
 
 
 def test_unknown_uid_is_recorded_as_such(site, service):
@@ -74,8 +111,18 @@ def test_unknown_uid_is_recorded_as_such(site, service):
     assert records(site)[-1]["actor"] == "uid:65534"
 
 
-@pytest.mark.parametrize("action", ["airlock.decision", "airlock.request", "auth.login", "ledger.settle",
-                                    "audit.recovered", "audit.file", "config.effective"])
+@pytest.mark.parametrize(
+    "action",
+    [
+        "airlock.decision",
+        "airlock.request",
+        "auth.login",
+        "ledger.settle",
+        "audit.recovered",
+        "audit.file",
+        "config.effective",
+    ],
+)
 def test_forged_actions_are_refused(site, service, action):
     before = len(records(site))
     out = send_as_nobody(site, action=action, object="r1", outcome="ok")
@@ -84,12 +131,14 @@ def test_forged_actions_are_refused(site, service, action):
 
 
 def test_the_actor_cannot_be_claimed(site, service):
-    code = ("from paitient.channel import call, ChannelError\n"
-            "try:\n"
-            f"    call({str(site.run_dir / 'audit.sock')!r}, 'record', "
-            "{'action': 'cell.execute', 'actor': 'bob', 'details': {}})\n"
-            "except ChannelError as e:\n"
-            "    print(e.code, e)\n")
+    code = (
+        "from paitient.channel import call, ChannelError\n"
+        "try:\n"
+        f"    call({str(site.run_dir / 'audit.sock')!r}, 'record', "
+        "{'action': 'cell.execute', 'actor': 'bob', 'details': {}})\n"
+        "except ChannelError as e:\n"
+        "    print(e.code, e)\n"
+    )
     out = as_nobody(code)
     assert out.stdout.startswith("bad_request unknown field(s) actor")
     assert all(r["actor"] != "bob" for r in records(site))
@@ -97,11 +146,13 @@ def test_the_actor_cannot_be_claimed(site, service):
 
 def test_users_cannot_touch_the_trail_files(site, service):
     send_as_nobody(site, action="kernel.stop")
-    (_, path), = trail_files(site.state_dir / "audit")
-    code = (f"import os\nfor p, m in (({str(path)!r}, 'ab'), ({str(path)!r}, 'rb'), "
-            f"({str(site.state_dir / 'audit' / 'x')!r}, 'wb')):\n"
-            "    try:\n        open(p, m)\n        print('OPENED', p, m)\n"
-            "    except PermissionError:\n        print('denied')\n")
+    ((_, path),) = trail_files(site.state_dir / "audit")
+    code = (
+        f"import os\nfor p, m in (({str(path)!r}, 'ab'), ({str(path)!r}, 'rb'), "
+        f"({str(site.state_dir / 'audit' / 'x')!r}, 'wb')):\n"
+        "    try:\n        open(p, m)\n        print('OPENED', p, m)\n"
+        "    except PermissionError:\n        print('denied')\n"
+    )
     out = as_nobody(code)
     assert out.stdout.split() == ["denied"] * 3, out.stdout
 
@@ -114,8 +165,10 @@ def test_huge_cell_is_recorded_cut_with_length_and_digest(site, service):
     assert len(rec["details"]["code"]) == site.audit.user_string_chars
     assert code.startswith(rec["details"]["code"])
     # the client cut it to fit one request; the record describes the whole cell the user ran
-    assert rec["details"]["code_truncated"] == {"length": len(code),
-                                                "sha256": hashlib.sha256(code.encode()).hexdigest()}
+    assert rec["details"]["code_truncated"] == {
+        "length": len(code),
+        "sha256": hashlib.sha256(code.encode()).hexdigest(),
+    }
 
 
 def test_service_computes_the_digest_of_what_it_cut(site, service):
@@ -123,8 +176,10 @@ def test_service_computes_the_digest_of_what_it_cut(site, service):
     client.send(site.run_dir, action="cell.execute", object="k", details={"code": code})
     rec = records(site)[-1]
     assert rec["details"]["code"] == code[: site.audit.user_string_chars]
-    assert rec["details"]["code_truncated"] == {"length": len(code),
-                                                "sha256": hashlib.sha256(code.encode()).hexdigest()}
+    assert rec["details"]["code_truncated"] == {
+        "length": len(code),
+        "sha256": hashlib.sha256(code.encode()).hexdigest(),
+    }
 
 
 def test_service_stops_cleanly_and_the_chain_holds(site, service):
@@ -134,14 +189,21 @@ def test_service_stops_cleanly_and_the_chain_holds(site, service):
     assert service.wait(20) == 0
     assert not (site.run_dir / "audit.sock").exists()
     report = verify_dir(site.state_dir / "audit")
-    assert report.ok and report.records == 7  # header, audit.start, 5 cells
+    assert report.ok and report.records == 8  # header, audit.start, 5 cells, audit.stop
+    assert records(site)[-1]["action"] == "audit.stop"
 
 
 def test_hub_service_entry(site):
     entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
     assert entry["name"] == "audit" and entry["url"] == "http://127.0.0.1:18123"
-    assert entry["command"] == ["/opt/paitient/venv/bin/python", "-m", "paitient.cli", "service", "audit",
-                                f"--state-dir={site.state_dir}"]
+    assert entry["command"] == [
+        "/opt/paitient/venv/bin/python",
+        "-m",
+        "paitient.cli",
+        "service",
+        "audit",
+        f"--state-dir={site.state_dir}",
+    ]
     assert entry["oauth_client_allowed_scopes"] == ["custom:audit:read"]
     assert "custom:audit:read" in custom_scopes()
     assert os.path.basename(entry["command"][0]) == "python"
@@ -153,12 +215,22 @@ def test_service_serves_the_web_view_behind_hub_login(site):
     from paitient.audit.service import _free_loopback_port
 
     port = _free_loopback_port()
-    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
-           "JUPYTERHUB_SERVICE_PREFIX": "/services/audit/", "JUPYTERHUB_API_TOKEN": "test-token",
-           "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api", "JUPYTERHUB_CLIENT_ID": "service-audit",
-           "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/audit/oauth_callback", "JUPYTERHUB_BASE_URL": "/"}
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "JUPYTERHUB_SERVICE_PREFIX": "/services/audit/",
+        "JUPYTERHUB_API_TOKEN": "test-token",
+        "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api",
+        "JUPYTERHUB_CLIENT_ID": "service-audit",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/audit/oauth_callback",
+        "JUPYTERHUB_BASE_URL": "/",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:

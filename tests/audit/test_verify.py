@@ -18,7 +18,7 @@ def write_lines(path, lines):
 
 
 def only_file(log):
-    (_, path), = trail_files(log.directory)
+    ((_, path),) = trail_files(log.directory)
     return path
 
 
@@ -46,8 +46,9 @@ def test_edit_with_recomputed_hash_breaks_the_next_link(trail, fill):
     lines = lines_of(path)
     rec = json.loads(lines[5])
     rec["details"]["code"] = "innocent()"
-    forged = make_record(**{k: rec[k] for k in ("seq", "prev", "actor", "action", "object", "outcome", "details",
-                                                "time")})
+    forged = make_record(
+        **{k: rec[k] for k in ("seq", "prev", "actor", "action", "object", "outcome", "details", "time")}
+    )
     lines[5] = encode(forged)
     write_lines(path, lines)
     first = verify_dir(trail.directory).first_problem
@@ -120,8 +121,9 @@ def test_replaced_last_record_is_caught_by_head(trail, fill):
     lines = lines_of(path)
     last = json.loads(lines[-1])
     last["object"] = "other"
-    lines[-1] = encode(make_record(**{k: last[k] for k in ("seq", "prev", "actor", "action", "object", "outcome",
-                                                         "details", "time")}))
+    lines[-1] = encode(
+        make_record(**{k: last[k] for k in ("seq", "prev", "actor", "action", "object", "outcome", "details", "time")})
+    )
     write_lines(path, lines)
     first = verify_dir(trail.directory).first_problem
     assert first.seq == 5 and "differs from the record head.json says was written last" in first.message
@@ -154,8 +156,13 @@ def test_removed_middle_file_is_named(tmp_path, fill):
 
 
 def test_pure_check_needs_no_files():
-    a = make_record(seq=0, prev="0" * 64, actor="system", action="audit.file", details={
-        "file": "trail-000001.jsonl", "previous_file": ""})
+    a = make_record(
+        seq=0,
+        prev="0" * 64,
+        actor="system",
+        action="audit.file",
+        details={"file": "trail-000001.jsonl", "previous_file": ""},
+    )
     b = make_record(seq=1, prev=a["hash"], actor="alice", action="auth.login")
     assert check_trail([("trail-000001.jsonl", [encode(a), encode(b)])]).ok
     bad = check_trail([("trail-000001.jsonl", [encode(b)])])

@@ -27,9 +27,14 @@ class HeaderHubAuth(HubOAuth):
 
 @pytest.fixture
 async def view(site):
-    auth = HeaderHubAuth(api_token="test-token", api_url="http://127.0.0.1:1/hub/api",
-                         oauth_client_id="service-audit", login_url="/hub/api/oauth2/authorize",
-                         base_url=PREFIX, hub_prefix="/hub/")
+    auth = HeaderHubAuth(
+        api_token="test-token",
+        api_url="http://127.0.0.1:1/hub/api",
+        oauth_client_id="service-audit",
+        login_url="/hub/api/oauth2/authorize",
+        base_url=PREFIX,
+        hub_prefix="/hub/",
+    )
     app = make_app(site, PREFIX, hub_auth=auth)
     sock, port = bind_unused_port("127.0.0.1")
     server = HTTPServer(app)
@@ -38,8 +43,9 @@ async def view(site):
 
     async def get(path, user="steward1", scopes="custom:audit:read"):
         headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers,
-                                  follow_redirects=False, raise_error=False)
+        return await client.fetch(
+            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
+        )
 
     yield get
     client.close()
@@ -50,8 +56,13 @@ async def view(site):
 def events(site):
     emit(site, actor="alice", action="cell.execute", object="k1", details={"project": "demo", "code": "df.head()"})
     emit(site, actor="bob", action="airlock.request", object="req-1", details={"project": "heart"})
-    emit(site, actor="<script>alert(1)</script>", action="auth.login", outcome="denied",
-         details={"reason": "</pre><img src=x onerror=alert(2)>", "user": "alice"})
+    emit(
+        site,
+        actor="<script>alert(1)</script>",
+        action="auth.login",
+        outcome="denied",
+        details={"reason": "</pre><img src=x onerror=alert(2)>", "user": "alice"},
+    )
 
 
 async def test_signed_in_reader_sees_records_with_everything_escaped(view, events):

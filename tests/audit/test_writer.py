@@ -69,11 +69,11 @@ CRASH = textwrap.dedent("""
 
 def test_crash_mid_append_is_reported_then_recovered(trail, fill):
     fill(trail, 3)
-    (_, path), = trail_files(trail.directory)
+    ((_, path),) = trail_files(trail.directory)
     good = path.read_bytes()
     crash = subprocess.run([sys.executable, "-c", CRASH, str(trail.directory)])
     assert crash.returncode == -9
-    torn = path.read_bytes()[len(good):]
+    torn = path.read_bytes()[len(good) :]
     assert torn and not torn.endswith(b"\n")
 
     report = verify_dir(trail.directory)
@@ -101,7 +101,7 @@ def test_crash_mid_append_is_reported_then_recovered(trail, fill):
 
 def test_whole_record_missing_only_its_newline_is_kept(trail, fill):
     fill(trail, 2)
-    (_, path), = trail_files(trail.directory)
+    ((_, path),) = trail_files(trail.directory)
     path.write_bytes(path.read_bytes()[:-1])  # crash between the record and its newline
     rec = trail.append(actor="bob", action="auth.login")
     assert rec["seq"] == 3
@@ -111,7 +111,7 @@ def test_whole_record_missing_only_its_newline_is_kept(trail, fill):
 
 def test_corrupt_last_record_is_not_chained_onto_and_stays_visible(trail, fill):
     fill(trail, 3)
-    (_, path), = trail_files(trail.directory)
+    ((_, path),) = trail_files(trail.directory)
     lines = path.read_bytes().splitlines(keepends=True)
     lines[-1] = lines[-1].replace(b"x = 2", b"x = 7")
     path.write_bytes(b"".join(lines))

@@ -7,13 +7,16 @@ under the name the kernel vouches for (``SO_PEERCRED``). ``paitient audit verify
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from paitient.audit.records import AuditError, RecordError
 
-__all__ = ["AuditError", "RecordError", "emit", "trail_dir"]
+__all__ = ["AuditError", "RecordError", "config_details", "emit", "trail_dir"]
 
 
 def trail_dir(site) -> Path:
@@ -42,6 +45,14 @@ def emit(
     """
     log = _log_for(str(site.state_dir), site.audit.rotate_bytes)
     return log.append(actor=actor, action=action, object=object, outcome=outcome, details=details)
+
+
+def config_details(site) -> dict[str, Any]:
+    """Details for the ``config.effective`` record written at start: the whole validated site
+    configuration (it holds no secrets, only paths to them) and its SHA-256, so two starts compare."""
+    config = json.loads(json.dumps(dataclasses.asdict(site), default=str))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return {"source": site.source or "(embedded demo default)", "sha256": digest, "config": config}
 
 
 @functools.lru_cache(maxsize=16)

@@ -75,8 +75,22 @@ def actor_for(registry: Registry, uid: int) -> str:
     return member.username if member else f"uid:{uid}"
 
 
+def peer_origin(pid: int) -> str:
+    """``host`` if the sender shares the service's pid namespace (a user's server in the local profile),
+    ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it exited before we looked.
+
+    The kernel vouches for the namespace; the sender cannot choose it, so a record reported from inside a
+    sandbox is marked as such even though it carries the same uid as the user's server.
+    """
+    try:
+        theirs = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return "gone"
+    return "host" if theirs == os.readlink("/proc/self/ns/pid") else "namespaced"
+
+
 def user_event(
-    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int
+    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int, origin: str = ""
 ) -> dict[str, Any]:
     """Turn a ``record`` request into the event to append, or raise :class:`ChannelError` saying why not."""
     unknown = sorted(set(args) - REQUEST_KEYS)
@@ -103,7 +117,7 @@ def user_event(
     if not isinstance(details, dict):
         raise ChannelError("details must be a JSON object", "bad_request")
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
-    capped["peer"] = {"pid": peer.pid, "uid": peer.uid}
+    capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
     return {
         "actor": actor,
         "action": action,
@@ -123,6 +137,7 @@ def handlers(site, log: logging.Logger) -> dict[str, Any]:
             args,
             string_chars=site.audit.user_string_chars,
             details_bytes=site.audit.user_details_bytes,
+            origin=peer_origin(peer.pid),
         )
         try:
             rec = emit(site, **event)
@@ -166,4 +181,5 @@ def serve(site, log: logging.Logger) -> None:
             web.stop()
         server.shutdown()
         server.server_close()
+        emit(site, actor="system", action="audit.stop", details={"pid": os.getpid()})
         log.info("audit: stopped")
