@@ -33,11 +33,12 @@ def slapd(tmp_path: Path) -> Iterator[DemoDirectory]:
 
 @pytest.fixture
 def make_slapd(tmp_path: Path) -> Iterator[Callable[..., Slapd]]:
-    """Factory for directories with arbitrary content: ``make(suffix, ldif, schemas=..., name=...)``."""
+    """Factory for directories with arbitrary content: ``make(suffix, ldif, schemas=..., name=...,
+    tls_files=(cert, key))``."""
     started: list[Slapd] = []
 
-    def make(suffix: str, ldif: str, *, schemas=DEFAULT_SCHEMAS, name: str = "ldap") -> Slapd:
-        server = Slapd(tmp_path / name, suffix, schemas=schemas)
+    def make(suffix: str, ldif: str, *, schemas=DEFAULT_SCHEMAS, name: str = "ldap", tls_files=None) -> Slapd:
+        server = Slapd(tmp_path / name, suffix, schemas=schemas, tls_files=tls_files)
         server.configure()
         server.load(ldif)
         server.start()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import ldap3
 from ldap3.core.exceptions import (
     LDAPBindError,
+    LDAPCertificateError,
     LDAPCommunicationError,
     LDAPException,
     LDAPResponseTimeoutError,
@@ -41,6 +43,9 @@ from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
 from paitient.config import ConfigError, SiteConfig, check_owner
 from paitient.hub import signon
 from paitient.hub.signon import Membership
+
+UNAVAILABLE = (LDAPCommunicationError, LDAPStartTLSError, LDAPCertificateError, ssl.SSLError)
+"""Network, TLS and certificate failures: to the user, the directory cannot be reached."""
 
 
 class DirectoryUnavailable(Exception):
@@ -90,6 +95,13 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         Unicode(),
         config=True,
         help="Scopes of the steward role (the audit view's scopes are added by default).",
+    )
+
+    researcher_scopes = List(
+        Unicode(),
+        list(signon.BASE_RESEARCHER_SCOPES),
+        config=True,
+        help="Scopes of the researcher role (project members); the hub adds the services' request scopes.",
     )
 
     @default("steward_scopes")
@@ -146,7 +158,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             )
         except LDAPBindError:
             return None
-        except (LDAPCommunicationError, LDAPStartTLSError) as e:
+        except UNAVAILABLE as e:
             raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
         except LDAPException as e:
             if "timeout" in type(e).__name__.lower() or "tls" in str(e).lower():
@@ -200,7 +212,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         """
         try:
             return self._sign_in(login, password)
-        except (LDAPCommunicationError, LDAPStartTLSError, LDAPResponseTimeoutError) as e:
+        except (*UNAVAILABLE, LDAPResponseTimeoutError) as e:
             raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
 
     def _sign_in(self, login: str, password: str) -> Signed | None:
@@ -260,7 +272,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         return {
             "name": login,
             "groups": list(m.projects),
-            "roles": signon.hub_roles(m, self.steward_scopes),
+            "roles": signon.hub_roles(m, self.steward_scopes, self.researcher_scopes),
             "admin": m.admin if self.admin_group else None,
             "auth_state": {
                 "dn": signed.dn,
@@ -296,7 +308,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         return auth_model
 
     async def load_managed_roles(self) -> list[dict]:
-        return list(signon.role_specs(self.steward_scopes).values())
+        return list(signon.role_specs(self.steward_scopes, self.researcher_scopes).values())
 
     async def _audit(self, actor: str, outcome: str, *, must_record: bool = False, **details: Any) -> None:
         try:

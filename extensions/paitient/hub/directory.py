@@ -51,9 +51,14 @@ def slapd_conf(
     pid_file: Path,
     args_file: Path,
     schema_files: Sequence[Path],
+    tls_files: tuple[Path, Path] | None = None,
 ) -> str:
-    """The text of a ``slapd.conf`` for one mdb database with paitient's access rules."""
+    """The text of a ``slapd.conf`` for one mdb database with paitient's access rules.
+
+    ``tls_files`` (certificate, key) lets clients use StartTLS.
+    """
     includes = "\n".join(f"include {p}" for p in schema_files)
+    tls = f"TLSCertificateFile {tls_files[0]}\nTLSCertificateKeyFile {tls_files[1]}\n" if tls_files else ""
     return f"""# Written by paitient; changes are overwritten at the next start.
 {includes}
 pidfile {pid_file}
@@ -61,7 +66,7 @@ argsfile {args_file}
 modulepath /usr/lib/ldap
 moduleload back_mdb
 sizelimit 500
-
+{tls}
 database mdb
 maxsize 104857600
 suffix "{suffix}"
@@ -147,11 +152,13 @@ class Slapd:
         *,
         port: int = 0,
         schemas: Sequence[str | os.PathLike[str]] = DEFAULT_SCHEMAS,
+        tls_files: tuple[Path, Path] | None = None,
     ) -> None:
         self.root = Path(root)
         self.suffix = suffix
         self.port = port
         self.schema_files = [self._schema_path(s) for s in schemas]
+        self.tls_files = tls_files
         self.rootdn = f"cn=admin,{suffix}"
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -221,6 +228,7 @@ class Slapd:
             pid_file=self.pid_file,
             args_file=self.root / "slapd.args",
             schema_files=self.schema_files,
+            tls_files=self.tls_files,
         )
         atomic_write_text(self.conf_path, text, mode=0o600)
         self._run(["slaptest", "-f", str(self.conf_path), "-u"], "slaptest (checking slapd.conf)")
