@@ -59,7 +59,7 @@ def send_as_nobody(site, **kwargs) -> subprocess.CompletedProcess:
         "try:\n"
         f"    print(json.dumps(send({str(site.run_dir)!r}, **{kwargs!r})))\n"
         "except AuditError as e:\n"
-        "    print('REFUSED', e.__cause__.code, e)\n"
+        "    print('REFUSED', e.code, e)\n"
         "print('PID', os.getpid())\n"
     )
     return as_nobody(code)

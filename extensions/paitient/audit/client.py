@@ -28,7 +28,9 @@ def send(
 ) -> dict[str, Any]:
     """Record ``action`` through ``<run_dir>/audit.sock``; return ``{"seq": ..., "hash": ...}``.
 
-    Raises :class:`AuditError` if the service refuses the event or cannot be reached; the message says why.
+    Raises :class:`AuditError` if the service refuses the event or cannot be reached; the message says why
+    and ``.code`` is the service's code (``unavailable`` when it is not running: a caller that must not act
+    unrecorded, such as the cell-capturing server extension, should refuse to go on).
     """
     args = {
         "action": action,
@@ -39,4 +41,6 @@ def send(
     try:
         return call(os.path.join(os.fspath(run_dir), "audit.sock"), "record", args, timeout=timeout)
     except ChannelError as e:
-        raise AuditError(f"the audit service did not record {action!r}: {e}") from e
+        err = AuditError(f"the audit service did not record {action!r}: {e}")
+        err.code = e.code  # "forbidden", "bad_request", "unavailable", ...
+        raise err from e
