@@ -14,6 +14,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tornado import web
 from traitlets.config import Config
 
@@ -432,3 +434,13 @@ async def test_group_base_that_does_not_exist_gives_no_projects(slapd, demo_site
     with pytest.raises(web.HTTPError) as e:
         await sign_in(auth, "alice", slapd.credentials()["alice"])
     assert e.value.status_code == 403
+
+
+@given(st.text(max_size=80))
+def test_any_accepted_name_is_plain_ascii_without_ldap_syntax(text):
+    for allow_at in (False, True):
+        if signon.username_problem(text, allow_at=allow_at) is None:
+            allowed = set("abcdefghijklmnopqrstuvwxyz0123456789._-" + ("@" if allow_at else ""))
+            assert set(text.lower()) <= allowed
+            assert text.lower()[0] not in "._-@"
+            assert text.count("@") <= 1

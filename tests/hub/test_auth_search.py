@@ -222,3 +222,9 @@ def test_authenticator_class_is_the_registered_entry_point():
 
     [ep] = [e for e in entry_points(group="jupyterhub.authenticators") if e.name == "paitient-ldap"]
     assert ep.load() is PaitientLDAPAuthenticator
+
+
+async def test_unknown_account_name_is_refused(corp_auth):
+    auth = corp_auth()
+    assert await sign_in(auth, "nosuchuser", "alice-pw-1") is None
+    assert auth._lookup("nosuchuser") is None
