@@ -2,9 +2,12 @@
 
 import base64
 import os
+import signal
 import socket
 import stat
 import subprocess
+import sys
+import time
 
 import ldap3
 import pytest
@@ -168,3 +171,32 @@ def test_slapd_conf_passes_slaptest_and_contains_the_access_rules(slapd):
     assert "access to attrs=userPassword\n    by self write\n    by anonymous auth\n    by * none" in text
     assert "moduleload back_mdb" in text and "database mdb" in text
     subprocess.run(["slaptest", "-f", str(slapd.conf_path), "-u"], check=True, capture_output=True)
+
+
+def test_die_with_parent_ends_slapd_when_its_starter_is_killed(tmp_path):
+    script = (
+        "import sys, time\n"
+        "from paitient.hub.directory import Slapd\n"
+        f"s = Slapd({str(tmp_path / 'd')!r}, 'dc=x,dc=example', die_with_parent=True)\n"
+        "s.start(); print(s.pid, flush=True); time.sleep(60)\n"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        slapd_pid = int(starter.stdout.readline())
+        os.kill(slapd_pid, 0)
+        starter.kill()  # SIGKILL: no cleanup code runs in the starter
+        starter.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(slapd_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(slapd_pid, signal.SIGTERM)
+            pytest.fail("slapd outlived the process that started it")
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        starter.stdout.close()

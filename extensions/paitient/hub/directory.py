@@ -127,6 +127,13 @@ def ssha(password: str) -> str:
     return proc.stdout.decode("ascii").strip()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it dies (even by SIGKILL)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that was free on ``host`` a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -143,6 +150,8 @@ class Slapd:
 
     ``load(ldif)`` adds entries while stopped (``slapadd``), ``add(ldif)`` while running (``ldapadd``
     as the root DN). ``port=0`` picks a free port at the first start; a restart of the same object keeps it.
+    ``die_with_parent``: slapd gets SIGTERM if the thread that called ``start()`` dies, even by SIGKILL
+    (use it from a long-lived main thread only).
     """
 
     def __init__(
@@ -153,8 +162,10 @@ class Slapd:
         port: int = 0,
         schemas: Sequence[str | os.PathLike[str]] = DEFAULT_SCHEMAS,
         tls_files: tuple[Path, Path] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.die_with_parent = die_with_parent
         self.suffix = suffix
         self.port = port
         self.schema_files = [self._schema_path(s) for s in schemas]
@@ -287,6 +298,7 @@ class Slapd:
                 ["slapd", "-f", str(self.conf_path), "-h", f"ldap://{LOOPBACK}:{self.port}/",
                  "-u", "root", "-g", "root", "-d", "0"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
             )
         finally:
             log.close()
@@ -386,8 +398,8 @@ def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bo
 class DemoDirectory(Slapd):
     """The embedded demo hospital under ``<state_dir>/directory``; reuses database and passwords on resume."""
 
-    def __init__(self, state_dir: str | os.PathLike[str], port: int = 0) -> None:
-        super().__init__(Path(state_dir) / "directory", DEMO_BASE_DN, port=port)
+    def __init__(self, state_dir: str | os.PathLike[str], port: int = 0, *, die_with_parent: bool = False) -> None:
+        super().__init__(Path(state_dir) / "directory", DEMO_BASE_DN, port=port, die_with_parent=die_with_parent)
 
     @property
     def credentials_file(self) -> Path:
