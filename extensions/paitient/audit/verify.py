@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paitient.audit.records import FIELDS, GENESIS, HEADER_ACTION, RECOVERED_ACTION, record_hash
+from paitient.audit.records import FIELDS, GENESIS, HEADER_ACTION, RECOVERED_ACTION, encode, record_hash
 from paitient.audit.writer import FILE_RE, file_name, read_head, trail_files
 
 MAX_PROBLEMS = 50
@@ -83,6 +83,8 @@ def _decode(line: bytes) -> tuple[dict[str, Any] | None, int | None, str]:
         return None, seq, "not canonical JSON"
     if digest != rec["hash"]:
         return None, seq, "content does not match its hash: the record was altered"
+    if encode(rec)[:-1] != line:
+        return None, seq, "the line is not byte for byte what the writer wrote (re-encoded or edited)"
     return rec, seq, ""
 
 
