@@ -152,15 +152,17 @@ def matching_groups(found: Iterable[tuple[str, Iterable[str]]], wanted: Iterable
 
 
 BASE_STEWARD_SCOPES = ("self", "read:users:name", "read:groups:name")
+BASE_RESEARCHER_SCOPES = ("self",)
 
 
-def role_specs(steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES) -> dict[str, dict]:
+def role_specs(steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES,
+               researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES) -> dict[str, dict]:
     """The JupyterHub roles the authenticator manages (fresh dicts: JupyterHub annotates them)."""
     return {
         "researcher": {
             "name": "researcher",
             "description": "Member of at least one paitient project: works on the project's data.",
-            "scopes": ["self"],
+            "scopes": list(dict.fromkeys(researcher_scopes)),
         },
         "steward": {
             "name": "steward",
@@ -199,10 +201,11 @@ def membership(
     return Membership(projects=projects, roles=tuple(roles), admin=admin, groups=tuple(sorted(in_groups)))
 
 
-def hub_roles(m: Membership, steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES) -> list[dict]:
+def hub_roles(m: Membership, steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES,
+              researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES) -> list[dict]:
     """The ``roles`` list of the JupyterHub auth model: every role the user holds, ``user`` included
     (JupyterHub strips roles missing from this list, the default ``user`` role too)."""
-    specs = role_specs(steward_scopes)
+    specs = role_specs(steward_scopes, researcher_scopes)
     out: list[dict] = [{"name": "user"}]
     out.extend(specs[r] for r in m.roles if r in specs)
     if m.admin:
