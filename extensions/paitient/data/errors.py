@@ -23,5 +23,6 @@ class ColumnError(ValueError):
     def __init__(self, column: str, message: str, row: int | None = None):
         self.column = column
         self.row = row
+        self.message = message
         where = f"column {column!r}" + (f", row {row}" if row is not None else "")
         super().__init__(f"{where}: {message}")

@@ -89,10 +89,13 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
 
 
 def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.ndarray, list[str]] | None,
-           patient_col: str, offsets: np.ndarray | None) -> pa.Array:
+           patient_col: str, patient_digests: np.ndarray | None, offsets: np.ndarray | None) -> pa.Array:
     col, p = rule.column, rule.params
     if rule.action == "pseudonym":
-        codes, values = patient if patient is not None and col == patient_col else tf.identifier_codes(arr)
+        if patient is not None and col == patient_col:
+            return tf.pseudonyms_by_code(patient[0], patient[1], pkey, domain=p["domain"], prefix=p["prefix"],
+                                         column=col, precomputed=patient_digests)
+        codes, values = tf.identifier_codes(arr)
         return tf.pseudonyms_by_code(codes, values, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
     if rule.action == "date_shift":
         dates = tf.parse_dates(arr, col, p["format"])
@@ -139,11 +142,11 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     min_k = _check_site(site, spec)
     pkey = keys.project_key(master, spec.project)
     problems = _undeclared(spec, table) if spec.strict else []
-    patient = offsets = None
+    patient = offsets = digests = None
     if spec.patient_id:
         patient = tf.identifier_codes(table.column(spec.patient_id))
-        per_patient = tf.shift_days(patient[1], pkey, site.workspace.date_shift_days)
-        offsets = tf.row_offsets(patient[0], per_patient)
+        digests = tf.digests(patient[1], pkey)
+        offsets = tf.row_offsets(patient[0], tf.shifts_from_digests(digests, site.workspace.date_shift_days))
     out_cols: dict[str, pa.Array | pa.ChunkedArray] = {}
     described = []
     for col in table.column_names:
@@ -152,7 +155,7 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
             continue
         try:
             out_cols[rule.output] = _apply(rule, table.column(col), pkey=pkey, patient=patient,
-                                          patient_col=spec.patient_id, offsets=offsets)
+                                          patient_col=spec.patient_id, patient_digests=digests, offsets=offsets)
         except ColumnError as e:
             problems.append(_row_hint(spec, e))
             continue
@@ -163,7 +166,8 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         raise IngestRefused(problems)
     result = pa.table(out_cols)
     for d in described:
-        d["type"] = str(result.schema.field(d["name"]).type)
+        t = result.schema.field(d["name"]).type
+        d["type"] = str(t.value_type if pa.types.is_dictionary(t) else t)
     qis = [spec.rules[q].output for q in spec.quasi_identifiers]
     k, smallest = None, {}
     if qis:

@@ -128,7 +128,8 @@ class Publisher:
 
     def write_version(self, tmp: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
         data, man = tmp / DATA_FILE, tmp / MANIFEST_FILE
-        pq.write_table(table, data)
+        # Without the Arrow schema, dictionary-encoded columns read back as plain values.
+        pq.write_table(table, data, store_schema=False)
         man.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (data, man):
             _fsync_file(f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,40 +18,81 @@ from paitient.data.errors import ColumnError
 
 _B32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
 PSEUDONYM_BYTES = 10  # 80 bits -> 16 base32 characters
+DIGEST_BYTES = 18  # pseudonym + 8 bytes for the date shift
+
+
+def _single(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        if arr.num_chunks == 1:
+            return arr.chunk(0)
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.unify_dictionaries()
+        return arr.combine_chunks()
+    return arr
 
 
 def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    arr = _single(arr)
     if pa.types.is_dictionary(arr.type):
         arr = arr.cast(arr.type.value_type)
     return arr
 
 
-def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+def _codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dictionary codes (int64, -1 where missing) and the distinct values."""
+    arr = _single(arr)
+    if pa.types.is_dictionary(arr.type):
+        codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return _recode(codes, arr.dictionary)
+    enc = arr.dictionary_encode()
+    return enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False), enc.dictionary
+
+
+def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
+    """Rows as indices into distinct values (written to Parquet as plain values, without a row-wise copy)."""
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0), values)
+
+
+def _recode(codes: np.ndarray, values: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Merge distinct values that became equal (or missing) after cleaning; codes follow."""
+    inner, merged = _codes(values)
+    if len(merged) == len(values) and not (inner < 0).any():
+        return codes, merged
+    out = np.where(codes < 0, -1, inner[np.where(codes < 0, 0, codes)])
+    return out, merged
+
+
+def _clean_text(values: pa.Array) -> pa.Array:
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.string())
+    values = pc.utf8_trim_whitespace(values)
+    return pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
+
+
+def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     """The identifiers' text form (trimmed; empty counts as missing) as codes into distinct values.
 
-    Codes are -1 where the identifier is missing.
+    Codes are -1 where the identifier is missing. Only distinct values are cleaned, not every row.
     """
-    arr = _plain(arr)
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.string())
-    arr = pc.utf8_trim_whitespace(arr)
-    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
-    enc = arr.dictionary_encode()
-    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return codes, enc.dictionary.to_pylist()
+    codes, values = _codes(_plain(arr))
+    return _recode(codes, _clean_text(values))
 
 
-def _digests(values: list[str], key: bytes, person: bytes, size: int) -> np.ndarray:
-    base = hashlib.blake2b(key=key, digest_size=size, person=person)
+def digests(values: list[str] | pa.Array, key: bytes) -> np.ndarray:
+    """Keyed BLAKE2b of each value's UTF-8 text: bytes 0-9 make the pseudonym, bytes 10-17 the date shift."""
+    if isinstance(values, pa.Array):
+        raw = values.cast(pa.binary()).to_pylist()
+    else:
+        raw = [v.encode() for v in values]
+    base = hashlib.blake2b(key=key, digest_size=DIGEST_BYTES, person=b"pt-pseudonym")
     copy = base.copy
-    out = bytearray()
-    for v in values:
+    out = []
+    append = out.append
+    for v in raw:
         h = copy()
-        h.update(v.encode())
-        out += h.digest()
-    return np.frombuffer(bytes(out), dtype=np.uint8).reshape(len(values), size)
+        h.update(v)
+        append(h.digest())
+    return np.frombuffer(b"".join(out), dtype=np.uint8).reshape(len(values), DIGEST_BYTES)
 
 
 def domain_key(pkey: bytes, domain: str) -> bytes:
@@ -60,10 +102,10 @@ def domain_key(pkey: bytes, domain: str) -> bytes:
     return hashlib.blake2b(domain.encode(), key=pkey, digest_size=32, person=b"pt-domain").digest()
 
 
-def pseudonym_strings(values: list[str], key: bytes, prefix: str = "P-") -> pa.Array:
-    """Keyed BLAKE2b (80 bits) of each value, base32-encoded behind ``prefix``."""
-    n = len(values)
-    d = _digests(values, key, b"pt-pseudonym", PSEUDONYM_BYTES).astype(np.uint64)
+def encode_pseudonyms(d: np.ndarray, prefix: str = "P-") -> pa.Array:
+    """The first 80 bits of each digest, base32-encoded behind ``prefix``."""
+    n = len(d)
+    d = d[:, :PSEUDONYM_BYTES].astype(np.uint64)
     chars = np.empty((n, 16), dtype=np.uint8)
     for half in range(2):
         v = np.zeros(n, dtype=np.uint64)
@@ -80,6 +122,10 @@ def pseudonym_strings(values: list[str], key: bytes, prefix: str = "P-") -> pa.A
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
 
 
+def pseudonym_strings(values: list[str] | pa.Array, key: bytes, prefix: str = "P-") -> pa.Array:
+    return encode_pseudonyms(digests(values, key), prefix)
+
+
 def pseudonymise(arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "", prefix: str = "P-",
                  column: str = "") -> pa.Array:
     """Replace each identifier by its pseudonym; missing stays missing."""
@@ -87,22 +133,32 @@ def pseudonymise(arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "
     return pseudonyms_by_code(codes, values, key, domain=domain, prefix=prefix, column=column)
 
 
-def pseudonyms_by_code(codes: np.ndarray, values: list[str], key: bytes, *, domain: str = "",
-                       prefix: str = "P-", column: str = "") -> pa.Array:
-    """:func:`pseudonymise` for identifiers already split by :func:`identifier_codes`."""
-    table = pseudonym_strings(values, domain_key(key, domain), prefix)
-    if pc.count_distinct(table).as_py() != len(values):  # 80-bit collision: never seen, but never silent
-        raise ColumnError(column, "two identifiers got the same pseudonym; report this, it should never happen")
-    return table.take(pa.array(codes, mask=codes < 0))
+def pseudonyms_by_code(codes: np.ndarray, values: pa.Array, key: bytes, *, domain: str = "",
+                       prefix: str = "P-", column: str = "", precomputed: np.ndarray | None = None) -> pa.Array:
+    """:func:`pseudonymise` for identifiers already split by :func:`identifier_codes` (dictionary-encoded).
+
+    ``precomputed``: the values' :func:`digests` under the project key, reused for the default domain.
+    """
+    d = precomputed if precomputed is not None and not domain else digests(values, domain_key(key, domain))
+    head = np.ascontiguousarray(d[:, :8]).view("<u8").reshape(-1)
+    if len(pd.unique(head)) != len(values):  # an 80-bit collision: never seen, but never silent
+        table = encode_pseudonyms(d, prefix)
+        if pc.count_distinct(table).as_py() != len(values):
+            raise ColumnError(column, "two identifiers got the same pseudonym; report this, it should never happen")
+    return _dictionary(codes, encode_pseudonyms(d, prefix))
 
 
-def shift_days(values: list[str], key: bytes, window: int) -> np.ndarray:
-    """Each patient's offset: keyed, uniform over -window..-1 and 1..window days (never 0)."""
-    d = _digests(values, key, b"pt-dateshift", 8)
-    u = d.view("<u8").reshape(-1) % np.uint64(2 * window)
+def shifts_from_digests(d: np.ndarray, window: int) -> np.ndarray:
+    """Each patient's offset in days: uniform over -window..-1 and 1..window (never 0)."""
+    u = np.ascontiguousarray(d[:, PSEUDONYM_BYTES:DIGEST_BYTES]).view("<u8").reshape(-1) % np.uint64(2 * window)
     off = u.astype(np.int64) - window
     off[off >= 0] += 1
     return off
+
+
+def shift_days(values: list[str] | pa.Array, key: bytes, window: int) -> np.ndarray:
+    """Per-patient offsets from the patients' identifiers under the project key."""
+    return shifts_from_digests(digests(values, key), window)
 
 
 def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> pa.Array:
@@ -192,17 +248,29 @@ def _banded(values: np.ndarray, edges: list[int], open_top: bool, column: str) -
     if not open_top and (idx >= len(edges) - 1).any():
         row = int(np.argmax(idx >= len(edges) - 1)) + 1
         raise ColumnError(column, f"at or above the highest band edge {edges[-1]}", row)
-    dictionary = pa.array(labels)
-    return dictionary.take(pa.array(idx, mask=missing))
+    return _dictionary(np.where(missing, -1, idx), pa.array(labels))
+
+
+def _row_of(codes: np.ndarray, e: ColumnError) -> ColumnError:
+    """An error found among distinct values, re-pointed at the first row holding that value."""
+    if e.row is None:
+        return e
+    row = int(np.argmax(codes == e.row - 1)) + 1
+    return ColumnError(e.column, e.message, row)
 
 
 def age_bands(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 10, top: int = 90,
               edges: list[int] | None = None) -> pa.Array:
     """Ages to bands ``40-49``; ``top`` and above become ``90+``. ``edges`` gives uneven bands instead."""
-    values = _numbers(_plain(arr), column)
+    codes, distinct = _codes(arr)  # band each distinct age once
     if not edges:
         edges = list(range(0, top, width)) + [top]
-    return _banded(values, list(edges), True, column)
+    try:
+        banded = _banded(_numbers(distinct, column), list(edges), True, column)
+    except ColumnError as e:
+        raise _row_of(codes, e) from None
+    index = banded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _dictionary(np.where(codes < 0, -1, index[np.maximum(codes, 0)]), banded.dictionary)
 
 
 def years(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 1, fmt: str = "") -> pa.Array:
@@ -219,32 +287,35 @@ def years(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 1, fmt: 
 
 def prefixes(arr: pa.Array | pa.ChunkedArray, *, length: int = 2) -> pa.Array:
     """The first ``length`` characters (after trimming and removing inner spaces), e.g. postcode areas."""
-    arr = _plain(arr)
-    if not pa.types.is_string(arr.type):
-        arr = arr.cast(pa.string())
-    arr = pc.replace_substring(pc.utf8_trim_whitespace(arr), " ", "")
-    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
-    return pc.utf8_slice_codeunits(arr, 0, length)
+    codes, values = _codes(_plain(arr))
+    values = pc.replace_substring(_clean_text(values), " ", "")
+    return _dictionary(*_recode(codes, pc.utf8_slice_codeunits(values, 0, length)))
+
+
+def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int) -> np.ndarray:
+    """For each group code, how many distinct patient codes (-1: unknown, counted as one) occur with it."""
+    width = int(patients.max(initial=0)) + 2
+    pairs = groups * width + (patients + 1)
+    if ngroups * width <= 64_000_000:  # a bitmap of seen pairs beats hashing them
+        seen = np.zeros(ngroups * width, dtype=np.bool_)
+        seen[pairs] = True
+        return seen.reshape(ngroups, width).sum(axis=1)
+    return np.bincount(pd.unique(pairs) // width, minlength=ngroups)
 
 
 def rare_to_other(arr: pa.Array | pa.ChunkedArray, *, min_count: int, other: str = "other",
                   patient_codes: np.ndarray | None = None) -> pa.Array:
     """Categories held by fewer than ``min_count`` patients (rows, without a patient id) become ``other``."""
-    arr = _plain(arr)
-    if not pa.types.is_string(arr.type):
-        arr = arr.cast(pa.string())
-    enc = arr.dictionary_encode()
-    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    ncat = len(enc.dictionary)
+    codes, values = _codes(arr)
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
     valid = codes >= 0
     if patient_codes is not None:
-        pairs = np.unique(codes[valid] * (int(patient_codes.max(initial=0)) + 2) + patient_codes[valid] + 1)
-        counts = np.bincount(pairs // (int(patient_codes.max(initial=0)) + 2), minlength=ncat)
+        counts = _distinct_per_group(codes[valid], patient_codes[valid], len(values))
     else:
-        counts = np.bincount(codes[valid], minlength=ncat)
-    labels = np.array(enc.dictionary.to_pylist(), dtype=object)
-    labels[counts < min_count] = other
-    return pa.array(labels, type=pa.string()).take(pa.array(codes, mask=~valid))
+        counts = np.bincount(codes[valid], minlength=len(values))
+    values = pc.if_else(pa.array(counts < min_count), pa.scalar(other), values)
+    return _dictionary(*_recode(codes, values))
 
 
 def k_anonymity(table: pa.Table, columns: list[str], patient_codes: np.ndarray | None = None) -> tuple[int, dict]:
@@ -255,14 +326,29 @@ def k_anonymity(table: pa.Table, columns: list[str], patient_codes: np.ndarray |
     """
     if table.num_rows == 0:
         return 0, {}
-    t = table.select(columns)
+    key = np.zeros(table.num_rows, dtype=np.int64)
+    dictionaries = []
+    size = 1
+    for c in columns:
+        codes, values = _codes(table.column(c))
+        n = len(values) + 1
+        size *= n
+        if size >= 2**62:
+            raise ValueError(f"too many quasi-identifier combinations over {columns}; generalise them first")
+        key = key * n + (codes + 1)
+        dictionaries.append((values, n))
+    groups, key = np.unique(key, return_inverse=True) if size > 4 * table.num_rows else (None, key)
+    ngroups = len(groups) if groups is not None else size
     if patient_codes is not None:
-        t = t.append_column("__patient", pa.array(patient_codes))
-        g = t.group_by(columns).aggregate([("__patient", "count_distinct")])
-        counts = g.column("__patient_count_distinct")
+        counts = _distinct_per_group(key, patient_codes, ngroups)
     else:
-        t = t.append_column("__one", pa.array(np.ones(table.num_rows, dtype=np.int8)))
-        g = t.group_by(columns).aggregate([("__one", "count")])
-        counts = g.column("__one_count")
-    i = int(pc.index(counts, pc.min(counts)).as_py())
-    return int(counts[i].as_py()), {c: g.column(c)[i].as_py() for c in columns}
+        counts = np.bincount(key, minlength=ngroups)
+    present = np.flatnonzero(counts)
+    g = int(present[np.argmin(counts[present])])
+    k = int(counts[g])
+    code = int(groups[g]) if groups is not None else g
+    smallest = {}
+    for c, (values, n) in zip(reversed(columns), reversed(dictionaries), strict=True):
+        code, v = divmod(code, n)
+        smallest[c] = values[v - 1].as_py() if v else None
+    return k, {c: smallest[c] for c in columns}
