@@ -249,3 +249,14 @@ def test_service_serves_the_web_view_behind_hub_login(site):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_service_refuses_to_start_on_a_directory_users_may_write(site):
+    audit = site.state_dir / "audit"
+    audit.mkdir(parents=True)
+    os.chmod(audit, 0o777)
+    out = subprocess.run([sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "group or others may write to it (mode 777); run: chmod 750" in out.stderr
+    assert "Traceback" not in out.stderr and not (site.run_dir / "audit.sock").exists()

@@ -20,7 +20,6 @@ from typing import Any
 
 from paitient.audit import emit, trail_dir
 from paitient.audit.records import OUTCOMES, AuditError, RecordError, cap_details
-from paitient.audit.writer import DIR_MODE
 from paitient.channel import ChannelError, ChannelServer, Peer
 from paitient.registry import Registry
 from paitient.services import socket_path
@@ -154,9 +153,11 @@ def handlers(site, log: logging.Logger) -> dict[str, Any]:
 def serve(site, log: logging.Logger) -> None:
     """Serve ``<run_dir>/audit.sock`` (and the web view if the hub gave a URL) until SIGTERM/SIGINT."""
     directory = trail_dir(site)
-    directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(directory, DIR_MODE)  # root-owned; group root may read, users nothing
-    emit(site, actor="system", action="audit.start", details={"pid": os.getpid()})
+    try:
+        emit(site, actor="system", action="audit.start", details={"pid": os.getpid()})
+    except AuditError as e:
+        log.error("audit: %s", e)
+        raise SystemExit(1) from None
     path = Path(socket_path(site, "audit"))
     server = ChannelServer(path, handlers(site, log), name="audit", mode=0o666)
     log.info("audit: recording to %s, listening on %s", directory, path)
