@@ -300,6 +300,8 @@ def _tls(demo_site, url, **directory):
     [
         ("ldap://127.0.0.1:3890/", "auto", "insecure", 3890),
         ("ldap://localhost/", "none", "insecure", 389),
+        ("ldap://[::1]:3890/", "auto", "insecure", 3890),
+        ("ldap://127.0.0.2/", "none", "insecure", 389),
         ("ldap://127.0.0.1/", "starttls", "before_bind", 389),
         ("ldap://dc1.hospital.example/", "auto", "before_bind", 389),
         ("ldap://dc1.hospital.example/", "starttls", "before_bind", 389),

@@ -414,6 +414,8 @@ class DemoDirectory(Slapd):
         return json.loads(self.credentials_file.read_text())
 
     def start(self, timeout: float = 15.0) -> None:
+        if self.running:
+            return
         self.configure()
         if not (self.seeded_marker.exists() and self.credentials_file.exists()) or self.is_empty():
             self.seed()

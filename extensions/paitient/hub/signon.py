@@ -87,7 +87,7 @@ def tls_choice(directory: Directory, url: str | None = None) -> TlsChoice:
 
     parsed = urlparse(url or directory.url)
     host = parsed.hostname or ""
-    loopback = Directory(url=f"ldap://{host}/").is_loopback if host else False
+    loopback = Directory(url=url or directory.url).is_loopback
     mode = directory.tls
     if parsed.scheme == "ldaps" or mode == "ldaps":
         strategy = "on_connect"
