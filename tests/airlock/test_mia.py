@@ -1,0 +1,182 @@
+"""The membership-inference audit: real training, the real sandbox, and an attack on the sandbox itself."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save
+from sklearn.metrics import roc_auc_score
+
+from paitient.airlock.mia import AuditJob, bwrap_argv, judge, run_audit
+from paitient.airlock.mia_worker import roc_auc_advantage
+from paitient.airlock.split import SplitError, members_from_spec, split_indices
+from tests.airlock.helpers import breast_cancer
+
+MLP = '''
+import torch
+class Model(torch.nn.Module):
+    def __init__(self, d=30, h=128):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.ReLU(), torch.nn.Linear(h, h),
+                                       torch.nn.ReLU(), torch.nn.Linear(h, 2))
+    def forward(self, x):
+        return self.net(x)
+'''
+LIMITS = {"max_auc": 0.6, "max_advantage": 0.2}
+
+
+def _model(source=MLP):
+    ns: dict = {}
+    exec(source, ns)  # noqa: S102 - the test's own model definition
+    return ns["Model"]()
+
+
+@pytest.fixture(scope="module")
+def data():
+    df = breast_cancer()
+    # Some label noise: memorising it is what a loss-threshold attack sees.
+    rng = np.random.default_rng(1)
+    df["target"] = np.where(rng.random(len(df)) < 0.15, 1 - df["target"], df["target"])
+    train, _ = split_indices(len(df), holdout=0.5, seed=0)
+    features = [c for c in df.columns if c != "target"]
+    x = df[features].to_numpy(np.float32)
+    mu, sd = x[train].mean(0), x[train].std(0)
+    x = (x - mu) / sd
+    return df, features, train, torch.from_numpy(x[train]), torch.from_numpy(df["target"].to_numpy()[train]).long()
+
+
+def _job(df, features, train, weights, source=MLP):
+    return AuditJob(model_source=source, weights=weights, data=df, members=[int(i) for i in train],
+                    features=features, target="target", preprocess="standardize")
+
+
+def test_auc_and_advantage_match_the_definitions():
+    rng = np.random.default_rng(0)
+    m, n = rng.normal(0.5, 1, 300), rng.normal(0, 1, 200)
+    m[:20] = 0.0
+    n[:20] = 0.0  # ties count half
+    auc, adv = roc_auc_advantage(m, n)
+    assert auc == pytest.approx(roc_auc_score(np.r_[np.ones(300), np.zeros(200)], np.r_[m, n]), abs=1e-12)
+    thresholds = np.unique(np.r_[m, n])
+    best = max((m >= t).mean() - (n >= t).mean() for t in thresholds)
+    assert adv == pytest.approx(best, abs=1e-12)
+    assert roc_auc_advantage([1, 2], [1, 2]) == (0.5, 0.0)
+
+
+def test_overfit_model_fails_the_audit(data):
+    df, features, train, x, y = data
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(250):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    answer = run_audit(_job(df, features, train, save(model.state_dict())), timeout=300)
+    verdict = judge(answer, **LIMITS)
+    assert verdict["status"] == "fail", verdict
+    assert verdict["details"]["advantage"] > 0.3 and verdict["details"]["auc"] > 0.6
+    assert verdict["details"]["member_loss_mean"] < 0.01 < verdict["details"]["nonmember_loss_mean"]
+    assert "memorises its training data" in verdict["reason"]
+
+
+def test_dp_trained_model_passes_the_audit(data):
+    from opacus import PrivacyEngine
+
+    df, features, train, x, y = data
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    engine = PrivacyEngine(accountant="prv")
+    model, opt, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=loader, target_epsilon=1.0, target_delta=1e-5, epochs=8,
+        max_grad_norm=1.0)
+    for _ in range(8):
+        for xb, yb in loader:
+            if len(xb) == 0:
+                continue
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    assert engine.get_epsilon(1e-5) <= 1.0 + 1e-6
+    state = {k.removeprefix("_module."): v for k, v in model.state_dict().items()}
+    answer = run_audit(_job(df, features, train, save(state)), timeout=300)
+    verdict = judge(answer, **LIMITS)
+    assert verdict["status"] == "pass", verdict
+    assert verdict["details"]["auc"] < 0.6 and verdict["details"]["members"] == 285
+
+
+def test_the_model_code_has_no_network_and_cannot_write(data):
+    df, features, train, x, y = data
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    accepted: list = []
+    done = threading.Event()
+
+    def accept():
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept())
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept)
+    t.start()
+    hostile = MLP + f'''
+import socket
+_orig = Model.__init__
+def _init(self, *a, **k):
+    _orig(self, *a, **k)
+    try:
+        open("/audit/escaped", "w").write("x")
+        raise SystemExit("wrote into the job directory")
+    except OSError as e:
+        write_error = e.strerror
+    socket.create_connection(("127.0.0.1", {port}), timeout=2)
+Model.__init__ = _init
+'''
+    weights = save(_model().state_dict())
+    try:
+        answer = run_audit(_job(df, features, train, weights, source=hostile), timeout=120)
+    finally:
+        done.set()
+        t.join()
+        listener.close()
+    assert accepted == []
+    assert "error" in answer and ("Network is unreachable" in answer["error"]
+                                  or "Connection refused" in answer["error"]), answer
+    verdict = judge(answer, **LIMITS)
+    assert verdict["status"] == "error" and verdict["details"]["error"] == answer["error"]
+    # the requester's reason carries no text from the model code
+    assert "127.0.0.1" not in verdict["reason"] and "Errno" not in verdict["reason"]
+
+
+def test_sandbox_command_drops_privileges_before_bubblewrap():
+    argv = bwrap_argv(uid=65534, gid=65534, job_dir="/tmp/job", prefix="/opt/venv", python="/opt/venv/bin/python")
+    assert argv[:5] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
+    assert argv[5] == "bwrap" and "--unshare-all" in argv and "--clearenv" in argv
+    i = argv.index("/tmp/job")
+    assert argv[i - 1] == "--ro-bind" and argv[i + 1] == "/audit"
+    assert ["--ro-bind", "/opt/venv", "/opt/venv"] == argv[argv.index("/opt/venv") - 1:argv.index("/opt/venv") + 2]
+    assert "--bind" not in argv  # nothing writable from the host
+
+
+def test_declared_splits():
+    train, hold = split_indices(10, holdout=0.3, seed=4)
+    assert len(train) == 7 and len(hold) == 3 and sorted([*train, *hold]) == list(range(10))
+    assert list(members_from_spec({"holdout": 0.3, "seed": 4}, 10).nonzero()[0]) == list(train)
+    assert list(members_from_spec({"train_rows": [1, 3]}, 5).nonzero()[0]) == [1, 3]
+    with pytest.raises(SplitError, match="between 0 and 4"):
+        members_from_spec({"train_rows": [7]}, 5)
+    with pytest.raises(SplitError, match="hold some rows out"):
+        members_from_spec({"train_rows": [0, 1]}, 2)
+    with pytest.raises(SplitError, match="declare the split"):
+        members_from_spec(None, 2)
