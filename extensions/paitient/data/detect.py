@@ -38,8 +38,8 @@ _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
         r"|[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]"  # UK National Insurance
         r"|\d{3}[ -]\d{3}[ -]\d{4}"                     # UK NHS number, spaced
     ), False),
-    ("phone numbers", re.compile(r"(\+|00|0)\d[\d ()/.-]{5,}\d"), False),
     ("record numbers", re.compile(r"(?i)((mrn|pid|pat|kis|case|fall)[-_: ]?)?[A-Z]{0,3}[-_]?\d{6,12}"), True),
+    ("phone numbers", re.compile(r"(\+|00|0)\d[\d ()/.-]{5,}\d"), False),
     ("street addresses", re.compile(
         r"(?i)(\d+[a-z]?,?\s+(\w+\s+){0,3}(street|st|road|rd|avenue|ave|lane|ln|drive|dr|way|close|court|place"
         r"|square|crescent|terrace|gardens)\.?\b.*"
@@ -84,9 +84,11 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
     values = [(i, v.strip()) for i, v in enumerate(arr.to_pylist()) if v is not None and v.strip()][:SAMPLE]
     if not values:
         return None
-    distinct = len({v for _, v in values}) / len(values)
-    for what, pattern, needs_distinct in _CONTENT_RULES:
-        if needs_distinct and distinct < 0.5:
+    n_distinct = len({v for _, v in values})
+    # identifiers repeat (one patient, many rows) but take many values; categories take few
+    varied = n_distinct >= 20 or n_distinct >= 0.25 * len(values)
+    for what, pattern, needs_varied in _CONTENT_RULES:
+        if needs_varied and not varied:
             continue
         hits = [
             i for i, v in values
@@ -95,6 +97,6 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
         if len(hits) >= SHARE * len(values):
             return what, hits[0] + 1
     words = sum(len(v.split()) for _, v in values) / len(values)
-    if words >= 6 and distinct >= 0.5:
+    if words >= 6 and varied:
         return "free text (which can hold names, dates and places)", values[0][0] + 1
     return None

@@ -1,0 +1,123 @@
+"""Each column transform on its own: pure functions, Arrow in, Arrow out."""
+
+import datetime as dt
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from paitient.data import keys
+from paitient.data import transforms as tf
+from paitient.data.errors import ColumnError
+
+KEY_A = keys.project_key(b"m" * 32, "oncology")
+KEY_B = keys.project_key(b"m" * 32, "cardiometabolic")
+
+
+def plain(arr):
+    return arr.cast(arr.type.value_type).to_pylist() if pa.types.is_dictionary(arr.type) else arr.to_pylist()
+
+
+def test_pseudonyms_are_keyed_readable_and_map_repeats_to_one():
+    out = plain(tf.pseudonymise(pa.array(["000123", " 000123 ", "000124", None, ""]), KEY_A))
+    assert out[0] == out[1] != out[2]
+    assert out[3] is None and out[4] is None
+    assert all(re.fullmatch(r"P-[A-Z2-7]{16}", p) for p in out[:3])
+    # leading zeros are part of the identifier: 123 is another patient than 000123
+    assert plain(tf.pseudonymise(pa.array(["123"]), KEY_A))[0] != out[0]
+
+
+def test_pseudonyms_differ_across_project_keys_and_domains_and_are_stable():
+    ids = pa.array(["000123", "000124"])
+    a1, a2 = plain(tf.pseudonymise(ids, KEY_A)), plain(tf.pseudonymise(ids, KEY_A))
+    b = plain(tf.pseudonymise(ids, KEY_B))
+    case = plain(tf.pseudonymise(ids, KEY_A, domain="case", prefix="C-"))
+    assert a1 == a2
+    assert set(a1).isdisjoint(b)
+    assert all(c.startswith("C-") for c in case) and {c[2:] for c in case}.isdisjoint({p[2:] for p in a1})
+
+
+def test_integer_identifiers_use_their_text_form():
+    assert plain(tf.pseudonymise(pa.array([123]), KEY_A)) == plain(tf.pseudonymise(pa.array(["123"]), KEY_A))
+
+
+def test_shift_days_stay_in_window_never_zero_and_are_keyed():
+    ids = [f"{i:06d}" for i in range(5000)]
+    a = tf.shift_days(ids, KEY_A, 30)
+    assert a.min() >= -30 and a.max() <= 30 and not (a == 0).any()
+    assert len(set(a.tolist())) == 60  # every offset in the window occurs
+    assert (tf.shift_days(ids, KEY_A, 30) == a).all()
+    assert (tf.shift_days(ids, KEY_B, 30) != a).mean() > 0.9
+
+
+def test_shift_dates_moves_each_patient_by_one_offset():
+    dates = pa.array([dt.date(2020, 1, 10), dt.date(2020, 3, 15), dt.date(2021, 1, 1)], pa.date32())
+    out = tf.shift_dates(dates, np.array([5, 5, -7]), "d").to_pylist()
+    assert out == [dt.date(2020, 1, 15), dt.date(2020, 3, 20), dt.date(2020, 12, 25)]
+    ts = pa.array([dt.datetime(2020, 1, 1, 10, 30)], pa.timestamp("us"))
+    assert tf.shift_dates(ts, np.array([-1]), "t").to_pylist() == [dt.datetime(2019, 12, 31, 10, 30)]
+
+
+def test_parse_dates_iso_zoned_and_formats():
+    assert tf.parse_dates(pa.array(["2020-01-02", None, " "]), "d").to_pylist() == [dt.date(2020, 1, 2), None, None]
+    ts = tf.parse_dates(pa.array(["2020-01-02T10:00:00+02:00"]), "d")
+    assert ts.type == pa.timestamp("s", "UTC") and ts[0].as_py().hour == 8
+    assert tf.parse_dates(pa.array(["02.01.2020"]), "d", "%d.%m.%Y").to_pylist() == [dt.date(2020, 1, 2)]
+
+
+@pytest.mark.parametrize("fmt", ["", "%d.%m.%Y"])
+def test_parse_dates_names_the_bad_row_not_the_value(fmt):
+    good = "2020-01-02" if not fmt else "02.01.2020"
+    with pytest.raises(ColumnError) as e:
+        tf.parse_dates(pa.array([good, good, "31.31.2020x"]), "diagnosed", fmt)
+    assert e.value.row == 3 and e.value.column == "diagnosed"
+    assert "31.31" not in str(e.value)
+
+
+def test_age_bands_width_top_and_edges():
+    ages = pa.array([0, 9, 10, 45.5, 89, 90, 104, None])
+    assert plain(tf.age_bands(ages, "age")) == ["0-9", "0-9", "10-19", "40-49", "80-89", "90+", "90+", None]
+    assert plain(tf.age_bands(ages, "age", edges=[0, 18, 65])) == [
+        "0-17", "0-17", "0-17", "18-64", "65+", "65+", "65+", None]
+    assert plain(tf.age_bands(pa.array(["34", " 61 "]), "age", width=50)) == ["0-49", "50-89"]
+
+
+def test_age_bands_refuse_text_and_values_below_the_first_edge_by_row():
+    with pytest.raises(ColumnError) as e:
+        tf.age_bands(pa.array(["34", "forty", "50"]), "age")
+    assert e.value.row == 2 and "not a number" in str(e.value)
+    with pytest.raises(ColumnError) as e:
+        tf.age_bands(pa.array([30, 30, 12, 40]), "age", edges=[18, 65])
+    assert e.value.row == 3 and "below the lowest band edge 18" in str(e.value)
+
+
+def test_prefixes_trim_and_drop_inner_spaces():
+    assert plain(tf.prefixes(pa.array(["10115", " SW1A 1AA", None, "  "]), length=4)) == ["1011", "SW1A", None, None]
+
+
+def test_rare_to_other_counts_rows_or_distinct_patients():
+    cats = pa.array(["C50", "C50", "C50", "E11", "E11", None])
+    assert plain(tf.rare_to_other(cats, min_count=3)) == ["C50", "C50", "C50", "other", "other", None]
+    # one patient with three C50 rows is still one patient: C50 is rare by patients
+    patients = np.array([0, 0, 0, 1, 2, 3])
+    assert plain(tf.rare_to_other(cats, min_count=2, patient_codes=patients)) == [
+        "other", "other", "other", "E11", "E11", None]
+
+
+def test_years_and_year_spans():
+    dates = pa.array(["1951-03-02", "1959-12-31", "1960-01-01"])
+    assert tf.years(dates, "born").to_pylist() == [1951, 1959, 1960]
+    assert plain(tf.years(dates, "born", width=10)) == ["1950-1959", "1950-1959", "1960-1969"]
+
+
+def test_k_anonymity_by_rows_and_by_patients_and_missing_as_a_group():
+    t = pa.table({"age": ["40-49", "40-49", "50-59", "50-59", None], "sex": ["F", "F", "M", "M", "M"]})
+    assert tf.k_anonymity(t, ["age", "sex"]) == (1, {"age": None, "sex": "M"})
+    t2 = pa.table({"age": ["40-49"] * 3 + ["50-59"] * 2, "sex": ["F"] * 3 + ["M"] * 2})
+    assert tf.k_anonymity(t2, ["age", "sex"])[0] == 2
+    # three rows of one patient make a group of one patient
+    assert tf.k_anonymity(t2, ["age", "sex"], np.array([7, 7, 7, 1, 2])) == (1, {"age": "40-49", "sex": "F"})
+    # dictionary-coded columns (what the transforms produce) count the same
+    coded = pa.table({"age": tf.age_bands(pa.array([41, 42, 55]), "a"), "sex": pa.array(["F", "F", "M"])})
+    assert tf.k_anonymity(coded, ["age", "sex"]) == (1, {"age": "50-59", "sex": "M"})
