@@ -49,7 +49,7 @@ def _check_site(site: SiteConfig, spec: Spec) -> int:
     if spec.dataset not in project.datasets:
         listed = ", ".join(project.datasets) or "none"
         raise IngestRefused(
-            f"dataset = {spec.dataset!r} is not one of project {spec.project!r}'s datasets ({listed}); "
+            f"dataset = {spec.dataset!r} is not one of the datasets of project {spec.project!r} ({listed}); "
             "add it to the project's datasets in the site configuration first"
         )
     if spec.min_k and spec.min_k < site.workspace.min_k:

@@ -1,0 +1,235 @@
+"""The whole ingest: what gets published, where, how; and each refusal, after which nothing is published."""
+
+import datetime as dt
+import json
+import os
+import stat
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+
+from paitient.data import ingest as ing
+from paitient.data import keys
+from paitient.data.errors import IngestRefused
+from paitient.data.publish import current_version, dataset_dir, versions
+
+from .conftest import COLUMNS, HEADER, PATIENTS, make_spec, write_csv
+
+
+def published_rows(path):
+    return pq.read_table(path / "data.parquet").to_pylist()
+
+
+def audit_records(site):
+    out = []
+    for f in sorted((site.state_dir / "audit").glob("*.jsonl")):
+        out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [r for r in out if r["action"] == "ingest.publish"]
+
+
+def assert_nothing_published(site, project="oncology", dataset="breast_cancer"):
+    ds = dataset_dir(site.data_root, project, dataset)
+    assert not (ds / "current").exists()
+    assert versions(ds) == []
+
+
+def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients_spec):
+    pub = ing.ingest(site, patients_spec, operator="olga")
+    ds = dataset_dir(site.data_root, "oncology", "breast_cancer")
+    assert pub.version == 1 and pub.path == ds / "versions" / "1"
+    assert os.readlink(ds / "current") == "versions/1"
+    for p, mode in ((site.data_root, 0o755), (ds, 0o755), (pub.path, 0o555),
+                    (pub.path / "data.parquet", 0o444), (pub.path / "manifest.json", 0o444)):
+        st = p.stat()
+        assert st.st_uid == 0 and st.st_gid == 0 and stat.S_IMODE(st.st_mode) == mode, p
+    m = json.loads((pub.path / "manifest.json").read_text())
+    assert m["project"] == "oncology" and m["dataset"] == "breast_cancer" and m["version"] == 1
+    assert m["rows"] == 6 and m["patients"] == 4 and m["k"] == 2 and m["k_unit"] == "patients"
+    assert m["quasi_identifiers"] == ["age", "postcode"] and m["min_k"] == 2
+    assert m["operator"] == "olga" and m["source_format"] == "csv"
+    assert m["source_sha256"] == ing.readers.sha256_file(patients_spec.source)
+    assert m["spec_sha256"] == patients_spec.digest(min_k=2, date_shift_days=180)
+    assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None
+    assert [(c["name"], c["type"]) for c in m["columns"]] == [
+        ("patient", "string"), ("diagnosed", "date32[day]"), ("age", "string"), ("postcode", "string"),
+        ("score", "double")]
+    rows = published_rows(pub.path)
+    assert [r["age"] for r in rows] == ["0-49", "0-49", "0-49", "50-89", "50-89", "50-89"]
+    assert {r["postcode"] for r in rows} == {"1"} and [r["score"] for r in rows] == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
+    assert rows[0]["patient"] == rows[2]["patient"] != rows[1]["patient"]
+    (rec,) = audit_records(site)
+    assert rec["actor"] == "olga" and rec["outcome"] == "ok" and rec["object"] == "oncology/breast_cancer@v1"
+    assert rec["details"]["rows"] == 6 and rec["details"]["k"] == 2
+
+
+def test_dates_move_per_patient_and_intervals_survive(site, patients_spec):
+    rows = published_rows(ing.ingest(site, patients_spec, operator="t").path)
+    raw = [dt.date.fromisoformat(r[3]) for r in PATIENTS]
+    shift = [(r["diagnosed"] - d).days for r, d in zip(rows, raw, strict=True)]
+    assert all(s != 0 and abs(s) <= 180 for s in shift)
+    assert shift[0] == shift[2] and shift[3] == shift[5]  # one offset per patient
+    assert (rows[2]["diagnosed"] - rows[0]["diagnosed"]).days == (raw[2] - raw[0]).days
+
+
+def test_reingest_publishes_a_new_version_with_the_same_pseudonyms(site, patients_spec):
+    v1 = ing.ingest(site, patients_spec, operator="t")
+    v2 = ing.ingest(site, patients_spec, operator="t")
+    ds = dataset_dir(site.data_root, "oncology", "breast_cancer")
+    assert (v1.version, v2.version) == (1, 2) and versions(ds) == [1, 2] and current_version(ds) == 2
+    assert published_rows(v1.path) == published_rows(v2.path)
+
+
+def test_pseudonyms_and_shifts_are_stable_across_datasets_and_differ_across_projects(site, tmp_path):
+    a = write_csv(tmp_path / "a.csv", HEADER, PATIENTS)
+    # another extract of the same patients, other columns, other order
+    b = write_csv(tmp_path / "b.csv", ["seen", "mrn"], [["2020-01-10", "000103"], ["2020-01-10", "000101"]])
+    spec_a = make_spec(a, COLUMNS, patient_id="mrn")
+    spec_b = make_spec(b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn", dataset="gbsg2")
+    spec_c = make_spec(b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn",
+                       project="cardiometabolic", dataset="diabetes")
+    ra = published_rows(ing.ingest(site, spec_a, operator="t").path)
+    rb = published_rows(ing.ingest(site, spec_b, operator="t").path)
+    rc = published_rows(ing.ingest(site, spec_c, operator="t").path)
+    assert rb[0]["mrn"] == ra[3]["patient"] and rb[1]["mrn"] == ra[0]["patient"]
+    assert rb[1]["seen"] == ra[0]["diagnosed"]  # same patient, same raw date, same shifted date
+    assert {r["mrn"] for r in rc}.isdisjoint(r["patient"] for r in ra)
+    assert [r["seen"] for r in rc] != [r["seen"] for r in rb]
+
+
+def refusal(site, spec) -> str:
+    with pytest.raises(IngestRefused) as e:
+        ing.ingest(site, spec, operator="t")
+    assert_nothing_published(site, spec.project, spec.dataset)
+    (rec,) = audit_records(site)
+    assert rec["outcome"] == "denied" and rec["details"]["problems"] == e.value.problems
+    return str(e.value)
+
+
+def test_refuses_spec_columns_the_source_lacks(site, patients_csv):
+    cols = {**COLUMNS, "gender": "keep"}
+    text = refusal(site, make_spec(patients_csv, cols, patient_id="mrn"))
+    assert "[columns] 'gender' is not a column of the source; its columns are: mrn, name, email" in text
+
+
+def test_refuses_undeclared_identifiers_by_name_and_by_content(site, tmp_path):
+    src = write_csv(tmp_path / "s.csv", ["mrn", "surname", "contact", "score"],
+                    [[f"{i:06d}", f"Name{i}", f"p{i}@mail.example", i] for i in range(30)])
+    text = refusal(site, make_spec(src, {"mrn": "pseudonym", "score": "keep"}))
+    assert "column 'surname' is not in the spec and has a name that suggests a person's name" in text
+    assert "column 'contact' is not in the spec and has values like email addresses (first at row 1)" in text
+    assert 'surname = "drop"' in text
+
+
+def test_strict_off_passes_undeclared_columns(site, tmp_path):
+    src = write_csv(tmp_path / "s.csv", ["mrn", "contact"], [[f"{i:06d}", f"p{i}@mail.example"] for i in range(3)])
+    pub = ing.ingest(site, make_spec(src, {"mrn": "pseudonym"}, strict=False), operator="t")
+    assert published_rows(pub.path)[0]["contact"] == "p0@mail.example"
+    assert pub.manifest["columns"][1]["action"] == "keep (undeclared)"
+
+
+def test_refuses_k_below_the_minimum_naming_the_group(site, patients_csv):
+    cols = {**COLUMNS, "age": {"action": "generalise", "method": "age_band", "width": 5}}
+    text = refusal(site, make_spec(patients_csv, cols, patient_id="mrn", quasi_identifiers=["age", "postcode"]))
+    assert "k-anonymity 1 is below the minimum 2" in text and "has only 1 patients" in text
+    assert "generalise the quasi-identifiers more" in text
+
+
+def test_spec_may_raise_min_k_but_not_lower_it(site, patients_csv):
+    text = refusal(site, make_spec(patients_csv, COLUMNS, patient_id="mrn", quasi_identifiers=["age"], min_k=3))
+    assert "below the minimum 3" in text
+    strict_site = replace(site, workspace=replace(site.workspace, min_k=4))
+    spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", min_k=3)
+    with pytest.raises(IngestRefused, match="min_k = 3 is below the site's minimum 4; a spec may only raise it"):
+        ing.ingest(strict_site, spec, operator="t")
+
+
+def test_refuses_ragged_rows_by_line(site, tmp_path):
+    p = tmp_path / "r.csv"
+    p.write_text("mrn,score\n000101,1\n000102,2,extra\n000103,3\n000104\n")
+    text = refusal(site, make_spec(p, {"mrn": "pseudonym", "score": "keep"}))
+    assert "r.csv line 3: 3 fields where the header has 2" in text and "r.csv line 5: 1 fields" in text
+
+
+def test_refuses_bad_encoding_by_line(site, tmp_path):
+    p = tmp_path / "e.csv"
+    p.write_bytes("mrn,city\n000101,Berlin\n000102,M\xfcnchen\n".encode("latin-1"))
+    text = refusal(site, make_spec(p, {"mrn": "pseudonym", "city": "keep"}))
+    assert "e.csv line 3: not valid utf-8 text" in text and 'encoding = "latin-1"' in text
+    # ... and with the encoding named, it goes through
+    spec = make_spec(p, {"mrn": "pseudonym", "city": "keep"}, encoding="latin-1")
+    assert published_rows(ing.ingest(site, spec, operator="t").path)[1]["city"] == "München"
+
+
+def test_refuses_values_that_do_not_parse_by_row_and_line(site, tmp_path):
+    rows = [list(r) for r in PATIENTS]
+    rows[4][3] = "2021-13-45"
+    rows[1][4] = "thirty"
+    src = write_csv(tmp_path / "bad.csv", HEADER, rows)
+    text = refusal(site, make_spec(src, COLUMNS, patient_id="mrn"))
+    assert "column 'diagnosed', row 5: not an ISO date" in text and "(line 6 of the CSV)" in text
+    assert "column 'age', row 2: not a number" in text
+    assert "2021-13-45" not in text and "thirty" not in text
+
+
+def test_refuses_a_date_whose_patient_is_unknown(site, tmp_path):
+    rows = [list(r) for r in PATIENTS]
+    rows[2][0] = ""
+    src = write_csv(tmp_path / "nopid.csv", HEADER, rows)
+    text = refusal(site, make_spec(src, COLUMNS, patient_id="mrn"))
+    assert "column 'diagnosed', row 3: has a date but the patient id is missing" in text
+
+
+def test_refuses_declared_types_that_do_not_parse(site, tmp_path):
+    src = write_csv(tmp_path / "t.csv", ["mrn", "grade"], [["000101", "2"], ["000102", "II"]])
+    text = refusal(site, make_spec(src, {"mrn": "pseudonym", "grade": {"action": "keep", "type": "int"}}))
+    assert "column 'grade', row 2: does not parse as int" in text
+
+
+def test_refuses_projects_and_datasets_the_site_does_not_have(site, patients_csv):
+    with pytest.raises(IngestRefused, match="no project 'radiology'"):
+        ing.ingest(site, make_spec(patients_csv, COLUMNS, patient_id="mrn", project="radiology"), operator="t")
+    with pytest.raises(IngestRefused, match="'imaging' is not one of the datasets of project 'oncology'"):
+        ing.ingest(site, make_spec(patients_csv, COLUMNS, patient_id="mrn", dataset="imaging"), operator="t")
+    assert not site.data_root.exists()
+
+
+def test_refuses_missing_or_exposed_key(site, patients_spec):
+    os.chmod(site.key_file, 0o644)
+    with pytest.raises(IngestRefused, match="readable by group or others"):
+        ing.ingest(site, patients_spec, operator="t")
+    site.key_file.unlink()
+    with pytest.raises(IngestRefused, match="no pseudonymisation key"):
+        ing.ingest(site, patients_spec, operator="t")
+    assert_nothing_published(site)
+
+
+def test_a_new_key_changes_pseudonyms_and_shows_in_the_manifest(site, patients_spec):
+    v1 = ing.ingest(site, patients_spec, operator="t")
+    site.key_file.unlink()
+    keys.ensure_key(site)
+    v2 = ing.ingest(site, patients_spec, operator="t")
+    assert v1.manifest["key_id"] != v2.manifest["key_id"]
+    assert published_rows(v1.path)[0]["patient"] != published_rows(v2.path)[0]["patient"]
+
+
+def test_skip_unchanged_and_dry_run(site, patients_spec):
+    out = ing.ingest(site, patients_spec, operator="t", dry_run=True)
+    assert out.table.num_rows == 6 and out.info["k"] == 2
+    assert_nothing_published(site)
+    assert ing.ingest(site, patients_spec, operator="t", skip_unchanged=True).version == 1
+    assert ing.ingest(site, patients_spec, operator="t", skip_unchanged=True) is None
+    patients_spec.source.write_text(patients_spec.source.read_text() + "000105,X Y,x@y.example,2022-01-01,70,12000,7\n")
+    assert ing.ingest(site, patients_spec, operator="t", skip_unchanged=True).version == 2
+
+
+def test_parquet_source(site, tmp_path, patients_csv):
+    import pyarrow.csv as pcsv
+
+    table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(
+        column_types={"mrn": "string", "diagnosed": "date32"}))
+    pq.write_table(table, tmp_path / "p.parquet")
+    spec = make_spec(tmp_path / "p.parquet", COLUMNS, patient_id="mrn")
+    from_parquet = published_rows(ing.ingest(site, spec, operator="t").path)
+    csv_spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", dataset="gbsg2")
+    assert from_parquet == published_rows(ing.ingest(site, csv_spec, operator="t").path)
