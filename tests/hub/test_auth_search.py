@@ -10,6 +10,8 @@ import subprocess
 
 import ldap3
 import pytest
+from jupyterhub import orm
+from jupyterhub.user import User
 from tornado import web
 
 from paitient.config import ConfigError, parse
@@ -44,6 +46,7 @@ PEOPLE = [
     ("Twin One", "twin", "twin-pw-1", ["Oncology Researchers"]),
     ("Twin Two", "twin", "twin-pw-2", ["Oncology Researchers"]),
     ("Sam Steward", "ssteward", "sam-pw-1", ["Data Stewards"]),
+    ("mmeier", "mmeier", "mia-pw-1", ["Oncology Researchers"]),  # a DN that does contain the login name
 ]
 SERVICE_PASSWORD = "svc-pw-1"
 
@@ -228,3 +231,51 @@ async def test_unknown_account_name_is_refused(corp_auth):
     auth = corp_auth()
     assert await sign_in(auth, "nosuchuser", "alice-pw-1") is None
     assert auth._lookup("nosuchuser") is None
+
+
+def hub_user(name: str) -> User:
+    """A real JupyterHub user object on an in-memory hub database."""
+    db = orm.new_session_factory("sqlite:///:memory:")()
+    orm_user = orm.User(name=name)
+    db.add(orm_user)
+    db.commit()
+    return User(orm_user, db=db)
+
+
+def modify_group(corp, group_dn: str, change: str, member_dn: str) -> None:
+    ldif = f"dn: {group_dn}\nchangetype: modify\n{change}: member\nmember: {member_dn}\n"
+    subprocess.run(["ldapmodify", "-x", "-H", corp.url, "-D", corp.rootdn, "-y", str(corp.rootpw_file)],
+                   input=ldif.encode(), check=True, capture_output=True)
+
+
+async def test_refresh_follows_the_directory_and_signs_out_a_removed_researcher(corp_auth, corp):
+    auth = corp_auth()
+    user = hub_user("aadler")
+    assert (await sign_in(auth, "aadler", "alice-pw-1"))["groups"] == ["oncology"]
+    modify_group(corp, f"cn=Cardio,{GROUPS}", "add", user_dn("Alice Adler"))
+    refreshed = await auth.refresh_user(user)
+    assert refreshed["groups"] == ["cardiometabolic", "oncology"]
+    modify_group(corp, ONCOLOGY, "delete", user_dn("Alice Adler"))
+    modify_group(corp, f"cn=Cardio,{GROUPS}", "delete", user_dn("Alice Adler"))
+    assert await auth.refresh_user(user) is False
+    corp.stop()
+    assert await auth.refresh_user(user) is True  # an outage does not sign everybody out
+
+
+async def test_refresh_with_bind_template_and_service_account(corp, tmp_path, password_file, make_authenticator):
+    site = corp_site(tmp_path, corp.url, password_file, lookup_dn=False,
+                     bind_dn_template=[f"cn={{username}},{USERS}"])
+    auth = make_authenticator(site)
+    assert auth.lookup_dn_search_user == SERVICE_DN
+    assert (await sign_in(auth, "mmeier", "mia-pw-1"))["groups"] == ["oncology"]
+    user = hub_user("mmeier")
+    assert (await auth.refresh_user(user))["auth_state"]["dn"] == user_dn("mmeier")
+    modify_group(corp, ONCOLOGY, "delete", user_dn("mmeier"))
+    assert await auth.refresh_user(user) is False
+    assert await auth.refresh_user(hub_user("nosuchuser")) is False
+
+
+async def test_without_a_service_account_refresh_keeps_the_session(slapd, demo_site, make_authenticator):
+    auth = make_authenticator(demo_site(), slapd.url)
+    assert auth.lookup_dn_search_user is None
+    assert await auth.refresh_user(hub_user("alice")) is True

@@ -269,8 +269,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self.log.warning("sign-in refused for %s: in no paitient project", signon.shown(login))
             await self._audit(actor, "denied", reason="not a member of any project")
             raise web.HTTPError(403, signon.NO_PROJECT_MESSAGE)
+        return self._model(login, signed)
+
+    def _model(self, name: str, signed: Signed) -> dict:
+        m = signed.membership
         return {
-            "name": login,
+            "name": name,
             "groups": list(m.projects),
             "roles": signon.hub_roles(m, self.steward_scopes, self.researcher_scopes),
             "admin": m.admin if self.admin_group else None,
@@ -305,10 +309,67 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             auth_model["name"], "ok", reason="signed in",
             projects=state.get("projects", []), roles=state.get("roles", []), must_record=True,
         )
+        if self.site is not None:
+            from paitient.hub import roleholders
+
+            await asyncio.get_running_loop().run_in_executor(
+                None, roleholders.record, self.site.state_dir, auth_model["name"], state.get("roles", [])
+            )
         return auth_model
 
+    def current_membership(self, username: str) -> Signed | None:
+        """Blocking: the user's DN and membership as the directory has them now, read with the service
+        account. None when the user is no longer in the directory."""
+        conn = self.get_connection(self.lookup_dn_search_user, self.lookup_dn_search_password)
+        if conn is None:
+            raise ServiceAccountRefused(self.lookup_dn_search_user)
+        try:
+            if self.lookup_dn:
+                dn = self._lookup(username)
+            else:
+                dn = None
+                for template in self.bind_dn_template:
+                    candidate = template.format(username=escape_rdn(username))
+                    if conn.search(candidate, "(objectClass=*)", ldap3.BASE, attributes=[]):
+                        dn = candidate
+                        break
+            if dn is None:
+                return None
+            in_groups = self._groups_of(conn, dn)
+        except (*UNAVAILABLE, LDAPResponseTimeoutError) as e:
+            raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
+        finally:
+            conn.unbind()
+        return Signed(dn, signon.membership(in_groups, self.project_groups, self.steward_group, self.admin_group))
+
+    async def refresh_user(self, user: Any, handler: web.RequestHandler | None = None) -> bool | dict:
+        """Re-read projects and roles every ``auth_refresh_age`` seconds (needs a service account).
+
+        A user removed from every project is signed out (False); changed groups and roles are applied.
+        Without a service account, or while the directory is unreachable, the session stays as it is.
+        """
+        if not self.lookup_dn_search_user:
+            return True
+        try:
+            signed = await asyncio.get_running_loop().run_in_executor(None, self.current_membership, user.name)
+        except (DirectoryUnavailable, ServiceAccountRefused) as e:
+            self.log.warning("could not refresh %s from the directory: %s", signon.shown(user.name), e)
+            return True
+        if signed is None or not signed.membership.may_sign_in:
+            self.log.warning("%s lost access in the directory; signing out", signon.shown(user.name))
+            await self._audit(user.name, "denied", reason="access withdrawn in the directory")
+            return False
+        return self._model(user.name, signed)
+
     async def load_managed_roles(self) -> list[dict]:
-        return list(signon.role_specs(self.steward_scopes, self.researcher_scopes).values())
+        specs = signon.role_specs(self.steward_scopes, self.researcher_scopes)
+        if self.site is not None:
+            from paitient.hub import roleholders
+
+            held = roleholders.holders(self.site.state_dir)
+            for name, spec in specs.items():
+                spec["users"] = held.get(name, [])
+        return list(specs.values())
 
     async def _audit(self, actor: str, outcome: str, *, must_record: bool = False, **details: Any) -> None:
         try:
@@ -362,18 +423,19 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
         a.user_search_base = d.search_base
         a.user_attribute = d.user_attribute
         a.lookup_dn_user_dn_attribute = d.user_attribute
-        a.lookup_dn_search_user = d.service_dn or None
-        if d.service_password_file:
-            path = Path(d.service_password_file)
-            if not path.is_file():
-                raise ConfigError(
-                    f"[directory] service_password_file {path} does not exist; write the service "
-                    "account's password there (owner root, mode 0600)"
-                )
-            check_owner(path, secret=True)
-            a.service_password_file = d.service_password_file
     else:
         a.bind_dn_template = list(d.bind_dn_template)
+    # The service account searches for users (lookup_dn) and re-reads memberships (refresh_user).
+    a.lookup_dn_search_user = d.service_dn or None
+    if d.service_password_file:
+        path = Path(d.service_password_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"[directory] service_password_file {path} does not exist; write the service "
+                "account's password there (owner root, mode 0600)"
+            )
+        check_owner(path, secret=True)
+        a.service_password_file = d.service_password_file
     a.project_groups = {p.name: p.group for p in site.projects}
     a.steward_group = d.steward_group
     a.admin_group = d.admin_group
