@@ -8,6 +8,7 @@ from paitient.airlock.service import Airlock, AirlockSettings
 from paitient.channel import ChannelServer
 from paitient.config import parse
 from paitient.registry import Registry
+from tests.airlock.helpers import register
 
 SITE = {
     "workspace": {"state_dir": "/placeholder"},
@@ -20,7 +21,6 @@ SITE = {
          "auto_release": ["table"]},
     ],
 }
-
 
 
 @pytest.fixture
@@ -51,5 +51,19 @@ def channel(site, airlock):
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+@pytest.fixture
+def people(registry):
+    """Registered users of the web tests (the uids need no system account there)."""
+    register(registry, "alice", 30001, projects=["oncology"])
+    register(registry, "carol", 30002, projects=["oncology", "cardio"])
+    register(registry, "bob", 30003, projects=["cardio"])
+    register(registry, "dave", 30004, projects=["oncology"])
+    register(registry, "steph", 30005, projects=["oncology", "registry"], roles=("researcher", "steward"))
+    register(registry, "sam", 30006, roles=("steward",))
+    register(registry, "rita", 30007, roles=("steward",))
+    register(registry, "ren", 30008, projects=["registry"])
+    return registry
 
 

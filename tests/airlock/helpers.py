@@ -6,13 +6,17 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jupyterhub.services.auth import HubOAuth
+from traitlets import Dict
 
 from paitient.airlock.service import Airlock
+from paitient.channel import Peer
 from paitient.registry import Member, Registry
 
 STEWARD = ["access:services!service=airlock", "custom:airlock:review"]
@@ -77,3 +81,60 @@ def wait_state(airlock: Airlock, rid: str, *wanted: str) -> None:
 def rng_table(seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     return pd.DataFrame({"g": rng.choice(["a", "b"], 200), "v": rng.normal(size=200)})
+
+
+# --------------------------------------------------------------------------------------------------
+# The web pages
+
+PREFIX = "/services/airlock/"
+
+
+class KnownUserOAuth(HubOAuth):
+    """The hub's OAuth client, except that the user model comes from a test cookie instead of the hub API."""
+
+    users = Dict()
+
+    def get_user(self, handler, *, sync=True):
+        model = self.users.get(handler.get_cookie("test-user", ""))
+        return {"kind": "user", **model, "scopes": list(model["scopes"])} if model else None
+
+
+USERS = {
+    "alice": {"name": "alice", "scopes": RESEARCHER},
+    "carol": {"name": "carol", "scopes": RESEARCHER},
+    "bob": {"name": "bob", "scopes": RESEARCHER},
+    "dave": {"name": "dave", "scopes": ["access:services!service=airlock", "custom:airlock:request"]},
+    "sam": {"name": "sam", "scopes": STEWARD},
+    "steph": {"name": "steph", "scopes": [*STEWARD, *RESEARCHER]},
+    "rita": {"name": "rita", "scopes": STEWARD},
+    "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
+}
+
+
+def known_user_auth() -> KnownUserOAuth:
+    return KnownUserOAuth(
+        users=USERS, api_token="not-used", api_url="http://127.0.0.1:9/hub/api", hub_prefix="/hub/",
+        base_url=PREFIX, oauth_client_id="service-airlock", access_scopes={"access:services!service=airlock"},
+        oauth_redirect_uri="http://127.0.0.1:8000/services/airlock/oauth_callback",
+    )
+
+
+def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.csv", **args) -> str:
+    """Submit through the service's own request operation (the socket layer is tested in test_service)."""
+    member = registry.by_username(username)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            answer = airlock.op_request(Peer(pid=1, uid=member.uid, gid=65534),
+                                        {"kind": kind, "justification": args.pop("justification", "needed"),
+                                         "filename": name, **args}, [fd])
+        finally:
+            os.close(fd)
+    return answer["id"]
+
+
+GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
+
+

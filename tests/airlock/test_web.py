@@ -8,73 +8,27 @@ the handlers' real ``HubOAuthenticated`` logic (scope check, login redirect, XSR
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from http.cookies import SimpleCookie
 from urllib.parse import urlencode
 
 import pandas as pd
 import pytest
-from jupyterhub.services.auth import HubOAuth
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
-from traitlets import Dict
 
 from paitient.airlock import states
 from paitient.airlock.web import make_app
 from paitient.audit import trail_dir
 from paitient.audit.query import newest_first
 from paitient.channel import Peer
-from tests.airlock.helpers import RESEARCHER, STEWARD, csv_bytes, register, wait_state
-
-PREFIX = "/services/airlock/"
-
-
-class KnownUserOAuth(HubOAuth):
-    """The hub's OAuth client, except that the user model comes from a test cookie instead of the hub API."""
-
-    users = Dict()
-
-    def get_user(self, handler, *, sync=True):
-        model = self.users.get(handler.get_cookie("test-user", ""))
-        return {"kind": "user", **model, "scopes": list(model["scopes"])} if model else None
-
-
-USERS = {
-    "alice": {"name": "alice", "scopes": RESEARCHER},
-    "carol": {"name": "carol", "scopes": RESEARCHER},
-    "bob": {"name": "bob", "scopes": RESEARCHER},
-    "dave": {"name": "dave", "scopes": ["access:services!service=airlock", "custom:airlock:request"]},
-    "sam": {"name": "sam", "scopes": STEWARD},
-    "steph": {"name": "steph", "scopes": [*STEWARD, *RESEARCHER]},
-    "rita": {"name": "rita", "scopes": STEWARD},
-    "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
-}
-
-
-@pytest.fixture
-def people(registry):
-    register(registry, "alice", 30001, projects=["oncology"])
-    register(registry, "carol", 30002, projects=["oncology", "cardio"])
-    register(registry, "bob", 30003, projects=["cardio"])
-    register(registry, "dave", 30004, projects=["oncology"])
-    register(registry, "steph", 30005, projects=["oncology", "registry"], roles=("researcher", "steward"))
-    register(registry, "sam", 30006, roles=("steward",))
-    register(registry, "rita", 30007, roles=("steward",))
-    register(registry, "ren", 30008, projects=["registry"])
-    return registry
+from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, submit, wait_state
 
 
 @pytest.fixture
 async def web(airlock, people):
-    auth = KnownUserOAuth(
-        users=USERS, api_token="not-used", api_url="http://127.0.0.1:9/hub/api", hub_prefix="/hub/",
-        base_url=PREFIX, oauth_client_id="service-airlock", access_scopes={"access:services!service=airlock"},
-        oauth_redirect_uri="http://127.0.0.1:8000/services/airlock/oauth_callback",
-    )
-    app = make_app(airlock, prefix=PREFIX, hub_auth=auth)
+    app = make_app(airlock, prefix=PREFIX, hub_auth=known_user_auth())
     sock, port = bind_unused_port()
     server = HTTPServer(app)
     server.add_sockets([sock])
@@ -111,25 +65,6 @@ class Client:
         return await self.fetch(user, f"requests/{rid}/decision", method="POST",
                                 body={"action": action, "comment": comment, "_xsrf": token.group(1)},
                                 cookies={"_xsrf": cookie["_xsrf"].value})
-
-
-def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.csv", **args) -> str:
-    """Submit through the service's own request operation (the socket layer is tested in test_service)."""
-    member = registry.by_username(username)
-    with tempfile.NamedTemporaryFile() as f:
-        f.write(data)
-        f.flush()
-        fd = os.open(f.name, os.O_RDONLY)
-        try:
-            answer = airlock.op_request(Peer(pid=1, uid=member.uid, gid=65534),
-                                        {"kind": kind, "justification": args.pop("justification", "needed"),
-                                         "filename": name, **args}, [fd])
-        finally:
-            os.close(fd)
-    return answer["id"]
-
-
-GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
 
 
 async def test_unauthenticated_visitors_go_to_the_hub_login(web):

@@ -1,0 +1,119 @@
+"""The review page in the system Chromium: a steward reads the checks and decides; a researcher downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pandas as pd
+import pytest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from paitient.airlock import states
+from paitient.airlock.web import make_app
+from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, submit, wait_state
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def served(airlock, people):
+    auth = known_user_auth()
+    loop = asyncio.new_event_loop()
+    sock, port = bind_unused_port()
+    ready = threading.Event()
+    holder: dict = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        holder["server"] = HTTPServer(make_app(airlock, prefix=PREFIX, hub_auth=auth))
+        holder["server"].add_sockets([sock])
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    ready.wait(10)
+    yield f"http://127.0.0.1:{port}{PREFIX}"
+
+    async def close():
+        holder["server"].stop()
+        await holder["server"].close_all_connections()
+
+    asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(10)
+    loop.close()
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _page(browser, base: str, user: str):
+    ctx = browser.new_context()
+    ctx.add_cookies([{"name": "test-user", "value": user, "url": base}])
+    return ctx.new_page()
+
+
+def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser, airlock, people):
+    hostile = pd.DataFrame({"group": ["<b>bold</b>", "b"], "n": [30, 40]})
+    rid = submit(airlock, people, "alice", csv_bytes(hostile), name="groups.csv",
+                 justification="Table 2 <i>of the paper</i>")
+    wait_state(airlock, rid, states.IN_REVIEW)
+
+    sam = _page(browser, served, "sam")
+    sam.goto(served)
+    row = sam.locator(f'tr[data-id="{rid}"]')
+    assert "awaits your review" in row.inner_text()
+    row.get_by_role("link", name=rid).click()
+    assert sam.locator("#state").inner_text() == "in review"
+    # Markup from the researcher is shown as text, never rendered.
+    assert sam.locator("#justification").inner_text() == "Table 2 <i>of the paper</i>"
+    assert sam.locator("#preview-table td").first.inner_text() == "<b>bold</b>"
+    assert sam.locator("#preview-table b").count() == 0
+    assert sam.locator('#checks tr[data-check="minimum_count"] td').nth(1).inner_text() == "pass"
+    # The browser enforces "a comment is required" before anything is sent ...
+    sam.get_by_label("Approve").check()
+    sam.get_by_role("button", name="Record decision").click()
+    assert sam.locator("#comment").evaluate("el => el.validity.valueMissing") is True
+    assert airlock.store.get(rid).state == "in_review"
+    # ... and a decision with a comment goes through with the XSRF token the page carries.
+    sam.fill("#comment", "aggregate counts, all cells above 10")
+    sam.get_by_role("button", name="Record decision").click()
+    sam.wait_for_url(f"{served}requests/{rid}")
+    assert sam.locator("#state").inner_text() == "released"
+    assert "aggregate counts, all cells above 10" in sam.locator("#decisions").inner_text()
+    assert sam.locator("#download").count() == 0  # the steward is not a project member
+
+    alice = _page(browser, served, "alice")
+    alice.goto(f"{served}requests/{rid}")
+    with alice.expect_download() as dl:
+        alice.locator("#download").click()
+    download = dl.value
+    assert download.suggested_filename == "groups.csv"
+    assert open(download.path(), "rb").read() == csv_bytes(hostile)
+    assert [e.actor for e in airlock.store.events(rid, "download")] == ["alice"]
+
+
+def test_own_request_has_no_decision_form_in_the_browser(served, browser, airlock, people):
+    rid = submit(airlock, people, "steph", GOOD, project="oncology")
+    wait_state(airlock, rid, states.IN_REVIEW)
+    steph = _page(browser, served, "steph")
+    steph.goto(f"{served}requests/{rid}")
+    assert "another steward of the project must review it" in steph.locator("#own-request").inner_text()
+    assert steph.locator("#decision-form").count() == 0
+    bob = _page(browser, served, "bob")
+    response = bob.goto(f"{served}requests/{rid}")
+    assert response.status == 403
+    assert "not yours" in bob.locator("#error-message").inner_text()
