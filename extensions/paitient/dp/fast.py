@@ -1,0 +1,302 @@
+"""paitient's fast DP-SGD for models whose trainable layers are all ``nn.Linear`` ("book-keeping").
+
+Opacus materialises one gradient per sample (hooks) or runs a second backward pass (ghost clipping).
+For a linear layer neither is needed. With activations ``a`` (B x in) and backprops ``g`` (B x out),
+sample i's weight gradient is the outer product ``g_i a_i^T``, so
+
+- its norm is ``|g_i| * |a_i|`` (for 3-D inputs, B x T x d, ``sqrt(sum((g g^T) * (a a^T)))``),
+- the sum of the clipped per-sample gradients is one matrix product: ``(c * g)^T a``.
+
+So the backward pass here computes only the gradients of the layer inputs (the weight gradients of
+plain autograd are skipped), keeps ``a`` and ``g``, and the optimizer step computes the clip factors
+``c_i = min(1, C / (|grad_i| + 1e-6))`` from the norms of all layers together, then writes
+``(sum_i c_i grad_i + N(0, (sigma C)^2)) / E`` into ``p.grad`` with one fused ``addmm`` per layer,
+exactly what Opacus' DPOptimizer computes (same clip formula, same mean-loss scaling by the batch
+size, same division by the expected batch size ``E``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NOISE_AHEAD = True
+"""Draw the next step's noise in a helper thread while the model computes."""
+
+
+class FastPathError(RuntimeError):
+    """The model did something the fast path cannot clip correctly; the message says what to do."""
+
+
+class _Slot:
+    __slots__ = ("name", "module", "pairs", "last_pass")
+
+    def __init__(self, name: str, module: nn.Linear):
+        self.name = name
+        self.module = module
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_pass = -1
+
+
+class _CaptureLinear(torch.autograd.Function):
+    """``F.linear`` whose backward returns only the input gradient and keeps (activation, backprop)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slot):
+        ctx.save_for_backward(x, weight)
+        ctx.slot = slot
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        ctx.slot.pairs.append((x, grad_out))
+        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
+def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tuple[str, nn.Linear]], str]:
+    """The Linear layers to clip, or ``([], reason)`` when some trainable parameter is elsewhere."""
+    layers = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        label = name or type(model).__name__
+        if type(module) is not nn.Linear:
+            return [], f"layer '{label}' ({type(module).__name__}) has trainable parameters and is not nn.Linear"
+        if len(own) != len(list(module.parameters(recurse=False))) or any(p not in params for p in own):
+            return [], f"layer '{label}' is partly frozen or not fully in the optimizer"
+        layers.append((name, module))
+    if not layers:
+        return [], "the model has no trainable parameters"
+    return layers, ""
+
+
+class FastClipper:
+    """Installs the capturing forward on each Linear layer and turns captures into private gradients."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Linear]]):
+        self.model = model
+        self.slots = [_Slot(name or type(model).__name__, m) for name, m in layers]
+        self.pass_id = 0
+        self.params = [p for _, m in layers for p in (m.weight, m.bias) if p is not None]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self._proto = self.params[0].detach()
+        self._one = torch.ones((), dtype=self._proto.dtype, device=self._proto.device)
+        self._ahead: tuple[Any, Future] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._hook = model.register_forward_pre_hook(self._next_pass)
+        for slot in self.slots:
+            slot.module.forward = types.MethodType(_make_forward(self, slot), slot.module)
+
+    def _next_pass(self, module, args) -> None:
+        self.pass_id += 1
+
+    def detach(self) -> None:
+        """Give the model back its plain forward."""
+        self._hook.remove()
+        for slot in self.slots:
+            slot.module.__dict__.pop("forward", None)
+            slot.pairs.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._ahead = None
+
+    def clear(self) -> None:
+        for slot in self.slots:
+            slot.pairs.clear()
+        self.pass_id += 1
+
+    @torch.no_grad()
+    def private_grads(self, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
+                      loss_reduction: str, generator: torch.Generator | None = None) -> int:
+        """Write the clipped, noised, scaled gradient into every layer's ``.grad``; return the batch size.
+
+        Written for few tensor operations per step: on layers this small the per-operation overhead,
+        not the arithmetic, is what costs. The noise for the next step is drawn in a helper thread
+        while the model computes (it does not depend on the data).
+        """
+        captured = [s for s in self.slots if s.pairs]
+        n = self._batch_size(captured)
+        scale = float(n) if loss_reduction == "mean" else 1.0
+        denom = float(expected_batch_size) if loss_reduction == "mean" else 1.0
+        std = noise_multiplier * max_grad_norm / denom
+        noise = self._noise(std, generator)
+        total = None
+        views = []
+        for s in captured:
+            a, g = s.pairs[0]
+            if a.dim() != 2:
+                a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+            part = _sample_norms(a, g, s.module.bias is not None, self._one)
+            total = part.square() if total is None else total.addcmul_(part, part)
+            views.append((s, a, g))
+        if total is not None and n:
+            # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
+            factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / scale)
+            factor = factor.clamp_(max=1.0).mul_(scale / denom)
+        grads = dict(zip(self.params, noise.split(self.sizes), strict=True))
+        for s, a, g in views:
+            w, b = s.module.weight, s.module.bias
+            if g.dim() == 2:
+                grads[w].view(w.shape).addmm_((g * factor[:, None]).t(), a)
+                if b is not None:
+                    grads[b].addmv_(g.t(), factor)
+            else:
+                cg = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
+                grads[w].view(w.shape).addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
+                if b is not None:
+                    grads[b].add_(cg.sum(0))
+        for p, grad in grads.items():
+            p.grad = grad.view(p.shape)
+        self.clear()
+        return n
+
+    def _noise(self, std: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Gaussian noise for all parameters (one flat buffer), drawn ahead in a helper thread."""
+        key = (std, id(generator))
+        ahead, self._ahead = self._ahead, None
+        noise = ahead[1].result() if ahead is not None and ahead[0] == key else None
+        if noise is None:
+            noise = _draw(self.numel, std, generator, self._proto)
+        if std > 0 and NOISE_AHEAD:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paitient-dp-noise")
+            self._ahead = (key, self._pool.submit(_draw, self.numel, std, generator, self._proto))
+        return noise
+
+    @staticmethod
+    def _batch_size(captured: list[_Slot]) -> int:
+        for s in captured:
+            if len(s.pairs) > 1:
+                raise FastPathError(
+                    f"layer '{s.name}' saw {len(s.pairs)} backward passes before optimizer.step(); call "
+                    "optimizer.step() after each loss.backward() (gradient accumulation cannot be combined "
+                    "with Poisson sampling)"
+                )
+        batch = {s.pairs[0][0].shape[0] for s in captured}
+        if len(batch) > 1:
+            raise FastPathError(f"layers saw different batch sizes {sorted(batch)} in one step; use mode='hooks'")
+        return batch.pop() if batch else 0
+
+
+def _draw(numel: int, std: float, generator: torch.Generator | None, proto: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(numel, dtype=proto.dtype, device=proto.device)
+    return out.normal_(0.0, std, generator=generator) if std > 0 else out.zero_()
+
+
+def _sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tensor) -> torch.Tensor:
+    """Per-sample norm of one Linear layer's gradient (weight and bias) from activations and backprops."""
+    if a.dim() == 2:  # |g_i a_i^T| = |g_i| |a_i|; with the bias |g_i| sqrt(|a_i|^2 + 1)
+        gn = torch.linalg.vector_norm(g, dim=1)
+        an = torch.linalg.vector_norm(a, dim=1)
+        return gn.mul_(torch.hypot(an, one) if bias else an)
+    t = a.shape[1]
+    if t * t <= a.shape[2] * g.shape[2]:  # ghost norm: sum over (t, s) of (g_t . g_s)(a_t . a_s)
+        sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    else:
+        sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+    if bias:
+        sq = sq + g.sum(1).square().sum(1)
+    return sq.clamp_(min=0).sqrt_()
+
+
+def _make_forward(clipper: FastClipper, slot: _Slot) -> Callable[..., torch.Tensor]:
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        if slot.last_pass == clipper.pass_id:
+            raise FastPathError(
+                f"layer '{slot.name}' ran twice in one forward pass; paitient's fast clipping needs each "
+                "Linear layer once per pass. Use make_private(..., mode='hooks')."
+            )
+        slot.last_pass = clipper.pass_id
+        return _CaptureLinear.apply(x, self.weight, self.bias, slot)
+
+    return forward
+
+
+class FastDPOptimizer(torch.optim.Optimizer):
+    """Wraps the user's optimizer: ``step()`` makes the private gradient, then runs the original step.
+
+    ``before_step``/``after_step`` let the training run refuse steps beyond its reservation and count
+    the ones taken for the accountant.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clipper: FastClipper, *, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, loss_reduction: str = "mean",
+                 generator: torch.Generator | None = None,
+                 before_step: Callable[[], None] | None = None,
+                 after_step: Callable[[int], None] | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.original_optimizer = optimizer
+        self.clipper = clipper
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.loss_reduction = loss_reduction
+        self.generator = generator
+        self.before_step = before_step
+        self.after_step = after_step
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    # the parameter groups and state are the original optimizer's
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        raise FastPathError("parameters cannot be added to a private optimizer; make a new private run")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none)
+        self.clipper.clear()
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.before_step is not None:
+            self.before_step()
+        n = self.clipper.private_grads(
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size, loss_reduction=self.loss_reduction,
+            generator=self.generator,
+        )
+        self.original_optimizer.step()
+        if self.after_step is not None:
+            self.after_step(n)
+        return loss
+
+    def __repr__(self) -> str:
+        return f"FastDPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier:g})"
