@@ -1,0 +1,103 @@
+"""The kernel-side API and form against the real socket, the CLI, and "no audit record, no download"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from paitient.airlock import AirlockError, form, request, status
+from paitient.airlock.client import _class_source
+from paitient.airlock.service import Airlock, AirlockSettings
+from paitient.audit import AuditError
+from tests.airlock.helpers import GOOD, register, submit, wait_state
+
+
+@pytest.fixture
+def root_user(registry, monkeypatch, site):
+    """In this process the caller is root: register uid 0 as a researcher, as the hub would a user."""
+    register(registry, "rooty", 0, projects=["oncology", "cardio"])
+    monkeypatch.setenv("PAITIENT_RUN_DIR", str(site.run_dir))
+
+
+def test_request_and_status_from_the_kernel_api(channel, airlock, root_user, tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(GOOD)
+    with pytest.raises(AirlockError, match="name the project: project= one of oncology, cardio"):
+        request(path, kind="table", justification="x")
+    rid = request(path, kind="table", justification="x", project="cardio")
+    wait_state(airlock, rid, "in_review")
+    mine = status()
+    assert [r["id"] for r in mine] == [rid] and mine[0]["project"] == "cardio"
+    assert "<td>in_review</td>" in mine._repr_html_()
+    assert status(rid)["checks"][0] == {"check": "minimum_count", "status": "pass",
+                                        "reason": "every count is at least 10 (or zero)"}
+    with pytest.raises(AirlockError, match="cannot open"):
+        request(tmp_path / "absent.csv", kind="table", justification="x", project="cardio")
+
+
+def test_outside_a_kernel_the_api_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv("PAITIENT_RUN_DIR", raising=False)
+    with pytest.raises(AirlockError, match="PAITIENT_RUN_DIR is not set"):
+        status()
+
+
+def test_form_submits_through_the_service(channel, airlock, root_user, tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_bytes(GOOD)
+    box = form()
+    file_, kind, project, why, weights_box, button, _out = box.children
+    assert weights_box.layout.display == "none"
+    kind.value = "weights"
+    assert weights_box.layout.display == ""
+    kind.value = "table"
+    file_.value, project.value = str(path), "oncology"
+    button.click()
+    assert "Not submitted:" in capsys.readouterr().out  # no justification yet: the service says what is missing
+    why.value = "cohort table for the paper"
+    button.click()
+    out = capsys.readouterr().out
+    assert "Submitted: request " in out
+    (req,) = airlock.store.list()
+    assert req.justification == "cohort table for the paper" and req.project == "oncology"
+
+
+class Net:  # a model class defined in a file: its module's source travels
+    pass
+
+
+def test_model_source_from_a_class():
+    assert "class Net:" in _class_source(Net) and "def test_model_source_from_a_class" in _class_source(Net)
+
+
+def test_no_audit_record_no_download(site, people):
+    def failing_trail(**_):
+        raise AuditError("the audit trail cannot be written: disk full")
+
+    airlock = Airlock(site, settings=AirlockSettings(), emit=failing_trail)
+    airlock.start()
+    try:
+        rid = submit(airlock, people, "alice", GOOD)
+        wait_state(airlock, rid, "in_review")
+        airlock.decide(rid, username="sam", scopes={"custom:airlock:review"}, action="approve", comment="ok")
+        with pytest.raises(AuditError, match="disk full"):
+            airlock.download(rid, username="alice", scopes={"custom:airlock:download"})
+    finally:
+        airlock.stop()
+
+
+def test_cli_lists_and_shows_requests(site, airlock, people):
+    rid = submit(airlock, people, "alice", GOOD, name="cohort.csv")
+    wait_state(airlock, rid, "in_review")
+    base = [sys.executable, "-m", "paitient.cli", "airlock", f"--state-dir={site.state_dir}"]
+    # the demo site's projects differ; the CLI reads the store, whatever the projects
+    out = subprocess.run(base, capture_output=True, text=True, check=True).stdout
+    assert rid in out and "cohort.csv" in out and "in_review" in out
+    shown = json.loads(subprocess.run([*base, rid], capture_output=True, text=True, check=True).stdout)
+    assert [e["type"] for e in shown["events"]][:2] == ["state", "state"]
+    assert shown["events"][-1] == {**shown["events"][-1], "type": "state", "to": "in_review"}
+    listed = json.loads(subprocess.run([*base, "--json", "--state=released"], capture_output=True, text=True,
+                                       check=True).stdout)
+    assert listed == []
