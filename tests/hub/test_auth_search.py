@@ -242,9 +242,10 @@ def hub_user(name: str) -> User:
     return User(orm_user, db=db)
 
 
-def modify_group(corp, group_dn: str, change: str, member_dn: str) -> None:
+def modify_group(server, group_dn: str, change: str, member_dn: str) -> None:
+    """Change a group as the directory's root, the way the hospital's directory admins would."""
     ldif = f"dn: {group_dn}\nchangetype: modify\n{change}: member\nmember: {member_dn}\n"
-    subprocess.run(["ldapmodify", "-x", "-H", corp.url, "-D", corp.rootdn, "-y", str(corp.rootpw_file)],
+    subprocess.run(["ldapmodify", "-x", "-H", server.url, "-D", server.rootdn, "-y", str(server.rootpw_file)],
                    input=ldif.encode(), check=True, capture_output=True)
 
 
@@ -276,6 +277,16 @@ async def test_refresh_with_bind_template_and_service_account(corp, tmp_path, pa
 
 
 async def test_without_a_service_account_refresh_keeps_the_session(slapd, demo_site, make_authenticator):
-    auth = make_authenticator(demo_site(), slapd.url)
+    # the demo hospital named by url (not embedded): no service account is configured
+    auth = make_authenticator(demo_site(url=slapd.url))
     assert auth.lookup_dn_search_user is None
     assert await auth.refresh_user(hub_user("alice")) is True
+
+
+async def test_embedded_demo_directory_brings_its_service_account(slapd, demo_site, make_authenticator):
+    auth = make_authenticator(demo_site(), slapd.url)
+    assert auth.lookup_dn_search_user == slapd.service_dn
+    assert (await auth.refresh_user(hub_user("carol")))["groups"] == ["cardiometabolic", "oncology"]
+    modify_group(slapd, "cn=oncology,ou=groups,dc=hospital,dc=example", "delete",
+                 "uid=alice,ou=people,dc=hospital,dc=example")
+    assert await auth.refresh_user(hub_user("alice")) is False

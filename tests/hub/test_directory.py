@@ -79,8 +79,15 @@ def test_passwords_are_stored_hashed_and_readable_by_nobody_but_root(slapd):
     assert creds["alice"] not in stored
 
 
+def test_service_account_reads_memberships_but_not_passwords(slapd):
+    conn = bind(slapd.url, slapd.service_dn, slapd.service_password_file.read_text())
+    assert members(conn, "data-stewards") == {f"uid=sam,{PEOPLE}"}
+    conn.search(f"uid=alice,{PEOPLE}", "(objectClass=*)", ldap3.BASE, attributes=["userPassword"])
+    assert not conn.response[0]["raw_attributes"].get("userPassword")
+
+
 def test_state_files_are_private_to_root(slapd):
-    for path in (slapd.credentials_file, slapd.conf_path, slapd.rootpw_file):
+    for path in (slapd.credentials_file, slapd.conf_path, slapd.rootpw_file, slapd.service_password_file):
         st = path.stat()
         assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600, path
     assert stat.S_IMODE(slapd.root.stat().st_mode) == 0o700

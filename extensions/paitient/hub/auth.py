@@ -426,16 +426,22 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     else:
         a.bind_dn_template = list(d.bind_dn_template)
     # The service account searches for users (lookup_dn) and re-reads memberships (refresh_user).
-    a.lookup_dn_search_user = d.service_dn or None
-    if d.service_password_file:
-        path = Path(d.service_password_file)
+    service_dn, service_file = d.service_dn, d.service_password_file
+    if d.embedded and not service_dn:
+        from paitient.hub.directory import DEMO_SERVICE_DN, demo_service_password_file
+
+        if demo_service_password_file(site.state_dir).is_file():
+            service_dn, service_file = DEMO_SERVICE_DN, str(demo_service_password_file(site.state_dir))
+    a.lookup_dn_search_user = service_dn or None
+    if service_file:
+        path = Path(service_file)
         if not path.is_file():
             raise ConfigError(
                 f"[directory] service_password_file {path} does not exist; write the service "
                 "account's password there (owner root, mode 0600)"
             )
         check_owner(path, secret=True)
-        a.service_password_file = d.service_password_file
+        a.service_password_file = service_file
     a.project_groups = {p.name: p.group for p in site.projects}
     a.steward_group = d.steward_group
     a.admin_group = d.admin_group

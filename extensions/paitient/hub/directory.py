@@ -360,11 +360,12 @@ class Slapd:
 
 
 def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bool]],
-              password_hashes: Mapping[str, str]) -> str:
+              password_hashes: Mapping[str, str], service_hash: str | None = None) -> str:
     """LDIF of the demo hospital: people (inetOrgPerson + posixAccount) and groupOfNames groups.
 
     One group per project named in ``people``, ``data-stewards`` and ``workspace-admins``. A groupOfNames
-    must have a member, so a group without people lists itself (a DN nobody can bind as).
+    must have a member, so a group without people lists itself (a DN nobody can bind as). With
+    ``service_hash``, a service account ``cn=paitient-service,ou=services`` (reads memberships).
     """
     dc = base_dn.split(",")[0].split("=", 1)[1]
     entries = [
@@ -372,6 +373,12 @@ def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bo
         ldif_entry(f"ou=people,{base_dn}", {"objectClass": "organizationalUnit", "ou": "people"}),
         ldif_entry(f"ou=groups,{base_dn}", {"objectClass": "organizationalUnit", "ou": "groups"}),
     ]
+    if service_hash:
+        entries.append(ldif_entry(f"ou=services,{base_dn}", {"objectClass": "organizationalUnit", "ou": "services"}))
+        entries.append(ldif_entry(f"cn=paitient-service,ou=services,{base_dn}", {
+            "objectClass": ["applicationProcess", "simpleSecurityObject"], "cn": "paitient-service",
+            "userPassword": service_hash,
+        }))
     groups: dict[str, list[str]] = {}
     for uid_number, (name, full_name, projects, steward) in enumerate(people, start=10001):
         dn = f"uid={name},ou=people,{base_dn}"
@@ -395,6 +402,13 @@ def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bo
     return "\n".join(entries)
 
 
+DEMO_SERVICE_DN = f"cn=paitient-service,ou=services,{DEMO_BASE_DN}"
+
+
+def demo_service_password_file(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / "directory" / "service-password"
+
+
 class DemoDirectory(Slapd):
     """The embedded demo hospital under ``<state_dir>/directory``; reuses database and passwords on resume."""
 
@@ -409,6 +423,13 @@ class DemoDirectory(Slapd):
     def seeded_marker(self) -> Path:
         return self.root / "seeded"
 
+    @property
+    def service_password_file(self) -> Path:
+        """Password of the demo's service account (0600), which the hub uses to re-read memberships."""
+        return demo_service_password_file(self.root.parent)
+
+    service_dn = DEMO_SERVICE_DN
+
     def credentials(self) -> dict[str, str]:
         """Demo username -> password (generated on first start)."""
         return json.loads(self.credentials_file.read_text())
@@ -417,7 +438,8 @@ class DemoDirectory(Slapd):
         if self.running:
             return
         self.configure()
-        if not (self.seeded_marker.exists() and self.credentials_file.exists()) or self.is_empty():
+        files = (self.seeded_marker, self.credentials_file, self.service_password_file)
+        if not all(f.exists() for f in files) or self.is_empty():
             self.seed()
         super().start(timeout)
 
@@ -426,6 +448,9 @@ class DemoDirectory(Slapd):
         self.seeded_marker.unlink(missing_ok=True)
         self.wipe()
         passwords = {name: secrets.token_urlsafe(9) for name, *_ in DEMO_PEOPLE}
+        service_password = secrets.token_urlsafe(24)
         atomic_write_json(self.credentials_file, passwords, mode=0o600)
-        self.load(demo_ldif(DEMO_BASE_DN, DEMO_PEOPLE, {n: ssha(p) for n, p in passwords.items()}))
+        atomic_write_text(self.service_password_file, service_password, mode=0o600)
+        hashes = {n: ssha(p) for n, p in passwords.items()}
+        self.load(demo_ldif(DEMO_BASE_DN, DEMO_PEOPLE, hashes, service_hash=ssha(service_password)))
         atomic_write_text(self.seeded_marker, "", mode=0o600)
