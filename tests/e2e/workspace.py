@@ -97,10 +97,11 @@ class Workspace:
         for name in ("hub", "proxy"):
             p = self.state_dir / "logs" / f"{name}.log"
             if p.exists():
-                out.append(f"\n--- {name}.log (tail) ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-40:]))
+                tail = p.read_text(errors="replace").splitlines()[-40:]
+                out.append(f"\n--- {name}.log (tail) ---\n" + "\n".join(tail))
         return "".join(out)
 
-    def stop(self) -> None:
+    def stop(self, remove_accounts: bool = True) -> None:
         if self.proc is not None and self.proc.poll() is None:
             subprocess.run([*PAITIENT, "stop", *self.args()], capture_output=True, timeout=90)
             try:
@@ -108,7 +109,8 @@ class Workspace:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.remove_accounts()
+        if remove_accounts:
+            self.remove_accounts()
 
     def remove_accounts(self) -> None:
         for member in Registry.for_state_dir(self.state_dir).all():
@@ -126,7 +128,8 @@ class Workspace:
     def login(self, user: str, password: str | None = None) -> requests.Session:
         """Sign in through the login form; raise with the page text if it is refused."""
         s = requests.Session()
-        r = s.post(*self.login_form(s, user, password if password is not None else self.password(user)))
+        args, kwargs = self.login_form(s, user, password if password is not None else self.password(user))
+        r = s.post(*args, **kwargs)
         if "/hub/login" in r.url:
             raise PermissionError(f"sign-in refused for {user!r}: {login_error(r.text)}")
         return s

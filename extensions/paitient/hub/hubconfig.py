@@ -66,6 +66,9 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     configure_from_site(c, site, directory_url)
     c.Authenticator.manage_groups = True
     c.Authenticator.manage_roles = True
+    # Managed role assignments are rebuilt at start from the holders recorded at sign-in
+    # (paitient.hub.roleholders), so a hub restart keeps them and a withdrawn role goes.
+    c.Authenticator.reset_managed_roles_on_startup = True
     c.Authenticator.auto_login = False
 
     # -- what they get --------------------------------------------------------------------------------
@@ -90,14 +93,16 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
         custom_scopes.update(module.custom_scopes())
     c.JupyterHub.services = services
     c.JupyterHub.custom_scopes = custom_scopes
-    known = set(custom_scopes)
+    missing = {s for s in RESEARCHER_SCOPES + STEWARD_SCOPES if s.startswith("custom:")} - set(custom_scopes)
+    if missing:
+        raise RuntimeError(f"scopes {sorted(missing)} are granted to roles but no service defines them")
+    # researcher and steward are managed by the authenticator (synchronised from the directory at sign-in)
+    c.PaitientLDAPAuthenticator.researcher_scopes = RESEARCHER_SCOPES
+    c.PaitientLDAPAuthenticator.steward_scopes = STEWARD_SCOPES
     c.JupyterHub.load_roles = [
-        {"name": "researcher", "description": "Member of a paitient project",
-         "scopes": [s for s in RESEARCHER_SCOPES if not s.startswith("custom:") or s in known]},
-        {"name": "steward", "description": "Data steward: reviews outputs, reads ledger and audit",
-         "scopes": [s for s in STEWARD_SCOPES if not s.startswith("custom:") or s in known]},
         {"name": "paitient-operator", "description": "Used by `paitient up` to manage servers",
-         "scopes": ["list:users", "read:users", "read:servers", "delete:servers"],
+         "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "read:groups",
+                    "read:roles:users"],
          "services": [OPERATOR_SERVICE]},
     ]
     return c

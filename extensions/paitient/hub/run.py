@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     from jupyterhub.app import JupyterHub
 
     os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
-    JupyterHub.launch_instance(argv=[], config=cfg)
+    JupyterHub.instance(config=cfg)  # the singleton launch_instance() then initializes and runs
+    JupyterHub.launch_instance(argv=[])
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ import subprocess
 from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from traitlets import Unicode, default
+from traitlets import HasTraits, Unicode, default
 
 from paitient import config as site_config
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.registry import Member
 
 
-class SiteSpawnerMixin:
+class SiteSpawnerMixin(HasTraits):
     """Access to the site configuration the hub was started with (set by :func:`paitient.hub.hubconfig.configure`)."""
 
     site_file = Unicode("", help="Site configuration file; empty for the embedded default.").tag(config=True)

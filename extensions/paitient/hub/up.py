@@ -160,6 +160,8 @@ class UpCommand(_StateCommand):
 
     proxy_command = Unicode(help="The configurable-http-proxy executable.").tag(config=True)
     ready_timeout = Float(90.0, help="Seconds to wait for the hub to answer before giving up.").tag(config=True)
+    max_restarts = Int(5, help="Restarts of the hub, proxy or directory allowed per minute before giving up."
+                       ).tag(config=True)
 
     @default("proxy_command")
     def _proxy_command_default(self) -> str:
@@ -177,6 +179,8 @@ class UpCommand(_StateCommand):
         if not os.access(self.proxy_command, os.X_OK):
             self.fail(f"the proxy {self.proxy_command} is not installed; run: bash scripts/setup install")
         self.children: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        self.restarts: list[float] = []
         stopping = False
 
         def on_signal(signum, _frame):
@@ -191,7 +195,7 @@ class UpCommand(_StateCommand):
         self.directory = None
         try:
             self._start_all(site, paths)
-            self._watch()
+            self._watch(paths)
         except KeyboardInterrupt:
             print("paitient: stopping ...", flush=True)
         finally:
@@ -210,6 +214,7 @@ class UpCommand(_StateCommand):
         finally:
             log.close()
         self.children[name] = proc
+        self.commands[name] = (argv, env)
         self.log.info("started %s (pid %d), log in %s", name, proc.pid, paths.log_dir / f"{name}.log")
 
     def _start_all(self, site: SiteConfig, paths: HubPaths) -> None:
@@ -275,17 +280,29 @@ class UpCommand(_StateCommand):
         raise SystemExit(f"paitient up: the hub did not answer at {url} within {self.ready_timeout:.0f}s ({last}); "
                          f"see {paths.log_dir / 'hub.log'}")
 
-    def _watch(self) -> None:
+    def _watch(self, paths: HubPaths) -> None:
+        """Restart whatever exits unexpectedly (a hub restart keeps researchers' servers); give up when
+        restarts come faster than :attr:`max_restarts` a minute."""
         while True:
+            exited = [(name, proc.returncode) for name, proc in self.children.items() if proc.poll() is not None]
             if self.directory is not None and not self.directory.running:
-                print("paitient: the embedded directory exited unexpectedly; stopping the workspace",
-                      file=sys.stderr, flush=True)
-                return
-            for name, proc in self.children.items():
-                if proc.poll() is not None:
-                    print(f"paitient: {name} exited unexpectedly (code {proc.returncode}); stopping the workspace",
-                          file=sys.stderr, flush=True)
+                exited.append(("directory", None))
+            for name, code in exited:
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+                if len(self.restarts) > self.max_restarts:
+                    print(f"paitient: {name} keeps exiting (code {code}); stopping the workspace; "
+                          f"see {paths.log_dir}", file=sys.stderr, flush=True)
                     return
+                print(f"paitient: {name} exited (code {code}); restarting it", file=sys.stderr, flush=True)
+                if name == "directory":
+                    self.directory.start()
+                else:
+                    argv, env = self.commands[name]
+                    self._spawn(name, argv, paths, env)
+                assert self.running is not None
+                self.running.pids[name] = self.directory.pid if name == "directory" else self.children[name].pid
+                atomic_write_json(paths.up_file, self.running.__dict__, mode=0o644)
             time.sleep(0.5)
 
     # -- stop -----------------------------------------------------------------------------------------
