@@ -10,8 +10,9 @@ JupyterHub roles (``manage_groups`` and ``manage_roles`` are on). Refusals:
 - a user in no project (and neither steward nor admin) is told so on the login page;
 - an unreachable directory gives a message on the login page, not a 500; the next attempt tries again.
 
-Every attempt is recorded in the audit trail as ``auth.login`` with outcome ``ok``, ``denied`` or ``error``.
-Blocking directory calls run in a thread, with connect and receive timeouts.
+With a service account, ``refresh_user`` re-reads memberships every ``auth_refresh_age`` seconds and signs
+out a user who lost every project. Every attempt is recorded in the audit trail as ``auth.login`` with
+outcome ``ok``, ``denied`` or ``error``. Blocking directory calls run in a thread, with timeouts.
 """
 
 from __future__ import annotations
