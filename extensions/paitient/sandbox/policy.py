@@ -140,12 +140,13 @@ def _check_abs(what: str, path: str) -> None:
         raise PolicyError(f"{what} may not be {path!r}: it would hide or expose a system folder")
 
 
-def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap") -> list[str]:
+def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", seccomp_fd: int | None = None) -> list[str]:
     """The ``bwrap`` command line (without the kernel command) that enforces ``policy``.
 
     Namespaces: every one bwrap knows (network, pid, ipc, uts, cgroup, user), nested user namespaces
     disabled; no capabilities; a new session (no TIOCSTI into the server's terminal); dies with its
-    parent. Filesystem: read-only system, a minimal /etc, private /proc, /dev and /tmp, the home
+    parent; with ``seccomp_fd``, the filter of :mod:`paitient.sandbox.seccomp` read from that descriptor.
+    Filesystem: read-only system, a minimal /etc, private /proc, /dev and /tmp, the home
     read-write, the datasets read-only, the service sockets and the runtime dir at their host paths.
     """
     _check_abs("home", policy.home)
@@ -162,6 +163,8 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap") -> li
         "--hostname", policy.hostname,
         "--clearenv",
     ]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     for key, value in sorted(policy.env.items()):
         argv += ["--setenv", key, value]
     for path in policy.system_ro:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Dict, Int, List, Unicode, default
+from traitlets import Bool, Dict, Int, List, Unicode, default
 
 import paitient
 from paitient.sandbox.policy import (
@@ -32,6 +32,7 @@ from paitient.sandbox.policy import (
     prlimit_argv,
     resolve_datasets,
 )
+from paitient.sandbox.seccomp import seccomp_program
 
 
 def _python_roots() -> list[str]:
@@ -67,6 +68,10 @@ class SandboxProvisioner(LocalProvisioner):
         Unicode(),
         ["/sys/devices/system/cpu"],
         help="Optional read-only paths (skipped where missing); CPU topology lets numeric libraries size threads.",
+    ).tag(config=True)
+
+    seccomp = Bool(
+        True, help="Load the seccomp filter (ptrace, process memory, keyrings, eBPF, mount calls refused)."
     ).tag(config=True)
 
     @default("system_ro")
@@ -124,17 +129,24 @@ class SandboxProvisioner(LocalProvisioner):
         km = self.parent
         connection_file = km.connection_file if km is not None else kwargs["connection_file"]
         policy = self.policy(connection_file, kwargs.get("cwd"))
+        seccomp_fd = _seccomp_fd() if self.seccomp else None
         argv = [
             *prlimit_argv(self.limits(), self.prlimit_path),
-            *build_bwrap_argv(policy, self.bwrap_path),
+            *build_bwrap_argv(policy, self.bwrap_path, seccomp_fd),
             *cmd,
         ]
+        if seccomp_fd is not None:
+            kwargs["pass_fds"] = (seccomp_fd,)
         # bwrap itself runs outside the sandbox: give it nothing from the server's environment
         # (an LD_PRELOAD there would run the user's code unsandboxed).
         kwargs["env"] = {"PATH": "/usr/bin:/bin"}
         kwargs["cwd"] = policy.home
         self.log.info("Starting sandboxed kernel %s with datasets %s", self.kernel_id, _datasets(policy))
-        info = await super().launch_kernel(argv, **kwargs)
+        try:
+            info = await super().launch_kernel(argv, **kwargs)
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         await self._audit(
             "kernel.start",
             {"datasets": _datasets(policy), "limits": vars(self.limits()), "pid": self.pid},
@@ -163,6 +175,14 @@ class SandboxProvisioner(LocalProvisioner):
             )
         except Exception as e:
             self.log.error("could not record %s for kernel %s in the audit trail: %s", action, self.kernel_id, e)
+
+
+def _seccomp_fd() -> int:
+    """An anonymous file holding the filter, read by bwrap from the inherited descriptor."""
+    fd = os.memfd_create("paitient-seccomp", 0)
+    os.write(fd, seccomp_program())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _datasets(policy: SandboxPolicy) -> list[str]:

@@ -1,0 +1,233 @@
+"""A real user server without the hub: the config the spawner writes, the server as the user's account.
+
+``UserServer`` writes the root-owned config with :func:`paitient.server.config.write_user_server_config`,
+starts ``python -I -m jupyter_server`` under ``setpriv`` as a real system account with the environment
+the spawner gives it, and talks to it over HTTP and the kernel websocket like a browser does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from paitient.config import SiteConfig, parse
+from paitient.registry import Member
+from paitient.server.config import user_server_env, write_user_server_config
+
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_site(root: Path, projects: dict[str, list[str]], **sections: dict[str, Any]) -> SiteConfig:
+    """A site under ``root`` (state and data root-owned, world-readable like a real install)."""
+    state = root / "state"
+    for d in (state, state / "run", state / "data"):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)
+    raw: dict[str, Any] = {
+        "workspace": {"state_dir": str(state)},
+        "projects": [
+            {"name": p, "group": f"cn={p}", "datasets": ds} for p, ds in projects.items()
+        ],
+        **sections,
+    }
+    return parse(raw)
+
+
+def publish(site: SiteConfig, project: str, dataset: str, text: str, version: int = 1) -> Path:
+    """A published dataset version as the ingest part lays it out, with ``current`` pointing at it."""
+    base = site.data_root / project / dataset
+    vdir = base / "versions" / str(version)
+    vdir.mkdir(parents=True, exist_ok=True)
+    (vdir / "data.csv").write_text(text)
+    (vdir / "manifest.json").write_text(json.dumps({"version": version}))
+    for d in (site.data_root / project, base, base / "versions", vdir):
+        os.chmod(d, 0o755)
+    cur = base / "current"
+    if cur.is_symlink():
+        cur.unlink()
+    cur.symlink_to(f"versions/{version}")
+    return vdir
+
+
+@dataclass
+class CellResult:
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = None
+    error: str | None = None
+    outputs: list[dict] = field(default_factory=list)
+    wire_bytes: int = 0
+    """Bytes of every websocket frame this execution received (what left the server)."""
+
+
+class UserServer:
+    """One user's server, started as the user's account from the config the spawner would write."""
+
+    def __init__(self, site: SiteConfig, user: pwd.struct_passwd, projects: tuple[str, ...], base: Path,
+                 extra_env: dict[str, str] | None = None):
+        self.site = site
+        self.user = user
+        self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
+        jdir = site.state_dir / "users" / user.pw_name / "jupyter"
+        self.config_dir, self.data_dir = jdir / "config", jdir / "data"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = secrets.token_hex(16)
+        self.log_path = base / f"server-{user.pw_name}.log"
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        home = self.user.pw_dir
+        return {
+            "PATH": f"{Path(PYTHON).parent}:/usr/bin:/bin",
+            "HOME": home,
+            "USER": self.user.pw_name,
+            "LANG": "C.UTF-8",
+            **user_server_env(self.config_dir, self.data_dir, home),
+            **self.extra_env,
+        }
+
+    def start(self, timeout: float = 60.0) -> UserServer:
+        for d in (self.site.state_dir / "users", self.config_dir.parent.parent, self.config_dir.parent):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
+        cmd = [
+            "setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--init-groups", "--",
+            PYTHON, "-I", "-m", "jupyter_server",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}",
+        ]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.user.pw_dir, start_new_session=True)
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            with contextlib.suppress(requests.RequestException):
+                if self.get("/api/status").status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server did not answer within {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def __enter__(self) -> UserServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        headers = {"Authorization": f"token {self.token}", **kw.pop("headers", {})}
+        return requests.request(method, self.url + path, headers=headers, timeout=60,
+                                allow_redirects=False, **kw)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def start_kernel(self, name: str | None = None, **body: Any) -> str:
+        if name is not None:
+            body["name"] = name
+        r = self.request("POST", "/api/kernels", json=body)
+        if r.status_code != 201:
+            raise RuntimeError(f"kernel start refused: {r.status_code} {r.text[:500]}\n{self.logs()}")
+        return r.json()["id"]
+
+    def kernel_pids(self) -> list[int]:
+        """Processes of the server's account other than the server (the sandboxes, as the host sees them)."""
+        out = subprocess.run(["pgrep", "-u", str(self.user.pw_uid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split() if self.proc and int(p) != self.proc.pid]
+
+    def run(self, code: str, kernel_id: str | None = None, timeout: float = 90.0) -> CellResult:
+        kernel_id = kernel_id or self.start_kernel()
+        return asyncio.run(self._execute(kernel_id, code, timeout))
+
+    async def _execute(self, kernel_id: str, code: str, timeout: float) -> CellResult:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
+        ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {self.token}"}),
+                                     max_message_size=1 << 30)
+        msg_id = uuid.uuid4().hex
+        ws.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": self.user.pw_name,
+                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }))
+        out = CellResult()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
+                if raw is None:
+                    raise RuntimeError("kernel websocket closed")
+                out.wire_bytes += len(raw)
+                if isinstance(raw, bytes):
+                    continue
+                msg = json.loads(raw)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if msg.get("channel") == "iopub":
+                    out.outputs.append({"msg_type": kind, "content": content})
+                if kind == "stream":
+                    if content["name"] == "stdout":
+                        out.stdout += content["text"]
+                    else:
+                        out.stderr += content["text"]
+                elif kind == "execute_result":
+                    out.result = content["data"].get("text/plain")
+                elif kind == "error":
+                    out.error = f"{content['ename']}: {content['evalue']}"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return out
+        finally:
+            ws.close()
+        raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}\n{self.logs()}")
