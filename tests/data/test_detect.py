@@ -7,7 +7,8 @@ from paitient.data import detect
 
 
 @pytest.mark.parametrize("name, what", [
-    ("name", "name"), ("patient_name", "name"), ("LastName", "name"), ("Vorname", "name"),
+    ("name", "name"), ("patient_name", "name"), ("family", "name"), ("given", "name"), ("LastName", "name"),
+    ("Vorname", "name"),
     ("email", "email"), ("e_mail_address", "email"), ("phone", "phone"), ("Telefon", "phone"),
     ("mobile_no", "phone"), ("address", "street address"), ("street", "street address"),
     ("address_line_1", "street address"), ("NHS_number", "insurance"), ("kvnr", "insurance"),

@@ -85,8 +85,12 @@ class DatasetsCommand(PaitientCommand):
     def start(self) -> None:
         site = self.load_site()
         infos = [i for i in scan(site.data_root) if not self.project or i.project == self.project]
+
+        def all_versions(info) -> list[int]:
+            return versions(info.path.parent if info.path.name == "current" else info.path)
+
         if self.as_json:
-            out = [{**i.manifest, "path": str(i.path), "versions": versions(i.path.parent.parent)} for i in infos]
+            out = [{**i.manifest, "path": str(i.path), "versions": all_versions(i)} for i in infos]
             print(json.dumps(out, indent=2, sort_keys=True))
             return
         if not infos:
@@ -96,7 +100,7 @@ class DatasetsCommand(PaitientCommand):
         rows = [header]
         for i in infos:
             m = i.manifest
-            rows.append((i.project, i.name, str(i.version), str(len(versions(i.path.parent.parent))),
+            rows.append((i.project, i.name, str(i.version), str(len(all_versions(i))),
                          str(i.rows), str(len(i.columns)), "-" if i.k is None else str(i.k),
                          m.get("created", ""), m.get("operator", "")))
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]

@@ -15,7 +15,7 @@ SAMPLE = 2000
 SHARE = 0.6  # of the sampled non-missing values must match
 
 _NAME_RULES: list[tuple[str, str]] = [
-    ("a person's name", r"^(names?|full_?name|display_?name)$"
+    ("a person's name", r"^(names?|full_?name|display_?name|family|given|surname|forename)$"
      r"|(^|_)(first|last|given|family|middle|maiden|patient|person|sur|fore|vor|nach|familien|geburts)_?names?$"),
     ("an email address", r"(^|_)e_?mail(_?address)?$|(^|_)mail_?address$"),
     ("a phone number",

@@ -1,0 +1,72 @@
+"""Demo data for `paitient up`: real tables, generated identities, ingested for real, once."""
+
+import os
+import stat
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from paitient import data
+from paitient.config import load
+from paitient.data.demo import demo_sources, publish_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    site = load(None, overrides={"workspace": {"state_dir": str(tmp_path_factory.mktemp("demo") / "state")}})
+    return site, publish_demo(site)
+
+
+def test_publishes_the_demo_projects_datasets(demo):
+    site, done = demo
+    assert done == ["oncology/breast_cancer@v1", "oncology/gbsg2@v1", "cardiometabolic/diabetes@v1"]
+    assert publish_demo(site) == []  # unchanged spec, source and key: nothing new
+    sources = site.state_dir / "sources"
+    assert stat.S_IMODE(sources.stat().st_mode) == 0o700
+    assert stat.S_IMODE((sources / "oncology" / "gbsg2.csv").stat().st_mode) == 0o600
+    infos = {i.qualified: i for i in data.scan(site.data_root)}
+    assert {q: (i.rows, i.k >= site.workspace.min_k) for q, i in infos.items()} == {
+        "oncology/breast_cancer": (569, True), "oncology/gbsg2": (686, True), "cardiometabolic/diabetes": (442, True)}
+
+
+def test_identifiers_are_gone_and_clinical_values_are_the_real_ones(demo):
+    site, _ = demo
+    raw = demo_sources()
+    for project, name in (("oncology", "gbsg2"), ("oncology", "breast_cancer"), ("cardiometabolic", "diabetes")):
+        folder = site.data_root / project / name / "current"
+        blob = (folder / "data.parquet").read_bytes() + (folder / "manifest.json").read_bytes()
+        table = pq.read_table(folder / "data.parquet")
+        text = " ".join(str(v) for col in table.columns for v in col.to_pylist())
+        src = raw[name]
+        for col in ("mrn", "name", "street", "phone", "insurance_no"):
+            for value in src[col].head(50):
+                assert value not in text and value.encode() not in blob, (name, col)
+        assert not {"name", "street", "phone", "insurance_no", "birth_date", "city", "mrn"} & set(table.column_names)
+    os.environ["PAITIENT_DATA_DIR"] = str(site.data_root)  # the real trial values pass through unchanged
+    try:
+        g = data.load("gbsg2")
+    finally:
+        del os.environ["PAITIENT_DATA_DIR"]
+    assert g["time"].tolist() == raw["gbsg2"]["time"].tolist()
+    assert ((g["last_followup"] - g["surgery_date"]).dt.days == g["time"]).all()  # intervals survive the shift
+
+
+def test_shared_patients_link_within_a_project_and_not_across(demo):
+    site, _ = demo
+    raw = demo_sources()
+    read = {n: pq.read_table(site.data_root / p / n / "current" / "data.parquet").to_pandas(date_as_object=False)
+            for p, n in (("oncology", "gbsg2"), ("oncology", "breast_cancer"), ("cardiometabolic", "diabetes"))}
+    shared_onc = set(raw["gbsg2"]["mrn"]) & set(raw["breast_cancer"]["mrn"])
+    shared_cross = set(raw["diabetes"]["mrn"]) & set(raw["breast_cancer"]["mrn"])
+    assert len(shared_onc) == 150 and len(shared_cross) == 60
+    assert len(set(read["gbsg2"]["patient"]) & set(read["breast_cancer"]["patient"])) == 150
+    oncology = set(read["breast_cancer"]["patient"]) | set(read["gbsg2"]["patient"])
+    assert not set(read["diabetes"]["patient"]) & oncology
+    # a shared oncology patient keeps one date offset across both tables: biopsy 7-60 days before surgery
+    bc = read["breast_cancer"]
+    b = raw["breast_cancer"].assign(patient=bc["patient"], shifted=bc["diagnosis_date"])
+    g = raw["gbsg2"].assign(patient=read["gbsg2"]["patient"], shifted=read["gbsg2"]["surgery_date"])
+    m = b.merge(g, on="patient")
+    gap_raw = (pd.to_datetime(m["surgery_date"]) - pd.to_datetime(m["diagnosis_date"])).dt.days
+    assert len(m) == 150 and ((m["shifted_y"] - m["shifted_x"]).dt.days == gap_raw).all()

@@ -1,0 +1,90 @@
+"""FHIR R4 NDJSON: flattened per resource type, then ingested like any table."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from paitient.data import fhir
+from paitient.data import ingest as ing
+from paitient.data.errors import IngestRefused
+
+from .conftest import make_spec
+
+PATIENT = {"resourceType": "Patient", "id": "pat-1", "identifier": [{"system": "urn:mrn", "value": "000101"}],
+           "name": [{"family": "Müller", "given": ["Anna", "Luise"]}], "gender": "female", "birthDate": "1970-05-04",
+           "telecom": [{"system": "phone", "value": "+49 30 1234567"}, {"system": "email", "value": "a@m.example"}],
+           "address": [{"line": ["Hauptstraße 12"], "city": "Berlin", "postalCode": "10115", "country": "DE"}]}
+ENCOUNTER = {"resourceType": "Encounter", "id": "enc-1", "status": "finished", "class": {"code": "IMP"},
+             "subject": {"reference": "Patient/pat-1"}, "period": {"start": "2020-01-10T08:00:00+01:00",
+                                                                    "end": "2020-01-14T12:00:00+01:00"},
+             "reasonCode": [{"coding": [{"code": "C50.9", "display": "Breast cancer"}]}]}
+CONDITION = {"resourceType": "Condition", "id": "c-1", "subject": {"reference": "Patient/pat-1"},
+             "encounter": {"reference": "Encounter/enc-1"},
+             "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "C50.9"}]},
+             "clinicalStatus": {"coding": [{"code": "active"}]}, "onsetDateTime": "2019-12-20"}
+OBSERVATIONS = [
+    {"resourceType": "Observation", "id": f"o-{i}", "status": "final", "subject": {"reference": f"Patient/pat-{p}"},
+     "encounter": {"reference": "Encounter/enc-1"}, "code": {"coding": [{"system": "http://loinc.org",
+                                                                          "code": "2339-0", "display": "Glucose"}]},
+     "effectiveDateTime": f"2020-01-1{i}T09:00:00+01:00", "valueQuantity": {"value": 5.5 + i, "unit": "mmol/L"}}
+    for i, p in ((1, 1), (2, 1), (3, 2), (4, 2))
+]
+
+
+def ndjson(path, resources):
+    path.write_text("".join(json.dumps(r) + "\n" for r in resources))
+    return path
+
+
+def test_each_resource_type_flattens_to_its_columns(tmp_path):
+    src = ndjson(tmp_path / "all.ndjson", [PATIENT, ENCOUNTER, CONDITION, *OBSERVATIONS])
+    p = fhir.read_ndjson(src, "Patient").to_pylist()[0]
+    assert p["family"] == "Müller" and p["given"] == "Anna Luise" and p["phone"] == "+49 30 1234567"
+    assert p["postal_code"] == "10115" and p["address_line"] == "Hauptstraße 12" and p["identifier"] == "000101"
+    e = fhir.read_ndjson(src, "Encounter").to_pylist()[0]
+    assert e["patient"] == "pat-1" and e["class_code"] == "IMP" and e["reason_code"] == "C50.9"
+    c = fhir.read_ndjson(src, "Condition").to_pylist()[0]
+    assert c["encounter"] == "enc-1" and c["code"] == "C50.9" and c["clinical_status"] == "active"
+    o = fhir.read_ndjson(src, "Observation")
+    assert o.column_names == list(fhir.COLUMNS["Observation"]) and o.num_rows == 4
+    assert o.to_pylist()[0]["value_number"] == 6.5 and o.to_pylist()[0]["value_unit"] == "mmol/L"
+
+
+def test_refusals_name_the_line(tmp_path):
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(json.dumps(PATIENT) + "\n{not json\n")
+    with pytest.raises(IngestRefused, match="bad.ndjson line 2: not a JSON resource"):
+        fhir.read_ndjson(bad, "Patient")
+    bad.write_text(json.dumps(PATIENT) + "\n" + json.dumps({"id": "x"}) + "\n")
+    with pytest.raises(IngestRefused, match="bad.ndjson line 2: no resourceType"):
+        fhir.read_ndjson(bad)
+    mixed = ndjson(tmp_path / "mixed.ndjson", [PATIENT, ENCOUNTER])
+    with pytest.raises(IngestRefused, match='holds Encounter, Patient; say resource = "..."'):
+        fhir.read_ndjson(mixed)
+    with pytest.raises(IngestRefused, match="resource = 'Medication' is not supported"):
+        fhir.read_ndjson(mixed, "Medication")
+    with pytest.raises(IngestRefused, match="holds no Observation resources"):
+        fhir.read_ndjson(mixed, "Observation")
+
+
+def test_observations_ingest_with_patient_pseudonyms_and_shifted_zoned_times(site, tmp_path):
+    src = ndjson(tmp_path / "obs.ndjson", OBSERVATIONS)
+    cols = {"id": "drop", "patient": "pseudonym", "encounter": {"action": "pseudonym", "domain": "enc"},
+            "effective_date": "date_shift", "value_text": "drop"}
+    spec = make_spec(src, cols, patient_id="patient", format="fhir", resource="Observation")
+    pub = ing.ingest(site, spec, operator="t")
+    rows = pq.read_table(pub.path / "data.parquet").to_pylist()
+    assert pub.manifest["source_format"] == "fhir:Observation" and len(rows) == 4
+    assert rows[0]["patient"] == rows[1]["patient"] != rows[2]["patient"]
+    assert (rows[1]["effective_date"] - rows[0]["effective_date"]).days == 1
+    assert rows[0]["effective_date"].tzinfo is not None and rows[0]["value_number"] == 6.5
+
+
+def test_patient_table_with_undeclared_identifiers_is_refused(site, tmp_path):
+    src = ndjson(tmp_path / "pat.ndjson", [PATIENT])
+    spec = make_spec(src, {"id": "pseudonym"}, format="fhir")
+    with pytest.raises(IngestRefused) as e:
+        ing.ingest(site, spec, operator="t")
+    for col in ("identifier", "family", "given", "birth_date", "phone", "email", "address_line"):
+        assert f"column {col!r} is not in the spec" in str(e.value)
