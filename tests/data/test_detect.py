@@ -48,6 +48,15 @@ def test_identifier_values(values, what):
     assert found is not None and what in found[0] and found[1] == 1
 
 
+@pytest.mark.parametrize("values", [
+    ["2020-01-02", "2021-03-04", "2019-12-31"],
+    ["2020-01-02T10:00:00+01:00", "2020-01-02 11:30"],
+])
+def test_undeclared_dates_are_caught(values):
+    assert "real dates" in detect.by_content(pa.array(values * 3))[0]
+    assert "real dates" in detect.by_content(pa.array([None, "2020-01-01"]).cast(pa.date32()))[0]
+
+
 def test_integer_record_numbers_are_caught():
     assert detect.by_content(pa.array(list(range(4_100_000, 4_100_050))))[0] == "record numbers"
 
@@ -61,7 +70,6 @@ def test_first_matching_row_is_named():
     ["Post", "Pre", "Post", "Post", "Pre"],  # repeated categories that look like words
     ["Invasive Ductal", "Invasive Ductal", "Lobular Carcinoma", "Invasive Ductal"],
     ["C50.9", "E11.9", "I10", "C50.1"],  # ICD-10 codes
-    ["2020-01-02", "2021-03-04", "2019-12-31"],
     ["I", "II", "III", "II"],
     ["yes", "no", "no"],
 ])

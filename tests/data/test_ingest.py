@@ -233,3 +233,14 @@ def test_parquet_source(site, tmp_path, patients_csv):
     from_parquet = published_rows(ing.ingest(site, spec, operator="t").path)
     csv_spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", dataset="gbsg2")
     assert from_parquet == published_rows(ing.ingest(site, csv_spec, operator="t").path)
+
+
+def test_refuses_an_empty_source(site, tmp_path):
+    empty = write_csv(tmp_path / "empty.csv", HEADER, [])
+    assert "empty.csv holds no data rows" in refusal(site, make_spec(empty, COLUMNS, patient_id="mrn"))
+
+
+def test_refuses_undeclared_real_dates(site, tmp_path):
+    src = write_csv(tmp_path / "d.csv", ["mrn", "admitted"], [["000101", "2020-01-02"], ["000102", "2020-02-03"]])
+    text = refusal(site, make_spec(src, {"mrn": "pseudonym"}))
+    assert "column 'admitted' is not in the spec and has values like real dates" in text and '"date_shift"' in text

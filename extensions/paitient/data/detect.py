@@ -29,6 +29,8 @@ _NAME_RULES: list[tuple[str, str]] = [
     ("a birth date", r"(^|_)(date_of_birth|birth_?(date|day)|dob|geburts_?datum)$"),
 ]
 
+_DATES = "real dates (unshifted, they link records to real events)"
+
 _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
     # (what, pattern, needs mostly distinct values)
     ("email addresses", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), False),
@@ -45,6 +47,7 @@ _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
         r"|square|crescent|terrace|gardens)\.?\b.*"
         r"|.*\w(straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s*\d+[a-z]?\b.*)"
     ), False),
+    (_DATES, re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?"), False),
     ("person names", re.compile(
         r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
 ]
@@ -79,6 +82,9 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
         ):
             return "record numbers", 1 + int(pc.index(pc.is_valid(arr), True).as_py())
         return None
+    if pa.types.is_date(arr.type) or pa.types.is_timestamp(arr.type):
+        valid = pc.is_valid(arr)
+        return (_DATES, 1 + int(pc.index(valid, True).as_py())) if pc.any(valid).as_py() else None
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         return None
     values = [(i, v.strip()) for i, v in enumerate(arr.to_pylist()) if v is not None and v.strip()][:SAMPLE]

@@ -82,8 +82,8 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
         if what:
             problems.append(
                 f"column {col!r} is not in the spec and has {what}; declare it in [columns] "
-                f"({col} = \"drop\", or \"pseudonym\" for an identifier you need to link rows), "
-                "or if it is not identifying, say so with \"keep\""
+                f"({col} = \"drop\", \"pseudonym\" for an identifier you need to link rows, \"date_shift\" "
+                "for dates), or if it is not identifying, say so with \"keep\""
             )
     return problems
 
@@ -140,6 +140,8 @@ def _typed(arr: pa.ChunkedArray, col: str, typ: str) -> pa.Array | pa.ChunkedArr
 def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> Outcome:
     """Apply the spec to ``table``; refuse with every problem found. Writes nothing."""
     min_k = _check_site(site, spec)
+    if table.num_rows == 0:
+        raise IngestRefused(f"{spec.source.name} holds no data rows; there is nothing to publish")
     pkey = keys.project_key(master, spec.project)
     problems = _undeclared(spec, table) if spec.strict else []
     patient = offsets = digests = None
