@@ -44,6 +44,20 @@ def _python_roots() -> list[str]:
     return roots
 
 
+MAX_UNIX_PATH = 107
+
+
+def ipc_prefix(connection_file: str, kernel_id: str) -> str:
+    """Path prefix of a kernel's ipc sockets, next to its connection file; refuses paths too long to bind."""
+    prefix = os.path.join(os.path.dirname(os.path.abspath(connection_file)), "k" + kernel_id.replace("-", "")[:8])
+    if len(os.fsencode(prefix)) + 4 > MAX_UNIX_PATH:
+        raise PolicyError(
+            f"the runtime dir {os.path.dirname(connection_file)} is too long for unix socket paths "
+            f"({MAX_UNIX_PATH} bytes at most); give the server a shorter JUPYTER_RUNTIME_DIR"
+        )
+    return prefix
+
+
 class SandboxProvisioner(LocalProvisioner):
     """Start the kernel in a bubblewrap sandbox: no network, read-only data, no credentials, limits."""
 
@@ -117,9 +131,9 @@ class SandboxProvisioner(LocalProvisioner):
         km = self.parent
         if km is not None:
             # The kernel has no network: ZMQ must run over unix sockets next to the connection file.
-            if km.transport != "ipc" or not os.path.isabs(km.ip):
-                km.transport = "ipc"
-                km.ip = os.path.splitext(os.path.abspath(km.connection_file))[0] + "-ipc"
+            # Socket paths are short (a unix socket path has at most 107 bytes): <runtime>/k<id[:8]>-<n>.
+            km.transport = "ipc"
+            km.ip = ipc_prefix(km.connection_file, str(self.kernel_id or km.kernel_id or "kernel"))
         if self.kernel_spec is not None:
             # A signal would hit bwrap, not the kernel, and end the sandbox.
             self.kernel_spec.interrupt_mode = "message"

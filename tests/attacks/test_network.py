@@ -1,0 +1,100 @@
+"""Network attacks from inside a sandboxed kernel: nothing reaches the host, other users or the outside.
+
+Every target is a listener this test started on loopback (or an address in the sandbox's own network
+namespace, which holds only ``lo``); after each attack, the stand-ins confirm nothing arrived.
+"""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _nothing_arrives(world):
+    yield
+    assert world.listeners.nothing_arrived(), "a connection or datagram reached a host listener"
+
+
+@pytest.mark.parametrize("target", ["hub", "proxy_api", "hub_api", "directory"])
+def test_tcp_to_hub_proxy_and_directory_is_refused(world, alice_kernel, target):
+    port = world.listeners.port(target)
+    out = alice_kernel.attempt(f"socket.create_connection(('127.0.0.1', {port}), timeout=5)")
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_tcp_to_another_users_server_is_refused(world, alice_kernel):
+    out = alice_kernel.attempt(f"socket.create_connection(('127.0.0.1', {world.server_b.port}), timeout=5)")
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_tcp_to_own_server_api_is_refused(world, alice_kernel):
+    out = alice_kernel.attempt(f"socket.create_connection(('127.0.0.1', {world.server_a.port}), timeout=5)")
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_tcp_over_ipv6_loopback_is_refused(world, alice_kernel):
+    port = world.listeners.tcp6.getsockname()[1]
+    out = alice_kernel.attempt(f"socket.create_connection(('::1', {port}), timeout=5)")
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_udp_to_host_loopback_never_arrives(world, alice_kernel):
+    port = world.listeners.udp.getsockname()[1]
+    # The datagram goes to the sandbox's own lo, where nobody listens: the next receive reports it.
+    out = alice_kernel.attempt(
+        "(lambda s: (s.connect(('127.0.0.1', %d)), s.send(b'leak'), s.settimeout(2), s.recv(10)))"
+        "(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))" % port
+    )
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_tcp_to_an_outside_address_is_unreachable(alice_kernel):
+    # 192.0.2.1 (TEST-NET-1): the sandbox has no route, the call fails before any packet is built.
+    out = alice_kernel.attempt("socket.create_connection(('192.0.2.1', 443), timeout=5)")
+    assert out["errno"] == "ENETUNREACH", out
+
+
+def test_udp_to_an_outside_address_is_unreachable(alice_kernel):
+    out = alice_kernel.attempt("socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('192.0.2.1', 53))")
+    assert out["errno"] == "ENETUNREACH", out
+
+
+def test_dns_resolution_fails(alice_kernel):
+    out = alice_kernel.attempt("socket.getaddrinfo('example.org', 443)")
+    assert out["type"] == "gaierror", out
+
+
+def test_only_loopback_interface_exists(alice_kernel):
+    out = alice_kernel.attempt("socket.if_nameindex()")
+    assert out["ok"] and out["value"] == "[(1, 'lo')]", out
+
+
+def test_raw_socket_is_refused(alice_kernel):
+    out = alice_kernel.attempt("socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)")
+    assert out["errno"] == "EPERM", out
+
+
+def test_packet_socket_is_refused(alice_kernel):
+    out = alice_kernel.attempt("socket.socket(socket.AF_PACKET, socket.SOCK_RAW)")
+    assert out["errno"] == "EPERM", out
+
+
+def test_hub_unix_socket_is_not_visible(world, alice_kernel):
+    out = alice_kernel.attempt(f"socket.socket(socket.AF_UNIX).connect({str(world.hub_socket)!r})")
+    assert out["errno"] == "ENOENT", out
+
+
+def test_abstract_unix_socket_of_the_host_is_unreachable(world, alice_kernel):
+    name = world.listeners.abstract_name
+    out = alice_kernel.attempt(f"socket.socket(socket.AF_UNIX).connect('\\0{name}')")
+    assert out["errno"] == "ECONNREFUSED", out
+
+
+def test_service_socket_folder_cannot_take_a_fake_service(world, alice_kernel):
+    fake = world.site.run_dir / "ledger.sock"
+    out = alice_kernel.attempt(f"socket.socket(socket.AF_UNIX).bind({str(fake)!r})")
+    assert out["errno"] == "EROFS", out
+
+
+def test_kernel_sockets_of_another_user_are_not_visible(world, alice_kernel):
+    runtime = f"{world.bob.pw_dir}/.local/share/jupyter/runtime"
+    out = alice_kernel.attempt(f"os.listdir({runtime!r})")
+    assert out["errno"] == "ENOENT", out
