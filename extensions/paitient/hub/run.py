@@ -8,7 +8,6 @@ restarted without touching the proxy, the directory or the researchers' servers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 
 from traitlets.config import Config
@@ -16,11 +15,6 @@ from traitlets.config import Config
 from paitient import config as site_config
 from paitient.hub.hubconfig import configure
 from paitient.hub.paths import HubPaths
-
-
-def effective_configuration(site: site_config.SiteConfig) -> dict:
-    """The site configuration as it takes effect (secrets are never part of it: only file paths are)."""
-    return dataclasses.asdict(site)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from paitient import audit
 
-    audit.emit(site, actor="paitient", action="config.effective", object=site.source or "embedded-default",
-               details=effective_configuration(site))
+    audit.emit(site, actor="system", action="config.effective", object=site.source or "embedded-default",
+               details=audit.config_details(site))
 
     from jupyterhub.app import JupyterHub
 

@@ -97,16 +97,34 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         write_user_server_config(self.site, member, config_dir, data_dir)
         return member
 
+    async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
+        from paitient import audit
+
+        await asyncio.to_thread(audit.emit, self.site, actor=self.user.name, action=action,
+                                object=self.account or self.user.name, outcome=outcome, details=details)
+
     async def start(self):
-        member = await asyncio.to_thread(self._prepare)
+        try:
+            member = await asyncio.to_thread(self._prepare)
+        except Exception as e:
+            await self._audit("server.spawn", "error", reason=f"{type(e).__name__}: {e}"[:500])
+            raise
         self.account = member.account
         log_path = HubPaths.of(self.site).log_dir / f"server-{member.account}.log"
         log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - Popen duplicates it; closed below
         try:
             self.popen_kwargs = {**self.popen_kwargs, "stdout": log, "stderr": subprocess.STDOUT}
-            return await super().start()
+            ip_port = await super().start()
         finally:
             log.close()
+        await self._audit("server.spawn", uid=member.uid, pid=self.pid, projects=list(member.projects),
+                          roles=list(member.roles))
+        return ip_port
+
+    async def stop(self, now: bool = False) -> None:
+        pid = self.pid
+        await super().stop(now=now)
+        await self._audit("server.stop", pid=pid, now=now)
 
     def make_preexec_fn(self, name: str):
         return set_user_setuid(self.account or name)
