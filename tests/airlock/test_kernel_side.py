@@ -33,7 +33,8 @@ def test_request_and_status_from_the_kernel_api(channel, airlock, root_user, tmp
     assert [r["id"] for r in mine] == [rid] and mine[0]["project"] == "cardio"
     assert "<td>in_review</td>" in mine._repr_html_()
     assert status(rid)["checks"][0] == {"check": "minimum_count", "status": "pass",
-                                        "reason": "every count is at least 10 (or zero)"}
+                                        "reason": "every count is at least 10 (or zero)",
+                                        "details": {"threshold": 10}}
     with pytest.raises(AirlockError, match="cannot open"):
         request(tmp_path / "absent.csv", kind="table", justification="x", project="cardio")
 
@@ -101,3 +102,27 @@ def test_cli_lists_and_shows_requests(site, airlock, people):
     listed = json.loads(subprocess.run([*base, "--json", "--state=released"], capture_output=True, text=True,
                                        check=True).stdout)
     assert listed == []
+
+
+def test_error_text_from_model_code_reaches_stewards_only(airlock, people):
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, "in_review")
+    airlock.store.record_checks(rid, [{"check": "membership_inference", "status": "error",
+                                       "reason": "the audit could not run the model",
+                                       "details": {"error": "ValueError: age=87 sex=F", "auc": 0.5}}])
+    req = airlock.store.get(rid)
+    mine = {c["check"]: c for c in airlock.describe(req, for_steward=False)["checks"]}
+    assert mine["membership_inference"]["details"] == {"auc": 0.5}
+    theirs = {c["check"]: c for c in airlock.describe(req, for_steward=True)["checks"]}
+    assert theirs["membership_inference"]["details"]["error"] == "ValueError: age=87 sex=F"
+
+
+def test_resubmission_links_only_to_ones_own_request(channel, airlock, root_user, tmp_path, people):
+    other = submit(airlock, people, "alice", GOOD)
+    path = tmp_path / "t.csv"
+    path.write_bytes(GOOD)
+    with pytest.raises(AirlockError, match="is not one of your requests"):
+        request(path, kind="table", justification="x", project="cardio", supersedes=other)
+    first = request(path, kind="table", justification="x", project="cardio")
+    second = request(path, kind="table", justification="rounded", project="cardio", supersedes=first)
+    assert airlock.store.get(second).meta["supersedes"] == first

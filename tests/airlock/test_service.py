@@ -90,8 +90,8 @@ def test_table_with_small_cell_is_flagged(site, channel, airlock, alice):
     assert by_check["minimum_count"]["status"] == "fail"
     assert "1 cell(s) count fewer than 10" in by_check["minimum_count"]["reason"]
     assert mine["overall"] == "fail"
-    # The requester sees reasons, not the steward-only details.
-    assert "details" not in by_check["minimum_count"]
+    # The requester sees which cells, to fix them.
+    assert by_check["minimum_count"]["details"]["cells"] == [{"row": 2, "column": "patients", "value": 3.0}]
     # The stored copy is the file's bytes, root-only and read-only.
     blob = airlock.store.blob_path(mine["sha256"])
     assert blob.read_bytes() == path.read_bytes()

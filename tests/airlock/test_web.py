@@ -93,10 +93,10 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
     assert "&lt;img src=x onerror=alert(2)&gt;" in page and "<img src=x" not in page
     assert 'data-check="minimum_count"' in page and "1 cell(s) count fewer than 10" in page
     assert 'id="decision-form"' in page
-    # Check details (which cells) are for stewards; the researcher's own page shows reasons only.
+    # Which cells fail: the steward and the researcher see them; only the steward gets a decision form.
     assert '&quot;threshold&quot;: 10' in page
     own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
-    assert "1 cell(s) count fewer than 10" in own and 'threshold' not in own
+    assert "1 cell(s) count fewer than 10" in own and '&quot;threshold&quot;: 10' in own
     assert 'id="decision-form"' not in own
 
 

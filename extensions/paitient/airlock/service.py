@@ -232,7 +232,13 @@ class Airlock:
                 raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", "bad_request")
             meta["model"] = model
         if args.get("supersedes"):
-            meta["supersedes"] = str(args["supersedes"])
+            try:
+                earlier = self.store.get(str(args["supersedes"]))
+            except StoreError:
+                earlier = None
+            if earlier is None or earlier.username != member.username:
+                raise ChannelError(f"supersedes: {args['supersedes']!r} is not one of your requests", "bad_request")
+            meta["supersedes"] = earlier.id
         return kind, project, justification.strip(), meta
 
     def op_status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> Any:
@@ -249,10 +255,14 @@ class Airlock:
         return [self.describe(r, for_steward=False) for r in self.store.list(username=member.username)]
 
     def describe(self, req: Request, *, for_steward: bool) -> dict[str, Any]:
-        """A request with its check results and decisions; details of checks only for stewards."""
+        """A request with its check results and decisions (error texts of checks for stewards only)."""
         checks = self.store.checks(req.id)
         if not for_steward:
-            checks = [{k: c[k] for k in ("check", "status", "reason")} for c in checks]
+            # An error text may come from the researcher's own model code run in the audit sandbox: only
+            # stewards see it, so it cannot serve as a channel out of the workspace.
+            checks = [{**{k: c[k] for k in ("check", "status", "reason")},
+                       "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"}}
+                      for c in checks]
         decisions = [{"by": e.actor, "ts": e.ts, **e.data} for e in self.store.events(req.id, "decision")]
         return {**req.public(), "checks": checks, "decisions": decisions,
                 "overall": states.overall_status(c["status"] for c in checks) if checks else None}

@@ -61,11 +61,14 @@ class AirlockHandler(HubOAuthenticated, web.RequestHandler):
         return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
 
     async def load(self, rid: str):
+        return await self.run(self._load, rid, self.username, self.scopes)
+
+    def _load(self, rid: str, username: str, scopes: set[str]):
         try:
-            req = await self.run(self.airlock.store.get, rid)
+            req = self.airlock.store.get(rid)
         except StoreError:
             raise web.HTTPError(404, f"there is no airlock request {rid}") from None
-        if not self.airlock.may_view(self.username, self.scopes, req):
+        if not self.airlock.may_view(username, scopes, req):
             raise web.HTTPError(403, f"request {rid} is not yours, not of a project you review, and not released "
                                      "to a project of yours")
         return req
@@ -92,30 +95,33 @@ class AirlockHandler(HubOAuthenticated, web.RequestHandler):
 class ListHandler(AirlockHandler):
     @web.authenticated
     async def get(self) -> None:
-        reqs = await self.run(self.airlock.visible, self.username, self.scopes)
-        reviewable = set(self.airlock.steward_projects(self.username, self.scopes))
+        reqs, reviewable = await self.run(self._listing, self.username, self.scopes)
         self.render("list.html", requests=reqs, reviewable=reviewable,
                     can_request=SCOPE_REQUEST in self.scopes, can_review=SCOPE_REVIEW in self.scopes)
+
+    def _listing(self, username: str, scopes: set[str]):
+        return self.airlock.visible(username, scopes), set(self.airlock.steward_projects(username, scopes))
 
 
 class DetailHandler(AirlockHandler):
     @web.authenticated
     async def get(self, rid: str) -> None:
-        req = await self.load(rid)
-        is_reviewer = self.airlock.may_review(self.username, self.scopes, req)
-        info = await self.run(self.airlock.describe, req, for_steward=is_reviewer)
-        events = await self.run(self.airlock.store.events, rid)
-        preview = None
-        if self.airlock.may_preview(self.username, self.scopes, req):
-            preview = await self.run(_preview, self.airlock, req)
+        self.render("detail.html", **await self.run(self._detail, rid, self.username, self.scopes))
+
+    def _detail(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
+        req = self._load(rid, username, scopes)
+        airlock = self.airlock
+        is_reviewer = airlock.may_review(username, scopes, req)
+        info = airlock.describe(req, for_steward=is_reviewer)
         record = next((c["details"].get("record") for c in info["checks"]
                        if c["check"] == "training_record" and c.get("details")), None)
-        self.render(
-            "detail.html", req=req, info=info, events=events, preview=preview, record=record,
-            is_reviewer=is_reviewer, is_requester=req.username == self.username,
-            can_decide=is_reviewer and req.username != self.username and req.state == states.IN_REVIEW,
-            can_download=self.airlock.may_download(self.username, self.scopes, req),
-            approvals_needed=self.airlock.site.project(req.project).approvals,
+        return dict(
+            req=req, info=info, events=airlock.store.events(rid), record=record,
+            preview=_preview(airlock, req) if airlock.may_preview(username, scopes, req) else None,
+            is_reviewer=is_reviewer, is_requester=req.username == username,
+            can_decide=is_reviewer and req.username != username and req.state == states.IN_REVIEW,
+            can_download=airlock.may_download(username, scopes, req),
+            approvals_needed=airlock.site.project(req.project).approvals,
         )
 
 
@@ -137,15 +143,14 @@ class DownloadHandler(AirlockHandler):
     @web.authenticated
     async def get(self, rid: str) -> None:
         try:
-            req = await self.run(self.airlock.store.get, rid)
-        except StoreError:
-            raise web.HTTPError(404, f"there is no airlock request {rid}") from None
-        try:
             req, data = await self.run(self.airlock.download, rid, username=self.username, scopes=self.scopes,
                                        client=self.request.remote_ip or "")
+        except StoreError:
+            raise web.HTTPError(404, f"there is no airlock request {rid}") from None
         except PermissionError as e:
             raise web.HTTPError(403, str(e)) from None
         except Exception:
+            self.airlock.log.exception("download of %s refused: no audit record", rid)
             raise web.HTTPError(503, "the download could not be recorded in the audit trail, so it is refused; "
                                      "ask the workspace operator") from None
         self.set_header("Content-Type", "application/octet-stream")
@@ -157,15 +162,19 @@ class DownloadHandler(AirlockHandler):
 class PreviewImageHandler(AirlockHandler):
     @web.authenticated
     async def get(self, rid: str) -> None:
-        req = await self.load(rid)
-        if not self.airlock.may_preview(self.username, self.scopes, req):
+        mime, data = await self.run(self._image, rid, self.username, self.scopes)
+        self.set_header("Content-Type", mime)
+        self.finish(data)
+
+    def _image(self, rid: str, username: str, scopes: set[str]) -> tuple[str, bytes]:
+        req = self._load(rid, username, scopes)
+        if not self.airlock.may_preview(username, scopes, req):
             raise web.HTTPError(403, "only the requester and the project's stewards see previews")
-        data = await self.run(self.airlock.store.read_blob, req.sha256)
+        data = self.airlock.store.read_blob(req.sha256)
         mime = image_type(data)
         if mime is None:
             raise web.HTTPError(404, "this output is not a PNG, JPEG or GIF image")
-        self.set_header("Content-Type", mime)
-        self.finish(data)
+        return mime, data
 
 
 class ApiListHandler(AirlockHandler):
@@ -179,11 +188,13 @@ class ApiListHandler(AirlockHandler):
 class ApiDetailHandler(AirlockHandler):
     @web.authenticated
     async def get(self, rid: str) -> None:
-        req = await self.load(rid)
-        info = await self.run(self.airlock.describe, req,
-                              for_steward=self.airlock.may_review(self.username, self.scopes, req))
+        info = await self.run(self._info, rid, self.username, self.scopes)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(info, default=str))
+
+    def _info(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
+        req = self._load(rid, username, scopes)
+        return self.airlock.describe(req, for_steward=self.airlock.may_review(username, scopes, req))
 
 
 def _preview(airlock: Airlock, req) -> dict[str, Any] | None:
