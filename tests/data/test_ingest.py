@@ -244,3 +244,15 @@ def test_refuses_undeclared_real_dates(site, tmp_path):
     src = write_csv(tmp_path / "d.csv", ["mrn", "admitted"], [["000101", "2020-01-02"], ["000102", "2020-02-03"]])
     text = refusal(site, make_spec(src, {"mrn": "pseudonym"}))
     assert "column 'admitted' is not in the spec and has values like real dates" in text and '"date_shift"' in text
+
+
+def test_a_csv_larger_than_one_read_block(site, tmp_path):
+    n = 60_000  # ~3 MB: several Arrow chunks per column
+    rows = [[f"{i % 7000:06d}", f"Person{i % 7000} Name", f"p{i % 7000}@mail.example",
+             f"2020-{1 + i % 12:02d}-{1 + i % 28:02d}", 20 + i % 60, f"1{i % 10}115", i / 10] for i in range(n)]
+    src = write_csv(tmp_path / "big.csv", HEADER, rows)
+    pub = ing.ingest(site, make_spec(src, COLUMNS, patient_id="mrn", quasi_identifiers=["age"]), operator="t")
+    t = pq.read_table(pub.path / "data.parquet")
+    assert t.num_rows == n and pub.manifest["patients"] == 7000
+    got = t.slice(n - 1).to_pylist()[0]
+    assert got["score"] == (n - 1) / 10 and got["patient"] == t.column("patient")[(n - 1) % 7000].as_py()
