@@ -182,13 +182,17 @@ def world():
         sandbox={"memory_mb": 1024, "max_processes": 64, "max_open_files": 256, "cpu_seconds": 0},
         server={"output_cap_message_bytes": 100_000, "output_cap_execution_bytes": 400_000},
     )
-    publish(site, "onc", "bc", "id,size\n1,2.5\n")
+    bc_version = publish(site, "onc", "bc", "id,size\n1,2.5\n")
     publish(site, "onc", "gbsg", "id,time\n1,30\n")
     publish(site, "card", "dia", "id,glucose\nCARD-SECRET,7.1\n")
     secrets = _plant_secrets(root, site)
     listeners = _listeners(root)
     try:
         with system_accounts(homes, ["alice", "bob"]) as (alice, bob):
+            # A dataset version that Alice's account could write on the host (a permissions slip):
+            # only the read-only mount can stop her kernel from changing it.
+            for p in (bc_version, bc_version / "data.csv"):
+                os.chown(p, alice.pw_uid, alice.pw_gid)
             (Path(alice.pw_dir) / "notes.txt").write_text("alice's notes\n")
             os.chown(Path(alice.pw_dir) / "notes.txt", alice.pw_uid, alice.pw_gid)
             (Path(bob.pw_dir) / "bob-private.txt").write_text("bob's private file\n")
