@@ -14,8 +14,7 @@ import pytest
 from paitient.channel import ChannelError, call
 from paitient.ledger.client import BudgetExceeded, LedgerClient
 from paitient.ledger.store import Ledger, db_path
-
-from .conftest import register, start_service_process
+from tests.ledger.conftest import register, start_service_process
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

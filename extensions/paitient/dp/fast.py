@@ -140,7 +140,9 @@ class FastClipper:
             part = _sample_norms(a, g, s.module.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
             views.append((s, a, g))
-        if total is not None and n:
+        if not n:  # an empty Poisson batch: the gradient is the noise alone
+            views = []
+        elif total is not None:
             # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / scale)
             factor = factor.clamp_(max=1.0).mul_(scale / denom)

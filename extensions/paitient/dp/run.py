@@ -287,7 +287,8 @@ def make_private(
         raise ValueError("the data loader yields no batches; check the dataset and batch_size")
     n = len(data_loader.dataset)
     sample_rate = 1 / steps_per_epoch
-    expected_batch_size = int(n * sample_rate)
+    # Opacus' int(n * q), guarded against n * (1/n) == 0.999...: the mean divides by it
+    expected_batch_size = max(1, int(n * sample_rate + 1e-9))
     planned_steps = epochs * steps_per_epoch
 
     client = ledger if ledger is not None else LedgerClient(run_dir)
