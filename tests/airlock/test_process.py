@@ -133,7 +133,8 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         assert [(d["by"], d["action"], d["comment"]) for d in after["decisions"]] == [
             ("sam", "approve", "counts above 10")]
         assert {c["check"]: c["status"] for c in after["checks"]} == {
-            "minimum_count": "pass", "zeros": "pass", "dominance": "pass"}
+            "published_copy": "pass", "row_level": "pass", "minimum_count": "pass", "zeros": "pass",
+            "dominance": "pass"}
         # The pages answer behind the hub's login.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/services/airlock/")

@@ -238,8 +238,30 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
         assert [(d.actor, d.data["action"], d.data["comment"]) for d in decisions] == [("sam", "approve", "fine")]
         assert second.store.events(ids[1], "decision")[0].data["comment"] == "round it"
         assert second.store.get(stuck.id).state == "in_review"
-        assert [c["check"] for c in second.store.checks(stuck.id)] == ["minimum_count", "zeros", "dominance"]
+        assert [c["check"] for c in second.store.checks(stuck.id)] == ["published_copy", "row_level", "minimum_count",
+                                                                    "zeros", "dominance"]
         reruns = [e.data for e in second.store.events(stuck.id, "state") if e.data["to"] == "checking"]
         assert reruns[-1]["rerun"] is True
     finally:
         second.stop()
+
+
+def test_row_level_data_does_not_leave(site, channel, airlock, alice):
+    df = breast_cancer()
+    where = publish(site, "oncology", "breast_cancer", df)
+    # The published file itself, under another name and kind ...
+    copy = give(Path(alice.pw_dir) / "notes.bin", (where / "data.parquet").read_bytes(), alice.pw_uid)
+    rid = submit(alice, site, copy, "other")["id"]
+    # ... and the rows re-exported as a "table", a few columns dropped and some rows sampled.
+    export = df.drop(columns=df.columns[:5]).sample(frac=0.6, random_state=0)
+    rows = give(Path(alice.pw_dir) / "cohort.csv", csv_bytes(export), alice.pw_uid)
+    rid2 = submit(alice, site, rows, "table")["id"]
+    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid2, states.IN_REVIEW)
+    first = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert first["published_copy"]["status"] == "fail"
+    assert "copy of the published dataset oncology/breast_cancer v1" in first["published_copy"]["reason"]
+    second = {c["check"]: c for c in airlock.store.checks(rid2)}
+    assert second["published_copy"]["status"] == "pass"
+    assert second["row_level"]["status"] == "fail"
+    assert "26 of the 31 columns of oncology/breast_cancer v1 and 341 of its 569 rows" in second["row_level"]["reason"]

@@ -204,7 +204,7 @@ async def test_automatic_release_only_when_allowed_and_every_check_passed(web, a
     assert airlock.store.events(clean, "state")[-1].data["automatic"] is True
     assert airlock.store.get(small).state == "in_review"
     assert airlock.store.get(figure).state == "in_review"  # figures always get a human
-    assert airlock.store.checks(figure)[0]["reason"].startswith("there is no automatic disclosure check for figures")
+    assert airlock.store.checks(figure)[1]["reason"].startswith("there is no automatic disclosure check for figures")
     # oncology does not release automatically, even a clean table.
     onc = submit(airlock, people, "alice", GOOD)
     airlock.wait_idle()

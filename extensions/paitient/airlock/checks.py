@@ -5,6 +5,9 @@
 - ``weights``: :mod:`paitient.airlock.weights` (safetensors only, a matching DP training record within the
   budget) and the membership-inference audit (:mod:`paitient.airlock.mia`).
 - ``figure`` and ``other``: no automatic check exists; the result says a steward reviews by hand.
+
+Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
+data (:mod:`paitient.airlock.published`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from paitient.airlock import mia, split, tables, weights
+from paitient.airlock import mia, published, split, tables, weights
 from paitient.airlock.store import Request
 from paitient.airlock.tables import result
 
@@ -46,6 +49,8 @@ class CheckContext:
     """``(project, dataset) -> Budget``."""
     load_dataset: Callable[[str, str, Any], pd.DataFrame] | None = None
     """``(project, dataset, version or None) -> DataFrame`` of the published dataset."""
+    published: Callable[[], list[published.Published]] | None = None
+    """The published dataset files (for the published-copy and row-level checks)."""
     mia_max_auc: float = 0.6
     mia_max_advantage: float = 0.2
     audit_account: str = "nobody"
@@ -65,30 +70,35 @@ def load_published(data_root: Path, project: str, dataset: str, version: Any = N
 
 
 def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+    files = ctx.published() if ctx.published else []
+    copy = published.check_not_published(req.sha256, files)
     if req.kind == "table":
-        return check_table(req, data, ctx)
+        return [copy, *check_table(req, data, ctx, files)]
     if req.kind == "weights":
-        return check_weights(req, data, ctx)
+        return [copy, *check_weights(req, data, ctx)]
     what = "figures" if req.kind == "figure" else "outputs of this kind"
     details = {"image": image_type(data)} if req.kind == "figure" else {}
-    return [result("manual_review", "review",
-                   f"there is no automatic disclosure check for {what}: a steward reviews it by hand", **details)]
+    return [copy, result("manual_review", "review",
+                         f"there is no automatic disclosure check for {what}: a steward reviews it by hand",
+                         **details)]
 
 
-def check_table(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+def check_table(req: Request, data: bytes, ctx: CheckContext,
+                files: list[published.Published] = ()) -> list[dict[str, Any]]:
     try:
         df = tables.read_table(data, req.filename)
     except tables.TableError as e:
         return [result("readable", "fail", str(e))]
+    row_level = published.check_row_level(df, list(files))
     recipe = req.meta.get("recipe")
     if not recipe:
-        return tables.check_table_alone(df, ctx.rules)
+        return [row_level, *tables.check_table_alone(df, ctx.rules)]
     try:
         recipe = tables.validate_recipe(recipe)
         source = ctx.load_dataset(req.project, recipe["dataset"], recipe.get("version"))
     except (tables.TableError, FileNotFoundError, KeyError) as e:
-        return [result("recipe", "fail", str(e)), *tables.check_table_alone(df, ctx.rules)]
-    return tables.check_with_recipe(df, source, recipe, ctx.rules)
+        return [row_level, result("recipe", "fail", str(e)), *tables.check_table_alone(df, ctx.rules)]
+    return [row_level, *tables.check_with_recipe(df, source, recipe, ctx.rules)]
 
 
 def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from traitlets.config import Configurable
 
 from paitient.airlock import states
 from paitient.airlock.checks import CheckContext, load_published, run_checks
+from paitient.airlock.published import PublishedIndex
 from paitient.airlock.store import Request, Store, StoreError
 from paitient.airlock.tables import TableRules
 from paitient.airlock.weights import WeightsFormatError, parse_safetensors
@@ -106,6 +107,7 @@ class Airlock:
         self.log = log or logging.getLogger("paitient.airlock")
         self._emit = emit
         self._lookup_run = lookup_run
+        self.published = PublishedIndex(site.data_root)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -148,7 +150,8 @@ class Airlock:
             rules=TableRules(min_count=s.min_count, nk_n=s.nk_n, nk_k=s.nk_k, p_ratio=s.p_ratio,
                              zeros_disclosive=s.zeros_disclosive),
             lookup_run=self.lookup_run, budget_for=self.budget_for,
-            load_dataset=self._load_dataset, mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
+            load_dataset=self._load_dataset, published=self.published.files,
+            mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
             audit_account=s.audit_account, audit_timeout=s.audit_timeout,
         )
 
