@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -127,3 +128,23 @@ def test_resubmission_links_only_to_ones_own_request(channel, airlock, root_user
     first = request(path, kind="table", justification="x", project="cardio")
     second = request(path, kind="table", justification="rounded", project="cardio", supersedes=first)
     assert airlock.store.get(second).meta["supersedes"] == first
+
+
+def test_only_readable_regular_files_are_taken(channel, airlock, root_user, tmp_path):
+    from paitient.channel import ChannelError, call
+
+    r, w = os.pipe()
+    opath = os.open(tmp_path, os.O_PATH)
+    wronly = os.open(tmp_path / "w.csv", os.O_WRONLY | os.O_CREAT)
+    try:
+        for fd in (r, opath, wronly):
+            with pytest.raises(ChannelError, match="send a regular file opened for reading") as e:
+                call(channel.path, "request", {"kind": "table", "justification": "x", "project": "cardio"},
+                     fds=[fd])
+            assert e.value.code == "bad_request"
+        with pytest.raises(ChannelError, match="exactly one open file descriptor"):
+            call(channel.path, "request", {"kind": "table", "justification": "x", "project": "cardio"})
+    finally:
+        for fd in (r, w, opath, wronly):
+            os.close(fd)
+    assert airlock.store.list() == []

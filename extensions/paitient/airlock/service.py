@@ -23,6 +23,7 @@ import queue
 import re
 import signal
 import socket
+import stat
 import threading
 import unicodedata
 from typing import Any
@@ -184,6 +185,13 @@ class Airlock:
             raise
         if len(fds) != 1:
             raise ChannelError("send the file as exactly one open file descriptor", "bad_request")
+        try:
+            readable = stat.S_ISREG(os.fstat(fds[0]).st_mode) and os.pread(fds[0], 0, 0) == b""
+        except OSError:
+            readable = False
+        if not readable:
+            raise ChannelError("send a regular file opened for reading (not a directory, pipe, socket or a "
+                               "path-only descriptor)", "bad_request")
         filename = _clean_filename(args.get("filename"))
         if kind == "weights":
             try:
