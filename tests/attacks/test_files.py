@@ -94,7 +94,9 @@ def test_home_is_writable_and_persists_on_the_host(world, alice_kernel):
 
 def test_environment_holds_no_credentials(alice_kernel):
     # The environment the kernel was started with (ipykernel adds display settings later).
-    out = alice_kernel.attempt("sorted(v.split(b'=')[0].decode() for v in open('/proc/self/environ','rb').read().split(b'\\0') if v)")
+    out = alice_kernel.attempt(
+        "sorted(v.split(b'=')[0].decode() for v in open('/proc/self/environ','rb').read().split(b'\\0') if v)"
+    )
     assert out["ok"], out
     names = eval(out["value"])  # noqa: S307 - a list literal the kernel printed
     assert names == sorted(["HOME", "JUPYTER_RUNTIME_DIR", "LANG", "MPLBACKEND", "PAITIENT_DATA_DIR",

@@ -40,8 +40,8 @@ def test_udp_to_host_loopback_never_arrives(world, alice_kernel):
     port = world.listeners.udp.getsockname()[1]
     # The datagram goes to the sandbox's own lo, where nobody listens: the next receive reports it.
     out = alice_kernel.attempt(
-        "(lambda s: (s.connect(('127.0.0.1', %d)), s.send(b'leak'), s.settimeout(2), s.recv(10)))"
-        "(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))" % port
+        f"(lambda s: (s.connect(('127.0.0.1', {port})), s.send(b'leak'), s.settimeout(2), s.recv(10)))"
+        "(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))"
     )
     assert out["errno"] == "ECONNREFUSED", out
 
