@@ -121,3 +121,13 @@ def test_k_anonymity_by_rows_and_by_patients_and_missing_as_a_group():
     # dictionary-coded columns (what the transforms produce) count the same
     coded = pa.table({"age": tf.age_bands(pa.array([41, 42, 55]), "a"), "sex": pa.array(["F", "F", "M"])})
     assert tf.k_anonymity(coded, ["age", "sex"]) == (1, {"age": "50-59", "sex": "M"})
+
+
+def test_pseudonym_text_is_standard_base32_of_the_keyed_digest():
+    import base64
+    import hashlib
+
+    ids = ["000123", "Ä-7", "x" * 300]
+    want = ["P-" + base64.b32encode(hashlib.blake2b(i.encode(), key=KEY_A, digest_size=18,
+                                                    person=b"pt-pseudonym").digest()[:10]).decode() for i in ids]
+    assert plain(tf.pseudonymise(pa.array(ids), KEY_A)) == want

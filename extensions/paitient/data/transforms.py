@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 
 from paitient.data.errors import ColumnError
 
-_B32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
 PSEUDONYM_BYTES = 10  # 80 bits -> 16 base32 characters
 DIGEST_BYTES = 18  # pseudonym + 8 bytes for the date shift
 
@@ -53,8 +52,14 @@ def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0), values)
 
 
-def _recode(codes: np.ndarray, values: pa.Array) -> tuple[np.ndarray, pa.Array]:
-    """Merge distinct values that became equal (or missing) after cleaning; codes follow."""
+def _recode(codes: np.ndarray, values: pa.Array, before: pa.Array | None = None) -> tuple[np.ndarray, pa.Array]:
+    """Merge distinct values that became equal (or missing) after cleaning; codes follow.
+
+    ``before``: the distinct values before cleaning; when cleaning changed none, there is nothing to merge.
+    """
+    if before is not None and before.type == values.type and values.null_count == before.null_count and pc.all(
+            pc.equal(values, before)).as_py() in (True, None):
+        return codes, values
     inner, merged = _codes(values)
     if len(merged) == len(values) and not (inner < 0).any():
         return codes, merged
@@ -75,7 +80,7 @@ def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Ar
     Codes are -1 where the identifier is missing. Only distinct values are cleaned, not every row.
     """
     codes, values = _codes(_plain(arr))
-    return _recode(codes, _clean_text(values))
+    return _recode(codes, _clean_text(values), values)
 
 
 def digests(values: list[str] | pa.Array, key: bytes) -> np.ndarray:
@@ -102,24 +107,27 @@ def domain_key(pkey: bytes, domain: str) -> bytes:
     return hashlib.blake2b(domain.encode(), key=pkey, digest_size=32, person=b"pt-domain").digest()
 
 
+_B32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
+_B32_PAIRS = (_B32[np.arange(1024) >> 5].astype(np.uint16) | (_B32[np.arange(1024) & 31].astype(np.uint16) << 8))
+
+
 def encode_pseudonyms(d: np.ndarray, prefix: str = "P-") -> pa.Array:
-    """The first 80 bits of each digest, base32-encoded behind ``prefix``."""
+    """The first 80 bits of each digest as 16 base32 characters behind ``prefix``."""
     n = len(d)
-    d = d[:, :PSEUDONYM_BYTES].astype(np.uint64)
-    chars = np.empty((n, 16), dtype=np.uint8)
+    pairs = np.empty((n, 8), dtype=np.uint16)  # each 10 bits -> two characters (little-endian uint16)
     for half in range(2):
         v = np.zeros(n, dtype=np.uint64)
         for b in range(5):
-            v = (v << np.uint64(8)) | d[:, half * 5 + b]
-        for j in range(8):
-            chars[:, half * 8 + j] = _B32[((v >> np.uint64(35 - 5 * j)) & np.uint64(31)).astype(np.intp)]
+            v = (v << np.uint64(8)) | d[:, half * 5 + b].astype(np.uint64)
+        for j in range(4):
+            pairs[:, half * 4 + j] = _B32_PAIRS[((v >> np.uint64(30 - 10 * j)) & np.uint64(1023)).astype(np.intp)]
     p = np.frombuffer(prefix.encode(), dtype=np.uint8)
     width = len(p) + 16
     buf = np.empty((n, width), dtype=np.uint8)
     buf[:, : len(p)] = p
-    buf[:, len(p) :] = chars
+    buf[:, len(p) :] = pairs.view(np.uint8)
     offsets = np.arange(0, width * (n + 1), width, dtype=np.int32)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
 
 
 def pseudonym_strings(values: list[str] | pa.Array, key: bytes, prefix: str = "P-") -> pa.Array:
@@ -292,8 +300,21 @@ def prefixes(arr: pa.Array | pa.ChunkedArray, *, length: int = 2) -> pa.Array:
     return _dictionary(*_recode(codes, pc.utf8_slice_codeunits(values, 0, length)))
 
 
-def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int) -> np.ndarray:
-    """For each group code, how many distinct patient codes (-1: unknown, counted as one) occur with it."""
+def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int, cap: int = 0) -> np.ndarray:
+    """For each group code, how many distinct patient codes (-1: unknown, counted as one) occur with it.
+
+    With ``cap``, counts need only be right below ``cap``: a group with at least ``cap`` times as many
+    rows as any patient has surely has ``cap`` patients, and is not counted exactly.
+    """
+    if cap:
+        rows = np.bincount(groups, minlength=ngroups)
+        most = int(np.bincount(patients + 1).max(initial=1))
+        sure = rows >= cap * most
+        if sure.any():
+            keep = ~sure[groups]
+            counts = _distinct_per_group(groups[keep], patients[keep], ngroups)
+            counts[sure] = cap
+            return counts
     width = int(patients.max(initial=0)) + 2
     pairs = groups * width + (patients + 1)
     if ngroups * width <= 64_000_000:  # a bitmap of seen pairs beats hashing them
@@ -311,7 +332,7 @@ def rare_to_other(arr: pa.Array | pa.ChunkedArray, *, min_count: int, other: str
         values = values.cast(pa.string())
     valid = codes >= 0
     if patient_codes is not None:
-        counts = _distinct_per_group(codes[valid], patient_codes[valid], len(values))
+        counts = _distinct_per_group(codes[valid], patient_codes[valid], len(values), cap=min_count)
     else:
         counts = np.bincount(codes[valid], minlength=len(values))
     values = pc.if_else(pa.array(counts < min_count), pa.scalar(other), values)
