@@ -21,6 +21,8 @@ from typing import Any
 
 PROTOCOL_TYPES = frozenset({"status", "clear_output", "comm_close", "shutdown_reply"})
 TRACKED_EXECUTIONS = 256
+CUT_OVERHEAD = 1024
+"""Bytes a cut message carries besides the kept text (headers and the notice)."""
 NOTICE = (
     "[paitient] output cut: {what} exceeded {limit:,} bytes. Large results stay in the workspace; "
     "summarise them, or request an export through the airlock."
@@ -62,7 +64,9 @@ class OutputCap:
     def charge(self, msg_type: str, parent_id: str, size: int) -> Verdict:
         """Count ``size`` bytes of an outgoing message against its execution; say what to do with it."""
         key = parent_id if parent_id in self.executions else self.current
-        used = self.executions.get(key, 0) + size
+        # A message over the per-message cap is cut to half of it: only that much leaves.
+        forwarded = size if size <= self.message_bytes else self.message_bytes // 2 + CUT_OVERHEAD
+        used = self.executions.get(key, 0) + forwarded
         self.executions[key] = used
         if used > self.execution_bytes:
             if is_protocol(msg_type):

@@ -1,0 +1,134 @@
+"""Export attacks against a real user server: downloads, exports, paths outside the home, terminals, output."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from paitient.server.config import DISABLED_LAB_PLUGINS
+
+
+def _forbidden(r):
+    assert r.status_code == 403, (r.status_code, r.text[:300])
+    assert r.json()["reason"] == "export-disabled"
+
+
+@pytest.mark.parametrize("path", ["/files/notes.txt", "/files/notes.txt?download=1", "/view/notes.txt",
+                                  "/nbconvert/html/nb.ipynb?download=true", "/nbconvert/script/nb.ipynb",
+                                  "/api/nbconvert"])
+def test_raw_download_and_nbconvert_routes_are_refused(world, path):
+    _forbidden(world.server_a.get(path))
+
+
+def test_nbconvert_post_is_refused(world):
+    _forbidden(world.server_a.request("POST", "/nbconvert/html", json={"content": {}}))
+
+
+def test_contents_api_inside_the_home_works(world):
+    r = world.server_a.get("/api/contents/notes.txt?content=1")
+    assert r.status_code == 200 and r.json()["content"] == "alice's notes\n"
+
+
+@pytest.mark.parametrize("path", ["..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",
+                                  "..%2f" + "bob"])
+def test_contents_api_dot_dot_is_refused(world, path):
+    r = world.server_a.get(f"/api/contents/{path}")
+    assert r.status_code in (400, 404), (r.status_code, r.text[:200])
+    assert "passwd" not in r.text or "root:" not in r.text
+
+
+@pytest.fixture
+def symlinks(world):
+    home = Path(world.alice.pw_dir)
+    links = {
+        "other-project": world.site.data_root / "card" / "dia" / "current",
+        "etc-passwd": Path("/etc/passwd"),
+        "root-dir": Path("/"),
+        "state": world.site.state_dir,
+    }
+    for name, target in links.items():
+        os.symlink(target, home / name)
+        os.lchown(home / name, world.alice.pw_uid, world.alice.pw_gid)
+    yield links
+    for name in links:
+        (home / name).unlink()
+
+
+@pytest.mark.parametrize("path", ["other-project/data.csv", "other-project", "etc-passwd", "root-dir",
+                                  "root-dir/etc/hostname", "state/accounts.json"])
+def test_contents_api_through_symlinks_is_refused(world, symlinks, path):
+    r = world.server_a.get(f"/api/contents/{path}?content=1")
+    assert r.status_code == 404 and "outside the home" in r.json()["message"], (r.status_code, r.text[:200])
+
+
+def test_contents_api_cannot_write_through_a_symlink(world, symlinks):
+    r = world.server_a.request("PUT", "/api/contents/root-dir/tmp/planted.txt",
+                               json={"type": "file", "format": "text", "content": "x"})
+    assert r.status_code == 404, (r.status_code, r.text[:200])
+    assert not Path("/tmp/planted.txt").exists()
+
+
+def test_hidden_files_are_not_served(world):
+    home = Path(world.alice.pw_dir)
+    (home / ".secret-notes").write_text("hidden")
+    r = world.server_a.get("/api/contents/.secret-notes?content=1")
+    assert r.status_code == 404, (r.status_code, r.text[:200])
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/api/terminals"), ("POST", "/api/terminals"),
+                                         ("GET", "/terminals/websocket/1")])
+def test_terminals_do_not_exist(world, method, path):
+    r = world.server_a.request(method, path)
+    assert r.status_code == 404, (r.status_code, r.text[:200])
+
+
+def test_lab_page_config_disables_download_and_export(world):
+    r = world.server_a.get("/lab")
+    assert r.status_code == 200
+    start = r.text.index('id="jupyter-config-data"')
+    blob = r.text[r.text.index(">", start) + 1: r.text.index("</script>", start)]
+    disabled = json.loads(blob)["disabledExtensions"]
+    for plugin in DISABLED_LAB_PLUGINS:
+        assert plugin in disabled
+
+
+def test_a_chosen_kernel_id_cannot_leave_the_runtime_dir(world):
+    r = world.server_a.request("POST", "/api/kernels", json={"name": "python3", "kernel_id": "../../../../tmp/x"})
+    assert r.status_code == 400 and "UUID" in r.json()["message"], (r.status_code, r.text[:200])
+
+
+# -- the output cap (site: 100 kB per message, 400 kB per execution) -------------------------------
+
+
+def test_a_huge_cell_output_is_cut_per_execution(alice_kernel):
+    res = alice_kernel.run("for _i in range(200): print('x' * 49_000, flush=True)")  # ~9.8 MB, 200 messages
+    assert "exceeded 400,000 bytes" in res.stderr
+    assert len(res.stdout) < 400_000
+    assert res.wire_bytes < 460_000, res.wire_bytes
+
+
+def test_one_huge_message_is_cut(alice_kernel):
+    res = alice_kernel.run("print('y' * 2_000_000)")
+    assert res.stdout.startswith("y" * 1000) and "exceeded 100,000 bytes" in res.stdout
+    assert len(res.stdout) < 100_000 and res.wire_bytes < 120_000, res.wire_bytes
+
+
+def test_a_huge_rich_display_is_replaced(alice_kernel):
+    res = alice_kernel.run("from IPython.display import display\ndisplay({'text/html': 'z' * 500_000}, raw=True)")
+    shown = [o for o in res.outputs if o["msg_type"] == "display_data"]
+    assert len(shown) == 1 and "exceeded 100,000 bytes" in shown[0]["content"]["data"]["text/plain"]
+    assert "text/html" not in shown[0]["content"]["data"]
+
+
+def test_forged_parent_ids_do_not_open_new_budgets(alice_kernel):
+    # The kernel sends its own messages under invented parents, hoping each gets a fresh budget.
+    res = alice_kernel.run(
+        "import uuid\n"
+        "_k = get_ipython().kernel\n"
+        "for _i in range(60):\n"
+        "    _k.session.send(_k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'w' * 90_000},\n"
+        "                    parent={'header': {'msg_id': uuid.uuid4().hex, 'msg_type': 'execute_request'}})\n"
+        "import time; time.sleep(0.5)\n"
+    )
+    assert res.wire_bytes < 460_000, res.wire_bytes  # 5.4 MB were sent by the kernel
