@@ -47,7 +47,7 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
     assert m["project"] == "oncology" and m["dataset"] == "breast_cancer" and m["version"] == 1
     assert m["rows"] == 6 and m["patients"] == 4 and m["k"] == 2 and m["k_unit"] == "patients"
     assert m["quasi_identifiers"] == ["age", "postcode"] and m["min_k"] == 2
-    assert m["operator"] == "olga" and m["source_format"] == "csv"
+    assert m["operator"] == "olga" and m["source_format"] == "csv" and m["dropped"] == ["name", "email"]
     assert m["source_sha256"] == ing.readers.sha256_file(patients_spec.source)
     assert m["spec_sha256"] == patients_spec.digest(min_k=2, date_shift_days=180)
     assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None

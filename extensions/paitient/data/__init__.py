@@ -69,6 +69,6 @@ def catalog() -> Any:
         tds = "".join(f"<td style='padding:2px 8px'>{_cell(c)}</td>" for c in cells)
         rows.append(f"<tr title='{html.escape(cols, quote=True)}'>{tds}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    hint = "<p style='font-size:smaller'>Load one with <code>data.load(\"name\")</code>; k is the " \
-           "smallest number of patients sharing the quasi-identifiers.</p>"
+    hint = ("<p style='font-size:smaller'>Load one with <code>data.load(\"name\")</code>. k: the fewest "
+            "patients (or rows) that share one combination of quasi-identifier values.</p>")
     return ipywidgets.HTML(table + hint)

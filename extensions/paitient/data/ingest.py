@@ -88,7 +88,7 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
     return problems
 
 
-def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.ndarray, list[str]] | None,
+def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.ndarray, pa.Array] | None,
            patient_col: str, patient_digests: np.ndarray | None, offsets: np.ndarray | None) -> pa.Array:
     col, p = rule.column, rule.params
     if rule.action == "pseudonym":
@@ -99,7 +99,8 @@ def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.n
         return tf.pseudonyms_by_code(codes, values, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
     if rule.action == "date_shift":
         dates = tf.parse_dates(arr, col, p["format"])
-        assert patient is not None and offsets is not None
+        if patient is None or offsets is None:  # parse_spec requires patient_id for date_shift
+            raise ColumnError(col, "date_shift needs patient_id = <column> in the spec")
         missing = pc.and_(pc.is_valid(dates), pa.array(patient[0] < 0)).to_numpy(zero_copy_only=False)
         if missing.any():
             raise ColumnError(col, "has a date but the patient id is missing, so it cannot be shifted; "
@@ -185,6 +186,7 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     info = {
         "rows": result.num_rows,
         "columns": described,
+        "dropped": [c for c, r in spec.rules.items() if r.action == "drop"],
         "patients": len(patient[1]) if patient is not None else None,
         "quasi_identifiers": qis,
         "k": k,
