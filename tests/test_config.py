@@ -69,3 +69,21 @@ def test_check_owner_refuses_readable_secret(tmp_path):
     os.chmod(p, 0o666)
     with pytest.raises(ConfigError, match="writable by group or others"):
         check_owner(p)
+
+
+def test_example_site_configuration_loads_and_documents_every_setting():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from paitient.config import SECTIONS, Project
+
+    path = Path(__file__).resolve().parents[1] / "hub_config" / "site.example.toml"
+    site = load(path)
+    assert site.project("oncology").budget_for("gbsg2").epsilon == 5.0
+    text = path.read_text()
+    sections = {name: text.split(f"[{name}]", 1)[1].split("\n[", 1)[0] for name in SECTIONS}
+    sections["projects"] = text.split("[[projects]]", 1)[1]
+    for name, cls in [*SECTIONS.items(), ("projects", Project)]:
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^#? ?{f.name} = ", sections[name], re.M), f"[{name}] {f.name} is not documented"
