@@ -19,6 +19,22 @@ from traitlets import List, Unicode, default
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
+class KernelNotInSandbox(NoSuchKernel, web.HTTPError):
+    """A client asked for a kernel name the server does not offer: 404 from the kernels API, 501 (as for any
+    unknown kernel) from the sessions API."""
+
+    def __init__(self, name: str, known: list[str]):
+        message = (
+            f"No kernel named {name!r} here; every kernel runs in the sandbox. "
+            f"Available: {', '.join(known) or 'none'}"
+        )
+        web.HTTPError.__init__(self, 404, message.replace("%", "%%"))
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.log_message % ()
+
+
 class SandboxKernelSpecManager(KernelSpecManager):
     """Kernel specs from the configured root-owned folders only, each one bound to the sandbox provisioner."""
 
@@ -73,9 +89,6 @@ class SandboxMappingKernelManager(AsyncMappingKernelManager):
         if kernel_id is None or kernel_id not in self:
             specs = self.kernel_spec_manager.find_kernel_specs()
             if name not in specs:
-                known = ", ".join(sorted(specs)) or "none"
-                raise web.HTTPError(
-                    404, f"No kernel named {name!r} here; every kernel runs in the sandbox. Available: {known}"
-                )
+                raise KernelNotInSandbox(name, sorted(specs))
             kwargs["kernel_name"] = name
         return await super().start_kernel(*args, kernel_id=kernel_id, **kwargs)
