@@ -18,11 +18,13 @@ class IngestCommand(PaitientCommand):
     name = "ingest"
     description = (
         "Pseudonymise a source table (CSV, Parquet, FHIR NDJSON) as its spec says and publish it as the next "
-        "version of a project's dataset.\n\n"
-        "  paitient ingest --init-key          create the site's pseudonymisation key (once)\n"
-        "  paitient ingest SPEC.toml           check, transform and publish\n"
-        "  paitient ingest --dry-run SPEC.toml check and transform, publish nothing"
+        "version of a project's dataset. The spec format is described in docs/ingest.md."
     )
+    examples = """
+paitient ingest --init-key            # create the site's pseudonymisation key (once)
+paitient ingest SPEC.toml             # check, transform and publish
+paitient ingest --dry-run SPEC.toml   # every check, publish nothing
+"""
     spec = Unicode("", help="The ingest spec (TOML); also the first positional argument.").tag(config=True)
     source = Unicode("", help="Read this source instead of the spec's own `source`.").tag(config=True)
     dry_run = Bool(False, help="Run every check and transform, publish nothing.").tag(config=True)
