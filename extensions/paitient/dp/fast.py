@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-NOISE_AHEAD = True
-"""Draw the next step's noise in a helper thread while the model computes."""
 
 
 class FastPathError(RuntimeError):
@@ -91,8 +87,6 @@ class FastClipper:
         self.numel = sum(self.sizes)
         self._proto = self.params[0].detach()
         self._one = torch.ones((), dtype=self._proto.dtype, device=self._proto.device)
-        self._ahead: tuple[Any, Future] | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._hook = model.register_forward_pre_hook(self._next_pass)
         for slot in self.slots:
             slot.module.forward = types.MethodType(_make_forward(self, slot), slot.module)
@@ -106,10 +100,6 @@ class FastClipper:
         for slot in self.slots:
             slot.module.__dict__.pop("forward", None)
             slot.pairs.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._ahead = None
 
     def clear(self) -> None:
         for slot in self.slots:
@@ -122,15 +112,14 @@ class FastClipper:
         """Write the clipped, noised, scaled gradient into every layer's ``.grad``; return the batch size.
 
         Written for few tensor operations per step: on layers this small the per-operation overhead,
-        not the arithmetic, is what costs. The noise for the next step is drawn in a helper thread
-        while the model computes (it does not depend on the data).
+        not the arithmetic, is what costs.
         """
         captured = [s for s in self.slots if s.pairs]
         n = self._batch_size(captured)
         scale = float(n) if loss_reduction == "mean" else 1.0
         denom = float(expected_batch_size) if loss_reduction == "mean" else 1.0
         std = noise_multiplier * max_grad_norm / denom
-        noise = self._noise(std, generator)
+        noise = _draw(self.numel, std, generator, self._proto)
         total = None
         views = []
         for s in captured:
@@ -146,35 +135,23 @@ class FastClipper:
             # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / scale)
             factor = factor.clamp_(max=1.0).mul_(scale / denom)
-        grads = dict(zip(self.params, noise.split(self.sizes), strict=True))
+        grads = {p: chunk.view(p.shape) for p, chunk in zip(self.params, noise.split(self.sizes), strict=True)}
         for s, a, g in views:
             w, b = s.module.weight, s.module.bias
             if g.dim() == 2:
-                grads[w].view(w.shape).addmm_((g * factor[:, None]).t(), a)
+                gt = g.t()
+                grads[w].addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
                 if b is not None:
-                    grads[b].addmv_(g.t(), factor)
+                    grads[b].addmv_(gt, factor)
             else:
                 cg = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
-                grads[w].view(w.shape).addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
+                grads[w].addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
                 if b is not None:
                     grads[b].add_(cg.sum(0))
         for p, grad in grads.items():
-            p.grad = grad.view(p.shape)
+            p.grad = grad
         self.clear()
         return n
-
-    def _noise(self, std: float, generator: torch.Generator | None) -> torch.Tensor:
-        """Gaussian noise for all parameters (one flat buffer), drawn ahead in a helper thread."""
-        key = (std, id(generator))
-        ahead, self._ahead = self._ahead, None
-        noise = ahead[1].result() if ahead is not None and ahead[0] == key else None
-        if noise is None:
-            noise = _draw(self.numel, std, generator, self._proto)
-        if std > 0 and NOISE_AHEAD:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paitient-dp-noise")
-            self._ahead = (key, self._pool.submit(_draw, self.numel, std, generator, self._proto))
-        return noise
 
     @staticmethod
     def _batch_size(captured: list[_Slot]) -> int:
