@@ -24,7 +24,8 @@ from tornado import web
 
 from paitient.airlock import states
 from paitient.airlock.checks import image_type
-from paitient.airlock.service import SCOPE_REQUEST, SCOPE_REVIEW, Airlock
+from paitient.airlock.core import Airlock
+from paitient.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.airlock.store import StoreError
 from paitient.airlock.tables import TableError, read_table
 
