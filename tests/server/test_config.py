@@ -1,0 +1,112 @@
+"""The root-owned configuration of a user's server, as the spawner writes it."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+from paitient.config import parse
+from paitient.registry import Member
+from paitient.server.config import (
+    DISABLED_LAB_PLUGINS,
+    KERNEL_NAME,
+    kernel_spec,
+    member_datasets,
+    server_config,
+    user_server_env,
+    write_user_server_config,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def site(tmp_path):
+    return parse({
+        "workspace": {"state_dir": str(tmp_path / "state")},
+        "sandbox": {"memory_mb": 2048, "cpu_seconds": 600},
+        "server": {"output_cap_message_bytes": 1234, "output_cap_execution_bytes": 5678},
+        "projects": [{"name": "onc", "group": "g1", "datasets": ["bc", "gbsg"]},
+                     {"name": "card", "group": "g2", "datasets": ["dia"]}],
+    })
+
+
+def member(projects=("onc",)):
+    return Member(username="alice", account="root", uid=0, projects=projects)
+
+
+def test_member_datasets_only_known_projects(tmp_path):
+    assert member_datasets(site(tmp_path), member(("onc", "gone"))) == {"onc": ["bc", "gbsg"]}
+
+
+def test_server_config_carries_the_policy(tmp_path):
+    s = site(tmp_path)
+    cfg = server_config(s, member(), "/home/pt-alice", "/state/users/pt-alice/jupyter/data")
+    app = cfg["ServerApp"]
+    assert app["terminals_enabled"] is False
+    assert app["jpserver_extensions"]["paitient.server"] is True
+    assert app["jpserver_extensions"]["jupyter_server_terminals"] is False
+    assert app["kernel_websocket_connection_class"].endswith("CappedWebsocketConnection")
+    assert cfg["KernelProvisionerFactory"]["default_provisioner_name"] == "paitient-sandbox"
+    assert cfg["KernelSpecManager"] == {"ensure_native_kernel": False, "allowed_kernelspecs": [KERNEL_NAME]}
+    assert cfg["SandboxKernelSpecManager"]["sandbox_kernel_dirs"] == ["/state/users/pt-alice/jupyter/data/kernels"]
+    assert cfg["KernelManager"]["transport"] == "ipc"
+    assert cfg["ContentsManager"]["allow_hidden"] is False
+    prov = cfg["SandboxProvisioner"]
+    assert prov["projects"] == {"onc": ["bc", "gbsg"]} and prov["memory_mb"] == 2048 and prov["cpu_seconds"] == 600
+    assert prov["run_dir"] == str(s.run_dir) and prov["data_root"] == str(s.data_root)
+    ws = cfg["CappedWebsocketConnection"]
+    assert (ws["output_cap_message_bytes"], ws["output_cap_execution_bytes"]) == (1234, 5678)
+    assert cfg["LabApp"]["user_settings_dir"].startswith("/home/pt-alice/")
+
+
+def test_written_files_are_root_owned_and_not_writable_by_others(tmp_path):
+    cdir, ddir = tmp_path / "cfg", tmp_path / "data"
+    (ddir / "kernels" / "planted").mkdir(parents=True)
+    write_user_server_config(site(tmp_path), member(), cdir, ddir)
+    files = [cdir / "jupyter_server_config.json", cdir / "labconfig" / "page_config.json", cdir / "migrated",
+             ddir / "kernels" / KERNEL_NAME / "kernel.json"]
+    for f in files:
+        st = f.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644, f
+    for d in (cdir, cdir / "labconfig", ddir, ddir / "kernels", ddir / "kernels" / KERNEL_NAME):
+        st = d.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, d
+    assert os.listdir(ddir / "kernels") == [KERNEL_NAME]
+    assert json.loads((ddir / "kernels" / KERNEL_NAME / "kernel.json").read_text()) == kernel_spec()
+    disabled = json.loads((cdir / "labconfig" / "page_config.json").read_text())["disabledExtensions"]
+    assert set(disabled) == set(DISABLED_LAB_PLUGINS)
+
+
+def test_a_symlinked_spec_dir_is_replaced(tmp_path):
+    cdir, ddir = tmp_path / "cfg", tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ddir / "kernels").mkdir(parents=True)
+    (ddir / "kernels" / KERNEL_NAME).symlink_to(elsewhere)
+    write_user_server_config(site(tmp_path), member(), cdir, ddir)
+    assert not (ddir / "kernels" / KERNEL_NAME).is_symlink()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_shipped_kernel_spec_is_the_generated_one():
+    shipped = json.loads((REPO / "kernels" / KERNEL_NAME / "kernel.json").read_text())
+    assert shipped == kernel_spec("/opt/paitient/venv/bin/python")
+    assert shipped["interrupt_mode"] == "message"
+
+
+def test_lab_plugins_to_disable_exist_in_the_installed_jupyterlab():
+    import sys
+
+    schemas = Path(sys.prefix) / "share" / "jupyter" / "lab" / "schemas"
+    for plugin in DISABLED_LAB_PLUGINS:
+        package, _, name = plugin.partition(":")
+        assert (schemas / package).is_dir(), plugin
+        if name:
+            assert (schemas / package / f"{name}.json").is_file(), plugin
+
+
+def test_server_env_points_jupyter_at_the_root_owned_dirs():
+    env = user_server_env("/s/config", "/s/data", "/home/a")
+    assert env["JUPYTER_CONFIG_DIR"] == "/s/config" and env["JUPYTER_DATA_DIR"] == "/s/data"
+    assert env["JUPYTER_RUNTIME_DIR"] == "/home/a/.local/share/jupyter/runtime"
+    assert env["JUPYTER_PREFER_ENV_PATH"] == "0"

@@ -1,0 +1,92 @@
+"""The output cap as plain logic: per message, per execution, forged parents, protocol messages."""
+
+from paitient.server.outputcap import OutputCap, Verdict, replacement
+
+
+def cap() -> OutputCap:
+    c = OutputCap(message_bytes=1000, execution_bytes=3000)
+    c.note_execute("e1")
+    return c
+
+
+def test_small_messages_pass_until_the_execution_budget_is_spent():
+    c = cap()
+    assert [c.charge("stream", "e1", 900) for _ in range(3)] == [Verdict.FORWARD] * 3
+    assert c.charge("stream", "e1", 900) is Verdict.NOTICE
+    assert c.charge("stream", "e1", 10) is Verdict.DROP
+    assert c.charge("display_data", "e1", 10) is Verdict.DROP
+
+
+def test_protocol_messages_are_stripped_not_dropped_after_the_budget():
+    c = cap()
+    c.charge("stream", "e1", 3500)  # cut: counts as about half a message
+    for _ in range(5):
+        c.charge("stream", "e1", 900)
+    assert c.charge("status", "e1", 50) is Verdict.STRIP
+    assert c.charge("execute_reply", "e1", 50) is Verdict.STRIP
+
+
+def test_an_oversized_message_is_cut_and_charged_at_its_cut_size():
+    c = cap()
+    assert c.charge("stream", "e1", 10_000_000) is Verdict.CUT
+    assert c.executions["e1"] < 3000
+
+
+def test_forged_parent_ids_are_charged_to_the_latest_real_execution():
+    c = cap()
+    verdicts = [c.charge("stream", f"forged-{i}", 900) for i in range(5)]
+    assert verdicts == [Verdict.FORWARD] * 3 + [Verdict.NOTICE, Verdict.DROP]
+    assert set(c.executions) == {"e1"}
+
+
+def test_a_new_execute_request_opens_a_new_budget():
+    c = cap()
+    for _ in range(4):
+        c.charge("stream", "e1", 900)
+    c.note_execute("e2")
+    assert c.charge("stream", "e2", 900) is Verdict.FORWARD
+    assert c.charge("stream", "e1", 10) is Verdict.DROP  # e1 stays spent
+
+
+def test_tracked_executions_are_bounded():
+    c = cap()
+    for i in range(1000):
+        c.note_execute(f"x{i}")
+    assert len(c.executions) == 256
+
+
+def test_cut_stream_keeps_its_head_and_says_why():
+    c = cap()
+    kind, content = replacement(Verdict.CUT, "stream", {"name": "stdout", "text": "a" * 5000}, c)
+    assert kind == "stream" and content["text"].startswith("a" * 500)
+    assert content["text"].split("\n")[0] == "a" * 500 and "exceeded 1,000 bytes" in content["text"]
+
+
+def test_cut_rich_output_becomes_a_plain_notice():
+    c = cap()
+    kind, content = replacement(Verdict.CUT, "execute_result",
+                                {"data": {"text/html": "x" * 5000}, "metadata": {"a": 1}, "execution_count": 3}, c)
+    assert kind == "execute_result" and set(content["data"]) == {"text/plain"}
+    assert content["execution_count"] == 3 and content["metadata"] == {}
+
+
+def test_execution_notice_is_a_stderr_stream():
+    kind, content = replacement(Verdict.NOTICE, "display_data", {"data": {}}, cap())
+    assert kind == "stream" and content["name"] == "stderr" and "exceeded 3,000 bytes" in content["text"]
+
+
+def test_stripped_messages_keep_only_protocol_fields():
+    c = cap()
+    assert replacement(Verdict.STRIP, "status", {"execution_state": "idle", "loot": "x" * 100}, c) == (
+        "status", {"execution_state": "idle"})
+    kind, content = replacement(Verdict.STRIP, "execute_reply",
+                                {"status": "ok", "execution_count": 2, "payload": [{"text": "x" * 100}]}, c)
+    assert content == {"status": "ok", "execution_count": 2}
+    _, forged = replacement(Verdict.STRIP, "status", {"execution_state": "x" * 100}, c)
+    assert forged == {"execution_state": "idle"}
+
+
+def test_cut_reply_becomes_an_error_reply():
+    _, content = replacement(Verdict.CUT, "inspect_reply", {"status": "ok", "data": {"text/plain": "x" * 9000}},
+                             cap())
+    assert content["status"] == "error" and "data" not in content
