@@ -1,0 +1,103 @@
+"""The stewards' page: only stewarded projects, the numbers and runs, escaped, JSON errors from the API."""
+
+import json
+
+import pytest
+from jupyterhub.services.auth import HubOAuth
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from paitient.ledger.web import make_app, render_page, visible_projects
+from paitient.registry import Registry
+
+from .conftest import register
+
+PREFIX = "/services/ledger/"
+
+
+class HeaderHubAuth(HubOAuth):
+    """The real HubOAuth, except that the signed-in user comes from a test header instead of the hub's API."""
+
+    def get_user(self, handler, *, sync=True):
+        name = handler.request.headers.get("X-Test-User")
+        if not name:
+            return None
+        scopes = handler.request.headers.get("X-Test-Scopes", "").split()
+        return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
+
+
+@pytest.fixture
+async def page(site, ledger):
+    auth = HeaderHubAuth(api_token="test-token", api_url="http://127.0.0.1:1/hub/api",
+                         oauth_client_id="service-ledger", login_url="/hub/api/oauth2/authorize",
+                         base_url=PREFIX, hub_prefix="/hub/")
+    sock, port = bind_unused_port("127.0.0.1")
+    server = HTTPServer(make_app(site, ledger, PREFIX, hub_auth=auth))
+    server.add_sockets([sock])
+    client = AsyncHTTPClient(force_instance=True)
+
+    async def get(path="", user="sam", scopes="custom:ledger:read"):
+        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
+        return await client.fetch(f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers,
+                                  follow_redirects=False, raise_error=False)
+
+    yield get
+    client.close()
+    server.stop()
+
+
+@pytest.fixture
+def runs(ledger):
+    a = ledger.reserve("oncology", "breast_cancer", 3.0, 1e-6, user="alice", pid=1)
+    ledger.settle(a["id"], 2.5, record={"mode": "fast", "steps": 27, "weights_sha256": "ab" * 32})
+    ledger.reserve("oncology", "gbsg2", 1.0, 1e-7, user="<b>mallory</b>", pid=1)
+    ledger.reserve("cardio", "diabetes", 1.0, 1e-7, user="bob", pid=1)
+    return a
+
+
+async def test_steward_sees_budgets_and_runs(page, runs, site):
+    r = await page()
+    assert r.code == 200
+    body = r.body.decode()
+    assert "<h2>oncology</h2>" in body and "<h2>cardio</h2>" in body  # sam stewards both
+    assert "<td>breast_cancer</td><td>10</td><td>2.5</td><td>0</td><td class='left'>7.5</td>" in body
+    assert "<td>gbsg2</td><td>2</td><td>0</td><td>1</td><td class='left'>1</td>" in body
+    assert "&lt;b&gt;mallory&lt;/b&gt;" in body and "<b>mallory" not in body
+    assert "abababababababab" in body and runs["id"] in body
+    assert r.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+
+async def test_json_api(page, runs):
+    r = await page("api/budget")
+    data = json.loads(r.body)
+    onc = {b["dataset"]: b for b in data["projects"]["oncology"]["budget"]}
+    assert onc["breast_cancer"]["epsilon_left"] == 7.5 and data["user"] == "sam"
+    assert all("pid" not in run for run in data["projects"]["oncology"]["runs"])
+
+
+async def test_non_steward_sees_nothing_and_scope_is_required(page, runs, state_dir):
+    register(state_dir, "alice", 30001, ("oncology",))
+    r = await page(user="alice")
+    assert r.code == 200 and "You steward no project." in r.body.decode() and "breast_cancer" not in r.body.decode()
+    r = await page(scopes="")
+    assert r.code == 403 and "user sam is not allowed" in r.body.decode()  # HubOAuthenticated checks the scope
+    r = await page("api/budget", user=None)
+    assert r.code == 403 and json.loads(r.body)["status"] == 403
+
+
+async def test_anonymous_is_sent_to_the_hub_login(page):
+    r = await page(user=None)
+    assert r.code == 302 and r.headers["Location"].startswith("/hub/api/oauth2/authorize")
+
+
+def test_visible_projects(site, state_dir):
+    reg = Registry.for_state_dir(state_dir)
+    assert visible_projects(site, reg, "sam") == ["oncology", "cardio"]
+    assert visible_projects(site, reg, "alice") == []
+    register(state_dir, "root-admin", 30002, (), roles=("admin",))
+    assert visible_projects(site, reg, "root-admin") == ["oncology", "cardio"]
+
+
+def test_render_page_without_projects():
+    assert "You steward no project." in render_page({}, "x")
