@@ -85,7 +85,7 @@ class UserServer:
     """One user's server, started as the user's account from the config the spawner would write."""
 
     def __init__(self, site: SiteConfig, user: pwd.struct_passwd, projects: tuple[str, ...], base: Path,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()):
         self.site = site
         self.user = user
         self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
@@ -96,6 +96,7 @@ class UserServer:
         self.token = secrets.token_hex(16)
         self.log_path = base / f"server-{user.pw_name}.log"
         self.extra_env = extra_env or {}
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
     def env(self) -> dict[str, str]:
@@ -118,7 +119,7 @@ class UserServer:
             "setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--init-groups", "--",
             PYTHON, "-I", "-m", "jupyter_server",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}",
+            "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}", *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:

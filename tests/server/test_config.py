@@ -42,7 +42,7 @@ def test_server_config_carries_the_policy(tmp_path):
     s = site(tmp_path)
     cfg = server_config(s, member(), "/home/pt-alice", "/state/users/pt-alice/jupyter/data")
     app = cfg["ServerApp"]
-    assert app["terminals_enabled"] is False
+    assert app["terminals_enabled"] is False and app["reraise_server_extension_failures"] is True
     assert app["jpserver_extensions"]["paitient.server"] is True
     assert app["jpserver_extensions"]["jupyter_server_terminals"] is False
     assert app["kernel_websocket_connection_class"].endswith("CappedWebsocketConnection")

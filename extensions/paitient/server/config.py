@@ -72,6 +72,8 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str) ->
             },
             "root_dir": home,
             "terminals_enabled": False,
+            # The paitient extension refuses a server that is not locked down; that must stop the server.
+            "reraise_server_extension_failures": True,
             "kernel_manager_class": "paitient.server.kernels.SandboxMappingKernelManager",
             "kernel_spec_manager_class": "paitient.server.kernels.SandboxKernelSpecManager",
             "contents_manager_class": "paitient.server.contents.ConfinedContentsManager",

@@ -1,0 +1,89 @@
+"""A real user server as a real account, with the real audit service: what it records, what it refuses."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from paitient.audit.writer import trail_files
+from paitient.registry import Registry
+from tests.server.harness import UserServer, make_site, publish
+
+
+@pytest.fixture
+def site(world_tmp):
+    s = make_site(world_tmp, {"onc": ["bc", "gbsg"], "card": ["dia"]})
+    publish(s, "onc", "bc", "a\n1\n")
+    publish(s, "card", "dia", "b\n2\n")
+    return s
+
+
+@pytest.fixture
+def audit_service(site):
+    """`paitient service audit` as a real root process on the site's state dir; stopped by its pid."""
+    sock = site.run_dir / "audit.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
+                             f"--state-dir={site.state_dir}"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "audit service did not start"
+        time.sleep(0.05)
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(20)
+
+
+def records(site, action):
+    out = []
+    for _, path in trail_files(site.state_dir / "audit"):
+        out += [json.loads(line) for line in path.read_bytes().splitlines()]
+    return [r for r in out if r["action"] == action]
+
+
+def wait_for(fn, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    return fn()
+
+
+def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_tmp, make_system_user,
+                                                                    audit_service):
+    user = make_system_user("audited")
+    server = UserServer(site, user, ("onc",), world_tmp)
+    Registry.for_state_dir(site.state_dir).put(server.member)
+    with server:
+        kid = server.start_kernel()
+        res = server.run("print(sorted(__import__('os').listdir('/data/onc')))", kid)
+        assert res.stdout.strip() == "['bc']"  # gbsg is listed in the site but not published
+        assert server.request("DELETE", f"/api/kernels/{kid}").status_code == 204
+        started = wait_for(lambda: records(site, "kernel.start"))
+        executed = wait_for(lambda: records(site, "cell.execute"))
+        stopped = wait_for(lambda: records(site, "kernel.stop"))
+    assert [r["object"] for r in started] == [kid]
+    assert started[0]["actor"] == user.pw_name and started[0]["details"]["datasets"] == ["onc/bc"]
+    assert [r["details"]["code"] for r in executed] == ["print(sorted(__import__('os').listdir('/data/onc')))"]
+    assert executed[0]["object"] == kid and executed[0]["actor"] == user.pw_name
+    assert [r["object"] for r in stopped] == [kid]
+
+
+def test_a_server_whose_config_lost_the_lockdown_refuses_to_start(site, world_tmp, make_system_user):
+    user = make_system_user("open")
+    server = UserServer(site, user, ("onc",), world_tmp, extra_args=("--ServerApp.terminals_enabled=True",))
+    with pytest.raises(RuntimeError, match="not locked down: terminals are enabled"):
+        server.start(timeout=60)
+
+
+def test_kernels_start_without_the_audit_service_and_say_so_in_the_log(site, world_tmp, make_system_user):
+    user = make_system_user("noaudit")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        assert server.run("print(1 + 1)").stdout == "2\n"
+        logs = server.logs()
+    assert "could not record kernel.start" in logs and "audit service" in logs
