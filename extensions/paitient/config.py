@@ -153,6 +153,9 @@ class Workspace:
     """Ingest refuses a dataset whose smallest quasi-identifier group is smaller than this."""
     date_shift_days: int = 180
     """Ingest moves each patient's dates by a keyed offset of 1 to this many days, either direction."""
+    ledger_url: str = ""
+    """Privacy ledger database. Empty: SQLite at ``<state_dir>/ledger/ledger.sqlite3``; or
+    ``postgresql://...`` (needs the psycopg package)."""
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,10 @@ def _validate(cfg: SiteConfig) -> None:
         raise ConfigError(f"[workspace] bind_ip: not an IP address: {w.bind_ip!r}") from None
     if not w.state_dir.startswith("/"):
         raise ConfigError(f"[workspace] state_dir: must be an absolute path, got {w.state_dir!r}")
+    if w.ledger_url and not w.ledger_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"[workspace] ledger_url: empty (SQLite) or a postgresql:// URL, got {w.ledger_url[:40]!r}"
+        )
     if w.spawner not in ("paitient-local",):
         raise ConfigError(f"[workspace] spawner: only 'paitient-local' is available, got {w.spawner!r}")
     if w.min_k < 1:
