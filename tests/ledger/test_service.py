@@ -188,3 +188,14 @@ def test_record_by_hash_is_limited_to_own_projects(service, site, state_dir):
     assert out.stdout.strip() == "None", out.stderr
     with pytest.raises(ChannelError, match="64 hex digits"):
         call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "xyz"})
+
+
+def test_hub_service_entry_and_scopes(site):
+    from paitient.ledger.service import custom_scopes, hub_service, role_scopes
+
+    entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
+    assert entry["name"] == "ledger" and entry["url"] == "http://127.0.0.1:18123"
+    assert entry["command"] == ["/opt/paitient/venv/bin/python", "-m", "paitient.cli", "service", "ledger",
+                                f"--site={site.source}", f"--state-dir={site.state_dir}"]
+    assert set(custom_scopes()) == {"custom:ledger:read"}
+    assert "access:services!service=ledger" in role_scopes()
