@@ -320,9 +320,10 @@ def make_private(
         opt.before_step, opt.after_step = run._before_step, run._after_step
     else:
         _guard_opacus_step(opt, run)
-    print(f"paitient.dp: mode {chosen} ({reason}); noise multiplier {noise_multiplier:.4g}, "
-          f"sample rate {sample_rate:.4g}, {planned_steps} steps; reserved epsilon {target_epsilon:g}, "
-          f"delta {target_delta:.3g} of {project}/{dataset}")
+    if progress:  # otherwise run.mode and run.mode_reason say it
+        print(f"paitient.dp: mode {chosen} ({reason}); noise multiplier {noise_multiplier:.4g}, "
+              f"sample rate {sample_rate:.4g}, {planned_steps} steps; reserved epsilon {target_epsilon:g}, "
+              f"delta {target_delta:.3g} of {project}/{dataset}")
     return run
 
 
