@@ -202,7 +202,7 @@ class Ledger:
         self.site = site
         url = getattr(site.workspace, "ledger_url", "") if url is None else url
         self.db = _Postgres(url) if url.startswith(("postgres://", "postgresql://")) else _SQLite(db_path(site))
-        with self.db.transaction(write=True) as q:
+        with self.db.transaction(write=False) as q:  # (PostgreSQL's write lock needs the table first)
             for stmt in SCHEMA:
                 q(stmt)
 
