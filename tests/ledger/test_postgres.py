@@ -12,7 +12,7 @@ import pytest
 from paitient.ledger.budget import BudgetExceeded
 from paitient.ledger.store import Ledger, LedgerError
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))  # Debian's postgresql
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
