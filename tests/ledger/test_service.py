@@ -199,3 +199,21 @@ def test_hub_service_entry_and_scopes(site):
                                 f"--site={site.source}", f"--state-dir={site.state_dir}"]
     assert set(custom_scopes()) == {"custom:ledger:read"}
     assert "access:services!service=ledger" in role_scopes()
+
+
+def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_dir):
+    from paitient.audit import trail_dir
+    from paitient.audit.query import Filter, select
+
+    register(state_dir, "root-tester", 0, ("cardio",))
+    c = LedgerClient(site.run_dir)
+    rid = c.reserve("cardio", "diabetes", 4.0, 1e-6)["reservation"]
+    with pytest.raises(BudgetExceeded):
+        c.reserve("cardio", "diabetes", 2.0, 1e-6)
+    c.settle(rid, 3.5, record={"weights_sha256": "12" * 32})
+    records = select(trail_dir(site), Filter.parse(action="ledger"))
+    got = [(r["actor"], r["action"], r["object"], r["outcome"]) for r in reversed(records)]
+    assert got == [("root-tester", "ledger.reserve", "cardio/diabetes", "ok"),
+                   ("root-tester", "ledger.reserve", "cardio/diabetes", "denied"),
+                   ("root-tester", "ledger.settle", "cardio/diabetes", "ok")]
+    assert records[0]["details"]["weights_sha256"] == "12" * 32 and records[0]["details"]["project"] == "cardio"
