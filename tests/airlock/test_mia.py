@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save
 from sklearn.metrics import roc_auc_score
 
-from paitient.airlock.mia import AuditJob, bwrap_argv, judge, run_audit
+from paitient.airlock.mia import AuditJob, Limits, judge, run_audit, sandbox_argv
 from paitient.airlock.mia_worker import roc_auc_advantage
 from paitient.airlock.split import SplitError, members_from_spec, split_indices
 from tests.airlock.helpers import breast_cancer
@@ -135,8 +135,11 @@ import socket
 _orig = Model.__init__
 def _init(self, *a, **k):
     _orig(self, *a, **k)
+    import os
+    if os.path.exists("/etc/shadow") or os.listdir(os.path.join(os.environ["HOME"], "run")):
+        raise SystemExit("sees the host's secrets or service sockets")
     try:
-        open("/audit/escaped", "w").write("x")
+        open(os.path.join(os.getcwd(), "escaped"), "w").write("x")
         raise SystemExit("wrote into the job directory")
     except OSError as e:
         write_error = e.strerror
@@ -159,14 +162,18 @@ Model.__init__ = _init
     assert "127.0.0.1" not in verdict["reason"] and "Errno" not in verdict["reason"]
 
 
-def test_sandbox_command_drops_privileges_before_bubblewrap():
-    argv = bwrap_argv(uid=65534, gid=65534, job_dir="/tmp/job", prefix="/opt/venv", python="/opt/venv/bin/python")
+def test_sandbox_command_drops_privileges_then_uses_the_kernel_policy():
+    argv = sandbox_argv(uid=65534, gid=65534, scratch="/tmp/s", job_dir="/tmp/s/job", prefix="/opt/venv",
+                        python="/opt/venv/bin/python", limits=Limits(memory_mb=512), seccomp_fd=7)
     assert argv[:5] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
-    assert argv[5] == "bwrap" and "--unshare-all" in argv and "--clearenv" in argv
-    i = argv.index("/tmp/job")
-    assert argv[i - 1] == "--ro-bind" and argv[i + 1] == "/audit"
+    assert argv[5].endswith("prlimit") and "--data=536870912:536870912" in argv
+    b = argv.index("/usr/bin/bwrap")
+    assert {"--unshare-all", "--disable-userns", "--clearenv"} <= set(argv[b:])
+    assert argv[argv.index("--seccomp") + 1] == "7"
     assert ["--ro-bind", "/opt/venv", "/opt/venv"] == argv[argv.index("/opt/venv") - 1:argv.index("/opt/venv") + 2]
-    assert "--bind" not in argv  # nothing writable from the host
+    assert "/etc/shadow" not in argv and "--ro-bind /etc /etc" not in " ".join(argv)
+    assert argv[-4:] == ["/opt/venv/bin/python", "-I", "/tmp/s/job/worker.py", "/tmp/s/job/job.json"]
+    assert argv[argv.index("--chdir") + 1] == "/tmp/s/job"
 
 
 def test_declared_splits():

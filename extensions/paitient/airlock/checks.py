@@ -55,6 +55,7 @@ class CheckContext:
     mia_max_advantage: float = 0.2
     audit_account: str = "nobody"
     audit_timeout: float = 600.0
+    audit_memory_mb: int = 4096
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -155,5 +156,7 @@ def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx
         )
     except (split.SplitError, KeyError, FileNotFoundError, ValueError) as e:
         return result("membership_inference", "fail", f"the audit cannot run: {e}")
-    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout)
+    limits = mia.Limits(memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256,
+                        cpu_seconds=int(ctx.audit_timeout) + 1)
+    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits)
     return mia.judge(answer, max_auc=ctx.mia_max_auc, max_advantage=ctx.mia_max_advantage)

@@ -98,6 +98,7 @@ class Airlock:
             load_dataset=self._load_dataset, published=self.published.files,
             mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
             audit_account=s.audit_account, audit_timeout=s.audit_timeout,
+            audit_memory_mb=self.site.sandbox.memory_mb,
         )
 
     def _load_dataset(self, project: str, dataset: str, version: Any):

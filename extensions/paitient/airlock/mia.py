@@ -1,8 +1,9 @@
 """Running the membership-inference audit in a sandbox like a kernel's, and judging its numbers.
 
-The researcher's model definition is code, so it runs where code from the workspace runs: in bubblewrap,
-as an unprivileged account (``nobody`` by default), with no network, a read-only view of /usr and the
-Python environment, and a job directory holding only the model source, the weights and the rows needed.
+The researcher's model definition is code, so it runs where code from the workspace runs: in the kernels'
+sandbox (:mod:`paitient.sandbox.policy`: bubblewrap, seccomp, rlimits) as an unprivileged account
+(``nobody`` by default), with no network, no service sockets, a read-only system and Python environment,
+and a root-owned job folder holding only the model source, the weights and the rows needed.
 The service takes back one JSON line of numbers (:mod:`paitient.airlock.mia_worker`), rounded before it is
 stored so the model's outputs cannot carry more than a few bits out through them.
 """
@@ -23,6 +24,8 @@ from typing import Any
 import pandas as pd
 
 from paitient.airlock.tables import result
+from paitient.sandbox.policy import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, prlimit_argv
+from paitient.sandbox.seccomp import seccomp_program
 
 WORKER = Path(__file__).with_name("mia_worker.py")
 DIGITS = 3
@@ -42,34 +45,42 @@ class AuditJob:
     preprocess: str = "none"
 
 
-def bwrap_argv(*, uid: int, gid: int, job_dir: str, prefix: str, python: str) -> list[str]:
-    """The command that runs the worker: privileges dropped first, then bubblewrap as that account."""
-    argv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "bwrap",
-            "--ro-bind", "/usr", "/usr"]
-    for link in ("lib", "lib64", "bin", "sbin"):
-        if os.path.islink(f"/{link}"):
-            argv += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
-    argv += ["--ro-bind", "/etc", "/etc"]
-    if not prefix.startswith("/usr/"):
-        argv += ["--ro-bind", prefix, prefix]
-    argv += [
-        "--ro-bind", job_dir, "/audit",
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",  # noqa: S108 - a fresh tmpfs inside the sandbox
-        "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-        "--cap-drop", "ALL", "--clearenv",
-        "--setenv", "HOME", "/tmp",  # noqa: S108
-        "--setenv", "PATH", "/usr/bin", "--setenv", "OMP_NUM_THREADS", "1",
-        "--chdir", "/audit",
-        python, "-I", "/audit/worker.py", "/audit/job.json",
+def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, prefix: str, python: str,
+                 limits: Limits, seccomp_fd: int | None) -> list[str]:
+    """The command that runs the worker: privileges dropped, rlimits set, then the kernels' bubblewrap policy.
+
+    The policy is the one every kernel gets (:mod:`paitient.sandbox.policy`): all namespaces unshared,
+    no capabilities, the seccomp filter, a minimal /etc, read-only system and Python. Its home is an empty
+    scratch folder (the account's only writable place, removed afterwards); its service-socket folder is
+    an empty one, so the model code reaches no service; there is no dataset mount: the rows it needs are
+    in the job folder, which belongs to root and is read-only for the account.
+    """
+    system_ro = ("/usr",) if prefix.startswith("/usr/") else ("/usr", prefix)
+    policy = SandboxPolicy(
+        home=scratch, runtime_dir=scratch, run_dir=os.path.join(scratch, "run"), system_ro=system_ro,
+        env={"PATH": SANDBOX_PATH, "HOME": scratch, "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"},
+        cwd=job_dir, hostname="airlock-audit",
+    )
+    return [
+        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+        *prlimit_argv(limits), *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
+        python, "-I", os.path.join(job_dir, "worker.py"), os.path.join(job_dir, "job.json"),
     ]
-    return argv
 
 
-def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0) -> dict[str, Any]:
+def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0,
+              limits: Limits | None = None) -> dict[str, Any]:
     """Run the audit in the sandbox; return the worker's numbers or ``{"error": ...}``."""
     pw = pwd.getpwnam(account)
-    work = Path(tempfile.mkdtemp(prefix="paitient-audit-"))
+    limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
+    scratch = Path(tempfile.mkdtemp(prefix="paitient-audit-"))
+    seccomp_fd = None
     try:
+        os.chown(scratch, pw.pw_uid, pw.pw_gid)
+        os.chmod(scratch, 0o700)
+        (scratch / "run").mkdir(mode=0o755)
+        work = scratch / "job"
+        work.mkdir()
         os.chown(work, 0, pw.pw_gid)
         os.chmod(work, 0o750)
         files = {
@@ -83,16 +94,20 @@ def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0)
         os.chown(work / "data.parquet", 0, pw.pw_gid)
         os.chmod(work / "data.parquet", 0o640)
         spec = {
-            "model_source": "/audit/model.py", "weights": "/audit/weights.safetensors",
-            "data": "/audit/data.parquet", "members": job.members, "features": job.features,
+            "model_source": str(work / "model.py"), "weights": str(work / "weights.safetensors"),
+            "data": str(work / "data.parquet"), "members": job.members, "features": job.features,
             "target": job.target, "loss": job.loss, "model_class": job.model_class,
             "model_kwargs": job.model_kwargs or {}, "preprocess": job.preprocess,
         }
         _write(work / "job.json", json.dumps(spec).encode(), pw.pw_gid)
-        argv = bwrap_argv(uid=pw.pw_uid, gid=pw.pw_gid, job_dir=str(work), prefix=sys.prefix,
-                          python=sys.executable)
+        seccomp_fd = os.memfd_create("paitient-audit-seccomp", 0)
+        os.write(seccomp_fd, seccomp_program())
+        os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        argv = sandbox_argv(uid=pw.pw_uid, gid=pw.pw_gid, scratch=str(scratch), job_dir=str(work),
+                            prefix=sys.prefix, python=sys.executable, limits=limits, seccomp_fd=seccomp_fd)
         try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin"})
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                  pass_fds=(seccomp_fd,))
         except subprocess.TimeoutExpired:
             return {"error": f"the audit did not finish within {timeout:g} s"}
         lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
@@ -105,7 +120,9 @@ def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0)
             return {"error": "the audit sandbox did not answer with JSON"}
         return answer if isinstance(answer, dict) else {"error": "the audit sandbox answered no object"}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write(path: Path, data: bytes, gid: int) -> None:
