@@ -217,3 +217,36 @@ def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_di
                    ("root-tester", "ledger.reserve", "cardio/diabetes", "denied"),
                    ("root-tester", "ledger.settle", "cardio/diabetes", "ok")]
     assert records[0]["details"]["weights_sha256"] == "12" * 32 and records[0]["details"]["project"] == "cardio"
+
+
+def test_service_process_serves_socket_and_page_and_stops_cleanly(site, world_tmp):
+    import requests
+
+    from paitient.ledger.service import _free_loopback_port
+
+    port = _free_loopback_port()
+    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+           "JUPYTERHUB_SERVICE_PREFIX": "/services/ledger/", "JUPYTERHUB_API_TOKEN": "test-token",
+           "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api", "JUPYTERHUB_CLIENT_ID": "service-ledger",
+           "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/ledger/oauth_callback", "JUPYTERHUB_BASE_URL": "/"}
+    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "ledger", f"--site={site.source}",
+                             f"--state-dir={site.state_dir}"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/services/ledger/", allow_redirects=False, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "the ledger page did not start"
+                time.sleep(0.1)
+        assert r.status_code == 302 and r.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+        api = requests.get(f"http://127.0.0.1:{port}/services/ledger/api/budget", timeout=5)
+        assert api.status_code == 403 and api.json()["status"] == 403
+        answer = call(site.run_dir / "ledger.sock", "budget", {"project": "cardio"})
+        assert answer["projects"]["cardio"][0]["epsilon_total"] == 5.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert not (site.run_dir / "ledger.sock").exists()
