@@ -68,6 +68,36 @@ def test_sequence_input_and_no_bias_equal_opacus():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+class Normed(nn.Module):
+    """Linear layers with LayerNorm, GroupNorm and RMSNorm between them, on 2-D and 3-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm(8)
+        self.b = nn.Linear(8, 8)
+        self.gn = nn.GroupNorm(4, 8)
+        self.rms = nn.RMSNorm(8)
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.ln(self.a(x)))
+        h = self.b(h)
+        h = self.gn(h.transpose(1, 2)).transpose(1, 2) if h.dim() == 3 else self.gn(h)
+        return self.c(self.rms(h)).reshape(len(x), -1, 3).mean(1)
+
+
+@pytest.mark.parametrize("shape", [(30, 6), (12, 4, 6)])
+def test_normalisation_layers_beside_linear_equal_opacus(shape):
+    torch.manual_seed(4)
+    model = Normed()
+    x, y = torch.randn(*shape) * 2, torch.randint(0, 3, (shape[0],))
+    want, expected = opacus_grads(model, x, y, clip=0.2, reduction="mean", expected=10)
+    got = fast_grads(model, x, y, clip=0.2, reduction="mean", expected=expected)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_noise_has_the_dp_sgd_standard_deviation():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 2))
@@ -105,9 +135,9 @@ def test_layer_used_twice_is_refused():
 
 
 def test_other_trainable_layers_are_not_fast():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(3, 4), nn.Linear(4, 2))
     layers, why = linear_layers(model, set(model.parameters()))
-    assert layers == [] and "layer '1' (LayerNorm)" in why
+    assert layers == [] and "layer '1' (Embedding) is neither nn.Linear nor a normalisation layer" in why
     frozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     frozen[0].bias.requires_grad_(False)
     assert "partly frozen" in linear_layers(frozen, set(frozen.parameters()))[1]

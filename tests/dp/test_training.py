@@ -44,7 +44,7 @@ def private(model, loader, site, **kw):
 def test_training_settles_with_the_accountants_epsilon(service, site, member, loader, cancer, world_tmp):
     torch.manual_seed(0)
     run = private(mlp(), loader, site)
-    assert run.mode == "fast" and "every trainable layer is nn.Linear" in run.mode_reason
+    assert run.mode == "fast" and "every trainable layer is nn.Linear or a normalisation" in run.mode_reason
     row = service.ledger.run(run.reservation)
     assert row["state"] == "reserved" and row["epsilon"] == 1.0 and row["username"] == "alice"
     train(run)
@@ -184,8 +184,8 @@ class Embedded(nn.Module):
 @pytest.mark.parametrize("model_fn, criterion, mode", [
     (Embedded, nn.CrossEntropyLoss(), "ghost"),
     (Embedded, None, "hooks"),
-    (lambda: nn.Sequential(nn.Linear(30, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2)),
-     nn.CrossEntropyLoss(), "hooks"),
+    (lambda: nn.Sequential(nn.Unflatten(1, (1, 30)), nn.Conv1d(1, 4, 3), nn.Flatten(), nn.ReLU(),
+                           nn.Linear(4 * 28, 2)), nn.CrossEntropyLoss(), "hooks"),
 ])
 def test_other_models_train_through_opacus(service, site, member, loader, model_fn, criterion, mode):
     run = private(model_fn(), loader, site, criterion=criterion, epochs=1)
@@ -201,6 +201,17 @@ def test_other_models_train_through_opacus(service, site, member, loader, model_
     acc.history = [(run.noise_multiplier, run.sample_rate, len(loader))]
     assert row["epsilon_spent"] == acc.get_epsilon(delta=run.target_delta) and row["record"]["mode"] == mode
     assert row["record"]["weights_sha256"] == dp.weights_sha256(run.model)
+
+
+def test_normalised_mlp_trains_in_the_fast_mode(service, site, member, loader):
+    model = nn.Sequential(nn.Linear(30, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2))
+    run = private(model, loader, site, epochs=2)
+    assert run.mode == "fast"
+    train(run)
+    row = service.ledger.run(run.reservation)
+    assert row["state"] == "settled" and row["record"]["mode"] == "fast" and row["epsilon_spent"] <= 1.0
+    assert model[1].weight.grad is not None  # the LayerNorm was trained too
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_poisson_empty_batches_are_handled(service, site, member, cancer):

@@ -51,10 +51,12 @@ def test_mode_choice_says_why():
     mode, why, _ = choose_mode(emb, opt, None)
     assert mode == "hooks" and "pass criterion=" in why
     ln = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    mode, why, _ = choose_mode(ln, torch.optim.SGD(ln.parameters(), lr=0.1), nn.MSELoss())
-    assert mode == "hooks" and "ghost clipping does not cover LayerNorm" in why
-    with pytest.raises(DPModelError, match="mode='fast' needs every trainable layer to be nn.Linear"):
-        choose_mode(ln, torch.optim.SGD(ln.parameters(), lr=0.1), None, "fast")
+    assert choose_mode(ln, torch.optim.SGD(ln.parameters(), lr=0.1), None)[0] == "fast"
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
+    mode, why, _ = choose_mode(conv, torch.optim.SGD(conv.parameters(), lr=0.1), nn.MSELoss())
+    assert mode == "hooks" and "ghost clipping does not cover Conv1d" in why
+    with pytest.raises(DPModelError, match="mode='fast' needs every trainable layer to be nn.Linear or a norm"):
+        choose_mode(conv, torch.optim.SGD(conv.parameters(), lr=0.1), None, "fast")
     with pytest.raises(ValueError, match="mode must be one of auto, fast, ghost, hooks"):
         choose_mode(lin, opt, None, "turbo")
 

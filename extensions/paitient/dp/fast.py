@@ -13,6 +13,11 @@ plain autograd are skipped), keeps ``a`` and ``g``, and the optimizer step compu
 ``(sum_i c_i grad_i + N(0, (sigma C)^2)) / E`` into ``p.grad`` with one fused ``addmm`` per layer,
 exactly what Opacus' DPOptimizer computes (same clip formula, same mean-loss scaling by the batch
 size, same division by the expected batch size ``E``).
+
+Normalisation layers beside the Linear ones (LayerNorm, GroupNorm, InstanceNorm, RMSNorm: few
+parameters each) are handled the Opacus way inside the same step: their inputs and backprops are
+captured and Opacus' per-sample gradient function for the layer type gives their per-sample gradients,
+whose norms join the Linear layers' in the clip factor.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
 from torch import nn
+
+PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                    nn.RMSNorm)
+"""Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
 
 
 class FastPathError(RuntimeError):
@@ -57,16 +67,17 @@ class _CaptureLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tuple[str, nn.Linear]], str]:
-    """The Linear layers to clip, or ``([], reason)`` when some trainable parameter is elsewhere."""
+def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tuple[str, nn.Module]], str]:
+    """The layers the fast path clips (Linear, and :data:`PER_SAMPLE_TYPES`), or ``([], reason)``."""
     layers = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         label = name or type(model).__name__
-        if type(module) is not nn.Linear:
-            return [], f"layer '{label}' ({type(module).__name__}) has trainable parameters and is not nn.Linear"
+        if type(module) is not nn.Linear and type(module) not in PER_SAMPLE_TYPES:
+            return [], (f"layer '{label}' ({type(module).__name__}) is neither nn.Linear nor a normalisation "
+                        "layer")
         if len(own) != len(list(module.parameters(recurse=False))) or any(p not in params for p in own):
             return [], f"layer '{label}' is partly frozen or not fully in the optimizer"
         layers.append((name, module))
@@ -82,14 +93,18 @@ class FastClipper:
         self.model = model
         self.slots = [_Slot(name or type(model).__name__, m) for name, m in layers]
         self.pass_id = 0
-        self.params = [p for _, m in layers for p in (m.weight, m.bias) if p is not None]
+        self.params = [p for _, m in layers for p in m.parameters(recurse=False)]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         self._proto = self.params[0].detach()
         self._one = torch.ones((), dtype=self._proto.dtype, device=self._proto.device)
         self._hook = model.register_forward_pre_hook(self._next_pass)
+        self._layer_hooks = []
         for slot in self.slots:
-            slot.module.forward = types.MethodType(_make_forward(self, slot), slot.module)
+            if type(slot.module) is nn.Linear:
+                slot.module.forward = types.MethodType(_make_forward(self, slot), slot.module)
+            else:
+                self._layer_hooks.append(slot.module.register_forward_hook(_make_capture(self, slot)))
 
     def _next_pass(self, module, args) -> None:
         self.pass_id += 1
@@ -97,6 +112,8 @@ class FastClipper:
     def detach(self) -> None:
         """Give the model back its plain forward."""
         self._hook.remove()
+        for hook in self._layer_hooks:
+            hook.remove()
         for slot in self.slots:
             slot.module.__dict__.pop("forward", None)
             slot.pairs.clear()
@@ -122,15 +139,23 @@ class FastClipper:
         noise = _draw(self.numel, std, generator, self._proto)
         total = None
         views = []
+        others = []
         for s in captured:
             a, g = s.pairs[0]
+            if type(s.module) is not nn.Linear:  # per-sample gradients from Opacus' function for the type
+                per_sample = GradSampleModule.GRAD_SAMPLERS[type(s.module)](s.module, a, g)
+                for gs in per_sample.values():
+                    sq = gs.reshape(n, -1).square().sum(1)
+                    total = sq if total is None else total.add_(sq)
+                others.append(per_sample)
+                continue
             if a.dim() != 2:
                 a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
             part = _sample_norms(a, g, s.module.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
             views.append((s, a, g))
         if not n:  # an empty Poisson batch: the gradient is the noise alone
-            views = []
+            views, others = [], []
         elif total is not None:
             # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / scale)
@@ -148,6 +173,9 @@ class FastClipper:
                 grads[w].addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
                 if b is not None:
                     grads[b].add_(cg.sum(0))
+        for per_sample in others:
+            for p, gs in per_sample.items():
+                grads[p].add_(torch.tensordot(factor, gs, dims=1))
         for p, grad in grads.items():
             p.grad = grad
         self.clear()
@@ -162,7 +190,7 @@ class FastClipper:
                     "optimizer.step() after each loss.backward() (gradient accumulation cannot be combined "
                     "with Poisson sampling)"
                 )
-        batch = {s.pairs[0][0].shape[0] for s in captured}
+        batch = {s.pairs[0][1].shape[0] for s in captured}
         if len(batch) > 1:
             raise FastPathError(f"layers saw different batch sizes {sorted(batch)} in one step; use mode='hooks'")
         return batch.pop() if batch else 0
@@ -202,6 +230,19 @@ def _make_forward(clipper: FastClipper, slot: _Slot) -> Callable[..., torch.Tens
         return _CaptureLinear.apply(x, self.weight, self.bias, slot)
 
     return forward
+
+
+def _make_capture(clipper: FastClipper, slot: _Slot) -> Callable[..., None]:
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if slot.last_pass == clipper.pass_id:
+            raise FastPathError(f"layer '{slot.name}' ran twice in one forward pass; use mode='hooks'")
+        slot.last_pass = clipper.pass_id
+        acts = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        output.register_hook(lambda g: slot.pairs.append((acts, g.detach())))
+
+    return hook
 
 
 class FastDPOptimizer(torch.optim.Optimizer):

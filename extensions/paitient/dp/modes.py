@@ -11,7 +11,8 @@ from paitient.dp.fast import linear_layers
 from paitient.dp.validate import DPModelError
 
 MODES = ("auto", "fast", "ghost", "hooks")
-"""``fast``: paitient's clipping for all-Linear models (no per-sample gradients, one backward pass);
+"""``fast``: paitient's clipping for models of Linear and normalisation layers (no per-sample gradients
+for the Linear ones, one backward pass);
 ``ghost``: Opacus' ghost clipping (norms without per-sample gradients where a layer allows, two backward
 passes); ``hooks``: Opacus' per-sample gradients from hooks (every supported layer, slowest)."""
 
@@ -29,8 +30,8 @@ def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto")
     layers, why_not_fast = linear_layers(model, params)
     if requested == "fast":
         if not layers:
-            raise DPModelError([f"mode='fast' needs every trainable layer to be nn.Linear: {why_not_fast}; "
-                                "use mode='auto'"])
+            raise DPModelError([f"mode='fast' needs every trainable layer to be nn.Linear or a normalisation "
+                                f"layer: {why_not_fast}; use mode='auto'"])
         return "fast", "asked for", layers
     if requested == "ghost":
         if criterion is None:
@@ -39,7 +40,8 @@ def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto")
     if requested == "hooks":
         return "hooks", "asked for", []
     if layers:
-        return "fast", "every trainable layer is nn.Linear, so paitient's fast clipping applies", layers
+        return "fast", ("every trainable layer is nn.Linear or a normalisation layer, so paitient's fast "
+                        "clipping applies"), layers
     odd = sorted({t.__name__ for _, t in trainable_layer_types(model) if t not in _Ghost.NORM_SAMPLERS})
     if not odd and criterion is not None:
         return "ghost", f"{why_not_fast}; every trainable layer supports Opacus' ghost clipping", []
