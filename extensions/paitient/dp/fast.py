@@ -96,8 +96,11 @@ class FastClipper:
         self.params = [p for _, m in layers for p in m.parameters(recurse=False)]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
-        self._proto = self.params[0].detach()
-        self._one = torch.ones((), dtype=self._proto.dtype, device=self._proto.device)
+        proto = self.params[0].detach()
+        self._one = torch.ones((), dtype=proto.dtype, device=proto.device)
+        # one buffer for all gradients, refilled with fresh noise each step; its views become the .grad
+        self._flat = torch.empty(self.numel, dtype=proto.dtype, device=proto.device)
+        self._views = [c.view(p.shape) for p, c in zip(self.params, self._flat.split(self.sizes), strict=True)]
         self._hook = model.register_forward_pre_hook(self._next_pass)
         self._layer_hooks = []
         for slot in self.slots:
@@ -136,7 +139,10 @@ class FastClipper:
         scale = float(n) if loss_reduction == "mean" else 1.0
         denom = float(expected_batch_size) if loss_reduction == "mean" else 1.0
         std = noise_multiplier * max_grad_norm / denom
-        noise = _draw(self.numel, std, generator, self._proto)
+        if std > 0:
+            self._flat.normal_(0.0, std, generator=generator)
+        else:
+            self._flat.zero_()
         total = None
         views = []
         others = []
@@ -158,9 +164,10 @@ class FastClipper:
             views, others = [], []
         elif total is not None:
             # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
-            factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / scale)
-            factor = factor.clamp_(max=1.0).mul_(scale / denom)
-        grads = {p: chunk.view(p.shape) for p, chunk in zip(self.params, noise.split(self.sizes), strict=True)}
+            # min(1, C / (s |g_i| + 1e-6)) * s / E  ==  min(s / E, (C / E) / (|g_i| + 1e-6 / s))
+            factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / denom)
+            factor = factor.clamp_(max=scale / denom)
+        grads = dict(zip(self.params, self._views, strict=True))
         for s, a, g in views:
             w, b = s.module.weight, s.module.bias
             if g.dim() == 2:
@@ -194,11 +201,6 @@ class FastClipper:
         if len(batch) > 1:
             raise FastPathError(f"layers saw different batch sizes {sorted(batch)} in one step; use mode='hooks'")
         return batch.pop() if batch else 0
-
-
-def _draw(numel: int, std: float, generator: torch.Generator | None, proto: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(numel, dtype=proto.dtype, device=proto.device)
-    return out.normal_(0.0, std, generator=generator) if std > 0 else out.zero_()
 
 
 def _sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tensor) -> torch.Tensor:
