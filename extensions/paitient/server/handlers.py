@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler
 
 MESSAGE = (
@@ -29,7 +30,8 @@ class BlockedHandler(APIHandler):
     def prepare(self) -> None:  # refuse before authentication, XSRF or anything else runs
         self._refuse()
 
-    get = post = put = patch = delete = head = _refuse  # type: ignore[assignment]
+    # Never reached (prepare finished the request); marked so the server knows the route is deliberate.
+    get = post = put = patch = delete = head = allow_unauthenticated(_refuse)  # type: ignore[assignment]
 
 
 class BlockedFilesHandler(BlockedHandler):
