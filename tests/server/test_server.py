@@ -87,3 +87,59 @@ def test_kernels_start_without_the_audit_service_and_say_so_in_the_log(site, wor
         assert server.run("print(1 + 1)").stdout == "2\n"
         logs = server.logs()
     assert "could not record kernel.start" in logs and "audit service" in logs
+
+
+def test_interrupt_reaches_the_kernel_and_keeps_the_sandbox(site, world_tmp, make_system_user):
+    import threading
+
+    user = make_system_user("interrupt")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        kid = server.start_kernel()
+        assert server.run("x = 41", kid).error is None
+        before = sorted(server.kernel_pids())
+        timer = threading.Timer(2.0, lambda: server.request("POST", f"/api/kernels/{kid}/interrupt"))
+        timer.start()
+        t0 = time.monotonic()
+        res = server.run("import time; time.sleep(60)", kid, timeout=50)
+        timer.join()
+        assert res.error is not None and res.error.startswith("KeyboardInterrupt"), res
+        assert time.monotonic() - t0 < 30
+        assert server.run("print(x + 1)", kid).stdout == "42\n"  # same kernel, state kept
+        assert sorted(server.kernel_pids()) == before
+
+
+def test_restarted_kernel_is_sandboxed_again(site, world_tmp, make_system_user):
+    user = make_system_user("restart")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        kid = server.start_kernel()
+        assert server.run("x = 1", kid).error is None
+        assert server.request("POST", f"/api/kernels/{kid}/restart").status_code == 200
+        res = server.run("import os, socket\nprint('x' in globals(), os.listdir('/data'))\n"
+                         "try: socket.create_connection(('192.0.2.1', 443), timeout=3)\n"
+                         "except OSError as e: print(e.errno)", kid)
+        assert res.stdout.split("\n")[:2] == ["False ['onc']", "101"], res
+
+
+def test_kernels_die_with_a_killed_server(site, world_tmp, make_system_user):
+    user = make_system_user("orphan")
+    server = UserServer(site, user, ("onc",), world_tmp).start()
+    try:
+        server.run("print(1)")
+        kernels = server.kernel_pids()
+        assert len(kernels) >= 3  # prlimit->bwrap, bwrap's init, the kernel
+        server.proc.kill()  # no clean shutdown: the server cannot stop its kernels
+        server.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in kernels) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in kernels)
+    finally:
+        server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
