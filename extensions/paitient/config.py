@@ -132,6 +132,8 @@ class Server:
     """Output sent to the browser is cut after this many bytes per message."""
     output_cap_execution_bytes: int = 5_000_000
     """... and after this many bytes per cell execution."""
+    contents_cap_bytes: int = 20_000_000
+    """The server's contents API does not open or send files larger than this (they stay in the home)."""
     idle_timeout: int = 3600
 
 
@@ -404,6 +406,8 @@ def _validate(cfg: SiteConfig) -> None:
             raise ConfigError(f"[sandbox] {name}: must be positive, got {getattr(s, name)}")
     if s.cpu_seconds < 0:
         raise ConfigError("[sandbox] cpu_seconds: must be 0 (no limit) or positive")
+    if cfg.server.contents_cap_bytes <= 0:
+        raise ConfigError("[server] contents_cap_bytes: must be positive")
     if cfg.server.output_cap_message_bytes <= 0 or cfg.server.output_cap_execution_bytes <= 0:
         raise ConfigError("[server] output caps must be positive")
     au = cfg.audit
