@@ -180,7 +180,8 @@ def world():
         root,
         {"onc": ["bc", "gbsg"], "card": ["dia"]},
         sandbox={"memory_mb": 1024, "max_processes": 64, "max_open_files": 256, "cpu_seconds": 0},
-        server={"output_cap_message_bytes": 100_000, "output_cap_execution_bytes": 400_000},
+        server={"output_cap_message_bytes": 100_000, "output_cap_execution_bytes": 400_000,
+                "contents_cap_bytes": 1_000_000},
     )
     bc_version = publish(site, "onc", "bc", "id,size\n1,2.5\n")
     publish(site, "onc", "gbsg", "id,time\n1,30\n")

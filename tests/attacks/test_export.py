@@ -132,3 +132,22 @@ def test_forged_parent_ids_do_not_open_new_budgets(alice_kernel):
         "import time; time.sleep(0.5)\n"
     )
     assert res.wire_bytes < 460_000, res.wire_bytes  # 5.4 MB were sent by the kernel
+
+
+@pytest.mark.parametrize("name,query", [("dump.csv", "content=1"), ("dump.csv", "content=1&format=base64"),
+                                        ("dump.ipynb", "content=1"), ("dump.ipynb", "content=1&type=file")])
+def test_a_data_dump_written_by_the_kernel_is_not_sent_by_the_contents_api(world, alice_kernel, name, query):
+    # The kernel copies data into the home (allowed: the home is its workspace); the server will not
+    # send a file that large to the browser (site: contents_cap_bytes = 1,000,000).
+    if name.endswith(".ipynb"):
+        code = ("json.dump({'cells': [{'cell_type': 'code', 'source': '', 'metadata': {}, 'execution_count': 1,"
+                " 'outputs': [{'output_type': 'stream', 'name': 'stdout', 'text': open('/data/onc/bc/data.csv')"
+                ".read() * 200_000}]}], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}, "
+                f"open({world.alice.pw_dir + '/' + name!r}, 'w'))")
+    else:
+        code = f"open({world.alice.pw_dir + '/' + name!r}, 'w').write(open('/data/onc/bc/data.csv').read() * 200_000)"
+    assert alice_kernel.attempt(code)["ok"]
+    r = world.server_a.get(f"/api/contents/{name}?{query}")
+    assert r.status_code == 403 and "larger than 1,000,000 bytes" in r.json()["message"], (r.status_code, r.text[:200])
+    listing = world.server_a.get("/api/contents/?content=1").json()["content"]
+    assert name in [e["name"] for e in listing]  # still there, and listed: only its content is held back

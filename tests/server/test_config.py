@@ -54,6 +54,7 @@ def test_server_config_carries_the_policy(tmp_path):
     prov = cfg["SandboxProvisioner"]
     assert prov["projects"] == {"onc": ["bc", "gbsg"]} and prov["memory_mb"] == 2048 and prov["cpu_seconds"] == 600
     assert prov["run_dir"] == str(s.run_dir) and prov["data_root"] == str(s.data_root)
+    assert cfg["ConfinedContentsManager"]["max_content_bytes"] == s.server.contents_cap_bytes
     ws = cfg["CappedWebsocketConnection"]
     assert (ws["output_cap_message_bytes"], ws["output_cap_execution_bytes"]) == (1234, 5678)
     assert cfg["LabApp"]["user_settings_dir"].startswith("/home/pt-alice/")

@@ -83,6 +83,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str) ->
             "allow_hidden": False,
             "files_handler_class": "paitient.server.handlers.BlockedFilesHandler",
         },
+        "ConfinedContentsManager": {"max_content_bytes": site.server.contents_cap_bytes},
         "KernelManager": {"transport": "ipc"},
         "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},
         "KernelSpecManager": {
