@@ -7,10 +7,11 @@ the handlers' real ``HubOAuthenticated`` logic (scope check, login redirect, XSR
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 from http.cookies import SimpleCookie
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlparse
 
 import pandas as pd
 import pytest
@@ -23,7 +24,16 @@ from paitient.airlock.web import make_app
 from paitient.audit import trail_dir
 from paitient.audit.query import newest_first
 from paitient.channel import Peer
-from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, submit, wait_state
+from tests.airlock.helpers import (
+    GOOD,
+    PREFIX,
+    STEWARD,
+    csv_bytes,
+    hub_api_double,
+    known_user_auth,
+    submit,
+    wait_state,
+)
 
 
 @pytest.fixture
@@ -72,6 +82,38 @@ async def test_unauthenticated_visitors_go_to_the_hub_login(web):
     assert r.code == 302
     assert r.headers["Location"].startswith("/hub/api/oauth2/authorize?")
     assert "client_id=service-airlock" in r.headers["Location"]
+
+
+async def test_hub_oauth_round_trip_with_pkce(airlock, people):
+    """Login redirect, the hub's answer at oauth_callback, the token cookie: the callback finds the state and
+    PKCE verifier the login redirect stored (both handlers share one HubOAuth)."""
+    auth = hub_api_double({"c0de": {"name": "sam", "scopes": STEWARD}})
+    app = make_app(airlock, prefix=PREFIX, hub_auth=auth)
+    sock, port = bind_unused_port()
+    server = HTTPServer(app)
+    server.add_sockets([sock])
+    web = Client(f"http://127.0.0.1:{port}")
+    try:
+        first = await web.fetch(None, "requests/20260101-deadbeef")
+        assert first.code == 302
+        query = parse_qs(urlparse(first.headers["Location"]).query)
+        cookies = {k: v.value for k, v in SimpleCookie(", ".join(first.headers.get_list("Set-Cookie"))).items()}
+        back = await web.fetch(None, f"oauth_callback?code=c0de&state={query['state'][0]}", cookies=cookies)
+        assert back.code == 302, back.body
+        assert back.headers["Location"] == f"{PREFIX}requests/20260101-deadbeef"
+        verifier = auth.verifiers_seen[-1]
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        assert challenge == query["code_challenge"][0]
+        session = {k: v.value for k, v in SimpleCookie(", ".join(back.headers.get_list("Set-Cookie"))).items()
+                   if v.value}
+        page = await web.fetch(None, "", cookies=session)
+        assert page.code == 200 and "signed in as <strong>sam</strong>" in page.body.decode()
+        # A replayed callback with a state nobody started is refused.
+        again = await web.fetch(None, "oauth_callback?code=c0de&state=forged")
+        assert again.code in (400, 403)
+    finally:
+        server.stop()
+        await server.close_all_connections()
 
 
 async def test_a_token_without_access_to_the_service_is_refused(web):

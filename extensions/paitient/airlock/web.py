@@ -93,6 +93,14 @@ class AirlockHandler(HubOAuthenticated, web.RequestHandler):
         self.render("error.html", status=status_code, message=message)
 
 
+class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's OAuth callback, using the same HubOAuth as the pages: it holds the OAuth states (and their
+    PKCE verifiers) that the pages' login redirects created."""
+
+    def initialize(self) -> None:
+        self.hub_auth = self.settings["hub_auth"]
+
+
 class ListHandler(AirlockHandler):
     @web.authenticated
     async def get(self) -> None:
@@ -222,7 +230,7 @@ def make_app(airlock: Airlock, *, prefix: str = "/services/airlock/", hub_auth: 
         hub_auth = HubOAuth(api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""), cache_max_age=60)
     handlers = [
         (prefix, ListHandler),
-        (prefix + "oauth_callback", HubOAuthCallbackHandler),
+        (prefix + "oauth_callback", OAuthCallbackHandler),
         (prefix + f"requests/{ID_RE}", DetailHandler),
         (prefix + f"requests/{ID_RE}/decision", DecisionHandler),
         (prefix + f"requests/{ID_RE}/download", DownloadHandler),
