@@ -8,7 +8,7 @@ from paitient.ledger.client import LedgerClient
 
 def test_budget_widget_shows_the_ledger(service, site, member):
     a = service.ledger.reserve("oncology", "breast_cancer", 4.0, 1e-6, user="alice", pid=1)
-    service.ledger.settle(a["id"], 3.0)
+    service.ledger.settle(a, 3.0)
     service.ledger.reserve("oncology", "gbsg2", 0.5, 1e-7, user="alice", pid=1)
     service.ledger.reserve("cardio", "diabetes", 1.0, 1e-7, user="bob", pid=1)
     view = dp.budget(run_dir=site.run_dir)  # as root: every project (a user sees only theirs, test_service)

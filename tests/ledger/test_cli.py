@@ -14,7 +14,7 @@ def cli(site, *args):
 
 def test_show_and_set_budget(site, ledger):
     row = ledger.reserve("oncology", "breast_cancer", 3.0, 1e-6, user="alice", pid=1)
-    ledger.settle(row["id"], 2.0, record={"mode": "fast", "steps": 12, "weights_sha256": "cd" * 32})
+    ledger.settle(row, 2.0, record={"mode": "fast", "steps": 12, "weights_sha256": "cd" * 32})
     out = cli(site, "show", "--project=oncology", "--runs")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

@@ -45,15 +45,15 @@ def test_ledger_on_postgres(site, pg_url):
     row = ledger.reserve("oncology", "gbsg2", 1.5, 1e-7, user="alice", pid=os.getpid())
     with pytest.raises(BudgetExceeded, match="epsilon 1 asked, but oncology/gbsg2 has 0.5 left of 2"):
         ledger.reserve("oncology", "gbsg2", 1.0, 1e-7, user="alice")
-    ledger.settle(row["id"], 1.25, record={"weights_sha256": "aa" * 32, "steps": 3}, user="alice")
+    ledger.settle(row, 1.25, record={"weights_sha256": "aa" * 32, "steps": 3}, user="alice")
     assert ledger.record_by_hash("aa" * 32)["record"]["steps"] == 3
     with pytest.raises(LedgerError, match="already settled"):
-        ledger.settle(row["id"], 1.0, user="alice")
+        ledger.settle(row, 1.0, user="alice")
     ledger.set_budget("oncology", "gbsg2", 3.0, 1e-6, by="sam")
     b = {x["dataset"]: x for x in Ledger(site, url=pg_url).budget("oncology")}["gbsg2"]
     assert (b["epsilon_total"], b["epsilon_spent"], b["epsilon_left"], b["source"]) == (3.0, 1.25, 1.75, "steward")
     lost = ledger.reserve("oncology", "gbsg2", 0.5, 1e-7, user="alice", pid=999999, pid_start=1)
-    assert ledger.mark_lost(lambda pid, start: pid != 999999) == [lost["id"]]
+    assert ledger.mark_lost(lambda pid, start: pid != 999999) == [lost]
     # the same data through a new instance: nothing only in memory
     assert [r["state"] for r in Ledger(site, url=pg_url).runs("oncology", "gbsg2")] == ["settled", "lost"]
 
@@ -65,7 +65,7 @@ def test_concurrent_reservations_on_postgres(site, pg_url):
     def worker():
         for _ in range(6):
             try:
-                got.append(ledger.reserve("oncology", "gbsg2", 0.07, 1e-9, user="alice")["id"])
+                got.append(ledger.reserve("oncology", "gbsg2", 0.07, 1e-9, user="alice"))
             except BudgetExceeded:
                 refused.append(1)
 

@@ -179,8 +179,8 @@ def test_kill_9_of_the_service_loses_nothing_acknowledged(site, state_dir, world
 def test_record_by_hash_is_limited_to_own_projects(service, site, state_dir):
     register(state_dir, "alice", 65534, ("cardio",))
     row = service.ledger.reserve("oncology", "breast_cancer", 1.0, 1e-6, user="carol")
-    service.ledger.settle(row["id"], 1.0, record={"weights_sha256": "ef" * 32})
-    assert call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "ef" * 32})["id"] == row["id"]  # root
+    service.ledger.settle(row, 1.0, record={"weights_sha256": "ef" * 32})
+    assert call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "ef" * 32})["id"] == row  # root
     out = as_nobody(f"""
         from paitient.ledger.client import LedgerClient
         print(LedgerClient({str(site.run_dir)!r}).record_by_hash({"ef" * 32!r}))

@@ -22,7 +22,7 @@ def test_reserve_settle_releases_the_rest(ledger):
     row = ledger.reserve("oncology", "breast_cancer", 3.0, 1e-6, user="alice", run_id="r1", pid=os.getpid())
     b = {x["dataset"]: x for x in ledger.budget("oncology")}["breast_cancer"]
     assert (b["epsilon_reserved"], b["epsilon_spent"], b["epsilon_left"]) == (3.0, 0.0, 7.0)
-    done = ledger.settle(row["id"], 2.25, record={"weights_sha256": SHA, "steps": 40}, user="alice")
+    done = ledger.settle(row, 2.25, record={"weights_sha256": SHA, "steps": 40}, user="alice")
     assert done["state"] == "settled" and done["delta_spent"] == 1e-6
     b = {x["dataset"]: x for x in ledger.budget("oncology")}["breast_cancer"]
     assert (b["epsilon_reserved"], b["epsilon_spent"], b["epsilon_left"]) == (0.0, 2.25, 7.75)
@@ -48,27 +48,27 @@ def test_unknown_project_and_dataset_are_refused(ledger):
 def test_settle_rules(ledger):
     row = ledger.reserve("oncology", "breast_cancer", 1.0, 1e-6, user="alice")
     with pytest.raises(LedgerError, match="belongs to another user"):
-        ledger.settle(row["id"], 0.5, user="bob")
+        ledger.settle(row, 0.5, user="bob")
     with pytest.raises(LedgerError, match="more than the 1 reserved"):
-        ledger.settle(row["id"], 1.5, user="alice")
+        ledger.settle(row, 1.5, user="alice")
     with pytest.raises(LedgerError, match="unknown record field"):
-        ledger.settle(row["id"], 0.5, record={"secret": 1}, user="alice")
-    zero = ledger.settle(row["id"], 0.0, user="alice")
+        ledger.settle(row, 0.5, record={"secret": 1}, user="alice")
+    zero = ledger.settle(row, 0.0, user="alice")
     assert (zero["epsilon_spent"], zero["delta_spent"]) == (0.0, 0.0)
     with pytest.raises(LedgerError, match="already settled"):
-        ledger.settle(row["id"], 0.5, user="alice")
+        ledger.settle(row, 0.5, user="alice")
 
 
 def test_lost_run_counts_in_full(ledger):
     keep = ledger.reserve("cardio", "diabetes", 1.0, 1e-6, user="bob", pid=111, pid_start=5)
     dead = ledger.reserve("cardio", "diabetes", 2.0, 1e-6, user="bob", pid=222, pid_start=6)
     gone = ledger.mark_lost(lambda pid, start: pid == 111)
-    assert gone == [dead["id"]]
+    assert gone == [dead]
     b = ledger.budget("cardio")[0]
     assert (b["epsilon_spent"], b["epsilon_reserved"], b["epsilon_left"]) == (2.0, 1.0, 2.0)
     with pytest.raises(LedgerError, match="already lost .*counts in full"):
-        ledger.settle(dead["id"], 0.1, user="bob")
-    assert ledger.run(keep["id"])["state"] == "reserved"
+        ledger.settle(dead, 0.1, user="bob")
+    assert ledger.run(keep)["state"] == "reserved"
 
 
 def test_steward_override_replaces_site_total(ledger, site):

@@ -218,7 +218,7 @@ class PrivateRun:
         if self.record is not None:
             return self.record
         record = self.training_record()
-        self.record = self._ledger.settle(self.reservation, record["epsilon"], record["delta"], record)
+        self.record = self._ledger.settle(self.reservation, record["epsilon"], record, delta_spent=record["delta"])
         if self._clipper is not None:
             self._clipper.detach()
         if self._bar is not None:
@@ -305,7 +305,7 @@ def make_private(
                                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                                generator=noise_generator)
     except BaseException:
-        client.settle(reservation, 0.0, 0.0, {"note": "make_private failed before training"})
+        client.settle(reservation, 0.0, {"note": "make_private failed before training"}, delta_spent=0.0)
         raise
     run = PrivateRun(
         mode=chosen, mode_reason=reason, project=project, dataset=dataset,

@@ -55,8 +55,8 @@ class LedgerClient:
         return self._call("reserve", {"project": project, "dataset": dataset, "epsilon": float(epsilon),
                                       "delta": float(delta), "run_id": run_id})
 
-    def settle(self, reservation: str, epsilon_spent: float, delta_spent: float | None = None,
-               record: dict[str, Any] | None = None) -> dict[str, Any]:
+    def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any] | None = None, *,
+               delta_spent: float | None = None) -> dict[str, Any]:
         """Record what the run spent (the accountant's epsilon) and its training record; release the rest."""
         args: dict[str, Any] = {"reservation": reservation, "epsilon_spent": float(epsilon_spent),
                                 "record": record or {}}

@@ -209,7 +209,7 @@ class LedgerService:
         self.sweep()
         obj = f"{project}/{dataset}"
         try:
-            row = self.ledger.reserve(project, dataset, epsilon, delta, user=member.username, run_id=run_id,
+            rid = self.ledger.reserve(project, dataset, epsilon, delta, user=member.username, run_id=run_id,
                                       pid=peer.pid, pid_start=process_start(peer.pid))
         except BudgetExceeded as e:
             self.audit(member.username, "ledger.reserve", obj, "denied",
@@ -217,6 +217,7 @@ class LedgerService:
             raise ChannelError(str(e), "budget_exceeded") from None
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
+        row = self.ledger.run(rid)
         self.audit(member.username, "ledger.reserve", obj, "ok",
                    {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"],
                     "pid": peer.pid})
@@ -233,7 +234,8 @@ class LedgerService:
         delta_spent = _num_arg(args, "delta_spent", required=False)
         record = args.get("record") or {}
         try:
-            row = self.ledger.settle(reservation, epsilon_spent, delta_spent, record, user=member.username)
+            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent,
+                                     user=member.username)
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
         self.audit(member.username, "ledger.settle", f"{row['project']}/{row['dataset']}", "ok",

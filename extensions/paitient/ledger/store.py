@@ -279,8 +279,8 @@ class Ledger:
     # -- runs ------------------------------------------------------------------------------------
 
     def reserve(self, project: str, dataset: str, epsilon: float, delta: float, *, user: str,
-                run_id: str = "", pid: int = 0, pid_start: int | None = None) -> dict[str, Any]:
-        """Reserve ``(epsilon, delta)`` of a dataset's budget for one run; return the new run's row.
+                run_id: str = "", pid: int = 0, pid_start: int | None = None) -> str:
+        """Reserve ``(epsilon, delta)`` of a dataset's budget for one run; return the reservation id.
 
         Raises :class:`BudgetExceeded` with the numbers when it does not fit.
         """
@@ -298,12 +298,13 @@ class Ledger:
               "state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
               (rid, project, dataset, user, run_id, int(pid), pid_start, float(epsilon), float(delta),
                time.time()))
-            return _row(q(_SELECT_RUNS + " WHERE id = ?", (rid,))[0])
+        return rid
 
-    def settle(self, reservation: str, epsilon_spent: float, delta_spent: float | None = None,
-               record: dict[str, Any] | None = None, *, user: str | None = None) -> dict[str, Any]:
-        """Close a run with what its accountant says it spent; the rest of the reservation is released.
+    def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any] | None = None, *,
+               delta_spent: float | None = None, user: str | None = None) -> dict[str, Any]:
+        """Close a run with what its accountant says it spent and its training record; return its row.
 
+        The rest of the reservation is released.
         ``delta_spent`` defaults to the reserved delta (a run that took any step spent its delta),
         or 0 when ``epsilon_spent`` is 0 (no step, nothing learnt). ``user``, when given, must be the
         user who reserved.
