@@ -41,6 +41,7 @@ def test_overrides_win():
         ({"projects": [{"name": "a", "group": "g", "budgets": {"x": {"epsilon": 1}}}]}, "not one of the project"),
         ({"projects": [{"name": "a", "group": "g", "auto_release": ["everything"]}]}, "unknown kind"),
         ({"accounts": {"prefix": "Root"}}, r"\[accounts\] prefix"),
+        ({"accounts": {"uid_min": 60000}}, "include 65534"),
         ({"sandbox": {"memory_mb": 0}}, r"\[sandbox\] memory_mb"),
     ],
 )

@@ -113,6 +113,12 @@ class Accounts:
     shell: str = "/usr/sbin/nologin"
     uid_min: int = 20000
     """Accounts get uids from here up; existing accounts outside paitient's registry are never reused."""
+    max_accounts: int = 10000
+    """Size of paitient's uid range: uids ``uid_min`` to ``uid_min + max_accounts - 1``."""
+
+    @property
+    def uid_max(self) -> int:
+        return self.uid_min + self.max_accounts - 1
 
 
 @dataclass(frozen=True)
@@ -379,6 +385,13 @@ def _validate(cfg: SiteConfig) -> None:
         raise ConfigError(f"[accounts] home_root: must be an absolute path, got {a.home_root!r}")
     if a.uid_min < 1000:
         raise ConfigError(f"[accounts] uid_min: must be at least 1000, got {a.uid_min}")
+    if a.max_accounts < 1:
+        raise ConfigError(f"[accounts] max_accounts: must be positive, got {a.max_accounts}")
+    if a.uid_min <= 65535 and a.uid_max >= 65534:
+        raise ConfigError(
+            f"[accounts] uids {a.uid_min}-{a.uid_max} include 65534 (nobody) or 65535; "
+            "choose uid_min and max_accounts so the range ends below 65534 or starts above 65535"
+        )
     w = cfg.workspace
     for name in ("port", "hub_port", "proxy_api_port"):
         v = getattr(w, name)

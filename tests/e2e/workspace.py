@@ -114,8 +114,7 @@ class Workspace:
 
     def remove_accounts(self) -> None:
         for member in Registry.for_state_dir(self.state_dir).all():
-            subprocess.run(["pkill", "-KILL", "-u", member.account], capture_output=True)
-            subprocess.run(["userdel", "--remove", member.account], capture_output=True)
+            remove_account(member.account)
 
     # -- people ---------------------------------------------------------------------------------------
 
@@ -147,8 +146,10 @@ class Workspace:
         r = s.get(self.url + f"hub/spawn/{user}", timeout=timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            r = s.get(self.url + f"user/{user}/api/status", timeout=10)
-            if r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"):
+            # A page request, as a browser makes it: the server sends it through the hub's OAuth, which
+            # leaves the server's own cookie in the session for the API calls that follow.
+            r = s.get(self.url + f"user/{user}/lab", timeout=10)
+            if r.status_code == 200 and r.url.startswith(self.url + f"user/{user}/lab"):
                 return
             time.sleep(0.3)
         raise RuntimeError(f"server of {user} not ready: {r.status_code} {r.text[:300]}" + self.logs())
@@ -220,6 +221,17 @@ class Workspace:
         finally:
             ws.close()
         raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+
+
+def remove_account(account: str, timeout: float = 10.0) -> None:
+    """Kill what still runs as a test account (by its uid) and remove it; retry while it is busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        subprocess.run(["pkill", "-KILL", "-u", account], capture_output=True)
+        r = subprocess.run(["userdel", "--remove", account], capture_output=True, text=True)
+        if r.returncode in (0, 6) or time.monotonic() > deadline:  # 6: no such user
+            return
+        time.sleep(0.2)
 
 
 def login_error(html: str) -> str:

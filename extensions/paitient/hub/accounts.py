@@ -31,8 +31,8 @@ def _create(site: SiteConfig, name: str, username: str) -> pwd.struct_passwd:
     argv = [
         "useradd", "--create-home", "--home-dir", str(home_root / name), "--shell", a.shell,
         "--user-group", "--comment", f"paitient {username[:64]}",
-        "--key", f"UID_MIN={a.uid_min}", "--key", f"UID_MAX={a.uid_min + 59999}",
-        "--key", f"GID_MIN={a.uid_min}", "--key", f"GID_MAX={a.uid_min + 59999}",
+        "--key", f"UID_MIN={a.uid_min}", "--key", f"UID_MAX={a.uid_max}",
+        "--key", f"GID_MIN={a.uid_min}", "--key", f"GID_MAX={a.uid_max}",
         "--key", "UMASK=077", name,
     ]
     r = subprocess.run(argv, capture_output=True, text=True)

@@ -239,6 +239,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
     # ------------------------------------------------------------------ JupyterHub hooks
     async def authenticate(self, handler: web.RequestHandler | None, data: dict[str, Any]) -> dict | None:
         raw = data.get("username", "")
+        if handler is not None:
+            # Judge the name as it was sent: the login form's handler has already turned control
+            # characters into spaces and stripped them, which would make "alice\0" or " alice" pass.
+            sent = handler.request.body_arguments.get("username") or handler.request.query_arguments.get("username")
+            if sent:
+                raw = sent[0].decode("utf-8", "replace")
         password = data.get("password") or ""
         actor = signon.actor_name(raw)
         problem = signon.username_problem(raw, allow_at=self._allow_at)

@@ -101,7 +101,7 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     c.PaitientLDAPAuthenticator.steward_scopes = STEWARD_SCOPES
     c.JupyterHub.load_roles = [
         {"name": "paitient-operator", "description": "Used by `paitient up` to manage servers",
-         "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "read:groups",
+         "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "list:groups", "read:groups",
                     "read:roles:users"],
          "services": [OPERATOR_SERVICE]},
     ]

@@ -46,13 +46,18 @@ def _die_with_parent() -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while the process runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def pid_cmdline(pid: int) -> list[str]:
