@@ -163,8 +163,8 @@ class FastClipper:
         if not n:  # an empty Poisson batch: the gradient is the noise alone
             views, others = [], []
         elif total is not None:
-            # Opacus' clip factor min(1, C / (s |grad_i| + 1e-6)) with s the mean-loss scale, times s / E
-            # min(1, C / (s |g_i| + 1e-6)) * s / E  ==  min(s / E, (C / E) / (|g_i| + 1e-6 / s))
+            # Opacus' clip factor min(1, C / (s |g_i| + 1e-6)) (s: the mean-loss scale), times s / E,
+            # computed as min(s / E, (C / E) / (|g_i| + 1e-6 / s))
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / denom)
             factor = factor.clamp_(max=scale / denom)
         grads = dict(zip(self.params, self._views, strict=True))
