@@ -250,3 +250,39 @@ def test_service_process_serves_socket_and_page_and_stops_cleanly(site, world_tm
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     assert not (site.run_dir / "ledger.sock").exists()
+
+
+def test_attacks_from_a_kernel_are_refused(service, site, state_dir):
+    """A kernel tries to refund budget, settle another user's run, and overspend its own reservation."""
+    register(state_dir, "alice", 65534, ("oncology",))
+    register(state_dir, "carol", 0, ("oncology",))
+    carols = LedgerClient(site.run_dir).reserve("oncology", "gbsg2", 1.0, 1e-7)["reservation"]
+    out = as_nobody(f"""
+        import json
+        from paitient.ledger.client import LedgerClient, ChannelError
+        c = LedgerClient({str(site.run_dir)!r})
+        res = {{}}
+        def attempt(name, fn):
+            try:
+                fn(); res[name] = "accepted"
+            except ChannelError as e:
+                res[name] = [e.code, str(e)]
+        attempt("negative", lambda: c.reserve("oncology", "gbsg2", -5.0, 1e-7))
+        attempt("nan", lambda: c._call("reserve", {{"project": "oncology", "dataset": "gbsg2",
+                                                    "epsilon": float("nan"), "delta": 1e-7}}))
+        attempt("others_run", lambda: c.settle({carols!r}, 0.0))
+        mine = c.reserve("oncology", "gbsg2", 0.5, 1e-7)["reservation"]
+        attempt("overspend", lambda: c.settle(mine, 0.9))
+        attempt("negative_spend", lambda: c.settle(mine, -1.0))
+        print(json.dumps(res))
+    """)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["negative"][0] == "bad_request" and "epsilon must be a positive number" in res["negative"][1]
+    assert res["nan"][0] == "bad_request"
+    assert res["others_run"] == ["forbidden", "this reservation belongs to another user"]
+    assert res["overspend"][0] == "over_reservation" and "more than the 0.5 reserved" in res["overspend"][1]
+    assert res["negative_spend"][0] == "over_reservation" and "must be a number >= 0" in res["negative_spend"][1]
+    b = {x["dataset"]: x for x in service.ledger.budget("oncology")}["gbsg2"]
+    assert b["epsilon_reserved"] + b["epsilon_spent"] == pytest.approx(1.5)  # carol's 1.0 and alice's 0.5 stand
+    assert service.ledger.run(carols)["state"] == "reserved"
