@@ -1,0 +1,118 @@
+"""Through the real workspace: a notebook request in a sandboxed kernel, review by a steward signed in through
+the hub's OAuth, download by the researcher; the other project's researcher gets nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from paitient.audit.query import newest_first
+from tests.e2e.workspace import Workspace
+
+pytestmark = pytest.mark.e2e
+
+CELL = """
+import json, pandas as pd, torch
+from paitient import airlock
+pd.DataFrame({"stage": ["I", "II", "III"], "patients": [120, 48, 3]}).to_csv("stages.csv", index=False)
+pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}).to_csv("merged.csv", index=False)
+torch.save({"w": torch.zeros(2)}, "model.pt")
+out = {"small": airlock.request("stages.csv", kind="table", justification="Table 1, by stage"),
+       "merged": airlock.request("merged.csv", kind="table", justification="Table 1, stages merged")}
+try:
+    airlock.request("model.pt", kind="weights", justification="the model")
+except airlock.AirlockError as e:
+    out["pickle"] = str(e)
+print(json.dumps(out))
+"""
+
+WAIT = """
+import json, time
+from paitient import airlock
+deadline = time.time() + 60
+while time.time() < deadline and any(r["state"] in ("submitted", "checking") for r in airlock.status()):
+    time.sleep(0.2)
+print(json.dumps({r["id"]: r for r in airlock.status()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def ws():
+    root = Path(tempfile.mkdtemp(prefix="paitient-airlock-e2e-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    w = Workspace(root, prefix="pta")
+    try:
+        w.start()
+        yield w
+    finally:
+        w.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _cell(ws, s, user, code, kernel=None):
+    out = ws.run_cell(s, user, code, kernel_id=kernel)
+    assert out.error is None, (out.error, out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _service(ws, s, path, **kw):
+    """GET a page of the airlock through the proxy; the first visit runs the hub's OAuth flow."""
+    return s.get(ws.url + "services/airlock/" + path, timeout=30, **kw)
+
+
+def test_notebook_to_review_to_download(ws):
+    alice = ws.login("alice")
+    ws.start_server(alice, "alice")
+    kernel = ws.start_kernel(alice, "alice")
+    made = _cell(ws, alice, "alice", CELL, kernel)
+    assert "zip archive" in made["pickle"] and "refused" in made["pickle"]
+    states = _cell(ws, alice, "alice", WAIT, kernel)
+    small, merged = states[made["small"]], states[made["merged"]]
+    assert small["state"] == merged["state"] == "in_review" and small["project"] == "oncology"
+    assert {c["check"]: c["status"] for c in small["checks"]}["minimum_count"] == "fail"
+    assert {c["check"]: c["status"] for c in merged["checks"]}["minimum_count"] == "pass"
+
+    # The steward signs in to the hub and reaches the airlock through its OAuth; the list shows both.
+    sam = ws.login("sam")
+    deadline = time.monotonic() + 60
+    while (listing := _service(ws, sam, "")).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the hub adds the service's proxy route once the service answers
+    assert listing.status_code == 200 and listing.url == ws.url + "services/airlock/"
+    assert made["small"] in listing.text and made["merged"] in listing.text
+    page = _service(ws, sam, f"requests/{made['merged']}")
+    token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    r = sam.post(ws.url + f"services/airlock/requests/{made['merged']}/decision", timeout=30,
+                 data={"action": "approve", "comment": "counts all above 10", "_xsrf": token})
+    assert r.status_code == 200 and 'id="state">released<' in r.text.replace("\n", "")
+    r = sam.post(ws.url + f"services/airlock/requests/{made['small']}/decision", timeout=30,
+                 data={"action": "return", "comment": "merge stage III", "_xsrf": token})
+    assert r.status_code == 200
+    # The steward is not a member of oncology: no download.
+    assert _service(ws, sam, f"requests/{made['merged']}/download").status_code == 403
+
+    got = _service(ws, alice, f"requests/{made['merged']}/download")
+    assert got.status_code == 200 and got.content == b"stage,patients\nI,120\nII,48\n"
+    assert got.headers["Content-Disposition"] == "attachment; filename*=UTF-8''merged.csv"
+    after = _cell(ws, alice, "alice", WAIT, kernel)
+    assert after[made["small"]]["state"] == "returned"
+    assert after[made["small"]]["decisions"][0]["comment"] == "merge stage III"
+
+    # bob (cardiometabolic) may use the airlock, but not see or take oncology's outputs.
+    bob = ws.login("bob")
+    assert _service(ws, bob, f"requests/{made['merged']}").status_code == 403
+    assert _service(ws, bob, f"requests/{made['merged']}/download").status_code == 403
+    assert made["merged"] not in _service(ws, bob, "").text
+
+    time.sleep(0.5)
+    trail = [r for r in newest_first(ws.state_dir / "audit") if r["action"].startswith("airlock.")]
+    seen = {(r["action"], r["actor"], r["outcome"]) for r in trail}
+    assert {("airlock.request", "alice", "ok"), ("airlock.request", "alice", "denied"),
+            ("airlock.decision", "sam", "ok"), ("airlock.download", "alice", "ok"),
+            ("airlock.download", "bob", "denied"), ("airlock.download", "sam", "denied")} <= seen
