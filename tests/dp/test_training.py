@@ -286,3 +286,34 @@ def test_training_as_another_uid_is_charged_to_that_user(service, site, state_di
     assert row["username"] == user == "nobody-researcher" and row["state"] == "settled"
     assert row["epsilon_spent"] == float(eps) <= 1.0
     assert json.dumps(row["record"])  # the record arrived whole
+
+
+def test_kernel_in_a_pid_namespace_is_tracked_by_its_host_pid(service, site, state_dir):
+    """Kernels run in bubblewrap with their own pid and network namespaces: the ledger sees the host pid
+    (SO_PEERCRED), so a sandboxed kernel killed mid-training is found dead and its reservation counted."""
+    register(state_dir, "nobody-researcher", 65534, ("oncology",))
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PAITIENT_RUN_DIR": str(site.run_dir), "MPLCONFIGDIR": "/tmp"}
+    sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+               "--ro-bind", str(site.run_dir), str(site.run_dir), "--unshare-pid", "--unshare-net",
+               "--die-with-parent", "--new-session", "--"]
+    proc = subprocess.Popen([*NOBODY, *sandbox, sys.executable, "-c", KERNEL.format(eps=1.5, pause=0.5)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("RESERVED"), line + proc.stderr.read()[-3000:]
+        row = service.ledger.run(line.split()[1])
+        status = open(f"/proc/{row['pid']}/status").read()
+        nspid = next(x for x in status.splitlines() if x.startswith("NSpid:")).split()[1:]
+        assert len(nspid) == 2 and int(nspid[0]) == row["pid"] and int(nspid[1]) < 10  # host pid, sandbox pid
+        assert row["username"] == "nobody-researcher" and row["state"] == "reserved"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # bwrap; --die-with-parent takes the kernel with it
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while service.ledger.run(row["id"])["state"] == "reserved" and time.monotonic() < deadline:
+        call(site.run_dir / "ledger.sock", "budget", {})  # each question sweeps for dead reservers
+        time.sleep(0.1)
+    after = service.ledger.run(row["id"])
+    assert after["state"] == "lost"
+    bc = {r["dataset"]: r for r in service.ledger.budget("oncology")}["breast_cancer"]
+    assert bc["epsilon_spent"] == 1.5 and bc["epsilon_reserved"] == 0.0
