@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -163,12 +164,15 @@ def test_safetensors_parsed_without_loading():
     assert t["w"]["shape"] == [2, 3] and t["w"]["dtype"] == "F32"
 
 
-def test_params_hash_ignores_metadata_but_not_values():
-    a = save({"w": torch.ones(3)}, metadata={"note": "one"})
-    b = save({"w": torch.ones(3)}, metadata={"note": "two"})
-    c = save({"w": torch.tensor([1.0, 1.0, 1.0000001])})
-    assert a != b and weights.params_sha256(a) == weights.params_sha256(b)
-    assert weights.params_sha256(a) != weights.params_sha256(c)
+def test_canonical_hash_ignores_metadata_but_not_values():
+    a = save({"w": torch.ones(3), "b": torch.zeros(2)}, metadata={"note": "one"})
+    b = save({"b": torch.zeros(2), "w": torch.ones(3)}, metadata={"note": "two"})
+    c = save({"w": torch.tensor([1.0, 1.0, 1.0000001]), "b": torch.zeros(2)})
+    plain = save({"w": torch.ones(3), "b": torch.zeros(2)})
+    assert a != b and weights.canonical_sha256(a) == weights.canonical_sha256(b)
+    # without metadata, the canonical hash is the file's own SHA-256 (what paitient.dp records)
+    assert weights.canonical_sha256(a) == hashlib.sha256(plain).hexdigest()
+    assert weights.canonical_sha256(a) != weights.canonical_sha256(c)
 
 
 def test_code_formats_and_broken_files_are_refused():

@@ -152,11 +152,14 @@ def test_weights_without_a_dp_record_are_flagged(site, channel, airlock, alice):
 
 def test_weights_matching_a_dp_record_within_budget_pass(site, channel, airlock, alice):
     publish(site, "oncology", "breast_cancer", breast_cancer())
-    data, _ = _weights(1)
+    data, model = _weights(1)
     sha = hashlib.sha256(data).hexdigest()
+    # The file the researcher exports carries metadata: it still matches the canonical hash of the run.
+    data = save(model.state_dict(), metadata={"exported_by": "alice"})
+    assert hashlib.sha256(data).hexdigest() != sha
     ledger = Ledger(site)
     run = ledger.reserve("oncology", "breast_cancer", 2.0, 1e-5, user="alice")
-    ledger.settle(run["id"], 1.5, record={"dataset": "breast_cancer", "dataset_version": 1, "epsilon": 1.5,
+    ledger.settle(run, 1.5, record={"dataset": "breast_cancer", "dataset_version": 1, "epsilon": 1.5,
                                            "delta": 1e-5, "weights_sha256": sha, "mode": "ghost"})
     path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
     rid = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
@@ -175,7 +178,7 @@ def test_a_record_of_another_project_does_not_count(site, channel, airlock, alic
     data, _ = _weights(2)
     ledger = Ledger(site)
     run = ledger.reserve("cardio", "diabetes", 1.0, 1e-5, user="carol")
-    ledger.settle(run["id"], 1.0, record={"dataset": "diabetes", "weights_sha256": hashlib.sha256(data).hexdigest()})
+    ledger.settle(run, 1.0, record={"dataset": "diabetes", "weights_sha256": hashlib.sha256(data).hexdigest()})
     path = give(Path(alice.pw_dir) / "m.safetensors", data, alice.pw_uid)
     rid = submit(alice, site, path, "weights")["id"]
     wait_state(airlock, rid, states.IN_REVIEW)

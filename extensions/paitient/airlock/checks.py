@@ -106,20 +106,20 @@ def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str
     fmt, tensors = weights.check_format(data)
     if tensors is None:
         return [fmt]
-    params = weights.params_sha256(data, tensors)
+    canonical = weights.canonical_sha256(data)
     out = [fmt]
     run = None
     try:
         if ctx.lookup_run is None:
             raise RuntimeError("the privacy ledger is not configured")
-        run = ctx.lookup_run(params) or ctx.lookup_run(req.sha256)
+        run = ctx.lookup_run(canonical) or ctx.lookup_run(req.sha256)
         out.append(weights.check_training_record(
             run, project=req.project, budget_for=lambda ds: ctx.budget_for(req.project, ds)))
     except Exception as e:
         log.exception("ledger lookup for %s failed", req.id)
         out.append(result("training_record", "error", f"the privacy ledger could not be asked ({e}); a steward "
                           "checks the training record by hand"))
-    out[-1]["details"]["params_sha256"] = params
+    out[-1]["details"]["canonical_sha256"] = canonical
     out.append(_membership_audit(req, data, run, ctx))
     return out
 

@@ -6,10 +6,11 @@ A safetensors file starts with an 8-byte little-endian header length followed by
 describing each tensor (dtype, shape, byte offsets); :func:`parse_safetensors` validates all of it without
 loading any tensor.
 
-The parameters are identified by :func:`params_sha256`, a hash over the tensors themselves (sorted by name:
-name, dtype, shape, raw bytes), so the same parameters give the same hash whatever metadata the file
-carries; the SHA-256 of the file bytes is checked as well. Either must match a training record in the
-privacy ledger, and that record's epsilon and delta must lie within the project's budget.
+The parameters are identified by the project's canonical parameter hash (:func:`canonical_sha256`, as
+``paitient.dp`` records it: the tensors re-serialised without metadata), so the same parameters match
+whatever metadata the file carries; the SHA-256 of the file bytes is tried as well. Either must match a
+training record in the privacy ledger, and that record's epsilon and delta must lie within the
+project's budget.
 """
 
 from __future__ import annotations
@@ -98,18 +99,12 @@ def _parse(data: bytes) -> dict[str, dict[str, Any]]:
     return tensors
 
 
-def params_sha256(data: bytes, tensors: dict[str, dict[str, Any]] | None = None) -> str:
-    """Hash of the parameters: for each tensor sorted by name, its name, dtype, shape and raw bytes."""
-    tensors = tensors if tensors is not None else parse_safetensors(data)
-    (n,) = struct.unpack("<Q", data[:8])
-    base = 8 + n
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        begin, end = t["data_offsets"]
-        h.update(json.dumps([name, t["dtype"], t["shape"]], separators=(",", ":")).encode())
-        h.update(data[base + begin:base + end])
-    return h.hexdigest()
+def canonical_sha256(data: bytes) -> str:
+    """The canonical parameter hash (see docs/privacy.md): SHA-256 of the tensors re-serialised by
+    safetensors without metadata. Loading safetensors runs no code; call it on validated files only."""
+    from safetensors.torch import load, save
+
+    return hashlib.sha256(save(load(data))).hexdigest()
 
 
 def check_format(data: bytes) -> tuple[dict[str, Any], dict[str, dict[str, Any]] | None]:
