@@ -195,14 +195,23 @@ def test_ld_preload_and_pythonpath_reach_neither_bwrap_nor_the_kernel(world, mak
         assert line != "pythonpath"
 
 
-@pytest.mark.parametrize("var", ["JUPYTER_PATH", "JUPYTER_CONFIG_PATH"])
-def test_jupyter_search_path_variables_do_not_bring_user_specs(world, make_system_user, var):
+def test_jupyter_path_variable_does_not_bring_user_specs(world, make_system_user):
     user = make_system_user("path")
-    target = ".planted/kernels/open" if var == "JUPYTER_PATH" else ".planted"
-    _write(user, f"{target}/kernel.json", json.dumps({"argv": ["/bin/true"], "display_name": "open",
-                                                       "language": "python"}))
-    _write(user, ".planted/jupyter_server_config.json", json.dumps({"ServerApp": {"terminals_enabled": True}}))
-    env = {var: str(Path(user.pw_dir) / ".planted")}
+    _write(user, ".planted/kernels/open/kernel.json", json.dumps({"argv": ["/bin/true"], "display_name": "open",
+                                                                 "language": "python"}))
+    env = {"JUPYTER_PATH": str(Path(user.pw_dir) / ".planted")}
     with UserServer(world.site, user, ("onc",), world.root, extra_env=env) as server:
         assert list(server.get("/api/kernelspecs").json()["kernelspecs"]) == ["python3"]
-        assert server.get("/api/terminals").status_code == 404
+        assert server.request("POST", "/api/kernels", json={"name": "open"}).status_code == 404
+
+
+def test_a_user_config_path_that_reopens_the_server_stops_it(world, make_system_user):
+    # JUPYTER_CONFIG_PATH outranks every other config dir. The spawner never passes it on; should it leak,
+    # the paitient extension finds the server open and the server refuses to run instead of running open.
+    user = make_system_user("cfgpath")
+    _write(user, ".planted/jupyter_server_config.json", json.dumps({"ServerApp": {"terminals_enabled": True}}))
+    env = {"JUPYTER_CONFIG_PATH": str(Path(user.pw_dir) / ".planted")}
+    server = UserServer(world.site, user, ("onc",), world.root, extra_env=env)
+    with pytest.raises(RuntimeError, match="not locked down: terminals are enabled"):
+        server.start()
+    assert server.proc.returncode == 1

@@ -4,6 +4,8 @@ Several targets are world-readable on the host on purpose (the other project's d
 registry): what stops the read is that the sandbox does not contain them.
 """
 
+import os
+
 import pytest
 
 
@@ -108,3 +110,16 @@ def test_environment_holds_no_credentials(alice_kernel):
 def test_hub_token_of_the_server_is_not_readable_from_proc(alice_kernel):
     out = alice_kernel.attempt("[open(f'/proc/{p}/environ','rb').read() for p in os.listdir('/proc') if p.isdigit()]")
     assert out["ok"] and "hub-token-secret" not in out["value"], out
+
+
+def test_runtime_dir_shows_only_this_kernels_files(world, alice_kernel):
+    # The server keeps its cookie secret and every kernel's connection key there.
+    runtime = f"{world.alice.pw_dir}/.local/share/jupyter/runtime"
+    host = sorted(os.listdir(runtime))
+    assert "jupyter_cookie_secret" in host and len([f for f in host if f.startswith("kernel-")]) >= 2
+    out = alice_kernel.attempt(f"sorted(os.listdir({runtime!r}))")
+    assert out["ok"], out
+    seen = eval(out["value"])  # noqa: S307 - a list literal the kernel printed
+    assert seen == [f"k{alice_kernel.kernel_id.replace('-', '')[:8]}", f"kernel-{alice_kernel.kernel_id}.json"]
+    out = alice_kernel.attempt(f"open('{runtime}/jupyter_cookie_secret', 'rb').read()")
+    assert out["errno"] == "ENOENT", out

@@ -142,10 +142,27 @@ def test_prlimit_sets_soft_and_hard_equal():
 def test_ipc_prefix_is_short_and_next_to_the_connection_file():
     p = ipc_prefix("/home/a/.local/share/jupyter/runtime/kernel-0123abcd-0000-4000-8000-000000000000.json",
                    "0123abcd-0000-4000-8000-000000000000")
-    assert p == "/home/a/.local/share/jupyter/runtime/k0123abcd"
+    assert p == "/home/a/.local/share/jupyter/runtime/k0123abcd/k"
 
 
 def test_ipc_prefix_too_long_for_a_unix_socket_says_what_to_do():
     deep = "/" + "d" * (MAX_UNIX_PATH - 5)
     with pytest.raises(PolicyError, match="shorter JUPYTER_RUNTIME_DIR"):
         ipc_prefix(os.path.join(deep, "kernel-x.json"), "0123abcd")
+
+
+def test_runtime_dir_is_hidden_except_this_kernels_files():
+    rt = "/home/pt-alice/.local/share/jupyter/runtime"
+    argv = build_bwrap_argv(policy(runtime_dir=rt, kernel_dir=f"{rt}/k0123abcd",
+                                   connection_file=f"{rt}/kernel-0123abcd.json"))
+    i = next(j for j in range(len(argv)) if argv[j:j + 2] == ["--tmpfs", rt])
+    assert argv.index("/home/pt-alice", argv.index("--bind")) < i  # after the home is bound
+    assert argv[i:i + 8] == ["--tmpfs", rt, "--bind", f"{rt}/k0123abcd", f"{rt}/k0123abcd",
+                             "--ro-bind", f"{rt}/kernel-0123abcd.json", f"{rt}/kernel-0123abcd.json"]
+
+
+@pytest.mark.parametrize("kernel_dir,cf", [("/home/pt-alice/elsewhere", "/rt/kernel-1.json"),
+                                           ("/rt/k1", "/etc/passwd"), ("/rt/a/b", "/rt/kernel-1.json")])
+def test_kernel_files_outside_the_runtime_dir_are_refused(kernel_dir, cf):
+    with pytest.raises(PolicyError, match="directly in the runtime dir"):
+        build_bwrap_argv(policy(runtime_dir="/rt", kernel_dir=kernel_dir, connection_file=cf))

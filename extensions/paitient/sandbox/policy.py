@@ -72,7 +72,8 @@ class SandboxPolicy:
     home: str
     """The user's home: bound read-write at the same path, and the kernel's HOME."""
     runtime_dir: str
-    """Jupyter runtime dir of the user's server (connection file and ipc sockets): bound read-write."""
+    """Jupyter runtime dir of the user's server. With ``kernel_dir`` set it is hidden (an empty tmpfs)
+    except for this kernel's socket folder and connection file; without, it is bound read-write."""
     run_dir: str
     """Service sockets (``<state_dir>/run``): bound read-only at the same path; sockets stay connectable."""
     data: tuple[Mount, ...] = ()
@@ -83,6 +84,10 @@ class SandboxPolicy:
     usr_links: tuple[str, ...] = USR_MERGE_LINKS
     extra_ro: tuple[str, ...] = ()
     """Further read-only paths at the same path (e.g. ``/sys/devices/system/cpu`` for thread counts)."""
+    kernel_dir: str = ""
+    """This kernel's ipc socket folder inside ``runtime_dir`` (bound read-write)."""
+    connection_file: str = ""
+    """This kernel's connection file inside ``runtime_dir`` (bound read-only)."""
     env: dict[str, str] = field(default_factory=dict)
     """The kernel's whole environment (everything else is cleared)."""
     cwd: str = ""
@@ -190,7 +195,15 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
         argv += ["--bind" if m.writable else "--ro-bind", m.source, m.dest]
     argv += ["--remount-ro", "/data"]
     argv += ["--bind", policy.home, policy.home]
-    if not (policy.runtime_dir + "/").startswith(policy.home.rstrip("/") + "/"):
+    if policy.kernel_dir:
+        # Other kernels' keys and the server's cookie secret live in the runtime dir: hide it, then
+        # bring back only what this kernel needs.
+        for what, path in (("kernel_dir", policy.kernel_dir), ("connection_file", policy.connection_file)):
+            if os.path.dirname(os.path.normpath(path)) != os.path.normpath(policy.runtime_dir):
+                raise PolicyError(f"{what} {path!r} must lie directly in the runtime dir {policy.runtime_dir!r}")
+        argv += ["--tmpfs", policy.runtime_dir, "--bind", policy.kernel_dir, policy.kernel_dir,
+                 "--ro-bind", policy.connection_file, policy.connection_file]
+    elif not (policy.runtime_dir + "/").startswith(policy.home.rstrip("/") + "/"):
         argv += ["--bind", policy.runtime_dir, policy.runtime_dir]
     argv += ["--ro-bind", policy.run_dir, policy.run_dir]
     argv += ["--remount-ro", "/", "--chdir", policy.cwd or policy.home]

@@ -13,6 +13,7 @@ available to an unprivileged server on a hybrid cgroup host, so rlimits are what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import sys
@@ -48,8 +49,10 @@ MAX_UNIX_PATH = 107
 
 
 def ipc_prefix(connection_file: str, kernel_id: str) -> str:
-    """Path prefix of a kernel's ipc sockets, next to its connection file; refuses paths too long to bind."""
-    prefix = os.path.join(os.path.dirname(os.path.abspath(connection_file)), "k" + kernel_id.replace("-", "")[:8])
+    """Path prefix of a kernel's ipc sockets, in a folder of its own next to its connection file
+    (``<runtime>/k<id[:8]>/k-<n>``); refuses paths too long to bind."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(connection_file)), "k" + kernel_id.replace("-", "")[:8])
+    prefix = os.path.join(folder, "k")
     if len(os.fsencode(prefix)) + 4 > MAX_UNIX_PATH:
         raise PolicyError(
             f"the runtime dir {os.path.dirname(connection_file)} is too long for unix socket paths "
@@ -97,14 +100,15 @@ class SandboxProvisioner(LocalProvisioner):
     def limits(self) -> Limits:
         return Limits(self.memory_mb, self.max_processes, self.max_open_files, self.cpu_seconds)
 
-    def policy(self, connection_file: str, cwd: str | None) -> SandboxPolicy:
+    def policy(self, connection_file: str, cwd: str | None, kernel_dir: str = "") -> SandboxPolicy:
         if not self.run_dir or not self.data_root:
             raise PolicyError(
                 "SandboxProvisioner.run_dir and .data_root are not configured; the spawner writes them "
                 "with paitient.server.config.write_user_server_config"
             )
         home = pwd.getpwuid(os.getuid()).pw_dir
-        runtime_dir = str(Path(connection_file).resolve().parent)
+        connection_file = str(Path(connection_file).resolve())
+        runtime_dir = os.path.dirname(connection_file)
         home_prefix = home.rstrip("/") + "/"
         work = str(Path(cwd).resolve()) if cwd else home
         if work != home and not work.startswith(home_prefix):
@@ -118,6 +122,8 @@ class SandboxProvisioner(LocalProvisioner):
             extra_ro=tuple(self.extra_ro),
             env=kernel_env(home, self.run_dir, runtime_dir),
             cwd=work,
+            kernel_dir=kernel_dir,
+            connection_file=connection_file if kernel_dir else "",
         )
 
     # ------------------------------------------------------------------ provisioner hooks
@@ -134,6 +140,7 @@ class SandboxProvisioner(LocalProvisioner):
             # Socket paths are short (a unix socket path has at most 107 bytes): <runtime>/k<id[:8]>-<n>.
             km.transport = "ipc"
             km.ip = ipc_prefix(km.connection_file, str(self.kernel_id or km.kernel_id or "kernel"))
+            os.makedirs(os.path.dirname(km.ip), mode=0o700, exist_ok=True)
         if self.kernel_spec is not None:
             # A signal would hit bwrap, not the kernel, and end the sandbox.
             self.kernel_spec.interrupt_mode = "message"
@@ -142,7 +149,8 @@ class SandboxProvisioner(LocalProvisioner):
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         km = self.parent
         connection_file = km.connection_file if km is not None else kwargs["connection_file"]
-        policy = self.policy(connection_file, kwargs.get("cwd"))
+        kernel_dir = os.path.dirname(km.ip) if km is not None and km.transport == "ipc" else ""
+        policy = self.policy(connection_file, kwargs.get("cwd"), kernel_dir)
         seccomp_fd = _seccomp_fd() if self.seccomp else None
         argv = [
             *prlimit_argv(self.limits(), self.prlimit_path),
@@ -169,6 +177,10 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        km = self.parent
+        if not restart and km is not None and km.transport == "ipc":
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(km.ip))  # the sockets are gone by now; only an empty folder is removed
         if not restart:
             await self._audit("kernel.stop", {"datasets": sorted(self._mounted_names())})
 
