@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,8 @@ class PrivateRun:
         self._clipper: FastClipper | None = kw.get("clipper")
         self._progress = kw["progress"]
         self._bar = None
+        self._eps_shown = 0.0
+        self._eps_cost = 0.0
         self.data_loader = _RunLoader(self, kw["data_loader"])
 
     def __iter__(self):
@@ -193,10 +196,14 @@ class PrivateRun:
 
     def _epoch_done(self) -> None:
         self.epochs_done += 1
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"epsilon {self.epsilon:.3g} of {self.target_epsilon:g}")
         if self.epochs_done >= self.epochs and self.record is None:
             self.finish()
+        elif self._bar is not None and time.monotonic() - self._eps_shown >= max(2.0, 5 * self._eps_cost):
+            # the accountant takes 0.1 s to seconds: shown at most every 2 s and <= 20% of the time
+            t0 = time.monotonic()
+            self._bar.set_postfix_str(f"epsilon {self.epsilon:.3g} of {self.target_epsilon:g}")
+            self._eps_shown = time.monotonic()
+            self._eps_cost = self._eps_shown - t0
 
     # -- the end -----------------------------------------------------------------------------------
 
