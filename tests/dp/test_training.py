@@ -159,6 +159,24 @@ def test_invalid_model_explained_and_nothing_reserved(service, site, member, loa
         private(lstm, loader, site)
 
 
+def test_unusable_loaders_and_arguments_are_explained(service, site, member, cancer, loader):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(cancer)
+
+    with pytest.raises(ValueError, match="use a map-style dataset"):
+        private(mlp(), DataLoader(Stream(), batch_size=8), site)
+    with pytest.raises(ValueError, match="must be a torch DataLoader"):
+        private(mlp(), [next(iter(loader))], site)
+    with pytest.raises(ValueError, match="target_epsilon must be a positive number"):
+        private(mlp(), loader, site, target_epsilon=0)
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive number"):
+        private(mlp(), loader, site, max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="project 'oncology' has no dataset 'diabetes'"):
+        private(mlp(), loader, site, dataset="diabetes")
+    assert service.ledger.runs() == []
+
+
 def test_the_auto_fix_we_refuse_gives_a_dead_layer():
     """Why paitient explains instead of fixing: GroupNorm(C, C) on (N, C) input outputs its bias alone."""
     gn = nn.GroupNorm(16, 16)

@@ -31,7 +31,7 @@ import torch
 from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from paitient.dp.fast import FastClipper, FastDPOptimizer
 from paitient.dp.modes import choose_mode
@@ -289,6 +289,12 @@ def make_private(
     _check_args(target_epsilon, epochs, max_grad_norm, target_delta, loss_reduction)
     check_model(model, optimizer)
     chosen, reason, layers = choose_mode(model, optimizer, criterion, mode)
+    if not isinstance(data_loader, DataLoader):
+        raise ValueError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}; wrap the "
+                         "data in a TensorDataset and a DataLoader(dataset, batch_size=...)")
+    if isinstance(data_loader.dataset, IterableDataset):
+        raise ValueError("Poisson sampling picks rows by index: use a map-style dataset (one with len() and "
+                         "indexing, e.g. a TensorDataset), not an IterableDataset")
     steps_per_epoch = len(data_loader)
     if steps_per_epoch == 0:
         raise ValueError("the data loader yields no batches; check the dataset and batch_size")
