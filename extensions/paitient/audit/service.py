@@ -115,6 +115,8 @@ def user_event(
         raise ChannelError(f"outcome must be one of {', '.join(OUTCOMES)}", "bad_request")
     if not isinstance(details, dict):
         raise ChannelError("details must be a JSON object", "bad_request")
+    if details.get("user", actor) != actor:  # `audit show --user` matches details.user: no one else's name
+        raise ChannelError("details.user may name only yourself (the actor comes from your connection)", "bad_request")
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
     capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
     return {
