@@ -268,7 +268,7 @@ class Airlock:
         self.store.record_checks(rid, results)
         overall = states.overall_status(r["status"] for r in results)
         self.emit(actor="airlock", action="airlock.check", object=rid, outcome="ok",
-                  details={"project": req.project, "kind": req.kind, "overall": overall,
+                  details={"project": req.project, "user": req.username, "kind": req.kind, "overall": overall,
                            "checks": {r["check"]: r["status"] for r in results}})
         self.store.transition(rid, states.IN_REVIEW, actor="airlock", data={"overall": overall})
         project = self.site.project(req.project)
@@ -277,7 +277,7 @@ class Airlock:
                                   data={"automatic": True, "reason": f"every automatic check passed and project "
                                         f"{req.project} releases {req.kind} outputs automatically"})
             self.emit(actor="airlock", action="airlock.decision", object=rid,
-                      details={"project": req.project, "action": "approve", "automatic": True})
+                      details={"project": req.project, "user": req.username, "action": "approve", "automatic": True})
 
     # ------------------------------------------------------------------------------------------------
     # Web side: who may see, decide and download what
@@ -328,10 +328,10 @@ class Airlock:
                 approvals_needed=self.site.project(req.project).approvals)
         except states.TransitionError as e:
             self.emit(actor=username, action="airlock.decision", object=rid, outcome="denied",
-                      details={"project": req.project, "action": action, "reason": str(e)})
+                      details={"project": req.project, "user": req.username, "action": action, "reason": str(e)})
             raise
         self.emit(actor=username, action="airlock.decision", object=rid,
-                  details={"project": req.project, "action": action, "comment": comment.strip(),
+                  details={"project": req.project, "user": req.username, "action": action, "comment": comment.strip(),
                            "approvals": decision.approvals, "needed": decision.needed,
                            "state": decision.new_state or states.IN_REVIEW})
         return decision
