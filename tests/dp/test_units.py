@@ -118,3 +118,18 @@ def test_spending_series():
         {"dataset": "b", "state": "settled", "epsilon": 1, "epsilon_spent": 0.0, "created": 4, "closed": 6},
     ]
     assert spending_series(runs) == {"a": [(5, 1.0), (10, 2.5)], "b": [(6, 0.0)]}
+
+
+def test_without_a_ledger_nothing_trains(monkeypatch, tmp_path):
+    from paitient import dp
+
+    model = nn.Linear(3, 2)
+    loader = DataLoader(TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long)), batch_size=5)
+    monkeypatch.delenv("PAITIENT_RUN_DIR", raising=False)
+    with pytest.raises(dp.LedgerUnavailable, match="PAITIENT_RUN_DIR is not set"):
+        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0,
+                        epochs=1, max_grad_norm=1.0)
+    monkeypatch.setenv("PAITIENT_RUN_DIR", str(tmp_path))
+    with pytest.raises(dp.LedgerUnavailable, match="is not running"):
+        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0,
+                        epochs=1, max_grad_norm=1.0)
