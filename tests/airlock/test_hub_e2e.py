@@ -116,3 +116,67 @@ def test_notebook_to_review_to_download(ws):
     assert {("airlock.request", "alice", "ok"), ("airlock.request", "alice", "denied"),
             ("airlock.decision", "sam", "ok"), ("airlock.download", "alice", "ok"),
             ("airlock.download", "bob", "denied"), ("airlock.download", "sam", "denied")} <= seen
+
+
+TRAIN = """
+import hashlib, json, numpy as np, torch
+from torch import nn
+from paitient import airlock, data, dp
+df = data.load("breast_cancer")
+features = [c for c in df.select_dtypes("number").columns if c != "target"]
+train, hold = airlock.split_indices(len(df), holdout=0.3, seed=0)
+x = df[features].to_numpy(np.float32)
+mu, sd = x[train].mean(0), x[train].std(0)
+x = (x - mu) / np.where(sd > 0, sd, 1)
+y = df["target"].to_numpy()
+
+class Net(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+torch.manual_seed(0)
+model = Net(len(features))
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(torch.from_numpy(x[train]), torch.from_numpy(y[train]).long()), batch_size=64)
+run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), loader, target_epsilon=1.0, epochs=5,
+                      max_grad_norm=1.0, project="oncology", dataset="breast_cancer",
+                      criterion=nn.CrossEntropyLoss(), progress=False)
+for epoch in range(run.epochs):
+    for xb, yb in run.data_loader:
+        run.optimizer.zero_grad()
+        run.criterion(run.model(xb), yb).backward()
+        run.optimizer.step()
+dp.save_weights(run.model, "model.safetensors")
+rid = airlock.request("model.safetensors", kind="weights", justification="DP logistic model for the paper",
+                      model_source=Net, model_kwargs={"d": len(features)}, target="target", features=features,
+                      preprocess="standardize", split={"holdout": 0.3, "seed": 0})
+print(json.dumps({"id": rid, "sha256": hashlib.sha256(open("model.safetensors", "rb").read()).hexdigest()}))
+"""
+
+
+def test_dp_trained_weights_pass_every_check_and_are_released(ws):
+    alice = ws.login("alice")
+    ws.start_server(alice, "alice")
+    kernel = ws.start_kernel(alice, "alice")
+    made = _cell(ws, alice, "alice", TRAIN, kernel)
+    states = _cell(ws, alice, "alice", WAIT.replace("60", "300"), kernel)
+    mine = states[made["id"]]
+    checks = {c["check"]: c for c in mine["checks"]}
+    assert {k: c["status"] for k, c in checks.items()} == {
+        "published_copy": "pass", "format": "pass", "training_record": "pass", "membership_inference": "pass"}, \
+        checks
+    assert "epsilon=" in checks["training_record"]["reason"]
+    assert checks["membership_inference"]["details"]["members"] == 398
+    sam = ws.login("sam")
+    page = _service(ws, sam, f"requests/{made['id']}")
+    assert 'id="training-record"' in page.text and "class Net(nn.Module)" in page.text
+    token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    r = sam.post(ws.url + f"services/airlock/requests/{made['id']}/decision", timeout=30,
+                 data={"action": "approve", "comment": "DP at epsilon 1, audit passed", "_xsrf": token})
+    assert r.status_code == 200
+    got = _service(ws, alice, f"requests/{made['id']}/download")
+    assert got.status_code == 200 and got.headers["X-Airlock-SHA256"] == made["sha256"]

@@ -148,3 +148,19 @@ def test_only_readable_regular_files_are_taken(channel, airlock, root_user, tmp_
         for fd in (r, w, opath, wronly):
             os.close(fd)
     assert airlock.store.list() == []
+
+
+def test_model_source_from_a_notebook_cell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_cell("import torch\nclass Tiny(torch.nn.Module):\n    def __init__(self, d):\n"
+                       "        super().__init__()\n        self.lin = torch.nn.Linear(d, 2)\n", store_history=True)
+        shell.run_cell("x = 1", store_history=True)
+        source = _class_source(shell.user_ns["Tiny"])
+    finally:
+        InteractiveShell.clear_instance()
+    ns: dict = {}
+    exec(source, ns)  # noqa: S102 - the source the airlock would run in its sandbox
+    assert ns["Tiny"](3).lin.in_features == 3

@@ -88,8 +88,29 @@ def _class_source(cls: type) -> str:
             return inspect.getsource(module)
         body = inspect.getsource(cls)
     except (OSError, TypeError):
-        raise AirlockError(f"cannot find the source of {cls.__name__}; pass model_source as a string") from None
+        body = _class_from_history(cls.__name__)
     return "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n" + body
+
+
+def _class_from_history(name: str) -> str:
+    """The latest definition of class ``name`` in this IPython session's input history."""
+    import ast
+
+    try:
+        from IPython import get_ipython
+
+        cells = list((get_ipython().user_ns.get("In") or []) if get_ipython() else [])
+    except ImportError:
+        cells = []
+    for cell in reversed(cells):
+        try:
+            tree = ast.parse(cell)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return ast.get_source_segment(cell, node, padded=True) or ""
+    raise AirlockError(f"cannot find the source of {name}; pass model_source as a string")
 
 
 class Requests(list):
