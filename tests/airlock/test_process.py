@@ -58,15 +58,20 @@ print(json.dumps(sorted(scopes.scope_definitions)))
     assert set(entry["oauth_client_allowed_scopes"]) == set(custom_scopes())
 
 
-def _start(site_file: Path, state: Path, port: int) -> subprocess.Popen:
+def _start(site_file: Path, state: Path, port: int, *extra: str, hub_env: bool = True) -> subprocess.Popen:
     env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
            "JUPYTERHUB_SERVICE_PREFIX": "/services/airlock/", "JUPYTERHUB_API_TOKEN": "test-token",
            "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api", "JUPYTERHUB_CLIENT_ID": "service-airlock",
            "JUPYTERHUB_SERVICE_NAME": "airlock", "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/airlock/oauth_callback"}
+    if not hub_env:
+        env = {k: v for k, v in env.items() if not k.startswith("JUPYTERHUB_")}
     proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "airlock", f"--site={site_file}",
-                             f"--state-dir={state}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             f"--state-dir={state}", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if not hub_env and (state / "run" / "airlock.sock").exists():
+            return proc
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/services/airlock/api/requests", timeout=1)  # noqa: S310
         except urllib.error.HTTPError:
@@ -143,5 +148,39 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         assert "/hub/api/oauth2/authorize?" in page.getheader("Location")
         assert "client_id=service-airlock" in page.getheader("Location")
         conn.close()
+    finally:
+        assert _stop(proc) == 0
+
+
+@pytest.mark.e2e
+def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(world_tmp, make_system_user):
+    from paitient.airlock.service import free_port
+    from paitient.registry import Registry
+
+    state = world_tmp / "state"
+    state.mkdir(mode=0o755)
+    site_file = world_tmp / "site.toml"
+    site_file.write_text(SITE_TOML.format(state=state))
+    alice = make_system_user("alice")
+    register(Registry.for_state_dir(state), "alice", alice.pw_uid, projects=["oncology"])
+    port = free_port()
+    # Run by hand, without a hub: the socket and the checks only; a rule comes from --AirlockSettings.
+    proc = _start(site_file, state, port, "--AirlockSettings.min_count=5", hub_env=False)
+    try:
+        path = give(Path(alice.pw_dir) / "t.csv", b"stage,n\nI,120\nII,7\n", alice.pw_uid)
+        code = f"""
+            import json, time
+            from paitient import airlock
+            rid = airlock.request({str(path)!r}, kind="table", justification="table 1")
+            while airlock.status(rid)["state"] != "in_review":
+                time.sleep(0.1)
+            print(json.dumps(airlock.status(rid)))
+        """
+        out = run_as(alice.pw_uid, code, state / "run", cwd=path.parent)
+        assert out.returncode == 0, out.stderr
+        checks = {c["check"]: c for c in json.loads(out.stdout.splitlines()[-1])["checks"]}
+        assert checks["minimum_count"]["status"] == "pass" and checks["minimum_count"]["details"]["threshold"] == 5
+        with pytest.raises(ConnectionRefusedError):  # no pages without the hub's OAuth
+            http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/services/airlock/")
     finally:
         assert _stop(proc) == 0

@@ -63,7 +63,11 @@ def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> di
 
 
 def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | None = None) -> None:
-    """Run the airlock until SIGTERM/SIGINT: the kernel socket, the check worker and the web pages."""
+    """Run the airlock until SIGTERM/SIGINT: the kernel socket, the check worker and the web pages.
+
+    The pages need the hub (its OAuth signs people in): outside a hub (no ``JUPYTERHUB_API_TOKEN``) only
+    the socket and the checks run, and ``paitient airlock`` shows the requests.
+    """
     from paitient.airlock import web
     from paitient.services import socket_path
 
@@ -73,11 +77,11 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
         # --AirlockSettings.<name>=... on the `paitient service airlock` command line
         config = ServiceCommand.instance().config if ServiceCommand.initialized() else None
         settings = AirlockSettings(config=config)
-    service_url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
-    port = settings.port or urlparse(service_url).port
-    if not port:
-        raise SystemExit("the airlock needs a port: run it as a hub-managed service (JUPYTERHUB_SERVICE_URL) "
-                         "or pass --AirlockSettings.port=N")
+    with_pages = bool(os.environ.get("JUPYTERHUB_API_TOKEN"))
+    port = settings.port or urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "")).port
+    if with_pages and not port:
+        raise SystemExit("the airlock needs a port for its pages: run it as a hub-managed service "
+                         "(JUPYTERHUB_SERVICE_URL) or pass --AirlockSettings.port=N")
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/airlock/")
     airlock = Airlock(site, settings=settings, log=log)
     site.run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,15 +90,20 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
     airlock.start()
 
     async def main() -> None:
-        app = web.make_app(airlock, prefix=prefix)
-        server = app.listen(port, address="127.0.0.1")
-        log.info("airlock: socket %s, pages on http://127.0.0.1:%d%s", channel.path, port, prefix)
+        server = None
+        if with_pages:
+            server = web.make_app(airlock, prefix=prefix).listen(port, address="127.0.0.1")
+            log.info("airlock: socket %s, pages on http://127.0.0.1:%d%s", channel.path, port, prefix)
+        else:
+            log.warning("airlock: socket %s; no hub (JUPYTERHUB_API_TOKEN unset), so no review pages: run it "
+                        "as a hub-managed service for review and download", channel.path)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        server.stop()
+        if server is not None:
+            server.stop()
 
     try:
         asyncio.run(main())
