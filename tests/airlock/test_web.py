@@ -134,6 +134,7 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
     assert "&lt;img src=x onerror=alert(2)&gt;" in page and "<img src=x" not in page
     assert 'data-check="minimum_count"' in page and "1 cell(s) count fewer than 10" in page
+    assert '<td class="flagged" title="fails a disclosure check">3</td>' in page  # the small cell, marked
     assert 'id="decision-form"' in page
     # Which cells fail: the steward and the researcher see them; only the steward gets a decision form.
     assert '&quot;threshold&quot;: 10' in page

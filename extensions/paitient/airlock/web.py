@@ -124,8 +124,10 @@ class DetailHandler(AirlockHandler):
         info = airlock.describe(req, for_steward=is_reviewer)
         record = next((c["details"].get("record") for c in info["checks"]
                        if c["check"] == "training_record" and c.get("details")), None)
+        flagged = {(cell["row"], cell["column"]) for c in info["checks"] if c["status"] == "fail"
+                   for cell in (c.get("details") or {}).get("cells", []) if isinstance(cell, dict)}
         return dict(
-            req=req, info=info, events=airlock.store.events(rid), record=record,
+            req=req, info=info, events=airlock.store.events(rid), record=record, flagged=flagged,
             preview=_preview(airlock, req) if airlock.may_preview(username, scopes, req) else None,
             is_reviewer=is_reviewer, is_requester=req.username == username,
             can_decide=is_reviewer and req.username != username and req.state == states.IN_REVIEW,
