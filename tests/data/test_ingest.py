@@ -235,6 +235,32 @@ def test_parquet_source(site, tmp_path, patients_csv):
     assert from_parquet == published_rows(ing.ingest(site, csv_spec, operator="t").path)
 
 
+
+def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patients_csv):
+    # Text columns are read as dictionaries; a dictionary may hold values no row uses (here "000999"),
+    # which must neither count as a patient nor have its pseudonym published.
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from paitient.data import transforms as tf
+
+    table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(
+        column_types={"mrn": "string", "diagnosed": "date32", "postcode": "string"}))
+    mrn = table.column("mrn").combine_chunks()
+    dictionary = pa.array(["000999"] + sorted(set(mrn.to_pylist())))
+    codes = pa.array([dictionary.to_pylist().index(v) for v in mrn.to_pylist()], pa.int32())
+    table = table.set_column(0, "mrn", pa.DictionaryArray.from_arrays(codes, dictionary))
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=4)
+    pub = ing.ingest(site, make_spec(tmp_path / "d.parquet", COLUMNS, patient_id="mrn"), operator="t")
+    pq.write_table(table.set_column(0, "mrn", mrn), tmp_path / "p.parquet")
+    plain = ing.ingest(site, make_spec(tmp_path / "p.parquet", COLUMNS, patient_id="mrn", dataset="gbsg2"),
+                       operator="t")
+    assert published_rows(pub.path) == published_rows(plain.path)
+    assert pub.manifest["patients"] == 4 and pub.manifest["rows"] == 6
+    pkey = keys.project_key(keys.load_master_key(site), "oncology")
+    unused = tf.pseudonymise(pa.array(["000999"]), pkey).dictionary[0].as_py()
+    assert unused.encode() not in (pub.path / "data.parquet").read_bytes()
+
 def test_refuses_an_empty_source(site, tmp_path):
     empty = write_csv(tmp_path / "empty.csv", HEADER, [])
     assert "empty.csv holds no data rows" in refusal(site, make_spec(empty, COLUMNS, patient_id="mrn"))

@@ -104,18 +104,29 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
     return table
 
 
+def read_parquet(path: Path, spec: Spec) -> tuple[pa.Table, list[str]]:
+    """Dropped columns are not read; text columns come as dictionaries (identifiers repeat, so every
+    later step works on distinct values and codes instead of a million strings)."""
+    try:
+        schema = pq.read_schema(path)
+        wanted = [f.name for f in schema if spec.rules.get(f.name) is None or spec.rules[f.name].action != "drop"]
+        text = [f.name for f in schema if f.name in wanted and (pa.types.is_string(f.type)
+                                                               or pa.types.is_large_string(f.type))]
+        # ParquetFile.read gives a chunk per row group (read_table cuts batches, each with the whole dictionary)
+        table = pq.ParquetFile(path, read_dictionary=text).read(columns=wanted)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestRefused(f"{path.name}: not a readable Parquet file ({e})") from None
+    return table, schema.names
+
+
 def read_source(spec: Spec) -> tuple[pa.Table, list[str]]:
-    """The source as a table plus all its column names (dropped CSV columns are not even parsed)."""
+    """The source as a table plus all its column names (dropped columns are not even read)."""
     path = spec.source
     if not path.is_file():
         raise IngestRefused(f"source {path} does not exist or is not a file")
     if spec.format == "csv":
         return read_csv(path, spec), _header(path, spec)
     if spec.format == "parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise IngestRefused(f"{path.name}: not a readable Parquet file ({e})") from None
-        return table, table.column_names
+        return read_parquet(path, spec)
     table = fhir.read_ndjson(path, spec.resource)
     return table, table.column_names

@@ -79,7 +79,12 @@ def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Ar
 
     Codes are -1 where the identifier is missing. Only distinct values are cleaned, not every row.
     """
-    codes, values = _codes(_plain(arr))
+    codes, values = _codes(arr)
+    if pa.types.is_dictionary(_single(arr).type):  # a dictionary read from a file may hold unused values
+        used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0
+        if not used.all():
+            codes = np.where(codes < 0, -1, (np.cumsum(used) - 1)[np.maximum(codes, 0)])
+            values = values.filter(pa.array(used))
     return _recode(codes, _clean_text(values), values)
 
 
@@ -295,7 +300,7 @@ def years(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 1, fmt: 
 
 def prefixes(arr: pa.Array | pa.ChunkedArray, *, length: int = 2) -> pa.Array:
     """The first ``length`` characters (after trimming and removing inner spaces), e.g. postcode areas."""
-    codes, values = _codes(_plain(arr))
+    codes, values = _codes(arr)
     values = pc.replace_substring(_clean_text(values), " ", "")
     return _dictionary(*_recode(codes, pc.utf8_slice_codeunits(values, 0, length)))
 
