@@ -151,3 +151,37 @@ def test_a_data_dump_written_by_the_kernel_is_not_sent_by_the_contents_api(world
     assert r.status_code == 403 and "larger than 1,000,000 bytes" in r.json()["message"], (r.status_code, r.text[:200])
     listing = world.server_a.get("/api/contents/?content=1").json()["content"]
     assert name in [e["name"] for e in listing]  # still there, and listed: only its content is held back
+
+
+def test_lab_extension_manager_cannot_query_an_index(world, make_system_user):
+    # A search in the extension manager would send the query text from the server (which has network) to
+    # a package index. All the server's outbound HTTP goes to a loopback listener here: nothing arrives.
+    import socket
+
+    from tests.server.harness import UserServer
+
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(4)
+    proxy = f"http://127.0.0.1:{trap.getsockname()[1]}"
+    user = make_system_user("extmgr")
+    env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy}
+    try:
+        with UserServer(world.site, user, ("onc",), world.root, extra_env=env) as server:
+            page = server.get("/lab").text
+            blob = page[page.index(">", page.index('id="jupyter-config-data"')) + 1:]
+            manager = json.loads(blob[: blob.index("</script>")])["extensionManager"]
+            assert manager["name"] == "read-only" and manager["can_install"] is False
+            r = server.get("/lab/api/extensions?query=CARD-SECRET&page=1&per_page=5")
+            assert r.status_code == 200 and "CARD-SECRET" not in r.text
+            r = server.request("POST", "/lab/api/extensions", json={"cmd": "install", "extension_name": "x"})
+            assert r.status_code != 200 or r.json().get("status") != "ok", r.text[:300]
+        trap.setblocking(False)
+        try:
+            trap.accept()
+            reached = True
+        except BlockingIOError:
+            reached = False
+        assert not reached, "the server made an outbound request"
+    finally:
+        trap.close()

@@ -34,6 +34,7 @@ DISABLED_LAB_PLUGINS: tuple[str, ...] = (
     "@jupyterlab/filebrowser-extension:open-browser-tab",
     "@jupyterlab/notebook-extension:export",
     "@jupyterlab/terminal-extension",
+    "@jupyterlab/extensionmanager-extension",
 )
 
 
@@ -109,6 +110,11 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str) ->
         "LabApp": {
             "user_settings_dir": os.path.join(lab_dir, "user-settings"),
             "workspaces_dir": os.path.join(lab_dir, "workspaces"),
+            # The server has network access: nothing may make it fetch a URL or query an index on a
+            # user's behalf (an extension search carries whatever text the user typed).
+            "extension_manager": "readonly",
+            "news_url": None,
+            "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
         },
     }
 
