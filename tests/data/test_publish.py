@@ -124,3 +124,18 @@ def test_readers_see_whole_versions_only_while_publishing(roots):
         stop.set()
         t.join()
     assert errors == [] and len(seen) >= 2 and current_version(ds) == 11
+
+
+def test_dictionaries_read_back_as_values_and_only_numbers_and_dates_carry_statistics(tmp_path):
+    import datetime as dt
+
+    table = pa.table({"patient": pa.array(["P-A", "P-B", "P-A"]).dictionary_encode(), "sex": ["F", "M", "F"],
+                      "score": [1.0, 2.0, 3.0], "seen": pa.array([dt.date(2020, 1, 1)] * 3)})
+    pub = Publisher(tmp_path / "data", tmp_path / "locks").publish("oncology", "gbsg2", table, {"rows": 3})
+    f = pq.ParquetFile(pub.path / "data.parquet")
+    assert f.read().column("patient").type == pa.string()
+    assert f.read().column("patient").to_pylist() == ["P-A", "P-B", "P-A"]
+    rg = f.metadata.row_group(0)
+    stats = {rg.column(i).path_in_schema: rg.column(i).is_stats_set for i in range(rg.num_columns)}
+    assert stats == {"patient": False, "sex": False, "score": True, "seen": True}
+    assert rg.column(2).statistics.max == 3.0
