@@ -185,3 +185,17 @@ def test_lab_extension_manager_cannot_query_an_index(world, make_system_user):
         assert not reached, "the server made an outbound request"
     finally:
         trap.close()
+
+
+def test_lab_settings_and_workspaces_are_out_of_the_kernels_reach(world, alice_kernel):
+    # The settings and workspaces APIs send files back as they are; the kernel cannot plant any.
+    lab = world.server_a.config_dir.parent / "lab"
+    assert lab.stat().st_uid == world.alice.pw_uid
+    out = alice_kernel.attempt(f"os.listdir({str(lab)!r})")
+    assert out["errno"] == "ENOENT", out
+    home_ws = f"{world.alice.pw_dir}/.jupyter/lab/workspaces"
+    planted = ("os.makedirs(%r, exist_ok=True) or open(%r + '/loot.jupyterlab-workspace', 'w').write("
+               "json.dumps({'data': {'x': open('/data/onc/bc/data.csv').read()}, 'metadata': {'id': 'loot'}}))")
+    assert alice_kernel.attempt(planted % (home_ws, home_ws))["ok"]
+    r = world.server_a.get("/lab/api/workspaces")
+    assert r.status_code == 200 and "loot" not in r.text and "id,size" not in r.text

@@ -59,10 +59,13 @@ def member_datasets(site: SiteConfig, member: Member) -> dict[str, list[str]]:
     return {name: list(known[name].datasets) for name in member.projects if name in known}
 
 
-def server_config(site: SiteConfig, member: Member, home: str, data_dir: str) -> dict[str, Any]:
-    """The traitlets configuration (as JSON) of ``member``'s server."""
+def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, lab_dir: str) -> dict[str, Any]:
+    """The traitlets configuration (as JSON) of ``member``'s server.
+
+    ``lab_dir`` holds JupyterLab's user settings and workspaces: written by the server as the user, but
+    outside the home, so a kernel cannot plant files that the settings or workspaces API would send.
+    """
     home = str(home)
-    lab_dir = os.path.join(home, ".jupyter", "lab")
     return {
         "ServerApp": {
             "jpserver_extensions": {
@@ -154,10 +157,16 @@ def write_user_server_config(
     """Write ``member``'s server configuration; the spawner calls this (as root) before every start.
 
     Files are root-owned 0644 in root-owned 0755 folders, published atomically. Kernel specs other than
-    the workspace's are removed from the data dir.
+    the workspace's are removed from the data dir. Next to the config dir, ``lab`` (the user's, 0700) keeps
+    JupyterLab's settings and workspaces out of the kernel's reach.
     """
     config_dir, data_dir = Path(dest_config_dir), Path(dest_data_dir)
-    home = pwd.getpwnam(member.account).pw_dir
+    pw = pwd.getpwnam(member.account)
+    home = pw.pw_dir
+    lab_dir = config_dir.parent / "lab"
+    lab_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(lab_dir, 0o700)
+    os.chown(lab_dir, pw.pw_uid, pw.pw_gid)
     for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels"):
         _root_dir(d)
     kernels = data_dir / "kernels"
@@ -170,7 +179,7 @@ def write_user_server_config(
     _root_dir(spec_dir)
     atomic_write_json(spec_dir / "kernel.json", kernel_spec(), mode=0o644)
     atomic_write_json(config_dir / "jupyter_server_config.json",
-                      server_config(site, member, home, str(data_dir)), mode=0o644)
+                      server_config(site, member, home, str(data_dir), str(lab_dir)), mode=0o644)
     atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
     # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
     atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)
