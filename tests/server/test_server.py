@@ -71,7 +71,7 @@ def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_
     assert started[0]["actor"] == user.pw_name and started[0]["details"]["datasets"] == ["onc/bc"]
     assert [r["details"]["code"] for r in executed] == ["print(sorted(__import__('os').listdir('/data/onc')))"]
     assert executed[0]["object"] == kid and executed[0]["actor"] == user.pw_name
-    assert [r["object"] for r in stopped] == [kid]
+    assert [r["object"] for r in stopped] == [kid] and stopped[0]["details"]["datasets"] == ["onc/bc"]
 
 
 def test_a_server_whose_config_lost_the_lockdown_refuses_to_start(site, world_tmp, make_system_user):

@@ -91,6 +91,8 @@ class SandboxProvisioner(LocalProvisioner):
         True, help="Load the seccomp filter (ptrace, process memory, keyrings, eBPF, mount calls refused)."
     ).tag(config=True)
 
+    _mounted: list[str] = []
+
     @default("system_ro")
     def _system_ro_default(self) -> list[str]:
         return ["/usr", *_python_roots()]
@@ -169,9 +171,10 @@ class SandboxProvisioner(LocalProvisioner):
         finally:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
+        self._mounted = _datasets(policy)
         await self._audit(
             "kernel.start",
-            {"datasets": _datasets(policy), "limits": vars(self.limits()), "pid": self.pid},
+            {"datasets": self._mounted, "limits": vars(self.limits()), "pid": self.pid},
         )
         return info
 
@@ -182,10 +185,7 @@ class SandboxProvisioner(LocalProvisioner):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(km.ip))  # the sockets are gone by now; only an empty folder is removed
         if not restart:
-            await self._audit("kernel.stop", {"datasets": sorted(self._mounted_names())})
-
-    def _mounted_names(self) -> list[str]:
-        return [f"{p}/{d}" for p, ds in self.projects.items() for d in ds]
+            await self._audit("kernel.stop", {"datasets": self._mounted})
 
     async def _audit(self, action: str, details: dict[str, Any]) -> None:
         if not self.run_dir:
