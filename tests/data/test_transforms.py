@@ -161,3 +161,17 @@ def test_published_pseudonyms_and_shifts_never_change_across_versions():
     assert tf.shift_days(many, pkey, 180).tolist() == [s for _, s in ref]
     assert plain(tf.pseudonymise(pa.array(many[:50]), pkey, domain="case", prefix="C-")) == [
         _reference(v, pkey, "case", "C-")[0] for v in many[:50]]
+
+
+def test_a_pseudonym_collision_is_refused_not_published():
+    values = pa.array(["a", "b", "c"])
+    codes = np.array([0, 1, 2, 0])
+    d = np.zeros((3, tf.DIGEST_BYTES), dtype=np.uint8)
+    d[:, 0] = [1, 2, 3]
+    d[2, 0], d[2, 9] = 1, 7  # same first 8 bytes as "a", differs in the 80 bits: distinct pseudonyms
+    out = plain(tf.pseudonyms_by_code(codes, values, KEY_A, column="mrn", precomputed=d))
+    assert len(set(out)) == 3 and out[0] == out[3]
+    d[2, 9] = 0  # now all 80 bits equal "a"'s
+    with pytest.raises(ColumnError) as e:
+        tf.pseudonyms_by_code(codes, values, KEY_A, column="mrn", precomputed=d)
+    assert e.value.column == "mrn" and "two identifiers got the same pseudonym" in str(e.value)

@@ -37,19 +37,33 @@ def _plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
+def _indices(arr: pa.DictionaryArray) -> np.ndarray:
+    idx = arr.indices
+    if idx.null_count:
+        idx = idx.fill_null(-1)
+    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     """Dictionary codes (int64, -1 where missing) and the distinct values."""
     arr = _single(arr)
     if pa.types.is_dictionary(arr.type):
-        codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        return _recode(codes, arr.dictionary)
+        return _recode(_indices(arr), arr.dictionary)
     enc = arr.dictionary_encode()
-    return enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False), enc.dictionary
+    return _indices(enc), enc.dictionary
+
+
+def _take(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """``table[codes]``, with code -1 (missing) reading ``table[0]``; the caller masks those rows."""
+    return table.take(codes, mode="clip")
 
 
 def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
     """Rows as indices into distinct values (written to Parquet as plain values, without a row-wise copy)."""
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=codes < 0), values)
+    idx = codes.astype(np.int32)
+    if len(codes) and idx.min() < 0:
+        return pa.DictionaryArray.from_arrays(pa.array(idx, mask=idx < 0), values)
+    return pa.DictionaryArray.from_arrays(pa.array(idx), values)
 
 
 def _recode(codes: np.ndarray, values: pa.Array, before: pa.Array | None = None) -> tuple[np.ndarray, pa.Array]:
@@ -63,7 +77,7 @@ def _recode(codes: np.ndarray, values: pa.Array, before: pa.Array | None = None)
     inner, merged = _codes(values)
     if len(merged) == len(values) and not (inner < 0).any():
         return codes, merged
-    out = np.where(codes < 0, -1, inner[np.where(codes < 0, 0, codes)])
+    out = np.where(codes < 0, -1, _take(inner, codes))
     return out, merged
 
 
@@ -83,7 +97,7 @@ def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Ar
     if pa.types.is_dictionary(_single(arr).type):  # a dictionary read from a file may hold unused values
         used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0
         if not used.all():
-            codes = np.where(codes < 0, -1, (np.cumsum(used) - 1)[np.maximum(codes, 0)])
+            codes = np.where(codes < 0, -1, _take(np.cumsum(used) - 1, codes))
             values = values.filter(pa.array(used))
     return _recode(codes, _clean_text(values), values)
 
@@ -119,13 +133,13 @@ _B32_PAIRS = (_B32[np.arange(1024) >> 5].astype(np.uint16) | (_B32[np.arange(102
 def encode_pseudonyms(d: np.ndarray, prefix: str = "P-") -> pa.Array:
     """The first 80 bits of each digest as 16 base32 characters behind ``prefix``."""
     n = len(d)
-    pairs = np.empty((n, 8), dtype=np.uint16)  # each 10 bits -> two characters (little-endian uint16)
-    for half in range(2):
-        v = np.zeros(n, dtype=np.uint64)
-        for b in range(5):
-            v = (v << np.uint64(8)) | d[:, half * 5 + b].astype(np.uint64)
-        for j in range(4):
-            pairs[:, half * 4 + j] = _B32_PAIRS[((v >> np.uint64(30 - 10 * j)) & np.uint64(1023)).astype(np.intp)]
+    b = d[:, :10].reshape(n, 2, 5).astype(np.uint16)  # two groups of 5 bytes = 40 bits
+    ten = np.empty((n, 2, 4), dtype=np.uint16)  # each group as four 10-bit numbers, most significant first
+    ten[..., 0] = (b[..., 0] << 2) | (b[..., 1] >> 6)
+    ten[..., 1] = ((b[..., 1] & 63) << 4) | (b[..., 2] >> 4)
+    ten[..., 2] = ((b[..., 2] & 15) << 6) | (b[..., 3] >> 2)
+    ten[..., 3] = ((b[..., 3] & 3) << 8) | b[..., 4]
+    pairs = _B32_PAIRS.take(ten.reshape(n, 8))  # each 10 bits -> two characters (a little-endian uint16)
     p = np.frombuffer(prefix.encode(), dtype=np.uint8)
     width = len(p) + 16
     buf = np.empty((n, width), dtype=np.uint8)
@@ -153,8 +167,8 @@ def pseudonyms_by_code(codes: np.ndarray, values: pa.Array, key: bytes, *, domai
     ``precomputed``: the values' :func:`digests` under the project key, reused for the default domain.
     """
     d = precomputed if precomputed is not None and not domain else digests(values, domain_key(key, domain))
-    head = np.ascontiguousarray(d[:, :8]).view("<u8").reshape(-1)
-    if len(pd.unique(head)) != len(values):  # an 80-bit collision: never seen, but never silent
+    head = np.sort(np.ascontiguousarray(d[:, :8]).view("<u8").reshape(-1))
+    if (head[1:] == head[:-1]).any():  # an 80-bit collision: never seen, but never silent
         table = encode_pseudonyms(d, prefix)
         if pc.count_distinct(table).as_py() != len(values):
             raise ColumnError(column, "two identifiers got the same pseudonym; report this, it should never happen")
@@ -226,9 +240,7 @@ def shift_dates(arr: pa.Array, offsets: np.ndarray, column: str) -> pa.Array:
 
 
 def row_offsets(patient_codes: np.ndarray, per_patient: np.ndarray) -> np.ndarray:
-    return per_patient[np.where(patient_codes < 0, 0, patient_codes)] if len(per_patient) else np.zeros(
-        len(patient_codes), dtype=np.int64
-    )
+    return _take(per_patient, patient_codes) if len(per_patient) else np.zeros(len(patient_codes), dtype=np.int64)
 
 
 def _numbers(arr: pa.Array, column: str) -> np.ndarray:
@@ -283,7 +295,7 @@ def age_bands(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 10, 
     except ColumnError as e:
         raise _row_of(codes, e) from None
     index = banded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return _dictionary(np.where(codes < 0, -1, index[np.maximum(codes, 0)]), banded.dictionary)
+    return _dictionary(np.where(codes < 0, -1, _take(index, codes)), banded.dictionary)
 
 
 def years(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 1, fmt: str = "") -> pa.Array:
@@ -320,11 +332,13 @@ def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int, 
             counts = _distinct_per_group(groups[keep], patients[keep], ngroups)
             counts[sure] = cap
             return counts
-    width = int(patients.max(initial=0)) + 2
+    width = (int(patients.max(initial=0)) + 2 + 7) // 8 * 8  # whole uint64 words per group
     pairs = groups * width + (patients + 1)
     if ngroups * width <= 64_000_000:  # a bitmap of seen pairs beats hashing them
         seen = np.zeros(ngroups * width, dtype=np.bool_)
         seen[pairs] = True
+        if hasattr(np, "bitwise_count"):  # numpy >= 2: count 8 flags at a time
+            return np.bitwise_count(seen.view(np.uint64)).reshape(ngroups, width // 8).sum(axis=1, dtype=np.int64)
         return seen.reshape(ngroups, width).sum(axis=1)
     return np.bincount(pd.unique(pairs) // width, minlength=ngroups)
 
