@@ -30,6 +30,7 @@ from paitient.registry import Member
 from paitient.server.config import user_server_env, write_user_server_config
 
 PYTHON = sys.executable
+V1 = "v1.kernel.websocket.jupyter.org"
 
 
 def free_port() -> int:
@@ -183,25 +184,40 @@ class UserServer:
         out = subprocess.run(["pgrep", "-u", str(self.user.pw_uid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split() if self.proc and int(p) != self.proc.pid]
 
-    def run(self, code: str, kernel_id: str | None = None, timeout: float = 90.0) -> CellResult:
+    def run(self, code: str, kernel_id: str | None = None, timeout: float = 90.0, *, v1: bool = False,
+            channel: str = "shell") -> CellResult:
+        """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
+        protocol JupyterLab speaks; ``channel`` is where the execute_request goes."""
         kernel_id = kernel_id or self.start_kernel()
-        return asyncio.run(self._execute(kernel_id, code, timeout))
+        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel))
 
-    async def _execute(self, kernel_id: str, code: str, timeout: float) -> CellResult:
+    async def _execute(self, kernel_id: str, code: str, timeout: float, v1: bool = False,
+                       channel: str = "shell") -> CellResult:
+        from jupyter_server.services.kernels.connection.base import (
+            deserialize_msg_from_ws_v1,
+            serialize_msg_to_ws_v1,
+        )
         from tornado.httpclient import HTTPRequest
         from tornado.websocket import websocket_connect
 
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
         ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {self.token}"}),
-                                     max_message_size=1 << 30)
+                                     max_message_size=1 << 30,
+                                     subprotocols=[V1] if v1 else None)
         msg_id = uuid.uuid4().hex
-        ws.write_message(json.dumps({
+        request = {
             "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": self.user.pw_name,
                        "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "parent_header": {}, "metadata": {},
             "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                         "allow_stdin": False, "stop_on_error": True},
-        }))
+        }
+        if v1:
+            assert ws.selected_subprotocol == V1, ws.selected_subprotocol
+            pack = lambda obj: json.dumps(obj).encode()  # noqa: E731
+            ws.write_message(serialize_msg_to_ws_v1(request, channel, pack), binary=True)
+        else:
+            ws.write_message(json.dumps({**request, "channel": channel, "buffers": []}))
         out = CellResult()
         deadline = time.monotonic() + timeout
         try:
@@ -210,9 +226,15 @@ class UserServer:
                 if raw is None:
                     raise RuntimeError("kernel websocket closed")
                 out.wire_bytes += len(raw)
-                if isinstance(raw, bytes):
+                if v1:
+                    ch, parts = deserialize_msg_from_ws_v1(raw)
+                    msg = {"channel": ch, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),
+                           "content": json.loads(parts[3])}
+                    msg["msg_type"] = msg["header"]["msg_type"]
+                elif isinstance(raw, bytes):
                     continue
-                msg = json.loads(raw)
+                else:
+                    msg = json.loads(raw)
                 if msg.get("parent_header", {}).get("msg_id") != msg_id:
                     continue
                 kind, content = msg["msg_type"], msg["content"]

@@ -39,7 +39,10 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     ).tag(config=True)
 
     _cap: OutputCap | None = None
-    _pending: set[asyncio.Future[Any]]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._pending_audits: set[asyncio.Future[Any]] = set()
 
     @property
     def cap(self) -> OutputCap:
@@ -55,7 +58,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         except Exception:
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
-        if channel == "shell" and header.get("msg_type") == "execute_request":
+        # ipykernel runs an execute_request from the control channel as well as from shell.
+        if header.get("msg_type") == "execute_request":
             msg_id = str(header.get("msg_id", ""))
             self.cap.note_execute(msg_id)
             self._audit_execute(msg_id, header, content)
@@ -66,6 +70,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             channel, msg_list = deserialize_msg_from_ws_v1(ws_msg)
             header = self.session.unpack(msg_list[0])
             content = self.session.unpack(msg_list[3]) if header.get("msg_type") == "execute_request" else {}
+            # (the caller forwards the original bytes; nothing decoded here is sent on)
             return channel or "shell", header, content
         msg = deserialize_binary_message(ws_msg) if isinstance(ws_msg, bytes) else json.loads(ws_msg)
         return msg.get("channel") or "shell", msg.get("header") or {}, msg.get("content") or {}
@@ -82,10 +87,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             "session": str(header.get("session", "")),
             "msg_id": msg_id,
         }
-        loop = asyncio.get_event_loop()
-        fut = loop.run_in_executor(None, self._send_audit, details)
-        if not hasattr(self, "_pending_audits"):
-            self._pending_audits: set[Any] = set()
+        # The audit call is a blocking unix-socket round trip: off the event loop, never delaying the kernel.
+        fut = asyncio.get_running_loop().run_in_executor(None, self._send_audit, details)
         self._pending_audits.add(fut)
         fut.add_done_callback(self._pending_audits.discard)
 
