@@ -1,0 +1,138 @@
+"""The researcher examples in notebooks/ run cell by cell in the real workspace, as alice, and leave what
+they promise: a figure in her home, a settled private training run charged to oncology, two airlock
+requests that passed their automatic checks."""
+
+from __future__ import annotations
+
+import hashlib
+import pwd
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from paitient.airlock.store import Store
+from paitient.config import load as load_site
+from paitient.ledger.store import Ledger
+from tests.e2e.workspace import CellResult, Workspace
+
+pytestmark = pytest.mark.e2e
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+NAMES = ("01-explore-data.ipynb", "02-train-with-differential-privacy.ipynb", "03-request-export.ipynb")
+
+
+def code_cells(name: str) -> list[str]:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    return [c.source for c in notebook.cells if c.cell_type == "code"]
+
+
+def run_notebook(ws: Workspace, s, user: str, name: str) -> list[CellResult]:
+    """Every code cell in order on one fresh kernel, as JupyterLab's "Run All" does; stop at the first error."""
+    kernel = ws.start_kernel(s, user)
+    results = []
+    for i, code in enumerate(code_cells(name)):
+        result = ws.run_cell(s, user, code, kernel_id=kernel, timeout=300)
+        assert result.error is None, f"{name}, code cell {i + 1} failed: {result.error}\n{result.stderr}\n{code}"
+        results.append(result)
+    assert ws.api(s, user, "DELETE", f"kernels/{kernel}").status_code == 204
+    return results
+
+
+@dataclass
+class Ran:
+    home: Path
+    uid: int
+    started: float
+    runs_before: list[dict]
+    budget_before: dict
+    cells: dict[str, list[CellResult]] = field(default_factory=dict)
+
+
+def breast_cancer_budget(ledger: Ledger) -> dict:
+    return next(b for b in ledger.budget("oncology") if b["dataset"] == "breast_cancer")
+
+
+@pytest.fixture(scope="module")
+def ran(workspace) -> Ran:
+    """alice signs in and runs the three notebooks in order, each on its own kernel."""
+    alice = workspace.login("alice")
+    workspace.start_server(alice, "alice")
+    member = workspace.member("alice")
+    ledger = Ledger(load_site(str(workspace.site_file)))
+    out = Ran(home=Path(pwd.getpwnam(member.account).pw_dir), uid=member.uid, started=time.time(),
+              runs_before=ledger.runs("oncology", "breast_cancer"), budget_before=breast_cancer_budget(ledger))
+    for name in NAMES:
+        out.cells[name] = run_notebook(workspace, alice, "alice", name)
+    return out
+
+
+def outputs_of(result: CellResult, mime: str) -> list:
+    return [o["content"]["data"][mime] for o in result.outputs
+            if o["msg_type"] in ("display_data", "execute_result") and mime in o["content"].get("data", {})]
+
+
+def test_notebooks_are_nbformat_4_without_outputs():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == list(NAMES)
+    for name in NAMES:
+        notebook = nbformat.read(NOTEBOOKS / name, as_version=nbformat.NO_CONVERT)
+        nbformat.validate(notebook)
+        assert notebook.nbformat == 4
+        assert notebook.metadata.kernelspec.name == "python3"
+        code = [c for c in notebook.cells if c.cell_type == "code"]
+        assert code and all(c.outputs == [] and c.execution_count is None for c in code), name
+        assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith("# ")
+
+
+def test_explore_saves_a_figure_in_the_home(ran):
+    cells = ran.cells["01-explore-data.ipynb"]
+    assert outputs_of(cells[0], "application/vnd.jupyter.widget-view+json"), "the catalogue is a widget"
+    assert cells[1].stdout.strip() == "(569, 35)"
+    assert "mean radius" in cells[2].result and "All" in cells[3].result
+    figure = ran.home / "figures" / "radius_by_diagnosis.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+    assert figure.stat().st_uid == ran.uid  # written by alice's own account, in her home
+    assert figure.stat().st_mtime >= ran.started - 1
+    assert outputs_of(cells[-1], "image/png"), "the figure is shown in the notebook too"
+
+
+def test_private_training_is_charged_to_the_project_and_the_weights_match_its_record(ran, workspace):
+    cells = ran.cells["02-train-with-differential-privacy.ipynb"]
+    ledger = Ledger(load_site(str(workspace.site_file)))
+    before = {r["id"] for r in ran.runs_before}
+    new = [r for r in ledger.runs("oncology", "breast_cancer") if r["id"] not in before and r["username"] == "alice"]
+    assert len(new) == 1, new
+    run = new[0]
+    assert run["state"] == "settled" and run["epsilon"] == 1.0 and 0.5 < run["epsilon_spent"] <= 1.0
+    weights = ran.home / "breast_cancer_dp.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == run["weights_sha256"]
+    assert cells[-1].stdout.split()[-1] == run["weights_sha256"]
+    after = breast_cancer_budget(ledger)
+    assert after["epsilon_spent"] == pytest.approx(ran.budget_before["epsilon_spent"] + run["epsilon_spent"])
+    assert after["epsilon_reserved"] == 0
+    accuracy = next(float(c.stdout.split()[-1]) for c in cells if "accuracy on the held-out rows" in c.stdout)
+    assert accuracy > 0.85
+
+
+def test_export_leaves_two_requests_in_review_that_passed_their_checks(ran, workspace):
+    cells = ran.cells["03-request-export.ipynb"]
+    table_id, weights_id = (c.result.strip("'") for c in cells if c.result and c.result.startswith("'2"))
+    store = Store.for_site(load_site(str(workspace.site_file)))
+    table, weights = store.get(table_id), store.get(weights_id)
+    assert (table.username, table.kind, table.filename) == ("alice", "table", "radius_by_age.csv")
+    assert (weights.username, weights.kind, weights.filename) == ("alice", "weights", "breast_cancer_dp.safetensors")
+    for req, path in ((table, "radius_by_age.csv"), (weights, "breast_cancer_dp.safetensors")):
+        assert req.project == "oncology" and req.state == "in_review" and req.created >= ran.started
+        assert req.sha256 == hashlib.sha256((ran.home / path).read_bytes()).hexdigest()
+    table_checks = {c["check"]: c["status"] for c in store.checks(table_id)}
+    assert table_checks["recipe"] == "pass" and set(table_checks.values()) == {"pass"}, table_checks
+    weights_checks = {c["check"]: c for c in store.checks(weights_id)}
+    assert {k: c["status"] for k, c in weights_checks.items()} == {
+        "published_copy": "pass", "format": "pass", "training_record": "pass", "membership_inference": "pass"}
+    assert weights_checks["training_record"]["details"]["record"]["weights_sha256"] == weights.sha256
+    # and the notebook's last cell told alice the same
+    report = cells[-1].stdout
+    assert f"{table_id} (table): in_review, automatic checks: pass" in report
+    assert f"{weights_id} (weights): in_review, automatic checks: pass" in report
