@@ -187,11 +187,11 @@ def test_lab_extension_manager_cannot_query_an_index(world, make_system_user):
         trap.close()
 
 
-def test_lab_settings_and_workspaces_are_out_of_the_kernels_reach(world, alice_kernel):
+def test_lab_settings_workspaces_and_notebook_trust_are_out_of_the_kernels_reach(world, alice_kernel):
     # The settings and workspaces APIs send files back as they are; the kernel cannot plant any.
-    lab = world.server_a.config_dir.parent / "lab"
-    assert lab.stat().st_uid == world.alice.pw_uid
-    out = alice_kernel.attempt(f"os.listdir({str(lab)!r})")
+    state = world.server_a.config_dir.parent / "state"
+    assert state.stat().st_uid == world.alice.pw_uid
+    out = alice_kernel.attempt(f"os.listdir({str(state)!r})")
     assert out["errno"] == "ENOENT", out
     home_ws = f"{world.alice.pw_dir}/.jupyter/lab/workspaces"
     planted = ("os.makedirs(%r, exist_ok=True) or open(%r + '/loot.jupyterlab-workspace', 'w').write("

@@ -41,7 +41,7 @@ def test_member_datasets_only_known_projects(tmp_path):
 def test_server_config_carries_the_policy(tmp_path):
     s = site(tmp_path)
     cfg = server_config(s, member(), "/home/pt-alice", "/state/users/pt-alice/jupyter/data",
-                        "/state/users/pt-alice/jupyter/lab")
+                        "/state/users/pt-alice/jupyter/state")
     app = cfg["ServerApp"]
     assert app["terminals_enabled"] is False and app["reraise_server_extension_failures"] is True
     assert app["jpserver_extensions"]["paitient.server"] is True
@@ -58,7 +58,8 @@ def test_server_config_carries_the_policy(tmp_path):
     assert cfg["ConfinedContentsManager"]["max_content_bytes"] == s.server.contents_cap_bytes
     ws = cfg["CappedWebsocketConnection"]
     assert (ws["output_cap_message_bytes"], ws["output_cap_execution_bytes"]) == (1234, 5678)
-    assert cfg["LabApp"]["user_settings_dir"] == "/state/users/pt-alice/jupyter/lab/user-settings"
+    assert cfg["LabApp"]["user_settings_dir"] == "/state/users/pt-alice/jupyter/state/lab/user-settings"
+    assert cfg["NotebookNotary"]["data_dir"] == "/state/users/pt-alice/jupyter/state/notary"
     assert cfg["LabApp"]["extension_manager"] == "readonly" and cfg["LabApp"]["news_url"] is None
 
 
@@ -75,8 +76,9 @@ def test_written_files_are_root_owned_and_not_writable_by_others(tmp_path):
         st = d.stat()
         assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, d
     assert os.listdir(ddir / "kernels") == [KERNEL_NAME]
-    lab = (tmp_path / "lab").stat()  # owned by the member's account (root here), private
-    assert lab.st_uid == 0 and stat.S_IMODE(lab.st_mode) == 0o700
+    for d in ("state", "state/lab", "state/notary"):  # owned by the member's account (root here), private
+        st = (tmp_path / d).stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
     assert json.loads((ddir / "kernels" / KERNEL_NAME / "kernel.json").read_text()) == kernel_spec()
     disabled = json.loads((cdir / "labconfig" / "page_config.json").read_text())["disabledExtensions"]
     assert set(disabled) == set(DISABLED_LAB_PLUGINS)

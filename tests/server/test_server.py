@@ -166,3 +166,26 @@ def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(site, wo
     home = Path(user.pw_dir)
     assert (home / "ctl-v1").read_text() == "ran" and (home / "ctl-legacy").read_text() == "ran"
     assert codes == ["print('v' * 3_000_000)", ctl_v1, ctl_legacy]
+
+
+def test_a_researchers_notebook_round_trip_works(site, world_tmp, make_system_user):
+    # Saving and opening a notebook signs and checks it (the notary writes its key); settings are saved.
+    user = make_system_user("notebook")
+    nb = {"cells": [{"cell_type": "code", "source": "1 + 1", "metadata": {}, "execution_count": 1,
+                     "outputs": [{"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {},
+                                  "execution_count": 1}]}],
+          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (sandbox)"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        assert server.request("PUT", "/api/contents/work.ipynb", json={"type": "notebook", "content": nb}).ok
+        r = server.get("/api/contents/work.ipynb?content=1")
+        assert r.status_code == 200, r.text[:500]
+        assert r.json()["content"]["cells"][0]["outputs"][0]["data"] == {"text/plain": "2"}
+        r = server.request("POST", "/api/sessions", json={"path": "work.ipynb", "type": "notebook", "name": "w",
+                                                          "kernel": {"name": "python3"}})
+        assert r.status_code == 201, r.text[:300]
+        assert server.run("print(1 + 1)", r.json()["kernel"]["id"]).stdout == "2\n"
+        r = server.request("PUT", "/lab/api/settings/@jupyterlab/apputils-extension:themes",
+                           json={"raw": '{"theme": "JupyterLab Dark"}'})
+        assert r.status_code == 204, r.text[:300]
+    assert (server.config_dir.parent / "state" / "notary" / "notebook_secret").stat().st_uid == user.pw_uid

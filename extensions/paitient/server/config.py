@@ -59,12 +59,14 @@ def member_datasets(site: SiteConfig, member: Member) -> dict[str, list[str]]:
     return {name: list(known[name].datasets) for name in member.projects if name in known}
 
 
-def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, lab_dir: str) -> dict[str, Any]:
+def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
     """The traitlets configuration (as JSON) of ``member``'s server.
 
-    ``lab_dir`` holds JupyterLab's user settings and workspaces: written by the server as the user, but
-    outside the home, so a kernel cannot plant files that the settings or workspaces API would send.
+    ``state_dir`` is what the server itself writes, outside the home and so out of the kernels' reach:
+    JupyterLab's user settings and workspaces (whose APIs send files back as they are) and the notebook
+    signing key and signatures (which decide whether a notebook's HTML and scripts are trusted).
     """
+    lab_dir = os.path.join(state_dir, "lab")
     home = str(home)
     return {
         "ServerApp": {
@@ -110,6 +112,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, la
             "output_cap_execution_bytes": site.server.output_cap_execution_bytes,
             "audit_run_dir": str(site.run_dir),
         },
+        "NotebookNotary": {"data_dir": os.path.join(state_dir, "notary")},
         "LabApp": {
             "user_settings_dir": os.path.join(lab_dir, "user-settings"),
             "workspaces_dir": os.path.join(lab_dir, "workspaces"),
@@ -157,16 +160,17 @@ def write_user_server_config(
     """Write ``member``'s server configuration; the spawner calls this (as root) before every start.
 
     Files are root-owned 0644 in root-owned 0755 folders, published atomically. Kernel specs other than
-    the workspace's are removed from the data dir. Next to the config dir, ``lab`` (the user's, 0700) keeps
-    JupyterLab's settings and workspaces out of the kernel's reach.
+    the workspace's are removed from the data dir. Next to the config dir, ``state`` (the user's, 0700) is
+    where the server writes (see :func:`server_config`).
     """
     config_dir, data_dir = Path(dest_config_dir), Path(dest_data_dir)
     pw = pwd.getpwnam(member.account)
     home = pw.pw_dir
-    lab_dir = config_dir.parent / "lab"
-    lab_dir.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(lab_dir, 0o700)
-    os.chown(lab_dir, pw.pw_uid, pw.pw_gid)
+    state_dir = config_dir.parent / "state"
+    for d in (state_dir, state_dir / "lab", state_dir / "notary"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
     for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels"):
         _root_dir(d)
     kernels = data_dir / "kernels"
@@ -179,7 +183,7 @@ def write_user_server_config(
     _root_dir(spec_dir)
     atomic_write_json(spec_dir / "kernel.json", kernel_spec(), mode=0o644)
     atomic_write_json(config_dir / "jupyter_server_config.json",
-                      server_config(site, member, home, str(data_dir), str(lab_dir)), mode=0o644)
+                      server_config(site, member, home, str(data_dir), str(state_dir)), mode=0o644)
     atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
     # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
     atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)
