@@ -80,3 +80,19 @@ def test_ordinary_values(values):
 def test_numbers_are_not_identifiers():
     assert detect.by_content(pa.array([1.5, 2.25, 3.0] * 10)) is None
     assert detect.by_content(pa.array([34, 56, 71, 34, 12])) is None  # small integers, e.g. ages
+
+
+def test_the_sample_spans_the_whole_column_not_its_first_rows():
+    # 20,000 harmless rows on top, then e-mail addresses: a first-rows sample would pass this column
+    n = 100_000
+    values = ["no"] * 20_000 + [f"p{i}@mail.example" for i in range(n - 20_000)]
+    what, row = detect.by_content(pa.chunked_array([values[:50_000], values[50_000:]]))
+    assert what == "email addresses" and row > 20_000 and values[row - 1].endswith("@mail.example")
+    # the same behind a column that is empty at the top, and as a dictionary (Parquet text columns)
+    sparse = pa.array([None] * 50_000 + [f"p{i}@mail.example" for i in range(3000)])
+    assert detect.by_content(sparse) == ("email addresses", 50_001)
+    assert detect.by_content(sparse.dictionary_encode())[0] == "email addresses"
+    ints = pa.array([None] * 30_000 + list(range(4_100_000, 4_103_000)), pa.int64())
+    assert detect.by_content(ints) == ("record numbers", 30_001)
+    dates = pa.array([None] * 30_000 + [0], pa.int32()).cast(pa.date32())
+    assert detect.by_content(dates) == ("real dates (unshifted, they link records to real events)", 30_001)

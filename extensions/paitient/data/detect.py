@@ -1,5 +1,11 @@
 """Does an undeclared column look like a direct identifier? By its name, then by a sample of its values.
 
+The sample is up to 2000 non-missing values spread evenly over the whole column (every value of a
+smaller column), so its cost does not grow with the table, and an identifying column is seen wherever
+its values sit in the file. A sample can still miss a column whose identifying values are rare (most
+rows harmless): the rules need most sampled values to match. Dates are not sampled: any real date
+anywhere refuses the column.
+
 Strict mode (the default) refuses such a column until the spec says what happens to it. The checks err
 on the side of refusing: a false alarm costs one line in the spec, a miss costs a patient's identity.
 """
@@ -8,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -67,27 +74,38 @@ def by_name(column: str) -> str | None:
     return None
 
 
-def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
-    """(what, first matching row, 1-based) if most sampled values look like direct identifiers."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.slice(0, SAMPLE * 4).combine_chunks()
+def _sample(arr: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """Up to ``SAMPLE`` non-missing values spread evenly over the whole column (all of them when there
+    are fewer), and their rows (0-based). Spread, not the first rows: a column that is empty or harmless
+    at the top of the file but identifying further down is still seen."""
+    if arr.null_count == 0:
+        rows = np.arange(len(arr))
     else:
-        arr = arr.slice(0, SAMPLE * 4)
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(arr.type.value_type)
-    if pa.types.is_integer(arr.type):
-        valid = pc.drop_null(arr)
-        if len(valid) >= 5 and pc.min(valid).as_py() >= 100_000 and (
-            pc.count_distinct(valid).as_py() > 0.9 * len(valid)
-        ):
-            return "record numbers", 1 + int(pc.index(pc.is_valid(arr), True).as_py())
-        return None
-    if pa.types.is_date(arr.type) or pa.types.is_timestamp(arr.type):
+        rows = np.flatnonzero(pc.is_valid(arr).to_numpy(zero_copy_only=False))
+    if len(rows) > SAMPLE:
+        rows = rows[np.linspace(0, len(rows) - 1, SAMPLE).astype(np.int64)]
+    taken = arr.take(pa.array(rows))
+    if isinstance(taken, pa.ChunkedArray):
+        taken = taken.combine_chunks()
+    if pa.types.is_dictionary(taken.type):
+        taken = taken.cast(taken.type.value_type)
+    return taken, rows
+
+
+def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
+    """(what, first matching sampled row, 1-based) if most sampled values look like direct identifiers."""
+    typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_date(typ) or pa.types.is_timestamp(typ):  # any real date at all, anywhere
         valid = pc.is_valid(arr)
         return (_DATES, 1 + int(pc.index(valid, True).as_py())) if pc.any(valid).as_py() else None
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+    if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         return None
-    values = [(i, v.strip()) for i, v in enumerate(arr.to_pylist()) if v is not None and v.strip()][:SAMPLE]
+    arr, rows = _sample(arr)
+    if pa.types.is_integer(arr.type):
+        if len(arr) >= 5 and pc.min(arr).as_py() >= 100_000 and pc.count_distinct(arr).as_py() > 0.9 * len(arr):
+            return "record numbers", 1 + int(rows[0])
+        return None
+    values = [(int(rows[i]), v.strip()) for i, v in enumerate(arr.to_pylist()) if v.strip()]
     if not values:
         return None
     n_distinct = len({v for _, v in values})
