@@ -305,7 +305,9 @@ def make_private(
     planned_steps = epochs * steps_per_epoch
 
     client = ledger if ledger is not None else LedgerClient(run_dir)
-    project, dataset, row = resolve_target(client.budget(project), project, dataset)
+    # all of the caller's projects, so a project that is not theirs gets the list of theirs (the service
+    # would only say "forbidden")
+    project, dataset, row = resolve_target(client.budget(), project, dataset)
     if target_delta is None:
         target_delta = default_delta(row["delta_total"], n)
     noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,

@@ -1,0 +1,527 @@
+"""Private training through the real workspace: hub sign-in, a sandboxed kernel, real Opacus accounting on
+the published datasets, and the privacy ledger service outside the kernel.
+
+Tests that need a small budget or kill kernels run in a workspace of their own (``small``), where a
+steward sets the budgets with ``paitient ledger set-budget``; each of them uses its own dataset, so
+none depends on what another spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from opacus.accountants import PRVAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from paitient.config import load
+from paitient.dp.run import default_delta
+from paitient.ledger.service import process_start
+from paitient.ledger.store import Ledger
+from tests.e2e.workspace import PAITIENT, Workspace
+
+pytestmark = pytest.mark.e2e
+
+# Kernel-side helpers, run once in each kernel: load a published dataset as standardised tensors, and the
+# plain training loop of docs/privacy.md.
+PRELUDE = """
+import json, os, time
+import numpy as np, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from paitient import data, dp
+from paitient.ledger.client import LedgerClient
+
+TARGETS = {"breast_cancer": "target", "gbsg2": "cens", "diabetes": "progression"}
+
+def tabular(name):
+    df = data.load(name)
+    y = df[TARGETS[name]].to_numpy()
+    if name == "diabetes":
+        y = (y > np.median(y)).astype("int64")
+    x = df.drop(columns=[TARGETS[name]]).select_dtypes("number").to_numpy(dtype="float32")
+    sd = x.std(0)
+    x = (x - x.mean(0)) / np.where(sd > 0, sd, 1)
+    return TensorDataset(torch.tensor(x), torch.tensor(y, dtype=torch.int64))
+
+def train(run, pause=0.0, mark_at=None):
+    for epoch in range(run.epochs):
+        for xb, yb in run.data_loader:
+            run.optimizer.zero_grad()
+            run.criterion(run.model(xb), yb).backward()
+            run.optimizer.step()
+            if pause:
+                time.sleep(pause)
+            if run.steps == mark_at:
+                print("TRAINING", run.reservation, flush=True)
+print("ready")
+"""
+
+
+def cell_json(ws: Workspace, s, user: str, code: str, kernel: str, timeout: float = 180.0) -> dict:
+    out = ws.run_cell(s, user, code, kernel_id=kernel, timeout=timeout)
+    assert out.error is None, (out.error, out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def kernel_for(ws: Workspace, s, user: str) -> str:
+    kernel = ws.start_kernel(s, user)
+    out = ws.run_cell(s, user, PRELUDE, kernel_id=kernel, timeout=120)
+    assert out.error is None and out.stdout.strip() == "ready", (out.error, out.stderr[-2000:])
+    return kernel
+
+
+def signed_in(ws: Workspace, user: str):
+    s = ws.login(user)
+    ws.start_server(s, user)
+    return s
+
+
+def root_ledger(ws: Workspace) -> Ledger:
+    """The ledger's store read directly, as root (what stewards and the airlock see)."""
+    return Ledger(load(ws.site_file))
+
+
+def dataset_row(ledger: Ledger, project: str, dataset: str) -> dict:
+    return next(b for b in ledger.budget(project) if b["dataset"] == dataset)
+
+
+def set_budget(ws: Workspace, project: str, dataset: str, epsilon: float, delta: float = 1e-5) -> None:
+    r = subprocess.run([*PAITIENT, "ledger", "set-budget", *ws.args(), f"--project={project}",
+                        f"--dataset={dataset}", f"--epsilon={epsilon}", f"--delta={delta}", "--steward=sam"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker: str,
+                     timeout: float = 120.0) -> str:
+    """Send ``code`` to the kernel and return its output so far once ``marker`` appears; the cell runs on."""
+
+    async def run() -> str:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
+        url = ws.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel}/channels"
+        conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookie, **ws.xsrf_headers(s, user)}))
+        msg_id = uuid.uuid4().hex
+        conn.write_message(json.dumps({
+            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user,
+                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True},
+        }))
+        seen = ""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                raw = await asyncio.wait_for(conn.read_message(), timeout=max(0.1, deadline - time.monotonic()))
+                if raw is None:
+                    raise RuntimeError(f"kernel websocket closed; output so far: {seen!r}")
+                msg = json.loads(raw) if isinstance(raw, str) else {}
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                if msg["msg_type"] == "stream":
+                    seen += msg["content"]["text"]
+                    if marker in seen:
+                        return seen
+                elif msg["msg_type"] == "error":
+                    raise AssertionError(f"{msg['content']['ename']}: {msg['content']['evalue']}")
+                elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                    raise AssertionError(f"cell finished without {marker!r}: {seen!r}")
+        finally:
+            conn.close()
+        raise TimeoutError(f"no {marker!r} within {timeout}s: {seen!r}")
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A workspace of this module's own, for small budgets and killed kernels."""
+    root = Path(tempfile.mkdtemp(prefix="paitient-dp-e2e-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    ws = Workspace(root, prefix="ptd")
+    try:
+        ws.start()
+        yield ws
+    finally:
+        ws.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- 1. the record is the accountant's --------------------------------------------------------------------
+
+TRAIN_AND_SAVE = """
+ds = tabular("breast_cancer")
+torch.manual_seed(0)
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=64),
+                      target_epsilon=0.5, epochs=2, max_grad_norm=1.0, project="oncology",
+                      dataset="breast_cancer", criterion=nn.CrossEntropyLoss(), progress=False)
+train(run)
+path = os.path.join(os.environ["HOME"], "dp-e2e-model.safetensors")
+saved = dp.save_weights(run.model, path)
+accountant_epsilon = run.accountant.get_epsilon(delta=run.target_delta)
+mine = [r for r in LedgerClient().records("oncology", "breast_cancer") if r["id"] == run.reservation]
+print(json.dumps({"reservation": run.reservation, "accountant_epsilon": accountant_epsilon, "saved": saved,
+                  "path": path, "mode": run.mode, "rows": len(ds), "batches": len(run.data_loader),
+                  "seen_by_kernel": mine}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_record_holds_the_accountants_epsilon_and_the_weights_hash(workspace):
+    alice = signed_in(workspace, "alice")
+    got = cell_json(workspace, alice, "alice", TRAIN_AND_SAVE, kernel_for(workspace, alice, "alice"))
+    site = load(workspace.site_file)
+    run = root_ledger(workspace).run(got["reservation"])
+    assert run is not None and run["state"] == "settled" and run["username"] == "alice"
+    rec = run["record"]
+
+    # the ledger holds exactly what the kernel's PRV accountant reported, not more than was reserved
+    assert rec["epsilon"] == run["epsilon_spent"] == got["accountant_epsilon"]
+    assert 0.4 < rec["epsilon"] <= 0.5 == run["epsilon"]
+    # and that is what a fresh accountant says for the recorded noise, sample rate and steps
+    batches = got["batches"]
+    assert batches == -(-got["rows"] // 64) and rec["sample_rate"] == 1 / batches
+    assert rec["steps"] == rec["planned_steps"] == 2 * batches and rec["epochs"] == 2
+    assert rec["delta"] == run["delta_spent"] == default_delta(1e-5, got["rows"])
+    assert rec["noise_multiplier"] == get_noise_multiplier(
+        target_epsilon=0.5, target_delta=rec["delta"], sample_rate=rec["sample_rate"], steps=rec["steps"],
+        accountant="prv")
+    fresh = PRVAccountant()
+    fresh.history = [(rec["noise_multiplier"], rec["sample_rate"], rec["steps"])]
+    assert fresh.get_epsilon(delta=rec["delta"]) == pytest.approx(rec["epsilon"], rel=1e-9)
+
+    assert rec["mode"] == got["mode"] == "fast" and rec["accountant"] == "prv" and rec["max_grad_norm"] == 1.0
+    assert rec["model"] == "Linear" and rec["dataset"] == "breast_cancer"
+    manifest = json.loads((site.data_root / "oncology" / "breast_cancer" / "current" / "manifest.json").read_text())
+    assert rec["dataset_version"] == manifest["version"]
+
+    # the file save_weights wrote in alice's home hashes to the record's SHA-256
+    home = pwd.getpwnam(workspace.member("alice").account).pw_dir
+    assert got["path"].startswith(home + "/")
+    digest = hashlib.sha256(Path(got["path"]).read_bytes()).hexdigest()
+    assert digest == got["saved"] == rec["weights_sha256"] == run["weights_sha256"]
+    assert root_ledger(workspace).record_by_hash(digest)["id"] == got["reservation"]
+    # the ledger service shows the kernel its own run as stored, without process details
+    assert [r["record"] for r in got["seen_by_kernel"]] == [rec] and "pid" not in got["seen_by_kernel"][0]
+
+
+# -- 2. a budget that is used up refuses ------------------------------------------------------------------
+
+ASK = """
+ds = tabular("breast_cancer")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+try:
+    run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=64),
+                          target_epsilon={eps}, epochs={epochs}, max_grad_norm=1.0, project="oncology",
+                          dataset="breast_cancer", criterion=nn.CrossEntropyLoss(), progress=False)
+except dp.BudgetExceeded as e:
+    print(json.dumps({{"refused": str(e)}}))
+else:
+    {then}
+    print(json.dumps({{"refused": None, "reservation": run.reservation, "record": run.record}}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_budget_refused_when_exhausted(small):
+    set_budget(small, "oncology", "breast_cancer", 1.0)
+    alice = signed_in(small, "alice")
+    kernel = kernel_for(small, alice, "alice")
+    ledger = root_ledger(small)
+
+    too_much = cell_json(small, alice, "alice", ASK.format(eps=1.5, epochs=2, then="train(run)"), kernel)
+    assert too_much["refused"].startswith(
+        "privacy budget exceeded: epsilon 1.5 asked, but oncology/breast_cancer has 1 left of 1 "
+        "(0 spent, 0 reserved by running trainings)"), too_much
+    assert "ask a data steward for more budget" in too_much["refused"]
+    assert ledger.runs("oncology", "breast_cancer") == []  # refused before anything was reserved
+
+    first = cell_json(small, alice, "alice", ASK.format(eps=0.8, epochs=3, then="train(run)"), kernel)
+    assert first["refused"] is None
+    spent = first["record"]["epsilon_spent"]
+    assert 0.7 < spent <= 0.8
+
+    second = cell_json(small, alice, "alice", ASK.format(eps=0.5, epochs=2, then="train(run)"), kernel)
+    assert second["refused"] is not None and second["refused"].startswith(
+        f"privacy budget exceeded: epsilon 0.5 asked, but oncology/breast_cancer has {1.0 - spent:g} left of 1 "
+        f"({spent:g} spent, 0 reserved by running trainings)"), second
+
+    # what is left can still be used: the refusal is about the numbers, not a locked dataset
+    rest = cell_json(small, alice, "alice", ASK.format(eps=round(1.0 - spent - 0.01, 4), epochs=1,
+                                                       then="run.finish()"), kernel)
+    assert rest["refused"] is None and rest["record"]["epsilon_spent"] == 0.0  # no step, nothing spent
+    row = dataset_row(ledger, "oncology", "breast_cancer")
+    assert row["source"] == "steward" and row["epsilon_total"] == 1.0
+    assert row["epsilon_spent"] == spent and row["epsilon_reserved"] == 0.0 and row["runs"] == 2
+    assert [r["state"] for r in ledger.runs("oncology", "breast_cancer")] == ["settled", "settled"]
+
+
+# -- 3. concurrent reservations ---------------------------------------------------------------------------
+
+RACE = """
+ds = tabular("gbsg2")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+loader = DataLoader(ds, batch_size=64)
+while time.time() < {start}:
+    time.sleep(0.002)
+t0 = time.time()
+try:
+    run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), loader, target_epsilon=0.3,
+                          epochs=1, max_grad_norm=1.0, project="oncology", dataset="gbsg2",
+                          criterion=nn.CrossEntropyLoss(), progress=False)
+    out = {{"reservation": run.reservation, "refused": None}}
+except dp.BudgetExceeded as e:
+    run, out = None, {{"reservation": None, "refused": str(e)}}
+out.update(t0=t0, t1=time.time())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(400)
+def test_concurrent_reservations_never_exceed_the_budget(small):
+    set_budget(small, "oncology", "gbsg2", 1.0)
+    sessions = {user: signed_in(small, user) for user in ("alice", "carol")}
+    # two kernels each for alice and carol, both in oncology: four runs of 0.3 race for a budget of 1.0
+    kernels = [(user, kernel_for(small, sessions[user], user)) for user in ("alice", "carol", "alice", "carol")]
+    code = RACE.format(start=time.time() + 10)
+    with ThreadPoolExecutor(len(kernels)) as pool:
+        got = list(pool.map(lambda uk: cell_json(small, sessions[uk[0]], uk[0], code, uk[1]), kernels))
+
+    assert max(g["t0"] for g in got) < min(g["t1"] for g in got), got  # the calls overlapped in time
+    won = [(uk, g) for uk, g in zip(kernels, got, strict=True) if g["refused"] is None]
+    lost = [g for g in got if g["refused"] is not None]
+    assert len(won) == 3 and len(lost) == 1, got
+    # refused while the three others held their reservations, with the numbers
+    assert lost[0]["refused"].startswith(
+        "privacy budget exceeded: epsilon 0.3 asked, but oncology/gbsg2 has 0.1 left of 1 "
+        "(0 spent, 0.9 reserved by running trainings)"), lost
+    ledger = root_ledger(small)
+    row = dataset_row(ledger, "oncology", "gbsg2")
+    assert row["epsilon_reserved"] == pytest.approx(0.9) and row["epsilon_spent"] == 0.0
+    assert row["epsilon_reserved"] + row["epsilon_spent"] <= row["epsilon_total"]
+    assert {r["username"] for r in ledger.runs("oncology", "gbsg2")} <= {"alice", "carol"}
+
+    # the winners train and settle: what they spent is the accountants' and fits the budget
+    def finish(item):
+        (user, kernel), g = item
+        return cell_json(small, sessions[user], user, "train(run); print(json.dumps(run.record))", kernel)
+
+    with ThreadPoolExecutor(len(won)) as pool:
+        records = list(pool.map(finish, won))
+    assert {r["id"] for r in records} == {g["reservation"] for _, g in won}
+    row = dataset_row(ledger, "oncology", "gbsg2")
+    assert row["epsilon_reserved"] == 0.0 and row["runs"] == 3
+    assert row["epsilon_spent"] == pytest.approx(sum(r["epsilon_spent"] for r in records))
+    assert 0.6 < row["epsilon_spent"] <= 0.9 and row["epsilon_spent"] + row["epsilon_left"] == pytest.approx(1.0)
+
+
+# -- 4. a kernel that dies mid-training -------------------------------------------------------------------
+
+SLOW_TRAINING = """
+ds = tabular("diabetes")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=32),
+                      target_epsilon=2.0, epochs=50, max_grad_norm=1.0, project="cardiometabolic",
+                      dataset="diabetes", criterion=nn.CrossEntropyLoss(), progress=False)
+train(run, pause=0.05, mark_at=5)  # a slow model: the kill lands mid-training
+print("FINISHED")
+"""
+
+BUDGET_VIEW = """
+c = LedgerClient()
+print(json.dumps({"budget": c.budget("cardiometabolic"), "runs": c.records("cardiometabolic", "diabetes")}))
+"""
+
+
+def wait_gone(pid: int, start: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while process_start(pid) == start:
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["sigkill", "shutdown"])
+def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
+    bob = signed_in(small, "bob")
+    kernel = kernel_for(small, bob, "bob")
+    ledger = root_ledger(small)
+    before = dataset_row(ledger, "cardiometabolic", "diabetes")
+
+    seen = start_cell_until(small, bob, "bob", kernel, SLOW_TRAINING, "TRAINING")
+    reservation = seen.split("TRAINING", 1)[1].split()[0]
+    run = ledger.run(reservation)
+    assert run["state"] == "reserved" and run["epsilon"] == 2.0
+    # the ledger knows the kernel by its host pid (the kernel sees another pid in its namespace): bob's process
+    pid, start = run["pid"], run["pid_start"]
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+    assert int(uid) == small.member("bob").uid and process_start(pid) == start
+    assert "ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+    if how == "sigkill":
+        os.kill(pid, signal.SIGKILL)
+    else:
+        r = small.api(bob, "bob", "DELETE", f"kernels/{kernel}")
+        assert r.status_code == 204, r.text
+    wait_gone(pid, start)
+
+    # what bob's next kernel is told: the run is lost and counts in full, not the few steps it took
+    view = cell_json(small, bob, "bob", BUDGET_VIEW, kernel_for(small, bob, "bob"))
+    row = next(b for b in view["budget"]["projects"]["cardiometabolic"] if b["dataset"] == "diabetes")
+    mine = next(r for r in view["runs"] if r["id"] == reservation)
+    assert mine["state"] == "lost" and mine["epsilon_spent"] is None and mine["record"] is None
+    assert row["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + 2.0)
+    assert row["epsilon_left"] == pytest.approx(before["epsilon_left"] - 2.0)
+    assert row["epsilon_reserved"] == before["epsilon_reserved"] == 0.0
+    assert row == dataset_row(ledger, "cardiometabolic", "diabetes")
+
+
+# -- 5. a model that cannot be trained privately ----------------------------------------------------------
+
+BATCHNORM = """
+class Net(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.hidden = nn.Linear(d, 16)
+        self.norm = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.norm(self.hidden(x))))
+
+ds = tabular("breast_cancer")
+model = Net(ds.tensors[0].shape[1])
+dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=64),
+                target_epsilon=0.5, epochs=2, max_grad_norm=1.0, project="oncology", dataset="breast_cancer",
+                criterion=nn.CrossEntropyLoss(), progress=False)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_batchnorm_model_refused_with_the_layer_and_the_fix_nothing_reserved(workspace):
+    alice = signed_in(workspace, "alice")
+    kernel = kernel_for(workspace, alice, "alice")
+    ledger = root_ledger(workspace)
+    runs_before = ledger.runs("oncology")
+    out = workspace.run_cell(alice, "alice", BATCHNORM, kernel_id=kernel)
+    assert out.error is not None and out.error.startswith(
+        "DPModelError: this model cannot be trained with differential privacy as it is:"), out
+    assert "layer 'norm' (BatchNorm1d(16))" in out.error
+    assert "replace it with nn.LayerNorm(16) or nn.GroupNorm(8, 16)" in out.error
+    assert "not GroupNorm(16, 16)" in out.error and "paitient does not rewrite models" in out.error
+    # the model was left as it was, and the ledger holds no new run
+    check = workspace.run_cell(alice, "alice", "print(type(model.norm).__name__)", kernel_id=kernel)
+    assert check.stdout.strip() == "BatchNorm1d"
+    assert ledger.runs("oncology") == runs_before
+
+
+# -- 6. another project's budget --------------------------------------------------------------------------
+
+OTHER_PROJECT = """
+ds = tabular("diabetes")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+out = {"datasets": sorted(os.listdir("/data"))}
+try:
+    dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=32),
+                    target_epsilon=0.5, epochs=1, max_grad_norm=1.0, project="oncology",
+                    dataset="breast_cancer", progress=False)
+except ValueError as e:
+    out["make_private"] = str(e)
+# past make_private, straight to the ledger service: the service decides, from the socket's peer
+for op, call in (("reserve", lambda c: c.reserve("oncology", "breast_cancer", 0.1, 1e-7, run_id="x")),
+                 ("budget", lambda c: c.budget("oncology")),
+                 ("records", lambda c: c.records("oncology"))):
+    try:
+        out[op] = ["answered", call(LedgerClient())]
+    except dp.LedgerUnavailable as e:
+        out[op] = ["unavailable", str(e)]
+    except Exception as e:
+        out[op] = [getattr(e, "code", type(e).__name__), str(e)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_member_of_another_project_cannot_charge_its_budget(workspace):
+    bob = signed_in(workspace, "bob")
+    ledger = root_ledger(workspace)
+    before = (ledger.runs("oncology"), ledger.budget("oncology"))
+    got = cell_json(workspace, bob, "bob", OTHER_PROJECT, kernel_for(workspace, bob, "bob"))
+    assert got["datasets"] == ["cardiometabolic"]
+    assert got["make_private"] == "you are not a member of project 'oncology'; yours: cardiometabolic"
+    assert got["reserve"] == ["forbidden", "you are not a member of project 'oncology'; "
+                                           "a kernel can charge only its user's projects"]
+    for op in ("budget", "records"):
+        assert got[op] == ["forbidden", "you are not a member of project 'oncology'; "
+                                        "a kernel can use only its user's projects"], op
+    assert (ledger.runs("oncology"), ledger.budget("oncology")) == before
+
+
+# -- 7. the stewards' ledger page through the hub ---------------------------------------------------------
+
+SMALL_RUN = """
+ds = tabular("diabetes")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=64),
+                      target_epsilon=0.2, epochs=1, max_grad_norm=1.0, project="cardiometabolic",
+                      dataset="diabetes", criterion=nn.CrossEntropyLoss(), progress=False)
+train(run)
+print(json.dumps(run.record))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_stewards_ledger_page_through_the_hub(workspace):
+    carol = signed_in(workspace, "carol")
+    made = cell_json(workspace, carol, "carol", SMALL_RUN, kernel_for(workspace, carol, "carol"))
+    page_url = workspace.url + "services/ledger/"
+
+    sam = workspace.login("sam")  # the first visit runs the hub's OAuth for the service
+    page = sam.get(page_url, timeout=30)
+    assert page.status_code == 200 and page.url == page_url, page.text[-500:]
+    assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert "Signed in as sam" in page.text and "<script" not in page.text
+    assert "<h2>oncology</h2>" in page.text and "<h2>cardiometabolic</h2>" in page.text
+    assert (f"<td>carol</td><td>settled</td><td>0.2</td><td>{made['epsilon_spent']:.4g}</td><td>fast</td>"
+            f"<td>{made['record']['steps']}</td><td><code>{made['weights_sha256'][:16]}</code></td>"
+            f"<td>{made['id']}</td>") in page.text
+
+    api = sam.get(page_url + "api/budget", timeout=30)
+    assert api.status_code == 200 and api.headers["Content-Type"] == "application/json"
+    view = api.json()
+    assert view["user"] == "sam" and set(view["projects"]) == {"oncology", "cardiometabolic"}
+    ledger = root_ledger(workspace)
+    for project, data in view["projects"].items():
+        assert data["budget"] == ledger.budget(project)
+        assert [r["id"] for r in data["runs"]] == [r["id"] for r in ledger.runs(project)]
+    shown = next(r for r in view["projects"]["cardiometabolic"]["runs"] if r["id"] == made["id"])
+    assert shown["record"] == made["record"] and shown["username"] == "carol" and "pid" not in shown
+
+    # researchers, even members of the projects, are not stewards; without a session there is nothing
+    for user, s in (("alice", workspace.login("alice")), ("carol", carol)):
+        denied = s.get(page_url, timeout=30)
+        assert denied.status_code == 403 and "not allowed" in denied.text and made["id"] not in denied.text, user
+        denied = s.get(page_url + "api/budget", timeout=30)
+        assert denied.status_code == 403 and denied.json() == {"error": "Forbidden", "status": 403}, user
+    anonymous = requests.get(page_url + "api/budget", timeout=30)
+    assert anonymous.status_code == 403 and made["id"] not in anonymous.text
+    assert "/hub/login" in requests.get(page_url, timeout=30).url
