@@ -165,8 +165,9 @@ Model.__init__ = _init
 def test_sandbox_command_drops_privileges_then_uses_the_kernel_policy():
     argv = sandbox_argv(uid=65534, gid=65534, scratch="/tmp/s", job_dir="/tmp/s/job", prefix="/opt/venv",
                         python="/opt/venv/bin/python", limits=Limits(memory_mb=512), seccomp_fd=7)
-    assert argv[:5] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs"]
-    assert argv[5].endswith("prlimit") and "--data=536870912:536870912" in argv
+    assert argv[:6] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs",
+                        "--pdeathsig=KILL"]
+    assert argv[6].endswith("prlimit") and "--data=536870912:536870912" in argv
     b = argv.index("/usr/bin/bwrap")
     assert {"--unshare-all", "--disable-userns", "--clearenv"} <= set(argv[b:])
     assert argv[argv.index("--seccomp") + 1] == "7"

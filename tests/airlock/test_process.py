@@ -184,3 +184,80 @@ def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(
             http.client.HTTPConnection("127.0.0.1", port, timeout=5).request("GET", "/services/airlock/")
     finally:
         assert _stop(proc) == 0
+
+
+SLOW_MODEL = '''
+import time
+import torch
+class Model(torch.nn.Module):
+    def __init__(self, d=30):
+        super().__init__()
+        time.sleep(6)
+        self.lin = torch.nn.Linear(d, 2)
+    def forward(self, x):
+        return self.lin(x)
+'''
+
+
+@pytest.mark.e2e
+def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp, make_system_user):
+    from safetensors.torch import save
+
+    from paitient.airlock.service import free_port
+    from paitient.registry import Registry
+    from tests.airlock.helpers import breast_cancer, publish
+
+    state = world_tmp / "state"
+    state.mkdir(mode=0o755)
+    site_file = world_tmp / "site.toml"
+    site_file.write_text(SITE_TOML.format(state=state))
+    publish(load(site_file), "oncology", "breast_cancer", breast_cancer())
+    alice = make_system_user("alice")
+    register(Registry.for_state_dir(state), "alice", alice.pw_uid, projects=["oncology"])
+    ns: dict = {}
+    exec(SLOW_MODEL, ns)  # noqa: S102 - the test's own model
+    weights = give(Path(alice.pw_dir) / "m.safetensors", save(ns["Model"]().state_dict()), alice.pw_uid)
+    port = free_port()
+    proc = _start(site_file, state, port)
+    store = Store(state / "airlock")
+    try:
+        code = f"""
+            import json
+            from paitient import airlock
+            print(json.dumps(airlock.request({str(weights)!r}, kind="weights", justification="model",
+                  model_source={SLOW_MODEL!r}, target="target", dataset="breast_cancer",
+                  split={{"holdout": 0.3, "seed": 0}})))
+        """
+        out = run_as(alice.pw_uid, code, state / "run", cwd=weights.parent)
+        assert out.returncode == 0, out.stderr
+        rid = json.loads(out.stdout.splitlines()[-1])
+        deadline = time.monotonic() + 30
+        scratch = state / "airlock-audit"
+        while not subprocess.run(["pgrep", "-f", f"{scratch}/.*worker.py"], capture_output=True).stdout:
+            assert time.monotonic() < deadline, store.get(rid).state  # wait for the sandboxed worker
+            time.sleep(0.1)
+        time.sleep(1)  # now inside the model's constructor
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        proc.wait(timeout=30)
+    assert store.get(rid).state == "checking"
+    (left,) = [p.parent.parent for p in scratch.glob("*/job/data.parquet")]  # the crash left dataset columns
+    time.sleep(1)
+    left_pids = subprocess.run(["pgrep", "-f", str(scratch)], capture_output=True, text=True).stdout.split()
+    assert left_pids == [], subprocess.run(["ps", "-o", "pid,ppid,stat,etime,cmd", "-p", ",".join(left_pids)],
+                                           capture_output=True, text=True).stdout  # the sandbox died too
+
+    proc = _start(site_file, state, port)
+    try:
+        assert not left.exists()  # removed at start, before any new audit
+        deadline = time.monotonic() + 120
+        while store.get(rid).state != "in_review":
+            assert time.monotonic() < deadline, store.get(rid).state
+            time.sleep(0.2)
+    finally:
+        assert _stop(proc) == 0
+    reruns = [e.data["rerun"] for e in store.events(rid, "state") if e.data["to"] == "checking"]
+    assert reruns == [False, True]
+    checks = {c["check"]: c["status"] for c in store.checks(rid)}
+    assert checks["membership_inference"] == "pass" and checks["training_record"] == "fail"
+    assert not any(scratch.iterdir())

@@ -56,6 +56,8 @@ class CheckContext:
     audit_account: str = "nobody"
     audit_timeout: float = 600.0
     audit_memory_mb: int = 4096
+    audit_work_root: str | None = None
+    """Where the audits' scratch folders go (see :func:`paitient.airlock.mia.prepare_work_root`)."""
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -158,5 +160,6 @@ def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx
         return result("membership_inference", "fail", f"the audit cannot run: {e}")
     limits = mia.Limits(memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256,
                         cpu_seconds=int(ctx.audit_timeout) + 1)
-    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits)
+    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits,
+                           work_root=ctx.audit_work_root)
     return mia.judge(answer, max_auc=ctx.mia_max_auc, max_advantage=ctx.mia_max_advantage)

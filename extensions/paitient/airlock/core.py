@@ -20,6 +20,7 @@ from typing import Any
 
 from paitient.airlock import states
 from paitient.airlock.checks import CheckContext, load_published, run_checks
+from paitient.airlock.mia import prepare_work_root
 from paitient.airlock.published import PublishedIndex
 from paitient.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.airlock.store import Request, Store, StoreError
@@ -53,6 +54,7 @@ class Airlock:
         self._emit = emit
         self._lookup_run = lookup_run
         self.published = PublishedIndex(site.data_root)
+        self.audit_work_root = site.state_dir / "airlock-audit"
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -98,7 +100,7 @@ class Airlock:
             load_dataset=self._load_dataset, published=self.published.files,
             mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
             audit_account=s.audit_account, audit_timeout=s.audit_timeout,
-            audit_memory_mb=self.site.sandbox.memory_mb,
+            audit_memory_mb=self.site.sandbox.memory_mb, audit_work_root=str(self.audit_work_root),
         )
 
     def _load_dataset(self, project: str, dataset: str, version: Any):
@@ -228,6 +230,7 @@ class Airlock:
 
     def start(self) -> None:
         """Start the check worker and re-queue everything a restart interrupted."""
+        prepare_work_root(self.audit_work_root)
         self._worker = threading.Thread(target=self._work, name="airlock-checks", daemon=True)
         self._worker.start()
         for req in reversed(self.store.list(states_=[states.SUBMITTED, states.CHECKING])):

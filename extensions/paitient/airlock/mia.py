@@ -49,6 +49,9 @@ def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, prefix: str,
                  limits: Limits, seccomp_fd: int | None) -> list[str]:
     """The command that runs the worker: privileges dropped, rlimits set, then the kernels' bubblewrap policy.
 
+    ``--pdeathsig=KILL`` (kept through the exec of prlimit and bwrap) ends the sandbox when the service dies,
+    and bwrap's ``--die-with-parent`` ends what runs inside it.
+
     The policy is the one every kernel gets (:mod:`paitient.sandbox.policy`): all namespaces unshared,
     no capabilities, the seccomp filter, a minimal /etc, read-only system and Python. Its home is an empty
     scratch folder (the account's only writable place, removed afterwards); its service-socket folder is
@@ -62,18 +65,30 @@ def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, prefix: str,
         cwd=job_dir, hostname="airlock-audit",
     )
     return [
-        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--pdeathsig=KILL",
         *prlimit_argv(limits), *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
         python, "-I", os.path.join(job_dir, "worker.py"), os.path.join(job_dir, "job.json"),
     ]
 
 
+def prepare_work_root(path: str | os.PathLike[str]) -> Path:
+    """The folder the audits' scratch folders go in (0711 root: the audit account can traverse it, not list
+    it), emptied of what an audit interrupted by a crash left behind (a copy of dataset columns)."""
+    root = Path(path)
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chown(root, 0, 0)
+    os.chmod(root, 0o711)
+    for stale in root.iterdir():
+        shutil.rmtree(stale, ignore_errors=True)
+    return root
+
+
 def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0,
-              limits: Limits | None = None) -> dict[str, Any]:
+              limits: Limits | None = None, work_root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the audit in the sandbox; return the worker's numbers or ``{"error": ...}``."""
     pw = pwd.getpwnam(account)
     limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
-    scratch = Path(tempfile.mkdtemp(prefix="paitient-audit-"))
+    scratch = Path(tempfile.mkdtemp(prefix="audit-" if work_root else "paitient-audit-", dir=work_root))
     seccomp_fd = None
     try:
         os.chown(scratch, pw.pw_uid, pw.pw_gid)
