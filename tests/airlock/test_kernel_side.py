@@ -164,3 +164,22 @@ def test_model_source_from_a_notebook_cell():
     ns: dict = {}
     exec(source, ns)  # noqa: S102 - the source the airlock would run in its sandbox
     assert ns["Tiny"](3).lin.in_features == 3
+
+
+def test_many_kernels_submitting_at_once(channel, airlock, root_user, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(16):
+        p = tmp_path / f"t{i}.csv"
+        p.write_bytes(f"stage,n\nI,{100 + i}\nII,{50 + i}\n".encode())
+        paths.append(p)
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda p: request(p, kind="table", justification=p.name, project="cardio"), paths))
+    airlock.wait_idle()
+    assert len(set(ids)) == 16
+    stored = {r.id: r for r in airlock.store.list()}
+    assert set(stored) == set(ids) and {r.state for r in stored.values()} == {"in_review"}
+    # each request holds its own file
+    for rid, p in zip(ids, paths, strict=True):
+        assert airlock.store.read_blob(stored[rid].sha256) == p.read_bytes() and stored[rid].justification == p.name
