@@ -282,3 +282,18 @@ def test_a_csv_larger_than_one_read_block(site, tmp_path):
     assert t.num_rows == n and pub.manifest["patients"] == 7000
     got = t.slice(n - 1).to_pylist()[0]
     assert got["score"] == (n - 1) / 10 and got["patient"] == t.column("patient")[(n - 1) % 7000].as_py()
+
+
+def test_k_counts_a_patient_once_when_the_source_dictionary_holds_the_id_twice(site, tmp_path):
+    import pyarrow as pa
+
+    mrn = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array(["000101", "000101"]))
+    table = pa.table({"mrn": mrn, "age": [34, 36]})
+    spec = make_spec(tmp_path / "t.parquet", {"mrn": "pseudonym", "age": {
+        "action": "generalise", "method": "age_band", "width": 50}}, patient_id="mrn", quasi_identifiers=["age"])
+    master = keys.load_master_key(site)
+    with pytest.raises(IngestRefused) as e:  # one patient in the group, not two
+        ing.transform(site, spec, table, master)
+    assert "k-anonymity 1 is below the minimum 2" in str(e.value)
+    ok = ing.transform(site, replace(spec, quasi_identifiers=[]), table, master)
+    assert ok.info["patients"] == 1 and ok.table.column("mrn")[0] == ok.table.column("mrn")[1]

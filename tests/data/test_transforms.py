@@ -175,3 +175,18 @@ def test_a_pseudonym_collision_is_refused_not_published():
     with pytest.raises(ColumnError) as e:
         tf.pseudonyms_by_code(codes, values, KEY_A, column="mrn", precomputed=d)
     assert e.value.column == "mrn" and "two identifiers got the same pseudonym" in str(e.value)
+
+
+def test_a_dictionary_holding_an_identifier_twice_still_gives_one_code_and_pseudonym():
+    # Parquet text columns arrive as dictionaries whose values are taken as distinct and then proven so by
+    # their digests; a dictionary that holds a value twice must be merged, not counted as two patients.
+    dup = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 0, None], pa.int32()),
+                                         pa.array(["000101", "000102", "000101"]))
+    codes, values, d = tf.hashed_identifiers(dup, KEY_A)
+    assert sorted(values.to_pylist()) == ["000101", "000102"] and codes[0] == codes[2] == codes[3] != codes[1]
+    assert codes[4] == -1 and len(d) == 2
+    assert plain(tf.pseudonymise(dup, KEY_A)) == plain(tf.pseudonymise(pa.array(
+        ["000101", "000102", "000101", "000101", None]), KEY_A))
+    clean = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), pa.array(["000102", "000101"]))
+    codes, values, _ = tf.hashed_identifiers(clean, KEY_A)
+    assert values.to_pylist() == ["000102", "000101"] and codes.tolist() == [1, 0, 1]  # taken as it is

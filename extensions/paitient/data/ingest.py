@@ -94,9 +94,8 @@ def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.n
     if rule.action == "pseudonym":
         if patient is not None and col == patient_col:
             return tf.pseudonyms_by_code(patient[0], patient[1], pkey, domain=p["domain"], prefix=p["prefix"],
-                                         column=col, precomputed=patient_digests)
-        codes, values = tf.identifier_codes(arr)
-        return tf.pseudonyms_by_code(codes, values, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
+                                         column=col, precomputed=None if p["domain"] else patient_digests)
+        return tf.pseudonymise(arr, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
     if rule.action == "date_shift":
         dates = tf.parse_dates(arr, col, p["format"])
         if patient is None or offsets is None:  # parse_spec requires patient_id for date_shift
@@ -147,8 +146,8 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     problems = _undeclared(spec, table) if spec.strict else []
     patient = offsets = digests = None
     if spec.patient_id:
-        patient = tf.identifier_codes(table.column(spec.patient_id))
-        digests = tf.digests(patient[1], pkey)
+        pcodes, pvalues, digests = tf.hashed_identifiers(table.column(spec.patient_id), pkey)
+        patient = (pcodes, pvalues)
         offsets = tf.row_offsets(patient[0], tf.shifts_from_digests(digests, site.workspace.date_shift_days))
     out_cols: dict[str, pa.Array | pa.ChunkedArray] = {}
     described = []

@@ -88,18 +88,47 @@ def _clean_text(values: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(values, ""), pa.scalar(None, values.type), values)
 
 
-def identifier_codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+def identifier_codes(arr: pa.Array | pa.ChunkedArray, *, trust_distinct: bool = False) -> tuple[np.ndarray, pa.Array]:
     """The identifiers' text form (trimmed; empty counts as missing) as codes into distinct values.
 
     Codes are -1 where the identifier is missing. Only distinct values are cleaned, not every row.
+    ``trust_distinct``: take a dictionary's values as distinct without checking; only for a caller that
+    proves it afterwards (:func:`hashed_identifiers` does, by the digests).
     """
-    codes, values = _codes(arr)
-    if pa.types.is_dictionary(_single(arr).type):  # a dictionary read from a file may hold unused values
-        used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0
-        if not used.all():
+    arr = _single(arr)
+    if not pa.types.is_dictionary(arr.type):
+        codes, values = _codes(arr)
+    else:
+        codes, values = _indices(arr), arr.dictionary
+        if not trust_distinct:
+            codes, values = _recode(codes, values)
+        used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0  # a file's dictionary may hold
+        if not used.all():                                                # values no row uses
             codes = np.where(codes < 0, -1, _take(np.cumsum(used) - 1, codes))
             values = values.filter(pa.array(used))
     return _recode(codes, _clean_text(values), values)
+
+
+def _repeats(d: np.ndarray) -> bool:
+    """Whether two digests share their first 64 bits (equal values always do)."""
+    head = np.sort(np.ascontiguousarray(d[:, :8]).view("<u8").reshape(-1))
+    return bool((head[1:] == head[:-1]).any())
+
+
+def hashed_identifiers(arr: pa.Array | pa.ChunkedArray, key: bytes) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """:func:`identifier_codes` and the :func:`digests` of the distinct values under ``key``.
+
+    A dictionary's values (text columns of a Parquet source) are taken as distinct and then proven so:
+    equal values have equal digests, so when no two digests share their first 64 bits, no two values are
+    equal. Otherwise (a dictionary holding a value twice, or a 64-bit clash) the values are merged the
+    careful way and hashed again.
+    """
+    codes, values = identifier_codes(arr, trust_distinct=True)
+    d = digests(values, key)
+    if _repeats(d):
+        codes, values = identifier_codes(arr)
+        d = digests(values, key)
+    return codes, values, d
 
 
 def digests(values: list[str] | pa.Array, key: bytes) -> np.ndarray:
@@ -156,19 +185,18 @@ def pseudonym_strings(values: list[str] | pa.Array, key: bytes, prefix: str = "P
 def pseudonymise(arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "", prefix: str = "P-",
                  column: str = "") -> pa.Array:
     """Replace each identifier by its pseudonym; missing stays missing."""
-    codes, values = identifier_codes(arr)
-    return pseudonyms_by_code(codes, values, key, domain=domain, prefix=prefix, column=column)
+    codes, values, d = hashed_identifiers(arr, domain_key(key, domain))
+    return pseudonyms_by_code(codes, values, key, domain=domain, prefix=prefix, column=column, precomputed=d)
 
 
 def pseudonyms_by_code(codes: np.ndarray, values: pa.Array, key: bytes, *, domain: str = "",
                        prefix: str = "P-", column: str = "", precomputed: np.ndarray | None = None) -> pa.Array:
     """:func:`pseudonymise` for identifiers already split by :func:`identifier_codes` (dictionary-encoded).
 
-    ``precomputed``: the values' :func:`digests` under the project key, reused for the default domain.
+    ``precomputed``: the values' :func:`digests` under ``domain_key(key, domain)``, if already made.
     """
-    d = precomputed if precomputed is not None and not domain else digests(values, domain_key(key, domain))
-    head = np.sort(np.ascontiguousarray(d[:, :8]).view("<u8").reshape(-1))
-    if (head[1:] == head[:-1]).any():  # an 80-bit collision: never seen, but never silent
+    d = precomputed if precomputed is not None else digests(values, domain_key(key, domain))
+    if _repeats(d):  # an 80-bit collision: never seen, but never silent
         table = encode_pseudonyms(d, prefix)
         if pc.count_distinct(table).as_py() != len(values):
             raise ColumnError(column, "two identifiers got the same pseudonym; report this, it should never happen")
