@@ -1,0 +1,33 @@
+"""A researcher's first minutes in the locked-down JupyterLab, in the system Chromium."""
+
+import pytest
+
+from tests.server.harness import UserServer, make_site, publish
+
+pytestmark = pytest.mark.browser
+
+
+def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system_user):
+    from playwright.sync_api import sync_playwright
+
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "tumour,size\nA,2.5\n")
+    user = make_system_user("ui")
+    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            failures: list[str] = []
+            page.on("console", lambda m: failures.append(m.text) if "activat" in m.text else None)
+            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
+            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=30_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
+            page.click(".jp-Notebook .jp-Cell .cm-content")
+            page.keyboard.type("import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')")
+            page.keyboard.press("Shift+Enter")
+            table = page.wait_for_selector(".jp-OutputArea-output table", timeout=60_000)
+            assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
+            assert failures == []
+        finally:
+            browser.close()
