@@ -15,14 +15,18 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from paitient.registry import Registry
 from tests.server.harness import UserServer, make_site, publish
 
 PRELUDE = r'''
@@ -170,6 +174,24 @@ def _plant_secrets(root: Path, site) -> dict[str, Path]:
     return out
 
 
+@contextlib.contextmanager
+def audit_service(site):
+    """The real audit service (root) on the site's run dir; stopped by its pid."""
+    sock = site.run_dir / "audit.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
+                             f"--state-dir={site.state_dir}"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the audit service did not start")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
 @pytest.fixture(scope="session")
 def world():
     root = Path(tempfile.mkdtemp(prefix="pta-", dir="/tmp"))
@@ -201,7 +223,10 @@ def world():
             server_a = UserServer(site, alice, ("onc",), root,
                                   extra_env={"JUPYTERHUB_API_TOKEN": "hub-token-secret-a"})
             server_b = UserServer(site, bob, ("card",), root)
-            with server_a, server_b:
+            registry = Registry.for_state_dir(site.state_dir)
+            registry.put(server_a.member)
+            registry.put(server_b.member)
+            with audit_service(site), server_a, server_b:
                 yield World(root, site, alice, bob, server_a, server_b, listeners, secrets,
                             root / "state" / "hub" / "hub.sock")
     finally:

@@ -98,3 +98,38 @@ def test_kernel_sockets_of_another_user_are_not_visible(world, alice_kernel):
     runtime = f"{world.bob.pw_dir}/.local/share/jupyter/runtime"
     out = alice_kernel.attempt(f"os.listdir({runtime!r})")
     assert out["errno"] == "ENOENT", out
+
+
+def test_outside_ipv6_address_is_unreachable(alice_kernel):
+    out = alice_kernel.attempt("socket.create_connection(('2001:db8::1', 443), timeout=5)")
+    assert out["errno"] == "ENETUNREACH", out
+
+
+def _audit(alice_kernel, world, **args):
+    return alice_kernel.attempt(
+        f"__import__('paitient.channel', fromlist=['call']).call({str(world.site.run_dir / 'audit.sock')!r}, "
+        f"'record', {args!r})"
+    )
+
+
+def test_service_socket_names_the_kernel_by_its_uid_not_by_its_claim(world, alice_kernel):
+    out = _audit(alice_kernel, world, action="cell.execute", object="k", actor="bob")
+    assert out["type"] == "ChannelError" and "actor comes from your connection" in out["msg"], out
+    out = _audit(alice_kernel, world, action="cell.execute", object="k", details={"user": "bob"})
+    assert out["type"] == "ChannelError" and "only yourself" in out["msg"], out
+    out = _audit(alice_kernel, world, action="airlock.decision", object="r1")
+    assert out["type"] == "ChannelError" and "may not be reported" in out["msg"], out
+
+
+def test_what_a_kernel_reports_is_recorded_as_its_user_from_a_sandbox(world, alice_kernel):
+    import json
+
+    from paitient.audit.writer import trail_files
+
+    out = _audit(alice_kernel, world, action="cell.execute", object="forged-by-kernel", details={"code": "x"})
+    assert out["ok"], out
+    recs = [json.loads(line) for _, path in trail_files(world.site.state_dir / "audit")
+            for line in path.read_bytes().splitlines()]
+    mine = [r for r in recs if r["object"] == "forged-by-kernel"]
+    assert len(mine) == 1 and mine[0]["actor"] == world.alice.pw_name
+    assert mine[0]["details"]["peer"]["origin"] == "namespaced"  # marked as coming from inside a sandbox
