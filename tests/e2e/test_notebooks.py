@@ -5,6 +5,7 @@ requests that passed their automatic checks."""
 from __future__ import annotations
 
 import hashlib
+import json
 import pwd
 import time
 from dataclasses import dataclass, field
@@ -24,16 +25,25 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = ("01-explore-data.ipynb", "02-train-with-differential-privacy.ipynb", "03-request-export.ipynb")
 
 
-def code_cells(name: str) -> list[str]:
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    return [c.source for c in notebook.cells if c.cell_type == "code"]
+def upload(ws: Workspace, s, user: str, name: str) -> list[str]:
+    """Put the notebook into the user's home through the server's contents API, as JupyterLab's upload
+    button does, and read it back from there: the code cells the researcher would run."""
+    body = {"type": "notebook", "format": "json", "content": json.loads((NOTEBOOKS / name).read_text())}
+    r = ws.api(s, user, "PUT", f"contents/{name}", json=body)
+    assert r.status_code in (200, 201), r.text[:500]
+    r = ws.api(s, user, "GET", f"contents/{name}?content=1")
+    assert r.status_code == 200 and r.json()["type"] == "notebook", r.text[:500]
+    return ["".join(c["source"]) for c in r.json()["content"]["cells"] if c["cell_type"] == "code"]
 
 
 def run_notebook(ws: Workspace, s, user: str, name: str) -> list[CellResult]:
     """Every code cell in order on one fresh kernel, as JupyterLab's "Run All" does; stop at the first error."""
+    cells = upload(ws, s, user, name)
+    expected = [c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells if c.cell_type == "code"]
+    assert cells == expected
     kernel = ws.start_kernel(s, user)
     results = []
-    for i, code in enumerate(code_cells(name)):
+    for i, code in enumerate(cells):
         result = ws.run_cell(s, user, code, kernel_id=kernel, timeout=300)
         assert result.error is None, f"{name}, code cell {i + 1} failed: {result.error}\n{result.stderr}\n{code}"
         results.append(result)
@@ -91,6 +101,8 @@ def test_explore_saves_a_figure_in_the_home(ran):
     assert outputs_of(cells[0], "application/vnd.jupyter.widget-view+json"), "the catalogue is a widget"
     assert cells[1].stdout.strip() == "(569, 35)"
     assert "mean radius" in cells[2].result and "All" in cells[3].result
+    for name in NAMES:  # the uploaded notebooks are in the home, alice's own files
+        assert (ran.home / name).stat().st_uid == ran.uid
     figure = ran.home / "figures" / "radius_by_diagnosis.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
     assert figure.stat().st_uid == ran.uid  # written by alice's own account, in her home
