@@ -24,6 +24,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Dict, Int, List, Unicode, default
 
 import paitient
+from paitient.audit import client
 from paitient.sandbox.policy import (
     Limits,
     PolicyError,
@@ -139,7 +140,7 @@ class SandboxProvisioner(LocalProvisioner):
         km = self.parent
         if km is not None:
             # The kernel has no network: ZMQ must run over unix sockets next to the connection file.
-            # Socket paths are short (a unix socket path has at most 107 bytes): <runtime>/k<id[:8]>-<n>.
+            # Socket paths are short (a unix socket path has at most 107 bytes): <runtime>/k<id[:8]>/k-<n>.
             km.transport = "ipc"
             km.ip = ipc_prefix(km.connection_file, str(self.kernel_id or km.kernel_id or "kernel"))
             os.makedirs(os.path.dirname(km.ip), mode=0o700, exist_ok=True)
@@ -150,9 +151,9 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         km = self.parent
-        connection_file = km.connection_file if km is not None else kwargs["connection_file"]
-        kernel_dir = os.path.dirname(km.ip) if km is not None and km.transport == "ipc" else ""
-        policy = self.policy(connection_file, kwargs.get("cwd"), kernel_dir)
+        kernel_dir = os.path.dirname(km.ip) if km.transport == "ipc" else ""
+        # Resolving the dataset versions touches the filesystem: off the event loop.
+        policy = await asyncio.to_thread(self.policy, km.connection_file, kwargs.get("cwd"), kernel_dir)
         seccomp_fd = _seccomp_fd() if self.seccomp else None
         argv = [
             *prlimit_argv(self.limits(), self.prlimit_path),
@@ -189,11 +190,6 @@ class SandboxProvisioner(LocalProvisioner):
 
     async def _audit(self, action: str, details: dict[str, Any]) -> None:
         if not self.run_dir:
-            return
-        try:
-            from paitient.audit import client
-        except ImportError:
-            self.log.warning("audit client not available; %s of %s not recorded", action, self.kernel_id)
             return
         try:
             await asyncio.to_thread(
