@@ -54,7 +54,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
         try:
-            channel, header, content = self._peek_incoming(incoming_msg)
+            _channel, header, content = self._peek_incoming(incoming_msg)
         except Exception:
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
