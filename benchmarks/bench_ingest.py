@@ -118,8 +118,11 @@ def main() -> None:
         rc = statistics.median(b[1] / a[1] for a, b in zip(floor, full, strict=True))
         print(f"ratio ingest / floor: wall {rw:.2f}x, cpu {rc:.2f}x   (goal: >= 1M rows/s and <= 2x)")
         w, c = statistics.median(r[0] for r in full), statistics.median(r[1] for r in full)
-        met = args.rows / max(w, c) >= 1e6 and max(rw, rc) <= 2
-        print(f"goal {'met' if met else 'NOT met'} (on the slower of wall and cpu)")
+        verdict = {k: "met" if args.rows / t >= 1e6 and r <= 2 else "NOT met" for k, t, r in
+                   (("cpu", c, rc), ("wall", w, rw))}
+        load = os.getloadavg()[0]
+        print(f"goal on cpu time: {verdict['cpu']}; on wall time: {verdict['wall']} "
+              f"(load average {load:.1f} on {os.cpu_count()} CPUs: other work slows wall time)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

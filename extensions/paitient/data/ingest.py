@@ -100,10 +100,12 @@ def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.n
         dates = tf.parse_dates(arr, col, p["format"])
         if patient is None or offsets is None:  # parse_spec requires patient_id for date_shift
             raise ColumnError(col, "date_shift needs patient_id = <column> in the spec")
-        missing = pc.and_(pc.is_valid(dates), pa.array(patient[0] < 0)).to_numpy(zero_copy_only=False)
-        if missing.any():
-            raise ColumnError(col, "has a date but the patient id is missing, so it cannot be shifted; "
-                              "fill in the patient id or drop the row", int(np.argmax(missing)) + 1)
+        unknown = patient[0] < 0
+        if unknown.any():
+            missing = pc.and_(pc.is_valid(dates), pa.array(unknown)).to_numpy(zero_copy_only=False)
+            if missing.any():
+                raise ColumnError(col, "has a date but the patient id is missing, so it cannot be shifted; "
+                                  "fill in the patient id or drop the row", int(np.argmax(missing)) + 1)
         return tf.shift_dates(dates, offsets, col)
     if rule.action == "keep":
         return _typed(arr, col, p.get("type", ""))
