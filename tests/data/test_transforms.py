@@ -190,3 +190,6 @@ def test_a_dictionary_holding_an_identifier_twice_still_gives_one_code_and_pseud
     clean = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), pa.array(["000102", "000101"]))
     codes, values, _ = tf.hashed_identifiers(clean, KEY_A)
     assert values.to_pylist() == ["000102", "000101"] and codes.tolist() == [1, 0, 1]  # taken as it is
+    holes = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 0, 3], pa.int32()), pa.array(["a", None, " b", ""]))
+    codes, values, _ = tf.hashed_identifiers(holes, KEY_A)  # missing and empty values inside the dictionary
+    assert codes.tolist() == [0, -1, 1, 0, -1] and values.to_pylist() == ["a", "b"]

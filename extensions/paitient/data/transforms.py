@@ -100,7 +100,7 @@ def identifier_codes(arr: pa.Array | pa.ChunkedArray, *, trust_distinct: bool = 
         codes, values = _codes(arr)
     else:
         codes, values = _indices(arr), arr.dictionary
-        if not trust_distinct:
+        if not trust_distinct or values.null_count:  # a missing value inside the dictionary: the careful way
             codes, values = _recode(codes, values)
         used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0  # a file's dictionary may hold
         if not used.all():                                                # values no row uses
