@@ -7,7 +7,10 @@ socket under ``<state_dir>/run`` for kernels and user servers, and some a web pa
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import signal
 
 from traitlets import Unicode
 
@@ -18,6 +21,19 @@ SERVICES = {
     "audit": "paitient.audit.service",
     "airlock": "paitient.airlock.service",
 }
+
+
+def die_with_parent() -> None:
+    """End this service when the process that started it (the hub) ends, however it ends.
+
+    A hub that is killed cannot stop its managed services; without this they would outlive it and hold
+    their sockets. A service started by hand from a shell ends with that shell.
+    """
+    parent = os.getppid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        raise SystemExit("paitient service: the process that started this service has ended")
 
 
 def socket_path(site, name: str):
@@ -39,6 +55,7 @@ class ServiceCommand(PaitientCommand):
         if self.service not in SERVICES:
             self.fail(f"name a service: paitient service {{{','.join(SERVICES)}}}")
         self.require_root()
+        die_with_parent()
         site = self.load_site()
         module = importlib.import_module(SERVICES[self.service])
         module.serve(site, self.log)
