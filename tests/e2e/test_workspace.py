@@ -22,6 +22,13 @@ def operator(ws):
     return f"http://127.0.0.1:{running.hub_port}/", token
 
 
+def services_of(ws) -> list[str]:
+    """pids of the root-side services (ledger, audit, airlock) of this workspace."""
+    out = subprocess.run(["pgrep", "-f", f"paitient.cli service .*--state-dir={ws.state_dir}"],
+                         capture_output=True, text=True).stdout.split()
+    return out
+
+
 def test_up_prints_ready_line_and_demo_accounts(workspace):
     text = "".join(workspace.output)
     assert f"paitient: workspace ready at {workspace.url}" in text
@@ -121,7 +128,9 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
                             capture_output=True, text=True).stdout.split()
     running = Running.read(HubPaths(ws.state_dir).up_file)
     old_hub = running.pids["hub"]
-    os.kill(old_hub, 15)
+    old_services = services_of(ws)
+    assert len(old_services) == 3
+    os.kill(old_hub, 9)  # the hardest way to lose the hub: no chance to clean up
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         running = Running.read(HubPaths(ws.state_dir).up_file)
@@ -137,6 +146,14 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
     after = subprocess.run(["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"],
                            capture_output=True, text=True).stdout.split()
     assert before and before == after
+    # the services of the killed hub ended with it; the new hub runs its own
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        new_services = services_of(ws)
+        if len(new_services) == 3 and not set(old_services) & set(new_services):
+            break
+        time.sleep(0.2)
+    assert len(new_services) == 3 and not set(old_services) & set(new_services), (old_services, new_services)
     # the kernel kept its state: same server, same kernel
     assert ws.run_cell(s, "alice", "print(x + 1)", kernel_id=kernel).stdout.strip() == "42"
 
