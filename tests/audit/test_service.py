@@ -144,6 +144,26 @@ def test_the_actor_cannot_be_claimed(site, service):
     assert all(r["actor"] != "bob" for r in records(site))
 
 
+@pytest.mark.parametrize("event", [
+    {"object": "cardiometabolic/diabetes"},
+    {"details": {"project": "cardiometabolic"}},
+    {"details": {"projects": ["oncology", "cardiometabolic"]}},
+    {"details": {"datasets": ["cardiometabolic/diabetes"]}},
+])
+def test_events_cannot_name_another_project(site, service, event):
+    # `audit show --project` lists what names a project: a kernel may name only its user's own projects
+    Registry.for_state_dir(site.state_dir).put(
+        Member(username="alice", account="nobody", uid=65534, projects=("oncology",))
+    )
+    before = len(records(site))
+    out = send_as_nobody(site, action="kernel.start", **event)
+    assert "REFUSED forbidden" in out.stdout and "cardiometabolic" in out.stdout, out
+    assert len(records(site)) == before
+    ok = send_as_nobody(site, action="kernel.start", object="oncology/breast_cancer",
+                        details={"project": "oncology", "datasets": ["oncology/breast_cancer"]})
+    assert "REFUSED" not in ok.stdout and records(site)[-1]["details"]["project"] == "oncology"
+
+
 def test_users_cannot_touch_the_trail_files(site, service):
     send_as_nobody(site, action="kernel.stop")
     ((_, path),) = trail_files(site.state_dir / "audit")

@@ -77,7 +77,8 @@ class Filter:
         )
 
 
-def _project_of(record: dict[str, Any]) -> set[str]:
+def projects_of(record: dict[str, Any]) -> set[str]:
+    """Every project name a record refers to (the places ``audit show --project`` looks at)."""
     out = set()
     details = record.get("details") if isinstance(record.get("details"), dict) else {}
     for key in ("project",):
@@ -103,7 +104,7 @@ def matches(record: dict[str, Any], flt: Filter) -> bool:
         details = record.get("details") if isinstance(record.get("details"), dict) else {}
         if record.get("actor") != flt.user and details.get("user") != flt.user:
             return False
-    if flt.project and flt.project not in _project_of(record):
+    if flt.project and flt.project not in projects_of(record):
         return False
     if flt.action:
         action = str(record.get("action", ""))

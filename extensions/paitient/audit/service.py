@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from paitient.audit import emit, trail_dir
+from paitient.audit.query import projects_of
 from paitient.audit.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.channel import ChannelError, ChannelServer, Peer
 from paitient.registry import Registry
@@ -68,12 +69,6 @@ def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
     }
 
 
-def actor_for(registry: Registry, uid: int) -> str:
-    """The username behind ``uid``; ``uid:<n>`` when the registry does not know it."""
-    member = registry.by_uid(uid)
-    return member.username if member else f"uid:{uid}"
-
-
 def peer_origin(pid: int) -> str:
     """``host`` if the sender shares the service's pid namespace (a user's server in the local profile),
     ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it exited before we looked.
@@ -89,7 +84,8 @@ def peer_origin(pid: int) -> str:
 
 
 def user_event(
-    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int, origin: str = ""
+    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int, origin: str = "",
+    projects: tuple[str, ...] = (), known_projects: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Turn a ``record`` request into the event to append, or raise :class:`ChannelError` saying why not."""
     unknown = sorted(set(args) - REQUEST_KEYS)
@@ -117,6 +113,12 @@ def user_event(
         raise ChannelError("details must be a JSON object", "bad_request")
     if details.get("user", actor) != actor:  # `audit show --user` matches details.user: no one else's name
         raise ChannelError("details.user may name only yourself (the actor comes from your connection)", "bad_request")
+    # `audit show --project` reads project names from details and object: only the sender's own count
+    foreign = (projects_of({"object": obj, "details": details}) & set(known_projects)) - set(projects)
+    if foreign:
+        raise ChannelError(
+            f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", "forbidden"
+        )
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
     capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
     return {
@@ -131,14 +133,19 @@ def user_event(
 def handlers(site, log: logging.Logger) -> dict[str, Any]:
     registry = Registry.for_state_dir(site.state_dir)
 
+    known = tuple(p.name for p in site.projects)
+
     def record(peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        member = registry.by_uid(peer.uid)
         event = user_event(
-            actor_for(registry, peer.uid),
+            member.username if member else f"uid:{peer.uid}",
             peer,
             args,
             string_chars=site.audit.user_string_chars,
             details_bytes=site.audit.user_details_bytes,
             origin=peer_origin(peer.pid),
+            projects=member.projects if member else (),
+            known_projects=known,
         )
         try:
             rec = emit(site, **event)
