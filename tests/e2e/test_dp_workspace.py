@@ -351,6 +351,13 @@ print(json.dumps({"budget": c.budget("cardiometabolic"), "runs": c.records("card
 """
 
 
+def wait_idle(ws: Workspace, s, user: str, kernel: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ws.api(s, user, "GET", f"kernels/{kernel}").json()["execution_state"] != "idle":
+        assert time.monotonic() < deadline, "the interrupted kernel did not become idle"
+        time.sleep(0.2)
+
+
 def wait_gone(pid: int, start: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while process_start(pid) == start:
@@ -393,6 +400,90 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     assert row["epsilon_left"] == pytest.approx(before["epsilon_left"] - 2.0)
     assert row["epsilon_reserved"] == before["epsilon_reserved"] == 0.0
     assert row == dataset_row(ledger, "cardiometabolic", "diabetes")
+
+
+SLOW_STEP = """
+class SlowSGD(torch.optim.SGD):
+    # an optimizer step that takes long, as Adam's on a large model does: an interrupt most likely lands
+    # inside it, after the parameters took the noisy gradient
+    updates = 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        SlowSGD.updates += 1
+        time.sleep(1.0)
+        return out
+
+ds = tabular("diabetes")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, SlowSGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=32),
+                      target_epsilon=2.0, epochs=20, max_grad_norm=1.0, project="cardiometabolic",
+                      dataset="diabetes", criterion=nn.CrossEntropyLoss(), progress=False, mode="{mode}")
+train(run, mark_at=3)
+"""
+
+AFTER_INTERRUPT = """
+print(json.dumps({"steps": run.steps, "updates": SlowSGD.updates, "settled": run.finish(),
+                  "accountant_epsilon": run.accountant.get_epsilon(delta=run.target_delta)}))
+"""
+
+# the same, with the interrupt raised exactly where it lands most of the time: after the update
+INTERRUPT_AFTER_UPDATE = """
+class Interrupted(torch.optim.SGD):
+    updates = 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        Interrupted.updates += 1
+        if Interrupted.updates == 3:
+            raise KeyboardInterrupt
+        return out
+
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, Interrupted(model.parameters(), lr=0.1), DataLoader(ds, batch_size=32),
+                      target_epsilon=0.5, epochs=2, max_grad_norm=1.0, project="cardiometabolic",
+                      dataset="diabetes", criterion=nn.CrossEntropyLoss(), progress=False, mode="{mode}")
+try:
+    train(run)
+except KeyboardInterrupt:
+    pass
+print(json.dumps({"steps": run.steps, "updates": Interrupted.updates, "settled": run.finish()}))
+"""
+
+
+def recomputed_epsilon(settled: dict, steps: int) -> float:
+    fresh = PRVAccountant()
+    fresh.history = [(settled["record"]["noise_multiplier"], settled["record"]["sample_rate"], steps)]
+    return fresh.get_epsilon(delta=settled["delta_spent"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["fast", "hooks"])
+def test_interrupted_training_settles_every_step_that_changed_the_model(small, mode):
+    bob = signed_in(small, "bob")
+    kernel = kernel_for(small, bob, "bob")
+    ledger = root_ledger(small)
+    before = dataset_row(ledger, "cardiometabolic", "diabetes")
+    start_cell_until(small, bob, "bob", kernel, SLOW_STEP.replace("{mode}", mode), "TRAINING")
+    r = small.api(bob, "bob", "POST", f"kernels/{kernel}/interrupt")  # JupyterLab's "Interrupt kernel"
+    assert r.status_code == 204, r.text
+    wait_idle(small, bob, "bob", kernel)  # a cell sent while the interrupted one ends would be aborted
+    got = cell_json(small, bob, "bob", AFTER_INTERRUPT, kernel)
+    settled = got["settled"]
+    # every step that updated the parameters is counted (one more if the interrupt landed inside the step,
+    # before the update), in the record's steps and in epsilon
+    assert got["updates"] >= 3 and got["updates"] <= got["steps"] <= got["updates"] + 1, got
+    assert settled["record"]["steps"] == got["steps"] and settled["state"] == "settled"
+    assert settled["epsilon_spent"] == got["accountant_epsilon"] < 2.0
+    assert settled["epsilon_spent"] == pytest.approx(recomputed_epsilon(settled, got["steps"]), rel=1e-9)
+    # the rest of the reservation is released
+    row = dataset_row(ledger, "cardiometabolic", "diabetes")
+    assert row["epsilon_reserved"] == 0.0
+    assert row["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + settled["epsilon_spent"])
+
+    exact = cell_json(small, bob, "bob", INTERRUPT_AFTER_UPDATE.replace("{mode}", mode), kernel)
+    assert exact["steps"] == exact["updates"] == exact["settled"]["record"]["steps"] == 3, exact
+    assert exact["settled"]["epsilon_spent"] == pytest.approx(recomputed_epsilon(exact["settled"], 3), rel=1e-9)
 
 
 # -- 5. a model that cannot be trained privately ----------------------------------------------------------

@@ -310,12 +310,23 @@ class FastDPOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self.before_step is not None:
             self.before_step()
-        n = self.clipper.private_grads(
-            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_batch_size, loss_reduction=self.loss_reduction,
-            generator=self.generator,
-        )
-        self.original_optimizer.step()
+        n = 0
+        try:
+            n = self.clipper.private_grads(
+                noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size, loss_reduction=self.loss_reduction,
+                generator=self.generator,
+            )
+            self.original_optimizer.step()
+        except FastPathError:
+            raise  # refused before the noise was drawn: nothing released, no step
+        except BaseException:
+            # interrupted (a kernel interrupt raises KeyboardInterrupt wherever it lands, often inside a long
+            # optimizer step) or failed after the noisy gradient was in .grad, perhaps in the parameters:
+            # the step counts for the accountant (counting one too many is the safe side)
+            if self.after_step is not None:
+                self.after_step(n)
+            raise
         if self.after_step is not None:
             self.after_step(n)
         return loss

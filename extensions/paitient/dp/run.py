@@ -342,12 +342,24 @@ def make_private(
     return run
 
 
+def _accounted_steps(accountant) -> int:
+    return sum(int(h[-1]) for h in getattr(accountant, "history", ()))
+
+
 def _guard_opacus_step(opt, run: PrivateRun) -> None:
     original = opt.step
 
     def step(closure=None):
         run._before_step()
-        out = original(closure)
+        accounted = _accounted_steps(run.accountant)
+        try:
+            out = original(closure)
+        except BaseException:
+            # interrupted or failed inside the step: Opacus' accountant counts a step once its noise is added
+            # (before the parameters change), so count it here too when it did
+            if _accounted_steps(run.accountant) > accounted:
+                run._after_step()
+            raise
         run._after_step()
         return out
 
