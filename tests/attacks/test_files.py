@@ -115,11 +115,15 @@ def test_hub_token_of_the_server_is_not_readable_from_proc(alice_kernel):
 def test_runtime_dir_shows_only_this_kernels_files(world, alice_kernel):
     # The server keeps its cookie secret and every kernel's connection key there.
     runtime = f"{world.alice.pw_dir}/.local/share/jupyter/runtime"
+    other = world.server_a.start_kernel()  # a second kernel of the same user, with its own key
     host = sorted(os.listdir(runtime))
-    assert "jupyter_cookie_secret" in host and len([f for f in host if f.startswith("kernel-")]) >= 2
+    assert "jupyter_cookie_secret" in host and f"kernel-{other}.json" in host
     out = alice_kernel.attempt(f"sorted(os.listdir({runtime!r}))")
     assert out["ok"], out
     seen = eval(out["value"])  # noqa: S307 - a list literal the kernel printed
-    assert seen == [f"k{alice_kernel.kernel_id.replace('-', '')[:8]}", f"kernel-{alice_kernel.kernel_id}.json"]
+    assert seen == sorted([f"k{alice_kernel.kernel_id.replace('-', '')[:8]}", f"kernel-{alice_kernel.kernel_id}.json"])
     out = alice_kernel.attempt(f"open('{runtime}/jupyter_cookie_secret', 'rb').read()")
     assert out["errno"] == "ENOENT", out
+    out = alice_kernel.attempt(f"open('{runtime}/kernel-{other}.json').read()")
+    assert out["errno"] == "ENOENT", out
+    assert world.server_a.request("DELETE", f"/api/kernels/{other}").status_code == 204

@@ -23,10 +23,16 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
             page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=30_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
-            page.click(".jp-Notebook .jp-Cell .cm-content")
+            editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+            editor.click()
             page.keyboard.type("import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')")
+            assert "read_csv" in editor.inner_text()
             page.keyboard.press("Shift+Enter")
-            table = page.wait_for_selector(".jp-OutputArea-output table", timeout=60_000)
+            try:
+                table = page.wait_for_selector(".jp-OutputArea-output table", timeout=90_000)
+            except Exception:
+                raise AssertionError("no table; output: " + page.locator(".jp-OutputArea").first.inner_text()
+                                     + "\n" + server.logs()[-2000:]) from None
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
         finally:
