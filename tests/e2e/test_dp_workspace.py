@@ -366,7 +366,7 @@ def wait_gone(pid: int, start: int, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("how", ["sigkill", "shutdown"])
+@pytest.mark.parametrize("how", ["sigkill", "shutdown", "restart"])
 def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     bob = signed_in(small, "bob")
     kernel = kernel_for(small, bob, "bob")
@@ -384,11 +384,14 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     assert int(uid) == small.member("bob").uid and process_start(pid) == start
     assert "ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
 
-    if how == "sigkill":
+    if how == "sigkill":  # the kernel process dies (out of memory, a crash)
         os.kill(pid, signal.SIGKILL)
-    else:
+    elif how == "shutdown":  # JupyterLab's "Shut Down Kernel"
         r = small.api(bob, "bob", "DELETE", f"kernels/{kernel}")
         assert r.status_code == 204, r.text
+    else:  # JupyterLab's "Restart Kernel": same kernel id, a new process
+        r = small.api(bob, "bob", "POST", f"kernels/{kernel}/restart")
+        assert r.status_code == 200 and r.json()["id"] == kernel, r.text
     wait_gone(pid, start)
 
     # what bob's next kernel is told: the run is lost and counts in full, not the few steps it took
