@@ -88,3 +88,19 @@ def test_example_site_configuration_loads_and_documents_every_setting():
     for name, cls in [*SECTIONS.items(), ("projects", Project)]:
         for f in dataclasses.fields(cls):
             assert re.search(rf"^#? ?{f.name} = ", sections[name], re.M), f"[{name}] {f.name} is not documented"
+
+
+def test_airlock_settings_come_from_the_site_and_the_command_line_wins():
+    from traitlets.config import Config
+
+    from paitient.airlock.service import settings_for
+
+    site = parse({"airlock": {"min_count": 20, "mia_max_auc": 0.7}})
+    assert (settings_for(site).min_count, settings_for(site).mia_max_auc) == (20, 0.7)
+    cli = Config()
+    cli.AirlockSettings.min_count = 5
+    assert settings_for(site, cli).min_count == 5 and settings_for(site, cli).mia_max_auc == 0.7
+    with pytest.raises(ConfigError, match="mia_max_auc"):
+        parse({"airlock": {"mia_max_auc": 0.5}})
+    with pytest.raises(ConfigError, match=r"\[airlock\] nk_k"):
+        parse({"airlock": {"nk_k": 1.5}})

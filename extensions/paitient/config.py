@@ -180,6 +180,32 @@ class Audit:
 
 
 @dataclass(frozen=True)
+class Airlock:
+    """Automatic checks of the airlock (the only way out of the workspace)."""
+
+    max_bytes: int = 512 << 20
+    """Largest file the airlock takes."""
+    min_count: int = 10
+    """Minimum number of individuals behind a table cell."""
+    nk_n: int = 2
+    """Dominance rule: the ``nk_n`` largest contributors ..."""
+    nk_k: float = 0.9
+    """... may make up at most this share of a cell's total."""
+    p_ratio: float = 0.1
+    """p-ratio rule: the contributors after the largest two must make up at least this share of the largest."""
+    zeros_disclosive: bool = True
+    """Treat zero cells as disclosive (a zero tells that nobody in the group has the property)."""
+    mia_max_auc: float = 0.6
+    """Model weights fail the membership-inference audit above this attack AUC ..."""
+    mia_max_advantage: float = 0.2
+    """... or above this attack advantage (max TPR - FPR)."""
+    audit_account: str = "nobody"
+    """Unprivileged account the membership-inference audit runs as (in the kernels' sandbox)."""
+    audit_timeout: float = 600.0
+    """Seconds the membership-inference audit may take."""
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     workspace: Workspace = field(default_factory=Workspace)
     directory: Directory = field(default_factory=Directory)
@@ -187,6 +213,7 @@ class SiteConfig:
     sandbox: Sandbox = field(default_factory=Sandbox)
     server: Server = field(default_factory=Server)
     audit: Audit = field(default_factory=Audit)
+    airlock: Airlock = field(default_factory=Airlock)
     projects: tuple[Project, ...] = ()
     source: str = ""
     """Path the configuration was read from (empty for the embedded default)."""
@@ -421,6 +448,15 @@ def _validate(cfg: SiteConfig) -> None:
         raise ConfigError("[sandbox] cpu_seconds: must be 0 (no limit) or positive")
     if cfg.server.contents_cap_bytes <= 0:
         raise ConfigError("[server] contents_cap_bytes: must be positive")
+    al = cfg.airlock
+    for name in ("max_bytes", "min_count", "nk_n", "audit_timeout"):
+        if getattr(al, name) <= 0:
+            raise ConfigError(f"[airlock] {name}: must be positive, got {getattr(al, name)}")
+    for name in ("nk_k", "p_ratio", "mia_max_advantage"):
+        if not 0 < getattr(al, name) <= 1:
+            raise ConfigError(f"[airlock] {name}: must lie in (0, 1], got {getattr(al, name)}")
+    if not 0.5 < al.mia_max_auc <= 1:
+        raise ConfigError(f"[airlock] mia_max_auc: must lie in (0.5, 1] (0.5 is guessing), got {al.mia_max_auc}")
     if cfg.server.output_cap_message_bytes <= 0 or cfg.server.output_cap_execution_bytes <= 0:
         raise ConfigError("[server] output caps must be positive")
     au = cfg.audit
@@ -437,6 +473,7 @@ SECTIONS = {
     "sandbox": Sandbox,
     "server": Server,
     "audit": Audit,
+    "airlock": Airlock,
 }
 
 

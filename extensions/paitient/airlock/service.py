@@ -16,12 +16,15 @@ The hub configuration takes :func:`hub_service` and :func:`custom_scopes` from h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import socket
 from typing import Any
 from urllib.parse import urlparse
+
+from traitlets.config import Config
 
 from paitient.airlock.core import Airlock
 from paitient.airlock.settings import (
@@ -36,7 +39,7 @@ from paitient.channel import ChannelServer
 from paitient.config import SiteConfig
 
 __all__ = ["SCOPE_DOWNLOAD", "SCOPE_REQUEST", "SCOPE_REVIEW", "Airlock", "AirlockSettings", "custom_scopes",
-           "free_port", "hub_service", "role_scopes", "serve"]
+           "free_port", "hub_service", "role_scopes", "serve", "settings_for"]
 
 
 def free_port() -> int:
@@ -62,6 +65,14 @@ def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> di
     }
 
 
+def settings_for(site: SiteConfig, config: Config | None = None) -> AirlockSettings:
+    """The site's [airlock] section, overridden by ``--AirlockSettings.<name>=...`` on the command line."""
+    settings = AirlockSettings(**dataclasses.asdict(site.airlock))
+    if config is not None:
+        settings.update_config(config)
+    return settings
+
+
 def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | None = None) -> None:
     """Run the airlock until SIGTERM/SIGINT: the kernel socket, the check worker and the web pages.
 
@@ -74,9 +85,7 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
     if settings is None:
         from paitient.services import ServiceCommand
 
-        # --AirlockSettings.<name>=... on the `paitient service airlock` command line
-        config = ServiceCommand.instance().config if ServiceCommand.initialized() else None
-        settings = AirlockSettings(config=config)
+        settings = settings_for(site, ServiceCommand.instance().config if ServiceCommand.initialized() else None)
     with_pages = bool(os.environ.get("JUPYTERHUB_API_TOKEN"))
     port = settings.port or urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "")).port
     if with_pages and not port:
