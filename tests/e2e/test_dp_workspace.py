@@ -395,7 +395,8 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     wait_gone(pid, start)
 
     # what bob's next kernel is told: the run is lost and counts in full, not the few steps it took
-    view = cell_json(small, bob, "bob", BUDGET_VIEW, kernel_for(small, bob, "bob"))
+    after = kernel_for(small, bob, "bob")
+    view = cell_json(small, bob, "bob", BUDGET_VIEW, after)
     row = next(b for b in view["budget"]["projects"]["cardiometabolic"] if b["dataset"] == "diabetes")
     mine = next(r for r in view["runs"] if r["id"] == reservation)
     assert mine["state"] == "lost" and mine["epsilon_spent"] is None and mine["record"] is None
@@ -403,6 +404,21 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     assert row["epsilon_left"] == pytest.approx(before["epsilon_left"] - 2.0)
     assert row["epsilon_reserved"] == before["epsilon_reserved"] == 0.0
     assert row == dataset_row(ledger, "cardiometabolic", "diabetes")
+
+    # dp.budget() shows it to bob as widgets (the table's numbers travel in the widget's state) ...
+    shown = small.run_cell(bob, "bob", 'dp.budget("cardiometabolic")', kernel_id=after)
+    assert shown.error is None, shown.stderr[-2000:]
+    states = json.dumps([o["content"]["data"] for o in shown.outputs if o["msg_type"] == "comm_open"])
+    assert "Privacy budget of cardiometabolic" in states, states[:2000]
+    assert f"<td>{row['epsilon_spent']:.4g}</td><td>0</td><td><b>{row['epsilon_left']:.4g}</b></td>" in states
+    # ... and the stewards' page to sam (the page first: its visit signs sam in to the service)
+    sam = small.login("sam")
+    page = sam.get(small.url + "services/ledger/", timeout=30)
+    assert page.status_code == 200 and "<tr class='lost'>" in page.text and reservation in page.text
+    steward = sam.get(small.url + "services/ledger/api/budget", timeout=30)
+    assert steward.status_code == 200, steward.text[-300:]
+    run = next(r for r in steward.json()["projects"]["cardiometabolic"]["runs"] if r["id"] == reservation)
+    assert run["state"] == "lost" and run["username"] == "bob" and run["epsilon"] == 2.0
 
 
 SLOW_STEP = """
