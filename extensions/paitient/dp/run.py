@@ -18,12 +18,14 @@ Life of a run:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,15 @@ from paitient.ledger.client import LedgerClient
 
 class RunFinished(RuntimeError):
     """The run has settled (or used every step it reserved); start a new ``make_private`` to train more."""
+
+
+@contextlib.contextmanager
+def _prv_quiet():
+    """Hide the RDP order-range warning that PRV's domain sizing raises: the RDP bound there only sizes the
+    PRV grid, the PRV epsilon stays within its error bound, and the researcher has no alphas to expand."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha", category=UserWarning)
+        yield
 
 
 def _now() -> str:
@@ -163,7 +174,8 @@ class PrivateRun:
         """Epsilon spent so far (PRV accountant, at ``target_delta``)."""
         if self.steps == 0:
             return 0.0
-        return float(self.accountant.get_epsilon(delta=self.target_delta))
+        with _prv_quiet():
+            return float(self.accountant.get_epsilon(delta=self.target_delta))
 
     # -- hooks from the optimizer and the loader --------------------------------------------------
 
@@ -310,8 +322,9 @@ def make_private(
     project, dataset, row = resolve_target(client.budget(), project, dataset)
     if target_delta is None:
         target_delta = default_delta(row["delta_total"], n)
-    noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                            sample_rate=sample_rate, steps=planned_steps, accountant="prv")
+    with _prv_quiet():
+        noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                                sample_rate=sample_rate, steps=planned_steps, accountant="prv")
     run_id = uuid.uuid4().hex[:12]
     reservation = client.reserve(project, dataset, target_epsilon, target_delta, run_id=run_id)["reservation"]
     try:
