@@ -512,6 +512,67 @@ def test_interrupted_training_settles_every_step_that_changed_the_model(small, m
     assert exact["settled"]["epsilon_spent"] == pytest.approx(recomputed_epsilon(exact["settled"], 3), rel=1e-9)
 
 
+# -- the ledger service crashes while a kernel trains -------------------------------------------------------
+
+HOLD = """
+ds = tabular("diabetes")
+model = nn.Linear(ds.tensors[0].shape[1], 2)
+run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(ds, batch_size=64),
+                      target_epsilon=0.5, epochs=2, max_grad_norm=1.0, project="cardiometabolic",
+                      dataset="diabetes", criterion=nn.CrossEntropyLoss(), progress=False)
+print(json.dumps({"reservation": run.reservation}))
+"""
+
+
+def ledger_service_pid(ws: Workspace) -> int:
+    """The ledger service of this workspace (the hub runs it as a managed service, as root)."""
+    want = f"--state-dir={ws.state_dir}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"paitient.cli" in args and b"service" in args and b"ledger" in args and want in args:
+            return int(entry.name)
+    raise AssertionError("no ledger service runs for this workspace")
+
+
+@pytest.mark.timeout(300)
+def test_ledger_killed_while_a_kernel_trains_is_restarted_and_the_run_settles(small):
+    bob = signed_in(small, "bob")
+    kernel = kernel_for(small, bob, "bob")
+    reservation = cell_json(small, bob, "bob", HOLD, kernel)["reservation"]
+    old = ledger_service_pid(small)
+    os.kill(old, signal.SIGKILL)
+    wait_gone(old, process_start(old) or 0)
+
+    # training ends while the ledger is down: the run cannot settle, and the researcher is told what to do
+    out = small.run_cell(bob, "bob", "train(run)", kernel_id=kernel)
+    assert out.error is not None and out.error.startswith("LedgerUnavailable: "), out
+    assert "is not running" in out.error and "run.finish()" in out.error, out.error
+    run = root_ledger(small).run(reservation)
+    assert run["state"] == "reserved" and run["epsilon"] == 0.5  # committed before the crash, still held
+
+    # the hub restarts its managed service; the kernel, still alive, settles then
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if ledger_service_pid(small) != old:
+                break
+        except AssertionError:
+            pass
+        assert time.monotonic() < deadline, "the hub did not restart the ledger service" + small.logs()
+        time.sleep(0.5)
+    settle = 'import json\nfor i in range(100):\n    try:\n        rec = run.finish(); break\n' \
+             '    except dp.LedgerUnavailable:\n        time.sleep(0.3)\nprint(json.dumps(rec))'
+    settled = cell_json(small, bob, "bob", settle, kernel)
+    assert settled["id"] == reservation and settled["state"] == "settled"
+    assert 0.4 < settled["epsilon_spent"] <= 0.5 and settled["record"]["steps"] == settled["record"]["planned_steps"]
+    assert root_ledger(small).run(reservation)["state"] == "settled"
+
+
 # -- 5. a model that cannot be trained privately ----------------------------------------------------------
 
 BATCHNORM = """

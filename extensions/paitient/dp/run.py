@@ -40,7 +40,7 @@ from paitient.dp.modes import choose_mode
 from paitient.dp.sampling import poisson_loader
 from paitient.dp.validate import DPModelError, check_model
 from paitient.dp.weights import weights_sha256
-from paitient.ledger.client import LedgerClient
+from paitient.ledger.client import LedgerClient, LedgerUnavailable
 
 
 class RunFinished(RuntimeError):
@@ -237,7 +237,15 @@ class PrivateRun:
         if self.record is not None:
             return self.record
         record = self.training_record()
-        self.record = self._ledger.settle(self.reservation, record["epsilon"], record, delta_spent=record["delta"])
+        try:
+            self.record = self._ledger.settle(self.reservation, record["epsilon"], record,
+                                              delta_spent=record["delta"])
+        except LedgerUnavailable as e:
+            raise LedgerUnavailable(
+                f"{e}. This run ({self.steps} steps, epsilon {record['epsilon']:.4g}) is not settled yet: call "
+                "run.finish() again once the ledger answers; until then its whole reservation "
+                f"({self.target_epsilon:g}) counts, and for good if this kernel ends first", e.code,
+            ) from None
         if self._clipper is not None:
             self._clipper.detach()
         if self._bar is not None:
