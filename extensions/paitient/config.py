@@ -141,6 +141,8 @@ class Server:
     contents_cap_bytes: int = 20_000_000
     """The server's contents API does not open or send files larger than this (they stay in the home)."""
     idle_timeout: int = 3600
+    """Seconds after which an idle kernel is shut down, and then a server with no kernels and no
+    activity stops itself; 0: never."""
 
 
 @dataclass(frozen=True)
@@ -457,6 +459,8 @@ def _validate(cfg: SiteConfig) -> None:
             raise ConfigError(f"[airlock] {name}: must lie in (0, 1], got {getattr(al, name)}")
     if not 0.5 < al.mia_max_auc <= 1:
         raise ConfigError(f"[airlock] mia_max_auc: must lie in (0.5, 1] (0.5 is guessing), got {al.mia_max_auc}")
+    if cfg.server.idle_timeout < 0:
+        raise ConfigError(f"[server] idle_timeout: 0 (never) or a number of seconds, got {cfg.server.idle_timeout}")
     if cfg.server.output_cap_message_bytes <= 0 or cfg.server.output_cap_execution_bytes <= 0:
         raise ConfigError("[server] output caps must be positive")
     au = cfg.audit

@@ -189,3 +189,20 @@ def test_a_researchers_notebook_round_trip_works(site, world_tmp, make_system_us
                            json={"raw": '{"theme": "JupyterLab Dark"}'})
         assert r.status_code == 204, r.text[:300]
     assert (server.config_dir.parent / "state" / "notary" / "notebook_secret").stat().st_uid == user.pw_uid
+
+
+@pytest.mark.e2e
+def test_idle_kernels_are_culled_and_then_the_idle_server_stops(world_tmp, make_system_user):
+    site = make_site(world_tmp, {"onc": ["bc"]}, server={"idle_timeout": 4})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("idle")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        kid = server.start_kernel()
+        assert server.run("x = 1", kid).error is None
+        assert server.kernel_pids()
+        # culling runs every 10 s at the earliest; the kernel goes, its sandbox with it
+        gone = wait_for(lambda: server.get("/api/kernels").json() == [] and not server.kernel_pids(), timeout=40)
+        assert gone, server.get("/api/kernels").json()
+        # with no kernel and no activity the server stops itself (the server looks once a minute)
+        assert wait_for(lambda: server.proc.poll() is not None, timeout=90), server.logs()
+        assert "No kernels for 4 seconds" in server.logs() or "shutting down" in server.logs().lower()

@@ -21,6 +21,7 @@ from traitlets import HasTraits, Unicode, default
 from paitient import config as site_config
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.registry import Member
+from paitient.server.config import user_server_env
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -140,11 +141,9 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             HOME=pw.pw_dir,
             SHELL=pw.pw_shell,
             PATH=f"{Path(venv_python()).parent}:/usr/local/bin:/usr/bin:/bin",
-            JUPYTER_CONFIG_DIR=str(user_dir / "config"),
-            JUPYTER_DATA_DIR=str(user_dir / "data"),
-            JUPYTER_RUNTIME_DIR=str(Path(pw.pw_dir) / ".local" / "share" / "jupyter" / "runtime"),
             PAITIENT_RUN_DIR=str(self.site.run_dir),
         )
+        env.update(user_server_env(user_dir / "config", user_dir / "data", pw.pw_dir))
         for var in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD",
                     "LD_LIBRARY_PATH", "PYTHONHOME"):
             env.pop(var, None)

@@ -59,6 +59,17 @@ def member_datasets(site: SiteConfig, member: Member) -> dict[str, list[str]]:
     return {name: list(known[name].datasets) for name in member.projects if name in known}
 
 
+def idle_culling(idle_timeout: int) -> dict[str, Any]:
+    """Kernel culling: a kernel idle this many seconds is shut down, connected browser or not (0: never).
+
+    An idle kernel holds memory and, for a DP run, a budget reservation; a forgotten one must not do so
+    for days."""
+    if idle_timeout <= 0:
+        return {}
+    return {"cull_idle_timeout": idle_timeout, "cull_interval": max(10, min(300, idle_timeout // 4)),
+            "cull_connected": True, "cull_busy": False}
+
+
 def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
     """The traitlets configuration (as JSON) of ``member``'s server.
 
@@ -84,6 +95,8 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "kernel_spec_manager_class": "paitient.server.kernels.SandboxKernelSpecManager",
             "contents_manager_class": "paitient.server.contents.ConfinedContentsManager",
             "kernel_websocket_connection_class": "paitient.server.websocket.CappedWebsocketConnection",
+            # With no kernels left and nobody active, the server stops itself (0: never).
+            "shutdown_no_activity_timeout": site.server.idle_timeout,
         },
         "ContentsManager": {
             "allow_hidden": False,
@@ -97,7 +110,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "allowed_kernelspecs": [KERNEL_NAME],
         },
         "SandboxKernelSpecManager": {"sandbox_kernel_dirs": [os.path.join(data_dir, "kernels")]},
-        "MappingKernelManager": {"default_kernel_name": KERNEL_NAME},
+        "MappingKernelManager": {"default_kernel_name": KERNEL_NAME, **idle_culling(site.server.idle_timeout)},
         "SandboxProvisioner": {
             "data_root": str(site.data_root),
             "run_dir": str(site.run_dir),
