@@ -238,7 +238,7 @@ model = nn.Linear(ds.tensors[0].shape[1], 2)
 try:
     run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), DataLoader(ds, batch_size=64),
                           target_epsilon={eps}, epochs={epochs}, max_grad_norm=1.0, project="oncology",
-                          dataset="breast_cancer", criterion=nn.CrossEntropyLoss(), progress=False)
+                          dataset="breast_cancer", criterion=nn.CrossEntropyLoss(), progress={progress})
 except dp.BudgetExceeded as e:
     print(json.dumps({{"refused": str(e)}}))
 else:
@@ -254,26 +254,38 @@ def test_budget_refused_when_exhausted(small):
     kernel = kernel_for(small, alice, "alice")
     ledger = root_ledger(small)
 
-    too_much = cell_json(small, alice, "alice", ASK.format(eps=1.5, epochs=2, then="train(run)"), kernel)
+    ask = ASK.format(eps=1.5, epochs=2, then="train(run)", progress=False)
+    too_much = cell_json(small, alice, "alice", ask, kernel)
     assert too_much["refused"].startswith(
         "privacy budget exceeded: epsilon 1.5 asked, but oncology/breast_cancer has 1 left of 1 "
         "(0 spent, 0 reserved by running trainings)"), too_much
     assert "ask a data steward for more budget" in too_much["refused"]
     assert ledger.runs("oncology", "breast_cancer") == []  # refused before anything was reserved
 
-    first = cell_json(small, alice, "alice", ASK.format(eps=0.8, epochs=3, then="train(run)"), kernel)
+    # this one as a researcher runs it, with the progress bar: JupyterLab gets tqdm's widget
+    shown = small.run_cell(alice, "alice", ASK.format(eps=0.8, epochs=3, then="train(run)", progress=True),
+                           kernel_id=kernel)
+    assert shown.error is None, (shown.error, shown.stderr[-2000:])
+    first = json.loads(shown.stdout.strip().splitlines()[-1])
     assert first["refused"] is None
+    assert "paitient.dp: mode fast (" in shown.stdout and \
+        "reserved epsilon 0.8, delta 1e-06 of oncology/breast_cancer" in shown.stdout, shown.stdout
+    assert any(o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
+               for o in shown.outputs)
+    widgets = json.dumps([o["content"] for o in shown.outputs if o["msg_type"].startswith("comm_")])
+    assert "private training (fast) on oncology/breast_cancer" in widgets, widgets[-3000:]
     spent = first["record"]["epsilon_spent"]
+    assert f"epsilon {spent:.3g} of 0.8, settled" in widgets.replace("\\u2007", " "), widgets[-3000:]
     assert 0.7 < spent <= 0.8
 
-    second = cell_json(small, alice, "alice", ASK.format(eps=0.5, epochs=2, then="train(run)"), kernel)
+    second = cell_json(small, alice, "alice", ASK.format(eps=0.5, epochs=2, then="train(run)", progress=False), kernel)
     assert second["refused"] is not None and second["refused"].startswith(
         f"privacy budget exceeded: epsilon 0.5 asked, but oncology/breast_cancer has {1.0 - spent:g} left of 1 "
         f"({spent:g} spent, 0 reserved by running trainings)"), second
 
     # what is left can still be used: the refusal is about the numbers, not a locked dataset
     rest = cell_json(small, alice, "alice", ASK.format(eps=round(1.0 - spent - 0.01, 4), epochs=1,
-                                                       then="run.finish()"), kernel)
+                                                       then="run.finish()", progress=False), kernel)
     assert rest["refused"] is None and rest["record"]["epsilon_spent"] == 0.0  # no step, nothing spent
     row = dataset_row(ledger, "oncology", "breast_cancer")
     assert row["source"] == "steward" and row["epsilon_total"] == 1.0
