@@ -17,7 +17,8 @@ import pytest
 from paitient.airlock.store import Store
 from paitient.config import load as load_site
 from paitient.ledger.store import Ledger
-from tests.e2e.workspace import CellResult, Workspace
+from tests.e2e.workspace import Workspace
+from tests.kernelclient import CellResult
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -26,6 +24,7 @@ import requests
 from paitient.demo import DEMO_SITE
 from paitient.hub.up import READY_PREFIX, free_port
 from paitient.registry import Registry
+from tests.kernelclient import CellResult, execute
 
 PAITIENT = [sys.executable, "-m", "paitient.cli"]
 
@@ -35,15 +34,6 @@ def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: s
     body = DEMO_SITE.replace('state_dir = "/var/lib/paitient"',
                              f'state_dir = "{state_dir}"\nport = {port}')
     return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
-
-
-@dataclass
-class CellResult:
-    stdout: str = ""
-    stderr: str = ""
-    result: str | None = None
-    error: str | None = None
-    outputs: list[dict] = field(default_factory=list)
 
 
 class Workspace:
@@ -177,50 +167,9 @@ class Workspace:
         return asyncio.run(self._execute(s, user, kernel_id, code, timeout))
 
     async def _execute(self, s: requests.Session, user: str, kernel_id: str, code: str, timeout: float) -> CellResult:
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
-
         cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
         url = self.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel_id}/channels"
-        ws = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookie, **self.xsrf_headers(s, user)}),
-                                     max_message_size=1 << 30)
-        msg_id = uuid.uuid4().hex
-        ws.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user,
-                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
-        out = CellResult()
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
-                if raw is None:
-                    raise RuntimeError("kernel websocket closed")
-                if isinstance(raw, bytes):
-                    continue
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if msg.get("channel") == "iopub":
-                    out.outputs.append({"msg_type": kind, "content": content})
-                if kind == "stream":
-                    if content["name"] == "stdout":
-                        out.stdout += content["text"]
-                    else:
-                        out.stderr += content["text"]
-                elif kind == "execute_result":
-                    out.result = content["data"].get("text/plain")
-                elif kind == "error":
-                    out.error = f"{content['ename']}: {content['evalue']}"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    return out
-        finally:
-            ws.close()
-        raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
+        return await execute(url, {"Cookie": cookie, **self.xsrf_headers(s, user)}, user, code, timeout)
 
 
 def remove_account(account: str, timeout: float = 10.0) -> None:

@@ -18,8 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,9 @@ import requests
 from paitient.config import SiteConfig, parse
 from paitient.registry import Member
 from paitient.server.config import user_server_env, write_user_server_config
+from tests.kernelclient import CellResult, execute
 
 PYTHON = sys.executable
-V1 = "v1.kernel.websocket.jupyter.org"
 
 
 def free_port() -> int:
@@ -71,15 +69,6 @@ def publish(site: SiteConfig, project: str, dataset: str, text: str, version: in
     return vdir
 
 
-@dataclass
-class CellResult:
-    stdout: str = ""
-    stderr: str = ""
-    result: str | None = None
-    error: str | None = None
-    outputs: list[dict] = field(default_factory=list)
-    wire_bytes: int = 0
-    """Bytes of every websocket frame this execution received (what left the server)."""
 
 
 class UserServer:
@@ -193,64 +182,9 @@ class UserServer:
 
     async def _execute(self, kernel_id: str, code: str, timeout: float, v1: bool = False,
                        channel: str = "shell") -> CellResult:
-        from jupyter_server.services.kernels.connection.base import (
-            deserialize_msg_from_ws_v1,
-            serialize_msg_to_ws_v1,
-        )
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
-
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
-        ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {self.token}"}),
-                                     max_message_size=1 << 30,
-                                     subprotocols=[V1] if v1 else None)
-        msg_id = uuid.uuid4().hex
-        request = {
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": self.user.pw_name,
-                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
-            "parent_header": {}, "metadata": {},
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }
-        if v1:
-            assert ws.selected_subprotocol == V1, ws.selected_subprotocol
-            pack = lambda obj: json.dumps(obj).encode()  # noqa: E731
-            ws.write_message(serialize_msg_to_ws_v1(request, channel, pack), binary=True)
-        else:
-            ws.write_message(json.dumps({**request, "channel": channel, "buffers": []}))
-        out = CellResult()
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
-                if raw is None:
-                    raise RuntimeError("kernel websocket closed")
-                out.wire_bytes += len(raw)
-                if v1:
-                    ch, parts = deserialize_msg_from_ws_v1(raw)
-                    msg = {"channel": ch, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),
-                           "content": json.loads(parts[3])}
-                    msg["msg_type"] = msg["header"]["msg_type"]
-                elif isinstance(raw, bytes):
-                    continue
-                else:
-                    msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if msg.get("channel") == "iopub":
-                    out.outputs.append({"msg_type": kind, "content": content})
-                if kind == "stream":
-                    if content["name"] == "stdout":
-                        out.stdout += content["text"]
-                    else:
-                        out.stderr += content["text"]
-                elif kind == "execute_result":
-                    out.result = content["data"].get("text/plain")
-                elif kind == "error":
-                    out.error = f"{content['ename']}: {content['evalue']}"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    return out
-        finally:
-            ws.close()
-        raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}\n{self.logs()}")
+            return await execute(url, {"Authorization": f"token {self.token}"}, self.user.pw_name, code, timeout,
+                                 v1=v1, channel=channel)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.logs()}") from None
