@@ -314,6 +314,15 @@ print(json.dumps(out))
 """
 
 
+SETTLE_OTHERS = """
+try:
+    LedgerClient().settle("RESERVATION", 0.0, {})
+    print(json.dumps("settled"))
+except Exception as e:
+    print(json.dumps([getattr(e, "code", ""), str(e)]))
+"""
+
+
 @pytest.mark.timeout(400)
 def test_concurrent_reservations_never_exceed_the_budget(small):
     set_budget(small, "oncology", "gbsg2", 1.0)
@@ -337,6 +346,19 @@ def test_concurrent_reservations_never_exceed_the_budget(small):
     assert row["epsilon_reserved"] == pytest.approx(0.9) and row["epsilon_spent"] == 0.0
     assert row["epsilon_reserved"] + row["epsilon_spent"] <= row["epsilon_total"]
     assert {r["username"] for r in ledger.runs("oncology", "gbsg2")} <= {"alice", "carol"}
+
+    # a kernel cannot release someone else's reservation to make room (same project, other user)
+    held = {uk[0]: g["reservation"] for uk, g in won}
+    if len(held) == 2:
+        victim, thief = "alice", "carol"
+    else:  # both of one user's kernels won: the other user's kernel is the thief
+        victim = next(iter(held))
+        thief = "carol" if victim == "alice" else "alice"
+    thief_kernel = next(k for u, k in kernels if u == thief)
+    attempt = SETTLE_OTHERS.replace("RESERVATION", held[victim])
+    assert cell_json(small, sessions[thief], thief, attempt, thief_kernel) == \
+        ["forbidden", "this reservation belongs to another user"]
+    assert ledger.run(held[victim])["state"] == "reserved"
 
     # the winners train and settle: what they spent is the accountants' and fits the budget
     def finish(item):
