@@ -11,6 +11,7 @@ import ctypes
 import importlib
 import os
 import signal
+import socket
 
 from traitlets import Unicode
 
@@ -23,6 +24,12 @@ SERVICES = {
 }
 
 
+def parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that started it ends, however it
+    ends (``PR_SET_PDEATHSIG``). Safe as a ``preexec_fn``: children of ``paitient up`` use it that way."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
+
+
 def die_with_parent() -> None:
     """End this service when the process that started it (the hub) ends, however it ends.
 
@@ -32,10 +39,36 @@ def die_with_parent() -> None:
     service keeps its state crash-safe anyway (committed transactions, fsync'd audit records).
     """
     parent = os.getppid()
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # the parent ended before the request took effect
         raise SystemExit("paitient service: the process that started this service has ended")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (loopback by default)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def managed_service(site, name: str, python: str, *, port: int, scopes: list[str], description: str) -> dict:
+    """The ``c.JupyterHub.services`` entry that runs ``paitient service NAME`` as a hub-managed service.
+
+    Its web pages listen on loopback at ``port`` (0: a free port now) behind ``/services/NAME/``, signed in
+    through the hub's OAuth with ``scopes`` as the scopes its tokens may carry.
+    """
+    command = [python, "-m", "paitient.cli", "service", name, f"--state-dir={site.state_dir}"]
+    if site.source:
+        command.append(f"--site={site.source}")
+    return {
+        "name": name,
+        "command": command,
+        "url": f"http://127.0.0.1:{port or free_port()}",
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": sorted(scopes),
+        "display": True,
+        "info": {"description": description},
+    }
 
 
 def socket_path(site, name: str):

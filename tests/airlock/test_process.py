@@ -93,8 +93,8 @@ def _stop(proc: subprocess.Popen) -> int:
 
 @pytest.mark.e2e
 def test_the_service_process_restarts_with_every_request_and_decision(world_tmp, make_system_user):
-    from paitient.airlock.service import free_port
     from paitient.registry import Registry
+    from paitient.services import free_port
 
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
@@ -154,8 +154,8 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
 
 @pytest.mark.e2e
 def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(world_tmp, make_system_user):
-    from paitient.airlock.service import free_port
     from paitient.registry import Registry
+    from paitient.services import free_port
 
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
@@ -203,8 +203,8 @@ class Model(torch.nn.Module):
 def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp, make_system_user):
     from safetensors.torch import save
 
-    from paitient.airlock.service import free_port
     from paitient.registry import Registry
+    from paitient.services import free_port
     from tests.airlock.helpers import breast_cancer, publish
 
     state = world_tmp / "state"

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from paitient.audit import emit
-from paitient.audit.service import _free_loopback_port
+from paitient.services import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -57,9 +57,9 @@ def hub(site, tmp_path):
 
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
-    port = _free_loopback_port()
-    settings = {"state_dir": str(site.state_dir), "port": port, "hub_port": _free_loopback_port(),
-                "proxy_api_port": _free_loopback_port(), "proxy": default_proxy_command(), "dir": str(hub_dir),
+    port = free_port()
+    settings = {"state_dir": str(site.state_dir), "port": port, "hub_port": free_port(),
+                "proxy_api_port": free_port(), "proxy": default_proxy_command(), "dir": str(hub_dir),
                 "python": sys.executable, "password": "test-password"}
     config = hub_dir / "jupyterhub_config.py"
     config.write_text(HUB_CONFIG.format(settings=json.dumps(settings)))

@@ -232,9 +232,9 @@ def test_hub_service_entry(site):
 def test_service_serves_the_web_view_behind_hub_login(site):
     import requests
 
-    from paitient.audit.service import _free_loopback_port
+    from paitient.services import free_port
 
-    port = _free_loopback_port()
+    port = free_port()
     env = {
         **os.environ,
         "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",

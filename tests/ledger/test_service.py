@@ -196,7 +196,7 @@ def test_hub_service_entry_and_scopes(site):
     entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
     assert entry["name"] == "ledger" and entry["url"] == "http://127.0.0.1:18123"
     assert entry["command"] == ["/opt/paitient/venv/bin/python", "-m", "paitient.cli", "service", "ledger",
-                                f"--site={site.source}", f"--state-dir={site.state_dir}"]
+                                f"--state-dir={site.state_dir}", f"--site={site.source}"]
     assert set(custom_scopes()) == {"custom:ledger:read"}
     assert "access:services!service=ledger" in role_scopes()
 
@@ -222,9 +222,9 @@ def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_di
 def test_service_process_serves_socket_and_page_and_stops_cleanly(site, world_tmp):
     import requests
 
-    from paitient.ledger.service import _free_loopback_port
+    from paitient.services import free_port
 
-    port = _free_loopback_port()
+    port = free_port()
     env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
            "JUPYTERHUB_SERVICE_PREFIX": "/services/ledger/", "JUPYTERHUB_API_TOKEN": "test-token",
            "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api", "JUPYTERHUB_CLIENT_ID": "service-ledger",

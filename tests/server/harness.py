@@ -14,7 +14,6 @@ import os
 import pwd
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,10 @@ import requests
 from paitient.config import SiteConfig, parse
 from paitient.registry import Member
 from paitient.server.config import user_server_env, write_user_server_config
+from paitient.services import free_port
 from tests.kernelclient import CellResult, execute
 
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_site(root: Path, projects: dict[str, list[str]], **sections: dict[str, Any]) -> SiteConfig:

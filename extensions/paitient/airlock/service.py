@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 from typing import Any
 from urllib.parse import urlparse
 
@@ -37,32 +36,16 @@ from paitient.airlock.settings import (
 )
 from paitient.channel import ChannelServer
 from paitient.config import SiteConfig
+from paitient.services import managed_service
 
 __all__ = ["SCOPE_DOWNLOAD", "SCOPE_REQUEST", "SCOPE_REVIEW", "Airlock", "AirlockSettings", "custom_scopes",
-           "free_port", "hub_service", "role_scopes", "serve", "settings_for"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+           "hub_service", "role_scopes", "serve", "settings_for"]
 
 
 def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> dict[str, Any]:
     """The ``JupyterHub.services`` entry that runs the airlock as a managed service."""
-    port = port or AirlockSettings().port or free_port()
-    command = [python, "-m", "paitient.cli", "service", "airlock", f"--state-dir={site.state_dir}"]
-    if site.source:
-        command.append(f"--site={site.source}")
-    return {
-        "name": "airlock",
-        "url": f"http://127.0.0.1:{port}",
-        "command": command,
-        "oauth_client_allowed_scopes": sorted(custom_scopes()),
-        "oauth_no_confirm": True,
-        "display": True,
-        "info": {"description": "Request, review and download outputs that leave the workspace."},
-    }
+    return managed_service(site, "airlock", python, port=port or AirlockSettings().port, scopes=list(custom_scopes()),
+                           description="Request, review and download outputs that leave the workspace.")
 
 
 def settings_for(site: SiteConfig, config: Config | None = None) -> AirlockSettings:

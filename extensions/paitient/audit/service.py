@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from paitient.audit.query import projects_of
 from paitient.audit.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.channel import ChannelError, ChannelServer, Peer
 from paitient.registry import Registry
-from paitient.services import socket_path
+from paitient.services import managed_service, socket_path
 
 USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})
 """What a user-side process may report. Everything else is recorded by root-side processes only."""
@@ -44,29 +43,13 @@ def role_scopes() -> list[str]:
     return [READ_SCOPE, "access:services!service=audit"]
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
     """The JupyterHub managed-service entry (``c.JupyterHub.services``) that runs this service.
 
     The web view listens on loopback; ``port=0`` picks a free port now (as the hub does for its own).
     """
-    command = [python, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"]
-    if site.source:
-        command.insert(5, f"--site={site.source}")
-    return {
-        "name": "audit",
-        "command": command,
-        "url": f"http://127.0.0.1:{port or _free_loopback_port()}",
-        "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": [READ_SCOPE],
-        "display": True,
-        "info": {"description": "Audit trail (stewards and admins, read-only)"},
-    }
+    return managed_service(site, "audit", python, port=port, scopes=[READ_SCOPE],
+                           description="Audit trail (stewards and admins, read-only)")
 
 
 def peer_origin(pid: int) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from paitient.demo import DEMO_BASE_DN, DEMO_PEOPLE
 from paitient.fsutil import atomic_write_json, atomic_write_text
+from paitient.services import free_port, parent_death_signal
 
 SCHEMA_DIR = Path("/etc/ldap/schema")
 DEFAULT_SCHEMAS = ("core", "cosine", "nis", "inetorgperson")
@@ -125,20 +126,6 @@ def ssha(password: str) -> str:
     if proc.returncode != 0:
         raise DirectoryError(f"slappasswd failed: {proc.stderr.decode(errors='replace').strip()}")
     return proc.stdout.decode("ascii").strip()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the thread that started it dies (even by SIGKILL)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,7 +285,7 @@ class Slapd:
                 ["slapd", "-f", str(self.conf_path), "-h", f"ldap://{LOOPBACK}:{self.port}/",
                  "-u", "root", "-g", "root", "-d", "0"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+                preexec_fn=parent_death_signal if self.die_with_parent else None,  # noqa: PLW1509
             )
         finally:
             log.close()

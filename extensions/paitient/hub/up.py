@@ -9,11 +9,9 @@ resumes: directory, hub database, cookie secret, accounts and data are kept.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,20 +27,9 @@ from paitient.app import PaitientCommand
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
+from paitient.services import free_port, parent_death_signal
 
 READY_PREFIX = "paitient: workspace ready at "
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """preexec: the child gets SIGTERM if `paitient up` itself dies (even by SIGKILL)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def pid_alive(pid: int) -> bool:
@@ -215,7 +202,7 @@ class UpCommand(_StateCommand):
         try:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**os.environ, **(env or {})}, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=parent_death_signal)
         finally:
             log.close()
         self.children[name] = proc
@@ -229,7 +216,7 @@ class UpCommand(_StateCommand):
         if site.directory.embedded:
             from paitient.hub.directory import DemoDirectory
 
-            demo = DemoDirectory(site.state_dir)
+            demo = DemoDirectory(site.state_dir, die_with_parent=True)
             demo.start()
             self.directory = demo
             directory_url = demo.url

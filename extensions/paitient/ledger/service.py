@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from paitient.config import NAME_RE
 from paitient.ledger.budget import BudgetExceeded
 from paitient.ledger.store import Ledger, LedgerError
 from paitient.registry import Member, Registry
-from paitient.services import socket_path
+from paitient.services import managed_service, socket_path
 
 SWEEP_SECONDS = 10.0
 READ_SCOPE = "custom:ledger:read"
@@ -46,29 +45,13 @@ def role_scopes() -> list[str]:
     return [READ_SCOPE, "access:services!service=ledger"]
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
     """The JupyterHub managed-service entry (``c.JupyterHub.services``) that runs the ledger.
 
     The stewards' page listens on loopback; ``port=0`` picks a free port now.
     """
-    command = [python, "-m", "paitient.cli", "service", "ledger", f"--state-dir={site.state_dir}"]
-    if site.source:
-        command.insert(5, f"--site={site.source}")
-    return {
-        "name": "ledger",
-        "command": command,
-        "url": f"http://127.0.0.1:{port or _free_loopback_port()}",
-        "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": [READ_SCOPE],
-        "display": True,
-        "info": {"description": "Privacy-budget ledger (stewards, read-only)"},
-    }
+    return managed_service(site, "ledger", python, port=port, scopes=[READ_SCOPE],
+                           description="Privacy-budget ledger (stewards, read-only)")
 
 
 # -- process liveness ------------------------------------------------------------------------------
