@@ -106,22 +106,35 @@ def stop_servers(base: str, token: str) -> None:
         time.sleep(0.2)
 
 
-def one_run(ws: Workspace, hub_url: str, user: str, password: str) -> float:
-    """Seconds from posting the login form to the first cell's result."""
+PHASES = ("sign-in", "server", "kernel", "cell")
+
+
+def one_run(ws: Workspace, hub_url: str, user: str, password: str, hub_user: str | None = None) -> dict[str, float]:
+    """Seconds of each phase from posting the login form to the first cell's result, and the total.
+
+    ``hub_user`` is the name the hub gives the user (the plain hub maps the login to the system account).
+    """
+    hub_user = hub_user or user
     probe = Workspace.__new__(Workspace)  # reuse the browser-like helpers against either hub
     probe.url, probe.state_dir = hub_url, ws.state_dir
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     s = requests.Session()
     args, kwargs = probe.login_form(s, user, password)
     r = s.post(*args, **kwargs)
     if "/hub/login" in r.url:
         raise RuntimeError(f"sign-in refused at {hub_url}")
-    probe.start_server(s, user)
-    cell = probe.run_cell(s, user, "1 + 1")
-    elapsed = time.perf_counter() - t0
+    marks.append(time.perf_counter())
+    probe.start_server(s, hub_user)
+    marks.append(time.perf_counter())
+    kernel = probe.start_kernel(s, hub_user)
+    marks.append(time.perf_counter())
+    cell = probe.run_cell(s, hub_user, "1 + 1", kernel_id=kernel)
+    marks.append(time.perf_counter())
     if cell.result != "2":
         raise RuntimeError(f"unexpected cell result {cell}")
-    return elapsed
+    out = {name: marks[i + 1] - marks[i] for i, name in enumerate(PHASES)}
+    out["total"] = marks[-1] - marks[0]
+    return out
 
 
 def main() -> None:
@@ -148,23 +161,26 @@ def main() -> None:
         (root / "plain").mkdir(mode=0o755)
         plain = PlainHub(root / "plain", ldap_port, account)
         plain.start()
-        one_run(ws, plain.url, USER, password)  # warm-up of the plain path
+        one_run(ws, plain.url, USER, password, account)  # warm-up of the plain path
         stop_servers(f"http://127.0.0.1:{plain.hub_port}/", plain.token)
-        times: dict[str, list[float]] = {"paitient": [], "plain": []}
+        times: dict[str, list[dict[str, float]]] = {"paitient": [], "plain": []}
         for i in range(args.runs):
             for name in ("plain", "paitient") if i % 2 else ("paitient", "plain"):
                 if name == "paitient":
                     t = one_run(ws, ws.url, USER, password)
                     stop_servers(base, op_token)
                 else:
-                    t = one_run(ws, plain.url, USER, password)
+                    t = one_run(ws, plain.url, USER, password, account)
                     stop_servers(f"http://127.0.0.1:{plain.hub_port}/", plain.token)
                 times[name].append(t)
-                print(f"run {i + 1} {name:<9} {t:6.2f} s", flush=True)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\nmedian sign-in -> first cell: paitient {med['paitient']:.2f} s, "
-              f"plain JupyterHub {med['plain']:.2f} s")
-        print(f"ratio paitient / plain: {med['paitient'] / med['plain']:.3f}  (goal <= 1.05)")
+                print(f"run {i + 1} {name:<9} " + "  ".join(f"{k} {v:5.2f}" for k, v in t.items()), flush=True)
+        print("\nmedians (s):" + "".join(f"{k:>10}" for k in (*PHASES, "total")))
+        med = {}
+        for name, runs in times.items():
+            med[name] = {k: statistics.median(r[k] for r in runs) for k in (*PHASES, "total")}
+            print(f"  {name:<10}" + "".join(f"{med[name][k]:10.2f}" for k in (*PHASES, "total")))
+        ratio = med["paitient"]["total"] / med["plain"]["total"]
+        print(f"ratio paitient / plain, sign-in -> first cell: {ratio:.3f}  (goal <= 1.05)")
     finally:
         if plain is not None:
             plain.stop()
