@@ -13,22 +13,22 @@ import html
 import json
 import logging
 import os
-import threading
 from typing import Any
-from urllib.parse import urlencode, urlparse
+from urllib.parse import urlencode
 
-from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import web
 
 from paitient.audit import emit, trail_dir
 from paitient.audit.query import Filter, FilterError, select
 from paitient.audit.verify import verify_dir
+from paitient.webpage import ScopedPage, WebThread, loopback_listener
+from paitient.webpage import make_app as page_app
 
 READ_SCOPE = "custom:audit:read"
 FILTER_KEYS = ("user", "project", "action", "outcome", "since", "until")
 MAX_LIMIT = 1000
 DETAIL_CHARS = 4000
-CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #ddd;padding:4px;vertical-align:top;text-align:left;font-size:13px}
@@ -90,42 +90,14 @@ def render_verify(report, prefix: str) -> str:
     )
 
 
-class ReaderHandler(HubOAuthenticated, web.RequestHandler):
+class ReaderHandler(ScopedPage):
     """Base: signed-in through the hub, and holding ``custom:audit:read``; otherwise 403."""
 
-    def initialize(self) -> None:
-        # The app may carry its own HubAuth (one per app instead of the process-wide singleton).
-        if self.settings.get("paitient_hub_auth") is not None:
-            self.hub_auth = self.settings["paitient_hub_auth"]
-
-    @property
-    def hub_scopes(self) -> set[str]:
-        return {READ_SCOPE}
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Security-Policy", CSP)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
-        self.set_header("Cache-Control", "no-store")
+    required_scope = READ_SCOPE
+    needed_for = "reading the audit trail"
 
     def reader(self) -> str:
-        user = self.current_user
-        if not user:
-            raise web.HTTPError(403)
-        if READ_SCOPE not in set(user.get("scopes", ())):
-            raise web.HTTPError(403, "reading the audit trail needs the custom:audit:read scope")
-        return user["name"]
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        reason = self._reason
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            reason = exc.log_message
-        if self.request.path.rstrip("/").endswith("/api/records"):
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": reason, "status": status_code}))
-        else:
-            self.finish(f"<!doctype html><p>{_e(status_code)}: {_e(reason)}</p>")
+        return self.signed_in()
 
     def filter_args(self) -> dict[str, str]:
         return {k: self.get_argument(k, "")[:200] for k in FILTER_KEYS}
@@ -214,60 +186,13 @@ def make_app(site, prefix: str, *, hub_auth=None, **settings: Any) -> web.Applic
     """The web view's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
     if not prefix.endswith("/"):
         prefix += "/"
-    return web.Application(
-        handlers(prefix),
-        paitient_site=site,
-        paitient_prefix=prefix,
-        paitient_hub_auth=hub_auth,
-        cookie_secret=settings.pop("cookie_secret", None) or _secret(),
-        **settings,
-    )
-
-
-def _secret() -> bytes:
-    import secrets
-
-    return secrets.token_bytes(32)
-
-
-class WebThread:
-    """The web view running on its own event loop in a thread (the socket server has the main thread)."""
-
-    def __init__(self, app: web.Application, host: str, port: int):
-        self.app, self.host, self.port = app, host, port
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="audit-web", daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.app.listen(self.port, address=self.host)
-        self.ready.set()
-        try:
-            self.loop.run_forever()
-        finally:
-            server.stop()
-            self.loop.close()
-
-    def start(self) -> WebThread:
-        self.thread.start()
-        self.ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+    return page_app(handlers(prefix), hub_auth=hub_auth, paitient_site=site, paitient_prefix=prefix, **settings)
 
 
 def run_in_thread(site, url: str, log: logging.Logger) -> WebThread:
     """Serve the web view at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``); loopback addresses only."""
-    parsed = urlparse(url)
-    host = parsed.hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(
-            f"the audit web view listens on loopback only, not {host!r}; set its url to http://127.0.0.1:PORT"
-        )
+    host, port = loopback_listener(url, "the audit web view")
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/audit/")
     app = make_app(site, prefix)
     log.info("audit: web view on %s (prefix %s)", url, prefix)
-    return WebThread(app, host, parsed.port or 80).start()
+    return WebThread(app, host, port, name="audit").start()

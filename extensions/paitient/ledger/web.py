@@ -16,15 +16,15 @@ import json
 import logging
 import os
 from typing import Any
-from urllib.parse import urlparse
 
-from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import web
 
 from paitient.ledger.service import READ_SCOPE, public_run
 from paitient.registry import Registry
+from paitient.webpage import ScopedPage, WebThread, loopback_listener
+from paitient.webpage import make_app as page_app
 
-CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1em}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}.left{font-weight:bold}
 .out{color:#b00}.lost{color:#a60}"""
@@ -89,46 +89,20 @@ def render_page(view: dict[str, Any], user: str) -> str:
     )
 
 
-class StewardHandler(HubOAuthenticated, web.RequestHandler):
+class StewardHandler(ScopedPage):
     """Signed in through the hub with ``custom:ledger:read``; shows only the projects one stewards."""
 
-    def initialize(self) -> None:
-        if self.settings.get("paitient_hub_auth") is not None:
-            self.hub_auth = self.settings["paitient_hub_auth"]
-
-    @property
-    def hub_scopes(self) -> set[str]:
-        return {READ_SCOPE}
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Security-Policy", CSP)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Cache-Control", "no-store")
+    required_scope = READ_SCOPE
+    needed_for = "the ledger page"
 
     def steward(self) -> str:
-        user = self.current_user
-        if not user:
-            raise web.HTTPError(403)
-        if READ_SCOPE not in set(user.get("scopes", ())):
-            raise web.HTTPError(403, f"the ledger page needs the {READ_SCOPE} scope")
-        return user["name"]
+        return self.signed_in()
 
     async def view(self, username: str) -> dict[str, Any]:
         site = self.settings["paitient_site"]
         projects = visible_projects(site, Registry.for_state_dir(site.state_dir), username)
         ledger = self.settings["paitient_ledger"]
         return await asyncio.get_running_loop().run_in_executor(None, ledger_view, ledger, projects)
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        reason = self._reason
-        exc = kwargs.get("exc_info", (None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            reason = exc.log_message
-        if "/api/" in self.request.path:
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": reason, "status": status_code}))
-        else:
-            self.finish(f"<!doctype html><p>{_e(status_code)}: {_e(reason)}</p>")
 
 
 class LedgerPage(StewardHandler):
@@ -149,24 +123,15 @@ class BudgetAPI(StewardHandler):
 def make_app(site, ledger, prefix: str, *, hub_auth=None, **settings: Any) -> web.Application:
     if not prefix.endswith("/"):
         prefix += "/"
-    import secrets
-
-    return web.Application(
-        [(prefix, LedgerPage), (prefix + "api/budget", BudgetAPI),
-         (prefix + "oauth_callback", HubOAuthCallbackHandler)],
-        paitient_site=site, paitient_ledger=ledger, paitient_prefix=prefix, paitient_hub_auth=hub_auth,
-        cookie_secret=settings.pop("cookie_secret", None) or secrets.token_bytes(32), **settings,
-    )
+    routes = [(prefix, LedgerPage), (prefix + "api/budget", BudgetAPI),
+              (prefix + "oauth_callback", HubOAuthCallbackHandler)]
+    return page_app(routes, hub_auth=hub_auth, paitient_site=site, paitient_ledger=ledger, paitient_prefix=prefix,
+                    **settings)
 
 
-def run_in_thread(site, ledger, url: str, log: logging.Logger):
+def run_in_thread(site, ledger, url: str, log: logging.Logger) -> WebThread:
     """Serve the page at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread."""
-    from paitient.audit.web import WebThread
-
-    parsed = urlparse(url)
-    host = parsed.hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"the ledger page listens on loopback only, not {host!r}; use http://127.0.0.1:PORT")
+    host, port = loopback_listener(url, "the ledger page")
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/ledger/")
     log.info("ledger: stewards' page on %s (prefix %s)", url, prefix)
-    return WebThread(make_app(site, ledger, prefix), host, parsed.port or 80).start()
+    return WebThread(make_app(site, ledger, prefix), host, port, name="ledger").start()
