@@ -606,6 +606,12 @@ def test_ledger_killed_while_a_kernel_trains_is_restarted_and_the_run_settles(sm
     assert settled["id"] == reservation and settled["state"] == "settled"
     assert 0.4 < settled["epsilon_spent"] <= 0.5 and settled["record"]["steps"] == settled["record"]["planned_steps"]
     assert root_ledger(small).run(reservation)["state"] == "settled"
+    # the restarted service serves the stewards' page again (once its web thread listens, after the socket)
+    sam, deadline = small.login("sam"), time.monotonic() + 30
+    while (page := sam.get(small.url + "services/ledger/", timeout=30)).status_code == 503:
+        assert time.monotonic() < deadline, "the restarted ledger serves no page" + small.logs()
+        time.sleep(0.5)
+    assert page.status_code == 200 and reservation in page.text, page.text[-500:]
 
 
 # -- 5. a model that cannot be trained privately ----------------------------------------------------------
