@@ -2,8 +2,8 @@
 the published datasets, and the privacy ledger service outside the kernel.
 
 Tests that need a small budget or kill kernels run in a workspace of their own (``small``), where a
-steward sets the budgets with ``paitient ledger set-budget``; each of them uses its own dataset, so
-none depends on what another spent.
+steward sets the budgets with ``paitient ledger set-budget``; each test either has a dataset to itself
+or counts only what it changed, so none depends on what another spent.
 """
 
 from __future__ import annotations
