@@ -178,3 +178,11 @@ def test_stop_ends_everything_it_started(fresh_workspace):
     ws.start_server(s, "bob")
     assert ws.member("bob").uid == member.uid
     assert json.loads((ws.state_dir / "accounts.json").read_text())["bob"]["uid"] == member.uid
+
+
+def test_every_service_page_is_routed_when_ready_is_printed(fresh_workspace):
+    # the ready line comes only once the proxy routes the hub's services too (asked at once after it)
+    ws = fresh_workspace.start()
+    for name in ("ledger", "audit", "airlock"):
+        r = requests.get(ws.url + f"services/{name}/", allow_redirects=False, timeout=10)
+        assert r.status_code != 404 and r.status_code < 500, (name, r.status_code)

@@ -27,7 +27,7 @@ from paitient.app import PaitientCommand
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
-from paitient.services import free_port, parent_death_signal
+from paitient.services import SERVICES, free_port, parent_death_signal
 
 READY_PREFIX = "paitient: workspace ready at "
 
@@ -82,6 +82,14 @@ def hub_api(base_url: str, token: str, path: str, method: str = "GET", timeout: 
     with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback URL we built
         body = r.read()
         return json.loads(body) if body else None
+
+
+def proxy_routes(api_port: int, token: str) -> dict:
+    """The routes configurable-http-proxy holds (its REST API on loopback)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/routes",  # noqa: S310 - loopback
+                                 headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=2) as r:  # noqa: S310
+        return json.loads(r.read())
 
 
 def stop_user_servers(base_url: str, token: str, timeout: float = 30.0) -> list[str]:
@@ -264,9 +272,14 @@ class UpCommand(_StateCommand):
                                      f"see {paths.log_dir / (name + '.log')}")
             try:
                 with urllib.request.urlopen(url + "hub/login", timeout=2) as r:  # noqa: S310 - loopback
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as e:
+                    hub_ok = r.status == 200
+                # the hub adds its services' routes to the proxy last: ready means every page answers
+                routes = proxy_routes(self.running.proxy_api_port, paths.secret("proxy_token"))
+                missing = [f"/services/{name}" for name in SERVICES if f"/services/{name}" not in routes]
+                if hub_ok and not missing:
+                    return
+                last = f"proxy has no route yet for {', '.join(missing)}" if missing else "hub not ready"
+            except (urllib.error.URLError, OSError, ValueError) as e:
                 last = str(e)
             time.sleep(0.2)
         raise SystemExit(f"paitient up: the hub did not answer at {url} within {self.ready_timeout:.0f}s ({last}); "
