@@ -166,3 +166,12 @@ def test_runtime_dir_is_hidden_except_this_kernels_files():
 def test_kernel_files_outside_the_runtime_dir_are_refused(kernel_dir, cf):
     with pytest.raises(PolicyError, match="directly in the runtime dir"):
         build_bwrap_argv(policy(runtime_dir="/rt", kernel_dir=kernel_dir, connection_file=cf))
+
+
+def test_software_installed_under_tmp_is_bound_after_the_private_tmp():
+    # A workspace installed from a checkout under /tmp (as CI does) must stay importable in the sandbox:
+    # its bind has to come after the empty /tmp, or the tmpfs hides it.
+    argv = build_bwrap_argv(policy(system_ro=("/usr", "/tmp/checkout/extensions/paitient")))
+    tmp_at = next(i for i, a in enumerate(argv) if a == "--tmpfs" and argv[i + 1] == "/tmp")
+    src_at = argv.index("/tmp/checkout/extensions/paitient")
+    assert argv[src_at - 1] == "--ro-bind" and src_at > tmp_at

@@ -172,6 +172,9 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
         argv += ["--seccomp", str(seccomp_fd)]
     for key, value in sorted(policy.env.items()):
         argv += ["--setenv", key, value]
+    # The private /proc, /dev and /tmp first: what is bound below may lie under /tmp (a workspace
+    # installed from a checkout there) and must not be covered by the empty /tmp.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/data"]  # noqa: S108
     for path in policy.system_ro:
         _check_abs("system_ro entry", path)
         argv += ["--ro-bind", path, path]
@@ -188,7 +191,6 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
             argv += ["--ro-bind", str(host), str(host)]
     for path in policy.extra_ro:
         argv += ["--ro-bind-try", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/data"]  # noqa: S108
     for m in policy.data:
         if not m.dest.startswith("/data/"):
             raise PolicyError(f"dataset mount {m.dest!r} must lie under /data/")
