@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from opacus.accountants import PRVAccountant
 from torch import nn
 from torch.utils.data import DataLoader
 
+import paitient
 from paitient import dp
 from paitient.channel import call
 from paitient.dp.validate import DPModelError
@@ -311,7 +313,9 @@ def test_kernel_in_a_pid_namespace_is_tracked_by_its_host_pid(service, site, sta
     (SO_PEERCRED), so a sandboxed kernel killed mid-training is found dead and its reservation counted."""
     register(state_dir, "nobody-researcher", 65534, ("oncology",))
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PAITIENT_RUN_DIR": str(site.run_dir), "MPLCONFIGDIR": "/tmp"}
+    source = str(Path(paitient.__file__).resolve().parents[1])  # a checkout under /tmp must stay visible
     sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+               "--ro-bind", source, source,
                "--ro-bind", str(site.run_dir), str(site.run_dir), "--unshare-pid", "--unshare-net",
                "--die-with-parent", "--new-session", "--"]
     proc = subprocess.Popen([*NOBODY, *sandbox, sys.executable, "-c", KERNEL.format(eps=1.5, pause=0.5)],
