@@ -76,3 +76,34 @@ def test_refuses_to_replace_a_non_socket(tmp_path):
     p.write_text("data")
     with pytest.raises(RuntimeError, match="is not a socket"):
         ChannelServer(p, {})
+
+
+def test_many_callers_at_once_are_all_answered(world_tmp):
+    # More simultaneous callers than a default accept queue holds: none may fail to connect.
+    import threading
+    import time
+
+    def slow(peer, args, fds):
+        time.sleep(0.05)
+        return args["i"]
+
+    srv = ChannelServer(world_tmp / "busy.sock", {"slow": slow}, name="busy")
+    srv.start_in_thread()
+    results, errors = [], []
+
+    def one(i):
+        try:
+            results.append(call(srv.path, "slow", {"i": i}, timeout=30))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert errors == [] and sorted(results) == list(range(64))

@@ -22,6 +22,7 @@ import socketserver
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,9 @@ class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # Many kernels may call at once (a class starting their training together): a short accept queue
+    # makes a connect fail with EAGAIN on a unix socket instead of waiting.
+    request_queue_size = 128
 
     def __init__(self, path: str | os.PathLike[str], handlers: dict[str, Handler], *, name: str = "service",
                  mode: int = 0o666, timeout_seconds: float = 30.0):
@@ -165,13 +169,22 @@ def call(path: str | os.PathLike[str], op: str, args: dict[str, Any] | None = No
     payload = json.dumps({"op": op, "args": args or {}}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise ChannelError(
-                f"the service at {path} is not running ({e.strerror}); ask the workspace operator",
-                "unavailable",
-            ) from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(str(path))
+                break
+            except BlockingIOError:
+                # the service's accept queue is full for a moment: wait for it, as a blocking connect would
+                if time.monotonic() > deadline:
+                    raise ChannelError(f"the service at {path} is too busy to answer; try again",
+                                       "unavailable") from None
+                time.sleep(0.01)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                raise ChannelError(
+                    f"the service at {path} is not running ({e.strerror}); ask the workspace operator",
+                    "unavailable",
+                ) from None
         if fds:
             socket.send_fds(sock, [payload], fds)
         else:
