@@ -107,3 +107,26 @@ def test_many_callers_at_once_are_all_answered(world_tmp):
         srv.shutdown()
         srv.server_close()
     assert errors == [] and sorted(results) == list(range(64))
+
+
+def test_a_service_stops_promptly_on_sigterm_however_often_it_comes(world_tmp):
+    # The services' main loop must end on SIGTERM; a handler that takes a lock could hang it forever.
+    import signal
+    import textwrap
+    import time
+
+    code = textwrap.dedent("""
+        import sys
+        from paitient.services import StopSignal
+        stop = StopSignal(tick=0.01)
+        print("ready", flush=True)
+        stop.wait()
+        print("stopped", flush=True)
+    """)
+    for _ in range(5):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0 and p.stdout.read().strip() == "stopped"

@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import socket
+import time
 
 from traitlets import Unicode
 
@@ -69,6 +70,32 @@ def managed_service(site, name: str, python: str, *, port: int, scopes: list[str
         "display": True,
         "info": {"description": description},
     }
+
+
+class StopSignal:
+    """Notes SIGTERM and SIGINT for a service's main loop.
+
+    The handler only sets a flag: a handler that calls ``threading.Event.set()`` can interrupt the main
+    thread inside ``Event.wait()`` while it holds the event's lock, and then waits for that lock forever.
+    """
+
+    def __init__(self, tick: float = 0.2):
+        self.received = False
+        self.tick = tick
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop signal came (True) or ``timeout`` seconds passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.received:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.tick)
+        return True
 
 
 def socket_path(site, name: str):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from paitient.audit.query import projects_of
 from paitient.audit.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.channel import ChannelError, ChannelServer, Peer
 from paitient.registry import Registry
-from paitient.services import managed_service, socket_path
+from paitient.services import StopSignal, managed_service, socket_path
 
 USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})
 """What a user-side process may report. Everything else is recorded by root-side processes only."""
@@ -154,13 +152,7 @@ def serve(site, log: logging.Logger) -> None:
     server = ChannelServer(path, handlers(site, log), name="audit", mode=0o666)
     log.info("audit: recording to %s, listening on %s", directory, path)
     url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
-    stop = threading.Event()
-
-    def _stop(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = StopSignal()
     server.start_in_thread()
     web = None
     try:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from paitient.config import NAME_RE
 from paitient.ledger.budget import BudgetExceeded
 from paitient.ledger.store import Ledger, LedgerError
 from paitient.registry import Member, Registry
-from paitient.services import managed_service, socket_path
+from paitient.services import StopSignal, managed_service, socket_path
 
 SWEEP_SECONDS = 10.0
 READ_SCOPE = "custom:ledger:read"
@@ -271,13 +269,7 @@ def serve(site, log: logging.Logger) -> None:
     service = LedgerService(site, ledger, Registry.for_state_dir(site.state_dir), log)
     path = Path(socket_path(site, "ledger"))
     server = ChannelServer(path, service.handlers(), name="ledger", mode=0o666)
-    stop = threading.Event()
-
-    def _stop(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = StopSignal()
     server.start_in_thread()
     log.info("ledger: %s, listening on %s", ledger.db.__class__.__name__.strip("_"), path)
     web = None
