@@ -27,12 +27,21 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
             editor.click()
             page.keyboard.type("import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')")
             assert "read_csv" in editor.inner_text()
-            page.keyboard.press("Shift+Enter")
-            try:
-                table = page.wait_for_selector(".jp-OutputArea-output table", timeout=90_000)
-            except Exception:
+            # Now and then the first Shift+Enter sends nothing (seen twice in full runs: the server never
+            # received an execute request, the kernel was idle). Press again, as a researcher would; the
+            # cell is idempotent, and a run that never shows the table still fails.
+            table = None
+            for _ in range(3):
+                editor.click()
+                page.keyboard.press("Shift+Enter")
+                try:
+                    table = page.wait_for_selector(".jp-OutputArea-output table", timeout=40_000)
+                    break
+                except Exception:  # noqa: BLE001, S112 - retried, and reported below when it never came
+                    continue
+            if table is None:
                 raise AssertionError("no table; output: " + page.locator(".jp-OutputArea").first.inner_text()
-                                     + "\n" + server.logs()[-2000:]) from None
+                                     + "\n" + server.logs()[-2000:])
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
         finally:
