@@ -4,17 +4,13 @@ the hub's OAuth, download by the researcher; the other project's researcher gets
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from paitient.audit.query import newest_first
-from tests.e2e.workspace import Workspace
+from tests.e2e.workspace import own_workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -45,15 +41,8 @@ print(json.dumps({r["id"]: r for r in airlock.status()}))
 
 @pytest.fixture(scope="module")
 def ws():
-    root = Path(tempfile.mkdtemp(prefix="paitient-airlock-e2e-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    w = Workspace(root, prefix="pta")
-    try:
-        w.start()
-        yield w
-    finally:
-        w.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    with own_workspace("paitient-airlock-e2e-", "pta") as ws:
+        yield ws
 
 
 def _cell(ws, s, user, code, kernel=None):

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +18,7 @@ from paitient.config import load
 from paitient.hub.paths import HubPaths
 from paitient.hub.up import Running
 from tests.attacks.conftest import PRELUDE
-from tests.e2e.workspace import Workspace
+from tests.e2e.workspace import Workspace, own_workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -51,15 +48,8 @@ class HubAttacker:
 
 @pytest.fixture(scope="module")
 def hub():
-    root = Path(tempfile.mkdtemp(prefix="pth-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    ws = Workspace(root, prefix="pth")
-    try:
-        ws.start()
+    with own_workspace("pth-", "pth") as ws:
         yield ws
-    finally:
-        ws.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import hashlib
 import json
 import os
 import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ from paitient.config import load
 from paitient.dp.run import default_delta
 from paitient.ledger.service import process_start
 from paitient.ledger.store import Ledger
-from tests.e2e.workspace import PAITIENT, Workspace
+from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
 
 # the root-side PRV recomputations below warn about RDP orders, as make_private used to in the kernel
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")]
@@ -154,15 +152,8 @@ def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker
 @pytest.fixture(scope="module")
 def small():
     """A workspace of this module's own, for small budgets and killed kernels."""
-    root = Path(tempfile.mkdtemp(prefix="paitient-dp-e2e-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    ws = Workspace(root, prefix="ptd")
-    try:
-        ws.start()
+    with own_workspace("paitient-dp-e2e-", "ptd") as ws:
         yield ws
-    finally:
-        ws.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- 1. the record is the accountant's --------------------------------------------------------------------

@@ -10,13 +10,17 @@ workspace through ``paitient stop`` and removes the system accounts it created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -34,6 +38,22 @@ def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: s
     body = DEMO_SITE.replace('state_dir = "/var/lib/paitient"',
                              f'state_dir = "{state_dir}"\nport = {port}')
     return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
+
+
+@contextlib.contextmanager
+def own_workspace(dir_prefix: str, account_prefix: str = "ptt", *, start: bool = True) -> Iterator[Workspace]:
+    """A workspace in a fresh directory under /tmp (traversable by the spawned accounts), started unless
+    ``start`` is false; stopped, its accounts removed and its directory deleted afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=dir_prefix, dir="/tmp"))
+    os.chmod(root, 0o755)  # spawned accounts traverse it to reach their homes and the service sockets
+    ws = Workspace(root, prefix=account_prefix)
+    try:
+        if start:
+            ws.start()
+        yield ws
+    finally:
+        ws.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class Workspace:
