@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from paitient.audit import emit
-from paitient.audit.writer import AuditLog, trail_files
 from paitient.config import load
+from paitient.services.audit import emit
+from paitient.services.audit.writer import AuditLog, trail_files
 
 
 def _site(state: Path):

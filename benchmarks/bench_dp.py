@@ -1,11 +1,11 @@
-"""Throughput of private training: plain SGD, paitient.dp, Opacus hooks (default) and Opacus ghost clipping.
+"""Throughput of private training: plain SGD, paitient.kernel.dp, Opacus hooks (default) and Opacus ghost clipping.
 
 One run: ``/opt/paitient/venv/bin/python benchmarks/bench_dp.py``. The model and data are the ones the
 project's goal is stated on: an MLP 64-256-256-2 on 200k x 64 rows, batch 512, 2 threads.
 
 All DP modes get the same Poisson-sampled batches (paitient's sampler over an in-memory TensorDataset),
 and plain SGD the same batch size from a shuffled in-memory sampler, so the numbers compare the
-gradient computation, not data loading. paitient.dp runs through ``make_private`` against a real
+gradient computation, not data loading. paitient.kernel.dp runs through ``make_private`` against a real
 ledger service (in this process, on a temporary socket). The modes take turns, one block of
 ``--steps`` steps each, ``--blocks`` rounds, so all see the same machine load; each reports its median
 block (Opacus hooks, ~60x slower, runs fewer steps per block).
@@ -93,9 +93,9 @@ def ledger_in_process(tmp: Path):
     """A real ledger service for this process (uid registered as a researcher of project 'bench')."""
     from paitient.channel import ChannelServer
     from paitient.config import parse
-    from paitient.ledger.service import LedgerService
-    from paitient.ledger.store import Ledger
     from paitient.registry import Member, Registry
+    from paitient.services.ledger.service import LedgerService
+    from paitient.services.ledger.store import Ledger
 
     site = parse(tomllib.loads(f"""
         [workspace]
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     from opacus import PrivacyEngine
 
     from paitient import dp
-    from paitient.dp.sampling import poisson_loader
+    from paitient.kernel.dp.sampling import poisson_loader
 
     ds, batch, crit = data(), 512, nn.CrossEntropyLoss()
     base = DataLoader(ds, batch_size=batch)
@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
                           criterion=crit, run_dir=site.run_dir, progress=False)
     if 5 + args.blocks * args.steps > run.planned_steps:
         ap.error(f"--steps x --blocks must stay below {run.planned_steps - 5} (one epoch)")
-    ours = f"paitient.dp ({run.mode})"
+    ours = f"paitient.kernel.dp ({run.mode})"
     benches[ours] = Bench(run.model, run.optimizer, crit, run.data_loader)
 
     for mode in ("ghost", "hooks"):
         model = mlp()
-        loader = poisson_loader(base)  # the same Poisson batches as paitient.dp
+        loader = poisson_loader(base)  # the same Poisson batches as paitient.kernel.dp
         out = PrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), data_loader=loader,
             criterion=crit, noise_multiplier=run.noise_multiplier, max_grad_norm=1.0, poisson_sampling=False,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'mode':<24}{'samples/s':>12}{'time vs plain':>15}")
     for name, rate in results.items():
         print(f"{name:<24}{rate:>12,.0f}{plain / rate:>14.2f}x")
-    print(f"paitient.dp vs plain SGD: {plain / ours:.2f}x the time (goal <= 1.5x); "
+    print(f"paitient.kernel.dp vs plain SGD: {plain / ours:.2f}x the time (goal <= 1.5x); "
           f"vs Opacus ghost: {ours / ghost:.2f}x the speed (goal >= 1)")
 
 

@@ -33,9 +33,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from paitient import config  # noqa: E402
-from paitient.data import keys  # noqa: E402
-from paitient.data.ingest import ingest  # noqa: E402
-from paitient.data.spec import parse_spec  # noqa: E402
+from paitient.services.data import keys  # noqa: E402
+from paitient.services.data.ingest import ingest  # noqa: E402
+from paitient.services.data.spec import parse_spec  # noqa: E402
 
 
 def make_table(rows: int, seed: int = 1) -> pa.Table:

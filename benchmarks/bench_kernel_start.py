@@ -91,7 +91,7 @@ async def one_start(kind: str, kernel_dirs: str, config) -> dict:
 def worker(runs: int, workdir: Path) -> None:
     from traitlets.config import Config
 
-    from paitient.server.config import kernel_spec
+    from paitient.hub.serverconfig import kernel_spec
 
     kernels = workdir / "kernels"
     for name, provisioner in (("sandboxed", "paitient-sandbox"), ("plain", "local-provisioner")):

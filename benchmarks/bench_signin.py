@@ -27,7 +27,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paitient.hub.paths import HubPaths, default_proxy_command  # noqa: E402
-from paitient.hub.up import Running, free_port, hub_api  # noqa: E402
+from paitient.ops.up import Running, free_port, hub_api  # noqa: E402
 from tests.e2e.workspace import Workspace  # noqa: E402
 
 USER = "alice"

@@ -2,7 +2,7 @@
 
 One run: ``/opt/paitient/venv/bin/python benchmarks/bench_utility.py``. Two models (logistic regression
 and a small MLP 30-16-2), five seeds, each seed its own stratified 80/20 split; delta 1e-5. Private runs
-go through ``paitient.dp.make_private`` against a real ledger service in this process (a temporary
+go through ``paitient.kernel.dp.make_private`` against a real ledger service in this process (a temporary
 socket and state directory). Prints test accuracy, mean and standard deviation over the seeds.
 """
 

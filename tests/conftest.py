@@ -1,11 +1,52 @@
 """Shared fixtures. Subsystem fixtures live in their own conftest files under tests/<subsystem>/."""
 
+import filecmp
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE = REPO / "extensions" / "paitient"
+
+
+def _differing_files(left: Path, right: Path) -> list[str]:
+    """Python files that differ between two copies of the package (missing on either side counts)."""
+    names = {p.relative_to(left) for p in left.rglob("*.py")} | {p.relative_to(right) for p in right.rglob("*.py")}
+    return sorted(str(n) for n in names
+                  if not ((left / n).is_file() and (right / n).is_file()
+                          and filecmp.cmp(left / n, right / n, shallow=False)))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The tests run the code under extensions/, and so do the hub, servers and kernels they start.
+
+    pytest imports ``paitient`` from extensions/ (``pythonpath`` in pyproject.toml); the processes the
+    tests start run the environment's interpreter, which imports whatever copy is installed there. Either
+    one being another copy would test code that is not this checkout's, so the run stops here instead.
+    """
+    import paitient
+
+    here = Path(paitient.__file__).resolve().parent
+    if here != SOURCE:
+        pytest.exit(f"the tests imported paitient from {here}, not from {SOURCE}; run pytest from the "
+                    "repository root (pyproject.toml puts extensions/ on the path)", returncode=4)
+    probe = subprocess.run([sys.executable, "-I", "-c", "import paitient; print(paitient.__file__)"],
+                           capture_output=True, text=True, cwd="/")
+    if probe.returncode != 0:
+        pytest.exit(f"{sys.executable} cannot import paitient: {probe.stderr.strip()[-500:]}; "
+                    "run: bash scripts/setup install", returncode=4)
+    installed = Path(probe.stdout.strip()).resolve().parent
+    if installed != SOURCE:
+        stale = _differing_files(SOURCE, installed)
+        if stale:
+            pytest.exit(f"the environment's paitient ({installed}) is another copy than {SOURCE} and differs "
+                        f"in {len(stale)} file(s), e.g. {', '.join(stale[:5])}; the hub, servers and kernels "
+                        "the tests start would run it. Run: bash scripts/setup install", returncode=4)
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def test_a_service_stops_promptly_on_sigterm_however_often_it_comes(world_tmp):
 
     code = textwrap.dedent("""
         import sys
-        from paitient.services import StopSignal
+        from paitient.services.kit.process import StopSignal
         stop = StopSignal(tick=0.01)
         print("ready", flush=True)
         stop.wait()

@@ -93,7 +93,7 @@ def test_example_site_configuration_loads_and_documents_every_setting():
 def test_airlock_settings_come_from_the_site_and_the_command_line_wins():
     from traitlets.config import Config
 
-    from paitient.airlock.service import settings_for
+    from paitient.services.airlock.service import settings_for
 
     site = parse({"airlock": {"min_count": 20, "mia_max_auc": 0.7}})
     assert (settings_for(site).min_count, settings_for(site).mia_max_auc) == (20, 0.7)

@@ -7,14 +7,14 @@ from traitlets.config import Application
 from paitient import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("paitient.hub.up.UpCommand", "Run the workspace in the foreground (directory, hub, proxy, services)."),
-    "status": ("paitient.hub.up.StatusCommand", "Show what of a workspace runs, with process ids and the URL."),
-    "stop": ("paitient.hub.up.StopCommand", "Stop a workspace started with `paitient up` on a state directory."),
-    "ingest": ("paitient.data.cli.IngestCommand", "Pseudonymise a source table and publish it as a dataset."),
-    "datasets": ("paitient.data.cli.DatasetsCommand", "List the published datasets and their versions."),
-    "ledger": ("paitient.ledger.cli.LedgerCommand", "Show the privacy-budget ledger of a project."),
-    "audit": ("paitient.audit.cli.AuditCommand", "Verify the audit trail or show its records."),
-    "airlock": ("paitient.airlock.cli.AirlockCommand", "List airlock requests and their state."),
+    "up": ("paitient.ops.up.UpCommand", "Run the workspace in the foreground (directory, hub, proxy, services)."),
+    "status": ("paitient.ops.up.StatusCommand", "Show what of a workspace runs, with process ids and the URL."),
+    "stop": ("paitient.ops.up.StopCommand", "Stop a workspace started with `paitient up` on a state directory."),
+    "ingest": ("paitient.services.data.cli.IngestCommand", "Pseudonymise a source table and publish it as a dataset."),
+    "datasets": ("paitient.services.data.cli.DatasetsCommand", "List the published datasets and their versions."),
+    "ledger": ("paitient.services.ledger.cli.LedgerCommand", "Show the privacy-budget ledger of a project."),
+    "audit": ("paitient.services.audit.cli.AuditCommand", "Verify the audit trail or show its records."),
+    "airlock": ("paitient.services.airlock.cli.AirlockCommand", "List airlock requests and their state."),
     "service": ("paitient.services.ServiceCommand", "Run one root-side service (ledger, audit, airlock)."),
 }
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+EMBEDDED_SITE = Path(__file__).with_name("embedded_site.toml")
+"""The embedded default: a demo directory and two demo projects (``paitient up`` without ``--site``)."""
+
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -507,9 +510,7 @@ def parse(raw: dict[str, Any], source: str = "", overrides: dict[str, dict[str, 
 def load(path: str | os.PathLike[str] | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> SiteConfig:
     """Read and validate the site configuration; ``None`` gives the embedded demo default."""
     if path is None:
-        from paitient.demo import DEMO_SITE
-
-        return parse(tomllib.loads(DEMO_SITE), source="", overrides=overrides)
+        return parse(tomllib.loads(EMBEDDED_SITE.read_text(encoding="utf-8")), source="", overrides=overrides)
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -15,9 +15,9 @@ import pandas as pd
 from jupyterhub.services.auth import HubOAuth
 from traitlets import Dict, List
 
-from paitient.airlock.service import Airlock
 from paitient.channel import Peer
 from paitient.registry import Member, Registry
+from paitient.services.airlock.service import Airlock
 
 STEWARD = ["access:services!service=airlock", "custom:airlock:review"]
 RESEARCHER = ["access:services!service=airlock", "custom:airlock:request", "custom:airlock:download"]

@@ -10,8 +10,8 @@ import pytest
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from paitient.airlock import states
-from paitient.airlock.web import make_app
+from paitient.rules import review
+from paitient.services.airlock.web import make_app
 from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, submit, wait_state
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -70,7 +70,7 @@ def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser
     hostile = pd.DataFrame({"group": ["<b>bold</b>", "b"], "n": [30, 40]})
     rid = submit(airlock, people, "alice", csv_bytes(hostile), name="groups.csv",
                  justification="Table 2 <i>of the paper</i>")
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
 
     sam = _page(browser, served, "sam")
     sam.goto(served)
@@ -108,7 +108,7 @@ def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser
 
 def test_own_request_has_no_decision_form_in_the_browser(served, browser, airlock, people):
     rid = submit(airlock, people, "steph", GOOD, project="oncology")
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     steph = _page(browser, served, "steph")
     steph.goto(f"{served}requests/{rid}")
     assert "another steward of the project must review it" in steph.locator("#own-request").inner_text()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from paitient.audit.query import newest_first
+from paitient.services.audit.query import newest_first
 from tests.e2e.workspace import own_workspace
 
 pytestmark = pytest.mark.e2e

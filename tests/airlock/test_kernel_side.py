@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from paitient.airlock import AirlockError, form, request, status
-from paitient.airlock.client import _class_source
-from paitient.airlock.service import Airlock, AirlockSettings
-from paitient.audit import AuditError
+from paitient.kernel.airlock import AirlockError, form, request, status
+from paitient.kernel.airlock.client import _class_source
+from paitient.services.airlock.service import Airlock, AirlockSettings
+from paitient.services.audit import AuditError
 from tests.airlock.helpers import GOOD, register, submit, wait_state
 
 

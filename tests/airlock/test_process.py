@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from paitient.airlock.service import custom_scopes, hub_service, role_scopes
-from paitient.airlock.store import Store
 from paitient.config import load
+from paitient.services.airlock.service import custom_scopes, hub_service, role_scopes
+from paitient.services.airlock.store import Store
 from tests.airlock.helpers import give, register, run_as
 
 SITE_TOML = """
@@ -94,7 +94,7 @@ def _stop(proc: subprocess.Popen) -> int:
 @pytest.mark.e2e
 def test_the_service_process_restarts_with_every_request_and_decision(world_tmp, make_system_user):
     from paitient.registry import Registry
-    from paitient.services import free_port
+    from paitient.services.kit.process import free_port
 
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
@@ -155,7 +155,7 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
 @pytest.mark.e2e
 def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(world_tmp, make_system_user):
     from paitient.registry import Registry
-    from paitient.services import free_port
+    from paitient.services.kit.process import free_port
 
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
@@ -204,7 +204,7 @@ def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp,
     from safetensors.torch import save
 
     from paitient.registry import Registry
-    from paitient.services import free_port
+    from paitient.services.kit.process import free_port
     from tests.airlock.helpers import breast_cancer, publish
 
     state = world_tmp / "state"

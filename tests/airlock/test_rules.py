@@ -18,26 +18,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from paitient.airlock import states, tables, weights
-from paitient.airlock.states import TransitionError, decide
-from paitient.airlock.store import Store, StoreError
 from paitient.config import Budget
+from paitient.rules import disclosure, review
+from paitient.rules.review import TransitionError, decide
+from paitient.services.airlock import weights
+from paitient.services.airlock.store import Store, StoreError
 
 # --------------------------------------------------------------------------------------------------
 # States and decisions
 
 
 def test_only_the_documented_transitions_are_allowed():
-    allowed = {(a, b) for a, bs in states.TRANSITIONS.items() for b in bs}
+    allowed = {(a, b) for a, bs in review.TRANSITIONS.items() for b in bs}
     assert allowed == {("submitted", "checking"), ("checking", "checking"), ("checking", "in_review"),
                        ("in_review", "released"), ("in_review", "rejected"), ("in_review", "returned")}
-    for a in states.STATES:
-        for b in states.STATES:
+    for a in review.STATES:
+        for b in review.STATES:
             if (a, b) in allowed:
-                states.check_transition(a, b)
+                review.check_transition(a, b)
             else:
                 with pytest.raises(TransitionError):
-                    states.check_transition(a, b)
+                    review.check_transition(a, b)
 
 
 def _decide(**kw):
@@ -66,36 +67,36 @@ def test_decision_rules():
 
 
 def test_overall_status_and_auto_release():
-    assert states.overall_status(["pass", "pass"]) == "pass"
-    assert states.overall_status(["pass", "review"]) == "review"
-    assert states.overall_status(["error", "pass"]) == "review"
-    assert states.overall_status(["review", "fail"]) == "fail"
-    assert states.overall_status([]) == "review"
-    assert states.may_auto_release("table", ["table"], ["pass"])
-    assert not states.may_auto_release("table", ["table"], ["pass", "review"])
-    assert not states.may_auto_release("figure", ["table"], ["pass"])
+    assert review.overall_status(["pass", "pass"]) == "pass"
+    assert review.overall_status(["pass", "review"]) == "review"
+    assert review.overall_status(["error", "pass"]) == "review"
+    assert review.overall_status(["review", "fail"]) == "fail"
+    assert review.overall_status([]) == "review"
+    assert review.may_auto_release("table", ["table"], ["pass"])
+    assert not review.may_auto_release("table", ["table"], ["pass", "review"])
+    assert not review.may_auto_release("figure", ["table"], ["pass"])
 
 
 # --------------------------------------------------------------------------------------------------
 # Tables
 
-RULES = tables.TableRules()
+RULES = disclosure.TableRules()
 
 
 def test_count_table_rules():
     df = pd.DataFrame({"site": ["a", "b", "c", "d"], "n": [25, 9, 0, 11]})
-    by = {r["check"]: r for r in tables.check_table_alone(df, RULES)}
+    by = {r["check"]: r for r in disclosure.check_table_alone(df, RULES)}
     assert by["minimum_count"]["status"] == "fail"
     assert by["minimum_count"]["details"]["cells"] == [{"row": 1, "column": "n", "value": 9.0}]
     assert by["zeros"]["status"] == "fail" and by["zeros"]["details"]["cells"][0]["row"] == 2
     assert by["dominance"]["status"] == "pass"  # counts only: dominance does not apply
-    relaxed = tables.TableRules(min_count=5, zeros_disclosive=False)
-    assert {r["status"] for r in tables.check_table_alone(df, relaxed)} == {"pass"}
+    relaxed = disclosure.TableRules(min_count=5, zeros_disclosive=False)
+    assert {r["status"] for r in disclosure.check_table_alone(df, relaxed)} == {"pass"}
 
 
 def test_magnitude_table_without_recipe_needs_review():
     df = pd.DataFrame({"site": ["a", "b"], "n": [25, 30], "mean_age": [61.2, 58.9]})
-    by = {r["check"]: r for r in tables.check_table_alone(df, RULES)}
+    by = {r["check"]: r for r in disclosure.check_table_alone(df, RULES)}
     assert by["minimum_count"]["status"] == "pass"
     assert by["dominance"]["status"] == "review" and by["dominance"]["details"]["statistic_columns"] == ["mean_age"]
 
@@ -103,9 +104,9 @@ def test_magnitude_table_without_recipe_needs_review():
 def test_parquet_and_bad_files():
     buf = io.BytesIO()
     pd.DataFrame({"x": ["a"], "n": [50]}).to_parquet(buf)
-    assert list(tables.read_table(buf.getvalue(), "t.parquet").columns) == ["x", "n"]
-    with pytest.raises(tables.TableError, match="neither Parquet nor UTF-8 CSV"):
-        tables.read_table(b"\xff\xfe\x00garbage", "t.bin")
+    assert list(disclosure.read_table(buf.getvalue(), "t.parquet").columns) == ["x", "n"]
+    with pytest.raises(disclosure.TableError, match="neither Parquet nor UTF-8 CSV"):
+        disclosure.read_table(b"\xff\xfe\x00garbage", "t.bin")
 
 
 @pytest.fixture(scope="module")
@@ -119,35 +120,35 @@ def microdata():
 
 @pytest.mark.parametrize("agg", ["count", "mean", "std"])
 def test_recipe_recomputed_through_acro(microdata, agg):
-    recipe = tables.validate_recipe({"dataset": "d", "index": "g", "columns": "h",
+    recipe = disclosure.validate_recipe({"dataset": "d", "index": "g", "columns": "h",
                                      **({} if agg == "count" else {"values": "v", "aggfunc": agg})})
     table = (pd.crosstab(microdata.g, microdata.h) if agg == "count"
              else pd.crosstab(microdata.g, microdata.h, values=microdata.v, aggfunc=agg))
-    by = {r["check"]: r for r in tables.check_with_recipe(table.reset_index(), microdata, recipe, RULES)}
+    by = {r["check"]: r for r in disclosure.check_with_recipe(table.reset_index(), microdata, recipe, RULES)}
     assert by["minimum_count"]["status"] == "fail"  # group c is small
     assert by["recipe"]["status"] == "pass"
     if agg != "count":
-        # The dominant value fails n,k dominance; for std too (ACRO's std check is not used, see tables.py).
+        # The dominant value fails n,k dominance; for std too (ACRO's std check is not used, see disclosure.py).
         assert by["dominance"]["status"] == "fail"
         cells = by["dominance"]["details"]["cells"]
         assert [1, 0] in cells or [1, 1] in cells
 
 
 def test_recipe_mismatch_is_flagged(microdata):
-    recipe = tables.validate_recipe({"dataset": "d", "index": "g", "columns": "h"})
+    recipe = disclosure.validate_recipe({"dataset": "d", "index": "g", "columns": "h"})
     table = pd.crosstab(microdata.g, microdata.h).reset_index()
     table.iloc[0, 1] += 5
-    by = {r["check"]: r for r in tables.check_with_recipe(table, microdata, recipe, RULES)}
+    by = {r["check"]: r for r in disclosure.check_with_recipe(table, microdata, recipe, RULES)}
     assert by["recipe"]["status"] == "fail" and "does not hold the numbers" in by["recipe"]["reason"]
 
 
 def test_recipe_validation_says_what_is_wrong():
-    with pytest.raises(tables.TableError, match="unknown recipe keys"):
-        tables.validate_recipe({"dataset": "d", "index": "g", "where": "x"})
-    with pytest.raises(tables.TableError, match="aggfunc 'var' is not supported"):
-        tables.validate_recipe({"dataset": "d", "index": "g", "values": "v", "aggfunc": "var"})
-    with pytest.raises(tables.TableError, match="a count table has no 'values'"):
-        tables.validate_recipe({"dataset": "d", "index": "g", "aggfunc": "count", "values": "v"})
+    with pytest.raises(disclosure.TableError, match="unknown recipe keys"):
+        disclosure.validate_recipe({"dataset": "d", "index": "g", "where": "x"})
+    with pytest.raises(disclosure.TableError, match="aggfunc 'var' is not supported"):
+        disclosure.validate_recipe({"dataset": "d", "index": "g", "values": "v", "aggfunc": "var"})
+    with pytest.raises(disclosure.TableError, match="a count table has no 'values'"):
+        disclosure.validate_recipe({"dataset": "d", "index": "g", "aggfunc": "count", "values": "v"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_canonical_hash_ignores_metadata_but_not_values():
     c = save({"w": torch.tensor([1.0, 1.0, 1.0000001]), "b": torch.zeros(2)})
     plain = save({"w": torch.ones(3), "b": torch.zeros(2)})
     assert a != b and weights.canonical_sha256(a) == weights.canonical_sha256(b)
-    # without metadata, the canonical hash is the file's own SHA-256 (what paitient.dp records)
+    # without metadata, the canonical hash is the file's own SHA-256 (what paitient.kernel.dp records)
     assert weights.canonical_sha256(a) == hashlib.sha256(plain).hexdigest()
     assert weights.canonical_sha256(a) != weights.canonical_sha256(c)
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from paitient.airlock import states
-from paitient.airlock.service import Airlock, AirlockSettings
-from paitient.audit import trail_dir
-from paitient.audit.query import newest_first
-from paitient.ledger.store import Ledger
+from paitient.rules import review
+from paitient.services.airlock.service import Airlock, AirlockSettings
+from paitient.services.audit import trail_dir
+from paitient.services.audit.query import newest_first
+from paitient.services.ledger.store import Ledger
 from tests.airlock.helpers import breast_cancer, csv_bytes, give, publish, register, run_as, wait_state
 
 LINEAR = '''
@@ -83,7 +83,7 @@ def test_table_with_small_cell_is_flagged(site, channel, airlock, alice):
     path = give(Path(alice.pw_dir) / "stages.csv", csv_bytes(table), alice.pw_uid)
     answer = submit(alice, site, path, "table")
     rid = answer["id"]
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     mine = status_as(alice, site, rid)
     assert mine["state"] == "in_review" and mine["username"] == "alice" and mine["project"] == "oncology"
     by_check = {c["check"]: c for c in mine["checks"]}
@@ -141,7 +141,7 @@ def test_weights_without_a_dp_record_are_flagged(site, channel, airlock, alice):
     answer = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
                     split={"holdout": 0.3, "seed": 0}, dataset="breast_cancer")
     rid = answer["id"]
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     checks = {c["check"]: c for c in status_as(alice, site, rid)["checks"]}
     assert checks["format"]["status"] == "pass"
     assert checks["training_record"]["status"] == "fail"
@@ -164,7 +164,7 @@ def test_weights_matching_a_dp_record_within_budget_pass(site, channel, airlock,
     path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
     rid = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
                  split={"holdout": 0.3, "seed": 0})["id"]
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     full = airlock.describe(airlock.store.get(rid), for_steward=True)
     checks = {c["check"]: c for c in full["checks"]}
     assert checks["training_record"]["status"] == "pass", checks["training_record"]
@@ -181,7 +181,7 @@ def test_a_record_of_another_project_does_not_count(site, channel, airlock, alic
     ledger.settle(run, 1.0, record={"dataset": "diabetes", "weights_sha256": hashlib.sha256(data).hexdigest()})
     path = give(Path(alice.pw_dir) / "m.safetensors", data, alice.pw_uid)
     rid = submit(alice, site, path, "weights")["id"]
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     checks = {c["check"]: c for c in airlock.store.checks(rid)}
     assert "belongs to project 'cardio', not 'oncology'" in checks["training_record"]["reason"]
     assert checks["membership_inference"]["status"] == "fail"
@@ -227,7 +227,7 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
     stuck = first.store.create(project="oncology", username="alice", account="pt-alice", uid=alice.pw_uid,
                                kind="table", filename="s.csv", sha256=first.store.get(ids[2]).sha256, size=9,
                                justification="stuck", meta={})
-    first.store.transition(stuck.id, states.CHECKING, actor="airlock")
+    first.store.transition(stuck.id, review.CHECKING, actor="airlock")
     srv.shutdown()
     srv.server_close()
     first.stop()
@@ -259,8 +259,8 @@ def test_row_level_data_does_not_leave(site, channel, airlock, alice):
     export = df.drop(columns=df.columns[:5]).sample(frac=0.6, random_state=0)
     rows = give(Path(alice.pw_dir) / "cohort.csv", csv_bytes(export), alice.pw_uid)
     rid2 = submit(alice, site, rows, "table")["id"]
-    wait_state(airlock, rid, states.IN_REVIEW)
-    wait_state(airlock, rid2, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    wait_state(airlock, rid2, review.IN_REVIEW)
     first = {c["check"]: c for c in airlock.store.checks(rid)}
     assert first["published_copy"]["status"] == "fail"
     assert "copy of the published dataset oncology/breast_cancer v1" in first["published_copy"]["reason"]

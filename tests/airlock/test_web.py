@@ -19,11 +19,11 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from paitient.airlock import states
-from paitient.airlock.web import make_app
-from paitient.audit import trail_dir
-from paitient.audit.query import newest_first
 from paitient.channel import Peer
+from paitient.rules import review
+from paitient.services.airlock.web import make_app
+from paitient.services.audit import trail_dir
+from paitient.services.audit.query import newest_first
 from tests.airlock.helpers import (
     GOOD,
     PREFIX,
@@ -124,7 +124,7 @@ async def test_a_token_without_access_to_the_service_is_refused(web):
 async def test_steward_sees_checks_preview_and_justification_escaped(web, airlock, people):
     hostile = pd.DataFrame({"group": ["<script>alert(1)</script>", "b"], "n": [3, 40]})
     rid = submit(airlock, people, "alice", csv_bytes(hostile), justification="<img src=x onerror=alert(2)>")
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     listing = (await web.fetch("sam", "")).body.decode()
     assert f'data-id="{rid}"' in listing and "awaits your review" in listing
     r = await web.fetch("sam", f"requests/{rid}")
@@ -145,7 +145,7 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
 
 async def test_decisions_need_the_xsrf_token_and_a_comment(web, airlock, people):
     rid = submit(airlock, people, "alice", GOOD)
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     r = await web.fetch("sam", f"requests/{rid}/decision", method="POST", body={"action": "approve", "comment": "ok"})
     assert r.code == 403 and b"&#x27;_xsrf&#x27; argument missing from POST" in r.body
     r = await web.decide("sam", rid, "approve", "   ")
@@ -158,12 +158,12 @@ async def test_decisions_need_the_xsrf_token_and_a_comment(web, airlock, people)
 
 async def test_nobody_reviews_their_own_request(web, airlock, people):
     rid = submit(airlock, people, "steph", GOOD, project="oncology")
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     page = (await web.fetch("steph", f"requests/{rid}")).body.decode()
     assert 'id="own-request"' in page and 'id="decision-form"' not in page
     # Even with a valid token from another page, the decision is refused and recorded as denied.
     other = submit(airlock, people, "alice", GOOD)
-    wait_state(airlock, other, states.IN_REVIEW)
+    wait_state(airlock, other, review.IN_REVIEW)
     form = await web.fetch("steph", f"requests/{other}")
     token = re.search(r'name="_xsrf" value="([^"]+)"', form.body.decode()).group(1)
     cookie = SimpleCookie(form.headers["Set-Cookie"])["_xsrf"].value
@@ -180,7 +180,7 @@ async def test_nobody_reviews_their_own_request(web, airlock, people):
 
 async def test_two_independent_approvals_where_the_project_needs_them(web, airlock, people):
     rid = submit(airlock, people, "bob", GOOD)
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     assert (await web.decide("sam", rid, "approve", "first look fine")).code == 303
     assert airlock.store.get(rid).state == "in_review"
     r = await web.decide("sam", rid, "approve", "again")
@@ -206,7 +206,7 @@ async def test_return_and_reject_end_the_review_with_the_reason(web, airlock, pe
 
 async def test_only_stewards_of_the_project_review_it(web, airlock, people):
     rid = submit(airlock, people, "alice", GOOD)
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     r = await web.fetch("rita", f"requests/{rid}")
     assert r.code == 403 and b"not of a project you review" in r.body
     assert f'data-id="{rid}"'.encode() not in (await web.fetch("rita", "")).body
@@ -216,7 +216,7 @@ async def test_only_stewards_of_the_project_review_it(web, airlock, people):
 
 async def test_download_only_by_requester_and_members_each_recorded(web, airlock, people):
     rid = submit(airlock, people, "alice", GOOD)
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     early = await web.fetch("alice", f"requests/{rid}/download")
     assert early.code == 403 and b"is in_review, not released" in early.body
     assert (await web.decide("sam", rid, "approve", "fine")).code == 303
@@ -257,7 +257,7 @@ async def test_automatic_release_only_when_allowed_and_every_check_passed(web, a
 async def test_image_preview_for_the_steward(web, airlock, people):
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
     rid = submit(airlock, people, "alice", png, kind="figure", name="km.png")
-    wait_state(airlock, rid, states.IN_REVIEW)
+    wait_state(airlock, rid, review.IN_REVIEW)
     page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
     assert f'src="{PREFIX}requests/{rid}/preview"' in page
     r = await web.fetch("sam", f"requests/{rid}/preview")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from paitient.server.config import DISABLED_LAB_PLUGINS
+from paitient.hub.serverconfig import DISABLED_LAB_PLUGINS
 
 
 def _forbidden(r):

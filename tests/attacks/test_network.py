@@ -124,7 +124,7 @@ def test_service_socket_names_the_kernel_by_its_uid_not_by_its_claim(world, alic
 def test_what_a_kernel_reports_is_recorded_as_its_user_from_a_sandbox(world, alice_kernel):
     import json
 
-    from paitient.audit.writer import trail_files
+    from paitient.services.audit.writer import trail_files
 
     out = _audit(alice_kernel, world, action="cell.execute", object="forged-by-kernel", details={"code": "x"})
     assert out["ok"], out

@@ -13,10 +13,10 @@ import re
 
 import pytest
 
-from paitient.audit.writer import trail_files
 from paitient.config import load
 from paitient.hub.paths import HubPaths
-from paitient.hub.up import Running
+from paitient.ops.up import Running
+from paitient.services.audit.writer import trail_files
 from tests.attacks.conftest import PRELUDE
 from tests.e2e.workspace import Workspace, own_workspace
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from paitient.audit.writer import AuditLog
 from paitient.config import load
+from paitient.services.audit.writer import AuditLog
 
 
 @pytest.fixture

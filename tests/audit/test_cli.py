@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from paitient.audit import emit
-from paitient.audit.query import Filter, FilterError, matches, parse_time, printable
+from paitient.services.audit import emit
+from paitient.services.audit.query import Filter, FilterError, matches, parse_time, printable
 
 
 def show(site, *args):

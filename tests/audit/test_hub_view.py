@@ -16,15 +16,15 @@ import time
 import pytest
 import requests
 
-from paitient.audit import emit
-from paitient.services import free_port
+from paitient.services.audit import emit
+from paitient.services.kit.process import free_port
 
 pytestmark = pytest.mark.e2e
 
 HUB_CONFIG = """
 import json
 from paitient.config import load
-from paitient.audit.service import custom_scopes, hub_service, role_scopes
+from paitient.services.audit.service import custom_scopes, hub_service, role_scopes
 
 s = json.loads({settings!r})
 site = load(None, overrides={{"workspace": {{"state_dir": s["state_dir"]}}}})

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from paitient.audit.records import (
+from paitient.rules.records import (
     GENESIS,
     RecordError,
     canonical,
@@ -86,7 +86,7 @@ def test_cap_details_drops_oversized_details_to_a_digest():
 
 
 def test_effective_configuration_details(site):
-    from paitient.audit import config_details, emit
+    from paitient.services.audit import config_details, emit
 
     details = config_details(site)
     assert details["config"]["workspace"]["state_dir"] == str(site.state_dir)

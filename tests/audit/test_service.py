@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from paitient.audit import client
-from paitient.audit.service import custom_scopes, hub_service
-from paitient.audit.verify import verify_dir
-from paitient.audit.writer import trail_files
 from paitient.registry import Member, Registry
+from paitient.server import audit as client
+from paitient.services.audit.service import custom_scopes, hub_service
+from paitient.services.audit.verify import verify_dir
+from paitient.services.audit.writer import trail_files
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def as_nobody(code: str) -> subprocess.CompletedProcess:
 
 def send_as_nobody(site, **kwargs) -> subprocess.CompletedProcess:
     code = (
-        "import json, os; from paitient.audit.client import send; from paitient.audit import AuditError\n"
+        "import json, os; from paitient.server.audit import send; from paitient.services.audit import AuditError\n"
         "try:\n"
         f"    print(json.dumps(send({str(site.run_dir)!r}, **{kwargs!r})))\n"
         "except AuditError as e:\n"
@@ -81,7 +81,7 @@ def test_sender_is_identified_by_peer_credentials(site, service):
 def test_records_sent_from_inside_a_pid_namespace_are_marked(site, service):
     # A sandboxed kernel has its own pid namespace; it shares the uid with the user's server, but the
     # service can tell them apart and says so in the record.
-    code = f"from paitient.audit.client import send; send({str(site.run_dir)!r}, action='kernel.stop', object='k9')"
+    code = f"from paitient.server.audit import send; send({str(site.run_dir)!r}, action='kernel.stop', object='k9')"
     out = subprocess.run(
         [
             "unshare",
@@ -232,7 +232,7 @@ def test_hub_service_entry(site):
 def test_service_serves_the_web_view_behind_hub_login(site):
     import requests
 
-    from paitient.services import free_port
+    from paitient.services.kit.process import free_port
 
     port = free_port()
     env = {

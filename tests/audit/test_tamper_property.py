@@ -5,8 +5,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paitient.audit.records import GENESIS, encode, make_record
-from paitient.audit.verify import check_trail
+from paitient.rules.records import GENESIS, encode, make_record
+from paitient.services.audit.verify import check_trail
 
 NAME = "trail-000001.jsonl"
 

@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from paitient.audit.records import encode, make_record
-from paitient.audit.verify import check_trail, verify_dir
-from paitient.audit.writer import AuditLog, trail_files
+from paitient.rules.records import encode, make_record
+from paitient.services.audit.verify import check_trail, verify_dir
+from paitient.services.audit.writer import AuditLog, trail_files
 
 
 def lines_of(path):

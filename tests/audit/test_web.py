@@ -8,8 +8,8 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from paitient.audit import emit
-from paitient.audit.web import make_app
+from paitient.services.audit import emit
+from paitient.services.audit.web import make_app
 
 PREFIX = "/services/audit/"
 

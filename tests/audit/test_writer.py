@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from paitient.audit.records import AuditError
-from paitient.audit.verify import verify_dir
-from paitient.audit.writer import AuditLog, trail_files
+from paitient.rules.records import AuditError
+from paitient.services.audit.verify import verify_dir
+from paitient.services.audit.writer import AuditLog, trail_files
 
 
 def _writer(directory: str, who: str, n: int, rotate: int) -> None:
@@ -55,7 +55,7 @@ def test_trail_is_root_only(trail):
 
 CRASH = textwrap.dedent("""
     import os, signal, sys
-    from paitient.audit.writer import AuditLog
+    from paitient.services.audit.writer import AuditLog
 
     class CrashingLog(AuditLog):
         # A real process killed by SIGKILL in the middle of writing its line.

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from paitient.config import load
-from paitient.data import keys
-from paitient.data.spec import Spec, parse_spec
+from paitient.services.data import keys
+from paitient.services.data.spec import Spec, parse_spec
 
 
 @pytest.fixture

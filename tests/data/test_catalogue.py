@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from paitient import data
-from paitient.data import ingest as ing
-from paitient.data.catalogue import scan
+from paitient.catalogue import scan
+from paitient.services.data import ingest as ing
 
 from .conftest import COLUMNS, make_spec
 
@@ -89,7 +89,7 @@ def test_importing_paitient_data_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, paitient.data; "
+    code = ("import sys, paitient.kernel.data; "
             "print(sorted(m for m in ('ipywidgets', 'pyarrow', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -9,7 +9,7 @@ import pytest
 
 from paitient import data
 from paitient.config import load
-from paitient.data.demo import demo_sources, publish_demo
+from paitient.ops.demodata import demo_sources, publish_demo
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from paitient.data import detect
+from paitient.services.data import detect
 
 
 @pytest.mark.parametrize("name, what", [

@@ -5,9 +5,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from paitient.data import fhir
-from paitient.data import ingest as ing
-from paitient.data.errors import IngestRefused
+from paitient.services.data import fhir
+from paitient.services.data import ingest as ing
+from paitient.services.data.errors import IngestRefused
 
 from .conftest import make_spec
 

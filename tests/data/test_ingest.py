@@ -9,10 +9,10 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
-from paitient.data import ingest as ing
-from paitient.data import keys
-from paitient.data.errors import IngestRefused
-from paitient.data.publish import current_version, dataset_dir, versions
+from paitient.services.data import ingest as ing
+from paitient.services.data import keys
+from paitient.services.data.errors import IngestRefused
+from paitient.services.data.publish import current_version, dataset_dir, versions
 
 from .conftest import COLUMNS, HEADER, PATIENTS, make_spec, write_csv
 
@@ -242,7 +242,7 @@ def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patient
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from paitient.data import transforms as tf
+    from paitient.rules import pseudonyms as tf
 
     table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(
         column_types={"mrn": "string", "diagnosed": "date32", "postcode": "string"}))

@@ -6,8 +6,8 @@ import stat
 import pytest
 
 from paitient.config import load
-from paitient.data import keys
-from paitient.data.keys import KeyRefused
+from paitient.services.data import keys
+from paitient.services.data.keys import KeyRefused
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from paitient.config import load
-from paitient.data import ingest as ing
-from paitient.data import keys
+from paitient.services.data import ingest as ing
+from paitient.services.data import keys
 
 from .conftest import COLUMNS, HEADER, PATIENTS, make_spec, write_csv
 

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paitient.config import load
-from paitient.data import keys
-from paitient.data.ingest import ingest
+from paitient.services.data import keys
+from paitient.services.data.ingest import ingest
 
 from .conftest import make_spec, write_csv
 

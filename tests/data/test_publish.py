@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paitient.data.publish import Publisher, current_version, dataset_dir, read_manifest, versions
+from paitient.services.data.publish import Publisher, current_version, dataset_dir, read_manifest, versions
 
 TABLE = pa.table({"patient": ["P-A", "P-B"], "score": [1.0, 2.0]})
 

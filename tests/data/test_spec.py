@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from paitient.data.errors import IngestRefused
-from paitient.data.spec import check_against, load_spec, parse_spec
+from paitient.services.data.errors import IngestRefused
+from paitient.services.data.spec import check_against, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"project": "oncology", "dataset": "breast_cancer", "source": "x.csv"}
@@ -76,7 +76,7 @@ def test_spec_files_name_themselves_in_errors(tmp_path):
 
 
 def test_shipped_specs_parse():
-    specs = sorted((REPO / "extensions/paitient/data/demo_specs").glob("*.toml"))
+    specs = sorted((REPO / "extensions/paitient/ops/demo_specs").glob("*.toml"))
     specs += sorted((REPO / "hub_config/ingest").glob("*.toml"))
     assert len(specs) >= 5
     for p in specs:

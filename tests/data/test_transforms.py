@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from paitient.data import keys
-from paitient.data import transforms as tf
-from paitient.data.errors import ColumnError
+from paitient.rules import pseudonyms as tf
+from paitient.services.data import keys
+from paitient.services.data.errors import ColumnError
 
 KEY_A = keys.project_key(b"m" * 32, "oncology")
 KEY_B = keys.project_key(b"m" * 32, "cardiometabolic")

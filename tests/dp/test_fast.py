@@ -8,7 +8,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paitient.dp.fast import FastClipper, FastDPOptimizer, FastPathError, linear_layers
+from paitient.kernel.dp.fast import FastClipper, FastDPOptimizer, FastPathError, linear_layers
 
 
 class SeqModel(nn.Module):

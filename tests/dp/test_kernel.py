@@ -48,6 +48,6 @@ def test_progress_is_a_widget_with_epsilon(service, site, member):
     assert re.search(r"epsilon 0\.\d+ of 1]", text) and re.search(r"epsilon 0\.\d+ of 1, settled", text)
     stdout = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream"
                      and m["content"]["name"] == "stdout")
-    assert "paitient.dp: mode fast" in stdout and "SETTLED" in stdout
+    assert "paitient.kernel.dp: mode fast" in stdout and "SETTLED" in stdout
     settled = float(stdout.split("SETTLED")[1].split()[0])
     assert service.ledger.runs("oncology")[0]["epsilon_spent"] == settled

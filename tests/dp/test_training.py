@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 import paitient
 from paitient import dp
 from paitient.channel import call
-from paitient.dp.validate import DPModelError
+from paitient.kernel.dp.validate import DPModelError
 
 from .conftest import mlp, register
 

@@ -1,4 +1,4 @@
-"""Pure parts of paitient.dp: Poisson sampling, mode choice, model problems, weights hashing, widget data."""
+"""Pure parts of paitient.kernel.dp: Poisson sampling, mode choice, model problems, weights hashing, widget data."""
 
 import hashlib
 
@@ -8,12 +8,12 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from paitient.dp.modes import choose_mode
-from paitient.dp.run import dataset_version, default_delta, resolve_target
-from paitient.dp.sampling import PoissonSampler, poisson_loader
-from paitient.dp.validate import DPModelError, check_model, group_count, problems
-from paitient.dp.weights import file_sha256, save_weights, weights_sha256
-from paitient.dp.widget import spending_series
+from paitient.kernel.dp.modes import choose_mode
+from paitient.kernel.dp.run import dataset_version, default_delta, resolve_target
+from paitient.kernel.dp.sampling import PoissonSampler, poisson_loader
+from paitient.kernel.dp.validate import DPModelError, check_model, group_count, problems
+from paitient.kernel.dp.weights import file_sha256, save_weights, weights_sha256
+from paitient.kernel.dp.widget import spending_series
 
 
 def test_poisson_sampler_takes_each_row_with_probability_q():

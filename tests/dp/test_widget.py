@@ -3,7 +3,7 @@
 import ipywidgets as widgets
 
 from paitient import dp
-from paitient.ledger.client import LedgerClient
+from paitient.kernel.ledger import LedgerClient
 
 
 def test_budget_widget_shows_the_ledger(service, site, member):

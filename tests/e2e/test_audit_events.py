@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from paitient.audit import config_details
-from paitient.audit.query import Filter, newest_first, select
 from paitient.config import load as load_site
+from paitient.services.audit import config_details
+from paitient.services.audit.query import Filter, newest_first, select
 from tests.e2e.workspace import PAITIENT, Workspace
 
 pytestmark = pytest.mark.e2e

@@ -26,9 +26,9 @@ from opacus.accountants import PRVAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from paitient.config import load
-from paitient.dp.run import default_delta
-from paitient.ledger.service import process_start
-from paitient.ledger.store import Ledger
+from paitient.kernel.dp.run import default_delta
+from paitient.services.ledger.service import process_start
+from paitient.services.ledger.store import Ledger
 from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
 
 # the root-side PRV recomputations below warn about RDP orders, as make_private used to in the kernel
@@ -42,7 +42,7 @@ import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from paitient import data, dp
-from paitient.ledger.client import LedgerClient
+from paitient.kernel.ledger import LedgerClient
 
 TARGETS = {"breast_cancer": "target", "gbsg2": "cens", "diabetes": "progression"}
 
@@ -260,7 +260,7 @@ def test_budget_refused_when_exhausted(small):
     assert shown.error is None, (shown.error, shown.stderr[-2000:])
     first = json.loads(shown.stdout.strip().splitlines()[-1])
     assert first["refused"] is None
-    assert "paitient.dp: mode fast (" in shown.stdout and \
+    assert "paitient.kernel.dp: mode fast (" in shown.stdout and \
         "reserved epsilon 0.8, delta 1e-06 of oncology/breast_cancer" in shown.stdout, shown.stdout
     assert any(o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
                for o in shown.outputs)

@@ -14,9 +14,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from paitient.airlock.store import Store
 from paitient.config import load as load_site
-from paitient.ledger.store import Ledger
+from paitient.services.airlock.store import Store
+from paitient.services.ledger.store import Ledger
 from tests.e2e.workspace import Workspace
 from tests.kernelclient import CellResult
 

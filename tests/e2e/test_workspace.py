@@ -11,7 +11,7 @@ import requests
 
 from paitient.hub.paths import HubPaths
 from paitient.hub.signon import NO_PROJECT_MESSAGE
-from paitient.hub.up import Running, hub_api
+from paitient.ops.up import Running, hub_api
 
 pytestmark = pytest.mark.e2e
 

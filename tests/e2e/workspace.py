@@ -25,8 +25,8 @@ from pathlib import Path
 
 import requests
 
-from paitient.demo import DEMO_SITE
-from paitient.hub.up import READY_PREFIX, free_port
+from paitient.config import EMBEDDED_SITE
+from paitient.ops.up import READY_PREFIX, free_port
 from paitient.registry import Registry
 from tests.kernelclient import CellResult, execute
 
@@ -35,7 +35,7 @@ PAITIENT = [sys.executable, "-m", "paitient.cli"]
 
 def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: str = "") -> str:
     """The demo site with test paths: same directory layout and projects, private state and homes."""
-    body = DEMO_SITE.replace('state_dir = "/var/lib/paitient"',
+    body = EMBEDDED_SITE.read_text().replace('state_dir = "/var/lib/paitient"',
                              f'state_dir = "{state_dir}"\nport = {port}')
     return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from traitlets.config import Config
 
-from paitient.config import SiteConfig, parse
-from paitient.demo import DEMO_SITE
+from paitient.config import EMBEDDED_SITE, SiteConfig, parse
 from paitient.hub.auth import PaitientLDAPAuthenticator, configure_from_site
-from paitient.hub.directory import DEFAULT_SCHEMAS, DemoDirectory, Slapd
+from paitient.ops.directory import DEFAULT_SCHEMAS, DemoDirectory, Slapd
 
 
 @pytest.fixture
@@ -51,7 +50,7 @@ def make_slapd(tmp_path: Path) -> Iterator[Callable[..., Slapd]]:
 
 
 def _demo_site(state_dir: Path, **directory) -> SiteConfig:
-    raw = tomllib.loads(DEMO_SITE)
+    raw = tomllib.loads(EMBEDDED_SITE.read_text())
     raw["workspace"]["state_dir"] = str(state_dir)
     raw["directory"].update(directory)
     return parse(raw)

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from tornado import web
 from traitlets.config import Config
 
-from paitient.audit import trail_dir
-from paitient.audit.query import newest_first
 from paitient.config import ConfigError
-from paitient.demo import DEMO_BASE_DN
 from paitient.hub import signon
 from paitient.hub.auth import PaitientLDAPAuthenticator, configure_from_site
+from paitient.ops.demo import DEMO_BASE_DN
+from paitient.services.audit import trail_dir
+from paitient.services.audit.query import newest_first
 
 PEOPLE = f"ou=people,{DEMO_BASE_DN}"
 

@@ -16,8 +16,8 @@ from tornado import web
 
 from paitient.config import ConfigError, parse
 from paitient.hub.auth import PaitientLDAPAuthenticator
-from paitient.hub.directory import DEFAULT_SCHEMAS, ldif_entry, ssha
 from paitient.hub.signon import normalise_dn
+from paitient.ops.directory import DEFAULT_SCHEMAS, ldif_entry, ssha
 
 BASE = "dc=corp,dc=example"
 USERS = f"ou=Users,{BASE}"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tornado import web
 
-from paitient.demo import DEMO_BASE_DN, DEMO_PEOPLE
-from paitient.hub.directory import demo_ldif, ssha
+from paitient.ops.demo import DEMO_BASE_DN, DEMO_PEOPLE
+from paitient.ops.directory import demo_ldif, ssha
 
 PASSWORDS = {name: f"{name}-tls-pw" for name, *_ in DEMO_PEOPLE}
 

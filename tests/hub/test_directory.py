@@ -13,8 +13,8 @@ import ldap3
 import pytest
 from ldap3.core.exceptions import LDAPBindError
 
-from paitient.demo import DEMO_BASE_DN, DEMO_PEOPLE
-from paitient.hub.directory import DemoDirectory, DirectoryError, Slapd, ldif_entry, ssha
+from paitient.ops.demo import DEMO_BASE_DN, DEMO_PEOPLE
+from paitient.ops.directory import DemoDirectory, DirectoryError, Slapd, ldif_entry, ssha
 
 PEOPLE = f"ou=people,{DEMO_BASE_DN}"
 GROUPS = f"ou=groups,{DEMO_BASE_DN}"
@@ -183,7 +183,7 @@ def test_slapd_conf_passes_slaptest_and_contains_the_access_rules(slapd):
 def test_die_with_parent_ends_slapd_when_its_starter_is_killed(tmp_path):
     script = (
         "import sys, time\n"
-        "from paitient.hub.directory import Slapd\n"
+        "from paitient.ops.directory import Slapd\n"
         f"s = Slapd({str(tmp_path / 'd')!r}, 'dc=x,dc=example', die_with_parent=True)\n"
         "s.start(); print(s.pid, flush=True); time.sleep(60)\n"
     )

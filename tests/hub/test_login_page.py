@@ -17,20 +17,20 @@ from pathlib import Path
 import pytest
 import requests
 
-from paitient.audit.query import newest_first
-from paitient.hub.directory import free_port
 from paitient.hub.paths import default_proxy_command
+from paitient.ops.directory import free_port
+from paitient.services.audit.query import newest_first
 
 pytestmark = pytest.mark.e2e
 
 HUB_CONFIG = """
 import json, tomllib
 from paitient.config import parse
-from paitient.demo import DEMO_SITE
+from paitient.config import EMBEDDED_SITE
 from paitient.hub.auth import configure_from_site
 
 settings = json.loads({settings!r})
-raw = tomllib.loads(DEMO_SITE)
+raw = tomllib.loads(EMBEDDED_SITE.read_text())
 raw["workspace"]["state_dir"] = settings["state_dir"]
 site = parse(raw)
 c = get_config()

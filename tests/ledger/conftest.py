@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from paitient.config import parse
-from paitient.ledger.service import LedgerService
-from paitient.ledger.store import Ledger
 from paitient.registry import Member, Registry
+from paitient.services.ledger.service import LedgerService
+from paitient.services.ledger.store import Ledger
 
 PY = sys.executable
 
@@ -75,7 +75,7 @@ def ledger(site) -> Ledger:
 def service(site, ledger):
     """The ledger's operations on the real socket, served from a thread of the test process."""
     from paitient.channel import ChannelServer
-    from paitient.services import socket_path
+    from paitient.services.kit.process import socket_path
 
     svc = LedgerService(site, ledger, Registry.for_state_dir(site.state_dir), logging.getLogger("test-ledger"))
     server = ChannelServer(socket_path(site, "ledger"), svc.handlers(), name="ledger")

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paitient.config import Budget
-from paitient.ledger.budget import BudgetExceeded, Entry, Usage, check_reserve, check_settle, left, usage
+from paitient.rules.budget import BudgetExceeded, Entry, Usage, check_reserve, check_settle, left, usage
 
 
 def test_states_count_as_documented():

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from paitient.ledger.store import Ledger
+from paitient.services.ledger.store import Ledger
 
 
 def cli(site, *args):

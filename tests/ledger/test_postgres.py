@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from paitient.ledger.budget import BudgetExceeded
-from paitient.ledger.store import Ledger, LedgerError
+from paitient.rules.budget import BudgetExceeded
+from paitient.services.ledger.store import Ledger, LedgerError
 
 PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))  # Debian's postgresql
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from paitient.channel import ChannelError, call
-from paitient.ledger.client import BudgetExceeded, LedgerClient
-from paitient.ledger.store import Ledger, db_path
+from paitient.kernel.ledger import BudgetExceeded, LedgerClient
+from paitient.services.ledger.store import Ledger, db_path
 from tests.ledger.conftest import register, start_service_process
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -28,7 +28,7 @@ def test_kernel_acts_only_for_its_users_projects(service, site, state_dir):
     register(state_dir, "alice", 65534, ("oncology",))
     out = as_nobody(f"""
         import json
-        from paitient.ledger.client import LedgerClient, ChannelError
+        from paitient.kernel.ledger import LedgerClient, ChannelError
         c = LedgerClient({str(site.run_dir)!r})
         r = c.reserve("oncology", "breast_cancer", 1.0, 1e-6, run_id="t")
         res = {{"reserved": r["username"], "pid": r.get("pid")}}
@@ -57,7 +57,7 @@ def test_kernel_acts_only_for_its_users_projects(service, site, state_dir):
 
 def test_unknown_uid_is_refused(service, site):
     out = as_nobody(f"""
-        from paitient.ledger.client import LedgerClient, ChannelError
+        from paitient.kernel.ledger import LedgerClient, ChannelError
         try:
             LedgerClient({str(site.run_dir)!r}).reserve("oncology", "breast_cancer", 1.0, 1e-6)
         except ChannelError as e:
@@ -91,7 +91,7 @@ def test_refusal_over_socket_carries_the_numbers(service, site, state_dir):
 def test_dead_reserver_counts_in_full(service, site, state_dir):
     register(state_dir, "alice", 65534, ("oncology",))
     out = as_nobody(f"""
-        from paitient.ledger.client import LedgerClient
+        from paitient.kernel.ledger import LedgerClient
         print(LedgerClient({str(site.run_dir)!r}).reserve("oncology", "gbsg2", 0.75, 1e-7)["reservation"])
     """)
     rid = out.stdout.strip()
@@ -108,7 +108,7 @@ def test_concurrent_reservations_never_exceed_the_budget(service, site, state_di
     register(state_dir, "alice", 65534, ("oncology",))
     code = f"""
         import sys, time
-        from paitient.ledger.client import LedgerClient, BudgetExceeded
+        from paitient.kernel.ledger import LedgerClient, BudgetExceeded
         c = LedgerClient({str(site.run_dir)!r})
         got = refused = 0
         for _ in range(10):
@@ -140,7 +140,7 @@ def test_kill_9_of_the_service_loses_nothing_acknowledged(site, state_dir, world
     acknowledged: list[str] = []
     log = world_tmp / "ledger.log"
     code = f"""
-        from paitient.ledger.client import LedgerClient, ChannelError
+        from paitient.kernel.ledger import LedgerClient, ChannelError
         c = LedgerClient({str(site.run_dir)!r}, timeout=10)
         while True:
             try:
@@ -182,7 +182,7 @@ def test_record_by_hash_is_limited_to_own_projects(service, site, state_dir):
     service.ledger.settle(row, 1.0, record={"weights_sha256": "ef" * 32})
     assert call(site.run_dir / "ledger.sock", "record_by_hash", {"sha256": "ef" * 32})["id"] == row  # root
     out = as_nobody(f"""
-        from paitient.ledger.client import LedgerClient
+        from paitient.kernel.ledger import LedgerClient
         print(LedgerClient({str(site.run_dir)!r}).record_by_hash({"ef" * 32!r}))
     """)
     assert out.stdout.strip() == "None", out.stderr
@@ -191,7 +191,7 @@ def test_record_by_hash_is_limited_to_own_projects(service, site, state_dir):
 
 
 def test_hub_service_entry_and_scopes(site):
-    from paitient.ledger.service import custom_scopes, hub_service, role_scopes
+    from paitient.services.ledger.service import custom_scopes, hub_service, role_scopes
 
     entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
     assert entry["name"] == "ledger" and entry["url"] == "http://127.0.0.1:18123"
@@ -202,8 +202,8 @@ def test_hub_service_entry_and_scopes(site):
 
 
 def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_dir):
-    from paitient.audit import trail_dir
-    from paitient.audit.query import Filter, select
+    from paitient.services.audit import trail_dir
+    from paitient.services.audit.query import Filter, select
 
     register(state_dir, "root-tester", 0, ("cardio",))
     c = LedgerClient(site.run_dir)
@@ -222,7 +222,7 @@ def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_di
 def test_service_process_serves_socket_and_page_and_stops_cleanly(site, world_tmp):
     import requests
 
-    from paitient.services import free_port
+    from paitient.services.kit.process import free_port
 
     port = free_port()
     env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
@@ -259,7 +259,7 @@ def test_attacks_from_a_kernel_are_refused(service, site, state_dir):
     carols = LedgerClient(site.run_dir).reserve("oncology", "gbsg2", 1.0, 1e-7)["reservation"]
     out = as_nobody(f"""
         import json
-        from paitient.ledger.client import LedgerClient, ChannelError
+        from paitient.kernel.ledger import LedgerClient, ChannelError
         c = LedgerClient({str(site.run_dir)!r})
         res = {{}}
         def attempt(name, fn):

@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from paitient.ledger.budget import BudgetExceeded
-from paitient.ledger.store import Ledger, LedgerError, db_path
+from paitient.rules.budget import BudgetExceeded
+from paitient.services.ledger.store import Ledger, LedgerError, db_path
 
 SHA = "ab" * 32
 

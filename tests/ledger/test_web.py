@@ -8,8 +8,8 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from paitient.ledger.web import make_app, render_page, visible_projects
 from paitient.registry import Registry
+from paitient.services.ledger.web import make_app, render_page, visible_projects
 
 from .conftest import register
 

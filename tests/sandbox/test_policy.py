@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from paitient.sandbox.policy import (
+from paitient.rules.sandbox import (
     ETC_ALLOWLIST,
     Limits,
     Mount,
@@ -16,7 +16,7 @@ from paitient.sandbox.policy import (
     prlimit_argv,
     resolve_datasets,
 )
-from paitient.sandbox.provisioner import MAX_UNIX_PATH, ipc_prefix
+from paitient.server.provisioner import MAX_UNIX_PATH, ipc_prefix
 
 
 def policy(**kw) -> SandboxPolicy:

@@ -7,8 +7,8 @@ import uuid
 import pytest
 from jupyter_client.kernelspec import KernelSpec
 
-from paitient.sandbox.policy import PolicyError
-from paitient.sandbox.provisioner import SandboxProvisioner
+from paitient.rules.sandbox import PolicyError
+from paitient.server.provisioner import SandboxProvisioner
 
 
 def provisioner(**config) -> SandboxProvisioner:

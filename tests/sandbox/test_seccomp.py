@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from paitient.sandbox.seccomp import ARCHES, BLOCKED, RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS, seccomp_program
+from paitient.rules.seccomp import ARCHES, BLOCKED, RET_ALLOW, RET_ERRNO, RET_KILL_PROCESS, seccomp_program
 
 
 def decode(prog: bytes):

@@ -1,6 +1,6 @@
 """A real user server without the hub: the config the spawner writes, the server as the user's account.
 
-``UserServer`` writes the root-owned config with :func:`paitient.server.config.write_user_server_config`,
+``UserServer`` writes the root-owned config with :func:`paitient.hub.serverconfig.write_user_server_config`,
 starts ``python -I -m jupyter_server`` under ``setpriv`` as a real system account with the environment
 the spawner gives it, and talks to it over HTTP and the kernel websocket like a browser does.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import requests
 
 from paitient.config import SiteConfig, parse
+from paitient.hub.serverconfig import user_server_env, write_user_server_config
 from paitient.registry import Member
-from paitient.server.config import user_server_env, write_user_server_config
-from paitient.services import free_port
+from paitient.services.kit.process import free_port
 from tests.kernelclient import CellResult, execute
 
 PYTHON = sys.executable

@@ -6,8 +6,7 @@ import stat
 from pathlib import Path
 
 from paitient.config import parse
-from paitient.registry import Member
-from paitient.server.config import (
+from paitient.hub.serverconfig import (
     DISABLED_LAB_PLUGINS,
     KERNEL_NAME,
     kernel_spec,
@@ -16,6 +15,7 @@ from paitient.server.config import (
     user_server_env,
     write_user_server_config,
 )
+from paitient.registry import Member
 
 REPO = Path(__file__).resolve().parents[2]
 

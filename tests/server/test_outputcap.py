@@ -1,6 +1,6 @@
 """The output cap as plain logic: per message, per execution, forged parents, protocol messages."""
 
-from paitient.server.outputcap import OutputCap, Verdict, replacement
+from paitient.rules.outputcap import OutputCap, Verdict, replacement
 
 
 def cap() -> OutputCap:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from paitient.audit.writer import trail_files
 from paitient.registry import Registry
+from paitient.services.audit.writer import trail_files
 from tests.server.harness import UserServer, make_site, publish
 
 

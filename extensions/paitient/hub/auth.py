@@ -107,7 +107,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
 
     @default("steward_scopes")
     def _steward_scopes_default(self) -> list[str]:
-        from paitient.audit.service import role_scopes
+        from paitient.services.audit.service import role_scopes
 
         return [*signon.BASE_STEWARD_SCOPES, *role_scopes()]
 
@@ -382,7 +382,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         try:
             if self.site is None:
                 raise RuntimeError("no site configuration given to the authenticator (c.<class>.site)")
-            from paitient import audit
+            from paitient.services import audit
 
             await asyncio.get_running_loop().run_in_executor(
                 None,
@@ -435,10 +435,11 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     # The service account searches for users (lookup_dn) and re-reads memberships (refresh_user).
     service_dn, service_file = d.service_dn, d.service_password_file
     if d.embedded and not service_dn:
-        from paitient.hub.directory import DEMO_SERVICE_DN, demo_service_password_file
+        from paitient.hub.paths import EMBEDDED_SERVICE_DN, HubPaths
 
-        if demo_service_password_file(site.state_dir).is_file():
-            service_dn, service_file = DEMO_SERVICE_DN, str(demo_service_password_file(site.state_dir))
+        embedded_file = HubPaths.of(site).embedded_service_password_file
+        if embedded_file.is_file():
+            service_dn, service_file = EMBEDDED_SERVICE_DN, str(embedded_file)
     a.lookup_dn_search_user = service_dn or None
     if service_file:
         path = Path(service_file)
@@ -455,7 +456,7 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.group_base = d.group_base
     a.allowed_groups = sorted({p.group for p in site.projects} | ({d.steward_group} - {""}))
     a.site = site
-    from paitient.audit.service import custom_scopes
+    from paitient.services.audit.service import custom_scopes
 
     scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
     c.JupyterHub.custom_scopes = {**scopes, **custom_scopes()}

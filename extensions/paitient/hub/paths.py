@@ -15,6 +15,9 @@ from pathlib import Path
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_text
 
+EMBEDDED_SERVICE_DN = "cn=paitient-service,ou=services,dc=hospital,dc=example"
+"""The hub's service account in the embedded directory (``paitient up`` without a site file)."""
+
 
 @dataclass(frozen=True)
 class HubPaths:
@@ -53,6 +56,12 @@ class HubPaths:
     @property
     def cookie_secret_file(self) -> Path:
         return self.hub_dir / "jupyterhub_cookie_secret"
+
+    @property
+    def embedded_service_password_file(self) -> Path:
+        """Password of :data:`EMBEDDED_SERVICE_DN` (0600), written when ``paitient up`` seeds the embedded
+        directory; the hub reads memberships with it."""
+        return self.state_dir / "directory" / "service-password"
 
     def user_dir(self, account: str) -> Path:
         return self.users_dir / account

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = configure(Config(), site, directory_url=args.directory_url, hub_port=args.hub_port,
                     proxy_api_port=args.proxy_api_port)
 
-    from paitient import audit
+    from paitient.services import audit
 
     audit.emit(site, actor="system", action="config.effective", object=site.source or "embedded-default",
                details=audit.config_details(site))

@@ -20,8 +20,8 @@ from traitlets import HasTraits, Unicode, default
 
 from paitient import config as site_config
 from paitient.hub.paths import HubPaths, venv_python
+from paitient.hub.serverconfig import user_server_env
 from paitient.registry import Member
-from paitient.server.config import user_server_env
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -84,7 +84,7 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
     def _prepare(self) -> Member:
         """Blocking part of the start: account, registry, root-owned server configuration."""
         from paitient.hub.accounts import ensure_account
-        from paitient.server.config import write_user_server_config
+        from paitient.hub.serverconfig import write_user_server_config
 
         projects, roles = self.member_groups()
         member = ensure_account(self.site, self.user.name, projects=projects, roles=roles)
@@ -99,7 +99,7 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         return member
 
     async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
-        from paitient import audit
+        from paitient.services import audit
 
         await asyncio.to_thread(audit.emit, self.site, actor=self.user.name, action=action,
                                 object=self.account or self.user.name, outcome=outcome, details=details)

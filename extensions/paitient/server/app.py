@@ -1,6 +1,6 @@
 """``paitient.server``: the server extension that closes the export paths of the user's server.
 
-Enabled by the config the spawner writes (:mod:`paitient.server.config`). It registers refusing handlers
+Enabled by the config the spawner writes (:mod:`paitient.hub.serverconfig`). It registers refusing handlers
 for raw downloads and nbconvert, and checks at start that the rest of the lockdown is in force (terminals
 off, the sandbox provisioner, the capped websocket, the confined contents manager); a server whose
 configuration lost one of those refuses to start rather than run open.

@@ -52,7 +52,7 @@ class SandboxKernelSpecManager(KernelSpecManager):
         if not self.sandbox_kernel_dirs:
             raise ValueError(
                 "SandboxKernelSpecManager.sandbox_kernel_dirs is empty; the spawner writes it with "
-                "paitient.server.config.write_user_server_config"
+                "paitient.hub.serverconfig.write_user_server_config"
             )
         return list(self.sandbox_kernel_dirs)
 

@@ -2,7 +2,7 @@
 
 Every message between the browser and a kernel passes here, outside the kernel: execute requests are
 recorded in the audit trail (``cell.execute`` with the code), and what the kernel sends back is capped
-by :mod:`paitient.server.outputcap`. Configured as ``ServerApp.kernel_websocket_connection_class``.
+by :mod:`paitient.rules.outputcap`. Configured as ``ServerApp.kernel_websocket_connection_class``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from jupyter_server.services.kernels.connection.base import deserialize_binary_m
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from traitlets import Int, Unicode
 
-from paitient.server.outputcap import OutputCap, Verdict, replacement
+from paitient.rules.outputcap import OutputCap, Verdict, replacement
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_AUDITED_CODE = 200_000
@@ -94,7 +94,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     def _send_audit(self, details: dict[str, Any]) -> None:
         try:
-            from paitient.audit import client
+            from paitient.server import audit as client
 
             client.send(self.audit_run_dir, action="cell.execute", object=str(self.kernel_id), details=details)
         except Exception as e:

@@ -1,0 +1,34 @@
+"""paitient.kernel.dp: differentially private training over Opacus, charged to the project's privacy ledger.
+
+    from paitient import dp
+    run = dp.make_private(model, optimizer, loader, target_epsilon=3.0, epochs=5, max_grad_norm=1.0,
+                          project="oncology", dataset="breast_cancer", criterion=nn.CrossEntropyLoss())
+    for epoch in range(run.epochs):
+        for x, y in run.data_loader:
+            run.optimizer.zero_grad()
+            run.criterion(run.model(x), y).backward()
+            run.optimizer.step()
+    # the run settled itself after the last epoch: run.record is its training record
+    dp.save_weights(run.model, "model.safetensors")   # its SHA-256 matches run.record
+    dp.budget()                                        # what is left, per dataset
+
+See docs/privacy.md.
+"""
+
+from paitient.kernel.dp.run import PrivateRun, RunFinished, make_private
+from paitient.kernel.dp.validate import DPModelError, problems
+from paitient.kernel.dp.weights import file_sha256, save_weights, weights_sha256
+from paitient.kernel.ledger import BudgetExceeded, LedgerUnavailable
+
+
+def budget(project: str | None = None, **kw):
+    """Widgets with your projects' budgets per dataset and a plot of spending over time."""
+    from paitient.kernel.dp.widget import budget as _budget
+
+    return _budget(project, **kw)
+
+
+__all__ = [
+    "BudgetExceeded", "DPModelError", "LedgerUnavailable", "PrivateRun", "RunFinished", "budget",
+    "file_sha256", "make_private", "problems", "save_weights", "weights_sha256",
+]

@@ -1,1 +1,0 @@
-"""paitient.ledger"""

@@ -1,0 +1,46 @@
+"""User-side sender: a user's server or kernel reports an event to the audit service.
+
+The service decides who the sender is (peer credentials), which actions a user-side process may report,
+and how much of the details it keeps; this module only packs the request.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from paitient.channel import ChannelError, call
+from paitient.rules.records import AuditError, cap_details
+
+# Keep the request under the channel's 1 MiB limit; the service cuts further (see [audit] in the site config).
+_CLIENT_STRING_CHARS = 256 * 1024
+_CLIENT_DETAILS_BYTES = 900 * 1024
+
+
+def send(
+    run_dir: str | os.PathLike[str],
+    *,
+    action: str,
+    object: str = "",
+    outcome: str = "ok",
+    details: dict[str, Any] | None = None,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Record ``action`` through ``<run_dir>/audit.sock``; return ``{"seq": ..., "hash": ...}``.
+
+    Raises :class:`AuditError` if the service refuses the event or cannot be reached; the message says why
+    and ``.code`` is the service's code (``unavailable`` when it is not running: a caller that must not act
+    unrecorded, such as the cell-capturing server extension, should refuse to go on).
+    """
+    args = {
+        "action": action,
+        "object": object,
+        "outcome": outcome,
+        "details": cap_details(details or {}, string_limit=_CLIENT_STRING_CHARS, total_limit=_CLIENT_DETAILS_BYTES),
+    }
+    try:
+        return call(os.path.join(os.fspath(run_dir), "audit.sock"), "record", args, timeout=timeout)
+    except ChannelError as e:
+        err = AuditError(f"the audit service did not record {action!r}: {e}")
+        err.code = e.code  # "forbidden", "bad_request", "unavailable", ...
+        raise err from e

@@ -1,0 +1,218 @@
+"""``paitient-sandbox``: the kernel provisioner that starts every kernel inside bubblewrap.
+
+It runs inside the user's own server, as the user (bwrap needs no privilege: unprivileged user
+namespaces). The policy (which projects and datasets, where the service sockets are, the limits) is
+traitlets configuration that the spawner writes into a root-owned config dir (see
+:mod:`paitient.hub.serverconfig`); nothing the user controls feeds into it. The command line is built by the
+pure functions of :mod:`paitient.rules.sandbox`.
+
+Resource limits are rlimits set by ``prlimit`` right before ``bwrap`` (cgroups v2 delegation is not
+available to an unprivileged server on a hybrid cgroup host, so rlimits are what is enforced).
+
+What a kernel gets: no network (only ``lo`` of its own namespace; ZMQ over ipc sockets), its own pid, ipc,
+uts, cgroup and user namespaces with nested user namespaces disabled, no capabilities, no new privileges,
+a new session, death with its parent; a read-only system, a minimal /etc, private /proc, /dev and /tmp,
+the home read-write, each dataset of the user's projects read-only at /data/<project>/<dataset>, the
+service sockets at their host path; an environment of eight variables; rlimits on private memory,
+processes, open files and CPU time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import sys
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Bool, Dict, Int, List, Unicode, default
+
+import paitient
+from paitient.rules.sandbox import (
+    Limits,
+    PolicyError,
+    SandboxPolicy,
+    build_bwrap_argv,
+    kernel_env,
+    prlimit_argv,
+    resolve_datasets,
+)
+from paitient.rules.seccomp import seccomp_program
+from paitient.server import audit as client
+
+
+def _python_roots() -> list[str]:
+    """Host folders the kernel's Python needs: the environment, and paitient's source if installed editable."""
+    roots = [sys.prefix]
+    pkg = str(Path(paitient.__file__).resolve().parent)
+    if not pkg.startswith(sys.prefix.rstrip("/") + "/"):
+        roots.append(pkg)
+    return roots
+
+
+MAX_UNIX_PATH = 107
+
+
+def ipc_prefix(connection_file: str, kernel_id: str) -> str:
+    """Path prefix of a kernel's ipc sockets, in a folder of its own next to its connection file
+    (``<runtime>/k<id[:8]>/k-<n>``); refuses paths too long to bind."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(connection_file)), "k" + kernel_id.replace("-", "")[:8])
+    prefix = os.path.join(folder, "k")
+    if len(os.fsencode(prefix)) + 4 > MAX_UNIX_PATH:
+        raise PolicyError(
+            f"the runtime dir {os.path.dirname(connection_file)} is too long for unix socket paths "
+            f"({MAX_UNIX_PATH} bytes at most); give the server a shorter JUPYTER_RUNTIME_DIR"
+        )
+    return prefix
+
+
+class SandboxProvisioner(LocalProvisioner):
+    """Start the kernel in a bubblewrap sandbox: no network, read-only data, no credentials, limits."""
+
+    data_root = Unicode("", help="Root of the published datasets (site data_root).").tag(config=True)
+    run_dir = Unicode("", help="Folder of the services' unix sockets (site run_dir); bound read-only.").tag(
+        config=True
+    )
+    projects = Dict(
+        {},
+        help="Project name -> dataset names this user may read. Written by the spawner from the registry.",
+    ).tag(config=True)
+    memory_mb = Int(4096, help="Private memory limit per kernel (RLIMIT_DATA), MiB.").tag(config=True)
+    max_processes = Int(256, help="Process limit (RLIMIT_NPROC; counts all of the user's processes).").tag(
+        config=True
+    )
+    max_open_files = Int(1024, help="Open file limit per process (RLIMIT_NOFILE).").tag(config=True)
+    cpu_seconds = Int(0, help="CPU time limit per kernel process (RLIMIT_CPU); 0: none.").tag(config=True)
+    bwrap_path = Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True)
+    prlimit_path = Unicode("/usr/bin/prlimit", help="util-linux prlimit, sets the rlimits.").tag(config=True)
+    system_ro = List(Unicode(), help="Host folders bound read-only at the same path.").tag(config=True)
+    extra_ro = List(
+        Unicode(),
+        ["/sys/devices/system/cpu"],
+        help="Optional read-only paths (skipped where missing); CPU topology lets numeric libraries size threads.",
+    ).tag(config=True)
+
+    seccomp = Bool(
+        True, help="Load the seccomp filter (ptrace, process memory, keyrings, eBPF, mount calls refused)."
+    ).tag(config=True)
+
+    _mounted: list[str] = []
+
+    @default("system_ro")
+    def _system_ro_default(self) -> list[str]:
+        return ["/usr", *_python_roots()]
+
+    # ------------------------------------------------------------------ policy
+
+    def limits(self) -> Limits:
+        return Limits(self.memory_mb, self.max_processes, self.max_open_files, self.cpu_seconds)
+
+    def policy(self, connection_file: str, cwd: str | None, kernel_dir: str = "") -> SandboxPolicy:
+        if not self.run_dir or not self.data_root:
+            raise PolicyError(
+                "SandboxProvisioner.run_dir and .data_root are not configured; the spawner writes them "
+                "with paitient.hub.serverconfig.write_user_server_config"
+            )
+        home = pwd.getpwuid(os.getuid()).pw_dir
+        connection_file = str(Path(connection_file).resolve())
+        runtime_dir = os.path.dirname(connection_file)
+        home_prefix = home.rstrip("/") + "/"
+        work = str(Path(cwd).resolve()) if cwd else home
+        if work != home and not work.startswith(home_prefix):
+            work = home
+        return SandboxPolicy(
+            home=home,
+            runtime_dir=runtime_dir,
+            run_dir=self.run_dir,
+            data=tuple(resolve_datasets(self.data_root, {p: list(d) for p, d in self.projects.items()})),
+            system_ro=tuple(self.system_ro),
+            extra_ro=tuple(self.extra_ro),
+            env=kernel_env(home, self.run_dir, runtime_dir),
+            cwd=work,
+            kernel_dir=kernel_dir,
+            connection_file=connection_file if kernel_dir else "",
+        )
+
+    # ------------------------------------------------------------------ provisioner hooks
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        if os.geteuid() == 0:
+            raise PolicyError(
+                "refusing to start a sandboxed kernel as root: bwrap's user namespace would keep root's "
+                "file access. Start the user's server as the user's own account."
+            )
+        km = self.parent
+        if km is not None:
+            # The kernel has no network: ZMQ must run over unix sockets next to the connection file.
+            # Socket paths are short (a unix socket path has at most 107 bytes): <runtime>/k<id[:8]>/k-<n>.
+            km.transport = "ipc"
+            km.ip = ipc_prefix(km.connection_file, str(self.kernel_id or km.kernel_id or "kernel"))
+            os.makedirs(os.path.dirname(km.ip), mode=0o700, exist_ok=True)
+        if self.kernel_spec is not None:
+            # A signal would hit bwrap, not the kernel, and end the sandbox.
+            self.kernel_spec.interrupt_mode = "message"
+        return await super().pre_launch(**kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        kernel_dir = os.path.dirname(km.ip) if km.transport == "ipc" else ""
+        # Resolving the dataset versions touches the filesystem: off the event loop.
+        policy = await asyncio.to_thread(self.policy, km.connection_file, kwargs.get("cwd"), kernel_dir)
+        seccomp_fd = _seccomp_fd() if self.seccomp else None
+        argv = [
+            *prlimit_argv(self.limits(), self.prlimit_path),
+            *build_bwrap_argv(policy, self.bwrap_path, seccomp_fd),
+            *cmd,
+        ]
+        if seccomp_fd is not None:
+            kwargs["pass_fds"] = (seccomp_fd,)
+        # bwrap itself runs outside the sandbox: give it nothing from the server's environment
+        # (an LD_PRELOAD there would run the user's code unsandboxed).
+        kwargs["env"] = {"PATH": "/usr/bin:/bin"}
+        kwargs["cwd"] = policy.home
+        self.log.info("Starting sandboxed kernel %s with datasets %s", self.kernel_id, _datasets(policy))
+        try:
+            info = await super().launch_kernel(argv, **kwargs)
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
+        self._mounted = _datasets(policy)
+        await self._audit(
+            "kernel.start",
+            {"datasets": self._mounted, "limits": vars(self.limits()), "pid": self.pid},
+        )
+        return info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        km = self.parent
+        if not restart and km is not None and km.transport == "ipc":
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(km.ip))  # the sockets are gone by now; only an empty folder is removed
+        if not restart:
+            await self._audit("kernel.stop", {"datasets": self._mounted})
+
+    async def _audit(self, action: str, details: dict[str, Any]) -> None:
+        if not self.run_dir:
+            return
+        try:
+            await asyncio.to_thread(
+                client.send, self.run_dir, action=action, object=str(self.kernel_id), details=details
+            )
+        except Exception as e:
+            self.log.error("could not record %s for kernel %s in the audit trail: %s", action, self.kernel_id, e)
+
+
+def _seccomp_fd() -> int:
+    """An anonymous file holding the filter, read by bwrap from the inherited descriptor."""
+    fd = os.memfd_create("paitient-seccomp", 0)
+    os.write(fd, seccomp_program())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _datasets(policy: SandboxPolicy) -> list[str]:
+    return [m.dest.removeprefix("/data/") for m in policy.data]

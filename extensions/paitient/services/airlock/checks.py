@@ -1,0 +1,166 @@
+"""The automatic checks for one request, by kind. Each returns a list of check results with reasons.
+
+- ``table``: :mod:`paitient.rules.disclosure` (minimum count, zeros; dominance and p-ratio through ACRO when
+  the request carries the table's recipe).
+- ``weights``: :mod:`paitient.services.airlock.weights` (safetensors only, a matching DP training record within the
+  budget) and the membership-inference audit (:mod:`paitient.services.airlock.mia`).
+- ``figure`` and ``other``: no automatic check exists; the result says a steward reviews by hand.
+
+Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
+data (:mod:`paitient.services.airlock.published`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from paitient.rules import disclosure, split
+from paitient.rules.disclosure import result
+from paitient.services.airlock import mia, published, weights
+from paitient.services.airlock.store import Request
+
+log = logging.getLogger("paitient.services.airlock")
+
+IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
+               b"GIF89a": "image/gif"}
+
+
+def image_type(data: bytes) -> str | None:
+    """The MIME type of a PNG, JPEG or GIF by its magic bytes; anything else is not previewed as an image."""
+    for magic, mime in IMAGE_TYPES.items():
+        if data.startswith(magic):
+            return mime
+    return None
+
+
+@dataclass
+class CheckContext:
+    """What the checks need from the site, passed in so each part can be tested alone."""
+
+    rules: disclosure.TableRules = field(default_factory=disclosure.TableRules)
+    lookup_run: Callable[[str], dict[str, Any] | None] | None = None
+    """``sha256 -> ledger run or None`` (the privacy ledger's ``record_by_hash``)."""
+    budget_for: Callable[[str, str], Any] | None = None
+    """``(project, dataset) -> Budget``."""
+    load_dataset: Callable[[str, str, Any], pd.DataFrame] | None = None
+    """``(project, dataset, version or None) -> DataFrame`` of the published dataset."""
+    published: Callable[[], list[published.Published]] | None = None
+    """The published dataset files (for the published-copy and row-level checks)."""
+    mia_max_auc: float = 0.6
+    mia_max_advantage: float = 0.2
+    audit_account: str = "nobody"
+    audit_timeout: float = 600.0
+    audit_memory_mb: int = 4096
+    audit_work_root: str | None = None
+    """Where the audits' scratch folders go (see :func:`paitient.services.airlock.mia.prepare_work_root`)."""
+
+
+def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
+    """Read ``<data_root>/<project>/<dataset>/versions/<N>/data.parquet`` (``current`` without a version)."""
+    dataset = dataset.split("/")[-1]
+    base = Path(data_root) / project / dataset
+    where = base / "versions" / str(int(version)) if version not in (None, "") else base / "current"
+    path = where / "data.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no published dataset {project}/{dataset}"
+                                + (f" version {version}" if version not in (None, "") else "") + f" at {path}")
+    return pd.read_parquet(path)
+
+
+def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+    files = ctx.published() if ctx.published else []
+    copy = published.check_not_published(req.sha256, files)
+    if req.kind == "table":
+        return [copy, *check_table(req, data, ctx, files)]
+    if req.kind == "weights":
+        return [copy, *check_weights(req, data, ctx)]
+    what = "figures" if req.kind == "figure" else "outputs of this kind"
+    details = {"image": image_type(data)} if req.kind == "figure" else {}
+    return [copy, result("manual_review", "review",
+                         f"there is no automatic disclosure check for {what}: a steward reviews it by hand",
+                         **details)]
+
+
+def check_table(req: Request, data: bytes, ctx: CheckContext,
+                files: list[published.Published] = ()) -> list[dict[str, Any]]:
+    try:
+        df = disclosure.read_table(data, req.filename)
+    except disclosure.TableError as e:
+        return [result("readable", "fail", str(e))]
+    row_level = published.check_row_level(df, list(files))
+    recipe = req.meta.get("recipe")
+    if not recipe:
+        return [row_level, *disclosure.check_table_alone(df, ctx.rules)]
+    try:
+        recipe = disclosure.validate_recipe(recipe)
+        source = ctx.load_dataset(req.project, recipe["dataset"], recipe.get("version"))
+    except (disclosure.TableError, FileNotFoundError, KeyError) as e:
+        return [row_level, result("recipe", "fail", str(e)), *disclosure.check_table_alone(df, ctx.rules)]
+    return [row_level, *disclosure.check_with_recipe(df, source, recipe, ctx.rules)]
+
+
+def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+    fmt, tensors = weights.check_format(data)
+    if tensors is None:
+        return [fmt]
+    canonical = weights.canonical_sha256(data)
+    out = [fmt]
+    run = None
+    try:
+        if ctx.lookup_run is None:
+            raise RuntimeError("the privacy ledger is not configured")
+        run = ctx.lookup_run(canonical) or ctx.lookup_run(req.sha256)
+        out.append(weights.check_training_record(
+            run, project=req.project, budget_for=lambda ds: ctx.budget_for(req.project, ds)))
+    except Exception as e:
+        log.exception("ledger lookup for %s failed", req.id)
+        out.append(result("training_record", "error", f"the privacy ledger could not be asked ({e}); a steward "
+                          "checks the training record by hand"))
+    out[-1]["details"]["canonical_sha256"] = canonical
+    out.append(_membership_audit(req, data, run, ctx))
+    return out
+
+
+def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx: CheckContext) -> dict[str, Any]:
+    model = req.meta.get("model") or {}
+    if not model.get("source"):
+        return result("membership_inference", "fail",
+                      "no model definition came with the weights, so the membership-inference audit cannot run; "
+                      "request again with model_source= (the Python source of the model class)")
+    if run is not None and run.get("project") == req.project:
+        dataset = str(run.get("dataset", ""))
+        version = (run.get("record") or {}).get("dataset_version")
+    else:
+        dataset, version = str(model.get("dataset", "")), model.get("dataset_version")
+    if not dataset:
+        return result("membership_inference", "fail",
+                      "the audit needs the training dataset: no training record names it and the request gives none")
+    try:
+        frame = ctx.load_dataset(req.project, dataset, version)
+        members = split.members_from_spec(model.get("split"), len(frame))
+        target = model.get("target")
+        if target not in frame:
+            raise KeyError(f"the dataset has no target column {target!r}; name it with target=")
+        features = model.get("features") or [c for c in frame.columns if c != target]
+        absent = [c for c in features if c not in frame]
+        if absent:
+            raise KeyError(f"the dataset has no feature column(s) {absent}")
+        job = mia.AuditJob(
+            model_source=model["source"], weights=data, data=frame, members=[int(i) for i in members.nonzero()[0]],
+            features=list(features), target=target, loss=model.get("loss", "cross_entropy"),
+            model_class=model.get("class", "Model"), model_kwargs=model.get("kwargs") or {},
+            preprocess=model.get("preprocess", "none"),
+        )
+    except (split.SplitError, KeyError, FileNotFoundError, ValueError) as e:
+        return result("membership_inference", "fail", f"the audit cannot run: {e}")
+    limits = mia.Limits(memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256,
+                        cpu_seconds=int(ctx.audit_timeout) + 1)
+    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits,
+                           work_root=ctx.audit_work_root)
+    return mia.judge(answer, max_auc=ctx.mia_max_auc, max_advantage=ctx.mia_max_advantage)

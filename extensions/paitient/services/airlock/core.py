@@ -1,0 +1,371 @@
+"""The airlock's logic: taking requests from kernels, running the checks, and who may see, decide and
+download what. The socket (:mod:`paitient.channel`) and the web pages (:mod:`paitient.services.airlock.web`) are
+thin layers around :class:`Airlock`; :func:`paitient.services.airlock.service.serve` runs them together.
+
+Submitted files go to the root-only store (:mod:`paitient.services.airlock.store`); a worker thread runs the
+automatic checks (:mod:`paitient.services.airlock.checks`) one request at a time and hands the request to review.
+:meth:`Airlock.start` re-queues every request a restart interrupted (submitted or being checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import stat
+import threading
+import unicodedata
+from typing import Any
+
+from paitient.channel import ChannelError, Peer
+from paitient.config import AIRLOCK_KINDS, SiteConfig
+from paitient.registry import Member, Registry
+from paitient.rules import review
+from paitient.rules.disclosure import TableRules
+from paitient.services.airlock.checks import CheckContext, load_published, run_checks
+from paitient.services.airlock.mia import prepare_work_root
+from paitient.services.airlock.published import PublishedIndex
+from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
+from paitient.services.airlock.store import Request, Store, StoreError
+from paitient.services.airlock.weights import WeightsFormatError, parse_safetensors
+
+MAX_JUSTIFICATION = 10_000
+MAX_MODEL_SOURCE = 200_000
+
+
+def _clean_filename(name: Any) -> str:
+    name = os.path.basename(str(name or ""))
+    name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
+    name = re.sub(r"[\\/\"]", "_", name).strip(" .")[:200]
+    return name or "output"
+
+
+class Airlock:
+    """The service's logic over its store; the socket and web layers are thin around it."""
+
+    def __init__(self, site: SiteConfig, *, settings: AirlockSettings | None = None, store: Store | None = None,
+                 lookup_run=None, emit=None, log: logging.Logger | None = None):
+        self.site = site
+        self.settings = settings or AirlockSettings()
+        self.store = store or Store.for_site(site)
+        self.registry = Registry.for_state_dir(site.state_dir)
+        self.log = log or logging.getLogger("paitient.services.airlock")
+        self._emit = emit
+        self._lookup_run = lookup_run
+        self.published = PublishedIndex(site.data_root)
+        self.audit_work_root = site.state_dir / "airlock-audit"
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # Collaborators
+
+    def emit(self, *, actor: str, action: str, object: str, outcome: str = "ok",
+             details: dict[str, Any] | None = None, required: bool = False) -> None:
+        """Write an audit record; if ``required``, a failure to write it raises (the action must not happen)."""
+        try:
+            if self._emit is not None:
+                self._emit(actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+            else:
+                from paitient.services.audit import emit
+
+                emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+        except Exception:
+            self.log.exception("could not write the audit record %s %s", action, object)
+            if required:
+                raise
+
+    def lookup_run(self, sha256: str) -> dict[str, Any] | None:
+        if self._lookup_run is not None:
+            return self._lookup_run(sha256)
+        from paitient.services.ledger.store import Ledger
+
+        return Ledger(self.site).record_by_hash(sha256)
+
+    def budget_for(self, project: str, dataset: str):
+        try:
+            from paitient.services.ledger.store import Ledger
+
+            return Ledger(self.site).total_for(project, dataset)
+        except ImportError:
+            return self.site.project(project).budget_for(dataset)
+
+    def check_context(self) -> CheckContext:
+        s = self.settings
+        return CheckContext(
+            rules=TableRules(min_count=s.min_count, nk_n=s.nk_n, nk_k=s.nk_k, p_ratio=s.p_ratio,
+                             zeros_disclosive=s.zeros_disclosive),
+            lookup_run=self.lookup_run, budget_for=self.budget_for,
+            load_dataset=self._load_dataset, published=self.published.files,
+            mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
+            audit_account=s.audit_account, audit_timeout=s.audit_timeout,
+            audit_memory_mb=self.site.sandbox.memory_mb, audit_work_root=str(self.audit_work_root),
+        )
+
+    def _load_dataset(self, project: str, dataset: str, version: Any):
+        name = dataset.split("/")[-1]
+        if name not in self.site.project(project).datasets:
+            raise KeyError(f"{name!r} is not a dataset of project {project!r}")
+        return load_published(self.site.data_root, project, name, version)
+
+    # ------------------------------------------------------------------------------------------------
+    # Kernel side (unix socket)
+
+    def handlers(self) -> dict[str, Any]:
+        return {"request": self.op_request, "status": self.op_status, "list": self.op_status}
+
+    def _caller(self, peer: Peer) -> Member:
+        member = self.registry.by_uid(peer.uid)
+        if member is None:
+            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace",
+                               "forbidden")
+        return member
+
+    def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        member = self._caller(peer)
+        try:
+            kind, project, justification, meta = self._validate_request(member, args)
+        except ChannelError as e:
+            self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
+                      details={"reason": str(e), "project": args.get("project")})
+            raise
+        if len(fds) != 1:
+            raise ChannelError("send the file as exactly one open file descriptor", "bad_request")
+        try:
+            readable = stat.S_ISREG(os.fstat(fds[0]).st_mode) and os.pread(fds[0], 0, 0) == b""
+        except OSError:
+            readable = False
+        if not readable:
+            raise ChannelError("send a regular file opened for reading (not a directory, pipe, socket or a "
+                               "path-only descriptor)", "bad_request")
+        filename = _clean_filename(args.get("filename"))
+        if kind == "weights":
+            try:
+                parse_safetensors(_read_all(fds[0], self.settings.max_bytes))
+            except (WeightsFormatError, StoreError) as e:
+                self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
+                          details={"reason": str(e), "project": project, "kind": kind, "filename": filename})
+                raise ChannelError(str(e), "refused") from None
+        try:
+            sha, size = self.store.put_blob_from_fd(fds[0], self.settings.max_bytes)
+        except StoreError as e:
+            raise ChannelError(str(e), "refused") from None
+        req = self.store.create(project=project, username=member.username, account=member.account,
+                                uid=peer.uid, kind=kind, filename=filename, sha256=sha, size=size,
+                                justification=justification, meta=meta)
+        self.emit(actor=member.username, action="airlock.request", object=req.id,
+                  details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size})
+        self._queue.put(req.id)
+        return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
+
+    def _validate_request(self, member: Member, args: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+        kind = args.get("kind")
+        if kind not in AIRLOCK_KINDS:
+            raise ChannelError(f"kind must be one of {', '.join(AIRLOCK_KINDS)}; got {kind!r}", "bad_request")
+        justification = args.get("justification")
+        if not isinstance(justification, str) or not justification.strip():
+            raise ChannelError("say why this output should leave the workspace: justification='...'", "bad_request")
+        if len(justification) > MAX_JUSTIFICATION:
+            raise ChannelError(f"the justification is longer than {MAX_JUSTIFICATION} characters", "bad_request")
+        project = args.get("project")
+        if project is None:
+            if len(member.projects) != 1:
+                raise ChannelError("name the project: project= one of "
+                                   f"{', '.join(member.projects) or '(you are in no project)'}", "bad_request")
+            project = member.projects[0]
+        if project not in member.projects:
+            raise ChannelError(f"you are not a member of project {project!r}; your projects: "
+                               f"{', '.join(member.projects) or 'none'}", "forbidden")
+        meta: dict[str, Any] = {}
+        if args.get("recipe") is not None:
+            if kind != "table" or not isinstance(args["recipe"], dict):
+                raise ChannelError("a recipe (dict) goes with kind='table' only", "bad_request")
+            meta["recipe"] = args["recipe"]
+        if args.get("model") is not None:
+            model = args["model"]
+            if kind != "weights" or not isinstance(model, dict):
+                raise ChannelError("a model description (dict) goes with kind='weights' only", "bad_request")
+            if len(str(model.get("source", ""))) > MAX_MODEL_SOURCE:
+                raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", "bad_request")
+            meta["model"] = model
+        if args.get("supersedes"):
+            try:
+                earlier = self.store.get(str(args["supersedes"]))
+            except StoreError:
+                earlier = None
+            if earlier is None or earlier.username != member.username:
+                raise ChannelError(f"supersedes: {args['supersedes']!r} is not one of your requests", "bad_request")
+            meta["supersedes"] = earlier.id
+        return kind, project, justification.strip(), meta
+
+    def op_status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> Any:
+        member = self._caller(peer)
+        rid = args.get("id")
+        if rid:
+            try:
+                req = self.store.get(str(rid))
+            except StoreError as e:
+                raise ChannelError(str(e), "not_found") from None
+            if req.username != member.username:
+                raise ChannelError(f"request {rid} is not yours", "forbidden")
+            return self.describe(req, for_steward=False)
+        return [self.describe(r, for_steward=False) for r in self.store.list(username=member.username)]
+
+    def describe(self, req: Request, *, for_steward: bool) -> dict[str, Any]:
+        """A request with its check results and decisions (error texts of checks for stewards only)."""
+        checks = self.store.checks(req.id)
+        if not for_steward:
+            # An error text may come from the researcher's own model code run in the audit sandbox: only
+            # stewards see it, so it cannot serve as a channel out of the workspace.
+            checks = [{**{k: c[k] for k in ("check", "status", "reason")},
+                       "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"}}
+                      for c in checks]
+        decisions = [{"by": e.actor, "ts": e.ts, **e.data} for e in self.store.events(req.id, "decision")]
+        return {**req.public(), "checks": checks, "decisions": decisions,
+                "overall": review.overall_status(c["status"] for c in checks) if checks else None}
+
+    # ------------------------------------------------------------------------------------------------
+    # Checks
+
+    def start(self) -> None:
+        """Start the check worker and re-queue everything a restart interrupted."""
+        prepare_work_root(self.audit_work_root)
+        self._worker = threading.Thread(target=self._work, name="airlock-checks", daemon=True)
+        self._worker.start()
+        for req in reversed(self.store.list(states_=[review.SUBMITTED, review.CHECKING])):
+            self._queue.put(req.id)
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+
+    def wait_idle(self) -> None:
+        self._queue.join()
+
+    def _work(self) -> None:
+        while True:
+            rid = self._queue.get()
+            try:
+                if rid is None:
+                    return
+                self.check(rid)
+            except Exception:
+                self.log.exception("checking airlock request %s failed", rid)
+            finally:
+                self._queue.task_done()
+
+    def check(self, rid: str) -> None:
+        req = self.store.get(rid)
+        if req.state not in (review.SUBMITTED, review.CHECKING):
+            return
+        restarted = req.state == review.CHECKING
+        req = self.store.transition(rid, review.CHECKING, actor="airlock", data={"rerun": restarted})
+        try:
+            results = run_checks(req, self.store.read_blob(req.sha256), self.check_context())
+        except Exception as e:
+            self.log.exception("checks of %s raised", rid)
+            results = [{"check": "internal", "status": "error", "reason": "the automatic checks failed; a steward "
+                        "reviews by hand", "details": {"error": f"{type(e).__name__}: {e}"}}]
+        self.store.record_checks(rid, results)
+        overall = review.overall_status(r["status"] for r in results)
+        self.emit(actor="airlock", action="airlock.check", object=rid, outcome="ok",
+                  details={"project": req.project, "user": req.username, "kind": req.kind, "overall": overall,
+                           "checks": {r["check"]: r["status"] for r in results}})
+        self.store.transition(rid, review.IN_REVIEW, actor="airlock", data={"overall": overall})
+        project = self.site.project(req.project)
+        if review.may_auto_release(req.kind, project.auto_release, [r["status"] for r in results]):
+            self.store.transition(rid, review.RELEASED, actor="airlock",
+                                  data={"automatic": True, "reason": f"every automatic check passed and project "
+                                        f"{req.project} releases {req.kind} outputs automatically"})
+            self.emit(actor="airlock", action="airlock.decision", object=rid,
+                      details={"project": req.project, "user": req.username, "action": "approve", "automatic": True})
+
+    # ------------------------------------------------------------------------------------------------
+    # Web side: who may see, decide and download what
+
+    def member(self, username: str) -> Member | None:
+        return self.registry.by_username(username)
+
+    def steward_projects(self, username: str, scopes: set[str]) -> list[str]:
+        if SCOPE_REVIEW not in scopes:
+            return []
+        return [p.name for p in self.site.projects if username in p.stewards]
+
+    def member_projects(self, username: str) -> list[str]:
+        m = self.member(username)
+        return list(m.projects) if m else []
+
+    def may_review(self, username: str, scopes: set[str], req: Request) -> bool:
+        return req.project in self.steward_projects(username, scopes)
+
+    def may_download(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (req.state == review.RELEASED and SCOPE_DOWNLOAD in scopes
+                and (username == req.username or req.project in self.member_projects(username)))
+
+    def may_view(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req) \
+            or self.may_download(username, scopes, req)
+
+    def may_preview(self, username: str, scopes: set[str], req: Request) -> bool:
+        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req)
+
+    def visible(self, username: str, scopes: set[str]) -> list[Request]:
+        reviewable = self.steward_projects(username, scopes)
+        reqs = self.store.list(projects=reviewable, username=username if SCOPE_REQUEST in scopes else None) \
+            if (reviewable or SCOPE_REQUEST in scopes) else []
+        seen = {r.id for r in reqs}
+        if SCOPE_DOWNLOAD in scopes:
+            for r in self.store.list(projects=self.member_projects(username), states_=[review.RELEASED]):
+                if r.id not in seen:
+                    reqs.append(r)
+        return sorted(reqs, key=lambda r: r.created, reverse=True)
+
+    def decide(self, rid: str, *, username: str, scopes: set[str], action: str, comment: str) -> review.Decision:
+        req = self.store.get(rid)
+        try:
+            decision = self.store.decide(
+                rid, reviewer=username, action=action, comment=comment,
+                may_review=self.may_review(username, scopes, req),
+                approvals_needed=self.site.project(req.project).approvals)
+        except review.TransitionError as e:
+            self.emit(actor=username, action="airlock.decision", object=rid, outcome="denied",
+                      details={"project": req.project, "user": req.username, "action": action, "reason": str(e)})
+            raise
+        self.emit(actor=username, action="airlock.decision", object=rid,
+                  details={"project": req.project, "user": req.username, "action": action, "comment": comment.strip(),
+                           "approvals": decision.approvals, "needed": decision.needed,
+                           "state": decision.new_state or review.IN_REVIEW})
+        return decision
+
+    def download(self, rid: str, *, username: str, scopes: set[str], client: str = "") -> tuple[Request, bytes]:
+        """The released file for ``username``; raises PermissionError (recorded) if they may not have it."""
+        req = self.store.get(rid)
+        if not self.may_download(username, scopes, req):
+            reason = (f"request {rid} is {req.state}, not released" if req.state != review.RELEASED else
+                      f"only the requester and members of project {req.project} download its released outputs")
+            self.emit(actor=username, action="airlock.download", object=rid, outcome="denied",
+                      details={"project": req.project, "reason": reason})
+            raise PermissionError(reason)
+        data = self.store.read_blob(req.sha256)
+        # Recorded first, in the airlock's own events and the audit trail: no record, no download.
+        self.store.record_download(rid, actor=username, data={"client": client, "sha256": req.sha256})
+        self.emit(actor=username, action="airlock.download", object=rid, required=True,
+                  details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client})
+        return req, data
+
+
+def _read_all(fd: int, max_bytes: int) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        raise StoreError(f"the file has {size} bytes; the airlock takes at most {max_bytes}")
+    chunks, offset = [], 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+        if offset > max_bytes:
+            raise StoreError(f"the file is larger than {max_bytes} bytes")

@@ -1,0 +1,347 @@
+"""The airlock's storage under ``<state_dir>/airlock`` (root only): immutable blobs and a SQLite record.
+
+- ``blobs/<sha256[:2]>/<sha256>``: each submitted file, written aside, fsync'd, made read-only (0400) and
+  renamed into place; a blob never changes, so the SHA-256 recorded with a request always names its bytes.
+- ``airlock.db``: the ``requests`` table holds each request and its current state; the ``events`` table
+  records every state change, check result, decision and download as an append-only row (triggers refuse
+  UPDATE and DELETE). The state and its event are written in one transaction, so after a crash the
+  database holds both or neither. SQLite runs in WAL mode with full synchronous writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import stat
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paitient.fsutil import fsync_dir
+from paitient.rules import review
+
+CHUNK = 1 << 20
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    username TEXT NOT NULL,
+    account TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    justification TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_project ON requests(project);
+CREATE INDEX IF NOT EXISTS requests_username ON requests(username);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL REFERENCES requests(id),
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_request ON events(request_id);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'airlock events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'airlock events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS requests_no_delete BEFORE DELETE ON requests
+    BEGIN SELECT RAISE(ABORT, 'airlock requests are never deleted'); END;
+"""
+
+EVENT_TYPES = ("state", "check", "decision", "download", "note")
+
+
+class StoreError(Exception):
+    """The store refused an operation; the message says why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    project: str
+    username: str
+    account: str
+    uid: int
+    kind: str
+    filename: str
+    sha256: str
+    size: int
+    justification: str
+    meta: dict[str, Any]
+    state: str
+    created: float
+    updated: float
+
+    def public(self) -> dict[str, Any]:
+        """What the requester sees about their request (no internal paths)."""
+        return {
+            "id": self.id, "project": self.project, "username": self.username, "kind": self.kind,
+            "filename": self.filename, "sha256": self.sha256, "size": self.size,
+            "justification": self.justification, "state": self.state,
+            "created": self.created, "updated": self.updated,
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    request_id: str
+    ts: float
+    actor: str
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_request(r: sqlite3.Row) -> Request:
+    return Request(
+        id=r["id"], project=r["project"], username=r["username"], account=r["account"], uid=r["uid"],
+        kind=r["kind"], filename=r["filename"], sha256=r["sha256"], size=r["size"],
+        justification=r["justification"], meta=json.loads(r["meta"]), state=r["state"],
+        created=r["created"], updated=r["updated"],
+    )
+
+
+def _row_event(r: sqlite3.Row) -> Event:
+    return Event(seq=r["seq"], request_id=r["request_id"], ts=r["ts"], actor=r["actor"], type=r["type"],
+                 data=json.loads(r["data"]))
+
+
+def new_request_id() -> str:
+    return time.strftime("%Y%m%d-", time.gmtime()) + secrets.token_hex(4)
+
+
+class Store:
+    """Blobs and the request database. Safe to use from several threads (a connection per operation)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.db_path = self.root / "airlock.db"
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.blobs.mkdir(mode=0o700, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @classmethod
+    def for_site(cls, site) -> Store:
+        return cls(site.state_dir / "airlock")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            yield db
+        finally:
+            db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ---------------------------------------------------------------------------------------------
+    # Blobs
+
+    def blob_path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise StoreError(f"not a SHA-256 hex digest: {sha256!r}")
+        return self.blobs / sha256[:2] / sha256
+
+    def put_blob_from_fd(self, fd: int, max_bytes: int) -> tuple[str, int]:
+        """Copy an open regular file into the blob store; return (sha256, size).
+
+        Reads from offset 0 with ``pread`` whatever the caller's file position, refuses anything that is
+        not a regular file or is larger than ``max_bytes``.
+        """
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError("only regular files can be submitted (not a directory, pipe or device)")
+        if st.st_size > max_bytes:
+            raise StoreError(f"the file has {st.st_size} bytes; the airlock takes at most {max_bytes}")
+        h = hashlib.sha256()
+        tmp_fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=self.blobs)
+        size = 0
+        try:
+            with os.fdopen(tmp_fd, "wb") as out:
+                while True:
+                    chunk = os.pread(fd, CHUNK, size)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise StoreError(f"the file grew beyond {max_bytes} bytes while it was read")
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o400)
+            digest = h.hexdigest()
+            target = self.blob_path(digest)
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
+                fsync_dir(target.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return digest, size
+
+    def read_blob(self, sha256: str) -> bytes:
+        return self.blob_path(sha256).read_bytes()
+
+    # ---------------------------------------------------------------------------------------------
+    # Requests and events
+
+    def create(self, *, project: str, username: str, account: str, uid: int, kind: str, filename: str,
+               sha256: str, size: int, justification: str, meta: dict[str, Any]) -> Request:
+        now = time.time()
+        rid = new_request_id()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO requests (id, project, username, account, uid, kind, filename, sha256, size, "
+                "justification, meta, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rid, project, username, account, uid, kind, filename, sha256, size, justification,
+                 json.dumps(meta, sort_keys=True), review.SUBMITTED, now, now),
+            )
+            self._event(db, rid, username, "state", {"from": None, "to": review.SUBMITTED}, now)
+        return self.get(rid)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, rid: str, actor: str, type_: str, data: dict[str, Any],
+               ts: float | None = None) -> None:
+        if type_ not in EVENT_TYPES:
+            raise StoreError(f"unknown event type {type_!r}")
+        db.execute("INSERT INTO events (request_id, ts, actor, type, data) VALUES (?,?,?,?,?)",
+                   (rid, ts or time.time(), actor, type_, json.dumps(data, sort_keys=True, default=str)))
+
+    def _get(self, db: sqlite3.Connection, rid: str) -> Request:
+        row = db.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
+        if row is None:
+            raise StoreError(f"no airlock request {rid!r}")
+        return _row_request(row)
+
+    def get(self, rid: str) -> Request:
+        with self._connect() as db:
+            return self._get(db, rid)
+
+    def transition(self, rid: str, new_state: str, *, actor: str, data: dict[str, Any] | None = None) -> Request:
+        """Move a request to ``new_state`` (checked by :func:`review.check_transition`) and record it."""
+        with self._transaction() as db:
+            req = self._get(db, rid)
+            review.check_transition(req.state, new_state)
+            now = time.time()
+            db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?", (new_state, now, rid))
+            self._event(db, rid, actor, "state", {"from": req.state, "to": new_state, **(data or {})}, now)
+        return self.get(rid)
+
+    def record_checks(self, rid: str, results: list[dict[str, Any]], *, actor: str = "airlock") -> None:
+        with self._transaction() as db:
+            self._get(db, rid)
+            for r in results:
+                self._event(db, rid, actor, "check", r)
+
+    def decide(self, rid: str, *, reviewer: str, action: str, comment: str, may_review: bool,
+               approvals_needed: int) -> review.Decision:
+        """Record a steward's decision; the rules (:func:`review.decide`) run inside the transaction."""
+        with self._transaction() as db:
+            req = self._get(db, rid)
+            earlier = self._approvers(db, rid)
+            decision = review.decide(
+                state=req.state, requester=req.username, reviewer=reviewer, action=action, comment=comment,
+                may_review=may_review, earlier_approvers=earlier, approvals_needed=approvals_needed,
+            )
+            now = time.time()
+            self._event(db, rid, reviewer, "decision",
+                        {"action": action, "comment": comment.strip(), "approvals": decision.approvals,
+                         "needed": decision.needed}, now)
+            if decision.new_state is not None:
+                review.check_transition(req.state, decision.new_state)
+                db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?",
+                           (decision.new_state, now, rid))
+                self._event(db, rid, reviewer, "state", {"from": req.state, "to": decision.new_state}, now)
+        return decision
+
+    @staticmethod
+    def _approvers(db: sqlite3.Connection, rid: str) -> list[str]:
+        rows = db.execute("SELECT actor, data FROM events WHERE request_id = ? AND type = 'decision' ORDER BY seq",
+                          (rid,)).fetchall()
+        return [r["actor"] for r in rows if json.loads(r["data"]).get("action") == "approve"]
+
+    def record_download(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
+        with self._transaction() as db:
+            req = self._get(db, rid)
+            if req.state != review.RELEASED:
+                raise StoreError(f"request {rid} is {req.state}, not released; it cannot be downloaded")
+            self._event(db, rid, actor, "download", data)
+
+    def events(self, rid: str, type_: str | None = None) -> list[Event]:
+        q = "SELECT * FROM events WHERE request_id = ?"
+        args: tuple[Any, ...] = (rid,)
+        if type_:
+            q += " AND type = ?"
+            args += (type_,)
+        with self._connect() as db:
+            return [_row_event(r) for r in db.execute(q + " ORDER BY seq", args).fetchall()]
+
+    def checks(self, rid: str) -> list[dict[str, Any]]:
+        """The results of the latest check run (a re-run after a restart replaces earlier partial ones)."""
+        out: list[dict[str, Any]] = []
+        for e in self.events(rid):
+            if e.type == "state" and e.data.get("to") == review.CHECKING:
+                out = []
+            elif e.type == "check":
+                out.append(e.data)
+        return out
+
+    def list(self, *, projects: list[str] | None = None, username: str | None = None,
+             states_: list[str] | None = None) -> list[Request]:
+        """Requests matching all given filters (``projects``/``username`` are OR-ed: either matches)."""
+        where, args = [], []
+        who = []
+        if projects is not None:
+            who.append(f"project IN ({','.join('?' * len(projects))})" if projects else "0")
+            args += projects
+        if username is not None:
+            who.append("username = ?")
+            args.append(username)
+        if who:
+            where.append("(" + " OR ".join(who) + ")")
+        if states_:
+            where.append(f"state IN ({','.join('?' * len(states_))})")
+            args += states_
+        # Only placeholders and fixed column names are joined here; every value goes in as a parameter.
+        q = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
+        q += " ORDER BY created DESC"
+        with self._connect() as db:
+            return [_row_request(r) for r in db.execute(q, args).fetchall()]

@@ -1,0 +1,170 @@
+"""The audit service: records events from users' servers and kernels under the name their uid vouches for.
+
+Run by ``paitient service audit`` (a JupyterHub managed service, see :func:`hub_service`). It serves
+``<run_dir>/audit.sock`` with one operation, ``record``; the actor is never taken from the request but
+from the socket's peer credentials via the registry (an unknown uid is recorded as ``uid:<n>``), and the
+sender's pid and uid go into the record. User-side processes may report only what happens in their own
+server and kernels (:data:`USER_ACTIONS`); nothing that claims a decision, a sign-in, or an airlock step.
+With ``JUPYTERHUB_SERVICE_URL`` set (the hub sets it), it also serves the read-only web view there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.registry import Registry
+from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_details
+from paitient.services.audit import emit, trail_dir
+from paitient.services.audit.query import projects_of
+from paitient.services.kit.process import StopSignal, managed_service, socket_path
+
+USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})
+"""What a user-side process may report. Everything else is recorded by root-side processes only."""
+
+READ_SCOPE = "custom:audit:read"
+REQUEST_KEYS = frozenset({"action", "object", "outcome", "details"})
+MAX_OBJECT_CHARS = 1024
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """For ``c.JupyterHub.custom_scopes``; grant the scope (with ``access:services!service=audit``) to
+    the steward and admin roles."""
+    return {READ_SCOPE: {"description": "Read the audit trail in the audit service's web view."}}
+
+
+def role_scopes() -> list[str]:
+    """Scopes a role needs to open the audit web view."""
+    return [READ_SCOPE, "access:services!service=audit"]
+
+
+def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
+    """The JupyterHub managed-service entry (``c.JupyterHub.services``) that runs this service.
+
+    The web view listens on loopback; ``port=0`` picks a free port now (as the hub does for its own).
+    """
+    return managed_service(site, "audit", python, port=port, scopes=[READ_SCOPE],
+                           description="Audit trail (stewards and admins, read-only)")
+
+
+def peer_origin(pid: int) -> str:
+    """``host`` if the sender shares the service's pid namespace (a user's server in the local profile),
+    ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it exited before we looked.
+
+    The kernel vouches for the namespace; the sender cannot choose it, so a record reported from inside a
+    sandbox is marked as such even though it carries the same uid as the user's server.
+    """
+    try:
+        theirs = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return "gone"
+    return "host" if theirs == os.readlink("/proc/self/ns/pid") else "namespaced"
+
+
+def user_event(
+    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int, origin: str = "",
+    projects: tuple[str, ...] = (), known_projects: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Turn a ``record`` request into the event to append, or raise :class:`ChannelError` saying why not."""
+    unknown = sorted(set(args) - REQUEST_KEYS)
+    if unknown:
+        raise ChannelError(
+            f"unknown field(s) {', '.join(unknown)}; send only {', '.join(sorted(REQUEST_KEYS))} "
+            "(the actor comes from your connection)",
+            "bad_request",
+        )
+    action = args.get("action")
+    if action not in USER_ACTIONS:
+        raise ChannelError(
+            f"action {action!r} may not be reported from a user's server or kernel; "
+            f"allowed: {', '.join(sorted(USER_ACTIONS))}",
+            "forbidden",
+        )
+    obj = args.get("object", "")
+    outcome = args.get("outcome", "ok")
+    details = args.get("details") or {}
+    if not isinstance(obj, str):
+        raise ChannelError("object must be a string", "bad_request")
+    if outcome not in OUTCOMES:
+        raise ChannelError(f"outcome must be one of {', '.join(OUTCOMES)}", "bad_request")
+    if not isinstance(details, dict):
+        raise ChannelError("details must be a JSON object", "bad_request")
+    if details.get("user", actor) != actor:  # `audit show --user` matches details.user: no one else's name
+        raise ChannelError("details.user may name only yourself (the actor comes from your connection)", "bad_request")
+    # `audit show --project` reads project names from details and object: only the sender's own count
+    foreign = (projects_of({"object": obj, "details": details}) & set(known_projects)) - set(projects)
+    if foreign:
+        raise ChannelError(
+            f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", "forbidden"
+        )
+    capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
+    capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
+    return {
+        "actor": actor,
+        "action": action,
+        "object": obj[:MAX_OBJECT_CHARS],
+        "outcome": outcome,
+        "details": capped,
+    }
+
+
+def handlers(site, log: logging.Logger) -> dict[str, Any]:
+    registry = Registry.for_state_dir(site.state_dir)
+
+    known = tuple(p.name for p in site.projects)
+
+    def record(peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        member = registry.by_uid(peer.uid)
+        event = user_event(
+            member.username if member else f"uid:{peer.uid}",
+            peer,
+            args,
+            string_chars=site.audit.user_string_chars,
+            details_bytes=site.audit.user_details_bytes,
+            origin=peer_origin(peer.pid),
+            projects=member.projects if member else (),
+            known_projects=known,
+        )
+        try:
+            rec = emit(site, **event)
+        except RecordError as e:
+            raise ChannelError(str(e), "bad_request") from None
+        except AuditError as e:
+            log.error("audit: %s", e)
+            raise ChannelError("the audit trail cannot be written; the operator has been told", "unavailable") from None
+        return {"seq": rec["seq"], "hash": rec["hash"]}
+
+    return {"record": record}
+
+
+def serve(site, log: logging.Logger) -> None:
+    """Serve ``<run_dir>/audit.sock`` (and the web view if the hub gave a URL) until SIGTERM/SIGINT."""
+    directory = trail_dir(site)
+    try:
+        emit(site, actor="system", action="audit.start", details={"pid": os.getpid()})
+    except AuditError as e:
+        log.error("audit: %s", e)
+        raise SystemExit(1) from None
+    path = Path(socket_path(site, "audit"))
+    server = ChannelServer(path, handlers(site, log), name="audit", mode=0o666)
+    log.info("audit: recording to %s, listening on %s", directory, path)
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+    stop = StopSignal()
+    server.start_in_thread()
+    web = None
+    try:
+        if url:
+            from paitient.services.audit.web import run_in_thread
+
+            web = run_in_thread(site, url, log)
+        stop.wait()
+    finally:
+        if web is not None:
+            web.stop()
+        server.shutdown()
+        server.server_close()
+        emit(site, actor="system", action="audit.stop", details={"pid": os.getpid()})
+        log.info("audit: stopped")

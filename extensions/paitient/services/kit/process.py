@@ -1,0 +1,88 @@
+"""Processes and sockets of the root-side services: dying with the hub, stop signals, ports, the hub's
+service entries."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import time
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that started it ends, however it
+    ends (``PR_SET_PDEATHSIG``). Safe as a ``preexec_fn``: children of ``paitient up`` use it that way."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
+
+
+def die_with_parent() -> None:
+    """End this service when the process that started it (the hub) ends, however it ends.
+
+    A hub that is killed cannot stop its managed services; without this they would outlive it and hold
+    their sockets. A service started by hand from a shell ends with that shell. The signal is SIGKILL: a
+    service busy with a request (an airlock audit, say) must not outlive its hub by minutes, and every
+    service keeps its state crash-safe anyway (committed transactions, fsync'd audit records).
+    """
+    parent = os.getppid()
+    parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        raise SystemExit("paitient service: the process that started this service has ended")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (loopback by default)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def managed_service(site, name: str, python: str, *, port: int, scopes: list[str], description: str) -> dict:
+    """The ``c.JupyterHub.services`` entry that runs ``paitient service NAME`` as a hub-managed service.
+
+    Its web pages listen on loopback at ``port`` (0: a free port now) behind ``/services/NAME/``, signed in
+    through the hub's OAuth with ``scopes`` as the scopes its tokens may carry.
+    """
+    command = [python, "-m", "paitient.cli", "service", name, f"--state-dir={site.state_dir}"]
+    if site.source:
+        command.append(f"--site={site.source}")
+    return {
+        "name": name,
+        "command": command,
+        "url": f"http://127.0.0.1:{port or free_port()}",
+        "oauth_no_confirm": True,
+        "oauth_client_allowed_scopes": sorted(scopes),
+        "display": True,
+        "info": {"description": description},
+    }
+
+
+class StopSignal:
+    """Notes SIGTERM and SIGINT for a service's main loop.
+
+    The handler only sets a flag: a handler that calls ``threading.Event.set()`` can interrupt the main
+    thread inside ``Event.wait()`` while it holds the event's lock, and then waits for that lock forever.
+    """
+
+    def __init__(self, tick: float = 0.2):
+        self.received = False
+        self.tick = tick
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop signal came (True) or ``timeout`` seconds passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.received:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.tick)
+        return True
+
+
+def socket_path(site, name: str):
+    """Where service ``name`` listens (host path; the same path inside every sandbox)."""
+    return site.run_dir / f"{name}.sock"

@@ -1,0 +1,292 @@
+"""The privacy-ledger service: kernels reserve and settle privacy budget over a unix socket.
+
+Run by ``paitient service ledger`` (a JupyterHub managed service, see :func:`hub_service`). It serves
+``<run_dir>/ledger.sock`` with the operations ``reserve``, ``settle``, ``budget``, ``records`` and
+``record_by_hash``. The caller is whoever the socket's peer credentials say: uid -> registry member ->
+that member's projects. A kernel may act only for its own user's projects; an unknown uid is refused
+(root may read everything but reserves nothing).
+
+The reserving process id comes from ``SO_PEERCRED`` too (the host's pid, whatever pid namespace the
+kernel runs in), with its start time from ``/proc``; when that process is gone before it settled, its
+reservation is marked *lost* and counts in full. This check runs before every reservation and budget
+query and every :data:`SWEEP_SECONDS`.
+With ``JUPYTERHUB_SERVICE_URL`` set (the hub sets it), the stewards' web page is served there as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.config import NAME_RE
+from paitient.registry import Member, Registry
+from paitient.rules.budget import BudgetExceeded
+from paitient.services.kit.process import StopSignal, managed_service, socket_path
+from paitient.services.ledger.store import Ledger, LedgerError
+
+SWEEP_SECONDS = 10.0
+READ_SCOPE = "custom:ledger:read"
+MAX_RUN_ID = 128
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """For ``c.JupyterHub.custom_scopes``; grant it (with ``access:services!service=ledger``) to stewards."""
+    return {READ_SCOPE: {"description": "Read the privacy-budget ledger of the projects one stewards."}}
+
+
+def role_scopes() -> list[str]:
+    """Scopes a role needs to open the ledger's web page."""
+    return [READ_SCOPE, "access:services!service=ledger"]
+
+
+def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
+    """The JupyterHub managed-service entry (``c.JupyterHub.services``) that runs the ledger.
+
+    The stewards' page listens on loopback; ``port=0`` picks a free port now.
+    """
+    return managed_service(site, "ledger", python, port=port, scopes=[READ_SCOPE],
+                           description="Privacy-budget ledger (stewards, read-only)")
+
+
+# -- process liveness ------------------------------------------------------------------------------
+
+
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of a live, non-zombie process; None if there is none."""
+    if pid <= 0:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, start: int | None) -> bool:
+    """Is the process that reserved still running (same pid *and* same start time, so no reused pid)?"""
+    now = process_start(pid)
+    return now is not None and (start is None or now == start)
+
+
+# -- request handling ------------------------------------------------------------------------------
+
+
+def _str_arg(args: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = args.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ChannelError(f"{name} must be a project or dataset name, got {value!r}", "bad_request")
+    return value
+
+
+def _num_arg(args: dict[str, Any], name: str, *, required: bool = True) -> float | None:
+    value = args.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ChannelError(f"{name} must be a number, got {value!r}", "bad_request")
+    return float(value)
+
+
+def _only(args: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ChannelError(
+            f"unknown argument(s) {', '.join(unknown)}; send {', '.join(sorted(allowed))} "
+            "(who you are comes from your connection)", "bad_request",
+        )
+
+
+def public_run(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as shown to users: without the process details."""
+    return {k: v for k, v in row.items() if k not in ("pid", "pid_start")}
+
+
+class LedgerService:
+    """The operations, given a ledger and a registry; :meth:`handlers` plugs them into a ChannelServer."""
+
+    def __init__(self, site, ledger: Ledger, registry: Registry, log: logging.Logger,
+                 is_alive=alive):
+        self.site = site
+        self.ledger = ledger
+        self.registry = registry
+        self.log = log
+        self.is_alive = is_alive
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "reserve": self.reserve,
+            "settle": self.settle,
+            "budget": self.budget,
+            "records": self.records,
+            "record_by_hash": self.record_by_hash,
+        }
+
+    # who may do what
+
+    def member(self, peer: Peer) -> Member:
+        member = self.registry.by_uid(peer.uid)
+        if member is None:
+            raise ChannelError(
+                f"uid {peer.uid} is not a paitient user; only workspace users' kernels may use the ledger",
+                "unknown_user",
+            )
+        return member
+
+    def readable_projects(self, peer: Peer) -> list[str]:
+        known = [p.name for p in self.site.projects]
+        if peer.uid == 0:
+            return known
+        return [p for p in self.member(peer).projects if p in known]
+
+    def _project_for(self, peer: Peer, project: str) -> None:
+        if project not in self.readable_projects(peer):
+            raise ChannelError(
+                f"you are not a member of project {project!r}; a kernel can use only its user's projects",
+                "forbidden",
+            )
+
+    def sweep(self) -> list[str]:
+        gone = self.ledger.mark_lost(self.is_alive)
+        for rid in gone:
+            run = self.ledger.run(rid) or {}
+            self.log.warning("ledger: run %s ended without settling; counted in full", rid)
+            self.audit(run.get("username", "system"), "ledger.settle", f"{run.get('project')}/{run.get('dataset')}",
+                       "ok", {"reservation": rid, "state": "lost", "epsilon_spent": run.get("epsilon"),
+                              "project": run.get("project")})
+        return gone
+
+    def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
+        try:
+            from paitient.services.audit import emit
+
+            emit(self.site, actor=actor, action=action, object=obj, outcome=outcome, details=details)
+        except Exception as e:  # the ledger's own record is already committed; say loudly that audit failed
+            self.log.error("ledger: could not write the audit record for %s %s: %s", action, obj, e)
+
+    # operations
+
+    def reserve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        _only(args, {"project", "dataset", "epsilon", "delta", "run_id"})
+        member = self.member(peer)
+        project, dataset = _str_arg(args, "project"), _str_arg(args, "dataset")
+        epsilon, delta = _num_arg(args, "epsilon"), _num_arg(args, "delta")
+        run_id = args.get("run_id", "")
+        if not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID:
+            raise ChannelError(f"run_id must be a string of at most {MAX_RUN_ID} characters", "bad_request")
+        if project not in member.projects:
+            raise ChannelError(
+                f"you are not a member of project {project!r}; a kernel can charge only its user's projects",
+                "forbidden",
+            )
+        self.sweep()
+        obj = f"{project}/{dataset}"
+        try:
+            rid = self.ledger.reserve(project, dataset, epsilon, delta, user=member.username, run_id=run_id,
+                                      pid=peer.pid, pid_start=process_start(peer.pid))
+        except BudgetExceeded as e:
+            self.audit(member.username, "ledger.reserve", obj, "denied",
+                       {"project": project, "epsilon": epsilon, "delta": delta, "reason": str(e)})
+            raise ChannelError(str(e), "budget_exceeded") from None
+        except LedgerError as e:
+            raise ChannelError(str(e), e.code) from None
+        row = self.ledger.run(rid)
+        self.audit(member.username, "ledger.reserve", obj, "ok",
+                   {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"],
+                    "pid": peer.pid})
+        return {"reservation": row["id"], **public_run(row),
+                "budget": self._dataset_budget(project, dataset)}
+
+    def settle(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})
+        member = self.member(peer)
+        reservation = args.get("reservation")
+        if not isinstance(reservation, str):
+            raise ChannelError("reservation must be the id that reserve returned", "bad_request")
+        epsilon_spent = _num_arg(args, "epsilon_spent")
+        delta_spent = _num_arg(args, "delta_spent", required=False)
+        record = args.get("record") or {}
+        try:
+            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent,
+                                     user=member.username)
+        except LedgerError as e:
+            raise ChannelError(str(e), e.code) from None
+        self.audit(member.username, "ledger.settle", f"{row['project']}/{row['dataset']}", "ok",
+                   {"project": row["project"], "reservation": reservation, "epsilon_spent": row["epsilon_spent"],
+                    "delta_spent": row["delta_spent"], "weights_sha256": row["weights_sha256"]})
+        return {**public_run(row), "budget": self._dataset_budget(row["project"], row["dataset"])}
+
+    def _dataset_budget(self, project: str, dataset: str) -> dict[str, Any]:
+        return next(b for b in self.ledger.budget(project) if b["dataset"] == dataset)
+
+    def budget(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        _only(args, {"project"})
+        project = _str_arg(args, "project", required=False)
+        projects = self.readable_projects(peer)
+        if project is not None:
+            self._project_for(peer, project)
+            projects = [project]
+        self.sweep()
+        return {"user": "root" if peer.uid == 0 else self.member(peer).username,
+                "projects": {p: self.ledger.budget(p) for p in projects}}
+
+    def records(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> list[dict[str, Any]]:
+        _only(args, {"project", "dataset"})
+        project = _str_arg(args, "project", required=False)
+        dataset = _str_arg(args, "dataset", required=False)
+        projects = self.readable_projects(peer)
+        if project is not None:
+            self._project_for(peer, project)
+            return [public_run(r) for r in self.ledger.runs(project, dataset)]
+        return [public_run(r) for p in projects for r in self.ledger.runs(p, dataset)
+                if dataset is None or r["dataset"] == dataset]
+
+    def record_by_hash(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
+        _only(args, {"sha256"})
+        sha = args.get("sha256")
+        if not isinstance(sha, str):
+            raise ChannelError("sha256 must be a string of 64 hex digits", "bad_request")
+        try:
+            row = self.ledger.record_by_hash(sha)
+        except LedgerError as e:
+            raise ChannelError(str(e), e.code) from None
+        if row is None or row["project"] not in self.readable_projects(peer):
+            return None
+        return public_run(row)
+
+
+def serve(site, log: logging.Logger) -> None:
+    """Serve ``<run_dir>/ledger.sock`` (and the stewards' page if the hub gave a URL) until SIGTERM/SIGINT."""
+    ledger = Ledger(site)
+    service = LedgerService(site, ledger, Registry.for_state_dir(site.state_dir), log)
+    path = Path(socket_path(site, "ledger"))
+    server = ChannelServer(path, service.handlers(), name="ledger", mode=0o666)
+    stop = StopSignal()
+    server.start_in_thread()
+    log.info("ledger: %s, listening on %s", ledger.db.__class__.__name__.strip("_"), path)
+    web = None
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+    try:
+        if url:
+            from paitient.services.ledger.web import run_in_thread
+
+            web = run_in_thread(site, ledger, url, log)
+        while not stop.wait(SWEEP_SECONDS):
+            try:
+                service.sweep()
+            except Exception:
+                log.exception("ledger: sweep failed")
+    finally:
+        if web is not None:
+            web.stop()
+        server.shutdown()
+        server.server_close()
+        log.info("ledger: stopped")
