@@ -51,7 +51,7 @@ class ShuffledBatches(Sampler[torch.Tensor]):
     def __iter__(self):
         perm = torch.randperm(self.n)
         for i in range(len(self)):
-            yield perm[i * self.batch:(i + 1) * self.batch]
+            yield perm[i * self.batch : (i + 1) * self.batch]
 
 
 def plain_loader(ds: TensorDataset, batch: int) -> DataLoader:
@@ -97,7 +97,8 @@ def ledger_in_process(tmp: Path):
     from paitient.services.ledger.service import LedgerService
     from paitient.services.ledger.store import Ledger
 
-    site = parse(tomllib.loads(f"""
+    site = parse(
+        tomllib.loads(f"""
         [workspace]
         state_dir = "{tmp}"
         [[projects]]
@@ -105,7 +106,8 @@ def ledger_in_process(tmp: Path):
         group = "bench"
         datasets = ["synthetic"]
         budget = {{ epsilon = 1000.0, delta = 1e-3 }}
-    """))
+    """)
+    )
     Registry.for_state_dir(tmp).put(Member("bench", "bench", os.getuid(), ("bench",)))
     svc = LedgerService(site, Ledger(site), Registry.for_state_dir(tmp), logging.getLogger("bench"))
     server = ChannelServer(site.run_dir / "ledger.sock", svc.handlers(), name="ledger")
@@ -141,9 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="paitient-bench-")
     site, server = ledger_in_process(Path(tmp.name))
     model = mlp()
-    run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.05), base, target_epsilon=8.0,
-                          epochs=1, max_grad_norm=1.0, project="bench", dataset="synthetic",
-                          criterion=crit, run_dir=site.run_dir, progress=False)
+    run = dp.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        base,
+        target_epsilon=8.0,
+        epochs=1,
+        max_grad_norm=1.0,
+        project="bench",
+        dataset="synthetic",
+        criterion=crit,
+        run_dir=site.run_dir,
+        progress=False,
+    )
     if 5 + args.blocks * args.steps > run.planned_steps:
         ap.error(f"--steps x --blocks must stay below {run.planned_steps - 5} (one epoch)")
     ours = f"paitient.kernel.dp ({run.mode})"
@@ -153,9 +165,15 @@ def main(argv: list[str] | None = None) -> None:
         model = mlp()
         loader = poisson_loader(base)  # the same Poisson batches as paitient.kernel.dp
         out = PrivacyEngine(accountant="prv").make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), data_loader=loader,
-            criterion=crit, noise_multiplier=run.noise_multiplier, max_grad_norm=1.0, poisson_sampling=False,
-            grad_sample_mode=mode)
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+            data_loader=loader,
+            criterion=crit,
+            noise_multiplier=run.noise_multiplier,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
+        )
         if mode == "ghost":
             pm, popt, pcrit, ploader = out
         else:
@@ -177,13 +195,17 @@ def main(argv: list[str] | None = None) -> None:
 
     plain = results["plain SGD"]
     ours, ghost = results[ours], results["Opacus ghost"]
-    print(f"MLP 64-256-256-2, {len(ds)} x 64 rows, batch {batch}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"MLP 64-256-256-2, {len(ds)} x 64 rows, batch {batch}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     print(f"{'mode':<24}{'samples/s':>12}{'time vs plain':>15}")
     for name, rate in results.items():
         print(f"{name:<24}{rate:>12,.0f}{plain / rate:>14.2f}x")
-    print(f"paitient.kernel.dp vs plain SGD: {plain / ours:.2f}x the time (goal <= 1.5x); "
-          f"vs Opacus ghost: {ours / ghost:.2f}x the speed (goal >= 1)")
+    print(
+        f"paitient.kernel.dp vs plain SGD: {plain / ours:.2f}x the time (goal <= 1.5x); "
+        f"vs Opacus ghost: {ours / ghost:.2f}x the speed (goal >= 1)"
+    )
 
 
 if __name__ == "__main__":

@@ -46,23 +46,28 @@ def make_table(rows: int, seed: int = 1) -> pa.Table:
     patient = (case * 7919) % patients  # a case belongs to one patient
     names = np.array([f"Name{i} Surname{i % 997}" for i in range(patients)], dtype=object)
     admission = rng.integers(16_000, 20_000, rows).astype(np.int32)
-    return pa.table({
-        "patient_id": pa.array([f"{p:09d}" for p in patient]),
-        "case_id": pa.array([f"C{c:010d}" for c in case]),
-        "name": pa.array(names[patient]),
-        "admission": pa.array(admission, pa.int32()).cast(pa.date32()),
-        "discharge": pa.array(admission + rng.integers(0, 30, rows).astype(np.int32), pa.int32()).cast(pa.date32()),
-        "age": pa.array(rng.integers(18, 95, rows)),
-        "sex": pa.array(rng.choice(["F", "M"], rows)),
-        "diagnosis": pa.array(np.char.add("I", (rng.zipf(1.6, rows) % 900 + 100).astype(str))),
-        "lab_value": pa.array(rng.normal(5.0, 1.5, rows)),
-        "postcode": pa.array(np.char.add(rng.choice(["10", "12", "13", "14", "20"], rows),
-                                         rng.integers(100, 999, rows).astype(str))),
-    })
+    return pa.table(
+        {
+            "patient_id": pa.array([f"{p:09d}" for p in patient]),
+            "case_id": pa.array([f"C{c:010d}" for c in case]),
+            "name": pa.array(names[patient]),
+            "admission": pa.array(admission, pa.int32()).cast(pa.date32()),
+            "discharge": pa.array(admission + rng.integers(0, 30, rows).astype(np.int32), pa.int32()).cast(pa.date32()),
+            "age": pa.array(rng.integers(18, 95, rows)),
+            "sex": pa.array(rng.choice(["F", "M"], rows)),
+            "diagnosis": pa.array(np.char.add("I", (rng.zipf(1.6, rows) % 900 + 100).astype(str))),
+            "lab_value": pa.array(rng.normal(5.0, 1.5, rows)),
+            "postcode": pa.array(
+                np.char.add(rng.choice(["10", "12", "13", "14", "20"], rows), rng.integers(100, 999, rows).astype(str))
+            ),
+        }
+    )
 
 
 SPEC = {
-    "project": "bench", "dataset": "encounters", "patient_id": "patient_id",
+    "project": "bench",
+    "dataset": "encounters",
+    "patient_id": "patient_id",
     "quasi_identifiers": ["age", "sex", "postcode"],
     "columns": {
         "patient_id": "pseudonym",
@@ -92,10 +97,12 @@ def main() -> None:
         table = make_table(args.rows)
         src = work / "source.parquet"
         pq.write_table(table, src)
-        site = config.parse({
-            "workspace": {"state_dir": str(work / "state")},
-            "projects": [{"name": "bench", "group": "bench", "datasets": ["encounters"]}],
-        })
+        site = config.parse(
+            {
+                "workspace": {"state_dir": str(work / "state")},
+                "projects": [{"name": "bench", "group": "bench", "datasets": ["encounters"]}],
+            }
+        )
         keys.ensure_key(site)
         spec = parse_spec(SPEC, work, source=src)
         floor: list[tuple[float, float]] = []
@@ -108,8 +115,10 @@ def main() -> None:
             published = ingest(site, spec, operator="bench")
             full.append((time.perf_counter() - w, time.process_time() - c))
         m = published.manifest
-        print(f"rows {args.rows:,}  patients {m['patients']:,}  cases {args.rows // 4:,}  k {m['k']}  "
-              f"(one core, median of {args.repeat})")
+        print(
+            f"rows {args.rows:,}  patients {m['patients']:,}  cases {args.rows // 4:,}  k {m['k']}  "
+            f"(one core, median of {args.repeat})"
+        )
         print(f"{'':28s} {'wall s':>8s} {'M rows/s':>9s} {'cpu s':>8s} {'M rows/s':>9s}")
         for label, runs in (("floor: parquet read+write", floor), ("ingest: full pipeline", full)):
             w, c = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
@@ -118,11 +127,14 @@ def main() -> None:
         rc = statistics.median(b[1] / a[1] for a, b in zip(floor, full, strict=True))
         print(f"ratio ingest / floor: wall {rw:.2f}x, cpu {rc:.2f}x   (goal: >= 1M rows/s and <= 2x)")
         w, c = statistics.median(r[0] for r in full), statistics.median(r[1] for r in full)
-        verdict = {k: "met" if args.rows / t >= 1e6 and r <= 2 else "NOT met" for k, t, r in
-                   (("cpu", c, rc), ("wall", w, rw))}
+        verdict = {
+            k: "met" if args.rows / t >= 1e6 and r <= 2 else "NOT met" for k, t, r in (("cpu", c, rc), ("wall", w, rw))
+        }
         load = os.getloadavg()[0]
-        print(f"goal on cpu time: {verdict['cpu']}; on wall time: {verdict['wall']} "
-              f"(load average {load:.1f} on {os.cpu_count()} CPUs: other work slows wall time)")
+        print(
+            f"goal on cpu time: {verdict['cpu']}; on wall time: {verdict['wall']} "
+            f"(load average {load:.1f} on {os.cpu_count()} CPUs: other work slows wall time)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

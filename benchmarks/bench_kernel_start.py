@@ -70,8 +70,13 @@ async def one_start(kind: str, kernel_dirs: str, config) -> dict:
     runtime = Path.home() / ".local" / "share" / "jupyter" / "runtime"
     runtime.mkdir(parents=True, exist_ok=True)
     kid = secrets.token_hex(4)
-    km = AsyncKernelManager(kernel_name=kind, kernel_spec_manager=ksm, config=config, transport="ipc",
-                            connection_file=str(runtime / f"kernel-{kid}.json"))
+    km = AsyncKernelManager(
+        kernel_name=kind,
+        kernel_spec_manager=ksm,
+        config=config,
+        transport="ipc",
+        connection_file=str(runtime / f"kernel-{kid}.json"),
+    )
     km.ip = str(runtime / f"b{kid}")
     t0 = time.perf_counter()
     await km.start_kernel(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -105,7 +110,7 @@ def worker(runs: int, workdir: Path) -> None:
     config.SandboxProvisioner.projects = {"onc": ["bc"]}
     results = []
     for i in range(runs):
-        for kind in (("sandboxed", "plain") if i % 2 == 0 else ("plain", "sandboxed")):
+        for kind in ("sandboxed", "plain") if i % 2 == 0 else ("plain", "sandboxed"):
             r = asyncio.run(one_start(kind, str(kernels), config))
             results.append(r)
             print(json.dumps(r), flush=True)
@@ -117,12 +122,16 @@ def summarise(results: list[dict]) -> None:
     for kind in ("sandboxed", "plain"):
         rows = [r for r in results if r["kind"] == kind]
         med[kind] = {k: statistics.median(r[k] for r in rows) for k in ("start_s", "rss_mib", "pss_mib")}
-        print(f"{kind:10s} start {med[kind]['start_s']:.3f} s   RSS {med[kind]['rss_mib']:.1f} MiB   "
-              f"PSS {med[kind]['pss_mib']:.1f} MiB   (median of {len(rows)})")
+        print(
+            f"{kind:10s} start {med[kind]['start_s']:.3f} s   RSS {med[kind]['rss_mib']:.1f} MiB   "
+            f"PSS {med[kind]['pss_mib']:.1f} MiB   (median of {len(rows)})"
+        )
     ratio = med["sandboxed"]["start_s"] / med["plain"]["start_s"]
     print(f"start ratio sandboxed / plain: {ratio:.2f}x (goal <= 1.2x)")
-    print(f"memory added by the sandbox: RSS {med['sandboxed']['rss_mib'] - med['plain']['rss_mib']:+.1f} MiB, "
-          f"PSS {med['sandboxed']['pss_mib'] - med['plain']['pss_mib']:+.1f} MiB per kernel")
+    print(
+        f"memory added by the sandbox: RSS {med['sandboxed']['rss_mib'] - med['plain']['rss_mib']:+.1f} MiB, "
+        f"PSS {med['sandboxed']['pss_mib'] - med['plain']['pss_mib']:+.1f} MiB per kernel"
+    )
 
 
 def main() -> None:
@@ -138,8 +147,22 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ptb-", dir="/tmp"))
     os.chmod(root, 0o755)
     name = "ptb" + secrets.token_hex(3)
-    subprocess.run(["useradd", "--system", "--no-user-group", "--gid", "nogroup", "--home-dir", str(root / name),
-                    "--create-home", "--shell", "/usr/sbin/nologin", name], check=True)
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-user-group",
+            "--gid",
+            "nogroup",
+            "--home-dir",
+            str(root / name),
+            "--create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+    )
     try:
         user = pwd.getpwnam(name)
         work = root / name / "bench"
@@ -152,9 +175,24 @@ def main() -> None:
         subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(root / name)], check=True)
         env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "LANG": "C.UTF-8"}
         proc = subprocess.run(
-            ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
-             sys.executable, "-I", str(Path(__file__).resolve()), "--runs", str(args.runs), "--worker", str(work)],
-            env=env, cwd=user.pw_dir, capture_output=True, text=True,
+            [
+                "setpriv",
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--init-groups",
+                "--",
+                sys.executable,
+                "-I",
+                str(Path(__file__).resolve()),
+                "--runs",
+                str(args.runs),
+                "--worker",
+                str(work),
+            ],
+            env=env,
+            cwd=user.pw_dir,
+            capture_output=True,
+            text=True,
         )
         lines = proc.stdout.splitlines()
         for line in lines:

@@ -64,16 +64,32 @@ class PlainHub:
         self.port, self.hub_port, self.proxy_api_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.token = os.urandom(16).hex()
-        (root / "jupyterhub_config.py").write_text(PLAIN_CONFIG.format(
-            port=self.port, hub_port=self.hub_port, proxy=default_proxy_command(), proxy_api_port=self.proxy_api_port,
-            root=root, ldap_port=ldap_port, user=USER, account=account, venv=sys.prefix, token=self.token))
+        (root / "jupyterhub_config.py").write_text(
+            PLAIN_CONFIG.format(
+                port=self.port,
+                hub_port=self.hub_port,
+                proxy=default_proxy_command(),
+                proxy_api_port=self.proxy_api_port,
+                root=root,
+                ldap_port=ldap_port,
+                user=USER,
+                account=account,
+                venv=sys.prefix,
+                token=self.token,
+            )
+        )
         self.proc: subprocess.Popen | None = None
         self.hub_user = account
 
     def start(self) -> None:
         log = open(self.root / "hub.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([f"{sys.prefix}/bin/jupyterhub", "-f", str(self.root / "jupyterhub_config.py")],
-                                     cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [f"{sys.prefix}/bin/jupyterhub", "-f", str(self.root / "jupyterhub_config.py")],
+            cwd=self.root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

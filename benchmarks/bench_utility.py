@@ -39,8 +39,10 @@ def split(seed: int):
     def t(a, dtype):
         return torch.tensor(a, dtype=dtype)
 
-    return (TensorDataset(t(scaler.transform(xtr), torch.float32), t(ytr, torch.long)),
-            (t(scaler.transform(xte), torch.float32), t(yte, torch.long)))
+    return (
+        TensorDataset(t(scaler.transform(xtr), torch.float32), t(ytr, torch.long)),
+        (t(scaler.transform(xte), torch.float32), t(yte, torch.long)),
+    )
 
 
 def accuracy(model: nn.Module, test) -> float:
@@ -77,18 +79,32 @@ def main(argv: list[str] | None = None) -> None:
                 for name, make in MODELS.items():
                     torch.manual_seed(seed)
                     model = make()
-                    train(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          DataLoader(train_ds, batch_size=64, shuffle=True), crit, args.epochs)
+                    train(
+                        model,
+                        torch.optim.SGD(model.parameters(), lr=0.1),
+                        DataLoader(train_ds, batch_size=64, shuffle=True),
+                        crit,
+                        args.epochs,
+                    )
                     results.setdefault((name, "non-private"), []).append(accuracy(model, test))
                     for eps in args.epsilons:
                         torch.manual_seed(seed)
                         model = make()
-                        run = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=1.0),
-                                              DataLoader(train_ds, batch_size=64), target_epsilon=eps,
-                                              target_delta=1e-5, epochs=args.epochs, max_grad_norm=1.0,
-                                              project="bench", dataset="synthetic", criterion=crit,
-                                              run_dir=site.run_dir, progress=False,
-                                              noise_generator=torch.Generator().manual_seed(seed))
+                        run = dp.make_private(
+                            model,
+                            torch.optim.SGD(model.parameters(), lr=1.0),
+                            DataLoader(train_ds, batch_size=64),
+                            target_epsilon=eps,
+                            target_delta=1e-5,
+                            epochs=args.epochs,
+                            max_grad_norm=1.0,
+                            project="bench",
+                            dataset="synthetic",
+                            criterion=crit,
+                            run_dir=site.run_dir,
+                            progress=False,
+                            noise_generator=torch.Generator().manual_seed(seed),
+                        )
                         train(run.model, run.optimizer, run.data_loader, crit, args.epochs)
                         assert run.finished and run.record["epsilon_spent"] <= eps
                         results.setdefault((name, f"eps={eps:g}"), []).append(accuracy(run.model, test))
@@ -98,8 +114,10 @@ def main(argv: list[str] | None = None) -> None:
             server.server_close()
 
     columns = ["non-private", *(f"eps={e:g}" for e in args.epsilons)]
-    print(f"breast cancer (569 rows, 30 features), test accuracy over {args.seeds} seeds, delta 1e-5, "
-          f"{args.epochs} epochs, batch 64, clip 1.0, PRV accountant")
+    print(
+        f"breast cancer (569 rows, 30 features), test accuracy over {args.seeds} seeds, delta 1e-5, "
+        f"{args.epochs} epochs, batch 64, clip 1.0, PRV accountant"
+    )
     print(f"{'model':<22}" + "".join(f"{c:>16}" for c in columns))
     for name in MODELS:
         cells = []

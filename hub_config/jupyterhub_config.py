@@ -13,8 +13,15 @@ from paitient.hub.hubconfig import configure
 c = get_config()  # noqa: F821 - provided by JupyterHub when it reads this file
 site = site_config.load(os.environ.get("PAITIENT_SITE") or None)
 if site.directory.embedded:
-    raise SystemExit("hub_config/jupyterhub_config.py needs a directory: set [directory] url in the site "
-                     "configuration, or use `paitient up`, which runs the embedded demo directory")
-configure(c, site, directory_url=site.directory.url, hub_port=site.workspace.hub_port or 8081,
-          proxy_api_port=site.workspace.proxy_api_port or 8001)
+    raise SystemExit(
+        "hub_config/jupyterhub_config.py needs a directory: set [directory] url in the site "
+        "configuration, or use `paitient up`, which runs the embedded demo directory"
+    )
+configure(
+    c,
+    site,
+    directory_url=site.directory.url,
+    hub_port=site.workspace.hub_port or 8081,
+    proxy_api_port=site.workspace.proxy_api_port or 8001,
+)
 c.ConfigurableHTTPProxy.should_start = True

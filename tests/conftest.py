@@ -17,9 +17,11 @@ SOURCE = REPO / "extensions" / "paitient"
 def _differing_files(left: Path, right: Path) -> list[str]:
     """Python files that differ between two copies of the package (missing on either side counts)."""
     names = {p.relative_to(left) for p in left.rglob("*.py")} | {p.relative_to(right) for p in right.rglob("*.py")}
-    return sorted(str(n) for n in names
-                  if not ((left / n).is_file() and (right / n).is_file()
-                          and filecmp.cmp(left / n, right / n, shallow=False)))
+    return sorted(
+        str(n)
+        for n in names
+        if not ((left / n).is_file() and (right / n).is_file() and filecmp.cmp(left / n, right / n, shallow=False))
+    )
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -33,20 +35,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     here = Path(paitient.__file__).resolve().parent
     if here != SOURCE:
-        pytest.exit(f"the tests imported paitient from {here}, not from {SOURCE}; run pytest from the "
-                    "repository root (pyproject.toml puts extensions/ on the path)", returncode=4)
-    probe = subprocess.run([sys.executable, "-I", "-c", "import paitient; print(paitient.__file__)"],
-                           capture_output=True, text=True, cwd="/")
+        pytest.exit(
+            f"the tests imported paitient from {here}, not from {SOURCE}; run pytest from the "
+            "repository root (pyproject.toml puts extensions/ on the path)",
+            returncode=4,
+        )
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", "import paitient; print(paitient.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     if probe.returncode != 0:
-        pytest.exit(f"{sys.executable} cannot import paitient: {probe.stderr.strip()[-500:]}; "
-                    "run: bash scripts/setup install", returncode=4)
+        pytest.exit(
+            f"{sys.executable} cannot import paitient: {probe.stderr.strip()[-500:]}; run: bash scripts/setup install",
+            returncode=4,
+        )
     installed = Path(probe.stdout.strip()).resolve().parent
     if installed != SOURCE:
         stale = _differing_files(SOURCE, installed)
         if stale:
-            pytest.exit(f"the environment's paitient ({installed}) is another copy than {SOURCE} and differs "
-                        f"in {len(stale)} file(s), e.g. {', '.join(stale[:5])}; the hub, servers and kernels "
-                        "the tests start would run it. Run: bash scripts/setup install", returncode=4)
+            pytest.exit(
+                f"the environment's paitient ({installed}) is another copy than {SOURCE} and differs "
+                f"in {len(stale)} file(s), e.g. {', '.join(stale[:5])}; the hub, servers and kernels "
+                "the tests start would run it. Run: bash scripts/setup install",
+                returncode=4,
+            )
 
 
 @pytest.fixture
@@ -87,9 +101,23 @@ def make_system_user(world_tmp):
         name = _free_name("ptt")
         home = homes / name
         subprocess.run(
-            ["useradd", "--system", "--no-user-group", "--gid", "nogroup", "--home-dir", str(home),
-             "--create-home", "--shell", "/usr/sbin/nologin", "--comment", f"paitient test {label}", name],
-            check=True, capture_output=True,
+            [
+                "useradd",
+                "--system",
+                "--no-user-group",
+                "--gid",
+                "nogroup",
+                "--home-dir",
+                str(home),
+                "--create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                f"paitient test {label}",
+                name,
+            ],
+            check=True,
+            capture_output=True,
         )
         made.append(name)
         os.chmod(home, 0o700)

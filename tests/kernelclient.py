@@ -27,22 +27,44 @@ class CellResult:
     """Bytes of every websocket frame this execution received (what left the server)."""
 
 
-async def execute(url: str, headers: dict[str, str], username: str, code: str, timeout: float, *,
-                  v1: bool = False, channel: str = "shell") -> CellResult:
+async def execute(
+    url: str,
+    headers: dict[str, str],
+    username: str,
+    code: str,
+    timeout: float,
+    *,
+    v1: bool = False,
+    channel: str = "shell",
+) -> CellResult:
     """Send ``code`` as an execute_request on ``channel`` and read until the kernel is idle again."""
     from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
-    ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 30,
-                                 subprotocols=[V1] if v1 else None)
+    ws = await websocket_connect(
+        HTTPRequest(url, headers=headers), max_message_size=1 << 30, subprotocols=[V1] if v1 else None
+    )
     msg_id = uuid.uuid4().hex
     request = {
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": username,
-                   "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
-        "parent_header": {}, "metadata": {},
-        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
+        "header": {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "username": username,
+            "session": uuid.uuid4().hex,
+            "date": "",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
     }
     if v1:
         assert ws.selected_subprotocol == V1, ws.selected_subprotocol
@@ -59,8 +81,12 @@ async def execute(url: str, headers: dict[str, str], username: str, code: str, t
             out.wire_bytes += len(raw)
             if v1:
                 ch, parts = deserialize_msg_from_ws_v1(raw)
-                msg = {"channel": ch, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),
-                       "content": json.loads(parts[3])}
+                msg = {
+                    "channel": ch,
+                    "header": json.loads(parts[0]),
+                    "parent_header": json.loads(parts[1]),
+                    "content": json.loads(parts[3]),
+                }
                 msg["msg_type"] = msg["header"]["msg_type"]
             elif isinstance(raw, bytes):
                 continue

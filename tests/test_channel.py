@@ -36,8 +36,12 @@ def test_peer_credentials_of_another_uid(server):
         "import json,sys; from paitient.channel import call; "
         f"print(json.dumps(call({str(server.path)!r}, 'whoami', {{'uid': 0}})))"
     )
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert '"uid": 65534' in out and '"account": "nobody"' in out
 
 

@@ -29,8 +29,16 @@ def test_overrides_win():
         ({"workspace": {"port": 70000}}, "not a usable port"),
         ({"workspace": {"bind_ip": "example"}}, "not an IP address"),
         ({"directory": {"url": "http://x"}}, "must start with ldap://"),
-        ({"directory": {"url": "ldap://dc1.hospital.example", "tls": "none",
-                        "bind_dn_template": ["uid={username}"]}}, "clear text"),
+        (
+            {
+                "directory": {
+                    "url": "ldap://dc1.hospital.example",
+                    "tls": "none",
+                    "bind_dn_template": ["uid={username}"],
+                }
+            },
+            "clear text",
+        ),
         ({"directory": {"url": "ldap://127.0.0.1"}}, "needs bind_dn_template"),
         ({"directory": {"url": "ldap://127.0.0.1", "bind_dn_template": ["uid=x"]}}, "must contain {username}"),
         ({"projects": [{"name": "Bad Name", "group": "g"}]}, "must be lower-case"),

@@ -136,8 +136,15 @@ class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # makes a connect fail with EAGAIN on a unix socket instead of waiting.
     request_queue_size = 128
 
-    def __init__(self, path: str | os.PathLike[str], handlers: dict[str, Handler], *, name: str = "service",
-                 mode: int = 0o666, timeout_seconds: float = 30.0):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handlers: dict[str, Handler],
+        *,
+        name: str = "service",
+        mode: int = 0o666,
+        timeout_seconds: float = 30.0,
+    ):
         self.path = Path(path)
         self.handlers = handlers
         self.name = name
@@ -163,8 +170,14 @@ class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             pass
 
 
-def call(path: str | os.PathLike[str], op: str, args: dict[str, Any] | None = None, *,
-         fds: list[int] | None = None, timeout: float = 60.0) -> Any:
+def call(
+    path: str | os.PathLike[str],
+    op: str,
+    args: dict[str, Any] | None = None,
+    *,
+    fds: list[int] | None = None,
+    timeout: float = 60.0,
+) -> Any:
     """Send one request to a service and return its result; raise :class:`ChannelError` on refusal."""
     payload = json.dumps({"op": op, "args": args or {}}).encode() + b"\n"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -177,8 +190,9 @@ def call(path: str | os.PathLike[str], op: str, args: dict[str, Any] | None = No
             except BlockingIOError:
                 # the service's accept queue is full for a moment: wait for it, as a blocking connect would
                 if time.monotonic() > deadline:
-                    raise ChannelError(f"the service at {path} is too busy to answer; try again",
-                                       "unavailable") from None
+                    raise ChannelError(
+                        f"the service at {path} is too busy to answer; try again", "unavailable"
+                    ) from None
                 time.sleep(0.01)
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 raise ChannelError(

@@ -296,9 +296,7 @@ def _section(cls: type, section: str, raw: Any, skip: tuple[str, ...] = ()) -> d
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            raise ConfigError(
-                f"[{section}] unknown key {key!r}; known keys: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"[{section}] unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         default = getattr(instance, key) if instance is not None else _PROJECT_DEFAULTS[key]
         out[key] = _coerce(section, key, value, default)
     return out
@@ -354,9 +352,7 @@ def _project(index: int, raw: Any) -> Project:
         raise ConfigError(f"[{section}] approvals: must be 1 or 2, got {values['approvals']}")
     for kind in values.get("auto_release", ()):
         if kind not in AIRLOCK_KINDS:
-            raise ConfigError(
-                f"[{section}] auto_release: unknown kind {kind!r}; kinds: {', '.join(AIRLOCK_KINDS)}"
-            )
+            raise ConfigError(f"[{section}] auto_release: unknown kind {kind!r}; kinds: {', '.join(AIRLOCK_KINDS)}")
     if budget_raw is not None:
         values["budget"] = _budget(f"[{section}.budget]", budget_raw)
     if not isinstance(budgets_raw, dict):
@@ -410,8 +406,7 @@ def _validate(cfg: SiteConfig) -> None:
     a = cfg.accounts
     if not re.match(r"^[a-z][a-z0-9-]{0,7}$", a.prefix):
         raise ConfigError(
-            f"[accounts] prefix: {a.prefix!r} must be 1-8 lower-case letters, digits or '-', "
-            "starting with a letter"
+            f"[accounts] prefix: {a.prefix!r} must be 1-8 lower-case letters, digits or '-', starting with a letter"
         )
     if not a.home_root.startswith("/"):
         raise ConfigError(f"[accounts] home_root: must be an absolute path, got {a.home_root!r}")
@@ -436,9 +431,7 @@ def _validate(cfg: SiteConfig) -> None:
     if not w.state_dir.startswith("/"):
         raise ConfigError(f"[workspace] state_dir: must be an absolute path, got {w.state_dir!r}")
     if w.ledger_url and not w.ledger_url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(
-            f"[workspace] ledger_url: empty (SQLite) or a postgresql:// URL, got {w.ledger_url[:40]!r}"
-        )
+        raise ConfigError(f"[workspace] ledger_url: empty (SQLite) or a postgresql:// URL, got {w.ledger_url[:40]!r}")
     if w.spawner not in ("paitient-local",):
         raise ConfigError(f"[workspace] spawner: only 'paitient-local' is available, got {w.spawner!r}")
     if w.min_k < 1:
@@ -490,8 +483,7 @@ def parse(raw: dict[str, Any], source: str = "", overrides: dict[str, dict[str, 
     unknown = set(raw) - set(SECTIONS) - {"projects"}
     if unknown:
         raise ConfigError(
-            f"unknown section(s) {', '.join(sorted(unknown))}; "
-            f"sections: {', '.join(sorted([*SECTIONS, 'projects']))}"
+            f"unknown section(s) {', '.join(sorted(unknown))}; sections: {', '.join(sorted([*SECTIONS, 'projects']))}"
         )
     kwargs: dict[str, Any] = {}
     for name, cls in SECTIONS.items():

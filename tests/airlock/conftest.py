@@ -13,12 +13,22 @@ from tests.airlock.helpers import register
 SITE = {
     "workspace": {"state_dir": "/placeholder"},
     "projects": [
-        {"name": "oncology", "group": "oncology", "datasets": ["breast_cancer"], "stewards": ["sam", "steph"],
-         "approvals": 1, "budget": {"epsilon": 5.0, "delta": 1e-5}},
-        {"name": "cardio", "group": "cardio", "datasets": ["diabetes"], "stewards": ["sam", "steph"],
-         "approvals": 2},
-        {"name": "registry", "group": "registry", "datasets": ["counts"], "stewards": ["sam"],
-         "auto_release": ["table"]},
+        {
+            "name": "oncology",
+            "group": "oncology",
+            "datasets": ["breast_cancer"],
+            "stewards": ["sam", "steph"],
+            "approvals": 1,
+            "budget": {"epsilon": 5.0, "delta": 1e-5},
+        },
+        {"name": "cardio", "group": "cardio", "datasets": ["diabetes"], "stewards": ["sam", "steph"], "approvals": 2},
+        {
+            "name": "registry",
+            "group": "registry",
+            "datasets": ["counts"],
+            "stewards": ["sam"],
+            "auto_release": ["table"],
+        },
     ],
 }
 
@@ -65,5 +75,3 @@ def people(registry):
     register(registry, "rita", 30007, roles=("steward",))
     register(registry, "ren", 30008, projects=["registry"])
     return registry
-
-

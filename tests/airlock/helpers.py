@@ -33,9 +33,12 @@ def run_as(uid: int, code: str, run_dir: Path, cwd: Path | None = None) -> subpr
     """Run Python ``code`` as ``uid`` (a real other account), with the kernel's environment variable."""
     env = {"PATH": "/usr/bin:/bin", "PAITIENT_RUN_DIR": str(run_dir), "HOME": str(cwd or "/")}
     return subprocess.run(
-        ["setpriv", f"--reuid={uid}", "--regid=65534", "--clear-groups", sys.executable, "-c",
-         textwrap.dedent(code)],
-        capture_output=True, text=True, env=env, cwd=str(cwd or "/"), timeout=120,
+        ["setpriv", f"--reuid={uid}", "--regid=65534", "--clear-groups", sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(cwd or "/"),
+        timeout=120,
     )
 
 
@@ -139,16 +142,26 @@ class HubApiDouble(HubOAuth):
 
 def hub_api_double(codes: dict) -> HubApiDouble:
     return HubApiDouble(
-        codes=codes, api_token="not-used", api_url="http://127.0.0.1:9/hub/api", hub_prefix="/hub/",
-        base_url=PREFIX, oauth_client_id="service-airlock", access_scopes={"access:services!service=airlock"},
+        codes=codes,
+        api_token="not-used",
+        api_url="http://127.0.0.1:9/hub/api",
+        hub_prefix="/hub/",
+        base_url=PREFIX,
+        oauth_client_id="service-airlock",
+        access_scopes={"access:services!service=airlock"},
         oauth_redirect_uri="http://127.0.0.1:8000/services/airlock/oauth_callback",
     )
 
 
 def known_user_auth() -> KnownUserOAuth:
     return KnownUserOAuth(
-        users=USERS, api_token="not-used", api_url="http://127.0.0.1:9/hub/api", hub_prefix="/hub/",
-        base_url=PREFIX, oauth_client_id="service-airlock", access_scopes={"access:services!service=airlock"},
+        users=USERS,
+        api_token="not-used",
+        api_url="http://127.0.0.1:9/hub/api",
+        hub_prefix="/hub/",
+        base_url=PREFIX,
+        oauth_client_id="service-airlock",
+        access_scopes={"access:services!service=airlock"},
         oauth_redirect_uri="http://127.0.0.1:8000/services/airlock/oauth_callback",
     )
 
@@ -161,14 +174,14 @@ def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.
         f.flush()
         fd = os.open(f.name, os.O_RDONLY)
         try:
-            answer = airlock.op_request(Peer(pid=1, uid=member.uid, gid=65534),
-                                        {"kind": kind, "justification": args.pop("justification", "needed"),
-                                         "filename": name, **args}, [fd])
+            answer = airlock.op_request(
+                Peer(pid=1, uid=member.uid, gid=65534),
+                {"kind": kind, "justification": args.pop("justification", "needed"), "filename": name, **args},
+                [fd],
+            )
         finally:
             os.close(fd)
     return answer["id"]
 
 
 GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
-
-

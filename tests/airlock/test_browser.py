@@ -16,8 +16,13 @@ from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, subm
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture
@@ -68,8 +73,9 @@ def _page(browser, base: str, user: str):
 
 def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser, airlock, people):
     hostile = pd.DataFrame({"group": ["<b>bold</b>", "b"], "n": [30, 40]})
-    rid = submit(airlock, people, "alice", csv_bytes(hostile), name="groups.csv",
-                 justification="Table 2 <i>of the paper</i>")
+    rid = submit(
+        airlock, people, "alice", csv_bytes(hostile), name="groups.csv", justification="Table 2 <i>of the paper</i>"
+    )
     wait_state(airlock, rid, review.IN_REVIEW)
 
     sam = _page(browser, served, "sam")

@@ -77,11 +77,17 @@ def test_notebook_to_review_to_download(ws):
     assert made["small"] in listing.text and made["merged"] in listing.text
     page = _service(ws, sam, f"requests/{made['merged']}")
     token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
-    r = sam.post(ws.url + f"services/airlock/requests/{made['merged']}/decision", timeout=30,
-                 data={"action": "approve", "comment": "counts all above 10", "_xsrf": token})
+    r = sam.post(
+        ws.url + f"services/airlock/requests/{made['merged']}/decision",
+        timeout=30,
+        data={"action": "approve", "comment": "counts all above 10", "_xsrf": token},
+    )
     assert r.status_code == 200 and 'id="state">released<' in r.text.replace("\n", "")
-    r = sam.post(ws.url + f"services/airlock/requests/{made['small']}/decision", timeout=30,
-                 data={"action": "return", "comment": "merge stage III", "_xsrf": token})
+    r = sam.post(
+        ws.url + f"services/airlock/requests/{made['small']}/decision",
+        timeout=30,
+        data={"action": "return", "comment": "merge stage III", "_xsrf": token},
+    )
     assert r.status_code == 200
     # The steward is not a member of oncology: no download.
     assert _service(ws, sam, f"requests/{made['merged']}/download").status_code == 403
@@ -102,9 +108,14 @@ def test_notebook_to_review_to_download(ws):
     time.sleep(0.5)
     trail = [r for r in newest_first(ws.state_dir / "audit") if r["action"].startswith("airlock.")]
     seen = {(r["action"], r["actor"], r["outcome"]) for r in trail}
-    assert {("airlock.request", "alice", "ok"), ("airlock.request", "alice", "denied"),
-            ("airlock.decision", "sam", "ok"), ("airlock.download", "alice", "ok"),
-            ("airlock.download", "bob", "denied"), ("airlock.download", "sam", "denied")} <= seen
+    assert {
+        ("airlock.request", "alice", "ok"),
+        ("airlock.request", "alice", "denied"),
+        ("airlock.decision", "sam", "ok"),
+        ("airlock.download", "alice", "ok"),
+        ("airlock.download", "bob", "denied"),
+        ("airlock.download", "sam", "denied"),
+    } <= seen
 
 
 TRAIN = """
@@ -156,16 +167,22 @@ def test_dp_trained_weights_pass_every_check_and_are_released(ws):
     mine = states[made["id"]]
     checks = {c["check"]: c for c in mine["checks"]}
     assert {k: c["status"] for k, c in checks.items()} == {
-        "published_copy": "pass", "format": "pass", "training_record": "pass", "membership_inference": "pass"}, \
-        checks
+        "published_copy": "pass",
+        "format": "pass",
+        "training_record": "pass",
+        "membership_inference": "pass",
+    }, checks
     assert "epsilon=" in checks["training_record"]["reason"]
     assert checks["membership_inference"]["details"]["members"] == 398
     sam = ws.login("sam")
     page = _service(ws, sam, f"requests/{made['id']}")
     assert 'id="training-record"' in page.text and "class Net(nn.Module)" in page.text
     token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
-    r = sam.post(ws.url + f"services/airlock/requests/{made['id']}/decision", timeout=30,
-                 data={"action": "approve", "comment": "DP at epsilon 1, audit passed", "_xsrf": token})
+    r = sam.post(
+        ws.url + f"services/airlock/requests/{made['id']}/decision",
+        timeout=30,
+        data={"action": "approve", "comment": "DP at epsilon 1, audit passed", "_xsrf": token},
+    )
     assert r.status_code == 200
     got = _service(ws, alice, f"requests/{made['id']}/download")
     assert got.status_code == 200 and got.headers["X-Airlock-SHA256"] == made["sha256"]

@@ -34,9 +34,12 @@ def test_request_and_status_from_the_kernel_api(channel, airlock, root_user, tmp
     assert [r["id"] for r in mine] == [rid] and mine[0]["project"] == "cardio"
     assert "<td>in_review</td>" in mine._repr_html_()
     by_check = {c["check"]: c for c in status(rid)["checks"]}
-    assert by_check["minimum_count"] == {"check": "minimum_count", "status": "pass",
-                                        "reason": "every count is at least 10 (or zero)",
-                                        "details": {"threshold": 10}}
+    assert by_check["minimum_count"] == {
+        "check": "minimum_count",
+        "status": "pass",
+        "reason": "every count is at least 10 (or zero)",
+        "details": {"threshold": 10},
+    }
     with pytest.raises(AirlockError, match="cannot open"):
         request(tmp_path / "absent.csv", kind="table", justification="x", project="cardio")
 
@@ -101,17 +104,26 @@ def test_cli_lists_and_shows_requests(site, airlock, people):
     shown = json.loads(subprocess.run([*base, rid], capture_output=True, text=True, check=True).stdout)
     assert [e["type"] for e in shown["events"]][:2] == ["state", "state"]
     assert shown["events"][-1] == {**shown["events"][-1], "type": "state", "to": "in_review"}
-    listed = json.loads(subprocess.run([*base, "--json", "--state=released"], capture_output=True, text=True,
-                                       check=True).stdout)
+    listed = json.loads(
+        subprocess.run([*base, "--json", "--state=released"], capture_output=True, text=True, check=True).stdout
+    )
     assert listed == []
 
 
 def test_error_text_from_model_code_reaches_stewards_only(airlock, people):
     rid = submit(airlock, people, "alice", GOOD)
     wait_state(airlock, rid, "in_review")
-    airlock.store.record_checks(rid, [{"check": "membership_inference", "status": "error",
-                                       "reason": "the audit could not run the model",
-                                       "details": {"error": "ValueError: age=87 sex=F", "auc": 0.5}}])
+    airlock.store.record_checks(
+        rid,
+        [
+            {
+                "check": "membership_inference",
+                "status": "error",
+                "reason": "the audit could not run the model",
+                "details": {"error": "ValueError: age=87 sex=F", "auc": 0.5},
+            }
+        ],
+    )
     req = airlock.store.get(rid)
     mine = {c["check"]: c for c in airlock.describe(req, for_steward=False)["checks"]}
     assert mine["membership_inference"]["details"] == {"auc": 0.5}
@@ -139,8 +151,7 @@ def test_only_readable_regular_files_are_taken(channel, airlock, root_user, tmp_
     try:
         for fd in (r, opath, wronly):
             with pytest.raises(ChannelError, match="send a regular file opened for reading") as e:
-                call(channel.path, "request", {"kind": "table", "justification": "x", "project": "cardio"},
-                     fds=[fd])
+                call(channel.path, "request", {"kind": "table", "justification": "x", "project": "cardio"}, fds=[fd])
             assert e.value.code == "bad_request"
         with pytest.raises(ChannelError, match="exactly one open file descriptor"):
             call(channel.path, "request", {"kind": "table", "justification": "x", "project": "cardio"})
@@ -155,8 +166,11 @@ def test_model_source_from_a_notebook_cell():
 
     shell = InteractiveShell.instance()
     try:
-        shell.run_cell("import torch\nclass Tiny(torch.nn.Module):\n    def __init__(self, d):\n"
-                       "        super().__init__()\n        self.lin = torch.nn.Linear(d, 2)\n", store_history=True)
+        shell.run_cell(
+            "import torch\nclass Tiny(torch.nn.Module):\n    def __init__(self, d):\n"
+            "        super().__init__()\n        self.lin = torch.nn.Linear(d, 2)\n",
+            store_history=True,
+        )
         shell.run_cell("x = 1", store_history=True)
         source = _class_source(shell.user_ns["Tiny"])
     finally:

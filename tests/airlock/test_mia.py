@@ -16,7 +16,7 @@ from paitient.services.airlock.mia import AuditJob, Limits, judge, run_audit, sa
 from paitient.services.airlock.mia_worker import roc_auc_advantage
 from tests.airlock.helpers import breast_cancer
 
-MLP = '''
+MLP = """
 import torch
 class Model(torch.nn.Module):
     def __init__(self, d=30, h=128):
@@ -25,7 +25,7 @@ class Model(torch.nn.Module):
                                        torch.nn.ReLU(), torch.nn.Linear(h, 2))
     def forward(self, x):
         return self.net(x)
-'''
+"""
 LIMITS = {"max_auc": 0.6, "max_advantage": 0.2}
 
 
@@ -50,8 +50,15 @@ def data():
 
 
 def _job(df, features, train, weights, source=MLP):
-    return AuditJob(model_source=source, weights=weights, data=df, members=[int(i) for i in train],
-                    features=features, target="target", preprocess="standardize")
+    return AuditJob(
+        model_source=source,
+        weights=weights,
+        data=df,
+        members=[int(i) for i in train],
+        features=features,
+        target="target",
+        preprocess="standardize",
+    )
 
 
 def test_auc_and_advantage_match_the_definitions():
@@ -94,8 +101,14 @@ def test_dp_trained_model_passes_the_audit(data):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     engine = PrivacyEngine(accountant="prv")
     model, opt, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=opt, data_loader=loader, target_epsilon=1.0, target_delta=1e-5, epochs=8,
-        max_grad_norm=1.0)
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        target_epsilon=1.0,
+        target_delta=1e-5,
+        epochs=8,
+        max_grad_norm=1.0,
+    )
     for _ in range(8):
         for xb, yb in loader:
             if len(xb) == 0:
@@ -130,7 +143,9 @@ def test_the_model_code_has_no_network_and_cannot_write(data):
 
     t = threading.Thread(target=accept)
     t.start()
-    hostile = MLP + f'''
+    hostile = (
+        MLP
+        + f"""
 import socket
 _orig = Model.__init__
 def _init(self, *a, **k):
@@ -145,7 +160,8 @@ def _init(self, *a, **k):
         write_error = e.strerror
     socket.create_connection(("127.0.0.1", {port}), timeout=2)
 Model.__init__ = _init
-'''
+"""
+    )
     weights = save(_model().state_dict())
     try:
         answer = run_audit(_job(df, features, train, weights, source=hostile), timeout=120)
@@ -154,8 +170,9 @@ Model.__init__ = _init
         t.join()
         listener.close()
     assert accepted == []
-    assert "error" in answer and ("Network is unreachable" in answer["error"]
-                                  or "Connection refused" in answer["error"]), answer
+    assert "error" in answer and (
+        "Network is unreachable" in answer["error"] or "Connection refused" in answer["error"]
+    ), answer
     verdict = judge(answer, **LIMITS)
     assert verdict["status"] == "error" and verdict["details"]["error"] == answer["error"]
     # the requester's reason carries no text from the model code
@@ -163,15 +180,29 @@ Model.__init__ = _init
 
 
 def test_sandbox_command_drops_privileges_then_uses_the_kernel_policy():
-    argv = sandbox_argv(uid=65534, gid=65534, scratch="/tmp/s", job_dir="/tmp/s/job", prefix="/opt/venv",
-                        python="/opt/venv/bin/python", limits=Limits(memory_mb=512), seccomp_fd=7)
-    assert argv[:6] == ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--no-new-privs",
-                        "--pdeathsig=KILL"]
+    argv = sandbox_argv(
+        uid=65534,
+        gid=65534,
+        scratch="/tmp/s",
+        job_dir="/tmp/s/job",
+        prefix="/opt/venv",
+        python="/opt/venv/bin/python",
+        limits=Limits(memory_mb=512),
+        seccomp_fd=7,
+    )
+    assert argv[:6] == [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--no-new-privs",
+        "--pdeathsig=KILL",
+    ]
     assert argv[6].endswith("prlimit") and "--data=536870912:536870912" in argv
     b = argv.index("/usr/bin/bwrap")
     assert {"--unshare-all", "--disable-userns", "--clearenv"} <= set(argv[b:])
     assert argv[argv.index("--seccomp") + 1] == "7"
-    assert ["--ro-bind", "/opt/venv", "/opt/venv"] == argv[argv.index("/opt/venv") - 1:argv.index("/opt/venv") + 2]
+    assert ["--ro-bind", "/opt/venv", "/opt/venv"] == argv[argv.index("/opt/venv") - 1 : argv.index("/opt/venv") + 2]
     assert "/etc/shadow" not in argv and "--ro-bind /etc /etc" not in " ".join(argv)
     assert argv[-4:] == ["/opt/venv/bin/python", "-I", "/tmp/s/job/worker.py", "/tmp/s/job/job.json"]
     assert argv[argv.index("--chdir") + 1] == "/tmp/s/job"

@@ -59,15 +59,33 @@ print(json.dumps(sorted(scopes.scope_definitions)))
 
 
 def _start(site_file: Path, state: Path, port: int, *extra: str, hub_env: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
-           "JUPYTERHUB_SERVICE_PREFIX": "/services/airlock/", "JUPYTERHUB_API_TOKEN": "test-token",
-           "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api", "JUPYTERHUB_CLIENT_ID": "service-airlock",
-           "JUPYTERHUB_SERVICE_NAME": "airlock", "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/airlock/oauth_callback"}
+    env = {
+        **os.environ,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "JUPYTERHUB_SERVICE_PREFIX": "/services/airlock/",
+        "JUPYTERHUB_API_TOKEN": "test-token",
+        "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
+        "JUPYTERHUB_CLIENT_ID": "service-airlock",
+        "JUPYTERHUB_SERVICE_NAME": "airlock",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/airlock/oauth_callback",
+    }
     if not hub_env:
         env = {k: v for k, v in env.items() if not k.startswith("JUPYTERHUB_")}
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "airlock", f"--site={site_file}",
-                             f"--state-dir={state}", *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "service",
+            "airlock",
+            f"--site={site_file}",
+            f"--state-dir={state}",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not hub_env and (state / "run" / "airlock.sock").exists():
@@ -118,8 +136,9 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         assert first.returncode == 0, first.stderr
         rid = json.loads(first.stdout.splitlines()[-1])["id"]
         # a steward's decision, written to the same store by another process
-        Store(state / "airlock").decide(rid, reviewer="sam", action="approve", comment="counts above 10",
-                                        may_review=True, approvals_needed=1)
+        Store(state / "airlock").decide(
+            rid, reviewer="sam", action="approve", comment="counts above 10", may_review=True, approvals_needed=1
+        )
     finally:
         assert _stop(proc) == 0
     assert not (state / "run" / "airlock.sock").exists()
@@ -136,10 +155,15 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         after = json.loads(again.stdout.splitlines()[-1])
         assert after["state"] == "released"
         assert [(d["by"], d["action"], d["comment"]) for d in after["decisions"]] == [
-            ("sam", "approve", "counts above 10")]
+            ("sam", "approve", "counts above 10")
+        ]
         assert {c["check"]: c["status"] for c in after["checks"]} == {
-            "published_copy": "pass", "row_level": "pass", "minimum_count": "pass", "zeros": "pass",
-            "dominance": "pass"}
+            "published_copy": "pass",
+            "row_level": "pass",
+            "minimum_count": "pass",
+            "zeros": "pass",
+            "dominance": "pass",
+        }
         # The pages answer behind the hub's login.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/services/airlock/")
@@ -186,7 +210,7 @@ def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(
         assert _stop(proc) == 0
 
 
-SLOW_MODEL = '''
+SLOW_MODEL = """
 import time
 import torch
 class Model(torch.nn.Module):
@@ -196,7 +220,7 @@ class Model(torch.nn.Module):
         self.lin = torch.nn.Linear(d, 2)
     def forward(self, x):
         return self.lin(x)
-'''
+"""
 
 
 @pytest.mark.e2e
@@ -244,8 +268,9 @@ def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp,
     (left,) = [p.parent.parent for p in scratch.glob("*/job/data.parquet")]  # the crash left dataset columns
     time.sleep(1)
     left_pids = subprocess.run(["pgrep", "-f", str(scratch)], capture_output=True, text=True).stdout.split()
-    assert left_pids == [], subprocess.run(["ps", "-o", "pid,ppid,stat,etime,cmd", "-p", ",".join(left_pids)],
-                                           capture_output=True, text=True).stdout  # the sandbox died too
+    assert left_pids == [], subprocess.run(
+        ["ps", "-o", "pid,ppid,stat,etime,cmd", "-p", ",".join(left_pids)], capture_output=True, text=True
+    ).stdout  # the sandbox died too
 
     proc = _start(site_file, state, port)
     try:

@@ -30,8 +30,14 @@ from paitient.services.airlock.store import Store, StoreError
 
 def test_only_the_documented_transitions_are_allowed():
     allowed = {(a, b) for a, bs in review.TRANSITIONS.items() for b in bs}
-    assert allowed == {("submitted", "checking"), ("checking", "checking"), ("checking", "in_review"),
-                       ("in_review", "released"), ("in_review", "rejected"), ("in_review", "returned")}
+    assert allowed == {
+        ("submitted", "checking"),
+        ("checking", "checking"),
+        ("checking", "in_review"),
+        ("in_review", "released"),
+        ("in_review", "rejected"),
+        ("in_review", "returned"),
+    }
     for a in review.STATES:
         for b in review.STATES:
             if (a, b) in allowed:
@@ -42,8 +48,16 @@ def test_only_the_documented_transitions_are_allowed():
 
 
 def _decide(**kw):
-    args = {"state": "in_review", "requester": "alice", "reviewer": "sam", "action": "approve",
-            "comment": "ok", "may_review": True, "earlier_approvers": [], "approvals_needed": 1}
+    args = {
+        "state": "in_review",
+        "requester": "alice",
+        "reviewer": "sam",
+        "action": "approve",
+        "comment": "ok",
+        "may_review": True,
+        "earlier_approvers": [],
+        "approvals_needed": 1,
+    }
     return decide(**{**args, **kw})
 
 
@@ -112,18 +126,27 @@ def test_parquet_and_bad_files():
 @pytest.fixture(scope="module")
 def microdata():
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({"g": rng.choice(["a", "b", "c"], 400, p=[0.6, 0.37, 0.03]),
-                       "h": rng.choice(["x", "y"], 400), "v": rng.exponential(10, 400)})
+    df = pd.DataFrame(
+        {
+            "g": rng.choice(["a", "b", "c"], 400, p=[0.6, 0.37, 0.03]),
+            "h": rng.choice(["x", "y"], 400),
+            "v": rng.exponential(10, 400),
+        }
+    )
     df.loc[df.index[df.g == "b"][0], "v"] = 10_000.0  # one dominant contributor in cells of group b
     return df
 
 
 @pytest.mark.parametrize("agg", ["count", "mean", "std"])
 def test_recipe_recomputed_through_acro(microdata, agg):
-    recipe = disclosure.validate_recipe({"dataset": "d", "index": "g", "columns": "h",
-                                     **({} if agg == "count" else {"values": "v", "aggfunc": agg})})
-    table = (pd.crosstab(microdata.g, microdata.h) if agg == "count"
-             else pd.crosstab(microdata.g, microdata.h, values=microdata.v, aggfunc=agg))
+    recipe = disclosure.validate_recipe(
+        {"dataset": "d", "index": "g", "columns": "h", **({} if agg == "count" else {"values": "v", "aggfunc": agg})}
+    )
+    table = (
+        pd.crosstab(microdata.g, microdata.h)
+        if agg == "count"
+        else pd.crosstab(microdata.g, microdata.h, values=microdata.v, aggfunc=agg)
+    )
     by = {r["check"]: r for r in disclosure.check_with_recipe(table.reset_index(), microdata, recipe, RULES)}
     assert by["minimum_count"]["status"] == "fail"  # group c is small
     assert by["recipe"]["status"] == "pass"
@@ -204,8 +227,13 @@ def test_any_bytes_get_a_format_error_never_a_crash(head, body):
 
 def test_training_record_judgement():
     budget = lambda ds: Budget(epsilon=3.0, delta=1e-5)  # noqa: E731
-    run = {"project": "oncology", "dataset": "breast_cancer", "epsilon_spent": 2.5, "delta_spent": 1e-5,
-           "record": {"dataset_version": 2}}
+    run = {
+        "project": "oncology",
+        "dataset": "breast_cancer",
+        "epsilon_spent": 2.5,
+        "delta_spent": 1e-5,
+        "record": {"dataset_version": 2},
+    }
     assert weights.check_training_record(run, project="oncology", budget_for=budget)["status"] == "pass"
     over = weights.check_training_record({**run, "epsilon_spent": 3.5}, project="oncology", budget_for=budget)
     assert over["status"] == "fail" and "beyond the project's budget" in over["reason"]
@@ -225,8 +253,18 @@ def test_events_are_append_only_and_blobs_read_only(tmp_path):
     sha, size = store.put_blob_from_fd(fd, 1 << 20)
     os.close(fd)
     assert size == 9 and store.read_blob(sha) == b"x,n\na,50\n"
-    req = store.create(project="p", username="u", account="a", uid=1, kind="table", filename="f.csv",
-                       sha256=sha, size=size, justification="j", meta={})
+    req = store.create(
+        project="p",
+        username="u",
+        account="a",
+        uid=1,
+        kind="table",
+        filename="f.csv",
+        sha256=sha,
+        size=size,
+        justification="j",
+        meta={},
+    )
     db = sqlite3.connect(store.db_path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
         db.execute("UPDATE events SET actor = 'mallory'")

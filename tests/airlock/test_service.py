@@ -20,7 +20,7 @@ from paitient.services.audit.query import newest_first
 from paitient.services.ledger.store import Ledger
 from tests.airlock.helpers import breast_cancer, csv_bytes, give, publish, register, run_as, wait_state
 
-LINEAR = '''
+LINEAR = """
 import torch
 class Model(torch.nn.Module):
     def __init__(self, d=30):
@@ -28,7 +28,7 @@ class Model(torch.nn.Module):
         self.lin = torch.nn.Linear(d, 2)
     def forward(self, x):
         return self.lin(x)
-'''
+"""
 
 
 def submit(user, site, path, kind, justification="for the paper", **extra):
@@ -138,8 +138,16 @@ def test_weights_without_a_dp_record_are_flagged(site, channel, airlock, alice):
     publish(site, "oncology", "breast_cancer", breast_cancer())
     data, _ = _weights()
     path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
-    answer = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
-                    split={"holdout": 0.3, "seed": 0}, dataset="breast_cancer")
+    answer = submit(
+        alice,
+        site,
+        path,
+        "weights",
+        model_source=LINEAR,
+        target="target",
+        split={"holdout": 0.3, "seed": 0},
+        dataset="breast_cancer",
+    )
     rid = answer["id"]
     wait_state(airlock, rid, review.IN_REVIEW)
     checks = {c["check"]: c for c in status_as(alice, site, rid)["checks"]}
@@ -159,11 +167,22 @@ def test_weights_matching_a_dp_record_within_budget_pass(site, channel, airlock,
     assert hashlib.sha256(data).hexdigest() != sha
     ledger = Ledger(site)
     run = ledger.reserve("oncology", "breast_cancer", 2.0, 1e-5, user="alice")
-    ledger.settle(run, 1.5, record={"dataset": "breast_cancer", "dataset_version": 1, "epsilon": 1.5,
-                                           "delta": 1e-5, "weights_sha256": sha, "mode": "ghost"})
+    ledger.settle(
+        run,
+        1.5,
+        record={
+            "dataset": "breast_cancer",
+            "dataset_version": 1,
+            "epsilon": 1.5,
+            "delta": 1e-5,
+            "weights_sha256": sha,
+            "mode": "ghost",
+        },
+    )
     path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
-    rid = submit(alice, site, path, "weights", model_source=LINEAR, target="target",
-                 split={"holdout": 0.3, "seed": 0})["id"]
+    rid = submit(alice, site, path, "weights", model_source=LINEAR, target="target", split={"holdout": 0.3, "seed": 0})[
+        "id"
+    ]
     wait_state(airlock, rid, review.IN_REVIEW)
     full = airlock.describe(airlock.store.get(rid), for_steward=True)
     checks = {c["check"]: c for c in full["checks"]}
@@ -224,9 +243,18 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
     first.decide(ids[0], username="sam", scopes={"custom:airlock:review"}, action="approve", comment="fine")
     first.decide(ids[1], username="sam", scopes={"custom:airlock:review"}, action="return", comment="round it")
     # A request caught mid-check by the stop is checked again after the restart.
-    stuck = first.store.create(project="oncology", username="alice", account="pt-alice", uid=alice.pw_uid,
-                               kind="table", filename="s.csv", sha256=first.store.get(ids[2]).sha256, size=9,
-                               justification="stuck", meta={})
+    stuck = first.store.create(
+        project="oncology",
+        username="alice",
+        account="pt-alice",
+        uid=alice.pw_uid,
+        kind="table",
+        filename="s.csv",
+        sha256=first.store.get(ids[2]).sha256,
+        size=9,
+        justification="stuck",
+        meta={},
+    )
     first.store.transition(stuck.id, review.CHECKING, actor="airlock")
     srv.shutdown()
     srv.server_close()
@@ -241,8 +269,13 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
         assert [(d.actor, d.data["action"], d.data["comment"]) for d in decisions] == [("sam", "approve", "fine")]
         assert second.store.events(ids[1], "decision")[0].data["comment"] == "round it"
         assert second.store.get(stuck.id).state == "in_review"
-        assert [c["check"] for c in second.store.checks(stuck.id)] == ["published_copy", "row_level", "minimum_count",
-                                                                    "zeros", "dominance"]
+        assert [c["check"] for c in second.store.checks(stuck.id)] == [
+            "published_copy",
+            "row_level",
+            "minimum_count",
+            "zeros",
+            "dominance",
+        ]
         reruns = [e.data for e in second.store.events(stuck.id, "state") if e.data["to"] == "checking"]
         assert reruns[-1]["rerun"] is True
     finally:

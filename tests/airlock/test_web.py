@@ -58,9 +58,14 @@ class Client:
             jar["test-user"] = user
         headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
         try:
-            return await self.http.fetch(self.base + PREFIX + path, method=method, headers=headers,
-                                         body=urlencode(body) if body is not None else None,
-                                         follow_redirects=False, raise_error=True)
+            return await self.http.fetch(
+                self.base + PREFIX + path,
+                method=method,
+                headers=headers,
+                body=urlencode(body) if body is not None else None,
+                follow_redirects=False,
+                raise_error=True,
+            )
         except HTTPClientError as e:
             if e.response is None:
                 raise
@@ -72,9 +77,13 @@ class Client:
         token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
         cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
         assert token, f"{user} sees no decision form"
-        return await self.fetch(user, f"requests/{rid}/decision", method="POST",
-                                body={"action": action, "comment": comment, "_xsrf": token.group(1)},
-                                cookies={"_xsrf": cookie["_xsrf"].value})
+        return await self.fetch(
+            user,
+            f"requests/{rid}/decision",
+            method="POST",
+            body={"action": action, "comment": comment, "_xsrf": token.group(1)},
+            cookies={"_xsrf": cookie["_xsrf"].value},
+        )
 
 
 async def test_unauthenticated_visitors_go_to_the_hub_login(web):
@@ -104,8 +113,9 @@ async def test_hub_oauth_round_trip_with_pkce(airlock, people):
         verifier = auth.verifiers_seen[-1]
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         assert challenge == query["code_challenge"][0]
-        session = {k: v.value for k, v in SimpleCookie(", ".join(back.headers.get_list("Set-Cookie"))).items()
-                   if v.value}
+        session = {
+            k: v.value for k, v in SimpleCookie(", ".join(back.headers.get_list("Set-Cookie"))).items() if v.value
+        }
         page = await web.fetch(None, "", cookies=session)
         assert page.code == 200 and "signed in as <strong>sam</strong>" in page.body.decode()
         # A replayed callback with a state nobody started is refused.
@@ -137,9 +147,9 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
     assert '<td class="flagged" title="fails a disclosure check">3</td>' in page  # the small cell, marked
     assert 'id="decision-form"' in page
     # Which cells fail: the steward and the researcher see them; only the steward gets a decision form.
-    assert '&quot;threshold&quot;: 10' in page
+    assert "&quot;threshold&quot;: 10" in page
     own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
-    assert "1 cell(s) count fewer than 10" in own and '&quot;threshold&quot;: 10' in own
+    assert "1 cell(s) count fewer than 10" in own and "&quot;threshold&quot;: 10" in own
     assert 'id="decision-form"' not in own
 
 
@@ -167,9 +177,13 @@ async def test_nobody_reviews_their_own_request(web, airlock, people):
     form = await web.fetch("steph", f"requests/{other}")
     token = re.search(r'name="_xsrf" value="([^"]+)"', form.body.decode()).group(1)
     cookie = SimpleCookie(form.headers["Set-Cookie"])["_xsrf"].value
-    r = await web.fetch("steph", f"requests/{rid}/decision", method="POST",
-                        body={"action": "approve", "comment": "mine is fine", "_xsrf": token},
-                        cookies={"_xsrf": cookie})
+    r = await web.fetch(
+        "steph",
+        f"requests/{rid}/decision",
+        method="POST",
+        body={"action": "approve", "comment": "mine is fine", "_xsrf": token},
+        cookies={"_xsrf": cookie},
+    )
     assert r.code == 403 and b"nobody reviews their own request" in r.body
     assert airlock.store.get(rid).state == "in_review"
     denied = [x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.decision"]
@@ -225,17 +239,24 @@ async def test_download_only_by_requester_and_members_each_recorded(web, airlock
         assert r.code == 200 and r.body == GOOD
         assert r.headers["X-Airlock-SHA256"] == hashlib.sha256(GOOD).hexdigest()
         assert r.headers["Content-Disposition"] == "attachment; filename*=UTF-8''t.csv"
-    for user, reason in (("bob", b"only the requester and members of project oncology"),
-                         ("sam", b"only the requester and members of project oncology"),
-                         ("dave", b"only the requester and members of project oncology")):
+    for user, reason in (
+        ("bob", b"only the requester and members of project oncology"),
+        ("sam", b"only the requester and members of project oncology"),
+        ("dave", b"only the requester and members of project oncology"),
+    ):
         r = await web.fetch(user, f"requests/{rid}/download")
         assert r.code == 403 and reason in r.body, (user, r.body)
     downloads = airlock.store.events(rid, "download")
     assert [d.actor for d in downloads] == ["alice", "carol"]
     trail = [x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.download"]
     assert sorted((x["actor"], x["outcome"]) for x in trail) == [
-        ("alice", "denied"), ("alice", "ok"), ("bob", "denied"), ("carol", "ok"), ("dave", "denied"),
-        ("sam", "denied")]
+        ("alice", "denied"),
+        ("alice", "ok"),
+        ("bob", "denied"),
+        ("carol", "ok"),
+        ("dave", "denied"),
+        ("sam", "denied"),
+    ]
 
 
 async def test_automatic_release_only_when_allowed_and_every_check_passed(web, airlock, people):

@@ -29,7 +29,7 @@ import pytest
 from paitient.registry import Registry
 from tests.server.harness import UserServer, make_site, publish
 
-PRELUDE = r'''
+PRELUDE = r"""
 import ctypes, errno, json, os, socket, subprocess
 _libc = ctypes.CDLL(None, use_errno=True)
 def _c(rv):
@@ -46,7 +46,7 @@ def _try(f):
         return {"ok": False, "errno": None, "type": type(e).__name__, "msg": str(e)}
 def _report(f):
     print("@@" + json.dumps(_try(f)))
-'''
+"""
 
 
 def _free_account(prefix: str = "ptt") -> str:
@@ -68,9 +68,23 @@ def system_accounts(homes: Path, labels: list[str]):
         for label in labels:
             name = _free_account()
             subprocess.run(
-                ["useradd", "--system", "--no-user-group", "--gid", "nogroup", "--home-dir", str(homes / name),
-                 "--create-home", "--shell", "/usr/sbin/nologin", "--comment", f"paitient attack {label}", name],
-                check=True, capture_output=True,
+                [
+                    "useradd",
+                    "--system",
+                    "--no-user-group",
+                    "--gid",
+                    "nogroup",
+                    "--home-dir",
+                    str(homes / name),
+                    "--create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "--comment",
+                    f"paitient attack {label}",
+                    name,
+                ],
+                check=True,
+                capture_output=True,
             )
             made.append(name)
             os.chmod(homes / name, 0o700)
@@ -178,8 +192,10 @@ def _plant_secrets(root: Path, site) -> dict[str, Path]:
 def audit_service(site):
     """The real audit service (root) on the site's run dir; stopped by its pid."""
     sock = site.run_dir / "audit.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
-                             f"--state-dir={site.state_dir}"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -202,8 +218,11 @@ def world():
         root,
         {"onc": ["bc", "gbsg"], "card": ["dia"]},
         sandbox={"memory_mb": 1024, "max_processes": 64, "max_open_files": 256, "cpu_seconds": 0},
-        server={"output_cap_message_bytes": 100_000, "output_cap_execution_bytes": 400_000,
-                "contents_cap_bytes": 1_000_000},
+        server={
+            "output_cap_message_bytes": 100_000,
+            "output_cap_execution_bytes": 400_000,
+            "contents_cap_bytes": 1_000_000,
+        },
     )
     bc_version = publish(site, "onc", "bc", "id,size\n1,2.5\n")
     publish(site, "onc", "gbsg", "id,time\n1,30\n")
@@ -220,15 +239,15 @@ def world():
             os.chown(Path(alice.pw_dir) / "notes.txt", alice.pw_uid, alice.pw_gid)
             (Path(bob.pw_dir) / "bob-private.txt").write_text("bob's private file\n")
             os.chown(Path(bob.pw_dir) / "bob-private.txt", bob.pw_uid, bob.pw_gid)
-            server_a = UserServer(site, alice, ("onc",), root,
-                                  extra_env={"JUPYTERHUB_API_TOKEN": "hub-token-secret-a"})
+            server_a = UserServer(site, alice, ("onc",), root, extra_env={"JUPYTERHUB_API_TOKEN": "hub-token-secret-a"})
             server_b = UserServer(site, bob, ("card",), root)
             registry = Registry.for_state_dir(site.state_dir)
             registry.put(server_a.member)
             registry.put(server_b.member)
             with audit_service(site), server_a, server_b:
-                yield World(root, site, alice, bob, server_a, server_b, listeners, secrets,
-                            root / "state" / "hub" / "hub.sock")
+                yield World(
+                    root, site, alice, bob, server_a, server_b, listeners, secrets, root / "state" / "hub" / "hub.sock"
+                )
     finally:
         listeners.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -73,8 +73,11 @@ def test_unknown_spec_name_is_refused_and_starts_nothing(world):
 
 
 def test_session_with_another_spec_name_is_refused(world):
-    r = world.server_a.request("POST", "/api/sessions", json={
-        "path": "x.ipynb", "type": "notebook", "name": "x", "kernel": {"name": "python3-native"}})
+    r = world.server_a.request(
+        "POST",
+        "/api/sessions",
+        json={"path": "x.ipynb", "type": "notebook", "name": "x", "kernel": {"name": "python3-native"}},
+    )
     assert r.status_code == 501 and "python3-native" in r.json()["message"], (r.status_code, r.text[:300])
     assert all(s["path"] != "x.ipynb" for s in world.server_a.get("/api/sessions").json())
 
@@ -88,11 +91,22 @@ def test_the_spec_named_by_the_environment_is_sandboxed_too(world, alice_kernel)
 def test_user_kernel_specs_cannot_replace_or_add_kernels(world, make_system_user):
     user = make_system_user("specs")
     marker = Path(user.pw_dir) / "spec-marker.txt"
-    evil = {"argv": ["/bin/sh", "-c", f"echo ran > {marker}; exec /opt/paitient/venv/bin/python -m "
-                     "ipykernel_launcher -f {connection_file}"], "display_name": "open", "language": "python",
-            "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}}}
-    for rel in (".local/share/jupyter/kernels/python3", ".local/share/jupyter/kernels/open",
-                ".ipython/kernels/python3", ".ipython/kernels/open"):
+    evil = {
+        "argv": [
+            "/bin/sh",
+            "-c",
+            f"echo ran > {marker}; exec /opt/paitient/venv/bin/python -m ipykernel_launcher -f {{connection_file}}",
+        ],
+        "display_name": "open",
+        "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "local-provisioner"}},
+    }
+    for rel in (
+        ".local/share/jupyter/kernels/python3",
+        ".local/share/jupyter/kernels/open",
+        ".ipython/kernels/python3",
+        ".ipython/kernels/open",
+    ):
         _write(user, f"{rel}/kernel.json", json.dumps(evil))
     with UserServer(world.site, user, ("onc",), world.root) as server:
         specs = server.get("/api/kernelspecs").json()["kernelspecs"]
@@ -132,7 +146,10 @@ def test_ipython_startup_files_run_only_inside_the_sandbox(world):
     user = world.alice
     port = world.listeners.port("hub")
     result = Path(user.pw_dir) / "startup-result.txt"
-    startup = _write(user, ".ipython/profile_default/startup/00-planted.py", textwrap.dedent(f"""
+    startup = _write(
+        user,
+        ".ipython/profile_default/startup/00-planted.py",
+        textwrap.dedent(f"""
         import socket
         try:
             socket.create_connection(("127.0.0.1", {port}), timeout=3)
@@ -144,7 +161,8 @@ def test_ipython_startup_files_run_only_inside_the_sandbox(world):
         except OSError as e:
             outcome += f" site {{e.errno}}"
         open({str(result)!r}, "w").write(outcome)
-    """))
+    """),
+    )
     try:
         world.server_a.run("1", world.server_a.start_kernel())
         assert result.read_text() == "refused 111 site 2"
@@ -184,8 +202,9 @@ def test_ld_preload_and_pythonpath_reach_neither_bwrap_nor_the_kernel(world, mak
     env = {"LD_PRELOAD": str(so), "PYTHONPATH": str(planted)}
     with UserServer(world.site, user, ("onc",), world.root, extra_env=env) as server:
         kid = server.start_kernel("python3", env=env)  # a client asking for them explicitly
-        res = server.run(IN_SANDBOX + "import os; print('ENV', 'LD_PRELOAD' in os.environ, "
-                         "'PYTHONPATH' in os.environ)", kid)
+        res = server.run(
+            IN_SANDBOX + "import os; print('ENV', 'LD_PRELOAD' in os.environ, 'PYTHONPATH' in os.environ)", kid
+        )
     assert _in_sandbox(res), res
     assert "ENV False False" in res.stdout
     loaded_by = marker.read_text().splitlines()
@@ -197,8 +216,11 @@ def test_ld_preload_and_pythonpath_reach_neither_bwrap_nor_the_kernel(world, mak
 
 def test_jupyter_path_variable_does_not_bring_user_specs(world, make_system_user):
     user = make_system_user("path")
-    _write(user, ".planted/kernels/open/kernel.json", json.dumps({"argv": ["/bin/true"], "display_name": "open",
-                                                                 "language": "python"}))
+    _write(
+        user,
+        ".planted/kernels/open/kernel.json",
+        json.dumps({"argv": ["/bin/true"], "display_name": "open", "language": "python"}),
+    )
     env = {"JUPYTER_PATH": str(Path(user.pw_dir) / ".planted")}
     with UserServer(world.site, user, ("onc",), world.root, extra_env=env) as server:
         assert list(server.get("/api/kernelspecs").json()["kernelspecs"]) == ["python3"]

@@ -14,9 +14,17 @@ def _forbidden(r):
     assert r.json()["reason"] == "export-disabled"
 
 
-@pytest.mark.parametrize("path", ["/files/notes.txt", "/files/notes.txt?download=1", "/view/notes.txt",
-                                  "/nbconvert/html/nb.ipynb?download=true", "/nbconvert/script/nb.ipynb",
-                                  "/api/nbconvert"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/files/notes.txt",
+        "/files/notes.txt?download=1",
+        "/view/notes.txt",
+        "/nbconvert/html/nb.ipynb?download=true",
+        "/nbconvert/script/nb.ipynb",
+        "/api/nbconvert",
+    ],
+)
 def test_raw_download_and_nbconvert_routes_are_refused(world, path):
     _forbidden(world.server_a.get(path))
 
@@ -30,8 +38,7 @@ def test_contents_api_inside_the_home_works(world):
     assert r.status_code == 200 and r.json()["content"] == "alice's notes\n"
 
 
-@pytest.mark.parametrize("path", ["..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",
-                                  "..%2f" + "bob"])
+@pytest.mark.parametrize("path", ["..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd", "..%2f" + "bob"])
 def test_contents_api_dot_dot_is_refused(world, path):
     r = world.server_a.get(f"/api/contents/{path}")
     assert r.status_code in (400, 404), (r.status_code, r.text[:200])
@@ -55,16 +62,26 @@ def symlinks(world):
         (home / name).unlink()
 
 
-@pytest.mark.parametrize("path", ["other-project/data.csv", "other-project", "etc-passwd", "root-dir",
-                                  "root-dir/etc/hostname", "state/accounts.json"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "other-project/data.csv",
+        "other-project",
+        "etc-passwd",
+        "root-dir",
+        "root-dir/etc/hostname",
+        "state/accounts.json",
+    ],
+)
 def test_contents_api_through_symlinks_is_refused(world, symlinks, path):
     r = world.server_a.get(f"/api/contents/{path}?content=1")
     assert r.status_code == 404 and "outside the home" in r.json()["message"], (r.status_code, r.text[:200])
 
 
 def test_contents_api_cannot_write_through_a_symlink(world, symlinks):
-    r = world.server_a.request("PUT", "/api/contents/root-dir/tmp/planted.txt",
-                               json={"type": "file", "format": "text", "content": "x"})
+    r = world.server_a.request(
+        "PUT", "/api/contents/root-dir/tmp/planted.txt", json={"type": "file", "format": "text", "content": "x"}
+    )
     assert r.status_code == 404, (r.status_code, r.text[:200])
     assert not Path("/tmp/planted.txt").exists()
 
@@ -76,8 +93,9 @@ def test_hidden_files_are_not_served(world):
     assert r.status_code == 404, (r.status_code, r.text[:200])
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/api/terminals"), ("POST", "/api/terminals"),
-                                         ("GET", "/terminals/websocket/1")])
+@pytest.mark.parametrize(
+    "method,path", [("GET", "/api/terminals"), ("POST", "/api/terminals"), ("GET", "/terminals/websocket/1")]
+)
 def test_terminals_do_not_exist(world, method, path):
     r = world.server_a.request(method, path)
     assert r.status_code == 404, (r.status_code, r.text[:200])
@@ -87,7 +105,7 @@ def test_lab_page_config_disables_download_and_export(world):
     r = world.server_a.get("/lab")
     assert r.status_code == 200
     start = r.text.index('id="jupyter-config-data"')
-    blob = r.text[r.text.index(">", start) + 1: r.text.index("</script>", start)]
+    blob = r.text[r.text.index(">", start) + 1 : r.text.index("</script>", start)]
     disabled = json.loads(blob)["disabledExtensions"]
     for plugin in DISABLED_LAB_PLUGINS:
         assert plugin in disabled
@@ -134,16 +152,25 @@ def test_forged_parent_ids_do_not_open_new_budgets(alice_kernel):
     assert res.wire_bytes < 460_000, res.wire_bytes  # 5.4 MB were sent by the kernel
 
 
-@pytest.mark.parametrize("name,query", [("dump.csv", "content=1"), ("dump.csv", "content=1&format=base64"),
-                                        ("dump.ipynb", "content=1"), ("dump.ipynb", "content=1&type=file")])
+@pytest.mark.parametrize(
+    "name,query",
+    [
+        ("dump.csv", "content=1"),
+        ("dump.csv", "content=1&format=base64"),
+        ("dump.ipynb", "content=1"),
+        ("dump.ipynb", "content=1&type=file"),
+    ],
+)
 def test_a_data_dump_written_by_the_kernel_is_not_sent_by_the_contents_api(world, alice_kernel, name, query):
     # The kernel copies data into the home (allowed: the home is its workspace); the server will not
     # send a file that large to the browser (site: contents_cap_bytes = 1,000,000).
     if name.endswith(".ipynb"):
-        code = ("json.dump({'cells': [{'cell_type': 'code', 'source': '', 'metadata': {}, 'execution_count': 1,"
-                " 'outputs': [{'output_type': 'stream', 'name': 'stdout', 'text': open('/data/onc/bc/data.csv')"
-                ".read() * 200_000}]}], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}, "
-                f"open({world.alice.pw_dir + '/' + name!r}, 'w'))")
+        code = (
+            "json.dump({'cells': [{'cell_type': 'code', 'source': '', 'metadata': {}, 'execution_count': 1,"
+            " 'outputs': [{'output_type': 'stream', 'name': 'stdout', 'text': open('/data/onc/bc/data.csv')"
+            ".read() * 200_000}]}], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}, "
+            f"open({world.alice.pw_dir + '/' + name!r}, 'w'))"
+        )
     else:
         code = f"open({world.alice.pw_dir + '/' + name!r}, 'w').write(open('/data/onc/bc/data.csv').read() * 200_000)"
     assert alice_kernel.attempt(code)["ok"]
@@ -169,7 +196,7 @@ def test_lab_extension_manager_cannot_query_an_index(world, make_system_user):
     try:
         with UserServer(world.site, user, ("onc",), world.root, extra_env=env) as server:
             page = server.get("/lab").text
-            blob = page[page.index(">", page.index('id="jupyter-config-data"')) + 1:]
+            blob = page[page.index(">", page.index('id="jupyter-config-data"')) + 1 :]
             manager = json.loads(blob[: blob.index("</script>")])["extensionManager"]
             assert manager["name"] == "read-only" and manager["can_install"] is False
             r = server.get("/lab/api/extensions?query=CARD-SECRET&page=1&per_page=5")
@@ -194,8 +221,10 @@ def test_lab_settings_workspaces_and_notebook_trust_are_out_of_the_kernels_reach
     out = alice_kernel.attempt(f"os.listdir({str(state)!r})")
     assert out["errno"] == "ENOENT", out
     home_ws = f"{world.alice.pw_dir}/.jupyter/lab/workspaces"
-    planted = ("os.makedirs(%r, exist_ok=True) or open(%r + '/loot.jupyterlab-workspace', 'w').write("
-               "json.dumps({'data': {'x': open('/data/onc/bc/data.csv').read()}, 'metadata': {'id': 'loot'}}))")
+    planted = (
+        "os.makedirs(%r, exist_ok=True) or open(%r + '/loot.jupyterlab-workspace', 'w').write("
+        "json.dumps({'data': {'x': open('/data/onc/bc/data.csv').read()}, 'metadata': {'id': 'loot'}}))"
+    )
     assert alice_kernel.attempt(planted % (home_ws, home_ws))["ok"]
     r = world.server_a.get("/lab/api/workspaces")
     assert r.status_code == 200 and "loot" not in r.text and "id,size" not in r.text

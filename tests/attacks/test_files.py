@@ -101,8 +101,19 @@ def test_environment_holds_no_credentials(alice_kernel):
     )
     assert out["ok"], out
     names = eval(out["value"])  # noqa: S307 - a list literal the kernel printed
-    assert names == sorted(["HOME", "JUPYTER_RUNTIME_DIR", "LANG", "MPLBACKEND", "PAITIENT_DATA_DIR",
-                            "PAITIENT_RUN_DIR", "PATH", "PWD", "PYTHONNOUSERSITE"])
+    assert names == sorted(
+        [
+            "HOME",
+            "JUPYTER_RUNTIME_DIR",
+            "LANG",
+            "MPLBACKEND",
+            "PAITIENT_DATA_DIR",
+            "PAITIENT_RUN_DIR",
+            "PATH",
+            "PWD",
+            "PYTHONNOUSERSITE",
+        ]
+    )
     out = alice_kernel.attempt("[k for k in os.environ if 'TOKEN' in k or k.startswith(('JUPYTERHUB', 'JPY_'))]")
     assert out["ok"] and out["value"] == "[]", out
 

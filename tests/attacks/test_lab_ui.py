@@ -31,7 +31,8 @@ def test_file_menu_has_no_download_or_export(world):
             page.wait_for_selector(".lm-Menu-content", timeout=10_000)
             context = page.locator(".lm-Menu-content .lm-Menu-itemLabel").all_inner_texts()
             assert any("Rename" in i for i in context), context
-            assert not any("Download" in i or "Copy Download Link" in i or "New Browser Tab" in i
-                           for i in context), context
+            assert not any("Download" in i or "Copy Download Link" in i or "New Browser Tab" in i for i in context), (
+                context
+            )
         finally:
             browser.close()

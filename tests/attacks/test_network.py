@@ -128,8 +128,11 @@ def test_what_a_kernel_reports_is_recorded_as_its_user_from_a_sandbox(world, ali
 
     out = _audit(alice_kernel, world, action="cell.execute", object="forged-by-kernel", details={"code": "x"})
     assert out["ok"], out
-    recs = [json.loads(line) for _, path in trail_files(world.site.state_dir / "audit")
-            for line in path.read_bytes().splitlines()]
+    recs = [
+        json.loads(line)
+        for _, path in trail_files(world.site.state_dir / "audit")
+        for line in path.read_bytes().splitlines()
+    ]
     mine = [r for r in recs if r["object"] == "forged-by-kernel"]
     assert len(mine) == 1 and mine[0]["actor"] == world.alice.pw_name
     assert mine[0]["details"]["peer"]["origin"] == "namespaced"  # marked as coming from inside a sandbox

@@ -35,8 +35,14 @@ def test_no_new_privileges_and_no_capabilities(alice_kernel):
     )
     assert out["ok"], out
     status = eval(out["value"])  # noqa: S307 - a dict literal the kernel printed
-    assert status == {"NoNewPrivs": "1", "CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16,
-                      "CapAmb": "0" * 16, "Seccomp": "2"}
+    assert status == {
+        "NoNewPrivs": "1",
+        "CapEff": "0" * 16,
+        "CapPrm": "0" * 16,
+        "CapBnd": "0" * 16,
+        "CapAmb": "0" * 16,
+        "Seccomp": "2",
+    }
 
 
 def test_the_users_server_is_not_even_visible(world, alice_kernel):
@@ -61,8 +67,9 @@ def test_reading_another_process_memory_is_refused(alice_kernel):
     assert out["errno"] == "EPERM", out
 
 
-@pytest.mark.parametrize("flag,name", [(0x10000000, "user"), (0x40000000, "net"), (0x00020000, "mount"),
-                                       (0x20000000, "pid")])
+@pytest.mark.parametrize(
+    "flag,name", [(0x10000000, "user"), (0x40000000, "net"), (0x00020000, "mount"), (0x20000000, "pid")]
+)
 def test_new_namespaces_are_refused(alice_kernel, flag, name):
     out = alice_kernel.attempt(f"_c(_libc.unshare({flag}))")
     assert out["errno"] == "EPERM", (name, out)

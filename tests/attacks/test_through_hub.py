@@ -41,9 +41,14 @@ class HubAttacker:
         return json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("@@")][-1][2:])
 
     def get(self, path: str, method: str = "GET", **kw):
-        return self.session.request(method, self.ws.url + f"user/{self.user}/{path}",
-                                    headers=self.ws.xsrf_headers(self.session, self.user), timeout=60,
-                                    allow_redirects=False, **kw)
+        return self.session.request(
+            method,
+            self.ws.url + f"user/{self.user}/{path}",
+            headers=self.ws.xsrf_headers(self.session, self.user),
+            timeout=60,
+            allow_redirects=False,
+            **kw,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +80,12 @@ def _server_port(hub: Workspace, user: str) -> int:
 
 @pytest.mark.parametrize("target", ["proxy", "proxy_api", "hub", "directory"])
 def test_kernel_cannot_reach_the_workspace_services(hub, running, alice, target):
-    port = {"proxy": hub.port, "proxy_api": running.proxy_api_port, "hub": running.hub_port,
-            "directory": int(re.search(r":(\d+)/?$", running.directory_url).group(1))}[target]
+    port = {
+        "proxy": hub.port,
+        "proxy_api": running.proxy_api_port,
+        "hub": running.hub_port,
+        "directory": int(re.search(r":(\d+)/?$", running.directory_url).group(1)),
+    }[target]
     out = alice.attempt(f"socket.create_connection(('127.0.0.1', {port}), timeout=5)")
     assert out["errno"] == "ECONNREFUSED", out
 
@@ -102,8 +111,13 @@ def test_kernel_sees_only_its_projects_data_read_only(alice):
 
 def test_kernel_cannot_read_hub_state(hub, alice):
     paths = HubPaths.of(load(hub.site_file))
-    for target in (paths.hub_dir / "jupyterhub.sqlite", paths.cookie_secret_file, hub.site_file, paths.up_file,
-                   load(hub.site_file).key_file):
+    for target in (
+        paths.hub_dir / "jupyterhub.sqlite",
+        paths.cookie_secret_file,
+        hub.site_file,
+        paths.up_file,
+        load(hub.site_file).key_file,
+    ):
         out = alice.attempt(f"open({str(target)!r}, 'rb').read()")
         assert out["errno"] == "ENOENT", (target, out)
 

@@ -58,14 +58,22 @@ def hub(site, tmp_path):
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
     port = free_port()
-    settings = {"state_dir": str(site.state_dir), "port": port, "hub_port": free_port(),
-                "proxy_api_port": free_port(), "proxy": default_proxy_command(), "dir": str(hub_dir),
-                "python": sys.executable, "password": "test-password"}
+    settings = {
+        "state_dir": str(site.state_dir),
+        "port": port,
+        "hub_port": free_port(),
+        "proxy_api_port": free_port(),
+        "proxy": default_proxy_command(),
+        "dir": str(hub_dir),
+        "python": sys.executable,
+        "password": "test-password",
+    }
     config = hub_dir / "jupyterhub_config.py"
     config.write_text(HUB_CONFIG.format(settings=json.dumps(settings)))
     log = open(hub_dir / "hub.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=hub_dir, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=hub_dir, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -112,8 +120,12 @@ def signed_in(url: str, user: str) -> requests.Session:
     s = requests.Session()
     page = s.get(f"{url}/hub/login", timeout=10)
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
-    r = s.post(f"{url}/hub/login", data={"_xsrf": xsrf, "username": user, "password": "test-password"},
-               allow_redirects=False, timeout=30)
+    r = s.post(
+        f"{url}/hub/login",
+        data={"_xsrf": xsrf, "username": user, "password": "test-password"},
+        allow_redirects=False,
+        timeout=30,
+    )
     assert r.status_code == 302, r.text[:500]
     return s
 
@@ -139,5 +151,6 @@ def test_steward_reads_the_trail_and_a_researcher_is_refused(site, hub):
 
 
 def api_records(session, hub, action):
-    return list(reversed(session.get(f"{hub}/services/audit/api/records?action={action}", timeout=30)
-                         .json()["records"]))
+    return list(
+        reversed(session.get(f"{hub}/services/audit/api/records?action={action}", timeout=30).json()["records"])
+    )

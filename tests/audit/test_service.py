@@ -144,12 +144,15 @@ def test_the_actor_cannot_be_claimed(site, service):
     assert all(r["actor"] != "bob" for r in records(site))
 
 
-@pytest.mark.parametrize("event", [
-    {"object": "cardiometabolic/diabetes"},
-    {"details": {"project": "cardiometabolic"}},
-    {"details": {"projects": ["oncology", "cardiometabolic"]}},
-    {"details": {"datasets": ["cardiometabolic/diabetes"]}},
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"object": "cardiometabolic/diabetes"},
+        {"details": {"project": "cardiometabolic"}},
+        {"details": {"projects": ["oncology", "cardiometabolic"]}},
+        {"details": {"datasets": ["cardiometabolic/diabetes"]}},
+    ],
+)
 def test_events_cannot_name_another_project(site, service, event):
     # `audit show --project` lists what names a project: a kernel may name only its user's own projects
     Registry.for_state_dir(site.state_dir).put(
@@ -159,8 +162,12 @@ def test_events_cannot_name_another_project(site, service, event):
     out = send_as_nobody(site, action="kernel.start", **event)
     assert "REFUSED forbidden" in out.stdout and "cardiometabolic" in out.stdout, out
     assert len(records(site)) == before
-    ok = send_as_nobody(site, action="kernel.start", object="oncology/breast_cancer",
-                        details={"project": "oncology", "datasets": ["oncology/breast_cancer"]})
+    ok = send_as_nobody(
+        site,
+        action="kernel.start",
+        object="oncology/breast_cancer",
+        details={"project": "oncology", "datasets": ["oncology/breast_cancer"]},
+    )
     assert "REFUSED" not in ok.stdout and records(site)[-1]["details"]["project"] == "oncology"
 
 
@@ -275,8 +282,12 @@ def test_service_refuses_to_start_on_a_directory_users_may_write(site):
     audit = site.state_dir / "audit"
     audit.mkdir(parents=True)
     os.chmod(audit, 0o777)
-    out = subprocess.run([sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "group or others may write to it (mode 777); run: chmod 750" in out.stderr
     assert "Traceback" not in out.stderr and not (site.run_dir / "audit.sock").exists()

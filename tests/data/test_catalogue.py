@@ -17,9 +17,15 @@ from .conftest import COLUMNS, make_spec
 def published(site, patients_csv):
     """breast_cancer and gbsg2 in oncology, and a diabetes dataset in cardiometabolic (named gbsg2 too)."""
     for project, dataset in (("oncology", "breast_cancer"), ("oncology", "gbsg2"), ("cardiometabolic", "diabetes")):
-        spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", project=project, dataset=dataset,
-                         quasi_identifiers=["age"],
-                         description=f"<b>{dataset}</b> & co")
+        spec = make_spec(
+            patients_csv,
+            COLUMNS,
+            patient_id="mrn",
+            project=project,
+            dataset=dataset,
+            quasi_identifiers=["age"],
+            description=f"<b>{dataset}</b> & co",
+        )
         ing.ingest(site, spec, operator="t")
     return site
 
@@ -52,12 +58,18 @@ def test_load_returns_pandas_or_arrow(sandbox_view):
 
 def test_load_by_project_and_clear_errors(sandbox_view):
     shutil.copytree(sandbox_view / "oncology" / "gbsg2", sandbox_view / "cardiometabolic" / "gbsg2")
-    with pytest.raises(data.DatasetNotFound, match=r"exists in several projects; say which: "
-                       r"load\('gbsg2', project='cardiometabolic'\) or load\('gbsg2', project='oncology'\)"):
+    with pytest.raises(
+        data.DatasetNotFound,
+        match=r"exists in several projects; say which: "
+        r"load\('gbsg2', project='cardiometabolic'\) or load\('gbsg2', project='oncology'\)",
+    ):
         data.load("gbsg2")
     assert len(data.load("gbsg2", project="cardiometabolic")) == 6
-    with pytest.raises(data.DatasetNotFound, match=r"no dataset 'lung'; available: cardiometabolic/diabetes, "
-                       r"cardiometabolic/gbsg2, oncology/breast_cancer, oncology/gbsg2"):
+    with pytest.raises(
+        data.DatasetNotFound,
+        match=r"no dataset 'lung'; available: cardiometabolic/diabetes, "
+        r"cardiometabolic/gbsg2, oncology/breast_cancer, oncology/gbsg2",
+    ):
         data.load("lung")
     with pytest.raises(data.DatasetNotFound, match="no dataset 'diabetes' in project 'oncology'"):
         data.load("diabetes", project="oncology")
@@ -89,7 +101,9 @@ def test_importing_paitient_data_stays_light():
     import subprocess
     import sys
 
-    code = ("import sys, paitient.kernel.data; "
-            "print(sorted(m for m in ('ipywidgets', 'pyarrow', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys, paitient.kernel.data; "
+        "print(sorted(m for m in ('ipywidgets', 'pyarrow', 'pandas') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -29,8 +29,9 @@ score = "keep"
 
 
 def paitient(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "paitient.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "paitient.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
 
 
 SITE = """

@@ -27,7 +27,10 @@ def test_publishes_the_demo_projects_datasets(demo):
     assert stat.S_IMODE((sources / "oncology" / "gbsg2.csv").stat().st_mode) == 0o600
     infos = {i.qualified: i for i in data.scan(site.data_root)}
     assert {q: (i.rows, i.k >= site.workspace.min_k) for q, i in infos.items()} == {
-        "oncology/breast_cancer": (569, True), "oncology/gbsg2": (686, True), "cardiometabolic/diabetes": (442, True)}
+        "oncology/breast_cancer": (569, True),
+        "oncology/gbsg2": (686, True),
+        "cardiometabolic/diabetes": (442, True),
+    }
 
 
 def test_identifiers_are_gone_and_clinical_values_are_the_real_ones(demo):
@@ -55,8 +58,10 @@ def test_identifiers_are_gone_and_clinical_values_are_the_real_ones(demo):
 def test_shared_patients_link_within_a_project_and_not_across(demo):
     site, _ = demo
     raw = demo_sources()
-    read = {n: pq.read_table(site.data_root / p / n / "current" / "data.parquet").to_pandas(date_as_object=False)
-            for p, n in (("oncology", "gbsg2"), ("oncology", "breast_cancer"), ("cardiometabolic", "diabetes"))}
+    read = {
+        n: pq.read_table(site.data_root / p / n / "current" / "data.parquet").to_pandas(date_as_object=False)
+        for p, n in (("oncology", "gbsg2"), ("oncology", "breast_cancer"), ("cardiometabolic", "diabetes"))
+    }
     shared_onc = set(raw["gbsg2"]["mrn"]) & set(raw["breast_cancer"]["mrn"])
     shared_cross = set(raw["diabetes"]["mrn"]) & set(raw["breast_cancer"]["mrn"])
     assert len(shared_onc) == 150 and len(shared_cross) == 60

@@ -6,52 +6,96 @@ import pytest
 from paitient.services.data import detect
 
 
-@pytest.mark.parametrize("name, what", [
-    ("name", "name"), ("patient_name", "name"), ("family", "name"), ("given", "name"), ("LastName", "name"),
-    ("Vorname", "name"),
-    ("email", "email"), ("e_mail_address", "email"), ("phone", "phone"), ("Telefon", "phone"),
-    ("mobile_no", "phone"), ("address", "street address"), ("street", "street address"),
-    ("address_line_1", "street address"), ("NHS_number", "insurance"), ("kvnr", "insurance"),
-    ("ssn", "insurance"), ("MRN", "record number"), ("patient_id", "record number"), ("id", "record number"),
-    ("Fallnummer", "record number"), ("date_of_birth", "birth date"), ("DOB", "birth date"),
-    ("birthDate", "birth date"),
-])
+@pytest.mark.parametrize(
+    "name, what",
+    [
+        ("name", "name"),
+        ("patient_name", "name"),
+        ("family", "name"),
+        ("given", "name"),
+        ("LastName", "name"),
+        ("Vorname", "name"),
+        ("email", "email"),
+        ("e_mail_address", "email"),
+        ("phone", "phone"),
+        ("Telefon", "phone"),
+        ("mobile_no", "phone"),
+        ("address", "street address"),
+        ("street", "street address"),
+        ("address_line_1", "street address"),
+        ("NHS_number", "insurance"),
+        ("kvnr", "insurance"),
+        ("ssn", "insurance"),
+        ("MRN", "record number"),
+        ("patient_id", "record number"),
+        ("id", "record number"),
+        ("Fallnummer", "record number"),
+        ("date_of_birth", "birth date"),
+        ("DOB", "birth date"),
+        ("birthDate", "birth date"),
+    ],
+)
 def test_identifier_names(name, what):
     assert what in detect.by_name(name)
 
 
-@pytest.mark.parametrize("name", [
-    "drug_name", "age", "sex", "diagnosis", "mean radius", "postcode", "tumour_size", "progression", "time", "cens",
-    "ward", "icd10", "lab_value",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "drug_name",
+        "age",
+        "sex",
+        "diagnosis",
+        "mean radius",
+        "postcode",
+        "tumour_size",
+        "progression",
+        "time",
+        "cens",
+        "ward",
+        "icd10",
+        "lab_value",
+    ],
+)
 def test_ordinary_names(name):
     assert detect.by_name(name) is None
 
 
-@pytest.mark.parametrize("values, what", [
-    (["anna@mail.example", "bob.b@klinik.de", "x_y@h.org"], "email"),
-    (["+49 30 1234567", "030 98765432", "+44 20 7946 0958"], "phone"),
-    (["A123456789", "B987654321", "Z000000001"], "insurance"),  # German health insurance numbers
-    (["AB 12 34 56 C", "CE123456D", "JG 10 20 30 A"], "insurance"),  # UK National Insurance
-    (["943 476 5919", "401 023 2137", "123-456-7890"], "insurance"),  # NHS numbers
-    (["MRN-0012345", "MRN-0012346", "MRN-0099999"], "record numbers"),
-    (["00412345", "00412346", "00412347", "00412348"], "record numbers"),
-    (["Hauptstraße 12", "Am Waldweg 3a", "Lindenallee 100"], "street"),
-    (["12 Baker Street", "221B Baker St", "10 Downing Street"], "street"),
-    (["Anna Müller", "Peter Schmidt", "Maria Weber", "Klaus Becker"], "person names"),
-    (["Müller, Anna", "Schmidt, Peter", "Weber, Maria"], "person names"),
-    (["Patient reports chest pain since Monday, seen by Dr Weber at home",
-      "Fell in the garden, daughter Anna called the ambulance at night"], "free text"),
-])
+@pytest.mark.parametrize(
+    "values, what",
+    [
+        (["anna@mail.example", "bob.b@klinik.de", "x_y@h.org"], "email"),
+        (["+49 30 1234567", "030 98765432", "+44 20 7946 0958"], "phone"),
+        (["A123456789", "B987654321", "Z000000001"], "insurance"),  # German health insurance numbers
+        (["AB 12 34 56 C", "CE123456D", "JG 10 20 30 A"], "insurance"),  # UK National Insurance
+        (["943 476 5919", "401 023 2137", "123-456-7890"], "insurance"),  # NHS numbers
+        (["MRN-0012345", "MRN-0012346", "MRN-0099999"], "record numbers"),
+        (["00412345", "00412346", "00412347", "00412348"], "record numbers"),
+        (["Hauptstraße 12", "Am Waldweg 3a", "Lindenallee 100"], "street"),
+        (["12 Baker Street", "221B Baker St", "10 Downing Street"], "street"),
+        (["Anna Müller", "Peter Schmidt", "Maria Weber", "Klaus Becker"], "person names"),
+        (["Müller, Anna", "Schmidt, Peter", "Weber, Maria"], "person names"),
+        (
+            [
+                "Patient reports chest pain since Monday, seen by Dr Weber at home",
+                "Fell in the garden, daughter Anna called the ambulance at night",
+            ],
+            "free text",
+        ),
+    ],
+)
 def test_identifier_values(values, what):
     found = detect.by_content(pa.array(values * 3))
     assert found is not None and what in found[0] and found[1] == 1
 
 
-@pytest.mark.parametrize("values", [
-    ["2020-01-02", "2021-03-04", "2019-12-31"],
-    ["2020-01-02T10:00:00+01:00", "2020-01-02 11:30"],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["2020-01-02", "2021-03-04", "2019-12-31"],
+        ["2020-01-02T10:00:00+01:00", "2020-01-02 11:30"],
+    ],
+)
 def test_undeclared_dates_are_caught(values):
     assert "real dates" in detect.by_content(pa.array(values * 3))[0]
     assert "real dates" in detect.by_content(pa.array([None, "2020-01-01"]).cast(pa.date32()))[0]
@@ -66,13 +110,16 @@ def test_first_matching_row_is_named():
     assert detect.by_content(pa.array(values)) == ("email addresses", 3)
 
 
-@pytest.mark.parametrize("values", [
-    ["Post", "Pre", "Post", "Post", "Pre"],  # repeated categories that look like words
-    ["Invasive Ductal", "Invasive Ductal", "Lobular Carcinoma", "Invasive Ductal"],
-    ["C50.9", "E11.9", "I10", "C50.1"],  # ICD-10 codes
-    ["I", "II", "III", "II"],
-    ["yes", "no", "no"],
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["Post", "Pre", "Post", "Post", "Pre"],  # repeated categories that look like words
+        ["Invasive Ductal", "Invasive Ductal", "Lobular Carcinoma", "Invasive Ductal"],
+        ["C50.9", "E11.9", "I10", "C50.1"],  # ICD-10 codes
+        ["I", "II", "III", "II"],
+        ["yes", "no", "no"],
+    ],
+)
 def test_ordinary_values(values):
     assert detect.by_content(pa.array(values * 3)) is None
 

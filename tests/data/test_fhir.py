@@ -11,23 +11,45 @@ from paitient.services.data.errors import IngestRefused
 
 from .conftest import make_spec
 
-PATIENT = {"resourceType": "Patient", "id": "pat-1", "identifier": [{"system": "urn:mrn", "value": "000101"}],
-           "name": [{"family": "Müller", "given": ["Anna", "Luise"]}], "gender": "female", "birthDate": "1970-05-04",
-           "telecom": [{"system": "phone", "value": "+49 30 1234567"}, {"system": "email", "value": "a@m.example"}],
-           "address": [{"line": ["Hauptstraße 12"], "city": "Berlin", "postalCode": "10115", "country": "DE"}]}
-ENCOUNTER = {"resourceType": "Encounter", "id": "enc-1", "status": "finished", "class": {"code": "IMP"},
-             "subject": {"reference": "Patient/pat-1"}, "period": {"start": "2020-01-10T08:00:00+01:00",
-                                                                    "end": "2020-01-14T12:00:00+01:00"},
-             "reasonCode": [{"coding": [{"code": "C50.9", "display": "Breast cancer"}]}]}
-CONDITION = {"resourceType": "Condition", "id": "c-1", "subject": {"reference": "Patient/pat-1"},
-             "encounter": {"reference": "Encounter/enc-1"},
-             "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "C50.9"}]},
-             "clinicalStatus": {"coding": [{"code": "active"}]}, "onsetDateTime": "2019-12-20"}
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "pat-1",
+    "identifier": [{"system": "urn:mrn", "value": "000101"}],
+    "name": [{"family": "Müller", "given": ["Anna", "Luise"]}],
+    "gender": "female",
+    "birthDate": "1970-05-04",
+    "telecom": [{"system": "phone", "value": "+49 30 1234567"}, {"system": "email", "value": "a@m.example"}],
+    "address": [{"line": ["Hauptstraße 12"], "city": "Berlin", "postalCode": "10115", "country": "DE"}],
+}
+ENCOUNTER = {
+    "resourceType": "Encounter",
+    "id": "enc-1",
+    "status": "finished",
+    "class": {"code": "IMP"},
+    "subject": {"reference": "Patient/pat-1"},
+    "period": {"start": "2020-01-10T08:00:00+01:00", "end": "2020-01-14T12:00:00+01:00"},
+    "reasonCode": [{"coding": [{"code": "C50.9", "display": "Breast cancer"}]}],
+}
+CONDITION = {
+    "resourceType": "Condition",
+    "id": "c-1",
+    "subject": {"reference": "Patient/pat-1"},
+    "encounter": {"reference": "Encounter/enc-1"},
+    "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "C50.9"}]},
+    "clinicalStatus": {"coding": [{"code": "active"}]},
+    "onsetDateTime": "2019-12-20",
+}
 OBSERVATIONS = [
-    {"resourceType": "Observation", "id": f"o-{i}", "status": "final", "subject": {"reference": f"Patient/pat-{p}"},
-     "encounter": {"reference": "Encounter/enc-1"}, "code": {"coding": [{"system": "http://loinc.org",
-                                                                          "code": "2339-0", "display": "Glucose"}]},
-     "effectiveDateTime": f"2020-01-1{i}T09:00:00+01:00", "valueQuantity": {"value": 5.5 + i, "unit": "mmol/L"}}
+    {
+        "resourceType": "Observation",
+        "id": f"o-{i}",
+        "status": "final",
+        "subject": {"reference": f"Patient/pat-{p}"},
+        "encounter": {"reference": "Encounter/enc-1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0", "display": "Glucose"}]},
+        "effectiveDateTime": f"2020-01-1{i}T09:00:00+01:00",
+        "valueQuantity": {"value": 5.5 + i, "unit": "mmol/L"},
+    }
     for i, p in ((1, 1), (2, 1), (3, 2), (4, 2))
 ]
 
@@ -70,8 +92,13 @@ def test_refusals_name_the_line(tmp_path):
 
 def test_observations_ingest_with_patient_pseudonyms_and_shifted_zoned_times(site, tmp_path):
     src = ndjson(tmp_path / "obs.ndjson", OBSERVATIONS)
-    cols = {"id": "drop", "patient": "pseudonym", "encounter": {"action": "pseudonym", "domain": "enc"},
-            "effective_date": "date_shift", "value_text": "drop"}
+    cols = {
+        "id": "drop",
+        "patient": "pseudonym",
+        "encounter": {"action": "pseudonym", "domain": "enc"},
+        "effective_date": "date_shift",
+        "value_text": "drop",
+    }
     spec = make_spec(src, cols, patient_id="patient", format="fhir", resource="Observation")
     pub = ing.ingest(site, spec, operator="t")
     rows = pq.read_table(pub.path / "data.parquet").to_pylist()

@@ -39,8 +39,13 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
     ds = dataset_dir(site.data_root, "oncology", "breast_cancer")
     assert pub.version == 1 and pub.path == ds / "versions" / "1"
     assert os.readlink(ds / "current") == "versions/1"
-    for p, mode in ((site.data_root, 0o755), (ds, 0o755), (pub.path, 0o555),
-                    (pub.path / "data.parquet", 0o444), (pub.path / "manifest.json", 0o444)):
+    for p, mode in (
+        (site.data_root, 0o755),
+        (ds, 0o755),
+        (pub.path, 0o555),
+        (pub.path / "data.parquet", 0o444),
+        (pub.path / "manifest.json", 0o444),
+    ):
         st = p.stat()
         assert st.st_uid == 0 and st.st_gid == 0 and stat.S_IMODE(st.st_mode) == mode, p
     m = json.loads((pub.path / "manifest.json").read_text())
@@ -52,8 +57,12 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
     assert m["spec_sha256"] == patients_spec.digest(min_k=2, date_shift_days=180)
     assert dt.datetime.fromisoformat(m["created"]).tzinfo is not None
     assert [(c["name"], c["type"]) for c in m["columns"]] == [
-        ("patient", "string"), ("diagnosed", "date32[day]"), ("age", "string"), ("postcode", "string"),
-        ("score", "double")]
+        ("patient", "string"),
+        ("diagnosed", "date32[day]"),
+        ("age", "string"),
+        ("postcode", "string"),
+        ("score", "double"),
+    ]
     rows = published_rows(pub.path)
     assert [r["age"] for r in rows] == ["0-49", "0-49", "0-49", "50-89", "50-89", "50-89"]
     assert {r["postcode"] for r in rows} == {"1"} and [r["score"] for r in rows] == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
@@ -86,8 +95,9 @@ def test_pseudonyms_and_shifts_are_stable_across_datasets_and_differ_across_proj
     b = write_csv(tmp_path / "b.csv", ["seen", "mrn"], [["2020-01-10", "000103"], ["2020-01-10", "000101"]])
     spec_a = make_spec(a, COLUMNS, patient_id="mrn")
     spec_b = make_spec(b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn", dataset="gbsg2")
-    spec_c = make_spec(b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn",
-                       project="cardiometabolic", dataset="diabetes")
+    spec_c = make_spec(
+        b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn", project="cardiometabolic", dataset="diabetes"
+    )
     ra = published_rows(ing.ingest(site, spec_a, operator="t").path)
     rb = published_rows(ing.ingest(site, spec_b, operator="t").path)
     rc = published_rows(ing.ingest(site, spec_c, operator="t").path)
@@ -113,8 +123,11 @@ def test_refuses_spec_columns_the_source_lacks(site, patients_csv):
 
 
 def test_refuses_undeclared_identifiers_by_name_and_by_content(site, tmp_path):
-    src = write_csv(tmp_path / "s.csv", ["mrn", "surname", "contact", "score"],
-                    [[f"{i:06d}", f"Name{i}", f"p{i}@mail.example", i] for i in range(30)])
+    src = write_csv(
+        tmp_path / "s.csv",
+        ["mrn", "surname", "contact", "score"],
+        [[f"{i:06d}", f"Name{i}", f"p{i}@mail.example", i] for i in range(30)],
+    )
     text = refusal(site, make_spec(src, {"mrn": "pseudonym", "score": "keep"}))
     assert "column 'surname' is not in the spec and has a name that suggests a person's name" in text
     assert "column 'contact' is not in the spec and has values like email addresses (first at row 1)" in text
@@ -226,14 +239,14 @@ def test_skip_unchanged_and_dry_run(site, patients_spec):
 def test_parquet_source(site, tmp_path, patients_csv):
     import pyarrow.csv as pcsv
 
-    table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(
-        column_types={"mrn": "string", "diagnosed": "date32"}))
+    table = pcsv.read_csv(
+        patients_csv, convert_options=pcsv.ConvertOptions(column_types={"mrn": "string", "diagnosed": "date32"})
+    )
     pq.write_table(table, tmp_path / "p.parquet")
     spec = make_spec(tmp_path / "p.parquet", COLUMNS, patient_id="mrn")
     from_parquet = published_rows(ing.ingest(site, spec, operator="t").path)
     csv_spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", dataset="gbsg2")
     assert from_parquet == published_rows(ing.ingest(site, csv_spec, operator="t").path)
-
 
 
 def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patients_csv):
@@ -244,8 +257,12 @@ def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patient
 
     from paitient.rules import pseudonyms as tf
 
-    table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(
-        column_types={"mrn": "string", "diagnosed": "date32", "postcode": "string"}))
+    table = pcsv.read_csv(
+        patients_csv,
+        convert_options=pcsv.ConvertOptions(
+            column_types={"mrn": "string", "diagnosed": "date32", "postcode": "string"}
+        ),
+    )
     mrn = table.column("mrn").combine_chunks()
     dictionary = pa.array(["000999"] + sorted(set(mrn.to_pylist())))
     codes = pa.array([dictionary.to_pylist().index(v) for v in mrn.to_pylist()], pa.int32())
@@ -253,13 +270,15 @@ def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patient
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=4)
     pub = ing.ingest(site, make_spec(tmp_path / "d.parquet", COLUMNS, patient_id="mrn"), operator="t")
     pq.write_table(table.set_column(0, "mrn", mrn), tmp_path / "p.parquet")
-    plain = ing.ingest(site, make_spec(tmp_path / "p.parquet", COLUMNS, patient_id="mrn", dataset="gbsg2"),
-                       operator="t")
+    plain = ing.ingest(
+        site, make_spec(tmp_path / "p.parquet", COLUMNS, patient_id="mrn", dataset="gbsg2"), operator="t"
+    )
     assert published_rows(pub.path) == published_rows(plain.path)
     assert pub.manifest["patients"] == 4 and pub.manifest["rows"] == 6
     pkey = keys.project_key(keys.load_master_key(site), "oncology")
     unused = tf.pseudonymise(pa.array(["000999"]), pkey).dictionary[0].as_py()
     assert unused.encode() not in (pub.path / "data.parquet").read_bytes()
+
 
 def test_refuses_an_empty_source(site, tmp_path):
     empty = write_csv(tmp_path / "empty.csv", HEADER, [])
@@ -274,8 +293,18 @@ def test_refuses_undeclared_real_dates(site, tmp_path):
 
 def test_a_csv_larger_than_one_read_block(site, tmp_path):
     n = 60_000  # ~3 MB: several Arrow chunks per column
-    rows = [[f"{i % 7000:06d}", f"Person{i % 7000} Name", f"p{i % 7000}@mail.example",
-             f"2020-{1 + i % 12:02d}-{1 + i % 28:02d}", 20 + i % 60, f"1{i % 10}115", i / 10] for i in range(n)]
+    rows = [
+        [
+            f"{i % 7000:06d}",
+            f"Person{i % 7000} Name",
+            f"p{i % 7000}@mail.example",
+            f"2020-{1 + i % 12:02d}-{1 + i % 28:02d}",
+            20 + i % 60,
+            f"1{i % 10}115",
+            i / 10,
+        ]
+        for i in range(n)
+    ]
     src = write_csv(tmp_path / "big.csv", HEADER, rows)
     pub = ing.ingest(site, make_spec(src, COLUMNS, patient_id="mrn", quasi_identifiers=["age"]), operator="t")
     t = pq.read_table(pub.path / "data.parquet")
@@ -289,8 +318,12 @@ def test_k_counts_a_patient_once_when_the_source_dictionary_holds_the_id_twice(s
 
     mrn = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array(["000101", "000101"]))
     table = pa.table({"mrn": mrn, "age": [34, 36]})
-    spec = make_spec(tmp_path / "t.parquet", {"mrn": "pseudonym", "age": {
-        "action": "generalise", "method": "age_band", "width": 50}}, patient_id="mrn", quasi_identifiers=["age"])
+    spec = make_spec(
+        tmp_path / "t.parquet",
+        {"mrn": "pseudonym", "age": {"action": "generalise", "method": "age_band", "width": 50}},
+        patient_id="mrn",
+        quasi_identifiers=["age"],
+    )
     master = keys.load_master_key(site)
     with pytest.raises(IngestRefused) as e:  # one patient in the group, not two
         ing.transform(site, spec, table, master)

@@ -32,11 +32,14 @@ def test_missing_key_is_refused_with_what_to_do(bare_site):
         keys.load_master_key(bare_site)
 
 
-@pytest.mark.parametrize("mode, message", [
-    (0o640, "readable by group or others"),
-    (0o604, "readable by group or others"),
-    (0o620, "writable by group or others"),
-])
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        (0o640, "readable by group or others"),
+        (0o604, "readable by group or others"),
+        (0o620, "writable by group or others"),
+    ],
+)
 def test_group_or_world_access_is_refused(bare_site, mode, message):
     path = keys.ensure_key(bare_site)
     os.chmod(path, mode)

@@ -25,17 +25,25 @@ def published(world_tmp):
 
 
 def as_nobody(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([*NOBODY, sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+    return subprocess.run(
+        [*NOBODY, sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
 
 
 def test_an_ordinary_user_can_load_the_current_version(published):
     site, _ = published
-    r = as_nobody("""
+    r = as_nobody(
+        """
         from paitient import data
         df = data.load("breast_cancer")
         print(len(df), df["patient"].str.startswith("P-").all())
-    """, PAITIENT_DATA_DIR=str(site.data_root))
+    """,
+        PAITIENT_DATA_DIR=str(site.data_root),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["6", "True"]
 

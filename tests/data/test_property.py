@@ -16,17 +16,25 @@ from .conftest import make_spec, write_csv
 
 ID_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"
 word = st.text("abcdefghijklmnopqrstuvwxyzäöüß", min_size=4, max_size=9).map(str.capitalize)
-patient = st.fixed_dictionaries({
-    "id": st.text(ID_ALPHABET, min_size=8, max_size=12),
-    "name": st.tuples(word, word).map(" ".join),
-    "phone": st.integers(10**8, 10**10 - 1).map(lambda n: f"+49 {n}"),
-    "email": st.tuples(word, word).map(lambda w: f"{w[0].lower()}.{w[1].lower()}@mail.example"),
-    "visits": st.lists(st.dates(dt.date(1990, 1, 1), dt.date(2030, 1, 1)), min_size=1, max_size=4),
-    "score": st.floats(-1e6, 1e6, allow_nan=False),
-})
+patient = st.fixed_dictionaries(
+    {
+        "id": st.text(ID_ALPHABET, min_size=8, max_size=12),
+        "name": st.tuples(word, word).map(" ".join),
+        "phone": st.integers(10**8, 10**10 - 1).map(lambda n: f"+49 {n}"),
+        "email": st.tuples(word, word).map(lambda w: f"{w[0].lower()}.{w[1].lower()}@mail.example"),
+        "visits": st.lists(st.dates(dt.date(1990, 1, 1), dt.date(2030, 1, 1)), min_size=1, max_size=4),
+        "score": st.floats(-1e6, 1e6, allow_nan=False),
+    }
+)
 
-COLUMNS = {"id": {"action": "pseudonym", "rename": "patient"}, "name": "drop", "phone": "drop",
-           "email": "drop", "seen": "date_shift", "score": "keep"}
+COLUMNS = {
+    "id": {"action": "pseudonym", "rename": "patient"},
+    "name": "drop",
+    "phone": "drop",
+    "email": "drop",
+    "seen": "date_shift",
+    "score": "keep",
+}
 
 
 def published_text(folder: Path) -> tuple[bytes, str]:
@@ -47,8 +55,11 @@ def test_no_dropped_value_or_raw_identifier_is_published(patients):
         tmp = Path(tmp)
         site = load(None, overrides={"workspace": {"state_dir": str(tmp / "state")}})
         keys.ensure_key(site)
-        rows = [[p["id"], p["name"], p["phone"], p["email"], v.isoformat(), p["score"]]
-                for p in patients for v in p["visits"]]
+        rows = [
+            [p["id"], p["name"], p["phone"], p["email"], v.isoformat(), p["score"]]
+            for p in patients
+            for v in p["visits"]
+        ]
         src = write_csv(tmp / "src.csv", ["id", "name", "phone", "email", "seen", "score"], rows)
         pub = ingest(site, make_spec(src, COLUMNS, patient_id="id"), operator="t")
         raw, text = published_text(pub.path)

@@ -86,8 +86,11 @@ def test_a_failing_step_leaves_nothing_and_the_previous_version_current(roots, s
 def test_a_crash_leaves_the_previous_version_current_and_is_cleaned_up(roots, step):
     data_root, locks, ds = roots
     ctx = multiprocessing.get_context("fork")
-    child = ctx.Process(target=lambda: CrashingPublisher(data_root, locks, step).publish(
-        "oncology", "gbsg2", TABLE, {"note": "crashed"}))
+    child = ctx.Process(
+        target=lambda: CrashingPublisher(data_root, locks, step).publish(
+            "oncology", "gbsg2", TABLE, {"note": "crashed"}
+        )
+    )
     child.start()
     child.join(30)
     assert child.exitcode == 9
@@ -129,8 +132,14 @@ def test_readers_see_whole_versions_only_while_publishing(roots):
 def test_dictionaries_read_back_as_values_and_only_numbers_and_dates_carry_statistics(tmp_path):
     import datetime as dt
 
-    table = pa.table({"patient": pa.array(["P-A", "P-B", "P-A"]).dictionary_encode(), "sex": ["F", "M", "F"],
-                      "score": [1.0, 2.0, 3.0], "seen": pa.array([dt.date(2020, 1, 1)] * 3)})
+    table = pa.table(
+        {
+            "patient": pa.array(["P-A", "P-B", "P-A"]).dictionary_encode(),
+            "sex": ["F", "M", "F"],
+            "score": [1.0, 2.0, 3.0],
+            "seen": pa.array([dt.date(2020, 1, 1)] * 3),
+        }
+    )
     pub = Publisher(tmp_path / "data", tmp_path / "locks").publish("oncology", "gbsg2", table, {"rows": 3})
     f = pq.ParquetFile(pub.path / "data.parquet")
     assert f.read().column("patient").type == pa.string()

@@ -20,37 +20,55 @@ def refused(raw) -> str:
 
 
 def test_a_full_spec_parses_with_defaults():
-    spec = parse_spec({**BASE, "patient_id": "mrn", "quasi_identifiers": ["age"], "columns": {
-        "mrn": {"action": "pseudonym", "rename": "patient"}, "name": "drop", "seen": "date_shift",
-        "age": {"action": "generalize", "method": "age_band"}}}, Path("/src"))
+    spec = parse_spec(
+        {
+            **BASE,
+            "patient_id": "mrn",
+            "quasi_identifiers": ["age"],
+            "columns": {
+                "mrn": {"action": "pseudonym", "rename": "patient"},
+                "name": "drop",
+                "seen": "date_shift",
+                "age": {"action": "generalize", "method": "age_band"},
+            },
+        },
+        Path("/src"),
+    )
     assert spec.source == Path("/src/x.csv") and spec.format == "csv" and spec.strict
     assert spec.rules["mrn"].output == "patient" and spec.rules["mrn"].params["prefix"] == "P-"
     assert spec.rules["age"].action == "generalise" and spec.rules["age"].params["width"] == 10
     assert spec.rules["name"].params == {}
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({**BASE, "columns": {"a": "shred"}}, "[columns] 'a': unknown action 'shred'; actions: drop, pseudonym"),
-    ({**BASE, "columns": {"a": {"action": "keep", "colour": 1}}}, "unknown key 'colour' for keep"),
-    ({**BASE, "columns": {"a": {"action": "generalise"}}}, "generalise needs method = one of age_band"),
-    ({**BASE, "columns": {"a": {"action": "generalise", "method": "age_band", "width": "10"}}},
-     "width must be int"),
-    ({**BASE, "columns": {"a": {"action": "generalise", "method": "age_band", "edges": [10, 5]}}},
-     "edges must be at least two increasing numbers"),
-    ({**BASE, "columns": {"a": {"action": "generalise", "method": "rare", "min_count": 1}}}, "min_count must be"),
-    ({**BASE, "columns": {"a": {"action": "keep", "type": "blob"}}}, "type must be one of"),
-    ({**BASE, "columns": {"d": "date_shift"}}, "'d' is date_shift, which needs patient_id"),
-    ({**BASE, "patient_id": "mrn", "columns": {"mrn": "keep"}}, "patient_id = 'mrn' is a direct identifier"),
-    ({**BASE, "patient_id": "mrn", "columns": {}}, "patient_id = 'mrn' is not in [columns]"),
-    ({**BASE, "quasi_identifiers": ["age"], "columns": {}}, "quasi_identifiers: 'age' is not in [columns]"),
-    ({**BASE, "quasi_identifiers": ["n"], "columns": {"n": "drop"}}, "'n' is declared drop"),
-    ({**BASE, "columns": {"a": {"action": "keep", "rename": "b"}, "b": "keep"}}, "both come out as 'b'"),
-    ({**BASE, "colums": {}}, "unknown key(s) colums"),
-    ({"dataset": "x", "source": "x.csv", "columns": {}}, "missing key 'project'"),
-    ({**BASE, "project": "Onco Logy", "columns": {}}, "project = 'Onco Logy'"),
-    ({**BASE, "source": "x.xlsx", "columns": {}}, "say format = one of csv, parquet, fhir"),
-    ({**BASE, "min_k": "5", "columns": {}}, "min_k must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({**BASE, "columns": {"a": "shred"}}, "[columns] 'a': unknown action 'shred'; actions: drop, pseudonym"),
+        ({**BASE, "columns": {"a": {"action": "keep", "colour": 1}}}, "unknown key 'colour' for keep"),
+        ({**BASE, "columns": {"a": {"action": "generalise"}}}, "generalise needs method = one of age_band"),
+        (
+            {**BASE, "columns": {"a": {"action": "generalise", "method": "age_band", "width": "10"}}},
+            "width must be int",
+        ),
+        (
+            {**BASE, "columns": {"a": {"action": "generalise", "method": "age_band", "edges": [10, 5]}}},
+            "edges must be at least two increasing numbers",
+        ),
+        ({**BASE, "columns": {"a": {"action": "generalise", "method": "rare", "min_count": 1}}}, "min_count must be"),
+        ({**BASE, "columns": {"a": {"action": "keep", "type": "blob"}}}, "type must be one of"),
+        ({**BASE, "columns": {"d": "date_shift"}}, "'d' is date_shift, which needs patient_id"),
+        ({**BASE, "patient_id": "mrn", "columns": {"mrn": "keep"}}, "patient_id = 'mrn' is a direct identifier"),
+        ({**BASE, "patient_id": "mrn", "columns": {}}, "patient_id = 'mrn' is not in [columns]"),
+        ({**BASE, "quasi_identifiers": ["age"], "columns": {}}, "quasi_identifiers: 'age' is not in [columns]"),
+        ({**BASE, "quasi_identifiers": ["n"], "columns": {"n": "drop"}}, "'n' is declared drop"),
+        ({**BASE, "columns": {"a": {"action": "keep", "rename": "b"}, "b": "keep"}}, "both come out as 'b'"),
+        ({**BASE, "colums": {}}, "unknown key(s) colums"),
+        ({"dataset": "x", "source": "x.csv", "columns": {}}, "missing key 'project'"),
+        ({**BASE, "project": "Onco Logy", "columns": {}}, "project = 'Onco Logy'"),
+        ({**BASE, "source": "x.xlsx", "columns": {}}, "say format = one of csv, parquet, fhir"),
+        ({**BASE, "min_k": "5", "columns": {}}, "min_k must be a whole number"),
+    ],
+)
 def test_mistakes_are_named(raw, message):
     assert message in refused(raw)
 

@@ -79,7 +79,15 @@ def test_age_bands_width_top_and_edges():
     ages = pa.array([0, 9, 10, 45.5, 89, 90, 104, None])
     assert plain(tf.age_bands(ages, "age")) == ["0-9", "0-9", "10-19", "40-49", "80-89", "90+", "90+", None]
     assert plain(tf.age_bands(ages, "age", edges=[0, 18, 65])) == [
-        "0-17", "0-17", "0-17", "18-64", "65+", "65+", "65+", None]
+        "0-17",
+        "0-17",
+        "0-17",
+        "18-64",
+        "65+",
+        "65+",
+        "65+",
+        None,
+    ]
     assert plain(tf.age_bands(pa.array(["34", " 61 "]), "age", width=50)) == ["0-49", "50-89"]
 
 
@@ -102,7 +110,13 @@ def test_rare_to_other_counts_rows_or_distinct_patients():
     # one patient with three C50 rows is still one patient: C50 is rare by patients
     patients = np.array([0, 0, 0, 1, 2, 3])
     assert plain(tf.rare_to_other(cats, min_count=2, patient_codes=patients)) == [
-        "other", "other", "other", "E11", "E11", None]
+        "other",
+        "other",
+        "other",
+        "E11",
+        "E11",
+        None,
+    ]
 
 
 def test_years_and_year_spans():
@@ -128,8 +142,13 @@ def test_pseudonym_text_is_standard_base32_of_the_keyed_digest():
     import hashlib
 
     ids = ["000123", "Ä-7", "x" * 300]
-    want = ["P-" + base64.b32encode(hashlib.blake2b(i.encode(), key=KEY_A, digest_size=18,
-                                                    person=b"pt-pseudonym").digest()[:10]).decode() for i in ids]
+    want = [
+        "P-"
+        + base64.b32encode(
+            hashlib.blake2b(i.encode(), key=KEY_A, digest_size=18, person=b"pt-pseudonym").digest()[:10]
+        ).decode()
+        for i in ids
+    ]
     assert plain(tf.pseudonymise(pa.array(ids), KEY_A)) == want
 
 
@@ -160,7 +179,8 @@ def test_published_pseudonyms_and_shifts_never_change_across_versions():
     assert plain(tf.pseudonymise(pa.array(many), pkey)) == [p for p, _ in ref]
     assert tf.shift_days(many, pkey, 180).tolist() == [s for _, s in ref]
     assert plain(tf.pseudonymise(pa.array(many[:50]), pkey, domain="case", prefix="C-")) == [
-        _reference(v, pkey, "case", "C-")[0] for v in many[:50]]
+        _reference(v, pkey, "case", "C-")[0] for v in many[:50]
+    ]
 
 
 def test_a_pseudonym_collision_is_refused_not_published():
@@ -180,13 +200,15 @@ def test_a_pseudonym_collision_is_refused_not_published():
 def test_a_dictionary_holding_an_identifier_twice_still_gives_one_code_and_pseudonym():
     # Parquet text columns arrive as dictionaries whose values are taken as distinct and then proven so by
     # their digests; a dictionary that holds a value twice must be merged, not counted as two patients.
-    dup = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 0, None], pa.int32()),
-                                         pa.array(["000101", "000102", "000101"]))
+    dup = pa.DictionaryArray.from_arrays(
+        pa.array([0, 1, 2, 0, None], pa.int32()), pa.array(["000101", "000102", "000101"])
+    )
     codes, values, d = tf.hashed_identifiers(dup, KEY_A)
     assert sorted(values.to_pylist()) == ["000101", "000102"] and codes[0] == codes[2] == codes[3] != codes[1]
     assert codes[4] == -1 and len(d) == 2
-    assert plain(tf.pseudonymise(dup, KEY_A)) == plain(tf.pseudonymise(pa.array(
-        ["000101", "000102", "000101", "000101", None]), KEY_A))
+    assert plain(tf.pseudonymise(dup, KEY_A)) == plain(
+        tf.pseudonymise(pa.array(["000101", "000102", "000101", "000101", None]), KEY_A)
+    )
     clean = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), pa.array(["000102", "000101"]))
     codes, values, _ = tf.hashed_identifiers(clean, KEY_A)
     assert values.to_pylist() == ["000102", "000101"] and codes.tolist() == [1, 0, 1]  # taken as it is

@@ -27,8 +27,15 @@ def opacus_grads(model, x, y, *, clip, reduction, expected):
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     dl = DataLoader(TensorDataset(x, y), batch_size=expected)
-    m, opt, _ = PrivacyEngine().make_private(module=m, optimizer=opt, data_loader=dl, noise_multiplier=0.0,
-                                             max_grad_norm=clip, poisson_sampling=False, loss_reduction=reduction)
+    m, opt, _ = PrivacyEngine().make_private(
+        module=m,
+        optimizer=opt,
+        data_loader=dl,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        loss_reduction=reduction,
+    )
     opt.zero_grad()
     nn.CrossEntropyLoss(reduction=reduction)(m(x), y).backward()
     opt.pre_step()
@@ -41,8 +48,13 @@ def fast_grads(model, x, y, *, clip, reduction, expected, noise=0.0, generator=N
     assert layers, why
     clipper = FastClipper(m, layers)
     nn.CrossEntropyLoss(reduction=reduction)(m(x), y).backward()
-    clipper.private_grads(noise_multiplier=noise, max_grad_norm=clip, expected_batch_size=expected,
-                          loss_reduction=reduction, generator=generator)
+    clipper.private_grads(
+        noise_multiplier=noise,
+        max_grad_norm=clip,
+        expected_batch_size=expected,
+        loss_reduction=reduction,
+        generator=generator,
+    )
     return [p.grad.clone() for p in m.parameters()]
 
 
@@ -103,8 +115,9 @@ def test_noise_has_the_dp_sgd_standard_deviation():
     model = nn.Sequential(nn.Linear(50, 200), nn.ReLU(), nn.Linear(200, 2))
     x, y = torch.randn(32, 50), torch.randint(0, 2, (32,))
     clean = fast_grads(model, x, y, clip=1.0, reduction="mean", expected=32)
-    noisy = fast_grads(model, x, y, clip=1.0, reduction="mean", expected=32, noise=1.3,
-                       generator=torch.Generator().manual_seed(0))
+    noisy = fast_grads(
+        model, x, y, clip=1.0, reduction="mean", expected=32, noise=1.3, generator=torch.Generator().manual_seed(0)
+    )
     diff = torch.cat([(n - c).flatten() for n, c in zip(noisy, clean, strict=True)])
     assert diff.std().item() == pytest.approx(1.3 * 1.0 / 32, rel=0.02)  # sigma * C / E
     assert abs(diff.mean().item()) < 3 * 1.3 / 32 / diff.numel() ** 0.5
@@ -112,9 +125,13 @@ def test_noise_has_the_dp_sgd_standard_deviation():
 
 def test_empty_batch_gives_noise_only_and_counts():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-    opt = FastDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0),
-                          FastClipper(model, linear_layers(model, set(model.parameters()))[0]),
-                          noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=8)
+    opt = FastDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        FastClipper(model, linear_layers(model, set(model.parameters()))[0]),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+    )
     seen = []
     opt.after_step = seen.append
     before = [p.detach().clone() for p in model.parameters()]

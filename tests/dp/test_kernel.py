@@ -30,8 +30,9 @@ print("SETTLED", run.record["epsilon_spent"])
 
 @pytest.mark.timeout(180)
 def test_progress_is_a_widget_with_epsilon(service, site, member):
-    km, kc = start_new_kernel(kernel_name="python3", env={"PAITIENT_RUN_DIR": str(site.run_dir),
-                                                          "PATH": "/usr/bin:/bin"})
+    km, kc = start_new_kernel(
+        kernel_name="python3", env={"PAITIENT_RUN_DIR": str(site.run_dir), "PATH": "/usr/bin:/bin"}
+    )
     try:
         msgs = []
         reply = kc.execute_interactive(CODE, timeout=150, output_hook=msgs.append)
@@ -39,15 +40,19 @@ def test_progress_is_a_widget_with_epsilon(service, site, member):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    views = [m for m in msgs if m["msg_type"] == "display_data"
-             and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+    views = [
+        m
+        for m in msgs
+        if m["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+    ]
     assert views, [m["msg_type"] for m in msgs]
     text = json.dumps([m["content"] for m in msgs]).replace("\\u2007", " ")  # tqdm's figure spaces
     assert "private training (fast) on oncology/breast_cancer" in text
     assert "epsilon 0 of 1]" in text  # the bar's postfix at the start, after each epoch, and at the end
     assert re.search(r"epsilon 0\.\d+ of 1]", text) and re.search(r"epsilon 0\.\d+ of 1, settled", text)
-    stdout = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream"
-                     and m["content"]["name"] == "stdout")
+    stdout = "".join(
+        m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+    )
     assert "paitient.kernel.dp: mode fast" in stdout and "SETTLED" in stdout
     settled = float(stdout.split("SETTLED")[1].split()[0])
     assert service.ledger.runs("oncology")[0]["epsilon_spent"] == settled

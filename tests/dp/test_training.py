@@ -36,9 +36,17 @@ def train(run, epochs=None):
 
 def private(model, loader, site, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=kw.pop("lr", 0.5))
-    args = dict(target_epsilon=1.0, epochs=3, max_grad_norm=1.0, project="oncology", dataset="breast_cancer",
-                criterion=nn.CrossEntropyLoss(), run_dir=site.run_dir, progress=False,
-                noise_generator=torch.Generator().manual_seed(0))
+    args = dict(
+        target_epsilon=1.0,
+        epochs=3,
+        max_grad_norm=1.0,
+        project="oncology",
+        dataset="breast_cancer",
+        criterion=nn.CrossEntropyLoss(),
+        run_dir=site.run_dir,
+        progress=False,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
     args.update(kw)
     return dp.make_private(model, opt, loader, **args)
 
@@ -81,13 +89,20 @@ def test_noise_multiplier_and_epsilon_identical_to_opacus(loader):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = PrivacyEngine(accountant="prv")
-    _, popt, ploader = engine.make_private_with_epsilon(module=model, optimizer=opt, data_loader=loader,
-                                                        target_epsilon=2.0, target_delta=1e-6, epochs=4,
-                                                        max_grad_norm=1.0)
+    _, popt, ploader = engine.make_private_with_epsilon(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        target_epsilon=2.0,
+        target_delta=1e-6,
+        epochs=4,
+        max_grad_norm=1.0,
+    )
     from opacus.accountants.utils import get_noise_multiplier
 
-    ours = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-6, sample_rate=1 / len(loader),
-                                steps=4 * len(loader), accountant="prv")  # as make_private computes it
+    ours = get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-6, sample_rate=1 / len(loader), steps=4 * len(loader), accountant="prv"
+    )  # as make_private computes it
     assert ours == popt.noise_multiplier
     for _ in range(5):  # Opacus' own accountant after 5 steps agrees with the one we build from the numbers
         engine.accountant.step(noise_multiplier=popt.noise_multiplier, sample_rate=1 / len(loader))
@@ -201,12 +216,20 @@ class Embedded(nn.Module):
         return self.lin(torch.cat([x, self.emb(bins)], 1))
 
 
-@pytest.mark.parametrize("model_fn, criterion, mode", [
-    (Embedded, nn.CrossEntropyLoss(), "ghost"),
-    (Embedded, None, "hooks"),
-    (lambda: nn.Sequential(nn.Unflatten(1, (1, 30)), nn.Conv1d(1, 4, 3), nn.Flatten(), nn.ReLU(),
-                           nn.Linear(4 * 28, 2)), nn.CrossEntropyLoss(), "hooks"),
-])
+@pytest.mark.parametrize(
+    "model_fn, criterion, mode",
+    [
+        (Embedded, nn.CrossEntropyLoss(), "ghost"),
+        (Embedded, None, "hooks"),
+        (
+            lambda: nn.Sequential(
+                nn.Unflatten(1, (1, 30)), nn.Conv1d(1, 4, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4 * 28, 2)
+            ),
+            nn.CrossEntropyLoss(),
+            "hooks",
+        ),
+    ],
+)
 def test_other_models_train_through_opacus(service, site, member, loader, model_fn, criterion, mode):
     run = private(model_fn(), loader, site, criterion=criterion, epochs=1)
     assert run.mode == mode, run.mode_reason
@@ -274,8 +297,9 @@ print("SETTLED", run.record["epsilon_spent"], run.record["username"], flush=True
 
 def test_kernel_killed_mid_training_counts_its_reservation(service, site, member):
     env = {**os.environ, "PAITIENT_RUN_DIR": str(site.run_dir)}
-    proc = subprocess.Popen([sys.executable, "-c", KERNEL.format(eps=2.5, pause=0.5)], env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KERNEL.format(eps=2.5, pause=0.5)], env=env, stdout=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("RESERVED"), line
@@ -294,10 +318,20 @@ def test_kernel_killed_mid_training_counts_its_reservation(service, site, member
 def test_training_as_another_uid_is_charged_to_that_user(service, site, state_dir):
     """The kernel needs only PAITIENT_RUN_DIR and the socket; the ledger names it from its uid."""
     register(state_dir, "nobody-researcher", 65534, ("oncology",))
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PAITIENT_RUN_DIR": str(site.run_dir),
-           "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp"}
-    out = subprocess.run([*NOBODY, sys.executable, "-c", KERNEL.format(eps=1.0, pause=0)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "PAITIENT_RUN_DIR": str(site.run_dir),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "MPLCONFIGDIR": "/tmp",
+    }
+    out = subprocess.run(
+        [*NOBODY, sys.executable, "-c", KERNEL.format(eps=1.0, pause=0)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
     rid = lines["RESERVED"].strip()
@@ -314,12 +348,36 @@ def test_kernel_in_a_pid_namespace_is_tracked_by_its_host_pid(service, site, sta
     register(state_dir, "nobody-researcher", 65534, ("oncology",))
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PAITIENT_RUN_DIR": str(site.run_dir), "MPLCONFIGDIR": "/tmp"}
     source = str(Path(paitient.__file__).resolve().parents[1])  # a checkout under /tmp must stay visible
-    sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-               "--ro-bind", source, source,
-               "--ro-bind", str(site.run_dir), str(site.run_dir), "--unshare-pid", "--unshare-net",
-               "--die-with-parent", "--new-session", "--"]
-    proc = subprocess.Popen([*NOBODY, *sandbox, sys.executable, "-c", KERNEL.format(eps=1.5, pause=0.5)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sandbox = [
+        "bwrap",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--ro-bind",
+        source,
+        source,
+        "--ro-bind",
+        str(site.run_dir),
+        str(site.run_dir),
+        "--unshare-pid",
+        "--unshare-net",
+        "--die-with-parent",
+        "--new-session",
+        "--",
+    ]
+    proc = subprocess.Popen(
+        [*NOBODY, *sandbox, sys.executable, "-c", KERNEL.format(eps=1.5, pause=0.5)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("RESERVED"), line + proc.stderr.read()[-3000:]

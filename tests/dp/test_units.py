@@ -62,8 +62,9 @@ def test_mode_choice_says_why():
 
 
 def test_problems_are_explained_not_fixed():
-    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6, 2, bias=False),
-                          nn.BatchNorm1d(2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6, 2, bias=False), nn.BatchNorm1d(2)
+    )
     found = problems(model)
     assert len(found) == 2
     assert "layer '1' (BatchNorm2d(6))" in found[0] and "nn.GroupNorm(2, 6)" in found[0]
@@ -92,8 +93,12 @@ def test_canonical_weights_hash(tmp_path):
 
 
 def test_resolve_target_and_defaults(tmp_path):
-    budget = {"projects": {"oncology": [{"dataset": "breast_cancer"}, {"dataset": "gbsg2"}],
-                           "cardio": [{"dataset": "diabetes"}]}}
+    budget = {
+        "projects": {
+            "oncology": [{"dataset": "breast_cancer"}, {"dataset": "gbsg2"}],
+            "cardio": [{"dataset": "diabetes"}],
+        }
+    }
     with pytest.raises(ValueError, match="say which project to charge.*cardio, oncology"):
         resolve_target(budget, None, None)
     assert resolve_target(budget, "cardio", None)[:2] == ("cardio", "diabetes")
@@ -127,9 +132,11 @@ def test_without_a_ledger_nothing_trains(monkeypatch, tmp_path):
     loader = DataLoader(TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long)), batch_size=5)
     monkeypatch.delenv("PAITIENT_RUN_DIR", raising=False)
     with pytest.raises(dp.LedgerUnavailable, match="PAITIENT_RUN_DIR is not set"):
-        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0,
-                        epochs=1, max_grad_norm=1.0)
+        dp.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0, epochs=1, max_grad_norm=1.0
+        )
     monkeypatch.setenv("PAITIENT_RUN_DIR", str(tmp_path))
     with pytest.raises(dp.LedgerUnavailable, match="is not running"):
-        dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0,
-                        epochs=1, max_grad_norm=1.0)
+        dp.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), loader, target_epsilon=1.0, epochs=1, max_grad_norm=1.0
+        )

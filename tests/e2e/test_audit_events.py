@@ -31,6 +31,7 @@ Record = dict[str, Any]
 
 # -- reading the trail ------------------------------------------------------------------------------------
 
+
 def last_seq(ws: Workspace) -> int:
     return next(newest_first(ws.state_dir / "audit"))["seq"]
 
@@ -59,12 +60,18 @@ def wait_for(ws: Workspace, seq: int, pred: Callable[[Record], bool], timeout: f
         time.sleep(0.2)
 
 
-def event(action: str, actor: str | None = None, obj: str | None = None, outcome: str = "ok",
-          **details: Any) -> Callable[[Record], bool]:
+def event(
+    action: str, actor: str | None = None, obj: str | None = None, outcome: str = "ok", **details: Any
+) -> Callable[[Record], bool]:
     def pred(r: Record) -> bool:
-        return (r["action"] == action and r["outcome"] == outcome
-                and (actor is None or r["actor"] == actor) and (obj is None or r["object"] == obj)
-                and all(r["details"].get(k) == v for k, v in details.items()))
+        return (
+            r["action"] == action
+            and r["outcome"] == outcome
+            and (actor is None or r["actor"] == actor)
+            and (obj is None or r["object"] == obj)
+            and all(r["details"].get(k) == v for k, v in details.items())
+        )
+
     return pred
 
 
@@ -81,6 +88,7 @@ def signed_in(ws: Workspace, user: str):
 
 
 # -- at start ---------------------------------------------------------------------------------------------
+
 
 def test_start_records_the_effective_configuration_and_the_demo_publications(workspace):
     site = load_site(str(workspace.site_file))
@@ -104,6 +112,7 @@ def test_start_records_the_effective_configuration_and_the_demo_publications(wor
 
 
 # -- people -----------------------------------------------------------------------------------------------
+
 
 def test_sign_in_and_each_refusal_with_its_reason(workspace):
     mark = last_seq(workspace)
@@ -142,8 +151,10 @@ def test_server_kernel_and_cell_events_with_datasets_and_exact_code(workspace):
     assert started["details"]["peer"]["uid"] == member.uid and started["details"]["peer"]["origin"] == "host"
 
     marker = uuid.uuid4().hex
-    code = (f"# cohort check {marker}\nfrom paitient import data\n"
-            "df = data.load('diabetes')\nprint(len(df), 'Zürich ✓')\t# tab, umlaut, tick\n")
+    code = (
+        f"# cohort check {marker}\nfrom paitient import data\n"
+        "df = data.load('diabetes')\nprint(len(df), 'Zürich ✓')\t# tab, umlaut, tick\n"
+    )
     out = workspace.run_cell(carol, "carol", code, kernel_id=kernel)
     assert out.error is None and out.stdout.split()[0] == "442", out
     cell = wait_for(workspace, mark, event("cell.execute", "carol", kernel))
@@ -156,8 +167,11 @@ def test_server_kernel_and_cell_events_with_datasets_and_exact_code(workspace):
     assert stopped["details"]["datasets"] == datasets and stopped["seq"] > cell["seq"]
 
     # carol stops her server from the hub's control panel (its API with her own session and XSRF token)
-    r = carol.delete(workspace.url + "hub/api/users/carol/server", timeout=60,
-                     headers={"X-XSRFToken": carol.cookies.get("_xsrf", path="/hub/")})
+    r = carol.delete(
+        workspace.url + "hub/api/users/carol/server",
+        timeout=60,
+        headers={"X-XSRFToken": carol.cookies.get("_xsrf", path="/hub/")},
+    )
     assert r.status_code in (202, 204), r.text
     down = wait_for(workspace, mark, event("server.stop", "carol", member.account))
     assert down["details"]["pid"] == spawn["details"]["pid"] and down["seq"] > stopped["seq"]
@@ -213,8 +227,9 @@ def test_private_training_reserves_and_settles_in_the_ledger(workspace):
     assert settle["details"]["delta_spent"] == got["delta"]
     assert settle["details"]["weights_sha256"] == got["weights"]
     # a training run the budget cannot cover is refused before a step, and the refusal is recorded
-    refused = wait_for(workspace, mark, event("ledger.reserve", "alice", "oncology/breast_cancer", "denied",
-                                              epsilon=20.0))
+    refused = wait_for(
+        workspace, mark, event("ledger.reserve", "alice", "oncology/breast_cancer", "denied", epsilon=20.0)
+    )
     assert refused["details"]["reason"] == got["refused"] and refused["seq"] > settle["seq"]
     # the training cell itself is in the trail too, with its code
     cell = wait_for(workspace, mark, event("cell.execute", "alice", kernel))
@@ -252,8 +267,11 @@ def decide(ws: Workspace, s, rid: str, action: str, comment: str):
     assert page.status_code == 200, page.text[-600:] + ws.logs()
     form = re.search(r'name="_xsrf" value="([^"]+)"', page.text)
     token = form.group(1) if form else s.cookies.get("_xsrf", path="/services/airlock/")
-    return s.post(ws.url + f"services/airlock/requests/{rid}/decision", timeout=30,
-                  data={"action": action, "comment": comment, "_xsrf": token})
+    return s.post(
+        ws.url + f"services/airlock/requests/{rid}/decision",
+        timeout=30,
+        data={"action": action, "comment": comment, "_xsrf": token},
+    )
 
 
 def test_airlock_request_check_decision_and_download(workspace):
@@ -265,11 +283,21 @@ def test_airlock_request_check_decision_and_download(workspace):
     assert got["state"] == "in_review" and "refused" in got["refused"]
 
     req = wait_for(workspace, mark, event("airlock.request", "alice", rid))
-    assert req["details"] == {**req["details"], "project": "oncology", "kind": "table",
-                              "filename": "radius_by_age.csv", "sha256": got["sha256"]}
+    assert req["details"] == {
+        **req["details"],
+        "project": "oncology",
+        "kind": "table",
+        "filename": "radius_by_age.csv",
+        "sha256": got["sha256"],
+    }
     pickle = wait_for(workspace, mark, event("airlock.request", "alice", outcome="denied"))
-    assert pickle["details"] == {**pickle["details"], "reason": got["refused"], "kind": "weights",
-                                 "filename": "model.pt", "project": "oncology"}
+    assert pickle["details"] == {
+        **pickle["details"],
+        "reason": got["refused"],
+        "kind": "weights",
+        "filename": "model.pt",
+        "project": "oncology",
+    }
     check = wait_for(workspace, mark, event("airlock.check", "airlock", rid))
     assert check["details"]["overall"] == "pass" and check["details"]["user"] == "alice"
     assert check["details"]["checks"]["recipe"] == "pass" and check["details"]["checks"]["minimum_count"] == "pass"
@@ -282,9 +310,14 @@ def test_airlock_request_check_decision_and_download(workspace):
     sam = workspace.login("sam")
     assert decide(workspace, sam, rid, "approve", "means over >= 68 biopsies each").status_code == 200
     approved = wait_for(workspace, mark, event("airlock.decision", "sam", rid))
-    assert approved["details"] == {**approved["details"], "action": "approve", "state": "released",
-                                   "comment": "means over >= 68 biopsies each", "user": "alice",
-                                   "project": "oncology"}
+    assert approved["details"] == {
+        **approved["details"],
+        "action": "approve",
+        "state": "released",
+        "comment": "means over >= 68 biopsies each",
+        "user": "alice",
+        "project": "oncology",
+    }
     # a second decision on a released request is refused and recorded as well
     assert decide(workspace, sam, rid, "reject", "changed my mind").status_code >= 400
     again = wait_for(workspace, mark, event("airlock.decision", "sam", rid, "denied"))
@@ -336,8 +369,9 @@ def test_a_kernel_cannot_record_an_event_in_another_users_name(workspace):
     kernel = workspace.start_kernel(alice, "alice")
     marker = "forge-" + uuid.uuid4().hex
     mark = last_seq(workspace)
-    got = cell_json(workspace, alice, "alice",
-                    FORGE.replace("MARK", marker).replace("STATE", str(workspace.state_dir)), kernel)
+    got = cell_json(
+        workspace, alice, "alice", FORGE.replace("MARK", marker).replace("STATE", str(workspace.state_dir)), kernel
+    )
     assert got["actor"]["code"] == "bad_request" and "actor comes from your connection" in got["actor"]["error"]
     assert got["details_user"]["code"] == "bad_request" and "details.user" in got["details_user"]["error"]
     for name in ("sign_in", "decision", "settle"):
@@ -346,8 +380,19 @@ def test_a_kernel_cannot_record_an_event_in_another_users_name(workspace):
     # nor can alice's account append to the trail from outside the sandbox (her server runs as it)
     account = pwd.getpwnam(workspace.member("alice").account)
     trail = workspace.state_dir / "audit" / "trail-000001.jsonl"
-    host = subprocess.run(["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--clear-groups",
-                           "sh", "-c", f"echo '{{}}' >> {trail}"], capture_output=True, text=True)
+    host = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--clear-groups",
+            "sh",
+            "-c",
+            f"echo '{{}}' >> {trail}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert host.returncode != 0 and "Permission denied" in host.stderr
 
     # what was accepted is recorded under alice's own uid, marked as coming from inside a sandbox
@@ -358,11 +403,13 @@ def test_a_kernel_cannot_record_an_event_in_another_users_name(workspace):
     with_marker = [r for r in records_after(workspace, mark) if marker in json.dumps(r)]
     assert {r["action"] for r in with_marker} == {"cell.execute"}  # the cell's code, and the one own record
     assert {r["actor"] for r in with_marker} == {"alice"}
-    assert not [r for r in select(workspace.state_dir / "audit", Filter(user="bob"), limit=10_000)
-                if marker in json.dumps(r)]
+    assert not [
+        r for r in select(workspace.state_dir / "audit", Filter(user="bob"), limit=10_000) if marker in json.dumps(r)
+    ]
 
 
 # -- the command line over the resulting trail ------------------------------------------------------------
+
 
 def test_audit_show_finds_the_events_and_verify_passes(workspace):
     alice = signed_in(workspace, "alice")
@@ -373,8 +420,9 @@ def test_audit_show_finds_the_events_and_verify_passes(workspace):
     wait_for(workspace, mark, event("cell.execute", "alice", code=code))
 
     def show(*args: str) -> list[Record]:
-        out = subprocess.run([*PAITIENT, "audit", "show", "--json", *workspace.args(), *args],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [*PAITIENT, "audit", "show", "--json", *workspace.args(), *args], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -385,10 +433,14 @@ def test_audit_show_finds_the_events_and_verify_passes(workspace):
     published = show("--project=oncology", "--action=ingest.publish", "--limit=0")
     assert {r["object"] for r in published} == {"oncology/breast_cancer@v1", "oncology/gbsg2@v1"}
 
-    verify = subprocess.run([*PAITIENT, "audit", "verify", *workspace.args()], capture_output=True, text=True,
-                            timeout=120)
+    verify = subprocess.run(
+        [*PAITIENT, "audit", "verify", *workspace.args()], capture_output=True, text=True, timeout=120
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.startswith("audit trail intact:")
-    report = json.loads(subprocess.run([*PAITIENT, "audit", "verify", "--json", *workspace.args()],
-                                       capture_output=True, text=True, timeout=120).stdout)
+    report = json.loads(
+        subprocess.run(
+            [*PAITIENT, "audit", "verify", "--json", *workspace.args()], capture_output=True, text=True, timeout=120
+        ).stdout
+    )
     assert report["ok"] and report["problems"] == [] and report["last_seq"] > mark

@@ -99,14 +99,26 @@ def dataset_row(ledger: Ledger, project: str, dataset: str) -> dict:
 
 
 def set_budget(ws: Workspace, project: str, dataset: str, epsilon: float, delta: float = 1e-5) -> None:
-    r = subprocess.run([*PAITIENT, "ledger", "set-budget", *ws.args(), f"--project={project}",
-                        f"--dataset={dataset}", f"--epsilon={epsilon}", f"--delta={delta}", "--steward=sam"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            *PAITIENT,
+            "ledger",
+            "set-budget",
+            *ws.args(),
+            f"--project={project}",
+            f"--dataset={dataset}",
+            f"--epsilon={epsilon}",
+            f"--delta={delta}",
+            "--steward=sam",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
 
 
-def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker: str,
-                     timeout: float = 120.0) -> str:
+def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker: str, timeout: float = 120.0) -> str:
     """Send ``code`` to the kernel and return its output so far once ``marker`` appears; the cell runs on."""
 
     async def run() -> str:
@@ -117,13 +129,32 @@ def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker
         url = ws.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel}/channels"
         conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookie, **ws.xsrf_headers(s, user)}))
         msg_id = uuid.uuid4().hex
-        conn.write_message(json.dumps({
-            "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": user,
-                       "session": uuid.uuid4().hex, "date": "", "version": "5.3"},
-            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                        "allow_stdin": False, "stop_on_error": True},
-        }))
+        conn.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": user,
+                        "session": uuid.uuid4().hex,
+                        "date": "",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "channel": "shell",
+                    "buffers": [],
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": True,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                        "stop_on_error": True,
+                    },
+                }
+            )
+        )
         seen = ""
         deadline = time.monotonic() + timeout
         try:
@@ -201,8 +232,12 @@ def test_record_holds_the_accountants_epsilon_and_the_weights_hash(workspace):
     assert rec["steps"] == rec["planned_steps"] == 2 * batches and rec["epochs"] == 2
     assert rec["delta"] == run["delta_spent"] == default_delta(1e-5, got["rows"])
     assert rec["noise_multiplier"] == get_noise_multiplier(
-        target_epsilon=0.5, target_delta=rec["delta"], sample_rate=rec["sample_rate"], steps=rec["steps"],
-        accountant="prv")
+        target_epsilon=0.5,
+        target_delta=rec["delta"],
+        sample_rate=rec["sample_rate"],
+        steps=rec["steps"],
+        accountant="prv",
+    )
     fresh = PRVAccountant()
     fresh.history = [(rec["noise_multiplier"], rec["sample_rate"], rec["steps"])]
     assert fresh.get_epsilon(delta=rec["delta"]) == pytest.approx(rec["epsilon"], rel=1e-9)
@@ -250,20 +285,26 @@ def test_budget_refused_when_exhausted(small):
     too_much = cell_json(small, alice, "alice", ask, kernel)
     assert too_much["refused"].startswith(
         "privacy budget exceeded: epsilon 1.5 asked, but oncology/breast_cancer has 1 left of 1 "
-        "(0 spent, 0 reserved by running trainings)"), too_much
+        "(0 spent, 0 reserved by running trainings)"
+    ), too_much
     assert "ask a data steward for more budget" in too_much["refused"]
     assert ledger.runs("oncology", "breast_cancer") == []  # refused before anything was reserved
 
     # this one as a researcher runs it, with the progress bar: JupyterLab gets tqdm's widget
-    shown = small.run_cell(alice, "alice", ASK.format(eps=0.8, epochs=3, then="train(run)", progress=True),
-                           kernel_id=kernel)
+    shown = small.run_cell(
+        alice, "alice", ASK.format(eps=0.8, epochs=3, then="train(run)", progress=True), kernel_id=kernel
+    )
     assert shown.error is None, (shown.error, shown.stderr[-2000:])
     first = json.loads(shown.stdout.strip().splitlines()[-1])
     assert first["refused"] is None
-    assert "paitient.kernel.dp: mode fast (" in shown.stdout and \
-        "reserved epsilon 0.8, delta 1e-06 of oncology/breast_cancer" in shown.stdout, shown.stdout
-    assert any(o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
-               for o in shown.outputs)
+    assert (
+        "paitient.kernel.dp: mode fast (" in shown.stdout
+        and "reserved epsilon 0.8, delta 1e-06 of oncology/breast_cancer" in shown.stdout
+    ), shown.stdout
+    assert any(
+        o["msg_type"] == "display_data" and "application/vnd.jupyter.widget-view+json" in o["content"]["data"]
+        for o in shown.outputs
+    )
     widgets = json.dumps([o["content"] for o in shown.outputs if o["msg_type"].startswith("comm_")])
     assert "private training (fast) on oncology/breast_cancer" in widgets, widgets[-3000:]
     spent = first["record"]["epsilon_spent"]
@@ -273,11 +314,17 @@ def test_budget_refused_when_exhausted(small):
     second = cell_json(small, alice, "alice", ASK.format(eps=0.5, epochs=2, then="train(run)", progress=False), kernel)
     assert second["refused"] is not None and second["refused"].startswith(
         f"privacy budget exceeded: epsilon 0.5 asked, but oncology/breast_cancer has {1.0 - spent:g} left of 1 "
-        f"({spent:g} spent, 0 reserved by running trainings)"), second
+        f"({spent:g} spent, 0 reserved by running trainings)"
+    ), second
 
     # what is left can still be used: the refusal is about the numbers, not a locked dataset
-    rest = cell_json(small, alice, "alice", ASK.format(eps=round(1.0 - spent - 0.01, 4), epochs=1,
-                                                       then="run.finish()", progress=False), kernel)
+    rest = cell_json(
+        small,
+        alice,
+        "alice",
+        ASK.format(eps=round(1.0 - spent - 0.01, 4), epochs=1, then="run.finish()", progress=False),
+        kernel,
+    )
     assert rest["refused"] is None and rest["record"]["epsilon_spent"] == 0.0  # no step, nothing spent
     row = dataset_row(ledger, "oncology", "breast_cancer")
     assert row["source"] == "steward" and row["epsilon_total"] == 1.0
@@ -332,7 +379,8 @@ def test_concurrent_reservations_never_exceed_the_budget(small):
     # refused while the three others held their reservations, with the numbers
     assert lost[0]["refused"].startswith(
         "privacy budget exceeded: epsilon 0.3 asked, but oncology/gbsg2 has 0.1 left of 1 "
-        "(0 spent, 0.9 reserved by running trainings)"), lost
+        "(0 spent, 0.9 reserved by running trainings)"
+    ), lost
     ledger = root_ledger(small)
     row = dataset_row(ledger, "oncology", "gbsg2")
     assert row["epsilon_reserved"] == pytest.approx(0.9) and row["epsilon_spent"] == 0.0
@@ -348,8 +396,10 @@ def test_concurrent_reservations_never_exceed_the_budget(small):
         thief = "carol" if victim == "alice" else "alice"
     thief_kernel = next(k for u, k in kernels if u == thief)
     attempt = SETTLE_OTHERS.replace("RESERVATION", held[victim])
-    assert cell_json(small, sessions[thief], thief, attempt, thief_kernel) == \
-        ["forbidden", "this reservation belongs to another user"]
+    assert cell_json(small, sessions[thief], thief, attempt, thief_kernel) == [
+        "forbidden",
+        "this reservation belongs to another user",
+    ]
     assert ledger.run(held[victim])["state"] == "reserved"
 
     # the winners train and settle: what they spent is the accountants' and fits the budget
@@ -591,8 +641,10 @@ def test_ledger_killed_while_a_kernel_trains_is_restarted_and_the_run_settles(sm
             pass
         assert time.monotonic() < deadline, "the hub did not restart the ledger service" + small.logs()
         time.sleep(0.5)
-    settle = 'import json\nfor i in range(100):\n    try:\n        rec = run.finish(); break\n' \
-             '    except dp.LedgerUnavailable:\n        time.sleep(0.3)\nprint(json.dumps(rec))'
+    settle = (
+        "import json\nfor i in range(100):\n    try:\n        rec = run.finish(); break\n"
+        "    except dp.LedgerUnavailable:\n        time.sleep(0.3)\nprint(json.dumps(rec))"
+    )
     settled = cell_json(small, bob, "bob", settle, kernel)
     assert settled["id"] == reservation and settled["state"] == "settled"
     assert 0.4 < settled["epsilon_spent"] <= 0.5 and settled["record"]["steps"] == settled["record"]["planned_steps"]
@@ -634,7 +686,8 @@ def test_batchnorm_model_refused_with_the_layer_and_the_fix_nothing_reserved(wor
     runs_before = ledger.runs("oncology")
     out = workspace.run_cell(alice, "alice", BATCHNORM, kernel_id=kernel)
     assert out.error is not None and out.error.startswith(
-        "DPModelError: this model cannot be trained with differential privacy as it is:"), out
+        "DPModelError: this model cannot be trained with differential privacy as it is:"
+    ), out
     assert "layer 'norm' (BatchNorm1d(16))" in out.error
     assert "replace it with nn.LayerNorm(16) or nn.GroupNorm(8, 16)" in out.error
     assert "not GroupNorm(16, 16)" in out.error and "paitient does not rewrite models" in out.error
@@ -678,11 +731,15 @@ def test_member_of_another_project_cannot_charge_its_budget(workspace):
     got = cell_json(workspace, bob, "bob", OTHER_PROJECT, kernel_for(workspace, bob, "bob"))
     assert got["datasets"] == ["cardiometabolic"]
     assert got["make_private"] == "you are not a member of project 'oncology'; yours: cardiometabolic"
-    assert got["reserve"] == ["forbidden", "you are not a member of project 'oncology'; "
-                                           "a kernel can charge only its user's projects"]
+    assert got["reserve"] == [
+        "forbidden",
+        "you are not a member of project 'oncology'; a kernel can charge only its user's projects",
+    ]
     for op in ("budget", "records"):
-        assert got[op] == ["forbidden", "you are not a member of project 'oncology'; "
-                                        "a kernel can use only its user's projects"], op
+        assert got[op] == [
+            "forbidden",
+            "you are not a member of project 'oncology'; a kernel can use only its user's projects",
+        ], op
     assert (ledger.runs("oncology"), ledger.budget("oncology")) == before
 
 
@@ -711,9 +768,11 @@ def test_stewards_ledger_page_through_the_hub(workspace):
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
     assert "Signed in as sam" in page.text and "<script" not in page.text
     assert "<h2>oncology</h2>" in page.text and "<h2>cardiometabolic</h2>" in page.text
-    assert (f"<td>carol</td><td>settled</td><td>0.2</td><td>{made['epsilon_spent']:.4g}</td><td>fast</td>"
-            f"<td>{made['record']['steps']}</td><td><code>{made['weights_sha256'][:16]}</code></td>"
-            f"<td>{made['id']}</td>") in page.text
+    assert (
+        f"<td>carol</td><td>settled</td><td>0.2</td><td>{made['epsilon_spent']:.4g}</td><td>fast</td>"
+        f"<td>{made['record']['steps']}</td><td><code>{made['weights_sha256'][:16]}</code></td>"
+        f"<td>{made['id']}</td>"
+    ) in page.text
 
     api = sam.get(page_url + "api/budget", timeout=30)
     assert api.status_code == 200 and api.headers["Content-Type"] == "application/json"

@@ -73,16 +73,24 @@ def ran(workspace) -> Ran:
     workspace.start_server(alice, "alice")
     member = workspace.member("alice")
     ledger = Ledger(load_site(str(workspace.site_file)))
-    out = Ran(home=Path(pwd.getpwnam(member.account).pw_dir), uid=member.uid, started=time.time(),
-              runs_before=ledger.runs("oncology", "breast_cancer"), budget_before=breast_cancer_budget(ledger))
+    out = Ran(
+        home=Path(pwd.getpwnam(member.account).pw_dir),
+        uid=member.uid,
+        started=time.time(),
+        runs_before=ledger.runs("oncology", "breast_cancer"),
+        budget_before=breast_cancer_budget(ledger),
+    )
     for name in NAMES:
         out.cells[name] = run_notebook(workspace, alice, "alice", name)
     return out
 
 
 def outputs_of(result: CellResult, mime: str) -> list:
-    return [o["content"]["data"][mime] for o in result.outputs
-            if o["msg_type"] in ("display_data", "execute_result") and mime in o["content"].get("data", {})]
+    return [
+        o["content"]["data"][mime]
+        for o in result.outputs
+        if o["msg_type"] in ("display_data", "execute_result") and mime in o["content"].get("data", {})
+    ]
 
 
 def test_notebooks_are_nbformat_4_without_outputs():
@@ -143,7 +151,11 @@ def test_export_leaves_two_requests_in_review_that_passed_their_checks(ran, work
     assert table_checks["recipe"] == "pass" and set(table_checks.values()) == {"pass"}, table_checks
     weights_checks = {c["check"]: c for c in store.checks(weights_id)}
     assert {k: c["status"] for k, c in weights_checks.items()} == {
-        "published_copy": "pass", "format": "pass", "training_record": "pass", "membership_inference": "pass"}
+        "published_copy": "pass",
+        "format": "pass",
+        "training_record": "pass",
+        "membership_inference": "pass",
+    }
     assert weights_checks["training_record"]["details"]["record"]["weights_sha256"] == weights.sha256
     # and the notebook's last cell told alice the same
     report = cells[-1].stdout

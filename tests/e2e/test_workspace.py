@@ -24,8 +24,9 @@ def operator(ws):
 
 def services_of(ws) -> list[str]:
     """pids of the root-side services (ledger, audit, airlock) of this workspace."""
-    out = subprocess.run(["pgrep", "-f", f"paitient.cli service .*--state-dir={ws.state_dir}"],
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["pgrep", "-f", f"paitient.cli service .*--state-dir={ws.state_dir}"], capture_output=True, text=True
+    ).stdout.split()
     return out
 
 
@@ -63,32 +64,52 @@ def test_home_is_private_to_its_owner(workspace):
     home_a = pwd.getpwnam(a.account).pw_dir
     assert os.stat(home_a).st_mode & 0o077 == 0
     # on the host, bob's account cannot list alice's home
-    r = subprocess.run(["setpriv", f"--reuid={b.uid}", f"--regid={pwd.getpwnam(b.account).pw_gid}",
-                        "--clear-groups", "ls", home_a], capture_output=True, text=True)
+    r = subprocess.run(
+        ["setpriv", f"--reuid={b.uid}", f"--regid={pwd.getpwnam(b.account).pw_gid}", "--clear-groups", "ls", home_a],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "Permission denied" in r.stderr
     # from bob's kernel neither
-    cell = workspace.run_cell(bob, "bob", f"import os\ntry:\n  os.listdir({home_a!r})\nexcept OSError as e:\n"
-                                          f"  print(type(e).__name__)")
+    cell = workspace.run_cell(
+        bob, "bob", f"import os\ntry:\n  os.listdir({home_a!r})\nexcept OSError as e:\n  print(type(e).__name__)"
+    )
     assert cell.stdout.strip() in ("PermissionError", "FileNotFoundError"), cell
     # and not through bob's server's contents API either
     r = workspace.api(bob, "bob", "GET", "contents/" + os.path.relpath(home_a, pwd.getpwnam(b.account).pw_dir))
     assert r.status_code in (403, 404)
 
 
-@pytest.mark.parametrize("user, password, message", [
-    ("dave", None, NO_PROJECT_MESSAGE),
-    ("alice", "wrong-password", "Invalid username or password"),
-    ("alice", "", "Invalid username or password"),
-    ("nobody-here", "whatever", "Invalid username or password"),
-])
+@pytest.mark.parametrize(
+    "user, password, message",
+    [
+        ("dave", None, NO_PROJECT_MESSAGE),
+        ("alice", "wrong-password", "Invalid username or password"),
+        ("alice", "", "Invalid username or password"),
+        ("nobody-here", "whatever", "Invalid username or password"),
+    ],
+)
 def test_sign_in_refused_with_a_message(workspace, user, password, message):
     with pytest.raises(PermissionError) as e:
         workspace.login(user, password)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["*", "alice)(uid=*", "al*", "alice,ou=people", "ali\\ce", "uid=alice",
-                                  "alice\x00", " alice", "a" * 300, "ＡＬＩＣＥ"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "*",
+        "alice)(uid=*",
+        "al*",
+        "alice,ou=people",
+        "ali\\ce",
+        "uid=alice",
+        "alice\x00",
+        " alice",
+        "a" * 300,
+        "ＡＬＩＣＥ",
+    ],
+)
 def test_injection_usernames_never_sign_in(workspace, name):
     with pytest.raises(PermissionError):
         workspace.login(name, workspace.password("alice"))
@@ -108,8 +129,11 @@ def test_project_groups_and_steward_role_reach_the_hub(workspace):
 
 
 def test_status_reports_what_runs(workspace):
-    out = subprocess.run([*__import__("tests.e2e.workspace", fromlist=["PAITIENT"]).PAITIENT, "status",
-                          *workspace.args()], capture_output=True, text=True)
+    out = subprocess.run(
+        [*__import__("tests.e2e.workspace", fromlist=["PAITIENT"]).PAITIENT, "status", *workspace.args()],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert f"workspace at {workspace.url}" in out.stdout
     for name in ("directory", "proxy", "hub"):
@@ -124,8 +148,9 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
     kernel = ws.start_kernel(s, "alice")
     assert ws.run_cell(s, "alice", "x = 41", kernel_id=kernel).error is None
     member = ws.member("alice")
-    before = subprocess.run(["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"],
-                            capture_output=True, text=True).stdout.split()
+    before = subprocess.run(
+        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+    ).stdout.split()
     running = Running.read(HubPaths(ws.state_dir).up_file)
     old_hub = running.pids["hub"]
     old_services = services_of(ws)
@@ -143,8 +168,9 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
         time.sleep(0.3)
     else:
         raise AssertionError("hub was not restarted" + ws.logs())
-    after = subprocess.run(["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"],
-                           capture_output=True, text=True).stdout.split()
+    after = subprocess.run(
+        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+    ).stdout.split()
     assert before and before == after
     # the services of the killed hub ended with it; the new hub runs its own
     deadline = time.monotonic() + 15

@@ -35,8 +35,9 @@ PAITIENT = [sys.executable, "-m", "paitient.cli"]
 
 def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: str = "") -> str:
     """The demo site with test paths: same directory layout and projects, private state and homes."""
-    body = EMBEDDED_SITE.read_text().replace('state_dir = "/var/lib/paitient"',
-                             f'state_dir = "{state_dir}"\nport = {port}')
+    body = EMBEDDED_SITE.read_text().replace(
+        'state_dir = "/var/lib/paitient"', f'state_dir = "{state_dir}"\nport = {port}'
+    )
     return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
 
 
@@ -76,15 +77,19 @@ class Workspace:
         return [f"--site={self.site_file}"]
 
     def start(self, timeout: float = 120.0) -> Workspace:
-        self.proc = subprocess.Popen([*PAITIENT, "up", *self.args()], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*PAITIENT, "up", *self.args()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError("paitient up exited before it was ready:\n" + "".join(self.output)
-                                   + self.logs())
+                raise RuntimeError("paitient up exited before it was ready:\n" + "".join(self.output) + self.logs())
             self.output.append(line)
             if line.startswith(READY_PREFIX):
                 # read the credential lines that follow, then keep draining in the background
@@ -181,8 +186,9 @@ class Workspace:
             raise RuntimeError(f"kernel start refused: {r.status_code} {r.text[:500]}")
         return r.json()["id"]
 
-    def run_cell(self, s: requests.Session, user: str, code: str, kernel_id: str | None = None,
-                 timeout: float = 120.0) -> CellResult:
+    def run_cell(
+        self, s: requests.Session, user: str, code: str, kernel_id: str | None = None, timeout: float = 120.0
+    ) -> CellResult:
         kernel_id = kernel_id or self.start_kernel(s, user)
         return asyncio.run(self._execute(s, user, kernel_id, code, timeout))
 

@@ -68,9 +68,12 @@ def make_authenticator() -> Callable[..., PaitientLDAPAuthenticator]:
     """``make_authenticator(site, url=None, cls=PaitientLDAPAuthenticator, **traits)``: configured exactly
     as the hub configures it from the site (``configure_from_site``), plus extra traits."""
 
-    def make(site: SiteConfig, url: str | None = None,
-             cls: type[PaitientLDAPAuthenticator] = PaitientLDAPAuthenticator,
-             **traits) -> PaitientLDAPAuthenticator:
+    def make(
+        site: SiteConfig,
+        url: str | None = None,
+        cls: type[PaitientLDAPAuthenticator] = PaitientLDAPAuthenticator,
+        **traits,
+    ) -> PaitientLDAPAuthenticator:
         c = Config()
         configure_from_site(c, site, url)
         for name, value in traits.items():

@@ -13,8 +13,13 @@ from paitient.registry import Registry
 
 @pytest.fixture
 def site(world_tmp):
-    site = load(None, overrides={"workspace": {"state_dir": str(world_tmp / "state")},
-                                 "accounts": {"prefix": "pta", "home_root": str(world_tmp / "homes")}})
+    site = load(
+        None,
+        overrides={
+            "workspace": {"state_dir": str(world_tmp / "state")},
+            "accounts": {"prefix": "pta", "home_root": str(world_tmp / "homes")},
+        },
+    )
     yield site
     for m in Registry.for_state_dir(site.state_dir).all():
         subprocess.run(["userdel", "--remove", m.account], capture_output=True)

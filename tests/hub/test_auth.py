@@ -101,9 +101,12 @@ async def test_admin_group_makes_hub_admins(slapd, demo_site, make_authenticator
     # the group is edited as the directory's root, the way the hospital's directory admins would
     subprocess.run(
         ["ldapmodify", "-x", "-H", slapd.url, "-D", slapd.rootdn, "-y", str(slapd.rootpw_file)],
-        input=(f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
-               f"add: member\nmember: uid=bob,{PEOPLE}\n").encode(),
-        check=True, capture_output=True,
+        input=(
+            f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+            f"add: member\nmember: uid=bob,{PEOPLE}\n"
+        ).encode(),
+        check=True,
+        capture_output=True,
     )
     auth = make_authenticator(demo_site(), slapd.url)
     model = await sign_in(auth, "bob", slapd.credentials()["bob"])
@@ -122,12 +125,14 @@ async def test_user_in_no_project_is_told_so(demo):
         await sign_in(auth, "dave", creds["dave"])
     assert e.value.status_code == 403
     assert e.value.log_message == (
-        "You are not a member of any paitient project. "
-        "Ask your data integration centre to add you to a project group."
+        "You are not a member of any paitient project. Ask your data integration centre to add you to a project group."
     )
     [record] = login_records(site)
     assert (record["actor"], record["outcome"], record["details"]["reason"]) == (
-        "dave", "denied", "not a member of any project")
+        "dave",
+        "denied",
+        "not a member of any project",
+    )
 
 
 @pytest.mark.parametrize(

@@ -58,18 +58,34 @@ def user_dn(cn: str) -> str:
 def corp_ldif() -> str:
     entries = [
         ldif_entry(BASE, {"objectClass": ["dcObject", "organization"], "dc": "corp", "o": "Corp Hospital"}),
-        *(ldif_entry(f"ou={ou},{BASE}", {"objectClass": "organizationalUnit", "ou": ou})
-          for ou in ("Users", "Groups", "Service Accounts")),
-        ldif_entry(SERVICE_DN, {"objectClass": ["applicationProcess", "simpleSecurityObject"],
-                                "cn": "paitient-svc", "userPassword": ssha(SERVICE_PASSWORD)}),
+        *(
+            ldif_entry(f"ou={ou},{BASE}", {"objectClass": "organizationalUnit", "ou": ou})
+            for ou in ("Users", "Groups", "Service Accounts")
+        ),
+        ldif_entry(
+            SERVICE_DN,
+            {
+                "objectClass": ["applicationProcess", "simpleSecurityObject"],
+                "cn": "paitient-svc",
+                "userPassword": ssha(SERVICE_PASSWORD),
+            },
+        ),
     ]
     groups: dict[str, list[str]] = {}
     for cn, sam, password, member_of in PEOPLE:
-        entries.append(ldif_entry(user_dn(cn), {
-            "objectClass": ["inetOrgPerson", "paitientTestADAccount"], "cn": cn, "sn": cn.split()[-1],
-            "sAMAccountName": sam, "userPrincipalName": f"{sam}@corp.example",
-            "userPassword": ssha(password),
-        }))
+        entries.append(
+            ldif_entry(
+                user_dn(cn),
+                {
+                    "objectClass": ["inetOrgPerson", "paitientTestADAccount"],
+                    "cn": cn,
+                    "sn": cn.split()[-1],
+                    "sAMAccountName": sam,
+                    "userPrincipalName": f"{sam}@corp.example",
+                    "userPassword": ssha(password),
+                },
+            )
+        )
         for g in member_of:
             groups.setdefault(g, []).append(user_dn(cn))
     for g, members in groups.items():
@@ -96,10 +112,16 @@ def corp_site(tmp_path, url, password_file, **directory):
     raw = {
         "workspace": {"state_dir": str(tmp_path / "state")},
         "directory": {
-            "url": url, "tls": "none", "lookup_dn": True, "search_base": USERS,
-            "user_attribute": "sAMAccountName", "service_dn": SERVICE_DN,
-            "service_password_file": str(password_file), "group_base": GROUPS,
-            "steward_group": "Data Stewards", **directory,
+            "url": url,
+            "tls": "none",
+            "lookup_dn": True,
+            "search_base": USERS,
+            "user_attribute": "sAMAccountName",
+            "service_dn": SERVICE_DN,
+            "service_password_file": str(password_file),
+            "group_base": GROUPS,
+            "steward_group": "Data Stewards",
+            **directory,
         },
         "projects": [
             {"name": "oncology", "group": ONCOLOGY},
@@ -174,7 +196,9 @@ async def test_literal_asterisk_in_the_directory_cannot_match_others(corp_auth, 
     conn = auth.get_connection(SERVICE_DN, SERVICE_PASSWORD)
     conn.search(USERS, "(sAMAccountName=x*)", attributes=["cn"])
     assert {r["dn"] for r in conn.response if r["type"] == "searchResEntry"} == {
-        user_dn("Xavier Xu"), user_dn("Star Entry")}
+        user_dn("Xavier Xu"),
+        user_dn("Star Entry"),
+    }
     # the lookup escapes it: the literal entry only, and "*" alone matches nobody
     assert auth._lookup("x*") == user_dn("Star Entry")
     assert auth._lookup("*") is None
@@ -245,8 +269,12 @@ def hub_user(name: str) -> User:
 def modify_group(server, group_dn: str, change: str, member_dn: str) -> None:
     """Change a group as the directory's root, the way the hospital's directory admins would."""
     ldif = f"dn: {group_dn}\nchangetype: modify\n{change}: member\nmember: {member_dn}\n"
-    subprocess.run(["ldapmodify", "-x", "-H", server.url, "-D", server.rootdn, "-y", str(server.rootpw_file)],
-                   input=ldif.encode(), check=True, capture_output=True)
+    subprocess.run(
+        ["ldapmodify", "-x", "-H", server.url, "-D", server.rootdn, "-y", str(server.rootpw_file)],
+        input=ldif.encode(),
+        check=True,
+        capture_output=True,
+    )
 
 
 async def test_refresh_follows_the_directory_and_signs_out_a_removed_researcher(corp_auth, corp):
@@ -264,8 +292,7 @@ async def test_refresh_follows_the_directory_and_signs_out_a_removed_researcher(
 
 
 async def test_refresh_with_bind_template_and_service_account(corp, tmp_path, password_file, make_authenticator):
-    site = corp_site(tmp_path, corp.url, password_file, lookup_dn=False,
-                     bind_dn_template=[f"cn={{username}},{USERS}"])
+    site = corp_site(tmp_path, corp.url, password_file, lookup_dn=False, bind_dn_template=[f"cn={{username}},{USERS}"])
     auth = make_authenticator(site)
     assert auth.lookup_dn_search_user == SERVICE_DN
     assert (await sign_in(auth, "mmeier", "mia-pw-1"))["groups"] == ["oncology"]
@@ -287,6 +314,7 @@ async def test_embedded_demo_directory_brings_its_service_account(slapd, demo_si
     auth = make_authenticator(demo_site(), slapd.url)
     assert auth.lookup_dn_search_user == slapd.service_dn
     assert (await auth.refresh_user(hub_user("carol")))["groups"] == ["cardiometabolic", "oncology"]
-    modify_group(slapd, "cn=oncology,ou=groups,dc=hospital,dc=example", "delete",
-                 "uid=alice,ou=people,dc=hospital,dc=example")
+    modify_group(
+        slapd, "cn=oncology,ou=groups,dc=hospital,dc=example", "delete", "uid=alice,ou=people,dc=hospital,dc=example"
+    )
     assert await auth.refresh_user(hub_user("alice")) is False

@@ -148,10 +148,18 @@ def test_port_in_use_gives_a_clear_error(tmp_path):
 def test_add_entries_to_a_running_directory(make_slapd):
     suffix = "dc=x,dc=example"
     server = make_slapd(suffix, ldif_entry(suffix, {"objectClass": ["dcObject", "organization"], "dc": "x", "o": "X"}))
-    server.add(ldif_entry(f"uid=zoe,{suffix}", {
-        "objectClass": ["inetOrgPerson"], "uid": "zoe", "cn": "Zoë Zander", "sn": "Zander",
-        "userPassword": ssha("pässword with spaces "),
-    }))
+    server.add(
+        ldif_entry(
+            f"uid=zoe,{suffix}",
+            {
+                "objectClass": ["inetOrgPerson"],
+                "uid": "zoe",
+                "cn": "Zoë Zander",
+                "sn": "Zander",
+                "userPassword": ssha("pässword with spaces "),
+            },
+        )
+    )
     conn = bind(server.url, f"uid=zoe,{suffix}", "pässword with spaces ")
     conn.search(f"uid=zoe,{suffix}", "(objectClass=*)", ldap3.BASE, attributes=["cn"])
     assert conn.response[0]["attributes"]["cn"] == ["Zoë Zander"]

@@ -57,15 +57,25 @@ def hub(slapd, tmp_path):
     hub_dir.mkdir()
     port = free_port()
     settings = {
-        "state_dir": str(slapd.root.parent), "directory_url": slapd.url, "port": port,
-        "hub_port": free_port(), "proxy_api_port": free_port(), "proxy": default_proxy_command(),
-        "dir": str(hub_dir), "token": secrets.token_hex(16),
+        "state_dir": str(slapd.root.parent),
+        "directory_url": slapd.url,
+        "port": port,
+        "hub_port": free_port(),
+        "proxy_api_port": free_port(),
+        "proxy": default_proxy_command(),
+        "dir": str(hub_dir),
+        "token": secrets.token_hex(16),
     }
     config = hub_dir / "jupyterhub_config.py"
     config.write_text(HUB_CONFIG.format(settings=json.dumps(settings)))
     log = open(hub_dir / "hub.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=hub_dir,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+        cwd=hub_dir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -111,8 +121,12 @@ def post_login(url: str, username: str, password: str) -> requests.Response:
     session = requests.Session()
     page = session.get(f"{url}/hub/login", timeout=10)
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
-    return session.post(f"{url}/hub/login", data={"_xsrf": xsrf, "username": username, "password": password},
-                        allow_redirects=False, timeout=30)
+    return session.post(
+        f"{url}/hub/login",
+        data={"_xsrf": xsrf, "username": username, "password": password},
+        allow_redirects=False,
+        timeout=30,
+    )
 
 
 def login_error(response: requests.Response) -> str:
@@ -133,12 +147,16 @@ def test_login_page_messages_outage_and_hub_groups_and_roles(hub, slapd):
     r = post_login(url, "dave", creds["dave"])
     assert r.status_code == 403
     assert login_error(r) == (
-        "You are not a member of any paitient project. "
-        "Ask your data integration centre to add you to a project group."
+        "You are not a member of any paitient project. Ask your data integration centre to add you to a project group."
     )
 
-    for name, password in (("alice", "wrong"), ("alice", ""), ("zelda", "x"), (")(uid=*", creds["alice"]),
-                           ("*", creds["alice"])):
+    for name, password in (
+        ("alice", "wrong"),
+        ("alice", ""),
+        ("zelda", "x"),
+        (")(uid=*", creds["alice"]),
+        ("*", creds["alice"]),
+    ):
         r = post_login(url, name, password)
         assert r.status_code == 403, name
         assert login_error(r) == "Invalid username or password", name
@@ -161,7 +179,8 @@ def test_login_page_messages_outage_and_hub_groups_and_roles(hub, slapd):
     sam = api_user(url, token, "sam")
     assert sam["groups"] == [] and sorted(sam["roles"]) == ["steward", "user"]
 
-    outcomes = [(r["actor"], r["outcome"]) for r in newest_first(slapd.root.parent / "audit")
-                if r["action"] == "auth.login"]
+    outcomes = [
+        (r["actor"], r["outcome"]) for r in newest_first(slapd.root.parent / "audit") if r["action"] == "auth.login"
+    ]
     assert outcomes[:3] == [("sam", "ok"), ("carol", "ok"), ("alice", "error")]
     assert ("dave", "denied") in outcomes

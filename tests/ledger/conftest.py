@@ -90,9 +90,10 @@ def start_service_process(site, *, log_path: Path) -> subprocess.Popen:
     sock = site.run_dir / "ledger.sock"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [PY, "-m", "paitient.cli", "service", "ledger", f"--site={site.source}",
-             f"--state-dir={site.state_dir}"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JUPYTERHUB_SERVICE_URL": ""},
+            [PY, "-m", "paitient.cli", "service", "ledger", f"--site={site.source}", f"--state-dir={site.state_dir}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "JUPYTERHUB_SERVICE_URL": ""},
         )
     deadline = time.monotonic() + 30
     while not sock.exists():

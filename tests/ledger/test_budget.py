@@ -9,11 +9,13 @@ from paitient.rules.budget import BudgetExceeded, Entry, Usage, check_reserve, c
 
 
 def test_states_count_as_documented():
-    u = usage([
-        Entry("reserved", 1.0, 1e-6),
-        Entry("settled", 2.0, 1e-6, epsilon_spent=0.5, delta_spent=1e-6),
-        Entry("lost", 3.0, 2e-6),
-    ])
+    u = usage(
+        [
+            Entry("reserved", 1.0, 1e-6),
+            Entry("settled", 2.0, 1e-6, epsilon_spent=0.5, delta_spent=1e-6),
+            Entry("lost", 3.0, 2e-6),
+        ]
+    )
     assert u == Usage(spent_epsilon=3.5, spent_delta=3e-6, reserved_epsilon=1.0, reserved_delta=1e-6)
     assert u.epsilon == 4.5
     assert left(Budget(10.0, 1e-5), u) == pytest.approx((5.5, 6e-6))
@@ -46,8 +48,10 @@ def test_settle_cannot_exceed_reservation():
         check_settle(1.0, 1e-6, float("nan"), 1e-6)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["reserved", "settled", "lost"]),
-                          st.floats(0.01, 5), st.floats(0, 1))), st.floats(0.01, 5))
+@given(
+    st.lists(st.tuples(st.sampled_from(["reserved", "settled", "lost"]), st.floats(0.01, 5), st.floats(0, 1))),
+    st.floats(0.01, 5),
+)
 def test_accepting_a_reservation_never_takes_usage_over_total(entries, asked):
     total = Budget(10.0, 1e-5)
     es = [Entry(s, eps, 1e-7, eps * frac, 1e-7) for s, eps, frac in entries]

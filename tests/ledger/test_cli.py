@@ -8,8 +8,20 @@ from paitient.services.ledger.store import Ledger
 
 
 def cli(site, *args):
-    return subprocess.run([sys.executable, "-m", "paitient.cli", "ledger", *args, f"--site={site.source}",
-                           f"--state-dir={site.state_dir}"], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "ledger",
+            *args,
+            f"--site={site.source}",
+            f"--state-dir={site.state_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_show_and_set_budget(site, ledger):
@@ -22,8 +34,15 @@ def test_show_and_set_budget(site, ledger):
     assert bc.split()[:5] == ["breast_cancer", "10", "2", "0", "8"]
     assert any("alice" in line and "settled" in line and "cdcdcdcdcdcdcdcd" in line for line in lines)
 
-    out = cli(site, "set-budget", "--project=oncology", "--dataset=breast_cancer", "--epsilon=2.5",
-              "--delta=1e-5", "--steward=sam")
+    out = cli(
+        site,
+        "set-budget",
+        "--project=oncology",
+        "--dataset=breast_cancer",
+        "--epsilon=2.5",
+        "--delta=1e-5",
+        "--steward=sam",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].split()[:5] == ["breast_cancer", "2.5", "2", "0", "0.5"]
     assert Ledger(site).total_for("oncology", "breast_cancer").epsilon == 2.5

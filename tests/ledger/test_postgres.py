@@ -23,11 +23,29 @@ def pg_url(world_tmp):
     sock.mkdir()
     shutil.chown(data, 65534, 65534)
     shutil.chown(sock, 65534, 65534)
-    subprocess.run([*NOBODY, str(PG_BIN / "initdb"), "-D", str(data), "-U", "ledger", "--auth=trust",
-                    "--no-instructions"], check=True, capture_output=True, cwd=world_tmp)
-    server = subprocess.Popen([*NOBODY, str(PG_BIN / "postgres"), "-D", str(data), "-k", str(sock),
-                               "-c", "listen_addresses=", "-c", "max_connections=50"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=world_tmp)
+    subprocess.run(
+        [*NOBODY, str(PG_BIN / "initdb"), "-D", str(data), "-U", "ledger", "--auth=trust", "--no-instructions"],
+        check=True,
+        capture_output=True,
+        cwd=world_tmp,
+    )
+    server = subprocess.Popen(
+        [
+            *NOBODY,
+            str(PG_BIN / "postgres"),
+            "-D",
+            str(data),
+            "-k",
+            str(sock),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "max_connections=50",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=world_tmp,
+    )
     deadline = time.monotonic() + 30
     while not (sock / ".s.PGSQL.5432").exists():
         if server.poll() is not None or time.monotonic() > deadline:

@@ -20,8 +20,9 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def as_nobody(code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*NOBODY, sys.executable, "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*NOBODY, sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_kernel_acts_only_for_its_users_projects(service, site, state_dir):
@@ -46,8 +47,8 @@ def test_kernel_acts_only_for_its_users_projects(service, site, state_dir):
     """)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    assert res["reserved"] == "alice"          # the user comes from the uid, not from the request
-    assert res["pid"] is None                  # process details are not handed out
+    assert res["reserved"] == "alice"  # the user comes from the uid, not from the request
+    assert res["pid"] is None  # process details are not handed out
     assert res["foreign"][0] == "forbidden" and "not a member of project 'cardio'" in res["foreign"][1]
     assert res["budget"] == ["oncology"]
     assert res["records_foreign"] == "forbidden"
@@ -72,7 +73,7 @@ def test_claims_in_the_request_are_refused(service, site, state_dir):
     out = as_nobody(f"""
         from paitient.channel import call, ChannelError
         try:
-            call({str(site.run_dir / 'ledger.sock')!r}, "reserve", {{"project": "oncology", "dataset": "gbsg2",
+            call({str(site.run_dir / "ledger.sock")!r}, "reserve", {{"project": "oncology", "dataset": "gbsg2",
                  "epsilon": 1.0, "delta": 1e-7, "user": "bob"}})
         except ChannelError as e:
             print(e.code, e)
@@ -119,8 +120,15 @@ def test_concurrent_reservations_never_exceed_the_budget(service, site, state_di
         print(got, refused, flush=True)
         sys.stdin.read()   # stay alive (a live kernel) until the test has looked
     """
-    procs = [subprocess.Popen([*NOBODY, sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            [*NOBODY, sys.executable, "-c", textwrap.dedent(code)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
     try:
         counts = [tuple(map(int, p.stdout.readline().split())) for p in procs]
         assert sum(g for g, _ in counts) == 28
@@ -150,8 +158,9 @@ def test_kill_9_of_the_service_loses_nothing_acknowledged(site, state_dir, world
     """
     for delay in (0.7, 1.3, 2.1):
         service = start_service_process(site, log_path=log)
-        client = subprocess.Popen([*NOBODY, sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
-                                  text=True)
+        client = subprocess.Popen(
+            [*NOBODY, sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
+        )
         time.sleep(delay)
         os.kill(service.pid, signal.SIGKILL)
         service.wait(timeout=30)
@@ -195,8 +204,15 @@ def test_hub_service_entry_and_scopes(site):
 
     entry = hub_service(site, "/opt/paitient/venv/bin/python", port=18123)
     assert entry["name"] == "ledger" and entry["url"] == "http://127.0.0.1:18123"
-    assert entry["command"] == ["/opt/paitient/venv/bin/python", "-m", "paitient.cli", "service", "ledger",
-                                f"--state-dir={site.state_dir}", f"--site={site.source}"]
+    assert entry["command"] == [
+        "/opt/paitient/venv/bin/python",
+        "-m",
+        "paitient.cli",
+        "service",
+        "ledger",
+        f"--state-dir={site.state_dir}",
+        f"--site={site.source}",
+    ]
     assert set(custom_scopes()) == {"custom:ledger:read"}
     assert "access:services!service=ledger" in role_scopes()
 
@@ -213,9 +229,11 @@ def test_reservations_and_refusals_reach_the_audit_trail(service, site, state_di
     c.settle(rid, 3.5, record={"weights_sha256": "12" * 32})
     records = select(trail_dir(site), Filter.parse(action="ledger"))
     got = [(r["actor"], r["action"], r["object"], r["outcome"]) for r in reversed(records)]
-    assert got == [("root-tester", "ledger.reserve", "cardio/diabetes", "ok"),
-                   ("root-tester", "ledger.reserve", "cardio/diabetes", "denied"),
-                   ("root-tester", "ledger.settle", "cardio/diabetes", "ok")]
+    assert got == [
+        ("root-tester", "ledger.reserve", "cardio/diabetes", "ok"),
+        ("root-tester", "ledger.reserve", "cardio/diabetes", "denied"),
+        ("root-tester", "ledger.settle", "cardio/diabetes", "ok"),
+    ]
     assert records[0]["details"]["weights_sha256"] == "12" * 32 and records[0]["details"]["project"] == "cardio"
 
 
@@ -225,12 +243,30 @@ def test_service_process_serves_socket_and_page_and_stops_cleanly(site, world_tm
     from paitient.services.kit.process import free_port
 
     port = free_port()
-    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
-           "JUPYTERHUB_SERVICE_PREFIX": "/services/ledger/", "JUPYTERHUB_API_TOKEN": "test-token",
-           "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api", "JUPYTERHUB_CLIENT_ID": "service-ledger",
-           "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/ledger/oauth_callback", "JUPYTERHUB_BASE_URL": "/"}
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "ledger", f"--site={site.source}",
-                             f"--state-dir={site.state_dir}"], env=env, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{port}",
+        "JUPYTERHUB_SERVICE_PREFIX": "/services/ledger/",
+        "JUPYTERHUB_API_TOKEN": "test-token",
+        "JUPYTERHUB_API_URL": "http://127.0.0.1:1/hub/api",
+        "JUPYTERHUB_CLIENT_ID": "service-ledger",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": "/services/ledger/oauth_callback",
+        "JUPYTERHUB_BASE_URL": "/",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "service",
+            "ledger",
+            f"--site={site.source}",
+            f"--state-dir={site.state_dir}",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

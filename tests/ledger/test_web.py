@@ -29,9 +29,14 @@ class HeaderHubAuth(HubOAuth):
 
 @pytest.fixture
 async def page(site, ledger):
-    auth = HeaderHubAuth(api_token="test-token", api_url="http://127.0.0.1:1/hub/api",
-                         oauth_client_id="service-ledger", login_url="/hub/api/oauth2/authorize",
-                         base_url=PREFIX, hub_prefix="/hub/")
+    auth = HeaderHubAuth(
+        api_token="test-token",
+        api_url="http://127.0.0.1:1/hub/api",
+        oauth_client_id="service-ledger",
+        login_url="/hub/api/oauth2/authorize",
+        base_url=PREFIX,
+        hub_prefix="/hub/",
+    )
     sock, port = bind_unused_port("127.0.0.1")
     server = HTTPServer(make_app(site, ledger, PREFIX, hub_auth=auth))
     server.add_sockets([sock])
@@ -39,8 +44,9 @@ async def page(site, ledger):
 
     async def get(path="", user="sam", scopes="custom:ledger:read"):
         headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers,
-                                  follow_redirects=False, raise_error=False)
+        return await client.fetch(
+            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
+        )
 
     yield get
     client.close()

@@ -20,10 +20,13 @@ from paitient.server.provisioner import MAX_UNIX_PATH, ipc_prefix
 
 
 def policy(**kw) -> SandboxPolicy:
-    base = dict(home="/home/pt-alice", runtime_dir="/home/pt-alice/.local/share/jupyter/runtime",
-                run_dir="/var/lib/paitient/run",
-                data=(Mount("/var/lib/paitient/data/onc/bc/versions/3", "/data/onc/bc"),),
-                env=kernel_env("/home/pt-alice", "/var/lib/paitient/run", "/rt"))
+    base = dict(
+        home="/home/pt-alice",
+        runtime_dir="/home/pt-alice/.local/share/jupyter/runtime",
+        run_dir="/var/lib/paitient/run",
+        data=(Mount("/var/lib/paitient/data/onc/bc/versions/3", "/data/onc/bc"),),
+        env=kernel_env("/home/pt-alice", "/var/lib/paitient/run", "/rt"),
+    )
     base.update(kw)
     return SandboxPolicy(**base)
 
@@ -35,8 +38,14 @@ def pairs(argv, flag):
 
 def test_every_namespace_no_capabilities_new_session_dies_with_parent():
     argv = build_bwrap_argv(policy())
-    for flag in ("--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-                 "--clearenv"):
+    for flag in (
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ):
         assert flag in argv
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
     assert "--share-net" not in argv
@@ -46,8 +55,16 @@ def test_environment_is_exactly_the_policy_env():
     argv = build_bwrap_argv(policy())
     env = dict(pairs(argv, "--setenv"))
     assert env == kernel_env("/home/pt-alice", "/var/lib/paitient/run", "/rt")
-    assert set(env) == {"PATH", "HOME", "LANG", "PAITIENT_RUN_DIR", "PAITIENT_DATA_DIR", "JUPYTER_RUNTIME_DIR",
-                        "PYTHONNOUSERSITE", "MPLBACKEND"}
+    assert set(env) == {
+        "PATH",
+        "HOME",
+        "LANG",
+        "PAITIENT_RUN_DIR",
+        "PAITIENT_DATA_DIR",
+        "JUPYTER_RUNTIME_DIR",
+        "PYTHONNOUSERSITE",
+        "MPLBACKEND",
+    }
     assert env["PAITIENT_DATA_DIR"] == "/data"
 
 
@@ -89,8 +106,10 @@ def test_seccomp_descriptor_is_passed():
     assert "--seccomp" not in build_bwrap_argv(policy())
 
 
-@pytest.mark.parametrize("field,value", [("home", "relative/home"), ("home", "/"), ("run_dir", "/etc"),
-                                         ("runtime_dir", "/tmp"), ("home", "")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("home", "relative/home"), ("home", "/"), ("run_dir", "/etc"), ("runtime_dir", "/tmp"), ("home", "")],
+)
 def test_bad_paths_are_refused(field, value):
     with pytest.raises(PolicyError, match=field):
         build_bwrap_argv(policy(**{field: value}))
@@ -140,8 +159,10 @@ def test_prlimit_sets_soft_and_hard_equal():
 
 
 def test_ipc_prefix_is_short_and_next_to_the_connection_file():
-    p = ipc_prefix("/home/a/.local/share/jupyter/runtime/kernel-0123abcd-0000-4000-8000-000000000000.json",
-                   "0123abcd-0000-4000-8000-000000000000")
+    p = ipc_prefix(
+        "/home/a/.local/share/jupyter/runtime/kernel-0123abcd-0000-4000-8000-000000000000.json",
+        "0123abcd-0000-4000-8000-000000000000",
+    )
     assert p == "/home/a/.local/share/jupyter/runtime/k0123abcd/k"
 
 
@@ -153,16 +174,27 @@ def test_ipc_prefix_too_long_for_a_unix_socket_says_what_to_do():
 
 def test_runtime_dir_is_hidden_except_this_kernels_files():
     rt = "/home/pt-alice/.local/share/jupyter/runtime"
-    argv = build_bwrap_argv(policy(runtime_dir=rt, kernel_dir=f"{rt}/k0123abcd",
-                                   connection_file=f"{rt}/kernel-0123abcd.json"))
-    i = next(j for j in range(len(argv)) if argv[j:j + 2] == ["--tmpfs", rt])
+    argv = build_bwrap_argv(
+        policy(runtime_dir=rt, kernel_dir=f"{rt}/k0123abcd", connection_file=f"{rt}/kernel-0123abcd.json")
+    )
+    i = next(j for j in range(len(argv)) if argv[j : j + 2] == ["--tmpfs", rt])
     assert argv.index("/home/pt-alice", argv.index("--bind")) < i  # after the home is bound
-    assert argv[i:i + 8] == ["--tmpfs", rt, "--bind", f"{rt}/k0123abcd", f"{rt}/k0123abcd",
-                             "--ro-bind", f"{rt}/kernel-0123abcd.json", f"{rt}/kernel-0123abcd.json"]
+    assert argv[i : i + 8] == [
+        "--tmpfs",
+        rt,
+        "--bind",
+        f"{rt}/k0123abcd",
+        f"{rt}/k0123abcd",
+        "--ro-bind",
+        f"{rt}/kernel-0123abcd.json",
+        f"{rt}/kernel-0123abcd.json",
+    ]
 
 
-@pytest.mark.parametrize("kernel_dir,cf", [("/home/pt-alice/elsewhere", "/rt/kernel-1.json"),
-                                           ("/rt/k1", "/etc/passwd"), ("/rt/a/b", "/rt/kernel-1.json")])
+@pytest.mark.parametrize(
+    "kernel_dir,cf",
+    [("/home/pt-alice/elsewhere", "/rt/kernel-1.json"), ("/rt/k1", "/etc/passwd"), ("/rt/a/b", "/rt/kernel-1.json")],
+)
 def test_kernel_files_outside_the_runtime_dir_are_refused(kernel_dir, cf):
     with pytest.raises(PolicyError, match="directly in the runtime dir"):
         build_bwrap_argv(policy(runtime_dir="/rt", kernel_dir=kernel_dir, connection_file=cf))

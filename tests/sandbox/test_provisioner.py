@@ -12,8 +12,12 @@ from paitient.server.provisioner import SandboxProvisioner
 
 
 def provisioner(**config) -> SandboxProvisioner:
-    spec = KernelSpec(argv=["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], display_name="x",
-                      language="python", interrupt_mode="signal")
+    spec = KernelSpec(
+        argv=["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        display_name="x",
+        language="python",
+        interrupt_mode="signal",
+    )
     return SandboxProvisioner(kernel_id=str(uuid.uuid4()), kernel_spec=spec, **config)
 
 

@@ -11,7 +11,7 @@ from paitient.rules.seccomp import ARCHES, BLOCKED, RET_ALLOW, RET_ERRNO, RET_KI
 
 
 def decode(prog: bytes):
-    return [struct.unpack("HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    return [struct.unpack("HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
 
 
 def test_program_checks_arch_then_refuses_each_listed_call():

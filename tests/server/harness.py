@@ -39,9 +39,7 @@ def make_site(root: Path, projects: dict[str, list[str]], **sections: dict[str, 
         os.chmod(d, 0o755)
     raw: dict[str, Any] = {
         "workspace": {"state_dir": str(state)},
-        "projects": [
-            {"name": p, "group": f"cn={p}", "datasets": ds} for p, ds in projects.items()
-        ],
+        "projects": [{"name": p, "group": f"cn={p}", "datasets": ds} for p, ds in projects.items()],
         **sections,
     }
     return parse(raw)
@@ -63,13 +61,18 @@ def publish(site: SiteConfig, project: str, dataset: str, text: str, version: in
     return vdir
 
 
-
-
 class UserServer:
     """One user's server, started as the user's account from the config the spawner would write."""
 
-    def __init__(self, site: SiteConfig, user: pwd.struct_passwd, projects: tuple[str, ...], base: Path,
-                 extra_env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        site: SiteConfig,
+        user: pwd.struct_passwd,
+        projects: tuple[str, ...],
+        base: Path,
+        extra_env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.site = site
         self.user = user
         self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
@@ -100,15 +103,27 @@ class UserServer:
             os.chmod(d, 0o755)
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
-            "setpriv", f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--init-groups", "--",
-            PYTHON, "-I", "-m", "jupyter_server",
-            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            "--ServerApp.open_browser=False", f"--IdentityProvider.token={self.token}", *self.extra_args,
+            "setpriv",
+            f"--reuid={self.user.pw_uid}",
+            f"--regid={self.user.pw_gid}",
+            "--init-groups",
+            "--",
+            PYTHON,
+            "-I",
+            "-m",
+            "jupyter_server",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False",
+            f"--IdentityProvider.token={self.token}",
+            *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.user.pw_dir, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.user.pw_dir, start_new_session=True
+            )
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -148,8 +163,7 @@ class UserServer:
 
     def request(self, method: str, path: str, **kw: Any) -> requests.Response:
         headers = {"Authorization": f"token {self.token}", **kw.pop("headers", {})}
-        return requests.request(method, self.url + path, headers=headers, timeout=60,
-                                allow_redirects=False, **kw)
+        return requests.request(method, self.url + path, headers=headers, timeout=60, allow_redirects=False, **kw)
 
     def get(self, path: str, **kw: Any) -> requests.Response:
         return self.request("GET", path, **kw)
@@ -167,18 +181,27 @@ class UserServer:
         out = subprocess.run(["pgrep", "-u", str(self.user.pw_uid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split() if self.proc and int(p) != self.proc.pid]
 
-    def run(self, code: str, kernel_id: str | None = None, timeout: float = 90.0, *, v1: bool = False,
-            channel: str = "shell") -> CellResult:
+    def run(
+        self,
+        code: str,
+        kernel_id: str | None = None,
+        timeout: float = 90.0,
+        *,
+        v1: bool = False,
+        channel: str = "shell",
+    ) -> CellResult:
         """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
         protocol JupyterLab speaks; ``channel`` is where the execute_request goes."""
         kernel_id = kernel_id or self.start_kernel()
         return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel))
 
-    async def _execute(self, kernel_id: str, code: str, timeout: float, v1: bool = False,
-                       channel: str = "shell") -> CellResult:
+    async def _execute(
+        self, kernel_id: str, code: str, timeout: float, v1: bool = False, channel: str = "shell"
+    ) -> CellResult:
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
         try:
-            return await execute(url, {"Authorization": f"token {self.token}"}, self.user.pw_name, code, timeout,
-                                 v1=v1, channel=channel)
+            return await execute(
+                url, {"Authorization": f"token {self.token}"}, self.user.pw_name, code, timeout, v1=v1, channel=channel
+            )
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{self.logs()}") from None

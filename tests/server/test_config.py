@@ -21,13 +21,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def site(tmp_path):
-    return parse({
-        "workspace": {"state_dir": str(tmp_path / "state")},
-        "sandbox": {"memory_mb": 2048, "cpu_seconds": 600},
-        "server": {"output_cap_message_bytes": 1234, "output_cap_execution_bytes": 5678},
-        "projects": [{"name": "onc", "group": "g1", "datasets": ["bc", "gbsg"]},
-                     {"name": "card", "group": "g2", "datasets": ["dia"]}],
-    })
+    return parse(
+        {
+            "workspace": {"state_dir": str(tmp_path / "state")},
+            "sandbox": {"memory_mb": 2048, "cpu_seconds": 600},
+            "server": {"output_cap_message_bytes": 1234, "output_cap_execution_bytes": 5678},
+            "projects": [
+                {"name": "onc", "group": "g1", "datasets": ["bc", "gbsg"]},
+                {"name": "card", "group": "g2", "datasets": ["dia"]},
+            ],
+        }
+    )
 
 
 def member(projects=("onc",)):
@@ -40,8 +44,9 @@ def test_member_datasets_only_known_projects(tmp_path):
 
 def test_server_config_carries_the_policy(tmp_path):
     s = site(tmp_path)
-    cfg = server_config(s, member(), "/home/pt-alice", "/state/users/pt-alice/jupyter/data",
-                        "/state/users/pt-alice/jupyter/state")
+    cfg = server_config(
+        s, member(), "/home/pt-alice", "/state/users/pt-alice/jupyter/data", "/state/users/pt-alice/jupyter/state"
+    )
     app = cfg["ServerApp"]
     assert app["terminals_enabled"] is False and app["reraise_server_extension_failures"] is True
     assert app["jpserver_extensions"]["paitient.server"] is True
@@ -67,8 +72,12 @@ def test_written_files_are_root_owned_and_not_writable_by_others(tmp_path):
     cdir, ddir = tmp_path / "cfg", tmp_path / "data"
     (ddir / "kernels" / "planted").mkdir(parents=True)
     write_user_server_config(site(tmp_path), member(), cdir, ddir)
-    files = [cdir / "jupyter_server_config.json", cdir / "labconfig" / "page_config.json", cdir / "migrated",
-             ddir / "kernels" / KERNEL_NAME / "kernel.json"]
+    files = [
+        cdir / "jupyter_server_config.json",
+        cdir / "labconfig" / "page_config.json",
+        cdir / "migrated",
+        ddir / "kernels" / KERNEL_NAME / "kernel.json",
+    ]
     for f in files:
         st = f.stat()
         assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644, f

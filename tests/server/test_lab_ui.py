@@ -40,8 +40,12 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
                 except Exception:  # noqa: BLE001, S112 - retried, and reported below when it never came
                     continue
             if table is None:
-                raise AssertionError("no table; output: " + page.locator(".jp-OutputArea").first.inner_text()
-                                     + "\n" + server.logs()[-2000:])
+                raise AssertionError(
+                    "no table; output: "
+                    + page.locator(".jp-OutputArea").first.inner_text()
+                    + "\n"
+                    + server.logs()[-2000:]
+                )
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
         finally:

@@ -64,8 +64,12 @@ def test_cut_stream_keeps_its_head_and_says_why():
 
 def test_cut_rich_output_becomes_a_plain_notice():
     c = cap()
-    kind, content = replacement(Verdict.CUT, "execute_result",
-                                {"data": {"text/html": "x" * 5000}, "metadata": {"a": 1}, "execution_count": 3}, c)
+    kind, content = replacement(
+        Verdict.CUT,
+        "execute_result",
+        {"data": {"text/html": "x" * 5000}, "metadata": {"a": 1}, "execution_count": 3},
+        c,
+    )
     assert kind == "execute_result" and set(content["data"]) == {"text/plain"}
     assert content["execution_count"] == 3 and content["metadata"] == {}
 
@@ -78,15 +82,17 @@ def test_execution_notice_is_a_stderr_stream():
 def test_stripped_messages_keep_only_protocol_fields():
     c = cap()
     assert replacement(Verdict.STRIP, "status", {"execution_state": "idle", "loot": "x" * 100}, c) == (
-        "status", {"execution_state": "idle"})
-    kind, content = replacement(Verdict.STRIP, "execute_reply",
-                                {"status": "ok", "execution_count": 2, "payload": [{"text": "x" * 100}]}, c)
+        "status",
+        {"execution_state": "idle"},
+    )
+    kind, content = replacement(
+        Verdict.STRIP, "execute_reply", {"status": "ok", "execution_count": 2, "payload": [{"text": "x" * 100}]}, c
+    )
     assert content == {"status": "ok", "execution_count": 2}
     _, forged = replacement(Verdict.STRIP, "status", {"execution_state": "x" * 100}, c)
     assert forged == {"execution_state": "idle"}
 
 
 def test_cut_reply_becomes_an_error_reply():
-    _, content = replacement(Verdict.CUT, "inspect_reply", {"status": "ok", "data": {"text/plain": "x" * 9000}},
-                             cap())
+    _, content = replacement(Verdict.CUT, "inspect_reply", {"status": "ok", "data": {"text/plain": "x" * 9000}}, cap())
     assert content["status"] == "error" and "data" not in content

@@ -26,8 +26,11 @@ def site(world_tmp):
 def audit_service(site):
     """`paitient service audit` as a real root process on the site's state dir; stopped by its pid."""
     sock = site.run_dir / "audit.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", "audit",
-                             f"--state-dir={site.state_dir}"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 20
     while not sock.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -55,8 +58,7 @@ def wait_for(fn, timeout=10.0):
     return fn()
 
 
-def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_tmp, make_system_user,
-                                                                    audit_service):
+def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_tmp, make_system_user, audit_service):
     user = make_system_user("audited")
     server = UserServer(site, user, ("onc",), world_tmp)
     Registry.for_state_dir(site.state_dir).put(server.member)
@@ -115,9 +117,12 @@ def test_restarted_kernel_is_sandboxed_again(site, world_tmp, make_system_user):
         kid = server.start_kernel()
         assert server.run("x = 1", kid).error is None
         assert server.request("POST", f"/api/kernels/{kid}/restart").status_code == 200
-        res = server.run("import os, socket\nprint('x' in globals(), os.listdir('/data'))\n"
-                         "try: socket.create_connection(('192.0.2.1', 443), timeout=3)\n"
-                         "except OSError as e: print(e.errno)", kid)
+        res = server.run(
+            "import os, socket\nprint('x' in globals(), os.listdir('/data'))\n"
+            "try: socket.create_connection(('192.0.2.1', 443), timeout=3)\n"
+            "except OSError as e: print(e.errno)",
+            kid,
+        )
         assert res.stdout.split("\n")[:2] == ["False ['onc']", "101"], res
 
 
@@ -146,8 +151,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(site, world_tmp, make_system_user,
-                                                                       audit_service):
+def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(
+    site, world_tmp, make_system_user, audit_service
+):
     # JupyterLab speaks the binary v1 websocket protocol; ipykernel also executes code sent on control.
     user = make_system_user("v1")
     server = UserServer(site, user, ("onc",), world_tmp)
@@ -161,8 +167,13 @@ def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(site, wo
         ctl_legacy = "import pathlib; pathlib.Path.home().joinpath('ctl-legacy').write_text('ran')"
         server.run(ctl_v1, kid, v1=True, channel="control")
         server.run(ctl_legacy, kid, channel="control")
-        codes = wait_for(lambda: [r["details"]["code"] for r in records(site, "cell.execute")]
-                         if len(records(site, "cell.execute")) >= 3 else None)
+        codes = wait_for(
+            lambda: (
+                [r["details"]["code"] for r in records(site, "cell.execute")]
+                if len(records(site, "cell.execute")) >= 3
+                else None
+            )
+        )
     home = Path(user.pw_dir)
     assert (home / "ctl-v1").read_text() == "ran" and (home / "ctl-legacy").read_text() == "ran"
     assert codes == ["print('v' * 3_000_000)", ctl_v1, ctl_legacy]
@@ -171,22 +182,39 @@ def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(site, wo
 def test_a_researchers_notebook_round_trip_works(site, world_tmp, make_system_user):
     # Saving and opening a notebook signs and checks it (the notary writes its key); settings are saved.
     user = make_system_user("notebook")
-    nb = {"cells": [{"cell_type": "code", "source": "1 + 1", "metadata": {}, "execution_count": 1,
-                     "outputs": [{"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {},
-                                  "execution_count": 1}]}],
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (sandbox)"}},
-          "nbformat": 4, "nbformat_minor": 5}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "source": "1 + 1",
+                "metadata": {},
+                "execution_count": 1,
+                "outputs": [
+                    {"output_type": "execute_result", "data": {"text/plain": "2"}, "metadata": {}, "execution_count": 1}
+                ],
+            }
+        ],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (sandbox)"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
     with UserServer(site, user, ("onc",), world_tmp) as server:
         assert server.request("PUT", "/api/contents/work.ipynb", json={"type": "notebook", "content": nb}).ok
         r = server.get("/api/contents/work.ipynb?content=1")
         assert r.status_code == 200, r.text[:500]
         assert r.json()["content"]["cells"][0]["outputs"][0]["data"] == {"text/plain": "2"}
-        r = server.request("POST", "/api/sessions", json={"path": "work.ipynb", "type": "notebook", "name": "w",
-                                                          "kernel": {"name": "python3"}})
+        r = server.request(
+            "POST",
+            "/api/sessions",
+            json={"path": "work.ipynb", "type": "notebook", "name": "w", "kernel": {"name": "python3"}},
+        )
         assert r.status_code == 201, r.text[:300]
         assert server.run("print(1 + 1)", r.json()["kernel"]["id"]).stdout == "2\n"
-        r = server.request("PUT", "/lab/api/settings/@jupyterlab/apputils-extension:themes",
-                           json={"raw": '{"theme": "JupyterLab Dark"}'})
+        r = server.request(
+            "PUT",
+            "/lab/api/settings/@jupyterlab/apputils-extension:themes",
+            json={"raw": '{"theme": "JupyterLab Dark"}'},
+        )
         assert r.status_code == 204, r.text[:300]
     assert (server.config_dir.parent / "state" / "notary" / "notebook_secret").stat().st_uid == user.pw_uid
 

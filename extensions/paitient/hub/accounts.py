@@ -29,11 +29,26 @@ def _create(site: SiteConfig, name: str, username: str) -> pwd.struct_passwd:
     home_root = Path(a.home_root)
     home_root.mkdir(mode=0o755, parents=True, exist_ok=True)
     argv = [
-        "useradd", "--create-home", "--home-dir", str(home_root / name), "--shell", a.shell,
-        "--user-group", "--comment", f"paitient {username[:64]}",
-        "--key", f"UID_MIN={a.uid_min}", "--key", f"UID_MAX={a.uid_max}",
-        "--key", f"GID_MIN={a.uid_min}", "--key", f"GID_MAX={a.uid_max}",
-        "--key", "UMASK=077", name,
+        "useradd",
+        "--create-home",
+        "--home-dir",
+        str(home_root / name),
+        "--shell",
+        a.shell,
+        "--user-group",
+        "--comment",
+        f"paitient {username[:64]}",
+        "--key",
+        f"UID_MIN={a.uid_min}",
+        "--key",
+        f"UID_MAX={a.uid_max}",
+        "--key",
+        f"GID_MIN={a.uid_min}",
+        "--key",
+        f"GID_MAX={a.uid_max}",
+        "--key",
+        "UMASK=077",
+        name,
     ]
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
@@ -63,10 +78,12 @@ def ensure_account(site: SiteConfig, username: str, *, projects: tuple[str, ...]
                     "someone recreated it; paitient will not hand another uid's files to this user"
                 )
         else:
-            name = account_name(username, site.accounts.prefix, exists=system_account_exists,
-                                owner=registry_owner(registry))
+            name = account_name(
+                username, site.accounts.prefix, exists=system_account_exists, owner=registry_owner(registry)
+            )
             pw = _create(site, name, username)
-        member = Member(username=username, account=pw.pw_name, uid=pw.pw_uid, projects=projects, roles=roles,
-                        updated=time.time())
+        member = Member(
+            username=username, account=pw.pw_name, uid=pw.pw_uid, projects=projects, roles=roles, updated=time.time()
+        )
         registry.put(member)
         return member

@@ -66,9 +66,7 @@ class Signed:
 class PaitientLDAPAuthenticator(LDAPAuthenticator):
     """LDAP / Active Directory sign-on mapping directory groups to paitient projects and roles."""
 
-    manage_groups = Bool(
-        True, config=True, help="Projects become JupyterHub groups, kept in step with the directory."
-    )
+    manage_groups = Bool(True, config=True, help="Projects become JupyterHub groups, kept in step with the directory.")
     manage_roles = Bool(
         True, config=True, help="researcher / steward / admin roles come from the directory at each sign-in."
     )
@@ -85,12 +83,8 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         "", config=True, help="Subtree holding the groups; empty: each configured group DN is read directly."
     )
     timeout = Float(5.0, config=True, help="Seconds to wait for the directory to connect and to answer.")
-    service_password_file = Unicode(
-        "", config=True, help="Root-only file holding the lookup_dn_search_user password."
-    )
-    site = Instance(
-        SiteConfig, allow_none=True, config=True, help="The site configuration (audit trail location)."
-    )
+    service_password_file = Unicode("", config=True, help="Root-only file holding the lookup_dn_search_user password.")
+    site = Instance(SiteConfig, allow_none=True, config=True, help="The site configuration (audit trail location).")
 
     steward_scopes = List(
         Unicode(),
@@ -313,8 +307,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         auth_model = await super().run_post_auth_hook(handler, auth_model)
         state = auth_model.get("auth_state") or {}
         await self._audit(
-            auth_model["name"], "ok", reason="signed in",
-            projects=state.get("projects", []), roles=state.get("roles", []), must_record=True,
+            auth_model["name"],
+            "ok",
+            reason="signed in",
+            projects=state.get("projects", []),
+            roles=state.get("roles", []),
+            must_record=True,
         )
         if self.site is not None:
             from paitient.hub import roleholders

@@ -84,8 +84,7 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     # -- roles, scopes, services -------------------------------------------------------------------------
     python = venv_python()
     services = [
-        {"name": OPERATOR_SERVICE, "api_token": paths.secret("operator_token"),
-         "display": False},
+        {"name": OPERATOR_SERVICE, "api_token": paths.secret("operator_token"), "display": False},
     ]
     custom_scopes: dict[str, dict] = {}
     for module in managed_services(site):
@@ -100,9 +99,19 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     c.PaitientLDAPAuthenticator.researcher_scopes = RESEARCHER_SCOPES
     c.PaitientLDAPAuthenticator.steward_scopes = STEWARD_SCOPES
     c.JupyterHub.load_roles = [
-        {"name": "paitient-operator", "description": "Used by `paitient up` to manage servers",
-         "scopes": ["list:users", "read:users", "read:servers", "delete:servers", "list:groups", "read:groups",
-                    "read:roles:users"],
-         "services": [OPERATOR_SERVICE]},
+        {
+            "name": "paitient-operator",
+            "description": "Used by `paitient up` to manage servers",
+            "scopes": [
+                "list:users",
+                "read:users",
+                "read:servers",
+                "delete:servers",
+                "list:groups",
+                "read:groups",
+                "read:roles:users",
+            ],
+            "services": [OPERATOR_SERVICE],
+        },
     ]
     return c

@@ -25,12 +25,45 @@ MAX_LEN = 32
 HASH_LEN = 6
 ACCOUNT_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
 
-RESERVED = frozenset({
-    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp", "proxy",
-    "www-data", "backup", "list", "irc", "gnats", "nobody", "nogroup", "systemd-network",
-    "systemd-resolve", "systemd-timesync", "messagebus", "sshd", "_apt", "openldap", "admin", "wheel",
-    "sudo", "adm", "shadow", "staff", "users", "jupyterhub", "paitient",
-})
+RESERVED = frozenset(
+    {
+        "root",
+        "daemon",
+        "bin",
+        "sys",
+        "sync",
+        "games",
+        "man",
+        "lp",
+        "mail",
+        "news",
+        "uucp",
+        "proxy",
+        "www-data",
+        "backup",
+        "list",
+        "irc",
+        "gnats",
+        "nobody",
+        "nogroup",
+        "systemd-network",
+        "systemd-resolve",
+        "systemd-timesync",
+        "messagebus",
+        "sshd",
+        "_apt",
+        "openldap",
+        "admin",
+        "wheel",
+        "sudo",
+        "adm",
+        "shadow",
+        "staff",
+        "users",
+        "jupyterhub",
+        "paitient",
+    }
+)
 """Never handed out, whether or not such an account exists on this machine."""
 
 

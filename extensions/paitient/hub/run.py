@@ -29,13 +29,19 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"workspace": {"state_dir": args.state_dir}} if args.state_dir else None
     site = site_config.load(args.site or None, overrides=overrides)
     paths = HubPaths.of(site)
-    cfg = configure(Config(), site, directory_url=args.directory_url, hub_port=args.hub_port,
-                    proxy_api_port=args.proxy_api_port)
+    cfg = configure(
+        Config(), site, directory_url=args.directory_url, hub_port=args.hub_port, proxy_api_port=args.proxy_api_port
+    )
 
     from paitient.services import audit
 
-    audit.emit(site, actor="system", action="config.effective", object=site.source or "embedded-default",
-               details=audit.config_details(site))
+    audit.emit(
+        site,
+        actor="system",
+        action="config.effective",
+        object=site.source or "embedded-default",
+        details=audit.config_details(site),
+    )
 
     from jupyterhub.app import JupyterHub
 

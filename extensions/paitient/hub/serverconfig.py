@@ -66,8 +66,12 @@ def idle_culling(idle_timeout: int) -> dict[str, Any]:
     for days."""
     if idle_timeout <= 0:
         return {}
-    return {"cull_idle_timeout": idle_timeout, "cull_interval": max(10, min(300, idle_timeout // 4)),
-            "cull_connected": True, "cull_busy": False}
+    return {
+        "cull_idle_timeout": idle_timeout,
+        "cull_interval": max(10, min(300, idle_timeout // 4)),
+        "cull_connected": True,
+        "cull_busy": False,
+    }
 
 
 def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
@@ -195,8 +199,11 @@ def write_user_server_config(
         spec_dir.unlink()
     _root_dir(spec_dir)
     atomic_write_json(spec_dir / "kernel.json", kernel_spec(), mode=0o644)
-    atomic_write_json(config_dir / "jupyter_server_config.json",
-                      server_config(site, member, home, str(data_dir), str(state_dir)), mode=0o644)
+    atomic_write_json(
+        config_dir / "jupyter_server_config.json",
+        server_config(site, member, home, str(data_dir), str(state_dir)),
+        mode=0o644,
+    )
     atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
     # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
     atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)

@@ -19,8 +19,7 @@ USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
 UPN_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}@[a-z0-9][a-z0-9.-]{0,189}", re.ASCII)
 
 NO_PROJECT_MESSAGE = (
-    "You are not a member of any paitient project. "
-    "Ask your data integration centre to add you to a project group."
+    "You are not a member of any paitient project. Ask your data integration centre to add you to a project group."
 )
 UNREACHABLE_MESSAGE = "The hospital directory cannot be reached; try again in a few minutes."
 SERVICE_ACCOUNT_MESSAGE = (
@@ -96,8 +95,7 @@ def tls_choice(directory: Directory, url: str | None = None) -> TlsChoice:
     else:
         if not loopback:
             raise ValueError(
-                f"refusing to send passwords in clear text to {host!r}: "
-                "set [directory] tls to 'starttls' or 'ldaps'"
+                f"refusing to send passwords in clear text to {host!r}: set [directory] tls to 'starttls' or 'ldaps'"
             )
         strategy = "insecure"
     port = parsed.port or (636 if strategy == "on_connect" else 389)
@@ -155,8 +153,9 @@ BASE_STEWARD_SCOPES = ("self", "read:users:name", "read:groups:name")
 BASE_RESEARCHER_SCOPES = ("self",)
 
 
-def role_specs(steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES,
-               researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES) -> dict[str, dict]:
+def role_specs(
+    steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES, researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES
+) -> dict[str, dict]:
     """The JupyterHub roles the authenticator manages (fresh dicts: JupyterHub annotates them)."""
     return {
         "researcher": {
@@ -201,8 +200,11 @@ def membership(
     return Membership(projects=projects, roles=tuple(roles), admin=admin, groups=tuple(sorted(in_groups)))
 
 
-def hub_roles(m: Membership, steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES,
-              researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES) -> list[dict]:
+def hub_roles(
+    m: Membership,
+    steward_scopes: Iterable[str] = BASE_STEWARD_SCOPES,
+    researcher_scopes: Iterable[str] = BASE_RESEARCHER_SCOPES,
+) -> list[dict]:
     """The ``roles`` list of the JupyterHub auth model: every role the user holds, ``user`` included
     (JupyterHub strips roles missing from this list, the default ``user`` role too)."""
     specs = role_specs(steward_scopes, researcher_scopes)

@@ -101,8 +101,15 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
     async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
         from paitient.services import audit
 
-        await asyncio.to_thread(audit.emit, self.site, actor=self.user.name, action=action,
-                                object=self.account or self.user.name, outcome=outcome, details=details)
+        await asyncio.to_thread(
+            audit.emit,
+            self.site,
+            actor=self.user.name,
+            action=action,
+            object=self.account or self.user.name,
+            outcome=outcome,
+            details=details,
+        )
 
     async def start(self):
         try:
@@ -118,8 +125,9 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             ip_port = await super().start()
         finally:
             log.close()
-        await self._audit("server.spawn", uid=member.uid, pid=self.pid, projects=list(member.projects),
-                          roles=list(member.roles))
+        await self._audit(
+            "server.spawn", uid=member.uid, pid=self.pid, projects=list(member.projects), roles=list(member.roles)
+        )
         return ip_port
 
     async def stop(self, now: bool = False) -> None:
@@ -144,7 +152,14 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             PAITIENT_RUN_DIR=str(self.site.run_dir),
         )
         env.update(user_server_env(user_dir / "config", user_dir / "data", pw.pw_dir))
-        for var in ("JUPYTER_PATH", "JUPYTER_CONFIG_PATH", "PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD",
-                    "LD_LIBRARY_PATH", "PYTHONHOME"):
+        for var in (
+            "JUPYTER_PATH",
+            "JUPYTER_CONFIG_PATH",
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "PYTHONHOME",
+        ):
             env.pop(var, None)
         return env

@@ -60,8 +60,10 @@ def catalog() -> Any:
     if not infos:
         body = f"<p>No datasets under {html.escape(str(_data_dir()))}: your projects have none published yet.</p>"
         return ipywidgets.HTML(body)
-    head = "".join(f"<th style='text-align:left;padding:2px 8px'>{h}</th>" for h in
-                   ("name", "project", "version", "rows", "columns", "k", "description"))
+    head = "".join(
+        f"<th style='text-align:left;padding:2px 8px'>{h}</th>"
+        for h in ("name", "project", "version", "rows", "columns", "k", "description")
+    )
     rows = []
     for i in infos:
         cols = ", ".join(i.columns)
@@ -69,6 +71,8 @@ def catalog() -> Any:
         tds = "".join(f"<td style='padding:2px 8px'>{_cell(c)}</td>" for c in cells)
         rows.append(f"<tr title='{html.escape(cols, quote=True)}'>{tds}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    hint = ("<p style='font-size:smaller'>Load one with <code>data.load(\"name\")</code>. k: the fewest "
-            "patients (or rows) that share one combination of quasi-identifier values.</p>")
+    hint = (
+        "<p style='font-size:smaller'>Load one with <code>data.load(\"name\")</code>. k: the fewest "
+        "patients (or rows) that share one combination of quasi-identifier values.</p>"
+    )
     return ipywidgets.HTML(table + hint)

@@ -52,14 +52,31 @@ class LedgerClient:
 
     def reserve(self, project: str, dataset: str, epsilon: float, delta: float, run_id: str = "") -> dict[str, Any]:
         """Reserve budget before training; the answer holds ``reservation`` (the id) and the dataset's budget."""
-        return self._call("reserve", {"project": project, "dataset": dataset, "epsilon": float(epsilon),
-                                      "delta": float(delta), "run_id": run_id})
+        return self._call(
+            "reserve",
+            {
+                "project": project,
+                "dataset": dataset,
+                "epsilon": float(epsilon),
+                "delta": float(delta),
+                "run_id": run_id,
+            },
+        )
 
-    def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any] | None = None, *,
-               delta_spent: float | None = None) -> dict[str, Any]:
+    def settle(
+        self,
+        reservation: str,
+        epsilon_spent: float,
+        record: dict[str, Any] | None = None,
+        *,
+        delta_spent: float | None = None,
+    ) -> dict[str, Any]:
         """Record what the run spent (the accountant's epsilon) and its training record; release the rest."""
-        args: dict[str, Any] = {"reservation": reservation, "epsilon_spent": float(epsilon_spent),
-                                "record": record or {}}
+        args: dict[str, Any] = {
+            "reservation": reservation,
+            "epsilon_spent": float(epsilon_spent),
+            "record": record or {},
+        }
         if delta_spent is not None:
             args["delta_spent"] = float(delta_spent)
         return self._call("settle", args)

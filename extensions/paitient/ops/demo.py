@@ -16,4 +16,3 @@ DEMO_PEOPLE: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     ("dave", "Dave Dorn", (), False),
     ("sam", "Sam Steiner", (), True),
 )
-

@@ -39,18 +39,120 @@ DEMO: tuple[tuple[str, str], ...] = (
 )
 SEED = 20261128
 
-_FEMALE = ("Anna", "Maria", "Ursula", "Monika", "Petra", "Elisabeth", "Sabine", "Renate", "Helga", "Karin",
-           "Brigitte", "Ingrid", "Erika", "Andrea", "Gisela", "Claudia", "Susanne", "Gabriele", "Christa",
-           "Christine", "Hildegard", "Birgit", "Barbara", "Julia", "Emma", "Sophie", "Olivia", "Amelia")
-_MALE = ("Peter", "Michael", "Thomas", "Andreas", "Wolfgang", "Klaus", "Jürgen", "Günter", "Stefan",
-         "Christian", "Uwe", "Werner", "Horst", "Frank", "Dieter", "Manfred", "Gerhard", "Hans", "Bernd",
-         "Joachim", "Ralf", "Oliver", "George", "Harry", "Jack", "Noah", "James", "William")
-_SURNAMES = ("Müller", "Schmidt", "Schneider", "Fischer", "Weber", "Meyer", "Wagner", "Becker", "Schulz",
-             "Hoffmann", "Schäfer", "Koch", "Bauer", "Richter", "Klein", "Wolf", "Schröder", "Neumann",
-             "Schwarz", "Zimmermann", "Braun", "Krüger", "Hofmann", "Hartmann", "Lange", "Schmitt", "Werner",
-             "Krause", "Meier", "Lehmann", "Smith", "Jones", "Taylor", "Brown", "Williams", "Wilson", "Evans")
-_STREETS = ("Hauptstraße", "Schulstraße", "Gartenstraße", "Bahnhofstraße", "Dorfstraße", "Bergstraße",
-            "Lindenstraße", "Waldweg", "Birkenweg", "Kirchplatz", "Am Markt", "Rosenallee", "Mühlenweg")
+_FEMALE = (
+    "Anna",
+    "Maria",
+    "Ursula",
+    "Monika",
+    "Petra",
+    "Elisabeth",
+    "Sabine",
+    "Renate",
+    "Helga",
+    "Karin",
+    "Brigitte",
+    "Ingrid",
+    "Erika",
+    "Andrea",
+    "Gisela",
+    "Claudia",
+    "Susanne",
+    "Gabriele",
+    "Christa",
+    "Christine",
+    "Hildegard",
+    "Birgit",
+    "Barbara",
+    "Julia",
+    "Emma",
+    "Sophie",
+    "Olivia",
+    "Amelia",
+)
+_MALE = (
+    "Peter",
+    "Michael",
+    "Thomas",
+    "Andreas",
+    "Wolfgang",
+    "Klaus",
+    "Jürgen",
+    "Günter",
+    "Stefan",
+    "Christian",
+    "Uwe",
+    "Werner",
+    "Horst",
+    "Frank",
+    "Dieter",
+    "Manfred",
+    "Gerhard",
+    "Hans",
+    "Bernd",
+    "Joachim",
+    "Ralf",
+    "Oliver",
+    "George",
+    "Harry",
+    "Jack",
+    "Noah",
+    "James",
+    "William",
+)
+_SURNAMES = (
+    "Müller",
+    "Schmidt",
+    "Schneider",
+    "Fischer",
+    "Weber",
+    "Meyer",
+    "Wagner",
+    "Becker",
+    "Schulz",
+    "Hoffmann",
+    "Schäfer",
+    "Koch",
+    "Bauer",
+    "Richter",
+    "Klein",
+    "Wolf",
+    "Schröder",
+    "Neumann",
+    "Schwarz",
+    "Zimmermann",
+    "Braun",
+    "Krüger",
+    "Hofmann",
+    "Hartmann",
+    "Lange",
+    "Schmitt",
+    "Werner",
+    "Krause",
+    "Meier",
+    "Lehmann",
+    "Smith",
+    "Jones",
+    "Taylor",
+    "Brown",
+    "Williams",
+    "Wilson",
+    "Evans",
+)
+_STREETS = (
+    "Hauptstraße",
+    "Schulstraße",
+    "Gartenstraße",
+    "Bahnhofstraße",
+    "Dorfstraße",
+    "Bergstraße",
+    "Lindenstraße",
+    "Waldweg",
+    "Birkenweg",
+    "Kirchplatz",
+    "Am Markt",
+    "Rosenallee",
+    "Mühlenweg",
+)
 # (postcode area, city): few areas, so the demo datasets reach k >= 5 with two-digit postcode prefixes
 _AREAS = (("10", "Berlin"), ("12", "Berlin"), ("13", "Berlin"), ("14", "Potsdam"))
 
@@ -59,15 +161,17 @@ def _identities(n: int, rng: np.random.Generator, female: np.ndarray, start: int
     given = np.where(female, rng.choice(_FEMALE, n), rng.choice(_MALE, n))
     family = rng.choice(_SURNAMES, n)
     area = rng.integers(0, len(_AREAS), n)
-    return pd.DataFrame({
-        "mrn": [f"{start + i:08d}" for i in range(n)],
-        "name": [f"{g} {f}" for g, f in zip(given, family, strict=True)],
-        "street": [f"{s} {h}" for s, h in zip(rng.choice(_STREETS, n), rng.integers(1, 120, n), strict=True)],
-        "postcode": [f"{_AREAS[a][0]}{rng.integers(100, 999)}" for a in area],
-        "city": [_AREAS[a][1] for a in area],
-        "phone": [f"+49 30 {rng.integers(1000000, 9999999)}" for _ in range(n)],
-        "insurance_no": [f"{chr(65 + rng.integers(0, 26))}{rng.integers(100000000, 999999999)}" for _ in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "mrn": [f"{start + i:08d}" for i in range(n)],
+            "name": [f"{g} {f}" for g, f in zip(given, family, strict=True)],
+            "street": [f"{s} {h}" for s, h in zip(rng.choice(_STREETS, n), rng.integers(1, 120, n), strict=True)],
+            "postcode": [f"{_AREAS[a][0]}{rng.integers(100, 999)}" for a in area],
+            "city": [_AREAS[a][1] for a in area],
+            "phone": [f"+49 30 {rng.integers(1000000, 9999999)}" for _ in range(n)],
+            "insurance_no": [f"{chr(65 + rng.integers(0, 26))}{rng.integers(100000000, 999999999)}" for _ in range(n)],
+        }
+    )
 
 
 def _day(start: date, span_days: int, rng: np.random.Generator, n: int) -> list[date]:
@@ -75,8 +179,9 @@ def _day(start: date, span_days: int, rng: np.random.Generator, n: int) -> list[
 
 
 def _years_before(when: list[date], years: np.ndarray, rng: np.random.Generator) -> list[date]:
-    return [w - timedelta(days=int(round(y * 365.25)) + int(rng.integers(0, 365))) for w, y in zip(when, years,
-                                                                                                    strict=True)]
+    return [
+        w - timedelta(days=int(round(y * 365.25)) + int(rng.integers(0, 365))) for w, y in zip(when, years, strict=True)
+    ]
 
 
 def demo_sources() -> dict[str, pd.DataFrame]:
@@ -156,8 +261,7 @@ def publish_demo(site: SiteConfig, *, operator: str = "system") -> list[str]:
     does not list) are left out.
     """
     keys.ensure_key(site)
-    wanted = [(p, d) for p, d in DEMO
-              if any(pr.name == p and d in pr.datasets for pr in site.projects)]
+    wanted = [(p, d) for p, d in DEMO if any(pr.name == p and d in pr.datasets for pr in site.projects)]
     if not wanted:
         return []
     frames = demo_sources()

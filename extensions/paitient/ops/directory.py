@@ -216,9 +216,7 @@ class Slapd:
             atomic_write_text(self.rootpw_file, secrets.token_urlsafe(24), mode=0o600)
         missing = [str(p) for p in self.schema_files if not p.is_file()]
         if missing:
-            raise DirectoryError(
-                f"schema file(s) not found: {', '.join(missing)}; install slapd (scripts/setup)"
-            )
+            raise DirectoryError(f"schema file(s) not found: {', '.join(missing)}; install slapd (scripts/setup)")
         text = slapd_conf(
             suffix=self.suffix,
             rootdn=self.rootdn,
@@ -283,9 +281,23 @@ class Slapd:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(
-                ["slapd", "-f", str(self.conf_path), "-h", f"ldap://{LOOPBACK}:{self.port}/",
-                 "-u", "root", "-g", "root", "-d", "0"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                [
+                    "slapd",
+                    "-f",
+                    str(self.conf_path),
+                    "-h",
+                    f"ldap://{LOOPBACK}:{self.port}/",
+                    "-u",
+                    "root",
+                    "-g",
+                    "root",
+                    "-d",
+                    "0",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
                 preexec_fn=parent_death_signal if self.die_with_parent else None,  # noqa: PLW1509
             )
         finally:
@@ -307,9 +319,7 @@ class Slapd:
                     pass
             time.sleep(0.05)
         self.stop()
-        raise DirectoryError(
-            f"slapd did not answer on port {self.port} within {timeout:.0f} s; see {self.log_path}"
-        )
+        raise DirectoryError(f"slapd did not answer on port {self.port} within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop exactly the slapd this object started (SIGTERM, then SIGKILL after ``timeout``)."""
@@ -347,8 +357,12 @@ class Slapd:
 # The demo hospital
 
 
-def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bool]],
-              password_hashes: Mapping[str, str], service_hash: str | None = None) -> str:
+def demo_ldif(
+    base_dn: str,
+    people: Sequence[tuple[str, str, tuple[str, ...], bool]],
+    password_hashes: Mapping[str, str],
+    service_hash: str | None = None,
+) -> str:
     """LDIF of the demo hospital: people (inetOrgPerson + posixAccount) and groupOfNames groups.
 
     One group per project named in ``people``, ``data-stewards`` and ``workspace-admins``. A groupOfNames
@@ -363,30 +377,45 @@ def demo_ldif(base_dn: str, people: Sequence[tuple[str, str, tuple[str, ...], bo
     ]
     if service_hash:
         entries.append(ldif_entry(f"ou=services,{base_dn}", {"objectClass": "organizationalUnit", "ou": "services"}))
-        entries.append(ldif_entry(f"cn=paitient-service,ou=services,{base_dn}", {
-            "objectClass": ["applicationProcess", "simpleSecurityObject"], "cn": "paitient-service",
-            "userPassword": service_hash,
-        }))
+        entries.append(
+            ldif_entry(
+                f"cn=paitient-service,ou=services,{base_dn}",
+                {
+                    "objectClass": ["applicationProcess", "simpleSecurityObject"],
+                    "cn": "paitient-service",
+                    "userPassword": service_hash,
+                },
+            )
+        )
     groups: dict[str, list[str]] = {}
     for uid_number, (name, full_name, projects, steward) in enumerate(people, start=10001):
         dn = f"uid={name},ou=people,{base_dn}"
         given, _, family = full_name.partition(" ")
-        entries.append(ldif_entry(dn, {
-            "objectClass": ["inetOrgPerson", "posixAccount"],
-            "uid": name, "cn": full_name, "givenName": given, "sn": family or given,
-            "mail": f"{name}@{dc}.example", "uidNumber": str(uid_number), "gidNumber": "10000",
-            "homeDirectory": f"/home/{name}", "loginShell": "/usr/sbin/nologin",
-            "userPassword": password_hashes[name],
-        }))
+        entries.append(
+            ldif_entry(
+                dn,
+                {
+                    "objectClass": ["inetOrgPerson", "posixAccount"],
+                    "uid": name,
+                    "cn": full_name,
+                    "givenName": given,
+                    "sn": family or given,
+                    "mail": f"{name}@{dc}.example",
+                    "uidNumber": str(uid_number),
+                    "gidNumber": "10000",
+                    "homeDirectory": f"/home/{name}",
+                    "loginShell": "/usr/sbin/nologin",
+                    "userPassword": password_hashes[name],
+                },
+            )
+        )
         for group in (*projects, *(["data-stewards"] if steward else [])):
             groups.setdefault(group, []).append(dn)
     groups.setdefault("data-stewards", [])
     groups.setdefault("workspace-admins", [])
     for group, members in groups.items():
         gdn = f"cn={group},ou=groups,{base_dn}"
-        entries.append(
-            ldif_entry(gdn, {"objectClass": "groupOfNames", "cn": group, "member": members or [gdn]})
-        )
+        entries.append(ldif_entry(gdn, {"objectClass": "groupOfNames", "cn": group, "member": members or [gdn]}))
     return "\n".join(entries)
 
 

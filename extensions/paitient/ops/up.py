@@ -78,8 +78,11 @@ def terminate(pid: int, timeout: float = 10.0) -> None:
 
 
 def hub_api(base_url: str, token: str, path: str, method: str = "GET", timeout: float = 5.0):
-    req = urllib.request.Request(base_url.rstrip("/") + "/hub/api" + path, method=method,  # noqa: S310
-                                 headers={"Authorization": f"token {token}"})
+    req = urllib.request.Request(  # noqa: S310 - a loopback http URL built here
+        base_url.rstrip("/") + "/hub/api" + path,
+        method=method,
+        headers={"Authorization": f"token {token}"},
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback URL we built
         body = r.read()
         return json.loads(body) if body else None
@@ -87,8 +90,10 @@ def hub_api(base_url: str, token: str, path: str, method: str = "GET", timeout: 
 
 def proxy_routes(api_port: int, token: str) -> dict:
     """The routes configurable-http-proxy holds (its REST API on loopback)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/routes",  # noqa: S310 - loopback
-                                 headers={"Authorization": f"token {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}/api/routes",  # noqa: S310 - loopback
+        headers={"Authorization": f"token {token}"},
+    )
     with urllib.request.urlopen(req, timeout=2) as r:  # noqa: S310
         return json.loads(r.read())
 
@@ -161,8 +166,9 @@ class UpCommand(_StateCommand):
 
     proxy_command = Unicode(help="The configurable-http-proxy executable.").tag(config=True)
     ready_timeout = Float(90.0, help="Seconds to wait for the hub to answer before giving up.").tag(config=True)
-    max_restarts = Int(5, help="Restarts of the hub, proxy or directory allowed per minute before giving up."
-                       ).tag(config=True)
+    max_restarts = Int(5, help="Restarts of the hub, proxy or directory allowed per minute before giving up.").tag(
+        config=True
+    )
 
     @default("proxy_command")
     def _proxy_command_default(self) -> str:
@@ -175,8 +181,10 @@ class UpCommand(_StateCommand):
         paths.prepare()
         running = Running.read(paths.up_file)
         if running and pid_alive(running.up_pid) and running.up_pid != os.getpid():
-            self.fail(f"a workspace already runs on {site.state_dir} (pid {running.up_pid}, {running.url}); "
-                      f"stop it first: paitient stop --state-dir={site.state_dir}")
+            self.fail(
+                f"a workspace already runs on {site.state_dir} (pid {running.up_pid}, {running.url}); "
+                f"stop it first: paitient stop --state-dir={site.state_dir}"
+            )
         if not os.access(self.proxy_command, os.X_OK):
             self.fail(f"the proxy {self.proxy_command} is not installed; run: bash scripts/setup install")
         self.children: dict[str, subprocess.Popen] = {}
@@ -209,9 +217,15 @@ class UpCommand(_StateCommand):
     def _spawn(self, name: str, argv: list[str], paths: HubPaths, env: dict[str, str] | None = None) -> None:
         log = open(paths.log_dir / f"{name}.log", "ab", buffering=0)  # noqa: SIM115 - child holds a dup
         try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **(env or {})}, start_new_session=True,
-                                    preexec_fn=parent_death_signal)
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                preexec_fn=parent_death_signal,
+            )
         finally:
             log.close()
         self.children[name] = proc
@@ -239,21 +253,48 @@ class UpCommand(_StateCommand):
         proxy_token = paths.secret("proxy_token")
         host = "127.0.0.1" if w.bind_ip in ("0.0.0.0", "::") else w.bind_ip
         url = f"http://{host}:{w.port}/"
-        self._spawn("proxy", [
-            self.proxy_command, "--ip", w.bind_ip, "--port", str(w.port),
-            "--api-ip", "127.0.0.1", "--api-port", str(proxy_api_port),
-            "--default-target", f"http://127.0.0.1:{hub_port}",
-            "--error-target", f"http://127.0.0.1:{hub_port}/hub/error",
-        ], paths, env={"CONFIGPROXY_AUTH_TOKEN": proxy_token})
-        self._spawn("hub", [
-            venv_python(), "-m", "paitient.hub.run", f"--site={site.source}",
-            f"--state-dir={site.state_dir}", f"--directory-url={directory_url}",
-            f"--hub-port={hub_port}", f"--proxy-api-port={proxy_api_port}",
-        ], paths)
-        self.running = Running(up_pid=os.getpid(), url=url, hub_port=hub_port, proxy_api_port=proxy_api_port,
-                               directory_url=directory_url,
-                               pids={**({"directory": demo.pid} if demo else {}),
-                                     **{name: p.pid for name, p in self.children.items()}})
+        self._spawn(
+            "proxy",
+            [
+                self.proxy_command,
+                "--ip",
+                w.bind_ip,
+                "--port",
+                str(w.port),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(proxy_api_port),
+                "--default-target",
+                f"http://127.0.0.1:{hub_port}",
+                "--error-target",
+                f"http://127.0.0.1:{hub_port}/hub/error",
+            ],
+            paths,
+            env={"CONFIGPROXY_AUTH_TOKEN": proxy_token},
+        )
+        self._spawn(
+            "hub",
+            [
+                venv_python(),
+                "-m",
+                "paitient.hub.run",
+                f"--site={site.source}",
+                f"--state-dir={site.state_dir}",
+                f"--directory-url={directory_url}",
+                f"--hub-port={hub_port}",
+                f"--proxy-api-port={proxy_api_port}",
+            ],
+            paths,
+        )
+        self.running = Running(
+            up_pid=os.getpid(),
+            url=url,
+            hub_port=hub_port,
+            proxy_api_port=proxy_api_port,
+            directory_url=directory_url,
+            pids={**({"directory": demo.pid} if demo else {}), **{name: p.pid for name, p in self.children.items()}},
+        )
         atomic_write_json(paths.up_file, self.running.__dict__, mode=0o644)
         self._wait_ready(url, paths)
         print(f"{READY_PREFIX}{url}", flush=True)
@@ -269,8 +310,10 @@ class UpCommand(_StateCommand):
         while time.monotonic() < deadline:
             for name, proc in self.children.items():
                 if proc.poll() is not None:
-                    raise SystemExit(f"paitient up: {name} exited with code {proc.returncode} during start; "
-                                     f"see {paths.log_dir / (name + '.log')}")
+                    raise SystemExit(
+                        f"paitient up: {name} exited with code {proc.returncode} during start; "
+                        f"see {paths.log_dir / (name + '.log')}"
+                    )
             try:
                 with urllib.request.urlopen(url + "hub/login", timeout=2) as r:  # noqa: S310 - loopback
                     hub_ok = r.status == 200
@@ -283,8 +326,10 @@ class UpCommand(_StateCommand):
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = str(e)
             time.sleep(0.2)
-        raise SystemExit(f"paitient up: the hub did not answer at {url} within {self.ready_timeout:.0f}s ({last}); "
-                         f"see {paths.log_dir / 'hub.log'}")
+        raise SystemExit(
+            f"paitient up: the hub did not answer at {url} within {self.ready_timeout:.0f}s ({last}); "
+            f"see {paths.log_dir / 'hub.log'}"
+        )
 
     def _watch(self, paths: HubPaths) -> None:
         """Restart whatever exits unexpectedly (a hub restart keeps researchers' servers); give up when
@@ -297,8 +342,11 @@ class UpCommand(_StateCommand):
                 now = time.monotonic()
                 self.restarts = [t for t in self.restarts if now - t < 60] + [now]
                 if len(self.restarts) > self.max_restarts:
-                    print(f"paitient: {name} keeps exiting (code {code}); stopping the workspace; "
-                          f"see {paths.log_dir}", file=sys.stderr, flush=True)
+                    print(
+                        f"paitient: {name} keeps exiting (code {code}); stopping the workspace; see {paths.log_dir}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
                 print(f"paitient: {name} exited (code {code}); restarting it", file=sys.stderr, flush=True)
                 if name == "directory":
@@ -317,13 +365,15 @@ class UpCommand(_StateCommand):
         hub = self.children.get("hub")
         if self.running and hub is not None and hub.poll() is None:
             try:
-                names = stop_user_servers(f"http://127.0.0.1:{self.running.hub_port}/",
-                                          paths.secret("operator_token"))
+                names = stop_user_servers(f"http://127.0.0.1:{self.running.hub_port}/", paths.secret("operator_token"))
                 if names:
                     self.log.info("stopped the servers of %s", ", ".join(names))
             except (urllib.error.URLError, OSError, ValueError) as e:
-                print(f"paitient: could not stop user servers through the hub ({e}); "
-                      "they keep running until the next `paitient up` stops them", file=sys.stderr)
+                print(
+                    f"paitient: could not stop user servers through the hub ({e}); "
+                    "they keep running until the next `paitient up` stops them",
+                    file=sys.stderr,
+                )
         for name in ("hub", "proxy"):
             proc = self.children.get(name)
             if proc is not None:
@@ -352,8 +402,9 @@ class StatusCommand(_StateCommand):
         for name, pid in running.pids.items():
             print(f"  {name:<10} pid {pid:<8} {'running' if pid_alive(pid) else 'NOT RUNNING'}")
         try:
-            users = hub_api(f"http://127.0.0.1:{running.hub_port}/", paths.secret("operator_token"),
-                            "/users?state=active")
+            users = hub_api(
+                f"http://127.0.0.1:{running.hub_port}/", paths.secret("operator_token"), "/users?state=active"
+            )
             active = [u["name"] for u in users if u.get("servers")]
             print(f"  servers    {len(active)} running" + (f": {', '.join(active)}" if active else ""))
         except (urllib.error.URLError, OSError) as e:
@@ -375,8 +426,10 @@ class StopCommand(_StateCommand):
             print(f"paitient: no workspace runs on {site.state_dir}")
             return
         if "paitient" not in " ".join(pid_cmdline(running.up_pid)):
-            self.fail(f"pid {running.up_pid} in {paths.up_file} is not a paitient process; "
-                      "remove the stale file and stop the processes by hand")
+            self.fail(
+                f"pid {running.up_pid} in {paths.up_file} is not a paitient process; "
+                "remove the stale file and stop the processes by hand"
+            )
         os.kill(running.up_pid, signal.SIGTERM)
         deadline = time.monotonic() + self.timeout
         while pid_alive(running.up_pid) and time.monotonic() < deadline:

@@ -56,8 +56,9 @@ def read_table(data: bytes, filename: str) -> pd.DataFrame:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise TableError(f"{filename}: neither Parquet nor UTF-8 CSV; save tables with df.to_csv or "
-                         "df.to_parquet") from None
+        raise TableError(
+            f"{filename}: neither Parquet nor UTF-8 CSV; save tables with df.to_csv or df.to_parquet"
+        ) from None
     try:
         return pd.read_csv(io.StringIO(text))
     except Exception as e:
@@ -87,18 +88,26 @@ def _listed(cells: list[tuple[int, str, float]]) -> list[dict[str, Any]]:
 def check_min_count(cells: list[tuple[int, str, float]], min_count: int) -> dict[str, Any]:
     small = [c for c in cells if 0 < c[2] < min_count]
     if small:
-        return result("minimum_count", "fail",
-                      f"{len(small)} cell(s) count fewer than {min_count} individuals; merge categories or "
-                      "suppress these cells", threshold=min_count, cells=_listed(small))
+        return result(
+            "minimum_count",
+            "fail",
+            f"{len(small)} cell(s) count fewer than {min_count} individuals; merge categories or suppress these cells",
+            threshold=min_count,
+            cells=_listed(small),
+        )
     return result("minimum_count", "pass", f"every count is at least {min_count} (or zero)", threshold=min_count)
 
 
 def check_zeros(cells: list[tuple[int, str, float]], zeros_disclosive: bool) -> dict[str, Any]:
     zeros = [c for c in cells if c[2] == 0]
     if zeros and zeros_disclosive:
-        return result("zeros", "fail",
-                      f"{len(zeros)} cell(s) are zero, which can disclose that no one has an attribute; "
-                      "merge categories or explain why the zero is structural", cells=_listed(zeros))
+        return result(
+            "zeros",
+            "fail",
+            f"{len(zeros)} cell(s) are zero, which can disclose that no one has an attribute; "
+            "merge categories or explain why the zero is structural",
+            cells=_listed(zeros),
+        )
     return result("zeros", "pass", "no zero cells" if not zeros else "zeros are not disclosive at this site")
 
 
@@ -108,21 +117,36 @@ def check_table_alone(df: pd.DataFrame, rules: TableRules) -> list[dict[str, Any
     numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]
     out: list[dict[str, Any]] = []
     if not cells:
-        out.append(result("minimum_count", "review",
-                          "no column holds whole-number counts, so cell sizes cannot be checked from the table "
-                          "alone; submit the table's recipe or state each cell's count in the justification"))
+        out.append(
+            result(
+                "minimum_count",
+                "review",
+                "no column holds whole-number counts, so cell sizes cannot be checked from the table "
+                "alone; submit the table's recipe or state each cell's count in the justification",
+            )
+        )
     else:
         out.append(check_min_count(cells, rules.min_count))
         out.append(check_zeros(cells, rules.zeros_disclosive))
     non_count = sorted({str(c) for c in numeric} - {c for _, c, _ in cells})
     if cells and not non_count:
-        out.append(result("dominance", "pass", "a frequency table (every number is a count): dominance and "
-                          "p-ratio apply to tables of magnitudes only"))
+        out.append(
+            result(
+                "dominance",
+                "pass",
+                "a frequency table (every number is a count): dominance and p-ratio apply to tables of magnitudes only",
+            )
+        )
     else:
-        out.append(result("dominance", "review",
-                          f"dominance (n={rules.nk_n}, k={rules.nk_k}) and p-ratio ({rules.p_ratio}) need the "
-                          "values behind each cell; without the table's recipe a steward checks them by hand",
-                          statistic_columns=non_count))
+        out.append(
+            result(
+                "dominance",
+                "review",
+                f"dominance (n={rules.nk_n}, k={rules.nk_k}) and p-ratio ({rules.p_ratio}) need the "
+                "values behind each cell; without the table's recipe a steward checks them by hand",
+                statistic_columns=non_count,
+            )
+        )
     return out
 
 
@@ -174,8 +198,9 @@ def _crosstab_frame(data: pd.DataFrame, recipe: dict[str, Any]):
     return index, columns, values
 
 
-def check_with_recipe(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any],
-                      rules: TableRules) -> list[dict[str, Any]]:
+def check_with_recipe(
+    submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any], rules: TableRules
+) -> list[dict[str, Any]]:
     """Recompute the table from ``data`` through ACRO and report each rule and whether the table matches."""
     from acro import ACRO
 
@@ -185,8 +210,15 @@ def check_with_recipe(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[
     logging.getLogger("acro").setLevel(logging.WARNING)
     acro = ACRO(suppress=False)
     # sdc_checks.risk_appetite is this same dict, so the site's rules apply to every check.
-    acro.config.update({"safe_threshold": rules.min_count, "safe_nk_n": rules.nk_n, "safe_nk_k": rules.nk_k,
-                        "safe_pratio_p": rules.p_ratio, "zeros_are_disclosive": rules.zeros_disclosive})
+    acro.config.update(
+        {
+            "safe_threshold": rules.min_count,
+            "safe_nk_n": rules.nk_n,
+            "safe_nk_k": rules.nk_k,
+            "safe_pratio_p": rules.p_ratio,
+            "zeros_are_disclosive": rules.zeros_disclosive,
+        }
+    )
     index, columns, values = _crosstab_frame(data, recipe)
     agg = recipe["aggfunc"]
     if columns is None:
@@ -205,8 +237,14 @@ def check_with_recipe(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[
         n = int(sdc["summary"][acro_name])
         cells = sdc["cells"].get(acro_name, [])[:MAX_CELLS_LISTED]
         if n:
-            out.append(result(name, "fail", f"{n} cell(s) fail {name.replace('_', ' ')} "
-                              f"(ACRO {acro_name}); merge categories or suppress them", cells=cells))
+            out.append(
+                result(
+                    name,
+                    "fail",
+                    f"{n} cell(s) fail {name.replace('_', ' ')} (ACRO {acro_name}); merge categories or suppress them",
+                    cells=cells,
+                )
+            )
         else:
             out.append(result(name, "pass", f"every cell passes {name.replace('_', ' ')} (ACRO {acro_name})"))
     if not any(r["check"] == "zeros" for r in out):
@@ -222,8 +260,11 @@ def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]
     index, columns, values = _crosstab_frame(data, recipe)
     agg = recipe["aggfunc"]
     if columns is None:
-        table = (pd.crosstab(index, columns=pd.Series(["n"] * len(data), index=data.index))
-                 if agg == "count" else data.groupby(recipe["index"])[recipe["values"]].agg(agg).to_frame())
+        table = (
+            pd.crosstab(index, columns=pd.Series(["n"] * len(data), index=data.index))
+            if agg == "count"
+            else data.groupby(recipe["index"])[recipe["values"]].agg(agg).to_frame()
+        )
     elif agg == "count":
         table = pd.crosstab(index, columns)
     else:
@@ -234,7 +275,11 @@ def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]
     got = np.sort(got[~np.isnan(got)])
     if len(got) == len(expected) and np.allclose(got, expected, rtol=1e-6, atol=1e-9):
         return result("recipe", "pass", "the submitted table holds exactly the numbers its recipe produces")
-    return result("recipe", "fail",
-                  "the submitted table does not hold the numbers its recipe produces from the dataset; "
-                  "submit the table the recipe makes, or correct the recipe",
-                  expected_cells=int(len(expected)), submitted_cells=int(len(got)))
+    return result(
+        "recipe",
+        "fail",
+        "the submitted table does not hold the numbers its recipe produces from the dataset; "
+        "submit the table the recipe makes, or correct the recipe",
+        expected_cells=int(len(expected)),
+        submitted_cells=int(len(got)),
+    )

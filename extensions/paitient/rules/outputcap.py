@@ -98,14 +98,15 @@ def _strip_protocol(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
     if out["status"] == "error":
         out.update(ename="OutputCapped", evalue="reply withheld by the output cap", traceback=[])
     if msg_type == "kernel_info_reply":
-        out = {k: content[k] for k in ("status", "protocol_version", "implementation", "language_info")
-               if k in content and len(repr(content[k])) < 4096}
+        out = {
+            k: content[k]
+            for k in ("status", "protocol_version", "implementation", "language_info")
+            if k in content and len(repr(content[k])) < 4096
+        }
     return out
 
 
-def replacement(
-    verdict: Verdict, msg_type: str, content: dict[str, Any], cap: OutputCap
-) -> tuple[str, dict[str, Any]]:
+def replacement(verdict: Verdict, msg_type: str, content: dict[str, Any], cap: OutputCap) -> tuple[str, dict[str, Any]]:
     """What the browser receives instead of ``(msg_type, content)`` under ``verdict``.
 
     Metadata and binary buffers of a replaced message are always dropped by the caller.

@@ -81,8 +81,12 @@ def _recode(codes: np.ndarray, values: pa.Array, before: pa.Array | None = None)
 
     ``before``: the distinct values before cleaning; when cleaning changed none, there is nothing to merge.
     """
-    if before is not None and before.type == values.type and values.null_count == before.null_count and pc.all(
-            pc.equal(values, before)).as_py() in (True, None):
+    if (
+        before is not None
+        and before.type == values.type
+        and values.null_count == before.null_count
+        and pc.all(pc.equal(values, before)).as_py() in (True, None)
+    ):
         return codes, values
     inner, merged = _codes(values)
     if len(merged) == len(values) and not (inner < 0).any():
@@ -113,7 +117,7 @@ def identifier_codes(arr: pa.Array | pa.ChunkedArray, *, trust_distinct: bool = 
         if not trust_distinct or values.null_count:  # a missing value inside the dictionary: the careful way
             codes, values = _recode(codes, values)
         used = np.bincount(codes[codes >= 0], minlength=len(values)) > 0  # a file's dictionary may hold
-        if not used.all():                                                # values no row uses
+        if not used.all():  # values no row uses
             codes = np.where(codes < 0, -1, _take(np.cumsum(used) - 1, codes))
             values = values.filter(pa.array(used))
     return _recode(codes, _clean_text(values), values)
@@ -166,7 +170,7 @@ def domain_key(pkey: bytes, domain: str) -> bytes:
 
 
 _B32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
-_B32_PAIRS = (_B32[np.arange(1024) >> 5].astype(np.uint16) | (_B32[np.arange(1024) & 31].astype(np.uint16) << 8))
+_B32_PAIRS = _B32[np.arange(1024) >> 5].astype(np.uint16) | (_B32[np.arange(1024) & 31].astype(np.uint16) << 8)
 
 
 def encode_pseudonyms(d: np.ndarray, prefix: str = "P-") -> pa.Array:
@@ -192,15 +196,24 @@ def pseudonym_strings(values: list[str] | pa.Array, key: bytes, prefix: str = "P
     return encode_pseudonyms(digests(values, key), prefix)
 
 
-def pseudonymise(arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "", prefix: str = "P-",
-                 column: str = "") -> pa.Array:
+def pseudonymise(
+    arr: pa.Array | pa.ChunkedArray, key: bytes, *, domain: str = "", prefix: str = "P-", column: str = ""
+) -> pa.Array:
     """Replace each identifier by its pseudonym; missing stays missing."""
     codes, values, d = hashed_identifiers(arr, domain_key(key, domain))
     return pseudonyms_by_code(codes, values, key, domain=domain, prefix=prefix, column=column, precomputed=d)
 
 
-def pseudonyms_by_code(codes: np.ndarray, values: pa.Array, key: bytes, *, domain: str = "",
-                       prefix: str = "P-", column: str = "", precomputed: np.ndarray | None = None) -> pa.Array:
+def pseudonyms_by_code(
+    codes: np.ndarray,
+    values: pa.Array,
+    key: bytes,
+    *,
+    domain: str = "",
+    prefix: str = "P-",
+    column: str = "",
+    precomputed: np.ndarray | None = None,
+) -> pa.Array:
     """:func:`pseudonymise` for identifiers already split by :func:`identifier_codes` (dictionary-encoded).
 
     ``precomputed``: the values' :func:`digests` under ``domain_key(key, domain)``, if already made.
@@ -322,8 +335,9 @@ def _row_of(codes: np.ndarray, e: ColumnError) -> ColumnError:
     return ColumnError(e.column, e.message, row)
 
 
-def age_bands(arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 10, top: int = 90,
-              edges: list[int] | None = None) -> pa.Array:
+def age_bands(
+    arr: pa.Array | pa.ChunkedArray, column: str, *, width: int = 10, top: int = 90, edges: list[int] | None = None
+) -> pa.Array:
     """Ages to bands ``40-49``; ``top`` and above become ``90+``. ``edges`` gives uneven bands instead."""
     codes, distinct = _codes(arr)  # band each distinct age once
     if not edges:
@@ -381,8 +395,9 @@ def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int, 
     return np.bincount(pd.unique(pairs) // width, minlength=ngroups)
 
 
-def rare_to_other(arr: pa.Array | pa.ChunkedArray, *, min_count: int, other: str = "other",
-                  patient_codes: np.ndarray | None = None) -> pa.Array:
+def rare_to_other(
+    arr: pa.Array | pa.ChunkedArray, *, min_count: int, other: str = "other", patient_codes: np.ndarray | None = None
+) -> pa.Array:
     """Categories held by fewer than ``min_count`` patients (rows, without a patient id) become ``other``."""
     codes, values = _codes(arr)
     if not pa.types.is_string(values.type):

@@ -69,8 +69,17 @@ class Decision:
     needed: int
 
 
-def decide(*, state: str, requester: str, reviewer: str, action: str, comment: str,
-           may_review: bool, earlier_approvers: Iterable[str], approvals_needed: int) -> Decision:
+def decide(
+    *,
+    state: str,
+    requester: str,
+    reviewer: str,
+    action: str,
+    comment: str,
+    may_review: bool,
+    earlier_approvers: Iterable[str],
+    approvals_needed: int,
+) -> Decision:
     """Apply one steward decision to a request in review, or raise :class:`TransitionError` saying why not.
 
     Rules: only a steward of the request's project decides; nobody decides on their own request; every

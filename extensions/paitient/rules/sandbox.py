@@ -164,8 +164,10 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
         "--disable-userns",
         "--die-with-parent",
         "--new-session",
-        "--cap-drop", "ALL",
-        "--hostname", policy.hostname,
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        policy.hostname,
         "--clearenv",
     ]
     if seccomp_fd is not None:
@@ -203,8 +205,16 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
         for what, path in (("kernel_dir", policy.kernel_dir), ("connection_file", policy.connection_file)):
             if os.path.dirname(os.path.normpath(path)) != os.path.normpath(policy.runtime_dir):
                 raise PolicyError(f"{what} {path!r} must lie directly in the runtime dir {policy.runtime_dir!r}")
-        argv += ["--tmpfs", policy.runtime_dir, "--bind", policy.kernel_dir, policy.kernel_dir,
-                 "--ro-bind", policy.connection_file, policy.connection_file]
+        argv += [
+            "--tmpfs",
+            policy.runtime_dir,
+            "--bind",
+            policy.kernel_dir,
+            policy.kernel_dir,
+            "--ro-bind",
+            policy.connection_file,
+            policy.connection_file,
+        ]
     elif not (policy.runtime_dir + "/").startswith(policy.home.rstrip("/") + "/"):
         argv += ["--bind", policy.runtime_dir, policy.runtime_dir]
     argv += ["--ro-bind", policy.run_dir, policy.run_dir]

@@ -23,9 +23,9 @@ class PaitientServerExtension(ExtensionApp):
     description = "Closes downloads, exports and terminals; enforces the output cap."
     load_other_extensions = True
 
-    verify_lockdown = Bool(
-        True, help="Refuse to start when terminals, kernels or contents are not locked down."
-    ).tag(config=True)
+    verify_lockdown = Bool(True, help="Refuse to start when terminals, kernels or contents are not locked down.").tag(
+        config=True
+    )
 
     def initialize_handlers(self) -> None:
         self.handlers.extend((pattern, BlockedHandler) for pattern in BLOCKED)

@@ -32,8 +32,9 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             raise HTTPError(404, f"{path} is outside the home folder")
         return os_path
 
-    async def get(self, path: str, content: bool = True, type: str | None = None, format: str | None = None,
-                  **kwargs: Any) -> dict[str, Any]:
+    async def get(
+        self, path: str, content: bool = True, type: str | None = None, format: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         if content and self.max_content_bytes:
             os_path = self._get_os_path(path.strip("/"))
             if os.path.isfile(os_path) and os.path.getsize(os_path) > self.max_content_bytes:

@@ -25,8 +25,7 @@ class KernelNotInSandbox(NoSuchKernel, web.HTTPError):
 
     def __init__(self, name: str, known: list[str]):
         message = (
-            f"No kernel named {name!r} here; every kernel runs in the sandbox. "
-            f"Available: {', '.join(known) or 'none'}"
+            f"No kernel named {name!r} here; every kernel runs in the sandbox. Available: {', '.join(known) or 'none'}"
         )
         web.HTTPError.__init__(self, 404, message.replace("%", "%%"))
         self.name = name
@@ -73,9 +72,7 @@ class SandboxKernelSpecManager(KernelSpecManager):
     def get_all_specs(self) -> dict[str, Any]:
         out = super().get_all_specs()
         for model in out.values():
-            model["spec"].setdefault("metadata", {})["kernel_provisioner"] = {
-                "provisioner_name": self.provisioner_name
-            }
+            model["spec"].setdefault("metadata", {})["kernel_provisioner"] = {"provisioner_name": self.provisioner_name}
         return out
 
 

@@ -73,17 +73,13 @@ class SandboxProvisioner(LocalProvisioner):
     """Start the kernel in a bubblewrap sandbox: no network, read-only data, no credentials, limits."""
 
     data_root = Unicode("", help="Root of the published datasets (site data_root).").tag(config=True)
-    run_dir = Unicode("", help="Folder of the services' unix sockets (site run_dir); bound read-only.").tag(
-        config=True
-    )
+    run_dir = Unicode("", help="Folder of the services' unix sockets (site run_dir); bound read-only.").tag(config=True)
     projects = Dict(
         {},
         help="Project name -> dataset names this user may read. Written by the spawner from the registry.",
     ).tag(config=True)
     memory_mb = Int(4096, help="Private memory limit per kernel (RLIMIT_DATA), MiB.").tag(config=True)
-    max_processes = Int(256, help="Process limit (RLIMIT_NPROC; counts all of the user's processes).").tag(
-        config=True
-    )
+    max_processes = Int(256, help="Process limit (RLIMIT_NPROC; counts all of the user's processes).").tag(config=True)
     max_open_files = Int(1024, help="Open file limit per process (RLIMIT_NOFILE).").tag(config=True)
     cpu_seconds = Int(0, help="CPU time limit per kernel process (RLIMIT_CPU); 0: none.").tag(config=True)
     bwrap_path = Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True)

@@ -36,12 +36,24 @@ def _call(op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
         raise AirlockError(str(e)) from None
 
 
-def request(path: str | os.PathLike[str], *, kind: str, justification: str, project: str | None = None,
-            model_source: str | type | None = None, model_class: str | None = None,
-            model_kwargs: dict[str, Any] | None = None, target: str | None = None,
-            features: list[str] | None = None, loss: str = "cross_entropy", split: dict[str, Any] | None = None,
-            preprocess: str = "none", dataset: str | None = None, recipe: dict[str, Any] | None = None,
-            supersedes: str | None = None) -> str:
+def request(
+    path: str | os.PathLike[str],
+    *,
+    kind: str,
+    justification: str,
+    project: str | None = None,
+    model_source: str | type | None = None,
+    model_class: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    target: str | None = None,
+    features: list[str] | None = None,
+    loss: str = "cross_entropy",
+    split: dict[str, Any] | None = None,
+    preprocess: str = "none",
+    dataset: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    supersedes: str | None = None,
+) -> str:
     """Ask the airlock to release the file at ``path``; return the request id.
 
     ``kind``: ``table`` (CSV or Parquet; give ``recipe=`` — dataset, index, columns, values, aggfunc — so
@@ -67,8 +79,14 @@ def request(path: str | os.PathLike[str], *, kind: str, justification: str, proj
             model_class = model_class or model_source.__name__
             model_source = _class_source(model_source)
         args["model"] = {
-            "source": model_source, "class": model_class or "Model", "kwargs": model_kwargs or {},
-            "target": target, "features": features, "loss": loss, "split": split, "preprocess": preprocess,
+            "source": model_source,
+            "class": model_class or "Model",
+            "kwargs": model_kwargs or {},
+            "target": target,
+            "features": features,
+            "loss": loss,
+            "split": split,
+            "preprocess": preprocess,
             **({"dataset": dataset} if dataset else {}),
         }
     try:
@@ -118,12 +136,17 @@ class Requests(list):
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(r.get(k, '')))}</td>"
-                             for k in ("id", "project", "kind", "filename", "state", "overall")) + "<td>"
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(r.get(k, '')))}</td>"
+                for k in ("id", "project", "kind", "filename", "state", "overall")
+            )
+            + "<td>"
             + "<br>".join(html.escape(f"{c['check']}: {c['status']} — {c['reason']}") for c in r.get("checks", []))
-            + "</td></tr>" for r in self)
-        head = "".join(f"<th>{h}</th>" for h in ("request", "project", "kind", "file", "state", "checks",
-                                                 "reasons"))
+            + "</td></tr>"
+            for r in self
+        )
+        head = "".join(f"<th>{h}</th>" for h in ("request", "project", "kind", "file", "state", "checks", "reasons"))
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 

@@ -15,8 +15,11 @@ def form() -> Any:
     path = w.Text(description="File", placeholder="results/table.csv")
     kind = w.Dropdown(description="Kind", options=list(KINDS), value="table")
     project = w.Text(description="Project", placeholder="(only needed if you are in several)")
-    why = w.Textarea(description="Why", placeholder="What is it, and why must it leave the workspace?",
-                     layout=w.Layout(width="40em", height="6em"))
+    why = w.Textarea(
+        description="Why",
+        placeholder="What is it, and why must it leave the workspace?",
+        layout=w.Layout(width="40em", height="6em"),
+    )
     model = w.Text(description="Model class", placeholder="name of the nn.Module class in this notebook")
     target = w.Text(description="Target column")
     holdout = w.FloatText(description="Holdout", value=0.3)
@@ -39,10 +42,14 @@ def form() -> Any:
                     ns = get_ipython().user_ns if get_ipython() else {}
                     if model.value not in ns:
                         raise AirlockError(f"no class {model.value!r} in this notebook; define it first")
-                    extra = {"model_source": ns[model.value], "target": target.value or None,
-                             "split": {"holdout": holdout.value, "seed": seed.value}}
-                rid = request(path.value, kind=kind.value, justification=why.value,
-                              project=project.value or None, **extra)
+                    extra = {
+                        "model_source": ns[model.value],
+                        "target": target.value or None,
+                        "split": {"holdout": holdout.value, "seed": seed.value},
+                    }
+                rid = request(
+                    path.value, kind=kind.value, justification=why.value, project=project.value or None, **extra
+                )
                 print(f"Submitted: request {rid}. Follow it with paitient.kernel.airlock.status({rid!r}).")
                 display(status())
             except AirlockError as e:

@@ -29,6 +29,15 @@ def budget(project: str | None = None, **kw):
 
 
 __all__ = [
-    "BudgetExceeded", "DPModelError", "LedgerUnavailable", "PrivateRun", "RunFinished", "budget",
-    "file_sha256", "make_private", "problems", "save_weights", "weights_sha256",
+    "BudgetExceeded",
+    "DPModelError",
+    "LedgerUnavailable",
+    "PrivateRun",
+    "RunFinished",
+    "budget",
+    "file_sha256",
+    "make_private",
+    "problems",
+    "save_weights",
+    "weights_sha256",
 ]

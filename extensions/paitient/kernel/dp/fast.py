@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-                    nn.RMSNorm)
+PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 """Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
 
 
@@ -76,8 +75,7 @@ def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tup
             continue
         label = name or type(model).__name__
         if type(module) is not nn.Linear and type(module) not in PER_SAMPLE_TYPES:
-            return [], (f"layer '{label}' ({type(module).__name__}) is neither nn.Linear nor a normalisation "
-                        "layer")
+            return [], (f"layer '{label}' ({type(module).__name__}) is neither nn.Linear nor a normalisation layer")
         if len(own) != len(list(module.parameters(recurse=False))) or any(p not in params for p in own):
             return [], f"layer '{label}' is partly frozen or not fully in the optimizer"
         layers.append((name, module))
@@ -127,8 +125,15 @@ class FastClipper:
         self.pass_id += 1
 
     @torch.no_grad()
-    def private_grads(self, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int,
-                      loss_reduction: str, generator: torch.Generator | None = None) -> int:
+    def private_grads(
+        self,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str,
+        generator: torch.Generator | None = None,
+    ) -> int:
         """Write the clipped, noised, scaled gradient into every layer's ``.grad``; return the batch size.
 
         Written for few tensor operations per step: on layers this small the per-operation overhead,
@@ -254,11 +259,19 @@ class FastDPOptimizer(torch.optim.Optimizer):
     the ones taken for the accountant.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, clipper: FastClipper, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, loss_reduction: str = "mean",
-                 generator: torch.Generator | None = None,
-                 before_step: Callable[[], None] | None = None,
-                 after_step: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        clipper: FastClipper,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        generator: torch.Generator | None = None,
+        before_step: Callable[[], None] | None = None,
+        after_step: Callable[[int], None] | None = None,
+    ):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.original_optimizer = optimizer
@@ -313,8 +326,10 @@ class FastDPOptimizer(torch.optim.Optimizer):
         n = 0
         try:
             n = self.clipper.private_grads(
-                noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                expected_batch_size=self.expected_batch_size, loss_reduction=self.loss_reduction,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=self.expected_batch_size,
+                loss_reduction=self.loss_reduction,
                 generator=self.generator,
             )
             self.original_optimizer.step()

@@ -18,8 +18,11 @@ passes); ``hooks``: Opacus' per-sample gradients from hooks (every supported lay
 
 
 def trainable_layer_types(model: nn.Module) -> list[tuple[str, type]]:
-    return [(name or type(model).__name__, type(m)) for name, m in model.named_modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [
+        (name or type(model).__name__, type(m))
+        for name, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
 
 
 def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto") -> tuple[str, str, list]:
@@ -30,8 +33,12 @@ def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto")
     layers, why_not_fast = linear_layers(model, params)
     if requested == "fast":
         if not layers:
-            raise DPModelError([f"mode='fast' needs every trainable layer to be nn.Linear or a normalisation "
-                                f"layer: {why_not_fast}; use mode='auto'"])
+            raise DPModelError(
+                [
+                    f"mode='fast' needs every trainable layer to be nn.Linear or a normalisation "
+                    f"layer: {why_not_fast}; use mode='auto'"
+                ]
+            )
         return "fast", "asked for", layers
     if requested == "ghost":
         if criterion is None:
@@ -40,13 +47,21 @@ def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto")
     if requested == "hooks":
         return "hooks", "asked for", []
     if layers:
-        return "fast", ("every trainable layer is nn.Linear or a normalisation layer, so paitient's fast "
-                        "clipping applies"), layers
+        return (
+            "fast",
+            ("every trainable layer is nn.Linear or a normalisation layer, so paitient's fast clipping applies"),
+            layers,
+        )
     odd = sorted({t.__name__ for _, t in trainable_layer_types(model) if t not in _Ghost.NORM_SAMPLERS})
     if not odd and criterion is not None:
         return "ghost", f"{why_not_fast}; every trainable layer supports Opacus' ghost clipping", []
     if not odd:
-        return "hooks", ("ghost clipping would fit but needs the loss: pass criterion=... to make_private "
-                         "for it"), []
-    return "hooks", (f"{why_not_fast}; ghost clipping does not cover {', '.join(odd)}, so Opacus' "
-                     "per-sample gradients (hooks) are used"), []
+        return "hooks", ("ghost clipping would fit but needs the loss: pass criterion=... to make_private for it"), []
+    return (
+        "hooks",
+        (
+            f"{why_not_fast}; ghost clipping does not cover {', '.join(odd)}, so Opacus' "
+            "per-sample gradients (hooks) are used"
+        ),
+        [],
+    )

@@ -63,8 +63,10 @@ def _now() -> str:
 def dataset_version(project: str, dataset: str, data_dir: str | os.PathLike[str] | None = None) -> int | None:
     """The published version of ``/data/<project>/<dataset>`` from its manifest (None when there is none)."""
     base = Path(data_dir if data_dir is not None else os.environ.get("PAITIENT_DATA_DIR", "/data"))
-    for manifest in (base / project / dataset / "current" / "manifest.json",
-                     base / project / dataset / "manifest.json"):
+    for manifest in (
+        base / project / dataset / "current" / "manifest.json",
+        base / project / dataset / "manifest.json",
+    ):
         try:
             version = json.loads(manifest.read_text()).get("version")
         except (OSError, ValueError):
@@ -79,16 +81,20 @@ def resolve_target(budget: dict[str, Any], project: str | None, dataset: str | N
     projects = budget["projects"]
     if project is None:
         if len(projects) != 1:
-            raise ValueError(f"say which project to charge: make_private(..., project=...); yours: "
-                             f"{', '.join(sorted(projects)) or 'none'}")
+            raise ValueError(
+                f"say which project to charge: make_private(..., project=...); yours: "
+                f"{', '.join(sorted(projects)) or 'none'}"
+            )
         project = next(iter(projects))
     if project not in projects:
         raise ValueError(f"you are not a member of project {project!r}; yours: {', '.join(sorted(projects)) or 'none'}")
     rows = {r["dataset"]: r for r in projects[project]}
     if dataset is None:
         if len(rows) != 1:
-            raise ValueError(f"say which dataset you train on: make_private(..., dataset=...); "
-                             f"{project}'s datasets: {', '.join(rows)}")
+            raise ValueError(
+                f"say which dataset you train on: make_private(..., dataset=...); "
+                f"{project}'s datasets: {', '.join(rows)}"
+            )
         dataset = next(iter(rows))
     if dataset not in rows:
         raise ValueError(f"project {project!r} has no dataset {dataset!r}; its datasets: {', '.join(rows)}")
@@ -161,9 +167,11 @@ class PrivateRun:
         self.finish()
 
     def __repr__(self) -> str:
-        return (f"<PrivateRun {self.project}/{self.dataset} mode={self.mode} steps={self.steps}/{self.planned_steps} "
-                f"noise_multiplier={self.noise_multiplier:.4g} target_epsilon={self.target_epsilon:g}"
-                f"{' settled' if self.record else ''}>")
+        return (
+            f"<PrivateRun {self.project}/{self.dataset} mode={self.mode} steps={self.steps}/{self.planned_steps} "
+            f"noise_multiplier={self.noise_multiplier:.4g} target_epsilon={self.target_epsilon:g}"
+            f"{' settled' if self.record else ''}>"
+        )
 
     @property
     def finished(self) -> bool:
@@ -202,8 +210,11 @@ class PrivateRun:
         if self._progress and self._bar is None and self.record is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.planned_steps, unit="step",
-                             desc=f"private training ({self.mode}) on {self.project}/{self.dataset}")
+            self._bar = tqdm(
+                total=self.planned_steps,
+                unit="step",
+                desc=f"private training ({self.mode}) on {self.project}/{self.dataset}",
+            )
             self._bar.set_postfix_str(f"epsilon 0 of {self.target_epsilon:g}")
 
     def _epoch_done(self) -> None:
@@ -222,14 +233,25 @@ class PrivateRun:
     def training_record(self) -> dict[str, Any]:
         eps = self.epsilon
         return {
-            "dataset": self.dataset, "dataset_version": self.dataset_version,
-            "epsilon": eps, "delta": self.target_delta if self.steps else 0.0,
-            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-            "steps": self.steps, "planned_steps": self.planned_steps, "epochs": self.epochs,
-            "max_grad_norm": self.max_grad_norm, "mode": self.mode, "accountant": "prv",
-            "weights_sha256": weights_sha256(self.model), "model": type(_unwrap(self.model)).__name__,
-            "batch_size": self.expected_batch_size, "dataset_size": self.dataset_size,
-            "loss_reduction": self.loss_reduction, "started": self.started, "finished": _now(),
+            "dataset": self.dataset,
+            "dataset_version": self.dataset_version,
+            "epsilon": eps,
+            "delta": self.target_delta if self.steps else 0.0,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "planned_steps": self.planned_steps,
+            "epochs": self.epochs,
+            "max_grad_norm": self.max_grad_norm,
+            "mode": self.mode,
+            "accountant": "prv",
+            "weights_sha256": weights_sha256(self.model),
+            "model": type(_unwrap(self.model)).__name__,
+            "batch_size": self.expected_batch_size,
+            "dataset_size": self.dataset_size,
+            "loss_reduction": self.loss_reduction,
+            "started": self.started,
+            "finished": _now(),
         }
 
     def finish(self) -> dict[str, Any]:
@@ -238,13 +260,13 @@ class PrivateRun:
             return self.record
         record = self.training_record()
         try:
-            self.record = self._ledger.settle(self.reservation, record["epsilon"], record,
-                                              delta_spent=record["delta"])
+            self.record = self._ledger.settle(self.reservation, record["epsilon"], record, delta_spent=record["delta"])
         except LedgerUnavailable as e:
             raise LedgerUnavailable(
                 f"{e}. This run ({self.steps} steps, epsilon {record['epsilon']:.4g}) is not settled yet: call "
                 "run.finish() again once the ledger answers; until then its whole reservation "
-                f"({self.target_epsilon:g}) counts, and for good if this kernel ends first", e.code,
+                f"({self.target_epsilon:g}) counts, and for good if this kernel ends first",
+                e.code,
             ) from None
         if self._clipper is not None:
             self._clipper.detach()
@@ -310,11 +332,15 @@ def make_private(
     check_model(model, optimizer)
     chosen, reason, layers = choose_mode(model, optimizer, criterion, mode)
     if not isinstance(data_loader, DataLoader):
-        raise ValueError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}; wrap the "
-                         "data in a TensorDataset and a DataLoader(dataset, batch_size=...)")
+        raise ValueError(
+            f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}; wrap the "
+            "data in a TensorDataset and a DataLoader(dataset, batch_size=...)"
+        )
     if isinstance(data_loader.dataset, IterableDataset):
-        raise ValueError("Poisson sampling picks rows by index: use a map-style dataset (one with len() and "
-                         "indexing, e.g. a TensorDataset), not an IterableDataset")
+        raise ValueError(
+            "Poisson sampling picks rows by index: use a map-style dataset (one with len() and "
+            "indexing, e.g. a TensorDataset), not an IterableDataset"
+        )
     steps_per_epoch = len(data_loader)
     if steps_per_epoch == 0:
         raise ValueError("the data loader yields no batches; check the dataset and batch_size")
@@ -331,25 +357,53 @@ def make_private(
     if target_delta is None:
         target_delta = default_delta(row["delta_total"], n)
     with _prv_quiet():
-        noise_multiplier = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                                sample_rate=sample_rate, steps=planned_steps, accountant="prv")
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=planned_steps,
+            accountant="prv",
+        )
     run_id = uuid.uuid4().hex[:12]
     reservation = client.reserve(project, dataset, target_epsilon, target_delta, run_id=run_id)["reservation"]
     try:
-        parts = _private_parts(chosen, layers, model, optimizer, data_loader, criterion,
-                               noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                               expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-                               generator=noise_generator)
+        parts = _private_parts(
+            chosen,
+            layers,
+            model,
+            optimizer,
+            data_loader,
+            criterion,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+        )
     except BaseException:
         client.settle(reservation, 0.0, {"note": "make_private failed before training"}, delta_spent=0.0)
         raise
     run = PrivateRun(
-        mode=chosen, mode_reason=reason, project=project, dataset=dataset,
-        dataset_version=dataset_version(project, dataset, data_dir), target_epsilon=float(target_epsilon),
-        target_delta=float(target_delta), noise_multiplier=noise_multiplier, sample_rate=sample_rate,
-        max_grad_norm=float(max_grad_norm), epochs=epochs, planned_steps=planned_steps,
-        expected_batch_size=expected_batch_size, dataset_size=n, loss_reduction=loss_reduction,
-        reservation=reservation, run_id=run_id, ledger=client, progress=progress, **parts,
+        mode=chosen,
+        mode_reason=reason,
+        project=project,
+        dataset=dataset,
+        dataset_version=dataset_version(project, dataset, data_dir),
+        target_epsilon=float(target_epsilon),
+        target_delta=float(target_delta),
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        max_grad_norm=float(max_grad_norm),
+        epochs=epochs,
+        planned_steps=planned_steps,
+        expected_batch_size=expected_batch_size,
+        dataset_size=n,
+        loss_reduction=loss_reduction,
+        reservation=reservation,
+        run_id=run_id,
+        ledger=client,
+        progress=progress,
+        **parts,
     )
     opt = run.optimizer
     if isinstance(opt, FastDPOptimizer):
@@ -357,9 +411,11 @@ def make_private(
     else:
         _guard_opacus_step(opt, run)
     if progress:  # otherwise run.mode and run.mode_reason say it
-        print(f"paitient.kernel.dp: mode {chosen} ({reason}); noise multiplier {noise_multiplier:.4g}, "
-              f"sample rate {sample_rate:.4g}, {planned_steps} steps; reserved epsilon {target_epsilon:g}, "
-              f"delta {target_delta:.3g} of {project}/{dataset}")
+        print(
+            f"paitient.kernel.dp: mode {chosen} ({reason}); noise multiplier {noise_multiplier:.4g}, "
+            f"sample rate {sample_rate:.4g}, {planned_steps} steps; reserved epsilon {target_epsilon:g}, "
+            f"delta {target_delta:.3g} of {project}/{dataset}"
+        )
     return run
 
 
@@ -387,8 +443,20 @@ def _guard_opacus_step(opt, run: PrivateRun) -> None:
     opt.step = step
 
 
-def _private_parts(mode: str, layers, model, optimizer, data_loader, criterion, *, noise_multiplier: float,
-                   max_grad_norm: float, expected_batch_size: int, loss_reduction: str, generator):
+def _private_parts(
+    mode: str,
+    layers,
+    model,
+    optimizer,
+    data_loader,
+    criterion,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    loss_reduction: str,
+    generator,
+):
     if mode == "fast":
         loader = poisson_loader(data_loader, generator=generator)
         if loader is None:
@@ -396,25 +464,49 @@ def _private_parts(mode: str, layers, model, optimizer, data_loader, criterion, 
 
             loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
         clipper = FastClipper(model, layers)
-        opt = FastDPOptimizer(optimizer, clipper, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                              expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-                              generator=generator)
-        return {"model": model, "optimizer": opt, "criterion": criterion, "data_loader": loader,
-                "clipper": clipper, "accountant": PRVAccountant()}
+        opt = FastDPOptimizer(
+            optimizer,
+            clipper,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            generator=generator,
+        )
+        return {
+            "model": model,
+            "optimizer": opt,
+            "criterion": criterion,
+            "data_loader": loader,
+            "clipper": clipper,
+            "accountant": PRVAccountant(),
+        }
     from opacus import PrivacyEngine
 
     engine = PrivacyEngine(accountant="prv")
-    out = engine.make_private(module=model, optimizer=optimizer, data_loader=data_loader,
-                              criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
-                              noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                              loss_reduction=loss_reduction, poisson_sampling=True, grad_sample_mode=mode,
-                              noise_generator=generator)
+    out = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        criterion=criterion if criterion is not None else nn.CrossEntropyLoss(),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        loss_reduction=loss_reduction,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+        noise_generator=generator,
+    )
     if mode == "ghost":
         pmodel, popt, pcrit, ploader = out
     else:
         (pmodel, popt, ploader), pcrit = out, criterion
-    return {"model": pmodel, "optimizer": popt, "criterion": pcrit, "data_loader": ploader,
-            "accountant": engine.accountant}
+    return {
+        "model": pmodel,
+        "optimizer": popt,
+        "criterion": pcrit,
+        "data_loader": ploader,
+        "accountant": engine.accountant,
+    }
 
 
 __all__ = ["DPModelError", "PrivateRun", "RunFinished", "make_private", "dataset_version", "default_delta"]

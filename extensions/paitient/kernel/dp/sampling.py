@@ -66,5 +66,6 @@ def poisson_loader(data_loader: DataLoader, generator: torch.Generator | None = 
         return None
     steps = len(data_loader)
     sampler = PoissonSampler(len(dataset), 1 / steps, steps, generator=generator)
-    return DataLoader(dataset, sampler=sampler, batch_size=None, collate_fn=_fetch,
-                      num_workers=0, pin_memory=data_loader.pin_memory)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=None, collate_fn=_fetch, num_workers=0, pin_memory=data_loader.pin_memory
+    )

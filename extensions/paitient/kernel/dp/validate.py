@@ -22,7 +22,8 @@ class DPModelError(ValueError):
         self.problems = problems
         lines = [f"  {i}. {p}" for i, p in enumerate(problems, 1)]
         super().__init__(
-            "this model cannot be trained with differential privacy as it is:\n" + "\n".join(lines)
+            "this model cannot be trained with differential privacy as it is:\n"
+            + "\n".join(lines)
             + "\nChange the model definition and call make_private again (paitient does not rewrite models)."
         )
 
@@ -39,14 +40,18 @@ def batchnorm_fix(name: str, module: nn.Module) -> str:
     c = module.num_features
     groups = group_count(c)
     where = f"layer '{name}' ({type(module).__name__}({c}))"
-    why = ("BatchNorm normalises each sample with statistics of the whole batch, so one patient's "
-           "gradient depends on the others' and cannot be clipped per patient")
+    why = (
+        "BatchNorm normalises each sample with statistics of the whole batch, so one patient's "
+        "gradient depends on the others' and cannot be clipped per patient"
+    )
     if isinstance(module, nn.BatchNorm1d):
         fix = f"replace it with nn.LayerNorm({c})"
         if groups:
             fix += f" or nn.GroupNorm({groups}, {c})"
-        fix += (f" (not GroupNorm({c}, {c}): on tabular input of shape (N, {c}) each group holds one value "
-                "and the layer outputs its bias alone)")
+        fix += (
+            f" (not GroupNorm({c}, {c}): on tabular input of shape (N, {c}) each group holds one value "
+            "and the layer outputs its bias alone)"
+        )
     else:
         fix = f"replace it with nn.GroupNorm({groups or 1}, {c})"
     return f"{where}: {why}; {fix}."
@@ -64,8 +69,10 @@ def problems(model: nn.Module) -> list[str]:
         if seen_batchnorm and text.startswith("BatchNorm cannot support"):
             continue
         if "nn.LSTM" in text or "nn.GRU" in text or "nn.RNN" in text:
-            text = ("recurrent layers from torch.nn keep their weights in fused kernels; use "
-                    "opacus.layers.DPLSTM / DPGRU / DPRNN, which take the same arguments")
+            text = (
+                "recurrent layers from torch.nn keep their weights in fused kernels; use "
+                "opacus.layers.DPLSTM / DPGRU / DPRNN, which take the same arguments"
+            )
         out.append(text.strip())
     if not any(p.requires_grad for p in model.parameters()):
         out.append("the model has no trainable parameters (all have requires_grad=False)")
@@ -79,7 +86,9 @@ def check_model(model: nn.Module, optimizer=None) -> None:
         params = {id(p) for p in model.parameters()}
         stray = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in params)
         if stray:
-            found.append(f"the optimizer holds {stray} parameter(s) that are not the model's; make the "
-                         "optimizer from model.parameters()")
+            found.append(
+                f"the optimizer holds {stray} parameter(s) that are not the model's; make the "
+                "optimizer from model.parameters()"
+            )
     if found:
         raise DPModelError(found)

@@ -36,8 +36,10 @@ def spending_series(runs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[floa
 
 
 def budget_table_html(project: str, rows: list[dict[str, Any]]) -> str:
-    head = ("<tr><th>dataset</th><th>epsilon total</th><th>spent</th><th>reserved</th><th>left</th>"
-            "<th>delta total</th><th>delta left</th><th>runs</th></tr>")
+    head = (
+        "<tr><th>dataset</th><th>epsilon total</th><th>spent</th><th>reserved</th><th>left</th>"
+        "<th>delta total</th><th>delta left</th><th>runs</th></tr>"
+    )
     body = "".join(
         f"<tr><td>{escape(r['dataset'])}</td><td>{r['epsilon_total']:.4g}</td><td>{r['epsilon_spent']:.4g}</td>"
         f"<td>{r['epsilon_reserved']:.4g}</td><td><b>{r['epsilon_left']:.4g}</b></td>"
@@ -72,8 +74,9 @@ def spending_png(series: dict[str, list[tuple[float, float]]], totals: dict[str,
     return buf.getvalue()
 
 
-def budget(project: str | None = None, *, run_dir: str | os.PathLike[str] | None = None,
-           client: LedgerClient | None = None):
+def budget(
+    project: str | None = None, *, run_dir: str | os.PathLike[str] | None = None, client: LedgerClient | None = None
+):
     """The budget of your projects (or one) per dataset: total, spent, reserved, left, and a plot."""
     import ipywidgets as widgets
 
@@ -81,14 +84,21 @@ def budget(project: str | None = None, *, run_dir: str | os.PathLike[str] | None
     answer = client.budget(project)
     boxes = []
     for name, rows in sorted(answer["projects"].items()):
-        bars = [widgets.FloatProgress(value=min(r["epsilon_spent"] + r["epsilon_reserved"], r["epsilon_total"]),
-                                      min=0.0, max=r["epsilon_total"], description=r["dataset"],
-                                      bar_style="danger" if r["epsilon_left"] <= 0 else "info")
-                for r in rows]
+        bars = [
+            widgets.FloatProgress(
+                value=min(r["epsilon_spent"] + r["epsilon_reserved"], r["epsilon_total"]),
+                min=0.0,
+                max=r["epsilon_total"],
+                description=r["dataset"],
+                bar_style="danger" if r["epsilon_left"] <= 0 else "info",
+            )
+            for r in rows
+        ]
         series = spending_series(client.records(project=name))
         png = spending_png(series, {r["dataset"]: r["epsilon_total"] for r in rows})
-        boxes.append(widgets.VBox([widgets.HTML(budget_table_html(name, rows)), *bars,
-                                   widgets.Image(value=png, format="png")]))
+        boxes.append(
+            widgets.VBox([widgets.HTML(budget_table_html(name, rows)), *bars, widgets.Image(value=png, format="png")])
+        )
     if not boxes:
         boxes.append(widgets.HTML("<p>You are not a member of any project with a privacy budget.</p>"))
     return widgets.VBox(boxes)

@@ -27,8 +27,12 @@ from paitient.services.airlock.store import Request
 
 log = logging.getLogger("paitient.services.airlock")
 
-IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
-               b"GIF89a": "image/gif"}
+IMAGE_TYPES = {
+    b"\x89PNG\r\n\x1a\n": "image/png",
+    b"\xff\xd8\xff": "image/jpeg",
+    b"GIF87a": "image/gif",
+    b"GIF89a": "image/gif",
+}
 
 
 def image_type(data: bytes) -> str | None:
@@ -68,8 +72,11 @@ def load_published(data_root: Path, project: str, dataset: str, version: Any = N
     where = base / "versions" / str(int(version)) if version not in (None, "") else base / "current"
     path = where / "data.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"no published dataset {project}/{dataset}"
-                                + (f" version {version}" if version not in (None, "") else "") + f" at {path}")
+        raise FileNotFoundError(
+            f"no published dataset {project}/{dataset}"
+            + (f" version {version}" if version not in (None, "") else "")
+            + f" at {path}"
+        )
     return pd.read_parquet(path)
 
 
@@ -82,13 +89,20 @@ def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, A
         return [copy, *check_weights(req, data, ctx)]
     what = "figures" if req.kind == "figure" else "outputs of this kind"
     details = {"image": image_type(data)} if req.kind == "figure" else {}
-    return [copy, result("manual_review", "review",
-                         f"there is no automatic disclosure check for {what}: a steward reviews it by hand",
-                         **details)]
+    return [
+        copy,
+        result(
+            "manual_review",
+            "review",
+            f"there is no automatic disclosure check for {what}: a steward reviews it by hand",
+            **details,
+        ),
+    ]
 
 
-def check_table(req: Request, data: bytes, ctx: CheckContext,
-                files: list[published.Published] = ()) -> list[dict[str, Any]]:
+def check_table(
+    req: Request, data: bytes, ctx: CheckContext, files: list[published.Published] = ()
+) -> list[dict[str, Any]]:
     try:
         df = disclosure.read_table(data, req.filename)
     except disclosure.TableError as e:
@@ -116,12 +130,20 @@ def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str
         if ctx.lookup_run is None:
             raise RuntimeError("the privacy ledger is not configured")
         run = ctx.lookup_run(canonical) or ctx.lookup_run(req.sha256)
-        out.append(weights.check_training_record(
-            run, project=req.project, budget_for=lambda ds: ctx.budget_for(req.project, ds)))
+        out.append(
+            weights.check_training_record(
+                run, project=req.project, budget_for=lambda ds: ctx.budget_for(req.project, ds)
+            )
+        )
     except Exception as e:
         log.exception("ledger lookup for %s failed", req.id)
-        out.append(result("training_record", "error", f"the privacy ledger could not be asked ({e}); a steward "
-                          "checks the training record by hand"))
+        out.append(
+            result(
+                "training_record",
+                "error",
+                f"the privacy ledger could not be asked ({e}); a steward checks the training record by hand",
+            )
+        )
     out[-1]["details"]["canonical_sha256"] = canonical
     out.append(_membership_audit(req, data, run, ctx))
     return out
@@ -130,17 +152,23 @@ def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str
 def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx: CheckContext) -> dict[str, Any]:
     model = req.meta.get("model") or {}
     if not model.get("source"):
-        return result("membership_inference", "fail",
-                      "no model definition came with the weights, so the membership-inference audit cannot run; "
-                      "request again with model_source= (the Python source of the model class)")
+        return result(
+            "membership_inference",
+            "fail",
+            "no model definition came with the weights, so the membership-inference audit cannot run; "
+            "request again with model_source= (the Python source of the model class)",
+        )
     if run is not None and run.get("project") == req.project:
         dataset = str(run.get("dataset", ""))
         version = (run.get("record") or {}).get("dataset_version")
     else:
         dataset, version = str(model.get("dataset", "")), model.get("dataset_version")
     if not dataset:
-        return result("membership_inference", "fail",
-                      "the audit needs the training dataset: no training record names it and the request gives none")
+        return result(
+            "membership_inference",
+            "fail",
+            "the audit needs the training dataset: no training record names it and the request gives none",
+        )
     try:
         frame = ctx.load_dataset(req.project, dataset, version)
         members = split.members_from_spec(model.get("split"), len(frame))
@@ -152,15 +180,23 @@ def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx
         if absent:
             raise KeyError(f"the dataset has no feature column(s) {absent}")
         job = mia.AuditJob(
-            model_source=model["source"], weights=data, data=frame, members=[int(i) for i in members.nonzero()[0]],
-            features=list(features), target=target, loss=model.get("loss", "cross_entropy"),
-            model_class=model.get("class", "Model"), model_kwargs=model.get("kwargs") or {},
+            model_source=model["source"],
+            weights=data,
+            data=frame,
+            members=[int(i) for i in members.nonzero()[0]],
+            features=list(features),
+            target=target,
+            loss=model.get("loss", "cross_entropy"),
+            model_class=model.get("class", "Model"),
+            model_kwargs=model.get("kwargs") or {},
             preprocess=model.get("preprocess", "none"),
         )
     except (split.SplitError, KeyError, FileNotFoundError, ValueError) as e:
         return result("membership_inference", "fail", f"the audit cannot run: {e}")
-    limits = mia.Limits(memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256,
-                        cpu_seconds=int(ctx.audit_timeout) + 1)
-    answer = mia.run_audit(job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits,
-                           work_root=ctx.audit_work_root)
+    limits = mia.Limits(
+        memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(ctx.audit_timeout) + 1
+    )
+    answer = mia.run_audit(
+        job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits, work_root=ctx.audit_work_root
+    )
     return mia.judge(answer, max_auc=ctx.mia_max_auc, max_advantage=ctx.mia_max_advantage)

@@ -37,8 +37,9 @@ class AirlockCommand(PaitientCommand):
             events = [{"ts": e.ts, "actor": e.actor, "type": e.type, **e.data} for e in store.events(req.id)]
             print(json.dumps({**req.public(), "events": events}, indent=2, default=str))
             return
-        reqs = store.list(projects=[self.project] if self.project else None,
-                          states_=[self.state] if self.state else None)
+        reqs = store.list(
+            projects=[self.project] if self.project else None, states_=[self.state] if self.state else None
+        )
         if self.as_json:
             print(json.dumps([r.public() for r in reqs], indent=2))
             return

@@ -44,8 +44,16 @@ def _clean_filename(name: Any) -> str:
 class Airlock:
     """The service's logic over its store; the socket and web layers are thin around it."""
 
-    def __init__(self, site: SiteConfig, *, settings: AirlockSettings | None = None, store: Store | None = None,
-                 lookup_run=None, emit=None, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        site: SiteConfig,
+        *,
+        settings: AirlockSettings | None = None,
+        store: Store | None = None,
+        lookup_run=None,
+        emit=None,
+        log: logging.Logger | None = None,
+    ):
         self.site = site
         self.settings = settings or AirlockSettings()
         self.store = store or Store.for_site(site)
@@ -61,8 +69,16 @@ class Airlock:
     # ------------------------------------------------------------------------------------------------
     # Collaborators
 
-    def emit(self, *, actor: str, action: str, object: str, outcome: str = "ok",
-             details: dict[str, Any] | None = None, required: bool = False) -> None:
+    def emit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        object: str,
+        outcome: str = "ok",
+        details: dict[str, Any] | None = None,
+        required: bool = False,
+    ) -> None:
         """Write an audit record; if ``required``, a failure to write it raises (the action must not happen)."""
         try:
             if self._emit is not None:
@@ -94,13 +110,19 @@ class Airlock:
     def check_context(self) -> CheckContext:
         s = self.settings
         return CheckContext(
-            rules=TableRules(min_count=s.min_count, nk_n=s.nk_n, nk_k=s.nk_k, p_ratio=s.p_ratio,
-                             zeros_disclosive=s.zeros_disclosive),
-            lookup_run=self.lookup_run, budget_for=self.budget_for,
-            load_dataset=self._load_dataset, published=self.published.files,
-            mia_max_auc=s.mia_max_auc, mia_max_advantage=s.mia_max_advantage,
-            audit_account=s.audit_account, audit_timeout=s.audit_timeout,
-            audit_memory_mb=self.site.sandbox.memory_mb, audit_work_root=str(self.audit_work_root),
+            rules=TableRules(
+                min_count=s.min_count, nk_n=s.nk_n, nk_k=s.nk_k, p_ratio=s.p_ratio, zeros_disclosive=s.zeros_disclosive
+            ),
+            lookup_run=self.lookup_run,
+            budget_for=self.budget_for,
+            load_dataset=self._load_dataset,
+            published=self.published.files,
+            mia_max_auc=s.mia_max_auc,
+            mia_max_advantage=s.mia_max_advantage,
+            audit_account=s.audit_account,
+            audit_timeout=s.audit_timeout,
+            audit_memory_mb=self.site.sandbox.memory_mb,
+            audit_work_root=str(self.audit_work_root),
         )
 
     def _load_dataset(self, project: str, dataset: str, version: Any):
@@ -118,8 +140,7 @@ class Airlock:
     def _caller(self, peer: Peer) -> Member:
         member = self.registry.by_uid(peer.uid)
         if member is None:
-            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace",
-                               "forbidden")
+            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace", "forbidden")
         return member
 
     def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -127,8 +148,13 @@ class Airlock:
         try:
             kind, project, justification, meta = self._validate_request(member, args)
         except ChannelError as e:
-            self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
-                      details={"reason": str(e), "project": args.get("project")})
+            self.emit(
+                actor=member.username,
+                action="airlock.request",
+                object="",
+                outcome="denied",
+                details={"reason": str(e), "project": args.get("project")},
+            )
             raise
         if len(fds) != 1:
             raise ChannelError("send the file as exactly one open file descriptor", "bad_request")
@@ -137,25 +163,45 @@ class Airlock:
         except OSError:
             readable = False
         if not readable:
-            raise ChannelError("send a regular file opened for reading (not a directory, pipe, socket or a "
-                               "path-only descriptor)", "bad_request")
+            raise ChannelError(
+                "send a regular file opened for reading (not a directory, pipe, socket or a path-only descriptor)",
+                "bad_request",
+            )
         filename = _clean_filename(args.get("filename"))
         if kind == "weights":
             try:
                 parse_safetensors(_read_all(fds[0], self.settings.max_bytes))
             except (WeightsFormatError, StoreError) as e:
-                self.emit(actor=member.username, action="airlock.request", object="", outcome="denied",
-                          details={"reason": str(e), "project": project, "kind": kind, "filename": filename})
+                self.emit(
+                    actor=member.username,
+                    action="airlock.request",
+                    object="",
+                    outcome="denied",
+                    details={"reason": str(e), "project": project, "kind": kind, "filename": filename},
+                )
                 raise ChannelError(str(e), "refused") from None
         try:
             sha, size = self.store.put_blob_from_fd(fds[0], self.settings.max_bytes)
         except StoreError as e:
             raise ChannelError(str(e), "refused") from None
-        req = self.store.create(project=project, username=member.username, account=member.account,
-                                uid=peer.uid, kind=kind, filename=filename, sha256=sha, size=size,
-                                justification=justification, meta=meta)
-        self.emit(actor=member.username, action="airlock.request", object=req.id,
-                  details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size})
+        req = self.store.create(
+            project=project,
+            username=member.username,
+            account=member.account,
+            uid=peer.uid,
+            kind=kind,
+            filename=filename,
+            sha256=sha,
+            size=size,
+            justification=justification,
+            meta=meta,
+        )
+        self.emit(
+            actor=member.username,
+            action="airlock.request",
+            object=req.id,
+            details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size},
+        )
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
 
@@ -171,12 +217,16 @@ class Airlock:
         project = args.get("project")
         if project is None:
             if len(member.projects) != 1:
-                raise ChannelError("name the project: project= one of "
-                                   f"{', '.join(member.projects) or '(you are in no project)'}", "bad_request")
+                raise ChannelError(
+                    f"name the project: project= one of {', '.join(member.projects) or '(you are in no project)'}",
+                    "bad_request",
+                )
             project = member.projects[0]
         if project not in member.projects:
-            raise ChannelError(f"you are not a member of project {project!r}; your projects: "
-                               f"{', '.join(member.projects) or 'none'}", "forbidden")
+            raise ChannelError(
+                f"you are not a member of project {project!r}; your projects: {', '.join(member.projects) or 'none'}",
+                "forbidden",
+            )
         meta: dict[str, Any] = {}
         if args.get("recipe") is not None:
             if kind != "table" or not isinstance(args["recipe"], dict):
@@ -218,12 +268,20 @@ class Airlock:
         if not for_steward:
             # An error text may come from the researcher's own model code run in the audit sandbox: only
             # stewards see it, so it cannot serve as a channel out of the workspace.
-            checks = [{**{k: c[k] for k in ("check", "status", "reason")},
-                       "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"}}
-                      for c in checks]
+            checks = [
+                {
+                    **{k: c[k] for k in ("check", "status", "reason")},
+                    "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"},
+                }
+                for c in checks
+            ]
         decisions = [{"by": e.actor, "ts": e.ts, **e.data} for e in self.store.events(req.id, "decision")]
-        return {**req.public(), "checks": checks, "decisions": decisions,
-                "overall": review.overall_status(c["status"] for c in checks) if checks else None}
+        return {
+            **req.public(),
+            "checks": checks,
+            "decisions": decisions,
+            "overall": review.overall_status(c["status"] for c in checks) if checks else None,
+        }
 
     # ------------------------------------------------------------------------------------------------
     # Checks
@@ -266,21 +324,48 @@ class Airlock:
             results = run_checks(req, self.store.read_blob(req.sha256), self.check_context())
         except Exception as e:
             self.log.exception("checks of %s raised", rid)
-            results = [{"check": "internal", "status": "error", "reason": "the automatic checks failed; a steward "
-                        "reviews by hand", "details": {"error": f"{type(e).__name__}: {e}"}}]
+            results = [
+                {
+                    "check": "internal",
+                    "status": "error",
+                    "reason": "the automatic checks failed; a steward reviews by hand",
+                    "details": {"error": f"{type(e).__name__}: {e}"},
+                }
+            ]
         self.store.record_checks(rid, results)
         overall = review.overall_status(r["status"] for r in results)
-        self.emit(actor="airlock", action="airlock.check", object=rid, outcome="ok",
-                  details={"project": req.project, "user": req.username, "kind": req.kind, "overall": overall,
-                           "checks": {r["check"]: r["status"] for r in results}})
+        self.emit(
+            actor="airlock",
+            action="airlock.check",
+            object=rid,
+            outcome="ok",
+            details={
+                "project": req.project,
+                "user": req.username,
+                "kind": req.kind,
+                "overall": overall,
+                "checks": {r["check"]: r["status"] for r in results},
+            },
+        )
         self.store.transition(rid, review.IN_REVIEW, actor="airlock", data={"overall": overall})
         project = self.site.project(req.project)
         if review.may_auto_release(req.kind, project.auto_release, [r["status"] for r in results]):
-            self.store.transition(rid, review.RELEASED, actor="airlock",
-                                  data={"automatic": True, "reason": f"every automatic check passed and project "
-                                        f"{req.project} releases {req.kind} outputs automatically"})
-            self.emit(actor="airlock", action="airlock.decision", object=rid,
-                      details={"project": req.project, "user": req.username, "action": "approve", "automatic": True})
+            self.store.transition(
+                rid,
+                review.RELEASED,
+                actor="airlock",
+                data={
+                    "automatic": True,
+                    "reason": f"every automatic check passed and project "
+                    f"{req.project} releases {req.kind} outputs automatically",
+                },
+            )
+            self.emit(
+                actor="airlock",
+                action="airlock.decision",
+                object=rid,
+                details={"project": req.project, "user": req.username, "action": "approve", "automatic": True},
+            )
 
     # ------------------------------------------------------------------------------------------------
     # Web side: who may see, decide and download what
@@ -301,20 +386,29 @@ class Airlock:
         return req.project in self.steward_projects(username, scopes)
 
     def may_download(self, username: str, scopes: set[str], req: Request) -> bool:
-        return (req.state == review.RELEASED and SCOPE_DOWNLOAD in scopes
-                and (username == req.username or req.project in self.member_projects(username)))
+        return (
+            req.state == review.RELEASED
+            and SCOPE_DOWNLOAD in scopes
+            and (username == req.username or req.project in self.member_projects(username))
+        )
 
     def may_view(self, username: str, scopes: set[str], req: Request) -> bool:
-        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req) \
+        return (
+            (username == req.username and SCOPE_REQUEST in scopes)
+            or self.may_review(username, scopes, req)
             or self.may_download(username, scopes, req)
+        )
 
     def may_preview(self, username: str, scopes: set[str], req: Request) -> bool:
         return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req)
 
     def visible(self, username: str, scopes: set[str]) -> list[Request]:
         reviewable = self.steward_projects(username, scopes)
-        reqs = self.store.list(projects=reviewable, username=username if SCOPE_REQUEST in scopes else None) \
-            if (reviewable or SCOPE_REQUEST in scopes) else []
+        reqs = (
+            self.store.list(projects=reviewable, username=username if SCOPE_REQUEST in scopes else None)
+            if (reviewable or SCOPE_REQUEST in scopes)
+            else []
+        )
         seen = {r.id for r in reqs}
         if SCOPE_DOWNLOAD in scopes:
             for r in self.store.list(projects=self.member_projects(username), states_=[review.RELEASED]):
@@ -326,33 +420,65 @@ class Airlock:
         req = self.store.get(rid)
         try:
             decision = self.store.decide(
-                rid, reviewer=username, action=action, comment=comment,
+                rid,
+                reviewer=username,
+                action=action,
+                comment=comment,
                 may_review=self.may_review(username, scopes, req),
-                approvals_needed=self.site.project(req.project).approvals)
+                approvals_needed=self.site.project(req.project).approvals,
+            )
         except review.TransitionError as e:
-            self.emit(actor=username, action="airlock.decision", object=rid, outcome="denied",
-                      details={"project": req.project, "user": req.username, "action": action, "reason": str(e)})
+            self.emit(
+                actor=username,
+                action="airlock.decision",
+                object=rid,
+                outcome="denied",
+                details={"project": req.project, "user": req.username, "action": action, "reason": str(e)},
+            )
             raise
-        self.emit(actor=username, action="airlock.decision", object=rid,
-                  details={"project": req.project, "user": req.username, "action": action, "comment": comment.strip(),
-                           "approvals": decision.approvals, "needed": decision.needed,
-                           "state": decision.new_state or review.IN_REVIEW})
+        self.emit(
+            actor=username,
+            action="airlock.decision",
+            object=rid,
+            details={
+                "project": req.project,
+                "user": req.username,
+                "action": action,
+                "comment": comment.strip(),
+                "approvals": decision.approvals,
+                "needed": decision.needed,
+                "state": decision.new_state or review.IN_REVIEW,
+            },
+        )
         return decision
 
     def download(self, rid: str, *, username: str, scopes: set[str], client: str = "") -> tuple[Request, bytes]:
         """The released file for ``username``; raises PermissionError (recorded) if they may not have it."""
         req = self.store.get(rid)
         if not self.may_download(username, scopes, req):
-            reason = (f"request {rid} is {req.state}, not released" if req.state != review.RELEASED else
-                      f"only the requester and members of project {req.project} download its released outputs")
-            self.emit(actor=username, action="airlock.download", object=rid, outcome="denied",
-                      details={"project": req.project, "reason": reason})
+            reason = (
+                f"request {rid} is {req.state}, not released"
+                if req.state != review.RELEASED
+                else f"only the requester and members of project {req.project} download its released outputs"
+            )
+            self.emit(
+                actor=username,
+                action="airlock.download",
+                object=rid,
+                outcome="denied",
+                details={"project": req.project, "reason": reason},
+            )
             raise PermissionError(reason)
         data = self.store.read_blob(req.sha256)
         # Recorded first, in the airlock's own events and the audit trail: no record, no download.
         self.store.record_download(rid, actor=username, data={"client": client, "sha256": req.sha256})
-        self.emit(actor=username, action="airlock.download", object=rid, required=True,
-                  details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client})
+        self.emit(
+            actor=username,
+            action="airlock.download",
+            object=rid,
+            required=True,
+            details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client},
+        )
         return req, data
 
 

@@ -45,8 +45,9 @@ class AuditJob:
     preprocess: str = "none"
 
 
-def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, prefix: str, python: str,
-                 limits: Limits, seccomp_fd: int | None) -> list[str]:
+def sandbox_argv(
+    *, uid: int, gid: int, scratch: str, job_dir: str, prefix: str, python: str, limits: Limits, seccomp_fd: int | None
+) -> list[str]:
     """The command that runs the worker: privileges dropped, rlimits set, then the kernels' bubblewrap policy.
 
     ``--pdeathsig=KILL`` (kept through the exec of prlimit and bwrap) ends the sandbox when the service dies,
@@ -60,14 +61,27 @@ def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, prefix: str,
     """
     system_ro = ("/usr",) if prefix.startswith("/usr/") else ("/usr", prefix)
     policy = SandboxPolicy(
-        home=scratch, runtime_dir=scratch, run_dir=os.path.join(scratch, "run"), system_ro=system_ro,
+        home=scratch,
+        runtime_dir=scratch,
+        run_dir=os.path.join(scratch, "run"),
+        system_ro=system_ro,
         env={"PATH": SANDBOX_PATH, "HOME": scratch, "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"},
-        cwd=job_dir, hostname="airlock-audit",
+        cwd=job_dir,
+        hostname="airlock-audit",
     )
     return [
-        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--pdeathsig=KILL",
-        *prlimit_argv(limits), *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
-        python, "-I", os.path.join(job_dir, "worker.py"), os.path.join(job_dir, "job.json"),
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--pdeathsig=KILL",
+        *prlimit_argv(limits),
+        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
+        python,
+        "-I",
+        os.path.join(job_dir, "worker.py"),
+        os.path.join(job_dir, "job.json"),
     ]
 
 
@@ -83,8 +97,14 @@ def prepare_work_root(path: str | os.PathLike[str]) -> Path:
     return root
 
 
-def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0,
-              limits: Limits | None = None, work_root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def run_audit(
+    job: AuditJob,
+    *,
+    account: str = "nobody",
+    timeout: float = 600.0,
+    limits: Limits | None = None,
+    work_root: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Run the audit in the sandbox; return the worker's numbers or ``{"error": ...}``."""
     pw = pwd.getpwnam(account)
     limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
@@ -109,20 +129,40 @@ def run_audit(job: AuditJob, *, account: str = "nobody", timeout: float = 600.0,
         os.chown(work / "data.parquet", 0, pw.pw_gid)
         os.chmod(work / "data.parquet", 0o640)
         spec = {
-            "model_source": str(work / "model.py"), "weights": str(work / "weights.safetensors"),
-            "data": str(work / "data.parquet"), "members": job.members, "features": job.features,
-            "target": job.target, "loss": job.loss, "model_class": job.model_class,
-            "model_kwargs": job.model_kwargs or {}, "preprocess": job.preprocess,
+            "model_source": str(work / "model.py"),
+            "weights": str(work / "weights.safetensors"),
+            "data": str(work / "data.parquet"),
+            "members": job.members,
+            "features": job.features,
+            "target": job.target,
+            "loss": job.loss,
+            "model_class": job.model_class,
+            "model_kwargs": job.model_kwargs or {},
+            "preprocess": job.preprocess,
         }
         _write(work / "job.json", json.dumps(spec).encode(), pw.pw_gid)
         seccomp_fd = os.memfd_create("paitient-audit-seccomp", 0)
         os.write(seccomp_fd, seccomp_program())
         os.lseek(seccomp_fd, 0, os.SEEK_SET)
-        argv = sandbox_argv(uid=pw.pw_uid, gid=pw.pw_gid, scratch=str(scratch), job_dir=str(work),
-                            prefix=sys.prefix, python=sys.executable, limits=limits, seccomp_fd=seccomp_fd)
+        argv = sandbox_argv(
+            uid=pw.pw_uid,
+            gid=pw.pw_gid,
+            scratch=str(scratch),
+            job_dir=str(work),
+            prefix=sys.prefix,
+            python=sys.executable,
+            limits=limits,
+            seccomp_fd=seccomp_fd,
+        )
         try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin"},
-                                  pass_fds=(seccomp_fd,))
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=timeout,
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+                pass_fds=(seccomp_fd,),
+            )
         except subprocess.TimeoutExpired:
             return {"error": f"the audit did not finish within {timeout:g} s"}
         lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
@@ -151,24 +191,34 @@ def judge(answer: dict[str, Any], *, max_auc: float, max_advantage: float) -> di
     """Turn the worker's answer into a check result; only rounded numbers are kept."""
     if "error" in answer:
         # The message may come from the researcher's code: the steward sees it, the requester sees the reason.
-        return result("membership_inference", "error",
-                      "the membership-inference audit could not run the model; a steward reviews by hand",
-                      error=str(answer["error"])[:2000])
+        return result(
+            "membership_inference",
+            "error",
+            "the membership-inference audit could not run the model; a steward reviews by hand",
+            error=str(answer["error"])[:2000],
+        )
     try:
-        numbers = {k: round(float(answer[k]), DIGITS) for k in ("auc", "advantage", "member_loss_mean",
-                                                                "nonmember_loss_mean")}
+        numbers = {
+            k: round(float(answer[k]), DIGITS) for k in ("auc", "advantage", "member_loss_mean", "nonmember_loss_mean")
+        }
         counts = {k: int(answer[k]) for k in ("members", "nonmembers")}
     except (KeyError, TypeError, ValueError):
         return result("membership_inference", "error", "the audit answered without its numbers")
     auc, adv = numbers["auc"], numbers["advantage"]
     details = {**numbers, **counts, "max_auc": max_auc, "max_advantage": max_advantage}
     if auc > max_auc or adv > max_advantage:
-        return result("membership_inference", "fail",
-                      f"a loss-threshold attack tells training rows from held-out rows (AUC {auc:.3f}, advantage "
-                      f"{adv:.3f}; limits {max_auc:g} and {max_advantage:g}): the model memorises its training "
-                      "data; train with a smaller epsilon, fewer epochs or more regularisation", **details)
-    return result("membership_inference", "pass",
-                  f"a loss-threshold attack barely tells training rows from held-out rows (AUC {auc:.3f}, "
-                  f"advantage {adv:.3f}; limits {max_auc:g} and {max_advantage:g})", **details)
-
-
+        return result(
+            "membership_inference",
+            "fail",
+            f"a loss-threshold attack tells training rows from held-out rows (AUC {auc:.3f}, advantage "
+            f"{adv:.3f}; limits {max_auc:g} and {max_advantage:g}): the model memorises its training "
+            "data; train with a smaller epsilon, fewer epochs or more regularisation",
+            **details,
+        )
+    return result(
+        "membership_inference",
+        "pass",
+        f"a loss-threshold attack barely tells training rows from held-out rows (AUC {auc:.3f}, "
+        f"advantage {adv:.3f}; limits {max_auc:g} and {max_advantage:g})",
+        **details,
+    )

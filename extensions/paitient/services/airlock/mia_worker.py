@@ -27,7 +27,7 @@ def roc_auc_advantage(member_scores, nonmember_scores):
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     auc = (ranks[labels == 1].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n))
     desc = np.argsort(-scores, kind="mergesort")
@@ -75,7 +75,8 @@ def run(job):
             losses = torch.nn.functional.cross_entropy(out, torch.from_numpy(y.astype(np.int64)), reduction="none")
         elif loss_name == "bce":
             losses = torch.nn.functional.binary_cross_entropy_with_logits(
-                out.reshape(-1), torch.from_numpy(y.astype(np.float32)), reduction="none")
+                out.reshape(-1), torch.from_numpy(y.astype(np.float32)), reduction="none"
+            )
         elif loss_name == "mse":
             target = torch.from_numpy(y.astype(np.float32))
             losses = ((out.reshape(len(y), -1) - target.reshape(len(y), -1)) ** 2).mean(dim=1)
@@ -84,9 +85,12 @@ def run(job):
     losses = losses.numpy().astype(float)
     auc, advantage = roc_auc_advantage(-losses[members], -losses[~members])
     return {
-        "auc": auc, "advantage": advantage,
-        "members": int(members.sum()), "nonmembers": int((~members).sum()),
-        "member_loss_mean": float(losses[members].mean()), "nonmember_loss_mean": float(losses[~members].mean()),
+        "auc": auc,
+        "advantage": advantage,
+        "members": int(members.sum()),
+        "nonmembers": int((~members).sum()),
+        "member_loss_mean": float(losses[members].mean()),
+        "nonmember_loss_mean": float(losses[~members].mean()),
     }
 
 

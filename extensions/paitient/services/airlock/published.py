@@ -65,16 +65,24 @@ def _describe(path: Path) -> Published:
             h.update(chunk)
     meta = pq.ParquetFile(path).metadata
     project, dataset, _, version = path.parts[-5:-1]
-    return Published(name=f"{project}/{dataset} v{version}", sha256=h.hexdigest(),
-                     columns=frozenset(meta.schema.names), rows=meta.num_rows)
+    return Published(
+        name=f"{project}/{dataset} v{version}",
+        sha256=h.hexdigest(),
+        columns=frozenset(meta.schema.names),
+        rows=meta.num_rows,
+    )
 
 
 def check_not_published(sha256: str, published: list[Published]) -> dict[str, Any]:
     for p in published:
         if p.sha256 == sha256:
-            return result("published_copy", "fail",
-                          f"the file is a copy of the published dataset {p.name}: row-level data never leaves the "
-                          "workspace; export an aggregate or a model instead", dataset=p.name)
+            return result(
+                "published_copy",
+                "fail",
+                f"the file is a copy of the published dataset {p.name}: row-level data never leaves the "
+                "workspace; export an aggregate or a model instead",
+                dataset=p.name,
+            )
     return result("published_copy", "pass", "the file is not a copy of a published dataset")
 
 
@@ -85,8 +93,12 @@ def check_row_level(df: pd.DataFrame, published: list[Published]) -> dict[str, A
             continue
         shared = columns & p.columns
         if len(shared) >= COLUMN_SHARE * len(p.columns) and len(df) >= ROW_SHARE * p.rows:
-            return result("row_level", "fail",
-                          f"the table has {len(shared)} of the {len(p.columns)} columns of {p.name} and {len(df)} "
-                          f"of its {p.rows} rows: that is row-level data, not an aggregate; export a summary",
-                          dataset=p.name, shared_columns=sorted(shared)[:50])
+            return result(
+                "row_level",
+                "fail",
+                f"the table has {len(shared)} of the {len(p.columns)} columns of {p.name} and {len(df)} "
+                f"of its {p.rows} rows: that is row-level data, not an aggregate; export a summary",
+                dataset=p.name,
+                shared_columns=sorted(shared)[:50],
+            )
     return result("row_level", "pass", "the table is not shaped like a published dataset")

@@ -38,14 +38,30 @@ from paitient.services.airlock.settings import (
 )
 from paitient.services.kit.process import managed_service
 
-__all__ = ["SCOPE_DOWNLOAD", "SCOPE_REQUEST", "SCOPE_REVIEW", "Airlock", "AirlockSettings", "custom_scopes",
-           "hub_service", "role_scopes", "serve", "settings_for"]
+__all__ = [
+    "SCOPE_DOWNLOAD",
+    "SCOPE_REQUEST",
+    "SCOPE_REVIEW",
+    "Airlock",
+    "AirlockSettings",
+    "custom_scopes",
+    "hub_service",
+    "role_scopes",
+    "serve",
+    "settings_for",
+]
 
 
 def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> dict[str, Any]:
     """The ``JupyterHub.services`` entry that runs the airlock as a managed service."""
-    return managed_service(site, "airlock", python, port=port or AirlockSettings().port, scopes=list(custom_scopes()),
-                           description="Request, review and download outputs that leave the workspace.")
+    return managed_service(
+        site,
+        "airlock",
+        python,
+        port=port or AirlockSettings().port,
+        scopes=list(custom_scopes()),
+        description="Request, review and download outputs that leave the workspace.",
+    )
 
 
 def settings_for(site: SiteConfig, config: Config | None = None) -> AirlockSettings:
@@ -72,8 +88,10 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
     with_pages = bool(os.environ.get("JUPYTERHUB_API_TOKEN"))
     port = settings.port or urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "")).port
     if with_pages and not port:
-        raise SystemExit("the airlock needs a port for its pages: run it as a hub-managed service "
-                         "(JUPYTERHUB_SERVICE_URL) or pass --AirlockSettings.port=N")
+        raise SystemExit(
+            "the airlock needs a port for its pages: run it as a hub-managed service "
+            "(JUPYTERHUB_SERVICE_URL) or pass --AirlockSettings.port=N"
+        )
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/airlock/")
     airlock = Airlock(site, settings=settings, log=log)
     site.run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,8 +105,11 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
             server = web.make_app(airlock, prefix=prefix).listen(port, address="127.0.0.1")
             log.info("airlock: socket %s, pages on http://127.0.0.1:%d%s", channel.path, port, prefix)
         else:
-            log.warning("airlock: socket %s; no hub (JUPYTERHUB_API_TOKEN unset), so no review pages: run it "
-                        "as a hub-managed service for review and download", channel.path)
+            log.warning(
+                "airlock: socket %s; no hub (JUPYTERHUB_API_TOKEN unset), so no review pages: run it "
+                "as a hub-managed service for review and download",
+                channel.path,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

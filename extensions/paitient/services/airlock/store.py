@@ -92,10 +92,17 @@ class Request:
     def public(self) -> dict[str, Any]:
         """What the requester sees about their request (no internal paths)."""
         return {
-            "id": self.id, "project": self.project, "username": self.username, "kind": self.kind,
-            "filename": self.filename, "sha256": self.sha256, "size": self.size,
-            "justification": self.justification, "state": self.state,
-            "created": self.created, "updated": self.updated,
+            "id": self.id,
+            "project": self.project,
+            "username": self.username,
+            "kind": self.kind,
+            "filename": self.filename,
+            "sha256": self.sha256,
+            "size": self.size,
+            "justification": self.justification,
+            "state": self.state,
+            "created": self.created,
+            "updated": self.updated,
         }
 
 
@@ -111,16 +118,32 @@ class Event:
 
 def _row_request(r: sqlite3.Row) -> Request:
     return Request(
-        id=r["id"], project=r["project"], username=r["username"], account=r["account"], uid=r["uid"],
-        kind=r["kind"], filename=r["filename"], sha256=r["sha256"], size=r["size"],
-        justification=r["justification"], meta=json.loads(r["meta"]), state=r["state"],
-        created=r["created"], updated=r["updated"],
+        id=r["id"],
+        project=r["project"],
+        username=r["username"],
+        account=r["account"],
+        uid=r["uid"],
+        kind=r["kind"],
+        filename=r["filename"],
+        sha256=r["sha256"],
+        size=r["size"],
+        justification=r["justification"],
+        meta=json.loads(r["meta"]),
+        state=r["state"],
+        created=r["created"],
+        updated=r["updated"],
     )
 
 
 def _row_event(r: sqlite3.Row) -> Event:
-    return Event(seq=r["seq"], request_id=r["request_id"], ts=r["ts"], actor=r["actor"], type=r["type"],
-                 data=json.loads(r["data"]))
+    return Event(
+        seq=r["seq"],
+        request_id=r["request_id"],
+        ts=r["ts"],
+        actor=r["actor"],
+        type=r["type"],
+        data=json.loads(r["data"]),
+    )
 
 
 def new_request_id() -> str:
@@ -223,27 +246,56 @@ class Store:
     # ---------------------------------------------------------------------------------------------
     # Requests and events
 
-    def create(self, *, project: str, username: str, account: str, uid: int, kind: str, filename: str,
-               sha256: str, size: int, justification: str, meta: dict[str, Any]) -> Request:
+    def create(
+        self,
+        *,
+        project: str,
+        username: str,
+        account: str,
+        uid: int,
+        kind: str,
+        filename: str,
+        sha256: str,
+        size: int,
+        justification: str,
+        meta: dict[str, Any],
+    ) -> Request:
         now = time.time()
         rid = new_request_id()
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO requests (id, project, username, account, uid, kind, filename, sha256, size, "
                 "justification, meta, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rid, project, username, account, uid, kind, filename, sha256, size, justification,
-                 json.dumps(meta, sort_keys=True), review.SUBMITTED, now, now),
+                (
+                    rid,
+                    project,
+                    username,
+                    account,
+                    uid,
+                    kind,
+                    filename,
+                    sha256,
+                    size,
+                    justification,
+                    json.dumps(meta, sort_keys=True),
+                    review.SUBMITTED,
+                    now,
+                    now,
+                ),
             )
             self._event(db, rid, username, "state", {"from": None, "to": review.SUBMITTED}, now)
         return self.get(rid)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, rid: str, actor: str, type_: str, data: dict[str, Any],
-               ts: float | None = None) -> None:
+    def _event(
+        db: sqlite3.Connection, rid: str, actor: str, type_: str, data: dict[str, Any], ts: float | None = None
+    ) -> None:
         if type_ not in EVENT_TYPES:
             raise StoreError(f"unknown event type {type_!r}")
-        db.execute("INSERT INTO events (request_id, ts, actor, type, data) VALUES (?,?,?,?,?)",
-                   (rid, ts or time.time(), actor, type_, json.dumps(data, sort_keys=True, default=str)))
+        db.execute(
+            "INSERT INTO events (request_id, ts, actor, type, data) VALUES (?,?,?,?,?)",
+            (rid, ts or time.time(), actor, type_, json.dumps(data, sort_keys=True, default=str)),
+        )
 
     def _get(self, db: sqlite3.Connection, rid: str) -> Request:
         row = db.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
@@ -271,31 +323,48 @@ class Store:
             for r in results:
                 self._event(db, rid, actor, "check", r)
 
-    def decide(self, rid: str, *, reviewer: str, action: str, comment: str, may_review: bool,
-               approvals_needed: int) -> review.Decision:
+    def decide(
+        self, rid: str, *, reviewer: str, action: str, comment: str, may_review: bool, approvals_needed: int
+    ) -> review.Decision:
         """Record a steward's decision; the rules (:func:`review.decide`) run inside the transaction."""
         with self._transaction() as db:
             req = self._get(db, rid)
             earlier = self._approvers(db, rid)
             decision = review.decide(
-                state=req.state, requester=req.username, reviewer=reviewer, action=action, comment=comment,
-                may_review=may_review, earlier_approvers=earlier, approvals_needed=approvals_needed,
+                state=req.state,
+                requester=req.username,
+                reviewer=reviewer,
+                action=action,
+                comment=comment,
+                may_review=may_review,
+                earlier_approvers=earlier,
+                approvals_needed=approvals_needed,
             )
             now = time.time()
-            self._event(db, rid, reviewer, "decision",
-                        {"action": action, "comment": comment.strip(), "approvals": decision.approvals,
-                         "needed": decision.needed}, now)
+            self._event(
+                db,
+                rid,
+                reviewer,
+                "decision",
+                {
+                    "action": action,
+                    "comment": comment.strip(),
+                    "approvals": decision.approvals,
+                    "needed": decision.needed,
+                },
+                now,
+            )
             if decision.new_state is not None:
                 review.check_transition(req.state, decision.new_state)
-                db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?",
-                           (decision.new_state, now, rid))
+                db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?", (decision.new_state, now, rid))
                 self._event(db, rid, reviewer, "state", {"from": req.state, "to": decision.new_state}, now)
         return decision
 
     @staticmethod
     def _approvers(db: sqlite3.Connection, rid: str) -> list[str]:
-        rows = db.execute("SELECT actor, data FROM events WHERE request_id = ? AND type = 'decision' ORDER BY seq",
-                          (rid,)).fetchall()
+        rows = db.execute(
+            "SELECT actor, data FROM events WHERE request_id = ? AND type = 'decision' ORDER BY seq", (rid,)
+        ).fetchall()
         return [r["actor"] for r in rows if json.loads(r["data"]).get("action") == "approve"]
 
     def record_download(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
@@ -324,8 +393,9 @@ class Store:
                 out.append(e.data)
         return out
 
-    def list(self, *, projects: list[str] | None = None, username: str | None = None,
-             states_: list[str] | None = None) -> list[Request]:
+    def list(
+        self, *, projects: list[str] | None = None, username: str | None = None, states_: list[str] | None = None
+    ) -> list[Request]:
         """Requests matching all given filters (``projects``/``username`` are OR-ed: either matches)."""
         where, args = [], []
         who = []

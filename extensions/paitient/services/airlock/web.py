@@ -32,8 +32,9 @@ from paitient.services.airlock.store import StoreError
 HERE = Path(__file__).parent
 PREVIEW_ROWS = 20
 PREVIEW_COLUMNS = 30
-CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
-       "base-uri 'none'")
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 ID_RE = r"([0-9]{8}-[0-9a-f]{8})"
 
 
@@ -70,15 +71,20 @@ class AirlockHandler(HubOAuthenticated, web.RequestHandler):
         except StoreError:
             raise web.HTTPError(404, f"there is no airlock request {rid}") from None
         if not self.airlock.may_view(username, scopes, req):
-            raise web.HTTPError(403, f"request {rid} is not yours, not of a project you review, and not released "
-                                     "to a project of yours")
+            raise web.HTTPError(
+                403, f"request {rid} is not yours, not of a project you review, and not released to a project of yours"
+            )
         return req
 
     def get_template_namespace(self) -> dict[str, Any]:
         ns = super().get_template_namespace()
-        ns.update(prefix=self.settings["airlock_prefix"], user=self.current_user, json=json,
-                  label=lambda s: s.replace("_", " "),
-                  when=lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)))
+        ns.update(
+            prefix=self.settings["airlock_prefix"],
+            user=self.current_user,
+            json=json,
+            label=lambda s: s.replace("_", " "),
+            when=lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)),
+        )
         return ns
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -105,8 +111,13 @@ class ListHandler(AirlockHandler):
     @web.authenticated
     async def get(self) -> None:
         reqs, reviewable = await self.run(self._listing, self.username, self.scopes)
-        self.render("list.html", requests=reqs, reviewable=reviewable,
-                    can_request=SCOPE_REQUEST in self.scopes, can_review=SCOPE_REVIEW in self.scopes)
+        self.render(
+            "list.html",
+            requests=reqs,
+            reviewable=reviewable,
+            can_request=SCOPE_REQUEST in self.scopes,
+            can_review=SCOPE_REVIEW in self.scopes,
+        )
 
     def _listing(self, username: str, scopes: set[str]):
         return self.airlock.visible(username, scopes), set(self.airlock.steward_projects(username, scopes))
@@ -122,14 +133,30 @@ class DetailHandler(AirlockHandler):
         airlock = self.airlock
         is_reviewer = airlock.may_review(username, scopes, req)
         info = airlock.describe(req, for_steward=is_reviewer)
-        record = next((c["details"].get("record") for c in info["checks"]
-                       if c["check"] == "training_record" and c.get("details")), None)
-        flagged = {(cell["row"], cell["column"]) for c in info["checks"] if c["status"] == "fail"
-                   for cell in (c.get("details") or {}).get("cells", []) if isinstance(cell, dict)}
+        record = next(
+            (
+                c["details"].get("record")
+                for c in info["checks"]
+                if c["check"] == "training_record" and c.get("details")
+            ),
+            None,
+        )
+        flagged = {
+            (cell["row"], cell["column"])
+            for c in info["checks"]
+            if c["status"] == "fail"
+            for cell in (c.get("details") or {}).get("cells", [])
+            if isinstance(cell, dict)
+        }
         return dict(
-            req=req, info=info, events=airlock.store.events(rid), record=record, flagged=flagged,
+            req=req,
+            info=info,
+            events=airlock.store.events(rid),
+            record=record,
+            flagged=flagged,
             preview=_preview(airlock, req) if airlock.may_preview(username, scopes, req) else None,
-            is_reviewer=is_reviewer, is_requester=req.username == username,
+            is_reviewer=is_reviewer,
+            is_requester=req.username == username,
             can_decide=is_reviewer and req.username != username and req.state == review.IN_REVIEW,
             can_download=airlock.may_download(username, scopes, req),
             approvals_needed=airlock.site.project(req.project).approvals,
@@ -143,8 +170,9 @@ class DecisionHandler(AirlockHandler):
         action = self.get_body_argument("action", "")
         comment = self.get_body_argument("comment", "")
         try:
-            await self.run(self.airlock.decide, rid, username=self.username, scopes=self.scopes,
-                           action=action, comment=comment)
+            await self.run(
+                self.airlock.decide, rid, username=self.username, scopes=self.scopes, action=action, comment=comment
+            )
         except review.TransitionError as e:
             raise web.HTTPError(e.status, str(e)) from None
         self.redirect(f"{self.settings['airlock_prefix']}requests/{rid}", status=303)
@@ -154,16 +182,23 @@ class DownloadHandler(AirlockHandler):
     @web.authenticated
     async def get(self, rid: str) -> None:
         try:
-            req, data = await self.run(self.airlock.download, rid, username=self.username, scopes=self.scopes,
-                                       client=self.request.remote_ip or "")
+            req, data = await self.run(
+                self.airlock.download,
+                rid,
+                username=self.username,
+                scopes=self.scopes,
+                client=self.request.remote_ip or "",
+            )
         except StoreError:
             raise web.HTTPError(404, f"there is no airlock request {rid}") from None
         except PermissionError as e:
             raise web.HTTPError(403, str(e)) from None
         except Exception:
             self.airlock.log.exception("download of %s refused: no audit record", rid)
-            raise web.HTTPError(503, "the download could not be recorded in the audit trail, so it is refused; "
-                                     "ask the workspace operator") from None
+            raise web.HTTPError(
+                503,
+                "the download could not be recorded in the audit trail, so it is refused; ask the workspace operator",
+            ) from None
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(req.filename)}")
         self.set_header("X-Airlock-SHA256", req.sha256)
@@ -216,16 +251,25 @@ def _preview(airlock: Airlock, req) -> dict[str, Any] | None:
         except TableError as e:
             return {"error": str(e)}
         head = df.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS]
-        return {"columns": [str(c) for c in head.columns],
-                "rows": [[str(v) for v in row] for row in head.itertuples(index=False)],
-                "total_rows": len(df), "total_columns": len(df.columns)}
+        return {
+            "columns": [str(c) for c in head.columns],
+            "rows": [[str(v) for v in row] for row in head.itertuples(index=False)],
+            "total_rows": len(df),
+            "total_columns": len(df.columns),
+        }
     if image_type(data):
         return {"image": True}
     return None
 
 
-def make_app(airlock: Airlock, *, prefix: str = "/services/airlock/", hub_auth: HubOAuth | None = None,
-             cookie_secret: bytes | None = None, **extra: Any) -> web.Application:
+def make_app(
+    airlock: Airlock,
+    *,
+    prefix: str = "/services/airlock/",
+    hub_auth: HubOAuth | None = None,
+    cookie_secret: bytes | None = None,
+    **extra: Any,
+) -> web.Application:
     """The tornado application; ``hub_auth`` defaults to the hub's OAuth configured from the service env."""
     prefix = "/" + prefix.strip("/") + "/"
     if hub_auth is None:
@@ -242,9 +286,14 @@ def make_app(airlock: Airlock, *, prefix: str = "/services/airlock/", hub_auth: 
     ]
     return web.Application(
         handlers,
-        airlock=airlock, hub_auth=hub_auth, airlock_prefix=prefix,
-        template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
+        airlock=airlock,
+        hub_auth=hub_auth,
+        airlock_prefix=prefix,
+        template_path=str(HERE / "templates"),
+        static_path=str(HERE / "static"),
         static_url_prefix=prefix + "static/",
         cookie_secret=cookie_secret or secrets.token_bytes(32),
-        xsrf_cookies=True, login_url=prefix, **extra,
+        xsrf_cookies=True,
+        login_url=prefix,
+        **extra,
     )

@@ -24,8 +24,21 @@ from paitient.rules.disclosure import result
 
 MAX_HEADER = 100 << 20
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 
 
@@ -44,8 +57,10 @@ def sniff_code_format(data: bytes) -> str | None:
     return None
 
 
-_SAVE_HINT = ("save the state dict with safetensors.torch.save_file(model.state_dict(), 'model.safetensors'); "
-              "pickle-based files run code when they are loaded, so the airlock never takes them")
+_SAVE_HINT = (
+    "save the state dict with safetensors.torch.save_file(model.state_dict(), 'model.safetensors'); "
+    "pickle-based files run code when they are loaded, so the airlock never takes them"
+)
 
 
 def parse_safetensors(data: bytes) -> dict[str, dict[str, Any]]:
@@ -70,7 +85,7 @@ def _parse(data: bytes) -> dict[str, dict[str, Any]]:
     if n == 0 or n > MAX_HEADER or 8 + n > len(data):
         raise WeightsFormatError(f"no valid safetensors header (declared length {n}); {_SAVE_HINT}")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise WeightsFormatError(f"the safetensors header is not JSON; {_SAVE_HINT}") from None
     if not isinstance(header, dict):
@@ -83,9 +98,13 @@ def _parse(data: bytes) -> dict[str, dict[str, Any]]:
         if not isinstance(info, dict) or info.get("dtype") not in DTYPE_SIZES:
             raise WeightsFormatError(f"tensor {name!r}: unknown or missing dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+        ):
             raise WeightsFormatError(f"tensor {name!r}: malformed shape or data_offsets")
         begin, end = offsets
         count = 1
@@ -113,8 +132,9 @@ def check_format(data: bytes) -> tuple[dict[str, Any], dict[str, dict[str, Any]]
     except WeightsFormatError as e:
         return result("format", "fail", str(e)), None
     total = sum(len_ for len_ in (t["data_offsets"][1] - t["data_offsets"][0] for t in tensors.values()))
-    return result("format", "pass", f"safetensors with {len(tensors)} tensors ({total} bytes of parameters)",
-                  tensors=len(tensors)), tensors
+    return result(
+        "format", "pass", f"safetensors with {len(tensors)} tensors ({total} bytes of parameters)", tensors=len(tensors)
+    ), tensors
 
 
 def check_training_record(run: dict[str, Any] | None, *, project: str, budget_for) -> dict[str, Any]:
@@ -125,14 +145,20 @@ def check_training_record(run: dict[str, Any] | None, *, project: str, budget_fo
     project's total :class:`paitient.config.Budget` for a dataset.
     """
     if run is None:
-        return result("training_record", "fail",
-                      "no training record in the privacy ledger matches these parameters: export only the weights "
-                      "that paitient.kernel.dp training saved, unchanged")
+        return result(
+            "training_record",
+            "fail",
+            "no training record in the privacy ledger matches these parameters: export only the weights "
+            "that paitient.kernel.dp training saved, unchanged",
+        )
     summary = summarise_run(run)
     if run.get("project") != project:
-        return result("training_record", "fail",
-                      f"the matching training record belongs to project {run.get('project')!r}, not {project!r}",
-                      record=summary)
+        return result(
+            "training_record",
+            "fail",
+            f"the matching training record belongs to project {run.get('project')!r}, not {project!r}",
+            record=summary,
+        )
     dataset = str(run.get("dataset", ""))
     try:
         budget = budget_for(dataset)
@@ -143,18 +169,28 @@ def check_training_record(run: dict[str, Any] | None, *, project: str, budget_fo
     if not isinstance(eps, int | float) or not isinstance(delta, int | float):
         return result("training_record", "fail", "the training record has no epsilon/delta spent", record=summary)
     if eps > budget.epsilon or delta > budget.delta:
-        return result("training_record", "fail",
-                      f"the run spent epsilon={eps:g}, delta={delta:g}, beyond the project's budget for {dataset} "
-                      f"(epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=summary)
-    return result("training_record", "pass",
-                  f"trained with differential privacy on {dataset}: epsilon={eps:g}, delta={delta:g} "
-                  f"(budget epsilon={budget.epsilon:g}, delta={budget.delta:g})", record=summary)
+        return result(
+            "training_record",
+            "fail",
+            f"the run spent epsilon={eps:g}, delta={delta:g}, beyond the project's budget for {dataset} "
+            f"(epsilon={budget.epsilon:g}, delta={budget.delta:g})",
+            record=summary,
+        )
+    return result(
+        "training_record",
+        "pass",
+        f"trained with differential privacy on {dataset}: epsilon={eps:g}, delta={delta:g} "
+        f"(budget epsilon={budget.epsilon:g}, delta={budget.delta:g})",
+        record=summary,
+    )
 
 
 def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     """The parts of a ledger run a steward needs to see (flat, JSON-safe)."""
-    out = {k: run.get(k) for k in ("id", "project", "dataset", "username", "epsilon_spent", "delta_spent",
-                                     "closed", "weights_sha256")}
+    out = {
+        k: run.get(k)
+        for k in ("id", "project", "dataset", "username", "epsilon_spent", "delta_spent", "closed", "weights_sha256")
+    }
     record = run.get("record") or {}
     if isinstance(record, dict):
         out.update({f"record.{k}": v for k, v in record.items()})

@@ -46,8 +46,14 @@ def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
 
     The web view listens on loopback; ``port=0`` picks a free port now (as the hub does for its own).
     """
-    return managed_service(site, "audit", python, port=port, scopes=[READ_SCOPE],
-                           description="Audit trail (stewards and admins, read-only)")
+    return managed_service(
+        site,
+        "audit",
+        python,
+        port=port,
+        scopes=[READ_SCOPE],
+        description="Audit trail (stewards and admins, read-only)",
+    )
 
 
 def peer_origin(pid: int) -> str:
@@ -65,8 +71,15 @@ def peer_origin(pid: int) -> str:
 
 
 def user_event(
-    actor: str, peer: Peer, args: dict[str, Any], *, string_chars: int, details_bytes: int, origin: str = "",
-    projects: tuple[str, ...] = (), known_projects: tuple[str, ...] = (),
+    actor: str,
+    peer: Peer,
+    args: dict[str, Any],
+    *,
+    string_chars: int,
+    details_bytes: int,
+    origin: str = "",
+    projects: tuple[str, ...] = (),
+    known_projects: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Turn a ``record`` request into the event to append, or raise :class:`ChannelError` saying why not."""
     unknown = sorted(set(args) - REQUEST_KEYS)
@@ -97,9 +110,7 @@ def user_event(
     # `audit show --project` reads project names from details and object: only the sender's own count
     foreign = (projects_of({"object": obj, "details": details}) & set(known_projects)) - set(projects)
     if foreign:
-        raise ChannelError(
-            f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", "forbidden"
-        )
+        raise ChannelError(f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", "forbidden")
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
     capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
     return {

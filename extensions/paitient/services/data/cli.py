@@ -67,12 +67,16 @@ paitient ingest --dry-run SPEC.toml   # every check, publish nothing
             self.fail(str(e), code=1)
         if self.dry_run:
             info = result.info
-            print(f"dry run, nothing published: {spec.project}/{spec.dataset} would have {info['rows']} rows, "
-                  f"{len(info['columns'])} columns, k = {info['k']} ({info['k_unit']})")
+            print(
+                f"dry run, nothing published: {spec.project}/{spec.dataset} would have {info['rows']} rows, "
+                f"{len(info['columns'])} columns, k = {info['k']} ({info['k_unit']})"
+            )
             return
         m = result.manifest
-        print(f"published {spec.project}/{spec.dataset} version {result.version}: {m['rows']} rows, "
-              f"{len(m['columns'])} columns, k = {m['k']} ({m['k_unit']}) -> {result.path}")
+        print(
+            f"published {spec.project}/{spec.dataset} version {result.version}: {m['rows']} rows, "
+            f"{len(m['columns'])} columns, k = {m['k']} ({m['k_unit']}) -> {result.path}"
+        )
 
 
 class DatasetsCommand(PaitientCommand):
@@ -102,9 +106,19 @@ class DatasetsCommand(PaitientCommand):
         rows = [header]
         for i in infos:
             m = i.manifest
-            rows.append((i.project, i.name, str(i.version), str(len(all_versions(i))),
-                         str(i.rows), str(len(i.columns)), "-" if i.k is None else str(i.k),
-                         m.get("created", ""), m.get("operator", "")))
+            rows.append(
+                (
+                    i.project,
+                    i.name,
+                    str(i.version),
+                    str(len(all_versions(i))),
+                    str(i.rows),
+                    str(len(i.columns)),
+                    "-" if i.k is None else str(i.k),
+                    m.get("created", ""),
+                    m.get("operator", ""),
+                )
+            )
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
         for r in rows:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

@@ -22,17 +22,31 @@ SAMPLE = 2000
 SHARE = 0.6  # of the sampled non-missing values must match
 
 _NAME_RULES: list[tuple[str, str]] = [
-    ("a person's name", r"^(names?|full_?name|display_?name|family|given|surname|forename)$"
-     r"|(^|_)(first|last|given|family|middle|maiden|patient|person|sur|fore|vor|nach|familien|geburts)_?names?$"),
+    (
+        "a person's name",
+        r"^(names?|full_?name|display_?name|family|given|surname|forename)$"
+        r"|(^|_)(first|last|given|family|middle|maiden|patient|person|sur|fore|vor|nach|familien|geburts)_?names?$",
+    ),
     ("an email address", r"(^|_)e_?mail(_?address)?$|(^|_)mail_?address$"),
-    ("a phone number",
-     r"(^|_)((tele)?phone|tel|mobile|cell_?phone|fax|telefon|telefonnummer|handy)(_?(number|no|nr))?$"),
-    ("a street address", r"(^|_)(address|street|strasse|straße|adresse|addr)(_?(line|\d))*(_\d)?$"
-     r"|(^|_)(house|haus)_?(number|no|nr|nummer)$|(^|_)address_line_?\d?$"),
-    ("an insurance or national number", r"(^|_)(ssn|social_security(_number)?|nhs(_?(number|no))?|ni_?number"
-     r"|national_insurance(_number)?|insurance_?(number|no|id|nr)|kvnr|versicherten_?nummer|sv_?nummer)$"),
-    ("a record number", r"^id$|(^|_)(mrn|medical_record(_number)?|record_?(number|no)|patient_?(id|number|no|nr)"
-     r"|pat_?id|pid|case_?(id|number|no)|fall_?(nummer|nr)|encounter_?id|visit_?id|admission_?id)$"),
+    (
+        "a phone number",
+        r"(^|_)((tele)?phone|tel|mobile|cell_?phone|fax|telefon|telefonnummer|handy)(_?(number|no|nr))?$",
+    ),
+    (
+        "a street address",
+        r"(^|_)(address|street|strasse|straße|adresse|addr)(_?(line|\d))*(_\d)?$"
+        r"|(^|_)(house|haus)_?(number|no|nr|nummer)$|(^|_)address_line_?\d?$",
+    ),
+    (
+        "an insurance or national number",
+        r"(^|_)(ssn|social_security(_number)?|nhs(_?(number|no))?|ni_?number"
+        r"|national_insurance(_number)?|insurance_?(number|no|id|nr)|kvnr|versicherten_?nummer|sv_?nummer)$",
+    ),
+    (
+        "a record number",
+        r"^id$|(^|_)(mrn|medical_record(_number)?|record_?(number|no)|patient_?(id|number|no|nr)"
+        r"|pat_?id|pid|case_?(id|number|no)|fall_?(nummer|nr)|encounter_?id|visit_?id|admission_?id)$",
+    ),
     ("a birth date", r"(^|_)(date_of_birth|birth_?(date|day)|dob|geburts_?datum)$"),
 ]
 
@@ -41,22 +55,29 @@ _DATES = "real dates (unshifted, they link records to real events)"
 _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
     # (what, pattern, needs mostly distinct values)
     ("email addresses", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), False),
-    ("insurance numbers", re.compile(
-        r"[A-Z]\d{9}"                                   # German health insurance (KVNR)
-        r"|\d{2}\s?\d{6}\s?[A-Z]\s?\d{3}"                # German social insurance
-        r"|[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]"  # UK National Insurance
-        r"|\d{3}[ -]\d{3}[ -]\d{4}"                     # UK NHS number, spaced
-    ), False),
+    (
+        "insurance numbers",
+        re.compile(
+            r"[A-Z]\d{9}"  # German health insurance (KVNR)
+            r"|\d{2}\s?\d{6}\s?[A-Z]\s?\d{3}"  # German social insurance
+            r"|[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]"  # UK National Insurance
+            r"|\d{3}[ -]\d{3}[ -]\d{4}"  # UK NHS number, spaced
+        ),
+        False,
+    ),
     ("record numbers", re.compile(r"(?i)((mrn|pid|pat|kis|case|fall)[-_: ]?)?[A-Z]{0,3}[-_]?\d{6,12}"), True),
     ("phone numbers", re.compile(r"(\+|00|0)\d[\d ()/.-]{5,}\d"), False),
-    ("street addresses", re.compile(
-        r"(?i)(\d+[a-z]?,?\s+(\w+\s+){0,3}(street|st|road|rd|avenue|ave|lane|ln|drive|dr|way|close|court|place"
-        r"|square|crescent|terrace|gardens)\.?\b.*"
-        r"|.*\w(straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s*\d+[a-z]?\b.*)"
-    ), False),
+    (
+        "street addresses",
+        re.compile(
+            r"(?i)(\d+[a-z]?,?\s+(\w+\s+){0,3}(street|st|road|rd|avenue|ave|lane|ln|drive|dr|way|close|court|place"
+            r"|square|crescent|terrace|gardens)\.?\b.*"
+            r"|.*\w(straße|strasse|str\.|weg|allee|platz|gasse|ring|damm|ufer)\s*\d+[a-z]?\b.*)"
+        ),
+        False,
+    ),
     (_DATES, re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?"), False),
-    ("person names", re.compile(
-        r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
+    ("person names", re.compile(r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
 ]
 
 
@@ -115,7 +136,8 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
         if needs_varied and not varied:
             continue
         hits = [
-            i for i, v in values
+            i
+            for i, v in values
             if pattern.fullmatch(v) and (what != "phone numbers" or sum(c.isdigit() for c in v) >= 7)
         ]
         if len(hits) >= SHARE * len(values):

@@ -17,20 +17,59 @@ from paitient.services.data.errors import IngestRefused
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "Patient": (
-        "id", "identifier", "family", "given", "gender", "birth_date", "deceased", "deceased_date",
-        "phone", "email", "address_line", "city", "postal_code", "country",
+        "id",
+        "identifier",
+        "family",
+        "given",
+        "gender",
+        "birth_date",
+        "deceased",
+        "deceased_date",
+        "phone",
+        "email",
+        "address_line",
+        "city",
+        "postal_code",
+        "country",
     ),
     "Encounter": (
-        "id", "identifier", "patient", "status", "class_code", "type_code", "type_display",
-        "period_start", "period_end", "reason_code", "reason_display",
+        "id",
+        "identifier",
+        "patient",
+        "status",
+        "class_code",
+        "type_code",
+        "type_display",
+        "period_start",
+        "period_end",
+        "reason_code",
+        "reason_display",
     ),
     "Condition": (
-        "id", "patient", "encounter", "code_system", "code", "code_display", "clinical_status",
-        "verification_status", "onset_date", "recorded_date",
+        "id",
+        "patient",
+        "encounter",
+        "code_system",
+        "code",
+        "code_display",
+        "clinical_status",
+        "verification_status",
+        "onset_date",
+        "recorded_date",
     ),
     "Observation": (
-        "id", "patient", "encounter", "status", "category", "code_system", "code", "code_display",
-        "effective_date", "value_number", "value_unit", "value_text",
+        "id",
+        "patient",
+        "encounter",
+        "status",
+        "category",
+        "code_system",
+        "code",
+        "code_display",
+        "effective_date",
+        "value_number",
+        "value_unit",
+        "value_text",
     ),
 }
 
@@ -158,8 +197,10 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
             try:
                 r = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise IngestRefused(f"{path.name} line {n}: not a JSON resource ({type(e).__name__}); "
-                                    "each line must hold one FHIR resource") from None
+                raise IngestRefused(
+                    f"{path.name} line {n}: not a JSON resource ({type(e).__name__}); "
+                    "each line must hold one FHIR resource"
+                ) from None
             kind = r.get("resourceType") if isinstance(r, dict) else None
             if not kind:
                 raise IngestRefused(f"{path.name} line {n}: no resourceType; each line must hold one FHIR resource")
@@ -171,7 +212,7 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
     if not resource:
         if len(rows) != 1:
             found = ", ".join(sorted(rows)) or "none of " + ", ".join(_FLATTEN)
-            raise IngestRefused(f"{path.name} holds {found}; say resource = \"...\" in the spec to pick one")
+            raise IngestRefused(f'{path.name} holds {found}; say resource = "..." in the spec to pick one')
         resource = next(iter(rows))
     if resource not in rows:
         raise IngestRefused(f"{path.name} holds no {resource} resources")

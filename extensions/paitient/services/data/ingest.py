@@ -82,19 +82,34 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
         if what:
             problems.append(
                 f"column {col!r} is not in the spec and has {what}; declare it in [columns] "
-                f"({col} = \"drop\", \"pseudonym\" for an identifier you need to link rows, \"date_shift\" "
-                "for dates), or if it is not identifying, say so with \"keep\""
+                f'({col} = "drop", "pseudonym" for an identifier you need to link rows, "date_shift" '
+                'for dates), or if it is not identifying, say so with "keep"'
             )
     return problems
 
 
-def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.ndarray, pa.Array] | None,
-           patient_col: str, patient_digests: np.ndarray | None, offsets: np.ndarray | None) -> pa.Array:
+def _apply(
+    rule: Rule,
+    arr: pa.ChunkedArray,
+    *,
+    pkey: bytes,
+    patient: tuple[np.ndarray, pa.Array] | None,
+    patient_col: str,
+    patient_digests: np.ndarray | None,
+    offsets: np.ndarray | None,
+) -> pa.Array:
     col, p = rule.column, rule.params
     if rule.action == "pseudonym":
         if patient is not None and col == patient_col:
-            return tf.pseudonyms_by_code(patient[0], patient[1], pkey, domain=p["domain"], prefix=p["prefix"],
-                                         column=col, precomputed=None if p["domain"] else patient_digests)
+            return tf.pseudonyms_by_code(
+                patient[0],
+                patient[1],
+                pkey,
+                domain=p["domain"],
+                prefix=p["prefix"],
+                column=col,
+                precomputed=None if p["domain"] else patient_digests,
+            )
         return tf.pseudonymise(arr, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
     if rule.action == "date_shift":
         dates = tf.parse_dates(arr, col, p["format"])
@@ -104,8 +119,12 @@ def _apply(rule: Rule, arr: pa.ChunkedArray, *, pkey: bytes, patient: tuple[np.n
         if unknown.any():
             missing = pc.and_(pc.is_valid(dates), pa.array(unknown)).to_numpy(zero_copy_only=False)
             if missing.any():
-                raise ColumnError(col, "has a date but the patient id is missing, so it cannot be shifted; "
-                                  "fill in the patient id or drop the row", int(np.argmax(missing)) + 1)
+                raise ColumnError(
+                    col,
+                    "has a date but the patient id is missing, so it cannot be shifted; "
+                    "fill in the patient id or drop the row",
+                    int(np.argmax(missing)) + 1,
+                )
         return tf.shift_dates(dates, offsets, col)
     if rule.action == "keep":
         return _typed(arr, col, p.get("type", ""))
@@ -158,14 +177,26 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         if rule.action == "drop":
             continue
         try:
-            out_cols[rule.output] = _apply(rule, table.column(col), pkey=pkey, patient=patient,
-                                          patient_col=spec.patient_id, patient_digests=digests, offsets=offsets)
+            out_cols[rule.output] = _apply(
+                rule,
+                table.column(col),
+                pkey=pkey,
+                patient=patient,
+                patient_col=spec.patient_id,
+                patient_digests=digests,
+                offsets=offsets,
+            )
         except ColumnError as e:
             problems.append(_row_hint(spec, e))
             continue
-        described.append({"name": rule.output, "source": col,
-                          "action": rule.action if col in spec.rules else "keep (undeclared)",
-                          **({"method": rule.method} if rule.method else {})})
+        described.append(
+            {
+                "name": rule.output,
+                "source": col,
+                "action": rule.action if col in spec.rules else "keep (undeclared)",
+                **({"method": rule.method} if rule.method else {}),
+            }
+        )
     if problems:
         raise IngestRefused(problems)
     result = pa.table(out_cols)
@@ -221,15 +252,21 @@ def is_current(site: SiteConfig, spec: Spec, source_sha256: str, master: bytes) 
     if not m:
         return False
     return (
-        m.get("spec_sha256") == spec.digest(min_k=site.workspace.min_k,
-                                             date_shift_days=site.workspace.date_shift_days)
+        m.get("spec_sha256") == spec.digest(min_k=site.workspace.min_k, date_shift_days=site.workspace.date_shift_days)
         and m.get("source_sha256") == source_sha256
         and m.get("key_id") == keys.key_id(keys.project_key(master, spec.project))
     )
 
 
-def ingest(site: SiteConfig, spec: Spec, *, operator: str | None = None, dry_run: bool = False,
-           publisher: Publisher | None = None, skip_unchanged: bool = False) -> Published | Outcome | None:
+def ingest(
+    site: SiteConfig,
+    spec: Spec,
+    *,
+    operator: str | None = None,
+    dry_run: bool = False,
+    publisher: Publisher | None = None,
+    skip_unchanged: bool = False,
+) -> Published | Outcome | None:
     """Pseudonymise ``spec.source`` and publish it as the next version of the dataset.
 
     Returns the :class:`Published` version; with ``dry_run`` the :class:`Outcome` (nothing written);
@@ -251,8 +288,14 @@ def ingest(site: SiteConfig, spec: Spec, *, operator: str | None = None, dry_run
         outcome = transform(site, spec, table, master)
     except IngestRefused as e:
         if not dry_run:
-            audit.emit(site, actor=operator, action="ingest.publish", object=obj, outcome="denied",
-                       details={"project": spec.project, "dataset": spec.dataset, "problems": e.problems[:20]})
+            audit.emit(
+                site,
+                actor=operator,
+                action="ingest.publish",
+                object=obj,
+                outcome="denied",
+                details={"project": spec.project, "dataset": spec.dataset, "problems": e.problems[:20]},
+            )
         raise
     if dry_run:
         return outcome
@@ -260,9 +303,19 @@ def ingest(site: SiteConfig, spec: Spec, *, operator: str | None = None, dry_run
     publisher = publisher or Publisher(site.data_root, site.state_dir / "locks")
     published = publisher.publish(spec.project, spec.dataset, outcome.table, manifest)
     audit.emit(
-        site, actor=operator, action="ingest.publish", object=f"{obj}@v{published.version}",
-        details={"project": spec.project, "dataset": spec.dataset, "version": published.version,
-                 "rows": manifest["rows"], "k": manifest["k"], "spec_sha256": manifest["spec_sha256"],
-                 "source_sha256": source_sha, "key_id": manifest["key_id"]},
+        site,
+        actor=operator,
+        action="ingest.publish",
+        object=f"{obj}@v{published.version}",
+        details={
+            "project": spec.project,
+            "dataset": spec.dataset,
+            "version": published.version,
+            "rows": manifest["rows"],
+            "k": manifest["k"],
+            "spec_sha256": manifest["spec_sha256"],
+            "source_sha256": source_sha,
+            "key_id": manifest["key_id"],
+        },
     )
     return published

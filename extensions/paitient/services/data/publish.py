@@ -132,8 +132,11 @@ class Publisher:
         # statistics only for numbers and dates: for text (pseudonyms, categories) they cost a third
         # of the write and prune nothing.
         text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-        stats = [f.name for f in table.schema
-                 if not any(t(f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for t in text)]
+        stats = [
+            f.name
+            for f in table.schema
+            if not any(t(f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for t in text)
+        ]
         pq.write_table(table, data, store_schema=False, write_statistics=stats)
         man.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (data, man):

@@ -31,7 +31,7 @@ def _bad_encoding_line(path: Path, encoding: str) -> str:
             except UnicodeDecodeError as e:
                 return (
                     f"{path.name} line {n}: not valid {encoding} text (byte {e.start + 1} of the line); "
-                    "save the file as UTF-8 or name its encoding in the spec (encoding = \"latin-1\")"
+                    'save the file as UTF-8 or name its encoding in the spec (encoding = "latin-1")'
                 )
     return f"{path.name}: not valid {encoding} text; save it as UTF-8 or name its encoding in the spec"
 
@@ -59,8 +59,10 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
         raise IngestRefused(f"encoding = {spec.encoding!r} is not a known text encoding") from None
     columns = _header(path, spec)
     text_cols = {
-        c: pa.string() for c, r in spec.rules.items()
-        if r.action in ("pseudonym", "date_shift") or r.method in ("prefix", "rare", "year")
+        c: pa.string()
+        for c, r in spec.rules.items()
+        if r.action in ("pseudonym", "date_shift")
+        or r.method in ("prefix", "rare", "year")
         or (r.action == "keep" and r.params.get("type") in ("string", "date"))
     }
     ragged: list[str] = []
@@ -79,10 +81,10 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
     try:
         table = pcsv.read_csv(
             path,
-            read_options=pcsv.ReadOptions(encoding=spec.encoding, use_threads=False, column_names=columns,
-                                          skip_rows=1),
-            parse_options=pcsv.ParseOptions(delimiter=spec.delimiter, invalid_row_handler=on_invalid,
-                                            newlines_in_values=True),
+            read_options=pcsv.ReadOptions(encoding=spec.encoding, use_threads=False, column_names=columns, skip_rows=1),
+            parse_options=pcsv.ParseOptions(
+                delimiter=spec.delimiter, invalid_row_handler=on_invalid, newlines_in_values=True
+            ),
             convert_options=pcsv.ConvertOptions(
                 column_types={c: t for c, t in text_cols.items() if c in columns},
                 include_columns=[c for c in columns if spec.rules.get(c) is None or spec.rules[c].action != "drop"],
@@ -110,8 +112,11 @@ def read_parquet(path: Path, spec: Spec) -> tuple[pa.Table, list[str]]:
     try:
         schema = pq.read_schema(path)
         wanted = [f.name for f in schema if spec.rules.get(f.name) is None or spec.rules[f.name].action != "drop"]
-        text = [f.name for f in schema if f.name in wanted and (pa.types.is_string(f.type)
-                                                               or pa.types.is_large_string(f.type))]
+        text = [
+            f.name
+            for f in schema
+            if f.name in wanted and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))
+        ]
         # ParquetFile.read gives a chunk per row group (read_table cuts batches, each with the whole dictionary)
         table = pq.ParquetFile(path, read_dictionary=text).read(columns=wanted)
     except (pa.ArrowInvalid, OSError) as e:

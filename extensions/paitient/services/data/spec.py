@@ -48,8 +48,19 @@ _PARAMS: dict[str, dict[str, Any]] = {
 }
 
 _TOP_KEYS = {
-    "project", "dataset", "source", "format", "encoding", "delimiter", "resource", "patient_id",
-    "quasi_identifiers", "min_k", "strict", "description", "columns",
+    "project",
+    "dataset",
+    "source",
+    "format",
+    "encoding",
+    "delimiter",
+    "resource",
+    "patient_id",
+    "quasi_identifiers",
+    "min_k",
+    "strict",
+    "description",
+    "columns",
 }
 
 

@@ -64,8 +64,12 @@ class ScopedPage(HubOAuthenticated, web.RequestHandler):
 
 def make_app(routes: list[tuple[str, type]], *, hub_auth=None, **settings: Any) -> web.Application:
     """An application for ``routes``; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
-    return web.Application(routes, paitient_hub_auth=hub_auth,
-                           cookie_secret=settings.pop("cookie_secret", None) or secrets.token_bytes(32), **settings)
+    return web.Application(
+        routes,
+        paitient_hub_auth=hub_auth,
+        cookie_secret=settings.pop("cookie_secret", None) or secrets.token_bytes(32),
+        **settings,
+    )
 
 
 class WebThread:

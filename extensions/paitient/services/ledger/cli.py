@@ -14,38 +14,50 @@ from paitient.services.ledger.store import Ledger, LedgerError
 
 
 def format_budget(rows: list[dict]) -> list[str]:
-    lines = [f"{'dataset':<20}{'eps total':>10}{'spent':>9}{'reserved':>10}{'left':>9}{'delta total':>13}"
-             f"{'delta left':>12}{'runs':>6}  set by"]
+    lines = [
+        f"{'dataset':<20}{'eps total':>10}{'spent':>9}{'reserved':>10}{'left':>9}{'delta total':>13}"
+        f"{'delta left':>12}{'runs':>6}  set by"
+    ]
     for b in rows:
-        lines.append(f"{b['dataset']:<20}{b['epsilon_total']:>10.4g}{b['epsilon_spent']:>9.4g}"
-                     f"{b['epsilon_reserved']:>10.4g}{b['epsilon_left']:>9.4g}{b['delta_total']:>13.3g}"
-                     f"{b['delta_left']:>12.3g}{b['runs']:>6}  {b['source']}")
+        lines.append(
+            f"{b['dataset']:<20}{b['epsilon_total']:>10.4g}{b['epsilon_spent']:>9.4g}"
+            f"{b['epsilon_reserved']:>10.4g}{b['epsilon_left']:>9.4g}{b['delta_total']:>13.3g}"
+            f"{b['delta_left']:>12.3g}{b['runs']:>6}  {b['source']}"
+        )
     return lines
 
 
 def format_runs(runs: list[dict]) -> list[str]:
-    lines = [f"  {'reserved at (UTC)':<20}{'dataset':<16}{'user':<14}{'state':<9}{'eps res':>8}{'spent':>8}"
-             f"  {'mode':<6}{'steps':>6}  weights sha256    run"]
+    lines = [
+        f"  {'reserved at (UTC)':<20}{'dataset':<16}{'user':<14}{'state':<9}{'eps res':>8}{'spent':>8}"
+        f"  {'mode':<6}{'steps':>6}  weights sha256    run"
+    ]
     for r in runs:
         when = datetime.datetime.fromtimestamp(r["created"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         rec = r["record"] or {}
         spent = "" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.4g}"
-        lines.append(f"  {when:<20}{r['dataset']:<16}{r['username'][:13]:<14}{r['state']:<9}{r['epsilon']:>8.4g}"
-                     f"{spent:>8}  {str(rec.get('mode', '')):<6}{str(rec.get('steps', '')):>6}  "
-                     f"{(r['weights_sha256'] or '-')[:16]:<16}  {r['id']}")
+        lines.append(
+            f"  {when:<20}{r['dataset']:<16}{r['username'][:13]:<14}{r['state']:<9}{r['epsilon']:>8.4g}"
+            f"{spent:>8}  {str(rec.get('mode', '')):<6}{str(rec.get('steps', '')):>6}  "
+            f"{(r['weights_sha256'] or '-')[:16]:<16}  {r['id']}"
+        )
     return lines
 
 
 class LedgerShow(PaitientCommand):
     name = "ledger show"
-    description = ("Per project and dataset: total, spent, reserved and left epsilon and delta "
-                   "(composition: epsilons and deltas add up); with --runs every run and its record.")
+    description = (
+        "Per project and dataset: total, spent, reserved and left epsilon and delta "
+        "(composition: epsilons and deltas add up); with --runs every run and its record."
+    )
     project = Unicode("", help="Only this project (default: all).").tag(config=True)
     runs = Bool(False, help="List the runs too.").tag(config=True)
     json_output = Bool(False, help="Print JSON.").tag(config=True)
     aliases = {**PaitientCommand.aliases, "project": "LedgerShow.project"}
-    flags = {"runs": ({"LedgerShow": {"runs": True}}, "List the runs too."),
-             "json": ({"LedgerShow": {"json_output": True}}, "Print JSON.")}
+    flags = {
+        "runs": ({"LedgerShow": {"runs": True}}, "List the runs too."),
+        "json": ({"LedgerShow": {"json_output": True}}, "Print JSON."),
+    }
 
     def start(self) -> None:
         self.require_root()
@@ -71,18 +83,25 @@ class LedgerShow(PaitientCommand):
 
 class LedgerSetBudget(PaitientCommand):
     name = "ledger set-budget"
-    description = ("Record a steward's total (epsilon, delta) for one dataset, replacing the site "
-                   "configuration's; --clear goes back to the site configuration. "
-                   "Example: paitient ledger set-budget --project=oncology --dataset=gbsg2 --epsilon=5 --delta=1e-5")
+    description = (
+        "Record a steward's total (epsilon, delta) for one dataset, replacing the site "
+        "configuration's; --clear goes back to the site configuration. "
+        "Example: paitient ledger set-budget --project=oncology --dataset=gbsg2 --epsilon=5 --delta=1e-5"
+    )
     project = Unicode("", help="Project.").tag(config=True)
     dataset = Unicode("", help="Dataset of the project.").tag(config=True)
     epsilon = Float(0.0, help="Total epsilon.").tag(config=True)
     delta = Float(0.0, help="Total delta.").tag(config=True)
     steward = Unicode("", help="Who decided (recorded with the total; default: the login name).").tag(config=True)
     clear = Bool(False, help="Remove the override.").tag(config=True)
-    aliases = {**PaitientCommand.aliases, "project": "LedgerSetBudget.project",
-               "dataset": "LedgerSetBudget.dataset", "epsilon": "LedgerSetBudget.epsilon",
-               "delta": "LedgerSetBudget.delta", "steward": "LedgerSetBudget.steward"}
+    aliases = {
+        **PaitientCommand.aliases,
+        "project": "LedgerSetBudget.project",
+        "dataset": "LedgerSetBudget.dataset",
+        "epsilon": "LedgerSetBudget.epsilon",
+        "delta": "LedgerSetBudget.delta",
+        "steward": "LedgerSetBudget.steward",
+    }
     flags = {"clear": ({"LedgerSetBudget": {"clear": True}}, "Remove the override.")}
 
     def start(self) -> None:
@@ -102,9 +121,13 @@ class LedgerSetBudget(PaitientCommand):
         try:
             from paitient.services.audit import emit
 
-            emit(site, actor=by, action="ledger.budget", object=f"{self.project}/{self.dataset}",
-                 details={"project": self.project, "epsilon": self.epsilon, "delta": self.delta,
-                          "cleared": self.clear})
+            emit(
+                site,
+                actor=by,
+                action="ledger.budget",
+                object=f"{self.project}/{self.dataset}",
+                details={"project": self.project, "epsilon": self.epsilon, "delta": self.delta, "cleared": self.clear},
+            )
         except Exception as e:
             self.log.error("could not write the audit record: %s", e)
         for line in format_budget([b for b in ledger.budget(self.project) if b["dataset"] == self.dataset]):

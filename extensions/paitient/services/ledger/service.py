@@ -48,8 +48,14 @@ def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
 
     The stewards' page listens on loopback; ``port=0`` picks a free port now.
     """
-    return managed_service(site, "ledger", python, port=port, scopes=[READ_SCOPE],
-                           description="Privacy-budget ledger (stewards, read-only)")
+    return managed_service(
+        site,
+        "ledger",
+        python,
+        port=port,
+        scopes=[READ_SCOPE],
+        description="Privacy-budget ledger (stewards, read-only)",
+    )
 
 
 # -- process liveness ------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def process_start(pid: int) -> int | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
@@ -101,7 +107,8 @@ def _only(args: dict[str, Any], allowed: set[str]) -> None:
     if unknown:
         raise ChannelError(
             f"unknown argument(s) {', '.join(unknown)}; send {', '.join(sorted(allowed))} "
-            "(who you are comes from your connection)", "bad_request",
+            "(who you are comes from your connection)",
+            "bad_request",
         )
 
 
@@ -113,8 +120,7 @@ def public_run(row: dict[str, Any]) -> dict[str, Any]:
 class LedgerService:
     """The operations, given a ledger and a registry; :meth:`handlers` plugs them into a ChannelServer."""
 
-    def __init__(self, site, ledger: Ledger, registry: Registry, log: logging.Logger,
-                 is_alive=alive):
+    def __init__(self, site, ledger: Ledger, registry: Registry, log: logging.Logger, is_alive=alive):
         self.site = site
         self.ledger = ledger
         self.registry = registry
@@ -159,9 +165,18 @@ class LedgerService:
         for rid in gone:
             run = self.ledger.run(rid) or {}
             self.log.warning("ledger: run %s ended without settling; counted in full", rid)
-            self.audit(run.get("username", "system"), "ledger.settle", f"{run.get('project')}/{run.get('dataset')}",
-                       "ok", {"reservation": rid, "state": "lost", "epsilon_spent": run.get("epsilon"),
-                              "project": run.get("project")})
+            self.audit(
+                run.get("username", "system"),
+                "ledger.settle",
+                f"{run.get('project')}/{run.get('dataset')}",
+                "ok",
+                {
+                    "reservation": rid,
+                    "state": "lost",
+                    "epsilon_spent": run.get("epsilon"),
+                    "project": run.get("project"),
+                },
+            )
         return gone
 
     def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
@@ -190,20 +205,36 @@ class LedgerService:
         self.sweep()
         obj = f"{project}/{dataset}"
         try:
-            rid = self.ledger.reserve(project, dataset, epsilon, delta, user=member.username, run_id=run_id,
-                                      pid=peer.pid, pid_start=process_start(peer.pid))
+            rid = self.ledger.reserve(
+                project,
+                dataset,
+                epsilon,
+                delta,
+                user=member.username,
+                run_id=run_id,
+                pid=peer.pid,
+                pid_start=process_start(peer.pid),
+            )
         except BudgetExceeded as e:
-            self.audit(member.username, "ledger.reserve", obj, "denied",
-                       {"project": project, "epsilon": epsilon, "delta": delta, "reason": str(e)})
+            self.audit(
+                member.username,
+                "ledger.reserve",
+                obj,
+                "denied",
+                {"project": project, "epsilon": epsilon, "delta": delta, "reason": str(e)},
+            )
             raise ChannelError(str(e), "budget_exceeded") from None
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
         row = self.ledger.run(rid)
-        self.audit(member.username, "ledger.reserve", obj, "ok",
-                   {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"],
-                    "pid": peer.pid})
-        return {"reservation": row["id"], **public_run(row),
-                "budget": self._dataset_budget(project, dataset)}
+        self.audit(
+            member.username,
+            "ledger.reserve",
+            obj,
+            "ok",
+            {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"], "pid": peer.pid},
+        )
+        return {"reservation": row["id"], **public_run(row), "budget": self._dataset_budget(project, dataset)}
 
     def settle(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})
@@ -215,13 +246,22 @@ class LedgerService:
         delta_spent = _num_arg(args, "delta_spent", required=False)
         record = args.get("record") or {}
         try:
-            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent,
-                                     user=member.username)
+            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent, user=member.username)
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
-        self.audit(member.username, "ledger.settle", f"{row['project']}/{row['dataset']}", "ok",
-                   {"project": row["project"], "reservation": reservation, "epsilon_spent": row["epsilon_spent"],
-                    "delta_spent": row["delta_spent"], "weights_sha256": row["weights_sha256"]})
+        self.audit(
+            member.username,
+            "ledger.settle",
+            f"{row['project']}/{row['dataset']}",
+            "ok",
+            {
+                "project": row["project"],
+                "reservation": reservation,
+                "epsilon_spent": row["epsilon_spent"],
+                "delta_spent": row["delta_spent"],
+                "weights_sha256": row["weights_sha256"],
+            },
+        )
         return {**public_run(row), "budget": self._dataset_budget(row["project"], row["dataset"])}
 
     def _dataset_budget(self, project: str, dataset: str) -> dict[str, Any]:
@@ -235,8 +275,10 @@ class LedgerService:
             self._project_for(peer, project)
             projects = [project]
         self.sweep()
-        return {"user": "root" if peer.uid == 0 else self.member(peer).username,
-                "projects": {p: self.ledger.budget(p) for p in projects}}
+        return {
+            "user": "root" if peer.uid == 0 else self.member(peer).username,
+            "projects": {p: self.ledger.budget(p) for p in projects},
+        }
 
     def records(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> list[dict[str, Any]]:
         _only(args, {"project", "dataset"})
@@ -246,8 +288,12 @@ class LedgerService:
         if project is not None:
             self._project_for(peer, project)
             return [public_run(r) for r in self.ledger.runs(project, dataset)]
-        return [public_run(r) for p in projects for r in self.ledger.runs(p, dataset)
-                if dataset is None or r["dataset"] == dataset]
+        return [
+            public_run(r)
+            for p in projects
+            for r in self.ledger.runs(p, dataset)
+            if dataset is None or r["dataset"] == dataset
+        ]
 
     def record_by_hash(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
         _only(args, {"sha256"})

@@ -40,11 +40,30 @@ from paitient.rules.budget import (
 __all__ = ["BudgetExceeded", "Ledger", "LedgerError", "db_path", "RECORD_FIELDS"]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-RECORD_FIELDS = frozenset({
-    "dataset", "dataset_version", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
-    "planned_steps", "epochs", "max_grad_norm", "mode", "accountant", "weights_sha256", "model",
-    "started", "finished", "batch_size", "dataset_size", "loss_reduction", "note",
-})
+RECORD_FIELDS = frozenset(
+    {
+        "dataset",
+        "dataset_version",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "planned_steps",
+        "epochs",
+        "max_grad_norm",
+        "mode",
+        "accountant",
+        "weights_sha256",
+        "model",
+        "started",
+        "finished",
+        "batch_size",
+        "dataset_size",
+        "loss_reduction",
+        "note",
+    }
+)
 """Keys a training record may carry (see docs/privacy.md for their meaning)."""
 MAX_RECORD_BYTES = 16384
 
@@ -82,8 +101,22 @@ SCHEMA = (
 )
 
 RUN_COLUMNS = (
-    "id", "project", "dataset", "username", "run_id", "pid", "pid_start", "epsilon", "delta", "state",
-    "epsilon_spent", "delta_spent", "created", "closed", "record", "weights_sha256",
+    "id",
+    "project",
+    "dataset",
+    "username",
+    "run_id",
+    "pid",
+    "pid_start",
+    "epsilon",
+    "delta",
+    "state",
+    "epsilon_spent",
+    "delta_spent",
+    "created",
+    "closed",
+    "record",
+    "weights_sha256",
 )
 _SELECT_RUNS = "SELECT " + ", ".join(RUN_COLUMNS) + " FROM runs"  # noqa: S608 -- fixed column names
 
@@ -139,7 +172,8 @@ class _Postgres:
         except ImportError:
             raise LedgerError(
                 "the ledger is configured with a PostgreSQL URL but the psycopg package is not "
-                "installed; install psycopg or leave the URL empty for SQLite", "unavailable"
+                "installed; install psycopg or leave the URL empty for SQLite",
+                "unavailable",
             ) from None
         self._psycopg = psycopg
         self.url = url
@@ -215,15 +249,14 @@ class Ledger:
             raise LedgerError(str(e.args[0]), "unknown_project") from None
         if dataset not in proj.datasets:
             raise LedgerError(
-                f"project {project!r} has no dataset {dataset!r}; its datasets: "
-                f"{', '.join(proj.datasets) or 'none'}", "unknown_dataset",
+                f"project {project!r} has no dataset {dataset!r}; its datasets: {', '.join(proj.datasets) or 'none'}",
+                "unknown_dataset",
             )
         return proj
 
     def _total(self, q, project: str, dataset: str) -> tuple[Budget, str]:
         proj = self._check_dataset(project, dataset)
-        rows = q("SELECT epsilon, delta FROM budget_overrides WHERE project = ? AND dataset = ?",
-                 (project, dataset))
+        rows = q("SELECT epsilon, delta FROM budget_overrides WHERE project = ? AND dataset = ?", (project, dataset))
         if rows:
             return Budget(epsilon=rows[0][0], delta=rows[0][1]), "steward"
         return proj.budget_for(dataset), "site"
@@ -242,11 +275,13 @@ class Ledger:
             raise LedgerError("a total delta must be positive", "bad_request")
         self._check_dataset(project, dataset)
         with self.db.transaction(write=True) as q:
-            q("INSERT INTO budget_overrides (project, dataset, epsilon, delta, set_by, set_at) "
-              "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, dataset) DO UPDATE SET "
-              "epsilon = excluded.epsilon, delta = excluded.delta, set_by = excluded.set_by, "
-              "set_at = excluded.set_at",
-              (project, dataset, float(epsilon), float(delta), by, time.time()))
+            q(
+                "INSERT INTO budget_overrides (project, dataset, epsilon, delta, set_by, set_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, dataset) DO UPDATE SET "
+                "epsilon = excluded.epsilon, delta = excluded.delta, set_by = excluded.set_by, "
+                "set_at = excluded.set_at",
+                (project, dataset, float(epsilon), float(delta), by, time.time()),
+            )
 
     def clear_budget(self, project: str, dataset: str) -> None:
         """Drop a steward override: the site configuration's total applies again."""
@@ -266,20 +301,38 @@ class Ledger:
                 rows = [_row(r) for r in q(_SELECT_RUNS + " WHERE project = ? AND dataset = ?", (project, ds))]
                 used = usage(_entry(r) for r in rows)
                 eps_left, delta_left = left(total, used)
-                out.append({
-                    "project": project, "dataset": ds, "source": source,
-                    "epsilon_total": total.epsilon, "delta_total": total.delta,
-                    "epsilon_spent": used.spent_epsilon, "delta_spent": used.spent_delta,
-                    "epsilon_reserved": used.reserved_epsilon, "delta_reserved": used.reserved_delta,
-                    "epsilon_left": eps_left, "delta_left": delta_left,
-                    "runs": len(rows),
-                })
+                out.append(
+                    {
+                        "project": project,
+                        "dataset": ds,
+                        "source": source,
+                        "epsilon_total": total.epsilon,
+                        "delta_total": total.delta,
+                        "epsilon_spent": used.spent_epsilon,
+                        "delta_spent": used.spent_delta,
+                        "epsilon_reserved": used.reserved_epsilon,
+                        "delta_reserved": used.reserved_delta,
+                        "epsilon_left": eps_left,
+                        "delta_left": delta_left,
+                        "runs": len(rows),
+                    }
+                )
         return out
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def reserve(self, project: str, dataset: str, epsilon: float, delta: float, *, user: str,
-                run_id: str = "", pid: int = 0, pid_start: int | None = None) -> str:
+    def reserve(
+        self,
+        project: str,
+        dataset: str,
+        epsilon: float,
+        delta: float,
+        *,
+        user: str,
+        run_id: str = "",
+        pid: int = 0,
+        pid_start: int | None = None,
+    ) -> str:
         """Reserve ``(epsilon, delta)`` of a dataset's budget for one run; return the reservation id.
 
         Raises :class:`BudgetExceeded` with the numbers when it does not fit.
@@ -291,17 +344,27 @@ class Ledger:
         rid = uuid.uuid4().hex
         with self.db.transaction(write=True) as q:
             total, _ = self._total(q, project, dataset)
-            rows = q("SELECT state, epsilon, delta, epsilon_spent, delta_spent FROM runs "
-                     "WHERE project = ? AND dataset = ?", (project, dataset))
+            rows = q(
+                "SELECT state, epsilon, delta, epsilon_spent, delta_spent FROM runs WHERE project = ? AND dataset = ?",
+                (project, dataset),
+            )
             check_reserve(f"{project}/{dataset}", total, usage(Entry(*r) for r in rows), epsilon, delta)
-            q("INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, epsilon, delta, "
-              "state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
-              (rid, project, dataset, user, run_id, int(pid), pid_start, float(epsilon), float(delta),
-               time.time()))
+            q(
+                "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, epsilon, delta, "
+                "state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
+                (rid, project, dataset, user, run_id, int(pid), pid_start, float(epsilon), float(delta), time.time()),
+            )
         return rid
 
-    def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any] | None = None, *,
-               delta_spent: float | None = None, user: str | None = None) -> dict[str, Any]:
+    def settle(
+        self,
+        reservation: str,
+        epsilon_spent: float,
+        record: dict[str, Any] | None = None,
+        *,
+        delta_spent: float | None = None,
+        user: str | None = None,
+    ) -> dict[str, Any]:
         """Close a run with what its accountant says it spent and its training record; return its row.
 
         The rest of the reservation is released.
@@ -329,10 +392,18 @@ class Ledger:
                 check_settle(row["epsilon"], row["delta"], epsilon_spent, delta_spent)
             except ValueError as e:
                 raise LedgerError(str(e), "over_reservation") from None
-            q("UPDATE runs SET state = 'settled', epsilon_spent = ?, delta_spent = ?, closed = ?, "
-              "record = ?, weights_sha256 = ? WHERE id = ?",
-              (float(epsilon_spent), float(delta_spent), time.time(), record_json,
-               (record or {}).get("weights_sha256"), reservation))
+            q(
+                "UPDATE runs SET state = 'settled', epsilon_spent = ?, delta_spent = ?, closed = ?, "
+                "record = ?, weights_sha256 = ? WHERE id = ?",
+                (
+                    float(epsilon_spent),
+                    float(delta_spent),
+                    time.time(),
+                    record_json,
+                    (record or {}).get("weights_sha256"),
+                    reservation,
+                ),
+            )
             return _row(q(_SELECT_RUNS + " WHERE id = ?", (reservation,))[0])
 
     def mark_lost(self, alive: Callable[[int, int | None], bool]) -> list[str]:
@@ -366,6 +437,7 @@ class Ledger:
         if not SHA256_RE.match(sha256):
             raise LedgerError("a SHA-256 is 64 hex digits", "bad_request")
         with self.db.transaction(write=False) as q:
-            rows = q(_SELECT_RUNS + " WHERE weights_sha256 = ? AND state = 'settled' "
-                     "ORDER BY closed DESC LIMIT 1", (sha256,))
+            rows = q(
+                _SELECT_RUNS + " WHERE weights_sha256 = ? AND state = 'settled' ORDER BY closed DESC LIMIT 1", (sha256,)
+            )
         return _row(rows[0]) if rows else None

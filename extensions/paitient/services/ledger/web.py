@@ -123,10 +123,14 @@ class BudgetAPI(StewardHandler):
 def make_app(site, ledger, prefix: str, *, hub_auth=None, **settings: Any) -> web.Application:
     if not prefix.endswith("/"):
         prefix += "/"
-    routes = [(prefix, LedgerPage), (prefix + "api/budget", BudgetAPI),
-              (prefix + "oauth_callback", HubOAuthCallbackHandler)]
-    return page_app(routes, hub_auth=hub_auth, paitient_site=site, paitient_ledger=ledger, paitient_prefix=prefix,
-                    **settings)
+    routes = [
+        (prefix, LedgerPage),
+        (prefix + "api/budget", BudgetAPI),
+        (prefix + "oauth_callback", HubOAuthCallbackHandler),
+    ]
+    return page_app(
+        routes, hub_auth=hub_auth, paitient_site=site, paitient_ledger=ledger, paitient_prefix=prefix, **settings
+    )
 
 
 def run_in_thread(site, ledger, url: str, log: logging.Logger) -> WebThread:
