@@ -181,6 +181,21 @@ class UserServer:
         out = subprocess.run(["pgrep", "-u", str(self.user.pw_uid)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split() if self.proc and int(p) != self.proc.pid]
 
+    def lasting_kernel_pids(self, settle: float = 0.5, tries: int = 20) -> list[int]:
+        """The account's processes that stay: two readings ``settle`` seconds apart that agree.
+
+        A single reading can catch a process that lives for a moment (a helper the kernel's Python starts
+        and ends); comparing such readings made the interrupt test fail now and then.
+        """
+        last = sorted(self.kernel_pids())
+        for _ in range(tries):
+            time.sleep(settle)
+            now = sorted(self.kernel_pids())
+            if now == last:
+                return now
+            last = now
+        raise AssertionError(f"the account's processes did not settle in {settle * tries:.0f} s: {last}")
+
     def run(
         self,
         code: str,

@@ -99,7 +99,7 @@ def test_interrupt_reaches_the_kernel_and_keeps_the_sandbox(site, world_tmp, mak
     with UserServer(site, user, ("onc",), world_tmp) as server:
         kid = server.start_kernel()
         assert server.run("x = 41", kid).error is None
-        before = sorted(server.kernel_pids())
+        before = server.lasting_kernel_pids()
         timer = threading.Timer(2.0, lambda: server.request("POST", f"/api/kernels/{kid}/interrupt"))
         timer.start()
         t0 = time.monotonic()
@@ -108,7 +108,7 @@ def test_interrupt_reaches_the_kernel_and_keeps_the_sandbox(site, world_tmp, mak
         assert res.error is not None and res.error.startswith("KeyboardInterrupt"), res
         assert time.monotonic() - t0 < 30
         assert server.run("print(x + 1)", kid).stdout == "42\n"  # same kernel, state kept
-        assert sorted(server.kernel_pids()) == before
+        assert server.lasting_kernel_pids() == before
 
 
 def test_restarted_kernel_is_sandboxed_again(site, world_tmp, make_system_user):
@@ -119,11 +119,10 @@ def test_restarted_kernel_is_sandboxed_again(site, world_tmp, make_system_user):
         assert server.request("POST", f"/api/kernels/{kid}/restart").status_code == 200
         res = server.run(
             "import os, socket\nprint('x' in globals(), os.listdir('/data'))\n"
-            "try: socket.create_connection(('192.0.2.1', 443), timeout=3)\n"
-            "except OSError as e: print(e.errno)",
+            "print(socket.if_nameindex(), open('/proc/net/route').read().splitlines()[1:])",
             kid,
         )
-        assert res.stdout.split("\n")[:2] == ["False ['onc']", "101"], res
+        assert res.stdout.split("\n")[:2] == ["False ['onc']", "[(1, 'lo')] []"], res
 
 
 def test_kernels_die_with_a_killed_server(site, world_tmp, make_system_user):
