@@ -29,15 +29,13 @@ __attribute__((constructor)) static void planted(void) {
 
 IN_SANDBOX = (
     "import socket, os\n"
-    "try:\n"
-    "    socket.create_connection(('192.0.2.1', 443), timeout=3); print('NET-OPEN')\n"
-    "except OSError as e: print('NET', e.errno)\n"
+    "print('NET', [i for _, i in socket.if_nameindex()], len(open('/proc/net/route').read().splitlines()) - 1)\n"
     "print('PID1', open('/proc/1/cmdline','rb').read().split(b'\\0')[0].decode())\n"
 )
 
 
 def _in_sandbox(res) -> bool:
-    return "NET 101" in res.stdout and "PID1 /usr/bin/bwrap" in res.stdout
+    return "NET ['lo'] 0" in res.stdout and "PID1 /usr/bin/bwrap" in res.stdout
 
 
 def _own(path: Path, user) -> None:

@@ -4,6 +4,8 @@ Every target is a listener this test started on loopback (or an address in the s
 namespace, which holds only ``lo``); after each attack, the stand-ins confirm nothing arrived.
 """
 
+from pathlib import Path
+
 import pytest
 
 
@@ -46,20 +48,36 @@ def test_udp_to_host_loopback_never_arrives(world, alice_kernel):
     assert out["errno"] == "ECONNREFUSED", out
 
 
-def test_tcp_to_an_outside_address_is_unreachable(alice_kernel):
-    # 192.0.2.1 (TEST-NET-1): the sandbox has no route, the call fails before any packet is built.
-    out = alice_kernel.attempt("socket.create_connection(('192.0.2.1', 443), timeout=5)")
-    assert out["errno"] == "ENETUNREACH", out
+# "No way out" without sending anything off the machine: the sandbox's network namespace has no route and no
+# resolver, read from inside; the loopback attacks above show what a connection attempt meets.
+# The interface of every route: /proc/net/route names it first (after a header), ipv6_route last.
+ROUTES = (
+    "sorted({ln.split()[0] for ln in open('/proc/net/route').read().splitlines()[1:]} "
+    "| {ln.split()[-1] for ln in open('/proc/net/ipv6_route').read().splitlines() if ln.strip()})"
+)
 
 
-def test_udp_to_an_outside_address_is_unreachable(alice_kernel):
-    out = alice_kernel.attempt("socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('192.0.2.1', 53))")
-    assert out["errno"] == "ENETUNREACH", out
+def test_the_sandbox_has_no_route_but_loopback(alice_kernel):
+    # IPv4: no entry at all in the main table (lo's routes live in the local table); IPv6: only lo's.
+    out = alice_kernel.attempt(ROUTES)
+    assert out["ok"] and out["value"] in ("[]", "['lo']"), out
 
 
-def test_dns_resolution_fails(alice_kernel):
-    out = alice_kernel.attempt("socket.getaddrinfo('example.org', 443)")
-    assert out["type"] == "gaierror", out
+def test_the_host_has_routes_the_sandbox_lacks(alice_kernel):
+    # The same reading on the host is not empty: the check above can fail.
+    host = {ln.split()[0] for ln in Path("/proc/net/route").read_text().splitlines()[1:] if ln.split()}
+    assert host - {"lo"}, host
+
+
+def test_the_sandbox_has_no_resolver(alice_kernel):
+    out = alice_kernel.attempt(
+        "[ln for f in ('/etc/resolv.conf', '/etc/hosts') if __import__('os').path.exists(f) "
+        "for ln in open(f).read().splitlines() if ln.strip() and not ln.startswith('#')]"
+    )
+    assert out["ok"], out
+    lines = eval(out["value"])  # noqa: S307 - the repr of a list of str that the test itself asked for
+    assert not [ln for ln in lines if ln.split()[0] == "nameserver"], lines
+    assert all(ln.split()[0] in ("127.0.0.1", "::1") for ln in lines), lines
 
 
 def test_only_loopback_interface_exists(alice_kernel):
