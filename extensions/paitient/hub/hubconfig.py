@@ -26,6 +26,7 @@ STEWARD_SCOPES = [
     "custom:airlock:review",
     "custom:ledger:read",
     "custom:audit:read",
+    "custom:egress:read",
     "list:users",
     "read:users:name",
     "read:groups",

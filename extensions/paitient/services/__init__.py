@@ -21,6 +21,7 @@ SERVICES = {
     "ledger": "paitient.services.ledger.service",
     "audit": "paitient.services.audit.service",
     "airlock": "paitient.services.airlock.service",
+    "egress": "paitient.services.egress.service",
 }
 
 

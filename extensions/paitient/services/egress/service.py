@@ -1,0 +1,410 @@
+"""The egress service: the root-side half of the gate every byte to a researcher's browser passes.
+
+Run by ``paitient service egress`` (a JupyterHub managed service). It listens on
+``<state_dir>/gate/egress.sock``, a folder no kernel sandbox binds, so only the users' servers reach it; a
+server's user is whoever its uid is in the registry (``SO_PEERCRED``), never what it says. Each server keeps
+one connection and sends every piece of output before it forwards it (kernel messages, files and notebooks,
+API responses), framed as in :mod:`paitient.rules.egress`. For each piece the service
+
+- finds the dataset rows it reveals with the exact-data-match indexes of the user's projects,
+- adds them to the rows its whole output (an execution, a file, a notebook: the *context*) revealed so far,
+- counts them, and its bytes, against the user's day (:mod:`.store`), and
+- answers forward or withhold, with the notice the researcher reads (:func:`paitient.rules.egress.decide`).
+
+What left is recorded in the audit trail: one ``egress.output`` record per context (channel, bytes, SHA-256
+of what was forwarded, rows per dataset, verdict) when it ends, and an ``egress.withheld`` record the moment
+a piece is withheld. When the trail cannot be written, or rows cannot be matched, pieces larger than
+``fail_closed_bytes`` are withheld until it can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import socketserver
+import stat
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from paitient.config import SiteConfig
+from paitient.registry import Member, Registry
+from paitient.rules.egress import (
+    FrameError,
+    Limits,
+    decide,
+    decode_header,
+    encode_frame,
+    header_length,
+)
+from paitient.services.egress import socket_path
+from paitient.services.egress.matcher import Matcher, MissingIndex
+from paitient.services.egress.store import EgressStore, today
+
+MAX_CONTEXTS = 512
+"""Open contexts per connection; the oldest is closed (and recorded) beyond this."""
+IDLE_SECONDS = 60.0
+"""A context without a piece for this long is closed and recorded."""
+CHANNELS = frozenset({"kernel", "contents", "http"})
+
+log = logging.getLogger("paitient.services.egress")
+
+
+def limits_for(site: SiteConfig, member: Member) -> Limits:
+    """The limits of a user: the strictest of those of their projects."""
+    egress_for = getattr(site, "egress_for", None)
+    if egress_for is None:
+        return Limits()
+    return Limits.strictest([egress_for(p) for p in member.projects] or [egress_for(None)])
+
+
+@dataclass
+class Context:
+    """One output as the researcher sees it: an execution's messages, one file, one notebook."""
+
+    name: str
+    channel: str
+    object: str
+    rows: dict[str, set[int]] = field(default_factory=dict)
+    size: int = 0
+    pieces: int = 0
+    withheld: int = 0
+    reason: str = ""
+    sha256: Any = field(default_factory=hashlib.sha256)
+    last: float = field(default_factory=time.monotonic)
+
+    def record(self) -> dict[str, Any]:
+        verdict = "forwarded" if not self.withheld else ("withheld" if not self.size else "partly withheld")
+        return {
+            "channel": self.channel,
+            "context": self.name[:200],
+            "bytes": self.size,
+            "sha256": self.sha256.hexdigest(),
+            "rows": {k: len(v) for k, v in sorted(self.rows.items())},
+            "pieces": self.pieces,
+            "withheld": self.withheld,
+            "reason": self.reason,
+            "verdict": verdict,
+        }
+
+
+class EgressService:
+    """What the socket's handlers call; one instance per process."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        store: EgressStore,
+        matcher: Matcher,
+        registry: Registry,
+        *,
+        emit: Callable[..., Any] | None = None,
+        logger: logging.Logger | None = None,
+    ):
+        self.site, self.store, self.matcher, self.registry = site, store, matcher, registry
+        self.log = logger or log
+        self._emit = emit
+        self.audit_ok = True
+
+    # -- the audit trail ------------------------------------------------------------------------
+
+    def emit(self, *, actor: str, action: str, object: str, outcome: str, details: dict[str, Any]) -> bool:
+        """Write one record; on failure note that the trail is down (outputs then fail closed)."""
+        try:
+            if self._emit is not None:
+                self._emit(actor=actor, action=action, object=object, outcome=outcome, details=details)
+            else:
+                from paitient.services.audit import emit
+
+                emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details)
+        except Exception as e:
+            if self.audit_ok:
+                self.log.error("egress: cannot write the audit trail (%s); large outputs are withheld", e)
+            self.audit_ok = False
+            return False
+        if not self.audit_ok:
+            self.log.info("egress: the audit trail records again")
+        self.audit_ok = True
+        return True
+
+    def record_context(self, member: Member, ctx: Context) -> bool:
+        if not ctx.pieces:
+            return True
+        outcome = "ok" if not ctx.withheld else "denied"
+        return self.emit(
+            actor=member.username,
+            action="egress.output",
+            object=ctx.object[:1024],
+            outcome=outcome,
+            details=ctx.record(),
+        )
+
+    # -- one piece of output ------------------------------------------------------------------
+
+    def check(self, member: Member, ctx: Context, text: bytes, payload: bytes) -> dict[str, Any]:
+        limits = limits_for(self.site, member)
+        checked = self.audit_ok
+        try:
+            found = self.matcher.reveal(text, member.projects)
+        except MissingIndex as e:
+            self.log.error("egress: %s", e)
+            found, checked = {}, False
+        except Exception:
+            self.log.exception("egress: matching failed")
+            found, checked = {}, False
+        for key, ids in found.items():
+            ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
+        output_rows = {k: len(v) for k, v in ctx.rows.items()}
+        day = today()
+        counts = self.store.day(member.username, day)
+        over = any(n > limits.max_rows_per_output for n in output_rows.values())
+        new_rows = {} if over else {k: [int(i) for i in v] for k, v in found.items()}
+        unseen = self.store.unseen(member.username, day, new_rows) if new_rows else 0
+        decision = decide(
+            limits,
+            output_rows=output_rows,
+            new_day_rows=unseen,
+            day_rows=counts.rows,
+            day_bytes=counts.bytes,
+            size=len(payload),
+            checked=checked,
+        )
+        ctx.pieces += 1
+        ctx.last = time.monotonic()
+        if decision.forward:
+            self.store.add(member.username, day, size=len(payload), rows=new_rows)
+            ctx.size += len(payload)
+            ctx.sha256.update(payload)
+        else:
+            reason = decision.reason.value if decision.reason else ""
+            self.store.add_withheld(member.username, day)
+            first = not ctx.withheld
+            ctx.withheld += 1
+            ctx.reason = ctx.reason or reason
+            if first:
+                self.emit(
+                    actor=member.username,
+                    action="egress.withheld",
+                    object=ctx.object[:1024],
+                    outcome="denied",
+                    details={
+                        "channel": ctx.channel,
+                        "context": ctx.name[:200],
+                        "bytes": len(payload),
+                        "sha256": hashlib.sha256(payload).hexdigest(),
+                        "rows": output_rows,
+                        "reason": reason,
+                    },
+                )
+        return {
+            "verdict": decision.verdict.value,
+            "reason": decision.reason.value if decision.reason else None,
+            "notice": decision.notice,
+            "rows": output_rows,
+            "day_rows": counts.rows + (unseen if decision.forward else 0),
+            "day_bytes": counts.bytes + (len(payload) if decision.forward else 0),
+        }
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One user's server: a loop of frames until it hangs up."""
+
+    server: EgressServer
+
+    def setup(self) -> None:
+        self.contexts: OrderedDict[str, Context] = OrderedDict()
+        self.member: Member | None = None
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.request.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise EOFError
+            buf.extend(chunk)
+        return bytes(buf)
+
+    def _send(self, header: dict[str, Any]) -> None:
+        self.request.sendall(encode_frame(header))
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        service = self.server.service
+        self.member = service.registry.by_uid(uid)
+        try:
+            while True:
+                head, size = decode_header(self._recv(header_length(self._recv(4))))
+                payload = self._recv(size) if size else b""
+                if self.member is None:
+                    self._send(
+                        {
+                            "id": head.get("id"),
+                            "ok": False,
+                            "code": "forbidden",
+                            "error": f"uid {uid} is not a workspace user",
+                        }
+                    )
+                    return
+                self._send(self.answer(head, payload))
+        except (EOFError, ConnectionError):
+            pass
+        except FrameError as e:
+            service.log.warning("egress: closing a connection from uid %d: %s", uid, e)
+        finally:
+            if self.member is not None:
+                for ctx in self.contexts.values():
+                    service.record_context(self.member, ctx)
+            self.contexts.clear()
+
+    def context(self, head: dict[str, Any]) -> Context:
+        name = str(head.get("context") or "")[:512]
+        channel = str(head.get("channel") or "")
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(sorted(CHANNELS))}")
+        ctx = self.contexts.get(name)
+        if ctx is None:
+            ctx = self.contexts[name] = Context(name, channel, str(head.get("object") or name)[:1024])
+            while len(self.contexts) > MAX_CONTEXTS:
+                _, old = self.contexts.popitem(last=False)
+                assert self.member is not None
+                self.server.service.record_context(self.member, old)
+        self.contexts.move_to_end(name)
+        return ctx
+
+    def answer(self, head: dict[str, Any], payload: bytes) -> dict[str, Any]:
+        service = self.server.service
+        assert self.member is not None
+        rid = head.get("id")
+        op = head.get("op")
+        try:
+            if op == "hello":
+                limits = limits_for(service.site, self.member)
+                return {"id": rid, "ok": True, "user": self.member.username, "limits": limits.as_dict()}
+            if op == "check":
+                text_size = head.get("text", len(payload))
+                if not isinstance(text_size, int) or not 0 <= text_size <= len(payload):
+                    raise ValueError("text must count the leading text bytes of the payload")
+                ctx = self.context(head)
+                result = service.check(self.member, ctx, payload[:text_size], payload)
+                if head.get("final"):
+                    service.record_context(self.member, self.contexts.pop(ctx.name))
+                self._sweep()
+                return {"id": rid, "ok": True, **result}
+            if op == "close":
+                name = str(head.get("context") or "")[:512]
+                ctx = self.contexts.pop(name, None)
+                recorded = service.record_context(self.member, ctx) if ctx is not None else True
+                return {"id": rid, "ok": True, "recorded": recorded}
+            return {"id": rid, "ok": False, "code": "unknown_op", "error": f"unknown operation {op!r}"}
+        except ValueError as e:
+            return {"id": rid, "ok": False, "code": "bad_request", "error": str(e)}
+        except Exception:
+            service.log.exception("egress: request %r failed", op)
+            return {"id": rid, "ok": False, "code": "internal", "error": "internal error in the egress service"}
+
+    def _sweep(self) -> None:
+        """Close and record contexts nobody added to for a while (an execution that ended unseen)."""
+        now = time.monotonic()
+        assert self.member is not None
+        for name in [n for n, c in self.contexts.items() if now - c.last > IDLE_SECONDS]:
+            self.server.service.record_context(self.member, self.contexts.pop(name))
+
+
+class EgressServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, path: str | os.PathLike[str], service: EgressService):
+        self.path = Path(path)
+        self.service = service
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o755)
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
+            self.path.unlink()
+        super().__init__(str(self.path), _Connection)
+        os.chmod(self.path, 0o666)
+
+    def start_in_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="egress-gate", daemon=True)
+        t.start()
+        return t
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """For ``c.JupyterHub.custom_scopes``; stewards get it (with ``access:services!service=egress``)."""
+    from paitient.services.egress.web import READ_SCOPE
+
+    return {READ_SCOPE: {"description": "Read what reached the browsers of the users of one's projects."}}
+
+
+def role_scopes() -> list[str]:
+    from paitient.services.egress.web import READ_SCOPE
+
+    return [READ_SCOPE, "access:services!service=egress"]
+
+
+def hub_service(site: SiteConfig, python: str, *, port: int = 0) -> dict[str, Any]:
+    """The JupyterHub managed-service entry that runs the egress service and its stewards' page."""
+    from paitient.services.egress.web import READ_SCOPE
+    from paitient.services.kit.process import managed_service
+
+    return managed_service(
+        site,
+        "egress",
+        python,
+        port=port,
+        scopes=[READ_SCOPE],
+        description="Egress: what reached researchers' browsers (stewards, read-only)",
+    )
+
+
+def serve(site: SiteConfig, logger: logging.Logger) -> None:
+    """Serve the gate's socket (and the stewards' page if the hub gave a URL) until SIGTERM/SIGINT."""
+    from paitient.services.kit.process import StopSignal
+
+    store = EgressStore.for_state_dir(site.state_dir)
+    matcher = Matcher(site, logger)
+    service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir), logger=logger)
+    for key in matcher.missing():
+        logger.error(
+            "egress: %s has no row index: outputs of its project fail closed until "
+            "`paitient datasets --reindex` builds it",
+            key,
+        )
+    server = EgressServer(socket_path(site), service)
+    stop = StopSignal()
+    server.start_in_thread()
+    logger.info("egress: listening on %s", server.path)
+    page = None
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
+    try:
+        if url:
+            from paitient.services.egress.web import run_in_thread
+
+            page = run_in_thread(site, store, url, logger)
+        stop.wait()
+    finally:
+        if page is not None:
+            page.stop()
+        server.shutdown()
+        server.server_close()
+        store.close()
+        logger.info("egress: stopped")

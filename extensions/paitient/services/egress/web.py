@@ -1,0 +1,124 @@
+"""The stewards' egress page: what reached each researcher's browser, per day, with a plot.
+
+Served by the egress service behind the hub's OAuth (scope ``custom:egress:read``). A steward sees the users
+of the projects that name them in ``stewards`` (an admin sees everyone): per day the bytes received, the
+outputs that passed and those withheld, and the distinct dataset rows seen. ``<prefix>api/egress`` answers
+the same as JSON. Read-only; every value is escaped and the page carries no script (the plot is SVG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jupyterhub.services.auth import HubOAuthCallbackHandler
+from tornado import web
+
+from paitient.config import SiteConfig
+from paitient.registry import Registry
+from paitient.services.egress.store import Day, EgressStore
+from paitient.services.kit.pages import ScopedPage, WebThread, loopback_listener
+from paitient.services.kit.pages import make_app as page_app
+
+READ_SCOPE = "custom:egress:read"
+DAYS = 30
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def visible_users(site: SiteConfig, registry: Registry, steward: str) -> set[str] | None:
+    """Users whose egress ``steward`` may see: members of the projects they steward (None: everyone)."""
+    member = registry.by_username(steward)
+    if member is not None and "admin" in member.roles:
+        return None
+    projects = {p.name for p in site.projects if steward in p.stewards}
+    return {m.username for m in registry.all() if projects & set(m.projects)}
+
+
+def egress_view(store: EgressStore, users: set[str] | None, days: int = DAYS) -> list[Day]:
+    return [d for d in store.history(days) if users is None or d.user in users]
+
+
+def plot(history: list[Day], width: int = 720, height: int = 160) -> dict[str, Any]:
+    """Bars of bytes per day (all visible users together), withheld outputs marked: geometry for the SVG."""
+    per_day: dict[str, list[int]] = {}
+    for d in history:
+        b, w = per_day.setdefault(d.day, [0, 0])
+        per_day[d.day] = [b + d.bytes, w + d.withheld]
+    days = sorted(per_day)
+    if not days:
+        return {"bars": [], "width": width, "height": height, "peak": 0}
+    peak = max(b for b, _ in per_day.values()) or 1
+    step = width / len(days)
+    bars = []
+    for i, day in enumerate(days):
+        b, w = per_day[day]
+        h = max(1.0, (height - 20) * b / peak)
+        bars.append(
+            {
+                "x": round(i * step + 1, 1),
+                "w": round(max(step - 2, 1), 1),
+                "y": round(height - 20 - h, 1),
+                "h": round(h, 1),
+                "day": day,
+                "bytes": b,
+                "withheld": w,
+            }
+        )
+    return {"bars": bars, "width": width, "height": height, "peak": peak}
+
+
+class EgressHandler(ScopedPage):
+    required_scope = READ_SCOPE
+    needed_for = "the egress page"
+
+    async def view(self) -> tuple[str, list[Day]]:
+        user = self.signed_in()
+        site: SiteConfig = self.settings["paitient_site"]
+        store: EgressStore = self.settings["paitient_store"]
+
+        def read() -> list[Day]:
+            users = visible_users(site, Registry.for_state_dir(site.state_dir), user)
+            return egress_view(store, users)
+
+        return user, await asyncio.get_running_loop().run_in_executor(None, read)
+
+
+class EgressPage(EgressHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        user, history = await self.view()
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(_templates.get_template("egress.html").render(user=user, history=history, plot=plot(history)))
+
+
+class EgressAPI(EgressHandler):
+    async def get(self) -> None:
+        user, history = await self.view()
+        self.finish({"user": user, "days": [d.__dict__ for d in history]})
+
+
+def make_app(site: SiteConfig, store: EgressStore, prefix: str, *, hub_auth: Any = None, **settings: Any):
+    if not prefix.endswith("/"):
+        prefix += "/"
+    routes = [
+        (prefix, EgressPage),
+        (prefix + "api/egress", EgressAPI),
+        (prefix + "oauth_callback", HubOAuthCallbackHandler),
+    ]
+    return page_app(routes, hub_auth=hub_auth, paitient_site=site, paitient_store=store, **settings)
+
+
+def run_in_thread(site: SiteConfig, store: EgressStore, url: str, log: logging.Logger) -> WebThread:
+    host, port = loopback_listener(url, "the egress page")
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/egress/")
+    log.info("egress: stewards' page on %s (prefix %s)", url, prefix)
+    return WebThread(make_app(site, store, prefix), host, port, name="egress").start()

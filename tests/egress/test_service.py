@@ -1,0 +1,246 @@
+"""The egress service on a real socket: per-output row limits, the user's day, fail-closed, the audit records.
+
+The matcher here reads row ids from the text (``row:<n>`` marks row n of ``onc/bc``) so the service's own
+logic is tested apart from the row detection (tests/egress/test_edm*.py test that against real data).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from paitient.config import parse
+from paitient.registry import Member, Registry
+from paitient.rules.egress import Limits
+from paitient.server.gate import EgressGate
+from paitient.services.audit.writer import trail_files
+from paitient.services.egress import socket_path
+from paitient.services.egress.matcher import Matcher, MissingIndex
+from paitient.services.egress.service import EgressServer, EgressService
+from paitient.services.egress.store import EgressStore, today
+
+ROW = re.compile(rb"row:(\d+)")
+
+
+class MarkedRows(Matcher):
+    """Rows are whatever ``row:<n>`` marks the text carries; ``broken`` makes matching fail."""
+
+    broken = False
+
+    def reveal(self, text: bytes, projects):
+        if self.broken:
+            raise MissingIndex("onc/bc version 1 has no row index")
+        ids = sorted({int(m) for m in ROW.findall(text)})
+        return {"onc/bc": np.array(ids, dtype=np.int64)} if ids and "onc" in projects else {}
+
+
+@pytest.fixture
+def site(world_tmp):
+    state = world_tmp / "state"
+    state.mkdir()
+    os.chmod(state, 0o755)
+    return parse(
+        {"workspace": {"state_dir": str(state)}, "projects": [{"name": "onc", "group": "cn=onc", "datasets": ["bc"]}]}
+    )
+
+
+@pytest.fixture
+def running(site):
+    Registry.for_state_dir(site.state_dir).put(Member("alice", "root", 0, ("onc",), ("researcher",)))
+    store = EgressStore.for_state_dir(site.state_dir)
+    matcher = MarkedRows(site)
+    service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir))
+    server = EgressServer(socket_path(site), service)
+    server.start_in_thread()
+    gate = EgressGate(str(socket_path(site)))
+    yield service, gate
+    gate.shutdown()
+    server.shutdown()
+    server.server_close()
+    store.close()
+
+
+def rows(first: int, n: int) -> bytes:
+    return b"\n".join(b"row:%d,1.5,2.5" % i for i in range(first, first + n))
+
+
+def records(site, action: str) -> list[dict]:
+    import json
+
+    out = []
+    for _, f in trail_files(site.state_dir / "audit"):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["action"] == action:
+                out.append(rec)
+    return out
+
+
+def test_an_output_under_the_row_limit_passes_and_is_counted(site, running):
+    service, gate = running
+    check = gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(0, 5))
+    assert check.forward and check.rows == {"onc/bc": 5}
+    day = service.store.day("alice", today())
+    assert (day.rows, day.outputs, day.bytes) == (5, 1, len(rows(0, 5)))
+
+
+def test_rows_add_up_over_the_pieces_of_one_output(site, running):
+    _, gate = running
+    for first in (0, 10):
+        assert gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(first, 10)).forward
+    third = gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(20, 10))
+    assert not third.forward and third.reason == "rows"
+    assert "30 rows of bc" in third.notice and "airlock" in third.notice
+    # another output starts from zero
+    assert gate.check_blocking(context="k:2", channel="kernel", object="k", text=rows(40, 10)).forward
+
+
+def test_the_same_rows_again_do_not_count_twice_in_a_day(site, running):
+    service, gate = running
+    for i in range(30):
+        assert gate.check_blocking(context=f"k:{i}", channel="kernel", object="k", text=rows(0, 15)).forward
+    assert service.store.day("alice", today()).rows == 15
+
+
+def test_a_drip_of_small_outputs_stops_at_the_daily_rows(site, running):
+    service, gate = running
+    passed = 0
+    for i in range(30):
+        check = gate.check_blocking(context=f"k:{i}", channel="kernel", object="k", text=rows(i * 10, 10))
+        if not check.forward:
+            assert check.reason == "daily_rows" and "200 dataset rows today" in check.notice
+            break
+        passed += 1
+    assert passed == 20  # 20 outputs of 10 new rows: 200
+    day = service.store.day("alice", today())
+    assert day.rows == 200 and day.withheld == 1
+    # outputs without rows still pass
+    assert gate.check_blocking(context="k:x", channel="kernel", object="k", text=b"accuracy 0.93").forward
+
+
+def test_the_daily_bytes_bound_every_channel(site, running):
+    service, gate = running
+    limit = Limits().daily_bytes
+    blob = os.urandom(1_000_000)
+    passed = 0
+    for i in range(25):
+        channel = ("kernel", "contents", "http")[i % 3]
+        check = gate.check_blocking(context=f"c:{i}", channel=channel, object="x", text=b"", binary=blob)
+        if not check.forward:
+            assert check.reason == "daily_bytes" and "20 MB" in check.notice
+            break
+        passed += 1
+    assert passed == limit // len(blob)
+    assert service.store.day("alice", today()).bytes == passed * len(blob)
+
+
+def test_counts_survive_a_restart_of_the_service(site, running):
+    service, gate = running
+    assert gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(0, 7)).forward
+    again = EgressStore.for_state_dir(site.state_dir)
+    try:
+        assert again.day("alice", today()).rows == 7
+    finally:
+        again.close()
+
+
+def test_unmatched_outputs_fail_closed_above_the_small_size(site, running):
+    service, gate = running
+    service.matcher.broken = True
+    assert gate.check_blocking(context="k:1", channel="kernel", object="k", text=b"x" * 100).forward
+    big = gate.check_blocking(context="k:2", channel="kernel", object="k", text=b"x" * 5000)
+    assert not big.forward and big.reason == "unchecked" and "cannot check outputs" in big.notice
+
+
+def test_when_the_trail_cannot_record_large_outputs_are_withheld(site, running):
+    service, gate = running
+    audit = site.state_dir / "audit"
+    audit.parent.mkdir(exist_ok=True)
+    audit.write_text("not a folder: the trail cannot be written")
+    try:
+        gate.check_blocking(context="k:1", channel="http", object="/api/x", text=b"small", final=True)
+        assert service.audit_ok is False
+        big = gate.check_blocking(context="k:2", channel="kernel", object="k", text=b"x" * 5000)
+        assert not big.forward and big.reason == "unchecked"
+    finally:
+        audit.unlink()
+    gate.check_blocking(context="k:3", channel="http", object="/api/x", text=b"small", final=True)
+    assert service.audit_ok is True
+    assert gate.check_blocking(context="k:4", channel="kernel", object="k", text=b"x" * 5000).forward
+
+
+def test_when_the_service_is_down_the_gate_fails_closed(site):
+    gate = EgressGate(str(socket_path(site)))
+    small = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 100)
+    big = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 5000)
+    assert small.forward and not big.forward and big.reason == "unchecked"
+
+
+def test_what_left_is_in_the_audit_trail(site, running):
+    _, gate = running
+    gate.check_blocking(context="k:1", channel="kernel", object="kernel-1", text=rows(0, 3))
+    gate.check_blocking(context="k:1", channel="kernel", object="kernel-1", text=rows(3, 30))
+    gate.close_blocking("k:1")
+    withheld = records(site, "egress.withheld")
+    assert len(withheld) == 1 and withheld[0]["actor"] == "alice"
+    assert withheld[0]["details"]["rows"] == {"onc/bc": 33} and withheld[0]["details"]["reason"] == "rows"
+    (out,) = records(site, "egress.output")
+    d = out["details"]
+    assert out["outcome"] == "denied" and d["verdict"] == "partly withheld" and d["channel"] == "kernel"
+    assert d["bytes"] == len(rows(0, 3)) and d["rows"] == {"onc/bc": 33} and d["pieces"] == 2
+    import hashlib
+
+    assert d["sha256"] == hashlib.sha256(rows(0, 3)).hexdigest()
+
+
+def test_an_unknown_account_is_refused(site, running, make_system_user):
+    stranger = make_system_user("stranger")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]);"
+        "from paitient.server.gate import _Link; print(_Link(sys.argv[1]).request({'op': 'hello'}))"
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={stranger.pw_uid}",
+            f"--regid={stranger.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(socket_path(site)),
+            str(os.path.abspath("extensions")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "'code': 'forbidden'" in out.stdout and "is not a workspace user" in out.stdout, out
+
+
+def test_many_servers_at_once(site, running):
+    service, _ = running
+    errors = []
+
+    def one(i):
+        gate = EgressGate(str(socket_path(site)))
+        try:
+            for j in range(20):
+                if not gate.check_blocking(context=f"s{i}:{j}", channel="kernel", object="k", text=b"x").forward:
+                    errors.append((i, j))
+        finally:
+            gate.shutdown()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert service.store.day("alice", today()).outputs == 160
