@@ -25,6 +25,8 @@ class CellResult:
     outputs: list[dict] = field(default_factory=list)
     wire_bytes: int = 0
     """Bytes of every websocket frame this execution received (what left the server)."""
+    prompts: list[str] = field(default_factory=list)
+    """The prompts of input_request messages that reached the client."""
 
 
 async def execute(
@@ -36,8 +38,12 @@ async def execute(
     *,
     v1: bool = False,
     channel: str = "shell",
+    stdin_reply: str | None = None,
 ) -> CellResult:
-    """Send ``code`` as an execute_request on ``channel`` and read until the kernel is idle again."""
+    """Send ``code`` as an execute_request on ``channel`` and read until the kernel is idle again.
+
+    With ``stdin_reply``, the request allows stdin and each ``input()`` prompt is answered with it (the
+    legacy protocol only)."""
     from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
@@ -62,7 +68,7 @@ async def execute(
             "silent": False,
             "store_history": True,
             "user_expressions": {},
-            "allow_stdin": False,
+            "allow_stdin": stdin_reply is not None,
             "stop_on_error": True,
         },
     }
@@ -95,6 +101,18 @@ async def execute(
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             kind, content = msg["msg_type"], msg["content"]
+            if kind == "input_request" and stdin_reply is not None:
+                out.prompts.append(content.get("prompt", ""))
+                reply = {
+                    "header": {**request["header"], "msg_id": uuid.uuid4().hex, "msg_type": "input_reply"},
+                    "parent_header": msg["header"],
+                    "metadata": {},
+                    "content": {"value": stdin_reply},
+                    "channel": "stdin",
+                    "buffers": [],
+                }
+                ws.write_message(json.dumps(reply))
+                continue
             if msg.get("channel") == "iopub":
                 out.outputs.append({"msg_type": kind, "content": content})
             if kind == "stream":

@@ -204,19 +204,34 @@ class UserServer:
         *,
         v1: bool = False,
         channel: str = "shell",
+        stdin_reply: str | None = None,
     ) -> CellResult:
         """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
-        protocol JupyterLab speaks; ``channel`` is where the execute_request goes."""
+        protocol JupyterLab speaks; ``channel`` is where the execute_request goes; ``stdin_reply`` answers
+        ``input()``."""
         kernel_id = kernel_id or self.start_kernel()
-        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel))
+        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel, stdin_reply))
 
     async def _execute(
-        self, kernel_id: str, code: str, timeout: float, v1: bool = False, channel: str = "shell"
+        self,
+        kernel_id: str,
+        code: str,
+        timeout: float,
+        v1: bool = False,
+        channel: str = "shell",
+        stdin_reply: str | None = None,
     ) -> CellResult:
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
         try:
             return await execute(
-                url, {"Authorization": f"token {self.token}"}, self.user.pw_name, code, timeout, v1=v1, channel=channel
+                url,
+                {"Authorization": f"token {self.token}"},
+                self.user.pw_name,
+                code,
+                timeout,
+                v1=v1,
+                channel=channel,
+                stdin_reply=stdin_reply,
             )
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{self.logs()}") from None

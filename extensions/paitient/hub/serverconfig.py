@@ -22,6 +22,7 @@ from typing import Any
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_json, atomic_write_text
 from paitient.registry import Member
+from paitient.services import egress
 
 KERNEL_NAME = "python3"
 DISPLAY_NAME = "Python 3 (sandbox)"
@@ -107,6 +108,8 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "files_handler_class": "paitient.server.handlers.BlockedFilesHandler",
         },
         "ConfinedContentsManager": {"max_content_bytes": site.server.contents_cap_bytes},
+        # Every byte to the browser passes the egress gate, which asks the root-side egress service.
+        "PaitientServerExtension": {"egress_socket": str(egress.socket_path(site))},
         "KernelManager": {"transport": "ipc"},
         "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},
         "KernelSpecManager": {

@@ -50,6 +50,8 @@ class OutputCap:
     execution_bytes: int
     executions: OrderedDict[str, int] = field(default_factory=OrderedDict)
     noticed: set[str] = field(default_factory=set)
+    withheld: set[str] = field(default_factory=set)
+    """Executions whose output the egress gate withheld (their notice was sent)."""
     current: str = ""
 
     def note_execute(self, msg_id: str) -> None:
@@ -60,10 +62,16 @@ class OutputCap:
         while len(self.executions) > TRACKED_EXECUTIONS:
             old, _ = self.executions.popitem(last=False)
             self.noticed.discard(old)
+            self.withheld.discard(old)
+
+    def key(self, parent_id: str) -> str:
+        """The execution an outgoing message is charged to: its parent if the server saw that request,
+        else the latest one (a kernel cannot open budgets by inventing parent ids)."""
+        return parent_id if parent_id in self.executions else self.current
 
     def charge(self, msg_type: str, parent_id: str, size: int) -> Verdict:
         """Count ``size`` bytes of an outgoing message against its execution; say what to do with it."""
-        key = parent_id if parent_id in self.executions else self.current
+        key = self.key(parent_id)
         # A message over the per-message cap is cut to half of it: only that much leaves.
         forwarded = size if size <= self.message_bytes else self.message_bytes // 2 + CUT_OVERHEAD
         used = self.executions.get(key, 0) + forwarded
@@ -84,7 +92,7 @@ def notice_text(what: str, limit: int) -> str:
     return NOTICE.format(what=what, limit=limit)
 
 
-def _strip_protocol(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+def strip_protocol(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
     if msg_type == "status":
         state = content.get("execution_state")
         return {"execution_state": state if state in ("busy", "idle", "starting") else "idle"}
@@ -112,7 +120,7 @@ def replacement(verdict: Verdict, msg_type: str, content: dict[str, Any], cap: O
     Metadata and binary buffers of a replaced message are always dropped by the caller.
     """
     if verdict is Verdict.STRIP:
-        return msg_type, _strip_protocol(msg_type, content)
+        return msg_type, strip_protocol(msg_type, content)
     if verdict is Verdict.NOTICE:
         text = notice_text("this execution's output", cap.execution_bytes)
         return "stream", {"name": "stderr", "text": "\n" + text + "\n"}
@@ -132,7 +140,7 @@ def replacement(verdict: Verdict, msg_type: str, content: dict[str, Any], cap: O
     if msg_type == "error":
         return "error", {"ename": "OutputCapped", "evalue": text, "traceback": [text]}
     if is_protocol(msg_type):
-        stripped = _strip_protocol(msg_type, content)
+        stripped = strip_protocol(msg_type, content)
         if msg_type.endswith("_reply"):
             stripped.update(status="error", ename="OutputCapped", evalue=text, traceback=[text])
         return msg_type, stripped

@@ -1,16 +1,19 @@
 """``paitient.server``: the server extension that closes the export paths of the user's server.
 
 Enabled by the config the spawner writes (:mod:`paitient.hub.serverconfig`). It registers refusing handlers
-for raw downloads and nbconvert, and checks at start that the rest of the lockdown is in force (terminals
-off, the sandbox provisioner, the capped websocket, the confined contents manager); a server whose
-configuration lost one of those refuses to start rather than run open.
+for raw downloads and nbconvert, puts the egress gate (:mod:`paitient.server.gate`) in front of every
+response (the route policy of :mod:`paitient.server.routes`, the output transform, the kernel websocket and
+the contents manager ask it), and checks at start that the rest of the lockdown is in force (terminals off,
+the sandbox provisioner, the gated websocket, the confined contents manager); a server whose configuration
+lost one of those refuses to start rather than run open.
 """
 
 from __future__ import annotations
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool
+from traitlets import Bool, Int, Unicode
 
+from paitient.server.gate import DEFAULT_FAIL_CLOSED_BYTES, EgressGate, EgressTransform
 from paitient.server.handlers import BLOCKED, BlockedHandler
 
 
@@ -20,20 +23,55 @@ class LockdownError(RuntimeError):
 
 class PaitientServerExtension(ExtensionApp):
     name = "paitient"
-    description = "Closes downloads, exports and terminals; enforces the output cap."
+    description = "Closes downloads, exports and terminals; checks every output at the egress gate."
     load_other_extensions = True
 
-    verify_lockdown = Bool(True, help="Refuse to start when terminals, kernels or contents are not locked down.").tag(
-        config=True
-    )
+    verify_lockdown = Bool(
+        True, help="Refuse to start when terminals, kernels, contents or the egress gate are not locked down."
+    ).tag(config=True)
+    egress_socket = Unicode(
+        "", help="The egress service's socket (<state_dir>/gate/egress.sock); every output is checked there."
+    ).tag(config=True)
+    fail_closed_bytes = Int(
+        DEFAULT_FAIL_CLOSED_BYTES,
+        help="When the egress service cannot be asked, outputs larger than this are withheld.",
+    ).tag(config=True)
+
+    gate: EgressGate | None = None
 
     def initialize_handlers(self) -> None:
         self.handlers.extend((pattern, BlockedHandler) for pattern in BLOCKED)
 
     def initialize_settings(self) -> None:
+        from paitient.server import routes
+
+        self.gate = EgressGate(self.egress_socket, fail_closed_bytes=self.fail_closed_bytes)
+        web_app = self.serverapp.web_app
+        web_app.settings["paitient_gate"] = self.gate
+        self.serverapp.contents_manager.egress_gate = self.gate
+        # First, so it sees bodies before any compression.
+        web_app.transforms.insert(0, EgressTransform)
+        routes.install(web_app, self.gate)
         if self.verify_lockdown:
             for problem in lockdown_problems(self.serverapp):
                 raise LockdownError(f"paitient: the server is not locked down: {problem}")
+
+    async def _start_jupyter_server_extension(self, serverapp) -> None:
+        # Every extension has added its routes by now: name the ones the policy does not know (they are
+        # refused at request time, and the tests fail on them).
+        from paitient.server import routes
+
+        for pattern, handler in routes.routes(serverapp.web_app):
+            if routes.category(handler) is None:
+                self.log.warning(
+                    "paitient: route %s (%s) is not in the egress policy: it is refused",
+                    pattern,
+                    routes.class_name(handler),
+                )
+
+    async def stop_extension(self) -> None:
+        if self.gate is not None:
+            self.gate.shutdown()
 
 
 def lockdown_problems(serverapp) -> list[str]:
@@ -57,4 +95,12 @@ def lockdown_problems(serverapp) -> list[str]:
         problems.append("ServerApp.kernel_websocket_connection_class is not CappedWebsocketConnection")
     if serverapp.kernel_manager.kernel_spec_manager.ensure_native_kernel:
         problems.append("KernelSpecManager.ensure_native_kernel is on")
+    web_app = getattr(serverapp, "web_app", None)
+    gate = web_app.settings.get("paitient_gate") if web_app is not None else None
+    if gate is None or not gate.socket_path:
+        problems.append("the egress gate has no service socket (set PaitientServerExtension.egress_socket)")
+    if web_app is not None and (not web_app.transforms or web_app.transforms[0] is not EgressTransform):
+        problems.append("the egress transform is not the first output transform")
+    if web_app is not None and not getattr(web_app, "_paitient_routes", False):
+        problems.append("the route policy is not installed")
     return problems

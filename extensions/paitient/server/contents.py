@@ -1,14 +1,41 @@
-"""Contents manager confined to the home: symlinks and ``..`` are resolved before the root check, and
-files larger than the site's contents cap are not opened or sent."""
+"""The contents manager of the user's server: confined to the home, and every file body checked before
+it leaves.
+
+Paths: symlinks and ``..`` are resolved before the root check, so nothing outside the home is reached.
+
+Bodies (``GET /api/contents/<path>`` with content) are what the browser can save, so they are egress:
+- the file is read once, and what is sent is built from those bytes (a file swapped underneath after the
+  check is not what goes);
+- what it is comes from its bytes (:func:`paitient.rules.sniff.sniff`), not its name: notebooks, text and
+  images are served, data formats and other binary never are, with a notice that says how outputs leave;
+- text and notebooks go to the egress gate (:mod:`paitient.server.gate`), which finds the dataset rows they
+  reveal: a text file showing too many is refused; in a notebook, each output is checked like a live one and
+  replaced by the notice when withheld (its code and the rest of the notebook still open);
+- directory listings go through the gate too (file names are text the kernel chose).
+
+Copies inside the home (the file browser's Duplicate) read nothing out, so they are not checked.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextvars
+import json
 import os
+import uuid
 from typing import Any
 
+import nbformat
 from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
 from tornado.web import HTTPError
+from traitlets import Any as AnyTrait
 from traitlets import Int
+
+from paitient.rules.egress import file_notice
+from paitient.rules.sniff import Kind, sniff
+
+_INTERNAL = contextvars.ContextVar("paitient_contents_internal", default=False)
+"""Set while the manager reads files for its own work (copies), which sends nothing to the browser."""
 
 
 def inside(root: str, path: str) -> bool:
@@ -18,13 +45,21 @@ def inside(root: str, path: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+def _refuse(message: str) -> HTTPError:
+    return HTTPError(403, message.replace("%", "%%"))
+
+
 class ConfinedContentsManager(AsyncLargeFileManager):
-    """The stock manager checks the unresolved path only; a symlink in the home could reach anything the
-    user's account can read on the host (other projects' data, service state). This one refuses that."""
+    """The stock manager checks the unresolved path only and sends any file; this one confines paths and
+    checks bodies."""
 
     max_content_bytes = Int(
         0, help="Largest file whose content the contents API sends (0: no limit); [server] contents_cap_bytes."
     ).tag(config=True)
+    max_text_bytes = Int(
+        2_000_000, help="Largest text file or notebook the contents API sends; [egress] contents_bytes."
+    ).tag(config=True)
+    egress_gate = AnyTrait(None, allow_none=True, help="The server's egress gate (set by the server extension).")
 
     def _get_os_path(self, path: str) -> str:
         os_path = super()._get_os_path(path)
@@ -32,15 +67,146 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             raise HTTPError(404, f"{path} is outside the home folder")
         return os_path
 
+    async def copy(self, from_path: str, to_path: str | None = None) -> dict[str, Any]:
+        token = _INTERNAL.set(True)
+        try:
+            return await super().copy(from_path, to_path)
+        finally:
+            _INTERNAL.reset(token)
+
     async def get(
         self, path: str, content: bool = True, type: str | None = None, format: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        if content and self.max_content_bytes:
-            os_path = self._get_os_path(path.strip("/"))
-            if os.path.isfile(os_path) and os.path.getsize(os_path) > self.max_content_bytes:
-                raise HTTPError(
-                    403,
-                    f"{path} is larger than {self.max_content_bytes:,} bytes and is not opened here. It stays in "
-                    "your home: work with it in a notebook, or request an export through the airlock.",
+        if not content or _INTERNAL.get():
+            return await super().get(path, content=content, type=type, format=format, **kwargs)
+        path = path.strip("/")
+        os_path = self._get_os_path(path)
+        if os.path.isdir(os_path):
+            model = await super().get(path, content=True, type=type, format=format, **kwargs)
+            names = "\n".join(str(entry.get("name", "")) for entry in model.get("content") or [])
+            await self._check_whole(path, names.encode(), what="this folder's listing")
+            return model
+        if not os.path.isfile(os_path):
+            return await super().get(path, content=True, type=type, format=format, **kwargs)
+        data = self._read_capped(path, os_path)
+        limit = self.max_text_bytes
+        sniffed = sniff(data)
+        if not sniffed.served:
+            raise _refuse(file_notice(path, sniffed.what))
+        if sniffed.kind is not Kind.IMAGE and limit and len(data) > limit:
+            raise _refuse(
+                f"{path} is larger than {limit:,} bytes and is not opened in the browser. It stays in your home: "
+                "work with it in a notebook, or request an export through the airlock."
+            )
+        model = await super().get(path, content=False, type=type, format=format, **kwargs)
+        if sniffed.kind is Kind.NOTEBOOK:
+            if type not in (None, "notebook") or format not in (None, "json"):
+                return await self._as_file(model, path, data, "text/plain", format)
+            return await self._notebook(model, path, data)
+        if type == "notebook":
+            raise HTTPError(400, f"{path} is not a notebook")
+        return await self._as_file(model, path, data, sniffed.mimetype, format, image=sniffed.kind is Kind.IMAGE)
+
+    def _read_capped(self, path: str, os_path: str) -> bytes:
+        cap = self.max_content_bytes
+        with open(os_path, "rb") as f:
+            data = f.read(cap + 1) if cap else f.read()
+        if cap and len(data) > cap:
+            raise _refuse(
+                f"{path} is larger than {cap:,} bytes and is not opened here. It stays in your home: work with "
+                "it in a notebook, or request an export through the airlock."
+            )
+        return data
+
+    # -- asking the gate --------------------------------------------------------------------------
+
+    def _gate(self) -> Any:
+        if self.egress_gate is None:
+            raise HTTPError(503, "the egress gate is not configured; ask the workspace operator")
+        return self.egress_gate
+
+    async def _check_whole(self, path: str, text: bytes, *, binary: bytes = b"", what: str = "") -> None:
+        check = await self._gate().check(
+            context=f"contents:{path}:{uuid.uuid4().hex}",
+            channel="contents",
+            object=path,
+            text=text,
+            binary=binary,
+            final=True,
+        )
+        if not check.forward:
+            raise _refuse(check.notice.replace("output withheld", f"{what or path} withheld", 1))
+
+    async def _as_file(
+        self, model: dict[str, Any], path: str, data: bytes, mimetype: str, format: str | None, *, image: bool = False
+    ) -> dict[str, Any]:
+        if image:
+            await self._check_whole(path, b"", binary=data)
+        else:
+            await self._check_whole(path, data)
+        if image or format == "base64":
+            model.update(
+                content=base64.encodebytes(data).decode("ascii"),
+                format="base64",
+                mimetype=mimetype or "application/octet-stream",
+            )
+        else:
+            model.update(content=data.decode("utf-8"), format="text", mimetype=mimetype or "text/plain")
+        model["type"] = "file"
+        model["size"] = len(data)
+        return model
+
+    async def _notebook(self, model: dict[str, Any], path: str, data: bytes) -> dict[str, Any]:
+        try:
+            nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+        except Exception as e:
+            raise HTTPError(400, f"Unreadable Notebook: {path} {e!r}") from e
+        gate = self._gate()
+        base = f"contents:{path}:{uuid.uuid4().hex}"
+
+        # Each cell is one output, as it was when it ran: its rows are limited like a live cell's; the day's
+        # rows and bytes bound the notebook as a whole.
+        async def check(context: str, text: bytes, binary: bytes = b"", final: bool = False) -> Any:
+            return await gate.check(
+                context=context, channel="contents", object=path, text=text, binary=binary, final=final
+            )
+
+        meta = await check(f"{base}:metadata", json.dumps(nb.metadata).encode(), final=True)
+        if not meta.forward:
+            nb.metadata = nbformat.from_dict({"kernelspec": nb.metadata.get("kernelspec", {})})
+        for index, cell in enumerate(nb.cells):
+            context = f"{base}:{index}"
+            source = cell.get("source", "")
+            rest = {k: v for k, v in cell.items() if k not in ("source", "outputs", "attachments")}
+            attachments = json.dumps(cell.get("attachments", {})).encode()
+            outputs_in = list(cell.get("outputs", ()))
+            text = b"\n".join(
+                (
+                    (source if isinstance(source, str) else "".join(source)).encode(),
+                    json.dumps(rest).encode(),
+                    attachments,
                 )
-        return await super().get(path, content=content, type=type, format=format, **kwargs)
+            )
+            verdict = await check(context, text, final=not outputs_in)
+            if not verdict.forward:
+                cell["source"] = _comment(verdict.notice, cell.get("cell_type"))
+                cell.pop("attachments", None)
+                cell["metadata"] = {}
+            outputs = []
+            for n, output in enumerate(outputs_in):
+                verdict = await check(context, json.dumps(output).encode(), final=n == len(outputs_in) - 1)
+                outputs.append(
+                    output
+                    if verdict.forward
+                    else nbformat.v4.new_output("stream", name="stderr", text=verdict.notice + "\n")
+                )
+            if "outputs" in cell:
+                cell["outputs"] = outputs
+        self.mark_trusted_cells(nb, path)
+        model.update(content=nb, format="json", type="notebook", mimetype=None, size=len(data))
+        self.validate_notebook_model(model)
+        return model
+
+
+def _comment(notice: str, cell_type: str | None) -> str:
+    return notice if cell_type != "code" else "# " + notice.replace("\n", "\n# ")

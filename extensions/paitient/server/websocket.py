@@ -15,7 +15,8 @@ from jupyter_server.services.kernels.connection.base import deserialize_binary_m
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from traitlets import Int, Unicode
 
-from paitient.rules.outputcap import OutputCap, Verdict, replacement
+from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
+from paitient.server.gate import EgressGate
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_AUDITED_CODE = 200_000
@@ -38,17 +39,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         "", help="Folder of the services' sockets; empty: executions are not sent to the audit trail."
     ).tag(config=True)
 
-    _cap: OutputCap | None = None
-
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pending_audits: set[asyncio.Future[Any]] = set()
-
-    @property
-    def cap(self) -> OutputCap:
-        if self._cap is None:
-            self._cap = OutputCap(self.output_cap_message_bytes, self.output_cap_execution_bytes)
-        return self._cap
+        self._outbox: asyncio.Queue[tuple[Any, list[Any]]] | None = None
+        self._drainer: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- browser -> kernel
 
@@ -101,30 +96,134 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             self.log.error("could not record an execution of kernel %s in the audit trail: %s", self.kernel_id, e)
 
     # ---------------------------------------------------------------- kernel -> browser
+    #
+    # Every message from the kernel goes through the egress gate before the browser gets it. The gate's
+    # answer takes a round trip to the egress service, so messages wait in a queue and leave in the order
+    # they came, each after its check.
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
-        _, fed = self.session.feed_identities(outgoing_msg)
+        if self._outbox is None:
+            self._outbox = asyncio.Queue()
+            self._drainer = asyncio.ensure_future(self._drain())
+        self._outbox.put_nowait((stream, outgoing_msg))
+
+    async def _drain(self) -> None:
+        assert self._outbox is not None
+        while True:
+            stream, outgoing = await self._outbox.get()
+            try:
+                checked = await self._through_gate(outgoing)
+            except Exception:
+                self.log.exception("Withholding a message from kernel %s: the gate failed on it", self.kernel_id)
+                checked = None
+            if checked is not None:
+                try:
+                    super().handle_outgoing_message(stream, checked)
+                except Exception:
+                    self.log.exception("Could not send a message of kernel %s to the browser", self.kernel_id)
+
+    def disconnect(self) -> None:
+        if self._drainer is not None and self._outbox is not None and self._outbox.empty():
+            self._drainer.cancel()
+            self._drainer, self._outbox = None, None
+        super().disconnect()
+
+    def _message(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any]) -> list[Any]:
+        return self.session.serialize(self.session.msg(msg_type, content=content, parent=parent))
+
+    async def _through_gate(self, outgoing: list[Any]) -> list[Any] | None:
+        """What of ``outgoing`` may reach the browser: the message itself, a replacement, or nothing."""
+        gate = self.gate
+        _, fed = self.session.feed_identities(outgoing)
         try:
             header = self.session.unpack(fed[1])
             parent = self.session.unpack(fed[2])
-        except Exception:
-            self.log.warning("Dropping a malformed message from kernel %s", self.kernel_id)
-            return
-        msg_type = str(header.get("msg_type", ""))
-        size = sum(_size(p) for p in fed[1:])
-        verdict = self.cap.charge(msg_type, str(parent.get("msg_id", "")), size)
-        if verdict is Verdict.FORWARD:
-            super().handle_outgoing_message(stream, outgoing_msg)
-            return
-        if verdict is Verdict.DROP:
-            return
-        try:
             content = self.session.unpack(fed[4])
         except Exception:
-            content = {}
-        new_type, new_content = replacement(verdict, msg_type, content, self.cap)
-        self.log.info(
-            "Output cap (%s) on a %s message of %d bytes from kernel %s", verdict.value, msg_type, size, self.kernel_id
-        )
-        msg = self.session.msg(new_type, content=new_content, parent=parent)
-        super().handle_outgoing_message(stream, self.session.serialize(msg))
+            self.log.warning("Dropping a malformed message from kernel %s", self.kernel_id)
+            return None
+        msg_type = str(header.get("msg_type", ""))
+        parent_id = str(parent.get("msg_id", ""))
+        cap = self.cap
+        execution = cap.key(parent_id)
+        if msg_type in REBUILT:
+            # Nothing of the kernel's but the protocol's own fields.
+            return self._message(msg_type, strip_protocol(msg_type, content), parent)
+        size = sum(_size(p) for p in fed[1:])
+        verdict = cap.charge(msg_type, parent_id, size)
+        if verdict is Verdict.DROP:
+            return None
+        candidate, scan = outgoing, True
+        if verdict is not Verdict.FORWARD:
+            new_type, new_content = replacement(verdict, msg_type, content, cap)
+            self.log.info(
+                "Output cap (%s) on a %s message of %d bytes from kernel %s",
+                verdict.value,
+                msg_type,
+                size,
+                self.kernel_id,
+            )
+            candidate = self._message(new_type, new_content, parent)
+            scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
+        if scan:
+            _, parts = self.session.feed_identities(candidate)
+            text = _bytes(parts[4]) + b"\n" + _bytes(parts[3])
+            binary = b"".join(_bytes(p) for p in parts[5:])
+            context = f"kernel:{self.kernel_id}:{execution}"
+            check = await gate.check(
+                context=context, channel="kernel", object=str(self.kernel_id), text=text, binary=binary
+            )
+            if not check.forward:
+                candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
+        if msg_type == "execute_reply":
+            asyncio.ensure_future(gate.close(f"kernel:{self.kernel_id}:{execution}"))
+        return candidate
+
+    def _withheld(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: dict[str, Any],
+        execution: str,
+        notice: str,
+        cap: OutputCap,
+    ) -> list[Any] | None:
+        """The first withheld message of an execution becomes its notice; later ones go; replies the
+        protocol needs keep only their protocol fields."""
+        self.log.info("Egress gate withheld a %s message of kernel %s", msg_type, self.kernel_id)
+        if msg_type == "input_request":
+            # The kernel waits for an answer: the prompt becomes the notice, the question still stands.
+            return self._message(msg_type, {"prompt": notice + "\n> ", "password": False}, parent)
+        if is_protocol(msg_type):
+            stripped = strip_protocol(msg_type, content)
+            if msg_type.endswith("_reply") and stripped.get("status") == "error":
+                stripped.update(ename="OutputWithheld", evalue=notice, traceback=[notice])
+            return self._message(msg_type, stripped, parent)
+        if execution in cap.withheld:
+            return None
+        cap.withheld.add(execution)
+        return self._message("stream", {"name": "stderr", "text": "\n" + notice + "\n"}, parent)
+
+    @property
+    def cap(self) -> OutputCap:
+        """This kernel's output cap, kept by the gate: a new websocket renews nothing."""
+        return self.gate.cap(str(self.kernel_id), self.output_cap_message_bytes, self.output_cap_execution_bytes)
+
+    @property
+    def gate(self) -> EgressGate:
+        gate = self.websocket_handler.settings.get("paitient_gate")
+        if gate is None:
+            raise RuntimeError("the egress gate is not configured (the paitient server extension is not loaded)")
+        return gate
+
+
+REBUILT = frozenset({"status", "clear_output"})
+"""Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
+
+
+def _bytes(part: Any) -> bytes:
+    if isinstance(part, bytes):
+        return part
+    if hasattr(part, "bytes"):
+        return bytes(part.bytes)
+    return bytes(part)

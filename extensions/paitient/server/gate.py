@@ -1,0 +1,265 @@
+"""The egress gate of the user's server: every byte that reaches the browser is checked before it goes.
+
+One :class:`EgressGate` per server, created by the server extension. The places that send to the browser
+ask it before they send:
+
+- kernel messages on the websocket (:mod:`paitient.server.websocket`),
+- file and notebook contents (:mod:`paitient.server.contents`),
+- every other HTTP response, through :class:`EgressTransform` (a tornado output transform), with the route
+  policy of :mod:`paitient.server.routes` refusing handlers nobody classified.
+
+The gate itself decides nothing about rows or budgets: it sends each piece to the root-side egress service
+(:mod:`paitient.services.egress`) over one unix-socket connection and applies the answer. When the service
+cannot be reached, pieces larger than ``fail_closed_bytes`` are withheld.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from tornado.web import OutputTransform
+
+from paitient.rules.egress import (
+    FrameError,
+    decode_header,
+    encode_frame,
+    header_length,
+    unchecked_notice,
+)
+from paitient.rules.outputcap import OutputCap
+
+log = logging.getLogger("paitient.server.gate")
+
+DEFAULT_FAIL_CLOSED_BYTES = 4096
+TIMEOUT = 30.0
+
+
+class GateUnavailable(ConnectionError):
+    """The egress service could not be asked."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """The gate's answer for one piece of output."""
+
+    forward: bool
+    notice: str = ""
+    reason: str | None = None
+    rows: dict[str, int] | None = None
+
+
+class _Link:
+    """One connection to the egress service, used by one thread at a time; reconnects once on failure."""
+
+    def __init__(self, path: str, timeout: float = TIMEOUT):
+        self.path = path
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.lock = threading.Lock()
+
+    def _recv(self, n: int) -> bytes:
+        assert self.sock is not None
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the egress service closed the connection")
+            buf.extend(chunk)
+        return bytes(buf)
+
+    def request(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        with self.lock:
+            last: Exception | None = None
+            for _ in range(2):
+                try:
+                    if self.sock is None:
+                        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        s.settimeout(self.timeout)
+                        s.connect(self.path)
+                        self.sock = s
+                    self.sock.sendall(encode_frame(header, payload))
+                    head, size = decode_header(self._recv(header_length(self._recv(4))))
+                    if size:
+                        self._recv(size)
+                    return head
+                except (OSError, FrameError) as e:
+                    last = e
+                    self.close()
+            raise GateUnavailable(f"the egress service at {self.path} did not answer: {last}")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
+
+
+class EgressGate:
+    """What the server's egress points call. Thread-safe; async callers do not block the event loop."""
+
+    def __init__(self, socket_path: str, *, fail_closed_bytes: int = DEFAULT_FAIL_CLOSED_BYTES):
+        self.socket_path = socket_path
+        self.fail_closed_bytes = fail_closed_bytes
+        self._async_link = _Link(socket_path)
+        self._sync_link = _Link(socket_path)
+        self._caps: dict[str, OutputCap] = {}
+        self._caps_lock = threading.Lock()
+
+    # -- per-kernel output caps (kept here, not per websocket: a new connection renews nothing) ----
+
+    def cap(self, kernel_id: str, message_bytes: int, execution_bytes: int) -> OutputCap:
+        """The output cap of one kernel, made on first use with the server's configured caps."""
+        with self._caps_lock:
+            cap = self._caps.get(kernel_id)
+            if cap is None:
+                cap = self._caps[kernel_id] = OutputCap(message_bytes, execution_bytes)
+            return cap
+
+    def forget_kernel(self, kernel_id: str) -> None:
+        with self._caps_lock:
+            self._caps.pop(kernel_id, None)
+
+    # -- asking the egress service -----------------------------------------------------------
+
+    def _answer(self, head: dict[str, Any], size: int) -> Check:
+        if not head.get("ok"):
+            log.error("egress service refused a check: %s", head.get("error"))
+            return self._unchecked(size)
+        forward = head.get("verdict") == "forward"
+        return Check(forward, str(head.get("notice") or ""), head.get("reason"), head.get("rows"))
+
+    def _unchecked(self, size: int) -> Check:
+        if size <= self.fail_closed_bytes:
+            return Check(True, reason="unchecked")
+        return Check(False, unchecked_notice(size), "unchecked")
+
+    @staticmethod
+    def _header(context: str, channel: str, obj: str, text: bytes, final: bool = False) -> dict[str, Any]:
+        return {
+            "op": "check",
+            "id": uuid.uuid4().hex[:12],
+            "context": context,
+            "channel": channel,
+            "object": obj,
+            "text": len(text),
+            "final": final,
+        }
+
+    def check_blocking(
+        self, *, context: str, channel: str, object: str, text: bytes, binary: bytes = b"", final: bool = False
+    ) -> Check:
+        """Ask about one piece: ``text`` is scanned for rows, ``text + binary`` counted and hashed.
+        ``final``: the piece is the whole output (the service records it at once)."""
+        payload = text + binary
+        try:
+            head = self._sync_link.request(self._header(context, channel, object, text, final), payload)
+        except GateUnavailable as e:
+            log.error("%s", e)
+            return self._unchecked(len(payload))
+        return self._answer(head, len(payload))
+
+    async def check(
+        self, *, context: str, channel: str, object: str, text: bytes, binary: bytes = b"", final: bool = False
+    ) -> Check:
+        """:meth:`check_blocking` off the event loop."""
+        payload = text + binary
+        try:
+            head = await asyncio.get_running_loop().run_in_executor(
+                None, self._async_link.request, self._header(context, channel, object, text, final), payload
+            )
+        except GateUnavailable as e:
+            log.error("%s", e)
+            return self._unchecked(len(payload))
+        return self._answer(head, len(payload))
+
+    async def close(self, context: str) -> None:
+        """The output of ``context`` is complete: the service records it in the audit trail."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._async_link.request, {"op": "close", "context": context}
+            )
+        except GateUnavailable as e:
+            log.error("could not close egress context %s: %s", context, e)
+
+    def close_blocking(self, context: str) -> None:
+        try:
+            self._sync_link.request({"op": "close", "context": context})
+        except GateUnavailable as e:
+            log.error("could not close egress context %s: %s", context, e)
+
+    def shutdown(self) -> None:
+        self._async_link.close()
+        self._sync_link.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every other HTTP response
+
+
+class EgressTransform(OutputTransform):
+    """Holds back each response body until it is whole, asks the gate, and sends it or a refusal.
+
+    Installed first in the application's transforms, so it sees the body before compression. The route
+    policy (:func:`paitient.server.routes.install`) tags each request with its category: static assets of
+    the software (JupyterLab's own files) pass untouched, GETs of file contents were checked by the
+    contents manager, everything else is checked here.
+    """
+
+    def __init__(self, request: HTTPServerRequest):
+        super().__init__(request)
+        self.request = request
+        self.held: list[bytes] = []
+        self.status = 200
+        self.headers: HTTPHeaders | None = None
+        self.passthrough = getattr(request, "_paitient_passthrough", False)
+        self.gate: EgressGate | None = getattr(request, "_paitient_gate", None)
+
+    def transform_first_chunk(
+        self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
+    ) -> tuple[int, HTTPHeaders, bytes]:
+        if self.passthrough or self.gate is None:
+            return status_code, headers, chunk
+        self.status, self.headers = status_code, headers
+        if not finishing:
+            # A streamed response: nothing of it leaves before the end. Headers go now (tornado sends
+            # them with the first flush), so the length is no longer known.
+            headers.pop("Content-Length", None)
+            self.held.append(chunk)
+            return status_code, headers, b""
+        body = self._decide(chunk)
+        if body is not chunk:
+            status_code = 403
+            headers["Content-Type"] = "application/json"
+            headers["Content-Length"] = str(len(body))
+        return status_code, headers, body
+
+    def transform_chunk(self, chunk: bytes, finishing: bool) -> bytes:
+        if self.passthrough or self.gate is None:
+            return chunk
+        self.held.append(chunk)
+        if not finishing:
+            return b""
+        body = b"".join(self.held)
+        self.held = []
+        return self._decide(body)
+
+    def _decide(self, body: bytes) -> bytes:
+        assert self.gate is not None
+        if not body:
+            return body
+        context = f"http:{uuid.uuid4().hex}"
+        path = self.request.path[:300]
+        check = self.gate.check_blocking(context=context, channel="http", object=path, text=body, final=True)
+        if check.forward:
+            return body
+        import json
+
+        return json.dumps({"message": check.notice, "reason": "egress-withheld"}).encode()

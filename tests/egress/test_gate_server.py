@@ -1,0 +1,230 @@
+"""The egress gate in a real user's server with real sandboxed kernels: kernel output, contents and other
+responses all pass it, and what it withholds never reaches the client.
+
+The egress service runs in this process on the site's real gate socket; its matcher reads row ids from the
+text (``row:<n>`` marks row n of ``onc/bc``) so the plumbing is tested apart from row detection
+(tests/e2e/test_egress.py attacks the whole workspace with real data and the real matcher).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from paitient.registry import Registry
+from paitient.services.egress import socket_path
+from paitient.services.egress.service import EgressServer, EgressService
+from paitient.services.egress.store import EgressStore, today
+from tests.egress.test_service import MarkedRows
+from tests.server.harness import UserServer, make_site, publish
+
+ROWS_CELL = "print('\\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {last})))"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="ptg-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    site = make_site(root, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a,b\n1,2\n")
+    name = f"ptg{os.getpid() % 100000}"
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-user-group",
+            "--gid",
+            "nogroup",
+            "--home-dir",
+            str(root / name),
+            "--create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    user = pwd.getpwnam(name)
+    os.chmod(user.pw_dir, 0o700)
+    store = EgressStore.for_state_dir(site.state_dir)
+    service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
+    egress = EgressServer(socket_path(site), service)
+    egress.start_in_thread()
+    server = UserServer(site, user, ("onc",), root)
+    Registry.for_state_dir(site.state_dir).put(server.member)
+    try:
+        with server:
+            yield site, server, service, Path(user.pw_dir), user
+    finally:
+        egress.shutdown()
+        egress.server_close()
+        store.close()
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _put(home: Path, user, name: str, data: bytes) -> None:
+    (home / name).write_bytes(data)
+    os.chown(home / name, user.pw_uid, user.pw_gid)
+
+
+def test_an_output_with_few_rows_reaches_the_browser(world):
+    _, server, _, _, _ = world
+    res = server.run(ROWS_CELL.format(first=0, last=5))
+    assert res.stdout.count("row:") == 5 and res.error is None
+
+
+def test_an_output_with_too_many_rows_is_withheld_with_a_notice(world):
+    _, server, _, _, _ = world
+    res = server.run(ROWS_CELL.format(first=100, last=160))
+    assert "row:" not in res.stdout
+    assert "output withheld" in res.stderr and "60 rows of bc" in res.stderr and "airlock" in res.stderr
+
+
+def test_a_loop_of_small_prints_in_one_cell_is_one_output(world):
+    _, server, _, _, _ = world
+    code = "import time\nfor i in range(200, 240):\n    print(f'row:{i},1.0', flush=True); time.sleep(0.02)"
+    res = server.run(code)
+    assert 0 < res.stdout.count("row:") <= 20, res.stdout
+    assert "output withheld" in res.stderr
+
+
+def test_rows_in_an_execute_result_and_a_display_are_checked_too(world):
+    _, server, _, _, _ = world
+    res = server.run("'\\n'.join(f'row:{i}' for i in range(300, 340))")
+    assert res.result is None and "output withheld" in res.stderr
+    res = server.run(
+        "from IPython.display import HTML, display\n"
+        "display(HTML('<table>' + ''.join(f'<tr><td>row:{i}</td></tr>' for i in range(400, 440)) + '</table>'))"
+    )
+    assert not any("row:4" in json.dumps(o) for o in res.outputs if o["msg_type"] == "display_data")
+    assert "output withheld" in res.stderr
+
+
+def test_rows_in_an_input_prompt_are_withheld(world):
+    _, server, _, _, _ = world
+    res = server.run(
+        "answer = input('\\n'.join(f'row:{i}' for i in range(500, 540)))\nprint('got', answer)", stdin_reply="yes"
+    )
+    assert len(res.prompts) == 1 and "row:5" not in res.prompts[0], res.prompts
+    # the kernel got its answer and finished; the rest of an execution that showed too many rows stays out too
+    assert "output withheld" in res.prompts[0] and res.error is None and "output withheld" in res.stderr
+
+
+def test_rows_on_stderr_are_withheld(world):
+    _, server, _, _, _ = world
+    res = server.run("import sys\nsys.stderr.write('\\n'.join(f'row:{i}' for i in range(550, 590)))")
+    assert "row:5" not in res.stderr and "output withheld" in res.stderr
+
+
+def test_a_data_file_renamed_to_source_is_not_served(world):
+    _, server, _, home, user = world
+    _put(
+        home,
+        user,
+        "analysis.py",
+        b"patient,radius,texture\n" + b"".join(b"P-%d,%d.5,%d.25\n" % (i, i, i) for i in range(50)),
+    )
+    _put(home, user, "model.txt", pickle.dumps({"x": [1.5, 2.5]}))
+    for name, what in (("analysis.py", "delimited text"), ("model.txt", "a Python pickle")):
+        r = server.get(f"/api/contents/{name}?content=1&type=file&format=text")
+        assert r.status_code == 403, (name, r.status_code, r.text[:300])
+        assert what in r.json()["message"] and "airlock" in r.json()["message"]
+
+
+def test_a_text_file_with_too_many_rows_is_not_served(world):
+    _, server, _, home, user = world
+    _put(home, user, "rows.md", "\n".join(f"- row:{i} looks fine" for i in range(600, 650)).encode())
+    r = server.get("/api/contents/rows.md?content=1")
+    assert r.status_code == 403 and "50 rows of bc" in r.json()["message"]
+    _put(home, user, "few.md", "\n".join(f"- row:{i}" for i in range(600, 603)).encode())
+    r = server.get("/api/contents/few.md?content=1")
+    assert r.status_code == 200 and r.json()["content"].count("row:") == 3
+
+
+def test_a_notebook_written_by_the_kernel_has_its_row_outputs_replaced(world):
+    import nbformat
+
+    _, server, _, home, user = world
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "df.head()",
+            outputs=[
+                nbformat.v4.new_output("stream", name="stdout", text="".join(f"row:{i}\n" for i in range(700, 703)))
+            ],
+        ),
+        nbformat.v4.new_code_cell(
+            "print(df.to_csv())",
+            outputs=[
+                nbformat.v4.new_output("stream", name="stdout", text="".join(f"row:{i}\n" for i in range(710, 760)))
+            ],
+        ),
+        nbformat.v4.new_markdown_cell("notes"),
+    ]
+    _put(home, user, "kernel-wrote.ipynb", nbformat.writes(nb).encode())
+    r = server.get("/api/contents/kernel-wrote.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    cells = r.json()["content"]["cells"]
+    assert cells[0]["outputs"][0]["text"].count("row:") == 3
+    assert "row:7" not in json.dumps(cells[1]) and "output withheld" in cells[1]["outputs"][0]["text"]
+    assert cells[2]["source"] == "notes"
+
+
+def test_rows_in_attachments_and_metadata_do_not_pass(world):
+    import nbformat
+
+    _, server, _, home, user = world
+    rows = "".join(f"row:{i}\n" for i in range(800, 850))
+    nb = nbformat.v4.new_notebook(metadata={"stash": rows})
+    cell = nbformat.v4.new_markdown_cell("![x](attachment:x.txt)")
+    cell.attachments = {"x.txt": {"text/plain": rows}}
+    nb.cells = [cell]
+    _put(home, user, "stash.ipynb", nbformat.writes(nb).encode())
+    r = server.get("/api/contents/stash.ipynb?content=1")
+    assert r.status_code == 200
+    assert "row:8" not in r.text
+
+
+def test_file_names_in_a_listing_are_checked(world):
+    _, server, _, home, user = world
+    folder = home / "names"
+    folder.mkdir()
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    for i in range(900, 950):
+        _put(folder, user, f"row:{i}", b"")
+    r = server.get("/api/contents/names?content=1")
+    assert r.status_code == 403 and "listing withheld" in r.json()["message"]
+
+
+def test_images_pass_and_count_against_the_day(world):
+    _, server, service, home, user = world
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, format="PNG")
+    _put(home, user, "plot.png", buf.getvalue())
+    before = service.store.day(user.pw_name, today()).bytes
+    r = server.get("/api/contents/plot.png?content=1")
+    assert r.status_code == 200 and base64.b64decode(r.json()["content"]) == buf.getvalue()
+    assert service.store.day(user.pw_name, today()).bytes >= before + len(buf.getvalue())
+
+
+def test_other_api_responses_pass_the_transform_and_are_counted(world):
+    _, server, service, _, user = world
+    before = service.store.day(user.pw_name, today()).outputs
+    assert server.get("/api/sessions").status_code == 200
+    assert server.get("/api/kernels").status_code == 200
+    assert service.store.day(user.pw_name, today()).outputs >= before + 2
