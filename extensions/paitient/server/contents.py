@@ -8,7 +8,8 @@ from typing import Any
 
 from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
 from tornado.web import HTTPError
-from traitlets import Int
+
+from paitient.config import Server, site_trait
 
 
 def inside(root: str, path: str) -> bool:
@@ -22,9 +23,7 @@ class ConfinedContentsManager(AsyncLargeFileManager):
     """The stock manager checks the unresolved path only; a symlink in the home could reach anything the
     user's account can read on the host (other projects' data, service state). This one refuses that."""
 
-    max_content_bytes = Int(
-        0, help="Largest file whose content the contents API sends (0: no limit); [server] contents_cap_bytes."
-    ).tag(config=True)
+    max_content_bytes = site_trait(Server, "contents_cap_bytes")
 
     def _get_os_path(self, path: str) -> str:
         os_path = super()._get_os_path(path)
@@ -35,7 +34,7 @@ class ConfinedContentsManager(AsyncLargeFileManager):
     async def get(
         self, path: str, content: bool = True, type: str | None = None, format: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        if content and self.max_content_bytes:
+        if content:
             os_path = self._get_os_path(path.strip("/"))
             if os.path.isfile(os_path) and os.path.getsize(os_path) > self.max_content_bytes:
                 raise HTTPError(
