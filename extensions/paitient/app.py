@@ -10,7 +10,7 @@ from traitlets import Unicode, default
 from traitlets.config import Application
 
 from paitient import __version__
-from paitient.config import ConfigError, SiteConfig, load
+from paitient.config import ConfigError, SiteConfig, Workspace, load
 
 
 class PaitientCommand(Application):
@@ -29,7 +29,7 @@ class PaitientCommand(Application):
     state_dir = Unicode(
         "",
         help="Where all state lives (directory, hub database, services, data). "
-        "Overrides [workspace] state_dir of the site configuration; default /var/lib/paitient.",
+        f"Overrides [workspace] state_dir of the site configuration; default {Workspace.state_dir.default_value}.",
     ).tag(config=True)
 
     aliases = {

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
+from traitlets import Bool
 from traitlets.config import Application
 
 from paitient import __version__
+from paitient.app import PaitientCommand
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("paitient.ops.up.UpCommand", "Run the workspace in the foreground (directory, hub, proxy, services)."),
@@ -16,7 +21,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("paitient.services.audit.cli.AuditCommand", "Verify the audit trail or show its records."),
     "airlock": ("paitient.services.airlock.cli.AirlockCommand", "List airlock requests and their state."),
     "service": ("paitient.services.ServiceCommand", "Run one root-side service (ledger, audit, airlock)."),
+    "config": ("paitient.cli.ConfigCommand", "Print the effective site configuration; --help-all lists every setting."),
 }
+
+
+class ConfigCommand(PaitientCommand):
+    name = "config"
+    description = (
+        "Print the effective, validated site configuration of --site=PATH (default: the embedded demo) as TOML. "
+        "`paitient config --help-all` lists every site setting with its section, help and default."
+    )
+    examples = "paitient config --site=/etc/paitient/site.toml\npaitient config --help-all"
+    as_json = Bool(False, help="Print JSON instead of TOML.").tag(config=True)
+    flags = {"json": ({"ConfigCommand": {"as_json": True}}, "Print JSON instead of TOML.")}
+
+    def start(self) -> None:
+        from paitient.config.reference import effective_toml
+
+        site = self.load_site()
+        print(json.dumps(site.to_dict(), indent=2) if self.as_json else effective_toml(site), end="")
+
+    def emit_help_epilogue(self, classes: bool) -> Iterator[str]:
+        if classes:
+            from paitient.config.reference import help_all
+
+            yield help_all()
+        else:
+            yield "To see every site setting with its section, help and default, use `--help-all`."
+            yield ""
 
 
 class PaitientApp(Application):

@@ -151,7 +151,7 @@ def test_refuses_k_below_the_minimum_naming_the_group(site, patients_csv):
 def test_spec_may_raise_min_k_but_not_lower_it(site, patients_csv):
     text = refusal(site, make_spec(patients_csv, COLUMNS, patient_id="mrn", quasi_identifiers=["age"], min_k=3))
     assert "below the minimum 3" in text
-    strict_site = replace(site, workspace=replace(site.workspace, min_k=4))
+    strict_site = site.replace(workspace=site.workspace.replace(min_k=4))
     spec = make_spec(patients_csv, COLUMNS, patient_id="mrn", min_k=3)
     with pytest.raises(IngestRefused, match="min_k = 3 is below the site's minimum 4; a spec may only raise it"):
         ing.ingest(strict_site, spec, operator="t")

@@ -17,7 +17,6 @@ import pytest
 
 from paitient.config import parse
 from paitient.registry import Member, Registry
-from paitient.rules.egress import Limits
 from paitient.server.gate import EgressGate
 from paitient.services.audit.writer import trail_files
 from paitient.services.egress import socket_path
@@ -58,7 +57,7 @@ def running(site):
     service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir))
     server = EgressServer(socket_path(site), service)
     server.start_in_thread()
-    gate = EgressGate(str(socket_path(site)))
+    gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
     yield service, gate
     gate.shutdown()
     server.shutdown()
@@ -126,7 +125,7 @@ def test_a_drip_of_small_outputs_stops_at_the_daily_rows(site, running):
 
 def test_the_daily_bytes_bound_every_channel(site, running):
     service, gate = running
-    limit = Limits().daily_bytes
+    limit = site.egress.daily_bytes
     blob = os.urandom(1_000_000)
     passed = 0
     for i in range(25):
@@ -176,7 +175,7 @@ def test_when_the_trail_cannot_record_large_outputs_are_withheld(site, running):
 
 
 def test_when_the_service_is_down_the_gate_fails_closed(site):
-    gate = EgressGate(str(socket_path(site)))
+    gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
     small = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 100)
     big = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 5000)
     assert small.forward and not big.forward and big.reason == "unchecked"
@@ -229,7 +228,7 @@ def test_many_servers_at_once(site, running):
     errors = []
 
     def one(i):
-        gate = EgressGate(str(socket_path(site)))
+        gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
         try:
             for j in range(20):
                 if not gate.check_blocking(context=f"s{i}:{j}", channel="kernel", object="k", text=b"x").forward:

@@ -84,6 +84,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
     """
     lab_dir = os.path.join(state_dir, "lab")
     home = str(home)
+    limits = site.egress_for_user(member.projects)
     return {
         "ServerApp": {
             "jpserver_extensions": {
@@ -107,9 +108,15 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "allow_hidden": False,
             "files_handler_class": "paitient.server.handlers.BlockedFilesHandler",
         },
-        "ConfinedContentsManager": {"max_content_bytes": site.server.contents_cap_bytes},
+        "ConfinedContentsManager": {
+            "max_content_bytes": site.server.contents_cap_bytes,
+            "max_text_bytes": limits.contents_bytes,
+        },
         # Every byte to the browser passes the egress gate, which asks the root-side egress service.
-        "PaitientServerExtension": {"egress_socket": str(egress.socket_path(site))},
+        "PaitientServerExtension": {
+            "egress_socket": str(egress.socket_path(site)),
+            "fail_closed_bytes": limits.fail_closed_bytes,
+        },
         "KernelManager": {"transport": "ipc"},
         "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},
         "KernelSpecManager": {

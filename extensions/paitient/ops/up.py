@@ -24,7 +24,7 @@ from pathlib import Path
 from traitlets import Float, Int, Unicode, default
 
 from paitient.app import PaitientCommand
-from paitient.config import SiteConfig
+from paitient.config import SiteConfig, Workspace
 from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
 from paitient.services import SERVICES
@@ -149,7 +149,9 @@ def describe_demo_accounts(passwords: dict[str, str]) -> list[str]:
 
 
 class _StateCommand(PaitientCommand):
-    port = Int(0, help="Public port of the workspace (overrides [workspace] port; default 8000).").tag(config=True)
+    port = Int(
+        0, help=f"Public port of the workspace (overrides [workspace] port; default {Workspace.port.default_value})."
+    ).tag(config=True)
 
     aliases = {**PaitientCommand.aliases, "port": "_StateCommand.port"}
 

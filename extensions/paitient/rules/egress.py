@@ -13,35 +13,18 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 MB = 1_000_000
 
 
-@dataclass(frozen=True)
-class Limits:
-    """How much of the workspace may reach one user's browser."""
+class Limits(Protocol):
+    """The egress limits of a user (the site model's ``EgressLimits``: [egress] and projects' overrides)."""
 
-    max_rows_per_output: int = 20
-    """Distinct rows of one dataset that one output (an execution's output, a file, a notebook) may show."""
-    daily_rows: int = 200
-    """Distinct dataset rows a user may see per day, across every channel."""
-    daily_bytes: int = 20 * MB
-    """Bytes a user may receive per day from the workspace, across every channel."""
-    contents_bytes: int = 2 * MB
-    """Largest text file or notebook the contents API sends."""
-    fail_closed_bytes: int = 4096
-    """When rows cannot be matched or the audit trail cannot record, larger outputs are withheld."""
-
-    @staticmethod
-    def strictest(limits: list[Limits]) -> Limits:
-        """The smallest of each limit: what applies to a user in several projects."""
-        if not limits:
-            return Limits()
-        return Limits(**{name: min(getattr(lim, name) for lim in limits) for name in Limits.__dataclass_fields__})
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name in Limits.__dataclass_fields__}
+    max_rows_per_output: int
+    daily_rows: int
+    daily_bytes: int
+    fail_closed_bytes: int
 
 
 class Verdict(enum.Enum):

@@ -11,9 +11,10 @@ lost one of those refuses to start rather than run open.
 from __future__ import annotations
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Int, Unicode
+from traitlets import Bool, Unicode
 
-from paitient.server.gate import DEFAULT_FAIL_CLOSED_BYTES, EgressGate, EgressTransform
+from paitient.config import EgressLimits, site_trait
+from paitient.server.gate import EgressGate, EgressTransform
 from paitient.server.handlers import BLOCKED, BlockedHandler
 
 
@@ -32,10 +33,7 @@ class PaitientServerExtension(ExtensionApp):
     egress_socket = Unicode(
         "", help="The egress service's socket (<state_dir>/gate/egress.sock); every output is checked there."
     ).tag(config=True)
-    fail_closed_bytes = Int(
-        DEFAULT_FAIL_CLOSED_BYTES,
-        help="When the egress service cannot be asked, outputs larger than this are withheld.",
-    ).tag(config=True)
+    fail_closed_bytes = site_trait(EgressLimits, "fail_closed_bytes")
 
     gate: EgressGate | None = None
 

@@ -29,8 +29,8 @@ import nbformat
 from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
 from tornado.web import HTTPError
 from traitlets import Any as AnyTrait
-from traitlets import Int
 
+from paitient.config import EgressLimits, Server, site_trait
 from paitient.rules.egress import file_notice
 from paitient.rules.sniff import Kind, sniff
 
@@ -53,12 +53,8 @@ class ConfinedContentsManager(AsyncLargeFileManager):
     """The stock manager checks the unresolved path only and sends any file; this one confines paths and
     checks bodies."""
 
-    max_content_bytes = Int(
-        0, help="Largest file whose content the contents API sends (0: no limit); [server] contents_cap_bytes."
-    ).tag(config=True)
-    max_text_bytes = Int(
-        2_000_000, help="Largest text file or notebook the contents API sends; [egress] contents_bytes."
-    ).tag(config=True)
+    max_content_bytes = site_trait(Server, "contents_cap_bytes")
+    max_text_bytes = site_trait(EgressLimits, "contents_bytes")
     egress_gate = AnyTrait(None, allow_none=True, help="The server's egress gate (set by the server extension).")
 
     def _get_os_path(self, path: str) -> str:

@@ -37,7 +37,6 @@ from paitient.rules.outputcap import OutputCap
 
 log = logging.getLogger("paitient.server.gate")
 
-DEFAULT_FAIL_CLOSED_BYTES = 4096
 TIMEOUT = 30.0
 
 
@@ -105,7 +104,7 @@ class _Link:
 class EgressGate:
     """What the server's egress points call. Thread-safe; async callers do not block the event loop."""
 
-    def __init__(self, socket_path: str, *, fail_closed_bytes: int = DEFAULT_FAIL_CLOSED_BYTES):
+    def __init__(self, socket_path: str, *, fail_closed_bytes: int):
         self.socket_path = socket_path
         self.fail_closed_bytes = fail_closed_bytes
         self._async_link = _Link(socket_path)

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Bool, Dict, Int, List, Unicode, default
+from traitlets import Bool, Dict, List, Unicode, default
 
 import paitient
+from paitient.config import Sandbox, site_trait
 from paitient.rules.sandbox import (
     Limits,
     PolicyError,
@@ -78,10 +79,10 @@ class SandboxProvisioner(LocalProvisioner):
         {},
         help="Project name -> dataset names this user may read. Written by the spawner from the registry.",
     ).tag(config=True)
-    memory_mb = Int(4096, help="Private memory limit per kernel (RLIMIT_DATA), MiB.").tag(config=True)
-    max_processes = Int(256, help="Process limit (RLIMIT_NPROC; counts all of the user's processes).").tag(config=True)
-    max_open_files = Int(1024, help="Open file limit per process (RLIMIT_NOFILE).").tag(config=True)
-    cpu_seconds = Int(0, help="CPU time limit per kernel process (RLIMIT_CPU); 0: none.").tag(config=True)
+    memory_mb = site_trait(Sandbox, "memory_mb")
+    max_processes = site_trait(Sandbox, "max_processes")
+    max_open_files = site_trait(Sandbox, "max_open_files")
+    cpu_seconds = site_trait(Sandbox, "cpu_seconds")
     bwrap_path = Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True)
     prlimit_path = Unicode("/usr/bin/prlimit", help="util-linux prlimit, sets the rlimits.").tag(config=True)
     system_ro = List(Unicode(), help="Host folders bound read-only at the same path.").tag(config=True)

@@ -13,8 +13,9 @@ from typing import Any
 
 from jupyter_server.services.kernels.connection.base import deserialize_binary_message, deserialize_msg_from_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
-from traitlets import Int, Unicode
+from traitlets import Unicode
 
+from paitient.config import Server, site_trait
 from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
 from paitient.server.gate import EgressGate
 
@@ -29,12 +30,8 @@ def _size(part: Any) -> int:
 class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     """ZMQ <-> websocket bridge that caps kernel output and audits executed code."""
 
-    output_cap_message_bytes = Int(
-        1_000_000, help="Bytes one kernel message may carry to the browser before it is cut."
-    ).tag(config=True)
-    output_cap_execution_bytes = Int(
-        5_000_000, help="Bytes one execution's messages may carry to the browser in total."
-    ).tag(config=True)
+    output_cap_message_bytes = site_trait(Server, "output_cap_message_bytes")
+    output_cap_execution_bytes = site_trait(Server, "output_cap_execution_bytes")
     audit_run_dir = Unicode(
         "", help="Folder of the services' sockets; empty: executions are not sent to the audit trail."
     ).tag(config=True)

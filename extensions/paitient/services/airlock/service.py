@@ -16,7 +16,6 @@ The hub configuration takes :func:`hub_service` and :func:`custom_scopes` from h
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -66,7 +65,7 @@ def hub_service(site: SiteConfig, python: str, *, port: int | None = None) -> di
 
 def settings_for(site: SiteConfig, config: Config | None = None) -> AirlockSettings:
     """The site's [airlock] section, overridden by ``--AirlockSettings.<name>=...`` on the command line."""
-    settings = AirlockSettings(**dataclasses.asdict(site.airlock))
+    settings = AirlockSettings(**site.airlock.to_dict())
     if config is not None:
         settings.update_config(config)
     return settings

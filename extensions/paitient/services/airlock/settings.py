@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from traitlets import Bool, Float, Integer, Unicode
+from traitlets import Integer
 from traitlets.config import Configurable
+
+from paitient.config import Airlock, site_trait
 
 SCOPE_REQUEST = "custom:airlock:request"
 SCOPE_REVIEW = "custom:airlock:review"
@@ -26,24 +28,23 @@ def role_scopes() -> dict[str, list[str]]:
 
 
 class AirlockSettings(Configurable):
-    """Knobs of the airlock service (``paitient service airlock --AirlockSettings.<name>=...``)."""
+    """Knobs of the airlock service (``paitient service airlock --AirlockSettings.<name>=...``).
+
+    Every knob but ``port`` is a site setting of [airlock]: its default, help and rule come from there, and
+    :func:`paitient.services.airlock.service.settings_for` fills it from the site file."""
 
     port = Integer(
         0,
         help="Loopback port of the review pages; 0: the port in $JUPYTERHUB_SERVICE_URL, "
         "or a free one chosen when the hub's service entry is made.",
     ).tag(config=True)
-    max_bytes = Integer(512 << 20, help="Largest file the airlock takes (bytes).").tag(config=True)
-    min_count = Integer(10, help="Minimum number of individuals behind a table cell.").tag(config=True)
-    nk_n = Integer(2, help="Dominance rule: the n largest contributors ...").tag(config=True)
-    nk_k = Float(0.9, help="... may make up at most this share of a cell's total.").tag(config=True)
-    p_ratio = Float(
-        0.1, help="p-ratio rule: the smaller contributors must make up at least this share of the largest."
-    ).tag(config=True)
-    zeros_disclosive = Bool(True, help="Treat zero cells as disclosive.").tag(config=True)
-    mia_max_auc = Float(0.6, help="The membership-inference check fails above this attack AUC.").tag(config=True)
-    mia_max_advantage = Float(0.2, help="... or above this attack advantage (max TPR - FPR).").tag(config=True)
-    audit_account = Unicode(
-        "nobody", help="Unprivileged account the membership-inference audit runs as, in bubblewrap."
-    ).tag(config=True)
-    audit_timeout = Float(600.0, help="Seconds the membership-inference audit may take.").tag(config=True)
+    max_bytes = site_trait(Airlock, "max_bytes")
+    min_count = site_trait(Airlock, "min_count")
+    nk_n = site_trait(Airlock, "nk_n")
+    nk_k = site_trait(Airlock, "nk_k")
+    p_ratio = site_trait(Airlock, "p_ratio")
+    zeros_disclosive = site_trait(Airlock, "zeros_disclosive")
+    mia_max_auc = site_trait(Airlock, "mia_max_auc")
+    mia_max_advantage = site_trait(Airlock, "mia_max_advantage")
+    audit_account = site_trait(Airlock, "audit_account")
+    audit_timeout = site_trait(Airlock, "audit_timeout")

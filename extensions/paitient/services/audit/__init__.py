@@ -7,7 +7,6 @@ under the name the kernel vouches for (``SO_PEERCRED``). ``paitient audit verify
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -50,7 +49,7 @@ def emit(
 def config_details(site) -> dict[str, Any]:
     """Details for the ``config.effective`` record written at start: the whole validated site
     configuration (it holds no secrets, only paths to them) and its SHA-256, so two starts compare."""
-    config = json.loads(json.dumps(dataclasses.asdict(site), default=str))
+    config = json.loads(json.dumps(site.to_dict(), default=str))
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"source": site.source or "(embedded demo default)", "sha256": digest, "config": config}
 

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paitient.config import SiteConfig
+from paitient.config import EgressLimits, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules.egress import (
     FrameError,
-    Limits,
     decide,
     decode_header,
     encode_frame,
@@ -57,12 +56,9 @@ CHANNELS = frozenset({"kernel", "contents", "http"})
 log = logging.getLogger("paitient.services.egress")
 
 
-def limits_for(site: SiteConfig, member: Member) -> Limits:
-    """The limits of a user: the strictest of those of their projects."""
-    egress_for = getattr(site, "egress_for", None)
-    if egress_for is None:
-        return Limits()
-    return Limits.strictest([egress_for(p) for p in member.projects] or [egress_for(None)])
+def limits_for(site: SiteConfig, member: Member) -> EgressLimits:
+    """The limits of a user: the strictest of each over their projects ([egress] and projects' overrides)."""
+    return site.egress_for_user(member.projects)
 
 
 @dataclass
@@ -288,7 +284,7 @@ class _Connection(socketserver.BaseRequestHandler):
         try:
             if op == "hello":
                 limits = limits_for(service.site, self.member)
-                return {"id": rid, "ok": True, "user": self.member.username, "limits": limits.as_dict()}
+                return {"id": rid, "ok": True, "user": self.member.username, "limits": limits.to_dict()}
             if op == "check":
                 text_size = head.get("text", len(payload))
                 if not isinstance(text_size, int) or not 0 <= text_size <= len(payload):

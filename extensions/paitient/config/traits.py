@@ -1,0 +1,193 @@
+"""The value types of the site file: each checks its TOML type and says what it expects in the file's words.
+
+A trait made by :func:`paitient.config.model.site_trait` for another configurable also runs the rule of the
+site setting it mirrors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Undefined, Unicode
+
+from paitient.config.errors import SettingError
+
+if TYPE_CHECKING:
+    from paitient.config.model import Model
+
+
+class SiteTrait:
+    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting."""
+
+    expects = "a value"
+    mirrors: tuple[type[Model], str] | None = None
+
+    def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> NoReturn:
+        raise TraitError(f"expected {self.expects}, got {value!r}")
+
+    def validate(self, obj: Any, value: Any) -> Any:
+        value = self.check_type(obj, value)
+        if self.mirrors is not None:
+            section, name = self.mirrors
+            value = section.apply_rule(name, value)
+        return value
+
+    def check_type(self, obj: Any, value: Any) -> Any:
+        raise NotImplementedError
+
+
+class WholeNumber(SiteTrait, Int):
+    expects = "a whole number"
+
+    def check_type(self, obj: Any, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(obj, value)
+        return int(value)
+
+
+class Number(SiteTrait, Float):
+    expects = "a number"
+
+    def check_type(self, obj: Any, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.error(obj, value)
+        return float(value)
+
+
+class Text(SiteTrait, Unicode):
+    expects = "a string"
+
+    def check_type(self, obj: Any, value: Any) -> str:
+        if not isinstance(value, str):
+            self.error(obj, value)
+        return value
+
+
+class Flag(SiteTrait, Bool):
+    expects = "true or false"
+
+    def check_type(self, obj: Any, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self.error(obj, value)
+        return value
+
+
+class Choice(SiteTrait, Enum):
+    """One of a few strings."""
+
+    def __init__(self, values: tuple[str, ...], default_value: str, **kwargs: Any) -> None:
+        super().__init__(values, default_value, **kwargs)
+        self.expects = "one of " + ", ".join(repr(v) for v in values)
+
+    def check_type(self, obj: Any, value: Any) -> str:
+        if value not in self.values:
+            self.error(obj, value)
+        return value
+
+
+class Names(SiteTrait, TraitType):
+    """A list of strings, kept as a tuple; a single string stands for a list of one."""
+
+    expects = "a list of strings"
+
+    def __init__(self, default_value: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(tuple(default_value), **kwargs)
+
+    def check_type(self, obj: Any, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            self.error(obj, value)
+        return tuple(value)
+
+
+class Part(SiteTrait, TraitType):
+    """A table that is a model object of its own (a section, a project's budget)."""
+
+    expects = "a table"
+
+    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
+        self.klass = klass
+        super().__init__(Undefined, **kwargs)
+
+    def make_dynamic_default(self) -> Model:
+        return self.klass()
+
+    def check_type(self, obj: Any, value: Any) -> Model:
+        if isinstance(value, self.klass):
+            return value
+        if not isinstance(value, Mapping):
+            self.error(obj, value)
+        return self.klass(**value)
+
+
+class PartsByName(SiteTrait, TraitType):
+    """A table of name = table, each a model object (a project's per-dataset budgets); read-only."""
+
+    expects = "a table of name = table"
+
+    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
+        self.klass = klass
+        super().__init__(MappingProxyType({}), **kwargs)
+
+    def check_type(self, obj: Any, value: Any) -> Mapping[str, Model]:
+        if not isinstance(value, Mapping):
+            self.error(obj, value)
+        out = {}
+        for name, item in value.items():
+            try:
+                out[name] = item if isinstance(item, self.klass) else self.klass(**_table(item))
+            except SettingError as e:
+                raise e.under(name) from None
+        return MappingProxyType(out)
+
+
+class Parts(SiteTrait, TraitType):
+    """An array of tables (``[[projects]]``), each a model object, kept as a tuple.
+
+    An error inside one is reported under its ``name`` when it has one, else under its index."""
+
+    expects = "an array of tables"
+
+    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
+        self.klass = klass
+        super().__init__((), **kwargs)
+
+    def check_type(self, obj: Any, value: Any) -> tuple[Model, ...]:
+        if not isinstance(value, list | tuple):
+            self.error(obj, value)
+        out = []
+        for index, item in enumerate(value):
+            if isinstance(item, self.klass):
+                out.append(item)
+                continue
+            try:
+                out.append(self.klass(**_table(item)))
+            except SettingError as e:
+                name = item.get("name")
+                raise e.under(name if isinstance(name, str) and name else str(index)) from None
+        return tuple(out)
+
+
+class Overrides(SiteTrait, TraitType):
+    """Some keys of another section, each checked by that section's rules (a project's ``egress``)."""
+
+    expects = "a table"
+
+    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
+        self.klass = klass
+        super().__init__(MappingProxyType({}), **kwargs)
+
+    def check_type(self, obj: Any, value: Any) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            self.error(obj, value)
+        checked = self.klass(**value)
+        return MappingProxyType({key: getattr(checked, key) for key in value})
+
+
+def _table(item: Any) -> Mapping[str, Any]:
+    if not isinstance(item, Mapping):
+        raise SettingError((), None, f"must be a table, got {item!r}")
+    return item

@@ -1,0 +1,179 @@
+"""``[workspace]`` (where and how the workspace runs) and ``[accounts]`` (the researchers' system accounts)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from traitlets import Bunch, TraitError, validate
+
+from paitient.config.errors import SettingError, must
+from paitient.config.model import Model
+from paitient.config.traits import Choice, Text, WholeNumber
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+"""Project and dataset names: lower-case letters, digits, '-' or '_', starting with a letter, at most 32."""
+
+
+class Workspace(Model):
+    """Where and how the workspace runs on this machine."""
+
+    section = "workspace"
+
+    state_dir = Text(
+        "/var/lib/paitient",
+        help="All state: hub database, directory (when embedded), services' sockets and stores, audit trail, "
+        "accounts registry, published data. Owned by root; users may traverse it (0755) to reach the service "
+        "sockets in run/, nothing else.",
+    ).tag(config=True)
+
+    @validate("state_dir")
+    def _absolute(self, proposal: Bunch) -> str:
+        must(proposal.value.startswith("/"), "be an absolute path", proposal.value)
+        return proposal.value
+
+    data_root = Text(
+        "",
+        help="Published datasets (<data_root>/<project>/<dataset>/versions/<N>), read-only to users. "
+        "Empty: <state_dir>/data.",
+    ).tag(config=True)
+    bind_ip = Text(
+        "127.0.0.1",
+        help="The address researchers open in their browser (the proxy listens here). Put a TLS-terminating "
+        "reverse proxy in front when this is not loopback.",
+    ).tag(config=True)
+
+    @validate("bind_ip")
+    def _ip(self, proposal: Bunch) -> str:
+        try:
+            ipaddress.ip_address(proposal.value)
+        except ValueError:
+            raise TraitError(f"not an IP address: {proposal.value!r}") from None
+        return proposal.value
+
+    port = WholeNumber(8000, help="The port researchers open in their browser (the proxy listens here).").tag(
+        config=True
+    )
+    hub_port = WholeNumber(0, help="The hub's internal API port, on loopback. 0 picks a free port at start.").tag(
+        config=True
+    )
+    proxy_api_port = WholeNumber(0, help="The proxy's API port, on loopback. 0 picks a free port at start.").tag(
+        config=True
+    )
+
+    @validate("port", "hub_port", "proxy_api_port")
+    def _port(self, proposal: Bunch) -> int:
+        low = 1 if proposal.trait.name == "port" else 0
+        if not low <= proposal.value <= 65535:
+            raise TraitError(f"not a usable port: {proposal.value} (allowed: {low} to 65535)")
+        return proposal.value
+
+    key_file = Text(
+        "",
+        help="The pseudonymisation key (32+ random bytes, root:root 0600). Ingest refuses a key that others can "
+        "read. Empty: <state_dir>/keys/pseudonym.key, created on first use.",
+    ).tag(config=True)
+    spawner = Choice(
+        ("paitient-local",),
+        "paitient-local",
+        help='How users\' servers run: "paitient-local" (a system account per user, kernels in bubblewrap).',
+    ).tag(config=True)
+    min_k = WholeNumber(
+        5,
+        help="Ingest refuses a dataset whose smallest group over its declared quasi-identifiers is smaller "
+        "than this (k-anonymity).",
+    ).tag(config=True)
+
+    @validate("min_k")
+    def _min_k(self, proposal: Bunch) -> int:
+        must(proposal.value >= 1, "be at least 1", proposal.value)
+        return proposal.value
+
+    date_shift_days = WholeNumber(
+        180,
+        help="Ingest shifts each patient's dates by a keyed number of days drawn from [-date_shift_days, "
+        "+date_shift_days], the same shift for all of a patient's rows and datasets within a project.",
+    ).tag(config=True)
+
+    @validate("date_shift_days")
+    def _date_shift(self, proposal: Bunch) -> int:
+        must(1 <= proposal.value <= 3650, "lie between 1 and 3650", proposal.value)
+        return proposal.value
+
+    ledger_url = Text(
+        "",
+        help="The privacy-budget ledger's database. Empty: SQLite at <state_dir>/ledger/ledger.sqlite3 (root "
+        "only). Or postgresql://user@host/db (needs the psycopg package); put the password in ~root/.pgpass, "
+        "not here.",
+    ).tag(config=True)
+
+    @validate("ledger_url")
+    def _ledger_url(self, proposal: Bunch) -> str:
+        url = proposal.value
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise TraitError(f"empty (SQLite) or a postgresql:// URL, got {url[:40]!r}")
+        return url
+
+
+class Accounts(Model):
+    """Each signed-in researcher gets a local system account; their server and kernels run as it.
+
+    The name is prefix + the login name reduced to a-z, 0-9 and "-" (at most 32 characters). When that name is
+    taken by a system account paitient did not create, by another user, or is reserved (root, nobody, ...), a
+    short hash of the login name is appended. Existing system accounts are never reused.
+    """
+
+    section = "accounts"
+
+    prefix = Text(
+        "pt-", help='Start of every account name: 1-8 lower-case letters, digits or "-", starting with a letter.'
+    ).tag(config=True)
+
+    @validate("prefix")
+    def _prefix(self, proposal: Bunch) -> str:
+        ok = re.match(r"^[a-z][a-z0-9-]{0,7}\Z", proposal.value) is not None
+        must(ok, "be 1-8 lower-case letters, digits or '-', starting with a letter", proposal.value)
+        return proposal.value
+
+    home_root = Text("/home", help="Homes are created here, mode 0700, owned by the account.").tag(config=True)
+
+    @validate("home_root")
+    def _absolute(self, proposal: Bunch) -> str:
+        must(proposal.value.startswith("/"), "be an absolute path", proposal.value)
+        return proposal.value
+
+    shell = Text("/usr/sbin/nologin", help="Login shell of the accounts.").tag(config=True)
+    uid_min = WholeNumber(
+        20000,
+        help="paitient's accounts get uids from here up; existing accounts outside paitient's registry are "
+        "never reused.",
+    ).tag(config=True)
+
+    @validate("uid_min")
+    def _uid_min(self, proposal: Bunch) -> int:
+        must(proposal.value >= 1000, "be at least 1000", proposal.value)
+        return proposal.value
+
+    max_accounts = WholeNumber(
+        10000,
+        help="Size of paitient's uid range: uids uid_min to uid_min + max_accounts - 1 (a range that must not "
+        "include 65534 and 65535).",
+    ).tag(config=True)
+
+    @validate("max_accounts")
+    def _max_accounts(self, proposal: Bunch) -> int:
+        must(proposal.value >= 1, "be positive", proposal.value)
+        return proposal.value
+
+    def check(self) -> None:
+        if self.uid_min <= 65535 and self.uid_max >= 65534:
+            raise SettingError(
+                (),
+                None,
+                f"uids {self.uid_min}-{self.uid_max} include 65534 (nobody) or 65535; choose uid_min and "
+                "max_accounts so the range ends below 65534 or starts above 65535",
+            )
+
+    @property
+    def uid_max(self) -> int:
+        return self.uid_min + self.max_accounts - 1
