@@ -155,6 +155,7 @@ class HoldoutSplit:
         object.__setattr__(self, "seed", int(seed))
 
     def to_wire(self) -> dict[str, Any]:
+        """The split as the airlock service takes it."""
         return {"holdout": self.holdout, "seed": self.seed}
 
 
@@ -179,6 +180,7 @@ class TrainRows:
         object.__setattr__(self, "rows", tuple(int(r) for r in rows))
 
     def to_wire(self) -> dict[str, Any]:
+        """The split as the airlock service takes it."""
         return {"train_rows": list(self.rows)}
 
 

@@ -33,6 +33,7 @@ class PoissonSampler(Sampler[torch.Tensor]):
         return self.steps
 
     def draw(self) -> torch.Tensor:
+        """One step's row indices, sorted, each row in with probability ``sample_rate``."""
         n, q = self.num_rows, self.sample_rate
         if q == 1.0:
             return torch.arange(n)
