@@ -388,7 +388,7 @@ def request_spec(
         ]
         if given:
             raise RequestSpecError(
-                f"{', '.join(given)} describe the model for the audit: give model_source= too (the model class)"
+                f"{', '.join(given)}: these describe the model for the audit; give model_source= too (the model class)"
             )
     else:
         if kind != "weights":
