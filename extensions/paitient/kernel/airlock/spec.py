@@ -188,6 +188,13 @@ Split = HoldoutSplit | TrainRows
 """How the training rows are declared for the membership-inference audit."""
 
 
+def _source_of(model: type) -> str:
+    try:
+        return class_source(model)
+    except SourceNotFound as e:
+        raise RequestSpecError(f"{e}; pass model_source as a string") from None
+
+
 def split_from(value: Split | Mapping[str, Any]) -> Split:
     """A split from ``{"holdout": 0.3, "seed": 0}`` or ``{"train_rows": [...]}`` (or one already made)."""
     if isinstance(value, HoldoutSplit | TrainRows):
@@ -268,13 +275,31 @@ class ModelSpec:
             raise RequestSpecError(f"dataset must be a dataset's name, got {self.dataset!r}")
 
     @classmethod
-    def from_class(cls, model: type, **fields: Any) -> ModelSpec:
-        """A spec whose source is the module (or notebook cell) defining ``model``; ``fields`` as above."""
-        try:
-            source = class_source(model)
-        except SourceNotFound as e:
-            raise RequestSpecError(f"{e}; pass model_source as a string") from None
-        return cls(source=source, class_name=fields.pop("class_name", None) or model.__name__, **fields)
+    def from_class(
+        cls,
+        model: type,
+        *,
+        target: str,
+        split: Split,
+        class_name: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        features: Sequence[str] | None = None,
+        loss: Loss = "cross_entropy",
+        preprocess: Preprocess = "none",
+        dataset: str | None = None,
+    ) -> ModelSpec:
+        """A spec whose source is the module (or notebook cell) that defines ``model``; the rest as above."""
+        return cls(
+            source=_source_of(model),
+            class_name=class_name or model.__name__,
+            target=target,
+            split=split,
+            kwargs=kwargs or {},
+            features=features,
+            loss=loss,
+            preprocess=preprocess,
+            dataset=dataset,
+        )
 
     def to_wire(self) -> dict[str, Any]:
         """The model description as the airlock service takes it."""
@@ -397,19 +422,25 @@ def request_spec(
             raise RequestSpecError(
                 'split= must declare the training rows: {"holdout": 0.3, "seed": 0} or {"train_rows": [...]}'
             )
-        fields: dict[str, Any] = {
-            "target": target,
-            "split": split_from(split),
-            "kwargs": model_kwargs or {},
-            "features": features,
-            "loss": loss,
-            "preprocess": preprocess,
-            "dataset": dataset,
-        }
+        if target is None:
+            raise RequestSpecError(
+                "target= must name the column the model predicts (the audit computes its loss), got None"
+            )
         if isinstance(model_source, type):
-            model = ModelSpec.from_class(model_source, class_name=model_class, **fields)
+            source, class_name = _source_of(model_source), model_class or model_source.__name__
         else:
-            model = ModelSpec(source=model_source, class_name=model_class or "Model", **fields)
+            source, class_name = model_source, model_class or "Model"
+        model = ModelSpec(
+            source=source,
+            class_name=class_name,
+            target=target,
+            split=split_from(split),
+            kwargs=model_kwargs or {},
+            features=features,
+            loss=loss,
+            preprocess=preprocess,
+            dataset=dataset,
+        )
     table = recipe if recipe is None or isinstance(recipe, TableRecipe) else TableRecipe.from_dict(recipe)
     return RequestSpec(
         kind=kind, justification=justification, project=project, recipe=table, model=model, supersedes=supersedes
