@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from paitient.kernel.airlock import AirlockError, form, request, status
-from paitient.kernel.airlock.client import _class_source
+from paitient.kernel.airlock.source import class_source
 from paitient.services.airlock.service import Airlock, AirlockSettings
 from paitient.services.audit import AuditError
 from tests.airlock.helpers import GOOD, register, submit, wait_state
@@ -75,7 +75,7 @@ class Net:  # a model class defined in a file: its module's source travels
 
 
 def test_model_source_from_a_class():
-    assert "class Net:" in _class_source(Net) and "def test_model_source_from_a_class" in _class_source(Net)
+    assert "class Net:" in class_source(Net) and "def test_model_source_from_a_class" in class_source(Net)
 
 
 def test_no_audit_record_no_download(site, people):
@@ -172,7 +172,7 @@ def test_model_source_from_a_notebook_cell():
             store_history=True,
         )
         shell.run_cell("x = 1", store_history=True)
-        source = _class_source(shell.user_ns["Tiny"])
+        source = class_source(shell.user_ns["Tiny"])
     finally:
         InteractiveShell.clear_instance()
     ns: dict = {}

@@ -17,9 +17,14 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from paitient.catalogue import DatasetInfo, DatasetNotFound, find, scan
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+    from ipywidgets import HTML
 
 __all__ = ["DatasetInfo", "DatasetNotFound", "catalog", "datasets", "load"]
 
@@ -35,7 +40,7 @@ def datasets() -> list[DatasetInfo]:
     return scan(_data_dir())
 
 
-def load(name: str, *, project: str | None = None, as_arrow: bool = False) -> Any:
+def load(name: str, *, project: str | None = None, as_arrow: bool = False) -> pd.DataFrame | pa.Table:
     """Load a dataset as a pandas DataFrame (or a ``pyarrow.Table`` with ``as_arrow=True``).
 
     ``name`` is the dataset's name, or ``"project/name"``; give ``project=`` when two of your projects
@@ -48,11 +53,11 @@ def load(name: str, *, project: str | None = None, as_arrow: bool = False) -> An
     return table if as_arrow else table.to_pandas(date_as_object=False)
 
 
-def _cell(v: Any) -> str:
+def _cell(v: object) -> str:
     return "–" if v is None else html.escape(str(v))
 
 
-def catalog() -> Any:
+def catalog() -> HTML:
     """An ipywidgets table of your datasets: name, project, version, rows, columns, k, description."""
     import ipywidgets
 

@@ -25,6 +25,7 @@ class LedgerUnavailable(ChannelError):
 
 
 def default_run_dir() -> Path:
+    """``$PAITIENT_RUN_DIR``, where the services' sockets are; :class:`LedgerUnavailable` when it is not set."""
     run_dir = os.environ.get("PAITIENT_RUN_DIR", "")
     if not run_dir:
         raise LedgerUnavailable(
@@ -36,6 +37,8 @@ def default_run_dir() -> Path:
 
 
 class LedgerClient:
+    """Calls to the privacy ledger over ``<run_dir>/ledger.sock`` (``$PAITIENT_RUN_DIR`` by default)."""
+
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, *, timeout: float = 60.0):
         self.path = Path(run_dir if run_dir is not None else default_run_dir()) / "ledger.sock"
         self.timeout = timeout
@@ -52,7 +55,7 @@ class LedgerClient:
 
     def reserve(self, project: str, dataset: str, epsilon: float, delta: float, run_id: str = "") -> dict[str, Any]:
         """Reserve budget before training; the answer holds ``reservation`` (the id) and the dataset's budget."""
-        return self._call(
+        answer: dict[str, Any] = self._call(
             "reserve",
             {
                 "project": project,
@@ -62,6 +65,7 @@ class LedgerClient:
                 "run_id": run_id,
             },
         )
+        return answer
 
     def settle(
         self,
@@ -79,15 +83,21 @@ class LedgerClient:
         }
         if delta_spent is not None:
             args["delta_spent"] = float(delta_spent)
-        return self._call("settle", args)
+        settled: dict[str, Any] = self._call("settle", args)
+        return settled
 
     def budget(self, project: str | None = None) -> dict[str, Any]:
         """``{"user": ..., "projects": {project: [per-dataset totals, spent, reserved, left]}}``."""
-        return self._call("budget", {} if project is None else {"project": project})
+        budget: dict[str, Any] = self._call("budget", {} if project is None else {"project": project})
+        return budget
 
     def records(self, project: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+        """The runs (reserved, settled, lost) of your projects, or of one project or dataset."""
         args = {k: v for k, v in (("project", project), ("dataset", dataset)) if v is not None}
-        return self._call("records", args)
+        records: list[dict[str, Any]] = self._call("records", args)
+        return records
 
     def record_by_hash(self, sha256: str) -> dict[str, Any] | None:
-        return self._call("record_by_hash", {"sha256": sha256})
+        """The settled run whose training record holds weights with this SHA-256, or None."""
+        record: dict[str, Any] | None = self._call("record_by_hash", {"sha256": sha256})
+        return record

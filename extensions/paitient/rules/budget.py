@@ -83,8 +83,8 @@ def _fits(used: float, asked: float, total: float) -> bool:
     return used + asked <= total * (1 + REL_TOL)
 
 
-def check_amounts(epsilon: float, delta: float) -> None:
-    """Refuse amounts that are not a meaningful (epsilon, delta) request."""
+def check_amounts(epsilon: object, delta: object) -> None:
+    """Refuse amounts that are not a meaningful (epsilon, delta) request (they come from a caller's request)."""
     if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
     if not (isinstance(delta, int | float) and math.isfinite(delta) and 0 <= delta < 1):
@@ -116,8 +116,9 @@ def check_reserve(where: str, total: Budget, used: Usage, epsilon: float, delta:
     )
 
 
-def check_settle(reserved_epsilon: float, reserved_delta: float, epsilon_spent: float, delta_spent: float) -> None:
-    """A run may not settle more than it reserved (it would spend budget nobody checked)."""
+def check_settle(reserved_epsilon: float, reserved_delta: float, epsilon_spent: object, delta_spent: object) -> None:
+    """A run may not settle more than it reserved (it would spend budget nobody checked); the amounts spent
+    come from the caller's request."""
     for name, spent, reserved in (("epsilon", epsilon_spent, reserved_epsilon), ("delta", delta_spent, reserved_delta)):
         if not (isinstance(spent, int | float) and math.isfinite(spent) and spent >= 0):
             raise ValueError(f"{name}_spent must be a number >= 0, got {spent!r}")

@@ -191,7 +191,9 @@ def validate_recipe(recipe: Any) -> dict[str, Any]:
     return {**recipe, "aggfunc": agg}
 
 
-def _crosstab_frame(data: pd.DataFrame, recipe: dict[str, Any]):
+def _crosstab_frame(
+    data: pd.DataFrame, recipe: dict[str, Any]
+) -> tuple[list[pd.Series], list[pd.Series] | None, pd.Series | None]:
     index = [data[c] for c in recipe["index"]]
     columns = [data[c] for c in recipe["columns"]] if recipe["columns"] else None
     values = data[recipe["values"]] if recipe.get("values") else None

@@ -51,7 +51,8 @@ def _indices(arr: pa.DictionaryArray) -> np.ndarray:
     idx = arr.indices
     if idx.null_count:
         idx = idx.fill_null(-1)
-    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+    out: np.ndarray = idx.to_numpy(zero_copy_only=False).astype(np.int64)
+    return out
 
 
 def _codes(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -153,7 +154,7 @@ def digests(values: list[str] | pa.Array, key: bytes) -> np.ndarray:
         raw = [v.encode() for v in values]
     base = hashlib.blake2b(key=key, digest_size=DIGEST_BYTES, person=b"pt-pseudonym")
     copy = base.copy
-    out = []
+    out: list[bytes] = []
     append = out.append
     for v in raw:
         h = copy()
@@ -263,15 +264,17 @@ def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> 
     try:
         return arr.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        row = None
+        first_bad: int | None = None
         for i, v in enumerate(arr.to_pylist()):
             try:
                 pa.array([v]).cast(target)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                row = i + 1
+                first_bad = i + 1
                 break
         raise ColumnError(
-            column, "not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS); give format = '...' for other forms", row
+            column,
+            "not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS); give format = '...' for other forms",
+            first_bad,
         ) from None
 
 
@@ -309,7 +312,8 @@ def _numbers(arr: pa.Array, column: str) -> np.ndarray:
             raise
     elif not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
         raise ColumnError(column, f"expected numbers, found {arr.type}")
-    return arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    numbers: np.ndarray = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    return numbers
 
 
 def _banded(values: np.ndarray, edges: list[int], open_top: bool, column: str) -> pa.Array:
@@ -390,8 +394,10 @@ def _distinct_per_group(groups: np.ndarray, patients: np.ndarray, ngroups: int, 
         seen = np.zeros(ngroups * width, dtype=np.bool_)
         seen[pairs] = True
         if hasattr(np, "bitwise_count"):  # numpy >= 2: count 8 flags at a time
-            return np.bitwise_count(seen.view(np.uint64)).reshape(ngroups, width // 8).sum(axis=1, dtype=np.int64)
-        return seen.reshape(ngroups, width).sum(axis=1)
+            return np.asarray(
+                np.bitwise_count(seen.view(np.uint64)).reshape(ngroups, width // 8).sum(axis=1, dtype=np.int64)
+            )
+        return np.asarray(seen.reshape(ngroups, width).sum(axis=1))
     return np.bincount(pd.unique(pairs) // width, minlength=ngroups)
 
 
@@ -411,7 +417,9 @@ def rare_to_other(
     return _dictionary(*_recode(codes, values))
 
 
-def k_anonymity(table: pa.Table, columns: list[str], patient_codes: np.ndarray | None = None) -> tuple[int, dict]:
+def k_anonymity(
+    table: pa.Table, columns: list[str], patient_codes: np.ndarray | None = None
+) -> tuple[int, dict[str, object]]:
     """The smallest group size over ``columns`` (distinct patients per group when ids are given).
 
     Returns ``(k, smallest_group)`` where ``smallest_group`` maps each column to its value in that group.
@@ -440,7 +448,7 @@ def k_anonymity(table: pa.Table, columns: list[str], patient_codes: np.ndarray |
     g = int(present[np.argmin(counts[present])])
     k = int(counts[g])
     code = int(groups[g]) if groups is not None else g
-    smallest = {}
+    smallest: dict[str, object] = {}
     for c, (values, n) in zip(reversed(columns), reversed(dictionaries), strict=True):
         code, v = divmod(code, n)
         smallest[c] = values[v - 1].as_py() if v else None

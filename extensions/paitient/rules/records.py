@@ -71,12 +71,15 @@ def normalise_details(details: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(details, dict):
         raise RecordError(f"details must be a dict of JSON values, got {type(details).__name__}")
     try:
-        return json.loads(json.dumps(details, default=str, allow_nan=False))
+        clean: dict[str, Any] = json.loads(json.dumps(details, default=str, allow_nan=False))
+        return clean
     except (TypeError, ValueError) as e:
         raise RecordError(f"details are not JSON-serialisable ({e}); pass strings, numbers, lists, dicts") from None
 
 
-def check_fields(actor: str, action: str, object: str, outcome: str) -> None:
+def check_fields(actor: object, action: object, object: object, outcome: object) -> None:
+    """Refuse a record's fields unless they are what the trail holds; they come from callers, so they are typed
+    as anything and checked here."""
     if not isinstance(actor, str) or not actor:
         raise RecordError("actor must be a non-empty string (a username, or 'system' for the workspace itself)")
     if len(actor) > MAX_ACTOR_CHARS:
@@ -196,7 +199,7 @@ def cap_strings(value: Any, limit: int) -> Any:
 def cap_details(details: dict[str, Any], *, string_limit: int, total_limit: int) -> dict[str, Any]:
     """Cap long strings, then, if the details are still larger than ``total_limit`` bytes of JSON,
     replace them by a digest so the record still says that something (and how much) was sent."""
-    capped = cap_strings(normalise_details(details), string_limit)
+    capped: dict[str, Any] = cap_strings(normalise_details(details), string_limit)
     text = json.dumps(capped, sort_keys=True, separators=(",", ":"))
     if len(text) > total_limit:
         return {"dropped": True, **_digest(text)}

@@ -7,11 +7,35 @@ In a kernel::
     airlock.status(rid)
     airlock.form()            # the same as a form
 
+A request can also be made as a value first, :class:`~paitient.kernel.airlock.spec.RequestSpec` (with a
+:class:`~paitient.kernel.airlock.spec.TableRecipe` or a :class:`~paitient.kernel.airlock.spec.ModelSpec`),
+checked when it is made, and sent with ``airlock.request(path, spec)``.
+
 Root-side, :mod:`paitient.services.airlock.service` runs the checks and the review pages (see docs/airlock.md).
 """
 
 from paitient.kernel.airlock.client import AirlockError, request, status
+from paitient.kernel.airlock.spec import (
+    HoldoutSplit,
+    ModelSpec,
+    RequestSpec,
+    RequestSpecError,
+    TableRecipe,
+    TrainRows,
+)
 from paitient.kernel.airlock.widget import form
 from paitient.rules.split import split_indices
 
-__all__ = ["AirlockError", "form", "request", "split_indices", "status"]
+__all__ = [
+    "AirlockError",
+    "HoldoutSplit",
+    "ModelSpec",
+    "RequestSpec",
+    "RequestSpecError",
+    "TableRecipe",
+    "TrainRows",
+    "form",
+    "request",
+    "split_indices",
+    "status",
+]

@@ -8,14 +8,23 @@ peer credentials and takes a copy out of the user's reach.
 from __future__ import annotations
 
 import html
-import inspect
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from paitient.channel import ChannelError, call
-
-KINDS = ("table", "figure", "weights", "other")
+from paitient.kernel.airlock.spec import (
+    KINDS,
+    Kind,
+    Loss,
+    Preprocess,
+    RequestSpec,
+    RequestSpecError,
+    Split,
+    TableRecipe,
+    request_spec,
+)
 
 
 class AirlockError(RuntimeError):
@@ -36,26 +45,53 @@ def _call(op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
         raise AirlockError(str(e)) from None
 
 
+@overload
+def request(path: str | os.PathLike[str], spec: RequestSpec) -> str: ...
+
+
+@overload
 def request(
     path: str | os.PathLike[str],
     *,
-    kind: str,
+    kind: Kind,
     justification: str,
     project: str | None = None,
     model_source: str | type | None = None,
     model_class: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     target: str | None = None,
-    features: list[str] | None = None,
-    loss: str = "cross_entropy",
-    split: dict[str, Any] | None = None,
-    preprocess: str = "none",
+    features: Sequence[str] | None = None,
+    loss: Loss = "cross_entropy",
+    split: Split | Mapping[str, Any] | None = None,
+    preprocess: Preprocess = "none",
     dataset: str | None = None,
-    recipe: dict[str, Any] | None = None,
+    recipe: TableRecipe | Mapping[str, Any] | None = None,
+    supersedes: str | None = None,
+) -> str: ...
+
+
+def request(
+    path: str | os.PathLike[str],
+    spec: RequestSpec | None = None,
+    *,
+    kind: Kind | None = None,
+    justification: str | None = None,
+    project: str | None = None,
+    model_source: str | type | None = None,
+    model_class: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    target: str | None = None,
+    features: Sequence[str] | None = None,
+    loss: Loss = "cross_entropy",
+    split: Split | Mapping[str, Any] | None = None,
+    preprocess: Preprocess = "none",
+    dataset: str | None = None,
+    recipe: TableRecipe | Mapping[str, Any] | None = None,
     supersedes: str | None = None,
 ) -> str:
     """Ask the airlock to release the file at ``path``; return the request id.
 
+    Give a :class:`~paitient.kernel.airlock.spec.RequestSpec`, or its parts as keyword arguments:
     ``kind``: ``table`` (CSV or Parquet; give ``recipe=`` — dataset, index, columns, values, aggfunc — so
     the dominance and p-ratio rules can be checked), ``figure``, ``weights`` (safetensors from
     ``paitient.kernel.dp`` training) or ``other``. For weights, the membership-inference audit needs the model:
@@ -63,75 +99,53 @@ def request(
     ``features``, default all other columns), ``loss`` (cross_entropy, bce, mse), ``preprocess``
     (``none`` or ``standardize`` with the training rows' mean and std) and the train/holdout ``split``
     (``{"holdout": 0.3, "seed": 0}`` as made by :func:`paitient.kernel.airlock.split_indices`, or
-    ``{"train_rows": [...]}``).
+    ``{"train_rows": [...]}``). Values the airlock would refuse raise :class:`AirlockError` before the
+    file is opened.
     """
-    if kind not in KINDS:
-        raise AirlockError(f"kind must be one of {', '.join(KINDS)}")
-    args: dict[str, Any] = {"kind": kind, "justification": justification, "filename": Path(path).name}
-    if project:
-        args["project"] = project
-    if recipe is not None:
-        args["recipe"] = recipe
-    if supersedes:
-        args["supersedes"] = supersedes
-    if kind == "weights" and model_source is not None:
-        if isinstance(model_source, type):
-            model_class = model_class or model_source.__name__
-            model_source = _class_source(model_source)
-        args["model"] = {
-            "source": model_source,
-            "class": model_class or "Model",
-            "kwargs": model_kwargs or {},
-            "target": target,
-            "features": features,
-            "loss": loss,
-            "split": split,
-            "preprocess": preprocess,
-            **({"dataset": dataset} if dataset else {}),
-        }
+    if spec is not None:
+        if not isinstance(spec, RequestSpec):
+            raise AirlockError(f"the second argument must be a RequestSpec, got {type(spec).__name__}")
+        keywords = (kind, justification, project, model_source, model_class, model_kwargs, target, features, split)
+        if any(v is not None for v in (*keywords, dataset, recipe, supersedes)) or (loss, preprocess) != (
+            "cross_entropy",
+            "none",
+        ):
+            raise AirlockError("give a RequestSpec or the request's keyword arguments, not both")
+    else:
+        if kind is None:
+            raise AirlockError(f"say what the file is: kind= one of {', '.join(KINDS)}")
+        if justification is None:
+            raise AirlockError("say why this output should leave the workspace: justification='...'")
+        try:
+            spec = request_spec(
+                kind=kind,
+                justification=justification,
+                project=project,
+                model_source=model_source,
+                model_class=model_class,
+                model_kwargs=model_kwargs,
+                target=target,
+                features=features,
+                loss=loss,
+                split=split,
+                preprocess=preprocess,
+                dataset=dataset,
+                recipe=recipe,
+                supersedes=supersedes,
+            )
+        except RequestSpecError as e:
+            raise AirlockError(str(e)) from None
+    args = spec.to_wire(Path(path).name)
     try:
         f = open(path, "rb")  # noqa: SIM115 - the descriptor travels to the service
     except OSError as e:
         raise AirlockError(f"cannot open {path}: {e.strerror}") from None
     with f:
         result = _call("request", args, fds=[f.fileno()])
-    return result["id"]
+    return str(result["id"])
 
 
-def _class_source(cls: type) -> str:
-    """Source defining ``cls``: its whole module if it comes from a file, else the notebook cell's class."""
-    module = inspect.getmodule(cls)
-    try:
-        if module is not None and module.__name__ != "__main__":
-            return inspect.getsource(module)
-        body = inspect.getsource(cls)
-    except (OSError, TypeError):
-        body = _class_from_history(cls.__name__)
-    return "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n" + body
-
-
-def _class_from_history(name: str) -> str:
-    """The latest definition of class ``name`` in this IPython session's input history."""
-    import ast
-
-    try:
-        from IPython import get_ipython
-
-        cells = list((get_ipython().user_ns.get("In") or []) if get_ipython() else [])
-    except ImportError:
-        cells = []
-    for cell in reversed(cells):
-        try:
-            tree = ast.parse(cell)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if isinstance(node, ast.ClassDef) and node.name == name:
-                return ast.get_source_segment(cell, node, padded=True) or ""
-    raise AirlockError(f"cannot find the source of {name}; pass model_source as a string")
-
-
-class Requests(list):
+class Requests(list[dict[str, Any]]):
     """The caller's requests; shows as a table in a notebook."""
 
     def _repr_html_(self) -> str:
@@ -153,5 +167,6 @@ class Requests(list):
 def status(request_id: str | None = None) -> Requests | dict[str, Any]:
     """One of your requests (with its checks, decisions and reasons), or all of them, newest first."""
     if request_id:
-        return _call("status", {"id": request_id})
+        one: dict[str, Any] = _call("status", {"id": request_id})
+        return one
     return Requests(_call("list", {}))

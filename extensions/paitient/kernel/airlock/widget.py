@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from paitient.kernel.airlock.client import KINDS, AirlockError, request, status
+from paitient.kernel.airlock.client import AirlockError, request, status
+from paitient.kernel.airlock.spec import KINDS
+
+if TYPE_CHECKING:
+    from ipywidgets import VBox
 
 
-def form() -> Any:
+def form() -> VBox:
     """Show a form: file, kind, justification (and for weights: model class, target, holdout split)."""
     import ipywidgets as w
     from IPython.display import display

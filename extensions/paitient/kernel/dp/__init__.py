@@ -12,28 +12,47 @@
     dp.save_weights(run.model, "model.safetensors")   # its SHA-256 matches run.record
     dp.budget()                                        # what is left, per dataset
 
-See docs/privacy.md.
+The keyword arguments of ``make_private`` from ``target_epsilon`` to ``progress`` are the fields of
+:class:`RunOptions`; each is checked before anything is reserved (:class:`OptionsError`). See docs/privacy.md.
 """
 
-from paitient.kernel.dp.run import PrivateRun, RunFinished, make_private
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from paitient.kernel.dp.options import OptionsError, RunOptions
+from paitient.kernel.dp.private import PrivateParts, PrivateRun, RunFinished, RunPlan
+from paitient.kernel.dp.run import make_private
 from paitient.kernel.dp.validate import DPModelError, problems
 from paitient.kernel.dp.weights import file_sha256, save_weights, weights_sha256
-from paitient.kernel.ledger import BudgetExceeded, LedgerUnavailable
+from paitient.kernel.ledger import BudgetExceeded, LedgerClient, LedgerUnavailable
+
+if TYPE_CHECKING:
+    from ipywidgets import VBox
 
 
-def budget(project: str | None = None, **kw):
-    """Widgets with your projects' budgets per dataset and a plot of spending over time."""
+def budget(
+    project: str | None = None, *, run_dir: str | os.PathLike[str] | None = None, client: LedgerClient | None = None
+) -> VBox:
+    """Widgets with your projects' budgets per dataset and a plot of spending over time.
+
+    ``run_dir`` and ``client`` reach another ledger than ``$PAITIENT_RUN_DIR``'s (for tests)."""
     from paitient.kernel.dp.widget import budget as _budget
 
-    return _budget(project, **kw)
+    return _budget(project, run_dir=run_dir, client=client)
 
 
 __all__ = [
     "BudgetExceeded",
     "DPModelError",
     "LedgerUnavailable",
+    "OptionsError",
+    "PrivateParts",
     "PrivateRun",
     "RunFinished",
+    "RunOptions",
+    "RunPlan",
     "budget",
     "file_sha256",
     "make_private",

@@ -23,13 +23,17 @@ whose norms join the Linear layers' in the clip factor.
 from __future__ import annotations
 
 import types
+from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from paitient.kernel.dp.options import LossReduction
 
 PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 """Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
@@ -39,7 +43,9 @@ class FastPathError(RuntimeError):
     """The model did something the fast path cannot clip correctly; the message says what to do."""
 
 
-class _Slot:
+class _LinearSlot:
+    """A Linear layer and, per backward pass, its (input, backprop of its output)."""
+
     __slots__ = ("name", "module", "pairs", "last_pass")
 
     def __init__(self, name: str, module: nn.Linear):
@@ -49,26 +55,49 @@ class _Slot:
         self.last_pass = -1
 
 
+class _NormSlot:
+    """A normalisation layer and, per backward pass, (its forward's inputs, backprop of its output), as
+    Opacus' grad samplers take them."""
+
+    __slots__ = ("name", "module", "pairs", "last_pass")
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.pairs: list[tuple[list[object], torch.Tensor]] = []
+        self.last_pass = -1
+
+
+_Slot = _LinearSlot | _NormSlot
+
+
 class _CaptureLinear(torch.autograd.Function):
     """``F.linear`` whose backward returns only the input gradient and keeps (activation, backprop)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, slot):
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slot: _LinearSlot
+    ) -> torch.Tensor:
+        # ctx: torch's context object, which takes any attribute (``slot`` here)
         ctx.save_for_backward(x, weight)
         ctx.slot = slot
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         x, weight = ctx.saved_tensors
         ctx.slot.pairs.append((x, grad_out))
         grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
 
+_capture_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, _LinearSlot], torch.Tensor]
+_capture_linear = _CaptureLinear.apply  # torch leaves ``apply`` unannotated: its signature, from forward's
+
+
 def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tuple[str, nn.Module]], str]:
     """The layers the fast path clips (Linear, and :data:`PER_SAMPLE_TYPES`), or ``([], reason)``."""
-    layers = []
+    layers: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
@@ -87,27 +116,33 @@ def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tup
 class FastClipper:
     """Installs the capturing forward on each Linear layer and turns captures into private gradients."""
 
-    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Linear]]):
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]):
         self.model = model
-        self.slots = [_Slot(name or type(model).__name__, m) for name, m in layers]
+        self.slots: list[_Slot] = [
+            _LinearSlot(name or type(model).__name__, m)
+            if type(m) is nn.Linear
+            else _NormSlot(name or type(model).__name__, m)
+            for name, m in layers
+        ]
         self.pass_id = 0
-        self.params = [p for _, m in layers for p in m.parameters(recurse=False)]
+        self.params: list[torch.Tensor] = [p for _, m in layers for p in m.parameters(recurse=False)]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         proto = self.params[0].detach()
         self._one = torch.ones((), dtype=proto.dtype, device=proto.device)
         # one buffer for all gradients, refilled with fresh noise each step; its views become the .grad
         self._flat = torch.empty(self.numel, dtype=proto.dtype, device=proto.device)
-        self._views = [c.view(p.shape) for p, c in zip(self.params, self._flat.split(self.sizes), strict=True)]
+        self._views = [c.view(p.shape) for p, c in zip(self.params, torch.split(self._flat, self.sizes), strict=True)]
         self._hook = model.register_forward_pre_hook(self._next_pass)
-        self._layer_hooks = []
+        self._layer_hooks: list[RemovableHandle] = []
         for slot in self.slots:
-            if type(slot.module) is nn.Linear:
-                slot.module.forward = types.MethodType(_make_forward(self, slot), slot.module)
+            if isinstance(slot, _LinearSlot):
+                # an instance attribute in front of the class's forward; detach() removes it
+                slot.module.__dict__["forward"] = types.MethodType(_make_forward(self, slot), slot.module)
             else:
                 self._layer_hooks.append(slot.module.register_forward_hook(_make_capture(self, slot)))
 
-    def _next_pass(self, module, args) -> None:
+    def _next_pass(self, module: nn.Module, args: tuple[object, ...]) -> None:
         self.pass_id += 1
 
     def detach(self) -> None:
@@ -120,6 +155,7 @@ class FastClipper:
             slot.pairs.clear()
 
     def clear(self) -> None:
+        """Drop what the layers captured (a new step starts)."""
         for slot in self.slots:
             slot.pairs.clear()
         self.pass_id += 1
@@ -148,23 +184,27 @@ class FastClipper:
             self._flat.normal_(0.0, std, generator=generator)
         else:
             self._flat.zero_()
-        total = None
-        views = []
-        others = []
+        total: torch.Tensor | None = None
+        views: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
+        others: list[dict[torch.Tensor, torch.Tensor]] = []
         for s in captured:
-            a, g = s.pairs[0]
-            if type(s.module) is not nn.Linear:  # per-sample gradients from Opacus' function for the type
-                per_sample = GradSampleModule.GRAD_SAMPLERS[type(s.module)](s.module, a, g)
+            if isinstance(s, _NormSlot):  # per-sample gradients from Opacus' function for the type
+                inputs, backprops = s.pairs[0]
+                per_sample: dict[torch.Tensor, torch.Tensor] = GradSampleModule.GRAD_SAMPLERS[type(s.module)](
+                    s.module, inputs, backprops
+                )
                 for gs in per_sample.values():
                     sq = gs.reshape(n, -1).square().sum(1)
                     total = sq if total is None else total.add_(sq)
                 others.append(per_sample)
                 continue
+            a, g = s.pairs[0]
+            layer = s.module
             if a.dim() != 2:
                 a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-            part = _sample_norms(a, g, s.module.bias is not None, self._one)
+            part = _sample_norms(a, g, layer.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
-            views.append((s, a, g))
+            views.append((layer, a, g))
         if not n:  # an empty Poisson batch: the gradient is the noise alone
             views, others = [], []
         elif total is not None:
@@ -173,8 +213,8 @@ class FastClipper:
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / denom)
             factor = factor.clamp_(max=scale / denom)
         grads = dict(zip(self.params, self._views, strict=True))
-        for s, a, g in views:
-            w, b = s.module.weight, s.module.bias
+        for layer, a, g in views:
+            w, b = layer.weight, layer.bias
             if g.dim() == 2:
                 gt = g.t()
                 grads[w].addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
@@ -211,8 +251,8 @@ class FastClipper:
 def _sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tensor) -> torch.Tensor:
     """Per-sample norm of one Linear layer's gradient (weight and bias) from activations and backprops."""
     if a.dim() == 2:  # |g_i a_i^T| = |g_i| |a_i|; with the bias |g_i| sqrt(|a_i|^2 + 1)
-        gn = torch.linalg.vector_norm(g, dim=1)
-        an = torch.linalg.vector_norm(a, dim=1)
+        gn: torch.Tensor = torch.linalg.vector_norm(g, dim=1)
+        an: torch.Tensor = torch.linalg.vector_norm(a, dim=1)
         return gn.mul_(torch.hypot(an, one) if bias else an)
     t = a.shape[1]
     if t * t <= a.shape[2] * g.shape[2]:  # ghost norm: sum over (t, s) of (g_t . g_s)(a_t . a_s)
@@ -224,7 +264,7 @@ def _sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tenso
     return sq.clamp_(min=0).sqrt_()
 
 
-def _make_forward(clipper: FastClipper, slot: _Slot) -> Callable[..., torch.Tensor]:
+def _make_forward(clipper: FastClipper, slot: _LinearSlot) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
@@ -234,19 +274,19 @@ def _make_forward(clipper: FastClipper, slot: _Slot) -> Callable[..., torch.Tens
                 "Linear layer once per pass. Use make_private(..., mode='hooks')."
             )
         slot.last_pass = clipper.pass_id
-        return _CaptureLinear.apply(x, self.weight, self.bias, slot)
+        return _capture_linear(x, self.weight, self.bias, slot)
 
     return forward
 
 
-def _make_capture(clipper: FastClipper, slot: _Slot) -> Callable[..., None]:
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+def _make_capture(clipper: FastClipper, slot: _NormSlot) -> Callable[[nn.Module, tuple[object, ...], object], None]:
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: object) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         if slot.last_pass == clipper.pass_id:
             raise FastPathError(f"layer '{slot.name}' ran twice in one forward pass; use mode='hooks'")
         slot.last_pass = clipper.pass_id
-        acts = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
+        acts: list[object] = [x.detach() if isinstance(x, torch.Tensor) else x for x in inputs]
         output.register_hook(lambda g: slot.pairs.append((acts, g.detach())))
 
     return hook
@@ -267,7 +307,7 @@ class FastDPOptimizer(torch.optim.Optimizer):
         noise_multiplier: float,
         max_grad_norm: float,
         expected_batch_size: int,
-        loss_reduction: str = "mean",
+        loss_reduction: LossReduction = "mean",
         generator: torch.Generator | None = None,
         before_step: Callable[[], None] | None = None,
         after_step: Callable[[int], None] | None = None,
@@ -286,37 +326,45 @@ class FastDPOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
 
-    # the parameter groups and state are the original optimizer's
+    # The parameter groups, state and defaults are the original optimizer's: properties where torch's
+    # Optimizer has plain attributes (mypy takes a read-only property over an attribute for a bad override).
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.original_optimizer.param_groups
 
     @param_groups.setter
-    def param_groups(self, value) -> None:
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.original_optimizer.param_groups = value
 
     @property
-    def state(self):  # type: ignore[override]
+    def state(self) -> defaultdict[torch.Tensor, Any]:  # type: ignore[override]  # read-only
         return self.original_optimizer.state
 
     @property
-    def defaults(self):  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]  # read-only
         return self.original_optimizer.defaults
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         return self.original_optimizer.state_dict()
 
-    def load_state_dict(self, state_dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.original_optimizer.load_state_dict(state_dict)
 
-    def add_param_group(self, param_group) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise FastPathError("parameters cannot be added to a private optimizer; make a new private run")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none)
         self.clipper.clear()
 
-    def step(self, closure=None):
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """The private gradient (clipped, noised, scaled) into ``.grad``, then the original optimizer's step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import torch
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping as _Ghost,
 )
 from torch import nn
 
 from paitient.kernel.dp.fast import linear_layers
+from paitient.kernel.dp.options import MODES, ChosenMode, Mode
 from paitient.kernel.dp.validate import DPModelError
 
-MODES = ("auto", "fast", "ghost", "hooks")
-"""``fast``: paitient's clipping for models of Linear and normalisation layers (no per-sample gradients
-for the Linear ones, one backward pass);
-``ghost``: Opacus' ghost clipping (norms without per-sample gradients where a layer allows, two backward
-passes); ``hooks``: Opacus' per-sample gradients from hooks (every supported layer, slowest)."""
+__all__ = ["MODES", "ChosenMode", "Mode", "choose_mode", "trainable_layer_types"]
 
 
-def trainable_layer_types(model: nn.Module) -> list[tuple[str, type]]:
+def trainable_layer_types(model: nn.Module) -> list[tuple[str, type[nn.Module]]]:
+    """``(name, type)`` of each layer that has trainable parameters of its own."""
     return [
         (name or type(model).__name__, type(m))
         for name, m in model.named_modules()
@@ -25,8 +24,10 @@ def trainable_layer_types(model: nn.Module) -> list[tuple[str, type]]:
     ]
 
 
-def choose_mode(model: nn.Module, optimizer, criterion, requested: str = "auto") -> tuple[str, str, list]:
-    """(mode, reason, linear layers for the fast path) for ``requested`` in :data:`MODES`."""
+def choose_mode(
+    model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module | None, requested: Mode = "auto"
+) -> tuple[ChosenMode, str, list[tuple[str, nn.Module]]]:
+    """``(mode, reason, layers for the fast path)`` for ``requested``, one of :data:`MODES`."""
     if requested not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {requested!r}")
     params = {p for g in optimizer.param_groups for p in g["params"]}

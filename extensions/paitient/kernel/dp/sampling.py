@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -32,6 +33,7 @@ class PoissonSampler(Sampler[torch.Tensor]):
         return self.steps
 
     def draw(self) -> torch.Tensor:
+        """One step's row indices, sorted, each row in with probability ``sample_rate``."""
         n, q = self.num_rows, self.sample_rate
         if q == 1.0:
             return torch.arange(n)
@@ -51,11 +53,14 @@ class PoissonSampler(Sampler[torch.Tensor]):
             yield self.draw()
 
 
-def _fetch(batch):
+def _fetch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batch as the dataset's indexing returned it (one tensor per column): nothing to collate."""
     return batch
 
 
-def poisson_loader(data_loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader | None:
+def poisson_loader(
+    data_loader: DataLoader[Any], generator: torch.Generator | None = None
+) -> DataLoader[tuple[torch.Tensor, ...]] | None:
     """A Poisson-sampling loader over ``data_loader``'s dataset with one step per original batch.
 
     Only for a ``TensorDataset`` (rows fetched by one indexing operation); ``None`` otherwise, and the

@@ -9,9 +9,11 @@ the layer and the replacement to write, with group counts that keep more than on
 
 from __future__ import annotations
 
+import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
+BatchNorm = nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -36,7 +38,8 @@ def group_count(channels: int) -> int | None:
     return None
 
 
-def batchnorm_fix(name: str, module: nn.Module) -> str:
+def batchnorm_fix(name: str, module: BatchNorm) -> str:
+    """The problem with one BatchNorm layer, and the layer to write instead."""
     c = module.num_features
     groups = group_count(c)
     where = f"layer '{name}' ({type(module).__name__}({c}))"
@@ -79,7 +82,7 @@ def problems(model: nn.Module) -> list[str]:
     return out
 
 
-def check_model(model: nn.Module, optimizer=None) -> None:
+def check_model(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Raise :class:`DPModelError` listing all problems (model layers, and optimizer/model mismatch)."""
     found = problems(model)
     if optimizer is not None:

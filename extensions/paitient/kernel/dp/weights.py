@@ -38,6 +38,7 @@ def state_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def canonical_bytes(model: nn.Module | dict[str, torch.Tensor]) -> bytes:
+    """The safetensors bytes of :func:`state_tensors` (no metadata): what is hashed and saved."""
     return save(state_tensors(model))
 
 

@@ -6,9 +6,12 @@ import io
 import os
 from collections.abc import Iterable
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paitient.kernel.ledger import LedgerClient
+
+if TYPE_CHECKING:
+    from ipywidgets import VBox
 
 
 def spending_series(runs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -36,6 +39,7 @@ def spending_series(runs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[floa
 
 
 def budget_table_html(project: str, rows: list[dict[str, Any]]) -> str:
+    """An HTML table of one project's budget rows (as the ledger's ``budget`` call answers them)."""
     head = (
         "<tr><th>dataset</th><th>epsilon total</th><th>spent</th><th>reserved</th><th>left</th>"
         "<th>delta total</th><th>delta left</th><th>runs</th></tr>"
@@ -50,9 +54,11 @@ def budget_table_html(project: str, rows: list[dict[str, Any]]) -> str:
 
 
 def spending_png(series: dict[str, list[tuple[float, float]]], totals: dict[str, float]) -> bytes:
+    """A PNG plot of each dataset's cumulative spending over time, its total dashed."""
     import datetime
 
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -60,7 +66,7 @@ def spending_png(series: dict[str, list[tuple[float, float]]], totals: dict[str,
     fig = Figure(figsize=(6, 2.8), dpi=90)
     ax = fig.add_subplot()
     for i, (ds, points) in enumerate(sorted(series.items())):
-        times = [datetime.datetime.fromtimestamp(t) for t, _ in points]
+        times = np.array([datetime.datetime.fromtimestamp(t) for t, _ in points], dtype="datetime64[us]")
         ax.step(times, [v for _, v in points], where="post", marker="o", label=ds, color=f"C{i}")
         if ds in totals:
             ax.axhline(totals[ds], linestyle="--", linewidth=0.8, color=f"C{i}")
@@ -76,13 +82,13 @@ def spending_png(series: dict[str, list[tuple[float, float]]], totals: dict[str,
 
 def budget(
     project: str | None = None, *, run_dir: str | os.PathLike[str] | None = None, client: LedgerClient | None = None
-):
+) -> VBox:
     """The budget of your projects (or one) per dataset: total, spent, reserved, left, and a plot."""
     import ipywidgets as widgets
 
     client = client if client is not None else LedgerClient(run_dir)
     answer = client.budget(project)
-    boxes = []
+    boxes: list[VBox] = []
     for name, rows in sorted(answer["projects"].items()):
         bars = [
             widgets.FloatProgress(
