@@ -164,7 +164,7 @@ def encode_frame(header: Mapping[str, Any], payload: bytes = b"") -> bytes:
 
 
 def header_length(prefix: bytes) -> int:
-    (n,) = _LEN.unpack(prefix)
+    n = int(_LEN.unpack(prefix)[0])
     if not 0 < n <= MAX_HEADER:
         raise FrameError(f"frame header length {n} out of range")
     return n
