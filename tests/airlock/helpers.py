@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import textwrap
+from http.cookies import SimpleCookie
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
 from jupyterhub.services.auth import HubOAuth
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Dict, List
 
 from paitient.channel import Peer
@@ -110,6 +114,7 @@ USERS = {
     "sam": {"name": "sam", "scopes": STEWARD},
     "steph": {"name": "steph", "scopes": [*STEWARD, *RESEARCHER]},
     "rita": {"name": "rita", "scopes": STEWARD},
+    "ada": {"name": "ada", "scopes": STEWARD},
     "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
 }
 
@@ -185,3 +190,44 @@ def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.
 
 
 GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
+
+
+class Client:
+    """An HTTP client of the pages; ``user`` picks the identity :class:`KnownUserOAuth` gives the request."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.http = AsyncHTTPClient()
+
+    async def fetch(self, user: str | None, path: str, *, method="GET", body=None, cookies=None):
+        jar = dict(cookies or {})
+        if user:
+            jar["test-user"] = user
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        try:
+            return await self.http.fetch(
+                self.base + PREFIX + path,
+                method=method,
+                headers=headers,
+                body=urlencode(body) if body is not None else None,
+                follow_redirects=False,
+                raise_error=True,
+            )
+        except HTTPClientError as e:
+            if e.response is None:
+                raise
+            return e.response
+
+    async def decide(self, user: str, rid: str, action: str, comment: str):
+        page = await self.fetch(user, f"requests/{rid}")
+        assert page.code == 200
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
+        cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
+        assert token, f"{user} sees no decision form"
+        return await self.fetch(
+            user,
+            f"requests/{rid}/decision",
+            method="POST",
+            body={"action": action, "comment": comment, "_xsrf": token.group(1)},
+            cookies={"_xsrf": cookie["_xsrf"].value},
+        )
