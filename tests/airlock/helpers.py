@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from urllib.parse import urlencode
 import numpy as np
 import pandas as pd
 from jupyterhub.services.auth import HubOAuth
+from PIL import Image, PngImagePlugin
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Dict, List
 
@@ -231,3 +233,36 @@ class Client:
             body={"action": action, "comment": comment, "_xsrf": token.group(1)},
             cookies={"_xsrf": cookie["_xsrf"].value},
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures that carry more than pixels
+
+SECRET = "patient 4711 born 1961-02-03 HIV+"
+
+
+def png_chunks(data: bytes) -> tuple[list[bytes], bytes]:
+    """The chunk types of a PNG in order, and whatever follows IEND."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while True:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        kinds.append(kind)
+        pos += 12 + length
+        if kind == b"IEND":
+            return kinds, data[pos:]
+
+
+def figure_with_payload() -> tuple[Image.Image, bytes]:
+    """A real figure whose text chunks, EXIF and the bytes after IEND carry a table."""
+    im = Image.new("RGB", (64, 48), (20, 120, 200))
+    im.putpixel((3, 5), (255, 0, 0))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", SECRET)
+    info.add_itxt("Description", SECRET, zip=True)
+    exif = Image.Exif()
+    exif[0x010E] = SECRET  # ImageDescription
+    buf = io.BytesIO()
+    im.save(buf, "PNG", pnginfo=info, exif=exif, dpi=(300, 300))
+    return im, buf.getvalue() + csv_bytes(pd.DataFrame({"age": [87, 91], "sex": ["F", "M"]}))

@@ -11,45 +11,16 @@ import zlib
 
 import pandas as pd
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from paitient.services.airlock import canonical, views
 from paitient.services.airlock.canonical import NoPreview, canonical_for
 from paitient.services.airlock.checks import check_image
-from tests.airlock.helpers import csv_bytes
-
-SECRET = "patient 4711 born 1961-02-03 HIV+"
-
-
-def png_chunks(data: bytes) -> tuple[list[bytes], bytes]:
-    """The chunk types of a PNG in order, and whatever follows IEND."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, kinds = 8, []
-    while True:
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        kinds.append(kind)
-        pos += 12 + length
-        if kind == b"IEND":
-            return kinds, data[pos:]
+from tests.airlock.helpers import SECRET, csv_bytes, figure_with_payload, png_chunks
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def figure_with_payload() -> tuple[Image.Image, bytes]:
-    """A real figure whose text chunks, EXIF and the bytes after IEND carry a table."""
-    im = Image.new("RGB", (64, 48), (20, 120, 200))
-    im.putpixel((3, 5), (255, 0, 0))
-    info = PngImagePlugin.PngInfo()
-    info.add_text("Comment", SECRET)
-    info.add_itxt("Description", SECRET, zip=True)
-    exif = Image.Exif()
-    exif[0x010E] = SECRET  # ImageDescription
-    buf = io.BytesIO()
-    im.save(buf, "PNG", pnginfo=info, exif=exif, dpi=(300, 300))
-    return im, buf.getvalue() + csv_bytes(pd.DataFrame({"age": [87, 91], "sex": ["F", "M"]}))
 
 
 def test_image_is_reencoded_without_metadata_or_trailing_bytes():

@@ -22,8 +22,18 @@ from paitient.services.airlock.service import Airlock, AirlockSettings
 from paitient.services.airlock.web import make_app
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.query import newest_first
-from tests.airlock.helpers import GOOD, PREFIX, Client, csv_bytes, known_user_auth, submit, wait_state
-from tests.airlock.test_canonical import SECRET, figure_with_payload, png_chunks
+from tests.airlock.helpers import (
+    GOOD,
+    PREFIX,
+    SECRET,
+    Client,
+    csv_bytes,
+    figure_with_payload,
+    known_user_auth,
+    png_chunks,
+    submit,
+    wait_state,
+)
 
 # A pending table whose every cell and column name is unmistakable in a page.
 CELLS = pd.DataFrame({"ward_Zq": ["Kestrel-9", "Osprey-4", "Merlin-2"], "count_Zq": [120, 48, 7]})
