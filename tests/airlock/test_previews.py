@@ -224,5 +224,5 @@ async def test_no_audit_record_no_preview(web_without_trail, people):
     assert "the preview could not be recorded in the audit trail, so it is not shown" in page
     assert all(cell not in page for cell in CELL_TEXTS) and "&quot;cells_count&quot;: 1" in page
     r = await web.fetch("sam", f"requests/{figure}/preview")
-    assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is refused" in r.body
+    assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is not shown" in r.body
     assert not r.body.startswith(b"\x89PNG")

@@ -17,6 +17,11 @@ from collections.abc import Callable
 from paitient.services.airlock.canonical import PREVIEW_MAX_SOURCE_BYTES, Canonical, NoPreview, canonical_for
 from paitient.services.airlock.store import Request, Store
 
+
+class PreviewUnrecorded(RuntimeError):
+    """The preview's audit record could not be written, so the preview must not be shown."""
+
+
 PREVIEW_CACHE = 8
 """Canonical forms kept in memory (by the upload's SHA-256), so a page view does not parse the upload again."""
 
@@ -63,8 +68,8 @@ class Previews:
         """The preview of request ``rid`` for one of its reviewers, recorded in the audit trail first.
 
         ``via`` says where it is shown (``page``, ``image``). Raises PermissionError (recorded) for anyone
-        else, :class:`NoPreview` when the upload has none, and the audit trail's error when the record cannot
-        be written: then nothing may be shown.
+        else, :class:`NoPreview` when the upload has none, and :class:`PreviewUnrecorded` when the audit record
+        cannot be written: then nothing may be shown.
         """
         req = self.store.get(rid)
         if not self.may_preview(username, scopes, req):
@@ -83,19 +88,24 @@ class Previews:
             )
             raise PermissionError(reason)
         shown = self.canonical(req)
-        self.emit(
-            actor=username,
-            action="airlock.preview",
-            object=rid,
-            required=True,
-            details={
-                "project": req.project,
-                "user": req.username,
-                "via": via,
-                "kind": shown.kind,
-                "sha256": shown.sha256,
-                "size": shown.size,
-                "upload_sha256": req.sha256,
-            },
-        )
+        try:
+            self.emit(
+                actor=username,
+                action="airlock.preview",
+                object=rid,
+                required=True,
+                details={
+                    "project": req.project,
+                    "user": req.username,
+                    "via": via,
+                    "kind": shown.kind,
+                    "sha256": shown.sha256,
+                    "size": shown.size,
+                    "upload_sha256": req.sha256,
+                },
+            )
+        except Exception as e:
+            raise PreviewUnrecorded(
+                "the preview could not be recorded in the audit trail, so it is not shown; ask the workspace operator"
+            ) from e
         return shown

@@ -30,6 +30,7 @@ from paitient.rules import review
 from paitient.services.airlock import views
 from paitient.services.airlock.canonical import Canonical, NoPreview
 from paitient.services.airlock.core import Airlock
+from paitient.services.airlock.previews import PreviewUnrecorded
 from paitient.services.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.services.airlock.store import StoreError
 
@@ -175,13 +176,8 @@ class DetailHandler(AirlockHandler):
             shown = self.airlock.previews.show(rid, username=username, scopes=scopes, via="page")
         except NoPreview as e:
             return {"error": str(e)}
-        except Exception:
-            self.airlock.log.exception("preview of %s not shown: no audit record", rid)
-            return {
-                "error": "the preview could not be recorded in the audit trail, so it is not shown; "
-                "ask the workspace operator",
-                "unrecorded": True,
-            }
+        except PreviewUnrecorded as e:
+            return {"error": str(e), "unrecorded": True}
         return {"kind": shown.kind, "shown": shown}
 
 
@@ -246,12 +242,8 @@ class PreviewImageHandler(AirlockHandler):
             raise web.HTTPError(403, str(e)) from None
         except NoPreview as e:
             raise web.HTTPError(404, str(e)) from None
-        except Exception:
-            self.airlock.log.exception("image preview of %s refused: no audit record", rid)
-            raise web.HTTPError(
-                503,
-                "the preview could not be recorded in the audit trail, so it is refused; ask the workspace operator",
-            ) from None
+        except PreviewUnrecorded as e:
+            raise web.HTTPError(503, str(e)) from None
         if shown.kind != "image":
             raise web.HTTPError(404, f"no image preview: this request's preview is {shown.kind}, shown on its page")
         return shown
