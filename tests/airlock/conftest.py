@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
 
 from paitient.channel import ChannelServer
 from paitient.config import parse
 from paitient.registry import Registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
-from tests.airlock.helpers import register
+from paitient.services.airlock.web import make_app
+from tests.airlock.helpers import PREFIX, Client, known_user_auth, register
 
 SITE = {
     "workspace": {"state_dir": "/placeholder"},
@@ -74,4 +77,16 @@ def people(registry):
     register(registry, "sam", 30006, roles=("steward",))
     register(registry, "rita", 30007, roles=("steward",))
     register(registry, "ren", 30008, projects=["registry"])
+    register(registry, "ada", 30009, roles=("steward", "admin"))
     return registry
+
+
+@pytest.fixture
+async def web(airlock, people):
+    """The pages on a loopback port, the user of each request chosen by a test cookie."""
+    server = HTTPServer(make_app(airlock, prefix=PREFIX, hub_auth=known_user_auth()))
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    yield Client(f"http://127.0.0.1:{port}")
+    server.stop()
+    await server.close_all_connections()

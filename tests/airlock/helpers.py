@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
+from http.cookies import SimpleCookie
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
 from jupyterhub.services.auth import HubOAuth
+from PIL import Image, PngImagePlugin
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Dict, List
 
 from paitient.channel import Peer
@@ -110,6 +116,7 @@ USERS = {
     "sam": {"name": "sam", "scopes": STEWARD},
     "steph": {"name": "steph", "scopes": [*STEWARD, *RESEARCHER]},
     "rita": {"name": "rita", "scopes": STEWARD},
+    "ada": {"name": "ada", "scopes": STEWARD},
     "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
 }
 
@@ -185,3 +192,77 @@ def submit(airlock, registry, username: str, data: bytes, kind="table", name="t.
 
 
 GOOD = csv_bytes(pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}))
+
+
+class Client:
+    """An HTTP client of the pages; ``user`` picks the identity :class:`KnownUserOAuth` gives the request."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.http = AsyncHTTPClient()
+
+    async def fetch(self, user: str | None, path: str, *, method="GET", body=None, cookies=None):
+        jar = dict(cookies or {})
+        if user:
+            jar["test-user"] = user
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        try:
+            return await self.http.fetch(
+                self.base + PREFIX + path,
+                method=method,
+                headers=headers,
+                body=urlencode(body) if body is not None else None,
+                follow_redirects=False,
+                raise_error=True,
+            )
+        except HTTPClientError as e:
+            if e.response is None:
+                raise
+            return e.response
+
+    async def decide(self, user: str, rid: str, action: str, comment: str):
+        page = await self.fetch(user, f"requests/{rid}")
+        assert page.code == 200
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
+        cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
+        assert token, f"{user} sees no decision form"
+        return await self.fetch(
+            user,
+            f"requests/{rid}/decision",
+            method="POST",
+            body={"action": action, "comment": comment, "_xsrf": token.group(1)},
+            cookies={"_xsrf": cookie["_xsrf"].value},
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures that carry more than pixels
+
+SECRET = "patient 4711 born 1961-02-03 HIV+"
+
+
+def png_chunks(data: bytes) -> tuple[list[bytes], bytes]:
+    """The chunk types of a PNG in order, and whatever follows IEND."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, kinds = 8, []
+    while True:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        kinds.append(kind)
+        pos += 12 + length
+        if kind == b"IEND":
+            return kinds, data[pos:]
+
+
+def figure_with_payload() -> tuple[Image.Image, bytes]:
+    """A real figure whose text chunks, EXIF and the bytes after IEND carry a table."""
+    im = Image.new("RGB", (64, 48), (20, 120, 200))
+    im.putpixel((3, 5), (255, 0, 0))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", SECRET)
+    info.add_itxt("Description", SECRET, zip=True)
+    exif = Image.Exif()
+    exif[0x010E] = SECRET  # ImageDescription
+    buf = io.BytesIO()
+    im.save(buf, "PNG", pnginfo=info, exif=exif, dpi=(300, 300))
+    return im, buf.getvalue() + csv_bytes(pd.DataFrame({"age": [87, 91], "sex": ["F", "M"]}))

@@ -12,7 +12,16 @@ from tornado.testing import bind_unused_port
 
 from paitient.rules import review
 from paitient.services.airlock.web import make_app
-from tests.airlock.helpers import GOOD, PREFIX, csv_bytes, known_user_auth, submit, wait_state
+from tests.airlock.helpers import (
+    GOOD,
+    PREFIX,
+    csv_bytes,
+    figure_with_payload,
+    known_user_auth,
+    png_chunks,
+    submit,
+    wait_state,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -78,6 +87,12 @@ def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser
     )
     wait_state(airlock, rid, review.IN_REVIEW)
 
+    # Before release the researcher's page carries nothing of the table, and no preview.
+    early = _page(browser, served, "alice")
+    early.goto(f"{served}requests/{rid}")
+    assert early.locator("#preview-table").count() == 0 and early.locator("#preview-reviewers-only").count() == 1
+    assert "<b>bold</b>" not in early.content() and "&lt;b&gt;bold" not in early.content()
+
     sam = _page(browser, served, "sam")
     sam.goto(served)
     row = sam.locator(f'tr[data-id="{rid}"]')
@@ -123,3 +138,23 @@ def test_own_request_has_no_decision_form_in_the_browser(served, browser, airloc
     response = bob.goto(f"{served}requests/{rid}")
     assert response.status == 403
     assert "not yours" in bob.locator("#error-message").inner_text()
+
+
+def test_the_steward_sees_the_reencoded_figure_in_the_browser(served, browser, airlock, people):
+    original, upload = figure_with_payload()
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="km.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    sam = _page(browser, served, "sam")
+    with sam.expect_response(lambda r: r.url.endswith(f"requests/{rid}/preview")) as shown:
+        sam.goto(f"{served}requests/{rid}")
+    assert shown.value.status == 200 and png_chunks(shown.value.body())[1] == b""
+    image = sam.locator("#preview-image")
+    image.wait_for()
+    assert image.evaluate("el => el.complete && [el.naturalWidth, el.naturalHeight]") == list(original.size)
+    assert "bytes after the end of the image" in sam.locator("#preview-beyond").inner_text()
+    alice = _page(browser, served, "alice")
+    alice.goto(f"{served}requests/{rid}")
+    assert alice.locator("#preview-image").count() == 0
+    response = alice.goto(f"{served}requests/{rid}/preview")
+    assert response.status == 403
+    assert "reviewers only" in alice.locator("#error-message").inner_text()

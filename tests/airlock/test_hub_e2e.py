@@ -20,8 +20,12 @@ from paitient import airlock
 pd.DataFrame({"stage": ["I", "II", "III"], "patients": [120, 48, 3]}).to_csv("stages.csv", index=False)
 pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]}).to_csv("merged.csv", index=False)
 torch.save({"w": torch.zeros(2)}, "model.pt")
+wards = pd.DataFrame({"ward": ["Kestrel-9", "Osprey-4"], "n": [3, 4]}).to_csv().encode()
+with open("figure.png", "wb") as f:  # a table behind a PNG header
+    f.write(b"\\x89PNG\\r\\n\\x1a\\n" + wards)
 out = {"small": airlock.request("stages.csv", kind="table", justification="Table 1, by stage"),
-       "merged": airlock.request("merged.csv", kind="table", justification="Table 1, stages merged")}
+       "merged": airlock.request("merged.csv", kind="table", justification="Table 1, stages merged"),
+       "figure": airlock.request("figure.png", kind="figure", justification="Figure 2")}
 try:
     airlock.request("model.pt", kind="weights", justification="the model")
 except airlock.AirlockError as e:
@@ -91,6 +95,13 @@ def test_notebook_to_review_to_download(ws):
     assert r.status_code == 200
     # The steward is not a member of oncology: no download.
     assert _service(ws, sam, f"requests/{made['merged']}/download").status_code == 403
+    # A table behind a PNG header: no image preview for the steward, and none at all for the requester.
+    r = _service(ws, sam, f"requests/{made['figure']}/preview")
+    assert r.status_code == 404 and "no image preview: it does not decode" in r.text and "Kestrel-9" not in r.text
+    r = _service(ws, alice, f"requests/{made['figure']}/preview")
+    assert r.status_code == 403 and "reviewers only" in r.text and "Kestrel-9" not in r.text
+    own = _service(ws, alice, f"requests/{made['figure']}")
+    assert own.status_code == 200 and 'id="preview-reviewers-only"' in own.text and "Kestrel-9" not in own.text
 
     got = _service(ws, alice, f"requests/{made['merged']}/download")
     assert got.status_code == 200 and got.content == b"stage,patients\nI,120\nII,48\n"
@@ -115,6 +126,8 @@ def test_notebook_to_review_to_download(ws):
         ("airlock.download", "alice", "ok"),
         ("airlock.download", "bob", "denied"),
         ("airlock.download", "sam", "denied"),
+        ("airlock.preview", "sam", "ok"),
+        ("airlock.preview", "alice", "denied"),
     } <= seen
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qs, urlencode, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
-import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError
+from PIL import Image
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
@@ -28,62 +28,12 @@ from tests.airlock.helpers import (
     GOOD,
     PREFIX,
     STEWARD,
+    Client,
     csv_bytes,
     hub_api_double,
-    known_user_auth,
     submit,
     wait_state,
 )
-
-
-@pytest.fixture
-async def web(airlock, people):
-    app = make_app(airlock, prefix=PREFIX, hub_auth=known_user_auth())
-    sock, port = bind_unused_port()
-    server = HTTPServer(app)
-    server.add_sockets([sock])
-    yield Client(f"http://127.0.0.1:{port}")
-    server.stop()
-    await server.close_all_connections()
-
-
-class Client:
-    def __init__(self, base: str):
-        self.base = base
-        self.http = AsyncHTTPClient()
-
-    async def fetch(self, user: str | None, path: str, *, method="GET", body=None, cookies=None):
-        jar = dict(cookies or {})
-        if user:
-            jar["test-user"] = user
-        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
-        try:
-            return await self.http.fetch(
-                self.base + PREFIX + path,
-                method=method,
-                headers=headers,
-                body=urlencode(body) if body is not None else None,
-                follow_redirects=False,
-                raise_error=True,
-            )
-        except HTTPClientError as e:
-            if e.response is None:
-                raise
-            return e.response
-
-    async def decide(self, user: str, rid: str, action: str, comment: str):
-        page = await self.fetch(user, f"requests/{rid}")
-        assert page.code == 200
-        token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
-        cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
-        assert token, f"{user} sees no decision form"
-        return await self.fetch(
-            user,
-            f"requests/{rid}/decision",
-            method="POST",
-            body={"action": action, "comment": comment, "_xsrf": token.group(1)},
-            cookies={"_xsrf": cookie["_xsrf"].value},
-        )
 
 
 async def test_unauthenticated_visitors_go_to_the_hub_login(web):
@@ -146,10 +96,12 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
     assert 'data-check="minimum_count"' in page and "1 cell(s) count fewer than 10" in page
     assert '<td class="flagged" title="fails a disclosure check">3</td>' in page  # the small cell, marked
     assert 'id="decision-form"' in page
-    # Which cells fail: the steward and the researcher see them; only the steward gets a decision form.
-    assert "&quot;threshold&quot;: 10" in page
+    # Which cells fail: the steward sees them; the researcher's page gives the outcome and the numbers (which
+    # cells: in the notebook), and only the steward gets a decision form.
+    assert "&quot;threshold&quot;: 10" in page and "&quot;value&quot;: 3.0" in page
     own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
     assert "1 cell(s) count fewer than 10" in own and "&quot;threshold&quot;: 10" in own
+    assert "&quot;cells_count&quot;: 1" in own and "&quot;value&quot;" not in own
     assert 'id="decision-form"' not in own
 
 
@@ -276,13 +228,16 @@ async def test_automatic_release_only_when_allowed_and_every_check_passed(web, a
 
 
 async def test_image_preview_for_the_steward(web, airlock, people):
-    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 90, 200)).save(buf, "PNG")
+    png = buf.getvalue()
     rid = submit(airlock, people, "alice", png, kind="figure", name="km.png")
     wait_state(airlock, rid, review.IN_REVIEW)
     page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
     assert f'src="{PREFIX}requests/{rid}/preview"' in page
     r = await web.fetch("sam", f"requests/{rid}/preview")
-    assert r.code == 200 and r.headers["Content-Type"] == "image/png" and r.body == png
+    assert r.code == 200 and r.headers["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(r.body)).tobytes() == Image.open(io.BytesIO(png)).tobytes()
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     assert (await web.fetch("carol", f"requests/{rid}/preview")).code == 403
 

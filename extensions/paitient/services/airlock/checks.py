@@ -4,7 +4,10 @@
   the request carries the table's recipe).
 - ``weights``: :mod:`paitient.services.airlock.weights` (safetensors only, a matching DP training record within the
   budget) and the membership-inference audit (:mod:`paitient.services.airlock.mia`).
-- ``figure`` and ``other``: no automatic check exists; the result says a steward reviews by hand.
+- ``figure``: the file must decode as a PNG, JPEG or GIF image (:mod:`paitient.services.airlock.images`); what it
+  carries beyond its pixels (metadata, trailing bytes, more frames) is named for the reviewer, who sees the
+  pixels only. No automatic disclosure check exists: a steward reviews every figure by hand.
+- ``other``: no automatic check exists; the result says a steward reviews by hand.
 
 Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
 data (:mod:`paitient.services.airlock.published`).
@@ -22,7 +25,7 @@ import pandas as pd
 
 from paitient.rules import disclosure, split
 from paitient.rules.disclosure import result
-from paitient.services.airlock import mia, published, weights
+from paitient.services.airlock import canonical, images, mia, published, weights
 from paitient.services.airlock.store import Request
 
 log = logging.getLogger("paitient.services.airlock")
@@ -89,7 +92,7 @@ def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, A
         return [copy, *check_weights(req, data, ctx)]
     what = "figures" if req.kind == "figure" else "outputs of this kind"
     details = {"image": image_type(data)} if req.kind == "figure" else {}
-    return [
+    out = [
         copy,
         result(
             "manual_review",
@@ -98,13 +101,41 @@ def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, A
             **details,
         ),
     ]
+    return [*out, check_image(data)] if req.kind == "figure" else out
+
+
+def check_image(data: bytes) -> dict[str, Any]:
+    """Does the figure decode as an image, and what does it carry beyond its pixels?"""
+    hint = "save figures as PNG, e.g. plt.savefig('figure.png')"
+    if len(data) > canonical.PREVIEW_MAX_SOURCE_BYTES:
+        return result(
+            "image",
+            "fail",
+            f"the file has {len(data)} bytes, more than a figure may ({canonical.PREVIEW_MAX_SOURCE_BYTES})",
+        )
+    try:
+        im = images.reencode(data, max_pixels=canonical.PREVIEW_MAX_PIXELS, max_bytes=canonical.PREVIEW_MAX_IMAGE_BYTES)
+    except images.ImageRefused as e:
+        return result("image", "fail", f"the file is not a figure the airlock can show: {e}; {hint}")
+    what = f"a {im.format} image of {im.width}x{im.height} pixels"
+    sizes = {"width": im.width, "height": im.height, "frames": im.frames}
+    if im.beyond_pixels:
+        return result(
+            "image",
+            "review",
+            f"{what} that also carries {'; '.join(im.beyond_pixels)}: reviewers see its pixels only, and the "
+            "file released is the upload as it is",
+            **sizes,
+            beyond_pixels=list(im.beyond_pixels),
+        )
+    return result("image", "pass", f"{what} with nothing beyond its pixels", **sizes)
 
 
 def check_table(
     req: Request, data: bytes, ctx: CheckContext, files: list[published.Published] = ()
 ) -> list[dict[str, Any]]:
     try:
-        df = disclosure.read_table(data, req.filename)
+        df = canonical.read_frame(data, req.filename)
     except disclosure.TableError as e:
         return [result("readable", "fail", str(e))]
     row_level = published.check_row_level(df, list(files))

@@ -23,8 +23,10 @@ from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import review
 from paitient.rules.disclosure import TableRules
+from paitient.services.airlock import views
 from paitient.services.airlock.checks import CheckContext, load_published, run_checks
 from paitient.services.airlock.mia import prepare_work_root
+from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
@@ -65,6 +67,7 @@ class Airlock:
         self.audit_work_root = site.state_dir / "airlock-audit"
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self.previews = Previews(self.store, emit=self.emit, may_preview=self.may_preview)
 
     # ------------------------------------------------------------------------------------------------
     # Collaborators
@@ -382,7 +385,18 @@ class Airlock:
         m = self.member(username)
         return list(m.projects) if m else []
 
+    def reviewer_projects(self, username: str, scopes: set[str]) -> list[str]:
+        """Projects whose requests ``username`` reviews with the review scope: those naming them a steward, and
+        every project for an admin. Reviewers see previews; only stewards decide (:meth:`may_review`)."""
+        if SCOPE_REVIEW not in scopes:
+            return []
+        member = self.member(username)
+        if member is not None and "admin" in member.roles:
+            return [p.name for p in self.site.projects]
+        return self.steward_projects(username, scopes)
+
     def may_review(self, username: str, scopes: set[str], req: Request) -> bool:
+        """May ``username`` decide on ``req``: a steward of its project."""
         return req.project in self.steward_projects(username, scopes)
 
     def may_download(self, username: str, scopes: set[str], req: Request) -> bool:
@@ -395,15 +409,17 @@ class Airlock:
     def may_view(self, username: str, scopes: set[str], req: Request) -> bool:
         return (
             (username == req.username and SCOPE_REQUEST in scopes)
-            or self.may_review(username, scopes, req)
+            or self.may_preview(username, scopes, req)
             or self.may_download(username, scopes, req)
         )
 
     def may_preview(self, username: str, scopes: set[str], req: Request) -> bool:
-        return (username == req.username and SCOPE_REQUEST in scopes) or self.may_review(username, scopes, req)
+        """Previews (and the upload's details) are for the project's reviewers only, never its requester's
+        browser: a requester who is also a steward of the project sees no preview of their own request."""
+        return req.project in self.reviewer_projects(username, scopes) and username != req.username
 
     def visible(self, username: str, scopes: set[str]) -> list[Request]:
-        reviewable = self.steward_projects(username, scopes)
+        reviewable = self.reviewer_projects(username, scopes)
         reqs = (
             self.store.list(projects=reviewable, username=username if SCOPE_REQUEST in scopes else None)
             if (reviewable or SCOPE_REQUEST in scopes)
@@ -480,6 +496,20 @@ class Airlock:
             details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client},
         )
         return req, data
+
+    # ------------------------------------------------------------------------------------------------
+    # What reaches a browser: a request's description (previews: :attr:`previews`)
+
+    def describe_for(self, req: Request, *, username: str, scopes: set[str]) -> dict[str, Any]:
+        """:meth:`describe` as ``username``'s browser may get it: whole for the project's reviewers, without any
+        of the upload's content for everyone else (:func:`paitient.services.airlock.views.requester_info`)."""
+        if self.may_preview(username, scopes, req):
+            return self.describe(req, for_steward=True)
+        return self.describe_for_requester(req)
+
+    def describe_for_requester(self, req: Request) -> dict[str, Any]:
+        """:meth:`describe` without any of the upload's content, as every browser but a reviewer's gets it."""
+        return views.requester_info(self.describe(req, for_steward=False))
 
 
 def _read_all(fd: int, max_bytes: int) -> bytes:

@@ -5,6 +5,10 @@ says who the user is and which airlock scopes their token carries (``custom:airl
 ``...:review``, ``...:download``); :class:`paitient.services.airlock.service.Airlock` decides what each user may
 see and do. Pages are server-rendered tornado templates (autoescaped), forms carry the hub's XSRF token,
 and a strict Content-Security-Policy allows no script at all.
+
+Previews of an upload go to the project's reviewers only and are rendered from its canonical form, each one
+recorded in the audit trail first (:mod:`paitient.services.airlock.previews`); every other browser, the
+requester's included, gets the request without its content (:mod:`paitient.services.airlock.views`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,14 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from tornado import web
 
 from paitient.rules import review
-from paitient.rules.disclosure import TableError, read_table
-from paitient.services.airlock.checks import image_type
+from paitient.services.airlock import views
+from paitient.services.airlock.canonical import Canonical, NoPreview
 from paitient.services.airlock.core import Airlock
+from paitient.services.airlock.previews import PreviewUnrecorded
 from paitient.services.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.services.airlock.store import StoreError
 
 HERE = Path(__file__).parent
-PREVIEW_ROWS = 20
-PREVIEW_COLUMNS = 30
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
@@ -132,7 +135,10 @@ class DetailHandler(AirlockHandler):
         req = self._load(rid, username, scopes)
         airlock = self.airlock
         is_reviewer = airlock.may_review(username, scopes, req)
-        info = airlock.describe(req, for_steward=is_reviewer)
+        preview = self._preview(rid, username, scopes) if airlock.may_preview(username, scopes, req) else None
+        # Without its audit record a reviewer's page shows nothing of the upload: not even the checks' details.
+        sees_content = preview is not None and not preview.get("unrecorded")
+        info = airlock.describe(req, for_steward=True) if sees_content else airlock.describe_for_requester(req)
         record = next(
             (
                 c["details"].get("record")
@@ -151,16 +157,28 @@ class DetailHandler(AirlockHandler):
         return dict(
             req=req,
             info=info,
+            justification=info["justification"],
             events=airlock.store.events(rid),
             record=record,
             flagged=flagged,
-            preview=_preview(airlock, req) if airlock.may_preview(username, scopes, req) else None,
+            preview=preview,
+            sees_content=sees_content,
             is_reviewer=is_reviewer,
             is_requester=req.username == username,
             can_decide=is_reviewer and req.username != username and req.state == review.IN_REVIEW,
             can_download=airlock.may_download(username, scopes, req),
             approvals_needed=airlock.site.project(req.project).approvals,
         )
+
+    def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
+        """What the page shows as the preview: from the canonical form, recorded; or why there is none."""
+        try:
+            shown = self.airlock.previews.show(rid, username=username, scopes=scopes, via="page")
+        except NoPreview as e:
+            return {"error": str(e)}
+        except PreviewUnrecorded as e:
+            return {"error": str(e), "unrecorded": True}
+        return {"kind": shown.kind, "shown": shown}
 
 
 class DecisionHandler(AirlockHandler):
@@ -206,29 +224,41 @@ class DownloadHandler(AirlockHandler):
 
 
 class PreviewImageHandler(AirlockHandler):
+    """The image preview: the canonical PNG (:mod:`.canonical`), for the project's reviewers only, recorded."""
+
     @web.authenticated
     async def get(self, rid: str) -> None:
-        mime, data = await self.run(self._image, rid, self.username, self.scopes)
-        self.set_header("Content-Type", mime)
-        self.finish(data)
+        shown = await self.run(self._image, rid, self.username, self.scopes)
+        self.set_header("Content-Type", shown.mime)
+        self.set_header("Content-Disposition", "inline")
+        self.set_header("X-Preview-SHA256", shown.sha256)
+        self.finish(shown.data)
 
-    def _image(self, rid: str, username: str, scopes: set[str]) -> tuple[str, bytes]:
-        req = self._load(rid, username, scopes)
-        if not self.airlock.may_preview(username, scopes, req):
-            raise web.HTTPError(403, "only the requester and the project's stewards see previews")
-        data = self.airlock.store.read_blob(req.sha256)
-        mime = image_type(data)
-        if mime is None:
-            raise web.HTTPError(404, "this output is not a PNG, JPEG or GIF image")
-        return mime, data
+    def _image(self, rid: str, username: str, scopes: set[str]) -> Canonical:
+        self._load(rid, username, scopes)
+        try:
+            shown = self.airlock.previews.show(rid, username=username, scopes=scopes, via="image")
+        except PermissionError as e:
+            raise web.HTTPError(403, str(e)) from None
+        except NoPreview as e:
+            raise web.HTTPError(404, str(e)) from None
+        except PreviewUnrecorded as e:
+            raise web.HTTPError(503, str(e)) from None
+        if shown.kind != "image":
+            raise web.HTTPError(404, f"no image preview: this request's preview is {shown.kind}, shown on its page")
+        return shown
 
 
 class ApiListHandler(AirlockHandler):
     @web.authenticated
     async def get(self) -> None:
-        reqs = await self.run(self.airlock.visible, self.username, self.scopes)
+        reqs = await self.run(self._listing, self.username, self.scopes)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"requests": [r.public() for r in reqs]}))
+        self.finish(json.dumps({"requests": reqs}))
+
+    def _listing(self, username: str, scopes: set[str]) -> list[dict[str, Any]]:
+        may = self.airlock.may_preview
+        return [views.public_for(r, reviewer=may(username, scopes, r)) for r in self.airlock.visible(username, scopes)]
 
 
 class ApiDetailHandler(AirlockHandler):
@@ -240,26 +270,7 @@ class ApiDetailHandler(AirlockHandler):
 
     def _info(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
         req = self._load(rid, username, scopes)
-        return self.airlock.describe(req, for_steward=self.airlock.may_review(username, scopes, req))
-
-
-def _preview(airlock: Airlock, req) -> dict[str, Any] | None:
-    data = airlock.store.read_blob(req.sha256)
-    if req.kind == "table":
-        try:
-            df = read_table(data, req.filename)
-        except TableError as e:
-            return {"error": str(e)}
-        head = df.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS]
-        return {
-            "columns": [str(c) for c in head.columns],
-            "rows": [[str(v) for v in row] for row in head.itertuples(index=False)],
-            "total_rows": len(df),
-            "total_columns": len(df.columns),
-        }
-    if image_type(data):
-        return {"image": True}
-    return None
+        return self.airlock.describe_for(req, username=username, scopes=scopes)
 
 
 def make_app(

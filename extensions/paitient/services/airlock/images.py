@@ -1,0 +1,191 @@
+"""Images for previews: decode an upload with Pillow, re-encode its pixels as a fresh PNG, and say what else the
+file carries. Pure: bytes in, bytes out.
+
+The preview of a figure is never the uploaded file. Only the PNG, JPEG and GIF decoders are tried; the pixel
+count is checked before any pixel is decoded, so a decompression bomb is refused with a reason; the first
+frame's pixels go into a new image that has no metadata, and that is saved as PNG (IHDR, IDAT and IEND chunks
+only). A file that only starts like an image (a table behind a PNG header) does not decode and has no preview.
+
+:func:`beyond_pixels` walks the file's own structure (PNG chunks, JPEG segments, GIF blocks) and names what
+the preview leaves out: metadata blocks by type and size, bytes after the end of the image, more frames. It
+names types and counts bytes, never quotes them, so its lines can be shown next to the preview.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+FORMATS = ("PNG", "JPEG", "GIF")
+"""The decoders the airlock lets Pillow try; every other format has no image preview."""
+
+PNG_CRITICAL = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
+
+
+class ImageRefused(ValueError):
+    """The bytes are not an image the airlock previews; the message says why."""
+
+
+@dataclass(frozen=True)
+class Reencoded:
+    png: bytes
+    """The canonical PNG: the first frame's pixels, nothing else."""
+    format: str
+    """What the upload decoded as: PNG, JPEG or GIF."""
+    width: int
+    height: int
+    frames: int
+    beyond_pixels: tuple[str, ...]
+    """What the upload carries that the PNG leaves out (see :func:`beyond_pixels`)."""
+
+
+def reencode(data: bytes, *, max_pixels: int, max_bytes: int) -> Reencoded:
+    """Decode ``data`` as PNG, JPEG or GIF and re-encode the first frame as a metadata-free PNG.
+
+    Raises :class:`ImageRefused` for anything else, for more than ``max_pixels`` pixels (before decoding
+    them) and for a re-encoded PNG over ``max_bytes``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageRefused("it does not decode as a PNG, JPEG or GIF image") from None
+    except Image.DecompressionBombError as e:
+        raise ImageRefused(f"it declares more pixels than Pillow decodes ({e}); this is a decompression bomb") from None
+    except Exception as e:
+        raise ImageRefused(f"it does not decode as an image ({type(e).__name__})") from None
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise ImageRefused(f"it declares an empty image ({width}x{height} pixels)")
+        if width * height > max_pixels:
+            raise ImageRefused(
+                f"it declares {width}x{height} = {width * height} pixels, more than the {max_pixels} a preview "
+                "decodes (a decompression bomb or an oversized figure); save the figure at a lower resolution"
+            )
+        try:
+            frames = int(getattr(im, "n_frames", 1))
+            im.seek(0)
+            im.load()
+            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+            mode = "RGBA" if alpha else "RGB"
+            pixels = im.convert(mode).tobytes()
+        except Exception as e:
+            raise ImageRefused(f"its pixels do not decode ({type(e).__name__}: {str(e)[:200]})") from None
+        fmt = str(im.format)
+    clean = Image.frombytes(mode, (width, height), pixels)
+    out = io.BytesIO()
+    clean.save(out, format="PNG", compress_level=6)
+    png = out.getvalue()
+    if len(png) > max_bytes:
+        raise ImageRefused(f"re-encoded as PNG it has {len(png)} bytes, more than the {max_bytes} a preview shows")
+    return Reencoded(png, fmt, width, height, frames, beyond_pixels(data, fmt, frames))
+
+
+def beyond_pixels(data: bytes, fmt: str, frames: int = 1) -> tuple[str, ...]:
+    """Lines that name what a ``fmt`` file carries besides its first frame's pixels (empty: nothing found)."""
+    walk = {"PNG": _png_blocks, "JPEG": _jpeg_blocks, "GIF": _gif_blocks}.get(fmt)
+    if walk is None:
+        return ()
+    try:
+        blocks, end = walk(data)
+    except (IndexError, struct.error, ValueError):
+        return ("its structure could not be followed to the end, so more may be hidden in it",)
+    counts: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    for name, size in blocks:
+        counts[name] += 1
+        sizes[name] += size
+    lines = [
+        f"{counts[name]} {name} block{'s' if counts[name] > 1 else ''} ({sizes[name]} bytes)" for name in sorted(counts)
+    ]
+    if frames > 1:
+        lines.append(f"{frames - 1} more frame{'s' if frames > 2 else ''} (the preview shows the first)")
+    if end < len(data):
+        lines.append(f"{len(data) - end} bytes after the end of the image")
+    return tuple(lines)
+
+
+def _name(raw: bytes) -> str:
+    text = raw.decode("latin-1")
+    return text if text.isascii() and text.isalnum() else "unnamed"
+
+
+def _png_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
+    """Ancillary chunks (but tRNS, which the preview's alpha keeps) and where IEND ends."""
+    pos, blocks = 8, []
+    while True:
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        if len(kind) != 4 or pos + 12 + length > len(data):
+            raise ValueError("truncated chunk")
+        pos += 12 + length
+        if kind == b"IEND":
+            return blocks, pos
+        if kind not in PNG_CRITICAL and kind != b"tRNS":
+            blocks.append((_name(kind), length))
+
+
+def _jpeg_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
+    """APPn and COM segments and where the EOI marker ends (entropy-coded data skipped byte by byte)."""
+    pos, blocks = 2, []
+    while True:
+        if data[pos] != 0xFF:
+            raise ValueError("not a marker")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return blocks, pos + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2 or pos + 2 + length > len(data):
+            raise ValueError("truncated segment")
+        if 0xE0 <= marker <= 0xEF:
+            blocks.append((f"APP{marker - 0xE0}", length - 2))
+        elif marker == 0xFE:
+            blocks.append(("COM", length - 2))
+        pos += 2 + length
+        if marker == 0xDA:  # start of scan: entropy-coded data runs to the next marker other than RSTn
+            while not (data[pos] == 0xFF and data[pos + 1] not in (0x00, *range(0xD0, 0xD8))):
+                pos += 1
+
+
+def _sub_blocks(data: bytes, pos: int) -> tuple[int, int]:
+    """Skip GIF data sub-blocks from ``pos``; return (position after the terminator, payload bytes)."""
+    total = 0
+    while (size := data[pos]) != 0:
+        total += size
+        pos += 1 + size
+    if pos >= len(data):
+        raise ValueError("truncated sub-blocks")
+    return pos + 1, total
+
+
+def _gif_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
+    """Extension blocks other than graphic control, and where the trailer ends."""
+    flags = data[10]
+    pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+    blocks = []
+    while True:
+        introducer = data[pos]
+        if introducer == 0x3B:
+            return blocks, pos + 1
+        if introducer == 0x21:
+            label = data[pos + 1]
+            pos, size = _sub_blocks(data, pos + 2)
+            if label != 0xF9:
+                name = {0xFE: "comment", 0xFF: "application", 0x01: "plain-text"}.get(label, f"extension-{label:02x}")
+                blocks.append((name, size))
+        elif introducer == 0x2C:
+            flags = data[pos + 9]
+            pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
+            pos, _ = _sub_blocks(data, pos + 1)  # LZW minimum code size, then the image data
+        else:
+            raise ValueError("unknown block")

@@ -1,0 +1,111 @@
+"""Previews of uploads for the project's reviewers: rendered from the canonical form, each one recorded first.
+
+A preview is shown to a reviewer of the request's project (:meth:`Airlock.may_preview`: its stewards, and
+admins holding the review scope) and to nobody else, the requester included: the requester's browser is
+outside the workspace, and before release nothing of the upload goes there. What is shown is the canonical
+form (:mod:`paitient.services.airlock.canonical`), never the uploaded bytes. Every preview is written to the
+audit trail (who, which request, the SHA-256 and size of the canonical bytes) before it is shown; if that
+record cannot be written, the preview is refused. A refusal is recorded too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from paitient.services.airlock.canonical import PREVIEW_MAX_SOURCE_BYTES, Canonical, NoPreview, canonical_for
+from paitient.services.airlock.store import Request, Store
+
+
+class PreviewUnrecorded(RuntimeError):
+    """The preview's audit record could not be written, so the preview must not be shown."""
+
+
+PREVIEW_CACHE = 8
+"""Canonical forms kept in memory (by the upload's SHA-256), so a page view does not parse the upload again."""
+
+
+class Previews:
+    """The canonical forms of one airlock's uploads, and the recorded way to show them.
+
+    ``emit`` and ``may_preview`` are the airlock's (:meth:`Airlock.emit`, :meth:`Airlock.may_preview`).
+    """
+
+    def __init__(
+        self, store: Store, *, emit: Callable[..., None], may_preview: Callable[[str, set[str], Request], bool]
+    ):
+        self.store = store
+        self.emit = emit
+        self.may_preview = may_preview
+        self._cache: dict[tuple[str, str, str], Canonical | NoPreview] = {}
+        self._lock = threading.Lock()
+
+    def canonical(self, req: Request) -> Canonical:
+        """The canonical form of ``req``'s upload; raises :class:`NoPreview` saying why there is none."""
+        key = (req.sha256, req.kind, os.path.splitext(req.filename)[1].lower())
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit is None and req.size > PREVIEW_MAX_SOURCE_BYTES:
+            hit = NoPreview(
+                f"the file has {req.size} bytes, more than the {PREVIEW_MAX_SOURCE_BYTES} a preview parses; "
+                "review it from its checks"
+            )
+        if hit is None:
+            try:
+                hit = canonical_for(req.kind, req.filename, self.store.read_blob(req.sha256))
+            except NoPreview as e:
+                hit = e
+            with self._lock:
+                self._cache[key] = hit
+                while len(self._cache) > PREVIEW_CACHE:
+                    self._cache.pop(next(iter(self._cache)))
+        if isinstance(hit, NoPreview):
+            raise NoPreview(str(hit))
+        return hit
+
+    def show(self, rid: str, *, username: str, scopes: set[str], via: str) -> Canonical:
+        """The preview of request ``rid`` for one of its reviewers, recorded in the audit trail first.
+
+        ``via`` says where it is shown (``page``, ``image``). Raises PermissionError (recorded) for anyone
+        else, :class:`NoPreview` when the upload has none, and :class:`PreviewUnrecorded` when the audit record
+        cannot be written: then nothing may be shown.
+        """
+        req = self.store.get(rid)
+        if not self.may_preview(username, scopes, req):
+            reason = (
+                "previews are for the project's reviewers only: your browser gets the state, the checks and the "
+                "decisions of your own request, and you download the file once it is released"
+                if username == req.username
+                else f"only reviewers of project {req.project} see previews of its requests"
+            )
+            self.emit(
+                actor=username,
+                action="airlock.preview",
+                object=rid,
+                outcome="denied",
+                details={"project": req.project, "via": via, "reason": reason},
+            )
+            raise PermissionError(reason)
+        shown = self.canonical(req)
+        try:
+            self.emit(
+                actor=username,
+                action="airlock.preview",
+                object=rid,
+                required=True,
+                details={
+                    "project": req.project,
+                    "user": req.username,
+                    "via": via,
+                    "kind": shown.kind,
+                    "sha256": shown.sha256,
+                    "size": shown.size,
+                    "upload_sha256": req.sha256,
+                },
+            )
+        except Exception as e:
+            raise PreviewUnrecorded(
+                "the preview could not be recorded in the audit trail, so it is not shown; ask the workspace operator"
+            ) from e
+        return shown

@@ -1,0 +1,197 @@
+"""The canonical form previews are rendered from: images re-encoded without what rides along, tables from parsed
+cells, text normalised; what does not parse has no preview. And what a requester's browser gets instead."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import zlib
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from paitient.services.airlock import canonical, views
+from paitient.services.airlock.canonical import NoPreview, canonical_for
+from paitient.services.airlock.checks import check_image
+from tests.airlock.helpers import SECRET, csv_bytes, figure_with_payload, png_chunks
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_image_is_reencoded_without_metadata_or_trailing_bytes():
+    im, upload = figure_with_payload()
+    kinds, trailing = png_chunks(upload)
+    assert {b"tEXt", b"iTXt", b"eXIf", b"pHYs"} <= set(kinds) and trailing.startswith(b"age,sex")
+    shown = canonical_for("figure", "km.png", upload)
+    assert shown.kind == "image" and shown.mime == "image/png" and (shown.width, shown.height) == (64, 48)
+    kinds, trailing = png_chunks(shown.data)
+    assert set(kinds) == {b"IHDR", b"IDAT", b"IEND"} and kinds[0] == b"IHDR" and trailing == b""
+    assert SECRET.encode() not in shown.data and b"age,sex" not in shown.data
+    # The same pixels, and nothing else.
+    again = Image.open(io.BytesIO(shown.data))
+    assert again.info == {} and again.tobytes() == im.tobytes()
+    assert [line.split(" (")[0] for line in shown.beyond] == [
+        "1 eXIf block",
+        "1 iTXt block",
+        "1 pHYs block",
+        "1 tEXt block",
+        f"{len(png_chunks(upload)[1])} bytes after the end of the image",
+    ]
+    assert all(SECRET not in line for line in shown.beyond)
+
+
+def test_jpeg_exif_and_comment_are_dropped():
+    im = Image.new("RGB", (32, 32), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x010E] = SECRET
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif, comment=SECRET.encode(), progressive=True)
+    upload = buf.getvalue() + b"TRAILING" * 4
+    shown = canonical_for("figure", "f.jpg", upload)
+    assert set(png_chunks(shown.data)[0]) == {b"IHDR", b"IDAT", b"IEND"} and SECRET.encode() not in shown.data
+    names = [line.split(" (")[0] for line in shown.beyond]
+    assert "1 APP1 block" in names and "1 COM block" in names and "32 bytes after the end of the image" in names
+
+
+def test_gif_shows_the_first_frame_and_names_the_others():
+    frames = [Image.new("RGB", (8, 8), (i * 80, 0, 0)) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], comment=SECRET.encode(), loop=0)
+    shown = canonical_for("figure", "a.gif", buf.getvalue())
+    assert shown.kind == "image" and SECRET.encode() not in shown.data
+    assert "2 more frames (the preview shows the first)" in shown.beyond
+    assert any(line.startswith("1 comment block") for line in shown.beyond)
+
+
+@pytest.mark.parametrize("kind", ["figure", "other"])
+def test_a_csv_behind_a_png_header_is_no_image(kind):
+    upload = b"\x89PNG\r\n\x1a\n" + csv_bytes(pd.DataFrame({"age": [87, 91], "sex": ["F", "M"]}))
+    with pytest.raises(NoPreview, match="no image preview: it does not decode as a PNG, JPEG or GIF image"):
+        canonical_for(kind, "figure.png", upload)
+    # Nor is it a table or text: its first bytes are not UTF-8.
+    with pytest.raises(NoPreview, match="no table preview: figure.png: neither Parquet nor UTF-8 CSV"):
+        canonical_for("table", "figure.png", upload)
+    result = check_image(upload)
+    assert result["status"] == "fail" and "does not decode as a PNG, JPEG or GIF image" in result["reason"]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    def png(width: int, height: int) -> bytes:
+        header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b"")
+        )
+
+    start = time.monotonic()
+    with pytest.raises(NoPreview, match="8000x8000 = 64000000 pixels, more than the 40000000 a preview decodes"):
+        canonical_for("figure", "big.png", png(8000, 8000))
+    with pytest.raises(NoPreview, match="this is a decompression bomb"):
+        canonical_for("figure", "bomb.png", png(100_000, 100_000))
+    assert time.monotonic() - start < 2  # refused from the header, nothing decoded
+    assert check_image(png(100_000, 100_000))["status"] == "fail"
+
+
+def test_table_cells_are_rendered_from_their_parsed_values():
+    upload = (
+        "stage,patients,share,alive,note\n"
+        "I,007,0.50,true,plain\n"
+        'II,48,1e-1,false,"a\u202eb\x07c"\n'
+        "III,3,,true," + "x" * 500 + "\n"
+    ).encode()
+    shown = canonical_for("table", "t.csv", upload)
+    t = shown.table
+    assert t.columns == ("stage", "patients", "share", "alive", "note")
+    assert t.types == ("text", "integer", "number", "boolean", "text")
+    assert t.rows[0] == ("I", "7", "0.5", "true", "plain")  # 007 and 0.50 are numbers, not the bytes
+    assert t.rows[1] == ("II", "48", "0.1", "false", "abc")  # the bidi override and the bell are gone
+    assert t.rows[2][2] == "" and len(t.rows[2][4]) == canonical.PREVIEW_CELL_CHARS and t.rows[2][4][-1] == "…"
+    assert json.loads(shown.data) == {
+        "columns": list(t.columns),
+        "types": list(t.types),
+        "rows": [list(r) for r in t.rows],
+        "total_rows": 3,
+        "total_columns": 5,
+    }
+
+
+def test_tsv_by_name_and_parquet_by_content():
+    df = pd.DataFrame({"site": ["a", "b"], "n": [12, 30], "when": pd.to_datetime(["2020-01-01", "2021-06-30"])})
+    tsv = canonical_for("table", "t.tsv", df.to_csv(sep="\t", index=False).encode())
+    assert tsv.table.columns == ("site", "n", "when") and tsv.table.rows[1][:2] == ("b", "30")
+    buf = io.BytesIO()
+    df.assign(blob=[b"\x00\x01", b"abc"]).to_parquet(buf)
+    pq = canonical_for("other", "t.bin", buf.getvalue())
+    assert pq.kind == "table" and pq.table.types == ("text", "integer", "datetime", "text")
+    assert pq.table.rows[0] == ("a", "12", "2020-01-01T00:00:00", "(2 bytes)")
+
+
+def test_wide_and_long_tables_show_the_first_rows_and_columns():
+    df = pd.DataFrame({f"c{i}": range(100) for i in range(40)})
+    t = canonical_for("table", "t.csv", csv_bytes(df)).table
+    assert len(t.rows) == canonical.PREVIEW_ROWS and len(t.columns) == canonical.PREVIEW_COLUMNS
+    assert (t.total_rows, t.total_columns) == (100, 40)
+
+
+def test_a_parquet_file_with_too_many_cells_is_not_parsed(monkeypatch):
+    buf = io.BytesIO()
+    pd.DataFrame({"a": range(50), "b": range(50)}).to_parquet(buf)
+    monkeypatch.setattr(canonical, "PREVIEW_MAX_CELLS", 99)
+    with pytest.raises(NoPreview, match="the table has 100 cells, more than the 99 a preview parses"):
+        canonical_for("table", "t.parquet", buf.getvalue())
+
+
+def test_text_is_normalised_and_binary_has_no_preview():
+    shown = canonical_for("other", "notes.txt", "\ufeffCafe\u0301\r\nline two\x1b[31m\n".encode())
+    assert shown.kind == "text" and shown.text == "Café\nline two[31m\n" and shown.data == shown.text.encode()
+    with pytest.raises(NoPreview, match="holds NUL bytes"):
+        canonical_for("other", "x.bin", b"abc\x00def")
+    with pytest.raises(NoPreview, match="neither an image, a table nor UTF-8 text"):
+        canonical_for("other", "x.bin", b"\xff\xfe\xfa")
+    with pytest.raises(NoPreview, match="model weights have no preview"):
+        canonical_for("weights", "m.safetensors", b"whatever")
+
+
+def test_figure_check_names_what_rides_along():
+    _, upload = figure_with_payload()
+    r = check_image(upload)
+    assert (
+        r["status"] == "review" and "1 tEXt block" in r["reason"] and "bytes after the end of the image" in r["reason"]
+    )
+    assert SECRET not in r["reason"] and r["details"]["width"] == 64
+    clean = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(clean, "PNG")
+    assert check_image(clean.getvalue())["status"] == "pass"
+
+
+def test_the_requesters_view_quotes_no_cell():
+    checks = [
+        {
+            "check": "minimum_count",
+            "status": "fail",
+            "reason": "1 cell(s) count fewer than 10 individuals; merge categories or suppress these cells",
+            "details": {"threshold": 10, "cells": [{"row": 2, "column": "HIV_positive", "value": 3.0}]},
+        },
+        {"check": "readable", "status": "fail", "reason": "t.csv: not a readable CSV file (line 3: 'Smith, J')"},
+        {"check": "format", "status": "fail", "reason": "tensor 'age=87 sex=F': unknown or missing dtype"},
+        {"check": "row_level", "status": "pass", "reason": "x" * 1000, "details": {"shared_columns": ["a", "b"]}},
+    ]
+    info = views.requester_info({"justification": "j" * 5000, "checks": checks, "state": "in_review"})
+    shown = json.dumps(info)
+    for leak in ("HIV_positive", "3.0", "Smith", "age=87"):
+        assert leak not in shown
+    by = {c["check"]: c for c in info["checks"]}
+    assert by["minimum_count"]["details"] == {"threshold": 10, "cells_count": 1}
+    assert by["readable"]["reason"].startswith("the file could not be read as a table")
+    assert len(by["row_level"]["reason"]) == views.SHOWN_REASON and by["row_level"]["details"] == {
+        "shared_columns_count": 2
+    }
+    assert info["justification"].startswith("j" * 299 + "…") and "(5000 characters" in info["justification"]
+    assert info["state"] == "in_review"

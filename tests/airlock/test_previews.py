@@ -1,0 +1,228 @@
+"""The airlock's pages leak nothing: previews for reviewers only, from the canonical form, each one recorded.
+
+Every attack is tried through the real pages (tornado, the hub's OAuth client, the real store and audit trail)
+and the specific refusal is asserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pandas as pd
+import pytest
+from PIL import Image
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from paitient.rules import review
+from paitient.rules.records import AuditError
+from paitient.services.airlock.service import Airlock, AirlockSettings
+from paitient.services.airlock.web import make_app
+from paitient.services.audit import emit, trail_dir
+from paitient.services.audit.query import newest_first
+from tests.airlock.helpers import (
+    GOOD,
+    PREFIX,
+    SECRET,
+    Client,
+    csv_bytes,
+    figure_with_payload,
+    known_user_auth,
+    png_chunks,
+    submit,
+    wait_state,
+)
+
+# A pending table whose every cell and column name is unmistakable in a page.
+CELLS = pd.DataFrame({"ward_Zq": ["Kestrel-9", "Osprey-4", "Merlin-2"], "count_Zq": [120, 48, 7]})
+CELL_TEXTS = ("ward_Zq", "count_Zq", "Kestrel-9", "Osprey-4", "Merlin-2")
+LONG = " ".join(["counts by ward"] * 100)
+
+
+def trail(airlock, action: str) -> list[dict]:
+    return [r for r in newest_first(trail_dir(airlock.site)) if r["action"] == action]
+
+
+async def test_a_csv_behind_a_png_header_gets_no_image_preview(web, airlock, people):
+    upload = b"\x89PNG\r\n\x1a\n" + csv_bytes(CELLS)
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="figure.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert (
+        checks["image"]["status"] == "fail"
+        and "does not decode as a PNG, JPEG or GIF image" in checks["image"]["reason"]
+    )
+
+    # The requester: no preview, a 403 that says why, recorded.
+    r = await web.fetch("alice", f"requests/{rid}/preview")
+    assert r.code == 403 and b"previews are for the project&#x27;s reviewers only" in r.body
+    assert b"Kestrel-9" not in r.body
+    denied = trail(airlock, "airlock.preview")[0]
+    assert (denied["actor"], denied["outcome"], denied["object"]) == ("alice", "denied", rid)
+    own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
+    assert 'id="preview-reviewers-only"' in own and "preview-image" not in own and "Kestrel-9" not in own
+
+    # The steward: not an image, so no image preview either; the page says why.
+    r = await web.fetch("sam", f"requests/{rid}/preview")
+    assert r.code == 404 and b"no image preview: it does not decode as a PNG, JPEG or GIF image" in r.body
+    assert b"Kestrel-9" not in r.body
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert 'id="preview-image"' not in page and "Kestrel-9" not in page
+    assert 'id="no-preview">no image preview: it does not decode as a PNG, JPEG or GIF image<' in page
+
+
+async def test_the_steward_gets_the_pixels_without_metadata_or_trailing_bytes(web, airlock, people):
+    original, upload = figure_with_payload()
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="km.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    r = await web.fetch("sam", f"requests/{rid}/preview")
+    assert r.code == 200 and r.headers["Content-Type"] == "image/png" and r.body != upload
+    kinds, trailing = png_chunks(r.body)
+    assert set(kinds) == {b"IHDR", b"IDAT", b"IEND"} and trailing == b""
+    assert SECRET.encode() not in r.body and b"age,sex" not in r.body
+    assert Image.open(io.BytesIO(r.body)).tobytes() == original.tobytes()
+    assert r.headers["X-Preview-SHA256"] == hashlib.sha256(r.body).hexdigest()
+    # The page tells the steward what the file carries besides the pixels, without quoting it.
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert 'id="preview-beyond"' in page and "1 tEXt block" in page and "bytes after the end of the image" in page
+    assert SECRET not in page
+    # Recorded: who, which request, the canonical bytes' hash and size.
+    shown = {r["details"]["via"]: r for r in trail(airlock, "airlock.preview") if r["outcome"] == "ok"}
+    assert shown["image"]["actor"] == "sam" and shown["image"]["object"] == rid
+    assert shown["image"]["details"]["sha256"] == hashlib.sha256(r.body).hexdigest()
+    assert shown["image"]["details"]["size"] == len(r.body)
+    assert shown["image"]["details"]["upload_sha256"] == hashlib.sha256(upload).hexdigest()
+    assert shown["page"]["details"]["sha256"] == shown["image"]["details"]["sha256"]
+
+
+async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, people):
+    rid = submit(airlock, people, "alice", csv_bytes(CELLS), name="wards.csv", justification=LONG)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    # The requester's page and API: state, checks, decisions; none of the table's cells or column names.
+    own = await web.fetch("alice", f"requests/{rid}")
+    assert own.code == 200
+    text = own.body.decode()
+    assert "in review" in text and 'data-check="minimum_count"' in text and "wards.csv" in text
+    for cell in CELL_TEXTS:
+        assert cell not in text, cell
+    assert 'id="preview-table"' not in text and "&quot;value&quot;" not in text
+    assert f"({len(LONG)} characters; the reviewers read all of it)" in text
+    api = (await web.fetch("alice", f"api/requests/{rid}")).body.decode()
+    for cell in CELL_TEXTS:
+        assert cell not in api, cell
+    assert json.loads(api)["justification"].endswith(f"({len(LONG)} characters; the reviewers read all of it)")
+    listing = json.loads((await web.fetch("alice", "api/requests")).body)
+    assert len(listing["requests"][0]["justification"]) < 400
+    assert trail(airlock, "airlock.preview") == []  # the requester's page renders no preview
+
+    # The steward's page: the parsed cells, the small one marked, the whole justification.
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    for cell in CELL_TEXTS:
+        assert cell in page, cell
+    assert '<td class="flagged" title="fails a disclosure check">7</td>' in page
+    assert LONG in page
+    record = trail(airlock, "airlock.preview")[0]
+    canonical = airlock.previews.canonical(airlock.store.get(rid))
+    assert (record["actor"], record["outcome"], record["object"]) == ("sam", "ok", rid)
+    assert record["details"] == {
+        "project": "oncology",
+        "user": "alice",
+        "via": "page",
+        "kind": "table",
+        "sha256": hashlib.sha256(canonical.data).hexdigest(),
+        "size": len(canonical.data),
+        "upload_sha256": hashlib.sha256(csv_bytes(CELLS)).hexdigest(),
+    }
+    assert json.loads(canonical.data)["rows"] == [["Kestrel-9", "120"], ["Osprey-4", "48"], ["Merlin-2", "7"]]
+    # A table has no image preview.
+    r = await web.fetch("sam", f"requests/{rid}/preview")
+    assert r.code == 404 and b"this request&#x27;s preview is table" in r.body
+
+
+async def test_a_steward_sees_no_preview_of_their_own_request(web, airlock, people):
+    rid = submit(airlock, people, "steph", csv_bytes(CELLS), project="oncology")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    page = (await web.fetch("steph", f"requests/{rid}")).body.decode()
+    assert 'id="own-request"' in page and 'id="preview-reviewers-only"' in page
+    assert all(cell not in page for cell in CELL_TEXTS)
+    r = await web.fetch("steph", f"requests/{rid}/preview")
+    assert r.code == 403 and b"previews are for the project&#x27;s reviewers only" in r.body
+
+
+async def test_an_admin_with_the_review_scope_previews_but_does_not_decide(web, airlock, people):
+    rid = submit(airlock, people, "bob", csv_bytes(CELLS))  # cardio: ada is no steward of it
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert f'data-id="{rid}"' in (await web.fetch("ada", "")).body.decode()
+    page = (await web.fetch("ada", f"requests/{rid}")).body.decode()
+    assert "Kestrel-9" in page and 'id="decision-form"' not in page
+    # rita is a steward of no project: neither the page nor a preview.
+    assert (await web.fetch("rita", f"requests/{rid}")).code == 403
+    assert (await web.fetch("rita", f"requests/{rid}/preview")).code == 403
+
+
+async def test_a_rejected_upload_is_never_downloaded(web, airlock, people):
+    rid = submit(airlock, people, "alice", csv_bytes(CELLS))
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert (await web.decide("sam", rid, "reject", "row-level wards")).code == 303
+    r = await web.fetch("alice", f"requests/{rid}/download")
+    assert r.code == 403 and b"request " + rid.encode() + b" is rejected, not released" in r.body
+    assert b"Kestrel-9" not in r.body
+    page = (await web.fetch("alice", f"requests/{rid}")).body.decode()
+    assert 'id="download"' not in page and "row-level wards" in page and "Kestrel-9" not in page
+    denied = trail(airlock, "airlock.download")[0]
+    assert (denied["actor"], denied["outcome"]) == ("alice", "denied")
+    assert airlock.store.events(rid, "download") == []
+
+
+async def test_a_download_is_recorded_with_hash_and_size(web, airlock, people):
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert (await web.decide("sam", rid, "approve", "counts above 10")).code == 303
+    r = await web.fetch("alice", f"requests/{rid}/download")
+    assert r.code == 200 and r.body == GOOD
+    record = trail(airlock, "airlock.download")[0]
+    assert (record["actor"], record["outcome"], record["object"]) == ("alice", "ok", rid)
+    assert record["details"]["sha256"] == hashlib.sha256(GOOD).hexdigest() and record["details"]["size"] == len(GOOD)
+
+
+class DiskFull:
+    """The real audit trail, except that preview records cannot be written (a full disk, say)."""
+
+    def __init__(self, site):
+        self.site = site
+
+    def __call__(self, *, actor, action, object, outcome, details):
+        if action == "airlock.preview":
+            raise AuditError("the audit trail cannot be written: disk full")
+        return emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details)
+
+
+@pytest.fixture
+async def web_without_trail(site, people):
+    airlock = Airlock(site, settings=AirlockSettings(), emit=DiskFull(site))
+    airlock.start()
+    server = HTTPServer(make_app(airlock, prefix=PREFIX, hub_auth=known_user_auth()))
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    yield airlock, Client(f"http://127.0.0.1:{port}")
+    server.stop()
+    await server.close_all_connections()
+    airlock.stop()
+
+
+async def test_no_audit_record_no_preview(web_without_trail, people):
+    airlock, web = web_without_trail
+    table = submit(airlock, people, "alice", csv_bytes(CELLS))
+    _, upload = figure_with_payload()
+    figure = submit(airlock, people, "alice", upload, kind="figure", name="km.png")
+    wait_state(airlock, table, review.IN_REVIEW)
+    wait_state(airlock, figure, review.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{table}")).body.decode()
+    # Nothing of the upload is shown without its record: no cells, and the checks as the requester sees them.
+    assert "the preview could not be recorded in the audit trail, so it is not shown" in page
+    assert all(cell not in page for cell in CELL_TEXTS) and "&quot;cells_count&quot;: 1" in page
+    r = await web.fetch("sam", f"requests/{figure}/preview")
+    assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is not shown" in r.body
+    assert not r.body.startswith(b"\x89PNG")
