@@ -5,13 +5,15 @@ the user's system account exists (created on first sign-in, see :mod:`paitient.h
 who the account belongs to and which projects it may use (the registry the services read), and writes
 the server's configuration into a root-owned directory the user can read but not change. The server
 runs ``python -I`` from the workspace environment with a minimal environment: nothing the user controls
-(PYTHONPATH, user site-packages, ~/.jupyter) can change its policy.
+(PYTHONPATH, user site-packages, ~/.jupyter) can change its policy. Its API token carries only what a
+server needs (``server_token_scopes``): never the user's token scopes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
@@ -57,6 +59,12 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
     @default("default_url")
     def _default_url_default(self) -> str:
         return "/lab"
+
+    @default("server_token_scopes")
+    def _server_token_scopes_default(self) -> list[str]:
+        # What JupyterHub's `server` role holds, named here so that no change of roles gives the server's
+        # token (readable by the user's own processes) the user's scopes: report activity, admit the owner.
+        return ["users:activity!user", "access:servers!server"]
 
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
@@ -139,8 +147,6 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         return set_user_setuid(self.account or name)
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
-        import pwd
-
         pw = pwd.getpwnam(self.account)
         user_dir = HubPaths.of(self.site).user_dir(self.account)
         env.update(
