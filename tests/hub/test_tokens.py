@@ -1,9 +1,10 @@
-"""Researchers hold no token scope; stewards do."""
+"""Researchers hold no token scope; stewards do; where each lands after signing in."""
 
+import pytest
 from jupyterhub import orm, scopes
 from traitlets.config import Config
 
-from paitient.hub import signon, tokens
+from paitient.hub import landing, signon, tokens
 from paitient.hub.hubconfig import OPERATOR_SERVICE, RESEARCHER_SCOPES, STEWARD_SCOPES, configure
 
 TOKEN_SCOPES = {"tokens", "read:tokens"}
@@ -49,6 +50,7 @@ def test_hub_configuration_gives_the_user_role_no_token_scope_and_installs_the_p
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert roles["user"]["scopes"] == list(signon.OWN_SCOPES)
     assert OPERATOR_SERVICE in roles["paitient-operator"]["services"]
+    assert c.JupyterHub.default_url is landing.default_url and c.JupyterHub.implicit_spawn_seconds > 0
     assert (tokens.TEMPLATES / "page.html").is_file() and c.JupyterHub.template_paths == [str(tokens.TEMPLATES)]
     assert c.JupyterHub.template_vars["paitient_offers_tokens"] is tokens.offers_tokens
     assert "self" not in c.PaitientLDAPAuthenticator.researcher_scopes
@@ -62,3 +64,20 @@ def test_the_token_routes_come_before_jupyterhubs_own():
     stock = dict(api_handlers + page_handlers)
     for route, handler in ours.items():
         assert route in stock and issubclass(handler, stock[route]), route
+
+
+@pytest.mark.parametrize(
+    ("held", "expected"),
+    [
+        ({"user", "researcher"}, ""),  # JupyterHub's way to the user's own server
+        ({"user", "researcher", "steward"}, ""),
+        ({"user", "steward"}, "/services/airlock/"),
+        ({"user", "admin"}, "/hub/home"),
+    ],
+)
+def test_where_signing_in_lands(held, expected):
+    assert landing.landing(held, hub_prefix="/hub/", review_prefix="/services/airlock/") == expected
+
+
+def test_a_steward_lands_on_the_hub_home_when_there_is_no_airlock():
+    assert landing.landing({"steward"}, hub_prefix="/hub/", review_prefix=None) == "/hub/home"

@@ -13,7 +13,7 @@ from typing import Any
 from traitlets.config import Config
 
 from paitient.config import SiteConfig
-from paitient.hub import tokens
+from paitient.hub import landing, tokens
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.signon import OWN_SCOPES
 from paitient.services import SERVICES
@@ -74,14 +74,20 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     c.Authenticator.reset_managed_roles_on_startup = True
     c.Authenticator.auto_login = False
 
-    # -- what they see: the hub's menu lists the Token page only to those who may hold tokens ---------
+    # -- where they land, what they see ------------------------------------------------------------------
+    # Researchers go from the login form to their server's progress page and on into JupyterLab; a
+    # server that stopped (idle) is started again after a moment instead of waiting on a button.
+    # Stewards land at the airlock's review page (paitient.hub.landing).
+    c.JupyterHub.default_url = landing.default_url
+    c.JupyterHub.redirect_to_server = True
+    c.JupyterHub.implicit_spawn_seconds = 1
+    # The menu lists the Token page only to those who may hold tokens (paitient.hub.tokens).
     c.JupyterHub.template_paths = [str(tokens.TEMPLATES)]
     c.JupyterHub.template_vars = {"paitient_offers_tokens": tokens.offers_tokens}
 
     # -- what they get --------------------------------------------------------------------------------
     c.JupyterHub.spawner_class = site.workspace.spawner
     c.JupyterHub.allow_named_servers = False
-    c.JupyterHub.default_url = "/hub/home"
     c.Spawner.site_file = site.source
     c.Spawner.site_state_dir = str(site.state_dir)
     c.Spawner.default_url = "/lab"
