@@ -1,11 +1,11 @@
-"""The researcher examples in notebooks/ run cell by cell in the real workspace, as alice, and leave what
-they promise: a figure in her home, a settled private training run charged to oncology, two airlock
-requests that passed their automatic checks."""
+"""The researcher examples (``paitient/examples``, put into every home at the first server start) run cell
+by cell in the real workspace, as alice, from her home, and leave what they promise: a figure in her home,
+a settled private training run charged to oncology, two airlock requests that passed their automatic
+checks."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import pwd
 import time
 from dataclasses import dataclass, field
@@ -22,16 +22,13 @@ from tests.kernelclient import CellResult
 
 pytestmark = pytest.mark.e2e
 
-NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "extensions" / "paitient" / "examples"
 NAMES = ("01-explore-data.ipynb", "02-train-with-differential-privacy.ipynb", "03-request-export.ipynb")
 
 
-def upload(ws: Workspace, s, user: str, name: str) -> list[str]:
-    """Put the notebook into the user's home through the server's contents API, as JupyterLab's upload
-    button does, and read it back from there: the code cells the researcher would run."""
-    body = {"type": "notebook", "format": "json", "content": json.loads((NOTEBOOKS / name).read_text())}
-    r = ws.api(s, user, "PUT", f"contents/{name}", json=body)
-    assert r.status_code in (200, 201), r.text[:500]
+def open_from_home(ws: Workspace, s, user: str, name: str) -> list[str]:
+    """The notebook as JupyterLab opens it from the user's home (where the spawner put it): the code cells
+    the researcher would run."""
     r = ws.api(s, user, "GET", f"contents/{name}?content=1")
     assert r.status_code == 200 and r.json()["type"] == "notebook", r.text[:500]
     return ["".join(c["source"]) for c in r.json()["content"]["cells"] if c["cell_type"] == "code"]
@@ -39,7 +36,7 @@ def upload(ws: Workspace, s, user: str, name: str) -> list[str]:
 
 def run_notebook(ws: Workspace, s, user: str, name: str) -> list[CellResult]:
     """Every code cell in order on one fresh kernel, as JupyterLab's "Run All" does; stop at the first error."""
-    cells = upload(ws, s, user, name)
+    cells = open_from_home(ws, s, user, name)
     expected = [c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells if c.cell_type == "code"]
     assert cells == expected
     kernel = ws.start_kernel(s, user)
@@ -110,7 +107,7 @@ def test_explore_saves_a_figure_in_the_home(ran):
     assert outputs_of(cells[0], "application/vnd.jupyter.widget-view+json"), "the catalogue is a widget"
     assert cells[1].stdout.strip() == "(569, 35)"
     assert "mean radius" in cells[2].result and "All" in cells[3].result
-    for name in NAMES:  # the uploaded notebooks are in the home, alice's own files
+    for name in NAMES:  # the notebooks are in the home, alice's own files
         assert (ran.home / name).stat().st_uid == ran.uid
     figure = ran.home / "figures" / "radius_by_diagnosis.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000

@@ -12,6 +12,7 @@ import requests
 from paitient.hub.paths import HubPaths
 from paitient.hub.signon import NO_PROJECT_MESSAGE
 from paitient.ops.up import Running, hub_api
+from paitient.services.audit.query import newest_first
 
 pytestmark = pytest.mark.e2e
 
@@ -212,3 +213,174 @@ def test_every_service_page_is_routed_when_ready_is_printed(fresh_workspace):
     for name in ("ledger", "audit", "airlock"):
         r = requests.get(ws.url + f"services/{name}/", allow_redirects=False, timeout=10)
         assert r.status_code != 404 and r.status_code < 500, (name, r.status_code)
+
+
+# ------------------------------------------------------------------ landing, API tokens, Lab, examples
+
+
+def stop_server(ws, user: str, timeout: float = 60.0) -> None:
+    """Stop ``user``'s server through the hub (operator token), if they have one, and wait until it is gone."""
+    base, token = operator(ws)
+    auth = {"Authorization": f"token {token}"}
+
+    def servers() -> dict:
+        r = requests.get(base + f"hub/api/users/{user}", headers=auth, timeout=30)
+        if r.status_code == 404:  # never signed in
+            return {}
+        r.raise_for_status()
+        return r.json().get("servers") or {}
+
+    if servers():
+        r = requests.delete(base + f"hub/api/users/{user}/server", headers=auth, timeout=30)
+        assert r.status_code in (202, 204), r.text
+    deadline = time.monotonic() + timeout
+    while servers():
+        assert time.monotonic() < deadline, f"server of {user} did not stop" + ws.logs()
+        time.sleep(0.3)
+
+
+def hub_xsrf(s: requests.Session) -> dict[str, str]:
+    """The header a page of the hub sends with its API calls (the hub's `_xsrf` cookie)."""
+    return {"X-XSRFToken": s.cookies.get("_xsrf", path="/hub/")}
+
+
+def test_sign_in_starts_the_server_and_lands_in_jupyterlab_without_a_start_button(workspace):
+    stop_server(workspace, "carol")
+    visit = workspace.browser_login("carol")
+    lab = workspace.url + "user/carol/lab"
+    assert visit.page.status_code == 200 and visit.page.url.startswith(lab), (visit.visited, workspace.logs())
+    assert "JupyterLab" in visit.page.text
+    paths = [u.removeprefix(workspace.url.rstrip("/")) for u in visit.visited]
+    # the hub started the server and showed its progress page; never its home page or a Launch button
+    assert "/hub/spawn" in paths and "/hub/spawn-pending/carol" in paths, paths
+    assert not any(p.startswith("/hub/home") or p.startswith("/hub/user/carol") for p in paths), paths
+    # signed in again while the server runs: straight into Lab, no progress page
+    again = workspace.browser_login("carol")
+    assert again.page.url.startswith(lab) and "JupyterLab" in again.page.text
+    assert not any("/hub/spawn" in u for u in again.visited), again.visited
+
+
+def test_steward_lands_at_the_airlock_review_page_without_a_server(workspace):
+    stop_server(workspace, "sam")
+    visit = workspace.browser_login("sam")
+    assert visit.page.status_code == 200 and visit.page.url == workspace.url + "services/airlock/", visit.visited
+    assert not any("/hub/spawn" in u or "/user/sam" in u for u in visit.visited), visit.visited
+    base, token = operator(workspace)
+    assert hub_api(base, token, "/users/sam")["servers"] == {}
+
+
+def test_a_new_users_home_holds_the_examples_owned_by_them_and_never_replaced(workspace):
+    from paitient.hub.examples import shipped
+
+    examples = shipped()
+    assert {"01-explore-data.ipynb", "README.md"} <= set(examples)
+    s = workspace.browser_login("carol").session
+    member = workspace.member("carol")
+    home = pwd.getpwnam(member.account).pw_dir
+    listing = workspace.api(s, "carol", "GET", "contents/")
+    assert listing.status_code == 200, listing.text[:300]
+    assert set(examples) <= {item["name"] for item in listing.json()["content"]}
+    for name in examples:
+        st = os.lstat(os.path.join(home, name))
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (member.uid, pwd.getpwnam(member.account).pw_gid, 0o600)
+    # carol edits one example and deletes another; after her server starts again the edit stays and the
+    # deleted one is back
+    edited = json.loads(examples["01-explore-data.ipynb"])
+    edited["cells"][0]["source"] = "# carol's notes\n"
+    body = {"type": "notebook", "format": "json", "content": edited}
+    r = workspace.api(s, "carol", "PUT", "contents/01-explore-data.ipynb", json=body)
+    assert r.status_code == 200, r.text[:300]
+    assert workspace.api(s, "carol", "DELETE", "contents/README.md").status_code == 204
+    stop_server(workspace, "carol")
+    assert not os.path.exists(os.path.join(home, "README.md"))
+    workspace.browser_login("carol")
+    with open(os.path.join(home, "01-explore-data.ipynb")) as f:
+        assert "".join(json.load(f)["cells"][0]["source"]) == "# carol's notes\n"
+    with open(os.path.join(home, "README.md"), "rb") as f:
+        assert f.read() == examples["README.md"]
+    assert os.stat(os.path.join(home, "README.md")).st_uid == member.uid
+
+
+def test_lab_asks_no_news_question_by_default(workspace):
+    s = workspace.login("alice")
+    workspace.start_server(s, "alice")
+    r = workspace.api(s, "alice", "GET", "../lab/api/settings/@jupyterlab/apputils-extension:notification")
+    assert r.status_code == 200, r.text[:300]
+    setting = r.json()
+    properties = setting["schema"]["properties"]
+    assert properties["fetchNews"]["default"] == "false" and properties["checkForUpdates"]["default"] is False
+    assert "fetchNews" not in (setting.get("settings") or {})  # the default, not a user's choice
+    # set from the root-owned configuration the spawner wrote, not from anything alice can change
+    overrides = HubPaths(workspace.state_dir).user_dir(workspace.member("alice").account) / "data/lab/settings"
+    st = os.stat(overrides / "overrides.json")
+    assert st.st_uid == 0 and st.st_mode & 0o022 == 0 and os.stat(overrides).st_uid == 0
+
+
+def test_researcher_gets_no_api_token_steward_does(workspace):
+    from paitient.hub.signon import NO_TOKENS_MESSAGE
+
+    alice = workspace.login("alice")
+    # as the hub resolves her roles after signing in: no token scope at all (JupyterHub's `self` has one)
+    held = alice.get(workspace.url + "hub/api/user", timeout=30).json()["scopes"]
+    assert "access:servers!user=alice" in held and not {s.split("!")[0] for s in held} & {"tokens", "read:tokens"}
+    tokens_of = workspace.url + "hub/api/users/{}/tokens"
+    r = alice.post(tokens_of.format("alice"), json={"note": "script"}, headers=hub_xsrf(alice), timeout=30)
+    assert r.status_code == 403 and r.json()["message"] == NO_TOKENS_MESSAGE, r.text
+    # with the password in the body instead of a session: the same answer
+    r = requests.post(
+        workspace.url + "hub/api/users/alice/tokens",
+        json={"auth": {"username": "alice", "password": workspace.password("alice")}},
+        timeout=30,
+    )
+    assert r.status_code == 403 and r.json()["message"] == NO_TOKENS_MESSAGE, r.text
+    refusals = [r for r in newest_first(workspace.state_dir / "audit") if r["action"] == "auth.token"]
+    assert [(r["actor"], r["object"], r["outcome"]) for r in refusals[:2]] == [("alice", "alice", "denied")] * 2
+    # nobody identified learns nothing about the account
+    r = requests.post(workspace.url + "hub/api/users/alice/tokens", json={}, timeout=30)
+    assert r.status_code == 403 and NO_TOKENS_MESSAGE not in r.text
+    # no Token page in her menu, and the page itself refuses her
+    home = alice.get(workspace.url + "hub/home", timeout=30)
+    assert home.status_code == 200 and 'href="/hub/home"' in home.text
+    assert 'href="/hub/token"' not in home.text
+    page = alice.get(workspace.url + "hub/token", timeout=30)
+    assert page.status_code == 403 and NO_TOKENS_MESSAGE in page.text
+    # everything else still works: her server, and her sign-in to the airlock's pages through the hub's OAuth
+    workspace.start_server(alice, "alice")
+    r = alice.get(workspace.url + "services/airlock/", timeout=30)
+    assert r.status_code == 200 and r.url == workspace.url + "services/airlock/", r.url
+    # the steward keeps tokens: the menu lists the page, the API issues one, and it works
+    sam = workspace.login("sam")
+    assert "tokens!user=sam" in sam.get(workspace.url + "hub/api/user", timeout=30).json()["scopes"]
+    assert 'href="/hub/token"' in sam.get(workspace.url + "hub/home", timeout=30).text
+    assert sam.get(workspace.url + "hub/token", timeout=30).status_code == 200
+    r = sam.post(tokens_of.format("sam"), json={"note": "review script"}, headers=hub_xsrf(sam), timeout=30)
+    assert r.status_code == 201, r.text
+    who = requests.get(
+        workspace.url + "hub/api/user", headers={"Authorization": f"token {r.json()['token']}"}, timeout=30
+    )
+    assert who.status_code == 200 and who.json()["name"] == "sam"
+    # the operator's token still works
+    base, token = operator(workspace)
+    assert hub_api(base, token, "/users/alice")["name"] == "alice"
+
+
+def test_the_servers_own_token_cannot_mint_a_token_either(workspace):
+    # The server's API token sits in its environment, in the researcher's own process: take it as an
+    # attacker would and ask the hub for a token with it.
+    from paitient.hub.signon import NO_TOKENS_MESSAGE
+
+    s = workspace.login("alice")
+    workspace.start_server(s, "alice")
+    member = workspace.member("alice")
+    pid = subprocess.run(
+        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+    ).stdout.split()[0]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    server_token = env[b"JUPYTERHUB_API_TOKEN"].decode()
+    auth = {"Authorization": f"token {server_token}"}
+    who = requests.get(workspace.url + "hub/api/user", headers=auth, timeout=30)
+    held = {scope.split("!")[0] for scope in who.json()["scopes"]}
+    assert who.status_code == 200 and not held & {"tokens", "read:tokens", "inherit"}, held
+    r = requests.post(workspace.url + "hub/api/users/alice/tokens", json={}, headers=auth, timeout=30)
+    assert r.status_code == 403 and r.json()["message"] == NO_TOKENS_MESSAGE

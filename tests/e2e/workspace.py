@@ -2,7 +2,8 @@
 
 ``Workspace.start(root)`` writes a site configuration (the demo projects and the embedded demo directory,
 accounts under a test prefix and a private home root), runs ``paitient up`` on a free port, and waits for
-its ready line. ``login`` signs in through the hub's login form, ``start_server`` spawns the user's
+its ready line. ``login`` signs in through the hub's login form, ``browser_login`` does it from the
+workspace's address and follows wherever the hub sends a browser, ``start_server`` spawns the user's
 server, ``run_cell`` executes code in a real kernel over the kernel websocket. ``stop`` stops the
 workspace through ``paitient stop`` and removes the system accounts it created.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import os
 import re
@@ -21,7 +23,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 import requests
 
@@ -157,6 +161,31 @@ class Workspace:
             data["_xsrf"] = xsrf.group(1)
         return (self.url + "hub/login?next=%2Fhub%2Fhome",), {"data": data, "timeout": 30}
 
+    def browser_login(self, user: str, password: str | None = None, timeout: float = 90.0) -> Visit:
+        """Open the workspace's address and sign in through the form, following every redirect as a
+        browser does; on the server's progress page, load it again until it sends on (the page reloads
+        itself when the server is ready). Returns the session and every URL passed through."""
+        s = requests.Session()
+        r = s.get(self.url, timeout=10)
+        visited = [h.url for h in r.history] + [r.url]
+        form = re.search(r'<form[^>]*action="([^"]+)"[^>]*method="post"', r.text)
+        if form is None:
+            raise RuntimeError(f"no login form at {r.url}: {r.text[:300]}")
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text)
+        data = {"username": user, "password": password if password is not None else self.password(user)}
+        if xsrf:
+            data["_xsrf"] = xsrf.group(1)
+        r = s.post(urljoin(r.url, html.unescape(form.group(1))), data=data, timeout=timeout)
+        visited += [h.url for h in r.history] + [r.url]
+        if "/hub/login" in r.url:
+            raise PermissionError(f"sign-in refused for {user!r}: {login_error(r.text)}")
+        deadline = time.monotonic() + timeout
+        while "/hub/spawn-pending/" in r.url and time.monotonic() < deadline:
+            time.sleep(0.5)
+            r = s.get(r.url, timeout=timeout)
+            visited += [h.url for h in r.history] + [r.url]
+        return Visit(s, r, visited)
+
     def start_server(self, s: requests.Session, user: str, timeout: float = 90.0) -> None:
         r = s.get(self.url + f"hub/spawn/{user}", timeout=timeout)
         deadline = time.monotonic() + timeout
@@ -196,6 +225,15 @@ class Workspace:
         cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
         url = self.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel_id}/channels"
         return await execute(url, {"Cookie": cookie, **self.xsrf_headers(s, user)}, user, code, timeout)
+
+
+@dataclass
+class Visit:
+    """Where a browser-like session ended (``page``) and the URLs it passed through on the way."""
+
+    session: requests.Session
+    page: requests.Response
+    visited: list[str]
 
 
 def remove_account(account: str, timeout: float = 10.0) -> None:

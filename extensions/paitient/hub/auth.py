@@ -13,6 +13,9 @@ JupyterHub roles (``manage_groups`` and ``manage_roles`` are on). Refusals:
 With a service account, ``refresh_user`` re-reads memberships every ``auth_refresh_age`` seconds and signs
 out a user who lost every project. Every attempt is recorded in the audit trail as ``auth.login`` with
 outcome ``ok``, ``denied`` or ``error``. Blocking directory calls run in a thread, with timeouts.
+
+The authenticator also registers the hub's token routes that refuse researchers
+(:mod:`paitient.hub.tokens`), so any hub that signs people in through it applies that rule.
 """
 
 from __future__ import annotations
@@ -231,6 +234,13 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         return None
 
     # ------------------------------------------------------------------ JupyterHub hooks
+    def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
+        """The login page, and the token routes that refuse researchers (:mod:`paitient.hub.tokens`),
+        listed before JupyterHub's own handlers for the same routes."""
+        from paitient.hub import tokens
+
+        return [*tokens.handlers(), *super().get_handlers(app)]
+
     async def authenticate(self, handler: web.RequestHandler | None, data: dict[str, Any]) -> dict | None:
         raw = data.get("username", "")
         if handler is not None:

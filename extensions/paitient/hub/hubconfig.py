@@ -13,13 +13,16 @@ from typing import Any
 from traitlets.config import Config
 
 from paitient.config import SiteConfig
+from paitient.hub import landing, tokens
 from paitient.hub.paths import HubPaths, venv_python
+from paitient.hub.signon import OWN_SCOPES
 from paitient.services import SERVICES
 
 # The operator's own token: `paitient up` uses it to stop user servers on shutdown and to check readiness.
 OPERATOR_SERVICE = "paitient-operator"
 
-RESEARCHER_SCOPES = ["self", "access:services", "custom:airlock:request", "custom:airlock:download"]
+# A researcher's own-account scopes leave out `tokens` (see paitient.hub.tokens); a steward's `self` keeps it.
+RESEARCHER_SCOPES = [*OWN_SCOPES, "access:services", "custom:airlock:request", "custom:airlock:download"]
 STEWARD_SCOPES = [
     "self",
     "access:services",
@@ -72,10 +75,20 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     c.Authenticator.reset_managed_roles_on_startup = True
     c.Authenticator.auto_login = False
 
+    # -- where they land, what they see ------------------------------------------------------------------
+    # Researchers go from the login form to their server's progress page and on into JupyterLab; a
+    # server that stopped (idle) is started again after a moment instead of waiting on a button.
+    # Stewards land at the airlock's review page (paitient.hub.landing).
+    c.JupyterHub.default_url = landing.default_url
+    c.JupyterHub.redirect_to_server = True
+    c.JupyterHub.implicit_spawn_seconds = 1
+    # The menu lists the Token page only to those who may hold tokens (paitient.hub.tokens).
+    c.JupyterHub.template_paths = [str(tokens.TEMPLATES)]
+    c.JupyterHub.template_vars = {"paitient_offers_tokens": tokens.offers_tokens}
+
     # -- what they get --------------------------------------------------------------------------------
     c.JupyterHub.spawner_class = site.workspace.spawner
     c.JupyterHub.allow_named_servers = False
-    c.JupyterHub.default_url = "/hub/home"
     c.Spawner.site_file = site.source
     c.Spawner.site_state_dir = str(site.state_dir)
     c.Spawner.default_url = "/lab"
@@ -100,6 +113,8 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     c.PaitientLDAPAuthenticator.researcher_scopes = RESEARCHER_SCOPES
     c.PaitientLDAPAuthenticator.steward_scopes = STEWARD_SCOPES
     c.JupyterHub.load_roles = [
+        # Every signed-in user holds `user`; JupyterHub's own gives `self`, which includes `tokens`.
+        {"name": "user", "scopes": list(OWN_SCOPES)},
         {
             "name": "paitient-operator",
             "description": "Used by `paitient up` to manage servers",

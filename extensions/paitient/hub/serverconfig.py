@@ -7,7 +7,7 @@ Nothing under the user's home (``~/.jupyter``, ``~/.local/share/jupyter``, ``~/.
 user site-packages) is read for policy.
 
 :func:`server_config` is the pure part (site + member -> config dict); :func:`write_user_server_config`
-writes it, the kernel spec, the JupyterLab page config and the ``migrated`` marker.
+writes it, the kernel spec, the JupyterLab page config and setting overrides, and the ``migrated`` marker.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ DISABLED_LAB_PLUGINS: tuple[str, ...] = (
     "@jupyterlab/terminal-extension",
     "@jupyterlab/extensionmanager-extension",
 )
+
+# Defaults of JupyterLab settings for every user (their own settings may still change them). The news
+# question ("Would you like to get notified about official Jupyter news?") comes up while fetchNews is
+# "none"; the server could not fetch news anyway (LabApp.news_url is unset below).
+LAB_SETTING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+}
 
 
 def kernel_spec(python: str = sys.executable) -> dict[str, Any]:
@@ -73,6 +80,16 @@ def idle_culling(idle_timeout: int) -> dict[str, Any]:
         "cull_connected": True,
         "cull_busy": False,
     }
+
+
+def lab_settings_dir(data_dir: str | os.PathLike[str]) -> str:
+    """JupyterLab's application settings directory for the server whose ``JUPYTER_DATA_DIR`` is
+    ``data_dir`` (root-owned): where ``overrides.json`` sets the defaults of :data:`LAB_SETTING_OVERRIDES`.
+
+    JupyterLab reads its setting overrides (and a lowest-priority ``page_config.json``) from there instead
+    of from the Python environment's ``share/jupyter/lab/settings``; the page configuration that matters
+    is in the config dir's ``labconfig``."""
+    return os.path.join(data_dir, "lab", "settings")
 
 
 def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
@@ -143,6 +160,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
         "LabApp": {
             "user_settings_dir": os.path.join(lab_dir, "user-settings"),
             "workspaces_dir": os.path.join(lab_dir, "workspaces"),
+            "app_settings_dir": lab_settings_dir(data_dir),
             # The server has network access: nothing may make it fetch a URL or query an index on a
             # user's behalf (an extension search carries whatever text the user typed).
             "extension_manager": "readonly",
@@ -198,7 +216,8 @@ def write_user_server_config(
         d.mkdir(mode=0o700, exist_ok=True)
         os.chmod(d, 0o700)
         os.chown(d, pw.pw_uid, pw.pw_gid)
-    for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels"):
+    settings_dir = Path(lab_settings_dir(data_dir))
+    for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels", settings_dir.parent, settings_dir):
         _root_dir(d)
     kernels = data_dir / "kernels"
     for old in kernels.iterdir():
@@ -215,5 +234,6 @@ def write_user_server_config(
         mode=0o644,
     )
     atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
+    atomic_write_json(settings_dir / "overrides.json", LAB_SETTING_OVERRIDES, mode=0o644)
     # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
     atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)

@@ -149,8 +149,23 @@ def matching_groups(found: Iterable[tuple[str, Iterable[str]]], wanted: Iterable
     return {w for w in wanted if (normalise_dn(w) in dns if is_dn(w) else w.lower() in cns)}
 
 
+NO_TOKENS_MESSAGE = (
+    "This workspace issues no API tokens to researchers: work in JupyterLab, and take results out through the airlock."
+)
+
+OWN_SCOPES = (
+    "read:users!user",
+    "users:activity!user",
+    "servers!user",
+    "access:servers!user",
+    "read:shares!user",
+    "users:shares!user",
+)
+"""What JupyterHub's ``self`` scope gives a user over their own account, less ``tokens``: a researcher's
+roles carry these instead of ``self``, so no role lets them create, list or revoke API tokens."""
+
 BASE_STEWARD_SCOPES = ("self", "read:users:name", "read:groups:name")
-BASE_RESEARCHER_SCOPES = ("self",)
+BASE_RESEARCHER_SCOPES = OWN_SCOPES
 
 
 def role_specs(

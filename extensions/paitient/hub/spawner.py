@@ -2,21 +2,24 @@
 
 ``PaitientLocalSpawner`` extends JupyterHub's LocalProcessSpawner: before the server starts it makes sure
 the user's system account exists (created on first sign-in, see :mod:`paitient.hub.accounts`), records
-who the account belongs to and which projects it may use (the registry the services read), and writes
-the server's configuration into a root-owned directory the user can read but not change. The server
-runs ``python -I`` from the workspace environment with a minimal environment: nothing the user controls
-(PYTHONPATH, user site-packages, ~/.jupyter) can change its policy.
+who the account belongs to and which projects it may use (the registry the services read), adds the
+example notebooks the home lacks (:mod:`paitient.hub.examples`), and writes the server's configuration
+into a root-owned directory the user can read but not change. The server runs ``python -I`` from the
+workspace environment with a minimal environment: nothing the user controls (PYTHONPATH, user
+site-packages, ~/.jupyter) can change its policy. Its API token carries only what a server needs
+(``server_token_scopes``): never the user's token scopes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import subprocess
 from pathlib import Path
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
-from traitlets import HasTraits, Unicode, default
+from traitlets import Bool, HasTraits, Unicode, default
 
 from paitient import config as site_config
 from paitient.hub.paths import HubPaths, venv_python
@@ -54,9 +57,20 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
     def _cmd_default(self) -> list[str]:
         return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
 
+    provide_examples = Bool(
+        True,
+        help="Add the example notebooks a user's home lacks before each server start (never replacing a file).",
+    ).tag(config=True)
+
     @default("default_url")
     def _default_url_default(self) -> str:
         return "/lab"
+
+    @default("server_token_scopes")
+    def _server_token_scopes_default(self) -> list[str]:
+        # What JupyterHub's `server` role holds, named here so that no change of roles gives the server's
+        # token (readable by the user's own processes) the user's scopes: report activity, admit the owner.
+        return ["users:activity!user", "access:servers!server"]
 
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
@@ -88,6 +102,8 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
 
         projects, roles = self.member_groups()
         member = ensure_account(self.site, self.user.name, projects=projects, roles=roles)
+        if self.provide_examples:
+            self._provide_examples(member.account)
         paths = HubPaths.of(self.site)
         user_dir = paths.user_dir(member.account)
         config_dir, data_dir = user_dir / "config", user_dir / "data"
@@ -97,6 +113,19 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             os.chmod(d, 0o755)
         write_user_server_config(self.site, member, config_dir, data_dir)
         return member
+
+    def _provide_examples(self, account: str) -> None:
+        from paitient.hub.examples import ExamplesError, provide
+
+        pw = pwd.getpwnam(account)
+        try:
+            added = provide(pw.pw_dir, pw.pw_uid, pw.pw_gid)
+        except (ExamplesError, OSError) as e:
+            # the server is still worth starting; the operator learns why the examples are missing
+            self.log.error("example notebooks not added to the home of %s: %s", account, e)
+            return
+        if added:
+            self.log.info("added example notebooks to the home of %s: %s", account, ", ".join(added))
 
     async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
         from paitient.services import audit
@@ -139,8 +168,6 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         return set_user_setuid(self.account or name)
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
-        import pwd
-
         pw = pwd.getpwnam(self.account)
         user_dir = HubPaths.of(self.site).user_dir(self.account)
         env.update(

@@ -1,0 +1,112 @@
+"""API tokens: researchers get none, and are told why; stewards and the operator keep theirs.
+
+A token lets a script act as its owner from outside the browser, and every byte that reaches a researcher
+is egress: with a token they could automate it. So nothing in the hub hands a researcher a token:
+
+- their roles carry :data:`paitient.hub.signon.OWN_SCOPES` (JupyterHub's ``self`` less ``tokens``), and
+  the default ``user`` role is given the same (:mod:`paitient.hub.hubconfig`), so JupyterHub's own scope
+  checks refuse them on every token route;
+- ``POST /hub/api/users/<name>/tokens`` for a researcher's account answers 403 with
+  :data:`~paitient.hub.signon.NO_TOKENS_MESSAGE` whoever asks (a researcher who is also a steward, or an
+  admin asking on their behalf, included), and the refusal goes to the audit trail as ``auth.token``;
+- the ``/hub/token`` page refuses them with the same message, and the hub's menu (``templates/page.html``)
+  shows its link only to users who may hold tokens.
+
+The handlers come first in the hub's routing through the authenticator's ``get_handlers`` hook, ahead of
+JupyterHub's handlers for the same routes; they subclass those and change nothing for anyone else. The
+server's own token (``Spawner.server_token_scopes``) and the OAuth tokens of the user's server and of the
+services are issued by the hub itself, not through these routes, and carry no token scopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from jupyterhub import roles
+from jupyterhub.apihandlers.users import UserTokenListAPIHandler
+from jupyterhub.handlers.pages import TokenPageHandler
+from tornado import web
+
+from paitient.hub.signon import NO_TOKENS_MESSAGE, shown
+
+RESEARCHER_ROLE = "researcher"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+"""The hub's page templates that paitient overrides (searched before JupyterHub's own)."""
+
+
+def refuses_tokens(user: Any) -> bool:
+    """Whether ``user`` (JupyterHub's User or its database row) holds the researcher role, directly or
+    through a group: such an account gets no API token."""
+    orm_user = getattr(user, "orm_user", user)
+    return any(role.name == RESEARCHER_ROLE for role in roles.get_roles_for(orm_user))
+
+
+def offers_tokens(user: Any) -> bool:
+    """Template variable: show the Token page in the menu (the page itself also needs the ``tokens`` scope)."""
+    return user is not None and not refuses_tokens(user)
+
+
+class TokenRequestHandler(UserTokenListAPIHandler):
+    """``/hub/api/users/<name>/tokens``: JupyterHub's handler, refusing any new token for a researcher."""
+
+    async def post(self, user_name: str) -> None:
+        owner = self.find_user(user_name)
+        if owner is None or not refuses_tokens(owner):
+            return await super().post(user_name)
+        requester = await self._requester()
+        if requester is None:
+            # who asks is not known: the answer JupyterHub gives them, saying nothing about the account
+            raise web.HTTPError(403)
+        self.log.warning("API token for %s refused to %s: researchers get none", shown(owner.name), shown(requester))
+        await self._audit(requester, owner.name)
+        raise web.HTTPError(403, NO_TOKENS_MESSAGE)
+
+    async def _requester(self) -> str | None:
+        """The name of who asks: the session or token of the request, else the credentials in its body
+        (as JupyterHub's handler accepts them), else None."""
+        if self.current_user is not None:
+            return self.current_user.name
+        body = self.get_json_body() or {}
+        if not isinstance(body, dict) or not body.get("auth"):
+            return None
+        try:
+            authenticated = await self.authenticate(body["auth"])
+        except Exception as e:  # a refusal, or data the authenticator cannot read: not identified
+            self.log.info("token request with credentials in the body not identified: %s", type(e).__name__)
+            return None
+        if isinstance(authenticated, dict):
+            return authenticated.get("name")
+        return authenticated or None
+
+    async def _audit(self, requester: str, owner: str) -> None:
+        site = getattr(self.authenticator, "site", None)
+        if site is None:
+            return
+        from paitient.services import audit
+
+        details = {"reason": "the workspace issues no API tokens to researchers"}
+        if requester != owner:
+            details["user"] = owner
+        try:
+            await asyncio.to_thread(
+                audit.emit, site, actor=requester, action="auth.token", object=owner, outcome="denied", details=details
+            )
+        except Exception as e:
+            self.log.error("audit record auth.token (denied) for %s not written: %s", shown(requester), e)
+
+
+class TokenPage(TokenPageHandler):
+    """``/hub/token``: JupyterHub's page, refused to researchers with the reason."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        if refuses_tokens(self.current_user):
+            raise web.HTTPError(403, NO_TOKENS_MESSAGE)
+        return await super().get()
+
+
+def handlers() -> list[tuple[str, type[web.RequestHandler]]]:
+    """Routes (relative to the hub's prefix) that take precedence over JupyterHub's own."""
+    return [(r"/api/users/([^/]+)/tokens", TokenRequestHandler), (r"/token", TokenPage)]
