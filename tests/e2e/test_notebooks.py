@@ -1,7 +1,7 @@
-"""The researcher examples (``paitient/examples``, put into every home at the first server start) run cell
-by cell in the real workspace, as alice, from her home, and leave what they promise: a figure in her home,
-a settled private training run charged to oncology, two airlock requests that passed their automatic
-checks."""
+"""The researcher examples (``notebooks/``, shipped as ``paitient/examples``, put into every home at the first
+server start) run cell by cell in the real workspace, as alice, from her home, and leave what they promise: a
+figure in her home, a settled private training run charged to oncology, two airlock requests that passed their
+automatic checks."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The example notebooks each user finds in their home.
 
-The examples (the notebooks and their README) ship inside the package, in ``paitient/examples``: an
-editable install reads them from the source tree, a copied one from the installed package, and a container
-image built from the package carries them too; nothing else needs installing or keeping in step.
+The examples (the notebooks and their README) live in the repository's ``notebooks/`` and ship inside the
+package as ``paitient/examples`` (a link to that folder, whose files a build copies in): an editable install
+reads them from the source tree, a copied one from the installed package, and a container image built from
+the package carries them too; nothing else needs installing or keeping in step.
 
 The spawner calls :func:`provide` as root before every server start. An example missing from the home is
 added, owned by the account; a name already taken in the home (the user's edited copy, their own file, a
