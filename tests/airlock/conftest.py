@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from paitient.channel import ChannelServer
 from paitient.config import parse
 from paitient.registry import Registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
+from paitient.services.kit.channel import ChannelServer
 from tests.airlock.helpers import register
 
 SITE = {

@@ -13,27 +13,33 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paitient.channel import ChannelError, call
+from paitient.channel import ChannelError, ServiceClient
 
 KINDS = ("table", "figure", "weights", "other")
 
 
-class AirlockError(RuntimeError):
-    """The airlock refused or could not take a request; the message says what to do."""
+class AirlockError(ChannelError, RuntimeError):
+    """The airlock refused or could not take a request; the message says what to do, ``code`` says which."""
 
 
-def _socket() -> Path:
-    run_dir = os.environ.get("PAITIENT_RUN_DIR")
-    if not run_dir:
-        raise AirlockError("PAITIENT_RUN_DIR is not set: paitient.kernel.airlock works inside a paitient kernel")
-    return Path(run_dir) / "airlock.sock"
+class AirlockClient(ServiceClient):
+    """The kernel's calls to the airlock over ``$PAITIENT_RUN_DIR/airlock.sock``."""
 
+    service = "airlock"
+    default_timeout = 300.0
+    error_class = AirlockError
+    outside_hint = "paitient.kernel.airlock works inside a paitient kernel (the workspace sets it)"
 
-def _call(op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
-    try:
-        return call(_socket(), op, args, fds=fds, timeout=300)
-    except ChannelError as e:
-        raise AirlockError(str(e)) from None
+    def submit(self, args: dict[str, Any], fd: int) -> dict[str, Any]:
+        """Hand the open file ``fd`` over with the request's arguments; the answer holds its ``id``."""
+        return self.call("request", args, fds=[fd])
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        return self.call("status", {"id": request_id})
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The caller's own requests, newest first."""
+        return self.call("list", {})
 
 
 def request(
@@ -94,7 +100,7 @@ def request(
     except OSError as e:
         raise AirlockError(f"cannot open {path}: {e.strerror}") from None
     with f:
-        result = _call("request", args, fds=[f.fileno()])
+        result = AirlockClient().submit(args, f.fileno())
     return result["id"]
 
 
@@ -153,5 +159,5 @@ class Requests(list):
 def status(request_id: str | None = None) -> Requests | dict[str, Any]:
     """One of your requests (with its checks, decisions and reasons), or all of them, newest first."""
     if request_id:
-        return _call("status", {"id": request_id})
-    return Requests(_call("list", {}))
+        return AirlockClient().status(request_id)
+    return Requests(AirlockClient().requests())

@@ -15,11 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.channel import ChannelError, Peer
 from paitient.registry import Registry
 from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.query import projects_of
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 
 USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})

@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.channel import ChannelError, Peer
 from paitient.config import NAME_RE
 from paitient.registry import Member, Registry
 from paitient.rules.budget import BudgetExceeded
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 from paitient.services.ledger.store import Ledger, LedgerError
 
