@@ -23,7 +23,7 @@ from tornado import web
 from paitient.registry import Registry
 from paitient.services.kit.pages import ScopedPage, WebThread, loopback_listener
 from paitient.services.kit.pages import make_app as page_app
-from paitient.services.ledger.service import READ_SCOPE, public_run
+from paitient.services.ledger.api import READ_SCOPE, public_run
 
 _STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin-bottom:1em}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;font-size:13px}.left{font-weight:bold}
