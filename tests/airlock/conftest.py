@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from paitient.config import parse
 from paitient.registry import Registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
 from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.process import socket_path
+from paitient.services.ledger.service import LedgerService
+from paitient.services.ledger.store import Ledger
 from tests.airlock.helpers import register
 
 SITE = {
@@ -46,8 +51,20 @@ def registry(site):
 
 
 @pytest.fixture
-def airlock(site):
-    """An Airlock with its check worker running, the real audit trail and the real privacy ledger."""
+def ledger_service(site):
+    """The privacy ledger's operations on its real socket, as ``paitient service ledger`` serves them."""
+    svc = LedgerService(site, Ledger(site), Registry.for_state_dir(site.state_dir), logging.getLogger("test-ledger"))
+    srv = ChannelServer(socket_path(site, "ledger"), svc.handlers(), name="ledger")
+    srv.start_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def airlock(site, ledger_service):
+    """An Airlock with its check worker running, the real audit trail and the real privacy ledger (asked over
+    its socket, as the service does)."""
     a = Airlock(site, settings=AirlockSettings(audit_timeout=300))
     a.start()
     yield a
