@@ -23,6 +23,9 @@ SERVICES = {
     "airlock": "paitient.services.airlock.service",
 }
 
+PAGES = {"airlock": "Airlock", "ledger": "Privacy ledger", "audit": "Audit trail"}
+"""The services with web pages, as the header of every page names them (:mod:`paitient.services.kit.pages`)."""
+
 
 class ServiceCommand(PaitientCommand):
     name = "service"
