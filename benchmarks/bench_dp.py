@@ -91,9 +91,9 @@ class Bench:
 
 def ledger_in_process(tmp: Path):
     """A real ledger service for this process (uid registered as a researcher of project 'bench')."""
-    from paitient.channel import ChannelServer
     from paitient.config import parse
     from paitient.registry import Member, Registry
+    from paitient.services.kit.channel import ChannelServer
     from paitient.services.ledger.service import LedgerService
     from paitient.services.ledger.store import Ledger
 

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from paitient.channel import ChannelError, ChannelServer, call
+from paitient.channel import ChannelError, call
+from paitient.services.kit.channel import ChannelServer
 
 
 @pytest.fixture

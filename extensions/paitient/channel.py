@@ -1,37 +1,52 @@
-"""The channel between a sandboxed kernel (or a user's server) and the root-side services.
+"""The wire client between a sandboxed kernel (or a user's server, or a root service) and the root-side services.
 
 A kernel has no network. It reaches the privacy ledger, the audit trail and the airlock over unix
 sockets under ``<state_dir>/run``, bound into the sandbox at the same path. The services identify the
 caller by the socket's peer credentials (``SO_PEERCRED``): the kernel says nothing about who it is,
-the kernel of user A cannot act in the name of user B.
+the kernel of user A cannot act in the name of user B. The serving side is
+:mod:`paitient.services.kit.channel`; this module is the standard library only, so that a kernel imports it.
 
 Wire format: one request per connection, a JSON object ``{"op": ..., "args": {...}}`` ended by a
 newline, optionally carrying open file descriptors (``SCM_RIGHTS``) — the airlock takes a file that
 way, so the service reads exactly what the caller could open, never a path it chose. The answer is a
-JSON object ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "code": "..."}``.
+JSON object ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "code": "..."}`` ended by
+a newline. Every refusal, on either side, is a :class:`ChannelError` with one of the codes below.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pwd
 import socket
-import socketserver
-import stat
-import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-log = logging.getLogger("paitient.channel")
+from typing import Any, ClassVar
 
 MAX_REQUEST = 1 << 20
+MAX_ANSWER = 64 << 20
 MAX_FDS = 4
+RUN_DIR_ENV = "PAITIENT_RUN_DIR"
+
+# The machine-readable codes of :class:`ChannelError`. Services may add their own (``budget_exceeded``).
+BAD_REQUEST = "bad_request"
+"""The request is malformed or an argument is wrong; the message names it."""
+FORBIDDEN = "forbidden"
+"""The caller (by its peer credentials) may not do this."""
+NOT_FOUND = "not_found"
+UNKNOWN_OP = "unknown_op"
+TOO_LARGE = "too_large"
+UNAVAILABLE = "unavailable"
+"""The service is not running, not reachable from here, or too busy to take the connection."""
+TIMEOUT = "timeout"
+"""The service took longer than the caller's (or its own) time limit."""
+BAD_ANSWER = "bad_answer"
+"""The service answered something that is not the protocol (a bug or a wrong socket)."""
+INTERNAL = "internal"
+"""The service failed; its log has the details."""
+REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -50,168 +65,150 @@ class Peer:
         except KeyError:
             return ""
 
+    @property
+    def is_root(self) -> bool:
+        """A root-side process (a service asking another); what root may do is the service's decision."""
+        return self.uid == 0
+
 
 class ChannelError(Exception):
-    """A request was refused. ``code`` is machine-readable, the message says what to do."""
+    """A request was refused or could not be made. ``code`` is machine-readable, the message says what to do."""
 
-    def __init__(self, message: str, code: str = "refused"):
+    def __init__(self, message: str, code: str = REFUSED):
         super().__init__(message)
         self.code = code
 
-
-Handler = Callable[[Peer, dict[str, Any], list[int]], Any]
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    def to_wire(self) -> dict[str, Any]:
+        """The answer that carries this error to the caller."""
+        return {"ok": False, "error": str(self), "code": self.code}
 
 
-def _read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    buf = bytearray()
-    fds: list[int] = []
-    while b"\n" not in buf:
-        data, new_fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
-        fds.extend(new_fds)
-        if not data:
-            break
-        buf.extend(data)
-        if len(buf) > MAX_REQUEST:
-            raise ChannelError(f"request larger than {MAX_REQUEST} bytes", "too_large")
-    line = bytes(buf).split(b"\n", 1)[0]
+def encode_request(op: str, args: Mapping[str, Any] | None = None) -> bytes:
+    return json.dumps({"op": op, "args": dict(args or {})}).encode() + b"\n"
+
+
+def decode_answer(raw: bytes, where: str) -> Any:
+    """The result of an answer line; a refusal becomes the :class:`ChannelError` the service sent."""
     try:
-        msg = json.loads(line)
+        answer = json.loads(raw)
     except ValueError:
-        raise ChannelError("request is not a JSON object", "bad_request") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-        raise ChannelError('request must be {"op": "...", "args": {...}}', "bad_request")
-    args = msg.get("args", {})
-    if not isinstance(args, dict):
-        raise ChannelError("args must be a JSON object", "bad_request")
-    return {"op": msg["op"], "args": args}, fds
+        answer = None
+    if not isinstance(answer, dict) or "ok" not in answer:
+        raise ChannelError(
+            f"{where} answered something that is not a paitient service answer; is it the right socket?", BAD_ANSWER
+        )
+    if not answer["ok"]:
+        raise ChannelError(str(answer.get("error") or "refused"), str(answer.get("code") or REFUSED))
+    return answer.get("result")
 
 
-class _RequestHandler(socketserver.BaseRequestHandler):
-    server: ChannelServer
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(self.server.timeout_seconds)
-        fds: list[int] = []
+def _connect(sock: socket.socket, path: str, deadline: float) -> None:
+    while True:
         try:
-            peer = peer_of(sock)
-            msg, fds = _read_request(sock)
-            handler = self.server.handlers.get(msg["op"])
-            if handler is None:
-                raise ChannelError(
-                    f"unknown operation {msg['op']!r}; known: {', '.join(sorted(self.server.handlers))}",
-                    "unknown_op",
-                )
-            result = handler(peer, msg["args"], fds)
-            answer = {"ok": True, "result": result}
-        except ChannelError as e:
-            answer = {"ok": False, "error": str(e), "code": e.code}
-        except Exception:
-            log.exception("%s: request failed", self.server.name)
-            answer = {"ok": False, "error": f"internal error in {self.server.name}; see its log", "code": "internal"}
-        finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        try:
-            sock.sendall(json.dumps(answer, default=str).encode() + b"\n")
-        except OSError:
-            pass
-
-
-class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A threaded unix-socket server dispatching ``op`` to handlers that receive the caller's :class:`Peer`."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    # Many kernels may call at once (a class starting their training together): a short accept queue
-    # makes a connect fail with EAGAIN on a unix socket instead of waiting.
-    request_queue_size = 128
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        handlers: dict[str, Handler],
-        *,
-        name: str = "service",
-        mode: int = 0o666,
-        timeout_seconds: float = 30.0,
-    ):
-        self.path = Path(path)
-        self.handlers = handlers
-        self.name = name
-        self.timeout_seconds = timeout_seconds
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):
-                raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
-            self.path.unlink()
-        super().__init__(str(self.path), _RequestHandler)
-        os.chmod(self.path, mode)
-
-    def start_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name=f"{self.name}-channel", daemon=True)
-        t.start()
-        return t
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            # the service's accept queue is full for a moment: wait for it, as a blocking connect would
+            if time.monotonic() > deadline:
+                raise ChannelError(f"the service at {path} is too busy to answer; try again", UNAVAILABLE) from None
+            time.sleep(0.01)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise ChannelError(
+                f"the service at {path} is not running ({e.strerror}); ask the workspace operator", UNAVAILABLE
+            ) from None
+        except PermissionError:
+            raise ChannelError(
+                f"this account may not open the service's socket {path}; ask the workspace operator", UNAVAILABLE
+            ) from None
 
 
 def call(
     path: str | os.PathLike[str],
     op: str,
-    args: dict[str, Any] | None = None,
+    args: Mapping[str, Any] | None = None,
     *,
     fds: list[int] | None = None,
     timeout: float = 60.0,
 ) -> Any:
-    """Send one request to a service and return its result; raise :class:`ChannelError` on refusal."""
-    payload = json.dumps({"op": op, "args": args or {}}).encode() + b"\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock.connect(str(path))
-                break
-            except BlockingIOError:
-                # the service's accept queue is full for a moment: wait for it, as a blocking connect would
-                if time.monotonic() > deadline:
-                    raise ChannelError(
-                        f"the service at {path} is too busy to answer; try again", "unavailable"
-                    ) from None
-                time.sleep(0.01)
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                raise ChannelError(
-                    f"the service at {path} is not running ({e.strerror}); ask the workspace operator",
-                    "unavailable",
-                ) from None
-        if fds:
-            socket.send_fds(sock, [payload], fds)
-        else:
-            sock.sendall(payload)
-        buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buf.extend(chunk)
+    """Send one request to a service and return its result.
+
+    Raises :class:`ChannelError`: the service's own refusal (its code), or ``unavailable`` (not running,
+    no access, connection lost), ``timeout`` (no answer within ``timeout`` seconds, connecting included)
+    or ``bad_answer``. Nothing else escapes, so a caller handles one exception type.
+    """
+    where = os.fspath(path)
+    payload = encode_request(op, args)
+    deadline = time.monotonic() + timeout
+    buf = bytearray()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            _connect(sock, where, deadline)
+            if fds:
+                socket.send_fds(sock, [payload], fds)
+            else:
+                sock.sendall(payload)
+            while not buf.endswith(b"\n"):
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf.extend(chunk)
+                if len(buf) > MAX_ANSWER:
+                    raise ChannelError(f"the answer from {where} is larger than {MAX_ANSWER} bytes", BAD_ANSWER)
+    except TimeoutError:
+        raise ChannelError(
+            f"the service at {where} did not answer {op!r} within {timeout:g} s; try again later, and tell the "
+            "workspace operator if it keeps happening",
+            TIMEOUT,
+        ) from None
+    except OSError as e:  # the connection broke, or the kernel refused a descriptor or the socket
+        raise ChannelError(
+            f"could not talk to the service at {where} ({e.strerror or type(e).__name__}); try again, and tell "
+            "the workspace operator if it keeps happening",
+            UNAVAILABLE,
+        ) from None
     if not buf:
-        raise ChannelError(f"the service at {path} closed the connection without answering", "unavailable")
-    answer = json.loads(buf)
-    if not answer.get("ok"):
-        raise ChannelError(answer.get("error", "refused"), answer.get("code", "refused"))
-    return answer.get("result")
+        raise ChannelError(f"the service at {where} closed the connection without answering; try again", UNAVAILABLE)
+    return decode_answer(bytes(buf), where)
+
+
+class ServiceClient:
+    """A thin client of one service's socket ``<run dir>/<service>.sock``; subclasses add one method per operation.
+
+    ``errors`` maps a refusal's code to the exception class a caller catches (each a :class:`ChannelError`);
+    other codes raise :attr:`error_class`. The run directory defaults to ``$PAITIENT_RUN_DIR``, which the
+    workspace sets in every kernel and user server; root-side callers pass the site's ``run_dir``.
+    """
+
+    service: ClassVar[str] = ""
+    default_timeout: ClassVar[float] = 60.0
+    error_class: ClassVar[type[ChannelError]] = ChannelError
+    errors: ClassVar[Mapping[str, type[ChannelError]]] = {}
+    outside_hint: ClassVar[str] = "Work inside a paitient kernel (the workspace sets it)"
+    """What to do when ``$PAITIENT_RUN_DIR`` is not set (the start of a sentence)."""
+
+    def __init__(self, run_dir: str | os.PathLike[str] | None = None, *, timeout: float | None = None):
+        if run_dir is None:
+            run_dir = os.environ.get(RUN_DIR_ENV, "")
+            if not run_dir:
+                raise self.error(
+                    ChannelError(
+                        f"{RUN_DIR_ENV} is not set, so the {self.service} service cannot be reached. "
+                        f"{self.outside_hint}, or pass run_dir=... explicitly.",
+                        UNAVAILABLE,
+                    )
+                )
+        self.path = Path(run_dir) / f"{self.service}.sock"
+        self.timeout = self.default_timeout if timeout is None else timeout
+
+    def error(self, e: ChannelError) -> ChannelError:
+        """The exception to raise for a refusal: the class ``errors`` names for its code, same message and code."""
+        cls = self.errors.get(e.code, self.error_class)
+        return e if type(e) is cls else cls(str(e), e.code)
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None, *, fds: list[int] | None = None) -> Any:
+        try:
+            return call(self.path, op, args, fds=fds, timeout=self.timeout)
+        except ChannelError as e:
+            raise self.error(e) from None

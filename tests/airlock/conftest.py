@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from paitient.channel import ChannelServer
 from paitient.config import parse
 from paitient.registry import Registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
 from paitient.services.airlock.web import make_app
+from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.process import socket_path
+from paitient.services.ledger.service import LedgerService
+from paitient.services.ledger.store import Ledger
 from tests.airlock.helpers import PREFIX, Client, known_user_auth, register
 
 SITE = {
@@ -49,8 +54,20 @@ def registry(site):
 
 
 @pytest.fixture
-def airlock(site):
-    """An Airlock with its check worker running, the real audit trail and the real privacy ledger."""
+def ledger_service(site):
+    """The privacy ledger's operations on its real socket, as ``paitient service ledger`` serves them."""
+    svc = LedgerService(site, Ledger(site), Registry.for_state_dir(site.state_dir), logging.getLogger("test-ledger"))
+    srv = ChannelServer(socket_path(site, "ledger"), svc.handlers(), name="ledger")
+    srv.start_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def airlock(site, ledger_service):
+    """An Airlock with its check worker running, the real audit trail and the real privacy ledger (asked over
+    its socket, as the service does)."""
     a = Airlock(site, settings=AirlockSettings(audit_timeout=300))
     a.start()
     yield a

@@ -224,12 +224,13 @@ class Model(torch.nn.Module):
 
 
 @pytest.mark.e2e
-def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp, make_system_user):
+def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp, make_system_user, request):
     from safetensors.torch import save
 
     from paitient.registry import Registry
     from paitient.services.kit.process import free_port
     from tests.airlock.helpers import breast_cancer, publish
+    from tests.ledger.conftest import start_service_process
 
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
@@ -241,6 +242,9 @@ def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp,
     ns: dict = {}
     exec(SLOW_MODEL, ns)  # noqa: S102 - the test's own model
     weights = give(Path(alice.pw_dir) / "m.safetensors", save(ns["Model"]().state_dict()), alice.pw_uid)
+    # The weights check asks the privacy ledger over its socket: run it as the hub would, for the whole test.
+    ledger = start_service_process(load(site_file), log_path=world_tmp / "ledger.log")
+    request.addfinalizer(lambda: (ledger.send_signal(signal.SIGTERM), ledger.wait(timeout=30)))
     port = free_port()
     proc = _start(site_file, state, port)
     store = Store(state / "airlock")

@@ -228,7 +228,7 @@ def test_bad_requests_say_what_to_do(site, channel, airlock, alice):
 
 
 def test_restart_keeps_every_request_and_decision(site, alice, registry):
-    from paitient.channel import ChannelServer
+    from paitient.services.kit.channel import ChannelServer
 
     register(registry, "sam", 1, roles=("steward",))
     first = Airlock(site, settings=AirlockSettings())

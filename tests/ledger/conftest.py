@@ -74,7 +74,7 @@ def ledger(site) -> Ledger:
 @pytest.fixture
 def service(site, ledger):
     """The ledger's operations on the real socket, served from a thread of the test process."""
-    from paitient.channel import ChannelServer
+    from paitient.services.kit.channel import ChannelServer
     from paitient.services.kit.process import socket_path
 
     svc = LedgerService(site, ledger, Registry.for_state_dir(site.state_dir), logging.getLogger("test-ledger"))

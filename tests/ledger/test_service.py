@@ -322,3 +322,23 @@ def test_attacks_from_a_kernel_are_refused(service, site, state_dir):
     b = {x["dataset"]: x for x in service.ledger.budget("oncology")}["gbsg2"]
     assert b["epsilon_reserved"] + b["epsilon_spent"] == pytest.approx(1.5)  # carol's 1.0 and alice's 0.5 stand
     assert service.ledger.run(carols)["state"] == "reserved"
+
+
+def test_total_answers_a_kernel_for_its_own_projects_only(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("oncology",))
+    service.ledger.set_budget("oncology", "gbsg2", 1.5, 1e-6, by="sam")
+    out = as_nobody(f"""
+        import json
+        from paitient.channel import call, ChannelError
+        path = {str(site.run_dir / "ledger.sock")!r}
+        res = {{"own": call(path, "total", {{"project": "oncology", "dataset": "gbsg2"}})}}
+        try:
+            call(path, "total", {{"project": "cardio", "dataset": "diabetes"}})
+        except ChannelError as e:
+            res["foreign"] = [e.code, str(e)]
+        print(json.dumps(res))
+    """)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["own"] == {"project": "oncology", "dataset": "gbsg2", "epsilon": 1.5, "delta": 1e-6, "source": "steward"}
+    assert res["foreign"][0] == "forbidden" and "not a member of project 'cardio'" in res["foreign"][1]

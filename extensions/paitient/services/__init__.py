@@ -24,10 +24,13 @@ SERVICES = {
     "egress": "paitient.services.egress.service",
 }
 
+PAGES = {"airlock": "Airlock", "ledger": "Privacy ledger", "audit": "Audit trail", "egress": "Egress"}
+"""The services with web pages, as the header of every page names them (:mod:`paitient.services.kit.pages`)."""
+
 
 class ServiceCommand(PaitientCommand):
     name = "service"
-    description = "Run one root-side service (ledger, audit, airlock) in the foreground."
+    description = "Run one root-side service (ledger, audit, airlock, egress) in the foreground."
     service = Unicode("", help="Which service: " + ", ".join(SERVICES)).tag(config=True)
 
     def parse_command_line(self, argv=None):

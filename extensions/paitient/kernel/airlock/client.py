@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
 
-from paitient.channel import ChannelError, call
+from paitient.channel import ChannelError, ServiceClient
 from paitient.kernel.airlock.spec import (
     KINDS,
     Kind,
@@ -27,22 +27,32 @@ from paitient.kernel.airlock.spec import (
 )
 
 
-class AirlockError(RuntimeError):
-    """The airlock refused or could not take a request; the message says what to do."""
+class AirlockError(ChannelError, RuntimeError):
+    """The airlock refused or could not take a request; the message says what to do, ``code`` says which."""
 
 
-def _socket() -> Path:
-    run_dir = os.environ.get("PAITIENT_RUN_DIR")
-    if not run_dir:
-        raise AirlockError("PAITIENT_RUN_DIR is not set: paitient.kernel.airlock works inside a paitient kernel")
-    return Path(run_dir) / "airlock.sock"
+class AirlockClient(ServiceClient):
+    """The kernel's calls to the airlock over ``$PAITIENT_RUN_DIR/airlock.sock``."""
 
+    service = "airlock"
+    default_timeout = 300.0
+    error_class = AirlockError
+    outside_hint = "paitient.kernel.airlock works inside a paitient kernel (the workspace sets it)"
 
-def _call(op: str, args: dict[str, Any], fds: list[int] | None = None) -> Any:
-    try:
-        return call(_socket(), op, args, fds=fds, timeout=300)
-    except ChannelError as e:
-        raise AirlockError(str(e)) from None
+    def submit(self, args: dict[str, Any], fd: int) -> dict[str, Any]:
+        """Hand the open file ``fd`` over with the request's arguments; the answer holds its ``id``."""
+        answer: dict[str, Any] = self.call("request", args, fds=[fd])
+        return answer
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        """One of the caller's requests, with its checks and decisions."""
+        one: dict[str, Any] = self.call("status", {"id": request_id})
+        return one
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The caller's own requests, newest first."""
+        many: list[dict[str, Any]] = self.call("list", {})
+        return many
 
 
 @overload
@@ -141,7 +151,7 @@ def request(
     except OSError as e:
         raise AirlockError(f"cannot open {path}: {e.strerror}") from None
     with f:
-        result = _call("request", args, fds=[f.fileno()])
+        result = AirlockClient().submit(args, f.fileno())
     return str(result["id"])
 
 
@@ -167,6 +177,5 @@ class Requests(list[dict[str, Any]]):
 def status(request_id: str | None = None) -> Requests | dict[str, Any]:
     """One of your requests (with its checks, decisions and reasons), or all of them, newest first."""
     if request_id:
-        one: dict[str, Any] = _call("status", {"id": request_id})
-        return one
-    return Requests(_call("list", {}))
+        return AirlockClient().status(request_id)
+    return Requests(AirlockClient().requests())

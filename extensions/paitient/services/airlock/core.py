@@ -1,6 +1,8 @@
 """The airlock's logic: taking requests from kernels, running the checks, and who may see, decide and
-download what. The socket (:mod:`paitient.channel`) and the web pages (:mod:`paitient.services.airlock.web`) are
-thin layers around :class:`Airlock`; :func:`paitient.services.airlock.service.serve` runs them together.
+download what. The socket (:mod:`paitient.services.kit.channel`) and the web pages
+(:mod:`paitient.services.airlock.web`) are thin layers around :class:`Airlock`;
+:func:`paitient.services.airlock.service.serve` runs them together. The weights check asks the privacy
+ledger over its socket (:class:`paitient.services.ledger.api.LedgerReader`), as root: never its database.
 
 Submitted files go to the root-only store (:mod:`paitient.services.airlock.store`); a worker thread runs the
 automatic checks (:mod:`paitient.services.airlock.checks`) one request at a time and hands the request to review.
@@ -18,7 +20,7 @@ import threading
 import unicodedata
 from typing import Any
 
-from paitient.channel import ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChannelError, Peer
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import review
@@ -31,6 +33,7 @@ from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
 from paitient.services.airlock.weights import WeightsFormatError, parse_safetensors
+from paitient.services.ledger.api import LedgerReader
 
 MAX_JUSTIFICATION = 10_000
 MAX_MODEL_SOURCE = 200_000
@@ -52,6 +55,7 @@ class Airlock:
         *,
         settings: AirlockSettings | None = None,
         store: Store | None = None,
+        ledger: LedgerReader | None = None,
         lookup_run=None,
         emit=None,
         log: logging.Logger | None = None,
@@ -62,6 +66,7 @@ class Airlock:
         self.registry = Registry.for_state_dir(site.state_dir)
         self.log = log or logging.getLogger("paitient.services.airlock")
         self._emit = emit
+        self.ledger = ledger or LedgerReader(site.run_dir)
         self._lookup_run = lookup_run
         self.published = PublishedIndex(site.data_root)
         self.audit_work_root = site.state_dir / "airlock-audit"
@@ -96,19 +101,14 @@ class Airlock:
                 raise
 
     def lookup_run(self, sha256: str) -> dict[str, Any] | None:
+        """The ledger's settled run for these weights (asked over its socket); raises ChannelError if it is down."""
         if self._lookup_run is not None:
             return self._lookup_run(sha256)
-        from paitient.services.ledger.store import Ledger
-
-        return Ledger(self.site).record_by_hash(sha256)
+        return self.ledger.record_by_hash(sha256)
 
     def budget_for(self, project: str, dataset: str):
-        try:
-            from paitient.services.ledger.store import Ledger
-
-            return Ledger(self.site).total_for(project, dataset)
-        except ImportError:
-            return self.site.project(project).budget_for(dataset)
+        """The dataset's total budget as the ledger applies it (a KeyError for a dataset it does not know)."""
+        return self.ledger.total(project, dataset)
 
     def check_context(self) -> CheckContext:
         s = self.settings
@@ -143,7 +143,7 @@ class Airlock:
     def _caller(self, peer: Peer) -> Member:
         member = self.registry.by_uid(peer.uid)
         if member is None:
-            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace", "forbidden")
+            raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace", FORBIDDEN)
         return member
 
     def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
@@ -160,7 +160,7 @@ class Airlock:
             )
             raise
         if len(fds) != 1:
-            raise ChannelError("send the file as exactly one open file descriptor", "bad_request")
+            raise ChannelError("send the file as exactly one open file descriptor", BAD_REQUEST)
         try:
             readable = stat.S_ISREG(os.fstat(fds[0]).st_mode) and os.pread(fds[0], 0, 0) == b""
         except OSError:
@@ -168,7 +168,7 @@ class Airlock:
         if not readable:
             raise ChannelError(
                 "send a regular file opened for reading (not a directory, pipe, socket or a path-only descriptor)",
-                "bad_request",
+                BAD_REQUEST,
             )
         filename = _clean_filename(args.get("filename"))
         if kind == "weights":
@@ -211,36 +211,36 @@ class Airlock:
     def _validate_request(self, member: Member, args: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
         kind = args.get("kind")
         if kind not in AIRLOCK_KINDS:
-            raise ChannelError(f"kind must be one of {', '.join(AIRLOCK_KINDS)}; got {kind!r}", "bad_request")
+            raise ChannelError(f"kind must be one of {', '.join(AIRLOCK_KINDS)}; got {kind!r}", BAD_REQUEST)
         justification = args.get("justification")
         if not isinstance(justification, str) or not justification.strip():
-            raise ChannelError("say why this output should leave the workspace: justification='...'", "bad_request")
+            raise ChannelError("say why this output should leave the workspace: justification='...'", BAD_REQUEST)
         if len(justification) > MAX_JUSTIFICATION:
-            raise ChannelError(f"the justification is longer than {MAX_JUSTIFICATION} characters", "bad_request")
+            raise ChannelError(f"the justification is longer than {MAX_JUSTIFICATION} characters", BAD_REQUEST)
         project = args.get("project")
         if project is None:
             if len(member.projects) != 1:
                 raise ChannelError(
                     f"name the project: project= one of {', '.join(member.projects) or '(you are in no project)'}",
-                    "bad_request",
+                    BAD_REQUEST,
                 )
             project = member.projects[0]
         if project not in member.projects:
             raise ChannelError(
                 f"you are not a member of project {project!r}; your projects: {', '.join(member.projects) or 'none'}",
-                "forbidden",
+                FORBIDDEN,
             )
         meta: dict[str, Any] = {}
         if args.get("recipe") is not None:
             if kind != "table" or not isinstance(args["recipe"], dict):
-                raise ChannelError("a recipe (dict) goes with kind='table' only", "bad_request")
+                raise ChannelError("a recipe (dict) goes with kind='table' only", BAD_REQUEST)
             meta["recipe"] = args["recipe"]
         if args.get("model") is not None:
             model = args["model"]
             if kind != "weights" or not isinstance(model, dict):
-                raise ChannelError("a model description (dict) goes with kind='weights' only", "bad_request")
+                raise ChannelError("a model description (dict) goes with kind='weights' only", BAD_REQUEST)
             if len(str(model.get("source", ""))) > MAX_MODEL_SOURCE:
-                raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", "bad_request")
+                raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", BAD_REQUEST)
             meta["model"] = model
         if args.get("supersedes"):
             try:
@@ -248,7 +248,7 @@ class Airlock:
             except StoreError:
                 earlier = None
             if earlier is None or earlier.username != member.username:
-                raise ChannelError(f"supersedes: {args['supersedes']!r} is not one of your requests", "bad_request")
+                raise ChannelError(f"supersedes: {args['supersedes']!r} is not one of your requests", BAD_REQUEST)
             meta["supersedes"] = earlier.id
         return kind, project, justification.strip(), meta
 
@@ -259,9 +259,9 @@ class Airlock:
             try:
                 req = self.store.get(str(rid))
             except StoreError as e:
-                raise ChannelError(str(e), "not_found") from None
+                raise ChannelError(str(e), NOT_FOUND) from None
             if req.username != member.username:
-                raise ChannelError(f"request {rid} is not yours", "forbidden")
+                raise ChannelError(f"request {rid} is not yours", FORBIDDEN)
             return self.describe(req, for_steward=False)
         return [self.describe(r, for_steward=False) for r in self.store.list(username=member.username)]
 

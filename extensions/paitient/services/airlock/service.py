@@ -2,7 +2,7 @@
 
 ``paitient service airlock`` runs :func:`serve`, which serves
 
-- a unix socket ``<run_dir>/airlock.sock`` for kernels (:mod:`paitient.channel`): ``request`` takes the
+- a unix socket ``<run_dir>/airlock.sock`` for kernels (:mod:`paitient.services.kit.channel`): ``request`` takes the
   file as an open descriptor (so the service reads exactly what the caller could open), ``status`` and
   ``list`` show the caller's own requests. The caller is who ``SO_PEERCRED`` says, looked up in the
   account registry;
@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 
 from traitlets.config import Config
 
-from paitient.channel import ChannelServer
 from paitient.config import SiteConfig
 from paitient.services.airlock.core import Airlock
 from paitient.services.airlock.settings import (
@@ -35,6 +34,7 @@ from paitient.services.airlock.settings import (
     custom_scopes,
     role_scopes,
 )
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import managed_service
 
 __all__ = [

@@ -1,10 +1,10 @@
 """The airlock's pages under ``/services/airlock/``: requests, review, download. Signed in through the hub.
 
-Every handler is a :class:`jupyterhub.services.auth.HubOAuthenticated` tornado handler: the hub's OAuth
-says who the user is and which airlock scopes their token carries (``custom:airlock:request``,
-``...:review``, ``...:download``); :class:`paitient.services.airlock.service.Airlock` decides what each user may
-see and do. Pages are server-rendered tornado templates (autoescaped), forms carry the hub's XSRF token,
-and a strict Content-Security-Policy allows no script at all.
+The pages are the service kit's (:mod:`paitient.services.kit.pages`): the hub's OAuth says who the user is
+and which airlock scopes their token carries (``custom:airlock:request``, ``...:review``, ``...:download``);
+every page requires the access scope of the service, and :class:`paitient.services.airlock.core.Airlock`
+decides what each user may see and do. Pages are Jinja templates extending the kit's base (escaped), forms
+carry the hub's XSRF token, and a strict Content-Security-Policy allows no script at all.
 
 Previews of an upload go to the project's reviewers only and are rendered from its canonical form, each one
 recorded in the audit trail first (:mod:`paitient.services.airlock.previews`); every other browser, the
@@ -13,17 +13,14 @@ requester's included, gets the request without its content (:mod:`paitient.servi
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import secrets
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
+from jupyterhub.services.auth import HubOAuth
 from tornado import web
 
 from paitient.rules import review
@@ -33,37 +30,26 @@ from paitient.services.airlock.core import Airlock
 from paitient.services.airlock.previews import PreviewUnrecorded
 from paitient.services.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.services.airlock.store import StoreError
+from paitient.services.kit import pages
 
 HERE = Path(__file__).parent
-CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
+PREFIX = "/services/airlock/"
+ACCESS_SCOPE = "access:services!service=airlock"
 ID_RE = r"([0-9]{8}-[0-9a-f]{8})"
 
 
-class AirlockHandler(HubOAuthenticated, web.RequestHandler):
+class AirlockHandler(pages.ScopedPage):
     """Base: the hub's OAuth for identity, the airlock for permissions, blocking work off the event loop."""
 
+    required_scope = ACCESS_SCOPE
+    needed_for = "the airlock"
+
     def initialize(self) -> None:
+        super().initialize()
         self.airlock: Airlock = self.settings["airlock"]
-        self.hub_auth = self.settings["hub_auth"]
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Security-Policy", CSP)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
-        self.set_header("Cache-Control", "no-store")
-
-    @property
-    def username(self) -> str:
-        return self.current_user["name"]
-
-    @property
-    def scopes(self) -> set[str]:
-        return set(self.current_user.get("scopes", ()))
 
     async def run(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(None, partial(fn, *args, **kwargs))
+        return await self.blocking(partial(fn, *args, **kwargs))
 
     async def load(self, rid: str):
         return await self.run(self._load, rid, self.username, self.scopes)
@@ -79,42 +65,19 @@ class AirlockHandler(HubOAuthenticated, web.RequestHandler):
             )
         return req
 
-    def get_template_namespace(self) -> dict[str, Any]:
-        ns = super().get_template_namespace()
-        ns.update(
-            prefix=self.settings["airlock_prefix"],
-            user=self.current_user,
-            json=json,
-            label=lambda s: s.replace("_", " "),
-            when=lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)),
-        )
-        return ns
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if self.request.path.startswith(self.settings["airlock_prefix"] + "api/"):
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": message, "status": status_code}))
-            return
-        self.render("error.html", status=status_code, message=message)
-
-
-class OAuthCallbackHandler(HubOAuthCallbackHandler):
-    """The hub's OAuth callback, using the same HubOAuth as the pages: it holds the OAuth states (and their
-    PKCE verifiers) that the pages' login redirects created."""
-
-    def initialize(self) -> None:
-        self.hub_auth = self.settings["hub_auth"]
+    def template_namespace(self) -> dict[str, Any]:
+        return {
+            **super().template_namespace(),
+            "json": json,
+            "label": lambda s: s.replace("_", " "),
+            "when": lambda ts: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)),
+        }
 
 
 class ListHandler(AirlockHandler):
-    @web.authenticated
     async def get(self) -> None:
         reqs, reviewable = await self.run(self._listing, self.username, self.scopes)
-        self.render(
+        self.render_page(
             "list.html",
             requests=reqs,
             reviewable=reviewable,
@@ -127,9 +90,8 @@ class ListHandler(AirlockHandler):
 
 
 class DetailHandler(AirlockHandler):
-    @web.authenticated
     async def get(self, rid: str) -> None:
-        self.render("detail.html", **await self.run(self._detail, rid, self.username, self.scopes))
+        self.render_page("detail.html", **await self.run(self._detail, rid, self.username, self.scopes))
 
     def _detail(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
         req = self._load(rid, username, scopes)
@@ -182,7 +144,6 @@ class DetailHandler(AirlockHandler):
 
 
 class DecisionHandler(AirlockHandler):
-    @web.authenticated
     async def post(self, rid: str) -> None:
         await self.load(rid)
         action = self.get_body_argument("action", "")
@@ -193,11 +154,10 @@ class DecisionHandler(AirlockHandler):
             )
         except review.TransitionError as e:
             raise web.HTTPError(e.status, str(e)) from None
-        self.redirect(f"{self.settings['airlock_prefix']}requests/{rid}", status=303)
+        self.redirect(f"{self.prefix}requests/{rid}", status=303)
 
 
 class DownloadHandler(AirlockHandler):
-    @web.authenticated
     async def get(self, rid: str) -> None:
         try:
             req, data = await self.run(
@@ -226,7 +186,6 @@ class DownloadHandler(AirlockHandler):
 class PreviewImageHandler(AirlockHandler):
     """The image preview: the canonical PNG (:mod:`.canonical`), for the project's reviewers only, recorded."""
 
-    @web.authenticated
     async def get(self, rid: str) -> None:
         shown = await self.run(self._image, rid, self.username, self.scopes)
         self.set_header("Content-Type", shown.mime)
@@ -250,11 +209,8 @@ class PreviewImageHandler(AirlockHandler):
 
 
 class ApiListHandler(AirlockHandler):
-    @web.authenticated
     async def get(self) -> None:
-        reqs = await self.run(self._listing, self.username, self.scopes)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"requests": reqs}))
+        self.write_json({"requests": await self.run(self._listing, self.username, self.scopes)})
 
     def _listing(self, username: str, scopes: set[str]) -> list[dict[str, Any]]:
         may = self.airlock.may_preview
@@ -262,11 +218,8 @@ class ApiListHandler(AirlockHandler):
 
 
 class ApiDetailHandler(AirlockHandler):
-    @web.authenticated
     async def get(self, rid: str) -> None:
-        info = await self.run(self._info, rid, self.username, self.scopes)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(info, default=str))
+        self.write_json(await self.run(self._info, rid, self.username, self.scopes))
 
     def _info(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
         req = self._load(rid, username, scopes)
@@ -276,35 +229,28 @@ class ApiDetailHandler(AirlockHandler):
 def make_app(
     airlock: Airlock,
     *,
-    prefix: str = "/services/airlock/",
+    prefix: str = PREFIX,
     hub_auth: HubOAuth | None = None,
     cookie_secret: bytes | None = None,
     **extra: Any,
 ) -> web.Application:
     """The tornado application; ``hub_auth`` defaults to the hub's OAuth configured from the service env."""
-    prefix = "/" + prefix.strip("/") + "/"
-    if hub_auth is None:
-        hub_auth = HubOAuth(api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""), cache_max_age=60)
-    handlers = [
-        (prefix, ListHandler),
-        (prefix + "oauth_callback", OAuthCallbackHandler),
-        (prefix + f"requests/{ID_RE}", DetailHandler),
-        (prefix + f"requests/{ID_RE}/decision", DecisionHandler),
-        (prefix + f"requests/{ID_RE}/download", DownloadHandler),
-        (prefix + f"requests/{ID_RE}/preview", PreviewImageHandler),
-        (prefix + "api/requests", ApiListHandler),
-        (prefix + f"api/requests/{ID_RE}", ApiDetailHandler),
+    routes = [
+        ("", ListHandler),
+        (f"requests/{ID_RE}", DetailHandler),
+        (f"requests/{ID_RE}/decision", DecisionHandler),
+        (f"requests/{ID_RE}/download", DownloadHandler),
+        (f"requests/{ID_RE}/preview", PreviewImageHandler),
+        ("api/requests", ApiListHandler),
+        (f"api/requests/{ID_RE}", ApiDetailHandler),
     ]
-    return web.Application(
-        handlers,
-        airlock=airlock,
+    return pages.make_app(
+        routes,
+        service="airlock",
+        prefix=prefix,
+        template_dir=HERE / "templates",
         hub_auth=hub_auth,
-        airlock_prefix=prefix,
-        template_path=str(HERE / "templates"),
-        static_path=str(HERE / "static"),
-        static_url_prefix=prefix + "static/",
-        cookie_secret=cookie_secret or secrets.token_bytes(32),
-        xsrf_cookies=True,
-        login_url=prefix,
+        cookie_secret=cookie_secret,
+        airlock=airlock,
         **extra,
     )

@@ -15,30 +15,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, UNAVAILABLE, ChannelError, Peer
 from paitient.registry import Registry
 from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.services.audit import emit, trail_dir
+from paitient.services.audit.api import READ_SCOPE, custom_scopes, role_scopes
 from paitient.services.audit.query import projects_of
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
+
+__all__ = ["READ_SCOPE", "USER_ACTIONS", "custom_scopes", "handlers", "hub_service", "role_scopes", "serve"]
 
 USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})
 """What a user-side process may report. Everything else is recorded by root-side processes only."""
 
-READ_SCOPE = "custom:audit:read"
 REQUEST_KEYS = frozenset({"action", "object", "outcome", "details"})
 MAX_OBJECT_CHARS = 1024
-
-
-def custom_scopes() -> dict[str, dict[str, str]]:
-    """For ``c.JupyterHub.custom_scopes``; grant the scope (with ``access:services!service=audit``) to
-    the steward and admin roles."""
-    return {READ_SCOPE: {"description": "Read the audit trail in the audit service's web view."}}
-
-
-def role_scopes() -> list[str]:
-    """Scopes a role needs to open the audit web view."""
-    return [READ_SCOPE, "access:services!service=audit"]
 
 
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
@@ -87,30 +79,30 @@ def user_event(
         raise ChannelError(
             f"unknown field(s) {', '.join(unknown)}; send only {', '.join(sorted(REQUEST_KEYS))} "
             "(the actor comes from your connection)",
-            "bad_request",
+            BAD_REQUEST,
         )
     action = args.get("action")
     if action not in USER_ACTIONS:
         raise ChannelError(
             f"action {action!r} may not be reported from a user's server or kernel; "
             f"allowed: {', '.join(sorted(USER_ACTIONS))}",
-            "forbidden",
+            FORBIDDEN,
         )
     obj = args.get("object", "")
     outcome = args.get("outcome", "ok")
     details = args.get("details") or {}
     if not isinstance(obj, str):
-        raise ChannelError("object must be a string", "bad_request")
+        raise ChannelError("object must be a string", BAD_REQUEST)
     if outcome not in OUTCOMES:
-        raise ChannelError(f"outcome must be one of {', '.join(OUTCOMES)}", "bad_request")
+        raise ChannelError(f"outcome must be one of {', '.join(OUTCOMES)}", BAD_REQUEST)
     if not isinstance(details, dict):
-        raise ChannelError("details must be a JSON object", "bad_request")
+        raise ChannelError("details must be a JSON object", BAD_REQUEST)
     if details.get("user", actor) != actor:  # `audit show --user` matches details.user: no one else's name
-        raise ChannelError("details.user may name only yourself (the actor comes from your connection)", "bad_request")
+        raise ChannelError("details.user may name only yourself (the actor comes from your connection)", BAD_REQUEST)
     # `audit show --project` reads project names from details and object: only the sender's own count
     foreign = (projects_of({"object": obj, "details": details}) & set(known_projects)) - set(projects)
     if foreign:
-        raise ChannelError(f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", "forbidden")
+        raise ChannelError(f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", FORBIDDEN)
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
     capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
     return {
@@ -142,10 +134,10 @@ def handlers(site, log: logging.Logger) -> dict[str, Any]:
         try:
             rec = emit(site, **event)
         except RecordError as e:
-            raise ChannelError(str(e), "bad_request") from None
+            raise ChannelError(str(e), BAD_REQUEST) from None
         except AuditError as e:
             log.error("audit: %s", e)
-            raise ChannelError("the audit trail cannot be written; the operator has been told", "unavailable") from None
+            raise ChannelError("the audit trail cannot be written; the operator has been told", UNAVAILABLE) from None
         return {"seq": rec["seq"], "hash": rec["hash"]}
 
     return {"record": record}

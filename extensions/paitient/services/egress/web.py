@@ -8,30 +8,22 @@ the same as JSON. Read-only; every value is escaped and the page carries no scri
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import jinja2
-from jupyterhub.services.auth import HubOAuthCallbackHandler
 from tornado import web
 
 from paitient.config import SiteConfig
 from paitient.registry import Registry
 from paitient.services.egress.store import Day, EgressStore
-from paitient.services.kit.pages import ScopedPage, WebThread, loopback_listener
-from paitient.services.kit.pages import make_app as page_app
+from paitient.services.kit import pages
 
 READ_SCOPE = "custom:egress:read"
 DAYS = 30
-
-_templates = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-)
+TEMPLATES = Path(__file__).parent / "templates"
+PREFIX = "/services/egress/"
 
 
 def visible_users(site: SiteConfig, registry: Registry, steward: str) -> set[str] | None:
@@ -76,49 +68,50 @@ def plot(history: list[Day], width: int = 720, height: int = 160) -> dict[str, A
     return {"bars": bars, "width": width, "height": height, "peak": peak}
 
 
-class EgressHandler(ScopedPage):
+class EgressHandler(pages.ScopedPage):
     required_scope = READ_SCOPE
     needed_for = "the egress page"
 
-    async def view(self) -> tuple[str, list[Day]]:
-        user = self.signed_in()
+    async def view(self) -> list[Day]:
         site: SiteConfig = self.settings["paitient_site"]
         store: EgressStore = self.settings["paitient_store"]
+        steward = self.username
 
         def read() -> list[Day]:
-            users = visible_users(site, Registry.for_state_dir(site.state_dir), user)
-            return egress_view(store, users)
+            return egress_view(store, visible_users(site, Registry.for_state_dir(site.state_dir), steward))
 
-        return user, await asyncio.get_running_loop().run_in_executor(None, read)
+        history: list[Day] = await self.blocking(read)
+        return history
 
 
 class EgressPage(EgressHandler):
-    @web.authenticated
     async def get(self) -> None:
-        user, history = await self.view()
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(_templates.get_template("egress.html").render(user=user, history=history, plot=plot(history)))
+        history = await self.view()
+        self.render_page("egress.html", history=history, plot=plot(history))
 
 
 class EgressAPI(EgressHandler):
     async def get(self) -> None:
-        user, history = await self.view()
-        self.finish({"user": user, "days": [d.__dict__ for d in history]})
+        self.write_json({"user": self.username, "days": [d.__dict__ for d in await self.view()]})
 
 
-def make_app(site: SiteConfig, store: EgressStore, prefix: str, *, hub_auth: Any = None, **settings: Any):
-    if not prefix.endswith("/"):
-        prefix += "/"
-    routes = [
-        (prefix, EgressPage),
-        (prefix + "api/egress", EgressAPI),
-        (prefix + "oauth_callback", HubOAuthCallbackHandler),
-    ]
-    return page_app(routes, hub_auth=hub_auth, paitient_site=site, paitient_store=store, **settings)
+def make_app(
+    site: SiteConfig, store: EgressStore, prefix: str = PREFIX, *, hub_auth: Any = None, **settings: Any
+) -> web.Application:
+    """The page's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
+    return pages.make_app(
+        [("", EgressPage), ("api/egress", EgressAPI)],
+        service="egress",
+        prefix=prefix,
+        template_dir=TEMPLATES,
+        hub_auth=hub_auth,
+        paitient_site=site,
+        paitient_store=store,
+        **settings,
+    )
 
 
-def run_in_thread(site: SiteConfig, store: EgressStore, url: str, log: logging.Logger) -> WebThread:
-    host, port = loopback_listener(url, "the egress page")
-    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/egress/")
-    log.info("egress: stewards' page on %s (prefix %s)", url, prefix)
-    return WebThread(make_app(site, store, prefix), host, port, name="egress").start()
+def run_in_thread(site: SiteConfig, store: EgressStore, url: str, log: logging.Logger) -> pages.WebThread:
+    """Serve the page at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread."""
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", PREFIX)
+    return pages.serve_pages(make_app(site, store, prefix), url, "egress: the stewards' page", log)

@@ -9,7 +9,7 @@ import json
 from traitlets import Bool, Float, Unicode
 
 from paitient.app import PaitientCommand
-from paitient.services.ledger.service import public_run
+from paitient.services.ledger.api import public_run
 from paitient.services.ledger.store import Ledger, LedgerError
 
 

@@ -1,10 +1,11 @@
 """The privacy-ledger service: kernels reserve and settle privacy budget over a unix socket.
 
 Run by ``paitient service ledger`` (a JupyterHub managed service, see :func:`hub_service`). It serves
-``<run_dir>/ledger.sock`` with the operations ``reserve``, ``settle``, ``budget``, ``records`` and
-``record_by_hash``. The caller is whoever the socket's peer credentials say: uid -> registry member ->
-that member's projects. A kernel may act only for its own user's projects; an unknown uid is refused
-(root may read everything but reserves nothing).
+``<run_dir>/ledger.sock`` with the operations ``reserve``, ``settle``, ``budget``, ``total``, ``records``
+and ``record_by_hash``. The caller is whoever the socket's peer credentials say: uid -> registry member ->
+that member's projects. A kernel may act only for its own user's projects; an unknown uid is refused.
+Root (another root-side service, such as the airlock checking weights) may read every project and
+change nothing: ``reserve`` and ``settle`` refuse it.
 
 The reserving process id comes from ``SO_PEERCRED`` too (the host's pid, whatever pid namespace the
 kernel runs in), with its start time from ``/proc``; when that process is gone before it settled, its
@@ -21,26 +22,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from paitient.channel import ChannelError, ChannelServer, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
 from paitient.registry import Member, Registry
 from paitient.rules.budget import BudgetExceeded
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
+from paitient.services.ledger.api import READ_SCOPE, custom_scopes, public_run, role_scopes
 from paitient.services.ledger.store import Ledger, LedgerError
 
+__all__ = ["READ_SCOPE", "LedgerService", "custom_scopes", "hub_service", "public_run", "role_scopes", "serve"]
+
 SWEEP_SECONDS = 10.0
-READ_SCOPE = "custom:ledger:read"
 MAX_RUN_ID = 128
-
-
-def custom_scopes() -> dict[str, dict[str, str]]:
-    """For ``c.JupyterHub.custom_scopes``; grant it (with ``access:services!service=ledger``) to stewards."""
-    return {READ_SCOPE: {"description": "Read the privacy-budget ledger of the projects one stewards."}}
-
-
-def role_scopes() -> list[str]:
-    """Scopes a role needs to open the ledger's web page."""
-    return [READ_SCOPE, "access:services!service=ledger"]
 
 
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
@@ -89,7 +83,7 @@ def _str_arg(args: dict[str, Any], name: str, *, required: bool = True) -> str |
     if value is None and not required:
         return None
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ChannelError(f"{name} must be a project or dataset name, got {value!r}", "bad_request")
+        raise ChannelError(f"{name} must be a project or dataset name, got {value!r}", BAD_REQUEST)
     return value
 
 
@@ -98,7 +92,7 @@ def _num_arg(args: dict[str, Any], name: str, *, required: bool = True) -> float
     if value is None and not required:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ChannelError(f"{name} must be a number, got {value!r}", "bad_request")
+        raise ChannelError(f"{name} must be a number, got {value!r}", BAD_REQUEST)
     return float(value)
 
 
@@ -108,13 +102,8 @@ def _only(args: dict[str, Any], allowed: set[str]) -> None:
         raise ChannelError(
             f"unknown argument(s) {', '.join(unknown)}; send {', '.join(sorted(allowed))} "
             "(who you are comes from your connection)",
-            "bad_request",
+            BAD_REQUEST,
         )
-
-
-def public_run(row: dict[str, Any]) -> dict[str, Any]:
-    """A run as shown to users: without the process details."""
-    return {k: v for k, v in row.items() if k not in ("pid", "pid_start")}
 
 
 class LedgerService:
@@ -132,6 +121,7 @@ class LedgerService:
             "reserve": self.reserve,
             "settle": self.settle,
             "budget": self.budget,
+            "total": self.total,
             "records": self.records,
             "record_by_hash": self.record_by_hash,
         }
@@ -139,7 +129,15 @@ class LedgerService:
     # who may do what
 
     def member(self, peer: Peer) -> Member:
+        """The workspace user behind a kernel. Root-side callers (root, not a workspace user) and unknown uids
+        are refused: they charge no budget."""
         member = self.registry.by_uid(peer.uid)
+        if member is None and peer.is_root:
+            raise ChannelError(
+                "root-side callers may read the ledger (budget, total, records, record_by_hash) but change "
+                "nothing; budget is reserved and settled from the researcher's kernel",
+                FORBIDDEN,
+            )
         if member is None:
             raise ChannelError(
                 f"uid {peer.uid} is not a paitient user; only workspace users' kernels may use the ledger",
@@ -149,15 +147,17 @@ class LedgerService:
 
     def readable_projects(self, peer: Peer) -> list[str]:
         known = [p.name for p in self.site.projects]
-        if peer.uid == 0:
+        if peer.is_root:
             return known
         return [p for p in self.member(peer).projects if p in known]
 
     def _project_for(self, peer: Peer, project: str) -> None:
         if project not in self.readable_projects(peer):
+            if peer.is_root:
+                raise ChannelError(f"there is no project {project!r} in the site configuration", "unknown_project")
             raise ChannelError(
                 f"you are not a member of project {project!r}; a kernel can use only its user's projects",
-                "forbidden",
+                FORBIDDEN,
             )
 
     def sweep(self) -> list[str]:
@@ -196,11 +196,11 @@ class LedgerService:
         epsilon, delta = _num_arg(args, "epsilon"), _num_arg(args, "delta")
         run_id = args.get("run_id", "")
         if not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID:
-            raise ChannelError(f"run_id must be a string of at most {MAX_RUN_ID} characters", "bad_request")
+            raise ChannelError(f"run_id must be a string of at most {MAX_RUN_ID} characters", BAD_REQUEST)
         if project not in member.projects:
             raise ChannelError(
                 f"you are not a member of project {project!r}; a kernel can charge only its user's projects",
-                "forbidden",
+                FORBIDDEN,
             )
         self.sweep()
         obj = f"{project}/{dataset}"
@@ -241,7 +241,7 @@ class LedgerService:
         member = self.member(peer)
         reservation = args.get("reservation")
         if not isinstance(reservation, str):
-            raise ChannelError("reservation must be the id that reserve returned", "bad_request")
+            raise ChannelError("reservation must be the id that reserve returned", BAD_REQUEST)
         epsilon_spent = _num_arg(args, "epsilon_spent")
         delta_spent = _num_arg(args, "delta_spent", required=False)
         record = args.get("record") or {}
@@ -276,9 +276,25 @@ class LedgerService:
             projects = [project]
         self.sweep()
         return {
-            "user": "root" if peer.uid == 0 else self.member(peer).username,
+            "user": "root" if peer.is_root else self.member(peer).username,
             "projects": {p: self.ledger.budget(p) for p in projects},
         }
+
+    def total(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The total budget of one dataset as the ledger applies it: ``{"epsilon", "delta", "source"}``."""
+        _only(args, {"project", "dataset"})
+        project, dataset = _str_arg(args, "project"), _str_arg(args, "dataset")
+        self._project_for(peer, project)
+        for row in self.ledger.budget(project):
+            if row["dataset"] == dataset:
+                return {
+                    "project": project,
+                    "dataset": dataset,
+                    "epsilon": row["epsilon_total"],
+                    "delta": row["delta_total"],
+                    "source": row["source"],
+                }
+        raise ChannelError(f"project {project!r} has no dataset {dataset!r}", "unknown_dataset")
 
     def records(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> list[dict[str, Any]]:
         _only(args, {"project", "dataset"})
@@ -299,7 +315,7 @@ class LedgerService:
         _only(args, {"sha256"})
         sha = args.get("sha256")
         if not isinstance(sha, str):
-            raise ChannelError("sha256 must be a string of 64 hex digits", "bad_request")
+            raise ChannelError("sha256 must be a string of 64 hex digits", BAD_REQUEST)
         try:
             row = self.ledger.record_by_hash(sha)
         except LedgerError as e:

@@ -1,0 +1,64 @@
+"""What the privacy ledger offers others: its scope, the shape of a run as shown, and a client for root.
+
+The service (:mod:`paitient.services.ledger.service`) and its page (:mod:`paitient.services.ledger.web`)
+both build on this module, and other root-side services ask the ledger through :class:`LedgerReader`
+(over ``<run_dir>/ledger.sock``) instead of opening its database. A root caller is known as root by its
+peer credentials; the ledger lets root read every project and change nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from paitient.channel import ChannelError, ServiceClient
+from paitient.config import Budget
+
+READ_SCOPE = "custom:ledger:read"
+"""The hub scope of the stewards' page."""
+
+HIDDEN_FIELDS = ("pid", "pid_start")
+"""Process details of a run: the ledger's own business, never shown or sent."""
+
+
+def public_run(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as shown to users and other services: without the process details."""
+    return {k: v for k, v in row.items() if k not in HIDDEN_FIELDS}
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """For ``c.JupyterHub.custom_scopes``; grant it (with ``access:services!service=ledger``) to stewards."""
+    return {READ_SCOPE: {"description": "Read the privacy-budget ledger of the projects one stewards."}}
+
+
+def role_scopes() -> list[str]:
+    """Scopes a role needs to open the ledger's web page."""
+    return [READ_SCOPE, "access:services!service=ledger"]
+
+
+class UnknownDataset(ChannelError, KeyError):
+    """The ledger knows no such project or dataset (a ``KeyError`` too, as a site lookup would raise)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class LedgerReader(ServiceClient):
+    """A root-side service's read-only questions to the ledger (the airlock's weights check asks these)."""
+
+    service = "ledger"
+    default_timeout = 30.0
+    errors = {"unknown_project": UnknownDataset, "unknown_dataset": UnknownDataset}
+    outside_hint = "Give the site's run directory"
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, timeout: float | None = None):
+        super().__init__(run_dir, timeout=timeout)
+
+    def record_by_hash(self, sha256: str) -> dict[str, Any] | None:
+        """The settled run whose saved weights have this SHA-256, or None."""
+        return self.call("record_by_hash", {"sha256": sha256})
+
+    def total(self, project: str, dataset: str) -> Budget:
+        """The dataset's total budget as the ledger applies it (a steward's override or the site's)."""
+        answer = self.call("total", {"project": project, "dataset": dataset})
+        return Budget(epsilon=float(answer["epsilon"]), delta=float(answer["delta"]))

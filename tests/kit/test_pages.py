@@ -1,0 +1,187 @@
+"""The service kit's pages: one base template (escaped, headers, navigation), hub sign-in with a required scope,
+JSON errors under the API and escaped HTML errors elsewhere, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from jupyterhub.services.auth import HubOAuth
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from paitient.services.kit import pages, render
+
+PREFIX = "/services/ledger/"
+SCOPE = "custom:ledger:read"
+HOSTILE = "<script>alert('x')</script>\"&"
+
+
+class HeaderHubAuth(HubOAuth):
+    """The real HubOAuth, except that the signed-in user comes from test headers instead of the hub's API."""
+
+    def get_user(self, handler, *, sync=True):
+        name = handler.request.headers.get("X-Test-User")
+        if not name:
+            return None
+        scopes = handler.request.headers.get("X-Test-Scopes", "").split()
+        return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
+
+
+class Greeting(pages.ScopedPage):
+    required_scope = SCOPE
+    needed_for = "the test page"
+
+    def get(self) -> None:
+        self.render_page("greeting.html", said=self.get_argument("say", ""))
+
+
+class Echo(pages.ScopedPage):
+    required_scope = SCOPE
+
+    def get(self) -> None:
+        self.write_json({"user": self.username, "said": self.get_argument("say", "")})
+
+
+class Refusing(pages.ScopedPage):
+    required_scope = SCOPE
+
+    def get(self) -> None:
+        raise web.HTTPError(409, "request %s is already <b>decided</b>", self.get_argument("id", ""))
+
+
+class Crashing(pages.ScopedPage):
+    required_scope = SCOPE
+
+    def get(self) -> None:
+        raise RuntimeError("Traceback-worthy secret: /var/lib/paitient/ledger.db")
+
+
+class NoScope(pages.ScopedPage):
+    def get(self) -> None:
+        self.write("anyone?")
+
+
+@pytest.fixture
+def templates(tmp_path):
+    (tmp_path / "greeting.html").write_text(
+        '{% extends "kit/base.html" %}{% block main %}<p id="said">{{ said }}</p>'
+        '<a id="link" href="{{ prefix }}?q={{ said }}">again</a>{% endblock %}'
+    )
+    return tmp_path
+
+
+@pytest.fixture
+async def fetch(templates):
+    auth = HeaderHubAuth(
+        api_token="test-token",
+        api_url="http://127.0.0.1:1/hub/api",
+        oauth_client_id="service-ledger",
+        login_url="/hub/api/oauth2/authorize",
+        base_url=PREFIX,
+        hub_prefix="/hub/",
+    )
+    routes = [
+        ("", Greeting),
+        ("api/echo", Echo),
+        ("refuse", Refusing),
+        ("api/refuse", Refusing),
+        ("crash", Crashing),
+        ("api/crash", Crashing),
+    ]
+    app = pages.make_app(routes, service="ledger", prefix=PREFIX, template_dir=templates, hub_auth=auth)
+    sock, port = bind_unused_port("127.0.0.1")
+    server = HTTPServer(app)
+    server.add_sockets([sock])
+    client = AsyncHTTPClient(force_instance=True)
+
+    async def get(path="", user="sam", scopes=SCOPE):
+        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
+        return await client.fetch(
+            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
+        )
+
+    yield get
+    client.close()
+    server.stop()
+
+
+async def test_base_template_escapes_and_carries_the_security_headers(fetch):
+    r = await fetch("?say=" + "%3Cscript%3Ealert('x')%3C%2Fscript%3E%22%26", user="<b>sam</b>")
+    body = r.body.decode()
+    assert r.code == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert '<p id="said">&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&amp;</p>' in body
+    assert 'href="/services/ledger/?q=&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&amp;"' in body
+    assert "signed in as <strong>&lt;b&gt;sam&lt;/b&gt;</strong>" in body
+    assert "<script" not in body and "style=" not in body and "<style" not in body
+    assert r.headers["Content-Security-Policy"] == pages.CSP and "script-src" not in pages.CSP
+    assert "default-src 'none'" in pages.CSP and "frame-ancestors 'none'" in pages.CSP
+    assert r.headers["X-Content-Type-Options"] == "nosniff" and r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Referrer-Policy"] == "no-referrer" and r.headers["Cache-Control"] == "no-store"
+
+
+async def test_base_template_links_the_services_and_one_stylesheet(fetch):
+    body = (await fetch("")).body.decode()
+    assert '<a href="/services/airlock/">Airlock</a>' in body
+    assert '<a href="/services/ledger/" aria-current="page">Privacy ledger</a>' in body
+    assert '<a href="/services/audit/">Audit trail</a>' in body and '<a href="/hub/home">Hub</a>' in body
+    assert '<link rel="stylesheet" href="/services/ledger/static/paitient.css?v=' in body
+    css = await fetch("static/paitient.css", user=None)
+    assert css.code == 200 and b"header nav" in css.body
+
+
+async def test_the_scope_is_required(fetch):
+    page = await fetch("", scopes="access:services!service=ledger")
+    assert page.code == 403 and "user sam is not allowed" in page.body.decode()
+    assert 'id="error-message"' in page.body.decode() and "said" not in page.body.decode()
+    api = await fetch("api/echo", scopes="custom:audit:read")
+    assert api.code == 403 and api.headers["Content-Type"] == "application/json"
+    assert json.loads(api.body) == {
+        "error": "this page needs signing in through the hub with the custom:ledger:read scope",
+        "status": 403,
+    }
+    ok = await fetch("api/echo?say=hi")
+    assert json.loads(ok.body) == {"user": "sam", "said": "hi"}
+
+
+async def test_anonymous_pages_go_to_the_hub_and_the_api_refuses(fetch):
+    page = await fetch("", user=None)
+    assert page.code == 302 and page.headers["Location"].startswith("/hub/api/oauth2/authorize?")
+    api = await fetch("api/echo", user=None)
+    assert api.code == 403 and json.loads(api.body)["status"] == 403 and "Location" not in api.headers
+
+
+async def test_errors_are_escaped_html_or_json_and_never_a_traceback(fetch):
+    refused = await fetch("refuse?id=<i>1</i>")
+    assert refused.code == 409
+    assert "request &lt;i&gt;1&lt;/i&gt; is already &lt;b&gt;decided&lt;/b&gt;" in refused.body.decode()
+    api = await fetch("api/refuse?id=7")
+    assert json.loads(api.body) == {"error": "request 7 is already <b>decided</b>", "status": 409}
+    for path in ("crash", "api/crash"):
+        r = await fetch(path)
+        assert r.code == 500 and b"Traceback" not in r.body and b"secret" not in r.body, r.body
+    assert b"the service could not answer; its log has the details" in r.body
+    assert r.headers["Content-Security-Policy"] == pages.CSP  # error answers keep the headers
+
+
+async def test_unknown_paths_get_the_same_404(fetch):
+    r = await fetch("nowhere/<b>", user=None)
+    assert r.code == 404 and b"there is no such page here" in r.body and b"<b>" not in r.body
+    assert r.headers["Content-Security-Policy"] == pages.CSP
+    api = await fetch("api/nowhere")
+    assert json.loads(api.body) == {"error": "there is no such page here", "status": 404}
+
+
+def test_every_page_must_name_its_scope(templates):
+    with pytest.raises(ValueError, match="NoScope names no required_scope"):
+        pages.make_app([("", NoScope)], service="ledger", prefix=PREFIX, hub_auth=HubOAuth(api_token="x"))
+
+
+def test_standalone_rendering_escapes_too(templates):
+    namespace = render.base_namespace(service="audit", prefix="/services/audit/", user={"name": "x"})
+    html = render.render(render.environment(templates), "greeting.html", namespace, said=HOSTILE)
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&amp;" in html and "<script" not in html
+    with pytest.raises(RuntimeError, match="a form needs a request's XSRF token"):
+        namespace["xsrf_form_html"]()
