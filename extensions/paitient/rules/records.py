@@ -37,7 +37,13 @@ MAX_RECORD_BYTES = 1 << 20
 
 
 class AuditError(Exception):
-    """An audit record could not be written (or was refused). Callers decide whether to go on without it."""
+    """An audit record could not be written (or was refused). Callers decide whether to go on without it.
+
+    ``code`` says why when a service refused or could not be reached (``unavailable``, ``timeout``, ...)."""
+
+    def __init__(self, message: str = "", code: str = ""):
+        super().__init__(message)
+        self.code = code
 
 
 class RecordError(AuditError, ValueError):

@@ -42,16 +42,21 @@ class PaitientServerExtension(ExtensionApp):
 
     def initialize_settings(self) -> None:
         from paitient.server import routes
+        from paitient.server.contents import ConfinedContentsManager
 
+        serverapp = self.serverapp
+        if serverapp is None:
+            raise LockdownError("paitient: the server extension was loaded without a server")
         self.gate = EgressGate(self.egress_socket, fail_closed_bytes=self.fail_closed_bytes)
-        web_app = self.serverapp.web_app
+        web_app = serverapp.web_app
         web_app.settings["paitient_gate"] = self.gate
-        self.serverapp.contents_manager.egress_gate = self.gate
+        if isinstance(serverapp.contents_manager, ConfinedContentsManager):
+            serverapp.contents_manager.egress_gate = self.gate
         # First, so it sees bodies before any compression.
         web_app.transforms.insert(0, EgressTransform)
         routes.install(web_app, self.gate)
         if self.verify_lockdown:
-            for problem in lockdown_problems(self.serverapp):
+            for problem in lockdown_problems(serverapp):
                 raise LockdownError(f"paitient: the server is not locked down: {problem}")
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:

@@ -56,6 +56,5 @@ def send(
     try:
         return AuditClient(run_dir, timeout=timeout).record(action, object=object, outcome=outcome, details=details)
     except ChannelError as e:
-        err = AuditError(f"the audit service did not record {action!r}: {e}")
-        err.code = e.code  # "forbidden", "bad_request", "unavailable", "timeout", ...
-        raise err from e
+        # e.code: "forbidden", "bad_request", "unavailable", "timeout", ...
+        raise AuditError(f"the audit service did not record {action!r}: {e}", e.code) from e

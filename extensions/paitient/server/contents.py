@@ -71,8 +71,14 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             _INTERNAL.reset(token)
 
     async def get(
-        self, path: str, content: bool = True, type: str | None = None, format: str | None = None, **kwargs: Any
+        self,
+        path: str,
+        content: bool = True,
+        type: str | None = None,
+        format: str | None = None,
+        require_hash: bool = False,
     ) -> dict[str, Any]:
+        kwargs = {"require_hash": require_hash}
         if not content or _INTERNAL.get():
             return await super().get(path, content=content, type=type, format=format, **kwargs)
         path = path.strip("/")

@@ -27,7 +27,8 @@ class BlockedHandler(APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish({"message": MESSAGE, "reason": "export-disabled"})
 
-    def prepare(self) -> None:  # refuse before authentication, XSRF or anything else runs
+    async def prepare(self, *, _redirect_to_login: bool = True) -> None:
+        # refuse before authentication, XSRF or anything else runs
         self._refuse()
 
     # Never reached (prepare finished the request); marked so the server knows the route is deliberate.

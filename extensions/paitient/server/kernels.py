@@ -31,7 +31,7 @@ class KernelNotInSandbox(NoSuchKernel, web.HTTPError):
         self.name = name
 
     def __str__(self) -> str:
-        return self.log_message % ()
+        return (self.log_message or "") % ()
 
 
 class SandboxKernelSpecManager(KernelSpecManager):
@@ -79,12 +79,17 @@ class SandboxKernelSpecManager(KernelSpecManager):
 class SandboxMappingKernelManager(AsyncMappingKernelManager):
     """Refuses kernel names that are not allowed and client-chosen kernel ids that are not UUIDs."""
 
-    async def start_kernel(self, *args: Any, kernel_id: str | None = None, **kwargs: Any) -> str:
+    # The async manager replaces the synchronous MultiKernelManager.start_kernel with a coroutine itself; mypy
+    # compares against the synchronous signature.
+    async def start_kernel(self, *args: Any, kernel_id: str | None = None, **kwargs: Any) -> str:  # type: ignore[override]
         name = kwargs.get("kernel_name") or self.default_kernel_name
         if kernel_id is not None and kernel_id not in self and not UUID_RE.match(str(kernel_id)):
             raise web.HTTPError(400, "kernel_id must be a UUID (or leave it out)")
         if kernel_id is None or kernel_id not in self:
-            specs = self.kernel_spec_manager.find_kernel_specs()
+            spec_manager = self.kernel_spec_manager
+            if spec_manager is None:
+                raise web.HTTPError(500, "the server has no kernel spec manager; ask the workspace operator")
+            specs = spec_manager.find_kernel_specs()
             if name not in specs:
                 raise KernelNotInSandbox(name, sorted(specs))
             kwargs["kernel_name"] = name

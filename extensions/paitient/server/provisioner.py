@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Dict, List, Unicode, default
 
@@ -153,8 +154,10 @@ class SandboxProvisioner(LocalProvisioner):
             self.kernel_spec.interrupt_mode = "message"
         return await super().pre_launch(**kwargs)
 
-    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         km = self.parent
+        if km is None:
+            raise PolicyError("a sandboxed kernel needs its kernel manager (the provisioner has no parent)")
         kernel_dir = os.path.dirname(km.ip) if km.transport == "ipc" else ""
         # Resolving the dataset versions touches the filesystem: off the event loop.
         policy = await asyncio.to_thread(self.policy, km.connection_file, kwargs.get("cwd"), kernel_dir)

@@ -119,7 +119,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
                 except Exception:
                     self.log.exception("Could not send a message of kernel %s to the browser", self.kernel_id)
 
-    def disconnect(self) -> None:
+    # The ZMQ connection's own disconnect is synchronous; mypy compares against the async base's abstract one.
+    def disconnect(self) -> None:  # type: ignore[override]
         if self._drainer is not None and self._outbox is not None and self._outbox.empty():
             self._drainer.cancel()
             self._drainer, self._outbox = None, None
@@ -150,7 +151,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         verdict = cap.charge(msg_type, parent_id, size)
         if verdict is Verdict.DROP:
             return None
-        candidate, scan = outgoing, True
+        candidate: list[Any] | None = outgoing
+        scan = True
         if verdict is not Verdict.FORWARD:
             new_type, new_content = replacement(verdict, msg_type, content, cap)
             self.log.info(
@@ -162,7 +164,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             )
             candidate = self._message(new_type, new_content, parent)
             scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
-        if scan:
+        if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
             text = _bytes(parts[4]) + b"\n" + _bytes(parts[3])
             binary = b"".join(_bytes(p) for p in parts[5:])

@@ -297,8 +297,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 return {"id": rid, "ok": True, **result}
             if op == "close":
                 name = str(head.get("context") or "")[:512]
-                ctx = self.contexts.pop(name, None)
-                recorded = service.record_context(self.member, ctx) if ctx is not None else True
+                recorded = (
+                    service.record_context(self.member, self.contexts.pop(name)) if name in self.contexts else True
+                )
                 return {"id": rid, "ok": True, "recorded": recorded}
             return {"id": rid, "ok": False, "code": "unknown_op", "error": f"unknown operation {op!r}"}
         except ValueError as e:
