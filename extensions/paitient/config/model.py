@@ -20,6 +20,7 @@ from traitlets import Bunch, TraitError, TraitType, ValidateHandler
 from traitlets.config import Configurable
 
 from paitient.config.errors import SettingError
+from paitient.config.traits import SiteTrait
 
 
 @functools.cache
@@ -39,7 +40,8 @@ def _rules(cls: type[Model]) -> dict[str, ValidateHandler]:
         for value in vars(klass).values():
             if isinstance(value, ValidateHandler):
                 for name in value.trait_names:
-                    out[name] = value
+                    if isinstance(name, str):  # Model refuses @validate(All) when the class is made
+                        out[name] = value
     return out
 
 
@@ -56,6 +58,9 @@ class Model(Configurable):
         for attr, value in vars(cls).items():
             if isinstance(value, ValidateHandler):
                 for name in value.trait_names:
+                    # traitlets registers @validate(All) under the sentinel and never calls it for any trait
+                    if not isinstance(name, str):
+                        raise TypeError(f"{cls.__name__}.{attr} is @validate(All), which never runs; name the settings")
                     # traitlets keeps one validator per trait: a second one would silently replace the first
                     if name in named:
                         raise TypeError(f"{cls.__name__}.{name} is checked by both {named[name]} and {attr}")
@@ -192,7 +197,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def site_trait(section: type[Model], name: str) -> TraitType:
+def site_trait(section: type[Model], name: str) -> SiteTrait:
     """A trait for another configurable that mirrors the site setting ``[section] name``.
 
     It has the setting's type, default, help text and rule, so the two cannot disagree; its help names
@@ -201,6 +206,12 @@ def site_trait(section: type[Model], name: str) -> TraitType:
         output_cap_message_bytes = site_trait(Server, "output_cap_message_bytes")
     """
     source = section.settings()[name]
+    if not isinstance(source, SiteTrait):
+        # only the site types run a mirrored setting's rule: a mirror of another trait would skip it
+        raise TypeError(
+            f"[{section.section}] {name} has the type {type(source).__name__}, whose mirror would not run the "
+            "setting's rule; declare it with a type from paitient.config.traits"
+        )
     trait = copy.copy(source)
     trait.metadata = {**source.metadata, "config": True, "site_setting": f"[{section.section}] {name}"}
     trait.help = f"{source.help} Site setting [{section.section}] {name}."

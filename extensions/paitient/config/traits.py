@@ -18,8 +18,11 @@ if TYPE_CHECKING:
     from paitient.config.model import Model
 
 
-class SiteTrait:
-    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting."""
+class SiteTrait(TraitType[Any, Any]):
+    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting.
+
+    Each type below puts it before a traitlets type (``class WholeNumber(SiteTrait, Int)``), so its
+    :meth:`error` and :meth:`validate` come first."""
 
     expects = "a value"
     mirrors: tuple[type[Model], str] | None = None
@@ -79,10 +82,11 @@ class Choice(SiteTrait, Enum):
 
     def __init__(self, values: tuple[str, ...], default_value: str, **kwargs: Any) -> None:
         super().__init__(values, default_value, **kwargs)
+        self.choices = values
         self.expects = "one of " + ", ".join(repr(v) for v in values)
 
     def check_type(self, obj: Any, value: Any) -> str:
-        if value not in self.values:
+        if value not in self.choices:
             self.error(obj, value)
         return value
 
