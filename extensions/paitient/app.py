@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from traitlets import Unicode, default
 from traitlets.config import Application
@@ -55,9 +56,12 @@ class PaitientCommand(Application):
         except ConfigError as e:
             self.fail(f"site configuration: {e}")
 
-    def fail(self, message: str, code: int = 2) -> None:
+    def fail(self, message: str, code: int = 2) -> NoReturn:
+        """Tell the user what went wrong and what to do, and end the command with ``code``."""
         print(f"paitient {self.name}: {message}", file=sys.stderr)
         self.exit(code)
+        # Application.exit ends in sys.exit but is annotated to return: never go on past a failure
+        raise SystemExit(code)
 
     def require_root(self) -> None:
         if os.geteuid() != 0:
