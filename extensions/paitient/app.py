@@ -56,12 +56,16 @@ class PaitientCommand(Application):
         except ConfigError as e:
             self.fail(f"site configuration: {e}")
 
+    def exit(self, exit_status: int | str | None = 0) -> NoReturn:
+        """End the command with ``exit_status``: nothing after a call runs."""
+        super().exit(exit_status)
+        # Application.exit ends in sys.exit but is annotated to return None: say so, and make sure of it
+        raise SystemExit(exit_status)
+
     def fail(self, message: str, code: int = 2) -> NoReturn:
         """Tell the user what went wrong and what to do, and end the command with ``code``."""
         print(f"paitient {self.name}: {message}", file=sys.stderr)
         self.exit(code)
-        # Application.exit ends in sys.exit but is annotated to return: never go on past a failure
-        raise SystemExit(code)
 
     def require_root(self) -> None:
         if os.geteuid() != 0:
