@@ -1,4 +1,4 @@
-"""The settings model: :class:`Model`, the base of every table of the site file, and :func:`site_trait`.
+"""The settings model: :class:`Model`, the base of every table of the site file.
 
 A model class declares its settings as traitlets traits (help, default, ``.tag(config=True)``; the types are
 in :mod:`paitient.config.traits`) and checks each with a ``@validate`` method next to it; :meth:`Model.check`
@@ -9,7 +9,6 @@ table), validated key by key, and frozen: setting a public attribute afterwards 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -20,7 +19,6 @@ from traitlets import Bunch, TraitError, TraitType, ValidateHandler
 from traitlets.config import Configurable
 
 from paitient.config.errors import SettingError
-from paitient.config.traits import SiteTrait
 
 
 @functools.cache
@@ -195,25 +193,3 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
-
-
-def site_trait(section: type[Model], name: str) -> SiteTrait:
-    """A trait for another configurable that mirrors the site setting ``[section] name``.
-
-    It has the setting's type, default, help text and rule, so the two cannot disagree; its help names
-    the site setting the value comes from. Use it as a class attribute::
-
-        output_cap_message_bytes = site_trait(Server, "output_cap_message_bytes")
-    """
-    source = section.settings()[name]
-    if not isinstance(source, SiteTrait):
-        # only the site types run a mirrored setting's rule: a mirror of another trait would skip it
-        raise TypeError(
-            f"[{section.section}] {name} has the type {type(source).__name__}, whose mirror would not run the "
-            "setting's rule; declare it with a type from paitient.config.traits"
-        )
-    trait = copy.copy(source)
-    trait.metadata = {**source.metadata, "config": True, "site_setting": f"[{section.section}] {name}"}
-    trait.help = f"{source.help} Site setting [{section.section}] {name}."
-    trait.mirrors = (section, name)
-    return trait
