@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from traitlets import Unicode, default
 from traitlets.config import Application
@@ -55,7 +56,14 @@ class PaitientCommand(Application):
         except ConfigError as e:
             self.fail(f"site configuration: {e}")
 
-    def fail(self, message: str, code: int = 2) -> None:
+    def exit(self, exit_status: int | str | None = 0) -> NoReturn:
+        """End the command with ``exit_status``: nothing after a call runs."""
+        super().exit(exit_status)
+        # Application.exit ends in sys.exit but is annotated to return None: say so, and make sure of it
+        raise SystemExit(exit_status)
+
+    def fail(self, message: str, code: int = 2) -> NoReturn:
+        """Tell the user what went wrong and what to do, and end the command with ``code``."""
         print(f"paitient {self.name}: {message}", file=sys.stderr)
         self.exit(code)
 

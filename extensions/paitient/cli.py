@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from traitlets import Bool
 from traitlets.config import Application
@@ -41,7 +41,7 @@ class ConfigCommand(PaitientCommand):
         site = self.load_site()
         print(json.dumps(site.to_dict(), indent=2) if self.as_json else effective_toml(site), end="")
 
-    def emit_help_epilogue(self, classes: bool) -> Iterator[str]:
+    def emit_help_epilogue(self, classes: bool) -> Generator[str, None, None]:
         if classes:
             from paitient.config.reference import help_all
 
@@ -64,7 +64,8 @@ class PaitientApp(Application):
         if self.subapp is None:
             self.print_help()
             self.exit(2)
-        self.subapp.start()
+        else:
+            self.subapp.start()
 
 
 def main(argv: list[str] | None = None) -> None:

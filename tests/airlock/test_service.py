@@ -207,6 +207,31 @@ def test_a_record_of_another_project_does_not_count(site, channel, airlock, alic
     assert "no model definition came with the weights" in checks["membership_inference"]["reason"]
 
 
+def test_a_target_the_client_would_refuse_fails_the_audit_with_what_to_name(site, channel, airlock, alice):
+    # The kernel is untrusted: it can skip the client's checks and send any JSON as the model description.
+    publish(site, "oncology", "breast_cancer", breast_cancer())
+    data, _ = _weights()
+    path = give(Path(alice.pw_dir) / "model.safetensors", data, alice.pw_uid)
+    model = {"source": LINEAR, "target": ["target"], "dataset": "breast_cancer", "split": {"holdout": 0.3, "seed": 0}}
+    args = {"kind": "weights", "justification": "for the paper", "filename": path.name, "model": model}
+    code = f"""
+        import json
+        from paitient.kernel.airlock.client import AirlockClient
+        with open({str(path)!r}, "rb") as f:
+            print(json.dumps(AirlockClient().submit({args!r}, f.fileno())))
+    """
+    proc = run_as(alice.pw_uid, code, site.run_dir, cwd=path.parent)
+    assert proc.returncode == 0, proc.stderr
+    rid = json.loads(proc.stdout.strip().splitlines()[-1])["id"]
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = {c["check"]: c for c in status_as(alice, site, rid)["checks"]}
+    assert "internal" not in checks
+    assert checks["membership_inference"]["status"] == "fail"
+    assert checks["membership_inference"]["reason"] == (
+        "the audit cannot run: \"the dataset has no target column ['target']; name it with target=\""
+    )
+
+
 def test_identity_comes_from_peer_credentials(site, channel, airlock, alice, bob):
     path = give(Path(alice.pw_dir) / "t.csv", b"x,n\na,50\n", alice.pw_uid)
     rid = submit(alice, site, path, "table")["id"]

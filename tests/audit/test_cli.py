@@ -66,6 +66,12 @@ def test_show_rejects_bad_time_with_what_to_use(site, events):
     assert out.returncode == 2 and "use e.g. 2026-11-28, 2026-11-28T17:00Z, 24h or 7d" in out.stderr
 
 
+def test_audit_without_a_subcommand_says_what_to_run():
+    out = subprocess.run([sys.executable, "-m", "paitient.cli", "audit"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "paitient audit: name what to do: paitient audit verify | paitient audit show" in out.stderr
+
+
 def test_show_without_a_trail_says_where_it_looked(world_tmp):
     out = subprocess.run(
         [sys.executable, "-m", "paitient.cli", "audit", "show", f"--state-dir={world_tmp}/none"],

@@ -43,3 +43,9 @@ def test_paitient_config_prints_the_effective_configuration_and_refuses_a_bad_fi
     out = paitient(f"--site={bad}")
     assert out.returncode == 2 and out.stdout == ""
     assert f"{bad}: [server] output_cap_message_bytes: must be a positive whole number, got -1" in out.stderr
+
+
+def test_paitient_without_a_subcommand_prints_its_help_and_fails():
+    out = subprocess.run([sys.executable, "-m", "paitient.cli"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "Run `paitient up` to start the workspace" in out.stdout and "\nSubcommands\n" in out.stdout

@@ -1,9 +1,9 @@
 """Traits that carry a site setting into another process are made from the site's one declaration."""
 
 import pytest
-from traitlets import TraitError
+from traitlets import Int, TraitError
 
-from paitient.config import Airlock, EgressLimits, Sandbox, Server, parse
+from paitient.config import Airlock, EgressLimits, Model, Sandbox, Server, parse, site_trait
 from paitient.hub.serverconfig import server_config
 from paitient.registry import Member
 from paitient.server.app import PaitientServerExtension
@@ -64,6 +64,18 @@ def test_a_mirrored_trait_applies_the_site_rule():
     with pytest.raises(TraitError, match="expected a whole number, got '12'"):
         SandboxProvisioner(memory_mb="12")
     assert SandboxProvisioner(memory_mb=512).memory_mb == 512
+
+
+def test_only_a_setting_of_a_site_type_can_be_mirrored():
+    # a plain traitlets type would not run the mirrored setting's rule: the mirror would accept what the site refuses
+    class Odd(Model):
+        section = "odd"
+        size = Int(1, help="A size.").tag(config=True)
+
+    with pytest.raises(
+        TypeError, match=r"\[odd\] size has the type Int, .*; declare it with a type from paitient.config.traits"
+    ):
+        site_trait(Odd, "size")
 
 
 def test_the_user_servers_config_carries_every_server_side_mirror_from_the_site(tmp_path):

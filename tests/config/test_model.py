@@ -6,7 +6,7 @@ import math
 import tomllib
 
 import pytest
-from traitlets import Bunch, TraitError, validate
+from traitlets import All, Bunch, TraitError, validate
 
 from paitient.config import (
     SECTIONS,
@@ -111,6 +111,18 @@ def test_a_setting_with_two_rules_is_refused_when_the_class_is_made():
 
             @validate("size")
             def _two(self, proposal: Bunch) -> int:
+                return proposal.value
+
+
+def test_a_rule_for_all_settings_is_refused_when_the_class_is_made():
+    # traitlets files @validate(All) under its sentinel and never calls it: the rule would silently not run
+    with pytest.raises(TypeError, match="Broken._every is @validate\\(All\\), which never runs; name the settings"):
+
+        class Broken(Model):
+            size = WholeNumber(1, help="A size.").tag(config=True)
+
+            @validate(All)
+            def _every(self, proposal: Bunch) -> int:
                 return proposal.value
 
 

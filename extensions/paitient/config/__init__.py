@@ -18,10 +18,11 @@ from paitient.config.directory import Directory, is_loopback
 from paitient.config.errors import ConfigError, SettingError
 from paitient.config.limits import Audit, Sandbox, Server
 from paitient.config.loader import EMBEDDED_SITE, check_owner, load, parse
-from paitient.config.model import Model, site_trait
+from paitient.config.model import Model
 from paitient.config.outputs import AIRLOCK_KINDS, Airlock, EgressLimits
 from paitient.config.projects import Budget, Project
 from paitient.config.site import SECTIONS, SiteConfig
+from paitient.config.traits import site_trait
 from paitient.config.workspace import NAME_RE, Accounts, Workspace
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The settings model: :class:`Model`, the base of every table of the site file, and :func:`site_trait`.
+"""The settings model: :class:`Model`, the base of every table of the site file.
 
 A model class declares its settings as traitlets traits (help, default, ``.tag(config=True)``; the types are
 in :mod:`paitient.config.traits`) and checks each with a ``@validate`` method next to it; :meth:`Model.check`
@@ -9,7 +9,6 @@ table), validated key by key, and frozen: setting a public attribute afterwards 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -39,7 +38,8 @@ def _rules(cls: type[Model]) -> dict[str, ValidateHandler]:
         for value in vars(klass).values():
             if isinstance(value, ValidateHandler):
                 for name in value.trait_names:
-                    out[name] = value
+                    if isinstance(name, str):  # Model refuses @validate(All) when the class is made
+                        out[name] = value
     return out
 
 
@@ -56,6 +56,9 @@ class Model(Configurable):
         for attr, value in vars(cls).items():
             if isinstance(value, ValidateHandler):
                 for name in value.trait_names:
+                    # traitlets registers @validate(All) under the sentinel and never calls it for any trait
+                    if not isinstance(name, str):
+                        raise TypeError(f"{cls.__name__}.{attr} is @validate(All), which never runs; name the settings")
                     # traitlets keeps one validator per trait: a second one would silently replace the first
                     if name in named:
                         raise TypeError(f"{cls.__name__}.{name} is checked by both {named[name]} and {attr}")
@@ -190,19 +193,3 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(v) for v in value]
     return value
-
-
-def site_trait(section: type[Model], name: str) -> TraitType:
-    """A trait for another configurable that mirrors the site setting ``[section] name``.
-
-    It has the setting's type, default, help text and rule, so the two cannot disagree; its help names
-    the site setting the value comes from. Use it as a class attribute::
-
-        output_cap_message_bytes = site_trait(Server, "output_cap_message_bytes")
-    """
-    source = section.settings()[name]
-    trait = copy.copy(source)
-    trait.metadata = {**source.metadata, "config": True, "site_setting": f"[{section.section}] {name}"}
-    trait.help = f"{source.help} Site setting [{section.section}] {name}."
-    trait.mirrors = (section, name)
-    return trait

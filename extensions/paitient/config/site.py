@@ -44,6 +44,9 @@ class SiteConfig(Model):
     projects = Parts(Project, help="[[projects]]").tag(config=True)
     source = Text("", help="Path the configuration was read from (empty for the embedded default).").tag(config=True)
 
+    _egress: dict[str, EgressLimits]
+    """Each project's egress limits (its overrides over [egress]), made once with the configuration."""
+
     def __init__(self, *args: Any, **values: Any) -> None:
         super().__init__(*args, **values)
         merged = {p.name: self.egress.replace(**p.egress) if p.egress else self.egress for p in self.projects}

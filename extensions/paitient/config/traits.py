@@ -1,11 +1,12 @@
 """The value types of the site file: each checks its TOML type and says what it expects in the file's words.
 
-A trait made by :func:`paitient.config.model.site_trait` for another configurable also runs the rule of the
-site setting it mirrors.
+:func:`site_trait` copies one of them for another configurable; the copy also runs the rule of the site
+setting it mirrors.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,8 +19,11 @@ if TYPE_CHECKING:
     from paitient.config.model import Model
 
 
-class SiteTrait:
-    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting."""
+class SiteTrait(TraitType[Any, Any]):
+    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting.
+
+    Each type below puts it before a traitlets type (``class WholeNumber(SiteTrait, Int)``), so its
+    :meth:`error` and :meth:`validate` come first."""
 
     expects = "a value"
     mirrors: tuple[type[Model], str] | None = None
@@ -79,10 +83,11 @@ class Choice(SiteTrait, Enum):
 
     def __init__(self, values: tuple[str, ...], default_value: str, **kwargs: Any) -> None:
         super().__init__(values, default_value, **kwargs)
+        self.choices = values
         self.expects = "one of " + ", ".join(repr(v) for v in values)
 
     def check_type(self, obj: Any, value: Any) -> str:
-        if value not in self.values:
+        if value not in self.choices:
             self.error(obj, value)
         return value
 
@@ -191,3 +196,25 @@ def _table(item: Any) -> Mapping[str, Any]:
     if not isinstance(item, Mapping):
         raise SettingError((), None, f"must be a table, got {item!r}")
     return item
+
+
+def site_trait(section: type[Model], name: str) -> SiteTrait:
+    """A trait for another configurable that mirrors the site setting ``[section] name``.
+
+    It has the setting's type, default, help text and rule, so the two cannot disagree; its help names
+    the site setting the value comes from. Use it as a class attribute::
+
+        output_cap_message_bytes = site_trait(Server, "output_cap_message_bytes")
+    """
+    source = section.settings()[name]
+    if not isinstance(source, SiteTrait):
+        # only the site types run a mirrored setting's rule: a mirror of another trait would skip it
+        raise TypeError(
+            f"[{section.section}] {name} has the type {type(source).__name__}, whose mirror would not run the "
+            "setting's rule; declare it with a type from paitient.config.traits"
+        )
+    trait = copy.copy(source)
+    trait.metadata = {**source.metadata, "config": True, "site_setting": f"[{section.section}] {name}"}
+    trait.help = f"{source.help} Site setting [{section.section}] {name}."
+    trait.mirrors = (section, name)
+    return trait

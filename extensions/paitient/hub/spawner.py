@@ -17,6 +17,7 @@ import os
 import pwd
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
 from traitlets import Bool, HasTraits, Unicode, default
@@ -26,6 +27,9 @@ from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.serverconfig import user_server_env
 from paitient.registry import Member
 
+if TYPE_CHECKING:
+    from jupyterhub.user import User
+
 
 class SiteSpawnerMixin(HasTraits):
     """Access to the site configuration the hub was started with (set by :func:`paitient.hub.hubconfig.configure`)."""
@@ -34,6 +38,9 @@ class SiteSpawnerMixin(HasTraits):
     site_state_dir = Unicode("", help="State directory override, as given to `paitient up`.").tag(config=True)
 
     _site: site_config.SiteConfig | None = None
+
+    user: User
+    """The hub user the spawner serves: set by JupyterHub's Spawner, which every subclass also extends."""
 
     @property
     def site(self) -> site_config.SiteConfig:

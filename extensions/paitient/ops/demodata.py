@@ -27,6 +27,7 @@ from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_bytes
 from paitient.services.data import keys
 from paitient.services.data.ingest import ingest
+from paitient.services.data.publish import Published
 from paitient.services.data.spec import load_spec
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def publish_demo(site: SiteConfig, *, operator: str = "system") -> list[str]:
         _write_source(source, frames[dataset])
         spec = load_spec(SPEC_DIR / f"{dataset}.toml", source=source)
         result = ingest(site, spec, operator=operator, skip_unchanged=True)
-        if result is not None:
+        if isinstance(result, Published):  # None: unchanged (an Outcome comes only from a dry run)
             log.info("demo data: published %s/%s version %d", project, dataset, result.version)
             done.append(f"{project}/{dataset}@v{result.version}")
     return done

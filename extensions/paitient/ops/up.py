@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from traitlets import Float, Int, Unicode, default
 
@@ -29,6 +30,9 @@ from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
 from paitient.services import SERVICES
 from paitient.services.kit.process import free_port, parent_death_signal
+
+if TYPE_CHECKING:
+    from paitient.ops.directory import DemoDirectory
 
 READY_PREFIX = "paitient: workspace ready at "
 
@@ -203,7 +207,7 @@ class UpCommand(_StateCommand):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.running: Running | None = None
-        self.directory = None
+        self.directory: DemoDirectory | None = None
         try:
             self._start_all(site, paths)
             self._watch(paths)
@@ -295,10 +299,10 @@ class UpCommand(_StateCommand):
             hub_port=hub_port,
             proxy_api_port=proxy_api_port,
             directory_url=directory_url,
-            pids={**({"directory": demo.pid} if demo else {}), **{name: p.pid for name, p in self.children.items()}},
+            pids=self._pids(),
         )
         atomic_write_json(paths.up_file, self.running.__dict__, mode=0o644)
-        self._wait_ready(url, paths)
+        self._wait_ready(url, proxy_api_port, paths)
         print(f"{READY_PREFIX}{url}", flush=True)
         if demo is not None:
             print("paitient: demo accounts (hospital directory, embedded):", flush=True)
@@ -306,7 +310,13 @@ class UpCommand(_StateCommand):
                 print(f"  {line}", flush=True)
         print("paitient: Ctrl-C stops the workspace.", flush=True)
 
-    def _wait_ready(self, url: str, paths: HubPaths) -> None:
+    def _pids(self) -> dict[str, int]:
+        """The process ids of what runs now: the embedded directory (while it runs), the proxy and the hub."""
+        directory_pid = self.directory.pid if self.directory is not None else None
+        own = {} if directory_pid is None else {"directory": directory_pid}
+        return {**own, **{name: p.pid for name, p in self.children.items()}}
+
+    def _wait_ready(self, url: str, proxy_api_port: int, paths: HubPaths) -> None:
         deadline = time.monotonic() + self.ready_timeout
         last = ""
         while time.monotonic() < deadline:
@@ -320,7 +330,7 @@ class UpCommand(_StateCommand):
                 with urllib.request.urlopen(url + "hub/login", timeout=2) as r:  # noqa: S310 - loopback
                     hub_ok = r.status == 200
                 # the hub adds its services' routes to the proxy last: ready means every page answers
-                routes = proxy_routes(self.running.proxy_api_port, paths.secret("proxy_token"))
+                routes = proxy_routes(proxy_api_port, paths.secret("proxy_token"))
                 missing = [f"/services/{name}" for name in SERVICES if f"/services/{name}" not in routes]
                 if hub_ok and not missing:
                     return
@@ -352,12 +362,13 @@ class UpCommand(_StateCommand):
                     return
                 print(f"paitient: {name} exited (code {code}); restarting it", file=sys.stderr, flush=True)
                 if name == "directory":
+                    assert self.directory is not None  # "directory" is in exited only when one was started
                     self.directory.start()
                 else:
                     argv, env = self.commands[name]
                     self._spawn(name, argv, paths, env)
-                assert self.running is not None
-                self.running.pids[name] = self.directory.pid if name == "directory" else self.children[name].pid
+                assert self.running is not None  # _start_all() sets it before _watch() runs
+                self.running.pids = self._pids()
                 atomic_write_json(paths.up_file, self.running.__dict__, mode=0o644)
             time.sleep(0.5)
 

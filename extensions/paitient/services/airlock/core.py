@@ -516,7 +516,8 @@ def _read_all(fd: int, max_bytes: int) -> bytes:
     size = os.fstat(fd).st_size
     if size > max_bytes:
         raise StoreError(f"the file has {size} bytes; the airlock takes at most {max_bytes}")
-    chunks, offset = [], 0
+    chunks: list[bytes] = []
+    offset = 0
     while True:
         chunk = os.pread(fd, 1 << 20, offset)
         if not chunk:

@@ -116,7 +116,8 @@ def _name(raw: bytes) -> str:
 
 def _png_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
     """Ancillary chunks (but tRNS, which the preview's alpha keeps) and where IEND ends."""
-    pos, blocks = 8, []
+    pos = 8
+    blocks: list[tuple[str, int]] = []
     while True:
         (length,) = struct.unpack(">I", data[pos : pos + 4])
         kind = data[pos + 4 : pos + 8]
@@ -131,7 +132,8 @@ def _png_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
 
 def _jpeg_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
     """APPn and COM segments and where the EOI marker ends (entropy-coded data skipped byte by byte)."""
-    pos, blocks = 2, []
+    pos = 2
+    blocks: list[tuple[str, int]] = []
     while True:
         if data[pos] != 0xFF:
             raise ValueError("not a marker")
@@ -172,7 +174,7 @@ def _gif_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
     """Extension blocks other than graphic control, and where the trailer ends."""
     flags = data[10]
     pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
-    blocks = []
+    blocks: list[tuple[str, int]] = []
     while True:
         introducer = data[pos]
         if introducer == 0x3B:

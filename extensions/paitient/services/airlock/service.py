@@ -85,7 +85,7 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
 
         settings = settings_for(site, ServiceCommand.instance().config if ServiceCommand.initialized() else None)
     with_pages = bool(os.environ.get("JUPYTERHUB_API_TOKEN"))
-    port = settings.port or urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "")).port
+    port = settings.port or urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "")).port or 0
     if with_pages and not port:
         raise SystemExit(
             "the airlock needs a port for its pages: run it as a hub-managed service "

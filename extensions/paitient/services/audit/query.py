@@ -77,10 +77,16 @@ class Filter:
         )
 
 
+def _details(record: dict[str, Any]) -> dict[str, Any]:
+    """The record's ``details`` object, or an empty one where it has none (or something else)."""
+    details = record.get("details")
+    return details if isinstance(details, dict) else {}
+
+
 def projects_of(record: dict[str, Any]) -> set[str]:
     """Every project name a record refers to (the places ``audit show --project`` looks at)."""
-    out = set()
-    details = record.get("details") if isinstance(record.get("details"), dict) else {}
+    out: set[str] = set()
+    details = _details(record)
     for key in ("project",):
         if isinstance(details.get(key), str):
             out.add(details[key])
@@ -101,7 +107,7 @@ def matches(record: dict[str, Any], flt: Filter) -> bool:
     ``details.project``, an entry of ``details.projects``, the project part of ``details.datasets`` or of
     ``object`` (``<project>/...``)."""
     if flt.user:
-        details = record.get("details") if isinstance(record.get("details"), dict) else {}
+        details = _details(record)
         if record.get("actor") != flt.user and details.get("user") != flt.user:
             return False
     if flt.project and flt.project not in projects_of(record):

@@ -66,7 +66,14 @@ class ReaderPage(pages.ScopedPage):
 
     async def query(self, args: dict[str, str], limit: int, before: int | None) -> list[dict[str, Any]]:
         """Matching records; the reading itself is recorded (``audit.view``): who looked at what."""
-        flt = Filter.parse(**args)
+        flt = Filter.parse(
+            user=args["user"],
+            project=args["project"],
+            action=args["action"],
+            outcome=args["outcome"],
+            since=args["since"],
+            until=args["until"],
+        )
         site = self.settings["paitient_site"]
         records = await self.blocking(lambda: select(trail_dir(site), flt, limit=limit, before=before))
         filters: dict[str, Any] = {k: v for k, v in args.items() if v}

@@ -240,7 +240,7 @@ class AuditLog:
                     out = b"\n"
                     last = parse_line(tail.damaged)
                 else:
-                    recovered, sep = self._recovery(path, tail)
+                    recovered, sep = self._recovery(path, tail, last)
                     out = sep + encode(recovered)
                     last = recovered
             size = tail.size + len(out)
@@ -309,8 +309,8 @@ class AuditLog:
         """Write the new lines (one ``write`` call for up to 2 GiB). Tests override it to crash mid-line."""
         _write_all(fd, data)
 
-    def _recovery(self, path: Path, tail: Tail) -> tuple[dict[str, Any], bytes]:
-        """Quarantine the damaged tail and build the ``audit.recovered`` record chaining past it."""
+    def _recovery(self, path: Path, tail: Tail, last: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """Quarantine the damaged tail and build the ``audit.recovered`` record chaining past ``last``."""
         damaged = tail.damaged
         digest = hashlib.sha256(damaged).hexdigest()
         self.quarantine.mkdir(mode=DIR_MODE, exist_ok=True)
@@ -324,8 +324,8 @@ class AuditLog:
         fsync_dir(self.quarantine)
         prefix = b"" if damaged.endswith(b"\n") else b"\n"
         record = make_record(
-            seq=tail.last["seq"] + 1,
-            prev=tail.last["hash"],
+            seq=last["seq"] + 1,
+            prev=last["hash"],
             actor="system",
             action=RECOVERED_ACTION,
             object=path.name,
@@ -337,7 +337,7 @@ class AuditLog:
                 "length": len(damaged),
                 "sha256": digest,
                 "quarantine": str(qpath.relative_to(self.directory)),
-                "after_seq": tail.last["seq"],
+                "after_seq": last["seq"],
             },
         )
         return record, prefix

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
@@ -78,6 +78,10 @@ def alive(pid: int, start: int | None) -> bool:
 # -- request handling ------------------------------------------------------------------------------
 
 
+@overload
+def _str_arg(args: dict[str, Any], name: str, *, required: Literal[True] = True) -> str: ...
+@overload
+def _str_arg(args: dict[str, Any], name: str, *, required: bool) -> str | None: ...
 def _str_arg(args: dict[str, Any], name: str, *, required: bool = True) -> str | None:
     value = args.get(name)
     if value is None and not required:
@@ -87,6 +91,10 @@ def _str_arg(args: dict[str, Any], name: str, *, required: bool = True) -> str |
     return value
 
 
+@overload
+def _num_arg(args: dict[str, Any], name: str, *, required: Literal[True] = True) -> float: ...
+@overload
+def _num_arg(args: dict[str, Any], name: str, *, required: bool) -> float | None: ...
 def _num_arg(args: dict[str, Any], name: str, *, required: bool = True) -> float | None:
     value = args.get(name)
     if value is None and not required:
@@ -227,6 +235,7 @@ class LedgerService:
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
         row = self.ledger.run(rid)
+        assert row is not None  # reserve() committed this row above, and the ledger never deletes a run
         self.audit(
             member.username,
             "ledger.reserve",

@@ -418,7 +418,8 @@ class Ledger:
 
     def runs(self, project: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
         """Runs in order of reservation, optionally for one project (and dataset)."""
-        sql, params = _SELECT_RUNS, ()
+        sql = _SELECT_RUNS
+        params: tuple[str, ...] = ()
         if project is not None:
             sql, params = sql + " WHERE project = ?", (project,)
             if dataset is not None:
