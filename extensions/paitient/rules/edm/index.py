@@ -10,8 +10,8 @@ of them reveals every row that carries it.
 
 Layout: one uint64 per entry, ``fingerprint bits (23) | row (30) | primary (1) | column (10)``, sorted,
 and a directory ``dir`` over the fingerprint's top ``dir_bits`` bits (uint32, where each bucket's
-entries begin; about half as many buckets as entries). The entry holds the 23 fingerprint bits that
-follow the directory's, so a lookup compares ``dir_bits + 23`` bits (36 or more). About 10 bytes per
+entries begin; a bucket per 2 to 4 entries). The entry holds the 23 fingerprint bits that
+follow the directory's, so a lookup compares ``dir_bits + 23`` bits (33 or more). About 9 bytes per
 entry; the header counts entries per column and the bytes per indexed cell.
 """
 
@@ -36,6 +36,8 @@ THRESHOLD = 3
 indexed. Each lookup of a printed value fans out to the rows that share it, so the cost of a dump and
 the chance of unrelated values meeting in one record both grow with it; large tables with values
 printed to 4 digits are where a higher threshold would find more (see docs/egress.md)."""
+EPOCH_UNITS_MS = (1, 1000)
+"""Dates are indexed as words (ISO) and as epoch numbers in these units (ms: ``to_json()``'s default)."""
 MAX_ROWS = 1 << 30
 COLUMN_BITS = 10
 _FP_BITS = 23
@@ -137,10 +139,14 @@ class EDMIndex:
             col = table.column(name)
             kind = _kind(col.type)
             if kind == "number":
-                fps, rws, ncells, used = _numbers(keyed, col, thr)
+                fps, rws, ncells, used = _numbers(keyed, _floats(col), thr)
                 tiers |= used
             elif kind in ("text", "date"):
                 fps, rws, ncells = _words(keyed, col, thr, primary=name in primary, date=kind == "date")
+                if kind == "date":  # also as the epoch numbers to_json() and timestamps print
+                    for unit in EPOCH_UNITS_MS:
+                        efps, erws, _, used = _numbers(keyed, _epoch_ms(col) / unit, thr, tiers=nb.TIERS[-1:])
+                        fps, rws, tiers = np.concatenate((fps, efps)), np.concatenate((rws, erws)), tiers | used
             else:
                 continue
             tag = np.uint64(j % (1 << COLUMN_BITS)) | (_PRIMARY if name in primary else np.uint64(0))
@@ -150,7 +156,7 @@ class EDMIndex:
             cells += ncells
         fps = np.concatenate(fps_parts) if fps_parts else np.zeros(0, np.uint64)
         tags = np.concatenate(tag_parts) if tag_parts else np.zeros(0, np.uint64)
-        bits = int(min(31, max(12, math.ceil(math.log2(max(2, len(fps)))) - 1)))
+        bits = int(min(31, max(10, math.ceil(math.log2(max(2, len(fps)))) - 2)))
         order = np.argsort(fps)
         fps, tags = fps[order], tags[order]
         entries = ((fps << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags
@@ -234,12 +240,32 @@ def _plain(col: pa.ChunkedArray) -> pa.Array:
     return arr
 
 
-def _numbers(keyed: Keyed, col: pa.ChunkedArray, thr: int) -> tuple[np.ndarray, np.ndarray, int, set[int]]:
-    """Fingerprints and rows of a numeric column's distinctive values, cells indexed, tiers used."""
+def _floats(col: pa.ChunkedArray) -> np.ndarray:
     arr = _plain(col)
     if not pa.types.is_floating(arr.type):
         arr = arr.cast(pa.float64(), safe=False)
-    x = np.abs(arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False))
+    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
+    """Dates and timestamps as milliseconds since 1970 (float64, NaN where missing)."""
+    arr = _plain(col)
+    if pa.types.is_date(arr.type):
+        arr = arr.cast(pa.date32()).cast(pa.int32()).cast(pa.float64())
+        return arr.to_numpy(zero_copy_only=False) * 86_400_000.0
+    arr = arr.cast(pa.timestamp("ms")).cast(pa.int64()).cast(pa.float64())
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _numbers(
+    keyed: Keyed, x: np.ndarray, thr: int, tiers: tuple[int, ...] = nb.TIERS
+) -> tuple[np.ndarray, np.ndarray, int, set[int]]:
+    """Fingerprints and rows of a numeric column's distinctive values, cells indexed, tiers used.
+
+    A value is indexed at each of ``tiers`` from the coarsest at which at most ``thr`` rows share it up
+    to its natural precision (epoch numbers, always printed whole, only at the finest tier).
+    """
+    x = np.abs(x)
     with np.errstate(invalid="ignore"):
         valid = np.flatnonzero(np.isfinite(x) & (x > 0))
     empty = np.zeros(0, np.uint64)
@@ -251,7 +277,7 @@ def _numbers(keyed: Keyed, col: pa.ChunkedArray, thr: int) -> tuple[np.ndarray, 
     natural = nb.natural_precision(xs, lead)
     coarsest = np.zeros(len(xs), dtype=np.int64)  # 0: not distinctive at any tier
     rounded = {}
-    for t in nb.TIERS:
+    for t in tiers:
         m, e, tie, alt, alt_e = nb.round_at(xs, t, lead)
         rounded[t] = (m, e, tie, alt, alt_e)
         key = (e + 2048) * (1 << 21) + m  # increases with the value: equal keys are neighbours
@@ -261,7 +287,7 @@ def _numbers(keyed: Keyed, col: pa.ChunkedArray, thr: int) -> tuple[np.ndarray, 
         coarsest[fresh] = t
     top = np.maximum(coarsest, natural)
     fps, rows, used = [], [], set()
-    for t in nb.TIERS:
+    for t in tiers:
         sel = np.flatnonzero((coarsest > 0) & (coarsest <= t) & (top >= t))
         if not len(sel):
             continue

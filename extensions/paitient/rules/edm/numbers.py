@@ -55,7 +55,8 @@ def leading_exponent(x: np.ndarray) -> np.ndarray:
 def scaled(x: np.ndarray, tier: int, lead: np.ndarray) -> np.ndarray:
     """``x * 10**(tier - 1 - lead)``: the value with ``tier`` digits before the point."""
     k = tier - 1 - lead
-    return np.where(k >= 0, x * _pow10(k), x / _pow10(-k))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # the branch not taken may overflow
+        return np.where(k >= 0, x * _pow10(k), x / _pow10(-k))
 
 
 def round_at(
