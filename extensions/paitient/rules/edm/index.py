@@ -1,17 +1,19 @@
 """The index of one dataset version: keyed fingerprints of its distinctive values, and which row has each.
 
 Every cell is normalised (numbers: :mod:`.numbers`; text and dates: the words of :mod:`.tokens`, dates
-as ISO ``YYYY-MM-DD``) and fingerprinted with the site's secret key. A number is indexed at every
-tier from the coarsest at which at most ``threshold`` rows of its column share it, up to its natural
-precision; a word when at most ``threshold`` rows of its column contain it. Values shared by more rows
+as ISO ``YYYY-MM-DD`` and as epoch numbers) and fingerprinted with the site's secret key. A number is
+indexed exactly at its natural precision when at most ``threshold`` rows of its column have that very
+value, and rounded at each tier below it from the coarsest at which at most ``threshold`` rows share the
+rounding; a word when at most ``threshold`` rows of its column contain it. Values shared by more rows
 (small integers, category labels, common dates in a large table) are not indexed: they do not tell
 rows apart. Pseudonym columns are *primary*: their words are indexed whatever their frequency, and one
 of them reveals every row that carries it.
 
-Layout: one uint64 per entry, ``fingerprint bits (23) | row (30) | primary (1) | column (10)``, sorted,
+Layout: one uint64 per entry, ``fingerprint bits (22) | row (30) | exact (1) | primary (1) | column (10)``,
+sorted,
 and a directory ``dir`` over the fingerprint's top ``dir_bits`` bits (uint32, where each bucket's
 entries begin; a bucket per 2 to 4 entries). The entry holds the 23 fingerprint bits that
-follow the directory's, so a lookup compares ``dir_bits + 23`` bits (33 or more). About 9 bytes per
+follow the directory's, so a lookup compares ``dir_bits + 22`` bits (32 or more). About 9 bytes per
 entry; the header counts entries per column and the bytes per indexed cell.
 """
 
@@ -40,12 +42,13 @@ EPOCH_UNITS_MS = (1, 1000)
 """Dates are indexed as words (ISO) and as epoch numbers in these units (ms: ``to_json()``'s default)."""
 MAX_ROWS = 1 << 30
 COLUMN_BITS = 10
-_FP_BITS = 23
-_ROW_SHIFT = np.uint64(COLUMN_BITS + 1)
+_FP_BITS = 22
+_ROW_SHIFT = np.uint64(COLUMN_BITS + 2)
 _FP_SHIFT = np.uint64(64 - _FP_BITS)
 _ROW_MASK = np.uint64(MAX_ROWS - 1)
 _COL_MASK = np.uint64((1 << COLUMN_BITS) - 1)
 _PRIMARY = np.uint64(1 << COLUMN_BITS)
+_EXACT = np.uint64(1 << (COLUMN_BITS + 1))
 _LOOP = 4  # lookups walk a bucket entry by entry this far, then expand what is left in one go
 ARRAYS = ("entries", "dir")
 
@@ -56,12 +59,14 @@ class IndexError_(ValueError):
 
 @dataclass
 class Hits:
-    """Entries that matched queries: the query's number, the row, the column, whether it is primary."""
+    """Entries that matched queries: the query's number, the row, the column, whether the column is
+    primary, and whether the entry holds the value exactly (words, numbers at their natural precision)."""
 
     query: np.ndarray
     row: np.ndarray
     col: np.ndarray
     primary: np.ndarray
+    exact: np.ndarray
 
 
 class EDMIndex:
@@ -139,19 +144,21 @@ class EDMIndex:
             col = table.column(name)
             kind = _kind(col.type)
             if kind == "number":
-                fps, rws, ncells, used = _numbers(keyed, _floats(col), thr)
+                fps, rws, exact, ncells, used = _numbers(keyed, _floats(col), thr)
                 tiers |= used
             elif kind in ("text", "date"):
                 fps, rws, ncells = _words(keyed, col, thr, primary=name in primary, date=kind == "date")
-                if kind == "date":  # also as the epoch numbers to_json() and timestamps print
+                exact = np.ones(len(fps), dtype=bool)
+                if kind == "date":  # also as the epoch numbers to_json() and timestamps print, whole
                     for unit in EPOCH_UNITS_MS:
-                        efps, erws, _, used = _numbers(keyed, _epoch_ms(col) / unit, thr, tiers=nb.TIERS[-1:])
-                        fps, rws, tiers = np.concatenate((fps, efps)), np.concatenate((rws, erws)), tiers | used
+                        efps, erws, eex, _, used = _numbers(keyed, _epoch_ms(col) / unit, thr, rounded=False)
+                        fps, rws, exact = (np.concatenate(p) for p in ((fps, efps), (rws, erws), (exact, eex)))
+                        tiers |= used
             else:
                 continue
             tag = np.uint64(j % (1 << COLUMN_BITS)) | (_PRIMARY if name in primary else np.uint64(0))
             fps_parts.append(fps)
-            tag_parts.append((rws.astype(np.uint64) << _ROW_SHIFT) | tag)
+            tag_parts.append((rws.astype(np.uint64) << _ROW_SHIFT) | tag | (exact.astype(np.uint64) * _EXACT))
             per_column[name] = len(fps)
             cells += ncells
         fps = np.concatenate(fps_parts) if fps_parts else np.zeros(0, np.uint64)
@@ -215,10 +222,11 @@ class EDMIndex:
             row=((e >> _ROW_SHIFT) & _ROW_MASK).astype(np.int64),
             col=(e & _COL_MASK).astype(np.int64),
             primary=(e & _PRIMARY) != 0,
+            exact=(e & _EXACT) != 0,
         )
 
     def select(self, hits: Hits, keep: np.ndarray) -> Hits:
-        return Hits(hits.query[keep], hits.row[keep], hits.col[keep], hits.primary[keep])
+        return Hits(hits.query[keep], hits.row[keep], hits.col[keep], hits.primary[keep], hits.exact[keep])
 
 
 def _kind(t: pa.DataType) -> str:
@@ -258,49 +266,58 @@ def _epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _numbers(
-    keyed: Keyed, x: np.ndarray, thr: int, tiers: tuple[int, ...] = nb.TIERS
-) -> tuple[np.ndarray, np.ndarray, int, set[int]]:
-    """Fingerprints and rows of a numeric column's distinctive values, cells indexed, tiers used.
+    keyed: Keyed, x: np.ndarray, thr: int, *, rounded: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]:
+    """Fingerprints, rows and exact flags of a numeric column's distinctive values; cells indexed, tiers used.
 
-    A value is indexed at each of ``tiers`` from the coarsest at which at most ``thr`` rows share it up
-    to its natural precision (epoch numbers, always printed whole, only at the finest tier).
+    Exact entries: the value at its natural precision, where at most ``thr`` rows have that value.
+    Rounded entries (unless ``rounded`` is off, as for epoch numbers, which print whole): the value
+    at each tier below its natural precision, from the coarsest where at most ``thr`` rows share it.
     """
     x = np.abs(x)
     with np.errstate(invalid="ignore"):
         valid = np.flatnonzero(np.isfinite(x) & (x > 0))
     empty = np.zeros(0, np.uint64)
     if not len(valid):
-        return empty, empty, 0, set()
+        return empty, empty, empty.astype(bool), 0, set()
     order = valid[np.argsort(x[valid])]
     xs = x[order]
     lead = nb.leading_exponent(xs)
     natural = nb.natural_precision(xs, lead)
-    coarsest = np.zeros(len(xs), dtype=np.int64)  # 0: not distinctive at any tier
-    rounded = {}
-    for t in tiers:
+    coarsest = np.zeros(len(xs), dtype=np.int64)  # 0: not distinctive at any tier below natural
+    rounded_at = {}
+    for t in nb.TIERS:
         m, e, tie, alt, alt_e = nb.round_at(xs, t, lead)
-        rounded[t] = (m, e, tie, alt, alt_e)
+        rounded_at[t] = (m, e, tie, alt, alt_e)
         key = (e + 2048) * (1 << 21) + m  # increases with the value: equal keys are neighbours
         change = np.flatnonzero(key[1:] != key[:-1]) + 1
         size = np.diff(np.concatenate(([0], change, [len(key)])))
-        fresh = (coarsest == 0) & (np.repeat(size, size) <= thr)
-        coarsest[fresh] = t
-    top = np.maximum(coarsest, natural)
-    fps, rows, used = [], [], set()
-    for t in tiers:
-        sel = np.flatnonzero((coarsest > 0) & (coarsest <= t) & (top >= t))
-        if not len(sel):
-            continue
-        used.add(t)
-        m, e, tie, alt, alt_e = (a[sel] for a in rounded[t])
-        fps.append(keyed.numbers(nb.pack(t, m, e)))
-        rows.append(order[sel])
-        if tie.any():
-            fps.append(keyed.numbers(nb.pack(t, alt[tie], alt_e[tie])))
-            rows.append(order[sel[tie]])
+        count = np.repeat(size, size)
+        if t == nb.TIERS[-1]:
+            distinct_value = count <= thr  # six digits: the value itself
+        if rounded:
+            fresh = (coarsest == 0) & (count <= thr) & (t < natural)
+            coarsest[fresh] = t
+    fps, rows, exact, used = [], [], [], set()
+    for t in nb.TIERS:
+        for sel, is_exact in (
+            (np.flatnonzero((coarsest > 0) & (coarsest <= t) & (natural > t)), False),
+            (np.flatnonzero((natural == t) & distinct_value), True),
+        ):
+            if not len(sel):
+                continue
+            used.add(t)
+            m, e, tie, alt, alt_e = (a[sel] for a in rounded_at[t])
+            fps.append(keyed.numbers(nb.pack(t, m, e)))
+            rows.append(order[sel])
+            if tie.any():
+                fps.append(keyed.numbers(nb.pack(t, alt[tie], alt_e[tie])))
+                rows.append(order[sel[tie]])
+            exact.append(np.full(len(sel) + int(tie.sum()), is_exact))
     if not fps:
-        return empty, empty, 0, set()
-    return np.concatenate(fps), np.concatenate(rows), int((coarsest > 0).sum()), used
+        return empty, empty, empty.astype(bool), 0, set()
+    cells = int(((coarsest > 0) | distinct_value).sum())
+    return np.concatenate(fps), np.concatenate(rows), np.concatenate(exact), cells, used
 
 
 def _distinct(col: pa.ChunkedArray, date: bool) -> tuple[np.ndarray, pa.Array]:

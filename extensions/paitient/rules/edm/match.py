@@ -20,14 +20,19 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 class _Queries:
     fp: np.ndarray  # uint64 fingerprints, words first, then numbers
     token: np.ndarray  # token id (words first, then numbers)
+    exact: np.ndarray  # only exact entries may match (a padded print looked up at its natural precision)
 
 
 def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
     nw = len(tokens.word_start)
     wfp = keyed.words(tokens.view, tokens.word_start, tokens.word_len) if nw else np.zeros(0, np.uint64)
-    tok, packed = nb.printed_queries(tokens.value, tokens.lead, tokens.ndigits, tiers)
+    tok, packed, exact = nb.printed_queries(tokens.value, tokens.lead, tokens.ndigits, tiers)
     nfp = keyed.numbers(packed) if len(packed) else np.zeros(0, np.uint64)
-    return _Queries(fp=np.concatenate((wfp, nfp)), token=np.concatenate((np.arange(nw, dtype=np.int64), nw + tok)))
+    return _Queries(
+        fp=np.concatenate((wfp, nfp)),
+        token=np.concatenate((np.arange(nw, dtype=np.int64), nw + tok)),
+        exact=np.concatenate((np.zeros(nw, bool), exact)),
+    )
 
 
 class Scan:
@@ -57,6 +62,9 @@ class Scan:
         if not len(q.fp):
             return _EMPTY
         hits = index.lookup(q.fp)
+        wrong = q.exact[hits.query] & ~hits.exact  # a padded print contradicts a rounded value
+        if wrong.any():
+            hits = index.select(hits, ~wrong)
         if not len(hits.query):
             return _EMPTY
         revealed = np.zeros(index.rows, dtype=bool)

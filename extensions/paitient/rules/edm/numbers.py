@@ -8,11 +8,13 @@ stored gives the very same float and the same rounding.
 
 A value's *natural precision* is the fewest digits (3 to 6) that give it back within float32 noise
 (``17.99``: 4, also when it went through float32 and prints as ``17.989999771118164``; a value with more
-than 6 digits: 6). The index keeps a value at every tier from the coarsest one at which it is
-distinctive up to its natural precision. A printed number is looked up at the precision it shows:
-``min(digits printed, 6)``, and, when its last digits are zeros or float32 noise, also at the tiers
-from its own natural precision up (``17.990000`` is looked up at 4, 5 and 6 digits). So a value matches
-a print that shows it to as many digits as the print has, and only then.
+than 6 digits: 6). The index keeps a value *exactly* at its natural precision, and *rounded* at each
+tier below it, from the coarsest at which it is distinctive. A printed number is looked up at the
+precision it shows, ``min(digits printed, 6)``, where exact and rounded entries match; and, when its
+last digits are zeros or float32 noise, also at its own natural precision, where only exact entries
+match (``17.990000`` finds 17.99; ``18.00`` finds 18.0 and 17.996, but not 17.99, which the print
+contradicts in its 4th digit). So a value matches a print that agrees with it to every digit the print
+shows, and only then.
 
 Midpoints: where the digits beyond a tier are exactly 5 (``0.1235`` at 3 digits), the float lies a hair
 below or above and a print of it may have been rounded either way, so both neighbours are candidates,
@@ -100,25 +102,26 @@ def natural_precision(x: np.ndarray, lead: np.ndarray) -> np.ndarray:
 
 def printed_queries(
     value: np.ndarray, lead: np.ndarray, ndigits: np.ndarray, tiers: tuple[int, ...] = TIERS
-) -> tuple[np.ndarray, np.ndarray]:
-    """What to look up for printed numbers: (token index, packed number) per candidate.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What to look up for printed numbers: (token index, packed number, exact entries only) per lookup.
 
-    A print of k digits is looked up at tier min(k, 6), and from its natural precision up to that
-    when the digits it shows beyond are zeros or noise; only at the ``tiers`` the index has.
+    A print of k digits is looked up at tier min(k, 6); one whose digits beyond its natural precision
+    are zeros or noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
     """
     top = np.minimum(ndigits, TIERS[-1])
     nat = np.minimum(natural_precision(value, lead), top)
-    tok, packed = [], []
+    tok, packed, exact = [], [], []
     for t in tiers:
-        sel = np.flatnonzero((nat <= t) & (top >= t))
-        if not len(sel):
-            continue
-        m, e, tie, alt, alt_e = round_at(value[sel], t, lead[sel])
-        tok.append(sel)
-        packed.append(pack(t, m, e))
-        if tie.any():
-            tok.append(sel[tie])
-            packed.append(pack(t, alt[tie], alt_e[tie]))
+        for sel, padded in ((np.flatnonzero(top == t), False), (np.flatnonzero((nat == t) & (top > t)), True)):
+            if not len(sel):
+                continue
+            m, e, tie, alt, alt_e = round_at(value[sel], t, lead[sel])
+            tok.append(sel)
+            packed.append(pack(t, m, e))
+            if tie.any():
+                tok.append(sel[tie])
+                packed.append(pack(t, alt[tie], alt_e[tie]))
+            exact.append(np.full(len(sel) + int(tie.sum()), padded))
     if not tok:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    return np.concatenate(tok), np.concatenate(packed)
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool)
+    return np.concatenate(tok), np.concatenate(packed), np.concatenate(exact)

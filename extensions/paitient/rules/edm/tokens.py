@@ -210,7 +210,23 @@ def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
     lead = leading_exponent(value)
     ndigits = lf + lead - expo + 1
     plain = (dpos < 0) & ~has_e & ((b[cs] - np.uint8(48)) < 10)
+    counting = _counting(value)
+    if counting.any():
+        keep = np.flatnonzero(~counting)
+        cs, ce, plain, value, lead, ndigits = (a[keep] for a in (cs, ce, plain, value, lead, ndigits))
     return cs, ce, plain, value, lead, ndigits
+
+
+def _counting(value: np.ndarray) -> np.ndarray:
+    """Numbers in a run of three or more that step by exactly 1 (row numbers, range()): labels."""
+    step = np.zeros(len(value) + 1, dtype=bool)  # step[i]: value[i] - value[i - 1] == 1
+    if len(value) > 1:
+        step[1:-1] = np.diff(value) == 1
+    two = step[:-1] & step[1:]  # value[i] is the middle of a step-by-1 triple
+    out = two.copy()
+    out[1:] |= two[:-1]
+    out[:-1] |= two[1:]
+    return out
 
 
 def _exponents(b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
