@@ -9,11 +9,13 @@ rounding; a word when at most ``threshold`` rows of its column contain it. Value
 rows apart. Pseudonym columns are *primary*: their words are indexed whatever their frequency, and one
 of them reveals every row that carries it.
 
-Layout: one uint64 per entry, ``fingerprint bits (22) | row (30) | exact (1) | primary (1) | column (10)``,
+Layout: one uint64 per entry, ``fingerprint bits (26) | row (27) | exact (1) | primary (1) | column (9)``,
 sorted,
 and a directory ``dir`` over the fingerprint's top ``dir_bits`` bits (uint32, where each bucket's
 entries begin; a bucket per 2 to 4 entries). The entry holds the 23 fingerprint bits that
-follow the directory's, so a lookup compares ``dir_bits + 22`` bits (32 or more). About 9 bytes per
+follow the directory's, so a lookup compares ``dir_bits + 26`` bits (36 or more). Columns past the
+512th share ids with earlier ones (which can only hide a row, never reveal one); a version holds at
+most 2**27 (134 million) rows. About 9 bytes per
 entry; the header counts entries per column and the bytes per indexed cell.
 """
 
@@ -38,11 +40,12 @@ THRESHOLD = 3
 indexed. Each lookup of a printed value fans out to the rows that share it, so the cost of a dump and
 the chance of unrelated values meeting in one record both grow with it; large tables with values
 printed to 4 digits are where a higher threshold would find more (see docs/egress.md)."""
-EPOCH_UNITS_MS = (1, 1000)
-"""Dates are indexed as words (ISO) and as epoch numbers in these units (ms: ``to_json()``'s default)."""
-MAX_ROWS = 1 << 30
-COLUMN_BITS = 10
-_FP_BITS = 22
+EPOCH_UNITS_MS = (1,)
+"""Dates are indexed as words (ISO) and as epoch numbers in these units of a millisecond (1: the
+milliseconds ``to_json()`` prints by default)."""
+MAX_ROWS = 1 << 27
+COLUMN_BITS = 9
+_FP_BITS = 26
 _ROW_SHIFT = np.uint64(COLUMN_BITS + 2)
 _FP_SHIFT = np.uint64(64 - _FP_BITS)
 _ROW_MASK = np.uint64(MAX_ROWS - 1)

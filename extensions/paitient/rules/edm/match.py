@@ -21,6 +21,7 @@ class _Queries:
     fp: np.ndarray  # uint64 fingerprints, words first, then numbers
     token: np.ndarray  # token id (words first, then numbers)
     exact: np.ndarray  # only exact entries may match (a padded print looked up at its natural precision)
+    words: int  # the first ``words`` queries are words, the rest numbers
 
 
 def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
@@ -32,6 +33,7 @@ def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
         fp=np.concatenate((wfp, nfp)),
         token=np.concatenate((np.arange(nw, dtype=np.int64), nw + tok)),
         exact=np.concatenate((np.zeros(nw, bool), exact)),
+        words=nw,
     )
 
 
@@ -62,7 +64,9 @@ class Scan:
         if not len(q.fp):
             return _EMPTY
         hits = index.lookup(q.fp)
-        wrong = q.exact[hits.query] & ~hits.exact  # a padded print contradicts a rounded value
+        # a padded print contradicts a rounded value; a number is never a pseudonym (a fingerprint
+        # collision must not reveal a patient)
+        wrong = (q.exact[hits.query] & ~hits.exact) | ((hits.query >= q.words) & hits.primary)
         if wrong.any():
             hits = index.select(hits, ~wrong)
         if not len(hits.query):
@@ -72,6 +76,7 @@ class Scan:
         rest = np.flatnonzero(~hits.primary)
         tok, row, col = q.token[hits.query[rest]], hits.row[rest], hits.col[rest]
         ncols = len(index.columns)
+        everything = (tok, col)
         for name in LAYOUTS:
             # only rows with values of 3 columns somewhere in the text can be revealed by a record
             left = np.flatnonzero(~revealed[row])
@@ -84,7 +89,7 @@ class Scan:
                 break
             if len(left) < len(row):
                 tok, row, col = tok[left], row[left], col[left]
-            revealed[self.layout.rows(name, tok, row, col, index.rows, ncols)] = True
+            revealed[self.layout.rows(name, tok, row, col, index.rows, ncols, everything)] = True
         return np.flatnonzero(revealed)
 
 

@@ -19,7 +19,10 @@ A record counts only while it holds at most ``2 * columns + 8`` value-like token
 with a digit), about what one row of the dataset can produce: a list of a thousand integers holds
 "three values" of many rows by chance, and the pooling layouts (key, position) would otherwise gather
 a long log whose lines all start with ``Epoch``. A dump on one line without separators is still caught
-by the windows, which have no cap.
+by the windows, which have no cap. And a record counts only while it looks like a row, not a column:
+when more than half (and at least 4) of the dataset values found in it belong to one column (a printed column of a
+frame is a ``position`` record; a column's object in ``to_json(indent=2)`` a ``brace`` one), chance
+matches among its values say nothing about any row.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ LAYOUTS = ("line", "key", "position", "brace", "html", "window")
 _SEGMENTS = ("line", "brace", "html")
 _KEY_LANES = (np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344))
 _COL_BITS = np.uint64(10)
+_COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
 
 
 def record_cap(columns: int) -> int:
@@ -55,6 +59,14 @@ def sorted_unique(a: np.ndarray) -> np.ndarray:
     keep[0] = True
     np.not_equal(a[1:], a[:-1], out=keep[1:])
     return a[keep]
+
+
+def _runs_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of a sorted array and how often each occurs."""
+    if not len(a):
+        return a, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
+    return a[starts], np.diff(np.concatenate((starts, [len(a)])))
 
 
 def _densify(ids: np.ndarray) -> np.ndarray:
@@ -157,26 +169,50 @@ class Layout:
 
     # the layouts
 
-    def rows(self, name: str, tok: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: int, columns: int):
-        """Rows that the hits (token, row, column) reveal in layout ``name``."""
+    def rows(
+        self, name: str, tok: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: int, columns: int, found: tuple
+    ) -> np.ndarray:
+        """Rows that the hits (token, row, column) reveal in layout ``name``; ``found`` is (token, column)
+        of every value of the dataset found in the text, to tell row-like records from column-like ones."""
         if name == "window":
             return rows_in_windows(self.ordinal(tok), row, col)
         cap = record_cap(columns)
         if name in _SEGMENTS:
             rec = self._segments(name, tok, cap)
-            keep = rec >= 0
-            return rows_in_records(rec[keep], row[keep], col[keep], nrows)
-        rec = getattr(self, "_" + name)(self.start[tok])
+        else:
+            rec = getattr(self, "_" + name)(self.start[tok])
         keep = np.flatnonzero(rec >= 0)
-        rec, row, col = rec[keep], row[keep], col[keep]
-        dense = _densify(rec)
-        found = rows_in_records(dense, row, col, nrows)
-        if not len(found):  # most hits in a pooling layout are chance ones: spare counting the sizes
-            return found
-        uniq, counts = self._sizes(name)
-        i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
-        ok = (uniq[i] == rec) & (counts[i] <= cap)
-        return rows_in_records(dense[ok], row[ok], col[ok], nrows)
+        rec, tok, row, col = rec[keep], tok[keep], row[keep], col[keep]
+        found_rows = rows_in_records(_densify(rec), row, col, nrows)
+        if not len(found_rows):  # most hits are chance ones: spare the sizes and shapes of records
+            return found_rows
+        ok = ~self._column_like(name, rec, *found)
+        if name not in _SEGMENTS:
+            uniq, counts = self._sizes(name)
+            i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
+            ok &= (uniq[i] == rec) & (counts[i] <= cap)
+        return rows_in_records(_densify(rec[ok]), row[ok], col[ok], nrows)
+
+    def _column_like(self, name: str, rec: np.ndarray, all_tok: np.ndarray, all_col: np.ndarray) -> np.ndarray:
+        """Whether each record in ``rec`` has more than half of its printed dataset values (tokens with
+        a hit), and at least _COLUMN_LIKE_MIN of them, in one column."""
+        if name in _SEGMENTS:
+            ids = np.searchsorted(self._separators(name), self.start[all_tok])
+        else:
+            ids = getattr(self, "_" + name)(self.start[all_tok])
+        wanted = sorted_unique(rec)
+        at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
+        mine = wanted[at] == ids
+        at, tok, cols = at[mine].astype(np.int64), all_tok[mine].astype(np.int64), all_col[mine].astype(np.int64)
+        width = int(max(tok.max(initial=0), 0)) + 1
+        tokens = sorted_unique(at * width + tok)  # distinct tokens per record
+        per_record = np.bincount(tokens // width, minlength=len(wanted))
+        pairs = sorted_unique((at * 1024 + cols) * width + tok) // width  # distinct (record, column, token)
+        groups, counts = _runs_of(pairs)
+        top = np.zeros(len(wanted), dtype=np.int64)
+        np.maximum.at(top, groups // 1024, counts)
+        column_like = (2 * top > per_record) & (top >= _COLUMN_LIKE_MIN)
+        return column_like[np.searchsorted(wanted, rec)]
 
     def _segments(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
         """Segment (between separators) of each token, -1 where the segment holds too many values."""
