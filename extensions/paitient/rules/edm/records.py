@@ -15,14 +15,14 @@ layout, and a row counts when any one record holds values of three of its column
 - ``window``: any :data:`WINDOW` consecutive tokens, across lines (one value per line, a Series of
   one row, HTML with a cell per line).
 
-A record counts only while it holds at most ``2 * columns + 8`` value-like tokens (numbers and words
-with a digit), about what one row of the dataset can produce: a list of a thousand integers holds
-"three values" of many rows by chance, and the pooling layouts (key, position) would otherwise gather
-a long log whose lines all start with ``Epoch``. A dump on one line without separators is still caught
-by the windows, which have no cap. And a record counts only while it looks like a row, not a column:
-when more than half (and at least 4) of the dataset values found in it belong to one column (a printed column of a
-frame is a ``position`` record; a column's object in ``to_json(indent=2)`` a ``brace`` one), chance
-matches among its values say nothing about any row.
+A record counts only while it holds at most ``2 * columns + 8`` value-like tokens (numbers, and words
+with a digit and a '-' or with 4 digits), about what one row of the dataset can produce: a list of a
+thousand integers holds "three values" of many rows by chance, and the pooling layouts (key,
+position) would otherwise gather a long log whose lines all start with ``Epoch``. A dump on one line
+without separators is still caught by the windows, which have no cap. And a record counts only while
+it looks like a row, not a column: when more than half (and at least 4) of the dataset values found
+in it belong to one column (a printed column of a frame is a ``position`` record; a column's object
+in ``to_json(indent=2)`` a ``brace`` one), chance matches among its values say nothing about a row.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class Layout:
 
     @property
     def value_like(self) -> np.ndarray:
-        """Numbers, and words with a digit in their first or last 8 bytes, per token."""
+        """Numbers, and words that look like values: with a digit and a '-' (dates, pseudonyms) or with
+        4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``."""
 
         def find():
             t = self.tokens
@@ -127,9 +128,13 @@ class Layout:
             first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
             last = t.view[t.word_start + ln - 8].view(np.uint8).reshape(-1, 8)
             cols = np.arange(8)
-            digit = (((first - np.uint8(48)) < 10) & (cols < ln[:, None])).any(axis=1)
-            digit |= (((last - np.uint8(48)) < 10) & (cols >= (8 - ln)[:, None])).any(axis=1)
-            return np.concatenate((digit, np.ones(len(t.num_start), dtype=bool)))
+            in_first = cols < np.minimum(ln, 8)[:, None]
+            in_last = (cols >= (8 - ln)[:, None]) & (cols >= (16 - ln)[:, None])  # bytes the first 8 missed
+            digits = (((first - np.uint8(48)) < 10) & in_first).sum(axis=1)
+            digits += (((last - np.uint8(48)) < 10) & in_last).sum(axis=1)
+            dash = ((first == 45) & in_first).any(axis=1) | ((last == 45) & in_last).any(axis=1)
+            word = ((digits > 0) & dash) | (digits >= 4)
+            return np.concatenate((word, np.ones(len(t.num_start), dtype=bool)))
 
         return self._cached("vl", find)
 
