@@ -25,7 +25,7 @@ import pandas as pd
 
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_bytes
-from paitient.services.data import keys
+from paitient.services.data import keys, rowindex
 from paitient.services.data.ingest import ingest
 from paitient.services.data.publish import Published
 from paitient.services.data.spec import load_spec
@@ -275,4 +275,7 @@ def publish_demo(site: SiteConfig, *, operator: str = "system") -> list[str]:
         if isinstance(result, Published):  # None: unchanged (an Outcome comes only from a dry run)
             log.info("demo data: published %s/%s version %d", project, dataset, result.version)
             done.append(f"{project}/{dataset}@v{result.version}")
+    for project in sorted({p for p, _ in wanted}):  # versions published before row detection existed
+        for r in rowindex.reindex(site, project=project):
+            log.info("demo data: indexed %s/%s version %d", r.project, r.dataset, r.version)
     return done

@@ -81,14 +81,35 @@ paitient ingest --dry-run SPEC.toml   # every check, publish nothing
 
 class DatasetsCommand(PaitientCommand):
     name = "datasets"
-    description = "List the published datasets: current version, rows, columns, k, when and by whom."
+    description = (
+        "List the published datasets: current version, rows, columns, k, when and by whom. With --reindex, "
+        "build the row-detection indexes (egress gate) of versions that have none or an outdated one."
+    )
+    examples = """
+paitient datasets                     # what is published
+paitient datasets --reindex           # index versions published before row detection, or after a key change
+paitient datasets --reindex-all       # rebuild every version's index
+"""
     project = Unicode("", help="Only this project's datasets.").tag(config=True)
     as_json = Bool(False, help="Print JSON (one object per dataset) instead of a table.").tag(config=True)
+    reindex = Bool(
+        False, help="Build the row-detection index of every published version that lacks a usable one (root)."
+    ).tag(config=True)
+    reindex_all = Bool(False, help="Rebuild the row-detection index of every published version (root).").tag(
+        config=True
+    )
 
     aliases = {**PaitientCommand.aliases, "project": "DatasetsCommand.project"}
-    flags = {"json": ({"DatasetsCommand": {"as_json": True}}, "Print JSON instead of a table.")}
+    flags = {
+        "json": ({"DatasetsCommand": {"as_json": True}}, "Print JSON instead of a table."),
+        "reindex": ({"DatasetsCommand": {"reindex": True}}, "Build missing or outdated row-detection indexes."),
+        "reindex-all": ({"DatasetsCommand": {"reindex_all": True}}, "Rebuild every row-detection index."),
+    }
 
     def start(self) -> None:
+        if self.reindex or self.reindex_all:
+            self._reindex()
+            return
         site = self.load_site()
         infos = [i for i in scan(site.data_root) if not self.project or i.project == self.project]
 
@@ -122,3 +143,17 @@ class DatasetsCommand(PaitientCommand):
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
         for r in rows:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+    def _reindex(self) -> None:
+        from paitient.services.data import rowindex
+
+        self.require_root()
+        site = self.load_site()
+        try:
+            done = rowindex.reindex(site, project=self.project, every=self.reindex_all)
+        except rowindex.IndexRefused as e:
+            self.fail(str(e), code=1)
+        for r in done:
+            print(f"indexed {r.project}/{r.dataset} version {r.version}: {r.entries:,} entries -> {r.path}")
+        if not done:
+            print("every published version has a usable row-detection index; nothing to do")

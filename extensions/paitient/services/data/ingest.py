@@ -11,6 +11,7 @@ import getpass
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from paitient import __version__
 from paitient.config import SiteConfig
 from paitient.rules import pseudonyms as tf
-from paitient.services.data import detect, keys, readers
+from paitient.services.data import detect, keys, readers, rowindex
 from paitient.services.data.errors import ColumnError, IngestRefused
 from paitient.services.data.publish import Published, Publisher, dataset_dir, read_manifest
 from paitient.services.data.spec import Rule, Spec, check_against
@@ -286,6 +287,12 @@ def ingest(
         table, all_columns = readers.read_source(spec)
         check_against(spec, all_columns)
         outcome = transform(site, spec, table, master)
+        index = None
+        if not dry_run:
+            try:
+                index = rowindex.build(outcome.table, {"columns": outcome.info["columns"]}, rowindex.ensure_key(site))
+            except rowindex.IndexRefused as e:
+                raise IngestRefused(str(e)) from None
     except IngestRefused as e:
         if not dry_run:
             audit.emit(
@@ -301,7 +308,18 @@ def ingest(
         return outcome
     manifest = manifest_for(spec, outcome, source_sha, operator)
     publisher = publisher or Publisher(site.data_root, site.state_dir / "locks")
-    published = publisher.publish(spec.project, spec.dataset, outcome.table, manifest)
+    placed: list[Path] = []
+
+    def place_index(version: int, _path: Path) -> None:
+        # the version's row-detection index is in place before the version becomes current
+        placed.append(rowindex.save(site, index, rowindex.index_dir(site, spec.project, spec.dataset, version)))
+
+    try:
+        published = publisher.publish(spec.project, spec.dataset, outcome.table, manifest, before_switch=place_index)
+    except BaseException:
+        for path in placed:
+            rowindex.remove(path)
+        raise
     audit.emit(
         site,
         actor=operator,
@@ -316,6 +334,7 @@ def ingest(
             "spec_sha256": manifest["spec_sha256"],
             "source_sha256": source_sha,
             "key_id": manifest["key_id"],
+            "row_index_entries": len(index),
         },
     )
     return published

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,16 @@ class Publisher:
         self.data_root = Path(data_root)
         self.lock_dir = Path(lock_dir)
 
-    def publish(self, project: str, dataset: str, table: pa.Table, manifest: dict[str, Any]) -> Published:
+    def publish(
+        self,
+        project: str,
+        dataset: str,
+        table: pa.Table,
+        manifest: dict[str, Any],
+        before_switch: Callable[[int, Path], None] | None = None,
+    ) -> Published:
+        """Publish ``table`` as the next version; ``before_switch(version, path)`` runs once the version is
+        in place but before ``current`` points to it: if it raises, the version is taken back."""
         self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with locked(self.lock_dir / f"ingest.{project}.{dataset}.lock"):
             for d in (self.data_root, self.data_root / project):
@@ -116,6 +126,8 @@ class Publisher:
                 _remove(tmp)
                 raise
             try:
+                if before_switch is not None:
+                    before_switch(version, final)
                 self.switch_current(ds, version)
             except BaseException:
                 if current_version(ds) != version:  # not switched: take the unseen version back

@@ -1,0 +1,99 @@
+"""Which rows of which datasets a text reveals: tokens, fingerprints, index lookups, records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from paitient.rules.edm import numbers as nb
+from paitient.rules.edm.hashing import Keyed
+from paitient.rules.edm.index import EDMIndex
+from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, Layout, rows_in_records
+from paitient.rules.edm.tokens import Tokens, tokenize
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class _Queries:
+    fp: np.ndarray  # uint64 fingerprints, words first, then numbers
+    token: np.ndarray  # token id (words first, then numbers)
+    exact: np.ndarray  # only exact entries may match (a padded print looked up at its natural precision)
+    words: int  # the first ``words`` queries are words, the rest numbers
+
+
+def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+    nw = len(tokens.word_start)
+    wfp = keyed.words(tokens.view, tokens.word_start, tokens.word_len) if nw else np.zeros(0, np.uint64)
+    tok, packed, exact = nb.printed_queries(tokens.value, tokens.lead, tokens.ndigits, tiers)
+    nfp = keyed.numbers(packed) if len(packed) else np.zeros(0, np.uint64)
+    return _Queries(
+        fp=np.concatenate((wfp, nfp)),
+        token=np.concatenate((np.arange(nw, dtype=np.int64), nw + tok)),
+        exact=np.concatenate((np.zeros(nw, bool), exact)),
+        words=nw,
+    )
+
+
+class Scan:
+    """One text, tokenised once, matched against any number of indexes."""
+
+    def __init__(self, text: bytes | str):
+        self.tokens = tokenize(text)
+        self._queries: dict[tuple[str, tuple[int, ...]], _Queries] = {}
+        self._layout: Layout | None = None
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = Layout(self.tokens)
+        return self._layout
+
+    def queries(self, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+        k = (keyed.key_id, tiers)
+        q = self._queries.get(k)
+        if q is None:
+            q = self._queries[k] = _queries(self.tokens, keyed, tiers)
+        return q
+
+    def rows(self, index: EDMIndex) -> np.ndarray:
+        """Sorted unique row ids of ``index``'s dataset that this text reveals."""
+        q = self.queries(index.keyed, index.tiers)
+        if not len(q.fp):
+            return _EMPTY
+        hits = index.lookup(q.fp)
+        # a padded print contradicts a rounded value; a number is never a pseudonym (a fingerprint
+        # collision must not reveal a patient)
+        wrong = (q.exact[hits.query] & ~hits.exact) | ((hits.query >= q.words) & hits.primary)
+        if wrong.any():
+            hits = index.select(hits, ~wrong)
+        if not len(hits.query):
+            return _EMPTY
+        revealed = np.zeros(index.rows, dtype=bool)
+        revealed[hits.row[hits.primary]] = True
+        rest = np.flatnonzero(~hits.primary)
+        tok, row, col = q.token[hits.query[rest]], hits.row[rest], hits.col[rest]
+        ncols = len(index.columns)
+        everything = (tok, col)
+        for name in LAYOUTS:
+            # only rows with values of 3 columns somewhere in the text can be revealed by a record
+            left = np.flatnonzero(~revealed[row])
+            if len(left) < MIN_ROW_COLUMNS:
+                break
+            candidates = np.zeros(index.rows, dtype=bool)
+            candidates[rows_in_records(np.zeros(len(left), np.int64), row[left], col[left], index.rows)] = True
+            left = left[candidates[row[left]]]
+            if len(left) < MIN_ROW_COLUMNS:
+                break
+            if len(left) < len(row):
+                tok, row, col = tok[left], row[left], col[left]
+            revealed[self.layout.rows(name, tok, row, col, index.rows, ncols, everything)] = True
+        return np.flatnonzero(revealed)
+
+
+def reveal(text: bytes | str, indexes: Mapping[str, EDMIndex]) -> dict[str, np.ndarray]:
+    """Dataset name -> sorted unique row ids (int64) that ``text`` reveals, for every index given."""
+    scan = Scan(text)
+    return {name: scan.rows(ix) for name, ix in indexes.items()}

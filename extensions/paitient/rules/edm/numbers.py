@@ -1,0 +1,127 @@
+"""Numbers normalised to a few significant decimal digits, the same way from a float and from its print.
+
+A number is compared at a *tier* of t significant digits (t in :data:`TIERS`): the mantissa m
+(``10**(t-1) <= m < 10**t``) and exponent e of ``m * 10**e``, the value rounded half away from zero.
+The sign is ignored and zero is no value. Both sides start from a float64: the index from the stored
+value, the output side from the printed digits (parsed exactly rounded), so a value printed as it is
+stored gives the very same float and the same rounding.
+
+A value's *natural precision* is the fewest digits (3 to 6) that give it back within float32 noise
+(``17.99``: 4, also when it went through float32 and prints as ``17.989999771118164``; a value with more
+than 6 digits: 6). The index keeps a value *exactly* at its natural precision, and *rounded* at each
+tier below it, from the coarsest at which it is distinctive. A printed number is looked up at the
+precision it shows, ``min(digits printed, 6)``, where exact and rounded entries match; and, when its
+last digits are zeros or float32 noise, also at its own natural precision, where only exact entries
+match (``17.990000`` finds 17.99; ``18.00`` finds 18.0 and 17.996, but not 17.99, which the print
+contradicts in its 4th digit). So a value matches a print that agrees with it to every digit the print
+shows, and only then.
+
+Midpoints: where the digits beyond a tier are exactly 5 (``0.1235`` at 3 digits), the float lies a hair
+below or above and a print of it may have been rounded either way, so both neighbours are candidates,
+on both sides (within :data:`_TIE_BAND` of the midpoint). That also covers double rounding: a value
+printed with 4 digits and looked up at 3 rounds like the value itself, or lands on a tie.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TIERS = (3, 4, 5, 6)
+"""Significant digits a number is compared at. Fewer than 3 carry too little to tell rows apart."""
+_TIE_BAND = 1e-7  # |fraction - 0.5| below this (in units of the last kept digit) is a tie
+_NOISE = 1.2e-7  # relative distance to a shorter decimal still counted as that decimal (float32 epsilon)
+_EXP_BIAS = 1024
+_POWERS = 10.0 ** np.arange(-324, 309, dtype=np.float64)
+_POWER_BIAS = 324
+
+
+def pack(tier: int, mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """(tier, mantissa, exponent) as one uint64, the input of :meth:`Keyed.numbers`."""
+    e = np.clip(exponent, -_EXP_BIAS, _EXP_BIAS - 1) + _EXP_BIAS
+    return np.uint64(tier) | (mantissa.astype(np.uint64) << np.uint64(3)) | (e.astype(np.uint64) << np.uint64(23))
+
+
+def _pow10(k: np.ndarray) -> np.ndarray:
+    return _POWERS[np.clip(k + _POWER_BIAS, 0, len(_POWERS) - 1)]
+
+
+def leading_exponent(x: np.ndarray) -> np.ndarray:
+    """floor(log10(x)) for x > 0, corrected where log10 lands on the wrong side of a power of ten."""
+    lead = np.floor(np.log10(x)).astype(np.int64)
+    i = np.clip(lead + _POWER_BIAS, 0, len(_POWERS) - 2)
+    lead -= x < _POWERS[i]
+    lead += x >= _POWERS[i + 1]
+    return lead
+
+
+def scaled(x: np.ndarray, tier: int, lead: np.ndarray) -> np.ndarray:
+    """``x * 10**(tier - 1 - lead)``: the value with ``tier`` digits before the point."""
+    k = tier - 1 - lead
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # the branch not taken may overflow
+        return np.where(k >= 0, x * _pow10(k), x / _pow10(-k))
+
+
+def round_at(
+    x: np.ndarray, tier: int, lead: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Positive floats at ``tier`` digits: (mantissa, exponent, tie, other mantissa, other exponent).
+
+    Where ``tie``, the value lies on a rounding midpoint (within float error) and the other neighbour
+    is a candidate too.
+    """
+    s = scaled(x, tier, lead)
+    low = np.floor(s)
+    frac = s - low
+    tie = np.abs(frac - 0.5) < _TIE_BAND
+    up = frac >= 0.5
+    low = low.astype(np.int64)
+    e0 = lead - tier + 1
+    m, e = _carry(low + up, e0, tier)
+    alt, alt_e = _carry(low + ~up, e0, tier)
+    return m, e, tie, alt, alt_e
+
+
+def _carry(m: np.ndarray, e: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndarray]:
+    """Renormalise mantissas that rounded up to 10**tier."""
+    over = m >= 10**tier
+    if over.any():
+        m = np.where(over, 10 ** (tier - 1), m)
+        e = e + over
+    return m, e
+
+
+def natural_precision(x: np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """Fewest digits (3..6) that give ``x`` back within float32 noise; 6 when more are needed."""
+    nat = np.full(len(x), TIERS[-1], dtype=np.int64)
+    for t in TIERS[-2::-1]:
+        s = scaled(x, t, lead)
+        near = np.abs(s - np.rint(s)) <= s * _NOISE
+        nat[near] = t
+    return nat
+
+
+def printed_queries(
+    value: np.ndarray, lead: np.ndarray, ndigits: np.ndarray, tiers: tuple[int, ...] = TIERS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What to look up for printed numbers: (token index, packed number, exact entries only) per lookup.
+
+    A print of k digits is looked up at tier min(k, 6); one whose digits beyond its natural precision
+    are zeros or noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
+    """
+    top = np.minimum(ndigits, TIERS[-1])
+    nat = np.minimum(natural_precision(value, lead), top)
+    tok, packed, exact = [], [], []
+    for t in tiers:
+        for sel, padded in ((np.flatnonzero(top == t), False), (np.flatnonzero((nat == t) & (top > t)), True)):
+            if not len(sel):
+                continue
+            m, e, tie, alt, alt_e = round_at(value[sel], t, lead[sel])
+            tok.append(sel)
+            packed.append(pack(t, m, e))
+            if tie.any():
+                tok.append(sel[tie])
+                packed.append(pack(t, alt[tie], alt_e[tie]))
+            exact.append(np.full(len(sel) + int(tie.sum()), padded))
+    if not tok:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool)
+    return np.concatenate(tok), np.concatenate(packed), np.concatenate(exact)

@@ -1,0 +1,241 @@
+"""Outgoing text as value tokens, found with whole-array numpy operations (no per-token Python).
+
+Two kinds of token, each with its byte offset:
+
+- numbers: ``[sign] digits [. digits] [e [sign] digits]`` (also ``.5`` and ``174.``) standing alone,
+  that is not glued to a letter, digit, ``_``, ``-``, ``+`` or ``.`` on either side, with a nonzero
+  digit. ``17.99``, ``-0.0001184``, ``1.184e-01`` are numbers; ``2019-03-04``, ``v1.2.3``, ``x86``
+  are not. A number followed by a colon (``"174":``, ``{174: ...}``, ``12:30``) is a key or a label,
+  not a value. The sign is ignored.
+- words: maximal runs of ``[A-Za-z0-9_-]`` of 4 to 64 bytes, ASCII case-folded, that are not part of
+  a number (a pseudonym ``P-ABCDEFGHIJKLMNOP`` or an ISO date ``2019-03-04`` is one word). An integer
+  of 4 or more digits written without sign is a word too (an identifier kept as text), and an ISO
+  timestamp ``2019-03-04T10:00`` also gives the word of its date.
+
+Non-ASCII bytes end a word (``Müller`` gives ``ller``): the index side tokenises cells the same way.
+
+Candidates are runs of number bytes found with byte-wise masks (cheap: a comparison per byte); the
+grammar is checked on each byte's neighbours and, for what that cannot see (two points, two
+exponents), with Arrow's string kernels, which also parse the values (C++, a few ns per number).
+From then on the printed side is normalised by the code the index side uses (:mod:`.numbers`); the
+number of significant digits printed follows from the digits after the point and the value's
+decimal exponent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
+from paitient.rules.edm.numbers import leading_exponent
+
+MIN_WORD = 4
+_EXP_DIGITS = 4
+_P10 = 10.0 ** np.arange(0, 23)
+
+
+def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
+    """The text's UTF-8 bytes behind FRONT and before PAD zero bytes (uint8), and the text's length."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    n = len(data)
+    buf = np.zeros(FRONT + n + PAD, dtype=np.uint8)
+    buf[FRONT : FRONT + n] = np.frombuffer(data, dtype=np.uint8)
+    return buf, n
+
+
+def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of True in ``mask`` (whose first and last elements are False)."""
+    m = mask.view(np.int8)
+    edges = np.flatnonzero(m[1:] != m[:-1]) + 1
+    return edges[0::2], edges[1::2]
+
+
+def lowered(buf: np.ndarray) -> np.ndarray:
+    """ASCII case-folded copy (A-Z to a-z, every other byte as it is)."""
+    upper = (buf - np.uint8(65)) < 26
+    return buf | (upper.view(np.uint8) << np.uint8(5))
+
+
+def word_mask(buf: np.ndarray) -> np.ndarray:
+    low = buf | np.uint8(32)
+    return ((buf - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26) | (buf == 45) | (buf == 95)
+
+
+def word_runs(buf: np.ndarray, word: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of [A-Za-z0-9_-] of MIN_WORD..MAX_WORD bytes, plus the date of each ISO timestamp run."""
+    ws, we = runs(word_mask(buf) if word is None else word)
+    ln = we - ws
+    keep = (ln >= MIN_WORD) & (ln <= MAX_WORD)
+    ws, ln = ws[keep], ln[keep]
+    ts = ws[ln > 10]
+    if len(ts):
+        digits = [(buf[ts + i] - np.uint8(48)) < 10 for i in (0, 1, 2, 3, 5, 6, 8, 9)]
+        date = np.logical_and.reduce(digits) & (buf[ts + 4] == 45) & (buf[ts + 7] == 45)
+        date &= (buf[ts + 10] | 32) == 116
+        if date.any():
+            ds = ts[date]
+            ws = np.concatenate((ws, ds))
+            ln = np.concatenate((ln, np.full(len(ds), 10, dtype=ln.dtype)))
+    return ws, ln
+
+
+@dataclass
+class Tokens:
+    """The tokens of one text. Offsets are byte offsets into ``buf`` (the text starts at FRONT)."""
+
+    buf: np.ndarray
+    n: int
+    word_start: np.ndarray
+    word_len: np.ndarray
+    num_start: np.ndarray
+    value: np.ndarray
+    """|value| of each number (float64)."""
+    lead: np.ndarray
+    """Decimal exponent of its first significant digit."""
+    ndigits: np.ndarray
+    """Significant digits as printed (``0.07871``: 4, ``1001.0``: 5, ``120``: 3)."""
+    _view: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def view(self) -> np.ndarray:
+        """8-byte words of the case-folded text, for word fingerprints."""
+        if self._view is None:
+            self._view = word_view(lowered(self.buf))
+        return self._view
+
+    def __len__(self) -> int:
+        return len(self.word_start) + len(self.num_start)
+
+
+def tokenize(data: bytes | str) -> Tokens:
+    buf, n = as_buffer(data)
+    b = buf
+    isdig = (b - np.uint8(48)) < 10
+    low = b | np.uint8(32)
+    alpha = (low - np.uint8(97)) < 26
+    under, minus = b == 95, b == 45
+    word = isdig | alpha | minus | under
+    ns, ne, plain, value, lead, nd = _numbers(b, isdig, alpha, low, under, minus)
+
+    if len(ns):
+        # the "1184" of "0.1184" is no word; a plain integer of 4 or more digits is one
+        mark = np.zeros(len(b), dtype=np.int8)
+        mark[ns] = 1
+        mark[ne] -= 1
+        word &= np.cumsum(mark, dtype=np.int8) == 0
+    ws, wl = word_runs(b, word)
+    if len(ns):
+        whole = np.flatnonzero(plain & (ne - ns >= MIN_WORD) & (ne - ns <= MAX_WORD))
+        if len(whole):
+            ws = np.concatenate((ws, ns[whole]))
+            wl = np.concatenate((wl, (ne - ns)[whole]))
+    return Tokens(buf, n, ws, wl, ns, value, lead, nd)
+
+
+def _numbers(b, isdig, alpha, low, under, minus):
+    """The numbers of the text: start, end, plain (digits only), mantissa, lead, exponent, digits."""
+    dot = b == 46
+    ee = low == 101
+    sign = (b == 43) | minus
+    numc = isdig | dot | ee | sign
+    # what may not touch a number: letters (other than an exponent's e), '_'
+    glue = (alpha & ~ee) | under
+    # bytes that break the grammar where they stand, judged by their neighbours (slices of the padded
+    # buffer: x(k) is the mask k bytes further on, aligned with the middle part m)
+    n = len(b)
+
+    def x(mask: np.ndarray, k: int) -> np.ndarray:
+        return mask[2 + k : n - 2 + k]
+
+    d, dt, sg, e = isdig, dot, sign, ee
+    bad = np.zeros(n, dtype=bool)
+    m = bad[2 : n - 2]
+    m |= x(sg, 0) & ~((~x(numc, -1) & (x(d, 1) | (x(dt, 1) & x(d, 2)))) | (x(e, -1) & x(d, 1)))
+    m |= x(e, 0) & ~((x(d, -1) | (x(dt, -1) & x(d, -2))) & (x(d, 1) | (x(sg, 1) & x(d, 2))))
+    m |= x(dt, 0) & ~(x(d, -1) | x(d, 1))
+    cs, ce = runs(numc)
+    ok = ~glue[cs - 1] & ~glue[ce]
+    after = b[ce]
+    ok &= b[ce + ((after == 34) | (after == 39))] != 58  # "174": or 174: is a key
+    badpos = np.flatnonzero(bad)
+    if len(badpos):
+        i = np.searchsorted(cs, badpos, "right") - 1
+        hit = (i >= 0) & (badpos < ce[np.maximum(i, 0)])
+        ok[i[hit]] = False
+    sel = np.flatnonzero(ok)
+    cs, ce = cs[sel], ce[sel]
+    return _parse(b, cs, ce)
+
+
+def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
+    """Parse the candidate numbers [cs, ce) with Arrow; drop those with two points or exponents."""
+    empty = np.zeros(0, dtype=np.int64)
+    if not len(cs):
+        return empty, empty, empty.astype(bool), empty.astype(np.float64), empty, empty
+    offsets = np.empty(2 * len(cs), dtype=np.int32)
+    offsets[0::2] = cs
+    offsets[1::2] = ce
+    text = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(b))
+    cand = text.take(pa.array(np.arange(0, len(offsets), 2, dtype=np.int32)))
+    dots = pc.count_substring(cand, ".").to_numpy()
+    lower_e = pc.find_substring(cand, "e").to_numpy()
+    upper_e = pc.find_substring(cand, "E").to_numpy()
+    epos = np.maximum(lower_e, upper_e)
+    ok = dots <= 1
+    has_e = epos >= 0
+    dpos = pc.find_substring(cand, ".").to_numpy()
+    if has_e.any():
+        es = pc.add(pc.count_substring(cand, "e"), pc.count_substring(cand, "E")).to_numpy()
+        ok &= ~has_e | ((es == 1) & (dpos < epos))
+    if not ok.all():
+        keep = np.flatnonzero(ok)
+        cand = cand.take(pa.array(keep))
+        cs, ce, epos, dpos, has_e = cs[keep], ce[keep], epos[keep], dpos[keep], has_e[keep]
+    value = np.abs(pc.cast(cand, pa.float64()).to_numpy())
+    ln = (ce - cs).astype(np.int64)
+    lf = np.where(dpos >= 0, np.where(has_e, epos, ln) - dpos - 1, 0)
+    expo = np.zeros(len(cs), dtype=np.int64)
+    if has_e.any():
+        ie = np.flatnonzero(has_e)
+        expo[ie] = _exponents(b, cs[ie] + epos[ie] + 1, ce[ie])
+    usable = np.isfinite(value) & (value > 0)
+    if not usable.all():
+        keep = np.flatnonzero(usable)
+        value, lf, expo, cs, ce, dpos, has_e = (a[keep] for a in (value, lf, expo, cs, ce, dpos, has_e))
+    lead = leading_exponent(value)
+    ndigits = lf + lead - expo + 1
+    plain = (dpos < 0) & ~has_e & ((b[cs] - np.uint8(48)) < 10)
+    counting = _counting(value)
+    if counting.any():
+        keep = np.flatnonzero(~counting)
+        cs, ce, plain, value, lead, ndigits = (a[keep] for a in (cs, ce, plain, value, lead, ndigits))
+    return cs, ce, plain, value, lead, ndigits
+
+
+def _counting(value: np.ndarray) -> np.ndarray:
+    """Numbers in a run of three or more that step by exactly 1 (row numbers, range()): labels."""
+    step = np.zeros(len(value) + 1, dtype=bool)  # step[i]: value[i] - value[i - 1] == 1
+    if len(value) > 1:
+        step[1:-1] = np.diff(value) == 1
+    two = step[:-1] & step[1:]  # value[i] is the middle of a step-by-1 triple
+    out = two.copy()
+    out[1:] |= two[:-1]
+    out[:-1] |= two[1:]
+    return out
+
+
+def _exponents(b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Signed integer after an exponent's e (its digits run from ``start`` to ``end``)."""
+    neg = b[start] == 45
+    start = start + ((b[start] == 45) | (b[start] == 43))
+    value = np.zeros(len(start), dtype=np.int64)
+    for j in range(6):
+        more = start + j < end
+        value = np.where(more, value * 10 + (b[np.minimum(start + j, len(b) - 1)].astype(np.int64) - 48), value)
+    value = np.where(end - start > 6, 10**6, value)
+    return np.where(neg, -value, value)

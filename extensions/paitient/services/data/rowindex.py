@@ -1,0 +1,223 @@
+"""Row-detection indexes of published dataset versions, and their key: root-only, beside the data.
+
+    <state_dir>/keys/edm.key                                       32 random bytes, root 0600
+    <state_dir>/egress/index/<project>/<dataset>/<version>/        root 0700
+        header.json   entries.npy   dir.npy                        root 0600
+
+The index (:mod:`paitient.rules.edm`) holds keyed fingerprints of each version's distinctive values;
+the egress service loads it, with the key, to tell which rows an outgoing text reveals. Neither may
+be readable by a researcher's account: with both, the values of a dataset could be tested one by one.
+So they live outside the data root (which members read), in folders only root can enter.
+
+A version's index is written into a temporary folder beside its place, fsync'd and renamed into
+place (a rebuilt index replaces the old one the same way), so a reader finds a whole index or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from paitient.config import ConfigError, SiteConfig, check_owner
+from paitient.fsutil import fsync_dir
+from paitient.rules.edm import KEY_BYTES, EDMIndex, IndexError_, Keyed
+from paitient.services.data.publish import DATA_FILE, dataset_dir, read_manifest, versions
+
+KEY_NAME = "edm.key"
+"""The row-detection key's file name, in ``<state_dir>/keys/``."""
+INDEX_ROOT = ("egress", "index")
+"""Where indexes live, below the state directory."""
+HEADER = "header.json"
+
+
+class IndexRefused(Exception):
+    """A row-detection index or its key cannot be built, saved or used; the message says what to do."""
+
+
+def key_path(site: SiteConfig) -> Path:
+    return site.state_dir / "keys" / KEY_NAME
+
+
+def index_root(site: SiteConfig) -> Path:
+    return site.state_dir.joinpath(*INDEX_ROOT)
+
+
+def index_dir(site: SiteConfig, project: str, dataset: str, version: int) -> Path:
+    return index_root(site) / project / dataset / str(int(version))
+
+
+def _private_dir(site: SiteConfig, path: Path) -> None:
+    """Create ``path`` and every folder between it and the state directory as root 0700."""
+    base = site.state_dir
+    parts = path.relative_to(base).parts
+    for i in range(1, len(parts) + 1):
+        d = base.joinpath(*parts[:i])
+        d.mkdir(mode=0o700, parents=i == 1, exist_ok=True)
+        os.chmod(d, 0o700)
+
+
+def ensure_key(site: SiteConfig) -> bytes:
+    """The row-detection key, created on first use (32 random bytes, root 0600), checked either way."""
+    path = key_path(site)
+    if not path.exists():
+        _private_dir(site, path.parent)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(KEY_BYTES))
+            os.fsync(fd)
+            os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # never replaces a key created meanwhile
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(path.parent)
+    return load_key(site)
+
+
+def load_key(site: SiteConfig) -> bytes:
+    """Read the key, refusing a missing, short, non-root or group/world-accessible file."""
+    path = key_path(site)
+    if not path.is_file() or path.is_symlink():
+        raise IndexRefused(
+            f"no row-detection key at {path}; `paitient datasets --reindex` creates one and rebuilds the indexes"
+        )
+    try:
+        check_owner(path.parent)
+        check_owner(path, secret=True)
+    except ConfigError as e:
+        raise IndexRefused(f"row-detection key refused: {e}") from None
+    key = path.read_bytes()
+    if len(key) < KEY_BYTES:
+        raise IndexRefused(
+            f"row-detection key {path} holds {len(key)} bytes, not {KEY_BYTES}; remove it and run "
+            "`paitient datasets --reindex` to make a new one and rebuild every index with it"
+        )
+    return key
+
+
+def primary_columns(manifest: dict[str, Any]) -> list[str]:
+    """The published columns the manifest says are pseudonyms: each one identifies its rows."""
+    return [c["name"] for c in manifest.get("columns", []) if c.get("action") == "pseudonym"]
+
+
+def build(table: Any, manifest: dict[str, Any], key: bytes) -> EDMIndex:
+    """Index a version's table (as published: the row order is the row id)."""
+    try:
+        return EDMIndex.build(table, key=Keyed(key), primary_columns=primary_columns(manifest))
+    except (IndexError_, ValueError) as e:
+        raise IndexRefused(f"row-detection index: {e}") from None
+
+
+def save(site: SiteConfig, index: EDMIndex, path: Path) -> Path:
+    """Publish ``index`` at ``path`` (a version's folder under the site's index root) whole or not at
+    all; replaces an older one."""
+    _private_dir(site, path.parent)
+    tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(4)}"
+    tmp.mkdir(mode=0o700)
+    try:
+        for name, arr in index.arrays().items():
+            _write(tmp / f"{name}.npy", lambda f, a=arr: np.save(f, np.ascontiguousarray(a), allow_pickle=False))
+        body = json.dumps(index.header, indent=2, sort_keys=True) + "\n"
+        _write(tmp / HEADER, lambda f: f.write(body.encode()))
+        fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".old-{path.name}-{secrets.token_hex(4)}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write(path: Path, fill) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        fsync_dir(path.parent)
+
+
+def load(path: Path, key: bytes, *, mmap: bool = True) -> EDMIndex:
+    """Open a saved index; ``mmap`` maps the arrays instead of reading them (pages load on demand)."""
+    try:
+        header = json.loads((path / HEADER).read_text(encoding="utf-8"))
+        arrays = {
+            name: np.load(path / f"{name}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+            for name in ("entries", "dir")
+        }
+        return EDMIndex(header, arrays, Keyed(key))
+    except FileNotFoundError:
+        raise IndexRefused(f"no row-detection index at {path}; build it with `paitient datasets --reindex`") from None
+    except (IndexError_, ValueError, KeyError) as e:
+        raise IndexRefused(
+            f"row-detection index at {path} is unusable ({e}); rebuild it: paitient datasets --reindex"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Reindexed:
+    project: str
+    dataset: str
+    version: int
+    entries: int
+    path: Path
+
+
+def stale(site: SiteConfig, project: str, dataset: str, version: int, key: bytes) -> bool:
+    """Whether the version has no usable index for ``key`` (missing, another key, another format)."""
+    try:
+        load(index_dir(site, project, dataset, version), key)
+    except IndexRefused:
+        return True
+    return False
+
+
+def reindex(site: SiteConfig, *, project: str = "", every: bool = False) -> list[Reindexed]:
+    """Build the indexes of published versions that have none (or, with ``every``, all of them)."""
+    key = ensure_key(site)
+    done = []
+    root = Path(site.data_root)
+    projects = [project] if project else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for proj in projects:
+        pdir = root / proj
+        if not pdir.is_dir():
+            raise IndexRefused(f"no published datasets of project {proj!r} under {root}")
+        for ds in sorted(d.name for d in pdir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            for version in versions(dataset_dir(root, proj, ds)):
+                if not every and not stale(site, proj, ds, version, key):
+                    continue
+                done.append(reindex_version(site, proj, ds, version, key))
+    return done
+
+
+def reindex_version(site: SiteConfig, project: str, dataset: str, version: int, key: bytes) -> Reindexed:
+    ds = dataset_dir(site.data_root, project, dataset)
+    manifest = read_manifest(ds, version)
+    if manifest is None:
+        raise IndexRefused(f"{project}/{dataset} version {version} has no readable manifest; it cannot be indexed")
+    table = pq.read_table(ds / "versions" / str(version) / DATA_FILE)
+    index = build(table, manifest, key)
+    path = save(site, index, index_dir(site, project, dataset, version))
+    return Reindexed(project, dataset, version, len(index), path)

@@ -1,0 +1,121 @@
+"""Tokens and number normalisation: what a printed number or word becomes, on both sides alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from paitient.rules.edm import EDMIndex, Scan
+from paitient.rules.edm import numbers as nb
+from paitient.rules.edm.tokens import tokenize
+
+KEY = bytes(range(32))
+
+
+def words(text: str) -> list[str]:
+    t = tokenize(text)
+    buf = bytes(t.buf)
+    return sorted(buf[s : s + n].decode() for s, n in zip(t.word_start, t.word_len, strict=True))
+
+
+def numbers(text: str) -> list[tuple[float, int]]:
+    t = tokenize(text)
+    return [(float(v), int(k)) for v, k in zip(t.value, t.ndigits, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("17.99", [(17.99, 4)]),
+        ("-0.0001184", [(0.0001184, 4)]),
+        ("1.184e-01", [(0.1184, 4)]),
+        ("1.5E+03", [(1500.0, 2)]),
+        ("1001.0", [(1001.0, 5)]),
+        ("174.", [(174.0, 3)]),
+        (".5", [(0.5, 1)]),
+        ("+3", [(3.0, 1)]),
+        ("0.12345678901234567891", [(0.12345678901234568, 20)]),
+        ('{"174": 3.25}', [(3.25, 3)]),  # the key is a label, not a value
+        ("12:30", [(30.0, 2)]),  # 12 is a label
+        ("2019-03-04 v1.2.3 x86 1.2.3 127.0.0.1 1e5e5 3-4 - . e", []),
+        ("0 0.0 0.000", []),
+        ("[101, 102, 103, 104] 7.25", [(7.25, 3)]),  # a counting sequence is labels
+        ("[101.0, 102.0, 103.5]", [(101.0, 4), (102.0, 4), (103.5, 4)]),
+    ],
+)
+def test_what_counts_as_a_number(text, expected):
+    assert numbers(text) == expected
+
+
+def test_words_are_runs_of_four_or_more_and_not_parts_of_numbers():
+    assert words("P-7F3SJGQVFCSMMGDI, 2019-03-04 and 0.1184; 00123456 -123456 Hauptstraße") == [
+        "00123456",
+        "2019-03-04",
+        "Hauptstra",
+        "P-7F3SJGQVFCSMMGDI",
+    ]
+    assert words("2019-03-04T10:00:00.000") == ["2019-03-04", "2019-03-04T10"]
+
+
+def index_of(values, **kw) -> EDMIndex:
+    return EDMIndex.build(pa.table({"a": values, "b": values, "c": values}), key=KEY, **kw)
+
+
+def found(index: EDMIndex, printed: str) -> list[int]:
+    """Rows found when each of three columns prints ``printed`` for one value (a, b, c on one line)."""
+    return list(Scan(f"{printed} {printed} {printed}").rows(index))
+
+
+@pytest.mark.parametrize(
+    ("printed", "rows"),
+    [
+        ("17.99", [0]),  # as stored
+        ("17.990000", [0]),  # padded (to_string)
+        ("17.989999771118164", [0]),  # through float32
+        ("1.799e+01", [0]),  # scientific
+        ("-17.99", [0]),  # sign ignored
+        ("18.0", [0]),  # 17.99 to the 3 digits shown (%.1f)
+        ("18.00", []),  # 4 digits shown, and 18.00 is not 17.99
+        ("17.98", []),
+        ("17.991", []),  # shows more digits, and they differ
+        ("0.12345", [1]),
+        ("0.1235", [1]),  # rounded half up...
+        ("0.1234", [1]),  # ...or down: the stored float lies a hair below the midpoint
+        ("0.123", [1]),
+        ("0.124", []),
+        ("123457", [2]),
+        ("123456.7", [2]),
+        ("1.23457e5", [2]),
+        ("123460", []),  # its last digit, 0, contradicts 123457 (a number rounded to tens is not found)
+    ],
+)
+def test_a_value_matches_a_print_that_agrees_to_the_digits_it_shows(printed, rows):
+    index = index_of([17.99, 0.12345, 123456.7, 55.5, 66.6, 77.7])
+    assert found(index, printed) == rows
+
+
+def test_fewer_than_three_digits_never_match():
+    index = index_of([42.0, 7.5, 0.5, 3.0])
+    for printed in ("42", "42.", "7.5", "0.5", "3"):
+        assert found(index, printed) == []
+    assert found(index, "42.0") == [0]  # three digits printed
+
+
+def test_natural_precision_sees_through_float32():
+    x = np.array([17.99, float(np.float32(17.99)), 0.1184, float(np.float32(0.1184)), 1 / 3, 123000.0])
+    lead = nb.leading_exponent(x)
+    assert list(nb.natural_precision(x, lead)) == [4, 4, 4, 4, 6, 3]
+
+
+def test_rounding_ties_give_both_neighbours():
+    x = np.array([0.1235, 0.12351, 2.5e-8])
+    m, e, tie, alt, alt_e = nb.round_at(x, 3, nb.leading_exponent(x))
+    assert list(tie) == [True, False, False]
+    assert sorted([int(m[0]), int(alt[0])]) == [123, 124] and int(e[0]) == -3
+    assert int(m[1]) == 124 and int(m[2]) == 250 and int(e[2]) == -10
+
+
+def test_leading_exponent_at_powers_of_ten():
+    x = np.array([1.0, 9.999999999999999, 10.0, 1e-5, 99.99, 100.0, 1e300, 5e-324, 0.1, 0.09999999999999999])
+    assert list(nb.leading_exponent(x)) == [0, 0, 1, -5, 1, 2, 300, -324, -1, -2]
