@@ -12,14 +12,29 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from paitient.config import SiteConfig
+from paitient.rules.edm import EDMIndex, reveal
+from paitient.services.data import rowindex
+from paitient.services.data.publish import current_version, dataset_dir
 
 RECHECK_SECONDS = 30.0
 """How often the matcher looks for a newer published version of a dataset."""
+
+
+_ESCAPES = ((b"\\n", b"\n"), (b"\\r", b"\n"), (b"\\t", b"\t"), (b'\\"', b'"'), (b"\\/", b"/"))
+
+
+def unescape(text: bytes) -> bytes:
+    """Kernel messages and notebooks arrive as JSON: a printed table is one string with ``\\n`` escapes.
+    Undo the escapes that separate values (lines, tabs, quotes) so the row detection sees the lines the
+    browser will show. Over-undoing (a literal backslash-n in the text) only splits a line; nothing is lost."""
+    for escaped, plain in _ESCAPES:
+        if escaped in text:
+            text = text.replace(escaped, plain)
+    return text
 
 
 class MissingIndex(LookupError):
@@ -29,7 +44,7 @@ class MissingIndex(LookupError):
 @dataclass
 class _Loaded:
     version: int | None
-    index: Any
+    index: EDMIndex | None
     checked: float
 
 
@@ -39,6 +54,7 @@ class Matcher:
         self.log = log or logging.getLogger("paitient.services.egress")
         self._loaded: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
+        self._index_key: bytes | None = None
 
     def datasets(self, projects: Iterable[str]) -> list[str]:
         """``project/dataset`` for every dataset of ``projects`` the site configuration lists."""
@@ -46,13 +62,9 @@ class Matcher:
         return [f"{p}/{ds}" for p in sorted(set(projects)) if p in known for ds in known[p].datasets]
 
     def _current_version(self, project: str, dataset: str) -> int | None:
-        from paitient.services.data.publish import current_version, dataset_dir
-
         return current_version(dataset_dir(self.site.data_root, project, dataset))
 
-    def _index(self, key: str) -> Any:
-        from paitient.services.data.edmindex import load_index
-
+    def _index(self, key: str) -> EDMIndex | None:
         project, dataset = key.split("/", 1)
         now = time.monotonic()
         with self._lock:
@@ -63,18 +75,22 @@ class Matcher:
             if loaded is not None and loaded.version == version:
                 loaded.checked = now
                 return loaded.index
-            if version is None:
-                index = None  # nothing published: nothing to reveal
-            else:
+            index: EDMIndex | None = None  # nothing published: nothing to reveal
+            if version is not None:
                 try:
-                    index = load_index(self.site.state_dir, project, dataset, version)
-                except FileNotFoundError:
-                    raise MissingIndex(
-                        f"{key} version {version} has no row index; the operator builds it with "
-                        "`paitient datasets --reindex`"
-                    ) from None
+                    index = rowindex.load(rowindex.index_dir(self.site, project, dataset, version), self._key())
+                except rowindex.IndexRefused as e:
+                    raise MissingIndex(f"{key} version {version}: {e}") from None
             self._loaded[key] = _Loaded(version, index, now)
             return index
+
+    def _key(self) -> bytes:
+        if self._index_key is None:
+            try:
+                self._index_key = rowindex.load_key(self.site)
+            except rowindex.IndexRefused as e:
+                raise MissingIndex(str(e)) from None
+        return self._index_key
 
     def reveal(self, text: bytes, projects: Iterable[str]) -> dict[str, np.ndarray]:
         """``project/dataset`` -> sorted unique row ids of that dataset that ``text`` reveals.
@@ -82,8 +98,6 @@ class Matcher:
         Raises :class:`MissingIndex` when a dataset of the projects has a published version without an index
         (the caller then treats the output as unchecked).
         """
-        from paitient.rules.edm import reveal
-
         indexes = {}
         for key in self.datasets(projects):
             index = self._index(key)
@@ -91,7 +105,7 @@ class Matcher:
                 indexes[key] = index
         if not indexes or not text:
             return {}
-        found = reveal(text, indexes)
+        found = reveal(unescape(text), indexes)
         return {key: rows for key, rows in found.items() if len(rows)}
 
     def missing(self) -> list[str]:
