@@ -46,12 +46,15 @@ def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: s
 
 
 @contextlib.contextmanager
-def own_workspace(dir_prefix: str, account_prefix: str = "ptt", *, start: bool = True) -> Iterator[Workspace]:
+def own_workspace(
+    dir_prefix: str, account_prefix: str = "ptt", *, start: bool = True, extra_site: str = ""
+) -> Iterator[Workspace]:
     """A workspace in a fresh directory under /tmp (traversable by the spawned accounts), started unless
-    ``start`` is false; stopped, its accounts removed and its directory deleted afterwards."""
+    ``start`` is false; stopped, its accounts removed and its directory deleted afterwards. ``extra_site`` is
+    TOML appended to the site file (e.g. an ``[egress]`` section)."""
     root = Path(tempfile.mkdtemp(prefix=dir_prefix, dir="/tmp"))
     os.chmod(root, 0o755)  # spawned accounts traverse it to reach their homes and the service sockets
-    ws = Workspace(root, prefix=account_prefix)
+    ws = Workspace(root, prefix=account_prefix, extra_site=extra_site)
     try:
         if start:
             ws.start()
@@ -216,15 +219,29 @@ class Workspace:
         return r.json()["id"]
 
     def run_cell(
-        self, s: requests.Session, user: str, code: str, kernel_id: str | None = None, timeout: float = 120.0
+        self,
+        s: requests.Session,
+        user: str,
+        code: str,
+        kernel_id: str | None = None,
+        timeout: float = 120.0,
+        *,
+        stdin_reply: str | None = None,
     ) -> CellResult:
         kernel_id = kernel_id or self.start_kernel(s, user)
-        return asyncio.run(self._execute(s, user, kernel_id, code, timeout))
+        return asyncio.run(self._execute(s, user, kernel_id, code, timeout, stdin_reply))
 
-    async def _execute(self, s: requests.Session, user: str, kernel_id: str, code: str, timeout: float) -> CellResult:
+    def kernel_url(self, s: requests.Session, user: str, kernel_id: str) -> tuple[str, dict[str, str]]:
+        """The kernel's websocket URL and the headers a browser would send with it."""
         cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
         url = self.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel_id}/channels"
-        return await execute(url, {"Cookie": cookie, **self.xsrf_headers(s, user)}, user, code, timeout)
+        return url, {"Cookie": cookie, **self.xsrf_headers(s, user)}
+
+    async def _execute(
+        self, s: requests.Session, user: str, kernel_id: str, code: str, timeout: float, stdin_reply: str | None
+    ) -> CellResult:
+        url, headers = self.kernel_url(s, user, kernel_id)
+        return await execute(url, headers, user, code, timeout, stdin_reply=stdin_reply)
 
 
 @dataclass

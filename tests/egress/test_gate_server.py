@@ -62,7 +62,7 @@ def world(tmp_path_factory):
     service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
     egress = EgressServer(socket_path(site), service)
     egress.start_in_thread()
-    server = UserServer(site, user, ("onc",), root)
+    server = UserServer(site, user, ("onc",), root, start_egress=False)
     Registry.for_state_dir(site.state_dir).put(server.member)
     try:
         with server:

@@ -24,7 +24,7 @@ import requests
 
 from paitient.config import SiteConfig, parse
 from paitient.hub.serverconfig import user_server_env, write_user_server_config
-from paitient.registry import Member
+from paitient.registry import Member, Registry
 from paitient.services.kit.process import free_port
 from tests.kernelclient import CellResult, execute
 
@@ -46,11 +46,20 @@ def make_site(root: Path, projects: dict[str, list[str]], **sections: dict[str, 
 
 
 def publish(site: SiteConfig, project: str, dataset: str, text: str, version: int = 1) -> Path:
-    """A published dataset version as the ingest part lays it out, with ``current`` pointing at it."""
+    """A published dataset version as the ingest part lays it out, with ``current`` pointing at it, and its
+    row-detection index built (root-only, as publication builds it). ``text`` is the table as CSV; it is kept
+    as ``data.csv`` beside ``data.parquet`` so kernels can read it either way."""
+    import io
+
+    import pandas as pd
+
+    from paitient.services.data import rowindex
+
     base = site.data_root / project / dataset
     vdir = base / "versions" / str(version)
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / "data.csv").write_text(text)
+    pd.read_csv(io.StringIO(text)).to_parquet(vdir / "data.parquet")
     (vdir / "manifest.json").write_text(json.dumps({"version": version}))
     for d in (site.data_root / project, base, base / "versions", vdir):
         os.chmod(d, 0o755)
@@ -58,7 +67,66 @@ def publish(site: SiteConfig, project: str, dataset: str, text: str, version: in
     if cur.is_symlink():
         cur.unlink()
     cur.symlink_to(f"versions/{version}")
+    rowindex.reindex_version(site, project, dataset, version, rowindex.ensure_key(site))
     return vdir
+
+
+@contextlib.contextmanager
+def egress_service(site: SiteConfig):
+    """``paitient service egress`` as a real root process on the site's state dir; stopped by its pid."""
+    from paitient.config.reference import effective_toml
+    from paitient.services.egress import socket_path
+
+    sock = socket_path(site)
+    site_file = site.state_dir / "egress-site.toml"  # the service reads the projects from the site file
+    site_file.write_text(effective_toml(site))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "egress", f"--site={site_file}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the egress service did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class SharedEgress:
+    """One ``paitient service egress`` per site for the servers of a test: started by the first server that
+    needs it, stopped (by its pid) when the last one stops."""
+
+    running: dict[str, SharedEgress] = {}
+
+    def __init__(self, site: SiteConfig):
+        self.site = site
+        self.users = 0
+        self._context = egress_service(site)
+        self._context.__enter__()
+
+    @classmethod
+    def acquire(cls, site: SiteConfig) -> SharedEgress:
+        key = str(site.state_dir)
+        shared = cls.running.get(key)
+        if shared is None:
+            shared = cls.running[key] = cls(site)
+        shared.users += 1
+        return shared
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.running.pop(str(self.site.state_dir), None)
+            self._context.__exit__(None, None, None)
 
 
 class UserServer:
@@ -72,8 +140,13 @@ class UserServer:
         base: Path,
         extra_env: dict[str, str] | None = None,
         extra_args: tuple[str, ...] = (),
+        *,
+        start_egress: bool = True,
     ):
+        """``start_egress``: start the site's egress service with the first server (off when the test runs its
+        own on the site's gate socket)."""
         self.site = site
+        self.start_egress = start_egress
         self.user = user
         self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
         jdir = site.state_dir / "users" / user.pw_name / "jupyter"
@@ -85,6 +158,7 @@ class UserServer:
         self.extra_env = extra_env or {}
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
+        self.egress: SharedEgress | None = None
 
     def env(self) -> dict[str, str]:
         home = self.user.pw_dir
@@ -101,6 +175,11 @@ class UserServer:
         for d in (self.site.state_dir / "users", self.config_dir.parent.parent, self.config_dir.parent):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
+        # What the spawner does before a server starts: the registry knows the account (the services identify
+        # its processes by uid), and the site's egress service runs (the gate asks it about every output).
+        Registry.for_state_dir(self.site.state_dir).put(self.member)
+        if self.egress is None and self.start_egress:
+            self.egress = SharedEgress.acquire(self.site)
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
             "setpriv",
@@ -144,14 +223,19 @@ class UserServer:
             return ""
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        finally:
+            if self.egress is not None:
+                self.egress.release()
+                self.egress = None
 
     def __enter__(self) -> UserServer:
         return self.start()
