@@ -123,10 +123,11 @@ def test_rows_in_an_input_prompt_are_withheld(alice, sample):
         "display(df.describe())",
         "print(df['target'].value_counts())",
         "print(df.groupby('target')['mean radius'].mean())",
-        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nfrom IPython.display import display\n"
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "from IPython.display import display\n"
         "fig, ax = plt.subplots(); ax.hist(df['mean radius'], bins=20); display(fig)",
         "print(df.corr(numeric_only=True).round(2).iloc[:8, :8])",
-        "import torch\nm = torch.nn.Sequential(torch.nn.Linear(30, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))\nprint(m)",
+        "import torch\nprint(torch.nn.Sequential(torch.nn.Linear(30, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)))",
     ],
     ids=["head", "describe", "value_counts", "groupby-mean", "plot", "correlation", "model-summary"],
 )
