@@ -12,6 +12,7 @@ import requests
 from paitient.hub.paths import HubPaths
 from paitient.hub.signon import NO_PROJECT_MESSAGE
 from paitient.ops.up import Running, hub_api
+from paitient.services import SERVICES
 from paitient.services.audit.query import newest_first
 
 pytestmark = pytest.mark.e2e
@@ -155,7 +156,7 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
     running = Running.read(HubPaths(ws.state_dir).up_file)
     old_hub = running.pids["hub"]
     old_services = services_of(ws)
-    assert len(old_services) == 3
+    assert len(old_services) == len(SERVICES)
     os.kill(old_hub, 9)  # the hardest way to lose the hub: no chance to clean up
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
