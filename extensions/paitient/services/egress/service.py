@@ -24,9 +24,7 @@ import logging
 import os
 import socket
 import socketserver
-import stat
 import struct
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -46,6 +44,7 @@ from paitient.rules.egress import (
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.store import EgressStore, today
+from paitient.services.kit.channel import UnixSocketServer
 
 MAX_CONTEXTS = 512
 """Open contexts per connection; the oldest is closed (and recorded) beyond this."""
@@ -316,33 +315,14 @@ class _Connection(socketserver.BaseRequestHandler):
             self.server.service.record_context(self.member, self.contexts.pop(name))
 
 
-class EgressServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    request_queue_size = 128
+class EgressServer(UnixSocketServer):
+    """The gate's socket: one long connection per user's server. Its folder (0755) is bound into no sandbox."""
 
     def __init__(self, path: str | os.PathLike[str], service: EgressService):
-        self.path = Path(path)
         self.service = service
-        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o755)
-        if self.path.exists() or self.path.is_symlink():
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):
-                raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
-            self.path.unlink()
-        super().__init__(str(self.path), _Connection)
-        os.chmod(self.path, 0o666)
-
-    def start_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name="egress-gate", daemon=True)
-        t.start()
-        return t
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.chmod(Path(path).parent, 0o755)
+        super().__init__(path, _Connection, name="egress", mode=0o666)
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:

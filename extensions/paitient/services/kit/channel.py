@@ -121,14 +121,49 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             pass  # the caller went away; nothing to tell it
 
 
-class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """A threaded unix-socket server dispatching ``op`` to handlers that receive the caller's :class:`Peer`."""
+class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A threaded unix-socket server at ``path`` with ``mode``: an old socket there is replaced, anything else
+    is refused; the socket goes when the server closes. Subclasses name their request handler."""
 
     daemon_threads = True
     allow_reuse_address = True
-    # Many kernels may call at once (a class starting their training together): a short accept queue
+    # Many clients may connect at once (a class starting their training together): a short accept queue
     # makes a connect fail with EAGAIN on a unix socket instead of waiting.
     request_queue_size = 128
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handler: type[socketserver.BaseRequestHandler],
+        *,
+        name: str,
+        mode: int = 0o666,
+    ):
+        self.path = Path(path)
+        self.name = name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(self.path.lstat().st_mode):
+                raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
+            self.path.unlink()
+        super().__init__(str(self.path), handler)
+        os.chmod(self.path, mode)
+
+    def start_in_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name=f"{self.name}-socket", daemon=True)
+        t.start()
+        return t
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ChannelServer(UnixSocketServer):
+    """A threaded unix-socket server dispatching ``op`` to handlers that receive the caller's :class:`Peer`."""
 
     def __init__(
         self,
@@ -139,26 +174,6 @@ class ChannelServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         mode: int = 0o666,
         timeout_seconds: float = 30.0,
     ):
-        self.path = Path(path)
         self.handlers = handlers
-        self.name = name
         self.timeout_seconds = timeout_seconds
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() or self.path.is_symlink():
-            if not stat.S_ISSOCK(self.path.lstat().st_mode):
-                raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
-            self.path.unlink()
-        super().__init__(str(self.path), _RequestHandler)
-        os.chmod(self.path, mode)
-
-    def start_in_thread(self) -> threading.Thread:
-        t = threading.Thread(target=self.serve_forever, name=f"{self.name}-channel", daemon=True)
-        t.start()
-        return t
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        super().__init__(path, _RequestHandler, name=name, mode=mode)
