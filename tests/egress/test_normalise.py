@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from paitient.rules.edm import EDMIndex, Scan
+from paitient.rules.edm import EDMIndex, Keyed, Scan
 from paitient.rules.edm import numbers as nb
-from paitient.rules.edm.tokens import tokenize
+from paitient.rules.edm.hashing import word_view
+from paitient.rules.edm.tokens import lowered, tokenize
 
 KEY = bytes(range(32))
 
@@ -119,3 +120,13 @@ def test_rounding_ties_give_both_neighbours():
 def test_leading_exponent_at_powers_of_ten():
     x = np.array([1.0, 9.999999999999999, 10.0, 1e-5, 99.99, 100.0, 1e300, 5e-324, 0.1, 0.09999999999999999])
     assert list(nb.leading_exponent(x)) == [0, 0, 1, -5, 1, 2, 300, -324, -1, -2]
+
+
+def test_a_fingerprint_does_not_depend_on_what_else_is_hashed_with_it():
+    """Index and text hash words in batches of their own: a word must hash alike in any batch."""
+    keyed = Keyed(KEY)
+    t = tokenize("abcd 2019-03-04 P-7F3SJGQVFCSMMGDI 12345678 " + "x" * 40)
+    view = word_view(lowered(t.buf))
+    together = keyed.words(view, t.word_start, t.word_len)
+    alone = [keyed.words(view, t.word_start[i : i + 1], t.word_len[i : i + 1])[0] for i in range(len(together))]
+    assert list(together) == alone and len(set(alone)) == len(alone) == 5
