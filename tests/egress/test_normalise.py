@@ -73,7 +73,7 @@ def found(index: EDMIndex, printed: str) -> list[int]:
     [
         ("17.99", [0]),  # as stored
         ("17.990000", [0]),  # padded (to_string)
-        ("17.989999771118164", [0]),  # through float32
+        ("17.989999771118164", [0]),  # through float32 (a tensor)
         ("1.799e+01", [0]),  # scientific
         ("-17.99", [0]),  # sign ignored
         ("18.0", [0]),  # 17.99 to the 3 digits shown (%.1f)
@@ -103,10 +103,19 @@ def test_fewer_than_three_digits_never_match():
     assert found(index, "42.0") == [0]  # three digits printed
 
 
-def test_natural_precision_sees_through_float32():
-    x = np.array([17.99, float(np.float32(17.99)), 0.1184, float(np.float32(0.1184)), 1 / 3, 123000.0])
+def test_natural_precision_is_strict_for_stored_values_and_sees_float32_in_prints():
+    x = np.array([17.99, float(np.float32(17.99)), 0.1184, 1 / 3, 123000.0, 1.669999965700896])
     lead = nb.leading_exponent(x)
-    assert list(nb.natural_precision(x, lead)) == [4, 4, 4, 4, 6, 3]
+    assert list(nb.natural_precision(x, lead)) == [4, 6, 4, 6, 3, 6]
+    assert list(nb.natural_precision(x, lead, nb.PRINTED_NOISE)) == [4, 4, 4, 6, 3, 3]
+
+
+def test_values_that_went_through_float32_are_found_by_both_their_prints():
+    stored = [float(np.float32(v)) for v in (17.99, 0.1184, 1001.0, 55.5, 66.6, 77.7)]
+    index = index_of(stored)
+    assert found(index, "17.99") == [0] and found(index, "17.989999771118164") == [0]
+    assert found(index, "0.1184") == [1] and found(index, "0.11840000003576279") == [1]
+    assert found(index, "17.990000") == [0]
 
 
 def test_rounding_ties_give_both_neighbours():

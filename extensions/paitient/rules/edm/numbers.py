@@ -6,15 +6,16 @@ The sign is ignored and zero is no value. Both sides start from a float64: the i
 value, the output side from the printed digits (parsed exactly rounded), so a value printed as it is
 stored gives the very same float and the same rounding.
 
-A value's *natural precision* is the fewest digits (3 to 6) that give it back within float32 noise
-(``17.99``: 4, also when it went through float32 and prints as ``17.989999771118164``; a value with more
-than 6 digits: 6). The index keeps a value *exactly* at its natural precision, and *rounded* at each
-tier below it, from the coarsest at which it is distinctive. A printed number is looked up at the
-precision it shows, ``min(digits printed, 6)``, where exact and rounded entries match; and, when its
-last digits are zeros or float32 noise, also at its own natural precision, where only exact entries
-match (``17.990000`` finds 17.99; ``18.00`` finds 18.0 and 17.996, but not 17.99, which the print
-contradicts in its 4th digit). So a value matches a print that agrees with it to every digit the print
-shows, and only then.
+A stored value's *natural precision* is the fewest digits (3 to 6) that give it back as a float64
+(``17.99``: 4; a value with more digits: 6, a value that went through float32 too). The index keeps a
+value *exactly* at its natural precision, and *rounded* at each tier below it, from the coarsest at
+which it is distinctive. A printed number is looked up at the precision it shows, ``min(digits
+printed, 6)``, where exact and rounded entries match; and when the digits it shows beyond some
+precision are zeros or float32 noise (``17.990000``; ``17.989999771118164``, 17.99 printed through a
+float32 tensor), also at that precision, where only exact entries match. So a value matches a print
+that agrees with it in every digit the print shows: ``18.00`` finds 18.0 and 17.996 but not 17.99,
+which it contradicts in the 4th digit. (The stored side uses float64's tolerance: with float32's, one
+random float in a few hundred would pass for a 3-digit decimal and match every print of it.)
 
 Midpoints: where the digits beyond a tier are exactly 5 (``0.1235`` at 3 digits), the float lies a hair
 below or above and a print of it may have been rounded either way, so both neighbours are candidates,
@@ -29,7 +30,10 @@ import numpy as np
 TIERS = (3, 4, 5, 6)
 """Significant digits a number is compared at. Fewer than 3 carry too little to tell rows apart."""
 _TIE_BAND = 1e-7  # |fraction - 0.5| below this (in units of the last kept digit) is a tie
-_NOISE = 1.2e-7  # relative distance to a shorter decimal still counted as that decimal (float32 epsilon)
+STORED_NOISE = 1e-12
+"""Relative distance to a shorter decimal at which a stored value still is that decimal (float64)."""
+PRINTED_NOISE = 1.2e-7
+"""The same for a printed number, which may have gone through float32 (a tensor's values)."""
 _EXP_BIAS = 1024
 _POWERS = 10.0 ** np.arange(-324, 309, dtype=np.float64)
 _POWER_BIAS = 324
@@ -90,12 +94,12 @@ def _carry(m: np.ndarray, e: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndar
     return m, e
 
 
-def natural_precision(x: np.ndarray, lead: np.ndarray) -> np.ndarray:
-    """Fewest digits (3..6) that give ``x`` back within float32 noise; 6 when more are needed."""
+def natural_precision(x: np.ndarray, lead: np.ndarray, noise: float = STORED_NOISE) -> np.ndarray:
+    """Fewest digits (3..6) that give ``x`` back within ``noise`` (relative); 6 when more are needed."""
     nat = np.full(len(x), TIERS[-1], dtype=np.int64)
     for t in TIERS[-2::-1]:
         s = scaled(x, t, lead)
-        near = np.abs(s - np.rint(s)) <= s * _NOISE
+        near = np.abs(s - np.rint(s)) <= s * noise
         nat[near] = t
     return nat
 
@@ -105,11 +109,11 @@ def printed_queries(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What to look up for printed numbers: (token index, packed number, exact entries only) per lookup.
 
-    A print of k digits is looked up at tier min(k, 6); one whose digits beyond its natural precision
-    are zeros or noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
+    A print of k digits is looked up at tier min(k, 6); one whose digits beyond some precision are
+    zeros or float32 noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
     """
     top = np.minimum(ndigits, TIERS[-1])
-    nat = np.minimum(natural_precision(value, lead), top)
+    nat = np.minimum(natural_precision(value, lead, PRINTED_NOISE), top)
     tok, packed, exact = [], [], []
     for t in tiers:
         for sel, padded in ((np.flatnonzero(top == t), False), (np.flatnonzero((nat == t) & (top > t)), True)):
