@@ -10,13 +10,12 @@ rows apart. Pseudonym columns are *primary*: their words are indexed whatever th
 of them reveals every row that carries it.
 
 Layout: one uint64 per entry, ``fingerprint bits (26) | row (27) | exact (1) | primary (1) | column (9)``,
-sorted,
-and a directory ``dir`` over the fingerprint's top ``dir_bits`` bits (uint32, where each bucket's
-entries begin; a bucket per 2 to 4 entries). The entry holds the 23 fingerprint bits that
-follow the directory's, so a lookup compares ``dir_bits + 26`` bits (36 or more). Columns past the
-512th share ids with earlier ones (which can only hide a row, never reveal one); a version holds at
-most 2**27 (134 million) rows. About 9 bytes per
-entry; the header counts entries per column and the bytes per indexed cell.
+grouped by the bucket of the fingerprint's top ``dir_bits`` bits, and a directory ``dir`` (uint32,
+where each bucket's entries begin; a bucket per 2 to 4 entries). An entry holds the 26 fingerprint bits
+that follow the directory's, so a lookup compares ``dir_bits + 26`` bits (36 or more) against each
+entry of its bucket. About 9 bytes per entry; the header counts entries per column and the bytes per
+indexed cell. Columns past the 512th share ids with earlier ones (which can only hide a row, never
+reveal one); a version holds at most 2**27 (134 million) rows.
 """
 
 from __future__ import annotations
@@ -133,8 +132,10 @@ class EDMIndex:
         if missing:
             raise IndexError_(f"primary column(s) {sorted(missing)} are not in the table; name columns it has")
         rows = table.num_rows
-        if rows > MAX_ROWS:
-            raise IndexError_(f"a dataset version of more than {MAX_ROWS:,} rows cannot be indexed; split it")
+        if rows > MAX_ROWS or table.num_columns * rows >= 1 << 32:
+            raise IndexError_(
+                f"a dataset version of more than {MAX_ROWS:,} rows or 2**32 cells cannot be indexed; split it"
+            )
         thr = THRESHOLD if threshold is None else int(threshold)
         if thr < 1:
             raise IndexError_(f"threshold = {thr}: it must be at least 1 row")
@@ -166,11 +167,16 @@ class EDMIndex:
             cells += ncells
         fps = np.concatenate(fps_parts) if fps_parts else np.zeros(0, np.uint64)
         tags = np.concatenate(tag_parts) if tag_parts else np.zeros(0, np.uint64)
+        if len(fps) >= 1 << 32:
+            raise IndexError_(f"{len(fps):,} index entries are more than one index holds; split the dataset")
         bits = int(min(31, max(10, math.ceil(math.log2(max(2, len(fps)))) - 2)))
-        order = np.argsort(fps)
-        fps, tags = fps[order], tags[order]
-        entries = ((fps << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags
-        directory = np.searchsorted(fps >> np.uint64(64 - bits), np.arange((1 << bits) + 1, dtype=np.uint64))
+        bucket = fps >> np.uint64(64 - bits)
+        # entries grouped by bucket (their order within one does not matter): a packed sort
+        key = (bucket << np.uint64(32)) | np.arange(len(fps), dtype=np.uint64)
+        key.sort()
+        at = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        entries = ((fps[at] << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags[at]
+        directory = np.searchsorted(key >> np.uint64(32), np.arange((1 << bits) + 1, dtype=np.uint64))
         arrays = {"entries": entries, "dir": directory.astype(np.uint32)}
         header = {
             "format": FORMAT,
@@ -207,7 +213,7 @@ class EDMIndex:
             found_q.append(active[same])
             found_e.append(e[same])
             pos += 1
-            more = np.flatnonzero((pos < end) & (have <= want))
+            more = np.flatnonzero(pos < end)
             active, pos, end, want = active[more], pos[more], end[more], want[more]
         if len(active):  # long buckets (a patient's many rows): expand the rest at once
             cnt = end - pos
@@ -268,6 +274,13 @@ def _epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False)
 
 
+def _run_counts(key: np.ndarray) -> np.ndarray:
+    """For a sorted key, how many elements share each element's key."""
+    change = np.flatnonzero(key[1:] != key[:-1]) + 1
+    size = np.diff(np.concatenate(([0], change, [len(key)])))
+    return np.repeat(size, size)
+
+
 def _numbers(
     keyed: Keyed, x: np.ndarray, thr: int, *, rounded: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]:
@@ -276,6 +289,8 @@ def _numbers(
     Exact entries: the value at its natural precision, where at most ``thr`` rows have that value.
     Rounded entries (unless ``rounded`` is off, as for epoch numbers, which print whole): the value
     at each tier below its natural precision, from the coarsest where at most ``thr`` rows share it.
+    Every tier is derived from the value's 6-digit mantissa by integer rounding; a remainder of exactly
+    one half (the 6 digits may themselves be rounded) gives both neighbours.
     """
     x = np.abs(x)
     with np.errstate(invalid="ignore"):
@@ -283,43 +298,77 @@ def _numbers(
     empty = np.zeros(0, np.uint64)
     if not len(valid):
         return empty, empty, empty.astype(bool), 0, set()
-    order = valid[np.argsort(x[valid])]
-    xs = x[order]
-    lead = nb.leading_exponent(xs)
-    natural = nb.natural_precision(xs, lead)
-    coarsest = np.zeros(len(xs), dtype=np.int64)  # 0: not distinctive at any tier below natural
-    rounded_at = {}
-    for t in nb.TIERS:
-        m, e, tie, alt, alt_e = nb.round_at(xs, t, lead)
-        rounded_at[t] = (m, e, tie, alt, alt_e)
-        key = (e + 2048) * (1 << 21) + m  # increases with the value: equal keys are neighbours
-        change = np.flatnonzero(key[1:] != key[:-1]) + 1
-        size = np.diff(np.concatenate(([0], change, [len(key)])))
-        count = np.repeat(size, size)
-        if t == nb.TIERS[-1]:
-            distinct_value = count <= thr  # six digits: the value itself
-        if rounded:
-            fresh = (coarsest == 0) & (count <= thr) & (t < natural)
-            coarsest[fresh] = t
-    fps, rows, exact, used = [], [], [], set()
-    for t in nb.TIERS:
-        for sel, is_exact in (
-            (np.flatnonzero((coarsest > 0) & (coarsest <= t) & (natural > t)), False),
-            (np.flatnonzero((natural == t) & distinct_value), True),
-        ):
-            if not len(sel):
+    xv = x[valid]
+    lead, s6 = nb.lead_and_six(xv)
+    m6 = np.rint(s6)
+    close = np.abs(s6 - m6) <= s6 * nb.STORED_NOISE  # the value has at most 6 digits
+    e6 = lead - 5
+    top = m6 >= 1_000_000  # 999999.6 rounds up a decade
+    if top.any():
+        m6, e6 = np.where(top, 100_000.0, m6), e6 + top
+    # sort (value at 6 digits, at most 6 digits?, position) packed in one uint64; then equal values are
+    # neighbours, and the value, the flag and the position come back out of the key
+    key = (e6 + 1024).astype(np.uint64) << np.uint64(20) | m6.astype(np.uint64)
+    key = key << np.uint64(28) | close.astype(np.uint64) << np.uint64(27) | np.arange(len(xv), dtype=np.uint64)
+    key.sort()
+    value_key = key >> np.uint64(28)
+    pos = (key & np.uint64((1 << 27) - 1)).astype(np.int64)
+    order = pos if len(valid) == len(x) else valid[pos]
+    m6 = (value_key & np.uint64((1 << 20) - 1)).astype(np.int32)  # int32: division by a constant is fast
+    e6 = (value_key >> np.uint64(20)).astype(np.int64) - 1024
+    close = ((key >> np.uint64(27)) & np.uint64(1)).astype(bool)
+    natural = np.full(len(order), 6, dtype=np.int64)
+    if close.any():
+        for t, div in ((5, 10), (4, 100), (3, 1000)):
+            natural[close & (m6 - m6 // div * div == 0)] = t
+    exact_ok = _run_counts(value_key) <= thr  # rows with this very value
+    tiers: dict[int, tuple] = {}
+    coarsest = np.zeros(len(order), dtype=np.int64)
+    if rounded:
+        # fine to coarse: a tier where no value is distinctive has no coarser one where any is
+        for t in nb.TIERS[-2::-1]:
+            below = natural > t
+            if not below.any():
                 continue
-            used.add(t)
-            m, e, tie, alt, alt_e = (a[sel] for a in rounded_at[t])
-            fps.append(keyed.numbers(nb.pack(t, m, e)))
-            rows.append(order[sel])
-            if tie.any():
-                fps.append(keyed.numbers(nb.pack(t, alt[tie], alt_e[tie])))
-                rows.append(order[sel[tie]])
-            exact.append(np.full(len(sel) + int(tie.sum()), is_exact))
+            div = 10 ** (6 - t)
+            q = m6 // div
+            r2 = (m6 - q * div) * 2
+            m = q + (r2 >= div)
+            e = e6 + (6 - t)
+            over = m >= 10**t
+            if over.any():
+                m, e = np.where(over, 10 ** (t - 1), m), e + over
+            tie = r2 == div
+            tiers[t] = (m, e, tie, q, e6 + (6 - t))
+            distinct = below & (_run_counts(e * (1 << 21) + m.astype(np.int64)) <= thr)
+            if not distinct.any():
+                break
+            coarsest[distinct] = t
+    fps, rows, exact, used = [], [], [], set()
+
+    def add(t: int, sel: np.ndarray, m: np.ndarray, e: np.ndarray, is_exact: bool) -> None:
+        fps.append(keyed.numbers(nb.pack(t, m, e)))
+        rows.append(order[sel])
+        exact.append(np.full(len(sel), is_exact))
+        used.add(t)
+
+    for t in nb.TIERS:
+        sel = np.flatnonzero((natural == t) & exact_ok)
+        if len(sel):
+            add(t, sel, m6[sel] // 10 ** (6 - t), e6[sel] + (6 - t), True)
+        if t not in tiers:
+            continue
+        sel = np.flatnonzero((coarsest > 0) & (coarsest <= t) & (natural > t))
+        if not len(sel):
+            continue
+        m, e, tie, q, eq = (a[sel] for a in tiers[t])
+        add(t, sel, m, e, False)
+        twin = np.flatnonzero(tie)
+        if len(twin):  # on the midpoint: the neighbour below (the 6 digits may be rounded up)
+            add(t, sel[twin], q[twin], eq[twin], False)
     if not fps:
         return empty, empty, empty.astype(bool), 0, set()
-    cells = int(((coarsest > 0) | distinct_value).sum())
+    cells = int(((coarsest > 0) | ((natural >= 3) & exact_ok)).sum())
     return np.concatenate(fps), np.concatenate(rows), np.concatenate(exact), cells, used
 
 

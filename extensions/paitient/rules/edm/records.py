@@ -184,7 +184,7 @@ class Layout:
         cap = record_cap(columns)
         if name in _SEGMENTS:
             rec = self._segments(name, tok, cap)
-        elif "ids:" + name in self._cache:
+        elif "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
             rec = self._pooled(name)[tok]
         else:  # only the hits' tokens for now: the whole text only if some record might count
             rec = getattr(self, "_" + name)(self.start[tok])
