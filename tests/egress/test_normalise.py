@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from paitient.rules.edm import EDMIndex, Keyed, Scan
 from paitient.rules.edm import numbers as nb
@@ -139,3 +141,26 @@ def test_a_fingerprint_does_not_depend_on_what_else_is_hashed_with_it():
     together = keyed.words(view, t.word_start, t.word_len)
     alone = [keyed.words(view, t.word_start[i : i + 1], t.word_len[i : i + 1])[0] for i in range(len(together))]
     assert list(together) == alone and len(set(alone)) == len(alone) == 5
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(alphabet=st.sampled_from(list("0123456789.,-+eE :\"'{}[]\n\\<>/trP_abcü ")), max_size=300),
+    )
+)
+def test_any_text_gives_valid_rows_and_never_fails(text):
+    index = index_of([17.99, 0.12345, 123456.7, 55.5, 66.6, 77.7])
+    rows = Scan(text).rows(index)
+    assert rows.dtype == np.int64 and list(rows) == sorted(set(rows.tolist()))
+    assert all(0 <= r < 6 for r in rows)
+    t = tokenize(text)
+    assert np.all(t.value > 0) and np.all(np.isfinite(t.value))
+
+
+def test_empty_and_odd_texts():
+    index = index_of([17.99, 0.12345, 123456.7, 55.5, 66.6, 77.7])
+    for text in ("", b"", "\n", b"\xff\xfe\x00", "ü" * 50, "." * 100, "-" * 100, "e" * 100, "9" * 200):
+        assert list(Scan(text).rows(index)) == []
+    assert found(index, "17.99") == [0]  # the helper prints it in three columns: a, b and c
