@@ -190,6 +190,15 @@ class Layout:
             rec = getattr(self, "_" + name)(self.start[tok])
         keep = np.flatnonzero(rec >= 0)
         rec, tok, row, col = rec[keep], tok[keep], row[keep], col[keep]
+        if name not in _SEGMENTS and len(rec):
+            # the distinct numbers hit in a record already count towards its size: a record over the
+            # cap on those alone (a printed column of a dump) needs no counting over the whole text
+            dense = _densify(rec)
+            nums = tok >= len(self.tokens.word_start)
+            width = len(self.start) + 1
+            pairs = sorted_unique(dense[nums] * width + tok[nums])
+            fits = np.bincount(pairs // width, minlength=int(dense.max()) + 1)[dense] <= cap
+            rec, tok, row, col = rec[fits], tok[fits], row[fits], col[fits]
         found_rows = rows_in_records(_densify(rec), row, col, nrows)
         if not len(found_rows):  # most hits are chance ones: spare the sizes and shapes of records
             return found_rows
