@@ -3,7 +3,9 @@
 Each test prints (part of) a published dataset the way a researcher's code could, and asserts how many
 rows of each demo dataset the text reveals. The breast cancer table shares 150 patients (pseudonyms)
 with the GBSG2 table of the same project; a print that shows the pseudonyms reveals those GBSG2 rows
-too, and no other print reveals rows of the tables that were not printed.
+too. Other tables are not revealed, but for a chance row or two: the dates are shifted with the
+session's own pseudonym key, and now and then a printed date and two numbers equal three values of a
+row of another table.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pandas as pd
 import pytest
 
 SHARED_WITH_GBSG2 = 150
+CHANCE = 2  # rows of a table that was not printed, matched by equal values
 
 
 def without_id(df: pd.DataFrame) -> pd.DataFrame:
@@ -82,14 +85,16 @@ BREAST_CANCER = [
 @pytest.mark.parametrize(("label", "show", "rows", "gbsg2"), BREAST_CANCER, ids=[a[0] for a in BREAST_CANCER])
 def test_printing_the_breast_cancer_table_reveals_its_rows(demo, label, show, rows, gbsg2):
     df = demo.frames["breast_cancer"]
-    assert demo.revealed(show(df)) == {"breast_cancer": rows, "gbsg2": gbsg2, "diabetes": 0}
+    got = demo.revealed(show(df))
+    assert got["breast_cancer"] == rows
+    assert gbsg2 <= got["gbsg2"] <= gbsg2 + CHANCE and got["diabetes"] <= CHANCE
 
 
 def test_three_columns_without_the_id_reveal_nearly_every_row(demo):
     df = demo.frames["breast_cancer"]
     got = demo.revealed(df[["mean radius", "mean texture", "worst area"]].to_string())
     assert got["breast_cancer"] >= 0.95 * len(df)
-    assert got["gbsg2"] == got["diabetes"] == 0
+    assert got["gbsg2"] <= CHANCE and got["diabetes"] <= CHANCE
 
 
 def test_the_default_truncated_repr_reveals_only_the_rows_it_shows(demo):
@@ -129,7 +134,7 @@ def test_printing_the_gbsg2_table_reveals_its_rows(demo, label, show):
     df = demo.frames["gbsg2"]
     got = demo.revealed(show(df))
     assert got["gbsg2"] >= 0.95 * len(df), got
-    assert got["breast_cancer"] == got["diabetes"] == 0
+    assert got["breast_cancer"] <= CHANCE and got["diabetes"] <= CHANCE, got
 
 
 DIABETES = [
@@ -147,7 +152,7 @@ def test_printing_the_diabetes_table_reveals_its_rows(demo, label, show, share):
     df = demo.frames["diabetes"]
     got = demo.revealed(show(df))
     assert got["diabetes"] >= share * len(df), got
-    assert got["breast_cancer"] <= 3 and got["gbsg2"] == 0, got
+    assert got["breast_cancer"] <= CHANCE + 1 and got["gbsg2"] <= CHANCE, got
 
 
 PARTIAL = [

@@ -105,7 +105,9 @@ def test_a_saved_index_loads_mapped_and_answers_like_the_built_one(demo):
     built = EDMIndex.build(table, key=demo.key, primary_columns=["patient"])
     assert np.array_equal(built.entries, mapped.entries)
     text = demo.frames["breast_cancer"].iloc[100:140].to_string()
-    assert list(Scan(text).rows(mapped)) == list(Scan(text).rows(built)) == list(range(100, 140))
+    got = Scan(text).rows(mapped).tolist()
+    assert got == Scan(text).rows(built).tolist()
+    assert set(range(100, 140)) <= set(got) and len(got) <= 42  # a chance one or two besides, see test_attacks
 
 
 def test_a_damaged_index_is_refused_with_what_to_do(demo, tmp_path):

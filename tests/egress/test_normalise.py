@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from paitient.rules.edm import EDMIndex, Scan
+from paitient.rules.edm import EDMIndex, Keyed, Scan
 from paitient.rules.edm import numbers as nb
-from paitient.rules.edm.tokens import tokenize
+from paitient.rules.edm.hashing import word_view
+from paitient.rules.edm.tokens import lowered, tokenize
 
 KEY = bytes(range(32))
 
@@ -72,7 +75,7 @@ def found(index: EDMIndex, printed: str) -> list[int]:
     [
         ("17.99", [0]),  # as stored
         ("17.990000", [0]),  # padded (to_string)
-        ("17.989999771118164", [0]),  # through float32
+        ("17.989999771118164", [0]),  # through float32 (a tensor)
         ("1.799e+01", [0]),  # scientific
         ("-17.99", [0]),  # sign ignored
         ("18.0", [0]),  # 17.99 to the 3 digits shown (%.1f)
@@ -102,10 +105,19 @@ def test_fewer_than_three_digits_never_match():
     assert found(index, "42.0") == [0]  # three digits printed
 
 
-def test_natural_precision_sees_through_float32():
-    x = np.array([17.99, float(np.float32(17.99)), 0.1184, float(np.float32(0.1184)), 1 / 3, 123000.0])
+def test_natural_precision_is_strict_for_stored_values_and_sees_float32_in_prints():
+    x = np.array([17.99, float(np.float32(17.99)), 0.1184, 1 / 3, 123000.0, 1.669999965700896])
     lead = nb.leading_exponent(x)
-    assert list(nb.natural_precision(x, lead)) == [4, 4, 4, 4, 6, 3]
+    assert list(nb.natural_precision(x, lead)) == [4, 6, 4, 6, 3, 6]
+    assert list(nb.natural_precision(x, lead, nb.PRINTED_NOISE)) == [4, 4, 4, 6, 3, 3]
+
+
+def test_values_that_went_through_float32_are_found_by_both_their_prints():
+    stored = [float(np.float32(v)) for v in (17.99, 0.1184, 1001.0, 55.5, 66.6, 77.7)]
+    index = index_of(stored)
+    assert found(index, "17.99") == [0] and found(index, "17.989999771118164") == [0]
+    assert found(index, "0.1184") == [1] and found(index, "0.11840000003576279") == [1]
+    assert found(index, "17.990000") == [0]
 
 
 def test_rounding_ties_give_both_neighbours():
@@ -119,3 +131,36 @@ def test_rounding_ties_give_both_neighbours():
 def test_leading_exponent_at_powers_of_ten():
     x = np.array([1.0, 9.999999999999999, 10.0, 1e-5, 99.99, 100.0, 1e300, 5e-324, 0.1, 0.09999999999999999])
     assert list(nb.leading_exponent(x)) == [0, 0, 1, -5, 1, 2, 300, -324, -1, -2]
+
+
+def test_a_fingerprint_does_not_depend_on_what_else_is_hashed_with_it():
+    """Index and text hash words in batches of their own: a word must hash alike in any batch."""
+    keyed = Keyed(KEY)
+    t = tokenize("abcd 2019-03-04 P-7F3SJGQVFCSMMGDI 12345678 " + "x" * 40)
+    view = word_view(lowered(t.buf))
+    together = keyed.words(view, t.word_start, t.word_len)
+    alone = [keyed.words(view, t.word_start[i : i + 1], t.word_len[i : i + 1])[0] for i in range(len(together))]
+    assert list(together) == alone and len(set(alone)) == len(alone) == 5
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(alphabet=st.sampled_from(list("0123456789.,-+eE :\"'{}[]\n\\<>/trP_abcü ")), max_size=300),
+    )
+)
+def test_any_text_gives_valid_rows_and_never_fails(text):
+    index = index_of([17.99, 0.12345, 123456.7, 55.5, 66.6, 77.7])
+    rows = Scan(text).rows(index)
+    assert rows.dtype == np.int64 and list(rows) == sorted(set(rows.tolist()))
+    assert all(0 <= r < 6 for r in rows)
+    t = tokenize(text)
+    assert np.all(t.value > 0) and np.all(np.isfinite(t.value))
+
+
+def test_empty_and_odd_texts():
+    index = index_of([17.99, 0.12345, 123456.7, 55.5, 66.6, 77.7])
+    for text in ("", b"", "\n", b"\xff\xfe\x00", "ü" * 50, "." * 100, "-" * 100, "e" * 100, "9" * 200):
+        assert list(Scan(text).rows(index)) == []
+    assert found(index, "17.99") == [0]  # the helper prints it in three columns: a, b and c

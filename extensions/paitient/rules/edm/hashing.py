@@ -93,11 +93,11 @@ def word_hash(
         first = view[starts] & _BYTE_MASK[np.minimum(lengths, 8)]
         _absorb(h, first)
         ends = starts + lengths
-        long8 = lengths > 8
-        if long8.any():
-            last = view[np.maximum(ends - 8, 0)]
-            last[~long8] = 0
-            _absorb(h, last)
+        # every word absorbs its last 8 bytes (zero when it has no more than 8): a fingerprint must not
+        # depend on the other words hashed in the same call
+        last = view[np.maximum(ends - 8, 0)]
+        last[lengths <= 8] = 0
+        _absorb(h, last)
         for lo, offsets in ((16, (8, -16)), (32, (16, 24, -32, -24))):
             sel = np.flatnonzero(lengths > lo)
             if not len(sel):

@@ -10,13 +10,12 @@ rows apart. Pseudonym columns are *primary*: their words are indexed whatever th
 of them reveals every row that carries it.
 
 Layout: one uint64 per entry, ``fingerprint bits (26) | row (27) | exact (1) | primary (1) | column (9)``,
-sorted,
-and a directory ``dir`` over the fingerprint's top ``dir_bits`` bits (uint32, where each bucket's
-entries begin; a bucket per 2 to 4 entries). The entry holds the 23 fingerprint bits that
-follow the directory's, so a lookup compares ``dir_bits + 26`` bits (36 or more). Columns past the
-512th share ids with earlier ones (which can only hide a row, never reveal one); a version holds at
-most 2**27 (134 million) rows. About 9 bytes per
-entry; the header counts entries per column and the bytes per indexed cell.
+grouped by the bucket of the fingerprint's top ``dir_bits`` bits, and a directory ``dir`` (uint32,
+where each bucket's entries begin; a bucket per 2 to 4 entries). An entry holds the 26 fingerprint bits
+that follow the directory's, so a lookup compares ``dir_bits + 26`` bits (36 or more) against each
+entry of its bucket. About 9 bytes per entry; the header counts entries per column and the bytes per
+indexed cell. Columns past the 512th share ids with earlier ones (which can only hide a row, never
+reveal one); a version holds at most 2**27 (134 million) rows.
 """
 
 from __future__ import annotations
@@ -28,11 +27,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from paitient.rules.edm import numbers as nb
-from paitient.rules.edm.hashing import FRONT, PAD, Keyed, word_view
-from paitient.rules.edm.tokens import lowered, word_runs
+from paitient.rules.edm import columns
+from paitient.rules.edm.hashing import Keyed
 
 FORMAT = 1
 THRESHOLD = 3
@@ -133,8 +130,10 @@ class EDMIndex:
         if missing:
             raise IndexError_(f"primary column(s) {sorted(missing)} are not in the table; name columns it has")
         rows = table.num_rows
-        if rows > MAX_ROWS:
-            raise IndexError_(f"a dataset version of more than {MAX_ROWS:,} rows cannot be indexed; split it")
+        if rows > MAX_ROWS or table.num_columns * rows >= 1 << 32:
+            raise IndexError_(
+                f"a dataset version of more than {MAX_ROWS:,} rows or 2**32 cells cannot be indexed; split it"
+            )
         thr = THRESHOLD if threshold is None else int(threshold)
         if thr < 1:
             raise IndexError_(f"threshold = {thr}: it must be at least 1 row")
@@ -145,16 +144,18 @@ class EDMIndex:
         tiers: set[int] = set()
         for j, name in enumerate(table.column_names):
             col = table.column(name)
-            kind = _kind(col.type)
+            kind = columns.kind(col.type)
             if kind == "number":
-                fps, rws, exact, ncells, used = _numbers(keyed, _floats(col), thr)
+                fps, rws, exact, ncells, used = columns.numbers(keyed, columns.floats(col), thr)
                 tiers |= used
             elif kind in ("text", "date"):
-                fps, rws, ncells = _words(keyed, col, thr, primary=name in primary, date=kind == "date")
+                fps, rws, ncells = columns.words(keyed, col, thr, primary=name in primary, date=kind == "date")
                 exact = np.ones(len(fps), dtype=bool)
                 if kind == "date":  # also as the epoch numbers to_json() and timestamps print, whole
                     for unit in EPOCH_UNITS_MS:
-                        efps, erws, eex, _, used = _numbers(keyed, _epoch_ms(col) / unit, thr, rounded=False)
+                        efps, erws, eex, _, used = columns.numbers(
+                            keyed, columns.epoch_ms(col) / unit, thr, rounded=False
+                        )
                         fps, rws, exact = (np.concatenate(p) for p in ((fps, efps), (rws, erws), (exact, eex)))
                         tiers |= used
             else:
@@ -166,11 +167,16 @@ class EDMIndex:
             cells += ncells
         fps = np.concatenate(fps_parts) if fps_parts else np.zeros(0, np.uint64)
         tags = np.concatenate(tag_parts) if tag_parts else np.zeros(0, np.uint64)
+        if len(fps) >= 1 << 32:
+            raise IndexError_(f"{len(fps):,} index entries are more than one index holds; split the dataset")
         bits = int(min(31, max(10, math.ceil(math.log2(max(2, len(fps)))) - 2)))
-        order = np.argsort(fps)
-        fps, tags = fps[order], tags[order]
-        entries = ((fps << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags
-        directory = np.searchsorted(fps >> np.uint64(64 - bits), np.arange((1 << bits) + 1, dtype=np.uint64))
+        bucket = fps >> np.uint64(64 - bits)
+        # entries grouped by bucket (their order within one does not matter): a packed sort
+        key = (bucket << np.uint64(32)) | np.arange(len(fps), dtype=np.uint64)
+        key.sort()
+        at = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        entries = ((fps[at] << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags[at]
+        directory = np.searchsorted(key >> np.uint64(32), np.arange((1 << bits) + 1, dtype=np.uint64))
         arrays = {"entries": entries, "dir": directory.astype(np.uint32)}
         header = {
             "format": FORMAT,
@@ -207,7 +213,7 @@ class EDMIndex:
             found_q.append(active[same])
             found_e.append(e[same])
             pos += 1
-            more = np.flatnonzero((pos < end) & (have <= want))
+            more = np.flatnonzero(pos < end)
             active, pos, end, want = active[more], pos[more], end[more], want[more]
         if len(active):  # long buckets (a patient's many rows): expand the rest at once
             cnt = end - pos
@@ -230,166 +236,3 @@ class EDMIndex:
 
     def select(self, hits: Hits, keep: np.ndarray) -> Hits:
         return Hits(hits.query[keep], hits.row[keep], hits.col[keep], hits.primary[keep], hits.exact[keep])
-
-
-def _kind(t: pa.DataType) -> str:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        return "number"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return "text"
-    if pa.types.is_date(t) or pa.types.is_timestamp(t):
-        return "date"
-    return "other"
-
-
-def _plain(col: pa.ChunkedArray) -> pa.Array:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(arr.type.value_type)
-    return arr
-
-
-def _floats(col: pa.ChunkedArray) -> np.ndarray:
-    arr = _plain(col)
-    if not pa.types.is_floating(arr.type):
-        arr = arr.cast(pa.float64(), safe=False)
-    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-
-
-def _epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
-    """Dates and timestamps as milliseconds since 1970 (float64, NaN where missing)."""
-    arr = _plain(col)
-    if pa.types.is_date(arr.type):
-        arr = arr.cast(pa.date32()).cast(pa.int32()).cast(pa.float64())
-        return arr.to_numpy(zero_copy_only=False) * 86_400_000.0
-    arr = arr.cast(pa.timestamp("ms")).cast(pa.int64()).cast(pa.float64())
-    return arr.to_numpy(zero_copy_only=False)
-
-
-def _numbers(
-    keyed: Keyed, x: np.ndarray, thr: int, *, rounded: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]:
-    """Fingerprints, rows and exact flags of a numeric column's distinctive values; cells indexed, tiers used.
-
-    Exact entries: the value at its natural precision, where at most ``thr`` rows have that value.
-    Rounded entries (unless ``rounded`` is off, as for epoch numbers, which print whole): the value
-    at each tier below its natural precision, from the coarsest where at most ``thr`` rows share it.
-    """
-    x = np.abs(x)
-    with np.errstate(invalid="ignore"):
-        valid = np.flatnonzero(np.isfinite(x) & (x > 0))
-    empty = np.zeros(0, np.uint64)
-    if not len(valid):
-        return empty, empty, empty.astype(bool), 0, set()
-    order = valid[np.argsort(x[valid])]
-    xs = x[order]
-    lead = nb.leading_exponent(xs)
-    natural = nb.natural_precision(xs, lead)
-    coarsest = np.zeros(len(xs), dtype=np.int64)  # 0: not distinctive at any tier below natural
-    rounded_at = {}
-    for t in nb.TIERS:
-        m, e, tie, alt, alt_e = nb.round_at(xs, t, lead)
-        rounded_at[t] = (m, e, tie, alt, alt_e)
-        key = (e + 2048) * (1 << 21) + m  # increases with the value: equal keys are neighbours
-        change = np.flatnonzero(key[1:] != key[:-1]) + 1
-        size = np.diff(np.concatenate(([0], change, [len(key)])))
-        count = np.repeat(size, size)
-        if t == nb.TIERS[-1]:
-            distinct_value = count <= thr  # six digits: the value itself
-        if rounded:
-            fresh = (coarsest == 0) & (count <= thr) & (t < natural)
-            coarsest[fresh] = t
-    fps, rows, exact, used = [], [], [], set()
-    for t in nb.TIERS:
-        for sel, is_exact in (
-            (np.flatnonzero((coarsest > 0) & (coarsest <= t) & (natural > t)), False),
-            (np.flatnonzero((natural == t) & distinct_value), True),
-        ):
-            if not len(sel):
-                continue
-            used.add(t)
-            m, e, tie, alt, alt_e = (a[sel] for a in rounded_at[t])
-            fps.append(keyed.numbers(nb.pack(t, m, e)))
-            rows.append(order[sel])
-            if tie.any():
-                fps.append(keyed.numbers(nb.pack(t, alt[tie], alt_e[tie])))
-                rows.append(order[sel[tie]])
-            exact.append(np.full(len(sel) + int(tie.sum()), is_exact))
-    if not fps:
-        return empty, empty, empty.astype(bool), 0, set()
-    cells = int(((coarsest > 0) | distinct_value).sum())
-    return np.concatenate(fps), np.concatenate(rows), np.concatenate(exact), cells, used
-
-
-def _distinct(col: pa.ChunkedArray, date: bool) -> tuple[np.ndarray, pa.Array]:
-    """Row codes (int64, -1 for null) and the distinct values as strings (dates as ISO)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if date and pa.types.is_timestamp(arr.type):
-        arr = arr.cast(pa.date32())
-    if not pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_encode()
-    values = arr.dictionary
-    if date:
-        if pa.types.is_timestamp(values.type):
-            values = values.cast(pa.date32())
-        values = values.cast(pa.string())
-    elif not pa.types.is_string(values.type):
-        values = values.cast(pa.large_string()).cast(pa.string())
-    codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return codes, values
-
-
-def _joined(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """The values' UTF-8 bytes, each followed by a NUL, between FRONT and PAD zero bytes (uint8), and
-    each value's start offset."""
-    values = pc.fill_null(values, "")
-    bufs = values.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32)[values.offset : values.offset + len(values) + 1]
-    offsets = offsets.astype(np.int64)
-    lengths = np.diff(offsets)
-    starts = FRONT + np.cumsum(lengths + 1) - (lengths + 1)
-    buf = np.zeros(FRONT + int(lengths.sum()) + len(lengths) + PAD, dtype=np.uint8)
-    if bufs[2] is not None and offsets[-1] > offsets[0]:
-        data = np.frombuffer(bufs[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-        dst = np.arange(offsets[0], offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)
-        buf[dst] = data
-    return buf, starts
-
-
-def _words(
-    keyed: Keyed, col: pa.ChunkedArray, thr: int, *, primary: bool, date: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fingerprints and rows of a text or date column's distinctive words, and the cells indexed."""
-    empty = np.zeros(0, np.uint64)
-    codes, values = _distinct(col, date)
-    if not len(values):
-        return empty, empty, 0
-    buf, vstart = _joined(values)
-    ws, wl = word_runs(buf)
-    if not len(ws):
-        return empty, empty, 0
-    fps = keyed.words(word_view(lowered(buf)), ws, wl)
-    value = np.searchsorted(vstart, ws, "right") - 1
-    # one entry per (value, word), however often the word stands in the value
-    order = np.lexsort((fps, value))
-    value, fps = value[order], fps[order]
-    dup = np.zeros(len(fps), dtype=bool)
-    dup[1:] = (value[1:] == value[:-1]) & (fps[1:] == fps[:-1])
-    value, fps = value[~dup], fps[~dup]
-    present = codes[codes >= 0]
-    per_value = np.bincount(present, minlength=len(values))
-    if not primary:
-        uniq, inv = np.unique(fps, return_inverse=True)
-        rows_with = np.bincount(inv, weights=per_value[value], minlength=len(uniq))
-        keep = (rows_with[inv] <= thr) & (per_value[value] > 0)
-        value, fps = value[keep], fps[keep]
-    if not len(value):
-        return empty, empty, 0
-    by_value = np.argsort(codes, kind="stable")
-    first = np.searchsorted(codes[by_value], np.arange(len(values)))
-    n = per_value[value]
-    at = np.repeat(first[value] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
-    rows = by_value[at]
-    return np.repeat(fps, n), rows, int(per_value[np.unique(value)].sum())

@@ -42,7 +42,7 @@ class Scan:
 
     def __init__(self, text: bytes | str):
         self.tokens = tokenize(text)
-        self._queries: dict[tuple[str, tuple[int, ...]], _Queries] = {}
+        self._queries: dict[str, _Queries] = {}
         self._layout: Layout | None = None
 
     @property
@@ -51,16 +51,16 @@ class Scan:
             self._layout = Layout(self.tokens)
         return self._layout
 
-    def queries(self, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
-        k = (keyed.key_id, tiers)
-        q = self._queries.get(k)
+    def queries(self, keyed: Keyed) -> _Queries:
+        """Fingerprints to look up, at every tier, shared by all indexes built with ``keyed``'s key."""
+        q = self._queries.get(keyed.key_id)
         if q is None:
-            q = self._queries[k] = _queries(self.tokens, keyed, tiers)
+            q = self._queries[keyed.key_id] = _queries(self.tokens, keyed, nb.TIERS)
         return q
 
     def rows(self, index: EDMIndex) -> np.ndarray:
         """Sorted unique row ids of ``index``'s dataset that this text reveals."""
-        q = self.queries(index.keyed, index.tiers)
+        q = self.queries(index.keyed)
         if not len(q.fp):
             return _EMPTY
         hits = index.lookup(q.fp)
@@ -77,14 +77,11 @@ class Scan:
         tok, row, col = q.token[hits.query[rest]], hits.row[rest], hits.col[rest]
         ncols = len(index.columns)
         everything = (tok, col)
+        # only rows with values of 3 columns somewhere in the text can be revealed by a record
+        candidates = np.zeros(index.rows, dtype=bool)
+        candidates[rows_in_records(np.zeros(len(row), np.int64), row, col, index.rows)] = True
         for name in LAYOUTS:
-            # only rows with values of 3 columns somewhere in the text can be revealed by a record
-            left = np.flatnonzero(~revealed[row])
-            if len(left) < MIN_ROW_COLUMNS:
-                break
-            candidates = np.zeros(index.rows, dtype=bool)
-            candidates[rows_in_records(np.zeros(len(left), np.int64), row[left], col[left], index.rows)] = True
-            left = left[candidates[row[left]]]
+            left = np.flatnonzero(candidates[row] & ~revealed[row])
             if len(left) < MIN_ROW_COLUMNS:
                 break
             if len(left) < len(row):

@@ -6,15 +6,16 @@ The sign is ignored and zero is no value. Both sides start from a float64: the i
 value, the output side from the printed digits (parsed exactly rounded), so a value printed as it is
 stored gives the very same float and the same rounding.
 
-A value's *natural precision* is the fewest digits (3 to 6) that give it back within float32 noise
-(``17.99``: 4, also when it went through float32 and prints as ``17.989999771118164``; a value with more
-than 6 digits: 6). The index keeps a value *exactly* at its natural precision, and *rounded* at each
-tier below it, from the coarsest at which it is distinctive. A printed number is looked up at the
-precision it shows, ``min(digits printed, 6)``, where exact and rounded entries match; and, when its
-last digits are zeros or float32 noise, also at its own natural precision, where only exact entries
-match (``17.990000`` finds 17.99; ``18.00`` finds 18.0 and 17.996, but not 17.99, which the print
-contradicts in its 4th digit). So a value matches a print that agrees with it to every digit the print
-shows, and only then.
+A stored value's *natural precision* is the fewest digits (3 to 6) that give it back as a float64
+(``17.99``: 4; a value with more digits: 6, a value that went through float32 too). The index keeps a
+value *exactly* at its natural precision, and *rounded* at each tier below it, from the coarsest at
+which it is distinctive. A printed number is looked up at the precision it shows, ``min(digits
+printed, 6)``, where exact and rounded entries match; and when the digits it shows beyond some
+precision are zeros or float32 noise (``17.990000``; ``17.989999771118164``, 17.99 printed through a
+float32 tensor), also at that precision, where only exact entries match. So a value matches a print
+that agrees with it in every digit the print shows: ``18.00`` finds 18.0 and 17.996 but not 17.99,
+which it contradicts in the 4th digit. (The stored side uses float64's tolerance: with float32's, one
+random float in a few hundred would pass for a 3-digit decimal and match every print of it.)
 
 Midpoints: where the digits beyond a tier are exactly 5 (``0.1235`` at 3 digits), the float lies a hair
 below or above and a print of it may have been rounded either way, so both neighbours are candidates,
@@ -29,20 +30,29 @@ import numpy as np
 TIERS = (3, 4, 5, 6)
 """Significant digits a number is compared at. Fewer than 3 carry too little to tell rows apart."""
 _TIE_BAND = 1e-7  # |fraction - 0.5| below this (in units of the last kept digit) is a tie
-_NOISE = 1.2e-7  # relative distance to a shorter decimal still counted as that decimal (float32 epsilon)
+STORED_NOISE = 1e-12
+"""Relative distance to a shorter decimal at which a stored value still is that decimal (float64)."""
+PRINTED_NOISE = 1.2e-7
+"""The same for a printed number, which may have gone through float32 (a tensor's values)."""
 _EXP_BIAS = 1024
 _POWERS = 10.0 ** np.arange(-324, 309, dtype=np.float64)
 _POWER_BIAS = 324
 
 
-def pack(tier: int, mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+_IPOW10 = 10 ** np.arange(0, 8, dtype=np.int64)
+
+
+def pack(tier: int | np.ndarray, mantissa: np.ndarray, exponent: np.ndarray) -> np.ndarray:
     """(tier, mantissa, exponent) as one uint64, the input of :meth:`Keyed.numbers`."""
     e = np.clip(exponent, -_EXP_BIAS, _EXP_BIAS - 1) + _EXP_BIAS
-    return np.uint64(tier) | (mantissa.astype(np.uint64) << np.uint64(3)) | (e.astype(np.uint64) << np.uint64(23))
+    t = np.asarray(tier).astype(np.uint64)
+    return t | (mantissa.astype(np.uint64) << np.uint64(3)) | (e.astype(np.uint64) << np.uint64(23))
 
 
-def _pow10(k: np.ndarray) -> np.ndarray:
-    return _POWERS[np.clip(k + _POWER_BIAS, 0, len(_POWERS) - 1)]
+_MULT_BIAS = 400
+_MULT = np.zeros(2 * _MULT_BIAS + 1)
+with np.errstate(over="ignore"):
+    _MULT[:] = 10.0 ** np.arange(-_MULT_BIAS, _MULT_BIAS + 1, dtype=np.float64)
 
 
 def leading_exponent(x: np.ndarray) -> np.ndarray:
@@ -54,15 +64,36 @@ def leading_exponent(x: np.ndarray) -> np.ndarray:
     return lead
 
 
-def scaled(x: np.ndarray, tier: int, lead: np.ndarray) -> np.ndarray:
-    """``x * 10**(tier - 1 - lead)``: the value with ``tier`` digits before the point."""
+def lead_and_six(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(decimal exponent of the first digit, the value scaled to 6 digits before the point) of x > 0."""
+    lead = np.floor(np.log10(x)).astype(np.int64)
+    s6 = scaled(x, 6, lead)
+    off = (s6 < 100_000.0) | (s6 >= 1_000_000.0)  # log10 on the wrong side of a power of ten
+    if off.any():
+        i = np.flatnonzero(off)
+        lead[i] = leading_exponent(x[i])
+        s6[i] = scaled(x[i], 6, lead[i])
+    return lead, s6
+
+
+def scaled(x: np.ndarray, tier: int | np.ndarray, lead: np.ndarray) -> np.ndarray:
+    """``x * 10**(tier - 1 - lead)``: the value with ``tier`` digits before the point.
+
+    One multiplication by a tabulated power of ten (exact from 10**0 to 10**22, within an ulp
+    otherwise; both sides compute it alike, and the tie band and tolerances absorb the ulp). Where the
+    power itself under- or overflows (values near the ends of float64's range), two steps.
+    """
     k = tier - 1 - lead
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # the branch not taken may overflow
-        return np.where(k >= 0, x * _pow10(k), x / _pow10(-k))
+    out = x * _MULT[np.clip(k + _MULT_BIAS, 0, 2 * _MULT_BIAS)]
+    far = np.abs(k) > 300
+    if far.any():
+        half = k[far] // 2
+        out[far] = x[far] * _MULT[half + _MULT_BIAS] * _MULT[k[far] - half + _MULT_BIAS]
+    return out
 
 
 def round_at(
-    x: np.ndarray, tier: int, lead: np.ndarray
+    x: np.ndarray, tier: int | np.ndarray, lead: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Positive floats at ``tier`` digits: (mantissa, exponent, tie, other mantissa, other exponent).
 
@@ -81,21 +112,21 @@ def round_at(
     return m, e, tie, alt, alt_e
 
 
-def _carry(m: np.ndarray, e: np.ndarray, tier: int) -> tuple[np.ndarray, np.ndarray]:
+def _carry(m: np.ndarray, e: np.ndarray, tier: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Renormalise mantissas that rounded up to 10**tier."""
-    over = m >= 10**tier
+    over = m >= _IPOW10[tier]
     if over.any():
-        m = np.where(over, 10 ** (tier - 1), m)
+        m = np.where(over, _IPOW10[np.asarray(tier) - 1], m)
         e = e + over
     return m, e
 
 
-def natural_precision(x: np.ndarray, lead: np.ndarray) -> np.ndarray:
-    """Fewest digits (3..6) that give ``x`` back within float32 noise; 6 when more are needed."""
+def natural_precision(x: np.ndarray, lead: np.ndarray, noise: float = STORED_NOISE) -> np.ndarray:
+    """Fewest digits (3..6) that give ``x`` back within ``noise`` (relative); 6 when more are needed."""
     nat = np.full(len(x), TIERS[-1], dtype=np.int64)
     for t in TIERS[-2::-1]:
         s = scaled(x, t, lead)
-        near = np.abs(s - np.rint(s)) <= s * _NOISE
+        near = np.abs(s - np.rint(s)) <= s * noise
         nat[near] = t
     return nat
 
@@ -105,23 +136,25 @@ def printed_queries(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What to look up for printed numbers: (token index, packed number, exact entries only) per lookup.
 
-    A print of k digits is looked up at tier min(k, 6); one whose digits beyond its natural precision
-    are zeros or noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
+    A print of k digits is looked up at tier min(k, 6); one whose digits beyond some precision are
+    zeros or float32 noise, at that precision too, for exact entries only. Only at ``tiers`` the index has.
     """
     top = np.minimum(ndigits, TIERS[-1])
-    nat = np.minimum(natural_precision(value, lead), top)
-    tok, packed, exact = [], [], []
-    for t in tiers:
-        for sel, padded in ((np.flatnonzero(top == t), False), (np.flatnonzero((nat == t) & (top > t)), True)):
-            if not len(sel):
-                continue
-            m, e, tie, alt, alt_e = round_at(value[sel], t, lead[sel])
-            tok.append(sel)
-            packed.append(pack(t, m, e))
-            if tie.any():
-                tok.append(sel[tie])
-                packed.append(pack(t, alt[tie], alt_e[tie]))
-            exact.append(np.full(len(sel) + int(tie.sum()), padded))
-    if not tok:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, bool)
-    return np.concatenate(tok), np.concatenate(packed), np.concatenate(exact)
+    nat = np.minimum(natural_precision(value, lead, PRINTED_NOISE), top)
+    have = np.zeros(TIERS[-1] + 1, dtype=bool)
+    have[list(tiers)] = True
+    plain = np.flatnonzero((top >= TIERS[0]) & have[np.maximum(top, 0)])
+    padded = np.flatnonzero((nat < top) & (nat >= TIERS[0]) & have[nat])
+    tok = np.concatenate((plain, padded))
+    tier = np.concatenate((top[plain], nat[padded]))
+    exact = np.concatenate((np.zeros(len(plain), bool), np.ones(len(padded), bool)))
+    if not len(tok):
+        return tok, np.zeros(0, np.uint64), exact
+    m, e, tie, alt, alt_e = round_at(value[tok], tier, lead[tok])
+    packed = pack(tier, m, e)
+    if tie.any():
+        t = np.flatnonzero(tie)
+        tok = np.concatenate((tok, tok[t]))
+        packed = np.concatenate((packed, pack(tier[t], alt[t], alt_e[t])))
+        exact = np.concatenate((exact, exact[t]))
+    return tok, packed, exact

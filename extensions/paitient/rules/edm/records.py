@@ -184,10 +184,21 @@ class Layout:
         cap = record_cap(columns)
         if name in _SEGMENTS:
             rec = self._segments(name, tok, cap)
-        else:
+        elif "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
+            rec = self._pooled(name)[tok]
+        else:  # only the hits' tokens for now: the whole text only if some record might count
             rec = getattr(self, "_" + name)(self.start[tok])
         keep = np.flatnonzero(rec >= 0)
         rec, tok, row, col = rec[keep], tok[keep], row[keep], col[keep]
+        if name not in _SEGMENTS and len(rec):
+            # the distinct numbers hit in a record already count towards its size: a record over the
+            # cap on those alone (a printed column of a dump) needs no counting over the whole text
+            dense = _densify(rec)
+            nums = tok >= len(self.tokens.word_start)
+            width = len(self.start) + 1
+            pairs = sorted_unique(dense[nums] * width + tok[nums])
+            fits = np.bincount(pairs // width, minlength=int(dense.max()) + 1)[dense] <= cap
+            rec, tok, row, col = rec[fits], tok[fits], row[fits], col[fits]
         found_rows = rows_in_records(_densify(rec), row, col, nrows)
         if not len(found_rows):  # most hits are chance ones: spare the sizes and shapes of records
             return found_rows
@@ -204,7 +215,7 @@ class Layout:
         if name in _SEGMENTS:
             ids = np.searchsorted(self._separators(name), self.start[all_tok])
         else:
-            ids = getattr(self, "_" + name)(self.start[all_tok])
+            ids = self._pooled(name)[all_tok]
         wanted = sorted_unique(rec)
         at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
         mine = wanted[at] == ids
@@ -232,11 +243,15 @@ class Layout:
         size = np.searchsorted(vl, hi) - np.searchsorted(vl, lo, "right")
         return np.where(size <= cap, rec, -1)
 
+    def _pooled(self, name: str) -> np.ndarray:
+        """Record ids of every token in a pooling layout (key, position), -1 where none."""
+        return self._cached("ids:" + name, lambda: getattr(self, "_" + name)(self.start))
+
     def _sizes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Distinct record ids of a pooling layout over all tokens, and their value-like token counts."""
 
         def count():
-            ids = getattr(self, "_" + name)(self.start[self.value_like])
+            ids = self._pooled(name)[self.value_like]
             ids = ids[ids >= 0]
             uniq = sorted_unique(ids)
             return uniq, np.bincount(np.searchsorted(uniq, ids), minlength=len(uniq))
@@ -272,20 +287,17 @@ class Layout:
         if not len(rs):
             return np.full(len(t), -1, dtype=np.int64)
         seps = self._separators("position")
-        r = np.maximum(np.searchsorted(rs, t, "right") - 1, 0)
-        if len(seps):
-            cont = np.searchsorted(seps, rs[r])  # the line or list of the token's run
-            lo = np.where(cont > 0, seps[np.maximum(cont - 1, 0)], -1)
-            hi = np.where(cont < len(seps), seps[np.minimum(cont, len(seps) - 1)], len(self.buf))
-        else:
-            lo, hi = np.full(len(t), -1), np.full(len(t), len(self.buf))
-        first = np.searchsorted(rs, lo, "right")
-        last = np.searchsorted(rs, hi) - 1
-        wide = (last - first + 1) >= MIN_ROW_COLUMNS
+        # per line or list: the index of its first and its last run
+        bounds = np.searchsorted(rs, seps)
+        first = np.concatenate(([0], bounds))
+        last = np.concatenate((bounds, [len(rs)])) - 1
+        cont = np.searchsorted(seps, t)
+        r = np.searchsorted(rs, t, "right") - 1  # the token's run
+        wide = (last[cont] - first[cont] + 1) >= MIN_ROW_COLUMNS
         nl = self.newlines
         blank = nl[1:][np.diff(nl) == 1] if len(nl) > 1 else nl[:0]
-        para = np.searchsorted(blank, t)
-        return np.where(wide, para * (1 << 32) + (last - r), -1)
+        para = np.searchsorted(blank, t) if len(blank) else 0
+        return np.where(wide, para * (1 << 32) + (last[cont] - r), -1)
 
 
 def rows_in_records(rec: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: int) -> np.ndarray:

@@ -122,18 +122,20 @@ def tokenize(data: bytes | str) -> Tokens:
     word = isdig | alpha | minus | under
     ns, ne, plain, value, lead, nd = _numbers(b, isdig, alpha, low, under, minus)
 
-    if len(ns):
-        # the "1184" of "0.1184" is no word; a plain integer of 4 or more digits is one
-        mark = np.zeros(len(b), dtype=np.int8)
-        mark[ns] = 1
-        mark[ne] -= 1
-        word &= np.cumsum(mark, dtype=np.int8) == 0
     ws, wl = word_runs(b, word)
-    if len(ns):
-        whole = np.flatnonzero(plain & (ne - ns >= MIN_WORD) & (ne - ns <= MAX_WORD))
-        if len(whole):
-            ws = np.concatenate((ws, ns[whole]))
-            wl = np.concatenate((wl, (ne - ns)[whole]))
+    if len(ws):
+        # the "1184" of "0.1184" (and the "17" of "17.99") is no word: a run of digits next to a decimal
+        # point that has a digit on its other side is part of a number
+        we = ws + wl
+        frac = (b[ws - 1] == 46) & isdig[ws - 2] & isdig[ws]
+        head = (b[we] == 46) & isdig[we + 1] & isdig[we - 1]
+        keep = ~(frac | head)
+        signed = np.flatnonzero((b[ws] == 45) & isdig[ws + 1])  # "-123456", "-1e-05": whole numbers
+        if len(signed) and len(ns):
+            i = np.minimum(np.searchsorted(ns, ws[signed]), len(ns) - 1)
+            keep[signed[ns[i] == ws[signed]]] = False
+        if not keep.all():
+            ws, wl = ws[keep], wl[keep]
     return Tokens(buf, n, ws, wl, ns, value, lead, nd)
 
 
@@ -150,14 +152,19 @@ def _numbers(b, isdig, alpha, low, under, minus):
     n = len(b)
 
     def x(mask: np.ndarray, k: int) -> np.ndarray:
-        return mask[2 + k : n - 2 + k]
+        return mask[8 + k : n - 8 + k]
 
     d, dt, sg, e = isdig, dot, sign, ee
     bad = np.zeros(n, dtype=bool)
-    m = bad[2 : n - 2]
+    m = bad[8 : n - 8]
     m |= x(sg, 0) & ~((~x(numc, -1) & (x(d, 1) | (x(dt, 1) & x(d, 2)))) | (x(e, -1) & x(d, 1)))
     m |= x(e, 0) & ~((x(d, -1) | (x(dt, -1) & x(d, -2))) & (x(d, 1) | (x(sg, 1) & x(d, 2))))
     m |= x(dt, 0) & ~(x(d, -1) | x(d, 1))
+    # a second point after a short run of digits (1.2.3, 127.0.0.1); longer ones Arrow's parse refuses
+    run = x(d, -1)
+    for k in range(2, 6):
+        m |= x(dt, 0) & run & x(dt, -k)
+        run = run & x(d, -k)
     cs, ce = runs(numc)
     ok = ~glue[cs - 1] & ~glue[ce]
     after = b[ce]
@@ -173,7 +180,7 @@ def _numbers(b, isdig, alpha, low, under, minus):
 
 
 def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
-    """Parse the candidate numbers [cs, ce) with Arrow; drop those with two points or exponents."""
+    """Parse the candidate numbers [cs, ce) with Arrow (exactly rounded floats)."""
     empty = np.zeros(0, dtype=np.int64)
     if not len(cs):
         return empty, empty, empty.astype(bool), empty.astype(np.float64), empty, empty
@@ -182,33 +189,39 @@ def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
     offsets[1::2] = ce
     text = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(b))
     cand = text.take(pa.array(np.arange(0, len(offsets), 2, dtype=np.int32)))
-    dots = pc.count_substring(cand, ".").to_numpy()
-    lower_e = pc.find_substring(cand, "e").to_numpy()
-    upper_e = pc.find_substring(cand, "E").to_numpy()
-    epos = np.maximum(lower_e, upper_e)
-    ok = dots <= 1
-    has_e = epos >= 0
-    dpos = pc.find_substring(cand, ".").to_numpy()
-    if has_e.any():
-        es = pc.add(pc.count_substring(cand, "e"), pc.count_substring(cand, "E")).to_numpy()
-        ok &= ~has_e | ((es == 1) & (dpos < epos))
-    if not ok.all():
+    # an exponent's e has a digit (or a point after one) before it and a digit (or sign) after it
+    epos = np.full(len(cs), -1, dtype=np.int64)
+    low = b | np.uint8(32)
+    es = np.flatnonzero(low[1:-2] == 101) + 1
+    es = es[(((b[es - 1] - np.uint8(48)) < 10) | (b[es - 1] == 46)) & (b[es + 1] != 32)]
+    if len(es):
+        i = np.searchsorted(cs, es, "right") - 1
+        inside = (i >= 0) & (es < ce[np.maximum(i, 0)])
+        epos[i[inside]] = es[inside] - cs[i[inside]]
+    try:
+        value = pc.cast(cand, pa.float64()).to_numpy()
+    except pa.ArrowInvalid:  # something the byte checks let through (a long 1.23456.7, 1e5e5): sort out
+        ok = pc.count_substring(cand, ".").to_numpy() <= 1
+        ok &= pc.add(pc.count_substring(cand, "e"), pc.count_substring(cand, "E")).to_numpy() <= 1
+        dots = pc.find_substring(cand, ".").to_numpy()
+        ok &= (epos < 0) | (dots < epos)
         keep = np.flatnonzero(ok)
-        cand = cand.take(pa.array(keep))
-        cs, ce, epos, dpos, has_e = cs[keep], ce[keep], epos[keep], dpos[keep], has_e[keep]
-    value = np.abs(pc.cast(cand, pa.float64()).to_numpy())
-    ln = (ce - cs).astype(np.int64)
-    lf = np.where(dpos >= 0, np.where(has_e, epos, ln) - dpos - 1, 0)
-    expo = np.zeros(len(cs), dtype=np.int64)
-    if has_e.any():
-        ie = np.flatnonzero(has_e)
-        expo[ie] = _exponents(b, cs[ie] + epos[ie] + 1, ce[ie])
+        cand, cs, ce, epos = cand.take(pa.array(keep)), cs[keep], ce[keep], epos[keep]
+        value = pc.cast(cand, pa.float64()).to_numpy()
+    dpos = pc.find_substring(cand, ".").to_numpy()
+    has_e = epos >= 0
+    value = np.abs(value)
     usable = np.isfinite(value) & (value > 0)
     if not usable.all():
         keep = np.flatnonzero(usable)
-        value, lf, expo, cs, ce, dpos, has_e = (a[keep] for a in (value, lf, expo, cs, ce, dpos, has_e))
+        value, cs, ce, dpos, epos, has_e = (a[keep] for a in (value, cs, ce, dpos, epos, has_e))
+    mant_end = np.where(has_e, epos, ce - cs)
+    lf = np.where(dpos >= 0, mant_end - dpos - 1, 0)
     lead = leading_exponent(value)
-    ndigits = lf + lead - expo + 1
+    ndigits = lf + lead + 1
+    if has_e.any():
+        ie = np.flatnonzero(has_e)
+        ndigits[ie] -= _exponents(b, cs[ie] + epos[ie] + 1, ce[ie])
     plain = (dpos < 0) & ~has_e & ((b[cs] - np.uint8(48)) < 10)
     counting = _counting(value)
     if counting.any():
