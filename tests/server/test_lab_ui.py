@@ -117,7 +117,8 @@ def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_s
                     saved = r.json()["content"]
                     break
                 page.wait_for_timeout(500)
-            assert saved is not None, ("the notebook was not saved with its outputs", r and (r.status_code, r.text[:600]))
+            last = r and (r.status_code, r.text[:600])
+            assert saved is not None, ("the notebook was not saved with its outputs", last)
             kinds = {k for c in saved["cells"] for o in c.get("outputs", []) for k in o.get("data", {})}
             assert {"text/html", "image/png"} <= kinds, kinds
             page.reload()
