@@ -70,6 +70,7 @@ def world(tmp_path_factory):
     finally:
         egress.shutdown()
         egress.server_close()
+        service.close()
         store.close()
         subprocess.run(["userdel", "--remove", name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -62,6 +62,7 @@ def running(site):
     gate.shutdown()
     server.shutdown()
     server.server_close()
+    service.close()
     store.close()
 
 
@@ -164,12 +165,14 @@ def test_when_the_trail_cannot_record_large_outputs_are_withheld(site, running):
     audit.write_text("not a folder: the trail cannot be written")
     try:
         gate.check_blocking(context="k:1", channel="http", object="/api/x", text=b"small", final=True)
+        service.flush()  # the record is written by the service's writer thread
         assert service.audit_ok is False
         big = gate.check_blocking(context="k:2", channel="kernel", object="k", text=b"x" * 5000)
         assert not big.forward and big.reason == "unchecked"
     finally:
         audit.unlink()
     gate.check_blocking(context="k:3", channel="http", object="/api/x", text=b"small", final=True)
+    service.flush()
     assert service.audit_ok is True
     assert gate.check_blocking(context="k:4", channel="kernel", object="k", text=b"x" * 5000).forward
 
@@ -182,10 +185,11 @@ def test_when_the_service_is_down_the_gate_fails_closed(site):
 
 
 def test_what_left_is_in_the_audit_trail(site, running):
-    _, gate = running
+    service, gate = running
     gate.check_blocking(context="k:1", channel="kernel", object="kernel-1", text=rows(0, 3))
     gate.check_blocking(context="k:1", channel="kernel", object="kernel-1", text=rows(3, 30))
     gate.close_blocking("k:1")
+    service.flush()
     withheld = records(site, "egress.withheld")
     assert len(withheld) == 1 and withheld[0]["actor"] == "alice"
     assert withheld[0]["details"]["rows"] == {"onc/bc": 33} and withheld[0]["details"]["reason"] == "rows"

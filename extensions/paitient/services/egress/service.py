@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import socket
 import socketserver
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -51,6 +53,8 @@ MAX_CONTEXTS = 512
 IDLE_SECONDS = 60.0
 """A context without a piece for this long is closed and recorded."""
 CHANNELS = frozenset({"kernel", "contents", "http"})
+RECORD_QUEUE = 10_000
+"""Audit records waiting for the trail; beyond this the trail counts as down (outputs fail closed)."""
 
 log = logging.getLogger("paitient.services.egress")
 
@@ -107,27 +111,61 @@ class EgressService:
         self.log = logger or log
         self._emit = emit
         self.audit_ok = True
+        # Records are written by one thread of their own: a record is an append and an fsync (milliseconds),
+        # which must not hold up the output it describes. A failed write marks the trail down, and outputs
+        # fail closed from the next piece on; a full queue counts as down too.
+        self._records: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=RECORD_QUEUE)
+        self._writer = threading.Thread(target=self._write_records, name="egress-audit", daemon=True)
+        self._writer.start()
 
     # -- the audit trail ------------------------------------------------------------------------
 
     def emit(self, *, actor: str, action: str, object: str, outcome: str, details: dict[str, Any]) -> bool:
-        """Write one record; on failure note that the trail is down (outputs then fail closed)."""
+        """Queue one record for the trail; False (and the trail counts as down) when the queue is full."""
         try:
-            if self._emit is not None:
-                self._emit(actor=actor, action=action, object=object, outcome=outcome, details=details)
-            else:
-                from paitient.services.audit import emit
-
-                emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details)
-        except Exception as e:
-            if self.audit_ok:
-                self.log.error("egress: cannot write the audit trail (%s); large outputs are withheld", e)
-            self.audit_ok = False
+            self._records.put_nowait(
+                {"actor": actor, "action": action, "object": object, "outcome": outcome, "details": details}
+            )
+        except queue.Full:
+            self._trail_down("the record queue is full")
             return False
-        if not self.audit_ok:
-            self.log.info("egress: the audit trail records again")
-        self.audit_ok = True
         return True
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._emit is not None:
+            self._emit(**record)
+        else:
+            from paitient.services.audit import emit
+
+            emit(self.site, **record)
+
+    def _write_records(self) -> None:
+        while (record := self._records.get()) is not None:
+            try:
+                self._write(record)
+            except Exception as e:
+                self._trail_down(str(e))
+            else:
+                if not self.audit_ok:
+                    self.log.info("egress: the audit trail records again")
+                self.audit_ok = True
+            finally:
+                self._records.task_done()
+        self._records.task_done()
+
+    def _trail_down(self, why: str) -> None:
+        if self.audit_ok:
+            self.log.error("egress: cannot write the audit trail (%s); large outputs are withheld", why)
+        self.audit_ok = False
+
+    def flush(self) -> None:
+        """Wait until every queued record is written (or failed)."""
+        self._records.join()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer."""
+        self._records.put(None)
+        self._writer.join(30)
 
     def record_context(self, member: Member, ctx: Context) -> bool:
         if not ctx.pieces:
@@ -383,5 +421,6 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
             page.stop()
         server.shutdown()
         server.server_close()
+        service.close()
         store.close()
         logger.info("egress: stopped")
