@@ -1,0 +1,152 @@
+"""The egress gate's overhead on one output: the user's server asking the egress service, against a plain
+round trip of the same bytes over a unix socket.
+
+    /opt/paitient/venv/bin/python benchmarks/bench_gate.py [--repeat 300]
+
+Sets up, in a temporary state directory, the demo data published with its row indexes (the real ingest)
+and the egress service on its real socket with the real matcher; then, alternately:
+
+- ``gate``: :meth:`paitient.server.gate.EgressGate.check_blocking` of a 10 KB kernel message (a stream
+  message as JSON, the text of a typical cell: a head() table, a few lines of a training log);
+- ``echo``: the same 10 KB sent to a unix-socket echo server and read back (the floor any out-of-process
+  check pays);
+- ``dump``: the gate on a 10 KB piece of a dataset dump (withheld: the slow path, with rows).
+
+Prints the median and p90 of each in ms and the ratio of gate to echo. Goal (issue 12): the gate's overhead
+on a 10 KB output at most 1 ms median. Run as root (the service identifies its caller through the registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "extensions"))
+
+from paitient.config import load  # noqa: E402
+from paitient.ops.demodata import publish_demo  # noqa: E402
+from paitient.registry import Member, Registry  # noqa: E402
+from paitient.server.gate import EgressGate  # noqa: E402
+from paitient.services.egress import socket_path  # noqa: E402
+from paitient.services.egress.matcher import Matcher  # noqa: E402
+from paitient.services.egress.service import EgressServer, EgressService  # noqa: E402
+from paitient.services.egress.store import EgressStore  # noqa: E402
+
+TEN_KB = 10_000
+
+
+def ordinary_output(df) -> bytes:
+    """About 10 KB of what a cell prints: a head(), a describe() excerpt and a training log."""
+    lines = [df.head().to_string(), df.iloc[:, 4:9].describe().to_string()]
+    lines += [f"epoch {e:3d}  loss {1 / (e + 1.37):.4f}  accuracy {0.5 + e / 400:.3f}" for e in range(200)]
+    text = "\n".join(lines)[:TEN_KB]
+    return json.dumps({"name": "stdout", "text": text}).encode()
+
+
+def dump_output(df) -> bytes:
+    return json.dumps({"name": "stdout", "text": df.to_csv()[:TEN_KB]}).encode()
+
+
+class Echo(threading.Thread):
+    """A unix-socket server that sends back what it gets, framed by a 4-byte length."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(1)
+
+    def run(self) -> None:
+        conn, _ = self.sock.accept()
+        while True:
+            head = conn.recv(4, socket.MSG_WAITALL)
+            if len(head) < 4:
+                return
+            n = int.from_bytes(head, "big")
+            data = conn.recv(n, socket.MSG_WAITALL)
+            conn.sendall(head + data)
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=300)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the egress service knows its callers by uid from the root-owned registry")
+    logging.basicConfig(level=logging.WARNING)
+    base = Path(tempfile.mkdtemp(prefix="bench-gate-", dir="/tmp"))
+    try:
+        site = load(None, overrides={"workspace": {"state_dir": str(base / "state")}})
+        publish_demo(site)
+        Registry.for_state_dir(site.state_dir).put(Member("bench", "root", 0, ("oncology",), ("researcher",)))
+        store = EgressStore.for_state_dir(site.state_dir)
+        service = EgressService(site, store, Matcher(site), Registry.for_state_dir(site.state_dir))
+        server = EgressServer(socket_path(site), service)
+        server.start_in_thread()
+        gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
+
+        import pyarrow.parquet as pq
+
+        df = pq.read_table(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet").to_pandas()
+        ordinary, dump = ordinary_output(df), dump_output(df)
+        echo_path = base / "echo.sock"
+        Echo(echo_path).start()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(echo_path))
+
+        def echo() -> None:
+            client.sendall(len(ordinary).to_bytes(4, "big") + ordinary)
+            client.recv(4 + len(ordinary), socket.MSG_WAITALL)
+
+        n = [0]
+
+        def check(text: bytes) -> bool:
+            n[0] += 1
+            return gate.check_blocking(
+                context=f"kernel:bench:{n[0]}", channel="kernel", object="bench", text=text, final=True
+            ).forward
+
+        assert check(ordinary), "the ordinary output was withheld"
+        assert not check(dump), "the dump passed"
+        results: dict[str, list[float]] = {"gate": [], "echo": [], "dump": []}
+        for _ in range(args.repeat // 10):  # alternate, so drift hits both
+            results["echo"] += timed(echo, 10)
+            results["gate"] += timed(lambda: check(ordinary), 10)
+            results["dump"] += timed(lambda: check(dump), 10)
+        print(f"10 KB output ({len(ordinary):,} bytes as JSON), {args.repeat} runs each, load {os.getloadavg()[0]:.1f}")
+        for name, values in results.items():
+            q = statistics.quantiles(values, n=10)
+            print(f"  {name:5s} median {statistics.median(values):6.3f} ms   p90 {q[-1]:6.3f} ms")
+        ratio = statistics.median(results["gate"]) / statistics.median(results["echo"])
+        print(f"  gate / echo: {ratio:.1f}x   (goal: gate median <= 1 ms)")
+        gate.shutdown()
+        server.shutdown()
+        server.server_close()
+        service.close()
+        store.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
