@@ -40,7 +40,8 @@ def floats(col: pa.ChunkedArray) -> np.ndarray:
     arr = _plain(col)
     if not pa.types.is_floating(arr.type):
         arr = arr.cast(pa.float64(), safe=False)
-    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    result: np.ndarray = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    return result
 
 
 def epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
@@ -48,9 +49,11 @@ def epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
     arr = _plain(col)
     if pa.types.is_date(arr.type):
         arr = arr.cast(pa.date32()).cast(pa.int32()).cast(pa.float64())
-        return arr.to_numpy(zero_copy_only=False) * 86_400_000.0
+        days: np.ndarray = arr.to_numpy(zero_copy_only=False)
+        return days * 86_400_000.0
     arr = arr.cast(pa.timestamp("ms")).cast(pa.int64()).cast(pa.float64())
-    return arr.to_numpy(zero_copy_only=False)
+    ms: np.ndarray = arr.to_numpy(zero_copy_only=False)
+    return ms
 
 
 def _run_counts(key: np.ndarray) -> np.ndarray:
@@ -101,7 +104,7 @@ def numbers(
         for t, div in ((5, 10), (4, 100), (3, 1000)):
             natural[close & (m6 - m6 // div * div == 0)] = t
     exact_ok = _run_counts(value_key) <= thr  # rows with this very value
-    tiers: dict[int, tuple] = {}
+    tiers: dict[int, tuple[np.ndarray, ...]] = {}
     coarsest = np.zeros(len(order), dtype=np.int64)
     if rounded:
         # fine to coarse: a tier where no value is distinctive has no coarser one where any is

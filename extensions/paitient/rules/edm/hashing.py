@@ -54,7 +54,8 @@ class Keyed:
         _fmix(h)
         h ^= self.lanes[3]
         _fmix(h)
-        return h
+        result: np.ndarray = h
+        return result
 
 
 def word_view(buf: np.ndarray) -> np.ndarray:

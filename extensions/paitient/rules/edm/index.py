@@ -172,11 +172,11 @@ class EDMIndex:
         bits = int(min(31, max(10, math.ceil(math.log2(max(2, len(fps)))) - 2)))
         bucket = fps >> np.uint64(64 - bits)
         # entries grouped by bucket (their order within one does not matter): a packed sort
-        key = (bucket << np.uint64(32)) | np.arange(len(fps), dtype=np.uint64)
-        key.sort()
-        at = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        packed = (bucket << np.uint64(32)) | np.arange(len(fps), dtype=np.uint64)
+        packed.sort()
+        at = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
         entries = ((fps[at] << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags[at]
-        directory = np.searchsorted(key >> np.uint64(32), np.arange((1 << bits) + 1, dtype=np.uint64))
+        directory = np.searchsorted(packed >> np.uint64(32), np.arange((1 << bits) + 1, dtype=np.uint64))
         arrays = {"entries": entries, "dir": directory.astype(np.uint32)}
         header = {
             "format": FORMAT,

@@ -46,7 +46,8 @@ def pack(tier: int | np.ndarray, mantissa: np.ndarray, exponent: np.ndarray) -> 
     """(tier, mantissa, exponent) as one uint64, the input of :meth:`Keyed.numbers`."""
     e = np.clip(exponent, -_EXP_BIAS, _EXP_BIAS - 1) + _EXP_BIAS
     t = np.asarray(tier).astype(np.uint64)
-    return t | (mantissa.astype(np.uint64) << np.uint64(3)) | (e.astype(np.uint64) << np.uint64(23))
+    result: np.ndarray = t | (mantissa.astype(np.uint64) << np.uint64(3)) | (e.astype(np.uint64) << np.uint64(23))
+    return result
 
 
 _MULT_BIAS = 400
@@ -61,7 +62,8 @@ def leading_exponent(x: np.ndarray) -> np.ndarray:
     i = np.clip(lead + _POWER_BIAS, 0, len(_POWERS) - 2)
     lead -= x < _POWERS[i]
     lead += x >= _POWERS[i + 1]
-    return lead
+    result: np.ndarray = lead
+    return result
 
 
 def lead_and_six(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +91,8 @@ def scaled(x: np.ndarray, tier: int | np.ndarray, lead: np.ndarray) -> np.ndarra
     if far.any():
         half = k[far] // 2
         out[far] = x[far] * _MULT[half + _MULT_BIAS] * _MULT[k[far] - half + _MULT_BIAS]
-    return out
+    result: np.ndarray = out
+    return result
 
 
 def round_at(

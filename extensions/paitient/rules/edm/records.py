@@ -28,7 +28,7 @@ in ``to_json(indent=2)`` a ``brace`` one), chance matches among its values say n
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,6 +43,7 @@ LAYOUTS = ("line", "key", "position", "brace", "html", "window")
 _SEGMENTS = ("line", "brace", "html")
 _KEY_LANES = (np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344))
 _COL_BITS = np.uint64(10)
+_T = TypeVar("_T")
 _COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
 
 
@@ -83,10 +84,10 @@ class Layout:
         self.start = np.concatenate((tokens.word_start, tokens.num_start)).astype(np.int64)
         self._cache: dict[str, Any] = {}
 
-    def _cached(self, name: str, fn: Callable[[], Any]) -> Any:
-        got = self._cache.get(name)
-        if got is None:
-            got = self._cache[name] = fn()
+    def _cached(self, name: str, fn: Callable[[], _T]) -> _T:
+        if name not in self._cache:
+            self._cache[name] = fn()
+        got: _T = self._cache[name]
         return got
 
     def _bytes(self, *values: int) -> np.ndarray:
@@ -102,18 +103,22 @@ class Layout:
 
     @property
     def literal_newlines(self) -> np.ndarray:
-        def find():
+        def find() -> np.ndarray:
             bs = self._bytes(92)
-            return bs[self.buf[bs + 1] == 110]
+            result: np.ndarray = bs[self.buf[bs + 1] == 110]
+            return result
 
         return self._cached("lit", find)
 
     @property
     def row_ends(self) -> np.ndarray:
-        def find():
+        def find() -> np.ndarray:
             b = self.buf
             lt = self._bytes(60)
-            return lt[(b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)]
+            result: np.ndarray = lt[
+                (b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)
+            ]
+            return result
 
         return self._cached("tr", find)
 
@@ -122,7 +127,7 @@ class Layout:
         """Numbers, and words that look like values: with a digit and a '-' (dates, pseudonyms) or with
         4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``."""
 
-        def find():
+        def find() -> np.ndarray:
             t = self.tokens
             ln = t.word_len
             first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
@@ -145,12 +150,13 @@ class Layout:
 
     def ordinal(self, tok: np.ndarray) -> np.ndarray:
         """Rank of each token's offset among all offsets (tokens at one offset share a rank)."""
-        return np.searchsorted(self.sorted_starts[0], self.start[tok])
+        result: np.ndarray = np.searchsorted(self.sorted_starts[0], self.start[tok])
+        return result
 
     def _runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Runs of [A-Za-z0-9_.+-]: the printed values and labels."""
 
-        def find():
+        def find() -> tuple[np.ndarray, np.ndarray]:
             b = self.buf
             low = b | np.uint8(32)
             rchar = ((b - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26)
@@ -161,7 +167,7 @@ class Layout:
         return self._cached("runs", find)
 
     def _separators(self, name: str) -> np.ndarray:
-        def find():
+        def find() -> np.ndarray:
             if name == "line":
                 return np.sort(np.concatenate((self._bytes(10, 13, 125, 93), self.literal_newlines, self.row_ends)))
             if name == "brace":
@@ -175,7 +181,14 @@ class Layout:
     # the layouts
 
     def rows(
-        self, name: str, tok: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: int, columns: int, found: tuple
+        self,
+        name: str,
+        tok: np.ndarray,
+        row: np.ndarray,
+        col: np.ndarray,
+        nrows: int,
+        columns: int,
+        found: tuple[np.ndarray, np.ndarray],
     ) -> np.ndarray:
         """Rows that the hits (token, row, column) reveal in layout ``name``; ``found`` is (token, column)
         of every value of the dataset found in the text, to tell row-like records from column-like ones."""
@@ -245,12 +258,17 @@ class Layout:
 
     def _pooled(self, name: str) -> np.ndarray:
         """Record ids of every token in a pooling layout (key, position), -1 where none."""
-        return self._cached("ids:" + name, lambda: getattr(self, "_" + name)(self.start))
+
+        def find() -> np.ndarray:
+            ids: np.ndarray = getattr(self, "_" + name)(self.start)
+            return ids
+
+        return self._cached("ids:" + name, find)
 
     def _sizes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Distinct record ids of a pooling layout over all tokens, and their value-like token counts."""
 
-        def count():
+        def count() -> tuple[np.ndarray, np.ndarray]:
             ids = self._pooled(name)[self.value_like]
             ids = ids[ids >= 0]
             uniq = sorted_unique(ids)

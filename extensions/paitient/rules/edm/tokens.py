@@ -58,12 +58,14 @@ def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def lowered(buf: np.ndarray) -> np.ndarray:
     """ASCII case-folded copy (A-Z to a-z, every other byte as it is)."""
     upper = (buf - np.uint8(65)) < 26
-    return buf | (upper.view(np.uint8) << np.uint8(5))
+    result: np.ndarray = buf | (upper.view(np.uint8) << np.uint8(5))
+    return result
 
 
 def word_mask(buf: np.ndarray) -> np.ndarray:
     low = buf | np.uint8(32)
-    return ((buf - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26) | (buf == 45) | (buf == 95)
+    result: np.ndarray = ((buf - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26) | (buf == 45) | (buf == 95)
+    return result
 
 
 def word_runs(buf: np.ndarray, word: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +141,13 @@ def tokenize(data: bytes | str) -> Tokens:
     return Tokens(buf, n, ws, wl, ns, value, lead, nd)
 
 
-def _numbers(b, isdig, alpha, low, under, minus):
+_Numbers = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Numbers found in a text: start, end, plain (digits only), |value|, lead, significant digits printed."""
+
+
+def _numbers(
+    b: np.ndarray, isdig: np.ndarray, alpha: np.ndarray, low: np.ndarray, under: np.ndarray, minus: np.ndarray
+) -> _Numbers:
     """The numbers of the text: start, end, plain (digits only), mantissa, lead, exponent, digits."""
     dot = b == 46
     ee = low == 101
@@ -179,7 +187,7 @@ def _numbers(b, isdig, alpha, low, under, minus):
     return _parse(b, cs, ce)
 
 
-def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
+def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray) -> _Numbers:
     """Parse the candidate numbers [cs, ce) with Arrow (exactly rounded floats)."""
     empty = np.zeros(0, dtype=np.int64)
     if not len(cs):
@@ -190,7 +198,7 @@ def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
     text = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(b))
     cand = text.take(pa.array(np.arange(0, len(offsets), 2, dtype=np.int32)))
     # an exponent's e has a digit (or a point after one) before it and a digit (or sign) after it
-    epos = np.full(len(cs), -1, dtype=np.int64)
+    epos: np.ndarray = np.full(len(cs), -1, dtype=np.int64)
     low = b | np.uint8(32)
     es = np.flatnonzero(low[1:-2] == 101) + 1
     es = es[(((b[es - 1] - np.uint8(48)) < 10) | (b[es - 1] == 46)) & (b[es + 1] != 32)]
@@ -208,8 +216,8 @@ def _parse(b: np.ndarray, cs: np.ndarray, ce: np.ndarray):
         keep = np.flatnonzero(ok)
         cand, cs, ce, epos = cand.take(pa.array(keep)), cs[keep], ce[keep], epos[keep]
         value = pc.cast(cand, pa.float64()).to_numpy()
-    dpos = pc.find_substring(cand, ".").to_numpy()
-    has_e = epos >= 0
+    dpos: np.ndarray = pc.find_substring(cand, ".").to_numpy()
+    has_e: np.ndarray = epos >= 0
     value = np.abs(value)
     usable = np.isfinite(value) & (value > 0)
     if not usable.all():

@@ -65,12 +65,14 @@ paitient ingest --dry-run SPEC.toml   # every check, publish nothing
             result = ingest.ingest(site, spec, dry_run=self.dry_run)
         except IngestRefused as e:
             self.fail(str(e), code=1)
-        if self.dry_run:
+        if isinstance(result, ingest.Outcome):
             info = result.info
             print(
                 f"dry run, nothing published: {spec.project}/{spec.dataset} would have {info['rows']} rows, "
                 f"{len(info['columns'])} columns, k = {info['k']} ({info['k_unit']})"
             )
+            return
+        if result is None:
             return
         m = result.manifest
         print(

@@ -205,7 +205,8 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         t = result.schema.field(d["name"]).type
         d["type"] = str(t.value_type if pa.types.is_dictionary(t) else t)
     qis = [spec.rules[q].output for q in spec.quasi_identifiers]
-    k, smallest = None, {}
+    k: int | None = None
+    smallest: dict[str, object] = {}
     if qis:
         k, smallest = tf.k_anonymity(result, qis, patient[0] if patient is not None else None)
         if k < min_k:
@@ -306,6 +307,7 @@ def ingest(
         raise
     if dry_run:
         return outcome
+    assert index is not None  # built above whenever this is no dry run
     manifest = manifest_for(spec, outcome, source_sha, operator)
     publisher = publisher or Publisher(site.data_root, site.state_dir / "locks")
     placed: list[Path] = []
