@@ -205,6 +205,10 @@ def test_a_spec_is_sent_as_it_is_and_checked_before_the_file_is_opened(channel, 
         request(tmp_path / "absent.csv", kind="report", justification="x")
     with pytest.raises(AirlockError, match="say what the file is: kind= one of table, figure, weights, other"):
         request(path, justification="x")
+    with pytest.raises(
+        AirlockError, match=r"unknown keyword argument\(s\) justfication, projekt; a request takes kind, "
+    ):
+        request(path, kind="table", justification="x", justfication="typo", projekt="oncology")  # type: ignore[call-overload]
     assert [r.id for r in airlock.store.list()] == [rid]
 
 

@@ -16,7 +16,7 @@ import datetime as dt
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 GENESIS = "0" * 64
 """``prev`` of the very first record of a trail."""
@@ -98,6 +98,16 @@ def check_fields(actor: object, action: object, object: object, outcome: object)
         raise RecordError(f"outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
 
 
+class Event(TypedDict):
+    """An event as its writer gives it; :func:`prepare_event` fills in the defaults and validates it."""
+
+    actor: str
+    action: str
+    object: NotRequired[str]
+    outcome: NotRequired[str]
+    details: NotRequired[dict[str, Any] | None]
+
+
 def prepare_event(
     *, actor: str, action: str, object: str = "", outcome: str = "ok", details: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -126,20 +136,9 @@ def seal(event: dict[str, Any], *, seq: int, prev: str, time: str | None = None)
     return record
 
 
-def make_record(
-    *,
-    seq: int,
-    prev: str,
-    actor: str,
-    action: str,
-    object: str = "",
-    outcome: str = "ok",
-    details: dict[str, Any] | None = None,
-    time: str | None = None,
-) -> dict[str, Any]:
+def make_record(*, seq: int, prev: str, time: str | None = None, **event: Unpack[Event]) -> dict[str, Any]:
     """A complete record, hash included. Fields are validated; ``object`` is capped at MAX_OBJECT_CHARS."""
-    event = prepare_event(actor=actor, action=action, object=object, outcome=outcome, details=details)
-    return seal(event, seq=seq, prev=prev, time=time)
+    return seal(prepare_event(**event), seq=seq, prev=prev, time=time)
 
 
 def parse_line(line: bytes) -> dict[str, Any]:

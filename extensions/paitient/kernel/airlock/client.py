@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Unpack, overload
 
 from paitient.channel import ChannelError, ServiceClient
 from paitient.kernel.airlock.spec import (
     KINDS,
     Kind,
-    Loss,
-    Preprocess,
+    RequestOptions,
     RequestSpec,
     RequestSpecError,
-    Split,
-    TableRecipe,
     request_spec,
 )
 
@@ -61,44 +57,11 @@ def request(path: str | os.PathLike[str], spec: RequestSpec) -> str: ...
 
 @overload
 def request(
-    path: str | os.PathLike[str],
-    *,
-    kind: Kind,
-    justification: str,
-    project: str | None = None,
-    model_source: str | type | None = None,
-    model_class: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    target: str | None = None,
-    features: Sequence[str] | None = None,
-    loss: Loss = "cross_entropy",
-    split: Split | Mapping[str, Any] | None = None,
-    preprocess: Preprocess = "none",
-    dataset: str | None = None,
-    recipe: TableRecipe | Mapping[str, Any] | None = None,
-    supersedes: str | None = None,
+    path: str | os.PathLike[str], *, kind: Kind, justification: str, **options: Unpack[RequestOptions]
 ) -> str: ...
 
 
-def request(
-    path: str | os.PathLike[str],
-    spec: RequestSpec | None = None,
-    *,
-    kind: Kind | None = None,
-    justification: str | None = None,
-    project: str | None = None,
-    model_source: str | type | None = None,
-    model_class: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    target: str | None = None,
-    features: Sequence[str] | None = None,
-    loss: Loss = "cross_entropy",
-    split: Split | Mapping[str, Any] | None = None,
-    preprocess: Preprocess = "none",
-    dataset: str | None = None,
-    recipe: TableRecipe | Mapping[str, Any] | None = None,
-    supersedes: str | None = None,
-) -> str:
+def request(path: str | os.PathLike[str], spec: RequestSpec | None = None, **keywords: Any) -> str:
     """Ask the airlock to release the file at ``path``; return the request id.
 
     Give a :class:`~paitient.kernel.airlock.spec.RequestSpec`, or its parts as keyword arguments:
@@ -115,34 +78,15 @@ def request(
     if spec is not None:
         if not isinstance(spec, RequestSpec):
             raise AirlockError(f"the second argument must be a RequestSpec, got {type(spec).__name__}")
-        keywords = (kind, justification, project, model_source, model_class, model_kwargs, target, features, split)
-        if any(v is not None for v in (*keywords, dataset, recipe, supersedes)) or (loss, preprocess) != (
-            "cross_entropy",
-            "none",
-        ):
+        if keywords:
             raise AirlockError("give a RequestSpec or the request's keyword arguments, not both")
     else:
-        if kind is None:
+        if keywords.get("kind") is None:
             raise AirlockError(f"say what the file is: kind= one of {', '.join(KINDS)}")
-        if justification is None:
+        if keywords.get("justification") is None:
             raise AirlockError("say why this output should leave the workspace: justification='...'")
         try:
-            spec = request_spec(
-                kind=kind,
-                justification=justification,
-                project=project,
-                model_source=model_source,
-                model_class=model_class,
-                model_kwargs=model_kwargs,
-                target=target,
-                features=features,
-                loss=loss,
-                split=split,
-                preprocess=preprocess,
-                dataset=dataset,
-                recipe=recipe,
-                supersedes=supersedes,
-            )
+            spec = request_spec(**keywords)
         except RequestSpecError as e:
             raise AirlockError(str(e)) from None
     args = spec.to_wire(Path(path).name)

@@ -22,7 +22,7 @@ import json
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeGuard, get_args
+from typing import Any, Literal, TypedDict, TypeGuard, Unpack, get_args
 
 from paitient.kernel.airlock.source import SourceNotFound, class_source
 from paitient.rules.disclosure import TableError, validate_recipe
@@ -375,26 +375,49 @@ class RequestSpec:
         return args
 
 
-def request_spec(
-    *,
-    kind: Kind,
-    justification: str,
-    project: str | None = None,
-    model_source: str | type | None = None,
-    model_class: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    target: str | None = None,
-    features: Sequence[str] | None = None,
-    loss: Loss = "cross_entropy",
-    split: Split | Mapping[str, Any] | None = None,
-    preprocess: Preprocess = "none",
-    dataset: str | None = None,
-    recipe: TableRecipe | Mapping[str, Any] | None = None,
-    supersedes: str | None = None,
-) -> RequestSpec:
+class RequestOptions(TypedDict, total=False):
+    """The optional keyword arguments of ``airlock.request`` and :func:`request_spec` (see there)."""
+
+    project: str | None
+    model_source: str | type | None
+    model_class: str | None
+    model_kwargs: Mapping[str, Any] | None
+    target: str | None
+    features: Sequence[str] | None
+    loss: Loss
+    split: Split | Mapping[str, Any] | None
+    preprocess: Preprocess
+    dataset: str | None
+    recipe: TableRecipe | Mapping[str, Any] | None
+    supersedes: str | None
+
+
+OPTIONS = tuple(RequestOptions.__annotations__)
+"""The names of the optional keyword arguments, in their documented order."""
+
+
+def request_spec(*, kind: Kind, justification: str, **options: Unpack[RequestOptions]) -> RequestSpec:
     """The :class:`RequestSpec` of ``airlock.request``'s keyword arguments (see there)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise RequestSpecError(
+            f"unknown keyword argument(s) {', '.join(unknown)}; "
+            f"a request takes kind, justification, {', '.join(OPTIONS)}"
+        )
     if kind not in KINDS:
         raise RequestSpecError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    project = options.get("project")
+    model_source = options.get("model_source")
+    model_class = options.get("model_class")
+    model_kwargs = options.get("model_kwargs")
+    target = options.get("target")
+    features = options.get("features")
+    loss: Loss = options.get("loss", "cross_entropy")
+    split = options.get("split")
+    preprocess: Preprocess = options.get("preprocess", "none")
+    dataset = options.get("dataset")
+    recipe = options.get("recipe")
+    supersedes = options.get("supersedes")
     if recipe is not None and kind != "table":
         raise RequestSpecError(f"a recipe (dict) goes with kind='table' only; this request is kind={kind!r}")
     model: ModelSpec | None = None
@@ -455,6 +478,8 @@ __all__ = [
     "ModelSpec",
     "Preprocess",
     "RequestSpec",
+    "OPTIONS",
+    "RequestOptions",
     "RequestSpecError",
     "Split",
     "TableRecipe",

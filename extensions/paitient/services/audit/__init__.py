@@ -11,9 +11,9 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from paitient.rules.records import AuditError, RecordError
+from paitient.rules.records import AuditError, Event, RecordError
 
 __all__ = ["AuditError", "RecordError", "config_details", "emit", "trail_dir"]
 
@@ -23,15 +23,7 @@ def trail_dir(site) -> Path:
     return Path(site.state_dir) / "audit"
 
 
-def emit(
-    site,
-    *,
-    actor: str,
-    action: str,
-    object: str = "",
-    outcome: str = "ok",
-    details: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def emit(site, **event: Unpack[Event]) -> dict[str, Any]:
     """Append one record to the site's trail (flushed and fsync'd) and return it.
 
     ``actor`` is the username the event is about (or ``"system"``), ``action`` a dotted name such as
@@ -43,7 +35,7 @@ def emit(
     written; both are loud on purpose: the caller decides whether to go on without a record.
     """
     log = _log_for(str(site.state_dir), site.audit.rotate_bytes)
-    return log.append(actor=actor, action=action, object=object, outcome=outcome, details=details)
+    return log.append(**event)
 
 
 def config_details(site) -> dict[str, Any]:

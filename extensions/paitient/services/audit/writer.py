@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from paitient.fsutil import fsync_dir
 from paitient.rules.records import (
@@ -32,6 +32,7 @@ from paitient.rules.records import (
     HEADER_ACTION,
     RECOVERED_ACTION,
     AuditError,
+    Event,
     encode,
     make_record,
     parse_line,
@@ -172,17 +173,9 @@ class AuditLog:
 
     # ---------------------------------------------------------------- public
 
-    def append(
-        self,
-        *,
-        actor: str,
-        action: str,
-        object: str = "",
-        outcome: str = "ok",
-        details: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def append(self, **event: Unpack[Event]) -> dict[str, Any]:
         """Append one record and return it (with seq and hash). Raises :class:`AuditError` if it cannot."""
-        return self.append_many([dict(actor=actor, action=action, object=object, outcome=outcome, details=details)])[-1]
+        return self.append_many([dict(event)])[-1]
 
     def append_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append several records under one lock and one fsync (same guarantees as :meth:`append`)."""
