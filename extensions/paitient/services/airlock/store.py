@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from paitient.fsutil import fsync_dir
 from paitient.rules import review
@@ -116,34 +116,22 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+_Row = TypeVar("_Row", "Request", "Event")
+
+
+def _from_row(cls: type[_Row], row: sqlite3.Row, json_column: str) -> _Row:
+    """The dataclass ``cls`` of a table row whose columns are its fields; ``json_column`` holds JSON text."""
+    values = dict(zip(row.keys(), row, strict=True))
+    values[json_column] = json.loads(values[json_column])
+    return cls(**values)
+
+
 def _row_request(r: sqlite3.Row) -> Request:
-    return Request(
-        id=r["id"],
-        project=r["project"],
-        username=r["username"],
-        account=r["account"],
-        uid=r["uid"],
-        kind=r["kind"],
-        filename=r["filename"],
-        sha256=r["sha256"],
-        size=r["size"],
-        justification=r["justification"],
-        meta=json.loads(r["meta"]),
-        state=r["state"],
-        created=r["created"],
-        updated=r["updated"],
-    )
+    return _from_row(Request, r, "meta")
 
 
 def _row_event(r: sqlite3.Row) -> Event:
-    return Event(
-        seq=r["seq"],
-        request_id=r["request_id"],
-        ts=r["ts"],
-        actor=r["actor"],
-        type=r["type"],
-        data=json.loads(r["data"]),
-    )
+    return _from_row(Event, r, "data")
 
 
 def new_request_id() -> str:
