@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,31 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def create_once(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` whole with ``data`` unless it exists; never replace a file made meanwhile.
+
+    The bytes are written and fsync'd in a temporary file that is then hard-linked into place (which fails
+    when the name is taken), so a crash leaves no file or the whole one. Returns whether this call made it.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> None:

@@ -8,15 +8,13 @@ pseudonyms and date shifts in two projects, while within a project they are stab
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from paitient.config import ConfigError, SiteConfig, check_owner
-from paitient.fsutil import fsync_dir
+from paitient.fsutil import create_once
 from paitient.services.data.errors import IngestRefused
 
 MIN_KEY_BYTES = 32
@@ -59,20 +57,7 @@ def ensure_key(site: SiteConfig) -> Path:
     path = site.key_file
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(MIN_KEY_BYTES))
-            os.fsync(fd)
-            os.close(fd)
-            try:
-                os.link(tmp, path)  # never replaces a key created meanwhile
-            except FileExistsError:
-                pass
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        fsync_dir(path.parent)
+        create_once(path, secrets.token_bytes(MIN_KEY_BYTES))  # never replaces a key created meanwhile
     load_master_key(site)
     return path
 

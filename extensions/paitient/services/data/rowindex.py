@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from paitient.config import ConfigError, SiteConfig, check_owner
-from paitient.fsutil import fsync_dir
+from paitient.fsutil import create_once, fsync_dir
 from paitient.rules.edm import KEY_BYTES, EDMIndex, IndexError_, Keyed
 from paitient.services.data.publish import DATA_FILE, dataset_dir, read_manifest, versions
 
@@ -70,18 +70,7 @@ def ensure_key(site: SiteConfig) -> bytes:
     path = key_path(site)
     if not path.exists():
         _private_dir(site, path.parent)
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(KEY_BYTES))
-            os.fsync(fd)
-            os.close(fd)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # never replaces a key created meanwhile
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        fsync_dir(path.parent)
+        create_once(path, secrets.token_bytes(KEY_BYTES))  # never replaces a key created meanwhile
     return load_key(site)
 
 
