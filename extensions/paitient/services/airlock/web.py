@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -32,7 +31,6 @@ from paitient.services.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.services.airlock.store import StoreError
 from paitient.services.kit import pages
 
-HERE = Path(__file__).parent
 PREFIX = "/services/airlock/"
 ACCESS_SCOPE = "access:services!service=airlock"
 ID_RE = r"([0-9]{8}-[0-9a-f]{8})"
@@ -248,7 +246,6 @@ def make_app(
         routes,
         service="airlock",
         prefix=prefix,
-        template_dir=HERE / "templates",
         hub_auth=hub_auth,
         cookie_secret=cookie_secret,
         airlock=airlock,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,7 +22,6 @@ from paitient.services.audit.query import Filter, FilterError, select
 from paitient.services.audit.verify import verify_dir
 from paitient.services.kit import pages
 
-TEMPLATES = Path(__file__).parent / "templates"
 PREFIX = "/services/audit/"
 FILTER_KEYS = ("user", "project", "action", "outcome", "since", "until")
 MAX_LIMIT = 1000
@@ -135,7 +133,6 @@ def make_app(site, prefix: str = PREFIX, *, hub_auth=None, **settings: Any) -> w
         handlers(),
         service="audit",
         prefix=prefix,
-        template_dir=TEMPLATES,
         hub_auth=hub_auth,
         paitient_site=site,
         **settings,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 from tornado import web
@@ -22,7 +21,6 @@ from paitient.services.kit import pages
 
 READ_SCOPE = "custom:egress:read"
 DAYS = 30
-TEMPLATES = Path(__file__).parent / "templates"
 PREFIX = "/services/egress/"
 
 
@@ -103,7 +101,6 @@ def make_app(
         [("", EgressPage), ("api/egress", EgressAPI)],
         service="egress",
         prefix=prefix,
-        template_dir=TEMPLATES,
         hub_auth=hub_auth,
         paitient_site=site,
         paitient_store=store,

@@ -30,6 +30,8 @@ from tornado import web
 from paitient.services.kit.render import base_namespace, environment, render
 
 HERE = Path(__file__).parent
+SERVICES = HERE.parent
+"""The services' packages; each one's page templates are in its ``templates/`` folder."""
 CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
@@ -189,6 +191,7 @@ def make_app(
 ) -> web.Application:
     """An application for ``routes`` (paths relative to ``prefix``) plus the OAuth callback and static files.
 
+    ``template_dir`` defaults to the service package's ``templates/`` folder (``services/<service>/templates``);
     ``hub_auth`` defaults to a HubOAuth configured from the hub's environment for this service.
     Every :class:`ScopedPage` route must name its :attr:`~ScopedPage.required_scope`.
     """
@@ -206,7 +209,7 @@ def make_app(
         paitient_hub_auth=hub_auth,
         paitient_prefix=prefix,
         paitient_service=service,
-        paitient_templates=environment(template_dir),
+        paitient_templates=environment(SERVICES / service / "templates" if template_dir is None else template_dir),
         static_path=str(HERE / "static"),
         static_url_prefix=prefix + "static/",
         default_handler_class=NotFoundPage,

@@ -90,7 +90,6 @@ def make_app(site, ledger, prefix: str = PREFIX, *, hub_auth=None, **settings: A
         routes,
         service="ledger",
         prefix=prefix,
-        template_dir=TEMPLATES,
         hub_auth=hub_auth,
         paitient_site=site,
         paitient_ledger=ledger,
