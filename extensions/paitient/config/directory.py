@@ -10,7 +10,7 @@ from traitlets import Bunch, TraitError, validate
 
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
-from paitient.config.traits import Choice, Flag, Names, Number, Text
+from paitient.config.traits import Choice, Flag, Names, Number, Rule, Text
 
 
 def is_loopback(host: str) -> bool:
@@ -38,7 +38,7 @@ class Directory(Model):
         help="ldap://host[:port]/ or ldaps://host[:port]/. Empty: `paitient up` starts the embedded demo "
         "directory on loopback (a private slapd under <state_dir>/directory; demo passwords in "
         "demo-credentials.json).",
-    ).tag(config=True)
+    )
 
     @validate("url")
     def _url(self, proposal: Bunch) -> str:
@@ -58,15 +58,13 @@ class Directory(Model):
         '- "ldaps": TLS from the first byte (the default with an ldaps:// url; port 636 unless given)\n'
         '- "none": clear text; refused unless the directory is on loopback\n'
         "Server certificates are always verified, against ca_file or the system's trust store.",
-    ).tag(config=True)
-    ca_file = Text("", help="CA certificates (PEM) to verify the directory's certificate; empty: the system's.").tag(
-        config=True
     )
+    ca_file = Text("", help="CA certificates (PEM) to verify the directory's certificate; empty: the system's.")
     bind_dn_template = Names(
         help="Bind as the user with a DN built from the login name ({username} is replaced; special characters "
         "are escaped), e.g. uid={username},ou=people,dc=hospital,dc=example. Several templates are tried in "
         "order. Used when lookup_dn is false.",
-    ).tag(config=True)
+    )
 
     @validate("bind_dn_template")
     def _templates(self, proposal: Bunch) -> tuple[str, ...]:
@@ -79,12 +77,12 @@ class Directory(Model):
         help="Search-then-bind (Active Directory, or DNs that do not contain the login name): a service account "
         "searches search_base for the one entry whose user_attribute equals the login name, then paitient binds "
         "as that entry with the user's password. Zero or several matches: the sign-in is refused.",
-    ).tag(config=True)
-    search_base = Text("", help="Where lookup_dn searches for users.").tag(config=True)
+    )
+    search_base = Text("", help="Where lookup_dn searches for users.")
     user_attribute = Text(
         "uid",
         help='"uid" (OpenLDAP), "sAMAccountName" or "userPrincipalName" (Active Directory; allows one "@").',
-    ).tag(config=True)
+    )
 
     @validate("user_attribute")
     def _attribute(self, proposal: Bunch) -> str:
@@ -100,36 +98,30 @@ class Directory(Model):
         "groups every few minutes, so someone removed from all projects is signed out without waiting for "
         "their cookie to expire. Empty: lookups are anonymous and groups are read at sign-in only. (The "
         "embedded demo directory brings its own service account.)",
-    ).tag(config=True)
+    )
     service_password_file = Text(
         "",
         help="A file holding the service account's password (owner root, mode 0600; never put the password in "
         "the site file).",
-    ).tag(config=True)
+    )
     group_base = Text(
         "",
         help="Where groups live. Group membership is read from groupOfNames / AD group `member` attributes "
         "holding the user's DN (nested groups are not followed). With group_base set, a project's group may be "
         'given as a plain cn ("Oncology Researchers"); without it, groups must be full DNs.',
-    ).tag(config=True)
+    )
     steward_group = Text(
         "",
         help="Members get the steward role: they review airlock requests and read the ledger and audit views. "
         "A steward need not be in any project.",
-    ).tag(config=True)
-    admin_group = Text("", help="Members become JupyterHub admins. Empty: nobody is made admin by the directory.").tag(
-        config=True
     )
+    admin_group = Text("", help="Members become JupyterHub admins. Empty: nobody is made admin by the directory.")
     timeout = Number(
         5.0,
+        rule=Rule("be seconds between 0 and 120", lambda v: 0 < v <= 120),
         help="Seconds to wait for the directory to connect and to answer. When it does not, the login page says "
         "the directory cannot be reached and the hub keeps running.",
-    ).tag(config=True)
-
-    @validate("timeout")
-    def _timeout(self, proposal: Bunch) -> float:
-        must(0 < proposal.value <= 120, "be seconds between 0 and 120", proposal.value)
-        return proposal.value
+    )
 
     def check(self) -> None:
         if not self.url:

@@ -1,7 +1,8 @@
 """The settings model: :class:`Model`, the base of every table of the site file.
 
-A model class declares its settings as traitlets traits (help, default, ``.tag(config=True)``; the types are
-in :mod:`paitient.config.traits`) and checks each with a ``@validate`` method next to it; :meth:`Model.check`
+A model class declares its settings as traits of the types in :mod:`paitient.config.traits` (default,
+help, and a :class:`~paitient.config.traits.Rule` for a value's range); a rule that needs more than the
+value (a parse, a message of its own) is a ``@validate`` method next to the setting, and :meth:`Model.check`
 holds the few rules that span several settings. A model object is built from keyword arguments (a TOML
 table), validated key by key, and frozen: setting a public attribute afterwards raises
 :class:`dataclasses.FrozenInstanceError`.
@@ -157,7 +158,11 @@ class Model(Configurable):
 
     @classmethod
     def apply_rule(cls, name: str, value: Any) -> Any:
-        """Run the ``@validate`` rule of setting ``name`` on ``value`` (for traits that mirror it)."""
+        """Run the rules of setting ``name`` on ``value``: its type's :class:`~paitient.config.traits.Rule`
+        and its ``@validate`` method (for traits that mirror it)."""
+        rule = getattr(cls.settings()[name], "rule", None)
+        if rule is not None:
+            rule.check(value)
         handler = _rules(cls).get(name)
         if handler is None:
             return value

@@ -9,7 +9,7 @@ from traitlets import Bunch, TraitError, validate
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
 from paitient.config.outputs import AIRLOCK_KINDS, EgressLimits
-from paitient.config.traits import Names, Number, Overrides, Part, PartsByName, Text, WholeNumber
+from paitient.config.traits import Names, Number, Overrides, Part, PartsByName, Rule, Text, WholeNumber
 from paitient.config.workspace import NAME_RE
 
 
@@ -19,19 +19,11 @@ class Budget(Model):
 
     section = "budget"
 
-    epsilon = Number(10.0, help="Total epsilon.").tag(config=True)
+    epsilon = Number(
+        10.0, rule=Rule("be positive and finite", lambda v: v > 0 and math.isfinite(v)), help="Total epsilon."
+    )
 
-    @validate("epsilon")
-    def _epsilon(self, proposal: Bunch) -> float:
-        must(proposal.value > 0 and math.isfinite(proposal.value), "be positive and finite", proposal.value)
-        return proposal.value
-
-    delta = Number(1e-5, help="Total delta.").tag(config=True)
-
-    @validate("delta")
-    def _delta(self, proposal: Bunch) -> float:
-        must(0 < proposal.value < 1, "lie between 0 and 1", proposal.value)
-        return proposal.value
+    delta = Number(1e-5, rule=Rule("lie between 0 and 1", lambda v: 0 < v < 1), help="Total delta.")
 
 
 class Project(Model):
@@ -42,7 +34,7 @@ class Project(Model):
 
     name = Text(
         "", help='Required. Lower-case letters, digits, "-" or "_", starting with a letter, at most 32 characters.'
-    ).tag(config=True)
+    )
 
     @validate("name")
     def _name(self, proposal: Bunch) -> str:
@@ -58,9 +50,9 @@ class Project(Model):
         "",
         help="Required. The directory group whose members are the project's researchers: a full DN, or a group "
         "name (cn) under [directory] group_base.",
-    ).tag(config=True)
-    description = Text("", help="Shown to the project's members and stewards.").tag(config=True)
-    datasets = Names(help="Dataset names, as published by `paitient ingest` for this project.").tag(config=True)
+    )
+    description = Text("", help="Shown to the project's members and stewards.")
+    datasets = Names(help="Dataset names, as published by `paitient ingest` for this project.")
 
     @validate("datasets")
     def _datasets(self, proposal: Bunch) -> tuple[str, ...]:
@@ -70,20 +62,17 @@ class Project(Model):
 
     stewards = Names(
         help="Directory usernames of the project's data stewards: they review its airlock requests (never their own)."
-    ).tag(config=True)
+    )
     approvals = WholeNumber(
-        1, help="Independent steward approvals an airlock request needs before release: 1 or 2."
-    ).tag(config=True)
-
-    @validate("approvals")
-    def _approvals(self, proposal: Bunch) -> int:
-        must(proposal.value in (1, 2), "be 1 or 2", proposal.value)
-        return proposal.value
+        1,
+        rule=Rule("be 1 or 2", lambda v: v in (1, 2)),
+        help="Independent steward approvals an airlock request needs before release: 1 or 2.",
+    )
 
     auto_release = Names(
         help=f"Airlock kinds ({', '.join(AIRLOCK_KINDS)}) released without review when every automatic check "
         "passed. Empty: every request is reviewed."
-    ).tag(config=True)
+    )
 
     @validate("auto_release")
     def _auto_release(self, proposal: Bunch) -> tuple[str, ...]:
@@ -95,13 +84,13 @@ class Project(Model):
     budget = Part(
         Budget,
         help="The total differential-privacy budget of each dataset of the project, { epsilon, delta }.",
-    ).tag(config=True)
+    )
     budgets = PartsByName(
         Budget, help="Per-dataset budgets that differ from budget: { dataset = { epsilon, delta }, ... }."
-    ).tag(config=True)
+    )
     egress = Overrides(
         EgressLimits, help="The project's own [egress] limits, e.g. { daily_rows = 100 }; other keys: [egress]."
-    ).tag(config=True)
+    )
 
     def check(self) -> None:
         for required in ("name", "group"):

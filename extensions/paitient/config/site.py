@@ -33,16 +33,16 @@ class SiteConfig(Model):
 
     unknown_key = "unknown section {key!r}; sections: {known}"
 
-    workspace = Part(Workspace, help="[workspace]").tag(config=True)
-    directory = Part(Directory, help="[directory]").tag(config=True)
-    accounts = Part(Accounts, help="[accounts]").tag(config=True)
-    audit = Part(Audit, help="[audit]").tag(config=True)
-    sandbox = Part(Sandbox, help="[sandbox]").tag(config=True)
-    server = Part(Server, help="[server]").tag(config=True)
-    egress = Part(EgressLimits, help="[egress]").tag(config=True)
-    airlock = Part(Airlock, help="[airlock]").tag(config=True)
-    projects = Parts(Project, help="[[projects]]").tag(config=True)
-    source = Text("", help="Path the configuration was read from (empty for the embedded default).").tag(config=True)
+    workspace = Part(Workspace, help="[workspace]")
+    directory = Part(Directory, help="[directory]")
+    accounts = Part(Accounts, help="[accounts]")
+    audit = Part(Audit, help="[audit]")
+    sandbox = Part(Sandbox, help="[sandbox]")
+    server = Part(Server, help="[server]")
+    egress = Part(EgressLimits, help="[egress]")
+    airlock = Part(Airlock, help="[airlock]")
+    projects = Parts(Project, help="[[projects]]")
+    source = Text("", help="Path the configuration was read from (empty for the embedded default).")
 
     _egress: dict[str, EgressLimits]
     """Each project's egress limits (its overrides over [egress]), made once with the configuration."""

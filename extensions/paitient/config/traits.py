@@ -7,32 +7,63 @@ setting it mirrors.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from traitlets import Bool, Enum, Float, Int, TraitError, TraitType, Undefined, Unicode
 
-from paitient.config.errors import SettingError
+from paitient.config.errors import SettingError, must
 
 if TYPE_CHECKING:
     from paitient.config.model import Model
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What a setting's value must satisfy, in the words of the error: ``must {text}, got {value}``."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+    def check(self, value: Any) -> None:
+        must(self.ok(value), self.text, value)
+
+
+POSITIVE = Rule("be a positive whole number", lambda v: v > 0)
+NOT_NEGATIVE = Rule("be 0 or a positive whole number", lambda v: v >= 0)
+SHARE = Rule("lie in (0, 1]", lambda v: 0 < v <= 1)
+ABSOLUTE = Rule("be an absolute path", lambda v: v.startswith("/"))
+
+
+def at_least(low: int) -> Rule:
+    return Rule(f"be at least {low}", lambda v: v >= low)
+
+
 class SiteTrait(TraitType[Any, Any]):
-    """A trait of the site model: a clear error in the file's terms, and the rule of a mirrored setting.
+    """A trait of the site model: a clear error in the file's terms, its :class:`Rule`, and the rule of a
+    mirrored setting.
 
     Each type below puts it before a traitlets type (``class WholeNumber(SiteTrait, Int)``), so its
     :meth:`error` and :meth:`validate` come first."""
 
     expects = "a value"
     mirrors: tuple[type[Model], str] | None = None
+    rule: Rule | None = None
+
+    def __init__(self, *args: Any, rule: Rule | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("config", True)  # every setting of the site model is read from the site file
+        super().__init__(*args, **kwargs)
+        self.rule = rule
 
     def error(self, obj: Any, value: Any, error: Exception | None = None, info: str | None = None) -> NoReturn:
         raise TraitError(f"expected {self.expects}, got {value!r}")
 
     def validate(self, obj: Any, value: Any) -> Any:
         value = self.check_type(obj, value)
+        if self.rule is not None and self.mirrors is None:  # a mirror runs it with the setting's other rules
+            self.rule.check(value)
         if self.mirrors is not None:
             section, name = self.mirrors
             value = section.apply_rule(name, value)
@@ -108,34 +139,40 @@ class Names(SiteTrait, TraitType):
         return tuple(value)
 
 
-class Part(SiteTrait, TraitType):
-    """A table that is a model object of its own (a section, a project's budget)."""
+class OfModel(SiteTrait, TraitType):
+    """A trait whose values are made by a model class (``klass``) from tables of the site file."""
 
-    expects = "a table"
+    empty: Any = Undefined
+    """The default value (made by :meth:`make_dynamic_default` where Undefined)."""
 
     def __init__(self, klass: type[Model], **kwargs: Any) -> None:
         self.klass = klass
-        super().__init__(Undefined, **kwargs)
+        super().__init__(self.empty, **kwargs)
+
+    def made(self, item: Any) -> Model:
+        """``item`` as a model object: as it is when it is one, else made from its table."""
+        return item if isinstance(item, self.klass) else self.klass(**_table(item))
+
+
+class Part(OfModel):
+    """A table that is a model object of its own (a section, a project's budget)."""
+
+    expects = "a table"
 
     def make_dynamic_default(self) -> Model:
         return self.klass()
 
     def check_type(self, obj: Any, value: Any) -> Model:
-        if isinstance(value, self.klass):
-            return value
-        if not isinstance(value, Mapping):
+        if not isinstance(value, self.klass | Mapping):
             self.error(obj, value)
-        return self.klass(**value)
+        return self.made(value)
 
 
-class PartsByName(SiteTrait, TraitType):
+class PartsByName(OfModel):
     """A table of name = table, each a model object (a project's per-dataset budgets); read-only."""
 
     expects = "a table of name = table"
-
-    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
-        self.klass = klass
-        super().__init__(MappingProxyType({}), **kwargs)
+    empty = MappingProxyType({})
 
     def check_type(self, obj: Any, value: Any) -> Mapping[str, Model]:
         if not isinstance(value, Mapping):
@@ -143,47 +180,38 @@ class PartsByName(SiteTrait, TraitType):
         out = {}
         for name, item in value.items():
             try:
-                out[name] = item if isinstance(item, self.klass) else self.klass(**_table(item))
+                out[name] = self.made(item)
             except SettingError as e:
                 raise e.under(name) from None
         return MappingProxyType(out)
 
 
-class Parts(SiteTrait, TraitType):
+class Parts(OfModel):
     """An array of tables (``[[projects]]``), each a model object, kept as a tuple.
 
     An error inside one is reported under its ``name`` when it has one, else under its index."""
 
     expects = "an array of tables"
-
-    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
-        self.klass = klass
-        super().__init__((), **kwargs)
+    empty = ()
 
     def check_type(self, obj: Any, value: Any) -> tuple[Model, ...]:
         if not isinstance(value, list | tuple):
             self.error(obj, value)
         out = []
         for index, item in enumerate(value):
-            if isinstance(item, self.klass):
-                out.append(item)
-                continue
             try:
-                out.append(self.klass(**_table(item)))
+                out.append(self.made(item))
             except SettingError as e:
-                name = item.get("name")
+                name = item.get("name") if isinstance(item, Mapping) else None
                 raise e.under(name if isinstance(name, str) and name else str(index)) from None
         return tuple(out)
 
 
-class Overrides(SiteTrait, TraitType):
+class Overrides(OfModel):
     """Some keys of another section, each checked by that section's rules (a project's ``egress``)."""
 
     expects = "a table"
-
-    def __init__(self, klass: type[Model], **kwargs: Any) -> None:
-        self.klass = klass
-        super().__init__(MappingProxyType({}), **kwargs)
+    empty = MappingProxyType({})
 
     def check_type(self, obj: Any, value: Any) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):

@@ -9,7 +9,7 @@ from traitlets import Bunch, TraitError, validate
 
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
-from paitient.config.traits import Choice, Text, WholeNumber
+from paitient.config.traits import ABSOLUTE, Choice, Rule, Text, WholeNumber, at_least
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 """Project and dataset names: lower-case letters, digits, '-' or '_', starting with a letter, at most 32."""
@@ -22,26 +22,22 @@ class Workspace(Model):
 
     state_dir = Text(
         "/var/lib/paitient",
+        rule=ABSOLUTE,
         help="All state: hub database, directory (when embedded), services' sockets and stores, audit trail, "
         "accounts registry, published data. Owned by root; users may traverse it (0755) to reach the service "
         "sockets in run/, nothing else.",
-    ).tag(config=True)
-
-    @validate("state_dir")
-    def _absolute(self, proposal: Bunch) -> str:
-        must(proposal.value.startswith("/"), "be an absolute path", proposal.value)
-        return proposal.value
+    )
 
     data_root = Text(
         "",
         help="Published datasets (<data_root>/<project>/<dataset>/versions/<N>), read-only to users. "
         "Empty: <state_dir>/data.",
-    ).tag(config=True)
+    )
     bind_ip = Text(
         "127.0.0.1",
         help="The address researchers open in their browser (the proxy listens here). Put a TLS-terminating "
         "reverse proxy in front when this is not loopback.",
-    ).tag(config=True)
+    )
 
     @validate("bind_ip")
     def _ip(self, proposal: Bunch) -> str:
@@ -51,15 +47,9 @@ class Workspace(Model):
             raise TraitError(f"not an IP address: {proposal.value!r}") from None
         return proposal.value
 
-    port = WholeNumber(8000, help="The port researchers open in their browser (the proxy listens here).").tag(
-        config=True
-    )
-    hub_port = WholeNumber(0, help="The hub's internal API port, on loopback. 0 picks a free port at start.").tag(
-        config=True
-    )
-    proxy_api_port = WholeNumber(0, help="The proxy's API port, on loopback. 0 picks a free port at start.").tag(
-        config=True
-    )
+    port = WholeNumber(8000, help="The port researchers open in their browser (the proxy listens here).")
+    hub_port = WholeNumber(0, help="The hub's internal API port, on loopback. 0 picks a free port at start.")
+    proxy_api_port = WholeNumber(0, help="The proxy's API port, on loopback. 0 picks a free port at start.")
 
     @validate("port", "hub_port", "proxy_api_port")
     def _port(self, proposal: Bunch) -> int:
@@ -72,40 +62,32 @@ class Workspace(Model):
         "",
         help="The pseudonymisation key (32+ random bytes, root:root 0600). Ingest refuses a key that others can "
         "read. Empty: <state_dir>/keys/pseudonym.key, created on first use.",
-    ).tag(config=True)
+    )
     spawner = Choice(
         ("paitient-local",),
         "paitient-local",
         help='How users\' servers run: "paitient-local" (a system account per user, kernels in bubblewrap).',
-    ).tag(config=True)
+    )
     min_k = WholeNumber(
         5,
+        rule=at_least(1),
         help="Ingest refuses a dataset whose smallest group over its declared quasi-identifiers is smaller "
         "than this (k-anonymity).",
-    ).tag(config=True)
-
-    @validate("min_k")
-    def _min_k(self, proposal: Bunch) -> int:
-        must(proposal.value >= 1, "be at least 1", proposal.value)
-        return proposal.value
+    )
 
     date_shift_days = WholeNumber(
         180,
+        rule=Rule("lie between 1 and 3650", lambda v: 1 <= v <= 3650),
         help="Ingest shifts each patient's dates by a keyed number of days drawn from [-date_shift_days, "
         "+date_shift_days], the same shift for all of a patient's rows and datasets within a project.",
-    ).tag(config=True)
-
-    @validate("date_shift_days")
-    def _date_shift(self, proposal: Bunch) -> int:
-        must(1 <= proposal.value <= 3650, "lie between 1 and 3650", proposal.value)
-        return proposal.value
+    )
 
     ledger_url = Text(
         "",
         help="The privacy-budget ledger's database. Empty: SQLite at <state_dir>/ledger/ledger.sqlite3 (root "
         "only). Or postgresql://user@host/db (needs the psycopg package); put the password in ~root/.pgpass, "
         "not here.",
-    ).tag(config=True)
+    )
 
     @validate("ledger_url")
     def _ledger_url(self, proposal: Bunch) -> str:
@@ -127,7 +109,7 @@ class Accounts(Model):
 
     prefix = Text(
         "pt-", help='Start of every account name: 1-8 lower-case letters, digits or "-", starting with a letter.'
-    ).tag(config=True)
+    )
 
     @validate("prefix")
     def _prefix(self, proposal: Bunch) -> str:
@@ -135,35 +117,22 @@ class Accounts(Model):
         must(ok, "be 1-8 lower-case letters, digits or '-', starting with a letter", proposal.value)
         return proposal.value
 
-    home_root = Text("/home", help="Homes are created here, mode 0700, owned by the account.").tag(config=True)
+    home_root = Text("/home", rule=ABSOLUTE, help="Homes are created here, mode 0700, owned by the account.")
 
-    @validate("home_root")
-    def _absolute(self, proposal: Bunch) -> str:
-        must(proposal.value.startswith("/"), "be an absolute path", proposal.value)
-        return proposal.value
-
-    shell = Text("/usr/sbin/nologin", help="Login shell of the accounts.").tag(config=True)
+    shell = Text("/usr/sbin/nologin", help="Login shell of the accounts.")
     uid_min = WholeNumber(
         20000,
+        rule=at_least(1000),
         help="paitient's accounts get uids from here up; existing accounts outside paitient's registry are "
         "never reused.",
-    ).tag(config=True)
-
-    @validate("uid_min")
-    def _uid_min(self, proposal: Bunch) -> int:
-        must(proposal.value >= 1000, "be at least 1000", proposal.value)
-        return proposal.value
+    )
 
     max_accounts = WholeNumber(
         10000,
+        rule=Rule("be positive", lambda v: v >= 1),
         help="Size of paitient's uid range: uids uid_min to uid_min + max_accounts - 1 (a range that must not "
         "include 65534 and 65535).",
-    ).tag(config=True)
-
-    @validate("max_accounts")
-    def _max_accounts(self, proposal: Bunch) -> int:
-        must(proposal.value >= 1, "be positive", proposal.value)
-        return proposal.value
+    )
 
     def check(self) -> None:
         if self.uid_min <= 65535 and self.uid_max >= 65534:
