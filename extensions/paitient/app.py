@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from traitlets import Unicode, default
 from traitlets.config import Application
@@ -70,3 +70,22 @@ class PaitientCommand(Application):
     def require_root(self) -> None:
         if os.geteuid() != 0:
             self.fail("must run as root (it manages system accounts, the data root and root-owned state)")
+
+
+class CommandGroup(PaitientCommand):
+    """A command whose work is done by one of its subcommands (``paitient audit verify``).
+
+    A group names its subcommands' classes in :attr:`commands`; each one's ``description`` is its help line.
+    """
+
+    commands: ClassVar[dict[str, type[PaitientCommand]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.subcommands = {name: (command, command.description) for name, command in cls.commands.items()}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            choices = " | ".join(f"paitient {self.name} {name}" for name in self.commands)
+            self.fail(f"name what to do: {choices}  (--help for options)")
+        self.subapp.start()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from traitlets import Bool, Integer, Unicode
 
-from paitient.app import PaitientCommand
+from paitient.app import CommandGroup, PaitientCommand
 from paitient.services.audit import trail_dir
 from paitient.services.audit.query import Filter, FilterError, printable, select
 from paitient.services.audit.verify import verify_dir
@@ -131,15 +131,7 @@ def format_line(rec: dict) -> str:
     return printable("  ".join(fields))
 
 
-class AuditCommand(PaitientCommand):
+class AuditCommand(CommandGroup):
     name = "audit"
     description = "Verify the audit trail or show its records: paitient audit {verify,show} --help"
-    subcommands = {
-        "verify": (AuditVerify, AuditVerify.description),
-        "show": (AuditShow, AuditShow.description),
-    }
-
-    def start(self) -> None:
-        if self.subapp is None:
-            self.fail("name what to do: paitient audit verify | paitient audit show  (--help for options)")
-        self.subapp.start()
+    commands = {"verify": AuditVerify, "show": AuditShow}

@@ -8,7 +8,7 @@ import json
 
 from traitlets import Bool, Float, Unicode
 
-from paitient.app import PaitientCommand
+from paitient.app import CommandGroup, PaitientCommand
 from paitient.services.ledger.api import public_run
 from paitient.services.ledger.store import Ledger, LedgerError
 
@@ -134,15 +134,7 @@ class LedgerSetBudget(PaitientCommand):
             print(line)
 
 
-class LedgerCommand(PaitientCommand):
+class LedgerCommand(CommandGroup):
     name = "ledger"
     description = "The privacy-budget ledger: paitient ledger {show,set-budget} --help"
-    subcommands = {
-        "show": (LedgerShow, LedgerShow.description),
-        "set-budget": (LedgerSetBudget, LedgerSetBudget.description),
-    }
-
-    def start(self) -> None:
-        if self.subapp is None:
-            self.fail("name what to do: paitient ledger show | paitient ledger set-budget  (--help for options)")
-        self.subapp.start()
+    commands = {"show": LedgerShow, "set-budget": LedgerSetBudget}
