@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from paitient.channel import ChannelError, call
+from paitient.channel import MAX_REQUEST, ChannelError, call, read_line
 from paitient.services.kit.channel import ChannelServer
 
 
@@ -20,7 +20,10 @@ def server(world_tmp):
             raise ChannelError("send exactly one file", "bad_request")
         return os.read(fds[0], 100).decode()
 
-    srv = ChannelServer(world_tmp / "run" / "t.sock", {"whoami": whoami, "read": read_fd}, name="test")
+    def echo(peer, args, fds):
+        return args.get("text", "")
+
+    srv = ChannelServer(world_tmp / "run" / "t.sock", {"whoami": whoami, "read": read_fd, "echo": echo}, name="test")
     srv.start_in_thread()
     yield srv
     srv.shutdown()
@@ -135,3 +138,21 @@ def test_a_service_stops_promptly_on_sigterm_however_often_it_comes(world_tmp):
         p.send_signal(signal.SIGTERM)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=10) == 0 and p.stdout.read().strip() == "stopped"
+
+
+def test_a_request_larger_than_the_limit_is_refused_and_a_large_answer_arrives_whole(server):
+    with pytest.raises(ChannelError, match=f"request larger than {MAX_REQUEST} bytes; send less") as e:
+        call(server.path, "echo", {"text": "x" * MAX_REQUEST})
+    assert e.value.code == "too_large"
+    text = "y" * (MAX_REQUEST // 2)  # many reads on the way back
+    assert call(server.path, "echo", {"text": text}) == text
+
+
+def test_read_line_stops_at_the_newline_at_the_end_and_past_the_limit():
+    chunks = iter([b'{"a"', b": 1}\n", b"never read"])
+    assert read_line(lambda: next(chunks), 100, lambda: ValueError("too large")) == b'{"a": 1}\n'
+    closed = iter([b"no newline", b""])
+    assert read_line(lambda: next(closed), 100, lambda: ValueError("too large")) == b"no newline"
+    endless = iter([b"z" * 60] * 3)
+    with pytest.raises(ValueError, match="too large"):
+        read_line(lambda: next(endless), 100, lambda: ValueError("too large"))

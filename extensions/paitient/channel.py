@@ -20,7 +20,7 @@ import os
 import pwd
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -122,6 +122,21 @@ def _connect(sock: socket.socket, path: str, deadline: float) -> None:
             ) from None
 
 
+def read_line(receive: Callable[[], bytes], limit: int, too_large: Callable[[], Exception]) -> bytes:
+    """What ``receive`` gives up to the first newline, or until it gives nothing (the peer closed).
+
+    Raises ``too_large()`` once more than ``limit`` bytes came without one."""
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = receive()
+        if not chunk:
+            break
+        buf.extend(chunk)
+        if len(buf) > limit:
+            raise too_large()
+    return bytes(buf)
+
+
 def call(
     path: str | os.PathLike[str],
     op: str,
@@ -139,7 +154,14 @@ def call(
     where = os.fspath(path)
     payload = encode_request(op, args)
     deadline = time.monotonic() + timeout
-    buf = bytearray()
+
+    def receive() -> bytes:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        return sock.recv(65536)
+
+    def too_large() -> ChannelError:
+        return ChannelError(f"the answer from {where} is larger than {MAX_ANSWER} bytes", BAD_ANSWER)
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -148,14 +170,7 @@ def call(
                 socket.send_fds(sock, [payload], fds)
             else:
                 sock.sendall(payload)
-            while not buf.endswith(b"\n"):
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buf.extend(chunk)
-                if len(buf) > MAX_ANSWER:
-                    raise ChannelError(f"the answer from {where} is larger than {MAX_ANSWER} bytes", BAD_ANSWER)
+            buf = read_line(receive, MAX_ANSWER, too_large)
     except TimeoutError:
         raise ChannelError(
             f"the service at {where} did not answer {op!r} within {timeout:g} s; try again later, and tell the "
@@ -170,7 +185,7 @@ def call(
         ) from None
     if not buf:
         raise ChannelError(f"the service at {where} closed the connection without answering; try again", UNAVAILABLE)
-    return decode_answer(bytes(buf), where)
+    return decode_answer(buf, where)
 
 
 class ServiceClient:

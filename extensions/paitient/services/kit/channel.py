@@ -31,6 +31,7 @@ from paitient.channel import (
     UNKNOWN_OP,
     ChannelError,
     Peer,
+    read_line,
 )
 
 log = logging.getLogger("paitient.services.kit.channel")
@@ -47,21 +48,21 @@ def peer_of(sock: socket.socket) -> Peer:
 
 def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     """One request line and the descriptors that came with it; :class:`ChannelError` if it is malformed."""
-    buf = bytearray()
     fds: list[int] = []
+
+    def receive() -> bytes:
+        data, new_fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
+        fds.extend(new_fds)
+        return data
+
     try:
-        while b"\n" not in buf:
-            data, new_fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
-            fds.extend(new_fds)
-            if not data:
-                break
-            buf.extend(data)
-            if len(buf) > MAX_REQUEST:
-                raise ChannelError(f"request larger than {MAX_REQUEST} bytes; send less", TOO_LARGE)
+        buf = read_line(
+            receive, MAX_REQUEST, lambda: ChannelError(f"request larger than {MAX_REQUEST} bytes; send less", TOO_LARGE)
+        )
     except BaseException:
         _close_all(fds)
         raise
-    line = bytes(buf).split(b"\n", 1)[0]
+    line = buf.split(b"\n", 1)[0]
     try:
         msg = json.loads(line)
     except ValueError:
