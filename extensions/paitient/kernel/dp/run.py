@@ -56,28 +56,34 @@ def dataset_version(project: str, dataset: str, data_dir: str | os.PathLike[str]
     return None
 
 
+def _pick(given: str | None, choices: list[str], ask: str, unknown: str) -> str:
+    """``given`` when it is one of ``choices``, else the only choice there is; ValueError saying what to do."""
+    listed = ", ".join(choices) or "none"
+    if given is None:
+        if len(choices) != 1:
+            raise ValueError(f"{ask}: {listed}")
+        return choices[0]
+    if given not in choices:
+        raise ValueError(f"{unknown}: {listed}")
+    return given
+
+
 def resolve_target(budget: dict[str, Any], project: str | None, dataset: str | None) -> tuple[str, str, dict[str, Any]]:
     """Pick project and dataset (given, or the only one there is) and return that dataset's budget row."""
     projects = budget["projects"]
-    if project is None:
-        if len(projects) != 1:
-            raise ValueError(
-                f"say which project to charge: make_private(..., project=...); yours: "
-                f"{', '.join(sorted(projects)) or 'none'}"
-            )
-        project = next(iter(projects))
-    if project not in projects:
-        raise ValueError(f"you are not a member of project {project!r}; yours: {', '.join(sorted(projects)) or 'none'}")
+    project = _pick(
+        project,
+        sorted(projects),
+        "say which project to charge: make_private(..., project=...); yours",
+        f"you are not a member of project {project!r}; yours",
+    )
     rows = {r["dataset"]: r for r in projects[project]}
-    if dataset is None:
-        if len(rows) != 1:
-            raise ValueError(
-                f"say which dataset you train on: make_private(..., dataset=...); "
-                f"{project}'s datasets: {', '.join(rows)}"
-            )
-        dataset = next(iter(rows))
-    if dataset not in rows:
-        raise ValueError(f"project {project!r} has no dataset {dataset!r}; its datasets: {', '.join(rows)}")
+    dataset = _pick(
+        dataset,
+        list(rows),
+        f"say which dataset you train on: make_private(..., dataset=...); {project}'s datasets",
+        f"project {project!r} has no dataset {dataset!r}; its datasets",
+    )
     return project, dataset, rows[dataset]
 
 
