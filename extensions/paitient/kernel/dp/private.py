@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from paitient.kernel.dp.fast import FastClipper
 from paitient.kernel.dp.options import ChosenMode, LossReduction, RunOptions
 from paitient.kernel.dp.weights import weights_sha256
 from paitient.kernel.ledger import LedgerClient, LedgerUnavailable
+
+_T = TypeVar("_T")
 
 
 class RunFinished(RuntimeError):
@@ -147,6 +149,33 @@ class _RunLoader:
         return getattr(self._loader, name)
 
 
+class _From(Generic[_T]):
+    """A read-only attribute of a run that is the same-named attribute of one of its parts
+    (``model = _From[nn.Module]("parts")``: ``run.model`` is ``run.parts.model``)."""
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _From[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type) -> _From[_T] | _T:
+        if obj is None:
+            return self
+        value: _T = getattr(getattr(obj, self.part), self.name)
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(f"{self.name} is the run's {self.part}.{self.name}: make a new run to change it")
+
+
 class PrivateRun:
     """What :func:`~paitient.kernel.dp.make_private` returns. Unpacks as ``model, optimizer, criterion, data_loader``.
 
@@ -185,81 +214,25 @@ class PrivateRun:
 
     # -- what it was made from, as its own attributes ----------------------------------------------
 
-    @property
-    def model(self) -> nn.Module:
-        return self.parts.model
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.parts.optimizer
-
-    @property
-    def criterion(self) -> Criterion | None:
-        return self.parts.criterion
-
-    @property
-    def accountant(self) -> Accountant:
-        return self.parts.accountant
-
-    @property
-    def target_epsilon(self) -> float:
-        return self.options.target_epsilon
-
-    @property
-    def epochs(self) -> int:
-        return self.options.epochs
-
-    @property
-    def max_grad_norm(self) -> float:
-        return self.options.max_grad_norm
-
-    @property
-    def loss_reduction(self) -> LossReduction:
-        return self.options.loss_reduction
-
-    @property
-    def project(self) -> str:
-        return self.plan.project
-
-    @property
-    def dataset(self) -> str:
-        return self.plan.dataset
-
-    @property
-    def dataset_version(self) -> int | None:
-        return self.plan.dataset_version
-
-    @property
-    def target_delta(self) -> float:
-        return self.plan.target_delta
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self.plan.noise_multiplier
-
-    @property
-    def sample_rate(self) -> float:
-        return self.plan.sample_rate
-
-    @property
-    def planned_steps(self) -> int:
-        return self.plan.planned_steps
-
-    @property
-    def expected_batch_size(self) -> int:
-        return self.plan.expected_batch_size
-
-    @property
-    def dataset_size(self) -> int:
-        return self.plan.dataset_size
-
-    @property
-    def mode(self) -> ChosenMode:
-        return self.plan.mode
-
-    @property
-    def mode_reason(self) -> str:
-        return self.plan.mode_reason
+    model = _From[nn.Module]("parts")
+    optimizer = _From[torch.optim.Optimizer]("parts")
+    criterion = _From[Criterion | None]("parts")
+    accountant = _From[Accountant]("parts")
+    target_epsilon = _From[float]("options")
+    epochs = _From[int]("options")
+    max_grad_norm = _From[float]("options")
+    loss_reduction = _From[LossReduction]("options")
+    project = _From[str]("plan")
+    dataset = _From[str]("plan")
+    dataset_version = _From[int | None]("plan")
+    target_delta = _From[float]("plan")
+    noise_multiplier = _From[float]("plan")
+    sample_rate = _From[float]("plan")
+    planned_steps = _From[int]("plan")
+    expected_batch_size = _From[int]("plan")
+    dataset_size = _From[int]("plan")
+    mode = _From[ChosenMode]("plan")
+    mode_reason = _From[str]("plan")
 
     # -- the run ------------------------------------------------------------------------------------
 
