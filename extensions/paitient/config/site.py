@@ -46,11 +46,14 @@ class SiteConfig(Model):
 
     _egress: dict[str, EgressLimits]
     """Each project's egress limits (its overrides over [egress]), made once with the configuration."""
+    _egress_by_projects: dict[frozenset[str], EgressLimits]
+    """A user's limits by their set of projects, made at first use (the configuration does not change)."""
 
     def __init__(self, *args: Any, **values: Any) -> None:
         super().__init__(*args, **values)
         merged = {p.name: self.egress.replace(**p.egress) if p.egress else self.egress for p in self.projects}
         object.__setattr__(self, "_egress", merged)
+        object.__setattr__(self, "_egress_by_projects", {})
 
     def check(self) -> None:
         names = [p.name for p in self.projects]
@@ -91,5 +94,9 @@ class SiteConfig(Model):
         """The egress limits of a user in ``projects``: the strictest of each limit over those projects.
 
         Projects the site no longer lists are left out; a user in none gets the [egress] section."""
-        limits = [self._egress[name] for name in projects if name in self._egress]
-        return EgressLimits.strictest(limits) if limits else self.egress
+        key = frozenset(projects)
+        made = self._egress_by_projects.get(key)
+        if made is None:
+            limits = [self._egress[name] for name in sorted(key) if name in self._egress]
+            made = self._egress_by_projects[key] = EgressLimits.strictest(limits) if limits else self.egress
+        return made
