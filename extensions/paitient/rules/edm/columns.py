@@ -2,8 +2,9 @@
 
 Numbers (:func:`numbers`): each column is sorted once by its values at 6 significant digits, so rows
 sharing a value are neighbours and every count is a run length; natural precision and the coarser
-tiers come from the 6-digit mantissa by integer division. Text and dates (:func:`words`): each distinct
-value is split into words once, and the words' row counts come from the values' counts.
+tiers come from the 6-digit mantissa by integer division, in one compiled pass (:mod:`.compiled`).
+Text and dates (:func:`words`): each distinct value is split into words once, and the words' row counts
+come from the values' counts.
 """
 
 from __future__ import annotations
@@ -56,11 +57,31 @@ def epoch_ms(col: pa.ChunkedArray) -> np.ndarray:
     return ms
 
 
-def _run_counts(key: np.ndarray) -> np.ndarray:
-    """For a sorted key, how many elements share each element's key."""
-    change = np.flatnonzero(key[1:] != key[:-1]) + 1
-    size = np.diff(np.concatenate(([0], change, [len(key)])))
-    return np.repeat(size, size)
+def number_key(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A numeric column's usable values (finite, nonzero; the sign ignored) as one sorted uint64 each, and
+    where they stand in ``x``.
+
+    The key packs the value at 6 significant digits (exponent + 1024 in the top bits, then the 6-digit
+    mantissa), whether the value has at most 6 digits, and its position among the usable values: equal
+    values are neighbours, and all of it comes back out of the key (:mod:`.compiled`).
+    """
+    x = np.abs(x)
+    with np.errstate(invalid="ignore"):
+        valid = np.flatnonzero(np.isfinite(x) & (x > 0))
+    xv = x[valid]
+    if not len(xv):
+        return np.zeros(0, np.uint64), valid
+    lead, s6 = nb.lead_and_six(xv)
+    m6 = np.rint(s6)
+    close = np.abs(s6 - m6) <= s6 * nb.STORED_NOISE  # the value has at most 6 digits
+    e6 = lead - 5
+    top = m6 >= 1_000_000  # 999999.6 rounds up a decade
+    if top.any():
+        m6, e6 = np.where(top, 100_000.0, m6), e6 + top
+    key = (e6 + 1024).astype(np.uint64) << np.uint64(20) | m6.astype(np.uint64)
+    key = key << np.uint64(28) | close.astype(np.uint64) << np.uint64(27) | np.arange(len(xv), dtype=np.uint64)
+    key.sort()
+    return key, valid
 
 
 def numbers(
@@ -74,84 +95,14 @@ def numbers(
     Every tier is derived from the value's 6-digit mantissa by integer rounding; a remainder of exactly
     one half (the 6 digits may themselves be rounded) gives both neighbours.
     """
-    x = np.abs(x)
-    with np.errstate(invalid="ignore"):
-        valid = np.flatnonzero(np.isfinite(x) & (x > 0))
-    empty = np.zeros(0, np.uint64)
-    if not len(valid):
-        return empty, empty, empty.astype(bool), 0, set()
-    xv = x[valid]
-    lead, s6 = nb.lead_and_six(xv)
-    m6 = np.rint(s6)
-    close = np.abs(s6 - m6) <= s6 * nb.STORED_NOISE  # the value has at most 6 digits
-    e6 = lead - 5
-    top = m6 >= 1_000_000  # 999999.6 rounds up a decade
-    if top.any():
-        m6, e6 = np.where(top, 100_000.0, m6), e6 + top
-    # sort (value at 6 digits, at most 6 digits?, position) packed in one uint64; then equal values are
-    # neighbours, and the value, the flag and the position come back out of the key
-    key = (e6 + 1024).astype(np.uint64) << np.uint64(20) | m6.astype(np.uint64)
-    key = key << np.uint64(28) | close.astype(np.uint64) << np.uint64(27) | np.arange(len(xv), dtype=np.uint64)
-    key.sort()
-    value_key = key >> np.uint64(28)
-    pos = (key & np.uint64((1 << 27) - 1)).astype(np.int64)
-    order = pos if len(valid) == len(x) else valid[pos]
-    m6 = (value_key & np.uint64((1 << 20) - 1)).astype(np.int32)  # int32: division by a constant is fast
-    e6 = (value_key >> np.uint64(20)).astype(np.int64) - 1024
-    close = ((key >> np.uint64(27)) & np.uint64(1)).astype(bool)
-    natural = np.full(len(order), 6, dtype=np.int64)
-    if close.any():
-        for t, div in ((5, 10), (4, 100), (3, 1000)):
-            natural[close & (m6 - m6 // div * div == 0)] = t
-    exact_ok = _run_counts(value_key) <= thr  # rows with this very value
-    tiers: dict[int, tuple[np.ndarray, ...]] = {}
-    coarsest = np.zeros(len(order), dtype=np.int64)
-    if rounded:
-        # fine to coarse: a tier where no value is distinctive has no coarser one where any is
-        for t in nb.TIERS[-2::-1]:
-            below = natural > t
-            if not below.any():
-                continue
-            div = 10 ** (6 - t)
-            q = m6 // div
-            r2 = (m6 - q * div) * 2
-            m = q + (r2 >= div)
-            e = e6 + (6 - t)
-            over = m >= 10**t
-            if over.any():
-                m, e = np.where(over, 10 ** (t - 1), m), e + over
-            tie = r2 == div
-            tiers[t] = (m, e, tie, q, e6 + (6 - t))
-            distinct = below & (_run_counts(e * (1 << 21) + m.astype(np.int64)) <= thr)
-            if not distinct.any():
-                break
-            coarsest[distinct] = t
-    fps, rows, exact, used = [], [], [], set()
+    from paitient.rules.edm.compiled import number_entries  # the compiler loads with the first index built
 
-    def add(t: int, sel: np.ndarray, m: np.ndarray, e: np.ndarray, is_exact: bool) -> None:
-        fps.append(keyed.numbers(nb.pack(t, m, e)))
-        rows.append(order[sel])
-        exact.append(np.full(len(sel), is_exact))
-        used.add(t)
-
-    for t in nb.TIERS:
-        sel = np.flatnonzero((natural == t) & exact_ok)
-        if len(sel):
-            add(t, sel, m6[sel] // 10 ** (6 - t), e6[sel] + (6 - t), True)
-        if t not in tiers:
-            continue
-        sel = np.flatnonzero((coarsest > 0) & (coarsest <= t) & (natural > t))
-        if not len(sel):
-            continue
-        m, e, tie, q, eq = (a[sel] for a in tiers[t])
-        add(t, sel, m, e, False)
-        twin = np.flatnonzero(tie)
-        if len(twin):  # on the midpoint: the neighbour below (the 6 digits may be rounded up)
-            add(t, sel[twin], q[twin], eq[twin], False)
-    if not fps:
+    key, valid = number_key(x)
+    packed, pos, exact, cells, used = number_entries(key, thr, rounded=rounded)
+    if not len(packed):
+        empty = np.zeros(0, np.uint64)
         return empty, empty, empty.astype(bool), 0, set()
-    cells = int(((coarsest > 0) | ((natural >= 3) & exact_ok)).sum())
-    return np.concatenate(fps), np.concatenate(rows), np.concatenate(exact), cells, used
+    return keyed.numbers(packed), pos if len(valid) == len(x) else valid[pos], exact, cells, used
 
 
 def _distinct(col: pa.ChunkedArray, date: bool) -> tuple[np.ndarray, pa.Array]:

@@ -1,0 +1,198 @@
+"""The index build's per-value loop over a numeric column, compiled (numba).
+
+:func:`number_entries` takes a column's distinct-able values already sorted by their value at 6
+significant digits (see :func:`paitient.rules.edm.columns.numbers`) and decides, in one pass per tier,
+which of them the index keeps and at which tiers: the values' natural precision, the exact entries, the
+coarsest tier at which each is distinctive, and the neighbour of a rounding midpoint. Sorting made equal
+values neighbours, and rounding keeps the order, so every count is a run length.
+
+Compiled at first use and kept for later processes (:func:`_jit`); only the index build imports this module
+(the egress service, which reads indexes, does not load the compiler). :func:`number_entries_py` is the same
+function run by the interpreter, which the tests hold the compiled one to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+
+from paitient.rules.edm.numbers import TIERS
+
+_EXP_BIAS = 1024
+Entries = tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]
+"""Packed entries, the position each comes from, whether each is exact; values indexed, tiers used."""
+
+
+def _jit(function: Callable[..., Any]) -> Any:
+    """``function`` compiled at its first call, the machine code kept in ``__pycache__`` for the next
+    process (compiling takes about two seconds, loading it a tenth); where nothing can be kept, compiled anew
+    in each process."""
+    try:
+        return numba.njit(cache=True)(function)
+    except RuntimeError:  # no cache folder numba may write
+        return numba.njit(cache=False)(function)
+
+
+def _pack_py(tier: int, mantissa: int, exponent: int) -> np.uint64:
+    e = min(max(exponent, -_EXP_BIAS), _EXP_BIAS - 1) + _EXP_BIAS
+    return np.uint64(tier) | (np.uint64(mantissa) << np.uint64(3)) | (np.uint64(e) << np.uint64(23))
+
+
+def _rounded_py(m6: int, e6: int, tier: int) -> tuple[int, int, bool, int, int]:
+    """A 6-digit mantissa at ``tier`` digits: (mantissa, exponent, on a midpoint, lower neighbour, its exponent)."""
+    div = 10 ** (6 - tier)
+    q = m6 // div
+    r2 = (m6 - q * div) * 2
+    m = q + (1 if r2 >= div else 0)
+    e = e6 + (6 - tier)
+    if m >= 10**tier:
+        m = 10 ** (tier - 1)
+        e += 1
+    return m, e, r2 == div, q, e6 + (6 - tier)
+
+
+_pack = _jit(_pack_py)
+_rounded = _jit(_rounded_py)
+
+
+def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+    n = len(key)
+    # the sorted key packs (exponent + 1024, 6-digit mantissa, at most 6 digits?, position): 12, 20, 1, 27 bits
+    m6 = np.empty(n, dtype=np.int64)
+    e6 = np.empty(n, dtype=np.int64)
+    close = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        k = key[i]
+        m6[i] = np.int64((k >> np.uint64(28)) & np.uint64((1 << 20) - 1))
+        e6[i] = np.int64(k >> np.uint64(48)) - 1024
+        close[i] = ((k >> np.uint64(27)) & np.uint64(1)) == np.uint64(1)
+    # natural precision: the fewest digits (3..6) that give the value back
+    natural = np.full(n, 6, dtype=np.int64)
+    for i in range(n):
+        if close[i]:
+            if m6[i] % 1000 == 0:
+                natural[i] = 3
+            elif m6[i] % 100 == 0:
+                natural[i] = 4
+            elif m6[i] % 10 == 0:
+                natural[i] = 5
+    # exact entries: at most thr rows have this very value
+    exact_ok = np.zeros(n, dtype=np.bool_)
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and m6[j] == m6[i] and e6[j] == e6[i]:
+            j += 1
+        if j - i <= thr:
+            exact_ok[i:j] = True
+        i = j
+    # rounded entries: fine to coarse, the coarsest tier where at most thr rows share the rounded value (a
+    # tier where none is distinctive has no coarser one where any is)
+    coarsest = np.zeros(n, dtype=np.int64)
+    computed = np.zeros(7, dtype=np.bool_)
+    if rounded:
+        for tier in (5, 4, 3):
+            below = False
+            for k in range(n):
+                if natural[k] > tier:
+                    below = True
+                    break
+            if not below:
+                continue
+            computed[tier] = True
+            distinct = False
+            i = 0
+            while i < n:
+                mi, ei, _, _, _ = _rounded(m6[i], e6[i], tier)
+                j = i + 1
+                while j < n:
+                    mj, ej, _, _, _ = _rounded(m6[j], e6[j], tier)
+                    if mj != mi or ej != ei:
+                        break
+                    j += 1
+                if j - i <= thr:
+                    for k in range(i, j):
+                        if natural[k] > tier:
+                            coarsest[k] = tier
+                            distinct = True
+                i = j
+            if not distinct:
+                break
+    # the entries, tier by tier: exact ones, rounded ones, then the lower neighbours of midpoints
+    count = 0
+    for tier in (3, 4, 5, 6):
+        for k in range(n):
+            if natural[k] == tier and exact_ok[k]:
+                count += 1
+            elif computed[tier] and 0 < coarsest[k] <= tier < natural[k]:
+                count += 1
+                if _rounded(m6[k], e6[k], tier)[2]:
+                    count += 1
+    packed = np.empty(count, dtype=np.uint64)
+    sel = np.empty(count, dtype=np.int64)
+    exact = np.empty(count, dtype=np.bool_)
+    used = np.zeros(7, dtype=np.bool_)
+    at = 0
+    for tier in (3, 4, 5, 6):
+        for k in range(n):
+            if natural[k] == tier and exact_ok[k]:
+                packed[at] = _pack(tier, m6[k] // 10 ** (6 - tier), e6[k] + (6 - tier))
+                sel[at] = k
+                exact[at] = True
+                used[tier] = True
+                at += 1
+        if not computed[tier]:
+            continue
+        twins = 0
+        for k in range(n):
+            if 0 < coarsest[k] <= tier < natural[k]:
+                m, e, tie, _, _ = _rounded(m6[k], e6[k], tier)
+                packed[at] = _pack(tier, m, e)
+                sel[at] = k
+                exact[at] = False
+                used[tier] = True
+                at += 1
+                twins += 1 if tie else 0
+        if twins:
+            for k in range(n):
+                if 0 < coarsest[k] <= tier < natural[k]:
+                    _, _, tie, q, eq = _rounded(m6[k], e6[k], tier)
+                    if tie:
+                        packed[at] = _pack(tier, q, eq)
+                        sel[at] = k
+                        exact[at] = False
+                        at += 1
+    cells = 0
+    for k in range(n):
+        if coarsest[k] > 0 or exact_ok[k]:
+            cells += 1
+    position = np.empty(count, dtype=np.int64)
+    for a in range(count):
+        position[a] = np.int64(key[sel[a]] & np.uint64((1 << 27) - 1))
+    return packed, position, exact, cells, used
+
+
+_entries_jit = _jit(_entries)
+
+
+def number_entries(
+    key: np.ndarray, thr: int, *, rounded: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]:
+    """The entries of a numeric column from its sorted key (see :func:`paitient.rules.edm.columns.numbers`):
+    packed (tier, mantissa, exponent), the position each one comes from, whether it is exact; the number of
+    values indexed and the tiers used."""
+    return _typed(*_entries_jit(key, int(thr), bool(rounded)))
+
+
+def number_entries_py(
+    key: np.ndarray, thr: int, *, rounded: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]:
+    """:func:`number_entries` run by the interpreter (slow; the reference the compiled one is tested against)."""
+    return _typed(*_entries(key, int(thr), bool(rounded)))
+
+
+def _typed(packed: np.ndarray, position: np.ndarray, exact: np.ndarray, cells: int, used: np.ndarray) -> Entries:
+    return packed, position, exact, int(cells), {t for t in TIERS if used[t]}

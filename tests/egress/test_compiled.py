@@ -1,0 +1,98 @@
+"""The index build's compiled pass over a numeric column: the same entries as the interpreter's run of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paitient.rules.edm import compiled
+from paitient.rules.edm.columns import number_key
+from paitient.rules.edm.compiled import number_entries, number_entries_py
+
+
+def _decoded(packed: np.ndarray) -> list[tuple[int, int, int]]:
+    """(tier, mantissa, exponent) of packed entries."""
+    return [(int(p) & 7, (int(p) >> 3) & ((1 << 20) - 1), (int(p) >> 23) - 1024) for p in packed]
+
+
+def _same(x: np.ndarray, thr: int, rounded: bool) -> tuple:
+    key, _ = number_key(x)
+    fast = number_entries(key, thr, rounded=rounded)
+    slow = number_entries_py(key, thr, rounded=rounded)
+    for a, b in zip(fast[:3], slow[:3], strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert fast[3:] == slow[3:]
+    return fast
+
+
+def _columns(seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = 4000
+    return [
+        rng.normal(50, 20, n).round(2),  # measurements with 4 significant digits
+        rng.normal(0, 1, n),  # full precision
+        rng.integers(0, 30, n).astype(float),  # few distinct values
+        np.float32(rng.random(n)).astype(np.float64),  # went through float32
+        rng.choice([0.1235, 0.12345, 999999.5, 9.9995, 17.99, 18.0, 1e-300, 1e300], n),  # midpoints, decades
+        np.where(rng.random(n) < 0.3, np.nan, rng.lognormal(3, 2, n)),  # missing values
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("thr", [1, 3, 10])
+@pytest.mark.parametrize("rounded", [True, False])
+def test_the_compiled_pass_gives_the_interpreters_entries(seed, thr, rounded):
+    for x in _columns(seed):
+        _same(x, thr, rounded)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=0, max_size=60),
+    st.integers(min_value=1, max_value=4),
+)
+def test_any_column_gives_the_same_entries_compiled_and_interpreted(values, thr):
+    _same(np.array(values, dtype=np.float64), thr, True)
+
+
+def test_a_midpoint_value_is_indexed_at_both_neighbours_and_exactly_at_its_own_precision():
+    x = np.array([0.1235, 7.0, 7.0, 7.0, 7.0])
+    packed, position, exact, cells, used = _same(x, 3, True)
+    entries = sorted(zip(_decoded(packed), position.tolist(), exact.tolist(), strict=True))
+    assert entries == [
+        ((3, 123, -3), 0, False),  # 0.1235 at 3 digits lies on the midpoint: the lower neighbour too
+        ((3, 124, -3), 0, False),
+        ((4, 1235, -4), 0, True),  # exactly, at its natural precision
+    ]
+    assert cells == 1 and used == {3, 4}  # 7.0 stands in four rows: not distinctive at threshold 3
+
+
+def test_the_egress_service_reads_indexes_without_loading_the_compiler():
+    code = "import sys, paitient.services.egress.service; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
+    assert out.stdout.strip() == "False"
+
+
+def test_without_a_folder_for_compiled_code_each_process_compiles_anew(monkeypatch):
+    calls = []
+
+    def njit(*, cache):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return lambda function: function
+
+    monkeypatch.setattr(compiled.numba, "njit", njit)
+    assert compiled._jit(len) is len
+    assert calls == [True, False]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(compiled.__file__).parents[3])}
