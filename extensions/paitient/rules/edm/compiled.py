@@ -105,12 +105,13 @@ def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.n
             computed[tier] = True
             distinct = False
             i = 0
+            mi, ei, _, _, _ = _rounded(m6[0], e6[0], tier)
             while i < n:
-                mi, ei, _, _, _ = _rounded(m6[i], e6[i], tier)
                 j = i + 1
                 while j < n:
                     mj, ej, _, _, _ = _rounded(m6[j], e6[j], tier)
                     if mj != mi or ej != ei:
+                        mi, ei = mj, ej  # the next run's value
                         break
                     j += 1
                 if j - i <= thr:

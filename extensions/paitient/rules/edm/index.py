@@ -176,7 +176,8 @@ class EDMIndex:
         packed.sort()
         at = (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
         entries = ((fps[at] << np.uint64(bits)) >> _FP_SHIFT << _FP_SHIFT) | tags[at]
-        directory = np.searchsorted(packed >> np.uint64(32), np.arange((1 << bits) + 1, dtype=np.uint64))
+        directory = np.zeros((1 << bits) + 1, dtype=np.int64)  # where each bucket's entries begin
+        np.cumsum(np.bincount(bucket.astype(np.int64), minlength=1 << bits), out=directory[1:])
         arrays = {"entries": entries, "dir": directory.astype(np.uint32)}
         header = {
             "format": FORMAT,
