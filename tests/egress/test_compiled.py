@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paitient.rules.edm import compiled
+from paitient.rules.edm import numbers as nb
 from paitient.rules.edm.columns import number_key
 from paitient.rules.edm.compiled import number_entries, number_entries_py
 
@@ -96,3 +97,22 @@ def test_without_a_folder_for_compiled_code_each_process_compiles_anew(monkeypat
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(Path(compiled.__file__).parents[3])}
+
+
+def _numpy_key(lead: np.ndarray, s6: np.ndarray) -> np.ndarray:
+    """The sort key written with whole-array numpy operations, as the compiled loop must give it."""
+    m6 = np.rint(s6)
+    close = np.abs(s6 - m6) <= s6 * nb.STORED_NOISE
+    e6 = lead - 5
+    top = m6 >= 1_000_000
+    m6, e6 = np.where(top, 100_000.0, m6), e6 + top
+    key = (e6 + 1024).astype(np.uint64) << np.uint64(20) | m6.astype(np.uint64)
+    return key << np.uint64(28) | close.astype(np.uint64) << np.uint64(27) | np.arange(len(s6), dtype=np.uint64)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.floats(min_value=1e-300, max_value=1e300), min_size=1, max_size=80))
+def test_the_compiled_sort_key_is_the_whole_array_one(values):
+    x = np.array(values + [999999.5, 9.999995, 0.1235, 1e-300, 1e300], dtype=np.float64)
+    lead, s6 = nb.lead_and_six(x)
+    assert np.array_equal(compiled.sort_key(lead, s6, nb.STORED_NOISE), _numpy_key(lead, s6))

@@ -71,15 +71,10 @@ def number_key(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     xv = x[valid]
     if not len(xv):
         return np.zeros(0, np.uint64), valid
+    from paitient.rules.edm.compiled import sort_key  # the compiler loads with the first index built
+
     lead, s6 = nb.lead_and_six(xv)
-    m6 = np.rint(s6)
-    close = np.abs(s6 - m6) <= s6 * nb.STORED_NOISE  # the value has at most 6 digits
-    e6 = lead - 5
-    top = m6 >= 1_000_000  # 999999.6 rounds up a decade
-    if top.any():
-        m6, e6 = np.where(top, 100_000.0, m6), e6 + top
-    key = (e6 + 1024).astype(np.uint64) << np.uint64(20) | m6.astype(np.uint64)
-    key = key << np.uint64(28) | close.astype(np.uint64) << np.uint64(27) | np.arange(len(xv), dtype=np.uint64)
+    key = sort_key(lead, s6, nb.STORED_NOISE)
     key.sort()
     return key, valid
 

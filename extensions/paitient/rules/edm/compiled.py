@@ -58,6 +58,31 @@ _pack = _jit(_pack_py)
 _rounded = _jit(_rounded_py)
 
 
+def _keys_py(lead: np.ndarray, s6: np.ndarray, noise: float) -> np.ndarray:
+    n = len(s6)
+    key = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        m = np.rint(s6[i])
+        close = abs(s6[i] - m) <= s6[i] * noise  # the value has at most 6 digits
+        e = lead[i] - 5
+        if m >= 1_000_000.0:  # 999999.6 rounds up a decade
+            m = 100_000.0
+            e += 1
+        value = (np.uint64(e + 1024) << np.uint64(20)) | np.uint64(m)
+        key[i] = (value << np.uint64(28)) | (np.uint64(1 if close else 0) << np.uint64(27)) | np.uint64(i)
+    return key
+
+
+_keys = _jit(_keys_py)
+
+
+def sort_key(lead: np.ndarray, s6: np.ndarray, noise: float) -> np.ndarray:
+    """The key of :func:`paitient.rules.edm.columns.number_key` (unsorted) of values given by their leading
+    exponent and their value scaled to 6 digits before the point."""
+    key: np.ndarray = _keys(lead.astype(np.int64), s6.astype(np.float64), float(noise))
+    return key
+
+
 def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
     n = len(key)
     # the sorted key packs (exponent + 1024, 6-digit mantissa, at most 6 digits?, position): 12, 20, 1, 27 bits
