@@ -117,7 +117,6 @@ def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.n
     # rounded entries: fine to coarse, the coarsest tier where at most thr rows share the rounded value (a
     # tier where none is distinctive has no coarser one where any is)
     coarsest = np.zeros(n, dtype=np.int64)
-    computed = np.zeros(7, dtype=np.bool_)
     if rounded:
         for tier in (5, 4, 3):
             below = False
@@ -127,7 +126,6 @@ def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.n
                     break
             if not below:
                 continue
-            computed[tier] = True
             distinct = False
             i = 0
             mi, ei, _, _, _ = _rounded(m6[0], e6[0], tier)
@@ -147,57 +145,51 @@ def _entries(key: np.ndarray, thr: int, rounded: bool) -> tuple[np.ndarray, np.n
                 i = j
             if not distinct:
                 break
-    # the entries, tier by tier: exact ones, rounded ones, then the lower neighbours of midpoints
-    count = 0
-    for tier in (3, 4, 5, 6):
-        for k in range(n):
-            if natural[k] == tier and exact_ok[k]:
-                count += 1
-            elif computed[tier] and 0 < coarsest[k] <= tier < natural[k]:
-                count += 1
-                if _rounded(m6[k], e6[k], tier)[2]:
-                    count += 1
-    packed = np.empty(count, dtype=np.uint64)
-    sel = np.empty(count, dtype=np.int64)
-    exact = np.empty(count, dtype=np.bool_)
-    used = np.zeros(7, dtype=np.bool_)
-    at = 0
-    for tier in (3, 4, 5, 6):
-        for k in range(n):
-            if natural[k] == tier and exact_ok[k]:
-                packed[at] = _pack(tier, m6[k] // 10 ** (6 - tier), e6[k] + (6 - tier))
-                sel[at] = k
-                exact[at] = True
-                used[tier] = True
-                at += 1
-        if not computed[tier]:
-            continue
-        twins = 0
-        for k in range(n):
-            if 0 < coarsest[k] <= tier < natural[k]:
-                m, e, tie, _, _ = _rounded(m6[k], e6[k], tier)
-                packed[at] = _pack(tier, m, e)
-                sel[at] = k
-                exact[at] = False
-                used[tier] = True
-                at += 1
-                twins += 1 if tie else 0
-        if twins:
-            for k in range(n):
-                if 0 < coarsest[k] <= tier < natural[k]:
-                    _, _, tie, q, eq = _rounded(m6[k], e6[k], tier)
-                    if tie:
-                        packed[at] = _pack(tier, q, eq)
-                        sel[at] = k
-                        exact[at] = False
-                        at += 1
+    # the entries, tier by tier: exact ones, rounded ones, then the lower neighbours of midpoints; each value
+    # in order within each of these twelve groups. One pass counts the groups, one fills them.
+    sizes = np.zeros(21, dtype=np.int64)  # group (tier, kind) at 3 * tier + kind, kind 0 exact, 1 rounded, 2 twin
     cells = 0
     for k in range(n):
+        if exact_ok[k]:
+            sizes[3 * natural[k]] += 1
+        if coarsest[k] > 0:
+            for tier in range(coarsest[k], natural[k]):
+                sizes[3 * tier + 1] += 1
+                if _rounded(m6[k], e6[k], tier)[2]:
+                    sizes[3 * tier + 2] += 1
         if coarsest[k] > 0 or exact_ok[k]:
             cells += 1
+    starts = np.zeros(21, dtype=np.int64)
+    for g in range(1, 21):
+        starts[g] = starts[g - 1] + sizes[g - 1]
+    count = starts[20] + sizes[20]
+    packed = np.empty(count, dtype=np.uint64)
     position = np.empty(count, dtype=np.int64)
-    for a in range(count):
-        position[a] = np.int64(key[sel[a]] & np.uint64((1 << 27) - 1))
+    exact = np.zeros(count, dtype=np.bool_)
+    used = np.zeros(7, dtype=np.bool_)
+    for k in range(n):
+        at_position = np.int64(key[k] & np.uint64((1 << 27) - 1))
+        if exact_ok[k]:
+            tier = natural[k]
+            at = starts[3 * tier]
+            packed[at] = _pack(tier, m6[k] // 10 ** (6 - tier), e6[k] + (6 - tier))
+            position[at] = at_position
+            exact[at] = True
+            used[tier] = True
+            starts[3 * tier] += 1
+        if coarsest[k] > 0:
+            for tier in range(coarsest[k], natural[k]):
+                m, e, tie, q, eq = _rounded(m6[k], e6[k], tier)
+                at = starts[3 * tier + 1]
+                packed[at] = _pack(tier, m, e)
+                position[at] = at_position
+                used[tier] = True
+                starts[3 * tier + 1] += 1
+                if tie:
+                    at = starts[3 * tier + 2]
+                    packed[at] = _pack(tier, q, eq)
+                    position[at] = at_position
+                    starts[3 * tier + 2] += 1
     return packed, position, exact, cells, used
 
 
