@@ -1,7 +1,7 @@
 """The index build's per-value loop over a numeric column, compiled (numba).
 
-:func:`number_entries` takes a column's distinct-able values already sorted by their value at 6
-significant digits (see :func:`paitient.rules.edm.columns.numbers`) and decides, in one pass per tier,
+:func:`sort_key` packs each value of a numeric column into the key the column is sorted by;
+:func:`number_entries` takes the sorted keys (see :func:`paitient.rules.edm.columns.number_key`) and decides,
 which of them the index keeps and at which tiers: the values' natural precision, the exact entries, the
 coarsest tier at which each is distinctive, and the neighbour of a rounding midpoint. Sorting made equal
 values neighbours, and rounding keeps the order, so every count is a run length.
