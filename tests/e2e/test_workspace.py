@@ -365,6 +365,44 @@ def test_researcher_gets_no_api_token_steward_does(workspace):
     assert hub_api(base, token, "/users/alice")["name"] == "alice"
 
 
+def test_a_token_held_from_before_joining_a_project_is_revoked(fresh_workspace):
+    # Sam, a steward, holds API tokens; then the directory's admins put him in a project, which makes
+    # him a researcher. His tokens must stop working, the very request that finds out included.
+    from paitient.hub import tokens
+    from paitient.hub.signon import NO_TOKENS_MESSAGE
+    from paitient.ops.demo import DEMO_BASE_DN
+
+    ws = fresh_workspace
+    ws.site_file.write_text(ws.site_file.read_text().replace("[directory]\n", "[directory]\nrefresh_seconds = 1\n", 1))
+    ws.start()
+    sam = ws.login("sam")
+    tokens_of = ws.url + "hub/api/users/sam/tokens"
+    # the note the hub gives its servers' own tokens is not for the taking
+    r = sam.post(tokens_of, json={"note": "Server at /user/sam/"}, headers=hub_xsrf(sam), timeout=30)
+    assert r.status_code == 400 and r.json()["message"] == tokens.RESERVED_NOTE_MESSAGE, r.text
+    held = []
+    for note in ("review script", "nightly export"):
+        r = sam.post(tokens_of, json={"note": note}, headers=hub_xsrf(sam), timeout=30)
+        assert r.status_code == 201, r.text
+        held.append({"Authorization": f"token {r.json()['token']}"})
+    assert requests.get(ws.url + "hub/api/user", headers=held[0], timeout=30).json()["name"] == "sam"
+
+    ws.directory_modify(
+        f"dn: cn=oncology,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+        f"add: member\nmember: uid=sam,ou=people,{DEMO_BASE_DN}\n"
+    )
+    time.sleep(1.5)  # refresh_seconds: the hub reads his groups again at his next request
+    for auth in held:  # the request that finds out is refused, and both are gone, not only the one used
+        r = requests.get(ws.url + "hub/api/user", headers=auth, timeout=30)
+        assert r.status_code == 403, r.text
+    # his browser session goes on, now as a researcher, and mints no new token
+    assert "researcher" in {role for role in sam.get(ws.url + "hub/api/user", timeout=30).json()["roles"]}
+    r = sam.post(tokens_of, json={"note": "again"}, headers=hub_xsrf(sam), timeout=30)
+    assert r.status_code == 403 and r.json()["message"] == NO_TOKENS_MESSAGE, r.text
+    revoked = [r for r in newest_first(ws.state_dir / "audit") if r["action"] == "auth.token" and r["outcome"] == "ok"]
+    assert [(r["actor"], r["object"], r["details"]["revoked"]) for r in revoked] == [("system", "sam", 2)]
+
+
 def test_the_servers_own_token_cannot_mint_a_token_either(workspace):
     # The server's API token sits in its environment, in the researcher's own process: take it as an
     # attacker would and ask the hub for a token with it.

@@ -134,6 +134,29 @@ class Workspace:
         if remove_accounts:
             self.remove_accounts()
 
+    def directory_modify(self, ldif: str) -> None:
+        """Change the running demo directory as its root DN (as the hospital's directory admins would)."""
+        from paitient.ops.directory import DemoDirectory
+
+        conf = str(DemoDirectory(self.state_dir).conf_path)
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            if argv[:1] == ["slapd"] and conf in argv:
+                url = argv[argv.index("-h") + 1]
+                break
+        else:
+            raise AssertionError("the workspace's directory is not running" + self.logs())
+        directory = DemoDirectory(self.state_dir)
+        subprocess.run(
+            ["ldapmodify", "-x", "-H", url, "-D", directory.rootdn, "-y", str(directory.rootpw_file)],
+            input=ldif.encode(),
+            check=True,
+            capture_output=True,
+        )
+
     def remove_accounts(self) -> None:
         for member in Registry.for_state_dir(self.state_dir).all():
             remove_account(member.account)

@@ -81,3 +81,61 @@ def test_where_signing_in_lands(held, expected):
 
 def test_a_steward_lands_on_the_hub_home_when_there_is_no_airlock():
     assert landing.landing({"steward"}, hub_prefix="/hub/", review_prefix=None) == "/hub/home"
+
+
+# ------------------------------------------------------------------ tokens held from before (revoke_held, sweep)
+
+
+@pytest.fixture
+def hub_db():
+    """JupyterHub's own database, in memory: alice a researcher with a running server, sam a steward."""
+    db = orm.new_session_factory("sqlite://")()
+    researcher, steward = orm.Role(name="researcher"), orm.Role(name="steward")
+    alice, sam = orm.User(name="alice"), orm.User(name="sam")
+    db.add_all([researcher, steward, alice, sam])
+    alice.roles.append(researcher)
+    sam.roles.append(steward)
+    server = orm.Server(base_url="/user/alice/")
+    db.add(server)
+    db.add(orm.Spawner(name="", user=alice, server=server))
+    db.add_all([orm.OAuthClient(identifier="jupyterhub"), orm.OAuthClient(identifier="jupyterhub-user-alice")])
+    db.commit()
+    yield db
+    db.close()
+
+
+def _notes(user) -> set[str]:
+    return {t.note for t in user.api_tokens}
+
+
+def test_a_researchers_old_tokens_are_revoked_and_the_hubs_own_kept(hub_db):
+    alice, sam = orm.User.find(hub_db, "alice"), orm.User.find(hub_db, "sam")
+    old = alice.new_api_token(note="Requested via api by user alice")  # from before she joined a project
+    stale = alice.new_api_token(note="Server at /user/alice/other/")  # names a server she does not have
+    alice.new_api_token(note="Server at /user/alice/")  # her running server's own
+    alice.new_api_token(note="sign-in", client_id="jupyterhub-user-alice")  # her browser's OAuth sign-in
+    sam.new_api_token(note="review script")
+
+    revoked = tokens.sweep(hub_db)
+
+    assert set(revoked) == {"alice"} and sorted(revoked["alice"]) == sorted([old[:4], stale[:4]])
+    assert orm.APIToken.find(hub_db, old) is None and orm.APIToken.find(hub_db, stale) is None
+    assert _notes(alice) == {"Server at /user/alice/", "sign-in"}
+    assert _notes(sam) == {"review script"}  # a steward keeps theirs
+    assert tokens.sweep(hub_db) == {}  # nothing left to revoke
+
+
+def test_a_researcher_through_a_group_is_swept_too(hub_db):
+    bob = orm.User(name="bob")
+    group = orm.Group(name="oncology")
+    hub_db.add_all([bob, group])
+    group.users.append(bob)
+    group.roles.append(orm.Role.find(hub_db, "researcher"))
+    hub_db.commit()
+    token = bob.new_api_token(note="Requested via api by user bob")
+    assert tokens.sweep(hub_db) == {"bob": [token[:4]]}
+    assert orm.APIToken.find(hub_db, token) is None
+
+
+def test_the_hubs_notes_for_server_tokens_are_reserved():
+    assert all(tokens.RESERVED_NOTE_MESSAGE.count(prefix.strip()) for prefix in tokens.SERVER_TOKEN_NOTES)

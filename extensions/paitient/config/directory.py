@@ -122,6 +122,13 @@ class Directory(Model):
         help="Seconds to wait for the directory to connect and to answer. When it does not, the login page says "
         "the directory cannot be reached and the hub keeps running.",
     )
+    refresh_seconds = Number(
+        300.0,
+        rule=Rule("be seconds between 0 and 86400", lambda v: 0 <= v <= 86400),
+        help="How often a signed-in user's projects and roles are read again from the directory (with the service "
+        "account), on their next request after that: a user taken out of every project is signed out, and one "
+        "who became a researcher loses any API token they held. 0: only when they sign in.",
+    )
 
     def check(self) -> None:
         if not self.url:

@@ -330,7 +330,49 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             await asyncio.get_running_loop().run_in_executor(
                 None, roleholders.record, self.site.state_dir, auth_model["name"], state.get("roles", [])
             )
+        await self._revoke_tokens(handler, auth_model)
         return auth_model
+
+    async def _revoke_tokens(self, handler: web.RequestHandler | None, auth_model: dict) -> None:
+        """An account that now holds the researcher role keeps no API token (:func:`paitient.hub.tokens.revoke_held`).
+        A request made with one of the revoked tokens is refused here and now."""
+        from jupyterhub import orm
+
+        from paitient.hub import tokens
+
+        held = {r.get("name") for r in auth_model.get("roles") or ()}
+        db = getattr(handler, "db", None)
+        if db is None or tokens.RESEARCHER_ROLE not in held:
+            return
+        user = orm.User.find(db, auth_model["name"])
+        if user is None:
+            return
+        sent = handler.get_auth_token() if getattr(handler, "_token_authenticated", False) else None  # type: ignore[union-attr]
+        current = orm.APIToken.find(db, sent) if sent else None
+        gone = tokens.revoke_held(db, user)
+        if not gone:
+            return
+        self.log.warning("revoked %d API token(s) of %s: researchers hold none", len(gone), signon.shown(user.name))
+        await self._audit_revoked(user.name, [t.prefix for t in gone])
+        if current is not None and any(t is current for t in gone):
+            raise web.HTTPError(403, signon.NO_TOKENS_MESSAGE)
+
+    async def _audit_revoked(self, name: str, prefixes: list[str]) -> None:
+        if self.site is None:
+            return
+        from paitient.hub import tokens
+        from paitient.services import audit
+
+        details = tokens.revoked_details(prefixes)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: audit.emit(
+                    self.site, actor="system", action="auth.token", object=name, outcome="ok", details=details
+                ),
+            )
+        except Exception as e:
+            self.log.error("audit record auth.token (revoked) for %s not written: %s", signon.shown(name), e)
 
     def current_membership(self, username: str) -> Signed | None:
         """Blocking: the user's DN and membership as the directory has them now, read with the service
@@ -374,7 +416,9 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self.log.warning("%s lost access in the directory; signing out", signon.shown(user.name))
             await self._audit(user.name, "denied", reason="access withdrawn in the directory")
             return False
-        return self._model(user.name, signed)
+        model = self._model(user.name, signed)
+        await self._revoke_tokens(handler, model)
+        return model
 
     async def load_managed_roles(self) -> list[dict]:
         specs = signon.role_specs(self.steward_scopes, self.researcher_scopes)
@@ -433,6 +477,7 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.tls_strategy = tls.strategy
     a.tls_kwargs = tls.tls_kwargs
     a.timeout = d.timeout
+    a.auth_refresh_age = int(d.refresh_seconds)
     a.lookup_dn = d.lookup_dn
     if d.lookup_dn:
         a.user_search_base = d.search_base

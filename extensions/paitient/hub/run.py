@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from traitlets.config import Config
 
@@ -43,11 +44,31 @@ def main(argv: list[str] | None = None) -> None:
         details=audit.config_details(site),
     )
 
+    hub = hub_class(site)
+    os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
+    hub.instance(config=cfg)  # the singleton launch_instance() then initializes and runs
+    hub.launch_instance(argv=[])
+
+
+def hub_class(site: site_config.SiteConfig) -> Any:
+    """JupyterHub, which at its start also revokes any API token a researcher still holds
+    (:func:`paitient.hub.tokens.sweep`), each revocation in the audit trail."""
     from jupyterhub.app import JupyterHub
 
-    os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
-    JupyterHub.instance(config=cfg)  # the singleton launch_instance() then initializes and runs
-    JupyterHub.launch_instance(argv=[])
+    from paitient.hub import tokens
+    from paitient.services import audit
+
+    class PaitientHub(JupyterHub):  # type: ignore[misc]
+        async def init_role_assignment(self) -> None:
+            await super().init_role_assignment()
+            revoked = tokens.sweep(self.db)
+            for name, prefixes in sorted(revoked.items()):
+                self.log.warning("revoked %d API token(s) of %s: researchers hold none", len(prefixes), name)
+                audit.emit(
+                    site, actor="system", action="auth.token", object=name, details=tokens.revoked_details(prefixes)
+                )
+
+    return PaitientHub
 
 
 if __name__ == "__main__":

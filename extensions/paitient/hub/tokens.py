@@ -16,6 +16,14 @@ The handlers come first in the hub's routing through the authenticator's ``get_h
 JupyterHub's handlers for the same routes; they subclass those and change nothing for anyone else. The
 server's own token (``Spawner.server_token_scopes``) and the OAuth tokens of the user's server and of the
 services are issued by the hub itself, not through these routes, and carry no token scopes.
+
+A token issued before its owner became a researcher (a steward who joins a project, a hub that ran
+without these rules) is revoked, not merely left without new siblings (:func:`revoke_held`): at the
+hub's start for every researcher (:func:`sweep`), and whenever a sign-in or a refresh from the directory
+finds that the account now holds the researcher role. A request made with such a token is refused as it
+is revoked. Kept are the tokens the hub gave the researcher's own servers (their notes are the hub's, and
+no token request may use them) and the OAuth tokens of their browser's sign-in to their server and the
+services.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from jupyterhub import roles
+from jupyterhub import orm, roles
 from jupyterhub.apihandlers.users import UserTokenListAPIHandler
 from jupyterhub.handlers.pages import TokenPageHandler
 from tornado import web
@@ -43,6 +51,56 @@ def refuses_tokens(user: Any) -> bool:
     return any(role.name == RESEARCHER_ROLE for role in roles.get_roles_for(orm_user))
 
 
+SERVER_TOKEN_NOTES = ("Server at ", "retrieved from spawner ")
+"""How the hub begins the note of a token it gives a user's server (``User.spawn``, and a resumed server
+whose token it did not know); a token request may not use them, so a sweep can tell the two apart."""
+HUB_CLIENT = "jupyterhub"
+"""The client id of tokens the hub issues itself (API and server tokens; OAuth tokens carry their client's)."""
+RESERVED_NOTE_MESSAGE = (
+    "A token note may not begin with 'Server at ' or 'retrieved from spawner ': the hub names its servers' "
+    "own tokens so. Choose another note."
+)
+
+
+def _server_notes(orm_user: orm.User) -> set[str]:
+    """The notes of the tokens the hub gave ``orm_user``'s servers that exist now."""
+    notes = set()
+    for name, spawner in orm_user.orm_spawners.items():
+        if spawner.server is not None:
+            notes.add(f"{SERVER_TOKEN_NOTES[0]}{spawner.server.base_url}")
+            notes.add(f"{SERVER_TOKEN_NOTES[1]}{name}")
+    return notes
+
+
+def revoke_held(db: Any, orm_user: orm.User) -> list[orm.APIToken]:
+    """Delete the API tokens ``orm_user`` holds other than their servers' own and their OAuth sign-ins;
+    returns the deleted rows (committed). Call it only for accounts that :func:`refuses_tokens`."""
+    keep = _server_notes(orm_user)
+    gone = [t for t in orm_user.api_tokens if t.client_id == HUB_CLIENT and t.note not in keep]
+    for token in gone:
+        db.delete(token)
+    if gone:
+        db.commit()
+    return gone
+
+
+def sweep(db: Any) -> dict[str, list[str]]:
+    """At the hub's start: :func:`revoke_held` for every researcher; user name -> prefixes of the tokens
+    revoked (the first characters JupyterHub shows of a token, which identify it to its owner)."""
+    revoked = {}
+    for user in db.query(orm.User):
+        if refuses_tokens(user):
+            gone = revoke_held(db, user)
+            if gone:
+                revoked[user.name] = [t.prefix for t in gone]
+    return revoked
+
+
+def revoked_details(prefixes: list[str]) -> dict[str, Any]:
+    """The details of the audit record ``auth.token`` of a revocation."""
+    return {"reason": "researchers hold no API token", "revoked": len(prefixes), "prefixes": prefixes}
+
+
 def offers_tokens(user: Any) -> bool:
     """Template variable: show the Token page in the menu (the page itself also needs the ``tokens`` scope)."""
     return user is not None and not refuses_tokens(user)
@@ -54,6 +112,10 @@ class TokenRequestHandler(UserTokenListAPIHandler):
     async def post(self, user_name: str) -> None:
         owner = self.find_user(user_name)
         if owner is None or not refuses_tokens(owner):
+            body = self.get_json_body() or {}
+            note = body.get("note") if isinstance(body, dict) else None
+            if isinstance(note, str) and note.startswith(SERVER_TOKEN_NOTES):
+                raise web.HTTPError(400, RESERVED_NOTE_MESSAGE)
             return await super().post(user_name)
         requester = await self._requester()
         if requester is None:
