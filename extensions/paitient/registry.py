@@ -3,7 +3,8 @@
 The hub writes it at every sign-in (membership comes from the directory then); the services read it
 to turn a caller's uid (from ``SO_PEERCRED``) into a user and the projects that user may act for.
 The file lives under the state directory, owned by root, mode 0644: users may read who exists, only
-root changes it.
+root changes it. No member is root: the hub never writes an entry with uid 0 (the services would take
+the hub's and the operator's own calls for that researcher's).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class Member:
     @property
     def is_steward(self) -> bool:
         return "steward" in self.roles
+
+
+ROOT_UID = 0
 
 
 class Registry:
@@ -68,6 +72,10 @@ class Registry:
         return None
 
     def put(self, member: Member) -> None:
+        if member.uid == ROOT_UID:
+            raise ValueError(
+                f"{member.username}: uid 0 is root, which no workspace member may be; give the account its own uid"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with locked(self.lock_path):
             data = self._read()

@@ -24,6 +24,7 @@ from traitlets import Dict, List
 from paitient.channel import Peer
 from paitient.registry import Member, Registry
 from paitient.services.airlock.service import Airlock
+from tests import rootmember
 
 STEWARD = ["access:services!service=airlock", "custom:airlock:review"]
 RESEARCHER = ["access:services!service=airlock", "custom:airlock:request", "custom:airlock:download"]
@@ -31,7 +32,7 @@ RESEARCHER = ["access:services!service=airlock", "custom:airlock:request", "cust
 
 def register(registry: Registry, username: str, uid: int, projects=(), roles=("researcher",)) -> Member:
     m = Member(username=username, account=f"pt-{username}", uid=uid, projects=tuple(projects), roles=tuple(roles))
-    registry.put(m)
+    rootmember.put(registry, m)
     return m
 
 

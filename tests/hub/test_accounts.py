@@ -66,3 +66,12 @@ def test_recreated_account_with_another_uid_is_refused(site):
     subprocess.run(["useradd", "--uid", str(m.uid + 1), m.account], check=True, capture_output=True)
     with pytest.raises(AccountError, match="someone recreated it"):
         ensure_account(site, "bob", projects=(), roles=())
+
+
+def test_no_member_is_root(site):
+    from paitient.registry import Member
+
+    registry = Registry.for_state_dir(site.state_dir)
+    with pytest.raises(ValueError, match="uid 0 is root"):
+        registry.put(Member("mallory", "root", 0, ("oncology",), ("researcher",)))
+    assert registry.by_username("mallory") is None and registry.by_uid(0) is None

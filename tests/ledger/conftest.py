@@ -15,6 +15,7 @@ from paitient.config import parse
 from paitient.registry import Member, Registry
 from paitient.services.ledger.service import LedgerService
 from paitient.services.ledger.store import Ledger
+from tests import rootmember
 
 PY = sys.executable
 
@@ -49,7 +50,7 @@ def make_site(state_dir: Path):
 
 def register(state_dir: Path, username: str, uid: int, projects: tuple[str, ...], roles=("researcher",)) -> Member:
     member = Member(username=username, account=f"pt-{username}", uid=uid, projects=projects, roles=roles)
-    Registry.for_state_dir(state_dir).put(member)
+    rootmember.put(Registry.for_state_dir(state_dir), member)
     return member
 
 
