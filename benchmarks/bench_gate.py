@@ -4,7 +4,8 @@ round trip of the same bytes over a unix socket.
     /opt/paitient/venv/bin/python benchmarks/bench_gate.py [--repeat 300]
 
 Sets up, in a temporary state directory, the demo data published with its row indexes (the real ingest)
-and the egress service on its real socket with the real matcher; then, alternately:
+and the egress service on its real socket with the real matcher, in a process of its own as in a running
+workspace; then, alternately:
 
 - ``gate``: :meth:`paitient.server.gate.EgressGate.check_blocking` of a 10 KB kernel message (a stream
   message as JSON, the text of a typical cell: a head() table, a few lines of a training log);
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -67,6 +69,16 @@ class CallerIsBench(Registry):
         return self.bench if uid == os.getuid() else None
 
 
+def serve(site, ready) -> None:
+    """The egress service, as its own process runs it (the real matcher, store and socket)."""
+    service = EgressService(
+        site, EgressStore.for_state_dir(site.state_dir), Matcher(site), CallerIsBench.for_state_dir(site.state_dir)
+    )
+    server = EgressServer(socket_path(site), service)
+    ready.set()
+    server.serve_forever()
+
+
 class Echo(threading.Thread):
     """A unix-socket server that sends back what it gets, framed by a 4-byte length."""
 
@@ -107,10 +119,11 @@ def main() -> None:
     try:
         site = load(None, overrides={"workspace": {"state_dir": str(base / "state")}})
         publish_demo(site)
-        store = EgressStore.for_state_dir(site.state_dir)
-        service = EgressService(site, store, Matcher(site), CallerIsBench.for_state_dir(site.state_dir))
-        server = EgressServer(socket_path(site), service)
-        server.start_in_thread()
+        ready = multiprocessing.get_context("fork").Event()
+        egress = multiprocessing.get_context("fork").Process(target=serve, args=(site, ready), daemon=True)
+        egress.start()
+        if not ready.wait(60):
+            sys.exit("the egress service did not start")
         gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
 
         import pyarrow.parquet as pq
@@ -148,10 +161,8 @@ def main() -> None:
         ratio = statistics.median(results["gate"]) / statistics.median(results["echo"])
         print(f"  gate / echo: {ratio:.1f}x   (goal: gate median <= 1 ms)")
         gate.shutdown()
-        server.shutdown()
-        server.server_close()
-        service.close()
-        store.close()
+        egress.terminate()
+        egress.join(10)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -211,6 +211,26 @@ def test_what_left_is_in_the_audit_trail(site, running):
     assert d["sha256"] == hashlib.sha256(rows(0, 3)).hexdigest()
 
 
+def test_records_that_queue_up_are_written_together_in_order(site, running):
+    service, gate = running
+    batches = []
+    write = service._write
+
+    def counted(records):
+        batches.append(len(records))
+        write(records)
+
+    service._write = counted
+    for i in range(20):
+        assert gate.check_blocking(context=f"k:{i}", channel="kernel", object=f"out-{i}", text=b"x", final=True).forward
+    service.flush()
+    assert sum(batches) == 20 and len(batches) < 20, batches  # fewer appends (and fsyncs) than records
+    assert [r["object"] for r in records(site, "egress.output")] == [f"out-{i}" for i in range(20)]
+    from paitient.services.audit.verify import verify_dir
+
+    assert verify_dir(site.state_dir / "audit").ok
+
+
 def test_an_unknown_account_is_refused(site, running, make_system_user):
     stranger = make_system_user("stranger")
     code = (
