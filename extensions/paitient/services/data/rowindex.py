@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from paitient.config import ConfigError, SiteConfig, check_owner
-from paitient.fsutil import create_once, fsync_dir
+from paitient.config import ConfigError, SiteConfig
+from paitient.fsutil import fsync_dir
 from paitient.rules.edm import KEY_BYTES, EDMIndex, IndexError_, Keyed
 from paitient.services.data.publish import DATA_FILE, dataset_dir, read_manifest, versions
+from paitient.services.kit.secretfile import create_secret, private_dirs, read_secret
 
 KEY_NAME = "edm.key"
 """The row-detection key's file name, in ``<state_dir>/keys/``."""
@@ -55,44 +56,23 @@ def index_dir(site: SiteConfig, project: str, dataset: str, version: int) -> Pat
     return index_root(site) / project / dataset / str(int(version))
 
 
-def _private_dir(site: SiteConfig, path: Path) -> None:
-    """Create ``path`` and every folder between it and the state directory as root 0700."""
-    base = site.state_dir
-    parts = path.relative_to(base).parts
-    for i in range(1, len(parts) + 1):
-        d = base.joinpath(*parts[:i])
-        d.mkdir(mode=0o700, parents=i == 1, exist_ok=True)
-        os.chmod(d, 0o700)
-
-
 def ensure_key(site: SiteConfig) -> bytes:
     """The row-detection key, created on first use (32 random bytes, root 0600), checked either way."""
-    path = key_path(site)
-    if not path.exists():
-        _private_dir(site, path.parent)
-        create_once(path, secrets.token_bytes(KEY_BYTES))  # never replaces a key created meanwhile
+    create_secret(site.state_dir, key_path(site), KEY_BYTES)  # never replaces a key created meanwhile
     return load_key(site)
 
 
 def load_key(site: SiteConfig) -> bytes:
     """Read the key, refusing a missing, short, non-root or group/world-accessible file."""
-    path = key_path(site)
-    if not path.is_file() or path.is_symlink():
-        raise IndexRefused(
-            f"no row-detection key at {path}; `paitient datasets --reindex` creates one and rebuilds the indexes"
-        )
     try:
-        check_owner(path.parent)
-        check_owner(path, secret=True)
+        return read_secret(
+            key_path(site),
+            min_bytes=KEY_BYTES,
+            what="row-detection key",
+            remedy="`paitient datasets --reindex` makes a new one and rebuilds every index with it",
+        )
     except ConfigError as e:
         raise IndexRefused(f"row-detection key refused: {e}") from None
-    key = path.read_bytes()
-    if len(key) < KEY_BYTES:
-        raise IndexRefused(
-            f"row-detection key {path} holds {len(key)} bytes, not {KEY_BYTES}; remove it and run "
-            "`paitient datasets --reindex` to make a new one and rebuild every index with it"
-        )
-    return key
 
 
 def primary_columns(manifest: dict[str, Any]) -> list[str]:
@@ -111,7 +91,7 @@ def build(table: Any, manifest: dict[str, Any], key: bytes) -> EDMIndex:
 def save(site: SiteConfig, index: EDMIndex, path: Path) -> Path:
     """Publish ``index`` at ``path`` (a version's folder under the site's index root) whole or not at
     all; replaces an older one."""
-    _private_dir(site, path.parent)
+    private_dirs(site.state_dir, path.parent)
     tmp = path.parent / f".tmp-{path.name}-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)
     try:
