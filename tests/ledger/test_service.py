@@ -342,3 +342,77 @@ def test_total_answers_a_kernel_for_its_own_projects_only(service, site, state_d
     res = json.loads(out.stdout)
     assert res["own"] == {"project": "oncology", "dataset": "gbsg2", "epsilon": 1.5, "delta": 1e-6, "source": "steward"}
     assert res["foreign"][0] == "forbidden" and "not a member of project 'cardio'" in res["foreign"][1]
+
+
+def test_a_jobs_reservation_is_the_runners_to_settle(service, site, state_dir):
+    """The runner (root) reserves for alice's job; alice's kernel can neither settle it, nor act as the runner,
+    nor pass its own run off as a job."""
+    register(state_dir, "alice", 65534, ("oncology",))
+    job = call(
+        site.run_dir / "ledger.sock",
+        "reserve_job",
+        {"project": "oncology", "dataset": "gbsg2", "epsilon": 1.0, "delta": 1e-7, "user": "alice", "job_id": "j-1"},
+    )
+    assert job["username"] == "alice"
+    out = as_nobody(f"""
+        import json
+        from paitient.kernel.ledger import LedgerClient, ChannelError
+        c = LedgerClient({str(site.run_dir)!r})
+        res = {{}}
+        def attempt(name, fn):
+            try:
+                fn(); res[name] = "accepted"
+            except ChannelError as e:
+                res[name] = [e.code, str(e)]
+        attempt("settle_the_job", lambda: c.settle({job["reservation"]!r}, 0.0))
+        attempt("settle_job", lambda: c.call("settle_job", {{"reservation": {job["reservation"]!r},
+                                                            "epsilon_spent": 0.0}}))
+        attempt("reserve_job", lambda: c.call("reserve_job", {{"project": "oncology", "dataset": "gbsg2",
+            "epsilon": 0.1, "delta": 1e-8, "user": "alice", "job_id": "mine"}}))
+        attempt("job_run_id", lambda: c.reserve("oncology", "gbsg2", 0.1, 1e-8, run_id="job:j-1"))
+        print(json.dumps(res))
+    """)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["settle_the_job"] == [
+        "forbidden",
+        "this reservation is a training job's: the jobs runner settles it with what its accountant spent",
+    ]
+    assert res["settle_job"] == res["reserve_job"] == [
+        "forbidden",
+        "only the training-jobs runner reserves and settles for a job",
+    ]
+    assert res["job_run_id"][0] == "bad_request" and "belong to training jobs" in res["job_run_id"][1]
+    assert service.ledger.run(job["reservation"])["state"] == "reserved"
+    settled = call(
+        site.run_dir / "ledger.sock",
+        "settle_job",
+        {"reservation": job["reservation"], "epsilon_spent": 0.8, "record": {"weights_sha256": "d" * 64}},
+    )
+    assert settled["epsilon_spent"] == 0.8 and service.ledger.run(job["reservation"])["state"] == "settled"
+
+
+def test_the_runner_reserves_only_within_the_users_projects_and_budget(service, site, state_dir):
+    register(state_dir, "alice", 65534, ("oncology",))
+    sock = site.run_dir / "ledger.sock"
+    args = {"project": "cardio", "dataset": "diabetes", "epsilon": 1.0, "delta": 1e-7, "user": "alice", "job_id": "a"}
+    with pytest.raises(ChannelError) as e:
+        call(sock, "reserve_job", args)
+    assert e.value.code == "forbidden" and "alice is not a member of project 'cardio'" in str(e.value)
+    with pytest.raises(ChannelError) as e:
+        call(sock, "reserve_job", {**args, "user": "mallory"})
+    assert e.value.code == "unknown_user"
+    # two jobs racing for the last budget: one gets it
+    service.ledger.set_budget("oncology", "gbsg2", 1.0, 1e-6, by="sam")
+    race = {**args, "project": "oncology", "dataset": "gbsg2", "epsilon": 0.7}
+    import concurrent.futures
+
+    def one(job_id):
+        try:
+            return call(sock, "reserve_job", {**race, "job_id": job_id})["reservation"]
+        except ChannelError as err:
+            return err.code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(one, ["r-1", "r-2"]), key=str)
+    assert sum(o == "budget_exceeded" for o in outcomes) == 1, outcomes

@@ -5,7 +5,9 @@ Run by ``paitient service ledger`` (a JupyterHub managed service, see :func:`hub
 and ``record_by_hash``. The caller is whoever the socket's peer credentials say: uid -> registry member ->
 that member's projects. A kernel may act only for its own user's projects; an unknown uid is refused.
 Root (another root-side service, such as the airlock checking weights) may read every project and
-change nothing: ``reserve`` and ``settle`` refuse it.
+change nothing: ``reserve`` and ``settle`` refuse it. The one exception is the training-jobs runner (root),
+which reserves and settles a job's budget for the researcher who submitted it (``reserve_job``,
+``settle_job``); a job's reservation is settled by the runner only, never from a kernel.
 
 The reserving process id comes from ``SO_PEERCRED`` too (the host's pid, whatever pid namespace the
 kernel runs in), with its start time from ``/proc``; when that process is gone before it settled, its
@@ -35,6 +37,8 @@ __all__ = ["READ_SCOPE", "LedgerService", "custom_scopes", "hub_service", "publi
 
 SWEEP_SECONDS = 10.0
 MAX_RUN_ID = 128
+JOB_RUN_PREFIX = "job:"
+"""The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
 
 
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
@@ -128,6 +132,8 @@ class LedgerService:
         return {
             "reserve": self.reserve,
             "settle": self.settle,
+            "reserve_job": self.reserve_job,
+            "settle_job": self.settle_job,
             "budget": self.budget,
             "total": self.total,
             "records": self.records,
@@ -200,14 +206,22 @@ class LedgerService:
     def reserve(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         _only(args, {"project", "dataset", "epsilon", "delta", "run_id"})
         member = self.member(peer)
-        project, dataset = _str_arg(args, "project"), _str_arg(args, "dataset")
-        epsilon, delta = _num_arg(args, "epsilon"), _num_arg(args, "delta")
         run_id = args.get("run_id", "")
         if not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID:
             raise ChannelError(f"run_id must be a string of at most {MAX_RUN_ID} characters", BAD_REQUEST)
+        if run_id.startswith(JOB_RUN_PREFIX):
+            raise ChannelError(f"run ids starting {JOB_RUN_PREFIX!r} belong to training jobs", BAD_REQUEST)
+        return self._reserve(peer, member, args, run_id, {})
+
+    def _reserve(
+        self, peer: Peer, member: Member, args: dict[str, Any], run_id: str, extra: dict[str, Any]
+    ) -> dict[str, Any]:
+        project, dataset = _str_arg(args, "project"), _str_arg(args, "dataset")
+        epsilon, delta = _num_arg(args, "epsilon"), _num_arg(args, "delta")
         if project not in member.projects:
             raise ChannelError(
-                f"you are not a member of project {project!r}; a kernel can charge only its user's projects",
+                f"{member.username} is not a member of project {project!r}; budget is charged only to a user's "
+                "own projects",
                 FORBIDDEN,
             )
         self.sweep()
@@ -229,37 +243,45 @@ class LedgerService:
                 "ledger.reserve",
                 obj,
                 "denied",
-                {"project": project, "epsilon": epsilon, "delta": delta, "reason": str(e)},
+                {"project": project, "epsilon": epsilon, "delta": delta, "reason": str(e), **extra},
             )
             raise ChannelError(str(e), "budget_exceeded") from None
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
         row = self.ledger.run(rid)
         assert row is not None  # reserve() committed this row above, and the ledger never deletes a run
-        self.audit(
-            member.username,
-            "ledger.reserve",
-            obj,
-            "ok",
-            {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"], "pid": peer.pid},
-        )
+        details = {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"], "pid": peer.pid}
+        self.audit(member.username, "ledger.reserve", obj, "ok", {**details, **extra})
         return {"reservation": row["id"], **public_run(row), "budget": self._dataset_budget(project, dataset)}
 
     def settle(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})
         member = self.member(peer)
+        row = self.ledger.run(self._reservation(args))
+        if row is not None and row["run_id"].startswith(JOB_RUN_PREFIX):
+            raise ChannelError(
+                "this reservation is a training job's: the jobs runner settles it with what its accountant spent",
+                FORBIDDEN,
+            )
+        return self._settle(args, member.username, {})
+
+    def _reservation(self, args: dict[str, Any]) -> str:
         reservation = args.get("reservation")
         if not isinstance(reservation, str):
             raise ChannelError("reservation must be the id that reserve returned", BAD_REQUEST)
+        return reservation
+
+    def _settle(self, args: dict[str, Any], user: str, extra: dict[str, Any]) -> dict[str, Any]:
+        reservation = self._reservation(args)
         epsilon_spent = _num_arg(args, "epsilon_spent")
         delta_spent = _num_arg(args, "delta_spent", required=False)
         record = args.get("record") or {}
         try:
-            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent, user=member.username)
+            row = self.ledger.settle(reservation, epsilon_spent, record, delta_spent=delta_spent, user=user)
         except LedgerError as e:
             raise ChannelError(str(e), e.code) from None
         self.audit(
-            member.username,
+            user,
             "ledger.settle",
             f"{row['project']}/{row['dataset']}",
             "ok",
@@ -269,9 +291,37 @@ class LedgerService:
                 "epsilon_spent": row["epsilon_spent"],
                 "delta_spent": row["delta_spent"],
                 "weights_sha256": row["weights_sha256"],
+                **extra,
             },
         )
         return {**public_run(row), "budget": self._dataset_budget(row["project"], row["dataset"])}
+
+    # the training-jobs runner
+
+    def _runner(self, peer: Peer) -> None:
+        if not peer.is_root:
+            raise ChannelError("only the training-jobs runner reserves and settles for a job", FORBIDDEN)
+
+    def reserve_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The runner reserves a job's budget for the researcher who submitted it (``user``)."""
+        _only(args, {"project", "dataset", "epsilon", "delta", "user", "job_id"})
+        self._runner(peer)
+        user, job_id = args.get("user"), args.get("job_id")
+        member = self.registry.by_username(user) if isinstance(user, str) else None
+        if member is None:
+            raise ChannelError(f"user must be a workspace user's name, got {user!r}", "unknown_user")
+        if not isinstance(job_id, str) or not job_id or len(JOB_RUN_PREFIX + job_id) > MAX_RUN_ID:
+            raise ChannelError("job_id must be the job's id", BAD_REQUEST)
+        return self._reserve(peer, member, args, JOB_RUN_PREFIX + job_id, {"job": job_id})
+
+    def settle_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The runner settles a job's reservation with what its accountant spent."""
+        _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})
+        self._runner(peer)
+        row = self.ledger.run(self._reservation(args))
+        if row is None or not row["run_id"].startswith(JOB_RUN_PREFIX):
+            raise ChannelError("settle_job settles a training job's reservation only", BAD_REQUEST)
+        return self._settle(args, row["username"], {"job": row["run_id"].removeprefix(JOB_RUN_PREFIX)})
 
     def _dataset_budget(self, project: str, dataset: str) -> dict[str, Any]:
         return next(b for b in self.ledger.budget(project) if b["dataset"] == dataset)
