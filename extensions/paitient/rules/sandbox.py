@@ -9,9 +9,11 @@ The provisioner (:mod:`paitient.server.provisioner`) is the thin stateful wrappe
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import paitient
 from paitient.config import NAME_RE
 
 # Only these files and folders of the host's /etc are visible in a sandbox: enough for the C library,
@@ -42,6 +44,15 @@ ETC_ALLOWLIST: tuple[str, ...] = (
 USR_MERGE_LINKS: tuple[str, ...] = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def python_roots() -> list[str]:
+    """Host folders a sandboxed Python needs: the environment, and paitient's source if installed editable."""
+    roots = [sys.prefix]
+    pkg = str(Path(paitient.__file__).resolve().parent)
+    if not pkg.startswith(sys.prefix.rstrip("/") + "/"):
+        roots.append(pkg)
+    return roots
 
 
 class PolicyError(ValueError):

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import os
 import pwd
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Dict, List, Unicode, default
 
-import paitient
 from paitient.config import Sandbox, site_trait
 from paitient.rules.sandbox import (
     Limits,
@@ -40,20 +38,11 @@ from paitient.rules.sandbox import (
     build_bwrap_argv,
     kernel_env,
     prlimit_argv,
+    python_roots,
     resolve_datasets,
 )
 from paitient.rules.seccomp import seccomp_program
 from paitient.server import audit as client
-
-
-def _python_roots() -> list[str]:
-    """Host folders the kernel's Python needs: the environment, and paitient's source if installed editable."""
-    roots = [sys.prefix]
-    pkg = str(Path(paitient.__file__).resolve().parent)
-    if not pkg.startswith(sys.prefix.rstrip("/") + "/"):
-        roots.append(pkg)
-    return roots
-
 
 MAX_UNIX_PATH = 107
 
@@ -101,7 +90,7 @@ class SandboxProvisioner(LocalProvisioner):
 
     @default("system_ro")
     def _system_ro_default(self) -> list[str]:
-        return ["/usr", *_python_roots()]
+        return ["/usr", *python_roots()]
 
     # ------------------------------------------------------------------ policy
 
