@@ -1,0 +1,143 @@
+"""What a researcher may ask of a training job, checked field by field before anything is queued. Pure.
+
+A job names a dataset, a target column, the features (default: every numeric column but the target), a
+loss, the DP parameters (clipping bound, target epsilon; delta is the project's) and the optimiser, and a
+list of *declarative* preprocessing steps: constants the researcher chose, never code:
+
+- ``{"op": "standardise", "columns": [...], "mean": [...], "std": [...]}``: ``(x - mean) / std``;
+- ``{"op": "fill", "columns": [...], "value": v}``: a missing value becomes ``v``;
+- ``{"op": "onehot", "column": c, "categories": [...]}``: ``c`` becomes one 0/1 feature per category
+  (``c=<category>``), a value outside them all zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from paitient.config import NAME_RE
+
+LOSSES = ("cross_entropy", "bce_with_logits", "mse")
+OPTIMIZERS = ("sgd", "adam")
+MAX_COLUMNS = 4096
+MAX_STEPS_IN_PREPROCESSING = 64
+MAX_CATEGORIES = 1000
+MAX_COLUMN_NAME = 200
+
+
+class SpecError(ValueError):
+    """A job request that cannot be run; the message names the field and what it must be."""
+
+
+_NUMBERS: dict[str, tuple[float, float, bool, Any]] = {
+    # name: (low, high, whole number, default; None: required)
+    "epochs": (1, 1000, True, None),
+    "batch_size": (1, 1_000_000, True, None),
+    "max_grad_norm": (1e-6, 1e3, False, None),
+    "target_epsilon": (1e-3, 100.0, False, None),
+    "lr": (1e-8, 10.0, False, 0.1),
+    "holdout": (0.05, 0.5, False, 0.2),
+}
+_FIELDS = {"dataset", "project", "target", "features", "loss", "optimizer", "preprocessing", *_NUMBERS}
+
+
+def _name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_COLUMN_NAME or any(ord(c) < 32 for c in value):
+        raise SpecError(
+            f"{field} must be a column name (1 to {MAX_COLUMN_NAME} printable characters); got {value!r:.60}"
+        )
+    return value
+
+
+def _names(field: str, value: Any, *, least: int = 1) -> list[str]:
+    if not isinstance(value, list) or not least <= len(value) <= MAX_COLUMNS:
+        raise SpecError(f"{field} must be a list of {least} to {MAX_COLUMNS} column names")
+    names = [_name(field, v) for v in value]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{field} names a column twice")
+    return names
+
+
+def _number(field: str, value: Any, low: float, high: float, whole: bool) -> float | int:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (whole and value != int(value)) or not low <= value <= high:
+        kind = "a whole number" if whole else "a number"
+        raise SpecError(f"{field} must be {kind} from {low:g} to {high:g}; got {value!r:.40}")
+    return int(value) if whole else float(value)
+
+
+def _numbers(field: str, value: Any, n: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != n:
+        raise SpecError(f"{field} must be a list of {n} numbers, one per column")
+    return [float(_number(field, v, -1e300, 1e300, False)) for v in value]
+
+
+def check_step(step: Any) -> dict[str, Any]:
+    if not isinstance(step, Mapping):
+        raise SpecError("each preprocessing step is an object with an 'op'")
+    op = step.get("op")
+    if op == "standardise":
+        _only(step, {"op", "columns", "mean", "std"}, "a standardise step")
+        columns = _names("standardise columns", step.get("columns"))
+        mean = _numbers("standardise mean", step.get("mean"), len(columns))
+        std = _numbers("standardise std", step.get("std"), len(columns))
+        if any(s <= 0 for s in std):
+            raise SpecError("standardise std must be above 0 for every column")
+        return {"op": op, "columns": columns, "mean": mean, "std": std}
+    if op == "fill":
+        _only(step, {"op", "columns", "value"}, "a fill step")
+        columns = _names("fill columns", step.get("columns"))
+        return {
+            "op": op,
+            "columns": columns,
+            "value": float(_number("fill value", step.get("value"), -1e300, 1e300, False)),
+        }
+    if op == "onehot":
+        _only(step, {"op", "column", "categories"}, "a onehot step")
+        categories = step.get("categories")
+        if not isinstance(categories, list) or not 1 <= len(categories) <= MAX_CATEGORIES:
+            raise SpecError(f"onehot categories must be a list of 1 to {MAX_CATEGORIES} values")
+        if not all(isinstance(c, str | int) and not isinstance(c, bool) for c in categories):
+            raise SpecError("onehot categories are strings or whole numbers")
+        return {"op": op, "column": _name("onehot column", step.get("column")), "categories": list(categories)}
+    raise SpecError(f"preprocessing op {op!r:.40} is not one of standardise, fill, onehot")
+
+
+def _only(obj: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(str(k) for k in obj if k not in allowed)
+    if unknown:
+        raise SpecError(f"{what} takes {', '.join(sorted(allowed))}; not {', '.join(unknown)}")
+
+
+def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The job request as the runner keeps it, every field checked; raises :class:`SpecError`."""
+    _only(args, _FIELDS, "a job")
+    dataset = args.get("dataset")
+    if not isinstance(dataset, str) or not NAME_RE.match(dataset):
+        raise SpecError(f"dataset must be a dataset's name; got {dataset!r:.60}")
+    project = args.get("project")
+    if project is not None and (not isinstance(project, str) or not NAME_RE.match(project)):
+        raise SpecError(f"project must be a project's name; got {project!r:.60}")
+    spec: dict[str, Any] = {"dataset": dataset, "project": project, "target": _name("target", args.get("target"))}
+    features = args.get("features")
+    spec["features"] = None if features is None else _names("features", features)
+    if spec["features"] is not None and spec["target"] in spec["features"]:
+        raise SpecError("the target cannot be one of the features")
+    loss = args.get("loss", "cross_entropy")
+    if loss not in LOSSES:
+        raise SpecError(f"loss must be one of {', '.join(LOSSES)}; got {loss!r:.40}")
+    optimizer = args.get("optimizer", "sgd")
+    if optimizer not in OPTIMIZERS:
+        raise SpecError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r:.40}")
+    spec["loss"], spec["optimizer"] = loss, optimizer
+    for name, (low, high, whole, default) in _NUMBERS.items():
+        value = args.get(name, default)
+        if value is None:
+            raise SpecError(f"{name} is required: {'a whole number' if whole else 'a number'} from {low:g} to {high:g}")
+        spec[name] = _number(name, value, low, high, whole)
+    steps = args.get("preprocessing", [])
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS_IN_PREPROCESSING:
+        raise SpecError(f"preprocessing must be a list of at most {MAX_STEPS_IN_PREPROCESSING} steps")
+    spec["preprocessing"] = [check_step(s) for s in steps]
+    return spec
