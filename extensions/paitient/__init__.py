@@ -32,6 +32,7 @@ RESEARCHER_MODULES = {
     "data": "paitient.kernel.data",
     "dp": "paitient.kernel.dp",
     "airlock": "paitient.kernel.airlock",
+    "jobs": "paitient.kernel.jobs",
 }
 
 __all__ = ["__version__", *RESEARCHER_MODULES]

@@ -378,10 +378,14 @@ def test_a_jobs_reservation_is_the_runners_to_settle(service, site, state_dir):
         "forbidden",
         "this reservation is a training job's: the jobs runner settles it with what its accountant spent",
     ]
-    assert res["settle_job"] == res["reserve_job"] == [
-        "forbidden",
-        "only the training-jobs runner reserves and settles for a job",
-    ]
+    assert (
+        res["settle_job"]
+        == res["reserve_job"]
+        == [
+            "forbidden",
+            "only the training-jobs runner reserves and settles for a job",
+        ]
+    )
     assert res["job_run_id"][0] == "bad_request" and "belong to training jobs" in res["job_run_id"][1]
     assert service.ledger.run(job["reservation"])["state"] == "reserved"
     settled = call(

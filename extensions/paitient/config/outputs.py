@@ -97,3 +97,20 @@ class Airlock(Model):
         rule=Rule("be a positive number of seconds", lambda v: v > 0),
         help="Seconds the membership-inference attack may take.",
     )
+
+
+class Jobs(Model):
+    """Certified training jobs: a root-side runner trains a researcher's model (sent as a graph, never as code)
+    under differential privacy and signs the record the weights are released with."""
+
+    section = "jobs"
+
+    concurrency = WholeNumber(1, rule=POSITIVE, help="Jobs trained at the same time.")
+    account = Text(
+        "paitient-jobs",
+        help="System account the training runs as, in the kernels' sandbox (made at the runner's start if missing).",
+    )
+    timeout = Number(
+        3600.0, rule=Rule("be a positive number of seconds", lambda v: v > 0), help="Seconds one job may train."
+    )
+    memory_mb = WholeNumber(8192, rule=POSITIVE, help="Memory one job may use, in MiB.")

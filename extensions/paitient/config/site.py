@@ -10,7 +10,7 @@ from paitient.config.directory import Directory
 from paitient.config.errors import SettingError
 from paitient.config.limits import Audit, Sandbox, Server
 from paitient.config.model import Model
-from paitient.config.outputs import Airlock, EgressLimits
+from paitient.config.outputs import Airlock, EgressLimits, Jobs
 from paitient.config.projects import Project
 from paitient.config.traits import Part, Parts, Text
 from paitient.config.workspace import Accounts, Workspace
@@ -24,6 +24,7 @@ SECTIONS: dict[str, type[Model]] = {
     "server": Server,
     "egress": EgressLimits,
     "airlock": Airlock,
+    "jobs": Jobs,
 }
 """The site file's sections in the order they are documented, name -> model class; then [[projects]]."""
 
@@ -41,6 +42,7 @@ class SiteConfig(Model):
     server = Part(Server, help="[server]")
     egress = Part(EgressLimits, help="[egress]")
     airlock = Part(Airlock, help="[airlock]")
+    jobs = Part(Jobs, help="[jobs]")
     projects = Parts(Project, help="[[projects]]")
     source = Text("", help="Path the configuration was read from (empty for the embedded default).")
 

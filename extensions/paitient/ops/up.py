@@ -28,7 +28,7 @@ from paitient.app import PaitientCommand
 from paitient.config import SiteConfig, Workspace
 from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
-from paitient.services import SERVICES
+from paitient.services import PAGES
 from paitient.services.kit.process import free_port, parent_death_signal
 
 if TYPE_CHECKING:
@@ -331,7 +331,7 @@ class UpCommand(_StateCommand):
                     hub_ok = r.status == 200
                 # the hub adds its services' routes to the proxy last: ready means every page answers
                 routes = proxy_routes(proxy_api_port, paths.secret("proxy_token"))
-                missing = [f"/services/{name}" for name in SERVICES if f"/services/{name}" not in routes]
+                missing = [f"/services/{name}" for name in PAGES if f"/services/{name}" not in routes]
                 if hub_ok and not missing:
                     return
                 last = f"proxy has no route yet for {', '.join(missing)}" if missing else "hub not ready"

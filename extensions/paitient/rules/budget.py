@@ -127,3 +127,9 @@ def check_settle(reserved_epsilon: float, reserved_delta: float, epsilon_spent: 
                 f"{name}_spent {spent:g} is more than the {reserved:g} reserved; a run cannot spend more "
                 "than it reserved. The reservation stays counted in full."
             )
+
+
+def default_delta(total_delta: float, dataset_size: int) -> float:
+    """The delta of one training run: a tenth of the dataset's total delta (room for ten runs), and below
+    1/(10 n) for n rows (a delta near 1/n would allow leaking a whole row)."""
+    return min(total_delta / 10, 1 / (10 * dataset_size))

@@ -57,7 +57,7 @@ class RunOptions:
     max_grad_norm: float
     """The bound C each sample's gradient is clipped to (e.g. 1.0)."""
     target_delta: float | None = None
-    """Delta, in (0, 1); ``None``: :func:`paitient.kernel.dp.run.default_delta` of the dataset."""
+    """Delta, in (0, 1); ``None``: :func:`paitient.rules.budget.default_delta` of the dataset."""
     project: str | None = None
     """The project charged; ``None`` when you are a member of one project only."""
     dataset: str | None = None

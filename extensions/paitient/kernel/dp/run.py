@@ -38,6 +38,7 @@ from paitient.kernel.dp.private import Accountant, PrivateParts, PrivateRun, Run
 from paitient.kernel.dp.sampling import poisson_loader
 from paitient.kernel.dp.validate import DPModelError, check_model
 from paitient.kernel.ledger import LedgerClient
+from paitient.rules.budget import default_delta
 
 
 def dataset_version(project: str, dataset: str, data_dir: str | os.PathLike[str] | None = None) -> int | None:
@@ -87,11 +88,6 @@ def resolve_target(budget: dict[str, Any], project: str | None, dataset: str | N
     return project, dataset, rows[dataset]
 
 
-def default_delta(total_delta: float, dataset_size: int) -> float:
-    """A tenth of the dataset's total delta (room for ten runs), and below 1/(10 n)."""
-    return min(total_delta / 10, 1 / (10 * dataset_size))
-
-
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -121,7 +117,7 @@ def make_private(
     names each bad one). ``mode`` is ``auto`` (the fastest correct one: ``fast`` for all-Linear models,
     else ``ghost`` where every layer supports it and a ``criterion`` is given, else ``hooks``);
     ``run.mode`` and ``run.mode_reason`` say what was picked. ``target_delta`` defaults to
-    :func:`default_delta`. ``project``/``dataset`` may be left out when you have only one.
+    :func:`paitient.rules.budget.default_delta`. ``project``/``dataset`` may be left out when you have only one.
     ``noise_generator`` seeds the sampling and the noise (for tests; leave it out to train). The ledger
     is reached over ``$PAITIENT_RUN_DIR/ledger.sock`` (or ``run_dir``, or the ``ledger`` client given);
     the dataset's version is read from its manifest under ``$PAITIENT_DATA_DIR`` (or ``data_dir``).

@@ -62,3 +62,36 @@ class LedgerReader(ServiceClient):
         """The dataset's total budget as the ledger applies it (a steward's override or the site's)."""
         answer = self.call("total", {"project": project, "dataset": dataset})
         return Budget(epsilon=float(answer["epsilon"]), delta=float(answer["delta"]))
+
+
+class JobsLedger(ServiceClient):
+    """The training-jobs runner's reservations: budget reserved for a job's researcher, settled by the runner."""
+
+    service = "ledger"
+    default_timeout = 30.0
+    errors = {"unknown_project": UnknownDataset, "unknown_dataset": UnknownDataset}
+    outside_hint = "Give the site's run directory"
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, timeout: float | None = None):
+        super().__init__(run_dir, timeout=timeout)
+
+    def reserve(self, *, user: str, job_id: str, project: str, dataset: str, epsilon: float, delta: float) -> str:
+        """Reserve ``epsilon``, ``delta`` of ``project/dataset`` for ``user``'s job; returns the reservation id."""
+        answer = self.call(
+            "reserve_job",
+            {
+                "user": user,
+                "job_id": job_id,
+                "project": project,
+                "dataset": dataset,
+                "epsilon": epsilon,
+                "delta": delta,
+            },
+        )
+        return str(answer["reservation"])
+
+    def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = self.call(
+            "settle_job", {"reservation": reservation, "epsilon_spent": epsilon_spent, "record": record}
+        )
+        return answer

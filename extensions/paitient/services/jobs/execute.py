@@ -1,0 +1,214 @@
+"""Training one job in the kernels' sandbox, as the runner's own account, and taking back what it made.
+
+The worker (:mod:`paitient.services.jobs.worker`) runs with privileges dropped to ``[jobs] account``,
+rlimits, bubblewrap with every namespace unshared (no network), the kernels' seccomp filter, a cleared
+environment, the system and Python read-only. It sees a root-owned job folder, read-only for it (the
+graph, the arrays, the plan) and an output folder of its own; it reaches no service socket and no dataset:
+the rows it needs are in the job folder. It prints one JSON line per progress report and a last one with
+its metrics; the runner reads those as bounded numbers and the weights file as tensors it checks against
+the graph. A cancelled job's worker is killed at its next report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, prlimit_argv, python_roots
+from paitient.rules.seccomp import seccomp_program
+
+MAX_WEIGHTS_BYTES = 1 << 30
+MAX_LINE = 65536
+
+
+class ExecutionFailed(RuntimeError):
+    """The worker did not produce a model; the message says why (for the job's reason)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    weights: bytes
+    report: dict[str, Any]
+    """The worker's last line: ``{"done": true, "steps": n, "metrics": {...}}``."""
+
+
+def ensure_account(name: str) -> pwd.struct_passwd:
+    """The runner's system account, made (no home, no shell, no password) if it does not exist."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(name)
+
+
+def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, limits: Limits, seccomp_fd: int) -> list[str]:
+    policy = SandboxPolicy(
+        home=os.path.join(scratch, "out"),
+        runtime_dir=os.path.join(scratch, "out"),
+        run_dir=os.path.join(scratch, "run"),
+        system_ro=("/usr", *python_roots()),
+        env={
+            "PATH": SANDBOX_PATH,
+            "HOME": os.path.join(scratch, "out"),
+            "OMP_NUM_THREADS": "2",
+            "PYTHONNOUSERSITE": "1",
+        },
+        cwd=job_dir,
+        hostname="paitient-jobs",
+        extra_ro=(job_dir, "/sys/devices/system/cpu"),
+    )
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--pdeathsig=KILL",
+        *prlimit_argv(limits),
+        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
+        sys.executable,
+        "-m",
+        "paitient.services.jobs.worker",
+        os.path.join(job_dir, "job.json"),
+    ]
+
+
+def run_worker(
+    *,
+    program: bytes,
+    arrays: dict[str, np.ndarray],
+    plan: dict[str, Any],
+    account: str,
+    timeout: float,
+    memory_mb: int,
+    on_progress: Callable[[dict[str, Any]], bool],
+    work_root: Path,
+) -> Outcome:
+    """Train in the sandbox; ``on_progress`` gets each report and returns False to cancel."""
+    pw = ensure_account(account)
+    limits = Limits(memory_mb=memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) * 4 + 1)
+    work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.chmod(work_root, 0o711)
+    scratch = Path(tempfile.mkdtemp(prefix="job-", dir=work_root))
+    seccomp_fd = -1
+    try:
+        os.chmod(scratch, 0o711)
+        (scratch / "run").mkdir(mode=0o755)
+        out = scratch / "out"
+        out.mkdir(mode=0o700)
+        os.chown(out, pw.pw_uid, pw.pw_gid)
+        job = scratch / "job"
+        job.mkdir(mode=0o750)
+        os.chown(job, 0, pw.pw_gid)
+        _write(job / "graph.json", program, pw.pw_gid)
+        np.savez(job / "arrays.npz", allow_pickle=False, **arrays)
+        os.chown(job / "arrays.npz", 0, pw.pw_gid)
+        os.chmod(job / "arrays.npz", 0o640)
+        spec = {**plan, "graph": str(job / "graph.json"), "arrays": str(job / "arrays.npz"), "out": str(out)}
+        _write(job / "job.json", json.dumps(spec).encode(), pw.pw_gid)
+        seccomp_fd = os.memfd_create("paitient-jobs-seccomp", 0)
+        os.write(seccomp_fd, seccomp_program())
+        os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        argv = sandbox_argv(
+            uid=pw.pw_uid, gid=pw.pw_gid, scratch=str(scratch), job_dir=str(job), limits=limits, seccomp_fd=seccomp_fd
+        )
+        report = _supervise(argv, seccomp_fd, timeout, on_progress)
+        weights = out / "weights.safetensors"
+        if not weights.is_file() or weights.is_symlink():
+            raise ExecutionFailed("the worker finished without writing weights")
+        if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise ExecutionFailed(f"the weights file is larger than {MAX_WEIGHTS_BYTES} bytes")
+        return Outcome(weights.read_bytes(), report)
+    finally:
+        if seccomp_fd >= 0:
+            os.close(seccomp_fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _supervise(
+    argv: list[str], seccomp_fd: int, timeout: float, on_progress: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        pass_fds=(seccomp_fd,),
+    )
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
+    drain.start()
+    last: dict[str, Any] = {}
+    cancelled = False
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            try:
+                line = json.loads(raw[:MAX_LINE])
+            except ValueError:
+                continue
+            if not isinstance(line, dict):
+                continue
+            last = line
+            if not line.get("done") and not on_progress(line):
+                cancelled = True
+                proc.kill()
+                break
+        code = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        drain.join(5)
+    if cancelled:
+        raise ExecutionFailed("cancelled")
+    if timed_out.is_set():
+        raise ExecutionFailed(f"the job did not finish within {timeout:g} s")
+    if code != 0 or not last.get("done"):
+        tail = b"".join(errors).decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise ExecutionFailed(f"the training sandbox exited with status {code}: {' | '.join(tail)}"[:2000])
+    return last
+
+
+def _write(path: Path, data: bytes, gid: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.write(fd, data)
+        os.fchown(fd, 0, gid)
+    finally:
+        os.close(fd)

@@ -1,0 +1,309 @@
+"""The runner's workers: each takes the oldest queued job and carries it from the data to a signed record.
+
+For one job, in order (a failure at any step ends the job ``failed`` with the reason, its reservation
+settled in full):
+
+1. the dataset's current version is fixed, its rows prepared and split with a seed the runner draws;
+2. the noise multiplier for the target epsilon is planned for the training rows; the budget is reserved
+   for the researcher with the ledger (``reserve_job``), at the delta the dataset's budget allows a run;
+3. the worker trains in the sandbox (:mod:`.execute`) from parameters the runner initialises with a seed it
+   draws; the job's progress (step, epsilon spent, loss) is recorded as it goes, and a cancel stops it;
+4. the weights are checked against the graph (every parameter, its shape and dtype, nothing else), the
+   epsilon is the runner's own accountant's for the steps of the plan, and the record is signed;
+5. weights and record are published in ``<state_dir>/jobs/out/<job>/`` (atomically), the reservation is
+   settled with what the accountant spent, and the job is ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from paitient import __version__
+from paitient.catalogue import find, scan
+from paitient.channel import ChannelError
+from paitient.fsutil import atomic_write_bytes, atomic_write_json
+from paitient.registry import Registry
+from paitient.rules import training_record
+from paitient.rules.budget import default_delta
+from paitient.services.jobs import keys
+from paitient.services.jobs.data import Prepared, prepare
+from paitient.services.jobs.execute import ExecutionFailed, run_worker
+from paitient.services.jobs.store import Job, JobStore
+from paitient.services.ledger.api import JobsLedger
+
+INIT_SCHEME = "default"
+METRIC_DIGITS = 2
+
+
+class JobFailed(RuntimeError):
+    """A job cannot go on; the message is its reason, for the researcher."""
+
+
+class Runner:
+    def __init__(
+        self,
+        site: Any,
+        store: JobStore,
+        registry: Registry,
+        *,
+        wake: threading.Event | None = None,
+        log: logging.Logger | None = None,
+    ):
+        self.site, self.store, self.registry = site, store, registry
+        self.wake = wake or threading.Event()
+        self.log = log or logging.getLogger("paitient.services.jobs")
+        self.concurrency = int(site.jobs.concurrency)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.signing_key = keys.ensure_signing_key(site)
+
+    def start(self) -> None:
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._loop, name=f"jobs-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        for t in self._threads:
+            t.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.claim()
+            if job is None:
+                self.wake.wait(2.0)
+                self.wake.clear()
+                continue
+            self.run(job)
+
+    # -- one job ---------------------------------------------------------------------------------------
+
+    def run(self, job: Job) -> Job:
+        """Carry ``job`` (claimed: ``running``) to its end; returns it as it ended."""
+        reservation = ""
+        ledger = JobsLedger(self.site.run_dir)
+        try:
+            data_file, version = self._version(job)
+            prepared = prepare(data_file, job.spec, split_seed=_seed())
+            from paitient.services.jobs.train import TrainSpec, plan
+
+            total = self._dataset_total(job)
+            delta = default_delta(total.delta, len(prepared.x_train))
+            train_spec = TrainSpec(
+                epochs=job.spec["epochs"],
+                batch_size=job.spec["batch_size"],
+                lr=job.spec["lr"],
+                optimizer=job.spec["optimizer"],
+                max_grad_norm=job.spec["max_grad_norm"],
+                target_epsilon=job.spec["target_epsilon"],
+                delta=delta,
+                accountant="prv",
+                loss=job.spec["loss"],
+                seed=_seed(),
+            )
+            the_plan = plan(train_spec, len(prepared.x_train))
+            reservation = ledger.reserve(
+                user=job.username,
+                job_id=job.id,
+                project=job.project,
+                dataset=job.dataset,
+                epsilon=train_spec.target_epsilon,
+                delta=delta,
+            )
+            self.store.set_reservation(job.id, reservation)
+            init_seed = _seed()
+            outcome = run_worker(
+                program=self.store.graph_path(job.graph_sha256).read_bytes(),
+                arrays=_arrays(prepared),
+                plan={
+                    "spec": _spec_dict(train_spec),
+                    "plan": _spec_dict(the_plan),
+                    "init": {"scheme": INIT_SCHEME, "seed": init_seed},
+                    "classes": prepared.classes,
+                },
+                account=self.site.jobs.account,
+                timeout=float(self.site.jobs.timeout),
+                memory_mb=int(self.site.jobs.memory_mb),
+                on_progress=lambda p: self.store.progress(job.id, _progress(p, the_plan.steps)),
+                work_root=self.site.state_dir / "jobs-work",
+            )
+            epsilon = _spent(train_spec, the_plan)
+            weights_sha256 = _check_weights(self.store.graph_path(job.graph_sha256).read_bytes(), outcome.weights)
+            record = {
+                "job_id": job.id,
+                "project": job.project,
+                "dataset": job.dataset,
+                "dataset_version": version,
+                "dataset_sha256": prepared.dataset_sha256,
+                "n_train": len(prepared.x_train),
+                "n_holdout": len(prepared.x_holdout),
+                "features": prepared.features,
+                "target": job.spec["target"],
+                "preprocessing": job.spec["preprocessing"],
+                "graph_sha256": job.graph_sha256,
+                "initialisation": {"scheme": INIT_SCHEME, "seed": init_seed},
+                "sampling_rate": the_plan.sample_rate,
+                "noise_multiplier": the_plan.noise_multiplier,
+                "max_grad_norm": train_spec.max_grad_norm,
+                "steps": the_plan.steps,
+                "epsilon": epsilon,
+                "delta": delta,
+                "accountant": train_spec.accountant,
+                "weights_sha256": weights_sha256,
+                "metrics": _metrics(outcome.report.get("metrics")),
+                "runner_version": __version__,
+                "finished": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+            envelope = training_record.sign(record, self.signing_key)
+            out = self.store.out_dir(job.id)
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write_bytes(out / "model.safetensors", outcome.weights, mode=0o600)
+            atomic_write_json(out / "record.json", envelope, mode=0o600)
+            ledger.settle(reservation, epsilon, _ledger_record(record))
+            done = self.store.finish(job.id, "done")
+            self._audit(done, "ok", {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps})
+            return done
+        except Exception as e:
+            known = (JobFailed, ExecutionFailed, ChannelError, ValueError, LookupError)
+            reason = str(e) if isinstance(e, known) else ""
+            if not reason:
+                self.log.exception("jobs: %s failed", job.id)
+                reason = f"the runner failed ({type(e).__name__}); the operator's log has the details"
+            cancelled = reason == "cancelled"
+            if reservation:
+                self._settle_in_full(ledger, reservation, job)
+            ended = self.store.finish(job.id, "cancelled" if cancelled else "failed", reason)
+            self._audit(ended, "ok" if cancelled else "error", {"reason": reason})
+            return ended
+
+    def _version(self, job: Job) -> tuple[Path, int]:
+        info = find([i for i in scan(self.site.data_root) if i.project == job.project], job.dataset, job.project)
+        folder = info.path.resolve()  # the version `current` names now, fixed for the whole job
+        return folder / "data.parquet", int(info.version or 0)
+
+    def _dataset_total(self, job: Job) -> Any:
+        from paitient.services.ledger.api import LedgerReader
+
+        return LedgerReader(self.site.run_dir).total(job.project, job.dataset)
+
+    def _settle_in_full(self, ledger: JobsLedger, reservation: str, job: Job) -> None:
+        try:
+            ledger.settle(reservation, float(job.spec["target_epsilon"]), {"note": "job did not finish"})
+        except Exception as e:  # the reservation stays; the ledger counts it in full once the runner is gone
+            self.log.error("jobs: could not settle %s of %s: %s", reservation, job.id, e)
+
+    def _audit(self, job: Job, outcome: str, details: dict[str, Any]) -> None:
+        from paitient.services.audit import emit
+
+        try:
+            emit(
+                self.site,
+                actor=job.username,
+                action="jobs.run",
+                object=job.id,
+                outcome=outcome,
+                details={"project": job.project, "dataset": job.dataset, "state": job.state, **details},
+            )
+        except Exception as e:
+            self.log.error("jobs: audit record for %s not written: %s", job.id, e)
+
+
+def _seed() -> int:
+    """A seed the runner draws for a job (split, initialisation, sampling): 63 random bits."""
+    return secrets.randbits(63)
+
+
+def _arrays(p: Prepared) -> dict[str, Any]:
+    return {"x_train": p.x_train, "y_train": p.y_train, "x_holdout": p.x_holdout, "y_holdout": p.y_holdout}
+
+
+def _spec_dict(spec: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def _progress(report: dict[str, Any], steps: int) -> dict[str, Any]:
+    """A worker's progress report as bounded numbers: step, steps, epsilon so far, loss."""
+    out: dict[str, Any] = {"steps": steps, "at": time.time()}
+    for key in ("step", "epoch"):
+        value = report.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**9:
+            out[key] = value
+    for key in ("epsilon", "loss"):
+        value = report.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e12:
+            out[key] = float(f"{value:.4g}")
+    return out
+
+
+def _metrics(raw: Any) -> dict[str, float]:
+    """The worker's metrics as the record keeps them: at most 32 names, finite numbers to 2 significant digits."""
+    if not isinstance(raw, dict):
+        raise JobFailed("the worker reported no metrics")
+    out: dict[str, float] = {}
+    for key, value in list(raw.items())[: training_record.MAX_METRICS]:
+        if isinstance(key, str) and isinstance(value, int | float) and not isinstance(value, bool):
+            if abs(value) <= 1e9 and value == value:
+                out[key[:64]] = float(f"{value:.{METRIC_DIGITS}g}")
+    return out
+
+
+def _spent(spec: Any, the_plan: Any) -> float:
+    """Epsilon as the runner's own accountant has it for the plan's steps at the plan's noise and rate."""
+    from paitient.services.jobs.train import epsilon_after
+
+    return float(
+        epsilon_after(the_plan.noise_multiplier, the_plan.sample_rate, the_plan.steps, spec.delta, spec.accountant)
+    )
+
+
+def _check_weights(program: bytes, weights: bytes) -> str:
+    """The SHA-256 of ``weights`` once it holds exactly the graph's parameters (names, shapes, dtypes)."""
+    import hashlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from paitient.services.jobs.graph import load_graph
+
+    try:
+        tensors = load(weights)
+    except (SafetensorError, ValueError) as e:
+        raise JobFailed(f"the worker's weights are not a safetensors file: {e}") from None
+    expected = load_graph(program).params
+    got = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    want = {name: (tuple(shape), dtype) for name, (shape, dtype) in expected.items()}
+    if got != want:
+        raise JobFailed("the worker's weights do not match the model's parameters")
+    return hashlib.sha256(weights).hexdigest()
+
+
+def _ledger_record(record: dict[str, Any]) -> dict[str, Any]:
+    """What the ledger keeps of a job's record (its own fields, scalars only)."""
+    keep = ("dataset", "dataset_version", "epsilon", "delta", "noise_multiplier", "steps", "max_grad_norm")
+    out = {k: record[k] for k in keep}
+    out.update(
+        sample_rate=record["sampling_rate"],
+        accountant=record["accountant"],
+        weights_sha256=record["weights_sha256"],
+        mode="certified job",
+        dataset_size=record["n_train"],
+        note=f"job {record['job_id']}",
+    )
+    return out
+
+
+def job_files(store: JobStore, job_id: str) -> tuple[bytes, dict[str, Any]]:
+    """A finished job's weights and signed record, as the runner published them."""
+    out = store.out_dir(job_id)
+    return (out / "model.safetensors").read_bytes(), json.loads((out / "record.json").read_text())

@@ -1,0 +1,199 @@
+"""The training-jobs runner: kernels submit a model graph and a request; the runner trains it under DP.
+
+Run by ``paitient service jobs`` (a hub-managed service). Kernels reach ``<run_dir>/jobs.sock``; the
+caller is whoever the socket's peer credentials say (uid -> registry member -> projects). Operations:
+
+- ``submit``: the request (:func:`paitient.rules.jobspec.check_request`) and, as a file descriptor, the
+  model's exported graph; the graph is checked (:mod:`.graph`) before anything is queued;
+- ``status`` and ``list``: the caller's own jobs; ``cancel``: one of them (a queued job at once, a
+  running one at its next step); ``record``: the signed record of one that is done.
+
+Each job runs on one of ``[jobs] concurrency`` worker threads (:class:`Runner`): the runner reads the dataset
+version, splits off its held-out rows, plans the noise for the target epsilon, reserves that budget with
+the ledger for the researcher (``reserve_job``), trains in a sandbox as the runner's own account
+(:mod:`.execute`), checks the weights it gets back against the graph, signs the record
+(:mod:`paitient.rules.training_record`) and settles what its accountant spent (``settle_job``). A job that
+fails or is cancelled after its reservation settles it in full: what was spent is not known to the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from paitient.catalogue import DatasetNotFound, find, scan
+from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
+from paitient.registry import Member, Registry
+from paitient.rules.jobspec import SpecError, check_request
+from paitient.services.jobs.store import Job, JobError, JobStore
+from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.process import StopSignal, socket_path
+
+MAX_GRAPH_BYTES = 2_000_000
+log = logging.getLogger("paitient.services.jobs")
+
+
+class JobsService:
+    """The socket's operations, given a store, a registry and a way to check a graph."""
+
+    def __init__(self, site: Any, store: JobStore, registry: Registry, *, wake: threading.Event | None = None):
+        self.site, self.store, self.registry = site, store, registry
+        self.wake = wake or threading.Event()
+
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "submit": self.submit,
+            "status": self.status,
+            "list": self.list_jobs,
+            "cancel": self.cancel,
+            "record": self.record,
+        }
+
+    def member(self, peer: Peer) -> Member:
+        member = self.registry.by_uid(peer.uid)
+        if member is None:
+            raise ChannelError(f"uid {peer.uid} is not a paitient user; jobs are submitted from a kernel", FORBIDDEN)
+        return member
+
+    def submit(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        member = self.member(peer)
+        try:
+            spec = check_request(args)
+        except SpecError as e:
+            raise ChannelError(str(e), BAD_REQUEST) from None
+        if len(fds) != 1:
+            raise ChannelError("send the model's exported graph as one file descriptor with the request", BAD_REQUEST)
+        program = _read_fd(fds[0], MAX_GRAPH_BYTES)
+        info = self._dataset(member, spec)
+        from paitient.services.jobs.graph import GraphRefused, load_graph
+
+        try:
+            graph = load_graph(program, max_bytes=MAX_GRAPH_BYTES)
+        except GraphRefused as e:
+            raise ChannelError(f"the model cannot be trained by the runner: {e}", "graph_refused") from None
+        self.store.keep_graph(graph.sha256, program)
+        spec["project"] = info.project
+        job = self.store.submit(
+            username=member.username, project=info.project, dataset=info.name, spec=spec, graph_sha256=graph.sha256
+        )
+        self._audit(member.username, "jobs.submit", job, {"graph_sha256": graph.sha256, "ops": sorted(graph.ops)})
+        self.wake.set()
+        return job.public()
+
+    def _dataset(self, member: Member, spec: dict[str, Any]) -> Any:
+        projects = [p for p in member.projects if spec["project"] in (None, p)]
+        if not projects:
+            raise ChannelError(f"you are not a member of project {spec['project']!r}", FORBIDDEN)
+        infos = [i for i in scan(self.site.data_root) if i.project in projects]
+        try:
+            return find(infos, spec["dataset"], spec["project"])
+        except DatasetNotFound as e:
+            raise ChannelError(str(e), "unknown_dataset") from None
+
+    def _own(self, peer: Peer, args: dict[str, Any]) -> Job:
+        member = self.member(peer)
+        job_id = args.get("job_id")
+        if not isinstance(job_id, str):
+            raise ChannelError("job_id must be the id submit returned", BAD_REQUEST)
+        try:
+            job = self.store.get(job_id)
+        except JobError as e:
+            raise ChannelError(str(e), e.code) from None
+        if job.username != member.username:
+            raise ChannelError(f"job {job_id} is another user's", FORBIDDEN)
+        return job
+
+    def status(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        return self._own(peer, args).public()
+
+    def list_jobs(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> list[dict[str, Any]]:
+        return [j.public() for j in self.store.of_user(self.member(peer).username)]
+
+    def cancel(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        job = self._own(peer, args)
+        job = self.store.cancel(job.id, job.username)
+        self._audit(job.username, "jobs.cancel", job, {"state": job.state})
+        return job.public()
+
+    def record(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The signed record of one of the caller's finished jobs."""
+        job = self._own(peer, args)
+        if job.state != "done":
+            raise ChannelError(f"job {job.id} is {job.state}: only a finished job has a record", "not_done")
+        import json
+
+        envelope: dict[str, Any] = json.loads((self.store.out_dir(job.id) / "record.json").read_text())
+        return envelope
+
+    def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> None:
+        from paitient.services.audit import emit
+
+        try:
+            emit(
+                self.site,
+                actor=actor,
+                action=action,
+                object=job.id,
+                outcome=outcome,
+                details={"project": job.project, "dataset": job.dataset, **details},
+            )
+        except Exception as e:
+            log.error("jobs: audit record %s for %s not written: %s", action, job.id, e)
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        pass  # a pipe: read from where it is
+    chunks, size = [], 0
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise ChannelError(f"the model's graph is larger than {limit} bytes", "too_large")
+    return b"".join(chunks)
+
+
+def custom_scopes() -> dict[str, dict[str, str]]:
+    """The runner has no page and defines no hub scope: kernels reach it over its socket only."""
+    return {}
+
+
+def hub_service(site: Any, python: str, *, port: int = 0) -> dict[str, Any]:
+    """The JupyterHub managed-service entry that runs the training runner (socket only, no page)."""
+    command = [python, "-m", "paitient.cli", "service", "jobs", f"--state-dir={site.state_dir}"]
+    if site.source:
+        command.append(f"--site={site.source}")
+    return {"name": "jobs", "command": command, "display": False, "info": {"description": "Certified training jobs"}}
+
+
+def serve(site: Any, log_: logging.Logger) -> None:
+    """Serve ``<run_dir>/jobs.sock`` and run queued jobs until SIGTERM/SIGINT."""
+    from paitient.services.jobs.runner import Runner
+
+    store = JobStore(site.state_dir)
+    for job in store.recover():
+        log_.warning("jobs: %s was running when the runner stopped; marked failed", job.id)
+    registry = Registry.for_state_dir(site.state_dir)
+    wake = threading.Event()
+    service = JobsService(site, store, registry, wake=wake)
+    path = Path(socket_path(site, "jobs"))
+    server = ChannelServer(path, service.handlers(), name="jobs", mode=0o666)
+    runner = Runner(site, store, registry, wake=wake, log=log_)
+    stop = StopSignal()
+    server.start_in_thread()
+    runner.start()
+    log_.info("jobs: listening on %s, %d worker(s)", path, runner.concurrency)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        runner.stop()
+        server.shutdown()
+        server.server_close()
+        store.close()
+        log_.info("jobs: stopped")

@@ -1,0 +1,139 @@
+"""The runner for real: the demo data published, the ledger on its socket, the worker in the kernels' sandbox
+as the runner's own account; a job from submit to a signed record, and the ways one ends without."""
+
+import logging
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load as load_weights
+from torch import nn
+
+from paitient.config import load
+from paitient.kernel.jobs import Job, JobFailed, JobsClient, submit
+from paitient.ops.demodata import publish_demo
+from paitient.registry import Member, Registry
+from paitient.rules import training_record
+from paitient.services.jobs import keys
+from paitient.services.jobs.runner import Runner, job_files
+from paitient.services.jobs.service import JobsService
+from paitient.services.jobs.store import JobStore
+from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.process import socket_path
+from paitient.services.ledger.service import LedgerService
+from paitient.services.ledger.store import Ledger
+from tests import rootmember
+
+pytestmark = pytest.mark.e2e
+
+MARK = 123.456
+
+
+@pytest.fixture
+def world(world_tmp, make_system_user, monkeypatch):
+    account = make_system_user("jobs")
+    site = load(
+        None, overrides={"workspace": {"state_dir": str(world_tmp / "state")}, "jobs": {"account": account.pw_name}}
+    )
+    publish_demo(site)
+    registry = Registry.for_state_dir(site.state_dir)
+    rootmember.put(registry, Member("alice", "root", 0, ("oncology",), ("researcher",)))  # this process stands in
+    ledger = Ledger(site)
+    servers = [
+        ChannelServer(
+            socket_path(site, "ledger"), LedgerService(site, ledger, registry, logging.getLogger("t")).handlers()
+        )
+    ]
+    store = JobStore(site.state_dir)
+    wake = threading.Event()
+    servers.append(ChannelServer(socket_path(site, "jobs"), JobsService(site, store, registry, wake=wake).handlers()))
+    for s in servers:
+        s.start_in_thread()
+    runner = Runner(site, store, registry, wake=wake)
+    runner.start()
+    monkeypatch.setenv("PAITIENT_RUN_DIR", str(site.run_dir))
+    yield site, store, ledger
+    runner.stop()
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+    store.close()
+
+
+def model() -> nn.Module:
+    m = nn.Sequential(nn.Linear(30, 2))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(MARK)  # what the notebook put in the weights never reaches the release
+    return m
+
+
+def standardise(site) -> list[dict]:
+    """What a researcher computes in the notebook and passes as constants: each feature's mean and spread."""
+    import pyarrow.parquet as pq
+
+    frame = pq.read_table(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet").to_pandas()
+    columns = [c for c in frame.columns if c != "target" and frame[c].dtype.kind == "f"]
+    return [{"op": "standardise", "columns": columns, "mean": [float(frame[c].mean()) for c in columns],
+             "std": [float(frame[c].std()) for c in columns]}]  # fmt: skip
+
+
+def request(**change):
+    base = dict(dataset="breast_cancer", target="target", epochs=10, batch_size=64, max_grad_norm=1.0,
+                target_epsilon=1.0, lr=0.5)  # fmt: skip
+    return {**base, **change}
+
+
+def test_a_job_trains_under_dp_and_its_record_verifies(world):
+    site, store, ledger = world
+    job = submit(model(), **request(preprocessing=standardise(site)))
+    assert isinstance(job, Job) and job.state in ("queued", "running", "done")
+    job.wait(timeout=300, widget=False, poll=0.5)
+    envelope = job.record
+    weights, published = job_files(store, job.id)
+    assert published == envelope
+    public = keys.load_public_key(keys.public_key_path(site))
+    record = training_record.verify(envelope, public, weights)
+    assert record["epsilon"] == pytest.approx(1.0, rel=0.03) and record["delta"] == pytest.approx(1e-6)
+    assert record["n_train"] + record["n_holdout"] == 569 and len(record["features"]) == 30
+    assert {"test_accuracy", "mia_loss", "mia_calibrated"} <= set(record["metrics"])
+    assert record["metrics"]["test_accuracy"] >= 0.9
+    tensors = load_weights(weights)
+    assert set(tensors) == {"0.weight", "0.bias"}
+    assert not any(torch.isclose(t, torch.tensor(MARK), atol=1.0).any() for t in tensors.values())
+    (run,) = [r for r in ledger.runs("oncology") if r["run_id"] == f"job:{job.id}"]
+    assert run["state"] == "settled" and run["epsilon_spent"] == pytest.approx(record["epsilon"])
+    assert run["weights_sha256"] == record["weights_sha256"] and run["username"] == "alice"
+
+
+def test_a_job_over_the_budget_fails_with_the_ledgers_reason(world):
+    site, store, ledger = world
+    ledger.set_budget("oncology", "breast_cancer", 0.5, 1e-5, by="sam")
+    job = submit(model(), **request(target_epsilon=1.0))
+    with pytest.raises(JobFailed, match="budget"):
+        job.wait(timeout=120, widget=False, poll=0.3)
+    assert job.state == "failed"
+
+
+def test_a_cancelled_job_stops_and_its_reservation_counts_in_full(world):
+    site, store, ledger = world
+    job = submit(model(), **request(epochs=1000, target_epsilon=5.0))
+    deadline = 120
+    import time
+
+    start = time.monotonic()
+    while not job.progress.get("step") and time.monotonic() - start < deadline:
+        time.sleep(0.2)
+    job.cancel()
+    with pytest.raises(JobFailed, match="cancelled"):
+        job.wait(timeout=60, widget=False, poll=0.3)
+    (run,) = [r for r in ledger.runs("oncology") if r["run_id"] == f"job:{job.id}"]
+    assert run["state"] == "settled" and run["epsilon_spent"] == pytest.approx(5.0)
+
+
+def test_a_graph_the_runner_refuses_is_never_queued(world):
+    bn = nn.Sequential(nn.Linear(30, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    with pytest.raises(Exception, match="buffers") as e:
+        submit(bn, **request())
+    assert getattr(e.value, "code", "") == "graph_refused"
+    assert JobsClient().list() == []
