@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 import torch
 from safetensors.torch import save
 
@@ -58,3 +59,32 @@ def test_weights_are_reported_unchecked_without_the_ledger_or_the_published_data
         "the checks were given no way to read the published datasets, so they cannot run the audit; "
         "a steward checks by hand"
     )
+
+
+@pytest.mark.parametrize(
+    ("metrics", "status"),
+    [
+        ({"mia_loss": 0.03, "mia_loss_low": 0.0, "mia_calibrated": 0.05, "mia_calibrated_low": 0.01}, "pass"),
+        ({"mia_loss": 0.13, "mia_loss_low": 0.04, "mia_calibrated": 0.05, "mia_calibrated_low": 0.01}, "review"),
+        ({"mia_loss": 0.3, "mia_loss_low": 0.22, "mia_calibrated": 0.05, "mia_calibrated_low": 0.01}, "fail"),
+        ({"test_accuracy": 0.9}, "fail"),
+    ],
+)
+def test_the_runners_audit_is_judged_with_its_interval(metrics, status):
+    from paitient.services.airlock.checks import _runner_audit
+
+    assert _runner_audit(metrics, 0.1)["status"] == status
+
+
+def test_weights_trained_in_a_kernel_are_labelled_self_reported():
+    data = save(torch.nn.Linear(3, 2).state_dict())
+    by = {r["check"]: r for r in run_checks(request("weights", data, {"model": MODEL}), data, CheckContext())}
+    assert by["certified"]["status"] == "review"
+    assert by["certified"]["reason"].startswith("self-reported, not certified")
+
+
+def test_a_job_request_without_the_runners_key_or_with_another_record_fails():
+    data = save(torch.nn.Linear(3, 2).state_dict())
+    req = request("weights", data, {"job": "job-abc123", "record": {"format": "x"}})
+    by = {r["check"]: r for r in run_checks(req, data, CheckContext())}
+    assert by["certified"]["status"] == "fail" and "public key is not configured" in by["certified"]["reason"]

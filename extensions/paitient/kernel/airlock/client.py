@@ -40,6 +40,14 @@ class AirlockClient(ServiceClient):
         answer: dict[str, Any] = self.call("request", args, fds=[fd])
         return answer
 
+    def submit_job(self, job_id: str, justification: str, project: str | None = None) -> dict[str, Any]:
+        """Request the release of a training job's weights; the airlock takes them from the runner."""
+        args = {"job_id": job_id, "justification": justification}
+        if project is not None:
+            args["project"] = project
+        answer: dict[str, Any] = self.call("request_job", args)
+        return answer
+
     def status(self, request_id: str) -> dict[str, Any]:
         """One of the caller's requests, with its checks and decisions."""
         one: dict[str, Any] = self.call("status", {"id": request_id})
@@ -61,8 +69,11 @@ def request(
 ) -> str: ...
 
 
-def request(path: str | os.PathLike[str], spec: RequestSpec | None = None, **keywords: Any) -> str:
-    """Ask the airlock to release the file at ``path``; return the request id.
+def request(path: Any, spec: RequestSpec | None = None, **keywords: Any) -> str:
+    """Ask the airlock to release the file at ``path`` (or a training job's weights); return the request id.
+
+    A :class:`paitient.kernel.jobs.Job` that is done: ``request(job, justification="...")``; the airlock takes
+    its weights and signed record from the runner, nothing from this kernel.
 
     Give a :class:`~paitient.kernel.airlock.spec.RequestSpec`, or its parts as keyword arguments:
     ``kind``: ``table`` (CSV or Parquet; give ``recipe=`` — dataset, index, columns, values, aggfunc — so
@@ -75,6 +86,16 @@ def request(path: str | os.PathLike[str], spec: RequestSpec | None = None, **key
     ``{"train_rows": [...]}``). Values the airlock would refuse raise :class:`AirlockError` before the
     file is opened.
     """
+    from paitient.kernel.jobs.client import Job
+
+    if isinstance(path, Job):
+        justification = keywords.pop("justification", None)
+        project = keywords.pop("project", None)
+        if keywords or spec is not None:
+            raise AirlockError("a job's weights take justification= (and project=) only")
+        if not isinstance(justification, str) or not justification.strip():
+            raise AirlockError("say why these weights should leave the workspace: justification='...'")
+        return str(AirlockClient().submit_job(path.id, justification, project)["id"])
     if spec is not None:
         if not isinstance(spec, RequestSpec):
             raise AirlockError(f"the second argument must be a RequestSpec, got {type(spec).__name__}")

@@ -69,6 +69,8 @@ class CheckContext:
     audit_memory_mb: int = 4096
     audit_work_root: str | None = None
     """Where the audits' scratch folders go (see :func:`paitient.services.airlock.mia.prepare_work_root`)."""
+    jobs_public_key: Callable[[], Any] | None = None
+    """The training runner's published public key (Ed25519), for certified weights."""
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -160,8 +162,86 @@ def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str
     fmt, tensors = weights.check_format(data)
     if tensors is None:
         return [fmt]
+    if req.meta.get("job"):
+        return [fmt, *check_certified(req, data, ctx)]
+    return [fmt, *_self_reported(req, data, ctx)]
+
+
+SELF_REPORTED = (
+    "self-reported, not certified: these weights were trained in the kernel, whose DP record the researcher's own "
+    "code reported; train with paitient.jobs.submit for weights the runner certifies"
+)
+
+
+def check_certified(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+    """Weights from a training job: the runner's signature over the record, the weights' hash, the ledger's
+    settlement of the job and the project's thresholds must all agree. Nothing here comes from a kernel."""
+    from paitient.rules import training_record
+
+    envelope = req.meta.get("record")
+    try:
+        if ctx.jobs_public_key is None:
+            raise training_record.RecordInvalid("the runner's public key is not configured")
+        record = training_record.verify(envelope, ctx.jobs_public_key(), data)
+    except (training_record.RecordInvalid, OSError) as e:
+        return [result("certified", "fail", f"the training record does not hold: {e}")]
+    summary = {k: record[k] for k in ("job_id", "dataset", "dataset_version", "epsilon", "delta", "steps")}
+    out = [result("certified", "pass", f"signed by the training runner (job {record['job_id']})", record=summary)]
+    if record["project"] != req.project or record["job_id"] != req.meta.get("job"):
+        return [result("certified", "fail", "the record is another project's or another job's")]
+    run = None
+    try:
+        if ctx.lookup_run is None or ctx.budget_for is None:
+            raise RuntimeError("the privacy ledger is not configured")
+        run = ctx.lookup_run(req.sha256)
+        budget_for = ctx.budget_for
+        ledger = weights.check_training_record(
+            run, project=req.project, budget_for=lambda ds: budget_for(req.project, ds)
+        )
+    except Exception as e:
+        log.exception("ledger lookup for %s failed", req.id)
+        ledger = result("training_record", "error", f"the privacy ledger could not be asked ({e}); a steward checks")
+    if ledger["status"] == "pass" and run is not None:
+        settled = run.get("epsilon_spent")
+        if (
+            run.get("run_id") != f"job:{record['job_id']}"
+            or not isinstance(settled, int | float)
+            or (abs(float(settled) - float(record["epsilon"])) > 1e-9)
+        ):
+            ledger = result("training_record", "fail", "the ledger's settlement of the job does not match its record")
+    out.append(ledger)
+    out.append(_runner_audit(record["metrics"], ctx.mia_max_auc - 0.5))
+    return out
+
+
+def _runner_audit(metrics: dict[str, float], allowed: float) -> dict[str, Any]:
+    """Judge the runner's membership-inference numbers: each attack's |AUC - 0.5| and its bootstrap interval.
+    Above the project's bound with the whole interval: memorisation shown (fail); the estimate above it but
+    the interval reaching below: not settled by so few held-out rows (a steward looks); else pass."""
+    attacks = [a for a in ("mia_loss", "mia_calibrated") if a in metrics]
+    if not attacks:
+        return result("membership_inference", "fail", "the record holds no membership-inference numbers")
+    worst = max(attacks, key=lambda a: metrics[a])
+    gap, low = metrics[worst], metrics.get(f"{worst}_low", metrics[worst])
+    numbers = {k: v for k, v in metrics.items() if k.startswith("mia_")}
+    if low > allowed:
+        status, verdict = "fail", "the attack tells training rows apart beyond doubt"
+    elif gap > allowed:
+        status, verdict = "review", "the estimate is above the bound, but the interval reaches below it"
+    else:
+        status, verdict = "pass", "within the bound"
+    return result(
+        "membership_inference",
+        status,
+        f"the runner's audit on its held-out rows ({worst}): |AUC - 0.5| = {gap:g}, 95% interval from {low:g}; "
+        f"the project's bound is {allowed:g}: {verdict}",
+        **numbers,
+    )
+
+
+def _self_reported(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
+    out = [result("certified", "review", SELF_REPORTED)]
     canonical = weights.canonical_sha256(data)
-    out = [fmt]
     run = None
     try:
         lookup_run, budget_for = ctx.lookup_run, ctx.budget_for

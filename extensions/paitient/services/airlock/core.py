@@ -126,7 +126,13 @@ class Airlock:
             audit_timeout=s.audit_timeout,
             audit_memory_mb=self.site.sandbox.memory_mb,
             audit_work_root=str(self.audit_work_root),
+            jobs_public_key=self._jobs_public_key,
         )
+
+    def _jobs_public_key(self) -> Any:
+        from paitient.services.jobs.keys import load_public_key, public_key_path
+
+        return load_public_key(public_key_path(self.site))
 
     def _load_dataset(self, project: str, dataset: str, version: Any):
         name = dataset.split("/")[-1]
@@ -138,7 +144,12 @@ class Airlock:
     # Kernel side (unix socket)
 
     def handlers(self) -> dict[str, Any]:
-        return {"request": self.op_request, "status": self.op_status, "list": self.op_status}
+        return {
+            "request": self.op_request,
+            "request_job": self.op_request_job,
+            "status": self.op_status,
+            "list": self.op_status,
+        }
 
     def _caller(self, peer: Peer) -> Member:
         member = self.registry.by_uid(peer.uid)
@@ -204,6 +215,62 @@ class Airlock:
             action="airlock.request",
             object=req.id,
             details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size},
+        )
+        self._queue.put(req.id)
+        return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
+
+    def op_request_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Request the release of a training job's weights: the airlock takes them and their signed record
+        from the runner itself (the kernel sends only the job's id), and refuses a record that does not hold."""
+        from paitient.rules import training_record
+        from paitient.services.jobs.api import JobsReader
+
+        member = self._caller(peer)
+        job_id = args.get("job_id")
+        if not isinstance(job_id, str) or not re.fullmatch(r"job-[0-9a-f]{6,32}", job_id):
+            raise ChannelError("job_id must be a training job's id (job.id)", BAD_REQUEST)
+        wire = {k: v for k, v in args.items() if k in ("justification", "project")}
+        try:
+            envelope, data = JobsReader(self.site.run_dir).release(job_id, member.username)
+            record = training_record.verify(envelope, self._jobs_public_key(), data)
+            project = record["project"]
+            _, project, justification, _ = self._validate_request(
+                member, {**wire, "kind": "weights", "project": project}
+            )
+        except (ChannelError, training_record.RecordInvalid, OSError) as e:
+            self.emit(
+                actor=member.username,
+                action="airlock.request",
+                object=job_id,
+                outcome="denied",
+                details={"reason": str(e), "kind": "weights", "job": job_id},
+            )
+            raise ChannelError(str(e), getattr(e, "code", "refused")) from None
+        fd = os.memfd_create("paitient-job-weights", 0)
+        try:
+            os.write(fd, data)
+            sha, size = self.store.put_blob_from_fd(fd, self.settings.max_bytes)
+        except StoreError as e:
+            raise ChannelError(str(e), "refused") from None
+        finally:
+            os.close(fd)
+        req = self.store.create(
+            project=project,
+            username=member.username,
+            account=member.account,
+            uid=peer.uid,
+            kind="weights",
+            filename=f"{job_id}.safetensors",
+            sha256=sha,
+            size=size,
+            justification=justification,
+            meta={"job": job_id, "record": envelope},
+        )
+        self.emit(
+            actor=member.username,
+            action="airlock.request",
+            object=req.id,
+            details={"project": project, "kind": "weights", "job": job_id, "sha256": sha, "size": size},
         )
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}

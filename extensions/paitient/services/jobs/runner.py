@@ -16,7 +16,6 @@ settled in full):
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -301,9 +300,3 @@ def _ledger_record(record: dict[str, Any]) -> dict[str, Any]:
         note=f"job {record['job_id']}",
     )
     return out
-
-
-def job_files(store: JobStore, job_id: str) -> tuple[bytes, dict[str, Any]]:
-    """A finished job's weights and signed record, as the runner published them."""
-    out = store.out_dir(job_id)
-    return (out / "model.safetensors").read_bytes(), json.loads((out / "record.json").read_text())

@@ -6,7 +6,8 @@ caller is whoever the socket's peer credentials say (uid -> registry member -> p
 - ``submit``: the request (:func:`paitient.rules.jobspec.check_request`) and, as a file descriptor, the
   model's exported graph; the graph is checked (:mod:`.graph`) before anything is queued;
 - ``status`` and ``list``: the caller's own jobs; ``cancel``: one of them (a queued job at once, a
-  running one at its next step); ``record``: the signed record of one that is done.
+  running one at its next step); ``record``: the signed record of one that is done;
+- ``release`` (root, the airlock): a finished job's record and weights, for the job's owner's request.
 
 Each job runs on one of ``[jobs] concurrency`` worker threads (:class:`Runner`): the runner reads the dataset
 version, splits off its held-out rows, plans the noise for the target epsilon, reserves that budget with
@@ -50,6 +51,7 @@ class JobsService:
             "list": self.list_jobs,
             "cancel": self.cancel,
             "record": self.record,
+            "release": self.release,
         }
 
     def member(self, peer: Peer) -> Member:
@@ -123,10 +125,27 @@ class JobsService:
         job = self._own(peer, args)
         if job.state != "done":
             raise ChannelError(f"job {job.id} is {job.state}: only a finished job has a record", "not_done")
-        import json
+        return self.store.released(job.id)[1]
 
-        envelope: dict[str, Any] = json.loads((self.store.out_dir(job.id) / "record.json").read_text())
-        return envelope
+    def release(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """For the airlock (root): a finished job's signed record and weights (base64), if ``user`` owns it."""
+        if not peer.is_root:
+            raise ChannelError("only the airlock takes a job's weights out of the runner", FORBIDDEN)
+        job_id, user = args.get("job_id"), args.get("user")
+        try:
+            job = self.store.get(str(job_id))
+        except JobError as e:
+            raise ChannelError(str(e), e.code) from None
+        if job.username != user:
+            raise ChannelError(f"job {job.id} is not {user!r}'s", FORBIDDEN)
+        if job.state != "done":
+            raise ChannelError(
+                f"job {job.id} is {job.state}: only a finished job's weights can be requested", "not_done"
+            )
+        import base64
+
+        weights, envelope = self.store.released(job.id)
+        return {"record": envelope, "weights": base64.b64encode(weights).decode()}
 
     def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> None:
         from paitient.services.audit import emit

@@ -130,6 +130,11 @@ class JobStore:
     def out_dir(self, job_id: str) -> Path:
         return self.root / "out" / job_id
 
+    def released(self, job_id: str) -> tuple[bytes, dict[str, Any]]:
+        """A finished job's weights and signed record, as the runner published them."""
+        out = self.out_dir(job_id)
+        return (out / "model.safetensors").read_bytes(), json.loads((out / "record.json").read_text())
+
     # -- states ------------------------------------------------------------------------------------------
 
     def submit(self, *, username: str, project: str, dataset: str, spec: dict[str, Any], graph_sha256: str) -> Job:
