@@ -23,7 +23,12 @@ from tests.kernelclient import CellResult
 pytestmark = pytest.mark.e2e
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "extensions" / "paitient" / "examples"
-NAMES = ("01-explore-data.ipynb", "02-train-with-differential-privacy.ipynb", "03-request-export.ipynb")
+NAMES = (
+    "01-explore-data.ipynb",
+    "02-train-with-differential-privacy.ipynb",
+    "03-request-export.ipynb",
+    "04-certified-training.ipynb",
+)
 
 
 def open_from_home(ws: Workspace, s, user: str, name: str) -> list[str]:
@@ -42,7 +47,7 @@ def run_notebook(ws: Workspace, s, user: str, name: str) -> list[CellResult]:
     kernel = ws.start_kernel(s, user)
     results = []
     for i, code in enumerate(cells):
-        result = ws.run_cell(s, user, code, kernel_id=kernel, timeout=300)
+        result = ws.run_cell(s, user, code, kernel_id=kernel, timeout=600)
         assert result.error is None, f"{name}, code cell {i + 1} failed: {result.error}\n{result.stderr}\n{code}"
         results.append(result)
     assert ws.api(s, user, "DELETE", f"kernels/{kernel}").status_code == 204
@@ -120,15 +125,17 @@ def test_private_training_is_charged_to_the_project_and_the_weights_match_its_re
     cells = ran.cells["02-train-with-differential-privacy.ipynb"]
     ledger = Ledger(load_site(str(workspace.site_file)))
     before = {r["id"] for r in ran.runs_before}
-    new = [r for r in ledger.runs("oncology", "breast_cancer") if r["id"] not in before and r["username"] == "alice"]
-    assert len(new) == 1, new
+    everything = [r for r in ledger.runs("oncology", "breast_cancer") if r["id"] not in before]
+    new = [r for r in everything if r["username"] == "alice" and not r["run_id"].startswith("job:")]
+    assert len(new) == 1, new  # notebook 4's job is the other new run
     run = new[0]
     assert run["state"] == "settled" and run["epsilon"] == 1.0 and 0.5 < run["epsilon_spent"] <= 1.0
     weights = ran.home / "breast_cancer_dp.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == run["weights_sha256"]
     assert cells[-1].stdout.split()[-1] == run["weights_sha256"]
     after = breast_cancer_budget(ledger)
-    assert after["epsilon_spent"] == pytest.approx(ran.budget_before["epsilon_spent"] + run["epsilon_spent"])
+    spent = sum(r["epsilon_spent"] for r in everything)
+    assert after["epsilon_spent"] == pytest.approx(ran.budget_before["epsilon_spent"] + spent)
     assert after["epsilon_reserved"] == 0
     accuracy = next(float(c.stdout.split()[-1]) for c in cells if "accuracy on the held-out rows" in c.stdout)
     assert accuracy > 0.85
@@ -150,6 +157,7 @@ def test_export_leaves_two_requests_in_review_that_passed_their_checks(ran, work
     assert {k: c["status"] for k, c in weights_checks.items()} == {
         "published_copy": "pass",
         "format": "pass",
+        "certified": "review",  # trained in the kernel: self-reported
         "training_record": "pass",
         "membership_inference": "pass",
     }
@@ -157,4 +165,21 @@ def test_export_leaves_two_requests_in_review_that_passed_their_checks(ran, work
     # and the notebook's last cell told alice the same
     report = cells[-1].stdout
     assert f"{table_id} (table): in_review, automatic checks: pass" in report
-    assert f"{weights_id} (weights): in_review, automatic checks: pass" in report
+    assert f"{weights_id} (weights): in_review, automatic checks: review" in report
+    assert "certified: review - self-reported, not certified" in report
+
+
+def test_certified_training_leaves_a_settled_job_and_a_request_the_runner_vouches_for(ran, workspace):
+    cells = ran.cells["04-certified-training.ipynb"]
+    site = load_site(str(workspace.site_file))
+    request_id = next(c.result.strip("'") for c in cells if c.result and c.result.startswith("'2"))
+    req = Store.for_site(site).get(request_id)
+    assert (req.username, req.kind, req.project) == ("alice", "weights", "oncology") and req.meta.get("job")
+    checks = {c["check"]: c["status"] for c in Store.for_site(site).checks(request_id)}
+    assert checks["certified"] == "pass" and checks["training_record"] == "pass", checks
+    job_run = [r for r in Ledger(site).runs("oncology", "breast_cancer") if r["run_id"] == f"job:{req.meta['job']}"]
+    assert len(job_run) == 1 and job_run[0]["state"] == "settled" and job_run[0]["weights_sha256"] == req.sha256
+    assert 0.9 < job_run[0]["epsilon_spent"] <= 1.0 and job_run[0]["username"] == "alice"
+    shown = "".join(c.stdout for c in cells)
+    assert "epsilon spent: " in shown and "accuracy on the runner's held-out rows: " in shown
+    assert "certified: pass - signed by the training runner" in shown

@@ -42,7 +42,8 @@ def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: s
     body = EMBEDDED_SITE.read_text().replace(
         'state_dir = "/var/lib/paitient"', f'state_dir = "{state_dir}"\nport = {port}'
     )
-    return body + f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n' + extra
+    accounts = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
+    return body + accounts + f'\n[jobs]\naccount = "{prefix}-jobs"\n' + extra
 
 
 @contextlib.contextmanager
@@ -160,6 +161,7 @@ class Workspace:
     def remove_accounts(self) -> None:
         for member in Registry.for_state_dir(self.state_dir).all():
             remove_account(member.account)
+        remove_account(f"{self.prefix}-jobs")  # the training runner's account, if a job made it
 
     # -- people ---------------------------------------------------------------------------------------
 
