@@ -187,3 +187,71 @@ def test_a_record_edited_or_weights_swapped_after_the_run_are_refused(world):
     with pytest.raises(AirlockError, match="not the weights the runner trained"):
         kernel_airlock.request(job, justification="swapped weights")
     assert not [r for r in gate.store.list() if r.meta.get("job") == job.id]  # nothing was taken in
+
+
+def test_kill_9_of_the_runner_mid_job_leaves_no_weights_and_counts_the_reservation_in_full(world_tmp, make_system_user):
+    """The runner as its own process (as the hub runs it), killed with SIGKILL while a job trains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from paitient.config import EMBEDDED_SITE
+
+    account = make_system_user("jobs")
+    state = world_tmp / "state"
+    site_file = world_tmp / "site.toml"
+    text = EMBEDDED_SITE.read_text().replace('state_dir = "/var/lib/paitient"', f'state_dir = "{state}"')
+    site_file.write_text(text + f'\n[jobs]\naccount = "{account.pw_name}"\n')
+    site = load(str(site_file))
+    publish_demo(site)
+    registry = Registry.for_state_dir(site.state_dir)
+    rootmember.put(registry, Member("alice", "root", 0, ("oncology",), ("researcher",)))
+    ledger = Ledger(site)
+    service = LedgerService(site, ledger, registry, logging.getLogger("t"))
+    server = ChannelServer(socket_path(site, "ledger"), service.handlers())
+    server.start_in_thread()
+    log = open(world_tmp / "jobs.log", "ab")  # noqa: SIM115 - the runner's output, read on failure
+
+    def start_runner() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "paitient.cli", "service", "jobs", f"--site={site_file}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while not socket_path(site, "jobs").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (world_tmp / "jobs.log").read_text()[-2000:]
+            time.sleep(0.1)
+        return proc
+
+    runner = start_runner()
+    try:
+        client = JobsClient(site.run_dir)
+        from paitient.kernel.jobs.export import export_graph
+
+        info = client.submit(export_graph(model(), torch.zeros(2, 30)), request(epochs=1000, target_epsilon=5.0))
+        job = Job(info, client)
+        deadline = time.monotonic() + 120
+        while not job.progress.get("step"):
+            assert time.monotonic() < deadline, (world_tmp / "jobs.log").read_text()[-2000:]
+            time.sleep(0.2)
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        socket_path(site, "jobs").unlink()
+        service.sweep()  # what the ledger does every few seconds: the reserving process is gone
+        (run,) = [r for r in ledger.runs("oncology") if r["run_id"] == f"job:{job.id}"]
+        assert run["state"] == "lost"
+        b = next(x for x in ledger.budget("oncology") if x["dataset"] == "breast_cancer")
+        assert b["epsilon_spent"] + b["epsilon_reserved"] == pytest.approx(5.0)  # counted in full
+        runner = start_runner()
+        assert job.state == "failed" and "stopped while the job ran" in job.reason
+        out = site.state_dir / "jobs" / "out" / job.id
+        assert not out.exists() or not any(out.iterdir())  # no half-written weights or record
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(30)
+        server.shutdown()
+        server.server_close()
+        log.close()
