@@ -99,3 +99,18 @@ def test_verify_says_what_is_missing(site, tmp_path):
     assert out.returncode == 2 and "--record=FILE" in out.stderr
     out = verify_cli(site, f"--record={tmp_path / 'r.json'}")
     assert out.returncode == 2 and "no public key at" in out.stderr
+
+
+def test_verify_a_job_of_this_workspace_by_its_id(site, released):
+    rec, weights = released
+    out_dir = site.state_dir / "jobs" / "out" / "job-3f2a9c"
+    out_dir.mkdir(parents=True)
+    (out_dir / "record.json").write_bytes(rec.read_bytes())
+    (out_dir / "model.safetensors").write_bytes(weights.read_bytes())
+    out = verify_cli(site, "job-3f2a9c")
+    assert out.returncode == 0 and out.stdout.startswith("verified: record and weights"), out.stderr
+    (out_dir / "model.safetensors").write_bytes(b"other")
+    out = verify_cli(site, "job-3f2a9c")
+    assert out.returncode == 1 and "not the weights the runner trained" in out.stdout
+    out = verify_cli(site, "job-000000")
+    assert out.returncode == 2 and "has no published record" in out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from traitlets import Unicode
 
@@ -18,10 +19,11 @@ class JobsVerify(PaitientCommand):
     name = "jobs verify"
     description = (
         "Check a signed training record against the workspace's public key, and the weights file against the "
-        "record. Prints the record's facts and exits 0 when both hold; says which check failed and exits 1 "
-        "otherwise."
+        "record: a released pair (--record, --weights) or a job of this workspace by its id (as root). Prints "
+        "the record's facts and exits 0 when both hold; says which check failed and exits 1 otherwise."
     )
     examples = (
+        "paitient jobs verify job-3f2a9c0d1e2b\n"
         "paitient jobs verify --record=record.json --weights=model.safetensors\n"
         "paitient jobs verify --record=record.json --weights=model.safetensors --public-key=jobs-signing.pub"
     )
@@ -39,17 +41,23 @@ class JobsVerify(PaitientCommand):
     }
 
     def start(self) -> None:
-        if not self.record:
-            self.fail("name the record to check: --record=FILE (and --weights=FILE for its weights)")
-        key_file = Path(self.public_key) if self.public_key else public_key_path(self.load_site())
+        job_id = self.extra_args[0] if self.extra_args else ""
+        if not self.record and not job_id:
+            self.fail("name what to check: a job id, or --record=FILE (and --weights=FILE for its weights)")
+        site = self.load_site() if job_id or not self.public_key else None
+        key_file = Path(self.public_key) if self.public_key or site is None else public_key_path(site)
         try:
             public = load_public_key(key_file)
         except FileNotFoundError:
             self.fail(f"no public key at {key_file}; pass --public-key=FILE, as published with the workspace")
         except RecordInvalid as e:
             self.fail(f"public key {key_file}: {e}")
-        envelope = self._read_record(Path(self.record))
-        weights = self._read(Path(self.weights), "weights file") if self.weights else None
+        weights: bytes | None
+        if job_id:
+            envelope, weights = self._job(site, job_id)
+        else:
+            envelope = self._read_record(Path(self.record))
+            weights = self._read(Path(self.weights), "weights file") if self.weights else None
         try:
             record = verify(envelope, public, weights)
         except RecordInvalid as e:
@@ -61,6 +69,13 @@ class JobsVerify(PaitientCommand):
             print(f"  {name}: {record[name]}")
         print(f"  weights_sha256: {record['weights_sha256']}")
         self.exit(0)
+
+    def _job(self, site: Any, job_id: str) -> tuple[object, bytes]:
+        self.require_root()
+        folder = site.state_dir / "jobs" / "out" / job_id
+        if not (folder / "record.json").is_file():
+            self.fail(f"job {job_id!r} has no published record in {folder.parent}; is it done? (paitient jobs)")
+        return self._read_record(folder / "record.json"), self._read(folder / "model.safetensors", "weights file")
 
     def _read(self, path: Path, what: str) -> bytes:
         try:
