@@ -46,6 +46,12 @@ USR_MERGE_LINKS: tuple[str, ...] = ("bin", "sbin", "lib", "lib32", "lib64", "lib
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def drop_to(uid: int, gid: int) -> list[str]:
+    """The ``setpriv`` prefix that runs a root-side worker as ``uid``/``gid``: no groups, no new privileges,
+    and SIGKILL when the process that started it dies (kept through the exec of prlimit and bwrap)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--pdeathsig=KILL"]
+
+
 def python_roots() -> list[str]:
     """Host folders a sandboxed Python needs: the environment, and paitient's source if installed editable."""
     roots = [sys.prefix]

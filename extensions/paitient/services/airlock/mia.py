@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from paitient.rules.disclosure import result
-from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, prlimit_argv
+from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, drop_to, prlimit_argv
 from paitient.rules.seccomp import seccomp_program
 
 WORKER = Path(__file__).with_name("mia_worker.py")
@@ -70,12 +70,7 @@ def sandbox_argv(
         hostname="airlock-audit",
     )
     return [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={gid}",
-        "--clear-groups",
-        "--no-new-privs",
-        "--pdeathsig=KILL",
+        *drop_to(uid, gid),
         *prlimit_argv(limits),
         *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
         python,

@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, prlimit_argv, python_roots
+from paitient.rules.sandbox import (
+    SANDBOX_PATH,
+    Limits,
+    SandboxPolicy,
+    build_bwrap_argv,
+    drop_to,
+    prlimit_argv,
+    python_roots,
+)
 from paitient.rules.seccomp import seccomp_program
 
 MAX_WEIGHTS_BYTES = 1 << 30
@@ -83,12 +91,7 @@ def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, limits: Limi
         extra_ro=(job_dir, "/sys/devices/system/cpu"),
     )
     return [
-        "setpriv",
-        f"--reuid={uid}",
-        f"--regid={gid}",
-        "--clear-groups",
-        "--no-new-privs",
-        "--pdeathsig=KILL",
+        *drop_to(uid, gid),
         *prlimit_argv(limits),
         *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
         sys.executable,

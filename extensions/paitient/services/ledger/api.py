@@ -64,16 +64,8 @@ class LedgerReader(ServiceClient):
         return Budget(epsilon=float(answer["epsilon"]), delta=float(answer["delta"]))
 
 
-class JobsLedger(ServiceClient):
+class JobsLedger(LedgerReader):
     """The training-jobs runner's reservations: budget reserved for a job's researcher, settled by the runner."""
-
-    service = "ledger"
-    default_timeout = 30.0
-    errors = {"unknown_project": UnknownDataset, "unknown_dataset": UnknownDataset}
-    outside_hint = "Give the site's run directory"
-
-    def __init__(self, run_dir: str | os.PathLike[str], *, timeout: float | None = None):
-        super().__init__(run_dir, timeout=timeout)
 
     def reserve(self, *, user: str, job_id: str, project: str, dataset: str, epsilon: float, delta: float) -> str:
         """Reserve ``epsilon``, ``delta`` of ``project/dataset`` for ``user``'s job; returns the reservation id."""
