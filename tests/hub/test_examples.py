@@ -32,7 +32,7 @@ def home(tmp_path) -> Path:
 def test_the_package_ships_every_notebook_and_the_readme():
     files = shipped()
     assert set(files) == {p.name for p in SOURCE.iterdir() if p.suffix in (".ipynb", ".md")}
-    assert "README.md" in files and len([n for n in files if n.endswith(".ipynb")]) == 3
+    assert "README.md" in files and len([n for n in files if n.endswith(".ipynb")]) == 4
     for name, data in files.items():
         assert data == (SOURCE / name).read_bytes()
 

@@ -219,11 +219,13 @@ class LedgerService:
         project, dataset = _str_arg(args, "project"), _str_arg(args, "dataset")
         epsilon, delta = _num_arg(args, "epsilon"), _num_arg(args, "delta")
         if project not in member.projects:
-            raise ChannelError(
-                f"{member.username} is not a member of project {project!r}; budget is charged only to a user's "
-                "own projects",
-                FORBIDDEN,
+            who = f"{member.username} is" if extra.get("job") else "you are"
+            charges = (
+                "a job charges only its user's projects"
+                if extra.get("job")
+                else ("a kernel can charge only its user's projects")
             )
+            raise ChannelError(f"{who} not a member of project {project!r}; {charges}", FORBIDDEN)
         self.sweep()
         obj = f"{project}/{dataset}"
         try:
