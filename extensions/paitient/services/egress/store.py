@@ -13,10 +13,12 @@ import datetime as dt
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from paitient.services.kit.sqlite import write_transaction
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS usage (
@@ -75,16 +77,8 @@ class EgressStore:
     def for_state_dir(cls, state_dir: str | os.PathLike[str]) -> EgressStore:
         return cls(db_path(state_dir))
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._db, self._lock)
 
     def close(self) -> None:
         with self._lock:
