@@ -167,8 +167,21 @@ def first_step() -> None:
         for s in servers:
             s.shutdown()
             s.server_close()
-        subprocess.run(["userdel", account], capture_output=True)
+        remove_account(account)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def remove_account(account: str, timeout: float = 10.0) -> None:
+    """End what still runs as the benchmark's account (a cancelled job's worker) and remove the account."""
+    deadline = time.monotonic() + timeout
+    while True:
+        subprocess.run(["pkill", "-KILL", "-u", account], capture_output=True)
+        if subprocess.run(["userdel", account], capture_output=True).returncode in (0, 6):
+            return
+        if time.monotonic() > deadline:
+            print(f"  could not remove the account {account}; remove it with: userdel {account}")
+            return
+        time.sleep(0.2)
 
 
 def main() -> None:
