@@ -158,6 +158,8 @@ def _number_runs_py(
     buf: np.ndarray,
     i: int,
     end: int,
+    powers: np.ndarray,
+    bias: int,
     starts: np.ndarray,
     value: np.ndarray,
     lead: np.ndarray,
@@ -251,8 +253,8 @@ def _number_runs_py(
             nslow += 1
         else:
             guess = sig - 1 + e10
-            at = min(max(guess + _POWER_BIAS, 0), len(_POWERS) - 2)
-            lead[count] = guess - (1 if x < _POWERS[at] else 0) + (1 if x >= _POWERS[at + 1] else 0)
+            at = min(max(guess + bias, 0), len(powers) - 2)
+            lead[count] = guess - (1 if x < powers[at] else 0) + (1 if x >= powers[at + 1] else 0)
         value[count] = x
         count += 1
     return i, count, nslow
@@ -261,8 +263,8 @@ def _number_runs_py(
 _number_runs = _jit(_number_runs_py)
 
 
-def _numbers_py(buf: np.ndarray, n: int) -> _Arrays:
-    """Number candidates of ``buf[FRONT:FRONT + n]``: (start, |value|, lead, digits printed less lead; the
+def _numbers_py(buf: np.ndarray, start: int, end: int, powers: np.ndarray, bias: int) -> _Arrays:
+    """Number candidates of ``buf[start:end]``: (start, |value|, lead, digits printed less lead; the
     candidates that Arrow parses, and their ends). Candidates with no nonzero digit are left out (zero is no
     value).
 
@@ -272,7 +274,7 @@ def _numbers_py(buf: np.ndarray, n: int) -> _Arrays:
     before it and a digit after it) and its float parser (one point, one e, the point first) together let
     through.
     """
-    cap = n // 8 + 16
+    cap = (end - start) // 8 + 16
     starts = np.empty(cap, dtype=np.int64)
     value = np.empty(cap, dtype=np.float64)
     lead = np.empty(cap, dtype=np.int64)
@@ -281,10 +283,12 @@ def _numbers_py(buf: np.ndarray, n: int) -> _Arrays:
     slow_end = np.empty(cap // 8 + 16, dtype=np.int64)
     count = 0
     nslow = 0
-    i = FRONT
+    i = start
     while True:
-        i, count, nslow = _number_runs(buf, i, FRONT + n, starts, value, lead, base, count, slow, slow_end, nslow)
-        if i >= FRONT + n:
+        i, count, nslow = _number_runs(
+            buf, i, end, powers, bias, starts, value, lead, base, count, slow, slow_end, nslow
+        )
+        if i >= end:
             break
         if count == len(starts):
             starts, value, lead, base = _grow(starts), _grow(value), _grow(lead), _grow(base)
@@ -333,7 +337,14 @@ def _parse_slow(
 
 
 def _finish_py(
-    buf: np.ndarray, n: int, starts: np.ndarray, value: np.ndarray, lead: np.ndarray, base: np.ndarray
+    buf: np.ndarray,
+    start: int,
+    end: int,
+    max_word: int,
+    starts: np.ndarray,
+    value: np.ndarray,
+    lead: np.ndarray,
+    base: np.ndarray,
 ) -> _Arrays:
     """(word start, word length, number start, |value|, lead, digits printed): the numbers that are values
     (no zero or infinity, not in a counting run), then the words."""
@@ -371,8 +382,9 @@ def _finish_py(
             num_lead[at] = lead[c]
             num_digits[at] = base[c] + lead[c]
             at += 1
-    # words: runs of [A-Za-z0-9_-], MIN_WORD..MAX_WORD long; then the date of each ISO timestamp run
+    # words: runs of [A-Za-z0-9_-], MIN_WORD..max_word long; then the date of each ISO timestamp run
     cls = _CLASS
+    n = end - start
     cap = n // (MIN_WORD + 1) + 1
     word_start = np.empty(cap, dtype=np.int64)
     word_len = np.empty(cap, dtype=np.int64)
@@ -380,8 +392,7 @@ def _finish_py(
     nw = 0
     nd = 0
     nxt = 0  # the first number that does not start before the current word
-    i = FRONT
-    end = FRONT + n
+    i = start
     while i < end:
         if not cls[buf[i]] & _WORD_BYTE:
             i += 1
@@ -391,7 +402,7 @@ def _finish_py(
             i += 1
         we = i
         ln = we - ws
-        if ln < MIN_WORD or ln > MAX_WORD:
+        if ln < MIN_WORD or ln > max_word:
             continue
         # digits next to a decimal point that has a digit on its other side are part of a number
         frac = buf[ws - 1] == 46 and _isdigit(buf, ws - 2) and _isdigit(buf, ws)
@@ -425,16 +436,18 @@ def _finish_py(
 _finish = _jit(_finish_py)
 
 
-def _scan_py(buf: np.ndarray, n: int) -> tuple[bool, _Arrays, _Arrays]:
+def _scan_py(
+    buf: np.ndarray, start: int, end: int, max_word: int, powers: np.ndarray, bias: int
+) -> tuple[bool, _Arrays, _Arrays]:
     """The numbers pass and, where it leaves no number to Arrow, the finishing pass: (finished, the tokens,
     the numbers pass's arrays where not finished)."""
-    numbers = _numbers(buf, n)
+    numbers = _numbers(buf, start, end, powers, bias)
     starts, value, lead, base, slow, _ = numbers
     ints = np.zeros(0, dtype=np.int64)
     floats = np.zeros(0, dtype=np.float64)
     if len(slow):
         return False, (ints, ints, ints, floats, ints, ints), numbers
-    return True, _finish(buf, n, starts, value, lead, base), (ints, floats, ints, ints, ints, ints)
+    return True, _finish(buf, start, end, max_word, starts, value, lead, base), (ints, floats, ints, ints, ints, ints)
 
 
 _scan = _jit(_scan_py)
@@ -444,13 +457,15 @@ def scan(buf: np.ndarray, n: int) -> _Arrays:
     """(word start, word length, number start, |value|, lead, digits printed) of the text ``buf[FRONT:FRONT
     + n]`` (uint8, FRONT zero bytes before it and PAD after it): the arrays of
     :func:`paitient.rules.edm.tokens.tokenize_arrays`."""
-    finished, tokens, numbers = _scan(buf, n)
+    # constants of other modules go in as arguments: numba freezes a global into the machine code it keeps,
+    # and would not see it change
+    finished, tokens, numbers = _scan(buf, FRONT, FRONT + n, MAX_WORD, _POWERS, _POWER_BIAS)
     if finished:
         result: _Arrays = tokens
         return result
     starts, value, lead, base, slow, ends = numbers
     _parse_slow(buf, starts, value, lead, slow, ends)
-    result = _finish(buf, n, starts, value, lead, base)
+    result = _finish(buf, FRONT, FRONT + n, MAX_WORD, starts, value, lead, base)
     return result
 
 
