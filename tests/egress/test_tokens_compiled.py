@@ -147,6 +147,24 @@ def test_each_fragment_alone_and_in_context(fragment):
         assert_same(text)
 
 
+@pytest.mark.parametrize(
+    "piece",
+    [
+        b"1 ",
+        b"7,",
+        b"1e-320 ",
+        b"12345678901234567890 ",
+        b"9007199254740993 ",
+        b"0.1 0.2 1e400 ",
+        b"abcd-efgh ",
+        b"1 2 3 ",
+    ],
+)
+def test_dense_texts_that_outgrow_the_first_arrays(piece):
+    assert_same(piece * 5000)
+    assert_same(b"x " * 3000 + piece * 3000)
+
+
 def _table(rows: int, seed: int = 7) -> pd.DataFrame:
     """A table shaped like the benchmark's: pseudonyms, dates, age bands, 4-digit measurements, full-precision
     derived values, counts."""

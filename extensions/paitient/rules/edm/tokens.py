@@ -1,4 +1,4 @@
-"""Outgoing text as value tokens: numbers and words, each with its byte offset.
+"""Outgoing text as value tokens (numbers and words), and the grammar that finds them.
 
 Two kinds of token, each with its byte offset:
 
