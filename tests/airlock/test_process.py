@@ -29,7 +29,9 @@ state_dir = "{state}"
 name = "oncology"
 group = "oncology"
 datasets = ["breast_cancer"]
-stewards = ["sam"]
+stewards = ["sam", "steph"]
+self_reported_weights = "two-person"
+self_reported_reason = "checked against certified models"
 """
 
 

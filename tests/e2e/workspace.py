@@ -37,25 +37,42 @@ from tests.kernelclient import CellResult, execute
 PAITIENT = [sys.executable, "-m", "paitient.cli"]
 
 
-def site_toml(state_dir: Path, home_root: Path, port: int, prefix: str, extra: str = "") -> str:
+def site_toml(
+    state_dir: Path,
+    home_root: Path,
+    port: int,
+    prefix: str,
+    extra: str = "",
+    project_settings: dict[str, str] | None = None,
+) -> str:
     """The demo site with test paths: same directory layout and projects, private state and homes."""
     body = EMBEDDED_SITE.read_text().replace(
         'state_dir = "/var/lib/paitient"', f'state_dir = "{state_dir}"\nport = {port}'
     )
+    for project, lines in (project_settings or {}).items():
+        name = f'name = "{project}"\n'
+        assert body.count(name) == 1, f"the demo site has no project {project}"
+        body = body.replace(name, name + lines.strip() + "\n")
     accounts = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
     return body + accounts + f'\n[jobs]\naccount = "{prefix}-jobs"\n' + extra
 
 
 @contextlib.contextmanager
 def own_workspace(
-    dir_prefix: str, account_prefix: str = "ptt", *, start: bool = True, extra_site: str = ""
+    dir_prefix: str,
+    account_prefix: str = "ptt",
+    *,
+    start: bool = True,
+    extra_site: str = "",
+    project_settings: dict[str, str] | None = None,
 ) -> Iterator[Workspace]:
     """A workspace in a fresh directory under /tmp (traversable by the spawned accounts), started unless
     ``start`` is false; stopped, its accounts removed and its directory deleted afterwards. ``extra_site`` is
-    TOML appended to the site file (e.g. an ``[egress]`` section)."""
+    TOML appended to the site file (e.g. an ``[egress]`` section); ``project_settings`` adds TOML lines to
+    a demo project's table, by project name."""
     root = Path(tempfile.mkdtemp(prefix=dir_prefix, dir="/tmp"))
     os.chmod(root, 0o755)  # spawned accounts traverse it to reach their homes and the service sockets
-    ws = Workspace(root, prefix=account_prefix, extra_site=extra_site)
+    ws = Workspace(root, prefix=account_prefix, extra_site=extra_site, project_settings=project_settings)
     try:
         if start:
             ws.start()
@@ -66,7 +83,9 @@ def own_workspace(
 
 
 class Workspace:
-    def __init__(self, root: Path, prefix: str = "ptt", extra_site: str = ""):
+    def __init__(
+        self, root: Path, prefix: str = "ptt", extra_site: str = "", project_settings: dict[str, str] | None = None
+    ):
         self.root = root
         self.state_dir = root / "state"
         self.home_root = root / "homes"
@@ -74,7 +93,9 @@ class Workspace:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.site_file = root / "site.toml"
         self.prefix = prefix
-        self.site_file.write_text(site_toml(self.state_dir, self.home_root, self.port, prefix, extra_site))
+        self.site_file.write_text(
+            site_toml(self.state_dir, self.home_root, self.port, prefix, extra_site, project_settings)
+        )
         os.chmod(self.site_file, 0o644)
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []

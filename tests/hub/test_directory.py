@@ -42,12 +42,12 @@ def test_every_demo_person_binds_with_the_generated_password(slapd):
         bind(slapd.url, f"uid=alice,{PEOPLE}", creds["bob"])
 
 
-def test_groups_hold_the_demo_projects_and_the_steward(slapd):
+def test_groups_hold_the_demo_projects_and_the_stewards(slapd):
     creds = slapd.credentials()
     conn = bind(slapd.url, f"uid=dave,{PEOPLE}", creds["dave"])
     assert members(conn, "oncology") == {f"uid=alice,{PEOPLE}", f"uid=carol,{PEOPLE}"}
     assert members(conn, "cardiometabolic") == {f"uid=bob,{PEOPLE}", f"uid=carol,{PEOPLE}"}
-    assert members(conn, "data-stewards") == {f"uid=sam,{PEOPLE}"}
+    assert members(conn, "data-stewards") == {f"uid=sam,{PEOPLE}", f"uid=tina,{PEOPLE}"}
     # nobody is an admin of the demo: the group only names itself
     assert members(conn, "workspace-admins") == {f"cn=workspace-admins,{GROUPS}"}
     conn.search(PEOPLE, "(uid=alice)", attributes=["objectClass", "uidNumber", "homeDirectory"])
@@ -81,7 +81,7 @@ def test_passwords_are_stored_hashed_and_readable_by_nobody_but_root(slapd):
 
 def test_service_account_reads_memberships_but_not_passwords(slapd):
     conn = bind(slapd.url, slapd.service_dn, slapd.service_password_file.read_text())
-    assert members(conn, "data-stewards") == {f"uid=sam,{PEOPLE}"}
+    assert members(conn, "data-stewards") == {f"uid=sam,{PEOPLE}", f"uid=tina,{PEOPLE}"}
     conn.search(f"uid=alice,{PEOPLE}", "(objectClass=*)", ldap3.BASE, attributes=["userPassword"])
     assert not conn.response[0]["raw_attributes"].get("userPassword")
 

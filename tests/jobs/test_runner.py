@@ -1,6 +1,7 @@
 """The runner for real: the demo data published, the ledger on its socket, the worker in the kernels' sandbox
 as the runner's own account; a job from submit to a signed record, and the ways one ends without."""
 
+import json
 import logging
 import threading
 
@@ -14,6 +15,8 @@ from paitient.kernel.jobs import Job, JobFailed, JobsClient, submit
 from paitient.ops.demodata import publish_demo
 from paitient.registry import Member, Registry
 from paitient.rules import training_record
+from paitient.services.airlock import views
+from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REVIEW
 from paitient.services.jobs import keys
 from paitient.services.jobs.runner import Runner
 from paitient.services.jobs.service import JobsService
@@ -164,9 +167,27 @@ def test_certified_weights_pass_the_airlock_on_the_runners_word_alone(world):
     assert audit in ("pass", "review") and "mia_loss_low" in checks["membership_inference"]["details"], checks
     assert req.sha256 == job.record["record"]["weights_sha256"]
 
+    # The steward's page lists what the runner signed, as the airlock verified it.
+    signed = job.record["record"]
+    facts = dict(views.certified_facts(list(checks.values())) or [])
+    assert facts["Training job"] == job.id and facts["Epsilon spent (the runner's accountant)"] == str(
+        signed["epsilon"]
+    )
+    assert facts["SHA-256 of the weights file"] == req.sha256 and facts["Rows trained on"] == str(signed["n_train"])
+    assert facts["Signed with the runner's key"] == job.record["key_id"]
+    # Certified weights need the project's own approvals (one), though the project refuses self-reported ones.
+    assert site.project("oncology").self_reported_weights == "refuse" and gate.approvals_needed(req) == 1
+    with pytest.raises(PermissionError, match="not released"):
+        gate.download(rid, username="alice", scopes={SCOPE_DOWNLOAD}, part="record")
+    gate.decide(rid, username="sam", scopes={SCOPE_REVIEW}, action="approve", comment="certified, audit in bounds")
+    assert gate.store.get(rid).state == "released"
+    _, weights = gate.download(rid, username="alice", scopes={SCOPE_DOWNLOAD})
+    _, record = gate.download(rid, username="alice", scopes={SCOPE_DOWNLOAD}, part="record")
+    offline = training_record.verify(json.loads(record), gate.jobs_public_key(), weights)
+    assert offline == signed
+
 
 def test_a_record_edited_or_weights_swapped_after_the_run_are_refused(world):
-    import json
 
     from paitient import airlock as kernel_airlock
     from paitient.kernel.airlock.client import AirlockError

@@ -9,7 +9,7 @@ from traitlets import Bunch, TraitError, validate
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
 from paitient.config.outputs import AIRLOCK_KINDS, EgressLimits
-from paitient.config.traits import Names, Number, Overrides, Part, PartsByName, Rule, Text, WholeNumber
+from paitient.config.traits import Choice, Names, Number, Overrides, Part, PartsByName, Rule, Text, WholeNumber
 from paitient.config.workspace import NAME_RE
 
 
@@ -81,6 +81,21 @@ class Project(Model):
                 raise TraitError(f"unknown kind {kind!r}; kinds: {', '.join(AIRLOCK_KINDS)}")
         return proposal.value
 
+    self_reported_weights = Choice(
+        ("refuse", "two-person"),
+        "refuse",
+        help="Model weights trained in a researcher's kernel (paitient.dp), whose DP record the researcher's own "
+        "code reported:\n"
+        '- "refuse": the airlock refuses them; weights leave only from certified training jobs (paitient.jobs)\n'
+        '- "two-person": they may leave after two independent steward approvals, whatever approvals says; '
+        "self_reported_reason must say why the project allows them",
+    )
+    self_reported_reason = Text(
+        "",
+        help='Required with self_reported_weights = "two-person": why the project releases weights that no runner '
+        "certified. Shown to the stewards on every such request.",
+    )
+
     budget = Part(
         Budget,
         help="The total differential-privacy budget of each dataset of the project, { epsilon, delta }.",
@@ -96,6 +111,20 @@ class Project(Model):
         for required in ("name", "group"):
             if not getattr(self, required):
                 raise SettingError((), None, f"{required!r} is required")
+        if self.self_reported_weights == "two-person":
+            if len(self.stewards) < 2:
+                raise SettingError(
+                    (),
+                    "self_reported_weights",
+                    '"two-person" needs two approvals from different stewards: name at least two in stewards',
+                )
+            if not self.self_reported_reason.strip():
+                raise SettingError(
+                    (),
+                    "self_reported_reason",
+                    'is required with self_reported_weights = "two-person": write why the project releases '
+                    "weights that no runner certified",
+                )
         for dataset in self.budgets:
             if dataset not in self.datasets:
                 raise SettingError(

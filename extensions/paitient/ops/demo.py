@@ -15,4 +15,5 @@ DEMO_PEOPLE: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     ("carol", "Carol Claussen", ("oncology", "cardiometabolic"), False),
     ("dave", "Dave Dorn", (), False),
     ("sam", "Sam Steiner", (), True),
+    ("tina", "Tina Thiel", (), True),
 )

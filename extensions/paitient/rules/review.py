@@ -110,6 +110,32 @@ def decide(
     return Decision(new_state=new_state, approvals=len(approvers), needed=approvals_needed)
 
 
+REFUSE_SELF_REPORTED = "refuse"
+TWO_PERSON = "two-person"
+
+
+def self_reported_refusal(project: str) -> str:
+    """Why project ``project`` takes no weights trained in a kernel, and what to do instead."""
+    return (
+        f"project {project} does not release self-reported weights (trained in the kernel with paitient.dp, whose "
+        "DP record your own code reported): train the model as a certified job with paitient.jobs.submit(...) and "
+        "request the job, airlock.request(job, justification=...); a project's stewards can allow self-reported "
+        'weights with two approvals and a written reason (self_reported_weights = "two-person")'
+    )
+
+
+def approvals_for(
+    *, project: str, kind: str, certified: bool, project_approvals: int, self_reported_policy: str
+) -> int:
+    """Independent approvals a request needs: the project's number, except for weights no runner certified,
+    which need two under the two-person policy and are refused (:class:`TransitionError`, 403) otherwise."""
+    if kind != "weights" or certified:
+        return project_approvals
+    if self_reported_policy == TWO_PERSON:
+        return 2
+    raise TransitionError(self_reported_refusal(project), 403)
+
+
 def overall_status(statuses: Iterable[str]) -> str:
     """Combine check outcomes: any ``fail`` fails, else any ``review``/``error`` needs review, else ``pass``."""
     statuses = list(statuses)

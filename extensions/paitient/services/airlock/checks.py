@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from paitient.rules import disclosure, split
+from paitient.rules import disclosure, review, split
 from paitient.rules.disclosure import result
 from paitient.services.airlock import canonical, images, mia, published, weights
 from paitient.services.airlock.store import Request
@@ -71,6 +71,8 @@ class CheckContext:
     """Where the audits' scratch folders go (see :func:`paitient.services.airlock.mia.prepare_work_root`)."""
     jobs_public_key: Callable[[], Any] | None = None
     """The training runner's published public key (Ed25519), for certified weights."""
+    self_reported_policy: Callable[[str], tuple[str, str]] | None = None
+    """``project -> (self_reported_weights, self_reported_reason)`` of the project's settings."""
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -185,8 +187,16 @@ def check_certified(req: Request, data: bytes, ctx: CheckContext) -> list[dict[s
         record = training_record.verify(envelope, ctx.jobs_public_key(), data)
     except (training_record.RecordInvalid, OSError) as e:
         return [result("certified", "fail", f"the training record does not hold: {e}")]
-    summary = {k: record[k] for k in ("job_id", "dataset", "dataset_version", "epsilon", "delta", "steps")}
-    out = [result("certified", "pass", f"signed by the training runner (job {record['job_id']})", record=summary)]
+    key_id = str(envelope["key_id"]) if isinstance(envelope, dict) else ""  # verify() accepted a mapping
+    out = [
+        result(
+            "certified",
+            "pass",
+            f"signed by the training runner (job {record['job_id']})",
+            record=record,
+            key_id=key_id,
+        )
+    ]
     if record["project"] != req.project or record["job_id"] != req.meta.get("job"):
         return [result("certified", "fail", "the record is another project's or another job's")]
     run = None
@@ -239,8 +249,24 @@ def _runner_audit(metrics: dict[str, float], allowed: float) -> dict[str, Any]:
     )
 
 
+def _policy(project: str, ctx: CheckContext) -> dict[str, Any]:
+    """The project's policy on self-reported weights, as a check: refused, or two approvals and its reason."""
+    policy, reason = (
+        ctx.self_reported_policy(project) if ctx.self_reported_policy else (review.REFUSE_SELF_REPORTED, "")
+    )
+    if policy != review.TWO_PERSON:
+        return result("policy", "fail", review.self_reported_refusal(project))
+    return result(
+        "policy",
+        "review",
+        f"project {project} releases self-reported weights only after two independent steward approvals; "
+        f"the project's reason: {reason}",
+        approvals_needed=2,
+    )
+
+
 def _self_reported(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:
-    out = [result("certified", "review", SELF_REPORTED)]
+    out = [result("certified", "review", SELF_REPORTED), _policy(req.project, ctx)]
     canonical = weights.canonical_sha256(data)
     run = None
     try:

@@ -11,6 +11,8 @@ automatic checks (:mod:`paitient.services.airlock.checks`) one request at a time
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
@@ -126,10 +128,32 @@ class Airlock:
             audit_timeout=s.audit_timeout,
             audit_memory_mb=self.site.sandbox.memory_mb,
             audit_work_root=str(self.audit_work_root),
-            jobs_public_key=self._jobs_public_key,
+            jobs_public_key=self.jobs_public_key,
+            self_reported_policy=self._self_reported_policy,
         )
 
-    def _jobs_public_key(self) -> Any:
+    def _self_reported_policy(self, project: str) -> tuple[str, str]:
+        p = self.site.project(project)
+        return p.self_reported_weights, p.self_reported_reason
+
+    def approvals_needed(self, req: Request) -> int:
+        """Independent approvals ``req`` needs; :class:`review.TransitionError` if its project refuses it
+        (self-reported weights under the default policy). Weights count as certified only when their request
+        came from a job and the airlock's own check of the runner's signature passed."""
+        project = self.site.project(req.project)
+        certified = bool(req.meta.get("job")) and any(
+            c["check"] == "certified" and c["status"] == "pass" for c in self.store.checks(req.id)
+        )
+        return review.approvals_for(
+            project=req.project,
+            kind=req.kind,
+            certified=certified,
+            project_approvals=project.approvals,
+            self_reported_policy=project.self_reported_weights,
+        )
+
+    def jobs_public_key(self) -> Any:
+        """The training runner's published public key; OSError when there is none yet."""
         from paitient.services.jobs.keys import load_public_key, public_key_path
 
         return load_public_key(public_key_path(self.site))
@@ -170,6 +194,21 @@ class Airlock:
                 details={"reason": str(e), "project": args.get("project")},
             )
             raise
+        if kind == "weights" and self.site.project(project).self_reported_weights != review.TWO_PERSON:
+            reason = review.self_reported_refusal(project)
+            self.emit(
+                actor=member.username,
+                action="airlock.request",
+                object="",
+                outcome="denied",
+                details={
+                    "reason": reason,
+                    "project": project,
+                    "kind": kind,
+                    "filename": _clean_filename(args.get("filename")),
+                },
+            )
+            raise ChannelError(reason, FORBIDDEN)
         if len(fds) != 1:
             raise ChannelError("send the file as exactly one open file descriptor", BAD_REQUEST)
         try:
@@ -232,7 +271,7 @@ class Airlock:
         wire = {k: v for k, v in args.items() if k in ("justification", "project")}
         try:
             envelope, data = JobsReader(self.site.run_dir).release(job_id, member.username)
-            record = training_record.verify(envelope, self._jobs_public_key(), data)
+            record = training_record.verify(envelope, self.jobs_public_key(), data)
             project = record["project"]
             _, project, justification, _ = self._validate_request(
                 member, {**wire, "kind": "weights", "project": project}
@@ -502,13 +541,20 @@ class Airlock:
     def decide(self, rid: str, *, username: str, scopes: set[str], action: str, comment: str) -> review.Decision:
         req = self.store.get(rid)
         try:
+            may_review = self.may_review(username, scopes, req)
+            try:
+                needed = self.approvals_needed(req)
+            except review.TransitionError:
+                if may_review and action == "approve":
+                    raise
+                needed = self.site.project(req.project).approvals  # a refusal or return stays possible
             decision = self.store.decide(
                 rid,
                 reviewer=username,
                 action=action,
                 comment=comment,
-                may_review=self.may_review(username, scopes, req),
-                approvals_needed=self.site.project(req.project).approvals,
+                may_review=may_review,
+                approvals_needed=needed,
             )
         except review.TransitionError as e:
             self.emit(
@@ -535,9 +581,15 @@ class Airlock:
         )
         return decision
 
-    def download(self, rid: str, *, username: str, scopes: set[str], client: str = "") -> tuple[Request, bytes]:
-        """The released file for ``username``; raises PermissionError (recorded) if they may not have it."""
+    def download(
+        self, rid: str, *, username: str, scopes: set[str], client: str = "", part: str = "file"
+    ) -> tuple[Request, bytes]:
+        """The released file for ``username`` (``part="record"``: the signed training record of released
+        certified weights, for checking them offline); raises PermissionError (recorded) if they may not have
+        it, LookupError if the request has no such part."""
         req = self.store.get(rid)
+        if part == "record" and not req.meta.get("job"):
+            raise LookupError(f"request {rid} holds no signed training record: only a training job's weights do")
         if not self.may_download(username, scopes, req):
             reason = (
                 f"request {rid} is {req.state}, not released"
@@ -552,15 +604,19 @@ class Airlock:
                 details={"project": req.project, "reason": reason},
             )
             raise PermissionError(reason)
-        data = self.store.read_blob(req.sha256)
+        if part == "record":
+            data = (json.dumps(req.meta["record"], indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode()
+            sha = hashlib.sha256(data).hexdigest()
+        else:
+            data, sha = self.store.read_blob(req.sha256), req.sha256
         # Recorded first, in the airlock's own events and the audit trail: no record, no download.
-        self.store.record_download(rid, actor=username, data={"client": client, "sha256": req.sha256})
+        self.store.record_download(rid, actor=username, data={"client": client, "sha256": sha, "part": part})
         self.emit(
             actor=username,
             action="airlock.download",
             object=rid,
             required=True,
-            details={"project": req.project, "sha256": req.sha256, "size": req.size, "client": client},
+            details={"project": req.project, "sha256": sha, "size": len(data), "client": client, "part": part},
         )
         return req, data
 

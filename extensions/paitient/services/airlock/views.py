@@ -16,6 +16,7 @@ kernel holds the file already.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 SHOWN_JUSTIFICATION = 300
@@ -85,3 +86,57 @@ def public_for(req: Any, *, reviewer: bool) -> dict[str, Any]:
     if not reviewer:
         out["justification"] = shown_justification(out["justification"])
     return out
+
+
+CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
+    ("job_id", "Training job"),
+    ("project", "Project"),
+    ("dataset", "Dataset"),
+    ("dataset_version", "Dataset version"),
+    ("dataset_sha256", "SHA-256 of the dataset version read"),
+    ("n_train", "Rows trained on"),
+    ("n_holdout", "Rows held out (never trained on)"),
+    ("target", "Target column"),
+    ("features", "Feature columns"),
+    ("preprocessing", "Preprocessing (declared steps)"),
+    ("graph_sha256", "SHA-256 of the model graph executed"),
+    ("initialisation", "Initial parameters (drawn by the runner)"),
+    ("sampling_rate", "Poisson sampling rate"),
+    ("noise_multiplier", "Noise multiplier"),
+    ("max_grad_norm", "Clipping bound (per-sample gradient norm)"),
+    ("steps", "Optimiser steps"),
+    ("epsilon", "Epsilon spent (the runner's accountant)"),
+    ("delta", "Delta"),
+    ("accountant", "Accountant"),
+    ("weights_sha256", "SHA-256 of the weights file"),
+    ("metrics", "Metrics on the held-out rows"),
+    ("runner_version", "Runner version"),
+    ("finished", "Finished (UTC)"),
+)
+"""The facts of a signed training record, in the order a steward reads them, with their labels."""
+
+
+def _fact_text(value: Any) -> str:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(value)
+    if isinstance(value, dict) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):
+        return "; ".join(f"{k} {v:.4g}" for k, v in sorted(value.items()))
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def certified_facts(checks: list[dict[str, Any]]) -> list[tuple[str, str]] | None:
+    """The facts the training runner signed, for a reviewer's page: ``(label, text)`` pairs from the record of
+    a passed ``certified`` check (checked by the airlock against the runner's public key), or ``None`` when
+    no check certified the request."""
+    details = next(
+        (c.get("details") or {} for c in checks if c.get("check") == "certified" and c.get("status") == "pass"), None
+    )
+    record = (details or {}).get("record")
+    if not isinstance(record, dict):
+        return None
+    facts = [(label, _fact_text(record[key])) for key, label in CERTIFIED_FACTS if key in record]
+    if details and details.get("key_id"):
+        facts.append(("Signed with the runner's key", str(details["key_id"])))
+    return facts

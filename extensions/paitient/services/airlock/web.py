@@ -114,6 +114,10 @@ class DetailHandler(AirlockHandler):
             for cell in (c.get("details") or {}).get("cells", [])
             if isinstance(cell, dict)
         }
+        try:
+            approvals, refused = airlock.approvals_needed(req), None
+        except review.TransitionError as e:
+            approvals, refused = None, str(e)
         return dict(
             req=req,
             info=info,
@@ -127,7 +131,11 @@ class DetailHandler(AirlockHandler):
             is_requester=req.username == username,
             can_decide=is_reviewer and req.username != username and req.state == review.IN_REVIEW,
             can_download=airlock.may_download(username, scopes, req),
-            approvals_needed=airlock.site.project(req.project).approvals,
+            approvals_needed=approvals,
+            refused=refused,
+            certified=views.certified_facts(info["checks"]) if sees_content else None,
+            self_reported=req.kind == "weights" and not req.meta.get("job"),
+            policy=next((c for c in info["checks"] if c["check"] == "policy"), None),
         )
 
     def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
@@ -156,6 +164,8 @@ class DecisionHandler(AirlockHandler):
 
 
 class DownloadHandler(AirlockHandler):
+    part = "file"
+
     async def get(self, rid: str) -> None:
         try:
             req, data = await self.run(
@@ -164,9 +174,12 @@ class DownloadHandler(AirlockHandler):
                 username=self.username,
                 scopes=self.scopes,
                 client=self.request.remote_ip or "",
+                part=self.part,
             )
         except StoreError:
             raise web.HTTPError(404, f"there is no airlock request {rid}") from None
+        except LookupError as e:
+            raise web.HTTPError(404, str(e)) from None
         except PermissionError as e:
             raise web.HTTPError(403, str(e)) from None
         except Exception:
@@ -175,10 +188,33 @@ class DownloadHandler(AirlockHandler):
                 503,
                 "the download could not be recorded in the audit trail, so it is refused; ask the workspace operator",
             ) from None
+        name = req.filename if self.part == "file" else f"{req.meta['job']}.record.json"
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(req.filename)}")
+        self.set_header("Content-Disposition", f"attachment; filename*=UTF-8''{quote(name)}")
         self.set_header("X-Airlock-SHA256", req.sha256)
         self.finish(data)
+
+
+class RecordDownloadHandler(DownloadHandler):
+    """The signed training record of released certified weights, to check them offline with
+    ``paitient jobs verify --record ... --weights ... --public-key ...``."""
+
+    part = "record"
+
+
+class PublicKeyHandler(AirlockHandler):
+    """The training runner's public key (public by design), for checking released records offline."""
+
+    async def get(self) -> None:
+        from paitient.rules.training_record import public_key_text
+
+        try:
+            key = await self.run(self.airlock.jobs_public_key)
+        except OSError:
+            raise web.HTTPError(404, "this workspace has no training runner key yet: no job has run") from None
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Content-Disposition", "attachment; filename*=UTF-8''jobs-signing.pub")
+        self.finish(public_key_text(key))
 
 
 class PreviewImageHandler(AirlockHandler):
@@ -238,6 +274,8 @@ def make_app(
         (f"requests/{ID_RE}", DetailHandler),
         (f"requests/{ID_RE}/decision", DecisionHandler),
         (f"requests/{ID_RE}/download", DownloadHandler),
+        (f"requests/{ID_RE}/record", RecordDownloadHandler),
+        ("jobs-signing.pub", PublicKeyHandler),
         (f"requests/{ID_RE}/preview", PreviewImageHandler),
         ("api/requests", ApiListHandler),
         (f"api/requests/{ID_RE}", ApiDetailHandler),
