@@ -280,7 +280,8 @@ def test_airlock_request_check_decision_and_download(workspace):
     mark = last_seq(workspace)
     got = cell_json(workspace, alice, "alice", REQUEST, kernel)
     rid = got["id"]
-    assert got["state"] == "in_review" and "refused" in got["refused"]
+    # The demo's oncology takes no weights trained in the kernel (the default policy).
+    assert got["state"] == "in_review" and "does not release self-reported weights" in got["refused"]
 
     req = wait_for(workspace, mark, event("airlock.request", "alice", rid))
     assert req["details"] == {

@@ -1,12 +1,17 @@
 """The researcher examples (``notebooks/``, shipped as ``paitient/examples``, put into every home at the first
 server start) run cell by cell in the real workspace, as alice, from her home, and leave what they promise: a
-figure in her home, a settled private training run charged to oncology, two airlock requests that passed their
-automatic checks."""
+figure in her home, a settled private training run charged to oncology, a table request that passed its
+automatic checks, the kernel's own weights refused, and a certified job's weights that a steward approves and
+alice verifies offline after downloading them."""
 
 from __future__ import annotations
 
 import hashlib
+import html
 import pwd
+import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,32 +146,25 @@ def test_private_training_is_charged_to_the_project_and_the_weights_match_its_re
     assert accuracy > 0.85
 
 
-def test_export_leaves_two_requests_in_review_that_passed_their_checks(ran, workspace):
+def test_export_leaves_a_table_in_review_and_the_kernels_weights_are_refused(ran, workspace):
     cells = ran.cells["03-request-export.ipynb"]
-    table_id, weights_id = (c.result.strip("'") for c in cells if c.result and c.result.startswith("'2"))
-    store = Store.for_site(load_site(str(workspace.site_file)))
-    table, weights = store.get(table_id), store.get(weights_id)
+    (table_id,) = (c.result.strip("'") for c in cells if c.result and c.result.startswith("'2"))
+    site = load_site(str(workspace.site_file))
+    store = Store.for_site(site)
+    table = store.get(table_id)
     assert (table.username, table.kind, table.filename) == ("alice", "table", "radius_by_age.csv")
-    assert (weights.username, weights.kind, weights.filename) == ("alice", "weights", "breast_cancer_dp.safetensors")
-    for req, path in ((table, "radius_by_age.csv"), (weights, "breast_cancer_dp.safetensors")):
-        assert req.project == "oncology" and req.state == "in_review" and req.created >= ran.started
-        assert req.sha256 == hashlib.sha256((ran.home / path).read_bytes()).hexdigest()
+    assert table.project == "oncology" and table.state == "in_review" and table.created >= ran.started
+    assert table.sha256 == hashlib.sha256((ran.home / "radius_by_age.csv").read_bytes()).hexdigest()
     table_checks = {c["check"]: c["status"] for c in store.checks(table_id)}
     assert table_checks["recipe"] == "pass" and set(table_checks.values()) == {"pass"}, table_checks
-    weights_checks = {c["check"]: c for c in store.checks(weights_id)}
-    assert {k: c["status"] for k, c in weights_checks.items()} == {
-        "published_copy": "pass",
-        "format": "pass",
-        "certified": "review",  # trained in the kernel: self-reported
-        "training_record": "pass",
-        "membership_inference": "pass",
-    }
-    assert weights_checks["training_record"]["details"]["record"]["weights_sha256"] == weights.sha256
-    # and the notebook's last cell told alice the same
+    # The demo's oncology keeps the default policy: weights trained in the kernel are refused at once.
+    refusal = next(c.stdout for c in cells if "does not release self-reported weights" in c.stdout)
+    assert refusal.startswith("project oncology does not release self-reported weights") and "paitient.jobs" in refusal
+    assert [r.id for r in store.list(username="alice") if r.created >= ran.started and r.kind == "weights"] == [
+        r.id for r in store.list(username="alice") if r.created >= ran.started and r.meta.get("job")
+    ]
     report = cells[-1].stdout
     assert f"{table_id} (table): in_review, automatic checks: pass" in report
-    assert f"{weights_id} (weights): in_review, automatic checks: review" in report
-    assert "certified: review - self-reported, not certified" in report
 
 
 def test_certified_training_leaves_a_settled_job_and_a_request_the_runner_vouches_for(ran, workspace):
@@ -183,3 +181,91 @@ def test_certified_training_leaves_a_settled_job_and_a_request_the_runner_vouche
     shown = "".join(c.stdout for c in cells)
     assert "epsilon spent: " in shown and "accuracy on the runner's held-out rows: " in shown
     assert "certified: pass - signed by the training runner" in shown
+
+
+def _airlock_page(workspace: Workspace, s, path: str):
+    """A page of the airlock through the proxy, as a browser gets it (the first visit runs the hub's OAuth)."""
+    deadline = time.monotonic() + 60
+    while (r := s.get(workspace.url + "services/airlock/" + path, timeout=30)).status_code == 404:
+        if time.monotonic() > deadline or "services/airlock" not in r.url:
+            break
+        time.sleep(0.5)  # the hub adds the service's route once the service answers
+    return r
+
+
+def test_a_steward_sees_what_the_runner_certified_approves_and_alice_verifies_her_download(ran, workspace, tmp_path):
+    cells = ran.cells["04-certified-training.ipynb"]
+    request_id = next(c.result.strip("'") for c in cells if c.result and c.result.startswith("'2"))
+    site = load_site(str(workspace.site_file))
+    req = Store.for_site(site).get(request_id)
+    sam = workspace.login("sam")
+    page = _airlock_page(workspace, sam, f"requests/{request_id}")
+    text = html.unescape(page.text.replace("\n", ""))
+    assert page.status_code == 200 and 'id="certified-facts"' in text and 'id="self-reported"' not in text
+    record = req.meta["record"]["record"]
+    for fact in (
+        f"<th>Training job</th><td>{req.meta['job']}</td>",
+        f"<td>{record['weights_sha256']}</td>",
+        f"<th>Epsilon spent (the runner's accountant)</th><td>{record['epsilon']}</td>",
+        f"<td>{record['graph_sha256']}</td>",
+        'id="approvals-needed">1<',
+    ):
+        assert fact in text, fact
+    token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
+    r = sam.post(
+        workspace.url + f"services/airlock/requests/{request_id}/decision",
+        timeout=30,
+        data={"action": "approve", "comment": "certified by the runner, audit within bounds", "_xsrf": token},
+    )
+    assert r.status_code == 200 and 'id="state">released<' in r.text.replace("\n", "")
+
+    alice = workspace.login("alice")
+    files = {}
+    for part, name in (("download", "weights.safetensors"), ("record", "record.json")):
+        got = _airlock_page(workspace, alice, f"requests/{request_id}/{part}")
+        assert got.status_code == 200, (part, got.text[:300])
+        files[name] = tmp_path / name
+        files[name].write_bytes(got.content)
+    assert hashlib.sha256(files["weights.safetensors"].read_bytes()).hexdigest() == req.sha256
+    key = _airlock_page(workspace, alice, "jobs-signing.pub")
+    assert key.status_code == 200
+    (tmp_path / "jobs-signing.pub").write_bytes(key.content)
+    # Offline, away from the workspace: the record, the weights and the published key are all it takes.
+    verified = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "jobs",
+            "verify",
+            f"--record={files['record.json']}",
+            f"--weights={files['weights.safetensors']}",
+            f"--public-key={tmp_path / 'jobs-signing.pub'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert verified.returncode == 0 and req.meta["job"] in verified.stdout, verified.stdout + verified.stderr
+    # A weights file changed by one byte no longer verifies.
+    forged = bytearray(files["weights.safetensors"].read_bytes())
+    forged[-1] ^= 1
+    files["weights.safetensors"].write_bytes(bytes(forged))
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "paitient.cli",
+            "jobs",
+            "verify",
+            f"--record={files['record.json']}",
+            f"--weights={files['weights.safetensors']}",
+            f"--public-key={tmp_path / 'jobs-signing.pub'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert refused.returncode != 0 and "not the weights the runner trained" in refused.stdout + refused.stderr
