@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import re
 import struct
 
 import pytest
@@ -63,11 +64,34 @@ class Sequence(nn.Module):
         return self.out(nn.functional.silu(self.norm(self.conv(h))).mean(-1))
 
 
+class Attention(nn.Module):
+    """One head of self-attention written out: embedding, scores, softmax, weighted values, mean, classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / math.sqrt(8)
+        return self.out((scores.softmax(-1) @ self.v(h)).mean(1))
+
+
+def tanh_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(30, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 16), nn.GELU("tanh"), nn.Linear(16, 2)
+    )
+
+
 MODELS = {
     "mlp": (mlp, lambda n: torch.randn(n, 30), 2),
     "cnn": (cnn, lambda n: torch.randn(n, 1, 28, 28), 10),
     "layer_norm": (normed, lambda n: torch.randn(n, 30), 2),
     "sequence": (Sequence, lambda n: torch.randint(0, 50, (n, 12)), 3),
+    "attention": (Attention, lambda n: torch.randint(0, 20, (n, 6)), 3),
+    "tanh": (tanh_mlp, lambda n: torch.randn(n, 30), 2),
 }
 
 
@@ -583,3 +607,249 @@ def test_per_sample_gradients_on_the_loaded_graph_match_a_loop(kind):
     for i in range(len(x)):
         one = torch.func.grad(loss)(params, x[i], y[i])
         assert all(torch.allclose(batched[k][i], one[k], atol=1e-6) for k in params)
+
+
+# -- attacks on the loader, each tried for real ----------------------------------------------------------
+
+INJECTED = "PAITIENT_INJECTED"
+CODE = f"x=__import__('os').environ.__setitem__('{INJECTED}', '1')"
+SYMPY_CODE = f"__import__('os').environ.__setitem__('{INJECTED}', '1')"
+
+
+@pytest.fixture(autouse=True)
+def nothing_was_injected():
+    yield
+    assert INJECTED not in os.environ and "PAITIENT_UNPICKLED" not in os.environ
+
+
+def rename_all(doc, new_name):
+    """Every tensor and size name of the document, and every node's name, replaced by ``new_name(old)``;
+    argument names (an operator's ``input``) and parameter names stay."""
+    graph = doc["graph_module"]["graph"]
+    names = set(graph["tensor_values"]) | set(graph.get("sym_int_values", {}))
+
+    def walk(item):
+        if isinstance(item, list):
+            return [walk(v) for v in item]
+        if not isinstance(item, dict):
+            return item
+        out = {}
+        for k, v in item.items():
+            if k in ("tensor_values", "sym_int_values"):
+                out[k] = {new_name(n): walk(m) for n, m in v.items()}
+            elif k == "name" and v in names and (set(item) == {"name"} or "target" in item):
+                out[k] = new_name(v)
+            elif k == "as_name" and v in names:
+                out[k] = new_name(v)
+            else:
+                out[k] = walk(v)
+        return out
+
+    return walk(doc)
+
+
+def outputs_agree(graph: Graph, model: nn.Module, x: torch.Tensor) -> bool:
+    """The loaded graph (without dropout) and ``model`` in evaluation mode, with the runner's initial values."""
+    params = initialise(graph, "default", seed=11)
+    model = copy.deepcopy(model).eval()
+    model.load_state_dict(params)
+    with torch.no_grad():
+        return torch.allclose(torch.func.functional_call(graph.eval_module, params, (x,)), model(x), atol=1e-5)
+
+
+def test_code_in_node_and_tensor_names_is_never_run(program):
+    model = mlp()
+    program = kernel(model, torch.zeros(2, 30))
+    doc = rename_all(json.loads(program), lambda old: f"{old}; {CODE} #")
+    graph = runner(json.dumps(doc).encode())
+    assert "environ" not in graph.module.code and "environ" not in graph.eval_module.code
+    assert "environ" not in graph.built.decode()
+    assert outputs_agree(graph, model, torch.randn(5, 30))
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("w=print(1)", "not a dotted name"),
+        ("fc.__class__", "not a dotted name"),
+        ("__init__", "not a dotted name"),
+        ("fc.weight\nimport os", "not a dotted name"),
+        ("class.weight", "holds a Python keyword"),
+        ("forward", "cannot be built"),
+        ("training", "cannot be built"),
+    ],
+)
+def test_code_or_clashes_in_parameter_names_are_refused(program, name, why):
+    def parameter_name(doc):
+        doc["graph_module"]["signature"]["input_specs"][0]["parameter"]["parameter_name"] = name
+
+    with pytest.raises(GraphRefused, match=why):
+        runner(edited(program, parameter_name))
+
+
+def test_sympy_never_sees_a_string_from_the_document(program, monkeypatch):
+    import sympy
+
+    seen: list[str] = []
+    original = sympy.sympify
+
+    def recording(text, *args, **kwargs):
+        seen.append(str(text))
+        return original(text, *args, **kwargs)
+
+    monkeypatch.setattr(sympy, "sympify", recording)
+    doc = json.loads(program)
+    for meta in doc["graph_module"]["graph"]["tensor_values"].values():  # another symbol name, the same meaning
+        for size in meta["sizes"] + meta["strides"]:
+            if "as_expr" in size:
+                size["as_expr"]["expr_str"] = size["as_expr"]["expr_str"].replace("'s", "'s7")
+    doc["range_constraints"] = {f"s7{k[1:]}": v for k, v in doc["range_constraints"].items()}
+    graph = runner(json.dumps(doc).encode())
+    assert seen and all(
+        re.fullmatch(r"(Mul\(Integer\(\d+\), )?Symbol\('s0', positive=True, integer=True\)\)?", s) for s in seen
+    )
+    assert graph.params
+
+    places = {
+        "a size": lambda d: d["graph_module"]["graph"]["tensor_values"]["input"]["sizes"][0]["as_expr"],
+        "a stride": lambda d: d["graph_module"]["graph"]["tensor_values"]["linear"]["strides"][0].setdefault(
+            "as_expr", {}
+        ),
+    }
+    for where, at in places.items():
+        for text in (SYMPY_CODE, "Symbol('s0', positive=True, integer=True) + " + SYMPY_CODE, "s0*2", "Symbol('s0')"):
+            doc = json.loads(program)
+            place = at(doc)
+            place["expr_str"] = text
+            if where == "a stride":
+                doc["graph_module"]["graph"]["tensor_values"]["linear"]["strides"][0] = {"as_expr": place}
+            seen.clear()
+            with pytest.raises(GraphRefused, match="expressions other than the batch size"):
+                runner(json.dumps(doc).encode())
+            assert not seen
+
+
+def test_another_schema_version_is_refused(program):
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    major, minor = SCHEMA_VERSION
+    for version in (
+        {"major": major + 1, "minor": 0},
+        {"major": major - 1, "minor": minor},
+        {"major": major, "minor": minor + 1},
+    ):
+        with pytest.raises(GraphRefused, match=rf"schema {version['major']}\.{version['minor']}, the runner reads"):
+            runner(edited(program, lambda doc, v=version: doc.__setitem__("schema_version", v)))
+    older = runner(edited(program, lambda doc: doc.__setitem__("schema_version", {"major": major, "minor": 0})))
+    assert json.loads(older.built)["schema_version"] == {"major": major, "minor": minor}
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "said"),
+    [
+        ("tensor_constant", {"arg": {"name": "c"}, "tensor_constant_name": "c"}, "holds a tensor constant"),
+        ("constant_input", {"name": "c", "value": {"as_int": 1}}, "holds a constant input"),
+        ("custom_obj", {"arg": {"name": "c", "class_fqn": "os.system"}, "custom_obj_name": "c"}, "holds a custom obj"),
+        ("token", {"arg": {"name": "c"}}, "holds a token"),
+        ("buffer", {"arg": {"name": "c"}, "buffer_name": "running_mean", "persistent": True}, "has a buffer"),
+    ],
+)
+def test_constants_objects_and_buffers_added_to_a_document_are_refused(program, kind, payload, said):
+    def add(doc):
+        doc["graph_module"]["signature"]["input_specs"].insert(0, {kind: payload})
+        doc["graph_module"]["graph"]["inputs"].insert(0, {"as_tensor": {"name": "c"}})
+
+    with pytest.raises(GraphRefused, match=said):
+        runner(edited(program, add))
+
+
+def test_node_arguments_must_fit_the_operators_schema(program):
+    doc = json.loads(program)
+    linear = nodes(doc)[0]
+    assert linear["target"] == "torch.ops.aten.linear.default"
+
+    def with_arg(name, arg):
+        d = copy.deepcopy(doc)
+        for named in nodes(d)[0]["inputs"]:
+            if named["name"] == name:
+                named["arg"] = arg
+        return json.dumps(d).encode()
+
+    with pytest.raises(
+        GraphRefused, match=r"argument 'weight' is 'as_int', which .*linear.default does not take there"
+    ):
+        runner(with_arg("weight", {"as_int": 3}))
+    with pytest.raises(GraphRefused, match=r"argument 'bias' is 'as_string'.*does not take there"):
+        runner(with_arg("bias", {"as_string": "tanh"}))
+    with pytest.raises(GraphRefused, match="the string 'os.system'"):
+        runner(with_arg("bias", {"as_string": "os.system"}))
+    with pytest.raises(
+        GraphRefused, match=r"argument 'input' is of kind 'as_scalar_type'.*tensors, numbers and sizes only"
+    ):
+        runner(with_arg("input", {"as_scalar_type": 7}))
+
+    missing = copy.deepcopy(doc)
+    nodes(missing)[0]["inputs"] = [a for a in nodes(missing)[0]["inputs"] if a["name"] != "weight"]
+    with pytest.raises(GraphRefused, match="calls torch.ops.aten.linear.default without weight"):
+        runner(json.dumps(missing).encode())
+
+    # the document cannot decide what is positional: the loader orders the arguments by the schema
+    shuffled = copy.deepcopy(doc)
+    for node in nodes(shuffled):
+        node["inputs"] = [{**a, "kind": 2} for a in reversed(node["inputs"])]
+    graph = runner(json.dumps(shuffled).encode())
+    assert [a["kind"] for a in json.loads(graph.built)["graph_module"]["graph"]["nodes"][0]["inputs"]] == [1, 1, 1]
+    assert outputs_agree(graph, mlp(), torch.randn(4, 30))
+
+
+def test_a_graph_whose_operators_do_not_fit_together_is_refused_at_load():
+    program = kernel(nn.Sequential(nn.Linear(30, 16), nn.Dropout(0.2), nn.Linear(16, 2)), torch.zeros(2, 30))
+
+    def set_p(value):
+        def change(doc):
+            for node in nodes(doc):
+                if node["target"] == "torch.ops.aten.dropout.default":
+                    for named in node["inputs"]:
+                        if named["name"] == "p":
+                            named["arg"] = {"as_float": value}
+
+        return change
+
+    with pytest.raises(GraphRefused, match="does not compute for a batch of 1 .*dropout probability"):
+        runner(edited(program, set_p(1.5)))
+    with pytest.raises(GraphRefused, match="holds the number nan; the runner's operators take finite ones"):
+        runner(edited(program, set_p(float("nan"))))
+
+    def wrong_width(doc):
+        doc["graph_module"]["graph"]["tensor_values"]["p_2_weight"]["sizes"] = [{"as_int": 2}, {"as_int": 17}]
+
+    with pytest.raises(GraphRefused, match="does not compute for a batch of 1"):
+        runner(edited(program, wrong_width))
+
+
+def test_deep_nesting_is_refused_or_dropped(program):
+    deep: object = 1
+    for _ in range(500):
+        deep = [deep]
+    with pytest.raises(GraphRefused, match="not an exported program's"):
+        runner(edited(program, lambda doc: nodes(doc)[0]["inputs"][2].__setitem__("arg", {"as_ints": deep})))
+    # in metadata the loader drops, nesting costs nothing
+    graph = runner(edited(program, lambda doc: nodes(doc)[0].__setitem__("metadata", {"stack_trace": deep})))
+    assert all(n["metadata"] == {} for n in json.loads(graph.built)["graph_module"]["graph"]["nodes"])
+    for text in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        with pytest.raises(GraphRefused, match="not JSON"):
+            load_graph(text, max_bytes=len(text))
+
+
+def test_recurrent_layers_are_refused_with_advice():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(4, 8, batch_first=True)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(self.gru(x)[0][:, -1])
+
+    with pytest.raises(GraphRefused, match=r"'torch.ops.aten.gru.input' at node .*not in the runner's list"):
+        runner(kernel(Recurrent(), torch.zeros(2, 5, 4)))

@@ -850,9 +850,21 @@ def _schema_args(target: str) -> list[_Param]:
     _, _, _, name, overload = target.split(".")
     op = getattr(getattr(torch.ops.aten, name), overload)
     return [
-        _Param(a.name, _KINDS.get(str(a.type), frozenset()), not a.has_default_value(), a.kwarg_only)
+        _Param(
+            a.name,
+            _KINDS.get(str(a.type), frozenset())
+            | (_NUMBER if (f"{name}.{overload}", a.name) in _SCALAR_OTHER else set()),
+            not a.has_default_value(),
+            a.kwarg_only,
+        )
         for a in op._schema.arguments
     ]
+
+
+_NUMBER = frozenset({"as_int", "as_float"})
+_SCALAR_OTHER = frozenset((f"{op}.Tensor", "other") for op in ("add", "sub", "mul", "div"))
+"""Arithmetic with a Python number (``x / 8``, ``2 * x``): the exporter writes the number as the tensor
+argument, and the operator takes it so."""
 
 
 @dataclass(frozen=True)
