@@ -17,6 +17,8 @@ import struct
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from paitient.kernel.jobs.export import ModelNotExportable, export_graph
@@ -853,3 +855,196 @@ def test_recurrent_layers_are_refused_with_advice():
 
     with pytest.raises(GraphRefused, match=r"'torch.ops.aten.gru.input' at node .*not in the runner's list"):
         runner(kernel(Recurrent(), torch.zeros(2, 5, 4)))
+
+
+# -- fuzzing: mutated documents are refused, or compute what the loader's own document says ----------------
+
+FUZZ_KINDS = ("mlp", "cnn", "sequence", "attention", "tanh")
+_FUZZ_CACHE: dict[str, tuple[nn.Module, bytes]] = {}
+
+
+def exported(kind: str) -> tuple[nn.Module, bytes]:
+    """One model of ``kind`` and its exported program, made once per test run."""
+    if kind not in _FUZZ_CACHE:
+        make, rows, _ = MODELS[kind]
+        torch.manual_seed(0)
+        model = make()
+        _FUZZ_CACHE[kind] = (model, kernel(model, rows(2)))
+    return _FUZZ_CACHE[kind]
+
+
+def interpret(built: bytes, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The loader's document evaluated node by node, straight from the schema's fields, dropout off: an
+    oracle that shares nothing with torch's deserializer or the Python source it generates."""
+    graph_module = json.loads(built)["graph_module"]
+    env: dict[str, object] = {}
+    for spec in graph_module["signature"]["input_specs"]:
+        if "parameter" in spec:
+            env[spec["parameter"]["arg"]["name"]] = params[spec["parameter"]["parameter_name"]]
+        else:
+            env[spec["user_input"]["arg"]["as_tensor"]["name"]] = x
+
+    def value(arg):
+        ((kind, payload),) = arg.items()
+        if kind == "as_tensor":
+            return env[payload["name"]]
+        if kind == "as_tensors":
+            return [env[t["name"]] for t in payload]
+        if kind == "as_none":
+            return None
+        if kind == "as_sym_int":
+            return env[payload["as_name"]] if "as_name" in payload else payload["as_int"]
+        if kind == "as_sym_ints":
+            return [env[v["as_name"]] if "as_name" in v else v["as_int"] for v in payload]
+        return payload  # numbers, lists of numbers, strings
+
+    for node in graph_module["graph"]["nodes"]:
+        _, _, _, name, overload = node["target"].split(".")
+        op = getattr(getattr(torch.ops.aten, name), overload)
+        args = [value(a["arg"]) for a in node["inputs"] if a["kind"] == 1]
+        kwargs = {a["name"]: value(a["arg"]) for a in node["inputs"] if a["kind"] == 2}
+        ((out_kind, out),) = node["outputs"][0].items()
+        if name == "dropout":
+            result = args[0]
+        else:
+            result = op(*args, **kwargs)
+        env[out["as_name"] if out_kind == "as_sym_int" else out["name"]] = result
+    return env[graph_module["graph"]["outputs"][0]["as_tensor"]["name"]]  # type: ignore[return-value]
+
+
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            CODE,
+            SYMPY_CODE,
+            "Symbol('s0', positive=True, integer=True)",
+            "input",
+            "self",
+            "forward",
+            "__class__",
+            "torch.ops.aten.copy_.default",
+            "torch.ops.higher_order.cond",
+            "os.system",
+            "tanh",
+            "s0",
+        ]
+    ),
+)
+JSON_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        HOSTILE_TEXT,
+    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(HOSTILE_TEXT, inner, max_size=4),
+    max_leaves=8,
+) | st.sampled_from(
+    [
+        {"as_int": 1},
+        {"as_tensor": {"name": "linear"}},
+        {"as_graph": {"name": "g", "graph": {}}},
+        {"as_operator": "torch.load"},
+        {"as_string": "tanh"},
+        {"as_float": 0.5},
+        {"as_ints": [1, -1]},
+        {"as_expr": {"expr_str": SYMPY_CODE}},
+    ]
+)
+
+
+def mutate_with(doc, data) -> None:
+    """One change drawn by hypothesis somewhere in ``doc``: a value replaced (by a drawn one or by another
+    part of the document), a key dropped, a list entry repeated or two swapped."""
+    item, path = doc, []
+    while isinstance(item, dict | list) and item and data.draw(st.integers(0, 7), label="deeper") != 0:
+        keys = list(item) if isinstance(item, dict) else list(range(len(item)))
+        key = data.draw(st.sampled_from(keys), label="key")
+        path.append((item, key))
+        item = item[key]
+    if not path:
+        return
+    parent, key = path[-1]
+    action = data.draw(st.sampled_from(["replace", "elsewhere", "drop", "repeat", "swap"]), label="action")
+    if action == "drop" and isinstance(parent, dict):
+        del parent[key]
+    elif action == "repeat" and isinstance(parent, list):
+        parent.append(copy.deepcopy(parent[key]))
+    elif action == "swap" and isinstance(parent, list) and len(parent) > 1:
+        other = data.draw(st.integers(0, len(parent) - 1), label="other")
+        parent[key], parent[other] = parent[other], parent[key]
+    elif action == "elsewhere":
+        source, steps = doc, 0
+        while isinstance(source, dict | list) and source and steps < 12 and data.draw(st.integers(0, 5)) != 0:
+            keys = list(source) if isinstance(source, dict) else list(range(len(source)))
+            source, steps = source[data.draw(st.sampled_from(keys))], steps + 1
+        parent[key] = copy.deepcopy(source)
+    else:
+        parent[key] = copy.deepcopy(data.draw(JSON_VALUES, label="value"))  # drawn examples are shared
+
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("PAITIENT_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+
+
+@FUZZ
+@given(kind=st.sampled_from(FUZZ_KINDS), data=st.data())
+def test_mutated_documents_are_refused_or_compute_what_they_say(kind, data):
+    model, program = exported(kind)
+    _, rows, _ = MODELS[kind]
+    doc = json.loads(program)
+    for _ in range(data.draw(st.integers(1, 3), label="changes")):
+        mutate_with(doc, data)
+    try:
+        graph = load_graph(json.dumps(doc).encode())
+    except GraphRefused as e:
+        assert str(e)  # the loader's own error, with a message; any other exception fails the test
+        event("refused")
+        return
+    assert graph.ops <= ALLOWED_OPS
+    params = initialise(graph, "default", seed=5)
+    torch.manual_seed(1)
+    x = rows(4)
+    try:
+        expected = interpret(graph.built, params, x)
+    except (RuntimeError, IndexError) as e:  # values the mutated graph cannot take (an index past a table)
+        with pytest.raises(type(e)):
+            torch.func.functional_call(graph.eval_module, params, (x,))
+        event("loaded; both fail on the data")
+        return
+    got = torch.func.functional_call(graph.eval_module, params, (x,))
+    assert torch.allclose(got, expected, atol=1e-5, equal_nan=True)
+    event("loaded; computes what its document says")
+    if graph.built == load_graph(program).built:  # a change the loader's document does not keep
+        event("loaded; the same document as the export's")
+        model = copy.deepcopy(model).eval()
+        model.load_state_dict(params)
+        with torch.no_grad():
+            assert torch.allclose(got, model(x), atol=1e-5)
+
+
+@FUZZ
+@given(kind=st.sampled_from(FUZZ_KINDS), names=st.lists(HOSTILE_TEXT, min_size=300, max_size=300), data=st.data())
+def test_hostile_names_and_metadata_change_nothing(kind, names, data):
+    model, program = exported(kind)
+    _, rows, _ = MODELS[kind]
+    doc = json.loads(program)
+    old = sorted(
+        set(doc["graph_module"]["graph"]["tensor_values"]) | set(doc["graph_module"]["graph"]["sym_int_values"])
+    )
+    fresh = {name: f"{i}{names[i % len(names)]}" for i, name in enumerate(old)}  # distinct, and each one hostile
+    doc = rename_all(doc, fresh.__getitem__)
+    junk = data.draw(JSON_VALUES, label="metadata")
+    for node in nodes(doc):
+        node["metadata"] = {"stack_trace": junk, "nn_module_stack": CODE, "torch_fn": junk}
+    doc["graph_module"]["metadata"] = {CODE: junk}
+    doc["graph_module"]["module_call_graph"].append({"fqn": CODE, "signature": junk})
+    graph = load_graph(json.dumps(doc).encode())
+    assert graph.built == load_graph(program).built
+    assert outputs_agree(graph, model, rows(5))
