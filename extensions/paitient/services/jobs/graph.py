@@ -45,7 +45,6 @@ MAX_NODES = 5_000
 MAX_TENSORS = 20_000
 MAX_ROW = 10_000_000
 """Values in one input row (the input's size without the batch)."""
-MAX_DIM = 2**31 - 1
 
 ALLOWED_OPS: frozenset[str] = frozenset(
     f"torch.ops.aten.{op}"
