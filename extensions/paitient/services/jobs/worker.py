@@ -33,10 +33,14 @@ def main(job_file: str) -> int:
     params = initialise(graph, job["init"]["scheme"], int(job["init"]["seed"]))
     arrays = np.load(job["arrays"], allow_pickle=False)
     spec = TrainSpec(**job["spec"])
-    module = graph.module
+    module, eval_module = graph.module, graph.eval_module
 
     def forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.func.functional_call(module, p, (x,))
+        return out
+
+    def evaluated(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:  # dropout off
+        out: torch.Tensor = torch.func.functional_call(eval_module, p, (x,))
         return out
 
     x_train, y_train = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
@@ -51,9 +55,9 @@ def main(job_file: str) -> int:
         return True
 
     result = train(forward, params, x_train, y_train, spec, on_step=on_step, the_plan=Plan(**job["plan"]))
-    metrics = {f"test_{k}": v for k, v in evaluate(forward, result.params, x_hold, y_hold, spec.loss).items()}
+    metrics = {f"test_{k}": v for k, v in evaluate(evaluated, result.params, x_hold, y_hold, spec.loss).items()}
     metrics.update(
-        membership_audit(forward, result.params, x_train, y_train, x_hold, y_hold, spec.loss, seed=spec.seed)
+        membership_audit(evaluated, result.params, x_train, y_train, x_hold, y_hold, spec.loss, seed=spec.seed)
     )
     save_file(
         {k: v.detach().contiguous() for k, v in result.params.items()}, str(Path(job["out"]) / "weights.safetensors")
