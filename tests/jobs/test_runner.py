@@ -96,7 +96,9 @@ def request(**change):
 
 def test_a_job_trains_under_dp_and_its_record_verifies(world):
     site, store, ledger, gate = world
-    job = submit(model(), **request(preprocessing=standardise(site)))
+    columns = standardise(site)[0]["columns"]
+    # The mean and spread from the catalogue the ingest wrote, not from the notebook.
+    job = submit(model(), **request(preprocessing=[{"op": "standardise", "columns": columns}]))
     assert isinstance(job, Job) and job.state in ("queued", "running", "done")
     job.wait(timeout=300, widget=False, poll=0.5)
     envelope = job.record
@@ -106,6 +108,11 @@ def test_a_job_trains_under_dp_and_its_record_verifies(world):
     record = training_record.verify(envelope, public, weights)
     assert record["epsilon"] == pytest.approx(1.0, rel=0.03) and record["delta"] == pytest.approx(1e-6)
     assert record["n_train"] + record["n_holdout"] == 569 and len(record["features"]) == 30
+    (step,) = record["preprocessing"]
+    assert step == {**step, "op": "standardise", "columns": columns, "from": "catalogue"}
+    assert step["mean"] == pytest.approx(standardise(site)[0]["mean"]) and step["std"] == pytest.approx(
+        standardise(site)[0]["std"]
+    )
     assert {"test_accuracy", "mia_loss", "mia_calibrated"} <= set(record["metrics"])
     assert record["metrics"]["test_accuracy"] >= 0.9
     tensors = load_weights(weights)

@@ -1,6 +1,7 @@
 """A job request checked field by field, the rows it trains on, and the queue that survives a crash."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,108 @@ def test_missing_values_and_text_are_refused_with_what_to_do(data_file):
         prepare(data_file, check_request({**BASE, "features": ["age", "site"]}), split_seed=1)
     with pytest.raises(SpecError, match="has no column 'outcome'"):
         prepare(data_file, check_request({**BASE, "target": "outcome"}), split_seed=1)
+
+
+def _publish_like(frame: pd.DataFrame, folder: Path, min_count: int = 5) -> Path:
+    """The frame as a dataset version: its Parquet and a manifest whose columns carry the catalogue's
+    statistics, as the ingest writes them."""
+    import json
+
+    import pyarrow as pa
+
+    from paitient.rules.catalogue import column_statistics
+
+    folder.mkdir(parents=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    columns = [{"name": c, "action": "pseudonym" if c == "patient" else "keep"} for c in frame.columns]
+    stats = column_statistics(table, columns, min_count=min_count)
+    (folder / "manifest.json").write_text(json.dumps({"columns": [{**c, **stats.get(c["name"], {})} for c in columns]}))
+    frame.to_parquet(folder / "data.parquet")
+    return folder / "data.parquet"
+
+
+def test_the_catalogue_keeps_aggregates_of_number_columns_and_categories_held_by_enough_rows():
+    import pyarrow as pa
+
+    from paitient.rules.catalogue import column_statistics
+
+    table = pa.table(
+        {
+            "patient": ["p1", "p2", "p3", "p4", "p5", "p6"],
+            "bmi": [20.0, 22.0, None, 26.0, 28.0, 30.0],
+            "stage": [1, 1, 1, 2, 2, 2],
+            "site": ["a", "a", "a", "b", "b", "rare"],
+            "flat": [1.0] * 6,
+        }
+    )
+    columns = [{"name": "patient", "action": "pseudonym"}] + [
+        {"name": c, "action": "keep"} for c in table.column_names[1:]
+    ]
+    stats = column_statistics(table, columns, min_count=3)
+    assert "patient" not in stats and "site" not in stats  # a pseudonym; "rare" has one row, so no categories
+    assert stats["bmi"] == {
+        "count": 5,
+        "mean": pytest.approx(25.2),
+        "std": pytest.approx(np.std([20, 22, 26, 28, 30], ddof=1)),
+    }
+    assert stats["stage"]["categories"] == [1, 2] and stats["stage"]["mean"] == pytest.approx(1.5)
+    assert "mean" not in stats.get("flat", {})  # no spread: nothing to standardise by
+    many = pa.table({"code": [str(i) for i in range(60)] * 10})
+    assert column_statistics(many, [{"name": "code", "action": "keep"}], min_count=3) == {}
+
+
+def test_steps_without_constants_take_them_from_the_catalogue_of_the_version_read(tmp_path):
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {"age": rng.normal(60, 10, 120), "site": rng.choice(["a", "b"], 120), "target": rng.integers(0, 2, 120)}
+    )
+    data_file = _publish_like(frame, tmp_path / "breast_cancer" / "versions" / "3")
+    spec = check_request(
+        {**BASE, "preprocessing": [{"op": "standardise", "columns": ["age"]}, {"op": "onehot", "column": "site"}]}
+    )
+    assert spec["preprocessing"] == [
+        {"op": "standardise", "columns": ["age"], "from": "catalogue"},
+        {"op": "onehot", "column": "site", "from": "catalogue"},
+    ]
+    p = prepare(data_file, spec, split_seed=3)
+    mean, std = float(frame["age"].mean()), float(frame["age"].std())
+    assert p.preprocessing == [
+        {"op": "standardise", "columns": ["age"], "mean": [pytest.approx(mean)], "std": [pytest.approx(std)],
+         "from": "catalogue"},
+        {"op": "onehot", "column": "site", "categories": ["a", "b"], "from": "catalogue"},
+    ]  # fmt: skip
+    assert p.features == ["age", "site=a", "site=b"]
+    everything = np.concatenate([p.x_train, p.x_holdout])
+    assert everything[:, 0].mean() == pytest.approx(0, abs=1e-5) and everything[:, 0].std(ddof=1) == pytest.approx(
+        1, rel=1e-4
+    )
+
+
+def test_a_catalogue_without_the_statistic_says_what_to_give_instead(tmp_path, data_file):
+    frame = pd.DataFrame(
+        {"age": [float(i) for i in range(40)], "code": [str(i) for i in range(40)], "target": [0, 1] * 20}
+    )
+    published = _publish_like(frame, tmp_path / "cohort" / "versions" / "2")
+    onehot = check_request({**BASE, "preprocessing": [{"op": "onehot", "column": "code"}]})
+    with pytest.raises(
+        SpecError, match=r"catalogue of cohort version 2 lists no categories for code .*give categories="
+    ):
+        prepare(published, onehot, split_seed=1)
+    standardise = check_request({**BASE, "preprocessing": [{"op": "standardise", "columns": ["age"]}]})
+    with pytest.raises(SpecError, match=r"no mean and spread for age .*give mean= and std="):
+        prepare(data_file, standardise, split_seed=1)  # a version with no manifest at all
+
+
+@pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        ({"op": "standardise", "columns": ["a"], "mean": [0], "from": "catalogue"}, "from the catalogue or from you"),
+        ({"op": "onehot", "column": "a", "from": "notebook"}, "from= must be 'catalogue'"),
+    ],
+)
+def test_constants_come_from_one_place(step, message):
+    with pytest.raises(SpecError, match=message):
+        check_request({**BASE, "preprocessing": [step]})
 
 
 def test_the_queue_survives_a_restart_and_marks_what_ran_as_failed(tmp_path):

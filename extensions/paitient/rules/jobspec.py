@@ -8,6 +8,10 @@ list of *declarative* preprocessing steps: constants the researcher chose, never
 - ``{"op": "fill", "columns": [...], "value": v}``: a missing value becomes ``v``;
 - ``{"op": "onehot", "column": c, "categories": [...]}``: ``c`` becomes one 0/1 feature per category
   (``c=<category>``), a value outside them all zeros.
+
+A standardise step without ``mean``/``std`` and a onehot step without ``categories`` (or either with
+``"from": "catalogue"``) take them from the catalogue of the dataset version the runner reads
+(:mod:`paitient.rules.catalogue`); the signed record holds the constants it used.
 """
 
 from __future__ import annotations
@@ -78,8 +82,10 @@ def check_step(step: Any) -> dict[str, Any]:
         raise SpecError("each preprocessing step is an object with an 'op'")
     op = step.get("op")
     if op == "standardise":
-        _only(step, {"op", "columns", "mean", "std"}, "a standardise step")
+        _only(step, {"op", "columns", "mean", "std", "from"}, "a standardise step")
         columns = _names("standardise columns", step.get("columns"))
+        if _from_catalogue(step, ("mean", "std")):
+            return {"op": op, "columns": columns, "from": "catalogue"}
         mean = _numbers("standardise mean", step.get("mean"), len(columns))
         std = _numbers("standardise std", step.get("std"), len(columns))
         if any(s <= 0 for s in std):
@@ -94,7 +100,9 @@ def check_step(step: Any) -> dict[str, Any]:
             "value": float(_number("fill value", step.get("value"), -1e300, 1e300, False)),
         }
     if op == "onehot":
-        _only(step, {"op", "column", "categories"}, "a onehot step")
+        _only(step, {"op", "column", "categories", "from"}, "a onehot step")
+        if _from_catalogue(step, ("categories",)):
+            return {"op": op, "column": _name("onehot column", step.get("column")), "from": "catalogue"}
         categories = step.get("categories")
         if not isinstance(categories, list) or not 1 <= len(categories) <= MAX_CATEGORIES:
             raise SpecError(f"onehot categories must be a list of 1 to {MAX_CATEGORIES} values")
@@ -102,6 +110,19 @@ def check_step(step: Any) -> dict[str, Any]:
             raise SpecError("onehot categories are strings or whole numbers")
         return {"op": op, "column": _name("onehot column", step.get("column")), "categories": list(categories)}
     raise SpecError(f"preprocessing op {op!r:.40} is not one of standardise, fill, onehot")
+
+
+def _from_catalogue(step: Mapping[str, Any], constants: tuple[str, ...]) -> bool:
+    """Does the step take its constants from the catalogue (``"from": "catalogue"``, or none given)?"""
+    source = step.get("from")
+    given = [k for k in constants if step.get(k) is not None]
+    if source is None:
+        return not given
+    if source != "catalogue":
+        raise SpecError(f"{step['op']} from= must be 'catalogue'; got {source!r:.40}")
+    if given:
+        raise SpecError(f"{step['op']} takes {', '.join(given)} from the catalogue or from you, not both")
+    return True
 
 
 def _only(obj: Mapping[str, Any], allowed: set[str], what: str) -> None:

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from paitient import __version__
 from paitient.config import SiteConfig
+from paitient.rules import catalogue
 from paitient.rules import pseudonyms as tf
 from paitient.services.data import detect, keys, readers, rowindex
 from paitient.services.data.errors import ColumnError, IngestRefused
@@ -204,6 +205,9 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     for d in described:
         t = result.schema.field(d["name"]).type
         d["type"] = str(t.value_type if pa.types.is_dictionary(t) else t)
+    statistics = catalogue.column_statistics(result, described, min_count=min_k)
+    for d in described:
+        d.update(statistics.get(d["name"], {}))
     qis = [spec.rules[q].output for q in spec.quasi_identifiers]
     k: int | None = None
     smallest: dict[str, object] = {}

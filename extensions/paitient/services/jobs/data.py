@@ -9,7 +9,8 @@ held-out rows; the test metrics and the membership-inference audit are computed 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from paitient.rules import catalogue
 from paitient.rules.jobspec import SpecError
+from paitient.services.data.publish import MANIFEST_FILE
 
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
 
@@ -34,6 +37,8 @@ class Prepared:
     """Distinct target values (classification), 0 for regression."""
     dataset_sha256: str
     split_seed: int
+    preprocessing: list[dict[str, Any]] = field(default_factory=list)
+    """The steps applied, constants taken from the catalogue filled in: what the signed record states."""
 
 
 def sha256_file(path: Path) -> str:
@@ -53,16 +58,17 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
     """Read ``data_file`` (a dataset version's Parquet) and make the job's arrays; :class:`SpecError` says
     what in the request does not fit the data."""
     frame = pq.read_table(data_file).to_pandas()
+    steps = _resolved(spec["preprocessing"], data_file)
     target = spec["target"]
     if target not in frame.columns:
         raise SpecError(f"the dataset has no column {target!r}; its columns: {', '.join(map(str, frame.columns))}")
-    onehot = {s["column"]: s for s in spec["preprocessing"] if s["op"] == "onehot"}
+    onehot = {s["column"]: s for s in steps if s["op"] == "onehot"}
     features = spec["features"] or [*default_features(frame, target), *[c for c in onehot if c != target]]
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise SpecError(f"the dataset has no column(s) {', '.join(missing)}")
     x = frame[features].copy()
-    for step in spec["preprocessing"]:
+    for step in steps:
         x = _apply(x, step, features)
     bad = [c for c in x.columns if not pd.api.types.is_numeric_dtype(x[c])]
     if bad:
@@ -96,7 +102,25 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
         classes=classes,
         dataset_sha256=sha256_file(data_file),
         split_seed=split_seed,
+        preprocessing=steps,
     )
+
+
+def _resolved(steps: list[dict[str, Any]], data_file: Path) -> list[dict[str, Any]]:
+    """The job's steps with the constants of those that take them from the catalogue: the manifest published
+    beside ``data_file`` (root's, never the kernel's)."""
+    if not any(s.get("from") == "catalogue" for s in steps):
+        return [dict(s) for s in steps]
+    where = f"{data_file.parent.parent.parent.name} version {data_file.parent.name}"
+    try:
+        manifest = json.loads((data_file.parent / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    statistics = {str(c["name"]): c for c in manifest.get("columns", []) if isinstance(c, dict) and "name" in c}
+    try:
+        return [catalogue.resolve_step(s, statistics, where) for s in steps]
+    except catalogue.CatalogueMissing as e:
+        raise SpecError(str(e)) from None
 
 
 def _apply(x: pd.DataFrame, step: dict[str, Any], features: list[str]) -> pd.DataFrame:

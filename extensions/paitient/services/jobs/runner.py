@@ -147,7 +147,7 @@ class Runner:
                 "n_holdout": len(prepared.x_holdout),
                 "features": prepared.features,
                 "target": job.spec["target"],
-                "preprocessing": job.spec["preprocessing"],
+                "preprocessing": prepared.preprocessing,
                 "graph_sha256": job.graph_sha256,
                 "initialisation": {"scheme": INIT_SCHEME, "seed": init_seed},
                 "sampling_rate": the_plan.sample_rate,

@@ -1,0 +1,95 @@
+"""What the catalogue says about each published column, beyond its name and type: the aggregates a training
+job may take its preprocessing from. Pure.
+
+At publish, :func:`column_statistics` computes, for each column of the pseudonymised table:
+
+- a number column (integers or floats, not booleans): its count of values, mean and standard deviation
+  (``ddof=1``), used by a job's ``standardise`` step that gives no constants of its own;
+- a column of few values (text or whole numbers, at most :data:`MAX_CATEGORIES` distinct), each held by at
+  least ``min_count`` rows: its sorted categories, used by a ``onehot`` step that names none.
+
+Pseudonyms and shifted dates get neither. A column with a value held by fewer than ``min_count`` rows lists
+no categories at all: the catalogue would otherwise name a rare value. These are aggregates over the whole
+published version, which every member of the project can compute from the data they see; the runner takes
+them from the manifest it reads (root-published), never from a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+MAX_CATEGORIES = 50
+NO_STATISTICS = frozenset({"pseudonym", "date_shift"})
+
+
+def _number_type(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
+
+
+def column_statistics(
+    table: pa.Table, columns: Iterable[Mapping[str, Any]], min_count: int
+) -> dict[str, dict[str, Any]]:
+    """``{column: {"count", "mean", "std"} and/or {"categories"}}`` for the described ``columns`` of ``table``
+    (each a manifest column entry with ``name`` and ``action``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for described in columns:
+        name, action = str(described["name"]), str(described.get("action", ""))
+        if action in NO_STATISTICS or name not in table.column_names:
+            continue
+        column = table.column(name)
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        stats: dict[str, Any] = {}
+        if _number_type(column.type):
+            values = pc.cast(column, pa.float64())
+            count = len(values) - values.null_count
+            mean = pc.mean(values).as_py() if count else None
+            std = pc.stddev(values, ddof=1).as_py() if count > 1 else None
+            if mean is not None and std is not None and math.isfinite(mean) and math.isfinite(std) and std > 0:
+                stats.update(count=count, mean=float(mean), std=float(std))
+        if pa.types.is_integer(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            counts = pc.value_counts(column.drop_null())
+            if 0 < len(counts) <= MAX_CATEGORIES and min(c.as_py() for c in counts.field("counts")) >= min_count:
+                stats["categories"] = sorted(v.as_py() for v in counts.field("values"))
+        if stats:
+            out[name] = stats
+    return out
+
+
+class CatalogueMissing(LookupError):
+    """The catalogue holds no such statistic for a column; the message says what to give instead."""
+
+
+def resolve_step(step: Mapping[str, Any], statistics: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, Any]:
+    """A preprocessing step with ``"from": "catalogue"`` made concrete from ``statistics`` (the manifest's, of
+    the version ``where`` names); any other step as it is."""
+    if step.get("from") != "catalogue":
+        return dict(step)
+    if step["op"] == "standardise":
+        absent = [c for c in step["columns"] if "mean" not in statistics.get(c, {})]
+        if absent:
+            raise CatalogueMissing(
+                f"the catalogue of {where} has no mean and spread for {', '.join(absent)} (not a number column, "
+                "constant, or published before the catalogue kept them): give mean= and std= in the step, "
+                "or ask the data team to publish the dataset again"
+            )
+        return {
+            "op": "standardise",
+            "columns": list(step["columns"]),
+            "mean": [float(statistics[c]["mean"]) for c in step["columns"]],
+            "std": [float(statistics[c]["std"]) for c in step["columns"]],
+            "from": "catalogue",
+        }
+    column = step["column"]
+    categories = statistics.get(column, {}).get("categories")
+    if not categories:
+        raise CatalogueMissing(
+            f"the catalogue of {where} lists no categories for {column} (more than {MAX_CATEGORIES} values, a "
+            "value too rare to name, or published before the catalogue kept them): give categories= in the step"
+        )
+    return {"op": "onehot", "column": column, "categories": list(categories), "from": "catalogue"}
