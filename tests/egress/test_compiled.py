@@ -75,10 +75,26 @@ def test_a_midpoint_value_is_indexed_at_both_neighbours_and_exactly_at_its_own_p
     assert cells == 1 and used == {3, 4}  # 7.0 stands in four rows: not distinctive at threshold 3
 
 
-def test_the_egress_service_reads_indexes_without_loading_the_compiler():
-    code = "import sys, paitient.services.egress.service; print('numba' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
-    assert out.stdout.strip() == "False"
+_AFTER_WARM_UP = """
+import numpy as np
+import paitient.services.egress.service
+from paitient.rules.edm import compiled_tokens
+from paitient.rules.edm.tokens import tokenize, tokenize_arrays
+
+compiled_tokens.warm_up()
+text = "2019-03-04T10:00 P-7F3SJGQVFCSMMGDI 17.99 -0.0001184 0.12345678901234567 1e-320 [1, 2, 3] 174: 1.2.3"
+fast, ref = tokenize(text), tokenize_arrays(text)
+names = ("word_start", "word_len", "num_start", "value", "lead", "ndigits")
+print(all(getattr(fast, k).dtype == getattr(ref, k).dtype for k in names)
+      and all(getattr(fast, k).tobytes() == getattr(ref, k).tobytes() for k in names))
+"""
+
+
+def test_the_egress_service_tokenises_after_warm_up_as_the_reference_does():
+    """A service loads the compiled tokenizer at start (warm_up); what it then scans is tokenised as the
+    whole-array reference tokenises it."""
+    out = subprocess.run([sys.executable, "-c", _AFTER_WARM_UP], capture_output=True, text=True, check=True, env=_env())
+    assert out.stdout.strip() == "True"
 
 
 def test_without_a_folder_for_compiled_code_each_process_compiles_anew(monkeypatch):

@@ -6,9 +6,10 @@ which of them the index keeps and at which tiers: the values' natural precision,
 coarsest tier at which each is distinctive, and the neighbour of a rounding midpoint. Sorting made equal
 values neighbours, and rounding keeps the order, so every count is a run length.
 
-Compiled at first use and kept for later processes (:func:`_jit`); only the index build imports this module
-(the egress service, which reads indexes, does not load the compiler). :func:`number_entries_py` is the same
-function run by the interpreter, which the tests hold the compiled one to.
+Compiled at first use and kept for later processes (:func:`_jit`, which the tokenizer's compiled scan,
+:mod:`.compiled_tokens`, uses too: every process that tokenises text, the egress service included, loads
+numba). :func:`number_entries_py` is the same function run by the interpreter, which the tests hold the
+compiled one to.
 """
 
 from __future__ import annotations

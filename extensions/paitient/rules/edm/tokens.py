@@ -1,4 +1,4 @@
-"""Outgoing text as value tokens, found with whole-array numpy operations (no per-token Python).
+"""Outgoing text as value tokens (numbers and words), and the grammar that finds them.
 
 Two kinds of token, each with its byte offset:
 
@@ -14,7 +14,9 @@ Two kinds of token, each with its byte offset:
 
 Non-ASCII bytes end a word (``Müller`` gives ``ller``): the index side tokenises cells the same way.
 
-Candidates are runs of number bytes found with byte-wise masks (cheap: a comparison per byte); the
+:func:`tokenize` finds them in compiled passes over the bytes (:mod:`.compiled_tokens`).
+:func:`tokenize_arrays` is the reference it is held to, in whole-array numpy and Arrow operations:
+candidates are runs of number bytes found with byte-wise masks (cheap: a comparison per byte); the
 grammar is checked on each byte's neighbours and, for what that cannot see (two points, two
 exponents), with Arrow's string kernels, which also parse the values (C++, a few ns per number).
 From then on the printed side is normalised by the code the index side uses (:mod:`.numbers`); the
@@ -30,10 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from paitient.rules.edm.compiled_tokens import MIN_WORD, scan
 from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
 from paitient.rules.edm.numbers import leading_exponent
 
-MIN_WORD = 4
 _EXP_DIGITS = 4
 _P10 = 10.0 ** np.arange(0, 23)
 
@@ -115,6 +117,13 @@ class Tokens:
 
 
 def tokenize(data: bytes | str) -> Tokens:
+    """The tokens of ``data``, found in compiled passes over its bytes (:mod:`.compiled_tokens`)."""
+    buf, n = as_buffer(data)
+    return Tokens(buf, n, *scan(buf, n))
+
+
+def tokenize_arrays(data: bytes | str) -> Tokens:
+    """The tokens of ``data``, found with whole-array operations: the reference :func:`tokenize` is held to."""
     buf, n = as_buffer(data)
     b = buf
     isdig = (b - np.uint8(48)) < 10
