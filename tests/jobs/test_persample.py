@@ -164,3 +164,35 @@ def test_the_probe_size_is_a_prime_no_dimension_has():
     assert probe_size([(5,), (3, 4)]) == 11
     assert probe_size([(11, 13), (17,)]) == 19
     assert probe_size([(64,), (256, 64)]) == 11
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "layer norm", "sequence"])
+@pytest.mark.parametrize("rows", [0, 1, 2])
+def test_poisson_batches_of_no_row_or_one_row(name, rows):
+    """A Poisson sample may hold no row (the sum is zero, nothing is added) or one (its clipped gradient)."""
+    graph, row, forward = exported(name)
+    params = initialise(graph, "default", seed=5)
+    gen = torch.Generator().manual_seed(rows)
+    x, y = torch.randn(rows, *row, generator=gen) * 3, torch.randint(0, 3, (rows,), generator=gen)
+    losses = sample_losses("cross_entropy")
+    clipper = FastClipper(forward, losses)
+    start = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    fast_into = {k: v.clone() for k, v in start.items()}
+    exact_into = {k: v.clone() for k, v in start.items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    _, fast_norms, fast_losses = clipper.clipped_sum(leaves, x, y, 0.1, scale=2.0, into=fast_into)
+    _, norms, exact_losses = exact_clipped_sum(forward, losses, params, x, y, 0.1, scale=2.0, into=exact_into)
+    assert fast_norms.shape == norms.shape == (rows,)
+    assert fast_losses.shape == exact_losses.shape == (rows,)
+    torch.testing.assert_close(fast_norms, norms, rtol=1e-4, atol=1e-6)
+    total = torch.zeros(())
+    for k in start:
+        torch.testing.assert_close(fast_into[k], exact_into[k], rtol=1e-4, atol=1e-6)
+        total = total + (fast_into[k] - start[k]).square().sum()
+    if rows == 0:
+        assert float(total) == 0.0
+    else:  # each row clipped to 0.1 (its norm is above it), times the scale 2
+        assert bool((norms > 0.1).all())
+        assert float(total.sqrt()) <= 2.0 * 0.1 * rows + 1e-5
+        if rows == 1:
+            torch.testing.assert_close(total.sqrt(), torch.tensor(0.2), rtol=1e-4, atol=1e-6)

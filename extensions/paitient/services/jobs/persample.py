@@ -210,6 +210,8 @@ class FastClipper:
         The sum is multiplied by ``scale`` and added into ``into`` (new zero tensors if None), which is
         returned; nothing is added there unless the whole computation succeeds.
         """
+        if len(x) == 0:
+            return _nothing(leaves, into)
         before = {k: v.grad for k, v in leaves.items()}
         recorder = _Recorder(leaves, len(x))
         with recorder:
@@ -376,6 +378,8 @@ def exact_clipped_sum(
     ``scale`` and ``into`` as for :meth:`FastClipper.clipped_sum`."""
     from torch.func import grad_and_value, vmap
 
+    if len(x) == 0:
+        return _nothing(params, into)
     detached = {k: v.detach() for k, v in params.items()}
 
     def row_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -403,6 +407,14 @@ def exact_clipped_sum(
             for t in total.values():
                 t.mul_(scale)
     return total, torch.cat(norms), torch.cat(losses)
+
+
+def _nothing(params: dict[str, torch.Tensor], into: dict[str, torch.Tensor] | None) -> Clipped:
+    """The clipped sum of no row: zero (``into`` as it was), no norms, no losses."""
+    proto = next(iter(params.values()))
+    total = into if into is not None else {k: torch.zeros_like(v.detach()) for k, v in params.items()}
+    empty = proto.new_zeros(0).detach()
+    return total, empty, empty.clone()
 
 
 def probe_size(shapes: Sequence[Sequence[int]]) -> int:
