@@ -259,3 +259,18 @@ def test_calibration_offsets_by_class_and_by_target_bin():
     gap, low, high = membership.bootstrap_gap([3, 4, 5], [0, 1, 2], resamples=50, seed=0)
     assert gap == 0.5 and low <= high <= 0.5
     assert membership.bootstrap_gap([3, 4, 5], [0, 1, 2], resamples=50, seed=0) == (gap, low, high)
+
+
+def test_the_device_is_cuda_when_torch_sees_a_gpu_and_the_cpu_otherwise(monkeypatch):
+    from paitient.services.jobs.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(TrainError, match="no GPU"):
+        pick_device("cuda")
+    with pytest.raises(TrainError, match="device must be one of"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")

@@ -241,7 +241,7 @@ class FastClipper:
         into: dict[str, torch.Tensor] | None,
     ) -> Clipped:
         proto = next(iter(leaves.values()))
-        sq = torch.zeros(n, dtype=proto.dtype)
+        sq = torch.zeros(n, dtype=proto.dtype, device=proto.device)
         kept: list[tuple[_Use, Any]] = []
         held = 0
         for use in uses:
@@ -437,28 +437,28 @@ def fast_path_agrees(
 ) -> bool:
     """Whether the fast way gives the exact way's norms and clipped sum on a probe batch.
 
-    The probe's rows are synthetic (standard normal rows of the input's shape; for integer inputs, rows
-    drawn from ``x``) with targets of the loss's kind, so the choice does not depend on the training rows'
-    values; its size is :func:`probe_size` of the input's and parameters' shapes, so a dimension that
-    only equals the batch by coincidence shows. The clipping bound is the median exact norm: some rows
-    are clipped, some not.
+    The probe's rows are synthetic (standard normal rows of the input's shape, drawn on the CPU and moved
+    to ``x``'s device; for integer inputs, rows drawn from ``x``) with targets of the loss's kind, so the
+    choice does not depend on the training rows' values; its size is :func:`probe_size` of the input's and
+    parameters' shapes, so a dimension that only equals the batch by coincidence shows. The clipping bound
+    is the median exact norm: some rows are clipped, some not.
     """
     gen = torch.Generator().manual_seed(int(seed))
     n = probe_size([x.shape[1:], *(v.shape for v in params.values()), y.shape[1:]])
     if x.is_floating_point():
-        xp = torch.randn((n, *x.shape[1:]), generator=gen, dtype=x.dtype)
+        xp = torch.randn((n, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
     else:
-        xp = x[torch.randint(0, len(x), (n,), generator=gen)]
+        xp = x[torch.randint(0, len(x), (n,), generator=gen).to(x.device)]
     with torch.no_grad():
         out = clipper.forward({k: v.detach() for k, v in params.items()}, xp)
     if loss == "cross_entropy":
         if out.dim() < 2:
             return False
-        yp = torch.randint(0, out.shape[1], (n, *y.shape[1:]), generator=gen).to(y.dtype)
+        yp = torch.randint(0, out.shape[1], (n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)
     elif loss == "bce_with_logits":
-        yp = torch.randint(0, 2, (n, *y.shape[1:]), generator=gen).to(y.dtype)
+        yp = torch.randint(0, 2, (n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)
     else:
-        yp = torch.randn((n, *y.shape[1:]), generator=gen).to(y.dtype)
+        yp = torch.randn((n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)
     detached = {k: v.detach() for k, v in params.items()}
     want, norms, _ = exact_clipped_sum(clipper.forward, clipper.sample_losses, detached, xp, yp, 1.0)
     bound = float(norms.median())

@@ -37,6 +37,7 @@ from paitient.services.jobs.persample import (
 
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING = ("auto", "exact")
+DEVICES = ("auto", "cpu", "cuda")
 BOOTSTRAP = 200
 AUDIT_ROWS = 20_000
 """At most this many members and as many held-out rows are attacked (a seeded sample of each)."""
@@ -204,6 +205,17 @@ def plan(spec: TrainSpec, n: int) -> Plan:
     return Plan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma))
 
 
+def pick_device(name: str) -> torch.device:
+    """The device a run trains on: ``auto`` is CUDA when torch sees a GPU, the CPU otherwise."""
+    if name not in DEVICES:
+        raise TrainError(f"device must be one of {', '.join(DEVICES)}; got {name!r:.40}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device cuda was asked for, but torch sees no GPU here; use auto or cpu")
+    return torch.device(name)
+
+
 def sample_losses(name: str) -> SampleLosses:
     """Each row's loss (outputs and targets of B rows -> B losses); a row with several outputs averages them.
 
@@ -266,6 +278,7 @@ def train(
     on_step: Callable[[Progress], bool | None] | None = None,
     the_plan: Plan | None = None,
     clipping: str = "auto",
+    device: str = "auto",
 ) -> Result:
     """DP-SGD from ``params`` (the runner's initial values) on rows ``x`` with targets ``y``.
 
@@ -274,6 +287,8 @@ def train(
     ``the_plan`` replaces :func:`plan`'s (the runner passes the one it reserved budget for).
     ``clipping``: ``auto`` takes the fast way when it agrees with the exact one on a probe batch
     (:func:`paitient.services.jobs.persample.fast_path_agrees`), ``exact`` always a gradient per row.
+    ``device`` (:func:`pick_device`): where the parameters, the rows and the noise live; the Poisson
+    sampling draws on the CPU either way, and the result's parameters come back on the CPU.
     """
     if clipping not in CLIPPING:
         raise TrainError(f"clipping must be one of {', '.join(CLIPPING)}")
@@ -281,8 +296,12 @@ def train(
         raise TrainError(f"{len(x)} rows but {len(y)} targets")
     the_plan = the_plan or plan(spec, len(x))
     losses_of = sample_losses(spec.loss)
+    on = pick_device(device)
     gen = torch.Generator().manual_seed(int(spec.seed))
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    # the noise: from the sampling's generator on the CPU; on a GPU from one of its own, seeded the same
+    noise_gen = gen if on.type == "cpu" else torch.Generator(device=on).manual_seed(int(spec.seed))
+    x, y = x.to(on), y.to(on)
+    leaves = {k: v.detach().to(on).clone().requires_grad_(True) for k, v in params.items()}
     optimizer: torch.optim.Optimizer
     if spec.optimizer == "adam":
         optimizer = torch.optim.Adam(list(leaves.values()), lr=spec.lr)
@@ -299,7 +318,7 @@ def train(
     expected = q * n
     names = list(leaves)
     sizes = [leaves[k].numel() for k in names]
-    noise = torch.empty(sum(sizes), dtype=leaves[names[0]].dtype) if names else torch.empty(0)
+    noise = torch.empty(sum(sizes), dtype=leaves[names[0]].dtype, device=on) if names else torch.empty(0, device=on)
 
     def spent_after(steps: int) -> float:
         return epsilon_after(sigma, q, steps, spec.delta, spec.accountant)
@@ -310,10 +329,10 @@ def train(
     done = 0
     views = {k: part.view(leaves[k].shape) for k, part in zip(names, torch.split(noise, sizes), strict=True)}
     for step in range(1, the_plan.steps + 1):
-        rows = poisson_rows(n, q, gen)
+        rows = poisson_rows(n, q, gen).to(on)
         # the noise first, N(0, (sigma C / E)^2), then the clipped sum / E added into it: one buffer, no extra pass
         if sigma > 0:
-            noise.normal_(0.0, sigma * c / expected, generator=gen)
+            noise.normal_(0.0, sigma * c / expected, generator=noise_gen)
         else:
             noise.zero_()
         if len(rows):
@@ -345,7 +364,7 @@ def train(
         epoch_losses.append(loss_sum / loss_rows)  # stopped inside an epoch: its part so far
     epsilon = _spent(accountant, spec.delta, sigma) if done else 0.0
     return Result(
-        params={k: v.detach().clone() for k, v in leaves.items()},
+        params={k: v.detach().cpu().clone() for k, v in leaves.items()},
         epsilon=epsilon,
         delta=spec.delta,
         steps=done,
@@ -381,6 +400,7 @@ def evaluate(
     metrics = {"loss": float(sample_losses(loss)(out, y).double().mean())}
     if loss == "mse":
         return metrics
+    out, y = out.cpu(), y.cpu()
     labels = y.reshape(-1).long().numpy()
     if loss == "bce_with_logits":
         prob = torch.sigmoid(out.reshape(-1).double()).numpy()
@@ -433,8 +453,8 @@ def membership_audit(
     pick_h = _sample(len(x_holdout), rng)
     each = sample_losses(loss)
     ym, yh = y_members[pick_m], y_holdout[pick_h]
-    m_loss = each(_outputs(forward, params, x_members[pick_m]), ym).double().numpy()
-    h_loss = each(_outputs(forward, params, x_holdout[pick_h]), yh).double().numpy()
+    m_loss = each(_outputs(forward, params, x_members[pick_m]), ym).double().cpu().numpy()
+    h_loss = each(_outputs(forward, params, x_holdout[pick_h]), yh).double().cpu().numpy()
     classes = loss != "mse"
     m_ref = membership.class_offsets(h_loss, _keys(yh), _keys(ym), classes=classes)
     h_ref = membership.class_offsets(h_loss, _keys(yh), _keys(yh), classes=classes)
@@ -457,7 +477,7 @@ def _sample(n: int, rng: np.random.Generator) -> torch.Tensor:
 def _keys(y: torch.Tensor) -> np.ndarray:
     """One key per row for calibration: the class, or (several targets) the first."""
     flat = y.reshape(len(y), -1)[:, 0] if y.dim() > 1 else y
-    keys: np.ndarray = flat.double().numpy()
+    keys: np.ndarray = flat.double().cpu().numpy()
     return keys
 
 
