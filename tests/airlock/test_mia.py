@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save
 from sklearn.metrics import roc_auc_score
 
+from paitient.rules.membership import roc_auc_advantage
 from paitient.rules.split import SplitError, members_from_spec, split_indices
 from paitient.services.airlock.mia import AuditJob, Limits, judge, run_audit, sandbox_argv
-from paitient.services.airlock.mia_worker import roc_auc_advantage
 from tests.airlock.helpers import breast_cancer
 
 MLP = """

@@ -1,24 +1,33 @@
-"""The runner's DP-SGD: the update is the clipped, noised sum; the accountant's epsilon; utility on breast_cancer;
-and an audit that tells a leaky model from a private one."""
+"""The runner's DP-SGD: the update is the clipped, noised sum a loop computes; Poisson sampling; the accountant's
+epsilon; refusals; utility on breast_cancer; evaluation; and an audit that tells a leaky model from a private one."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from paitient.kernel.jobs.export import export_graph
+from paitient.rules import membership
 from paitient.services.jobs.graph import initialise, load_graph
 from paitient.services.jobs.train import (
     Plan,
+    Progress,
     TrainError,
     TrainSpec,
     epsilon_after,
     evaluate,
     membership_audit,
     plan,
+    poisson_rows,
     train,
 )
+
+# the configuration of the utility figures (benchmarks/bench_jobs_utility.py): a few large batches
+UTILITY = dict(epochs=5, batch_size=128, lr=2.0, max_grad_norm=1.0)
 
 
 def spec(**change) -> TrainSpec:
@@ -37,86 +46,231 @@ def cancer():
     return tuple(map(torch.from_numpy, (xs[tr], y[tr], xs[hold], y[hold])))
 
 
-def graph_of(model, width=30):
-    g = load_graph(export_graph(model, torch.zeros(2, width)))
+def graph_of(model, row=(30,)):
+    g = load_graph(export_graph(model, torch.zeros(2, *row)))
     return g, (lambda p, x: torch.func.functional_call(g.module, p, (x,)))
 
 
-def test_one_step_is_the_clipped_noised_mean_a_loop_computes():
-    torch.manual_seed(0)
-    g, forward = graph_of(nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)), 5)
-    start = initialise(g, "default", seed=4)
-    x, y = torch.randn(40, 5) * 3, torch.randint(0, 2, (40,))
-    # sampling rate 1 and no noise: every row is in the one step, and the update is exact
-    one = Plan(sample_rate=1.0, steps=1, noise_multiplier=0.0)
-    got = train(forward, start, x, y, spec(lr=1.0, max_grad_norm=0.5), the_plan=one).params
-    expected = {k: torch.zeros_like(v) for k, v in start.items()}
+def loop_reference(forward, start, x, y, clip):
+    """The sum over rows of each row's gradient clipped to ``clip``, one row at a time with autograd."""
+    total = {k: torch.zeros_like(v) for k, v in start.items()}
     for i in range(len(x)):
         p = {k: v.clone().requires_grad_(True) for k, v in start.items()}
         torch.nn.functional.cross_entropy(forward(p, x[i : i + 1]), y[i : i + 1]).backward()
         norm = torch.sqrt(sum((v.grad**2).sum() for v in p.values()))
-        factor = min(1.0, 0.5 / (float(norm) + 1e-6))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
         for k, v in p.items():
-            expected[k] += v.grad * factor
-    for k in start:
-        assert torch.allclose(got[k], start[k] - expected[k] / len(x), atol=1e-5), k
+            total[k] += v.grad * factor
+    return total
 
 
-def test_the_plan_reaches_the_target_and_the_accountant_agrees():
-    p = plan(spec(), 455)
-    assert p.sample_rate == pytest.approx(64 / 455) and p.steps == round(20 / (64 / 455))
-    assert epsilon_after(p.noise_multiplier, p.sample_rate, p.steps, 1e-5, "prv") == pytest.approx(1.0, rel=0.02)
-    assert epsilon_after(p.noise_multiplier, p.sample_rate, p.steps // 2, 1e-5, "prv") < 0.8  # fewer steps, less
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)), (5,)),
+    "cnn": (
+        lambda: nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)),
+        (1, 8, 8),
+    ),
+}
 
 
-def test_an_unreachable_target_is_refused_with_what_to_do():
-    with pytest.raises(TrainError, match="ask for a larger target_epsilon"):
-        plan(spec(target_epsilon=1e-3, epochs=1000, batch_size=455), 455)
+@pytest.mark.parametrize("clipping", ["auto", "exact"])
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_one_step_is_the_clipped_noised_sum_a_loop_computes(name, clipping, sigma):
+    make, row = MODELS[name]
+    torch.manual_seed(0)
+    g, forward = graph_of(make(), row)
+    start = initialise(g, "default", seed=4)
+    x, y = torch.randn(40, *row) * 3, torch.randint(0, 3, (40,))
+    # sampling rate 1: every row is in the one step, and the seeded generator's first draw is its noise
+    one = Plan(sample_rate=1.0, steps=1, noise_multiplier=sigma)
+    result = train(forward, start, x, y, spec(lr=1.0, max_grad_norm=0.5, seed=7), the_plan=one, clipping=clipping)
+    assert result.clipping == ("fast" if clipping == "auto" else "exact")
+    clipped = loop_reference(forward, start, x, y, 0.5)
+    sizes = [v.numel() for v in start.values()]
+    noise = torch.empty(sum(sizes)).normal_(0.0, sigma * 0.5 / len(x), generator=torch.Generator().manual_seed(7))
+    for (k, v), part in zip(start.items(), torch.split(noise, sizes), strict=True):
+        want = v - (clipped[k] / len(x) + part.view(v.shape))
+        torch.testing.assert_close(result.params[k], want, rtol=1e-4, atol=1e-5)
 
 
-def test_poisson_sampling_takes_each_row_at_the_rate(cancer):
+def test_poisson_sampling_takes_each_row_independently_at_the_rate():
+    n, q, draws = 400, 0.05, 4000
+    gen = torch.Generator().manual_seed(0)
+    counts, sizes, pairs = torch.zeros(n), [], 0
+    for _ in range(draws):
+        rows = poisson_rows(n, q, gen)
+        assert bool((rows[1:] > rows[:-1]).all()) and (len(rows) == 0 or 0 <= int(rows[0]) and int(rows[-1]) < n)
+        counts[rows] += 1
+        sizes.append(len(rows))
+        pairs += int(bool((rows == 10).any()) and bool((rows == 11).any()))
+    sizes = np.array(sizes)
+    # the sample size is Binomial(n, q): its mean and variance
+    assert abs(sizes.mean() - n * q) < 4 * math.sqrt(n * q * (1 - q) / draws)
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
+    # every row at the rate (a chi-square over rows), and two neighbours together at q^2 (independence)
+    expected = draws * q
+    chi2 = float((((counts - expected) ** 2) / expected).sum())
+    assert chi2 < n + 5 * math.sqrt(2 * n)
+    assert abs(pairs - draws * q * q) < 5 * math.sqrt(draws * q * q)
+    assert (sizes == 0).sum() == 0 and len(poisson_rows(n, 1.0, gen)) == n
+    assert sum(len(poisson_rows(100, 0.002, gen)) == 0 for _ in range(200)) > 100  # empty samples happen
+
+
+def test_steps_without_rows_add_only_noise(cancer):
     xt, yt, _, _ = cancer
     g, forward = graph_of(nn.Sequential(nn.Linear(30, 2)))
-    seen = []
-
-    def forward_counting(p, x):
-        seen.append(len(x))
-        return forward(p, x)
-
-    train(forward_counting, initialise(g, "default", 1), xt, yt, spec(epochs=4), the_plan=Plan(0.1, 200, 1.0))
-    sizes = np.array(seen[1::2])  # per step: the vmapped gradients see one row each; the loss sees the sample
-    assert abs(sizes.mean() - 0.1 * len(xt)) < 3 * np.sqrt(0.1 * 0.9 * len(xt) / len(sizes))
+    start = initialise(g, "default", seed=1)
+    quiet = train(forward, start, xt, yt, spec(), the_plan=Plan(sample_rate=1e-9, steps=5, noise_multiplier=0.0))
+    assert quiet.steps == 5 and all(torch.equal(quiet.params[k], start[k]) for k in start)
+    assert all(math.isnan(v) for v in quiet.losses)
+    noisy = train(forward, start, xt, yt, spec(), the_plan=Plan(sample_rate=1e-9, steps=5, noise_multiplier=1.0))
+    moved = torch.cat([(noisy.params[k] - start[k]).reshape(-1) for k in start])
+    assert float(moved.abs().max()) > 0  # noise alone moves it, as in DP-SGD
 
 
-def test_stopping_early_spends_less(cancer):
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_plan_reaches_the_target_and_the_accountant_agrees(cancer, accountant):
+    xt, yt, _, _ = cancer
+    g, forward = graph_of(nn.Sequential(nn.Linear(30, 2)))
+    s = spec(accountant=accountant, epochs=5)
+    p = plan(s, len(xt))
+    assert p.sample_rate == pytest.approx(64 / 455) and p.steps == round(5 / (64 / 455))
+    result = train(forward, initialise(g, "default", 0), xt, yt, s)
+    assert result.steps == p.steps and result.noise_multiplier == p.noise_multiplier
+    assert result.epsilon == pytest.approx(1.0, rel=0.02) and result.epsilon <= 1.0 + 1e-9
+    assert result.epsilon == pytest.approx(epsilon_after(p.noise_multiplier, p.sample_rate, p.steps, 1e-5, accountant))
+    assert len(result.losses) == 5 and all(0 < v < 5 for v in result.losses)
+
+
+def test_stopping_early_spends_less_and_progress_says_what_was_spent(cancer):
     xt, yt, _, _ = cancer
     g, forward = graph_of(nn.Sequential(nn.Linear(30, 2)))
     full = plan(spec(), len(xt))
-    stopped = train(forward, initialise(g, "default", 1), xt, yt, spec(), on_step=lambda p: p.step < 30)
-    assert full.steps > 30 and stopped.steps == 30 and stopped.epsilon < 0.7  # the whole plan spends 1.0
+    seen: list[Progress] = []
+
+    def on_step(progress):
+        seen.append(progress)
+        return progress.step < 30
+
+    stopped = train(forward, initialise(g, "default", 1), xt, yt, spec(), on_step=on_step)
+    assert full.steps > 30 and stopped.steps == 30 and [p.step for p in seen] == list(range(1, 31))
+    assert stopped.epsilon == pytest.approx(epsilon_after(full.noise_multiplier, full.sample_rate, 30, 1e-5, "prv"))
+    assert stopped.epsilon < 0.7  # the whole plan spends 1.0
+    assert seen[-1].epsilon == pytest.approx(stopped.epsilon) and seen[9].epsilon < seen[-1].epsilon
+    assert all(p.steps == full.steps for p in seen)
 
 
-def test_logistic_regression_at_epsilon_1_keeps_its_accuracy(cancer):
+def test_an_unreachable_target_is_refused_with_what_to_do():
+    with pytest.raises(TrainError, match="cannot be reached.*ask for a larger target_epsilon"):
+        plan(spec(target_epsilon=1e-6, batch_size=1, epochs=1), 1)
+    with pytest.raises(TrainError, match="or use the prv accountant"):  # RDP's floor at this delta
+        plan(spec(target_epsilon=0.1, accountant="rdp"), 455)
+    with pytest.raises(TrainError, match="batch_size 64 is more than the 50 training rows"):
+        plan(spec(), 50)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(epochs=0), "epochs must be a whole number of at least 1"),
+        (dict(batch_size=2.5), "batch_size must be a whole number"),
+        (dict(lr=-1.0), "lr must be a number above 0"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be a number above 0"),
+        (dict(target_epsilon=0), "target_epsilon must be a number above 0"),
+        (dict(delta=1.0), "delta must be a number above 0 and below 1"),
+        (dict(optimizer="rmsprop"), "optimizer must be one of sgd, adam"),
+        (dict(accountant="gdp"), "accountant must be one of prv, rdp"),
+        (dict(loss="hinge"), "loss must be one of cross_entropy, bce_with_logits, mse"),
+        (dict(seed=True), "seed must be a whole number"),
+    ],
+)
+def test_a_spec_is_checked_when_made(change, message):
+    with pytest.raises(TrainError, match=message):
+        spec(**change)
+
+
+def test_logistic_regression_at_epsilon_1_keeps_most_of_its_accuracy(cancer):
+    """One seed (benchmarks/bench_jobs_utility.py takes the median of five and compares)."""
     xt, yt, xh, yh = cancer
     g, forward = graph_of(nn.Sequential(nn.Linear(30, 2)))
-    result = train(forward, initialise(g, "default", 0), xt, yt, spec())
-    assert result.epsilon == pytest.approx(1.0, rel=0.02) and result.steps == plan(spec(), len(xt)).steps
-    # non-private logistic regression reaches about 0.96-0.97 on this split; DP at epsilon 1 stays within half a point
-    assert evaluate(forward, result.params, xh, yh, "cross_entropy")["accuracy"] >= 0.95
+    result = train(forward, initialise(g, "zeros", 0), xt, yt, spec(**UTILITY))
+    assert result.clipping == "fast" and result.epsilon == pytest.approx(1.0, rel=0.02)
+    metrics = evaluate(forward, result.params, xh, yh, "cross_entropy")
+    assert metrics["accuracy"] >= 0.93 and metrics["auroc"] >= 0.97
+
+
+def test_evaluate_matches_sklearn():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=gen)
+    three = nn.Linear(4, 3)
+    forward = lambda p, v: torch.func.functional_call(three, p, (v,))  # noqa: E731
+    params = {k: v.detach() for k, v in three.named_parameters()}
+    y = torch.randint(0, 3, (300,), generator=gen)
+    got = evaluate(forward, params, x, y, "cross_entropy")
+    probs = torch.softmax(forward(params, x), 1).detach().numpy()
+    assert got["accuracy"] == pytest.approx(float((probs.argmax(1) == y.numpy()).mean()))
+    assert got["auroc"] == pytest.approx(roc_auc_score(y.numpy(), probs, multi_class="ovr", average="macro"))
+    ce = torch.nn.functional.cross_entropy(forward(params, x), y)
+    assert got["loss"] == pytest.approx(float(ce), rel=1e-5)
+
+    one = nn.Linear(4, 1)
+    forward1 = lambda p, v: torch.func.functional_call(one, p, (v,))  # noqa: E731
+    params1 = {k: v.detach() for k, v in one.named_parameters()}
+    yb = (x[:, 0] > 0).float()
+    got = evaluate(forward1, params1, x, yb, "bce_with_logits")
+    logits = forward1(params1, x).detach().reshape(-1)
+    assert got["auroc"] == pytest.approx(roc_auc_score(yb.numpy(), torch.sigmoid(logits).numpy()))
+    assert got["accuracy"] == pytest.approx(float(((logits >= 0).float() == yb).float().mean()))
+    assert set(evaluate(forward1, params1, x, x[:, 1], "mse")) == {"loss"}
 
 
 def test_the_audit_tells_an_overfit_model_from_a_private_one(cancer):
     xt, _, xh, _ = cancer
     # labels drawn at random: nothing to learn but the rows themselves, so a model fit closely memorises them
     labels = torch.from_numpy(np.random.default_rng(1).integers(0, 2, len(xt) + len(xh)))
-    few_x, few_y, yh = xt[:40], labels[:40], labels[len(xt) :]
+    few_x, few_y, yh = xt[:60], labels[:60], labels[len(xt) :]
     g, forward = graph_of(nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 2)))
     leaky = train(
-        forward, initialise(g, "default", 0), few_x, few_y, spec(lr=0.5, epochs=400, batch_size=40),
+        forward, initialise(g, "default", 0), few_x, few_y, spec(lr=0.5, epochs=400, batch_size=60, max_grad_norm=1e6),
         the_plan=Plan(sample_rate=1.0, steps=400, noise_multiplier=0.0), )  # fmt: skip
     private = train(forward, initialise(g, "default", 0), few_x, few_y, spec(epochs=5, batch_size=20))
     loud = membership_audit(forward, leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
     quiet = membership_audit(forward, private.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
-    assert loud["mia_loss"] > 0.2 and quiet["mia_loss"] < loud["mia_loss"]
-    assert all(0 <= v <= 0.5 and v == float(f"{v:.2g}") for v in loud.values())
-    assert loud["mia_loss_low"] <= loud["mia_loss"] <= loud["mia_loss_high"]
+    assert set(loud) == {f"{a}{end}" for a in ("mia_loss", "mia_calibrated") for end in ("", "_low", "_high")}
+    for numbers in (loud, quiet):
+        assert all(type(v) is float and 0 <= v <= 0.5 and v == float(f"{v:.2g}") for v in numbers.values())
+        for attack in ("mia_loss", "mia_calibrated"):
+            assert numbers[f"{attack}_low"] <= numbers[attack] <= numbers[f"{attack}_high"]
+    # the overfit model: both attacks far from a coin, the intervals clear of 0; the private one: close to a coin
+    assert min(loud["mia_loss"], loud["mia_calibrated"]) > 0.2
+    assert min(loud["mia_loss_low"], loud["mia_calibrated_low"]) > 0.15
+    assert max(quiet["mia_loss"], quiet["mia_calibrated"]) < 0.1
+    assert membership_audit(forward, leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0) == loud
+
+
+def test_calibration_offsets_by_class_and_by_target_bin():
+    ref_loss = np.array([1.0, 3.0, 10.0, 30.0])
+    ref_t = np.array([0, 0, 1, 1])
+    assert membership.class_offsets(ref_loss, ref_t, np.array([1, 0, 2])).tolist() == [20.0, 2.0, 6.5]
+    targets = np.arange(100.0)
+    by_bin = membership.class_offsets(targets * 2, targets, np.array([0.0, 99.0]), classes=False)
+    assert by_bin[0] < 40 < 160 < by_bin[1]
+    gap, low, high = membership.bootstrap_gap([3, 4, 5], [0, 1, 2], resamples=50, seed=0)
+    assert gap == 0.5 and low <= high <= 0.5
+    assert membership.bootstrap_gap([3, 4, 5], [0, 1, 2], resamples=50, seed=0) == (gap, low, high)
+
+
+def test_the_device_is_cuda_when_torch_sees_a_gpu_and_the_cpu_otherwise(monkeypatch):
+    from paitient.services.jobs.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(TrainError, match="no GPU"):
+        pick_device("cuda")
+    with pytest.raises(TrainError, match="device must be one of"):
+        pick_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from paitient.config.model import Model
-from paitient.config.traits import NOT_NEGATIVE, POSITIVE, SHARE, Flag, Number, Rule, Text, WholeNumber
+from paitient.config.traits import NOT_NEGATIVE, POSITIVE, SHARE, Choice, Flag, Number, Rule, Text, WholeNumber
 
 AIRLOCK_KINDS = ("table", "figure", "weights", "other")
 
@@ -114,3 +114,9 @@ class Jobs(Model):
         3600.0, rule=Rule("be a positive number of seconds", lambda v: v > 0), help="Seconds one job may train."
     )
     memory_mb = WholeNumber(8192, rule=POSITIVE, help="Memory one job may use, in MiB.")
+    device = Choice(
+        ("auto", "cpu", "cuda"),
+        "auto",
+        help='Where a job trains: "auto" (CUDA when torch in the sandbox sees a GPU, the CPU otherwise), '
+        '"cpu" or "cuda" (the job fails when no GPU is seen).',
+    )

@@ -13,6 +13,8 @@ plain autograd are skipped), keeps ``a`` and ``g``, and the optimizer step compu
 ``(sum_i c_i grad_i + N(0, (sigma C)^2)) / E`` into ``p.grad`` with one fused ``addmm`` per layer,
 exactly what Opacus' DPOptimizer computes (same clip formula, same mean-loss scaling by the batch
 size, same division by the expected batch size ``E``).
+The capture, the norms and the clipped sum are :mod:`paitient.rules.clipping`'s, which the jobs
+runner clips with too.
 
 Normalisation layers beside the Linear ones (LayerNorm, GroupNorm, InstanceNorm, RMSNorm: few
 parameters each) are handled the Opacus way inside the same step: their inputs and backprops are
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from paitient.kernel.dp.options import LossReduction
+from paitient.rules.clipping import add_clipped_linear, capture_linear, linear_sample_norms
 
 PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 """Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
@@ -69,30 +72,6 @@ class _NormSlot:
 
 
 _Slot = _LinearSlot | _NormSlot
-
-
-class _CaptureLinear(torch.autograd.Function):
-    """``F.linear`` whose backward returns only the input gradient and keeps (activation, backprop)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slot: _LinearSlot
-    ) -> torch.Tensor:
-        # ctx: torch's context object, which takes any attribute (``slot`` here)
-        ctx.save_for_backward(x, weight)
-        ctx.slot = slot
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        x, weight = ctx.saved_tensors
-        ctx.slot.pairs.append((x, grad_out))
-        grad_x = grad_out.matmul(weight) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
-
-
-_capture_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, _LinearSlot], torch.Tensor]
-_capture_linear = _CaptureLinear.apply  # torch leaves ``apply`` unannotated: its signature, from forward's
 
 
 def linear_layers(model: nn.Module, params: set[torch.Tensor]) -> tuple[list[tuple[str, nn.Module]], str]:
@@ -202,7 +181,7 @@ class FastClipper:
             layer = s.module
             if a.dim() != 2:
                 a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
-            part = _sample_norms(a, g, layer.bias is not None, self._one)
+            part = linear_sample_norms(a, g, layer.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
             views.append((layer, a, g))
         if not n:  # an empty Poisson batch: the gradient is the noise alone
@@ -214,17 +193,10 @@ class FastClipper:
             factor = factor.clamp_(max=scale / denom)
         grads = dict(zip(self.params, self._views, strict=True))
         for layer, a, g in views:
-            w, b = layer.weight, layer.bias
-            if g.dim() == 2:
-                gt = g.t()
-                grads[w].addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
-                if b is not None:
-                    grads[b].addmv_(gt, factor)
-            else:
-                cg = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
-                grads[w].addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
-                if b is not None:
-                    grads[b].add_(cg.sum(0))
+            bias = None
+            if layer.bias is not None:  # nn.Linear types it as always there; bias=False leaves None
+                bias = grads[layer.bias]
+            add_clipped_linear(grads[layer.weight], bias, a, g, factor)
         for per_sample in others:
             for p, gs in per_sample.items():
                 grads[p].add_(torch.tensordot(factor, gs, dims=1))
@@ -248,22 +220,6 @@ class FastClipper:
         return batch.pop() if batch else 0
 
 
-def _sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tensor) -> torch.Tensor:
-    """Per-sample norm of one Linear layer's gradient (weight and bias) from activations and backprops."""
-    if a.dim() == 2:  # |g_i a_i^T| = |g_i| |a_i|; with the bias |g_i| sqrt(|a_i|^2 + 1)
-        gn: torch.Tensor = torch.linalg.vector_norm(g, dim=1)
-        an: torch.Tensor = torch.linalg.vector_norm(a, dim=1)
-        return gn.mul_(torch.hypot(an, one) if bias else an)
-    t = a.shape[1]
-    if t * t <= a.shape[2] * g.shape[2]:  # ghost norm: sum over (t, s) of (g_t . g_s)(a_t . a_s)
-        sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    else:
-        sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    if bias:
-        sq = sq + g.sum(1).square().sum(1)
-    return sq.clamp_(min=0).sqrt_()
-
-
 def _make_forward(clipper: FastClipper, slot: _LinearSlot) -> Callable[[nn.Linear, torch.Tensor], torch.Tensor]:
     def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -274,7 +230,7 @@ def _make_forward(clipper: FastClipper, slot: _LinearSlot) -> Callable[[nn.Linea
                 "Linear layer once per pass. Use make_private(..., mode='hooks')."
             )
         slot.last_pass = clipper.pass_id
-        return _capture_linear(x, self.weight, self.bias, slot)
+        return capture_linear(x, self.weight, self.bias, slot)
 
     return forward
 

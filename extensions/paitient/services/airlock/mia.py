@@ -23,11 +23,14 @@ from typing import Any
 
 import pandas as pd
 
+from paitient.rules import membership
 from paitient.rules.disclosure import result
 from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, drop_to, prlimit_argv
 from paitient.rules.seccomp import seccomp_program
 
 WORKER = Path(__file__).with_name("mia_worker.py")
+STATISTICS = Path(membership.__file__)
+"""The attack statistics the worker imports from its folder (pure numpy, no paitient)."""
 DIGITS = 3
 
 
@@ -115,6 +118,7 @@ def run_audit(
         os.chmod(work, 0o750)
         files = {
             "worker.py": WORKER.read_bytes(),
+            "membership.py": STATISTICS.read_bytes(),
             "model.py": job.model_source.encode("utf-8"),
             "weights.safetensors": job.weights,
         }

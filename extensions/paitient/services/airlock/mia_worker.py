@@ -1,42 +1,26 @@
 """Membership-inference audit, run inside the audit sandbox: ``python -I mia_worker.py job.json``.
 
-Self-contained (torch, numpy, pandas, safetensors only): the sandbox holds the interpreter, this file and
-the job directory, nothing of paitient. It loads the researcher's model definition, the weights and the
-rows, computes each row's loss, and prints one JSON object with numbers only: the AUC of a loss-threshold
-attack separating training rows (members) from held-out rows (non-members), and its advantage
-(the largest TPR - FPR over thresholds).
+Self-contained (torch, numpy, pandas, safetensors only): the sandbox holds the interpreter, this file,
+``membership.py`` beside it (a copy of :mod:`paitient.rules.membership`, the attack statistics) and the job
+directory, nothing of paitient. It loads the researcher's model definition, the weights and the rows,
+computes each row's loss, and prints one JSON object with numbers only: the AUC of a loss-threshold attack
+separating training rows (members) from held-out rows (non-members), and its advantage (the largest
+TPR - FPR over thresholds).
 """
 
+import importlib.util
 import json
+import os
 import sys
 
 
-def roc_auc_advantage(member_scores, nonmember_scores):
-    """AUC (ties count half) and max TPR-FPR of "higher score means member"."""
-    import numpy as np
-
-    m = np.asarray(member_scores, dtype=float)
-    n = np.asarray(nonmember_scores, dtype=float)
-    scores = np.concatenate([m, n])
-    labels = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    auc = (ranks[labels == 1].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n))
-    desc = np.argsort(-scores, kind="mergesort")
-    s, lab = scores[desc], labels[desc]
-    tpr = np.cumsum(lab) / len(m)
-    fpr = np.cumsum(1 - lab) / len(n)
-    last = np.r_[s[1:] != s[:-1], True]  # evaluate only at threshold boundaries
-    advantage = float(max(0.0, np.max((tpr - fpr)[last])))
-    return float(auc), advantage
+def _statistics():
+    """``membership.py`` from this file's folder (the interpreter runs isolated: no path of its own)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "membership.py")
+    spec = importlib.util.spec_from_file_location("paitient_audit_membership", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(job):
@@ -45,6 +29,7 @@ def run(job):
     import torch
     from safetensors.torch import load_file
 
+    roc_auc_advantage = _statistics().roc_auc_advantage  # before the model's code runs
     torch.set_num_threads(1)
     torch.manual_seed(0)
     namespace = {"__name__": "paitient_audit_model"}

@@ -127,6 +127,7 @@ class Runner:
                     "spec": _spec_dict(train_spec),
                     "plan": _spec_dict(the_plan),
                     "init": {"scheme": INIT_SCHEME, "seed": init_seed},
+                    "device": self.site.jobs.device,
                     "classes": prepared.classes,
                 },
                 account=self.site.jobs.account,

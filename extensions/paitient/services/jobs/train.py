@@ -3,13 +3,14 @@
 :func:`plan` finds the noise multiplier that reaches the target epsilon at the job's delta for its steps
 (Poisson sampling at rate ``batch_size / n``, ``epochs / rate`` steps) with Opacus' accountant.
 :func:`train` then, at each step: draws a Poisson sample of the rows (each row independently, so a step
-may see none), takes each sampled row's gradient (``torch.func.vmap`` of ``grad`` over the functional
-model, in chunks), clips each to ``max_grad_norm`` in total L2 norm, sums them, adds Gaussian noise of
-standard deviation ``noise_multiplier * max_grad_norm``, divides by the expected batch size and steps the
-optimiser; the accountant records every step, so the epsilon reported is what the steps taken spent.
+may see none), takes the sum of the sampled rows' gradients each clipped to ``max_grad_norm`` in total L2
+norm (:mod:`paitient.services.jobs.persample`: book-keeping where the graph allows it, ``vmap`` of
+``grad`` otherwise, the same sum either way), adds Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm``, divides by the expected batch size and steps the optimiser; the
+accountant records every step, so the epsilon reported is what the steps taken spent.
 :func:`evaluate` measures the model on held-out rows, :func:`membership_audit` attacks it there.
-The loss shown while training is the mean over each step's sample, rounded: an aggregate outside the DP
-guarantee, shown for following progress (``docs/security-model.md``).
+The loss shown while training is the mean over each epoch's sampled rows, rounded: an aggregate outside
+the DP guarantee, shown for following progress (``docs/security-model.md``).
 """
 
 from __future__ import annotations
@@ -23,31 +24,77 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+from paitient.rules import membership
+from paitient.rules.jobspec import LOSSES, OPTIMIZERS
+from paitient.services.jobs.persample import (
+    FastClipper,
+    Forward,
+    SampleLosses,
+    Unsupported,
+    exact_clipped_sum,
+    fast_path_agrees,
+)
+
 ACCOUNTANTS = ("prv", "rdp")
-CHUNK = 1024
-"""Rows whose per-sample gradients are taken at once (memory: one gradient per row)."""
-REPORT_EPSILON_EVERY = 0.05
-"""The accountant's epsilon is worked out for progress reports every this share of the steps."""
+CLIPPING = ("auto", "exact")
+DEVICES = ("auto", "cpu", "cuda")
 BOOTSTRAP = 200
+AUDIT_ROWS = 20_000
+"""At most this many members and as many held-out rows are attacked (a seeded sample of each)."""
 
 
 class TrainError(ValueError):
     """The job cannot be trained as asked; the message says why and what to change."""
 
 
+def _whole(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TrainError(f"{name} must be a whole number of at least {low}; got {value!r:.40}")
+
+
+def _positive(name: str, value: Any, high: float = math.inf) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value < high:
+        bound = "" if high == math.inf else f" and below {high:g}"
+        raise TrainError(f"{name} must be a number above 0{bound}; got {value!r:.40}")
+
+
 @dataclass(frozen=True)
 class TrainSpec:
+    """What one training run does. Checked when made: :class:`TrainError` names the field that is wrong."""
+
     epochs: int
     batch_size: int
+    """The expected batch size: each row is in a step's sample with probability ``batch_size / n``."""
     lr: float
     optimizer: str
+    """``sgd`` or ``adam``."""
     max_grad_norm: float
+    """Each row's gradient is clipped to this total L2 norm."""
     target_epsilon: float
     delta: float
     accountant: str
+    """``prv`` (Opacus' PRV accountant, the tighter) or ``rdp``."""
     loss: str
+    """``cross_entropy`` (targets are class indices), ``bce_with_logits`` (0/1 targets) or ``mse``."""
     seed: int
+    """Seeds the sampling, the noise and the membership audit's resampling."""
+
+    def __post_init__(self) -> None:
+        _whole("epochs", self.epochs, 1)
+        _whole("batch_size", self.batch_size, 1)
+        _positive("lr", self.lr)
+        _positive("max_grad_norm", self.max_grad_norm)
+        _positive("target_epsilon", self.target_epsilon)
+        _positive("delta", self.delta, 1.0)
+        _whole("seed", self.seed, 0)
+        for name, value, allowed in (
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("accountant", self.accountant, ACCOUNTANTS),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in allowed:
+                raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {value!r:.40}")
 
 
 @dataclass(frozen=True)
@@ -57,12 +104,37 @@ class Plan:
     noise_multiplier: float
 
 
-@dataclass(frozen=True)
 class Progress:
-    step: int
-    steps: int
-    epsilon: float
-    loss: float
+    """Where a run is after a step. ``epsilon`` is worked out when first read (the accountant takes tens of
+    milliseconds, a step may take one), so a caller that reports now and then pays for what it reports."""
+
+    __slots__ = ("step", "steps", "loss", "_epsilon", "_spent")
+
+    def __init__(
+        self,
+        step: int,
+        steps: int,
+        epsilon: float | None = None,
+        loss: float = math.nan,
+        *,
+        spent: Callable[[int], float] | None = None,
+    ):
+        self.step = step
+        self.steps = steps
+        self.loss = loss
+        """Mean loss of the last finished epoch's sampled rows, 2 significant digits (NaN before the first)."""
+        self._epsilon = epsilon
+        self._spent = spent
+
+    @property
+    def epsilon(self) -> float:
+        """Spent by the steps so far, at the run's delta, as the run's accountant has it."""
+        if self._epsilon is None:
+            self._epsilon = self._spent(self.step) if self._spent is not None else math.nan
+        return self._epsilon
+
+    def __repr__(self) -> str:
+        return f"Progress(step={self.step}, steps={self.steps}, epsilon={self.epsilon:.4g}, loss={self.loss})"
 
 
 @dataclass
@@ -74,7 +146,9 @@ class Result:
     noise_multiplier: float
     sample_rate: float
     losses: list[float] = field(default_factory=list)
-    """Mean sampled loss of each epoch."""
+    """Mean loss of each epoch's sampled rows (epoch k ends after step ``round(k / sample_rate)``)."""
+    clipping: str = "exact"
+    """How the clipped sums were computed: ``fast`` (one pass of the batch) or ``exact`` (a gradient per row)."""
 
 
 def _accountant(name: str) -> Any:
@@ -89,18 +163,26 @@ def epsilon_after(noise_multiplier: float, sample_rate: float, steps: int, delta
     """Epsilon spent by ``steps`` steps at ``noise_multiplier`` and ``sample_rate``, at ``delta``."""
     if steps <= 0:
         return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
     acc = _accountant(accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
 
 
 def plan(spec: TrainSpec, n: int) -> Plan:
-    """Sampling rate, steps and the noise multiplier that reaches ``spec.target_epsilon`` on ``n`` rows."""
+    """Sampling rate, steps and the noise multiplier that reaches ``spec.target_epsilon`` on ``n`` rows.
+
+    The multiplier is the smallest Opacus' bisection finds with the accountant at or below the target
+    (to within 0.5% of it); a target no noise reaches is refused with what to change.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
-    if n < 2:
-        raise TrainError(f"{n} training rows are too few to train on")
-    rate = min(1.0, spec.batch_size / n)
+    if n < 1:
+        raise TrainError("there are no training rows")
+    if spec.batch_size > n:
+        raise TrainError(f"batch_size {spec.batch_size} is more than the {n} training rows; ask for at most {n}")
+    rate = spec.batch_size / n
     steps = max(1, round(spec.epochs / rate))
     try:
         sigma = get_noise_multiplier(
@@ -109,45 +191,81 @@ def plan(spec: TrainSpec, n: int) -> Plan:
             sample_rate=rate,
             steps=steps,
             accountant=spec.accountant,
-            epsilon_tolerance=0.01,
+            epsilon_tolerance=0.005 * spec.target_epsilon,
         )
-    except ValueError as e:
+    except (ValueError, ArithmeticError) as e:
         raise TrainError(
-            f"epsilon {spec.target_epsilon:g} cannot be reached with {steps} steps at sampling rate {rate:.3g} "
-            f"({e}); ask for a larger target_epsilon or fewer epochs"
+            f"epsilon {spec.target_epsilon:g} at delta {spec.delta:g} cannot be reached by the {spec.accountant} "
+            f"accountant with {steps} steps at sampling rate {rate:.3g}, whatever the noise ({e}); ask for a "
+            "larger target_epsilon, fewer epochs or a smaller batch_size"
+            + (", or use the prv accountant" if spec.accountant == "rdp" else "")
         ) from None
-    if not math.isfinite(sigma) or sigma <= 0 or sigma > 1e4:
+    if not math.isfinite(sigma) or sigma <= 0:
         raise TrainError(f"no usable noise multiplier for epsilon {spec.target_epsilon:g}; ask for a larger one")
     return Plan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma))
 
 
-def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The mean loss of outputs against targets (class indices for the classification losses)."""
+def pick_device(name: str) -> torch.device:
+    """The device a run trains on: ``auto`` is CUDA when torch sees a GPU, the CPU otherwise."""
+    if name not in DEVICES:
+        raise TrainError(f"device must be one of {', '.join(DEVICES)}; got {name!r:.40}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("device cuda was asked for, but torch sees no GPU here; use auto or cpu")
+    return torch.device(name)
+
+
+def sample_losses(name: str) -> SampleLosses:
+    """Each row's loss (outputs and targets of B rows -> B losses); a row with several outputs averages them.
+
+    ``cross_entropy`` takes class indices, ``bce_with_logits`` 0/1 targets, ``mse`` numbers.
+    """
+
+    def rows(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.reshape(n, -1)
+
     if name == "cross_entropy":
-        return lambda out, y: F.cross_entropy(out, y.long())
+        return lambda out, y: rows(F.cross_entropy(out, y.long(), reduction="none"), len(out)).mean(1)
     if name == "bce_with_logits":
-        return lambda out, y: F.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1).to(out.dtype))
+        return lambda out, y: F.binary_cross_entropy_with_logits(
+            rows(out, len(out)), rows(y, len(out)).to(out.dtype), reduction="none"
+        ).mean(1)
     if name == "mse":
-        return lambda out, y: F.mse_loss(out.reshape(-1), y.reshape(-1).to(out.dtype))
-    raise TrainError(f"loss {name!r} is not cross_entropy, bce_with_logits or mse")
+        return lambda out, y: (rows(out, len(out)) - rows(y, len(out)).to(out.dtype)).square().mean(1)
+    raise TrainError(f"loss {name!r} is not one of {', '.join(LOSSES)}")
 
 
-def clipped_sum(
-    per_sample: Callable[..., dict[str, torch.Tensor]],
-    params: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    max_grad_norm: float,
-) -> dict[str, torch.Tensor]:
-    """The sum over rows of each row's gradient clipped to ``max_grad_norm`` (total L2 norm over all parameters)."""
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    for start in range(0, len(x), CHUNK):
-        grads = per_sample(params, x[start : start + CHUNK], y[start : start + CHUNK])
-        norms = torch.sqrt(torch.stack([(g.reshape(g.shape[0], -1) ** 2).sum(1) for g in grads.values()]).sum(0))
-        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for k, g in grads.items():
-            total[k] += torch.tensordot(factor, g, dims=1)
-    return total
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean over rows of :func:`sample_losses` (what plain, non-private training minimises)."""
+    each = sample_losses(name)
+    return lambda out, y: each(out, y).mean()
+
+
+def poisson_rows(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """The rows of one Poisson sample: each of ``0 .. n-1`` independently with probability ``rate``.
+
+    Drawn as the gaps between chosen rows, which are geometric (``P(gap = k) = (1 - rate)^(k - 1) rate``,
+    from ``floor(log(U) / log(1 - rate)) + 1`` with ``U`` uniform in (0, 1]): the same distribution as a
+    coin per row, for work in proportion to the sample rather than to ``n``.
+    """
+    if rate >= 1:
+        return torch.arange(n)
+    if rate <= 0 or n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    log_keep = math.log1p(-rate)
+    draw = int(n * rate + 6 * math.sqrt(n * rate) + 16)
+    parts: list[torch.Tensor] = []
+    last = -1
+    while True:
+        u = 1.0 - torch.rand(draw, dtype=torch.float64, generator=generator)  # in (0, 1]
+        gaps = torch.floor(torch.log(u) / log_keep).clamp_(max=float(n)).long() + 1
+        at = last + torch.cumsum(gaps, 0)
+        inside = at[at < n]
+        parts.append(inside)
+        if len(inside) < len(at):
+            return torch.cat(parts)
+        last = int(at[-1])
 
 
 def train(
@@ -157,71 +275,103 @@ def train(
     y: torch.Tensor,
     spec: TrainSpec,
     *,
-    on_step: Callable[[Progress], bool] | None = None,
+    on_step: Callable[[Progress], bool | None] | None = None,
     the_plan: Plan | None = None,
+    clipping: str = "auto",
+    device: str = "auto",
 ) -> Result:
-    """DP-SGD from ``params`` (the runner's initial values); ``on_step`` returning False stops early."""
-    from torch.func import grad, vmap
+    """DP-SGD from ``params`` (the runner's initial values) on rows ``x`` with targets ``y``.
 
+    ``forward(params, x)`` must be a pure function of its arguments. ``on_step`` is called after every
+    step; returning False stops the run there (the steps taken are what the result's epsilon counts).
+    ``the_plan`` replaces :func:`plan`'s (the runner passes the one it reserved budget for).
+    ``clipping``: ``auto`` takes the fast way when it agrees with the exact one on a probe batch
+    (:func:`paitient.services.jobs.persample.fast_path_agrees`), ``exact`` always a gradient per row.
+    ``device`` (:func:`pick_device`): where the parameters, the rows and the noise live; the Poisson
+    sampling draws on the CPU either way, and the result's parameters come back on the CPU.
+    """
+    if clipping not in CLIPPING:
+        raise TrainError(f"clipping must be one of {', '.join(CLIPPING)}")
+    if len(x) != len(y):
+        raise TrainError(f"{len(x)} rows but {len(y)} targets")
     the_plan = the_plan or plan(spec, len(x))
-    loss = loss_function(spec.loss)
+    losses_of = sample_losses(spec.loss)
+    on = pick_device(device)
     gen = torch.Generator().manual_seed(int(spec.seed))
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    # the noise: from the sampling's generator on the CPU; on a GPU from one of its own, seeded the same
+    noise_gen = gen if on.type == "cpu" else torch.Generator(device=on).manual_seed(int(spec.seed))
+    x, y = x.to(on), y.to(on)
+    leaves = {k: v.detach().to(on).clone().requires_grad_(True) for k, v in params.items()}
     optimizer: torch.optim.Optimizer
     if spec.optimizer == "adam":
         optimizer = torch.optim.Adam(list(leaves.values()), lr=spec.lr)
-    elif spec.optimizer == "sgd":
-        optimizer = torch.optim.SGD(list(leaves.values()), lr=spec.lr)
     else:
-        raise TrainError(f"optimizer {spec.optimizer!r} is not sgd or adam")
+        optimizer = torch.optim.SGD(list(leaves.values()), lr=spec.lr)
+    clipper = FastClipper(forward, losses_of)
+    fast: FastClipper | None = None
+    if clipping == "auto" and fast_path_agrees(clipper, leaves, x, y, seed=spec.seed, loss=spec.loss):
+        fast = clipper
+    used = "fast" if fast is not None else "exact"
 
-    def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return loss(forward(p, xi.unsqueeze(0)), yi.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
     accountant = _accountant(spec.accountant)
     n, q, sigma, c = len(x), the_plan.sample_rate, the_plan.noise_multiplier, spec.max_grad_norm
     expected = q * n
-    every = max(1, round(the_plan.steps * REPORT_EPSILON_EVERY))
-    steps_per_epoch = max(1, round(1 / q))
+    names = list(leaves)
+    sizes = [leaves[k].numel() for k in names]
+    noise = torch.empty(sum(sizes), dtype=leaves[names[0]].dtype, device=on) if names else torch.empty(0, device=on)
+
+    def spent_after(steps: int) -> float:
+        return epsilon_after(sigma, q, steps, spec.delta, spec.accountant)
+
+    epoch = 1  # epoch k ends after step round(k / q), the last with the last step
     epoch_losses: list[float] = []
-    running: list[float] = []
-    epsilon = 0.0
+    loss_sum, loss_rows = 0.0, 0
     done = 0
+    views = {k: part.view(leaves[k].shape) for k, part in zip(names, torch.split(noise, sizes), strict=True)}
     for step in range(1, the_plan.steps + 1):
-        chosen = torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1)
-        detached = {k: v.detach() for k, v in leaves.items()}
-        if len(chosen):
-            summed = clipped_sum(per_sample, detached, x[chosen], y[chosen], c)
-            with torch.no_grad():
-                running.append(float(loss(forward(detached, x[chosen]), y[chosen])))
+        rows = poisson_rows(n, q, gen).to(on)
+        # the noise first, N(0, (sigma C / E)^2), then the clipped sum / E added into it: one buffer, no extra pass
+        if sigma > 0:
+            noise.normal_(0.0, sigma * c / expected, generator=noise_gen)
         else:
-            summed = {k: torch.zeros_like(v) for k, v in detached.items()}
+            noise.zero_()
+        if len(rows):
+            xb, yb = x[rows], y[rows]
+            losses: torch.Tensor | None = None
+            if fast is not None:
+                try:
+                    _, _, losses = fast.clipped_sum(leaves, xb, yb, c, scale=1 / expected, into=views)
+                except Unsupported:  # refused before adding anything: this step the exact way, and the next ones
+                    fast, used = None, "exact"
+            if losses is None:
+                _, _, losses = exact_clipped_sum(forward, losses_of, leaves, xb, yb, c, scale=1 / expected, into=views)
+            loss_sum += float(losses.sum())
+            loss_rows += len(rows)
         for k, leaf in leaves.items():
-            noise = torch.normal(0.0, sigma * c, size=leaf.shape, generator=gen)
-            leaf.grad = (summed[k] + noise) / expected
+            leaf.grad = views[k]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         accountant.step(noise_multiplier=sigma, sample_rate=q)
         done = step
-        if step % steps_per_epoch == 0 or step == the_plan.steps:
-            epoch_losses.append(float(np.mean(running)) if running else float("nan"))
-            running = []
+        if step >= round(epoch / q) or step == the_plan.steps:
+            epoch_losses.append(loss_sum / loss_rows if loss_rows else math.nan)
+            loss_sum, loss_rows, epoch = 0.0, 0, epoch + 1
         if on_step is not None:
-            if step % every == 0 or step == the_plan.steps:
-                epsilon = _spent(accountant, spec.delta, sigma)
-            shown = epoch_losses[-1] if epoch_losses else float("nan")
-            if not on_step(Progress(step, the_plan.steps, epsilon, float(f"{shown:.2g}"))):
+            shown = float(f"{epoch_losses[-1]:.2g}") if epoch_losses else math.nan
+            if on_step(Progress(step, the_plan.steps, loss=shown, spent=spent_after)) is False:
                 break
+    if loss_rows:
+        epoch_losses.append(loss_sum / loss_rows)  # stopped inside an epoch: its part so far
     epsilon = _spent(accountant, spec.delta, sigma) if done else 0.0
     return Result(
-        params={k: v.detach().clone() for k, v in leaves.items()},
+        params={k: v.detach().cpu().clone() for k, v in leaves.items()},
         epsilon=epsilon,
         delta=spec.delta,
         steps=done,
         noise_multiplier=sigma,
         sample_rate=q,
         losses=epoch_losses,
+        clipping=used,
     )
 
 
@@ -230,56 +380,47 @@ def _spent(accountant: Any, delta: float, sigma: float) -> float:
     return float(accountant.get_epsilon(delta=delta)) if sigma > 0 else math.inf
 
 
-def _per_example_losses(
-    forward: Forward, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss: str
-) -> np.ndarray:
+def _outputs(forward: Forward, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        out = forward(params, x)
-        if loss == "cross_entropy":
-            values = F.cross_entropy(out, y.long(), reduction="none")
-        elif loss == "bce_with_logits":
-            values = F.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1).to(out.dtype), reduction="none")
-        else:
-            values = (out.reshape(-1) - y.reshape(-1).to(out.dtype)) ** 2
-    result: np.ndarray = values.double().numpy()
-    return result
+        return forward({k: v.detach() for k, v in params.items()}, x)
 
 
 def evaluate(
     forward: Forward, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, loss: str
 ) -> dict[str, float]:
-    """Loss on the rows; for classification also accuracy and AUROC (macro one-vs-rest for more classes)."""
+    """``loss`` (the mean over the rows); for classification also ``accuracy`` and ``auroc``.
+
+    AUROC for two classes is of the positive class's probability (the sigmoid of the logit for
+    ``bce_with_logits``, the softmax's second column for ``cross_entropy``); for more classes the macro
+    average of one-vs-rest AUROCs. It is left out when the rows hold a single class.
+    """
     from sklearn.metrics import roc_auc_score
 
-    out_metrics = {"loss": float(np.mean(_per_example_losses(forward, params, x, y, loss)))}
+    out = _outputs(forward, params, x)
+    metrics = {"loss": float(sample_losses(loss)(out, y).double().mean())}
     if loss == "mse":
-        return out_metrics
-    with torch.no_grad():
-        out = forward(params, x)
-    labels = y.long().numpy()
+        return metrics
+    out, y = out.cpu(), y.cpu()
+    labels = y.reshape(-1).long().numpy()
     if loss == "bce_with_logits":
-        prob = torch.sigmoid(out.reshape(-1)).numpy()
-        predicted = (prob >= 0.5).astype(int)
+        prob = torch.sigmoid(out.reshape(-1).double()).numpy()
+        predicted = (prob >= 0.5).astype(np.int64)
         scores: np.ndarray = prob
     else:
-        probs = torch.softmax(out, dim=1).numpy()
+        probs = torch.softmax(out.double(), dim=1).numpy()
         predicted = probs.argmax(axis=1)
         scores = probs[:, 1] if probs.shape[1] == 2 else probs
-    out_metrics["accuracy"] = float((predicted == labels).mean())
-    if len(np.unique(labels)) > 1:
-        try:
-            kw = {} if np.ndim(scores) == 1 else {"multi_class": "ovr", "average": "macro"}
-            out_metrics["auroc"] = float(roc_auc_score(labels, scores, **kw))
-        except ValueError:  # a class with no held-out row
-            pass
-    return out_metrics
-
-
-def _auc_gap(members: np.ndarray, others: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.r_[np.ones(len(members)), np.zeros(len(others))]
-    return abs(float(roc_auc_score(labels, np.r_[members, others])) - 0.5)
+    metrics["accuracy"] = float((predicted == labels).mean())
+    present = np.unique(labels)
+    if len(present) > 1:
+        if np.ndim(scores) == 1:
+            metrics["auroc"] = float(roc_auc_score(labels, scores))
+        elif len(present) == scores.shape[1]:
+            metrics["auroc"] = float(roc_auc_score(labels, scores, multi_class="ovr", average="macro"))
+        else:  # some class has no row here: the macro average over the classes that do
+            per_class = [float(roc_auc_score(labels == k, scores[:, k])) for k in present]
+            metrics["auroc"] = float(np.mean(per_class))
+    return metrics
 
 
 def membership_audit(
@@ -292,43 +433,56 @@ def membership_audit(
     loss: str,
     seed: int,
 ) -> dict[str, float]:
-    """How well two attacks tell training rows from held-out rows, as |AUC - 0.5| (0: not at all).
+    """How well two attacks tell training rows (members) from held-out rows, as ``|AUC - 0.5|``.
 
-    - ``mia_loss``: a row is a member when its loss is low (the loss-threshold attack);
-    - ``mia_calibrated``: the same after subtracting, from each row's loss, the median loss of its class
-      (regression: of all) among the held-out rows, so rows that are easy for any model do not count.
+    - ``mia_loss``: the loss-threshold attack: a row is a member when its loss is low;
+    - ``mia_calibrated``: the same on each row's loss minus the median held-out loss of its class (for
+      ``mse``, of the held-out rows whose target falls in the same quintile), so rows that are easy or hard
+      for any model stop counting as evidence of membership. It trains nothing: the reference is the
+      held-out rows the runner kept back.
 
-    Equal numbers of members and held-out rows are compared; each figure comes with a bootstrap 95%
-    interval (``_low``, ``_high``). Numbers to 2 significant digits.
+    Each comes with a seeded percentile-bootstrap 95% interval (``_low``, ``_high``; 200 resamples of the
+    members and of the held-out rows). The statistics are :mod:`paitient.rules.membership`'s, which the
+    airlock's audit uses too. All numbers lie in [0, 0.5] and have 2 significant digits; 0 means the
+    attack does no better than a coin.
     """
     rng = np.random.default_rng(int(seed))
-    m_loss = _per_example_losses(forward, params, x_members, y_members, loss)
-    h_loss = _per_example_losses(forward, params, x_holdout, y_holdout, loss)
-    k = min(len(m_loss), len(h_loss))
-    pick = rng.choice(len(m_loss), size=k, replace=False)
-    m_loss, m_y = m_loss[pick], y_members.numpy()[pick]
-    h_y = y_holdout.numpy()
-    if loss == "mse":
-        m_ref, h_ref = np.full(k, np.median(h_loss)), np.full(len(h_loss), np.median(h_loss))
-    else:
-        medians = {c: float(np.median(h_loss[h_y == c])) for c in np.unique(h_y)}
-        fallback = float(np.median(h_loss))
-        m_ref = np.array([medians.get(c, fallback) for c in m_y])
-        h_ref = np.array([medians[c] for c in h_y])
+    if len(x_members) == 0 or len(x_holdout) == 0:
+        raise TrainError("the membership audit needs members and held-out rows")
+    pick_m = _sample(len(x_members), rng)
+    pick_h = _sample(len(x_holdout), rng)
+    each = sample_losses(loss)
+    ym, yh = y_members[pick_m], y_holdout[pick_h]
+    m_loss = each(_outputs(forward, params, x_members[pick_m]), ym).double().cpu().numpy()
+    h_loss = each(_outputs(forward, params, x_holdout[pick_h]), yh).double().cpu().numpy()
+    classes = loss != "mse"
+    m_ref = membership.class_offsets(h_loss, _keys(yh), _keys(ym), classes=classes)
+    h_ref = membership.class_offsets(h_loss, _keys(yh), _keys(yh), classes=classes)
     attacks = {"mia_loss": (-m_loss, -h_loss), "mia_calibrated": (m_ref - m_loss, h_ref - h_loss)}
     out: dict[str, float] = {}
-    for name, (mem, oth) in attacks.items():
-        out[name] = _round(_auc_gap(mem, oth))
-        boots = [
-            _auc_gap(mem[rng.integers(0, len(mem), len(mem))], oth[rng.integers(0, len(oth), len(oth))])
-            for _ in range(BOOTSTRAP)
-        ]
-        out[f"{name}_low"], out[f"{name}_high"] = (
-            _round(float(np.percentile(boots, 2.5))),
-            _round(float(np.percentile(boots, 97.5))),
+    for i, (name, (member_scores, holdout_scores)) in enumerate(attacks.items()):
+        gap, low, high = membership.bootstrap_gap(
+            member_scores, holdout_scores, resamples=BOOTSTRAP, seed=int(seed) * 2 + i
         )
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = (_two_digits(v) for v in (gap, low, high))
     return out
 
 
-def _round(value: float) -> float:
-    return float(f"{value:.2g}")
+def _sample(n: int, rng: np.random.Generator) -> torch.Tensor:
+    if n <= AUDIT_ROWS:
+        return torch.arange(n)
+    return torch.from_numpy(np.sort(rng.choice(n, size=AUDIT_ROWS, replace=False)))
+
+
+def _keys(y: torch.Tensor) -> np.ndarray:
+    """One key per row for calibration: the class, or (several targets) the first."""
+    flat = y.reshape(len(y), -1)[:, 0] if y.dim() > 1 else y
+    keys: np.ndarray = flat.double().cpu().numpy()
+    return keys
+
+
+def _two_digits(value: float) -> float:
+    """``value`` to 2 significant digits, inside [0, 0.5] (a number, never NaN)."""
+    if not math.isfinite(value):
+        return 0.5
+    return min(0.5, max(0.0, float(f"{value:.2g}")))

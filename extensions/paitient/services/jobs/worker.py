@@ -54,7 +54,16 @@ def main(job_file: str) -> int:
             _say({"step": progress.step, "steps": progress.steps, "epsilon": progress.epsilon, "loss": progress.loss})
         return True
 
-    result = train(forward, params, x_train, y_train, spec, on_step=on_step, the_plan=Plan(**job["plan"]))
+    result = train(
+        forward,
+        params,
+        x_train,
+        y_train,
+        spec,
+        on_step=on_step,
+        the_plan=Plan(**job["plan"]),
+        device=job.get("device", "auto"),
+    )
     metrics = {f"test_{k}": v for k, v in evaluate(evaluated, result.params, x_hold, y_hold, spec.loss).items()}
     metrics.update(
         membership_audit(evaluated, result.params, x_train, y_train, x_hold, y_hold, spec.loss, seed=spec.seed)
