@@ -222,6 +222,10 @@ class Client:
             return e.response
 
     async def decide(self, user: str, rid: str, action: str, comment: str):
+        return await self.decide_with(user, rid, action=action, comment=comment)
+
+    async def decide_with(self, user: str, rid: str, **form: str):
+        """Post the decision form with these fields (action, comment, override, confirm_override)."""
         page = await self.fetch(user, f"requests/{rid}")
         assert page.code == 200
         token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
@@ -231,7 +235,7 @@ class Client:
             user,
             f"requests/{rid}/decision",
             method="POST",
-            body={"action": action, "comment": comment, "_xsrf": token.group(1)},
+            body={**form, "_xsrf": token.group(1)},
             cookies={"_xsrf": cookie["_xsrf"].value},
         )
 

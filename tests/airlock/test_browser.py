@@ -158,3 +158,27 @@ def test_the_steward_sees_the_reencoded_figure_in_the_browser(served, browser, a
     response = alice.goto(f"{served}requests/{rid}/preview")
     assert response.status == 403
     assert "reviewers only" in alice.locator("#error-message").inner_text()
+
+
+def test_an_override_in_the_browser_needs_a_reason_and_stands_out_in_the_list(served, browser, airlock, people):
+    rid = submit(airlock, people, "alice", csv_bytes(pd.DataFrame({"x": ["a", "b"], "n": [3, 40]})), name="s.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    sam = _page(browser, served, "sam")
+    sam.goto(f"{served}requests/{rid}")
+    assert "minimum_count" in sam.locator("#failed-checks").inner_text()
+    sam.get_by_role("radio", name="Approve").check()
+    sam.fill("#comment", "small cell is fine")
+    sam.get_by_role("button", name="Record decision").click()
+    # without a reason the airlock refuses, and says what it needs
+    assert "approving needs an override reason" in sam.content()
+    assert airlock.store.get(rid).state == "in_review"
+    sam.goto(f"{served}requests/{rid}")
+    sam.get_by_role("radio", name="Approve").check()
+    sam.fill("#comment", "small cell is fine")
+    sam.fill("#override", "the cell of 3 counts sites, not patients")
+    sam.get_by_role("button", name="Record decision").click()
+    sam.wait_for_url(f"{served}requests/{rid}")
+    assert sam.locator("#state").inner_text() == "released"
+    assert "the cell of 3 counts sites, not patients" in sam.locator("#decisions").inner_text()
+    sam.goto(served)
+    assert sam.locator(f'tr[data-id="{rid}"] .override').inner_text() == "override"

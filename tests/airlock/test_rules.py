@@ -89,6 +89,31 @@ def test_overall_status_and_auto_release():
     assert review.may_auto_release("table", ["table"], ["pass"])
     assert not review.may_auto_release("table", ["table"], ["pass", "review"])
     assert not review.may_auto_release("figure", ["table"], ["pass"])
+    # weights only with the runner's signature; any other kind never, whatever a project lists
+    assert review.may_auto_release("weights", ["weights"], ["pass"], certified=True)
+    assert not review.may_auto_release("weights", ["weights"], ["pass"], certified=False)
+    assert not review.may_auto_release("other", ["other"], ["pass"])
+
+
+def test_approving_over_failed_checks_needs_a_written_reason_that_a_second_approver_confirms():
+    failed = {"failed_checks": ["minimum_count"]}
+    for override in ("", "ok", " " * 40):
+        with pytest.raises(TransitionError, match="minimum_count failed: approving needs an override reason") as e:
+            _decide(**failed, override=override)
+        assert e.value.status == 400
+    reason = "cells below 10 are structural: no patient can be in them"
+    first = _decide(**failed, override=reason, approvals_needed=2)
+    assert (first.new_state, first.override, first.confirms) == (None, reason, "")
+    with pytest.raises(TransitionError, match="an earlier approval overrode failed checks") as e:
+        _decide(**failed, earlier_approvers=["steph"], approvals_needed=2, earlier_override=reason, override="")
+    assert e.value.status == 400 and reason in str(e.value)
+    second = _decide(**failed, earlier_approvers=["steph"], approvals_needed=2, earlier_override=reason,
+                     confirm_override=True)  # fmt: skip
+    assert second.new_state == "released" and second.confirms == reason
+    # no failed check: nothing to override, and a reason given anyway is not recorded as one
+    assert _decide(override="x" * 30).override == ""
+    # returning or rejecting never needs a reason beyond the comment
+    assert _decide(**failed, action="return").new_state == "returned"
 
 
 # --------------------------------------------------------------------------------------------------

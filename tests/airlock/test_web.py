@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import io
 import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlparse
 
 import pandas as pd
+import pytest
 from PIL import Image
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
@@ -225,6 +227,54 @@ async def test_automatic_release_only_when_allowed_and_every_check_passed(web, a
     onc = submit(airlock, people, "alice", GOOD)
     airlock.wait_idle()
     assert airlock.store.get(onc).state == "in_review"
+
+
+async def test_an_override_of_failed_checks_needs_a_reason_both_stewards_see_and_it_stands_out(web, airlock, people):
+    # cardio needs two approvals; a count of 4 fails the minimum count
+    rid = submit(airlock, people, "bob", csv_bytes(pd.DataFrame({"x": ["a", "b"], "n": [4, 30]})), name="s.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert 'id="failed-checks"' in page and 'name="override"' in page and "minimum_count" in page
+    refused = await web.decide("sam", rid, "approve", "fine")
+    assert refused.code == 400 and b"approving needs an override reason" in refused.body
+    denied = next(x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.decision")
+    assert denied["outcome"] == "denied" and "override reason" in denied["details"]["reason"]
+    reason = "the 4 are the same clinic's staff counts, not patients"
+    assert (await web.decide_with("sam", rid, action="approve", comment="see reason", override=reason)).code == 303
+    second = html.unescape((await web.fetch("steph", f"requests/{rid}")).body.decode())
+    assert 'id="earlier-override"' in second and reason in second and 'name="confirm_override"' in second
+    unconfirmed = await web.decide("steph", rid, "approve", "agree")
+    assert unconfirmed.code == 400 and b"confirm that override" in unconfirmed.body
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    confirmed = await web.decide_with("steph", rid, action="approve", comment="agree", confirm_override="yes")
+    assert confirmed.code == 303 and airlock.store.get(rid).state == review.RELEASED
+    listing = (await web.fetch("sam", "")).body.decode()
+    row = re.search(rf'<tr[^>]*data-id="{rid}".*?</tr>', listing, re.S).group(0)
+    assert 'class="override"' in row
+    trail = [
+        x for x in newest_first(trail_dir(airlock.site)) if x["action"] == "airlock.decision" and x["outcome"] == "ok"
+    ]
+    assert trail[0]["details"]["confirms_override"] == reason and trail[1]["details"]["override"] == reason
+
+
+async def test_auto_release_never_takes_weights_without_a_signed_record(site, web, airlock, people):
+    from paitient.config import ConfigError, parse
+    from tests.airlock.conftest import SITE
+
+    with pytest.raises(ConfigError, match="'other' outputs are always reviewed"):
+        parse({**SITE, "projects": [{**SITE["projects"][2], "auto_release": ["other"]}]})
+    # registry releases tables automatically; let it list weights too, and take kernel-trained ones
+    projects = [dict(p) for p in SITE["projects"]]
+    projects[2].update(auto_release=["table", "weights"], stewards=["sam", "rita"], self_reported_weights="two-person",
+                       self_reported_reason="methods comparison")  # fmt: skip
+    airlock.site = parse({**SITE, "projects": projects}, overrides={"workspace": {"state_dir": str(site.state_dir)}})
+    import torch
+    from safetensors.torch import save
+
+    rid = submit(airlock, people, "ren", save(torch.nn.Linear(3, 2).state_dict()), kind="weights", name="m.safetensors")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert airlock.store.get(rid).state == review.IN_REVIEW  # no signed record: a steward decides
+    assert not any(e.data.get("automatic") for e in airlock.store.events(rid, "state"))
 
 
 async def test_image_preview_for_the_steward(web, airlock, people):

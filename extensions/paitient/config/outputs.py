@@ -6,6 +6,8 @@ from paitient.config.model import Model
 from paitient.config.traits import NOT_NEGATIVE, POSITIVE, SHARE, Choice, Flag, Number, Rule, Text, WholeNumber
 
 AIRLOCK_KINDS = ("table", "figure", "weights", "other")
+AUTO_RELEASE_KINDS = ("table", "figure", "weights")
+"""Kinds a project may release without review (weights only when the training runner certified them)."""
 
 
 class EgressLimits(Model):

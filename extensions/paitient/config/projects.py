@@ -8,7 +8,7 @@ from traitlets import Bunch, TraitError, validate
 
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
-from paitient.config.outputs import AIRLOCK_KINDS, EgressLimits
+from paitient.config.outputs import AIRLOCK_KINDS, AUTO_RELEASE_KINDS, EgressLimits
 from paitient.config.traits import Choice, Names, Number, Overrides, Part, PartsByName, Rule, Text, WholeNumber
 from paitient.config.workspace import NAME_RE
 
@@ -70,8 +70,9 @@ class Project(Model):
     )
 
     auto_release = Names(
-        help=f"Airlock kinds ({', '.join(AIRLOCK_KINDS)}) released without review when every automatic check "
-        "passed. Empty: every request is reviewed."
+        help=f"Airlock kinds ({', '.join(AUTO_RELEASE_KINDS)}) released without review when every automatic "
+        "check passed; weights only when a training job's runner certified them. Empty: every request is "
+        "reviewed."
     )
 
     @validate("auto_release")
@@ -79,6 +80,11 @@ class Project(Model):
         for kind in proposal.value:
             if kind not in AIRLOCK_KINDS:
                 raise TraitError(f"unknown kind {kind!r}; kinds: {', '.join(AIRLOCK_KINDS)}")
+            if kind not in AUTO_RELEASE_KINDS:
+                raise TraitError(
+                    f"{kind!r} outputs are always reviewed by a steward; only {', '.join(AUTO_RELEASE_KINDS)} can be "
+                    "released automatically"
+                )
         return proposal.value
 
     self_reported_weights = Choice(

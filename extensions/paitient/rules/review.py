@@ -11,8 +11,10 @@ inside its transaction and records what they decide.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from paitient.config.outputs import AUTO_RELEASE_KINDS
 
 SUBMITTED = "submitted"
 CHECKING = "checking"
@@ -59,6 +61,10 @@ def check_transition(current: str, new: str) -> None:
         raise TransitionError(f"a request in state {current!r} cannot move to {new!r}; allowed: {allowed}")
 
 
+MIN_OVERRIDE = 20
+"""Characters an override reason needs at least: a sentence, not a tick."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a steward's decision does: the new state (``None``: stays in review, waiting for another approval)."""
@@ -67,6 +73,10 @@ class Decision:
     approvals: int
     """Distinct approvals counted after this decision."""
     needed: int
+    override: str = ""
+    """The reason this approval gives for releasing despite failed checks ("" when none failed)."""
+    confirms: str = ""
+    """The earlier approval's override reason this one confirmed (two-person rule)."""
 
 
 def decide(
@@ -79,12 +89,20 @@ def decide(
     may_review: bool,
     earlier_approvers: Iterable[str],
     approvals_needed: int,
+    failed_checks: Sequence[str] = (),
+    override: str = "",
+    earlier_override: str = "",
+    confirm_override: bool = False,
 ) -> Decision:
     """Apply one steward decision to a request in review, or raise :class:`TransitionError` saying why not.
 
     Rules: only a steward of the request's project decides; nobody decides on their own request; every
     decision carries a comment; an approval counts once per steward, and the request is released when
     ``approvals_needed`` distinct stewards approved; a rejection or return ends the review at once.
+
+    Overrides: approving a request whose ``failed_checks`` are not empty needs an ``override`` reason of at
+    least :data:`MIN_OVERRIDE` characters. When an earlier approval overrode (``earlier_override``), a
+    later approval counts only if it confirms that reason (``confirm_override``) or gives its own.
     """
     if action not in ACTIONS:
         raise TransitionError(f"unknown decision {action!r}; choose one of: {', '.join(ACTIONS)}", 400)
@@ -105,9 +123,31 @@ def decide(
         raise TransitionError(
             f"{reviewer} already approved this request; it needs an independent approval from another steward"
         )
+    override = override.strip()
+    confirms = ""
+    if earlier_override and failed_checks:
+        if not (confirm_override or override):
+            raise TransitionError(
+                f"an earlier approval overrode failed checks ({earlier_override}): confirm that override, or give "
+                "your own reason, to approve",
+                400,
+            )
+        confirms = earlier_override if confirm_override else ""
+    if failed_checks and not confirms and len(override) < MIN_OVERRIDE:
+        raise TransitionError(
+            f"the check(s) {', '.join(failed_checks)} failed: approving needs an override reason of at least "
+            f"{MIN_OVERRIDE} characters saying why this output is safe to release anyway; or return or reject it",
+            400,
+        )
     approvers.add(reviewer)
     new_state = RELEASED if len(approvers) >= approvals_needed else None
-    return Decision(new_state=new_state, approvals=len(approvers), needed=approvals_needed)
+    return Decision(
+        new_state=new_state,
+        approvals=len(approvers),
+        needed=approvals_needed,
+        override=override if failed_checks else "",
+        confirms=confirms,
+    )
 
 
 REFUSE_SELF_REPORTED = "refuse"
@@ -148,6 +188,13 @@ def overall_status(statuses: Iterable[str]) -> str:
     return "pass"
 
 
-def may_auto_release(kind: str, auto_release_kinds: Iterable[str], statuses: Iterable[str]) -> bool:
-    """Automatic release only for kinds the stewards allowed, and only when every automatic check passed."""
-    return kind in set(auto_release_kinds) and overall_status(statuses) == "pass"
+def may_auto_release(
+    kind: str, auto_release_kinds: Iterable[str], statuses: Iterable[str], *, certified: bool = False
+) -> bool:
+    """Automatic release only for tables, figures and certified weights whose kind the stewards allowed, and
+    only when every automatic check passed; never for any other kind, nor for weights no runner signed."""
+    if kind not in AUTO_RELEASE_KINDS or kind not in set(auto_release_kinds):
+        return False
+    if kind == "weights" and not certified:
+        return False
+    return overall_status(statuses) == "pass"

@@ -458,7 +458,13 @@ class Airlock:
         )
         self.store.transition(rid, review.IN_REVIEW, actor="airlock", data={"overall": overall})
         project = self.site.project(req.project)
-        if review.may_auto_release(req.kind, project.auto_release, [r["status"] for r in results]):
+        certified = any(r["check"] == "certified" and r["status"] == "pass" for r in results)
+        if review.may_auto_release(
+            req.kind,
+            project.auto_release,
+            [r["status"] for r in results],
+            certified=certified and bool(req.meta.get("job")),
+        ):
             self.store.transition(
                 rid,
                 review.RELEASED,
@@ -538,7 +544,17 @@ class Airlock:
                     reqs.append(r)
         return sorted(reqs, key=lambda r: r.created, reverse=True)
 
-    def decide(self, rid: str, *, username: str, scopes: set[str], action: str, comment: str) -> review.Decision:
+    def decide(
+        self,
+        rid: str,
+        *,
+        username: str,
+        scopes: set[str],
+        action: str,
+        comment: str,
+        override: str = "",
+        confirm_override: bool = False,
+    ) -> review.Decision:
         req = self.store.get(rid)
         try:
             may_review = self.may_review(username, scopes, req)
@@ -555,6 +571,8 @@ class Airlock:
                 comment=comment,
                 may_review=may_review,
                 approvals_needed=needed,
+                override=override,
+                confirm_override=confirm_override,
             )
         except review.TransitionError as e:
             self.emit(
@@ -577,6 +595,8 @@ class Airlock:
                 "approvals": decision.approvals,
                 "needed": decision.needed,
                 "state": decision.new_state or review.IN_REVIEW,
+                **({"override": decision.override} if decision.override else {}),
+                **({"confirms_override": decision.confirms} if decision.confirms else {}),
             },
         )
         return decision

@@ -312,12 +312,22 @@ class Store:
                 self._event(db, rid, actor, "check", r)
 
     def decide(
-        self, rid: str, *, reviewer: str, action: str, comment: str, may_review: bool, approvals_needed: int
+        self,
+        rid: str,
+        *,
+        reviewer: str,
+        action: str,
+        comment: str,
+        may_review: bool,
+        approvals_needed: int,
+        override: str = "",
+        confirm_override: bool = False,
     ) -> review.Decision:
-        """Record a steward's decision; the rules (:func:`review.decide`) run inside the transaction."""
+        """Record a steward's decision; the rules (:func:`review.decide`) run inside the transaction, with the
+        failed checks and an earlier approval's override read in it too."""
         with self._transaction() as db:
             req = self._get(db, rid)
-            earlier = self._approvers(db, rid)
+            approvals = self._approvals(db, rid)
             decision = review.decide(
                 state=req.state,
                 requester=req.username,
@@ -325,8 +335,12 @@ class Store:
                 action=action,
                 comment=comment,
                 may_review=may_review,
-                earlier_approvers=earlier,
+                earlier_approvers=[a for a, _ in approvals],
                 approvals_needed=approvals_needed,
+                failed_checks=self._failed_checks(db, rid),
+                override=override,
+                earlier_override=next((o for _, o in approvals if o), ""),
+                confirm_override=confirm_override,
             )
             now = time.time()
             self._event(
@@ -339,6 +353,8 @@ class Store:
                     "comment": comment.strip(),
                     "approvals": decision.approvals,
                     "needed": decision.needed,
+                    **({"override": decision.override} if decision.override else {}),
+                    **({"confirms_override": decision.confirms} if decision.confirms else {}),
                 },
                 now,
             )
@@ -349,11 +365,39 @@ class Store:
         return decision
 
     @staticmethod
-    def _approvers(db: sqlite3.Connection, rid: str) -> list[str]:
+    def _approvals(db: sqlite3.Connection, rid: str) -> list[tuple[str, str]]:
+        """``(approver, override reason or "")`` of each approval so far, in order."""
         rows = db.execute(
             "SELECT actor, data FROM events WHERE request_id = ? AND type = 'decision' ORDER BY seq", (rid,)
         ).fetchall()
-        return [r["actor"] for r in rows if json.loads(r["data"]).get("action") == "approve"]
+        decisions = [(r["actor"], json.loads(r["data"])) for r in rows]
+        return [(actor, str(d.get("override", ""))) for actor, d in decisions if d.get("action") == "approve"]
+
+    @staticmethod
+    def _failed_checks(db: sqlite3.Connection, rid: str) -> list[str]:
+        """The checks of the latest run that failed."""
+        rows = db.execute(
+            "SELECT type, data FROM events WHERE request_id = ? AND type IN ('state', 'check') ORDER BY seq", (rid,)
+        ).fetchall()
+        failed: list[str] = []
+        for r in rows:
+            data = json.loads(r["data"])
+            if r["type"] == "state" and data.get("to") == review.CHECKING:
+                failed = []
+            elif r["type"] == "check" and data.get("status") == "fail":
+                failed.append(str(data.get("check")))
+        return failed
+
+    def overridden(self, ids: list[str]) -> set[str]:
+        """Which of ``ids`` were approved over failed checks (for the review list)."""
+        if not ids:
+            return set()
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT request_id, data FROM events WHERE type = 'decision' AND request_id IN ({','.join('?' * len(ids))})",  # noqa: S608, E501
+                ids,
+            ).fetchall()
+        return {r["request_id"] for r in rows if json.loads(r["data"]).get("override")}
 
     def record_download(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
         with self._transaction() as db:

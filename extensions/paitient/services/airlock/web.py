@@ -74,17 +74,20 @@ class AirlockHandler(pages.ScopedPage):
 
 class ListHandler(AirlockHandler):
     async def get(self) -> None:
-        reqs, reviewable = await self.run(self._listing, self.username, self.scopes)
+        reqs, reviewable, overridden = await self.run(self._listing, self.username, self.scopes)
         self.render_page(
             "list.html",
             requests=reqs,
             reviewable=reviewable,
+            overridden=overridden,
             can_request=SCOPE_REQUEST in self.scopes,
             can_review=SCOPE_REVIEW in self.scopes,
         )
 
     def _listing(self, username: str, scopes: set[str]):
-        return self.airlock.visible(username, scopes), set(self.airlock.steward_projects(username, scopes))
+        reqs = self.airlock.visible(username, scopes)
+        reviewable = set(self.airlock.steward_projects(username, scopes))
+        return reqs, reviewable, self.airlock.store.overridden([r.id for r in reqs])
 
 
 class DetailHandler(AirlockHandler):
@@ -136,6 +139,11 @@ class DetailHandler(AirlockHandler):
             certified=views.certified_facts(info["checks"]) if sees_content else None,
             self_reported=req.kind == "weights" and not req.meta.get("job"),
             policy=next((c for c in info["checks"] if c["check"] == "policy"), None),
+            failed=[c["check"] for c in info["checks"] if c["status"] == "fail"],
+            earlier_override=next(
+                (e.data["override"] for e in airlock.store.events(rid, "decision") if e.data.get("override")), ""
+            ),
+            min_override=review.MIN_OVERRIDE,
         )
 
     def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
@@ -154,9 +162,18 @@ class DecisionHandler(AirlockHandler):
         await self.load(rid)
         action = self.get_body_argument("action", "")
         comment = self.get_body_argument("comment", "")
+        override = self.get_body_argument("override", "")
+        confirm = self.get_body_argument("confirm_override", "") == "yes"
         try:
             await self.run(
-                self.airlock.decide, rid, username=self.username, scopes=self.scopes, action=action, comment=comment
+                self.airlock.decide,
+                rid,
+                username=self.username,
+                scopes=self.scopes,
+                action=action,
+                comment=comment,
+                override=override,
+                confirm_override=confirm,
             )
         except review.TransitionError as e:
             raise web.HTTPError(e.status, str(e)) from None
