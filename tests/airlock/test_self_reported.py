@@ -74,13 +74,17 @@ async def test_two_independent_approvals_for_self_reported_weights(web, airlock,
     page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
     assert 'id="self-reported"' in page and 'id="approvals-needed">2<' in page
     assert "compared with certified ones for the methods paper" in page
+    # No model definition came with these weights, so the audit could not run: approving is an override.
+    failed = [c for c, r in checks.items() if r["status"] == "fail"]
+    assert "membership_inference" in failed
+    reason = "audited by hand on the held-out split in the workspace"
     # oncology's own number is 1; these weights need 2.
-    assert (await web.decide("sam", rid, "approve", "record and audit look right")).code == 303
+    assert (await web.decide_with("sam", rid, action="approve", comment="fine", override=reason)).code == 303
     assert airlock.store.get(rid).state == review.IN_REVIEW
-    again = await web.decide("sam", rid, "approve", "still fine")
+    again = await web.decide_with("sam", rid, action="approve", comment="still fine", override=reason)
     assert again.code == 409 and b"already approved this request" in again.body
-    assert (await web.decide("steph", rid, "approve", "second look: fine")).code == 303
-    assert airlock.store.get(rid).state == review.RELEASED
+    second = await web.decide_with("steph", rid, action="approve", comment="second look", confirm_override="yes")
+    assert second.code == 303 and airlock.store.get(rid).state == review.RELEASED
 
 
 async def test_a_policy_tightened_after_the_request_leaves_only_return_or_reject(web, airlock, people):
