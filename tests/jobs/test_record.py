@@ -49,6 +49,12 @@ def key():
     return Ed25519PrivateKey.generate()
 
 
+def test_a_record_of_a_job_from_a_checkpoint_names_its_sha256_and_name(key):
+    started = {"checkpoint": "c" * 64, "name": "mlp-public"}
+    envelope = tr.sign(record(initialisation=started), key)
+    assert tr.verify(envelope, key.public_key(), WEIGHTS)["initialisation"] == started
+
+
 def test_a_signed_record_verifies_with_its_weights(key):
     envelope = tr.sign(record(), key)
     assert tr.verify(envelope, key.public_key(), WEIGHTS) == record()
@@ -115,6 +121,9 @@ def test_a_broken_envelope_says_what_is_wrong(key):
         ({"features": []}, "features must be"),
         ({"weights_sha256": "A" * 64}, "weights_sha256 must be"),
         ({"initialisation": {"scheme": "x", "seed": 1, "values": [0.5]}}, "initialisation must be"),
+        ({"initialisation": {"checkpoint": "c" * 64}}, "initialisation must be"),  # without its name
+        ({"initialisation": {"checkpoint": "C" * 64, "name": "mlp"}}, "initialisation must be"),
+        ({"initialisation": {"checkpoint": "c" * 64, "name": "mlp", "seed": 1}}, "initialisation must be"),
         ({"metrics": {"mia": "0.5 (passes)"}}, "metrics must be"),
         ({"preprocessing": [{"columns": ["a"]}]}, "preprocessing must be"),
         ({"finished": "yesterday"}, "finished must be"),

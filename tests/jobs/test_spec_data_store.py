@@ -19,6 +19,8 @@ def test_a_request_gets_its_defaults():
     spec = check_request(BASE)
     assert spec["loss"] == "cross_entropy" and spec["optimizer"] == "sgd" and spec["features"] is None
     assert (spec["lr"], spec["holdout"], spec["preprocessing"], spec["project"]) == (0.1, 0.2, [], None)
+    assert spec["checkpoint"] is None  # the runner's own initialisation
+    assert check_request({**BASE, "checkpoint": "mlp-public"})["checkpoint"] == "mlp-public"
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,9 @@ def test_a_request_gets_its_defaults():
         ({"features": ["a", "a"]}, "features names a column twice"),
         ({"features": ["target"]}, "the target cannot be one of the features"),
         ({"code": "import os"}, "a job takes"),
+        ({"checkpoint": "../index.json"}, "checkpoint must be the name of a checkpoint in the registry"),
+        ({"checkpoint": {"0.weight": [0.5]}}, "checkpoint must be the name"),
+        ({"checkpoint_sha256": "0" * 64}, "a job takes"),  # the runner pins the file, never the kernel
         ({"preprocessing": [{"op": "eval", "expr": "1"}]}, "preprocessing op 'eval' is not one of"),
         ({"preprocessing": [{"op": "standardise", "columns": ["a"], "mean": [0], "std": [0]}]}, "std must be above 0"),
         ({"preprocessing": [{"op": "fill", "columns": ["a"], "value": 0, "lambda": 1}]}, "a fill step takes"),

@@ -12,6 +12,9 @@ list of *declarative* preprocessing steps: constants the researcher chose, never
 A standardise step without ``mean``/``std`` and a onehot step without ``categories`` (or either with
 ``"from": "catalogue"``) take them from the catalogue of the dataset version the runner reads
 (:mod:`paitient.rules.catalogue`); the signed record holds the constants it used.
+
+``checkpoint`` (optional) names a pretrained checkpoint of the operator's registry to start from instead
+of the runner's own initialisation: a name, never values.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ _NUMBERS: dict[str, tuple[float, float, bool, Any]] = {
     "lr": (1e-8, 10.0, False, 0.1),
     "holdout": (0.05, 0.5, False, 0.2),
 }
-_FIELDS = {"dataset", "project", "target", "features", "loss", "optimizer", "preprocessing", *_NUMBERS}
+_FIELDS = {"dataset", "project", "target", "features", "loss", "optimizer", "preprocessing", "checkpoint", *_NUMBERS}
 
 
 def _name(field: str, value: Any) -> str:
@@ -141,6 +144,13 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
     if project is not None and (not isinstance(project, str) or not NAME_RE.match(project)):
         raise SpecError(f"project must be a project's name; got {project!r:.60}")
     spec: dict[str, Any] = {"dataset": dataset, "project": project, "target": _name("target", args.get("target"))}
+    checkpoint = args.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not NAME_RE.match(checkpoint)):
+        raise SpecError(
+            f"checkpoint must be the name of a checkpoint in the registry (jobs.checkpoints() lists them); "
+            f"got {checkpoint!r:.60}"
+        )
+    spec["checkpoint"] = checkpoint
     features = args.get("features")
     spec["features"] = None if features is None else _names("features", features)
     if spec["features"] is not None and spec["target"] in spec["features"]:

@@ -86,7 +86,7 @@ def _initialisation(v: Any) -> bool:
         return False
     if set(v) == {"scheme", "seed"}:
         return _name(v["scheme"]) and _int(0, 2**63 - 1)(v["seed"])
-    return set(v) == {"checkpoint"} and _hex64(v["checkpoint"])
+    return set(v) == {"checkpoint", "name"} and _hex64(v["checkpoint"]) and _name(v["name"])
 
 
 def _metrics(v: Any) -> bool:
@@ -109,7 +109,7 @@ FIELDS: dict[str, Field] = {
     "target": Field(_name, "the target column's name"),
     "preprocessing": Field(_preprocessing, "a list of declarative steps, each an object with an 'op'"),
     "graph_sha256": Field(_hex64, "the SHA-256 of the model graph the runner executed"),
-    "initialisation": Field(_initialisation, "{'scheme': name, 'seed': n} or {'checkpoint': sha256}"),
+    "initialisation": Field(_initialisation, "{'scheme': name, 'seed': n} or {'checkpoint': sha256, 'name': name}"),
     "sampling_rate": Field(_float(lambda x: 0 < x <= 1), "a Poisson sampling rate in (0, 1]"),
     "noise_multiplier": Field(_float(lambda x: x > 0), "a noise multiplier above 0"),
     "max_grad_norm": Field(_float(lambda x: x > 0), "a clipping bound above 0"),

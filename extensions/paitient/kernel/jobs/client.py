@@ -16,7 +16,17 @@ from typing import Any
 
 from paitient.channel import TIMEOUT, UNAVAILABLE, ChannelError, ServiceClient
 
-__all__ = ["ChannelError", "Job", "JobFailed", "JobsClient", "JobsUnavailable", "cancel", "list_jobs", "submit"]
+__all__ = [
+    "ChannelError",
+    "Job",
+    "JobFailed",
+    "JobsClient",
+    "JobsUnavailable",
+    "cancel",
+    "checkpoints",
+    "list_jobs",
+    "submit",
+]
 
 FINAL = ("done", "failed", "cancelled")
 
@@ -44,6 +54,10 @@ class JobsClient(ServiceClient):
             answer: dict[str, Any] = self.call("submit", request, fds=[fd])
         finally:
             os.close(fd)
+        return answer
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        answer: list[dict[str, Any]] = self.call("checkpoints", {})
         return answer
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -186,12 +200,15 @@ def submit(
     project: str | None = None,
     holdout: float = 0.2,
     n_features: int | None = None,
+    checkpoint: str | None = None,
 ) -> Job:
     """Send ``model`` to the runner to be trained under DP on ``dataset``; returns the queued :class:`Job`.
 
     The model goes as its exported graph only: the runner initialises every parameter itself, so values
     set in the notebook never reach training. ``n_features``: the width of one input row (default: the
-    model's first layer's ``in_features``).
+    model's first layer's ``in_features``). ``checkpoint``: the name of a pretrained checkpoint of the
+    operator's registry (:func:`checkpoints` lists them) to start from instead; its parameter names and
+    shapes must be exactly the model's, and the runner reads its values from the registry itself.
     """
     import torch
 
@@ -216,6 +233,8 @@ def submit(
         request["features"] = features
     if project is not None:
         request["project"] = project
+    if checkpoint is not None:
+        request["checkpoint"] = checkpoint
     client = JobsClient()
     return Job(client.submit(program, request), client)
 
@@ -226,6 +245,12 @@ def _input_width(model: Any) -> int:
         if isinstance(width, int):
             return width
     raise ValueError("cannot tell the width of one input row from the model; pass n_features=...")
+
+
+def checkpoints() -> list[dict[str, Any]]:
+    """The pretrained checkpoints a job may start from (``submit(..., checkpoint=name)``): each one's name,
+    SHA-256, description, source and licence, and parameter names and shapes, as the operator added them."""
+    return JobsClient().checkpoints()
 
 
 def list_jobs() -> list[Job]:

@@ -100,7 +100,7 @@ CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
     ("features", "Feature columns"),
     ("preprocessing", "Preprocessing (declared steps)"),
     ("graph_sha256", "SHA-256 of the model graph executed"),
-    ("initialisation", "Initial parameters (drawn by the runner)"),
+    ("initialisation", "Initial parameters"),
     ("sampling_rate", "Poisson sampling rate"),
     ("noise_multiplier", "Noise multiplier"),
     ("max_grad_norm", "Clipping bound (per-sample gradient norm)"),
@@ -117,6 +117,10 @@ CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
 
 
 def _fact_text(value: Any) -> str:
+    if isinstance(value, dict) and set(value) == {"checkpoint", "name"}:
+        return f"pretrained checkpoint {value['name']} from the operator's registry, SHA-256 {value['checkpoint']}"
+    if isinstance(value, dict) and set(value) == {"scheme", "seed"}:
+        return f"drawn by the runner: scheme {value['scheme']}, seed {value['seed']}"
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ", ".join(value)
     if isinstance(value, dict) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):

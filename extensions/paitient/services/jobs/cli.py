@@ -1,8 +1,12 @@
-"""``paitient jobs verify``: check a signed training record, and the weights it names, offline."""
+"""``paitient jobs verify``: check a signed training record, and the weights it names, offline.
+
+``paitient jobs checkpoints add|list|remove``: the operator's registry of pretrained checkpoints (as root)."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,7 @@ from traitlets import Unicode
 
 from paitient.app import CommandGroup, PaitientCommand
 from paitient.rules.training_record import RecordInvalid, key_id, verify
+from paitient.services.jobs import checkpoints
 from paitient.services.jobs.keys import load_public_key, public_key_path
 
 MAX_RECORD_BYTES = 1_000_000
@@ -94,7 +99,121 @@ class JobsVerify(PaitientCommand):
             self.exit(1)
 
 
+class CheckpointsAdd(PaitientCommand):
+    name = "jobs checkpoints add"
+    description = (
+        "Add a pretrained checkpoint (a safetensors file of float32, float16 or bfloat16 tensors) to the registry "
+        "that certified jobs may start from (as root). The file is checked (no pickle, finite values, bounded "
+        "size) and kept read-only by its SHA-256; researchers see its name, description, source and parameters."
+    )
+    examples = (
+        "paitient jobs checkpoints add model.safetensors --name=resnet-tab --description='MLP pretrained on ...' "
+        "--source='https://example.org/model, CC-BY-4.0'"
+    )
+    checkpoint_name = Unicode("", help="The name researchers give as jobs.submit(..., checkpoint=NAME).").tag(
+        config=True
+    )
+    description_text = Unicode("", help="What the model is and what it was trained on.").tag(config=True)
+    source = Unicode("", help="Where the file comes from and its licence.").tag(config=True)
+    added_by = Unicode("", help="Who adds it (recorded in the registry; default: the login name).").tag(config=True)
+    aliases = {
+        **PaitientCommand.aliases,
+        "name": "CheckpointsAdd.checkpoint_name",
+        "description": "CheckpointsAdd.description_text",
+        "source": "CheckpointsAdd.source",
+        "added-by": "CheckpointsAdd.added_by",
+    }
+
+    def start(self) -> None:
+        self.require_root()
+        if len(self.extra_args) != 1:
+            self.fail("name one file: paitient jobs checkpoints add FILE --name=NAME --description=... --source=...")
+        if not self.checkpoint_name:
+            self.fail("give the checkpoint a --name=NAME (researchers pass it as jobs.submit(..., checkpoint=NAME))")
+        path = Path(self.extra_args[0])
+        try:
+            size = path.stat().st_size
+            if size > checkpoints.MAX_BYTES:
+                self.fail(f"{path}: {checkpoints.too_large(size)}")
+            data = path.read_bytes()
+        except OSError as e:
+            self.fail(f"cannot read {path}: {e.strerror}")
+        site = self.load_site()
+        by = self.added_by or getpass.getuser()
+        try:
+            entry = checkpoints.CheckpointRegistry(site.state_dir).add(
+                data, name=self.checkpoint_name, description=self.description_text, source=self.source, added_by=by
+            )
+        except checkpoints.CheckpointRefused as e:
+            self.fail(f"{path} not added: {e}")
+        _audit(self, site, by, "jobs.checkpoint.add", entry)
+        print(f"added {entry.name}: {entry.sha256}, {len(entry.parameters)} tensors, {entry.size} bytes")
+        self.exit(0)
+
+
+class CheckpointsList(PaitientCommand):
+    name = "jobs checkpoints list"
+    description = "List the pretrained checkpoints of the registry: name, SHA-256, parameters, source (as root)."
+    examples = "paitient jobs checkpoints list"
+
+    def start(self) -> None:
+        self.require_root()
+        site = self.load_site()
+        try:
+            entries = checkpoints.CheckpointRegistry(site.state_dir).list()
+        except checkpoints.CheckpointRefused as e:
+            self.fail(str(e))
+        if not entries:
+            print("no checkpoints (add one: paitient jobs checkpoints add FILE --name=NAME ...)")
+        for c in entries:
+            values = sum(math.prod(shape) for shape in c.parameters.values())
+            print(f"{c.name}  {c.sha256}  {len(c.parameters)} tensors, {values} values")
+            print(f"  added {c.added_at} by {c.added_by}: {c.description}")
+            print(f"  source: {c.source}")
+        self.exit(0)
+
+
+class CheckpointsRemove(PaitientCommand):
+    name = "jobs checkpoints remove"
+    description = (
+        "Remove a checkpoint from the registry (as root). Jobs that name it and have not started fail; records "
+        "of jobs that started from it name its SHA-256 and still verify."
+    )
+    examples = "paitient jobs checkpoints remove resnet-tab"
+    removed_by = Unicode("", help="Who removes it (for the audit record; default: the login name).").tag(config=True)
+    aliases = {**PaitientCommand.aliases, "removed-by": "CheckpointsRemove.removed_by"}
+
+    def start(self) -> None:
+        self.require_root()
+        if len(self.extra_args) != 1:
+            self.fail("name one checkpoint: paitient jobs checkpoints remove NAME (paitient jobs checkpoints list)")
+        site = self.load_site()
+        by = self.removed_by or getpass.getuser()
+        try:
+            gone = checkpoints.CheckpointRegistry(site.state_dir).remove(self.extra_args[0])
+        except checkpoints.CheckpointRefused as e:
+            self.fail(str(e))
+        _audit(self, site, by, "jobs.checkpoint.remove", gone)
+        print(f"removed {gone.name} ({gone.sha256})")
+        self.exit(0)
+
+
+def _audit(command: PaitientCommand, site: Any, actor: str, action: str, entry: checkpoints.Checkpoint) -> None:
+    try:
+        from paitient.services.audit import emit
+
+        emit(site, actor=actor, action=action, object=entry.name, details={"sha256": entry.sha256, "size": entry.size})
+    except Exception as e:
+        command.log.error("could not write the audit record: %s", e)
+
+
+class CheckpointsCommand(CommandGroup):
+    name = "jobs checkpoints"
+    description = "The registry of pretrained checkpoints jobs may start from: add, list, remove (as root)."
+    commands = {"add": CheckpointsAdd, "list": CheckpointsList, "remove": CheckpointsRemove}
+
+
 class JobsCommand(CommandGroup):
     name = "jobs"
-    description = "Certified training jobs: check a signed training record and its weights."
-    commands = {"verify": JobsVerify}
+    description = "Certified training jobs: check a signed training record and its weights; manage checkpoints."
+    commands = {"verify": JobsVerify, "checkpoints": CheckpointsCommand}

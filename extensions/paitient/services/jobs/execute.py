@@ -111,8 +111,11 @@ def run_worker(
     memory_mb: int,
     on_progress: Callable[[dict[str, Any]], bool],
     work_root: Path,
+    init_weights: bytes | None = None,
 ) -> Outcome:
-    """Train in the sandbox; ``on_progress`` gets each report and returns False to cancel."""
+    """Train in the sandbox; ``on_progress`` gets each report and returns False to cancel. ``init_weights``:
+    the initial parameters the runner loaded (a safetensors file of float32 tensors), instead of
+    ``plan["init"]``'s scheme and seed."""
     pw = ensure_account(account)
     limits = Limits(memory_mb=memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) * 4 + 1)
     work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -133,6 +136,9 @@ def run_worker(
         os.chown(job / "arrays.npz", 0, pw.pw_gid)
         os.chmod(job / "arrays.npz", 0o640)
         spec = {**plan, "graph": str(job / "graph.json"), "arrays": str(job / "arrays.npz"), "out": str(out)}
+        if init_weights is not None:
+            _write(job / "init.safetensors", init_weights, pw.pw_gid)
+            spec["init"] = {"weights": str(job / "init.safetensors")}
         _write(job / "job.json", json.dumps(spec).encode(), pw.pw_gid)
         seccomp_fd = os.memfd_create("paitient-jobs-seccomp", 0)
         os.write(seccomp_fd, seccomp_program())

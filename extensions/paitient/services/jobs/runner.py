@@ -7,7 +7,9 @@ settled in full):
 2. the noise multiplier for the target epsilon is planned for the training rows; the budget is reserved
    for the researcher with the ledger (``reserve_job``), at the delta the dataset's budget allows a run;
 3. the worker trains in the sandbox (:mod:`.execute`) from parameters the runner initialises with a seed it
-   draws; the job's progress (step, epsilon spent, loss) is recorded as it goes, and a cancel stops it;
+   draws, or from a pretrained checkpoint of the operator's registry (:mod:`.checkpoints`) that the runner
+   reads and checks against the graph before step 2; the job's progress (step, epsilon spent, loss) is
+   recorded as it goes, and a cancel stops it;
 4. the weights are checked against the graph (every parameter, its shape and dtype, nothing else), the
    epsilon is the runner's own accountant's for the steps of the plan, and the record is signed;
 5. weights and record are published in ``<state_dir>/jobs/out/<job>/`` (atomically), the reservation is
@@ -91,6 +93,8 @@ class Runner:
         reservation = ""
         ledger = JobsLedger(self.site.run_dir)
         try:
+            program = self.store.graph_path(job.graph_sha256).read_bytes()
+            initialisation, init_weights = self._initialisation(job, program)
             data_file, version = self._version(job)
             prepared = prepare(data_file, job.spec, split_seed=_seed())
             from paitient.services.jobs.train import TrainSpec, plan
@@ -119,14 +123,13 @@ class Runner:
                 delta=delta,
             )
             self.store.set_reservation(job.id, reservation)
-            init_seed = _seed()
             outcome = run_worker(
-                program=self.store.graph_path(job.graph_sha256).read_bytes(),
+                program=program,
                 arrays=_arrays(prepared),
                 plan={
                     "spec": _spec_dict(train_spec),
                     "plan": _spec_dict(the_plan),
-                    "init": {"scheme": INIT_SCHEME, "seed": init_seed},
+                    "init": initialisation,
                     "device": self.site.jobs.device,
                     "classes": prepared.classes,
                 },
@@ -135,9 +138,10 @@ class Runner:
                 memory_mb=int(self.site.jobs.memory_mb),
                 on_progress=lambda p: self.store.progress(job.id, _progress(p, the_plan.steps)),
                 work_root=self.site.state_dir / "jobs-work",
+                init_weights=init_weights,
             )
             epsilon = _spent(train_spec, the_plan)
-            weights_sha256 = _check_weights(self.store.graph_path(job.graph_sha256).read_bytes(), outcome.weights)
+            weights_sha256 = _check_weights(program, outcome.weights)
             record = {
                 "job_id": job.id,
                 "project": job.project,
@@ -150,7 +154,7 @@ class Runner:
                 "target": job.spec["target"],
                 "preprocessing": prepared.preprocessing,
                 "graph_sha256": job.graph_sha256,
-                "initialisation": {"scheme": INIT_SCHEME, "seed": init_seed},
+                "initialisation": initialisation,
                 "sampling_rate": the_plan.sample_rate,
                 "noise_multiplier": the_plan.noise_multiplier,
                 "max_grad_norm": train_spec.max_grad_norm,
@@ -184,6 +188,27 @@ class Runner:
             ended = self.store.finish(job.id, "cancelled" if cancelled else "failed", reason)
             self._audit(ended, "ok" if cancelled else "error", {"reason": reason})
             return ended
+
+    def _initialisation(self, job: Job, program: bytes) -> tuple[dict[str, Any], bytes | None]:
+        """How the job's parameters start, as the record states it, and the values to start from when that is
+        a checkpoint: read again from the registry (the file the job was submitted with, unchanged on disk),
+        its parameters exactly the graph's, made float32. Refused before any budget is reserved."""
+        name = job.spec.get("checkpoint")
+        if name is None:
+            return {"scheme": INIT_SCHEME, "seed": _seed()}, None
+        import torch
+        from safetensors.torch import save
+
+        from paitient.services.jobs.checkpoints import CheckpointRefused, CheckpointRegistry, match
+        from paitient.services.jobs.graph import load_graph
+
+        try:
+            entry, values = CheckpointRegistry(self.site.state_dir).load(name, job.spec.get("checkpoint_sha256"))
+            match({k: v.shape for k, v in values.items()}, load_graph(program).params)
+        except CheckpointRefused as e:
+            raise JobFailed(f"checkpoint {name!r}: {e}") from None
+        tensors = {k: torch.from_numpy(v.copy()) for k, v in values.items()}
+        return {"checkpoint": entry.sha256, "name": entry.name}, save(tensors)
 
     def _version(self, job: Job) -> tuple[Path, int]:
         info = find([i for i in scan(self.site.data_root) if i.project == job.project], job.dataset, job.project)

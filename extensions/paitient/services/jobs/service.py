@@ -7,6 +7,9 @@ caller is whoever the socket's peer credentials say (uid -> registry member -> p
   model's exported graph; the graph is checked (:mod:`.graph`) before anything is queued;
 - ``status`` and ``list``: the caller's own jobs; ``cancel``: one of them (a queued job at once, a
   running one at its next step); ``record``: the signed record of one that is done;
+- ``checkpoints``: the pretrained checkpoints of the operator's registry (:mod:`.checkpoints`), names,
+  descriptions, sources and parameter shapes, never values; a request may name one to start from, and
+  submit refuses one whose parameters are not exactly the graph's;
 - ``release`` (root, the airlock): a finished job's record and weights, for the job's owner's request.
 
 Each job runs on one of ``[jobs] concurrency`` worker threads (:class:`Runner`): the runner reads the dataset
@@ -52,6 +55,7 @@ class JobsService:
             "cancel": self.cancel,
             "record": self.record,
             "release": self.release,
+            "checkpoints": self.checkpoints,
         }
 
     def member(self, peer: Peer) -> Member:
@@ -76,6 +80,8 @@ class JobsService:
             graph = load_graph(program, max_bytes=MAX_GRAPH_BYTES)
         except GraphRefused as e:
             raise ChannelError(f"the model cannot be trained by the runner: {e}", "graph_refused") from None
+        if spec["checkpoint"] is not None:
+            spec["checkpoint_sha256"] = self._checkpoint_for(spec["checkpoint"], graph)
         self.store.keep_graph(graph.sha256, program)
         spec["project"] = info.project
         job = self.store.submit(
@@ -84,6 +90,28 @@ class JobsService:
         self._audit(member.username, "jobs.submit", job, {"graph_sha256": graph.sha256, "ops": sorted(graph.ops)})
         self.wake.set()
         return job.public()
+
+    def _checkpoint_for(self, name: str, graph: Any) -> str:
+        """The SHA-256 of checkpoint ``name`` if its parameters are exactly the graph's (the job is pinned to
+        that file: one put in its place later is refused when the job starts)."""
+        from paitient.services.jobs.checkpoints import CheckpointRefused, CheckpointRegistry, match
+
+        try:
+            entry = CheckpointRegistry(self.site.state_dir).get(name)
+            match(entry.parameters, graph.params)
+        except CheckpointRefused as e:
+            raise ChannelError(str(e), "checkpoint_refused") from None
+        return entry.sha256
+
+    def checkpoints(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> list[dict[str, Any]]:
+        """The registry's checkpoints, for any member: what each is, where from, its parameters' shapes."""
+        self.member(peer)
+        from paitient.services.jobs.checkpoints import CheckpointRefused, CheckpointRegistry
+
+        try:
+            return [c.public() for c in CheckpointRegistry(self.site.state_dir).list()]
+        except CheckpointRefused as e:
+            raise ChannelError(str(e), "checkpoint_refused") from None
 
     def _dataset(self, member: Member, spec: dict[str, Any]) -> Any:
         projects = [p for p in member.projects if spec["project"] in (None, p)]

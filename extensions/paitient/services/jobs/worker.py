@@ -1,7 +1,8 @@
 """One job's training, inside the sandbox: ``python -m paitient.services.jobs.worker job.json``.
 
 Reads the graph, the arrays and the plan the runner wrote into its job folder, initialises the parameters
-with the runner's scheme and seed (no value comes from the researcher), trains under DP, evaluates on the
+with the runner's scheme and seed, or takes the checkpoint's values the runner wrote there (no value comes
+from the researcher), trains under DP, evaluates on the
 held-out rows and runs the membership-inference audit there, writes ``weights.safetensors`` into its
 output folder, and prints JSON lines: ``{"step", "steps", "epsilon", "loss"}`` as it trains, then
 ``{"done": true, "steps", "metrics": {...}}``. It runs no researcher code: the graph is data, checked
@@ -30,7 +31,14 @@ def main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     torch.set_num_threads(2)
     graph = load_graph(Path(job["graph"]).read_bytes())
-    params = initialise(graph, job["init"]["scheme"], int(job["init"]["seed"]))
+    if "weights" in job["init"]:  # a checkpoint the runner loaded, checked and wrote as float32
+        from safetensors.torch import load_file
+
+        params = {name: t.to(graph.params[name][1]) for name, t in load_file(job["init"]["weights"]).items()}
+        if {k: tuple(t.shape) for k, t in params.items()} != {k: s for k, (s, _) in graph.params.items()}:
+            raise SystemExit("the initial parameters do not fit the graph")
+    else:
+        params = initialise(graph, job["init"]["scheme"], int(job["init"]["seed"]))
     arrays = np.load(job["arrays"], allow_pickle=False)
     spec = TrainSpec(**job["spec"])
     module, eval_module = graph.module, graph.eval_module
