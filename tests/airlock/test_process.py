@@ -271,7 +271,7 @@ def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp,
         proc.kill()  # SIGKILL: no cleanup of any kind
         proc.wait(timeout=30)
     assert store.get(rid).state == "checking"
-    (left,) = [p.parent.parent for p in scratch.glob("*/job/data.parquet")]  # the crash left dataset columns
+    (left,) = [p.parent.parent for p in scratch.glob("*/job/x.npy")]  # the crash left dataset rows
     time.sleep(1)
     left_pids = subprocess.run(["pgrep", "-f", str(scratch)], capture_output=True, text=True).stdout.split()
     assert left_pids == [], subprocess.run(

@@ -75,3 +75,42 @@ def bootstrap_gap(
     )
     tail = (1 - level) / 2 * 100
     return float(gap), float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+
+
+def two_digits(value: float) -> float:
+    """``|AUC - 0.5|``-like ``value`` to 2 significant digits, inside [0, 0.5] (a number, never NaN: a value
+    that is not finite counts as the worst, 0.5)."""
+    if not np.isfinite(value):
+        return 0.5
+    return min(0.5, max(0.0, float(f"{float(value):.2g}")))
+
+
+def attack_numbers(
+    member_losses: Any,
+    holdout_losses: Any,
+    member_keys: Any,
+    holdout_keys: Any,
+    *,
+    classes: bool,
+    seed: int,
+    resamples: int = 200,
+) -> dict[str, float]:
+    """Two attacks' ``|AUC - 0.5|`` with bootstrap intervals, from each row's loss (2 significant digits):
+
+    - ``mia_loss``: a row is a member when its loss is low;
+    - ``mia_calibrated``: the same on each row's loss minus the median held-out loss of its class (or, with
+      ``classes=False``, of its target's quintile), so rows easy or hard for any model stop counting.
+
+    Each has ``_low`` and ``_high`` (a 95% percentile bootstrap, ``resamples`` times, seeded). Both sides
+    count: an AUC far below 0.5 gives a large number as well as one far above.
+    """
+    m_loss = np.asarray(member_losses, dtype=float).ravel()
+    h_loss = np.asarray(holdout_losses, dtype=float).ravel()
+    m_ref = class_offsets(h_loss, holdout_keys, member_keys, classes=classes)
+    h_ref = class_offsets(h_loss, holdout_keys, holdout_keys, classes=classes)
+    attacks = {"mia_loss": (-m_loss, -h_loss), "mia_calibrated": (m_ref - m_loss, h_ref - h_loss)}
+    out: dict[str, float] = {}
+    for i, (name, (member_scores, holdout_scores)) in enumerate(attacks.items()):
+        gap, low, high = bootstrap_gap(member_scores, holdout_scores, resamples=resamples, seed=int(seed) * 2 + i)
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = (two_digits(v) for v in (gap, low, high))
+    return out

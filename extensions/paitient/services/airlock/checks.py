@@ -225,28 +225,9 @@ def check_certified(req: Request, data: bytes, ctx: CheckContext) -> list[dict[s
 
 
 def _runner_audit(metrics: dict[str, float], allowed: float) -> dict[str, Any]:
-    """Judge the runner's membership-inference numbers: each attack's |AUC - 0.5| and its bootstrap interval.
-    Above the project's bound with the whole interval: memorisation shown (fail); the estimate above it but
-    the interval reaching below: not settled by so few held-out rows (a steward looks); else pass."""
-    attacks = [a for a in ("mia_loss", "mia_calibrated") if a in metrics]
-    if not attacks:
-        return result("membership_inference", "fail", "the record holds no membership-inference numbers")
-    worst = max(attacks, key=lambda a: metrics[a])
-    gap, low = metrics[worst], metrics.get(f"{worst}_low", metrics[worst])
-    numbers = {k: v for k, v in metrics.items() if k.startswith("mia_")}
-    if low > allowed:
-        status, verdict = "fail", "the attack tells training rows apart beyond doubt"
-    elif gap > allowed:
-        status, verdict = "review", "the estimate is above the bound, but the interval reaches below it"
-    else:
-        status, verdict = "pass", "within the bound"
-    return result(
-        "membership_inference",
-        status,
-        f"the runner's audit on its held-out rows ({worst}): |AUC - 0.5| = {gap:g}, 95% interval from {low:g}; "
-        f"the project's bound is {allowed:g}: {verdict}",
-        **numbers,
-    )
+    """Judge the runner's membership-inference numbers (:func:`paitient.services.airlock.mia.judge_gap`)."""
+    status, reason = mia.judge_gap(metrics, allowed, "the runner's audit on its held-out rows")
+    return result("membership_inference", status, reason, **{k: v for k, v in metrics.items() if k.startswith("mia_")})
 
 
 def _policy(project: str, ctx: CheckContext) -> dict[str, Any]:

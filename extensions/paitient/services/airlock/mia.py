@@ -1,19 +1,27 @@
-"""Running the membership-inference audit in a sandbox like a kernel's, and judging its numbers.
+"""The airlock's own membership-inference audit of weights trained in a kernel, and judging its numbers.
 
 The researcher's model definition is code, so it runs where code from the workspace runs: in the kernels'
 sandbox (:mod:`paitient.rules.sandbox`: bubblewrap, seccomp, rlimits) as an unprivileged account
-(``nobody`` by default), with no network, no service sockets, a read-only system and Python environment,
-and a root-owned job folder holding only the model source, the weights and the rows needed.
-The service takes back one JSON line of numbers (:mod:`paitient.services.airlock.mia_worker`), rounded before it is
-stored so the model's outputs cannot carry more than a few bits out through them.
+(``[airlock] audit_account``), with no network, no service sockets, a read-only system and Python
+environment, and a root-owned job folder holding only the model source, the weights and the feature rows.
+
+The sandbox computes nothing the airlock judges. It gets the rows preprocessed and shuffled by the airlock,
+without targets and without any sign of which rows trained the model, and returns the model's outputs in
+one binary frame (:mod:`paitient.services.airlock.mia_worker`); what the process prints is never read. The
+airlock computes each row's loss with the true targets, then the attacks (:func:`audit_numbers`): typed
+numbers of two significant digits, both sides of 0.5 counting.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pwd
+import secrets
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from paitient.rules import membership
@@ -29,9 +38,10 @@ from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bw
 from paitient.rules.seccomp import seccomp_program
 
 WORKER = Path(__file__).with_name("mia_worker.py")
-STATISTICS = Path(membership.__file__)
-"""The attack statistics the worker imports from its folder (pure numpy, no paitient)."""
-DIGITS = 3
+FRAME_MAGIC = b"PAITIENT-OUTPUTS/1\n"
+"""The start of the worker's output frame (:mod:`paitient.services.airlock.mia_worker`)."""
+MAX_OUTPUT_COLUMNS = 4096
+MAX_OUTPUT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,42 @@ def run_audit(
     limits: Limits | None = None,
     work_root: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the audit in the sandbox; return the worker's numbers or ``{"error": ...}``."""
+    """Run the model in the sandbox on the rows, then compute the attacks here from its outputs; return the
+    numbers (:func:`audit_numbers`) or ``{"error": ...}``."""
+    rows = prepared_rows(job)
+    order = np.random.default_rng(secrets.randbits(64)).permutation(len(rows))
+    outputs = run_model(job, rows[order], account=account, timeout=timeout, limits=limits, work_root=work_root)
+    if isinstance(outputs, dict):
+        return outputs
+    restored = np.empty_like(outputs)
+    restored[order] = outputs
+    try:
+        return audit_numbers(job, restored)
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+def prepared_rows(job: AuditJob) -> np.ndarray:
+    """The feature rows the model sees, preprocessed here (``standardize``: with the members' mean and spread)."""
+    x = job.data[job.features].to_numpy(dtype=np.float64)
+    if job.preprocess == "standardize":
+        members = x[job.members]
+        mu, sd = members.mean(axis=0), members.std(axis=0)
+        x = (x - mu) / np.where(sd > 0, sd, 1.0)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def run_model(
+    job: AuditJob,
+    rows: np.ndarray,
+    *,
+    account: str = "nobody",
+    timeout: float = 600.0,
+    limits: Limits | None = None,
+    work_root: str | os.PathLike[str] | None = None,
+) -> np.ndarray | dict[str, Any]:
+    """The model's outputs for ``rows`` (one row of outputs each), computed in the sandbox as ``account``;
+    or ``{"error": ...}``. Only the worker's output frame is read, never what the process prints."""
     pw = pwd.getpwnam(account)
     limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
     scratch = Path(tempfile.mkdtemp(prefix="audit-" if work_root else "paitient-audit-", dir=work_root))
@@ -116,28 +161,24 @@ def run_audit(
         work.mkdir()
         os.chown(work, 0, pw.pw_gid)
         os.chmod(work, 0o750)
+        buf = io.BytesIO()
+        np.save(buf, rows, allow_pickle=False)
         files = {
             "worker.py": WORKER.read_bytes(),
-            "membership.py": STATISTICS.read_bytes(),
             "model.py": job.model_source.encode("utf-8"),
             "weights.safetensors": job.weights,
+            "x.npy": buf.getvalue(),
         }
         for name, data in files.items():
             _write(work / name, data, pw.pw_gid)
-        job.data[[*job.features, job.target]].reset_index(drop=True).to_parquet(work / "data.parquet")
-        os.chown(work / "data.parquet", 0, pw.pw_gid)
-        os.chmod(work / "data.parquet", 0o640)
+        out = scratch / "outputs.bin"
         spec = {
             "model_source": str(work / "model.py"),
             "weights": str(work / "weights.safetensors"),
-            "data": str(work / "data.parquet"),
-            "members": job.members,
-            "features": job.features,
-            "target": job.target,
-            "loss": job.loss,
+            "x": str(work / "x.npy"),
+            "out": str(out),
             "model_class": job.model_class,
             "model_kwargs": job.model_kwargs or {},
-            "preprocess": job.preprocess,
         }
         _write(work / "job.json", json.dumps(spec).encode(), pw.pw_gid)
         seccomp_fd = os.memfd_create("paitient-audit-seccomp", 0)
@@ -164,19 +205,84 @@ def run_audit(
             )
         except subprocess.TimeoutExpired:
             return {"error": f"the audit did not finish within {timeout:g} s"}
-        lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
-        if proc.returncode != 0 or not lines:
+        if proc.returncode != 0:
             tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
             return {"error": f"the audit sandbox exited with status {proc.returncode}: {' | '.join(tail)}"[:2000]}
-        try:
-            answer = json.loads(lines[-1])
-        except ValueError:
-            return {"error": "the audit sandbox did not answer with JSON"}
-        return answer if isinstance(answer, dict) else {"error": "the audit sandbox answered no object"}
+        return read_frame(out, len(rows))
     finally:
         if seccomp_fd is not None:
             os.close(seccomp_fd)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_frame(path: Path, rows: int) -> np.ndarray | dict[str, Any]:
+    """The outputs in the worker's frame at ``path``: exactly ``rows`` rows of finite float32, and nothing
+    after them; anything else is an error (a second answer, a forged or truncated one)."""
+    head = len(FRAME_MAGIC) + 8
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {"error": "the audit wrote no outputs"}
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_OUTPUT_BYTES + head:
+            return {"error": "the audit's outputs are not a file of the size the airlock reads"}
+        data = os.read(fd, st.st_size + 1)
+    finally:
+        os.close(fd)
+    if not data.startswith(FRAME_MAGIC) or len(data) < head:
+        return {"error": "the audit's outputs are not in the airlock's frame"}
+    n, k = struct.unpack("<II", data[len(FRAME_MAGIC) : head])
+    if n != rows or not 1 <= k <= MAX_OUTPUT_COLUMNS or len(data) != head + n * k * 4:
+        return {"error": f"the audit answered {n} x {k} outputs in {len(data)} bytes, not one frame of {rows} rows"}
+    outputs = np.frombuffer(data, dtype="<f4", offset=head).reshape(n, k).astype(np.float64)
+    if not np.isfinite(outputs).all():
+        return {"error": "the model's outputs hold NaN or infinite values"}
+    return outputs
+
+
+def row_losses(outputs: np.ndarray, targets: np.ndarray, loss: str) -> np.ndarray:
+    """Each row's loss from the model's outputs and the true targets (which never entered the sandbox)."""
+    if loss == "cross_entropy":
+        y = targets.astype(np.int64)
+        if outputs.shape[1] < 2 or y.min() < 0 or y.max() >= outputs.shape[1]:
+            raise ValueError(
+                f"cross_entropy needs one output per class: the model gives {outputs.shape[1]}, the target "
+                f"has values {int(y.min())}..{int(y.max())}"
+            )
+        top = outputs.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(outputs - top).sum(axis=1)) + top[:, 0]
+        return np.asarray(log_norm - outputs[np.arange(len(y)), y])
+    if loss == "bce":
+        z, t = outputs.reshape(len(outputs), -1)[:, 0], targets.astype(np.float64)
+        return np.asarray(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z))))
+    if loss == "mse":
+        t = targets.astype(np.float64).reshape(len(targets), -1)
+        return np.asarray(((outputs - t) ** 2).mean(axis=1))
+    raise ValueError(f"unknown loss {loss!r}; use cross_entropy, bce or mse")
+
+
+def audit_numbers(job: AuditJob, outputs: np.ndarray) -> dict[str, Any]:
+    """The attacks on the model's ``outputs`` (rows in the data's order), computed by the airlock: each
+    attack's ``|AUC - 0.5|`` with its bootstrap interval (:func:`paitient.rules.membership.attack_numbers`),
+    the loss-threshold attack's advantage, and the held-out accuracy for classifiers; 2 significant digits."""
+    targets = job.data[job.target].to_numpy()
+    members = np.zeros(len(targets), dtype=bool)
+    members[job.members] = True
+    if members.all() or not members.any():
+        raise ValueError("the audit needs training rows and held-out rows")
+    losses = row_losses(outputs, targets, job.loss)
+    keys = targets.astype(np.float64)
+    numbers: dict[str, Any] = membership.attack_numbers(
+        losses[members], losses[~members], keys[members], keys[~members], classes=job.loss != "mse", seed=0
+    )
+    _, advantage = membership.roc_auc_advantage(-losses[members], -losses[~members])
+    numbers["mia_advantage"] = float(f"{advantage:.2g}")
+    if job.loss == "cross_entropy":
+        hits = outputs[~members].argmax(axis=1) == targets[~members].astype(np.int64)
+        numbers["holdout_accuracy"] = float(f"{hits.mean():.2g}")
+    numbers["members"], numbers["nonmembers"] = int(members.sum()), int((~members).sum())
+    return numbers
 
 
 def _write(path: Path, data: bytes, gid: int) -> None:
@@ -186,8 +292,31 @@ def _write(path: Path, data: bytes, gid: int) -> None:
     os.chmod(path, 0o640)
 
 
+def judge_gap(metrics: dict[str, Any], allowed: float, source: str) -> tuple[str, str]:
+    """Status and reason from the attacks' ``|AUC - 0.5|`` and intervals (``mia_loss``, ``mia_calibrated``):
+    the whole interval above ``allowed`` shows memorisation (fail); the estimate above it but the interval
+    reaching below is not settled by so few rows (review); else pass. ``source`` says who measured."""
+    attacks = [a for a in ("mia_loss", "mia_calibrated") if isinstance(metrics.get(a), int | float)]
+    if not attacks:
+        return "fail", f"{source} holds no membership-inference numbers"
+    worst = max(attacks, key=lambda a: float(metrics[a]))
+    gap, low = float(metrics[worst]), float(metrics.get(f"{worst}_low", metrics[worst]))
+    if low > allowed:
+        status, verdict = "fail", "the attack tells training rows apart beyond doubt"
+    elif gap > allowed:
+        status, verdict = "review", "the estimate is above the bound, but the interval reaches below it"
+    else:
+        status, verdict = "pass", "within the bound"
+    reason = (
+        f"{source} ({worst}): |AUC - 0.5| = {gap:g}, 95% interval from {low:g}; the project's bound is "
+        f"{allowed:g}: {verdict}"
+    )
+    return status, reason
+
+
 def judge(answer: dict[str, Any], *, max_auc: float, max_advantage: float) -> dict[str, Any]:
-    """Turn the worker's answer into a check result; only rounded numbers are kept."""
+    """The check result of the airlock's own audit of ``answer`` (:func:`run_audit`): both sides of 0.5
+    count, and the loss-threshold attack's advantage has its own bound."""
     if "error" in answer:
         # The message may come from the researcher's code: the steward sees it, the requester sees the reason.
         return result(
@@ -196,28 +325,15 @@ def judge(answer: dict[str, Any], *, max_auc: float, max_advantage: float) -> di
             "the membership-inference audit could not run the model; a steward reviews by hand",
             error=str(answer["error"])[:2000],
         )
-    try:
-        numbers = {
-            k: round(float(answer[k]), DIGITS) for k in ("auc", "advantage", "member_loss_mean", "nonmember_loss_mean")
-        }
-        counts = {k: int(answer[k]) for k in ("members", "nonmembers")}
-    except (KeyError, TypeError, ValueError):
-        return result("membership_inference", "error", "the audit answered without its numbers")
-    auc, adv = numbers["auc"], numbers["advantage"]
-    details = {**numbers, **counts, "max_auc": max_auc, "max_advantage": max_advantage}
-    if auc > max_auc or adv > max_advantage:
-        return result(
-            "membership_inference",
-            "fail",
-            f"a loss-threshold attack tells training rows from held-out rows (AUC {auc:.3f}, advantage "
-            f"{adv:.3f}; limits {max_auc:g} and {max_advantage:g}): the model memorises its training "
-            "data; train with a smaller epsilon, fewer epochs or more regularisation",
-            **details,
+    numbers = {k: v for k, v in answer.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    details = {**numbers, "max_auc": max_auc, "max_advantage": max_advantage}
+    status, reason = judge_gap(numbers, max_auc - 0.5, "the airlock's audit of the model's outputs")
+    advantage = float(numbers.get("mia_advantage", 0.0))
+    if advantage > max_advantage:
+        status = "fail"
+        reason += f"; the loss-threshold attack's advantage {advantage:g} is above {max_advantage:g}"
+    if status == "fail":
+        reason += (
+            ": the model memorises its training data; train with a smaller epsilon, fewer epochs or more regularisation"
         )
-    return result(
-        "membership_inference",
-        "pass",
-        f"a loss-threshold attack barely tells training rows from held-out rows (AUC {auc:.3f}, "
-        f"advantage {adv:.3f}; limits {max_auc:g} and {max_advantage:g})",
-        **details,
-    )
+    return result("membership_inference", status, reason, **details)

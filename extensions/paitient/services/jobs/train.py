@@ -455,17 +455,9 @@ def membership_audit(
     ym, yh = y_members[pick_m], y_holdout[pick_h]
     m_loss = each(_outputs(forward, params, x_members[pick_m]), ym).double().cpu().numpy()
     h_loss = each(_outputs(forward, params, x_holdout[pick_h]), yh).double().cpu().numpy()
-    classes = loss != "mse"
-    m_ref = membership.class_offsets(h_loss, _keys(yh), _keys(ym), classes=classes)
-    h_ref = membership.class_offsets(h_loss, _keys(yh), _keys(yh), classes=classes)
-    attacks = {"mia_loss": (-m_loss, -h_loss), "mia_calibrated": (m_ref - m_loss, h_ref - h_loss)}
-    out: dict[str, float] = {}
-    for i, (name, (member_scores, holdout_scores)) in enumerate(attacks.items()):
-        gap, low, high = membership.bootstrap_gap(
-            member_scores, holdout_scores, resamples=BOOTSTRAP, seed=int(seed) * 2 + i
-        )
-        out[name], out[f"{name}_low"], out[f"{name}_high"] = (_two_digits(v) for v in (gap, low, high))
-    return out
+    return membership.attack_numbers(
+        m_loss, h_loss, _keys(ym), _keys(yh), classes=loss != "mse", seed=int(seed), resamples=BOOTSTRAP
+    )
 
 
 def _sample(n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -479,10 +471,3 @@ def _keys(y: torch.Tensor) -> np.ndarray:
     flat = y.reshape(len(y), -1)[:, 0] if y.dim() > 1 else y
     keys: np.ndarray = flat.double().cpu().numpy()
     return keys
-
-
-def _two_digits(value: float) -> float:
-    """``value`` to 2 significant digits, inside [0, 0.5] (a number, never NaN)."""
-    if not math.isfinite(value):
-        return 0.5
-    return min(0.5, max(0.0, float(f"{value:.2g}")))
