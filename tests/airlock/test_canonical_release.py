@@ -206,3 +206,9 @@ def test_weights_are_reserialised_without_metadata():
     assert canonical_output("weights", "model.safetensors", out.data).data == out.data
     with pytest.raises(Refused, match="torch.save's format"):
         canonical_output("weights", "model.pt", b"PK\x03\x04" + b"\0" * 64)
+
+
+def test_the_service_refuses_a_format_for_anything_but_a_table(airlock, people):
+    with pytest.raises(ChannelError, match="format= goes with kind='table' only and is one of csv, xlsx") as e:
+        submit(airlock, people, "alice", b"hello\n", kind="other", name="n.txt", format="xlsx")
+    assert e.value.code == "bad_request" and airlock.store.list(username="alice") == []
