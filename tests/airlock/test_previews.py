@@ -16,6 +16,7 @@ from PIL import Image
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
+from paitient.channel import ChannelError
 from paitient.rules import review
 from paitient.rules.records import AuditError
 from paitient.services.airlock.service import Airlock, AirlockSettings
@@ -45,32 +46,19 @@ def trail(airlock, action: str) -> list[dict]:
     return [r for r in newest_first(trail_dir(airlock.site)) if r["action"] == action]
 
 
-async def test_a_csv_behind_a_png_header_gets_no_image_preview(web, airlock, people):
+async def test_a_csv_behind_a_png_header_is_refused_at_the_request(web, airlock, people):
     upload = b"\x89PNG\r\n\x1a\n" + csv_bytes(CELLS)
-    rid = submit(airlock, people, "alice", upload, kind="figure", name="figure.png")
-    wait_state(airlock, rid, review.IN_REVIEW)
-    checks = {c["check"]: c for c in airlock.store.checks(rid)}
-    assert (
-        checks["image"]["status"] == "fail"
-        and "does not decode as a PNG, JPEG or GIF image" in checks["image"]["reason"]
-    )
-
-    # The requester: no preview, a 403 that says why, recorded.
-    r = await web.fetch("alice", f"requests/{rid}/preview")
-    assert r.code == 403 and b"previews are for the project&#x27;s reviewers only" in r.body
-    assert b"Kestrel-9" not in r.body
-    denied = trail(airlock, "airlock.preview")[0]
-    assert (denied["actor"], denied["outcome"], denied["object"]) == ("alice", "denied", rid)
-    own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
-    assert 'id="preview-reviewers-only"' in own and "preview-image" not in own and "Kestrel-9" not in own
-
-    # The steward: not an image, so no image preview either; the page says why.
-    r = await web.fetch("sam", f"requests/{rid}/preview")
-    assert r.code == 404 and b"no image preview: it does not decode as a PNG, JPEG or GIF image" in r.body
-    assert b"Kestrel-9" not in r.body
-    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
-    assert 'id="preview-image"' not in page and "Kestrel-9" not in page
-    assert 'id="no-preview">no image preview: it does not decode as a PNG, JPEG or GIF image<' in page
+    before = len(list(airlock.store.blobs.rglob("*")))
+    with pytest.raises(ChannelError, match="not a figure the airlock releases: it does not decode as a PNG") as e:
+        submit(airlock, people, "alice", upload, kind="figure", name="figure.png")
+    assert e.value.code == "refused" and "plt.savefig('figure.png')" in str(e.value)
+    # Nothing of it is stored, so there is nothing to preview or release; the refusal is recorded.
+    assert airlock.store.list(username="alice") == []
+    assert len(list(airlock.store.blobs.rglob("*"))) == before
+    denied = trail(airlock, "airlock.request")[0]
+    assert (denied["actor"], denied["outcome"], denied["details"]["kind"]) == ("alice", "denied", "figure")
+    assert "does not decode as a PNG, JPEG or GIF image" in denied["details"]["reason"]
+    assert "Kestrel-9" not in json.dumps(denied)
 
 
 async def test_the_steward_gets_the_pixels_without_metadata_or_trailing_bytes(web, airlock, people):
@@ -94,6 +82,9 @@ async def test_the_steward_gets_the_pixels_without_metadata_or_trailing_bytes(we
     assert shown["image"]["details"]["sha256"] == hashlib.sha256(r.body).hexdigest()
     assert shown["image"]["details"]["size"] == len(r.body)
     assert shown["image"]["details"]["upload_sha256"] == hashlib.sha256(upload).hexdigest()
+    assert (
+        shown["image"]["details"]["file_sha256"] == airlock.store.get(rid).sha256 == hashlib.sha256(r.body).hexdigest()
+    )
     assert shown["page"]["details"]["sha256"] == shown["image"]["details"]["sha256"]
 
 
@@ -133,8 +124,10 @@ async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, peop
         "kind": "table",
         "sha256": hashlib.sha256(canonical.data).hexdigest(),
         "size": len(canonical.data),
-        "upload_sha256": hashlib.sha256(csv_bytes(CELLS)).hexdigest(),
+        "file_sha256": airlock.store.get(rid).sha256,  # the stored file, re-written from the cells ...
+        "upload_sha256": hashlib.sha256(csv_bytes(CELLS)).hexdigest(),  # ... the same bytes for a plain CSV
     }
+    assert airlock.store.get(rid).sha256 == hashlib.sha256(csv_bytes(CELLS)).hexdigest()
     assert json.loads(canonical.data)["rows"] == [["Kestrel-9", "120"], ["Osprey-4", "48"], ["Merlin-2", "7"]]
     # A table has no image preview.
     r = await web.fetch("sam", f"requests/{rid}/preview")

@@ -236,3 +236,12 @@ def test_the_service_checks_what_a_kernel_sends_without_the_spec(channel, airloc
         os.close(fd)
     assert e.value.code in ("bad_request", "forbidden")
     assert airlock.store.list() == []
+
+
+def test_a_table_may_ask_for_xlsx_and_nothing_else_may():
+    spec = request_spec(kind="table", justification="Table 1", format="xlsx")
+    assert spec.to_wire("t.csv") == {"kind": "table", "justification": "Table 1", "filename": "t.csv", "format": "xlsx"}
+    with pytest.raises(RequestSpecError, match="format= goes with kind='table' only; this request is kind='figure'"):
+        request_spec(kind="figure", justification="Figure 2", format="xlsx")
+    with pytest.raises(RequestSpecError, match="format must be one of csv, xlsx; got 'ods'"):
+        request_spec(kind="table", justification="Table 1", format="ods")  # type: ignore[typeddict-item]

@@ -216,7 +216,9 @@ async def test_download_only_by_requester_and_members_each_recorded(web, airlock
 async def test_automatic_release_only_when_allowed_and_every_check_passed(web, airlock, people):
     clean = submit(airlock, people, "ren", GOOD)
     small = submit(airlock, people, "ren", csv_bytes(pd.DataFrame({"x": ["a"], "n": [4]})), name="s.csv")
-    figure = submit(airlock, people, "ren", b"\x89PNG\r\n\x1a\n" + b"\0" * 32, kind="figure", name="f.png")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 90, 200)).save(png, "PNG")
+    figure = submit(airlock, people, "ren", png.getvalue(), kind="figure", name="f.png")
     airlock.wait_idle()
     assert airlock.store.get(clean).state == "released"
     assert airlock.store.events(clean, "state")[-1].data["automatic"] is True

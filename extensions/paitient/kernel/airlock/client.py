@@ -85,6 +85,11 @@ def request(path: Any, spec: RequestSpec | None = None, **keywords: Any) -> str:
     (``{"holdout": 0.3, "seed": 0}`` as made by :func:`paitient.kernel.airlock.split_indices`, or
     ``{"train_rows": [...]}``). Values the airlock would refuse raise :class:`AirlockError` before the
     file is opened.
+
+    The airlock keeps, checks, shows and releases its own re-encoding of the file, never the file itself: a
+    table re-written from its parsed cells as CSV (``format="xlsx"`` for an Excel sheet), a figure's pixels as
+    a PNG, text as normalised UTF-8, weights without metadata. A file that does not parse as its ``kind`` is
+    refused with the reason.
     """
     from paitient.kernel.jobs.client import Job
 

@@ -37,6 +37,9 @@ Aggfunc = Literal["count", "mean", "sum", "median", "std", "min", "max"]
 """How a table's cells were computed from the dataset's rows (the disclosure rules' ``AGGFUNCS``)."""
 
 KINDS: tuple[Kind, ...] = get_args(Kind)
+TableFormat = Literal["csv", "xlsx"]
+"""What a table is released as (the airlock re-writes it from its parsed cells either way)."""
+TABLE_FORMATS: tuple[TableFormat, ...] = get_args(TableFormat)
 LOSSES: tuple[Loss, ...] = get_args(Loss)
 PREPROCESSING: tuple[Preprocess, ...] = get_args(Preprocess)
 
@@ -334,6 +337,9 @@ class RequestSpec:
     """For weights: the model, for the membership-inference audit."""
     supersedes: str | None = None
     """The id of an earlier request of yours this one replaces."""
+    format: TableFormat | None = None
+    """For a table: what it is released as, ``csv`` (the default) or ``xlsx``; either is re-written by the airlock
+    from the table's parsed cells."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -360,6 +366,11 @@ class RequestSpec:
             raise RequestSpecError(f"model must be a ModelSpec, got {type(model).__name__}")
         if self.supersedes is not None and not _name(self.supersedes):
             raise RequestSpecError(f"supersedes must be the id of an earlier request, got {self.supersedes!r}")
+        if self.format is not None:
+            if self.format not in TABLE_FORMATS:
+                raise RequestSpecError(f"format must be one of {', '.join(TABLE_FORMATS)}; got {self.format!r}")
+            if self.kind != "table":
+                raise RequestSpecError(f"format= goes with kind='table' only; this request is kind={self.kind!r}")
 
     def to_wire(self, filename: str) -> dict[str, Any]:
         """The arguments of the service's ``request`` operation for the file ``filename``."""
@@ -372,6 +383,8 @@ class RequestSpec:
             args["supersedes"] = self.supersedes
         if self.model is not None:
             args["model"] = self.model.to_wire()
+        if self.format is not None:
+            args["format"] = self.format
         return args
 
 
@@ -390,6 +403,7 @@ class RequestOptions(TypedDict, total=False):
     dataset: str | None
     recipe: TableRecipe | Mapping[str, Any] | None
     supersedes: str | None
+    format: TableFormat | None
 
 
 OPTIONS = tuple(RequestOptions.__annotations__)
@@ -466,7 +480,13 @@ def request_spec(*, kind: Kind, justification: str, **options: Unpack[RequestOpt
         )
     table = recipe if recipe is None or isinstance(recipe, TableRecipe) else TableRecipe.from_dict(recipe)
     return RequestSpec(
-        kind=kind, justification=justification, project=project, recipe=table, model=model, supersedes=supersedes
+        kind=kind,
+        justification=justification,
+        project=project,
+        recipe=table,
+        model=model,
+        supersedes=supersedes,
+        format=options.get("format"),
     )
 
 
@@ -482,6 +502,8 @@ __all__ = [
     "RequestOptions",
     "RequestSpecError",
     "Split",
+    "TABLE_FORMATS",
+    "TableFormat",
     "TableRecipe",
     "TrainRows",
     "request_spec",

@@ -1,17 +1,35 @@
-"""The canonical form of an upload: what the review pages show instead of the uploaded bytes. Pure.
+"""The canonical forms of an upload. Pure.
 
-A reviewer's browser is outside the workspace, so a preview is rendered from a re-encoding, never from the
-upload itself:
+**The release form** (:func:`canonical_output`): at request time the airlock parses every output by its
+declared kind and stores a re-encoding instead of the researcher's bytes; that re-encoding is what the checks
+judge, what reviewers preview and what is released, and its SHA-256 is the request's:
 
-- ``image`` (figures, and other files that start like an image): the first frame's pixels re-encoded as a
-  PNG without metadata (:mod:`paitient.services.airlock.images`);
-- ``table`` (tables; other files named ``.csv``/``.tsv``/``.tab``/``.parquet`` or in Parquet): the file
-  parsed into typed columns, the first rows and columns rendered cell by cell from those values;
-- ``text`` (other files): decoded as UTF-8, normalised (NFC, ``\\n`` line ends, no control characters).
+- ``table``: parsed (Parquet by content, TSV by name, else UTF-8 CSV) into typed columns and re-written from
+  those cells as UTF-8 CSV (``\\n`` line ends, no index unless it carries values), or as XLSX when asked
+  (``format="xlsx"``): no container metadata (Parquet schema and key-value metadata, XLSX document properties)
+  survives. Text cells and column names are normalised (NFC, ``\\n`` line ends, no control characters);
+  columns holding bytes or nested values are refused;
+- ``figure``: decoded as PNG, JPEG or GIF and its first frame's pixels re-encoded as a PNG without metadata or
+  trailing bytes (:mod:`paitient.services.airlock.images`), within :data:`MAX_PIXELS` and
+  :data:`MAX_IMAGE_BYTES`;
+- ``other``: an image if it starts like one, a table if it is Parquet or named like a table, else UTF-8 text,
+  normalised as above;
+- ``weights``: the tensors re-serialised by safetensors without metadata
+  (:func:`paitient.services.airlock.weights.canonical_bytes`), so the file's SHA-256 is the canonical parameter
+  hash. Certified weights of a training job are not re-encoded: they come from the runner, whose signature
+  covers their exact bytes.
 
-Anything that does not parse into one of these has no preview, and :class:`NoPreview` says why: a table
-behind a PNG header is not an image and not UTF-8. :attr:`Canonical.data` holds exactly what a preview
-shows (the PNG, the rendered cells as JSON, the normalised text); the audit trail records its SHA-256.
+Anything that does not parse into its declared kind is refused (:class:`Refused`) with what to do instead.
+
+**The preview** (:func:`canonical_for`) is rendered from the stored (release) form, so a reviewer sees the
+released bytes:
+
+- ``image``: the PNG itself;
+- ``table``: the first rows and columns rendered cell by cell from the parsed values (as JSON);
+- ``text``: the first :data:`PREVIEW_TEXT_CHARS` characters of the normalised text.
+
+Anything that does not parse into one of these has no preview, and :class:`NoPreview` says why.
+:attr:`Canonical.data` holds exactly what a preview shows; the audit trail records its SHA-256.
 """
 
 from __future__ import annotations
@@ -130,24 +148,31 @@ def canonical_image(data: bytes) -> Canonical:
 
 
 def read_frame(data: bytes, filename: str) -> pd.DataFrame:
-    """A table as the checks and the previews read it: Parquet by content, TSV by name, else CSV (UTF-8)."""
-    if data[:4] != b"PAR1" and filename.lower().endswith(TSV_SUFFIXES):
-        try:
-            return pd.read_csv(io.StringIO(data.decode("utf-8")), sep="\t")
-        except UnicodeDecodeError:
-            raise TableError(f"{filename}: not UTF-8 text; save tables with df.to_csv(sep='\\t')") from None
-        except Exception as e:
-            raise TableError(f"{filename}: not a readable TSV file ({e})") from None
-    return read_table(data, filename)
+    """A table as the checks, the release form and the previews read it: Parquet by content, TSV by name, else
+    CSV (UTF-8). Numbers are parsed exactly (``float_precision="round_trip"``), so re-writing them changes no
+    digit."""
+    if data[:4] == b"PAR1" and data[-4:] == b"PAR1":
+        return read_table(data, filename)
+    tsv = filename.lower().endswith(TSV_SUFFIXES)
+    what = "TSV" if tsv else "CSV"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        hint = "df.to_csv(sep='\\t')" if tsv else "df.to_csv or df.to_parquet"
+        raise TableError(f"{filename}: neither Parquet nor UTF-8 {what}; save tables with {hint}") from None
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",", float_precision="round_trip")
+    except Exception as e:
+        raise TableError(f"{filename}: not a readable {what} file ({e})") from None
 
 
-def _parquet_cells(data: bytes) -> int:
+def _parquet_cells(data: bytes, error: type[Exception] = NoPreview) -> int:
     import pyarrow.parquet as pq
 
     try:
         meta = pq.ParquetFile(io.BytesIO(data)).metadata
     except Exception as e:
-        raise NoPreview(f"not a readable Parquet file ({type(e).__name__})") from None
+        raise error(f"not a readable Parquet file ({type(e).__name__})") from None
     return int(meta.num_rows) * int(meta.num_columns)
 
 
@@ -247,3 +272,252 @@ def canonical_text(data: bytes) -> Canonical:
     text = clean_text(text)
     shown = text[:PREVIEW_TEXT_CHARS]
     return Canonical("text", "text/plain; charset=utf-8", shown.encode(), text=shown, truncated=len(text) > len(shown))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The release form: what the airlock stores, reviewers see and a release hands out
+
+MAX_SOURCE_BYTES = PREVIEW_MAX_SOURCE_BYTES
+"""Largest table, figure or text the airlock parses into its release form (weights: the service's max_bytes)."""
+MAX_PIXELS = PREVIEW_MAX_PIXELS
+"""Most pixels a figure may have (checked before decoding)."""
+MAX_IMAGE_BYTES = PREVIEW_MAX_IMAGE_BYTES
+"""Largest re-encoded PNG the airlock stores."""
+MAX_CELLS = PREVIEW_MAX_CELLS
+"""Most cells (rows x columns, from the Parquet footer) of a Parquet table the airlock parses."""
+TABLE_FORMATS = ("csv", "xlsx")
+"""What a table may be released as; CSV unless the request asks for XLSX."""
+XLSX_MIME = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+XLSX_DATE = (1980, 1, 1, 0, 0, 0)
+"""The time stamp of every entry of a canonical XLSX (the zip format's earliest)."""
+XLSX_CORE = (
+    b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
+    b'<cp:coreProperties xmlns:cp="http://schemas.openxmlformats.org/package/2006/metadata/core-properties" '
+    b'xmlns:dc="http://purl.org/dc/elements/1.1/"/>'
+)
+"""The document properties of a canonical XLSX: none (no author, no dates)."""
+SCALAR_COLUMNS = {
+    "string",
+    "empty",
+    "integer",
+    "floating",
+    "mixed-integer-float",
+    "decimal",
+    "boolean",
+    "date",
+    "datetime",
+    "datetime64",
+}
+"""What :func:`pandas.api.types.infer_dtype` may call a column of object values a released table keeps."""
+_PLAIN = r"[^\t\n\x20-\x7e]"
+"""A text cell with any character outside these is normalised with :func:`clean_text`."""
+
+
+class Refused(ValueError):
+    """The upload does not parse into its declared kind; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """An upload's release form."""
+
+    data: bytes
+    filename: str
+    """The upload's name with the suffix of the form (``t.parquet`` released as CSV is ``t.csv``)."""
+    form: str
+    """``csv``, ``xlsx``, ``png``, ``text`` or ``safetensors``."""
+    dropped: tuple[str, ...] = ()
+    """What the upload carried that the release form leaves out, by type and size (never quoted)."""
+    cells: bytes = b""
+    """For XLSX: the same cells as canonical CSV, for the checks and the preview."""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def canonical_output(kind: str, filename: str, data: bytes, *, table_format: str | None = None) -> Output:
+    """The release form of an upload of request kind ``kind``; raises :class:`Refused` saying why not."""
+    if table_format not in (None, *TABLE_FORMATS):
+        raise Refused(f"format must be one of {', '.join(TABLE_FORMATS)}; got {table_format!r}")
+    if table_format is not None and kind != "table":
+        raise Refused(f"format= goes with kind='table' only; this request is kind={kind!r}")
+    if kind == "weights":
+        from paitient.services.airlock.weights import WeightsFormatError, canonical_bytes
+
+        try:
+            return Output(canonical_bytes(data), _renamed(filename, ".safetensors"), "safetensors")
+        except WeightsFormatError as e:
+            raise Refused(str(e)) from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise Refused(
+            f"the file has {len(data)} bytes, more than the {MAX_SOURCE_BYTES} the airlock parses for a {kind}; "
+            "release a smaller output (a summary table, a figure at a lower resolution)"
+        )
+    if kind == "figure":
+        return image_output(filename, data)
+    if kind == "table":
+        return table_output(filename, data, table_format or "csv")
+    if kind != "other":
+        raise Refused(f"the airlock has no release form for kind {kind!r}")
+    if data.startswith(IMAGE_MAGIC):
+        return image_output(filename, data)  # a file that starts like an image is released as one or not at all
+    if data[:4] == b"PAR1" or filename.lower().endswith(TABLE_SUFFIXES):
+        return table_output(filename, data, "csv")
+    return text_output(filename, data)
+
+
+def _renamed(filename: str, suffix: str) -> str:
+    stem, dot, ext = filename.rpartition(".")
+    base = stem if dot and stem else filename
+    return base + suffix
+
+
+def image_output(filename: str, data: bytes) -> Output:
+    try:
+        im = reencode(data, max_pixels=MAX_PIXELS, max_bytes=MAX_IMAGE_BYTES)
+    except ImageRefused as e:
+        raise Refused(
+            f"the file is not a figure the airlock releases: {e}; save figures as PNG, e.g. plt.savefig('figure.png')"
+        ) from None
+    return Output(im.png, _renamed(filename, ".png"), "png", dropped=im.beyond_pixels)
+
+
+def table_output(filename: str, data: bytes, table_format: str) -> Output:
+    """Parse a table and re-write it from its cells: CSV, or XLSX (with the same cells as CSV alongside)."""
+    dropped: list[str] = []
+    if data[:4] == b"PAR1":
+        if (cells := _parquet_cells(data, Refused)) > MAX_CELLS:
+            raise Refused(f"the table has {cells} cells, more than the {MAX_CELLS} the airlock parses")
+        dropped.extend(_parquet_metadata(data))
+    try:
+        df = read_frame(data, filename)
+    except TableError as e:
+        raise Refused(f"the file is not a table the airlock releases: {e}") from None
+    frame = canonical_frame(df)
+    csv = frame_csv(frame)
+    if csv.startswith((*IMAGE_MAGIC, b"PAR1")):
+        raise Refused(
+            "the table's first column name makes its CSV start like an image or a Parquet file; rename that column"
+        )
+    if table_format == "xlsx":
+        return Output(frame_xlsx(frame), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv)
+    return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped))
+
+
+def _parquet_metadata(data: bytes) -> list[str]:
+    """Count the Parquet file's key-value metadata, which the CSV leaves out. The keys are the researcher's
+    text, so they are counted, never named: a requester's browser sees this line."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(io.BytesIO(data)).metadata.metadata or {}
+    except Exception:
+        return []
+    if not meta:
+        return []
+    size = sum(len(k) + len(v) for k, v in meta.items())
+    return [f"{len(meta)} Parquet key-value metadata entr{'ies' if len(meta) > 1 else 'y'} ({size} bytes)"]
+
+
+def canonical_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The typed cells a table is released with: an index that carries values becomes columns, column names
+    and text cells are normalised, and a column of anything but numbers, text, booleans and dates is refused."""
+    if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0 and df.index.step == 1) or any(
+        n is not None for n in df.index.names
+    ):
+        df = df.reset_index()
+    if isinstance(df.columns, pd.MultiIndex):
+        df.columns = [" / ".join(str(p) for p in c) for c in df.columns]
+    out = {}
+    names = [clean_text(str(c)) for c in df.columns]
+    for i, name in enumerate(names):
+        s = df.iloc[:, i]
+        if s.dtype == object or isinstance(s.dtype, pd.StringDtype | pd.CategoricalDtype):
+            s = _text_column(name, s)
+        elif pd.api.types.is_timedelta64_dtype(s) or pd.api.types.is_complex_dtype(s):
+            raise Refused(f"column {name!r} holds {s.dtype} values; release numbers, text, booleans or dates")
+        out[i] = s.reset_index(drop=True)
+    frame = pd.DataFrame(out)
+    frame.columns = pd.Index(names, dtype=object)
+    return frame
+
+
+def _text_column(name: str, s: pd.Series) -> pd.Series:
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        s = s.astype(object)
+    inferred = pd.api.types.infer_dtype(s, skipna=True)
+    if inferred not in SCALAR_COLUMNS:
+        raise Refused(
+            f"column {name!r} holds {inferred} values; a released table holds numbers, text, booleans and dates "
+            "only: convert or drop the column"
+        )
+    if inferred != "string":
+        return s
+    s = s.astype(object)
+    odd = s.str.contains(_PLAIN, regex=True, na=False)
+    if odd.any():
+        s = s.copy()
+        s[odd] = s[odd].map(clean_text)
+    return s
+
+
+def frame_csv(frame: pd.DataFrame) -> bytes:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, lineterminator="\n")
+    return buf.getvalue().encode("utf-8")
+
+
+def frame_xlsx(frame: pd.DataFrame) -> bytes:
+    """One sheet of the cells, every text cell written as text (never a formula), then re-packed with fixed
+    time stamps and empty document properties so the same cells always give the same bytes."""
+    import zipfile
+
+    from openpyxl import Workbook
+    from openpyxl.cell import WriteOnlyCell
+
+    wb = Workbook(write_only=True)
+    ws = wb.create_sheet("table")
+
+    def cell(value: Any) -> Any:
+        if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, pd.Timestamp):
+            value = (value.tz_convert("UTC").tz_localize(None) if value.tz is not None else value).to_pydatetime()
+        elif hasattr(value, "item") and not isinstance(value, str | bytes):
+            value = value.item()
+        if isinstance(value, str):
+            c = WriteOnlyCell(ws, value=value)
+            c.data_type = "s"  # "=..." stays text
+            return c
+        return value
+
+    ws.append([cell(c) for c in frame.columns])
+    for row in frame.itertuples(index=False, name=None):
+        ws.append([cell(v) for v in row])
+    raw = io.BytesIO()
+    wb.save(raw)
+    out = io.BytesIO()
+    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for name in sorted(src.namelist()):
+            body = XLSX_CORE if name == "docProps/core.xml" else src.read(name)
+            dst.writestr(zipfile.ZipInfo(name, date_time=XLSX_DATE), body, compress_type=zipfile.ZIP_DEFLATED)
+    return out.getvalue()
+
+
+def xlsx_frame(data: bytes) -> pd.DataFrame:
+    """Read a canonical XLSX back (the airlock's own output only: uploads in XLSX are not taken)."""
+    return pd.read_excel(io.BytesIO(data), engine="openpyxl")
+
+
+def text_output(filename: str, data: bytes) -> Output:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Refused(
+            "the file is neither an image (PNG, JPEG, GIF), a table (CSV, TSV, Parquet) nor UTF-8 text "
+            f"(byte {e.start} is not UTF-8); export it as one of those"
+        ) from None
+    if "\x00" in text:
+        raise Refused("the file holds NUL bytes, so it is binary, not text; export it as a table, figure or text")
+    return Output(clean_text(text).encode("utf-8"), filename, "text")

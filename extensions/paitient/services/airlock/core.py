@@ -11,6 +11,7 @@ automatic checks (:mod:`paitient.services.airlock.checks`) one request at a time
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,15 +27,15 @@ from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChannelError, Pe
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import review
-from paitient.rules.disclosure import TableRules
-from paitient.services.airlock import views
+from paitient.rules.disclosure import TableRules, result
+from paitient.services.airlock import published, views
+from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output
 from paitient.services.airlock.checks import CheckContext, load_published, run_checks
 from paitient.services.airlock.mia import prepare_work_root
 from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
-from paitient.services.airlock.weights import WeightsFormatError, parse_safetensors
 from paitient.services.ledger.api import LedgerReader
 
 MAX_JUSTIFICATION = 10_000
@@ -74,7 +75,9 @@ class Airlock:
         self.audit_work_root = site.state_dir / "airlock-audit"
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
-        self.previews = Previews(self.store, emit=self.emit, may_preview=self.may_preview)
+        self.previews = Previews(
+            self.store, emit=self.emit, may_preview=self.may_preview, checked_form=self.checked_form
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Collaborators
@@ -221,29 +224,41 @@ class Airlock:
                 BAD_REQUEST,
             )
         filename = _clean_filename(args.get("filename"))
-        if kind == "weights":
-            try:
-                parse_safetensors(_read_all(fds[0], self.settings.max_bytes))
-            except (WeightsFormatError, StoreError) as e:
-                self.emit(
-                    actor=member.username,
-                    action="airlock.request",
-                    object="",
-                    outcome="denied",
-                    details={"reason": str(e), "project": project, "kind": kind, "filename": filename},
-                )
-                raise ChannelError(str(e), "refused") from None
+        denied = {"project": project, "kind": kind, "filename": filename}
+        limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
         try:
-            sha, size = self.store.put_blob_from_fd(fds[0], self.settings.max_bytes)
-        except StoreError as e:
+            upload = _read_all(fds[0], limit)
+            out = canonical_output(kind, filename, upload, table_format=meta.get("format"))
+        except (StoreError, Refused) as e:
+            self.emit(
+                actor=member.username,
+                action="airlock.request",
+                object="",
+                outcome="denied",
+                details={"reason": str(e), **denied},
+            )
             raise ChannelError(str(e), "refused") from None
+        # Only the canonical form is kept: the upload's bytes are never stored, so nothing but what the checks
+        # judge, the reviewers see and a release hands out can leave. Its hash and size stay, for the audit.
+        try:
+            sha, size = self.store.put_blob(out.data)
+            canonical: dict[str, Any] = {"form": out.form, "dropped": list(out.dropped)}
+            if out.cells:
+                canonical["cells_sha256"] = self.store.put_blob(out.cells)[0]
+        except (StoreError, OSError) as e:
+            raise ChannelError(
+                f"the airlock could not store the file ({e}); ask the workspace operator", "refused"
+            ) from None
+        upload_sha = hashlib.sha256(upload).hexdigest()
+        meta["upload"] = {"sha256": upload_sha, "size": len(upload), "filename": filename}
+        meta["canonical"] = canonical
         req = self.store.create(
             project=project,
             username=member.username,
             account=member.account,
             uid=peer.uid,
             kind=kind,
-            filename=filename,
+            filename=out.filename,
             sha256=sha,
             size=size,
             justification=justification,
@@ -253,10 +268,28 @@ class Airlock:
             actor=member.username,
             action="airlock.request",
             object=req.id,
-            details={"project": project, "kind": kind, "filename": filename, "sha256": sha, "size": size},
+            details={
+                "project": project,
+                "kind": kind,
+                "filename": out.filename,
+                "sha256": sha,
+                "size": size,
+                "form": out.form,
+                "upload_filename": filename,
+                "upload_sha256": upload_sha,
+                "upload_size": len(upload),
+            },
         )
         self._queue.put(req.id)
-        return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
+        return {
+            "id": req.id,
+            "state": req.state,
+            "project": project,
+            "sha256": sha,
+            "size": size,
+            "filename": out.filename,
+            "upload_sha256": upload_sha,
+        }
 
     def op_request_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Request the release of a training job's weights: the airlock takes them and their signed record
@@ -341,6 +374,14 @@ class Airlock:
             if kind != "table" or not isinstance(args["recipe"], dict):
                 raise ChannelError("a recipe (dict) goes with kind='table' only", BAD_REQUEST)
             meta["recipe"] = args["recipe"]
+        if args.get("format") is not None:
+            if kind != "table" or args["format"] not in TABLE_FORMATS:
+                raise ChannelError(
+                    f"format= goes with kind='table' only and is one of {', '.join(TABLE_FORMATS)}; "
+                    f"got {args['format']!r} for kind={kind!r}",
+                    BAD_REQUEST,
+                )
+            meta["format"] = args["format"]
         if args.get("model") is not None:
             model = args["model"]
             if kind != "weights" or not isinstance(model, dict):
@@ -430,7 +471,8 @@ class Airlock:
         restarted = req.state == review.CHECKING
         req = self.store.transition(rid, review.CHECKING, actor="airlock", data={"rerun": restarted})
         try:
-            results = run_checks(req, self.store.read_blob(req.sha256), self.check_context())
+            checked, data = self.checked_form(req)
+            results = self._with_upload(req, run_checks(checked, data, self.check_context()))
         except Exception as e:
             self.log.exception("checks of %s raised", rid)
             results = [
@@ -481,6 +523,49 @@ class Airlock:
                 object=rid,
                 details={"project": req.project, "user": req.username, "action": "approve", "automatic": True},
             )
+
+    def checked_form(self, req: Request) -> tuple[Request, bytes]:
+        """What the checks and the preview read of ``req``: its stored file, or for a table released as XLSX the
+        same cells as canonical CSV (stored with it)."""
+        cells = (req.meta.get("canonical") or {}).get("cells_sha256")
+        if cells:
+            name = req.filename.rpartition(".")[0] or req.filename
+            return dataclasses.replace(req, filename=name + ".csv"), self.store.read_blob(cells)
+        return req, self.store.read_blob(req.sha256)
+
+    def _with_upload(self, req: Request, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The checks of the stored form, with what only the upload can tell: whether it was byte-for-byte a
+        published dataset file, and what its canonical re-encoding left out."""
+        upload = req.meta.get("upload") or {}
+        form = req.meta.get("canonical") or {}
+        if not upload or not form:
+            return results  # a training job's weights, or a request taken before canonical outputs
+        copy = published.check_not_published(str(upload.get("sha256")), self.published.files())
+        if copy["status"] == "fail":
+            results = [copy if r["check"] == "published_copy" else r for r in results]
+        dropped = list(form.get("dropped") or [])
+        what = {
+            "csv": "a CSV re-written from the parsed cells",
+            "xlsx": "an XLSX written from the parsed cells",
+            "png": "a PNG of the image's pixels",
+            "text": "normalised UTF-8 text",
+            "safetensors": "the tensors re-serialised by safetensors, without metadata",
+        }.get(str(form.get("form")), str(form.get("form")))
+        reason = f"stored and released as {what}; the upload's own bytes are not kept"
+        if dropped:
+            reason += f"; left out: {'; '.join(dropped)}"
+        return [
+            *results,
+            result(
+                "canonical",
+                "pass",
+                reason,
+                form=form.get("form"),
+                dropped=dropped,
+                upload_sha256=upload.get("sha256"),
+                upload_size=upload.get("size"),
+            ),
+        ]
 
     # ------------------------------------------------------------------------------------------------
     # Web side: who may see, decide and download what

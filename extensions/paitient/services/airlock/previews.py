@@ -2,14 +2,16 @@
 
 A preview is shown to a reviewer of the request's project (:meth:`Airlock.may_preview`: its stewards, and
 admins holding the review scope) and to nobody else, the requester included: the requester's browser is
-outside the workspace, and before release nothing of the upload goes there. What is shown is the canonical
-form (:mod:`paitient.services.airlock.canonical`), never the uploaded bytes. Every preview is written to the
-audit trail (who, which request, the SHA-256 and size of the canonical bytes) before it is shown; if that
-record cannot be written, the preview is refused. A refusal is recorded too.
+outside the workspace, and before release nothing of the upload goes there. What is shown is rendered from
+the stored file, which is itself the upload's canonical re-encoding (:mod:`paitient.services.airlock.canonical`):
+what a reviewer sees is what a release hands out. Every preview is written to the audit trail (who, which
+request, the SHA-256 and size of the canonical bytes) before it is shown; if that record cannot be written,
+the preview is refused. A refusal is recorded too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -29,13 +31,20 @@ PREVIEW_CACHE = 8
 class Previews:
     """The canonical forms of one airlock's uploads, and the recorded way to show them.
 
-    ``emit`` and ``may_preview`` are the airlock's (:meth:`Airlock.emit`, :meth:`Airlock.may_preview`).
+    ``emit``, ``may_preview`` and ``checked_form`` are the airlock's (:meth:`Airlock.emit`,
+    :meth:`Airlock.may_preview`, :meth:`Airlock.checked_form`: the stored file, or the CSV cells of an XLSX).
     """
 
     def __init__(
-        self, store: Store, *, emit: Callable[..., None], may_preview: Callable[[str, set[str], Request], bool]
+        self,
+        store: Store,
+        *,
+        emit: Callable[..., None],
+        may_preview: Callable[[str, set[str], Request], bool],
+        checked_form: Callable[[Request], tuple[Request, bytes]] | None = None,
     ):
         self.store = store
+        self.checked_form = checked_form or (lambda req: (req, self.store.read_blob(req.sha256)))
         self.emit = emit
         self.may_preview = may_preview
         self._cache: dict[tuple[str, str, str], Canonical | NoPreview] = {}
@@ -53,7 +62,8 @@ class Previews:
             )
         if hit is None:
             try:
-                hit = canonical_for(req.kind, req.filename, self.store.read_blob(req.sha256))
+                shown, data = self.checked_form(req)
+                hit = canonical_for(req.kind, shown.filename, data)
             except NoPreview as e:
                 hit = e
             with self._lock:
@@ -62,6 +72,10 @@ class Previews:
                     self._cache.pop(next(iter(self._cache)))
         if isinstance(hit, NoPreview):
             raise NoPreview(str(hit))
+        form = req.meta.get("canonical") or {}
+        if hit.kind == "image" and "dropped" in form:
+            # The stored PNG carries nothing beyond its pixels; what the upload carried was left out at the request.
+            return dataclasses.replace(hit, beyond=tuple(str(d) for d in form["dropped"]))
         return hit
 
     def show(self, rid: str, *, username: str, scopes: set[str], via: str) -> Canonical:
@@ -101,7 +115,8 @@ class Previews:
                     "kind": shown.kind,
                     "sha256": shown.sha256,
                     "size": shown.size,
-                    "upload_sha256": req.sha256,
+                    "file_sha256": req.sha256,
+                    "upload_sha256": (req.meta.get("upload") or {}).get("sha256", req.sha256),
                 },
             )
         except Exception as e:

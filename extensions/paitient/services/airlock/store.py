@@ -1,6 +1,8 @@
 """The airlock's storage under ``<state_dir>/airlock`` (root only): immutable blobs and a SQLite record.
 
-- ``blobs/<sha256[:2]>/<sha256>``: each submitted file, written aside, fsync'd, made read-only (0400) and
+- ``blobs/<sha256[:2]>/<sha256>``: each request's file (the airlock's canonical re-encoding of the upload,
+  :func:`paitient.services.airlock.canonical.canonical_output`; a training job's weights as the runner signed
+  them), written aside, fsync'd, made read-only (0400) and
   renamed into place; a blob never changes, so the SHA-256 recorded with a request always names its bytes.
 - ``airlock.db``: the ``requests`` table holds each request and its current state; the ``events`` table
   records every state change, check result, decision and download as an append-only row (triggers refuse
@@ -227,6 +229,29 @@ class Store:
                 os.unlink(tmp)
             raise
         return digest, size
+
+    def put_blob(self, data: bytes) -> tuple[str, int]:
+        """Store ``data`` (the airlock's own re-encoding of an upload) as a blob; return (sha256, size). Written
+        aside, fsync'd, made read-only and renamed into place, like an upload."""
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.blob_path(digest)
+        if target.exists():
+            return digest, len(data)
+        tmp_fd, tmp = tempfile.mkstemp(prefix=".canonical.", dir=self.blobs)
+        try:
+            with os.fdopen(tmp_fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o400)
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return digest, len(data)
 
     def read_blob(self, sha256: str) -> bytes:
         return self.blob_path(sha256).read_bytes()

@@ -195,3 +195,16 @@ def summarise_run(run: dict[str, Any]) -> dict[str, Any]:
     if isinstance(record, dict):
         out.update({f"record.{k}": v for k, v in record.items()})
     return out
+
+
+def canonical_bytes(data: bytes) -> bytes:
+    """The weights as the airlock stores and releases them: validated (:func:`parse_safetensors`), then the
+    tensors re-serialised by safetensors without metadata, so ``sha256(canonical_bytes(x)) ==
+    canonical_sha256(x)``. Raises :class:`WeightsFormatError` for anything but safetensors."""
+    from safetensors.torch import load, save
+
+    parse_safetensors(data)
+    try:
+        return save(load(data))
+    except Exception as e:
+        raise WeightsFormatError(f"the safetensors file does not load ({type(e).__name__}); {_SAVE_HINT}") from None

@@ -1,0 +1,214 @@
+"""What is released is the airlock's own re-encoding of an upload, never the upload: each attack that hides
+something in a file's container is tried through the request operation, the review and the real download, and
+what comes out is asserted byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import zipfile
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, UnidentifiedImageError
+
+from paitient.channel import ChannelError
+from paitient.rules import review
+from paitient.services.airlock import weights
+from paitient.services.airlock.canonical import Refused, canonical_output, xlsx_frame
+from paitient.services.audit import trail_dir
+from paitient.services.audit.query import newest_first
+from tests.airlock.helpers import SECRET, figure_with_payload, png_chunks, submit, wait_state
+
+CELLS = pd.DataFrame({"stage": ["I", "II"], "patients": [120, 48]})
+CANONICAL_CSV = b"stage,patients\nI,120\nII,48\n"
+HIDDEN = b"mrn,age,sex\n4711,87,F\n4712,91,M\n"
+
+
+def trail(airlock, action: str) -> list[dict]:
+    return [r for r in newest_first(trail_dir(airlock.site)) if r["action"] == action]
+
+
+def parquet_with_hidden_rows() -> bytes:
+    """CELLS as Parquet, with row-level data in the schema's key-value metadata and in a column's field
+    metadata, where pandas never looks."""
+    table = pa.Table.from_pandas(CELLS, preserve_index=False)
+    field = table.schema.field("stage").with_metadata({b"rows": HIDDEN})
+    schema = table.schema.set(0, field).with_metadata({**table.schema.metadata, b"notes": HIDDEN})
+    buf = io.BytesIO()
+    pq.write_table(table.cast(schema), buf)
+    data = buf.getvalue()
+    assert data.count(HIDDEN) >= 1 and pd.read_parquet(io.BytesIO(data)).equals(CELLS)
+    return data
+
+
+def gif_csv_polyglot() -> bytes:
+    """One file, two readings: a 1x1 GIF (every byte below 0x80, so the whole file is UTF-8) and, after its
+    trailer, a CSV of patients that pandas reads as rows."""
+    gif = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0, 0, 0)  # no colour table: every byte ASCII
+    gif += b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02\x44\x01\x00;"  # clear, pixel 0, end
+    return gif + b"\n" + HIDDEN
+
+
+async def release(web, airlock, people, rid: str):
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert (await web.decide("sam", rid, "approve", "fine")).code == 303
+    got = await web.fetch("alice", f"requests/{rid}/download")
+    assert got.code == 200
+    return got
+
+
+async def test_rows_hidden_in_parquet_metadata_are_not_released(web, airlock, people):
+    upload = parquet_with_hidden_rows()
+    rid = submit(airlock, people, "alice", upload, name="stages.parquet")
+    req = airlock.store.get(rid)
+    assert req.filename == "stages.csv" and req.sha256 == hashlib.sha256(CANONICAL_CSV).hexdigest()
+    got = await release(web, airlock, people, rid)
+    # The released file holds the cells and nothing else: no metadata, no hidden rows, no Parquet.
+    assert got.body == CANONICAL_CSV
+    assert b"4711" not in got.body and not got.body.startswith(b"PAR1")
+    assert got.headers["X-Airlock-SHA256"] == hashlib.sha256(got.body).hexdigest() == req.sha256
+    assert got.headers["Content-Disposition"] == "attachment; filename*=UTF-8''stages.csv"
+    # The upload's bytes are not kept at all; its hash is, in the request and the audit trail.
+    assert not airlock.store.blob_path(hashlib.sha256(upload).hexdigest()).exists()
+    made = [r for r in trail(airlock, "airlock.request") if r["object"] == rid][0]
+    assert made["details"]["sha256"] == req.sha256 and made["details"]["form"] == "csv"
+    assert made["details"]["upload_sha256"] == hashlib.sha256(upload).hexdigest()
+    assert trail(airlock, "airlock.download")[0]["details"]["sha256"] == req.sha256
+    # The steward was told what was left out, by count and size only.
+    canonical = {c["check"]: c for c in airlock.store.checks(rid)}["canonical"]
+    assert canonical["status"] == "pass" and "Parquet key-value metadata" in canonical["reason"]
+    assert "4711" not in json.dumps(canonical)
+
+
+async def test_a_table_asked_as_xlsx_is_written_from_its_cells(web, airlock, people):
+    cells = pd.DataFrame({"stage": ["I", '=HYPERLINK("http://x")'], "patients": [120, 48]})
+    table = pa.Table.from_pandas(cells, preserve_index=False)
+    table = table.replace_schema_metadata({**table.schema.metadata, b"notes": HIDDEN})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    rid = submit(airlock, people, "alice", buf.getvalue(), name="stages.parquet", format="xlsx")
+    got = await release(web, airlock, people, rid)
+    assert got.headers["Content-Disposition"] == "attachment; filename*=UTF-8''stages.xlsx"
+    assert xlsx_frame(got.body).equals(cells)
+    with zipfile.ZipFile(io.BytesIO(got.body)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+        assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    assert not any(b"4711" in body for body in members.values())
+    assert b"<dc:creator" not in members["docProps/core.xml"] and b"created" not in members["docProps/core.xml"]
+    sheet = members["xl/worksheets/sheet1.xml"]
+    assert b"<f>" not in sheet  # the formula-looking cell is text
+    # The checks judged the same cells (as CSV), and the same cells always give the same bytes.
+    by = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert by["minimum_count"]["status"] == "pass" and by["canonical"]["details"]["form"] == "xlsx"
+    again = canonical_output("table", "stages.parquet", buf.getvalue(), table_format="xlsx")
+    assert again.data == got.body
+
+
+async def test_a_png_is_released_without_its_text_chunks_or_trailing_bytes(web, airlock, people):
+    original, upload = figure_with_payload()
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="km.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    preview = await web.fetch("sam", f"requests/{rid}/preview")
+    got = await release(web, airlock, people, rid)
+    kinds, trailing = png_chunks(got.body)
+    assert set(kinds) == {b"IHDR", b"IDAT", b"IEND"} and trailing == b""
+    assert SECRET.encode() not in got.body and b"age,sex" not in got.body
+    assert Image.open(io.BytesIO(got.body)).tobytes() == original.tobytes()
+    # The reviewer saw exactly the bytes released.
+    assert preview.body == got.body and got.headers["X-Airlock-SHA256"] == preview.headers["X-Preview-SHA256"]
+    checks = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert checks["image"]["status"] == "pass"  # the stored PNG carries nothing beyond its pixels ...
+    assert "1 tEXt block" in checks["canonical"]["reason"]  # ... and the steward is told what the upload did
+    assert (
+        "bytes after the end of the image" in checks["canonical"]["reason"]
+        and SECRET not in checks["canonical"]["reason"]
+    )
+
+
+async def test_a_polyglot_is_released_only_as_its_declared_kind(web, airlock, people):
+    poly = gif_csv_polyglot()
+    # Both readings are real.
+    with Image.open(io.BytesIO(poly), formats=["GIF"]) as im:
+        im.load()
+        assert im.size == (1, 1)
+    rows = pd.read_csv(io.StringIO(poly.decode("utf-8")))
+    assert len(rows) == 3 and "4711,87,F" in rows.to_csv(header=False)
+    # As a figure (and as "other", which starts like an image) it is the pixels, and the rows are gone.
+    for kind in ("figure", "other"):
+        rid = submit(airlock, people, "alice", poly, kind=kind, name="plot.gif")
+        got = await release(web, airlock, people, rid)
+        assert got.body.startswith(b"\x89PNG") and png_chunks(got.body)[1] == b"" and b"4711" not in got.body
+        with pytest.raises(UnicodeDecodeError):
+            got.body.decode("utf-8")  # no CSV reading left
+    # As a table it is the cells pandas parsed, re-written: the GIF reading is gone.
+    rid = submit(airlock, people, "alice", poly, kind="table", name="plot.csv")
+    got = await release(web, airlock, people, rid)
+    assert got.body.startswith(b"index,GIF89a,") and got.body.endswith(b"\n4711,87,F\n4712,91,M\n")
+    assert b"\x00" not in got.body and b"\x02\x02D\x01" not in got.body
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(io.BytesIO(got.body))
+    # A table whose re-written CSV would still start like an image is refused, saying what to change.
+    with pytest.raises(ChannelError, match="its CSV start like an image or a Parquet file; rename that column"):
+        submit(airlock, people, "alice", b"GIF89a,n\nx,1\n", kind="table", name="plot.csv")
+
+
+async def test_a_table_behind_a_png_header_asked_as_a_figure_is_refused(airlock, people):
+    upload = b"\x89PNG\r\n\x1a\n" + HIDDEN
+    with pytest.raises(ChannelError, match="not a figure the airlock releases: it does not decode") as e:
+        submit(airlock, people, "alice", upload, kind="figure", name="figure.png")
+    assert e.value.code == "refused"
+    assert airlock.store.list(username="alice") == []
+    with pytest.raises(ChannelError, match="not a table the airlock releases: figure.png: neither Parquet nor UTF-8"):
+        submit(airlock, people, "alice", upload, kind="table", name="figure.png")
+
+
+def test_text_is_released_normalised_and_binary_is_refused():
+    out = canonical_output("other", "notes.txt", "\ufeffCafe\u0301\r\nline two\x1b[31m\u202e\n".encode())
+    assert (out.form, out.filename, out.data) == ("text", "notes.txt", "Café\nline two[31m\n".encode())
+    with pytest.raises(Refused, match="holds NUL bytes"):
+        canonical_output("other", "x.bin", b"abc\x00def")
+    with pytest.raises(Refused, match="byte 0 is not UTF-8"):
+        canonical_output("other", "x.bin", b"\xff\xfe\xfa")
+
+
+def test_table_cells_are_rewritten_exactly_and_odd_columns_refused():
+    upload = 'stage,share,note\r\nI,0.39147771174750684,"a\u202eb\x07c"\r\nII,1e-1,plain\r\n'.encode()
+    out = canonical_output("table", "t.csv", upload)
+    assert out.data == b"stage,share,note\nI,0.39147771174750684,abc\nII,0.1,plain\n"
+    indexed = io.BytesIO()
+    CELLS.set_index("stage").to_parquet(indexed)  # the index carries the stages: it becomes a column
+    assert canonical_output("table", "t.parquet", indexed.getvalue()).data == CANONICAL_CSV
+    blob = io.BytesIO()
+    CELLS.assign(raw=[b"\x00\x01", b"ab"]).to_parquet(blob)
+    with pytest.raises(Refused, match="column 'raw' holds bytes values; .* convert or drop the column"):
+        canonical_output("table", "t.parquet", blob.getvalue())
+    with pytest.raises(Refused, match="format= goes with kind='table' only"):
+        canonical_output("figure", "f.png", b"", table_format="xlsx")
+
+
+def test_weights_are_reserialised_without_metadata():
+    import torch
+    from safetensors.torch import save
+
+    tensors = {"z.weight": torch.ones(2, 3), "a.bias": torch.zeros(3, dtype=torch.float64)}
+    upload = save(tensors, metadata={"notes": HIDDEN.decode()})
+    out = canonical_output("weights", "model.safetensors", upload)
+    (n,) = struct.unpack("<Q", out.data[:8])
+    header = json.loads(out.data[8 : 8 + n])
+    assert "__metadata__" not in header and HIDDEN not in out.data and sorted(header) == ["a.bias", "z.weight"]
+    # Its hash is the canonical parameter hash the privacy ledger records, and re-encoding changes nothing.
+    assert out.sha256 == weights.canonical_sha256(upload) == hashlib.sha256(out.data).hexdigest()
+    assert canonical_output("weights", "model.safetensors", out.data).data == out.data
+    with pytest.raises(Refused, match="torch.save's format"):
+        canonical_output("weights", "model.pt", b"PK\x03\x04" + b"\0" * 64)
+
+
+def test_the_service_refuses_a_format_for_anything_but_a_table(airlock, people):
+    with pytest.raises(ChannelError, match="format= goes with kind='table' only and is one of csv, xlsx") as e:
+        submit(airlock, people, "alice", b"hello\n", kind="other", name="n.txt", format="xlsx")
+    assert e.value.code == "bad_request" and airlock.store.list(username="alice") == []
