@@ -229,3 +229,13 @@ def test_a_table_counts_as_released_only_with_its_request(site, airlock, people)
     wait_state(airlock, rid, review.IN_REVIEW)  # fails (a cell of 3): kept, but not released
     assert airlock.tables.released("registry") == []
     assert [r for r, _, done in airlock.tables.earlier("registry", "other") if done] == []
+
+
+def test_a_kernel_recipe_carries_its_filter_to_the_airlock():
+    from paitient.kernel.airlock.spec import RequestSpecError, TableRecipe
+
+    recipe = TableRecipe(dataset="counts", index="age_band", filter={"age": {"<": 90}})
+    assert recipe.to_wire()["filter"] == {"age": {"<": 90}}
+    assert TableRecipe.from_dict(recipe.to_wire()) == TableRecipe(**recipe.to_wire())
+    with pytest.raises(RequestSpecError, match="takes a number"):
+        TableRecipe(dataset="counts", index="age_band", filter={"age": {"<": "ninety"}})
