@@ -18,6 +18,9 @@ from paitient.services.ledger.service import LedgerService
 from paitient.services.ledger.store import Ledger
 from tests.airlock.helpers import PREFIX, Client, known_user_auth, register
 
+STAGES = ["stage", "I", "II", "III", "IV"]
+"""Labels the test tables use that no catalogue lists (the projects' allow-list)."""
+
 SITE = {
     "workspace": {"state_dir": "/placeholder"},
     "projects": [
@@ -30,14 +33,23 @@ SITE = {
             "self_reported_weights": "two-person",
             "self_reported_reason": "in-kernel models are compared with certified ones for the methods paper",
             "budget": {"epsilon": 5.0, "delta": 1e-5},
+            "table_labels": STAGES,
         },
-        {"name": "cardio", "group": "cardio", "datasets": ["diabetes"], "stewards": ["sam", "steph"], "approvals": 2},
+        {
+            "name": "cardio",
+            "group": "cardio",
+            "datasets": ["diabetes"],
+            "stewards": ["sam", "steph"],
+            "approvals": 2,
+            "table_labels": STAGES,
+        },
         {
             "name": "registry",
             "group": "registry",
             "datasets": ["counts"],
             "stewards": ["sam"],
             "auto_release": ["table"],
+            "table_labels": STAGES,
         },
     ],
 }

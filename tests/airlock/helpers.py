@@ -271,3 +271,20 @@ def figure_with_payload() -> tuple[Image.Image, bytes]:
     buf = io.BytesIO()
     im.save(buf, "PNG", pnginfo=info, exif=exif, dpi=(300, 300))
     return im, buf.getvalue() + csv_bytes(pd.DataFrame({"age": [87, 91], "sex": ["F", "M"]}))
+
+
+def publish_indexed(site, project: str, dataset: str, df: pd.DataFrame, categories: dict | None = None) -> Path:
+    """Publish ``df`` as version 1 with a manifest naming its columns (and ``categories`` per column, as the
+    catalogue lists them) and build its exact-data-match index with the site's row-detection key."""
+    import json
+
+    from paitient.services.data import rowindex
+
+    where = publish(site, project, dataset, df)
+    columns = [
+        {"name": c, "action": "keep", **({"categories": categories[c]} if c in (categories or {}) else {})}
+        for c in df.columns
+    ]
+    (where / "manifest.json").write_text(json.dumps({"version": 1, "columns": columns}))
+    rowindex.reindex_version(site, project, dataset, 1, rowindex.ensure_key(site))
+    return where

@@ -32,6 +32,7 @@ datasets = ["breast_cancer"]
 stewards = ["sam", "steph"]
 self_reported_weights = "two-person"
 self_reported_reason = "checked against certified models"
+table_labels = ["stage", "I", "II"]
 """
 
 
@@ -162,10 +163,13 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         assert {c["check"]: c["status"] for c in after["checks"]} == {
             "published_copy": "pass",
             "row_level": "pass",
+            "labels": "pass",  # "stage", "I" and "II" are the project's table_labels of the site file
+            "row_content": "pass",
             "minimum_count": "pass",
             "zeros": "pass",
             "dominance": "pass",
             "canonical": "pass",  # stored as the CSV re-written from its cells
+            "differencing": "pass",
         }
         # The pages answer behind the hub's login.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

@@ -297,9 +297,12 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
         assert [c["check"] for c in second.store.checks(stuck.id)] == [
             "published_copy",
             "row_level",
+            "labels",
+            "row_content",
             "minimum_count",
             "zeros",
             "dominance",
+            "differencing",
         ]
         reruns = [e.data for e in second.store.events(stuck.id, "state") if e.data["to"] == "checking"]
         assert reruns[-1]["rerun"] is True

@@ -102,6 +102,12 @@ class Project(Model):
         "certified. Shown to the stewards on every such request.",
     )
 
+    table_labels = Names(
+        help="Text a released table may hold besides the categories and column names the catalogue lists for the "
+        'project\'s datasets (e.g. ["Stage I", "complete response"]): the airlock refuses any other text in a '
+        "table's cells and headers as free text."
+    )
+
     budget = Part(
         Budget,
         help="The total differential-privacy budget of each dataset of the project, { epsilon, delta }.",

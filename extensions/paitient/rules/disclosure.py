@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +157,8 @@ def check_table_alone(df: pd.DataFrame, rules: TableRules) -> list[dict[str, Any
 # With a recipe: recompute through ACRO
 
 
-RECIPE_KEYS = {"dataset", "version", "index", "columns", "values", "aggfunc"}
+RECIPE_KEYS = {"dataset", "version", "index", "columns", "values", "aggfunc", "filter"}
+FILTER_OPS = ("in", "not", "<", "<=", ">", ">=")
 AGGFUNCS = ("count", "mean", "sum", "median", "std", "min", "max")
 _ACRO_CHECKS = {
     "MinimumThresholdCheck": "minimum_count",
@@ -188,7 +192,78 @@ def validate_recipe(recipe: Any) -> dict[str, Any]:
         raise TableError("a count table has no 'values'; any other aggfunc needs 'values'")
     if not isinstance(recipe.get("dataset"), str) or not recipe["dataset"]:
         raise TableError("the recipe needs 'dataset': the name of one of the project's datasets")
-    return {**recipe, "aggfunc": agg}
+    return {**recipe, "aggfunc": agg, "filter": validate_filter(recipe.get("filter"))}
+
+
+def validate_filter(spec: Any) -> dict[str, dict[str, Any]]:
+    """The recipe's population filter, ``{column: condition}``: a value (equal to it), a list (one of them), or
+    a dict of ``in``/``not`` (lists) and ``<``, ``<=``, ``>``, ``>=`` (numbers). Every condition must hold."""
+    if spec is None:
+        return {}
+    hint = "e.g. filter={'age': {'<': 90}, 'sex': ['F']}"
+    if not isinstance(spec, dict):
+        raise TableError(f"the recipe's 'filter' must map column names to conditions; {hint}")
+    out: dict[str, dict[str, Any]] = {}
+    for col, cond in spec.items():
+        if not isinstance(col, str) or not col:
+            raise TableError(f"filter keys must be column names; {hint}")
+        if not isinstance(cond, dict):
+            cond = {"in": list(cond) if isinstance(cond, list | tuple) else [cond]}
+        unknown = set(cond) - set(FILTER_OPS)
+        if unknown or not cond:
+            raise TableError(f"filter on {col!r}: conditions are {', '.join(FILTER_OPS)}; got {sorted(map(str, cond))}")
+        for op, v in cond.items():
+            if op in ("in", "not"):
+                if not isinstance(v, list | tuple) or not all(isinstance(x, str | int | float | bool) for x in v):
+                    raise TableError(f"filter on {col!r}: {op!r} takes a list of values")
+            elif isinstance(v, bool) or not isinstance(v, int | float):
+                raise TableError(f"filter on {col!r}: {op!r} takes a number")
+        out[col] = {op: list(v) if op in ("in", "not") else v for op, v in cond.items()}
+    return out
+
+
+def filter_mask(data: pd.DataFrame, spec: dict[str, dict[str, Any]]) -> pd.Series:
+    """Which rows of ``data`` the (validated) filter lets through."""
+    mask = pd.Series(True, index=data.index)
+    for col, cond in spec.items():
+        if col not in data:
+            raise TableError(f"the recipe's filter names {col!r}, which the dataset does not have")
+        s = data[col]
+        for op, v in cond.items():
+            if op == "in":
+                mask &= s.isin(v) | s.astype(str).isin([str(x) for x in v])
+            elif op == "not":
+                mask &= ~(s.isin(v) | s.astype(str).isin([str(x) for x in v]))
+            else:
+                if not pd.api.types.is_numeric_dtype(s):
+                    raise TableError(f"the filter compares {col!r} with a number, but it is not a number column")
+                mask &= {"<": s < v, "<=": s <= v, ">": s > v, ">=": s >= v}[op].fillna(False)
+    return mask
+
+
+def population(data: pd.DataFrame, spec: dict[str, dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """The filter as the values it lets through, per column it restricts (``{}``: everyone): a form in which
+    one filter's population can be compared with another's (:func:`paitient.rules.differencing.population_within`)."""
+    kept = data[filter_mask(data, spec)]
+    out = {}
+    for col in spec:
+        let_through = tuple(sorted({_value_text(v) for v in kept[col].dropna().unique()}))
+        everything = {_value_text(v) for v in data[col].dropna().unique()}
+        if set(let_through) != everything or data[col].isna().any():
+            out[col] = let_through
+    return out
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v)
+
+
+def recipe_rows(data: pd.DataFrame, recipe: dict[str, Any]) -> pd.DataFrame:
+    """The rows the recipe's filter lets through."""
+    spec = recipe.get("filter") or {}
+    return data[filter_mask(data, spec)] if spec else data
 
 
 def _crosstab_frame(
@@ -209,6 +284,10 @@ def check_with_recipe(
     missing = [c for c in [*recipe["index"], *recipe["columns"], recipe.get("values")] if c and c not in data]
     if missing:
         return [result("recipe", "fail", f"the dataset has no column(s) {missing}; correct the recipe")]
+    try:
+        data = recipe_rows(data, recipe)
+    except TableError as e:
+        return [result("recipe", "fail", f"{e}; correct the recipe's filter")]
     logging.getLogger("acro").setLevel(logging.WARNING)
     acro = ACRO(suppress=False)
     # sdc_checks.risk_appetite is this same dict, so the site's rules apply to every check.
@@ -285,3 +364,119 @@ def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]
         expected_cells=int(len(expected)),
         submitted_cells=int(len(got)),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Content: labels, not free text
+
+STATISTIC_WORDS = frozenset(
+    "n count counts number patients people persons cases total all overall mean average median std sd se min "
+    "max sum percent pct proportion share rate ratio of per by and in with without missing unknown other none "
+    "group category value values variable statistic index label year years age band bands lower upper ci".split()
+)
+"""Words a column header may be made of besides the labels of the project (``mean_age``, ``n patients``)."""
+_NUMBER_LIKE = re.compile(
+    r"^[(\[]?\s*(?:[<>≤≥]=?\s*)?[-+]?(?:\d[\d,]*)?\.?\d+(?:[eE][-+]?\d+)?\s*%?\s*"
+    r"(?:(?:-|–|to|,)\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*%?)?\s*\+?\s*[)\]]?$"
+)
+_UNNAMED = re.compile(r"^Unnamed: \d+(?:_level_\d+)?$")
+_WORD = re.compile(r"[^\W_]+")
+
+
+def normalise_label(text: Any) -> str:
+    """How labels compare: NFC, case-folded, runs of white space as one space."""
+    return " ".join(unicodedata.normalize("NFC", str(text)).casefold().split())
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What text a table may hold: the catalogued categories and column names of the project's datasets and the
+    project's own ``table_labels``."""
+
+    labels: frozenset[str]
+    words: frozenset[str]
+
+    @classmethod
+    def of(cls, texts: Iterable[Any]) -> Labels:
+        labels = frozenset(normalise_label(t) for t in texts if str(t).strip())
+        words = frozenset(w for t in labels for w in _WORD.findall(t)) | STATISTIC_WORDS
+        return cls(labels, words)
+
+
+def number_like(text: str) -> bool:
+    """A number, percentage, range or bin written as text (``12``, ``3.5%``, ``1,204``, ``40-49``, ``90+``)."""
+    return bool(_NUMBER_LIKE.match(text.strip()))
+
+
+def is_label(text: Any, known: Labels, *, header: bool = False) -> bool:
+    """A cell is a label when it is empty, a number written as text, a total, or one of the known labels; a
+    header may also be made of known words (and pandas' ``Unnamed: 0`` for an unnamed index)."""
+    s = normalise_label(text)
+    if not s or s in known.labels or number_like(s) or s in ("all", "total", "overall", "totals"):
+        return True
+    if header:
+        words = _WORD.findall(s)
+        return bool(_UNNAMED.match(str(text).strip())) or (
+            bool(words) and all(w in known.words or number_like(w) for w in words)
+        )
+    return False
+
+
+def with_index(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with a named or non-default index as ordinary columns (its labels are cells like any other)."""
+    if isinstance(df.index, pd.RangeIndex) and df.index.name is None:
+        return df
+    return df.reset_index()
+
+
+def header_texts(df: pd.DataFrame) -> list[str]:
+    out: list[str] = []
+    for c in df.columns:
+        out.extend(str(x) for x in (c if isinstance(c, tuple) else (c,)))
+    return out
+
+
+def text_columns(df: pd.DataFrame) -> list[Any]:
+    return [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])]
+
+
+def check_labels(df: pd.DataFrame, known: Labels) -> dict[str, Any]:
+    """Text in a table must be labels (:func:`is_label`); anything else is free text and fails."""
+    df = with_index(df)
+    bad_headers = [h for h in header_texts(df) if not is_label(h, known, header=True)]
+    bad: list[dict[str, Any]] = []
+    count = 0
+    for col in text_columns(df):
+        if pd.api.types.is_bool_dtype(df[col]):
+            continue
+        for i, v in enumerate(df[col].tolist()):
+            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+                continue
+            if not is_label(v, known):
+                count += 1
+                if len(bad) < MAX_CELLS_LISTED:
+                    bad.append({"row": i, "column": str(col), "value": str(v)[:100]})
+    if count or bad_headers:
+        return result(
+            "labels",
+            "fail",
+            f"{count} text cell(s) and {len(bad_headers)} header(s) are not labels of the project's catalogue "
+            "or allow-list: tables carry counts and statistics under category labels, never free text; "
+            "use the catalogued categories, or ask the stewards to add the label to the project's table_labels",
+            cells=bad,
+            headers=[h[:100] for h in bad_headers[:MAX_CELLS_LISTED]],
+            known_labels=len(known.labels),
+        )
+    return result(
+        "labels",
+        "pass",
+        "every text cell and header is a catalogued category, an allowed label or a number",
+        known_labels=len(known.labels),
+    )
+
+
+def table_text(df: pd.DataFrame) -> bytes:
+    """The table rendered as CSV from its parsed values (index and headers included): what the row detection
+    reads, whatever the file's own layout."""
+    text: str = with_index(df).to_csv(index=False)
+    return text.encode("utf-8")

@@ -88,6 +88,9 @@ class TableRecipe:
     """How cells aggregate ``values``; None: ``count`` without values, ``mean`` with."""
     version: int | None = None
     """The dataset's version; None: the current one."""
+    filter: Mapping[str, Any] | None = None
+    """The table's population: ``{column: condition}`` (a value, a list, or ``in``/``not``/``<``/``<=``/``>``/
+    ``>=``), e.g. ``{"age": {"<": 90}}``; None: every row. The airlock compares populations across releases."""
 
     def __post_init__(self) -> None:
         for key in ("index", "columns"):
@@ -120,6 +123,8 @@ class TableRecipe:
             out["aggfunc"] = self.aggfunc
         if self.version is not None:
             out["version"] = self.version
+        if self.filter is not None:
+            out["filter"] = dict(self.filter)
         return out
 
     def to_wire(self) -> dict[str, Any]:

@@ -11,6 +11,17 @@
 
 Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
 data (:mod:`paitient.services.airlock.published`).
+
+Tables are also checked by their content, whatever their columns are called:
+
+- ``labels``: every text cell and header is a category the catalogue lists for one of the project's datasets,
+  a column name, a label of the project's ``table_labels``, or a number written as text
+  (:func:`paitient.rules.disclosure.check_labels`);
+- ``row_content``: the table, rendered as CSV from its parsed values, reveals no row of the project's datasets
+  to the egress gate's exact-data-match index (pseudonyms, or three distinctive values of one row together);
+- ``differencing``: a count table, with the project's earlier releases, reveals no group smaller than the
+  minimum count (:mod:`paitient.rules.differencing`). The table's canonical form is kept with the request; it
+  counts as released when the request is.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from typing import Any
 
 import pandas as pd
 
-from paitient.rules import disclosure, review, split
+from paitient.rules import differencing, disclosure, review, split
 from paitient.rules.disclosure import result
 from paitient.services.airlock import canonical, images, mia, published, weights
 from paitient.services.airlock.store import Request
@@ -73,6 +84,16 @@ class CheckContext:
     """The training runner's published public key (Ed25519), for certified weights."""
     self_reported_policy: Callable[[str], tuple[str, str]] | None = None
     """``project -> (self_reported_weights, self_reported_reason)`` of the project's settings."""
+    labels: Callable[[str], disclosure.Labels] | None = None
+    """``project -> Labels``: the catalogued categories and column names of its datasets and its table_labels."""
+    reveal: Callable[[str, bytes], dict[str, int]] | None = None
+    """``(project, text) -> {"project/dataset": rows revealed}`` by the exact-data-match indexes; raises
+    LookupError when a dataset's index is missing."""
+    stage_table: Callable[[str, str, differencing.CountTable], None] | None = None
+    """``(request id, project, table)``: keep a request's canonical count table (released with the request)."""
+    earlier_tables: Callable[[str, str], list[tuple[str, differencing.CountTable, bool]]] | None = None
+    """``(project, request id) -> [(earlier request id, table, released)]``: the project's count tables released
+    or in review, but the request's own."""
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -145,19 +166,125 @@ def check_table(
         df = canonical.read_frame(data, req.filename)
     except disclosure.TableError as e:
         return [result("readable", "fail", str(e))]
-    row_level = published.check_row_level(df, list(files))
+    content = [published.check_row_level(df, list(files)), check_labels(req.project, df, ctx)]
+    content.append(check_row_content(req.project, df, ctx))
     recipe = req.meta.get("recipe")
+    alone = from_frame(df)
     if not recipe:
-        return [row_level, *disclosure.check_table_alone(df, ctx.rules)]
+        return [*content, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
     if ctx.load_dataset is None:
         unchecked = result("recipe", "error", f"{NO_DATASETS} check the recipe; a steward checks it by hand")
-        return [row_level, unchecked, *disclosure.check_table_alone(df, ctx.rules)]
+        return [*content, unchecked, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
     try:
         recipe = disclosure.validate_recipe(recipe)
         source = ctx.load_dataset(req.project, recipe["dataset"], recipe.get("version"))
     except (disclosure.TableError, FileNotFoundError, KeyError) as e:
-        return [row_level, result("recipe", "fail", str(e)), *disclosure.check_table_alone(df, ctx.rules)]
-    return [row_level, *disclosure.check_with_recipe(df, source, recipe, ctx.rules)]
+        failed = result("recipe", "fail", str(e))
+        return [*content, failed, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
+    out = [*content, *disclosure.check_with_recipe(df, source, recipe, ctx.rules)]
+    matches = any(r["check"] == "recipe" and r["status"] == "pass" for r in out)
+    table = recipe_counts(source, recipe) if matches and recipe["aggfunc"] == "count" else alone
+    return [*out, check_differencing(req, table, ctx)]
+
+
+ROW_CONTENT_LIMIT = 0
+"""Rows of a dataset a table may reveal: none. A row counts only when one of its pseudonyms, or three of its
+distinctive values together, appear in one line of the table, which an aggregate does not do by chance; and a
+released table leaves for good."""
+
+
+def check_labels(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict[str, Any]:
+    if ctx.labels is None:
+        return result(
+            "labels", "error", "the checks were given no catalogue, so they cannot check the labels; a steward does"
+        )
+    return disclosure.check_labels(df, ctx.labels(project))
+
+
+def check_row_content(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict[str, Any]:
+    """Rows of the project's datasets the table reveals by its content, found with the egress gate's index."""
+    if ctx.reveal is None:
+        return result("row_content", "error", "the checks were given no row index; a steward checks for patient rows")
+    try:
+        found = {k: int(n) for k, n in ctx.reveal(project, disclosure.table_text(df)).items() if n}
+    except LookupError as e:
+        return result("row_content", "error", f"the rows cannot be looked up ({e}); a steward checks by hand")
+    total = sum(found.values())
+    if total > ROW_CONTENT_LIMIT:
+        named = ", ".join(f"{n} of {k}" for k, n in sorted(found.items()))
+        return result(
+            "row_content",
+            "fail",
+            f"the table holds patient rows ({named}): pseudonyms or values of one patient's row together, found "
+            "by content whatever the columns are called; row-level data never leaves, export an aggregate",
+            rows=found,
+            limit=ROW_CONTENT_LIMIT,
+        )
+    return result("row_content", "pass", "the table reveals no row of the project's datasets", limit=ROW_CONTENT_LIMIT)
+
+
+def from_frame(df: pd.DataFrame) -> differencing.CountTable | None:
+    """The count facts of a table read without its recipe; None when it holds no counts."""
+    df = disclosure.with_index(df)
+    counted = {c for _, c, _ in disclosure.count_cells(df)}
+    counts = [c for c in df.columns if str(c) in counted]
+    if not counts:
+        return None
+    labels = [c for c in disclosure.text_columns(df) if not pd.api.types.is_bool_dtype(df[c])]
+    return differencing.from_frame(df, counts, labels)
+
+
+def recipe_counts(data: pd.DataFrame, recipe: dict[str, Any]) -> differencing.CountTable:
+    """The count table a (validated, matching) recipe makes, with its population and the variables' domains."""
+    variables = [*recipe["index"], *recipe["columns"]]
+    rows = disclosure.recipe_rows(data, recipe)
+    counts = rows.groupby(variables, dropna=False, observed=True).size()
+    cells = {(k if isinstance(k, tuple) else (k,)): float(n) for k, n in counts.items()}
+    version = recipe.get("version")
+    return differencing.from_counts(
+        cells,
+        variables,
+        dataset=str(recipe["dataset"]).split("/")[-1],
+        version=int(version) if version not in (None, "") else None,
+        population=disclosure.population(data, recipe.get("filter") or {}),
+        domains={v: tuple(sorted({differencing._category(x) for x in data[v].dropna().unique()})) for v in variables},
+    )
+
+
+def check_differencing(req: Request, table: differencing.CountTable | None, ctx: CheckContext) -> dict[str, Any]:
+    """The table against itself and the project's earlier count tables: no difference may count a small group."""
+    if table is None:
+        return result("differencing", "pass", "not a count table: differences between releases apply to counts")
+    if ctx.stage_table is None or ctx.earlier_tables is None:
+        return result("differencing", "error", "the checks were given no record of earlier releases; a steward checks")
+    ctx.stage_table(req.id, req.project, table)
+    earlier = ctx.earlier_tables(req.project, req.id)
+    released = {rid for rid, _, done in earlier if done}
+    findings = differencing.compare(table, [(rid, t) for rid, t, _ in earlier], ctx.rules.min_count)
+    if not findings:
+        return result(
+            "differencing",
+            "pass",
+            f"no difference with itself or the project's {len(earlier)} earlier count table(s) counts fewer than "
+            f"{ctx.rules.min_count} people",
+            compared=len(earlier),
+        )
+    fail = [f for f in findings if f.sure and set(f.earlier) <= released]
+    status = "fail" if fail else "review"
+    first = (fail or findings)[0]
+    pending = sorted({rid for f in findings for rid in f.earlier} - released)
+    return result(
+        "differencing",
+        status,
+        f"{len(findings)} difference(s) count fewer than {ctx.rules.min_count} people: {first.describe()} "
+        "(the cells are in the check's details)"
+        + (f"; requests {', '.join(pending)} are still in review" if pending else "")
+        + ("" if fail else "; the populations are not known from recipes, so a steward judges")
+        + "; merge categories, drop the filter or the table, or release the same cells as before",
+        findings=[f.to_json() for f in findings],
+        earlier=sorted({rid for f in findings for rid in f.earlier}),
+        compared=len(earlier),
+    )
 
 
 def check_weights(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, Any]]:

@@ -27,13 +27,14 @@ from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChannelError, Pe
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import review
-from paitient.rules.disclosure import TableRules, result
+from paitient.rules.disclosure import Labels, TableRules, result
 from paitient.services.airlock import published, views
 from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output
 from paitient.services.airlock.checks import CheckContext, load_published, run_checks
 from paitient.services.airlock.mia import prepare_work_root
 from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
+from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
 from paitient.services.ledger.api import LedgerReader
@@ -72,6 +73,8 @@ class Airlock:
         self.ledger = ledger or LedgerReader(site.run_dir)
         self._lookup_run = lookup_run
         self.published = PublishedIndex(site.data_root)
+        self.tables = ReleasedTables(self.store)
+        self._matcher: Any = None
         self.audit_work_root = site.state_dir / "airlock-audit"
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._worker: threading.Thread | None = None
@@ -133,7 +136,36 @@ class Airlock:
             audit_work_root=str(self.audit_work_root),
             jobs_public_key=self.jobs_public_key,
             self_reported_policy=self._self_reported_policy,
+            labels=self.table_labels,
+            reveal=self.reveal_rows,
+            stage_table=self.tables.stage,
+            earlier_tables=self.tables.earlier,
         )
+
+    def table_labels(self, project: str) -> Labels:
+        """What text the project's tables may hold: the categories and column names the catalogue lists for
+        every published version of its datasets, and the project's ``table_labels``."""
+        from paitient.services.data.publish import dataset_dir, read_manifest, versions
+
+        p = self.site.project(project)
+        texts: list[Any] = list(p.table_labels)
+        for name in p.datasets:
+            ds = dataset_dir(self.site.data_root, project, name)
+            for version in versions(ds):
+                for column in (read_manifest(ds, version) or {}).get("columns", []):
+                    if isinstance(column, dict):
+                        texts.append(column.get("name", ""))
+                        texts.extend(column.get("categories") or [])
+        return Labels.of(texts)
+
+    def reveal_rows(self, project: str, text: bytes) -> dict[str, int]:
+        """Rows of the project's datasets ``text`` reveals, by the exact-data-match indexes the egress gate uses
+        (loaded here, as root, from the same files); a missing index raises LookupError."""
+        if self._matcher is None:
+            from paitient.services.egress.matcher import Matcher
+
+            self._matcher = Matcher(self.site, log=self.log)
+        return {key: len(rows) for key, rows in self._matcher.reveal(text, [project]).items()}
 
     def _self_reported_policy(self, project: str) -> tuple[str, str]:
         p = self.site.project(project)

@@ -1,0 +1,415 @@
+"""Differencing between released tables: does a new count table, together with a project's earlier releases,
+reveal a group smaller than the minimum count? Pure.
+
+A released count table is kept in a canonical form (:class:`CountTable`): its *facts*, each a set of
+``(variable, category)`` pairs and the number of people in it (a margin or total has fewer pairs than a full
+cell), the dataset and version it counts, and its *population*: the recipe's filter, normalised to the values
+it lets through per column (``{}`` for everyone), or ``None`` when the table came without a recipe and its
+population is unknown.
+
+Three kinds of difference are searched (:func:`compare`):
+
+- ``nested``: the same cells counted over two populations of which one holds the other (a filter that drops
+  some patients). Each cell's difference counts the dropped patients in that cell.
+- ``margin``: a total or margin minus the sub-cells given for it (in the same table, or in other releases over
+  the same population) counts the people of the categories left out.
+- ``bins``: two tables binning the same number differently (``40-49`` / ``45-54``): the boundaries of both
+  cut the line into pieces, and each piece is a difference of cumulative counts.
+
+A finding is *sure* when both populations are known from recipes (the difference is exact) and otherwise a
+suspicion for a steward (the populations of tables without recipes are guessed from their cells).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Pair = tuple[str, str]
+Key = frozenset[Pair]
+
+TOTAL_LABELS = frozenset({"all", "total", "totals", "overall"})
+"""Categories that mark a margin (``pd.crosstab(margins=True)`` writes ``All``)."""
+COLUMNS_VARIABLE = "(columns)"
+"""The variable whose categories are the headers of a table with several count columns."""
+MAX_FINDINGS = 50
+
+
+@dataclass(frozen=True)
+class CountTable:
+    facts: Mapping[Key, float]
+    dataset: str | None = None
+    version: int | None = None
+    population: Mapping[str, tuple[str, ...]] | None = None
+    """Column -> the values the filter lets through; ``{}``: everyone; ``None``: not known."""
+    domains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Variable -> every category it has in the dataset (from the recipe's data), where known."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "facts": [[sorted([v, c] for v, c in k), n] for k, n in self.facts.items()],
+            "dataset": self.dataset,
+            "version": self.version,
+            "population": None if self.population is None else {k: list(v) for k, v in self.population.items()},
+            "domains": {k: list(v) for k, v in self.domains.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CountTable:
+        pop = data.get("population")
+        return cls(
+            facts={frozenset((str(v), str(c)) for v, c in pairs): float(n) for pairs, n in data["facts"]},
+            dataset=data.get("dataset"),
+            version=data.get("version"),
+            population=None if pop is None else {str(k): tuple(map(str, v)) for k, v in pop.items()},
+            domains={str(k): tuple(map(str, v)) for k, v in (data.get("domains") or {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    """``nested``, ``margin`` or ``bins``."""
+    earlier: tuple[str, ...]
+    """The earlier requests the difference is taken with (none: within the new table)."""
+    cell: tuple[Pair, ...]
+    """The group revealed: (variable, category) pairs; a category may read ``not <a, b>`` or ``[a, b)``."""
+    count: float
+    sure: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "earlier": list(self.earlier),
+            "cell": {v: c for v, c in self.cell},
+            "count": self.count,
+            "sure": self.sure,
+        }
+
+    def describe(self) -> str:
+        """What was differenced, without the cell's categories or count (a reason reaches the requester's
+        browser; the cell is in :meth:`to_json`, for stewards and the workspace)."""
+        with_ = f" with request {', '.join(self.earlier)}" if self.earlier else " within the table"
+        what = {"nested": "nested populations", "margin": "a total minus its sub-cells", "bins": "overlapping bins"}
+        return f"{what[self.kind]}{with_}"
+
+
+def _small(n: float, min_count: int) -> bool:
+    return 0 < n < min_count and not math.isclose(n, 0.0, abs_tol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Populations
+
+
+def population_within(inner: Mapping[str, Sequence[str]], outer: Mapping[str, Sequence[str]]) -> bool:
+    """Is every person ``inner`` lets through also let through by ``outer`` (filters as per-column sets)?"""
+    return all(col in inner and set(inner[col]) <= set(vals) for col, vals in outer.items())
+
+
+def _same_population(a: CountTable, b: CountTable) -> bool | None:
+    """True/False when both are known, None when either is not."""
+    if a.population is None or b.population is None:
+        return None
+    if a.dataset != b.dataset:
+        return False
+    return population_within(a.population, b.population) and population_within(b.population, a.population)
+
+
+def _comparable(a: CountTable, b: CountTable) -> bool:
+    return not (a.dataset and b.dataset and a.dataset != b.dataset)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nested populations
+
+
+def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[Finding]:
+    if not _comparable(new, old):
+        return []
+    common = set(new.facts) & set(old.facts)
+    if not common:
+        return []
+    sure = new.population is not None and old.population is not None
+    if sure:
+        assert new.population is not None and old.population is not None
+        if new.version != old.version or _same_population(new, old):
+            return []
+        if population_within(new.population, old.population):
+            big, small = old, new
+        elif population_within(old.population, new.population):
+            big, small = new, old
+        else:
+            return []
+        # both recomputed from the data: a cell one lists and the other does not is zero there
+        keys = set(big.facts) | set(small.facts)
+        vars_ = {frozenset(v for v, _ in k) for k in keys}
+        if len(vars_) != 1:
+            keys = common
+    else:
+        # populations unknown: one table counts a subgroup of the other if no cell of it is larger
+        if new.facts.keys() != old.facts.keys():
+            return []
+        if all(new.facts[k] <= old.facts[k] for k in common):
+            big, small = old, new
+        elif all(old.facts[k] <= new.facts[k] for k in common):
+            big, small = new, old
+        else:
+            return []
+        keys = common
+    out = []
+    for k in sorted(keys, key=sorted):
+        d = big.facts.get(k, 0.0) - small.facts.get(k, 0.0)
+        if _small(d, min_count):
+            out.append(Finding("nested", (rid,), tuple(sorted(k)), d, sure))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Totals minus sub-cells
+
+
+def _margins(
+    facts: Mapping[Key, tuple[float, str]], new_sources: set[str], sure: bool, min_count: int
+) -> list[Finding]:
+    """Every fact minus the facts one variable finer than it; ``facts`` maps a key to (count, source)."""
+    children: dict[Key, dict[str, list[Key]]] = defaultdict(lambda: defaultdict(list))
+    for k in facts:
+        for pair in k:
+            children[k - {pair}][pair[0]].append(k)
+    out = []
+    for parent, by_var in children.items():
+        if parent not in facts:
+            continue
+        total, source = facts[parent]
+        for var, kids in by_var.items():
+            if any(v == var for v, _ in parent):
+                continue
+            sources = {source, *(facts[k][1] for k in kids)}
+            if not sources & new_sources:
+                continue  # the earlier releases alone; they were checked when released
+            rest = total - sum(facts[k][0] for k in kids)
+            if _small(rest, min_count):
+                given = sorted(c for k in kids for v, c in k if v == var)
+                cell = (*sorted(parent), (var, "not " + ", ".join(given)))
+                earlier = tuple(sorted(sources - new_sources))
+                out.append(Finding("margin", earlier, cell, rest, sure))
+    return out
+
+
+def _pool(tables: Iterable[tuple[str, CountTable]]) -> dict[Key, tuple[float, str]] | None:
+    pooled: dict[Key, tuple[float, str]] = {}
+    for source, t in tables:
+        for k, n in t.facts.items():
+            if k in pooled and not math.isclose(pooled[k][0], n, abs_tol=1e-9):
+                return None  # the same cell counted differently: not the same population
+            pooled.setdefault(k, (n, source))
+    return pooled
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overlapping bins
+
+_NUM = r"[-+]?\d+(?:\.\d+)?"
+_RANGE = re.compile(rf"^({_NUM})\s*(?:-|–|to)\s*({_NUM})$")
+_OPEN_UP = re.compile(rf"^(?:({_NUM})\s*\+|(>=|≥|>)\s*({_NUM}))$")
+_OPEN_DOWN = re.compile(rf"^(<=|≤|<)\s*({_NUM})$")
+_INTERVAL = re.compile(rf"^([\[(])\s*({_NUM})\s*,\s*({_NUM})\s*([\])])$")
+
+
+def _whole(x: float) -> bool:
+    return float(x).is_integer()
+
+
+def parse_bin(label: str) -> tuple[float, float] | None:
+    """A bin label as a half-open interval ``[low, high)``; whole-number ranges are inclusive (``40-49`` is
+    ``[40, 50)``, ``90+`` is ``[90, inf)``, ``(40, 50]`` of whole numbers is ``[41, 51)``). None if not a bin."""
+    s = label.strip()
+    if m := _RANGE.match(s):
+        lo, hi = float(m[1]), float(m[2])
+        if lo <= hi and _whole(lo) and _whole(hi):
+            return lo, hi + 1
+        return (lo, hi) if lo < hi else None
+    if m := _OPEN_UP.match(s):
+        if m[1] is not None:
+            return float(m[1]), math.inf
+        lo = float(m[3])
+        return (lo + 1 if m[2] == ">" and _whole(lo) else lo), math.inf
+    if m := _OPEN_DOWN.match(s):
+        hi = float(m[2])
+        return -math.inf, (hi + 1 if m[1] != "<" and _whole(hi) else hi)
+    if m := _INTERVAL.match(s):
+        lo, hi = float(m[2]), float(m[3])
+        if m[1] == "(" and m[4] == "]" and _whole(lo) and _whole(hi):
+            return lo + 1, hi + 1
+        if m[1] == "[" and m[4] == ")":
+            return lo, hi
+    return None
+
+
+def _binned(t: CountTable) -> dict[str, dict[Key, dict[tuple[float, float], float]]]:
+    """Variable whose every category is a bin -> rest of the key -> {bin: count}."""
+    cats: dict[str, set[str]] = defaultdict(set)
+    for k in t.facts:
+        for v, c in k:
+            cats[v].add(c)
+    out: dict[str, dict[Key, dict[tuple[float, float], float]]] = {}
+    for var, labels in cats.items():
+        bins = {c: parse_bin(c) for c in labels}
+        if len(bins) < 2 or any(b is None for b in bins.values()):
+            continue
+        by_rest: dict[Key, dict[tuple[float, float], float]] = defaultdict(dict)
+        for k, n in t.facts.items():
+            label = next((c for v, c in k if v == var), None)
+            if label is not None:
+                b = bins[label]
+                assert b is not None
+                by_rest[k - {(var, label)}][b] = n
+        out[var] = by_rest
+    return out
+
+
+def _cumulative(bins: Mapping[tuple[float, float], float]) -> dict[float, float] | None:
+    """Boundary -> people below it, for bins that tile a range without gaps or overlaps."""
+    ordered = sorted(bins.items())
+    cum = {ordered[0][0][0]: 0.0}
+    running = 0.0
+    for i, ((lo, hi), n) in enumerate(ordered):
+        if i and lo != ordered[i - 1][0][1]:
+            return None
+        running += n
+        cum[hi] = running
+    return cum
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == math.inf else ("-inf" if x == -math.inf else (f"{int(x)}" if _whole(x) else f"{x:g}"))
+
+
+def _bins(new: CountTable, rid: str, old: CountTable, sure: bool, min_count: int) -> list[Finding]:
+    out = []
+    old_binned = _binned(old)
+    for var, new_rest in _binned(new).items():
+        for old_var, old_rest in old_binned.items():
+            for rest, nb in new_rest.items():
+                ob = old_rest.get(rest)
+                if ob is None or set(nb) == set(ob):
+                    continue
+                if not math.isclose(sum(nb.values()), sum(ob.values()), abs_tol=1e-9):
+                    continue  # not the same people
+                cn, co = _cumulative(nb), _cumulative(ob)
+                if cn is None or co is None:
+                    continue
+                # both tile everyone: what lies below the lower table's start is nobody in the other either
+                points = dict(co)
+                bottom = max(min(cn), min(co))
+                consistent = True
+                for x, c in cn.items():
+                    if x in points and not math.isclose(points[x], c, abs_tol=1e-9):
+                        consistent = False
+                    points[x] = c
+                if not consistent:
+                    continue
+                known = set(nb) | set(ob)
+                xs = sorted(x for x in points if x >= bottom)
+                for lo, hi in zip(xs, xs[1:], strict=False):
+                    n = points[hi] - points[lo]
+                    if (lo, hi) not in known and _small(n, min_count):
+                        name = var if var == old_var else f"{var}/{old_var}"
+                        cell = (*sorted(rest), (name, f"[{_fmt(lo)}, {_fmt(hi)})"))
+                        out.append(Finding("bins", (rid,), cell, n, sure))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def compare(new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_count: int) -> list[Finding]:
+    """Differences of ``new`` with itself and with each earlier release (``(request id, table)``) that count
+    fewer than ``min_count`` people (and more than none)."""
+    own = _pool([("", new)])
+    found: list[Finding] = []
+    if own is not None:
+        found += _margins(own, {""}, True, min_count)  # one table: one population
+    pooled_sure: list[tuple[str, CountTable]] = [("", new)]
+    for rid, old in earlier:
+        if not _comparable(new, old):
+            continue
+        same = _same_population(new, old)
+        found += _nested(new, rid, old, min_count)
+        if same is False:
+            continue
+        if same:
+            pooled_sure.append((rid, old))
+        else:  # unknown populations: each earlier table alone, as a suspicion
+            pair = _pool([("", new), (rid, old)])
+            if pair is not None:
+                found += [f for f in _margins(pair, {""}, False, min_count) if f.earlier]
+        found += _bins(new, rid, old, bool(same), min_count)
+    if len(pooled_sure) > 1:
+        pooled = _pool(pooled_sure)
+        if pooled is not None:
+            found += [f for f in _margins(pooled, {""}, True, min_count) if f.earlier]
+    unique: dict[tuple[str, tuple[str, ...], tuple[Pair, ...]], Finding] = {}
+    for f in found:
+        unique.setdefault((f.kind, f.earlier, f.cell), f)
+    return sorted(unique.values(), key=lambda f: (not f.sure, f.kind, f.earlier, f.cell))[:MAX_FINDINGS]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Canonical forms
+
+
+def _category(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return " ".join(str(value).split())
+
+
+def from_frame(df: Any, count_columns: Sequence[str], label_columns: Sequence[str]) -> CountTable:
+    """The count facts of a submitted table without a recipe (population unknown): each row's labels are its
+    cell's categories (a total label makes it a margin); several count columns make their headers the
+    categories of :data:`COLUMNS_VARIABLE`."""
+    facts: dict[Key, float] = {}
+    several = len(count_columns) > 1
+    for _, row in df.iterrows():
+        pairs = []
+        for col in label_columns:
+            v = row[col]
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            cat = _category(v)
+            if cat.casefold() not in TOTAL_LABELS:
+                pairs.append((_category(col), cat))
+        for col in count_columns:
+            n = row[col]
+            if n is None or (isinstance(n, float) and math.isnan(n)):
+                continue
+            key = set(pairs)
+            header = _category(col)
+            if several and header.casefold() not in TOTAL_LABELS:
+                key.add((COLUMNS_VARIABLE, header))
+            facts.setdefault(frozenset(key), float(n))
+    return CountTable(facts=facts)
+
+
+def from_counts(
+    counts: Mapping[tuple[Any, ...], float],
+    variables: Sequence[str],
+    *,
+    dataset: str,
+    version: int | None,
+    population: Mapping[str, tuple[str, ...]],
+    domains: Mapping[str, tuple[str, ...]],
+) -> CountTable:
+    """The facts of a count table recomputed from its recipe: ``counts`` maps each cell's categories (in the
+    order of ``variables``) to its count."""
+    facts = {
+        frozenset((var, _category(c)) for var, c in zip(variables, cats, strict=True)): float(n)
+        for cats, n in counts.items()
+    }
+    return CountTable(facts=facts, dataset=dataset, version=version, population=population, domains=domains)

@@ -1,0 +1,241 @@
+"""Checks on a table's content: labels, not free text; no patient rows, found by content; no small group by
+differencing with earlier releases. Attacks are tried for real against published, indexed datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from paitient.ops.demodata import publish_demo
+from paitient.rules import differencing as dif
+from paitient.rules import disclosure, review
+from tests.airlock.helpers import csv_bytes, publish_indexed, submit, wait_state
+
+
+def by_check(airlock, rid: str) -> dict:
+    return {c["check"]: c for c in airlock.store.checks(rid)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pure rules
+
+LABELS = disclosure.Labels.of(["F", "M", "sex", "age", "40-49", "Stage I"])
+
+
+@pytest.mark.parametrize(
+    ("text", "header", "ok"),
+    [
+        ("F", False, True),
+        ("  stage   i ", False, True),  # case and spacing do not matter
+        ("1,204", False, True),  # numbers written as text
+        ("12.5%", False, True),
+        ("90+", False, True),
+        ("(40, 50]", False, True),
+        ("Total", False, True),
+        ("P-LGVLFVU6FADIJTQS", False, False),  # a pseudonym
+        ("1984-07-19", False, False),  # a date is not a label
+        ("Anna Müller", False, False),
+        ("mean_age", True, True),  # a header of known words
+        ("n patients (%)", True, True),
+        ("Unnamed: 0", True, True),  # pandas' name for an unnamed index
+        ("mean_age", False, False),  # ... but a cell must be a label itself
+        ("patient_P-LGVLFVU6FADIJTQS", True, False),
+    ],
+)
+def test_what_counts_as_a_label(text, header, ok):
+    assert disclosure.is_label(text, LABELS, header=header) is ok
+
+
+def test_index_labels_and_headers_are_checked_like_cells():
+    df = pd.DataFrame({"n": [12, 15]}, index=pd.Index(["F", "P-LGVLFVU6FADIJTQS"], name="sex"))
+    r = disclosure.check_labels(df, LABELS)
+    assert r["status"] == "fail"
+    assert r["details"]["cells"] == [{"row": 1, "column": "sex", "value": "P-LGVLFVU6FADIJTQS"}]
+    r = disclosure.check_labels(pd.DataFrame({"F": [12], "who knows": [3]}), LABELS)
+    assert r["status"] == "fail" and r["details"]["headers"] == ["who knows"]
+    assert disclosure.check_labels(pd.DataFrame({"sex": ["F", "M"], "n": [12, 15]}), LABELS)["status"] == "pass"
+
+
+def test_a_filter_that_cannot_be_applied_says_what_to_write():
+    for bad, says in [
+        ("age < 90", "must map column names"),
+        ({"age": {"under": 90}}, "conditions are in, not"),
+        ({"age": {"<": "ninety"}}, "takes a number"),
+        ({"sex": {"in": "F"}}, "takes a list"),
+    ]:
+        with pytest.raises(disclosure.TableError, match=says):
+            disclosure.validate_filter(bad)
+    data = pd.DataFrame({"age": [30, 95, 91, 50], "sex": ["F", "M", "F", "F"]})
+    spec = disclosure.validate_filter({"age": {"<": 90}, "sex": "F"})
+    assert disclosure.filter_mask(data, spec).tolist() == [True, False, False, True]
+    assert disclosure.population(data, spec) == {"age": ("30", "50"), "sex": ("F",)}
+    assert disclosure.population(data, {}) == {}
+
+
+def cells(**counts: float) -> dict[frozenset, float]:
+    return {frozenset({("band", k.replace("_", "-"))}): v for k, v in counts.items()}
+
+
+def test_nested_populations_reveal_the_dropped_patients_cell_by_cell():
+    everyone = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=80), dataset="d", version=1, population={})
+    but_old = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=78), dataset="d", version=1, population={"age": ("1",)})
+    found = dif.compare(but_old, [("r-all", everyone)], 10)
+    assert [(f.kind, f.earlier, f.cell, f.count, f.sure) for f in found] == [
+        ("nested", ("r-all",), (("band", "b65-"),), 2.0, True)
+    ]
+    # the same populations, or a difference of at least the threshold, reveal nothing
+    assert dif.compare(everyone, [("r", everyone)], 10) == []
+    many_gone = dif.CountTable(cells(b0_44=90, b45_64=120, b65_=80), dataset="d", version=1, population={"age": ("1",)})
+    assert dif.compare(many_gone, [("r-all", everyone)], 10) == []
+    # another dataset is not compared
+    other = dif.CountTable(everyone.facts, dataset="e", version=1, population={})
+    assert dif.compare(but_old, [("r", other)], 10) == []
+
+
+def test_tables_without_recipes_that_look_nested_go_to_a_steward():
+    a, b = dif.CountTable(cells(x=100, y=50)), dif.CountTable(cells(x=97, y=50))
+    [f] = dif.compare(b, [("r1", a)], 10)
+    assert (f.kind, f.count, f.sure) == ("nested", 3.0, False)
+
+
+def test_a_total_minus_its_subgroups_reveals_the_group_left_out():
+    total = {frozenset(): 60.0}
+    sub = {frozenset({("sex", "F")}): 31.0, frozenset({("sex", "M")}): 25.0}
+    [own] = dif.compare(dif.CountTable({**total, **sub}), [], 10)  # a suppressed cell, recoverable from the total
+    assert (own.kind, own.earlier, own.cell, own.count, own.sure) == ("margin", (), (("sex", "not F, M"),), 4.0, True)
+    # across releases over the same population
+    first = dif.CountTable(total, dataset="d", version=1, population={})
+    second = dif.CountTable(sub, dataset="d", version=1, population={})
+    [f] = dif.compare(second, [("r-total", first)], 10)
+    assert (f.kind, f.earlier, f.count, f.sure) == ("margin", ("r-total",), 4.0, True)
+
+
+def test_overlapping_bins_reveal_the_pieces_between_their_edges():
+    assert dif.parse_bin("40-49") == (40, 50) and dif.parse_bin("90+") == (90, np.inf)
+    assert dif.parse_bin("(40, 50]") == (41, 51) and dif.parse_bin("<18") == (-np.inf, 18)
+    assert dif.parse_bin("F") is None
+    tens = dif.CountTable({frozenset({("age", "40-49")}): 30.0, frozenset({("age", "50-59")}): 30.0})
+    shifted = dif.CountTable({frozenset({("age", "40-44")}): 28.0, frozenset({("age", "45-59")}): 32.0})
+    [f] = dif.compare(shifted, [("r-tens", tens)], 10)
+    assert (f.kind, f.earlier, f.cell, f.count) == ("bins", ("r-tens",), (("age", "[45, 50)"),), 2.0)
+    # pieces of at least the threshold are fine
+    wide = dif.CountTable({frozenset({("age", "40-44")}): 15.0, frozenset({("age", "45-59")}): 45.0})
+    assert dif.compare(wide, [("r-tens", tens)], 10) == []
+
+
+def test_a_count_table_survives_its_json_form():
+    t = dif.CountTable(
+        cells(a=1, b=2), dataset="d", version=3, population={"age": ("1", "2")}, domains={"band": ("a",)}
+    )
+    assert dif.CountTable.from_json(t.to_json()) == t
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attacks, for real
+
+
+@pytest.fixture
+def demo(site):
+    """oncology/breast_cancer published through the real ingest: pseudonyms, catalogue, row index."""
+    assert publish_demo(site) == ["oncology/breast_cancer@v1"]
+    return pd.read_parquet(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet")
+
+
+def test_a_column_of_pseudonyms_is_refused_as_patient_rows_and_as_free_text(airlock, people, demo):
+    table = pd.DataFrame({"age": ["50-59"] * 20, "who": demo["patient"][:20], "n": [12] * 20})
+    rid = submit(airlock, people, "alice", csv_bytes(table))
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert checks["row_content"]["status"] == "fail"
+    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 20}
+    assert "20 of oncology/breast_cancer" in checks["row_content"]["reason"]
+    assert checks["labels"]["status"] == "fail"
+    assert [c["value"] for c in checks["labels"]["details"]["cells"]] == list(demo["patient"][:20])
+    assert checks["labels"]["details"]["headers"] == ["who"]  # "age" and "50-59" are catalogued
+    assert airlock.describe(airlock.store.get(rid), for_steward=False)["overall"] == "fail"
+
+
+def test_patient_rows_under_other_names_are_found_by_their_values(airlock, people, demo):
+    rows = demo[["mean radius", "mean texture", "mean perimeter", "mean area"]][:15]
+    summary = rows.set_axis(["stage", "I", "II", "III"], axis=1)  # innocent names (the project's allow-list)
+    rid = submit(airlock, people, "alice", csv_bytes(summary), name="summary.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert checks["row_level"]["status"] == "pass"  # no column name matches the dataset's ...
+    assert checks["labels"]["status"] == "pass"  # ... and no text in it ...
+    assert checks["row_content"]["status"] == "fail"  # ... but its lines are 15 patients' rows
+    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 15}
+
+
+def test_an_aggregate_by_catalogued_categories_passes_the_content_checks(airlock, people, demo):
+    counts = demo.groupby("age").size().rename("n").reset_index()
+    recipe = {"dataset": "breast_cancer", "index": ["age"], "aggfunc": "count"}
+    rid = submit(airlock, people, "alice", csv_bytes(counts), recipe=recipe)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert checks["labels"]["status"] == "pass" and checks["labels"]["details"]["known_labels"] > 10
+    assert checks["row_content"]["status"] == "pass"
+    assert checks["recipe"]["status"] == "pass"
+    assert checks["differencing"]["status"] == "pass"
+
+
+AGES = np.concatenate([np.arange(20, 90).repeat(4), [91, 94]])  # 282 patients, two of them over 90
+
+
+def registry_counts(site) -> pd.DataFrame:
+    band = pd.cut(AGES, [0, 45, 65, 200], right=False, labels=["0-44", "45-64", "65+"]).astype(str)
+    df = pd.DataFrame({"age": AGES, "age_band": band, "sex": np.where(np.arange(len(AGES)) % 2, "F", "M")})
+    publish_indexed(
+        site, "registry", "counts", df, categories={"age_band": ["0-44", "45-64", "65+"], "sex": ["F", "M"]}
+    )
+    return df
+
+
+def test_counts_for_all_but_two_patients_are_refused_naming_the_earlier_release(site, airlock, people):
+    df = registry_counts(site)
+    everyone = df.groupby("age_band").size().rename("n").reset_index()
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    first = submit(airlock, people, "ren", csv_bytes(everyone), recipe=recipe)
+    wait_state(airlock, first, review.RELEASED)  # every check passed: released automatically
+    assert airlock.tables.released("registry") == [first]
+
+    young = df[df.age < 90].groupby("age_band").size().rename("n").reset_index()
+    assert young.n.min() >= 10  # each cell alone is large enough
+    second = submit(airlock, people, "ren", csv_bytes(young), recipe={**recipe, "filter": {"age": {"<": 90}}})
+    wait_state(airlock, second, review.IN_REVIEW)
+    checks = by_check(airlock, second)
+    assert checks["minimum_count"]["status"] == "pass" and checks["recipe"]["status"] == "pass"
+    diff = checks["differencing"]
+    assert diff["status"] == "fail"
+    assert f"nested populations with request {first}" in diff["reason"]
+    assert diff["details"]["findings"] == [
+        {"kind": "nested", "earlier": [first], "cell": {"age_band": "65+"}, "count": 2.0, "sure": True}
+    ]
+    assert airlock.store.get(second).state == review.IN_REVIEW  # not released automatically
+
+    # The same table without its recipe: the population is not known, so a steward judges.
+    third = submit(airlock, people, "ren", csv_bytes(young))
+    wait_state(airlock, third, review.IN_REVIEW)
+    diff = by_check(airlock, third)["differencing"]
+    assert diff["status"] == "review" and first in diff["details"]["earlier"]
+    assert {"age_band": "65+"} in [f["cell"] for f in diff["details"]["findings"]]
+
+
+def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):
+    df = registry_counts(site)
+    by_sex = df.groupby("sex").size().rename("n").reset_index()
+    rid = submit(airlock, people, "ren", csv_bytes(pd.concat([by_sex, pd.DataFrame({"sex": ["F"], "n": [3]})])))
+    wait_state(airlock, rid, review.IN_REVIEW)  # fails (a cell of 3): kept, but not released
+    assert airlock.tables.released("registry") == []
+    assert [r for r, _, done in airlock.tables.earlier("registry", "other") if done] == []
+
+
+def test_a_kernel_recipe_carries_its_filter_to_the_airlock():
+    from paitient.kernel.airlock.spec import RequestSpecError, TableRecipe
+
+    recipe = TableRecipe(dataset="counts", index="age_band", filter={"age": {"<": 90}})
+    assert recipe.to_wire()["filter"] == {"age": {"<": 90}}
+    assert TableRecipe.from_dict(recipe.to_wire()) == TableRecipe(**recipe.to_wire())
+    with pytest.raises(RequestSpecError, match="takes a number"):
+        TableRecipe(dataset="counts", index="age_band", filter={"age": {"<": "ninety"}})
