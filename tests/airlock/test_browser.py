@@ -105,11 +105,14 @@ def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser
     assert sam.locator("#preview-table b").count() == 0
     assert sam.locator('#checks tr[data-check="minimum_count"] td').nth(1).inner_text() == "pass"
     # The browser enforces "a comment is required" before anything is sent ...
-    sam.get_by_label("Approve").check()
+    sam.get_by_role("radio", name="Approve").check()
     sam.get_by_role("button", name="Record decision").click()
     assert sam.locator("#comment").evaluate("el => el.validity.valueMissing") is True
     assert airlock.store.get(rid).state == "in_review"
-    # ... and a decision with a comment goes through with the XSRF token the page carries.
+    # ... and a decision with a comment goes through with the XSRF token the page carries (the markup label
+    # is free text, which fails the label check: approving it is an override with its reason).
+    assert "labels" in sam.locator("#failed-checks").inner_text()
+    sam.fill("#override", "the label is a heading the paper prints")
     sam.fill("#comment", "aggregate counts, all cells above 10")
     sam.get_by_role("button", name="Record decision").click()
     sam.wait_for_url(f"{served}requests/{rid}")

@@ -56,7 +56,9 @@ def gif_csv_polyglot() -> bytes:
 
 async def release(web, airlock, people, rid: str):
     wait_state(airlock, rid, review.IN_REVIEW)
-    assert (await web.decide("sam", rid, "approve", "fine")).code == 303
+    # Some of these tables fail content checks on purpose (a formula, patient rows): approve over them.
+    why = "released here only to see the bytes that come out"
+    assert (await web.decide_with("sam", rid, action="approve", comment="fine", override=why)).code == 303
     got = await web.fetch("alice", f"requests/{rid}/download")
     assert got.code == 200
     return got

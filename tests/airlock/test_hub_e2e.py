@@ -51,6 +51,7 @@ def ws():
     # oncology releases weights trained in the kernel after two approvals; the demo default refuses them
     # (tests/e2e/test_notebooks.py tries that).
     policy = 'self_reported_weights = "two-person"\nself_reported_reason = "compared with certified models"'
+    policy += '\ntable_labels = ["stage", "I", "II", "III"]'  # the tables' labels no catalogue lists
     with own_workspace("paitient-airlock-e2e-", "pta", project_settings={"oncology": policy}) as ws:
         yield ws
 

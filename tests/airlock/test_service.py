@@ -262,7 +262,7 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
     srv.start_in_thread()
     ids = []
     for i in range(3):
-        path = give(Path(alice.pw_dir) / f"t{i}.csv", f"x,n\na,{50 + i}\n".encode(), alice.pw_uid)
+        path = give(Path(alice.pw_dir) / f"t{i}.csv", f"stage,patients\nI,{50 + i}\n".encode(), alice.pw_uid)
         ids.append(submit(alice, site, path, "table", justification=f"table {i}")["id"])
     first.wait_idle()
     first.decide(ids[0], username="sam", scopes={"custom:airlock:review"}, action="approve", comment="fine")
