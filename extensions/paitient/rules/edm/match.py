@@ -63,7 +63,7 @@ class Scan:
         q = self.queries(index.keyed)
         if not len(q.fp):
             return _EMPTY
-        hits = index.lookup(q.fp)
+        hits = index.lookup(q.fp)  # in any order: what follows marks, sorts or counts them
         # a padded print contradicts a rounded value; a number is never a pseudonym (a fingerprint
         # collision must not reveal a patient)
         wrong = (q.exact[hits.query] & ~hits.exact) | ((hits.query >= q.words) & hits.primary)
