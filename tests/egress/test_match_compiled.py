@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from paitient.rules.edm import EDMIndex, Keyed, Scan, compiled_match
 from paitient.rules.edm.index import _FP_SHIFT, FORMAT, Hits
+from paitient.rules.edm.match import _Queries, sift, sift_arrays
 
 FP_SHIFT = int(_FP_SHIFT)
 
@@ -176,3 +177,40 @@ def test_the_order_of_the_hits_does_not_change_the_rows_a_scan_reveals(indexed, 
         monkeypatch.setattr(EDMIndex, "lookup", lookup)
         for text, rows in zip(texts(df), revealed, strict=True):
             assert np.array_equal(Scan(text).rows(index), rows)
+
+
+def assert_same_sift(hits: Hits, q: _Queries, nrows: int) -> None:
+    fast, ref = sift(hits, q, nrows), sift_arrays(hits, q, nrows)
+    for a, b in zip(fast, ref, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_scans_sift_their_hits_as_the_reference_does(indexed):
+    df, index = indexed
+    for text in texts(df):
+        q = Scan(text).queries(index.keyed)
+        assert_same_sift(index.lookup(q.fp), q, index.rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.integers(0, 300), st.integers(1, 40), st.integers(1, 12))
+def test_any_hits_are_sifted_as_the_reference_sifts_them(seed, n, nrows, ncols):
+    """Hits of few rows and columns (rows with 1, 2, 3 and more columns, repeated columns), pseudonyms
+    among them, queries of words and of numbers, exact-only ones, rounded entries."""
+    rng = np.random.default_rng(seed)
+    nq = int(rng.integers(1, 60))
+    words = int(rng.integers(0, nq + 1))
+    q = _Queries(
+        fp=np.zeros(nq, np.uint64),
+        token=rng.permutation(nq * 2)[:nq].astype(np.int64),
+        exact=rng.random(nq) < 0.3,
+        words=words,
+    )
+    hits = Hits(
+        query=rng.integers(0, nq, n).astype(np.int64),
+        row=rng.integers(0, nrows, n).astype(np.int64),
+        col=rng.integers(0, ncols, n).astype(np.int64),
+        primary=rng.random(n) < 0.1,
+        exact=rng.random(n) < 0.5,
+    )
+    assert_same_sift(hits, q, nrows)

@@ -99,7 +99,89 @@ def lookup(
     return query, found
 
 
+def _sift_py(
+    query: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    primary: np.ndarray,
+    exact: np.ndarray,
+    exact_only: np.ndarray,
+    words: int,
+    token: np.ndarray,
+    nrows: int,
+    min_columns: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = len(query)
+    revealed = np.zeros(nrows, dtype=np.bool_)
+    candidates = np.zeros(nrows, dtype=np.bool_)
+    # per row, the first min_columns - 1 distinct columns among its hits (column + 1; 0: none yet); only the
+    # rows hit are cleared, so that a short text costs as little against a large index as against a small one
+    seen = np.empty((nrows, max(min_columns - 1, 1)), dtype=np.int32)
+    for i in range(n):
+        seen[row[i]] = 0
+    tok = np.empty(n, dtype=np.int64)
+    rows = np.empty(n, dtype=np.int64)
+    cols = np.empty(n, dtype=np.int64)
+    kept = 0
+    for i in range(n):
+        q = query[i]
+        if (exact_only[q] and not exact[i]) or (q >= words and primary[i]):
+            continue
+        r = row[i]
+        if primary[i]:
+            revealed[r] = True
+            continue
+        c = col[i]
+        tok[kept] = token[q]
+        rows[kept] = r
+        cols[kept] = c
+        kept += 1
+        if min_columns <= 1:
+            candidates[r] = True
+            continue
+        new = True
+        for k in range(min_columns - 1):
+            if seen[r, k] == c + 1:
+                new = False
+                break
+            if seen[r, k] == 0:
+                seen[r, k] = c + 1
+                new = False
+                break
+        if new:  # a column other than the min_columns - 1 already seen
+            candidates[r] = True
+    return revealed, candidates, tok[:kept], rows[:kept], cols[:kept]
+
+
+_sift = _jit(_sift_py)
+
+
+def sift(
+    query: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    primary: np.ndarray,
+    exact: np.ndarray,
+    exact_only: np.ndarray,
+    words: int,
+    token: np.ndarray,
+    nrows: int,
+    min_columns: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The hits (``query``, ``row``, ``col``, ``primary``, ``exact``) that count, sorted into what they reveal
+    (see :func:`paitient.rules.edm.match.sift`): a hit of an ``exact_only`` query on a rounded entry, and a
+    number's (a query from ``words`` on) on a primary entry, do not count; (rows revealed by a primary hit, as
+    a mask over ``nrows`` rows; rows with hits of at least ``min_columns`` columns, a mask too; the token
+    (``token[query]``), row and column of every other hit, in the order of the hits)."""
+    revealed, candidates, tok, rows, cols = _sift(
+        query, row, col, primary, exact, exact_only, int(words), token, int(nrows), int(min_columns)
+    )
+    return revealed, candidates, tok, rows, cols
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the scan's lookups, on inputs that take each path."""
     # one bucket of 80 equal entries: more hits than the first arrays hold
     lookup(np.zeros(1, dtype=np.uint64), np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32), 1, 38)
+    one = np.zeros(1, dtype=np.int64)
+    sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
