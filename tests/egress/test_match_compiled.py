@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paitient.rules.edm import EDMIndex, Keyed, Scan, compiled_match
+from paitient.rules.edm import numbers as nb
 from paitient.rules.edm.index import _FP_SHIFT, FORMAT, Hits
-from paitient.rules.edm.match import _Queries, sift, sift_arrays
+from paitient.rules.edm.match import _Queries, _queries, _queries_arrays, sift, sift_arrays
+from paitient.rules.edm.tokens import Tokens, tokenize
 
 FP_SHIFT = int(_FP_SHIFT)
 
@@ -214,3 +216,108 @@ def test_any_hits_are_sifted_as_the_reference_sifts_them(seed, n, nrows, ncols):
         exact=rng.random(n) < 0.5,
     )
     assert_same_sift(hits, q, nrows)
+
+
+def assert_same_queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...] = nb.TIERS) -> _Queries:
+    fast, ref = _queries(tokens, keyed, tiers), _queries_arrays(tokens, keyed, tiers)
+    assert fast.words == ref.words
+    for name in ("fp", "token", "exact"):
+        a, b = getattr(fast, name), getattr(ref, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    return fast
+
+
+def test_scans_look_up_the_references_fingerprints(indexed):
+    df, index = indexed
+    for text in texts(df):
+        assert_same_queries(tokenize(text), index.keyed)
+
+
+PIECES = [
+    "17.99",
+    "17.990000",
+    "17.989999771118164",
+    "0.1235",
+    "0.12345",
+    "999999.5",
+    "9.9995",
+    "1.5E+03",
+    "-0.0001184",
+    "1e-320",
+    "4.9e-324",
+    "1.7976931348623157e308",
+    "0.12345678901234567",
+    "123456",
+    "12",
+    "2019-03-04",
+    "2019-03-04T10:00",
+    "P-7F3SJGQVFCSMMGDI",
+    "Post-menopausal",
+    "abc",
+    "abcdefgh",
+    "ABCDEFGHIJKLMNOPQ",
+    "abcdefghijklmnop",
+    "x" * 32,
+    "x" * 33,
+    "Y" * 64,
+    "z" * 70,
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from(PIECES) | st.text("0123456789.eE+-_aZ", max_size=20), max_size=60),
+    st.lists(st.sampled_from([" ", ", ", "\n", ": ", '"', "[", "]"]), min_size=1, max_size=5),
+    st.binary(min_size=32, max_size=32),
+    st.sets(st.sampled_from(nb.TIERS)),
+)
+def test_any_text_gives_the_references_fingerprints(pieces, gaps, key, tiers):
+    text = "".join(p + gaps[i % len(gaps)] for i, p in enumerate(pieces))
+    assert_same_queries(tokenize(text), Keyed(key), tuple(sorted(tiers)))
+
+
+def near(mantissa: int, half: float, band: float) -> float:
+    """A value within a few tie bands (or a few printed noises) of a midpoint (or of a shorter decimal)."""
+    if half:
+        return (mantissa + 0.5 + band * nb._TIE_BAND) / 1000
+    return mantissa * (1 + band * nb.PRINTED_NOISE) / 1000
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.floats(min_value=5e-324, max_value=1.7976931348623157e308)
+        | st.decimals(min_value=0, max_value=10**7, places=6).map(float)
+        | st.integers(min_value=1, max_value=10**6).map(lambda m: (m + 0.5) / 10 ** (len(str(m)) + 1))
+        | st.builds(near, st.integers(min_value=100, max_value=99_999), st.sampled_from([0.0, 0.5]), st.floats(-3, 3)),
+        max_size=80,
+    ),
+    st.integers(min_value=0, max_value=2**32),
+    st.binary(min_size=32, max_size=32),
+)
+def test_any_numbers_give_the_references_fingerprints(values, seed, key):
+    """Any positive float printed with any number of digits: midpoints, values that are shorter decimals
+    (padded prints), subnormal and huge ones."""
+    value = np.array([v for v in values if v > 0], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    buf = np.zeros(64, dtype=np.uint8)
+    none = np.zeros(0, dtype=np.int64)
+    ndigits = rng.integers(0, 9, len(value)).astype(np.int64)
+    tokens = Tokens(buf, 0, none, none, none, value, nb.leading_exponent(value), ndigits)
+    assert_same_queries(tokens, Keyed(key))
+
+
+def test_values_at_the_edges_of_the_tie_band_and_of_the_noise_give_the_references_fingerprints():
+    rng = np.random.default_rng(2)
+    mantissa = rng.integers(100, 100_000, 400)
+    band = np.linspace(-2, 2, 401)
+    value = np.concatenate(
+        [(mantissa + 0.5 + b * nb._TIE_BAND) / 1000 for b in band[::8]]
+        + [mantissa * (1 + b * nb.PRINTED_NOISE) / 1000 for b in band[::8]]
+    )
+    digits = np.tile(np.array([len(str(m)) for m in mantissa]), len(value) // len(mantissa))
+    none = np.zeros(0, dtype=np.int64)
+    for ndigits in (digits, digits + 1, np.full(len(value), 6)):
+        tokens = Tokens(np.zeros(64, np.uint8), 0, none, none, none, value, nb.leading_exponent(value), ndigits)
+        q = assert_same_queries(tokens, Keyed(bytes(32)))
+        assert len(q.fp) > len(value)  # midpoints looked up at both neighbours, padded prints at two tiers

@@ -26,6 +26,17 @@ class _Queries:
 
 
 def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+    """The fingerprints of the words, then of the numbers at each precision to look up, in one compiled pass
+    (:func:`paitient.rules.edm.compiled_match.queries`)."""
+    t = tokens
+    fp, token, exact = compiled_match.queries(
+        t.view, t.word_start, t.word_len, t.value, t.lead, t.ndigits, tiers, keyed.lanes
+    )
+    return _Queries(fp=fp, token=token, exact=exact, words=len(t.word_start))
+
+
+def _queries_arrays(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+    """:func:`_queries` in whole-array numpy, the reference."""
     nw = len(tokens.word_start)
     wfp = keyed.words(tokens.view, tokens.word_start, tokens.word_len) if nw else np.zeros(0, np.uint64)
     tok, packed, exact = nb.printed_queries(tokens.value, tokens.lead, tokens.ndigits, tiers)
