@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from paitient.rules.edm import compiled_records
 from paitient.rules.edm.hashing import MAX_WORD, word_hash, word_view
 from paitient.rules.edm.tokens import Tokens, runs
 
@@ -68,6 +69,15 @@ def _runs_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return a, np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
     return a[starts], np.diff(np.concatenate((starts, [len(a)])))
+
+
+def _number_in(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The place of each of ``values`` in the sorted distinct ``ids``, -1 where it is none of them."""
+    if not len(ids):
+        return np.full(len(values), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ids, values), len(ids) - 1)
+    result: np.ndarray = np.where(ids[at] == values, at, -1)
+    return result
 
 
 def _densify(ids: np.ndarray) -> np.ndarray:
@@ -191,16 +201,53 @@ class Layout:
         found: tuple[np.ndarray, np.ndarray],
     ) -> np.ndarray:
         """Rows that the hits (token, row, column) reveal in layout ``name``; ``found`` is (token, column)
-        of every value of the dataset found in the text, to tell row-like records from column-like ones."""
+        of every value of the dataset found in the text, to tell row-like records from column-like ones.
+        The records are found here, the counting within them is compiled
+        (:mod:`paitient.rules.edm.compiled_records`); :meth:`rows_arrays` is the reference."""
         if name == "window":
             return rows_in_windows(self.ordinal(tok), row, col)
         cap = record_cap(columns)
-        if name in _SEGMENTS:
-            rec = self._segments(name, tok, cap)
-        elif "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
-            rec = self._pooled(name)[tok]
-        else:  # only the hits' tokens for now: the whole text only if some record might count
-            rec = getattr(self, "_" + name)(self.start[tok])
+        rec = self._records(name, tok, cap)
+        pooled = name not in _SEGMENTS
+        if pooled:  # records numbered 0, 1, ... in the order of their ids
+            ids, rec = np.unique(rec, return_inverse=True)
+            if len(ids) and ids[0] < 0:
+                ids, rec = ids[1:], rec - 1
+            records = len(ids)
+        else:
+            records = len(self._separators(name)) + 1
+        words = len(self.tokens.word_start)
+        at, any_rows = compiled_records.kept(rec, records, tok, row, col, nrows, cap, words, pooled, MIN_ROW_COLUMNS)
+        if not any_rows:  # most hits are chance ones: spare the sizes and shapes of records
+            return np.zeros(0, dtype=np.int64)
+        all_tok, all_col = found
+        found_ids = self._record_ids(name, all_tok)
+        if pooled:
+            found_ids = _number_in(ids, found_ids)
+            uniq, counts = self._sizes(name)
+            at_size = _number_in(uniq, ids)
+            too_big = (at_size < 0) | (counts[np.maximum(at_size, 0)] > cap) if len(uniq) else np.ones(records, bool)
+        else:
+            too_big = np.zeros(records, dtype=bool)
+        return compiled_records.revealed(
+            rec, records, row, col, at, (found_ids, all_tok, all_col), too_big, nrows, _COLUMN_LIKE_MIN, MIN_ROW_COLUMNS
+        )
+
+    def rows_arrays(
+        self,
+        name: str,
+        tok: np.ndarray,
+        row: np.ndarray,
+        col: np.ndarray,
+        nrows: int,
+        columns: int,
+        found: tuple[np.ndarray, np.ndarray],
+    ) -> np.ndarray:
+        """:meth:`rows` in whole-array numpy, the reference."""
+        if name == "window":
+            return rows_in_windows(self.ordinal(tok), row, col)
+        cap = record_cap(columns)
+        rec = self._records(name, tok, cap)
         keep = np.flatnonzero(rec >= 0)
         rec, tok, row, col = rec[keep], tok[keep], row[keep], col[keep]
         if name not in _SEGMENTS and len(rec):
@@ -218,17 +265,37 @@ class Layout:
         ok = ~self._column_like(name, rec, *found)
         if name not in _SEGMENTS:
             uniq, counts = self._sizes(name)
-            i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
-            ok &= (uniq[i] == rec) & (counts[i] <= cap)
+            if len(uniq):
+                i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
+                ok &= (uniq[i] == rec) & (counts[i] <= cap)
+            else:  # no value-like token in any record: none is a record of a row
+                ok[:] = False
         return rows_in_records(_densify(rec[ok]), row[ok], col[ok], nrows)
+
+    def _records(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
+        """The record of each token ``tok`` in layout ``name`` (not ``window``), -1 where none; a segment
+        holding more than ``cap`` value-like tokens is none."""
+        if name in _SEGMENTS:
+            return self._segments(name, tok, cap)
+        if "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
+            ids: np.ndarray = self._pooled(name)[tok]
+            return ids
+        # only the hits' tokens for now: the whole text only if some record might count
+        ids = getattr(self, "_" + name)(self.start[tok])
+        return ids
+
+    def _record_ids(self, name: str, tok: np.ndarray) -> np.ndarray:
+        """The record of each token ``tok`` in layout ``name``, segments not capped."""
+        if name in _SEGMENTS:
+            ids: np.ndarray = np.searchsorted(self._separators(name), self.start[tok])
+        else:
+            ids = self._pooled(name)[tok]
+        return ids
 
     def _column_like(self, name: str, rec: np.ndarray, all_tok: np.ndarray, all_col: np.ndarray) -> np.ndarray:
         """Whether each record in ``rec`` has more than half of its printed dataset values (tokens with
         a hit), and at least _COLUMN_LIKE_MIN of them, in one column."""
-        if name in _SEGMENTS:
-            ids = np.searchsorted(self._separators(name), self.start[all_tok])
-        else:
-            ids = self._pooled(name)[all_tok]
+        ids = self._record_ids(name, all_tok)
         wanted = sorted_unique(rec)
         at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
         mine = wanted[at] == ids

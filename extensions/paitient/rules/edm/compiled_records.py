@@ -1,0 +1,240 @@
+"""The counting half of a record layout, compiled (numba): which rows the hits of one layout reveal.
+
+:meth:`paitient.rules.edm.records.Layout.rows` finds each hit's record (numpy, per layout) and then counts
+within the records: the pooled layouts' cap on the distinct numbers hit, the rows with values of three columns
+in one record, the records that look like a printed column, the pooled records too large over the whole
+text. :meth:`~paitient.rules.edm.records.Layout.rows_arrays` keeps that counting in whole-array numpy (a few
+dozen numpy calls per layout, six layouts per index: most of a small output's cost), the reference.
+:func:`kept` and :func:`revealed` do the same counting in two passes, by sorting inside one call:
+
+- :func:`kept`: the hits in a record that still counts after the cap on distinct numbers, and whether any row
+  has values of three columns in one record (most texts: none, and the rest is spared);
+- :func:`revealed`: of those, the rows with values of three columns in one record that is neither
+  column-like nor (pooled layouts) over the cap on value-like tokens over the whole text.
+
+The rows are the reference's set, sorted; the reference numbers records densely before it counts, these
+passes group hits of equal record ids, which is the same grouping.
+
+Compiled at first use, the machine code kept for later processes (:func:`paitient.rules.edm.compiled._jit`);
+:func:`warm_up` loads every compiled function. Constants of other modules go in as arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paitient.rules.edm.compiled import _jit
+
+
+def _distinct_sorted_py(keys: np.ndarray) -> np.ndarray:
+    """``keys`` sorted, each value once (in place: ``keys`` is reordered)."""
+    keys.sort()
+    m = 0
+    for k in range(len(keys)):
+        if k == 0 or keys[k] != keys[m - 1]:
+            keys[m] = keys[k]
+            m += 1
+    return keys[:m]
+
+
+_distinct_sorted = _jit(_distinct_sorted_py)
+
+
+def _rows_of_py(
+    rec: np.ndarray, row: np.ndarray, col: np.ndarray, at: np.ndarray, nrows: int, min_columns: int
+) -> np.ndarray:
+    """Sorted unique rows with hits of ``min_columns`` distinct columns in one record, over the hits ``at``."""
+    n = len(at)
+    if n < min_columns:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        h = at[k]
+        keys[k] = (rec[h] * nrows + row[h]) * 1024 + col[h]
+    pairs = _distinct_sorted(keys)  # (record, row, column), each once
+    out = np.empty(len(pairs), dtype=np.int64)
+    found = 0
+    run = 0
+    for k in range(len(pairs)):
+        group = pairs[k] >> np.int64(10)
+        run = run + 1 if k > 0 and group == pairs[k - 1] >> np.int64(10) else 1
+        if run == min_columns:
+            out[found] = group % nrows
+            found += 1
+    rows: np.ndarray = _distinct_sorted(out[:found])
+    return rows
+
+
+_rows_of = _jit(_rows_of_py)
+
+
+def _kept_py(
+    rec: np.ndarray,
+    records: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    pooled: bool,
+    min_columns: int,
+) -> tuple[np.ndarray, bool]:
+    n = len(rec)
+    at = np.empty(n, dtype=np.int64)
+    count = 0
+    width = np.int64(1)
+    for i in range(n):
+        if rec[i] >= 0:
+            at[count] = i
+            count += 1
+            width = max(width, tok[i] + 1)
+    at = at[:count]
+    if pooled and count:
+        # per record, the distinct numbers hit in it; a record over the cap on those alone does not count
+        keys = np.empty(count, dtype=np.int64)
+        m = 0
+        for k in range(count):
+            h = at[k]
+            if tok[h] >= words:
+                keys[m] = rec[h] * width + tok[h]
+                m += 1
+        numbers = np.zeros(records, dtype=np.int64)
+        for key in _distinct_sorted(keys[:m]):
+            numbers[key // width] += 1
+        left = 0
+        for k in range(count):
+            h = at[k]
+            if numbers[rec[h]] <= cap:
+                at[left] = h
+                left += 1
+        at = at[:left]
+    any_rows = len(_rows_of(rec, row, col, at, nrows, min_columns)) > 0
+    return at, any_rows
+
+
+_kept = _jit(_kept_py)
+
+
+def kept(
+    rec: np.ndarray,
+    records: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    pooled: bool,
+    min_columns: int,
+) -> tuple[np.ndarray, bool]:
+    """(The hits, by position, in a record (``rec``: 0 to ``records`` - 1, -1 for none) that counts: in a
+    pooled layout, one where at most ``cap`` distinct numbers (tokens from ``words`` on) are hit; whether any
+    row (of ``nrows``) has hits of ``min_columns`` distinct columns in one record of those.)"""
+    at, any_rows = _kept(
+        rec, int(records), tok, row, col, int(nrows), int(cap), int(words), bool(pooled), int(min_columns)
+    )
+    return at, bool(any_rows)
+
+
+def _revealed_py(
+    rec: np.ndarray,
+    records: int,
+    row: np.ndarray,
+    col: np.ndarray,
+    at: np.ndarray,
+    ids: np.ndarray,
+    found_tok: np.ndarray,
+    found_col: np.ndarray,
+    too_big: np.ndarray,
+    nrows: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    n = len(at)
+    wanted = np.zeros(records, dtype=np.bool_)
+    for k in range(n):
+        wanted[rec[at[k]]] = True
+    # per record: its distinct tokens found, and the most of them in one column (column-like records)
+    m = len(ids)
+    width = np.int64(1)
+    for k in range(m):
+        width = max(width, found_tok[k] + 1)
+    tokens = np.empty(m, dtype=np.int64)
+    pairs = np.empty(m, dtype=np.int64)
+    mine = 0
+    for k in range(m):
+        r = ids[k]
+        if r >= 0 and wanted[r]:
+            tokens[mine] = r * width + found_tok[k]
+            pairs[mine] = (r * 1024 + found_col[k]) * width + found_tok[k]
+            mine += 1
+    per_record = np.zeros(records, dtype=np.int64)
+    for key in _distinct_sorted(tokens[:mine]):
+        per_record[key // width] += 1
+    top = np.zeros(records, dtype=np.int64)
+    run = 0
+    pairs = _distinct_sorted(pairs[:mine])
+    for k in range(len(pairs)):
+        group = pairs[k] // width
+        run = run + 1 if k > 0 and group == pairs[k - 1] // width else 1
+        r = group // 1024
+        top[r] = max(top[r], run)
+    ok = np.empty(n, dtype=np.int64)
+    left = 0
+    for k in range(n):
+        r = rec[at[k]]
+        if (2 * top[r] > per_record[r] and top[r] >= least) or too_big[r]:
+            continue
+        ok[left] = at[k]
+        left += 1
+    rows: np.ndarray = _rows_of(rec, row, col, ok[:left], nrows, min_columns)
+    return rows
+
+
+_revealed = _jit(_revealed_py)
+
+
+def revealed(
+    rec: np.ndarray,
+    records: int,
+    row: np.ndarray,
+    col: np.ndarray,
+    at: np.ndarray,
+    found: tuple[np.ndarray, np.ndarray, np.ndarray],
+    too_big: np.ndarray,
+    nrows: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    """Sorted unique rows (of ``nrows``) with hits (of those at ``at``) of ``min_columns`` distinct columns in
+    one record (``rec``, 0 to ``records`` - 1) that is not column-like (more than half, and at least
+    ``least``, of the distinct tokens found in it of one column; ``found`` is (record or -1, token, column) of
+    every value of the dataset found in the text) nor ``too_big``."""
+    ids, found_tok, found_col = found
+    rows: np.ndarray = _revealed(
+        rec,
+        int(records),
+        row,
+        col,
+        at,
+        ids.astype(np.int64, copy=False),
+        found_tok.astype(np.int64, copy=False),
+        found_col.astype(np.int64, copy=False),
+        too_big,
+        int(nrows),
+        int(least),
+        int(min_columns),
+    )
+    return rows
+
+
+def warm_up() -> None:
+    """Load (or compile) every compiled function of the records' counting, on hits that take each path."""
+    rec = np.array([0, 0, 0, 0, 1, -1], dtype=np.int64)
+    tok = np.array([5, 6, 7, 8, 9, 10], dtype=np.int64)
+    row = np.array([1, 1, 1, 2, 2, 3], dtype=np.int64)
+    col = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)
+    for pooled in (False, True):
+        at, _ = kept(rec, 2, tok, row, col, 4, 1, 6, pooled, 3)
+        revealed(rec, 2, row, col, at, (rec, tok, col), np.array([False, pooled]), 4, 4, 3)
