@@ -187,3 +187,35 @@ def test_scanning_after_warm_up_reveals_the_references_rows(table, index, monkey
     compiled_records.warm_up()
     text = printed(table)[1]
     assert np.array_equal(Scan(text).rows(index), reference_rows(text, index, monkeypatch))
+
+
+TEXT_BYTES = st.sampled_from(list(b"0123456789-_.+eE aZz\n\r{}[]<>/tTrR\\n:\"',") + [0, 127, 200, 255])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(TEXT_BYTES, max_size=400).map(bytes) | st.binary(max_size=300) | st.text(max_size=200))
+def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
+    """Separators, runs of value bytes and value-like words, on any text: markup, JSON, dates, pseudonyms,
+    bytes outside ASCII."""
+    layout = Layout(tokenize(text))
+    for values in ((10,), (92,), (60,), (10, 13, 125, 93), (123, 125, 91, 93), (10, 13, 91, 93)):
+        fast, ref = layout._bytes(*values), layout._bytes_arrays(*values)
+        assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    for fast, ref in zip(layout._runs(), layout.runs_arrays(), strict=True):
+        assert np.array_equal(fast, ref)
+    assert np.array_equal(layout.value_like, layout.value_like_arrays())
+
+
+def test_value_like_words_are_judged_on_their_first_and_last_eight_bytes():
+    words = ["2019-03-04", "P-7F3SJGQVFCSMMGDI", "Post-menopausal", "row0", "1234", "abc1-", "ab12cd34",
+             "abcdefgh1-xyz", "abcdefghijklmnopqrstu-vwxyz1", "abcdefgh12345678abcdefgh"]  # fmt: skip
+    layout = Layout(tokenize(" ".join(words) + " 17.99"))
+    assert len(layout.tokens.word_start) == len(words)
+    got = dict(zip([w.lower() for w in words], layout.value_like.tolist(), strict=False))
+    assert layout.value_like[-1]  # a number
+    assert got["2019-03-04"] and got["p-7f3sjgqvfcsmmgdi"] and got["1234"] and got["abc1-"] and got["ab12cd34"]
+    assert not got["post-menopausal"] and not got["row0"]
+    assert got["abcdefgh1-xyz"]  # the digit and the dash in its last 8 bytes
+    assert got["abcdefghijklmnopqrstu-vwxyz1"]  # both in its last 8 bytes
+    assert not got["abcdefgh12345678abcdefgh"]  # digits only in the middle, which is not read
+    assert np.array_equal(layout.value_like, layout.value_like_arrays())

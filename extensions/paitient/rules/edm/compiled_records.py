@@ -229,6 +229,95 @@ def revealed(
     return rows
 
 
+def _positions_py(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
+    n = len(buf)
+    count = 0
+    for i in range(n):
+        if table[buf[i]]:
+            count += 1
+    out = np.empty(count, dtype=np.int64)
+    count = 0
+    for i in range(n):
+        if table[buf[i]]:
+            out[count] = i
+            count += 1
+    return out
+
+
+_positions = _jit(_positions_py)
+
+
+def positions(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Ascending offsets of the bytes of ``buf`` (uint8) whose entry in ``table`` (256 bools) is set."""
+    result: np.ndarray = _positions(buf, table)
+    return result
+
+
+def _class_runs_py(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(buf)
+    count = 0
+    inside = False
+    for i in range(n):
+        now = table[buf[i]]
+        if now and not inside:
+            count += 1
+        inside = now
+    starts = np.empty(count, dtype=np.int64)
+    ends = np.empty(count, dtype=np.int64)
+    count = 0
+    inside = False
+    for i in range(n):
+        now = table[buf[i]]
+        if now and not inside:
+            starts[count] = i
+        elif inside and not now:
+            ends[count] = i
+            count += 1
+        inside = now
+    return starts, ends
+
+
+_class_runs = _jit(_class_runs_py)
+
+
+def class_runs(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of bytes of ``buf`` (uint8; its first and last byte in none) whose entry
+    in ``table`` (256 bools) is set: :func:`paitient.rules.edm.tokens.runs` of that mask."""
+    starts, ends = _class_runs(buf, table)
+    return starts, ends
+
+
+def _value_like_py(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, numbers: int) -> np.ndarray:
+    nw = len(word_start)
+    out = np.ones(nw + numbers, dtype=np.bool_)
+    for i in range(nw):
+        s = word_start[i]
+        n = word_len[i]
+        digits = 0
+        dash = False
+        # the first 8 bytes, and of the last 8 those the first 8 missed
+        for p in range(s, s + min(n, 8)):
+            digits += 1 if (buf[p] - np.uint8(48)) < np.uint8(10) else 0
+            dash |= buf[p] == 45
+        for p in range(max(s + 8, s + n - 8), s + n):
+            digits += 1 if (buf[p] - np.uint8(48)) < np.uint8(10) else 0
+            dash |= buf[p] == 45
+        out[i] = (digits > 0 and dash) or digits >= 4
+    return out
+
+
+_value_like = _jit(_value_like_py)
+
+
+def value_like(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, numbers: int) -> np.ndarray:
+    """Per token (the words at ``word_start``, ``word_len`` in ``buf``, then ``numbers`` numbers): whether it
+    looks like a value (see :attr:`paitient.rules.edm.records.Layout.value_like`)."""
+    result: np.ndarray = _value_like(
+        buf, word_start.astype(np.int64, copy=False), word_len.astype(np.int64, copy=False), int(numbers)
+    )
+    return result
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the records' counting, on hits that take each path."""
     rec = np.array([0, 0, 0, 0, 1, -1], dtype=np.int64)
@@ -238,3 +327,9 @@ def warm_up() -> None:
     for pooled in (False, True):
         at, _ = kept(rec, 2, tok, row, col, 4, 1, 6, pooled, 3)
         revealed(rec, 2, row, col, at, (rec, tok, col), np.array([False, pooled]), 4, 4, 3)
+    buf = np.frombuffer(b"\x00\x00ab-1 2019-03-04 Post-menopausal 1234 x\n\x00\x00", dtype=np.uint8)
+    table = np.zeros(256, dtype=np.bool_)
+    table[[10, 32, 45]] = True
+    positions(buf, table)
+    class_runs(buf, ~table)
+    value_like(buf, np.array([2, 7, 18, 34]), np.array([4, 10, 15, 4]), 1)

@@ -48,6 +48,27 @@ _T = TypeVar("_T")
 _COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
 
 
+def _run_byte(b: np.ndarray) -> np.ndarray:
+    """Whether each byte (uint8) is one of [A-Za-z0-9_.+-], the bytes of printed values and labels."""
+    low = b | np.uint8(32)
+    rchar: np.ndarray = ((b - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26)
+    for v in (45, 95, 46, 43):
+        rchar |= b == v
+    return rchar
+
+
+_RUN_BYTES = _run_byte(np.arange(256, dtype=np.uint8))
+_BYTE_TABLES: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _byte_table(values: tuple[int, ...]) -> np.ndarray:
+    """256 bools, set at ``values``."""
+    table = _BYTE_TABLES.get(values)
+    if table is None:
+        table = _BYTE_TABLES[values] = np.isin(np.arange(256), values)
+    return table
+
+
 def record_cap(columns: int) -> int:
     return 2 * columns + 8
 
@@ -101,6 +122,11 @@ class Layout:
         return got
 
     def _bytes(self, *values: int) -> np.ndarray:
+        """Ascending offsets of the bytes ``values`` in the text (one compiled pass)."""
+        return compiled_records.positions(self.buf, _byte_table(values))
+
+    def _bytes_arrays(self, *values: int) -> np.ndarray:
+        """:meth:`_bytes` in numpy, the reference."""
         b = self.buf
         mask = b == values[0]
         for v in values[1:]:
@@ -135,23 +161,29 @@ class Layout:
     @property
     def value_like(self) -> np.ndarray:
         """Numbers, and words that look like values: with a digit and a '-' (dates, pseudonyms) or with
-        4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``."""
+        4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``. One
+        compiled pass over the words; :meth:`value_like_arrays` is the reference."""
 
         def find() -> np.ndarray:
             t = self.tokens
-            ln = t.word_len
-            first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
-            last = t.view[t.word_start + ln - 8].view(np.uint8).reshape(-1, 8)
-            cols = np.arange(8)
-            in_first = cols < np.minimum(ln, 8)[:, None]
-            in_last = (cols >= (8 - ln)[:, None]) & (cols >= (16 - ln)[:, None])  # bytes the first 8 missed
-            digits = (((first - np.uint8(48)) < 10) & in_first).sum(axis=1)
-            digits += (((last - np.uint8(48)) < 10) & in_last).sum(axis=1)
-            dash = ((first == 45) & in_first).any(axis=1) | ((last == 45) & in_last).any(axis=1)
-            word = ((digits > 0) & dash) | (digits >= 4)
-            return np.concatenate((word, np.ones(len(t.num_start), dtype=bool)))
+            return compiled_records.value_like(t.buf, t.word_start, t.word_len, len(t.num_start))
 
         return self._cached("vl", find)
+
+    def value_like_arrays(self) -> np.ndarray:
+        """:attr:`value_like` in numpy, the reference."""
+        t = self.tokens
+        ln = t.word_len
+        first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
+        last = t.view[t.word_start + ln - 8].view(np.uint8).reshape(-1, 8)
+        cols = np.arange(8)
+        in_first = cols < np.minimum(ln, 8)[:, None]
+        in_last = (cols >= (8 - ln)[:, None]) & (cols >= (16 - ln)[:, None])  # bytes the first 8 missed
+        digits = (((first - np.uint8(48)) < 10) & in_first).sum(axis=1)
+        digits += (((last - np.uint8(48)) < 10) & in_last).sum(axis=1)
+        dash = ((first == 45) & in_first).any(axis=1) | ((last == 45) & in_last).any(axis=1)
+        word = ((digits > 0) & dash) | (digits >= 4)
+        return np.concatenate((word, np.ones(len(t.num_start), dtype=bool)))
 
     @property
     def sorted_starts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -166,15 +198,11 @@ class Layout:
     def _runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Runs of [A-Za-z0-9_.+-]: the printed values and labels."""
 
-        def find() -> tuple[np.ndarray, np.ndarray]:
-            b = self.buf
-            low = b | np.uint8(32)
-            rchar = ((b - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26)
-            for v in (45, 95, 46, 43):
-                rchar |= b == v
-            return runs(rchar)
+        return self._cached("runs", lambda: compiled_records.class_runs(self.buf, _RUN_BYTES))
 
-        return self._cached("runs", find)
+    def runs_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_runs` in numpy, the reference."""
+        return runs(_run_byte(self.buf))
 
     def _separators(self, name: str) -> np.ndarray:
         def find() -> np.ndarray:
