@@ -190,10 +190,16 @@ def test_scanning_after_warm_up_reveals_the_references_rows(table, index, monkey
 
 
 TEXT_BYTES = st.sampled_from(list(b"0123456789-_.+eE aZz\n\r{}[]<>/tTrR\\n:\"',") + [0, 127, 200, 255])
+KEYED = st.sampled_from(['"7": ', "7: ", "'k': ", "x:", "\n", "\n\n", "</tr>", "12.5 ", "P-7F3SJGQ ", "[", "]", " "])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(TEXT_BYTES, max_size=400).map(bytes) | st.binary(max_size=300) | st.text(max_size=200))
+@given(
+    st.lists(TEXT_BYTES, max_size=400).map(bytes)
+    | st.binary(max_size=300)
+    | st.text(max_size=200)
+    | st.lists(KEYED, max_size=120).map("".join)
+)
 def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
     """Separators, runs of value bytes and value-like words, on any text: markup, JSON, dates, pseudonyms,
     bytes outside ASCII."""
@@ -204,6 +210,14 @@ def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
     for fast, ref in zip(layout._runs(), layout.runs_arrays(), strict=True):
         assert np.array_equal(fast, ref)
     assert np.array_equal(layout.value_like, layout.value_like_arrays())
+    tok = np.arange(len(layout.start), dtype=np.int64)
+    at = layout.start
+    assert np.array_equal(layout._key(at), layout.key_arrays(at))
+    assert np.array_equal(layout._position(at), layout.position_arrays(at))
+    for name in ("line", "brace", "html"):
+        if len(layout._separators(name)):
+            for cap in (0, 2, 10, 100):
+                assert np.array_equal(layout._segments(name, tok, cap), layout.segments_arrays(name, tok, cap))
 
 
 def test_value_like_words_are_judged_on_their_first_and_last_eight_bytes():
@@ -219,3 +233,14 @@ def test_value_like_words_are_judged_on_their_first_and_last_eight_bytes():
     assert got["abcdefghijklmnopqrstu-vwxyz1"]  # both in its last 8 bytes
     assert not got["abcdefgh12345678abcdefgh"]  # digits only in the middle, which is not read
     assert np.array_equal(layout.value_like, layout.value_like_arrays())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=-1, max_value=2**63 - 1) | st.integers(min_value=-1, max_value=40), max_size=300))
+def test_records_are_numbered_as_numpy_numbers_the_distinct_ids(values):
+    """Key hashes (up to 63 bits), small segment numbers, repeats, and no record (-1)."""
+    rec = np.array(values, dtype=np.int64)
+    ids, numbers = compiled_records.dense(rec)
+    uniq, inverse = np.unique(rec[rec >= 0], return_inverse=True)
+    assert np.array_equal(ids, uniq)
+    assert np.array_equal(numbers[rec >= 0], inverse) and (numbers[rec < 0] == -1).all()

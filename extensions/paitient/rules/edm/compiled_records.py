@@ -24,11 +24,80 @@ from __future__ import annotations
 import numpy as np
 
 from paitient.rules.edm.compiled import _jit
+from paitient.rules.edm.compiled_match import _MIX, _words
+from paitient.rules.edm.hashing import _BYTE_MASK, MAX_WORD, word_view
+
+
+def _radix_sort_py(keys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``keys`` (int64, none negative) sorted, with ``order`` (int64) carried along: a byte at a time from
+    the lowest, as many bytes as the largest key has (numba's comparison sort takes several times longer on
+    the few thousand keys of a small output)."""
+    n = len(keys)
+    top = np.int64(0)
+    for k in range(n):
+        top = max(top, keys[k])
+    src_k, src_o = keys, order
+    dst_k = np.empty(n, dtype=np.int64)
+    dst_o = np.empty(n, dtype=np.int64)
+    counts = np.empty(257, dtype=np.int64)
+    shift = np.int64(0)
+    while shift < 64 and (top >> shift) > 0:
+        counts[:] = 0
+        for k in range(n):
+            counts[((src_k[k] >> shift) & 255) + 1] += 1
+        for d in range(1, 257):
+            counts[d] += counts[d - 1]
+        for k in range(n):
+            d = (src_k[k] >> shift) & 255
+            at = counts[d]
+            dst_k[at] = src_k[k]
+            dst_o[at] = src_o[k]
+            counts[d] = at + 1
+        src_k, dst_k = dst_k, src_k
+        src_o, dst_o = dst_o, src_o
+        shift += 8
+    return src_k, src_o
+
+
+_radix_sort = _jit(_radix_sort_py)
+
+
+def _dense_py(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct values >= 0 of ``rec``, ascending; each item's place among them, -1 where negative.)"""
+    n = len(rec)
+    keys = np.empty(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    m = 0
+    for k in range(n):
+        if rec[k] >= 0:
+            keys[m] = rec[k]
+            order[m] = k
+            m += 1
+    keys, order = _radix_sort(keys[:m], order[:m])
+    dense = np.full(n, -1, dtype=np.int64)
+    ids = np.empty(m, dtype=np.int64)
+    d = -1
+    for k in range(m):
+        if k == 0 or keys[k] != keys[k - 1]:
+            d += 1
+            ids[d] = keys[k]
+        dense[order[k]] = d
+    return ids[: d + 1], dense
+
+
+_dense = _jit(_dense_py)
+
+
+def dense(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct record ids >= 0 in ``rec``, ascending; each item's place among them, -1 where it has
+    none): ``np.unique(rec, return_inverse=True)`` without the negative ids."""
+    ids, numbers = _dense(rec.astype(np.int64, copy=False))
+    return ids, numbers
 
 
 def _distinct_sorted_py(keys: np.ndarray) -> np.ndarray:
-    """``keys`` sorted, each value once (in place: ``keys`` is reordered)."""
-    keys.sort()
+    """``keys`` (none negative) sorted, each value once."""
+    keys, _ = _radix_sort(keys, np.empty(len(keys), dtype=np.int64))
     m = 0
     for k in range(len(keys)):
         if k == 0 or keys[k] != keys[m - 1]:
@@ -318,6 +387,108 @@ def value_like(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, nu
     return result
 
 
+def _segments_py(seps: np.ndarray, at: np.ndarray, vl: np.ndarray, end: int, cap: int) -> np.ndarray:
+    ns = len(seps)
+    out = np.empty(len(at), dtype=np.int64)
+    for i in range(len(at)):
+        rec = np.searchsorted(seps, at[i])
+        lo = seps[rec - 1] if rec > 0 else -1
+        hi = seps[rec] if rec < ns else end
+        size = np.searchsorted(vl, hi) - np.searchsorted(vl, lo, "right")
+        out[i] = rec if size <= cap else -1
+    return out
+
+
+_segments = _jit(_segments_py)
+
+
+def segments(seps: np.ndarray, at: np.ndarray, vl: np.ndarray, end: int, cap: int) -> np.ndarray:
+    """The segment of each token at offset ``at`` (the number of separators ``seps`` before it), -1 where the
+    segment holds more than ``cap`` value-like tokens (offsets ``vl``, sorted; the text ends at ``end``)."""
+    result: np.ndarray = _segments(seps, at, vl, int(end), int(cap))
+    return result
+
+
+def _keys_py(
+    buf: np.ndarray,
+    view: np.ndarray,
+    rs: np.ndarray,
+    re_: np.ndarray,
+    nl: np.ndarray,
+    t: np.ndarray,
+    lanes: np.ndarray,
+    mix: np.ndarray,
+    byte_mask: np.ndarray,
+    max_word: int,
+) -> np.ndarray:
+    n = len(t)
+    nr = len(rs)
+    start = np.empty(n, dtype=np.int64)
+    length = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        p = t[i] - 1
+        if buf[p] == 34 or buf[p] == 39:
+            p -= 1
+        if buf[p] == 32:
+            p -= 1
+        kend = p - (1 if buf[p - 1] == 34 or buf[p - 1] == 39 else 0)
+        r = np.searchsorted(rs, kend - 1, "right") - 1
+        if buf[p] == 58 and r >= 0 and re_[r] == kend:  # a key before ':'
+            k = r
+        else:  # the first run of the line
+            j = np.searchsorted(nl, t[i]) - 1
+            line_start = nl[j] + 1 if j >= 0 else 0
+            k = min(np.searchsorted(rs, line_start), nr - 1)
+        start[i] = rs[k]
+        length[i] = min(max(re_[k] - rs[k], 1), max_word)
+    h = np.empty(n, dtype=np.uint64)
+    _words(view, start, length, lanes[0], lanes[1], mix, byte_mask, h)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        out[i] = np.int64(h[i] >> np.uint64(1))
+    return out
+
+
+_keys = _jit(_keys_py)
+
+
+def keys(
+    buf: np.ndarray, runs: tuple[np.ndarray, np.ndarray], newlines: np.ndarray, t: np.ndarray, lanes: np.ndarray
+) -> np.ndarray:
+    """The ``key`` layout's record of the tokens at offsets ``t`` (see
+    :meth:`paitient.rules.edm.records.Layout._key`): ``runs`` are the text's runs of value bytes (at least
+    one), ``lanes`` the two key lanes of the hash."""
+    result: np.ndarray = _keys(buf, word_view(buf), runs[0], runs[1], newlines, t, lanes, _MIX, _BYTE_MASK, MAX_WORD)
+    return result
+
+
+def _places_py(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, min_columns: int) -> np.ndarray:
+    nr = len(rs)
+    ns = len(seps)
+    out = np.empty(len(t), dtype=np.int64)
+    for i in range(len(t)):
+        cont = np.searchsorted(seps, t[i])
+        first = np.searchsorted(rs, seps[cont - 1]) if cont > 0 else 0
+        last = (np.searchsorted(rs, seps[cont]) if cont < ns else nr) - 1
+        if last - first + 1 >= min_columns:
+            r = np.searchsorted(rs, t[i], "right") - 1
+            out[i] = np.searchsorted(blank, t[i]) * (1 << 32) + (last - r)
+        else:
+            out[i] = -1
+    return out
+
+
+_places = _jit(_places_py)
+
+
+def places(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, min_columns: int) -> np.ndarray:
+    """The ``position`` layout's record of the tokens at offsets ``t`` (see
+    :meth:`paitient.rules.edm.records.Layout._position`): ``rs`` the starts of the runs of value bytes (at
+    least one), ``seps`` the ends of lines and lists, ``blank`` the blank lines' newlines."""
+    result: np.ndarray = _places(rs, seps, blank, t, int(min_columns))
+    return result
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the records' counting, on hits that take each path."""
     rec = np.array([0, 0, 0, 0, 1, -1], dtype=np.int64)
@@ -332,4 +503,12 @@ def warm_up() -> None:
     table[[10, 32, 45]] = True
     positions(buf, table)
     class_runs(buf, ~table)
-    value_like(buf, np.array([2, 7, 18, 34]), np.array([4, 10, 15, 4]), 1)
+    at = np.array([2, 7, 18, 34], dtype=np.int64)
+    value_like(buf, at, np.array([4, 10, 15, 4]), 1)
+    padded = np.concatenate((np.zeros(16, np.uint8), buf, np.zeros(80, np.uint8)))
+    runs = class_runs(padded, ~table)
+    newlines = positions(padded, table)
+    segments(newlines, at + 16, at + 16, len(padded), 3)
+    dense(np.array([5, -1, 3, 5], dtype=np.int64))
+    keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
+    places(runs[0], newlines, newlines[:1], at + 16, 3)

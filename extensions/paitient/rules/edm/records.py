@@ -238,9 +238,7 @@ class Layout:
         rec = self._records(name, tok, cap)
         pooled = name not in _SEGMENTS
         if pooled:  # records numbered 0, 1, ... in the order of their ids
-            ids, rec = np.unique(rec, return_inverse=True)
-            if len(ids) and ids[0] < 0:
-                ids, rec = ids[1:], rec - 1
+            ids, rec = compiled_records.dense(rec)
             records = len(ids)
         else:
             records = len(self._separators(name)) + 1
@@ -344,6 +342,11 @@ class Layout:
         if not len(seps):  # one segment: the whole text (html: none)
             whole = name != "html" and len(self.sorted_starts[1]) <= cap
             return np.full(len(tok), 0 if whole else -1, dtype=np.int64)
+        return compiled_records.segments(seps, self.start[tok], self.sorted_starts[1], len(self.buf), cap)
+
+    def segments_arrays(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
+        """:meth:`_segments` in numpy, the reference (for a text with separators)."""
+        seps = self._separators(name)
         rec = np.searchsorted(seps, self.start[tok])
         lo = np.where(rec > 0, seps[np.maximum(rec - 1, 0)], -1)
         hi = np.where(rec < len(seps), seps[np.minimum(rec, len(seps) - 1)], len(self.buf))
@@ -372,7 +375,15 @@ class Layout:
         return self._cached("size:" + name, count)
 
     def _key(self, t: np.ndarray) -> np.ndarray:
-        """A hash of the key before ``:``, or else of the first run of the line, for tokens at ``t``."""
+        """A hash of the key before ``:``, or else of the first run of the line, for tokens at ``t``. One
+        compiled pass (:func:`paitient.rules.edm.compiled_records.keys`); :meth:`key_arrays` is the reference."""
+        runs = self._runs()
+        if not len(runs[0]):
+            return np.full(len(t), -1, dtype=np.int64)
+        return compiled_records.keys(self.buf, runs, self.newlines, t, np.array(_KEY_LANES, dtype=np.uint64))
+
+    def key_arrays(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_key` in numpy, the reference."""
         b = self.buf
         rs, re_ = self._runs()
         if not len(rs):
@@ -395,7 +406,23 @@ class Layout:
         return (word_hash(word_view(b), s, ln, *_KEY_LANES) >> np.uint64(1)).astype(np.int64)
 
     def _position(self, t: np.ndarray) -> np.ndarray:
-        """(paragraph, place from the end of the line or list) for tokens at ``t``; -1 on short lines."""
+        """(paragraph, place from the end of the line or list) for tokens at ``t``; -1 on short lines. One
+        compiled pass (:func:`paitient.rules.edm.compiled_records.places`); :meth:`position_arrays` is the
+        reference."""
+        rs, _ = self._runs()
+        if not len(rs):
+            return np.full(len(t), -1, dtype=np.int64)
+
+        def blank_lines() -> np.ndarray:
+            nl = self.newlines
+            blank: np.ndarray = nl[1:][np.diff(nl) == 1] if len(nl) > 1 else nl[:0]
+            return blank
+
+        blank = self._cached("blank", blank_lines)
+        return compiled_records.places(rs, self._separators("position"), blank, t, MIN_ROW_COLUMNS)
+
+    def position_arrays(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_position` in numpy, the reference."""
         rs, _ = self._runs()
         if not len(rs):
             return np.full(len(t), -1, dtype=np.int64)
