@@ -425,22 +425,36 @@ def _keys_py(
     nr = len(rs)
     start = np.empty(n, dtype=np.int64)
     length = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        p = t[i] - 1
+    at, order = _radix_sort(t.copy(), np.arange(n, dtype=np.int64))
+    lines = 0  # newlines before the token (its offset's order: this only moves forward)
+    line_run = 0  # runs starting before its line
+    upto = 0  # runs starting at or before the token
+    for k in range(n):
+        x = at[k]
+        i = order[k]
+        p = x - 1
         if buf[p] == 34 or buf[p] == 39:
             p -= 1
         if buf[p] == 32:
             p -= 1
         kend = p - (1 if buf[p - 1] == 34 or buf[p - 1] == 39 else 0)
-        r = np.searchsorted(rs, kend - 1, "right") - 1
+        while upto < nr and rs[upto] <= x:
+            upto += 1
+        r = upto  # runs starting at or before kend - 1, a few bytes before the token
+        while r > 0 and rs[r - 1] > kend - 1:
+            r -= 1
+        r -= 1
         if buf[p] == 58 and r >= 0 and re_[r] == kend:  # a key before ':'
-            k = r
+            key = r
         else:  # the first run of the line
-            j = np.searchsorted(nl, t[i]) - 1
-            line_start = nl[j] + 1 if j >= 0 else 0
-            k = min(np.searchsorted(rs, line_start), nr - 1)
-        start[i] = rs[k]
-        length[i] = min(max(re_[k] - rs[k], 1), max_word)
+            while lines < len(nl) and nl[lines] < x:
+                lines += 1
+            line_start = nl[lines - 1] + 1 if lines > 0 else 0
+            while line_run < nr and rs[line_run] < line_start:
+                line_run += 1
+            key = min(line_run, nr - 1)
+        start[i] = rs[key]
+        length[i] = min(max(re_[key] - rs[key], 1), max_word)
     h = np.empty(n, dtype=np.uint64)
     _words(view, start, length, lanes[0], lanes[1], mix, byte_mask, h)
     out = np.empty(n, dtype=np.int64)
@@ -465,16 +479,34 @@ def keys(
 def _places_py(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, min_columns: int) -> np.ndarray:
     nr = len(rs)
     ns = len(seps)
-    out = np.empty(len(t), dtype=np.int64)
-    for i in range(len(t)):
-        cont = np.searchsorted(seps, t[i])
-        first = np.searchsorted(rs, seps[cont - 1]) if cont > 0 else 0
-        last = (np.searchsorted(rs, seps[cont]) if cont < ns else nr) - 1
+    n = len(t)
+    # the tokens in the order of their offsets, and pointers that only move forward: the separators, runs
+    # and blank lines before each token
+    at, order = _radix_sort(t.copy(), np.arange(n, dtype=np.int64))
+    out = np.empty(n, dtype=np.int64)
+    cont = 0  # separators before the token
+    first = 0  # the first run of its line or list
+    last_end = 0  # runs before the separator that ends it
+    r = 0  # runs starting at or before the token
+    para = 0  # blank lines before it
+    for k in range(n):
+        x = at[k]
+        moved = k == 0
+        while cont < ns and seps[cont] < x:
+            cont += 1
+            moved = True
+        if moved:
+            first = np.searchsorted(rs, seps[cont - 1]) if cont > 0 else 0
+            last_end = np.searchsorted(rs, seps[cont]) if cont < ns else nr
+        while r < nr and rs[r] <= x:
+            r += 1
+        while para < len(blank) and blank[para] < x:
+            para += 1
+        last = last_end - 1
         if last - first + 1 >= min_columns:
-            r = np.searchsorted(rs, t[i], "right") - 1
-            out[i] = np.searchsorted(blank, t[i]) * (1 << 32) + (last - r)
+            out[order[k]] = para * (1 << 32) + (last - (r - 1))
         else:
-            out[i] = -1
+            out[order[k]] = -1
     return out
 
 
