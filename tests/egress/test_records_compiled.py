@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from paitient.rules.edm import EDMIndex, Scan, compiled_records
 from paitient.rules.edm.match import sift
-from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, Layout
+from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, WINDOW, Layout, rows_in_windows, rows_in_windows_arrays
 from paitient.rules.edm.tokens import tokenize
 
 ROWS, COLS = 12, 5
@@ -207,6 +207,9 @@ def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
     for values in ((10,), (92,), (60,), (10, 13, 125, 93), (123, 125, 91, 93), (10, 13, 91, 93)):
         fast, ref = layout._bytes(*values), layout._bytes_arrays(*values)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    for name in ("line", "brace", "html", "position"):
+        fast, ref = layout._separators(name), layout.separators_arrays(name)
+        assert fast.dtype == np.int64 and np.array_equal(fast, ref)
     for fast, ref in zip(layout._runs(), layout.runs_arrays(), strict=True):
         assert np.array_equal(fast, ref)
     assert np.array_equal(layout.value_like, layout.value_like_arrays())
@@ -244,3 +247,32 @@ def test_records_are_numbered_as_numpy_numbers_the_distinct_ids(values):
     uniq, inverse = np.unique(rec[rec >= 0], return_inverse=True)
     assert np.array_equal(ids, uniq)
     assert np.array_equal(numbers[rec >= 0], inverse) and (numbers[rec < 0] == -1).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=2**32),
+    st.integers(min_value=0, max_value=300),
+    st.sampled_from([4, 50, 2**23 + 5, 2**27]),
+    st.sampled_from([30, 500, 2**30 + 9]),
+    st.integers(min_value=1, max_value=6),
+    st.integers(min_value=1, max_value=30),
+)
+def test_windows_reveal_the_references_rows(seed, n, nrows, places, ncols, window):
+    """Hits of few rows and columns at places close together, repeated hits, rows and places beyond what a
+    packed key holds (renumbered first)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, places, max(n // 20, 1))
+    ordinal = np.minimum(base[rng.integers(0, len(base), n)] + rng.integers(0, 15, n), places - 1)
+    row = rng.choice(rng.integers(0, nrows, 5), n).astype(np.int64)
+    col = rng.integers(0, ncols, n).astype(np.int64)
+    fast, ref = rows_in_windows(ordinal, row, col, window), rows_in_windows_arrays(ordinal, row, col, window)
+    assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+
+
+def test_a_window_holds_three_columns_of_a_row_only_within_its_width():
+    ordinal = np.array([0, 5, 11, 40, 41, 60], dtype=np.int64)
+    row = np.array([3, 3, 3, 8, 8, 8], dtype=np.int64)
+    col = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)
+    assert rows_in_windows(ordinal, row, col, WINDOW).tolist() == [3]  # 0..11: 12 tokens; 40..60: 21
+    assert rows_in_windows(ordinal, row, col, 21).tolist() == [3, 8]

@@ -521,6 +521,97 @@ def places(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, m
     return result
 
 
+def _separators_py(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+    n = len(buf)
+    out = np.empty(64, dtype=np.int64)
+    count = 0
+    for i in range(n):
+        b = buf[i]
+        if table[b]:
+            pass
+        elif literal and b == 92 and i + 1 < n and buf[i + 1] == 110:
+            pass
+        elif (
+            row_ends
+            and b == 60
+            and i + 4 < n
+            and buf[i + 1] == 47
+            and (buf[i + 2] | 32) == 116
+            and (buf[i + 3] | 32) == 114
+            and buf[i + 4] == 62
+        ):
+            pass
+        else:
+            continue
+        if count == len(out):
+            grown = np.empty(2 * len(out), dtype=np.int64)
+            grown[:count] = out
+            out = grown
+        out[count] = i
+        count += 1
+    return out[:count].copy()
+
+
+_separators = _jit(_separators_py)
+
+
+def separators(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+    """Ascending offsets in ``buf`` of the bytes set in ``table`` (256 bools), of the literal newlines (a
+    backslash and ``n``) where ``literal``, and of ``</tr>`` (any case) where ``row_ends``."""
+    result: np.ndarray = _separators(buf, table, bool(literal), bool(row_ends))
+    return result
+
+
+def _windows_py(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
+    n = len(row)
+    keys = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        keys[k] = (row[k] << np.int64(40)) | (ordinal[k] << np.int64(10)) | col[k]
+    keys = _radix_sort(keys, np.empty(n, dtype=np.int64))[0]
+    # runs of one (row, column) in the order of (row, place)
+    rr = np.empty(n, dtype=np.int64)
+    cc = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    last = np.empty(n, dtype=np.int64)
+    m = 0
+    for k in range(n):
+        r = keys[k] >> np.int64(40)
+        c = keys[k] & np.int64(1023)
+        o = (keys[k] >> np.int64(10)) & np.int64((1 << 30) - 1)
+        if m == 0 or r != rr[m - 1] or c != cc[m - 1]:
+            rr[m] = r
+            cc[m] = c
+            first[m] = o
+            m += 1
+        last[m - 1] = o
+    out = np.empty(max(m, 1), dtype=np.int64)
+    found = 0
+    span = min_columns - 1
+    for i in range(m - span):
+        if rr[i] == rr[i + span] and cc[i] != cc[i + span] and first[i + span] - last[i] < window:
+            out[found] = rr[i]
+            found += 1
+    rows: np.ndarray = _distinct_sorted(out[:found].copy())
+    return rows
+
+
+_windows = _jit(_windows_py)
+
+
+def windows(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
+    """Sorted unique rows with hits of ``min_columns`` distinct columns among ``window`` consecutive tokens,
+    as :func:`paitient.rules.edm.records.rows_in_windows_arrays` finds them (``row`` < 2**23, ``ordinal``
+    < 2**30)."""
+    result: np.ndarray = _windows(
+        ordinal.astype(np.int64, copy=False),
+        row.astype(np.int64, copy=False),
+        col.astype(np.int64, copy=False),
+        int(window),
+        int(min_columns),
+    )
+    return result
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the records' counting, on hits that take each path."""
     rec = np.array([0, 0, 0, 0, 1, -1], dtype=np.int64)
@@ -542,5 +633,7 @@ def warm_up() -> None:
     newlines = positions(padded, table)
     segments(newlines, at + 16, at + 16, len(padded), 3)
     dense(np.array([5, -1, 3, 5], dtype=np.int64))
+    separators(padded, table, True, True)
+    windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)
     keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
     places(runs[0], newlines, newlines[:1], at + 16, 3)

@@ -205,6 +205,24 @@ class Layout:
         return runs(_run_byte(self.buf))
 
     def _separators(self, name: str) -> np.ndarray:
+        """Where the records of a segment layout end, or (``position``) its lines and lists: one compiled
+        pass (:func:`paitient.rules.edm.compiled_records.separators`); :meth:`separators_arrays` is the
+        reference."""
+
+        def find() -> np.ndarray:
+            if name == "line":
+                return compiled_records.separators(self.buf, _byte_table((10, 13, 125, 93)), True, True)
+            if name == "brace":
+                return compiled_records.separators(self.buf, _byte_table((123, 125, 91, 93)), False, False)
+            if name == "html":
+                return self.row_ends
+            return compiled_records.separators(self.buf, _byte_table((10, 13, 91, 93)), True, False)
+
+        return self._cached("sep:" + name, find)
+
+    def separators_arrays(self, name: str) -> np.ndarray:
+        """:meth:`_separators` in numpy, the reference."""
+
         def find() -> np.ndarray:
             if name == "line":
                 return np.sort(np.concatenate((self._bytes(10, 13, 125, 93), self.literal_newlines, self.row_ends)))
@@ -214,7 +232,7 @@ class Layout:
                 return self.row_ends
             return np.sort(np.concatenate((self._bytes(10, 13, 91, 93), self.literal_newlines)))
 
-        return self._cached("sep:" + name, find)
+        return find()
 
     # the layouts
 
@@ -271,7 +289,7 @@ class Layout:
     ) -> np.ndarray:
         """:meth:`rows` in whole-array numpy, the reference."""
         if name == "window":
-            return rows_in_windows(self.ordinal(tok), row, col)
+            return rows_in_windows_arrays(self.ordinal(tok), row, col)
         cap = record_cap(columns)
         rec = self._records(name, tok, cap)
         keep = np.flatnonzero(rec >= 0)
@@ -453,6 +471,20 @@ def rows_in_records(rec: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: in
 
 
 def rows_in_windows(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Rows with values of MIN_ROW_COLUMNS distinct columns among ``window`` consecutive tokens: one compiled
+    pass (:func:`paitient.rules.edm.compiled_records.windows`); :func:`rows_in_windows_arrays` is the
+    reference."""
+    if len(row) < MIN_ROW_COLUMNS:
+        return np.zeros(0, dtype=np.int64)
+    if int(row.max()) >= 1 << 23 or int(ordinal.max()) >= 1 << 30:  # renumber to fit the packed key
+        rows = sorted_unique(row.astype(np.int64))
+        found = compiled_records.windows(_densify(ordinal), np.searchsorted(rows, row), col, window, MIN_ROW_COLUMNS)
+        result: np.ndarray = rows[found]
+        return result
+    return compiled_records.windows(ordinal, row, col, window, MIN_ROW_COLUMNS)
+
+
+def rows_in_windows_arrays(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int = WINDOW) -> np.ndarray:
     """Rows with values of MIN_ROW_COLUMNS distinct columns among ``window`` consecutive tokens.
 
     Per row, consecutive hits of one column collapse into a run (first and last token); a window holds
