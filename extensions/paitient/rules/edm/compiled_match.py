@@ -263,31 +263,58 @@ def _grow_py(a: np.ndarray, size: int) -> np.ndarray:
 _grow = _jit(_grow_py)
 
 
+ORDER_BITS = 16
+"""The queries are walked in the order of their top bits, this many (or the directory's, if fewer): their
+buckets then lie close together in memory, where in the order of the text every one is a cache miss."""
+
+
+def _bucket_order_py(fps: np.ndarray, bits: int) -> np.ndarray:
+    """The queries' numbers, stably sorted by the top ``bits`` bits of their fingerprints (counting sort)."""
+    n = len(fps)
+    shift = np.uint64(64 - bits)
+    counts = np.zeros((1 << bits) + 1, dtype=np.int64)
+    for i in range(n):
+        counts[np.int64(fps[i] >> shift) + 1] += 1
+    for d in range(1, len(counts)):
+        counts[d] += counts[d - 1]
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        b = np.int64(fps[i] >> shift)
+        order[counts[b]] = i
+        counts[b] += 1
+    return order
+
+
+_bucket_order = _jit(_bucket_order_py)
+
+
 def _walk_py(
     fps: np.ndarray,
+    order: np.ndarray,
     entries: np.ndarray,
     directory: np.ndarray,
     dir_bits: int,
     fp_shift: int,
-    i: int,
+    k: int,
     count: int,
     query: np.ndarray,
     found: np.ndarray,
 ) -> tuple[int, int]:
-    """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
-    would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
+    """Hits of the queries ``order[k:]``, written from ``count`` on, up to the first query whose bucket would
+    not fit in what is left of ``query`` and ``found``: (its place in ``order``, the hits written)."""
     bucket_shift = np.uint64(64 - dir_bits)
     bits = np.uint64(dir_bits)
     shift = np.uint64(fp_shift)
-    n = len(fps)
+    n = len(order)
     room = len(query)
-    while i < n:
+    while k < n:
+        i = order[k]
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
-            return i, count
+            return k, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
             e = entries[at]
@@ -295,24 +322,25 @@ def _walk_py(
                 query[count] = i
                 found[count] = e
                 count += 1
-        i += 1
-    return i, count
+        k += 1
+    return k, count
 
 
 _walk = _jit(_walk_py)
 
 
 def _lookup_py(
-    fps: np.ndarray, entries: np.ndarray, directory: np.ndarray, dir_bits: int, fp_shift: int
+    fps: np.ndarray, entries: np.ndarray, directory: np.ndarray, dir_bits: int, fp_shift: int, order_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
     # the arrays grow outside the walk: a loop that may replace an array it writes to runs many times slower
     n = len(fps)
+    order = _bucket_order(fps, min(dir_bits, order_bits))
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
-    i, count = 0, 0
+    k, count = 0, 0
     while True:
-        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
-        if i == n:
+        k, count = _walk(fps, order, entries, directory, dir_bits, fp_shift, k, count, query, found)
+        if k == n:
             return query[:count], found[:count]
         query = _grow(query, count)
         found = _grow(found, count)
@@ -326,8 +354,9 @@ def lookup(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query number, entry) of every entry of the index (``entries``, ``directory``, the directory's
     ``dir_bits``) whose fingerprint bits (the entry's top ``64 - fp_shift``) are those of a query in
-    ``fps`` (uint64) below its top ``dir_bits``; queries in order, each one's entries in bucket order."""
-    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift))
+    ``fps`` (uint64) below its top ``dir_bits``; queries in the order of their top :data:`ORDER_BITS` bits
+    (then in their own order), each one's entries in bucket order."""
+    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift), ORDER_BITS)
     return query, found
 
 
