@@ -190,6 +190,7 @@ def test_scanning_after_warm_up_reveals_the_references_rows(table, index, monkey
 
 
 TEXT_BYTES = st.sampled_from(list(b"0123456789-_.+eE aZz\n\r{}[]<>/tTrR\\n:\"',") + [0, 127, 200, 255])
+TAGS = st.sampled_from(["</tr>", "</TR>", "</tR>", "</td>", "<tr>", "</t", "\\n", "\\", "x", " ", "\n"])
 KEYED = st.sampled_from(['"7": ', "7: ", "'k': ", "x:", "\n", "\n\n", "</tr>", "12.5 ", "P-7F3SJGQ ", "[", "]", " "])
 
 
@@ -199,6 +200,7 @@ KEYED = st.sampled_from(['"7": ', "7: ", "'k': ", "x:", "\n", "\n\n", "</tr>", "
     | st.binary(max_size=300)
     | st.text(max_size=200)
     | st.lists(KEYED, max_size=120).map("".join)
+    | st.lists(TAGS, max_size=60).map("".join)
 )
 def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
     """Separators, runs of value bytes and value-like words, on any text: markup, JSON, dates, pseudonyms,
@@ -207,6 +209,7 @@ def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
     for values in ((10,), (92,), (60,), (10, 13, 125, 93), (123, 125, 91, 93), (10, 13, 91, 93)):
         fast, ref = layout._bytes(*values), layout._bytes_arrays(*values)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    assert np.array_equal(layout.row_ends, layout.row_ends_arrays())
     for name in ("line", "brace", "html", "position"):
         fast, ref = layout._separators(name), layout.separators_arrays(name)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)

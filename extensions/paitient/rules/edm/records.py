@@ -137,26 +137,31 @@ class Layout:
     def newlines(self) -> np.ndarray:
         return self._cached("nl", lambda: self._bytes(10))
 
-    @property
-    def literal_newlines(self) -> np.ndarray:
-        def find() -> np.ndarray:
-            bs = self._bytes(92)
-            result: np.ndarray = bs[self.buf[bs + 1] == 110]
-            return result
-
-        return self._cached("lit", find)
+    def literal_newlines_arrays(self) -> np.ndarray:
+        """Offsets of a backslash followed by ``n`` (numpy; the reference's part of the separators)."""
+        bs = self._bytes_arrays(92)
+        result: np.ndarray = bs[self.buf[bs + 1] == 110]
+        return result
 
     @property
     def row_ends(self) -> np.ndarray:
+        """Offsets of ``</tr>`` (any case): the line layout's separators at a ``<``, the only ones there."""
+
         def find() -> np.ndarray:
-            b = self.buf
-            lt = self._bytes(60)
-            result: np.ndarray = lt[
-                (b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)
-            ]
+            seps = self._separators("line")
+            result: np.ndarray = seps[self.buf[seps] == 60]
             return result
 
         return self._cached("tr", find)
+
+    def row_ends_arrays(self) -> np.ndarray:
+        """:attr:`row_ends` in numpy, the reference."""
+        b = self.buf
+        lt = self._bytes_arrays(60)
+        result: np.ndarray = lt[
+            (b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)
+        ]
+        return result
 
     @property
     def value_like(self) -> np.ndarray:
@@ -225,12 +230,16 @@ class Layout:
 
         def find() -> np.ndarray:
             if name == "line":
-                return np.sort(np.concatenate((self._bytes(10, 13, 125, 93), self.literal_newlines, self.row_ends)))
+                return np.sort(
+                    np.concatenate(
+                        (self._bytes_arrays(10, 13, 125, 93), self.literal_newlines_arrays(), self.row_ends_arrays())
+                    )
+                )
             if name == "brace":
-                return self._bytes(123, 125, 91, 93)
+                return self._bytes_arrays(123, 125, 91, 93)
             if name == "html":
-                return self.row_ends
-            return np.sort(np.concatenate((self._bytes(10, 13, 91, 93), self.literal_newlines)))
+                return self.row_ends_arrays()
+            return np.sort(np.concatenate((self._bytes_arrays(10, 13, 91, 93), self.literal_newlines_arrays())))
 
         return find()
 
