@@ -387,25 +387,45 @@ def value_like(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, nu
     return result
 
 
-def _segments_py(seps: np.ndarray, at: np.ndarray, vl: np.ndarray, end: int, cap: int) -> np.ndarray:
+def _segment_sizes_py(seps: np.ndarray, vl: np.ndarray) -> np.ndarray:
+    """Per segment (before the first separator, between two, after the last): the offsets of ``vl`` (sorted)
+    strictly inside it."""
     ns = len(seps)
+    sizes = np.zeros(ns + 1, dtype=np.int64)
+    j = 0
+    for v in vl:
+        while j < ns and seps[j] < v:
+            j += 1
+        if j < ns and seps[j] == v:  # on a separator: inside no segment
+            continue
+        sizes[j] += 1
+    return sizes
+
+
+_segment_sizes = _jit(_segment_sizes_py)
+
+
+def segment_sizes(seps: np.ndarray, vl: np.ndarray) -> np.ndarray:
+    """Value-like tokens (their sorted offsets ``vl``) in each segment between the separators ``seps``."""
+    result: np.ndarray = _segment_sizes(seps, vl)
+    return result
+
+
+def _segments_py(seps: np.ndarray, at: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
     out = np.empty(len(at), dtype=np.int64)
     for i in range(len(at)):
         rec = np.searchsorted(seps, at[i])
-        lo = seps[rec - 1] if rec > 0 else -1
-        hi = seps[rec] if rec < ns else end
-        size = np.searchsorted(vl, hi) - np.searchsorted(vl, lo, "right")
-        out[i] = rec if size <= cap else -1
+        out[i] = rec if sizes[rec] <= cap else -1
     return out
 
 
 _segments = _jit(_segments_py)
 
 
-def segments(seps: np.ndarray, at: np.ndarray, vl: np.ndarray, end: int, cap: int) -> np.ndarray:
+def segments(seps: np.ndarray, at: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
     """The segment of each token at offset ``at`` (the number of separators ``seps`` before it), -1 where the
-    segment holds more than ``cap`` value-like tokens (offsets ``vl``, sorted; the text ends at ``end``)."""
-    result: np.ndarray = _segments(seps, at, vl, int(end), int(cap))
+    segment holds more than ``cap`` value-like tokens (``sizes``, of :func:`segment_sizes`)."""
+    result: np.ndarray = _segments(seps, at, sizes, int(cap))
     return result
 
 
@@ -631,7 +651,7 @@ def warm_up() -> None:
     padded = np.concatenate((np.zeros(16, np.uint8), buf, np.zeros(80, np.uint8)))
     runs = class_runs(padded, ~table)
     newlines = positions(padded, table)
-    segments(newlines, at + 16, at + 16, len(padded), 3)
+    segments(newlines, at + 16, segment_sizes(newlines, at + 16), 3)
     dense(np.array([5, -1, 3, 5], dtype=np.int64))
     separators(padded, table, True, True)
     windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)

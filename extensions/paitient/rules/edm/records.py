@@ -369,7 +369,8 @@ class Layout:
         if not len(seps):  # one segment: the whole text (html: none)
             whole = name != "html" and len(self.sorted_starts[1]) <= cap
             return np.full(len(tok), 0 if whole else -1, dtype=np.int64)
-        return compiled_records.segments(seps, self.start[tok], self.sorted_starts[1], len(self.buf), cap)
+        sizes = self._cached("segs:" + name, lambda: compiled_records.segment_sizes(seps, self.sorted_starts[1]))
+        return compiled_records.segments(seps, self.start[tok], sizes, cap)
 
     def segments_arrays(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
         """:meth:`_segments` in numpy, the reference (for a text with separators)."""
