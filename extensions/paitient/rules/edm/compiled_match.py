@@ -264,8 +264,11 @@ _grow = _jit(_grow_py)
 
 
 ORDER_BITS = 16
-"""The queries are walked in the order of their top bits, this many (or the directory's, if fewer): their
-buckets then lie close together in memory, where in the order of the text every one is a cache miss."""
+"""The queries of a long text are walked in the order of their top bits, this many (or the directory's, if
+fewer): their buckets then lie close together in memory, where in the order of the text every one is a
+cache miss (a dump's values are all different)."""
+ORDER_MIN = 1 << 16
+"""Fewer queries are walked in their own order: sorting them would cost more than their cache misses."""
 
 
 def _bucket_order_py(fps: np.ndarray, bits: int) -> np.ndarray:
@@ -330,11 +333,18 @@ _walk = _jit(_walk_py)
 
 
 def _lookup_py(
-    fps: np.ndarray, entries: np.ndarray, directory: np.ndarray, dir_bits: int, fp_shift: int, order_bits: int
+    fps: np.ndarray,
+    entries: np.ndarray,
+    directory: np.ndarray,
+    dir_bits: int,
+    fp_shift: int,
+    order_bits: int,
+    order_min: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     # the arrays grow outside the walk: a loop that may replace an array it writes to runs many times slower
     n = len(fps)
-    order = _bucket_order(fps, min(dir_bits, order_bits))
+    bits = min(dir_bits, order_bits)
+    order = _bucket_order(fps, bits) if n >= order_min and bits > 0 else np.arange(n)
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
     k, count = 0, 0
@@ -354,9 +364,10 @@ def lookup(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query number, entry) of every entry of the index (``entries``, ``directory``, the directory's
     ``dir_bits``) whose fingerprint bits (the entry's top ``64 - fp_shift``) are those of a query in
-    ``fps`` (uint64) below its top ``dir_bits``; queries in the order of their top :data:`ORDER_BITS` bits
-    (then in their own order), each one's entries in bucket order."""
-    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift), ORDER_BITS)
+    ``fps`` (uint64) below its top ``dir_bits``; queries in their order or, from :data:`ORDER_MIN` queries on,
+    in the order of their top :data:`ORDER_BITS` bits (then in their own order); each one's entries in bucket
+    order."""
+    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift), ORDER_BITS, ORDER_MIN)
     return query, found
 
 
