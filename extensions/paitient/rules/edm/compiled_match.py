@@ -263,61 +263,31 @@ def _grow_py(a: np.ndarray, size: int) -> np.ndarray:
 _grow = _jit(_grow_py)
 
 
-ORDER_BITS = 16
-"""The queries of a long text are walked in the order of their top bits, this many (or the directory's, if
-fewer): their buckets then lie close together in memory, where in the order of the text every one is a
-cache miss (a dump's values are all different)."""
-ORDER_MIN = 1 << 16
-"""Fewer queries are walked in their own order: sorting them would cost more than their cache misses."""
-
-
-def _bucket_order_py(fps: np.ndarray, bits: int) -> np.ndarray:
-    """The queries' numbers, stably sorted by the top ``bits`` bits of their fingerprints (counting sort)."""
-    n = len(fps)
-    shift = np.uint64(64 - bits)
-    counts = np.zeros((1 << bits) + 1, dtype=np.int64)
-    for i in range(n):
-        counts[np.int64(fps[i] >> shift) + 1] += 1
-    for d in range(1, len(counts)):
-        counts[d] += counts[d - 1]
-    order = np.empty(n, dtype=np.int64)
-    for i in range(n):
-        b = np.int64(fps[i] >> shift)
-        order[counts[b]] = i
-        counts[b] += 1
-    return order
-
-
-_bucket_order = _jit(_bucket_order_py)
-
-
 def _walk_py(
     fps: np.ndarray,
-    order: np.ndarray,
     entries: np.ndarray,
     directory: np.ndarray,
     dir_bits: int,
     fp_shift: int,
-    k: int,
+    i: int,
     count: int,
     query: np.ndarray,
     found: np.ndarray,
 ) -> tuple[int, int]:
-    """Hits of the queries ``order[k:]``, written from ``count`` on, up to the first query whose bucket would
-    not fit in what is left of ``query`` and ``found``: (its place in ``order``, the hits written)."""
+    """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
+    would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
     bucket_shift = np.uint64(64 - dir_bits)
     bits = np.uint64(dir_bits)
     shift = np.uint64(fp_shift)
-    n = len(order)
+    n = len(fps)
     room = len(query)
-    while k < n:
-        i = order[k]
+    while i < n:
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
-            return k, count
+            return i, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
             e = entries[at]
@@ -325,32 +295,24 @@ def _walk_py(
                 query[count] = i
                 found[count] = e
                 count += 1
-        k += 1
-    return k, count
+        i += 1
+    return i, count
 
 
 _walk = _jit(_walk_py)
 
 
 def _lookup_py(
-    fps: np.ndarray,
-    entries: np.ndarray,
-    directory: np.ndarray,
-    dir_bits: int,
-    fp_shift: int,
-    order_bits: int,
-    order_min: int,
+    fps: np.ndarray, entries: np.ndarray, directory: np.ndarray, dir_bits: int, fp_shift: int
 ) -> tuple[np.ndarray, np.ndarray]:
     # the arrays grow outside the walk: a loop that may replace an array it writes to runs many times slower
     n = len(fps)
-    bits = min(dir_bits, order_bits)
-    order = _bucket_order(fps, bits) if n >= order_min and bits > 0 else np.arange(n)
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
-    k, count = 0, 0
+    i, count = 0, 0
     while True:
-        k, count = _walk(fps, order, entries, directory, dir_bits, fp_shift, k, count, query, found)
-        if k == n:
+        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
+        if i == n:
             return query[:count], found[:count]
         query = _grow(query, count)
         found = _grow(found, count)
@@ -364,10 +326,8 @@ def lookup(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query number, entry) of every entry of the index (``entries``, ``directory``, the directory's
     ``dir_bits``) whose fingerprint bits (the entry's top ``64 - fp_shift``) are those of a query in
-    ``fps`` (uint64) below its top ``dir_bits``; queries in their order or, from :data:`ORDER_MIN` queries on,
-    in the order of their top :data:`ORDER_BITS` bits (then in their own order); each one's entries in bucket
-    order."""
-    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift), ORDER_BITS, ORDER_MIN)
+    ``fps`` (uint64) below its top ``dir_bits``; queries in order, each one's entries in bucket order."""
+    query, found = _lookup(fps, entries, directory, int(dir_bits), int(fp_shift))
     return query, found
 
 
