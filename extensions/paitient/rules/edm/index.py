@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from paitient.rules.edm import columns
+from paitient.rules.edm import columns, compiled_match
 from paitient.rules.edm.hashing import Keyed
 
 FORMAT = 1
@@ -49,7 +49,7 @@ _ROW_MASK = np.uint64(MAX_ROWS - 1)
 _COL_MASK = np.uint64((1 << COLUMN_BITS) - 1)
 _PRIMARY = np.uint64(1 << COLUMN_BITS)
 _EXACT = np.uint64(1 << (COLUMN_BITS + 1))
-_LOOP = 4  # lookups walk a bucket entry by entry this far, then expand what is left in one go
+_LOOP = 4  # lookup_arrays walks a bucket entry by entry this far, then expands what is left in one go
 ARRAYS = ("entries", "dir")
 
 
@@ -196,7 +196,14 @@ class EDMIndex:
         return cls(header, arrays, keyed)
 
     def lookup(self, fps: np.ndarray) -> Hits:
-        """Every entry whose fingerprint is one of ``fps`` (uint64)."""
+        """Every entry whose fingerprint is one of ``fps`` (uint64): query by query, each one's entries in the
+        order of its bucket (:func:`paitient.rules.edm.compiled_match.lookup`)."""
+        q, e = compiled_match.lookup(fps, self.entries, self.dir, self.dir_bits, int(_FP_SHIFT))
+        return _hits(q, e)
+
+    def lookup_arrays(self, fps: np.ndarray) -> Hits:
+        """:meth:`lookup` in whole-array numpy, the reference: the same hits, in another order (round by round
+        over the buckets' first entries, then the rest of the long buckets)."""
         shift = np.uint64(64 - self.dir_bits)
         bucket = (fps >> shift).astype(np.intp)
         pos = self.dir[bucket].astype(np.int64)
@@ -227,13 +234,18 @@ class EDMIndex:
             found_e.append(e[same])
         q = np.concatenate(found_q) if found_q else np.zeros(0, np.int64)
         e = np.concatenate(found_e) if found_e else np.zeros(0, np.uint64)
-        return Hits(
-            query=q,
-            row=((e >> _ROW_SHIFT) & _ROW_MASK).astype(np.int64),
-            col=(e & _COL_MASK).astype(np.int64),
-            primary=(e & _PRIMARY) != 0,
-            exact=(e & _EXACT) != 0,
-        )
+        return _hits(q, e)
 
     def select(self, hits: Hits, keep: np.ndarray) -> Hits:
         return Hits(hits.query[keep], hits.row[keep], hits.col[keep], hits.primary[keep], hits.exact[keep])
+
+
+def _hits(query: np.ndarray, entries: np.ndarray) -> Hits:
+    """The hits of matched ``entries`` (uint64), each of query number ``query``."""
+    return Hits(
+        query=query,
+        row=((entries >> _ROW_SHIFT) & _ROW_MASK).astype(np.int64),
+        col=(entries & _COL_MASK).astype(np.int64),
+        primary=(entries & _PRIMARY) != 0,
+        exact=(entries & _EXACT) != 0,
+    )

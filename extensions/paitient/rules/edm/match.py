@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paitient.rules.edm import compiled_match
 from paitient.rules.edm import numbers as nb
 from paitient.rules.edm.hashing import Keyed
-from paitient.rules.edm.index import EDMIndex
+from paitient.rules.edm.index import EDMIndex, Hits
 from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, Layout, rows_in_records
 from paitient.rules.edm.tokens import Tokens, tokenize
 
@@ -25,6 +26,17 @@ class _Queries:
 
 
 def _queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+    """The fingerprints of the words, then of the numbers at each precision to look up, in one compiled pass
+    (:func:`paitient.rules.edm.compiled_match.queries`)."""
+    t = tokens
+    fp, token, exact = compiled_match.queries(
+        t.view, t.word_start, t.word_len, t.value, t.lead, t.ndigits, tiers, keyed.lanes
+    )
+    return _Queries(fp=fp, token=token, exact=exact, words=len(t.word_start))
+
+
+def _queries_arrays(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...]) -> _Queries:
+    """:func:`_queries` in whole-array numpy, the reference."""
     nw = len(tokens.word_start)
     wfp = keyed.words(tokens.view, tokens.word_start, tokens.word_len) if nw else np.zeros(0, np.uint64)
     tok, packed, exact = nb.printed_queries(tokens.value, tokens.lead, tokens.ndigits, tiers)
@@ -63,23 +75,12 @@ class Scan:
         q = self.queries(index.keyed)
         if not len(q.fp):
             return _EMPTY
-        hits = index.lookup(q.fp)
-        # a padded print contradicts a rounded value; a number is never a pseudonym (a fingerprint
-        # collision must not reveal a patient)
-        wrong = (q.exact[hits.query] & ~hits.exact) | ((hits.query >= q.words) & hits.primary)
-        if wrong.any():
-            hits = index.select(hits, ~wrong)
+        hits = index.lookup(q.fp)  # in any order: what follows marks, sorts or counts them
         if not len(hits.query):
             return _EMPTY
-        revealed = np.zeros(index.rows, dtype=bool)
-        revealed[hits.row[hits.primary]] = True
-        rest = np.flatnonzero(~hits.primary)
-        tok, row, col = q.token[hits.query[rest]], hits.row[rest], hits.col[rest]
+        revealed, candidates, tok, row, col = sift(hits, q, index.rows)
         ncols = len(index.columns)
         everything = (tok, col)
-        # only rows with values of 3 columns somewhere in the text can be revealed by a record
-        candidates = np.zeros(index.rows, dtype=bool)
-        candidates[rows_in_records(np.zeros(len(row), np.int64), row, col, index.rows)] = True
         for name in LAYOUTS:
             left = np.flatnonzero(candidates[row] & ~revealed[row])
             if len(left) < MIN_ROW_COLUMNS:
@@ -88,6 +89,35 @@ class Scan:
                 tok, row, col = tok[left], row[left], col[left]
             revealed[self.layout.rows(name, tok, row, col, index.rows, ncols, everything)] = True
         return np.flatnonzero(revealed)
+
+
+def sift(hits: Hits, q: _Queries, nrows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The hits that count, sorted into what they reveal: (rows revealed by a pseudonym, as a mask over the
+    ``nrows`` rows; rows with hits of MIN_ROW_COLUMNS columns, a mask too, the only ones a record can reveal;
+    the token, row and column of each other hit, in the order of the hits). A padded print contradicts a
+    rounded value, and a number is never a pseudonym (a fingerprint collision must not reveal a patient):
+    such hits do not count. One compiled pass (:func:`paitient.rules.edm.compiled_match.sift`)."""
+    return compiled_match.sift(
+        hits.query, hits.row, hits.col, hits.primary, hits.exact, q.exact, q.words, q.token, nrows, MIN_ROW_COLUMNS
+    )
+
+
+def sift_arrays(
+    hits: Hits, q: _Queries, nrows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`sift` in whole-array numpy, the reference."""
+    wrong = (q.exact[hits.query] & ~hits.exact) | ((hits.query >= q.words) & hits.primary)
+    if wrong.any():
+        keep = ~wrong
+        hits = Hits(hits.query[keep], hits.row[keep], hits.col[keep], hits.primary[keep], hits.exact[keep])
+    revealed = np.zeros(nrows, dtype=bool)
+    revealed[hits.row[hits.primary]] = True
+    rest = np.flatnonzero(~hits.primary)
+    tok, row, col = q.token[hits.query[rest]], hits.row[rest], hits.col[rest]
+    # only rows with values of 3 columns somewhere in the text can be revealed by a record
+    candidates = np.zeros(nrows, dtype=bool)
+    candidates[rows_in_records(np.zeros(len(row), np.int64), row, col, nrows)] = True
+    return revealed, candidates, tok, row, col
 
 
 def reveal(text: bytes | str, indexes: Mapping[str, EDMIndex]) -> dict[str, np.ndarray]:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from paitient.rules.edm import compiled_records
 from paitient.rules.edm.hashing import MAX_WORD, word_hash, word_view
 from paitient.rules.edm.tokens import Tokens, runs
 
@@ -45,6 +46,27 @@ _KEY_LANES = (np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344))
 _COL_BITS = np.uint64(10)
 _T = TypeVar("_T")
 _COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
+
+
+def _run_byte(b: np.ndarray) -> np.ndarray:
+    """Whether each byte (uint8) is one of [A-Za-z0-9_.+-], the bytes of printed values and labels."""
+    low = b | np.uint8(32)
+    rchar: np.ndarray = ((b - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26)
+    for v in (45, 95, 46, 43):
+        rchar |= b == v
+    return rchar
+
+
+_RUN_BYTES = _run_byte(np.arange(256, dtype=np.uint8))
+_BYTE_TABLES: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def _byte_table(values: tuple[int, ...]) -> np.ndarray:
+    """256 bools, set at ``values``."""
+    table = _BYTE_TABLES.get(values)
+    if table is None:
+        table = _BYTE_TABLES[values] = np.isin(np.arange(256), values)
+    return table
 
 
 def record_cap(columns: int) -> int:
@@ -70,6 +92,15 @@ def _runs_of(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a[starts], np.diff(np.concatenate((starts, [len(a)])))
 
 
+def _number_in(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The place of each of ``values`` in the sorted distinct ``ids``, -1 where it is none of them."""
+    if not len(ids):
+        return np.full(len(values), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(ids, values), len(ids) - 1)
+    result: np.ndarray = np.where(ids[at] == values, at, -1)
+    return result
+
+
 def _densify(ids: np.ndarray) -> np.ndarray:
     """Ids renumbered 0..k-1 in their order."""
     return np.searchsorted(sorted_unique(ids), ids)
@@ -91,6 +122,11 @@ class Layout:
         return got
 
     def _bytes(self, *values: int) -> np.ndarray:
+        """Ascending offsets of the bytes ``values`` in the text (one compiled pass)."""
+        return compiled_records.positions(self.buf, _byte_table(values))
+
+    def _bytes_arrays(self, *values: int) -> np.ndarray:
+        """:meth:`_bytes` in numpy, the reference."""
         b = self.buf
         mask = b == values[0]
         for v in values[1:]:
@@ -101,47 +137,58 @@ class Layout:
     def newlines(self) -> np.ndarray:
         return self._cached("nl", lambda: self._bytes(10))
 
-    @property
-    def literal_newlines(self) -> np.ndarray:
-        def find() -> np.ndarray:
-            bs = self._bytes(92)
-            result: np.ndarray = bs[self.buf[bs + 1] == 110]
-            return result
-
-        return self._cached("lit", find)
+    def literal_newlines_arrays(self) -> np.ndarray:
+        """Offsets of a backslash followed by ``n`` (numpy; the reference's part of the separators)."""
+        bs = self._bytes_arrays(92)
+        result: np.ndarray = bs[self.buf[bs + 1] == 110]
+        return result
 
     @property
     def row_ends(self) -> np.ndarray:
+        """Offsets of ``</tr>`` (any case): the line layout's separators at a ``<``, the only ones there."""
+
         def find() -> np.ndarray:
-            b = self.buf
-            lt = self._bytes(60)
-            result: np.ndarray = lt[
-                (b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)
-            ]
+            seps = self._separators("line")
+            result: np.ndarray = seps[self.buf[seps] == 60]
             return result
 
         return self._cached("tr", find)
 
+    def row_ends_arrays(self) -> np.ndarray:
+        """:attr:`row_ends` in numpy, the reference."""
+        b = self.buf
+        lt = self._bytes_arrays(60)
+        result: np.ndarray = lt[
+            (b[lt + 1] == 47) & ((b[lt + 2] | 32) == 116) & ((b[lt + 3] | 32) == 114) & (b[lt + 4] == 62)
+        ]
+        return result
+
     @property
     def value_like(self) -> np.ndarray:
         """Numbers, and words that look like values: with a digit and a '-' (dates, pseudonyms) or with
-        4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``."""
+        4 digits (identifiers), judged on their first and last 8 bytes; not markup such as ``row0``. One
+        compiled pass over the words; :meth:`value_like_arrays` is the reference."""
 
         def find() -> np.ndarray:
             t = self.tokens
-            ln = t.word_len
-            first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
-            last = t.view[t.word_start + ln - 8].view(np.uint8).reshape(-1, 8)
-            cols = np.arange(8)
-            in_first = cols < np.minimum(ln, 8)[:, None]
-            in_last = (cols >= (8 - ln)[:, None]) & (cols >= (16 - ln)[:, None])  # bytes the first 8 missed
-            digits = (((first - np.uint8(48)) < 10) & in_first).sum(axis=1)
-            digits += (((last - np.uint8(48)) < 10) & in_last).sum(axis=1)
-            dash = ((first == 45) & in_first).any(axis=1) | ((last == 45) & in_last).any(axis=1)
-            word = ((digits > 0) & dash) | (digits >= 4)
-            return np.concatenate((word, np.ones(len(t.num_start), dtype=bool)))
+            return compiled_records.value_like(t.buf, t.word_start, t.word_len, len(t.num_start))
 
         return self._cached("vl", find)
+
+    def value_like_arrays(self) -> np.ndarray:
+        """:attr:`value_like` in numpy, the reference."""
+        t = self.tokens
+        ln = t.word_len
+        first = t.view[t.word_start].view(np.uint8).reshape(-1, 8)
+        last = t.view[t.word_start + ln - 8].view(np.uint8).reshape(-1, 8)
+        cols = np.arange(8)
+        in_first = cols < np.minimum(ln, 8)[:, None]
+        in_last = (cols >= (8 - ln)[:, None]) & (cols >= (16 - ln)[:, None])  # bytes the first 8 missed
+        digits = (((first - np.uint8(48)) < 10) & in_first).sum(axis=1)
+        digits += (((last - np.uint8(48)) < 10) & in_last).sum(axis=1)
+        dash = ((first == 45) & in_first).any(axis=1) | ((last == 45) & in_last).any(axis=1)
+        word = ((digits > 0) & dash) | (digits >= 4)
+        return np.concatenate((word, np.ones(len(t.num_start), dtype=bool)))
 
     @property
     def sorted_starts(self) -> tuple[np.ndarray, np.ndarray]:
@@ -156,27 +203,45 @@ class Layout:
     def _runs(self) -> tuple[np.ndarray, np.ndarray]:
         """Runs of [A-Za-z0-9_.+-]: the printed values and labels."""
 
-        def find() -> tuple[np.ndarray, np.ndarray]:
-            b = self.buf
-            low = b | np.uint8(32)
-            rchar = ((b - np.uint8(48)) < 10) | ((low - np.uint8(97)) < 26)
-            for v in (45, 95, 46, 43):
-                rchar |= b == v
-            return runs(rchar)
+        return self._cached("runs", lambda: compiled_records.class_runs(self.buf, _RUN_BYTES))
 
-        return self._cached("runs", find)
+    def runs_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_runs` in numpy, the reference."""
+        return runs(_run_byte(self.buf))
 
     def _separators(self, name: str) -> np.ndarray:
+        """Where the records of a segment layout end, or (``position``) its lines and lists: one compiled
+        pass (:func:`paitient.rules.edm.compiled_records.separators`); :meth:`separators_arrays` is the
+        reference."""
+
         def find() -> np.ndarray:
             if name == "line":
-                return np.sort(np.concatenate((self._bytes(10, 13, 125, 93), self.literal_newlines, self.row_ends)))
+                return compiled_records.separators(self.buf, _byte_table((10, 13, 125, 93)), True, True)
             if name == "brace":
-                return self._bytes(123, 125, 91, 93)
+                return compiled_records.separators(self.buf, _byte_table((123, 125, 91, 93)), False, False)
             if name == "html":
                 return self.row_ends
-            return np.sort(np.concatenate((self._bytes(10, 13, 91, 93), self.literal_newlines)))
+            return compiled_records.separators(self.buf, _byte_table((10, 13, 91, 93)), True, False)
 
         return self._cached("sep:" + name, find)
+
+    def separators_arrays(self, name: str) -> np.ndarray:
+        """:meth:`_separators` in numpy, the reference."""
+
+        def find() -> np.ndarray:
+            if name == "line":
+                return np.sort(
+                    np.concatenate(
+                        (self._bytes_arrays(10, 13, 125, 93), self.literal_newlines_arrays(), self.row_ends_arrays())
+                    )
+                )
+            if name == "brace":
+                return self._bytes_arrays(123, 125, 91, 93)
+            if name == "html":
+                return self.row_ends_arrays()
+            return np.sort(np.concatenate((self._bytes_arrays(10, 13, 91, 93), self.literal_newlines_arrays())))
+
+        return find()
 
     # the layouts
 
@@ -191,16 +256,51 @@ class Layout:
         found: tuple[np.ndarray, np.ndarray],
     ) -> np.ndarray:
         """Rows that the hits (token, row, column) reveal in layout ``name``; ``found`` is (token, column)
-        of every value of the dataset found in the text, to tell row-like records from column-like ones."""
+        of every value of the dataset found in the text, to tell row-like records from column-like ones.
+        The records are found here, the counting within them is compiled
+        (:mod:`paitient.rules.edm.compiled_records`); :meth:`rows_arrays` is the reference."""
         if name == "window":
             return rows_in_windows(self.ordinal(tok), row, col)
         cap = record_cap(columns)
-        if name in _SEGMENTS:
-            rec = self._segments(name, tok, cap)
-        elif "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
-            rec = self._pooled(name)[tok]
-        else:  # only the hits' tokens for now: the whole text only if some record might count
-            rec = getattr(self, "_" + name)(self.start[tok])
+        rec = self._records(name, tok, cap)
+        pooled = name not in _SEGMENTS
+        if pooled:  # records numbered 0, 1, ... in the order of their ids
+            ids, rec = compiled_records.dense(rec)
+            records = len(ids)
+        else:
+            records = len(self._separators(name)) + 1
+        words = len(self.tokens.word_start)
+        at, any_rows = compiled_records.kept(rec, records, tok, row, col, nrows, cap, words, pooled, MIN_ROW_COLUMNS)
+        if not any_rows:  # most hits are chance ones: spare the sizes and shapes of records
+            return np.zeros(0, dtype=np.int64)
+        all_tok, all_col = found
+        found_ids = self._record_ids(name, all_tok)
+        if pooled:
+            found_ids = _number_in(ids, found_ids)
+            uniq, counts = self._sizes(name)
+            at_size = _number_in(uniq, ids)
+            too_big = (at_size < 0) | (counts[np.maximum(at_size, 0)] > cap) if len(uniq) else np.ones(records, bool)
+        else:
+            too_big = np.zeros(records, dtype=bool)
+        return compiled_records.revealed(
+            rec, records, row, col, at, (found_ids, all_tok, all_col), too_big, nrows, _COLUMN_LIKE_MIN, MIN_ROW_COLUMNS
+        )
+
+    def rows_arrays(
+        self,
+        name: str,
+        tok: np.ndarray,
+        row: np.ndarray,
+        col: np.ndarray,
+        nrows: int,
+        columns: int,
+        found: tuple[np.ndarray, np.ndarray],
+    ) -> np.ndarray:
+        """:meth:`rows` in whole-array numpy, the reference."""
+        if name == "window":
+            return rows_in_windows_arrays(self.ordinal(tok), row, col)
+        cap = record_cap(columns)
+        rec = self._records(name, tok, cap)
         keep = np.flatnonzero(rec >= 0)
         rec, tok, row, col = rec[keep], tok[keep], row[keep], col[keep]
         if name not in _SEGMENTS and len(rec):
@@ -218,17 +318,37 @@ class Layout:
         ok = ~self._column_like(name, rec, *found)
         if name not in _SEGMENTS:
             uniq, counts = self._sizes(name)
-            i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
-            ok &= (uniq[i] == rec) & (counts[i] <= cap)
+            if len(uniq):
+                i = np.minimum(np.searchsorted(uniq, rec), len(uniq) - 1)
+                ok &= (uniq[i] == rec) & (counts[i] <= cap)
+            else:  # no value-like token in any record: none is a record of a row
+                ok[:] = False
         return rows_in_records(_densify(rec[ok]), row[ok], col[ok], nrows)
+
+    def _records(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
+        """The record of each token ``tok`` in layout ``name`` (not ``window``), -1 where none; a segment
+        holding more than ``cap`` value-like tokens is none."""
+        if name in _SEGMENTS:
+            return self._segments(name, tok, cap)
+        if "ids:" + name in self._cache or len(self.start) <= 4 * len(tok) + 4096:  # small text: all at once
+            ids: np.ndarray = self._pooled(name)[tok]
+            return ids
+        # only the hits' tokens for now: the whole text only if some record might count
+        ids = getattr(self, "_" + name)(self.start[tok])
+        return ids
+
+    def _record_ids(self, name: str, tok: np.ndarray) -> np.ndarray:
+        """The record of each token ``tok`` in layout ``name``, segments not capped."""
+        if name in _SEGMENTS:
+            ids: np.ndarray = np.searchsorted(self._separators(name), self.start[tok])
+        else:
+            ids = self._pooled(name)[tok]
+        return ids
 
     def _column_like(self, name: str, rec: np.ndarray, all_tok: np.ndarray, all_col: np.ndarray) -> np.ndarray:
         """Whether each record in ``rec`` has more than half of its printed dataset values (tokens with
         a hit), and at least _COLUMN_LIKE_MIN of them, in one column."""
-        if name in _SEGMENTS:
-            ids = np.searchsorted(self._separators(name), self.start[all_tok])
-        else:
-            ids = self._pooled(name)[all_tok]
+        ids = self._record_ids(name, all_tok)
         wanted = sorted_unique(rec)
         at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
         mine = wanted[at] == ids
@@ -249,6 +369,12 @@ class Layout:
         if not len(seps):  # one segment: the whole text (html: none)
             whole = name != "html" and len(self.sorted_starts[1]) <= cap
             return np.full(len(tok), 0 if whole else -1, dtype=np.int64)
+        sizes = self._cached("segs:" + name, lambda: compiled_records.segment_sizes(seps, self.sorted_starts[1]))
+        return compiled_records.segments(seps, self.start[tok], sizes, cap)
+
+    def segments_arrays(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:
+        """:meth:`_segments` in numpy, the reference (for a text with separators)."""
+        seps = self._separators(name)
         rec = np.searchsorted(seps, self.start[tok])
         lo = np.where(rec > 0, seps[np.maximum(rec - 1, 0)], -1)
         hi = np.where(rec < len(seps), seps[np.minimum(rec, len(seps) - 1)], len(self.buf))
@@ -277,7 +403,15 @@ class Layout:
         return self._cached("size:" + name, count)
 
     def _key(self, t: np.ndarray) -> np.ndarray:
-        """A hash of the key before ``:``, or else of the first run of the line, for tokens at ``t``."""
+        """A hash of the key before ``:``, or else of the first run of the line, for tokens at ``t``. One
+        compiled pass (:func:`paitient.rules.edm.compiled_records.keys`); :meth:`key_arrays` is the reference."""
+        runs = self._runs()
+        if not len(runs[0]):
+            return np.full(len(t), -1, dtype=np.int64)
+        return compiled_records.keys(self.buf, runs, self.newlines, t, np.array(_KEY_LANES, dtype=np.uint64))
+
+    def key_arrays(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_key` in numpy, the reference."""
         b = self.buf
         rs, re_ = self._runs()
         if not len(rs):
@@ -300,7 +434,23 @@ class Layout:
         return (word_hash(word_view(b), s, ln, *_KEY_LANES) >> np.uint64(1)).astype(np.int64)
 
     def _position(self, t: np.ndarray) -> np.ndarray:
-        """(paragraph, place from the end of the line or list) for tokens at ``t``; -1 on short lines."""
+        """(paragraph, place from the end of the line or list) for tokens at ``t``; -1 on short lines. One
+        compiled pass (:func:`paitient.rules.edm.compiled_records.places`); :meth:`position_arrays` is the
+        reference."""
+        rs, _ = self._runs()
+        if not len(rs):
+            return np.full(len(t), -1, dtype=np.int64)
+
+        def blank_lines() -> np.ndarray:
+            nl = self.newlines
+            blank: np.ndarray = nl[1:][np.diff(nl) == 1] if len(nl) > 1 else nl[:0]
+            return blank
+
+        blank = self._cached("blank", blank_lines)
+        return compiled_records.places(rs, self._separators("position"), blank, t, MIN_ROW_COLUMNS)
+
+    def position_arrays(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_position` in numpy, the reference."""
         rs, _ = self._runs()
         if not len(rs):
             return np.full(len(t), -1, dtype=np.int64)
@@ -331,6 +481,20 @@ def rows_in_records(rec: np.ndarray, row: np.ndarray, col: np.ndarray, nrows: in
 
 
 def rows_in_windows(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Rows with values of MIN_ROW_COLUMNS distinct columns among ``window`` consecutive tokens: one compiled
+    pass (:func:`paitient.rules.edm.compiled_records.windows`); :func:`rows_in_windows_arrays` is the
+    reference."""
+    if len(row) < MIN_ROW_COLUMNS:
+        return np.zeros(0, dtype=np.int64)
+    if int(row.max()) >= 1 << 23 or int(ordinal.max()) >= 1 << 30:  # renumber to fit the packed key
+        rows = sorted_unique(row.astype(np.int64))
+        found = compiled_records.windows(_densify(ordinal), np.searchsorted(rows, row), col, window, MIN_ROW_COLUMNS)
+        result: np.ndarray = rows[found]
+        return result
+    return compiled_records.windows(ordinal, row, col, window, MIN_ROW_COLUMNS)
+
+
+def rows_in_windows_arrays(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int = WINDOW) -> np.ndarray:
     """Rows with values of MIN_ROW_COLUMNS distinct columns among ``window`` consecutive tokens.
 
     Per row, consecutive hits of one column collapse into a run (first and last token); a window holds

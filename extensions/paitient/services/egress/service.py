@@ -412,10 +412,13 @@ def hub_service(site: SiteConfig, python: str, *, port: int = 0) -> dict[str, An
 
 def serve(site: SiteConfig, logger: logging.Logger) -> None:
     """Serve the gate's socket (and the stewards' page if the hub gave a URL) until SIGTERM/SIGINT."""
-    from paitient.rules.edm import compiled_tokens
+    from paitient.rules.edm import compiled_match, compiled_records, compiled_tokens
     from paitient.services.kit.process import StopSignal
 
-    compiled_tokens.warm_up()  # the scanner's machine code loaded (or compiled) now, not at a first output
+    # the scanner's machine code loaded (or compiled) now, not at a first output
+    compiled_tokens.warm_up()
+    compiled_match.warm_up()
+    compiled_records.warm_up()
     store = EgressStore.for_state_dir(site.state_dir)
     matcher = Matcher(site, logger)
     service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir), logger=logger)

@@ -1,0 +1,659 @@
+"""The counting half of a record layout, compiled (numba): which rows the hits of one layout reveal.
+
+:meth:`paitient.rules.edm.records.Layout.rows` finds each hit's record (numpy, per layout) and then counts
+within the records: the pooled layouts' cap on the distinct numbers hit, the rows with values of three columns
+in one record, the records that look like a printed column, the pooled records too large over the whole
+text. :meth:`~paitient.rules.edm.records.Layout.rows_arrays` keeps that counting in whole-array numpy (a few
+dozen numpy calls per layout, six layouts per index: most of a small output's cost), the reference.
+:func:`kept` and :func:`revealed` do the same counting in two passes, by sorting inside one call:
+
+- :func:`kept`: the hits in a record that still counts after the cap on distinct numbers, and whether any row
+  has values of three columns in one record (most texts: none, and the rest is spared);
+- :func:`revealed`: of those, the rows with values of three columns in one record that is neither
+  column-like nor (pooled layouts) over the cap on value-like tokens over the whole text.
+
+The rows are the reference's set, sorted; the reference numbers records densely before it counts, these
+passes group hits of equal record ids, which is the same grouping.
+
+Compiled at first use, the machine code kept for later processes (:func:`paitient.rules.edm.compiled._jit`);
+:func:`warm_up` loads every compiled function. Constants of other modules go in as arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paitient.rules.edm.compiled import _jit
+from paitient.rules.edm.compiled_match import _MIX, _words
+from paitient.rules.edm.hashing import _BYTE_MASK, MAX_WORD, word_view
+
+
+def _radix_sort_py(keys: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``keys`` (int64, none negative) sorted, with ``order`` (int64) carried along: a byte at a time from
+    the lowest, as many bytes as the largest key has (numba's comparison sort takes several times longer on
+    the few thousand keys of a small output)."""
+    n = len(keys)
+    top = np.int64(0)
+    for k in range(n):
+        top = max(top, keys[k])
+    src_k, src_o = keys, order
+    dst_k = np.empty(n, dtype=np.int64)
+    dst_o = np.empty(n, dtype=np.int64)
+    counts = np.empty(257, dtype=np.int64)
+    shift = np.int64(0)
+    while shift < 64 and (top >> shift) > 0:
+        counts[:] = 0
+        for k in range(n):
+            counts[((src_k[k] >> shift) & 255) + 1] += 1
+        for d in range(1, 257):
+            counts[d] += counts[d - 1]
+        for k in range(n):
+            d = (src_k[k] >> shift) & 255
+            at = counts[d]
+            dst_k[at] = src_k[k]
+            dst_o[at] = src_o[k]
+            counts[d] = at + 1
+        src_k, dst_k = dst_k, src_k
+        src_o, dst_o = dst_o, src_o
+        shift += 8
+    return src_k, src_o
+
+
+_radix_sort = _jit(_radix_sort_py)
+
+
+def _dense_py(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct values >= 0 of ``rec``, ascending; each item's place among them, -1 where negative.)"""
+    n = len(rec)
+    keys = np.empty(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    m = 0
+    for k in range(n):
+        if rec[k] >= 0:
+            keys[m] = rec[k]
+            order[m] = k
+            m += 1
+    keys, order = _radix_sort(keys[:m], order[:m])
+    dense = np.full(n, -1, dtype=np.int64)
+    ids = np.empty(m, dtype=np.int64)
+    d = -1
+    for k in range(m):
+        if k == 0 or keys[k] != keys[k - 1]:
+            d += 1
+            ids[d] = keys[k]
+        dense[order[k]] = d
+    return ids[: d + 1], dense
+
+
+_dense = _jit(_dense_py)
+
+
+def dense(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct record ids >= 0 in ``rec``, ascending; each item's place among them, -1 where it has
+    none): ``np.unique(rec, return_inverse=True)`` without the negative ids."""
+    ids, numbers = _dense(rec.astype(np.int64, copy=False))
+    return ids, numbers
+
+
+def _distinct_sorted_py(keys: np.ndarray) -> np.ndarray:
+    """``keys`` (none negative) sorted, each value once."""
+    keys, _ = _radix_sort(keys, np.empty(len(keys), dtype=np.int64))
+    m = 0
+    for k in range(len(keys)):
+        if k == 0 or keys[k] != keys[m - 1]:
+            keys[m] = keys[k]
+            m += 1
+    return keys[:m]
+
+
+_distinct_sorted = _jit(_distinct_sorted_py)
+
+
+def _rows_of_py(
+    rec: np.ndarray, row: np.ndarray, col: np.ndarray, at: np.ndarray, nrows: int, min_columns: int
+) -> np.ndarray:
+    """Sorted unique rows with hits of ``min_columns`` distinct columns in one record, over the hits ``at``."""
+    n = len(at)
+    if n < min_columns:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        h = at[k]
+        keys[k] = (rec[h] * nrows + row[h]) * 1024 + col[h]
+    pairs = _distinct_sorted(keys)  # (record, row, column), each once
+    out = np.empty(len(pairs), dtype=np.int64)
+    found = 0
+    run = 0
+    for k in range(len(pairs)):
+        group = pairs[k] >> np.int64(10)
+        run = run + 1 if k > 0 and group == pairs[k - 1] >> np.int64(10) else 1
+        if run == min_columns:
+            out[found] = group % nrows
+            found += 1
+    rows: np.ndarray = _distinct_sorted(out[:found])
+    return rows
+
+
+_rows_of = _jit(_rows_of_py)
+
+
+def _kept_py(
+    rec: np.ndarray,
+    records: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    pooled: bool,
+    min_columns: int,
+) -> tuple[np.ndarray, bool]:
+    n = len(rec)
+    at = np.empty(n, dtype=np.int64)
+    count = 0
+    width = np.int64(1)
+    for i in range(n):
+        if rec[i] >= 0:
+            at[count] = i
+            count += 1
+            width = max(width, tok[i] + 1)
+    at = at[:count]
+    if pooled and count:
+        # per record, the distinct numbers hit in it; a record over the cap on those alone does not count
+        keys = np.empty(count, dtype=np.int64)
+        m = 0
+        for k in range(count):
+            h = at[k]
+            if tok[h] >= words:
+                keys[m] = rec[h] * width + tok[h]
+                m += 1
+        numbers = np.zeros(records, dtype=np.int64)
+        for key in _distinct_sorted(keys[:m]):
+            numbers[key // width] += 1
+        left = 0
+        for k in range(count):
+            h = at[k]
+            if numbers[rec[h]] <= cap:
+                at[left] = h
+                left += 1
+        at = at[:left]
+    any_rows = len(_rows_of(rec, row, col, at, nrows, min_columns)) > 0
+    return at, any_rows
+
+
+_kept = _jit(_kept_py)
+
+
+def kept(
+    rec: np.ndarray,
+    records: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    pooled: bool,
+    min_columns: int,
+) -> tuple[np.ndarray, bool]:
+    """(The hits, by position, in a record (``rec``: 0 to ``records`` - 1, -1 for none) that counts: in a
+    pooled layout, one where at most ``cap`` distinct numbers (tokens from ``words`` on) are hit; whether any
+    row (of ``nrows``) has hits of ``min_columns`` distinct columns in one record of those.)"""
+    at, any_rows = _kept(
+        rec, int(records), tok, row, col, int(nrows), int(cap), int(words), bool(pooled), int(min_columns)
+    )
+    return at, bool(any_rows)
+
+
+def _revealed_py(
+    rec: np.ndarray,
+    records: int,
+    row: np.ndarray,
+    col: np.ndarray,
+    at: np.ndarray,
+    ids: np.ndarray,
+    found_tok: np.ndarray,
+    found_col: np.ndarray,
+    too_big: np.ndarray,
+    nrows: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    n = len(at)
+    wanted = np.zeros(records, dtype=np.bool_)
+    for k in range(n):
+        wanted[rec[at[k]]] = True
+    # per record: its distinct tokens found, and the most of them in one column (column-like records)
+    m = len(ids)
+    width = np.int64(1)
+    for k in range(m):
+        width = max(width, found_tok[k] + 1)
+    tokens = np.empty(m, dtype=np.int64)
+    pairs = np.empty(m, dtype=np.int64)
+    mine = 0
+    for k in range(m):
+        r = ids[k]
+        if r >= 0 and wanted[r]:
+            tokens[mine] = r * width + found_tok[k]
+            pairs[mine] = (r * 1024 + found_col[k]) * width + found_tok[k]
+            mine += 1
+    per_record = np.zeros(records, dtype=np.int64)
+    for key in _distinct_sorted(tokens[:mine]):
+        per_record[key // width] += 1
+    top = np.zeros(records, dtype=np.int64)
+    run = 0
+    pairs = _distinct_sorted(pairs[:mine])
+    for k in range(len(pairs)):
+        group = pairs[k] // width
+        run = run + 1 if k > 0 and group == pairs[k - 1] // width else 1
+        r = group // 1024
+        top[r] = max(top[r], run)
+    ok = np.empty(n, dtype=np.int64)
+    left = 0
+    for k in range(n):
+        r = rec[at[k]]
+        if (2 * top[r] > per_record[r] and top[r] >= least) or too_big[r]:
+            continue
+        ok[left] = at[k]
+        left += 1
+    rows: np.ndarray = _rows_of(rec, row, col, ok[:left], nrows, min_columns)
+    return rows
+
+
+_revealed = _jit(_revealed_py)
+
+
+def revealed(
+    rec: np.ndarray,
+    records: int,
+    row: np.ndarray,
+    col: np.ndarray,
+    at: np.ndarray,
+    found: tuple[np.ndarray, np.ndarray, np.ndarray],
+    too_big: np.ndarray,
+    nrows: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    """Sorted unique rows (of ``nrows``) with hits (of those at ``at``) of ``min_columns`` distinct columns in
+    one record (``rec``, 0 to ``records`` - 1) that is not column-like (more than half, and at least
+    ``least``, of the distinct tokens found in it of one column; ``found`` is (record or -1, token, column) of
+    every value of the dataset found in the text) nor ``too_big``."""
+    ids, found_tok, found_col = found
+    rows: np.ndarray = _revealed(
+        rec,
+        int(records),
+        row,
+        col,
+        at,
+        ids.astype(np.int64, copy=False),
+        found_tok.astype(np.int64, copy=False),
+        found_col.astype(np.int64, copy=False),
+        too_big,
+        int(nrows),
+        int(least),
+        int(min_columns),
+    )
+    return rows
+
+
+def _positions_py(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
+    n = len(buf)
+    count = 0
+    for i in range(n):
+        if table[buf[i]]:
+            count += 1
+    out = np.empty(count, dtype=np.int64)
+    count = 0
+    for i in range(n):
+        if table[buf[i]]:
+            out[count] = i
+            count += 1
+    return out
+
+
+_positions = _jit(_positions_py)
+
+
+def positions(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Ascending offsets of the bytes of ``buf`` (uint8) whose entry in ``table`` (256 bools) is set."""
+    result: np.ndarray = _positions(buf, table)
+    return result
+
+
+def _class_runs_py(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(buf)
+    count = 0
+    inside = False
+    for i in range(n):
+        now = table[buf[i]]
+        if now and not inside:
+            count += 1
+        inside = now
+    starts = np.empty(count, dtype=np.int64)
+    ends = np.empty(count, dtype=np.int64)
+    count = 0
+    inside = False
+    for i in range(n):
+        now = table[buf[i]]
+        if now and not inside:
+            starts[count] = i
+        elif inside and not now:
+            ends[count] = i
+            count += 1
+        inside = now
+    return starts, ends
+
+
+_class_runs = _jit(_class_runs_py)
+
+
+def class_runs(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of bytes of ``buf`` (uint8; its first and last byte in none) whose entry
+    in ``table`` (256 bools) is set: :func:`paitient.rules.edm.tokens.runs` of that mask."""
+    starts, ends = _class_runs(buf, table)
+    return starts, ends
+
+
+def _value_like_py(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, numbers: int) -> np.ndarray:
+    nw = len(word_start)
+    out = np.ones(nw + numbers, dtype=np.bool_)
+    for i in range(nw):
+        s = word_start[i]
+        n = word_len[i]
+        digits = 0
+        dash = False
+        # the first 8 bytes, and of the last 8 those the first 8 missed
+        for p in range(s, s + min(n, 8)):
+            digits += 1 if (buf[p] - np.uint8(48)) < np.uint8(10) else 0
+            dash |= buf[p] == 45
+        for p in range(max(s + 8, s + n - 8), s + n):
+            digits += 1 if (buf[p] - np.uint8(48)) < np.uint8(10) else 0
+            dash |= buf[p] == 45
+        out[i] = (digits > 0 and dash) or digits >= 4
+    return out
+
+
+_value_like = _jit(_value_like_py)
+
+
+def value_like(buf: np.ndarray, word_start: np.ndarray, word_len: np.ndarray, numbers: int) -> np.ndarray:
+    """Per token (the words at ``word_start``, ``word_len`` in ``buf``, then ``numbers`` numbers): whether it
+    looks like a value (see :attr:`paitient.rules.edm.records.Layout.value_like`)."""
+    result: np.ndarray = _value_like(
+        buf, word_start.astype(np.int64, copy=False), word_len.astype(np.int64, copy=False), int(numbers)
+    )
+    return result
+
+
+def _segment_sizes_py(seps: np.ndarray, vl: np.ndarray) -> np.ndarray:
+    """Per segment (before the first separator, between two, after the last): the offsets of ``vl`` (sorted)
+    strictly inside it."""
+    ns = len(seps)
+    sizes = np.zeros(ns + 1, dtype=np.int64)
+    j = 0
+    for v in vl:
+        while j < ns and seps[j] < v:
+            j += 1
+        if j < ns and seps[j] == v:  # on a separator: inside no segment
+            continue
+        sizes[j] += 1
+    return sizes
+
+
+_segment_sizes = _jit(_segment_sizes_py)
+
+
+def segment_sizes(seps: np.ndarray, vl: np.ndarray) -> np.ndarray:
+    """Value-like tokens (their sorted offsets ``vl``) in each segment between the separators ``seps``."""
+    result: np.ndarray = _segment_sizes(seps, vl)
+    return result
+
+
+def _segments_py(seps: np.ndarray, at: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
+    out = np.empty(len(at), dtype=np.int64)
+    for i in range(len(at)):
+        rec = np.searchsorted(seps, at[i])
+        out[i] = rec if sizes[rec] <= cap else -1
+    return out
+
+
+_segments = _jit(_segments_py)
+
+
+def segments(seps: np.ndarray, at: np.ndarray, sizes: np.ndarray, cap: int) -> np.ndarray:
+    """The segment of each token at offset ``at`` (the number of separators ``seps`` before it), -1 where the
+    segment holds more than ``cap`` value-like tokens (``sizes``, of :func:`segment_sizes`)."""
+    result: np.ndarray = _segments(seps, at, sizes, int(cap))
+    return result
+
+
+def _keys_py(
+    buf: np.ndarray,
+    view: np.ndarray,
+    rs: np.ndarray,
+    re_: np.ndarray,
+    nl: np.ndarray,
+    t: np.ndarray,
+    lanes: np.ndarray,
+    mix: np.ndarray,
+    byte_mask: np.ndarray,
+    max_word: int,
+) -> np.ndarray:
+    n = len(t)
+    nr = len(rs)
+    start = np.empty(n, dtype=np.int64)
+    length = np.empty(n, dtype=np.int64)
+    at, order = _radix_sort(t.copy(), np.arange(n, dtype=np.int64))
+    lines = 0  # newlines before the token (its offset's order: this only moves forward)
+    line_run = 0  # runs starting before its line
+    upto = 0  # runs starting at or before the token
+    for k in range(n):
+        x = at[k]
+        i = order[k]
+        p = x - 1
+        if buf[p] == 34 or buf[p] == 39:
+            p -= 1
+        if buf[p] == 32:
+            p -= 1
+        kend = p - (1 if buf[p - 1] == 34 or buf[p - 1] == 39 else 0)
+        while upto < nr and rs[upto] <= x:
+            upto += 1
+        r = upto  # runs starting at or before kend - 1, a few bytes before the token
+        while r > 0 and rs[r - 1] > kend - 1:
+            r -= 1
+        r -= 1
+        if buf[p] == 58 and r >= 0 and re_[r] == kend:  # a key before ':'
+            key = r
+        else:  # the first run of the line
+            while lines < len(nl) and nl[lines] < x:
+                lines += 1
+            line_start = nl[lines - 1] + 1 if lines > 0 else 0
+            while line_run < nr and rs[line_run] < line_start:
+                line_run += 1
+            key = min(line_run, nr - 1)
+        start[i] = rs[key]
+        length[i] = min(max(re_[key] - rs[key], 1), max_word)
+    h = np.empty(n, dtype=np.uint64)
+    _words(view, start, length, lanes[0], lanes[1], mix, byte_mask, h)
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        out[i] = np.int64(h[i] >> np.uint64(1))
+    return out
+
+
+_keys = _jit(_keys_py)
+
+
+def keys(
+    buf: np.ndarray, runs: tuple[np.ndarray, np.ndarray], newlines: np.ndarray, t: np.ndarray, lanes: np.ndarray
+) -> np.ndarray:
+    """The ``key`` layout's record of the tokens at offsets ``t`` (see
+    :meth:`paitient.rules.edm.records.Layout._key`): ``runs`` are the text's runs of value bytes (at least
+    one), ``lanes`` the two key lanes of the hash."""
+    result: np.ndarray = _keys(buf, word_view(buf), runs[0], runs[1], newlines, t, lanes, _MIX, _BYTE_MASK, MAX_WORD)
+    return result
+
+
+def _places_py(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, min_columns: int) -> np.ndarray:
+    nr = len(rs)
+    ns = len(seps)
+    n = len(t)
+    # the tokens in the order of their offsets, and pointers that only move forward: the separators, runs
+    # and blank lines before each token
+    at, order = _radix_sort(t.copy(), np.arange(n, dtype=np.int64))
+    out = np.empty(n, dtype=np.int64)
+    cont = 0  # separators before the token
+    first = 0  # the first run of its line or list
+    last_end = 0  # runs before the separator that ends it
+    r = 0  # runs starting at or before the token
+    para = 0  # blank lines before it
+    for k in range(n):
+        x = at[k]
+        moved = k == 0
+        while cont < ns and seps[cont] < x:
+            cont += 1
+            moved = True
+        if moved:
+            first = np.searchsorted(rs, seps[cont - 1]) if cont > 0 else 0
+            last_end = np.searchsorted(rs, seps[cont]) if cont < ns else nr
+        while r < nr and rs[r] <= x:
+            r += 1
+        while para < len(blank) and blank[para] < x:
+            para += 1
+        last = last_end - 1
+        if last - first + 1 >= min_columns:
+            out[order[k]] = para * (1 << 32) + (last - (r - 1))
+        else:
+            out[order[k]] = -1
+    return out
+
+
+_places = _jit(_places_py)
+
+
+def places(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, min_columns: int) -> np.ndarray:
+    """The ``position`` layout's record of the tokens at offsets ``t`` (see
+    :meth:`paitient.rules.edm.records.Layout._position`): ``rs`` the starts of the runs of value bytes (at
+    least one), ``seps`` the ends of lines and lists, ``blank`` the blank lines' newlines."""
+    result: np.ndarray = _places(rs, seps, blank, t, int(min_columns))
+    return result
+
+
+def _separators_py(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+    n = len(buf)
+    out = np.empty(64, dtype=np.int64)
+    count = 0
+    for i in range(n):
+        b = buf[i]
+        if table[b]:
+            pass
+        elif literal and b == 92 and i + 1 < n and buf[i + 1] == 110:
+            pass
+        elif (
+            row_ends
+            and b == 60
+            and i + 4 < n
+            and buf[i + 1] == 47
+            and (buf[i + 2] | 32) == 116
+            and (buf[i + 3] | 32) == 114
+            and buf[i + 4] == 62
+        ):
+            pass
+        else:
+            continue
+        if count == len(out):
+            grown = np.empty(2 * len(out), dtype=np.int64)
+            grown[:count] = out
+            out = grown
+        out[count] = i
+        count += 1
+    return out[:count].copy()
+
+
+_separators = _jit(_separators_py)
+
+
+def separators(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+    """Ascending offsets in ``buf`` of the bytes set in ``table`` (256 bools), of the literal newlines (a
+    backslash and ``n``) where ``literal``, and of ``</tr>`` (any case) where ``row_ends``."""
+    result: np.ndarray = _separators(buf, table, bool(literal), bool(row_ends))
+    return result
+
+
+def _windows_py(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
+    n = len(row)
+    keys = np.empty(n, dtype=np.int64)
+    for k in range(n):
+        keys[k] = (row[k] << np.int64(40)) | (ordinal[k] << np.int64(10)) | col[k]
+    keys = _radix_sort(keys, np.empty(n, dtype=np.int64))[0]
+    # runs of one (row, column) in the order of (row, place)
+    rr = np.empty(n, dtype=np.int64)
+    cc = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    last = np.empty(n, dtype=np.int64)
+    m = 0
+    for k in range(n):
+        r = keys[k] >> np.int64(40)
+        c = keys[k] & np.int64(1023)
+        o = (keys[k] >> np.int64(10)) & np.int64((1 << 30) - 1)
+        if m == 0 or r != rr[m - 1] or c != cc[m - 1]:
+            rr[m] = r
+            cc[m] = c
+            first[m] = o
+            m += 1
+        last[m - 1] = o
+    out = np.empty(max(m, 1), dtype=np.int64)
+    found = 0
+    span = min_columns - 1
+    for i in range(m - span):
+        if rr[i] == rr[i + span] and cc[i] != cc[i + span] and first[i + span] - last[i] < window:
+            out[found] = rr[i]
+            found += 1
+    rows: np.ndarray = _distinct_sorted(out[:found].copy())
+    return rows
+
+
+_windows = _jit(_windows_py)
+
+
+def windows(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
+    """Sorted unique rows with hits of ``min_columns`` distinct columns among ``window`` consecutive tokens,
+    as :func:`paitient.rules.edm.records.rows_in_windows_arrays` finds them (``row`` < 2**23, ``ordinal``
+    < 2**30)."""
+    result: np.ndarray = _windows(
+        ordinal.astype(np.int64, copy=False),
+        row.astype(np.int64, copy=False),
+        col.astype(np.int64, copy=False),
+        int(window),
+        int(min_columns),
+    )
+    return result
+
+
+def warm_up() -> None:
+    """Load (or compile) every compiled function of the records' counting, on hits that take each path."""
+    rec = np.array([0, 0, 0, 0, 1, -1], dtype=np.int64)
+    tok = np.array([5, 6, 7, 8, 9, 10], dtype=np.int64)
+    row = np.array([1, 1, 1, 2, 2, 3], dtype=np.int64)
+    col = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)
+    for pooled in (False, True):
+        at, _ = kept(rec, 2, tok, row, col, 4, 1, 6, pooled, 3)
+        revealed(rec, 2, row, col, at, (rec, tok, col), np.array([False, pooled]), 4, 4, 3)
+    buf = np.frombuffer(b"\x00\x00ab-1 2019-03-04 Post-menopausal 1234 x\n\x00\x00", dtype=np.uint8)
+    table = np.zeros(256, dtype=np.bool_)
+    table[[10, 32, 45]] = True
+    positions(buf, table)
+    class_runs(buf, ~table)
+    at = np.array([2, 7, 18, 34], dtype=np.int64)
+    value_like(buf, at, np.array([4, 10, 15, 4]), 1)
+    padded = np.concatenate((np.zeros(16, np.uint8), buf, np.zeros(80, np.uint8)))
+    runs = class_runs(padded, ~table)
+    newlines = positions(padded, table)
+    segments(newlines, at + 16, segment_sizes(newlines, at + 16), 3)
+    dense(np.array([5, -1, 3, 5], dtype=np.int64))
+    separators(padded, table, True, True)
+    windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)
+    keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
+    places(runs[0], newlines, newlines[:1], at + 16, 3)
