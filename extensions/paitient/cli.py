@@ -15,6 +15,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("paitient.ops.up.UpCommand", "Run the workspace in the foreground (directory, hub, proxy, services)."),
     "status": ("paitient.ops.up.StatusCommand", "Show what of a workspace runs, with process ids and the URL."),
     "stop": ("paitient.ops.up.StopCommand", "Stop a workspace started with `paitient up` on a state directory."),
+    "backup": ("paitient.ops.backup.BackupCommand", "Write a consistent, verifiable backup of the workspace's state."),
+    "restore": ("paitient.ops.backup.RestoreCommand", "Restore a backup into a fresh state directory (checked first)."),
     "ingest": ("paitient.services.data.cli.IngestCommand", "Pseudonymise a source table and publish it as a dataset."),
     "datasets": ("paitient.services.data.cli.DatasetsCommand", "List the published datasets and their versions."),
     "ledger": ("paitient.services.ledger.cli.LedgerCommand", "Show the privacy-budget ledger of a project."),
