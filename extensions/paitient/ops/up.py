@@ -27,7 +27,8 @@ from traitlets import Float, Int, Unicode, default
 from paitient.app import PaitientCommand
 from paitient.config import SiteConfig, Workspace
 from paitient.fsutil import atomic_write_json
-from paitient.hub.paths import HubPaths, default_proxy_command, venv_python
+from paitient.hub.paths import HubPaths, default_proxy_command
+from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command
 from paitient.services import PAGES
 from paitient.services.kit.process import free_port, parent_death_signal
 
@@ -259,40 +260,10 @@ class UpCommand(_StateCommand):
         proxy_token = paths.secret("proxy_token")
         host = "127.0.0.1" if w.bind_ip in ("0.0.0.0", "::") else w.bind_ip
         url = f"http://{host}:{w.port}/"
-        self._spawn(
-            "proxy",
-            [
-                self.proxy_command,
-                "--ip",
-                w.bind_ip,
-                "--port",
-                str(w.port),
-                "--api-ip",
-                "127.0.0.1",
-                "--api-port",
-                str(proxy_api_port),
-                "--default-target",
-                f"http://127.0.0.1:{hub_port}",
-                "--error-target",
-                f"http://127.0.0.1:{hub_port}/hub/error",
-            ],
-            paths,
-            env={"CONFIGPROXY_AUTH_TOKEN": proxy_token},
-        )
-        self._spawn(
-            "hub",
-            [
-                venv_python(),
-                "-m",
-                "paitient.hub.run",
-                f"--site={site.source}",
-                f"--state-dir={site.state_dir}",
-                f"--directory-url={directory_url}",
-                f"--hub-port={hub_port}",
-                f"--proxy-api-port={proxy_api_port}",
-            ],
-            paths,
-        )
+        proxy = proxy_command(site, self.proxy_command, hub_port=hub_port, proxy_api_port=proxy_api_port)
+        self._spawn("proxy", proxy.argv, paths, env={PROXY_TOKEN_ENV: proxy_token})
+        hub = hub_command(site, directory_url=directory_url, hub_port=hub_port, proxy_api_port=proxy_api_port)
+        self._spawn("hub", hub.argv, paths)
         self.running = Running(
             up_pid=os.getpid(),
             url=url,

@@ -1,0 +1,241 @@
+"""``paitient install``: systemd units that run the workspace as ``paitient up`` does, from the site configuration.
+
+Three units (``--dry-run`` prints them, ``--unit-dir`` picks where they go, default ``/etc/systemd/system``):
+
+- ``paitient-proxy.service``: configurable-http-proxy, the only process researchers' browsers reach. It needs
+  no privilege, so it runs as a transient unprivileged user (``DynamicUser=``) with no capabilities (bar
+  ``CAP_NET_BIND_SERVICE`` for a public port below 1024), nothing of the file system writable, no homes,
+  ``NoNewPrivileges=yes``. Its API token comes from ``<state_dir>/hub/proxy.env`` (root 0600), which systemd
+  reads before dropping privileges.
+- ``paitient-hub.service``: the hub, started after the proxy (``Requires=``, ``After=``), as ``up`` does. It
+  runs as root: it creates the researchers' system accounts (useradd writes ``/etc/passwd`` and friends, so
+  ``/etc`` is among its writable paths), starts their servers as those accounts (``setpriv``) and starts the
+  root-side services (ledger, audit, airlock, egress, jobs) as its managed services, which run inside this
+  unit and under its hardening. ``NoNewPrivileges=yes`` still applies: root needs no set-user-id program to
+  change to another account, and bubblewrap runs unprivileged in a user namespace. ``ProtectHome=no`` (homes
+  are created and used), ``AF_NETLINK`` beside the network families (bubblewrap sets up each sandbox's
+  loopback through it). Stopping or restarting the unit ends researchers' servers with it; they start again
+  at their next request.
+- ``paitient.target``: starts both; ``systemctl enable --now paitient.target``.
+
+A unit runs the same command as ``paitient up``, built by :mod:`paitient.ops.commands`; the ports that ``up``
+picks free at each start are fixed here ([workspace] hub_port and proxy_api_port, defaults 8081 and 8001).
+Production needs the hospital's directory: a site without a [directory] url is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from traitlets import Bool, Unicode, default
+
+from paitient.app import PaitientCommand
+from paitient.config import SiteConfig
+from paitient.fsutil import atomic_write_text
+from paitient.hub.paths import HubPaths, default_proxy_command
+from paitient.ops.commands import PROXY_TOKEN_ENV, Command, hub_command, proxy_command
+
+DEFAULT_HUB_PORT = 8081
+DEFAULT_PROXY_API_PORT = 8001
+PROXY_UNIT = "paitient-proxy.service"
+HUB_UNIT = "paitient-hub.service"
+TARGET = "paitient.target"
+
+
+class InstallError(Exception):
+    """The site cannot be installed as it is; the message says what to change."""
+
+
+def fixed_ports(site: SiteConfig) -> tuple[int, int]:
+    """The hub's and the proxy API's loopback ports for units (``up`` picks free ones when they are 0)."""
+    w = site.workspace
+    return w.hub_port or DEFAULT_HUB_PORT, w.proxy_api_port or DEFAULT_PROXY_API_PORT
+
+
+def proxy_env_file(site: SiteConfig) -> Path:
+    return HubPaths.of(site).hub_dir / "proxy.env"
+
+
+def _quote(arg: str) -> str:
+    """One ExecStart= word: quoted when it holds a space or a quote; '%' and '$' are kept literal."""
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if any(c in arg for c in " \t\"'\\"):
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return arg
+
+
+def exec_line(command: Command) -> str:
+    return " ".join(_quote(a) for a in command.argv)
+
+
+def _writable(site: SiteConfig) -> list[str]:
+    """What the hub and its services write: the state, the data root and the key (when elsewhere), the homes,
+    /etc for useradd, and the files useradd may touch if they exist ('-')."""
+    paths = [str(site.state_dir)]
+    for extra in (site.data_root, site.key_file.parent):
+        if site.state_dir not in (extra, *extra.parents):
+            paths.append(str(extra))
+    paths += [site.accounts.home_root, "/etc", "-/var/log/lastlog", "-/var/log/faillog", "-/var/mail"]
+    return list(dict.fromkeys(paths))
+
+
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # noqa: S108 - the folders PrivateTmp= hides, not used
+
+
+def _under_tmp(path: Path) -> bool:
+    return any(t == path or t in path.parents for t in PRIVATE_TMP)
+
+
+def check_site(site: SiteConfig) -> None:
+    if not site.source:
+        raise InstallError(
+            "install needs a site configuration file: pass --site=/etc/paitient/site.toml "
+            "(the embedded default is a demo; see docs/operations.md)"
+        )
+    if site.directory.embedded:
+        raise InstallError(
+            f"{site.source} names no [directory] url: production signs in against the hospital's directory "
+            '(e.g. url = "ldaps://ad.hospital.example/"); the embedded demo directory runs only under `paitient up`'
+        )
+    for what, path in (("state_dir", site.state_dir), ("data_root", site.data_root), ("key_file", site.key_file)):
+        if _under_tmp(path):
+            raise InstallError(
+                f"{what} {path} is under /tmp or /var/tmp, which the units replace with a private one "
+                "(PrivateTmp=yes); put it elsewhere, e.g. /var/lib/paitient"
+            )
+
+
+def units(site: SiteConfig, proxy: str) -> dict[str, str]:
+    """The unit files' names and contents for ``site``, ``proxy`` being the configurable-http-proxy program."""
+    check_site(site)
+    hub_port, api_port = fixed_ports(site)
+    pc = proxy_command(site, proxy, hub_port=hub_port, proxy_api_port=api_port)
+    hc = hub_command(site, directory_url=site.directory.url, hub_port=hub_port, proxy_api_port=api_port)
+    low_port = site.workspace.port < 1024
+    caps = "CAP_NET_BIND_SERVICE" if low_port else ""
+    header = f"# Written by `paitient install --site={site.source}`; run it again after changing the site.\n"
+    proxy_unit = f"""{header}[Unit]
+Description=paitient proxy (configurable-http-proxy on {site.workspace.bind_ip}:{site.workspace.port})
+Wants=network-online.target
+After=network-online.target
+PartOf={TARGET}
+
+[Service]
+Type=simple
+ExecStart={exec_line(pc)}
+# {PROXY_TOKEN_ENV}, root 0600, read by systemd before it drops privileges
+EnvironmentFile={proxy_env_file(site)}
+Restart=on-failure
+RestartSec=2
+DynamicUser=yes
+NoNewPrivileges=yes
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+RestrictNamespaces=yes
+LockPersonality=yes
+
+[Install]
+WantedBy={TARGET}
+"""
+    rw = " ".join(_writable(site))
+    hub_unit = f"""{header}[Unit]
+Description=paitient hub (sign-in, researchers' servers, root-side services)
+Wants=network-online.target
+After=network-online.target {PROXY_UNIT}
+Requires={PROXY_UNIT}
+PartOf={TARGET}
+
+[Service]
+Type=simple
+ExecStart={exec_line(hc)}
+Restart=on-failure
+RestartSec=2
+# root: creates accounts, starts servers as them (setpriv), runs the services; nothing needs set-user-id
+User=root
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={rw}
+# homes are created and used by researchers' servers
+ProtectHome=no
+PrivateTmp=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+# AF_NETLINK: bubblewrap brings up each sandbox's loopback
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+UMask=0022
+
+[Install]
+WantedBy={TARGET}
+"""
+    target = f"""{header}[Unit]
+Description=paitient secure analysis workspace
+Wants={PROXY_UNIT} {HUB_UNIT}
+After={PROXY_UNIT} {HUB_UNIT}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return {PROXY_UNIT: proxy_unit, HUB_UNIT: hub_unit, TARGET: target}
+
+
+def write_units(site: SiteConfig, proxy: str, unit_dir: Path) -> list[Path]:
+    """Write the units (each atomically, 0644) and the proxy's token file (0600); returns the units' paths."""
+    made = units(site, proxy)
+    paths = HubPaths.of(site)
+    paths.prepare()
+    atomic_write_text(proxy_env_file(site), f"{PROXY_TOKEN_ENV}={paths.secret('proxy_token')}\n", mode=0o600)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, text in made.items():
+        atomic_write_text(unit_dir / name, text, mode=0o644)
+        out.append(unit_dir / name)
+    return out
+
+
+class InstallCommand(PaitientCommand):
+    name = "install"
+    description = (
+        "Write systemd units for the proxy and the hub (which runs the services) from the site configuration, "
+        "running what `paitient up` runs, hardened. --dry-run prints them. Then: systemctl daemon-reload && "
+        "systemctl enable --now paitient.target"
+    )
+    examples = "paitient install --site=/etc/paitient/site.toml --dry-run"
+    unit_dir = Unicode("/etc/systemd/system", help="Where the unit files go.").tag(config=True)
+    dry_run = Bool(False, help="Print the units instead of writing them.").tag(config=True)
+    proxy_command = Unicode(help="The configurable-http-proxy executable.").tag(config=True)
+    aliases = {
+        **PaitientCommand.aliases,
+        "unit-dir": "InstallCommand.unit_dir",
+        "proxy-command": "InstallCommand.proxy_command",
+    }
+    flags = {"dry-run": ({"InstallCommand": {"dry_run": True}}, "Print the units instead of writing them.")}
+
+    @default("proxy_command")
+    def _proxy_command_default(self) -> str:
+        return default_proxy_command()
+
+    def start(self) -> None:
+        site = self.load_site()
+        if not os.access(self.proxy_command, os.X_OK):
+            self.fail(f"the proxy {self.proxy_command} is not installed; run: bash scripts/setup install")
+        try:
+            if self.dry_run:
+                for name, text in units(site, self.proxy_command).items():
+                    print(f"# --- {name}\n{text}")
+                return
+            self.require_root()
+            written = write_units(site, self.proxy_command, Path(self.unit_dir))
+        except InstallError as e:
+            self.fail(str(e))
+        for path in written:
+            print(f"paitient: wrote {path}")
+        print("paitient: now run: systemctl daemon-reload && systemctl enable --now paitient.target")

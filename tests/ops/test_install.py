@@ -1,0 +1,201 @@
+"""`paitient install`: systemd units that run what `paitient up` runs, hardened, from the site configuration.
+
+systemd is not process 1 in the test container, so the units are not started through it: they are checked with
+`systemd-analyze verify` (which loads them as systemd would and checks every ExecStart program), parsed for
+their hardening, compared with the commands `up` starts, and the proxy unit's command is run with its
+environment file to show the two work together.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from paitient.config import load, parse
+from paitient.hub.paths import HubPaths, default_proxy_command
+from paitient.ops.install import HUB_UNIT, PROXY_UNIT, TARGET, InstallError, fixed_ports, units, write_units
+from paitient.ops.up import UpCommand
+from paitient.services.kit.process import free_port
+
+SITE_TOML = """
+[workspace]
+state_dir = "{state_dir}"
+port = {port}
+proxy_api_port = {api_port}
+
+[directory]
+url = "ldaps://ad.hospital.example/"
+lookup_dn = true
+search_base = "ou=people,dc=hospital,dc=example"
+user_attribute = "sAMAccountName"
+
+[[projects]]
+name = "oncology"
+group = "oncology"
+datasets = ["breast_cancer"]
+stewards = ["sam"]
+"""
+
+PROXY = default_proxy_command()
+
+
+@pytest.fixture
+def site():
+    """A production-like site: the hospital's directory over LDAPS, state under /var/lib (not a private tmp)."""
+    state = Path(tempfile.mkdtemp(prefix="paitient-install-test-", dir="/var/lib"))
+    text = SITE_TOML.format(state_dir=state, port=free_port(), api_port=free_port())
+    (state / "site.toml").write_text(text)
+    yield parse(tomllib.loads(text), source=str(state / "site.toml"))
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def variant(site, **sections: dict):
+    """The site read again from its file with ``sections`` overriding it."""
+    return load(site.source, overrides=sections)
+
+
+def read_unit(path: Path) -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(interpolation=None, strict=False, comment_prefixes=("#",))
+    unit.optionxform = str  # type: ignore[assignment,method-assign]  # keep the directives' case
+    unit.read_string(path.read_text())
+    return unit
+
+
+def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
+    unit_dir = world_tmp / "units"
+    written = write_units(site, PROXY, unit_dir)
+    assert sorted(p.name for p in written) == sorted([PROXY_UNIT, HUB_UNIT, TARGET])
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is part of the systemd package the setup installs"
+    verified = subprocess.run(
+        [analyze, "verify", *(str(p) for p in written)], capture_output=True, text=True, timeout=120, cwd=unit_dir
+    )
+    assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
+
+    proxy, hub, target = (read_unit(unit_dir / n) for n in (PROXY_UNIT, HUB_UNIT, TARGET))
+    for unit in (proxy, hub):
+        s = unit["Service"]
+        assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict" and s["PrivateTmp"] == "yes"
+        assert s["Restart"] == "on-failure"
+        assert Path(shlex.split(s["ExecStart"])[0]).is_file()
+        assert os.access(shlex.split(s["ExecStart"])[0], os.X_OK)
+        assert unit["Install"]["WantedBy"] == TARGET
+    # the proxy needs no privilege: a transient user, no capabilities, no homes, network families only
+    p = proxy["Service"]
+    assert p["DynamicUser"] == "yes" and p["CapabilityBoundingSet"] == "" and p["ProtectHome"] == "yes"
+    assert p["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
+    # the hub runs as root, after and with the proxy, writing only its state, the homes and /etc (useradd)
+    h = hub["Service"]
+    assert h["User"] == "root" and h["ProtectHome"] == "no"
+    assert {str(site.state_dir), site.accounts.home_root, "/etc"} <= set(h["ReadWritePaths"].split())
+    assert "AF_NETLINK" in h["RestrictAddressFamilies"].split()
+    assert PROXY_UNIT in hub["Unit"]["After"].split() and hub["Unit"]["Requires"] == PROXY_UNIT
+    assert set(target["Unit"]["Wants"].split()) == {PROXY_UNIT, HUB_UNIT}
+
+    env = site.state_dir / "hub" / "proxy.env"
+    st = env.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0)
+    assert env.read_text() == f"CONFIGPROXY_AUTH_TOKEN={HubPaths.of(site).secret('proxy_token')}\n"
+    assert p["EnvironmentFile"] == str(env)
+
+
+def test_the_units_run_what_up_runs(site, monkeypatch):
+    # `up` with its process starts recorded instead of made: the units' ExecStart must be the same commands
+    started: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+    up = UpCommand()
+    up.children, up.commands, up.directory = {}, {}, None
+    monkeypatch.setattr(up, "_spawn", lambda name, argv, paths, env=None: started.__setitem__(name, (argv, env)))
+    monkeypatch.setattr(up, "_wait_ready", lambda *a: None)
+    hub_port, api_port = fixed_ports(site)
+    fixed = variant(site, workspace={"hub_port": hub_port})
+    HubPaths.of(fixed).prepare()
+    up.proxy_command = PROXY
+    up._start_all(fixed, HubPaths.of(fixed))
+
+    made = units(fixed, PROXY)
+    for name, unit_name in (("proxy", PROXY_UNIT), ("hub", HUB_UNIT)):
+        text = made[unit_name]
+        exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+        assert shlex.split(exec_start.removeprefix("ExecStart=")) == started[name][0], name
+    assert started["proxy"][1] == {"CONFIGPROXY_AUTH_TOKEN": HubPaths.of(fixed).secret("proxy_token")}
+    assert started["hub"][1] is None
+    assert f"--proxy-api-port={api_port}" in started["hub"][0] and f"--hub-port={hub_port}" in started["hub"][0]
+
+
+def test_the_proxy_units_command_runs_with_its_environment_file(site, world_tmp):
+    # what systemd would do for paitient-proxy.service: its ExecStart with the variables of its EnvironmentFile
+    write_units(site, PROXY, world_tmp / "units")
+    service = read_unit(world_tmp / "units" / PROXY_UNIT)["Service"]
+    env = dict(line.split("=", 1) for line in Path(service["EnvironmentFile"]).read_text().splitlines())
+    proc = subprocess.Popen(
+        shlex.split(service["ExecStart"]),
+        env={"PATH": os.environ["PATH"], **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{site.workspace.proxy_api_port}/api/routes",
+            headers={"Authorization": f"token {env['CONFIGPROXY_AUTH_TOKEN']}"},
+        )
+        deadline, routes = time.monotonic() + 20, None
+        while routes is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "the proxy exited at start"
+            try:
+                with urllib.request.urlopen(request, timeout=2) as r:  # noqa: S310 - loopback
+                    routes = json.loads(r.read())
+            except OSError:
+                time.sleep(0.2)
+        assert routes is not None and "/" in routes  # its default target, the hub
+    finally:
+        proc.terminate()  # the proxy this test started, by its handle
+        proc.wait(10)
+
+
+def test_a_low_public_port_gives_the_proxy_only_the_capability_to_bind_it(site):
+    low = variant(site, workspace={"port": 443})
+    text = units(low, PROXY)[PROXY_UNIT]
+    assert (
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n" in text and "AmbientCapabilities=CAP_NET_BIND_SERVICE\n" in text
+    )
+
+
+def test_install_refuses_a_demo_or_a_state_in_a_private_tmp(site):
+    demo = variant(site, directory={"url": ""})
+    with pytest.raises(InstallError, match="names no \\[directory\\] url"):
+        units(demo, PROXY)
+    with pytest.raises(InstallError, match="needs a site configuration file"):
+        units(parse(tomllib.loads(Path(site.source).read_text())), PROXY)
+    in_tmp = variant(site, workspace={"state_dir": "/tmp/paitient"})
+    with pytest.raises(InstallError, match="PrivateTmp"):
+        units(in_tmp, PROXY)
+
+
+def test_dry_run_prints_the_units_and_writes_nothing(site, world_tmp):
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "paitient.cli", "install", f"--site={site.source}", "--dry-run",
+            f"--unit-dir={world_tmp / 'units'}",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"# --- {PROXY_UNIT}" in out.stdout and f"# --- {HUB_UNIT}" in out.stdout
+    assert not (world_tmp / "units").exists() and not (site.state_dir / "hub" / "proxy.env").exists()
