@@ -35,6 +35,8 @@ from paitient.registry import Registry
 from tests.kernelclient import CellResult, execute
 
 PAITIENT = [sys.executable, "-m", "paitient.cli"]
+STARTED_LINE = "paitient: Ctrl-C stops the workspace."
+"""The last line `paitient up` prints at start, after the ready line and the demo accounts."""
 
 
 def site_toml(
@@ -120,8 +122,8 @@ class Workspace:
             if not line:
                 raise RuntimeError("paitient up exited before it was ready:\n" + "".join(self.output) + self.logs())
             self.output.append(line)
-            if line.startswith(READY_PREFIX):
-                # read the credential lines that follow, then keep draining in the background
+            if line.startswith(STARTED_LINE):
+                # the ready line and the credential lines came before this one; keep draining in the background
                 self._drain()
                 return self
         raise RuntimeError(f"paitient up not ready within {timeout}s:\n" + "".join(self.output) + self.logs())
