@@ -92,12 +92,14 @@ class AccountsPrune(PaitientCommand):
             if not self.dry_run:
                 registry.remove(self.user)
                 _audit(site, "accounts.retire", self.user, {"username": self.user})
+        retired = frozenset({self.user} if self.user else ())
         try:
             outcomes = sysaccounts.prune(
                 site.state_dir,
                 home_root=site.accounts.home_root,
                 worker_accounts=worker_accounts(site),
                 everything=self.everything,
+                retired=retired,
                 dry_run=self.dry_run,
                 report=lambda o: None if self.dry_run else _audit(site, "accounts.remove", str(o["account"]), o),
             )

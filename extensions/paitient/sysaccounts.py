@@ -165,7 +165,8 @@ def claimed(state_dir: str | os.PathLike[str], account: str, uid: int) -> bool:
 
 
 def processes_of(uid: int) -> list[int]:
-    """Process ids whose real, effective, saved or filesystem uid is ``uid``."""
+    """Process ids whose real, effective, saved or filesystem uid is ``uid`` (zombies, which hold nothing and
+    wait only for their parent to reap them, left out)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -173,6 +174,8 @@ def processes_of(uid: int) -> list[int]:
         try:
             with open(f"/proc/{entry}/status") as f:
                 for line in f:
+                    if line.startswith("State:") and line.split()[1:2] == ["Z"]:
+                        break
                     if line.startswith("Uid:"):
                         if str(uid) in line.split()[1:]:
                             pids.append(int(entry))
@@ -326,11 +329,16 @@ class Verdict:
 
 
 def review(
-    state_dir: str | os.PathLike[str], *, worker_accounts: dict[str, str], everything: bool = False
+    state_dir: str | os.PathLike[str],
+    *,
+    worker_accounts: dict[str, str],
+    everything: bool = False,
+    retired: frozenset[str] = frozenset(),
 ) -> list[Verdict]:
     """Each recorded account and whether the workspace still wants it: a ``user`` account while the registry
     gives it (same uid) to its user; a worker's while the site configuration names it for that role
-    (``worker_accounts``: role -> account). ``everything``: nothing is wanted (uninstall)."""
+    (``worker_accounts``: role -> account). ``everything``: nothing is wanted (uninstall); ``retired``: these
+    directory users' accounts are not wanted whatever the registry says."""
     from paitient.registry import Registry
 
     registry = Registry.for_state_dir(Path(state_dir))
@@ -338,6 +346,8 @@ def review(
     for made in sorted(AccountRecord(state_dir).all(), key=lambda m: (m.role, m.account)):
         if everything:
             out.append(Verdict(made, False, "removing everything the workspace made"))
+        elif made.role == USER and made.username in retired:
+            out.append(Verdict(made, False, f"the operator retires {made.username}"))
         elif made.role == USER:
             member = registry.by_account(made.account)
             if member is not None and member.uid == made.uid:
@@ -357,6 +367,7 @@ def prune(
     home_root: str | os.PathLike[str],
     worker_accounts: dict[str, str],
     everything: bool = False,
+    retired: frozenset[str] = frozenset(),
     dry_run: bool = False,
     report: Callable[[dict[str, object]], None] = lambda outcome: None,
 ) -> list[dict[str, object]]:
@@ -365,7 +376,7 @@ def prune(
     outcomes = []
     state = Path(state_dir)
     with locked(state / CREATE_LOCK):
-        for v in review(state, worker_accounts=worker_accounts, everything=everything):
+        for v in review(state, worker_accounts=worker_accounts, everything=everything, retired=retired):
             if v.wanted:
                 continue
             base: dict[str, object] = {

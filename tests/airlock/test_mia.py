@@ -129,7 +129,8 @@ import atexit, sys
 atexit.register(lambda: sys.stdout.write({fake!r} + "\\n"))
 """
     )
-    verdict = judge(run_audit(_job(df, features, train, weights, source=printed), account=audit_account, timeout=300), **LIMITS)
+    answer = run_audit(_job(df, features, train, weights, source=printed), account=audit_account, timeout=300)
+    verdict = judge(answer, **LIMITS)
     assert verdict["status"] == "fail" and verdict["details"]["mia_loss"] > 0.1, verdict
     # A second frame after the worker's own (appended at exit) makes the answer unreadable, not better.
     appended = (
