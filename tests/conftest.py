@@ -68,8 +68,26 @@ def world_tmp():
     """A temporary directory other uids can traverse (pytest's own tmp_path is private to root)."""
     path = Path(tempfile.mkdtemp(prefix="paitient-test-", dir="/tmp"))
     os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    finally:
+        remove_accounts_made_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_accounts_made_under(root: Path) -> None:
+    """Remove every account a workspace with its state directory under ``root`` made (the comment names the
+    state directory): the workers' accounts made at first use and any user account a test left."""
+    import pwd
+
+    from paitient import sysaccounts
+
+    if os.geteuid() != 0:
+        return
+    for pw in pwd.getpwall():
+        parsed = sysaccounts.parse_comment(pw.pw_gecos)
+        if parsed and (parsed[1] + "/").startswith(f"{root}/") and pw.pw_uid != 0:
+            sysaccounts.remove_account(pw.pw_name, pw.pw_uid, home_root=Path(pw.pw_dir).parent)
 
 
 def _free_name(prefix: str) -> str:

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("paitient.services.audit.cli.AuditCommand", "Verify the audit trail or show its records."),
     "airlock": ("paitient.services.airlock.cli.AirlockCommand", "List airlock requests and their state."),
     "jobs": ("paitient.services.jobs.cli.JobsCommand", "Check a signed training record and its weights offline."),
+    "accounts": ("paitient.accounts_cli.AccountsCommand", "List the workspace's system accounts; prune unwanted ones."),
     "service": ("paitient.services.ServiceCommand", "Run one root-side service (ledger, audit, airlock)."),
     "config": ("paitient.cli.ConfigCommand", "Print the effective site configuration; --help-all lists every setting."),
 }

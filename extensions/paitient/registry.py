@@ -82,6 +82,15 @@ class Registry:
             data[member.username] = asdict(member)
             atomic_write_json(self.path, data, mode=0o644)
 
+    def remove(self, username: str) -> Member | None:
+        """Drop ``username``'s entry (a user retired by the operator); return it, None when there was none."""
+        with locked(self.lock_path):
+            data = self._read()
+            gone = data.pop(username, None)
+            if gone is not None:
+                atomic_write_json(self.path, data, mode=0o644)
+        return _member(gone) if gone else None
+
 
 def _member(v: dict) -> Member:
     return Member(

@@ -50,6 +50,18 @@ def data():
     return df, features, train, torch.from_numpy(x[train]), torch.from_numpy(df["target"].to_numpy()[train]).long()
 
 
+@pytest.fixture
+def audit_account(make_system_user):
+    """A dedicated account for the audit (the airlock makes ``paitient-audit``; the tests make their own)."""
+    return make_system_user("audit").pw_name
+
+
+def test_the_audit_refuses_a_shared_account(data):
+    df, features, train = data[:3]
+    with pytest.raises(ValueError, match="shared account 'nobody'"):
+        run_audit(_job(df, features, train, b""), account="nobody", timeout=10)
+
+
 def _job(df, features, train, weights, source=MLP):
     return AuditJob(
         model_source=source,
@@ -75,7 +87,7 @@ def test_auc_and_advantage_match_the_definitions():
     assert roc_auc_advantage([1, 2], [1, 2]) == (0.5, 0.0)
 
 
-def test_overfit_model_fails_the_audit(data):
+def test_overfit_model_fails_the_audit(data, audit_account):
     df, features, train, x, y = data
     torch.manual_seed(0)
     model = _model()
@@ -84,7 +96,7 @@ def test_overfit_model_fails_the_audit(data):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    answer = run_audit(_job(df, features, train, save(model.state_dict())), timeout=300)
+    answer = run_audit(_job(df, features, train, save(model.state_dict())), account=audit_account, timeout=300)
     verdict = judge(answer, **LIMITS)
     assert verdict["status"] == "fail", verdict
     assert verdict["details"]["mia_advantage"] > 0.3 and verdict["details"]["mia_loss_low"] > 0.1
@@ -106,7 +118,7 @@ def _overfit(x, y, seed=0):
     return model
 
 
-def test_a_fake_result_printed_at_exit_changes_nothing_and_a_second_answer_is_refused(data):
+def test_a_fake_result_printed_at_exit_changes_nothing_and_a_second_answer_is_refused(data, audit_account):
     df, features, train, x, y = data
     weights = save(_overfit(x, y).state_dict())
     fake = json.dumps({"auc": 0.5, "advantage": 0.0, "mia_loss": 0.0, "mia_calibrated": 0.0, "mia_advantage": 0.0})
@@ -117,7 +129,8 @@ import atexit, sys
 atexit.register(lambda: sys.stdout.write({fake!r} + "\\n"))
 """
     )
-    verdict = judge(run_audit(_job(df, features, train, weights, source=printed), timeout=300), **LIMITS)
+    answer = run_audit(_job(df, features, train, weights, source=printed), account=audit_account, timeout=300)
+    verdict = judge(answer, **LIMITS)
     assert verdict["status"] == "fail" and verdict["details"]["mia_loss"] > 0.1, verdict
     # A second frame after the worker's own (appended at exit) makes the answer unreadable, not better.
     appended = (
@@ -131,16 +144,16 @@ def _again():
 atexit.register(_again)
 """
     )
-    answer = run_audit(_job(df, features, train, weights, source=appended), timeout=300)
+    answer = run_audit(_job(df, features, train, weights, source=appended), account=audit_account, timeout=300)
     assert "not one frame of" in answer["error"], answer
     assert judge(answer, **LIMITS)["status"] == "error"
 
 
-def test_a_model_whose_auc_is_far_below_one_half_fails_too(data):
+def test_a_model_whose_auc_is_far_below_one_half_fails_too(data, audit_account):
     df, features, train, x, y = data
     # Trained to be wrong on its own training rows: their loss is high, the attack's AUC near 0.
     weights = save(_overfit(x, 1 - y).state_dict())
-    answer = run_audit(_job(df, features, train, weights), timeout=300)
+    answer = run_audit(_job(df, features, train, weights), account=audit_account, timeout=300)
     verdict = judge(answer, **LIMITS)
     # |AUC - 0.5| beyond the bound with its whole interval, though the AUC itself is low
     assert verdict["status"] == "fail" and verdict["details"]["mia_loss_low"] > 0.1, verdict
@@ -154,7 +167,7 @@ def test_a_model_whose_auc_is_far_below_one_half_fails_too(data):
     assert roc_auc_advantage(-losses[members], -losses[~members])[0] < 0.4  # the one-sided rule would pass it
 
 
-def test_dp_trained_model_passes_the_audit(data):
+def test_dp_trained_model_passes_the_audit(data, audit_account):
     from opacus import PrivacyEngine
 
     df, features, train, x, y = data
@@ -181,14 +194,14 @@ def test_dp_trained_model_passes_the_audit(data):
             opt.step()
     assert engine.get_epsilon(1e-5) <= 1.0 + 1e-6
     state = {k.removeprefix("_module."): v for k, v in model.state_dict().items()}
-    answer = run_audit(_job(df, features, train, save(state)), timeout=300)
+    answer = run_audit(_job(df, features, train, save(state)), account=audit_account, timeout=300)
     verdict = judge(answer, **LIMITS)
     assert verdict["status"] == "pass", verdict
     assert verdict["details"]["mia_loss"] < 0.1 and verdict["details"]["members"] == 285
     assert verdict["details"]["holdout_accuracy"] > 0.7
 
 
-def test_the_model_code_has_no_network_and_cannot_write(data):
+def test_the_model_code_has_no_network_and_cannot_write(data, audit_account):
     df, features, train, x, y = data
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -228,7 +241,7 @@ Model.__init__ = _init
     )
     weights = save(_model().state_dict())
     try:
-        answer = run_audit(_job(df, features, train, weights, source=hostile), timeout=120)
+        answer = run_audit(_job(df, features, train, weights, source=hostile), account=audit_account, timeout=120)
     finally:
         done.set()
         t.join()

@@ -56,7 +56,8 @@ def site_toml(
         assert body.count(name) == 1, f"the demo site has no project {project}"
         body = body.replace(name, name + lines.strip() + "\n")
     accounts = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
-    return body + accounts + f'\n[jobs]\naccount = "{prefix}-jobs"\n' + extra
+    workers = f'\n[jobs]\naccount = "{prefix}-jobs"\n\n[airlock]\naudit_account = "{prefix}-audit"\n'
+    return body + accounts + workers + extra
 
 
 @contextlib.contextmanager
@@ -182,9 +183,16 @@ class Workspace:
         )
 
     def remove_accounts(self) -> None:
+        """Every account the workspace made (its record), those its registry names, and the workers'."""
+        from paitient.sysaccounts import AccountRecord
+
+        recorded = [m.account for m in AccountRecord(self.state_dir).all()] if self.state_dir.exists() else []
+        for account in recorded:
+            remove_account(account)
         for member in Registry.for_state_dir(self.state_dir).all():
             remove_account(member.account)
-        remove_account(f"{self.prefix}-jobs")  # the training runner's account, if a job made it
+        remove_account(f"{self.prefix}-jobs")  # the workers' accounts, made at their first use
+        remove_account(f"{self.prefix}-audit")
 
     # -- people ---------------------------------------------------------------------------------------
 

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from paitient.config.model import Model
-from paitient.config.traits import NOT_NEGATIVE, POSITIVE, SHARE, Choice, Flag, Number, Rule, Text, WholeNumber
+from paitient.config.traits import (
+    NOT_NEGATIVE,
+    POSITIVE,
+    SHARE,
+    WORKER_ACCOUNT,
+    Choice,
+    Flag,
+    Number,
+    Rule,
+    Text,
+    WholeNumber,
+)
 
 AIRLOCK_KINDS = ("table", "figure", "weights", "other")
 AUTO_RELEASE_KINDS = ("table", "figure", "weights")
@@ -92,7 +103,10 @@ class Airlock(Model):
         0.2, rule=SHARE, help="Model weights: the check also fails above this attack advantage (max TPR - FPR)."
     )
     audit_account = Text(
-        "nobody", help="Unprivileged account the membership-inference attack runs as, in the kernels' sandbox."
+        "paitient-audit",
+        rule=WORKER_ACCOUNT,
+        help="Dedicated system account the membership-inference audit runs the model as, in the kernels' sandbox "
+        "(made at the first audit if missing; never nobody or another shared account).",
     )
     audit_timeout = Number(
         600.0,
@@ -110,7 +124,9 @@ class Jobs(Model):
     concurrency = WholeNumber(1, rule=POSITIVE, help="Jobs trained at the same time.")
     account = Text(
         "paitient-jobs",
-        help="System account the training runs as, in the kernels' sandbox (made at the runner's start if missing).",
+        rule=WORKER_ACCOUNT,
+        help="Dedicated system account the training runs as, in the kernels' sandbox (made at the first job if "
+        "missing; never nobody or another shared account, nor [airlock] audit_account).",
     )
     timeout = Number(
         3600.0, rule=Rule("be a positive number of seconds", lambda v: v > 0), help="Seconds one job may train."

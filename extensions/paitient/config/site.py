@@ -62,6 +62,13 @@ class SiteConfig(Model):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise SettingError(("projects",), None, f"names must be unique; repeated: {', '.join(repeated)}")
+        if self.jobs.account == self.airlock.audit_account:
+            raise SettingError(
+                ("airlock",),
+                "audit_account",
+                f"must differ from [jobs] account (both are {self.jobs.account!r}): each root-side worker that runs "
+                "untrusted computations gets its own account",
+            )
 
     @property
     def state_dir(self) -> Path:

@@ -7,6 +7,7 @@ setting it mirrors.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -34,6 +35,18 @@ class Rule:
 POSITIVE = Rule("be a positive whole number", lambda v: v > 0)
 NOT_NEGATIVE = Rule("be 0 or a positive whole number", lambda v: v >= 0)
 SHARE = Rule("lie in (0, 1]", lambda v: 0 < v <= 1)
+
+SHARED_ACCOUNTS = frozenset(
+    {"root", "nobody", "nogroup", "daemon", "bin", "sys", "sync", "www-data", "jupyterhub", "paitient"}
+)
+"""Accounts shared with other software or privileged: a worker running untrusted computations never runs as
+one (a compromised computation would reach everything else that runs as it)."""
+
+WORKER_ACCOUNT = Rule(
+    "name a dedicated account (1-32 lower-case letters, digits or '-', starting with a letter), not one shared "
+    "with other software such as nobody or root; paitient makes it on first use",
+    lambda v: re.match(r"^[a-z][a-z0-9-]{0,31}\Z", v) is not None and v not in SHARED_ACCOUNTS,
+)
 ABSOLUTE = Rule("be an absolute path", lambda v: v.startswith("/"))
 
 

@@ -102,7 +102,9 @@ class Accounts(Model):
 
     The name is prefix + the login name reduced to a-z, 0-9 and "-" (at most 32 characters). When that name is
     taken by a system account paitient did not create, by another user, or is reserved (root, nobody, ...), a
-    short hash of the login name is appended. Existing system accounts are never reused.
+    short hash of the login name is appended. Existing system accounts are never reused, except a leftover of an
+    earlier state directory made for the same user, which is removed and made anew, empty. `paitient accounts
+    list` shows the accounts the workspace made; `paitient accounts prune` removes those nothing wants.
     """
 
     section = "accounts"

@@ -106,12 +106,15 @@ def account_name(
     *,
     exists: Callable[[str], bool],
     owner: Callable[[str], str | None],
+    reclaimable: Callable[[str], bool] = lambda name: False,
 ) -> str:
     """The system account for directory user ``username``.
 
     ``exists(name)`` says whether a system user or group of that name exists on the machine;
     ``owner(name)`` gives the username paitient's registry records for that account (None if none).
-    A name that the registry gives to this user is reused even though it exists on the machine.
+    A name that the registry gives to this user is reused even though it exists on the machine;
+    ``reclaimable(name)`` says whether an existing account of that name is a leftover of an earlier workspace
+    that the caller will take over (remove and make anew), so that the name is not lost.
     """
     if not username:
         raise NamingError("empty username")
@@ -121,12 +124,14 @@ def account_name(
         recorded = owner(name)
         if recorded == username:
             return name
-        if recorded is not None or exists(name):
+        if recorded is not None or (exists(name) and not reclaimable(name)):
             continue
         return name
     raise NamingError(
-        f"no free account name for {username[:40]!r} with prefix {prefix!r}; "
-        "remove stale accounts or choose another [accounts] prefix"
+        f"no free account name for {username[:40]!r} with prefix {prefix!r}: every candidate "
+        f"({', '.join(candidates(username, prefix)[:3])}, ...) is taken by an account this workspace does not own; "
+        "remove the leftovers (`paitient accounts prune --all` in the state directory that made them, or "
+        "`userdel --remove NAME` for accounts no state directory records) or choose another [accounts] prefix"
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from tornado import web
 from traitlets import Bool, HasTraits, Unicode, default
 
 from paitient import config as site_config
@@ -29,6 +30,20 @@ from paitient.registry import Member
 
 if TYPE_CHECKING:
     from jupyterhub.user import User
+
+
+ACCOUNT_UNAVAILABLE = (
+    "Your workspace server cannot start: the workspace could not set up the system account your work runs as. "
+    "The workspace's operator has been told what to do; please contact them and try again later."
+)
+
+
+def account_unavailable(error: Exception) -> web.HTTPError:
+    """The error page a researcher sees when no account could be made (503: the operator must act, it is not
+    the researcher's doing). The operator's details stay in the hub's log."""
+    e = web.HTTPError(503, "system account unavailable: %s", str(error)[:300])
+    e.jupyterhub_message = ACCOUNT_UNAVAILABLE  # type: ignore[attr-defined]
+    return e
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -148,8 +163,16 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         )
 
     async def start(self):
+        from paitient.hub.accounts import AccountError
+
         try:
             member = await asyncio.to_thread(self._prepare)
+        except AccountError as e:
+            # The operator's remedy goes to the log and the audit trail; the researcher gets a page that says
+            # what happened and whom to ask, not an "unhandled error".
+            self.log.error("no system account for %s: %s", self.user.name, e)
+            await self._audit("server.spawn", "error", reason=f"{type(e).__name__}: {e}"[:500])
+            raise account_unavailable(e) from None
         except Exception as e:
             await self._audit("server.spawn", "error", reason=f"{type(e).__name__}: {e}"[:500])
             raise

@@ -75,7 +75,9 @@ class CheckContext:
     """The published dataset files (for the published-copy and row-level checks)."""
     mia_max_auc: float = 0.6
     mia_max_advantage: float = 0.2
-    audit_account: str = "nobody"
+    audit_account: str = ""
+    """The audit's dedicated account; ``prepare_audit_account`` (when given) makes it and returns its name."""
+    prepare_audit_account: Callable[[], str] | None = None
     audit_timeout: float = 600.0
     audit_memory_mb: int = 4096
     audit_work_root: str | None = None
@@ -448,7 +450,13 @@ def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx
     limits = mia.Limits(
         memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(ctx.audit_timeout) + 1
     )
-    answer = mia.run_audit(
-        job, account=ctx.audit_account, timeout=ctx.audit_timeout, limits=limits, work_root=ctx.audit_work_root
-    )
+    try:
+        account = ctx.prepare_audit_account() if ctx.prepare_audit_account else ctx.audit_account
+        if not account:
+            raise ValueError("no account is set for the audit ([airlock] audit_account)")
+        answer = mia.run_audit(
+            job, account=account, timeout=ctx.audit_timeout, limits=limits, work_root=ctx.audit_work_root
+        )
+    except (ValueError, KeyError, RuntimeError) as e:
+        return result("membership_inference", "fail", f"the audit cannot run: {e}")
     return mia.judge(answer, max_auc=ctx.mia_max_auc, max_advantage=ctx.mia_max_advantage)

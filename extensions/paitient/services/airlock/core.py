@@ -23,6 +23,7 @@ import threading
 import unicodedata
 from typing import Any
 
+from paitient import sysaccounts
 from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChannelError, Peer
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
@@ -131,6 +132,7 @@ class Airlock:
             mia_max_auc=s.mia_max_auc,
             mia_max_advantage=s.mia_max_advantage,
             audit_account=s.audit_account,
+            prepare_audit_account=self.audit_account,
             audit_timeout=s.audit_timeout,
             audit_memory_mb=self.site.sandbox.memory_mb,
             audit_work_root=str(self.audit_work_root),
@@ -141,6 +143,15 @@ class Airlock:
             stage_table=self.tables.stage,
             earlier_tables=self.tables.earlier,
         )
+
+    def audit_account(self) -> str:
+        """The audit's dedicated account, made and recorded at the first audit if it does not exist."""
+        name = self.settings.audit_account
+        try:
+            sysaccounts.ensure_worker_account(self.site.state_dir, name, sysaccounts.AUDIT)
+        except sysaccounts.SystemAccountError as e:
+            raise RuntimeError(str(e)) from None
+        return name
 
     def table_labels(self, project: str) -> Labels:
         """What text the project's tables may hold: the categories and column names the catalogue lists for

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from paitient.config.traits import SHARED_ACCOUNTS
 from paitient.rules import membership
 from paitient.rules.disclosure import result
 from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, drop_to, prlimit_argv
@@ -108,7 +109,7 @@ def prepare_work_root(path: str | os.PathLike[str]) -> Path:
 def run_audit(
     job: AuditJob,
     *,
-    account: str = "nobody",
+    account: str,
     timeout: float = 600.0,
     limits: Limits | None = None,
     work_root: str | os.PathLike[str] | None = None,
@@ -142,14 +143,19 @@ def run_model(
     job: AuditJob,
     rows: np.ndarray,
     *,
-    account: str = "nobody",
+    account: str,
     timeout: float = 600.0,
     limits: Limits | None = None,
     work_root: str | os.PathLike[str] | None = None,
 ) -> np.ndarray | dict[str, Any]:
     """The model's outputs for ``rows`` (one row of outputs each), computed in the sandbox as ``account``;
-    or ``{"error": ...}``. Only the worker's output frame is read, never what the process prints."""
+    or ``{"error": ...}``. Only the worker's output frame is read, never what the process prints. ``account``
+    is the audit's dedicated account (``[airlock] audit_account``), never a shared one such as nobody."""
+    if account in SHARED_ACCOUNTS:
+        raise ValueError(f"the audit may not run as the shared account {account!r}; use a dedicated one")
     pw = pwd.getpwnam(account)
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise ValueError(f"the audit may not run as {account!r}: it has uid or gid 0")
     limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
     scratch = Path(tempfile.mkdtemp(prefix="audit-" if work_root else "paitient-audit-", dir=work_root))
     seccomp_fd = None

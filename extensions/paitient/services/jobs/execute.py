@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from paitient import sysaccounts
 from paitient.rules.sandbox import (
     SANDBOX_PATH,
     Limits,
@@ -52,26 +53,13 @@ class Outcome:
     """The worker's last line: ``{"done": true, "steps": n, "metrics": {...}}``."""
 
 
-def ensure_account(name: str) -> pwd.struct_passwd:
-    """The runner's system account, made (no home, no shell, no password) if it does not exist."""
+def ensure_account(name: str, state_dir: str | os.PathLike[str]) -> pwd.struct_passwd:
+    """The runner's dedicated system account: made (no home, no shell, no password) and recorded in the
+    workspace's record of its accounts if it does not exist; never a shared account such as nobody."""
     try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(name)
+        return sysaccounts.ensure_worker_account(state_dir, name, sysaccounts.JOBS)
+    except sysaccounts.SystemAccountError as e:
+        raise ExecutionFailed(f"the runner's account: {e}") from None
 
 
 def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, limits: Limits, seccomp_fd: int) -> list[str]:
@@ -111,12 +99,13 @@ def run_worker(
     memory_mb: int,
     on_progress: Callable[[dict[str, Any]], bool],
     work_root: Path,
+    state_dir: Path,
     init_weights: bytes | None = None,
 ) -> Outcome:
     """Train in the sandbox; ``on_progress`` gets each report and returns False to cancel. ``init_weights``:
     the initial parameters the runner loaded (a safetensors file of float32 tensors), instead of
     ``plan["init"]``'s scheme and seed."""
-    pw = ensure_account(account)
+    pw = ensure_account(account, state_dir)
     limits = Limits(memory_mb=memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) * 4 + 1)
     work_root.mkdir(mode=0o711, parents=True, exist_ok=True)
     os.chmod(work_root, 0o711)

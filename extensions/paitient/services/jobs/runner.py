@@ -138,6 +138,7 @@ class Runner:
                 memory_mb=int(self.site.jobs.memory_mb),
                 on_progress=lambda p: self.store.progress(job.id, _progress(p, the_plan.steps)),
                 work_root=self.site.state_dir / "jobs-work",
+                state_dir=self.site.state_dir,
                 init_weights=init_weights,
             )
             epsilon = _spent(train_spec, the_plan)
