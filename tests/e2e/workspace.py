@@ -30,7 +30,7 @@ from urllib.parse import urljoin
 import requests
 
 from paitient.config import EMBEDDED_SITE
-from paitient.ops.up import READY_PREFIX, free_port
+from paitient.ops.up import free_port
 from paitient.registry import Registry
 from tests.kernelclient import CellResult, execute
 
