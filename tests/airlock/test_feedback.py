@@ -176,11 +176,14 @@ def bounded(site, **settings) -> tuple[Airlock, ChannelServer]:
 
 
 def test_a_check_is_bounded_in_size_and_time(site, root_user, tmp_path):
-    path = tmp_path / "stages.csv"
-    path.write_bytes(csv_bytes(SMALL))
-    for settings, code, words in (
-        ({"check_max_bytes": 16}, "too_large", "file the request instead"),
-        ({"check_timeout": 0.0}, "timeout", "took longer than"),
+    small = tmp_path / "stages.csv"
+    small.write_bytes(csv_bytes(SMALL))
+    # Large enough that its checks take many thread switch intervals: a zero time limit cuts them.
+    large = tmp_path / "large.csv"
+    large.write_bytes(csv_bytes(pd.DataFrame({"stage": ["I", "II"] * 2500, "patients": range(10, 5010)})))
+    for path, settings, code, words in (
+        (small, {"check_max_bytes": 16}, "too_large", "file the request instead"),
+        (large, {"check_timeout": 0.0}, "timeout", "took longer than"),
     ):
         airlock, srv = bounded(site, **settings)
         try:
@@ -189,12 +192,40 @@ def test_a_check_is_bounded_in_size_and_time(site, root_user, tmp_path):
             assert e.value.code == code
             while airlock.feedback.running():  # a check that overran finishes on its own
                 time.sleep(0.01)
-            # request() files it anyway, unasked: the check is advice, the request's own checks still run.
             rid = request(path, kind="table", justification="Table 1", project="oncology")
             assert airlock.store.get(rid).state == "submitted"
         finally:
             srv.shutdown()
             srv.server_close()
     records = audit_records(site, "airlock.check_preview")
-    assert sorted(r["outcome"] for r in records) == ["denied", "denied", "error", "error"]
-    assert [r["details"]["bound"] for r in records if r["outcome"] == "error"] == ["timeout", "timeout"]
+    assert [r["outcome"] for r in records].count("denied") == 2
+    assert {r["details"]["bound"] for r in records if r["outcome"] == "error"} == {"timeout"}
+
+
+def test_a_failing_table_too_large_to_check_is_filed_unasked(site, root_user, tmp_path):
+    """The check is advice: when it cannot run, request() files the output and its own checks run after it."""
+    path = tmp_path / "stages.csv"
+    path.write_bytes(csv_bytes(SMALL))
+    airlock, srv = bounded(site, check_max_bytes=16)
+    airlock.start()
+    try:
+        rid = request(path, kind="table", justification="Table 1", project="oncology")
+        wait_state(airlock, rid, "in_review")
+        assert {c["check"]: c["status"] for c in airlock.store.checks(rid)}["minimum_count"] == "fail"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        airlock.stop()
+
+
+def test_the_form_files_no_failing_table_and_shows_why(channel, airlock, root_user, tmp_path, capsys):
+    from paitient.kernel.airlock import form
+
+    path = tmp_path / "stages.csv"
+    path.write_bytes(csv_bytes(SMALL))
+    file_, _kind, project, why, _weights_box, button, _out = form().children
+    file_.value, project.value, why.value = str(path), "oncology", "cohort table"
+    button.click()
+    out = capsys.readouterr().out
+    assert "Not submitted: not filed:" in out and "minimum_count" in out and "confirm=True" in out
+    nothing_kept(airlock)

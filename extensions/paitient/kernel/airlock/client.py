@@ -42,6 +42,9 @@ class AirlockCheckFailed(AirlockError):
 
 BUSY = "busy"
 """The service's code for a check refused while the caller's previous one (or too many others) runs."""
+REFUSED_AT_REQUEST = ("canonical", "policy")
+"""Failed checks that mirror a refusal of the request itself (a file that does not parse as its kind, weights
+the project does not release): ``request`` files nothing then either, and the service's refusal says why."""
 UNCHECKED = (BUSY, TIMEOUT, TOO_LARGE, UNKNOWN_OP)
 """Refusals of a check that say nothing about the output: ``request`` files it anyway (its checks run after)."""
 OWN_TABLE_BYTES = 16 << 20
@@ -177,7 +180,8 @@ def request(
                 raise
             print(f"airlock: the check before filing did not run ({e}); filing: its checks run after", file=sys.stderr)
             checked = None
-        if checked is not None and checked.would_fail and not _confirmed(checked, confirm):
+        refused_anyway = checked is not None and any(c in REFUSED_AT_REQUEST for c in checked.failed)
+        if checked is not None and checked.would_fail and not refused_anyway and not _confirmed(checked, confirm):
             raise AirlockCheckFailed(
                 f"not filed: the airlock's checks of {filename} would fail ({', '.join(checked.failed)}); fix the "
                 "output as the checks say (airlock.check(...) shows each fix and the failed cells), or file it "
