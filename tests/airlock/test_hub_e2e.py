@@ -23,8 +23,9 @@ torch.save({"w": torch.zeros(2)}, "model.pt")
 wards = pd.DataFrame({"ward": ["Kestrel-9", "Osprey-4"], "n": [3, 4]}).to_csv().encode()
 with open("figure.png", "wb") as f:  # a table behind a PNG header
     f.write(b"\\x89PNG\\r\\n\\x1a\\n" + wards)
-out = {"small": airlock.request("stages.csv", kind="table", justification="Table 1, by stage"),
-       "merged": airlock.request("merged.csv", kind="table", justification="Table 1, stages merged")}
+# Filed for the stewards to judge although their checks fail (confirm=True: a tool-run notebook is not asked).
+out = {"small": airlock.request("stages.csv", kind="table", justification="Table 1, by stage", confirm=True),
+       "merged": airlock.request("merged.csv", kind="table", justification="Table 1, stages merged", confirm=True)}
 try:
     airlock.request("figure.png", kind="figure", justification="Figure 2")
 except airlock.AirlockError as e:

@@ -130,7 +130,7 @@ def test_the_service_process_restarts_with_every_request_and_decision(world_tmp,
         code = f"""
             import json, time
             from paitient import airlock
-            rid = airlock.request({str(path)!r}, kind="table", justification="table 1")
+            rid = airlock.request({str(path)!r}, kind="table", justification="table 1", confirm=True)
             while airlock.status(rid)["state"] != "in_review":
                 time.sleep(0.1)
             print(json.dumps(airlock.status(rid)))
@@ -202,7 +202,7 @@ def test_by_hand_without_a_hub_socket_and_checks_run_with_command_line_settings(
         code = f"""
             import json, time
             from paitient import airlock
-            rid = airlock.request({str(path)!r}, kind="table", justification="table 1")
+            rid = airlock.request({str(path)!r}, kind="table", justification="table 1", confirm=True)
             while airlock.status(rid)["state"] != "in_review":
                 time.sleep(0.1)
             print(json.dumps(airlock.status(rid)))
@@ -259,7 +259,7 @@ def test_a_crash_mid_check_is_checked_again_and_leaves_no_data_behind(world_tmp,
         code = f"""
             import json
             from paitient import airlock
-            print(json.dumps(airlock.request({str(weights)!r}, kind="weights", justification="model",
+            print(json.dumps(airlock.request({str(weights)!r}, kind="weights", justification="model", confirm=True,
                   model_source={SLOW_MODEL!r}, target="target", dataset="breast_cancer",
                   split={{"holdout": 0.3, "seed": 0}})))
         """

@@ -36,7 +36,7 @@ def submit(user, site, path, kind, justification="for the paper", **extra):
         import json
         from paitient import airlock
         try:
-            print(json.dumps({{"id": airlock.request({str(path)!r}, kind={kind!r},
+            print(json.dumps({{"id": airlock.request({str(path)!r}, kind={kind!r}, confirm=True,
                                 justification={justification!r}, **{extra!r})}}))
         except airlock.AirlockError as e:
             print(json.dumps({{"error": str(e)}}))

@@ -193,7 +193,7 @@ def test_a_spec_is_sent_as_it_is_and_checked_before_the_file_is_opened(channel, 
         project="cardio",
         recipe=TableRecipe(dataset="diabetes", index=["stage"]),
     )
-    rid = request(path, spec)
+    rid = request(path, spec, confirm=True)  # the recipe's dataset is not published: its check fails
     wait_state(airlock, rid, "in_review")
     stored = airlock.store.get(rid)
     assert (stored.kind, stored.project, stored.justification) == ("table", "cardio", "cohort table")

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import html
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Unpack, overload
+from typing import IO, Any, Unpack, overload
 
-from paitient.channel import ChannelError, ServiceClient
+from paitient.channel import TIMEOUT, TOO_LARGE, UNKNOWN_OP, ChannelError, ServiceClient
+from paitient.kernel.airlock.feedback import CheckResult, read_own_table
 from paitient.kernel.airlock.spec import (
     KINDS,
     Kind,
@@ -27,6 +32,25 @@ class AirlockError(ChannelError, RuntimeError):
     """The airlock refused or could not take a request; the message says what to do, ``code`` says which."""
 
 
+class AirlockCheckFailed(AirlockError):
+    """Not filed: the airlock's checks would fail and the request was not confirmed; ``result`` says why."""
+
+    def __init__(self, message: str, result: CheckResult):
+        super().__init__(message, "check_failed")
+        self.result = result
+
+
+BUSY = "busy"
+"""The service's code for a check refused while the caller's previous one (or too many others) runs."""
+REFUSED_AT_REQUEST = ("canonical", "policy")
+"""Failed checks that mirror a refusal of the request itself (a file that does not parse as its kind, weights
+the project does not release): ``request`` files nothing then either, and the service's refusal says why."""
+UNCHECKED = (BUSY, TIMEOUT, TOO_LARGE, UNKNOWN_OP)
+"""Refusals of a check that say nothing about the output: ``request`` files it anyway (its checks run after)."""
+OWN_TABLE_BYTES = 16 << 20
+"""Largest table the kernel reads back to mark its failed cells."""
+
+
 class AirlockClient(ServiceClient):
     """The kernel's calls to the airlock over ``$PAITIENT_RUN_DIR/airlock.sock``."""
 
@@ -38,6 +62,11 @@ class AirlockClient(ServiceClient):
     def submit(self, args: dict[str, Any], fd: int) -> dict[str, Any]:
         """Hand the open file ``fd`` over with the request's arguments; the answer holds its ``id``."""
         answer: dict[str, Any] = self.call("request", args, fds=[fd])
+        return answer
+
+    def check(self, args: dict[str, Any], fd: int) -> dict[str, Any]:
+        """Run the checks a request of the open file ``fd`` would get, without filing it."""
+        answer: dict[str, Any] = self.call("check", args, fds=[fd])
         return answer
 
     def submit_job(self, job_id: str, justification: str, project: str | None = None) -> dict[str, Any]:
@@ -60,16 +89,30 @@ class AirlockClient(ServiceClient):
 
 
 @overload
-def request(path: str | os.PathLike[str], spec: RequestSpec) -> str: ...
+def request(
+    path: str | os.PathLike[str] | Any,
+    spec: RequestSpec,
+    *,
+    confirm: bool | None = None,
+    name: str | None = None,
+) -> str: ...
 
 
 @overload
 def request(
-    path: str | os.PathLike[str], *, kind: Kind, justification: str, **options: Unpack[RequestOptions]
+    path: str | os.PathLike[str] | Any,
+    *,
+    kind: Kind,
+    justification: str,
+    confirm: bool | None = None,
+    name: str | None = None,
+    **options: Unpack[RequestOptions],
 ) -> str: ...
 
 
-def request(path: Any, spec: RequestSpec | None = None, **keywords: Any) -> str:
+def request(
+    path: Any, spec: RequestSpec | None = None, *, confirm: bool | None = None, name: str | None = None, **keywords: Any
+) -> str:
     """Ask the airlock to release the file at ``path`` (or a training job's weights); return the request id.
 
     A :class:`paitient.kernel.jobs.Job` that is done: ``request(job, justification="...")``; the airlock takes
@@ -90,6 +133,16 @@ def request(path: Any, spec: RequestSpec | None = None, **keywords: Any) -> str:
     table re-written from its parsed cells as CSV (``format="xlsx"`` for an Excel sheet), a figure's pixels as
     a PNG, text as normalised UTF-8, weights without metadata. A file that does not parse as its ``kind`` is
     refused with the reason.
+
+    ``path`` may also be a pandas DataFrame (a table): the kernel writes it to an unnamed temporary file as CSV
+    (its index too, unless it is the default one), named ``name=`` (default ``table.csv``).
+
+    Before filing, the airlock runs the request's checks on the file (:func:`check`). When a check would fail,
+    nothing is filed unless you confirm: ``confirm=True`` files it anyway (a steward can approve a failed check
+    only with a written override), ``confirm=False`` never does. Without ``confirm=``, a notebook that can
+    prompt (its front end allows ``input()``) shows the checks and asks; any other caller (a script, a
+    notebook run by a tool) is not asked: it gets :class:`AirlockCheckFailed` saying why, with the checks on
+    its ``result``, and nothing waits for an answer.
     """
     from paitient.kernel.jobs.client import Job
 
@@ -115,14 +168,116 @@ def request(path: Any, spec: RequestSpec | None = None, **keywords: Any) -> str:
             spec = request_spec(**keywords)
         except RequestSpecError as e:
             raise AirlockError(str(e)) from None
-    args = spec.to_wire(Path(path).name)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - the descriptor travels to the service
-    except OSError as e:
-        raise AirlockError(f"cannot open {path}: {e.strerror}") from None
-    with f:
-        result = AirlockClient().submit(args, f.fileno())
+    if confirm is not None and not isinstance(confirm, bool):
+        raise AirlockError(f"confirm= is True (file even if a check fails) or False, got {confirm!r}")
+    client = AirlockClient()
+    with _output(path, name) as (f, filename):
+        args = spec.to_wire(filename)
+        try:
+            checked: CheckResult | None = _checked(client, args, f, spec.kind)
+        except AirlockError as e:
+            if e.code not in UNCHECKED:
+                raise
+            print(f"airlock: the check before filing did not run ({e}); filing: its checks run after", file=sys.stderr)
+            checked = None
+        refused_anyway = checked is not None and any(c in REFUSED_AT_REQUEST for c in checked.failed)
+        if checked is not None and checked.would_fail and not refused_anyway and not _confirmed(checked, confirm):
+            raise AirlockCheckFailed(
+                f"not filed: the airlock's checks of {filename} would fail ({', '.join(checked.failed)}); fix the "
+                "output as the checks say (airlock.check(...) shows each fix and the failed cells), or file it "
+                "anyway for a steward to judge with airlock.request(..., confirm=True)",
+                checked,
+            )
+        result = client.submit(args, f.fileno())
     return str(result["id"])
+
+
+def check(
+    path: Any,
+    spec: RequestSpec | None = None,
+    *,
+    kind: Kind = "table",
+    name: str | None = None,
+    **options: Unpack[RequestOptions],
+) -> CheckResult:
+    """Run the checks a request of this output would get, without filing one; return what they say.
+
+    ``path``: a file, or a pandas DataFrame (written to an unnamed temporary file as CSV, named ``name=``).
+    ``kind`` and the other arguments are a request's (``project=``, ``recipe=``, ``format=``, the model of
+    weights; no justification needed), or give a :class:`RequestSpec`. The airlock re-encodes the output and
+    runs the same checks it runs on a request, and keeps nothing: no request, no stored file, no count table.
+    The membership-inference audit of weights is not run (it runs when the request is filed); the result says
+    so. The result shows, in a notebook, one row per check (status, why, fix) and the table's failed cells
+    marked; in Python: ``.overall``, ``.would_fail``, ``.failed``, ``.cells``, ``.checks``, ``.fix(name)``.
+    """
+    if spec is not None:
+        if not isinstance(spec, RequestSpec):
+            raise AirlockError(f"the second argument must be a RequestSpec, got {type(spec).__name__}")
+        if options:
+            raise AirlockError("give a RequestSpec or the check's keyword arguments, not both")
+    else:
+        try:
+            spec = request_spec(kind=kind, justification="(a check before a request)", **options)
+        except RequestSpecError as e:
+            raise AirlockError(str(e)) from None
+    with _output(path, name) as (f, filename):
+        return _checked(AirlockClient(), spec.to_wire(filename), f, spec.kind)
+
+
+def _checked(client: AirlockClient, args: dict[str, Any], f: IO[bytes], kind: str) -> CheckResult:
+    wire = {k: v for k, v in args.items() if k not in ("justification", "supersedes")}
+    answer = client.check(wire, f.fileno())
+    table = None
+    if kind == "table" and os.fstat(f.fileno()).st_size <= OWN_TABLE_BYTES:
+        table = read_own_table(os.pread(f.fileno(), OWN_TABLE_BYTES + 1, 0), str(args.get("filename", "")))
+    return CheckResult(answer, table)
+
+
+def _confirmed(checked: CheckResult, confirm: bool | None) -> bool:
+    """Has the caller confirmed filing an output whose checks would fail? Asks only a notebook that can answer."""
+    if confirm is not None:
+        return confirm
+    shell = _shell()
+    if shell is None:
+        return False
+    from IPython.display import display
+
+    display(checked)
+    if not bool(getattr(getattr(shell, "kernel", None), "_allow_stdin", False)):
+        return False  # a notebook run by a tool: nobody can answer, so nothing waits
+    answer = input("The checks above would fail. File the request anyway, for a steward to judge? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _shell() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+@contextmanager
+def _output(obj: Any, name: str | None) -> Iterator[tuple[IO[bytes], str]]:
+    """The output opened for reading, with its file name: a path opened here, or a DataFrame written as CSV to an
+    unnamed temporary file (gone when closed)."""
+    if hasattr(obj, "to_csv") and hasattr(obj, "columns"):
+        import pandas as pd
+
+        default_index = isinstance(obj.index, pd.RangeIndex) and obj.index.name is None
+        with tempfile.TemporaryFile() as tmp:
+            obj.to_csv(tmp, index=not default_index)
+            tmp.flush()
+            yield tmp, Path(name or "table.csv").name
+        return
+    if not isinstance(obj, str | os.PathLike):
+        raise AirlockError(f"give a file's path or a pandas DataFrame, got {type(obj).__name__}")
+    try:
+        f = open(obj, "rb")  # noqa: SIM115 - the descriptor travels to the service
+    except OSError as e:
+        raise AirlockError(f"cannot open {obj}: {e.strerror}") from None
+    with f:
+        yield f, Path(name or obj).name
 
 
 class Requests(list[dict[str, Any]]):

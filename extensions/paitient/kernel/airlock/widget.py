@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from paitient.kernel.airlock.client import AirlockError, request, status
+from paitient.kernel.airlock.client import AirlockCheckFailed, AirlockError, request, status
 from paitient.kernel.airlock.spec import KINDS
 
 if TYPE_CHECKING:
@@ -51,11 +51,21 @@ def form() -> VBox:
                         "target": target.value or None,
                         "split": {"holdout": holdout.value, "seed": seed.value},
                     }
+                # A button's callback cannot prompt (input() belongs to a cell's execution): a request whose
+                # checks would fail is not filed from the form, and the checks are shown with their fixes.
                 rid = request(
-                    path.value, kind=kind.value, justification=why.value, project=project.value or None, **extra
+                    path.value,
+                    kind=kind.value,
+                    justification=why.value,
+                    project=project.value or None,
+                    confirm=False,
+                    **extra,
                 )
                 print(f"Submitted: request {rid}. Follow it with paitient.kernel.airlock.status({rid!r}).")
                 display(status())
+            except AirlockCheckFailed as e:
+                print(f"Not submitted: {e}")
+                display(e.result)
             except AirlockError as e:
                 print(f"Not submitted: {e}")
 

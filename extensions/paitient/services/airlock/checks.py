@@ -96,6 +96,9 @@ class CheckContext:
     earlier_tables: Callable[[str, str], list[tuple[str, differencing.CountTable, bool]]] | None = None
     """``(project, request id) -> [(earlier request id, table, released)]``: the project's count tables released
     or in review, but the request's own."""
+    membership_audit: bool = True
+    """Run the membership-inference audit of self-reported weights; False for a check before a request
+    (:mod:`paitient.services.airlock.feedback`), whose answer then says the audit runs on the request."""
 
 
 def load_published(data_root: Path, project: str, dataset: str, version: Any = None) -> pd.DataFrame:
@@ -447,6 +450,14 @@ def _membership_audit(req: Request, data: bytes, run: dict[str, Any] | None, ctx
         )
     except (split.SplitError, KeyError, FileNotFoundError, ValueError) as e:
         return result("membership_inference", "fail", f"the audit cannot run: {e}")
+    if not ctx.membership_audit:
+        return result(
+            "membership_inference",
+            "review",
+            "not run in a check before the request: the audit runs the model over the dataset in its sandbox for "
+            "up to several minutes, so it runs when the request is filed",
+            skipped=True,
+        )
     limits = mia.Limits(
         memory_mb=ctx.audit_memory_mb, max_processes=64, max_open_files=256, cpu_seconds=int(ctx.audit_timeout) + 1
     )

@@ -20,18 +20,21 @@ import queue
 import re
 import stat
 import threading
+import time
 import unicodedata
 from typing import Any
 
 from paitient import sysaccounts
-from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, TOO_LARGE, ChannelError, Peer
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import review
 from paitient.rules.disclosure import Labels, TableRules, result
+from paitient.rules.fixes import fix_for
 from paitient.services.airlock import published, views
 from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output
 from paitient.services.airlock.checks import CheckContext, load_published, run_checks
+from paitient.services.airlock.feedback import Bounded
 from paitient.services.airlock.mia import prepare_work_root
 from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
@@ -82,6 +85,7 @@ class Airlock:
         self.previews = Previews(
             self.store, emit=self.emit, may_preview=self.may_preview, checked_form=self.checked_form
         )
+        self.feedback = Bounded(self.settings.check_concurrency, self.settings.check_timeout)
 
     # ------------------------------------------------------------------------------------------------
     # Collaborators
@@ -217,6 +221,7 @@ class Airlock:
         return {
             "request": self.op_request,
             "request_job": self.op_request_job,
+            "check": self.op_check,
             "status": self.op_status,
             "list": self.op_status,
         }
@@ -255,17 +260,7 @@ class Airlock:
                 },
             )
             raise ChannelError(reason, FORBIDDEN)
-        if len(fds) != 1:
-            raise ChannelError("send the file as exactly one open file descriptor", BAD_REQUEST)
-        try:
-            readable = stat.S_ISREG(os.fstat(fds[0]).st_mode) and os.pread(fds[0], 0, 0) == b""
-        except OSError:
-            readable = False
-        if not readable:
-            raise ChannelError(
-                "send a regular file opened for reading (not a directory, pipe, socket or a path-only descriptor)",
-                BAD_REQUEST,
-            )
+        _one_regular_file(fds)
         filename = _clean_filename(args.get("filename"))
         denied = {"project": project, "kind": kind, "filename": filename}
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
@@ -390,13 +385,162 @@ class Airlock:
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
 
-    def _validate_request(self, member: Member, args: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
+    def op_check(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Run a request's checks on a file without filing it: the feedback ``airlock.check`` shows before a request.
+
+        Takes what ``request`` takes (one descriptor; kind, project, recipe, model, format; no justification needed)
+        and validates the caller the same way. It re-encodes the file and runs the same checks with the same
+        context, except that nothing is kept: no blob, no request, no count table for differencing, and the
+        membership-inference audit of weights is not run (the answer says so). Bounded by size, time and
+        concurrency (:mod:`paitient.services.airlock.feedback`). Recorded as ``airlock.check_preview`` with the
+        file's hashes and the outcome, never its content.
+        """
+        member = self._caller(peer)
+        filename = _clean_filename(args.get("filename"))
+
+        def record(outcome: str, **details: Any) -> None:
+            self.emit(
+                actor=member.username,
+                action="airlock.check_preview",
+                object=str(details.get("sha256") or details.get("upload_sha256") or ""),
+                outcome=outcome,
+                details={"project": args.get("project"), "kind": args.get("kind"), "filename": filename, **details},
+            )
+
+        try:
+            kind, project, _, meta = self._validate_request(member, args, filing=False)
+            _one_regular_file(fds)
+            upload = _read_all(fds[0], min(self.settings.check_max_bytes, self.settings.max_bytes))
+        except StoreError as e:
+            record("denied", reason=str(e))
+            raise ChannelError(
+                f"{e} before a request; file the request instead: its checks run after it", TOO_LARGE
+            ) from None
+        except ChannelError as e:
+            record("denied", reason=str(e))
+            raise
+        upload_sha = hashlib.sha256(upload).hexdigest()
+        try:
+            answer = self.feedback.run(
+                member.username, lambda: self._check_preview(member, peer.uid, kind, project, filename, upload, meta)
+            )
+        except ChannelError as e:
+            record(
+                "error",
+                reason=str(e),
+                bound=e.code,
+                project=project,
+                kind=kind,
+                upload_sha256=upload_sha,
+                upload_size=len(upload),
+            )
+            raise
+        record(
+            "ok",
+            project=project,
+            kind=kind,
+            sha256=answer["sha256"],
+            upload_sha256=upload_sha,
+            upload_size=len(upload),
+            overall=answer["overall"],
+            checks={c["check"]: c["status"] for c in answer["checks"]},
+        )
+        return answer
+
+    def preview_context(self) -> CheckContext:
+        """:meth:`check_context` for a check before a request: it keeps no count table (the differencing check
+        still compares with the project's released and pending ones) and runs no membership-inference audit."""
+        return dataclasses.replace(
+            self.check_context(), stage_table=lambda _rid, _project, _table: None, membership_audit=False
+        )
+
+    def _check_preview(
+        self, member: Member, uid: int, kind: str, project: str, filename: str, upload: bytes, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        started = time.monotonic()
+        upload_sha = hashlib.sha256(upload).hexdigest()
+        sha: str | None = None
+        size = 0
+        released_as = filename
+        try:
+            out = canonical_output(kind, filename, upload, table_format=meta.get("format"))
+        except Refused as e:
+            results = [result("canonical", "fail", f"the airlock would refuse this request: {e}")]
+        else:
+            sha, size, released_as = hashlib.sha256(out.data).hexdigest(), len(out.data), out.filename
+            data, checked_name = out.data, out.filename
+            if out.cells:  # an XLSX release is checked as the same cells in CSV, as checked_form does
+                data, checked_name = out.cells, (out.filename.rpartition(".")[0] or out.filename) + ".csv"
+            now = time.time()
+            req = Request(
+                id="check-before-request",
+                project=project,
+                username=member.username,
+                account=member.account,
+                uid=uid,
+                kind=kind,
+                filename=checked_name,
+                sha256=sha,
+                size=size,
+                justification="",
+                meta={
+                    **meta,
+                    "upload": {"sha256": upload_sha, "size": len(upload), "filename": filename},
+                    "canonical": {"form": out.form, "dropped": list(out.dropped)},
+                },
+                state=review.CHECKING,
+                created=now,
+                updated=now,
+            )
+            try:
+                results = self._with_upload(req, run_checks(req, data, self.preview_context()))
+            except Exception as e:
+                self.log.exception("a check before a request raised")
+                results = [
+                    result(
+                        "internal",
+                        "error",
+                        "the automatic checks failed; a steward would review by hand",
+                        error=f"{type(e).__name__}: {e}",
+                    )
+                ]
+        min_count = self.settings.min_count
+        checks = []
+        for c in results:
+            # As op_status gives a requester their checks: an error text may come from the model's own code.
+            kept = {
+                "check": c["check"],
+                "status": c["status"],
+                "reason": c["reason"],
+                "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"},
+            }
+            checks.append({**kept, "fix": fix_for(kept, min_count=min_count), "shown": views.requester_check(kept)})
+        return {
+            "project": project,
+            "kind": kind,
+            "filename": released_as,
+            "sha256": sha,
+            "size": size,
+            "upload_sha256": upload_sha,
+            "checks": checks,
+            "overall": review.overall_status(c["status"] for c in checks),
+            "skipped": [c["check"] for c in checks if c["details"].get("skipped")],
+            "seconds": round(time.monotonic() - started, 4),
+            "filed": False,
+        }
+
+    def _validate_request(
+        self, member: Member, args: dict[str, Any], *, filing: bool = True
+    ) -> tuple[str, str, str, dict[str, Any]]:
+        """The request's kind, project, justification and what the checks read; ``filing=False`` (a check before a
+        request): no justification is needed and ``supersedes`` is not looked at."""
         kind = args.get("kind")
         if kind not in AIRLOCK_KINDS:
             raise ChannelError(f"kind must be one of {', '.join(AIRLOCK_KINDS)}; got {kind!r}", BAD_REQUEST)
-        justification = args.get("justification")
-        if not isinstance(justification, str) or not justification.strip():
+        justification = args.get("justification") if filing else ""
+        if filing and (not isinstance(justification, str) or not justification.strip()):
             raise ChannelError("say why this output should leave the workspace: justification='...'", BAD_REQUEST)
+        assert isinstance(justification, str)
         if len(justification) > MAX_JUSTIFICATION:
             raise ChannelError(f"the justification is longer than {MAX_JUSTIFICATION} characters", BAD_REQUEST)
         project = args.get("project")
@@ -432,7 +576,7 @@ class Airlock:
             if len(str(model.get("source", ""))) > MAX_MODEL_SOURCE:
                 raise ChannelError(f"the model source is longer than {MAX_MODEL_SOURCE} characters", BAD_REQUEST)
             meta["model"] = model
-        if args.get("supersedes"):
+        if filing and args.get("supersedes"):
             try:
                 earlier = self.store.get(str(args["supersedes"]))
             except StoreError:
@@ -797,3 +941,18 @@ def _read_all(fd: int, max_bytes: int) -> bytes:
         offset += len(chunk)
         if offset > max_bytes:
             raise StoreError(f"the file is larger than {max_bytes} bytes")
+
+
+def _one_regular_file(fds: list[int]) -> None:
+    """The request's one descriptor must be a regular file opened for reading."""
+    if len(fds) != 1:
+        raise ChannelError("send the file as exactly one open file descriptor", BAD_REQUEST)
+    try:
+        readable = stat.S_ISREG(os.fstat(fds[0]).st_mode) and os.pread(fds[0], 0, 0) == b""
+    except OSError:
+        readable = False
+    if not readable:
+        raise ChannelError(
+            "send a regular file opened for reading (not a directory, pipe, socket or a path-only descriptor)",
+            BAD_REQUEST,
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from traitlets import Integer
+from traitlets import Float, Integer
 from traitlets.config import Configurable
 
 from paitient.config import Airlock, site_trait
@@ -48,3 +48,16 @@ class AirlockSettings(Configurable):
     mia_max_advantage = site_trait(Airlock, "mia_max_advantage")
     audit_account = site_trait(Airlock, "audit_account")
     audit_timeout = site_trait(Airlock, "audit_timeout")
+    check_max_bytes = Integer(
+        16 << 20,
+        help="Largest file a check before a request (airlock.check) takes, bytes; a larger one is checked only "
+        "when its request is filed.",
+    ).tag(config=True)
+    check_timeout = Float(
+        20.0,
+        help="Seconds a check before a request may take before its caller is told it timed out.",
+    ).tag(config=True)
+    check_concurrency = Integer(
+        2,
+        help="Checks before a request the service runs at once (one per account); more are refused as busy.",
+    ).tag(config=True)
