@@ -15,6 +15,7 @@ from paitient.server import audit as client
 from paitient.services.audit.service import custom_scopes, hub_service
 from paitient.services.audit.verify import verify_dir
 from paitient.services.audit.writer import trail_files
+from tests import workspacegroup
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def records(site):
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        ["setpriv", "--reuid=65534", "--regid=65534", workspacegroup.setpriv_groups(), sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
