@@ -119,6 +119,15 @@ class RefusalRecorder:
             self._last[key] = (now, 0)
             if len(self._last) > 10000:
                 self._last = {k: v for k, v in self._last.items() if now - v[0] < self.interval}
+        log.warning(
+            "%s: refused uid %d (pid %d): %s (%d more refusals of it in the last %g s)",
+            self.service,
+            peer.uid,
+            peer.pid,
+            error.code,
+            skipped,
+            self.interval,
+        )
         member = self.registry.by_uid(peer.uid)
         try:
             self.emit(

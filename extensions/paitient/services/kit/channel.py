@@ -298,7 +298,8 @@ class ChannelServer(UnixSocketServer):
         super().__init__(path, _RequestHandler, name=name, mode=mode, group=group)
 
     def refused(self, peer: Peer, error: ChannelError) -> None:
-        log.warning("%s: refused uid %d (pid %d): %s", self.name, peer.uid, peer.pid, error.code)
+        # Not a warning per refusal: a flood would turn into a flood of log lines (on_refusal notes it, sparingly).
+        log.debug("%s: refused uid %d (pid %d): %s", self.name, peer.uid, peer.pid, error.code)
         if self.on_refusal is not None:
             try:
                 self.on_refusal(peer, error)
