@@ -5,6 +5,10 @@
 The baseline writes exactly the bytes emit() wrote, one line per write and fsync, to a file in the same
 directory, in the same run: the ratio is the cost of locking, reading the chain's tail and hashing.
 Batch mode (``AuditLog.append_many``) shares one lock and one fsync among several records.
+
+``--executes N`` also times what an execution now waits for before it reaches the kernel (auditing fails
+closed): :func:`paitient.server.audit.send` of a cell's record to ``paitient service audit`` running in its
+own process on its real 0660 socket, admission included; median and p90 in ms.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,12 +81,39 @@ def bench_procs(state: Path, n: int, procs: int) -> float:
     return time.perf_counter() - t
 
 
+def bench_executes(state: Path, n: int) -> list[float]:
+    """Seconds of each ``send`` of a cell.execute record to a real audit service (as root: no rate limit)."""
+    from paitient.server.audit import send
+
+    site = _site(state)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={state}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not (site.run_dir / "audit.sock").exists():
+            if proc.poll() is not None:
+                raise SystemExit("the audit service did not start")
+            time.sleep(0.05)
+        took = []
+        for i in range(n):
+            t = time.perf_counter()
+            send(site.run_dir, action="cell.execute", object="k", details={"code": f"x = {i}\n" * 4}, timeout=5)
+            took.append(time.perf_counter() - t)
+        return took
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5, help="alternate emit and baseline this many times; medians")
     ap.add_argument("--batch", type=int, default=100, help="records per append_many call (0: skip batch mode)")
     ap.add_argument("--procs", type=int, default=4, help="concurrent emitting processes (0: skip)")
+    ap.add_argument("--executes", type=int, default=0, help="time N execute records through the service")
     ap.add_argument("--dir", default="", help="where to write (default: a temp dir under /var/tmp, a real disk)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="paitient-bench-audit-", dir=args.dir or "/var/tmp"))  # noqa: S108
@@ -107,6 +141,10 @@ def main() -> None:
         if args.procs:
             t_procs = bench_procs(root / "procs", n * args.rounds, args.procs)
             print(f"emit, {args.procs} processes : {n * args.rounds / t_procs:9.0f} records/s (one chain, shared lock)")
+        if args.executes:
+            took = sorted(bench_executes(root / "service", args.executes))
+            med, p90 = statistics.median(took) * 1e3, took[int(0.9 * len(took))] * 1e3
+            print(f"execute, recorded first: {med:.2f} ms median, {p90:.2f} ms p90 added per cell ({len(took)} cells)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

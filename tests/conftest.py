@@ -32,7 +32,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     one being another copy would test code that is not this checkout's, so the run stops here instead.
     """
     import paitient
+    from tests import workspacegroup
 
+    _GROUP_EXISTED.append(workspacegroup.exists())
     here = Path(paitient.__file__).resolve().parent
     if here != SOURCE:
         pytest.exit(
@@ -61,6 +63,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                 "the tests start would run it. Run: bash scripts/setup install",
                 returncode=4,
             )
+
+
+_GROUP_EXISTED: list[bool] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The workspace's group (which the services and the account fixture make) goes at the end of a session
+    that made it."""
+    from tests import workspacegroup
+
+    if _GROUP_EXISTED == [False] and workspacegroup.exists():
+        subprocess.run(["groupdel", workspacegroup.GROUP], capture_output=True)
 
 
 @pytest.fixture
@@ -106,16 +120,20 @@ def _free_name(prefix: str) -> str:
 def make_system_user(world_tmp):
     """Create real system accounts (name ``ptt<hex>``, home 0700 under a world-traversable tmp dir).
 
-    Returns a factory ``make(label) -> pwd.struct_passwd``; every account it made is removed afterwards.
+    Returns a factory ``make(label, member=True) -> pwd.struct_passwd``; every account it made is removed
+    afterwards. A ``member`` account is in the workspace's group (as the hub makes its accounts), so it can
+    open the services' sockets; ``member=False`` makes an unrelated local account.
     """
     import pwd
     import subprocess
+
+    from tests import workspacegroup
 
     made: list[str] = []
     homes = world_tmp / "homes"
     homes.mkdir(mode=0o755)
 
-    def make(label: str = "user"):
+    def make(label: str = "user", member: bool = True):
         name = _free_name("ptt")
         home = homes / name
         subprocess.run(
@@ -125,6 +143,7 @@ def make_system_user(world_tmp):
                 "--no-user-group",
                 "--gid",
                 "nogroup",
+                *(["--groups", str(workspacegroup.gid())] if member else []),
                 "--home-dir",
                 str(home),
                 "--create-home",

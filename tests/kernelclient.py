@@ -27,6 +27,8 @@ class CellResult:
     """Bytes of every websocket frame this execution received (what left the server)."""
     prompts: list[str] = field(default_factory=list)
     """The prompts of input_request messages that reached the client."""
+    reply: dict | None = None
+    """The content of the execute_reply, when it came before the kernel went idle."""
 
 
 async def execute(
@@ -120,6 +122,8 @@ async def execute(
                     out.stdout += content["text"]
                 else:
                     out.stderr += content["text"]
+            elif kind == "execute_reply":
+                out.reply = content
             elif kind == "execute_result":
                 out.result = content["data"].get("text/plain")
             elif kind == "error":

@@ -47,6 +47,12 @@ BAD_ANSWER = "bad_answer"
 INTERNAL = "internal"
 """The service failed; its log has the details."""
 REFUSED = "refused"
+UNKNOWN_CALLER = "unknown_caller"
+"""The caller's uid is neither root nor a workspace member in the registry."""
+RATE_LIMITED = "rate_limited"
+"""The caller's uid sent more requests than its share; wait and try again."""
+TOO_MANY_CONNECTIONS = "too_many_connections"
+"""The caller's uid (or everyone together) holds as many connections as the service takes at once."""
 
 
 @dataclass(frozen=True)
@@ -166,10 +172,13 @@ def call(
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             _connect(sock, where, deadline)
-            if fds:
-                socket.send_fds(sock, [payload], fds)
-            else:
-                sock.sendall(payload)
+            try:
+                if fds:
+                    socket.send_fds(sock, [payload], fds)
+                else:
+                    sock.sendall(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a service that refuses a caller answers before reading: its answer is still there to read
             buf = read_line(receive, MAX_ANSWER, too_large)
     except TimeoutError:
         raise ChannelError(

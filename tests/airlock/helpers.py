@@ -24,7 +24,7 @@ from traitlets import Dict, List
 from paitient.channel import Peer
 from paitient.registry import Member, Registry
 from paitient.services.airlock.service import Airlock
-from tests import rootmember
+from tests import rootmember, workspacegroup
 
 STEWARD = ["access:services!service=airlock", "custom:airlock:review"]
 RESEARCHER = ["access:services!service=airlock", "custom:airlock:request", "custom:airlock:download"]
@@ -40,7 +40,15 @@ def run_as(uid: int, code: str, run_dir: Path, cwd: Path | None = None) -> subpr
     """Run Python ``code`` as ``uid`` (a real other account), with the kernel's environment variable."""
     env = {"PATH": "/usr/bin:/bin", "PAITIENT_RUN_DIR": str(run_dir), "HOME": str(cwd or "/")}
     return subprocess.run(
-        ["setpriv", f"--reuid={uid}", "--regid=65534", "--clear-groups", sys.executable, "-c", textwrap.dedent(code)],
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            "--regid=65534",
+            workspacegroup.setpriv_groups(),
+            sys.executable,
+            "-c",
+            textwrap.dedent(code),
+        ],
         capture_output=True,
         text=True,
         env=env,

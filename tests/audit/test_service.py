@@ -15,12 +15,17 @@ from paitient.server import audit as client
 from paitient.services.audit.service import custom_scopes, hub_service
 from paitient.services.audit.verify import verify_dir
 from paitient.services.audit.writer import trail_files
+from tests import workspacegroup
 
 
 @pytest.fixture
 def service(site):
     """`paitient service audit` as a real root process on the site's state dir; stopped by its pid."""
     sock = site.run_dir / "audit.sock"
+    # nobody stands in for a signed-in researcher: only the workspace's accounts are served
+    Registry.for_state_dir(site.state_dir).put(
+        Member(username="alice", account="nobody", uid=65534, projects=("demo",))
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
         stderr=subprocess.PIPE,
@@ -46,7 +51,7 @@ def records(site):
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        ["setpriv", "--reuid=65534", "--regid=65534", workspacegroup.setpriv_groups(), sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
@@ -90,7 +95,7 @@ def test_records_sent_from_inside_a_pid_namespace_are_marked(site, service):
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
-            "--clear-groups",
+            workspacegroup.setpriv_groups(),
             sys.executable,
             "-c",
             code,
@@ -105,10 +110,24 @@ def test_records_sent_from_inside_a_pid_namespace_are_marked(site, service):
     assert rec["details"]["peer"]["uid"] == 65534
 
 
-def test_unknown_uid_is_recorded_as_such(site, service):
-    out = send_as_nobody(site, action="kernel.start", details={"datasets": ["demo/heart"]})
-    assert out.returncode == 0 and "REFUSED" not in out.stdout, out.stdout + out.stderr
-    assert records(site)[-1]["actor"] == "uid:65534"
+def test_an_unknown_uid_is_refused_not_recorded_as_an_event(site, service):
+    code = (
+        "from paitient.server.audit import send; from paitient.services.audit import AuditError\n"
+        "try:\n"
+        f"    send({str(site.run_dir)!r}, action='kernel.start')\n"
+        "except AuditError as e:\n"
+        "    print('REFUSED', e.code)\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65533", "--regid=65534", workspacegroup.setpriv_groups(), sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "REFUSED unknown_caller", out.stdout + out.stderr
+    rec = records(site)[-1]
+    assert rec["action"] == "channel.refused" and rec["actor"] == "uid:65533" and rec["object"] == "audit"
+    assert not [r for r in records(site) if r["action"] == "kernel.start"]
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,11 @@ import paitient
 from paitient import dp
 from paitient.channel import call
 from paitient.kernel.dp.validate import DPModelError
+from tests import workspacegroup
 
 from .conftest import mlp, register
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", workspacegroup.setpriv_groups()]
 
 
 def train(run, epochs=None):

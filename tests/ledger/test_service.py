@@ -14,9 +14,10 @@ import pytest
 from paitient.channel import ChannelError, call
 from paitient.kernel.ledger import BudgetExceeded, LedgerClient
 from paitient.services.ledger.store import Ledger, db_path
+from tests import workspacegroup
 from tests.ledger.conftest import register, start_service_process
 
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", workspacegroup.setpriv_groups()]
 
 
 def as_nobody(code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -129,6 +129,62 @@ class SharedEgress:
             self._context.__exit__(None, None, None)
 
 
+@contextlib.contextmanager
+def audit_service(site: SiteConfig):
+    """``paitient service audit`` as a real root process on the site's state dir; stopped by its pid."""
+    sock = site.run_dir / "audit.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the audit service did not start: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class SharedAudit:
+    """One audit service per site for the servers of a test (a cell runs only once it is recorded): started
+    by the first server that needs it unless the test runs its own, stopped when the last server stops."""
+
+    running: dict[str, SharedAudit] = {}
+
+    def __init__(self, site: SiteConfig):
+        self.site = site
+        self.users = 0
+        self._context: Any = None
+        if not (site.run_dir / "audit.sock").exists():
+            self._context = audit_service(site)
+            self._context.__enter__()
+
+    @classmethod
+    def acquire(cls, site: SiteConfig) -> SharedAudit:
+        key = str(site.state_dir)
+        shared = cls.running.get(key)
+        if shared is None:
+            shared = cls.running[key] = cls(site)
+        shared.users += 1
+        return shared
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.running.pop(str(self.site.state_dir), None)
+            if self._context is not None:
+                self._context.__exit__(None, None, None)
+
+
 class UserServer:
     """One user's server, started as the user's account from the config the spawner would write."""
 
@@ -142,11 +198,14 @@ class UserServer:
         extra_args: tuple[str, ...] = (),
         *,
         start_egress: bool = True,
+        start_audit: bool = True,
     ):
         """``start_egress``: start the site's egress service with the first server (off when the test runs its
         own on the site's gate socket)."""
         self.site = site
         self.start_egress = start_egress
+        self.start_audit = start_audit
+        self.audit: SharedAudit | None = None
         self.user = user
         self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
         jdir = site.state_dir / "users" / user.pw_name / "jupyter"
@@ -180,6 +239,8 @@ class UserServer:
         Registry.for_state_dir(self.site.state_dir).put(self.member)
         if self.egress is None and self.start_egress:
             self.egress = SharedEgress.acquire(self.site)
+        if self.audit is None and self.start_audit:
+            self.audit = SharedAudit.acquire(self.site)
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
             "setpriv",
@@ -208,6 +269,7 @@ class UserServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()  # gives back the shared services
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
             with contextlib.suppress(requests.RequestException):
                 if self.get("/api/status").status_code == 200:
@@ -236,6 +298,9 @@ class UserServer:
             if self.egress is not None:
                 self.egress.release()
                 self.egress = None
+            if self.audit is not None:
+                self.audit.release()
+                self.audit = None
 
     def __enter__(self) -> UserServer:
         return self.start()

@@ -84,12 +84,38 @@ def test_a_server_whose_config_lost_the_lockdown_refuses_to_start(site, world_tm
         server.start(timeout=60)
 
 
-def test_kernels_start_without_the_audit_service_and_say_so_in_the_log(site, world_tmp, make_system_user):
+def test_a_cell_is_refused_while_the_audit_service_is_stopped_and_runs_once_it_is_back(
+    site, world_tmp, make_system_user
+):
+    """Attack: run a cell while the audit service is stopped. The kernel starts (its start is logged as
+    unrecorded), the cell never reaches it (its side effect does not happen) and the browser gets an error
+    reply saying auditing is down; once the service is back the same kernel runs the next cell, recorded."""
+    from tests.server.harness import audit_service
+
     user = make_system_user("noaudit")
-    with UserServer(site, user, ("onc",), world_tmp) as server:
-        assert server.run("print(1 + 1)").stdout == "2\n"
+    marker = Path(user.pw_dir) / "ran.txt"
+    code = f"open({str(marker)!r}, 'w').write('ran'); print('ran')"
+    with UserServer(site, user, ("onc",), world_tmp, start_audit=False) as server:
+        kernel = server.start_kernel()
+        refused = server.run(code, kernel)
+        assert refused.error is not None and refused.error.startswith("AuditUnavailable: This cell was not run")
+        assert "tell the workspace operator that auditing is down" in refused.error
+        assert refused.reply is not None and refused.reply["status"] == "error"
+        assert refused.reply["ename"] == "AuditUnavailable"
+        assert refused.stdout == "" and not marker.exists()
+        # the binary protocol JupyterLab speaks, and the control channel, are refused the same way
+        assert server.run(code, kernel, v1=True).error.startswith("AuditUnavailable")
+        assert server.run(code, kernel, channel="control").error.startswith("AuditUnavailable")
+        assert not marker.exists()
+        with audit_service(site):
+            ran = server.run(code, kernel)
+            assert ran.error is None and ran.stdout == "ran\n" and marker.read_text() == "ran"
+            assert ran.reply is not None and ran.reply["status"] == "ok"
         logs = server.logs()
-    assert "could not record kernel.start" in logs and "audit service" in logs
+    assert "could not record kernel.start" in logs and "it could not be audited" in logs
+    executed = [r for r in records(site, "cell.execute") if r["object"] == kernel]
+    assert [r["details"]["code"] for r in executed] == [code]
+    assert executed[0]["actor"] == user.pw_name
 
 
 def test_interrupt_reaches_the_kernel_and_keeps_the_sandbox(site, world_tmp, make_system_user):

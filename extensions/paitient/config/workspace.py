@@ -122,6 +122,20 @@ class Accounts(Model):
     home_root = Text("/home", rule=ABSOLUTE, help="Homes are created here, mode 0700, owned by the account.")
 
     shell = Text("/usr/sbin/nologin", help="Login shell of the accounts.")
+
+    group = Text(
+        "paitient-users",
+        help="System group of the workspace's accounts (made if missing; the hub adds every account to it). The "
+        "sockets of the audit, ledger, airlock and jobs services are root:<group> mode 0660, so no other local "
+        "account can connect to them.",
+    )
+
+    @validate("group")
+    def _group(self, proposal: Bunch) -> str:
+        ok = re.match(r"^[a-z_][a-z0-9_-]{0,31}\Z", proposal.value) is not None
+        must(ok, "be a system group name: lower-case letters, digits, '_' or '-', at most 32", proposal.value)
+        return proposal.value
+
     uid_min = WholeNumber(
         20000,
         rule=at_least(1000),

@@ -1,7 +1,9 @@
 """System accounts for signed-in users: created on first sign-in, recorded in the registry.
 
 Each directory user gets one local account (``<prefix><name>``, see :mod:`paitient.hub.naming`), with its
-own group and a private home (0700) under ``[accounts] home_root``. The registry ties the account to the
+own group and a private home (0700) under ``[accounts] home_root``, and is a member of the workspace's group
+(``[accounts] group``), which alone may connect to the services' sockets (an account made before the group
+existed is added at its next sign-in). The registry ties the account to the
 directory user and records the user's projects and roles as of the latest sign-in; the services read it
 to know who is calling them. The workspace's record of the accounts it made
 (:mod:`paitient.sysaccounts`) lists it too, so that ``paitient accounts prune`` can remove it later.
@@ -15,6 +17,7 @@ state directories come and go. Any other existing account is never used.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import subprocess
@@ -26,6 +29,7 @@ from paitient.config import SiteConfig
 from paitient.fsutil import locked
 from paitient.hub.naming import NamingError, account_name, system_account_exists
 from paitient.registry import Member, Registry
+from paitient.services.kit.access import workspace_group
 from paitient.sysaccounts import AccountRecord, Made
 
 
@@ -49,6 +53,8 @@ def _create(site: SiteConfig, name: str, username: str) -> pwd.struct_passwd:
         "--shell",
         a.shell,
         "--user-group",
+        "--groups",
+        site.accounts.group,
         "--comment",
         sysaccounts.comment(username, site.state_dir),
         "--key",
@@ -63,6 +69,7 @@ def _create(site: SiteConfig, name: str, username: str) -> pwd.struct_passwd:
         "UMASK=077",
         name,
     ]
+    workspace_group(site)
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise AccountError(f"useradd {name} failed (exit {r.returncode}): {r.stderr.strip()}")
@@ -119,6 +126,21 @@ def _take_over(site: SiteConfig, name: str) -> None:
         raise AccountError(f"could not take over the leftover account {name}: {e}") from None
 
 
+def join_workspace_group(site: SiteConfig, account: str) -> None:
+    """Add ``account`` to the workspace's group if it is not in it (accounts made before the group existed)."""
+    gid = workspace_group(site)
+    if account in grp.getgrgid(gid).gr_mem:
+        return
+    r = subprocess.run(
+        ["usermod", "--append", "--groups", site.accounts.group, account], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise AccountError(
+            f"could not add {account} to the workspace group {site.accounts.group} (exit {r.returncode}): "
+            f"{r.stderr.strip()}; run: usermod --append --groups {site.accounts.group} {account}"
+        )
+
+
 def ensure_account(site: SiteConfig, username: str, *, projects: tuple[str, ...], roles: tuple[str, ...]) -> Member:
     """Return the user's account, creating it on first sign-in; record projects and roles in the registry."""
     registry = Registry.for_state_dir(site.state_dir)
@@ -138,6 +160,7 @@ def ensure_account(site: SiteConfig, username: str, *, projects: tuple[str, ...]
                     f"account {known.account} now has uid {pw.pw_uid}, the registry says {known.uid}: "
                     "someone recreated it; paitient will not hand another uid's files to this user"
                 )
+            join_workspace_group(site, pw.pw_name)
         else:
             try:
                 name = account_name(

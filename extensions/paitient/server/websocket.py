@@ -3,6 +3,13 @@
 Every message between the browser and a kernel passes here, outside the kernel: execute requests are
 recorded in the audit trail (``cell.execute`` with the code), and what the kernel sends back is capped
 by :mod:`paitient.rules.outputcap`. Configured as ``ServerApp.kernel_websocket_connection_class``.
+
+Auditing fails closed: an ``execute_request`` reaches the kernel only after the audit service has answered
+that its record is written. When it cannot be written (the service is down, too slow, or refuses), the
+request is dropped and the browser gets what a failed cell gets (an ``error`` on iopub and an
+``execute_reply`` with status ``error``) saying so; the next cell tries again, so execution resumes as soon
+as the service is back. Messages from the browser keep their order: one that comes while an execution is
+being recorded waits for it.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from typing import Any
 
 from jupyter_server.services.kernels.connection.base import deserialize_binary_message, deserialize_msg_from_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
-from traitlets import Unicode
+from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
 from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
@@ -35,18 +42,37 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     audit_run_dir = Unicode(
         "", help="Folder of the services' sockets; empty: executions are not sent to the audit trail."
     ).tag(config=True)
+    audit_timeout = Float(
+        5.0, help="Seconds to wait for the audit service to record an execution before refusing to run it."
+    ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._pending_audits: set[asyncio.Future[Any]] = set()
+        self._inbox: asyncio.Queue[Any] | None = None
+        self._receiver: asyncio.Future[None] | None = None
         self._outbox: asyncio.Queue[tuple[Any, list[Any]]] | None = None
         self._drainer: asyncio.Future[None] | None = None
 
     # ---------------------------------------------------------------- browser -> kernel
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+            self._receiver = asyncio.ensure_future(self._receive())
+        self._inbox.put_nowait(incoming_msg)
+
+    async def _receive(self) -> None:
+        assert self._inbox is not None
+        while True:
+            incoming = await self._inbox.get()
+            try:
+                await self._incoming(incoming)
+            except Exception:
+                self.log.exception("Dropping a message from the browser for kernel %s: it failed here", self.kernel_id)
+
+    async def _incoming(self, incoming_msg: Any) -> None:
         try:
-            _channel, header, content = self._peek_incoming(incoming_msg)
+            channel, header, content = self._peek_incoming(incoming_msg)
         except Exception:
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
@@ -54,7 +80,10 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if header.get("msg_type") == "execute_request":
             msg_id = str(header.get("msg_id", ""))
             self.cap.note_execute(msg_id)
-            self._audit_execute(msg_id, header, content)
+            refusal = await self._audit_execute(msg_id, header, content)
+            if refusal:
+                self._refuse_execute(channel, header, refusal)
+                return
         super().handle_incoming_message(incoming_msg)
 
     def _peek_incoming(self, ws_msg: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -67,9 +96,10 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         msg = deserialize_binary_message(ws_msg) if isinstance(ws_msg, bytes) else json.loads(ws_msg)
         return msg.get("channel") or "shell", msg.get("header") or {}, msg.get("content") or {}
 
-    def _audit_execute(self, msg_id: str, header: dict[str, Any], content: dict[str, Any]) -> None:
+    async def _audit_execute(self, msg_id: str, header: dict[str, Any], content: dict[str, Any]) -> str:
+        """Record the execution in the audit trail; '' when recorded, else the notice for the browser."""
         if not self.audit_run_dir:
-            return
+            return ""
         code = content.get("code", "")
         if not isinstance(code, str):
             code = repr(code)
@@ -79,18 +109,44 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             "session": str(header.get("session", "")),
             "msg_id": msg_id,
         }
-        # The audit call is a blocking unix-socket round trip: off the event loop, never delaying the kernel.
-        fut = asyncio.get_running_loop().run_in_executor(None, self._send_audit, details)
-        self._pending_audits.add(fut)
-        fut.add_done_callback(self._pending_audits.discard)
+        # A blocking unix-socket round trip: off the event loop, so other kernels' traffic goes on meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, self._send_audit, details)
 
-    def _send_audit(self, details: dict[str, Any]) -> None:
+    def _send_audit(self, details: dict[str, Any]) -> str:
+        from paitient.server import audit as client
+
         try:
-            from paitient.server import audit as client
-
-            client.send(self.audit_run_dir, action="cell.execute", object=str(self.kernel_id), details=details)
+            client.send(
+                self.audit_run_dir,
+                action="cell.execute",
+                object=str(self.kernel_id),
+                details=details,
+                timeout=self.audit_timeout,
+            )
+        except client.AuditError as e:
+            self.log.error("Refused an execution of kernel %s: it could not be audited: %s", self.kernel_id, e)
+            return audit_refusal(e.code)
         except Exception as e:
-            self.log.error("could not record an execution of kernel %s in the audit trail: %s", self.kernel_id, e)
+            self.log.exception("Refused an execution of kernel %s: auditing it failed", self.kernel_id)
+            return audit_refusal(type(e).__name__)
+        return ""
+
+    def _refuse_execute(self, channel: str, request: dict[str, Any], notice: str) -> None:
+        """What a failed cell sends, from here instead of the kernel: busy, the error, the reply, idle."""
+        error = {"ename": "AuditUnavailable", "evalue": notice, "traceback": [notice]}
+        reply: dict[str, Any] = {
+            "status": "error",
+            "execution_count": None,
+            "user_expressions": {},
+            "payload": [],
+            **error,
+        }
+        self.handle_outgoing_message("iopub", self._message("status", {"execution_state": "busy"}, request))
+        self.handle_outgoing_message("iopub", self._message("error", error, request))
+        self.handle_outgoing_message(
+            channel if channel in ("shell", "control") else "shell", self._message("execute_reply", reply, request)
+        )
+        self.handle_outgoing_message("iopub", self._message("status", {"execution_state": "idle"}, request))
 
     # ---------------------------------------------------------------- kernel -> browser
     #
@@ -121,6 +177,9 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     # The ZMQ connection's own disconnect is synchronous; mypy compares against the async base's abstract one.
     def disconnect(self) -> None:  # type: ignore[override]
+        if self._receiver is not None:
+            self._receiver.cancel()
+            self._receiver, self._inbox = None, None
         if self._drainer is not None and self._outbox is not None and self._outbox.empty():
             self._drainer.cancel()
             self._drainer, self._outbox = None, None
@@ -214,6 +273,19 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if gate is None:
             raise RuntimeError("the egress gate is not configured (the paitient server extension is not loaded)")
         return gate
+
+
+def audit_refusal(code: str) -> str:
+    """What the browser is told when an execution could not be recorded (``code``: the audit client's)."""
+    if code in ("rate_limited", "too_many_connections"):
+        why = "this account is sending executions faster than the audit trail takes them; wait a moment"
+    else:
+        why = f"the audit service could not record it ({code}); try again in a moment"
+    return (
+        f"This cell was not run: every execution is recorded in the audit trail before it runs, and {why}, then "
+        "run the cell again. Nothing was lost: your kernel and its variables are as they were. If this keeps "
+        "happening, tell the workspace operator that auditing is down."
+    )
 
 
 REBUILT = frozenset({"status", "clear_output"})

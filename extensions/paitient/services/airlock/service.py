@@ -34,6 +34,7 @@ from paitient.services.airlock.settings import (
     custom_scopes,
     role_scopes,
 )
+from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import managed_service
 
@@ -94,7 +95,12 @@ def serve(site: SiteConfig, log: logging.Logger, *, settings: AirlockSettings | 
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/airlock/")
     airlock = Airlock(site, settings=settings, log=log)
     site.run_dir.mkdir(parents=True, exist_ok=True)
-    channel = ChannelServer(socket_path(site, "airlock"), airlock.handlers(), name="airlock", mode=0o666)
+    channel = ChannelServer(
+        socket_path(site, "airlock"),
+        airlock.handlers(),
+        name="airlock",
+        **channel_options(site, "airlock", airlock.emit),
+    )
     channel.start_in_thread()
     airlock.start()
 

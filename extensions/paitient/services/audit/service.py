@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_detail
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.api import READ_SCOPE, custom_scopes, role_scopes
 from paitient.services.audit.query import projects_of
+from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 
@@ -152,7 +154,9 @@ def serve(site, log: logging.Logger) -> None:
         log.error("audit: %s", e)
         raise SystemExit(1) from None
     path = Path(socket_path(site, "audit"))
-    server = ChannelServer(path, handlers(site, log), name="audit", mode=0o666)
+    server = ChannelServer(
+        path, handlers(site, log), name="audit", **channel_options(site, "audit", partial(emit, site))
+    )
     log.info("audit: recording to %s, listening on %s", directory, path)
     url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
     stop = StopSignal()

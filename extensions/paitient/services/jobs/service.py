@@ -25,14 +25,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from paitient.catalogue import DatasetNotFound, find, scan
-from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, UNAVAILABLE, ChannelError, Peer
 from paitient.registry import Member, Registry
 from paitient.rules.jobspec import SpecError, check_request
+from paitient.services.audit import emit
 from paitient.services.jobs.store import Job, JobError, JobStore
+from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, socket_path
 
@@ -87,7 +90,16 @@ class JobsService:
         job = self.store.submit(
             username=member.username, project=info.project, dataset=info.name, spec=spec, graph_sha256=graph.sha256
         )
-        self._audit(member.username, "jobs.submit", job, {"graph_sha256": graph.sha256, "ops": sorted(graph.ops)})
+        # No record, no job: a submission the trail cannot hold is cancelled before the runner can take it.
+        if not self._audit(
+            member.username, "jobs.submit", job, {"graph_sha256": graph.sha256, "ops": sorted(graph.ops)}
+        ):
+            self.store.cancel(job.id, job.username)
+            raise ChannelError(
+                "the job was not submitted: the audit trail cannot record it right now; try again in a moment, and "
+                "tell the workspace operator if it keeps happening",
+                UNAVAILABLE,
+            )
         self.wake.set()
         return job.public()
 
@@ -175,8 +187,8 @@ class JobsService:
         weights, envelope = self.store.released(job.id)
         return {"record": envelope, "weights": base64.b64encode(weights).decode()}
 
-    def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> None:
-        from paitient.services.audit import emit
+    def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> bool:
+        """Write the record; False (and logged) when the trail cannot take it."""
 
         try:
             emit(
@@ -189,6 +201,8 @@ class JobsService:
             )
         except Exception as e:
             log.error("jobs: audit record %s for %s not written: %s", action, job.id, e)
+            return False
+        return True
 
 
 def _read_fd(fd: int, limit: int) -> bytes:
@@ -229,7 +243,7 @@ def serve(site: Any, log_: logging.Logger) -> None:
     wake = threading.Event()
     service = JobsService(site, store, registry, wake=wake)
     path = Path(socket_path(site, "jobs"))
-    server = ChannelServer(path, service.handlers(), name="jobs", mode=0o666)
+    server = ChannelServer(path, service.handlers(), name="jobs", **channel_options(site, "jobs", partial(emit, site)))
     runner = Runner(site, store, registry, wake=wake, log=log_)
     stop = StopSignal()
     server.start_in_thread()

@@ -17,7 +17,9 @@ import socketserver
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ from paitient.channel import (
     INTERNAL,
     MAX_FDS,
     MAX_REQUEST,
+    RATE_LIMITED,
     TIMEOUT,
     TOO_LARGE,
+    TOO_MANY_CONNECTIONS,
     UNKNOWN_OP,
     ChannelError,
     Peer,
@@ -37,6 +41,87 @@ from paitient.channel import (
 log = logging.getLogger("paitient.services.kit.channel")
 
 Handler = Callable[[Peer, dict[str, Any], list[int]], Any]
+Admit = Callable[[Peer], None]
+"""Raises :class:`ChannelError` (``unknown_caller``) for a caller the service does not serve at all."""
+OnRefusal = Callable[[Peer, ChannelError], None]
+"""Told of every refused connection (to record it; it must not raise and must return quickly)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of a service one uid may use: ``rate`` requests per second on average, up to ``burst`` at
+    once; ``per_uid`` connections at once; ``total`` connections at once of all non-root callers."""
+
+    rate: float = 50.0
+    burst: int = 100
+    per_uid: int = 8
+    total: int = 64
+
+
+class Admission:
+    """Who may hold a connection now: the ``admit`` rule, the connection caps and a token bucket per uid."""
+
+    def __init__(self, limits: Limits | None = None, admit: Admit | None = None, name: str = "service"):
+        self.limits = limits
+        self.admit = admit
+        self.name = name
+        self._lock = threading.Lock()
+        self._open: dict[int, int] = {}
+        self._total = 0
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def enter(self, peer: Peer) -> bool:
+        """Admit ``peer`` or raise :class:`ChannelError`; True when a slot was taken (give it back with
+        :meth:`leave`)."""
+        if peer.is_root:
+            return False
+        if self.admit is not None:
+            self.admit(peer)
+        limits = self.limits
+        if limits is None:
+            return False
+        with self._lock:
+            mine = self._open.get(peer.uid, 0)
+            if mine >= limits.per_uid:
+                raise ChannelError(
+                    f"{self.name}: your account already holds {mine} connections, the most it may hold at once; "
+                    "wait for your earlier requests to finish and try again",
+                    TOO_MANY_CONNECTIONS,
+                )
+            if self._total >= limits.total:
+                raise ChannelError(
+                    f"{self.name} is serving {self._total} connections, the most it takes at once; try again in a "
+                    "moment, and tell the workspace operator if it keeps happening",
+                    TOO_MANY_CONNECTIONS,
+                )
+            now = time.monotonic()
+            tokens, then = self._buckets.get(peer.uid, (float(limits.burst), now))
+            tokens = min(float(limits.burst), tokens + (now - then) * limits.rate)
+            if tokens < 1.0:
+                self._buckets[peer.uid] = (tokens, now)
+                wait = (1.0 - tokens) / limits.rate
+                raise ChannelError(
+                    f"{self.name}: your account sent more than {limits.rate:g} requests per second (bursts of "
+                    f"{limits.burst}); wait {wait:.2f} s and try again",
+                    RATE_LIMITED,
+                )
+            self._buckets[peer.uid] = (tokens - 1.0, now)
+            self._open[peer.uid] = mine + 1
+            self._total += 1
+            if len(self._buckets) > 4 * limits.total + 1024:  # forget full buckets of uids gone quiet
+                full = [u for u, (t, _) in self._buckets.items() if t >= limits.burst and u not in self._open]
+                for u in full:
+                    del self._buckets[u]
+        return True
+
+    def leave(self, peer: Peer) -> None:
+        with self._lock:
+            left = self._open.get(peer.uid, 0) - 1
+            if left > 0:
+                self._open[peer.uid] = left
+            else:
+                self._open.pop(peer.uid, None)
+            self._total -= 1
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -94,8 +179,29 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.settimeout(self.server.timeout_seconds)
         fds: list[int] = []
+        server = self.server
         try:
             peer = peer_of(sock)
+        except OSError:
+            return
+        try:
+            held = server.admission.enter(peer)
+        except ChannelError as e:
+            server.refused(peer, e)
+            try:
+                sock.sendall(json.dumps(e.to_wire()).encode() + b"\n")
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return
+        try:
+            self._serve(sock, peer, fds)
+        finally:
+            if held:
+                server.admission.leave(peer)
+
+    def _serve(self, sock: socket.socket, peer: Peer, fds: list[int]) -> None:
+        try:
             msg, fds = read_request(sock)
             handler = self.server.handlers.get(msg["op"])
             if handler is None:
@@ -139,6 +245,7 @@ class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         *,
         name: str,
         mode: int = 0o666,
+        group: int | None = None,
     ):
         self.path = Path(path)
         self.name = name
@@ -148,6 +255,8 @@ class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
                 raise RuntimeError(f"{self.path} exists and is not a socket; remove it or choose another path")
             self.path.unlink()
         super().__init__(str(self.path), handler)
+        if group is not None:
+            os.chown(self.path, -1, group)
         os.chmod(self.path, mode)
 
     def start_in_thread(self) -> threading.Thread:
@@ -173,8 +282,26 @@ class ChannelServer(UnixSocketServer):
         *,
         name: str = "service",
         mode: int = 0o666,
+        group: int | None = None,
         timeout_seconds: float = 30.0,
+        limits: Limits | None = None,
+        admit: Admit | None = None,
+        on_refusal: OnRefusal | None = None,
     ):
+        """``mode`` and ``group``: who may connect at all (the services: 0660, the workspace's group);
+        ``admit``, ``limits``: who is served, how much (:class:`Admission`); ``on_refusal``: told of each
+        refused connection."""
         self.handlers = handlers
         self.timeout_seconds = timeout_seconds
-        super().__init__(path, _RequestHandler, name=name, mode=mode)
+        self.admission = Admission(limits, admit, name)
+        self.on_refusal = on_refusal
+        super().__init__(path, _RequestHandler, name=name, mode=mode, group=group)
+
+    def refused(self, peer: Peer, error: ChannelError) -> None:
+        # Not a warning per refusal: a flood would turn into a flood of log lines (on_refusal notes it, sparingly).
+        log.debug("%s: refused uid %d (pid %d): %s", self.name, peer.uid, peer.pid, error.code)
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(peer, error)
+            except Exception:
+                log.exception("%s: could not note a refused connection", self.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -28,6 +29,8 @@ from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
 from paitient.registry import Member, Registry
 from paitient.rules.budget import BudgetExceeded
+from paitient.services.audit import emit
+from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 from paitient.services.ledger.api import READ_SCOPE, custom_scopes, public_run, role_scopes
@@ -391,7 +394,9 @@ def serve(site, log: logging.Logger) -> None:
     ledger = Ledger(site)
     service = LedgerService(site, ledger, Registry.for_state_dir(site.state_dir), log)
     path = Path(socket_path(site, "ledger"))
-    server = ChannelServer(path, service.handlers(), name="ledger", mode=0o666)
+    server = ChannelServer(
+        path, service.handlers(), name="ledger", **channel_options(site, "ledger", partial(emit, site))
+    )
     stop = StopSignal()
     server.start_in_thread()
     log.info("ledger: %s, listening on %s", ledger.db.__class__.__name__.strip("_"), path)

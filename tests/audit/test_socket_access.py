@@ -1,0 +1,259 @@
+"""Attacks on the services' sockets, for real: real services as root, real accounts, real connections.
+
+- an unrelated local account cannot open the audit, ledger or airlock socket at all (0660, the workspace's group);
+- an account in the group that is not in the registry is refused with ``unknown_caller``, and the refusal is
+  in the audit trail (once, however often it tries);
+- one account flooding the audit socket is refused with ``rate_limited`` / ``too_many_connections`` while
+  another account's records are each written within a bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from paitient.registry import Member, Registry
+from paitient.services.audit.writer import trail_files
+from paitient.services.kit.access import WORKSPACE_LIMITS
+from tests import workspacegroup
+
+SERVICES = ("audit", "ledger", "airlock")
+OTHER_RECORD_BOUND_S = 0.5
+"""How long one record of a well-behaved account may take while another account floods the socket."""
+
+
+@contextlib.contextmanager
+def services(site, names):
+    """``paitient service NAME`` for each name, as root, on the site's state dir; stopped by their pids."""
+    procs = []
+    logs = []
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "JUPYTERHUB_SERVICE_URL": "", "JUPYTERHUB_API_TOKEN": ""}
+    try:
+        for name in names:
+            logs.append(open(site.state_dir / f"{name}.log", "w"))  # noqa: SIM115 - closed below
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "paitient.cli", "service", name, f"--state-dir={site.state_dir}"],
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+        deadline = time.monotonic() + 60
+        for name, proc in zip(names, procs, strict=True):
+            while not (site.run_dir / f"{name}.sock").exists():
+                assert proc.poll() is None, f"{name} did not start: {(site.state_dir / f'{name}.log').read_text()}"
+                assert time.monotonic() < deadline, f"{name} did not start"
+                time.sleep(0.05)
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for f in logs:
+            f.close()
+
+
+def as_account(user, code: str, *, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run Python ``code`` as ``user`` with the supplementary groups /etc/group gives it (as a server would)."""
+    return subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--init-groups",
+            sys.executable,
+            "-c",
+            textwrap.dedent(code),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+    )
+
+
+def call_each(site, names) -> str:
+    """Code that calls each service's socket once and prints ``name code message`` per refusal."""
+    return f"""
+        from paitient.channel import ChannelError, call
+        for name in {list(names)!r}:
+            try:
+                call({str(site.run_dir)!r} + "/" + name + ".sock", "record" if name == "audit" else "status", {{}})
+                print(name, "ANSWERED")
+            except ChannelError as e:
+                print(name, e.code, e)
+    """
+
+
+def records(site):
+    out = []
+    for _, path in trail_files(site.state_dir / "audit"):
+        out += [json.loads(line) for line in path.read_bytes().splitlines()]
+    return out
+
+
+def test_the_sockets_are_root_and_the_workspace_group_0660(site):
+    with services(site, SERVICES):
+        for name in SERVICES:
+            st = os.stat(site.run_dir / f"{name}.sock")
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, name
+            assert st.st_uid == 0 and st.st_gid == grp.getgrnam(site.accounts.group).gr_gid, name
+
+
+def test_an_unrelated_local_account_cannot_even_connect(site, make_system_user):
+    outsider = make_system_user("outsider", member=False)
+    with services(site, SERVICES):
+        out = as_account(outsider, call_each(site, SERVICES))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout
+    for name, line in zip(SERVICES, lines, strict=True):
+        assert line.startswith(f"{name} unavailable this account may not open the service's socket"), line
+
+
+def test_an_unregistered_account_in_the_group_is_refused_and_the_refusal_is_audited(site, make_system_user):
+    stranger = make_system_user("stranger")  # in the workspace group, but never signed in: not in the registry
+    with services(site, SERVICES):
+        first = as_account(stranger, call_each(site, SERVICES))
+        again = as_account(stranger, call_each(site, SERVICES))
+    for out in (first, again):
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 3, out.stdout
+        for name, line in zip(SERVICES, lines, strict=True):
+            assert line.startswith(f"{name} unknown_caller the {name} service serves only this workspace's"), line
+            assert f"uid {stranger.pw_uid} ({stranger.pw_name}) is not one of them" in line
+    refused = [r for r in records(site) if r["action"] == "channel.refused"]
+    # one record per service for the six refusals: the second round falls in the same minute
+    assert sorted(r["object"] for r in refused) == sorted(SERVICES)
+    for r in refused:
+        assert r["actor"] == f"uid:{stranger.pw_uid}" and r["outcome"] == "denied"
+        assert r["details"]["code"] == "unknown_caller" and r["details"]["peer"]["uid"] == stranger.pw_uid
+    # nothing the stranger sent was recorded as theirs
+    assert not [r for r in records(site) if r["action"] == "cell.execute"]
+
+
+FLOOD = """
+    import collections, json, sys, threading, time
+    from paitient.server.audit import send
+    from paitient.services.audit import AuditError
+    run_dir, seconds = sys.argv[1], float(sys.argv[2])
+    codes = collections.Counter()
+    lock = threading.Lock()
+    end = time.monotonic() + seconds
+
+    def hammer():
+        while time.monotonic() < end:
+            try:
+                send(run_dir, action="cell.execute", object="flood", details={"code": "x"}, timeout=10)
+                code = "ok"
+            except AuditError as e:
+                code = e.code
+            with lock:
+                codes[code] += 1
+
+    threads = [threading.Thread(target=hammer) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(codes))
+"""
+
+STEADY = """
+    import json, sys, time
+    from paitient.server.audit import send
+    run_dir, n = sys.argv[1], int(sys.argv[2])
+    took = []
+    for i in range(n):
+        t0 = time.monotonic()
+        send(run_dir, action="cell.execute", object="steady", details={"code": f"y = {i}"}, timeout=10)
+        took.append(time.monotonic() - t0)
+        time.sleep(0.1)
+    print(json.dumps(took))
+"""
+
+
+def test_one_accounts_flood_does_not_delay_anothers_records(site, make_system_user):
+    flooder, worker = make_system_user("flooder"), make_system_user("worker")
+    registry = Registry.for_state_dir(site.state_dir)
+    registry.put(Member(username="mallory", account=flooder.pw_name, uid=flooder.pw_uid))
+    registry.put(Member(username="wendy", account=worker.pw_name, uid=worker.pw_uid))
+    seconds, steady_n = 6.0, 30
+
+    def start(user, code, *args):
+        return subprocess.Popen(
+            [
+                "setpriv",
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--init-groups",
+                sys.executable,
+                "-c",
+                textwrap.dedent(code),
+                str(site.run_dir),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+        )
+
+    with services(site, ("audit",)):
+        flood = start(flooder, FLOOD, str(seconds))
+        time.sleep(1.0)  # the flood is under way (its burst spent) before the other account starts
+        steady = start(worker, STEADY, str(steady_n))
+        s_out, s_err = steady.communicate(timeout=120)
+        f_out, f_err = flood.communicate(timeout=120)
+    assert steady.returncode == 0, s_err
+    assert flood.returncode == 0, f_err
+    took = json.loads(s_out)
+    codes = json.loads(f_out)
+    # the flooder was told why, specifically, and got no more than its share through
+    assert codes.get("rate_limited", 0) + codes.get("too_many_connections", 0) > 100, codes
+    assert set(codes) <= {"ok", "rate_limited", "too_many_connections"}, codes
+    share = WORKSPACE_LIMITS.burst + WORKSPACE_LIMITS.rate * (seconds + 2)
+    assert codes.get("ok", 0) <= share, codes
+    # every record of the other account was written, each within the bound
+    assert len(took) == steady_n
+    assert max(took) < OTHER_RECORD_BOUND_S, sorted(took)[-5:]
+    recorded = [r for r in records(site) if r["object"] == "steady"]
+    assert [r["actor"] for r in recorded] == ["wendy"] * steady_n
+    mallory = [r for r in records(site) if r["actor"] == "mallory" and r["action"] == "cell.execute"]
+    assert len(mallory) == codes.get("ok", 0)
+    limited = [r for r in records(site) if r["action"] == "channel.refused" and r["actor"] == "mallory"]
+    assert 1 <= len(limited) <= 2  # one per refusal reason in the minute, not one per refusal
+
+
+@pytest.mark.parametrize("name", ["ledger", "airlock"])
+def test_a_registered_account_reaches_the_service(site, make_system_user, name):
+    """The same sockets still serve the workspace's own accounts (their refusals are the service's own)."""
+    member = make_system_user("member")
+    Registry.for_state_dir(site.state_dir).put(Member(username="rosa", account=member.pw_name, uid=member.pw_uid))
+    with services(site, (name,)):
+        out = as_account(member, call_each(site, (name,)))
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert "unknown_caller" not in line and "may not open" not in line, line
+    assert workspacegroup.GROUP == site.accounts.group
