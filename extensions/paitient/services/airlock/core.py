@@ -290,7 +290,20 @@ class Airlock:
         upload_sha = hashlib.sha256(upload).hexdigest()
         meta["upload"] = {"sha256": upload_sha, "size": len(upload), "filename": filename}
         meta["canonical"] = canonical
-        req = self.store.create(
+        details = {
+            "project": project,
+            "kind": kind,
+            "filename": out.filename,
+            "sha256": sha,
+            "size": size,
+            "form": out.form,
+            "upload_filename": filename,
+            "upload_sha256": upload_sha,
+            "upload_size": len(upload),
+        }
+        req = self._file(
+            member,
+            details,
             project=project,
             username=member.username,
             account=member.account,
@@ -301,22 +314,6 @@ class Airlock:
             size=size,
             justification=justification,
             meta=meta,
-        )
-        self.emit(
-            actor=member.username,
-            action="airlock.request",
-            object=req.id,
-            details={
-                "project": project,
-                "kind": kind,
-                "filename": out.filename,
-                "sha256": sha,
-                "size": size,
-                "form": out.form,
-                "upload_filename": filename,
-                "upload_sha256": upload_sha,
-                "upload_size": len(upload),
-            },
         )
         self._queue.put(req.id)
         return {
@@ -364,7 +361,9 @@ class Airlock:
             raise ChannelError(str(e), "refused") from None
         finally:
             os.close(fd)
-        req = self.store.create(
+        req = self._file(
+            member,
+            {"project": project, "kind": "weights", "job": job_id, "sha256": sha, "size": size},
             project=project,
             username=member.username,
             account=member.account,
@@ -376,14 +375,26 @@ class Airlock:
             justification=justification,
             meta={"job": job_id, "record": envelope},
         )
-        self.emit(
-            actor=member.username,
-            action="airlock.request",
-            object=req.id,
-            details={"project": project, "kind": "weights", "job": job_id, "sha256": sha, "size": size},
-        )
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
+
+    def _file(self, member: Member, details: dict[str, Any], **request: Any) -> Request:
+        """File a request whose ``airlock.request`` audit record is written before the request is committed:
+        when the audit trail cannot record it, nothing is filed and the researcher is told why."""
+
+        def record(rid: str) -> None:
+            self.emit(actor=member.username, action="airlock.request", object=rid, details=details, required=True)
+
+        try:
+            return self.store.create(**request, before_commit=record)
+        except (ChannelError, StoreError):
+            raise
+        except Exception:
+            raise ChannelError(
+                "the audit trail cannot record this request right now, so it is not filed; try again in a "
+                "moment, and tell the workspace operator if it goes on",
+                "unavailable",
+            ) from None
 
     def op_check(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Run a request's checks on a file without filing it: the feedback ``airlock.check`` shows before a request.
@@ -694,6 +705,17 @@ class Airlock:
             [r["status"] for r in results],
             certified=certified and bool(req.meta.get("job")),
         ):
+            try:  # recorded first: without its audit record the output waits for a steward instead
+                self.emit(
+                    actor="airlock",
+                    action="airlock.decision",
+                    object=rid,
+                    required=True,
+                    details={"project": req.project, "user": req.username, "action": "approve", "automatic": True},
+                )
+            except Exception:
+                self.log.error("automatic release of %s skipped: the audit trail cannot record it", rid)
+                return
             self.store.transition(
                 rid,
                 review.RELEASED,
@@ -703,12 +725,6 @@ class Airlock:
                     "reason": f"every automatic check passed and project "
                     f"{req.project} releases {req.kind} outputs automatically",
                 },
-            )
-            self.emit(
-                actor="airlock",
-                action="airlock.decision",
-                object=rid,
-                details={"project": req.project, "user": req.username, "action": "approve", "automatic": True},
             )
 
     def checked_form(self, req: Request) -> tuple[Request, bytes]:
@@ -845,6 +861,7 @@ class Airlock:
                 approvals_needed=needed,
                 override=override,
                 confirm_override=confirm_override,
+                before_commit=lambda d: self._record_decision(req, username, action, comment, d),
             )
         except review.TransitionError as e:
             self.emit(
@@ -855,23 +872,36 @@ class Airlock:
                 details={"project": req.project, "user": req.username, "action": action, "reason": str(e)},
             )
             raise
-        self.emit(
-            actor=username,
-            action="airlock.decision",
-            object=rid,
-            details={
-                "project": req.project,
-                "user": req.username,
-                "action": action,
-                "comment": comment.strip(),
-                "approvals": decision.approvals,
-                "needed": decision.needed,
-                "state": decision.new_state or review.IN_REVIEW,
-                **({"override": decision.override} if decision.override else {}),
-                **({"confirms_override": decision.confirms} if decision.confirms else {}),
-            },
-        )
         return decision
+
+    def _record_decision(
+        self, req: Request, username: str, action: str, comment: str, decision: review.Decision
+    ) -> None:
+        """The decision's audit record, written before the decision is committed (none without it)."""
+        try:
+            self.emit(
+                actor=username,
+                action="airlock.decision",
+                object=req.id,
+                required=True,
+                details={
+                    "project": req.project,
+                    "user": req.username,
+                    "action": action,
+                    "comment": comment.strip(),
+                    "approvals": decision.approvals,
+                    "needed": decision.needed,
+                    "state": decision.new_state or review.IN_REVIEW,
+                    **({"override": decision.override} if decision.override else {}),
+                    **({"confirms_override": decision.confirms} if decision.confirms else {}),
+                },
+            )
+        except Exception:
+            raise review.TransitionError(
+                "the audit trail cannot record this decision right now, so it is not taken; try again in a "
+                "moment, and tell the workspace operator if it goes on",
+                503,
+            ) from None
 
     def download(
         self, rid: str, *, username: str, scopes: set[str], client: str = "", part: str = "file"

@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -272,7 +272,10 @@ class Store:
         size: int,
         justification: str,
         meta: dict[str, Any],
+        before_commit: Callable[[str], None] | None = None,
     ) -> Request:
+        """File a request. ``before_commit(id)`` runs inside the transaction, after the request is written and
+        before it is committed: if it raises (the audit record could not be written), nothing is filed."""
         now = time.time()
         rid = new_request_id()
         with self._transaction() as db:
@@ -297,6 +300,8 @@ class Store:
                 ),
             )
             self._event(db, rid, username, "state", {"from": None, "to": review.SUBMITTED}, now)
+            if before_commit is not None:
+                before_commit(rid)
         return self.get(rid)
 
     @staticmethod
@@ -347,9 +352,11 @@ class Store:
         approvals_needed: int,
         override: str = "",
         confirm_override: bool = False,
+        before_commit: Callable[[review.Decision], None] | None = None,
     ) -> review.Decision:
         """Record a steward's decision; the rules (:func:`review.decide`) run inside the transaction, with the
-        failed checks and an earlier approval's override read in it too."""
+        failed checks and an earlier approval's override read in it too. ``before_commit(decision)`` runs
+        last inside the transaction: if it raises, the decision is not recorded."""
         with self._transaction() as db:
             req = self._get(db, rid)
             approvals = self._approvals(db, rid)
@@ -387,6 +394,8 @@ class Store:
                 review.check_transition(req.state, decision.new_state)
                 db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?", (decision.new_state, now, rid))
                 self._event(db, rid, reviewer, "state", {"from": req.state, "to": decision.new_state}, now)
+            if before_commit is not None:
+                before_commit(decision)
         return decision
 
     @staticmethod

@@ -1,0 +1,77 @@
+"""Without its audit record nothing happens in the airlock: a request is not filed, a decision is not taken,
+an automatic release waits for a steward; once the trail records again, everything goes through."""
+
+from __future__ import annotations
+
+import pytest
+
+from paitient.channel import ChannelError
+from paitient.rules import review
+from paitient.services.airlock.service import Airlock, AirlockSettings
+from tests.airlock.helpers import GOOD, STEWARD, submit, wait_state
+
+
+class Trail:
+    """An audit writer that can be taken down: records what it wrote, raises while it is down."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.refuse: set[str] = set()
+        """Actions it cannot record even while up."""
+        self.records: list[dict] = []
+
+    def __call__(self, **record) -> None:
+        if self.down or record["action"] in self.refuse:
+            raise OSError("the audit service does not answer")
+        self.records.append(record)
+
+
+@pytest.fixture
+def trail_and_airlock(site, ledger_service, people):
+    trail = Trail()
+    airlock = Airlock(site, settings=AirlockSettings(audit_timeout=300), emit=trail)
+    airlock.start()
+    yield trail, airlock
+    airlock.stop()
+
+
+def test_a_request_is_not_filed_while_the_trail_is_down(trail_and_airlock, people):
+    trail, airlock = trail_and_airlock
+    trail.down = True
+    with pytest.raises(ChannelError, match="the audit trail cannot record this request") as refused:
+        submit(airlock, people, "alice", GOOD)
+    assert refused.value.code == "unavailable"
+    assert airlock.store.list(username="alice") == []  # nothing filed
+    trail.down = False
+    rid = submit(airlock, people, "alice", GOOD)
+    assert [r.id for r in airlock.store.list(username="alice")] == [rid]
+    assert any(r["action"] == "airlock.request" and r["object"] == rid for r in trail.records)
+
+
+def test_a_decision_is_not_taken_while_the_trail_is_down(trail_and_airlock, people):
+    trail, airlock = trail_and_airlock
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    trail.down = True
+    with pytest.raises(review.TransitionError, match="cannot record this decision") as refused:
+        airlock.decide(rid, username="sam", scopes=set(STEWARD), action="approve", comment="counts fine")
+    assert refused.value.status == 503
+    assert airlock.store.get(rid).state == review.IN_REVIEW and airlock.store.events(rid, "decision") == []
+    trail.down = False
+    airlock.decide(rid, username="sam", scopes=set(STEWARD), action="approve", comment="counts fine")
+    assert airlock.store.get(rid).state == review.RELEASED
+    (record,) = [r for r in trail.records if r["action"] == "airlock.decision" and r["outcome"] == "ok"]
+    assert record["object"] == rid and record["details"]["state"] == review.RELEASED
+
+
+def test_an_automatic_release_waits_for_a_steward_while_the_trail_is_down(trail_and_airlock, people):
+    trail, airlock = trail_and_airlock
+    trail.refuse = {"airlock.decision"}
+    rid = submit(airlock, people, "ren", GOOD)  # registry releases clean tables automatically
+    airlock.wait_idle()
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    assert not any(e.data.get("automatic") for e in airlock.store.events(rid, "state"))
+    trail.refuse = set()
+    again = submit(airlock, people, "ren", GOOD, name="again.csv")
+    airlock.wait_idle()
+    assert airlock.store.get(again).state == review.RELEASED  # with the trail back, as before
