@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from paitient.registry import Registry
+from tests import workspacegroup
 from tests.server.harness import UserServer, make_site, publish
 
 PRELUDE = r"""
@@ -74,6 +75,8 @@ def system_accounts(homes: Path, labels: list[str]):
                     "--no-user-group",
                     "--gid",
                     "nogroup",
+                    "--groups",
+                    str(workspacegroup.gid()),  # a member: it may reach the services' sockets
                     "--home-dir",
                     str(homes / name),
                     "--create-home",

@@ -21,6 +21,7 @@ from paitient.registry import Registry
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
+from tests import workspacegroup
 from tests.egress.test_service import MarkedRows
 from tests.server.harness import UserServer, make_site, publish
 
@@ -46,6 +47,8 @@ def world(tmp_path_factory):
             "--no-user-group",
             "--gid",
             "nogroup",
+            "--groups",
+            str(workspacegroup.gid()),  # a member: it may reach the services' sockets
             "--home-dir",
             str(root / name),
             "--create-home",

@@ -160,7 +160,7 @@ def test_kernels_die_with_a_killed_server(site, world_tmp, make_system_user):
         assert len(kernels) >= 3  # prlimit->bwrap, bwrap's init, the kernel
         server.proc.kill()  # no clean shutdown: the server cannot stop its kernels
         server.proc.wait(10)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a loaded machine: the kernels die at once, reaping them may lag
         while any(_alive(p) for p in kernels) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(p) for p in kernels)
