@@ -230,42 +230,20 @@ def test_a_steward_sees_what_the_runner_certified_approves_and_alice_verifies_he
     key = _airlock_page(workspace, alice, "jobs-signing.pub")
     assert key.status_code == 200
     (tmp_path / "jobs-signing.pub").write_bytes(key.content)
+
     # Offline, away from the workspace: the record, the weights and the published key are all it takes.
-    verified = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paitient.cli",
-            "jobs",
-            "verify",
-            f"--record={files['record.json']}",
-            f"--weights={files['weights.safetensors']}",
-            f"--public-key={tmp_path / 'jobs-signing.pub'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    def verify():
+        return subprocess.run(
+            [sys.executable, "-m", "paitient.cli", "jobs", "verify", f"--record={files['record.json']}",
+             f"--weights={files['weights.safetensors']}", f"--public-key={tmp_path / 'jobs-signing.pub'}"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+
+    verified = verify()
     assert verified.returncode == 0 and req.meta["job"] in verified.stdout, verified.stdout + verified.stderr
     # A weights file changed by one byte no longer verifies.
     forged = bytearray(files["weights.safetensors"].read_bytes())
     forged[-1] ^= 1
     files["weights.safetensors"].write_bytes(bytes(forged))
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "paitient.cli",
-            "jobs",
-            "verify",
-            f"--record={files['record.json']}",
-            f"--weights={files['weights.safetensors']}",
-            f"--public-key={tmp_path / 'jobs-signing.pub'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    refused = verify()
     assert refused.returncode != 0 and "not the weights the runner trained" in refused.stdout + refused.stderr

@@ -80,25 +80,8 @@ def egress_service(site: SiteConfig):
     sock = socket_path(site)
     site_file = site.state_dir / "egress-site.toml"  # the service reads the projects from the site file
     site_file.write_text(effective_toml(site))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paitient.cli", "service", "egress", f"--site={site_file}"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the egress service did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.05)
+    with service_process("egress", sock, f"--site={site_file}") as proc:
         yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class SharedEgress:
@@ -130,19 +113,17 @@ class SharedEgress:
 
 
 @contextlib.contextmanager
-def audit_service(site: SiteConfig):
-    """``paitient service audit`` as a real root process on the site's state dir; stopped by its pid."""
-    sock = site.run_dir / "audit.sock"
+def service_process(name: str, sock: Path, *args: str):
+    """``paitient service NAME ARGS`` as a real root process, yielded once its socket ``sock`` exists;
+    stopped by its pid (SIGTERM, then SIGKILL)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paitient.cli", "service", "audit", f"--state-dir={site.state_dir}"],
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "paitient.cli", "service", name, *args], stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the audit service did not start: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"the {name} service did not start: {proc.stderr.read() if proc.stderr else ''}")
             time.sleep(0.05)
         yield proc
     finally:
@@ -152,6 +133,13 @@ def audit_service(site: SiteConfig):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@contextlib.contextmanager
+def audit_service(site: SiteConfig):
+    """``paitient service audit`` as a real root process on the site's state dir; stopped by its pid."""
+    with service_process("audit", site.run_dir / "audit.sock", f"--state-dir={site.state_dir}") as proc:
+        yield proc
 
 
 class SharedAudit:
