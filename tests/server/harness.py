@@ -74,14 +74,30 @@ def publish(site: SiteConfig, project: str, dataset: str, text: str, version: in
 @contextlib.contextmanager
 def egress_service(site: SiteConfig):
     """``paitient service egress`` as a real root process on the site's state dir; stopped by its pid."""
-    from paitient.config.reference import effective_toml
     from paitient.services.egress import socket_path
 
-    sock = socket_path(site)
-    site_file = site.state_dir / "egress-site.toml"  # the service reads the projects from the site file
+    with root_service(site, "egress", socket_path(site)) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def launcher_service(site: SiteConfig):
+    """``paitient service launcher`` as a real root process: it starts the servers' kernels."""
+    from paitient.services.launcher import socket_path
+
+    with root_service(site, "launcher", socket_path(site)) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def root_service(site: SiteConfig, name: str, sock: Path):
+    """``paitient service NAME`` as a real root process on the site's state dir; stopped by its pid."""
+    from paitient.config.reference import effective_toml
+
+    site_file = site.state_dir / f"{name}-site.toml"  # the service reads the projects from the site file
     site_file.write_text(effective_toml(site))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "paitient.cli", "service", "egress", f"--site={site_file}"],
+        [sys.executable, "-m", "paitient.cli", "service", name, f"--site={site_file}"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -89,7 +105,7 @@ def egress_service(site: SiteConfig):
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the egress service did not start: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"the {name} service did not start: {proc.stderr.read() if proc.stderr else ''}")
             time.sleep(0.05)
         yield proc
     finally:
@@ -110,8 +126,12 @@ class SharedEgress:
     def __init__(self, site: SiteConfig):
         self.site = site
         self.users = 0
-        self._context = egress_service(site)
+        self._context = self.service(site)
         self._context.__enter__()
+
+    @staticmethod
+    def service(site: SiteConfig):
+        return egress_service(site)
 
     @classmethod
     def acquire(cls, site: SiteConfig) -> SharedEgress:
@@ -127,6 +147,16 @@ class SharedEgress:
         if self.users <= 0:
             self.running.pop(str(self.site.state_dir), None)
             self._context.__exit__(None, None, None)
+
+
+class SharedLauncher(SharedEgress):
+    """One ``paitient service launcher`` per site, shared the same way."""
+
+    running: dict[str, SharedEgress] = {}
+
+    @staticmethod
+    def service(site: SiteConfig):
+        return launcher_service(site)
 
 
 class UserServer:
@@ -159,6 +189,7 @@ class UserServer:
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.egress: SharedEgress | None = None
+        self.launcher: SharedEgress | None = None
 
     def env(self) -> dict[str, str]:
         home = self.user.pw_dir
@@ -176,10 +207,13 @@ class UserServer:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
         # What the spawner does before a server starts: the registry knows the account (the services identify
-        # its processes by uid), and the site's egress service runs (the gate asks it about every output).
+        # its processes by uid), the site's egress service runs (the gate asks it about every output) and its
+        # launcher (which starts the kernels).
         Registry.for_state_dir(self.site.state_dir).put(self.member)
         if self.egress is None and self.start_egress:
             self.egress = SharedEgress.acquire(self.site)
+        if self.launcher is None:
+            self.launcher = SharedLauncher.acquire(self.site)
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
             "setpriv",
@@ -236,6 +270,9 @@ class UserServer:
             if self.egress is not None:
                 self.egress.release()
                 self.egress = None
+            if self.launcher is not None:
+                self.launcher.release()
+                self.launcher = None
 
     def __enter__(self) -> UserServer:
         return self.start()
