@@ -8,6 +8,7 @@ groups and mounts, seen from ``/proc``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -169,13 +170,67 @@ def _wait_exec(pid: int, name: str, timeout: float = 20.0) -> list[str]:
     raise AssertionError(f"pid {pid} never ran {name}")
 
 
+@contextlib.contextmanager
+def staying(pw, sock: Path, args: dict):
+    """``start`` asked by a process of ``pw`` that stays (as a server does) until the block ends."""
+    code = ASK + "sys.stdout.flush()\nsys.stdin.read()\n"
+    proc = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(sock),
+            json.dumps(args),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    try:
+        yield proc, json.loads(proc.stdout.readline())
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
 def test_the_kernel_runs_as_the_caller_with_only_its_projects_groups_and_mounts(world):
     site, launcher, sock, users = world
     alice = users["alice"]
     conn = connection_file(alice)
-    answer = ask_as(alice, sock, {"connection_file": str(conn), "kernel": "python3", "cwd": "/etc"})
-    assert "ok" in answer, answer
-    pid = answer["ok"]["pid"]
+    with staying(alice, sock, {"connection_file": str(conn), "kernel": "python3", "cwd": "/etc"}) as (_, answer):
+        assert "ok" in answer, answer
+        pid = answer["ok"]["pid"]
+        _the_kernel_as_alice(site, alice, pid, answer)
+    deadline = time.monotonic() + 10
+    while launcher.children and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert launcher.children == {}  # killed with its server and reaped
+
+
+def test_the_kernel_ends_when_the_server_that_asked_for_it_is_killed(world):
+    site, launcher, sock, users = world
+    alice = users["alice"]
+    with staying(alice, sock, {"connection_file": str(connection_file(alice)), "kernel": "python3"}) as (
+        server,
+        answer,
+    ):
+        pid = answer["ok"]["pid"]
+        _wait_exec(pid, "bwrap")
+        assert pid in launcher.children
+        server.kill()
+        server.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while pid in launcher.children and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid not in launcher.children and not Path(f"/proc/{pid}").exists()
+
+
+def _the_kernel_as_alice(site, alice, pid, answer):
     try:
         argv = _wait_exec(pid, "bwrap")
         status = Path(f"/proc/{pid}/status").read_text()
@@ -204,12 +259,9 @@ def test_the_kernel_runs_as_the_caller_with_only_its_projects_groups_and_mounts(
         }
         assert "--cap-drop" in argv and argv[argv.index("--cap-drop") + 1] == "ALL"
         assert "--unshare-all" in argv and "--seccomp" in argv
-    finally:
+    except BaseException:
         os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while launcher.children and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert launcher.children == {}  # reaped
+        raise
 
 
 def test_the_users_server_cannot_read_another_projects_data(world):
@@ -255,3 +307,28 @@ def test_the_users_server_cannot_read_another_projects_data(world):
         timeout=60,
     )
     assert r.stdout.split() == ["READ"], r.stderr
+
+
+def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(world):
+    """The spawner drops the account's supplementary groups for the server: its data groups go to kernels only."""
+    from paitient.hub.spawner import server_identity
+
+    site, launcher, sock, users = world
+    own = site.data_root / "onc" / "bc" / "current" / "data.csv"
+    code = f"""
+        import os
+        try:
+            open({str(own)!r}).read()
+            print("READ", os.getgroups())
+        except PermissionError as e:
+            print("denied", e.errno, os.getgroups())
+    """
+    alice = users["alice"]
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        preexec_fn=server_identity(alice.pw_name),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.stdout.split() == ["denied", "13", "[]"], r.stderr

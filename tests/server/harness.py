@@ -96,16 +96,16 @@ def root_service(site: SiteConfig, name: str, sock: Path):
 
     site_file = site.state_dir / f"{name}-site.toml"  # the service reads the projects from the site file
     site_file.write_text(effective_toml(site))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paitient.cli", "service", name, f"--site={site_file}"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log_path = site.state_dir / f"{name}-service.log"  # a file, not a pipe nobody reads: it never fills up
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "paitient.cli", "service", name, f"--site={site_file}"], stderr=log
+        )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the {name} service did not start: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"the {name} service did not start: {log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.05)
         yield proc
     finally:
@@ -219,7 +219,7 @@ class UserServer:
             "setpriv",
             f"--reuid={self.user.pw_uid}",
             f"--regid={self.user.pw_gid}",
-            "--init-groups",
+            "--clear-groups",  # as the spawner starts it: no project group (the launcher gives kernels theirs)
             "--",
             PYTHON,
             "-I",

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from jupyterhub.spawner import LocalProcessSpawner
 from traitlets import Bool, HasTraits, Unicode, default
 
 from paitient import config as site_config
@@ -29,6 +29,30 @@ from paitient.registry import Member
 
 if TYPE_CHECKING:
     from jupyterhub.user import User
+
+
+def server_identity(account: str):
+    """The preexec function that makes the server the user's account with no supplementary group.
+
+    Not the account's groups from /etc/group: those include its projects' data groups
+    (:mod:`paitient.services.data.access`), and the server runs outside the sandbox. Its kernels get those
+    groups from the root-side launcher; the server itself reads no dataset, its own projects' included.
+    """
+    pw = pwd.getpwnam(account)
+    uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+
+    def preexec() -> None:
+        os.setgid(gid)
+        os.setgroups([])
+        os.setuid(uid)
+        if os.getgroups() not in ([], [gid]):
+            raise PermissionError(f"the server of {account} kept supplementary groups {os.getgroups()}")
+        try:
+            os.chdir(home)
+        except OSError:
+            os.chdir("/")
+
+    return preexec
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -172,7 +196,7 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         await self._audit("server.stop", pid=pid, now=now)
 
     def make_preexec_fn(self, name: str):
-        return set_user_setuid(self.account or name)
+        return server_identity(self.account or name)
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
         pw = pwd.getpwnam(self.account)

@@ -18,7 +18,7 @@ caller's projects (read-only), the home, the service sockets, the kernel's fixed
 filter, every namespace, no capabilities, the site's rlimits; it runs as the caller's account with exactly
 the groups of the caller's projects (:mod:`paitient.services.data.access`), no new privileges. The answer is
 the kernel's pid and start time; the user's server signals and watches that process itself (it is the
-user's own), and the launcher reaps it.
+user's own), and the launcher reaps it, and kills it when the server that asked for it is gone.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ UNKNOWN_KERNEL = "unknown_kernel"
 FIELDS = frozenset({"connection_file", "kernel", "cwd"})
 CONNECTION_NAME = re.compile(r"^kernel-[A-Za-z0-9_-]{1,80}\.json\Z")
 MAX_CONNECTION_BYTES = 64 * 1024
+WATCH_SECONDS = 0.5
+"""How often the launcher checks that the server that asked for a kernel still runs."""
 
 
 def kernel_commands(python: str) -> dict[str, list[str]]:
@@ -72,12 +74,14 @@ def kernel_commands(python: str) -> dict[str, list[str]]:
 
 
 def process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks after boot (None if gone): with the pid, names one process."""
+    """Start time of ``pid`` in clock ticks after boot (None if gone or a zombie): with the pid, names one
+    process."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 class Launcher:
@@ -112,19 +116,17 @@ class Launcher:
     def caller(self, peer: Peer) -> tuple[Member, pwd.struct_passwd]:
         if peer.is_root:
             raise ChannelError("root starts no researcher kernel; the launcher serves users' servers", FORBIDDEN)
-        member = self.registry.by_uid(peer.uid)
-        if member is None:
-            raise ChannelError(
-                f"uid {peer.uid} is not a workspace member; kernels are started for the registry's accounts only",
-                FORBIDDEN,
-            )
         try:
             pw = pwd.getpwuid(peer.uid)
         except KeyError:
             raise ChannelError(f"uid {peer.uid} has no system account", FORBIDDEN) from None
-        if pw.pw_name != member.account:
+        # by the account's name, then its uid: a uid an old, removed account had matches no entry
+        member = self.registry.by_account(pw.pw_name)
+        if member is None or member.uid != peer.uid:
             raise ChannelError(
-                f"uid {peer.uid} is {pw.pw_name}, the registry says {member.account}; ask the operator", FORBIDDEN
+                f"uid {peer.uid} ({pw.pw_name}) is not a workspace member; kernels are started for the registry's "
+                "accounts only",
+                FORBIDDEN,
             )
         return member, pw
 
@@ -279,13 +281,24 @@ class Launcher:
         start = process_start(proc.pid)
         with self._lock:
             self.children[proc.pid] = proc
-        threading.Thread(target=self._reap, args=(proc,), name=f"reap-{proc.pid}", daemon=True).start()
+        server = (peer.pid, process_start(peer.pid))
+        threading.Thread(target=self._watch, args=(proc, server), name=f"kernel-{proc.pid}", daemon=True).start()
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
         self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, member.account, datasets)
         return {"pid": proc.pid, "start": start, "datasets": datasets}
 
-    def _reap(self, proc: subprocess.Popen) -> None:
-        code = proc.wait()
+    def _watch(self, proc: subprocess.Popen, server: tuple[int, int | None]) -> None:
+        """Reap the kernel; kill it as soon as the server that asked for it is gone (as bwrap's
+        --die-with-parent did when the server was its parent)."""
+        pid, start = server
+        while True:
+            try:
+                code = proc.wait(timeout=WATCH_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                if start is None or process_start(pid) != start:
+                    self.log.info("launcher: the server (pid %d) of kernel pid %d is gone; killing it", pid, proc.pid)
+                    proc.kill()
         with self._lock:
             self.children.pop(proc.pid, None)
         self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
