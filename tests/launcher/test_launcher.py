@@ -160,14 +160,16 @@ def test_root_and_accounts_the_registry_does_not_know_are_refused(world):
     assert launcher.children == {}
 
 
-def _wait_exec(pid: int, name: str, timeout: float = 20.0) -> list[str]:
+def _sandbox_of(pid: int, timeout: float = 20.0) -> tuple[int, list[str]]:
+    """The bwrap process under the kernel's keeper ``pid`` (its pid and command line)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if argv and argv[0].decode().endswith(name):
-            return [a.decode() for a in argv if a]
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            argv = [a.decode() for a in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if a]
+            if argv and argv[0].endswith("bwrap"):
+                return int(child), argv
         time.sleep(0.05)
-    raise AssertionError(f"pid {pid} never ran {name}")
+    raise AssertionError(f"pid {pid} never started bwrap")
 
 
 @contextlib.contextmanager
@@ -220,7 +222,7 @@ def test_the_kernel_ends_when_the_server_that_asked_for_it_is_killed(world):
         answer,
     ):
         pid = answer["ok"]["pid"]
-        _wait_exec(pid, "bwrap")
+        bwrap, _ = _sandbox_of(pid)
         assert pid in launcher.children
         server.kill()
         server.wait(timeout=10)
@@ -228,12 +230,30 @@ def test_the_kernel_ends_when_the_server_that_asked_for_it_is_killed(world):
         while pid in launcher.children and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pid not in launcher.children and not Path(f"/proc/{pid}").exists()
+        assert not Path(f"/proc/{bwrap}").exists()
+
+
+def test_killing_the_pid_the_server_got_ends_the_sandbox(world):
+    """What the user's server does to stop a kernel: SIGKILL to the pid the launcher answered (the keeper)."""
+    site, launcher, sock, users = world
+    alice = users["alice"]
+    with staying(alice, sock, {"connection_file": str(connection_file(alice)), "kernel": "python3"}) as (_, answer):
+        pid = answer["ok"]["pid"]
+        bwrap, _ = _sandbox_of(pid)
+        r = subprocess.run(
+            ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", "--clear-groups", "kill", "-9", str(pid)]
+        )
+        assert r.returncode == 0
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{bwrap}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{bwrap}").exists()
 
 
 def _the_kernel_as_alice(site, alice, pid, answer):
     try:
-        argv = _wait_exec(pid, "bwrap")
-        status = Path(f"/proc/{pid}/status").read_text()
+        bwrap, argv = _sandbox_of(pid)
+        status = Path(f"/proc/{bwrap}/status").read_text()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         groups = next(line for line in status.splitlines() if line.startswith("Groups:")).split()[1:]
         onc = access.group_name(site, "onc")

@@ -18,7 +18,8 @@ caller's projects (read-only), the home, the service sockets, the kernel's fixed
 filter, every namespace, no capabilities, the site's rlimits; it runs as the caller's account with exactly
 the groups of the caller's projects (:mod:`paitient.services.data.access`), no new privileges. The answer is
 the kernel's pid and start time; the user's server signals and watches that process itself (it is the
-user's own), and the launcher reaps it, and kills it when the server that asked for it is gone.
+user's own). Its parent is a keeper (:mod:`.keeper`, as the user) that ends it when the server that asked
+for it is gone, and keeps it when the launcher ends.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ UNKNOWN_KERNEL = "unknown_kernel"
 FIELDS = frozenset({"connection_file", "kernel", "cwd"})
 CONNECTION_NAME = re.compile(r"^kernel-[A-Za-z0-9_-]{1,80}\.json\Z")
 MAX_CONNECTION_BYTES = 64 * 1024
-WATCH_SECONDS = 0.5
-"""How often the launcher checks that the server that asked for a kernel still runs."""
+KEEPER = Path(__file__).with_name("keeper.py")
+"""The kernel's parent (as the user): keeps it past the launcher's end, ends it with its server."""
 
 
 def kernel_commands(python: str) -> dict[str, list[str]]:
@@ -103,6 +104,7 @@ class Launcher:
         self.log = log or logging.getLogger("paitient.services.launcher")
         self.bwrap = bwrap
         self.prlimit = prlimit
+        self.python = python
         self.kernels = kernel_commands(python)
         self.seccomp = seccomp
         self.children: dict[int, subprocess.Popen] = {}
@@ -230,7 +232,15 @@ class Launcher:
             connection_file=connection_file,
         )
 
-    def argv(self, pw: pwd.struct_passwd, member: Member, policy: SandboxPolicy, kernel: str, seccomp_fd: int | None):
+    def argv(
+        self,
+        pw: pwd.struct_passwd,
+        member: Member,
+        policy: SandboxPolicy,
+        kernel: str,
+        seccomp_fd: int | None,
+        server: tuple[int, int] = (0, 0),
+    ):
         command = self.kernels.get(kernel)
         if command is None:
             raise ChannelError(f"no kernel {kernel[:80]!r}; known: {', '.join(sorted(self.kernels))}", UNKNOWN_KERNEL)
@@ -243,8 +253,18 @@ class Launcher:
             "--no-new-privs",
             "--",
         ]
+        keeper = [
+            self.python,
+            "-I",
+            str(KEEPER),
+            str(server[0]),
+            str(server[1]),
+            str(-1 if seccomp_fd is None else seccomp_fd),
+            "--",
+        ]
         return [
             *identity,
+            *keeper,
             *prlimit_argv(self.limits(), self.prlimit),
             *build_bwrap_argv(policy, self.bwrap, seccomp_fd),
             *(policy.connection_file if part == "{connection_file}" else part for part in command),
@@ -257,6 +277,9 @@ class Launcher:
         if fds:
             raise ChannelError("the launcher takes no file descriptors", FIELD_REFUSED)
         member, pw = self.caller(peer)
+        server_start = process_start(peer.pid)
+        if server_start is None:
+            raise ChannelError("the asking process is gone", FORBIDDEN)
         runtime_dir = user_runtime_dir(pw.pw_dir)
         connection_file, kernel_dir = self.connection(args["connection_file"], pw.pw_uid, runtime_dir)
         try:
@@ -265,40 +288,35 @@ class Launcher:
             raise ChannelError(str(e), BAD_REQUEST) from None
         seccomp_fd = _seccomp_fd() if self.seccomp else None
         try:
-            argv = self.argv(pw, member, policy, args["kernel"], seccomp_fd)
-            proc = subprocess.Popen(
-                argv,
-                env={"PATH": "/usr/bin:/bin"},
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                pass_fds=() if seccomp_fd is None else (seccomp_fd,),
-                start_new_session=True,
-            )
+            argv = self.argv(pw, member, policy, args["kernel"], seccomp_fd, (peer.pid, server_start))
+            # The kernel's output goes to a file of root's, not to the launcher's own stderr: that is a pipe
+            # of the hub's, and a kernel writing to it after the hub ended would die of SIGPIPE.
+            logs = Path(self.site.state_dir) / "logs"
+            logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(logs / f"kernels-{pw.pw_name}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    env={"PATH": "/usr/bin:/bin"},
+                    cwd="/",
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+                    start_new_session=True,
+                )
         finally:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
         start = process_start(proc.pid)
         with self._lock:
             self.children[proc.pid] = proc
-        server = (peer.pid, process_start(peer.pid))
-        threading.Thread(target=self._watch, args=(proc, server), name=f"kernel-{proc.pid}", daemon=True).start()
+        threading.Thread(target=self._reap, args=(proc,), name=f"kernel-{proc.pid}", daemon=True).start()
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
         self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, member.account, datasets)
         return {"pid": proc.pid, "start": start, "datasets": datasets}
 
-    def _watch(self, proc: subprocess.Popen, server: tuple[int, int | None]) -> None:
-        """Reap the kernel; kill it as soon as the server that asked for it is gone (as bwrap's
-        --die-with-parent did when the server was its parent)."""
-        pid, start = server
-        while True:
-            try:
-                code = proc.wait(timeout=WATCH_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                if start is None or process_start(pid) != start:
-                    self.log.info("launcher: the server (pid %d) of kernel pid %d is gone; killing it", pid, proc.pid)
-                    proc.kill()
+    def _reap(self, proc: subprocess.Popen) -> None:
+        code = proc.wait()
         with self._lock:
             self.children.pop(proc.pid, None)
         self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
@@ -329,7 +347,8 @@ def hub_service(site: SiteConfig, python: str, *, port: int = 0) -> dict[str, An
 
 
 def serve(site: SiteConfig, logger: logging.Logger) -> None:
-    """Serve the launcher's socket until SIGTERM/SIGINT; the kernels it started end with it."""
+    """Serve the launcher's socket until SIGTERM/SIGINT; the kernels it started outlive it (a hub restart
+    keeps researchers' kernels), each ending with its server."""
     from paitient.services.kit.process import StopSignal
 
     socket_path(site).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -341,9 +360,6 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
     try:
         stop.wait()
     finally:
+        # the kernels stay: each has its keeper, which ends it with its server
         server.shutdown()
         server.server_close()
-        with launcher._lock:
-            children = list(launcher.children.values())
-        for proc in children:
-            proc.kill()
