@@ -2,6 +2,7 @@
 
 import filecmp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,36 @@ def make_system_user(world_tmp):
     yield make
     for name in made:
         subprocess.run(["userdel", "--remove", name], capture_output=True)
+
+
+_PROJECT_GROUP = re.compile(r"^[a-z][a-z0-9-]{0,7}proj-")
+
+
+def _new_project_groups():
+    import grp
+
+    before = {g.gr_name for g in grp.getgrall()}
+    yield
+    for g in grp.getgrall():
+        if g.gr_name not in before and _PROJECT_GROUP.match(g.gr_name):
+            subprocess.run(["groupdel", g.gr_name], capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def _remove_project_groups():
+    """Publication creates a system group per project (paitient.services.data.access); every group a test
+    made is removed after it, so no test leaves one behind or finds one left by another."""
+    yield from _new_project_groups()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_module_project_groups():
+    """The same for groups a module's fixtures made (a module-scoped published site)."""
+    yield from _new_project_groups()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _remove_session_project_groups():
+    """The same for groups of session-wide fixtures and workspaces (these use an accounts prefix of their own,
+    so a test's site with the default prefix never meets them)."""
+    yield from _new_project_groups()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import secrets
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,14 @@ from paitient.services.data.spec import Spec, parse_spec
 @pytest.fixture
 def site(tmp_path):
     """The embedded demo site (projects oncology and cardiometabolic) on a temp state dir, min_k 2."""
-    s = load(None, overrides={"workspace": {"state_dir": str(tmp_path / "state"), "min_k": 2}})
+    # An accounts prefix of its own: publication creates the projects' groups from it (removed after each test).
+    s = load(
+        None,
+        overrides={
+            "workspace": {"state_dir": str(tmp_path / "state"), "min_k": 2},
+            "accounts": {"prefix": "t" + secrets.token_hex(2)},
+        },
+    )
     keys.ensure_key(s)
     return s
 

@@ -1,6 +1,7 @@
 """The whole ingest: what gets published, where, how; and each refusal, after which nothing is published."""
 
 import datetime as dt
+import grp
 import json
 import os
 import stat
@@ -9,8 +10,8 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
+from paitient.services.data import access, keys
 from paitient.services.data import ingest as ing
-from paitient.services.data import keys
 from paitient.services.data.errors import IngestRefused
 from paitient.services.data.publish import current_version, dataset_dir, versions
 
@@ -39,15 +40,17 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
     ds = dataset_dir(site.data_root, "oncology", "breast_cancer")
     assert pub.version == 1 and pub.path == ds / "versions" / "1"
     assert os.readlink(ds / "current") == "versions/1"
-    for p, mode in (
-        (site.data_root, 0o755),
-        (ds, 0o755),
-        (pub.path, 0o555),
-        (pub.path / "data.parquet", 0o444),
-        (pub.path / "manifest.json", 0o444),
+    project_gid = grp.getgrnam(access.group_name(site, "oncology")).gr_gid
+    for p, gid, mode in (
+        (site.data_root, 0, 0o711),
+        (site.data_root / "oncology", project_gid, 0o750),
+        (ds, project_gid, 0o750),
+        (pub.path, project_gid, 0o750),
+        (pub.path / "data.parquet", project_gid, 0o440),
+        (pub.path / "manifest.json", project_gid, 0o440),
     ):
         st = p.stat()
-        assert st.st_uid == 0 and st.st_gid == 0 and stat.S_IMODE(st.st_mode) == mode, p
+        assert st.st_uid == 0 and st.st_gid == gid and stat.S_IMODE(st.st_mode) == mode, p
     m = json.loads((pub.path / "manifest.json").read_text())
     assert m["project"] == "oncology" and m["dataset"] == "breast_cancer" and m["version"] == 1
     assert m["rows"] == 6 and m["patients"] == 4 and m["k"] == 2 and m["k_unit"] == "patients"

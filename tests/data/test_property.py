@@ -1,6 +1,7 @@
 """Property: whatever the source holds, no dropped value and no raw identifier reaches the published files."""
 
 import datetime as dt
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def published_text(folder: Path) -> tuple[bytes, str]:
 def test_no_dropped_value_or_raw_identifier_is_published(patients):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        site = load(None, overrides={"workspace": {"state_dir": str(tmp / "state")}})
+        # an accounts prefix per example: each example's site makes its own project groups
+        prefix = "t" + secrets.token_hex(2)
+        site = load(None, overrides={"workspace": {"state_dir": str(tmp / "state")}, "accounts": {"prefix": prefix}})
         keys.ensure_key(site)
         rows = [
             [p["id"], p["name"], p["phone"], p["email"], v.isoformat(), p["score"]]

@@ -8,6 +8,7 @@ the index itself do), and the indexes are loaded back from disk as the egress se
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ def demo() -> Demo:
     base = Path(tempfile.mkdtemp(prefix="paitient-edm-", dir="/tmp"))
     os.chmod(base, 0o755)
     try:
-        site = load(None, overrides={"workspace": {"state_dir": str(base / "state")}})
+        # an accounts prefix of its own: the projects' groups live for the whole session
+        site = load(
+            None,
+            overrides={
+                "workspace": {"state_dir": str(base / "state")},
+                "accounts": {"prefix": "t" + secrets.token_hex(2)},
+            },
+        )
         publish_demo(site)
         os.chmod(site.state_dir, 0o755)
         key = rowindex.load_key(site)

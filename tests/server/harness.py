@@ -26,6 +26,7 @@ from paitient.config import SiteConfig, parse
 from paitient.hub.serverconfig import user_server_env, write_user_server_config
 from paitient.registry import Member, Registry
 from paitient.services.kit.process import free_port
+from tests import workspacegroup
 from tests.kernelclient import CellResult, execute
 
 PYTHON = sys.executable
@@ -72,58 +73,17 @@ def publish(site: SiteConfig, project: str, dataset: str, text: str, version: in
 
 
 @contextlib.contextmanager
-def egress_service(site: SiteConfig):
-    """``paitient service egress`` as a real root process on the site's state dir; stopped by its pid."""
-    from paitient.config.reference import effective_toml
-    from paitient.services.egress import socket_path
-
-    sock = socket_path(site)
-    site_file = site.state_dir / "egress-site.toml"  # the service reads the projects from the site file
-    site_file.write_text(effective_toml(site))
-    with service_process("egress", sock, f"--site={site_file}") as proc:
-        yield proc
-
-
-class SharedEgress:
-    """One ``paitient service egress`` per site for the servers of a test: started by the first server that
-    needs it, stopped (by its pid) when the last one stops."""
-
-    running: dict[str, SharedEgress] = {}
-
-    def __init__(self, site: SiteConfig):
-        self.site = site
-        self.users = 0
-        self._context = egress_service(site)
-        self._context.__enter__()
-
-    @classmethod
-    def acquire(cls, site: SiteConfig) -> SharedEgress:
-        key = str(site.state_dir)
-        shared = cls.running.get(key)
-        if shared is None:
-            shared = cls.running[key] = cls(site)
-        shared.users += 1
-        return shared
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users <= 0:
-            self.running.pop(str(self.site.state_dir), None)
-            self._context.__exit__(None, None, None)
-
-
-@contextlib.contextmanager
-def service_process(name: str, sock: Path, *args: str):
+def service_process(name: str, sock: Path, *args: str, log_path: Path):
     """``paitient service NAME ARGS`` as a real root process, yielded once its socket ``sock`` exists;
-    stopped by its pid (SIGTERM, then SIGKILL)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paitient.cli", "service", name, *args], stderr=subprocess.PIPE, text=True
-    )
+    stopped by its pid (SIGTERM, then SIGKILL). Its stderr goes to ``log_path``, a file, not a pipe nobody
+    reads: it never fills up."""
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "paitient.cli", "service", name, *args], stderr=log)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the {name} service did not start: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(f"the {name} service did not start: {log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.05)
         yield proc
     finally:
@@ -136,29 +96,71 @@ def service_process(name: str, sock: Path, *args: str):
 
 
 @contextlib.contextmanager
-def audit_service(site: SiteConfig):
-    """``paitient service audit`` as a real root process on the site's state dir; stopped by its pid."""
-    with service_process("audit", site.run_dir / "audit.sock", f"--state-dir={site.state_dir}") as proc:
+def root_service(site: SiteConfig, name: str, sock: Path):
+    """``paitient service NAME`` on the site (written to a file the service reads its projects from)."""
+    from paitient.config.reference import effective_toml
+
+    site_file = site.state_dir / f"{name}-site.toml"
+    site_file.write_text(effective_toml(site))
+    with service_process(name, sock, f"--site={site_file}", log_path=site.state_dir / f"{name}-service.log") as proc:
         yield proc
 
 
-class SharedAudit:
-    """One audit service per site for the servers of a test (a cell runs only once it is recorded): started
-    by the first server that needs it unless the test runs its own, stopped when the last server stops."""
+@contextlib.contextmanager
+def egress_service(site: SiteConfig):
+    """``paitient service egress`` as a real root process on the site's state dir; stopped by its pid."""
+    from paitient.services.egress import socket_path
 
-    running: dict[str, SharedAudit] = {}
+    with root_service(site, "egress", socket_path(site)) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def launcher_service(site: SiteConfig):
+    """``paitient service launcher`` as a real root process: it starts the servers' kernels."""
+    from paitient.services.launcher import socket_path
+
+    with root_service(site, "launcher", socket_path(site)) as proc:
+        yield proc
+
+
+@contextlib.contextmanager
+def audit_service(site: SiteConfig):
+    """``paitient service audit`` as a real root process on the site's state dir; stopped by its pid."""
+    with service_process(
+        "audit",
+        site.run_dir / "audit.sock",
+        f"--state-dir={site.state_dir}",
+        log_path=site.state_dir / "audit-service.log",
+    ) as proc:
+        yield proc
+
+
+class Shared:
+    """One root service per site for the servers of a test: started by the first server that needs it (unless
+    the test runs its own, on the socket :meth:`socket` names), stopped by its pid when the last one stops."""
+
+    running: dict[str, Shared] = {}
 
     def __init__(self, site: SiteConfig):
         self.site = site
         self.users = 0
         self._context: Any = None
-        if not (site.run_dir / "audit.sock").exists():
-            self._context = audit_service(site)
+        if not self.socket(site).exists():
+            self._context = self.service(site)
             self._context.__enter__()
 
+    @staticmethod
+    def service(site: SiteConfig) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def socket(site: SiteConfig) -> Path:
+        raise NotImplementedError
+
     @classmethod
-    def acquire(cls, site: SiteConfig) -> SharedAudit:
-        key = str(site.state_dir)
+    def acquire(cls, site: SiteConfig) -> Shared:
+        key = f"{cls.__name__}:{site.state_dir}"
         shared = cls.running.get(key)
         if shared is None:
             shared = cls.running[key] = cls(site)
@@ -168,9 +170,49 @@ class SharedAudit:
     def release(self) -> None:
         self.users -= 1
         if self.users <= 0:
-            self.running.pop(str(self.site.state_dir), None)
+            self.running.pop(f"{type(self).__name__}:{self.site.state_dir}", None)
             if self._context is not None:
                 self._context.__exit__(None, None, None)
+
+
+class SharedEgress(Shared):
+    """The egress service: the gate asks it about every output."""
+
+    @staticmethod
+    def service(site: SiteConfig) -> Any:
+        return egress_service(site)
+
+    @staticmethod
+    def socket(site: SiteConfig) -> Path:
+        from paitient.services.egress import socket_path
+
+        return socket_path(site)
+
+
+class SharedAudit(Shared):
+    """The audit service: a cell runs only once it is recorded."""
+
+    @staticmethod
+    def service(site: SiteConfig) -> Any:
+        return audit_service(site)
+
+    @staticmethod
+    def socket(site: SiteConfig) -> Path:
+        return site.run_dir / "audit.sock"
+
+
+class SharedLauncher(Shared):
+    """The launcher: it starts the servers' kernels."""
+
+    @staticmethod
+    def service(site: SiteConfig) -> Any:
+        return launcher_service(site)
+
+    @staticmethod
+    def socket(site: SiteConfig) -> Path:
+        from paitient.services.launcher import socket_path
+
+        return socket_path(site)
 
 
 class UserServer:
@@ -193,7 +235,7 @@ class UserServer:
         self.site = site
         self.start_egress = start_egress
         self.start_audit = start_audit
-        self.audit: SharedAudit | None = None
+        self.audit: Shared | None = None
         self.user = user
         self.member = Member(username=user.pw_name, account=user.pw_name, uid=user.pw_uid, projects=projects)
         jdir = site.state_dir / "users" / user.pw_name / "jupyter"
@@ -205,7 +247,8 @@ class UserServer:
         self.extra_env = extra_env or {}
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
-        self.egress: SharedEgress | None = None
+        self.egress: Shared | None = None
+        self.launcher: Shared | None = None
 
     def env(self) -> dict[str, str]:
         home = self.user.pw_dir
@@ -223,18 +266,23 @@ class UserServer:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
         # What the spawner does before a server starts: the registry knows the account (the services identify
-        # its processes by uid), and the site's egress service runs (the gate asks it about every output).
+        # its processes by uid), the site's egress service runs (the gate asks it about every output), its
+        # audit service (a cell runs once recorded) and its launcher (which starts the kernels).
         Registry.for_state_dir(self.site.state_dir).put(self.member)
         if self.egress is None and self.start_egress:
             self.egress = SharedEgress.acquire(self.site)
         if self.audit is None and self.start_audit:
             self.audit = SharedAudit.acquire(self.site)
+        if self.launcher is None:
+            self.launcher = SharedLauncher.acquire(self.site)
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
             "setpriv",
             f"--reuid={self.user.pw_uid}",
             f"--regid={self.user.pw_gid}",
-            "--init-groups",
+            # as the spawner starts it: the workspace's group only, no project group (the launcher gives the
+            # kernels theirs)
+            workspacegroup.setpriv_groups(),
             "--",
             PYTHON,
             "-I",
@@ -289,6 +337,9 @@ class UserServer:
             if self.audit is not None:
                 self.audit.release()
                 self.audit = None
+            if self.launcher is not None:
+                self.launcher.release()
+                self.launcher = None
 
     def __enter__(self) -> UserServer:
         return self.start()

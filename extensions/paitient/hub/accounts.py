@@ -29,6 +29,7 @@ from paitient.config import SiteConfig
 from paitient.fsutil import locked
 from paitient.hub.naming import NamingError, account_name, system_account_exists
 from paitient.registry import Member, Registry
+from paitient.services.data import access
 from paitient.services.kit.access import workspace_group
 from paitient.sysaccounts import AccountRecord, Made
 
@@ -191,4 +192,7 @@ def ensure_account(site: SiteConfig, username: str, *, projects: tuple[str, ...]
             username=username, account=pw.pw_name, uid=pw.pw_uid, projects=projects, roles=roles, updated=time.time()
         )
         registry.put(member)
+        # The project groups follow the registry: this account joins the groups of its projects and
+        # leaves the others (paitient.services.data.access).
+        access.sync_members(site)
         return member

@@ -22,7 +22,8 @@ from typing import Any
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_json, atomic_write_text
 from paitient.registry import Member
-from paitient.services import egress
+from paitient.rules.sandbox import user_runtime_dir
+from paitient.services import egress, launcher
 
 KERNEL_NAME = "python3"
 DISPLAY_NAME = "Python 3 (sandbox)"
@@ -143,6 +144,8 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
         "SandboxKernelSpecManager": {"sandbox_kernel_dirs": [os.path.join(data_dir, "kernels")]},
         "MappingKernelManager": {"default_kernel_name": KERNEL_NAME, **idle_culling(site.server.idle_timeout)},
         "SandboxProvisioner": {
+            # root's launcher builds the sandbox and starts the kernel; what follows only describes it
+            "launcher_socket": str(launcher.socket_path(site)),
             "data_root": str(site.data_root),
             "run_dir": str(site.run_dir),
             "projects": member_datasets(site, member),
@@ -182,7 +185,7 @@ def user_server_env(config_dir: str | os.PathLike[str], data_dir: str | os.PathL
     return {
         "JUPYTER_CONFIG_DIR": str(config_dir),
         "JUPYTER_DATA_DIR": str(data_dir),
-        "JUPYTER_RUNTIME_DIR": os.path.join(home, ".local", "share", "jupyter", "runtime"),
+        "JUPYTER_RUNTIME_DIR": user_runtime_dir(home),
         "JUPYTER_PREFER_ENV_PATH": "0",
         "JUPYTER_PLATFORM_DIRS": "0",
         "PYTHONNOUSERSITE": "1",

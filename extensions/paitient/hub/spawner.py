@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jupyterhub.spawner import LocalProcessSpawner, set_user_setuid
+from jupyterhub.spawner import LocalProcessSpawner
 from tornado import web
 from traitlets import Bool, HasTraits, Unicode, default
 
@@ -27,6 +27,7 @@ from paitient import config as site_config
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.serverconfig import user_server_env
 from paitient.registry import Member
+from paitient.services.kit.access import workspace_group
 
 if TYPE_CHECKING:
     from jupyterhub.user import User
@@ -44,6 +45,31 @@ def account_unavailable(error: Exception) -> web.HTTPError:
     e = web.HTTPError(503, "system account unavailable: %s", str(error)[:300])
     e.jupyterhub_message = ACCOUNT_UNAVAILABLE  # type: ignore[attr-defined]
     return e
+
+
+def server_identity(account: str, groups: list[int]):
+    """The preexec function that makes the server the user's account with exactly ``groups`` as supplementary
+    groups (the workspace's group, which may reach the services' sockets).
+
+    Not the account's groups from /etc/group: those include its projects' data groups
+    (:mod:`paitient.services.data.access`), and the server runs outside the sandbox. Its kernels get those
+    groups from the root-side launcher; the server itself reads no dataset, its own projects' included.
+    """
+    pw = pwd.getpwnam(account)
+    uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+
+    def preexec() -> None:
+        os.setgid(gid)
+        os.setgroups(groups)
+        os.setuid(uid)
+        if set(os.getgroups()) - {gid, *groups}:
+            raise PermissionError(f"the server of {account} kept supplementary groups {os.getgroups()}")
+        try:
+            os.chdir(home)
+        except OSError:
+            os.chdir("/")
+
+    return preexec
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -195,7 +221,7 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         await self._audit("server.stop", pid=pid, now=now)
 
     def make_preexec_fn(self, name: str):
-        return set_user_setuid(self.account or name)
+        return server_identity(self.account or name, [workspace_group(self.site)])
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
         pw = pwd.getpwnam(self.account)

@@ -255,6 +255,15 @@ class UpCommand(_StateCommand):
             from paitient.ops.demodata import publish_demo
 
             publish_demo(site)
+        # Each project's data readable by its group only, the groups holding the registry's members
+        # (also data published before the groups existed).
+        from paitient.services.data import access
+
+        orphans = access.sync(site)
+        if orphans:
+            self.log.warning(
+                "data folders that name no project of the site were made root-only: %s", ", ".join(orphans)
+            )
         hub_port = w.hub_port or free_port()
         proxy_api_port = w.proxy_api_port or free_port()
         proxy_token = paths.secret("proxy_token")

@@ -46,6 +46,11 @@ USR_MERGE_LINKS: tuple[str, ...] = ("bin", "sbin", "lib", "lib32", "lib64", "lib
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
+def user_runtime_dir(home: str) -> str:
+    """The Jupyter runtime dir of a user's server (connection files, kernels' sockets), as the spawner sets it."""
+    return os.path.join(home, ".local", "share", "jupyter", "runtime")
+
+
 def drop_to(uid: int, gid: int) -> list[str]:
     """The ``setpriv`` prefix that runs a root-side worker as ``uid``/``gid``: no groups, no new privileges,
     and SIGKILL when the process that started it dies (kept through the exec of prlimit and bwrap)."""

@@ -1,6 +1,12 @@
 """``paitient-sandbox``: the kernel provisioner that starts every kernel inside bubblewrap.
 
-It runs inside the user's own server, as the user (bwrap needs no privilege: unprivileged user
+In a workspace the spawner sets ``launcher_socket``: the provisioner then writes the connection file and
+asks the root-side launcher (:mod:`paitient.services.launcher`) for the kernel, naming only that file and
+the kernel; the launcher decides the sandbox from the registry and the site configuration and starts it as
+the user. The provisioner watches and signals the kernel by its pid (the user's own process). Without a
+launcher (a server started by hand, the provisioner's own tests) it builds the same sandbox itself, as below.
+
+Building it here, it runs inside the user's own server, as the user (bwrap needs no privilege: unprivileged user
 namespaces). The policy (which projects and datasets, where the service sockets are, the limits) is
 traitlets configuration that the spawner writes into a root-owned config dir (see
 :mod:`paitient.hub.serverconfig`); nothing the user controls feeds into it. The command line is built by the
@@ -23,6 +29,8 @@ import asyncio
 import contextlib
 import os
 import pwd
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Dict, List, Unicode, default
 
+from paitient import channel
 from paitient.config import Sandbox, site_trait
 from paitient.rules.sandbox import (
     Limits,
@@ -84,6 +93,13 @@ class SandboxProvisioner(LocalProvisioner):
 
     seccomp = Bool(
         True, help="Load the seccomp filter (ptrace, process memory, keyrings, eBPF, mount calls refused)."
+    ).tag(config=True)
+    launcher_socket = Unicode(
+        "",
+        help="The root-side launcher's socket (<state_dir>/gate/launcher.sock). Set (as the spawner does): the "
+        "launcher builds the sandbox from the registry and the site configuration and starts the kernel as "
+        "this user; this server only names the connection file and the kernel. Empty: the sandbox is built "
+        "here, from this configuration.",
     ).tag(config=True)
 
     _mounted: list[str] = []
@@ -147,6 +163,8 @@ class SandboxProvisioner(LocalProvisioner):
         km = self.parent
         if km is None:
             raise PolicyError("a sandboxed kernel needs its kernel manager (the provisioner has no parent)")
+        if self.launcher_socket:
+            return await self._launch_by_root(km, kwargs.get("cwd"))
         kernel_dir = os.path.dirname(km.ip) if km.transport == "ipc" else ""
         # Resolving the dataset versions touches the filesystem: off the event loop.
         policy = await asyncio.to_thread(self.policy, km.connection_file, kwargs.get("cwd"), kernel_dir)
@@ -175,6 +193,32 @@ class SandboxProvisioner(LocalProvisioner):
         )
         return info
 
+    async def _launch_by_root(self, km: Any, cwd: str | None) -> KernelConnectionInfo:
+        """Ask the launcher for this kernel: it reads the connection file, decides the sandbox, starts it."""
+        args = {"connection_file": str(Path(km.connection_file).absolute()), "kernel": km.kernel_name or "python3"}
+        if cwd:
+            args["cwd"] = str(cwd)
+        try:
+            answer = await asyncio.to_thread(channel.call, self.launcher_socket, "start", args, timeout=60.0)
+        except channel.ChannelError as e:
+            raise PolicyError(f"the sandbox launcher refused or failed to start the kernel: {e}") from None
+        kernel = LaunchedKernel(int(answer["pid"]), answer.get("start"))
+        self.process = kernel  # type: ignore[assignment]  # what LocalProvisioner calls of a Popen, nothing more
+        self.pid = kernel.pid
+        self.pgid = kernel.pid  # the launcher starts it in a session (and process group) of its own
+        self._mounted = list(answer.get("datasets", []))
+        self.log.info(
+            "The launcher started sandboxed kernel %s (pid %d) with datasets %s",
+            self.kernel_id,
+            self.pid,
+            self._mounted,
+        )
+        await self._audit(
+            "kernel.start",
+            {"datasets": self._mounted, "limits": vars(self.limits()), "pid": self.pid, "launcher": True},
+        )
+        return self.connection_info
+
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
         km = self.parent
@@ -193,6 +237,51 @@ class SandboxProvisioner(LocalProvisioner):
             )
         except Exception as e:
             self.log.error("could not record %s for kernel %s in the audit trail: %s", action, self.kernel_id, e)
+
+
+class LaunchedKernel:
+    """The part of ``Popen`` the provisioner uses, for a kernel the launcher started (the user's own process,
+    not this server's child): its pid and start time name it; signals go to it directly."""
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int, start: int | None):
+        self.pid = pid
+        self.start = start
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid, self.start):
+            self.returncode = 0  # not our child: its exit status is the launcher's to see
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"kernel pid {self.pid} still running")
+            time.sleep(0.05)
+        return self.returncode or 0
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0] not in ("Z", "X") and (start is None or int(fields[19]) == start)
 
 
 def _seccomp_fd() -> int:

@@ -23,6 +23,7 @@ SERVICES = {
     "airlock": "paitient.services.airlock.service",
     "egress": "paitient.services.egress.service",
     "jobs": "paitient.services.jobs.service",
+    "launcher": "paitient.services.launcher.service",
 }
 
 PAGES = {"airlock": "Airlock", "ledger": "Privacy ledger", "audit": "Audit trail", "egress": "Egress"}
@@ -31,7 +32,7 @@ PAGES = {"airlock": "Airlock", "ledger": "Privacy ledger", "audit": "Audit trail
 
 class ServiceCommand(PaitientCommand):
     name = "service"
-    description = "Run one root-side service (ledger, audit, airlock, egress, jobs) in the foreground."
+    description = "Run one root-side service (ledger, audit, airlock, egress, jobs, launcher) in the foreground."
     service = Unicode("", help="Which service: " + ", ".join(SERVICES)).tag(config=True)
 
     def parse_command_line(self, argv=None):

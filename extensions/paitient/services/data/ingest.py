@@ -22,7 +22,7 @@ from paitient import __version__
 from paitient.config import SiteConfig
 from paitient.rules import catalogue
 from paitient.rules import pseudonyms as tf
-from paitient.services.data import detect, keys, readers, rowindex
+from paitient.services.data import access, detect, keys, readers, rowindex
 from paitient.services.data.errors import ColumnError, IngestRefused
 from paitient.services.data.publish import Published, Publisher, dataset_dir, read_manifest
 from paitient.services.data.spec import Rule, Spec, check_against
@@ -313,7 +313,9 @@ def ingest(
         return outcome
     assert index is not None  # built above whenever this is no dry run
     manifest = manifest_for(spec, outcome, source_sha, operator)
-    publisher = publisher or Publisher(site.data_root, site.state_dir / "locks")
+    publisher = publisher or Publisher(
+        site.data_root, site.state_dir / "locks", group_of=lambda project: access.project_gid(site, project)
+    )
     placed: list[Path] = []
 
     def place_index(version: int, _path: Path) -> None:

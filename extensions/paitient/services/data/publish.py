@@ -4,10 +4,13 @@
                                               /manifest.json
     <data_root>/<project>/<dataset>/current -> versions/<N>
 
-A version is written into a temporary directory beside ``versions/``, fsync'd, made read-only (files
-0444, directory 0555) and renamed into place; then ``current`` is switched by renaming a new symlink
-over it. A reader sees the previous version or the new one, never a part. A crash leaves at most a
-``.tmp-*`` directory that the next publication of that dataset removes.
+Who may read it: the project's group (:mod:`paitient.services.data.access`). Everything under
+``<data_root>/<project>`` is root:<group>, directories 0750 and files 0440; the data root itself is 0711.
+
+A version is written into a temporary directory beside ``versions/``, fsync'd, made read-only to the
+project's group (files 0440, directory 0750) and renamed into place; then ``current`` is switched by
+renaming a new symlink over it. A reader sees the previous version or the new one, never a part. A crash
+leaves at most a ``.tmp-*`` directory that the next publication of that dataset removes.
 """
 
 from __future__ import annotations
@@ -80,19 +83,33 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _mkdir(path: Path, mode: int = 0o755) -> None:
+DIR_MODE = 0o750
+FILE_MODE = 0o440
+ROOT_MODE = 0o711
+
+
+def _mkdir(path: Path, mode: int = DIR_MODE, gid: int = 0) -> None:
     path.mkdir(mode=mode, exist_ok=True)
-    os.chmod(path, mode)
+    _own(path, mode, gid)
+
+
+def _own(path: Path, mode: int, gid: int) -> None:
     if os.geteuid() == 0:
-        os.chown(path, 0, 0)
+        os.chown(path, 0, gid)
+    os.chmod(path, mode)
 
 
 class Publisher:
-    """Publishes versions under ``data_root``; one publication per dataset at a time (``lock_dir`` flocks)."""
+    """Publishes versions under ``data_root``; one publication per dataset at a time (``lock_dir`` flocks).
 
-    def __init__(self, data_root: Path, lock_dir: Path):
+    ``group_of(project)`` gives the gid of the group that may read the project's data (made and filled
+    by :func:`paitient.services.data.access.project_gid`); without it, only root reads what is published."""
+
+    def __init__(self, data_root: Path, lock_dir: Path, group_of: Callable[[str], int] | None = None):
         self.data_root = Path(data_root)
         self.lock_dir = Path(lock_dir)
+        self.group_of = group_of
+        self._gid = 0
 
     def publish(
         self,
@@ -106,13 +123,14 @@ class Publisher:
         in place but before ``current`` points to it: if it raises, the version is taken back."""
         self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with locked(self.lock_dir / f"ingest.{project}.{dataset}.lock"):
-            for d in (self.data_root, self.data_root / project):
-                if not d.exists():
-                    d.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                    _mkdir(d)
+            self._gid = self.group_of(project) if self.group_of is not None else 0
+            if not self.data_root.exists():
+                self.data_root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                _mkdir(self.data_root, ROOT_MODE)
+            _mkdir(self.data_root / project, gid=self._gid)
             ds = dataset_dir(self.data_root, project, dataset)
-            _mkdir(ds)
-            _mkdir(ds / "versions")
+            _mkdir(ds, gid=self._gid)
+            _mkdir(ds / "versions", gid=self._gid)
             self._clean_stale(ds)
             version = max(versions(ds), default=0) + 1
             manifest = {**manifest, "version": version}
@@ -153,8 +171,8 @@ class Publisher:
         man.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in (data, man):
             _fsync_file(f)
-            os.chmod(f, 0o444)
-        os.chmod(tmp, 0o555)
+            _own(f, FILE_MODE, self._gid)
+        _own(tmp, DIR_MODE, self._gid)
         fsync_dir(tmp)
 
     def place(self, tmp: Path, final: Path) -> None:
@@ -164,6 +182,8 @@ class Publisher:
     def switch_current(self, ds: Path, version: int) -> None:
         link = ds / f".current-{secrets.token_hex(4)}"
         os.symlink(f"versions/{version}", link)
+        if os.geteuid() == 0:
+            os.chown(link, 0, self._gid, follow_symlinks=False)
         try:
             os.replace(link, ds / "current")
         except BaseException:

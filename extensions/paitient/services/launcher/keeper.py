@@ -1,0 +1,52 @@
+"""The parent of one sandboxed kernel, run as the user by the launcher (standard library only, run as a script).
+
+    keeper.py SERVER_PID SERVER_START SECCOMP_FD -- prlimit ... bwrap ... kernel ...
+
+It starts the command (passing the seccomp filter's descriptor on) and waits for it. bubblewrap dies with its
+parent (``--die-with-parent``): with the keeper as that parent, a launcher that ends (it ends with the hub)
+takes no kernel with it, and the kernel still ends with the server that asked for it: the keeper checks that
+server (pid and start time) every half second and kills the kernel when it is gone. SIGTERM, SIGINT and SIGHUP
+kill the kernel too; SIGKILL of the keeper ends the sandbox through bubblewrap's parent-death signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+WATCH_SECONDS = 0.5
+
+
+def process_start(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 6 or argv[4] != "--":
+        print("usage: keeper.py SERVER_PID SERVER_START SECCOMP_FD -- COMMAND...", file=sys.stderr)
+        return 2
+    server_pid, server_start, fd = int(argv[1]), int(argv[2]), int(argv[3])
+    proc = subprocess.Popen(argv[5:], pass_fds=(fd,) if fd >= 0 else ())
+
+    def end(_signum: int, _frame: object) -> None:
+        proc.kill()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, end)
+    while True:
+        try:
+            return proc.wait(timeout=WATCH_SECONDS)
+        except subprocess.TimeoutExpired:
+            if process_start(server_pid) != server_start:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
