@@ -6,6 +6,7 @@ no project. Each runs as a fresh process with the groups the system gives it now
 """
 
 import grp
+import hashlib
 import os
 import secrets
 import stat
@@ -161,14 +162,37 @@ def test_the_group_follows_a_membership_change(published):
     assert walk_as(other, pub.path / "data.parquet")["read"] == [str(pub.path / "data.parquet")]
 
 
-def test_a_group_someone_else_made_is_refused(published, world_tmp):
+def test_a_group_another_live_workspace_uses_is_left_alone(published, world_tmp):
     site, _, _ = published
+    ours = grp.getgrnam(access.group_name(site, "oncology"))
     stranger_site = load(
         None,
         overrides={"workspace": {"state_dir": str(world_tmp / "state2")}, "accounts": {"prefix": site.accounts.prefix}},
     )
-    with pytest.raises(access.AccessError, match="paitient did not create for project 'oncology'"):
-        access.ensure_group(stranger_site, "oncology")
+    gid = access.ensure_group(stranger_site, "oncology")
+    theirs = access.group_name(stranger_site, "oncology")
+    assert gid != ours.gr_gid and theirs.startswith(ours.gr_name + "-") and len(theirs) <= 32
+    assert grp.getgrnam(ours.gr_name).gr_mem == ours.gr_mem  # the live workspace's members untouched
+    subprocess.run(["groupdel", theirs], check=True, capture_output=True)
+
+
+def test_a_group_someone_else_made_is_refused(published, world_tmp, make_system_user):
+    site, _, _ = published
+    stranger_site = load(
+        None,
+        overrides={"workspace": {"state_dir": str(world_tmp / "state3")}, "accounts": {"prefix": site.accounts.prefix}},
+    )
+    # the plain name and this workspace's own suffixed name both taken by groups paitient did not make
+    suffixed = access._candidate(
+        stranger_site, "oncology", hashlib.sha256(str(stranger_site.state_dir).encode()).hexdigest()[:6]
+    )
+    outsider = make_system_user("outsider").pw_name  # not an account a workspace made
+    subprocess.run(["groupadd", "--system", "--users", outsider, suffixed], check=True, capture_output=True)
+    try:
+        with pytest.raises(access.AccessError, match="paitient did not create for project 'oncology'"):
+            access.ensure_group(stranger_site, "oncology")
+    finally:
+        subprocess.run(["groupdel", suffixed], capture_output=True)
 
 
 def test_a_member_cannot_change_publish_or_switch_anything(published):

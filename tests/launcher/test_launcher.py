@@ -25,6 +25,7 @@ from paitient.rules.sandbox import user_runtime_dir
 from paitient.services.data import access
 from paitient.services.launcher import socket_path
 from paitient.services.launcher.service import Launcher, LauncherServer
+from tests import workspacegroup
 from tests.server.harness import make_site, publish
 
 ASK = """
@@ -260,7 +261,8 @@ def _the_kernel_as_alice(site, alice, pid, answer):
         import grp
 
         assert uids == [str(alice.pw_uid)] * 4
-        assert groups == [str(grp.getgrnam(onc).gr_gid)]
+        # its project's data group and the workspace's group (the sockets mounted into its sandbox), no other
+        assert sorted(groups) == sorted([str(grp.getgrnam(onc).gr_gid), str(workspacegroup.gid())])
         assert answer["ok"]["datasets"] == ["onc/bc"]
         dests = [argv[i + 2] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind", "--ro-bind-try")]
         assert "/data/onc/bc" in dests and not any(d.startswith("/data/card") for d in dests)
@@ -330,7 +332,7 @@ def test_the_users_server_cannot_read_another_projects_data(world):
 
 
 def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(world):
-    """The spawner drops the account's supplementary groups for the server: its data groups go to kernels only."""
+    """The spawner gives the server the workspace's group only: its data groups go to kernels only."""
     from paitient.hub.spawner import server_identity
 
     site, launcher, sock, users = world
@@ -346,9 +348,9 @@ def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(w
     alice = users["alice"]
     r = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        preexec_fn=server_identity(alice.pw_name),
+        preexec_fn=server_identity(alice.pw_name, [workspacegroup.gid()]),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert r.stdout.split() == ["denied", "13", "[]"], r.stderr
+    assert r.stdout.split() == ["denied", "13", f"[{workspacegroup.gid()}]"], r.stderr

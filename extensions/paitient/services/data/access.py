@@ -57,14 +57,23 @@ def _tool(name: str) -> str:
     return found
 
 
-def group_name(site: SiteConfig, project: str) -> str:
-    """The system group whose members may read ``project``'s data (at most 32 characters)."""
+def _candidate(site: SiteConfig, project: str, salt: str = "") -> str:
+    """``<prefix>proj-<project>`` (``-<salt>`` added), shortened with a hash to at most 32 characters."""
     prefix = site.accounts.prefix + "proj-"
-    name = prefix + project
+    name = prefix + project + (f"-{salt}" if salt else "")
     if len(name) <= MAX_GROUP_NAME:
         return name
-    digest = hashlib.sha256(project.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{project}/{salt}".encode()).hexdigest()[:8]
     return f"{prefix}{project[: MAX_GROUP_NAME - len(prefix) - 9]}-{digest}"
+
+
+def group_name(site: SiteConfig, project: str) -> str:
+    """The system group whose members may read ``project``'s data (at most 32 characters): the one this
+    workspace recorded, else ``<prefix>proj-<project>``."""
+    for name, entry in _read_record(Path(site.state_dir)).items():
+        if entry.get("project") == project:
+            return name
+    return _candidate(site, project)
 
 
 def _record_path(state_dir: Path) -> Path:
@@ -79,18 +88,28 @@ def _read_record(state_dir: Path) -> dict[str, dict]:
 
 
 def ensure_group(site: SiteConfig, project: str) -> int:
-    """The gid of ``project``'s group, created (and recorded) if there is none yet."""
-    name = group_name(site, project)
+    """The gid of ``project``'s group, created (and recorded) if there is none yet. A group of the plain name
+    that another live workspace (with the same accounts prefix) uses is left alone: this workspace's group
+    then carries a suffix of its own."""
     state_dir = Path(site.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     with locked(state_dir / (RECORD + ".lock")):
         record = _read_record(state_dir)
+        name = group_name(site, project)
+        if name not in record and _taken(name, state_dir):
+            name = _candidate(site, project, hashlib.sha256(str(state_dir).encode()).hexdigest()[:6])
         mine = record.get(name)
         try:
             existing = grp.getgrnam(name)
         except KeyError:
             existing = None
         if existing is not None:
+            if mine is None and _leftover(existing, state_dir):
+                # an earlier workspace's group whose members no live workspace wants: this one takes it over
+                # (its members are set from this registry at the next sync)
+                record[name] = {"project": project, "gid": existing.gr_gid, "taken_over": True}
+                atomic_write_json(_record_path(state_dir), record, mode=0o644)
+                return existing.gr_gid
             if mine is None or mine.get("project") != project or int(mine.get("gid", -1)) != existing.gr_gid:
                 raise AccessError(
                     f"a group {name!r} (gid {existing.gr_gid}) exists that paitient did not create for project "
@@ -110,6 +129,34 @@ def ensure_group(site: SiteConfig, project: str) -> int:
         record[name] = {"project": project, "gid": gid}
         atomic_write_json(_record_path(state_dir), record, mode=0o644)
         return gid
+
+
+def _taken(name: str, state_dir: Path) -> bool:
+    """Whether a group ``name`` exists that is not a leftover this workspace may take over."""
+    try:
+        existing = grp.getgrnam(name)
+    except KeyError:
+        return False
+    return not _leftover(existing, state_dir)
+
+
+def _leftover(group: grp.struct_group, state_dir: Path) -> bool:
+    """Whether ``group`` is a project group an earlier workspace left behind: every member an account a
+    paitient workspace made (its comment says so) that no other live workspace still wants."""
+    from paitient import sysaccounts
+
+    for account in group.gr_mem:
+        try:
+            pw = pwd.getpwnam(account)
+        except KeyError:
+            continue
+        parsed = sysaccounts.parse_comment(pw.pw_gecos)
+        if parsed is None:
+            return False  # someone else's account is in it: not ours to take
+        where = Path(parsed[1])
+        if where != Path(state_dir) and sysaccounts.claimed(where, account, pw.pw_uid):
+            return False
+    return True
 
 
 def set_members(site: SiteConfig, project: str, accounts: Iterable[str]) -> None:

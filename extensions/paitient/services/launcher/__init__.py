@@ -5,8 +5,8 @@ Trusted for: the sandbox of every researcher's kernel. A user's server asks it f
 with this connection file" (:mod:`paitient.server.provisioner`); it learns who asks from ``SO_PEERCRED``,
 reads the registry and the site configuration, builds the bubblewrap command itself
 (:mod:`paitient.rules.sandbox`) and starts the kernel as the user, with exactly the groups of the user's
-projects. The request names nothing else: a field for mounts, environment, capabilities or a command is
-refused.
+projects and the workspace's group (its sockets). The request names nothing else: a field for mounts,
+environment, capabilities or a command is refused.
 """
 
 from __future__ import annotations

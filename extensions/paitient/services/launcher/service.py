@@ -53,6 +53,7 @@ from paitient.rules.sandbox import (
 )
 from paitient.rules.seccomp import seccomp_program
 from paitient.services.data import access
+from paitient.services.kit.access import workspace_group
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.launcher import socket_path
 
@@ -200,7 +201,9 @@ class Launcher:
         return {name: list(known[name].datasets) for name in member.projects if name in known}
 
     def groups(self, member: Member) -> list[int]:
-        gids = []
+        """The kernel's supplementary groups: the workspace's (the kernel reaches the ledger, airlock and jobs
+        sockets mounted into its sandbox) and each of the member's projects' data groups."""
+        gids = [workspace_group(self.site)]
         for project in sorted(self.projects(member)):
             try:
                 gids.append(grp.getgrnam(access.group_name(self.site, project)).gr_gid)
