@@ -21,6 +21,8 @@ Compiled at first use, the machine code kept for later processes (:func:`paitien
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from paitient.rules.edm.compiled import _jit
@@ -296,6 +298,254 @@ def revealed(
         int(min_columns),
     )
     return rows
+
+
+def _segment_row_py(
+    start: np.ndarray, vl: np.ndarray, seps: np.ndarray, whole: bool, never: int, rid: np.ndarray, size: np.ndarray
+) -> int:
+    n = len(start)
+    ns = len(seps)
+    if not ns:  # one segment: the whole text, or (not ``whole``) none
+        count = 0
+        for t in range(n):
+            count += 1 if vl[t] else 0
+        for t in range(n):
+            rid[t] = 0 if whole else -1
+            size[t] = count if whole else never
+        return 1 if whole else 0
+    sizes = np.zeros(ns + 1, dtype=np.int64)
+    for t in range(n):
+        j = np.searchsorted(seps, start[t])
+        rid[t] = j
+        if vl[t] and not (j < ns and seps[j] == start[t]):  # a value-like token on a separator is in none
+            sizes[j] += 1
+    for t in range(n):
+        size[t] = sizes[rid[t]]
+    return ns + 1
+
+
+_segment_row = _jit(_segment_row_py)
+
+
+def segment_row(
+    start: np.ndarray, vl: np.ndarray, seps: np.ndarray, whole: bool, never: int, rid: np.ndarray, size: np.ndarray
+) -> int:
+    """Fill ``rid`` and ``size`` for the tokens at offsets ``start`` (``vl``: value-like) in a segment layout:
+    the segment of each (the separators ``seps`` before it) and the value-like tokens strictly inside it; a
+    text without separators is one segment if ``whole``, else none (-1, ``never`` values). The records."""
+    return int(_segment_row(start, vl, seps, bool(whole), int(never), rid, size))
+
+
+def _ordinals_py(start: np.ndarray, words: int) -> np.ndarray:
+    n = len(start)
+    out = np.empty(n, dtype=np.int64)
+    ascending = True
+    for t in range(1, n):
+        if t != words and start[t] < start[t - 1]:
+            ascending = False
+            break
+    if not ascending:  # not two ascending runs: sort
+        distinct = np.unique(start)
+        for t in range(n):
+            out[t] = np.searchsorted(distinct, start[t])
+        return out
+    # the words' offsets and the numbers' offsets each ascend: merge them
+    i, j = 0, words
+    rank = -1
+    last = np.int64(-1)
+    while i < words or j < n:
+        if j >= n or (i < words and start[i] <= start[j]):
+            k = i
+            i += 1
+        else:
+            k = j
+            j += 1
+        if start[k] != last:
+            rank += 1
+            last = start[k]
+        out[k] = rank
+    return out
+
+
+_ordinals = _jit(_ordinals_py)
+
+
+def ordinals(start: np.ndarray, words: int) -> np.ndarray:
+    """The rank of each offset (int64, none negative) among the distinct offsets of ``start``, whose first
+    ``words`` and the rest each ascend as the tokenizer gives them (any order is ranked, more slowly)."""
+    result: np.ndarray = _ordinals(start.astype(np.int64, copy=False), int(words))
+    return result
+
+
+def _pooled_row_py(ids: np.ndarray, vl: np.ndarray, never: int, rid: np.ndarray, size: np.ndarray) -> int:
+    n = len(ids)
+    # records numbered as they first appear, through an open-addressing table of the ids (only which tokens
+    # share a record matters, not the numbers' order)
+    slots = 16
+    while slots < 2 * n:
+        slots *= 2
+    key = np.empty(slots, dtype=np.int64)
+    number = np.full(slots, -1, dtype=np.int64)
+    distinct = 0
+    for t in range(n):
+        x = ids[t]
+        if x < 0:
+            rid[t] = -1
+            continue
+        s = np.int64((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (slots - 1)
+        while number[s] >= 0 and key[s] != x:
+            s = (s + 1) & (slots - 1)
+        if number[s] < 0:
+            key[s] = x
+            number[s] = distinct
+            distinct += 1
+        rid[t] = number[s]
+    counts = np.zeros(distinct, dtype=np.int64)
+    for t in range(n):
+        if vl[t] and rid[t] >= 0:
+            counts[rid[t]] += 1
+    for t in range(n):
+        d = rid[t]
+        size[t] = never if d < 0 or counts[d] == 0 else counts[d]
+    return distinct
+
+
+_pooled_row = _jit(_pooled_row_py)
+
+
+def pooled_row(ids: np.ndarray, vl: np.ndarray, never: int, rid: np.ndarray, size: np.ndarray) -> int:
+    """Fill ``rid`` and ``size`` for the tokens of a pooled layout (their record ``ids``, -1 none; ``vl``:
+    value-like): the record numbered densely in the order records first appear, and the value-like tokens of
+    that record over the whole text (``never`` where it has none: no row's record). The records."""
+    return int(_pooled_row(ids.astype(np.int64, copy=False), vl, int(never), rid, size))
+
+
+def _all_layouts_py(
+    rid: np.ndarray,
+    size: np.ndarray,
+    records: np.ndarray,
+    pooled: np.ndarray,
+    ordinal: np.ndarray,
+    ready: np.ndarray,
+    start: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    revealed: np.ndarray,
+    candidates: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    window: int,
+    least: int,
+    min_columns: int,
+) -> tuple[np.ndarray, int]:
+    n = len(tok)
+    cur = np.arange(n)
+    hrec = np.empty(n, dtype=np.int64)
+    layouts = rid.shape[0]
+    for layout in range(start, layouts + 1):
+        # the hits of rows not revealed yet that may still be (as the layouts one by one narrow them down)
+        m = 0
+        for k in range(len(cur)):
+            h = cur[k]
+            if candidates[row[h]] and not revealed[row[h]]:
+                cur[m] = h
+                m += 1
+        cur = cur[:m]
+        if m < min_columns:
+            break
+        if layout == layouts:  # the windows, last
+            o = np.empty(m, dtype=np.int64)
+            rr = np.empty(m, dtype=np.int64)
+            cc = np.empty(m, dtype=np.int64)
+            for k in range(m):
+                o[k] = ordinal[tok[cur[k]]]
+                rr[k] = row[cur[k]]
+                cc[k] = col[cur[k]]
+            if rr.max() >= 1 << 23 or o.max() >= 1 << 30:  # renumber to fit the packed key
+                distinct = np.unique(rr)
+                found = distinct[
+                    _windows(np.searchsorted(np.unique(o), o), np.searchsorted(distinct, rr), cc, window, min_columns)
+                ]
+            else:
+                found = _windows(o, rr, cc, window, min_columns)
+            for r in found:
+                revealed[r] = True
+            break
+        if not ready[layout]:  # its records are still to be found
+            return cur[:0], layout
+        hrec[:] = -1
+        for k in range(m):
+            h = cur[k]
+            t = tok[h]
+            if rid[layout, t] >= 0 and size[layout, t] <= cap:
+                hrec[h] = rid[layout, t]
+        at, any_rows = _kept(hrec, records[layout], tok, row, col, nrows, cap, words, pooled[layout], min_columns)
+        if not any_rows:
+            continue
+        found_ids = np.empty(n, dtype=np.int64)
+        for h in range(n):
+            found_ids[h] = rid[layout, tok[h]]
+        none = np.zeros(records[layout], dtype=np.bool_)
+        for r in _revealed(hrec, records[layout], row, col, at, found_ids, tok, col, none, nrows, least, min_columns):
+            revealed[r] = True
+    return np.flatnonzero(revealed), -1
+
+
+_all_layouts = _jit(_all_layouts_py)
+
+
+def all_layouts(
+    records: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    hits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    revealed: np.ndarray,
+    candidates: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    window: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    """Every layout's counting in one call (two where the pooled layouts' records are found only when the
+    layouts before them leave rows to count): the rows (sorted) of ``revealed`` (a mask over the ``nrows``
+    rows, set in place) once each layout in turn has added the rows it finds among the hits (token, row,
+    column) of rows that are ``candidates`` and not revealed yet, as
+    :meth:`paitient.rules.edm.match.Scan.rows_by_layout` finds them. ``records(layout)`` gives (per segment
+    and pooled layout and token: its record numbered densely or -1; the value-like tokens of that record;
+    records per layout; whether the layout pools; each token's ordinal; whether each layout's records are
+    there, that one's among them), :meth:`paitient.rules.edm.records.Layout.all_records`."""
+    tok, row, col = hits
+    tok = tok.astype(np.int64, copy=False)
+    row = row.astype(np.int64, copy=False)
+    col = col.astype(np.int64, copy=False)
+    start = 0
+    while True:
+        rid, size, count, pooled, ordinal, ready = records(start)
+        rows, start = _all_layouts(
+            rid,
+            size,
+            count,
+            pooled,
+            ordinal,
+            ready,
+            start,
+            tok,
+            row,
+            col,
+            revealed,
+            candidates,
+            int(nrows),
+            int(cap),
+            int(words),
+            int(window),
+            int(least),
+            int(min_columns),
+        )
+        if start < 0:
+            result: np.ndarray = rows
+            return result
 
 
 def _positions_py(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -657,3 +907,21 @@ def warm_up() -> None:
     windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)
     keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
     places(runs[0], newlines, newlines[:1], at + 16, 3)
+    # every layout in one call: three tokens of one row, in one line, one key's record, one window
+    n = 3
+    rid = np.zeros((5, n), dtype=np.int64)
+    size = np.zeros((5, n), dtype=np.int64)
+    start = np.array([2, 9, 5], dtype=np.int64)
+    vl = np.ones(n, dtype=np.bool_)
+    segment_row(start, vl, newlines, True, 1 << 62, rid[0], size[0])
+    segment_row(start, vl, start[:0], False, 1 << 62, rid[4], size[4])
+    pooled_row(np.array([7, 7, -1], dtype=np.int64), vl, 1 << 62, rid[1], size[1])
+    ready = np.array([True, False, False, True, True])
+    found = (rid, size, np.ones(5, dtype=np.int64), ~ready, ordinals(start, 2))
+
+    def records(layout: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ready[1:3] |= layout > 0
+        return (*found, ready)
+
+    hits = (np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    all_layouts(records, hits, np.zeros(2, dtype=np.bool_), np.ones(2, dtype=np.bool_), 2, 20, 0, 12, 4, 3)
