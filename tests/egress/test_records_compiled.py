@@ -213,6 +213,14 @@ def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
         fast, ref = layout._bytes(*values), layout._bytes_arrays(*values)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)
     assert np.array_equal(layout.row_ends, layout.row_ends_arrays())
+    assert np.array_equal(layout.newlines, layout._bytes_arrays(10))
+    for fast, ref in zip(layout.sorted_starts, layout.sorted_starts_arrays(), strict=True):
+        assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    shuffled = Layout(tokenize(text))  # offsets in no order: sorted all the same
+    shuffled.start = shuffled.start[::-1].copy()
+    shuffled._cache["vl"] = layout.value_like[::-1].copy()
+    for fast, ref in zip(shuffled.sorted_starts, shuffled.sorted_starts_arrays(), strict=True):
+        assert np.array_equal(fast, ref)
     for name in ("line", "brace", "html", "position"):
         fast, ref = layout._separators(name), layout.separators_arrays(name)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)

@@ -411,6 +411,39 @@ def sift(
     return revealed, candidates, tok, rows, cols
 
 
+def _decoded_py(
+    entries: np.ndarray, row_shift: int, row_mask: int, col_mask: int, primary_bit: int, exact_bit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = len(entries)
+    row = np.empty(n, dtype=np.int64)
+    col = np.empty(n, dtype=np.int64)
+    primary = np.empty(n, dtype=np.bool_)
+    exact = np.empty(n, dtype=np.bool_)
+    shift = np.uint64(row_shift)
+    rmask, cmask, pbit, ebit = np.uint64(row_mask), np.uint64(col_mask), np.uint64(primary_bit), np.uint64(exact_bit)
+    for i in range(n):
+        e = entries[i]
+        row[i] = np.int64((e >> shift) & rmask)
+        col[i] = np.int64(e & cmask)
+        primary[i] = (e & pbit) != 0
+        exact[i] = (e & ebit) != 0
+    return row, col, primary, exact
+
+
+_decoded = _jit(_decoded_py)
+
+
+def decoded(
+    entries: np.ndarray, row_shift: int, row_mask: int, col_mask: int, primary_bit: int, exact_bit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, primary, exact) of each index entry (uint64) in one pass: the row at ``row_shift`` under
+    ``row_mask``, the column under ``col_mask``, the flags at their bits."""
+    row, col, primary, exact = _decoded(
+        entries, int(row_shift), int(row_mask), int(col_mask), int(primary_bit), int(exact_bit)
+    )
+    return row, col, primary, exact
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the scan's lookups, on inputs that take each path."""
     # words of 4, 20 and 40 bytes; a midpoint, a 4-digit value, the same padded to 8 digits
@@ -425,3 +458,4 @@ def warm_up() -> None:
     lookup(np.zeros(1, dtype=np.uint64), np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32), 1, 38)
     one = np.zeros(1, dtype=np.int64)
     sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    decoded(np.arange(3, dtype=np.uint64), 11, 7, 511, 512, 1024)

@@ -791,45 +791,133 @@ def places(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, m
     return result
 
 
-def _separators_py(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+def _grow_py(out: np.ndarray, count: int) -> np.ndarray:
+    """A copy of the first ``count`` items of ``out`` in twice the room."""
+    grown = np.empty(2 * len(out), dtype=np.int64)
+    grown[:count] = out[:count]
+    return grown
+
+
+_grow = _jit(_grow_py)
+
+
+_LINE, _PLACE, _BRACE, _NEWLINE, _BACKSLASH, _LESS = 1, 2, 4, 8, 16, 32
+_SEPARATOR_BYTES = np.zeros(256, dtype=np.uint8)
+"""Per byte, the layouts it separates (or the checks of the bytes after it it needs)."""
+for _byte, _flags in (
+    (10, _LINE | _PLACE | _NEWLINE),
+    (13, _LINE | _PLACE),
+    (93, _LINE | _PLACE | _BRACE),
+    (125, _LINE | _BRACE),
+    (91, _PLACE | _BRACE),
+    (123, _BRACE),
+    (92, _BACKSLASH),
+    (60, _LESS),
+):
+    _SEPARATOR_BYTES[_byte] = _flags
+
+
+def _all_separators_py(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     n = len(buf)
-    out = np.empty(64, dtype=np.int64)
-    count = 0
+    line = np.empty(64, dtype=np.int64)
+    brace = np.empty(64, dtype=np.int64)
+    place = np.empty(64, dtype=np.int64)
+    nl = np.empty(64, dtype=np.int64)
+    nline = nbrace = nplace = nnl = 0
     for i in range(n):
-        b = buf[i]
-        if table[b]:
-            pass
-        elif literal and b == 92 and i + 1 < n and buf[i + 1] == 110:
-            pass
-        elif (
-            row_ends
-            and b == 60
-            and i + 4 < n
-            and buf[i + 1] == 47
-            and (buf[i + 2] | 32) == 116
-            and (buf[i + 3] | 32) == 114
-            and buf[i + 4] == 62
-        ):
-            pass
+        flags = table[buf[i]]
+        if flags == 0:
+            continue  # most bytes
+        if flags & 16:  # a literal newline: a backslash and n
+            flags = 3 if i + 1 < n and buf[i + 1] == 110 else 0
+        elif flags & 32:  # </tr>, any case
+            tr = (
+                i + 4 < n
+                and buf[i + 1] == 47
+                and (buf[i + 2] | 32) == 116
+                and (buf[i + 3] | 32) == 114
+                and buf[i + 4] == 62
+            )
+            flags = 1 if tr else 0
+        if flags & 1:
+            if nline == len(line):
+                line = _grow(line, nline)
+            line[nline] = i
+            nline += 1
+        if flags & 2:
+            if nplace == len(place):
+                place = _grow(place, nplace)
+            place[nplace] = i
+            nplace += 1
+        if flags & 4:
+            if nbrace == len(brace):
+                brace = _grow(brace, nbrace)
+            brace[nbrace] = i
+            nbrace += 1
+        if flags & 8:
+            if nnl == len(nl):
+                nl = _grow(nl, nnl)
+            nl[nnl] = i
+            nnl += 1
+    return line[:nline].copy(), brace[:nbrace].copy(), place[:nplace].copy(), nl[:nnl].copy()
+
+
+_all_separators = _jit(_all_separators_py)
+
+
+def all_separators(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """In one pass over ``buf`` (uint8), the ascending offsets of the separators of the ``line`` layout
+    (newlines, returns, ``}``, ``]``, literal newlines, ``</tr>`` in any case), of the ``brace`` layout
+    (``{ } [ ]``) and of the ``position`` layout (newlines, returns, ``[``, ``]``, literal newlines), and of
+    the newlines."""
+    line, brace, place, nl = _all_separators(buf, _SEPARATOR_BYTES)
+    return line, brace, place, nl
+
+
+def _merged_starts_py(start: np.ndarray, words: int, vl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(start)
+    ascending = True
+    for t in range(1, n):
+        if t != words and start[t] < start[t - 1]:
+            ascending = False
+            break
+    if not ascending:  # not two ascending runs: sort
+        chosen = np.empty(n, dtype=np.int64)
+        m = 0
+        for t in range(n):
+            if vl[t]:
+                chosen[m] = start[t]
+                m += 1
+        return np.unique(start), np.sort(chosen[:m])
+    distinct = np.empty(n, dtype=np.int64)
+    values = np.empty(n, dtype=np.int64)
+    nd = nv = 0
+    i, j = 0, words
+    while i < words or j < n:
+        if j >= n or (i < words and start[i] <= start[j]):
+            k = i
+            i += 1
         else:
-            continue
-        if count == len(out):
-            grown = np.empty(2 * len(out), dtype=np.int64)
-            grown[:count] = out
-            out = grown
-        out[count] = i
-        count += 1
-    return out[:count].copy()
+            k = j
+            j += 1
+        if nd == 0 or start[k] != distinct[nd - 1]:
+            distinct[nd] = start[k]
+            nd += 1
+        if vl[k]:
+            values[nv] = start[k]
+            nv += 1
+    return distinct[:nd].copy(), values[:nv].copy()
 
 
-_separators = _jit(_separators_py)
+_merged_starts = _jit(_merged_starts_py)
 
 
-def separators(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
-    """Ascending offsets in ``buf`` of the bytes set in ``table`` (256 bools), of the literal newlines (a
-    backslash and ``n``) where ``literal``, and of ``</tr>`` (any case) where ``row_ends``."""
-    result: np.ndarray = _separators(buf, table, bool(literal), bool(row_ends))
-    return result
+def merged_starts(start: np.ndarray, words: int, vl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct offsets of ``start``, ascending; the offsets of the tokens set in ``vl``, ascending, each
+    as often as it occurs), merging the first ``words`` and the rest, which each ascend as the tokenizer gives
+    them (any order is sorted, more slowly)."""
+    distinct, values = _merged_starts(start.astype(np.int64, copy=False), int(words), vl)
+    return distinct, values
 
 
 def _windows_py(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
@@ -903,8 +991,9 @@ def warm_up() -> None:
     newlines = positions(padded, table)
     segments(newlines, at + 16, segment_sizes(newlines, at + 16), 3)
     dense(np.array([5, -1, 3, 5], dtype=np.int64))
-    separators(padded, table, True, True)
     windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)
+    all_separators(padded)
+    merged_starts(at, 2, np.ones(len(at), dtype=np.bool_))
     keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
     places(runs[0], newlines, newlines[:1], at + 16, 3)
     # every layout in one call: three tokens of one row, in one line, one key's record, one window

@@ -136,7 +136,7 @@ class Layout:
 
     @property
     def newlines(self) -> np.ndarray:
-        return self._cached("nl", lambda: self._bytes(10))
+        return self._all_separators()[3]
 
     def literal_newlines_arrays(self) -> np.ndarray:
         """Offsets of a backslash followed by ``n`` (numpy; the reference's part of the separators)."""
@@ -194,7 +194,13 @@ class Layout:
     @property
     def sorted_starts(self) -> tuple[np.ndarray, np.ndarray]:
         """Distinct token offsets, and the offsets of value-like tokens, ascending."""
-        return self._cached("ss", lambda: (sorted_unique(self.start), np.sort(self.start[self.value_like])))
+        return self._cached(
+            "ss", lambda: compiled_records.merged_starts(self.start, len(self.tokens.word_start), self.value_like)
+        )
+
+    def sorted_starts_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """:attr:`sorted_starts` in numpy, the reference."""
+        return sorted_unique(self.start), np.sort(self.start[self.value_like])
 
     def ordinal(self, tok: np.ndarray) -> np.ndarray:
         """Rank of each token's offset among all offsets (tokens at one offset share a rank)."""
@@ -212,19 +218,17 @@ class Layout:
 
     def _separators(self, name: str) -> np.ndarray:
         """Where the records of a segment layout end, or (``position``) its lines and lists: one compiled
-        pass (:func:`paitient.rules.edm.compiled_records.separators`); :meth:`separators_arrays` is the
-        reference."""
+        pass finds those of every layout (:func:`paitient.rules.edm.compiled_records.all_separators`);
+        :meth:`separators_arrays` is the reference."""
 
-        def find() -> np.ndarray:
-            if name == "line":
-                return compiled_records.separators(self.buf, _byte_table((10, 13, 125, 93)), True, True)
-            if name == "brace":
-                return compiled_records.separators(self.buf, _byte_table((123, 125, 91, 93)), False, False)
-            if name == "html":
-                return self.row_ends
-            return compiled_records.separators(self.buf, _byte_table((10, 13, 91, 93)), True, False)
+        if name == "html":
+            return self.row_ends
+        line, brace, place, _ = self._all_separators()
+        return {"line": line, "brace": brace, "position": place}[name]
 
-        return self._cached("sep:" + name, find)
+    def _all_separators(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The line, brace and position layouts' separators and the newlines, in one compiled pass."""
+        return self._cached("seps", lambda: compiled_records.all_separators(self.buf))
 
     def separators_arrays(self, name: str) -> np.ndarray:
         """:meth:`_separators` in numpy, the reference."""
