@@ -263,6 +263,10 @@ def _grow_py(a: np.ndarray, size: int) -> np.ndarray:
 _grow = _jit(_grow_py)
 
 
+_AHEAD = 16
+"""How many queries ahead the walk over the index starts loading what a query will read."""
+
+
 def _walk_py(
     fps: np.ndarray,
     entries: np.ndarray,
@@ -273,6 +277,7 @@ def _walk_py(
     count: int,
     query: np.ndarray,
     found: np.ndarray,
+    sink: np.ndarray,
 ) -> tuple[int, int]:
     """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
     would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
@@ -281,12 +286,21 @@ def _walk_py(
     shift = np.uint64(fp_shift)
     n = len(fps)
     room = len(query)
+    touched = np.uint64(0)
     while i < n:
+        # loads for queries further on whose results are not waited for: the directory's line of the query
+        # _AHEAD on, and the first entry of the one half as far (its directory line loaded by now), so that
+        # the cache misses of several queries overlap (the index is far larger than the caches)
+        if i + _AHEAD < n:
+            touched += directory[np.int64(fps[i + _AHEAD] >> bucket_shift)]
+            near = np.int64(directory[np.int64(fps[i + _AHEAD // 2] >> bucket_shift)])
+            touched += entries[min(near, len(entries) - 1)] if len(entries) else np.uint64(0)
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
+            sink[0] = touched
             return i, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
@@ -296,6 +310,7 @@ def _walk_py(
                 found[count] = e
                 count += 1
         i += 1
+    sink[0] = touched  # kept, so that the loads are made
     return i, count
 
 
@@ -309,9 +324,10 @@ def _lookup_py(
     n = len(fps)
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
+    sink = np.zeros(1, dtype=np.uint64)
     i, count = 0, 0
     while True:
-        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
+        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found, sink)
         if i == n:
             return query[:count], found[:count]
         query = _grow(query, count)
