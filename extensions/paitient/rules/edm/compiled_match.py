@@ -294,7 +294,7 @@ def _walk_py(
         if i + _AHEAD < n:
             touched += directory[np.int64(fps[i + _AHEAD] >> bucket_shift)]
             near = np.int64(directory[np.int64(fps[i + _AHEAD // 2] >> bucket_shift)])
-            touched += entries[min(near, len(entries) - 1)] if len(entries) else np.uint64(0)
+            touched += entries[near] if near < len(entries) else np.uint64(0)
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
