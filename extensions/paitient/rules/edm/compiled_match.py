@@ -471,7 +471,10 @@ def warm_up() -> None:
     keyed = np.arange(8, dtype=np.uint64)
     queries(hashing.word_view(text), start, np.array([4, 20, 40]), value, lead, np.array([4, 4, 8]), nb.TIERS, keyed)
     # one bucket of 80 equal entries: more hits than the first arrays hold
-    lookup(np.zeros(1, dtype=np.uint64), np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32), 1, 38)
+    entries, directory = np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32)
+    lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
+    entries.flags.writeable = directory.flags.writeable = False  # as a saved index maps them
+    lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
     one = np.zeros(1, dtype=np.int64)
     sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
     decoded(np.arange(3, dtype=np.uint64), 11, 7, 511, 512, 1024)

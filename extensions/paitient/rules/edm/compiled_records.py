@@ -985,7 +985,7 @@ def warm_up() -> None:
     positions(buf, table)
     class_runs(buf, ~table)
     at = np.array([2, 7, 18, 34], dtype=np.int64)
-    value_like(buf, at, np.array([4, 10, 15, 4]), 1)
+    value_like(buf.copy(), at, np.array([4, 10, 15, 4]), 1)  # a text's buffer is writable
     padded = np.concatenate((np.zeros(16, np.uint8), buf, np.zeros(80, np.uint8)))
     runs = class_runs(padded, ~table)
     newlines = positions(padded, table)
