@@ -321,3 +321,34 @@ def test_values_at_the_edges_of_the_tie_band_and_of_the_noise_give_the_reference
         tokens = Tokens(np.zeros(64, np.uint8), 0, none, none, none, value, nb.leading_exponent(value), ndigits)
         q = assert_same_queries(tokens, Keyed(bytes(32)))
         assert len(q.fp) > len(value)  # midpoints looked up at both neighbours, padded prints at two tiers
+
+
+def test_after_warm_up_scanning_against_a_saved_index_compiles_nothing_more(demo):
+    """The service warms the scanner up at start: an output scanned against the indexes it maps from disk
+    (read-only arrays) then finds every compiled function ready for its arguments' types."""
+    import numba
+
+    from paitient.rules.edm import compiled_records, compiled_tokens
+    from paitient.rules.edm import match as match_module
+
+    modules = (compiled_tokens, compiled_match, compiled_records)
+    for module in modules:
+        module.warm_up()
+
+    def signatures() -> dict[str, int]:
+        return {
+            f"{m.__name__}.{name}": len(f.signatures)
+            for m in modules
+            for name, f in vars(m).items()
+            if isinstance(f, numba.core.registry.CPUDispatcher)
+        }
+
+    before = signatures()
+    df = demo.frames["breast_cancer"]
+    texts = [df.head().to_string(), df.iloc[:40].to_csv(), df.iloc[:40].to_json()]
+    found = [len(Scan(t).rows(ix)) for t in texts for ix in demo.indexes.values()]
+    with pytest.MonkeyPatch.context() as m:  # the layout-at-a-time path of long texts too
+        m.setattr(match_module, "FUSED_TOKENS", -1)
+        found += [len(Scan(t).rows(ix)) for t in texts for ix in demo.indexes.values()]
+    assert max(found) >= 40  # the dumps were found: every path ran
+    assert signatures() == before

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paitient.rules.edm import EDMIndex, Scan, compiled_records
+from paitient.rules.edm import EDMIndex, Scan, compiled_records, match
 from paitient.rules.edm.match import sift
 from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, WINDOW, Layout, rows_in_windows, rows_in_windows_arrays
 from paitient.rules.edm.tokens import tokenize
@@ -65,9 +65,13 @@ def assert_layouts_agree(scan: Scan, index: EDMIndex) -> int:
 
 
 def reference_rows(scan_text: str, index: EDMIndex, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """The rows of the whole-array reference, and (checked on the way) of the compiled layouts one at a time:
+    :meth:`Scan.rows` counts all layouts in one compiled call on texts of an output's size."""
+    ref = Scan(scan_text).rows_reference(index)
     with monkeypatch.context() as m:
-        m.setattr(Layout, "rows", Layout.rows_arrays)
-        return Scan(scan_text).rows(index)
+        m.setattr(match, "FUSED_TOKENS", -1)
+        assert np.array_equal(Scan(scan_text).rows(index), ref)
+    return ref
 
 
 @settings(max_examples=300, deadline=None)
@@ -79,8 +83,7 @@ def test_any_text_of_a_tables_values_reveals_the_references_rows(table, index, d
     assert_layouts_agree(Scan(text), index)
     with pytest.MonkeyPatch.context() as m:
         fast = Scan(text).rows(index)
-        m.setattr(Layout, "rows", Layout.rows_arrays)
-        assert np.array_equal(fast, Scan(text).rows(index))
+        assert np.array_equal(fast, reference_rows(text, index, m))
 
 
 def printed(table: dict[str, list[object]]) -> list[str]:
@@ -210,6 +213,14 @@ def test_the_compiled_passes_over_the_bytes_find_what_the_references_find(text):
         fast, ref = layout._bytes(*values), layout._bytes_arrays(*values)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)
     assert np.array_equal(layout.row_ends, layout.row_ends_arrays())
+    assert np.array_equal(layout.newlines, layout._bytes_arrays(10))
+    for fast, ref in zip(layout.sorted_starts, layout.sorted_starts_arrays(), strict=True):
+        assert fast.dtype == np.int64 and np.array_equal(fast, ref)
+    shuffled = Layout(tokenize(text))  # offsets in no order: sorted all the same
+    shuffled.start = shuffled.start[::-1].copy()
+    shuffled._cache["vl"] = layout.value_like[::-1].copy()
+    for fast, ref in zip(shuffled.sorted_starts, shuffled.sorted_starts_arrays(), strict=True):
+        assert np.array_equal(fast, ref)
     for name in ("line", "brace", "html", "position"):
         fast, ref = layout._separators(name), layout.separators_arrays(name)
         assert fast.dtype == np.int64 and np.array_equal(fast, ref)
@@ -279,3 +290,87 @@ def test_a_window_holds_three_columns_of_a_row_only_within_its_width():
     col = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)
     assert rows_in_windows(ordinal, row, col, WINDOW).tolist() == [3]  # 0..11: 12 tokens; 40..60: 21
     assert rows_in_windows(ordinal, row, col, 21).tolist() == [3, 8]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=2**32),
+    st.integers(min_value=0, max_value=400),
+    st.integers(min_value=1, max_value=8),
+    st.integers(min_value=1, max_value=6),
+    st.sampled_from(["words", "numbers", "mixed"]),
+)
+def test_all_layouts_in_one_call_reveal_the_rows_of_the_layouts_one_at_a_time(seed, n, nrows, ncols, kind):
+    """Random hits over a text of short lines, brackets and keys (as above), some rows revealed already and
+    some not candidates: the one compiled call over every layout reveals what the reference's layouts, one
+    after the other on what the ones before left, reveal."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(int(rng.integers(1, 40))):
+        head = rng.choice(["", f"k{i % 3}: ", '"7": ', "{", "[", "<tr>", "\n"])
+        cells = []
+        for _ in range(int(rng.integers(0, 9))):
+            if kind == "words" or (kind == "mixed" and rng.random() < 0.3):
+                cells.append(f"W{rng.integers(0, 99):02d}-X{rng.integers(0, 9)}")
+            else:
+                cells.append(f"{rng.integers(100, 999)}.{rng.integers(1, 9)}")
+        lines.append(head + " ".join(cells) + rng.choice(["", "}", "]", "</tr>", "\\n"]))
+    text = "\n".join(lines) if rng.random() < 0.7 else "\n\n".join(lines)
+    tokens = tokenize(text)
+    total = len(tokens.word_start) + len(tokens.num_start)
+    if not total:
+        return
+    tok = rng.integers(0, total, n).astype(np.int64)
+    row = rng.integers(0, nrows, n).astype(np.int64)
+    col = rng.integers(0, ncols, n).astype(np.int64)
+    revealed = rng.random(nrows) < 0.2
+    candidates = rng.random(nrows) < 0.9
+    scan = Scan(text)
+
+    class Index:  # what rows_by_layout reads of an index
+        rows = nrows
+        columns = list(range(ncols))
+
+    ref = scan.rows_by_layout(Index(), revealed.copy(), candidates, tok, row, col, reference=True)  # type: ignore[arg-type]
+    got = compiled_records.all_layouts(
+        scan.layout.all_records,
+        (tok, row, col),
+        revealed.copy(),
+        candidates,
+        nrows,
+        2 * ncols + 8,
+        len(tokens.word_start),
+        WINDOW,
+        4,
+        MIN_ROW_COLUMNS,
+    )
+    assert got.dtype == np.int64 and np.array_equal(got, ref)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=3000), max_size=200), st.integers(min_value=0, max_value=200))
+def test_token_ordinals_are_their_ranks_among_the_distinct_offsets(offsets, words):
+    start = np.array(offsets, dtype=np.int64)
+    words = min(words, len(start))
+    ranks = np.searchsorted(np.unique(start), start)
+    assert np.array_equal(compiled_records.ordinals(start, words), ranks)  # any order
+    halves = np.concatenate((np.sort(start[:words]), np.sort(start[words:])))  # as the tokenizer gives them
+    assert np.array_equal(compiled_records.ordinals(halves, words), np.searchsorted(np.unique(halves), halves))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-1, max_value=2**63 - 1) | st.integers(min_value=-1, max_value=6), max_size=300))
+def test_a_pooled_layouts_records_group_the_tokens_that_share_an_id(ids):
+    ids_a = np.array(ids, dtype=np.int64)
+    vl = np.arange(len(ids_a)) % 3 != 0
+    rid = np.empty(len(ids_a), dtype=np.int64)
+    size = np.empty(len(ids_a), dtype=np.int64)
+    records = compiled_records.pooled_row(ids_a, vl, 1 << 62, rid, size)
+    distinct = np.unique(ids_a[ids_a >= 0])
+    assert records == len(distinct)
+    assert np.array_equal(rid < 0, ids_a < 0)
+    for x in distinct:  # the tokens of one id share one number, no other id has it; sizes count value-like ones
+        mine = ids_a == x
+        assert len(set(rid[mine].tolist())) == 1 and not np.any(rid[~mine] == rid[mine][0])
+        n = int(np.count_nonzero(vl & mine))
+        assert set(size[mine].tolist()) == {n if n else 1 << 62}

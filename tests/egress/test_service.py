@@ -276,3 +276,20 @@ def test_many_servers_at_once(site, running):
         t.join(60)
     assert not errors
     assert service.store.day("alice", today()).outputs == 160
+
+
+def test_the_store_counts_the_distinct_rows_not_seen_yet(tmp_path):
+    store = EgressStore(tmp_path / "egress.sqlite3")
+    try:
+        assert store.day("alice", "2026-01-02").rows == 0  # no usage yet: zeros
+        store.add("alice", "2026-01-02", size=10, rows={"onc/bc": range(0, 1200, 2)})
+        store.add("bob", "2026-01-02", size=10, rows={"onc/bc": range(1200)})  # another user's rows
+        store.add("alice", "2026-01-01", size=10, rows={"onc/bc": range(1200)})  # another day's
+        asked = {"onc/bc": [*range(1200), 5, 7, 1198], "onc/gbsg": [1, 2, 2]}
+        # of 0..1199 the even ones were seen: 600 odd ones (5 and 7 once), and 2 of the other dataset
+        assert store.unseen("alice", "2026-01-02", asked) == 600 + 2
+        assert store.unseen("alice", "2026-01-02", {"onc/bc": []}) == 0
+        day = store.day("alice", "2026-01-02")
+        assert (day.bytes, day.outputs, day.rows) == (10, 1, 600)
+    finally:
+        store.close()

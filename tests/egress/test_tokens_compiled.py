@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paitient.rules.edm import compiled_tokens
-from paitient.rules.edm.tokens import tokenize, tokenize_arrays
+from paitient.rules.edm.tokens import lowered, tokenize, tokenize_arrays
 
 FIELDS = ("word_start", "word_len", "num_start", "value", "lead", "ndigits")
 
@@ -247,3 +247,12 @@ def test_tokenizing_after_warm_up_gives_the_references_tokens():
     compiled_tokens.warm_up()
     assert_same(compiled_tokens._SAMPLE)
     assert_same("2019-03-04T10:00 P-7F3SJGQVFCSMMGDI 17.99 1e-320")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_the_compiled_case_folding_folds_what_the_reference_folds(data):
+    buf = np.frombuffer(data + bytes(range(256)), dtype=np.uint8)
+    folded = compiled_tokens.lowered(buf)
+    assert folded.dtype == np.uint8 and np.array_equal(folded, lowered(buf))
+    assert not np.any((folded >= 65) & (folded <= 90))  # no capital letter is left

@@ -263,6 +263,10 @@ def _grow_py(a: np.ndarray, size: int) -> np.ndarray:
 _grow = _jit(_grow_py)
 
 
+_AHEAD = 16
+"""How many queries ahead the walk over the index starts loading what a query will read."""
+
+
 def _walk_py(
     fps: np.ndarray,
     entries: np.ndarray,
@@ -273,6 +277,7 @@ def _walk_py(
     count: int,
     query: np.ndarray,
     found: np.ndarray,
+    sink: np.ndarray,
 ) -> tuple[int, int]:
     """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
     would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
@@ -281,12 +286,21 @@ def _walk_py(
     shift = np.uint64(fp_shift)
     n = len(fps)
     room = len(query)
+    touched = np.uint64(0)
     while i < n:
+        # loads for queries further on whose results are not waited for: the directory's line of the query
+        # _AHEAD on, and the first entry of the one half as far (its directory line loaded by now), so that
+        # the cache misses of several queries overlap (the index is far larger than the caches)
+        if i + _AHEAD < n:
+            touched += directory[np.int64(fps[i + _AHEAD] >> bucket_shift)]
+            near = np.int64(directory[np.int64(fps[i + _AHEAD // 2] >> bucket_shift)])
+            touched += entries[near] if near < len(entries) else np.uint64(0)
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
+            sink[0] = touched
             return i, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
@@ -296,6 +310,7 @@ def _walk_py(
                 found[count] = e
                 count += 1
         i += 1
+    sink[0] = touched  # kept, so that the loads are made
     return i, count
 
 
@@ -309,9 +324,10 @@ def _lookup_py(
     n = len(fps)
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
+    sink = np.zeros(1, dtype=np.uint64)
     i, count = 0, 0
     while True:
-        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
+        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found, sink)
         if i == n:
             return query[:count], found[:count]
         query = _grow(query, count)
@@ -411,6 +427,39 @@ def sift(
     return revealed, candidates, tok, rows, cols
 
 
+def _decoded_py(
+    entries: np.ndarray, row_shift: int, row_mask: int, col_mask: int, primary_bit: int, exact_bit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = len(entries)
+    row = np.empty(n, dtype=np.int64)
+    col = np.empty(n, dtype=np.int64)
+    primary = np.empty(n, dtype=np.bool_)
+    exact = np.empty(n, dtype=np.bool_)
+    shift = np.uint64(row_shift)
+    rmask, cmask, pbit, ebit = np.uint64(row_mask), np.uint64(col_mask), np.uint64(primary_bit), np.uint64(exact_bit)
+    for i in range(n):
+        e = entries[i]
+        row[i] = np.int64((e >> shift) & rmask)
+        col[i] = np.int64(e & cmask)
+        primary[i] = (e & pbit) != 0
+        exact[i] = (e & ebit) != 0
+    return row, col, primary, exact
+
+
+_decoded = _jit(_decoded_py)
+
+
+def decoded(
+    entries: np.ndarray, row_shift: int, row_mask: int, col_mask: int, primary_bit: int, exact_bit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, primary, exact) of each index entry (uint64) in one pass: the row at ``row_shift`` under
+    ``row_mask``, the column under ``col_mask``, the flags at their bits."""
+    row, col, primary, exact = _decoded(
+        entries, int(row_shift), int(row_mask), int(col_mask), int(primary_bit), int(exact_bit)
+    )
+    return row, col, primary, exact
+
+
 def warm_up() -> None:
     """Load (or compile) every compiled function of the scan's lookups, on inputs that take each path."""
     # words of 4, 20 and 40 bytes; a midpoint, a 4-digit value, the same padded to 8 digits
@@ -422,6 +471,10 @@ def warm_up() -> None:
     keyed = np.arange(8, dtype=np.uint64)
     queries(hashing.word_view(text), start, np.array([4, 20, 40]), value, lead, np.array([4, 4, 8]), nb.TIERS, keyed)
     # one bucket of 80 equal entries: more hits than the first arrays hold
-    lookup(np.zeros(1, dtype=np.uint64), np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32), 1, 38)
+    entries, directory = np.zeros(80, dtype=np.uint64), np.array([0, 80, 80], np.uint32)
+    lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
+    entries.flags.writeable = directory.flags.writeable = False  # as a saved index maps them
+    lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
     one = np.zeros(1, dtype=np.int64)
     sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    decoded(np.arange(3, dtype=np.uint64), 11, 7, 511, 512, 1024)

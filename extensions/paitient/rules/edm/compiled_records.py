@@ -21,6 +21,8 @@ Compiled at first use, the machine code kept for later processes (:func:`paitien
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from paitient.rules.edm.compiled import _jit
@@ -298,6 +300,254 @@ def revealed(
     return rows
 
 
+def _segment_row_py(
+    start: np.ndarray, vl: np.ndarray, seps: np.ndarray, whole: bool, never: int, rid: np.ndarray, size: np.ndarray
+) -> int:
+    n = len(start)
+    ns = len(seps)
+    if not ns:  # one segment: the whole text, or (not ``whole``) none
+        count = 0
+        for t in range(n):
+            count += 1 if vl[t] else 0
+        for t in range(n):
+            rid[t] = 0 if whole else -1
+            size[t] = count if whole else never
+        return 1 if whole else 0
+    sizes = np.zeros(ns + 1, dtype=np.int64)
+    for t in range(n):
+        j = np.searchsorted(seps, start[t])
+        rid[t] = j
+        if vl[t] and not (j < ns and seps[j] == start[t]):  # a value-like token on a separator is in none
+            sizes[j] += 1
+    for t in range(n):
+        size[t] = sizes[rid[t]]
+    return ns + 1
+
+
+_segment_row = _jit(_segment_row_py)
+
+
+def segment_row(
+    start: np.ndarray, vl: np.ndarray, seps: np.ndarray, whole: bool, never: int, rid: np.ndarray, size: np.ndarray
+) -> int:
+    """Fill ``rid`` and ``size`` for the tokens at offsets ``start`` (``vl``: value-like) in a segment layout:
+    the segment of each (the separators ``seps`` before it) and the value-like tokens strictly inside it; a
+    text without separators is one segment if ``whole``, else none (-1, ``never`` values). The records."""
+    return int(_segment_row(start, vl, seps, bool(whole), int(never), rid, size))
+
+
+def _ordinals_py(start: np.ndarray, words: int) -> np.ndarray:
+    n = len(start)
+    out = np.empty(n, dtype=np.int64)
+    ascending = True
+    for t in range(1, n):
+        if t != words and start[t] < start[t - 1]:
+            ascending = False
+            break
+    if not ascending:  # not two ascending runs: sort
+        distinct = np.unique(start)
+        for t in range(n):
+            out[t] = np.searchsorted(distinct, start[t])
+        return out
+    # the words' offsets and the numbers' offsets each ascend: merge them
+    i, j = 0, words
+    rank = -1
+    last = np.int64(-1)
+    while i < words or j < n:
+        if j >= n or (i < words and start[i] <= start[j]):
+            k = i
+            i += 1
+        else:
+            k = j
+            j += 1
+        if start[k] != last:
+            rank += 1
+            last = start[k]
+        out[k] = rank
+    return out
+
+
+_ordinals = _jit(_ordinals_py)
+
+
+def ordinals(start: np.ndarray, words: int) -> np.ndarray:
+    """The rank of each offset (int64, none negative) among the distinct offsets of ``start``, whose first
+    ``words`` and the rest each ascend as the tokenizer gives them (any order is ranked, more slowly)."""
+    result: np.ndarray = _ordinals(start.astype(np.int64, copy=False), int(words))
+    return result
+
+
+def _pooled_row_py(ids: np.ndarray, vl: np.ndarray, never: int, rid: np.ndarray, size: np.ndarray) -> int:
+    n = len(ids)
+    # records numbered as they first appear, through an open-addressing table of the ids (only which tokens
+    # share a record matters, not the numbers' order)
+    slots = 16
+    while slots < 2 * n:
+        slots *= 2
+    key = np.empty(slots, dtype=np.int64)
+    number = np.full(slots, -1, dtype=np.int64)
+    distinct = 0
+    for t in range(n):
+        x = ids[t]
+        if x < 0:
+            rid[t] = -1
+            continue
+        s = np.int64((np.uint64(x) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (slots - 1)
+        while number[s] >= 0 and key[s] != x:
+            s = (s + 1) & (slots - 1)
+        if number[s] < 0:
+            key[s] = x
+            number[s] = distinct
+            distinct += 1
+        rid[t] = number[s]
+    counts = np.zeros(distinct, dtype=np.int64)
+    for t in range(n):
+        if vl[t] and rid[t] >= 0:
+            counts[rid[t]] += 1
+    for t in range(n):
+        d = rid[t]
+        size[t] = never if d < 0 or counts[d] == 0 else counts[d]
+    return distinct
+
+
+_pooled_row = _jit(_pooled_row_py)
+
+
+def pooled_row(ids: np.ndarray, vl: np.ndarray, never: int, rid: np.ndarray, size: np.ndarray) -> int:
+    """Fill ``rid`` and ``size`` for the tokens of a pooled layout (their record ``ids``, -1 none; ``vl``:
+    value-like): the record numbered densely in the order records first appear, and the value-like tokens of
+    that record over the whole text (``never`` where it has none: no row's record). The records."""
+    return int(_pooled_row(ids.astype(np.int64, copy=False), vl, int(never), rid, size))
+
+
+def _all_layouts_py(
+    rid: np.ndarray,
+    size: np.ndarray,
+    records: np.ndarray,
+    pooled: np.ndarray,
+    ordinal: np.ndarray,
+    ready: np.ndarray,
+    start: int,
+    tok: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    revealed: np.ndarray,
+    candidates: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    window: int,
+    least: int,
+    min_columns: int,
+) -> tuple[np.ndarray, int]:
+    n = len(tok)
+    cur = np.arange(n)
+    hrec = np.empty(n, dtype=np.int64)
+    layouts = rid.shape[0]
+    for layout in range(start, layouts + 1):
+        # the hits of rows not revealed yet that may still be (as the layouts one by one narrow them down)
+        m = 0
+        for k in range(len(cur)):
+            h = cur[k]
+            if candidates[row[h]] and not revealed[row[h]]:
+                cur[m] = h
+                m += 1
+        cur = cur[:m]
+        if m < min_columns:
+            break
+        if layout == layouts:  # the windows, last
+            o = np.empty(m, dtype=np.int64)
+            rr = np.empty(m, dtype=np.int64)
+            cc = np.empty(m, dtype=np.int64)
+            for k in range(m):
+                o[k] = ordinal[tok[cur[k]]]
+                rr[k] = row[cur[k]]
+                cc[k] = col[cur[k]]
+            if rr.max() >= 1 << 23 or o.max() >= 1 << 30:  # renumber to fit the packed key
+                distinct = np.unique(rr)
+                found = distinct[
+                    _windows(np.searchsorted(np.unique(o), o), np.searchsorted(distinct, rr), cc, window, min_columns)
+                ]
+            else:
+                found = _windows(o, rr, cc, window, min_columns)
+            for r in found:
+                revealed[r] = True
+            break
+        if not ready[layout]:  # its records are still to be found
+            return cur[:0], layout
+        hrec[:] = -1
+        for k in range(m):
+            h = cur[k]
+            t = tok[h]
+            if rid[layout, t] >= 0 and size[layout, t] <= cap:
+                hrec[h] = rid[layout, t]
+        at, any_rows = _kept(hrec, records[layout], tok, row, col, nrows, cap, words, pooled[layout], min_columns)
+        if not any_rows:
+            continue
+        found_ids = np.empty(n, dtype=np.int64)
+        for h in range(n):
+            found_ids[h] = rid[layout, tok[h]]
+        none = np.zeros(records[layout], dtype=np.bool_)
+        for r in _revealed(hrec, records[layout], row, col, at, found_ids, tok, col, none, nrows, least, min_columns):
+            revealed[r] = True
+    return np.flatnonzero(revealed), -1
+
+
+_all_layouts = _jit(_all_layouts_py)
+
+
+def all_layouts(
+    records: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    hits: tuple[np.ndarray, np.ndarray, np.ndarray],
+    revealed: np.ndarray,
+    candidates: np.ndarray,
+    nrows: int,
+    cap: int,
+    words: int,
+    window: int,
+    least: int,
+    min_columns: int,
+) -> np.ndarray:
+    """Every layout's counting in one call (two where the pooled layouts' records are found only when the
+    layouts before them leave rows to count): the rows (sorted) of ``revealed`` (a mask over the ``nrows``
+    rows, set in place) once each layout in turn has added the rows it finds among the hits (token, row,
+    column) of rows that are ``candidates`` and not revealed yet, as
+    :meth:`paitient.rules.edm.match.Scan.rows_by_layout` finds them. ``records(layout)`` gives (per segment
+    and pooled layout and token: its record numbered densely or -1; the value-like tokens of that record;
+    records per layout; whether the layout pools; each token's ordinal; whether each layout's records are
+    there, that one's among them), :meth:`paitient.rules.edm.records.Layout.all_records`."""
+    tok, row, col = hits
+    tok = tok.astype(np.int64, copy=False)
+    row = row.astype(np.int64, copy=False)
+    col = col.astype(np.int64, copy=False)
+    start = 0
+    while True:
+        rid, size, count, pooled, ordinal, ready = records(start)
+        rows, start = _all_layouts(
+            rid,
+            size,
+            count,
+            pooled,
+            ordinal,
+            ready,
+            start,
+            tok,
+            row,
+            col,
+            revealed,
+            candidates,
+            int(nrows),
+            int(cap),
+            int(words),
+            int(window),
+            int(least),
+            int(min_columns),
+        )
+        if start < 0:
+            result: np.ndarray = rows
+            return result
+
+
 def _positions_py(buf: np.ndarray, table: np.ndarray) -> np.ndarray:
     n = len(buf)
     count = 0
@@ -541,45 +791,133 @@ def places(rs: np.ndarray, seps: np.ndarray, blank: np.ndarray, t: np.ndarray, m
     return result
 
 
-def _separators_py(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
+def _grow_py(out: np.ndarray, count: int) -> np.ndarray:
+    """A copy of the first ``count`` items of ``out`` in twice the room."""
+    grown = np.empty(2 * len(out), dtype=np.int64)
+    grown[:count] = out[:count]
+    return grown
+
+
+_grow = _jit(_grow_py)
+
+
+_LINE, _PLACE, _BRACE, _NEWLINE, _BACKSLASH, _LESS = 1, 2, 4, 8, 16, 32
+_SEPARATOR_BYTES = np.zeros(256, dtype=np.uint8)
+"""Per byte, the layouts it separates (or the checks of the bytes after it it needs)."""
+for _byte, _flags in (
+    (10, _LINE | _PLACE | _NEWLINE),
+    (13, _LINE | _PLACE),
+    (93, _LINE | _PLACE | _BRACE),
+    (125, _LINE | _BRACE),
+    (91, _PLACE | _BRACE),
+    (123, _BRACE),
+    (92, _BACKSLASH),
+    (60, _LESS),
+):
+    _SEPARATOR_BYTES[_byte] = _flags
+
+
+def _all_separators_py(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     n = len(buf)
-    out = np.empty(64, dtype=np.int64)
-    count = 0
+    line = np.empty(64, dtype=np.int64)
+    brace = np.empty(64, dtype=np.int64)
+    place = np.empty(64, dtype=np.int64)
+    nl = np.empty(64, dtype=np.int64)
+    nline = nbrace = nplace = nnl = 0
     for i in range(n):
-        b = buf[i]
-        if table[b]:
-            pass
-        elif literal and b == 92 and i + 1 < n and buf[i + 1] == 110:
-            pass
-        elif (
-            row_ends
-            and b == 60
-            and i + 4 < n
-            and buf[i + 1] == 47
-            and (buf[i + 2] | 32) == 116
-            and (buf[i + 3] | 32) == 114
-            and buf[i + 4] == 62
-        ):
-            pass
+        flags = table[buf[i]]
+        if flags == 0:
+            continue  # most bytes
+        if flags & 16:  # a literal newline: a backslash and n
+            flags = 3 if i + 1 < n and buf[i + 1] == 110 else 0
+        elif flags & 32:  # </tr>, any case
+            tr = (
+                i + 4 < n
+                and buf[i + 1] == 47
+                and (buf[i + 2] | 32) == 116
+                and (buf[i + 3] | 32) == 114
+                and buf[i + 4] == 62
+            )
+            flags = 1 if tr else 0
+        if flags & 1:
+            if nline == len(line):
+                line = _grow(line, nline)
+            line[nline] = i
+            nline += 1
+        if flags & 2:
+            if nplace == len(place):
+                place = _grow(place, nplace)
+            place[nplace] = i
+            nplace += 1
+        if flags & 4:
+            if nbrace == len(brace):
+                brace = _grow(brace, nbrace)
+            brace[nbrace] = i
+            nbrace += 1
+        if flags & 8:
+            if nnl == len(nl):
+                nl = _grow(nl, nnl)
+            nl[nnl] = i
+            nnl += 1
+    return line[:nline].copy(), brace[:nbrace].copy(), place[:nplace].copy(), nl[:nnl].copy()
+
+
+_all_separators = _jit(_all_separators_py)
+
+
+def all_separators(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """In one pass over ``buf`` (uint8), the ascending offsets of the separators of the ``line`` layout
+    (newlines, returns, ``}``, ``]``, literal newlines, ``</tr>`` in any case), of the ``brace`` layout
+    (``{ } [ ]``) and of the ``position`` layout (newlines, returns, ``[``, ``]``, literal newlines), and of
+    the newlines."""
+    line, brace, place, nl = _all_separators(buf, _SEPARATOR_BYTES)
+    return line, brace, place, nl
+
+
+def _merged_starts_py(start: np.ndarray, words: int, vl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n = len(start)
+    ascending = True
+    for t in range(1, n):
+        if t != words and start[t] < start[t - 1]:
+            ascending = False
+            break
+    if not ascending:  # not two ascending runs: sort
+        chosen = np.empty(n, dtype=np.int64)
+        m = 0
+        for t in range(n):
+            if vl[t]:
+                chosen[m] = start[t]
+                m += 1
+        return np.unique(start), np.sort(chosen[:m])
+    distinct = np.empty(n, dtype=np.int64)
+    values = np.empty(n, dtype=np.int64)
+    nd = nv = 0
+    i, j = 0, words
+    while i < words or j < n:
+        if j >= n or (i < words and start[i] <= start[j]):
+            k = i
+            i += 1
         else:
-            continue
-        if count == len(out):
-            grown = np.empty(2 * len(out), dtype=np.int64)
-            grown[:count] = out
-            out = grown
-        out[count] = i
-        count += 1
-    return out[:count].copy()
+            k = j
+            j += 1
+        if nd == 0 or start[k] != distinct[nd - 1]:
+            distinct[nd] = start[k]
+            nd += 1
+        if vl[k]:
+            values[nv] = start[k]
+            nv += 1
+    return distinct[:nd].copy(), values[:nv].copy()
 
 
-_separators = _jit(_separators_py)
+_merged_starts = _jit(_merged_starts_py)
 
 
-def separators(buf: np.ndarray, table: np.ndarray, literal: bool, row_ends: bool) -> np.ndarray:
-    """Ascending offsets in ``buf`` of the bytes set in ``table`` (256 bools), of the literal newlines (a
-    backslash and ``n``) where ``literal``, and of ``</tr>`` (any case) where ``row_ends``."""
-    result: np.ndarray = _separators(buf, table, bool(literal), bool(row_ends))
-    return result
+def merged_starts(start: np.ndarray, words: int, vl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The distinct offsets of ``start``, ascending; the offsets of the tokens set in ``vl``, ascending, each
+    as often as it occurs), merging the first ``words`` and the rest, which each ascend as the tokenizer gives
+    them (any order is sorted, more slowly)."""
+    distinct, values = _merged_starts(start.astype(np.int64, copy=False), int(words), vl)
+    return distinct, values
 
 
 def _windows_py(ordinal: np.ndarray, row: np.ndarray, col: np.ndarray, window: int, min_columns: int) -> np.ndarray:
@@ -647,13 +985,32 @@ def warm_up() -> None:
     positions(buf, table)
     class_runs(buf, ~table)
     at = np.array([2, 7, 18, 34], dtype=np.int64)
-    value_like(buf, at, np.array([4, 10, 15, 4]), 1)
+    value_like(buf.copy(), at, np.array([4, 10, 15, 4]), 1)  # a text's buffer is writable
     padded = np.concatenate((np.zeros(16, np.uint8), buf, np.zeros(80, np.uint8)))
     runs = class_runs(padded, ~table)
     newlines = positions(padded, table)
     segments(newlines, at + 16, segment_sizes(newlines, at + 16), 3)
     dense(np.array([5, -1, 3, 5], dtype=np.int64))
-    separators(padded, table, True, True)
     windows(at, np.array([1, 1, 1, 2]), np.array([0, 1, 2, 0]), 12, 3)
+    all_separators(padded)
+    merged_starts(at, 2, np.ones(len(at), dtype=np.bool_))
     keys(padded, runs, newlines, at + 16, np.arange(2, dtype=np.uint64))
     places(runs[0], newlines, newlines[:1], at + 16, 3)
+    # every layout in one call: three tokens of one row, in one line, one key's record, one window
+    n = 3
+    rid = np.zeros((5, n), dtype=np.int64)
+    size = np.zeros((5, n), dtype=np.int64)
+    start = np.array([2, 9, 5], dtype=np.int64)
+    vl = np.ones(n, dtype=np.bool_)
+    segment_row(start, vl, newlines, True, 1 << 62, rid[0], size[0])
+    segment_row(start, vl, start[:0], False, 1 << 62, rid[4], size[4])
+    pooled_row(np.array([7, 7, -1], dtype=np.int64), vl, 1 << 62, rid[1], size[1])
+    ready = np.array([True, False, False, True, True])
+    found = (rid, size, np.ones(5, dtype=np.int64), ~ready, ordinals(start, 2))
+
+    def records(layout: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ready[1:3] |= layout > 0
+        return (*found, ready)
+
+    hits = (np.arange(n, dtype=np.int64), np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+    all_layouts(records, hits, np.zeros(2, dtype=np.bool_), np.ones(2, dtype=np.bool_), 2, 20, 0, 12, 4, 3)

@@ -469,6 +469,23 @@ def scan(buf: np.ndarray, n: int) -> _Arrays:
     return result
 
 
+def _lowered_py(buf: np.ndarray) -> np.ndarray:
+    out = np.empty_like(buf)
+    for i in range(len(buf)):
+        b = buf[i]
+        out[i] = b | np.uint8(32) if np.uint8(b - np.uint8(65)) < np.uint8(26) else b
+    return out
+
+
+_lowered = _jit(_lowered_py)
+
+
+def lowered(buf: np.ndarray) -> np.ndarray:
+    """:func:`paitient.rules.edm.tokens.lowered` (A-Z to a-z) in one compiled pass."""
+    result: np.ndarray = _lowered(buf)
+    return result
+
+
 _SAMPLE = b"2019-03-04T10:00 P-7F3SJGQVFCSMMGDI, 17.99 -0.0001184 1.5E+03 0.12345678901234567 1e-320 [1, 2, 3]"
 
 
@@ -477,3 +494,4 @@ def warm_up() -> None:
     buf = np.zeros(FRONT + len(_SAMPLE) + PAD, dtype=np.uint8)
     buf[FRONT : FRONT + len(_SAMPLE)] = np.frombuffer(_SAMPLE, dtype=np.uint8)
     scan(buf, len(_SAMPLE))
+    lowered(buf)

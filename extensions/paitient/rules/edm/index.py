@@ -199,7 +199,10 @@ class EDMIndex:
         """Every entry whose fingerprint is one of ``fps`` (uint64): query by query, each one's entries in the
         order of its bucket (:func:`paitient.rules.edm.compiled_match.lookup`)."""
         q, e = compiled_match.lookup(fps, self.entries, self.dir, self.dir_bits, int(_FP_SHIFT))
-        return _hits(q, e)
+        row, col, primary, exact = compiled_match.decoded(
+            e, int(_ROW_SHIFT), int(_ROW_MASK), int(_COL_MASK), int(_PRIMARY), int(_EXACT)
+        )
+        return Hits(query=q, row=row, col=col, primary=primary, exact=exact)
 
     def lookup_arrays(self, fps: np.ndarray) -> Hits:
         """:meth:`lookup` in whole-array numpy, the reference: the same hits, in another order (round by round

@@ -7,14 +7,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paitient.rules.edm import compiled_match
+from paitient.rules.edm import compiled_match, compiled_records
 from paitient.rules.edm import numbers as nb
 from paitient.rules.edm.hashing import Keyed
 from paitient.rules.edm.index import EDMIndex, Hits
-from paitient.rules.edm.records import LAYOUTS, MIN_ROW_COLUMNS, Layout, rows_in_records
+from paitient.rules.edm.records import (
+    COLUMN_LIKE_MIN,
+    LAYOUTS,
+    MIN_ROW_COLUMNS,
+    WINDOW,
+    Layout,
+    record_cap,
+    rows_in_records,
+)
 from paitient.rules.edm.tokens import Tokens, tokenize
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+FUSED_TOKENS = 1 << 16
+"""Texts of at most this many tokens count every layout in one compiled call, records found for all their
+tokens (an output's usual size); longer ones a layout at a time, records found for the tokens hit."""
 
 
 @dataclass
@@ -79,6 +90,37 @@ class Scan:
         if not len(hits.query):
             return _EMPTY
         revealed, candidates, tok, row, col = sift(hits, q, index.rows)
+        if len(self.layout.start) > FUSED_TOKENS:
+            return self.rows_by_layout(index, revealed, candidates, tok, row, col)
+        if np.count_nonzero(candidates[row] & ~revealed[row]) < MIN_ROW_COLUMNS:
+            return np.flatnonzero(revealed)
+        return compiled_records.all_layouts(
+            self.layout.all_records,
+            (tok, row, col),
+            revealed,
+            candidates,
+            index.rows,
+            record_cap(len(index.columns)),
+            len(self.tokens.word_start),
+            WINDOW,
+            COLUMN_LIKE_MIN,
+            MIN_ROW_COLUMNS,
+        )
+
+    def rows_by_layout(
+        self,
+        index: EDMIndex,
+        revealed: np.ndarray,
+        candidates: np.ndarray,
+        tok: np.ndarray,
+        row: np.ndarray,
+        col: np.ndarray,
+        reference: bool = False,
+    ) -> np.ndarray:
+        """The rows of :meth:`rows` from the sifted hits, a layout at a time (:meth:`Layout.rows`, or with
+        ``reference`` :meth:`Layout.rows_arrays`): each layout counts the hits of the rows the layouts before
+        it left unrevealed. Texts of more than :data:`FUSED_TOKENS` tokens go this way, whose records are
+        found only for the tokens hit until a layout has rows to count."""
         ncols = len(index.columns)
         everything = (tok, col)
         for name in LAYOUTS:
@@ -87,8 +129,20 @@ class Scan:
                 break
             if len(left) < len(row):
                 tok, row, col = tok[left], row[left], col[left]
-            revealed[self.layout.rows(name, tok, row, col, index.rows, ncols, everything)] = True
+            rows = self.layout.rows_arrays if reference else self.layout.rows
+            revealed[rows(name, tok, row, col, index.rows, ncols, everything)] = True
         return np.flatnonzero(revealed)
+
+    def rows_reference(self, index: EDMIndex) -> np.ndarray:
+        """:meth:`rows` with the whole-array numpy reference of every step after the lookup: the sifting and
+        each layout's counting."""
+        q = self.queries(index.keyed)
+        if not len(q.fp):
+            return _EMPTY
+        hits = index.lookup(q.fp)
+        if not len(hits.query):
+            return _EMPTY
+        return self.rows_by_layout(index, *sift_arrays(hits, q, index.rows), reference=True)
 
 
 def sift(hits: Hits, q: _Queries, nrows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

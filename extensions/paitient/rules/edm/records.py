@@ -45,7 +45,8 @@ _SEGMENTS = ("line", "brace", "html")
 _KEY_LANES = (np.uint64(0x243F6A8885A308D3), np.uint64(0x13198A2E03707344))
 _COL_BITS = np.uint64(10)
 _T = TypeVar("_T")
-_COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
+_NEVER = 1 << 62  # the value-like tokens of a record that no cap lets count
+COLUMN_LIKE_MIN = 4  # a record is a printed column when one column has this many of its values, and most
 
 
 def _run_byte(b: np.ndarray) -> np.ndarray:
@@ -135,7 +136,7 @@ class Layout:
 
     @property
     def newlines(self) -> np.ndarray:
-        return self._cached("nl", lambda: self._bytes(10))
+        return self._all_separators()[3]
 
     def literal_newlines_arrays(self) -> np.ndarray:
         """Offsets of a backslash followed by ``n`` (numpy; the reference's part of the separators)."""
@@ -193,7 +194,13 @@ class Layout:
     @property
     def sorted_starts(self) -> tuple[np.ndarray, np.ndarray]:
         """Distinct token offsets, and the offsets of value-like tokens, ascending."""
-        return self._cached("ss", lambda: (sorted_unique(self.start), np.sort(self.start[self.value_like])))
+        return self._cached(
+            "ss", lambda: compiled_records.merged_starts(self.start, len(self.tokens.word_start), self.value_like)
+        )
+
+    def sorted_starts_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """:attr:`sorted_starts` in numpy, the reference."""
+        return sorted_unique(self.start), np.sort(self.start[self.value_like])
 
     def ordinal(self, tok: np.ndarray) -> np.ndarray:
         """Rank of each token's offset among all offsets (tokens at one offset share a rank)."""
@@ -211,19 +218,17 @@ class Layout:
 
     def _separators(self, name: str) -> np.ndarray:
         """Where the records of a segment layout end, or (``position``) its lines and lists: one compiled
-        pass (:func:`paitient.rules.edm.compiled_records.separators`); :meth:`separators_arrays` is the
-        reference."""
+        pass finds those of every layout (:func:`paitient.rules.edm.compiled_records.all_separators`);
+        :meth:`separators_arrays` is the reference."""
 
-        def find() -> np.ndarray:
-            if name == "line":
-                return compiled_records.separators(self.buf, _byte_table((10, 13, 125, 93)), True, True)
-            if name == "brace":
-                return compiled_records.separators(self.buf, _byte_table((123, 125, 91, 93)), False, False)
-            if name == "html":
-                return self.row_ends
-            return compiled_records.separators(self.buf, _byte_table((10, 13, 91, 93)), True, False)
+        if name == "html":
+            return self.row_ends
+        line, brace, place, _ = self._all_separators()
+        return {"line": line, "brace": brace, "position": place}[name]
 
-        return self._cached("sep:" + name, find)
+    def _all_separators(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The line, brace and position layouts' separators and the newlines, in one compiled pass."""
+        return self._cached("seps", lambda: compiled_records.all_separators(self.buf))
 
     def separators_arrays(self, name: str) -> np.ndarray:
         """:meth:`_separators` in numpy, the reference."""
@@ -242,6 +247,51 @@ class Layout:
             return np.sort(np.concatenate((self._bytes_arrays(10, 13, 91, 93), self.literal_newlines_arrays())))
 
         return find()
+
+    def all_records(
+        self, layout: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What :func:`paitient.rules.edm.compiled_records.all_layouts` counts with, for every token at once
+        and whatever the index: per layout but the windows (in the order of :data:`LAYOUTS`) and token, its
+        record numbered densely (-1: none) and the value-like tokens of that record over the whole text (a
+        record over an index's cap counts for none of it; a pooled record without any, never); the records of
+        each layout; which layouts pool; each token's ordinal; which layouts' records are there. The segment
+        layouts' come at once, the pooled ones' (a pass over the text for the keys, one for the places) when
+        ``layout`` is one of them. Computed once per text."""
+        names = LAYOUTS[:-1]
+        n = len(self.start)
+
+        def segments() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+            rid = np.full((len(names), n), -1, dtype=np.int64)
+            size = np.full((len(names), n), _NEVER, dtype=np.int64)
+            records = np.zeros(len(names), dtype=np.int64)
+            vl = self.value_like
+            for i, name in enumerate(names):
+                if name in _SEGMENTS:
+                    seps = self._separators(name)
+                    records[i] = compiled_records.segment_row(
+                        self.start, vl, seps, name != "html", _NEVER, rid[i], size[i]
+                    )
+            pooled = np.array([name not in _SEGMENTS for name in names])
+            return (
+                rid,
+                size,
+                records,
+                pooled,
+                compiled_records.ordinals(self.start, len(self.tokens.word_start)),
+                ~pooled,
+            )
+
+        found = self._cached("all", segments)
+        rid, size, records, pooled, _, ready = found
+        if layout < len(names) and not ready[layout]:
+            for i, name in enumerate(names):
+                if pooled[i]:
+                    records[i] = compiled_records.pooled_row(
+                        self._pooled(name), self.value_like, _NEVER, rid[i], size[i]
+                    )
+                    ready[i] = True
+        return found
 
     # the layouts
 
@@ -283,7 +333,7 @@ class Layout:
         else:
             too_big = np.zeros(records, dtype=bool)
         return compiled_records.revealed(
-            rec, records, row, col, at, (found_ids, all_tok, all_col), too_big, nrows, _COLUMN_LIKE_MIN, MIN_ROW_COLUMNS
+            rec, records, row, col, at, (found_ids, all_tok, all_col), too_big, nrows, COLUMN_LIKE_MIN, MIN_ROW_COLUMNS
         )
 
     def rows_arrays(
@@ -347,7 +397,7 @@ class Layout:
 
     def _column_like(self, name: str, rec: np.ndarray, all_tok: np.ndarray, all_col: np.ndarray) -> np.ndarray:
         """Whether each record in ``rec`` has more than half of its printed dataset values (tokens with
-        a hit), and at least _COLUMN_LIKE_MIN of them, in one column."""
+        a hit), and at least COLUMN_LIKE_MIN of them, in one column."""
         ids = self._record_ids(name, all_tok)
         wanted = sorted_unique(rec)
         at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
@@ -360,7 +410,7 @@ class Layout:
         groups, counts = _runs_of(pairs)
         top = np.zeros(len(wanted), dtype=np.int64)
         np.maximum.at(top, groups // 1024, counts)
-        column_like = (2 * top > per_record) & (top >= _COLUMN_LIKE_MIN)
+        column_like = (2 * top > per_record) & (top >= COLUMN_LIKE_MIN)
         return column_like[np.searchsorted(wanted, rec)]
 
     def _segments(self, name: str, tok: np.ndarray, cap: int) -> np.ndarray:

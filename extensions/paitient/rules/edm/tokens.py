@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from paitient.rules.edm import compiled_tokens
 from paitient.rules.edm.compiled_tokens import MIN_WORD, scan
 from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
 from paitient.rules.edm.numbers import leading_exponent
@@ -109,7 +110,7 @@ class Tokens:
     def view(self) -> np.ndarray:
         """8-byte words of the case-folded text, for word fingerprints."""
         if self._view is None:
-            self._view = word_view(lowered(self.buf))
+            self._view = word_view(compiled_tokens.lowered(self.buf))
         return self._view
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ websocket nor a restarted server renews a user's day.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import threading
@@ -87,27 +88,30 @@ class EgressStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def day(self, user: str, day: str) -> Day:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT bytes, outputs, withheld FROM usage WHERE user = ? AND day = ?", (user, day)
+        with self._lock:  # one statement: every output asks
+            b, o, w, rows = self._db.execute(
+                "SELECT COALESCE(u.bytes, 0), COALESCE(u.outputs, 0), COALESCE(u.withheld, 0), "
+                "(SELECT COUNT(*) FROM revealed WHERE user = ?1 AND day = ?2) "
+                "FROM (SELECT 1) LEFT JOIN usage u ON u.user = ?1 AND u.day = ?2",
+                (user, day),
             ).fetchone()
-            (rows,) = self._db.execute(
-                "SELECT COUNT(*) FROM revealed WHERE user = ? AND day = ?", (user, day)
-            ).fetchone()
-        b, o, w = row or (0, 0, 0)
         return Day(user, day, b, o, w, rows)
 
     def unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> int:
-        """How many of ``rows`` (dataset -> row ids) the user has not seen yet on ``day``."""
+        """How many of the distinct ``rows`` (dataset -> row ids) the user has not seen yet on ``day``: one
+        statement per dataset, the ids passed as one JSON array (an output with rows asks this every time)."""
         n = 0
         with self._lock:
             for dataset, ids in rows.items():
-                for row in ids:
-                    seen = self._db.execute(
-                        "SELECT 1 FROM revealed WHERE user = ? AND day = ? AND dataset = ? AND row = ?",
-                        (user, day, dataset, int(row)),
-                    ).fetchone()
-                    n += seen is None
+                wanted = sorted({int(row) for row in ids})
+                if not wanted:
+                    continue
+                (seen,) = self._db.execute(
+                    "SELECT COUNT(*) FROM revealed WHERE user = ? AND day = ? AND dataset = ? "
+                    "AND row IN (SELECT value FROM json_each(?))",
+                    (user, day, dataset, json.dumps(wanted)),
+                ).fetchone()
+                n += len(wanted) - seen
         return n
 
     def history(self, days: int = 30, user: str | None = None) -> list[Day]:
