@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,83 +137,56 @@ def audit_service(site: SiteConfig):
         yield proc
 
 
+def _egress_socket(site: SiteConfig) -> Path:
+    from paitient.services.egress import socket_path
+
+    return socket_path(site)
+
+
+def _launcher_socket(site: SiteConfig) -> Path:
+    from paitient.services.launcher import socket_path
+
+    return socket_path(site)
+
+
+SERVICES: dict[str, tuple[Callable[[SiteConfig], Any], Callable[[SiteConfig], Path]]] = {
+    "egress": (egress_service, _egress_socket),  # the gate asks it about every output
+    "audit": (audit_service, lambda site: site.run_dir / "audit.sock"),  # a cell runs only once recorded
+    "launcher": (launcher_service, _launcher_socket),  # it starts the servers' kernels
+}
+"""The root services a user's server needs: how to start each, and the socket it answers on."""
+
+
 class Shared:
-    """One root service per site for the servers of a test: started by the first server that needs it (unless
-    the test runs its own, on the socket :meth:`socket` names), stopped by its pid when the last one stops."""
+    """One root service of :data:`SERVICES` per site for the servers of a test: started by the first server
+    that needs it (unless the test runs its own on that socket), stopped by its pid when the last one stops."""
 
     running: dict[str, Shared] = {}
 
-    def __init__(self, site: SiteConfig):
-        self.site = site
+    def __init__(self, site: SiteConfig, name: str):
+        self.site, self.key = site, f"{name}:{site.state_dir}"
         self.users = 0
         self._context: Any = None
-        if not self.socket(site).exists():
-            self._context = self.service(site)
+        service, socket = SERVICES[name]
+        if not socket(site).exists():
+            self._context = service(site)
             self._context.__enter__()
 
-    @staticmethod
-    def service(site: SiteConfig) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def socket(site: SiteConfig) -> Path:
-        raise NotImplementedError
-
     @classmethod
-    def acquire(cls, site: SiteConfig) -> Shared:
-        key = f"{cls.__name__}:{site.state_dir}"
+    def acquire(cls, site: SiteConfig, name: str) -> Shared:
+        key = f"{name}:{site.state_dir}"
         shared = cls.running.get(key)
         if shared is None:
-            shared = cls.running[key] = cls(site)
+            shared = cls.running[key] = cls(site, name)
         shared.users += 1
         return shared
 
     def release(self) -> None:
         self.users -= 1
         if self.users <= 0:
-            self.running.pop(f"{type(self).__name__}:{self.site.state_dir}", None)
+            self.running.pop(self.key, None)
             if self._context is not None:
                 self._context.__exit__(None, None, None)
-
-
-class SharedEgress(Shared):
-    """The egress service: the gate asks it about every output."""
-
-    @staticmethod
-    def service(site: SiteConfig) -> Any:
-        return egress_service(site)
-
-    @staticmethod
-    def socket(site: SiteConfig) -> Path:
-        from paitient.services.egress import socket_path
-
-        return socket_path(site)
-
-
-class SharedAudit(Shared):
-    """The audit service: a cell runs only once it is recorded."""
-
-    @staticmethod
-    def service(site: SiteConfig) -> Any:
-        return audit_service(site)
-
-    @staticmethod
-    def socket(site: SiteConfig) -> Path:
-        return site.run_dir / "audit.sock"
-
-
-class SharedLauncher(Shared):
-    """The launcher: it starts the servers' kernels."""
-
-    @staticmethod
-    def service(site: SiteConfig) -> Any:
-        return launcher_service(site)
-
-    @staticmethod
-    def socket(site: SiteConfig) -> Path:
-        from paitient.services.launcher import socket_path
-
-        return socket_path(site)
 
 
 class UserServer:
@@ -270,11 +244,11 @@ class UserServer:
         # audit service (a cell runs once recorded) and its launcher (which starts the kernels).
         Registry.for_state_dir(self.site.state_dir).put(self.member)
         if self.egress is None and self.start_egress:
-            self.egress = SharedEgress.acquire(self.site)
+            self.egress = Shared.acquire(self.site, "egress")
         if self.audit is None and self.start_audit:
-            self.audit = SharedAudit.acquire(self.site)
+            self.audit = Shared.acquire(self.site, "audit")
         if self.launcher is None:
-            self.launcher = SharedLauncher.acquire(self.site)
+            self.launcher = Shared.acquire(self.site, "launcher")
         write_user_server_config(self.site, self.member, self.config_dir, self.data_dir)
         cmd = [
             "setpriv",
