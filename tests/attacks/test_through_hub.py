@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +169,110 @@ def test_executed_code_is_in_the_audit_trail(hub, alice):
         time.sleep(0.2)
     rec = found()
     assert rec is not None and rec["actor"] == "alice" and rec["object"] == alice.kernel_id
+
+
+# The user's server: its own network namespace, reaching the hub's API and nothing else. The probe runs in
+# that namespace (entered through the server process's /proc entry) as the server's account, with the
+# server's groups: what it can reach is what the server can reach.
+SERVER_PROBE = """
+import errno, json, socket, sys, urllib.request
+targets, hub_port = json.loads(sys.argv[1]), int(sys.argv[2])
+def attempt(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return "open"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+v4 = [ln.split()[0] for ln in open("/proc/net/route").read().splitlines()[1:]]
+v6 = [ln.split()[-1] for ln in open("/proc/net/ipv6_route").read().splitlines() if ln.strip()]
+with urllib.request.urlopen(f"http://127.0.0.1:{hub_port}/hub/api/", timeout=10) as r:
+    hub_api = [r.status, sorted(json.loads(r.read()))]
+print(json.dumps({
+    "interfaces": [n for _, n in socket.if_nameindex()], "routes": sorted(set(v4) | set(v6)),
+    "hub_api": hub_api, "targets": {name: attempt(h, p) for name, (h, p) in targets.items()},
+}))
+"""
+
+
+def _server_pid(hub: Workspace, user: str) -> int:
+    uid = pwd.getpwnam(hub.member(user).account).pw_uid
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and proc.stat().st_uid == uid:
+                if b"jupyterhub.singleuser" in (proc / "cmdline").read_bytes():
+                    return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no server process of {user}")
+
+
+class _Listener:
+    """A host service of the test's own (v4 or v6 loopback) that counts what reaches it."""
+
+    def __init__(self, host: str, family: int):
+        self.sock = socket.create_server((host, 0), family=family)
+        self.host, self.port, self.accepted = host, self.sock.getsockname()[1], 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.sock.accept()[0].close()
+            except OSError:
+                return
+            self.accepted += 1
+
+
+@pytest.fixture(scope="module")
+def from_alices_server(hub, running, alice, bob):
+    listeners = [_Listener("127.0.0.1", socket.AF_INET), _Listener("::1", socket.AF_INET6)]
+    targets = {
+        "proxy": ["127.0.0.1", hub.port],
+        "proxy_api": ["127.0.0.1", running.proxy_api_port],
+        "directory": ["127.0.0.1", int(re.search(r":(\d+)/?$", running.directory_url).group(1))],
+        "bobs_server": ["127.0.0.1", _server_port(hub, "bob")],
+        "host_v4": [listeners[0].host, listeners[0].port],
+        "host_v6": [listeners[1].host, listeners[1].port],
+    }
+    pid = _server_pid(hub, "alice")
+    pw = pwd.getpwnam(hub.member("alice").account)
+    server_groups = Path(f"/proc/{pid}/status").read_text().split("Groups:")[1].split("\n")[0].split()
+    argv = [
+        "nsenter",
+        f"--net=/proc/{pid}/ns/net",
+        "--",
+        "setpriv",
+        f"--reuid={pw.pw_uid}",
+        f"--regid={pw.pw_gid}",
+        f"--groups={','.join(server_groups) or pw.pw_gid}",
+        "--no-new-privs",
+        sys.executable,
+        "-I",
+        "-c",
+        SERVER_PROBE,
+        json.dumps(targets),
+        str(running.hub_port),
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    yield {"pid": pid, "report": json.loads(r.stdout), "listeners": listeners}
+    for listener in listeners:
+        listener.sock.close()
+
+
+def test_the_users_server_runs_in_a_network_namespace_of_its_own(from_alices_server):
+    pid = from_alices_server["pid"]
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    report = from_alices_server["report"]
+    assert report["interfaces"] == ["lo"] and report["routes"] == ["lo"], report
+
+
+def test_the_users_server_reaches_the_hubs_api(from_alices_server):
+    status, keys = from_alices_server["report"]["hub_api"]
+    assert status == 200 and "version" in keys
+
+
+@pytest.mark.parametrize("target", ["proxy", "proxy_api", "directory", "bobs_server", "host_v4", "host_v6"])
+def test_the_users_server_reaches_no_other_loopback_service(from_alices_server, target):
+    assert from_alices_server["report"]["targets"][target] == "ECONNREFUSED", from_alices_server["report"]
+    assert [listener.accepted for listener in from_alices_server["listeners"]] == [0, 0]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from jupyterhub.utils import random_port
 
 from paitient.registry import Member, Registry
 from paitient.rules.sandbox import user_runtime_dir
@@ -333,7 +334,7 @@ def test_the_users_server_cannot_read_another_projects_data(world):
 
 def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(world):
     """The spawner gives the server the workspace's group only: its data groups go to kernels only."""
-    from paitient.hub.spawner import server_identity
+    from paitient.hub.spawner import server_command
 
     site, launcher, sock, users = world
     own = site.data_root / "onc" / "bc" / "current" / "data.csv"
@@ -346,9 +347,10 @@ def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(w
             print("denied", e.errno, os.getgroups())
     """
     alice = users["alice"]
+    listen = ("127.0.0.1", random_port())
+    command = [sys.executable, "-c", textwrap.dedent(code)]
     r = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        preexec_fn=server_identity(alice.pw_name, [workspacegroup.gid()]),
+        server_command(alice.pw_name, [workspacegroup.gid()], listen, f"http://127.0.0.1:{random_port()}/api", command),
         capture_output=True,
         text=True,
         timeout=60,

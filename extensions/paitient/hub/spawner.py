@@ -6,7 +6,8 @@ who the account belongs to and which projects it may use (the registry the servi
 example notebooks the home lacks (:mod:`paitient.hub.examples`), and writes the server's configuration
 into a root-owned directory the user can read but not change. The server runs ``python -I`` from the
 workspace environment with a minimal environment: nothing the user controls (PYTHONPATH, user
-site-packages, ~/.jupyter) can change its policy. Its API token carries only what a server needs
+site-packages, ~/.jupyter) can change its policy. It runs behind :mod:`paitient.hub.servernet`, in a network
+namespace of its own that reaches the hub's API and nothing else. Its API token carries only what a server needs
 (``server_token_scopes``): never the user's token scopes.
 """
 
@@ -18,8 +19,10 @@ import pwd
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from jupyterhub.spawner import LocalProcessSpawner
+from jupyterhub.utils import random_port
 from tornado import web
 from traitlets import Bool, HasTraits, Unicode, default
 
@@ -47,29 +50,38 @@ def account_unavailable(error: Exception) -> web.HTTPError:
     return e
 
 
-def server_identity(account: str, groups: list[int]):
-    """The preexec function that makes the server the user's account with exactly ``groups`` as supplementary
-    groups (the workspace's group, which may reach the services' sockets).
+SERVERNET = Path(__file__).with_name("servernet.py")
+"""The root wrapper that gives each server its own network namespace (:mod:`paitient.hub.servernet`)."""
+
+
+def server_command(
+    account: str, groups: list[int], listen: tuple[str, int], hub_api: str, command: list[str]
+) -> list[str]:
+    """The command the hub (root) runs for a user's server: :mod:`paitient.hub.servernet` in front of it.
+
+    The wrapper starts ``command`` as ``account`` with exactly ``groups`` as supplementary groups (the
+    workspace's group, which may reach the services' sockets), in a network namespace of its own that reaches
+    the hub's API (``hub_api``, its URL) and nothing else; the hub and the proxy reach the server at
+    ``listen`` on the host.
 
     Not the account's groups from /etc/group: those include its projects' data groups
     (:mod:`paitient.services.data.access`), and the server runs outside the sandbox. Its kernels get those
     groups from the root-side launcher; the server itself reads no dataset, its own projects' included.
     """
-    pw = pwd.getpwnam(account)
-    uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-
-    def preexec() -> None:
-        os.setgid(gid)
-        os.setgroups(groups)
-        os.setuid(uid)
-        if set(os.getgroups()) - {gid, *groups}:
-            raise PermissionError(f"the server of {account} kept supplementary groups {os.getgroups()}")
-        try:
-            os.chdir(home)
-        except OSError:
-            os.chdir("/")
-
-    return preexec
+    api = urlsplit(hub_api)
+    if api.hostname != "127.0.0.1" or api.port is None:
+        raise ValueError(f"the hub's API must listen on 127.0.0.1 with an explicit port, not {hub_api!r}")
+    return [
+        venv_python(),
+        "-I",
+        str(SERVERNET),
+        f"--account={account}",
+        f"--groups={','.join(str(g) for g in groups)}",
+        f"--listen={listen[0]}:{listen[1]}",
+        f"--hub-api=127.0.0.1:{api.port}",
+        "--",
+        *command,
+    ]
 
 
 class SiteSpawnerMixin(HasTraits):
@@ -205,10 +217,21 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         self.account = member.account
         log_path = HubPaths.of(self.site).log_dir / f"server-{member.account}.log"
         log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - Popen duplicates it; closed below
+        server = list(self.cmd)
         try:
+            if self.port == 0:
+                self.port = random_port()
+            self.cmd = server_command(
+                member.account,
+                [workspace_group(self.site)],
+                (self.ip or "127.0.0.1", self.port),
+                self.hub.api_url,
+                server,
+            )
             self.popen_kwargs = {**self.popen_kwargs, "stdout": log, "stderr": subprocess.STDOUT}
             ip_port = await super().start()
         finally:
+            self.cmd = server
             log.close()
         await self._audit(
             "server.spawn", uid=member.uid, pid=self.pid, projects=list(member.projects), roles=list(member.roles)
@@ -221,7 +244,8 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         await self._audit("server.stop", pid=pid, now=now)
 
     def make_preexec_fn(self, name: str):
-        return server_identity(self.account or name, [workspace_group(self.site)])
+        # The wrapper (:func:`server_command`) runs as root: it makes the namespace, then drops to the account.
+        return None
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
         pw = pwd.getpwnam(self.account)
