@@ -68,14 +68,17 @@ def own_workspace(
     start: bool = True,
     extra_site: str = "",
     project_settings: dict[str, str] | None = None,
+    up_args: tuple[str, ...] = (),
 ) -> Iterator[Workspace]:
     """A workspace in a fresh directory under /tmp (traversable by the spawned accounts), started unless
     ``start`` is false; stopped, its accounts removed and its directory deleted afterwards. ``extra_site`` is
     TOML appended to the site file (e.g. an ``[egress]`` section); ``project_settings`` adds TOML lines to
-    a demo project's table, by project name."""
+    a demo project's table, by project name; ``up_args`` are given to `paitient up` only."""
     root = Path(tempfile.mkdtemp(prefix=dir_prefix, dir="/tmp"))
     os.chmod(root, 0o755)  # spawned accounts traverse it to reach their homes and the service sockets
-    ws = Workspace(root, prefix=account_prefix, extra_site=extra_site, project_settings=project_settings)
+    ws = Workspace(
+        root, prefix=account_prefix, extra_site=extra_site, project_settings=project_settings, up_args=up_args
+    )
     try:
         if start:
             ws.start()
@@ -87,9 +90,15 @@ def own_workspace(
 
 class Workspace:
     def __init__(
-        self, root: Path, prefix: str = "ptt", extra_site: str = "", project_settings: dict[str, str] | None = None
+        self,
+        root: Path,
+        prefix: str = "ptt",
+        extra_site: str = "",
+        project_settings: dict[str, str] | None = None,
+        up_args: tuple[str, ...] = (),
     ):
         self.root = root
+        self.up_args = up_args
         self.state_dir = root / "state"
         self.home_root = root / "homes"
         self.port = free_port()
@@ -110,7 +119,7 @@ class Workspace:
 
     def start(self, timeout: float = 120.0) -> Workspace:
         self.proc = subprocess.Popen(
-            [*PAITIENT, "up", *self.args()],
+            [*PAITIENT, "up", *self.args(), *self.up_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -25,9 +25,19 @@ import pytest
 
 from paitient.config import load, parse
 from paitient.hub.paths import HubPaths, default_proxy_command
-from paitient.ops.install import HUB_UNIT, PROXY_UNIT, TARGET, InstallError, fixed_ports, units, write_units
+from paitient.ops.install import (
+    HUB_UNIT,
+    PROXY_UNIT,
+    TARGET,
+    InstallError,
+    fixed_ports,
+    service_unit,
+    units,
+    write_units,
+)
 from paitient.ops.up import UpCommand
-from paitient.services.kit.process import free_port
+from paitient.services import SERVICES
+from paitient.services.kit.process import SEPARATE_PORTS, free_port
 
 SITE_TOML = """
 [workspace]
@@ -76,7 +86,8 @@ def read_unit(path: Path) -> configparser.ConfigParser:
 def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     unit_dir = world_tmp / "units"
     written = write_units(site, PROXY, unit_dir)
-    assert sorted(p.name for p in written) == sorted([PROXY_UNIT, HUB_UNIT, TARGET])
+    service_units = [service_unit(name) for name in SERVICES]
+    assert sorted(p.name for p in written) == sorted([PROXY_UNIT, HUB_UNIT, TARGET, *service_units])
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
@@ -88,7 +99,8 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
 
     proxy, hub, target = (read_unit(unit_dir / n) for n in (PROXY_UNIT, HUB_UNIT, TARGET))
-    for unit in (proxy, hub):
+    services = {name: read_unit(unit_dir / service_unit(name)) for name in SERVICES}
+    for unit in (proxy, hub, *services.values()):
         s = unit["Service"]
         assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict" and s["PrivateTmp"] == "yes"
         assert s["Restart"] == "on-failure"
@@ -99,13 +111,41 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     p = proxy["Service"]
     assert p["DynamicUser"] == "yes" and p["CapabilityBoundingSet"] == "" and p["ProtectHome"] == "yes"
     assert p["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
-    # the hub runs as root, after and with the proxy, writing only its state, the homes and /etc (useradd)
+    # the hub runs as root, after the proxy and the services, writing only its state, the homes and /etc
+    # (useradd); it starts no service and runs no sandbox (no netlink)
     h = hub["Service"]
     assert h["User"] == "root" and h["ProtectHome"] == "no"
     assert {str(site.state_dir), site.accounts.home_root, "/etc"} <= set(h["ReadWritePaths"].split())
-    assert "AF_NETLINK" in h["RestrictAddressFamilies"].split()
-    assert PROXY_UNIT in hub["Unit"]["After"].split() and hub["Unit"]["Requires"] == PROXY_UNIT
-    assert set(target["Unit"]["Wants"].split()) == {PROXY_UNIT, HUB_UNIT}
+    assert h["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
+    assert {PROXY_UNIT, *service_units} <= set(hub["Unit"]["After"].split()) and hub["Unit"]["Requires"] == PROXY_UNIT
+    assert "--separate-services=airlock:8104,audit:8103,egress:8105,ledger:8102" in h["ExecStart"].split()
+    assert set(target["Unit"]["Wants"].split()) == {PROXY_UNIT, HUB_UNIT, *service_units}
+    # each service: root (its socket, its store), writing its state only; /etc and the data read-only
+    for name, unit in services.items():
+        sv = unit["Service"]
+        argv = shlex.split(sv["ExecStart"])
+        assert argv[argv.index("service") + 1] == name and "--separate" in argv
+        assert sv["User"] == "root" and "/etc" not in sv["ReadWritePaths"].split()
+        assert str(site.data_root) not in sv["ReadWritePaths"].split()
+        assert service_unit(name) in hub["Unit"]["After"].split() and unit["Unit"]["Before"] == HUB_UNIT
+        families = sv["RestrictAddressFamilies"].split()
+        if name in ("ledger", "audit", "egress"):
+            # no sandbox, no home: no namespaces, no devices, no netlink
+            assert sv["ReadWritePaths"] == str(site.state_dir) and sv["ProtectHome"] == "yes"
+            assert sv["RestrictNamespaces"] == "yes" and sv["PrivateDevices"] == "yes"
+            assert families == ["AF_UNIX", "AF_INET", "AF_INET6"]
+        else:
+            # bubblewrap: namespaces, and netlink for each sandbox's loopback
+            assert "RestrictNamespaces" not in sv and "AF_NETLINK" in families
+            writable = [str(site.state_dir), *([site.accounts.home_root] if name == "launcher" else [])]
+            assert sv["ReadWritePaths"].split() == writable
+            assert sv["ProtectHome"] == ("no" if name == "launcher" else "yes")
+    for name, port in SEPARATE_PORTS.items():
+        argv = shlex.split(services[name]["Service"]["ExecStart"])
+        token_file = site.state_dir / "hub" / f"service_{name}_token"
+        assert {f"--port={port}", f"--hub-port={fixed_ports(site)[0]}", f"--token-file={token_file}"} <= set(argv)
+        st = token_file.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, 0) and len(token_file.read_text().strip()) == 64
 
     env = site.state_dir / "hub" / "proxy.env"
     st = env.stat()
@@ -117,7 +157,7 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
 def test_the_units_run_what_up_runs(site, monkeypatch):
     # `up` with its process starts recorded instead of made: the units' ExecStart must be the same commands
     started: dict[str, tuple[list[str], dict[str, str] | None]] = {}
-    up = UpCommand()
+    up = UpCommand(separate_services=True)
     up.children, up.commands, up.directory = {}, {}, None
     monkeypatch.setattr(up, "_spawn", lambda name, argv, paths, env=None: started.__setitem__(name, (argv, env)))
     monkeypatch.setattr(up, "_wait_ready", lambda *a: None)
@@ -127,13 +167,17 @@ def test_the_units_run_what_up_runs(site, monkeypatch):
     up.proxy_command = PROXY
     up._start_all(fixed, HubPaths.of(fixed))
 
-    made = units(fixed, PROXY)
-    for name, unit_name in (("proxy", PROXY_UNIT), ("hub", HUB_UNIT)):
+    # `up` picks the services' ports free; the units fix them: the same commands on `up`'s ports
+    chosen = next(a for a in started["hub"][0] if a.startswith("--separate-services=")).split("=", 1)[1]
+    ports = {name: int(port) for name, port in (item.split(":") for item in chosen.split(","))}
+    made = units(fixed, PROXY, service_ports=ports)
+    pairs = [("proxy", PROXY_UNIT), ("hub", HUB_UNIT), *((f"service-{n}", service_unit(n)) for n in SERVICES)]
+    for name, unit_name in pairs:
         text = made[unit_name]
         exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
         assert shlex.split(exec_start.removeprefix("ExecStart=")) == started[name][0], name
     assert started["proxy"][1] == {"CONFIGPROXY_AUTH_TOKEN": HubPaths.of(fixed).secret("proxy_token")}
-    assert started["hub"][1] is None
+    assert started["hub"][1] is None and all(started[f"service-{n}"][1] is None for n in SERVICES)
     assert f"--proxy-api-port={api_port}" in started["hub"][0] and f"--hub-port={hub_port}" in started["hub"][0]
 
 

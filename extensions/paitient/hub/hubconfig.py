@@ -17,6 +17,7 @@ from paitient.hub import landing, tokens
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.signon import OWN_SCOPES
 from paitient.services import SERVICES
+from paitient.services.kit.process import separate_service, token_secret
 
 # The operator's own token: `paitient up` uses it to stop user servers on shutdown and to check readiness.
 OPERATOR_SERVICE = "paitient-operator"
@@ -41,7 +42,18 @@ def managed_services(site: SiteConfig) -> list[Any]:
     return [importlib.import_module(module) for module in SERVICES.values()]
 
 
-def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int, proxy_api_port: int) -> Config:
+def configure(
+    c: Config,
+    site: SiteConfig,
+    *,
+    directory_url: str,
+    hub_port: int,
+    proxy_api_port: int,
+    separate_services: dict[str, int] | None = None,
+) -> Config:
+    """The hub's configuration for ``site``. ``separate_services`` (name -> port of its pages): the services
+    run on their own (systemd units, ``paitient up --separate-services``); the hub routes to and signs in
+    for those with pages and starts none. None: the hub starts every service as its managed service."""
     paths = HubPaths.of(site)
     w = site.workspace
 
@@ -101,8 +113,16 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
         {"name": OPERATOR_SERVICE, "api_token": paths.secret("operator_token"), "display": False},
     ]
     custom_scopes: dict[str, dict] = {}
-    for module in managed_services(site):
-        services.append(module.hub_service(site, python))
+    for name, module in zip(SERVICES, managed_services(site), strict=True):
+        if separate_services is None:
+            services.append(module.hub_service(site, python))
+        else:
+            entry = module.hub_service(site, python, port=separate_services.get(name, 0))
+            separate = separate_service(entry, paths.secret(token_secret(name)))
+            if separate is not None:
+                if name not in separate_services:
+                    raise ValueError(f"the service {name} has pages but --separate-services names no port for it")
+                services.append(separate)
         custom_scopes.update(module.custom_scopes())
     c.JupyterHub.services = services
     c.JupyterHub.custom_scopes = custom_scopes

@@ -25,13 +25,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directory-url", required=True)
     parser.add_argument("--hub-port", type=int, required=True)
     parser.add_argument("--proxy-api-port", type=int, required=True)
+    parser.add_argument(
+        "--separate-services",
+        default=None,
+        type=service_ports,
+        help="NAME:PORT,...: the services run on their own (systemd units) with their pages on these ports",
+    )
     args = parser.parse_args(argv)
 
     overrides = {"workspace": {"state_dir": args.state_dir}} if args.state_dir else None
     site = site_config.load(args.site or None, overrides=overrides)
     paths = HubPaths.of(site)
     cfg = configure(
-        Config(), site, directory_url=args.directory_url, hub_port=args.hub_port, proxy_api_port=args.proxy_api_port
+        Config(),
+        site,
+        directory_url=args.directory_url,
+        hub_port=args.hub_port,
+        proxy_api_port=args.proxy_api_port,
+        separate_services=args.separate_services,
     )
 
     from paitient.services import audit
@@ -48,6 +59,17 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
     hub.instance(config=cfg)  # the singleton launch_instance() then initializes and runs
     hub.launch_instance(argv=[])
+
+
+def service_ports(text: str) -> dict[str, int]:
+    """``ledger:8102,audit:8103`` -> ``{"ledger": 8102, "audit": 8103}`` (empty text: none has pages)."""
+    out: dict[str, int] = {}
+    for item in filter(None, text.split(",")):
+        name, sep, port = item.partition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"not NAME:PORT: {item!r}")
+        out[name] = int(port)
+    return out
 
 
 def hub_class(site: site_config.SiteConfig) -> Any:

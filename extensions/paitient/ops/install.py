@@ -1,26 +1,34 @@
 """``paitient install``: systemd units that run the workspace as ``paitient up`` does, from the site configuration.
 
-Three units (``--dry-run`` prints them, ``--unit-dir`` picks where they go, default ``/etc/systemd/system``):
+The units (``--dry-run`` prints them, ``--unit-dir`` picks where they go, default ``/etc/systemd/system``):
 
 - ``paitient-proxy.service``: configurable-http-proxy, the only process researchers' browsers reach. It needs
   no privilege, so it runs as a transient unprivileged user (``DynamicUser=``) with no capabilities (bar
   ``CAP_NET_BIND_SERVICE`` for a public port below 1024), nothing of the file system writable, no homes,
   ``NoNewPrivileges=yes``. Its API token comes from ``<state_dir>/hub/proxy.env`` (root 0600), which systemd
   reads before dropping privileges.
-- ``paitient-hub.service``: the hub, started after the proxy (``Requires=``, ``After=``), as ``up`` does. It
-  runs as root: it creates the researchers' system accounts (useradd writes ``/etc/passwd`` and friends, so
-  ``/etc`` is among its writable paths), starts their servers as those accounts (``setpriv``) and starts the
-  root-side services (ledger, audit, airlock, egress, jobs) as its managed services, which run inside this
-  unit and under its hardening. ``NoNewPrivileges=yes`` still applies: root needs no set-user-id program to
-  change to another account, and bubblewrap runs unprivileged in a user namespace. ``ProtectHome=no`` (homes
-  are created and used), ``AF_NETLINK`` beside the network families (bubblewrap sets up each sandbox's
-  loopback through it). Stopping or restarting the unit ends researchers' servers with it; they start again
-  at their next request.
-- ``paitient.target``: starts both; ``systemctl enable --now paitient.target``.
+- ``paitient-<service>.service``, one per root-side service (ledger, audit, airlock, egress, jobs, launcher),
+  each ``paitient service NAME --separate`` with the hardening its work allows (:data:`SERVICE_HARDENING`):
+  the ledger, the audit trail and the egress judge write only the state directory, see no homes, make no
+  namespaces and no device; the airlock's and the jobs' sandboxes and the kernel launcher keep namespaces
+  (bubblewrap) and netlink (each sandbox's loopback); only the launcher sees the homes. Those with pages
+  listen on fixed loopback ports (:data:`paitient.services.kit.process.SEPARATE_PORTS`) and sign people in
+  through the hub with an API token they share with it (``<state_dir>/hub/service_<name>_token``, 0600).
+- ``paitient-hub.service``: the hub, after the proxy and the services, told the services' ports (it starts
+  none). It runs as root: it creates the researchers' system accounts (useradd writes ``/etc/passwd`` and
+  friends, so ``/etc`` is among its writable paths) and starts their servers, each through
+  :mod:`paitient.hub.servernet` (a network namespace of its own, then the account). ``NoNewPrivileges=yes``
+  still applies: root needs no set-user-id program to change to another account. ``ProtectHome=no`` (homes
+  are created and used). Stopping or restarting the unit ends researchers' servers with it; they start again
+  at their next request. Stopping a service leaves the hub and the servers running: what needs it fails
+  closed until it is back (a cell is refused while the audit trail is away, outputs are withheld while the
+  egress judge is).
+- ``paitient.target``: starts them all; ``systemctl enable --now paitient.target``.
 
-A unit runs the same command as ``paitient up``, built by :mod:`paitient.ops.commands`; the ports that ``up``
-picks free at each start are fixed here ([workspace] hub_port and proxy_api_port, defaults 8081 and 8001).
-Production needs the hospital's directory: a site without a [directory] url is refused.
+A unit runs the same command as ``paitient up`` (``up --separate-services`` runs the services as these units
+do), built by :mod:`paitient.ops.commands`; the ports that ``up`` picks free at each start are fixed here
+([workspace] hub_port and proxy_api_port, defaults 8081 and 8001, and the services' pages). Production needs
+the hospital's directory: a site without a [directory] url is refused.
 """
 
 from __future__ import annotations
@@ -34,13 +42,41 @@ from paitient.app import PaitientCommand
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_text
 from paitient.hub.paths import HubPaths, default_proxy_command
-from paitient.ops.commands import PROXY_TOKEN_ENV, Command, hub_command, proxy_command
+from paitient.ops.commands import PROXY_TOKEN_ENV, Command, hub_command, proxy_command, service_command
+from paitient.services import SERVICES
+from paitient.services.kit.process import SEPARATE_PORTS, token_secret
 
 DEFAULT_HUB_PORT = 8081
 DEFAULT_PROXY_API_PORT = 8001
 PROXY_UNIT = "paitient-proxy.service"
 HUB_UNIT = "paitient-hub.service"
 TARGET = "paitient.target"
+
+
+def service_unit(name: str) -> str:
+    return f"paitient-{name}.service"
+
+
+SANDBOXING = {"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}
+"""What a service that runs bubblewrap needs: namespaces, and netlink to bring up each sandbox's loopback."""
+CONTAINED = {
+    "ProtectHome": "yes",
+    "PrivateDevices": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+}
+"""A service that runs no sandbox and reads no home: no namespaces, no devices, no homes."""
+SERVICE_HARDENING: dict[str, dict[str, str]] = {
+    "ledger": CONTAINED,
+    "audit": CONTAINED,
+    "egress": CONTAINED,
+    "airlock": {"ProtectHome": "yes", **SANDBOXING},
+    "jobs": {"ProtectHome": "yes", **SANDBOXING},
+    # the kernels' homes are bound into their sandboxes, and their runtime dirs read, by the launcher
+    "launcher": {"ProtectHome": "no", **SANDBOXING},
+}
+"""Per service, the hardening beside what every service unit has (no new privileges, a read-only system but
+the state directory, private tmp, no kernel modules or tunables, no control groups)."""
 
 
 class InstallError(Exception):
@@ -106,12 +142,62 @@ def check_site(site: SiteConfig) -> None:
             )
 
 
-def units(site: SiteConfig, proxy: str) -> dict[str, str]:
-    """The unit files' names and contents for ``site``, ``proxy`` being the configurable-http-proxy program."""
+def _service_writable(site: SiteConfig, name: str) -> list[str]:
+    """The state directory; for the launcher also the homes (each kernel's home is bound into its sandbox
+    read-write, and the sandbox lives in the launcher's view of the file system). Data stays read-only."""
+    return [str(site.state_dir), *([site.accounts.home_root] if name == "launcher" else [])]
+
+
+def service_units(site: SiteConfig, hub_port: int, ports: dict[str, int], header: str) -> dict[str, str]:
+    out = {}
+    for name in SERVICES:
+        command = service_command(site, name, hub_port=hub_port, port=ports.get(name, 0))
+        extra = "\n".join(f"{key}={value}" for key, value in SERVICE_HARDENING[name].items())
+        out[service_unit(name)] = f"""{header}[Unit]
+Description=paitient {name} service
+Wants=network-online.target
+After=network-online.target
+Before={HUB_UNIT}
+PartOf={TARGET}
+
+[Service]
+Type=simple
+ExecStart={exec_line(command)}
+Restart=on-failure
+RestartSec=2
+User=root
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={" ".join(_service_writable(site, name))}
+PrivateTmp=yes
+ProtectKernelModules=yes
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
+LockPersonality=yes
+UMask=0022
+{extra}
+
+[Install]
+WantedBy={TARGET}
+"""
+    return out
+
+
+def units(site: SiteConfig, proxy: str, service_ports: dict[str, int] | None = None) -> dict[str, str]:
+    """The unit files' names and contents for ``site``, ``proxy`` being the configurable-http-proxy program;
+    the services' pages on ``service_ports`` (default :data:`SEPARATE_PORTS`)."""
+    ports = dict(SEPARATE_PORTS if service_ports is None else service_ports)
     check_site(site)
     hub_port, api_port = fixed_ports(site)
     pc = proxy_command(site, proxy, hub_port=hub_port, proxy_api_port=api_port)
-    hc = hub_command(site, directory_url=site.directory.url, hub_port=hub_port, proxy_api_port=api_port)
+    hc = hub_command(
+        site,
+        directory_url=site.directory.url,
+        hub_port=hub_port,
+        proxy_api_port=api_port,
+        service_ports=ports,
+    )
+    services = " ".join(service_unit(name) for name in SERVICES)
     low_port = site.workspace.port < 1024
     caps = "CAP_NET_BIND_SERVICE" if low_port else ""
     header = f"# Written by `paitient install --site={site.source}`; run it again after changing the site.\n"
@@ -148,9 +234,9 @@ WantedBy={TARGET}
 """
     rw = " ".join(_writable(site))
     hub_unit = f"""{header}[Unit]
-Description=paitient hub (sign-in, researchers' servers, root-side services)
-Wants=network-online.target
-After=network-online.target {PROXY_UNIT}
+Description=paitient hub (sign-in, researchers' servers)
+Wants=network-online.target {services}
+After=network-online.target {PROXY_UNIT} {services}
 Requires={PROXY_UNIT}
 PartOf={TARGET}
 
@@ -159,7 +245,8 @@ Type=simple
 ExecStart={exec_line(hc)}
 Restart=on-failure
 RestartSec=2
-# root: creates accounts, starts servers as them (setpriv), runs the services; nothing needs set-user-id
+# root: creates accounts, starts each server in a network namespace of its own as its account;
+# nothing needs set-user-id
 User=root
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -169,8 +256,7 @@ ProtectHome=no
 PrivateTmp=yes
 ProtectKernelModules=yes
 ProtectControlGroups=yes
-# AF_NETLINK: bubblewrap brings up each sandbox's loopback
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 UMask=0022
 
 [Install]
@@ -178,13 +264,13 @@ WantedBy={TARGET}
 """
     target = f"""{header}[Unit]
 Description=paitient secure analysis workspace
-Wants={PROXY_UNIT} {HUB_UNIT}
-After={PROXY_UNIT} {HUB_UNIT}
+Wants={PROXY_UNIT} {services} {HUB_UNIT}
+After={PROXY_UNIT} {services} {HUB_UNIT}
 
 [Install]
 WantedBy=multi-user.target
 """
-    return {PROXY_UNIT: proxy_unit, HUB_UNIT: hub_unit, TARGET: target}
+    return {PROXY_UNIT: proxy_unit, **service_units(site, hub_port, ports, header), HUB_UNIT: hub_unit, TARGET: target}
 
 
 def write_units(site: SiteConfig, proxy: str, unit_dir: Path) -> list[Path]:
@@ -193,6 +279,8 @@ def write_units(site: SiteConfig, proxy: str, unit_dir: Path) -> list[Path]:
     paths = HubPaths.of(site)
     paths.prepare()
     atomic_write_text(proxy_env_file(site), f"{PROXY_TOKEN_ENV}={paths.secret('proxy_token')}\n", mode=0o600)
+    for name in SERVICES:
+        paths.secret(token_secret(name))  # the hub and the service read it; made once, here
     unit_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for name, text in made.items():
@@ -204,9 +292,9 @@ def write_units(site: SiteConfig, proxy: str, unit_dir: Path) -> list[Path]:
 class InstallCommand(PaitientCommand):
     name = "install"
     description = (
-        "Write systemd units for the proxy and the hub (which runs the services) from the site configuration, "
-        "running what `paitient up` runs, hardened. --dry-run prints them. Then: systemctl daemon-reload && "
-        "systemctl enable --now paitient.target"
+        "Write systemd units for the proxy, each root-side service and the hub from the site configuration, "
+        "running what `paitient up --separate-services` runs, hardened. --dry-run prints them. Then: "
+        "systemctl daemon-reload && systemctl enable --now paitient.target"
     )
     examples = "paitient install --site=/etc/paitient/site.toml --dry-run"
     unit_dir = Unicode("/etc/systemd/system", help="Where the unit files go.").tag(config=True)

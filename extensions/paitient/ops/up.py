@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from traitlets import Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 
 from paitient.app import PaitientCommand
 from paitient.config import SiteConfig, Workspace
 from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command
-from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command
-from paitient.services import PAGES
-from paitient.services.kit.process import free_port, parent_death_signal
+from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command, service_command
+from paitient.services import PAGES, SERVICES
+from paitient.services.kit.process import free_port, parent_death_signal, token_secret
 
 if TYPE_CHECKING:
     from paitient.ops.directory import DemoDirectory
@@ -177,6 +177,18 @@ class UpCommand(_StateCommand):
         config=True
     )
 
+    separate_services = Bool(
+        False,
+        help="Run each root-side service as a process of its own, as the systemd units of `paitient install` do, "
+        "instead of as the hub's managed services.",
+    ).tag(config=True)
+    flags = {
+        "separate-services": (
+            {"UpCommand": {"separate_services": True}},
+            "Run each service as a process of its own, as `paitient install`'s units do.",
+        )
+    }
+
     @default("proxy_command")
     def _proxy_command_default(self) -> str:
         return default_proxy_command()
@@ -271,7 +283,20 @@ class UpCommand(_StateCommand):
         url = f"http://{host}:{w.port}/"
         proxy = proxy_command(site, self.proxy_command, hub_port=hub_port, proxy_api_port=proxy_api_port)
         self._spawn("proxy", proxy.argv, paths, env={PROXY_TOKEN_ENV: proxy_token})
-        hub = hub_command(site, directory_url=directory_url, hub_port=hub_port, proxy_api_port=proxy_api_port)
+        service_ports = None
+        if self.separate_services:
+            service_ports = {name: free_port() for name in PAGES}
+            for name in SERVICES:
+                paths.secret(token_secret(name))  # made once, before the hub and the service both read it
+                command = service_command(site, name, hub_port=hub_port, port=service_ports.get(name, 0))
+                self._spawn(f"service-{name}", command.argv, paths)
+        hub = hub_command(
+            site,
+            directory_url=directory_url,
+            hub_port=hub_port,
+            proxy_api_port=proxy_api_port,
+            service_ports=service_ports,
+        )
         self._spawn("hub", hub.argv, paths)
         self.running = Running(
             up_pid=os.getpid(),
@@ -367,7 +392,8 @@ class UpCommand(_StateCommand):
                     "they keep running until the next `paitient up` stops them",
                     file=sys.stderr,
                 )
-        for name in ("hub", "proxy"):
+        services = [name for name in self.children if name.startswith("service-")]
+        for name in ("hub", *services, "proxy"):
             proc = self.children.get(name)
             if proc is not None:
                 terminate(proc.pid)

@@ -11,8 +11,11 @@ blocks.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from pathlib import Path
 
-from traitlets import Unicode
+from traitlets import Bool, Integer, Unicode
 
 from paitient.app import PaitientCommand
 from paitient.services.kit.process import die_with_parent
@@ -34,6 +37,23 @@ class ServiceCommand(PaitientCommand):
     name = "service"
     description = "Run one root-side service (ledger, audit, airlock, egress, jobs, launcher) in the foreground."
     service = Unicode("", help="Which service: " + ", ".join(SERVICES)).tag(config=True)
+    separate = Bool(
+        False,
+        help="Run on its own (a systemd unit, `paitient up --separate-services`), not started by the hub: its "
+        "pages' sign-in settings come from --port, --hub-port and --token-file instead of the hub.",
+    ).tag(config=True)
+    port = Integer(0, help="With --separate: the loopback port of the service's pages.").tag(config=True)
+    hub_port = Integer(0, help="With --separate: the hub's API port on loopback.").tag(config=True)
+    token_file = Unicode("", help="With --separate: the file (root 0600) holding the service's API token.").tag(
+        config=True
+    )
+    aliases = {
+        **PaitientCommand.aliases,
+        "port": "ServiceCommand.port",
+        "hub-port": "ServiceCommand.hub_port",
+        "token-file": "ServiceCommand.token_file",
+    }
+    flags = {"separate": ({"ServiceCommand": {"separate": True}}, "Run on its own, not started by the hub.")}
 
     def parse_command_line(self, argv=None):
         super().parse_command_line(argv)
@@ -47,4 +67,23 @@ class ServiceCommand(PaitientCommand):
         die_with_parent()
         site = self.load_site()
         module = importlib.import_module(SERVICES[self.service])
+        if self.separate:
+            self._separate_env(module, site)
         module.serve(site, self.log)
+
+    def _separate_env(self, module, site) -> None:
+        """Set what the hub would have set for its managed service (nothing for a service without pages)."""
+        from paitient.services.kit.process import separate_service, separate_service_env
+
+        entry = separate_service(module.hub_service(site, sys.executable, port=self.port), "")
+        if entry is None:
+            return
+        if not (self.port and self.hub_port and self.token_file):
+            self.fail(f"paitient service {self.service} --separate needs --port, --hub-port and --token-file")
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except OSError as e:
+            self.fail(f"cannot read the service's token from {self.token_file}: {e.strerror}")
+        if not token:
+            self.fail(f"the token file {self.token_file} is empty; run `paitient install` again to write it")
+        os.environ.update(separate_service_env(entry, token, self.hub_port))

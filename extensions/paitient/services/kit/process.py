@@ -4,6 +4,7 @@ service entries."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -86,3 +87,48 @@ class StopSignal:
 def socket_path(site, name: str):
     """Where service ``name`` listens (host path; the same path inside every sandbox)."""
     return site.run_dir / f"{name}.sock"
+
+
+SEPARATE_PORTS = {"ledger": 8102, "audit": 8103, "airlock": 8104, "egress": 8105}
+"""Loopback ports of the services' pages when each runs as a systemd unit of its own (``paitient install``);
+``paitient up --separate-services`` picks free ones instead."""
+
+
+def token_secret(name: str) -> str:
+    """The name of the hub secret (``<state_dir>/hub/<name>``) that a separately run service ``name`` and the
+    hub share as the service's API token."""
+    return f"service_{name}_token"
+
+
+def separate_service(entry: dict, token: str) -> dict | None:
+    """The hub's entry for a service that runs on its own (a systemd unit, or ``up --separate-services``),
+    from its managed entry: no command (the hub does not start it), its API token given. None for a service
+    without pages: the hub has nothing to route or sign in to, so it is not registered."""
+    if "url" not in entry:
+        return None
+    out = {key: value for key, value in entry.items() if key != "command"}
+    out["api_token"] = token
+    return out
+
+
+def separate_service_env(entry: dict, token: str, hub_port: int) -> dict[str, str]:
+    """The environment the hub gives a managed service (its pages' sign-in through the hub's OAuth), for a
+    service run on its own: the same variables JupyterHub's service spawner sets, from the same entry."""
+    name = entry["name"]
+    prefix = f"/services/{name}/"
+    access = ["access:services", f"access:services!service={name}"]
+    return {
+        "JUPYTERHUB_SERVICE_NAME": name,
+        "JUPYTERHUB_SERVICE_URL": entry["url"],
+        "JUPYTERHUB_SERVICE_PREFIX": prefix,
+        "JUPYTERHUB_API_TOKEN": token,
+        "JPY_API_TOKEN": token,
+        "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub_port}/hub/api",
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_HOST": "",
+        "JUPYTERHUB_CLIENT_ID": f"service-{name}",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": f"{prefix}oauth_callback",
+        "JUPYTERHUB_OAUTH_SCOPES": json.dumps(access),
+        "JUPYTERHUB_OAUTH_ACCESS_SCOPES": json.dumps(access),
+        "JUPYTERHUB_OAUTH_CLIENT_ALLOWED_SCOPES": json.dumps(entry.get("oauth_client_allowed_scopes", [])),
+    }
