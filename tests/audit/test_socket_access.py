@@ -28,6 +28,14 @@ from paitient.services.kit.access import WORKSPACE_LIMITS
 from tests import workspacegroup
 
 SERVICES = ("audit", "ledger", "airlock")
+GATE = ("egress", "launcher")
+"""The sockets only users' servers use (in ``<state_dir>/gate``, a folder no sandbox binds)."""
+
+
+def sock_path(site, name):
+    return (site.state_dir / "gate" if name in GATE else site.run_dir) / f"{name}.sock"
+
+
 OTHER_RECORD_BOUND_S = 0.5
 """How long one record of a well-behaved account may take while another account floods the socket."""
 
@@ -52,7 +60,7 @@ def services(site, names):
             )
         deadline = time.monotonic() + 60
         for name, proc in zip(names, procs, strict=True):
-            while not (site.run_dir / f"{name}.sock").exists():
+            while not sock_path(site, name).exists():
                 assert proc.poll() is None, f"{name} did not start: {(site.state_dir / f'{name}.log').read_text()}"
                 assert time.monotonic() < deadline, f"{name} did not start"
                 time.sleep(0.05)
@@ -117,6 +125,31 @@ def test_the_sockets_are_root_and_the_workspace_group_0660(site):
             st = os.stat(site.run_dir / f"{name}.sock")
             assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, name
             assert st.st_uid == 0 and st.st_gid == grp.getgrnam(site.accounts.group).gr_gid, name
+
+
+def test_the_gate_sockets_are_root_and_the_workspace_group_0660_and_refuse_an_outsider(site, make_system_user):
+    outsider = make_system_user("outsider", member=False)
+    with services(site, GATE):
+        for name in GATE:
+            st = os.stat(sock_path(site, name))
+            assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660, name
+            assert st.st_uid == 0 and st.st_gid == grp.getgrnam(site.accounts.group).gr_gid, name
+        paths = [str(sock_path(site, name)) for name in GATE]
+        out = as_account(
+            outsider,
+            f"""
+            import errno, socket
+            for path in {paths!r}:
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(path)
+                    print("CONNECTED")
+                except OSError as e:
+                    print(errno.errorcode[e.errno])
+            """,
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["EACCES", "EACCES"]
 
 
 def test_an_unrelated_local_account_cannot_even_connect(site, make_system_user):

@@ -63,7 +63,7 @@ def world(tmp_path_factory):
     os.chmod(user.pw_dir, 0o700)
     store = EgressStore.for_state_dir(site.state_dir)
     service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
-    egress = EgressServer(socket_path(site), service)
+    egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     egress.start_in_thread()
     server = UserServer(site, user, ("onc",), root, start_egress=False)
     Registry.for_state_dir(site.state_dir).put(server.member)

@@ -23,6 +23,7 @@ from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
+from tests import workspacegroup
 
 ROW = re.compile(rb"row:(\d+)")
 
@@ -64,7 +65,7 @@ def running(site):
     store = EgressStore.for_state_dir(site.state_dir)
     matcher = MarkedRows(site)
     service = EgressService(site, store, matcher, CallerIsAlice.for_state_dir(site.state_dir))
-    server = EgressServer(socket_path(site), service)
+    server = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     server.start_in_thread()
     gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
     yield service, gate
@@ -242,7 +243,7 @@ def test_an_unknown_account_is_refused(site, running, make_system_user):
             "setpriv",
             f"--reuid={stranger.pw_uid}",
             f"--regid={stranger.pw_gid}",
-            "--clear-groups",
+            workspacegroup.setpriv_groups(),  # in the workspace's group, but no workspace user
             sys.executable,
             "-c",
             code,

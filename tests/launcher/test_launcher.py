@@ -39,8 +39,10 @@ except channel.ChannelError as e:
 """
 
 
-def ask_as(pw, sock: Path, args: dict, groups: str = "--clear-groups") -> dict:
-    """``start`` with ``args``, sent by a process of ``pw``'s account (``None``: root)."""
+def ask_as(pw, sock: Path, args: dict, groups: str | None = None) -> dict:
+    """``start`` with ``args``, sent by a process of ``pw``'s account (``None``: root) with ``groups`` (a
+    setpriv option; default: the workspace's group only, as the user's server has)."""
+    groups = groups or workspacegroup.setpriv_groups()
     prefix = [] if pw is None else ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", groups]
     r = subprocess.run(
         [*prefix, sys.executable, "-c", textwrap.dedent(ASK), str(sock), json.dumps(args)],
@@ -95,7 +97,7 @@ def world(world_tmp, make_system_user):
     registry.put(Member(username="bob", account=bob.pw_name, uid=bob.pw_uid, projects=("card",)))
     access.sync(site)
     launcher = Launcher(site, registry)
-    server = LauncherServer(socket_path(site), launcher)
+    server = LauncherServer(socket_path(site), launcher, group=workspacegroup.gid())
     server.start_in_thread()
     try:
         yield site, launcher, server.path, {"alice": alice, "bob": bob, "stranger": stranger}
@@ -183,7 +185,7 @@ def staying(pw, sock: Path, args: dict):
             "setpriv",
             f"--reuid={pw.pw_uid}",
             f"--regid={pw.pw_gid}",
-            "--clear-groups",
+            workspacegroup.setpriv_groups(),
             sys.executable,
             "-c",
             code,

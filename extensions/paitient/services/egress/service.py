@@ -46,6 +46,7 @@ from paitient.rules.egress import (
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.store import EgressStore, today
+from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import UnixSocketServer
 
 MAX_CONTEXTS = 512
@@ -375,11 +376,13 @@ class _Connection(socketserver.BaseRequestHandler):
 class EgressServer(UnixSocketServer):
     """The gate's socket: one long connection per user's server. Its folder (0755) is bound into no sandbox."""
 
-    def __init__(self, path: str | os.PathLike[str], service: EgressService):
+    def __init__(self, path: str | os.PathLike[str], service: EgressService, *, group: int | None = None):
+        """``group``: the workspace's group, whose accounts' servers connect (the socket is root:group 0660);
+        None leaves it root's group (tests whose callers run as root)."""
         self.service = service
         Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(Path(path).parent, 0o755)
-        super().__init__(path, _Connection, name="egress", mode=0o666)
+        super().__init__(path, _Connection, name="egress", mode=SOCKET_MODE, group=group)
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:
@@ -428,7 +431,7 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
             "`paitient datasets --reindex` builds it",
             key,
         )
-    server = EgressServer(socket_path(site), service)
+    server = EgressServer(socket_path(site), service, group=workspace_group(site))
     stop = StopSignal()
     server.start_in_thread()
     logger.info("egress: listening on %s", server.path)

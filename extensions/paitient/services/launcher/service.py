@@ -53,7 +53,7 @@ from paitient.rules.sandbox import (
 )
 from paitient.rules.seccomp import seccomp_program
 from paitient.services.data import access
-from paitient.services.kit.access import workspace_group
+from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.launcher import socket_path
 
@@ -333,8 +333,11 @@ def _seccomp_fd() -> int:
 
 
 class LauncherServer(ChannelServer):
-    def __init__(self, path: str | os.PathLike[str], launcher: Launcher):
-        super().__init__(path, launcher.handlers(), name="launcher", mode=0o666)
+    """The launcher's socket: root:<workspace group> 0660 (``group`` None: root's group, for tests whose
+    callers are root); who is served is then decided per request (:meth:`Launcher.caller`)."""
+
+    def __init__(self, path: str | os.PathLike[str], launcher: Launcher, *, group: int | None = None):
+        super().__init__(path, launcher.handlers(), name="launcher", mode=SOCKET_MODE, group=group)
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:
@@ -356,7 +359,7 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
 
     socket_path(site).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     launcher = Launcher(site, Registry.for_state_dir(site.state_dir), log=logger)
-    server = LauncherServer(socket_path(site), launcher)
+    server = LauncherServer(socket_path(site), launcher, group=workspace_group(site))
     stop = StopSignal()
     server.start_in_thread()
     logger.info("launcher: listening on %s", server.path)
