@@ -1,0 +1,439 @@
+"""The Kubernetes profile: each researcher's server in a pod of its own, through KubeSpawner.
+
+On one machine the hub (root) makes a system account per user and the root-side launcher starts every
+kernel in bubblewrap. On Kubernetes the hub cannot make accounts on the nodes or start processes in a pod,
+so the decisions move into the pod's manifest, which the hub writes and nobody in the pod can change:
+
+- **who**: the pod runs as a uid of the user's own (``[accounts] uid_min`` + the hub's id of the user),
+  never root, with the groups of the user's projects (:attr:`PaitientKubeSpawner.project_gids`);
+- **which data**: one read-only volume per project the user is a member of, mounted under
+  ``/data/<project>``, and no other project's;
+- **which network**: NetworkPolicies (:func:`network_policies`) let the pod reach the hub's API and the
+  services and nothing else, and let only the proxy and the hub reach the pod;
+- **how the kernel is kept**: the server (container ``notebook``) runs under the container runtime's
+  default seccomp filter with a read-only root and no data volume at all; its kernels run in the
+  container ``kernels`` (same pod, same uid, its own mount and pid namespaces), which holds the data
+  volumes and starts every kernel in bubblewrap as on a host: no network, its own pid namespace, the
+  workspace's seccomp filter. bubblewrap needs user namespaces and a /proc it can mount again, so that one
+  container runs without the runtime's seccomp filter and AppArmor profile, with an unmasked /proc, in a
+  pod with a user namespace of its own (``hostUsers: false``); it still has no capability and no
+  privilege escalation. ``docs/kubernetes.md`` explains the choice.
+
+The pure part (:func:`pod_plan`, :func:`network_policies`, :func:`service_entries`) turns the site and a
+user into plain data; :class:`PaitientKubeSpawner` and :func:`configure_kubernetes` are the thin wrappers
+that hand it to KubeSpawner and to the hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubespawner import KubeSpawner
+from traitlets import Dict, Int, List, Unicode, default
+from traitlets.config import Config
+
+from paitient.config import SiteConfig
+from paitient.hub.spawner import SiteSpawnerMixin
+
+NOTEBOOK_CONTAINER = "notebook"
+"""KubeSpawner's name for the pod's main container: the user's Jupyter server."""
+KERNELS_CONTAINER = "kernels"
+HOME = "/home/researcher"
+DATA = "/data"
+RUNTIME_SOCKETS = "/run/paitient"
+"""An in-memory folder both containers mount: the kernel launcher's socket."""
+
+CHART_LABELS = {"app": "jupyterhub"}
+"""The Zero to JupyterHub chart's labels (``jupyterhub.matchLabels`` less the release): pods are picked by
+these and ``component``."""
+SINGLEUSER = "singleuser-server"
+HUB = "hub"
+PROXY = "proxy"
+SERVICES = "paitient-services"
+"""The ``component`` label of the pod that runs the root-side services (ledger, audit, airlock, egress, jobs)."""
+
+SERVICE_PORTS = {"airlock": 8410, "ledger": 8411, "audit": 8412, "egress": 8413, "jobs": 8414}
+"""Where each service listens in the services pod. The hub and users' servers reach them there only."""
+HUB_API_PORT = 8081
+NOTEBOOK_PORT = 8888
+
+
+class ProfileError(ValueError):
+    """The Kubernetes profile cannot make a pod for this user; the message says what to fix."""
+
+
+def user_uid(site: SiteConfig, hub_user_id: int) -> int:
+    """The uid of a user's pod: ``[accounts] uid_min`` plus the hub's (stable) id of the user."""
+    uid = site.accounts.uid_min + hub_user_id
+    if hub_user_id < 0 or uid > site.accounts.uid_max:
+        raise ProfileError(
+            f"hub user id {hub_user_id} gives uid {uid}, outside [accounts] uid_min..uid_max "
+            f"({site.accounts.uid_min}..{site.accounts.uid_max}); raise [accounts] max_accounts"
+        )
+    return uid
+
+
+def dropped() -> dict[str, Any]:
+    """What every container of a user's pod gives up: privilege escalation and every capability."""
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def notebook_context(uid: int, gid: int) -> dict[str, Any]:
+    """The server's container: non-root, the runtime's default seccomp filter, a read-only root."""
+    return {
+        **dropped(),
+        "runAsUser": uid,
+        "runAsGroup": gid,
+        "readOnlyRootFilesystem": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def kernels_context(uid: int, gid: int) -> dict[str, Any]:
+    """The kernels' container: bubblewrap makes namespaces and mounts /proc again, which the runtime's default
+    seccomp filter and AppArmor profile forbid and a masked /proc refuses. The kernel inside gets the
+    workspace's own filter (:mod:`paitient.rules.seccomp`) from bubblewrap."""
+    return {
+        **dropped(),
+        "runAsUser": uid,
+        "runAsGroup": gid,
+        "readOnlyRootFilesystem": True,
+        "seccompProfile": {"type": "Unconfined"},
+        "appArmorProfile": {"type": "Unconfined"},
+        "procMount": "Unmasked",
+    }
+
+
+@dataclass(frozen=True)
+class PodPlan:
+    """What the hub decides about one user's pod."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    projects: tuple[str, ...]
+    volumes: tuple[dict[str, Any], ...]
+    notebook_mounts: tuple[dict[str, Any], ...]
+    kernels_mounts: tuple[dict[str, Any], ...]
+
+
+def data_volume_name(project: str) -> str:
+    return f"data-{project}"
+
+
+def pod_plan(
+    site: SiteConfig,
+    hub_user_id: int,
+    projects: tuple[str, ...],
+    *,
+    data_claim_prefix: str,
+    project_gids: dict[str, int],
+    home_claim: str,
+) -> PodPlan:
+    """The user's pod: uid, groups, and volumes (the home, one read-only claim per project of the user's).
+
+    Projects the site does not list are left out; so are the data of every other project. The data are
+    mounted into the kernels' container only: the server reads no dataset, as on a host.
+    """
+    known = {p.name for p in site.projects}
+    mine = tuple(sorted(p for p in set(projects) if p in known))
+    uid = user_uid(site, hub_user_id)
+    volumes: list[dict[str, Any]] = [
+        {"name": "home", "persistentVolumeClaim": {"claimName": home_claim}},
+        {"name": "sockets", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    shared = [
+        {"name": "home", "mountPath": HOME},
+        {"name": "sockets", "mountPath": RUNTIME_SOCKETS},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own, in an emptyDir
+    ]
+    data_mounts = []
+    for project in mine:
+        name = data_volume_name(project)
+        volumes.append(
+            {"name": name, "persistentVolumeClaim": {"claimName": f"{data_claim_prefix}{project}", "readOnly": True}}
+        )
+        data_mounts.append({"name": name, "mountPath": f"{DATA}/{project}", "readOnly": True})
+    return PodPlan(
+        uid=uid,
+        gid=uid,
+        groups=tuple(sorted({project_gids[p] for p in mine if p in project_gids})),
+        projects=mine,
+        volumes=tuple(volumes),
+        notebook_mounts=tuple(shared),
+        kernels_mounts=tuple(shared + data_mounts),
+    )
+
+
+def kernels_env() -> dict[str, str]:
+    """The kernels' container's whole environment: where things are, and no credential at all."""
+    return {
+        "HOME": HOME,
+        "PAITIENT_DATA_DIR": DATA,
+        "PAITIENT_LAUNCHER_SOCKET": f"{RUNTIME_SOCKETS}/launcher.sock",
+        "PYTHONNOUSERSITE": "1",
+        "LANG": "C.UTF-8",
+    }
+
+
+# -- the network ----------------------------------------------------------------------------------
+
+
+def _pods(component: str) -> dict[str, Any]:
+    return {"podSelector": {"matchLabels": {**CHART_LABELS, "component": component}}}
+
+
+def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
+    """The NetworkPolicies of the profile (they replace the chart's own for users' pods).
+
+    Users' pods: ingress from the proxy and the hub to the server's port only; egress to the hub's API
+    and the services' ports, and (``dns``) to the cluster's DNS in ``kube-system``, nothing else: no
+    internet, no other pod, no cloud metadata. The services' pod: ingress from the hub and users' pods on
+    the services' ports; egress to the hub's API only.
+    """
+    service_ports = [{"port": port, "protocol": "TCP"} for port in sorted(SERVICE_PORTS.values())]
+    user_egress: list[dict[str, Any]] = [
+        {"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]},
+        {"to": [_pods(SERVICES)], "ports": service_ports},
+    ]
+    if dns:
+        user_egress.append(
+            {
+                "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}],
+                "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+            }
+        )
+    users = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "paitient-singleuser"},
+        "spec": {
+            "podSelector": {"matchLabels": {**CHART_LABELS, "component": SINGLEUSER}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [_pods(PROXY), _pods(HUB)], "ports": [{"port": NOTEBOOK_PORT, "protocol": "TCP"}]},
+            ],
+            "egress": user_egress,
+        },
+    }
+    services = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "paitient-services"},
+        "spec": {
+            "podSelector": {"matchLabels": {**CHART_LABELS, "component": SERVICES}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [_pods(HUB), _pods(SINGLEUSER)], "ports": service_ports}],
+            "egress": [{"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]}],
+        },
+    }
+    return [users, services]
+
+
+# -- the services as hub services -------------------------------------------------------------------
+
+
+def service_entries(services_host: str) -> list[dict[str, Any]]:
+    """``JupyterHub.services`` for services that run in their own pod: a URL each, no command. Their
+    tokens come from the chart (``hub.services.<name>.apiToken``), never from this function."""
+    import importlib
+
+    from paitient.services import PAGES
+    from paitient.services import SERVICES as MODULES
+
+    entries = []
+    for name, port in SERVICE_PORTS.items():
+        module = importlib.import_module(MODULES[name])
+        entries.append(
+            {
+                "name": name,
+                "url": f"http://{services_host}:{port}",
+                "oauth_no_confirm": True,
+                "oauth_client_allowed_scopes": sorted(module.custom_scopes()),
+                "display": name in PAGES,
+            }
+        )
+    return entries
+
+
+# -- the spawner ------------------------------------------------------------------------------------
+
+
+class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
+    """KubeSpawner with the pod the hub decides from the site configuration and the user's projects."""
+
+    data_claim_prefix = Unicode(
+        "paitient-data-",
+        help="Each project's data are the PersistentVolumeClaim <prefix><project> (ReadOnlyMany), holding "
+        "<dataset>/current as ingest publishes it.",
+    ).tag(config=True)
+
+    project_gids = Dict(
+        key_trait=Unicode(),
+        value_trait=Int(),
+        help="Project -> the group id that may read its data volume's files; the pod gets the groups of the "
+        "user's projects only.",
+    ).tag(config=True)
+
+    kernels_cmd = List(
+        Unicode(),
+        help="The command of the pod's kernels container: the in-pod kernel launcher, which starts each kernel "
+        "the server asks for in bubblewrap. Required: see docs/kubernetes.md.",
+    ).tag(config=True)
+
+    @default("default_url")
+    def _default_url_default(self) -> str:
+        return "/lab"
+
+    @default("server_token_scopes")
+    def _server_token_scopes_default(self) -> list[str]:
+        return ["users:activity!user", "access:servers!server"]
+
+    @default("automount_service_account_token")
+    def _no_kubernetes_token(self) -> bool:
+        return False
+
+    @default("pvc_name_template")
+    def _home_claim(self) -> str:
+        return "paitient-home-{user_server}"
+
+    def plan(self) -> PodPlan:
+        projects, _ = self.member_groups()
+        return pod_plan(
+            self.site,
+            int(self.user.id),
+            projects,
+            data_claim_prefix=self.data_claim_prefix,
+            project_gids=dict(self.project_gids),
+            home_claim=self.pvc_name,
+        )
+
+    async def get_pod_manifest(self):
+        if not self.kernels_cmd:
+            raise ProfileError(
+                "PaitientKubeSpawner.kernels_cmd is empty: the pod would have no kernel launcher "
+                "(docs/kubernetes.md, 'What is not built')"
+            )
+        p = self.plan()
+        self.uid, self.gid, self.fs_gid = p.uid, p.gid, p.gid
+        self.supplemental_gids = list(p.groups)
+        self.container_security_context = notebook_context(p.uid, p.gid)
+        self.pod_security_context = {
+            "runAsNonRoot": True,
+            "runAsUser": p.uid,
+            "runAsGroup": p.gid,
+            "fsGroup": p.gid,
+            "supplementalGroups": list(p.groups),
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        self.allow_privilege_escalation = False
+        self.privileged = False
+        self.volumes = list(p.volumes)
+        self.volume_mounts = list(p.notebook_mounts)
+        self.working_dir = HOME
+        self.extra_containers = [
+            {
+                "name": KERNELS_CONTAINER,
+                "image": self.image,
+                "imagePullPolicy": self.image_pull_policy,
+                "command": list(self.kernels_cmd),
+                "env": [{"name": k, "value": v} for k, v in sorted(kernels_env().items())],
+                "volumeMounts": list(p.kernels_mounts),
+                "securityContext": kernels_context(p.uid, p.gid),
+                "workingDir": HOME,
+            }
+        ]
+        self.extra_pod_config = {**self.extra_pod_config, "hostUsers": False, "enableServiceLinks": False}
+        return await super().get_pod_manifest()
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        for var in ("PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONHOME", "JUPYTER_PATH"):
+            env.pop(var, None)
+        env.update(HOME=HOME, PYTHONNOUSERSITE="1", PAITIENT_LAUNCHER_SOCKET=f"{RUNTIME_SOCKETS}/launcher.sock")
+        return env
+
+
+def configure_kubernetes(
+    c: Config,
+    site: SiteConfig,
+    *,
+    image: str,
+    services_host: str = SERVICES,
+    kernels_cmd: list[str] | None = None,
+    storage_capacity: str = "10Gi",
+) -> Config:
+    """The hub settings of the profile, on top of :func:`paitient.hub.auth.configure_from_site`'s sign-in.
+
+    Zero to JupyterHub's ``hub.extraConfig`` calls this (``hub_config/kubernetes/values.yaml``).
+    """
+    from paitient.hub import landing, tokens
+    from paitient.hub.auth import configure_from_site
+    from paitient.hub.hubconfig import RESEARCHER_SCOPES, STEWARD_SCOPES, managed_services
+    from paitient.hub.signon import OWN_SCOPES
+
+    if not site.directory.url:
+        raise ProfileError("the Kubernetes profile needs [directory] url: there is no embedded directory in a cluster")
+    configure_from_site(c, site)
+    c.Authenticator.manage_groups = True
+    c.Authenticator.manage_roles = True
+    c.Authenticator.reset_managed_roles_on_startup = True
+    c.Authenticator.auto_login = False
+    c.PaitientLDAPAuthenticator.researcher_scopes = RESEARCHER_SCOPES
+    c.PaitientLDAPAuthenticator.steward_scopes = STEWARD_SCOPES
+    c.JupyterHub.default_url = landing.default_url
+    c.JupyterHub.redirect_to_server = True
+    c.JupyterHub.template_paths = [str(tokens.TEMPLATES)]
+    c.JupyterHub.template_vars = {"paitient_offers_tokens": tokens.offers_tokens}
+    c.JupyterHub.spawner_class = "paitient.hub.kubernetes.PaitientKubeSpawner"
+    c.JupyterHub.allow_named_servers = False
+    c.Spawner.site_file = site.source
+    c.Spawner.site_state_dir = str(site.state_dir)
+    k = c.PaitientKubeSpawner
+    k.image = image
+    k.image_pull_policy = "IfNotPresent"
+    k.cmd = ["python", "-I", "-m", "jupyterhub.singleuser"]
+    k.port = NOTEBOOK_PORT
+    k.storage_pvc_ensure = True
+    k.storage_capacity = storage_capacity
+    k.storage_access_modes = ["ReadWriteOnce"]
+    if kernels_cmd is not None:
+        k.kernels_cmd = list(kernels_cmd)
+
+    # The chart has put hub.services (with the tokens it keeps in its Secret) into JupyterHub.services:
+    # each of ours keeps its token and gets its URL and scopes here.
+    chart = {s["name"]: s for s in (c.JupyterHub.services if "services" in c.JupyterHub else [])}
+    services = [s for name, s in chart.items() if name not in SERVICE_PORTS]
+    services += [{**chart.get(e["name"], {}), **e} for e in service_entries(services_host)]
+    c.JupyterHub.services = services
+    scopes = dict(c.JupyterHub.custom_scopes) if "custom_scopes" in c.JupyterHub else {}
+    for module in managed_services(site):
+        scopes.update(module.custom_scopes())
+    c.JupyterHub.custom_scopes = scopes
+    roles = list(c.JupyterHub.load_roles) if "load_roles" in c.JupyterHub else []
+    c.JupyterHub.load_roles = [r for r in roles if r.get("name") != "user"] + [
+        {"name": "user", "scopes": list(OWN_SCOPES)}
+    ]
+    return c
+
+
+def network_policies_yaml() -> str:
+    """``hub_config/kubernetes/networkpolicies.yaml``: the policies as ``kubectl apply -f`` takes them."""
+    import yaml
+
+    header = (
+        "# Generated by `python -m paitient.hub.kubernetes` from paitient.hub.kubernetes.network_policies;\n"
+        "# a test fails when this file is stale. Apply with: kubectl apply -n <namespace> -f networkpolicies.yaml\n"
+    )
+    return header + yaml.safe_dump_all(network_policies(), sort_keys=False, default_flow_style=False)
+
+
+if __name__ == "__main__":
+    print(network_policies_yaml(), end="")

@@ -1,0 +1,194 @@
+"""The pods KubeSpawner makes from the profile: who they run as, what they may do, what they mount, what they
+carry. Rendered by KubeSpawner itself (``get_pod_manifest``) for real hub users, without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from traitlets.config import Config
+
+from paitient import config as site_config
+from paitient.hub.kubernetes import (
+    KERNELS_CONTAINER,
+    NOTEBOOK_CONTAINER,
+    SERVICE_PORTS,
+    ProfileError,
+    configure_kubernetes,
+    user_uid,
+)
+from tests.kubernetes.conftest import DIRECTORY_PASSWORD, PROJECTS, containers
+
+IMAGE = "paitient-singleuser:0.1.0"
+GIDS = {"oncology": 30001, "cardiometabolic": 30002, "genomics": 30003}
+COOKIE_SECRET = "c0ffee" * 8
+PROXY_TOKEN = "proxy-token-5d1e"
+SERVICE_TOKENS = {name: f"service-token-{name}-91b2" for name in SERVICE_PORTS}
+
+
+def profile(site: site_config.SiteConfig) -> Config:
+    """The hub's configuration as the chart and the profile leave it (the chart's service tokens included)."""
+    c = Config()
+    c.JupyterHub.cookie_secret = bytes.fromhex(COOKIE_SECRET)
+    c.ConfigurableHTTPProxy.auth_token = PROXY_TOKEN
+    c.JupyterHub.services = [{"name": n, "api_token": t} for n, t in SERVICE_TOKENS.items()]
+    configure_kubernetes(c, site, image=IMAGE, kernels_cmd=["paitient-kernels"])
+    c.PaitientKubeSpawner.project_gids = GIDS
+    return c
+
+
+def all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod["spec"]["containers"], *(pod["spec"].get("initContainers") or [])]
+
+
+async def test_every_container_runs_as_the_users_own_uid_never_root(site, make_user, render):
+    c = profile(site)
+    alice, bob = make_user("alice", ("oncology",)), make_user("bob", ("cardiometabolic",))
+    uids = {}
+    for user in (alice, bob):
+        pod = await render(user, c)
+        uid = site.accounts.uid_min + user.id
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert pod["spec"]["securityContext"]["runAsUser"] == uid
+        assert pod["spec"]["securityContext"]["fsGroup"] == uid
+        for container in all_containers(pod):
+            ctx = container["securityContext"]
+            assert ctx["runAsNonRoot"] is True, container["name"]
+            assert ctx["runAsUser"] == uid != 0, container["name"]
+            assert ctx["runAsGroup"] == uid, container["name"]
+        uids[user.name] = uid
+    assert uids["alice"] != uids["bob"]
+
+
+async def test_no_container_can_gain_a_privilege(site, make_user, render):
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    assert [c["name"] for c in all_containers(pod)] == [NOTEBOOK_CONTAINER, KERNELS_CONTAINER]
+    for container in all_containers(pod):
+        ctx = container["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False, container["name"]
+        assert ctx["privileged"] is False, container["name"]
+        assert ctx["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert ctx["readOnlyRootFilesystem"] is True, container["name"]
+
+
+async def test_seccomp_is_the_runtimes_default_except_where_bubblewrap_runs(site, make_user, render):
+    """The server's container and the pod keep RuntimeDefault. The kernels' container is the one exception, and
+    only by what bubblewrap needs: namespaces (no seccomp or AppArmor of the runtime's), a /proc it may mount
+    again (unmasked, which Kubernetes allows only in a pod with a user namespace of its own)."""
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    spec, by_name = pod["spec"], containers(pod)
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    notebook = by_name[NOTEBOOK_CONTAINER]["securityContext"]
+    assert notebook["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "procMount" not in notebook and "appArmorProfile" not in notebook
+    kernels = by_name[KERNELS_CONTAINER]["securityContext"]
+    assert kernels["seccompProfile"] == {"type": "Unconfined"}
+    assert kernels["appArmorProfile"] == {"type": "Unconfined"}
+    assert kernels["procMount"] == "Unmasked"
+    assert spec["hostUsers"] is False
+
+
+def data_claims(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        v["persistentVolumeClaim"]["claimName"]: v
+        for v in pod["spec"]["volumes"]
+        if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"].startswith("paitient-data-")
+    }
+
+
+def data_mounts(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in container.get("volumeMounts") or [] if m["mountPath"].startswith("/data")}
+
+
+@pytest.mark.parametrize(
+    ("projects", "expected"),
+    [
+        (("oncology",), ("oncology",)),
+        (("cardiometabolic", "oncology"), ("cardiometabolic", "oncology")),
+        (("genomics", "finance"), ("genomics",)),  # a hub group that is no project of the site mounts nothing
+        ((), ()),
+    ],
+)
+async def test_the_data_are_exactly_the_users_projects_read_only(site, make_user, render, projects, expected):
+    pod = await render(make_user("carol", projects), profile(site))
+    claims = data_claims(pod)
+    assert sorted(claims) == [f"paitient-data-{p}" for p in sorted(expected)]
+    for claim in claims.values():
+        assert claim["persistentVolumeClaim"]["readOnly"] is True
+    by_name = containers(pod)
+    mounts = data_mounts(by_name[KERNELS_CONTAINER])
+    assert sorted(mounts) == [f"/data/{p}" for p in sorted(expected)]
+    for path, mount in mounts.items():
+        assert mount["readOnly"] is True, path
+        assert mount["name"] == f"data-{path.removeprefix('/data/')}"
+    # the server reads no dataset, its own projects' included
+    assert data_mounts(by_name[NOTEBOOK_CONTAINER]) == {}
+    # no other project appears anywhere in the pod: not as a claim, a mount, a group or a word
+    text = json.dumps(pod)
+    for other in set(PROJECTS) - set(expected):
+        assert other not in text, other
+    assert pod["spec"]["securityContext"].get("supplementalGroups", []) == sorted(GIDS[p] for p in expected)
+
+
+async def test_the_home_is_the_users_own_claim_in_both_containers(site, make_user, render):
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    homes = [v for v in pod["spec"]["volumes"] if v["name"] == "home"]
+    assert homes == [{"name": "home", "persistentVolumeClaim": {"claimName": "paitient-home-alice"}}]
+    for container in all_containers(pod):
+        assert {"name": "home", "mountPath": "/home/researcher"} in container["volumeMounts"]
+
+
+async def test_both_containers_run_the_profiles_image(site, make_user, render):
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    assert {c["name"]: c["image"] for c in all_containers(pod)} == {NOTEBOOK_CONTAINER: IMAGE, KERNELS_CONTAINER: IMAGE}
+    assert containers(pod)[NOTEBOOK_CONTAINER]["args"] == ["python", "-I", "-m", "jupyterhub.singleuser"]
+    assert containers(pod)[KERNELS_CONTAINER]["command"] == ["paitient-kernels"]
+
+
+async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_user, render):
+    c = profile(site)
+    # an operator's environment for users that would change how Python loads code is dropped
+    c.KubeSpawner.environment = {"PYTHONPATH": "/home/researcher/evil", "LD_PRELOAD": "/home/researcher/x.so"}
+    pod = await render(make_user("alice", ("oncology",)), c, api_token="alices-server-token")
+    text = json.dumps(pod)
+    for secret in (COOKIE_SECRET, PROXY_TOKEN, DIRECTORY_PASSWORD, *SERVICE_TOKENS.values()):
+        assert secret not in text
+    by_name = containers(pod)
+    notebook = {e["name"]: e.get("value") for e in by_name[NOTEBOOK_CONTAINER]["env"]}
+    assert notebook["JUPYTERHUB_API_TOKEN"] == "alices-server-token"
+    assert "PYTHONPATH" not in notebook and "LD_PRELOAD" not in notebook
+    assert not [e for e in by_name[NOTEBOOK_CONTAINER]["env"] if "valueFrom" in e]
+    kernels = {e["name"]: e.get("value") for e in by_name[KERNELS_CONTAINER]["env"]}
+    assert not [name for name in kernels if "TOKEN" in name or name.startswith("JUPYTERHUB")]
+    assert "alices-server-token" not in json.dumps(by_name[KERNELS_CONTAINER])
+    # no Kubernetes credential and no other service's address in the pod
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["enableServiceLinks"] is False
+
+
+async def test_the_servers_token_carries_only_what_a_server_needs(site, make_user):
+    from tests.kubernetes.conftest import spawner_for
+
+    spawner = spawner_for(make_user("alice", ("oncology",)), profile(site))
+    assert sorted(spawner.server_token_scopes) == ["access:servers!server", "users:activity!user"]
+
+
+async def test_without_a_kernel_launcher_no_pod_is_made(site, make_user, render):
+    c = profile(site)
+    c.PaitientKubeSpawner.kernels_cmd = []
+    with pytest.raises(ProfileError, match="kernels_cmd is empty.*docs/kubernetes.md"):
+        await render(make_user("alice", ("oncology",)), c)
+
+
+def test_a_uid_beyond_the_accounts_range_is_refused(site_file):
+    site = site_config.load(site_file, overrides={"accounts": {"max_accounts": 3}})
+    assert user_uid(site, 2) == site.accounts.uid_min + 2
+    with pytest.raises(ProfileError, match="max_accounts"):
+        user_uid(site, 3)
+
+
+def test_the_profile_needs_the_hospitals_directory():
+    c = Config()
+    with pytest.raises(ProfileError, match=r"\[directory\] url"):
+        configure_kubernetes(c, site_config.load(None), image=IMAGE)
