@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,9 +33,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     one being another copy would test code that is not this checkout's, so the run stops here instead.
     """
     import paitient
-    from tests import workspacegroup
+    from tests import sessionlock, workspacegroup
 
-    _one_session_at_a_time()
+    sessionlock.acquire()
     _GROUP_EXISTED.append(workspacegroup.exists())
     here = Path(paitient.__file__).resolve().parent
     if here != SOURCE:
@@ -69,27 +68,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 _GROUP_EXISTED: list[bool] = []
-SESSION_LOCK = Path("/tmp/paitient-tests.lock")  # noqa: S108 - root's tests only; a lock, no content
-_session_lock: list[Any] = []
-
-
-def _one_session_at_a_time() -> None:
-    """Wait until no other test session of this project runs on the machine, then hold it off until this one
-    ends (the lock goes with the process).
-
-    Sessions share system state: the workspace's group, which a session removes at its end when it made it,
-    and projects' groups, which each test removes when they are new after it. Two sessions at once would
-    remove each other's groups mid-test; they queue instead.
-    """
-    import fcntl
-
-    lock = open(SESSION_LOCK, "a")  # noqa: SIM115 - held for the whole session
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"\npaitient tests: another test session holds {SESSION_LOCK}; waiting for it to end", flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    _session_lock.append(lock)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
