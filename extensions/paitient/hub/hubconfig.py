@@ -14,6 +14,7 @@ from traitlets.config import Config
 
 from paitient.config import SiteConfig
 from paitient.hub import landing, tokens
+from paitient.hub.culler import culler_role, culler_service
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.signon import OWN_SCOPES
 from paitient.services import SERVICES
@@ -104,6 +105,9 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
     for module in managed_services(site):
         services.append(module.hub_service(site, python))
         custom_scopes.update(module.custom_scopes())
+    culler = culler_service(site, python, paths.hub_dir)
+    if culler is not None:
+        services.append(culler)
     c.JupyterHub.services = services
     c.JupyterHub.custom_scopes = custom_scopes
     missing = {s for s in RESEARCHER_SCOPES + STEWARD_SCOPES if s.startswith("custom:")} - set(custom_scopes)
@@ -129,5 +133,6 @@ def configure(c: Config, site: SiteConfig, *, directory_url: str, hub_port: int,
             ],
             "services": [OPERATOR_SERVICE],
         },
+        *([culler_role()] if culler is not None else []),
     ]
     return c
