@@ -21,6 +21,9 @@ def write(tmp_path: Path, text: str) -> Path:
             "[server] output_cap_message_bytes: must be a positive whole number, got -1",
         ),
         ("[server]\nidle_timeout = -5\n", "[server] idle_timeout: must be 0 (never) or a number of seconds, got -5"),
+        ("[server]\ncull_timeout = 30\n", "[server] cull_timeout: must be 0 (off) or at least 60 seconds, got 30"),
+        ("[server]\ncull_timeout = -1\n", "[server] cull_timeout: must be 0 (off) or at least 60 seconds, got -1"),
+        ("[server]\ncull_timeout = 1.5\n", "[server] cull_timeout: expected a whole number, got 1.5"),
         ("[workspace]\nport = true\n", "[workspace] port: expected a whole number, got True"),
         ("[workspace]\nstate_dir = 'var/lib'\n", "[workspace] state_dir: must be an absolute path, got 'var/lib'"),
         ("[workspace]\nspawner = 'docker'\n", "[workspace] spawner: expected one of 'paitient-local', got 'docker'"),
@@ -70,7 +73,7 @@ def test_unknown_keys_list_the_known_ones_and_unknown_sections_the_sections(tmp_
         load(write(tmp_path, "[server]\noutput_cap = 1\n"))
     assert str(e.value) == (
         f"{tmp_path / 'site.toml'}: [server] unknown key 'output_cap'; known keys: contents_cap_bytes, "
-        "idle_timeout, output_cap_execution_bytes, output_cap_message_bytes"
+        "cull_timeout, idle_timeout, output_cap_execution_bytes, output_cap_message_bytes"
     )
     with pytest.raises(ConfigError, match=r"unknown section\(s\) egres; sections: workspace, .*egress, airlock"):
         load(write(tmp_path, "[egres]\n"))

@@ -16,7 +16,8 @@ import pytest
 from paitient.config import load
 from paitient.hub.paths import HubPaths
 from paitient.ops.up import Running
-from paitient.services import PAGES, SERVICES
+from paitient.services import SERVICES
+from paitient.services.kit.process import SEPARATE_PORTS
 from tests.e2e.test_audit_events import REQUEST, cell_json, decide, event, last_seq, signed_in, wait_for
 from tests.e2e.workspace import Workspace, own_workspace
 
@@ -45,13 +46,13 @@ def test_each_service_is_a_process_of_its_own_not_a_child_of_the_hub(ws: Workspa
         argv = _cmdline(pid)
         assert argv[argv.index("service") + 1] == name and "--separate" in argv, argv
         assert _ppid(pid) == running.up_pid != running.pids["hub"]
-        # a service with pages knows its port, the hub's and its token file; the token is not on its command line
+        # a service with pages (or metrics) knows its port, the hub's and its token file, not the token itself
         token = (ws.state_dir / "hub" / f"service_{name}_token").read_text().strip()
         assert token not in " ".join(argv)
-        assert any(a.startswith("--port=") for a in argv) == (name in PAGES)
+        assert any(a.startswith("--port=") for a in argv) == (name in SEPARATE_PORTS)
     hub = _cmdline(running.pids["hub"])
     ports = next(a for a in hub if a.startswith("--separate-services=")).split("=", 1)[1]
-    assert sorted(item.split(":")[0] for item in ports.split(",")) == sorted(PAGES)
+    assert sorted(item.split(":")[0] for item in ports.split(",")) == sorted(SEPARATE_PORTS)
 
 
 def test_a_researchers_cell_and_a_stewards_review_work_with_the_services_apart(ws: Workspace):

@@ -118,7 +118,7 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     assert {str(site.state_dir), site.accounts.home_root, "/etc"} <= set(h["ReadWritePaths"].split())
     assert h["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
     assert {PROXY_UNIT, *service_units} <= set(hub["Unit"]["After"].split()) and hub["Unit"]["Requires"] == PROXY_UNIT
-    assert "--separate-services=airlock:8104,audit:8103,egress:8105,ledger:8102" in h["ExecStart"].split()
+    assert "--separate-services=airlock:8104,audit:8103,egress:8105,jobs:8106,ledger:8102" in h["ExecStart"].split()
     assert set(target["Unit"]["Wants"].split()) == {PROXY_UNIT, HUB_UNIT, *service_units}
     # each service: root (its socket, its store), writing its state only; /etc and the data read-only
     for name, unit in services.items():

@@ -54,6 +54,17 @@ class Server(Model):
         "freed), and then a server with no kernels and no activity stops itself. 0: never.",
     )
 
+    cull_timeout = WholeNumber(
+        7200,
+        rule=Rule("be 0 (off) or at least 60 seconds", lambda v: v == 0 or v >= 60),
+        help="Seconds a researcher's server may go without activity as the hub sees it (requests through the proxy, "
+        "the server's own activity reports) before the hub stops it; its kernels end with it, the home stays, and "
+        "the next visit starts it again. The hub's idle culler does this, a service the hub runs whose role may "
+        "only list users, read their activity and servers, and stop servers. It stops servers that do not stop "
+        "themselves after idle_timeout, such as one that hangs. An open JupyterLab tab polls the server and counts "
+        "as activity. 0: no culler runs.",
+    )
+
 
 class Audit(Model):
     """The audit trail: hash-chained JSON lines under <state_dir>/audit (root only, mode 0750).

@@ -14,13 +14,18 @@ from traitlets.config import Config
 
 from paitient.config import SiteConfig
 from paitient.hub import landing, tokens
+from paitient.hub.culler import culler_role, culler_service
 from paitient.hub.paths import HubPaths, venv_python
 from paitient.hub.signon import OWN_SCOPES
 from paitient.services import SERVICES
+from paitient.services.kit.metrics import METRICS_SCOPE
 from paitient.services.kit.process import separate_service, token_secret
 
 # The operator's own token: `paitient up` uses it to stop user servers on shutdown and to check readiness.
 OPERATOR_SERVICE = "paitient-operator"
+# The token a metrics scraper (Prometheus) presents: `read:metrics` only, for /hub/metrics and each service's
+# /services/NAME/metrics. It is kept in <state_dir>/hub/metrics_token (root 0600).
+METRICS_SERVICE = "paitient-metrics"
 
 # A researcher's own-account scopes leave out `tokens` (see paitient.hub.tokens); a steward's `self` keeps it.
 RESEARCHER_SCOPES = [*OWN_SCOPES, "access:services", "custom:airlock:request", "custom:airlock:download"]
@@ -111,6 +116,7 @@ def configure(
     python = venv_python()
     services = [
         {"name": OPERATOR_SERVICE, "api_token": paths.secret("operator_token"), "display": False},
+        {"name": METRICS_SERVICE, "api_token": paths.secret("metrics_token"), "display": False},
     ]
     custom_scopes: dict[str, dict] = {}
     for name, module in zip(SERVICES, managed_services(site), strict=True):
@@ -124,6 +130,9 @@ def configure(
                     raise ValueError(f"the service {name} has pages but --separate-services names no port for it")
                 services.append(separate)
         custom_scopes.update(module.custom_scopes())
+    culler = culler_service(site, python, paths.hub_dir)
+    if culler is not None:
+        services.append(culler)
     c.JupyterHub.services = services
     c.JupyterHub.custom_scopes = custom_scopes
     missing = {s for s in RESEARCHER_SCOPES + STEWARD_SCOPES if s.startswith("custom:")} - set(custom_scopes)
@@ -149,5 +158,16 @@ def configure(
             ],
             "services": [OPERATOR_SERVICE],
         },
+        {
+            # Aggregates of the hub and the services, for the operator's scraper; no researcher or steward
+            # role holds read:metrics (JupyterHub's admin role does: admins operate the workspace).
+            "name": METRICS_SERVICE,
+            "description": "Reads the hub's and the services' Prometheus metrics",
+            "scopes": [METRICS_SCOPE],
+            "services": [METRICS_SERVICE],
+        },
+        *([culler_role()] if culler is not None else []),
     ]
+    # /hub/metrics answers only tokens with read:metrics (JupyterHub's default, kept whatever it becomes).
+    c.JupyterHub.authenticate_prometheus = True
     return c

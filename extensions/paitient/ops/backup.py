@@ -76,7 +76,13 @@ SQLITE_DATABASES = (
 FILE_TREES = ("airlock/blobs", "jobs/out", "jobs/graphs", "keys", "public", "egress/index")
 """Folders copied file by file (their files are written once and never changed)."""
 
-SINGLE_FILES = ("accounts.json", "hub/jupyterhub_cookie_secret", "hub/proxy_token", "hub/operator_token")
+SINGLE_FILES = (
+    "accounts.json",
+    "hub/jupyterhub_cookie_secret",
+    "hub/proxy_token",
+    "hub/operator_token",
+    "hub/metrics_token",
+)
 
 COPY_CHUNK = 1 << 20
 

@@ -30,7 +30,7 @@ from paitient.fsutil import atomic_write_json
 from paitient.hub.paths import HubPaths, default_proxy_command
 from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command, service_command
 from paitient.services import PAGES, SERVICES
-from paitient.services.kit.process import free_port, parent_death_signal, token_secret
+from paitient.services.kit.process import SEPARATE_PORTS, free_port, parent_death_signal, token_secret
 
 if TYPE_CHECKING:
     from paitient.ops.directory import DemoDirectory
@@ -285,7 +285,7 @@ class UpCommand(_StateCommand):
         self._spawn("proxy", proxy.argv, paths, env={PROXY_TOKEN_ENV: proxy_token})
         service_ports = None
         if self.separate_services:
-            service_ports = {name: free_port() for name in PAGES}
+            service_ports = {name: free_port() for name in SEPARATE_PORTS}
             for name in SERVICES:
                 paths.secret(token_secret(name))  # made once, before the hub and the service both read it
                 command = service_command(site, name, hub_port=hub_port, port=service_ports.get(name, 0))

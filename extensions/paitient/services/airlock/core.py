@@ -650,6 +650,10 @@ class Airlock:
     def wait_idle(self) -> None:
         self._queue.join()
 
+    def checks_queued(self) -> int:
+        """Requests waiting for the check worker (the one being checked included until it is done)."""
+        return self._queue.unfinished_tasks
+
     def _work(self) -> None:
         while True:
             rid = self._queue.get()

@@ -459,6 +459,18 @@ class Store:
                 out.append(e.data)
         return out
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """How many requests there are in each state, per kind."""
+        with self._connect() as db:
+            rows = db.execute("SELECT state, kind, COUNT(*) FROM requests GROUP BY state, kind").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    def oldest_in(self, state: str) -> float | None:
+        """When the request that has been in ``state`` longest got there (its last change), or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT MIN(updated) FROM requests WHERE state = ?", (state,)).fetchone()
+        return None if row[0] is None else float(row[0])
+
     def list(
         self, *, projects: list[str] | None = None, username: str | None = None, states_: list[str] | None = None
     ) -> list[Request]:

@@ -9,6 +9,7 @@ carry the hub's XSRF token, and a strict Content-Security-Policy allows no scrip
 Previews of an upload go to the project's reviewers only and are rendered from its canonical form, each one
 recorded in the audit trail first (:mod:`paitient.services.airlock.previews`); every other browser, the
 requester's included, gets the request without its content (:mod:`paitient.services.airlock.views`).
+``metrics`` has the airlock's queues for the operator's scraper (:mod:`paitient.services.airlock.metrics`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from paitient.rules import review
 from paitient.services.airlock import views
 from paitient.services.airlock.canonical import Canonical, NoPreview
 from paitient.services.airlock.core import Airlock
+from paitient.services.airlock.metrics import airlock_registry
 from paitient.services.airlock.previews import PreviewUnrecorded
 from paitient.services.airlock.settings import SCOPE_REQUEST, SCOPE_REVIEW
 from paitient.services.airlock.store import StoreError
-from paitient.services.kit import pages
+from paitient.services.kit import metrics, pages
 
 PREFIX = "/services/airlock/"
 ACCESS_SCOPE = "access:services!service=airlock"
@@ -296,6 +298,7 @@ def make_app(
         (f"requests/{ID_RE}/preview", PreviewImageHandler),
         ("api/requests", ApiListHandler),
         (f"api/requests/{ID_RE}", ApiDetailHandler),
+        metrics.ROUTE,
     ]
     return pages.make_app(
         routes,
@@ -304,5 +307,6 @@ def make_app(
         hub_auth=hub_auth,
         cookie_secret=cookie_secret,
         airlock=airlock,
+        paitient_metrics=airlock_registry(airlock),
         **extra,
     )

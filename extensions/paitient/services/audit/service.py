@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from paitient.registry import Registry
 from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_details
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.api import READ_SCOPE, custom_scopes, role_scopes
+from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import projects_of
 from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
@@ -116,12 +118,14 @@ def user_event(
     }
 
 
-def handlers(site, log: logging.Logger) -> dict[str, Any]:
+def handlers(site, log: logging.Logger, metrics: AuditMetrics | None = None) -> dict[str, Any]:
     registry = Registry.for_state_dir(site.state_dir)
+    counted = metrics or AuditMetrics(site)
 
     known = tuple(p.name for p in site.projects)
 
     def record(peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        arrived = time.monotonic()
         member = registry.by_uid(peer.uid)
         event = user_event(
             member.username if member else f"uid:{peer.uid}",
@@ -139,7 +143,10 @@ def handlers(site, log: logging.Logger) -> dict[str, Any]:
             raise ChannelError(str(e), BAD_REQUEST) from None
         except AuditError as e:
             log.error("audit: %s", e)
+            counted.failures.inc()
             raise ChannelError("the audit trail cannot be written; the operator has been told", UNAVAILABLE) from None
+        counted.append_seconds.observe(time.monotonic() - arrived)
+        counted.events.labels(event["action"], event["outcome"]).inc()
         return {"seq": rec["seq"], "hash": rec["hash"]}
 
     return {"record": record}
@@ -154,8 +161,9 @@ def serve(site, log: logging.Logger) -> None:
         log.error("audit: %s", e)
         raise SystemExit(1) from None
     path = Path(socket_path(site, "audit"))
+    metrics = AuditMetrics(site)
     server = ChannelServer(
-        path, handlers(site, log), name="audit", **channel_options(site, "audit", partial(emit, site))
+        path, handlers(site, log, metrics), name="audit", **channel_options(site, "audit", partial(emit, site))
     )
     log.info("audit: recording to %s, listening on %s", directory, path)
     url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
@@ -166,7 +174,7 @@ def serve(site, log: logging.Logger) -> None:
         if url:
             from paitient.services.audit.web import run_in_thread
 
-            web = run_in_thread(site, url, log)
+            web = run_in_thread(site, url, log, metrics.registry)
         stop.wait()
     finally:
         if web is not None:

@@ -3,7 +3,8 @@
 Pages of the service kit (:mod:`paitient.services.kit.pages`) behind the hub's OAuth; every page needs the
 custom scope ``custom:audit:read`` (:data:`paitient.services.audit.api.READ_SCOPE`). There is nothing to
 change here, only filters to read with. Records are untrusted input: the templates escape every value, the
-page carries no script, and the Content-Security-Policy forbids any.
+page carries no script, and the Content-Security-Policy forbids any. ``metrics`` is the operator's scraper's,
+with the scope ``read:metrics`` instead (:mod:`paitient.services.audit.metrics`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from tornado import web
 
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.api import READ_SCOPE
+from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import Filter, FilterError, select
 from paitient.services.audit.verify import verify_dir
-from paitient.services.kit import pages
+from paitient.services.kit import metrics, pages
 
 PREFIX = "/services/audit/"
 FILTER_KEYS = ("user", "project", "action", "outcome", "since", "until")
@@ -123,23 +125,27 @@ class VerifyPage(ReaderPage):
 
 
 def handlers() -> list[tuple[str, type]]:
-    """The view's routes, relative to its prefix (e.g. ``/services/audit/``)."""
-    return [("", RecordsPage), ("verify", VerifyPage), ("api/records", RecordsAPI)]
+    """The view's routes, relative to its prefix (e.g. ``/services/audit/``), and the metrics."""
+    return [("", RecordsPage), ("verify", VerifyPage), ("api/records", RecordsAPI), metrics.ROUTE]
 
 
-def make_app(site, prefix: str = PREFIX, *, hub_auth=None, **settings: Any) -> web.Application:
-    """The web view's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
+def make_app(
+    site, prefix: str = PREFIX, *, hub_auth=None, registry: metrics.MetricsRegistry | None = None, **settings: Any
+) -> web.Application:
+    """The web view's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env,
+    ``registry`` (the service's metrics) to one with the trail's numbers only."""
     return pages.make_app(
         handlers(),
         service="audit",
         prefix=prefix,
         hub_auth=hub_auth,
         paitient_site=site,
+        paitient_metrics=registry if registry is not None else AuditMetrics(site).registry,
         **settings,
     )
 
 
-def run_in_thread(site, url: str, log: logging.Logger) -> pages.WebThread:
-    """Serve the web view at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``); loopback addresses only."""
+def run_in_thread(site, url: str, log: logging.Logger, registry: metrics.MetricsRegistry) -> pages.WebThread:
+    """Serve the web view and the metrics at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``); loopback only."""
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", PREFIX)
-    return pages.serve_pages(make_app(site, prefix), url, "audit: the web view", log)
+    return pages.serve_pages(make_app(site, prefix, registry=registry), url, "audit: the web view", log)

@@ -45,6 +45,7 @@ from paitient.rules.egress import (
 )
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
+from paitient.services.egress.metrics import EgressMetrics
 from paitient.services.egress.store import EgressStore, today
 from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import UnixSocketServer
@@ -119,7 +120,9 @@ class EgressService:
         # Records are written by one thread of their own: a record is an append and an fsync (milliseconds),
         # which must not hold up the output it describes. A failed write marks the trail down, and outputs
         # fail closed from the next piece on; a full queue counts as down too.
-        self._records: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=RECORD_QUEUE)
+        # Each record waits with the monotonic time it was queued at: the metrics' audit lag.
+        self._records: queue.Queue[tuple[float, dict[str, Any]] | None] = queue.Queue(maxsize=RECORD_QUEUE)
+        self.metrics = EgressMetrics(self)
         self._writer = threading.Thread(target=self._write_records, name="egress-audit", daemon=True)
         self._writer.start()
 
@@ -129,12 +132,20 @@ class EgressService:
         """Queue one record for the trail; False (and the trail counts as down) when the queue is full."""
         try:
             self._records.put_nowait(
-                {"actor": actor, "action": action, "object": object, "outcome": outcome, "details": details}
+                (
+                    time.monotonic(),
+                    {"actor": actor, "action": action, "object": object, "outcome": outcome, "details": details},
+                )
             )
         except queue.Full:
+            self.metrics.audit_failures.inc()
             self._trail_down("the record queue is full")
             return False
         return True
+
+    def pending_records(self) -> int:
+        """Records queued for the trail and not yet written."""
+        return self._records.qsize()
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         if self._emit is not None:
@@ -158,14 +169,19 @@ class EgressService:
                     batch.append(self._records.get_nowait())
                 except queue.Empty:
                     break
-            records = [r for r in batch if r is not None]
+            queued = [r for r in batch if r is not None]
+            records = [record for _, record in queued]
             stop = len(records) < len(batch)
             try:
                 if records:
                     self._write(records)
             except Exception as e:
+                self.metrics.audit_failures.inc(len(records))
                 self._trail_down(str(e))
             else:
+                written = time.monotonic()
+                for at, _ in queued:
+                    self.metrics.audit_lag.observe(written - at)
                 if records and not self.audit_ok:
                     self.log.info("egress: the audit trail records again")
                     self.audit_ok = True
@@ -202,6 +218,10 @@ class EgressService:
     # -- one piece of output ------------------------------------------------------------------
 
     def check(self, member: Member, ctx: Context, text: bytes, payload: bytes) -> dict[str, Any]:
+        with self.metrics.check_seconds.time():
+            return self._check(member, ctx, text, payload)
+
+    def _check(self, member: Member, ctx: Context, text: bytes, payload: bytes) -> dict[str, Any]:
         limits = limits_for(self.site, member)
         checked = self.audit_ok
         try:
@@ -231,12 +251,15 @@ class EgressService:
         )
         ctx.pieces += 1
         ctx.last = time.monotonic()
+        self.metrics.pieces.labels(ctx.channel, decision.verdict.value).inc()
         if decision.forward:
+            self.metrics.bytes.labels(ctx.channel).inc(len(payload))
             self.store.add(member.username, day, size=len(payload), rows=new_rows)
             ctx.size += len(payload)
             ctx.sha256.update(payload)
         else:
             reason = decision.reason.value if decision.reason else ""
+            self.metrics.withheld.labels(ctx.channel, reason).inc()
             self.store.add_withheld(member.username, day)
             first = not ctx.withheld
             ctx.withheld += 1
@@ -274,6 +297,10 @@ class _Connection(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.contexts: OrderedDict[str, Context] = OrderedDict()
         self.member: Member | None = None
+        self.server.service.metrics.connections.inc()
+
+    def finish(self) -> None:
+        self.server.service.metrics.connections.dec()
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
@@ -441,7 +468,7 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
         if url:
             from paitient.services.egress.web import run_in_thread
 
-            page = run_in_thread(site, store, url, logger)
+            page = run_in_thread(site, store, url, logger, service.metrics.registry)
         stop.wait()
     finally:
         if page is not None:

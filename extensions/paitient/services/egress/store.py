@@ -59,6 +59,17 @@ class Day:
     rows: int = 0
 
 
+@dataclass(frozen=True)
+class Totals:
+    """All users' counts for one day together."""
+
+    day: str
+    users: int = 0
+    bytes: int = 0
+    outputs: int = 0
+    withheld: int = 0
+
+
 class EgressStore:
     """Thread-safe: one connection, one lock (the service answers many users' servers from threads)."""
 
@@ -96,6 +107,16 @@ class EgressStore:
                 (user, day),
             ).fetchone()
         return Day(user, day, b, o, w, rows)
+
+    def totals(self, day: str) -> Totals:
+        """The day's counts over every user: users with counts, bytes, outputs passed and withheld."""
+        with self._lock:
+            users, b, o, w = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(outputs), 0), COALESCE(SUM(withheld), 0) "
+                "FROM usage WHERE day = ?",
+                (day,),
+            ).fetchone()
+        return Totals(day, users, b, o, w)
 
     def unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> int:
         """How many of the distinct ``rows`` (dataset -> row ids) the user has not seen yet on ``day``: one

@@ -3,7 +3,9 @@
 Served by the egress service behind the hub's OAuth (scope ``custom:egress:read``). A steward sees the users
 of the projects that name them in ``stewards`` (an admin sees everyone): per day the bytes received, the
 outputs that passed and those withheld, and the distinct dataset rows seen. ``<prefix>api/egress`` answers
-the same as JSON. Read-only; every value is escaped and the page carries no script (the plot is SVG).
+the same as JSON, and ``<prefix>metrics`` the service's Prometheus metrics (aggregates, for the operator's
+token, :mod:`paitient.services.egress.metrics`). Read-only; every value is escaped and the page carries no
+script (the plot is SVG).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from tornado import web
 
 from paitient.config import SiteConfig
 from paitient.registry import Registry
+from paitient.services.egress.metrics import read_today
 from paitient.services.egress.store import Day, EgressStore
-from paitient.services.kit import pages
+from paitient.services.kit import metrics, pages
 
 READ_SCOPE = "custom:egress:read"
 DAYS = 30
@@ -94,21 +97,35 @@ class EgressAPI(EgressHandler):
 
 
 def make_app(
-    site: SiteConfig, store: EgressStore, prefix: str = PREFIX, *, hub_auth: Any = None, **settings: Any
+    site: SiteConfig,
+    store: EgressStore,
+    prefix: str = PREFIX,
+    *,
+    hub_auth: Any = None,
+    registry: metrics.MetricsRegistry | None = None,
+    **settings: Any,
 ) -> web.Application:
-    """The page's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
+    """The page's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env, ``registry``
+    (the service's metrics) to one with the store's totals only."""
+    if registry is None:
+        registry = metrics.MetricsRegistry()
+        registry.register(metrics.Reading(lambda: read_today(store)))
     return pages.make_app(
-        [("", EgressPage), ("api/egress", EgressAPI)],
+        [("", EgressPage), ("api/egress", EgressAPI), metrics.ROUTE],
         service="egress",
         prefix=prefix,
         hub_auth=hub_auth,
         paitient_site=site,
         paitient_store=store,
+        paitient_metrics=registry,
         **settings,
     )
 
 
-def run_in_thread(site: SiteConfig, store: EgressStore, url: str, log: logging.Logger) -> pages.WebThread:
-    """Serve the page at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread."""
+def run_in_thread(
+    site: SiteConfig, store: EgressStore, url: str, log: logging.Logger, registry: metrics.MetricsRegistry
+) -> pages.WebThread:
+    """Serve the page and the metrics at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread."""
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", PREFIX)
-    return pages.serve_pages(make_app(site, store, prefix), url, "egress: the stewards' page", log)
+    app = make_app(site, store, prefix, registry=registry)
+    return pages.serve_pages(app, url, "egress: the stewards' page", log)

@@ -220,16 +220,17 @@ def _read_fd(fd: int, limit: int) -> bytes:
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:
-    """The runner has no page and defines no hub scope: kernels reach it over its socket only."""
+    """The runner has no page for people and defines no hub scope: kernels reach it over its socket only."""
     return {}
 
 
 def hub_service(site: Any, python: str, *, port: int = 0) -> dict[str, Any]:
-    """The JupyterHub managed-service entry that runs the training runner (socket only, no page)."""
-    command = [python, "-m", "paitient.cli", "service", "jobs", f"--state-dir={site.state_dir}"]
-    if site.source:
-        command.append(f"--site={site.source}")
-    return {"name": "jobs", "command": command, "display": False, "info": {"description": "Certified training jobs"}}
+    """The JupyterHub managed-service entry that runs the training runner: its socket, and on loopback its
+    metrics for the operator's token (:mod:`.web`); no page for people, so not listed on the hub's home."""
+    from paitient.services.kit.process import managed_service
+
+    entry = managed_service(site, "jobs", python, port=port, scopes=[], description="Certified training jobs")
+    return {**entry, "display": False}
 
 
 def serve(site: Any, log_: logging.Logger) -> None:
@@ -249,10 +250,18 @@ def serve(site: Any, log_: logging.Logger) -> None:
     server.start_in_thread()
     runner.start()
     log_.info("jobs: listening on %s, %d worker(s)", path, runner.concurrency)
+    page = None
+    url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
     try:
+        if url:
+            from paitient.services.jobs.web import run_in_thread
+
+            page = run_in_thread(site, store, url, log_)
         while not stop.wait(1.0):
             pass
     finally:
+        if page is not None:
+            page.stop()
         runner.stop()
         server.shutdown()
         server.server_close()

@@ -153,6 +153,18 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs each project has in each state."""
+        with self._lock:
+            rows = self._db.execute("SELECT project, state, COUNT(*) FROM jobs GROUP BY project, state").fetchall()
+        return {(project, state): int(n) for project, state, n in rows}
+
+    def oldest_queued(self) -> float | None:
+        """When the job waiting longest for a worker was submitted, or None when none waits."""
+        with self._lock:
+            (created,) = self._db.execute("SELECT MIN(created) FROM jobs WHERE state = 'queued'").fetchone()
+        return None if created is None else float(created)
+
     def claim(self) -> Job | None:
         """The oldest queued job, now ``running``; None when nothing waits."""
         with self._tx() as db:

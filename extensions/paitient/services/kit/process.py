@@ -89,9 +89,9 @@ def socket_path(site, name: str):
     return site.run_dir / f"{name}.sock"
 
 
-SEPARATE_PORTS = {"ledger": 8102, "audit": 8103, "airlock": 8104, "egress": 8105}
-"""Loopback ports of the services' pages when each runs as a systemd unit of its own (``paitient install``);
-``paitient up --separate-services`` picks free ones instead."""
+SEPARATE_PORTS = {"ledger": 8102, "audit": 8103, "airlock": 8104, "egress": 8105, "jobs": 8106}
+"""Loopback ports of the services' pages (and metrics) when each runs as a systemd unit of its own
+(``paitient install``); ``paitient up --separate-services`` picks free ones for the same services."""
 
 
 def token_secret(name: str) -> str:

@@ -427,6 +427,12 @@ class Ledger:
         with self.db.transaction(write=False) as q:
             return [_row(r) for r in q(sql + " ORDER BY created, id", params)]
 
+    def run_counts(self) -> dict[tuple[str, str], int]:
+        """How many runs each project has in each state (``reserved``: open, ``settled``, ``lost``)."""
+        with self.db.transaction(write=False) as q:
+            rows = q("SELECT project, state, COUNT(*) FROM runs GROUP BY project, state")
+        return {(project, state): int(n) for project, state, n in rows}
+
     def run(self, reservation: str) -> dict[str, Any] | None:
         with self.db.transaction(write=False) as q:
             rows = q(_SELECT_RUNS + " WHERE id = ?", (reservation,))

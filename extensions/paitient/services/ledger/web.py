@@ -4,7 +4,9 @@ Each steward sees the projects that name them in ``stewards`` (admins see all): 
 total, spent, reserved and left epsilon and delta, and the runs with their training records. Read
 only; the page is a template of the service kit (:mod:`paitient.services.kit.pages`), so everything
 shown is escaped and it carries no script. ``<prefix>api/budget`` answers the same as JSON. Both need
-the scope ``custom:ledger:read`` (:data:`paitient.services.ledger.api.READ_SCOPE`).
+the scope ``custom:ledger:read`` (:data:`paitient.services.ledger.api.READ_SCOPE`). ``<prefix>metrics`` has
+the budgets summed over each project's researchers for the operator's scraper (``read:metrics``,
+:mod:`paitient.services.kit.metrics`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 from tornado import web
 
 from paitient.registry import Registry
-from paitient.services.kit import pages, render
+from paitient.services.kit import metrics, pages, render
 from paitient.services.ledger.api import READ_SCOPE, public_run
+from paitient.services.ledger.metrics import ledger_registry
 
 TEMPLATES = Path(__file__).parent / "templates"
 PREFIX = "/services/ledger/"
@@ -85,7 +88,7 @@ class BudgetAPI(StewardPage):
 
 def make_app(site, ledger, prefix: str = PREFIX, *, hub_auth=None, **settings: Any) -> web.Application:
     """The page's application; ``hub_auth`` defaults to the HubOAuth configured from the hub's env."""
-    routes = [("", LedgerPage), ("api/budget", BudgetAPI)]
+    routes = [("", LedgerPage), ("api/budget", BudgetAPI), metrics.ROUTE]
     return pages.make_app(
         routes,
         service="ledger",
@@ -93,6 +96,7 @@ def make_app(site, ledger, prefix: str = PREFIX, *, hub_auth=None, **settings: A
         hub_auth=hub_auth,
         paitient_site=site,
         paitient_ledger=ledger,
+        paitient_metrics=ledger_registry(site, ledger),
         **settings,
     )
 
