@@ -91,9 +91,9 @@ def processes() -> list[tuple[int, int, int, bytes]]:
 
 
 def kind(cmdline: bytes) -> str:
-    for marker, name in (
-        (b"jupyterhub.singleuser", "server"),
+    for marker, name in (  # the wrapper's command line holds the server's command: it comes first
         (b"servernet.py", "network wrapper"),
+        (b"jupyterhub.singleuser", "server"),
         (b"keeper.py", "keeper"),
         (b"ipykernel_launcher", "kernel"),
     ):
