@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import paitient
     from tests import workspacegroup
 
+    _one_session_at_a_time()
     _GROUP_EXISTED.append(workspacegroup.exists())
     here = Path(paitient.__file__).resolve().parent
     if here != SOURCE:
@@ -67,6 +69,27 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 _GROUP_EXISTED: list[bool] = []
+SESSION_LOCK = Path("/tmp/paitient-tests.lock")  # noqa: S108 - root's tests only; a lock, no content
+_session_lock: list[Any] = []
+
+
+def _one_session_at_a_time() -> None:
+    """Wait until no other test session of this project runs on the machine, then hold it off until this one
+    ends (the lock goes with the process).
+
+    Sessions share system state: the workspace's group, which a session removes at its end when it made it,
+    and projects' groups, which each test removes when they are new after it. Two sessions at once would
+    remove each other's groups mid-test; they queue instead.
+    """
+    import fcntl
+
+    lock = open(SESSION_LOCK, "a")  # noqa: SIM115 - held for the whole session
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"\npaitient tests: another test session holds {SESSION_LOCK}; waiting for it to end", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    _session_lock.append(lock)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
