@@ -1,5 +1,6 @@
 """The stores' tables as they made them before there were migrations, verbatim from the stores' code of
-commit 22ad015 (``git show 22ad015:extensions/paitient/services/<store>/store.py``): the tests make a database
+commit 22ad015 (``git show 22ad015:extensions/paitient/services/<store>/store.py``, the airlock's count
+tables from its ``releases.py``): the tests make a database
 with them, as a workspace from before holds, and check that each store recognises it and stamps it."""
 
 import sqlite3
@@ -73,6 +74,17 @@ CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
 CREATE TRIGGER IF NOT EXISTS requests_no_delete BEFORE DELETE ON requests
     BEGIN SELECT RAISE(ABORT, 'airlock requests are never deleted'); END;
 """
+
+AIRLOCK_COUNT_TABLES = """
+CREATE TABLE IF NOT EXISTS count_tables (
+    request_id TEXT PRIMARY KEY REFERENCES requests(id),
+    project TEXT NOT NULL,
+    body TEXT NOT NULL,
+    recorded REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS count_tables_project ON count_tables(project);
+"""
+"""(made by ``releases.py`` at the checks' first start)"""
 
 JOBS = """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
