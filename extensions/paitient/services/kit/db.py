@@ -225,6 +225,29 @@ class Database:
         return True
 
 
+def prepare_schema(where: Location, what: str) -> str:
+    """Make ``where``'s schema if it is missing and return the URL that reaches it, for a program that makes
+    its own tables there (the hub: JupyterHub creates and upgrades its tables itself)."""
+    engine = _postgres_engine(where, what)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN")
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"paitient-migrate:{what}"})
+            if where.schema:
+                conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {_quote(where.schema)}")
+            conn.exec_driver_sql("COMMIT")
+    except sa.exc.OperationalError as e:
+        first = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
+        raise DatabaseError(
+            f"the {what} database ({where.describe()}) cannot be reached: {first}. Check [database] url, that the "
+            "server runs and lets this host and role in (pg_hba.conf), and the password in ~root/.pgpass or the "
+            "file [database] passfile names."
+        ) from None
+    finally:
+        engine.dispose()
+    return sqlalchemy_url(where.url, schema=where.schema, passfile=where.passfile).render_as_string(hide_password=False)
+
+
 def run_migrations() -> None:
     """The body of every store's alembic ``env.py``: run on the connection :class:`Database` passes in, inside
     its transaction."""
