@@ -56,10 +56,11 @@ SITE = {
 
 
 @pytest.fixture
-def site(world_tmp):
+def site(world_tmp, database):
+    """The airlock's site, once with its stores in SQLite and once in PostgreSQL (``database``)."""
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
-    return parse(SITE, overrides={"workspace": {"state_dir": str(state)}})
+    return parse({**SITE, "database": database}, overrides={"workspace": {"state_dir": str(state)}})
 
 
 @pytest.fixture

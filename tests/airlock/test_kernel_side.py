@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from paitient.config.reference import effective_toml
 from paitient.kernel.airlock import AirlockError, form, request, status
 from paitient.kernel.airlock.source import class_source
 from paitient.services.airlock.service import Airlock, AirlockSettings
@@ -97,11 +98,12 @@ def test_no_audit_record_no_download(site, people):
         airlock.stop()
 
 
-def test_cli_lists_and_shows_requests(site, airlock, people):
+def test_cli_lists_and_shows_requests(site, airlock, people, world_tmp):
     rid = submit(airlock, people, "alice", GOOD, name="cohort.csv")
     wait_state(airlock, rid, "in_review")
-    base = [sys.executable, "-m", "paitient.cli", "airlock", f"--state-dir={site.state_dir}"]
-    # the demo site's projects differ; the CLI reads the store, whatever the projects
+    site_file = world_tmp / "site.toml"
+    site_file.write_text(effective_toml(site))  # where the store is: SQLite under the state dir or PostgreSQL
+    base = [sys.executable, "-m", "paitient.cli", "airlock", f"--site={site_file}", f"--state-dir={site.state_dir}"]
     out = subprocess.run(base, capture_output=True, text=True, check=True).stdout
     assert rid in out and "cohort.csv" in out and "in_review" in out
     shown = json.loads(subprocess.run([*base, rid], capture_output=True, text=True, check=True).stdout)

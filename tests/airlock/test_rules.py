@@ -12,6 +12,7 @@ import struct
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 import torch
 from hypothesis import given
@@ -23,6 +24,7 @@ from paitient.rules import disclosure, review
 from paitient.rules.review import TransitionError, decide
 from paitient.services.airlock import weights
 from paitient.services.airlock.store import Store, StoreError
+from paitient.services.kit.db import Location
 
 # --------------------------------------------------------------------------------------------------
 # States and decisions
@@ -269,8 +271,27 @@ def test_training_record_judgement():
 # Store
 
 
-def test_events_are_append_only_and_blobs_read_only(tmp_path):
-    store = Store(tmp_path / "airlock")
+def _refused_on_sqlite(path, statements):
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        for sql, message in statements:
+            with pytest.raises(sqlite3.IntegrityError, match=message):
+                db.execute(sql)
+
+
+def _refused_on_postgres(database, statements):
+    with psycopg.connect(database["url"], passfile=database["passfile"], autocommit=True) as db:
+        db.execute("SET search_path TO airlock")
+        for sql, message in [*statements, ("TRUNCATE events", "append-only")]:
+            with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match=message):
+                db.execute(sql)
+        assert db.execute("SELECT COUNT(*) FROM events").fetchone() == (1,)
+
+
+def test_events_are_append_only_and_blobs_read_only(tmp_path, database):
+    where = Location(
+        tmp_path / "airlock" / "airlock.db", database.get("url", ""), "airlock", database.get("passfile", "")
+    )
+    store = Store(tmp_path / "airlock", where)
     src = tmp_path / "f.csv"
     src.write_bytes(b"x,n\na,50\n")
     fd = os.open(src, os.O_RDONLY)
@@ -290,14 +311,15 @@ def test_events_are_append_only_and_blobs_read_only(tmp_path):
         justification="j",
         meta={},
     )
-    db = sqlite3.connect(store.db_path)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        db.execute("UPDATE events SET actor = 'mallory'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        db.execute("DELETE FROM events")
-    with pytest.raises(sqlite3.IntegrityError, match="never deleted"):
-        db.execute("DELETE FROM requests")
-    db.close()
+    tampering = [
+        ("UPDATE events SET actor = 'mallory'", "append-only"),
+        ("DELETE FROM events", "append-only"),
+        ("DELETE FROM requests", "never deleted"),
+    ]
+    if database:
+        _refused_on_postgres(database, tampering)
+    else:
+        _refused_on_sqlite(store.db_path, tampering)
     with pytest.raises(TransitionError, match="cannot move to 'released'"):
         store.transition(req.id, "released", actor="x")
     assert store.get(req.id).state == "submitted"

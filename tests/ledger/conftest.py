@@ -16,6 +16,7 @@ from paitient.registry import Member, Registry
 from paitient.services.ledger.service import LedgerService
 from paitient.services.ledger.store import Ledger
 from tests import rootmember
+from tests.postgres import database_toml
 
 PY = sys.executable
 
@@ -40,10 +41,11 @@ budget = {{ epsilon = 5.0, delta = 1e-5 }}
 """
 
 
-def make_site(state_dir: Path):
+def make_site(state_dir: Path, database: dict[str, str] | None = None):
+    """The test site in ``state_dir``; ``database``: its ``[database]`` table (None or empty: SQLite)."""
     import tomllib
 
-    text = SITE_TOML.format(state_dir=state_dir)
+    text = SITE_TOML.format(state_dir=state_dir) + database_toml(database or {})
     (state_dir / "site.toml").write_text(text)
     return parse(tomllib.loads(text), source=str(state_dir / "site.toml"))
 
@@ -63,13 +65,16 @@ def state_dir(world_tmp) -> Path:
 
 
 @pytest.fixture
-def site(state_dir):
-    return make_site(state_dir)
+def site(state_dir, database):
+    """The test site, once with the ledger in SQLite and once in PostgreSQL (``database``, tests/conftest.py)."""
+    return make_site(state_dir, database)
 
 
 @pytest.fixture
-def ledger(site) -> Ledger:
-    return Ledger(site)
+def ledger(site):
+    ledger = Ledger(site)
+    yield ledger
+    ledger.close()
 
 
 @pytest.fixture

@@ -1,17 +1,25 @@
 """The ledger's storage on a real SQLite file: reservations, settlement, lost runs, overrides, lookups."""
 
 import os
+import sqlite3
 import stat
+import threading
 
+import psycopg
 import pytest
 
 from paitient.rules.budget import BudgetExceeded
+from paitient.services.kit.db import DatabaseError
 from paitient.services.ledger.store import Ledger, LedgerError, db_path
+from tests import legacy_schemas
+from tests.ledger.conftest import make_site
 
 SHA = "ab" * 32
 
 
-def test_database_is_root_only(ledger, site):
+def test_database_is_root_only(state_dir):
+    site = make_site(state_dir)  # SQLite
+    Ledger(site).close()
     path = db_path(site)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -83,3 +91,137 @@ def test_steward_override_replaces_site_total(ledger, site):
     assert ledger.budget("cardio")[0]["epsilon_total"] == 5.0
     with pytest.raises(LedgerError, match="epsilon must be a positive number"):
         ledger.set_budget("cardio", "diabetes", -1, 1e-6, by="sam")
+
+
+def test_concurrent_reservations_in_one_process_never_exceed_the_budget(ledger):
+    """Eight threads race for gbsg2's epsilon 2.0 in steps of 0.07: exactly 28 fit, on either database."""
+    got, refused = [], []
+
+    def worker():
+        for _ in range(6):
+            try:
+                got.append(ledger.reserve("oncology", "gbsg2", 0.07, 1e-9, user="alice"))
+            except BudgetExceeded:
+                refused.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 28 and len(refused) == 48 - 28
+    assert {x["dataset"]: x for x in ledger.budget("oncology")}["gbsg2"]["epsilon_reserved"] == pytest.approx(28 * 0.07)
+
+
+def test_stores_opened_at_once_on_an_empty_database_make_the_tables_once(site):
+    """Four ledgers open the same new database together: one makes the tables, the others find them."""
+    opened, failed = [], []
+
+    def open_one():
+        try:
+            opened.append(Ledger(site))
+        except Exception as e:  # noqa: BLE001 -- the assertion shows it
+            failed.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failed and len(opened) == 4
+    rid = opened[0].reserve("cardio", "diabetes", 1.0, 1e-6, user="bob")
+    assert [r["id"] for r in opened[3].runs("cardio")] == [rid]
+    for ledger in opened:
+        ledger.close()
+
+
+def _old_ledger_rows(execute) -> None:
+    """What the ledger before migrations wrote: a settled run and a steward's total."""
+    execute(
+        "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, epsilon, delta, state, "
+        "epsilon_spent, delta_spent, created, closed, record, weights_sha256) VALUES ('r-old', 'oncology', "
+        "'gbsg2', 'alice', '', 1, NULL, 1.5, 1e-7, 'settled', 1.25, 1e-7, 1.0, 2.0, '{\"steps\": 3}', NULL)"
+    )
+    execute(
+        "INSERT INTO budget_overrides (project, dataset, epsilon, delta, set_by, set_at) "
+        "VALUES ('cardio', 'diabetes', 1.0, 1e-6, 'sam', 1.0)"
+    )
+
+
+def _check_kept_and_usable(ledger: Ledger) -> None:
+    assert ledger.run("r-old")["epsilon_spent"] == 1.25 and ledger.run("r-old")["record"] == {"steps": 3}
+    assert ledger.total_for("cardio", "diabetes").epsilon == 1.0
+    with pytest.raises(BudgetExceeded, match="0.75 left of 2"):
+        ledger.reserve("oncology", "gbsg2", 1.0, 1e-7, user="alice")
+    ledger.reserve("oncology", "gbsg2", 0.5, 1e-7, user="alice")
+
+
+def test_a_sqlite_ledger_from_before_migrations_is_stamped_not_made_anew(state_dir):
+    site = make_site(state_dir)
+    legacy_schemas.make_sqlite(db_path(site), legacy_schemas.LEDGER)
+    with sqlite3.connect(db_path(site)) as db:
+        _old_ledger_rows(db.execute)
+    ledger = Ledger(site)
+    _check_kept_and_usable(ledger)
+    ledger.close()
+    with sqlite3.connect(db_path(site)) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (2,)
+    # and opened again, it is simply at the newest revision
+    assert Ledger(site).run("r-old")["state"] == "settled"
+
+
+def test_a_postgres_ledger_from_ledger_url_is_stamped_in_its_schema(state_dir, postgres_db):
+    """A ledger made by the old code through [workspace] ledger_url (tables in the default schema)."""
+    with psycopg.connect(postgres_db.url, passfile=postgres_db.passfile, autocommit=True) as conn:
+        for statement in legacy_schemas.LEDGER:
+            conn.execute(statement)
+        _old_ledger_rows(conn.execute)
+    site = make_site(state_dir)
+    ledger = Ledger(site, url=f"{postgres_db.url}&passfile={postgres_db.passfile}")
+    _check_kept_and_usable(ledger)
+    ledger.close()
+    with psycopg.connect(postgres_db.url, passfile=postgres_db.passfile) as conn:
+        assert conn.execute("SELECT version_num FROM public.alembic_version").fetchall() == [("0001",)]
+
+
+def test_a_ledger_left_in_public_is_not_begun_anew_in_its_schema(state_dir, postgres_db):
+    """A site moving from ledger_url to [database] url: the ledger's tables must move, not be forgotten."""
+    with psycopg.connect(postgres_db.url, passfile=postgres_db.passfile, autocommit=True) as conn:
+        for statement in legacy_schemas.LEDGER:
+            conn.execute(statement)
+        _old_ledger_rows(conn.execute)
+    site = make_site(state_dir, postgres_db.site_table())
+    with pytest.raises(DatabaseError, match=r"ALTER TABLE public.budget_overrides SET SCHEMA \"ledger\";"):
+        Ledger(site)
+    with psycopg.connect(postgres_db.url, passfile=postgres_db.passfile, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA IF NOT EXISTS "ledger"')
+        conn.execute('ALTER TABLE public.runs SET SCHEMA "ledger"')
+        conn.execute('ALTER TABLE public.budget_overrides SET SCHEMA "ledger"')
+    _check_kept_and_usable(Ledger(site))
+
+
+def test_a_database_with_only_some_of_the_tables_is_refused(site):
+    ledger = Ledger(site)
+    with ledger.db.transaction() as conn:
+        conn.exec_driver_sql("DROP TABLE budget_overrides")
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+    ledger.close()
+    with pytest.raises(DatabaseError, match="holds runs but not budget_overrides and no alembic_version"):
+        Ledger(site)
+
+
+def test_an_unreachable_server_says_what_to_check(state_dir):
+    site = make_site(state_dir, {"url": f"postgresql://paitient@/ledger?host={state_dir}"})
+    with pytest.raises(DatabaseError, match=r"cannot be reached: .*Check \[database\] url, that the server runs"):
+        Ledger(site)
+
+
+def test_a_password_file_others_can_read_is_refused(state_dir, postgres_db):
+    site = make_site(state_dir, postgres_db.site_table())
+    os.chmod(postgres_db.passfile, 0o644)
+    try:
+        with pytest.raises(Exception, match="readable by group or others"):
+            Ledger(site)
+    finally:
+        os.chmod(postgres_db.passfile, 0o600)

@@ -307,3 +307,20 @@ def test_the_commands_need_root(world, world_tmp):
     )
     assert nobody.returncode == 2 and "must run as root" in nobody.stderr, nobody.stderr
     assert not (world_tmp / "backup").exists()
+
+
+def test_stores_in_postgres_are_left_to_pg_dump_and_said_so(world_tmp, postgres_db):
+    """With [database] url the stores' records are in PostgreSQL: the backup holds no SQLite file of them
+    (one left from before the move is not the current state) and its notes say to run pg_dump."""
+    state = world_tmp / "state"
+    state.mkdir(mode=0o755)
+    site = parse(
+        {"workspace": {"state_dir": str(state)}, "database": postgres_db.site_table()},
+        source=str(world_tmp / "site.toml"),
+    )
+    Ledger(site).close()  # the ledger's tables made in PostgreSQL
+    (state / "ledger").mkdir(mode=0o700)
+    (state / "ledger" / "ledger.sqlite3").write_bytes(b"")  # left from before the move
+    manifest = backup(site, world_tmp / "backup")
+    assert not [name for name in manifest.files if name.startswith(("state/ledger/", "state/airlock/", "state/hub/"))]
+    assert any("PostgreSQL ([database] url): back that database up with pg_dump" in n for n in manifest.notes)

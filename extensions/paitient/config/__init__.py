@@ -14,6 +14,7 @@ frozen. The file is read by root-side processes only and must not be writable by
 and ``docs/config.md`` are generated from the model (``python -m paitient.config --write-docs``).
 """
 
+from paitient.config.database import Database
 from paitient.config.directory import Directory, is_loopback
 from paitient.config.errors import ConfigError, SettingError
 from paitient.config.limits import Audit, Sandbox, Server
@@ -35,6 +36,7 @@ __all__ = [
     "Audit",
     "Budget",
     "ConfigError",
+    "Database",
     "Directory",
     "EgressLimits",
     "Model",

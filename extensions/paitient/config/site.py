@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from paitient.config.database import Database
 from paitient.config.directory import Directory
 from paitient.config.errors import SettingError
 from paitient.config.limits import Audit, Sandbox, Server
@@ -25,6 +26,7 @@ SECTIONS: dict[str, type[Model]] = {
     "egress": EgressLimits,
     "airlock": Airlock,
     "jobs": Jobs,
+    "database": Database,
 }
 """The site file's sections in the order they are documented, name -> model class; then [[projects]]."""
 
@@ -43,6 +45,7 @@ class SiteConfig(Model):
     egress = Part(EgressLimits, help="[egress]")
     airlock = Part(Airlock, help="[airlock]")
     jobs = Part(Jobs, help="[jobs]")
+    database = Part(Database, help="[database]")
     projects = Parts(Project, help="[[projects]]")
     source = Text("", help="Path the configuration was read from (empty for the embedded default).")
 
@@ -62,6 +65,13 @@ class SiteConfig(Model):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise SettingError(("projects",), None, f"names must be unique; repeated: {', '.join(repeated)}")
+        if self.workspace.ledger_url and self.database.url:
+            raise SettingError(
+                ("workspace",),
+                "ledger_url",
+                "is replaced by [database] url, which is set too; remove ledger_url (the ledger then lives in the "
+                "schema 'ledger' of [database] url's database; move its tables there first, see docs/operations.md)",
+            )
         if self.jobs.account == self.airlock.audit_account:
             raise SettingError(
                 ("airlock",),

@@ -84,17 +84,19 @@ class Workspace(Model):
 
     ledger_url = Text(
         "",
-        help="The privacy-budget ledger's database. Empty: SQLite at <state_dir>/ledger/ledger.sqlite3 (root "
-        "only). Or postgresql://user@host/db (needs the psycopg package); put the password in ~root/.pgpass, "
-        "not here.",
+        help="Deprecated: set url in the database table below instead, which moves the hub and every store. "
+        "Kept for sites that set it before: the ledger alone in this postgresql://USER@HOST/DATABASE database, "
+        "in its default schema, the other stores in SQLite. Not together with the database table's url.",
     )
 
     @validate("ledger_url")
     def _ledger_url(self, proposal: Bunch) -> str:
-        url = proposal.value
-        if url and not url.startswith(("postgresql://", "postgres://")):
-            raise TraitError(f"empty (SQLite) or a postgresql:// URL, got {url[:40]!r}")
-        return url
+        from paitient.config.database import url_problem
+
+        problem = url_problem(proposal.value) if proposal.value else ""
+        if problem:
+            raise TraitError(problem)
+        return proposal.value
 
 
 class Accounts(Model):

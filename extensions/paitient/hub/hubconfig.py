@@ -47,6 +47,17 @@ def managed_services(site: SiteConfig) -> list[Any]:
     return [importlib.import_module(module) for module in SERVICES.values()]
 
 
+def hub_db_url(site: SiteConfig) -> str:
+    """The hub's database: SQLite under ``<state_dir>/hub``, or the schema ``hub`` of ``[database] url`` (made
+    here when missing; JupyterHub makes its tables in it, and ``jupyterhub upgrade-db`` upgrades them)."""
+    if not site.database.url:
+        return HubPaths.of(site).db_url
+    from paitient.services.kit.db import Location, prepare_schema
+
+    where = Location(HubPaths.of(site).hub_dir / "jupyterhub.sqlite", site.database.url, "hub", site.database.passfile)
+    return prepare_schema(where, "hub")
+
+
 def configure(
     c: Config,
     site: SiteConfig,
@@ -71,7 +82,7 @@ def configure(
     c.ConfigurableHTTPProxy.auth_token = paths.secret("proxy_token")
 
     # -- state ----------------------------------------------------------------------------------------
-    c.JupyterHub.db_url = paths.db_url
+    c.JupyterHub.db_url = hub_db_url(site)
     c.JupyterHub.cookie_secret_file = str(paths.cookie_secret_file)
     c.JupyterHub.pid_file = str(paths.hub_dir / "jupyterhub.pid")
     # A hub restart (upgrade, configuration change) leaves researchers' servers running;

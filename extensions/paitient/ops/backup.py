@@ -72,6 +72,8 @@ SQLITE_DATABASES = (
     "hub/jupyterhub.sqlite",
 )
 """The services' and the hub's databases, relative to the state directory."""
+IN_POSTGRES = ("ledger/", "airlock/", "hub/")
+"""The stores that ``[database] url`` moves to PostgreSQL (the jobs queue and egress counts stay in SQLite)."""
 
 FILE_TREES = ("airlock/blobs", "jobs/out", "jobs/graphs", "keys", "public", "egress/index")
 """Folders copied file by file (their files are written once and never changed)."""
@@ -276,14 +278,20 @@ def backup(site: SiteConfig, target: Path, *, with_data: bool = True, log=None) 
         raise BackupError(f"{target.parent} does not exist; create it first (root only: mkdir -m 700 ...)")
 
     notes: list[str] = []
-    if site.workspace.ledger_url:
+    in_postgres = bool(site.database.url)
+    if in_postgres:
+        notes.append(
+            "the hub's, the ledger's and the airlock's records are in PostgreSQL ([database] url): back that "
+            "database up with pg_dump at the same time (docs/operations.md); this backup holds none of them"
+        )
+    elif site.workspace.ledger_url:
         notes.append(
             "the ledger is in PostgreSQL ([workspace] ledger_url): back it up with pg_dump; this backup holds no ledger"
         )
     sources: list[tuple[str, Path, str]] = []  # (relative path in the backup, source, how)
     for rel in SQLITE_DATABASES:
-        if rel.startswith("ledger/") and site.workspace.ledger_url:
-            continue
+        if (in_postgres and rel.startswith(IN_POSTGRES)) or (rel.startswith("ledger/") and site.workspace.ledger_url):
+            continue  # a SQLite file left from before the move is not the current state
         if (state / rel).is_file():
             sources.append((f"state/{rel}", state / rel, "sqlite"))
     key_file = site.key_file

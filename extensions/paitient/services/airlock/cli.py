@@ -26,7 +26,7 @@ class AirlockCommand(PaitientCommand):
         site = self.load_site()
         if self.state and self.state not in review.STATES:
             self.fail(f"--state must be one of {', '.join(review.STATES)}")
-        if not (site.state_dir / "airlock" / "airlock.db").exists():
+        if not (site.state_dir / "airlock" / "blobs").is_dir():
             self.fail(f"no airlock store under {site.state_dir}; has the airlock service run there?")
         store = Store.for_site(site)
         if self.extra_args:

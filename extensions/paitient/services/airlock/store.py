@@ -4,10 +4,12 @@
   :func:`paitient.services.airlock.canonical.canonical_output`; a training job's weights as the runner signed
   them), written aside, fsync'd, made read-only (0400) and
   renamed into place; a blob never changes, so the SHA-256 recorded with a request always names its bytes.
-- ``airlock.db``: the ``requests`` table holds each request and its current state; the ``events`` table
-  records every state change, check result, decision and download as an append-only row (triggers refuse
-  UPDATE and DELETE). The state and its event are written in one transaction, so after a crash the
-  database holds both or neither. SQLite runs in WAL mode with full synchronous writes.
+- ``airlock.db`` (or the schema ``airlock`` of ``[database] url``'s PostgreSQL database): the ``requests``
+  table holds each request and its current state; the ``events`` table records every state change, check
+  result, decision and download as an append-only row (triggers refuse UPDATE and DELETE). The state and its
+  event are written in one transaction, so after a crash the database holds both or neither. SQLite runs in
+  WAL mode with full synchronous writes; writers are serialised on either database
+  (:mod:`paitient.services.kit.db`), and the tables are made and upgraded by ``migrations/versions``.
 """
 
 from __future__ import annotations
@@ -17,55 +19,44 @@ import hashlib
 import json
 import os
 import secrets
-import sqlite3
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
+
 from paitient.fsutil import fsync_dir
 from paitient.rules import review
+from paitient.services.kit.db import Database, Location
 
 CHUNK = 1 << 20
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id TEXT PRIMARY KEY,
-    project TEXT NOT NULL,
-    username TEXT NOT NULL,
-    account TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    filename TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    justification TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_project ON requests(project);
-CREATE INDEX IF NOT EXISTS requests_username ON requests(username);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL REFERENCES requests(id),
-    ts REAL NOT NULL,
-    actor TEXT NOT NULL,
-    type TEXT NOT NULL,
-    data TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_request ON events(request_id);
-CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
-    BEGIN SELECT RAISE(ABORT, 'airlock events are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
-    BEGIN SELECT RAISE(ABORT, 'airlock events are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS requests_no_delete BEFORE DELETE ON requests
-    BEGIN SELECT RAISE(ABORT, 'airlock requests are never deleted'); END;
-"""
+MIGRATIONS = Path(__file__).parent / "migrations"
+TABLES = {
+    "requests": (
+        "id",
+        "project",
+        "username",
+        "account",
+        "uid",
+        "kind",
+        "filename",
+        "sha256",
+        "size",
+        "justification",
+        "meta",
+        "state",
+        "created",
+        "updated",
+    ),
+    "events": ("seq", "request_id", "ts", "actor", "type", "data"),
+}
+"""The tables and their columns as the first migration makes them."""
 
 EVENT_TYPES = ("state", "check", "decision", "download", "note")
 
@@ -121,18 +112,18 @@ class Event:
 _Row = TypeVar("_Row", "Request", "Event")
 
 
-def _from_row(cls: type[_Row], row: sqlite3.Row, json_column: str) -> _Row:
+def _from_row(cls: type[_Row], row: sa.Row[Any], json_column: str) -> _Row:
     """The dataclass ``cls`` of a table row whose columns are its fields; ``json_column`` holds JSON text."""
-    values = dict(zip(row.keys(), row, strict=True))
+    values = dict(row._mapping)
     values[json_column] = json.loads(values[json_column])
     return cls(**values)
 
 
-def _row_request(r: sqlite3.Row) -> Request:
+def _row_request(r: sa.Row[Any]) -> Request:
     return _from_row(Request, r, "meta")
 
 
-def _row_event(r: sqlite3.Row) -> Event:
+def _row_event(r: sa.Row[Any]) -> Event:
     return _from_row(Event, r, "data")
 
 
@@ -143,42 +134,29 @@ def new_request_id() -> str:
 class Store:
     """Blobs and the request database. Safe to use from several threads (a connection per operation)."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], database: Location | None = None):
+        """Blobs under ``root``; the records in ``database`` (default: SQLite at ``<root>/airlock.db``)."""
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.db_path = self.root / "airlock.db"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.blobs.mkdir(mode=0o700, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        self.db = Database(database or Location(self.db_path), what="airlock", migrations=MIGRATIONS, tables=TABLES)
 
     @classmethod
     def for_site(cls, site) -> Store:
-        return cls(site.state_dir / "airlock")
+        root = site.state_dir / "airlock"
+        return cls(root, Location.for_site(site, "airlock", root / "airlock.db"))
 
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            yield db
-        finally:
-            db.close()
+    def close(self) -> None:
+        self.db.close()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+    def _connect(self) -> AbstractContextManager[sa.Connection]:
+        return self.db.transaction(write=False)
+
+    def _transaction(self) -> AbstractContextManager[sa.Connection]:
+        return self.db.transaction(write=True)
 
     # ---------------------------------------------------------------------------------------------
     # Blobs
@@ -280,24 +258,26 @@ class Store:
         rid = new_request_id()
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO requests (id, project, username, account, uid, kind, filename, sha256, size, "
-                "justification, meta, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rid,
-                    project,
-                    username,
-                    account,
-                    uid,
-                    kind,
-                    filename,
-                    sha256,
-                    size,
-                    justification,
-                    json.dumps(meta, sort_keys=True),
-                    review.SUBMITTED,
-                    now,
-                    now,
+                sa.text(
+                    "INSERT INTO requests (id, project, username, account, uid, kind, filename, sha256, size, "
+                    "justification, meta, state, created, updated) VALUES (:id, :project, :username, :account, "
+                    ":uid, :kind, :filename, :sha256, :size, :justification, :meta, :state, :now, :now)"
                 ),
+                {
+                    "id": rid,
+                    "project": project,
+                    "username": username,
+                    "account": account,
+                    "uid": uid,
+                    "kind": kind,
+                    "filename": filename,
+                    "sha256": sha256,
+                    "size": size,
+                    "justification": justification,
+                    "meta": json.dumps(meta, sort_keys=True),
+                    "state": review.SUBMITTED,
+                    "now": now,
+                },
             )
             self._event(db, rid, username, "state", {"from": None, "to": review.SUBMITTED}, now)
             if before_commit is not None:
@@ -306,17 +286,23 @@ class Store:
 
     @staticmethod
     def _event(
-        db: sqlite3.Connection, rid: str, actor: str, type_: str, data: dict[str, Any], ts: float | None = None
+        db: sa.Connection, rid: str, actor: str, type_: str, data: dict[str, Any], ts: float | None = None
     ) -> None:
         if type_ not in EVENT_TYPES:
             raise StoreError(f"unknown event type {type_!r}")
         db.execute(
-            "INSERT INTO events (request_id, ts, actor, type, data) VALUES (?,?,?,?,?)",
-            (rid, ts or time.time(), actor, type_, json.dumps(data, sort_keys=True, default=str)),
+            sa.text("INSERT INTO events (request_id, ts, actor, type, data) VALUES (:rid, :ts, :actor, :type, :data)"),
+            {
+                "rid": rid,
+                "ts": ts or time.time(),
+                "actor": actor,
+                "type": type_,
+                "data": json.dumps(data, sort_keys=True, default=str),
+            },
         )
 
-    def _get(self, db: sqlite3.Connection, rid: str) -> Request:
-        row = db.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
+    def _get(self, db: sa.Connection, rid: str) -> Request:
+        row = db.execute(sa.text("SELECT * FROM requests WHERE id = :id"), {"id": rid}).first()
         if row is None:
             raise StoreError(f"no airlock request {rid!r}")
         return _row_request(row)
@@ -331,7 +317,10 @@ class Store:
             req = self._get(db, rid)
             review.check_transition(req.state, new_state)
             now = time.time()
-            db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?", (new_state, now, rid))
+            db.execute(
+                sa.text("UPDATE requests SET state = :state, updated = :now WHERE id = :id"),
+                {"state": new_state, "now": now, "id": rid},
+            )
             self._event(db, rid, actor, "state", {"from": req.state, "to": new_state, **(data or {})}, now)
         return self.get(rid)
 
@@ -392,33 +381,38 @@ class Store:
             )
             if decision.new_state is not None:
                 review.check_transition(req.state, decision.new_state)
-                db.execute("UPDATE requests SET state = ?, updated = ? WHERE id = ?", (decision.new_state, now, rid))
+                db.execute(
+                    sa.text("UPDATE requests SET state = :state, updated = :now WHERE id = :id"),
+                    {"state": decision.new_state, "now": now, "id": rid},
+                )
                 self._event(db, rid, reviewer, "state", {"from": req.state, "to": decision.new_state}, now)
             if before_commit is not None:
                 before_commit(decision)
         return decision
 
     @staticmethod
-    def _approvals(db: sqlite3.Connection, rid: str) -> list[tuple[str, str]]:
+    def _approvals(db: sa.Connection, rid: str) -> list[tuple[str, str]]:
         """``(approver, override reason or "")`` of each approval so far, in order."""
         rows = db.execute(
-            "SELECT actor, data FROM events WHERE request_id = ? AND type = 'decision' ORDER BY seq", (rid,)
-        ).fetchall()
-        decisions = [(r["actor"], json.loads(r["data"])) for r in rows]
+            sa.text("SELECT actor, data FROM events WHERE request_id = :id AND type = 'decision' ORDER BY seq"),
+            {"id": rid},
+        ).all()
+        decisions = [(r.actor, json.loads(r.data)) for r in rows]
         return [(actor, str(d.get("override", ""))) for actor, d in decisions if d.get("action") == "approve"]
 
     @staticmethod
-    def _failed_checks(db: sqlite3.Connection, rid: str) -> list[str]:
+    def _failed_checks(db: sa.Connection, rid: str) -> list[str]:
         """The checks of the latest run that failed."""
         rows = db.execute(
-            "SELECT type, data FROM events WHERE request_id = ? AND type IN ('state', 'check') ORDER BY seq", (rid,)
-        ).fetchall()
+            sa.text("SELECT type, data FROM events WHERE request_id = :id AND type IN ('state', 'check') ORDER BY seq"),
+            {"id": rid},
+        ).all()
         failed: list[str] = []
         for r in rows:
-            data = json.loads(r["data"])
-            if r["type"] == "state" and data.get("to") == review.CHECKING:
+            data = json.loads(r.data)
+            if r.type == "state" and data.get("to") == review.CHECKING:
                 failed = []
-            elif r["type"] == "check" and data.get("status") == "fail":
+            elif r.type == "check" and data.get("status") == "fail":
                 failed.append(str(data.get("check")))
         return failed
 
@@ -428,10 +422,12 @@ class Store:
             return set()
         with self._connect() as db:
             rows = db.execute(
-                f"SELECT request_id, data FROM events WHERE type = 'decision' AND request_id IN ({','.join('?' * len(ids))})",  # noqa: S608, E501
-                ids,
-            ).fetchall()
-        return {r["request_id"] for r in rows if json.loads(r["data"]).get("override")}
+                sa.text(
+                    "SELECT request_id, data FROM events WHERE type = 'decision' AND request_id IN :ids"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"ids": list(ids)},
+            ).all()
+        return {r.request_id for r in rows if json.loads(r.data).get("override")}
 
     def record_download(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
         with self._transaction() as db:
@@ -441,13 +437,13 @@ class Store:
             self._event(db, rid, actor, "download", data)
 
     def events(self, rid: str, type_: str | None = None) -> list[Event]:
-        q = "SELECT * FROM events WHERE request_id = ?"
-        args: tuple[Any, ...] = (rid,)
-        if type_:
-            q += " AND type = ?"
-            args += (type_,)
+        q = (
+            "SELECT * FROM events WHERE request_id = :id AND type = :type ORDER BY seq"
+            if type_
+            else "SELECT * FROM events WHERE request_id = :id ORDER BY seq"
+        )
         with self._connect() as db:
-            return [_row_event(r) for r in db.execute(q + " ORDER BY seq", args).fetchall()]
+            return [_row_event(r) for r in db.execute(sa.text(q), {"id": rid, "type": type_})]
 
     def checks(self, rid: str) -> list[dict[str, Any]]:
         """The results of the latest check run (a re-run after a restart replaces earlier partial ones)."""
@@ -462,34 +458,39 @@ class Store:
     def counts(self) -> dict[tuple[str, str], int]:
         """How many requests there are in each state, per kind."""
         with self._connect() as db:
-            rows = db.execute("SELECT state, kind, COUNT(*) FROM requests GROUP BY state, kind").fetchall()
+            rows = db.execute(sa.text("SELECT state, kind, COUNT(*) FROM requests GROUP BY state, kind")).fetchall()
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
     def oldest_in(self, state: str) -> float | None:
         """When the request that has been in ``state`` longest got there (its last change), or None."""
         with self._connect() as db:
-            row = db.execute("SELECT MIN(updated) FROM requests WHERE state = ?", (state,)).fetchone()
-        return None if row[0] is None else float(row[0])
+            row = db.execute(
+                sa.text("SELECT MIN(updated) FROM requests WHERE state = :state"), {"state": state}
+            ).first()
+        return None if row is None or row[0] is None else float(row[0])
 
     def list(
         self, *, projects: list[str] | None = None, username: str | None = None, states_: list[str] | None = None
     ) -> list[Request]:
         """Requests matching all given filters (``projects``/``username`` are OR-ed: either matches)."""
-        where, args = [], []
-        who = []
+        where: list[str] = []
+        who: list[str] = []
+        expanding: list[str] = []
         if projects is not None:
-            who.append(f"project IN ({','.join('?' * len(projects))})" if projects else "0")
-            args += projects
+            who.append("project IN :projects" if projects else "1 = 0")
+            expanding.append("projects")
         if username is not None:
-            who.append("username = ?")
-            args.append(username)
+            who.append("username = :username")
         if who:
             where.append("(" + " OR ".join(who) + ")")
         if states_:
-            where.append(f"state IN ({','.join('?' * len(states_))})")
-            args += states_
-        # Only placeholders and fixed column names are joined here; every value goes in as a parameter.
+            where.append("state IN :states")
+            expanding.append("states")
+        # Only fixed column names and bind parameters are joined here; every value goes in as a parameter.
         q = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "")  # noqa: S608
-        q += " ORDER BY created DESC"
+        statement = sa.text(q + " ORDER BY created DESC").bindparams(
+            *(sa.bindparam(name, expanding=True) for name in expanding if f":{name}" in q)
+        )
+        params = {"projects": list(projects or []), "username": username, "states": list(states_ or [])}
         with self._connect() as db:
-            return [_row_request(r) for r in db.execute(q, args).fetchall()]
+            return [_row_request(r) for r in db.execute(statement, params)]

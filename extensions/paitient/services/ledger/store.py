@@ -2,13 +2,13 @@
 
 SQLite by default, at ``<state_dir>/ledger/ledger.sqlite3`` (directory 0700, file 0600, root only), in
 WAL mode with ``synchronous=FULL``: a transaction that returned is on disk, and a process killed
-mid-write leaves the last committed state. Every change runs in one ``BEGIN IMMEDIATE`` transaction
-that first reads the dataset's usage and then writes, so concurrent reservations are serialised and
-can never together exceed a budget.
-
-A PostgreSQL URL (``postgresql://...``) selects PostgreSQL instead (needs the ``psycopg`` package);
-the SQL is the same, writes take ``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`` for the same
-serialisation.
+mid-write leaves the last committed state. With ``[database] url`` the tables live in the schema
+``ledger`` of that PostgreSQL database (see :mod:`paitient.services.kit.db`; the deprecated
+``[workspace] ledger_url`` keeps them in that database's default schema). Every change runs in one write
+transaction that first reads the dataset's usage and then writes: ``BEGIN IMMEDIATE`` on SQLite,
+``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`` on PostgreSQL, so concurrent reservations are serialised
+and can never together exceed a budget. The tables are made and upgraded by the migrations in
+``migrations/versions``.
 
 Budget arithmetic lives in :mod:`paitient.rules.budget`; this module only stores and fetches.
 """
@@ -19,12 +19,13 @@ import contextlib
 import json
 import os
 import re
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 from paitient.config import Budget
 from paitient.rules.budget import (
@@ -36,6 +37,7 @@ from paitient.rules.budget import (
     left,
     usage,
 )
+from paitient.services.kit.db import Database, Location
 
 __all__ = ["BudgetExceeded", "Ledger", "LedgerError", "db_path", "RECORD_FIELDS"]
 
@@ -67,39 +69,6 @@ RECORD_FIELDS = frozenset(
 """Keys a training record may carry (see docs/privacy.md for their meaning)."""
 MAX_RECORD_BYTES = 16384
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS runs (
-        id TEXT PRIMARY KEY,
-        project TEXT NOT NULL,
-        dataset TEXT NOT NULL,
-        username TEXT NOT NULL,
-        run_id TEXT NOT NULL,
-        pid BIGINT NOT NULL,
-        pid_start BIGINT,
-        epsilon DOUBLE PRECISION NOT NULL,
-        delta DOUBLE PRECISION NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('reserved', 'settled', 'lost')),
-        epsilon_spent DOUBLE PRECISION,
-        delta_spent DOUBLE PRECISION,
-        created DOUBLE PRECISION NOT NULL,
-        closed DOUBLE PRECISION,
-        record TEXT,
-        weights_sha256 TEXT
-    )""",
-    "CREATE INDEX IF NOT EXISTS runs_dataset ON runs (project, dataset)",
-    "CREATE INDEX IF NOT EXISTS runs_state ON runs (state)",
-    "CREATE INDEX IF NOT EXISTS runs_weights ON runs (weights_sha256)",
-    """CREATE TABLE IF NOT EXISTS budget_overrides (
-        project TEXT NOT NULL,
-        dataset TEXT NOT NULL,
-        epsilon DOUBLE PRECISION NOT NULL,
-        delta DOUBLE PRECISION NOT NULL,
-        set_by TEXT NOT NULL,
-        set_at DOUBLE PRECISION NOT NULL,
-        PRIMARY KEY (project, dataset)
-    )""",
-)
-
 RUN_COLUMNS = (
     "id",
     "project",
@@ -118,6 +87,8 @@ RUN_COLUMNS = (
     "record",
     "weights_sha256",
 )
+OVERRIDE_COLUMNS = ("project", "dataset", "epsilon", "delta", "set_by", "set_at")
+MIGRATIONS = Path(__file__).parent / "migrations"
 _SELECT_RUNS = "SELECT " + ", ".join(RUN_COLUMNS) + " FROM runs"  # noqa: S608 -- fixed column names
 
 
@@ -133,68 +104,35 @@ def db_path(site) -> Path:
     return Path(site.state_dir) / "ledger" / "ledger.sqlite3"
 
 
-class _SQLite:
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(path, 0o600)
-        with contextlib.closing(self._connect()) as c:
-            c.execute("PRAGMA journal_mode=WAL")
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=60000")
-        return conn
-
-    @contextlib.contextmanager
-    def transaction(self, write: bool) -> Iterator[Callable[..., list[tuple]]]:
-        conn = self._connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield lambda sql, params=(): conn.execute(sql, params).fetchall()
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
+def _database(site, url: str | None) -> Database:
+    where = Location.for_site(site, "ledger", db_path(site))
+    if url is not None:
+        where = Location(db_path(site), url, None, "") if url else Location(db_path(site))
+    if not where.postgres:
+        where.sqlite_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(where.sqlite_path.parent, 0o700)
+    return Database(
+        where,
+        what="ledger",
+        migrations=MIGRATIONS,
+        tables={"runs": RUN_COLUMNS, "budget_overrides": OVERRIDE_COLUMNS},
+        moved_from_public=True,
+    )
 
 
-class _Postgres:
-    def __init__(self, url: str):
-        try:
-            import psycopg
-        except ImportError:
-            raise LedgerError(
-                "the ledger is configured with a PostgreSQL URL but the psycopg package is not "
-                "installed; install psycopg or leave the URL empty for SQLite",
-                "unavailable",
-            ) from None
-        self._psycopg = psycopg
-        self.url = url
+Query = Callable[..., list[tuple]]
 
-    @contextlib.contextmanager
-    def transaction(self, write: bool) -> Iterator[Callable[..., list[tuple]]]:
-        with self._psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute("BEGIN")
-            try:
-                if write:
-                    conn.execute("LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE")
 
-                def query(sql: str, params: tuple = ()) -> list[tuple]:
-                    cur = conn.execute(sql.replace("?", "%s"), params)
-                    return cur.fetchall() if cur.description else []
+@contextlib.contextmanager
+def _queries(db: Database, write: bool) -> Iterator[Query]:
+    """``q(sql, **params)`` -> rows, all in one transaction of ``db``."""
+    with db.transaction(write) as conn:
 
-                yield query
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        def q(sql: str, **params: Any) -> list[tuple]:
+            result = conn.execute(sa.text(sql), params)
+            return [tuple(r) for r in result] if result.returns_rows else []
+
+        yield q
 
 
 def _row(values: tuple) -> dict[str, Any]:
@@ -233,12 +171,13 @@ class Ledger:
     """The ledger of one site. Thread-safe: every call opens its own connection and transaction."""
 
     def __init__(self, site, url: str | None = None):
+        """The ledger of ``site``, where its site file says (``url``: this PostgreSQL URL instead, in the
+        database's default schema; "": SQLite)."""
         self.site = site
-        url = getattr(site.workspace, "ledger_url", "") if url is None else url
-        self.db = _Postgres(url) if url.startswith(("postgres://", "postgresql://")) else _SQLite(db_path(site))
-        with self.db.transaction(write=False) as q:  # (PostgreSQL's write lock needs the table first)
-            for stmt in SCHEMA:
-                q(stmt)
+        self.db = _database(site, url)
+
+    def close(self) -> None:
+        self.db.close()
 
     # -- budgets ---------------------------------------------------------------------------------
 
@@ -256,13 +195,17 @@ class Ledger:
 
     def _total(self, q, project: str, dataset: str) -> tuple[Budget, str]:
         proj = self._check_dataset(project, dataset)
-        rows = q("SELECT epsilon, delta FROM budget_overrides WHERE project = ? AND dataset = ?", (project, dataset))
+        rows = q(
+            "SELECT epsilon, delta FROM budget_overrides WHERE project = :project AND dataset = :dataset",
+            project=project,
+            dataset=dataset,
+        )
         if rows:
             return Budget(epsilon=rows[0][0], delta=rows[0][1]), "steward"
         return proj.budget_for(dataset), "site"
 
     def total_for(self, project: str, dataset: str) -> Budget:
-        with self.db.transaction(write=False) as q:
+        with _queries(self.db, write=False) as q:
             return self._total(q, project, dataset)[0]
 
     def set_budget(self, project: str, dataset: str, epsilon: float, delta: float, *, by: str) -> None:
@@ -274,19 +217,28 @@ class Ledger:
         if delta <= 0:
             raise LedgerError("a total delta must be positive", "bad_request")
         self._check_dataset(project, dataset)
-        with self.db.transaction(write=True) as q:
+        with _queries(self.db, write=True) as q:
             q(
                 "INSERT INTO budget_overrides (project, dataset, epsilon, delta, set_by, set_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (project, dataset) DO UPDATE SET "
-                "epsilon = excluded.epsilon, delta = excluded.delta, set_by = excluded.set_by, "
+                "VALUES (:project, :dataset, :epsilon, :delta, :by, :at) ON CONFLICT (project, dataset) DO UPDATE "
+                "SET epsilon = excluded.epsilon, delta = excluded.delta, set_by = excluded.set_by, "
                 "set_at = excluded.set_at",
-                (project, dataset, float(epsilon), float(delta), by, time.time()),
+                project=project,
+                dataset=dataset,
+                epsilon=float(epsilon),
+                delta=float(delta),
+                by=by,
+                at=time.time(),
             )
 
     def clear_budget(self, project: str, dataset: str) -> None:
         """Drop a steward override: the site configuration's total applies again."""
-        with self.db.transaction(write=True) as q:
-            q("DELETE FROM budget_overrides WHERE project = ? AND dataset = ?", (project, dataset))
+        with _queries(self.db, write=True) as q:
+            q(
+                "DELETE FROM budget_overrides WHERE project = :project AND dataset = :dataset",
+                project=project,
+                dataset=dataset,
+            )
 
     def budget(self, project: str) -> list[dict[str, Any]]:
         """Per dataset of ``project``: total, spent, reserved and left, for epsilon and delta."""
@@ -295,10 +247,15 @@ class Ledger:
         except KeyError as e:
             raise LedgerError(str(e.args[0]), "unknown_project") from None
         out = []
-        with self.db.transaction(write=False) as q:
+        with _queries(self.db, write=False) as q:
             for ds in proj.datasets:
                 total, source = self._total(q, project, ds)
-                rows = [_row(r) for r in q(_SELECT_RUNS + " WHERE project = ? AND dataset = ?", (project, ds))]
+                rows = [
+                    _row(r)
+                    for r in q(
+                        _SELECT_RUNS + " WHERE project = :project AND dataset = :dataset", project=project, dataset=ds
+                    )
+                ]
                 used = usage(_entry(r) for r in rows)
                 eps_left, delta_left = left(total, used)
                 out.append(
@@ -342,17 +299,29 @@ class Ledger:
         except ValueError as e:
             raise LedgerError(str(e), "bad_request") from None
         rid = uuid.uuid4().hex
-        with self.db.transaction(write=True) as q:
+        with _queries(self.db, write=True) as q:
             total, _ = self._total(q, project, dataset)
             rows = q(
-                "SELECT state, epsilon, delta, epsilon_spent, delta_spent FROM runs WHERE project = ? AND dataset = ?",
-                (project, dataset),
+                "SELECT state, epsilon, delta, epsilon_spent, delta_spent FROM runs "
+                "WHERE project = :project AND dataset = :dataset",
+                project=project,
+                dataset=dataset,
             )
             check_reserve(f"{project}/{dataset}", total, usage(Entry(*r) for r in rows), epsilon, delta)
             q(
                 "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, epsilon, delta, "
-                "state, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
-                (rid, project, dataset, user, run_id, int(pid), pid_start, float(epsilon), float(delta), time.time()),
+                "state, created) VALUES (:id, :project, :dataset, :user, :run_id, :pid, :pid_start, :epsilon, "
+                ":delta, 'reserved', :created)",
+                id=rid,
+                project=project,
+                dataset=dataset,
+                user=user,
+                run_id=run_id,
+                pid=int(pid),
+                pid_start=pid_start,
+                epsilon=float(epsilon),
+                delta=float(delta),
+                created=time.time(),
             )
         return rid
 
@@ -373,8 +342,8 @@ class Ledger:
         user who reserved.
         """
         record_json = check_record(record or {})
-        with self.db.transaction(write=True) as q:
-            rows = q(_SELECT_RUNS + " WHERE id = ?", (reservation,))
+        with _queries(self.db, write=True) as q:
+            rows = q(_SELECT_RUNS + " WHERE id = :id", id=reservation)
             if not rows:
                 raise LedgerError(f"no reservation {reservation!r} in the ledger", "unknown_reservation")
             row = _row(rows[0])
@@ -393,49 +362,50 @@ class Ledger:
             except ValueError as e:
                 raise LedgerError(str(e), "over_reservation") from None
             q(
-                "UPDATE runs SET state = 'settled', epsilon_spent = ?, delta_spent = ?, closed = ?, "
-                "record = ?, weights_sha256 = ? WHERE id = ?",
-                (
-                    float(epsilon_spent),
-                    float(delta_spent),
-                    time.time(),
-                    record_json,
-                    (record or {}).get("weights_sha256"),
-                    reservation,
-                ),
+                "UPDATE runs SET state = 'settled', epsilon_spent = :epsilon, delta_spent = :delta, "
+                "closed = :closed, record = :record, weights_sha256 = :sha WHERE id = :id",
+                epsilon=float(epsilon_spent),
+                delta=float(delta_spent),
+                closed=time.time(),
+                record=record_json,
+                sha=(record or {}).get("weights_sha256"),
+                id=reservation,
             )
-            return _row(q(_SELECT_RUNS + " WHERE id = ?", (reservation,))[0])
+            return _row(q(_SELECT_RUNS + " WHERE id = :id", id=reservation)[0])
 
     def mark_lost(self, alive: Callable[[int, int | None], bool]) -> list[str]:
         """Mark open reservations whose process is gone as lost (counted in full); return their ids."""
-        with self.db.transaction(write=True) as q:
+        with _queries(self.db, write=True) as q:
             open_rows = q("SELECT id, pid, pid_start FROM runs WHERE state = 'reserved'")
             gone = [rid for rid, pid, start in open_rows if not alive(pid, start)]
             now = time.time()
             for rid in gone:
-                q("UPDATE runs SET state = 'lost', closed = ? WHERE id = ? AND state = 'reserved'", (now, rid))
+                q(
+                    "UPDATE runs SET state = 'lost', closed = :now WHERE id = :id AND state = 'reserved'",
+                    now=now,
+                    id=rid,
+                )
         return gone
 
     def runs(self, project: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
         """Runs in order of reservation, optionally for one project (and dataset)."""
         sql = _SELECT_RUNS
-        params: tuple[str, ...] = ()
         if project is not None:
-            sql, params = sql + " WHERE project = ?", (project,)
+            sql += " WHERE project = :project"
             if dataset is not None:
-                sql, params = sql + " AND dataset = ?", (project, dataset)
-        with self.db.transaction(write=False) as q:
-            return [_row(r) for r in q(sql + " ORDER BY created, id", params)]
+                sql += " AND dataset = :dataset"
+        with _queries(self.db, write=False) as q:
+            return [_row(r) for r in q(sql + " ORDER BY created, id", project=project, dataset=dataset)]
 
     def run_counts(self) -> dict[tuple[str, str], int]:
         """How many runs each project has in each state (``reserved``: open, ``settled``, ``lost``)."""
-        with self.db.transaction(write=False) as q:
+        with _queries(self.db, write=False) as q:
             rows = q("SELECT project, state, COUNT(*) FROM runs GROUP BY project, state")
         return {(project, state): int(n) for project, state, n in rows}
 
     def run(self, reservation: str) -> dict[str, Any] | None:
-        with self.db.transaction(write=False) as q:
-            rows = q(_SELECT_RUNS + " WHERE id = ?", (reservation,))
+        with _queries(self.db, write=False) as q:
+            rows = q(_SELECT_RUNS + " WHERE id = :id", id=reservation)
         return _row(rows[0]) if rows else None
 
     def record_by_hash(self, sha256: str) -> dict[str, Any] | None:
@@ -443,8 +413,9 @@ class Ledger:
         sha256 = sha256.lower()
         if not SHA256_RE.match(sha256):
             raise LedgerError("a SHA-256 is 64 hex digits", "bad_request")
-        with self.db.transaction(write=False) as q:
+        with _queries(self.db, write=False) as q:
             rows = q(
-                _SELECT_RUNS + " WHERE weights_sha256 = ? AND state = 'settled' ORDER BY closed DESC LIMIT 1", (sha256,)
+                _SELECT_RUNS + " WHERE weights_sha256 = :sha AND state = 'settled' ORDER BY closed DESC LIMIT 1",
+                sha=sha256,
             )
         return _row(rows[0]) if rows else None

@@ -1,0 +1,1 @@
+"""The airlock store's alembic migrations (run by :class:`paitient.services.kit.db.Database` at start)."""

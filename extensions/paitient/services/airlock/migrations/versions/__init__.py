@@ -1,0 +1,1 @@
+"""Revisions of the airlock store's tables, oldest first: ``r0001_initial`` is how it made them before migrations."""
