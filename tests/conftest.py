@@ -198,3 +198,37 @@ def _remove_session_project_groups():
     """The same for groups of session-wide fixtures and workspaces (these use an accounts prefix of their own,
     so a test's site with the default prefix never meets them)."""
     yield from _new_project_groups()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the whole session (tests/postgres.py), stopped by its pid at the end. Where
+    it cannot run, the tests that need it fail with the reason: the stores must pass on PostgreSQL too."""
+    from tests.postgres import Server, Unavailable
+
+    try:
+        server = Server()
+        server.start()
+    except Unavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_server):
+    """A new, empty database on the session's server (a ``tests.postgres.Database``: url and passfile)."""
+    return postgres_server.database()
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def database(request) -> dict[str, str]:
+    """The site's ``[database]`` table, once per backend: empty (SQLite files) and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return {}
+    return request.getfixturevalue("postgres_db").site_table()
