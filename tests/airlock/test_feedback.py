@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 
 from paitient.kernel.airlock import AirlockCheckFailed, AirlockError, check, request
 from paitient.services.airlock.service import Airlock, AirlockSettings
@@ -35,7 +36,7 @@ def nothing_kept(airlock: Airlock) -> None:
     assert airlock.store.list() == []
     assert [p for p in airlock.store.blobs.rglob("*") if p.is_file()] == []
     with airlock.store._connect() as db:
-        assert db.execute("SELECT COUNT(*) FROM count_tables").fetchone()[0] == 0
+        assert db.execute(sa.text("SELECT COUNT(*) FROM count_tables")).scalar_one() == 0
 
 
 def test_a_failing_table_names_its_cells_and_fixes_and_files_nothing(site, channel, airlock, root_user, tmp_path):
