@@ -6,9 +6,11 @@ judge, what reviewers preview and what is released, and its SHA-256 is the reque
 
 - ``table``: parsed (Parquet by content, TSV by name, else UTF-8 CSV) into typed columns and re-written from
   those cells as UTF-8 CSV (``\\n`` line ends, no index unless it carries values), or as XLSX when asked
-  (``format="xlsx"``): no container metadata (Parquet schema and key-value metadata, XLSX document properties)
-  survives. Text cells and column names are normalised (NFC, ``\\n`` line ends, no control characters);
-  columns holding bytes or nested values are refused;
+  (``format="xlsx"``, :mod:`paitient.services.airlock.xlsx`): no container metadata (Parquet schema and
+  key-value metadata, document properties) survives. Text cells and column names are normalised (NFC, ``\\n``
+  line ends, no control characters); in the CSV, those a spreadsheet would run as formulas get a single quote
+  in front (:mod:`paitient.rules.formulas`; the XLSX types them as text). Columns holding bytes or nested
+  values are refused;
 - ``figure``: decoded as PNG, JPEG or GIF and its first frame's pixels re-encoded as a PNG without metadata or
   trailing bytes (:mod:`paitient.services.airlock.images`), within :data:`MAX_PIXELS` and
   :data:`MAX_IMAGE_BYTES`;
@@ -45,6 +47,7 @@ from typing import Any
 
 import pandas as pd
 
+from paitient.rules import formulas
 from paitient.rules.disclosure import TableError, read_table
 from paitient.services.airlock import xlsx
 from paitient.services.airlock.images import ImageRefused, reencode
@@ -323,6 +326,9 @@ class Output:
     """What the upload carried that the release form leaves out, by type and size (never quoted)."""
     cells: bytes = b""
     """For XLSX: the same cells as canonical CSV, for the checks and the preview."""
+    quoted: int = 0
+    """For CSV: how many text cells and column names a spreadsheet would have run as formulas, written with a
+    single quote in front (:mod:`paitient.rules.formulas`)."""
 
     @property
     def sha256(self) -> str:
@@ -388,14 +394,16 @@ def table_output(filename: str, data: bytes, table_format: str) -> Output:
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
     frame = canonical_frame(df)
-    csv = frame_csv(frame)
+    # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
+    shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)
+    csv = frame_csv(shown)
     if csv.startswith((*IMAGE_MAGIC, b"PAR1")):
         raise Refused(
             "the table's first column name makes its CSV start like an image or a Parquet file; rename that column"
         )
     if table_format == "xlsx":
         return Output(frame_xlsx(frame), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv)
-    return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped))
+    return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped), quoted=quoted)
 
 
 def _parquet_metadata(data: bytes) -> list[str]:
