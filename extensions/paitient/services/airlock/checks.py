@@ -12,6 +12,9 @@
 Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
 data (:mod:`paitient.services.airlock.published`).
 
+Tables are checked as the researcher wrote their cells: the single quote the canonical CSV puts in front of
+text a spreadsheet would run as a formula is taken off first (:mod:`paitient.rules.formulas`).
+
 Tables are also checked by their content, whatever their columns are called:
 
 - ``labels``: every text cell and header is a category the catalogue lists for one of the project's datasets,
@@ -34,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from paitient.rules import differencing, disclosure, review, split
+from paitient.rules import differencing, disclosure, formulas, review, split
 from paitient.rules.disclosure import result
 from paitient.services.airlock import canonical, images, mia, published, weights
 from paitient.services.airlock.store import Request
@@ -171,6 +174,7 @@ def check_table(
         df = canonical.read_frame(data, req.filename)
     except disclosure.TableError as e:
         return [result("readable", "fail", str(e))]
+    df = formulas.restore_frame(df)  # the cells as the researcher wrote them, without the CSV's formula quotes
     content = [published.check_row_level(df, list(files)), check_labels(req.project, df, ctx)]
     content.append(check_row_content(req.project, df, ctx))
     recipe = req.meta.get("recipe")

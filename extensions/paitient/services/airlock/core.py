@@ -281,6 +281,8 @@ class Airlock:
         try:
             sha, size = self.store.put_blob(out.data)
             canonical: dict[str, Any] = {"form": out.form, "dropped": list(out.dropped)}
+            if out.quoted:
+                canonical["quoted"] = out.quoted
             if out.cells:
                 canonical["cells_sha256"] = self.store.put_blob(out.cells)[0]
         except (StoreError, OSError) as e:
@@ -497,7 +499,7 @@ class Airlock:
                 meta={
                     **meta,
                     "upload": {"sha256": upload_sha, "size": len(upload), "filename": filename},
-                    "canonical": {"form": out.form, "dropped": list(out.dropped)},
+                    "canonical": {"form": out.form, "dropped": list(out.dropped), "quoted": out.quoted},
                 },
                 state=review.CHECKING,
                 created=now,
@@ -761,6 +763,13 @@ class Airlock:
         reason = f"stored and released as {what}; the upload's own bytes are not kept"
         if dropped:
             reason += f"; left out: {'; '.join(dropped)}"
+        quoted = int(form.get("quoted") or 0)
+        if quoted:
+            reason += (
+                f"; {quoted} text cell(s) or column name(s) that a spreadsheet would run as a formula (starting "
+                "with =, +, -, @, a tab or a line break) begin with a single quote (') in the file, so they stay "
+                "text; the checks read them without it"
+            )
         return [
             *results,
             result(
@@ -769,6 +778,7 @@ class Airlock:
                 reason,
                 form=form.get("form"),
                 dropped=dropped,
+                quoted=quoted,
                 upload_sha256=upload.get("sha256"),
                 upload_size=upload.get("size"),
             ),
