@@ -26,7 +26,7 @@ import numpy as np
 
 from paitient.rules.edm import hashing
 from paitient.rules.edm import numbers as nb
-from paitient.rules.edm.compiled import _jit
+from paitient.rules.edm.compiled import _jit, prefetch
 
 # other modules' constants, passed in as arguments
 _TIERS = np.array(nb.TIERS, dtype=np.int64)
@@ -264,7 +264,7 @@ _grow = _jit(_grow_py)
 
 
 _AHEAD = 16
-"""How many queries ahead the walk over the index starts loading what a query will read."""
+"""How many queries ahead the walk over the index asks for what a query will read."""
 
 
 def _walk_py(
@@ -277,7 +277,6 @@ def _walk_py(
     count: int,
     query: np.ndarray,
     found: np.ndarray,
-    sink: np.ndarray,
 ) -> tuple[int, int]:
     """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
     would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
@@ -285,32 +284,32 @@ def _walk_py(
     bits = np.uint64(dir_bits)
     shift = np.uint64(fp_shift)
     n = len(fps)
+    size = len(entries)
     room = len(query)
-    touched = np.uint64(0)
     while i < n:
-        # loads for queries further on whose results are not waited for: the directory's line of the query
-        # _AHEAD on, and the first entry of the one half as far (its directory line loaded by now), so that
-        # the cache misses of several queries overlap (the index is far larger than the caches)
+        # prefetches for queries further on (the index is far larger than the caches): the directory's line
+        # of the query _AHEAD on, and the first entry of the one half as far, whose directory line has
+        # arrived by now; so the cache misses of many queries overlap, and the walk waits on none of them
         if i + _AHEAD < n:
-            touched += directory[np.int64(fps[i + _AHEAD] >> bucket_shift)]
+            prefetch(directory, np.int64(fps[i + _AHEAD] >> bucket_shift))
             near = np.int64(directory[np.int64(fps[i + _AHEAD // 2] >> bucket_shift)])
-            touched += entries[near] if near < len(entries) else np.uint64(0)
+            if near < size:
+                prefetch(entries, near)
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
-            sink[0] = touched
             return i, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
+            # every entry is written, and only a match moves on (no branch to mispredict): the bucket's
+            # room is there
             e = entries[at]
-            if (e >> shift) == want:
-                query[count] = i
-                found[count] = e
-                count += 1
+            query[count] = i
+            found[count] = e
+            count += 1 if (e >> shift) == want else 0
         i += 1
-    sink[0] = touched  # kept, so that the loads are made
     return i, count
 
 
@@ -324,10 +323,9 @@ def _lookup_py(
     n = len(fps)
     query = np.empty(n + 64, dtype=np.int64)
     found = np.empty(n + 64, dtype=np.uint64)
-    sink = np.zeros(1, dtype=np.uint64)
     i, count = 0, 0
     while True:
-        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found, sink)
+        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
         if i == n:
             return query[:count], found[:count]
         query = _grow(query, count)
