@@ -360,16 +360,20 @@ def _sift_py(
     n = len(query)
     revealed = np.zeros(nrows, dtype=np.bool_)
     candidates = np.zeros(nrows, dtype=np.bool_)
-    # per row, the first min_columns - 1 distinct columns among its hits (column + 1; 0: none yet); only the
-    # rows hit are cleared, so that a short text costs as little against a large index as against a small one
-    seen = np.empty((nrows, max(min_columns - 1, 1)), dtype=np.int32)
+    # per row, the first min_columns - 1 distinct columns among its hits, column + 1 in 16 bits each (0: none
+    # yet), in one word: one load per hit. Only the rows hit are cleared, so that a short text costs as
+    # little against a large index as against a small one
+    seen = np.empty(nrows, dtype=np.uint64)
     for i in range(n):
         seen[row[i]] = 0
     tok = np.empty(n, dtype=np.int64)
     rows = np.empty(n, dtype=np.int64)
     cols = np.empty(n, dtype=np.int64)
+    slots = min_columns - 1
     kept = 0
     for i in range(n):
+        if i + _AHEAD < n:  # the hits' rows are anywhere in the index's rows
+            prefetch(seen, row[i + _AHEAD])
         q = query[i]
         if (exact_only[q] and not exact[i]) or (q >= words and primary[i]):
             continue
@@ -377,21 +381,20 @@ def _sift_py(
         if primary[i]:
             revealed[r] = True
             continue
-        c = col[i]
         tok[kept] = token[q]
         rows[kept] = r
-        cols[kept] = c
+        cols[kept] = col[i]
         kept += 1
-        if min_columns <= 1:
-            candidates[r] = True
-            continue
+        c = np.uint64(col[i] + 1)
+        s = seen[r]
         new = True
-        for k in range(min_columns - 1):
-            if seen[r, k] == c + 1:
+        for k in range(slots):
+            had = (s >> np.uint64(16 * k)) & np.uint64(0xFFFF)
+            if had == c:
                 new = False
                 break
-            if seen[r, k] == 0:
-                seen[r, k] = c + 1
+            if had == 0:
+                seen[r] = s | (c << np.uint64(16 * k))
                 new = False
                 break
         if new:  # a column other than the min_columns - 1 already seen
@@ -400,6 +403,8 @@ def _sift_py(
 
 
 _sift = _jit(_sift_py)
+_MOST_COLUMNS = 5
+"""The most columns a row's hits are counted to: four seen ones of 16 bits fill a word."""
 
 
 def sift(
@@ -418,11 +423,50 @@ def sift(
     (see :func:`paitient.rules.edm.match.sift`): a hit of an ``exact_only`` query on a rounded entry, and a
     number's (a query from ``words`` on) on a primary entry, do not count; (rows revealed by a primary hit, as
     a mask over ``nrows`` rows; rows with hits of at least ``min_columns`` columns, a mask too; the token
-    (``token[query]``), row and column of every other hit, in the order of the hits)."""
+    (``token[query]``), row and column of every other hit, in the order of the hits). Columns below 2**16,
+    ``min_columns`` at most 5."""
+    if not 1 <= min_columns <= _MOST_COLUMNS:
+        raise ValueError(f"sift counts 1 to {_MOST_COLUMNS} columns per row, not {min_columns}")
     revealed, candidates, tok, rows, cols = _sift(
         query, row, col, primary, exact, exact_only, int(words), token, int(nrows), int(min_columns)
     )
     return revealed, candidates, tok, rows, cols
+
+
+def _unrevealed_py(
+    candidates: np.ndarray, revealed: np.ndarray, tok: np.ndarray, row: np.ndarray, col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(row)
+    # the two masks in one (a pass over the rows costs little next to a look-up of two per hit), and room
+    # for every hit, of which only the pages written are ever touched (most hits are of rows with values of
+    # fewer than three columns)
+    pending = np.empty(len(candidates), dtype=np.bool_)
+    for r in range(len(candidates)):
+        pending[r] = candidates[r] and not revealed[r]
+    out_tok = np.empty(n, dtype=tok.dtype)
+    out_row = np.empty(n, dtype=row.dtype)
+    out_col = np.empty(n, dtype=col.dtype)
+    m = 0
+    for i in range(n):
+        r = row[i]
+        if pending[r]:
+            out_tok[m] = tok[i]
+            out_row[m] = r
+            out_col[m] = col[i]
+            m += 1
+    return out_tok[:m], out_row[:m], out_col[:m]
+
+
+_unrevealed = _jit(_unrevealed_py)
+
+
+def unrevealed(
+    candidates: np.ndarray, revealed: np.ndarray, tok: np.ndarray, row: np.ndarray, col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The hits (``tok``, ``row``, ``col``) of rows that are ``candidates`` and not ``revealed`` (masks over
+    the rows), in their order."""
+    kept_tok, kept_row, kept_col = _unrevealed(candidates, revealed, tok, row, col)
+    return kept_tok, kept_row, kept_col
 
 
 def _decoded_py(
@@ -474,5 +518,7 @@ def warm_up() -> None:
     entries.flags.writeable = directory.flags.writeable = False  # as a saved index maps them
     lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
     one = np.zeros(1, dtype=np.int64)
-    sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    revealed, candidates, tok, row, col = sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    unrevealed(candidates, revealed, tok, row, col)
+    unrevealed(~candidates, revealed, one, one, one)
     decoded(np.arange(3, dtype=np.uint64), 11, 7, 511, 512, 1024)
