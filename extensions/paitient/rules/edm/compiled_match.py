@@ -437,24 +437,27 @@ def _unrevealed_py(
     candidates: np.ndarray, revealed: np.ndarray, tok: np.ndarray, row: np.ndarray, col: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = len(row)
-    # the two masks in one (a pass over the rows costs little next to a look-up of two per hit), and room
-    # for every hit, of which only the pages written are ever touched (most hits are of rows with values of
-    # fewer than three columns)
+    # the two masks in one: a pass over the rows costs little next to looking up two masks per hit
     pending = np.empty(len(candidates), dtype=np.bool_)
     for r in range(len(candidates)):
         pending[r] = candidates[r] and not revealed[r]
-    out_tok = np.empty(n, dtype=tok.dtype)
-    out_row = np.empty(n, dtype=row.dtype)
-    out_col = np.empty(n, dtype=col.dtype)
+    # the hits kept, without a branch the CPU could not predict: every hit is written, only a kept one moves
+    # on (so only the pages of the kept ones are touched); then arrays of just those, as larger ones,
+    # sliced, would hold their memory through the layouts
+    keep = np.empty(n + 1, dtype=np.int64)
     m = 0
     for i in range(n):
-        r = row[i]
-        if pending[r]:
-            out_tok[m] = tok[i]
-            out_row[m] = r
-            out_col[m] = col[i]
-            m += 1
-    return out_tok[:m], out_row[:m], out_col[:m]
+        keep[m] = i
+        m += 1 if pending[row[i]] else 0
+    out_tok = np.empty(m, dtype=tok.dtype)
+    out_row = np.empty(m, dtype=row.dtype)
+    out_col = np.empty(m, dtype=col.dtype)
+    for k in range(m):
+        i = keep[k]
+        out_tok[k] = tok[i]
+        out_row[k] = row[i]
+        out_col[k] = col[i]
+    return out_tok, out_row, out_col
 
 
 _unrevealed = _jit(_unrevealed_py)
