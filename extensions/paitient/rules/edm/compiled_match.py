@@ -441,10 +441,12 @@ def _unrevealed_py(
     pending = np.empty(len(candidates), dtype=np.bool_)
     for r in range(len(candidates)):
         pending[r] = candidates[r] and not revealed[r]
-    # the hits kept, without a branch the CPU could not predict: every hit is written, only a kept one moves
-    # on (so only the pages of the kept ones are touched); then arrays of just those, as larger ones,
-    # sliced, would hold their memory through the layouts
-    keep = np.empty(n + 1, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        m += 1 if pending[row[i]] else 0
+    # the places of the hits kept, without a branch the CPU could not predict: every hit is written, only a
+    # kept one moves on; arrays no larger than the hits kept, which the allocations after them can reuse
+    keep = np.empty(m + 1, dtype=np.int64)
     m = 0
     for i in range(n):
         keep[m] = i
