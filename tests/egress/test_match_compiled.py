@@ -218,6 +218,29 @@ def test_any_hits_are_sifted_as_the_reference_sifts_them(seed, n, nrows, ncols):
     assert_same_sift(hits, q, nrows)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32), st.integers(0, 400), st.integers(1, 60))
+def test_the_pending_hits_are_those_of_rows_still_to_find_in_their_order(seed, n, nrows):
+    """:func:`compiled_match.unrevealed` keeps what the reference's numpy narrowing keeps (rows_by_layout):
+    the hits of rows that are candidates and not revealed, in the order given, none or all of them too."""
+    rng = np.random.default_rng(seed)
+    candidates = rng.random(nrows) < rng.choice([0.0, 0.5, 1.0])
+    revealed = rng.random(nrows) < rng.choice([0.0, 0.3, 1.0])
+    tok = rng.integers(0, 10**6, n).astype(np.int64)
+    row = rng.integers(0, nrows, n).astype(np.int64)
+    col = rng.integers(0, 500, n).astype(np.int64)
+    left = np.flatnonzero(candidates[row] & ~revealed[row])
+    got = compiled_match.unrevealed(candidates, revealed, tok, row, col)
+    for a, b in zip(got, (tok[left], row[left], col[left]), strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_sift_refuses_more_columns_than_a_row_word_holds():
+    one = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="1 to 5 columns"):
+        compiled_match.sift(one, one, one, one == 1, one == 0, one == 1, 1, one, 1, 6)
+
+
 def assert_same_queries(tokens: Tokens, keyed: Keyed, tiers: tuple[int, ...] = nb.TIERS) -> _Queries:
     fast, ref = _queries(tokens, keyed, tiers), _queries_arrays(tokens, keyed, tiers)
     assert fast.words == ref.words

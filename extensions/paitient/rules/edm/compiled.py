@@ -19,6 +19,9 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from paitient.rules.edm.numbers import TIERS
 
@@ -35,6 +38,34 @@ def _jit(function: Callable[..., Any]) -> Any:
         return numba.njit(cache=True)(function)
     except RuntimeError:  # no cache folder numba may write
         return numba.njit(cache=False)(function)
+
+
+def _prefetch(typingctx: Any, array: Any, at: Any) -> Any:
+    """In compiled code, ``prefetch(array, at)`` asks the CPU to start loading ``array[at]`` into its caches
+    and goes on without waiting (LLVM's ``llvm.prefetch``: a hint, which changes no result). A loop over
+    random places in a large array (the index lookup) issues it some iterations ahead, so that the cache
+    misses of those iterations overlap; an ordinary load would hold the loop up."""
+    sig = types.void(array, at)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        kind = signature.args[0]
+        arr = context.make_array(kind)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(  # type: ignore[no-untyped-call]  # numba's code generation is untyped
+            context, builder, kind, arr, [args[1]], wraparound=False
+        )
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(  # type: ignore[no-untyped-call]
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        # a read, kept in every level of the caches, of data (not instructions)
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+prefetch: Any = intrinsic(_prefetch)
 
 
 def _pack_py(tier: int, mantissa: int, exponent: int) -> np.uint64:

@@ -26,7 +26,7 @@ import numpy as np
 
 from paitient.rules.edm import hashing
 from paitient.rules.edm import numbers as nb
-from paitient.rules.edm.compiled import _jit
+from paitient.rules.edm.compiled import _jit, prefetch
 
 # other modules' constants, passed in as arguments
 _TIERS = np.array(nb.TIERS, dtype=np.int64)
@@ -264,7 +264,7 @@ _grow = _jit(_grow_py)
 
 
 _AHEAD = 16
-"""How many queries ahead the walk over the index starts loading what a query will read."""
+"""How many queries ahead the walk over the index asks for what a query will read."""
 
 
 def _walk_py(
@@ -277,7 +277,6 @@ def _walk_py(
     count: int,
     query: np.ndarray,
     found: np.ndarray,
-    sink: np.ndarray,
 ) -> tuple[int, int]:
     """Hits of the queries from the ``i``-th on, written from ``count`` on, up to the first query whose bucket
     would not fit in what is left of ``query`` and ``found``: (that query, the hits written)."""
@@ -285,32 +284,32 @@ def _walk_py(
     bits = np.uint64(dir_bits)
     shift = np.uint64(fp_shift)
     n = len(fps)
+    size = len(entries)
     room = len(query)
-    touched = np.uint64(0)
     while i < n:
-        # loads for queries further on whose results are not waited for: the directory's line of the query
-        # _AHEAD on, and the first entry of the one half as far (its directory line loaded by now), so that
-        # the cache misses of several queries overlap (the index is far larger than the caches)
+        # prefetches for queries further on (the index is far larger than the caches): the directory's line
+        # of the query _AHEAD on, and the first entry of the one half as far, whose directory line has
+        # arrived by now; so the cache misses of many queries overlap, and the walk waits on none of them
         if i + _AHEAD < n:
-            touched += directory[np.int64(fps[i + _AHEAD] >> bucket_shift)]
+            prefetch(directory, np.int64(fps[i + _AHEAD] >> bucket_shift))
             near = np.int64(directory[np.int64(fps[i + _AHEAD // 2] >> bucket_shift)])
-            touched += entries[near] if near < len(entries) else np.uint64(0)
+            if near < size:
+                prefetch(entries, near)
         fp = fps[i]
         bucket = np.int64(fp >> bucket_shift)
         lo = np.int64(directory[bucket])
         hi = np.int64(directory[bucket + 1])
         if count + hi - lo > room:
-            sink[0] = touched
             return i, count
         want = (fp << bits) >> shift
         for at in range(lo, hi):
+            # every entry is written, and only a match moves on (no branch to mispredict): the bucket's
+            # room is there
             e = entries[at]
-            if (e >> shift) == want:
-                query[count] = i
-                found[count] = e
-                count += 1
+            query[count] = i
+            found[count] = e
+            count += 1 if (e >> shift) == want else 0
         i += 1
-    sink[0] = touched  # kept, so that the loads are made
     return i, count
 
 
@@ -320,14 +319,17 @@ _walk = _jit(_walk_py)
 def _lookup_py(
     fps: np.ndarray, entries: np.ndarray, directory: np.ndarray, dir_bits: int, fp_shift: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    # the arrays grow outside the walk: a loop that may replace an array it writes to runs many times slower
+    # the arrays grow outside the walk: a loop that may replace an array it writes to runs many times slower.
+    # Room for two hits a query at first, which a dump's 1.3 fills without growing: growing, the old arrays
+    # and the new ones held together and then freed left the allocator giving the heap back after each scan
+    # of a dump and faulting it in again on the next (16k page faults, 25 ms of system time, a scan); only
+    # the pages written are touched
     n = len(fps)
-    query = np.empty(n + 64, dtype=np.int64)
-    found = np.empty(n + 64, dtype=np.uint64)
-    sink = np.zeros(1, dtype=np.uint64)
+    query = np.empty(2 * n + 64, dtype=np.int64)
+    found = np.empty(2 * n + 64, dtype=np.uint64)
     i, count = 0, 0
     while True:
-        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found, sink)
+        i, count = _walk(fps, entries, directory, dir_bits, fp_shift, i, count, query, found)
         if i == n:
             return query[:count], found[:count]
         query = _grow(query, count)
@@ -362,16 +364,20 @@ def _sift_py(
     n = len(query)
     revealed = np.zeros(nrows, dtype=np.bool_)
     candidates = np.zeros(nrows, dtype=np.bool_)
-    # per row, the first min_columns - 1 distinct columns among its hits (column + 1; 0: none yet); only the
-    # rows hit are cleared, so that a short text costs as little against a large index as against a small one
-    seen = np.empty((nrows, max(min_columns - 1, 1)), dtype=np.int32)
+    # per row, the first min_columns - 1 distinct columns among its hits, column + 1 in 16 bits each (0: none
+    # yet), in one word: one load per hit. Only the rows hit are cleared, so that a short text costs as
+    # little against a large index as against a small one
+    seen = np.empty(nrows, dtype=np.uint64)
     for i in range(n):
         seen[row[i]] = 0
     tok = np.empty(n, dtype=np.int64)
     rows = np.empty(n, dtype=np.int64)
     cols = np.empty(n, dtype=np.int64)
+    slots = min_columns - 1
     kept = 0
     for i in range(n):
+        if i + _AHEAD < n:  # the hits' rows are anywhere in the index's rows
+            prefetch(seen, row[i + _AHEAD])
         q = query[i]
         if (exact_only[q] and not exact[i]) or (q >= words and primary[i]):
             continue
@@ -379,21 +385,20 @@ def _sift_py(
         if primary[i]:
             revealed[r] = True
             continue
-        c = col[i]
         tok[kept] = token[q]
         rows[kept] = r
-        cols[kept] = c
+        cols[kept] = col[i]
         kept += 1
-        if min_columns <= 1:
-            candidates[r] = True
-            continue
+        c = np.uint64(col[i] + 1)
+        s = seen[r]
         new = True
-        for k in range(min_columns - 1):
-            if seen[r, k] == c + 1:
+        for k in range(slots):
+            had = (s >> np.uint64(16 * k)) & np.uint64(0xFFFF)
+            if had == c:
                 new = False
                 break
-            if seen[r, k] == 0:
-                seen[r, k] = c + 1
+            if had == 0:
+                seen[r] = s | (c << np.uint64(16 * k))
                 new = False
                 break
         if new:  # a column other than the min_columns - 1 already seen
@@ -402,6 +407,8 @@ def _sift_py(
 
 
 _sift = _jit(_sift_py)
+_MOST_COLUMNS = 5
+"""The most columns a row's hits are counted to: four seen ones of 16 bits fill a word."""
 
 
 def sift(
@@ -420,11 +427,55 @@ def sift(
     (see :func:`paitient.rules.edm.match.sift`): a hit of an ``exact_only`` query on a rounded entry, and a
     number's (a query from ``words`` on) on a primary entry, do not count; (rows revealed by a primary hit, as
     a mask over ``nrows`` rows; rows with hits of at least ``min_columns`` columns, a mask too; the token
-    (``token[query]``), row and column of every other hit, in the order of the hits)."""
+    (``token[query]``), row and column of every other hit, in the order of the hits). Columns below 2**16,
+    ``min_columns`` at most 5."""
+    if not 1 <= min_columns <= _MOST_COLUMNS:
+        raise ValueError(f"sift counts 1 to {_MOST_COLUMNS} columns per row, not {min_columns}")
     revealed, candidates, tok, rows, cols = _sift(
         query, row, col, primary, exact, exact_only, int(words), token, int(nrows), int(min_columns)
     )
     return revealed, candidates, tok, rows, cols
+
+
+def _unrevealed_py(
+    candidates: np.ndarray, revealed: np.ndarray, tok: np.ndarray, row: np.ndarray, col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = len(row)
+    # the two masks in one: a pass over the rows costs little next to looking up two masks per hit
+    pending = np.empty(len(candidates), dtype=np.bool_)
+    for r in range(len(candidates)):
+        pending[r] = candidates[r] and not revealed[r]
+    m = 0
+    for i in range(n):
+        m += 1 if pending[row[i]] else 0
+    # the places of the hits kept, without a branch the CPU could not predict: every hit is written, only a
+    # kept one moves on; arrays no larger than the hits kept, which the allocations after them can reuse
+    keep = np.empty(m + 1, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        keep[m] = i
+        m += 1 if pending[row[i]] else 0
+    out_tok = np.empty(m, dtype=tok.dtype)
+    out_row = np.empty(m, dtype=row.dtype)
+    out_col = np.empty(m, dtype=col.dtype)
+    for k in range(m):
+        i = keep[k]
+        out_tok[k] = tok[i]
+        out_row[k] = row[i]
+        out_col[k] = col[i]
+    return out_tok, out_row, out_col
+
+
+_unrevealed = _jit(_unrevealed_py)
+
+
+def unrevealed(
+    candidates: np.ndarray, revealed: np.ndarray, tok: np.ndarray, row: np.ndarray, col: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The hits (``tok``, ``row``, ``col``) of rows that are ``candidates`` and not ``revealed`` (masks over
+    the rows), in their order."""
+    kept_tok, kept_row, kept_col = _unrevealed(candidates, revealed, tok, row, col)
+    return kept_tok, kept_row, kept_col
 
 
 def _decoded_py(
@@ -476,5 +527,7 @@ def warm_up() -> None:
     entries.flags.writeable = directory.flags.writeable = False  # as a saved index maps them
     lookup(np.zeros(1, dtype=np.uint64), entries, directory, 1, 38)
     one = np.zeros(1, dtype=np.int64)
-    sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    revealed, candidates, tok, row, col = sift(one, one, one, np.ones(1, np.bool_), one == 0, one == 1, 1, one, 1, 3)
+    unrevealed(candidates, revealed, tok, row, col)
+    unrevealed(~candidates, revealed, one, one, one)
     decoded(np.arange(3, dtype=np.uint64), 11, 7, 511, 512, 1024)

@@ -893,19 +893,23 @@ def _merged_starts_py(start: np.ndarray, words: int, vl: np.ndarray) -> tuple[np
     values = np.empty(n, dtype=np.int64)
     nd = nv = 0
     i, j = 0, words
+    last = np.int64(-1)
+    past = np.int64(1) << 62  # after every offset: an exhausted run is never taken
     while i < words or j < n:
-        if j >= n or (i < words and start[i] <= start[j]):
-            k = i
-            i += 1
-        else:
-            k = j
-            j += 1
-        if nd == 0 or start[k] != distinct[nd - 1]:
-            distinct[nd] = start[k]
-            nd += 1
-        if vl[k]:
-            values[nv] = start[k]
-            nv += 1
+        # without a branch on which run the next offset comes from, which the CPU could not predict: every
+        # offset is written, and only a new one (a value-like one) moves on
+        a = start[i] if i < words else past
+        b = start[j] if j < n else past
+        word = a <= b
+        k = i if word else j
+        x = a if word else b
+        i += 1 if word else 0
+        j += 0 if word else 1
+        distinct[nd] = x
+        nd += 1 if x != last else 0
+        last = x
+        values[nv] = x
+        nv += 1 if vl[k] else 0
     return distinct[:nd].copy(), values[:nv].copy()
 
 

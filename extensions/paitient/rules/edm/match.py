@@ -124,11 +124,14 @@ class Scan:
         ncols = len(index.columns)
         everything = (tok, col)
         for name in LAYOUTS:
-            left = np.flatnonzero(candidates[row] & ~revealed[row])
-            if len(left) < MIN_ROW_COLUMNS:
+            if reference:
+                left = np.flatnonzero(candidates[row] & ~revealed[row])
+                if len(left) < len(row):
+                    tok, row, col = tok[left], row[left], col[left]
+            else:  # one compiled pass
+                tok, row, col = compiled_match.unrevealed(candidates, revealed, tok, row, col)
+            if len(row) < MIN_ROW_COLUMNS:
                 break
-            if len(left) < len(row):
-                tok, row, col = tok[left], row[left], col[left]
             rows = self.layout.rows_arrays if reference else self.layout.rows
             revealed[rows(name, tok, row, col, index.rows, ncols, everything)] = True
         return np.flatnonzero(revealed)
