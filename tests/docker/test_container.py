@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,47 @@ def test_an_engine_that_cannot_start_stops_up_with_its_reason(podman, reason):
             ws.start(timeout=60)
         assert "the container engine (docker spawner) cannot start" in str(e.value) and reason in str(e.value)
         assert _leftovers(ws.root) == []
+
+
+def test_a_killed_hub_keeps_the_container_and_its_namespace_and_the_next_hub_stops_them():
+    with own_workspace("ptk-restart-", "ptkr", up_args=("--spawner=docker",)) as ws:
+        from docker import APIClient
+
+        engine = APIClient(base_url=Engine(ws.state_dir).url, version="auto")
+        s = ws.login("alice")
+        ws.start_server(s, "alice")
+        kernel = ws.start_kernel(s, "alice")
+        assert ws.run_cell(s, "alice", "x = 41", kernel_id=kernel).error is None
+        before = container_of(engine, "alice")
+        holder = int(before["HostConfig"]["NetworkMode"].removeprefix("ns:/proc/").removesuffix("/ns/net"))
+        paths = HubPaths.of(load(ws.site_file))
+        old_hub = Running.read(paths.up_file).pids["hub"]
+        os.kill(old_hub, 9)  # no chance to clean up
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            running = Running.read(paths.up_file)
+            if running.pids["hub"] != old_hub:
+                try:
+                    hub_api(f"http://127.0.0.1:{running.hub_port}/", paths.secret("operator_token"), "/users/alice")
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the hub was not restarted" + ws.logs())
+        # the same container in the same namespace, the kernel with its state, through the new hub's proxy route
+        assert container_of(engine, "alice")["Id"] == before["Id"] and Path(f"/proc/{holder}").exists()
+        deadline = time.monotonic() + 30
+        while True:  # the killed hub's services ended with it; a cell runs once the new hub's audit answers
+            res = ws.run_cell(s, "alice", "print(x + 1)", kernel_id=kernel)
+            if not (res.error or "").startswith("AuditUnavailable") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert res.stdout.strip() == "42", (res, ws.logs())
+        # the new hub did not start the holder, and still ends it with the server
+        hub_api(
+            f"http://127.0.0.1:{running.hub_port}/", paths.secret("operator_token"), "/users/alice/server", "DELETE"
+        )
+        subprocess.run(["timeout", "30", "tail", f"--pid={holder}", "-f", "/dev/null"], check=True)
+        assert engine.containers(all=True) == []
+        engine.close()
