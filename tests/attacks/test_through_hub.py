@@ -3,6 +3,9 @@ through the hub's login form, the user's server spawned as the user's account, k
 
 The server-level suites in this folder cover each attack in depth; this one proves that what the hub
 actually spawns is that same locked-down server, with the hub's real ports, files and tokens as targets.
+Every test runs against both spawners: a local process (``paitient-local``) and a container on the podman
+engine that `paitient up --spawner docker` starts (``paitient-docker``); the server's pid, log and
+network namespace are found the same way for both (the container shares the host's pid namespace).
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ class HubAttacker:
         )
 
 
-@pytest.fixture(scope="module")
-def hub():
-    with own_workspace("pth-", "pth") as ws:
+@pytest.fixture(scope="module", params=["local", "docker"])
+def hub(request):
+    with own_workspace("pth-", "pth", up_args=(f"--spawner={request.param}",)) as ws:
         yield ws
 
 

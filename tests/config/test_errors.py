@@ -26,7 +26,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[server]\ncull_timeout = 1.5\n", "[server] cull_timeout: expected a whole number, got 1.5"),
         ("[workspace]\nport = true\n", "[workspace] port: expected a whole number, got True"),
         ("[workspace]\nstate_dir = 'var/lib'\n", "[workspace] state_dir: must be an absolute path, got 'var/lib'"),
-        ("[workspace]\nspawner = 'docker'\n", "[workspace] spawner: expected one of 'paitient-local', got 'docker'"),
+        (
+            "[workspace]\nspawner = 'kubernetes'\n",
+            "[workspace] spawner: expected one of 'paitient-local', 'paitient-docker', 'local', 'docker', got "
+            "'kubernetes'",
+        ),
         ("[directory]\ntls = 'maybe'\n", "[directory] tls: expected one of 'auto', 'starttls', 'ldaps', 'none', got"),
         ("[directory]\nlookup_dn = 'yes'\n", "[directory] lookup_dn: expected true or false, got 'yes'"),
         ("[directory]\nbind_dn_template = [1]\n", "[directory] bind_dn_template: expected a list of strings, got [1]"),

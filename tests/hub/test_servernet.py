@@ -248,3 +248,97 @@ def test_a_root_server_is_refused():
 def test_a_hub_api_not_on_loopback_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="must listen on 127.0.0.1"):
         server_command("nobody", [], ("127.0.0.1", 1), "http://10.0.0.1:8081/hub/api", ["true"])
+
+
+# --hold: the same namespace and forwarding with nothing started; a server joins it from outside (as a
+# container does), here the stand-in, entered with nsenter as nobody.
+@pytest.fixture
+def held(hub_api, others) -> Iterator[tuple[subprocess.Popen, Wrapped]]:
+    from paitient.hub.spawner import SERVERNET
+
+    port = random_port()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-I",
+            str(SERVERNET),
+            "--hold",
+            f"--listen=127.0.0.1:{port}",
+            f"--hub-api=127.0.0.1:{hub_api.port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    line = holder.stdout.readline()  # type: ignore[union-attr]
+    assert line.startswith("servernet: holding "), (line, holder.stderr.read() if holder.poll() is not None else "")  # type: ignore[union-attr]
+    targets = json.dumps([["127.0.0.1", o.port] for o in others[:2]] + [["::1", others[2].port]])
+    joined = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/proc/{holder.pid}/ns/net",
+            "--",
+            "setpriv",
+            f"--reuid={NOBODY.pw_uid}",
+            f"--regid={NOBODY.pw_gid}",
+            "--clear-groups",
+            "--no-new-privs",
+            sys.executable,
+            "-I",
+            "-c",
+            textwrap.dedent(SERVER),
+            str(port),
+            str(hub_api.port),
+            targets,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield holder, Wrapped(joined, port)
+    finally:
+        for proc in (joined, holder):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+            proc.stdout.close()  # type: ignore[union-attr]
+            proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_held_namespace_gives_a_joining_server_what_a_wrapped_one_gets(held, hub_api, others):
+    holder, server = held
+    assert server.report["interfaces"] == ["lo"] and server.report["routes"] == ["lo"]
+    assert server.report["hub"] == "open:hub:hello\n" and hub_api.accepted == 1
+    assert set(server.report["others"].values()) == {"ECONNREFUSED"} and [o.accepted for o in others] == [0, 0, 0]
+    assert server.ask(b"ping") == b"PING"  # the host's port reaches it
+    # the holder lives in the namespace it holds (so /proc/<pid>/ns/net names it); it runs nothing itself
+    assert os.stat(f"/proc/{holder.pid}/ns/net").st_ino == os.stat(f"/proc/{server.proc.pid}/ns/net").st_ino
+    assert os.stat(f"/proc/{holder.pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    assert open(f"/proc/{holder.pid}/task/{holder.pid}/children").read().split() == []
+
+
+def test_a_holder_ends_at_sigterm_and_its_port_closes(held):
+    holder, server = held
+    holder.send_signal(signal.SIGTERM)
+    assert holder.wait(timeout=30) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+
+def test_hold_takes_no_command():
+    from paitient.hub.spawner import SERVERNET
+
+    argv = [
+        sys.executable,
+        "-I",
+        str(SERVERNET),
+        "--hold",
+        "--listen=127.0.0.1:1",
+        "--hub-api=127.0.0.1:2",
+        "--",
+        "true",
+    ]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--hold starts nothing" in r.stderr

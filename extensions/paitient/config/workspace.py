@@ -64,10 +64,20 @@ class Workspace(Model):
         "read. Empty: <state_dir>/keys/pseudonym.key, created on first use.",
     )
     spawner = Choice(
-        ("paitient-local",),
+        ("paitient-local", "paitient-docker", "local", "docker"),
         "paitient-local",
-        help='How users\' servers run: "paitient-local" (a system account per user, kernels in bubblewrap).',
+        help='How users\' servers run: "paitient-local" (short: "local"), a process of each user\'s system account '
+        'in a network namespace of its own; or "paitient-docker" (short: "docker"), the same server as the same '
+        "account in a container of its own, on the podman engine that `paitient up` starts under <state_dir>/engine "
+        "(needs podman and runc: bash scripts/setup install). Either way kernels run in bubblewrap on the host, "
+        "started by the root-side launcher.",
     )
+
+    @validate("spawner")
+    def _spawner(self, proposal: Bunch) -> str:
+        # the short names stand for the entry points (jupyterhub.spawners) that the hub is given
+        return {"local": "paitient-local", "docker": "paitient-docker"}.get(proposal.value, proposal.value)
+
     min_k = WholeNumber(
         5,
         rule=at_least(1),

@@ -1,7 +1,7 @@
 """The hub process that ``paitient up`` starts: JupyterHub configured from the site configuration.
 
 Started as ``python -m paitient.hub.run --site=... --state-dir=... --directory-url=... --hub-port=N
---proxy-api-port=N``. It runs in its own process (and its own traitlets singleton) so the hub can be
+--proxy-api-port=N --spawner=NAME``. It runs in its own process (and its own traitlets singleton) so the hub can be
 restarted without touching the proxy, the directory or the researchers' servers.
 """
 
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directory-url", required=True)
     parser.add_argument("--hub-port", type=int, required=True)
     parser.add_argument("--proxy-api-port", type=int, required=True)
+    parser.add_argument("--spawner", default="", help="[workspace] spawner, as `paitient up --spawner` overrides it")
     parser.add_argument(
         "--separate-services",
         default=None,
@@ -33,8 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    overrides = {"workspace": {"state_dir": args.state_dir}} if args.state_dir else None
-    site = site_config.load(args.site or None, overrides=overrides)
+    workspace = {"state_dir": args.state_dir} if args.state_dir else {}
+    if args.spawner:
+        workspace["spawner"] = args.spawner
+    site = site_config.load(args.site or None, overrides={"workspace": workspace} if workspace else None)
     paths = HubPaths.of(site)
     cfg = configure(
         Config(),

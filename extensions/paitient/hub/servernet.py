@@ -20,6 +20,12 @@ their socket files, which their modes and ``SO_PEERCRED`` guard.
 SIGINT, SIGTERM and SIGHUP are passed on to the server; when it ends, this process ends with its status (a
 signal's death as 128 + the signal). SIGKILL of this process ends the server through its parent-death
 signal. The hub's LocalProcessSpawner knows this process as the server (pid, poll, stop).
+
+``--hold`` (no ``--`` and no command) makes the same namespace and forwards the same two ways, but starts
+nothing: this process moves into the namespace and stays there, so ``/proc/<its pid>/ns/net`` names it, and
+a server that another program starts in it (a container that joins it, :mod:`paitient.hub.container`) gets
+exactly what a server started here would. It prints ``servernet: holding <inode>`` once both sockets listen,
+and ends at SIGINT, SIGTERM or SIGHUP (status 0).
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ def listener(address: tuple[str, int]) -> socket.socket:
 
 class Namespace:
     """The server's network namespace, and the way back to the host's (this process moves between them only
-    to create a socket; it lives in the host's)."""
+    to create a socket; it lives in the host's, or in the server's after :meth:`move_in`)."""
 
     def __init__(self) -> None:
         self.host_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -115,14 +121,30 @@ class Namespace:
             setns_net(self.host_fd)
         if ns_inode() != self.host_inode or self.inode == self.host_inode:
             raise NetError("could not return to the host's network namespace")
+        self.home_fd = self.host_fd
+        """The namespace this process lives in between the sockets it makes."""
 
-    def socket(self, make: Callable[[], socket.socket]) -> socket.socket:
-        """A socket made inside the namespace (its namespace is fixed at creation)."""
-        setns_net(self.fd)
+    def _made_in(self, fd: int, make: Callable[[], socket.socket]) -> socket.socket:
+        setns_net(fd)
         try:
             return make()
         finally:
-            setns_net(self.host_fd)
+            setns_net(self.home_fd)
+
+    def host_socket(self, make: Callable[[], socket.socket]) -> socket.socket:
+        """A socket made in the host's namespace."""
+        return self._made_in(self.host_fd, make)
+
+    def socket(self, make: Callable[[], socket.socket]) -> socket.socket:
+        """A socket made inside the namespace (its namespace is fixed at creation)."""
+        return self._made_in(self.fd, make)
+
+    def move_in(self) -> None:
+        """Live in the namespace from now on (``--hold``): ``/proc/<pid>/ns/net`` then names it."""
+        self.home_fd = self.fd
+        setns_net(self.fd)
+        if ns_inode() != self.inode:
+            raise NetError("could not move into the server's network namespace")
 
     def enter_as(self, uid: int, gid: int, groups: list[int]) -> Callable[[], None]:
         """The child's preexec function: into the namespace, then the account, then the parent-death signal
@@ -191,20 +213,64 @@ async def _pipe(
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if "--" not in args:
-        print("servernet: usage: servernet.py OPTIONS -- COMMAND...", file=sys.stderr)
+    hold = "--hold" in args and "--" not in args
+    if "--" not in args and not hold:
+        print("servernet: usage: servernet.py OPTIONS -- COMMAND...  or  servernet.py --hold OPTIONS", file=sys.stderr)
         return 2
-    cut = args.index("--")
+    cut = len(args) if hold else args.index("--")
+    if "--hold" in args[:cut] and not hold:
+        print("servernet: --hold starts nothing: no command after --", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="servernet")
-    parser.add_argument("--account", required=True)
+    parser.add_argument("--account", required=not hold)
     parser.add_argument("--groups", default="", help="supplementary gids, comma-separated")
     parser.add_argument("--listen", required=True, type=parse_address)
     parser.add_argument("--hub-api", required=True, type=parse_address)
+    parser.add_argument("--hold", action="store_true", help="start nothing; hold the namespace for a container")
     opts = parser.parse_args(args[:cut])
     command = args[cut + 1 :]
+    if hold:
+        return asyncio.run(run_hold(opts))
     if not command:
         parser.error("no server command after --")
     return asyncio.run(run(opts, command))
+
+
+async def _forwarders(ns: Namespace, opts: argparse.Namespace) -> list[asyncio.Server]:
+    """The two ways across: the host's ``--listen`` to the server's port inside, the hub API's address inside
+    to the hub's API on the host."""
+    outside = ns.host_socket(lambda: listener(opts.listen))
+    inside = ns.socket(lambda: listener(opts.hub_api))
+
+    def to_server() -> socket.socket:
+        return ns.socket(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+
+    def to_hub() -> socket.socket:
+        return ns.host_socket(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+
+    return [
+        await asyncio.start_server(lambda r, w: _pipe(r, w, to_server, opts.listen), sock=outside),
+        await asyncio.start_server(lambda r, w: _pipe(r, w, to_hub, opts.hub_api), sock=inside),
+    ]
+
+
+async def run_hold(opts: argparse.Namespace) -> int:
+    ns = Namespace()
+    servers = await _forwarders(ns, opts)
+    ns.move_in()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"servernet: holding {ns.inode}; {opts.listen[0]}:{opts.listen[1]} forwarded in, "
+        f"the hub API {opts.hub_api[0]}:{opts.hub_api[1]} out",
+        flush=True,
+    )
+    await stop.wait()
+    for server in servers:
+        server.close()
+    return 0
 
 
 async def run(opts: argparse.Namespace, command: list[str]) -> int:
@@ -215,26 +281,14 @@ async def run(opts: argparse.Namespace, command: list[str]) -> int:
         print("servernet: refusing to run a server as root", file=sys.stderr)
         return 2
     groups = [int(g) for g in opts.groups.split(",") if g]
-    outside = listener(opts.listen)
     ns = Namespace()
-    inside = ns.socket(lambda: listener(opts.hub_api))
+    servers = await _forwarders(ns, opts)
     proc = await asyncio.create_subprocess_exec(
         *command, preexec_fn=ns.enter_as(pw.pw_uid, pw.pw_gid, groups), stdin=asyncio.subprocess.DEVNULL
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, _forward, proc, sig)
-
-    def to_server() -> socket.socket:
-        return ns.socket(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-
-    def to_hub() -> socket.socket:
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-
-    servers = [
-        await asyncio.start_server(lambda r, w: _pipe(r, w, to_server, opts.listen), sock=outside),
-        await asyncio.start_server(lambda r, w: _pipe(r, w, to_hub, opts.hub_api), sock=inside),
-    ]
     print(
         f"servernet: server of {opts.account} (pid {proc.pid}) in its own network namespace; "
         f"{opts.listen[0]}:{opts.listen[1]} forwarded in, the hub API {opts.hub_api[0]}:{opts.hub_api[1]} out",

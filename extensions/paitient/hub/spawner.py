@@ -110,12 +110,12 @@ class SiteSpawnerMixin(HasTraits):
         return projects, roles
 
 
-class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
-    account = Unicode("", help="System account the server runs as (set at start; kept across hub restarts).")
+class WorkspaceServerMixin(SiteSpawnerMixin):
+    """What every spawner of a researcher's server does, whatever runs the server (a local process, a
+    container): the account, the examples, the root-owned configuration, the server's token scopes, its
+    environment, and the audit records of its start and stop."""
 
-    @default("cmd")
-    def _cmd_default(self) -> list[str]:
-        return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
+    account = Unicode("", help="System account the server runs as (set at start; kept across hub restarts).")
 
     provide_examples = Bool(
         True,
@@ -144,11 +144,11 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
     # -- state across hub restarts -------------------------------------------------------------
 
     def load_state(self, state: dict) -> None:
-        super().load_state(state)
+        super().load_state(state)  # type: ignore[misc]  # the Spawner this mixes into
         self.account = state.get("account", "")
 
     def get_state(self) -> dict:
-        state = super().get_state()
+        state: dict = super().get_state()  # type: ignore[misc]
         if self.account:
             state["account"] = self.account
         return state
@@ -182,10 +182,10 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             added = provide(pw.pw_dir, pw.pw_uid, pw.pw_gid)
         except (ExamplesError, OSError) as e:
             # the server is still worth starting; the operator learns why the examples are missing
-            self.log.error("example notebooks not added to the home of %s: %s", account, e)
+            self.log.error("example notebooks not added to the home of %s: %s", account, e)  # type: ignore[attr-defined]
             return
         if added:
-            self.log.info("added example notebooks to the home of %s: %s", account, ", ".join(added))
+            self.log.info("added example notebooks to the home of %s: %s", account, ", ".join(added))  # type: ignore[attr-defined]
 
     async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
         from paitient.services import audit
@@ -200,21 +200,57 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
             details=details,
         )
 
-    async def start(self):
+    async def prepare_member(self) -> Member:
+        """:meth:`_prepare` off the event loop; a failure is audited, and an account that cannot be made is
+        the researcher's 503 page (the operator's remedy goes to the log and the audit trail)."""
         from paitient.hub.accounts import AccountError
 
         try:
             member = await asyncio.to_thread(self._prepare)
         except AccountError as e:
-            # The operator's remedy goes to the log and the audit trail; the researcher gets a page that says
-            # what happened and whom to ask, not an "unhandled error".
-            self.log.error("no system account for %s: %s", self.user.name, e)
+            self.log.error("no system account for %s: %s", self.user.name, e)  # type: ignore[attr-defined]
             await self._audit("server.spawn", "error", reason=f"{type(e).__name__}: {e}"[:500])
             raise account_unavailable(e) from None
         except Exception as e:
             await self._audit("server.spawn", "error", reason=f"{type(e).__name__}: {e}"[:500])
             raise
         self.account = member.account
+        return member
+
+    def server_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The server's environment: the account's identity, a fixed PATH, the root-owned Jupyter folders;
+        nothing that changes how Python or the loader behaves."""
+        pw = pwd.getpwnam(self.account)
+        user_dir = HubPaths.of(self.site).user_dir(self.account)
+        env.update(
+            USER=pw.pw_name,
+            LOGNAME=pw.pw_name,
+            HOME=pw.pw_dir,
+            SHELL=pw.pw_shell,
+            PATH=f"{Path(venv_python()).parent}:/usr/local/bin:/usr/bin:/bin",
+            PAITIENT_RUN_DIR=str(self.site.run_dir),
+        )
+        env.update(user_server_env(user_dir / "config", user_dir / "data", pw.pw_dir))
+        for var in (
+            "JUPYTER_PATH",
+            "JUPYTER_CONFIG_PATH",
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "PYTHONHOME",
+        ):
+            env.pop(var, None)
+        return env
+
+
+class PaitientLocalSpawner(WorkspaceServerMixin, LocalProcessSpawner):
+    @default("cmd")
+    def _cmd_default(self) -> list[str]:
+        return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
+
+    async def start(self):
+        member = await self.prepare_member()
         log_path = HubPaths.of(self.site).log_dir / f"server-{member.account}.log"
         log = open(log_path, "ab", buffering=0)  # noqa: SIM115 - Popen duplicates it; closed below
         server = list(self.cmd)
@@ -248,25 +284,4 @@ class PaitientLocalSpawner(SiteSpawnerMixin, LocalProcessSpawner):
         return None
 
     def user_env(self, env: dict[str, str]) -> dict[str, str]:
-        pw = pwd.getpwnam(self.account)
-        user_dir = HubPaths.of(self.site).user_dir(self.account)
-        env.update(
-            USER=pw.pw_name,
-            LOGNAME=pw.pw_name,
-            HOME=pw.pw_dir,
-            SHELL=pw.pw_shell,
-            PATH=f"{Path(venv_python()).parent}:/usr/local/bin:/usr/bin:/bin",
-            PAITIENT_RUN_DIR=str(self.site.run_dir),
-        )
-        env.update(user_server_env(user_dir / "config", user_dir / "data", pw.pw_dir))
-        for var in (
-            "JUPYTER_PATH",
-            "JUPYTER_CONFIG_PATH",
-            "PYTHONPATH",
-            "PYTHONSTARTUP",
-            "LD_PRELOAD",
-            "LD_LIBRARY_PATH",
-            "PYTHONHOME",
-        ):
-            env.pop(var, None)
-        return env
+        return self.server_env(env)

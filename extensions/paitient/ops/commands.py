@@ -67,6 +67,7 @@ def hub_command(
         f"--directory-url={directory_url}",
         f"--hub-port={hub_port}",
         f"--proxy-api-port={proxy_api_port}",
+        f"--spawner={site.workspace.spawner}",
     ]
     if service_ports is not None:
         argv.append("--separate-services=" + ",".join(f"{n}:{p}" for n, p in sorted(service_ports.items())))

@@ -134,6 +134,11 @@ def check_site(site: SiteConfig) -> None:
             f"{site.source} names no [directory] url: production signs in against the hospital's directory "
             '(e.g. url = "ldaps://ad.hospital.example/"); the embedded demo directory runs only under `paitient up`'
         )
+    if site.workspace.spawner == "paitient-docker":
+        raise InstallError(
+            "the docker spawner runs under `paitient up`, which starts and stops its container engine; "
+            'install writes no unit for the engine yet: use spawner = "local" for an installed workspace'
+        )
     for what, path in (("state_dir", site.state_dir), ("data_root", site.data_root), ("key_file", site.key_file)):
         if _under_tmp(path):
             raise InstallError(

@@ -1,9 +1,11 @@
 """``paitient up``, ``paitient status``, ``paitient stop``: run the workspace on one machine.
 
-``up`` starts, in order, the directory (the embedded demo slapd when the site names none), the proxy and
-the hub (which starts the services), all under one state directory, then prints one line when sign-in
-works. It stays in the foreground; Ctrl-C (or ``paitient stop``) stops researchers' servers, the hub, the
-proxy and the directory, each by the process id it started. ``up`` again on the same state directory
+``up`` starts, in order, the directory (the embedded demo slapd when the site names none), the proxy, with
+the docker spawner the container engine (podman's Docker API on a socket under ``<state_dir>/engine``, and
+the single-user image when the engine lacks it), and the hub (which starts the services), all under one
+state directory, then prints one line when sign-in works. It stays in the foreground; Ctrl-C (or ``paitient
+stop``) stops researchers' servers, the hub, the proxy, the engine and the directory, each by the process id
+it started. ``up`` again on the same state directory
 resumes: directory, hub database, cookie secret, accounts and data are kept.
 """
 
@@ -27,6 +29,7 @@ from traitlets import Bool, Float, Int, Unicode, default
 from paitient.app import PaitientCommand
 from paitient.config import SiteConfig, Workspace
 from paitient.fsutil import atomic_write_json
+from paitient.hub.engine import Engine, EngineError, image_tag
 from paitient.hub.paths import HubPaths, default_proxy_command
 from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command, service_command
 from paitient.services import PAGES, SERVICES
@@ -167,12 +170,24 @@ class _StateCommand(PaitientCommand):
         return out
 
 
+SPAWNER_HELP = (
+    'How researchers\' servers run (overrides [workspace] spawner): "local" (a process of their own account) or '
+    '"docker" (a container of their own on the podman engine `up` starts and stops).'
+)
+
+
 class UpCommand(_StateCommand):
     name = "up"
     description = __doc__
 
     proxy_command = Unicode(help="The configurable-http-proxy executable.").tag(config=True)
     ready_timeout = Float(90.0, help="Seconds to wait for the hub to answer before giving up.").tag(config=True)
+    engine_timeout = Float(30.0, help="Seconds to wait for the container engine to answer (docker spawner).").tag(
+        config=True
+    )
+    spawner = Unicode("", help=SPAWNER_HELP).tag(config=True)
+    podman = Unicode("podman", help="The podman executable that serves the docker spawner's engine.").tag(config=True)
+    aliases = {**_StateCommand.aliases, "spawner": "UpCommand.spawner"}
     max_restarts = Int(5, help="Restarts of the hub, proxy or directory allowed per minute before giving up.").tag(
         config=True
     )
@@ -192,6 +207,12 @@ class UpCommand(_StateCommand):
     @default("proxy_command")
     def _proxy_command_default(self) -> str:
         return default_proxy_command()
+
+    def overrides(self) -> dict[str, dict]:
+        out = super().overrides()
+        if self.spawner:
+            out.setdefault("workspace", {})["spawner"] = self.spawner
+        return out
 
     def start(self) -> None:
         self.require_root()
@@ -283,6 +304,8 @@ class UpCommand(_StateCommand):
         url = f"http://{host}:{w.port}/"
         proxy = proxy_command(site, self.proxy_command, hub_port=hub_port, proxy_api_port=proxy_api_port)
         self._spawn("proxy", proxy.argv, paths, env={PROXY_TOKEN_ENV: proxy_token})
+        if w.spawner == "paitient-docker":
+            self._start_engine(site, paths)
         service_ports = None
         if self.separate_services:
             service_ports = {name: free_port() for name in SEPARATE_PORTS}
@@ -314,6 +337,19 @@ class UpCommand(_StateCommand):
             for line in describe_demo_accounts(demo.credentials()):
                 print(f"  {line}", flush=True)
         print("paitient: Ctrl-C stops the workspace.", flush=True)
+
+    def _start_engine(self, site: SiteConfig, paths: HubPaths) -> None:
+        """podman's Docker API for the docker spawner, its storage under <state_dir>/engine; the image made
+        when the engine lacks it. An engine that cannot start stops `up` with its reason."""
+        engine = Engine(site.state_dir, podman=self.podman)
+        try:
+            engine.prepare()
+            self._spawn("engine", engine.service_command(), paths, env=engine.env)
+            engine.wait_ready(self.children["engine"], self.engine_timeout, paths.log_dir / "engine.log")
+            if engine.ensure_image():
+                self.log.info("made the single-user image %s", image_tag())
+        except (EngineError, OSError, subprocess.SubprocessError) as e:
+            raise SystemExit(f"paitient up: the container engine (docker spawner) cannot start: {e}") from None
 
     def _pids(self) -> dict[str, int]:
         """The process ids of what runs now: the embedded directory (while it runs), the proxy and the hub."""
@@ -393,10 +429,15 @@ class UpCommand(_StateCommand):
                     file=sys.stderr,
                 )
         services = [name for name in self.children if name.startswith("service-")]
-        for name in ("hub", *services, "proxy"):
+        # the engine after the hub: the hub stops the servers' containers through it
+        for name in ("hub", *services, "proxy", "engine"):
             proc = self.children.get(name)
             if proc is not None:
                 terminate(proc.pid)
+        if "engine" in self.children:
+            left = Engine(paths.state_dir).release_mounts()
+            if left:
+                print(f"paitient: the container engine left mounts: {', '.join(left)}", file=sys.stderr)
         if self.directory is not None:
             self.directory.stop()
         try:
