@@ -167,6 +167,7 @@ class Workspace:
                 self.proc.wait()
         if remove_accounts:
             self.remove_accounts()
+            self.remove_groups()
 
     def directory_modify(self, ldif: str) -> None:
         """Change the running demo directory as its root DN (as the hospital's directory admins would)."""
@@ -202,6 +203,13 @@ class Workspace:
             remove_account(member.account)
         remove_account(f"{self.prefix}-jobs")  # the workers' accounts, made at their first use
         remove_account(f"{self.prefix}-audit")
+
+    def remove_groups(self) -> None:
+        """The projects' groups the workspace made (its record), after their members' accounts are gone."""
+        record = self.state_dir / "project-groups.json"
+        if record.exists():
+            for name in json.loads(record.read_text()):
+                subprocess.run(["groupdel", name], capture_output=True)
 
     # -- people ---------------------------------------------------------------------------------------
 

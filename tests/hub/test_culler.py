@@ -1,5 +1,9 @@
 """The hub's idle culler: a hub-managed service from ``[server] cull_timeout``, with the culler's least role."""
 
+import os
+import subprocess
+import sys
+import time
 import tomllib
 
 import pytest
@@ -8,7 +12,7 @@ from jupyterhub_idle_culler import IdleCuller
 from traitlets.config import Config
 
 from paitient.config import EMBEDDED_SITE, parse
-from paitient.hub.culler import CULLER_SCOPES, CULLER_SERVICE, cull_every
+from paitient.hub.culler import CULLER_SCOPES, CULLER_SERVICE, DIE_WITH_HUB, cull_every
 from paitient.hub.hubconfig import configure
 
 
@@ -31,7 +35,8 @@ def roles(c: Config) -> dict[str, dict]:
 def test_the_culler_is_a_managed_service_with_the_sites_timeout(tmp_path):
     c = hub_config(tmp_path, cull_timeout=600)
     entry = services(c)[CULLER_SERVICE]
-    python, *argv = entry["command"]
+    assert entry["command"][: len(DIE_WITH_HUB)] == DIE_WITH_HUB
+    python, *argv = entry["command"][len(DIE_WITH_HUB) :]
     assert argv[:3] == ["-I", "-m", "jupyterhub_idle_culler"]  # no import from the hub's working folder
     assert entry["cwd"] == str(tmp_path / "state" / "hub") and entry["display"] is False
     assert "api_token" not in entry and "admin" not in entry  # the hub makes its token; its role says what it may
@@ -70,3 +75,38 @@ def test_the_culler_runs_by_default(tmp_path):
 @pytest.mark.parametrize(("timeout", "every"), [(60, 15), (100, 25), (1200, 300), (86400, 300)])
 def test_the_culler_looks_at_a_quarter_of_the_timeout_between_15_s_and_5_min(timeout, every):
     assert cull_every(timeout) == every
+
+
+def test_the_culler_ends_when_the_hub_that_started_it_is_killed():
+    # A stand-in hub starts a long-running command with the culler's prefix, reports its pid, and is killed;
+    # the command must not outlive it (a killed hub cannot stop its managed services itself).
+    hub = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            f"p = subprocess.Popen({DIE_WITH_HUB!r} + ['sleep', '300']); print(p.pid, flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(hub.stdout.readline())  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{child}/comm").read().strip() != "sleep":  # setpriv has set the signal and gone
+        assert time.monotonic() < deadline, "the command did not start"
+        time.sleep(0.01)
+    hub.kill()
+    hub.wait(10)
+    hub.stdout.close()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":  # ended; init has not reaped it yet
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the command outlived the hub that started it")

@@ -27,6 +27,10 @@ def cull_every(timeout: int) -> int:
     return max(15, min(300, timeout // 4))
 
 
+DIE_WITH_HUB = ["/usr/bin/setpriv", "--pdeathsig=TERM", "--"]
+"""The prefix that gives a third-party service the hub's death as its SIGTERM (``PR_SET_PDEATHSIG``)."""
+
+
 def culler_service(site: SiteConfig, python: str, cwd: Path) -> dict[str, Any] | None:
     """The ``c.JupyterHub.services`` entry of the culler, or None when ``[server] cull_timeout`` is 0.
 
@@ -39,7 +43,11 @@ def culler_service(site: SiteConfig, python: str, cwd: Path) -> dict[str, Any] |
         return None
     return {
         "name": CULLER_SERVICE,
+        # SIGTERM when the hub ends, however it ends: the hub stops its managed services only when it stops
+        # cleanly, and a culler left behind would go on polling a hub that is gone (the services of paitient's
+        # own do the same for themselves, paitient.services.kit.process.die_with_parent)
         "command": [
+            *DIE_WITH_HUB,
             python,
             "-I",
             "-m",
