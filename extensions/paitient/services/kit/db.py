@@ -29,6 +29,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from paitient.config import ConfigError, check_owner
+from paitient.fsutil import locked
 
 FIRST_REVISION = "0001"
 """Every store's first migration: the tables as the store made them before there were migrations."""
@@ -112,7 +113,15 @@ class Database:
         self.engine = _postgres_engine(where, what) if self.postgres else _sqlite_engine(where.sqlite_path, synchronous)
         self._lock = f"LOCK TABLE {', '.join(map(_quote, self.tables))} IN SHARE ROW EXCLUSIVE MODE"
         try:
-            self._migrate(migrations, moved_from_public)
+            if self.postgres:
+                self._migrate(migrations, moved_from_public)
+            else:
+                # One process or thread at a time makes or upgrades the file (PostgreSQL: an advisory lock).
+                # SQLite's busy timeout does not cover the first connections' switch to WAL on a new file,
+                # and stores opened at once answered "database is locked".
+                path = where.sqlite_path
+                with locked(path.with_name(path.name + ".migrate.lock")):
+                    self._migrate(migrations, moved_from_public)
         except sa.exc.OperationalError as e:
             self.engine.dispose()
             raise self._unreachable(e) from None
