@@ -209,8 +209,9 @@ def _server_pid(hub: Workspace, user: str) -> int:
     raise AssertionError(f"no server process of {user}")
 
 
-class _Listener:
-    """A host service of the test's own (v4 or v6 loopback) that counts what reaches it."""
+class Listener:
+    """A host service of the test's own (v4 or v6 loopback) that counts what reaches it (also used by
+    tests/docker, whose attacks on a container-spawned server count the same way)."""
 
     def __init__(self, host: str, family: int):
         self.sock = socket.create_server((host, 0), family=family)
@@ -228,7 +229,7 @@ class _Listener:
 
 @pytest.fixture(scope="module")
 def from_alices_server(hub, running, alice, bob):
-    listeners = [_Listener("127.0.0.1", socket.AF_INET), _Listener("::1", socket.AF_INET6)]
+    listeners = [Listener("127.0.0.1", socket.AF_INET), Listener("::1", socket.AF_INET6)]
     targets = {
         "proxy": ["127.0.0.1", hub.port],
         "proxy_api": ["127.0.0.1", running.proxy_api_port],

@@ -15,7 +15,6 @@ import pwd
 import re
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from paitient.hub.paths import HubPaths, venv_python
 from paitient.ops.up import Running, hub_api
 from paitient.rules.sandbox import python_roots
 from paitient.services.audit.writer import trail_files
+from tests.attacks.test_through_hub import Listener
 from tests.e2e.workspace import own_workspace
 
 pytestmark = pytest.mark.e2e
@@ -214,23 +214,6 @@ print(json.dumps({
     "hub_api": hub_api, "targets": {name: attempt(h, p) for name, (h, p) in targets.items()},
 }))
 """
-
-
-class Listener:
-    """A host service of the test's own that counts what reaches it."""
-
-    def __init__(self, host: str, family: int):
-        self.sock = socket.create_server((host, 0), family=family)
-        self.host, self.port, self.accepted = host, self.sock.getsockname()[1], 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                self.sock.accept()[0].close()
-            except OSError:
-                return
-            self.accepted += 1
 
 
 def server_port(container: dict) -> int:
