@@ -28,7 +28,11 @@ class CellResult:
     prompts: list[str] = field(default_factory=list)
     """The prompts of input_request messages that reached the client."""
     reply: dict | None = None
-    """The content of the execute_reply, when it came before the kernel went idle."""
+    """The content of the execute_reply (None when the kernel went idle and none came within REPLY_GRACE)."""
+
+
+REPLY_GRACE = 10.0
+"""Seconds to wait, once the kernel is idle, for an execute_reply still on its way."""
 
 
 async def execute(
@@ -81,6 +85,7 @@ async def execute(
         ws.write_message(json.dumps({**request, "channel": channel, "buffers": []}))
     out = CellResult()
     deadline = time.monotonic() + timeout
+    idle = False
     try:
         while time.monotonic() < deadline:
             raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
@@ -124,12 +129,25 @@ async def execute(
                     out.stderr += content["text"]
             elif kind == "execute_reply":
                 out.reply = content
+                if idle:
+                    return out
             elif kind == "execute_result":
                 out.result = content["data"].get("text/plain")
             elif kind == "error":
                 out.error = f"{content['ename']}: {content['evalue']}"
             elif kind == "status" and content["execution_state"] == "idle":
-                return out
+                # iopub and shell are separate streams: the reply may come after the idle status. Wait a
+                # short while for it; a kernel that died mid-cell sends none.
+                if out.reply is not None:
+                    return out
+                idle = True
+                deadline = min(deadline, time.monotonic() + REPLY_GRACE)
+        if idle:
+            return out
+    except TimeoutError:
+        if idle:
+            return out
+        raise
     finally:
         ws.close()
     raise TimeoutError(f"cell did not finish in {timeout}s: {code[:80]!r}")
