@@ -127,6 +127,7 @@ USERS = {
     "rita": {"name": "rita", "scopes": STEWARD},
     "ada": {"name": "ada", "scopes": STEWARD},
     "eve": {"name": "eve", "scopes": ["custom:airlock:review"]},
+    "ren": {"name": "ren", "scopes": RESEARCHER},
 }
 
 
@@ -296,3 +297,16 @@ def publish_indexed(site, project: str, dataset: str, df: pd.DataFrame, categori
     (where / "manifest.json").write_text(json.dumps({"version": 1, "columns": columns}))
     rowindex.reindex_version(site, project, dataset, 1, rowindex.ensure_key(site))
     return where
+
+
+AGES = np.concatenate([np.arange(20, 90).repeat(4), [91, 94]])  # 282 patients, two of them over 90
+
+
+def registry_counts(site) -> pd.DataFrame:
+    """Publish project registry's ``counts`` dataset (age, age band, sex of 282 patients, two over 90)."""
+    band = pd.cut(AGES, [0, 45, 65, 200], right=False, labels=["0-44", "45-64", "65+"]).astype(str)
+    df = pd.DataFrame({"age": AGES, "age_band": band, "sex": np.where(np.arange(len(AGES)) % 2, "F", "M")})
+    publish_indexed(
+        site, "registry", "counts", df, categories={"age_band": ["0-44", "45-64", "65+"], "sex": ["F", "M"]}
+    )
+    return df

@@ -19,6 +19,7 @@ from tests.airlock.helpers import (
     figure_with_payload,
     known_user_auth,
     png_chunks,
+    registry_counts,
     submit,
     wait_state,
 )
@@ -185,3 +186,49 @@ def test_an_override_in_the_browser_needs_a_reason_and_stands_out_in_the_list(se
     assert "the cell of 3 counts sites, not patients" in sam.locator("#decisions").inner_text()
     sam.goto(served)
     assert sam.locator(f'tr[data-id="{rid}"] .override').inner_text() == "override"
+
+
+def test_a_steward_sees_a_differencing_failure_beside_the_earlier_release(served, browser, airlock, people, site):
+    """Two count tables of the same bands, everyone and everyone under 90: each alone passes, their difference
+    counts the two over-90s. The steward's page puts the new table beside the released one with the cell the
+    difference is taken from highlighted; the researcher's page carries none of it."""
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    everyone = df.groupby("age_band").size().rename("n").reset_index()
+    first = submit(airlock, people, "ren", csv_bytes(everyone), recipe=recipe)
+    wait_state(airlock, first, review.RELEASED)
+    young = df[df.age < 90].groupby("age_band").size().rename("n").reset_index()
+    second = submit(airlock, people, "ren", csv_bytes(young), recipe={**recipe, "filter": {"age": {"<": 90}}})
+    wait_state(airlock, second, review.IN_REVIEW)
+
+    sam = _page(browser, served, "sam")
+    sam.goto(f"{served}requests/{second}")
+    comparison = sam.locator(f'#differences .comparison[data-earlier="{first}"]')
+    assert comparison.count() == 1
+    assert f"request {first} (released)" in comparison.locator("h3").inner_text()
+    rows = [[td.inner_text() for td in tr.locator("td").all()] for tr in comparison.locator("tbody tr").all()]
+    assert rows == [
+        ["age_band = 0-44", "100", "100", "+0"],
+        ["age_band = 45-64", "80", "80", "+0"],
+        ["age_band = 65+", "102", "100", "-2"],
+    ]
+    flagged = comparison.locator("tbody tr.flagged")
+    assert flagged.count() == 1 and flagged.locator("td").first.inner_text() == "age_band = 65+"
+    # the highlight is drawn, not only named in the markup
+    color = flagged.locator("td").first.evaluate("el => getComputedStyle(el).backgroundColor")
+    plain = (
+        comparison.locator("tbody tr").first.locator("td").first.evaluate("el => getComputedStyle(el).backgroundColor")
+    )
+    assert color != plain
+    finding = comparison.locator(".findings li").inner_text()
+    assert "nested populations" in finding and "age_band = 65+ counts 2 people" in finding and "exact" in finding
+    # the link leads to the earlier release's own page
+    comparison.get_by_role("link", name=f"request {first}").click()
+    sam.wait_for_url(f"{served}requests/{first}")
+    assert sam.locator("#differences").count() == 0  # the first table differenced with nothing
+
+    ren = _page(browser, served, "ren")
+    ren.goto(f"{served}requests/{second}")
+    assert ren.locator('#checks tr[data-check="differencing"] td').nth(1).inner_text() == "fail"
+    assert ren.locator("#differences").count() == 0
+    assert "65+" not in ren.content() and "102" not in ren.content()

@@ -10,7 +10,7 @@ import pytest
 from paitient.ops.demodata import publish_demo
 from paitient.rules import differencing as dif
 from paitient.rules import disclosure, review
-from tests.airlock.helpers import csv_bytes, publish_indexed, submit, wait_state
+from tests.airlock.helpers import csv_bytes, registry_counts, submit, wait_state
 
 
 def by_check(airlock, rid: str) -> dict:
@@ -124,6 +124,74 @@ def test_overlapping_bins_reveal_the_pieces_between_their_edges():
     assert dif.compare(wide, [("r-tens", tens)], 10) == []
 
 
+def test_a_steward_sees_each_difference_beside_the_tables_it_is_taken_from():
+    everyone = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=80), dataset="d", version=1, population={})
+    but_old = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=78), dataset="d", version=1, population={"age": ("1",)})
+    [view] = dif.side_by_side(but_old, [("r-all", everyone)], 10)
+    assert view.earlier == ("r-all",) and view.hidden == 0
+    assert [(r.cell, r.before, r.now, r.difference, r.flagged) for r in view.rows] == [
+        ("band = b0-44", 100.0, 100.0, 0.0, False),
+        ("band = b45-64", 120.0, 120.0, 0.0, False),
+        ("band = b65-", 80.0, 78.0, -2.0, True),  # the two dropped patients are all in this cell
+    ]
+    assert [f.group() for f in view.findings] == ["band = b65-"]
+    # nothing found, nothing to show
+    assert dif.side_by_side(everyone, [("r", everyone)], 10) == []
+
+
+def test_a_margin_difference_flags_the_total_and_its_sub_cells_only():
+    total = {frozenset(): 60.0}
+    sub = {frozenset({("sex", "F")}): 31.0, frozenset({("sex", "M")}): 25.0}
+    other = {frozenset({("site", "A")}): 40.0, frozenset({("site", "B")}): 20.0}  # a full split of the 60
+    [within] = dif.side_by_side(dif.CountTable({**total, **sub, **other}), [], 10)
+    assert within.earlier == ()
+    assert {r.cell: r.flagged for r in within.rows} == {
+        "everyone": True,
+        "sex = F": True,
+        "sex = M": True,
+        "site = A": False,
+        "site = B": False,
+    }
+    assert [(f.group(), f.count) for f in within.findings] == [("sex = not F, M", 4.0)]
+    # across releases: the earlier total beside the new sub-cells
+    first = dif.CountTable(total, dataset="d", version=1, population={})
+    [across] = dif.side_by_side(dif.CountTable(sub, dataset="d", version=1, population={}), [("r1", first)], 10)
+    assert [(r.cell, r.before, r.now, r.flagged) for r in across.rows] == [
+        ("everyone", 60.0, None, True),
+        ("sex = F", None, 31.0, True),
+        ("sex = M", None, 25.0, True),
+    ]
+
+
+def test_overlapping_bins_flag_the_bins_around_the_piece():
+    tens = dif.CountTable({frozenset({("age", f"{a}-{a + 9}")}): 30.0 for a in (30, 40, 50)})
+    shifted = dif.CountTable(
+        {
+            frozenset({("age", "30-39")}): 30.0,
+            frozenset({("age", "40-44")}): 28.0,
+            frozenset({("age", "45-59")}): 32.0,
+        }
+    )
+    [view] = dif.side_by_side(shifted, [("r-tens", tens)], 10)
+    # rows in bin order; the bins that overlap the piece [45, 50) are flagged, the others not
+    assert [(r.cell, r.before, r.now, r.flagged) for r in view.rows] == [
+        ("age = 30-39", 30.0, 30.0, False),
+        ("age = 40-44", None, 28.0, False),
+        ("age = 40-49", 30.0, None, True),
+        ("age = 45-59", None, 32.0, True),
+        ("age = 50-59", 30.0, None, False),
+    ]
+    assert [(f.group(), f.count) for f in view.findings] == [("age = [45, 50)", 2.0)]
+
+
+def test_a_long_comparison_keeps_every_flagged_row():
+    old = dif.CountTable({frozenset({("id", f"{i:04d}")}): 50.0 for i in range(500)})
+    new = dif.CountTable({**old.facts, frozenset({("id", "0499")}): 47.0})
+    [view] = dif.side_by_side(new, [("r", old)], 10, max_rows=20)
+    assert len(view.rows) == 20 and view.hidden == 480
+    assert [r.cell for r in view.rows if r.flagged] == ["id = 0499"]
+
+
 def test_a_count_table_survives_its_json_form():
     t = dif.CountTable(
         cells(a=1, b=2), dataset="d", version=3, population={"age": ("1", "2")}, domains={"band": ("a",)}
@@ -219,18 +287,6 @@ def test_an_aggregate_by_catalogued_categories_passes_the_content_checks(airlock
     assert checks["row_content"]["status"] == "pass"
     assert checks["recipe"]["status"] == "pass"
     assert checks["differencing"]["status"] == "pass"
-
-
-AGES = np.concatenate([np.arange(20, 90).repeat(4), [91, 94]])  # 282 patients, two of them over 90
-
-
-def registry_counts(site) -> pd.DataFrame:
-    band = pd.cut(AGES, [0, 45, 65, 200], right=False, labels=["0-44", "45-64", "65+"]).astype(str)
-    df = pd.DataFrame({"age": AGES, "age_band": band, "sex": np.where(np.arange(len(AGES)) % 2, "F", "M")})
-    publish_indexed(
-        site, "registry", "counts", df, categories={"age_band": ["0-44", "45-64", "65+"], "sex": ["F", "M"]}
-    )
-    return df
 
 
 def test_counts_for_all_but_two_patients_are_refused_naming_the_earlier_release(site, airlock, people):

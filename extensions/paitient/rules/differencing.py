@@ -97,6 +97,10 @@ class Finding:
         what = {"nested": "nested populations", "margin": "a total minus its sub-cells", "bins": "overlapping bins"}
         return f"{what[self.kind]}{with_}"
 
+    def group(self) -> str:
+        """The group the difference counts, as a steward reads it (it names categories: stewards only)."""
+        return cell_text(self.cell)
+
 
 def _small(n: float, min_count: int) -> bool:
     return 0 < n < min_count and not math.isclose(n, 0.0, abs_tol=1e-9)
@@ -445,3 +449,122 @@ def from_counts(
         for cats, n in counts.items()
     }
     return CountTable(facts=facts, dataset=dataset, version=version, population=population, domains=domains)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The steward's side-by-side view
+
+SIDE_ROWS = 200
+"""Rows a side-by-side comparison shows at most: every flagged row, then the others in order."""
+
+
+@dataclass(frozen=True)
+class SideRow:
+    cell: str
+    """The cell's categories, ``variable = category`` joined by `` · ``; ``everyone`` for a grand total."""
+    before: float | None
+    """Its count in the earlier release(s); None where they do not count it."""
+    now: float | None
+    """Its count in the new table; None where it does not count it."""
+    flagged: bool
+    """The cell enters a difference that counts fewer than the minimum."""
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.before is None or self.now is None else self.now - self.before
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """A new table beside the earlier release(s) that one group of findings differences it with."""
+
+    earlier: tuple[str, ...]
+    """The earlier requests (none: the findings lie within the new table)."""
+    rows: tuple[SideRow, ...]
+    hidden: int
+    """Unflagged rows left out beyond :data:`SIDE_ROWS`."""
+    findings: tuple[Finding, ...]
+
+
+def cell_text(pairs: Iterable[Pair]) -> str:
+    """A cell's categories as a steward reads them."""
+    return " · ".join(f"{v} = {c}" for v, c in sorted(pairs)) or "everyone"
+
+
+def _row_order(key: Key) -> tuple[int, list[tuple[str, int, float, float, str]]]:
+    """Coarser cells first; within a variable, bins by their bounds, other categories by name."""
+    parts = []
+    for v, c in sorted(key):
+        b = parse_bin(c)
+        parts.append((v, 0, b[0], b[1], "") if b is not None else (v, 1, 0.0, 0.0, c))
+    return len(key), parts
+
+
+def _interval(label: str) -> tuple[float, float] | None:
+    """``[lo, hi)`` as a bins finding writes it."""
+    m = re.match(r"^\[(\S+), (\S+)\)$", label)
+    if m is None:
+        return None
+    try:
+        return float(m[1]), float(m[2])
+    except ValueError:
+        return None
+
+
+def involved(finding: Finding, keys: Iterable[Key]) -> set[Key]:
+    """Of ``keys``, the cells whose counts ``finding``'s difference is taken from: for ``nested`` the cell
+    itself; for ``margin`` the total and its sub-cells of the variable left out; for ``bins`` every bin that
+    overlaps the piece revealed."""
+    keys = set(keys)
+    if finding.kind == "nested":
+        return keys & {frozenset(finding.cell)}
+    if not finding.cell:
+        return set()
+    (var, label), rest = finding.cell[-1], frozenset(finding.cell[:-1])
+    if finding.kind == "margin":
+        finer = {k for k in keys if len(k) == len(rest) + 1 and rest < k and next(iter(k - rest))[0] == var}
+        return finer | (keys & {rest})
+    if finding.kind == "bins":
+        piece = _interval(label)
+        names = {var, *var.split("/")}
+        out = set()
+        for k in keys:
+            if len(k) != len(rest) + 1 or not rest < k:
+                continue
+            v, c = next(iter(k - rest))
+            b = parse_bin(c)
+            if v in names and b is not None and piece is not None and b[0] < piece[1] and piece[0] < b[1]:
+                out.add(k)
+        return out
+    return set()
+
+
+def side_by_side(
+    new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_count: int, max_rows: int = SIDE_ROWS
+) -> list[SideBySide]:
+    """The findings of :func:`compare`, grouped by the earlier releases they are taken with, each group with
+    the new table's cells beside theirs (pooled: one population counts a cell once) and the cells that enter
+    a difference flagged."""
+    findings = compare(new, earlier, min_count)
+    tables = dict(earlier)
+    groups: dict[tuple[str, ...], list[Finding]] = defaultdict(list)
+    for f in findings:
+        groups[f.earlier].append(f)
+    out = []
+    for rids, found in sorted(groups.items()):
+        before: dict[Key, float] = {}
+        for rid in rids:
+            for k, n in tables[rid].facts.items():
+                before.setdefault(k, n)
+        keys = set(new.facts) | set(before)
+        flagged = set().union(*(involved(f, keys) for f in found))
+        ordered = sorted(keys, key=_row_order)
+        shown = [k for k in ordered if k in flagged]
+        room = max(0, max_rows - len(shown))
+        rest = [k for k in ordered if k not in flagged]
+        chosen = set(shown) | set(rest[:room])
+        rows = tuple(
+            SideRow(cell_text(k), before.get(k), new.facts.get(k), k in flagged) for k in ordered if k in chosen
+        )
+        out.append(SideBySide(rids, rows, max(0, len(rest) - room), tuple(found)))
+    return out

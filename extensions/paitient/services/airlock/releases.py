@@ -67,3 +67,18 @@ class ReleasedTables:
                 {"project": project, "released": review.RELEASED},
             ).all()
         return [r.request_id for r in rows]
+
+    def tables(self, project: str, ids: list[str]) -> dict[str, tuple[CountTable, str]]:
+        """``request id -> (table, request state)`` of those of ``ids`` that kept a count table in ``project``,
+        whatever their state now (a steward's page shows what a check compared)."""
+        if not ids:
+            return {}
+        with self.store._connect() as db:
+            rows = db.execute(
+                sa.text(
+                    "SELECT t.request_id, t.body, r.state FROM count_tables t JOIN requests r ON r.id = t.request_id "
+                    "WHERE t.project = :project AND t.request_id IN :ids"
+                ).bindparams(sa.bindparam("ids", expanding=True)),
+                {"project": project, "ids": list(ids)},
+            ).all()
+        return {r.request_id: (CountTable.from_json(json.loads(r.body)), r.state) for r in rows}

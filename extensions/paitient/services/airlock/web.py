@@ -23,7 +23,7 @@ from urllib.parse import quote
 from jupyterhub.services.auth import HubOAuth
 from tornado import web
 
-from paitient.rules import review
+from paitient.rules import differencing, review
 from paitient.services.airlock import views
 from paitient.services.airlock.canonical import Canonical, NoPreview
 from paitient.services.airlock.core import Airlock
@@ -146,7 +146,27 @@ class DetailHandler(AirlockHandler):
                 (e.data["override"] for e in airlock.store.events(rid, "decision") if e.data.get("override")), ""
             ),
             min_override=review.MIN_OVERRIDE,
+            differences=self._differences(req, info["checks"]) if sees_content else [],
         )
+
+    def _differences(self, req: Any, checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The request's count table beside the earlier releases its differencing check found differences
+        with, for a reviewer's page; empty when the check found none."""
+        check = next((c for c in checks if c["check"] == "differencing"), None)
+        details = (check or {}).get("details") or {}
+        if not details.get("findings"):
+            return []
+        tables = self.airlock.tables
+        ids = [str(r) for r in details.get("earlier", [])]
+        found = tables.tables(req.project, [req.id, *ids])
+        if req.id not in found:
+            return []
+        earlier = [(rid, found[rid][0]) for rid in ids if rid in found]
+        states = {rid: found[rid][1] for rid in ids if rid in found}
+        return [
+            {"view": view, "states": [(rid, states.get(rid, "")) for rid in view.earlier]}
+            for view in differencing.side_by_side(found[req.id][0], earlier, self.airlock.settings.min_count)
+        ]
 
     def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
         """What the page shows as the preview: from the canonical form, recorded; or why there is none."""
