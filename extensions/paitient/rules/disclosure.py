@@ -68,19 +68,29 @@ def read_table(data: bytes, filename: str) -> pd.DataFrame:
         raise TableError(f"{filename}: not a readable CSV file ({e})") from None
 
 
-def count_cells(df: pd.DataFrame) -> list[tuple[int, str, float]]:
-    """The cells read as counts: (row, column, value) for whole-number numeric cells."""
-    cells = []
+def count_columns(df: pd.DataFrame) -> list[Any]:
+    """The columns read as counts: numeric (not boolean) with whole numbers only, and at least one value."""
+    out = []
     for col in df.columns:
         s = df[col]
         if not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s):
             continue
         values = s.to_numpy(dtype=float, na_value=np.nan)
-        if not np.all(np.isnan(values) | (values == np.round(values))):
-            continue
-        for i, v in enumerate(values):
-            if not np.isnan(v):
-                cells.append((i, str(col), float(v)))
+        present = ~np.isnan(values)
+        if present.any() and np.all(values[present] == np.round(values[present])):
+            out.append(col)
+    return out
+
+
+def count_cells(df: pd.DataFrame) -> list[tuple[int, str, float]]:
+    """The cells read as counts: (row, column, value) for whole-number numeric cells, row by row within each
+    column of :func:`count_columns`."""
+    cells: list[tuple[int, str, float]] = []
+    for col in count_columns(df):
+        values = df[col].to_numpy(dtype=float, na_value=np.nan)
+        rows = np.flatnonzero(~np.isnan(values))
+        name = str(col)
+        cells.extend(zip(rows.tolist(), [name] * len(rows), values[rows].tolist(), strict=True))
     return cells
 
 
@@ -449,10 +459,21 @@ def check_labels(df: pd.DataFrame, known: Labels) -> dict[str, Any]:
     for col in text_columns(df):
         if pd.api.types.is_bool_dtype(df[col]):
             continue
+        judged: dict[tuple[type, Any], bool] = {}  # a column repeats its labels: each distinct value judged once
         for i, v in enumerate(df[col].tolist()):
             if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
                 continue
-            if not is_label(v, known):
+            try:
+                ok = judged.get((type(v), v))
+            except TypeError:  # an unhashable value
+                ok = None
+            if ok is None:
+                ok = is_label(v, known)
+                try:
+                    judged[(type(v), v)] = ok
+                except TypeError:
+                    pass
+            if not ok:
                 count += 1
                 if len(bad) < MAX_CELLS_LISTED:
                     bad.append({"row": i, "column": str(col), "value": str(v)[:100]})

@@ -235,7 +235,7 @@ def check_row_content(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict
 def from_frame(df: pd.DataFrame) -> differencing.CountTable | None:
     """The count facts of a table read without its recipe; None when it holds no counts."""
     df = disclosure.with_index(df)
-    counted = {c for _, c, _ in disclosure.count_cells(df)}
+    counted = {str(c) for c in disclosure.count_columns(df)}
     counts = [c for c in df.columns if str(c) in counted]
     if not counts:
         return None
