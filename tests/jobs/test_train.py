@@ -274,3 +274,27 @@ def test_the_device_is_cuda_when_torch_sees_a_gpu_and_the_cpu_otherwise(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("auto") == torch.device("cuda")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_a_run_trains_without_tf32_and_gives_the_settings_back(monkeypatch):
+    """cuDNN allows TF32 in convolutions by default; a run turns it off (and TF32 in matrix products) while it
+    trains, so the clipping bound holds to float32 rounding, and restores what the process had, even when the
+    run fails."""
+    from paitient.services.jobs import train as train_module
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seen = []
+
+    def record(*args):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        raise TrainError("stop here")
+
+    monkeypatch.setattr(train_module, "_train", record)
+    try:
+        with pytest.raises(TrainError, match="stop here"):
+            train_module.train(None, {}, torch.zeros(1), torch.zeros(1), None)  # type: ignore[arg-type]
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

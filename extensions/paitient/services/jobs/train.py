@@ -15,8 +15,9 @@ the DP guarantee, shown for following progress (``docs/security-model.md``).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,8 @@ class Result:
     """Mean loss of each epoch's sampled rows (epoch k ends after step ``round(k / sample_rate)``)."""
     clipping: str = "exact"
     """How the clipped sums were computed: ``fast`` (one pass of the batch) or ``exact`` (a gradient per row)."""
+    device: str = "cpu"
+    """Where the run trained: ``cpu`` or ``cuda``."""
 
 
 def _accountant(name: str) -> Any:
@@ -290,6 +293,34 @@ def train(
     ``device`` (:func:`pick_device`): where the parameters, the rows and the noise live; the Poisson
     sampling draws on the CPU either way, and the result's parameters come back on the CPU.
     """
+    with full_precision():
+        return _train(forward, params, x, y, spec, on_step, the_plan, clipping, device)
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """No TF32 in matrix products and convolutions while a run trains on a GPU (cuDNN allows it for
+    convolutions by default): a row's clipped gradient is then computed, and its norm bounded, to float32
+    rounding rather than to TF32's 10-bit mantissa, the same on either way of clipping."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _train(
+    forward: Forward,
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: TrainSpec,
+    on_step: Callable[[Progress], bool | None] | None,
+    the_plan: Plan | None,
+    clipping: str,
+    device: str,
+) -> Result:
     if clipping not in CLIPPING:
         raise TrainError(f"clipping must be one of {', '.join(CLIPPING)}")
     if len(x) != len(y):
@@ -325,11 +356,15 @@ def train(
 
     epoch = 1  # epoch k ends after step round(k / q), the last with the last step
     epoch_losses: list[float] = []
-    loss_sum, loss_rows = 0.0, 0
+    # the sampled rows' losses add up where they are computed: reading them back each step would make a GPU
+    # wait for every step; they are read once an epoch
+    loss_sum, loss_rows = torch.zeros((), dtype=torch.float64, device=on), 0
     done = 0
     views = {k: part.view(leaves[k].shape) for k, part in zip(names, torch.split(noise, sizes), strict=True)}
     for step in range(1, the_plan.steps + 1):
-        rows = poisson_rows(n, q, gen).to(on)
+        rows = poisson_rows(n, q, gen)
+        if on.type == "cuda":  # from pinned memory, without waiting for the steps queued before it
+            rows = rows.pin_memory().to(on, non_blocking=True)
         # the noise first, N(0, (sigma C / E)^2), then the clipped sum / E added into it: one buffer, no extra pass
         if sigma > 0:
             noise.normal_(0.0, sigma * c / expected, generator=noise_gen)
@@ -345,7 +380,7 @@ def train(
                     fast, used = None, "exact"
             if losses is None:
                 _, _, losses = exact_clipped_sum(forward, losses_of, leaves, xb, yb, c, scale=1 / expected, into=views)
-            loss_sum += float(losses.sum())
+            loss_sum += losses.detach().sum().double()
             loss_rows += len(rows)
         for k, leaf in leaves.items():
             leaf.grad = views[k]
@@ -354,14 +389,15 @@ def train(
         accountant.step(noise_multiplier=sigma, sample_rate=q)
         done = step
         if step >= round(epoch / q) or step == the_plan.steps:
-            epoch_losses.append(loss_sum / loss_rows if loss_rows else math.nan)
-            loss_sum, loss_rows, epoch = 0.0, 0, epoch + 1
+            epoch_losses.append(float(loss_sum) / loss_rows if loss_rows else math.nan)
+            loss_sum.zero_()
+            loss_rows, epoch = 0, epoch + 1
         if on_step is not None:
             shown = float(f"{epoch_losses[-1]:.2g}") if epoch_losses else math.nan
             if on_step(Progress(step, the_plan.steps, loss=shown, spent=spent_after)) is False:
                 break
     if loss_rows:
-        epoch_losses.append(loss_sum / loss_rows)  # stopped inside an epoch: its part so far
+        epoch_losses.append(float(loss_sum) / loss_rows)  # stopped inside an epoch: its part so far
     epsilon = _spent(accountant, spec.delta, sigma) if done else 0.0
     return Result(
         params={k: v.detach().cpu().clone() for k, v in leaves.items()},
@@ -372,6 +408,7 @@ def train(
         sample_rate=q,
         losses=epoch_losses,
         clipping=used,
+        device=on.type,
     )
 
 
