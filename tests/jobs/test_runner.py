@@ -121,6 +121,15 @@ def test_a_job_trains_under_dp_and_its_record_verifies(world):
     (run,) = [r for r in ledger.runs("oncology") if r["run_id"] == f"job:{job.id}"]
     assert run["state"] == "settled" and run["epsilon_spent"] == pytest.approx(record["epsilon"])
     assert run["weights_sha256"] == record["weights_sha256"] and run["username"] == "alice"
+    # the audit trail says where and how it trained: this machine has no GPU
+    entries = [
+        json.loads(line)
+        for f in (site.state_dir / "audit").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+        if '"jobs.run"' in line and job.id in line
+    ]
+    (done,) = [e for e in entries if e["details"].get("state") == "done"]
+    assert done["details"]["device"] == "cpu" and done["details"]["clipping"] in ("fast", "exact")
 
 
 def test_a_job_over_the_budget_fails_with_the_ledgers_reason(world):

@@ -58,8 +58,12 @@ def drop_to(uid: int, gid: int) -> list[str]:
 
 
 def python_roots() -> list[str]:
-    """Host folders a sandboxed Python needs: the environment, and paitient's source if installed editable."""
+    """Host folders a sandboxed Python needs: the environment, the interpreter it was made from when that lies
+    outside /usr (a venv of a Python that uv or pyenv installed), and paitient's source if installed editable."""
     roots = [sys.prefix]
+    base = os.path.realpath(sys.base_prefix)
+    if base != os.path.realpath(sys.prefix) and not (base + "/").startswith("/usr/"):
+        roots.append(base)
     pkg = str(Path(paitient.__file__).resolve().parent)
     if not pkg.startswith(sys.prefix.rstrip("/") + "/"):
         roots.append(pkg)
@@ -115,6 +119,9 @@ class SandboxPolicy:
     cwd: str = ""
     """Working directory inside the sandbox; empty: the home."""
     hostname: str = "sandbox"
+    devices: tuple[str, ...] = ()
+    """Host device nodes bound into the private /dev at the same path (a GPU's, for the training runner's
+    worker; none for kernels)."""
 
 
 def resolve_datasets(data_root: str | os.PathLike[str], projects: dict[str, list[str]]) -> list[Mount]:
@@ -199,6 +206,10 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
     # The private /proc, /dev and /tmp first: what is bound below may lie under /tmp (a workspace
     # installed from a checkout there) and must not be covered by the empty /tmp.
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/data"]  # noqa: S108
+    for node in policy.devices:
+        if not node.startswith("/dev/") or os.path.normpath(node) != node:
+            raise PolicyError(f"device {node!r} must be a node under /dev/")
+        argv += ["--dev-bind", node, node]
     for path in policy.system_ro:
         _check_abs("system_ro entry", path)
         argv += ["--ro-bind", path, path]

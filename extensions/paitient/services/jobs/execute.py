@@ -6,7 +6,9 @@ environment, the system and Python read-only. It sees a root-owned job folder, r
 graph, the arrays, the plan) and an output folder of its own; it reaches no service socket and no dataset:
 the rows it needs are in the job folder. It prints one JSON line per progress report and a last one with
 its metrics; the runner reads those as bounded numbers and the weights file as tensors it checks against
-the graph. A cancelled job's worker is killed at its next report.
+the graph. A cancelled job's worker is killed at its next report. On a machine with an NVIDIA GPU (and
+``[jobs] device`` not ``cpu``) the GPU's device nodes are bound into the sandbox, with the sysfs its driver
+reads and the runner's library path (:func:`gpu_nodes`, :data:`GPU_SYSFS`, :data:`GPU_ENV`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -62,21 +65,54 @@ def ensure_account(name: str, state_dir: str | os.PathLike[str]) -> pwd.struct_p
         raise ExecutionFailed(f"the runner's account: {e}") from None
 
 
-def sandbox_argv(*, uid: int, gid: int, scratch: str, job_dir: str, limits: Limits, seccomp_fd: int) -> list[str]:
+GPU_SYSFS = ("/sys/devices", "/sys/bus")
+"""Read-only in the sandbox of a job with a GPU: the CUDA driver reads the device's PCI and NUMA place there."""
+GPU_ENV = ("LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES")
+"""The runner's own settings of these reach a job with a GPU (where the driver's libraries are, which GPUs)."""
+
+
+def gpu_nodes(dev: str = "/dev") -> tuple[str, ...]:
+    """The NVIDIA device nodes of this machine (``nvidiactl``, ``nvidia-uvm``, ``nvidia0``, ...): character
+    devices directly in ``dev``; none on a machine without the driver."""
+    try:
+        names = sorted(os.listdir(dev))
+    except OSError:
+        return ()
+    out = []
+    for name in names:
+        if name.startswith("nvidia"):
+            path = os.path.join(dev, name)
+            try:
+                if stat.S_ISCHR(os.stat(path).st_mode):
+                    out.append(path)
+            except OSError:
+                continue
+    return tuple(out)
+
+
+def sandbox_argv(
+    *, uid: int, gid: int, scratch: str, job_dir: str, limits: Limits, seccomp_fd: int, gpu: tuple[str, ...] = ()
+) -> list[str]:
+    """The worker's command line: as the runner's account, limited, in bubblewrap. ``gpu``: device nodes to
+    bind (:func:`gpu_nodes`), with the sysfs the driver reads and the runner's :data:`GPU_ENV`."""
+    env = {
+        "PATH": SANDBOX_PATH,
+        "HOME": os.path.join(scratch, "out"),
+        "OMP_NUM_THREADS": "2",
+        "PYTHONNOUSERSITE": "1",
+    }
+    if gpu:
+        env.update({k: os.environ[k] for k in GPU_ENV if os.environ.get(k)})
     policy = SandboxPolicy(
         home=os.path.join(scratch, "out"),
         runtime_dir=os.path.join(scratch, "out"),
         run_dir=os.path.join(scratch, "run"),
         system_ro=("/usr", *python_roots()),
-        env={
-            "PATH": SANDBOX_PATH,
-            "HOME": os.path.join(scratch, "out"),
-            "OMP_NUM_THREADS": "2",
-            "PYTHONNOUSERSITE": "1",
-        },
+        env=env,
         cwd=job_dir,
         hostname="paitient-jobs",
-        extra_ro=(job_dir, "/sys/devices/system/cpu"),
+        extra_ro=(job_dir, *(GPU_SYSFS if gpu else ("/sys/devices/system/cpu",))),
+        devices=gpu,
     )
     return [
         *drop_to(uid, gid),
@@ -132,8 +168,15 @@ def run_worker(
         seccomp_fd = os.memfd_create("paitient-jobs-seccomp", 0)
         os.write(seccomp_fd, seccomp_program())
         os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        gpu = gpu_nodes() if plan.get("device", "auto") != "cpu" else ()
         argv = sandbox_argv(
-            uid=pw.pw_uid, gid=pw.pw_gid, scratch=str(scratch), job_dir=str(job), limits=limits, seccomp_fd=seccomp_fd
+            uid=pw.pw_uid,
+            gid=pw.pw_gid,
+            scratch=str(scratch),
+            job_dir=str(job),
+            limits=limits,
+            seccomp_fd=seccomp_fd,
+            gpu=gpu,
         )
         report = _supervise(argv, seccomp_fd, timeout, on_progress)
         weights = out / "weights.safetensors"

@@ -40,6 +40,8 @@ from paitient.services.jobs.store import Job, JobStore
 from paitient.services.ledger.api import JobsLedger
 
 INIT_SCHEME = "default"
+TRAINED_HOW = {"device": ("cpu", "cuda"), "clipping": ("fast", "exact")}
+"""What the worker's last report may say of how it trained; the audit record of a finished job keeps it."""
 METRIC_DIGITS = 2
 
 
@@ -175,7 +177,10 @@ class Runner:
             atomic_write_json(out / "record.json", envelope, mode=0o600)
             ledger.settle(reservation, epsilon, _ledger_record(record))
             done = self.store.finish(job.id, "done")
-            self._audit(done, "ok", {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps})
+            trained = {k: v for k in ("device", "clipping") if (v := outcome.report.get(k)) in TRAINED_HOW[k]}
+            self._audit(
+                done, "ok", {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps, **trained}
+            )
             return done
         except Exception as e:
             known = (JobFailed, ExecutionFailed, ChannelError, ValueError, LookupError)

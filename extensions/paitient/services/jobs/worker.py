@@ -79,7 +79,15 @@ def main(job_file: str) -> int:
     save_file(
         {k: v.detach().contiguous() for k, v in result.params.items()}, str(Path(job["out"]) / "weights.safetensors")
     )
-    _say({"done": True, "steps": result.steps, "metrics": _numbers(metrics)})
+    _say(
+        {
+            "done": True,
+            "steps": result.steps,
+            "metrics": _numbers(metrics),
+            "device": result.device,
+            "clipping": result.clipping,
+        }
+    )
     return 0
 
 
