@@ -1,18 +1,21 @@
 """Certified training: the runner's DP-SGD against plain SGD of the same model, its utility, and submit to first step.
 
     /opt/paitient/venv/bin/python benchmarks/bench_jobs.py [--steps 20] [--blocks 7] [--threads 2] [--clock wall]
-        [--models MLP,CNN,CNN2] [--exact] [--seeds 5] [--skip throughput,utility,runner]
+        [--models MLP,CNN,CNN2] [--exact] [--seeds 5] [--sweep] [--device cpu|cuda] [--batch 512]
+        [--skip throughput,utility,runner]
 
 Throughput: the runner's training step (:func:`paitient.services.jobs.train.train`: Poisson sampling, the
 clipped per-sample sum, book-keeping where the graph allows it, noise, accountant) against plain SGD of the
-same exported graph (a shuffled order cut into batches, mean loss, backward, step), batch 512, in
+same exported graph (a shuffled order cut into batches, mean loss, backward, step), batch ``--batch``, in
 alternating blocks of ``--steps`` steps (``--blocks`` pairs, the pair's order alternating, so drifting load
 falls on both). A DP block is timed from its first step's end to its last's (the one-off probe that picks
 the clipping way is reported apart as set-up). The figure is the median over the pairs of plain SGD's rate
 over DP-SGD's. On a machine other work shares, ``--threads 1 --clock cpu`` (the thread's CPU time) is the
-steadier measure. Models: the MLP of bench_dp.py (64-256-256-2, 200k x 64 rows), a small CNN on 28x28
-inputs (conv 1->8, 3x3, max-pool, linear to 10 classes; 60k rows) and a deeper one (CNN2: conv 1->16 and
-16->32, 3x3, two linear layers). ``--exact`` also times the exact way (a gradient per row, vmap).
+steadier measure. ``--device cuda`` runs both on the GPU (timed after the GPU's queue is drained) and first
+shows that one noiseless step on the GPU gives the parameters the CPU gives. Models: the MLP of
+bench_dp.py (64-256-256-2, 200k x 64 rows), a small CNN on 28x28 inputs (conv 1->8, 3x3, max-pool, linear to
+10 classes; 60k rows) and a deeper one (CNN2: conv 1->16 and 16->32, 3x3, two linear layers). ``--exact``
+also times the exact way (a gradient per row, vmap).
 
 Utility: scikit-learn's breast_cancer, a fixed 80/20 split (permutation seed 0; 455 training rows, 114 held
 out), standardised with the training rows' statistics; logistic regression (Linear(30, 2)) and an MLP
@@ -32,6 +35,7 @@ the non-private accuracy, the MLP within 1 point; submit to first step <= 5 s.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -94,18 +98,26 @@ def functional(model: nn.Module, row: tuple[int, ...]) -> tuple[Any, Callable[..
     return graph, forward
 
 
-def throughput(name: str, steps: int, blocks: int, clipping: str, clock: Callable[[], float]) -> float:
+def throughput(
+    name: str, steps: int, blocks: int, clipping: str, clock: Callable[[], float], device: str = "cpu"
+) -> float:
     model, row, classes, rows = models()[name]
     graph, forward = functional(model, row)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, *row, generator=gen)
-    y = torch.randint(0, classes, (rows,), generator=gen)
+    x = torch.randn(rows, *row, generator=gen).to(device)
+    y = torch.randint(0, classes, (rows,), generator=gen).to(device)
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()  # the GPU's queue drained: what was asked is done
+        return clock()
+
     loss = loss_function("cross_entropy")
     the_plan = Plan(sample_rate=BATCH / rows, steps=steps, noise_multiplier=1.0)
     spec = TrainSpec(epochs=1, batch_size=BATCH, lr=0.05, optimizer="sgd", max_grad_norm=1.0, target_epsilon=8.0,
                      delta=1e-5, accountant="prv", loss="cross_entropy", seed=0)  # fmt: skip
     dp_params = initialise(graph, "default", 0)
-    plain_params = {k: v.clone().requires_grad_(True) for k, v in dp_params.items()}
+    plain_params = {k: v.to(device).clone().requires_grad_(True) for k, v in dp_params.items()}
     opt = torch.optim.SGD(list(plain_params.values()), lr=0.05)
     order, at = torch.randperm(rows, generator=gen), 0
     dp_rates: list[float] = []
@@ -116,10 +128,10 @@ def throughput(name: str, steps: int, blocks: int, clipping: str, clock: Callabl
     def dp_block() -> None:
         nonlocal dp_params, used
         stamps: list[float] = []
-        start = clock()
+        start = now()
         result = train(
-            forward, dp_params, x, y, spec, the_plan=the_plan, clipping=clipping, device="cpu",
-            on_step=lambda p: stamps.append(clock()) is None,
+            forward, dp_params, x, y, spec, the_plan=the_plan, clipping=clipping, device=device,
+            on_step=lambda p: stamps.append(now()) if p.step in (1, p.steps) else None,
         )  # fmt: skip
         dp_params, used = result.params, result.clipping
         setups.append(stamps[0] - start)
@@ -127,16 +139,16 @@ def throughput(name: str, steps: int, blocks: int, clipping: str, clock: Callabl
 
     def plain_block() -> None:
         nonlocal order, at
-        start = clock()
+        start = now()
         for _ in range(steps):
             if at + BATCH > rows:
                 order, at = torch.randperm(rows, generator=gen), 0
-            idx = order[at : at + BATCH]
+            idx = order[at : at + BATCH].to(device)
             at += BATCH
             opt.zero_grad()
             loss(forward(plain_params, x[idx]), y[idx]).backward()
             opt.step()
-        plain_rates.append(steps * BATCH / (clock() - start))
+        plain_rates.append(steps * BATCH / (now() - start))
 
     for i in range(blocks):
         for block in (dp_block, plain_block) if i % 2 == 0 else (plain_block, dp_block):
@@ -154,6 +166,30 @@ def throughput(name: str, steps: int, blocks: int, clipping: str, clock: Callabl
         flush=True,
     )
     return ratio
+
+
+def devices_agree(name: str) -> None:
+    """One noiseless DP-SGD step of ``name`` from the same parameters on the same Poisson sample, on the CPU
+    and on CUDA, both ways of clipping: the largest difference of the parameters after it."""
+    model, row, classes, rows = models()[name]
+    graph, forward = functional(model, row)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, *row, generator=gen)
+    y = torch.randint(0, classes, (4096,), generator=gen)
+    spec = TrainSpec(epochs=1, batch_size=BATCH, lr=0.5, optimizer="sgd", max_grad_norm=1.0, target_epsilon=8.0,
+                     delta=1e-5, accountant="prv", loss="cross_entropy", seed=3)  # fmt: skip
+    start = initialise(graph, "default", 0)
+    one = Plan(sample_rate=BATCH / 4096, steps=1, noise_multiplier=0.0)
+    for clipping in ("exact", "auto"):
+        on_cpu = train(forward, start, x, y, spec, the_plan=one, clipping=clipping, device="cpu")
+        on_gpu = train(forward, start, x, y, spec, the_plan=one, clipping=clipping, device="cuda")
+        moved = max(float((on_cpu.params[k] - start[k]).abs().max()) for k in start)
+        diff = max(float((on_cpu.params[k] - on_gpu.params[k]).abs().max()) for k in start)
+        print(
+            f"  {name:5s} {clipping:5s} clipping (cuda: {on_gpu.clipping}): the step moved parameters by up to "
+            f"{moved:.3g}; cpu and cuda differ by at most {diff:.3g}",
+            flush=True,
+        )
 
 
 UTILITY = {
@@ -307,6 +343,20 @@ def first_step() -> None:
                 time.sleep(0.1)
         each = ", ".join(f"{t:.2f}" for t in times)
         print(f"  submit to first step: {statistics.median(times):.2f} s (median of 3; {each})", flush=True)
+        # one job to the end: where the runner's sandbox trained it, as its audit record says
+        program = export_graph(nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2)), torch.zeros(2, 30))
+        start = time.perf_counter()
+        job = Job(client.submit(program, {**request, "epochs": 20}), client)
+        job.wait(timeout=600, widget=False, poll=0.2)
+        took = time.perf_counter() - start
+        done = [
+            e["details"]
+            for f in (site.state_dir / "audit").glob("*.jsonl")
+            for e in map(json.loads, f.read_text().splitlines())
+            if e.get("action") == "jobs.run" and e.get("object") == job.id and e["details"].get("state") == "done"
+        ]
+        how = f"on {done[0].get('device')}, {done[0].get('clipping')} clipping" if done else "(no audit record)"
+        print(f"  a job of 20 epochs from submit to signed record: {took:.2f} s, trained {how}", flush=True)
     finally:
         if runner is not None:
             runner.stop()
@@ -331,10 +381,13 @@ def remove_account(account: str, timeout: float = 10.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global BATCH
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block")
     ap.add_argument("--blocks", type=int, default=7, help="pairs of timed blocks (median ratio reported)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
+    ap.add_argument("--batch", type=int, default=BATCH, help="(expected) batch size of the throughput runs")
     ap.add_argument("--models", default="MLP,CNN,CNN2")
     ap.add_argument("--exact", action="store_true", help="also time the exact way (a gradient per row)")
     ap.add_argument(
@@ -357,13 +410,23 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-    if "throughput" not in skip:
-        print(f"throughput (batch {BATCH}, {args.steps} steps a block, {args.blocks} pairs, {args.threads} threads, "
-              f"{args.clock} clock):")  # fmt: skip
+    BATCH = args.batch
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no GPU here")
+        if args.clock == "cpu":
+            raise SystemExit("--device cuda is timed by the wall clock: leave out --clock cpu")
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        print("cpu and cuda agree:")
         for name in args.models.split(","):
-            throughput(name, args.steps, args.blocks, "auto", clock)
+            devices_agree(name)
+    if "throughput" not in skip:
+        print(f"throughput on {args.device} (batch {BATCH}, {args.steps} steps a block, {args.blocks} pairs, "
+              f"{args.threads} threads, {args.clock} clock):")  # fmt: skip
+        for name in args.models.split(","):
+            throughput(name, args.steps, args.blocks, "auto", clock, args.device)
             if args.exact:
-                throughput(name, max(3, args.steps // 10), max(1, args.blocks // 3), "exact", clock)
+                throughput(name, max(3, args.steps // 10), max(1, args.blocks // 3), "exact", clock, args.device)
     if "utility" not in skip:
         print("utility (epsilon 1, delta 1e-5):")
         utility(args.seeds)
