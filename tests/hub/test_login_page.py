@@ -4,49 +4,31 @@ real slapd. Messages on the login page, the hub surviving a directory outage, gr
 Only sign-in is exercised here (no server is spawned); the full researcher path is in tests/e2e.
 """
 
-import json
-import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from paitient.hub.paths import default_proxy_command
-from paitient.ops.directory import free_port
 from paitient.services.audit.query import newest_first
+from tests.hubprocess import hub_settings, running_hub
+from tests.hubprocess import post_login as login
 
 pytestmark = pytest.mark.e2e
 
 HUB_CONFIG = """
-import json, tomllib
+import tomllib
 from paitient.config import parse
 from paitient.config import EMBEDDED_SITE
 from paitient.hub.auth import configure_from_site
 
-settings = json.loads({settings!r})
 raw = tomllib.loads(EMBEDDED_SITE.read_text())
-raw["workspace"]["state_dir"] = settings["state_dir"]
+raw["workspace"]["state_dir"] = s["state_dir"]
 site = parse(raw)
-c = get_config()
-configure_from_site(c, site, settings["directory_url"])
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = settings["port"]
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = settings["hub_port"]
-c.ConfigurableHTTPProxy.command = [settings["proxy"]]
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:%d" % settings["proxy_api_port"]
-c.ConfigurableHTTPProxy.pid_file = settings["dir"] + "/proxy.pid"
-c.JupyterHub.db_url = "sqlite:///" + settings["dir"] + "/hub.sqlite"
-c.JupyterHub.cookie_secret_file = settings["dir"] + "/cookie_secret"
-c.JupyterHub.services = [{{"name": "probe", "api_token": settings["token"]}}]
+configure_from_site(c, site, s["directory_url"])
+c.JupyterHub.services = [{"name": "probe", "api_token": s["token"]}]
 c.JupyterHub.load_roles = [
-    {{"name": "probe", "scopes": ["read:users", "read:roles:users"], "services": ["probe"]}}
+    {"name": "probe", "scopes": ["read:users", "read:roles:users"], "services": ["probe"]}
 ]
 """
 
@@ -55,78 +37,15 @@ c.JupyterHub.load_roles = [
 def hub(slapd, tmp_path):
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
-    port = free_port()
-    settings = {
-        "state_dir": str(slapd.root.parent),
-        "directory_url": slapd.url,
-        "port": port,
-        "hub_port": free_port(),
-        "proxy_api_port": free_port(),
-        "proxy": default_proxy_command(),
-        "dir": str(hub_dir),
-        "token": secrets.token_hex(16),
-    }
-    config = hub_dir / "jupyterhub_config.py"
-    config.write_text(HUB_CONFIG.format(settings=json.dumps(settings)))
-    log = open(hub_dir / "hub.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-        cwd=hub_dir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    settings = hub_settings(
+        hub_dir, state_dir=str(slapd.root.parent), directory_url=slapd.url, token=secrets.token_hex(16)
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (hub_dir / "hub.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/hub/login", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "hub did not come up: " + (hub_dir / "hub.log").read_text()[-3000:]
-            time.sleep(0.2)
+    with running_hub(hub_dir, HUB_CONFIG, settings, "/hub/login", 200) as url:
         yield url, settings["token"], hub_dir
-    finally:
-        proxy_pid = _read_pid(hub_dir / "proxy.pid")
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-        if proxy_pid and _alive(proxy_pid):  # the hub stops the proxy it started; make sure
-            os.kill(proxy_pid, signal.SIGTERM)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def post_login(url: str, username: str, password: str) -> requests.Response:
-    session = requests.Session()
-    page = session.get(f"{url}/hub/login", timeout=10)
-    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
-    return session.post(
-        f"{url}/hub/login",
-        data={"_xsrf": xsrf, "username": username, "password": password},
-        allow_redirects=False,
-        timeout=30,
-    )
+    return login(url, username, password)[1]
 
 
 def login_error(response: requests.Response) -> str:

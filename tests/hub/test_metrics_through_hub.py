@@ -6,23 +6,18 @@ Sign-in uses JupyterHub's DummyAuthenticator, and the service is the audit servi
 directory nor accounts; tests/e2e/test_idle_and_metrics.py runs the whole workspace.
 """
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
 from paitient.config import load
-from paitient.services.kit.process import free_port
+from tests.hubprocess import hub_settings, running_hub
 
 pytestmark = pytest.mark.e2e
 
 HUB_CONFIG = """
-import json
 from paitient.config import load
 from paitient.hub.culler import culler_role, culler_service
 from paitient.hub.hubconfig import METRICS_SERVICE, RESEARCHER_SCOPES, STEWARD_SCOPES
@@ -32,39 +27,27 @@ from pathlib import Path
 import importlib
 from paitient.services import SERVICES
 
-s = json.loads({settings!r})
-site = load(None, overrides={{"workspace": {{"state_dir": s["state_dir"]}}, "server": {{"cull_timeout": 60}}}})
-c = get_config()
+site = load(None, overrides={"workspace": {"state_dir": s["state_dir"]}, "server": {"cull_timeout": 60}})
 c.JupyterHub.authenticator_class = "dummy"
 c.DummyAuthenticator.password = s["password"]
-c.Authenticator.allowed_users = {{"alice", "sam"}}
-c.JupyterHub.ip = "127.0.0.1"
-c.JupyterHub.port = s["port"]
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = s["hub_port"]
-c.ConfigurableHTTPProxy.command = [s["proxy"]]
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:%d" % s["proxy_api_port"]
-c.ConfigurableHTTPProxy.pid_file = s["dir"] + "/proxy.pid"
-c.JupyterHub.db_url = "sqlite:///" + s["dir"] + "/hub.sqlite"
-c.JupyterHub.cookie_secret_file = s["dir"] + "/cookie_secret"
-c.JupyterHub.pid_file = s["dir"] + "/hub.pid"
+c.Authenticator.allowed_users = {"alice", "sam"}
 c.JupyterHub.authenticate_prometheus = True
-custom = {{}}
+custom = {}
 for module in SERVICES.values():
     custom.update(importlib.import_module(module).custom_scopes())
 c.JupyterHub.custom_scopes = custom
 c.JupyterHub.services = [
     hub_service(site, s["python"]),
-    {{"name": METRICS_SERVICE, "api_token": s["metrics_token"]}},
-    {{"name": "tester", "api_token": s["tester_token"]}},
+    {"name": METRICS_SERVICE, "api_token": s["metrics_token"]},
+    {"name": "tester", "api_token": s["tester_token"]},
     culler_service(site, s["python"], Path(s["dir"])),
 ]
 c.JupyterHub.load_roles = [
-    {{"name": "user", "scopes": ["self"]}},
-    {{"name": "researcher", "scopes": RESEARCHER_SCOPES, "users": ["alice"]}},
-    {{"name": "steward", "scopes": STEWARD_SCOPES, "users": ["sam"]}},
-    {{"name": METRICS_SERVICE, "scopes": [METRICS_SCOPE], "services": [METRICS_SERVICE]}},
-    {{"name": "tester", "scopes": ["admin:users", "tokens"], "services": ["tester"]}},
+    {"name": "user", "scopes": ["self"]},
+    {"name": "researcher", "scopes": RESEARCHER_SCOPES, "users": ["alice"]},
+    {"name": "steward", "scopes": STEWARD_SCOPES, "users": ["sam"]},
+    {"name": METRICS_SERVICE, "scopes": [METRICS_SCOPE], "services": [METRICS_SERVICE]},
+    {"name": "tester", "scopes": ["admin:users", "tokens"], "services": ["tester"]},
     culler_role(),
 ]
 """
@@ -72,56 +55,19 @@ c.JupyterHub.load_roles = [
 
 @pytest.fixture
 def hub(world_tmp):
-    from paitient.hub.paths import default_proxy_command
-
     site = load(None, overrides={"workspace": {"state_dir": str(world_tmp / "state")}})
     hub_dir = world_tmp / "hub"
     hub_dir.mkdir(mode=0o700)
-    port = free_port()
-    settings = {
-        "state_dir": str(site.state_dir),
-        "port": port,
-        "hub_port": free_port(),
-        "proxy_api_port": free_port(),
-        "proxy": default_proxy_command(),
-        "dir": str(hub_dir),
-        "python": sys.executable,
-        "password": "test-password",
-        "metrics_token": os.urandom(16).hex(),
-        "tester_token": os.urandom(16).hex(),
-    }
-    config = hub_dir / "jupyterhub_config.py"
-    config.write_text(HUB_CONFIG.format(settings=json.dumps(settings)))
-    log = open(hub_dir / "hub.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=hub_dir, stdout=log, stderr=subprocess.STDOUT
+    settings = hub_settings(
+        hub_dir,
+        state_dir=str(site.state_dir),
+        password="test-password",
+        metrics_token=os.urandom(16).hex(),
+        tester_token=os.urandom(16).hex(),
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (hub_dir / "hub.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/services/audit/metrics", timeout=2).status_code == 403:
-                    break  # hub, proxy route and the audit service's pages are all up
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, (hub_dir / "hub.log").read_text()[-3000:]
-            time.sleep(0.2)
+    # ready once hub, proxy route and the audit service's pages are all up
+    with running_hub(hub_dir, HUB_CONFIG, settings, "/services/audit/metrics", 403) as url:
         yield url, settings, hub_dir / "hub.log"
-    finally:
-        proc.send_signal(signal.SIGTERM)  # the hub stops its managed services and the proxy it started
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-        try:
-            proxy_pid = int((hub_dir / "proxy.pid").read_text().strip())
-            os.kill(proxy_pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
 
 
 def token_for(url: str, tester: str, user: str) -> str:
