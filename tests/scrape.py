@@ -1,4 +1,5 @@
-"""Reading a service's metrics in tests: its registry's text, parsed back, and its page over HTTP."""
+"""A service's pages in tests: its metrics registry's text, parsed back, and its application on a loopback
+port, signed in through test headers."""
 
 from __future__ import annotations
 
@@ -42,11 +43,11 @@ class HeaderHubAuth(HubOAuth):
         return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
 
 
-def header_auth(prefix: str) -> HeaderHubAuth:
+def header_auth(prefix: str, service: str = "test") -> HeaderHubAuth:
     return HeaderHubAuth(
         api_token="test-token",
         api_url="http://127.0.0.1:1/hub/api",
-        oauth_client_id="service-test",
+        oauth_client_id=f"service-{service}",
         login_url="/hub/api/oauth2/authorize",
         base_url=prefix,
         hub_prefix="/hub/",
@@ -71,6 +72,15 @@ class Served:
             follow_redirects=False,
             raise_error=False,
         )
+
+    def as_user(self, user: str, scopes: str):
+        """``get(path="", user=user, scopes=scopes)``: a fetch as ``user`` by default, ``scopes`` space-separated
+        (``user=None``: not signed in)."""
+
+        async def get(path: str = "", user: str | None = user, scopes: str = scopes):
+            return await self.get(path, user, scopes.split())
+
+        return get
 
     def close(self) -> None:
         self.client.close()

@@ -3,53 +3,19 @@
 import json
 
 import pytest
-from jupyterhub.services.auth import HubOAuth
-from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
 from paitient.services.audit import emit
 from paitient.services.audit.web import make_app
+from tests.scrape import Served, header_auth
 
 PREFIX = "/services/audit/"
 
 
-class HeaderHubAuth(HubOAuth):
-    """The real HubOAuth, except that the signed-in user comes from a test header instead of the hub's API."""
-
-    def get_user(self, handler, *, sync=True):
-        name = handler.request.headers.get("X-Test-User")
-        if not name:
-            return None
-        scopes = handler.request.headers.get("X-Test-Scopes", "").split()
-        return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
-
-
 @pytest.fixture
 async def view(site):
-    auth = HeaderHubAuth(
-        api_token="test-token",
-        api_url="http://127.0.0.1:1/hub/api",
-        oauth_client_id="service-audit",
-        login_url="/hub/api/oauth2/authorize",
-        base_url=PREFIX,
-        hub_prefix="/hub/",
-    )
-    app = make_app(site, PREFIX, hub_auth=auth)
-    sock, port = bind_unused_port("127.0.0.1")
-    server = HTTPServer(app)
-    server.add_sockets([sock])
-    client = AsyncHTTPClient(force_instance=True)
-
-    async def get(path, user="steward1", scopes="custom:audit:read"):
-        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(
-            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
-        )
-
-    yield get
-    client.close()
-    server.stop()
+    served = Served(make_app(site, PREFIX, hub_auth=header_auth(PREFIX, "audit")), PREFIX)
+    yield served.as_user("steward1", "custom:audit:read")
+    served.close()
 
 
 @pytest.fixture

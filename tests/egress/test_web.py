@@ -6,30 +6,12 @@ import json
 import os
 
 import pytest
-from jupyterhub.services.auth import HubOAuth
-from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
 from paitient.config import parse
 from paitient.registry import Member, Registry
 from paitient.services.egress.store import EgressStore
 from paitient.services.egress.web import PREFIX, make_app, plot, visible_users
-
-
-class HeaderHubAuth(HubOAuth):
-    """The real HubOAuth, except that the signed-in user comes from a test header instead of the hub's API."""
-
-    def get_user(self, handler, *, sync=True):
-        name = handler.request.headers.get("X-Test-User")
-        if not name:
-            return None
-        return {
-            "name": name,
-            "kind": "user",
-            "scopes": handler.request.headers.get("X-Test-Scopes", "").split(),
-            "groups": [],
-        }
+from tests.scrape import Served, header_auth
 
 
 @pytest.fixture
@@ -64,28 +46,9 @@ def store(site):
 
 @pytest.fixture
 async def page(site, store):
-    auth = HeaderHubAuth(
-        api_token="t",
-        api_url="http://127.0.0.1:1/hub/api",
-        oauth_client_id="service-egress",
-        login_url="/hub/api/oauth2/authorize",
-        base_url=PREFIX,
-        hub_prefix="/hub/",
-    )
-    sock, port = bind_unused_port("127.0.0.1")
-    server = HTTPServer(make_app(site, store, PREFIX, hub_auth=auth))
-    server.add_sockets([sock])
-    client = AsyncHTTPClient(force_instance=True)
-
-    async def get(path="", user="sam", scopes="custom:egress:read"):
-        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(
-            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
-        )
-
-    yield get
-    client.close()
-    server.stop()
+    served = Served(make_app(site, store, PREFIX, hub_auth=header_auth(PREFIX, "egress")), PREFIX)
+    yield served.as_user("sam", "custom:egress:read")
+    served.close()
 
 
 async def test_a_steward_sees_the_users_of_their_projects_only(page):

@@ -8,26 +8,13 @@ import json
 import pytest
 from jupyterhub.services.auth import HubOAuth
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
 from paitient.services.kit import pages, render
+from tests.scrape import Served, header_auth
 
 PREFIX = "/services/ledger/"
 SCOPE = "custom:ledger:read"
 HOSTILE = "<script>alert('x')</script>\"&"
-
-
-class HeaderHubAuth(HubOAuth):
-    """The real HubOAuth, except that the signed-in user comes from test headers instead of the hub's API."""
-
-    def get_user(self, handler, *, sync=True):
-        name = handler.request.headers.get("X-Test-User")
-        if not name:
-            return None
-        scopes = handler.request.headers.get("X-Test-Scopes", "").split()
-        return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
 
 
 class Greeting(pages.ScopedPage):
@@ -75,14 +62,7 @@ def templates(tmp_path):
 
 @pytest.fixture
 async def fetch(templates):
-    auth = HeaderHubAuth(
-        api_token="test-token",
-        api_url="http://127.0.0.1:1/hub/api",
-        oauth_client_id="service-ledger",
-        login_url="/hub/api/oauth2/authorize",
-        base_url=PREFIX,
-        hub_prefix="/hub/",
-    )
+    auth = header_auth(PREFIX, "ledger")
     routes = [
         ("", Greeting),
         ("api/echo", Echo),
@@ -92,20 +72,9 @@ async def fetch(templates):
         ("api/crash", Crashing),
     ]
     app = pages.make_app(routes, service="ledger", prefix=PREFIX, template_dir=templates, hub_auth=auth)
-    sock, port = bind_unused_port("127.0.0.1")
-    server = HTTPServer(app)
-    server.add_sockets([sock])
-    client = AsyncHTTPClient(force_instance=True)
-
-    async def get(path="", user="sam", scopes=SCOPE):
-        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(
-            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
-        )
-
-    yield get
-    client.close()
-    server.stop()
+    served = Served(app, PREFIX)
+    yield served.as_user("sam", SCOPE)
+    served.close()
 
 
 async def test_base_template_escapes_and_carries_the_security_headers(fetch):

@@ -3,54 +3,21 @@
 import json
 
 import pytest
-from jupyterhub.services.auth import HubOAuth
-from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
-from tornado.testing import bind_unused_port
 
 from paitient.registry import Registry
 from paitient.services.ledger.web import make_app, render_page, visible_projects
+from tests.scrape import Served, header_auth
 
 from .conftest import register
 
 PREFIX = "/services/ledger/"
 
 
-class HeaderHubAuth(HubOAuth):
-    """The real HubOAuth, except that the signed-in user comes from a test header instead of the hub's API."""
-
-    def get_user(self, handler, *, sync=True):
-        name = handler.request.headers.get("X-Test-User")
-        if not name:
-            return None
-        scopes = handler.request.headers.get("X-Test-Scopes", "").split()
-        return {"name": name, "kind": "user", "scopes": scopes, "groups": []}
-
-
 @pytest.fixture
 async def page(site, ledger):
-    auth = HeaderHubAuth(
-        api_token="test-token",
-        api_url="http://127.0.0.1:1/hub/api",
-        oauth_client_id="service-ledger",
-        login_url="/hub/api/oauth2/authorize",
-        base_url=PREFIX,
-        hub_prefix="/hub/",
-    )
-    sock, port = bind_unused_port("127.0.0.1")
-    server = HTTPServer(make_app(site, ledger, PREFIX, hub_auth=auth))
-    server.add_sockets([sock])
-    client = AsyncHTTPClient(force_instance=True)
-
-    async def get(path="", user="sam", scopes="custom:ledger:read"):
-        headers = {"X-Test-User": user, "X-Test-Scopes": scopes} if user else {}
-        return await client.fetch(
-            f"http://127.0.0.1:{port}{PREFIX}{path}", headers=headers, follow_redirects=False, raise_error=False
-        )
-
-    yield get
-    client.close()
-    server.stop()
+    served = Served(make_app(site, ledger, PREFIX, hub_auth=header_auth(PREFIX, "ledger")), PREFIX)
+    yield served.as_user("sam", "custom:ledger:read")
+    served.close()
 
 
 @pytest.fixture
