@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from paitient.hub.paths import SERVER_MODULE  # noqa: E402
 from paitient.ops.demo import DEMO_BASE_DN  # noqa: E402
 from tests import sessionlock  # noqa: E402
 from tests.e2e.workspace import Workspace  # noqa: E402
@@ -93,7 +94,7 @@ def processes() -> list[tuple[int, int, int, bytes]]:
 def kind(cmdline: bytes) -> str:
     for marker, name in (  # the wrapper's command line holds the server's command: it comes first
         (b"servernet.py", "network wrapper"),
-        (b"jupyterhub.singleuser", "server"),
+        (SERVER_MODULE.encode(), "server"),
         (b"keeper.py", "keeper"),
         (b"ipykernel_launcher", "kernel"),
     ):
@@ -110,7 +111,7 @@ def idle_memory(ws: Workspace, users: list[str]) -> tuple[list[float], dict[str,
     for user in users:
         uid = ws.member(user).uid
         own = [p for p in procs if p[1] == uid]
-        parents = {p[2] for p in own if b"jupyterhub.singleuser" in p[3]}
+        parents = {p[2] for p in own if SERVER_MODULE.encode() in p[3]}
         wrappers = [p for p in procs if p[0] in parents and b"servernet.py" in p[3]]
         sizes: dict[str, float] = {}
         for p in own + wrappers:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from paitient.config import load
-from paitient.hub.paths import HubPaths
+from paitient.hub.paths import SERVER_MODULE, HubPaths
 from paitient.ops.up import Running
 from paitient.services.audit.writer import trail_files
 from tests.attacks.conftest import PRELUDE
@@ -202,7 +202,7 @@ def _server_pid(hub: Workspace, user: str) -> int:
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and proc.stat().st_uid == uid:
-                if b"jupyterhub.singleuser" in (proc / "cmdline").read_bytes():
+                if SERVER_MODULE.encode() in (proc / "cmdline").read_bytes():
                     return int(proc.name)
         except OSError:
             continue

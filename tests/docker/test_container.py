@@ -23,7 +23,7 @@ import pytest
 import paitient
 from paitient.config import load
 from paitient.hub.engine import Engine, image_tag
-from paitient.hub.paths import HubPaths, venv_python
+from paitient.hub.paths import SERVER_MODULE, HubPaths, venv_python
 from paitient.ops.up import Running, hub_api
 from paitient.rules.sandbox import python_roots
 from paitient.services.audit.writer import trail_files
@@ -116,7 +116,7 @@ def test_alices_server_runs_in_a_container_as_her_account_without_privileges(doc
     assert "no-new-privileges" in host["SecurityOpt"] and host["PidMode"] == "host"
     assert host["GroupAdd"] == [str(workspace_gid)]
     status = status_fields(alices["State"]["Pid"])  # the server, seen from the host
-    assert b"jupyterhub.singleuser" in Path(f"/proc/{alices['State']['Pid']}/cmdline").read_bytes()
+    assert SERVER_MODULE.encode() in Path(f"/proc/{alices['State']['Pid']}/cmdline").read_bytes()
     assert status["Uid"].split() == [str(pw.pw_uid)] * 4 and status["Gid"].split() == [str(pw.pw_gid)] * 4
     assert set(status["Groups"].split()) <= {str(pw.pw_gid), str(workspace_gid)}, status["Groups"]
     assert str(workspace_gid) in status["Groups"].split()

@@ -25,6 +25,7 @@ from paitient.hub.container import (
     container_spec,
 )
 from paitient.hub.engine import CONTAINERS_CONF, Engine, base_layer, image_tag
+from paitient.hub.paths import server_argv
 from paitient.ops.commands import hub_command
 
 
@@ -71,7 +72,7 @@ def plan(**kw) -> ContainerPlan:
     values = dict(
         name="paitient-alice",
         image=image_tag(),
-        command=["/opt/venv/bin/python", "-I", "-m", "jupyterhub.singleuser"],
+        command=server_argv("/opt/venv/bin/python"),
         env={"HOME": "/home/pt-alice"},
         uid=20000,
         gid=20000,

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from paitient.hub.paths import HubPaths
+from paitient.hub.paths import SERVER_MODULE, HubPaths
 from paitient.hub.signon import NO_PROJECT_MESSAGE
 from paitient.ops.up import Running, hub_api
 from paitient.services import SERVICES
@@ -48,7 +48,7 @@ def test_member_signs_in_and_lands_in_jupyterlab_as_own_account(workspace):
     assert member.projects == ("oncology",) and "researcher" in member.roles
     # the server process runs as alice's own account, not root
     out = subprocess.run(["ps", "-o", "uid=,args=", "-u", str(member.uid)], capture_output=True, text=True).stdout
-    assert "jupyterhub.singleuser" in out
+    assert SERVER_MODULE in out
     root_procs = subprocess.run(["ps", "-o", "args=", "-u", "0"], capture_output=True, text=True).stdout
     assert f"/user/{'alice'}" not in root_procs
     cell = workspace.run_cell(s, "alice", "import os; print(os.getuid(), os.environ.get('HOME'))")
@@ -151,7 +151,7 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
     assert ws.run_cell(s, "alice", "x = 41", kernel_id=kernel).error is None
     member = ws.member("alice")
     before = subprocess.run(
-        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+        ["pgrep", "-u", str(member.uid), "-f", SERVER_MODULE], capture_output=True, text=True
     ).stdout.split()
     running = Running.read(HubPaths(ws.state_dir).up_file)
     old_hub = running.pids["hub"]
@@ -171,7 +171,7 @@ def test_hub_restart_keeps_user_servers(fresh_workspace):
     else:
         raise AssertionError("hub was not restarted" + ws.logs())
     after = subprocess.run(
-        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+        ["pgrep", "-u", str(member.uid), "-f", SERVER_MODULE], capture_output=True, text=True
     ).stdout.split()
     assert before and before == after
     # the services of the killed hub ended with it; the new hub runs its own
@@ -412,7 +412,7 @@ def test_the_servers_own_token_cannot_mint_a_token_either(workspace):
     workspace.start_server(s, "alice")
     member = workspace.member("alice")
     pid = subprocess.run(
-        ["pgrep", "-u", str(member.uid), "-f", "jupyterhub.singleuser"], capture_output=True, text=True
+        ["pgrep", "-u", str(member.uid), "-f", SERVER_MODULE], capture_output=True, text=True
     ).stdout.split()[0]
     with open(f"/proc/{pid}/environ", "rb") as f:
         env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)

@@ -18,6 +18,7 @@ from paitient.hub.kubernetes import (
     configure_kubernetes,
     user_uid,
 )
+from paitient.hub.paths import server_argv
 from tests.kubernetes.conftest import DIRECTORY_PASSWORD, PROJECTS, containers
 
 IMAGE = "paitient-singleuser:0.1.0"
@@ -142,7 +143,7 @@ async def test_the_home_is_the_users_own_claim_in_both_containers(site, make_use
 async def test_both_containers_run_the_profiles_image(site, make_user, render):
     pod = await render(make_user("alice", ("oncology",)), profile(site))
     assert {c["name"]: c["image"] for c in all_containers(pod)} == {NOTEBOOK_CONTAINER: IMAGE, KERNELS_CONTAINER: IMAGE}
-    assert containers(pod)[NOTEBOOK_CONTAINER]["args"] == ["python", "-I", "-m", "jupyterhub.singleuser"]
+    assert containers(pod)[NOTEBOOK_CONTAINER]["args"] == server_argv("python")
     assert containers(pod)[KERNELS_CONTAINER]["command"] == ["paitient-kernels"]
 
 

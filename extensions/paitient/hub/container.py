@@ -45,7 +45,7 @@ from traitlets import Int, default
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_text
 from paitient.hub.engine import Engine, image_tag
-from paitient.hub.paths import HubPaths, venv_python
+from paitient.hub.paths import HubPaths, server_argv, venv_python
 from paitient.hub.spawner import SERVERNET, WorkspaceServerMixin
 from paitient.registry import Member
 from paitient.rules.sandbox import python_roots
@@ -186,7 +186,7 @@ class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
 
     @default("cmd")
     def _cmd_default(self) -> list[str]:
-        return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
+        return server_argv()
 
     @default("pull_policy")
     def _pull_policy_default(self) -> str:

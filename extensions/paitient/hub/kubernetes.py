@@ -34,6 +34,7 @@ from traitlets import Dict, Int, List, Unicode, default
 from traitlets.config import Config
 
 from paitient.config import SiteConfig
+from paitient.hub.paths import server_argv
 from paitient.hub.spawner import SiteSpawnerMixin
 
 NOTEBOOK_CONTAINER = "notebook"
@@ -399,7 +400,7 @@ def configure_kubernetes(
     k = c.PaitientKubeSpawner
     k.image = image
     k.image_pull_policy = "IfNotPresent"
-    k.cmd = ["python", "-I", "-m", "jupyterhub.singleuser"]
+    k.cmd = server_argv("python")
     k.port = NOTEBOOK_PORT
     k.storage_pvc_ensure = True
     k.storage_capacity = storage_capacity

@@ -96,6 +96,16 @@ def venv_python() -> str:
     return sys.executable
 
 
+SERVER_MODULE = "paitient.server.singleuser"
+"""The user's server, run as ``python -I -m SERVER_MODULE``: JupyterHub's single-user server without the
+imports it does not need (:mod:`paitient.server.singleuser`). Its name is in every server's command line."""
+
+
+def server_argv(python: str | None = None) -> list[str]:
+    """The command of a user's server (``python``: the interpreter, by default :func:`venv_python`)."""
+    return [python or venv_python(), "-I", "-m", SERVER_MODULE]
+
+
 def default_proxy_command() -> str:
     """configurable-http-proxy installed by the setup script beside the venv (``<prefix>/proxy``)."""
     return str(Path(sys.prefix).parent / "proxy" / "node_modules" / ".bin" / "configurable-http-proxy")

@@ -2,7 +2,8 @@
 
 The server reads its policy only from root-owned places: the spawner points ``JUPYTER_CONFIG_DIR`` and
 ``JUPYTER_DATA_DIR`` at ``<state_dir>/users/<account>/jupyter/{config,data}`` (root-owned 0755, files
-0644) and starts ``python -I -m jupyterhub.singleuser`` with the environment of :func:`user_server_env`.
+0644) and starts ``python -I -m paitient.server.singleuser`` (JupyterHub's single-user server) with the
+environment of :func:`user_server_env`.
 Nothing under the user's home (``~/.jupyter``, ``~/.local/share/jupyter``, ``~/.ipython/kernels``,
 user site-packages) is read for policy.
 

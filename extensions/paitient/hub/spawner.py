@@ -27,7 +27,7 @@ from tornado import web
 from traitlets import Bool, HasTraits, Unicode, default
 
 from paitient import config as site_config
-from paitient.hub.paths import HubPaths, venv_python
+from paitient.hub.paths import HubPaths, server_argv, venv_python
 from paitient.hub.serverconfig import user_server_env
 from paitient.registry import Member
 from paitient.services.kit.access import workspace_group
@@ -247,7 +247,7 @@ class WorkspaceServerMixin(SiteSpawnerMixin):
 class PaitientLocalSpawner(WorkspaceServerMixin, LocalProcessSpawner):
     @default("cmd")
     def _cmd_default(self) -> list[str]:
-        return [venv_python(), "-I", "-m", "jupyterhub.singleuser"]
+        return server_argv()
 
     async def start(self):
         member = await self.prepare_member()
