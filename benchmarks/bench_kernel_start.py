@@ -1,6 +1,6 @@
 """Kernel start and memory: the sandboxed kernel beside the same kernel without the sandbox.
 
-Both kernels run the same command (``python -I -m ipykernel_launcher``) over ipc sockets as the same
+Both kernels run the same command (``python -I -m paitient.kernel.start``) over ipc sockets as the same
 unprivileged system account, started by jupyter_client's KernelManager; one through the paitient-sandbox
 provisioner (prlimit + bwrap + seccomp), one through the stock local provisioner. Runs alternate so that
 machine noise falls on both alike. Start time is from ``start_kernel`` to the first kernel_info reply.

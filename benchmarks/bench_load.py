@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from paitient.hub.paths import SERVER_MODULE  # noqa: E402
 from paitient.ops.demo import DEMO_BASE_DN  # noqa: E402
+from paitient.rules.sandbox import KERNEL_MODULE  # noqa: E402
 from tests import sessionlock  # noqa: E402
 from tests.e2e.workspace import Workspace  # noqa: E402
 
@@ -96,7 +97,7 @@ def kind(cmdline: bytes) -> str:
         (b"servernet.py", "network wrapper"),
         (SERVER_MODULE.encode(), "server"),
         (b"keeper.py", "keeper"),
-        (b"ipykernel_launcher", "kernel"),
+        (KERNEL_MODULE.encode(), "kernel"),
     ):
         if marker in cmdline:
             return name

@@ -179,7 +179,9 @@ def test_user_site_packages_and_home_customisation_are_not_loaded(world, make_sy
     _write(user, f"{site_dir}/sitecustomize.py", code)
     _write(user, f"{site_dir}/zz_planted.pth", f"import os; open({str(marker)!r}, 'a').write('pth\\n')\n")
     _write(user, "sitecustomize.py", code)  # in the home, which is the kernel's working directory
-    _write(user, "ipykernel_launcher.py", code)  # shadowing the module the kernel is started with
+    _write(user, "ipykernel_launcher.py", code)  # shadowing ipykernel's launcher ...
+    _write(user, "paitient/__init__.py", code)  # ... and the package the kernel is started from
+    _write(user, "paitient/kernel/start.py", code)
     with UserServer(world.site, user, ("onc",), world.root) as server:
         res = server.run(IN_SANDBOX + "import sys; print('USERSITE', sys.flags.no_user_site, sys.flags.isolated)")
     assert _in_sandbox(res), res

@@ -23,7 +23,7 @@ from typing import Any
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_json, atomic_write_text
 from paitient.registry import Member
-from paitient.rules.sandbox import user_runtime_dir
+from paitient.rules.sandbox import kernel_argv, user_runtime_dir
 from paitient.services import egress, launcher
 
 KERNEL_NAME = "python3"
@@ -51,7 +51,7 @@ LAB_SETTING_OVERRIDES: dict[str, dict[str, Any]] = {
 def kernel_spec(python: str = sys.executable) -> dict[str, Any]:
     """The one kernel spec of the workspace: IPython in the sandbox, interrupted by message."""
     return {
-        "argv": [python, "-I", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": kernel_argv(python),
         "display_name": DISPLAY_NAME,
         "language": "python",
         "interrupt_mode": "message",

@@ -153,6 +153,16 @@ def resolve_datasets(data_root: str | os.PathLike[str], projects: dict[str, list
     return mounts
 
 
+KERNEL_MODULE = "paitient.kernel.start"
+"""The kernel, run as ``python -I -m KERNEL_MODULE -f CONNECTION_FILE``: ipykernel without its debugger
+(:mod:`paitient.kernel.start`). Its name is in every kernel's command line."""
+
+
+def kernel_argv(python: str) -> list[str]:
+    """The kernel's command, ``{connection_file}`` to be filled in."""
+    return [python, "-I", "-m", KERNEL_MODULE, "-f", "{connection_file}"]
+
+
 def kernel_env(policy_home: str, run_dir: str, runtime_dir: str, lang: str = "C.UTF-8") -> dict[str, str]:
     """The complete environment of a sandboxed kernel: no tokens, no parent pid, nothing inherited."""
     return {

@@ -19,7 +19,7 @@ SKIPPED = ("rfc3987_syntax",)
 def skip_unneeded() -> None:
     """Mark :data:`SKIPPED` absent (an ``import`` of them raises ImportError) unless already imported."""
     for name in SKIPPED:
-        sys.modules.setdefault(name, None)  # type: ignore[assignment]
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
 def main() -> None:

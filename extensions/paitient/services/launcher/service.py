@@ -45,6 +45,7 @@ from paitient.rules.sandbox import (
     PolicyError,
     SandboxPolicy,
     build_bwrap_argv,
+    kernel_argv,
     kernel_env,
     prlimit_argv,
     python_roots,
@@ -72,7 +73,7 @@ KEEPER = Path(__file__).with_name("keeper.py")
 
 def kernel_commands(python: str) -> dict[str, list[str]]:
     """Kernel name -> command (``{connection_file}`` replaced); the only kernels the launcher starts."""
-    return {"python3": [python, "-I", "-m", "ipykernel_launcher", "-f", "{connection_file}"]}
+    return {"python3": kernel_argv(python)}
 
 
 def process_start(pid: int) -> int | None:
