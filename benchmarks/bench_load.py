@@ -1,8 +1,9 @@
 """N researchers at once: sign-in -> server -> kernel -> first cell result, against one researcher alone.
 
-    sudo /opt/paitient/venv/bin/python benchmarks/bench_load.py [--users 50] [--singles 3]
+    sudo /opt/paitient/venv/bin/python benchmarks/bench_load.py [--users 50] [--singles 3] [--spawner local|docker]
 
-Starts a workspace (`paitient up`: directory, proxy, hub, services; the local spawner), adds ``--users``
+Starts a workspace (`paitient up`: directory, proxy, hub, services; the local spawner, or with
+``--spawner docker`` each server in a container on podman's Docker API), adds ``--users``
 researchers of the oncology project to its directory, then:
 
 1. ``--singles`` times, one researcher alone: sign in through the login form, wait for the server, start a
@@ -10,7 +11,8 @@ researchers of the oncology project to its directory, then:
 2. all ``--users`` at once, each in a thread doing the same;
 3. with every server and kernel idle, the memory each researcher costs: the proportional set size (PSS:
    shared pages split between the processes that share them) of every process of their account (server,
-   kernel, its keeper) and of the root wrapper that gives their server its network.
+   kernel, its keeper), of the root wrapper that gives their server its network and, in a container, of the
+   container's monitor (conmon).
 
 Prints the success count, p50/p95 of the concurrent runs, their ratios to the baseline (goal: 50 of 50,
 p95 <= 3x), and the idle memory per user (goal: <= 150 MiB). Stops the workspace and removes its accounts.
@@ -92,9 +94,17 @@ def processes() -> list[tuple[int, int, int, bytes]]:
     return out
 
 
+def net_namespace(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
 def kind(cmdline: bytes) -> str:
     for marker, name in (  # the wrapper's command line holds the server's command: it comes first
         (b"servernet.py", "network wrapper"),
+        (b"conmon", "container monitor"),
         (SERVER_MODULE.encode(), "server"),
         (b"keeper.py", "keeper"),
         (KERNEL_MODULE.encode(), "kernel"),
@@ -105,17 +115,32 @@ def kind(cmdline: bytes) -> str:
 
 
 def idle_memory(ws: Workspace, users: list[str]) -> tuple[list[float], dict[str, list[float]]]:
-    """MiB per user (PSS of the account's processes and of its server's network wrapper), and per kind of
-    process."""
+    """MiB per user (PSS of the account's processes, of its server's network wrapper and, with the docker
+    spawner, of the container's monitor), and per kind of process."""
     procs = processes()
+    by_pid = {p[0]: p for p in procs}
     per_user, per_kind = [], {}
     for user in users:
         uid = ws.member(user).uid
         own = [p for p in procs if p[1] == uid]
-        parents = {p[2] for p in own if SERVER_MODULE.encode() in p[3]}
-        wrappers = [p for p in procs if p[0] in parents and b"servernet.py" in p[3]]
+        servers = [p for p in own if SERVER_MODULE.encode() in p[3]]
+        parents = {p[2] for p in servers}
+        # the local spawner's wrapper is the server's parent; the docker spawner's holds the server's namespace
+        spaces = {net_namespace(p[0]) for p in servers} - {""}
+        wrappers = [
+            p
+            for p in procs
+            if b"servernet.py" in p[3] and (p[0] in parents or (p[1] == 0 and net_namespace(p[0]) in spaces))
+        ]
+        monitors = []
+        for server in servers:  # up from the server to the container's monitor (root), if there is one
+            at = by_pid.get(server[2])
+            while at is not None and at[1] == uid:
+                at = by_pid.get(at[2])
+            if at is not None and b"conmon" in at[3]:
+                monitors.append(at)
         sizes: dict[str, float] = {}
-        for p in own + wrappers:
+        for p in own + wrappers + monitors:
             k = kind(p[3])
             sizes[k] = sizes.get(k, 0.0) + pss_kib(p[0]) / 1024
         for k, v in sizes.items():
@@ -125,22 +150,39 @@ def idle_memory(ws: Workspace, users: list[str]) -> tuple[list[float], dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--singles", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--spawner",
+        choices=("local", "docker", "both"),
+        default="local",
+        help="both: the local spawner, then the docker spawner, and the ratio of their single-researcher times",
+    )
     args = parser.parse_args()
-
     sessionlock.acquire()  # the workspace makes accounts and groups a test session would remove
+    spawners = ("local", "docker") if args.spawner == "both" else (args.spawner,)
+    alone = {spawner: measure(spawner, args.users, args.singles, args.idle_seconds) for spawner in spawners}
+    if len(alone) == 2:
+        print(
+            f"\nsign-in to first cell alone: docker {alone['docker']:.2f} s, local {alone['local']:.2f} s; "
+            f"ratio {alone['docker'] / alone['local']:.2f} (goal <= 1.5)"
+        )
+
+
+def measure(spawner: str, users: int, singles_count: int, idle_seconds: float) -> float:
+    """One workspace on ``spawner``: the figures printed; returns the single researcher's median time."""
     root = Path(tempfile.mkdtemp(prefix="pbl-", dir="/tmp"))
     os.chmod(root, 0o755)
-    ws = Workspace(root, prefix="pbl", extra_site="")
+    ws = Workspace(root, prefix="pbl", extra_site="", up_args=(f"--spawner={spawner}",))
     try:
-        ws.start()
-        names = [f"load{i:03d}" for i in range(args.users + args.singles)]
+        ws.start(timeout=900)  # the docker spawner builds its image at the first start
+        print(f"spawner: {spawner}", flush=True)
+        names = [f"load{i:03d}" for i in range(users + singles_count)]
         passwords = {name: secrets.token_hex(8) for name in names}
         add_researchers(ws, names, passwords)
-        singles, crowd = names[: args.singles], names[args.singles :]
+        singles, crowd = names[:singles_count], names[singles_count:]
 
         baseline = []
         for user in singles:
@@ -166,7 +208,7 @@ def main() -> None:
             th.join()
         wall = time.perf_counter() - t0
 
-        time.sleep(args.idle_seconds)
+        time.sleep(idle_seconds)
         memory, by_kind = idle_memory(ws, [u for u in singles + crowd if u not in failures])
 
         ok = sorted(times.values())
@@ -187,6 +229,7 @@ def main() -> None:
             )
             for k, values in sorted(by_kind.items()):
                 print(f"    {k:<16} median {statistics.median(values):6.1f} MiB")
+        return base
     finally:
         ws.stop()
         shutil.rmtree(root, ignore_errors=True)
