@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from paitient.config import load, parse
+from paitient.hub.engine import Engine, image_tag
 from paitient.hub.paths import HubPaths, default_proxy_command
 from paitient.ops.install import (
+    ENGINE_UNIT,
     HUB_UNIT,
     PROXY_UNIT,
     TARGET,
@@ -179,6 +181,49 @@ def test_the_units_run_what_up_runs(site, monkeypatch):
     assert started["proxy"][1] == {"CONFIGPROXY_AUTH_TOKEN": HubPaths.of(fixed).secret("proxy_token")}
     assert started["hub"][1] is None and all(started[f"service-{n}"][1] is None for n in SERVICES)
     assert f"--proxy-api-port={api_port}" in started["hub"][0] and f"--hub-port={hub_port}" in started["hub"][0]
+
+
+def test_the_docker_spawner_gets_an_engine_unit_whose_steps_run_the_engine(site, world_tmp):
+    """With the docker spawner the hub requires the container engine's unit; what systemd would run for it (the
+    step before, the API service, the step after, and after it stops the last step), run here in that order,
+    gives an engine that answers and holds the single-user image, and leaves no mount behind."""
+    docker = variant(site, workspace={"spawner": "docker"})
+    unit_dir = world_tmp / "units"
+    written = write_units(docker, PROXY, unit_dir)
+    assert ENGINE_UNIT in {p.name for p in written}
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is part of the systemd package the setup installs"
+    verified = subprocess.run(
+        [analyze, "verify", *(str(p) for p in written)], capture_output=True, text=True, timeout=120, cwd=unit_dir
+    )
+    assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
+    hub, target, engine = (read_unit(unit_dir / n) for n in (HUB_UNIT, TARGET, ENGINE_UNIT))
+    assert ENGINE_UNIT in hub["Unit"]["Requires"].split() and ENGINE_UNIT in hub["Unit"]["After"].split()
+    assert ENGINE_UNIT in target["Unit"]["Wants"].split() and engine["Unit"]["Before"] == HUB_UNIT
+    e = engine["Service"]
+    assert e["User"] == "root" and e["Delegate"] == "yes" and e["Restart"] == "on-failure"
+    # the local spawner's units have no engine
+    assert ENGINE_UNIT not in units(site, PROXY) and ENGINE_UNIT not in units(site, PROXY)[HUB_UNIT]
+
+    key, value = e["Environment"].split("=", 1)
+    env = {"PATH": os.environ["PATH"], key: value}
+    prepared = subprocess.run(shlex.split(e["ExecStartPre"]), env=env, capture_output=True, text=True, timeout=60)
+    assert prepared.returncode == 0, prepared.stderr
+    log = open(world_tmp / "engine.log", "wb")  # noqa: SIM115 - the engine's output, read on failure
+    proc = subprocess.Popen(shlex.split(e["ExecStart"]), env=env, stdout=log, stderr=subprocess.STDOUT)
+    built = Engine(docker.state_dir)
+    try:
+        ready = subprocess.run(shlex.split(e["ExecStartPost"]), env=env, capture_output=True, text=True, timeout=300)
+        assert ready.returncode == 0, ready.stderr + (world_tmp / "engine.log").read_text()[-2000:]
+        assert built.ping() and built.has_image(image_tag())
+        assert f"made the image {image_tag()}" in ready.stdout
+    finally:
+        proc.terminate()  # the engine this test started, by its handle
+        proc.wait(30)
+        log.close()
+    released = subprocess.run(shlex.split(e["ExecStopPost"]), env=env, capture_output=True, text=True, timeout=60)
+    assert released.returncode == 0, released.stderr
+    assert built.mounts() == []
 
 
 def test_the_proxy_units_command_runs_with_its_environment_file(site, world_tmp):

@@ -7,10 +7,16 @@ the API's socket. Nothing is read from or written to the host's own podman or Do
 registry is ever asked: the one image, :func:`image_tag`, is made here from a tar of a few folders and
 symbolic links (:func:`base_layer`); the host's ``/usr``, the workspace's Python environment and the rest
 of what a server needs are bound into each container read-only at run time (:mod:`paitient.hub.container`).
+
+Installed under systemd (``paitient install``), ``paitient-engine.service`` runs the same API service, with
+this module's steps around it: ``python -m paitient.hub.engine prepare`` before (folders, configuration),
+``ready`` after it starts (the API answers; the image is made when missing) and ``release`` after it stops
+(mounts its storage left).
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import io
 import os
@@ -18,6 +24,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -192,6 +199,15 @@ class Engine:
         finally:
             conn.close()
 
+    def wait_answer(self, timeout: float) -> None:
+        """Until the API answers (an engine started by someone else: systemd); :class:`EngineError` if it does
+        not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if time.monotonic() >= deadline:
+                raise EngineError(f"the container engine did not answer on {self.socket} within {timeout:.0f}s")
+            time.sleep(0.1)
+
     def wait_ready(self, proc: subprocess.Popen, timeout: float, log: Path) -> None:
         """Until the API answers; an engine that exits or stays silent is an :class:`EngineError` with the
         tail of its log."""
@@ -248,3 +264,34 @@ def _tail(log: Path, lines: int = 8) -> str:
     except OSError:
         return f"(no log at {log})"
     return " | ".join(text) or f"(nothing in {log})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The steps of the engine's systemd unit around its API service: ``prepare``, ``ready``, ``release``."""
+    ap = argparse.ArgumentParser(prog="python -m paitient.hub.engine", description=main.__doc__)
+    ap.add_argument("step", choices=("prepare", "ready", "release"))
+    ap.add_argument("--state-dir", required=True, type=Path)
+    ap.add_argument("--podman", default="podman")
+    ap.add_argument("--timeout", type=float, default=60.0, help="ready: seconds to wait for the API")
+    args = ap.parse_args(argv)
+    engine = Engine(args.state_dir, podman=args.podman)
+    try:
+        if args.step == "prepare":
+            engine.prepare()
+        elif args.step == "ready":
+            engine.wait_answer(args.timeout)
+            if engine.ensure_image():
+                print(f"paitient engine: made the image {image_tag()}", flush=True)
+        else:
+            left = engine.release_mounts()
+            if left:
+                print(f"paitient engine: mounts left: {', '.join(left)}", file=sys.stderr)
+                return 1
+    except EngineError as e:
+        print(f"paitient engine: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

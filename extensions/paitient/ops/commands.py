@@ -85,3 +85,39 @@ def service_command(site: SiteConfig, name: str, *, hub_port: int, port: int) ->
         token_file = HubPaths.of(site).hub_dir / token_secret(name)
         argv += [f"--port={port}", f"--hub-port={hub_port}", f"--token-file={token_file}"]
     return Command(argv)
+
+
+@dataclass(frozen=True)
+class EngineCommands:
+    """The docker spawner's engine as a systemd unit runs it: its API service, and the steps around it."""
+
+    prepare: Command
+    start: Command
+    ready: Command
+    release: Command
+    env: dict[str, str]
+
+
+def engine_commands(site: SiteConfig, podman: str) -> EngineCommands:
+    """podman's Docker API on ``<state_dir>/engine`` (:class:`paitient.hub.engine.Engine`, as ``up`` starts it),
+    with ``python -m paitient.hub.engine prepare``, ``ready`` and ``release`` around it."""
+    from paitient.hub.engine import Engine
+
+    engine = Engine(site.state_dir, podman=podman)
+
+    def step(name: str) -> Command:
+        return Command(
+            [
+                venv_python(),
+                "-I",
+                "-m",
+                "paitient.hub.engine",
+                name,
+                f"--state-dir={site.state_dir}",
+                f"--podman={podman}",
+            ]
+        )
+
+    return EngineCommands(
+        step("prepare"), Command(engine.service_command()), step("ready"), step("release"), engine.env
+    )

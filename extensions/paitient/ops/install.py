@@ -23,6 +23,8 @@ The units (``--dry-run`` prints them, ``--unit-dir`` picks where they go, defaul
   at their next request. Stopping a service leaves the hub and the servers running: what needs it fails
   closed until it is back (a cell is refused while the audit trail is away, outputs are withheld while the
   egress judge is).
+- ``paitient-engine.service``, with the docker spawner only: podman's Docker API for the researchers'
+  containers (:func:`engine_unit`), required by the hub and started before it.
 - ``paitient.target``: starts them all; ``systemctl enable --now paitient.target``.
 
 A unit runs the same command as ``paitient up`` (``up --separate-services`` runs the services as these units
@@ -34,6 +36,7 @@ the hospital's directory: a site without a [directory] url is refused.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from traitlets import Bool, Unicode, default
@@ -42,7 +45,14 @@ from paitient.app import PaitientCommand
 from paitient.config import SiteConfig
 from paitient.fsutil import atomic_write_text
 from paitient.hub.paths import HubPaths, default_proxy_command
-from paitient.ops.commands import PROXY_TOKEN_ENV, Command, hub_command, proxy_command, service_command
+from paitient.ops.commands import (
+    PROXY_TOKEN_ENV,
+    Command,
+    engine_commands,
+    hub_command,
+    proxy_command,
+    service_command,
+)
 from paitient.services import SERVICES
 from paitient.services.kit.process import SEPARATE_PORTS, token_secret
 
@@ -50,6 +60,7 @@ DEFAULT_HUB_PORT = 8081
 DEFAULT_PROXY_API_PORT = 8001
 PROXY_UNIT = "paitient-proxy.service"
 HUB_UNIT = "paitient-hub.service"
+ENGINE_UNIT = "paitient-engine.service"
 TARGET = "paitient.target"
 
 
@@ -134,11 +145,6 @@ def check_site(site: SiteConfig) -> None:
             f"{site.source} names no [directory] url: production signs in against the hospital's directory "
             '(e.g. url = "ldaps://ad.hospital.example/"); the embedded demo directory runs only under `paitient up`'
         )
-    if site.workspace.spawner == "paitient-docker":
-        raise InstallError(
-            "the docker spawner runs under `paitient up`, which starts and stops its container engine; "
-            'install writes no unit for the engine yet: use spawner = "local" for an installed workspace'
-        )
     for what, path in (("state_dir", site.state_dir), ("data_root", site.data_root), ("key_file", site.key_file)):
         if _under_tmp(path):
             raise InstallError(
@@ -188,11 +194,57 @@ WantedBy={TARGET}
     return out
 
 
-def units(site: SiteConfig, proxy: str, service_ports: dict[str, int] | None = None) -> dict[str, str]:
+def engine_unit(site: SiteConfig, podman: str, header: str) -> str:
+    """The docker spawner's container engine: podman's Docker API on ``<state_dir>/engine``, as ``up`` runs it,
+    prepared before, the image made once it answers, its mounts released after it stops."""
+    ec = engine_commands(site, podman)
+    env = "\n".join(f"Environment={k}={v}" for k, v in sorted(ec.env.items()))
+    return f"""{header}[Unit]
+Description=paitient container engine (podman's Docker API for the docker spawner)
+Before={HUB_UNIT}
+PartOf={TARGET}
+
+[Service]
+Type=simple
+{env}
+ExecStartPre={exec_line(ec.prepare)}
+ExecStart={exec_line(ec.start)}
+ExecStartPost={exec_line(ec.ready)}
+ExecStopPost={exec_line(ec.release)}
+# the first start makes the single-user image
+TimeoutStartSec=300
+Restart=on-failure
+RestartSec=2
+# root: podman makes namespaces, mounts and cgroups for each researcher's container (the containers run as
+# the researchers' accounts, with no capabilities); the containers' cgroups are made under this unit's
+User=root
+Delegate=yes
+UMask=0077
+
+[Install]
+WantedBy={TARGET}
+"""
+
+
+def _podman(site: SiteConfig, podman: str | None) -> str:
+    found = podman or shutil.which("podman")
+    if not found or not os.path.isabs(found) or not os.access(found, os.X_OK):
+        raise InstallError(
+            f"spawner = {site.workspace.spawner!r} runs servers through podman, which is not installed; "
+            "run: bash scripts/setup install"
+        )
+    return found
+
+
+def units(
+    site: SiteConfig, proxy: str, service_ports: dict[str, int] | None = None, podman: str | None = None
+) -> dict[str, str]:
     """The unit files' names and contents for ``site``, ``proxy`` being the configurable-http-proxy program;
-    the services' pages on ``service_ports`` (default :data:`SEPARATE_PORTS`)."""
+    the services' pages on ``service_ports`` (default :data:`SEPARATE_PORTS`); with the docker spawner also
+    the container engine's unit (``podman``: its program, found on the PATH by default)."""
     ports = dict(SEPARATE_PORTS if service_ports is None else service_ports)
     check_site(site)
+    docker = site.workspace.spawner == "paitient-docker"
     hub_port, api_port = fixed_ports(site)
     pc = proxy_command(site, proxy, hub_port=hub_port, proxy_api_port=api_port)
     hc = hub_command(
@@ -238,11 +290,12 @@ LockPersonality=yes
 WantedBy={TARGET}
 """
     rw = " ".join(_writable(site))
+    engine = f" {ENGINE_UNIT}" if docker else ""
     hub_unit = f"""{header}[Unit]
 Description=paitient hub (sign-in, researchers' servers)
 Wants=network-online.target {services}
-After=network-online.target {PROXY_UNIT} {services}
-Requires={PROXY_UNIT}
+After=network-online.target {PROXY_UNIT} {services}{engine}
+Requires={PROXY_UNIT}{engine}
 PartOf={TARGET}
 
 [Service]
@@ -269,13 +322,16 @@ WantedBy={TARGET}
 """
     target = f"""{header}[Unit]
 Description=paitient secure analysis workspace
-Wants={PROXY_UNIT} {services} {HUB_UNIT}
-After={PROXY_UNIT} {services} {HUB_UNIT}
+Wants={PROXY_UNIT} {services}{engine} {HUB_UNIT}
+After={PROXY_UNIT} {services}{engine} {HUB_UNIT}
 
 [Install]
 WantedBy=multi-user.target
 """
-    return {PROXY_UNIT: proxy_unit, **service_units(site, hub_port, ports, header), HUB_UNIT: hub_unit, TARGET: target}
+    made = {PROXY_UNIT: proxy_unit, **service_units(site, hub_port, ports, header)}
+    if docker:
+        made[ENGINE_UNIT] = engine_unit(site, _podman(site, podman), header)
+    return {**made, HUB_UNIT: hub_unit, TARGET: target}
 
 
 def write_units(site: SiteConfig, proxy: str, unit_dir: Path) -> list[Path]:
