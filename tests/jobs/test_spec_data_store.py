@@ -1,15 +1,23 @@
-"""A job request checked field by field, the rows it trains on, and the queue that survives a crash."""
+"""A job request checked field by field, the rows it trains on, and the queue that survives a crash, on
+SQLite and on PostgreSQL."""
 
 import math
+import sqlite3
+import stat
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 
+from paitient.config import parse
 from paitient.rules.jobspec import SpecError, check_request
 from paitient.services.jobs.data import prepare
 from paitient.services.jobs.store import STOPPED_MID_JOB, JobError, JobStore
+from paitient.services.kit.db import DatabaseError
+from tests import legacy_schemas
 
 BASE = {"dataset": "breast_cancer", "target": "target", "epochs": 5, "batch_size": 64, "max_grad_norm": 1.0,
         "target_epsilon": 1.0}  # fmt: skip
@@ -200,22 +208,66 @@ def test_constants_come_from_one_place(step, message):
         check_request({**BASE, "preprocessing": [step]})
 
 
-def test_the_queue_survives_a_restart_and_marks_what_ran_as_failed(tmp_path):
-    store = JobStore(tmp_path)
+@pytest.fixture
+def site(tmp_path, database):
+    """A site whose queue is in ``database`` (parametrised: SQLite under its state_dir, then PostgreSQL)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return parse({"workspace": {"state_dir": str(state)}, "database": database})
+
+
+@pytest.fixture
+def open_store(site):
+    """Opens the site's queue as the service does (``JobStore.for_site``); every store opened is closed after."""
+    opened: list[JobStore] = []
+
+    def open_() -> JobStore:
+        opened.append(JobStore.for_site(site))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def test_the_queue_is_where_the_site_says(site, open_store):
+    store = open_store()
+    job = store.submit(username="alice", project="onc", dataset="bc", spec={"epochs": 1}, graph_sha256="f" * 64)
+    path = site.state_dir / "jobs" / "jobs.sqlite3"
+    assert stat.S_IMODE((site.state_dir / "jobs").stat().st_mode) == 0o700
+    if not site.database.url:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert db.execute("SELECT id, state FROM jobs").fetchall() == [(job.id, "queued")]
+    else:
+        assert not path.exists()  # nothing of the queue in SQLite
+        with psycopg.connect(site.database.url, passfile=site.database.passfile) as conn:
+            assert conn.execute("SELECT version_num FROM jobs.alembic_version").fetchall() == [("0001",)]
+            assert conn.execute("SELECT id, state FROM jobs.jobs").fetchall() == [(job.id, "queued")]
+
+
+def test_the_queue_survives_a_restart_and_marks_what_ran_as_failed(open_store):
+    store = open_store()
     a = store.submit(username="alice", project="onc", dataset="bc", spec={"epochs": 1}, graph_sha256="f" * 64)
     b = store.submit(username="alice", project="onc", dataset="bc", spec={"epochs": 2}, graph_sha256="f" * 64)
     assert store.claim().id == a.id
+    store.set_reservation(a.id, "r-1")
     store.close()  # the runner stops (as after kill -9: nothing more is written)
-    store = JobStore(tmp_path)
+    store = open_store()
     (failed,) = store.recover()
     assert failed.id == a.id and failed.state == "failed" and failed.reason == STOPPED_MID_JOB
+    assert failed.reservation == "r-1" and failed.spec == {"epochs": 1} and failed.finished >= failed.started
     assert store.get(b.id).state == "queued" and store.claim().id == b.id
+    assert store.recover() == [store.get(b.id)]  # and b, claimed here, would be failed at the next start too
+    assert store.counts() == {("onc", "failed"): 2} and store.oldest_queued() is None
 
 
-def test_cancelling_a_queued_job_is_immediate_a_running_one_at_its_next_step(tmp_path):
-    store = JobStore(tmp_path)
+def test_cancelling_a_queued_job_is_immediate_a_running_one_at_its_next_step(open_store):
+    store = open_store()
     queued = store.submit(username="alice", project="onc", dataset="bc", spec={}, graph_sha256="f" * 64)
     running = store.submit(username="alice", project="onc", dataset="bc", spec={}, graph_sha256="f" * 64)
+    assert store.oldest_queued() == queued.created
     assert store.cancel(queued.id, "alice").state == "cancelled"
     assert store.claim().id == running.id
     assert store.progress(running.id, {"step": 1}) is True
@@ -224,3 +276,82 @@ def test_cancelling_a_queued_job_is_immediate_a_running_one_at_its_next_step(tmp
     store.cancel(running.id, "alice")
     assert store.progress(running.id, {"step": 2}) is False  # the worker stops here
     assert store.finish(running.id, "cancelled", "cancelled at step 2").state == "cancelled"
+    assert store.get(running.id).progress == {"step": 2}
+    assert [j.id for j in store.of_user("alice")] == [running.id, queued.id] and store.of_user("bob") == []
+    with pytest.raises(JobError, match="there is no job 'job-nope'"):
+        store.get("job-nope")
+
+
+def test_workers_of_two_runners_never_claim_the_same_job(open_store):
+    """Writers are serialised by the database: 8 threads on two stores (two engines, as two processes would
+    have) claim 40 jobs, each exactly once."""
+    stores = [open_store(), open_store()]
+    submitted = {
+        stores[0].submit(username="alice", project="onc", dataset="bc", spec={"n": n}, graph_sha256="f" * 64).id
+        for n in range(40)
+    }
+    claimed: list[list[str]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            while (job := stores[i % 2].claim()) is not None:
+                claimed[i].append(job.id)
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    every = [job for mine in claimed for job in mine]
+    assert sorted(every) == sorted(submitted)  # each once, none twice
+    assert stores[1].counts() == {("onc", "running"): 40}
+
+
+def _old_queue(path: Path) -> None:
+    """A ``jobs.sqlite3`` as the store made it before migrations, with a job that was running and one queued."""
+    legacy_schemas.make_sqlite(path, legacy_schemas.JOBS)
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO jobs (id, username, project, dataset, state, spec, graph_sha256, created, started, "
+            "reservation) VALUES ('job-old', 'alice', 'onc', 'bc', 'running', '{\"epochs\": 3}', ?, 1.0, 2.0, 'r-9')",
+            ("e" * 64,),
+        )
+        db.execute(
+            "INSERT INTO jobs (id, username, project, dataset, state, spec, graph_sha256, created) "
+            "VALUES ('job-waits', 'bob', 'onc', 'bc', 'queued', '{}', ?, 3.0)",
+            ("e" * 64,),
+        )
+
+
+def test_a_queue_from_before_migrations_is_stamped_and_keeps_its_jobs(tmp_path):
+    path = tmp_path / "jobs" / "jobs.sqlite3"
+    _old_queue(path)
+    store = JobStore(tmp_path)
+    (failed,) = store.recover()  # it was running when the old runner stopped
+    assert (failed.id, failed.state, failed.reason) == ("job-old", "failed", STOPPED_MID_JOB)
+    assert failed.spec == {"epochs": 3} and failed.reservation == "r-9" and failed.progress == {}
+    assert store.claim().id == "job-waits"
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert db.execute("SELECT id, state FROM jobs ORDER BY id").fetchall() == [
+            ("job-old", "failed"),
+            ("job-waits", "running"),
+        ]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    store = JobStore(tmp_path)  # opened again: simply at the newest revision
+    assert store.get("job-old").state == "failed" and store.recover()[0].id == "job-waits"
+    store.close()
+
+
+def test_a_jobs_table_this_store_did_not_make_is_refused(tmp_path):
+    path = tmp_path / "jobs" / "jobs.sqlite3"
+    legacy_schemas.make_sqlite(path, "CREATE TABLE jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL)")
+    with pytest.raises(DatabaseError, match="table jobs has columns id, state, not the .* restore it from a backup"):
+        JobStore(tmp_path)
+    with sqlite3.connect(path) as db:  # left as it was
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchall() == []

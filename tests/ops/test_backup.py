@@ -311,7 +311,8 @@ def test_the_commands_need_root(world, world_tmp):
 
 def test_stores_in_postgres_are_left_to_pg_dump_and_said_so(world_tmp, postgres_db):
     """With [database] url the stores' records are in PostgreSQL: the backup holds no SQLite file of them
-    (one left from before the move is not the current state) and its notes say to run pg_dump."""
+    (one left from before the move is not the current state) and its notes say to run pg_dump. The jobs'
+    released files stay files and are in it."""
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
     site = parse(
@@ -321,6 +322,15 @@ def test_stores_in_postgres_are_left_to_pg_dump_and_said_so(world_tmp, postgres_
     Ledger(site).close()  # the ledger's tables made in PostgreSQL
     (state / "ledger").mkdir(mode=0o700)
     (state / "ledger" / "ledger.sqlite3").write_bytes(b"")  # left from before the move
+    jobs = JobStore.for_site(site)  # the queue's table made in PostgreSQL
+    jobs.submit(username="alice", project="oncology", dataset="bc", spec={}, graph_sha256="f" * 64)
+    jobs.out_dir("job-1").mkdir(mode=0o700)
+    (jobs.out_dir("job-1") / "record.json").write_text("{}")
+    jobs.close()
+    (state / "jobs" / "jobs.sqlite3").write_bytes(b"")  # left from before the move
     manifest = backup(site, world_tmp / "backup")
     assert not [name for name in manifest.files if name.startswith(("state/ledger/", "state/airlock/", "state/hub/"))]
-    assert any("PostgreSQL ([database] url): back that database up with pg_dump" in n for n in manifest.notes)
+    assert "state/jobs/jobs.sqlite3" not in manifest.files
+    assert "state/jobs/out/job-1/record.json" in manifest.files
+    note = next(n for n in manifest.notes if "PostgreSQL ([database] url): back that database up with pg_dump" in n)
+    assert "the jobs queue's records" in note

@@ -72,8 +72,9 @@ SQLITE_DATABASES = (
     "hub/jupyterhub.sqlite",
 )
 """The services' and the hub's databases, relative to the state directory."""
-IN_POSTGRES = ("ledger/", "airlock/", "hub/")
-"""The stores that ``[database] url`` moves to PostgreSQL (the jobs queue and egress counts stay in SQLite)."""
+IN_POSTGRES = ("ledger/", "airlock/", "jobs/jobs.sqlite3", "hub/")
+"""The databases that ``[database] url`` moves to PostgreSQL (the egress counts stay in SQLite; the jobs' graphs
+and released files stay files and are copied either way)."""
 
 FILE_TREES = ("airlock/blobs", "jobs/out", "jobs/graphs", "keys", "public", "egress/index")
 """Folders copied file by file (their files are written once and never changed)."""
@@ -281,8 +282,9 @@ def backup(site: SiteConfig, target: Path, *, with_data: bool = True, log=None) 
     in_postgres = bool(site.database.url)
     if in_postgres:
         notes.append(
-            "the hub's, the ledger's and the airlock's records are in PostgreSQL ([database] url): back that "
-            "database up with pg_dump at the same time (docs/operations.md); this backup holds none of them"
+            "the hub's, the ledger's, the airlock's and the jobs queue's records are in PostgreSQL "
+            "([database] url): back that database up with pg_dump at the same time (docs/operations.md); this "
+            "backup holds none of them (the jobs' graphs and released files are files, and are in it)"
         )
     elif site.workspace.ledger_url:
         notes.append(

@@ -237,7 +237,7 @@ def serve(site: Any, log_: logging.Logger) -> None:
     """Serve ``<run_dir>/jobs.sock`` and run queued jobs until SIGTERM/SIGINT."""
     from paitient.services.jobs.runner import Runner
 
-    store = JobStore(site.state_dir)
+    store = JobStore.for_site(site)  # [database] url's schema jobs, or <state_dir>/jobs/jobs.sqlite3
     for job in store.recover():
         log_.warning("jobs: %s was running when the runner stopped; marked failed", job.id)
     registry = Registry.for_state_dir(site.state_dir)

@@ -1,49 +1,57 @@
-"""The runner's queue: training jobs and their states, in SQLite, surviving a restart and a crash mid-write.
+"""The runner's queue: training jobs and their states, in a database, surviving a restart and a crash mid-write.
 
-``<state_dir>/jobs/jobs.sqlite3`` (root 0600 in a 0700 folder), WAL. A job is ``queued`` when submitted,
+The ``jobs`` table is in ``<state_dir>/jobs/jobs.sqlite3`` (root 0600 in a 0700 folder; WAL, full synchronous
+writes), or in the schema ``jobs`` of ``[database] url``'s PostgreSQL database; writers are serialised on
+either (:mod:`paitient.services.kit.db`), and the table is made and upgraded by ``migrations/versions`` (a
+``jobs.sqlite3`` from before the migrations is recognised and stamped). A job is ``queued`` when submitted,
 ``running`` while a worker has it, then ``done``, ``failed`` (with the reason) or ``cancelled``. Each change
 is one transaction. A job that was ``running`` when the runner stopped (a crash, ``kill -9``) is marked
 ``failed`` at the next start, with that reason: its reservation belonged to the runner process that died,
 so the ledger counts it in full. The model graph is kept beside the queue by its SHA-256
-(``graphs/<sha256>.json``, made once), the released files of a finished job in ``out/<job id>/``.
+(``<state_dir>/jobs/graphs/<sha256>.json``, made once), the released files of a finished job in
+``<state_dir>/jobs/out/<job id>/``: files on disk, whichever database holds the queue.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
-import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from paitient.fsutil import create_once
+from paitient.services.kit.db import Database, Location
 from paitient.services.kit.secretfile import private_dirs
-from paitient.services.kit.sqlite import write_transaction
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
 STOPPED_MID_JOB = "the runner stopped while the job ran; its reservation counts in full. Submit it again."
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    username TEXT NOT NULL,
-    project TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    state TEXT NOT NULL,
-    spec TEXT NOT NULL,
-    graph_sha256 TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    cancel INTEGER NOT NULL DEFAULT 0,
-    progress TEXT NOT NULL DEFAULT '{}',
-    reason TEXT NOT NULL DEFAULT '',
-    reservation TEXT NOT NULL DEFAULT ''
-)"""
+MIGRATIONS = Path(__file__).parent / "migrations"
+COLUMNS = (
+    "id",
+    "username",
+    "project",
+    "dataset",
+    "state",
+    "spec",
+    "graph_sha256",
+    "created",
+    "started",
+    "finished",
+    "cancel",
+    "progress",
+    "reason",
+    "reservation",
+)
+TABLES = {"jobs": COLUMNS}
+"""The table and its columns as the first migration makes it (and the store made it before migrations)."""
+_SELECT = "SELECT " + ", ".join(COLUMNS) + " FROM jobs"  # noqa: S608 -- fixed column names
 
 
 class JobError(ValueError):
@@ -89,27 +97,34 @@ class Job:
 
 
 class JobStore:
-    """Thread-safe: one connection and one lock (the socket's threads and the workers share it)."""
+    """Safe to use from several threads (the socket's threads and the workers): a connection per operation,
+    writers serialised by the database (:mod:`paitient.services.kit.db`)."""
 
-    def __init__(self, state_dir: str | Path):
+    def __init__(self, state_dir: str | Path, database: Location | None = None):
+        """Graphs and released files under ``<state_dir>/jobs``; the queue in ``database`` (default: SQLite at
+        ``<state_dir>/jobs/jobs.sqlite3``)."""
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "jobs"
         private_dirs(self.state_dir, self.root / "graphs")
         private_dirs(self.state_dir, self.root / "out")
-        self._lock = threading.Lock()
-        path = self.root / "jobs.sqlite3"
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        path.chmod(0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(SCHEMA)
+        self.db = Database(
+            database or Location(self.root / "jobs.sqlite3"), what="jobs queue", migrations=MIGRATIONS, tables=TABLES
+        )
+
+    @classmethod
+    def for_site(cls, site: Any) -> JobStore:
+        """The site's queue: in ``[database] url``'s schema ``jobs``, or the SQLite file under its state_dir."""
+        state_dir = Path(site.state_dir)
+        return cls(state_dir, Location.for_site(site, "jobs", state_dir / "jobs" / "jobs.sqlite3"))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
 
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._db, self._lock)
+    def _read(self) -> AbstractContextManager[sa.Connection]:
+        return self.db.transaction(write=False)
+
+    def _tx(self) -> AbstractContextManager[sa.Connection]:
+        return self.db.transaction(write=True)
 
     # -- the graph and the released files ----------------------------------------------------------------
 
@@ -133,65 +148,88 @@ class JobStore:
         job_id = f"job-{secrets.token_hex(6)}"
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (id, username, project, dataset, state, spec, graph_sha256, created) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (job_id, username, project, dataset, json.dumps(spec, sort_keys=True), graph_sha256, time.time()),
+                sa.text(
+                    "INSERT INTO jobs (id, username, project, dataset, state, spec, graph_sha256, created) "
+                    "VALUES (:id, :username, :project, :dataset, 'queued', :spec, :graph, :now)"
+                ),
+                {
+                    "id": job_id,
+                    "username": username,
+                    "project": project,
+                    "dataset": dataset,
+                    "spec": json.dumps(spec, sort_keys=True),
+                    "graph": graph_sha256,
+                    "now": time.time(),
+                },
             )
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute(sa.text(f"{_SELECT} WHERE id = :id"), {"id": job_id}).first()
         if row is None:
             raise JobError(f"there is no job {job_id!r}", "unknown_job")
         return _job(row)
 
     def of_user(self, username: str, limit: int = 100) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM jobs WHERE username = ? ORDER BY created DESC LIMIT ?", (username, limit)
-            ).fetchall()
+        with self._read() as db:
+            rows = db.execute(
+                sa.text(f"{_SELECT} WHERE username = :username ORDER BY created DESC LIMIT :limit"),
+                {"username": username, "limit": limit},
+            ).all()
         return [_job(r) for r in rows]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """How many jobs each project has in each state."""
-        with self._lock:
-            rows = self._db.execute("SELECT project, state, COUNT(*) FROM jobs GROUP BY project, state").fetchall()
+        with self._read() as db:
+            rows = db.execute(sa.text("SELECT project, state, COUNT(*) FROM jobs GROUP BY project, state")).all()
         return {(project, state): int(n) for project, state, n in rows}
 
     def oldest_queued(self) -> float | None:
         """When the job waiting longest for a worker was submitted, or None when none waits."""
-        with self._lock:
-            (created,) = self._db.execute("SELECT MIN(created) FROM jobs WHERE state = 'queued'").fetchone()
+        with self._read() as db:
+            created = db.execute(sa.text("SELECT MIN(created) FROM jobs WHERE state = 'queued'")).scalar()
         return None if created is None else float(created)
 
     def claim(self) -> Job | None:
         """The oldest queued job, now ``running``; None when nothing waits."""
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
-            if row is None:
+            job_id = db.execute(sa.text("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1")).scalar()
+            if job_id is None:
                 return None
-            db.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), row[0]))
-        return self.get(row[0])
+            db.execute(
+                sa.text("UPDATE jobs SET state = 'running', started = :now WHERE id = :id"),
+                {"now": time.time(), "id": job_id},
+            )
+        return self.get(job_id)
 
     def progress(self, job_id: str, progress: dict[str, Any]) -> bool:
         """Record a running job's progress; returns whether it should go on (False: cancelled)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(progress), job_id))
-            (cancel,) = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            db.execute(
+                sa.text("UPDATE jobs SET progress = :progress WHERE id = :id"),
+                {"progress": json.dumps(progress), "id": job_id},
+            )
+            cancel = db.execute(sa.text("SELECT cancel FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
         return not cancel
 
     def set_reservation(self, job_id: str, reservation: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET reservation = ? WHERE id = ?", (reservation, job_id))
+            db.execute(
+                sa.text("UPDATE jobs SET reservation = :reservation WHERE id = :id"),
+                {"reservation": reservation, "id": job_id},
+            )
 
     def finish(self, job_id: str, state: str, reason: str = "") -> Job:
         if state not in FINAL:
             raise ValueError(f"a job ends as one of {', '.join(FINAL)}, not {state!r}")
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, reason = ?, finished = ? WHERE id = ? AND state IN ('queued', 'running')",
-                (state, reason, time.time(), job_id),
+                sa.text(
+                    "UPDATE jobs SET state = :state, reason = :reason, finished = :now "
+                    "WHERE id = :id AND state IN ('queued', 'running')"
+                ),
+                {"state": state, "reason": reason, "now": time.time(), "id": job_id},
             )
         return self.get(job_id)
 
@@ -201,40 +239,44 @@ class JobStore:
         if job.username != username:
             raise JobError(f"job {job_id} is another user's", "forbidden")
         with self._tx() as db:
-            db.execute("UPDATE jobs SET cancel = 1 WHERE id = ?", (job_id,))
+            db.execute(sa.text("UPDATE jobs SET cancel = 1 WHERE id = :id"), {"id": job_id})
             db.execute(
-                "UPDATE jobs SET state = 'cancelled', reason = 'cancelled before it started', finished = ? "
-                "WHERE id = ? AND state = 'queued'",
-                (time.time(), job_id),
+                sa.text(
+                    "UPDATE jobs SET state = 'cancelled', reason = 'cancelled before it started', finished = :now "
+                    "WHERE id = :id AND state = 'queued'"
+                ),
+                {"now": time.time(), "id": job_id},
             )
         return self.get(job_id)
 
     def recover(self) -> list[Job]:
         """At start: jobs left ``running`` by a runner that stopped are ``failed``, with the reason."""
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()]
-            db.executemany(
-                "UPDATE jobs SET state = 'failed', reason = ?, finished = ? WHERE id = ?",
-                [(STOPPED_MID_JOB, time.time(), i) for i in ids],
-            )
+            ids = list(db.execute(sa.text("SELECT id FROM jobs WHERE state = 'running'")).scalars())
+            if ids:
+                now = time.time()
+                db.execute(
+                    sa.text("UPDATE jobs SET state = 'failed', reason = :reason, finished = :now WHERE id = :id"),
+                    [{"reason": STOPPED_MID_JOB, "now": now, "id": i} for i in ids],
+                )
         return [self.get(i) for i in ids]
 
 
-def _job(row: tuple[Any, ...]) -> Job:
-    (jid, user, project, dataset, state, spec, graph, created, started, finished, cancel, progress, reason, res) = row
+def _job(row: sa.Row[Any]) -> Job:
+    r = row._mapping
     return Job(
-        id=jid,
-        username=user,
-        project=project,
-        dataset=dataset,
-        state=state,
-        spec=json.loads(spec),
-        graph_sha256=graph,
-        created=created,
-        started=started,
-        finished=finished,
-        cancel=bool(cancel),
-        progress=json.loads(progress),
-        reason=reason,
-        reservation=res,
+        id=r["id"],
+        username=r["username"],
+        project=r["project"],
+        dataset=r["dataset"],
+        state=r["state"],
+        spec=json.loads(r["spec"]),
+        graph_sha256=r["graph_sha256"],
+        created=float(r["created"]),
+        started=None if r["started"] is None else float(r["started"]),
+        finished=None if r["finished"] is None else float(r["finished"]),
+        cancel=bool(r["cancel"]),
+        progress=json.loads(r["progress"]),
+        reason=r["reason"],
+        reservation=r["reservation"],
     )
