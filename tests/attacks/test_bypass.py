@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from paitient.rules.sandbox import KERNEL_MODULE
 from tests.server.harness import UserServer
 
 EVIL_SO = r"""
@@ -210,7 +211,7 @@ def test_ld_preload_and_pythonpath_reach_neither_bwrap_nor_the_kernel(world, mak
     loaded_by = marker.read_text().splitlines()
     assert any("jupyter_server" in line for line in loaded_by), loaded_by
     for line in loaded_by:
-        assert "bwrap" not in line and "prlimit" not in line and "ipykernel" not in line, line
+        assert "bwrap" not in line and "prlimit" not in line and KERNEL_MODULE not in line, line
         assert line != "pythonpath"
 
 

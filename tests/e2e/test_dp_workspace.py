@@ -27,6 +27,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from paitient.config import load
 from paitient.kernel.dp.run import default_delta
+from paitient.rules.sandbox import KERNEL_MODULE
 from paitient.services.ledger.service import process_start
 from paitient.services.ledger.store import Ledger
 from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
@@ -465,7 +466,7 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     status = Path(f"/proc/{pid}/status").read_text()
     uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
     assert int(uid) == small.member("bob").uid and process_start(pid) == start
-    assert "ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert KERNEL_MODULE in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
 
     if how == "sigkill":  # the kernel process dies (out of memory, a crash)
         os.kill(pid, signal.SIGKILL)

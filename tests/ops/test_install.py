@@ -85,6 +85,16 @@ def read_unit(path: Path) -> configparser.ConfigParser:
     return unit
 
 
+def verify(written: list[Path], unit_dir: Path) -> None:
+    """``systemd-analyze verify`` of the units: loaded as systemd would, every program they run there."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is part of the systemd package the setup installs"
+    verified = subprocess.run(
+        [analyze, "verify", *(str(p) for p in written)], capture_output=True, text=True, timeout=120, cwd=unit_dir
+    )
+    assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
+
+
 def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     unit_dir = world_tmp / "units"
     written = write_units(site, PROXY, unit_dir)
@@ -93,12 +103,7 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
-    analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is part of the systemd package the setup installs"
-    verified = subprocess.run(
-        [analyze, "verify", *(str(p) for p in written)], capture_output=True, text=True, timeout=120, cwd=unit_dir
-    )
-    assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
+    verify(written, unit_dir)
 
     proxy, hub, target = (read_unit(unit_dir / n) for n in (PROXY_UNIT, HUB_UNIT, TARGET))
     services = {name: read_unit(unit_dir / service_unit(name)) for name in SERVICES}
@@ -191,12 +196,7 @@ def test_the_docker_spawner_gets_an_engine_unit_whose_steps_run_the_engine(site,
     unit_dir = world_tmp / "units"
     written = write_units(docker, PROXY, unit_dir)
     assert ENGINE_UNIT in {p.name for p in written}
-    analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze is part of the systemd package the setup installs"
-    verified = subprocess.run(
-        [analyze, "verify", *(str(p) for p in written)], capture_output=True, text=True, timeout=120, cwd=unit_dir
-    )
-    assert verified.returncode == 0 and not verified.stdout.strip() and not verified.stderr.strip(), verified
+    verify(written, unit_dir)
     hub, target, engine = (read_unit(unit_dir / n) for n in (HUB_UNIT, TARGET, ENGINE_UNIT))
     assert ENGINE_UNIT in hub["Unit"]["Requires"].split() and ENGINE_UNIT in hub["Unit"]["After"].split()
     assert ENGINE_UNIT in target["Unit"]["Wants"].split() and engine["Unit"]["Before"] == HUB_UNIT
