@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from paitient.rules.values import once_per_value
+
 Pair = tuple[str, str]
 Key = frozenset[Pair]
 
@@ -376,24 +378,9 @@ def _category(value: Any) -> str:
 
 def _categories(values: Sequence[Any]) -> list[str | None]:
     """Each value's category (:func:`_category`), None where missing; each distinct value is named once."""
-    memo: dict[tuple[type, Any], str] = {}
-    out: list[str | None] = []
-    for v in values:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            out.append(None)
-            continue
-        try:
-            cat = memo.get((type(v), v))  # by type too: 1, 1.0 and True are equal keys but other categories
-        except TypeError:  # an unhashable value
-            cat = None
-        if cat is None:
-            cat = _category(v)
-            try:
-                memo[(type(v), v)] = cat
-            except TypeError:
-                pass
-        out.append(cat)
-    return out
+    return once_per_value(
+        values, lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else _category(v)
+    )
 
 
 def _values(df: Any, col: Any) -> list[Any]:

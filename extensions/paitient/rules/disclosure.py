@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from paitient.rules.values import once_per_value
+
 MAX_CELLS_LISTED = 50
 
 
@@ -459,21 +461,13 @@ def check_labels(df: pd.DataFrame, known: Labels) -> dict[str, Any]:
     for col in text_columns(df):
         if pd.api.types.is_bool_dtype(df[col]):
             continue
-        judged: dict[tuple[type, Any], bool] = {}  # a column repeats its labels: each distinct value judged once
-        for i, v in enumerate(df[col].tolist()):
-            if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
-                continue
-            try:
-                ok = judged.get((type(v), v))
-            except TypeError:  # an unhashable value
-                ok = None
-            if ok is None:
-                ok = is_label(v, known)
-                try:
-                    judged[(type(v), v)] = ok
-                except TypeError:
-                    pass
-            if not ok:
+        cells = df[col].tolist()
+        verdicts = once_per_value(
+            cells,
+            lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else is_label(v, known),
+        )
+        for i, (v, ok) in enumerate(zip(cells, verdicts, strict=True)):
+            if ok is False:
                 count += 1
                 if len(bad) < MAX_CELLS_LISTED:
                     bad.append({"row": i, "column": str(col), "value": str(v)[:100]})
