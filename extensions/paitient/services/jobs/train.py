@@ -271,6 +271,20 @@ def poisson_rows(n: int, rate: float, generator: torch.Generator) -> torch.Tenso
         last = int(at[-1])
 
 
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """No TF32 in matrix products and convolutions while a run trains on a GPU (cuDNN allows it for
+    convolutions by default): a row's clipped gradient is then computed, and its norm bounded, to float32
+    rounding rather than to TF32's 10-bit mantissa, the same on either way of clipping."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@full_precision()
 def train(
     forward: Forward,
     params: dict[str, torch.Tensor],
@@ -293,34 +307,6 @@ def train(
     ``device`` (:func:`pick_device`): where the parameters, the rows and the noise live; the Poisson
     sampling draws on the CPU either way, and the result's parameters come back on the CPU.
     """
-    with full_precision():
-        return _train(forward, params, x, y, spec, on_step, the_plan, clipping, device)
-
-
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """No TF32 in matrix products and convolutions while a run trains on a GPU (cuDNN allows it for
-    convolutions by default): a row's clipped gradient is then computed, and its norm bounded, to float32
-    rounding rather than to TF32's 10-bit mantissa, the same on either way of clipping."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _train(
-    forward: Forward,
-    params: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    spec: TrainSpec,
-    on_step: Callable[[Progress], bool | None] | None,
-    the_plan: Plan | None,
-    clipping: str,
-    device: str,
-) -> Result:
     if clipping not in CLIPPING:
         raise TrainError(f"clipping must be one of {', '.join(CLIPPING)}")
     if len(x) != len(y):
