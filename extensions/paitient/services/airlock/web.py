@@ -162,9 +162,8 @@ class DetailHandler(AirlockHandler):
         if req.id not in found:
             return []
         earlier = [(rid, found[rid][0]) for rid in ids if rid in found]
-        states = {rid: found[rid][1] for rid in ids if rid in found}
         return [
-            {"view": view, "states": [(rid, states.get(rid, "")) for rid in view.earlier]}
+            {"view": view, "states": [(rid, found[rid][1]) for rid in view.earlier]}
             for view in differencing.side_by_side(found[req.id][0], earlier, self.airlock.settings.min_count)
         ]
 
