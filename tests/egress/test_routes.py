@@ -1,17 +1,22 @@
 """Every route of the user's server is gated or refused: a route nobody classified fails here.
 
-The server is built in this process from the configuration the spawner writes (the paitient extension with
-JupyterLab), then its application's routing table is walked. A handler a later extension or upgrade adds
-without a decision in :data:`paitient.server.routes.POLICY` fails this test by name, and is refused at
-request time meanwhile.
+The server is built in this process as the user's server process builds it: JupyterHub's single-user
+application with the configuration the spawner writes and every extension the environment enables
+(JupyterLab, notebook_shim, the paitient extension, JupyterHub's own). Its application's routing table is
+then walked. A handler a later extension or upgrade adds without a decision in
+:data:`paitient.server.routes.POLICY` fails this test by name, and is refused at request time meanwhile.
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
+import threading
 
+import jupyterhub
 import pytest
-from jupyter_server.serverapp import ServerApp
+from jupyterhub.singleuser.extension import JupyterHubSingleUser
 from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
 from traitlets.config import Config
 
@@ -23,8 +28,34 @@ from paitient.server.gate import EgressTransform
 from paitient.server.handlers import BlockedHandler
 
 
+class _HubVersion(http.server.BaseHTTPRequestHandler):
+    """The one question the single-user application asks its hub while it starts: the hub's version."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"version": jupyterhub.__version__}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def hub_api():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HubVersion)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hub/api"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, hub_api):
     root = tmp_path_factory.mktemp("server")
     home, data_dir, state = root / "home", root / "data", root / "state"
     for d in (home, data_dir / "kernels", state):
@@ -38,9 +69,29 @@ def built(tmp_path_factory):
     member = Member("alice", "alice", os.getuid(), ("onc",))
     raw = server_config(site, member, str(home), str(data_dir), str(state))
     raw["ServerApp"].update(allow_root=True, open_browser=False)
-    app = ServerApp(config=Config(raw))
-    app.initialize(argv=[], find_extensions=False, new_httpserver=False)
+    hub_env = {
+        "JUPYTERHUB_API_TOKEN": "t" * 32,
+        "JUPYTERHUB_API_URL": hub_api,
+        "JUPYTERHUB_CLIENT_ID": "jupyterhub-user-alice",
+        "JUPYTERHUB_USER": "alice",
+        "JUPYTERHUB_BASE_URL": "/",
+        "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": "/user/alice/oauth_callback",
+        "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0/user/alice/",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in hub_env.items():
+            mp.setenv(name, value)
+        app = JupyterHubSingleUser.initialize_server(argv=[], config=Config(raw), new_httpserver=False)
     return app
+
+
+def test_the_walk_is_of_the_server_the_user_gets(built):
+    """The extensions of a real user's server are all loaded here, so their routes are all walked."""
+    assert {"jupyterhub", "jupyterlab", "notebook_shim", "paitient.server"} <= set(built.extension_manager.extensions)
+    enabled = {name for name, ext in built.extension_manager.extensions.items() if ext.enabled}
+    assert {"jupyterhub", "jupyterlab", "notebook_shim", "paitient.server"} <= enabled
+    assert not {"jupyter_server_terminals", "jupyter_lsp"} & enabled
 
 
 def test_the_server_is_locked_down_with_the_gate(built):
@@ -82,8 +133,8 @@ def test_a_handler_nobody_classified_is_refused_at_request_time(built):
         def get(self) -> None:
             self.finish("data")
 
-    built.web_app.add_handlers(".*$", [(r"/new-extension/route", Unclassified)])
-    delegate = built.web_app.find_handler(_request("GET", "/new-extension/route"))
+    built.web_app.add_handlers(".*$", [(built.base_url + r"new-extension/route", Unclassified)])
+    delegate = built.web_app.find_handler(_request("GET", built.base_url + "new-extension/route"))
     assert delegate.handler_class is BlockedHandler
 
 
@@ -100,6 +151,6 @@ def test_a_handler_nobody_classified_is_refused_at_request_time(built):
     ],
 )
 def test_requests_are_tagged_for_the_output_transform(built, method, path, passthrough):
-    request = _request(method, path)
+    request = _request(method, built.base_url.rstrip("/") + path)
     built.web_app.find_handler(request)
     assert request._paitient_passthrough is passthrough
