@@ -1,8 +1,16 @@
 """The kernel websocket connection of the user's server, with the output cap and the execution audit.
 
 Every message between the browser and a kernel passes here, outside the kernel: execute requests are
-recorded in the audit trail (``cell.execute`` with the code), and what the kernel sends back is capped
-by :mod:`paitient.rules.outputcap`. Configured as ``ServerApp.kernel_websocket_connection_class``.
+recorded in the audit trail (``cell.execute`` with the code and the ``user_expressions``, which IPython
+evaluates too), and what the kernel sends back is capped by :mod:`paitient.rules.outputcap`. Configured as
+``ServerApp.kernel_websocket_connection_class``.
+
+Only ``execute_request`` carries code for the kernel to run, whatever its ``silent`` and ``store_history``
+(both are recorded alike), and on shell or control. The other requests run none the trail has not seen:
+``comm_open``/``comm_msg`` reach only handlers an audited cell registered; ``complete_request`` evaluates
+with IPython's limited policy (no user-defined attribute code); ``inspect_request`` may run a property or
+``__getattr__`` of an object, code an audited cell defined; ``is_complete_request`` only parses; and the
+kernel starts without its debugger (:mod:`paitient.kernel.start`), so ``debug_request`` evaluates nothing.
 
 Auditing fails closed: an ``execute_request`` reaches the kernel only after the audit service has answered
 that its record is written. When it cannot be written (the service is down, too slow, or refuses), the
@@ -100,12 +108,13 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         """Record the execution in the audit trail; '' when recorded, else the notice for the browser."""
         if not self.audit_run_dir:
             return ""
-        code = content.get("code", "")
-        if not isinstance(code, str):
-            code = repr(code)
+        code = _text(content.get("code", ""))
+        expressions, cut = audited_expressions(content.get("user_expressions"), MAX_AUDITED_CODE - len(code))
         details = {
             "code": code[:MAX_AUDITED_CODE],
-            "truncated": len(code) > MAX_AUDITED_CODE,
+            # IPython evaluates each of these after the code, in the user's namespace: they are code too.
+            "user_expressions": expressions,
+            "truncated": len(code) > MAX_AUDITED_CODE or cut,
             "session": str(header.get("session", "")),
             "msg_id": msg_id,
         }
@@ -273,6 +282,35 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if gate is None:
             raise RuntimeError("the egress gate is not configured (the paitient server extension is not loaded)")
         return gate
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def audited_expressions(expressions: Any, room: int) -> tuple[dict[str, str], bool]:
+    """The ``user_expressions`` of an execute_request as the audit trail records them (name -> the
+    expression's text), within ``room`` characters in all; and whether any was cut to fit.
+
+    Whatever the browser sent is recorded, well-formed or not: a value that is not a string, or a mapping
+    that is not one, is recorded as its ``repr`` (IPython evaluates nothing of those, but the trail shows
+    what was asked)."""
+    if not expressions:
+        return {}, False
+    if not isinstance(expressions, dict):
+        expressions = {"(not a mapping)": expressions}
+    out: dict[str, str] = {}
+    cut = False
+    room = max(room, 0)
+    for name, expression in expressions.items():
+        if room <= 0:
+            return out, True
+        key, text = _text(name)[:200], _text(expression)
+        kept = text[: max(room - len(key), 0)]
+        cut = cut or len(kept) < len(text)
+        out[key] = kept
+        room -= len(key) + len(kept)
+    return out, cut
 
 
 def audit_refusal(code: str) -> str:
