@@ -135,6 +135,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
         "PaitientServerExtension": {
             "egress_socket": str(egress.socket_path(site)),
             "fail_closed_bytes": limits.fail_closed_bytes,
+            "unchecked_bytes": limits.unchecked_bytes,
         },
         "KernelManager": {"transport": "ipc"},
         "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},

@@ -25,6 +25,7 @@ class Limits(Protocol):
     daily_rows: int
     daily_bytes: int
     fail_closed_bytes: int
+    unchecked_bytes: int
 
 
 class Verdict(enum.Enum):
@@ -66,16 +67,20 @@ def decide(
     day_bytes: int,
     size: int,
     checked: bool = True,
+    unchecked_spent: int = 0,
 ) -> Decision:
     """The verdict on one piece of output.
 
     ``output_rows``: dataset -> distinct rows the whole output (this piece and what went before it in the
     same execution, file or notebook) reveals; ``new_day_rows``: rows this piece would add to what the user
     saw today; ``day_rows``/``day_bytes``: today's totals before this piece; ``size``: its bytes;
-    ``checked``: False when the rows could not be matched or the trail could not record.
+    ``checked``: False when the rows could not be matched or the trail could not record;
+    ``unchecked_spent``: bytes that passed unchecked since outputs were last checked.
     """
-    if not checked and size > limits.fail_closed_bytes:
-        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_notice(size))
+    if not checked:
+        refusal = unchecked(size, unchecked_spent, limits.fail_closed_bytes, limits.unchecked_bytes)
+        if refusal is not None:
+            return refusal
     over = {ds: n for ds, n in output_rows.items() if n > limits.max_rows_per_output}
     if over:
         return Decision(Verdict.WITHHOLD, Reason.ROWS, rows_notice(over, limits.max_rows_per_output))
@@ -84,6 +89,17 @@ def decide(
     if day_bytes + size > limits.daily_bytes:
         return Decision(Verdict.WITHHOLD, Reason.DAILY_BYTES, daily_bytes_notice(limits.daily_bytes))
     return FORWARD
+
+
+def unchecked(size: int, spent: int, fail_closed_bytes: int, allowance: int) -> Decision | None:
+    """The refusal of a piece of ``size`` bytes that cannot be checked, when ``spent`` bytes passed unchecked
+    since outputs were last checked; None: it may pass (not above ``fail_closed_bytes``, and within the
+    ``allowance``, the ``unchecked_bytes`` limit)."""
+    if size > fail_closed_bytes:
+        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_notice(size))
+    if spent + size > allowance:
+        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_spent_notice(allowance))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +144,14 @@ def unchecked_notice(size: int) -> str:
         f"[paitient] output withheld: the workspace cannot check outputs right now, and this one "
         f"({size:,} bytes) is too large to pass unchecked. Run the cell again in a minute; if this stays, "
         "ask the workspace operator."
+    )
+
+
+def unchecked_spent_notice(allowance: int) -> str:
+    return (
+        "[paitient] output withheld: the workspace cannot check outputs right now, and the small outputs that "
+        f"may pass unchecked meanwhile ({allowance:,} bytes in all) have passed. Outputs show again once they can "
+        "be checked: run the cell again in a minute; if this stays, ask the workspace operator."
     )
 
 
