@@ -91,6 +91,24 @@ def decide(
     return FORWARD
 
 
+TEXT_SHARE = 0.75
+"""A binary buffer is scanned as text when at least this share of its characters decode as text."""
+
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r") + b"\x7f"
+
+
+def looks_like_text(data: bytes) -> bool:
+    """Whether a binary buffer (of a comm message, display data) is text to scan for rows: valid UTF-8 with
+    no control characters, or mostly so (at least :data:`TEXT_SHARE` of it), so that a stray byte does not
+    turn a table into "binary". What fails this (images, packed numbers, compressed or encrypted bytes) is
+    counted against the day's bytes but cannot be read for rows."""
+    if not data:
+        return False
+    chars = data.decode("utf-8", errors="replace")
+    bad = chars.count("\ufffd") + len(data) - len(data.translate(None, _CONTROL))
+    return bad <= (1 - TEXT_SHARE) * len(chars)
+
+
 def unchecked(size: int, spent: int, fail_closed_bytes: int, allowance: int) -> Decision | None:
     """The refusal of a piece of ``size`` bytes that cannot be checked, when ``spent`` bytes passed unchecked
     since outputs were last checked; None: it may pass (not above ``fail_closed_bytes``, and within the

@@ -8,7 +8,8 @@ evaluates too), and what the kernel sends back is capped by :mod:`paitient.rules
 Only ``execute_request`` carries code for the kernel to run, whatever its ``silent`` and ``store_history``
 (both are recorded alike), and on shell or control. The other requests run none the trail has not seen:
 ``comm_open``/``comm_msg`` reach only handlers an audited cell registered; ``complete_request`` evaluates
-with IPython's limited policy (no user-defined attribute code); ``inspect_request`` may run a property or
+only under IPython's ``limited`` policy (allow-listed types, no user-defined attribute code) and jedi's
+static lookups; ``inspect_request`` may run a property or
 ``__getattr__`` of an object, code an audited cell defined; ``is_complete_request`` only parses; and the
 kernel starts without its debugger (:mod:`paitient.kernel.start`), so ``debug_request`` evaluates nothing.
 
@@ -31,6 +32,7 @@ from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebso
 from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
+from paitient.rules.egress import looks_like_text
 from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
 from paitient.server.gate import EgressGate
 
@@ -234,8 +236,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
         if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
-            text = _bytes(parts[4]) + b"\n" + _bytes(parts[3])
-            binary = b"".join(_bytes(p) for p in parts[5:])
+            # Binary buffers (comm messages, display data) that hold text are scanned with the content;
+            # the others (images, packed numbers) are counted only.
+            buffers = [(b, looks_like_text(b)) for b in map(_bytes, parts[5:])]
+            text = b"\n".join([_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t)])
+            binary = b"".join(b for b, t in buffers if not t)
             context = f"kernel:{self.kernel_id}:{execution}"
             check = await gate.check(
                 context=context, channel="kernel", object=str(self.kernel_id), text=text, binary=binary
