@@ -124,7 +124,11 @@ def main() -> None:
         egress.start()
         if not ready.wait(60):
             sys.exit("the egress service did not start")
-        gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
+        gate = EgressGate(
+            str(socket_path(site)),
+            fail_closed_bytes=site.egress.fail_closed_bytes,
+            unchecked_bytes=site.egress.unchecked_bytes,
+        )
 
         import pyarrow.parquet as pq
 

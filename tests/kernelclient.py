@@ -29,6 +29,8 @@ class CellResult:
     """The prompts of input_request messages that reached the client."""
     reply: dict | None = None
     """The content of the execute_reply (None when the kernel went idle and none came within REPLY_GRACE)."""
+    buffers: list[bytes] = field(default_factory=list)
+    """The binary buffers of the iopub messages that reached the client (comm messages, display data)."""
 
 
 REPLY_GRACE = 10.0
@@ -45,12 +47,17 @@ async def execute(
     v1: bool = False,
     channel: str = "shell",
     stdin_reply: str | None = None,
+    user_expressions: dict[str, str] | None = None,
 ) -> CellResult:
     """Send ``code`` as an execute_request on ``channel`` and read until the kernel is idle again.
 
     With ``stdin_reply``, the request allows stdin and each ``input()`` prompt is answered with it (the
-    legacy protocol only)."""
-    from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
+    legacy protocol only); ``user_expressions`` go with the request (IPython evaluates them after the code)."""
+    from jupyter_server.services.kernels.connection.base import (
+        deserialize_binary_message,
+        deserialize_msg_from_ws_v1,
+        serialize_msg_to_ws_v1,
+    )
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
@@ -73,7 +80,7 @@ async def execute(
             "code": code,
             "silent": False,
             "store_history": True,
-            "user_expressions": {},
+            "user_expressions": user_expressions or {},
             "allow_stdin": stdin_reply is not None,
             "stop_on_error": True,
         },
@@ -99,10 +106,13 @@ async def execute(
                     "header": json.loads(parts[0]),
                     "parent_header": json.loads(parts[1]),
                     "content": json.loads(parts[3]),
+                    "buffers": parts[4:],
                 }
                 msg["msg_type"] = msg["header"]["msg_type"]
             elif isinstance(raw, bytes):
-                continue
+                # the legacy protocol's form of a message with binary buffers
+                msg = deserialize_binary_message(raw)
+                msg["msg_type"] = msg["header"]["msg_type"]
             else:
                 msg = json.loads(raw)
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
@@ -122,6 +132,7 @@ async def execute(
                 continue
             if msg.get("channel") == "iopub":
                 out.outputs.append({"msg_type": kind, "content": content})
+                out.buffers += [bytes(b) for b in msg.get("buffers") or []]
             if kind == "stream":
                 if content["name"] == "stdout":
                     out.stdout += content["text"]

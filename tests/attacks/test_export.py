@@ -181,8 +181,10 @@ def test_a_data_dump_written_by_the_kernel_is_not_sent_by_the_contents_api(world
 
 
 def test_lab_extension_manager_cannot_query_an_index(world, make_system_user):
-    # A search in the extension manager would send the query text from the server (which has network) to
-    # a package index. All the server's outbound HTTP goes to a loopback listener here: nothing arrives.
+    # A search in the extension manager would send the query text from the server to a package index. The
+    # server's own namespace (hub/servernet.py) reaches only the hub's API; this server runs without it, so
+    # the config alone is what is tested: all its outbound HTTP goes to a loopback listener, and nothing
+    # arrives.
     import socket
 
     from tests.server.harness import UserServer

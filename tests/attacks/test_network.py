@@ -4,6 +4,8 @@ Every target is a listener this test started on loopback (or an address in the s
 namespace, which holds only ``lo``); after each attack, the stand-ins confirm nothing arrived.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,38 @@ def test_what_a_kernel_reports_is_recorded_as_its_user_from_a_sandbox(world, ali
     mine = [r for r in recs if r["object"] == "forged-by-kernel"]
     assert len(mine) == 1 and mine[0]["actor"] == world.alice.pw_name
     assert mine[0]["details"]["peer"]["origin"] == "namespaced"  # marked as coming from inside a sandbox
+
+
+@pytest.mark.parametrize("service", ["egress", "launcher"])
+def test_the_gate_and_launcher_sockets_are_not_in_the_sandbox(world, alice_kernel, service):
+    """Attack: from a kernel, connect to the egress service (which judges what leaves) and the sandbox
+    launcher (which starts kernels) at their real paths in this running workspace. The same account outside
+    the sandbox reaches them (so the sockets are live and their modes let it in); inside, the path is not
+    there: the sandbox binds no part of ``<state_dir>/gate``."""
+    import importlib
+    import stat
+
+    from tests import workspacegroup
+
+    path = importlib.import_module(f"paitient.services.{service}").socket_path(world.site)
+    assert stat.S_ISSOCK(path.stat().st_mode), path
+    outside = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={world.alice.pw_uid}",
+            f"--regid={world.alice.pw_gid}",
+            workspacegroup.setpriv_groups(),
+            "--",
+            sys.executable,
+            "-c",
+            f"import socket; socket.socket(socket.AF_UNIX).connect({str(path)!r}); print('connected')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert outside.stdout.strip() == "connected", outside.stderr
+    out = alice_kernel.attempt(f"socket.socket(socket.AF_UNIX).connect({str(path)!r})")
+    assert out["errno"] == "ENOENT", out
+    out = alice_kernel.attempt(f"os.listdir({str(path.parent)!r})")
+    assert out["errno"] == "ENOENT", out

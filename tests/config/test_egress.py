@@ -24,6 +24,7 @@ def test_the_defaults():
         "max_rows_per_output": 20,
         "daily_rows": 200,
         "fail_closed_bytes": 4096,
+        "unchecked_bytes": 65_536,
         "daily_bytes": 20_000_000,
         "contents_bytes": 2_000_000,
     }
@@ -47,6 +48,7 @@ def test_a_user_in_several_projects_gets_the_strictest_of_each_limit():
         "max_rows_per_output": 5,  # onc
         "daily_rows": 50,  # card
         "fail_closed_bytes": 0,  # card
+        "unchecked_bytes": 65_536,
         "daily_bytes": 20_000_000,  # card has the section's, onc allows more
         "contents_bytes": 2_000_000,
     }

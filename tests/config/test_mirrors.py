@@ -20,6 +20,7 @@ MIRRORS = {
     (ConfinedContentsManager, "max_content_bytes"): (Server, "contents_cap_bytes"),
     (ConfinedContentsManager, "max_text_bytes"): (EgressLimits, "contents_bytes"),
     (PaitientServerExtension, "fail_closed_bytes"): (EgressLimits, "fail_closed_bytes"),
+    (PaitientServerExtension, "unchecked_bytes"): (EgressLimits, "unchecked_bytes"),
     (SandboxProvisioner, "memory_mb"): (Sandbox, "memory_mb"),
     (SandboxProvisioner, "max_processes"): (Sandbox, "max_processes"),
     (SandboxProvisioner, "max_open_files"): (Sandbox, "max_open_files"),

@@ -110,6 +110,38 @@ def test_rows_in_widget_state_are_withheld(alice, sample):
     assert "output withheld" in res.stderr and shows_no_rows(res, sample)
 
 
+def test_rows_in_comm_messages_and_their_buffers_are_withheld(alice, sample):
+    """Attack: the table sent to the browser as a comm's data, and as a binary buffer holding its CSV; both
+    are withheld. Packed numbers (true binary) cannot be read for rows: they pass and count against the day."""
+    import sqlite3
+
+    def no_rows(res) -> bool:
+        return shows_no_rows(res, sample) and not any(v.encode() in b for b in res.buffers for v in sample)
+
+    opened = run(alice, "from comm import create_comm\nc = create_comm(target_name='t', data={'t': df.to_csv()})")
+    assert withheld(opened) and no_rows(opened), opened.stderr[-300:]
+    assert not any(o["msg_type"] == "comm_open" for o in opened.outputs)
+    sent = run(alice, "c.send(data={'part': 1}, buffers=[df.to_csv().encode()])")
+    assert withheld(sent) and no_rows(sent) and not sent.buffers, sent.stderr[-300:]
+    assert not any(o["msg_type"] == "comm_msg" for o in sent.outputs)
+
+    ws, _, _ = alice
+
+    def day_bytes() -> int:
+        with sqlite3.connect(ws.state_dir / "egress" / "egress.sqlite3") as db:
+            (n,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM usage WHERE user = 'alice'").fetchone()
+        return n
+
+    before = day_bytes()
+    packed = run(
+        alice, "raw = df['mean radius'].to_numpy('float64').tobytes()\nc.send(data={'n': len(raw)}, buffers=[raw])"
+    )
+    assert "output withheld" not in packed.stderr
+    (msg,) = [o for o in packed.outputs if o["msg_type"] == "comm_msg"]
+    assert msg["content"]["data"] == {"n": 569 * 8} and [len(b) for b in packed.buffers] == [569 * 8]
+    assert day_bytes() >= before + 569 * 8
+
+
 def test_rows_in_an_input_prompt_are_withheld(alice, sample):
     res = run(alice, "x = input(df.head(60).to_csv())\nprint('answered')", stdin_reply="ok")
     assert res.prompts and "output withheld" in res.prompts[0]

@@ -232,3 +232,44 @@ def test_other_api_responses_pass_the_transform_and_are_counted(world):
     assert server.get("/api/sessions").status_code == 200
     assert server.get("/api/kernels").status_code == 200
     assert service.store.day(user.pw_name, today()).outputs >= before + 2
+
+
+UNCHECKED = 6000
+"""The unchecked allowance of the server whose egress service is down (small, so the test is quick)."""
+
+
+def test_while_the_service_is_down_a_drip_of_rows_stops_at_the_unchecked_allowance(world_tmp, make_system_user):
+    """Attack: with the egress service down, print rows one small piece at a time (each far under
+    fail_closed_bytes), over several cells, each on a new websocket. What reaches the client is bounded by
+    the server's unchecked allowance; the rest is withheld with the notice, until the service answers again."""
+    site = make_site(world_tmp, {"onc": ["bc"]}, egress={"unchecked_bytes": UNCHECKED})
+    publish(site, "onc", "bc", "a,b\n1,2\n")
+    user = make_system_user("unchecked")
+    drip = (
+        "import time\nfor i in range({first}, {last}):\n"
+        "    print(f'row:{{i}},' + 'x' * 90, flush=True); time.sleep(0.005)"
+    )
+    with UserServer(site, user, ("onc",), world_tmp, start_egress=False) as server:
+        assert not socket_path(site).exists()
+        kernel = server.start_kernel()
+        results = [server.run(drip.format(first=i * 60, last=i * 60 + 60), kernel) for i in range(5)]
+        shown = "".join(r.stdout for r in results)
+        # 300 rows of ~100 bytes were printed: what came through fits in the allowance
+        assert 0 < len(shown.encode()) <= UNCHECKED and shown.count("row:") < 60, len(shown)
+        assert all(r.reply is not None for r in results)  # the cells ran and finished; only output was held
+        assert "may pass unchecked" in results[-1].stderr and "row:" not in results[-1].stdout
+        # the allowance is the server's, for every channel: API responses are withheld now too
+        r = server.get("/api/kernels")
+        assert r.status_code == 403 and r.json()["reason"] == "egress-withheld", r.text[:300]
+        store = EgressStore.for_state_dir(site.state_dir)
+        service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
+        egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
+        egress.start_in_thread()
+        try:
+            back = server.run(drip.format(first=1000, last=1005), kernel)
+            assert back.stdout.count("row:") == 5 and "withheld" not in back.stderr, back.stderr
+        finally:
+            egress.shutdown()
+            egress.server_close()
+            service.close()
+            store.close()

@@ -67,7 +67,11 @@ def running(site):
     service = EgressService(site, store, matcher, CallerIsAlice.for_state_dir(site.state_dir))
     server = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     server.start_in_thread()
-    gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
+    gate = EgressGate(
+        str(socket_path(site)),
+        fail_closed_bytes=site.egress.fail_closed_bytes,
+        unchecked_bytes=site.egress.unchecked_bytes,
+    )
     yield service, gate
     gate.shutdown()
     server.shutdown()
@@ -188,10 +192,84 @@ def test_when_the_trail_cannot_record_large_outputs_are_withheld(site, running):
 
 
 def test_when_the_service_is_down_the_gate_fails_closed(site):
-    gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
+    gate = EgressGate(
+        str(socket_path(site)),
+        fail_closed_bytes=site.egress.fail_closed_bytes,
+        unchecked_bytes=site.egress.unchecked_bytes,
+    )
     small = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 100)
     big = gate.check_blocking(context="k", channel="kernel", object="k", text=b"x" * 5000)
     assert small.forward and not big.forward and big.reason == "unchecked"
+
+
+def drip(gates: list[EgressGate], pieces: int, size: int = 1000) -> tuple[int, list]:
+    """Small pieces of rows, each its own output, spread over ``gates`` in turn: the bytes forwarded, and the
+    checks of the withheld pieces."""
+    forwarded, refused = 0, []
+    for i in range(pieces):
+        piece = rows(i * 10, 10).ljust(size, b" ")
+        check = gates[i % len(gates)].check_blocking(context=f"k:{i}", channel="kernel", object="k", text=piece)
+        if check.forward:
+            forwarded += len(piece)
+        else:
+            refused.append(check)
+    return forwarded, refused
+
+
+def make_gate(site) -> EgressGate:
+    return EgressGate(
+        str(socket_path(site)),
+        fail_closed_bytes=site.egress.fail_closed_bytes,
+        unchecked_bytes=site.egress.unchecked_bytes,
+    )
+
+
+def test_while_rows_cannot_be_matched_small_outputs_pass_only_up_to_the_allowance(site, running):
+    """Attack: while the matcher is broken, a drip of small outputs (each under fail_closed_bytes), from two
+    connections (a second server of the same user, or a reconnect): what passes unchecked is bounded by
+    unchecked_bytes for the user, and the first checked output renews it."""
+    service, gate = running
+    allowance = site.egress.unchecked_bytes
+    service.matcher.broken = True
+    other = make_gate(site)
+    try:
+        forwarded, refused = drip([gate, other], 2 * allowance // 1000)
+        assert allowance - 1000 < forwarded <= allowance
+        assert len(refused) >= allowance // 1000 - 1
+        assert all(c.reason == "unchecked" and "may pass unchecked" in c.notice for c in refused)
+        service.matcher.broken = False
+        assert gate.check_blocking(context="k:ok", channel="kernel", object="k", text=rows(0, 3)).forward
+        service.matcher.broken = True
+        assert other.check_blocking(context="k:again", channel="kernel", object="k", text=b"x" * 100).forward
+    finally:
+        other.shutdown()
+
+
+def test_while_the_service_is_down_small_outputs_pass_only_up_to_the_allowance(site):
+    """Attack: the egress service is down and a server's outputs come in small pieces, many outputs (cells)
+    long: the gate lets through unchecked_bytes in all, then withholds everything until the service answers
+    again, which renews the allowance."""
+    allowance = site.egress.unchecked_bytes
+    gate = make_gate(site)
+    try:
+        forwarded, refused = drip([gate], 2 * allowance // 1000)
+        assert allowance - 1000 < forwarded <= allowance and gate.unchecked_spent == forwarded
+        assert refused and all(c.reason == "unchecked" and "may pass unchecked" in c.notice for c in refused)
+        assert not gate.check_blocking(context="k:tiny", channel="kernel", object="k", text=b"x" * 1000).forward
+        store = EgressStore.for_state_dir(site.state_dir)
+        service = EgressService(site, store, MarkedRows(site), CallerIsAlice.for_state_dir(site.state_dir))
+        server = EgressServer(socket_path(site), service, group=workspacegroup.gid())
+        server.start_in_thread()
+        try:
+            assert gate.check_blocking(context="k:back", channel="kernel", object="k", text=rows(0, 3)).forward
+            assert gate.unchecked_spent == 0
+        finally:
+            server.shutdown()
+            server.server_close()
+            service.close()
+            store.close()
+    finally:
+        gate.shutdown()
 
 
 def test_what_left_is_in_the_audit_trail(site, running):
@@ -262,7 +340,11 @@ def test_many_servers_at_once(site, running):
     errors = []
 
     def one(i):
-        gate = EgressGate(str(socket_path(site)), fail_closed_bytes=site.egress.fail_closed_bytes)
+        gate = EgressGate(
+            str(socket_path(site)),
+            fail_closed_bytes=site.egress.fail_closed_bytes,
+            unchecked_bytes=site.egress.unchecked_bytes,
+        )
         try:
             for j in range(20):
                 if not gate.check_blocking(context=f"s{i}:{j}", channel="kernel", object="k", text=b"x").forward:

@@ -367,12 +367,13 @@ class UserServer:
         v1: bool = False,
         channel: str = "shell",
         stdin_reply: str | None = None,
+        user_expressions: dict[str, str] | None = None,
     ) -> CellResult:
         """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
         protocol JupyterLab speaks; ``channel`` is where the execute_request goes; ``stdin_reply`` answers
-        ``input()``."""
+        ``input()``; ``user_expressions`` go with the request."""
         kernel_id = kernel_id or self.start_kernel()
-        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel, stdin_reply))
+        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel, stdin_reply, user_expressions))
 
     async def _execute(
         self,
@@ -382,6 +383,7 @@ class UserServer:
         v1: bool = False,
         channel: str = "shell",
         stdin_reply: str | None = None,
+        user_expressions: dict[str, str] | None = None,
     ) -> CellResult:
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
         try:
@@ -394,6 +396,7 @@ class UserServer:
                 v1=v1,
                 channel=channel,
                 stdin_reply=stdin_reply,
+                user_expressions=user_expressions,
             )
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{self.logs()}") from None

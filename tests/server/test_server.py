@@ -77,6 +77,28 @@ def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_
     assert [r["object"] for r in stopped] == [kid] and stopped[0]["details"]["datasets"] == ["onc/bc"]
 
 
+def test_code_in_user_expressions_is_audited_before_it_runs(site, world_tmp, make_system_user, audit_service):
+    """Attack: an execute_request whose cell is empty and whose code is in ``user_expressions``, which IPython
+    evaluates after the cell in the user's namespace. It runs (the file it writes appears) only with its text
+    in the execution's audit record."""
+    user = make_system_user("userexpr")
+    marker = Path(user.pw_dir) / "expression-ran.txt"
+    expression = f"open({str(marker)!r}, 'w').write('evaluated')"
+    server = UserServer(site, user, ("onc",), world_tmp)
+    Registry.for_state_dir(site.state_dir).put(server.member)
+    with server:
+        kid = server.start_kernel()
+        res = server.run("", kid, user_expressions={"probe": expression})
+        assert res.reply is not None and res.reply["status"] == "ok", res.reply
+        assert res.reply["user_expressions"]["probe"]["status"] == "ok", res.reply["user_expressions"]
+        assert marker.read_text() == "evaluated"
+        executed = wait_for(lambda: [r for r in records(site, "cell.execute") if r["object"] == kid])
+    assert len(executed) == 1 and executed[0]["actor"] == user.pw_name
+    details = executed[0]["details"]
+    assert details["code"] == "" and details["user_expressions"] == {"probe": expression}
+    assert details["truncated"] is False
+
+
 def test_a_server_whose_config_lost_the_lockdown_refuses_to_start(site, world_tmp, make_system_user):
     user = make_system_user("open")
     server = UserServer(site, user, ("onc",), world_tmp, extra_args=("--ServerApp.terminals_enabled=True",))
@@ -106,6 +128,9 @@ def test_a_cell_is_refused_while_the_audit_service_is_stopped_and_runs_once_it_i
         # the binary protocol JupyterLab speaks, and the control channel, are refused the same way
         assert server.run(code, kernel, v1=True).error.startswith("AuditUnavailable")
         assert server.run(code, kernel, channel="control").error.startswith("AuditUnavailable")
+        # nor does an empty cell carrying its code in user_expressions run
+        hidden = server.run("", kernel, user_expressions={"x": code})
+        assert hidden.error is not None and hidden.error.startswith("AuditUnavailable")
         assert not marker.exists()
         with audit_service(site):
             ran = server.run(code, kernel)

@@ -46,6 +46,14 @@ class EgressLimits(Model):
         help="When the row matcher or the audit trail cannot be reached, outputs larger than this many bytes are "
         "withheld. 0: all are withheld.",
     )
+    unchecked_bytes = WholeNumber(
+        65_536,
+        rule=NOT_NEGATIVE,
+        help="While outputs cannot be checked, the small ones (see fail_closed_bytes) that pass unchecked may add "
+        "up to this many bytes in all: for each user's server when the egress service cannot be reached, for each "
+        "user when the row matcher or the audit trail cannot. Reconnecting or a new cell does not renew it; once "
+        "it is spent every output is withheld until outputs can be checked again, which renews it. 0: none pass.",
+    )
 
     daily_bytes = WholeNumber(
         20_000_000,

@@ -135,6 +135,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
         "PaitientServerExtension": {
             "egress_socket": str(egress.socket_path(site)),
             "fail_closed_bytes": limits.fail_closed_bytes,
+            "unchecked_bytes": limits.unchecked_bytes,
         },
         "KernelManager": {"transport": "ipc"},
         "KernelProvisionerFactory": {"default_provisioner_name": "paitient-sandbox"},
@@ -165,8 +166,9 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "user_settings_dir": os.path.join(lab_dir, "user-settings"),
             "workspaces_dir": os.path.join(lab_dir, "workspaces"),
             "app_settings_dir": lab_settings_dir(data_dir),
-            # The server has network access: nothing may make it fetch a URL or query an index on a
-            # user's behalf (an extension search carries whatever text the user typed).
+            # The server's network reaches only the hub's API (paitient.hub.servernet); should that ever
+            # widen, nothing here may make it fetch a URL or query an index on a user's behalf either (an
+            # extension search carries whatever text the user typed).
             "extension_manager": "readonly",
             "news_url": None,
             "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",

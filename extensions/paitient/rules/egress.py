@@ -25,6 +25,7 @@ class Limits(Protocol):
     daily_rows: int
     daily_bytes: int
     fail_closed_bytes: int
+    unchecked_bytes: int
 
 
 class Verdict(enum.Enum):
@@ -66,16 +67,20 @@ def decide(
     day_bytes: int,
     size: int,
     checked: bool = True,
+    unchecked_spent: int = 0,
 ) -> Decision:
     """The verdict on one piece of output.
 
     ``output_rows``: dataset -> distinct rows the whole output (this piece and what went before it in the
     same execution, file or notebook) reveals; ``new_day_rows``: rows this piece would add to what the user
     saw today; ``day_rows``/``day_bytes``: today's totals before this piece; ``size``: its bytes;
-    ``checked``: False when the rows could not be matched or the trail could not record.
+    ``checked``: False when the rows could not be matched or the trail could not record;
+    ``unchecked_spent``: bytes that passed unchecked since outputs were last checked.
     """
-    if not checked and size > limits.fail_closed_bytes:
-        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_notice(size))
+    if not checked:
+        refusal = unchecked(size, unchecked_spent, limits.fail_closed_bytes, limits.unchecked_bytes)
+        if refusal is not None:
+            return refusal
     over = {ds: n for ds, n in output_rows.items() if n > limits.max_rows_per_output}
     if over:
         return Decision(Verdict.WITHHOLD, Reason.ROWS, rows_notice(over, limits.max_rows_per_output))
@@ -84,6 +89,35 @@ def decide(
     if day_bytes + size > limits.daily_bytes:
         return Decision(Verdict.WITHHOLD, Reason.DAILY_BYTES, daily_bytes_notice(limits.daily_bytes))
     return FORWARD
+
+
+TEXT_SHARE = 0.75
+"""A binary buffer is scanned as text when at least this share of its characters decode as text."""
+
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\r") + b"\x7f"
+
+
+def looks_like_text(data: bytes) -> bool:
+    """Whether a binary buffer (of a comm message, display data) is text to scan for rows: valid UTF-8 with
+    no control characters, or mostly so (at least :data:`TEXT_SHARE` of it), so that a stray byte does not
+    turn a table into "binary". What fails this (images, packed numbers, compressed or encrypted bytes) is
+    counted against the day's bytes but cannot be read for rows."""
+    if not data:
+        return False
+    chars = data.decode("utf-8", errors="replace")
+    bad = chars.count("\ufffd") + len(data) - len(data.translate(None, _CONTROL))
+    return bad <= (1 - TEXT_SHARE) * len(chars)
+
+
+def unchecked(size: int, spent: int, fail_closed_bytes: int, allowance: int) -> Decision | None:
+    """The refusal of a piece of ``size`` bytes that cannot be checked, when ``spent`` bytes passed unchecked
+    since outputs were last checked; None: it may pass (not above ``fail_closed_bytes``, and within the
+    ``allowance``, the ``unchecked_bytes`` limit)."""
+    if size > fail_closed_bytes:
+        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_notice(size))
+    if spent + size > allowance:
+        return Decision(Verdict.WITHHOLD, Reason.UNCHECKED, unchecked_spent_notice(allowance))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +162,14 @@ def unchecked_notice(size: int) -> str:
         f"[paitient] output withheld: the workspace cannot check outputs right now, and this one "
         f"({size:,} bytes) is too large to pass unchecked. Run the cell again in a minute; if this stays, "
         "ask the workspace operator."
+    )
+
+
+def unchecked_spent_notice(allowance: int) -> str:
+    return (
+        "[paitient] output withheld: the workspace cannot check outputs right now, and the small outputs that "
+        f"may pass unchecked meanwhile ({allowance:,} bytes in all) have passed. Outputs show again once they can "
+        "be checked: run the cell again in a minute; if this stays, ask the workspace operator."
     )
 
 

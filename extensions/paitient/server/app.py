@@ -34,6 +34,7 @@ class PaitientServerExtension(ExtensionApp):
         "", help="The egress service's socket (<state_dir>/gate/egress.sock); every output is checked there."
     ).tag(config=True)
     fail_closed_bytes = site_trait(EgressLimits, "fail_closed_bytes")
+    unchecked_bytes = site_trait(EgressLimits, "unchecked_bytes")
 
     gate: EgressGate | None = None
 
@@ -47,7 +48,9 @@ class PaitientServerExtension(ExtensionApp):
         serverapp = self.serverapp
         if serverapp is None:
             raise LockdownError("paitient: the server extension was loaded without a server")
-        self.gate = EgressGate(self.egress_socket, fail_closed_bytes=self.fail_closed_bytes)
+        self.gate = EgressGate(
+            self.egress_socket, fail_closed_bytes=self.fail_closed_bytes, unchecked_bytes=self.unchecked_bytes
+        )
         web_app = serverapp.web_app
         web_app.settings["paitient_gate"] = self.gate
         if isinstance(serverapp.contents_manager, ConfinedContentsManager):

@@ -10,7 +10,9 @@ ask it before they send:
 
 The gate itself decides nothing about rows or budgets: it sends each piece to the root-side egress service
 (:mod:`paitient.services.egress`) over one unix-socket connection and applies the answer. When the service
-cannot be reached, pieces larger than ``fail_closed_bytes`` are withheld.
+cannot be reached (or refuses), pieces larger than ``fail_closed_bytes`` are withheld, and the smaller ones
+that pass unchecked may add up to ``unchecked_bytes`` for the whole server: the allowance is kept here, so
+neither a new websocket nor a new cell renews it; only an answer of the service does.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from paitient.rules.egress import (
     decode_header,
     encode_frame,
     header_length,
-    unchecked_notice,
+    unchecked,
 )
 from paitient.rules.outputcap import OutputCap
 
@@ -104,9 +106,13 @@ class _Link:
 class EgressGate:
     """What the server's egress points call. Thread-safe; async callers do not block the event loop."""
 
-    def __init__(self, socket_path: str, *, fail_closed_bytes: int):
+    def __init__(self, socket_path: str, *, fail_closed_bytes: int, unchecked_bytes: int):
         self.socket_path = socket_path
         self.fail_closed_bytes = fail_closed_bytes
+        self.unchecked_bytes = unchecked_bytes
+        self.unchecked_spent = 0
+        """Bytes forwarded unchecked since the service last answered."""
+        self._unchecked_lock = threading.Lock()
         self._async_link = _Link(socket_path)
         self._sync_link = _Link(socket_path)
         self._caps: dict[str, OutputCap] = {}
@@ -132,13 +138,19 @@ class EgressGate:
         if not head.get("ok"):
             log.error("egress service refused a check: %s", head.get("error"))
             return self._unchecked(size)
+        with self._unchecked_lock:
+            self.unchecked_spent = 0  # the service answers again: the allowance is whole again
         forward = head.get("verdict") == "forward"
         return Check(forward, str(head.get("notice") or ""), head.get("reason"), head.get("rows"))
 
     def _unchecked(self, size: int) -> Check:
-        if size <= self.fail_closed_bytes:
-            return Check(True, reason="unchecked")
-        return Check(False, unchecked_notice(size), "unchecked")
+        with self._unchecked_lock:
+            refusal = unchecked(size, self.unchecked_spent, self.fail_closed_bytes, self.unchecked_bytes)
+            if refusal is None:
+                self.unchecked_spent += size
+                return Check(True, reason="unchecked")
+        log.error("withheld %d bytes unchecked (%d passed unchecked since the last check)", size, self.unchecked_spent)
+        return Check(False, refusal.notice, "unchecked")
 
     @staticmethod
     def _header(context: str, channel: str, obj: str, text: bytes, final: bool = False) -> dict[str, Any]:

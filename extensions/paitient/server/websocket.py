@@ -1,8 +1,17 @@
 """The kernel websocket connection of the user's server, with the output cap and the execution audit.
 
 Every message between the browser and a kernel passes here, outside the kernel: execute requests are
-recorded in the audit trail (``cell.execute`` with the code), and what the kernel sends back is capped
-by :mod:`paitient.rules.outputcap`. Configured as ``ServerApp.kernel_websocket_connection_class``.
+recorded in the audit trail (``cell.execute`` with the code and the ``user_expressions``, which IPython
+evaluates too), and what the kernel sends back is capped by :mod:`paitient.rules.outputcap`. Configured as
+``ServerApp.kernel_websocket_connection_class``.
+
+Only ``execute_request`` carries code for the kernel to run, whatever its ``silent`` and ``store_history``
+(both are recorded alike), and on shell or control. The other requests run none the trail has not seen:
+``comm_open``/``comm_msg`` reach only handlers an audited cell registered; ``complete_request`` evaluates
+only under IPython's ``limited`` policy (allow-listed types, no user-defined attribute code) and jedi's
+static lookups; ``inspect_request`` may run a property or
+``__getattr__`` of an object, code an audited cell defined; ``is_complete_request`` only parses; and the
+kernel starts without its debugger (:mod:`paitient.kernel.start`), so ``debug_request`` evaluates nothing.
 
 Auditing fails closed: an ``execute_request`` reaches the kernel only after the audit service has answered
 that its record is written. When it cannot be written (the service is down, too slow, or refuses), the
@@ -23,6 +32,7 @@ from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebso
 from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
+from paitient.rules.egress import looks_like_text
 from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
 from paitient.server.gate import EgressGate
 
@@ -100,12 +110,13 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         """Record the execution in the audit trail; '' when recorded, else the notice for the browser."""
         if not self.audit_run_dir:
             return ""
-        code = content.get("code", "")
-        if not isinstance(code, str):
-            code = repr(code)
+        code = _text(content.get("code", ""))
+        expressions, cut = audited_expressions(content.get("user_expressions"), MAX_AUDITED_CODE - len(code))
         details = {
             "code": code[:MAX_AUDITED_CODE],
-            "truncated": len(code) > MAX_AUDITED_CODE,
+            # IPython evaluates each of these after the code, in the user's namespace: they are code too.
+            "user_expressions": expressions,
+            "truncated": len(code) > MAX_AUDITED_CODE or cut,
             "session": str(header.get("session", "")),
             "msg_id": msg_id,
         }
@@ -225,8 +236,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
         if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
-            text = _bytes(parts[4]) + b"\n" + _bytes(parts[3])
-            binary = b"".join(_bytes(p) for p in parts[5:])
+            # Binary buffers (comm messages, display data) that hold text are scanned with the content;
+            # the others (images, packed numbers) are counted only.
+            buffers = [(b, looks_like_text(b)) for b in map(_bytes, parts[5:])]
+            text = b"\n".join([_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t)])
+            binary = b"".join(b for b, t in buffers if not t)
             context = f"kernel:{self.kernel_id}:{execution}"
             check = await gate.check(
                 context=context, channel="kernel", object=str(self.kernel_id), text=text, binary=binary
@@ -273,6 +287,35 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if gate is None:
             raise RuntimeError("the egress gate is not configured (the paitient server extension is not loaded)")
         return gate
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)
+
+
+def audited_expressions(expressions: Any, room: int) -> tuple[dict[str, str], bool]:
+    """The ``user_expressions`` of an execute_request as the audit trail records them (name -> the
+    expression's text), within ``room`` characters in all; and whether any was cut to fit.
+
+    Whatever the browser sent is recorded, well-formed or not: a value that is not a string, or a mapping
+    that is not one, is recorded as its ``repr`` (IPython evaluates nothing of those, but the trail shows
+    what was asked)."""
+    if not expressions:
+        return {}, False
+    if not isinstance(expressions, dict):
+        expressions = {"(not a mapping)": expressions}
+    out: dict[str, str] = {}
+    cut = False
+    room = max(room, 0)
+    for name, expression in expressions.items():
+        if room <= 0:
+            return out, True
+        key, text = _text(name)[:200], _text(expression)
+        kept = text[: max(room - len(key), 0)]
+        cut = cut or len(kept) < len(text)
+        out[key] = kept
+        room -= len(key) + len(kept)
+    return out, cut
 
 
 def audit_refusal(code: str) -> str:

@@ -14,7 +14,8 @@ API responses), framed as in :mod:`paitient.rules.egress`. For each piece the se
 What left is recorded in the audit trail: one ``egress.output`` record per context (channel, bytes, SHA-256
 of what was forwarded, rows per dataset, verdict) when it ends, and an ``egress.withheld`` record the moment
 a piece is withheld. When the trail cannot be written, or rows cannot be matched, pieces larger than
-``fail_closed_bytes`` are withheld until it can.
+``fail_closed_bytes`` are withheld until it can, and the smaller ones a user receives meanwhile may add up to
+``unchecked_bytes``; the first checked piece of that user renews the allowance.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class EgressService:
         self.log = logger or log
         self._emit = emit
         self.audit_ok = True
+        # Bytes each user received unchecked since their outputs were last checked (bounded by unchecked_bytes).
+        self._unchecked: dict[str, int] = {}
+        self._unchecked_lock = threading.Lock()
         # Records are written by one thread of their own: a record is an append and an fsync (milliseconds),
         # which must not hold up the output it describes. A failed write marks the trail down, and outputs
         # fail closed from the next piece on; a full queue counts as down too.
@@ -240,15 +244,21 @@ class EgressService:
         over = any(n > limits.max_rows_per_output for n in output_rows.values())
         new_rows = {} if over else {k: [int(i) for i in v] for k, v in found.items()}
         unseen = self.store.unseen(member.username, day, new_rows) if new_rows else 0
-        decision = decide(
-            limits,
-            output_rows=output_rows,
-            new_day_rows=unseen,
-            day_rows=counts.rows,
-            day_bytes=counts.bytes,
-            size=len(payload),
-            checked=checked,
-        )
+        with self._unchecked_lock:
+            if checked:
+                self._unchecked.pop(member.username, None)
+            decision = decide(
+                limits,
+                output_rows=output_rows,
+                new_day_rows=unseen,
+                day_rows=counts.rows,
+                day_bytes=counts.bytes,
+                size=len(payload),
+                checked=checked,
+                unchecked_spent=self._unchecked.get(member.username, 0),
+            )
+            if not checked and decision.forward:
+                self._unchecked[member.username] = self._unchecked.get(member.username, 0) + len(payload)
         ctx.pieces += 1
         ctx.last = time.monotonic()
         self.metrics.pieces.labels(ctx.channel, decision.verdict.value).inc()
