@@ -24,21 +24,25 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=extensions${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log=${OUT:-/tmp}/gpu_check.log
-exec > >(tee "$log") 2>&1
-status=0
-"$PY" -c "import torch, traitlets, opacus; assert torch.cuda.is_available(), 'torch sees no GPU'" || {
-    echo "gpu_check: torch with a GPU, traitlets and opacus are needed (see the head of this script)"
-    exit 2
+
+main() {
+    local status=0 start=$SECONDS
+    "$PY" -c "import torch, traitlets, opacus; assert torch.cuda.is_available(), 'torch sees no GPU'" || {
+        echo "gpu_check: torch with a GPU, traitlets and opacus are needed (see the head of this script)"
+        return 2
+    }
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+    echo "== 1. the graphed step is the padded eager step; fresh noise at each replay"
+    timeout 100 "$PY" benchmarks/check_graph.py || status=1
+    echo "== 2. throughput, batch 512 ($((SECONDS - start)) s so far)"
+    timeout 90 "$PY" benchmarks/bench_jobs.py --device cuda --batch 512 --steps 40 --blocks 3 --threads 8 \
+        --skip utility,runner || status=1
+    echo "== 3. throughput, batch 4096 ($((SECONDS - start)) s so far)"
+    timeout 70 "$PY" benchmarks/bench_jobs.py --device cuda --batch 4096 --steps 40 --blocks 3 --threads 8 \
+        --skip agree,utility,runner || status=1
+    echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED) in $((SECONDS - start)) s"
+    return $status
 }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-start=$SECONDS
-echo "== 1. the graphed step is the padded eager step; fresh noise at each replay"
-timeout 100 "$PY" benchmarks/check_graph.py || status=1
-echo "== 2. throughput, batch 512 ($((SECONDS - start)) s so far)"
-timeout 90 "$PY" benchmarks/bench_jobs.py --device cuda --batch 512 --steps 40 --blocks 3 --threads 8 \
-    --skip utility,runner || status=1
-echo "== 3. throughput, batch 4096 ($((SECONDS - start)) s so far)"
-timeout 70 "$PY" benchmarks/bench_jobs.py --device cuda --batch 4096 --steps 40 --blocks 3 --threads 8 \
-    --skip agree,utility,runner || status=1
-echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED) in $((SECONDS - start)) s"
-exit $status
+
+main 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"
