@@ -2,19 +2,23 @@
 
     /opt/paitient/venv/bin/python benchmarks/bench_jobs.py [--steps 20] [--blocks 7] [--threads 2] [--clock wall]
         [--models MLP,CNN,CNN2] [--exact] [--seeds 5] [--sweep] [--device cpu|cuda] [--batch 512]
-        [--skip throughput,utility,runner]
+        [--graph both|on|off] [--skip agree,throughput,utility,runner]
 
 Throughput: the runner's training step (:func:`paitient.services.jobs.train.train`: Poisson sampling, the
 clipped per-sample sum, book-keeping where the graph allows it, noise, accountant) against plain SGD of the
 same exported graph (a shuffled order cut into batches, mean loss, backward, step), batch ``--batch``, in
-alternating blocks of ``--steps`` steps (``--blocks`` pairs, the pair's order alternating, so drifting load
-falls on both). A DP block is timed from its first step's end to its last's (the one-off probe that picks
-the clipping way is reported apart as set-up). The figure is the median over the pairs of plain SGD's rate
-over DP-SGD's. On a machine other work shares, ``--threads 1 --clock cpu`` (the thread's CPU time) is the
-steadier measure. ``--device cuda`` runs both on the GPU (timed after the GPU's queue is drained) and first
-shows that one noiseless step on the GPU gives the parameters the CPU gives. Models: the MLP of
-bench_dp.py (64-256-256-2, 200k x 64 rows), a small CNN on 28x28 inputs (conv 1->8, 3x3, max-pool, linear to
-10 classes; 60k rows) and a deeper one (CNN2: conv 1->16 and 16->32, 3x3, two linear layers). ``--exact``
+alternating blocks of ``--steps`` steps (``--blocks`` rounds, the order rotating, so drifting load falls on
+each). A DP block is timed from its first step's end to its last's (the one-off probe that picks the
+clipping way is reported apart as set-up); with the step captured as a CUDA graph, from the end of the step
+that captured it, after the warm-up steps. The figure is the median over the rounds of plain SGD's rate
+over DP-SGD's, and its inverse as DP-SGD's share of plain SGD's throughput. On a machine other work
+shares, ``--threads 1 --clock cpu`` (the thread's CPU time) is the steadier measure. ``--device cuda`` runs
+both on the GPU (timed after the GPU's queue is drained) and first shows that one noiseless step on the GPU
+gives the parameters the CPU gives (``--skip agree`` leaves that out); DP-SGD is timed with its step
+captured as a CUDA graph and eager, in the same rounds (``--graph both``, the default; ``on`` or ``off``
+for one). Models: the MLP of bench_dp.py (64-256-256-2, 200k x 64 rows), a small CNN on 28x28 inputs
+(conv 1->8, 3x3, max-pool, linear to 10 classes; 60k rows) and a deeper one (CNN2: conv 1->16 and 16->32,
+3x3, two linear layers). ``--exact``
 also times the exact way (a gradient per row, vmap).
 
 Utility: scikit-learn's breast_cancer, a fixed 80/20 split (permutation seed 0; 455 training rows, 114 held
@@ -59,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "extensions"))
 
 from paitient.kernel.jobs.export import export_graph  # noqa: E402
 from paitient.services.jobs.graph import initialise, load_graph  # noqa: E402
+from paitient.services.jobs.padded import WARMUP  # noqa: E402
 from paitient.services.jobs.train import Plan, TrainSpec, evaluate, loss_function, plan, train  # noqa: E402
 
 BATCH = 512
@@ -99,8 +104,16 @@ def functional(model: nn.Module, row: tuple[int, ...]) -> tuple[Any, Callable[..
 
 
 def throughput(
-    name: str, steps: int, blocks: int, clipping: str, clock: Callable[[], float], device: str = "cpu"
-) -> float:
+    name: str,
+    steps: int,
+    blocks: int,
+    clipping: str,
+    clock: Callable[[], float],
+    device: str = "cpu",
+    modes: tuple[str, ...] = ("eager",),
+) -> dict[str, float]:
+    """Plain SGD and the runner's DP-SGD, each step mode of ``modes`` (``eager``, ``graph``), in rotating
+    blocks; prints and returns each mode's median of the blocks' plain/DP time ratios (the slowdown)."""
     model, row, classes, rows = models()[name]
     graph, forward = functional(model, row)
     gen = torch.Generator().manual_seed(0)
@@ -120,22 +133,31 @@ def throughput(
     plain_params = {k: v.to(device).clone().requires_grad_(True) for k, v in dp_params.items()}
     opt = torch.optim.SGD(list(plain_params.values()), lr=0.05)
     order, at = torch.randperm(rows, generator=gen), 0
-    dp_rates: list[float] = []
+    dp_rates: dict[str, list[float]] = {m: [] for m in modes}
     plain_rates: list[float] = []
-    setups: list[float] = []
-    used = ""
+    setups: dict[str, list[float]] = {m: [] for m in modes}
+    how: dict[str, str] = {}
 
-    def dp_block() -> None:
-        nonlocal dp_params, used
+    def dp_block(mode: str) -> None:
+        nonlocal dp_params
+        # a graphed run warms up, then captures at the step after: its time runs from that step's end
+        first = WARMUP + 1 if mode == "graph" else 1
         stamps: list[float] = []
         start = now()
         result = train(
-            forward, dp_params, x, y, spec, the_plan=the_plan, clipping=clipping, device=device,
-            on_step=lambda p: stamps.append(now()) if p.step in (1, p.steps) else None,
+            forward, dp_params, x, y, spec, the_plan=the_plan, clipping=clipping, device=device, step=mode,
+            on_step=lambda p: stamps.append(now()) if p.step in (first, p.steps) else None,
         )  # fmt: skip
-        dp_params, used = result.params, result.clipping
-        setups.append(stamps[0] - start)
-        dp_rates.append((steps - 1) * BATCH / (stamps[-1] - stamps[0]))
+        dp_params = result.params
+        how[mode] = result.clipping + (
+            f", graph {'on' if result.graph else 'OFF'}, capacity {result.capacity}, {result.overflow} overflowed"
+            if mode == "graph"
+            else ""
+        )
+        if result.graph_failed:
+            how[mode] += f" (capture failed: {result.graph_failed})"
+        setups[mode].append(stamps[0] - start)
+        dp_rates[mode].append((steps - first) * BATCH / (stamps[-1] - stamps[0]))
 
     def plain_block() -> None:
         nonlocal order, at
@@ -150,22 +172,27 @@ def throughput(
             opt.step()
         plain_rates.append(steps * BATCH / (now() - start))
 
-    for i in range(blocks):
-        for block in (dp_block, plain_block) if i % 2 == 0 else (plain_block, dp_block):
+    blocks_in_turn: list[Callable[[], None]] = [plain_block, *(lambda m=m: dp_block(m) for m in modes)]
+    for i in range(blocks):  # the order rotates, so drifting load falls on each
+        turn = i % len(blocks_in_turn)
+        for block in blocks_in_turn[turn:] + blocks_in_turn[:turn]:
             block()
-    ratios = [p / d for p, d in zip(plain_rates, dp_rates, strict=True)]
-    ratio = statistics.median(ratios)
-    quartiles = "-"
-    if len(ratios) >= 4:
-        q = statistics.quantiles(ratios, n=4)
-        quartiles = f"{q[0]:.2f}-{q[2]:.2f}"
-    print(
-        f"  {name:5s} plain SGD {statistics.median(plain_rates):9.0f} samples/s   DP-SGD ({used}) "
-        f"{statistics.median(dp_rates):9.0f} samples/s   slowdown {ratio:.2f}x (median of the pairs' ratios; "
-        f"quartiles {quartiles}; set-up {statistics.median(setups):.2f} s)",
-        flush=True,
-    )
-    return ratio
+    print(f"  {name:5s} plain SGD {statistics.median(plain_rates):9.0f} samples/s", flush=True)
+    out = {}
+    for mode in modes:
+        ratios = [p / d for p, d in zip(plain_rates, dp_rates[mode], strict=True)]
+        ratio = out[mode] = statistics.median(ratios)
+        quartiles = "-"
+        if len(ratios) >= 4:
+            q = statistics.quantiles(ratios, n=4)
+            quartiles = f"{q[0]:.2f}-{q[2]:.2f}"
+        print(
+            f"        DP-SGD {mode:5s} {statistics.median(dp_rates[mode]):9.0f} samples/s   {100 / ratio:5.1f} % of "
+            f"plain SGD's, slowdown {ratio:.2f}x (median of the blocks' ratios; quartiles {quartiles}; set-up "
+            f"{statistics.median(setups[mode]):.2f} s; {how[mode]})",
+            flush=True,
+        )
+    return out
 
 
 def devices_agree(name: str) -> None:
@@ -401,7 +428,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--sweep", action="store_true", help="also try the logistic regression's utility under many settings"
     )
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: throughput, utility, runner")
+    ap.add_argument(
+        "--graph",
+        choices=("both", "on", "off"),
+        default="both",
+        help="--device cuda: time DP-SGD with its step captured as a CUDA graph (on), eager (off), or both",
+    )
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: agree, throughput, utility, runner")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.clock == "cpu" and args.threads != 1:
@@ -412,21 +445,28 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     BATCH = args.batch
     if args.device == "cuda":
+        if args.graph != "off" and "throughput" not in skip and args.steps < WARMUP + 3:
+            raise SystemExit(f"--graph: a block needs at least {WARMUP + 3} steps ({WARMUP} warm up, one captures)")
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no GPU here")
         if args.clock == "cpu":
             raise SystemExit("--device cuda is timed by the wall clock: leave out --clock cpu")
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-        print("cpu and cuda agree:")
-        for name in args.models.split(","):
-            devices_agree(name)
+        if "agree" not in skip:
+            print("cpu and cuda agree:")
+            for name in args.models.split(","):
+                devices_agree(name)
     if "throughput" not in skip:
         print(f"throughput on {args.device} (batch {BATCH}, {args.steps} steps a block, {args.blocks} pairs, "
               f"{args.threads} threads, {args.clock} clock):")  # fmt: skip
+        modes = ("eager",)
+        if args.device == "cuda":
+            modes = {"both": ("graph", "eager"), "on": ("graph",), "off": ("eager",)}[args.graph]
         for name in args.models.split(","):
-            throughput(name, args.steps, args.blocks, "auto", clock, args.device)
+            throughput(name, args.steps, args.blocks, "auto", clock, args.device, modes)
             if args.exact:
-                throughput(name, max(3, args.steps // 10), max(1, args.blocks // 3), "exact", clock, args.device)
+                steps = max(3, args.steps // 10) if args.device == "cpu" else args.steps
+                throughput(name, steps, max(1, args.blocks // 3), "exact", clock, args.device, modes)
     if "utility" not in skip:
         print("utility (epsilon 1, delta 1e-5):")
         utility(args.seeds)

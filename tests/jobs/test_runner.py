@@ -130,6 +130,7 @@ def test_a_job_trains_under_dp_and_its_record_verifies(world):
     ]
     (done,) = [e for e in entries if e["details"].get("state") == "done"]
     assert done["details"]["device"] == "cpu" and done["details"]["clipping"] in ("fast", "exact")
+    assert done["details"]["graph"] is False  # a CUDA graph only on a GPU
 
 
 def test_a_job_over_the_budget_fails_with_the_ledgers_reason(world):

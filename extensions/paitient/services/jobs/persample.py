@@ -204,11 +204,14 @@ class FastClipper:
         *,
         scale: float = 1.0,
         into: dict[str, torch.Tensor] | None = None,
+        weights: torch.Tensor | None = None,
     ) -> Clipped:
         """``leaves``: the parameters as tensors that require grad (their ``.grad`` is left as it was).
 
         The sum is multiplied by ``scale`` and added into ``into`` (new zero tensors if None), which is
-        returned; nothing is added there unless the whole computation succeeds.
+        returned; nothing is added there unless the whole computation succeeds. ``weights`` (one number a
+        row) multiplies each row's clipped gradient in the sum: a padded step's 0/1 mask, so padding rows add
+        nothing; the norms and losses returned are every row's, padding too.
         """
         if len(x) == 0:
             return _nothing(leaves, into)
@@ -228,7 +231,7 @@ class FastClipper:
                 v.grad = before[k]
             raise Unsupported("a gradient reached a parameter outside the captured operations")
         with torch.no_grad():
-            return self._finish(recorder.uses, leaves, len(x), max_grad_norm, losses.detach(), scale, into)
+            return self._finish(recorder.uses, leaves, len(x), max_grad_norm, losses.detach(), scale, into, weights)
 
     def _finish(
         self,
@@ -239,6 +242,7 @@ class FastClipper:
         losses: torch.Tensor,
         scale: float,
         into: dict[str, torch.Tensor] | None,
+        weights: torch.Tensor | None = None,
     ) -> Clipped:
         proto = next(iter(leaves.values()))
         sq = torch.zeros(n, dtype=proto.dtype, device=proto.device)
@@ -266,6 +270,8 @@ class FastClipper:
                 raise Unsupported("the per-sample gradients of the non-linear layers are too large to hold")
             kept.append((use, per))
         factor = clip_factors(sq, max_grad_norm)
+        if weights is not None:
+            factor = factor.mul_(weights)
         if scale != 1.0:
             factor = factor.mul_(scale)
         total = into if into is not None else {k: torch.zeros_like(v) for k, v in leaves.items()}
@@ -373,9 +379,10 @@ def exact_clipped_sum(
     *,
     scale: float = 1.0,
     into: dict[str, torch.Tensor] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> Clipped:
     """The clipped sum from each row's own gradient (``vmap`` of ``grad``), in chunks that fit the budget;
-    ``scale`` and ``into`` as for :meth:`FastClipper.clipped_sum`."""
+    ``scale``, ``into`` and ``weights`` as for :meth:`FastClipper.clipped_sum`."""
     from torch.func import grad_and_value, vmap
 
     if len(x) == 0:
@@ -395,6 +402,8 @@ def exact_clipped_sum(
             grads, loss = per_row(detached, x[start : start + chunk], y[start : start + chunk])
             sq = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values()]).sum(0)
             factor = clip_factors(sq, max_grad_norm)
+            if weights is not None:
+                factor = factor.mul_(weights[start : start + chunk])
             for k, g in grads.items():
                 total[k] += torch.tensordot(factor, g, dims=1)
             norms.append(sq.sqrt())

@@ -40,8 +40,13 @@ from paitient.services.jobs.store import Job, JobStore
 from paitient.services.ledger.api import JobsLedger
 
 INIT_SCHEME = "default"
-TRAINED_HOW = {"device": ("cpu", "cuda"), "clipping": ("fast", "exact")}
-"""What the worker's last report may say of how it trained; the audit record of a finished job keeps it."""
+TRAINED_HOW: dict[str, tuple[str | bool, ...]] = {
+    "device": ("cpu", "cuda"),
+    "clipping": ("fast", "exact"),
+    "graph": (True, False),
+}
+"""What the worker's last report may say of how it trained (``graph``: whether its steps ran as a captured
+CUDA graph); the audit record of a finished job keeps it."""
 METRIC_DIGITS = 2
 
 
@@ -177,7 +182,7 @@ class Runner:
             atomic_write_json(out / "record.json", envelope, mode=0o600)
             ledger.settle(reservation, epsilon, _ledger_record(record))
             done = self.store.finish(job.id, "done")
-            trained = {k: v for k in ("device", "clipping") if (v := outcome.report.get(k)) in TRAINED_HOW[k]}
+            trained = _trained_how(outcome.report)
             self._audit(
                 done, "ok", {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps, **trained}
             )
@@ -246,6 +251,18 @@ class Runner:
             )
         except Exception as e:
             self.log.error("jobs: audit record for %s not written: %s", job.id, e)
+
+
+def _trained_how(report: dict[str, Any]) -> dict[str, str | bool]:
+    """The worker's report's :data:`TRAINED_HOW` facts that hold one of their allowed values, of the same type
+    (JSON's 1 is not ``True``); others are left out."""
+    facts: dict[str, str | bool] = {}
+    for key, allowed in TRAINED_HOW.items():
+        value = report.get(key)
+        for a in allowed:
+            if type(value) is type(a) and value == a:
+                facts[key] = a
+    return facts
 
 
 def _seed() -> int:

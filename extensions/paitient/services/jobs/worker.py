@@ -86,6 +86,7 @@ def main(job_file: str) -> int:
             "metrics": _numbers(metrics),
             "device": result.device,
             "clipping": result.clipping,
+            "graph": result.graph,
         }
     )
     return 0
