@@ -80,12 +80,15 @@ def same_steps(name: str, steps: int) -> None:
                 f"{name:4s} {optimizer:4s} {clipping:5s}: graph vs padded eager differ by {to_padded:.3g} "
                 f"(the steps moved parameters by up to {moved:.3g})",
             )
-            # Adam divides by each gradient's own size: a component that other kernels round to the other
-            # side of 0 moves by up to the learning rate, so it is compared more loosely
-            check(
-                to_eager <= (1e-4 if optimizer == "sgd" else 1e-3) * max(1.0, moved),
-                f"{name:4s} {optimizer:4s} {clipping:5s}: graph vs unpadded eager differ by {to_eager:.3g}",
-            )
+            # Adam divides by each gradient's own size: with no noise, a component near 0 that other kernels
+            # round to the other side moves by up to the learning rate, whatever the padding. So the unpadded
+            # comparison is a check for SGD and a figure for Adam (the padded one above is exact for both; the
+            # CPU tests show padded equals unpadded for Adam too).
+            line = f"{name:4s} {optimizer:4s} {clipping:5s}: graph vs unpadded eager differ by {to_eager:.3g}"
+            if optimizer == "sgd":
+                check(to_eager <= 1e-4 * max(1.0, moved), line)
+            else:
+                print(f"  info {line} (learning rate {lr:g}; not a check, see above)", flush=True)
             check(
                 all(math.isfinite(v) for v in g.losses)
                 and abs(g.losses[-1] - run["padded"].losses[-1]) <= 1e-5 * max(1.0, abs(g.losses[-1])),
