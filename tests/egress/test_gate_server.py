@@ -21,7 +21,7 @@ from paitient.registry import Registry
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
-from tests import workspacegroup
+from tests import accounts, workspacegroup
 from tests.egress.test_service import MarkedRows
 from tests.server.harness import UserServer, make_site, publish
 
@@ -75,8 +75,8 @@ def world(tmp_path_factory):
         egress.server_close()
         service.close()
         store.close()
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+        accounts.remove_all([name])
 
 
 def _put(home: Path, user, name: str, data: bytes) -> None:
