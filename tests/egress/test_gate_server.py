@@ -232,3 +232,40 @@ def test_other_api_responses_pass_the_transform_and_are_counted(world):
     assert server.get("/api/sessions").status_code == 200
     assert server.get("/api/kernels").status_code == 200
     assert service.store.day(user.pw_name, today()).outputs >= before + 2
+
+
+def test_a_text_file_over_the_contents_cap_is_refused_and_one_under_it_is_served(world):
+    site, server, _, home, user = world
+    cap = site.egress_for_user(("onc",)).contents_bytes
+    assert cap == 2_000_000  # the default [egress] contents_bytes
+    line = b"the model converged after a few more epochs of careful tuning and review\n"
+    _put(home, user, "notes-big.txt", line * (cap // len(line) + 1))  # a line over the cap
+    r = server.get("/api/contents/notes-big.txt?content=1&type=file&format=text")
+    assert r.status_code == 403, r.text[:300]
+    assert r.json()["message"] == (
+        "notes-big.txt is larger than 2,000,000 bytes and is not opened in the browser. It stays in your home: "
+        "work with it in a notebook, or request an export through the airlock."
+    )
+    under = line * (cap // len(line))
+    assert cap - len(line) < len(under) <= cap
+    _put(home, user, "notes.txt", under)
+    r = server.get("/api/contents/notes.txt?content=1&type=file&format=text")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["content"].encode() == under
+
+
+def test_a_python_source_file_uploaded_through_the_contents_api_is_saved_and_read_back(world):
+    _, server, _, home, user = world
+    source = (
+        '"""Helpers for the analysis."""\n\nimport math\n\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\n\n'
+        "def spread(xs):\n    m = mean(xs)\n    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))\n"
+    )
+    r = server.request("PUT", "/api/contents/helpers.py", json={"type": "file", "format": "text", "content": source})
+    assert r.status_code == 201, r.text[:300]
+    saved = home / "helpers.py"
+    assert saved.read_text() == source and saved.stat().st_uid == user.pw_uid  # written as the researcher
+    r = server.get("/api/contents/helpers.py?content=1&type=file&format=text")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["content"] == source and r.json()["mimetype"] == "text/plain"
+    res = server.run("import sys; sys.path.insert(0, '.'); import helpers; print(helpers.mean([1, 2, 3]))")
+    assert res.stdout == "2.0\n", res  # and the sandboxed kernel imports it from the home
