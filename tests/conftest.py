@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -130,7 +129,7 @@ def make_system_user(world_tmp):
     import pwd
     import subprocess
 
-    from tests import workspacegroup
+    from tests import accounts, workspacegroup
 
     made: list[str] = []
     homes = world_tmp / "homes"
@@ -164,26 +163,7 @@ def make_system_user(world_tmp):
         return pwd.getpwnam(name)
 
     yield make
-    left = [name for name in made if not _remove_account(name)]
-    assert not left, f"test accounts could not be removed: {left}"
-
-
-def _remove_account(name: str, timeout: float = 15.0) -> bool:
-    """``userdel --remove`` of a test's own account. userdel refuses while a process of the account still runs
-    (a kernel's keeper ending a moment after its server): it is tried again, and after half the time the
-    account's remaining processes, which only this test's code made, are killed."""
-    deadline = time.monotonic() + timeout
-    killed = False
-    while True:
-        r = subprocess.run(["userdel", "--remove", name], capture_output=True, text=True)
-        if r.returncode == 0 or "does not exist" in r.stderr:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        if not killed and time.monotonic() >= deadline - timeout / 2:
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-            killed = True
-        time.sleep(0.25)
+    accounts.remove_all(made)
 
 
 _PROJECT_GROUP = re.compile(r"^[a-z][a-z0-9-]{0,7}proj-")

@@ -94,37 +94,51 @@ class AccountsPrune(PaitientCommand):
                 _audit(site, "accounts.retire", self.user, {"username": self.user})
         retired = frozenset({self.user} if self.user else ())
         try:
-            outcomes = sysaccounts.prune(
-                site.state_dir,
-                home_root=site.accounts.home_root,
-                worker_accounts=worker_accounts(site),
-                everything=self.everything,
-                retired=retired,
-                dry_run=self.dry_run,
-                report=lambda o: None if self.dry_run else _audit(site, "accounts.remove", str(o["account"]), o),
-            )
+            outcomes = prune_accounts(site, everything=self.everything, retired=retired, dry_run=self.dry_run)
         except sysaccounts.SystemAccountError as e:
             self.fail(str(e))
-        if self.everything and not self.dry_run:
-            for o in outcomes:
-                if o.get("removed") and o["role"] == sysaccounts.USER and o["username"]:
-                    registry.remove(str(o["username"]))
         if self.as_json:
             print(json.dumps(outcomes, indent=2))
         elif not outcomes:
             print("nothing to remove: every recorded account is still wanted")
         for o in outcomes if not self.as_json else ():
-            if o.get("dry_run"):
-                print(f"would remove {o['account']} (uid {o['uid']}, {o['role']}): {o['why']}")
-            elif o.get("error"):
-                print(f"could not remove {o['account']}: {o['error']}")
-            elif o.get("removed"):
-                home = f", home {o['home']} removed" if o.get("home_removed") else ""
-                print(f"removed {o['account']} (uid {o['uid']}, {o['role']}){home}")
-            else:
-                print(f"{o['account']}: {o.get('reason', 'not removed')}; dropped from the record")
+            print(describe_outcome(o))
         if any(o.get("error") for o in outcomes):
             self.exit(1)
+
+
+def prune_accounts(
+    site: SiteConfig, *, everything: bool, retired: frozenset[str] = frozenset(), dry_run: bool = False
+) -> list[dict[str, object]]:
+    """Remove the accounts the workspace made that nothing wants (every one with ``everything``), each removal
+    audited; with ``everything`` the removed users' registry entries go too. Returns the outcomes."""
+    registry = Registry.for_state_dir(site.state_dir)
+    outcomes = sysaccounts.prune(
+        site.state_dir,
+        home_root=site.accounts.home_root,
+        worker_accounts=worker_accounts(site),
+        everything=everything,
+        retired=retired,
+        dry_run=dry_run,
+        report=lambda o: None if dry_run else _audit(site, "accounts.remove", str(o["account"]), o),
+    )
+    if everything and not dry_run:
+        for o in outcomes:
+            if o.get("removed") and o["role"] == sysaccounts.USER and o["username"]:
+                registry.remove(str(o["username"]))
+    return outcomes
+
+
+def describe_outcome(o: dict[str, object]) -> str:
+    """One line for the operator about one account's outcome."""
+    if o.get("dry_run"):
+        return f"would remove {o['account']} (uid {o['uid']}, {o['role']}): {o['why']}"
+    if o.get("error"):
+        return f"could not remove {o['account']}: {o['error']}"
+    if o.get("removed"):
+        home = f", home {o['home']} removed" if o.get("home_removed") else ""
+        return f"removed {o['account']} (uid {o['uid']}, {o['role']}){home}"
+    return f"{o['account']}: {o.get('reason', 'not removed')}; dropped from the record"
 
 
 def _audit(site: SiteConfig, action: str, obj: str, details: dict[str, Any]) -> None:

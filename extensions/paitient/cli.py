@@ -16,6 +16,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("paitient.ops.up.StatusCommand", "Show what of a workspace runs, with process ids and the URL."),
     "stop": ("paitient.ops.up.StopCommand", "Stop a workspace started with `paitient up` on a state directory."),
     "install": ("paitient.ops.install.InstallCommand", "Write hardened systemd units that run the workspace."),
+    "uninstall": (
+        "paitient.ops.uninstall.UninstallCommand",
+        "Remove the units install wrote and the workspace's accounts; state only when told.",
+    ),
     "backup": ("paitient.ops.backup.BackupCommand", "Write a consistent, verifiable backup of the workspace's state."),
     "restore": ("paitient.ops.backup.RestoreCommand", "Restore a backup into a fresh state directory (checked first)."),
     "ingest": ("paitient.services.data.cli.IngestCommand", "Pseudonymise a source table and publish it as a dataset."),

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from paitient.registry import Registry
-from tests import workspacegroup
+from tests import accounts, workspacegroup
 from tests.server.harness import UserServer, make_site, publish
 
 PRELUDE = r"""
@@ -93,8 +93,7 @@ def system_accounts(homes: Path, labels: list[str]):
             os.chmod(homes / name, 0o700)
         yield [pwd.getpwnam(n) for n in made]
     finally:
-        for name in made:
-            subprocess.run(["userdel", "--remove", name], capture_output=True)
+        accounts.remove_all(made)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import requests
 from paitient.config import EMBEDDED_SITE
 from paitient.ops.up import free_port
 from paitient.registry import Registry
+from tests import accounts
 from tests.kernelclient import CellResult, execute
 
 PAITIENT = [sys.executable, "-m", "paitient.cli"]
@@ -55,9 +56,9 @@ def site_toml(
         name = f'name = "{project}"\n'
         assert body.count(name) == 1, f"the demo site has no project {project}"
         body = body.replace(name, name + lines.strip() + "\n")
-    accounts = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
+    accounts_table = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
     workers = f'\n[jobs]\naccount = "{prefix}-jobs"\n\n[airlock]\naudit_account = "{prefix}-audit"\n'
-    return body + accounts + workers + extra
+    return body + accounts_table + workers + extra
 
 
 @contextlib.contextmanager
@@ -197,12 +198,9 @@ class Workspace:
         from paitient.sysaccounts import AccountRecord
 
         recorded = [m.account for m in AccountRecord(self.state_dir).all()] if self.state_dir.exists() else []
-        for account in recorded:
-            remove_account(account)
-        for member in Registry.for_state_dir(self.state_dir).all():
-            remove_account(member.account)
-        remove_account(f"{self.prefix}-jobs")  # the workers' accounts, made at their first use
-        remove_account(f"{self.prefix}-audit")
+        registered = [member.account for member in Registry.for_state_dir(self.state_dir).all()]
+        workers = [f"{self.prefix}-jobs", f"{self.prefix}-audit"]  # made at their first use
+        accounts.remove_all(dict.fromkeys([*recorded, *registered, *workers]))
 
     def remove_groups(self) -> None:
         """The projects' groups the workspace made (its record), after their members' accounts are gone."""
@@ -324,17 +322,6 @@ class Visit:
     session: requests.Session
     page: requests.Response
     visited: list[str]
-
-
-def remove_account(account: str, timeout: float = 10.0) -> None:
-    """Kill what still runs as a test account (by its uid) and remove it; retry while it is busy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        subprocess.run(["pkill", "-KILL", "-u", account], capture_output=True)
-        r = subprocess.run(["userdel", "--remove", account], capture_output=True, text=True)
-        if r.returncode in (0, 6) or time.monotonic() > deadline:  # 6: no such user
-            return
-        time.sleep(0.2)
 
 
 def login_error(html: str) -> str:

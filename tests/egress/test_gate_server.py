@@ -21,7 +21,7 @@ from paitient.registry import Registry
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
-from tests import workspacegroup
+from tests import accounts, workspacegroup
 from tests.egress.test_service import MarkedRows
 from tests.server.harness import UserServer, make_site, publish
 
@@ -75,8 +75,8 @@ def world(tmp_path_factory):
         egress.server_close()
         service.close()
         store.close()
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+        accounts.remove_all([name])
 
 
 def _put(home: Path, user, name: str, data: bytes) -> None:
@@ -273,3 +273,40 @@ def test_while_the_service_is_down_a_drip_of_rows_stops_at_the_unchecked_allowan
             egress.server_close()
             service.close()
             store.close()
+
+
+def test_a_text_file_over_the_contents_cap_is_refused_and_one_under_it_is_served(world):
+    site, server, _, home, user = world
+    cap = site.egress_for_user(("onc",)).contents_bytes
+    assert cap == 2_000_000  # the default [egress] contents_bytes
+    line = b"the model converged after a few more epochs of careful tuning and review\n"
+    _put(home, user, "notes-big.txt", line * (cap // len(line) + 1))  # a line over the cap
+    r = server.get("/api/contents/notes-big.txt?content=1&type=file&format=text")
+    assert r.status_code == 403, r.text[:300]
+    assert r.json()["message"] == (
+        "notes-big.txt is larger than 2,000,000 bytes and is not opened in the browser. It stays in your home: "
+        "work with it in a notebook, or request an export through the airlock."
+    )
+    under = line * (cap // len(line))
+    assert cap - len(line) < len(under) <= cap
+    _put(home, user, "notes.txt", under)
+    r = server.get("/api/contents/notes.txt?content=1&type=file&format=text")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["content"].encode() == under
+
+
+def test_a_python_source_file_uploaded_through_the_contents_api_is_saved_and_read_back(world):
+    _, server, _, home, user = world
+    source = (
+        '"""Helpers for the analysis."""\n\nimport math\n\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\n\n'
+        "def spread(xs):\n    m = mean(xs)\n    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))\n"
+    )
+    r = server.request("PUT", "/api/contents/helpers.py", json={"type": "file", "format": "text", "content": source})
+    assert r.status_code == 201, r.text[:300]
+    saved = home / "helpers.py"
+    assert saved.read_text() == source and saved.stat().st_uid == user.pw_uid  # written as the researcher
+    r = server.get("/api/contents/helpers.py?content=1&type=file&format=text")
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["content"] == source and r.json()["mimetype"] == "text/plain"
+    res = server.run("import sys; sys.path.insert(0, '.'); import helpers; print(helpers.mean([1, 2, 3]))")
+    assert res.stdout == "2.0\n", res  # and the sandboxed kernel imports it from the home

@@ -9,6 +9,7 @@ import pytest
 from paitient.config import load
 from paitient.hub.accounts import AccountError, ensure_account
 from paitient.registry import Registry
+from tests import accounts
 
 
 @pytest.fixture
@@ -21,8 +22,7 @@ def site(world_tmp):
         },
     )
     yield site
-    for m in Registry.for_state_dir(site.state_dir).all():
-        subprocess.run(["userdel", "--remove", m.account], capture_output=True)
+    accounts.remove_all(m.account for m in Registry.for_state_dir(site.state_dir).all())
 
 
 def test_first_sign_in_creates_a_private_account(site):

@@ -355,3 +355,19 @@ def test_a_jobs_table_this_store_did_not_make_is_refused(tmp_path):
         JobStore(tmp_path)
     with sqlite3.connect(path) as db:  # left as it was
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'alembic_version'").fetchall() == []
+
+
+def test_a_requeued_job_waits_as_it_was_and_a_cancel_in_between_ends_it(open_store):
+    """What the runner does with a job whose start the audit trail could not record (both databases)."""
+    store = open_store()
+    first = store.submit(username="alice", project="onc", dataset="bc", spec={}, graph_sha256="f" * 64)
+    second = store.submit(username="alice", project="onc", dataset="bc", spec={}, graph_sha256="f" * 64)
+    assert store.claim().id == first.id
+    back = store.requeue(first.id, "waiting for the trail")
+    assert (back.state, back.reason, back.started, back.finished) == ("queued", "waiting for the trail", None, None)
+    claimed = store.claim()
+    assert claimed.id == first.id and claimed.reason == ""  # the oldest again, and its wait is over
+    store.cancel(first.id, "alice")  # while the worker holds it
+    ended = store.requeue(first.id, "waiting for the trail")
+    assert (ended.state, ended.reason) == ("cancelled", "cancelled before it started") and ended.finished
+    assert store.claim().id == second.id and store.requeue(first.id, "x").state == "cancelled"

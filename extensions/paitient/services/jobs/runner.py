@@ -3,6 +3,8 @@
 For one job, in order (a failure at any step ends the job ``failed`` with the reason, its reservation
 settled in full):
 
+0. its start is recorded in the audit trail (``jobs.run``, state ``running``); while the trail cannot take the
+   record the job stays queued, untouched, and the worker tries again at its pace (:data:`PACE`);
 1. the dataset's current version is fixed, its rows prepared and split with a seed the runner draws;
 2. the noise multiplier for the target epsilon is planned for the training rows; the budget is reserved
    for the researcher with the ledger (``reserve_job``), at the delta the dataset's budget allows a run;
@@ -12,8 +14,9 @@ settled in full):
    recorded as it goes, and a cancel stops it;
 4. the weights are checked against the graph (every parameter, its shape and dtype, nothing else), the
    epsilon is the runner's own accountant's for the steps of the plan, and the record is signed;
-5. weights and record are published in ``<state_dir>/jobs/out/<job>/`` (atomically), the reservation is
-   settled with what the accountant spent, and the job is ``done``.
+5. weights and record are published in ``<state_dir>/jobs/out/<job>/`` (atomically), the end is recorded in
+   the audit trail (retried until it is), then the reservation is settled with what the accountant spent, and
+   the job is ``done``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ TRAINED_HOW: dict[str, tuple[str | bool, ...]] = {
 """What the worker's last report may say of how it trained (``graph``: whether its steps ran as a captured
 CUDA graph); the audit record of a finished job keeps it."""
 METRIC_DIGITS = 2
+PACE = 2.0
+"""Seconds between a worker's looks at the queue when it is empty, and between tries of an audit record."""
+WAITING_FOR_TRAIL = (
+    "waiting: the audit trail cannot record the job's start right now; it starts once it can "
+    "(tell the workspace operator if this lasts)"
+)
 
 
 class JobFailed(RuntimeError):
@@ -87,8 +96,10 @@ class Runner:
     def _loop(self) -> None:
         while not self._stop.is_set():
             job = self.store.claim()
+            if job is not None and not self._record_start(job):
+                job = None  # back in the queue; the next try at the runner's pace
             if job is None:
-                self.wake.wait(2.0)
+                self.wake.wait(PACE)
                 self.wake.clear()
                 continue
             self.run(job)
@@ -96,7 +107,12 @@ class Runner:
     # -- one job ---------------------------------------------------------------------------------------
 
     def run(self, job: Job) -> Job:
-        """Carry ``job`` (claimed: ``running``) to its end; returns it as it ended."""
+        """Carry ``job`` (claimed: ``running``, its start recorded) to its end; returns it as it ended.
+
+        The end is recorded before it takes effect: the ``jobs.run`` record of a job that is done, failed or
+        cancelled is written (retried at the runner's pace while the trail cannot take it) before the
+        reservation is settled and the job leaves ``running``. A runner stopped while it waits leaves the job
+        ``running``: at the next start it is ``failed`` and the ledger counts its reservation in full."""
         reservation = ""
         ledger = JobsLedger(self.site.run_dir)
         try:
@@ -180,25 +196,24 @@ class Runner:
             out.mkdir(mode=0o700, parents=True, exist_ok=True)
             atomic_write_bytes(out / "model.safetensors", outcome.weights, mode=0o600)
             atomic_write_json(out / "record.json", envelope, mode=0o600)
-            ledger.settle(reservation, epsilon, _ledger_record(record))
-            done = self.store.finish(job.id, "done")
             trained = _trained_how(outcome.report)
-            self._audit(
-                done, "ok", {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps, **trained}
-            )
-            return done
+            details = {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps, **trained}
+            if not self._record_end(job, "done", "ok", details):
+                return self.store.get(job.id)
+            ledger.settle(reservation, epsilon, _ledger_record(record))
+            return self.store.finish(job.id, "done")
         except Exception as e:
             known = (JobFailed, ExecutionFailed, ChannelError, ValueError, LookupError)
             reason = str(e) if isinstance(e, known) else ""
             if not reason:
                 self.log.exception("jobs: %s failed", job.id)
                 reason = f"the runner failed ({type(e).__name__}); the operator's log has the details"
-            cancelled = reason == "cancelled"
+            state = "cancelled" if reason == "cancelled" else "failed"
+            if not self._record_end(job, state, "ok" if state == "cancelled" else "error", {"reason": reason}):
+                return self.store.get(job.id)
             if reservation:
                 self._settle_in_full(ledger, reservation, job)
-            ended = self.store.finish(job.id, "cancelled" if cancelled else "failed", reason)
-            self._audit(ended, "ok" if cancelled else "error", {"reason": reason})
-            return ended
+            return self.store.finish(job.id, state, reason)
 
     def _initialisation(self, job: Job, program: bytes) -> tuple[dict[str, Any], bytes | None]:
         """How the job's parameters start, as the record states it, and the values to start from when that is
@@ -237,20 +252,45 @@ class Runner:
         except Exception as e:  # the reservation stays; the ledger counts it in full once the runner is gone
             self.log.error("jobs: could not settle %s of %s: %s", reservation, job.id, e)
 
-    def _audit(self, job: Job, outcome: str, details: dict[str, Any]) -> None:
+    def _record_start(self, job: Job) -> bool:
+        """Write the ``jobs.run`` record of the job's start (state ``running``), the first thing a worker does
+        with a job it claimed. When the trail cannot take it, the job goes back in the queue untouched,
+        with a reason its owner sees, and False: nothing of it runs unrecorded."""
+        try:
+            self._emit(job, "running", "ok", {})
+        except Exception as e:
+            self.log.error("jobs: start of %s not recorded, back in the queue: %s", job.id, e)
+            self.store.requeue(job.id, WAITING_FOR_TRAIL)
+            return False
+        return True
+
+    def _record_end(self, job: Job, state: str, outcome: str, details: dict[str, Any]) -> bool:
+        """Write the ``jobs.run`` record of the job's end (``state``), trying again at the runner's pace while
+        the trail cannot take it; False if the runner is stopped first."""
+        failures = 0
+        while True:
+            try:
+                self._emit(job, state, outcome, details)
+                return True
+            except Exception as e:
+                if failures == 0:
+                    self.log.error("jobs: end of %s (%s) not recorded, trying again: %s", job.id, state, e)
+                failures += 1
+            if self._stop.wait(PACE):
+                self.log.error("jobs: stopped before the end of %s was recorded; it counts as failed", job.id)
+                return False
+
+    def _emit(self, job: Job, state: str, outcome: str, details: dict[str, Any]) -> None:
         from paitient.services.audit import emit
 
-        try:
-            emit(
-                self.site,
-                actor=job.username,
-                action="jobs.run",
-                object=job.id,
-                outcome=outcome,
-                details={"project": job.project, "dataset": job.dataset, "state": job.state, **details},
-            )
-        except Exception as e:
-            self.log.error("jobs: audit record for %s not written: %s", job.id, e)
+        emit(
+            self.site,
+            actor=job.username,
+            action="jobs.run",
+            object=job.id,
+            outcome=outcome,
+            details={"project": job.project, "dataset": job.dataset, "state": state, **details},
+        )
 
 
 def _trained_how(report: dict[str, Any]) -> dict[str, str | bool]:

@@ -198,8 +198,23 @@ class JobStore:
             if job_id is None:
                 return None
             db.execute(
-                sa.text("UPDATE jobs SET state = 'running', started = :now WHERE id = :id"),
+                sa.text("UPDATE jobs SET state = 'running', started = :now, reason = '' WHERE id = :id"),
                 {"now": time.time(), "id": job_id},
+            )
+        return self.get(job_id)
+
+    def requeue(self, job_id: str, reason: str) -> Job:
+        """Put a claimed job back in the queue, untouched (nothing reserved, nothing read), with ``reason``
+        for its owner to see while it waits; a cancel that came in meanwhile ends it ``cancelled``."""
+        with self._tx() as db:
+            db.execute(
+                sa.text(
+                    "UPDATE jobs SET state = CASE WHEN cancel <> 0 THEN 'cancelled' ELSE 'queued' END, "
+                    "reason = CASE WHEN cancel <> 0 THEN 'cancelled before it started' ELSE :reason END, "
+                    "started = NULL, finished = CASE WHEN cancel <> 0 THEN :now ELSE NULL END "
+                    "WHERE id = :id AND state = 'running'"
+                ),
+                {"reason": reason, "now": time.time(), "id": job_id},
             )
         return self.get(job_id)
 
