@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     )
     user = pwd.getpwnam(name)
     os.chmod(user.pw_dir, 0o700)
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)
     service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
     egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     egress.start_in_thread()
