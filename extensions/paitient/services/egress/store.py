@@ -159,8 +159,8 @@ class EgressStore:
 
         A connection the server dropped (PostgreSQL restarted, or ended it) is found here rather than by a
         ping before every call: the pool is renewed (its idle connections are as old) and the call runs once
-        more on a new connection. A write that reached the server before the connection dropped is then counted twice,
-        which only makes the user's limits stricter; never counted is what must not happen."""
+        more on a new connection. A write that reached the server before the connection dropped is then
+        counted twice, which only makes the user's limits stricter; never counted is what must not happen."""
         for attempt in (1, 2):
             pooled = self.db.engine.raw_connection()
             conn: Any = pooled.driver_connection
