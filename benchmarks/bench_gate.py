@@ -2,10 +2,12 @@
 round trip of the same bytes over a unix socket.
 
     /opt/paitient/venv/bin/python benchmarks/bench_gate.py [--repeat 300]
+        [--database-url postgresql://USER@/DB?host=/run/postgresql --passfile FILE]
 
 Sets up, in a temporary state directory, the demo data published with its row indexes (the real ingest)
 and the egress service on its real socket with the real matcher, in a process of its own as in a running
-workspace; then, alternately:
+workspace (its counts in SQLite under the state directory, or with ``--database-url`` in that PostgreSQL
+database's schema ``egress``, as a site's ``[database] url`` puts them); then, alternately:
 
 - ``gate``: :meth:`paitient.server.gate.EgressGate.check_blocking` of a 10 KB kernel message (a stream
   message as JSON, the text of a typical cell: a head() table, a few lines of a training log);
@@ -72,7 +74,7 @@ class CallerIsBench(Registry):
 def serve(site, ready) -> None:
     """The egress service, as its own process runs it (the real matcher, store and socket)."""
     service = EgressService(
-        site, EgressStore.for_state_dir(site.state_dir), Matcher(site), CallerIsBench.for_state_dir(site.state_dir)
+        site, EgressStore.for_site(site), Matcher(site), CallerIsBench.for_state_dir(site.state_dir)
     )
     server = EgressServer(socket_path(site), service)
     ready.set()
@@ -111,13 +113,16 @@ def timed(fn, repeat: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=300)
+    ap.add_argument("--database-url", default="", help="a PostgreSQL [database] url for the counts (default: SQLite)")
+    ap.add_argument("--passfile", default="", help="[database] passfile for --database-url")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the egress service knows its callers by uid from the root-owned registry")
     logging.basicConfig(level=logging.WARNING)
     base = Path(tempfile.mkdtemp(prefix="bench-gate-", dir="/tmp"))
     try:
-        site = load(None, overrides={"workspace": {"state_dir": str(base / "state")}})
+        database = {"url": args.database_url, "passfile": args.passfile} if args.database_url else {}
+        site = load(None, overrides={"workspace": {"state_dir": str(base / "state")}, "database": database})
         publish_demo(site)
         ready = multiprocessing.get_context("fork").Event()
         egress = multiprocessing.get_context("fork").Process(target=serve, args=(site, ready), daemon=True)
@@ -158,7 +163,11 @@ def main() -> None:
             results["echo"] += timed(echo, 10)
             results["gate"] += timed(lambda: check(ordinary), 10)
             results["dump"] += timed(lambda: check(dump), 10)
-        print(f"10 KB output ({len(ordinary):,} bytes as JSON), {args.repeat} runs each, load {os.getloadavg()[0]:.1f}")
+        counts = "PostgreSQL" if args.database_url else "SQLite"
+        print(
+            f"10 KB output ({len(ordinary):,} bytes as JSON), {args.repeat} runs each, counts in {counts}, "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
         for name, values in results.items():
             q = statistics.quantiles(values, n=10)
             print(f"  {name:5s} median {statistics.median(values):6.3f} ms   p90 {q[-1]:6.3f} ms")

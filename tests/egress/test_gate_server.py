@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     )
     user = pwd.getpwnam(name)
     os.chmod(user.pw_dir, 0o700)
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)
     service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
     egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     egress.start_in_thread()
@@ -261,7 +261,7 @@ def test_while_the_service_is_down_a_drip_of_rows_stops_at_the_unchecked_allowan
         # the allowance is the server's, for every channel: API responses are withheld now too
         r = server.get("/api/kernels")
         assert r.status_code == 403 and r.json()["reason"] == "egress-withheld", r.text[:300]
-        store = EgressStore.for_state_dir(site.state_dir)
+        store = EgressStore.for_site(site)
         service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
         egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
         egress.start_in_thread()

@@ -18,17 +18,22 @@ from tests.scrape import text, value
 
 
 @pytest.fixture
-def site(world_tmp):
+def site(world_tmp, database):
+    """The service's site, its counts in ``database`` (parametrised: SQLite, then PostgreSQL)."""
     state = world_tmp / "state"
     state.mkdir()
     os.chmod(state, 0o755)
     return parse(
-        {"workspace": {"state_dir": str(state)}, "projects": [{"name": "onc", "group": "cn=onc", "datasets": ["bc"]}]}
+        {
+            "workspace": {"state_dir": str(state)},
+            "projects": [{"name": "onc", "group": "cn=onc", "datasets": ["bc"]}],
+            "database": database,
+        }
     )
 
 
 def started(site):
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)
     return EgressService(site, store, MarkedRows(site), CallerIsAlice.for_state_dir(site.state_dir)), store
 
 
@@ -116,7 +121,7 @@ def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 def test_connected_servers_are_counted(site):
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)
     service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
     server = EgressServer(socket_path(site), service)
     server.start_in_thread()

@@ -41,12 +41,17 @@ class MarkedRows(Matcher):
 
 
 @pytest.fixture
-def site(world_tmp):
+def site(world_tmp, database):
+    """The service's site, its counts in ``database`` (parametrised: SQLite under the state_dir, then PostgreSQL)."""
     state = world_tmp / "state"
     state.mkdir()
     os.chmod(state, 0o755)
     return parse(
-        {"workspace": {"state_dir": str(state)}, "projects": [{"name": "onc", "group": "cn=onc", "datasets": ["bc"]}]}
+        {
+            "workspace": {"state_dir": str(state)},
+            "projects": [{"name": "onc", "group": "cn=onc", "datasets": ["bc"]}],
+            "database": database,
+        }
     )
 
 
@@ -62,7 +67,7 @@ class CallerIsAlice(Registry):
 
 @pytest.fixture
 def running(site):
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)
     matcher = MarkedRows(site)
     service = EgressService(site, store, matcher, CallerIsAlice.for_state_dir(site.state_dir))
     server = EgressServer(socket_path(site), service, group=workspacegroup.gid())
@@ -157,7 +162,7 @@ def test_the_daily_bytes_bound_every_channel(site, running):
 def test_counts_survive_a_restart_of_the_service(site, running):
     service, gate = running
     assert gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(0, 7)).forward
-    again = EgressStore.for_state_dir(site.state_dir)
+    again = EgressStore.for_site(site)
     try:
         assert again.day("alice", today()).rows == 7
     finally:
@@ -256,7 +261,7 @@ def test_while_the_service_is_down_small_outputs_pass_only_up_to_the_allowance(s
         assert allowance - 1000 < forwarded <= allowance and gate.unchecked_spent == forwarded
         assert refused and all(c.reason == "unchecked" and "may pass unchecked" in c.notice for c in refused)
         assert not gate.check_blocking(context="k:tiny", channel="kernel", object="k", text=b"x" * 1000).forward
-        store = EgressStore.for_state_dir(site.state_dir)
+        store = EgressStore.for_site(site)
         service = EgressService(site, store, MarkedRows(site), CallerIsAlice.for_state_dir(site.state_dir))
         server = EgressServer(socket_path(site), service, group=workspacegroup.gid())
         server.start_in_thread()
@@ -359,20 +364,3 @@ def test_many_servers_at_once(site, running):
         t.join(60)
     assert not errors
     assert service.store.day("alice", today()).outputs == 160
-
-
-def test_the_store_counts_the_distinct_rows_not_seen_yet(tmp_path):
-    store = EgressStore(tmp_path / "egress.sqlite3")
-    try:
-        assert store.day("alice", "2026-01-02").rows == 0  # no usage yet: zeros
-        store.add("alice", "2026-01-02", size=10, rows={"onc/bc": range(0, 1200, 2)})
-        store.add("bob", "2026-01-02", size=10, rows={"onc/bc": range(1200)})  # another user's rows
-        store.add("alice", "2026-01-01", size=10, rows={"onc/bc": range(1200)})  # another day's
-        asked = {"onc/bc": [*range(1200), 5, 7, 1198], "onc/gbsg": [1, 2, 2]}
-        # of 0..1199 the even ones were seen: 600 odd ones (5 and 7 once), and 2 of the other dataset
-        assert store.unseen("alice", "2026-01-02", asked) == 600 + 2
-        assert store.unseen("alice", "2026-01-02", {"onc/bc": []}) == 0
-        day = store.day("alice", "2026-01-02")
-        assert (day.bytes, day.outputs, day.rows) == (10, 1, 600)
-    finally:
-        store.close()

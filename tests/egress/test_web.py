@@ -15,13 +15,15 @@ from tests.scrape import Served, header_auth
 
 
 @pytest.fixture
-def site(world_tmp):
+def site(world_tmp, database):
+    """The stewards' site, the counts in ``database`` (parametrised: SQLite, then PostgreSQL)."""
     state = world_tmp / "state"
     state.mkdir()
     os.chmod(state, 0o755)
     return parse(
         {
             "workspace": {"state_dir": str(state)},
+            "database": database,
             "projects": [
                 {"name": "onc", "group": "cn=onc", "datasets": ["bc"], "stewards": ["sam"]},
                 {"name": "card", "group": "cn=card", "datasets": ["dia"], "stewards": ["rita"]},
@@ -36,7 +38,7 @@ def store(site):
     registry.put(Member("alice", "pt-alice", 30001, ("onc",), ("researcher",)))
     registry.put(Member("<b>bob</b>", "pt-bob", 30002, ("card",), ("researcher",)))
     registry.put(Member("ada", "pt-ada", 30003, (), ("steward", "admin")))
-    s = EgressStore.for_state_dir(site.state_dir)
+    s = EgressStore.for_site(site)
     s.add("alice", "2026-12-01", size=120_000, rows={"onc/bc": [1, 2, 3]})
     s.add_withheld("alice", "2026-12-02")
     s.add("<b>bob</b>", "2026-12-02", size=5_000, rows={})

@@ -150,9 +150,7 @@ def service_app(name: str, site, auth):
         from paitient.services.egress.store import EgressStore
         from paitient.services.egress.web import make_app
 
-        return make_app(
-            site, EgressStore.for_state_dir(site.state_dir), prefix, hub_auth=auth
-        ), "paitient_egress_today_bytes"
+        return make_app(site, EgressStore.for_site(site), prefix, hub_auth=auth), "paitient_egress_today_bytes"
     if name == "audit":
         from paitient.services.audit.web import make_app
 

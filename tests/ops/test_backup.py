@@ -22,6 +22,7 @@ from paitient.services.airlock.store import Store
 from paitient.services.audit.verify import verify_dir
 from paitient.services.data import keys as data_keys
 from paitient.services.data import rowindex
+from paitient.services.egress.store import EgressStore
 from paitient.services.jobs import keys as job_keys
 from paitient.services.jobs.store import JobStore
 from paitient.services.ledger.store import Ledger
@@ -312,7 +313,7 @@ def test_the_commands_need_root(world, world_tmp):
 def test_stores_in_postgres_are_left_to_pg_dump_and_said_so(world_tmp, postgres_db):
     """With [database] url the stores' records are in PostgreSQL: the backup holds no SQLite file of them
     (one left from before the move is not the current state) and its notes say to run pg_dump. The jobs'
-    released files stay files and are in it."""
+    released files and the row-detection indexes stay files and are in it."""
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
     site = parse(
@@ -328,9 +329,18 @@ def test_stores_in_postgres_are_left_to_pg_dump_and_said_so(world_tmp, postgres_
     (jobs.out_dir("job-1") / "record.json").write_text("{}")
     jobs.close()
     (state / "jobs" / "jobs.sqlite3").write_bytes(b"")  # left from before the move
+    egress = EgressStore.for_site(site)  # the counts' tables made in PostgreSQL
+    egress.add("alice", "2026-12-04", size=10, rows={"oncology/bc": [1]})
+    egress.close()
+    index = rowindex.index_root(site) / "oncology" / "bc" / "1"
+    index.mkdir(mode=0o700, parents=True)
+    (index / "header.json").write_text("{}")  # the row-detection indexes beside the counts are files
+    (state / "egress" / "egress.sqlite3").write_bytes(b"")  # left from before the move
     manifest = backup(site, world_tmp / "backup")
     assert not [name for name in manifest.files if name.startswith(("state/ledger/", "state/airlock/", "state/hub/"))]
     assert "state/jobs/jobs.sqlite3" not in manifest.files
     assert "state/jobs/out/job-1/record.json" in manifest.files
     note = next(n for n in manifest.notes if "PostgreSQL ([database] url): back that database up with pg_dump" in n)
-    assert "the jobs queue's records" in note
+    assert "the jobs queue's and the egress counts' records" in note
+    assert "state/egress/egress.sqlite3" not in manifest.files
+    assert "state/egress/index/oncology/bc/1/header.json" in manifest.files

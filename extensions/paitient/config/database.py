@@ -1,11 +1,11 @@
 """``[database]``: where the hub and the root-side services keep their state.
 
 Empty (the default): each keeps a SQLite file under ``<state_dir>``, as the embedded workspace does. A
-``postgresql://`` URL: the hub, the ledger, the airlock and the jobs queue live in that one PostgreSQL
-database, each in a schema of its own (:data:`SCHEMAS`), so one role, one ``.pgpass`` line and one ``pg_dump``
-cover them; the egress counts stay in SQLite for now. The URL never carries a password: libpq reads it
-from ``~root/.pgpass``, or from the file ``passfile`` names (the same format), in every process that
-connects: services, hub, the hub's ``upgrade-db``, ``pg_dump``.
+``postgresql://`` URL: the hub, the ledger, the airlock, the jobs queue and the egress counts live in that
+one PostgreSQL database, each in a schema of its own (:data:`SCHEMAS`), so one role, one ``.pgpass`` line and
+one ``pg_dump`` cover them. The URL never carries a password: libpq reads it from ``~root/.pgpass``, or from
+the file ``passfile`` names (the same format), in every process that connects: services, hub, the hub's
+``upgrade-db``, ``pg_dump``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from traitlets import Bunch, TraitError, validate
 from paitient.config.model import Model
 from paitient.config.traits import Rule, Text
 
-SCHEMAS = {"hub": "hub", "ledger": "ledger", "airlock": "airlock", "jobs": "jobs"}
+SCHEMAS = {"hub": "hub", "ledger": "ledger", "airlock": "airlock", "jobs": "jobs", "egress": "egress"}
 """Store -> its PostgreSQL schema within ``[database] url``'s database."""
 
 SCHEMES = ("postgresql", "postgres")
@@ -77,8 +77,8 @@ def url_problem(url: str) -> str:
 
 class Database(Model):
     """Where the hub and the services keep their state: SQLite files under <state_dir> (empty url), or one
-    PostgreSQL database with a schema per store (hub, ledger, airlock, jobs). The egress counts stay in SQLite
-    under <state_dir>, and the audit trail in hash-chained files under <state_dir>/audit."""
+    PostgreSQL database with a schema per store (hub, ledger, airlock, jobs, egress). The audit trail stays in
+    hash-chained files under <state_dir>/audit."""
 
     section = "database"
 
@@ -86,8 +86,8 @@ class Database(Model):
         "",
         help="Empty: SQLite files under <state_dir> (root only). Or postgresql://USER@HOST[:PORT]/DATABASE "
         "(?sslmode=verify-full&sslrootcert=..., or ?host=/run/postgresql for a local socket): the hub, the ledger, "
-        "the airlock and the jobs queue in that database, each in its own schema, made and upgraded at start. "
-        "Never a password here: libpq reads ~root/.pgpass, or set passfile.",
+        "the airlock, the jobs queue and the egress counts in that database, each in its own schema, made and "
+        "upgraded at start. Never a password here: libpq reads ~root/.pgpass, or set passfile.",
     )
 
     @validate("url")
@@ -105,5 +105,5 @@ class Database(Model):
     )
 
     def schema(self, store: str) -> str:
-        """The PostgreSQL schema of ``store`` (``hub``, ``ledger``, ``airlock``, ``jobs``)."""
+        """The PostgreSQL schema of ``store`` (``hub``, ``ledger``, ``airlock``, ``jobs``, ``egress``)."""
         return SCHEMAS[store]

@@ -6,7 +6,8 @@ What a backup holds (``DIR`` is root-only, 0700)::
                            mode and owner, every folder's mode and owner
     state/...              the state directory's durable part, at the same relative paths:
                              ledger/ledger.sqlite3, airlock/airlock.db, jobs/jobs.sqlite3,
-                             egress/egress.sqlite3, hub/jupyterhub.sqlite   (SQLite online backup API)
+                               egress/egress.sqlite3, hub/jupyterhub.sqlite   (SQLite online backup API;
+                               with [database] url these are in PostgreSQL, for pg_dump, and left out)
                              audit/                 the trail up to one record, copied under the writers' lock
                              airlock/blobs/         each request's file
                              jobs/out/, jobs/graphs/ released job outputs, the graphs they ran
@@ -72,9 +73,9 @@ SQLITE_DATABASES = (
     "hub/jupyterhub.sqlite",
 )
 """The services' and the hub's databases, relative to the state directory."""
-IN_POSTGRES = ("ledger/", "airlock/", "jobs/jobs.sqlite3", "hub/")
-"""The databases that ``[database] url`` moves to PostgreSQL (the egress counts stay in SQLite; the jobs' graphs
-and released files stay files and are copied either way)."""
+IN_POSTGRES = ("ledger/", "airlock/", "jobs/jobs.sqlite3", "egress/egress.sqlite3", "hub/")
+"""The databases that ``[database] url`` moves to PostgreSQL (the jobs' graphs and released files and the
+row-detection indexes beside the egress counts stay files and are copied either way)."""
 
 FILE_TREES = ("airlock/blobs", "jobs/out", "jobs/graphs", "keys", "public", "egress/index")
 """Folders copied file by file (their files are written once and never changed)."""
@@ -282,9 +283,10 @@ def backup(site: SiteConfig, target: Path, *, with_data: bool = True, log=None) 
     in_postgres = bool(site.database.url)
     if in_postgres:
         notes.append(
-            "the hub's, the ledger's, the airlock's and the jobs queue's records are in PostgreSQL "
-            "([database] url): back that database up with pg_dump at the same time (docs/operations.md); this "
-            "backup holds none of them (the jobs' graphs and released files are files, and are in it)"
+            "the hub's, the ledger's, the airlock's, the jobs queue's and the egress counts' records are in "
+            "PostgreSQL ([database] url): back that database up with pg_dump at the same time (docs/operations.md); "
+            "this backup holds none of them (the jobs' graphs and released files and the row-detection indexes are "
+            "files, and are in it)"
         )
     elif site.workspace.ledger_url:
         notes.append(

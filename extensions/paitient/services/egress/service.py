@@ -459,7 +459,7 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
     compiled_tokens.warm_up()
     compiled_match.warm_up()
     compiled_records.warm_up()
-    store = EgressStore.for_state_dir(site.state_dir)
+    store = EgressStore.for_site(site)  # [database] url's schema egress, or <state_dir>/egress/egress.sqlite3
     matcher = Matcher(site, logger)
     service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir), logger=logger)
     for key in matcher.missing():

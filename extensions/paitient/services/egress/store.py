@@ -1,10 +1,21 @@
 """The egress service's counts: what reached each user's browser today.
 
-SQLite at ``<state_dir>/egress/egress.sqlite3`` (directory 0700, file 0600, root only), WAL mode. Two
-tables: ``usage`` (user, day -> bytes received, outputs passed, outputs withheld) and ``revealed`` (user,
-day, dataset, row: the distinct dataset rows a user saw that day). A day is a UTC date. Counts survive a
-restart of the service and a crash mid-write (a transaction is on disk or not at all), so neither a new
-websocket nor a restarted server renews a user's day.
+Two tables: ``usage`` (user, day -> bytes received, outputs passed, outputs withheld) and ``revealed``
+(user, day, dataset, row: the distinct dataset rows a user saw that day). A day is a UTC date. They are in
+``<state_dir>/egress/egress.sqlite3`` (directory 0700, file 0600, root only; WAL, ``synchronous=NORMAL``),
+or with ``[database] url`` in the schema ``egress`` of that PostgreSQL database; the migrations in
+``migrations/versions`` make and upgrade them (an ``egress.sqlite3`` from before the migrations is
+recognised and stamped; see :mod:`paitient.services.kit.db`). Counts survive a restart of the service and a
+crash mid-write (a write is one transaction, on disk or not at all), so neither a new websocket nor a
+restarted server renews a user's day.
+
+The gate asks this store for every output it passes (:meth:`EgressStore.day`, :meth:`EgressStore.unseen`,
+:meth:`EgressStore.add`), so each call takes a pooled connection of the store's engine and speaks to the
+driver directly: one statement where one answers. Every write is an increment or an insert of rows not yet
+there, which the database keeps exact under concurrent writers on its own (SQLite: ``BEGIN IMMEDIATE``;
+PostgreSQL: ``INSERT .. ON CONFLICT``, one statement); no write first reads what it then writes, so the
+table lock :meth:`~paitient.services.kit.db.Database.transaction` takes on PostgreSQL, which would make
+every user's outputs wait for each other, is not needed here.
 """
 
 from __future__ import annotations
@@ -12,30 +23,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import sqlite3
-import threading
-from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from paitient.services.kit.sqlite import write_transaction
+from paitient.services.kit.db import Database, Location
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS usage (
-        user TEXT NOT NULL,
-        day TEXT NOT NULL,
-        bytes INTEGER NOT NULL DEFAULT 0,
-        outputs INTEGER NOT NULL DEFAULT 0,
-        withheld INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (user, day))""",
-    """CREATE TABLE IF NOT EXISTS revealed (
-        user TEXT NOT NULL,
-        day TEXT NOT NULL,
-        dataset TEXT NOT NULL,
-        row INTEGER NOT NULL,
-        PRIMARY KEY (user, day, dataset, row)) WITHOUT ROWID""",
-)
+MIGRATIONS = Path(__file__).parent / "migrations"
+TABLES = {
+    "usage": ("user", "day", "bytes", "outputs", "withheld"),
+    "revealed": ("user", "day", "dataset", "row"),
+}
+"""The tables and their columns as the first migration makes them (and the store made them before)."""
 
 
 def today(now: dt.datetime | None = None) -> str:
@@ -70,102 +71,178 @@ class Totals:
     withheld: int = 0
 
 
-class EgressStore:
-    """Thread-safe: one connection, one lock (the service answers many users' servers from threads)."""
+T = TypeVar("T")
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
-    def __init__(self, path: str | os.PathLike[str]):
+
+class _Statements:
+    """The store's SQL in the driver's own parameter style (``:name`` for sqlite3, ``%(name)s`` for psycopg):
+    written once with ``:name``, ``"user"`` and ``"row"`` quoted (reserved words on PostgreSQL)."""
+
+    def __init__(self, postgres: bool):
+        def sql(text: str) -> str:
+            return _PARAM.sub(r"%(\1)s", text) if postgres else text
+
+        self.day = sql(
+            "SELECT COALESCE(u.bytes, 0), COALESCE(u.outputs, 0), COALESCE(u.withheld, 0), "
+            '(SELECT COUNT(*) FROM revealed WHERE "user" = :user AND day = :day) '
+            'FROM (SELECT 1 AS one) AS one LEFT JOIN usage u ON u."user" = :user AND u.day = :day'
+        )
+        self.totals = sql(
+            # (PostgreSQL's SUM of BIGINT is NUMERIC, a Decimal in Python: cast back)
+            "SELECT COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT), CAST(COALESCE(SUM(outputs), 0) AS BIGINT), "
+            "CAST(COALESCE(SUM(withheld), 0) AS BIGINT) FROM usage WHERE day = :day"
+        )
+        # the ids of one dataset as one parameter: a JSON array on SQLite, an array on PostgreSQL
+        seen = 'SELECT COUNT(*) FROM revealed WHERE "user" = :user AND day = :day AND dataset = :dataset AND "row" '
+        self.seen = sql(seen + ("= ANY(:ids)" if postgres else "IN (SELECT value FROM json_each(:ids))"))  # noqa: S608 -- fixed SQL
+        history = (
+            'SELECT u."user", u.day, u.bytes, u.outputs, u.withheld, '
+            '(SELECT COUNT(*) FROM revealed r WHERE r."user" = u."user" AND r.day = u.day) FROM usage u'
+        )
+        order = ' ORDER BY u.day DESC, u."user"'
+        self.history = sql(history + order)
+        self.history_of = sql(history + ' WHERE u."user" = :user' + order)
+        count = (
+            'INSERT INTO usage ("user", day, bytes, outputs) VALUES (:user, :day, :size, 1) ON CONFLICT ("user", day) '
+            "DO UPDATE SET bytes = usage.bytes + excluded.bytes, outputs = usage.outputs + 1"
+        )
+        self.count = sql(count)
+        # PostgreSQL: the output's count and its rows in one statement (atomic on its own). The usage row is
+        # written first (the rows are joined to its RETURNING), then the rows in one order, so two writers of
+        # one user's day queue on the usage row and never wait for each other's rows.
+        self.count_rows = sql(
+            f"WITH counted AS ({count} RETURNING 1) "  # noqa: S608 -- fixed SQL
+            'INSERT INTO revealed ("user", day, dataset, "row") '
+            'SELECT :user, :day, w.dataset, w."row" FROM counted, '
+            'unnest(CAST(:datasets AS TEXT[]), CAST(:rows AS BIGINT[])) AS w(dataset, "row") '
+            'ORDER BY w.dataset, w."row" ON CONFLICT DO NOTHING'
+        )
+        self.reveal = 'INSERT OR IGNORE INTO revealed ("user", day, dataset, "row") VALUES (?, ?, ?, ?)'  # SQLite
+        self.withheld = sql(
+            'INSERT INTO usage ("user", day, withheld) VALUES (:user, :day, 1) '
+            'ON CONFLICT ("user", day) DO UPDATE SET withheld = usage.withheld + 1'
+        )
+
+
+class EgressStore:
+    """Safe to use from several threads (the service answers many users' servers from threads): a pooled
+    connection per call."""
+
+    def __init__(self, path: str | os.PathLike[str], database: Location | None = None):
+        """The counts in ``database`` (default: SQLite at ``path``, its folder made root 0700)."""
         self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.path.parent, 0o700)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        os.chmod(self.path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        for statement in SCHEMA:
-            self._db.execute(statement)
+        where = database or Location(self.path)
+        if not where.postgres:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path.parent, 0o700)
+        # No ping before each call on PostgreSQL (a round trip each): _run retries a call whose connection
+        # the server dropped instead.
+        self.db = Database(
+            where, what="egress counts", migrations=MIGRATIONS, tables=TABLES, synchronous="NORMAL", pre_ping=False
+        )
+        self.postgres = self.db.postgres
+        self._sql = _Statements(self.postgres)
 
     @classmethod
-    def for_state_dir(cls, state_dir: str | os.PathLike[str]) -> EgressStore:
-        return cls(db_path(state_dir))
-
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._db, self._lock)
+    def for_site(cls, site: Any) -> EgressStore:
+        """The site's counts: in ``[database] url``'s schema ``egress``, or the SQLite file under its state_dir."""
+        path = db_path(site.state_dir)
+        return cls(path, Location.for_site(site, "egress", path))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.db.close()
+
+    def _run(self, work: Callable[[Any], T], transaction: bool = False) -> T:
+        """``work(connection)`` on a pooled driver connection in autocommit mode (a statement alone is atomic);
+        ``transaction``: its statements as one, ``BEGIN IMMEDIATE`` (SQLite), rolled back on any exception.
+
+        A connection the server dropped (PostgreSQL restarted, or ended it) is found here rather than by a
+        ping before every call: the pool is renewed (its idle connections are as old) and the call runs once
+        more on a new connection. A write that reached the server before the connection dropped is then
+        counted twice, which only makes the user's limits stricter; never counted is what must not happen."""
+        for attempt in (1, 2):
+            pooled = self.db.engine.raw_connection()
+            conn: Any = pooled.driver_connection
+            try:
+                if not transaction:
+                    return work(conn)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = work(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+            except self.db.engine.dialect.loaded_dbapi.Error as e:
+                if not self.db.engine.dialect.is_disconnect(e, conn, None):
+                    raise
+                pooled.invalidate()
+                self.db.engine.dispose()  # a new pool: its idle connections are as old
+                if attempt == 2:
+                    raise
+            finally:
+                pooled.close()  # back to the pool (an invalidated one is closed)
+        raise AssertionError("unreachable")
 
     # -- reading -----------------------------------------------------------------------------------
 
     def day(self, user: str, day: str) -> Day:
-        with self._lock:  # one statement: every output asks
-            b, o, w, rows = self._db.execute(
-                "SELECT COALESCE(u.bytes, 0), COALESCE(u.outputs, 0), COALESCE(u.withheld, 0), "
-                "(SELECT COUNT(*) FROM revealed WHERE user = ?1 AND day = ?2) "
-                "FROM (SELECT 1) LEFT JOIN usage u ON u.user = ?1 AND u.day = ?2",
-                (user, day),
-            ).fetchone()
+        params = {"user": user, "day": day}
+        b, o, w, rows = self._run(lambda db: db.execute(self._sql.day, params).fetchone())  # every output asks
         return Day(user, day, b, o, w, rows)
 
     def totals(self, day: str) -> Totals:
         """The day's counts over every user: users with counts, bytes, outputs passed and withheld."""
-        with self._lock:
-            users, b, o, w = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(outputs), 0), COALESCE(SUM(withheld), 0) "
-                "FROM usage WHERE day = ?",
-                (day,),
-            ).fetchone()
+        users, b, o, w = self._run(lambda db: db.execute(self._sql.totals, {"day": day}).fetchone())
         return Totals(day, users, b, o, w)
 
     def unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> int:
         """How many of the distinct ``rows`` (dataset -> row ids) the user has not seen yet on ``day``: one
-        statement per dataset, the ids passed as one JSON array (an output with rows asks this every time)."""
-        n = 0
-        with self._lock:
-            for dataset, ids in rows.items():
-                wanted = sorted({int(row) for row in ids})
-                if not wanted:
-                    continue
-                (seen,) = self._db.execute(
-                    "SELECT COUNT(*) FROM revealed WHERE user = ? AND day = ? AND dataset = ? "
-                    "AND row IN (SELECT value FROM json_each(?))",
-                    (user, day, dataset, json.dumps(wanted)),
-                ).fetchone()
-                n += len(wanted) - seen
-        return n
+        statement per dataset, the ids passed as one parameter (an output with rows asks this every time)."""
+        asked = []
+        for dataset, ids in rows.items():
+            wanted = sorted({int(row) for row in ids})
+            if wanted:
+                asked.append((len(wanted), {"user": user, "day": day, "dataset": dataset, "ids": self._ids(wanted)}))
+
+        def count(db: Any) -> int:
+            return sum(n - db.execute(self._sql.seen, params).fetchone()[0] for n, params in asked)
+
+        return self._run(count) if asked else 0
+
+    def _ids(self, wanted: list[int]) -> list[int] | str:
+        return wanted if self.postgres else json.dumps(wanted)
 
     def history(self, days: int = 30, user: str | None = None) -> list[Day]:
         """Per user and day, newest first, the last ``days`` days that have counts."""
-        with self._lock:
-            found = self._db.execute(
-                "SELECT u.user, u.day, u.bytes, u.outputs, u.withheld, "
-                "(SELECT COUNT(*) FROM revealed r WHERE r.user = u.user AND r.day = u.day) "
-                "FROM usage u WHERE (? IS NULL OR u.user = ?) ORDER BY u.day DESC, u.user",
-                (user, user),
-            ).fetchall()
+        if user is None:
+            found = self._run(lambda db: db.execute(self._sql.history).fetchall())
+        else:
+            found = self._run(lambda db: db.execute(self._sql.history_of, {"user": user}).fetchall())
         newest = sorted({d for _, d, *_ in found}, reverse=True)[:days]
         return [Day(*r) for r in found if r[1] in newest]
 
     # -- writing -----------------------------------------------------------------------------------
 
     def add(self, user: str, day: str, *, size: int, rows: Mapping[str, Iterable[int]]) -> None:
-        """Count one output that reached the browser: its bytes, and the rows it showed."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO usage (user, day, bytes, outputs) VALUES (?, ?, ?, 1) "
-                "ON CONFLICT (user, day) DO UPDATE SET bytes = bytes + excluded.bytes, outputs = outputs + 1",
-                (user, day, int(size)),
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO revealed (user, day, dataset, row) VALUES (?, ?, ?, ?)",
-                ((user, day, dataset, int(row)) for dataset, ids in rows.items() for row in ids),
-            )
+        """Count one output that reached the browser: its bytes, and the rows it showed (each distinct row
+        once a day, however often it is shown)."""
+        shown = sorted({(dataset, int(row)) for dataset, ids in rows.items() for row in ids})
+        counted = {"user": user, "day": day, "size": int(size)}
+        if self.postgres:  # one statement, with or without rows
+            counted |= {"datasets": [d for d, _ in shown], "rows": [r for _, r in shown]}
+            self._run(lambda db: db.execute(self._sql.count_rows, counted))
+        elif not shown:  # most outputs show no rows: one statement
+            self._run(lambda db: db.execute(self._sql.count, counted))
+        else:
+
+            def count(db: Any) -> None:
+                db.execute(self._sql.count, counted)
+                db.executemany(self._sql.reveal, [(user, day, d, r) for d, r in shown])
+
+            self._run(count, transaction=True)
 
     def add_withheld(self, user: str, day: str) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO usage (user, day, withheld) VALUES (?, ?, 1) "
-                "ON CONFLICT (user, day) DO UPDATE SET withheld = withheld + 1",
-                (user, day),
-            )
+        self._run(lambda db: db.execute(self._sql.withheld, {"user": user, "day": day}))  # one statement

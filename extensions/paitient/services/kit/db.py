@@ -101,16 +101,22 @@ class Database:
         tables: Mapping[str, tuple[str, ...]],
         synchronous: str = "FULL",
         moved_from_public: bool = False,
+        pre_ping: bool = True,
     ):
         """``tables``: the store's tables and their columns as the first revision makes them (to recognise
         a database from before the migrations); the write lock takes them all on PostgreSQL.
         ``moved_from_public``: on PostgreSQL, refuse a new schema while the role's ``public`` schema holds
-        these tables (a store that lived there before and must be moved, not begun anew)."""
+        these tables (a store that lived there before and must be moved, not begun anew).
+        ``pre_ping``: on PostgreSQL, try each pooled connection with a round trip before handing it out (so a
+        server restart goes unnoticed); False for a store on a hot path that retries a call whose connection
+        was dropped itself."""
         self.where = where
         self.what = what
         self.tables = dict(tables)
         self.postgres = where.postgres
-        self.engine = _postgres_engine(where, what) if self.postgres else _sqlite_engine(where.sqlite_path, synchronous)
+        self.engine = (
+            _postgres_engine(where, what, pre_ping) if self.postgres else _sqlite_engine(where.sqlite_path, synchronous)
+        )
         self._lock = f"LOCK TABLE {', '.join(map(_quote, self.tables))} IN SHARE ROW EXCLUSIVE MODE"
         try:
             if self.postgres:
@@ -293,7 +299,7 @@ def _sqlite_engine(path: Path, synchronous: str) -> sa.Engine:
     return engine
 
 
-def _postgres_engine(where: Location, what: str) -> sa.Engine:
+def _postgres_engine(where: Location, what: str, pre_ping: bool = True) -> sa.Engine:
     if where.passfile:
         path = Path(where.passfile)
         if not path.is_file():
@@ -312,7 +318,7 @@ def _postgres_engine(where: Location, what: str) -> sa.Engine:
     return sa.create_engine(
         sqlalchemy_url(where.url, schema=where.schema, passfile=where.passfile),
         isolation_level="AUTOCOMMIT",
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=5,
         max_overflow=15,
         connect_args={"connect_timeout": 10},
