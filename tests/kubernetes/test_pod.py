@@ -34,7 +34,7 @@ def profile(site: site_config.SiteConfig) -> Config:
     c.JupyterHub.cookie_secret = bytes.fromhex(COOKIE_SECRET)
     c.ConfigurableHTTPProxy.auth_token = PROXY_TOKEN
     c.JupyterHub.services = [{"name": n, "api_token": t} for n, t in SERVICE_TOKENS.items()]
-    configure_kubernetes(c, site, image=IMAGE, kernels_cmd=["paitient-kernels"])
+    configure_kubernetes(c, site, image=IMAGE)
     c.PaitientKubeSpawner.project_gids = GIDS
     return c
 
@@ -144,7 +144,51 @@ async def test_both_containers_run_the_profiles_image(site, make_user, render):
     pod = await render(make_user("alice", ("oncology",)), profile(site))
     assert {c["name"]: c["image"] for c in all_containers(pod)} == {NOTEBOOK_CONTAINER: IMAGE, KERNELS_CONTAINER: IMAGE}
     assert containers(pod)[NOTEBOOK_CONTAINER]["args"] == server_argv("python")
-    assert containers(pod)[KERNELS_CONTAINER]["command"] == ["paitient-kernels"]
+
+
+async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_and_the_sites_limits(
+    site_file, make_user, render
+):
+    """The image's entrypoint stays (no ``command``): the launcher is its argument, as the server is the
+    notebook's. Its options are the mounts the pod has and the site's [sandbox] limits."""
+    site_file.write_text(site_file.read_text() + "\n[sandbox]\nmemory_mb = 2048\ncpu_seconds = 600\n")
+    site = site_config.load(site_file)
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    kernels = containers(pod)[KERNELS_CONTAINER]
+    assert "command" not in kernels or kernels["command"] is None
+    assert kernels["args"] == [
+        "python",
+        "-I",
+        "-m",
+        "paitient.services.launcher.pod",
+        "--socket=/run/paitient/launcher.sock",
+        "--home=/home/researcher",
+        "--data-root=/data",
+        "--run-dir=/run/paitient/services",
+        "--memory-mb=2048",
+        "--max-processes=256",
+        "--max-open-files=1024",
+        "--cpu-seconds=600",
+    ]
+    # what the options name is what the container mounts: the home, the sockets' folder, the data
+    paths = {m["mountPath"]: m for m in kernels["volumeMounts"]}
+    assert {"/home/researcher", "/run/paitient", "/data/oncology"} <= set(paths)
+    assert paths["/data/oncology"]["readOnly"] is True
+    # the server reaches the launcher's socket (the same folder), not the data
+    notebook = {m["mountPath"] for m in containers(pod)[NOTEBOOK_CONTAINER]["volumeMounts"]}
+    assert "/run/paitient" in notebook and not any(p.startswith("/data") for p in notebook)
+    # the launcher's options are the ones it takes: its own parser reads them
+    from paitient.services.launcher.pod import PodLauncherApp
+
+    app = PodLauncherApp()
+    app.parse_command_line(kernels["args"][4:])
+    assert (app.socket, app.home, app.data_root, app.run_dir) == (
+        "/run/paitient/launcher.sock",
+        "/home/researcher",
+        "/data",
+        "/run/paitient/services",
+    )
+    assert (app.memory_mb, app.cpu_seconds) == (2048, 600)
 
 
 async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_user, render):
@@ -178,7 +222,7 @@ async def test_the_servers_token_carries_only_what_a_server_needs(site, make_use
 async def test_without_a_kernel_launcher_no_pod_is_made(site, make_user, render):
     c = profile(site)
     c.PaitientKubeSpawner.kernels_cmd = []
-    with pytest.raises(ProfileError, match="kernels_cmd is empty.*docs/kubernetes.md"):
+    with pytest.raises(ProfileError, match="kernels_cmd is empty.*paitient.services.launcher.pod"):
         await render(make_user("alice", ("oncology",)), c)
 
 

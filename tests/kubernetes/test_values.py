@@ -87,18 +87,23 @@ def test_extra_config_signs_in_through_the_profiles_ldap_authenticator(site_file
     assert c.JupyterHub.spawner_class == "paitient.hub.kubernetes.PaitientKubeSpawner"
 
 
+async def test_values_that_empty_the_launcher_make_no_pod(site_file, make_user, render):
+    c = chart_config(site_file)
+    c.PaitientKubeSpawner.kernels_cmd = []
+    with pytest.raises(ProfileError, match="kernels_cmd is empty"):
+        await render(make_user("alice", ("oncology",)), c)
+
+
 async def test_the_values_settings_reach_the_pod(site_file, make_user, render):
     c = chart_config(site_file)
     image = f"{get_config('singleuser.image.name')}:{get_config('singleuser.image.tag')}"
     assert c.PaitientKubeSpawner.image == image
     assert c.PaitientKubeSpawner.project_gids == get_config("custom.paitient.projectGids")
-    # the values leave the kernel launcher empty (not built yet): the hub refuses to make a pod, and says why
-    assert get_config("custom.paitient.kernelsCmd") == []
-    with pytest.raises(ProfileError, match="kernels_cmd is empty"):
-        await render(make_user("alice", ("oncology",)), c)
-    c.PaitientKubeSpawner.kernels_cmd = ["paitient-kernels"]
+    # the values name the in-pod launcher: the hub makes the pod, and its kernels container runs it
+    assert get_config("custom.paitient.kernelsCmd") == ["python", "-I", "-m", "paitient.services.launcher.pod"]
     pod = await render(make_user("bob", ("oncology",)), c)
     assert {x["image"] for x in containers(pod).values()} == {image}
+    assert containers(pod)["kernels"]["args"][:4] == get_config("custom.paitient.kernelsCmd")
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert f"{get_config('custom.paitient.dataClaimPrefix')}oncology" in claims
     assert pod["spec"]["securityContext"]["supplementalGroups"] == [get_config("custom.paitient.projectGids.oncology")]

@@ -8,8 +8,6 @@ groups and mounts, seen from ``/proc``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -27,63 +25,8 @@ from paitient.services.data import access
 from paitient.services.launcher import socket_path
 from paitient.services.launcher.service import Launcher, LauncherServer
 from tests import workspacegroup
+from tests.launcher.asking import ask_as, connection_file, sandbox_of, staying
 from tests.server.harness import make_site, publish
-
-ASK = """
-import json, sys
-from paitient import channel
-try:
-    print(json.dumps({"ok": channel.call(sys.argv[1], "start", json.loads(sys.argv[2]), timeout=60)}))
-except channel.ChannelError as e:
-    print(json.dumps({"error": str(e), "code": e.code}))
-"""
-
-
-def ask_as(pw, sock: Path, args: dict, groups: str | None = None) -> dict:
-    """``start`` with ``args``, sent by a process of ``pw``'s account (``None``: root) with ``groups`` (a
-    setpriv option; default: the workspace's group only, as the user's server has)."""
-    groups = groups or workspacegroup.setpriv_groups()
-    prefix = [] if pw is None else ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", groups]
-    r = subprocess.run(
-        [*prefix, sys.executable, "-c", textwrap.dedent(ASK), str(sock), json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def connection_file(pw, name: str = "kernel-abc123.json", **info) -> Path:
-    """A connection file in ``pw``'s runtime dir, as the user's server writes it (ipc sockets in a folder of
-    their own), owned by the user."""
-    runtime = Path(user_runtime_dir(pw.pw_dir))
-    home = Path(pw.pw_dir)
-    for d in (home / ".local", home / ".local" / "share", home / ".local" / "share" / "jupyter", runtime):
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chown(d, pw.pw_uid, pw.pw_gid)
-    kdir = runtime / ("k" + name.removeprefix("kernel-").removesuffix(".json")[:8])
-    kdir.mkdir(mode=0o700, exist_ok=True)
-    os.chown(kdir, pw.pw_uid, pw.pw_gid)
-    body = {
-        "transport": "ipc",
-        "ip": str(kdir / "k"),
-        "shell_port": 1,
-        "iopub_port": 2,
-        "stdin_port": 3,
-        "control_port": 4,
-        "hb_port": 5,
-        "key": "0" * 32,
-        "signature_scheme": "hmac-sha256",
-        "kernel_name": "python3",
-        **info,
-    }
-    path = runtime / name
-    path.write_text(json.dumps(body))
-    os.chown(path, pw.pw_uid, pw.pw_gid)
-    os.chmod(path, 0o600)
-    return path
 
 
 @pytest.fixture
@@ -152,6 +95,16 @@ def test_connection_files_outside_the_callers_runtime_dir_are_refused(world):
     assert launcher.children == {}
 
 
+@pytest.mark.parametrize("cwd", ["/etc", "/", "relative/study", "{home}/../..", "{other}"])
+def test_a_working_folder_outside_the_callers_home_is_refused(world, cwd):
+    site, launcher, sock, users = world
+    alice = users["alice"]
+    cwd = cwd.format(home=alice.pw_dir, other=users["bob"].pw_dir)
+    answer = ask_as(alice, sock, {"connection_file": str(connection_file(alice)), "kernel": "python3", "cwd": cwd})
+    assert answer["code"] == "path_refused" and "cwd must be a folder in your home" in answer["error"], answer
+    assert launcher.children == {}
+
+
 def test_root_and_accounts_the_registry_does_not_know_are_refused(world):
     site, launcher, sock, users = world
     conn = connection_file(users["stranger"])
@@ -164,54 +117,17 @@ def test_root_and_accounts_the_registry_does_not_know_are_refused(world):
     assert launcher.children == {}
 
 
-def _sandbox_of(pid: int, timeout: float = 20.0) -> tuple[int, list[str]]:
-    """The bwrap process under the kernel's keeper ``pid`` (its pid and command line)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            argv = [a.decode() for a in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") if a]
-            if argv and argv[0].endswith("bwrap"):
-                return int(child), argv
-        time.sleep(0.05)
-    raise AssertionError(f"pid {pid} never started bwrap")
-
-
-@contextlib.contextmanager
-def staying(pw, sock: Path, args: dict):
-    """``start`` asked by a process of ``pw`` that stays (as a server does) until the block ends."""
-    code = ASK + "sys.stdout.flush()\nsys.stdin.read()\n"
-    proc = subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={pw.pw_uid}",
-            f"--regid={pw.pw_gid}",
-            workspacegroup.setpriv_groups(),
-            sys.executable,
-            "-c",
-            code,
-            str(sock),
-            json.dumps(args),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={"PATH": "/usr/bin:/bin"},
-    )
-    try:
-        yield proc, json.loads(proc.stdout.readline())
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-
-
 def test_the_kernel_runs_as_the_caller_with_only_its_projects_groups_and_mounts(world):
     site, launcher, sock, users = world
     alice = users["alice"]
     conn = connection_file(alice)
-    with staying(alice, sock, {"connection_file": str(conn), "kernel": "python3", "cwd": "/etc"}) as (_, answer):
+    work = Path(alice.pw_dir) / "study"
+    work.mkdir()
+    os.chown(work, alice.pw_uid, alice.pw_gid)
+    with staying(alice, sock, {"connection_file": str(conn), "kernel": "python3", "cwd": str(work)}) as (_, answer):
         assert "ok" in answer, answer
         pid = answer["ok"]["pid"]
-        _the_kernel_as_alice(site, alice, pid, answer)
+        _the_kernel_as_alice(site, alice, pid, answer, str(work))
     deadline = time.monotonic() + 10
     while launcher.children and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -226,7 +142,7 @@ def test_the_kernel_ends_when_the_server_that_asked_for_it_is_killed(world):
         answer,
     ):
         pid = answer["ok"]["pid"]
-        bwrap, _ = _sandbox_of(pid)
+        bwrap, _ = sandbox_of(pid)
         assert pid in launcher.children
         server.kill()
         server.wait(timeout=10)
@@ -243,7 +159,7 @@ def test_killing_the_pid_the_server_got_ends_the_sandbox(world):
     alice = users["alice"]
     with staying(alice, sock, {"connection_file": str(connection_file(alice)), "kernel": "python3"}) as (_, answer):
         pid = answer["ok"]["pid"]
-        bwrap, _ = _sandbox_of(pid)
+        bwrap, _ = sandbox_of(pid)
         r = subprocess.run(
             ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", "--clear-groups", "kill", "-9", str(pid)]
         )
@@ -254,9 +170,9 @@ def test_killing_the_pid_the_server_got_ends_the_sandbox(world):
         assert not Path(f"/proc/{bwrap}").exists()
 
 
-def _the_kernel_as_alice(site, alice, pid, answer):
+def _the_kernel_as_alice(site, alice, pid, answer, work):
     try:
-        bwrap, argv = _sandbox_of(pid)
+        bwrap, argv = sandbox_of(pid)
         status = Path(f"/proc/{bwrap}/status").read_text()
         uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
         groups = next(line for line in status.splitlines() if line.startswith("Groups:")).split()[1:]
@@ -270,7 +186,7 @@ def _the_kernel_as_alice(site, alice, pid, answer):
         dests = [argv[i + 2] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind", "--ro-bind-try")]
         assert "/data/onc/bc" in dests and not any(d.startswith("/data/card") for d in dests)
         assert not any(d == "/" or d.startswith(str(site.data_root)) for d in dests)
-        assert argv[argv.index("--chdir") + 1] == alice.pw_dir  # a cwd outside the home becomes the home
+        assert argv[argv.index("--chdir") + 1] == work
         env = {argv[i + 1] for i, a in enumerate(argv) if a == "--setenv"}
         assert env == {
             "PATH",

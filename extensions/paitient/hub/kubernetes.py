@@ -36,14 +36,15 @@ from traitlets.config import Config
 from paitient.config import SiteConfig
 from paitient.hub.paths import server_argv
 from paitient.hub.spawner import SiteSpawnerMixin
+from paitient.services.launcher import pod as launcher
 
 NOTEBOOK_CONTAINER = "notebook"
 """KubeSpawner's name for the pod's main container: the user's Jupyter server."""
 KERNELS_CONTAINER = "kernels"
-HOME = "/home/researcher"
-DATA = "/data"
-RUNTIME_SOCKETS = "/run/paitient"
-"""An in-memory folder both containers mount: the kernel launcher's socket."""
+HOME = launcher.HOME
+DATA = launcher.DATA
+RUNTIME_SOCKETS = launcher.SOCKETS
+"""An in-memory folder both containers mount: the kernel launcher's socket (and none of the kernels)."""
 
 CHART_LABELS = {"app": "jupyterhub"}
 """The Zero to JupyterHub chart's labels (``jupyterhub.matchLabels`` less the release): pods are picked by
@@ -173,12 +174,28 @@ def pod_plan(
     )
 
 
+def launcher_options(site: SiteConfig) -> list[str]:
+    """The pod launcher's arguments (:mod:`paitient.services.launcher.pod`): where the pod mounts things, and
+    the site's kernel limits. They are in the manifest, which nobody in the pod can change."""
+    s = site.sandbox
+    return [
+        f"--socket={launcher.SOCKET}",
+        f"--home={HOME}",
+        f"--data-root={DATA}",
+        f"--run-dir={launcher.RUN_DIR}",
+        f"--memory-mb={s.memory_mb}",
+        f"--max-processes={s.max_processes}",
+        f"--max-open-files={s.max_open_files}",
+        f"--cpu-seconds={s.cpu_seconds}",
+    ]
+
+
 def kernels_env() -> dict[str, str]:
     """The kernels' container's whole environment: where things are, and no credential at all."""
     return {
         "HOME": HOME,
         "PAITIENT_DATA_DIR": DATA,
-        "PAITIENT_LAUNCHER_SOCKET": f"{RUNTIME_SOCKETS}/launcher.sock",
+        "PAITIENT_LAUNCHER_SOCKET": launcher.SOCKET,
         "PYTHONNOUSERSITE": "1",
         "LANG": "C.UTF-8",
     }
@@ -285,9 +302,15 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
 
     kernels_cmd = List(
         Unicode(),
-        help="The command of the pod's kernels container: the in-pod kernel launcher, which starts each kernel "
-        "the server asks for in bubblewrap. Required: see docs/kubernetes.md.",
+        help="The command of the pod's kernels container: the in-pod kernel launcher "
+        "(python -I -m paitient.services.launcher.pod), which starts each kernel the server asks for in "
+        "bubblewrap. The profile adds its options (the pod's paths, the site's limits) as the container's "
+        "arguments after it; the image's entrypoint (tini) stays PID 1 and reaps. Empty: no pod is made.",
     ).tag(config=True)
+
+    @default("kernels_cmd")
+    def _kernels_cmd_default(self) -> list[str]:
+        return launcher.launcher_argv("python")
 
     @default("default_url")
     def _default_url_default(self) -> str:
@@ -319,8 +342,9 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
     async def get_pod_manifest(self):
         if not self.kernels_cmd:
             raise ProfileError(
-                "PaitientKubeSpawner.kernels_cmd is empty: the pod would have no kernel launcher "
-                "(docs/kubernetes.md, 'What is not built')"
+                "PaitientKubeSpawner.kernels_cmd is empty: the pod would have no kernel launcher; set it (or "
+                "custom.paitient.kernelsCmd) to the in-pod launcher, python -I -m paitient.services.launcher.pod "
+                "(docs/kubernetes.md)"
             )
         p = self.plan()
         self.uid, self.gid, self.fs_gid = p.uid, p.gid, p.gid
@@ -344,7 +368,9 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
                 "name": KERNELS_CONTAINER,
                 "image": self.image,
                 "imagePullPolicy": self.image_pull_policy,
-                "command": list(self.kernels_cmd),
+                # as args, like the server's command: the image's entrypoint (tini) is PID 1 of the container,
+                # forwards SIGTERM and reaps a sandbox whose keeper was killed
+                "args": [*self.kernels_cmd, *launcher_options(self.site)],
                 "env": [{"name": k, "value": v} for k, v in sorted(kernels_env().items())],
                 "volumeMounts": list(p.kernels_mounts),
                 "securityContext": kernels_context(p.uid, p.gid),
@@ -358,7 +384,7 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
         env = super().get_env()
         for var in ("PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONHOME", "JUPYTER_PATH"):
             env.pop(var, None)
-        env.update(HOME=HOME, PYTHONNOUSERSITE="1", PAITIENT_LAUNCHER_SOCKET=f"{RUNTIME_SOCKETS}/launcher.sock")
+        env.update(HOME=HOME, PYTHONNOUSERSITE="1", PAITIENT_LAUNCHER_SOCKET=launcher.SOCKET)
         return env
 
 

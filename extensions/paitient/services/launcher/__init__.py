@@ -7,6 +7,9 @@ reads the registry and the site configuration, builds the bubblewrap command its
 (:mod:`paitient.rules.sandbox`) and starts the kernel as the user, with exactly the groups of the user's
 projects and the workspace's group (its sockets). The request names nothing else: a field for mounts,
 environment, capabilities or a command is refused.
+
+On Kubernetes the same launcher runs inside each user's pod, as the user (:mod:`.pod`); what the two
+share, the request and the sandbox, is :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
 It starts the command (passing the seccomp filter's descriptor on) and waits for it. bubblewrap dies with its
 parent (``--die-with-parent``): with the keeper as that parent, a launcher that ends (it ends with the hub)
 takes no kernel with it, and the kernel still ends with the server that asked for it: the keeper checks that
-server (pid and start time) every half second and kills the kernel when it is gone. SIGTERM, SIGINT and SIGHUP
-kill the kernel too; SIGKILL of the keeper ends the sandbox through bubblewrap's parent-death signal.
+server (pid and start time) every half second and kills the kernel when it is gone. A SERVER_PID of 0 names no
+server: the launcher cannot see it (a pod's server, in a container of its own), and the kernel ends with the
+keeper. SIGTERM, SIGINT and SIGHUP kill the kernel too; SIGKILL of the keeper ends the sandbox through
+bubblewrap's parent-death signal.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> int:
         try:
             return proc.wait(timeout=WATCH_SECONDS)
         except subprocess.TimeoutExpired:
-            if process_start(server_pid) != server_start:
+            if server_pid > 0 and process_start(server_pid) != server_start:
                 proc.kill()
 
 

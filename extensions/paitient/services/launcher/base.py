@@ -1,0 +1,340 @@
+"""What the host's and the pod's kernel launchers share: the request, its checks, the sandbox and its start.
+
+Request (from a user's server, over the launcher's socket)::
+
+    {"op": "start", "args": {"connection_file": "<runtime dir>/kernel-<id>.json", "kernel": "python3",
+                             "cwd": "<a folder in the home>"}}
+
+Nothing else is accepted: a request with any other field (mounts, env, capabilities, argv, ...) is refused
+with ``field_refused`` before anything is read, and so are file descriptors. The connection file must lie
+directly in the caller's runtime dir (``<home>/.local/share/jupyter/runtime``), be a regular file the
+caller owns (opened without following links), and name ipc sockets in a folder of their own in that same
+dir; ``cwd``, when given, must be a folder in the home (``path_refused`` otherwise). The kernel name picks
+a command of the launcher's own (``unknown_kernel`` otherwise).
+
+A launcher (:class:`BaseLauncher`) decides the rest from what it was configured with and whom
+``SO_PEERCRED`` names: the datasets of the caller's projects (read-only), the home, the service sockets,
+the kernel's fixed environment, the seccomp filter, every namespace, no capabilities, the rlimits. The
+variants differ only in what they must (:meth:`BaseLauncher.caller`, :meth:`BaseLauncher.identity`,
+:meth:`BaseLauncher.output`): the host's (:mod:`.service`) is root, knows the caller from the registry and
+changes to its account; the pod's (:mod:`.pod`) runs as the pod's uid, serves that uid only and offers what
+the pod has mounted.
+
+The answer is the kernel's pid and start time. Its parent is a keeper (:mod:`.keeper`) that ends it when
+the server that asked for it is gone (where the launcher can see that server) and keeps it when the
+launcher ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
+from paitient.rules.sandbox import (
+    Limits,
+    PolicyError,
+    SandboxPolicy,
+    build_bwrap_argv,
+    kernel_argv,
+    kernel_env,
+    prlimit_argv,
+    python_roots,
+    resolve_datasets,
+    user_runtime_dir,
+)
+from paitient.rules.seccomp import seccomp_program
+
+FIELD_REFUSED = "field_refused"
+"""The request carries a field the launcher does not take (it decides mounts, environment, command itself)."""
+PATH_REFUSED = "path_refused"
+"""The connection file, its socket folder or the working folder is not where, or not what, the caller's own
+kernel would use."""
+UNKNOWN_KERNEL = "unknown_kernel"
+
+FIELDS = frozenset({"connection_file", "kernel", "cwd"})
+CONNECTION_NAME = re.compile(r"^kernel-[A-Za-z0-9_-]{1,80}\.json\Z")
+MAX_CONNECTION_BYTES = 64 * 1024
+KEEPER = Path(__file__).with_name("keeper.py")
+"""The kernel's parent (as the user): keeps it past the launcher's end, ends it with its server."""
+
+
+def kernel_commands(python: str) -> dict[str, list[str]]:
+    """Kernel name -> command (``{connection_file}`` replaced); the only kernels a launcher starts."""
+    return {"python3": kernel_argv(python)}
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks after boot (None if gone or a zombie): with the pid, names one
+    process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whom a kernel is for, as the launcher decided it (never as the request says)."""
+
+    uid: int
+    gid: int
+    home: str
+    name: str
+    """For the log: the account, or the uid."""
+    projects: dict[str, list[str]] = field(default_factory=dict)
+    """Project -> dataset names the kernel may read."""
+    groups: tuple[int, ...] = ()
+    """The kernel's supplementary groups, where the launcher sets them (the host's)."""
+
+
+def check_fields(args: dict[str, Any]) -> None:
+    """Refuse a request that carries anything but the three fields, or fields that are not strings."""
+    extra = sorted(set(args) - FIELDS)
+    if extra:
+        raise ChannelError(
+            f"the launcher takes only {', '.join(sorted(FIELDS))}; refused: {', '.join(map(str, extra))[:200]}. "
+            "Mounts, environment, capabilities and the command are the launcher's own decisions",
+            FIELD_REFUSED,
+        )
+    for key in FIELDS:
+        if key in args and not isinstance(args[key], str):
+            raise ChannelError(f"{key} must be a string", BAD_REQUEST)
+    if not args.get("connection_file") or not args.get("kernel"):
+        raise ChannelError("connection_file and kernel are required", BAD_REQUEST)
+
+
+def check_connection(path: str, uid: int, runtime_dir: str) -> tuple[str, str]:
+    """(connection file, this kernel's socket folder), both checked to be ``uid``'s own in ``runtime_dir``."""
+    if (
+        len(path) > 4096
+        or not os.path.isabs(path)
+        or os.path.normpath(path) != path
+        or os.path.dirname(path) != runtime_dir
+        or not CONNECTION_NAME.match(os.path.basename(path))
+    ):
+        raise ChannelError(
+            f"the connection file must be {runtime_dir}/kernel-<id>.json, got {path[:300]!r}", PATH_REFUSED
+        )
+    if os.path.realpath(runtime_dir) != runtime_dir:
+        raise ChannelError(f"the runtime dir {runtime_dir} may not pass through a symbolic link", PATH_REFUSED)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ChannelError(f"cannot open the connection file {path}: {e.strerror}", PATH_REFUSED) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_size > MAX_CONNECTION_BYTES:
+            raise ChannelError(
+                f"the connection file {path} must be a regular file of yours, under 64 KiB", PATH_REFUSED
+            )
+        raw = os.read(fd, MAX_CONNECTION_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        raise ChannelError(f"the connection file {path} is not JSON", PATH_REFUSED) from None
+    ip = info.get("ip") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or info.get("transport") != "ipc" or not isinstance(ip, str):
+        raise ChannelError("the kernel must use ipc sockets (transport ipc); the sandbox has no network", PATH_REFUSED)
+    kernel_dir = os.path.dirname(ip)
+    if os.path.normpath(kernel_dir) != kernel_dir or os.path.dirname(kernel_dir) != runtime_dir:
+        raise ChannelError(f"the kernel's sockets must lie in a folder of their own in {runtime_dir}", PATH_REFUSED)
+    try:
+        kst = os.lstat(kernel_dir)
+    except OSError:
+        raise ChannelError(f"the socket folder {kernel_dir} does not exist", PATH_REFUSED) from None
+    if not stat.S_ISDIR(kst.st_mode) or kst.st_uid != uid:
+        raise ChannelError(f"the socket folder {kernel_dir} must be a folder of yours", PATH_REFUSED)
+    return path, kernel_dir
+
+
+def work_dir(cwd: str, home: str) -> str:
+    """The kernel's working folder: ``cwd`` if it is a folder in the home, the home when none is named (or the
+    one named is gone). A ``cwd`` outside the home is refused: the server's files all lie in the home."""
+    if not cwd:
+        return home
+    work = os.path.normpath(cwd)
+    if not os.path.isabs(cwd) or not (work == home or work.startswith(home.rstrip("/") + "/")):
+        raise ChannelError(f"cwd must be a folder in your home {home}, got {cwd[:300]!r}", PATH_REFUSED)
+    return work if os.path.isdir(work) else home
+
+
+class BaseLauncher:
+    """The decisions and the starting of one launcher; a :class:`~paitient.services.kit.channel.ChannelServer`
+    puts :meth:`handlers` on its socket. Subclasses implement :meth:`caller`."""
+
+    watch_required = True
+    """The asking server must be a process the launcher sees (its pid and start time go to the keeper, which
+    ends the kernel with it). The pod's launcher cannot see the server's container's processes."""
+
+    def __init__(
+        self,
+        *,
+        data_root: str | os.PathLike[str],
+        run_dir: str | os.PathLike[str],
+        limits: Limits,
+        log: logging.Logger | None = None,
+        bwrap: str = "/usr/bin/bwrap",
+        prlimit: str = "/usr/bin/prlimit",
+        python: str = sys.executable,
+        seccomp: bool = True,
+    ):
+        self.data_root = str(data_root)
+        self.run_dir = str(run_dir)
+        self.limits = limits
+        self.log = log or logging.getLogger("paitient.services.launcher")
+        self.bwrap = bwrap
+        self.prlimit = prlimit
+        self.python = python
+        self.kernels = kernel_commands(python)
+        self.seccomp = seccomp
+        self.children: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def handlers(self) -> dict[str, Any]:
+        return {"start": self.start}
+
+    # -- what the variants decide -------------------------------------------------------------------
+
+    def caller(self, peer: Peer) -> Caller:
+        """Who asks (from ``peer`` only), or :class:`ChannelError` (``forbidden``) for one not served."""
+        raise NotImplementedError
+
+    def identity(self, caller: Caller) -> list[str]:
+        """The prefix that runs the keeper, bubblewrap and the kernel as ``caller``: none where the launcher
+        already is the caller's uid."""
+        return []
+
+    @contextlib.contextmanager
+    def output(self, caller: Caller) -> Iterator[IO[bytes] | None]:
+        """Where the kernel's output goes; None: the launcher's own."""
+        yield None
+
+    # -- the request and the sandbox ------------------------------------------------------------------
+
+    def server(self, peer: Peer) -> tuple[int, int]:
+        """(pid, start time) of the asking server for the keeper to watch; (0, 0): none it can see."""
+        start = process_start(peer.pid) if peer.pid > 0 else None
+        if start is not None:
+            return peer.pid, start
+        if peer.pid > 0 or self.watch_required:
+            raise ChannelError("the asking process is gone", FORBIDDEN)
+        return 0, 0
+
+    def policy(self, caller: Caller, connection_file: str, kernel_dir: str, cwd: str) -> SandboxPolicy:
+        runtime_dir = os.path.dirname(connection_file)
+        return SandboxPolicy(
+            home=caller.home,
+            runtime_dir=runtime_dir,
+            run_dir=self.run_dir,
+            data=tuple(resolve_datasets(self.data_root, caller.projects)),
+            system_ro=("/usr", *python_roots()),
+            extra_ro=("/sys/devices/system/cpu",),
+            env=kernel_env(caller.home, self.run_dir, runtime_dir),
+            cwd=work_dir(cwd, caller.home),
+            kernel_dir=kernel_dir,
+            connection_file=connection_file,
+        )
+
+    def argv(
+        self,
+        caller: Caller,
+        policy: SandboxPolicy,
+        kernel: str,
+        seccomp_fd: int | None,
+        server: tuple[int, int] = (0, 0),
+    ) -> list[str]:
+        command = self.kernels.get(kernel)
+        if command is None:
+            raise ChannelError(f"no kernel {kernel[:80]!r}; known: {', '.join(sorted(self.kernels))}", UNKNOWN_KERNEL)
+        keeper = [
+            self.python,
+            "-I",
+            str(KEEPER),
+            str(server[0]),
+            str(server[1]),
+            str(-1 if seccomp_fd is None else seccomp_fd),
+            "--",
+        ]
+        return [
+            *self.identity(caller),
+            *keeper,
+            *prlimit_argv(self.limits, self.prlimit),
+            *build_bwrap_argv(policy, self.bwrap, seccomp_fd),
+            *(policy.connection_file if part == "{connection_file}" else part for part in command),
+        ]
+
+    # -- the operation ----------------------------------------------------------------------------------
+
+    def start(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        check_fields(args)
+        if fds:
+            raise ChannelError("the launcher takes no file descriptors", FIELD_REFUSED)
+        caller = self.caller(peer)
+        server = self.server(peer)
+        runtime_dir = user_runtime_dir(caller.home)
+        connection_file, kernel_dir = check_connection(args["connection_file"], caller.uid, runtime_dir)
+        try:
+            policy = self.policy(caller, connection_file, kernel_dir, args.get("cwd", ""))
+        except PolicyError as e:
+            raise ChannelError(str(e), BAD_REQUEST) from None
+        seccomp_fd = _seccomp_fd() if self.seccomp else None
+        try:
+            argv = self.argv(caller, policy, args["kernel"], seccomp_fd, server)
+            with self.output(caller) as out:
+                proc = subprocess.Popen(
+                    argv,
+                    env={"PATH": "/usr/bin:/bin"},
+                    cwd="/",
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+                    start_new_session=True,
+                )
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
+        start = process_start(proc.pid)
+        with self._lock:
+            self.children[proc.pid] = proc
+        threading.Thread(target=self._reap, args=(proc,), name=f"kernel-{proc.pid}", daemon=True).start()
+        datasets = [m.dest.removeprefix("/data/") for m in policy.data]
+        self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, caller.name, datasets)
+        return {"pid": proc.pid, "start": start, "datasets": datasets}
+
+    def _reap(self, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        with self._lock:
+            self.children.pop(proc.pid, None)
+        self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
+
+    def stop_all(self) -> None:
+        """Kill every kernel this launcher started that still runs (tests; a pod's launcher on its way out)."""
+        with self._lock:
+            procs = list(self.children.values())
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _seccomp_fd() -> int:
+    fd = os.memfd_create("paitient-seccomp", 0)
+    os.write(fd, seccomp_program())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
