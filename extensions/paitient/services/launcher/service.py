@@ -260,6 +260,7 @@ class Launcher:
         keeper = [
             self.python,
             "-I",
+            "-S",  # standard library only: no site-packages, nothing its .pth files would load
             str(KEEPER),
             str(server[0]),
             str(server[1]),
