@@ -52,7 +52,8 @@ from jupyterhub.singleuser import main  # what the server's main imports, then w
 import jupyterhub.singleuser.extension, jupyter_server.serverapp, jupyterlab.labapp, paitient.server.app
 from jupyterhub.services.auth import check_scopes
 
-heavy = ("sqlalchemy", "alembic", "jupyterhub.orm", "jupyterhub.roles", "jupyterhub.handlers", "jupyterhub.user")
+heavy = ("sqlalchemy", "alembic", "jupyterhub.orm", "jupyterhub.roles", "jupyterhub.handlers", "jupyterhub.user",
+         "httpx._main", "rich", "click")
 loaded = sorted(
     name for name, module in sys.modules.items()
     if any(name == h or name.startswith(h + ".") for h in heavy)
@@ -60,7 +61,10 @@ loaded = sorted(
 )
 warnings.simplefilter("ignore")  # a group filter without a database warns that it cannot resolve it
 checks = [sorted(check_scopes(required, set(held))) for required, held in json.loads(sys.argv[2])]
-print(json.dumps({"loaded": loaded, "checks": checks, "auth": "jupyterhub.services.auth" in sys.modules}))
+import httpx  # the library still works; only its command-line client is absent
+client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, text="ok")))
+auth = "jupyterhub.services.auth" in sys.modules and client.get("http://127.0.0.1/").text == "ok"
+print(json.dumps({"loaded": loaded, "checks": checks, "auth": auth}))
 """
 
 # (the scope a request needs, the scopes its token holds): what the server's sign-in check decides
@@ -89,7 +93,7 @@ def test_the_server_loads_no_database_layer_and_decides_scopes_as_before():
     lighter, plain = hub_probe("lighter"), hub_probe("plain")
     assert lighter["loaded"] == [] and lighter["auth"]
     # the same imports without the placeholders load all of it (so they are what leaves it out)
-    assert {"sqlalchemy", "alembic", "jupyterhub.orm", "jupyterhub.handlers.base"} <= set(plain["loaded"])
+    assert {"sqlalchemy", "alembic", "jupyterhub.orm", "jupyterhub.handlers.base", "rich"} <= set(plain["loaded"])
     # the sign-in check is JupyterHub's, unchanged: only alice's own token or an admin's reach her server
     assert lighter["checks"] == plain["checks"]
     assert lighter["checks"] == [[ALICES_SERVER]] * 3 + [[]] * 4

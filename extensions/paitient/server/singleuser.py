@@ -1,11 +1,15 @@
 """The user's server process: JupyterHub's single-user server (``jupyterhub.singleuser``), started lighter.
 
-Two things every user's server would otherwise load and never use are left out before JupyterHub is imported:
+Three things every user's server would otherwise load and never use are left out before JupyterHub is
+imported:
 
 - jsonschema checks the ``iri`` string format with ``rfc3987_syntax`` whenever that package is installed, and
   importing it compiles a grammar: about 0.7 s of CPU and 15 MiB in every server, for a format no schema of
   the server uses (jupyter_events validates its event schemas with jsonschema). It is marked absent
   (:data:`SKIPPED`), so jsonschema leaves that one format unchecked; every other check is unchanged.
+- httpx's command-line client (``httpx._main``, with rich, click and pygments: about 4 MiB), which httpx
+  imports whenever those are installed; JupyterLab's extension manager imports httpx. Marked absent, httpx
+  takes its own fallback (``httpx.main`` says the client is not installed); the library is unchanged.
 - JupyterHub's database layer. ``jupyterhub.singleuser`` needs a few of JupyterHub's modules (the HTTP client
   that talks to the hub, the request log, ``services.auth`` and its scope arithmetic), but these import the
   hub's: ``jupyterhub.log`` imports ``handlers.pages`` (the hub's web pages, its ORM, spawners and users) for
@@ -26,7 +30,7 @@ import importlib
 import sys
 import types
 
-SKIPPED = ("rfc3987_syntax",)
+SKIPPED = ("rfc3987_syntax", "httpx._main")
 """Modules the server never imports (see above)."""
 
 
