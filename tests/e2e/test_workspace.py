@@ -14,6 +14,7 @@ from paitient.hub.signon import NO_PROJECT_MESSAGE
 from paitient.ops.up import Running, hub_api
 from paitient.services import SERVICES
 from paitient.services.audit.query import newest_first
+from tests.e2e.workspace import mapped_packages
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +56,20 @@ def test_member_signs_in_and_lands_in_jupyterlab_as_own_account(workspace):
     assert cell.error is None, cell
     uid, home = cell.stdout.split()
     assert int(uid) == member.uid and home == pwd.getpwnam(member.account).pw_dir
+
+
+def test_the_users_server_serves_without_the_hubs_database_layer(workspace):
+    """The server leaves SQLAlchemy, alembic and the hub's handlers out (paitient.server.singleuser): it still
+    signs the researcher in through the hub, answers the API and runs a cell, with JupyterHub's own HTTP
+    client loaded and no SQLAlchemy in the process."""
+    s = workspace.login("alice")
+    workspace.start_server(s, "alice")  # the hub's OAuth: the server asked the hub about alice's token
+    assert workspace.api(s, "alice", "GET", "contents").status_code == 200
+    cell = workspace.run_cell(s, "alice", "print(6 * 7)")
+    assert cell.error is None and cell.stdout == "42\n", cell
+    loaded = mapped_packages(workspace.server_pid("alice"))
+    assert {"aiohttp", "tornado", "zmq"} <= loaded, loaded  # JupyterHub's HTTP client, the web server, ZMQ
+    assert "sqlalchemy" not in loaded, loaded
 
 
 def test_home_is_private_to_its_owner(workspace):

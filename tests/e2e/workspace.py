@@ -15,6 +15,7 @@ import contextlib
 import html
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -30,6 +31,7 @@ from urllib.parse import urljoin
 import requests
 
 from paitient.config import EMBEDDED_SITE
+from paitient.hub.paths import SERVER_MODULE
 from paitient.ops.up import free_port
 from paitient.registry import Registry
 from tests import accounts
@@ -217,6 +219,18 @@ class Workspace:
     def member(self, user: str):
         return Registry.for_state_dir(self.state_dir).by_username(user)
 
+    def server_pid(self, user: str) -> int:
+        """The pid of ``user``'s server process (run as their account), seen from the host."""
+        uid = pwd.getpwnam(self.member(user).account).pw_uid
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and proc.stat().st_uid == uid:
+                    if SERVER_MODULE.encode() in (proc / "cmdline").read_bytes():
+                        return int(proc.name)
+            except OSError:
+                continue
+        raise AssertionError(f"no server process of {user}")
+
     def login(self, user: str, password: str | None = None) -> requests.Session:
         """Sign in through the login form; raise with the page text if it is refused."""
         s = requests.Session()
@@ -322,6 +336,13 @@ class Visit:
     session: requests.Session
     page: requests.Response
     visited: list[str]
+
+
+def mapped_packages(pid: int) -> set[str]:
+    """The installed packages whose compiled modules process ``pid`` has loaded (from /proc/PID/maps): a view
+    into what a running process imported, for packages that ship compiled modules."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return set(re.findall(r"/site-packages/([A-Za-z0-9_]+)/\S*\.so\b", maps))
 
 
 def login_error(html: str) -> str:

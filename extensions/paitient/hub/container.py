@@ -307,6 +307,7 @@ class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
                 [
                     venv_python(),
                     "-I",
+                    "-S",  # standard library only
                     str(SERVERNET),
                     "--hold",
                     f"--listen=127.0.0.1:{self.port}",

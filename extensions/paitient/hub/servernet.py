@@ -31,14 +31,17 @@ and ends at SIGINT, SIGTERM or SIGHUP (status 0).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ctypes
+import errno
 import fcntl
 import os
+import selectors
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 CLONE_NEWNET = 0x40000000
@@ -49,11 +52,6 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 CHUNK = 256 * 1024
 CONNECT_SECONDS = 10.0
-
-_live: set[asyncio.Task] = set()
-"""The connections being copied. The event loop holds tasks weakly and a stream's protocol holds its reader
-weakly: once a peer has half-closed, nothing else may hold a waiting copy, which the collector would then
-end, closing its connection mid-answer."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -171,44 +169,192 @@ class Namespace:
         return preexec
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:  # the other end is gone: closing this side ends the copy the other way too
-        writer.close()
+class Loop:
+    """One thread waiting on every socket at once (no asyncio: that import alone is about 5 MiB in each of
+    these processes, one per server). Owners register what they wait for with :meth:`want`; signals that
+    :meth:`catch` was given come back from :meth:`step`."""
 
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.watching: dict[socket.socket, int] = {}
+        self.timers: dict[object, tuple[float, Callable[[], None]]] = {}
+        """Per owner, one deadline and what to call then."""
+        self.caught: list[int] = []
+        self._wake, wake_w = socket.socketpair()
+        for s in (self._wake, wake_w):
+            s.setblocking(False)
+        self._wake_w = wake_w  # kept open: the signal handler writes the signal's number to it
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self.want(self._wake, self, selectors.EVENT_READ)
 
-async def _pipe(
-    client_r: asyncio.StreamReader,
-    client_w: asyncio.StreamWriter,
-    connect: Callable[[], socket.socket],
-    target: tuple[str, int],
-) -> None:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    _live.add(task)
-    try:
-        sock = connect()
-        sock.setblocking(False)
+    def catch(self, sig: int) -> None:
+        """Report ``sig`` from :meth:`step` instead of its default action."""
+        signal.signal(sig, lambda *_: None)  # the interpreter writes its number to the wake-up socket
+
+    def ready(self, sock: socket.socket, events: int) -> None:
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, target), CONNECT_SECONDS)
-        except (TimeoutError, OSError):
-            sock.close()
-            client_w.close()
+            self.caught.extend(sock.recv(64))
+        except BlockingIOError:
+            pass
+
+    def want(self, sock: socket.socket, owner: object, events: int) -> None:
+        """Wait for ``events`` on ``sock`` (none: stop waiting) and call ``owner.ready(sock, events)``."""
+        had = self.watching.get(sock, 0)
+        if events == had:
             return
-        up_r, up_w = await asyncio.open_connection(sock=sock)
+        if not events:
+            self.selector.unregister(sock)
+            del self.watching[sock]
+            return
+        if had:
+            self.selector.modify(sock, events, owner)
+        else:
+            self.selector.register(sock, events, owner)
+        self.watching[sock] = events
+
+    def step(self) -> list[int]:
+        """Wait for the next events and handle them; the signals caught meanwhile."""
+        timeout = None
+        if self.timers:
+            timeout = max(0.0, min(at for at, _ in self.timers.values()) - time.monotonic())
+        for key, events in self.selector.select(timeout):
+            key.data.ready(key.fileobj, events)
+        now = time.monotonic()
+        for owner, (at, then) in list(self.timers.items()):
+            if at <= now:
+                del self.timers[owner]
+                then()
+        caught, self.caught = self.caught, []
+        return caught
+
+
+class Acceptor:
+    """A listener: each connection it accepts is relayed to ``target`` over a socket ``connect`` makes (in
+    the namespace on the other side)."""
+
+    def __init__(
+        self, loop: Loop, listener: socket.socket, connect: Callable[[], socket.socket], target: tuple[str, int]
+    ):
+        self.loop, self.listener, self.connect, self.target = loop, listener, connect, target
+        self.resume()
+
+    def resume(self) -> None:
+        self.loop.want(self.listener, self, selectors.EVENT_READ)
+
+    def ready(self, sock: socket.socket, events: int) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError:  # out of descriptors or memory: the next clients wait in the backlog a second
+                self.loop.want(sock, self, 0)
+                self.loop.timers[self] = (time.monotonic() + 1.0, self.resume)
+                return
+            client.setblocking(False)
+            try:
+                upstream = self.connect()
+            except OSError:
+                client.close()
+                continue
+            upstream.setblocking(False)
+            Relay(self.loop, client, upstream, self.target)
+
+    def close(self) -> None:
+        self.loop.timers.pop(self, None)
+        self.loop.want(self.listener, self, 0)
+        self.listener.close()
+
+
+class Relay:
+    """One connection across: ``client`` (accepted) and ``upstream`` (connecting to ``target``), bytes copied
+    unread both ways. A way reads only once what it read before is written, so a slow reader slows its writer;
+    an end-of-file is passed on as a half-close once everything before it is written. An error on either
+    socket, or an upstream that does not accept within ``CONNECT_SECONDS``, closes both."""
+
+    def __init__(self, loop: Loop, client: socket.socket, upstream: socket.socket, target: tuple[str, int]):
+        self.loop, self.client, self.upstream = loop, client, upstream
+        self.connected = self.closed = False
+        self.pending = {client: b"", upstream: b""}
+        """What was read from each socket and waits to be written to the other."""
+        self.ended: set[socket.socket] = set()
+        """The sockets that reached their end-of-file, passed on to the other."""
+        if upstream.connect_ex(target) not in (0, errno.EINPROGRESS):
+            self.close()
+            return
+        loop.timers[self] = (time.monotonic() + CONNECT_SECONDS, self.close)
+        loop.want(upstream, self, selectors.EVENT_WRITE)
+
+    def other(self, sock: socket.socket) -> socket.socket:
+        return self.upstream if sock is self.client else self.client
+
+    def ready(self, sock: socket.socket, events: int) -> None:
+        if self.closed:  # closed earlier in the same round of events
+            return
         try:
-            await asyncio.gather(_copy(client_r, up_w), _copy(up_r, client_w))
-        finally:
-            for w in (up_w, client_w):
-                w.close()
-    finally:
-        _live.discard(task)
+            if not self.connected:  # only the upstream is watched until it accepts
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise ConnectionRefusedError
+                self.connected = True
+                self.loop.timers.pop(self, None)
+            else:
+                if events & selectors.EVENT_WRITE:
+                    self._write(self.other(sock))
+                if events & selectors.EVENT_READ:
+                    self._read(sock)
+        except OSError:
+            self.close()
+            return
+        self._watch()
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(CHUNK)
+        except BlockingIOError:  # nothing to read after all
+            return
+        if not data:
+            self.ended.add(sock)
+        self.pending[sock] = data
+        self._write(sock)
+
+    def _write(self, source: socket.socket) -> None:
+        """Write what was read from ``source`` to the other socket, as much as it takes now, and then the
+        end-of-file, if ``source`` has reached it."""
+        target, data = self.other(source), self.pending[source]
+        if data:
+            try:
+                sent = target.send(data)
+            except BlockingIOError:
+                sent = 0
+            self.pending[source] = data = data[sent:]
+        if not data and source in self.ended:
+            target.shutdown(socket.SHUT_WR)
+
+    def _watch(self) -> None:
+        if self.closed:
+            return
+        if len(self.ended) == 2 and not any(self.pending.values()):
+            self.close()
+            return
+        events = {self.client: 0, self.upstream: 0}
+        for source in (self.client, self.upstream):
+            if self.pending[source]:
+                events[self.other(source)] |= selectors.EVENT_WRITE
+            elif source not in self.ended:
+                events[source] |= selectors.EVENT_READ
+        for sock, mask in events.items():
+            self.loop.want(sock, self, mask)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.timers.pop(self, None)
+        for sock in (self.client, self.upstream):
+            self.loop.want(sock, self, 0)
+            sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(args[:cut])
     command = args[cut + 1 :]
     if hold:
-        return asyncio.run(run_hold(opts))
+        return run_hold(opts)
     if not command:
         parser.error("no server command after --")
-    return asyncio.run(run(opts, command))
+    return run(opts, command)
 
 
-async def _forwarders(ns: Namespace, opts: argparse.Namespace) -> list[asyncio.Server]:
+def _forwarders(loop: Loop, ns: Namespace, opts: argparse.Namespace) -> list[Acceptor]:
     """The two ways across: the host's ``--listen`` to the server's port inside, the hub API's address inside
     to the hub's API on the host."""
     outside = ns.host_socket(lambda: listener(opts.listen))
@@ -248,32 +394,32 @@ async def _forwarders(ns: Namespace, opts: argparse.Namespace) -> list[asyncio.S
     def to_hub() -> socket.socket:
         return ns.host_socket(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
 
-    return [
-        await asyncio.start_server(lambda r, w: _pipe(r, w, to_server, opts.listen), sock=outside),
-        await asyncio.start_server(lambda r, w: _pipe(r, w, to_hub, opts.hub_api), sock=inside),
-    ]
+    return [Acceptor(loop, outside, to_server, opts.listen), Acceptor(loop, inside, to_hub, opts.hub_api)]
 
 
-async def run_hold(opts: argparse.Namespace) -> int:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def run_hold(opts: argparse.Namespace) -> int:
     ns = Namespace()
-    servers = await _forwarders(ns, opts)
+    loop = Loop()
+    acceptors = _forwarders(loop, ns, opts)
     ns.move_in()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in STOP_SIGNALS:
+        loop.catch(sig)
     print(
         f"servernet: holding {ns.inode}; {opts.listen[0]}:{opts.listen[1]} forwarded in, "
         f"the hub API {opts.hub_api[0]}:{opts.hub_api[1]} out",
         flush=True,
     )
-    await stop.wait()
-    for server in servers:
-        server.close()
+    while not loop.step():
+        pass
+    for acceptor in acceptors:
+        acceptor.close()
     return 0
 
 
-async def run(opts: argparse.Namespace, command: list[str]) -> int:
+def run(opts: argparse.Namespace, command: list[str]) -> int:
     import pwd
 
     pw = pwd.getpwnam(opts.account)
@@ -282,28 +428,28 @@ async def run(opts: argparse.Namespace, command: list[str]) -> int:
         return 2
     groups = [int(g) for g in opts.groups.split(",") if g]
     ns = Namespace()
-    servers = await _forwarders(ns, opts)
-    proc = await asyncio.create_subprocess_exec(
-        *command, preexec_fn=ns.enter_as(pw.pw_uid, pw.pw_gid, groups), stdin=asyncio.subprocess.DEVNULL
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, _forward, proc, sig)
+    loop = Loop()
+    acceptors = _forwarders(loop, ns, opts)
+    proc = subprocess.Popen(command, preexec_fn=ns.enter_as(pw.pw_uid, pw.pw_gid, groups), stdin=subprocess.DEVNULL)
+    for sig in (*STOP_SIGNALS, signal.SIGCHLD):
+        loop.catch(sig)
     print(
         f"servernet: server of {opts.account} (pid {proc.pid}) in its own network namespace; "
         f"{opts.listen[0]}:{opts.listen[1]} forwarded in, the hub API {opts.hub_api[0]}:{opts.hub_api[1]} out",
         file=sys.stderr,
         flush=True,
     )
-    status = await proc.wait()
-    for server in servers:
-        server.close()
+    proc.poll()  # it may have ended before SIGCHLD was caught
+    while proc.returncode is None:
+        for caught in loop.step():
+            if caught == signal.SIGCHLD:
+                proc.poll()
+            else:
+                proc.send_signal(caught)  # passed on; nothing once the server has ended
+    for acceptor in acceptors:
+        acceptor.close()
+    status = proc.returncode
     return status if status >= 0 else 128 - status
-
-
-def _forward(proc: asyncio.subprocess.Process, sig: int) -> None:
-    if proc.returncode is None:
-        proc.send_signal(sig)
 
 
 if __name__ == "__main__":

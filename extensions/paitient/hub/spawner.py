@@ -74,6 +74,7 @@ def server_command(
     return [
         venv_python(),
         "-I",
+        "-S",  # standard library only: no site-packages, nothing its .pth files would load
         str(SERVERNET),
         f"--account={account}",
         f"--groups={','.join(str(g) for g in groups)}",

@@ -265,6 +265,7 @@ class BaseLauncher:
         keeper = [
             self.python,
             "-I",
+            "-S",  # standard library only: no site-packages, nothing its .pth files would load
             str(KEEPER),
             str(server[0]),
             str(server[1]),
