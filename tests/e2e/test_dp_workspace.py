@@ -28,7 +28,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from paitient.config import load
 from paitient.kernel.dp.run import default_delta
 from paitient.rules.sandbox import KERNEL_MODULE
-from paitient.services.ledger.service import process_start
+from paitient.services.kit.process import process_start
 from paitient.services.ledger.store import Ledger
 from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
 

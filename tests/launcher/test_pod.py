@@ -181,7 +181,7 @@ def test_a_kernel_for_the_pods_own_uid_runs_a_cell_with_only_the_mounted_data(po
         # the process tree, from outside: the launcher (as the user) -> keeper -> bubblewrap, no setpriv
         pid = answer["ok"]["pid"]
         keeper = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-        assert keeper[2].endswith("keeper.py") and "setpriv" not in keeper
+        assert keeper[1:3] == ["-I", "-S"] and keeper[3].endswith("keeper.py") and "setpriv" not in keeper
         assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid
         _, argv = sandbox_of(pid)
         dests = [argv[i + 2] for i, a in enumerate(argv) if a in ("--bind", "--ro-bind", "--ro-bind-try")]

@@ -51,6 +51,7 @@ from paitient.registry import Member
 from paitient.rules.sandbox import python_roots
 from paitient.services import egress, launcher
 from paitient.services.kit.access import workspace_group
+from paitient.services.kit.process import process_start
 
 LOCKED_SETTINGS = ("volumes", "read_only_volumes", "mounts", "extra_host_config", "extra_create_kwargs", "links")
 """DockerSpawner settings that would change what the container mounts, runs as or reaches: refused."""
@@ -159,15 +160,6 @@ def account_files(account: str, uid: int, gid: int, home: str, workspace_gid: in
     passwd = f"root:x:0:0:root:/root:/usr/sbin/nologin\n{account}:x:{uid}:{gid}::{home}:/usr/sbin/nologin\n"
     group = f"root:x:0:\n{group_name}:x:{gid}:\n{workspace_name}:x:{workspace_gid}:{account}\n"
     return passwd, group
-
-
-def _process_start(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
@@ -321,7 +313,7 @@ class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
         assert proc.stdout is not None
         line = proc.stdout.readline().decode(errors="replace")
         proc.stdout.close()
-        start = _process_start(proc.pid)
+        start = process_start(proc.pid)
         if not line.startswith("servernet: holding ") or start is None:
             proc.kill()
             proc.wait()
@@ -330,7 +322,7 @@ class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
         return proc.pid, start
 
     def holder_alive(self) -> bool:
-        return bool(self.holder_pid) and _process_start(self.holder_pid) == self.holder_start
+        return bool(self.holder_pid) and process_start(self.holder_pid) == self.holder_start
 
     def release_holder(self) -> None:
         """End the holder (SIGTERM, SIGKILL after 5 s), whether this hub or an earlier one started it, and
@@ -342,7 +334,7 @@ class PaitientDockerSpawner(WorkspaceServerMixin, DockerSpawner):
         def alive() -> bool:
             if proc is not None:
                 proc.poll()  # reap our own child, so that its end shows
-            return bool(pid) and _process_start(pid) == start
+            return bool(pid) and process_start(pid) == start
 
         if alive():
             os.kill(pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 
 def parent_death_signal(sig: int = signal.SIGTERM) -> None:
@@ -132,3 +133,16 @@ def separate_service_env(entry: dict, token: str, hub_port: int) -> dict[str, st
         "JUPYTERHUB_OAUTH_ACCESS_SCOPES": json.dumps(access),
         "JUPYTERHUB_OAUTH_CLIENT_ALLOWED_SCOPES": json.dumps(entry.get("oauth_client_allowed_scopes", [])),
     }
+
+
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of a live, non-zombie process; None if there is none. With the
+    pid it names one process: a pid the kernel gives again later has another start time."""
+    if pid <= 0:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])

@@ -55,6 +55,7 @@ from paitient.rules.sandbox import (
     user_runtime_dir,
 )
 from paitient.rules.seccomp import seccomp_program
+from paitient.services.kit.process import process_start
 
 FIELD_REFUSED = "field_refused"
 """The request carries a field the launcher does not take (it decides mounts, environment, command itself)."""
@@ -73,17 +74,6 @@ KEEPER = Path(__file__).with_name("keeper.py")
 def kernel_commands(python: str) -> dict[str, list[str]]:
     """Kernel name -> command (``{connection_file}`` replaced); the only kernels a launcher starts."""
     return {"python3": kernel_argv(python)}
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks after boot (None if gone or a zombie): with the pid, names one
-    process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ WATCH_SECONDS = 0.5
 
 
 def process_start(pid: int) -> int | None:
+    """As :func:`paitient.services.kit.process.process_start`: the keeper runs as a script with the standard
+    library alone, so it cannot import that one."""
     try:
         with open(f"/proc/{pid}/stat") as f:  # not pathlib: its imports would add 0.6 MiB to every keeper
             text = f.read()

@@ -32,7 +32,7 @@ from paitient.rules.budget import BudgetExceeded
 from paitient.services.audit import emit
 from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
-from paitient.services.kit.process import StopSignal, managed_service, socket_path
+from paitient.services.kit.process import StopSignal, managed_service, process_start, socket_path
 from paitient.services.ledger.api import READ_SCOPE, custom_scopes, public_run, role_scopes
 from paitient.services.ledger.store import Ledger, LedgerError
 
@@ -60,20 +60,6 @@ def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
 
 
 # -- process liveness ------------------------------------------------------------------------------
-
-
-def process_start(pid: int) -> int | None:
-    """The start time (clock ticks after boot) of a live, non-zombie process; None if there is none."""
-    if pid <= 0:
-        return None
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
 
 
 def alive(pid: int, start: int | None) -> bool:
