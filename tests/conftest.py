@@ -231,3 +231,28 @@ def database(request) -> dict[str, str]:
     if request.param == "sqlite":
         return {}
     return request.getfixturevalue("postgres_db").site_table()
+
+
+@pytest.fixture
+def database_site(tmp_path, database):
+    """A site whose stores are in ``database`` (parametrised: SQLite files under its state_dir, then PostgreSQL)."""
+    from paitient.config import parse
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return parse({"workspace": {"state_dir": str(state)}, "database": database})
+
+
+@pytest.fixture
+def opened_stores():
+    """Keeps the stores a test opens (``opened_stores(Store.for_site(site))`` returns the store) and closes each
+    at the test's end."""
+    opened: list = []
+
+    def keep(store):
+        opened.append(store)
+        return store
+
+    yield keep
+    for store in opened:
+        store.close()

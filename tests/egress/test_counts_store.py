@@ -11,32 +11,21 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from paitient.config import parse
 from paitient.services.egress.store import Day, EgressStore, Totals, db_path
 from paitient.services.kit.db import DatabaseError, Location
 from tests import legacy_schemas
 
 
 @pytest.fixture
-def site(tmp_path, database):
-    """A site whose counts are in ``database`` (parametrised: SQLite under its state_dir, then PostgreSQL)."""
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    return parse({"workspace": {"state_dir": str(state)}, "database": database})
+def site(database_site):
+    """A site whose counts are in the parametrised database (SQLite under its state_dir, then PostgreSQL)."""
+    return database_site
 
 
 @pytest.fixture
-def open_store(site):
-    """Opens the site's counts as the service does (``EgressStore.for_site``); every store opened is closed."""
-    opened: list[EgressStore] = []
-
-    def open_() -> EgressStore:
-        opened.append(EgressStore.for_site(site))
-        return opened[-1]
-
-    yield open_
-    for store in opened:
-        store.close()
+def open_store(site, opened_stores):
+    """Opens the site's counts as the service does (``EgressStore.for_site``); every store opened is closed after."""
+    return lambda: opened_stores(EgressStore.for_site(site))
 
 
 def test_the_counts_are_where_the_site_says(site, open_store):

@@ -12,7 +12,6 @@ import pandas as pd
 import psycopg
 import pytest
 
-from paitient.config import parse
 from paitient.rules.jobspec import SpecError, check_request
 from paitient.services.jobs.data import prepare
 from paitient.services.jobs.store import STOPPED_MID_JOB, JobError, JobStore
@@ -209,25 +208,15 @@ def test_constants_come_from_one_place(step, message):
 
 
 @pytest.fixture
-def site(tmp_path, database):
-    """A site whose queue is in ``database`` (parametrised: SQLite under its state_dir, then PostgreSQL)."""
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    return parse({"workspace": {"state_dir": str(state)}, "database": database})
+def site(database_site):
+    """A site whose queue is in the parametrised database (SQLite under its state_dir, then PostgreSQL)."""
+    return database_site
 
 
 @pytest.fixture
-def open_store(site):
+def open_store(site, opened_stores):
     """Opens the site's queue as the service does (``JobStore.for_site``); every store opened is closed after."""
-    opened: list[JobStore] = []
-
-    def open_() -> JobStore:
-        opened.append(JobStore.for_site(site))
-        return opened[-1]
-
-    yield open_
-    for store in opened:
-        store.close()
+    return lambda: opened_stores(JobStore.for_site(site))
 
 
 def test_the_queue_is_where_the_site_says(site, open_store):
