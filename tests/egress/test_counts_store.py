@@ -206,3 +206,28 @@ def test_a_connection_the_server_ended_is_replaced_and_the_call_still_counts(tmp
         assert store.day("alice", "2026-12-04") == Day("alice", "2026-12-04", 4, 4, 1, 2)
     finally:
         store.close()
+
+
+def test_the_counts_are_written_as_durably_on_either_backend(site, open_store):
+    """SQLite's ``synchronous=NORMAL`` (a power loss may take the last commits, never half of one) and, on
+    PostgreSQL, ``synchronous_commit = off`` (a crash of the server may): the gate's writes do not wait for the
+    disk. Another store of the same database (the ledger's) still waits for it."""
+    from paitient.services.ledger.store import Ledger
+
+    store = open_store()
+    store.add("alice", "2026-12-04", size=1, rows={})
+    with store.db.engine.connect() as conn:
+        if store.postgres:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+        else:
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    ledger = Ledger(site)
+    try:
+        with ledger.db.engine.connect() as conn:
+            if ledger.db.postgres:
+                assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+            else:
+                assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        ledger.close()
+    assert store.day("alice", "2026-12-04").outputs == 1

@@ -4,7 +4,8 @@ migrations.
 
 Transactions are explicit and the same on both: a write is ``BEGIN IMMEDIATE`` on SQLite (one writer at a
 time; WAL, ``synchronous=FULL`` unless the store asks for less: a transaction that returned is on disk, a
-process killed mid-write leaves the last committed state); on PostgreSQL ``BEGIN`` and then
+process killed mid-write leaves the last committed state; a store that asks for less asks PostgreSQL for
+``synchronous_commit = off`` too); on PostgreSQL ``BEGIN`` and then
 ``LOCK TABLE <the store's tables> IN SHARE ROW EXCLUSIVE MODE``, which serialises the store's writers the
 same way while readers go on. A read sees one snapshot (``BEGIN`` on SQLite, ``REPEATABLE READ, READ ONLY`` on
 PostgreSQL).
@@ -115,7 +116,9 @@ class Database:
         self.tables = dict(tables)
         self.postgres = where.postgres
         self.engine = (
-            _postgres_engine(where, what, pre_ping) if self.postgres else _sqlite_engine(where.sqlite_path, synchronous)
+            _postgres_engine(where, what, pre_ping, synchronous)
+            if self.postgres
+            else _sqlite_engine(where.sqlite_path, synchronous)
         )
         self._lock = f"LOCK TABLE {', '.join(map(_quote, self.tables))} IN SHARE ROW EXCLUSIVE MODE"
         try:
@@ -299,7 +302,7 @@ def _sqlite_engine(path: Path, synchronous: str) -> sa.Engine:
     return engine
 
 
-def _postgres_engine(where: Location, what: str, pre_ping: bool = True) -> sa.Engine:
+def _postgres_engine(where: Location, what: str, pre_ping: bool = True, synchronous: str = "FULL") -> sa.Engine:
     if where.passfile:
         path = Path(where.passfile)
         if not path.is_file():
@@ -315,7 +318,7 @@ def _postgres_engine(where: Location, what: str, pre_ping: bool = True) -> sa.En
             f"the {what} is configured for PostgreSQL but the psycopg package is not installed in this "
             "environment; run scripts/setup install again, or leave [database] url empty for SQLite"
         ) from None
-    return sa.create_engine(
+    engine = sa.create_engine(
         sqlalchemy_url(where.url, schema=where.schema, passfile=where.passfile),
         isolation_level="AUTOCOMMIT",
         pool_pre_ping=pre_ping,
@@ -323,3 +326,16 @@ def _postgres_engine(where: Location, what: str, pre_ping: bool = True) -> sa.En
         max_overflow=15,
         connect_args={"connect_timeout": 10},
     )
+    if synchronous != "FULL":
+        # A store that asked SQLite for less than FULL asks PostgreSQL alike: a commit returns before its WAL
+        # reaches the disk, so a crash of the server (not of the store) can lose the last moment's commits,
+        # never half of one, as SQLite's NORMAL can on a power loss.
+
+        @event.listens_for(engine, "connect")
+        def _commit_without_waiting(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute("SET synchronous_commit = off")  # for the session, whoever commits it
+            if not dbapi_conn.autocommit:
+                dbapi_conn.commit()
+
+    return engine
