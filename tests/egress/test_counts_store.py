@@ -64,6 +64,10 @@ def test_the_store_counts_the_distinct_rows_not_seen_yet(open_store):
     store.add_withheld("alice", "2026-01-02")
     assert store.day("alice", "2026-01-02") == Day("alice", "2026-01-02", 22, 3, 1, 602)
     assert store.unseen("alice", "2026-01-02", asked) == 599 + 1
+    # the gate's one call gives both (one statement on PostgreSQL), also for no rows and for a new user
+    assert store.day_and_unseen("alice", "2026-01-02", asked) == (Day("alice", "2026-01-02", 22, 3, 1, 602), 600)
+    assert store.day_and_unseen("alice", "2026-01-02", {}) == (Day("alice", "2026-01-02", 22, 3, 1, 602), 0)
+    assert store.day_and_unseen("carol", "2026-01-02", {"onc/bc": [4, 4, 9]}) == (Day("carol", "2026-01-02"), 2)
 
 
 def test_totals_and_history(open_store):

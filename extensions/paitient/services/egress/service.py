@@ -240,10 +240,9 @@ class EgressService:
             ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
         output_rows = {k: len(v) for k, v in ctx.rows.items()}
         day = today()
-        counts = self.store.day(member.username, day)
         over = any(n > limits.max_rows_per_output for n in output_rows.values())
         new_rows = {} if over else {k: [int(i) for i in v] for k, v in found.items()}
-        unseen = self.store.unseen(member.username, day, new_rows) if new_rows else 0
+        counts, unseen = self.store.day_and_unseen(member.username, day, new_rows)
         with self._unchecked_lock:
             if checked:
                 self._unchecked.pop(member.username, None)

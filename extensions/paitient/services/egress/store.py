@@ -9,7 +9,7 @@ recognised and stamped; see :mod:`paitient.services.kit.db`). Counts survive a r
 crash mid-write (a write is one transaction, on disk or not at all), so neither a new websocket nor a
 restarted server renews a user's day.
 
-The gate asks this store for every output it passes (:meth:`EgressStore.day`, :meth:`EgressStore.unseen`,
+The gate asks this store for every output it passes (:meth:`EgressStore.day_and_unseen`,
 :meth:`EgressStore.add`), so each call takes a pooled connection of the store's engine and speaks to the
 driver directly: one statement where one answers. Every write is an increment or an insert of rows not yet
 there, which the database keeps exact under concurrent writers on its own (SQLite: ``BEGIN IMMEDIATE``;
@@ -83,10 +83,17 @@ class _Statements:
         def sql(text: str) -> str:
             return _PARAM.sub(r"%(\1)s", text) if postgres else text
 
-        self.day = sql(
+        day_columns = (
             "SELECT COALESCE(u.bytes, 0), COALESCE(u.outputs, 0), COALESCE(u.withheld, 0), "
-            '(SELECT COUNT(*) FROM revealed WHERE "user" = :user AND day = :day) '
-            'FROM (SELECT 1 AS one) AS one LEFT JOIN usage u ON u."user" = :user AND u.day = :day'
+            '(SELECT COUNT(*) FROM revealed WHERE "user" = :user AND day = :day)'
+        )
+        of_day = ' FROM (SELECT 1 AS one) AS one LEFT JOIN usage u ON u."user" = :user AND u.day = :day'
+        self.day = sql(day_columns + of_day)
+        # PostgreSQL: the day and how many of an output's rows the user saw already, in one round trip
+        self.day_seen = sql(
+            day_columns + ", (SELECT COUNT(*) FROM revealed r, "  # noqa: S608 -- fixed SQL
+            'unnest(CAST(:datasets AS TEXT[]), CAST(:rows AS BIGINT[])) AS w(dataset, "row") '
+            'WHERE r."user" = :user AND r.day = :day AND r.dataset = w.dataset AND r."row" = w."row")' + of_day
         )
         self.totals = sql(
             # (PostgreSQL's SUM of BIGINT is NUMERIC, a Decimal in Python: cast back)
@@ -192,6 +199,16 @@ class EgressStore:
         params = {"user": user, "day": day}
         b, o, w, rows = self._run(lambda db: db.execute(self._sql.day, params).fetchone())  # every output asks
         return Day(user, day, b, o, w, rows)
+
+    def day_and_unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> tuple[Day, int]:
+        """:meth:`day` and :meth:`unseen` together, as the gate asks them of every output: on PostgreSQL one
+        statement, one round trip to the server instead of two."""
+        if not self.postgres:
+            return self.day(user, day), self.unseen(user, day, rows)
+        shown = sorted({(dataset, int(row)) for dataset, ids in rows.items() for row in ids})
+        params = {"user": user, "day": day, "datasets": [d for d, _ in shown], "rows": [r for _, r in shown]}
+        b, o, w, seen_today, seen = self._run(lambda db: db.execute(self._sql.day_seen, params).fetchone())
+        return Day(user, day, b, o, w, seen_today), len(shown) - seen
 
     def totals(self, day: str) -> Totals:
         """The day's counts over every user: users with counts, bytes, outputs passed and withheld."""
