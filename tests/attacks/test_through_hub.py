@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from paitient.config import load
-from paitient.hub.paths import SERVER_MODULE, HubPaths
+from paitient.hub.paths import HubPaths
 from paitient.ops.up import Running
 from paitient.services.audit.writer import trail_files
 from tests.attacks.conftest import PRELUDE
@@ -197,18 +197,6 @@ print(json.dumps({
 """
 
 
-def _server_pid(hub: Workspace, user: str) -> int:
-    uid = pwd.getpwnam(hub.member(user).account).pw_uid
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and proc.stat().st_uid == uid:
-                if SERVER_MODULE.encode() in (proc / "cmdline").read_bytes():
-                    return int(proc.name)
-        except OSError:
-            continue
-    raise AssertionError(f"no server process of {user}")
-
-
 class Listener:
     """A host service of the test's own (v4 or v6 loopback) that counts what reaches it (also used by
     tests/docker, whose attacks on a container-spawned server count the same way)."""
@@ -238,7 +226,7 @@ def from_alices_server(hub, running, alice, bob):
         "host_v4": [listeners[0].host, listeners[0].port],
         "host_v6": [listeners[1].host, listeners[1].port],
     }
-    pid = _server_pid(hub, "alice")
+    pid = hub.server_pid("alice")
     pw = pwd.getpwnam(hub.member("alice").account)
     server_groups = Path(f"/proc/{pid}/status").read_text().split("Groups:")[1].split("\n")[0].split()
     argv = [
