@@ -9,28 +9,18 @@ group-writable, which the trail's writer refuses to write in (as it would a dire
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
-from paitient.config import load
 from paitient.kernel.jobs import JobsClient, submit
 from paitient.kernel.jobs.client import JobsUnavailable
-from paitient.ops.demodata import publish_demo
-from paitient.registry import Member, Registry
 from paitient.services.audit import trail_dir
 from paitient.services.audit.writer import trail_files
-from paitient.services.jobs.runner import WAITING_FOR_TRAIL, Runner
-from paitient.services.jobs.service import JobsService
-from paitient.services.jobs.store import JobStore
-from paitient.services.kit.channel import ChannelServer
-from paitient.services.kit.process import socket_path
-from paitient.services.ledger.service import LedgerService
-from paitient.services.ledger.store import Ledger
-from tests import rootmember
+from paitient.services.jobs.runner import WAITING_FOR_TRAIL
+from tests.jobs.jobsworld import jobs_world
 from tests.jobs.test_runner import model, request
 
 pytestmark = pytest.mark.e2e
@@ -39,32 +29,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def world(world_tmp, make_system_user, monkeypatch):
     """The ledger and the jobs socket on a published demo site; the runner made but not started."""
-    account = make_system_user("jobs")
-    site = load(
-        None, overrides={"workspace": {"state_dir": str(world_tmp / "state")}, "jobs": {"account": account.pw_name}}
-    )
-    publish_demo(site)
-    registry = Registry.for_state_dir(site.state_dir)
-    rootmember.put(registry, Member("alice", "root", 0, ("oncology",), ("researcher",)))
-    ledger = Ledger(site)
-    store = JobStore(site.state_dir)
-    wake = threading.Event()
-    servers = [
-        ChannelServer(
-            socket_path(site, "ledger"), LedgerService(site, ledger, registry, logging.getLogger("t")).handlers()
-        ),
-        ChannelServer(socket_path(site, "jobs"), JobsService(site, store, registry, wake=wake).handlers()),
-    ]
-    for s in servers:
-        s.start_in_thread()
-    runner = Runner(site, store, registry, wake=wake)
-    monkeypatch.setenv("PAITIENT_RUN_DIR", str(site.run_dir))
-    yield site, store, ledger, runner
-    runner.stop()
-    for s in servers:
-        s.shutdown()
-        s.server_close()
-    store.close()
+    with jobs_world(world_tmp / "state", make_system_user("jobs").pw_name, monkeypatch) as w:
+        yield w.site, w.store, w.ledger, w.runner
 
 
 @contextmanager

@@ -3,7 +3,6 @@ as the runner's own account; a job from submit to a signed record, and the ways 
 
 import json
 import logging
-import threading
 
 import pytest
 import torch
@@ -18,14 +17,12 @@ from paitient.rules import training_record
 from paitient.services.airlock import views
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REVIEW
 from paitient.services.jobs import keys
-from paitient.services.jobs.runner import Runner
-from paitient.services.jobs.service import JobsService
-from paitient.services.jobs.store import JobStore
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import socket_path
 from paitient.services.ledger.service import LedgerService
 from paitient.services.ledger.store import Ledger
 from tests import rootmember
+from tests.jobs.jobsworld import jobs_world
 
 pytestmark = pytest.mark.e2e
 
@@ -34,40 +31,19 @@ MARK = 123.456
 
 @pytest.fixture
 def world(world_tmp, make_system_user, monkeypatch):
-    account = make_system_user("jobs")
-    site = load(
-        None, overrides={"workspace": {"state_dir": str(world_tmp / "state")}, "jobs": {"account": account.pw_name}}
-    )
-    publish_demo(site)
-    registry = Registry.for_state_dir(site.state_dir)
-    rootmember.put(registry, Member("alice", "root", 0, ("oncology",), ("researcher",)))  # this process stands in
-    ledger = Ledger(site)
-    servers = [
-        ChannelServer(
-            socket_path(site, "ledger"), LedgerService(site, ledger, registry, logging.getLogger("t")).handlers()
-        )
-    ]
-    store = JobStore(site.state_dir)
-    wake = threading.Event()
-    servers.append(ChannelServer(socket_path(site, "jobs"), JobsService(site, store, registry, wake=wake).handlers()))
     from paitient.services.airlock.core import Airlock
     from paitient.services.airlock.settings import AirlockSettings
 
-    airlock = Airlock(site, settings=AirlockSettings(audit_timeout=300))
-    airlock.start()
-    servers.append(ChannelServer(socket_path(site, "airlock"), airlock.handlers()))
-    for s in servers:
-        s.start_in_thread()
-    runner = Runner(site, store, registry, wake=wake)
-    runner.start()
-    monkeypatch.setenv("PAITIENT_RUN_DIR", str(site.run_dir))
-    yield site, store, ledger, airlock
-    runner.stop()
-    airlock.stop()
-    for s in servers:
-        s.shutdown()
-        s.server_close()
-    store.close()
+    with jobs_world(world_tmp / "state", make_system_user("jobs").pw_name, monkeypatch) as w:
+        airlock = Airlock(w.site, settings=AirlockSettings(audit_timeout=300))
+        airlock.start()
+        try:
+            w.serve(socket_path(w.site, "airlock"), airlock.handlers())
+            w.runner.start()
+            yield w.site, w.store, w.ledger, airlock
+        finally:
+            w.runner.stop()
+            airlock.stop()
 
 
 def model() -> nn.Module:
