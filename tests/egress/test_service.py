@@ -32,10 +32,14 @@ class MarkedRows(Matcher):
     """Rows are whatever ``row:<n>`` marks the text carries; ``broken`` makes matching fail."""
 
     broken = False
+    crash_on: bytes | None = None
+    """Text that makes matching fail unexpectedly (as a bug the text set off would)."""
 
     def reveal(self, text: bytes, projects):
         if self.broken:
             raise MissingIndex("onc/bc version 1 has no row index")
+        if self.crash_on is not None and self.crash_on in text:
+            raise RuntimeError("the matcher failed on this text")
         ids = sorted({int(m) for m in ROW.findall(text)})
         return {"onc/bc": np.array(ids, dtype=np.int64)} if ids and "onc" in projects else {}
 
@@ -364,3 +368,19 @@ def test_many_servers_at_once(site, running):
         t.join(60)
     assert not errors
     assert service.store.day("alice", today()).outputs == 160
+
+
+def test_a_piece_the_matcher_fails_on_is_withheld_whatever_the_allowance(site, running):
+    """Attack: were there text that made the matcher fail, rows sent with it would pass on the unchecked
+    allowance, and a checked output between two such pieces would renew it, without end. A piece the matcher
+    fails on (other than for a missing index) is withheld outright; ordinary outputs between still pass."""
+    service, gate = running
+    service.matcher.crash_on = b"crash!"
+    try:
+        for i in range(5):
+            piece = rows(i * 10, 10) + b"crash!"
+            bad = gate.check_blocking(context=f"k:c{i}", channel="kernel", object="k", text=piece)
+            assert len(piece) < site.egress.fail_closed_bytes and not bad.forward and bad.reason == "unchecked"
+            assert gate.check_blocking(context=f"k:n{i}", channel="kernel", object="k", text=b"loss 0.25").forward
+    finally:
+        service.matcher.crash_on = None

@@ -228,6 +228,9 @@ class EgressService:
     def _check(self, member: Member, ctx: Context, text: bytes, payload: bytes) -> dict[str, Any]:
         limits = limits_for(self.site, member)
         checked = self.audit_ok
+        # A matcher that fails on this text (not for want of an index) may fail because of what the text is:
+        # the piece is withheld outright, so no text made to fail it passes on the unchecked allowance.
+        failed_on_text = False
         try:
             found = self.matcher.reveal(text, member.projects)
         except MissingIndex as e:
@@ -235,7 +238,7 @@ class EgressService:
             found, checked = {}, False
         except Exception:
             self.log.exception("egress: matching failed")
-            found, checked = {}, False
+            found, checked, failed_on_text = {}, False, True
         for key, ids in found.items():
             ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
         output_rows = {k: len(v) for k, v in ctx.rows.items()}
@@ -254,7 +257,7 @@ class EgressService:
                 day_bytes=counts.bytes,
                 size=len(payload),
                 checked=checked,
-                unchecked_spent=self._unchecked.get(member.username, 0),
+                unchecked_spent=limits.unchecked_bytes if failed_on_text else self._unchecked.get(member.username, 0),
             )
             if not checked and decision.forward:
                 self._unchecked[member.username] = self._unchecked.get(member.username, 0) + len(payload)
