@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "extensions"))
 
 from paitient.config import load  # noqa: E402
@@ -46,6 +47,7 @@ from paitient.services.egress import socket_path  # noqa: E402
 from paitient.services.egress.matcher import Matcher  # noqa: E402
 from paitient.services.egress.service import EgressServer, EgressService  # noqa: E402
 from paitient.services.egress.store import EgressStore  # noqa: E402
+from tests.groups import made_groups_removed  # noqa: E402
 
 TEN_KB = 10_000
 
@@ -181,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with made_groups_removed(workspace=True):  # the groups its publications made
+        main()

@@ -65,6 +65,7 @@ from paitient.kernel.jobs.export import export_graph  # noqa: E402
 from paitient.services.jobs.graph import initialise, load_graph  # noqa: E402
 from paitient.services.jobs.padded import WARMUP  # noqa: E402
 from paitient.services.jobs.train import Plan, TrainSpec, evaluate, loss_function, plan, train  # noqa: E402
+from tests.groups import made_groups_removed  # noqa: E402
 
 BATCH = 512
 
@@ -478,4 +479,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with made_groups_removed(workspace=True):  # the groups its publications made
+        main()

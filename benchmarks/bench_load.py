@@ -39,6 +39,7 @@ from paitient.ops.demo import DEMO_BASE_DN  # noqa: E402
 from paitient.rules.sandbox import KERNEL_MODULE  # noqa: E402
 from tests import sessionlock  # noqa: E402
 from tests.e2e.workspace import Workspace  # noqa: E402
+from tests.groups import made_groups_removed  # noqa: E402
 
 CELL = "from paitient import data\ndf = data.load('breast_cancer')\nprint(len(df))"
 
@@ -236,4 +237,5 @@ def measure(spawner: str, users: int, singles_count: int, idle_seconds: float) -
 
 
 if __name__ == "__main__":
-    main()
+    with made_groups_removed(workspace=True):  # the groups its publications made
+        main()

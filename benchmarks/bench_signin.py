@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paitient.hub.paths import HubPaths, default_proxy_command  # noqa: E402
 from paitient.ops.up import Running, free_port, hub_api  # noqa: E402
 from tests.e2e.workspace import Workspace  # noqa: E402
+from tests.groups import made_groups_removed  # noqa: E402
 
 USER = "alice"
 
@@ -205,4 +206,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with made_groups_removed(workspace=True):  # the groups its publications made
+        main()

@@ -2,7 +2,6 @@
 
 import filecmp
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -166,17 +165,11 @@ def make_system_user(world_tmp):
     accounts.remove_all(made)
 
 
-_PROJECT_GROUP = re.compile(r"^[a-z][a-z0-9-]{0,7}proj-")
-
-
 def _new_project_groups():
-    import grp
+    from tests.groups import made_groups_removed
 
-    before = {g.gr_name for g in grp.getgrall()}
-    yield
-    for g in grp.getgrall():
-        if g.gr_name not in before and _PROJECT_GROUP.match(g.gr_name):
-            subprocess.run(["groupdel", g.gr_name], capture_output=True)
+    with made_groups_removed():
+        yield
 
 
 @pytest.fixture(autouse=True)
