@@ -27,6 +27,7 @@ launcher ends.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -164,7 +165,7 @@ def work_dir(cwd: str, home: str) -> str:
     return work if os.path.isdir(work) else home
 
 
-class BaseLauncher:
+class BaseLauncher(abc.ABC):
     """The decisions and the starting of one launcher; a :class:`~paitient.services.kit.channel.ChannelServer`
     puts :meth:`handlers` on its socket. Subclasses implement :meth:`caller`."""
 
@@ -201,9 +202,9 @@ class BaseLauncher:
 
     # -- what the variants decide -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def caller(self, peer: Peer) -> Caller:
         """Who asks (from ``peer`` only), or :class:`ChannelError` (``forbidden``) for one not served."""
-        raise NotImplementedError
 
     def identity(self, caller: Caller) -> list[str]:
         """The prefix that runs the keeper, bubblewrap and the kernel as ``caller``: none where the launcher
