@@ -2,26 +2,21 @@
 queued untouched (nothing reserved, no data read), and a finished one is not settled or released; once the
 trail records again, each goes on by itself.
 
-The runner is root-side and writes the trail itself; the trail is taken down for real: its directory made
-group-writable, which the trail's writer refuses to write in (as it would a directory an operator left open).
+The runner is root-side and writes the trail itself; the trail is taken down for real
+(:func:`tests.trail.trail_down`).
 """
 
-import json
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
 from paitient.kernel.jobs import JobsClient, submit
 from paitient.kernel.jobs.client import JobsUnavailable
-from paitient.services.audit import trail_dir
-from paitient.services.audit.writer import trail_files
 from paitient.services.jobs.runner import WAITING_FOR_TRAIL
 from tests.jobs.jobsworld import jobs_world
 from tests.jobs.test_runner import model, request
+from tests.trail import trail_down, trail_records
 
 pytestmark = pytest.mark.e2e
 
@@ -33,27 +28,9 @@ def world(world_tmp, make_system_user, monkeypatch):
         yield w.site, w.store, w.ledger, w.runner
 
 
-@contextmanager
-def trail_down(site) -> Iterator[None]:
-    """The site's audit trail refuses every write until the block ends."""
-    directory = trail_dir(site)
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    os.chmod(directory, 0o770)
-    try:
-        yield
-    finally:
-        os.chmod(directory, 0o750)
-
-
 def job_records(site, job_id: str) -> list[dict]:
     """The trail's ``jobs.*`` records of one job, in the chain's order."""
-    records = []
-    for _, path in trail_files(trail_dir(site)):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record["action"].startswith("jobs.") and record["object"] == job_id:
-                records.append(record)
-    return records
+    return [r for r in trail_records(site, "jobs.") if r["object"] == job_id]
 
 
 def ledger_runs(ledger, job_id: str) -> list[dict]:

@@ -61,3 +61,21 @@ def test_clear_errors(site, ledger):
     assert out.returncode == 2 and "no project 'zzz'" in out.stderr
     out = cli(site)
     assert out.returncode == 2 and "paitient ledger show | paitient ledger set-budget" in out.stderr
+
+
+def test_a_budget_is_not_changed_unless_the_trail_records_the_change(site, ledger):
+    from tests.trail import trail_down, trail_records
+
+    args = ("set-budget", "--project=oncology", "--dataset=breast_cancer", "--epsilon=2.5", "--delta=1e-5")
+    with trail_down(site):
+        out = cli(site, *args)
+        assert out.returncode == 2
+        assert "the budget was not changed: the audit trail cannot record the change" in out.stderr
+        assert ledger.total_for("oncology", "breast_cancer").epsilon == 10.0
+        out = cli(site, "set-budget", "--project=oncology", "--dataset=breast_cancer", "--clear")
+        assert out.returncode == 2 and "the budget was not changed" in out.stderr
+    assert trail_records(site, "ledger.") == []
+    assert cli(site, *args).returncode == 0
+    assert ledger.total_for("oncology", "breast_cancer").epsilon == 2.5
+    ((record,),) = [trail_records(site, "ledger.budget")]
+    assert (record["object"], record["outcome"], record["details"]["epsilon"]) == ("oncology/breast_cancer", "ok", 2.5)

@@ -422,3 +422,52 @@ def test_the_runner_reserves_only_within_the_users_projects_and_budget(service, 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         outcomes = sorted(pool.map(one, ["r-1", "r-2"]), key=str)
     assert sum(o == "budget_exceeded" for o in outcomes) == 1, outcomes
+
+
+def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_down_is_recorded_after(
+    service, site, state_dir
+):
+    """Attack: reserve budget while auditing is down. Nothing is reserved until the trail records it; a
+    settlement meanwhile stands, and every record reaches the trail, in order, once it is back."""
+    from tests.trail import trail_down, trail_records
+
+    register(state_dir, "root-tester", 0, ("cardio",))
+    sock = site.run_dir / "ledger.sock"
+
+    def reserve(epsilon: float) -> str:
+        return call(sock, "reserve", {"project": "cardio", "dataset": "diabetes", "epsilon": epsilon, "delta": 1e-6})[
+            "reservation"
+        ]
+
+    first = reserve(1.0)
+    with trail_down(site):
+        # the reservation is made, its record fails: released at once, spending nothing, and refused
+        with pytest.raises(ChannelError, match="the budget was not reserved: the audit trail cannot record it") as e:
+            reserve(2.0)
+        assert e.value.code == "unavailable"
+        (released,) = [r for r in service.ledger.runs("cardio") if r["id"] != first]
+        assert (released["state"], released["epsilon_spent"], released["delta_spent"]) == ("settled", 0.0, 0.0)
+        # a settlement is committed though its record waits
+        settled = call(sock, "settle", {"reservation": first, "epsilon_spent": 0.5})
+        assert settled["state"] == "settled" and service.ledger.run(first)["state"] == "settled"
+        assert service.waiting_records == 3
+        # with records waiting, nothing more is reserved at all
+        with pytest.raises(ChannelError, match="the budget was not reserved") as e:
+            reserve(0.1)
+        assert e.value.code == "unavailable" and len(service.ledger.runs("cardio")) == 2
+        (diabetes,) = call(sock, "budget", {"project": "cardio"})["projects"]["cardio"]
+        assert (diabetes["epsilon_spent"], diabetes["epsilon_reserved"]) == (0.5, 0.0)
+    assert trail_records(site, "ledger.")[-1]["details"]["reservation"] == first  # only the first reservation
+    third = reserve(0.25)
+    got = [
+        (r["action"], r["details"]["reservation"], r["details"].get("state"), "happened" in r["details"])
+        for r in trail_records(site, "ledger.")
+    ]
+    assert got == [
+        ("ledger.reserve", first, None, False),
+        ("ledger.reserve", released["id"], None, True),
+        ("ledger.settle", released["id"], "released", True),
+        ("ledger.settle", first, None, True),
+        ("ledger.reserve", third, None, False),
+    ]
+    assert service.waiting_records == 0

@@ -111,25 +111,31 @@ class LedgerSetBudget(PaitientCommand):
         site = self.load_site()
         ledger = Ledger(site)
         by = self.steward or getpass.getuser()
+        from paitient.services.audit import emit
+
+        details = {"project": self.project, "epsilon": self.epsilon, "delta": self.delta, "cleared": self.clear}
+        what = {"actor": by, "action": "ledger.budget", "object": f"{self.project}/{self.dataset}"}
+        try:  # checked, recorded, then changed: no change that the trail does not hold
+            if self.clear:
+                ledger.check_dataset(self.project, self.dataset)
+            else:
+                ledger.check_budget(self.project, self.dataset, self.epsilon, self.delta)
+        except LedgerError as e:
+            self.fail(str(e))
+        try:
+            emit(site, **what, details=details)
+        except Exception as e:
+            self.fail(f"the budget was not changed: the audit trail cannot record the change ({e})")
         try:
             if self.clear:
                 ledger.clear_budget(self.project, self.dataset)
             else:
                 ledger.set_budget(self.project, self.dataset, self.epsilon, self.delta, by=by)
-        except LedgerError as e:
-            self.fail(str(e))
-        try:
-            from paitient.services.audit import emit
-
-            emit(
-                site,
-                actor=by,
-                action="ledger.budget",
-                object=f"{self.project}/{self.dataset}",
-                details={"project": self.project, "epsilon": self.epsilon, "delta": self.delta, "cleared": self.clear},
-            )
         except Exception as e:
-            self.log.error("could not write the audit record: %s", e)
+            try:  # the trail holds the change it recorded above: say that it did not happen
+                emit(site, **what, outcome="error", details={**details, "reason": str(e)[:500]})
+            finally:
+                self.fail(f"the budget was not changed: {e}")
         for line in format_budget([b for b in ledger.budget(self.project) if b["dataset"] == self.dataset]):
             print(line)
 

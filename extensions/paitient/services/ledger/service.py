@@ -13,14 +13,23 @@ The reserving process id comes from ``SO_PEERCRED`` too (the host's pid, whateve
 kernel runs in), with its start time from ``/proc``; when that process is gone before it settled, its
 reservation is marked *lost* and counts in full. This check runs before every reservation and budget
 query and every :data:`SWEEP_SECONDS`.
+
+Nothing changes in the ledger unrecorded for long: each reservation, refusal and settlement is written to
+the audit trail as it happens. A record the trail cannot take waits in the service, in order, and is
+written before anything else once the trail takes records again; while any waits, no budget is reserved
+(a reservation whose own record fails is released at once, spending nothing, and refused). A settlement
+is committed whether or not its record can be written at that moment: it only closes what a run spent,
+and refusing it would count the run in full later anyway.
 With ``JUPYTERHUB_SERVICE_URL`` set (the hub sets it), the stewards' web page is served there as well.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import os
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -29,7 +38,8 @@ from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
 from paitient.registry import Member, Registry
 from paitient.rules.budget import BudgetExceeded
-from paitient.services.audit import emit
+from paitient.rules.records import Event
+from paitient.services.audit import emit, emit_many
 from paitient.services.kit.access import channel_options
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, process_start, socket_path
@@ -42,6 +52,10 @@ SWEEP_SECONDS = 10.0
 MAX_RUN_ID = 128
 JOB_RUN_PREFIX = "job:"
 """The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
+NOT_RECORDED = (
+    "the budget was not reserved: the audit trail cannot record it; try again in a while, and tell the "
+    "workspace's operator if it goes on"
+)
 
 
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
@@ -116,6 +130,9 @@ class LedgerService:
         self.registry = registry
         self.log = log
         self.is_alive = is_alive
+        # records not yet in the trail: each with when it happened and whether a write of it failed already
+        self._waiting: list[tuple[Event, str, bool]] = []
+        self._trail_lock = threading.Lock()
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -182,13 +199,44 @@ class LedgerService:
             )
         return gone
 
-    def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> None:
-        try:
-            from paitient.services.audit import emit
+    def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> bool:
+        """Write one record to the trail, after those still waiting for it. False when the trail cannot be
+        written: the record waits with the others (:attr:`waiting_records`), in order."""
+        event = Event(actor=actor, action=action, object=obj, outcome=outcome, details=details)
+        with self._trail_lock:
+            self._waiting.append((event, dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), False))
+            return self._write_waiting()
 
-            emit(self.site, actor=actor, action=action, object=obj, outcome=outcome, details=details)
-        except Exception as e:  # the ledger's own record is already committed; say loudly that audit failed
-            self.log.error("ledger: could not write the audit record for %s %s: %s", action, obj, e)
+    def trail_takes_records(self) -> bool:
+        """Write the records waiting for the trail; True when none waits (any more)."""
+        with self._trail_lock:
+            return self._write_waiting()
+
+    @property
+    def waiting_records(self) -> int:
+        return len(self._waiting)
+
+    def _write_waiting(self) -> bool:
+        if not self._waiting:
+            return True
+        # a record that waited says when it happened (the trail stamps when it is written)
+        events = [
+            Event(**{**event, "details": {**(event.get("details") or {}), "happened": happened}}) if waited else event
+            for event, happened, waited in self._waiting
+        ]
+        try:
+            emit_many(self.site, events)
+        except Exception as e:
+            self.log.error(
+                "ledger: the audit trail cannot be written (%s); %d record(s) wait for it and no budget is "
+                "reserved until they are written",
+                e,
+                len(self._waiting),
+            )
+            self._waiting = [(event, happened, True) for event, happened, _ in self._waiting]
+            return False
+        self._waiting.clear()
+        return True
 
     # operations
 
@@ -216,6 +264,8 @@ class LedgerService:
             )
             raise ChannelError(f"{who} not a member of project {project!r}; {charges}", FORBIDDEN)
         self.sweep()
+        if not self.trail_takes_records():
+            raise ChannelError(NOT_RECORDED, "unavailable")
         obj = f"{project}/{dataset}"
         try:
             rid = self.ledger.reserve(
@@ -242,8 +292,29 @@ class LedgerService:
         row = self.ledger.run(rid)
         assert row is not None  # reserve() committed this row above, and the ledger never deletes a run
         details = {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"], "pid": peer.pid}
-        self.audit(member.username, "ledger.reserve", obj, "ok", {**details, **extra})
+        if not self.audit(member.username, "ledger.reserve", obj, "ok", {**details, **extra}):
+            self._release(rid, member.username, obj, project, extra)
+            raise ChannelError(NOT_RECORDED, "unavailable")
         return {"reservation": row["id"], **public_run(row), "budget": self._dataset_budget(project, dataset)}
+
+    def _release(self, rid: str, user: str, obj: str, project: str, extra: dict[str, Any]) -> None:
+        """Close a reservation whose record the trail could not take, spending nothing: no run may use it."""
+        released = self.ledger.settle(rid, 0.0, {}, delta_spent=0.0)
+        self.log.warning("ledger: reservation %s released unused: the audit trail could not record it", rid)
+        self.audit(
+            user,
+            "ledger.settle",
+            obj,
+            "ok",
+            {
+                "project": project,
+                "reservation": rid,
+                "state": "released",
+                "epsilon_spent": released["epsilon_spent"],
+                "reason": "the audit trail could not record the reservation",
+                **extra,
+            },
+        )
 
     def settle(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})

@@ -181,7 +181,8 @@ class Ledger:
 
     # -- budgets ---------------------------------------------------------------------------------
 
-    def _check_dataset(self, project: str, dataset: str):
+    def check_dataset(self, project: str, dataset: str):
+        """The project of ``dataset``; :class:`LedgerError` when the site has no such project or dataset."""
         try:
             proj = self.site.project(project)
         except KeyError as e:
@@ -194,7 +195,7 @@ class Ledger:
         return proj
 
     def _total(self, q, project: str, dataset: str) -> tuple[Budget, str]:
-        proj = self._check_dataset(project, dataset)
+        proj = self.check_dataset(project, dataset)
         rows = q(
             "SELECT epsilon, delta FROM budget_overrides WHERE project = :project AND dataset = :dataset",
             project=project,
@@ -208,15 +209,19 @@ class Ledger:
         with _queries(self.db, write=False) as q:
             return self._total(q, project, dataset)[0]
 
-    def set_budget(self, project: str, dataset: str, epsilon: float, delta: float, *, by: str) -> None:
-        """Record a steward's total for one dataset, replacing the site configuration's."""
+    def check_budget(self, project: str, dataset: str, epsilon: float, delta: float) -> None:
+        """Raise :class:`LedgerError` unless :meth:`set_budget` would take these values."""
         try:
             check_amounts(epsilon, delta)
         except ValueError as e:
             raise LedgerError(str(e), "bad_request") from None
         if delta <= 0:
             raise LedgerError("a total delta must be positive", "bad_request")
-        self._check_dataset(project, dataset)
+        self.check_dataset(project, dataset)
+
+    def set_budget(self, project: str, dataset: str, epsilon: float, delta: float, *, by: str) -> None:
+        """Record a steward's total for one dataset, replacing the site configuration's."""
+        self.check_budget(project, dataset, epsilon, delta)
         with _queries(self.db, write=True) as q:
             q(
                 "INSERT INTO budget_overrides (project, dataset, epsilon, delta, set_by, set_at) "
@@ -233,6 +238,7 @@ class Ledger:
 
     def clear_budget(self, project: str, dataset: str) -> None:
         """Drop a steward override: the site configuration's total applies again."""
+        self.check_dataset(project, dataset)
         with _queries(self.db, write=True) as q:
             q(
                 "DELETE FROM budget_overrides WHERE project = :project AND dataset = :dataset",
