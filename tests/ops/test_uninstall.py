@@ -8,7 +8,9 @@ the test container: the command says so and removes the files only.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import pwd
 import shutil
 import subprocess
@@ -28,6 +30,7 @@ from paitient.registry import Registry
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.verify import verify_dir
 from paitient.services.audit.writer import trail_files
+from paitient.services.data import access
 from paitient.services.jobs import keys
 from paitient.sysaccounts import AccountRecord
 from tests import accounts
@@ -42,7 +45,7 @@ def site(world_tmp):
     any account still there after the test is removed (and fails it)."""
     state = Path(tempfile.mkdtemp(prefix="paitient-uninstall-test-", dir="/var/lib"))
     text = SITE_TOML.format(state_dir=state, port=18080, api_port=18001)
-    text += f'\n[accounts]\nprefix = "ptu"\nhome_root = "{world_tmp / "homes"}"\n'
+    text += f'\n[accounts]\nprefix = "ptu"\ngroup = "ptu-workspace"\nhome_root = "{world_tmp / "homes"}"\n'
     (state / "site.toml").write_text(text)
     (world_tmp / "homes").mkdir(mode=0o755)
     site = parse(tomllib.loads(text), source=str(state / "site.toml"))
@@ -53,6 +56,10 @@ def site(world_tmp):
         accounts.remove_all(dict.fromkeys(left))
     finally:
         shutil.rmtree(state, ignore_errors=True)
+        groups_left = [g for g in ("ptuproj-oncology", "ptu-workspace") if group_exists(g)]
+        for name in groups_left:
+            subprocess.run(["groupdel", name], capture_output=True, check=False)
+        assert groups_left == [], f"groups left behind: {groups_left}"
 
 
 def installed(site, world_tmp) -> tuple[Path, list[Path]]:
@@ -66,6 +73,7 @@ def installed(site, world_tmp) -> tuple[Path, list[Path]]:
     keys.ensure_signing_key(site)
     (site.data_root / "oncology").mkdir(parents=True)
     (site.data_root / "oncology" / "marker").write_text("published data\n")
+    access.protect_project(site, "oncology")  # as publication does: the project's group reads it
     return unit_dir, written
 
 
@@ -76,6 +84,14 @@ def uninstall(site, unit_dir: Path, *flags: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=120,
     )
+
+
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def account_exists(name: str) -> bool:
@@ -98,10 +114,18 @@ def test_uninstall_removes_its_units_and_the_accounts_and_keeps_the_state(site, 
     home = Path(pwd.getpwnam(alice.account).pw_dir)
     assert home.is_dir()
 
+    oncology = grp.getgrnam("ptuproj-oncology")
+    assert alice.account in oncology.gr_mem and alice.account in grp.getgrnam("ptu-workspace").gr_mem
+    marker = site.data_root / "oncology" / "marker"
+    assert os.stat(marker).st_gid == oncology.gr_gid  # the project's members read its data
+
     dry = uninstall(site, unit_dir, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert f"would remove {unit_dir / HUB_UNIT}" in dry.stdout and f"would remove {alice.account}" in dry.stdout
+    assert f"would remove group ptuproj-oncology (gid {oncology.gr_gid}) of project oncology; its data" in dry.stdout
+    assert "would remove the workspace group ptu-workspace" in dry.stdout
     assert all(p.exists() for p in written) and account_exists(alice.account)  # nothing done
+    assert group_exists("ptuproj-oncology") and group_exists("ptu-workspace")
 
     done = uninstall(site, unit_dir)
     assert done.returncode == 0, done.stderr
@@ -111,17 +135,26 @@ def test_uninstall_removes_its_units_and_the_accounts_and_keeps_the_state(site, 
     assert (unit_dir / ENGINE_UNIT).exists() and f"left {unit_dir / ENGINE_UNIT} alone" in out
     assert f"removed {alice.account} (uid {alice.uid}, user), home {home} removed" in out
     assert not account_exists(alice.account) and not home.exists()
+    # the groups it made are gone, the project's data made root-only first (no later group of that gid reads it)
+    assert f"removed group ptuproj-oncology (gid {oncology.gr_gid}) of project oncology; its data" in out
+    assert "removed the workspace group ptu-workspace" in out
+    assert not group_exists("ptuproj-oncology") and not group_exists("ptu-workspace")
+    st = os.stat(marker)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o400)
+    assert os.stat(marker.parent).st_mode & 0o777 == 0o700
     assert AccountRecord(site.state_dir).all() == [] and Registry.for_state_dir(site.state_dir).all() == []
     # kept by default: the state, its trail (now with the removal) and keys, the data
     assert f"kept the state directory {site.state_dir}" in out and f"kept the data root {site.data_root}" in out
     assert (site.state_dir / "site.toml").exists() and keys.private_key_path(site).exists()
     assert (site.data_root / "oncology" / "marker").read_text() == "published data\n"
     assert verify_dir(trail_dir(site)).ok and "accounts.remove" in actions(site)
+    assert actions(site).index("accounts.remove") < actions(site).index("workspace.groups.remove")
 
     again = uninstall(site, unit_dir)  # nothing left to do: says so
     assert again.returncode == 0, again.stderr
     assert f"no units of `paitient install` in {unit_dir}" in again.stdout
     assert "no system accounts recorded for this workspace" in again.stdout
+    assert "no workspace group ptu-workspace on this machine" in again.stdout
 
 
 def test_remove_state_keeps_the_audit_trail_the_keys_and_the_data(site, world_tmp):

@@ -8,7 +8,11 @@ In order (``--dry-run`` says what it would do and does nothing):
    machine booted otherwise) there is nothing to stop, and the command says so;
 2. every system account the workspace made (what ``paitient accounts prune --all`` does): processes ended,
    account and group deleted, homes under ``[accounts] home_root`` removed, each removal audited;
-3. only with ``--remove-state``: the state directory, except the audit trail (``audit/``), the keys
+3. the groups the workspace made, once no account is left in them: each project's group (its published data
+   made root-only first, so that no group given the same gid later reads it; ``paitient up`` gives the data
+   to the project's new group) and the workspace's group (``[accounts] group``) when this workspace made
+   it; each removal audited;
+4. only with ``--remove-state``: the state directory, except the audit trail (``audit/``), the keys
    (``keys/``, ``public/``, the pseudonymisation key) and the published data, which stay where they are;
    with ``--remove-keys-and-trail`` as well, those keys and the audit trail too (a ``key_file`` outside the
    state directory is never touched). The data root is never
@@ -138,7 +142,8 @@ class UninstallCommand(PaitientCommand):
         site = self.load_site()
         self._refuse_while_up(site)
         self._units()
-        self._accounts(site)
+        leaving = self._accounts(site)
+        self._groups(site, leaving)
         if not self.remove_state:
             print(f"paitient: kept the state directory {site.state_dir} (with its audit trail and keys)")
         else:
@@ -188,7 +193,8 @@ class UninstallCommand(PaitientCommand):
         if done.returncode != 0:
             self.fail(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}; nothing more was done")
 
-    def _accounts(self, site: SiteConfig) -> None:
+    def _accounts(self, site: SiteConfig) -> set[str]:
+        """Remove the accounts; those removed (with --dry-run: those that would be)."""
         from paitient import sysaccounts
         from paitient.accounts_cli import describe_outcome, prune_accounts
 
@@ -202,6 +208,40 @@ class UninstallCommand(PaitientCommand):
             print(f"paitient: {describe_outcome(o)}")
         if any(o.get("error") for o in outcomes):
             self.fail("some accounts could not be removed (above); the state directory was left as it is")
+        return {str(o["account"]) for o in outcomes}
+
+    def _groups(self, site: SiteConfig, leaving: set[str]) -> None:
+        """Remove the groups; ``leaving``: the accounts removed (or, --dry-run, to be removed) before."""
+        from paitient.services.data.access import AccessError, remove_groups
+        from paitient.services.kit.access import remove_workspace_group
+
+        def plan(dry_run: bool) -> list[str]:
+            gone = leaving if dry_run else set()  # a dry run counts members as they will be
+            return [
+                *remove_groups(site, dry_run=dry_run, leaving=gone),
+                remove_workspace_group(site, dry_run=dry_run, leaving=gone),
+            ]
+
+        try:
+            planned = [line for line in plan(True) if line.startswith("would remove")]
+            if planned and not self.dry_run:  # recorded before anything is removed
+                from paitient.services import audit
+
+                try:
+                    audit.emit(
+                        site,
+                        actor="operator",
+                        action="workspace.groups.remove",
+                        object=str(site.state_dir),
+                        details={"groups": [line.removeprefix("would remove ") for line in planned]},
+                    )
+                except Exception as e:
+                    self.fail(f"no group was removed: the audit trail cannot record it ({e})")
+            lines = plan(self.dry_run)
+        except (AccessError, RuntimeError) as e:
+            self.fail(f"{e}; the state directory was left as it is")
+        for line in lines:
+            print(f"paitient: {line}")
 
     def _state(self, site: SiteConfig) -> None:
         remove, kept = state_plan(site, keys_and_trail=self.remove_keys_and_trail)

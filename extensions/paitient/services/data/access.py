@@ -31,7 +31,7 @@ import pwd
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from paitient.config import SiteConfig
@@ -195,6 +195,51 @@ def sync_members(site: SiteConfig) -> None:
     for project in names:
         ensure_group(site, project)
         set_members(site, project, by_project[project])
+
+
+def remove_groups(site: SiteConfig, *, dry_run: bool = False, leaving: Collection[str] = ()) -> list[str]:
+    """Delete the project groups this workspace made (:data:`RECORD`), for ``paitient uninstall`` once the
+    accounts are gone; returns what was (or, ``dry_run``, would be) done, a line each.
+
+    A project's published data is made root-only first (root:root, directories 0700, files 0400): a group
+    made later that is given the same gid would otherwise read it. ``paitient up`` gives it back to a new
+    group of the project. A group that still has members (an account the workspace did not make, or one it
+    could not remove) stays, and so does its data's access; a group whose gid is no longer the recorded one
+    is someone else's now and is not touched. ``leaving``: accounts counted as gone already (a dry run's,
+    before the accounts are removed)."""
+    state_dir = Path(site.state_dir)
+    done: list[str] = []
+    with locked(state_dir / (RECORD + ".lock")):
+        record = _read_record(state_dir)
+        for name, entry in sorted(record.items()):
+            project, gid = str(entry.get("project", "")), int(entry.get("gid", -1))
+            try:
+                group = grp.getgrgid(gid)
+            except KeyError:
+                group = None
+            if group is None or group.gr_name != name:
+                done.append(f"group {name} of project {project} is gone already (gid {gid})")
+                if not dry_run:
+                    del record[name]
+                    atomic_write_json(_record_path(state_dir), record, mode=0o644)
+                continue
+            if members := sorted(set(group.gr_mem) - set(leaving)):
+                done.append(f"kept group {name} of project {project}: it still has members ({', '.join(members)})")
+                continue
+            folder = Path(site.data_root) / project
+            if folder.is_dir() and not dry_run:
+                protect(folder, 0, dir_mode=0o700, file_mode=0o400)
+            if not dry_run:
+                r = subprocess.run([_tool("groupdel"), name], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise AccessError(f"groupdel {name} failed (exit {r.returncode}): {r.stderr.strip()}")
+                del record[name]
+                atomic_write_json(_record_path(state_dir), record, mode=0o644)
+            line = f"{'would remove' if dry_run else 'removed'} group {name} (gid {gid}) of project {project}"
+            if folder.is_dir():
+                line += f"; its data {folder} {'would be made' if dry_run else 'made'} root-only"
+            done.append(line)
+    return done
 
 
 def protect_root(data_root: Path) -> None:

@@ -22,7 +22,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 from paitient.channel import UNKNOWN_CALLER, ChannelError, Peer
@@ -38,8 +39,14 @@ in all. A notebook records one event per executed cell and makes a few ledger or
 REFUSAL_RECORD_SECONDS = 60.0
 
 
+WORKSPACE_GROUP_RECORD = "workspace-group.json"
+"""Under the state directory: the workspace's group, when this workspace made it (``paitient uninstall``
+removes only a group it made)."""
+
+
 def workspace_group(site: Any) -> int:
-    """The gid of the workspace's group (``[accounts] group``), made (a system group, no members) if missing."""
+    """The gid of the workspace's group (``[accounts] group``), made (a system group, no members) if missing,
+    and then recorded as this workspace's (:data:`WORKSPACE_GROUP_RECORD`)."""
     name = site.accounts.group
     try:
         return grp.getgrnam(name).gr_gid
@@ -47,12 +54,54 @@ def workspace_group(site: Any) -> int:
         pass
     r = subprocess.run(["groupadd", "--system", name], capture_output=True, text=True)
     try:
-        return grp.getgrnam(name).gr_gid
+        gid = grp.getgrnam(name).gr_gid
     except KeyError:
         raise RuntimeError(
             f"the workspace group {name!r} does not exist and could not be made ({r.stderr.strip()}); "
             f"run: groupadd --system {name}"
         ) from None
+    if r.returncode == 0:  # made here (not by a process that raced this one)
+        from paitient.fsutil import atomic_write_json
+
+        state = Path(site.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(state / WORKSPACE_GROUP_RECORD, {"group": name, "gid": gid}, mode=0o644)
+    return gid
+
+
+def remove_workspace_group(site: Any, *, dry_run: bool = False, leaving: Collection[str] = ()) -> str:
+    """Delete the workspace's group if this workspace made it and no account is in it any more (another
+    workspace on this machine that shares the group keeps its accounts there); what was done, in a line.
+    ``leaving``: accounts counted as gone already (a dry run's, before the accounts are removed)."""
+    import json
+
+    path = Path(site.state_dir) / WORKSPACE_GROUP_RECORD
+    try:
+        made = json.loads(path.read_text())
+    except FileNotFoundError:
+        try:
+            grp.getgrnam(site.accounts.group)
+        except KeyError:
+            return f"no workspace group {site.accounts.group} on this machine"
+        return f"kept the workspace group {site.accounts.group}: this workspace did not make it"
+    name, gid = str(made.get("group", "")), int(made.get("gid", -1))
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        group = None
+    if group is None or group.gr_name != name:
+        if not dry_run:
+            path.unlink()
+        return f"the workspace group {name} is gone already (gid {gid})"
+    if members := sorted(set(group.gr_mem) - set(leaving)):
+        return f"kept the workspace group {name}: accounts are still in it ({', '.join(members)})"
+    if dry_run:
+        return f"would remove the workspace group {name} (gid {gid})"
+    r = subprocess.run(["groupdel", name], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"groupdel {name} failed (exit {r.returncode}): {r.stderr.strip()}")
+    path.unlink()
+    return f"removed the workspace group {name} (gid {gid})"
 
 
 class RegisteredCallers:
