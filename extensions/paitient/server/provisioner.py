@@ -39,7 +39,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Bool, Dict, List, Unicode, default
 
 from paitient import channel
-from paitient.config import Sandbox, site_trait
+from paitient.config.sandboxtraits import sandbox_traits
 from paitient.rules.sandbox import (
     Limits,
     PolicyError,
@@ -78,12 +78,7 @@ class SandboxProvisioner(LocalProvisioner):
         {},
         help="Project name -> dataset names this user may read. Written by the spawner from the registry.",
     ).tag(config=True)
-    memory_mb = site_trait(Sandbox, "memory_mb")
-    max_processes = site_trait(Sandbox, "max_processes")
-    max_open_files = site_trait(Sandbox, "max_open_files")
-    cpu_seconds = site_trait(Sandbox, "cpu_seconds")
-    bwrap_path = Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True)
-    prlimit_path = Unicode("/usr/bin/prlimit", help="util-linux prlimit, sets the rlimits.").tag(config=True)
+    memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
     system_ro = List(Unicode(), help="Host folders bound read-only at the same path.").tag(config=True)
     extra_ro = List(
         Unicode(),

@@ -36,7 +36,8 @@ from traitlets.config import Application
 
 from paitient import __version__
 from paitient.channel import FORBIDDEN, ChannelError, Peer
-from paitient.config import NAME_RE, Sandbox, site_trait
+from paitient.config import NAME_RE
+from paitient.config.sandboxtraits import sandbox_traits
 from paitient.rules.sandbox import Limits
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.launcher.base import BaseLauncher, Caller
@@ -157,12 +158,7 @@ class PodLauncherApp(Application):
     run_dir = Unicode(RUN_DIR, help="Folder of the services' sockets, bound read-only into each sandbox.").tag(
         config=True
     )
-    memory_mb = site_trait(Sandbox, "memory_mb")
-    max_processes = site_trait(Sandbox, "max_processes")
-    max_open_files = site_trait(Sandbox, "max_open_files")
-    cpu_seconds = site_trait(Sandbox, "cpu_seconds")
-    bwrap_path = Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True)
-    prlimit_path = Unicode("/usr/bin/prlimit", help="util-linux prlimit, sets the rlimits.").tag(config=True)
+    memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
     seccomp = Bool(True, help="Load the workspace's seccomp filter into every kernel.").tag(config=True)
 
     aliases = {
