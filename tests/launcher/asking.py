@@ -20,19 +20,20 @@ ASK = """
 import json, sys
 from paitient import channel
 try:
-    print(json.dumps({"ok": channel.call(sys.argv[1], "start", json.loads(sys.argv[2]), timeout=60)}))
+    op = sys.argv[3] if len(sys.argv) > 3 else "start"
+    print(json.dumps({"ok": channel.call(sys.argv[1], op, json.loads(sys.argv[2]), timeout=60)}))
 except channel.ChannelError as e:
     print(json.dumps({"error": str(e), "code": e.code}))
 """
 
 
-def ask_as(pw, sock: Path, args: dict, groups: str | None = None) -> dict:
-    """``start`` with ``args``, sent by a process of ``pw``'s account (``None``: root) with ``groups`` (a
+def ask_as(pw, sock: Path, args: dict, groups: str | None = None, op: str = "start") -> dict:
+    """``op`` with ``args``, sent by a process of ``pw``'s account (``None``: root) with ``groups`` (a
     setpriv option; default: the workspace's group only, as the user's server has)."""
     groups = groups or workspacegroup.setpriv_groups()
     prefix = [] if pw is None else ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", groups]
     r = subprocess.run(
-        [*prefix, sys.executable, "-c", textwrap.dedent(ASK), str(sock), json.dumps(args)],
+        [*prefix, sys.executable, "-c", textwrap.dedent(ASK), str(sock), json.dumps(args), op],
         capture_output=True,
         text=True,
         timeout=90,

@@ -170,6 +170,34 @@ def test_killing_the_pid_the_server_got_ends_the_sandbox(world):
         assert not Path(f"/proc/{bwrap}").exists()
 
 
+def test_only_the_account_that_asked_for_a_kernel_may_ask_after_it_or_stop_it(world):
+    """What a server that cannot see its kernel's pid does (a pod's): ask the launcher by the kernel's handle.
+    Attack: another account asks after alice's kernel and stops it with her handle; crafted requests."""
+    site, launcher, sock, users = world
+    alice, bob = users["alice"], users["bob"]
+    with staying(alice, sock, {"connection_file": str(connection_file(alice)), "kernel": "python3"}) as (_, answer):
+        pid, handle = answer["ok"]["pid"], answer["ok"]["kernel"]
+        assert answer["ok"]["watched"] is True  # the launcher saw the server: it may watch the kernel by pid
+        bwrap, _ = sandbox_of(pid)
+        assert ask_as(alice, sock, {"kernel": handle}, op="alive") == {"ok": {"alive": True}}
+        # bob holds alice's handle: to him it names no kernel
+        assert ask_as(bob, sock, {"kernel": handle}, op="alive") == {"ok": {"alive": False}}
+        assert ask_as(bob, sock, {"kernel": handle}, op="stop") == {"ok": {"stopped": False}}
+        assert ask_as(users["stranger"], sock, {"kernel": handle}, op="stop")["code"] == "forbidden"
+        for crafted in ({"kernel": handle, "signal": 9}, {"kernel": "../../kernel"}, {"pid": pid}):
+            refused = ask_as(alice, sock, crafted, op="stop")
+            assert refused["code"] == "field_refused" and "send only kernel" in refused["error"], refused
+        assert Path(f"/proc/{bwrap}").exists() and ask_as(alice, sock, {"kernel": handle}, op="alive")["ok"]["alive"]
+        # alice stops it: the keeper kills the kernel, the sandbox goes with it
+        assert ask_as(alice, sock, {"kernel": handle}, op="stop") == {"ok": {"stopped": True}}
+        deadline = time.monotonic() + 10
+        while (Path(f"/proc/{bwrap}").exists() or Path(f"/proc/{pid}").exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # (the keeper's pid stays until the launcher has reaped it)
+        assert not Path(f"/proc/{bwrap}").exists() and not Path(f"/proc/{pid}").exists()
+        assert ask_as(alice, sock, {"kernel": handle}, op="alive") == {"ok": {"alive": False}}
+        assert ask_as(alice, sock, {"kernel": handle}, op="stop") == {"ok": {"stopped": False}}
+
+
 def _the_kernel_as_alice(site, alice, pid, answer, work):
     try:
         bwrap, argv = sandbox_of(pid)

@@ -72,13 +72,20 @@ def as_account(pw) -> list[str]:
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
 
 
+PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+"""A pid namespace of its own, as a container has: the launcher is its pid 1, and every process of it ends
+with the launcher (``--kill-child``: when ``unshare`` is ended, so is the launcher, and with it the rest)."""
+
+
 @contextlib.contextmanager
-def pod_launcher(pw, sockets: Path, data: Path, *extra: str) -> Iterator[subprocess.Popen]:
+def pod_launcher(pw, sockets: Path, data: Path, *extra: str, own_pids: bool = False) -> Iterator[subprocess.Popen]:
     """``python -m paitient.services.launcher.pod`` as ``pw`` (as the kernels container runs it), yielded once
-    its socket exists; ended by its pid (SIGTERM, then SIGKILL)."""
+    its socket exists; ended by its pid (SIGTERM, then SIGKILL). ``own_pids``: in a pid namespace of its own
+    (:data:`PID_NAMESPACE`), as in a pod, where the server's container has another."""
     log = open(sockets.parent / f"launcher-{pw.pw_name}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
+            *(PID_NAMESPACE if own_pids else []),
             *as_account(pw),
             sys.executable,
             "-I",
@@ -265,3 +272,105 @@ def test_the_launcher_refuses_a_socket_that_a_sandbox_binds_and_to_run_as_root(w
         [*common, f"--socket={world_tmp}/root.sock"], capture_output=True, text=True, timeout=60, cwd="/"
     )
     assert r.returncode == 2 and "refusing to run as root" in r.stderr, r.stderr
+
+
+SERVER = """
+import json, os, sys, time, uuid
+from traitlets.config import Config
+from jupyter_client.manager import KernelManager
+from jupyter_core.paths import jupyter_runtime_dir as runtime_dir
+
+config = Config()
+config.SandboxProvisioner.launcher_socket = sys.argv[1]
+
+
+def started():
+    # as the server's kernel manager names it: kernel-<id>.json in the runtime dir
+    name = f"kernel-{uuid.uuid4()}.json"
+    km = KernelManager(kernel_name="python3", config=config, connection_file=os.path.join(runtime_dir(), name))
+    km.start_kernel()
+    client = km.blocking_client()
+    client.start_channels()
+    client.wait_for_ready(timeout=60)
+    return km, client
+
+
+km, client = started()
+seen = {"process": type(km.provisioner.process).__name__, "pid": km.provisioner.pid, "alive": km.is_alive()}
+out = []
+reply = client.execute_interactive("import os; print(os.getuid())", timeout=60, output_hook=out.append)
+seen["cell"] = [reply["content"]["status"], "".join(m["content"].get("text", "") for m in out)]
+client.stop_channels()
+km.shutdown_kernel(now=True)
+seen["alive after shutdown"] = km.is_alive()
+
+km, client = started()  # a kernel that ends by itself: the server learns it from the launcher
+client.execute("import os; os._exit(3)")
+deadline = time.monotonic() + 30
+while km.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.1)
+seen["alive after exit"] = km.is_alive()
+client.stop_channels()
+km.cleanup_resources()
+print(json.dumps(seen))
+"""
+
+
+def kernels_of(uid: int) -> list[str]:
+    """The keepers and sandboxes of ``uid`` running on this machine, whatever their pid namespace."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or proc.stat().st_uid != uid:
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith((b"keeper.py", b"bwrap")) for a in argv[:4]):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+def test_a_server_that_cannot_see_the_launchers_pids_runs_and_ends_its_kernels_through_the_launcher(
+    world_tmp, make_system_user
+):
+    """As in a pod: the launcher in a pid namespace of its own, the server (a real kernel manager with the
+    workspace's provisioner) in another. The server cannot see the kernel's pid; it learns that the kernel runs
+    or ended, and ends it, by asking the launcher with the kernel's handle."""
+    from paitient.hub.serverconfig import kernel_spec
+
+    user = make_system_user("pod", member=False)
+    data = world_tmp / "data"
+    dataset(data, "onc", "bc", "id,size\n1,2.5\n")
+    sockets = world_tmp / "sockets"
+    sockets.mkdir(mode=0o755)
+    os.chown(sockets, user.pw_uid, user.pw_gid)
+    connection_file(user)  # the runtime dir, as the server has it
+    jupyter = Path(user.pw_dir) / ".local" / "share" / "jupyter"
+    spec = jupyter / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps(kernel_spec(sys.executable)))
+    for d in (jupyter / "kernels", spec, spec / "kernel.json"):
+        os.chown(d, user.pw_uid, user.pw_gid)
+    with pod_launcher(user, sockets, data, own_pids=True):
+        r = subprocess.run(
+            [*as_account(user), sys.executable, "-c", textwrap.dedent(SERVER), str(sockets / "launcher.sock")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=user.pw_dir,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HOME": user.pw_dir,
+                "JUPYTER_DATA_DIR": str(jupyter),
+                "JUPYTER_RUNTIME_DIR": user_runtime_dir(user.pw_dir),
+                "JUPYTER_CONFIG_DIR": str(Path(user.pw_dir) / ".jupyter"),
+            },
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        seen = json.loads(r.stdout.splitlines()[-1])
+        # the launcher did not see the server: the kernel is followed by its handle, not by a pid
+        assert (seen["process"], seen["pid"], seen["alive"]) == ("HandledKernel", None, True)
+        assert seen["cell"] == ["ok", f"{user.pw_uid}\n"]
+        assert seen["alive after shutdown"] is False and seen["alive after exit"] is False
+        assert kernels_of(user.pw_uid) == []  # both sandboxes are gone, with their keepers

@@ -3,7 +3,10 @@
 In a workspace the spawner sets ``launcher_socket``: the provisioner then writes the connection file and
 asks the root-side launcher (:mod:`paitient.services.launcher`) for the kernel, naming only that file and
 the kernel; the launcher decides the sandbox from the registry and the site configuration and starts it as
-the user. The provisioner watches and signals the kernel by its pid (the user's own process). Without a
+the user. The provisioner watches and signals the kernel by its pid (the user's own process) where the
+launcher saw this server (a shared pid namespace); where it did not (a pod, whose server and launcher are
+containers with pid namespaces of their own) it asks the launcher, by the handle the launcher gave the
+kernel, whether the kernel runs and to end it (:class:`HandledKernel`). Without a
 launcher (a server started by hand, the provisioner's own tests) it builds the same sandbox itself, as below.
 
 Building it here, it runs inside the user's own server, as the user (bwrap needs no privilege: unprivileged user
@@ -30,6 +33,7 @@ import contextlib
 import os
 import pwd
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -197,20 +201,25 @@ class SandboxProvisioner(LocalProvisioner):
             answer = await asyncio.to_thread(channel.call, self.launcher_socket, "start", args, timeout=60.0)
         except channel.ChannelError as e:
             raise PolicyError(f"the sandbox launcher refused or failed to start the kernel: {e}") from None
-        kernel = LaunchedKernel(int(answer["pid"]), answer.get("start"))
-        self.process = kernel  # type: ignore[assignment]  # what LocalProvisioner calls of a Popen, nothing more
-        self.pid = kernel.pid
-        self.pgid = kernel.pid  # the launcher starts it in a session (and process group) of its own
+        if answer.get("watched", True) is False:  # the launcher did not see this server: its pids are not ours
+            handled = HandledKernel(self.launcher_socket, str(answer["kernel"]))
+            self.process = handled  # type: ignore[assignment]  # what LocalProvisioner calls of a Popen
+            self.pid = self.pgid = None  # LocalProvisioner then signals through the process object
+        else:
+            kernel = LaunchedKernel(int(answer["pid"]), answer.get("start"))
+            self.process = kernel  # type: ignore[assignment]  # what LocalProvisioner calls of a Popen, nothing more
+            self.pid = kernel.pid
+            self.pgid = kernel.pid  # the launcher starts it in a session (and process group) of its own
         self._mounted = list(answer.get("datasets", []))
         self.log.info(
-            "The launcher started sandboxed kernel %s (pid %d) with datasets %s",
+            "The launcher started sandboxed kernel %s (pid %s) with datasets %s",
             self.kernel_id,
-            self.pid,
+            self.pid or f"{answer.get('pid')}, in the launcher's pid namespace",
             self._mounted,
         )
         await self._audit(
             "kernel.start",
-            {"datasets": self._mounted, "limits": vars(self.limits()), "pid": self.pid, "launcher": True},
+            {"datasets": self._mounted, "limits": vars(self.limits()), "pid": answer.get("pid"), "launcher": True},
         )
         return self.connection_info
 
@@ -262,6 +271,69 @@ class LaunchedKernel:
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class HandledKernel:
+    """The part of ``Popen`` the provisioner uses, for a kernel whose process this server cannot see (a pod's
+    launcher, in a container with a pid namespace of its own): the launcher answers whether it runs and ends
+    it, by the handle it gave the kernel. A launcher that is gone took its kernels with it (they are its
+    container's processes), so a launcher that cannot be reached counts the kernel ended; one that is slow to
+    answer leaves it running. Only SIGTERM and SIGKILL mean anything here: both end the kernel (interrupts
+    are messages, ``interrupt_mode`` is ``message``)."""
+
+    stdin = stdout = stderr = None
+    pid = None
+    ASK_SECONDS = 5.0
+
+    def __init__(self, socket: str, handle: str):
+        self.socket = socket
+        self.handle = handle
+        self.returncode: int | None = None
+
+    def _ask(self, op: str) -> dict[str, Any] | None:
+        try:
+            return channel.call(self.socket, op, {"kernel": self.handle}, timeout=self.ASK_SECONDS)
+        except channel.ChannelError as e:
+            if e.code == channel.UNAVAILABLE and not self._listening():  # the launcher and its kernels are gone
+                self.returncode = -signal.SIGKILL
+            return None
+
+    def _listening(self) -> bool:
+        """Whether anything listens on the launcher's socket (busy counts: only a refusal or no socket do not)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(self.socket)
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+            except OSError:
+                return True
+        return True
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            answer = self._ask("alive")
+            if answer is not None and not answer.get("alive"):
+                self.returncode = 0  # its exit status is the launcher's to see
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the kernel still runs")
+            time.sleep(0.1)
+        return self.returncode or 0
+
+    def send_signal(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGKILL) and self.poll() is None:
+            self._ask("stop")
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

@@ -20,9 +20,18 @@ variants differ only in what they must (:meth:`BaseLauncher.caller`, :meth:`Base
 changes to its account; the pod's (:mod:`.pod`) runs as the pod's uid, serves that uid only and offers what
 the pod has mounted.
 
-The answer is the kernel's pid and start time. Its parent is a keeper (:mod:`.keeper`) that ends it when
-the server that asked for it is gone (where the launcher can see that server) and keeps it when the
-launcher ends.
+The answer is the kernel's pid and start time, and a handle (``kernel``: random, the launcher's name for
+it). Its parent is a keeper (:mod:`.keeper`) that ends it when the server that asked for it is gone (where
+the launcher can see that server) and keeps it when the launcher ends. ``watched`` says whether the
+launcher saw that server: when it did, the two share a pid namespace and the server watches and signals the
+kernel by its pid; when it did not (a pod's server, in a container of its own), the pid means nothing to
+the server, which asks the launcher instead, by the handle::
+
+    {"op": "alive", "args": {"kernel": "<handle>"}}  ->  {"alive": true}
+    {"op": "stop", "args": {"kernel": "<handle>"}}   ->  {"stopped": true}   (the keeper kills the kernel)
+
+Only the uid that asked for a kernel may ask about it or stop it; a handle the launcher does not know (or a
+kernel that has ended) is not alive, and stopping it does nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import signal
 import stat
 import subprocess
 import sys
@@ -66,6 +77,7 @@ kernel would use."""
 UNKNOWN_KERNEL = "unknown_kernel"
 
 FIELDS = frozenset({"connection_file", "kernel", "cwd"})
+HANDLE = re.compile(r"^[0-9a-f]{32}\Z")
 CONNECTION_NAME = re.compile(r"^kernel-[A-Za-z0-9_-]{1,80}\.json\Z")
 MAX_CONNECTION_BYTES = 64 * 1024
 KEEPER = Path(__file__).with_name("keeper.py")
@@ -195,10 +207,12 @@ class BaseLauncher(abc.ABC):
         self.kernels = kernel_commands(python)
         self.seccomp = seccomp
         self.children: dict[int, subprocess.Popen] = {}
+        self.handles: dict[str, tuple[subprocess.Popen, int]] = {}
+        """Handle -> the kernel's keeper and the uid it was started for, while it runs."""
         self._lock = threading.Lock()
 
     def handlers(self) -> dict[str, Any]:
-        return {"start": self.start}
+        return {"start": self.start, "alive": self.alive, "stop": self.stop}
 
     # -- what the variants decide -------------------------------------------------------------------
 
@@ -303,17 +317,48 @@ class BaseLauncher(abc.ABC):
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
         start = process_start(proc.pid)
+        handle = secrets.token_hex(16)
         with self._lock:
             self.children[proc.pid] = proc
-        threading.Thread(target=self._reap, args=(proc,), name=f"kernel-{proc.pid}", daemon=True).start()
+            self.handles[handle] = (proc, caller.uid)
+        threading.Thread(target=self._reap, args=(proc, handle), name=f"kernel-{proc.pid}", daemon=True).start()
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
         self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, caller.name, datasets)
-        return {"pid": proc.pid, "start": start, "datasets": datasets}
+        return {"pid": proc.pid, "start": start, "datasets": datasets, "kernel": handle, "watched": server[0] > 0}
 
-    def _reap(self, proc: subprocess.Popen) -> None:
+    def _kernel(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
+        """The running kernel (its keeper) that ``args`` names by its handle, if the caller asked for it."""
+        if set(args) != {"kernel"} or not isinstance(args["kernel"], str) or not HANDLE.match(args["kernel"]):
+            raise ChannelError("send only kernel: the handle that start answered", FIELD_REFUSED)
+        if fds:
+            raise ChannelError("the launcher takes no file descriptors", FIELD_REFUSED)
+        caller = self.caller(peer)
+        with self._lock:
+            found = self.handles.get(args["kernel"])
+        if found is None or found[1] != caller.uid:  # another uid's kernel is as unknown as one that never was
+            return None
+        return found[0]
+
+    def alive(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """Whether the kernel still runs."""
+        proc = self._kernel(peer, args, fds)
+        return {"alive": proc is not None and proc.poll() is None}
+
+    def stop(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """End the kernel: its keeper kills it (SIGTERM to the keeper; bubblewrap's sandbox goes with it)."""
+        proc = self._kernel(peer, args, fds)
+        if proc is None or proc.poll() is not None:
+            return {"stopped": False}
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        self.log.info("launcher: kernel pid %d stopped at its server's request", proc.pid)
+        return {"stopped": True}
+
+    def _reap(self, proc: subprocess.Popen, handle: str) -> None:
         code = proc.wait()
         with self._lock:
             self.children.pop(proc.pid, None)
+            self.handles.pop(handle, None)
         self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
 
     def stop_all(self) -> None:
