@@ -1,13 +1,15 @@
-"""The egress counts store's calls, one at a time, as the gate makes them for each output it passes.
+"""The egress counts store's calls, one at a time, as the egress service makes them.
 
     /opt/paitient/venv/bin/python benchmarks/bench_egress_store.py [--repeat 2000] [--rows 20]
         [--database-url postgresql://USER@/DB?host=/run/postgresql --passfile FILE]
 
 In a temporary state directory (or in ``--database-url``'s PostgreSQL database, schema ``egress``), a day
-with some counts already: then, alternately, ``day`` (a user's counts, 150 rows seen: every output asks), ``unseen``
-(how many of an output's ``--rows`` rows the user has not seen today, half of them seen), ``add`` of an
-output without rows (the common case), ``add`` of one with ``--rows`` new rows (another user's), and
-``add_withheld``.
+with some counts already: then, alternately, ``day`` and ``revealed`` (a user's counts and the 150 rows they
+saw today: what the service reads at a user's first output of the day), ``add`` of an output without rows
+(the common case), ``add`` of one with ``--rows`` new rows (another user's), ``add_withheld``, and
+``add_counts`` of ten outputs of one user's day together (what the service's writer does with the counts
+that queued up while it wrote the last ones). No output waits for any of these: the service decides on the
+counts it holds and writes them behind its answers (:mod:`paitient.services.egress.counts`).
 Prints the median and p90 of each in microseconds.
 """
 
@@ -54,10 +56,11 @@ def main() -> None:
 
         calls = {
             "day": lambda: store.day("alice", day),
-            "unseen": lambda: store.unseen("alice", day, asked),
+            "revealed": lambda: store.revealed("alice", day),
             "add": lambda: store.add("alice", day, size=10_000, rows={}),
             "add rows": add_rows,
             "withheld": lambda: store.add_withheld("alice", day),
+            "add 10": lambda: store.add_counts("alice", day, size=100_000, outputs=10, rows=asked),
         }
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.repeat // 10):  # alternate, so drift hits every kind

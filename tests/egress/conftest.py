@@ -64,3 +64,9 @@ def demo() -> Demo:
         yield Demo(site, key, indexes, frames)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def stored(service):
+    """The service's store once every count it made is in it (the service writes them behind its answers)."""
+    assert service.counts.flush(), "the egress service's counts were not stored within 30 s"
+    return service.store

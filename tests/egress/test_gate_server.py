@@ -22,6 +22,7 @@ from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
 from tests import accounts, workspacegroup
+from tests.egress.conftest import stored
 from tests.egress.test_service import MarkedRows
 from tests.server.harness import UserServer, make_site, publish
 
@@ -220,18 +221,18 @@ def test_images_pass_and_count_against_the_day(world):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 20, 30)).save(buf, format="PNG")
     _put(home, user, "plot.png", buf.getvalue())
-    before = service.store.day(user.pw_name, today()).bytes
+    before = stored(service).day(user.pw_name, today()).bytes
     r = server.get("/api/contents/plot.png?content=1")
     assert r.status_code == 200 and base64.b64decode(r.json()["content"]) == buf.getvalue()
-    assert service.store.day(user.pw_name, today()).bytes >= before + len(buf.getvalue())
+    assert stored(service).day(user.pw_name, today()).bytes >= before + len(buf.getvalue())
 
 
 def test_other_api_responses_pass_the_transform_and_are_counted(world):
     _, server, service, _, user = world
-    before = service.store.day(user.pw_name, today()).outputs
+    before = stored(service).day(user.pw_name, today()).outputs
     assert server.get("/api/sessions").status_code == 200
     assert server.get("/api/kernels").status_code == 200
-    assert service.store.day(user.pw_name, today()).outputs >= before + 2
+    assert stored(service).day(user.pw_name, today()).outputs >= before + 2
 
 
 UNCHECKED = 6000

@@ -13,6 +13,7 @@ from paitient.registry import Registry
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import Context, EgressServer, EgressService
 from paitient.services.egress.store import EgressStore
+from tests.egress.conftest import stored
 from tests.egress.test_service import CallerIsAlice, MarkedRows, rows
 from tests.scrape import text, value
 
@@ -56,7 +57,8 @@ def test_a_forwarded_output_counts_its_bytes_and_a_withheld_one_its_reason(site)
         assert value(registry, "paitient_egress_bytes_total", channel="contents") == 0  # nothing of it left
         assert value(registry, "paitient_egress_check_seconds_count") == 2
 
-        # today's totals come from the store: the same numbers over every user
+        # today's totals come from the store (the counts reach it a moment after the answers): over every user
+        stored(service)
         assert value(registry, "paitient_egress_today_bytes") == len(small)
         assert value(registry, "paitient_egress_today_outputs") == 1
         assert value(registry, "paitient_egress_today_withheld_outputs") == 1

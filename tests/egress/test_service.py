@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ from paitient.server.gate import EgressGate
 from paitient.services.audit.writer import trail_files
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
-from paitient.services.egress.service import EgressServer, EgressService
+from paitient.services.egress.service import Context, EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
 from tests import workspacegroup
+from tests.egress.conftest import stored
 
 ROW = re.compile(rb"row:(\d+)")
 
@@ -109,7 +111,7 @@ def test_an_output_under_the_row_limit_passes_and_is_counted(site, running):
     service, gate = running
     check = gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(0, 5))
     assert check.forward and check.rows == {"onc/bc": 5}
-    day = service.store.day("alice", today())
+    day = stored(service).day("alice", today())
     assert (day.rows, day.outputs, day.bytes) == (5, 1, len(rows(0, 5)))
 
 
@@ -128,7 +130,7 @@ def test_the_same_rows_again_do_not_count_twice_in_a_day(site, running):
     service, gate = running
     for i in range(30):
         assert gate.check_blocking(context=f"k:{i}", channel="kernel", object="k", text=rows(0, 15)).forward
-    assert service.store.day("alice", today()).rows == 15
+    assert stored(service).day("alice", today()).rows == 15
 
 
 def test_a_drip_of_small_outputs_stops_at_the_daily_rows(site, running):
@@ -141,7 +143,7 @@ def test_a_drip_of_small_outputs_stops_at_the_daily_rows(site, running):
             break
         passed += 1
     assert passed == 20  # 20 outputs of 10 new rows: 200
-    day = service.store.day("alice", today())
+    day = stored(service).day("alice", today())
     assert day.rows == 200 and day.withheld == 1
     # outputs without rows still pass
     assert gate.check_blocking(context="k:x", channel="kernel", object="k", text=b"accuracy 0.93").forward
@@ -160,12 +162,13 @@ def test_the_daily_bytes_bound_every_channel(site, running):
             break
         passed += 1
     assert passed == limit // len(blob)
-    assert service.store.day("alice", today()).bytes == passed * len(blob)
+    assert stored(service).day("alice", today()).bytes == passed * len(blob)
 
 
 def test_counts_survive_a_restart_of_the_service(site, running):
     service, gate = running
     assert gate.check_blocking(context="k:1", channel="kernel", object="k", text=rows(0, 7)).forward
+    service.close()  # a stop stores what it counted
     again = EgressStore.for_site(site)
     try:
         assert again.day("alice", today()).rows == 7
@@ -367,7 +370,7 @@ def test_many_servers_at_once(site, running):
     for t in threads:
         t.join(60)
     assert not errors
-    assert service.store.day("alice", today()).outputs == 160
+    assert stored(service).day("alice", today()).outputs == 160
 
 
 def test_a_piece_the_matcher_fails_on_is_withheld_whatever_the_allowance(site, running):
@@ -384,3 +387,62 @@ def test_a_piece_the_matcher_fails_on_is_withheld_whatever_the_allowance(site, r
             assert gate.check_blocking(context=f"k:n{i}", channel="kernel", object="k", text=b"loss 0.25").forward
     finally:
         service.matcher.crash_on = None
+
+
+def test_outputs_at_the_same_moment_cannot_both_pass_the_last_of_the_daily_bytes(site, running):
+    """Attack: many outputs at once, each of which fits the day's bytes alone. The decision and its count are
+    one step per user: exactly as many pass as fit."""
+    service, _ = running
+    fits = 9
+    piece = os.urandom(site.egress.daily_bytes // (fits + 1) + 1)  # nine fit, not ten
+    start = threading.Barrier(16)
+    verdicts: list[str] = []
+
+    def one(i: int) -> None:
+        start.wait()
+        verdicts.append(service.check(CallerIsAlice.alice, Context(f"k:{i}", "kernel", "k"), b"", piece)["verdict"])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(verdicts) == ["forward"] * fits + ["withhold"] * (16 - fits)
+    day = stored(service).day("alice", today())
+    assert (day.bytes, day.outputs, day.withheld) == (fits * len(piece), fits, 16 - fits)
+
+
+def test_while_the_counts_cannot_be_stored_outputs_are_refused_and_none_counted_is_lost(site, running):
+    """The database takes no counts (another session holds its table): they wait, and once they have waited
+    too long the service refuses to check outputs, so a user's server passes only its small allowance. When the
+    database takes them again, every count made meanwhile is stored and checks go on."""
+    service, gate = running
+    service.counts.stale_seconds = 1.0
+    assert gate.check_blocking(context="k:0", channel="kernel", object="k", text=rows(0, 2)).forward
+    blocker = service.store.db.engine.raw_connection()
+    conn = blocker.driver_connection
+    if service.store.postgres:
+        conn.execute("BEGIN")
+        conn.execute("LOCK TABLE usage IN ACCESS EXCLUSIVE MODE")
+    else:
+        conn.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(3):  # counted at once, stored later
+            check = gate.check_blocking(context=f"k:{i + 1}", channel="kernel", object="k", text=rows(10 + i, 1))
+            assert check.forward and check.reason != "unchecked"
+        deadline = time.monotonic() + 30
+        while not service.counts.trouble() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "the egress counts cannot be stored" in service.counts.trouble()
+        small = gate.check_blocking(context="k:5", channel="kernel", object="k", text=b"a short answer")
+        assert small.forward and small.reason == "unchecked"  # the server's own allowance, not the service
+        large = gate.check_blocking(context="k:6", channel="kernel", object="k", text=b"", binary=os.urandom(10_000))
+        assert not large.forward and large.reason == "unchecked"
+    finally:
+        conn.execute("ROLLBACK")
+        blocker.close()
+    assert service.counts.flush() and service.counts.trouble() == ""
+    day = service.store.day("alice", today())
+    assert (day.outputs, day.rows) == (4, 5)  # the first output and the three made while the table was held
+    again = gate.check_blocking(context="k:7", channel="kernel", object="k", text=rows(20, 1))
+    assert again.forward and again.reason != "unchecked"

@@ -45,6 +45,7 @@ from paitient.rules.egress import (
     header_length,
 )
 from paitient.services.egress import socket_path
+from paitient.services.egress.counts import Counts
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.metrics import EgressMetrics
 from paitient.services.egress.store import EgressStore, today
@@ -64,6 +65,10 @@ RECORD_LINGER = 0.05
 """Seconds the writer waits after a record for more to write with it (a record is on disk this much later)."""
 
 log = logging.getLogger("paitient.services.egress")
+
+
+class CountsUnavailable(RuntimeError):
+    """The counts of what left cannot be stored (:meth:`paitient.services.egress.counts.Counts.trouble`)."""
 
 
 def limits_for(site: SiteConfig, member: Member) -> EgressLimits:
@@ -116,6 +121,8 @@ class EgressService:
     ):
         self.site, self.store, self.matcher, self.registry = site, store, matcher, registry
         self.log = logger or log
+        self.counts = Counts(store, self.log)
+        """Today's counts: decided on in memory, written to ``store`` behind the answers (:mod:`.counts`)."""
         self._emit = emit
         self.audit_ok = True
         # Bytes each user received unchecked since their outputs were last checked (bounded by unchecked_bytes).
@@ -203,9 +210,10 @@ class EgressService:
         self._records.join()
 
     def close(self) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is queued (records and counts), then stop the writers."""
         self._records.put(None)
         self._writer.join(30)
+        self.counts.close()
 
     def record_context(self, member: Member, ctx: Context) -> bool:
         if not ctx.pieces:
@@ -245,34 +253,44 @@ class EgressService:
         day = today()
         over = any(n > limits.max_rows_per_output for n in output_rows.values())
         new_rows = {} if over else {k: [int(i) for i in v] for k, v in found.items()}
-        counts, unseen = self.store.day_and_unseen(member.username, day, new_rows)
-        with self._unchecked_lock:
-            if checked:
-                self._unchecked.pop(member.username, None)
-            decision = decide(
-                limits,
-                output_rows=output_rows,
-                new_day_rows=unseen,
-                day_rows=counts.rows,
-                day_bytes=counts.bytes,
-                size=len(payload),
-                checked=checked,
-                unchecked_spent=limits.unchecked_bytes if failed_on_text else self._unchecked.get(member.username, 0),
-            )
-            if not checked and decision.forward:
-                self._unchecked[member.username] = self._unchecked.get(member.username, 0) + len(payload)
+        trouble = self.counts.trouble()
+        if trouble:  # refused: the user's server passes only its allowance of unchecked bytes
+            raise CountsUnavailable(trouble)
+        # the decision and its count in one step for this user: two outputs at once cannot both pass the last
+        # of a budget
+        with self.counts.of(member.username, day) as counts:
+            unseen = counts.unseen(new_rows)
+            with self._unchecked_lock:
+                if checked:
+                    self._unchecked.pop(member.username, None)
+                spent = limits.unchecked_bytes if failed_on_text else self._unchecked.get(member.username, 0)
+                decision = decide(
+                    limits,
+                    output_rows=output_rows,
+                    new_day_rows=len(unseen),
+                    day_rows=counts.rows,
+                    day_bytes=counts.bytes,
+                    size=len(payload),
+                    checked=checked,
+                    unchecked_spent=spent,
+                )
+                if not checked and decision.forward:
+                    self._unchecked[member.username] = self._unchecked.get(member.username, 0) + len(payload)
+            if decision.forward:
+                self.counts.count(counts, len(payload), unseen)
+            else:
+                self.counts.count_withheld(counts)
+            day_rows, day_bytes = counts.rows, counts.bytes
         ctx.pieces += 1
         ctx.last = time.monotonic()
         self.metrics.pieces.labels(ctx.channel, decision.verdict.value).inc()
         if decision.forward:
             self.metrics.bytes.labels(ctx.channel).inc(len(payload))
-            self.store.add(member.username, day, size=len(payload), rows=new_rows)
             ctx.size += len(payload)
             ctx.sha256.update(payload)
         else:
             reason = decision.reason.value if decision.reason else ""
             self.metrics.withheld.labels(ctx.channel, reason).inc()
-            self.store.add_withheld(member.username, day)
             first = not ctx.withheld
             ctx.withheld += 1
             ctx.reason = ctx.reason or reason
@@ -296,8 +314,8 @@ class EgressService:
             "reason": decision.reason.value if decision.reason else None,
             "notice": decision.notice,
             "rows": output_rows,
-            "day_rows": counts.rows + (unseen if decision.forward else 0),
-            "day_bytes": counts.bytes + (len(payload) if decision.forward else 0),
+            "day_rows": day_rows,
+            "day_bytes": day_bytes,
         }
 
 
@@ -400,6 +418,8 @@ class _Connection(socketserver.BaseRequestHandler):
             return {"id": rid, "ok": False, "code": "unknown_op", "error": f"unknown operation {op!r}"}
         except ValueError as e:
             return {"id": rid, "ok": False, "code": "bad_request", "error": str(e)}
+        except CountsUnavailable as e:
+            return {"id": rid, "ok": False, "code": "unavailable", "error": str(e)}
         except Exception:
             service.log.exception("egress: request %r failed", op)
             return {"id": rid, "ok": False, "code": "internal", "error": "internal error in the egress service"}

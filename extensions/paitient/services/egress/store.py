@@ -9,19 +9,19 @@ recognised and stamped; see :mod:`paitient.services.kit.db`). Counts survive a r
 crash mid-write (a write is one transaction, on disk or not at all), so neither a new websocket nor a
 restarted server renews a user's day.
 
-The gate asks this store for every output it passes (:meth:`EgressStore.day_and_unseen`,
-:meth:`EgressStore.add`), so each call takes a pooled connection of the store's engine and speaks to the
-driver directly: one statement where one answers. Every write is an increment or an insert of rows not yet
-there, which the database keeps exact under concurrent writers on its own (SQLite: ``BEGIN IMMEDIATE``;
+The egress service reads a user's day from this store once (:meth:`EgressStore.day`,
+:meth:`EgressStore.revealed`, at the user's first output of the day) and then writes the counts it makes
+behind its answers, those of one user's day that queued up together at once (:meth:`EgressStore.add_counts`;
+:mod:`paitient.services.egress.counts`); each call takes a pooled connection of the store's engine and speaks
+to the driver directly: one statement where one answers. Every write is an increment or an insert of rows not
+yet there, which the database keeps exact under concurrent writers on its own (SQLite: ``BEGIN IMMEDIATE``;
 PostgreSQL: ``INSERT .. ON CONFLICT``, one statement); no write first reads what it then writes, so the
-table lock :meth:`~paitient.services.kit.db.Database.transaction` takes on PostgreSQL, which would make
-every user's outputs wait for each other, is not needed here.
+table lock :meth:`~paitient.services.kit.db.Database.transaction` takes on PostgreSQL is not needed here.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -89,20 +89,11 @@ class _Statements:
         )
         of_day = ' FROM (SELECT 1 AS one) AS one LEFT JOIN usage u ON u."user" = :user AND u.day = :day'
         self.day = sql(day_columns + of_day)
-        # PostgreSQL: the day and how many of an output's rows the user saw already, in one round trip
-        self.day_seen = sql(
-            day_columns + ", (SELECT COUNT(*) FROM revealed r, "  # noqa: S608 -- fixed SQL
-            'unnest(CAST(:datasets AS TEXT[]), CAST(:rows AS BIGINT[])) AS w(dataset, "row") '
-            'WHERE r."user" = :user AND r.day = :day AND r.dataset = w.dataset AND r."row" = w."row")' + of_day
-        )
         self.totals = sql(
             # (PostgreSQL's SUM of BIGINT is NUMERIC, a Decimal in Python: cast back)
             "SELECT COUNT(*), CAST(COALESCE(SUM(bytes), 0) AS BIGINT), CAST(COALESCE(SUM(outputs), 0) AS BIGINT), "
             "CAST(COALESCE(SUM(withheld), 0) AS BIGINT) FROM usage WHERE day = :day"
         )
-        # the ids of one dataset as one parameter: a JSON array on SQLite, an array on PostgreSQL
-        seen = 'SELECT COUNT(*) FROM revealed WHERE "user" = :user AND day = :day AND dataset = :dataset AND "row" '
-        self.seen = sql(seen + ("= ANY(:ids)" if postgres else "IN (SELECT value FROM json_each(:ids))"))  # noqa: S608 -- fixed SQL
         history = (
             'SELECT u."user", u.day, u.bytes, u.outputs, u.withheld, '
             '(SELECT COUNT(*) FROM revealed r WHERE r."user" = u."user" AND r.day = u.day) FROM usage u'
@@ -111,8 +102,10 @@ class _Statements:
         self.history = sql(history + order)
         self.history_of = sql(history + ' WHERE u."user" = :user' + order)
         count = (
-            'INSERT INTO usage ("user", day, bytes, outputs) VALUES (:user, :day, :size, 1) ON CONFLICT ("user", day) '
-            "DO UPDATE SET bytes = usage.bytes + excluded.bytes, outputs = usage.outputs + 1"
+            'INSERT INTO usage ("user", day, bytes, outputs, withheld) '
+            "VALUES (:user, :day, :size, :outputs, :withheld) "
+            'ON CONFLICT ("user", day) DO UPDATE SET bytes = usage.bytes + excluded.bytes, '
+            "outputs = usage.outputs + excluded.outputs, withheld = usage.withheld + excluded.withheld"
         )
         self.count = sql(count)
         # PostgreSQL: the output's count and its rows in one statement (atomic on its own). The usage row is
@@ -126,10 +119,7 @@ class _Statements:
             'ORDER BY w.dataset, w."row" ON CONFLICT DO NOTHING'
         )
         self.reveal = 'INSERT OR IGNORE INTO revealed ("user", day, dataset, "row") VALUES (?, ?, ?, ?)'  # SQLite
-        self.withheld = sql(
-            'INSERT INTO usage ("user", day, withheld) VALUES (:user, :day, 1) '
-            'ON CONFLICT ("user", day) DO UPDATE SET withheld = usage.withheld + 1'
-        )
+        self.revealed = sql('SELECT dataset, "row" FROM revealed WHERE "user" = :user AND day = :day')
 
 
 class EgressStore:
@@ -200,37 +190,10 @@ class EgressStore:
         b, o, w, rows = self._run(lambda db: db.execute(self._sql.day, params).fetchone())  # every output asks
         return Day(user, day, b, o, w, rows)
 
-    def day_and_unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> tuple[Day, int]:
-        """:meth:`day` and :meth:`unseen` together, as the gate asks them of every output: on PostgreSQL one
-        statement, one round trip to the server instead of two."""
-        if not self.postgres:
-            return self.day(user, day), self.unseen(user, day, rows)
-        shown = sorted({(dataset, int(row)) for dataset, ids in rows.items() for row in ids})
-        params = {"user": user, "day": day, "datasets": [d for d, _ in shown], "rows": [r for _, r in shown]}
-        b, o, w, seen_today, seen = self._run(lambda db: db.execute(self._sql.day_seen, params).fetchone())
-        return Day(user, day, b, o, w, seen_today), len(shown) - seen
-
     def totals(self, day: str) -> Totals:
         """The day's counts over every user: users with counts, bytes, outputs passed and withheld."""
         users, b, o, w = self._run(lambda db: db.execute(self._sql.totals, {"day": day}).fetchone())
         return Totals(day, users, b, o, w)
-
-    def unseen(self, user: str, day: str, rows: Mapping[str, Iterable[int]]) -> int:
-        """How many of the distinct ``rows`` (dataset -> row ids) the user has not seen yet on ``day``: one
-        statement per dataset, the ids passed as one parameter (an output with rows asks this every time)."""
-        asked = []
-        for dataset, ids in rows.items():
-            wanted = sorted({int(row) for row in ids})
-            if wanted:
-                asked.append((len(wanted), {"user": user, "day": day, "dataset": dataset, "ids": self._ids(wanted)}))
-
-        def count(db: Any) -> int:
-            return sum(n - db.execute(self._sql.seen, params).fetchone()[0] for n, params in asked)
-
-        return self._run(count) if asked else 0
-
-    def _ids(self, wanted: list[int]) -> list[int] | str:
-        return wanted if self.postgres else json.dumps(wanted)
 
     def history(self, days: int = 30, user: str | None = None) -> list[Day]:
         """Per user and day, newest first, the last ``days`` days that have counts."""
@@ -243,11 +206,35 @@ class EgressStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
+    def revealed(self, user: str, day: str) -> set[tuple[str, int]]:
+        """The distinct (dataset, row) the user saw on ``day``."""
+        found = self._run(lambda db: db.execute(self._sql.revealed, {"user": user, "day": day}).fetchall())
+        return {(str(dataset), int(row)) for dataset, row in found}
+
+    # -- writing -----------------------------------------------------------------------------------
+
     def add(self, user: str, day: str, *, size: int, rows: Mapping[str, Iterable[int]]) -> None:
         """Count one output that reached the browser: its bytes, and the rows it showed (each distinct row
         once a day, however often it is shown)."""
-        shown = sorted({(dataset, int(row)) for dataset, ids in rows.items() for row in ids})
-        counted = {"user": user, "day": day, "size": int(size)}
+        self.add_counts(user, day, size=size, outputs=1, rows=rows)
+
+    def add_withheld(self, user: str, day: str) -> None:
+        self.add_counts(user, day, withheld=1)
+
+    def add_counts(
+        self,
+        user: str,
+        day: str,
+        *,
+        size: int = 0,
+        outputs: int = 0,
+        withheld: int = 0,
+        rows: Mapping[str, Iterable[int]] | None = None,
+    ) -> None:
+        """Add to one user's day at once: ``outputs`` that reached the browser with ``size`` bytes among them,
+        ``withheld`` outputs, and the ``rows`` they showed (dataset -> row ids; each distinct row once)."""
+        shown = sorted({(dataset, int(row)) for dataset, ids in (rows or {}).items() for row in ids})
+        counted = {"user": user, "day": day, "size": int(size), "outputs": int(outputs), "withheld": int(withheld)}
         if self.postgres:  # one statement, with or without rows
             counted |= {"datasets": [d for d, _ in shown], "rows": [r for _, r in shown]}
             self._run(lambda db: db.execute(self._sql.count_rows, counted))
@@ -260,6 +247,3 @@ class EgressStore:
                 db.executemany(self._sql.reveal, [(user, day, d, r) for d, r in shown])
 
             self._run(count, transaction=True)
-
-    def add_withheld(self, user: str, day: str) -> None:
-        self._run(lambda db: db.execute(self._sql.withheld, {"user": user, "day": day}))  # one statement
