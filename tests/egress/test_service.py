@@ -26,6 +26,7 @@ from paitient.services.egress.service import Context, EgressServer, EgressServic
 from paitient.services.egress.store import EgressStore, today
 from tests import workspacegroup
 from tests.egress.conftest import stored
+from tests.scrape import value
 
 ROW = re.compile(rb"row:(\d+)")
 
@@ -419,6 +420,7 @@ def test_while_the_counts_cannot_be_stored_outputs_are_refused_and_none_counted_
     service, gate = running
     service.counts.stale_seconds = 1.0
     assert gate.check_blocking(context="k:0", channel="kernel", object="k", text=rows(0, 2)).forward
+    stored(service)
     blocker = service.store.db.engine.raw_connection()
     conn = blocker.driver_connection
     if service.store.postgres:
@@ -434,6 +436,7 @@ def test_while_the_counts_cannot_be_stored_outputs_are_refused_and_none_counted_
         while not service.counts.trouble() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "the egress counts cannot be stored" in service.counts.trouble()
+        assert value(service.metrics.registry, "paitient_egress_counts_waiting") == 3  # what the operator sees
         small = gate.check_blocking(context="k:5", channel="kernel", object="k", text=b"a short answer")
         assert small.forward and small.reason == "unchecked"  # the server's own allowance, not the service
         large = gate.check_blocking(context="k:6", channel="kernel", object="k", text=b"", binary=os.urandom(10_000))
@@ -442,6 +445,7 @@ def test_while_the_counts_cannot_be_stored_outputs_are_refused_and_none_counted_
         conn.execute("ROLLBACK")
         blocker.close()
     assert service.counts.flush() and service.counts.trouble() == ""
+    assert value(service.metrics.registry, "paitient_egress_counts_waiting") == 0
     day = service.store.day("alice", today())
     assert (day.outputs, day.rows) == (4, 5)  # the first output and the three made while the table was held
     again = gate.check_blocking(context="k:7", channel="kernel", object="k", text=rows(20, 1))

@@ -136,6 +136,11 @@ class Counts:
         today.withheld += 1
         self._queue(today, withheld=1)
 
+    @property
+    def waiting(self) -> int:
+        """Outputs counted (passed or withheld) and not yet in the store."""
+        return self._queued
+
     def trouble(self) -> str:
         """Why outputs must fail closed now ("" when they need not): the store has not taken counts for too long,
         or too many wait."""

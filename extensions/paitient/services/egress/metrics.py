@@ -3,7 +3,8 @@
 Counted by the process since it started (by channel, verdict and reason): bytes forwarded, pieces checked,
 pieces withheld, the time a verdict takes, and how long an output's record waits to be durable in the audit
 trail. Read from the store at each scrape: today's (UTC) totals over every user, which survive a restart.
-Gauges: records waiting for the trail, whether the trail records, users' servers connected.
+Gauges: records waiting for the trail, whether the trail records, counts waiting for the store (today's
+totals lag them), users' servers connected.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Watched(Protocol):
     audit_ok: bool
 
     def pending_records(self) -> int: ...
+
+    def pending_counts(self) -> int: ...
 
 
 class EgressMetrics:
@@ -69,6 +72,12 @@ class EgressMetrics:
             "paitient_egress_audit_pending_records", "Egress records waiting for the audit trail", registry=r
         )
         pending.set_function(lambda: service.pending_records())
+        counts = Gauge(
+            "paitient_egress_counts_waiting",
+            "Outputs counted and not yet in the store of the counts; beyond a bound the service refuses checks",
+            registry=r,
+        )
+        counts.set_function(lambda: service.pending_counts())
         up = Gauge(
             "paitient_egress_trail_up",
             "1 while the audit trail records egress; 0 while it does not, and outputs above fail_closed_bytes are "

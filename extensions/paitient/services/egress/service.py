@@ -158,6 +158,10 @@ class EgressService:
         """Records queued for the trail and not yet written."""
         return self._records.qsize()
 
+    def pending_counts(self) -> int:
+        """Outputs counted and not yet in the store."""
+        return self.counts.waiting
+
     def _write(self, records: list[dict[str, Any]]) -> None:
         if self._emit is not None:
             for record in records:
