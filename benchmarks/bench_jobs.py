@@ -223,6 +223,14 @@ def devices_agree(name: str) -> None:
 UTILITY = {
     # name: (model, the request's epochs, batch_size, optimizer, lr, max_grad_norm)
     "logistic regression": (lambda: nn.Sequential(nn.Linear(30, 2)), 50, 256, "adam", 0.05, 1.0),
+    "MLP 30-16-2 (the issue's example)": (
+        lambda: nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2)),
+        50,
+        256,
+        "adam",
+        0.05,
+        1.0,
+    ),
     "MLP 30-256-256-2": (
         lambda: nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2)),
         20,
