@@ -8,11 +8,13 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,13 +74,45 @@ def as_account(pw) -> list[str]:
     return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups"]
 
 
-PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
-"""A pid namespace of its own, as a container has: the launcher is its pid 1, and every process of it ends
-with the launcher (``--kill-child``: when ``unshare`` is ended, so is the launcher, and with it the rest)."""
+PID_NAMESPACE = ["unshare", "--pid", "--fork", "--mount-proc"]
+"""A pid namespace of its own, as a container has: the launcher is its pid 1 (``unshare`` waits outside it),
+and when the launcher ends, every process in the namespace ends with it."""
+
+
+@dataclass
+class PodLauncher:
+    """The launcher's process: ``proc`` the one started (``unshare`` when in a pid namespace of its own), ``pid``
+    the launcher itself, as this machine numbers it."""
+
+    proc: subprocess.Popen
+    pid: int
+
+    def end(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+        """Signal the launcher and wait for it (and ``unshare``), SIGKILL after ``timeout``."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _child(pid: int, timeout: float = 30.0) -> int:
+    """The one child of ``pid`` (what ``unshare --fork`` started), once it has one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.02)
+    raise AssertionError(f"pid {pid} started no child")
 
 
 @contextlib.contextmanager
-def pod_launcher(pw, sockets: Path, data: Path, *extra: str, own_pids: bool = False) -> Iterator[subprocess.Popen]:
+def pod_launcher(pw, sockets: Path, data: Path, *extra: str, own_pids: bool = False) -> Iterator[PodLauncher]:
     """``python -m paitient.services.launcher.pod`` as ``pw`` (as the kernels container runs it), yielded once
     its socket exists; ended by its pid (SIGTERM, then SIGKILL). ``own_pids``: in a pid namespace of its own
     (:data:`PID_NAMESPACE`), as in a pod, where the server's container has another."""
@@ -101,20 +135,18 @@ def pod_launcher(pw, sockets: Path, data: Path, *extra: str, own_pids: bool = Fa
         stderr=log,
         env={"PATH": "/usr/bin:/bin"},
     )
+    launcher = PodLauncher(proc, proc.pid)
     try:
+        if own_pids:
+            launcher.pid = _child(proc.pid)  # (setpriv ran in it and became the launcher)
         deadline = time.monotonic() + 60
         while not (sockets / "launcher.sock").exists():
             assert proc.poll() is None, (sockets.parent / f"launcher-{pw.pw_name}.log").read_text()
             assert time.monotonic() < deadline, "the pod launcher never made its socket"
             time.sleep(0.05)
-        yield proc
+        yield launcher
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        launcher.end()
         log.close()
 
 
@@ -142,8 +174,8 @@ def pod(world_tmp, make_system_user):
     sockets = world_tmp / "sockets"
     sockets.mkdir(mode=0o755)
     os.chown(sockets, user.pw_uid, user.pw_gid)
-    with pod_launcher(user, sockets, data) as proc:
-        yield user, other, sockets / "launcher.sock", proc
+    with pod_launcher(user, sockets, data) as launcher:
+        yield user, other, sockets / "launcher.sock", launcher
 
 
 def test_a_kernel_for_the_pods_own_uid_runs_a_cell_with_only_the_mounted_data(pod):
@@ -312,7 +344,16 @@ while km.is_alive() and time.monotonic() < deadline:
 seen["alive after exit"] = km.is_alive()
 client.stop_channels()
 km.cleanup_resources()
-print(json.dumps(seen))
+print(json.dumps(seen), flush=True)
+
+km, client = started()  # a kernel whose launcher goes: the server counts it ended
+print(json.dumps({"alive": km.is_alive()}), flush=True)
+sys.stdin.readline()  # the launcher has been ended
+deadline = time.monotonic() + 30
+while km.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.1)
+client.stop_channels()
+print(json.dumps({"alive after the launcher ended": km.is_alive()}), flush=True)
 """
 
 
@@ -352,12 +393,14 @@ def test_a_server_that_cannot_see_the_launchers_pids_runs_and_ends_its_kernels_t
     (spec / "kernel.json").write_text(json.dumps(kernel_spec(sys.executable)))
     for d in (jupyter / "kernels", spec, spec / "kernel.json"):
         os.chown(d, user.pw_uid, user.pw_gid)
-    with pod_launcher(user, sockets, data, own_pids=True):
-        r = subprocess.run(
+    errors_at = world_tmp / "server.log"
+    with pod_launcher(user, sockets, data, own_pids=True) as launcher, open(errors_at, "w") as errors:
+        server = subprocess.Popen(
             [*as_account(user), sys.executable, "-c", textwrap.dedent(SERVER), str(sockets / "launcher.sock")],
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errors,
             text=True,
-            timeout=300,
             cwd=user.pw_dir,
             env={
                 "PATH": "/usr/bin:/bin",
@@ -367,10 +410,22 @@ def test_a_server_that_cannot_see_the_launchers_pids_runs_and_ends_its_kernels_t
                 "JUPYTER_CONFIG_DIR": str(Path(user.pw_dir) / ".jupyter"),
             },
         )
-        assert r.returncode == 0, r.stderr[-3000:]
-        seen = json.loads(r.stdout.splitlines()[-1])
-        # the launcher did not see the server: the kernel is followed by its handle, not by a pid
-        assert (seen["process"], seen["pid"], seen["alive"]) == ("HandledKernel", None, True)
-        assert seen["cell"] == ["ok", f"{user.pw_uid}\n"]
-        assert seen["alive after shutdown"] is False and seen["alive after exit"] is False
-        assert kernels_of(user.pw_uid) == []  # both sandboxes are gone, with their keepers
+        try:
+            seen = line_of(server, timeout=240)
+            # the launcher did not see the server: the kernel is followed by its handle, not by a pid
+            assert (seen["process"], seen["pid"], seen["alive"]) == ("HandledKernel", None, True)
+            assert seen["cell"] == ["ok", f"{user.pw_uid}\n"]
+            assert seen["alive after shutdown"] is False and seen["alive after exit"] is False
+            assert line_of(server) == {"alive": True}
+            launcher.end(signal.SIGKILL)  # as a container that dies: its pid namespace ends, the kernel with it
+            server.stdin.write("\n")
+            server.stdin.flush()
+            assert line_of(server) == {"alive after the launcher ended": False}
+            assert server.wait(timeout=60) == 0
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the server said: {errors_at.read_text()[-3000:]}") from None
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait(timeout=30)
+    assert kernels_of(user.pw_uid) == []  # every sandbox is gone, with its keeper
