@@ -3,15 +3,18 @@ counts once a day however many writers add it, and a database from before the mi
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from paitient.services.egress.store import Day, EgressStore, Totals, db_path
+from paitient.services.egress.store import Day, EgressStore, StoreBusy, Totals, db_path
 from paitient.services.kit.db import DatabaseError, Location
 from tests import legacy_schemas
 
@@ -241,3 +244,43 @@ def test_the_counts_are_written_as_durably_on_either_backend(site, open_store):
     finally:
         ledger.close()
     assert store.day("alice", "2026-12-04").outputs == 1
+
+
+HOLDER = """
+import json, sys, time
+from paitient.config import parse
+from paitient.services.egress.store import EgressStore
+site = parse(json.loads(sys.argv[1]))
+store = EgressStore.for_site(site)
+with store.sole_writer():
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_one_egress_service_at_a_time_writes_the_counts_and_a_crashed_one_lets_go(site, open_store):
+    """The service decides on the counts it holds in memory: a second writer would make them wrong. Its claim
+    is refused while another process holds it, and freed when that process is killed (kill -9)."""
+    table = {"workspace": {"state_dir": str(site.state_dir)}}
+    if site.database.url:
+        table["database"] = {"url": site.database.url, "passfile": site.database.passfile}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, json.dumps(table)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        with pytest.raises(StoreBusy, match="another egress service writes the counts"):
+            with open_store().sole_writer():
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # (PostgreSQL ends the killed session's lock once it notices the session gone: a starting service waits)
+    with open_store().sole_writer(wait=30):
+        pass
+    # and within one process, a second claim is refused too
+    first = open_store()
+    with first.sole_writer():
+        with pytest.raises(StoreBusy):
+            with open_store().sole_writer():
+                pass

@@ -59,6 +59,8 @@ IDLE_SECONDS = 60.0
 CHANNELS = frozenset({"kernel", "contents", "http"})
 RECORD_QUEUE = 10_000
 """Audit records waiting for the trail; beyond this the trail counts as down (outputs fail closed)."""
+WRITER_WAIT = 40.0
+"""Seconds a starting service waits for the one before it to let go of the counts before it gives up."""
 RECORD_BATCH = 256
 """At most this many queued records go into the trail in one append."""
 RECORD_LINGER = 0.05
@@ -479,13 +481,24 @@ def hub_service(site: SiteConfig, python: str, *, port: int = 0) -> dict[str, An
 def serve(site: SiteConfig, logger: logging.Logger) -> None:
     """Serve the gate's socket (and the stewards' page if the hub gave a URL) until SIGTERM/SIGINT."""
     from paitient.rules.edm import compiled_match, compiled_records, compiled_tokens
-    from paitient.services.kit.process import StopSignal
 
     # the scanner's machine code loaded (or compiled) now, not at a first output
     compiled_tokens.warm_up()
     compiled_match.warm_up()
     compiled_records.warm_up()
     store = EgressStore.for_site(site)  # [database] url's schema egress, or <state_dir>/egress/egress.sqlite3
+    try:
+        # the service decides on the counts it holds: no second one may write them (one a restart replaces may
+        # still be storing its last counts: it is given the time a stop takes)
+        with store.sole_writer(wait=WRITER_WAIT):
+            _serve(site, store, logger)
+    finally:
+        store.close()
+
+
+def _serve(site: SiteConfig, store: EgressStore, logger: logging.Logger) -> None:
+    from paitient.services.kit.process import StopSignal
+
     matcher = Matcher(site, logger)
     service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir), logger=logger)
     for key in matcher.missing():
@@ -512,5 +525,4 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
         server.shutdown()
         server.server_close()
         service.close()
-        store.close()
         logger.info("egress: stopped")

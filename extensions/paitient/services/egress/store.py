@@ -22,9 +22,12 @@ table lock :meth:`~paitient.services.kit.db.Database.transaction` takes on Postg
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,6 +72,13 @@ class Totals:
     bytes: int = 0
     outputs: int = 0
     withheld: int = 0
+
+
+WRITER_LOCK = 0x7061_6974_6567_7201  # "paitegr" and 1: the advisory lock key of the one writer (PostgreSQL)
+
+
+class StoreBusy(RuntimeError):
+    """Another egress service writes these counts already; the message says which store."""
 
 
 T = TypeVar("T")
@@ -149,6 +159,50 @@ class EgressStore:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def sole_writer(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold, while the block runs, the claim to be the one egress service writing these counts, or raise
+        :class:`StoreBusy` when another holds it for ``wait`` seconds more (a service that a restart replaces
+        may still be storing its last counts): the service decides on the counts it holds in memory
+        (:mod:`.counts`), which a second writer would make wrong. PostgreSQL: a session advisory lock on a
+        connection of its own, held for the block (it ends with the session, a crash included); SQLite: an
+        exclusive ``flock`` of ``<file>.writer`` (it ends with the process)."""
+        deadline = time.monotonic() + wait
+        if self.postgres:
+            pooled = self.db.engine.raw_connection()
+            conn: Any = pooled.driver_connection
+            try:
+                while not (held := conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]):
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.2)
+                if not held:
+                    raise StoreBusy(
+                        "another egress service writes the counts in this database already (schema egress of "
+                        "[database] url); run one egress service per workspace database"
+                    )
+                yield
+            finally:
+                pooled.invalidate()  # the session ends, and its advisory lock with it
+                pooled.close()
+            return
+        fd = os.open(self.path.with_name(self.path.name + ".writer"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreBusy(
+                            f"another egress service writes the counts in {self.path} already; run one egress "
+                            "service per state directory"
+                        ) from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)  # (the lock goes with the descriptor)
 
     def _run(self, work: Callable[[Any], T], transaction: bool = False) -> T:
         """``work(connection)`` on a pooled driver connection in autocommit mode (a statement alone is atomic);
