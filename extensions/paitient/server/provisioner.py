@@ -28,6 +28,7 @@ processes, open files and CPU time.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -243,34 +244,32 @@ class SandboxProvisioner(LocalProvisioner):
             self.log.error("could not record %s for kernel %s in the audit trail: %s", action, self.kernel_id, e)
 
 
-class LaunchedKernel:
-    """The part of ``Popen`` the provisioner uses, for a kernel the launcher started (the user's own process,
-    not this server's child): its pid and start time name it; signals go to it directly."""
+class _NotOurChild(abc.ABC):
+    """The part of ``Popen`` the provisioner uses (LocalProvisioner calls nothing more), for a kernel that is
+    not this server's child: subclasses say whether it still runs (:meth:`poll`) and how to signal it."""
 
     stdin = stdout = stderr = None
+    pid: int | None = None
+    POLL_SECONDS = 0.05
 
-    def __init__(self, pid: int, start: int | None):
-        self.pid = pid
-        self.start = start
+    def __init__(self) -> None:
         self.returncode: int | None = None
 
+    @abc.abstractmethod
     def poll(self) -> int | None:
-        if self.returncode is None and not _alive(self.pid, self.start):
-            self.returncode = 0  # not our child: its exit status is the launcher's to see
-        return self.returncode
+        """None while the kernel runs; then its exit code (0 where that is not ours to see)."""
+
+    @abc.abstractmethod
+    def send_signal(self, signum: int) -> None:
+        """Signal the kernel (as far as this stand-in can)."""
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"kernel pid {self.pid} still running")
-            time.sleep(0.05)
+                raise TimeoutError(f"the kernel (pid {self.pid}) still runs" if self.pid else "the kernel still runs")
+            time.sleep(self.POLL_SECONDS)
         return self.returncode or 0
-
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -279,22 +278,40 @@ class LaunchedKernel:
         self.send_signal(signal.SIGTERM)
 
 
-class HandledKernel:
-    """The part of ``Popen`` the provisioner uses, for a kernel whose process this server cannot see (a pod's
-    launcher, in a container with a pid namespace of its own): the launcher answers whether it runs and ends
-    it, by the handle it gave the kernel. A launcher that is gone took its kernels with it (they are its
-    container's processes), so a launcher that cannot be reached counts the kernel ended; one that is slow to
-    answer leaves it running. Only SIGTERM and SIGKILL mean anything here: both end the kernel (interrupts
-    are messages, ``interrupt_mode`` is ``message``)."""
+class LaunchedKernel(_NotOurChild):
+    """A kernel the launcher started (the user's own process, not this server's child): its pid and start time
+    name it; signals go to it directly."""
 
-    stdin = stdout = stderr = None
-    pid = None
+    def __init__(self, pid: int, start: int | None):
+        super().__init__()
+        self.pid = pid
+        self.start = start
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _alive(self.pid or 0, self.start):
+            self.returncode = 0  # not our child: its exit status is the launcher's to see
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+
+class HandledKernel(_NotOurChild):
+    """A kernel whose process this server cannot see (a pod's launcher, in a container with a pid namespace of
+    its own): the launcher answers whether it runs and ends it, by the handle it gave the kernel. A launcher
+    that is gone took its kernels with it (they are its container's processes), so a launcher that cannot be
+    reached counts the kernel ended; one that is slow to answer leaves it running. Only SIGTERM and SIGKILL
+    mean anything here: both end the kernel (interrupts are messages, ``interrupt_mode`` is ``message``)."""
+
     ASK_SECONDS = 5.0
+    POLL_SECONDS = 0.1  # each poll is a question to the launcher
 
     def __init__(self, socket: str, handle: str):
+        super().__init__()
         self.socket = socket
         self.handle = handle
-        self.returncode: int | None = None
 
     def _ask(self, op: str) -> dict[str, Any] | None:
         try:
@@ -323,23 +340,9 @@ class HandledKernel:
                 self.returncode = 0  # its exit status is the launcher's to see
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the kernel still runs")
-            time.sleep(0.1)
-        return self.returncode or 0
-
     def send_signal(self, signum: int) -> None:
         if signum in (signal.SIGTERM, signal.SIGKILL) and self.poll() is None:
             self._ask("stop")
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
 
 def _alive(pid: int, start: int | None) -> bool:
