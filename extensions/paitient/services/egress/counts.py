@@ -103,7 +103,6 @@ class Counts:
         self._waiting: deque[_Waiting] = deque()
         self._queued = 0  # counts (outputs and withheld ones) waiting
         self._cond = threading.Condition()
-        self._writing = False
         self._taken = 0  # how many of the first waiting the writer is storing now (no count joins those)
         self._error = ""
         self._stop = False
@@ -181,7 +180,6 @@ class Counts:
                 time.sleep(LINGER)  # let the counts of the outputs that follow join this write
             with self._cond:
                 batch = list(self._waiting)
-                self._writing = True
                 self._taken = len(batch)
             written = 0
             try:
@@ -204,7 +202,6 @@ class Counts:
                     for waiting in batch[:written]:
                         self._waiting.popleft()
                         self._queued -= waiting.outputs + waiting.withheld
-                    self._writing = False
                     self._taken = 0
                     failed = written < len(batch)
                     if not failed and self._error:
@@ -221,7 +218,7 @@ class Counts:
         """Wait until every count made so far is stored; False if that took longer than ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._waiting or self._writing:
+            while self._waiting:  # (what is being stored stays in it until stored)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

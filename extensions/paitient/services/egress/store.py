@@ -168,16 +168,20 @@ class EgressStore:
         (:mod:`.counts`), which a second writer would make wrong. PostgreSQL: a session advisory lock on a
         connection of its own, held for the block (it ends with the session, a crash included); SQLite: an
         exclusive ``flock`` of ``<file>.writer`` (it ends with the process)."""
-        deadline = time.monotonic() + wait
+
+        def claimed(attempt: Callable[[], bool]) -> bool:
+            deadline = time.monotonic() + wait
+            while not attempt():
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.2)
+            return True
+
         if self.postgres:
             pooled = self.db.engine.raw_connection()
             conn: Any = pooled.driver_connection
             try:
-                while not (held := conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]):
-                    if time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.2)
-                if not held:
+                if not claimed(lambda: conn.execute("SELECT pg_try_advisory_lock(%s)", (WRITER_LOCK,)).fetchone()[0]):
                     raise StoreBusy(
                         "another egress service writes the counts in this database already (schema egress of "
                         "[database] url); run one egress service per workspace database"
@@ -188,18 +192,20 @@ class EgressStore:
                 pooled.close()
             return
         fd = os.open(self.path.with_name(self.path.name + ".writer"), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+
+        def flock() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise StoreBusy(
-                            f"another egress service writes the counts in {self.path} already; run one egress "
-                            "service per state directory"
-                        ) from None
-                    time.sleep(0.2)
+            if not claimed(flock):
+                raise StoreBusy(
+                    f"another egress service writes the counts in {self.path} already; run one egress service per "
+                    "state directory"
+                )
             yield
         finally:
             os.close(fd)  # (the lock goes with the descriptor)
