@@ -223,7 +223,8 @@ class UninstallCommand(PaitientCommand):
             ]
 
         try:
-            planned = [line for line in plan(True) if line.startswith("would remove")]
+            preview = plan(True)
+            planned = [line for line in preview if line.startswith("would remove")]
             if planned and not self.dry_run:  # recorded before anything is removed
                 from paitient.services import audit
 
@@ -237,7 +238,7 @@ class UninstallCommand(PaitientCommand):
                     )
                 except Exception as e:
                     self.fail(f"no group was removed: the audit trail cannot record it ({e})")
-            lines = plan(self.dry_run)
+            lines = preview if self.dry_run else plan(False)
         except (AccessError, RuntimeError) as e:
             self.fail(f"{e}; the state directory was left as it is")
         for line in lines:
