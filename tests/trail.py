@@ -26,12 +26,12 @@ def trail_down(site: Any) -> Iterator[None]:
         os.chmod(directory, 0o750)
 
 
-def trail_records(site: Any, action_prefix: str) -> list[dict[str, Any]]:
-    """The trail's records whose action starts with ``action_prefix``, in the chain's order."""
+def trail_records(site: Any, action_prefix: str = "", *, action: str | None = None) -> list[dict[str, Any]]:
+    """The trail's records whose action starts with ``action_prefix`` (or is ``action``), in the chain's order."""
     records = []
     for _, path in trail_files(trail_dir(site)):
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():  # (bytes: a record may hold a line separator in its text)
             record = json.loads(line)
-            if record["action"].startswith(action_prefix):
+            if record["action"].startswith(action_prefix) and action in (None, record["action"]):
                 records.append(record)
     return records

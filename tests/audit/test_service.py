@@ -1,7 +1,6 @@
 """The audit service: the sender is who its uid says, forged actions are refused, sizes are capped."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from paitient.services.audit.service import custom_scopes, hub_service
 from paitient.services.audit.verify import verify_dir
 from paitient.services.audit.writer import trail_files
 from tests import workspacegroup
+from tests.trail import trail_records
 
 
 @pytest.fixture
@@ -40,13 +40,6 @@ def service(site):
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-
-
-def records(site):
-    out = []
-    for _, path in trail_files(site.state_dir / "audit"):
-        out += [json.loads(line) for line in path.read_bytes().splitlines()]
-    return out
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
@@ -77,7 +70,7 @@ def test_sender_is_identified_by_peer_credentials(site, service):
     out = send_as_nobody(site, action="cell.execute", object="kernel-1", details={"code": "1 + 1"})
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split("PID ")[1])
-    rec = records(site)[-1]
+    rec = trail_records(site)[-1]
     assert rec["actor"] == "alice" and rec["action"] == "cell.execute" and rec["object"] == "kernel-1"
     assert rec["details"]["code"] == "1 + 1"
     assert rec["details"]["peer"] == {"pid": pid, "uid": 65534, "origin": "host"}
@@ -105,7 +98,7 @@ def test_records_sent_from_inside_a_pid_namespace_are_marked(site, service):
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    rec = records(site)[-1]
+    rec = trail_records(site)[-1]
     assert rec["object"] == "k9" and rec["details"]["peer"]["origin"] == "namespaced"
     assert rec["details"]["peer"]["uid"] == 65534
 
@@ -125,9 +118,9 @@ def test_an_unknown_uid_is_refused_not_recorded_as_an_event(site, service):
         timeout=60,
     )
     assert out.stdout.strip() == "REFUSED unknown_caller", out.stdout + out.stderr
-    rec = records(site)[-1]
+    rec = trail_records(site)[-1]
     assert rec["action"] == "channel.refused" and rec["actor"] == "uid:65533" and rec["object"] == "audit"
-    assert not [r for r in records(site) if r["action"] == "kernel.start"]
+    assert not [r for r in trail_records(site) if r["action"] == "kernel.start"]
 
 
 @pytest.mark.parametrize(
@@ -143,10 +136,10 @@ def test_an_unknown_uid_is_refused_not_recorded_as_an_event(site, service):
     ],
 )
 def test_forged_actions_are_refused(site, service, action):
-    before = len(records(site))
+    before = len(trail_records(site))
     out = send_as_nobody(site, action=action, object="r1", outcome="ok")
     assert "REFUSED forbidden" in out.stdout and "may not be reported from a user's server" in out.stdout
-    assert len(records(site)) == before
+    assert len(trail_records(site)) == before
 
 
 def test_the_actor_cannot_be_claimed(site, service):
@@ -160,7 +153,7 @@ def test_the_actor_cannot_be_claimed(site, service):
     )
     out = as_nobody(code)
     assert out.stdout.startswith("bad_request unknown field(s) actor")
-    assert all(r["actor"] != "bob" for r in records(site))
+    assert all(r["actor"] != "bob" for r in trail_records(site))
 
 
 @pytest.mark.parametrize(
@@ -177,17 +170,17 @@ def test_events_cannot_name_another_project(site, service, event):
     Registry.for_state_dir(site.state_dir).put(
         Member(username="alice", account="nobody", uid=65534, projects=("oncology",))
     )
-    before = len(records(site))
+    before = len(trail_records(site))
     out = send_as_nobody(site, action="kernel.start", **event)
     assert "REFUSED forbidden" in out.stdout and "cardiometabolic" in out.stdout, out
-    assert len(records(site)) == before
+    assert len(trail_records(site)) == before
     ok = send_as_nobody(
         site,
         action="kernel.start",
         object="oncology/breast_cancer",
         details={"project": "oncology", "datasets": ["oncology/breast_cancer"]},
     )
-    assert "REFUSED" not in ok.stdout and records(site)[-1]["details"]["project"] == "oncology"
+    assert "REFUSED" not in ok.stdout and trail_records(site)[-1]["details"]["project"] == "oncology"
 
 
 def test_users_cannot_touch_the_trail_files(site, service):
@@ -206,7 +199,7 @@ def test_users_cannot_touch_the_trail_files(site, service):
 def test_huge_cell_is_recorded_cut_with_length_and_digest(site, service):
     code = "x = 1\n" * 200_000  # 1.2 MB: more than one request may carry
     rec_ok = client.send(site.run_dir, action="cell.execute", object="k", details={"code": code})
-    rec = records(site)[-1]
+    rec = trail_records(site)[-1]
     assert rec["seq"] == rec_ok["seq"] and rec["hash"] == rec_ok["hash"]
     assert len(rec["details"]["code"]) == site.audit.user_string_chars
     assert code.startswith(rec["details"]["code"])
@@ -220,7 +213,7 @@ def test_huge_cell_is_recorded_cut_with_length_and_digest(site, service):
 def test_service_computes_the_digest_of_what_it_cut(site, service):
     code = "y = 2\n" * 20_000  # 120 kB: fits one request, longer than the service keeps
     client.send(site.run_dir, action="cell.execute", object="k", details={"code": code})
-    rec = records(site)[-1]
+    rec = trail_records(site)[-1]
     assert rec["details"]["code"] == code[: site.audit.user_string_chars]
     assert rec["details"]["code_truncated"] == {
         "length": len(code),
@@ -236,7 +229,7 @@ def test_service_stops_cleanly_and_the_chain_holds(site, service):
     assert not (site.run_dir / "audit.sock").exists()
     report = verify_dir(site.state_dir / "audit")
     assert report.ok and report.records == 8  # header, audit.start, 5 cells, audit.stop
-    assert records(site)[-1]["action"] == "audit.stop"
+    assert trail_records(site)[-1]["action"] == "audit.stop"
 
 
 def test_hub_service_entry(site):

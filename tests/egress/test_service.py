@@ -19,7 +19,6 @@ import pytest
 from paitient.config import parse
 from paitient.registry import Member, Registry
 from paitient.server.gate import EgressGate
-from paitient.services.audit.writer import trail_files
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.service import Context, EgressServer, EgressService
@@ -27,6 +26,7 @@ from paitient.services.egress.store import EgressStore, today
 from tests import workspacegroup
 from tests.egress.conftest import stored
 from tests.scrape import value
+from tests.trail import trail_records
 
 ROW = re.compile(rb"row:(\d+)")
 
@@ -94,18 +94,6 @@ def running(site):
 
 def rows(first: int, n: int) -> bytes:
     return b"\n".join(b"row:%d,1.5,2.5" % i for i in range(first, first + n))
-
-
-def records(site, action: str) -> list[dict]:
-    import json
-
-    out = []
-    for _, f in trail_files(site.state_dir / "audit"):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["action"] == action:
-                out.append(rec)
-    return out
 
 
 def test_an_output_under_the_row_limit_passes_and_is_counted(site, running):
@@ -291,10 +279,10 @@ def test_what_left_is_in_the_audit_trail(site, running):
     gate.check_blocking(context="k:1", channel="kernel", object="kernel-1", text=rows(3, 30))
     gate.close_blocking("k:1")
     service.flush()
-    withheld = records(site, "egress.withheld")
+    withheld = trail_records(site, action="egress.withheld")
     assert len(withheld) == 1 and withheld[0]["actor"] == "alice"
     assert withheld[0]["details"]["rows"] == {"onc/bc": 33} and withheld[0]["details"]["reason"] == "rows"
-    (out,) = records(site, "egress.output")
+    (out,) = trail_records(site, action="egress.output")
     d = out["details"]
     assert out["outcome"] == "denied" and d["verdict"] == "partly withheld" and d["channel"] == "kernel"
     assert d["bytes"] == len(rows(0, 3)) and d["rows"] == {"onc/bc": 33} and d["pieces"] == 2
@@ -317,7 +305,7 @@ def test_records_that_queue_up_are_written_together_in_order(site, running):
         assert gate.check_blocking(context=f"k:{i}", channel="kernel", object=f"out-{i}", text=b"x", final=True).forward
     service.flush()
     assert sum(batches) == 20 and len(batches) < 20, batches  # fewer appends (and fsyncs) than records
-    assert [r["object"] for r in records(site, "egress.output")] == [f"out-{i}" for i in range(20)]
+    assert [r["object"] for r in trail_records(site, action="egress.output")] == [f"out-{i}" for i in range(20)]
     from paitient.services.audit.verify import verify_dir
 
     assert verify_dir(site.state_dir / "audit").ok

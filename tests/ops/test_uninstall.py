@@ -9,7 +9,6 @@ the test container: the command says so and removes the files only.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -29,12 +28,12 @@ from paitient.ops.uninstall import systemd_running
 from paitient.registry import Registry
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.verify import verify_dir
-from paitient.services.audit.writer import trail_files
 from paitient.services.data import access
 from paitient.services.jobs import keys
 from paitient.sysaccounts import AccountRecord
 from tests import accounts
 from tests.ops.test_install import SITE_TOML
+from tests.trail import trail_records
 
 PROXY = default_proxy_command()
 
@@ -103,9 +102,7 @@ def account_exists(name: str) -> bool:
 
 
 def actions(site) -> list[str]:
-    return [
-        json.loads(line)["action"] for _, path in trail_files(trail_dir(site)) for line in path.read_text().splitlines()
-    ]
+    return [r["action"] for r in trail_records(site)]
 
 
 def test_uninstall_removes_its_units_and_the_accounts_and_keeps_the_state(site, world_tmp):

@@ -1,6 +1,5 @@
 """A real user server as a real account, with the real audit service: what it records, what it refuses."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -10,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from paitient.registry import Registry
-from paitient.services.audit.writer import trail_files
 from tests.server.harness import UserServer, make_site, publish
+from tests.trail import trail_records
 
 
 @pytest.fixture
@@ -41,13 +40,6 @@ def audit_service(site):
     proc.wait(20)
 
 
-def records(site, action):
-    out = []
-    for _, path in trail_files(site.state_dir / "audit"):
-        out += [json.loads(line) for line in path.read_bytes().splitlines()]
-    return [r for r in out if r["action"] == action]
-
-
 def wait_for(fn, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -67,9 +59,9 @@ def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_
         res = server.run("print(sorted(__import__('os').listdir('/data/onc')))", kid)
         assert res.stdout.strip() == "['bc']"  # gbsg is listed in the site but not published
         assert server.request("DELETE", f"/api/kernels/{kid}").status_code == 204
-        started = wait_for(lambda: records(site, "kernel.start"))
-        executed = wait_for(lambda: records(site, "cell.execute"))
-        stopped = wait_for(lambda: records(site, "kernel.stop"))
+        started = wait_for(lambda: trail_records(site, action="kernel.start"))
+        executed = wait_for(lambda: trail_records(site, action="cell.execute"))
+        stopped = wait_for(lambda: trail_records(site, action="kernel.stop"))
     assert [r["object"] for r in started] == [kid]
     assert started[0]["actor"] == user.pw_name and started[0]["details"]["datasets"] == ["onc/bc"]
     assert [r["details"]["code"] for r in executed] == ["print(sorted(__import__('os').listdir('/data/onc')))"]
@@ -92,7 +84,7 @@ def test_code_in_user_expressions_is_audited_before_it_runs(site, world_tmp, mak
         assert res.reply is not None and res.reply["status"] == "ok", res.reply
         assert res.reply["user_expressions"]["probe"]["status"] == "ok", res.reply["user_expressions"]
         assert marker.read_text() == "evaluated"
-        executed = wait_for(lambda: [r for r in records(site, "cell.execute") if r["object"] == kid])
+        executed = wait_for(lambda: [r for r in trail_records(site, action="cell.execute") if r["object"] == kid])
     assert len(executed) == 1 and executed[0]["actor"] == user.pw_name
     details = executed[0]["details"]
     assert details["code"] == "" and details["user_expressions"] == {"probe": expression}
@@ -138,7 +130,7 @@ def test_a_cell_is_refused_while_the_audit_service_is_stopped_and_runs_once_it_i
             assert ran.reply is not None and ran.reply["status"] == "ok"
         logs = server.logs()
     assert "could not record kernel.start" in logs and "it could not be audited" in logs
-    executed = [r for r in records(site, "cell.execute") if r["object"] == kernel]
+    executed = [r for r in trail_records(site, action="cell.execute") if r["object"] == kernel]
     assert [r["details"]["code"] for r in executed] == [code]
     assert executed[0]["actor"] == user.pw_name
 
@@ -219,8 +211,8 @@ def test_jupyterlab_protocol_and_control_channel_are_audited_and_capped(
         server.run(ctl_legacy, kid, channel="control")
         codes = wait_for(
             lambda: (
-                [r["details"]["code"] for r in records(site, "cell.execute")]
-                if len(records(site, "cell.execute")) >= 3
+                [r["details"]["code"] for r in trail_records(site, action="cell.execute")]
+                if len(trail_records(site, action="cell.execute")) >= 3
                 else None
             )
         )
