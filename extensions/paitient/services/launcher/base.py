@@ -206,13 +206,18 @@ class BaseLauncher(abc.ABC):
         self.python = python
         self.kernels = kernel_commands(python)
         self.seccomp = seccomp
-        self.children: dict[int, subprocess.Popen] = {}
         self.handles: dict[str, tuple[subprocess.Popen, int]] = {}
         """Handle -> the kernel's keeper and the uid it was started for, while it runs."""
         self._lock = threading.Lock()
 
     def handlers(self) -> dict[str, Any]:
         return {"start": self.start, "alive": self.alive, "stop": self.stop}
+
+    @property
+    def children(self) -> dict[int, subprocess.Popen]:
+        """The keepers of the kernels that run, by pid."""
+        with self._lock:
+            return {proc.pid: proc for proc, _ in self.handles.values()}
 
     # -- what the variants decide -------------------------------------------------------------------
 
@@ -319,7 +324,6 @@ class BaseLauncher(abc.ABC):
         start = process_start(proc.pid)
         handle = secrets.token_hex(16)
         with self._lock:
-            self.children[proc.pid] = proc
             self.handles[handle] = (proc, caller.uid)
         threading.Thread(target=self._reap, args=(proc, handle), name=f"kernel-{proc.pid}", daemon=True).start()
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
@@ -357,15 +361,12 @@ class BaseLauncher(abc.ABC):
     def _reap(self, proc: subprocess.Popen, handle: str) -> None:
         code = proc.wait()
         with self._lock:
-            self.children.pop(proc.pid, None)
             self.handles.pop(handle, None)
         self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
 
     def stop_all(self) -> None:
         """Kill every kernel this launcher started that still runs (tests; a pod's launcher on its way out)."""
-        with self._lock:
-            procs = list(self.children.values())
-        for proc in procs:
+        for proc in self.children.values():
             proc.kill()
             proc.wait(timeout=10)
 
