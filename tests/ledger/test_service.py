@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 
 import pytest
 
@@ -471,3 +472,57 @@ def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_
         ("ledger.reserve", third, None, False),
     ]
     assert service.waiting_records == 0
+
+
+def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, state_dir, world_tmp):
+    """Attack: the trail is down, records of what the ledger did wait for it, and the service is killed with
+    -9. Nothing is lost: the records were held in the ledger's database; the next service still reserves
+    nothing until the trail has them, and writes them first, in order."""
+    from tests.trail import trail_down, trail_records
+
+    register(state_dir, "root-tester", 0, ("cardio",))
+    sock = site.run_dir / "ledger.sock"
+    log = world_tmp / "ledger.log"
+
+    def reserve(epsilon: float) -> str:
+        return call(sock, "reserve", {"project": "cardio", "dataset": "diabetes", "epsilon": epsilon, "delta": 1e-6})[
+            "reservation"
+        ]
+
+    service = start_service_process(site, log_path=log)
+    try:
+        first = reserve(1.0)
+        with trail_down(site):
+            with pytest.raises(ChannelError, match="the budget was not reserved") as e:
+                reserve(2.0)
+            assert e.value.code == "unavailable"
+            call(sock, "settle", {"reservation": first, "epsilon_spent": 0.5})
+            os.kill(service.pid, signal.SIGKILL)
+            service.wait(timeout=30)
+            sock.unlink()
+            with closing(Ledger(site)) as ledger:
+                held = [(r["event"]["action"], r["event"]["details"].get("state")) for _, r in ledger.held_records()]
+            assert held == [("ledger.reserve", None), ("ledger.settle", "released"), ("ledger.settle", None)]
+            service = start_service_process(site, log_path=log)
+            # the new service knows the records wait: still nothing is reserved
+            with pytest.raises(ChannelError, match="the budget was not reserved") as e:
+                reserve(0.1)
+            assert e.value.code == "unavailable"
+        third = reserve(0.25)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+    with closing(Ledger(site)) as ledger:
+        released = next(r["id"] for r in ledger.runs("cardio") if r["id"] not in (first, third))
+        assert ledger.held_records() == []
+    got = [
+        (r["action"], r["details"]["reservation"], r["details"].get("state"), "happened" in r["details"])
+        for r in trail_records(site, "ledger.")
+    ]
+    assert got == [
+        ("ledger.reserve", first, None, False),
+        ("ledger.reserve", released, None, True),
+        ("ledger.settle", released, "released", True),
+        ("ledger.settle", first, None, True),
+        ("ledger.reserve", third, None, False),
+    ]

@@ -16,7 +16,8 @@ query and every :data:`SWEEP_SECONDS`.
 
 Nothing changes in the ledger unrecorded for long: each reservation, refusal and settlement is written to
 the audit trail as it happens. A record the trail cannot take waits in the service, in order, and is
-written before anything else once the trail takes records again; while any waits, no budget is reserved
+written before anything else once the trail takes records again; it is held in the ledger's database
+meanwhile, so a restart of the service loses none of them. While any waits, no budget is reserved
 (a reservation whose own record fails is released at once, spending nothing, and refused). A settlement
 is committed whether or not its record can be written at that moment: it only closes what a run spent,
 and refusing it would count the run in full later anyway.
@@ -32,7 +33,7 @@ import os
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, cast, overload
 
 from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
@@ -121,6 +122,15 @@ def _only(args: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
+class _Waiting(NamedTuple):
+    """A record waiting for the audit trail: when it happened and, once a write of it failed, its number
+    among the ledger's held records (0: held in memory only)."""
+
+    event: Event
+    happened: str
+    held: int | None = None
+
+
 class LedgerService:
     """The operations, given a ledger and a registry; :meth:`handlers` plugs them into a ChannelServer."""
 
@@ -130,8 +140,11 @@ class LedgerService:
         self.registry = registry
         self.log = log
         self.is_alive = is_alive
-        # records not yet in the trail: each with when it happened and whether a write of it failed already
-        self._waiting: list[tuple[Event, str, bool]] = []
+        # records not yet in the trail, in order: each with when it happened and, once a write of it failed,
+        # its number among the ledger's held records (so a restart of the service loses none)
+        self._waiting: list[_Waiting] = [
+            _Waiting(cast(Event, record["event"]), record["happened"], seq) for seq, record in ledger.held_records()
+        ]
         self._trail_lock = threading.Lock()
 
     def handlers(self) -> dict[str, Any]:
@@ -201,10 +214,11 @@ class LedgerService:
 
     def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> bool:
         """Write one record to the trail, after those still waiting for it. False when the trail cannot be
-        written: the record waits with the others (:attr:`waiting_records`), in order."""
+        written: the record waits with the others (:attr:`waiting_records`), in order, held in the ledger's
+        database."""
         event = Event(actor=actor, action=action, object=obj, outcome=outcome, details=details)
         with self._trail_lock:
-            self._waiting.append((event, dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), False))
+            self._waiting.append(_Waiting(event, dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")))
             return self._write_waiting()
 
     def trail_takes_records(self) -> bool:
@@ -221,8 +235,10 @@ class LedgerService:
             return True
         # a record that waited says when it happened (the trail stamps when it is written)
         events = [
-            Event(**{**event, "details": {**(event.get("details") or {}), "happened": happened}}) if waited else event
-            for event, happened, waited in self._waiting
+            Event(**{**w.event, "details": {**(w.event.get("details") or {}), "happened": w.happened}})
+            if w.held is not None
+            else w.event
+            for w in self._waiting
         ]
         try:
             emit_many(self.site, events)
@@ -233,10 +249,36 @@ class LedgerService:
                 e,
                 len(self._waiting),
             )
-            self._waiting = [(event, happened, True) for event, happened, _ in self._waiting]
+            self._hold()
             return False
+        held = [w.held for w in self._waiting if w.held is not None and w.held > 0]
         self._waiting.clear()
+        try:
+            self.ledger.drop_held(held)
+        except Exception:
+            self.log.exception(
+                "ledger: %d record(s) now in the audit trail are still held in the ledger's database; the next "
+                "start of the service writes them to the trail again",
+                len(held),
+            )
         return True
+
+    def _hold(self) -> None:
+        """Keep the records that wait and are not held yet in the ledger's database. If it cannot take them
+        either they wait in memory only (number 0), and are lost if the service stops before the trail
+        takes them."""
+        new = [i for i, w in enumerate(self._waiting) if w.held is None]
+        if not new:
+            return
+        try:
+            seqs = self.ledger.hold_records(
+                [{"event": dict(self._waiting[i].event), "happened": self._waiting[i].happened} for i in new]
+            )
+        except Exception:
+            self.log.exception("ledger: the records waiting for the audit trail cannot be held in the database")
+            seqs = [0] * len(new)
+        for i, seq in zip(new, seqs, strict=True):
+            self._waiting[i] = self._waiting[i]._replace(held=seq)
 
     # operations
 
