@@ -438,3 +438,53 @@ def test_while_the_counts_cannot_be_stored_outputs_are_refused_and_none_counted_
     assert (day.outputs, day.rows) == (4, 5)  # the first output and the three made while the table was held
     again = gate.check_blocking(context="k:7", channel="kernel", object="k", text=rows(20, 1))
     assert again.forward and again.reason != "unchecked"
+
+
+def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site):
+    """Attack: outputs leave while the trail is down (small ones, on the unchecked allowance), and the egress
+    service is killed with -9 before the trail is back. Their records were held in the service's database:
+    the next service writes them to the trail, in order, each saying when it happened."""
+    from paitient.services.kit.backlog import HeldRecords
+    from tests import rootmember
+    from tests.server.harness import egress_service
+    from tests.trail import trail_down
+
+    rootmember.put(Registry.for_state_dir(site.state_dir), Member("alice", "pt-alice", 0, ("onc",), ("researcher",)))
+    objects = [f"/api/out-{i}" for i in range(3)]
+
+    def held() -> list[str]:
+        store = EgressStore.for_site(site)
+        try:
+            return [r["event"]["object"] for _, r in HeldRecords(store.db).held()]
+        finally:
+            store.close()
+
+    with trail_down(site), egress_service(site) as proc:
+        gate = EgressGate(
+            str(socket_path(site)),
+            fail_closed_bytes=site.egress.fail_closed_bytes,
+            unchecked_bytes=site.egress.unchecked_bytes,
+        )
+        try:
+            for i, obj in enumerate(objects):
+                assert gate.check_blocking(
+                    context=f"k:{i}", channel="http", object=obj, text=b"small", final=True
+                ).forward
+            deadline = time.monotonic() + 30
+            while held() != objects and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert held() == objects
+        finally:
+            gate.shutdown()
+        os.kill(proc.pid, 9)
+        proc.wait(30)
+        socket_path(site).unlink()
+    assert trail_records(site, action="egress.output") == []
+    with egress_service(site):
+        deadline = time.monotonic() + 30
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held() == []
+    written = trail_records(site, action="egress.output")
+    assert [r["object"] for r in written] == objects
+    assert all(r["actor"] == "alice" and "happened" in r["details"] for r in written)

@@ -451,7 +451,7 @@ def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_
         # a settlement is committed though its record waits
         settled = call(sock, "settle", {"reservation": first, "epsilon_spent": 0.5})
         assert settled["state"] == "settled" and service.ledger.run(first)["state"] == "settled"
-        assert service.waiting_records == 3
+        assert service.backlog.waiting == 3
         # with records waiting, nothing more is reserved at all
         with pytest.raises(ChannelError, match="the budget was not reserved") as e:
             reserve(0.1)
@@ -471,7 +471,7 @@ def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_
         ("ledger.settle", first, None, True),
         ("ledger.reserve", third, None, False),
     ]
-    assert service.waiting_records == 0
+    assert service.backlog.waiting == 0
 
 
 def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, state_dir, world_tmp):
@@ -501,7 +501,7 @@ def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, sta
             service.wait(timeout=30)
             sock.unlink()
             with closing(Ledger(site)) as ledger:
-                held = [(r["event"]["action"], r["event"]["details"].get("state")) for _, r in ledger.held_records()]
+                held = [(r["event"]["action"], r["event"]["details"].get("state")) for _, r in ledger.held.held()]
             assert held == [("ledger.reserve", None), ("ledger.settle", "released"), ("ledger.settle", None)]
             service = start_service_process(site, log_path=log)
             # the new service knows the records wait: still nothing is reserved
@@ -514,7 +514,7 @@ def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, sta
         service.wait(timeout=30)
     with closing(Ledger(site)) as ledger:
         released = next(r["id"] for r in ledger.runs("cardio") if r["id"] not in (first, third))
-        assert ledger.held_records() == []
+        assert ledger.held.held() == []
     got = [
         (r["action"], r["details"]["reservation"], r["details"].get("state"), "happened" in r["details"])
         for r in trail_records(site, "ledger.")

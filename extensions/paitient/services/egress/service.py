@@ -13,9 +13,10 @@ API responses), framed as in :mod:`paitient.rules.egress`. For each piece the se
 
 What left is recorded in the audit trail: one ``egress.output`` record per context (channel, bytes, SHA-256
 of what was forwarded, rows per dataset, verdict) when it ends, and an ``egress.withheld`` record the moment
-a piece is withheld. When the trail cannot be written, or rows cannot be matched, pieces larger than
-``fail_closed_bytes`` are withheld until it can, and the smaller ones a user receives meanwhile may add up to
-``unchecked_bytes``; the first checked piece of that user renews the allowance.
+a piece is withheld. Records the trail cannot take wait for it, held in the counts' database
+(:mod:`paitient.services.kit.backlog`). When the trail cannot be written, or rows cannot be matched, pieces
+larger than ``fail_closed_bytes`` are withheld until it can, and the smaller ones a user receives meanwhile
+may add up to ``unchecked_bytes``; the first checked piece of that user renews the allowance.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from paitient.config import EgressLimits, SiteConfig
 from paitient.registry import Member, Registry
@@ -44,12 +45,14 @@ from paitient.rules.egress import (
     encode_frame,
     header_length,
 )
+from paitient.rules.records import Event
 from paitient.services.egress import socket_path
 from paitient.services.egress.counts import Counts
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.metrics import EgressMetrics
 from paitient.services.egress.store import EgressStore, today
 from paitient.services.kit.access import SOCKET_MODE, workspace_group
+from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.kit.channel import UnixSocketServer
 
 MAX_CONTEXTS = 512
@@ -135,6 +138,8 @@ class EgressService:
         # fail closed from the next piece on; a full queue counts as down too.
         # Each record waits with the monotonic time it was queued at: the metrics' audit lag.
         self._records: queue.Queue[tuple[float, dict[str, Any]] | None] = queue.Queue(maxsize=RECORD_QUEUE)
+        # What the trail refused waits, held in the store's database, and goes first once it takes records.
+        self.backlog = Backlog(HeldRecords(store.db), lambda records: self._write(records), self.log, "egress")
         self.metrics = EgressMetrics(self)
         self._writer = threading.Thread(target=self._write_records, name="egress-audit", daemon=True)
         self._writer.start()
@@ -157,25 +162,27 @@ class EgressService:
         return True
 
     def pending_records(self) -> int:
-        """Records queued for the trail and not yet written."""
-        return self._records.qsize()
+        """Records queued for the trail or waiting for it, not yet written."""
+        return self._records.qsize() + self.backlog.waiting
 
     def pending_counts(self) -> int:
         """Outputs counted and not yet in the store."""
         return self.counts.waiting
 
-    def _write(self, records: list[dict[str, Any]]) -> None:
+    def _write(self, records: list[Event]) -> None:
         if self._emit is not None:
             for record in records:
                 self._emit(**record)
         else:
             from paitient.services.audit import emit_many
 
-            emit_many(self.site, records)  # type: ignore[arg-type]
+            emit_many(self.site, records)
 
     def _write_records(self) -> None:
         """Write what is queued in batches: whatever queued up while the last batch was written goes in one
         append (one lock, one fsync), so a busy service writes more records per fsync, not fewer outputs."""
+        if self.backlog.waiting and not self.backlog.flush():  # records held by the service before this one
+            self._trail_down(self.backlog.last_error)
         stop = False
         while not stop:
             batch = [self._records.get()]
@@ -190,16 +197,16 @@ class EgressService:
             records = [record for _, record in queued]
             stop = len(records) < len(batch)
             try:
-                if records:
-                    self._write(records)
-            except Exception as e:
-                self.metrics.audit_failures.inc(len(records))
-                self._trail_down(str(e))
-            else:
+                if not records and not self.backlog.waiting:
+                    continue
+                if not self.backlog.write(cast(list[Event], records)):
+                    self.metrics.audit_failures.inc(len(records))
+                    self._trail_down(self.backlog.last_error)
+                    continue
                 written = time.monotonic()
                 for at, _ in queued:
                     self.metrics.audit_lag.observe(written - at)
-                if records and not self.audit_ok:
+                if not self.audit_ok:
                     self.log.info("egress: the audit trail records again")
                     self.audit_ok = True
             finally:

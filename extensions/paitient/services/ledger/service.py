@@ -26,14 +26,12 @@ With ``JUPYTERHUB_SERVICE_URL`` set (the hub sets it), the stewards' web page is
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import os
-import threading
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, cast, overload
+from typing import Any, Literal, overload
 
 from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
@@ -42,6 +40,7 @@ from paitient.rules.budget import BudgetExceeded
 from paitient.rules.records import Event
 from paitient.services.audit import emit, emit_many
 from paitient.services.kit.access import channel_options
+from paitient.services.kit.backlog import Backlog
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, process_start, socket_path
 from paitient.services.ledger.api import READ_SCOPE, custom_scopes, public_run, role_scopes
@@ -122,15 +121,6 @@ def _only(args: dict[str, Any], allowed: set[str]) -> None:
         )
 
 
-class _Waiting(NamedTuple):
-    """A record waiting for the audit trail: when it happened and, once a write of it failed, its number
-    among the ledger's held records (0: held in memory only)."""
-
-    event: Event
-    happened: str
-    held: int | None = None
-
-
 class LedgerService:
     """The operations, given a ledger and a registry; :meth:`handlers` plugs them into a ChannelServer."""
 
@@ -140,12 +130,9 @@ class LedgerService:
         self.registry = registry
         self.log = log
         self.is_alive = is_alive
-        # records not yet in the trail, in order: each with when it happened and, once a write of it failed,
-        # its number among the ledger's held records (so a restart of the service loses none)
-        self._waiting: list[_Waiting] = [
-            _Waiting(cast(Event, record["event"]), record["happened"], seq) for seq, record in ledger.held_records()
-        ]
-        self._trail_lock = threading.Lock()
+        self.backlog = Backlog(ledger.held, lambda events: emit_many(site, events), log, "ledger")
+        """The records the trail has not taken yet (held in the ledger's database); no budget is reserved
+        while any waits."""
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -214,71 +201,8 @@ class LedgerService:
 
     def audit(self, actor: str, action: str, obj: str, outcome: str, details: dict[str, Any]) -> bool:
         """Write one record to the trail, after those still waiting for it. False when the trail cannot be
-        written: the record waits with the others (:attr:`waiting_records`), in order, held in the ledger's
-        database."""
-        event = Event(actor=actor, action=action, object=obj, outcome=outcome, details=details)
-        with self._trail_lock:
-            self._waiting.append(_Waiting(event, dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")))
-            return self._write_waiting()
-
-    def trail_takes_records(self) -> bool:
-        """Write the records waiting for the trail; True when none waits (any more)."""
-        with self._trail_lock:
-            return self._write_waiting()
-
-    @property
-    def waiting_records(self) -> int:
-        return len(self._waiting)
-
-    def _write_waiting(self) -> bool:
-        if not self._waiting:
-            return True
-        # a record that waited says when it happened (the trail stamps when it is written)
-        events = [
-            Event(**{**w.event, "details": {**(w.event.get("details") or {}), "happened": w.happened}})
-            if w.held is not None
-            else w.event
-            for w in self._waiting
-        ]
-        try:
-            emit_many(self.site, events)
-        except Exception as e:
-            self.log.error(
-                "ledger: the audit trail cannot be written (%s); %d record(s) wait for it and no budget is "
-                "reserved until they are written",
-                e,
-                len(self._waiting),
-            )
-            self._hold()
-            return False
-        held = [w.held for w in self._waiting if w.held is not None and w.held > 0]
-        self._waiting.clear()
-        try:
-            self.ledger.drop_held(held)
-        except Exception:
-            self.log.exception(
-                "ledger: %d record(s) now in the audit trail are still held in the ledger's database; the next "
-                "start of the service writes them to the trail again",
-                len(held),
-            )
-        return True
-
-    def _hold(self) -> None:
-        """Keep the records that wait and are not held yet in the ledger's database. If it cannot take them
-        either they wait in memory only (number 0), and are lost if the service stops before the trail
-        takes them."""
-        new = [i for i, w in enumerate(self._waiting) if w.held is None]
-        if not new:
-            return
-        try:
-            seqs = self.ledger.hold_records(
-                [{"event": dict(self._waiting[i].event), "happened": self._waiting[i].happened} for i in new]
-            )
-        except Exception:
-            self.log.exception("ledger: the records waiting for the audit trail cannot be held in the database")
-            seqs = [0] * len(new)
-        for i, seq in zip(new, seqs, strict=True):
-            self._waiting[i] = self._waiting[i]._replace(held=seq)
+        written: the record waits with the others (:attr:`backlog`), in order."""
+        return self.backlog.write([Event(actor=actor, action=action, object=obj, outcome=outcome, details=details)])
 
     # operations
 
@@ -306,7 +230,7 @@ class LedgerService:
             )
             raise ChannelError(f"{who} not a member of project {project!r}; {charges}", FORBIDDEN)
         self.sweep()
-        if not self.trail_takes_records():
+        if not self.backlog.flush():
             raise ChannelError(NOT_RECORDED, "unavailable")
         obj = f"{project}/{dataset}"
         try:

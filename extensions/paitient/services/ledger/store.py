@@ -8,7 +8,7 @@ mid-write leaves the last committed state. With ``[database] url`` the tables li
 transaction that first reads the dataset's usage and then writes: ``BEGIN IMMEDIATE`` on SQLite,
 ``LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`` on PostgreSQL, so concurrent reservations are serialised
 and can never together exceed a budget. A third table keeps the audit records the trail could not take
-(:meth:`Ledger.hold_records`) until it can. The tables are made and upgraded by the migrations in
+until it can (``Ledger.held``). The tables are made and upgraded by the migrations in
 ``migrations/versions``.
 
 Budget arithmetic lives in :mod:`paitient.rules.budget`; this module only stores and fetches.
@@ -38,6 +38,7 @@ from paitient.rules.budget import (
     left,
     usage,
 )
+from paitient.services.kit.backlog import HeldRecords
 from paitient.services.kit.db import Database, Location
 
 __all__ = ["BudgetExceeded", "Ledger", "LedgerError", "db_path", "RECORD_FIELDS"]
@@ -176,6 +177,8 @@ class Ledger:
         database's default schema; "": SQLite)."""
         self.site = site
         self.db = _database(site, url)
+        self.held = HeldRecords(self.db)
+        """The audit records the trail could not take yet (:mod:`paitient.services.kit.backlog`)."""
 
     def close(self) -> None:
         self.db.close()
@@ -414,39 +417,6 @@ class Ledger:
         with _queries(self.db, write=False) as q:
             rows = q(_SELECT_RUNS + " WHERE id = :id", id=reservation)
         return _row(rows[0]) if rows else None
-
-    # -- records waiting for the audit trail -----------------------------------------------------
-
-    def hold_records(self, records: list[dict[str, Any]]) -> list[int]:
-        """Keep audit records the trail could not take, after those already held, in this order; return their
-        numbers (for :meth:`drop_held` once the trail has them). One transaction: all are kept or none."""
-        with _queries(self.db, write=True) as q:
-            last = q("SELECT COALESCE(MAX(seq), 0) FROM held_records")[0][0]
-            now = time.time()
-            seqs = []
-            for n, record in enumerate(records, start=int(last) + 1):
-                q(
-                    "INSERT INTO held_records (seq, held, record) VALUES (:seq, :held, :record)",
-                    seq=n,
-                    held=now,
-                    record=json.dumps(record, sort_keys=True),
-                )
-                seqs.append(n)
-        return seqs
-
-    def held_records(self) -> list[tuple[int, dict[str, Any]]]:
-        """The records held for the trail, in the order they were held: ``(number, record)``."""
-        with _queries(self.db, write=False) as q:
-            rows = q("SELECT seq, record FROM held_records ORDER BY seq")
-        return [(int(seq), json.loads(record)) for seq, record in rows]
-
-    def drop_held(self, seqs: list[int]) -> None:
-        """Forget held records the trail now has."""
-        if not seqs:
-            return
-        with _queries(self.db, write=True) as q:
-            for seq in seqs:
-                q("DELETE FROM held_records WHERE seq = :seq", seq=seq)
 
     def record_by_hash(self, sha256: str) -> dict[str, Any] | None:
         """The settled run whose saved weights have this SHA-256 (the latest, if several), or None."""

@@ -1,4 +1,4 @@
-"""Records the audit trail could not take, kept by the ledger until it can (``Ledger.hold_records``).
+"""Records the audit trail could not take, kept by the ledger until it can (:mod:`paitient.services.kit.backlog`).
 
 A record of a settlement, a release or a lost run that the trail refused waits in this table instead of
 only in the service's memory, so a restart of the ledger service while the trail is down loses none: the

@@ -1,0 +1,154 @@
+"""Audit records a root-side service could not write to the trail, waiting until it can.
+
+When the trail refuses a service's records they wait in a :class:`Backlog`, in order, and are written before
+any record after them once it takes records again; each record that waited then says in ``details.happened``
+when it happened (the trail stamps when it is written). The waiting records are held in the service's own
+database (its table ``held_records``, which each store's migrations make), so a service killed or restarted
+meanwhile loses none: the next one starts with them waiting and writes them first. Should the database refuse
+them too, they wait in memory only, and the service says so in its log.
+
+Written at least once: if the trail took them and the service stopped before it forgot them, the next start
+writes them again, with the same ``happened``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+import sqlalchemy as sa
+
+from paitient.rules.records import Event
+from paitient.services.kit.db import Database
+
+__all__ = ["Backlog", "HeldRecords"]
+
+
+class HeldRecords:
+    """The ``held_records`` table of one store: records kept for the trail, numbered in the order held."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def hold(self, records: list[dict[str, Any]]) -> list[int]:
+        """Keep ``records`` after those already held, in this order, all or none; return their numbers."""
+        with self.db.transaction(write=True) as conn:
+            last = conn.execute(sa.text("SELECT COALESCE(MAX(seq), 0) FROM held_records")).scalar_one()
+            seqs = list(range(int(last) + 1, int(last) + 1 + len(records)))
+            now = time.time()
+            for seq, record in zip(seqs, records, strict=True):
+                conn.execute(
+                    sa.text("INSERT INTO held_records (seq, held, record) VALUES (:seq, :held, :record)"),
+                    {"seq": seq, "held": now, "record": json.dumps(record, sort_keys=True)},
+                )
+        return seqs
+
+    def held(self) -> list[tuple[int, dict[str, Any]]]:
+        """The records held, in order: ``(number, record)``."""
+        with self.db.transaction(write=False) as conn:
+            rows = conn.execute(sa.text("SELECT seq, record FROM held_records ORDER BY seq")).all()
+        return [(int(seq), json.loads(record)) for seq, record in rows]
+
+    def drop(self, seqs: list[int]) -> None:
+        """Forget held records (the trail has them now)."""
+        if not seqs:
+            return
+        with self.db.transaction(write=True) as conn:
+            for seq in seqs:
+                conn.execute(sa.text("DELETE FROM held_records WHERE seq = :seq"), {"seq": seq})
+
+
+class _Waiting(NamedTuple):
+    event: Event
+    happened: str
+    held: int | None = None
+    """Once a write of it failed: its number among the held records (0: in memory only)."""
+
+
+class Backlog:
+    """The records of one service on their way to the trail. Thread-safe."""
+
+    def __init__(self, held: HeldRecords, write: Callable[[list[Event]], Any], log: logging.Logger, name: str) -> None:
+        """``write``: appends records to the trail, all or none, or raises."""
+        self._held = held
+        self._write = write
+        self.log = log
+        self.name = name
+        self._lock = threading.Lock()
+        self.last_error = ""
+        """Why the trail refused the last write."""
+        self._waiting = [_Waiting(cast(Event, record["event"]), record["happened"], seq) for seq, record in held.held()]
+        if self._waiting:
+            log.warning("%s: %d record(s) held from before wait for the audit trail", name, len(self._waiting))
+
+    @property
+    def waiting(self) -> int:
+        """Records not yet in the trail."""
+        return len(self._waiting)
+
+    def write(self, events: list[Event]) -> bool:
+        """Write ``events`` to the trail after those still waiting; False when the trail refused them: they
+        wait with the others."""
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        with self._lock:
+            self._waiting.extend(_Waiting(event, now) for event in events)
+            return self._write_waiting()
+
+    def flush(self) -> bool:
+        """Write the records that wait; True when none waits (any more)."""
+        with self._lock:
+            return self._write_waiting()
+
+    def _write_waiting(self) -> bool:
+        if not self._waiting:
+            return True
+        events = [
+            Event(**{**w.event, "details": {**(w.event.get("details") or {}), "happened": w.happened}})
+            if w.held is not None
+            else w.event
+            for w in self._waiting
+        ]
+        try:
+            self._write(events)
+        except Exception as e:
+            self.last_error = str(e)
+            self.log.error(
+                "%s: the audit trail cannot be written (%s); %d record(s) wait for it", self.name, e, len(events)
+            )
+            self._hold()
+            return False
+        written = [w.held for w in self._waiting if w.held]
+        self._waiting.clear()
+        try:
+            self._held.drop(written)
+        except Exception:
+            self.log.exception(
+                "%s: %d record(s) now in the audit trail are still held in the database; the service's next "
+                "start writes them to the trail again",
+                self.name,
+                len(written),
+            )
+        return True
+
+    def _hold(self) -> None:
+        new = [i for i, w in enumerate(self._waiting) if w.held is None]
+        if not new:
+            return
+        try:
+            seqs = self._held.hold(
+                [{"event": dict(self._waiting[i].event), "happened": self._waiting[i].happened} for i in new]
+            )
+        except Exception:
+            self.log.exception(
+                "%s: the records waiting for the audit trail cannot be held in the database either; they are "
+                "lost if the service stops before the trail takes them",
+                self.name,
+            )
+            seqs = [0] * len(new)
+        for i, seq in zip(new, seqs, strict=True):
+            self._waiting[i] = self._waiting[i]._replace(held=seq)
