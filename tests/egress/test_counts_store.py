@@ -39,13 +39,13 @@ def test_the_counts_are_where_the_site_says(site, open_store):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_uid == 0
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         with sqlite3.connect(path) as db:
-            assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+            assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
             assert db.execute("SELECT * FROM usage").fetchall() == [("alice", "2026-12-04", 10, 1, 0)]
             assert db.execute("SELECT * FROM revealed").fetchall() == [("alice", "2026-12-04", "onc/bc", 7)]
     else:
         assert not path.exists()  # nothing of the counts in SQLite
         with psycopg.connect(site.database.url, passfile=site.database.passfile) as conn:
-            assert conn.execute("SELECT version_num FROM egress.alembic_version").fetchall() == [("0001",)]
+            assert conn.execute("SELECT version_num FROM egress.alembic_version").fetchall() == [("0002",)]
             assert conn.execute("SELECT * FROM egress.usage").fetchall() == [("alice", "2026-12-04", 10, 1, 0)]
             assert conn.execute("SELECT * FROM egress.revealed").fetchall() == [("alice", "2026-12-04", "onc/bc", 7)]
 
@@ -160,7 +160,7 @@ def test_counts_from_before_migrations_are_stamped_and_kept(tmp_path):
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
         assert db.execute("SELECT bytes, outputs, withheld FROM usage").fetchall() == [(501, 5, 2)]
         assert db.execute("SELECT COUNT(*) FROM revealed").fetchall() == [(13,)]
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
