@@ -3,6 +3,8 @@ an automatic release waits for a steward; once the trail records again, everythi
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from paitient.channel import ChannelError
@@ -75,3 +77,34 @@ def test_an_automatic_release_waits_for_a_steward_while_the_trail_is_down(trail_
     again = submit(airlock, people, "ren", GOOD, name="again.csv")
     airlock.wait_idle()
     assert airlock.store.get(again).state == review.RELEASED  # with the trail back, as before
+
+
+def test_what_the_airlock_refused_while_the_trail_was_down_is_recorded_once_it_is_back_after_a_restart(
+    site, ledger_service, people
+):
+    """A refusal needs no record first (nothing happens), but it must not go unrecorded: its record waits,
+    held in the airlock's database, and a new airlock service writes it once the trail takes records."""
+    trail = Trail()
+    airlock = Airlock(site, settings=AirlockSettings(audit_timeout=300), emit=trail)
+    airlock.start()
+    rid = submit(airlock, people, "alice", GOOD)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    trail.down = True
+    with pytest.raises(PermissionError, match="not released"):
+        airlock.download(rid, username="alice", scopes=set())
+    assert airlock.backlog.waiting == 1
+    airlock.stop()  # a service stopped or killed now: the record is in the database, not only in its memory
+    trail.down = False
+    again = Airlock(site, settings=AirlockSettings(audit_timeout=300), emit=trail)
+    assert again.backlog.waiting == 1
+    again.start()
+    try:
+        deadline = time.monotonic() + 30
+        while again.backlog.waiting and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (record,) = [r for r in trail.records if r["action"] == "airlock.download"]
+        assert record["outcome"] == "denied" and record["object"] == rid
+        assert "not released" in record["details"]["reason"] and "happened" in record["details"]
+        assert again.backlog.waiting == 0
+    finally:
+        again.stop()

@@ -88,7 +88,7 @@ def test_a_sqlite_airlock_from_before_migrations_is_stamped_not_made_anew(tmp_pa
     assert store.events(new.id)[0].seq == 3  # the old rows' sequence goes on
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {
             "requests",
             "events",

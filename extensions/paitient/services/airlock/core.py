@@ -31,6 +31,7 @@ from paitient.registry import Member, Registry
 from paitient.rules import review
 from paitient.rules.disclosure import Labels, TableRules, result
 from paitient.rules.fixes import fix_for
+from paitient.rules.records import Event
 from paitient.services.airlock import published, views
 from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output
 from paitient.services.airlock.checks import CheckContext, load_published, run_checks
@@ -41,9 +42,12 @@ from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
+from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.ledger.api import LedgerReader
 
 MAX_JUSTIFICATION = 10_000
+BACKLOG_RETRY = 5.0
+"""Seconds between the check worker's tries to write the records that wait for the trail, while any wait."""
 MAX_MODEL_SOURCE = 200_000
 
 
@@ -86,6 +90,8 @@ class Airlock:
             self.store, emit=self.emit, may_preview=self.may_preview, checked_form=self.checked_form
         )
         self.feedback = Bounded(self.settings.check_concurrency, self.settings.check_timeout)
+        self.backlog = Backlog(HeldRecords(self.store.db), self._write_records, self.log, "airlock")
+        """Records the trail refused and that did not have to be written first; the check worker retries them."""
 
     # ------------------------------------------------------------------------------------------------
     # Collaborators
@@ -100,18 +106,26 @@ class Airlock:
         details: dict[str, Any] | None = None,
         required: bool = False,
     ) -> None:
-        """Write an audit record; if ``required``, a failure to write it raises (the action must not happen)."""
+        """Write an audit record; if ``required``, a failure to write it raises (the action must not happen).
+        Otherwise a record the trail cannot take waits for it (:attr:`backlog`, held in the store's database)."""
+        event = Event(actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+        if not required:
+            self.backlog.write([event])
+            return
         try:
-            if self._emit is not None:
-                self._emit(actor=actor, action=action, object=object, outcome=outcome, details=details or {})
-            else:
-                from paitient.services.audit import emit
-
-                emit(self.site, actor=actor, action=action, object=object, outcome=outcome, details=details or {})
+            self._write_records([event])
         except Exception:
             self.log.exception("could not write the audit record %s %s", action, object)
-            if required:
-                raise
+            raise
+
+    def _write_records(self, events: list[Event]) -> None:
+        if self._emit is not None:
+            for event in events:
+                self._emit(**event)
+        else:
+            from paitient.services.audit import emit_many
+
+            emit_many(self.site, events)
 
     def lookup_run(self, sha256: str) -> dict[str, Any] | None:
         """The ledger's settled run for these weights (asked over its socket); raises ChannelError if it is down."""
@@ -658,7 +672,11 @@ class Airlock:
 
     def _work(self) -> None:
         while True:
-            rid = self._queue.get()
+            try:
+                rid = self._queue.get(timeout=BACKLOG_RETRY if self.backlog.waiting else None)
+            except queue.Empty:
+                self.backlog.flush()
+                continue
             try:
                 if rid is None:
                     return
