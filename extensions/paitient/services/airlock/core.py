@@ -42,6 +42,7 @@ from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
 from paitient.services.airlock.store import Request, Store, StoreError
+from paitient.services.audit import trail_writer
 from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.ledger.api import LedgerReader
 
@@ -77,7 +78,7 @@ class Airlock:
         self.store = store or Store.for_site(site)
         self.registry = Registry.for_state_dir(site.state_dir)
         self.log = log or logging.getLogger("paitient.services.airlock")
-        self._emit = emit
+        self._write_records = trail_writer(site, emit)
         self.ledger = ledger or LedgerReader(site.run_dir)
         self._lookup_run = lookup_run
         self.published = PublishedIndex(site.data_root)
@@ -117,15 +118,6 @@ class Airlock:
         except Exception:
             self.log.exception("could not write the audit record %s %s", action, object)
             raise
-
-    def _write_records(self, events: list[Event]) -> None:
-        if self._emit is not None:
-            for event in events:
-                self._emit(**event)
-        else:
-            from paitient.services.audit import emit_many
-
-            emit_many(self.site, events)
 
     def lookup_run(self, sha256: str) -> dict[str, Any] | None:
         """The ledger's settled run for these weights (asked over its socket); raises ChannelError if it is down."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Unpack
 
 from paitient.rules.records import AuditError, Event, RecordError
 
-__all__ = ["AuditError", "RecordError", "config_details", "emit", "emit_many", "trail_dir"]
+__all__ = ["AuditError", "RecordError", "config_details", "emit", "emit_many", "trail_dir", "trail_writer"]
 
 
 def trail_dir(site) -> Path:
@@ -42,6 +43,20 @@ def emit_many(site, events: list[Event]) -> list[dict[str, Any]]:
     """:func:`emit` of several records at once: one lock and one fsync for them all, all or none written."""
     log = _log_for(str(site.state_dir), site.audit.rotate_bytes)
     return log.append_many([dict(e) for e in events])
+
+
+def trail_writer(site, emit: Callable[..., Any] | None = None) -> Callable[[list[Event]], Any]:
+    """How a service writes its records: with ``emit(**record)``, one by one, where one is given (a stand-in
+    trail of a test), else :func:`emit_many` to the site's trail."""
+    if emit is None:
+        return functools.partial(emit_many, site)
+    given = emit
+
+    def one_by_one(events: list[Event]) -> None:
+        for event in events:
+            given(**event)
+
+    return one_by_one
 
 
 def config_details(site) -> dict[str, Any]:

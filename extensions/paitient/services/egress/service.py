@@ -46,6 +46,7 @@ from paitient.rules.egress import (
     header_length,
 )
 from paitient.rules.records import Event
+from paitient.services.audit import trail_writer
 from paitient.services.egress import socket_path
 from paitient.services.egress.counts import Counts
 from paitient.services.egress.matcher import Matcher, MissingIndex
@@ -128,7 +129,7 @@ class EgressService:
         self.log = logger or log
         self.counts = Counts(store, self.log)
         """Today's counts: decided on in memory, written to ``store`` behind the answers (:mod:`.counts`)."""
-        self._emit = emit
+        self._write = trail_writer(site, emit)
         self.audit_ok = True
         # Bytes each user received unchecked since their outputs were last checked (bounded by unchecked_bytes).
         self._unchecked: dict[str, int] = {}
@@ -168,15 +169,6 @@ class EgressService:
     def pending_counts(self) -> int:
         """Outputs counted and not yet in the store."""
         return self.counts.waiting
-
-    def _write(self, records: list[Event]) -> None:
-        if self._emit is not None:
-            for record in records:
-                self._emit(**record)
-        else:
-            from paitient.services.audit import emit_many
-
-            emit_many(self.site, records)
 
     def _write_records(self) -> None:
         """Write what is queued in batches: whatever queued up while the last batch was written goes in one

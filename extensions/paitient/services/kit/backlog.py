@@ -26,7 +26,15 @@ import sqlalchemy as sa
 from paitient.rules.records import Event
 from paitient.services.kit.db import Database
 
-__all__ = ["Backlog", "HeldRecords"]
+__all__ = ["HELD_RECORDS_TABLE", "Backlog", "HeldRecords"]
+
+HELD_RECORDS_TABLE = """CREATE TABLE held_records (
+    seq BIGINT PRIMARY KEY,
+    held DOUBLE PRECISION NOT NULL,
+    record TEXT NOT NULL
+)"""
+"""The table, as the stores' migrations make it (the same SQL on SQLite and PostgreSQL; ``seq`` is given by
+:meth:`HeldRecords.hold`, in the order the records came in). Made once: a change is a new migration."""
 
 
 class HeldRecords:

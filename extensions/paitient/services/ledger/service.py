@@ -38,7 +38,7 @@ from paitient.config import NAME_RE
 from paitient.registry import Member, Registry
 from paitient.rules.budget import BudgetExceeded
 from paitient.rules.records import Event
-from paitient.services.audit import emit, emit_many
+from paitient.services.audit import emit, trail_writer
 from paitient.services.kit.access import channel_options
 from paitient.services.kit.backlog import Backlog
 from paitient.services.kit.channel import ChannelServer
@@ -130,7 +130,7 @@ class LedgerService:
         self.registry = registry
         self.log = log
         self.is_alive = is_alive
-        self.backlog = Backlog(ledger.held, lambda events: emit_many(site, events), log, "ledger")
+        self.backlog = Backlog(ledger.held, trail_writer(site), log, "ledger")
         """The records the trail has not taken yet (held in the ledger's database); no budget is reserved
         while any waits."""
 

@@ -10,6 +10,8 @@ Revises: 0001
 
 from alembic import op
 
+from paitient.services.kit.backlog import HELD_RECORDS_TABLE
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -17,14 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # The same SQL on SQLite and PostgreSQL; ``seq`` is given by the store (the order the records happened in).
-    op.execute(
-        """CREATE TABLE held_records (
-            seq BIGINT PRIMARY KEY,
-            held DOUBLE PRECISION NOT NULL,
-            record TEXT NOT NULL
-        )"""
-    )
+    op.execute(HELD_RECORDS_TABLE)
 
 
 def downgrade() -> None:
