@@ -227,10 +227,10 @@ UTILITY = {
     "MLP 30-16-2 (the issue's example)": (
         lambda: nn.Sequential(nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 2)),
         50,
-        256,
-        "adam",
-        0.05,
-        1.0,
+        455,
+        "sgd",
+        2.0,
+        0.3,
     ),
     "MLP 30-256-256-2": (
         lambda: nn.Sequential(nn.Linear(30, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2)),
