@@ -291,6 +291,30 @@ async def test_sign_in_without_an_audit_record_is_refused(demo, tmp_path):
     assert "audit trail" in e.value.log_message
 
 
+async def test_refused_sign_ins_while_the_trail_is_down_are_recorded_once_it_is_back_after_a_restart(demo):
+    """Attack: guess passwords while the audit trail is down. A refusal needs no record before it (nothing
+    happens) but must not go unrecorded: it waits, held in the hub's file, and is written before the next
+    sign-in's own record, though the hub restarted in between; the sign-in waits for it."""
+    from paitient.hub import records
+    from tests.trail import trail_down
+
+    site, auth, creds = demo
+    with trail_down(site):
+        for guess in ("letmein", "hunter2"):
+            assert await sign_in(auth, "alice", guess) is None
+        with pytest.raises(web.HTTPError) as e:  # a sign-in is not let through with records waiting
+            await sign_in(auth, "alice", creds["alice"])
+        assert e.value.status_code == 503
+    held = [r["event"]["details"]["reason"] for _, r in records.HeldFile(records.held_path(site.state_dir)).held()]
+    assert held == ["wrong password or unknown user"] * 2
+    assert login_records(site) == []
+    records._backlog.cache_clear()  # the hub's process ends: only the file is left
+    assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
+    got = [(r["outcome"], "happened" in r["details"]) for r in reversed(login_records(site))]
+    assert got == [("denied", True), ("denied", True), ("ok", False)]
+    assert not records.held_path(site.state_dir).exists()
+
+
 # ---------------------------------------------------------------------------------- TLS choice
 
 

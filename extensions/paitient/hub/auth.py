@@ -45,7 +45,7 @@ from tornado import web
 from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
 
 from paitient.config import ConfigError, SiteConfig, check_owner
-from paitient.hub import signon
+from paitient.hub import records, signon
 from paitient.hub.signon import Membership
 
 UNAVAILABLE = (LDAPCommunicationError, LDAPStartTLSError, LDAPCertificateError, ssl.SSLError)
@@ -361,18 +361,16 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         if self.site is None:
             return
         from paitient.hub import tokens
-        from paitient.services import audit
 
         details = tokens.revoked_details(prefixes)
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                None,
-                lambda: audit.emit(
-                    self.site, actor="system", action="auth.token", object=name, outcome="ok", details=details
-                ),
-            )
-        except Exception as e:
-            self.log.error("audit record auth.token (revoked) for %s not written: %s", signon.shown(name), e)
+        site = self.site
+        # needs no record first: one the trail cannot take now waits for it (paitient.hub.records)
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: records.record(
+                site, actor="system", action="auth.token", object=name, outcome="ok", details=details
+            ),
+        )
 
     def current_membership(self, username: str) -> Signed | None:
         """Blocking: the user's DN and membership as the directory has them now, read with the service
@@ -434,11 +432,13 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         try:
             if self.site is None:
                 raise RuntimeError("no site configuration given to the authenticator (c.<class>.site)")
-            from paitient.services import audit
-
+            site = self.site
+            # a sign-in is recorded before it happens; a refusal's record waits for the trail if it must
             await asyncio.get_running_loop().run_in_executor(
                 None,
-                lambda: audit.emit(self.site, actor=actor, action="auth.login", outcome=outcome, details=details),
+                lambda: records.record(
+                    site, required=must_record, actor=actor, action="auth.login", outcome=outcome, details=details
+                ),
             )
         except Exception as e:
             self.log.error("audit record auth.login (%s) for %s not written: %s", outcome, signon.shown(actor), e)

@@ -48,10 +48,13 @@ def main(argv: list[str] | None = None) -> None:
         separate_services=args.separate_services,
     )
 
+    from paitient.hub import records
     from paitient.services import audit
 
-    audit.emit(
+    # required: the hub does not start unrecorded, and what waited from the hub before goes first
+    records.record(
         site,
+        required=True,
         actor="system",
         action="config.effective",
         object=site.source or "embedded-default",

@@ -146,17 +146,15 @@ class TokenRequestHandler(UserTokenListAPIHandler):
         site = getattr(self.authenticator, "site", None)
         if site is None:
             return
-        from paitient.services import audit
+        from paitient.hub import records
 
         details = {"reason": "the workspace issues no API tokens to researchers"}
         if requester != owner:
             details["user"] = owner
-        try:
-            await asyncio.to_thread(
-                audit.emit, site, actor=requester, action="auth.token", object=owner, outcome="denied", details=details
-            )
-        except Exception as e:
-            self.log.error("audit record auth.token (denied) for %s not written: %s", shown(requester), e)
+        # nothing was issued: the record needs not come first, and one the trail cannot take waits for it
+        await asyncio.to_thread(
+            records.record, site, actor=requester, action="auth.token", object=owner, outcome="denied", details=details
+        )
 
 
 class TokenPage(TokenPageHandler):

@@ -3,7 +3,8 @@
 When the trail refuses a service's records they wait in a :class:`Backlog`, in order, and are written before
 any record after them once it takes records again; each record that waited then says in ``details.happened``
 when it happened (the trail stamps when it is written). The waiting records are held in the service's own
-database (its table ``held_records``, which each store's migrations make), so a service killed or restarted
+database (its table ``held_records``, which each store's migrations make; :class:`HeldRecords`), or, for the
+hub, which has no database of paitient's, in a file (:class:`HeldFile`), so a service killed or restarted
 meanwhile loses none: the next one starts with them waiting and writes them first. Should the database refuse
 them too, they wait in memory only, and the service says so in its log.
 
@@ -16,17 +17,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, cast
 
 import sqlalchemy as sa
 
+from paitient.fsutil import atomic_write_text
 from paitient.rules.records import Event
 from paitient.services.kit.db import Database
 
-__all__ = ["HELD_RECORDS_TABLE", "Backlog", "HeldRecords"]
+__all__ = ["HELD_RECORDS_TABLE", "Backlog", "Held", "HeldFile", "HeldRecords"]
 
 HELD_RECORDS_TABLE = """CREATE TABLE held_records (
     seq BIGINT PRIMARY KEY,
@@ -35,6 +39,16 @@ HELD_RECORDS_TABLE = """CREATE TABLE held_records (
 )"""
 """The table, as the stores' migrations make it (the same SQL on SQLite and PostgreSQL; ``seq`` is given by
 :meth:`HeldRecords.hold`, in the order the records came in). Made once: a change is a new migration."""
+
+
+class Held(Protocol):
+    """Where a :class:`Backlog` holds its records: numbered in the order held."""
+
+    def hold(self, records: list[dict[str, Any]]) -> list[int]: ...
+
+    def held(self) -> list[tuple[int, dict[str, Any]]]: ...
+
+    def drop(self, seqs: list[int]) -> None: ...
 
 
 class HeldRecords:
@@ -71,6 +85,68 @@ class HeldRecords:
                 conn.execute(sa.text("DELETE FROM held_records WHERE seq = :seq"), {"seq": seq})
 
 
+class HeldFile:
+    """Records held in a file of their own (root 0600 in a 0700 folder), for one process: one JSON line per
+    record, appended and fsync'd. A line a crash cut short is skipped; forgetting rewrites the file
+    atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def hold(self, records: list[dict[str, Any]]) -> list[int]:
+        held = self.held()
+        last = held[-1][0] if held else 0
+        seqs = list(range(last + 1, last + 1 + len(records)))
+        now = time.time()
+        lines = "".join(
+            json.dumps({"seq": seq, "held": now, "record": record}, sort_keys=True) + "\n"
+            for seq, record in zip(seqs, records, strict=True)
+        )
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size and not self._ends_whole():
+                lines = "\n" + lines  # after a line a crash cut short, on a line of its own
+            os.write(fd, lines.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return seqs
+
+    def _ends_whole(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _entries(self) -> list[dict[str, Any]]:
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                int(entry["seq"]), dict(entry["record"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            out.append(entry)
+        return out
+
+    def held(self) -> list[tuple[int, dict[str, Any]]]:
+        return [(int(e["seq"]), dict(e["record"])) for e in self._entries()]
+
+    def drop(self, seqs: list[int]) -> None:
+        gone = set(seqs)
+        if not gone:
+            return
+        kept = [e for e in self._entries() if int(e["seq"]) not in gone]
+        if not kept:
+            self.path.unlink(missing_ok=True)
+            return
+        atomic_write_text(self.path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept), mode=0o600)
+
+
 class _Waiting(NamedTuple):
     event: Event
     happened: str
@@ -81,7 +157,7 @@ class _Waiting(NamedTuple):
 class Backlog:
     """The records of one service on their way to the trail. Thread-safe."""
 
-    def __init__(self, held: HeldRecords, write: Callable[[list[Event]], Any], log: logging.Logger, name: str) -> None:
+    def __init__(self, held: Held, write: Callable[[list[Event]], Any], log: logging.Logger, name: str) -> None:
         """``write``: appends records to the trail, all or none, or raises."""
         self._held = held
         self._write = write
