@@ -7,8 +7,11 @@ environment of :func:`user_server_env`.
 Nothing under the user's home (``~/.jupyter``, ``~/.local/share/jupyter``, ``~/.ipython/kernels``,
 user site-packages) is read for policy.
 
-:func:`server_config` is the pure part (site + member -> config dict); :func:`write_user_server_config`
-writes it, the kernel spec, the JupyterLab page config and setting overrides, and the ``migrated`` marker.
+:func:`server_config_at` is the pure part (site + projects + where things are -> config dict);
+:func:`write_server_files` writes a config, the kernel spec, the JupyterLab page config and setting overrides,
+and the ``migrated`` marker. On a host :func:`write_user_server_config` does both with the host's places; in a
+Kubernetes pod the hub renders the config with the pod's places and the pod's init container writes it
+(:mod:`paitient.hub.podconfig`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import pwd
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +67,15 @@ def kernel_spec(python: str = sys.executable) -> dict[str, Any]:
     }
 
 
+def project_datasets(site: SiteConfig, projects: tuple[str, ...]) -> dict[str, list[str]]:
+    """Project -> its datasets, for ``projects`` (those the site no longer lists are left out)."""
+    known = {p.name: p for p in site.projects}
+    return {name: list(known[name].datasets) for name in projects if name in known}
+
+
 def member_datasets(site: SiteConfig, member: Member) -> dict[str, list[str]]:
     """Project -> datasets the member may read (projects the site no longer lists are left out)."""
-    known = {p.name: p for p in site.projects}
-    return {name: list(known[name].datasets) for name in member.projects if name in known}
+    return project_datasets(site, member.projects)
 
 
 def idle_culling(idle_timeout: int) -> dict[str, Any]:
@@ -94,17 +103,67 @@ def lab_settings_dir(data_dir: str | os.PathLike[str]) -> str:
     return os.path.join(data_dir, "lab", "settings")
 
 
-def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
-    """The traitlets configuration (as JSON) of ``member``'s server.
+@dataclass(frozen=True)
+class ServerPlaces:
+    """Where a user's server finds what its configuration names: the home, its Jupyter data dir (the kernel
+    spec, JupyterLab's overrides), the folder it writes itself, the launcher's and the egress gate's sockets,
+    and the data root and services' folder its kernels get."""
+
+    home: str
+    data_dir: str
+    state_dir: str
+    launcher_socket: str
+    egress_socket: str
+    data_root: str
+    run_dir: str
+
+    @classmethod
+    def on_host(cls, site: SiteConfig, home: str, data_dir: str, state_dir: str) -> ServerPlaces:
+        """A host's: the sockets in ``<state_dir>/gate``, the site's data root and run dir."""
+        return cls(
+            home=str(home),
+            data_dir=str(data_dir),
+            state_dir=str(state_dir),
+            launcher_socket=str(launcher.socket_path(site)),
+            egress_socket=str(egress.socket_path(site)),
+            data_root=str(site.data_root),
+            run_dir=str(site.run_dir),
+        )
+
+
+def placed_settings(places: ServerPlaces) -> dict[str, dict[str, Any]]:
+    """Every setting of the server's configuration that names a place, and only those.
 
     ``state_dir`` is what the server itself writes, outside the home and so out of the kernels' reach:
     JupyterLab's user settings and workspaces (whose APIs send files back as they are) and the notebook
     signing key and signatures (which decide whether a notebook's HTML and scripts are trusted).
     """
-    lab_dir = os.path.join(state_dir, "lab")
-    home = str(home)
-    limits = site.egress_for_user(member.projects)
+    lab_dir = os.path.join(places.state_dir, "lab")
     return {
+        "ServerApp": {"root_dir": places.home},
+        # Every byte to the browser passes the egress gate, which asks the root-side egress service.
+        "PaitientServerExtension": {"egress_socket": places.egress_socket},
+        "SandboxKernelSpecManager": {"sandbox_kernel_dirs": [os.path.join(places.data_dir, "kernels")]},
+        "SandboxProvisioner": {
+            # the launcher builds the sandbox and starts the kernel; what follows only describes it
+            "launcher_socket": places.launcher_socket,
+            "data_root": places.data_root,
+            "run_dir": places.run_dir,
+        },
+        "CappedWebsocketConnection": {"audit_run_dir": places.run_dir},
+        "NotebookNotary": {"data_dir": os.path.join(places.state_dir, "notary")},
+        "LabApp": {
+            "user_settings_dir": os.path.join(lab_dir, "user-settings"),
+            "workspaces_dir": os.path.join(lab_dir, "workspaces"),
+            "app_settings_dir": lab_settings_dir(places.data_dir),
+        },
+    }
+
+
+def server_config_at(site: SiteConfig, projects: tuple[str, ...], places: ServerPlaces) -> dict[str, Any]:
+    """The traitlets configuration (as JSON) of the server of a user in ``projects``, with ``places``."""
+    limits = site.egress_for_user(projects)
+    config: dict[str, Any] = {
         "ServerApp": {
             "jpserver_extensions": {
                 "paitient.server": True,
@@ -112,7 +171,6 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
                 "jupyter_server_terminals": False,
                 "jupyter_lsp": False,
             },
-            "root_dir": home,
             "terminals_enabled": False,
             # The paitient extension refuses a server that is not locked down; that must stop the server.
             "reraise_server_extension_failures": True,
@@ -131,9 +189,7 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "max_content_bytes": site.server.contents_cap_bytes,
             "max_text_bytes": limits.contents_bytes,
         },
-        # Every byte to the browser passes the egress gate, which asks the root-side egress service.
         "PaitientServerExtension": {
-            "egress_socket": str(egress.socket_path(site)),
             "fail_closed_bytes": limits.fail_closed_bytes,
             "unchecked_bytes": limits.unchecked_bytes,
         },
@@ -143,14 +199,9 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "ensure_native_kernel": False,
             "allowed_kernelspecs": [KERNEL_NAME],
         },
-        "SandboxKernelSpecManager": {"sandbox_kernel_dirs": [os.path.join(data_dir, "kernels")]},
         "MappingKernelManager": {"default_kernel_name": KERNEL_NAME, **idle_culling(site.server.idle_timeout)},
         "SandboxProvisioner": {
-            # root's launcher builds the sandbox and starts the kernel; what follows only describes it
-            "launcher_socket": str(launcher.socket_path(site)),
-            "data_root": str(site.data_root),
-            "run_dir": str(site.run_dir),
-            "projects": member_datasets(site, member),
+            "projects": project_datasets(site, projects),
             "memory_mb": site.sandbox.memory_mb,
             "max_processes": site.sandbox.max_processes,
             "max_open_files": site.sandbox.max_open_files,
@@ -159,13 +210,8 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
         "CappedWebsocketConnection": {
             "output_cap_message_bytes": site.server.output_cap_message_bytes,
             "output_cap_execution_bytes": site.server.output_cap_execution_bytes,
-            "audit_run_dir": str(site.run_dir),
         },
-        "NotebookNotary": {"data_dir": os.path.join(state_dir, "notary")},
         "LabApp": {
-            "user_settings_dir": os.path.join(lab_dir, "user-settings"),
-            "workspaces_dir": os.path.join(lab_dir, "workspaces"),
-            "app_settings_dir": lab_settings_dir(data_dir),
             # The server's network reaches only the hub's API (paitient.hub.servernet); should that ever
             # widen, nothing here may make it fetch a URL or query an index on a user's behalf either (an
             # extension search carries whatever text the user typed).
@@ -174,6 +220,14 @@ def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, st
             "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
         },
     }
+    for section, settings in placed_settings(places).items():
+        config.setdefault(section, {}).update(settings)
+    return config
+
+
+def server_config(site: SiteConfig, member: Member, home: str, data_dir: str, state_dir: str) -> dict[str, Any]:
+    """The traitlets configuration (as JSON) of ``member``'s server on a host (:meth:`ServerPlaces.on_host`)."""
+    return server_config_at(site, member.projects, ServerPlaces.on_host(site, home, data_dir, state_dir))
 
 
 def page_config() -> dict[str, Any]:
@@ -202,26 +256,17 @@ def _root_dir(path: Path) -> None:
         os.chown(path, 0, 0)
 
 
-def write_user_server_config(
-    site: SiteConfig,
-    member: Member,
-    dest_config_dir: str | os.PathLike[str],
-    dest_data_dir: str | os.PathLike[str],
+def write_server_files(
+    config: dict[str, Any], dest_config_dir: str | os.PathLike[str], dest_data_dir: str | os.PathLike[str]
 ) -> None:
-    """Write ``member``'s server configuration; the spawner calls this (as root) before every start.
+    """Publish a server's configuration: ``config`` as ``jupyter_server_config.json``, the workspace's kernel
+    spec (the only one: others in the data dir are removed), JupyterLab's page config and setting overrides,
+    and jupyter_core's ``migrated`` marker.
 
-    Files are root-owned 0644 in root-owned 0755 folders, published atomically. Kernel specs other than
-    the workspace's are removed from the data dir. Next to the config dir, ``state`` (the user's, 0700) is
-    where the server writes (see :func:`server_config`).
+    Files 0644 in folders 0755, each published atomically; root's when root writes them (on a host), the
+    pod's uid's in a pod, where the server's container mounts them read-only.
     """
     config_dir, data_dir = Path(dest_config_dir), Path(dest_data_dir)
-    pw = pwd.getpwnam(member.account)
-    home = pw.pw_dir
-    state_dir = config_dir.parent / "state"
-    for d in (state_dir, state_dir / "lab", state_dir / "notary"):
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        os.chown(d, pw.pw_uid, pw.pw_gid)
     settings_dir = Path(lab_settings_dir(data_dir))
     for d in (config_dir, config_dir / "labconfig", data_dir, data_dir / "kernels", settings_dir.parent, settings_dir):
         _root_dir(d)
@@ -234,12 +279,31 @@ def write_user_server_config(
         spec_dir.unlink()
     _root_dir(spec_dir)
     atomic_write_json(spec_dir / "kernel.json", kernel_spec(), mode=0o644)
-    atomic_write_json(
-        config_dir / "jupyter_server_config.json",
-        server_config(site, member, home, str(data_dir), str(state_dir)),
-        mode=0o644,
-    )
+    atomic_write_json(config_dir / "jupyter_server_config.json", config, mode=0o644)
     atomic_write_json(config_dir / "labconfig" / "page_config.json", page_config(), mode=0o644)
     atomic_write_json(settings_dir / "overrides.json", LAB_SETTING_OVERRIDES, mode=0o644)
-    # jupyter_core writes this marker on first start; in a root-owned folder that write would fail.
+    # jupyter_core writes this marker on first start; in a folder the server cannot write, that would fail.
     atomic_write_text(config_dir / "migrated", "paitient\n", mode=0o644)
+
+
+def write_user_server_config(
+    site: SiteConfig,
+    member: Member,
+    dest_config_dir: str | os.PathLike[str],
+    dest_data_dir: str | os.PathLike[str],
+) -> None:
+    """Write ``member``'s server configuration; the spawner calls this (as root) before every start.
+
+    Files are root-owned 0644 in root-owned 0755 folders, published atomically (:func:`write_server_files`).
+    Next to the config dir, ``state`` (the user's, 0700) is where the server writes (see
+    :func:`placed_settings`).
+    """
+    config_dir = Path(dest_config_dir)
+    pw = pwd.getpwnam(member.account)
+    state_dir = config_dir.parent / "state"
+    for d in (state_dir, state_dir / "lab", state_dir / "notary"):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+    config = server_config(site, member, pw.pw_dir, str(dest_data_dir), str(state_dir))
+    write_server_files(config, config_dir, dest_data_dir)
