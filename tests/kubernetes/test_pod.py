@@ -11,6 +11,7 @@ from traitlets.config import Config
 
 from paitient import config as site_config
 from paitient.hub.kubernetes import (
+    CONFIG_CONTAINER,
     KERNELS_CONTAINER,
     NOTEBOOK_CONTAINER,
     SERVICE_PORTS,
@@ -64,7 +65,7 @@ async def test_every_container_runs_as_the_users_own_uid_never_root(site, make_u
 
 async def test_no_container_can_gain_a_privilege(site, make_user, render):
     pod = await render(make_user("alice", ("oncology",)), profile(site))
-    assert [c["name"] for c in all_containers(pod)] == [NOTEBOOK_CONTAINER, KERNELS_CONTAINER]
+    assert [c["name"] for c in all_containers(pod)] == [NOTEBOOK_CONTAINER, KERNELS_CONTAINER, CONFIG_CONTAINER]
     for container in all_containers(pod):
         ctx = container["securityContext"]
         assert ctx["allowPrivilegeEscalation"] is False, container["name"]
@@ -136,13 +137,20 @@ async def test_the_home_is_the_users_own_claim_in_both_containers(site, make_use
     pod = await render(make_user("alice", ("oncology",)), profile(site))
     homes = [v for v in pod["spec"]["volumes"] if v["name"] == "home"]
     assert homes == [{"name": "home", "persistentVolumeClaim": {"claimName": "paitient-home-alice"}}]
-    for container in all_containers(pod):
+    for container in pod["spec"]["containers"]:
         assert {"name": "home", "mountPath": "/home/researcher"} in container["volumeMounts"]
+    # the container that writes the server's configuration does not see the home: nothing there decides it
+    (init,) = pod["spec"]["initContainers"]
+    assert not [m for m in init["volumeMounts"] if m["name"] == "home" or m["mountPath"].startswith("/home")]
 
 
 async def test_both_containers_run_the_profiles_image(site, make_user, render):
     pod = await render(make_user("alice", ("oncology",)), profile(site))
-    assert {c["name"]: c["image"] for c in all_containers(pod)} == {NOTEBOOK_CONTAINER: IMAGE, KERNELS_CONTAINER: IMAGE}
+    assert {c["name"]: c["image"] for c in all_containers(pod)} == {
+        NOTEBOOK_CONTAINER: IMAGE,
+        KERNELS_CONTAINER: IMAGE,
+        CONFIG_CONTAINER: IMAGE,
+    }
     assert containers(pod)[NOTEBOOK_CONTAINER]["args"] == server_argv("python")
 
 

@@ -17,7 +17,11 @@ so the decisions move into the pod's manifest, which the hub writes and nobody i
   workspace's seccomp filter. bubblewrap needs user namespaces and a /proc it can mount again, so that one
   container runs without the runtime's seccomp filter and AppArmor profile, with an unmasked /proc, in a
   pod with a user namespace of its own (``hostUsers: false``); it still has no capability and no
-  privilege escalation. ``docs/kubernetes.md`` explains the choice.
+  privilege escalation. ``docs/kubernetes.md`` explains the choice;
+- **the server's policy**: an init container (``server-config``, same uid, the server's restrictions) writes
+  the server's Jupyter configuration, which the hub renders from the site and the user into its arguments,
+  into a volume the server's container mounts read-only and the kernels' container not at all
+  (:mod:`paitient.hub.podconfig`); nothing in the home is read for policy, as on a host.
 
 The pure part (:func:`pod_plan`, :func:`network_policies`, :func:`service_entries`) turns the site and a
 user into plain data; :class:`PaitientKubeSpawner` and :func:`configure_kubernetes` are the thin wrappers
@@ -34,13 +38,17 @@ from traitlets import Dict, Int, List, Unicode, default
 from traitlets.config import Config
 
 from paitient.config import SiteConfig
+from paitient.hub import podconfig
 from paitient.hub.paths import server_argv
+from paitient.hub.serverconfig import user_server_env
 from paitient.hub.spawner import SiteSpawnerMixin
 from paitient.services.launcher import pod as launcher
 
 NOTEBOOK_CONTAINER = "notebook"
 """KubeSpawner's name for the pod's main container: the user's Jupyter server."""
 KERNELS_CONTAINER = "kernels"
+CONFIG_CONTAINER = "server-config"
+"""The init container that writes the server's configuration (:mod:`paitient.hub.podconfig`)."""
 HOME = launcher.HOME
 DATA = launcher.DATA
 RUNTIME_SOCKETS = launcher.SOCKETS
@@ -123,6 +131,7 @@ class PodPlan:
     volumes: tuple[dict[str, Any], ...]
     notebook_mounts: tuple[dict[str, Any], ...]
     kernels_mounts: tuple[dict[str, Any], ...]
+    config_mounts: tuple[dict[str, Any], ...]
 
 
 def data_volume_name(project: str) -> str:
@@ -141,7 +150,9 @@ def pod_plan(
     """The user's pod: uid, groups, and volumes (the home, one read-only claim per project of the user's).
 
     Projects the site does not list are left out; so are the data of every other project. The data are
-    mounted into the kernels' container only: the server reads no dataset, as on a host.
+    mounted into the kernels' container only: the server reads no dataset, as on a host. The server's
+    configuration volume is written by the init container and mounted read-only by the server's container
+    only; the server's own files (``server-state``) are the server's container's alone.
     """
     known = {p.name for p in site.projects}
     mine = tuple(sorted(p for p in set(projects) if p in known))
@@ -150,6 +161,8 @@ def pod_plan(
         {"name": "home", "persistentVolumeClaim": {"claimName": home_claim}},
         {"name": "sockets", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "server-config", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {"name": "server-state", "emptyDir": {"sizeLimit": "100Mi"}},
     ]
     shared = [
         {"name": "home", "mountPath": HOME},
@@ -169,8 +182,16 @@ def pod_plan(
         groups=tuple(sorted({project_gids[p] for p in mine if p in project_gids})),
         projects=mine,
         volumes=tuple(volumes),
-        notebook_mounts=tuple(shared),
+        notebook_mounts=(
+            *shared,
+            {"name": "server-config", "mountPath": podconfig.JUPYTER, "readOnly": True},
+            {"name": "server-state", "mountPath": podconfig.STATE},
+        ),
         kernels_mounts=tuple(shared + data_mounts),
+        config_mounts=(
+            {"name": "server-config", "mountPath": podconfig.JUPYTER},
+            {"name": "server-state", "mountPath": podconfig.STATE},
+        ),
     )
 
 
@@ -199,6 +220,16 @@ def kernels_env() -> dict[str, str]:
         "PYTHONNOUSERSITE": "1",
         "LANG": "C.UTF-8",
     }
+
+
+def literal(text: str) -> str:
+    """``text`` as KubeSpawner's templates (``str.format``) leave it unchanged."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def config_env() -> dict[str, str]:
+    """The init container's whole environment: no home, no credential."""
+    return {"PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8"}
 
 
 # -- the network ----------------------------------------------------------------------------------
@@ -377,14 +408,40 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
                 "workingDir": HOME,
             }
         ]
+        self.init_containers = [
+            {
+                "name": CONFIG_CONTAINER,
+                "image": self.image,
+                "imagePullPolicy": self.image_pull_policy,
+                # KubeSpawner fills {username}-style templates into every string of a container; the
+                # configuration's JSON braces are escaped so that it comes out as the hub rendered it
+                "args": [
+                    literal(arg)
+                    for arg in podconfig.pod_config_argv("python", podconfig.pod_server_config(self.site, p.projects))
+                ],
+                "env": [{"name": k, "value": v} for k, v in sorted(config_env().items())],
+                "volumeMounts": list(p.config_mounts),
+                "securityContext": notebook_context(p.uid, p.gid),
+            }
+        ]
         self.extra_pod_config = {**self.extra_pod_config, "hostUsers": False, "enableServiceLinks": False}
         return await super().get_pod_manifest()
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
-        for var in ("PYTHONPATH", "PYTHONSTARTUP", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONHOME", "JUPYTER_PATH"):
+        for var in (
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "PYTHONHOME",
+            "JUPYTER_PATH",
+            "JUPYTER_CONFIG_PATH",
+        ):
             env.pop(var, None)
         env.update(HOME=HOME, PYTHONNOUSERSITE="1", PAITIENT_LAUNCHER_SOCKET=launcher.SOCKET)
+        # the configuration the init container wrote, read-only (JUPYTER_CONFIG_DIR, JUPYTER_DATA_DIR)
+        env.update(user_server_env(podconfig.CONFIG_DIR, podconfig.DATA_DIR, HOME))
         return env
 
 
