@@ -20,6 +20,7 @@ from traitlets.config import Config
 
 from paitient import config as site_config
 from paitient.hub.kubernetes import PaitientKubeSpawner
+from tests.postgres import Database, database_toml
 
 KUBECONFIG = """\
 apiVersion: v1
@@ -79,14 +80,22 @@ def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old
 
 
+@pytest.fixture(scope="session")
+def hub_database(postgres_server: Any) -> Database:
+    """The PostgreSQL database the sites of these tests name (the profile requires one): the session's real
+    server; each hub configuration makes (or finds) its schema ``hub`` there."""
+    return postgres_server.database()
+
+
 @pytest.fixture
-def site_file(tmp_path: Path) -> Path:
-    """A hospital's site file (root's, as the loader wants) with three projects and an AD service account."""
+def site_file(tmp_path: Path, hub_database: Database) -> Path:
+    """A hospital's site file (root's, as the loader wants) with three projects, an AD service account and the
+    PostgreSQL database the hub and the services share."""
     password = tmp_path / "directory-password"
     password.write_text(DIRECTORY_PASSWORD + "\n")
     password.chmod(0o600)
     path = tmp_path / "site.toml"
-    path.write_text(SITE.format(state=tmp_path / "state", password=password))
+    path.write_text(SITE.format(state=tmp_path / "state", password=password) + database_toml(hub_database.site_table()))
     path.chmod(0o644)
     return path
 

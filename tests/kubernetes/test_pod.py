@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 from traitlets.config import Config
 
 from paitient import config as site_config
@@ -199,14 +200,16 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
     assert (app.memory_mb, app.cpu_seconds) == (2048, 600)
 
 
-async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_user, render):
+async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_user, render, postgres_server):
     c = profile(site)
     # an operator's environment for users that would change how Python loads code is dropped
     c.KubeSpawner.environment = {"PYTHONPATH": "/home/researcher/evil", "LD_PRELOAD": "/home/researcher/x.so"}
     pod = await render(make_user("alice", ("oncology",)), c, api_token="alices-server-token")
     text = json.dumps(pod)
-    for secret in (COOKIE_SECRET, PROXY_TOKEN, DIRECTORY_PASSWORD, *SERVICE_TOKENS.values()):
+    for secret in (COOKIE_SECRET, PROXY_TOKEN, DIRECTORY_PASSWORD, postgres_server.password, *SERVICE_TOKENS.values()):
         assert secret not in text
+    # nor where the hub's database is, or the file that holds its password
+    assert site.database.url not in text and site.database.passfile not in text
     by_name = containers(pod)
     notebook = {e["name"]: e.get("value") for e in by_name[NOTEBOOK_CONTAINER]["env"]}
     assert notebook["JUPYTERHUB_API_TOKEN"] == "alices-server-token"
@@ -239,6 +242,25 @@ def test_a_uid_beyond_the_accounts_range_is_refused(site_file):
     assert user_uid(site, 2) == site.accounts.uid_min + 2
     with pytest.raises(ProfileError, match="max_accounts"):
         user_uid(site, 3)
+
+
+def test_the_profile_needs_a_database_the_hub_and_the_services_share(site_file):
+    """SQLite files on a pod's own disk would be lost with the pod and unseen by the services' pod."""
+    site = site_config.load(site_file, overrides={"database": {"url": "", "passfile": ""}})
+    assert site.directory.url  # the directory is there: the database is what is missing
+    c = Config()
+    with pytest.raises(ProfileError, match=r'needs \[database\] url.*passfile = "/etc/paitient/database/pgpass"'):
+        configure_kubernetes(c, site, image=IMAGE)
+    assert "db_url" not in c.JupyterHub
+
+
+def test_the_hubs_database_is_the_sites(site, hub_database):
+    c = configure_kubernetes(Config(), site, image=IMAGE)
+    url = make_url(c.JupyterHub.db_url)
+    assert url.drivername == "postgresql+psycopg"
+    assert url.database == make_url(hub_database.url).database
+    assert url.query["passfile"] == hub_database.passfile
+    assert "search_path=hub" in url.query["options"]
 
 
 def test_the_profile_needs_the_hospitals_directory():

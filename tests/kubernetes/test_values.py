@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 from traitlets.config import Config
 
-from paitient.hub.kubernetes import SERVICE_PORTS, ProfileError
+from paitient import config as site_config
+from paitient.hub.kubernetes import DATABASE_PASSFILE, SERVICE_PORTS, ProfileError
 from tests.kubernetes.conftest import containers
+from tests.postgres import database_toml
 
 VALUES = Path(__file__).resolve().parents[2] / "hub_config" / "kubernetes" / "values.yaml"
 
@@ -107,3 +110,69 @@ async def test_the_values_settings_reach_the_pod(site_file, make_user, render):
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert f"{get_config('custom.paitient.dataClaimPrefix')}oncology" in claims
     assert pod["spec"]["securityContext"]["supplementalGroups"] == [get_config("custom.paitient.projectGids.oncology")]
+
+
+def secret_volume(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The hub's volume ``name`` and its mount, as the values give them."""
+    (volume,) = [v for v in get_config("hub.extraVolumes") if v["name"] == name]
+    (mount,) = [m for m in get_config("hub.extraVolumeMounts") if m["name"] == name]
+    return volume, mount
+
+
+def test_the_hub_mounts_the_databases_password_file_as_it_mounts_the_directorys():
+    volume, mount = secret_volume("paitient-database")
+    assert volume["secret"] == {"secretName": "paitient-database", "defaultMode": 0o400}
+    assert mount == {"name": "paitient-database", "mountPath": os.path.dirname(DATABASE_PASSFILE), "readOnly": True}
+    assert os.path.basename(DATABASE_PASSFILE) == "pgpass"  # the Secret's key
+    directory, _ = secret_volume("paitient-directory")
+    assert directory["secret"]["defaultMode"] == volume["secret"]["defaultMode"]
+    # the hub's database is the site's: the chart makes no SQLite volume and names no URL of its own
+    assert get_config("hub.db.type") == "other" and get_config("hub.db.url") is None
+
+
+def site_with_passfile(site_file: Path, url: str, passfile: str) -> Path:
+    text = site_file.read_text().split("[database]")[0]
+    site_file.write_text(text + database_toml({"url": url, "passfile": passfile}))
+    return site_file
+
+
+def kubelet_secret(folder: Path, key: str, content: str) -> Path:
+    """A Secret volume as the kubelet lays it out (a timestamped folder, ``..data`` linking to it, each key a
+    link through ``..data``), owned by root with the values' ``defaultMode`` 0400. Returns the key's path."""
+    stamped = folder / "..2026_12_04_20_00_00.000000001"
+    stamped.mkdir(parents=True)
+    (stamped / key).write_text(content)
+    (stamped / key).chmod(0o400)
+    (folder / "..data").symlink_to(stamped.name)
+    (folder / key).symlink_to(f"..data/{key}")
+    return folder / key
+
+
+def test_a_site_whose_passfile_is_the_mounted_secret_is_the_hubs_database(site_file, postgres_db, tmp_path):
+    """The site names the mounted Secret: the loader takes it, and the hub (the values' extraConfig) reads the
+    password there. Where nothing is mounted (this machine) it says so; with the Secret's file at a folder
+    standing for the mount, the hub's configuration reaches the database and makes the hub's schema."""
+    from paitient.services.kit.db import DatabaseError
+
+    site_with_passfile(site_file, postgres_db.url, DATABASE_PASSFILE)
+    assert site_config.load(site_file).database.passfile == DATABASE_PASSFILE
+    assert not os.path.exists(DATABASE_PASSFILE)
+    with pytest.raises(DatabaseError, match=f"passfile {DATABASE_PASSFILE} does not exist"):
+        chart_config(site_file)
+
+    mounted = kubelet_secret(tmp_path / "mounted", "pgpass", Path(postgres_db.passfile).read_text())
+    site_with_passfile(site_file, postgres_db.url, str(mounted))
+    c = chart_config(site_file)
+    url = make_url(c.JupyterHub.db_url)
+    assert url.query["passfile"] == str(mounted) and "search_path=hub" in url.query["options"]
+    import psycopg
+
+    with psycopg.connect(postgres_db.url, passfile=str(mounted)) as conn:
+        schemas = {row[0] for row in conn.execute("SELECT schema_name FROM information_schema.schemata")}
+    assert "hub" in schemas
+
+
+def test_values_with_a_site_without_a_database_make_no_hub(site_file):
+    site_file.write_text(site_file.read_text().split("[database]")[0])
+    with pytest.raises(ProfileError, match=r"needs \[database\] url"):
+        chart_config(site_file)

@@ -67,6 +67,9 @@ SERVICE_PORTS = {"airlock": 8410, "ledger": 8411, "audit": 8412, "egress": 8413,
 """Where each service listens in the services pod. The hub and users' servers reach them there only."""
 HUB_API_PORT = 8081
 NOTEBOOK_PORT = 8888
+DATABASE_PASSFILE = "/etc/paitient/database/pgpass"
+"""Where ``hub_config/kubernetes/values.yaml`` mounts the database's password file (the Secret
+``paitient-database``, key ``pgpass``, 0400) in the hub's container: the site's ``[database] passfile``."""
 
 
 class ProfileError(ValueError):
@@ -456,16 +459,27 @@ def configure_kubernetes(
 ) -> Config:
     """The hub settings of the profile, on top of :func:`paitient.hub.auth.configure_from_site`'s sign-in.
 
-    Zero to JupyterHub's ``hub.extraConfig`` calls this (``hub_config/kubernetes/values.yaml``).
+    Zero to JupyterHub's ``hub.extraConfig`` calls this (``hub_config/kubernetes/values.yaml``). The site must
+    name a PostgreSQL database (``[database] url``); the hub's schema in it is made here when missing, so the
+    database must be reachable when the hub starts.
     """
     from paitient.hub import landing, tokens
     from paitient.hub.auth import configure_from_site
-    from paitient.hub.hubconfig import RESEARCHER_SCOPES, STEWARD_SCOPES, managed_services
+    from paitient.hub.hubconfig import RESEARCHER_SCOPES, STEWARD_SCOPES, hub_db_url, managed_services
     from paitient.hub.signon import OWN_SCOPES
 
     if not site.directory.url:
         raise ProfileError("the Kubernetes profile needs [directory] url: there is no embedded directory in a cluster")
+    if not site.database.url:
+        raise ProfileError(
+            "the Kubernetes profile needs [database] url: without it the hub and the services keep their state in "
+            "SQLite files on a pod's own disk, lost when the pod moves and not shared between the hub and the "
+            'services\' pod. Set [database] url = "postgresql://USER@HOST[:PORT]/DATABASE" and passfile = '
+            f'"{DATABASE_PASSFILE}" (the Secret paitient-database; docs/kubernetes.md)'
+        )
     configure_from_site(c, site)
+    # the hub's tables in the schema "hub" of the site's database (made here when missing), as on a host
+    c.JupyterHub.db_url = hub_db_url(site)
     c.Authenticator.manage_groups = True
     c.Authenticator.manage_roles = True
     c.Authenticator.reset_managed_roles_on_startup = True
