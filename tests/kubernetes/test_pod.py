@@ -18,6 +18,7 @@ from paitient.hub.kubernetes import (
     SERVICE_PORTS,
     ProfileError,
     configure_kubernetes,
+    literal,
     user_uid,
 )
 from paitient.hub.paths import server_argv
@@ -235,6 +236,13 @@ async def test_without_a_kernel_launcher_no_pod_is_made(site, make_user, render)
     c.PaitientKubeSpawner.kernels_cmd = []
     with pytest.raises(ProfileError, match="kernels_cmd is empty.*paitient.services.launcher.pod"):
         await render(make_user("alice", ("oncology",)), c)
+
+
+def test_an_argument_reaches_the_container_as_the_hub_wrote_it_or_not_at_all():
+    """KubeSpawner's templates would eat braces and Kubernetes would expand $(NAME) in a container's args."""
+    assert literal('{"a":"{username}"}').format(username="alice") == '{"a":"{username}"}'
+    with pytest.raises(ProfileError, match="Kubernetes would expand"):
+        literal('{"a":"$(HOME)"}')
 
 
 def test_a_uid_beyond_the_accounts_range_is_refused(site_file):

@@ -226,7 +226,10 @@ def kernels_env() -> dict[str, str]:
 
 
 def literal(text: str) -> str:
-    """``text`` as KubeSpawner's templates (``str.format``) leave it unchanged."""
+    """``text`` as KubeSpawner's templates (``str.format``) leave it unchanged. Kubernetes itself would replace
+    ``$(NAME)`` in a container's arguments with a variable of its environment: such text is refused."""
+    if "$(" in text:
+        raise ProfileError(f"a container argument holds '$(', which Kubernetes would expand: {text[:200]!r}")
     return text.replace("{", "{{").replace("}", "}}")
 
 
