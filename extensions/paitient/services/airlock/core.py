@@ -665,9 +665,10 @@ class Airlock:
     def _work(self) -> None:
         while True:
             try:
-                rid = self._queue.get(timeout=BACKLOG_RETRY if self.backlog.waiting else None)
+                rid = self._queue.get(timeout=BACKLOG_RETRY)
             except queue.Empty:
-                self.backlog.flush()
+                if self.backlog.waiting:
+                    self.backlog.flush()
                 continue
             try:
                 if rid is None:
