@@ -255,6 +255,36 @@ def test_running_out_of_names_says_what_to_do(world_tmp, prefix):
     assert "paitient accounts prune" in spawns[0]["details"]["reason"]  # the operator's remedy is on record
 
 
+def test_a_failed_spawn_while_the_trail_is_down_is_still_the_researchers_503_and_is_recorded_once_it_is_back(
+    world_tmp, prefix
+):
+    """The spawner's records come after what they record: a trail that is down must neither turn the
+    researcher's 503 into an internal error nor lose the record; it waits, and the hub's next record brings it."""
+    from tornado import web
+
+    from paitient.hub import records
+    from paitient.hub.spawner import PaitientLocalSpawner
+    from tests.trail import trail_down, trail_records
+
+    site = site_for(world_tmp, prefix)
+    for name in candidates("alice", prefix):
+        subprocess.run(["useradd", "--comment", "not paitient's", name], check=True, capture_output=True)
+    spawner = PaitientLocalSpawner(
+        user=SimpleNamespace(name="alice", groups=[], roles=[]), site_state_dir=str(site.state_dir)
+    )
+    spawner._site = site
+    with trail_down(site):
+        with pytest.raises(web.HTTPError) as caught:
+            asyncio.run(spawner.start())
+        assert caught.value.status_code == 503
+    assert trail_records(site, action="server.spawn") == []
+    assert records.backlog(site).waiting == 1
+    records.record(site, actor="system", action="hub.test", details={})
+    (spawn,) = trail_records(site, action="server.spawn")
+    assert spawn["outcome"] == "error" and "paitient accounts prune" in spawn["details"]["reason"]
+    assert "happened" in spawn["details"] and records.backlog(site).waiting == 0
+
+
 @pytest.mark.parametrize("name", ["nobody", "root", "Bad_Name"])
 def test_a_shared_or_malformed_worker_account_is_refused(world_tmp, name):
     from paitient.config import ConfigError

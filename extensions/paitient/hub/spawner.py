@@ -189,10 +189,12 @@ class WorkspaceServerMixin(SiteSpawnerMixin):
             self.log.info("added example notebooks to the home of %s: %s", account, ", ".join(added))  # type: ignore[attr-defined]
 
     async def _audit(self, action: str, outcome: str = "ok", **details) -> None:
-        from paitient.services import audit
+        """Record what the spawner did (after the fact: a start, a stop, a failure); one the trail cannot take
+        now waits for it (:mod:`paitient.hub.records`) instead of failing the start or the stop."""
+        from paitient.hub import records
 
         await asyncio.to_thread(
-            audit.emit,
+            records.record,
             self.site,
             actor=self.user.name,
             action=action,
