@@ -9,8 +9,10 @@ import pytest
 
 from paitient.channel import ChannelError
 from paitient.rules import review
+from paitient.services.airlock.metrics import airlock_registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
 from tests.airlock.helpers import GOOD, STEWARD, submit, wait_state
+from tests.scrape import value
 
 
 class Trail:
@@ -93,6 +95,7 @@ def test_what_the_airlock_refused_while_the_trail_was_down_is_recorded_once_it_i
     with pytest.raises(PermissionError, match="not released"):
         airlock.download(rid, username="alice", scopes=set())
     assert airlock.backlog.waiting == 1
+    assert value(airlock_registry(airlock), "paitient_airlock_records_waiting") == 1
     airlock.stop()  # a service stopped or killed now: the record is in the database, not only in its memory
     trail.down = False
     again = Airlock(site, settings=AirlockSettings(audit_timeout=300), emit=trail)

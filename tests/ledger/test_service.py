@@ -14,9 +14,11 @@ import pytest
 
 from paitient.channel import ChannelError, call
 from paitient.kernel.ledger import BudgetExceeded, LedgerClient
+from paitient.services.ledger.metrics import ledger_registry
 from paitient.services.ledger.store import Ledger, db_path
 from tests import workspacegroup
 from tests.ledger.conftest import register, start_service_process
+from tests.scrape import value
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", workspacegroup.setpriv_groups()]
 
@@ -452,6 +454,7 @@ def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_
         settled = call(sock, "settle", {"reservation": first, "epsilon_spent": 0.5})
         assert settled["state"] == "settled" and service.ledger.run(first)["state"] == "settled"
         assert service.backlog.waiting == 3
+        assert value(ledger_registry(site, service.ledger), "paitient_ledger_records_waiting") == 3
         # with records waiting, nothing more is reserved at all
         with pytest.raises(ChannelError, match="the budget was not reserved") as e:
             reserve(0.1)
@@ -472,6 +475,7 @@ def test_no_budget_is_reserved_unrecorded_and_what_happened_while_the_trail_was_
         ("ledger.reserve", third, None, False),
     ]
     assert service.backlog.waiting == 0
+    assert value(ledger_registry(site, service.ledger), "paitient_ledger_records_waiting") == 0
 
 
 def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, state_dir, world_tmp):

@@ -50,6 +50,12 @@ def airlock_registry(airlock: Airlock) -> MetricsRegistry:
             (),
             [((), airlock.checks_queued())],
         )
+        yield gauge(
+            "paitient_airlock_records_waiting",
+            "Audit records the trail has not taken yet, held in the airlock's database (0 while it records)",
+            (),
+            [((), airlock.backlog.waiting)],
+        )
 
     registry = MetricsRegistry()
     registry.register(Reading(read))

@@ -70,6 +70,11 @@ class HeldRecords:
                 )
         return seqs
 
+    def count(self) -> int:
+        """How many records are held."""
+        with self.db.transaction(write=False) as conn:
+            return int(conn.execute(sa.text("SELECT COUNT(*) FROM held_records")).scalar_one())
+
     def held(self) -> list[tuple[int, dict[str, Any]]]:
         """The records held, in order: ``(number, record)``."""
         with self.db.transaction(write=False) as conn:

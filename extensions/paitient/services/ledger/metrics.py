@@ -41,6 +41,13 @@ def read_ledger(site: Any, ledger: Ledger) -> Iterator[Metric]:
         ("project", "state"),
         [((p.name, state), counts.get((p.name, state), 0)) for p in site.projects for state in RUN_STATES],
     )
+    yield gauge(
+        "paitient_ledger_records_waiting",
+        "Audit records the trail has not taken yet, held in the ledger's database; no budget is reserved while "
+        "any waits",
+        (),
+        [((), ledger.held.count())],
+    )
 
 
 def ledger_registry(site: Any, ledger: Ledger) -> MetricsRegistry:
