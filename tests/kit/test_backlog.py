@@ -1,11 +1,17 @@
-"""The backlog's file of held records (the hub's): a crash mid-append loses no record held before it."""
+"""The backlog of records waiting for the trail: its file of held records (the hub's), which a crash mid-append
+costs no record held before it, and its limit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import stat
 
-from paitient.services.kit.backlog import HeldFile
+from paitient.config import load
+from paitient.rules.records import Event
+from paitient.services.audit import trail_writer
+from paitient.services.kit.backlog import OVERFLOW, Backlog, HeldFile
+from tests.trail import trail_down, trail_records
 
 
 def test_a_line_a_crash_cut_short_is_skipped_and_the_records_before_and_after_it_are_kept(tmp_path):
@@ -24,3 +30,28 @@ def test_a_line_a_crash_cut_short_is_skipped_and_the_records_before_and_after_it
     assert stat.S_IMODE(held.path.stat().st_mode) == 0o600
     held.drop([2])
     assert not held.path.exists() and held.held() == []
+
+
+def test_past_its_limit_a_backlog_counts_what_it_cannot_keep_and_records_the_count_once_the_trail_is_back(tmp_path):
+    """A trail down for long must not fill the disk with held records: past the limit they are counted by
+    action, and the count reaches the trail after the records kept."""
+    state = tmp_path / "state"
+    site = load(None, overrides={"workspace": {"state_dir": str(state)}})
+    held = HeldFile(state / "hub" / "held-records.jsonl")
+    backlog = Backlog(held, trail_writer(site), logging.getLogger("test-backlog"), "hub", limit=3)
+    with trail_down(site):
+        for i in range(5):
+            event = Event(
+                actor="alice", action=("auth.login", "auth.token")[i % 2], object=str(i), outcome="denied", details={}
+            )
+            assert backlog.write([event]) is False
+        assert (backlog.waiting, backlog.overflowed) == (3, 2)
+        assert [r["event"]["object"] for _, r in held.held()] == ["0", "1", "2"]
+    assert backlog.flush()
+    written = [r for r in trail_records(site) if r["action"] in ("auth.login", "auth.token", OVERFLOW)]
+    assert [r["object"] for r in written] == ["0", "1", "2", "hub"]
+    overflow = written[-1]
+    assert (overflow["action"], overflow["outcome"], overflow["actor"]) == (OVERFLOW, "error", "system")
+    assert overflow["details"]["dropped"] == 2 and overflow["details"]["limit"] == 3
+    assert overflow["details"]["actions"] == {"auth.token": 1, "auth.login": 1}
+    assert (backlog.waiting, backlog.overflowed) == (0, 0) and held.held() == []

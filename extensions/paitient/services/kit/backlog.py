@@ -30,7 +30,7 @@ from paitient.fsutil import atomic_write_text
 from paitient.rules.records import Event
 from paitient.services.kit.db import Database
 
-__all__ = ["HELD_RECORDS_TABLE", "Backlog", "Held", "HeldFile", "HeldRecords"]
+__all__ = ["HELD_RECORDS_TABLE", "LIMIT", "OVERFLOW", "Backlog", "Held", "HeldFile", "HeldRecords"]
 
 HELD_RECORDS_TABLE = """CREATE TABLE held_records (
     seq BIGINT PRIMARY KEY,
@@ -159,18 +159,39 @@ class _Waiting(NamedTuple):
     """Once a write of it failed: its number among the held records (0: in memory only)."""
 
 
-class Backlog:
-    """The records of one service on their way to the trail. Thread-safe."""
+LIMIT = 100_000
+"""The most records one service keeps waiting for the trail (tens of MB, held)."""
+OVERFLOW = "audit.overflow"
+"""The record that says how many records a backlog could not keep, written once the trail is back."""
 
-    def __init__(self, held: Held, write: Callable[[list[Event]], Any], log: logging.Logger, name: str) -> None:
+
+class Backlog:
+    """The records of one service on their way to the trail. Thread-safe.
+
+    Bounded: past ``limit`` records waiting, further ones are not kept but counted (by action, with the first
+    and last time), and the count is written to the trail after the waiting records, as one ``audit.overflow``
+    record of the service, once the trail takes records again. The count is the service's memory only: a
+    restart while records overflow loses it (the records kept up to the limit are held)."""
+
+    def __init__(
+        self,
+        held: Held,
+        write: Callable[[list[Event]], Any],
+        log: logging.Logger,
+        name: str,
+        *,
+        limit: int = LIMIT,
+    ) -> None:
         """``write``: appends records to the trail, all or none, or raises."""
         self._held = held
         self._write = write
         self.log = log
         self.name = name
+        self.limit = limit
         self._lock = threading.Lock()
         self.last_error = ""
         """Why the trail refused the last write."""
+        self._overflow: dict[str, Any] = {}
         self._waiting = [_Waiting(cast(Event, record["event"]), record["happened"], seq) for seq, record in held.held()]
         if self._waiting:
             log.warning("%s: %d record(s) held from before wait for the audit trail", name, len(self._waiting))
@@ -185,8 +206,29 @@ class Backlog:
         wait with the others."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         with self._lock:
-            self._waiting.extend(_Waiting(event, now) for event in events)
+            room = max(0, self.limit - len(self._waiting))
+            self._waiting.extend(_Waiting(event, now) for event in events[:room])
+            for event in events[room:]:
+                self._count_overflow(event, now)
             return self._write_waiting()
+
+    def _count_overflow(self, event: Event, now: str) -> None:
+        if not self._overflow:
+            self.log.error(
+                "%s: %d records wait for the audit trail, the most kept; further ones are counted, not kept",
+                self.name,
+                self.limit,
+            )
+            self._overflow = {"dropped": 0, "actions": {}, "first": now, "limit": self.limit}
+        self._overflow["dropped"] += 1
+        actions = self._overflow["actions"]
+        actions[event["action"]] = actions.get(event["action"], 0) + 1
+        self._overflow["last"] = now
+
+    @property
+    def overflowed(self) -> int:
+        """Records not kept since the backlog was last written (the limit was reached)."""
+        return int(self._overflow.get("dropped", 0))
 
     def flush(self) -> bool:
         """Write the records that wait; True when none waits (any more)."""
@@ -202,6 +244,10 @@ class Backlog:
             else w.event
             for w in self._waiting
         ]
+        if self._overflow:
+            events.append(
+                Event(actor="system", action=OVERFLOW, object=self.name, outcome="error", details=dict(self._overflow))
+            )
         try:
             self._write(events)
         except Exception as e:
@@ -213,6 +259,7 @@ class Backlog:
             return False
         written = [w.held for w in self._waiting if w.held]
         self._waiting.clear()
+        self._overflow = {}
         try:
             self._held.drop(written)
         except Exception:
