@@ -58,6 +58,7 @@ def test_metrics_for_the_operator_only_and_an_idle_server_is_stopped_with_its_ke
         # -- metrics: the operator's token reads them all, aggregates only ---------------------------------
         hub = requests.get(ws.url + "hub/metrics", headers=bearer, timeout=30)
         assert hub.status_code == 200 and sample(hub.text, "jupyterhub_running_servers") >= 1
+        assert sample(hub.text, "paitient_hub_records_waiting") == 0  # the trail took every record of the hub
         for name in SERVICES_WITH_METRICS:
             r = requests.get(ws.url + f"services/{name}/metrics", headers=bearer, timeout=30)
             assert r.status_code == 200 and f"paitient_{name}" in r.text, (name, r.status_code, r.text[:500])

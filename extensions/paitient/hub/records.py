@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Unpack
+
+from prometheus_client.metrics_core import Metric
 
 from paitient.rules.records import AuditError, Event
 from paitient.services import audit
 from paitient.services.kit.backlog import Backlog, HeldFile
 
-__all__ = ["HeldFile", "backlog", "held_path", "record"]
+__all__ = ["HeldFile", "backlog", "held_path", "record", "register_metrics"]
 
 log = logging.getLogger("paitient.hub.records")
 
@@ -48,3 +51,21 @@ def record(site: Any, *, required: bool = False, **event: Unpack[Event]) -> bool
         raise AuditError(f"the audit trail cannot be written: {waiting.last_error}")
     audit.emit(site, **event)
     return True
+
+
+def register_metrics(site: Any) -> None:
+    """Add ``paitient_hub_records_waiting`` to what the hub's ``/hub/metrics`` answers (prometheus_client's
+    default registry, which JupyterHub serves)."""
+    from prometheus_client import REGISTRY
+
+    from paitient.services.kit.metrics import Reading, gauge
+
+    def read() -> Iterator[Metric]:
+        yield gauge(
+            "paitient_hub_records_waiting",
+            "The hub's audit records the trail has not taken yet, held in <state_dir>/hub/held-records.jsonl",
+            (),
+            [((), backlog(site).waiting)],
+        )
+
+    REGISTRY.register(Reading(read))

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         details=audit.config_details(site),
     )
 
+    records.register_metrics(site)
     hub = hub_class(site)
     os.chdir(paths.hub_dir)  # no stray jupyterhub_config.py is read from elsewhere
     hub.instance(config=cfg)  # the singleton launch_instance() then initializes and runs
