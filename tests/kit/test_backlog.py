@@ -10,7 +10,7 @@ import stat
 from paitient.config import load
 from paitient.rules.records import Event
 from paitient.services.audit import trail_writer
-from paitient.services.kit.backlog import OVERFLOW, Backlog, HeldFile
+from paitient.services.kit.backlog import MALFORMED, OVERFLOW, Backlog, HeldFile
 from tests.trail import trail_down, trail_records
 
 
@@ -55,3 +55,24 @@ def test_past_its_limit_a_backlog_counts_what_it_cannot_keep_and_records_the_cou
     assert overflow["details"]["dropped"] == 2 and overflow["details"]["limit"] == 3
     assert overflow["details"]["actions"] == {"auth.token": 1, "auth.login": 1}
     assert (backlog.waiting, backlog.overflowed) == (0, 0) and held.held() == []
+
+
+def test_a_record_the_trail_would_refuse_for_what_it_is_does_not_stop_the_records_after_it(tmp_path):
+    """A writer's bug (a record the trail refuses whatever its state) must not sit at the head of the backlog
+    for ever: the records after it would never be written, and the ledger would reserve nothing again."""
+    state = tmp_path / "state"
+    site = load(None, overrides={"workspace": {"state_dir": str(state)}})
+    held = HeldFile(state / "hub" / "held-records.jsonl")
+    backlog = Backlog(held, trail_writer(site), logging.getLogger("test-backlog"), "ledger")
+    bad = Event(actor="alice", action="Not A Dotted Name", object="x", outcome="ok", details={"n": 1})
+    good = Event(actor="alice", action="ledger.settle", object="x", outcome="ok", details={"n": 2})
+    with trail_down(site):
+        assert backlog.write([bad, good]) is False
+    assert backlog.flush() and backlog.waiting == 0
+    written = [r for r in trail_records(site) if r["action"] in (MALFORMED, "ledger.settle")]
+    assert [(r["action"], r["actor"], r["outcome"]) for r in written] == [
+        (MALFORMED, "system", "error"),
+        ("ledger.settle", "alice", "ok"),
+    ]
+    assert written[0]["details"]["action"] == "Not A Dotted Name" and "dotted" in written[0]["details"]["error"]
+    assert backlog.write([good]) is True

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple, Protocol, cast
 import sqlalchemy as sa
 
 from paitient.fsutil import atomic_write_text
-from paitient.rules.records import Event
+from paitient.rules.records import Event, RecordError, prepare_event
 from paitient.services.kit.db import Database
 
-__all__ = ["HELD_RECORDS_TABLE", "LIMIT", "OVERFLOW", "Backlog", "Held", "HeldFile", "HeldRecords"]
+__all__ = ["HELD_RECORDS_TABLE", "LIMIT", "MALFORMED", "OVERFLOW", "Backlog", "Held", "HeldFile", "HeldRecords"]
 
 HELD_RECORDS_TABLE = """CREATE TABLE held_records (
     seq BIGINT PRIMARY KEY,
@@ -161,6 +161,8 @@ class _Waiting(NamedTuple):
 
 LIMIT = 100_000
 """The most records one service keeps waiting for the trail (tens of MB, held)."""
+MALFORMED = "audit.malformed"
+"""The record written in place of one the trail would refuse for what it is (a writer's bug)."""
 OVERFLOW = "audit.overflow"
 """The record that says how many records a backlog could not keep, written once the trail is back."""
 
@@ -205,12 +207,31 @@ class Backlog:
         """Write ``events`` to the trail after those still waiting; False when the trail refused them: they
         wait with the others."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        events = [self._checked(event, now) for event in events]
         with self._lock:
             room = max(0, self.limit - len(self._waiting))
             self._waiting.extend(_Waiting(event, now) for event in events[:room])
             for event in events[room:]:
                 self._count_overflow(event, now)
             return self._write_waiting()
+
+    def _checked(self, event: Event, now: str) -> Event:
+        """``event`` if the trail would take it (also with ``happened`` added, as when it waited); else an
+        ``audit.malformed`` record in its place. A record the trail refuses for what it is would otherwise
+        wait at the head of the backlog for ever, and nothing after it would be written."""
+        try:
+            waited = Event(**{**event, "details": {**(event.get("details") or {}), "happened": now}})
+            prepare_event(**waited)
+        except RecordError as e:
+            self.log.error("%s: a malformed audit record is recorded as %s instead: %s", self.name, MALFORMED, e)
+            return Event(
+                actor="system",
+                action=MALFORMED,
+                object=self.name,
+                outcome="error",
+                details={"action": str(event.get("action"))[:200], "error": str(e)[:1000]},
+            )
+        return event
 
     def _count_overflow(self, event: Event, now: str) -> None:
         if not self._overflow:
