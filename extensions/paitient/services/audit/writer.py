@@ -179,10 +179,12 @@ class AuditLog:
 
     def append_many(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append several records under one lock and one fsync (same guarantees as :meth:`append`)."""
-        # Validate before taking the lock: a bad event must not leave half a batch behind.
-        events = [prepare_event(**ev) for ev in events]
         try:
+            # The folder first: a trail that cannot be written refuses at the cost of a stat, not of preparing
+            # every event (a writer retrying a long backlog while the trail is down would pay that each time).
             self._ensure_dir()
+            # Validate before taking the lock: a bad event must not leave half a batch behind.
+            events = [prepare_event(**ev) for ev in events]
             lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise AuditError(
