@@ -308,7 +308,7 @@ async def test_refused_sign_ins_while_the_trail_is_down_are_recorded_once_it_is_
     held = [r["event"]["details"]["reason"] for _, r in records.HeldFile(records.held_path(site.state_dir)).held()]
     assert held == ["wrong password or unknown user"] * 2
     assert login_records(site) == []
-    records._backlog.cache_clear()  # the hub's process ends: only the file is left
+    records._backlogs.clear()  # the hub's process ends: only the file is left
     assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
     got = [(r["outcome"], "happened" in r["details"]) for r in reversed(login_records(site))]
     assert got == [("denied", True), ("denied", True), ("ok", False)]

@@ -9,8 +9,8 @@ and is written before the hub's next record, or at the hub's next start, each sa
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Unpack
@@ -30,14 +30,18 @@ def held_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / "hub" / "held-records.jsonl"
 
 
-@functools.lru_cache(maxsize=8)
-def _backlog(state_dir: str, site: Any) -> Backlog:
-    return Backlog(HeldFile(held_path(state_dir)), audit.trail_writer(site), log, "hub")
+_backlogs: dict[str, Backlog] = {}
+_backlogs_lock = threading.Lock()
 
 
 def backlog(site: Any) -> Backlog:
-    """The hub's records waiting for the trail (one per state directory, for the hub's whole process)."""
-    return _backlog(str(site.state_dir), site)
+    """The hub's records waiting for the trail: one per state directory (its held file has one writer), for
+    the hub's whole process."""
+    state_dir = str(site.state_dir)
+    with _backlogs_lock:
+        if state_dir not in _backlogs:
+            _backlogs[state_dir] = Backlog(HeldFile(held_path(state_dir)), audit.trail_writer(site), log, "hub")
+        return _backlogs[state_dir]
 
 
 def record(site: Any, *, required: bool = False, **event: Unpack[Event]) -> bool:
