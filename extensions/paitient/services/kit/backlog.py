@@ -91,17 +91,21 @@ class HeldRecords:
 
 
 class HeldFile:
-    """Records held in a file of their own (root 0600 in a 0700 folder), for one process: one JSON line per
+    """Records held in a file of their own (root 0600 in a 0700 folder), for one process and one instance of
+    this class in it (:func:`paitient.hub.records.backlog` keeps one per state directory): one JSON line per
     record, appended and fsync'd. A line a crash cut short is skipped; forgetting rewrites the file
     atomically."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._last: int | None = None
+        """The last number given (read from the file once): numbers keep rising, also past a drop."""
 
     def hold(self, records: list[dict[str, Any]]) -> list[int]:
-        held = self.held()
-        last = held[-1][0] if held else 0
-        seqs = list(range(last + 1, last + 1 + len(records)))
+        if self._last is None:
+            held = self.held()
+            self._last = held[-1][0] if held else 0
+        seqs = list(range(self._last + 1, self._last + 1 + len(records)))
         now = time.time()
         lines = "".join(
             json.dumps({"seq": seq, "held": now, "record": record}, sort_keys=True) + "\n"
@@ -116,6 +120,7 @@ class HeldFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._last = seqs[-1] if seqs else self._last
         return seqs
 
     def _ends_whole(self) -> bool:
@@ -157,6 +162,14 @@ class _Waiting(NamedTuple):
     happened: str
     held: int | None = None
     """Once a write of it failed: its number among the held records (0: in memory only)."""
+
+    @property
+    def written(self) -> Event:
+        """The record as it is written: one that waited says in its details when it happened (the trail
+        stamps when it is written)."""
+        if self.held is None:
+            return self.event
+        return Event(**{**self.event, "details": {**(self.event.get("details") or {}), "happened": self.happened}})
 
 
 LIMIT = 100_000
@@ -207,7 +220,6 @@ class Backlog:
         """Write ``events`` to the trail after those still waiting; False when the trail refused them: they
         wait with the others."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        events = [self._checked(event, now) for event in events]
         with self._lock:
             room = max(0, self.limit - len(self._waiting))
             self._waiting.extend(_Waiting(event, now) for event in events[:room])
@@ -215,23 +227,21 @@ class Backlog:
                 self._count_overflow(event, now)
             return self._write_waiting()
 
-    def _checked(self, event: Event, now: str) -> Event:
-        """``event`` if the trail would take it (also with ``happened`` added, as when it waited); else an
-        ``audit.malformed`` record in its place. A record the trail refuses for what it is would otherwise
-        wait at the head of the backlog for ever, and nothing after it would be written."""
+    def _checked(self, w: _Waiting) -> _Waiting:
+        """``w`` if the trail would take it as it is written; else an ``audit.malformed`` record in its place."""
         try:
-            waited = Event(**{**event, "details": {**(event.get("details") or {}), "happened": now}})
-            prepare_event(**waited)
+            prepare_event(**w.written)
         except RecordError as e:
             self.log.error("%s: a malformed audit record is recorded as %s instead: %s", self.name, MALFORMED, e)
-            return Event(
+            malformed = Event(
                 actor="system",
                 action=MALFORMED,
                 object=self.name,
                 outcome="error",
-                details={"action": str(event.get("action"))[:200], "error": str(e)[:1000]},
+                details={"action": str(w.event.get("action"))[:200], "error": str(e)[:1000]},
             )
-        return event
+            return w._replace(event=malformed)
+        return w
 
     def _count_overflow(self, event: Event, now: str) -> None:
         if not self._overflow:
@@ -256,25 +266,31 @@ class Backlog:
         with self._lock:
             return self._write_waiting()
 
-    def _write_waiting(self) -> bool:
-        if not self._waiting:
-            return True
-        events = [
-            Event(**{**w.event, "details": {**(w.event.get("details") or {}), "happened": w.happened}})
-            if w.held is not None
-            else w.event
-            for w in self._waiting
-        ]
+    def _events(self) -> list[Event]:
+        """What is written: the waiting records, in order (``happened`` on those that waited), then the count
+        of those not kept."""
+        events = [w.written for w in self._waiting]
         if self._overflow:
             events.append(
                 Event(actor="system", action=OVERFLOW, object=self.name, outcome="error", details=dict(self._overflow))
             )
+        return events
+
+    def _write_waiting(self) -> bool:
+        if not self._waiting:
+            return True
         try:
-            self._write(events)
+            try:
+                self._write(self._events())
+            except RecordError:
+                # a record the trail refuses for what it is (a writer's bug): it would wait at the head of the
+                # backlog for ever and keep every record after it out; it is recorded as malformed instead
+                self._waiting = [self._checked(w) for w in self._waiting]
+                self._write(self._events())
         except Exception as e:
             self.last_error = str(e)
             self.log.error(
-                "%s: the audit trail cannot be written (%s); %d record(s) wait for it", self.name, e, len(events)
+                "%s: the audit trail cannot be written (%s); %d record(s) wait for it", self.name, e, self.waiting
             )
             self._hold()
             return False
