@@ -34,7 +34,7 @@ def test_a_line_a_crash_cut_short_is_skipped_and_the_records_before_and_after_it
 
 def test_past_its_limit_a_backlog_counts_what_it_cannot_keep_and_records_the_count_once_the_trail_is_back(tmp_path):
     """A trail down for long must not fill the disk with held records: past the limit they are counted by
-    action, and the count reaches the trail after the records kept."""
+    action, the count is held with the records (a restart keeps it) and reaches the trail after them."""
     state = tmp_path / "state"
     site = load(None, overrides={"workspace": {"state_dir": str(state)}})
     held = HeldFile(state / "hub" / "held-records.jsonl")
@@ -46,14 +46,23 @@ def test_past_its_limit_a_backlog_counts_what_it_cannot_keep_and_records_the_cou
             )
             assert backlog.write([event]) is False
         assert (backlog.waiting, backlog.overflowed) == (3, 2)
-        assert [r["event"]["object"] for _, r in held.held()] == ["0", "1", "2"]
+        assert [r.get("event", {}).get("object") for _, r in held.held()] == ["0", "1", "2", None]
+        assert held.held()[-1][1]["overflow"]["dropped"] == 2
+        # the service restarts while the trail is still down: the count is held with the records
+        held = HeldFile(held.path)
+        backlog = Backlog(held, trail_writer(site), logging.getLogger("test-backlog"), "hub", limit=3)
+        assert (backlog.waiting, backlog.overflowed) == (3, 2)
+        event = Event(actor="bob", action="auth.login", object="5", outcome="denied", details={})
+        assert backlog.write([event]) is False
+        assert (backlog.waiting, backlog.overflowed) == (3, 3)
+        assert [r["overflow"]["dropped"] for _, r in held.held() if "overflow" in r] == [3]
     assert backlog.flush()
     written = [r for r in trail_records(site) if r["action"] in ("auth.login", "auth.token", OVERFLOW)]
     assert [r["object"] for r in written] == ["0", "1", "2", "hub"]
     overflow = written[-1]
     assert (overflow["action"], overflow["outcome"], overflow["actor"]) == (OVERFLOW, "error", "system")
-    assert overflow["details"]["dropped"] == 2 and overflow["details"]["limit"] == 3
-    assert overflow["details"]["actions"] == {"auth.token": 1, "auth.login": 1}
+    assert overflow["details"]["dropped"] == 3 and overflow["details"]["limit"] == 3
+    assert overflow["details"]["actions"] == {"auth.token": 1, "auth.login": 2}
     assert (backlog.waiting, backlog.overflowed) == (0, 0) and held.held() == []
 
 
@@ -76,3 +85,29 @@ def test_a_record_the_trail_would_refuse_for_what_it_is_does_not_stop_the_record
     ]
     assert written[0]["details"]["action"] == "Not A Dotted Name" and "dotted" in written[0]["details"]["error"]
     assert backlog.write([good]) is True
+
+
+def test_a_services_held_count_of_what_it_could_not_keep_outlives_a_restart_on_both_databases(
+    database_site, opened_stores
+):
+    """The services hold their records in their database: the count of those past the limit is held there
+    too, is not itself counted as a record waiting (the metric), and is forgotten once written."""
+    from paitient.services.egress.store import EgressStore
+    from paitient.services.kit.backlog import HeldRecords
+
+    site = database_site
+    held = HeldRecords(opened_stores(EgressStore.for_site(site)).db)
+    backlog = Backlog(held, trail_writer(site), logging.getLogger("test-backlog"), "egress", limit=2)
+    events = [
+        Event(actor="alice", action="egress.output", object=f"/api/{i}", outcome="ok", details={}) for i in range(4)
+    ]
+    with trail_down(site):
+        assert backlog.write(events) is False
+        assert (backlog.waiting, backlog.overflowed, held.count()) == (2, 2, 2)
+        backlog = Backlog(held, trail_writer(site), logging.getLogger("test-backlog"), "egress", limit=2)
+        assert (backlog.waiting, backlog.overflowed) == (2, 2)
+    assert backlog.flush()
+    written = [r for r in trail_records(site) if r["action"] in ("egress.output", OVERFLOW)]
+    assert [r["object"] for r in written] == ["/api/0", "/api/1", "egress"]
+    assert written[-1]["details"]["dropped"] == 2 and written[-1]["details"]["actions"] == {"egress.output": 2}
+    assert held.held() == [] and held.count() == 0

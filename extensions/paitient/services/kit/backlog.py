@@ -71,9 +71,10 @@ class HeldRecords:
         return seqs
 
     def count(self) -> int:
-        """How many records are held."""
+        """How many records are held (not counting a backlog's count of those it could not keep)."""
         with self.db.transaction(write=False) as conn:
-            return int(conn.execute(sa.text("SELECT COUNT(*) FROM held_records")).scalar_one())
+            query = sa.text("SELECT COUNT(*) FROM held_records WHERE record NOT LIKE :count")
+            return int(conn.execute(query, {"count": '{"overflow":%'}).scalar_one())
 
     def held(self) -> list[tuple[int, dict[str, Any]]]:
         """The records held, in order: ``(number, record)``."""
@@ -185,8 +186,8 @@ class Backlog:
 
     Bounded: past ``limit`` records waiting, further ones are not kept but counted (by action, with the first
     and last time), and the count is written to the trail after the waiting records, as one ``audit.overflow``
-    record of the service, once the trail takes records again. The count is the service's memory only: a
-    restart while records overflow loses it (the records kept up to the limit are held)."""
+    record of the service, once the trail takes records again. The count is held with the records (one entry
+    ``{"overflow": ...}``, replaced as it grows, each time the backlog holds), so a restart keeps it too."""
 
     def __init__(
         self,
@@ -207,7 +208,19 @@ class Backlog:
         self.last_error = ""
         """Why the trail refused the last write."""
         self._overflow: dict[str, Any] = {}
-        self._waiting = [_Waiting(cast(Event, record["event"]), record["happened"], seq) for seq, record in held.held()]
+        self._overflow_held: list[int] = []
+        """The numbers of the held entries of the count (one, or two after a crash between holding the new
+        count and forgetting the old: the later one counts)."""
+        self._overflow_saved = 0
+        """The count those entries hold."""
+        self._waiting: list[_Waiting] = []
+        for seq, record in held.held():
+            if "overflow" in record:
+                self._overflow = dict(record["overflow"])
+                self._overflow_held.append(seq)
+                self._overflow_saved = self.overflowed
+            else:
+                self._waiting.append(_Waiting(cast(Event, record["event"]), record["happened"], seq))
         if self._waiting:
             log.warning("%s: %d record(s) held from before wait for the audit trail", name, len(self._waiting))
 
@@ -294,9 +307,9 @@ class Backlog:
             )
             self._hold()
             return False
-        written = [w.held for w in self._waiting if w.held]
+        written = [w.held for w in self._waiting if w.held] + self._overflow_held
         self._waiting.clear()
-        self._overflow = {}
+        self._overflow, self._overflow_held, self._overflow_saved = {}, [], 0
         try:
             self._held.drop(written)
         except Exception:
@@ -309,6 +322,23 @@ class Backlog:
         return True
 
     def _hold(self) -> None:
+        self._hold_records()
+        self._hold_overflow()
+
+    def _hold_overflow(self) -> None:
+        """Hold the count of the records not kept, in place of the count held before (after the new one is
+        held: a crash between the two leaves both, and the later one counts)."""
+        if self.overflowed == self._overflow_saved:
+            return
+        try:
+            (seq,) = self._held.hold([{"overflow": dict(self._overflow)}])
+            self._held.drop(self._overflow_held)
+        except Exception:
+            self.log.exception("%s: the count of the records not kept cannot be held in the database", self.name)
+            return
+        self._overflow_held, self._overflow_saved = [seq], self.overflowed
+
+    def _hold_records(self) -> None:
         new = [i for i, w in enumerate(self._waiting) if w.held is None]
         if not new:
             return
