@@ -111,3 +111,63 @@ def test_a_services_held_count_of_what_it_could_not_keep_outlives_a_restart_on_b
     assert [r["object"] for r in written] == ["/api/0", "/api/1", "egress"]
     assert written[-1]["details"]["dropped"] == 2 and written[-1]["details"]["actions"] == {"egress.output": 2}
     assert held.held() == [] and held.count() == 0
+
+
+def test_a_trail_whose_tries_are_slow_is_tried_again_only_after_nine_times_as_long(tmp_path):
+    """A long backlog against a full disk: each try prepares every record waiting before the disk refuses it.
+    Retrying at every new record would spend the writer's time on it; a write waits nine times as long as the
+    failed try took before it tries again, holding the records that come meanwhile. A flush (an action that
+    needs the trail) tries at once."""
+    import errno
+    import time
+
+    from paitient.services.kit.backlog import RETRY_WAIT
+
+    tries: list[int] = []
+    trail: list[Event] = []
+    full = True
+
+    def write(events: list[Event]) -> None:
+        tries.append(len(events))
+        if full:
+            time.sleep(0.1)  # preparing the records
+            raise OSError(errno.ENOSPC, "No space left on device")
+        trail.extend(events)
+
+    held = HeldFile(tmp_path / "held-records.jsonl")
+    backlog = Backlog(held, write, logging.getLogger("test-backlog"), "egress")
+    events = [Event(actor="alice", action="egress.output", object=str(i), outcome="ok", details={}) for i in range(5)]
+    assert backlog.write(events[:1]) is False
+    assert backlog.write(events[1:2]) is False
+    assert tries == [1] and "No space left" in backlog.last_error
+    assert [r["event"]["object"] for _, r in held.held()] == ["0", "1"]  # held meanwhile, all the same
+    began = time.monotonic()
+    assert backlog.flush() is False and tries == [1, 2]
+    failed = time.monotonic()
+    full = False
+    assert backlog.write(events[2:3]) is False and tries == [1, 2]  # the flush's try was refused just now
+    time.sleep(max(0.0, failed + RETRY_WAIT * (failed - began) + 0.05 - time.monotonic()))
+    assert backlog.write(events[3:4]) is True
+    assert tries == [1, 2, 4] and [e["object"] for e in trail] == ["0", "1", "2", "3"]
+    assert held.held() == []
+    assert backlog.write(events[4:]) is True and tries == [1, 2, 4, 1]
+
+
+def test_after_a_refused_write_a_flush_that_succeeds_lets_the_next_write_try_at_once(tmp_path):
+    """The ledger flushes before a reservation and then writes its record: once the flush found the trail
+    back, the record must be written, not held for the wait the refused try set."""
+    import time
+
+    refused = True
+
+    def write(events: list[Event]) -> None:
+        if refused:
+            time.sleep(0.2)
+            raise OSError("the trail is down")
+
+    backlog = Backlog(HeldFile(tmp_path / "held.jsonl"), write, logging.getLogger("test-backlog"), "ledger")
+    event = Event(actor="alice", action="ledger.reserve", object="onc/d", outcome="ok", details={})
+    assert backlog.write([event]) is False
+    refused = False
+    assert backlog.flush() is True
+    assert backlog.write([event]) is True and backlog.waiting == 0

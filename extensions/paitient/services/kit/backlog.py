@@ -179,6 +179,11 @@ MALFORMED = "audit.malformed"
 """The record written in place of one the trail would refuse for what it is (a writer's bug)."""
 OVERFLOW = "audit.overflow"
 """The record that says how many records a backlog could not keep, written once the trail is back."""
+RETRY_WAIT = 9.0
+"""After the trail refused a write, :meth:`Backlog.write` tries it again only once this many times as long as
+the failed try took has passed: a long backlog (a try prepares every record waiting) against a full disk then
+takes at most a tenth of the writer's time, while a short one, or a refusal that costs nothing, is tried at
+once. :meth:`Backlog.flush`, which an action that needs the trail calls, always tries."""
 
 
 class Backlog:
@@ -205,6 +210,8 @@ class Backlog:
         self.name = name
         self.limit = limit
         self._lock = threading.Lock()
+        self._retry_at = 0.0
+        """``time.monotonic()`` before which the trail is not tried again (:data:`RETRY_WAIT`)."""
         self.last_error = ""
         """Why the trail refused the last write."""
         self._overflow: dict[str, Any] = {}
@@ -230,15 +237,16 @@ class Backlog:
         return len(self._waiting)
 
     def write(self, events: list[Event]) -> bool:
-        """Write ``events`` to the trail after those still waiting; False when the trail refused them: they
-        wait with the others."""
+        """Write ``events`` to the trail after those still waiting; False when the trail refused them, or
+        refused the last try too recently to be tried again (:data:`RETRY_WAIT`): they wait with the others,
+        held."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
         with self._lock:
             room = max(0, self.limit - len(self._waiting))
             self._waiting.extend(_Waiting(event, now) for event in events[:room])
             for event in events[room:]:
                 self._count_overflow(event, now)
-            return self._write_waiting()
+            return self._write_waiting(retry=False)
 
     def _checked(self, w: _Waiting) -> _Waiting:
         """``w`` if the trail would take it as it is written; else an ``audit.malformed`` record in its place."""
@@ -275,9 +283,9 @@ class Backlog:
         return int(self._overflow.get("dropped", 0))
 
     def flush(self) -> bool:
-        """Write the records that wait; True when none waits (any more)."""
+        """Write the records that wait, now; True when none waits (any more)."""
         with self._lock:
-            return self._write_waiting()
+            return self._write_waiting(retry=True)
 
     def _events(self) -> list[Event]:
         """What is written: the waiting records, in order (``happened`` on those that waited), then the count
@@ -289,9 +297,14 @@ class Backlog:
             )
         return events
 
-    def _write_waiting(self) -> bool:
+    def _write_waiting(self, *, retry: bool) -> bool:
+        """``retry``: try the trail even if it refused the last try less than :data:`RETRY_WAIT` ago."""
         if not self._waiting:
             return True
+        began = time.monotonic()
+        if not retry and began < self._retry_at:
+            self._hold()  # not tried again yet (RETRY_WAIT); the new records are held meanwhile
+            return False
         try:
             try:
                 self._write(self._events())
@@ -301,12 +314,14 @@ class Backlog:
                 self._waiting = [self._checked(w) for w in self._waiting]
                 self._write(self._events())
         except Exception as e:
+            self._retry_at = time.monotonic() + RETRY_WAIT * (time.monotonic() - began)
             self.last_error = str(e)
             self.log.error(
                 "%s: the audit trail cannot be written (%s); %d record(s) wait for it", self.name, e, self.waiting
             )
             self._hold()
             return False
+        self._retry_at = 0.0
         written = [w.held for w in self._waiting if w.held] + self._overflow_held
         self._waiting.clear()
         self._overflow, self._overflow_held, self._overflow_saved = {}, [], 0
