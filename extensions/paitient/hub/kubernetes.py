@@ -41,7 +41,7 @@ from paitient.config import SiteConfig
 from paitient.hub import podconfig
 from paitient.hub.paths import server_argv
 from paitient.hub.serverconfig import user_server_env
-from paitient.hub.spawner import SiteSpawnerMixin
+from paitient.hub.spawner import SERVER_TOKEN_SCOPES, SiteSpawnerMixin
 from paitient.services.launcher import pod as launcher
 
 NOTEBOOK_CONTAINER = "notebook"
@@ -355,7 +355,7 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
 
     @default("server_token_scopes")
     def _server_token_scopes_default(self) -> list[str]:
-        return ["users:activity!user", "access:servers!server"]
+        return list(SERVER_TOKEN_SCOPES)
 
     @default("automount_service_account_token")
     def _no_kubernetes_token(self) -> bool:

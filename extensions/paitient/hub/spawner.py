@@ -50,6 +50,10 @@ def account_unavailable(error: Exception) -> web.HTTPError:
     return e
 
 
+SERVER_TOKEN_SCOPES = ("users:activity!user", "access:servers!server")
+"""The scopes of a user's server's API token, on every spawner: what JupyterHub's ``server`` role holds
+(report activity, admit the owner), named here so that no change of roles gives the server's token (readable
+by the user's own processes) the user's scopes."""
 SERVERNET = Path(__file__).with_name("servernet.py")
 """The root wrapper that gives each server its own network namespace (:mod:`paitient.hub.servernet`)."""
 
@@ -129,9 +133,7 @@ class WorkspaceServerMixin(SiteSpawnerMixin):
 
     @default("server_token_scopes")
     def _server_token_scopes_default(self) -> list[str]:
-        # What JupyterHub's `server` role holds, named here so that no change of roles gives the server's
-        # token (readable by the user's own processes) the user's scopes: report activity, admit the owner.
-        return ["users:activity!user", "access:servers!server"]
+        return list(SERVER_TOKEN_SCOPES)
 
     @default("env_keep")
     def _env_keep_default(self) -> list[str]:
