@@ -4,7 +4,10 @@
 
 The baseline writes exactly the bytes emit() wrote, one line per write and fsync, to a file in the same
 directory, in the same run: the ratio is the cost of locking, reading the chain's tail and hashing.
-Batch mode (``AuditLog.append_many``) shares one lock and one fsync among several records.
+Batch mode (``AuditLog.append_many``) shares one lock and one fsync among several records. ``--backlog N``
+also appends N records in one call, as a service writes the records that waited while the trail was down
+once it is back, and prints its rate against the batches of ``--batch`` (a ratio near 1 or above: a long
+batch costs no more per record than short ones).
 
 ``--executes N`` also times what an execution now waits for before it reaches the kernel (auditing fails
 closed): :func:`paitient.server.audit.send` of a cell's record to ``paitient service audit`` running in its
@@ -112,6 +115,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5, help="alternate emit and baseline this many times; medians")
     ap.add_argument("--batch", type=int, default=100, help="records per append_many call (0: skip batch mode)")
+    ap.add_argument("--backlog", type=int, default=20_000, help="records in one append_many call (0: skip)")
     ap.add_argument("--procs", type=int, default=4, help="concurrent emitting processes (0: skip)")
     ap.add_argument("--executes", type=int, default=0, help="time N execute records through the service")
     ap.add_argument("--dir", default="", help="where to write (default: a temp dir under /var/tmp, a real disk)")
@@ -138,6 +142,13 @@ def main() -> None:
         if args.batch:
             t_batch = bench_batch(root / "batch" / "audit", n * args.rounds, args.batch)
             print(f"append_many({args.batch:<4d})  : {n * args.rounds / t_batch:9.0f} records/s")
+            if args.backlog:
+                t_backlog = bench_batch(root / "backlog" / "audit", args.backlog, args.backlog)
+                ratio = (args.backlog / t_backlog) / (n * args.rounds / t_batch)
+                print(
+                    f"append_many({args.backlog}), a backlog: {args.backlog / t_backlog:9.0f} records/s, "
+                    f"{ratio:.2f}x the rate of batches of {args.batch}"
+                )
         if args.procs:
             t_procs = bench_procs(root / "procs", n * args.rounds, args.procs)
             print(f"emit, {args.procs} processes : {n * args.rounds / t_procs:9.0f} records/s (one chain, shared lock)")

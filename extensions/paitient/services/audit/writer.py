@@ -222,7 +222,7 @@ class AuditLog:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         try:
             tail = self._cached_tail(fd, path) or read_tail(fd)
-            out = b""
+            out: list[bytes] = []  # joined once: adding to one bytes object would copy it for every record
             last = tail.last
             if last is None:
                 raise AuditError(
@@ -232,19 +232,19 @@ class AuditLog:
             if tail.damaged:
                 if tail.reason == "torn" and _continues(last, tail.damaged):
                     # The crash hit between a whole record and its newline: keep the record.
-                    out = b"\n"
+                    out = [b"\n"]
                     last = parse_line(tail.damaged)
                 else:
                     recovered, sep = self._recovery(path, tail, last)
-                    out = sep + encode(recovered)
+                    out = [sep, encode(recovered)]
                     last = recovered
-            size = tail.size + len(out)
+            size = tail.size + sum(map(len, out))
             written = []
             for ev in events:
                 if size >= self.rotate_bytes and last["action"] != HEADER_ACTION:
                     if out:
-                        self._write_out(fd, out)
-                        out = b""
+                        self._write_out(fd, b"".join(out))
+                        out = []
                     os.fsync(fd)
                     os.close(fd)
                     number += 1
@@ -254,11 +254,11 @@ class AuditLog:
                     size = os.fstat(fd).st_size
                 record = seal(ev, seq=last["seq"] + 1, prev=last["hash"])
                 line = encode(record)
-                out += line
+                out.append(line)
                 size += len(line)
                 written.append(record)
                 last = record
-            self._write_out(fd, out)
+            self._write_out(fd, b"".join(out))
             os.fsync(fd)
             self._write_head(path.name, last)
             st = os.fstat(fd)
