@@ -119,6 +119,8 @@ GBSG2 = [
     ("dates and follow-up time only", lambda df: df[["surgery_date", "last_followup", "time"]].to_string()),
     ("ISO timestamps", lambda df: _timestamps(df).to_json(date_format="iso")),
     ("epoch milliseconds", lambda df: _timestamps(df).to_json(orient="values")),
+    ("dates written day first with points (04.03.2019)", lambda df: _day_first(df).to_string()),
+    ("the same in a report's sentences", lambda df: "\n".join(_sentences(_day_first(df)))),
 ]
 
 
@@ -127,6 +129,19 @@ def _timestamps(df: pd.DataFrame) -> pd.DataFrame:
     for c in ("surgery_date", "last_followup"):
         out[c] = pd.to_datetime(out[c])
     return out
+
+
+def _day_first(df: pd.DataFrame) -> pd.DataFrame:
+    out = _timestamps(df)
+    for c in ("surgery_date", "last_followup"):
+        out[c] = out[c].dt.strftime("%d.%m.%Y")
+    return out
+
+
+def _sentences(df: pd.DataFrame) -> list[str]:
+    return [
+        f"Operated on {r.surgery_date}, followed up until {r.last_followup} ({r.time} days)." for r in df.itertuples()
+    ]
 
 
 @pytest.mark.parametrize(("label", "show"), GBSG2, ids=[a[0] for a in GBSG2])

@@ -61,6 +61,39 @@ def test_words_are_runs_of_four_or_more_and_not_parts_of_numbers():
     assert words("2019-03-04T10:00:00.000") == ["2019-03-04", "2019-03-04T10"]
 
 
+def test_a_date_written_day_first_with_points_is_a_word_where_it_stands_alone():
+    expected = ["04.03.2019", "31.12.2020", "admitted", "discharged"]
+    assert words("admitted 04.03.2019, discharged 31.12.2020.") == expected
+    assert words("(04.03.2019)") == ["04.03.2019"]
+    for glued in ("1.04.03.2019", "04.03.2019.5", "a04.03.2019", "04.03.20191", "04.03.2019T10", "-04.03.2019"):
+        assert "04.03.2019" not in words(glued), glued
+    assert words("4.3.2019 04.03.19 2019.03.04") == []  # other forms are not read as dates
+
+
+def test_a_date_is_found_by_either_form_and_not_by_its_year():
+    import datetime as dt
+
+    dates = [dt.date(1931, 3, 4), dt.date(2019, 3, 5), dt.date(2019, 3, 6), dt.date(2019, 3, 7)]
+    index = index_of(pa.array(dates, pa.date32()))
+    assert found(index, "1931-03-04") == [0]
+    assert found(index, "04.03.1931") == [0]
+    assert found(index, "05.03.2019") == [1]
+    assert found(index, "1931") == []  # a rare year alone is no date
+    assert found(index, "03.04.1931") == []  # month first is another date
+    timestamps = pa.array([dt.datetime(1931, 3, 4, 10, 30), dt.datetime(2019, 3, 5, 8, 0)], pa.timestamp("us"))
+    assert found(index_of(timestamps), "04.03.1931") == [0]
+    as_text = index_of(["04.03.1931", "05.03.2019", "06.03.2019", "07.03.2019"])  # dates kept as text
+    assert found(as_text, "1931-03-04") == [0] and found(as_text, "04.03.1931") == [0]
+
+
+def test_a_date_column_indexes_no_more_entries_for_its_second_form():
+    import datetime as dt
+
+    dates = pa.array([dt.date(2019, 3, d) for d in range(1, 29)], pa.date32())
+    index = index_of(dates)
+    assert index.header["entries"] == 2 * 3 * 28  # two per cell: the ISO form's word, and its epoch number
+
+
 def index_of(values, **kw) -> EDMIndex:
     return EDMIndex.build(pa.table({"a": values, "b": values, "c": values}), key=KEY, **kw)
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from paitient.rules.edm import numbers as nb
 from paitient.rules.edm.hashing import FRONT, PAD, Keyed, word_view
-from paitient.rules.edm.tokens import lowered, word_runs
+from paitient.rules.edm.tokens import dates_in_iso_order, lowered, word_runs
 
 
 def kind(t: pa.DataType) -> str:
@@ -147,7 +147,9 @@ def words(
     ws, wl = word_runs(buf)
     if not len(ws):
         return empty, empty, 0
-    fps = keyed.words(word_view(lowered(buf)), ws, wl)
+    low = lowered(buf)
+    dates_in_iso_order(low, ws, wl)  # a text cell "04.03.2019" is the date 2019-03-04, as on the output side
+    fps = keyed.words(word_view(low), ws, wl)
     value = np.searchsorted(vstart, ws, "right") - 1
     # one entry per (value, word), however often the word stands in the value
     order = np.lexsort((fps, value))

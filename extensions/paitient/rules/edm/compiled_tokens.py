@@ -13,8 +13,8 @@ call). :func:`scan` gives the very same arrays in two passes over the bytes:
   double-double arithmetic, to about 2**-100, and rounded; the double that gives is the nearest unless the
   value lies within that error of a midpoint between two doubles (a decimal exactly halfway, mostly). Those,
   more digits and farther exponents are parsed by Arrow, as the reference parses every number, on just them;
-- the finishing pass drops zeros, infinities and counting runs, and finds the words, then the date word of
-  each ISO timestamp.
+- the finishing pass drops zeros, infinities and counting runs, and finds the words, then the date words:
+  the date of each ISO timestamp, and each date written day first with points (``04.03.2019``).
 
 The decimal exponent of a number's first digit (``lead``) is that of its first significant digit printed,
 corrected against the table of powers of ten of :func:`paitient.rules.edm.numbers.leading_exponent`, which
@@ -86,6 +86,21 @@ def _digit(b: np.ndarray, i: int) -> bool:
 
 
 _isdigit = _jit(_digit)
+
+
+def _dotted_date_py(b: np.ndarray, i: int) -> bool:
+    """Whether the run of two digits at ``i`` begins a date written ``DD.MM.YYYY`` standing alone: not glued
+    to a letter, digit, ``_`` or ``-`` after it, nor to another number through a point on either side (the
+    run is a whole word run, so nothing of the word bytes touches it before)."""
+    for p in (0, 1, 3, 4, 6, 7, 8, 9):
+        if not _isdigit(b, i + p):
+            return False
+    if b[i + 2] != 46 or b[i + 5] != 46 or _CLASS[b[i + 10]] & _WORD_BYTE:
+        return False
+    return not (b[i + 10] == 46 and _isdigit(b, i + 11)) and not (b[i - 1] == 46 and _isdigit(b, i - 2))
+
+
+_dotted_date = _jit(_dotted_date_py)
 
 
 def _two_product(a: float, b: float) -> tuple[float, float]:
@@ -382,13 +397,14 @@ def _finish_py(
             num_lead[at] = lead[c]
             num_digits[at] = base[c] + lead[c]
             at += 1
-    # words: runs of [A-Za-z0-9_-], MIN_WORD..max_word long; then the date of each ISO timestamp run
+    # words: runs of [A-Za-z0-9_-], MIN_WORD..max_word long; then the dates: of each ISO timestamp run, and
+    # those written DD.MM.YYYY, in the order of the text
     cls = _CLASS
     n = end - start
     cap = n // (MIN_WORD + 1) + 1
     word_start = np.empty(cap, dtype=np.int64)
     word_len = np.empty(cap, dtype=np.int64)
-    dates = np.empty(n // 12 + 1, dtype=np.int64)
+    dates = np.empty(n // 11 + 1, dtype=np.int64)  # a date takes 10 bytes and one that does not glue
     nw = 0
     nd = 0
     nxt = 0  # the first number that does not start before the current word
@@ -402,6 +418,10 @@ def _finish_py(
             i += 1
         we = i
         ln = we - ws
+        if ln == 2 and _dotted_date(buf, ws):
+            dates[nd] = ws
+            nd += 1
+            continue
         if ln < MIN_WORD or ln > max_word:
             continue
         # digits next to a decimal point that has a digit on its other side are part of a number

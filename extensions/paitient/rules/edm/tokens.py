@@ -10,7 +10,11 @@ Two kinds of token, each with its byte offset:
 - words: maximal runs of ``[A-Za-z0-9_-]`` of 4 to 64 bytes, ASCII case-folded, that are not part of
   a number (a pseudonym ``P-ABCDEFGHIJKLMNOP`` or an ISO date ``2019-03-04`` is one word). An integer
   of 4 or more digits written without sign is a word too (an identifier kept as text), and an ISO
-  timestamp ``2019-03-04T10:00`` also gives the word of its date.
+  timestamp ``2019-03-04T10:00`` also gives the word of its date. A date written day first with points,
+  ``04.03.2019``, is a word of its own (points and all) where it stands alone: not glued to a letter, digit,
+  ``_`` or ``-``, nor to another number through a point (``1.04.03.2019``); a sentence's full stop after
+  it is no glue. Its fingerprint is that of the same date in ISO form (:func:`dates_in_iso_order`), so it
+  finds the rows whose date the index holds as ``2019-03-04``, with no entry more.
 
 Non-ASCII bytes end a word (``Müller`` gives ``ller``): the index side tokenises cells the same way.
 
@@ -72,9 +76,12 @@ def word_mask(buf: np.ndarray) -> np.ndarray:
 
 
 def word_runs(buf: np.ndarray, word: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of [A-Za-z0-9_-] of MIN_WORD..MAX_WORD bytes, plus the date of each ISO timestamp run."""
-    ws, we = runs(word_mask(buf) if word is None else word)
+    """Runs of [A-Za-z0-9_-] of MIN_WORD..MAX_WORD bytes, then the dates, in the order of the text: the date
+    of each ISO timestamp run, and each date written DD.MM.YYYY standing alone (see the module's grammar)."""
+    word = word_mask(buf) if word is None else word
+    ws, we = runs(word)
     ln = we - ws
+    dates = [_dotted_dates(buf, word, ws[ln == 2])]
     keep = (ln >= MIN_WORD) & (ln <= MAX_WORD)
     ws, ln = ws[keep], ln[keep]
     ts = ws[ln > 10]
@@ -82,11 +89,37 @@ def word_runs(buf: np.ndarray, word: np.ndarray | None = None) -> tuple[np.ndarr
         digits = [(buf[ts + i] - np.uint8(48)) < 10 for i in (0, 1, 2, 3, 5, 6, 8, 9)]
         date = np.logical_and.reduce(digits) & (buf[ts + 4] == 45) & (buf[ts + 7] == 45)
         date &= (buf[ts + 10] | 32) == 116
-        if date.any():
-            ds = ts[date]
-            ws = np.concatenate((ws, ds))
-            ln = np.concatenate((ln, np.full(len(ds), 10, dtype=ln.dtype)))
+        dates.append(ts[date])
+    ds = np.sort(np.concatenate(dates))
+    if len(ds):
+        ws = np.concatenate((ws, ds))
+        ln = np.concatenate((ln, np.full(len(ds), 10, dtype=ln.dtype)))
     return ws, ln
+
+
+def dates_in_iso_order(low: np.ndarray, ws: np.ndarray, wl: np.ndarray) -> None:
+    """Rewrite, in the case-folded copy ``low`` that words are fingerprinted from, each word that is a date
+    written ``DD.MM.YYYY`` as ``YYYY-MM-DD`` (the same 10 bytes' place): both forms of a date then have one
+    fingerprint. Words are runs without points, so a 10-byte word with a point is such a date."""
+    at = ws[(wl == 10) & (low[ws + 2] == 46)]
+    if not len(at):
+        return
+    old = low[at[:, None] + np.arange(10)]
+    new = old[:, [6, 7, 8, 9, 2, 3, 4, 5, 0, 1]]
+    new[:, [4, 7]] = 45
+    low[at[:, None] + np.arange(10)] = new
+
+
+def _dotted_dates(buf: np.ndarray, word: np.ndarray, two: np.ndarray) -> np.ndarray:
+    """Which runs of two word bytes (their starts ``two``) begin a date ``DD.MM.YYYY`` standing alone."""
+    if not len(two):
+        return two.astype(np.int64)
+    digit = [(buf[two + i] - np.uint8(48)) < 10 for i in (0, 1, 3, 4, 6, 7, 8, 9, 11)]
+    ok = np.logical_and.reduce(digit[:8]) & (buf[two + 2] == 46) & (buf[two + 5] == 46) & ~word[two + 10]
+    ok &= ~((buf[two + 10] == 46) & digit[8])
+    ok &= ~((buf[two - 1] == 46) & ((buf[two - 2] - np.uint8(48)) < 10))
+    result: np.ndarray = two[ok].astype(np.int64)
+    return result
 
 
 @dataclass
@@ -110,7 +143,9 @@ class Tokens:
     def view(self) -> np.ndarray:
         """8-byte words of the case-folded text, for word fingerprints."""
         if self._view is None:
-            self._view = word_view(compiled_tokens.lowered(self.buf))
+            low = compiled_tokens.lowered(self.buf)
+            dates_in_iso_order(low, self.word_start, self.word_len)
+            self._view = word_view(low)
         return self._view
 
     def __len__(self) -> int:
