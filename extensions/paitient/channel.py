@@ -62,6 +62,19 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    pod: str = ""
+    """For a caller in a user's Kubernetes pod, vouched for by the workspace's gateway: the pod (its token's
+    id). Empty for a caller on this machine, known by the socket alone."""
+    origin: str = ""
+    """For a pod's caller: ``kernel`` (a process the pod's relay sees: a sandboxed kernel) or ``server`` (one in
+    another pid namespace: the user's server). Empty for a caller on this machine."""
+    start: int | None = None
+    """For a pod's caller: its start time as the pod's relay read it (``pid`` is the pid the relay sees)."""
+
+    @property
+    def delegated(self) -> bool:
+        """True for a pod's caller, whose identity the gateway vouched for (the socket's peer is the gateway)."""
+        return bool(self.pod)
 
     @property
     def account(self) -> str:
@@ -89,8 +102,12 @@ class ChannelError(Exception):
         return {"ok": False, "error": str(self), "code": self.code}
 
 
-def encode_request(op: str, args: Mapping[str, Any] | None = None) -> bytes:
-    return json.dumps({"op": op, "args": dict(args or {})}).encode() + b"\n"
+def encode_request(op: str, args: Mapping[str, Any] | None = None, on_behalf: Mapping[str, Any] | None = None) -> bytes:
+    """One request line; ``on_behalf``: the caller the workspace's gateway speaks for (only the gateway may)."""
+    msg: dict[str, Any] = {"op": op, "args": dict(args or {})}
+    if on_behalf is not None:
+        msg["on_behalf"] = dict(on_behalf)
+    return json.dumps(msg).encode() + b"\n"
 
 
 def decode_answer(raw: bytes, where: str) -> Any:
@@ -150,6 +167,7 @@ def call(
     *,
     fds: list[int] | None = None,
     timeout: float = 60.0,
+    on_behalf: Mapping[str, Any] | None = None,
 ) -> Any:
     """Send one request to a service and return its result.
 
@@ -158,7 +176,7 @@ def call(
     or ``bad_answer``. Nothing else escapes, so a caller handles one exception type.
     """
     where = os.fspath(path)
-    payload = encode_request(op, args)
+    payload = encode_request(op, args, on_behalf)
     deadline = time.monotonic() + timeout
 
     def receive() -> bytes:

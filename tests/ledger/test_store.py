@@ -165,7 +165,7 @@ def test_a_sqlite_ledger_from_before_migrations_is_stamped_not_made_anew(state_d
     _check_kept_and_usable(ledger)
     ledger.close()
     with sqlite3.connect(db_path(site)) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (2,)
     # and opened again, it is simply at the newest revision
     assert Ledger(site).run("r-old")["state"] == "settled"
@@ -182,7 +182,7 @@ def test_a_postgres_ledger_from_ledger_url_is_stamped_in_its_schema(state_dir, p
     _check_kept_and_usable(ledger)
     ledger.close()
     with psycopg.connect(postgres_db.url, passfile=postgres_db.passfile) as conn:
-        assert conn.execute("SELECT version_num FROM public.alembic_version").fetchall() == [("0002",)]
+        assert conn.execute("SELECT version_num FROM public.alembic_version").fetchall() == [("0003",)]
 
 
 def test_a_ledger_left_in_public_is_not_begun_anew_in_its_schema(state_dir, postgres_db):

@@ -51,6 +51,12 @@ class Workspace(Model):
     hub_port = WholeNumber(0, help="The hub's internal API port, on loopback. 0 picks a free port at start.")
     proxy_api_port = WholeNumber(0, help="The proxy's API port, on loopback. 0 picks a free port at start.")
 
+    gateway_uid = WholeNumber(
+        0,
+        help="Kubernetes: the uid the services' gateway runs as (paitient.services.gateway), the one caller whose "
+        "requests may name the pod's caller they are made for. 0: no gateway (a host's workspace); never root.",
+    )
+
     @validate("port", "hub_port", "proxy_api_port")
     def _port(self, proposal: Bunch) -> int:
         low = 1 if proposal.trait.name == "port" else 0

@@ -57,7 +57,8 @@ def peer_origin(pid: int) -> str:
     ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it exited before we looked.
 
     The kernel vouches for the namespace; the sender cannot choose it, so a record reported from inside a
-    sandbox is marked as such even though it carries the same uid as the user's server.
+    sandbox is marked as such even though it carries the same uid as the user's server. A pod's caller
+    (through the gateway) is marked by what its pod's relay saw instead: ``kernel`` or ``server``.
     """
     try:
         theirs = os.readlink(f"/proc/{pid}/ns/pid")
@@ -109,6 +110,8 @@ def user_event(
         raise ChannelError(f"the event names project(s) {', '.join(sorted(foreign))}, which are not yours", FORBIDDEN)
     capped = cap_details(details, string_limit=string_chars, total_limit=details_bytes)
     capped["peer"] = {"pid": peer.pid, "uid": peer.uid, "origin": origin}
+    if peer.delegated:  # a pod's caller: the pid is the one its pod's relay sees
+        capped["peer"]["pod"] = peer.pod
     return {
         "actor": actor,
         "action": action,
@@ -133,7 +136,7 @@ def handlers(site, log: logging.Logger, metrics: AuditMetrics | None = None) -> 
             args,
             string_chars=site.audit.user_string_chars,
             details_bytes=site.audit.user_details_bytes,
-            origin=peer_origin(peer.pid),
+            origin=peer.origin if peer.delegated else peer_origin(peer.pid),
             projects=member.projects if member else (),
             known_projects=known,
         )

@@ -198,8 +198,10 @@ class RefusalRecorder:
 def channel_options(site: Any, service: str, emit: Callable[..., Any]) -> dict[str, Any]:
     """Keyword arguments of :class:`~paitient.services.kit.channel.ChannelServer` for a workspace service:
     mode 0660 and the workspace group, registered callers only, :data:`WORKSPACE_LIMITS`, refusals recorded
-    through ``emit(actor=..., action=..., ...)``."""
+    through ``emit(actor=..., action=..., ...)``; a pod's caller through the gateway (``[workspace]
+    gateway_uid``, when set)."""
     return {
+        "delegate_uid": site.workspace.gateway_uid or None,
         "mode": SOCKET_MODE,
         "group": workspace_group(site),
         "admit": RegisteredCallers(site, service),

@@ -5,6 +5,13 @@ A :class:`ChannelServer` answers each connection on a thread: it learns the call
 ``(peer, args, fds) -> result`` and answers ``{"ok": ...}``. A handler refuses by raising
 :class:`~paitient.channel.ChannelError`; anything else it raises is logged here and the caller gets
 ``internal``, never a traceback.
+
+**A delegated caller.** A caller in a user's Kubernetes pod reaches a service through the pod's relay and the
+workspace's gateway (:mod:`paitient.services.relay`, :mod:`paitient.services.gateway`); the socket's peer is
+then the gateway, and the request names the caller it speaks for (``on_behalf``: uid, pod, origin, pid, start).
+A server accepts that only from the uid it was given as the gateway's (``delegate_uid``), and refuses it
+(``forbidden``) from everyone else, before the handler runs; the handler receives the caller as a
+:class:`~paitient.channel.Peer` with ``pod`` set, admitted and limited as a local caller of that uid would be.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 from paitient.channel import (
     BAD_REQUEST,
+    FORBIDDEN,
     INTERNAL,
     MAX_FDS,
     MAX_REQUEST,
@@ -39,6 +47,10 @@ from paitient.channel import (
 )
 
 log = logging.getLogger("paitient.services.kit.channel")
+
+ORIGINS = ("kernel", "server", "relay")
+"""What the pod's relay says a caller is: a process it sees (a kernel), one in another pid namespace (the
+user's server), or the relay itself (its reports of the pod's live processes)."""
 
 Handler = Callable[[Peer, dict[str, Any], list[int]], Any]
 Admit = Callable[[Peer], None]
@@ -61,10 +73,17 @@ class Limits:
 class Admission:
     """Who may hold a connection now: the ``admit`` rule, the connection caps and a token bucket per uid."""
 
-    def __init__(self, limits: Limits | None = None, admit: Admit | None = None, name: str = "service"):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        admit: Admit | None = None,
+        name: str = "service",
+        delegate_uid: int | None = None,
+    ):
         self.limits = limits
         self.admit = admit
         self.name = name
+        self.delegate_uid = delegate_uid
         self._lock = threading.Lock()
         self._open: dict[int, int] = {}
         self._total = 0
@@ -72,8 +91,9 @@ class Admission:
 
     def enter(self, peer: Peer) -> bool:
         """Admit ``peer`` or raise :class:`ChannelError`; True when a slot was taken (give it back with
-        :meth:`leave`)."""
-        if peer.is_root:
+        :meth:`leave`). The gateway's own connection takes no slot: the caller it speaks for is admitted once
+        its request is read."""
+        if peer.is_root or (self.delegate_uid is not None and peer.uid == self.delegate_uid and not peer.delegated):
             return False
         if self.admit is not None:
             self.admit(peer)
@@ -132,7 +152,10 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """One request line and the descriptors that came with it; :class:`ChannelError` if it is malformed."""
+    """One request line and the descriptors that came with it; :class:`ChannelError` if it is malformed.
+
+    The request is ``{"op", "args"}``, with ``on_behalf`` when the line named a caller (who may do that is
+    the server's decision, :func:`delegated_peer`); nothing else of the line is kept."""
     fds: list[int] = []
 
     def receive() -> bytes:
@@ -161,7 +184,31 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     except ChannelError:
         _close_all(fds)
         raise
-    return {"op": msg["op"], "args": args}, fds
+    out = {"op": msg["op"], "args": args}
+    if "on_behalf" in msg:
+        out["on_behalf"] = msg["on_behalf"]
+    return out, fds
+
+
+def delegated_peer(peer: Peer, on_behalf: Any, delegate_uid: int | None, name: str) -> Peer:
+    """The caller ``peer`` (the gateway) speaks for; :class:`ChannelError` (``forbidden``) when ``peer`` is not
+    the gateway, ``bad_request`` when the caller is not well formed. Root is never spoken for."""
+    if delegate_uid is None or peer.uid != delegate_uid or peer.delegated:
+        raise ChannelError(
+            f"{name} takes a caller named in the request (on_behalf) only from the workspace's gateway; uid "
+            f"{peer.uid} is not it. Send the request without on_behalf: who you are comes from your connection",
+            FORBIDDEN,
+        )
+    if not isinstance(on_behalf, dict) or set(on_behalf) != {"uid", "pod", "origin", "pid", "start"}:
+        raise ChannelError("on_behalf must be {uid, pod, origin, pid, start}", BAD_REQUEST)
+    uid, pod, origin, pid, start = (on_behalf[k] for k in ("uid", "pod", "origin", "pid", "start"))
+    if type(uid) is not int or uid <= 0 or uid == delegate_uid:
+        raise ChannelError(f"on_behalf.uid must be a user's uid, not root or the gateway's, got {uid!r}", BAD_REQUEST)
+    if not isinstance(pod, str) or not pod or len(pod) > 128 or origin not in ORIGINS:
+        raise ChannelError(f"on_behalf needs a pod and an origin ({' or '.join(ORIGINS)})", BAD_REQUEST)
+    if type(pid) is not int or pid < 0 or not (start is None or (type(start) is int and start >= 0)):
+        raise ChannelError("on_behalf.pid must be a pid (0: not seen) and start a start time or null", BAD_REQUEST)
+    return Peer(pid=pid, uid=uid, gid=-1, pod=pod, origin=origin, start=start)
 
 
 def _close_all(fds: list[int]) -> None:
@@ -201,12 +248,25 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                 server.admission.leave(peer)
 
     def _serve(self, sock: socket.socket, peer: Peer, fds: list[int]) -> None:
+        server = self.server
+        held: Peer | None = None
         try:
             msg, fds = read_request(sock)
-            handler = self.server.handlers.get(msg["op"])
+            if "on_behalf" in msg:
+                caller = delegated_peer(peer, msg["on_behalf"], server.admission.delegate_uid, server.name)
+                try:
+                    if server.admission.enter(caller):
+                        held = caller
+                except ChannelError as e:
+                    server.refused(caller, e)
+                    raise
+                peer = caller
+            elif server.admission.delegate_uid is not None and peer.uid == server.admission.delegate_uid:
+                raise ChannelError(f"{server.name} serves the gateway only on behalf of a pod's caller", FORBIDDEN)
+            handler = server.handlers.get(msg["op"])
             if handler is None:
                 raise ChannelError(
-                    f"unknown operation {msg['op']!r}; known: {', '.join(sorted(self.server.handlers))}", UNKNOWN_OP
+                    f"unknown operation {msg['op']!r}; known: {', '.join(sorted(server.handlers))}", UNKNOWN_OP
                 )
             answer = {"ok": True, "result": handler(peer, msg["args"], fds)}
         except ChannelError as e:
@@ -222,6 +282,8 @@ class _RequestHandler(socketserver.BaseRequestHandler):
             answer = ChannelError(f"internal error in {self.server.name}; see its log", INTERNAL).to_wire()
         finally:
             _close_all(fds)
+            if held is not None:
+                server.admission.leave(held)
         try:
             sock.sendall(json.dumps(answer, default=str).encode() + b"\n")
         except OSError:
@@ -287,13 +349,17 @@ class ChannelServer(UnixSocketServer):
         limits: Limits | None = None,
         admit: Admit | None = None,
         on_refusal: OnRefusal | None = None,
+        delegate_uid: int | None = None,
     ):
         """``mode`` and ``group``: who may connect at all (the services: 0660, the workspace's group);
         ``admit``, ``limits``: who is served, how much (:class:`Admission`); ``on_refusal``: told of each
-        refused connection."""
+        refused connection; ``delegate_uid``: the gateway's uid, the one peer whose request may name the
+        caller it speaks for (None: nobody's; never root)."""
+        if delegate_uid == 0:
+            raise ValueError("the gateway must not run as root: give it a uid of its own")
         self.handlers = handlers
         self.timeout_seconds = timeout_seconds
-        self.admission = Admission(limits, admit, name)
+        self.admission = Admission(limits, admit, name, delegate_uid)
         self.on_refusal = on_refusal
         super().__init__(path, _RequestHandler, name=name, mode=mode, group=group)
 

@@ -12,7 +12,11 @@ which reserves and settles a job's budget for the researcher who submitted it (`
 The reserving process id comes from ``SO_PEERCRED`` too (the host's pid, whatever pid namespace the
 kernel runs in), with its start time from ``/proc``; when that process is gone before it settled, its
 reservation is marked *lost* and counts in full. This check runs before every reservation and budget
-query and every :data:`SWEEP_SECONDS`.
+query and every :data:`SWEEP_SECONDS`. A reservation made from a user's Kubernetes pod (through the
+workspace's gateway) carries the kernel's pid and start time as the pod's relay sees them, and the pod: the
+relay reports its pod's live processes through the gateway (``pod_report``, forwarded by the gateway
+only), and such a reservation is lost once its pod's last report is older than ``pod_stale_seconds`` or
+does not name its kernel (:class:`PodReports`).
 
 Nothing changes in the ledger unrecorded for long: each reservation, refusal and settlement is written to
 the audit trail as it happens. A record the trail cannot take waits in the service, in order, and is
@@ -29,6 +33,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -49,6 +55,9 @@ from paitient.services.ledger.store import Ledger, LedgerError
 __all__ = ["READ_SCOPE", "LedgerService", "custom_scopes", "hub_service", "public_run", "role_scopes", "serve"]
 
 SWEEP_SECONDS = 10.0
+POD_STALE_SECONDS = 60.0
+"""How long a pod's last report of its live processes holds (its relay reports every 10 s by default)."""
+MAX_POD_PROCESSES = 4096
 MAX_RUN_ID = 128
 JOB_RUN_PREFIX = "job:"
 """The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
@@ -80,6 +89,50 @@ def alive(pid: int, start: int | None) -> bool:
     """Is the process that reserved still running (same pid *and* same start time, so no reused pid)?"""
     now = process_start(pid)
     return now is not None and (start is None or now == start)
+
+
+class PodReports:
+    """The live processes each pod's relay last reported (through the gateway), and when.
+
+    A reservation made from a pod is alive while its pod's last report is at most ``stale`` seconds old and
+    names its (pid, start). Until a pod's first report after this service started, its reservations are given
+    ``stale`` seconds (a restarted ledger has heard nothing yet); then they count in full."""
+
+    def __init__(self, stale: float = POD_STALE_SECONDS, clock=time.monotonic):
+        self.stale = stale
+        self.clock = clock
+        self.started = clock()
+        self._lock = threading.Lock()
+        self._reports: dict[str, tuple[float, frozenset[tuple[int, int | None]]]] = {}
+
+    def report(self, pod: str, kernels: frozenset[tuple[int, int | None]]) -> None:
+        with self._lock:
+            self._reports[pod] = (self.clock(), kernels)
+
+    def alive(self, pod: str, pid: int, start: int | None) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._reports.get(pod)
+        if last is None:
+            return now - self.started < self.stale
+        when, kernels = last
+        return now - when <= self.stale and (pid, start) in kernels
+
+
+def _kernels(value: Any) -> frozenset[tuple[int, int | None]]:
+    if not isinstance(value, list) or len(value) > MAX_POD_PROCESSES:
+        raise ChannelError(f"kernels must be a list of at most {MAX_POD_PROCESSES} [pid, start] pairs", BAD_REQUEST)
+    out = set()
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or type(item[0]) is not int
+            or not (item[1] is None or type(item[1]) is int)
+        ):
+            raise ChannelError("each of kernels must be a [pid, start] pair of whole numbers", BAD_REQUEST)
+        out.add((item[0], item[1]))
+    return frozenset(out)
 
 
 # -- request handling ------------------------------------------------------------------------------
@@ -124,8 +177,17 @@ def _only(args: dict[str, Any], allowed: set[str]) -> None:
 class LedgerService:
     """The operations, given a ledger and a registry; :meth:`handlers` plugs them into a ChannelServer."""
 
-    def __init__(self, site, ledger: Ledger, registry: Registry, log: logging.Logger, is_alive=alive):
+    def __init__(
+        self,
+        site,
+        ledger: Ledger,
+        registry: Registry,
+        log: logging.Logger,
+        is_alive=alive,
+        pod_stale_seconds: float = POD_STALE_SECONDS,
+    ):
         self.site = site
+        self.pods = PodReports(pod_stale_seconds)
         self.ledger = ledger
         self.registry = registry
         self.log = log
@@ -144,6 +206,7 @@ class LedgerService:
             "total": self.total,
             "records": self.records,
             "record_by_hash": self.record_by_hash,
+            "pod_report": self.pod_report,
         }
 
     # who may do what
@@ -181,7 +244,7 @@ class LedgerService:
             )
 
     def sweep(self) -> list[str]:
-        gone = self.ledger.mark_lost(self.is_alive)
+        gone = self.ledger.mark_lost(self.is_alive, self.pods.alive)
         for rid in gone:
             run = self.ledger.run(rid) or {}
             self.log.warning("ledger: run %s ended without settling; counted in full", rid)
@@ -242,7 +305,8 @@ class LedgerService:
                 user=member.username,
                 run_id=run_id,
                 pid=peer.pid,
-                pid_start=process_start(peer.pid),
+                pid_start=peer.start if peer.delegated else process_start(peer.pid),
+                pod=peer.pod,
             )
         except BudgetExceeded as e:
             self.audit(
@@ -258,6 +322,8 @@ class LedgerService:
         row = self.ledger.run(rid)
         assert row is not None  # reserve() committed this row above, and the ledger never deletes a run
         details = {"project": project, "epsilon": epsilon, "delta": delta, "reservation": row["id"], "pid": peer.pid}
+        if peer.delegated:
+            details["pod"] = peer.pod
         if not self.audit(member.username, "ledger.reserve", obj, "ok", {**details, **extra}):
             self._release(rid, member.username, obj, project, extra)
             raise ChannelError(NOT_RECORDED, "unavailable")
@@ -281,6 +347,17 @@ class LedgerService:
                 **extra,
             },
         )
+
+    def pod_report(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The processes a pod's relay sees alive now, forwarded by the gateway on the relay's behalf (origin
+        ``relay``, the pod its token's); from no one else."""
+        if not peer.delegated or peer.origin != "relay":
+            raise ChannelError(
+                "only a pod's relay, through the workspace's gateway, reports its live processes", FORBIDDEN
+            )
+        _only(args, {"kernels"})
+        self.pods.report(peer.pod, _kernels(args.get("kernels")))
+        return {"pod": peer.pod}
 
     def settle(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         _only(args, {"reservation", "epsilon_spent", "delta_spent", "record"})

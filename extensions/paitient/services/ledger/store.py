@@ -91,7 +91,9 @@ RUN_COLUMNS = (
 )
 OVERRIDE_COLUMNS = ("project", "dataset", "epsilon", "delta", "set_by", "set_at")
 MIGRATIONS = Path(__file__).parent / "migrations"
-_SELECT_RUNS = "SELECT " + ", ".join(RUN_COLUMNS) + " FROM runs"  # noqa: S608 -- fixed column names
+ROW_COLUMNS = (*RUN_COLUMNS, "pod")
+"""A run as the store gives it: the first revision's columns (:data:`RUN_COLUMNS`) and those added since."""
+_SELECT_RUNS = "SELECT " + ", ".join(ROW_COLUMNS) + " FROM runs"  # noqa: S608 -- fixed column names
 
 
 class LedgerError(ValueError):
@@ -138,7 +140,7 @@ def _queries(db: Database, write: bool) -> Iterator[Query]:
 
 
 def _row(values: tuple) -> dict[str, Any]:
-    row = dict(zip(RUN_COLUMNS, values, strict=True))
+    row = dict(zip(ROW_COLUMNS, values, strict=True))
     row["record"] = json.loads(row["record"]) if row["record"] else None
     return row
 
@@ -299,6 +301,7 @@ class Ledger:
         run_id: str = "",
         pid: int = 0,
         pid_start: int | None = None,
+        pod: str = "",
     ) -> str:
         """Reserve ``(epsilon, delta)`` of a dataset's budget for one run; return the reservation id.
 
@@ -319,9 +322,9 @@ class Ledger:
             )
             check_reserve(f"{project}/{dataset}", total, usage(Entry(*r) for r in rows), epsilon, delta)
             q(
-                "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, epsilon, delta, "
-                "state, created) VALUES (:id, :project, :dataset, :user, :run_id, :pid, :pid_start, :epsilon, "
-                ":delta, 'reserved', :created)",
+                "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, pod, epsilon, delta, "
+                "state, created) VALUES (:id, :project, :dataset, :user, :run_id, :pid, :pid_start, :pod, "
+                ":epsilon, :delta, 'reserved', :created)",
                 id=rid,
                 project=project,
                 dataset=dataset,
@@ -329,6 +332,7 @@ class Ledger:
                 run_id=run_id,
                 pid=int(pid),
                 pid_start=pid_start,
+                pod=pod,
                 epsilon=float(epsilon),
                 delta=float(delta),
                 created=time.time(),
@@ -383,11 +387,20 @@ class Ledger:
             )
             return _row(q(_SELECT_RUNS + " WHERE id = :id", id=reservation)[0])
 
-    def mark_lost(self, alive: Callable[[int, int | None], bool]) -> list[str]:
-        """Mark open reservations whose process is gone as lost (counted in full); return their ids."""
+    def mark_lost(
+        self,
+        alive: Callable[[int, int | None], bool],
+        pod_alive: Callable[[str, int, int | None], bool] | None = None,
+    ) -> list[str]:
+        """Mark open reservations whose process is gone as lost (counted in full); return their ids. A
+        reservation made from a pod is alive while ``pod_alive(pod, pid, start)`` says so (without it: gone)."""
         with _queries(self.db, write=True) as q:
-            open_rows = q("SELECT id, pid, pid_start FROM runs WHERE state = 'reserved'")
-            gone = [rid for rid, pid, start in open_rows if not alive(pid, start)]
+            open_rows = q("SELECT id, pid, pid_start, pod FROM runs WHERE state = 'reserved'")
+            gone = [
+                rid
+                for rid, pid, start, pod in open_rows
+                if not (pod_alive is not None and pod_alive(pod, pid, start) if pod else alive(pid, start))
+            ]
             now = time.time()
             for rid in gone:
                 q(
