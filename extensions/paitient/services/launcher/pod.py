@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.config import Application
 
 from paitient import __version__
@@ -39,6 +39,7 @@ from paitient.channel import FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
 from paitient.config.sandboxtraits import sandbox_traits
 from paitient.rules.sandbox import Limits
+from paitient.services import relay as pod_relay
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.launcher.base import BaseLauncher, Caller
 
@@ -160,6 +161,16 @@ class PodLauncherApp(Application):
     )
     memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
     seccomp = Bool(True, help="Load the workspace's seccomp filter into every kernel.").tag(config=True)
+    gateway = Unicode(
+        "",
+        help="The services' gateway (host:port). Set: this process also runs the pod's relay "
+        "(paitient.services.relay), serving the services' sockets in the run dir. Empty: no relay.",
+    ).tag(config=True)
+    token_file = Unicode(
+        pod_relay.TOKEN_FILE, help="The pod's token, for the relay; in no folder a sandbox binds."
+    ).tag(config=True)
+    report_seconds = Float(10.0, help="How often the relay reports the pod's live processes.").tag(config=True)
+    airlock_max_bytes = Int(512 << 20, help="The largest file the relay sends the airlock.").tag(config=True)
 
     aliases = {
         "socket": "PodLauncherApp.socket",
@@ -170,6 +181,10 @@ class PodLauncherApp(Application):
         "max-processes": "PodLauncherApp.max_processes",
         "max-open-files": "PodLauncherApp.max_open_files",
         "cpu-seconds": "PodLauncherApp.cpu_seconds",
+        "gateway": "PodLauncherApp.gateway",
+        "token-file": "PodLauncherApp.token_file",
+        "report-seconds": "PodLauncherApp.report_seconds",
+        "airlock-max-bytes": "PodLauncherApp.airlock_max_bytes",
         "log-level": "Application.log_level",
     }
 
@@ -195,9 +210,17 @@ class PodLauncherApp(Application):
     def start(self) -> None:
         from paitient.services.kit.process import StopSignal
 
+        relay = None
         try:
             launcher = self.make_launcher()
-        except PodLauncherError as e:
+            if self.gateway:
+                relay = pod_relay.make_relay(
+                    gateway=self.gateway,
+                    token_file=self.token_file,
+                    bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
+                    airlock_max_bytes=self.airlock_max_bytes,
+                )
+        except (PodLauncherError, pod_relay.RelayError) as e:
             print(f"{self.name}: {e}", file=sys.stderr)
             self.exit(2)
             return
@@ -209,9 +232,15 @@ class PodLauncherApp(Application):
         stop = StopSignal()
         server.start_in_thread()
         self.log.info("pod launcher: listening on %s for uid %d", server.path, launcher.uid)
+        relayed = (
+            []
+            if relay is None
+            else pod_relay.start_relay(relay, self.run_dir, self.report_seconds, lambda: stop.received)
+        )
         try:
             stop.wait()
         finally:
+            pod_relay.stop_relay(relayed)
             server.shutdown()
             server.server_close()
             # the kernels cannot outlive the container anyway; end them now, each with its sandbox

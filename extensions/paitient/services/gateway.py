@@ -1,0 +1,284 @@
+"""The services' gateway: calls from users' Kubernetes pods, made to the services for the pod's user.
+
+Process: ``python -I -m paitient.services.gateway``, in the services' pod, as a uid of its own (``[workspace]
+gateway_uid``; never root). Trusted for: saying which pod, and so which user, a call comes from, and what
+the pod's relay saw of the caller. It listens on TCP; each pod's relay (:mod:`paitient.services.relay`) opens
+one connection per call and sends one header line, JSON::
+
+    {"token", "service", "op", "args", "origin", "pid", "start", "files": [<size>, ...]}
+
+followed by the bytes of each file, or ``{"token", "report": [[pid, start], ...]}`` (the pod's live
+processes). The gateway
+
+1. looks the token up in the hub's token file (:class:`~paitient.podtokens.PodTokens`, hashes only): no
+   token, an unknown or a revoked one is refused (``forbidden``) before anything else is read;
+2. refuses a service it does not serve, a file larger than the service takes (``too_large``, before its bytes
+   are read), and a header that is not the protocol (``bad_request``);
+3. reads each file into a sealed in-memory file (``memfd_create``, then ``F_SEAL_SHRINK | F_SEAL_GROW |
+   F_SEAL_WRITE | F_SEAL_SEAL``: the service reads exactly the bytes that came, and nobody can change them);
+4. calls the service on its unix socket with ``on_behalf`` = the token's user's uid and pod, and the relay's
+   origin, pid and start (the services take that from the gateway's uid only,
+   :mod:`paitient.services.kit.channel`), and sends the service's answer line back.
+
+A report goes to the ledger as ``pod_report`` on behalf of the pod's relay (origin ``relay``): it keeps
+reservations made from the pod alive (:class:`~paitient.services.ledger.service.PodReports`).
+
+Not encrypted: TLS between the pods is the cluster's (a mesh or the CNI's); see docs/kubernetes.md.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import socketserver
+import sys
+from typing import Any
+
+from traitlets import Int, Unicode, default
+from traitlets.config import Application
+
+from paitient import __version__
+from paitient.channel import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    MAX_FDS,
+    MAX_REQUEST,
+    TOO_LARGE,
+    ChannelError,
+    call,
+    read_line,
+)
+from paitient.podtokens import PodIdentity, PodTokens, token_file
+
+log = logging.getLogger("paitient.services.gateway")
+
+MODULE = "paitient.services.gateway"
+PORT = 8090
+SERVICES = ("audit", "ledger", "airlock", "jobs")
+"""The services a pod reaches through the gateway: those its kernels and server call over a socket."""
+JOBS_MAX_BYTES = 2_000_000
+"""What the jobs service takes (``jobs.service.MAX_GRAPH_BYTES``): a model's exported graph."""
+MAX_HEADER = MAX_REQUEST + 8192
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+CALL_TIMEOUT = 600.0
+HEADER_KEYS = frozenset({"token", "service", "op", "args", "origin", "pid", "start", "files"})
+REPORT_KEYS = frozenset({"token", "report"})
+
+
+def file_limits(site: Any) -> dict[str, int]:
+    """The largest file each service takes with a call (0: none at all)."""
+    return {"audit": 0, "ledger": 0, "airlock": int(site.airlock.max_bytes), "jobs": JOBS_MAX_BYTES}
+
+
+def sealed_file(name: str, receive_into: Any, size: int) -> int:
+    """A sealed memfd holding the next ``size`` bytes ``receive_into(buffer) -> n`` gives."""
+    fd = os.memfd_create(f"paitient-{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        buf = bytearray(1 << 16)
+        left = size
+        while left:
+            n = receive_into(memoryview(buf)[: min(len(buf), left)])
+            if not n:
+                raise ChannelError("the relay closed the connection before the whole file came", BAD_REQUEST)
+            view = memoryview(buf)[:n]
+            while view:
+                view = view[os.write(fd, view) :]
+            left -= n
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Gateway:
+    """The gateway's decisions, apart from the TCP server: :meth:`serve` answers one connection."""
+
+    def __init__(self, site: Any, tokens: PodTokens | None = None, timeout: float = 60.0):
+        self.site = site
+        self.tokens = tokens or PodTokens(token_file(site.state_dir))
+        self.limits = file_limits(site)
+        self.run_dir = str(site.run_dir)
+        self.timeout = timeout
+
+    def identify(self, header: dict[str, Any]) -> PodIdentity:
+        token = header.get("token")
+        if not token:
+            raise ChannelError("the call carries no pod token; the gateway serves users' pods only", FORBIDDEN)
+        who = self.tokens.lookup(token)
+        if who is None:
+            raise ChannelError(
+                "the call's pod token is not one the hub issued to a running pod (unknown or revoked)", FORBIDDEN
+            )
+        return who
+
+    def serve(self, sock: socket.socket) -> dict[str, Any]:
+        sock.settimeout(self.timeout)
+
+        def too_large() -> ChannelError:
+            return ChannelError(f"header larger than {MAX_HEADER} bytes", TOO_LARGE)
+
+        raw = read_line(lambda: sock.recv(65536), MAX_HEADER, too_large)
+        line, _, rest = raw.partition(b"\n")
+        try:
+            header = json.loads(line)
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise ChannelError("the gateway takes one JSON header line per call", BAD_REQUEST)
+        who = self.identify(header)
+        if "report" in header:
+            return self._report(who, header)
+        return self._call(who, header, sock, bytearray(rest))
+
+    def _report(self, who: PodIdentity, header: dict[str, Any]) -> dict[str, Any]:
+        if set(header) != REPORT_KEYS:
+            raise ChannelError(f"a report is {sorted(REPORT_KEYS)}", BAD_REQUEST)
+        on_behalf = {"uid": who.uid, "pod": who.pod, "origin": "relay", "pid": 0, "start": None}
+        result = call(
+            os.path.join(self.run_dir, "ledger.sock"),
+            "pod_report",
+            {"kernels": header["report"]},
+            on_behalf=on_behalf,
+            timeout=self.timeout,
+        )
+        return {"ok": True, "result": result}
+
+    def _call(self, who: PodIdentity, header: dict[str, Any], sock: socket.socket, early: bytearray) -> dict[str, Any]:
+        if set(header) != HEADER_KEYS:
+            raise ChannelError(f"a call is {sorted(HEADER_KEYS)}", BAD_REQUEST)
+        service, op, args, files = header["service"], header["op"], header["args"], header["files"]
+        if service not in SERVICES:
+            raise ChannelError(f"the gateway serves {', '.join(SERVICES)}, not {service!r}", BAD_REQUEST)
+        if not isinstance(op, str) or not isinstance(args, dict):
+            raise ChannelError("op must be a string and args an object", BAD_REQUEST)
+        if not isinstance(files, list) or len(files) > MAX_FDS or any(type(n) is not int or n < 0 for n in files):
+            raise ChannelError(f"files must be at most {MAX_FDS} sizes", BAD_REQUEST)
+        limit = self.limits[service]
+        for n in files:
+            if n > limit:
+                raise ChannelError(
+                    f"the {service} service takes files of at most {limit} bytes with a call; this one has {n}",
+                    TOO_LARGE,
+                )
+
+        def receive_into(view: memoryview) -> int:
+            if early:
+                n = min(len(view), len(early))
+                view[:n] = early[:n]
+                del early[:n]
+                return n
+            return sock.recv_into(view)
+
+        fds: list[int] = []
+        try:
+            for n in files:
+                fds.append(sealed_file(service, receive_into, n))
+            on_behalf = {
+                "uid": who.uid,
+                "pod": who.pod,
+                "origin": header["origin"],
+                "pid": header["pid"],
+                "start": header["start"],
+            }
+            result = call(
+                os.path.join(self.run_dir, f"{service}.sock"),
+                op,
+                args,
+                fds=fds,
+                on_behalf=on_behalf,
+                timeout=CALL_TIMEOUT,
+            )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return {"ok": True, "result": result}
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: GatewayServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            answer = self.server.gateway.serve(sock)
+        except ChannelError as e:
+            answer = e.to_wire()
+        except TimeoutError:
+            answer = ChannelError("no complete call came in time", BAD_REQUEST).to_wire()
+        except OSError:
+            return
+        except Exception:
+            log.exception("gateway: a call failed")
+            answer = ChannelError("internal error in the gateway; see its log", "internal").to_wire()
+        try:
+            sock.sendall(json.dumps(answer, default=str).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], gateway: Gateway):
+        self.gateway = gateway
+        super().__init__(address, _Handler)
+
+
+class GatewayApp(Application):
+    """``python -I -m paitient.services.gateway``: serve users' pods until SIGTERM."""
+
+    name = "paitient-gateway"
+    version = __version__
+    description = "The services' gateway: calls from users' pods, made to the services for the pod's user."
+
+    site_file = Unicode("", help="The site configuration (TOML); empty: the default place.").tag(config=True)
+    ip = Unicode("0.0.0.0", help="The address to listen on (the services' pod's).").tag(config=True)  # noqa: S104
+    port = Int(PORT, help="The TCP port to listen on.").tag(config=True)
+
+    aliases = {"site": "GatewayApp.site_file", "ip": "GatewayApp.ip", "port": "GatewayApp.port"}
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    def start(self) -> None:
+        from paitient.config import load
+        from paitient.services.kit.process import StopSignal
+
+        site = load(self.site_file or None)
+        uid = os.getuid()
+        if uid == 0 or uid != site.workspace.gateway_uid:
+            print(
+                f"{self.name}: runs as [workspace] gateway_uid ({site.workspace.gateway_uid or 'not set'}), never "
+                f"root; this process is uid {uid}",
+                file=sys.stderr,
+            )
+            self.exit(2)
+            return
+        server = GatewayServer((self.ip, self.port), Gateway(site))
+        stop = StopSignal()
+        import threading
+
+        threading.Thread(target=server.serve_forever, name="gateway", daemon=True).start()
+        print(f"{self.name}: listening on {self.ip}:{server.server_address[1]}", file=sys.stderr, flush=True)
+        try:
+            stop.wait()
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    GatewayApp.launch_instance(argv)
+
+
+if __name__ == "__main__":
+    main()
