@@ -9,6 +9,7 @@ import yaml
 from traitlets.config import Config
 
 from paitient.hub.kubernetes import (
+    GATEWAY_PORT,
     HUB_API_PORT,
     NOTEBOOK_PORT,
     SERVICE_PORTS,
@@ -49,7 +50,7 @@ def test_users_pods_reach_the_hubs_api_the_services_and_the_clusters_dns_only():
     }
     assert allowed == {
         (("hub",), ((HUB_API_PORT, "TCP"),)),
-        (("paitient-services",), tuple(sorted((port, "TCP") for port in SERVICE_PORTS.values()))),
+        (("paitient-services",), ((GATEWAY_PORT, "TCP"),)),  # the gateway only, not the services' own ports
         ((), ((53, "TCP"), (53, "UDP"))),
     }
     (dns,) = [r for r in rules if not components(r["to"])]
@@ -67,11 +68,13 @@ def test_only_the_proxy_and_the_hub_reach_a_users_server():
     assert rule["ports"] == [{"port": NOTEBOOK_PORT, "protocol": "TCP"}]
 
 
-def test_the_services_pod_answers_the_hub_and_users_servers_and_calls_only_the_hub():
+def test_the_services_pod_answers_the_hub_and_users_pods_gateway_and_calls_only_the_hub():
     spec = by_name()["paitient-services"]
-    (ingress,) = spec["ingress"]
-    assert components(ingress["from"]) == ["hub", "singleuser-server"]
-    assert sorted(p["port"] for p in ingress["ports"]) == sorted(SERVICE_PORTS.values())
+    hub, users = spec["ingress"]
+    assert components(hub["from"]) == ["hub"]
+    assert sorted(p["port"] for p in hub["ports"]) == sorted(SERVICE_PORTS.values())
+    assert components(users["from"]) == ["singleuser-server"]
+    assert users["ports"] == [{"port": GATEWAY_PORT, "protocol": "TCP"}]
     (egress,) = spec["egress"]
     assert components(egress["to"]) == ["hub"]
     assert egress["ports"] == [{"port": HUB_API_PORT, "protocol": "TCP"}]

@@ -179,6 +179,9 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "--max-processes=256",
         "--max-open-files=1024",
         "--cpu-seconds=600",
+        "--gateway=paitient-services:8090",
+        "--token-file=/run/paitient-token/token",
+        f"--airlock-max-bytes={site.airlock.max_bytes}",
     ]
     # what the options name is what the container mounts: the home, the sockets' folder, the data
     paths = {m["mountPath"]: m for m in kernels["volumeMounts"]}
@@ -199,6 +202,23 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "/run/paitient/services",
     )
     assert (app.memory_mb, app.cpu_seconds) == (2048, 600)
+    assert (app.gateway, app.token_file) == ("paitient-services:8090", "/run/paitient-token/token")
+
+
+async def test_the_pods_token_is_mounted_in_the_kernels_container_only_outside_every_sandbox(site, make_user, render):
+    """The relay (in the launcher's process) reads the pod's token from its Secret; the server's container and
+    the init container do not mount it, and it lies in nothing a kernel's sandbox binds."""
+    from paitient.services.relay import check_token_file
+
+    pod = await render(make_user("alice", ("oncology",)), profile(site))
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "pod-token"]
+    assert volume["secret"] == {"secretName": "paitient-pod-token-alice", "defaultMode": 0o440}
+    by_name = containers(pod)
+    (mount,) = [m for m in by_name[KERNELS_CONTAINER]["volumeMounts"] if m["name"] == "pod-token"]
+    assert mount == {"name": "pod-token", "mountPath": "/run/paitient-token", "readOnly": True}
+    others = [*pod["spec"]["initContainers"], by_name[NOTEBOOK_CONTAINER]]
+    assert not [m for c in others for m in c["volumeMounts"] if m["name"] == "pod-token"]
+    check_token_file("/run/paitient-token/token", {"home": "/home/researcher", "data": "/data", "run": "/run/paitient"})
 
 
 async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_user, render, postgres_server):

@@ -30,6 +30,7 @@ that hand it to KubeSpawner and to the hub.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,11 +38,13 @@ from kubespawner import KubeSpawner
 from traitlets import Dict, Int, List, Unicode, default
 from traitlets.config import Config
 
+from paitient import podtokens
 from paitient.config import SiteConfig
 from paitient.hub import podconfig
 from paitient.hub.paths import server_argv
 from paitient.hub.serverconfig import user_server_env
 from paitient.hub.spawner import SERVER_TOKEN_SCOPES, SiteSpawnerMixin
+from paitient.services import gateway, relay
 from paitient.services.launcher import pod as launcher
 
 NOTEBOOK_CONTAINER = "notebook"
@@ -65,6 +68,10 @@ SERVICES = "paitient-services"
 
 SERVICE_PORTS = {"airlock": 8410, "ledger": 8411, "audit": 8412, "egress": 8413, "jobs": 8414}
 """Where each service listens in the services pod. The hub and users' servers reach them there only."""
+GATEWAY_PORT = gateway.PORT
+"""The services' gateway in the services pod: the one port users' pods reach there (their relay's calls)."""
+TOKEN_FOLDER = os.path.dirname(relay.TOKEN_FILE)
+"""Where the kernels container (only) mounts the pod's token, the Secret :func:`token_secret_name`."""
 HUB_API_PORT = 8081
 NOTEBOOK_PORT = 8888
 DATABASE_PASSFILE = "/etc/paitient/database/pgpass"
@@ -149,6 +156,7 @@ def pod_plan(
     data_claim_prefix: str,
     project_gids: dict[str, int],
     home_claim: str,
+    token_secret: str = "",
 ) -> PodPlan:
     """The user's pod: uid, groups, and volumes (the home, one read-only claim per project of the user's).
 
@@ -166,6 +174,9 @@ def pod_plan(
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "server-config", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": "server-state", "emptyDir": {"sizeLimit": "100Mi"}},
+        # the pod's token for the services' gateway: the pod's group may read it (0440), the relay does;
+        # only the kernels container mounts it, outside everything a kernel's sandbox binds
+        {"name": "pod-token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
     ]
     shared = [
         {"name": "home", "mountPath": HOME},
@@ -190,7 +201,7 @@ def pod_plan(
             {"name": "server-config", "mountPath": podconfig.JUPYTER, "readOnly": True},
             {"name": "server-state", "mountPath": podconfig.STATE},
         ),
-        kernels_mounts=tuple(shared + data_mounts),
+        kernels_mounts=(*shared, *data_mounts, {"name": "pod-token", "mountPath": TOKEN_FOLDER, "readOnly": True}),
         config_mounts=(
             {"name": "server-config", "mountPath": podconfig.JUPYTER},
             {"name": "server-state", "mountPath": podconfig.STATE},
@@ -198,9 +209,10 @@ def pod_plan(
     )
 
 
-def launcher_options(site: SiteConfig) -> list[str]:
-    """The pod launcher's arguments (:mod:`paitient.services.launcher.pod`): where the pod mounts things, and
-    the site's kernel limits. They are in the manifest, which nobody in the pod can change."""
+def launcher_options(site: SiteConfig, services_host: str = SERVICES) -> list[str]:
+    """The pod launcher's arguments (:mod:`paitient.services.launcher.pod`): where the pod mounts things, the
+    site's kernel limits, and the relay's gateway and token (the launcher runs the pod's relay). They are in
+    the manifest, which nobody in the pod can change."""
     s = site.sandbox
     return [
         f"--socket={launcher.SOCKET}",
@@ -211,6 +223,9 @@ def launcher_options(site: SiteConfig) -> list[str]:
         f"--max-processes={s.max_processes}",
         f"--max-open-files={s.max_open_files}",
         f"--cpu-seconds={s.cpu_seconds}",
+        f"--gateway={services_host}:{GATEWAY_PORT}",
+        f"--token-file={relay.TOKEN_FILE}",
+        f"--airlock-max-bytes={site.airlock.max_bytes}",
     ]
 
 
@@ -222,6 +237,21 @@ def kernels_env() -> dict[str, str]:
         "PAITIENT_LAUNCHER_SOCKET": launcher.SOCKET,
         "PYTHONNOUSERSITE": "1",
         "LANG": "C.UTF-8",
+    }
+
+
+def token_secret_manifest(name: str, token: str, namespace: str) -> dict[str, Any]:
+    """The Secret that carries a pod's token to its kernels container (key ``token``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**CHART_LABELS, "component": "paitient-pod-token"},
+        },
+        "type": "Opaque",
+        "stringData": {"token": token},
     }
 
 
@@ -249,14 +279,15 @@ def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
     """The NetworkPolicies of the profile (they replace the chart's own for users' pods).
 
     Users' pods: ingress from the proxy and the hub to the server's port only; egress to the hub's API
-    and the services' ports, and (``dns``) to the cluster's DNS in ``kube-system``, nothing else: no
-    internet, no other pod, no cloud metadata. The services' pod: ingress from the hub and users' pods on
-    the services' ports; egress to the hub's API only.
+    and the services' gateway, and (``dns``) to the cluster's DNS in ``kube-system``, nothing else: no
+    internet, no other pod, no cloud metadata. The services' pod: ingress from the hub on the services'
+    ports and from users' pods on the gateway's port only; egress to the hub's API only.
     """
     service_ports = [{"port": port, "protocol": "TCP"} for port in sorted(SERVICE_PORTS.values())]
+    gateway_port = [{"port": GATEWAY_PORT, "protocol": "TCP"}]
     user_egress: list[dict[str, Any]] = [
         {"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]},
-        {"to": [_pods(SERVICES)], "ports": service_ports},
+        {"to": [_pods(SERVICES)], "ports": gateway_port},
     ]
     if dns:
         user_egress.append(
@@ -285,7 +316,10 @@ def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
         "spec": {
             "podSelector": {"matchLabels": {**CHART_LABELS, "component": SERVICES}},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [_pods(HUB), _pods(SINGLEUSER)], "ports": service_ports}],
+            "ingress": [
+                {"from": [_pods(HUB)], "ports": service_ports},
+                {"from": [_pods(SINGLEUSER)], "ports": gateway_port},
+            ],
             "egress": [{"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]}],
         },
     }
@@ -345,6 +379,63 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
         "arguments after it; the image's entrypoint (tini) stays PID 1 and reaps. Empty: no pod is made.",
     ).tag(config=True)
 
+    services_host = Unicode(
+        SERVICES, help="The services pod's host name; the pod's relay calls the services' gateway there."
+    ).tag(config=True)
+
+    token_secret_template = Unicode(
+        "paitient-pod-token-{user_server}",
+        help="The Secret that holds a user's pod token (key 'token'), which the hub writes before each start "
+        "of the pod and deletes after it stops; the kernels container mounts it.",
+    ).tag(config=True)
+
+    @property
+    def token_secret(self) -> str:
+        return self._expand_user_properties(self.token_secret_template)
+
+    async def start(self) -> Any:
+        """Mint the pod's token (its hash into the hub's token file) and write it into the pod's Secret, then
+        start the pod. Not run on a cluster yet (docs/kubernetes.md)."""
+        token, _ = podtokens.mint(
+            podtokens.token_file(self.site.state_dir),
+            self.user.name,
+            user_uid(self.site, int(self.user.id)),
+            group=self.site.workspace.gateway_uid or None,
+        )
+        await self._put_token_secret(token_secret_manifest(self.token_secret, token, self.namespace))
+        return await super().start()
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop the pod, then revoke its token and delete its Secret: its relay's calls are refused from now."""
+        try:
+            await super().stop(now=now)
+        finally:
+            podtokens.revoke(
+                podtokens.token_file(self.site.state_dir),
+                self.user.name,
+                group=self.site.workspace.gateway_uid or None,
+            )
+            await self._drop_token_secret()
+
+    async def _put_token_secret(self, body: dict[str, Any]) -> None:
+        from kubernetes_asyncio.client.rest import ApiException
+
+        try:
+            await self.api.create_namespaced_secret(self.namespace, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+            await self.api.replace_namespaced_secret(self.token_secret, self.namespace, body)
+
+    async def _drop_token_secret(self) -> None:
+        from kubernetes_asyncio.client.rest import ApiException
+
+        try:
+            await self.api.delete_namespaced_secret(self.token_secret, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     @default("kernels_cmd")
     def _kernels_cmd_default(self) -> list[str]:
         return launcher.launcher_argv("python")
@@ -374,6 +465,7 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
             data_claim_prefix=self.data_claim_prefix,
             project_gids=dict(self.project_gids),
             home_claim=self.pvc_name,
+            token_secret=self.token_secret,
         )
 
     async def get_pod_manifest(self):
@@ -407,7 +499,7 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
                 "imagePullPolicy": self.image_pull_policy,
                 # as args, like the server's command: the image's entrypoint (tini) is PID 1 of the container,
                 # forwards SIGTERM and reaps a sandbox whose keeper was killed
-                "args": [*self.kernels_cmd, *launcher_options(self.site)],
+                "args": [*self.kernels_cmd, *launcher_options(self.site, self.services_host)],
                 "env": [{"name": k, "value": v} for k, v in sorted(kernels_env().items())],
                 "volumeMounts": list(p.kernels_mounts),
                 "securityContext": kernels_context(p.uid, p.gid),
@@ -505,6 +597,7 @@ def configure_kubernetes(
     k.storage_pvc_ensure = True
     k.storage_capacity = storage_capacity
     k.storage_access_modes = ["ReadWriteOnce"]
+    k.services_host = services_host
     if kernels_cmd is not None:
         k.kernels_cmd = list(kernels_cmd)
 
