@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 
 from paitient import podtokens
 from paitient.channel import Peer
-from paitient.services.gateway import SEALS, sealed_file
+from paitient.services.gateway import PER_ADDRESS, SEALS, sealed_file
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.ledger.service import PodReports
 from paitient.services.ledger.store import Ledger
@@ -274,3 +275,32 @@ def test_a_server_refuses_to_take_the_gateway_as_root(tmp_path):
     with pytest.raises(ValueError, match="must not run as root"):
         ChannelServer(tmp_path / "x.sock", {}, delegate_uid=0)
     assert Peer(1, 2, 3).delegated is False
+
+
+def test_one_address_holding_connections_open_does_not_take_the_gateway_from_others(pod):
+    """Connections that send nothing (a pod's server without the token, say) are capped per address: the one
+    over the cap is closed unanswered, and once they go, calls are served again."""
+    held = [socket.create_connection(("127.0.0.1", pod.gateway_port)) for _ in range(PER_ADDRESS)]
+    try:
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", pod.gateway_port), timeout=10) as extra:
+            assert extra.recv(100) == b""  # closed, no answer
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:
+        answer = gateway_call(pod.gateway_port, header(pod))
+        if answer.get("ok") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert answer["ok"] is True, answer
+
+
+def test_the_limits_the_relay_and_gateway_apply_are_the_services_own(pod):
+    from paitient.services.gateway import JOBS_MAX_BYTES, file_limits
+    from paitient.services.jobs.service import MAX_GRAPH_BYTES
+    from paitient.services.relay import RelayApp
+
+    assert JOBS_MAX_BYTES == MAX_GRAPH_BYTES
+    assert file_limits(pod.site)["airlock"] == pod.site.airlock.max_bytes == RelayApp().airlock_max_bytes

@@ -35,6 +35,7 @@ import os
 import socket
 import socketserver
 import sys
+import threading
 from typing import Any
 
 from traitlets import Int, Unicode, default
@@ -64,6 +65,9 @@ JOBS_MAX_BYTES = 2_000_000
 MAX_HEADER = MAX_REQUEST + 8192
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 CALL_TIMEOUT = 600.0
+PER_ADDRESS = 32
+"""Connections one address (a pod) may hold at once; its relay makes one per call of its kernels and server."""
+TOTAL = 512
 HEADER_KEYS = frozenset({"token", "service", "op", "args", "origin", "pid", "start", "files"})
 REPORT_KEYS = frozenset({"token", "report"})
 
@@ -223,13 +227,41 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The TCP server: a thread per connection, at most :data:`PER_ADDRESS` connections at once from one
+    address (a pod) and :data:`TOTAL` in all; a connection over either is closed unanswered before its
+    thread starts, so one pod holding connections open cannot take the gateway from the others."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], gateway: Gateway):
         self.gateway = gateway
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+        self._held: dict[int, str] = {}
         super().__init__(address, _Handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self._lock:
+            if self._open.get(host, 0) >= PER_ADDRESS or len(self._held) >= TOTAL:
+                log.warning("gateway: %s holds too many connections; one more closed unanswered", host)
+                return False
+            self._open[host] = self._open.get(host, 0) + 1
+            self._held[id(request)] = host
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._lock:
+            host = self._held.pop(id(request), None)
+            if host is not None:
+                left = self._open[host] - 1
+                if left:
+                    self._open[host] = left
+                else:
+                    del self._open[host]
+        super().shutdown_request(request)
 
 
 class GatewayApp(Application):
@@ -265,8 +297,6 @@ class GatewayApp(Application):
             return
         server = GatewayServer((self.ip, self.port), Gateway(site))
         stop = StopSignal()
-        import threading
-
         threading.Thread(target=server.serve_forever, name="gateway", daemon=True).start()
         print(f"{self.name}: listening on {self.ip}:{server.server_address[1]}", file=sys.stderr, flush=True)
         try:
