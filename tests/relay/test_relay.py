@@ -165,6 +165,9 @@ def test_a_caller_named_in_a_request_is_taken_from_the_gateway_only(pod):
     root = call_as(pod.gateway, pod.site.run_dir / "ledger.sock", {**RESERVE, "on_behalf": {**on_behalf, "uid": 0}})
     assert root["code"] == "bad_request" and "not root" in root["error"], root
     assert not trail_records(pod.site, action="ledger.reserve")
+    # each attempt to speak for another is on record, by the uid that tried
+    refusals = {(r["actor"], r["details"]["code"]) for r in trail_records(pod.site, action="channel.refused")}
+    assert {("bob", "forbidden"), ("uid:0", "forbidden"), (f"uid:{pod.gateway.pw_uid}", "bad_request")} <= refusals
 
 
 def test_a_file_over_the_services_limit_is_refused(pod):

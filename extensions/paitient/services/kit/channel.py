@@ -253,7 +253,11 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         try:
             msg, fds = read_request(sock)
             if "on_behalf" in msg:
-                caller = delegated_peer(peer, msg["on_behalf"], server.admission.delegate_uid, server.name)
+                try:
+                    caller = delegated_peer(peer, msg["on_behalf"], server.admission.delegate_uid, server.name)
+                except ChannelError as e:
+                    server.refused(peer, e)  # who tried to speak for another is on record
+                    raise
                 try:
                     if server.admission.enter(caller):
                         held = caller
