@@ -171,3 +171,35 @@ def test_after_a_refused_write_a_flush_that_succeeds_lets_the_next_write_try_at_
     refused = False
     assert backlog.flush() is True
     assert backlog.write([event]) is True and backlog.waiting == 0
+
+
+def test_a_count_whose_older_entry_cannot_be_forgotten_stays_right_and_both_go_with_the_write(tmp_path):
+    """Replacing the held count is two steps (hold the new, forget the old); when the second fails, both stay
+    held, the later counts at a restart, and both are forgotten once the trail has the count."""
+
+    class ForgetsOnceBadly(HeldFile):
+        refuse = True
+
+        def drop(self, seqs: list[int]) -> None:
+            if self.refuse and seqs:
+                self.refuse = False
+                raise OSError("the disk refused the rewrite")
+            super().drop(seqs)
+
+    down = True
+
+    def write(events: list[Event]) -> None:
+        if down:
+            raise OSError("the trail is down")
+
+    held = ForgetsOnceBadly(tmp_path / "held.jsonl")
+    backlog = Backlog(held, write, logging.getLogger("test-backlog"), "airlock", limit=1)
+    event = Event(actor="alice", action="airlock.check", object="r1", outcome="ok", details={})
+    backlog.write([event, event])  # one kept, one counted: the count is held
+    backlog.flush()  # (nothing new to hold)
+    backlog.write([event])  # the count is now 2: the new one held, forgetting the old one fails
+    assert [r["overflow"]["dropped"] for _, r in held.held() if "overflow" in r] == [1, 2]
+    again = Backlog(HeldFile(held.path), write, logging.getLogger("test-backlog"), "airlock", limit=1)
+    assert (again.waiting, again.overflowed) == (1, 2)
+    down = False
+    assert backlog.flush() and held.held() == []

@@ -347,11 +347,15 @@ class Backlog:
             return
         try:
             (seq,) = self._held.hold([{"overflow": dict(self._overflow)}])
-            self._held.drop(self._overflow_held)
         except Exception:
             self.log.exception("%s: the count of the records not kept cannot be held in the database", self.name)
             return
-        self._overflow_held, self._overflow_saved = [seq], self.overflowed
+        before, self._overflow_held, self._overflow_saved = self._overflow_held, [seq], self.overflowed
+        try:
+            self._held.drop(before)
+        except Exception:  # both stay held (the later counts), and both go once the trail has the count
+            self._overflow_held = [*before, seq]
+            self.log.exception("%s: the count held before could not be replaced; the later one counts", self.name)
 
     def _hold_records(self) -> None:
         new = [i for i, w in enumerate(self._waiting) if w.held is None]
