@@ -72,9 +72,15 @@ HEADER_KEYS = frozenset({"token", "service", "op", "args", "origin", "pid", "sta
 REPORT_KEYS = frozenset({"token", "report"})
 
 
+def limits_with(airlock_max_bytes: int) -> dict[str, int]:
+    """The largest file each service takes with a call (0: none at all), given the airlock's limit: what the
+    gateway enforces and the pod's relay checks before sending, from one table."""
+    return {"audit": 0, "ledger": 0, "airlock": int(airlock_max_bytes), "jobs": JOBS_MAX_BYTES}
+
+
 def file_limits(site: Any) -> dict[str, int]:
-    """The largest file each service takes with a call (0: none at all)."""
-    return {"audit": 0, "ledger": 0, "airlock": int(site.airlock.max_bytes), "jobs": JOBS_MAX_BYTES}
+    """:func:`limits_with` the site's ``[airlock] max_bytes``."""
+    return limits_with(site.airlock.max_bytes)
 
 
 def sealed_file(name: str, receive_into: Any, size: int) -> int:

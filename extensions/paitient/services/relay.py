@@ -50,7 +50,7 @@ from paitient.channel import (
     Peer,
     read_line,
 )
-from paitient.services.gateway import JOBS_MAX_BYTES, PORT, SERVICES
+from paitient.services.gateway import PORT, SERVICES, limits_with
 from paitient.services.kit.channel import UnixSocketServer, peer_of, read_request
 from paitient.services.kit.process import process_start
 
@@ -219,8 +219,7 @@ def make_relay(*, gateway: str, token_file: str, bound: dict[str, str], airlock_
     host, _, port = gateway.rpartition(":")
     if not host or not port.isdigit():
         raise RelayError(f"the gateway must be host:port, got {gateway!r}")
-    limits = {"audit": 0, "ledger": 0, "airlock": airlock_max_bytes, "jobs": JOBS_MAX_BYTES}
-    return Relay((host, int(port)), token, limits)
+    return Relay((host, int(port)), token, limits_with(airlock_max_bytes))
 
 
 class _Handler(socketserver.BaseRequestHandler):
