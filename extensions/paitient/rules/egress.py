@@ -187,8 +187,15 @@ def file_notice(path: str, what: str) -> str:
 # A frame is a 4-byte big-endian length n, then n bytes of JSON header; the header's "payload" (bytes, 0
 # if absent) says how many raw bytes follow. One connection carries many requests, answered in order.
 
+#
+# In a Kubernetes pod the connection is carried by the pod's relay and the services' gateway; the gateway opens
+# it with one frame of its own, ``{"op": ON_BEHALF, "on_behalf": {uid, pod, origin, pid, start}}``, which names
+# the pod's server it carries (paitient.services.kit.channel.delegated_peer), and the egress service answers
+# it before any frame of the server.
+
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 64 * MB
+ON_BEHALF = "on_behalf"
 _LEN = struct.Struct(">I")
 
 

@@ -2,7 +2,9 @@
 
 Run by ``paitient service egress`` (a JupyterHub managed service). It listens on
 ``<state_dir>/gate/egress.sock``, a folder no kernel sandbox binds, so only the users' servers reach it; a
-server's user is whoever its uid is in the registry (``SO_PEERCRED``), never what it says. Each server keeps
+server's user is whoever its uid is in the registry (``SO_PEERCRED``), never what it says. A Kubernetes pod's
+server reaches it through the pod's relay and the services' gateway: the gateway's uid (and no other) opens the
+connection with a frame naming the pod's server (``on_behalf``), whose user is then the caller. Each server keeps
 one connection and sends every piece of output before it forwards it (kernel messages, files and notebooks,
 API responses), framed as in :mod:`paitient.rules.egress`. For each piece the service
 
@@ -36,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from paitient.channel import FORBIDDEN, ChannelError, Peer
 from paitient.config import EgressLimits, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules.egress import (
+    ON_BEHALF,
     FrameError,
     decide,
     decode_header,
@@ -52,9 +56,9 @@ from paitient.services.egress.counts import Counts
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.metrics import EgressMetrics
 from paitient.services.egress.store import EgressStore, today
-from paitient.services.kit.access import SOCKET_MODE, workspace_group
+from paitient.services.kit.access import SOCKET_MODE, RefusalRecorder, workspace_group
 from paitient.services.kit.backlog import Backlog, HeldRecords
-from paitient.services.kit.channel import UnixSocketServer
+from paitient.services.kit.channel import UnixSocketServer, delegated_peer
 
 MAX_CONTEXTS = 512
 """Open contexts per connection; the oldest is closed (and recorded) beyond this."""
@@ -94,12 +98,15 @@ class Context:
     pieces: int = 0
     withheld: int = 0
     reason: str = ""
+    pod: str = ""
+    """The Kubernetes pod whose server sent it, as the gateway vouched for it; empty on a host."""
     sha256: Any = field(default_factory=hashlib.sha256)
     last: float = field(default_factory=time.monotonic)
 
     def record(self) -> dict[str, Any]:
         verdict = "forwarded" if not self.withheld else ("withheld" if not self.size else "partly withheld")
         return {
+            **({"pod": self.pod} if self.pod else {}),
             "channel": self.channel,
             "context": self.name[:200],
             "bytes": self.size,
@@ -306,6 +313,7 @@ class EgressService:
                     object=ctx.object[:1024],
                     outcome="denied",
                     details={
+                        **({"pod": ctx.pod} if ctx.pod else {}),
                         "channel": ctx.channel,
                         "context": ctx.name[:200],
                         "bytes": len(payload),
@@ -332,6 +340,7 @@ class _Connection(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.contexts: OrderedDict[str, Context] = OrderedDict()
         self.member: Member | None = None
+        self.pod = ""
         self.server.service.metrics.connections.inc()
 
     def finish(self) -> None:
@@ -352,22 +361,29 @@ class _Connection(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
+        pid, uid, gid = struct.unpack("3i", creds)
         service = self.server.service
-        self.member = service.registry.by_uid(uid)
+        delegate = self.server.delegate_uid
+        self.member = None if uid == delegate else service.registry.by_uid(uid)
         try:
+            first = True
             while True:
                 head, size = decode_header(self._recv(header_length(self._recv(4))))
                 payload = self._recv(size) if size else b""
+                if first and head.get("op") == ON_BEHALF:
+                    if not self.speak_for(Peer(pid=pid, uid=uid, gid=gid), head):
+                        return
+                    first = False
+                    continue
+                first = False
                 if self.member is None:
-                    self._send(
-                        {
-                            "id": head.get("id"),
-                            "ok": False,
-                            "code": "forbidden",
-                            "error": f"uid {uid} is not a workspace user",
-                        }
+                    error = (
+                        f"uid {uid} is the workspace's gateway: it opens a connection with {ON_BEHALF} (a pod's "
+                        "server), and only then sends outputs"
+                        if uid == delegate
+                        else f"uid {uid} is not a workspace user"
                     )
+                    self._send({"id": head.get("id"), "ok": False, "code": "forbidden", "error": error})
                     return
                 self._send(self.answer(head, payload))
         except (EOFError, ConnectionError):
@@ -380,6 +396,29 @@ class _Connection(socketserver.BaseRequestHandler):
                     service.record_context(self.member, ctx)
             self.contexts.clear()
 
+    def speak_for(self, peer: Peer, head: dict[str, Any]) -> bool:
+        """The connection's first frame named the server it carries (``on_behalf``): taken from the gateway's
+        uid only, for a pod's server only, for a workspace user only; answered either way. False: refused (the
+        refusal is on the trail as ``channel.refused``, and the connection ends)."""
+        service = self.server.service
+        try:
+            caller = delegated_peer(peer, head.get("on_behalf"), self.server.delegate_uid, "the egress service")
+            if caller.origin != "server":
+                raise ChannelError(
+                    "the egress gate serves a pod's server only; a kernel's outputs reach it through its server",
+                    FORBIDDEN,
+                )
+            member = service.registry.by_uid(caller.uid)
+            if member is None:
+                raise ChannelError(f"uid {caller.uid} is not a workspace user", FORBIDDEN)
+        except ChannelError as e:
+            self.server.refused(peer, e)
+            self._send({"id": head.get("id"), "ok": False, "code": e.code, "error": str(e)})
+            return False
+        self.member, self.pod = member, caller.pod
+        self._send({"id": head.get("id"), "ok": True, "user": member.username, "pod": caller.pod})
+        return True
+
     def context(self, head: dict[str, Any]) -> Context:
         name = str(head.get("context") or "")[:512]
         channel = str(head.get("channel") or "")
@@ -387,7 +426,7 @@ class _Connection(socketserver.BaseRequestHandler):
             raise ValueError(f"channel must be one of {', '.join(sorted(CHANNELS))}")
         ctx = self.contexts.get(name)
         if ctx is None:
-            ctx = self.contexts[name] = Context(name, channel, str(head.get("object") or name)[:1024])
+            ctx = self.contexts[name] = Context(name, channel, str(head.get("object") or name)[:1024], pod=self.pod)
             while len(self.contexts) > MAX_CONTEXTS:
                 _, old = self.contexts.popitem(last=False)
                 assert self.member is not None
@@ -444,6 +483,10 @@ class EgressServer(UnixSocketServer):
         """``group``: the workspace's group, whose accounts' servers connect (the socket is root:group 0660);
         None leaves it root's group (tests whose callers run as root)."""
         self.service = service
+        self.delegate_uid: int | None = service.site.workspace.gateway_uid or None
+        """The gateway's uid (``[workspace] gateway_uid``): the one peer that may open a connection on behalf of a
+        pod's server."""
+        self.refused = RefusalRecorder(service.site, "egress", service.emit)
         Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         os.chmod(Path(path).parent, 0o755)
         super().__init__(path, _Connection, name="egress", mode=SOCKET_MODE, group=group)
