@@ -146,10 +146,26 @@ class Pod:
     def sock(self, service: str) -> Path:
         return self.run_dir / f"{service}.sock"
 
+    @property
+    def egress_sock(self) -> Path:
+        """The egress gate's socket the relay serves: beside the launcher's, not among the services'."""
+        return self.sockets / "egress.sock"
+
     def tokens_file(self) -> Path:
         return podtokens.token_file(self.site.state_dir)
 
     def relay_argv(self, *extra: str, own_pids: bool = False) -> list[str]:
+        """The relay's command; an option in ``extra`` replaces the pod's own."""
+        options = [
+            f"--run-dir={self.run_dir}",
+            f"--home={self.user.pw_dir}",
+            f"--data-root={self.tmp / 'data'}",
+            f"--token-file={self.token_path}",
+            f"--gateway=127.0.0.1:{self.gateway_port}",
+            "--report-seconds=0.3",
+            f"--egress-socket={self.egress_sock}",
+        ]
+        given = {e.split("=", 1)[0] for e in extra}
         return [
             *(("unshare", "--pid", "--fork", "--mount-proc", "--kill-child") if own_pids else ()),
             *as_account(self.user, groups="--clear-groups"),
@@ -157,12 +173,7 @@ class Pod:
             "-I",
             "-m",
             "paitient.services.relay",
-            f"--run-dir={self.run_dir}",
-            f"--home={self.user.pw_dir}",
-            f"--data-root={self.tmp / 'data'}",
-            f"--token-file={self.token_path}",
-            f"--gateway=127.0.0.1:{self.gateway_port}",
-            "--report-seconds=0.3",
+            *(o for o in options if o.split("=", 1)[0] not in given),
             *extra,
         ]
 
@@ -233,6 +244,7 @@ def pod(world_tmp, make_system_user, monkeypatch) -> Iterator[Pod]:
                     f"--site={site_file}",
                     "--ip=127.0.0.1",
                     f"--port={port}",
+                    "--stream-check=0.3",  # an egress stream learns of its revoked token within 0.3 s
                 ],
                 gateway_log,
                 lambda: gateway_log.exists() and b"listening on" in gateway_log.read_bytes(),

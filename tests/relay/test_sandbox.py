@@ -1,6 +1,7 @@
 """A real kernel in bubblewrap, started by the pod's launcher, which runs the pod's relay in its process (as
 the kernels container does): the kernel reaches the audit trail through the relay as its user, marked as a
-kernel with its own pid, and it cannot read the pod's token. The relay refuses a token a sandbox would bind."""
+kernel with its own pid, and it can neither read the pod's token nor reach the egress gate's socket. The relay
+refuses a token a sandbox would bind."""
 
 from __future__ import annotations
 
@@ -25,21 +26,34 @@ try:
     token = "READ"
 except OSError as e:
     token = e.errno
+gate = socket.socket(socket.AF_UNIX)
+try:
+    gate.connect(EGRESS)
+    egress = "CONNECTED"
+except OSError as e:
+    egress = e.errno
 s = socket.socket(socket.AF_UNIX)
 s.connect(RUN + "/audit.sock")
 request = {"op": "record", "args": {"action": "cell.execute", "object": "in the sandbox"}}
 s.sendall(json.dumps(request).encode() + b"\\n")
 answer = json.loads(s.makefile().readline())
-print(json.dumps({"token": token, "answer": answer, "pid": os.getpid(), "env": "\\n".join(os.environ.values())}))
+env = "\\n".join(os.environ.values())
+print(json.dumps({"token": token, "egress": egress, "answer": answer, "pid": os.getpid(), "env": env}))
 """
 
 
 def test_a_sandboxed_kernel_reaches_the_audit_trail_through_the_relay_and_cannot_read_the_token(pod):
     user = pod.user
-    relay = (f"--gateway=127.0.0.1:{pod.gateway_port}", f"--token-file={pod.token_path}", "--report-seconds=0.3")
+    egress = pod.egress_sock
+    relay = (
+        f"--gateway=127.0.0.1:{pod.gateway_port}",
+        f"--token-file={pod.token_path}",
+        "--report-seconds=0.3",
+        f"--egress-socket={egress}",
+    )
     with pod_launcher(user, pod.sockets, pod.tmp / "data", *relay):
         deadline = time.monotonic() + 30
-        while not pod.sock("audit").exists():
+        while not (pod.sock("audit").exists() and egress.exists()):
             assert time.monotonic() < deadline, "the launcher's relay made no socket"
             time.sleep(0.05)
         conn = connection_file(user)
@@ -60,7 +74,11 @@ def test_a_sandboxed_kernel_reaches_the_audit_trail_through_the_relay_and_cannot
         try:
             started = line_of(client)
             assert "ok" in started, started
-            code = CELL.replace("TOKEN", repr(str(pod.token_path))).replace("RUN", repr(str(pod.run_dir)))
+            code = (
+                CELL.replace("TOKEN", repr(str(pod.token_path)))
+                .replace("RUN", repr(str(pod.run_dir)))
+                .replace("EGRESS", repr(str(egress)))
+            )
             client.stdin.write(json.dumps({"connection_file": str(conn), "code": code}) + "\n")
             client.stdin.flush()
             cell = line_of(client)
@@ -77,6 +95,7 @@ def test_a_sandboxed_kernel_reaches_the_audit_trail_through_the_relay_and_cannot
             client.stdin.close()
             client.wait(timeout=30)
     assert seen["token"] == 2  # ENOENT: the token's folder is not in the sandbox at all
+    assert seen["egress"] == 2  # nor the egress gate's socket, which the launcher's relay serves beside its own
     assert pod.token not in seen["env"]
     assert seen["answer"]["ok"] is True, seen
     assert records[0]["actor"] == "alice"
@@ -91,7 +110,7 @@ def test_the_relay_refuses_a_token_a_sandbox_binds_and_to_run_as_root(pod, where
         Path(token).parent.mkdir(exist_ok=True)
         Path(token).write_text(pod.token)
         os.chown(token, user.pw_uid, user.pw_gid)
-    argv = [a if not a.startswith("--token-file=") else f"--token-file={token}" for a in pod.relay_argv()]
+    argv = pod.relay_argv(f"--token-file={token}")
     if where == "root":
         argv = argv[argv.index(sys.executable) :]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})

@@ -44,9 +44,8 @@ DATA_DIR = f"{JUPYTER}/data"
 STATE = "/var/lib/paitient/server"
 """What the server writes itself (JupyterLab's user settings and workspaces, the notary's key and
 signatures): a volume of the server's container alone, outside the home."""
-EGRESS_SOCKET = f"{launcher.SOCKETS}/egress.sock"
-"""Where the server's egress gate asks: beside the launcher's socket, in no folder a kernel's sandbox binds.
-Nothing listens there yet (docs/kubernetes.md, "What is not built"): the gate then fails closed."""
+EGRESS_SOCKET = launcher.EGRESS_SOCKET
+"""Where the server's egress gate asks: the pod's relay serves it, for the server alone."""
 
 KERNEL_REACHABLE = (launcher.HOME, launcher.DATA, launcher.SOCKETS)
 """Folders the kernels' container mounts (and a kernel's sandbox binds some of): the writer writes in none."""

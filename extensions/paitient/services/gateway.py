@@ -8,7 +8,8 @@ one connection per call and sends one header line, JSON::
     {"token", "service", "op", "args", "origin", "pid", "start", "files": [<size>, ...]}
 
 followed by the bytes of each file, or ``{"token", "report": [[pid, start], ...]}`` (the pod's live
-processes). The gateway
+processes), or ``{"token", "stream": "egress"}`` (the pod's server's connection to the egress gate). The
+gateway
 
 1. looks the token up in the hub's token file (:class:`~paitient.podtokens.PodTokens`, hashes only): no
    token, an unknown or a revoked one is refused (``forbidden``) before anything else is read;
@@ -22,6 +23,13 @@ processes). The gateway
 
 A report goes to the ledger as ``pod_report`` on behalf of the pod's relay (origin ``relay``): it keeps
 reservations made from the pod alive (:class:`~paitient.services.ledger.service.PodReports`).
+
+A stream is the egress gate's one long connection (:mod:`paitient.server.gate`): the gateway opens the
+egress service's socket, names the token's user's server in its first frame (``on_behalf``, origin
+``server``: the relay admits the pod's server only), answers the relay one line (``{"ok": ...}``), and from
+then on carries bytes both ways unread (:func:`~paitient.services.kit.pipe.splice`), the egress service
+parsing every frame. It checks the token again every ``stream_check`` seconds (:data:`STREAM_CHECK`) and
+ends the stream once it is revoked (the pod stopped or replaced).
 
 Not encrypted: TLS between the pods is the cluster's (a mesh or the CNI's); see docs/kubernetes.md.
 """
@@ -38,7 +46,7 @@ import sys
 import threading
 from typing import Any
 
-from traitlets import Int, Unicode, default
+from traitlets import Float, Int, Unicode, default
 from traitlets.config import Application
 
 from paitient import __version__
@@ -48,11 +56,15 @@ from paitient.channel import (
     MAX_FDS,
     MAX_REQUEST,
     TOO_LARGE,
+    UNAVAILABLE,
     ChannelError,
     call,
     read_line,
 )
 from paitient.podtokens import PodIdentity, PodTokens, token_file
+from paitient.rules.egress import ON_BEHALF, FrameError, decode_header, encode_frame, header_length
+from paitient.services.egress import socket_path as egress_socket
+from paitient.services.kit.pipe import keepalive, splice
 
 log = logging.getLogger("paitient.services.gateway")
 
@@ -70,6 +82,10 @@ PER_ADDRESS = 32
 TOTAL = 512
 HEADER_KEYS = frozenset({"token", "service", "op", "args", "origin", "pid", "start", "files"})
 REPORT_KEYS = frozenset({"token", "report"})
+STREAM_KEYS = frozenset({"token", "stream"})
+STREAMS = ("egress",)
+STREAM_CHECK = 30.0
+"""Seconds between two checks that a stream's token is still the pod's."""
 
 
 def limits_with(airlock_max_bytes: int) -> dict[str, int]:
@@ -108,12 +124,15 @@ def sealed_file(name: str, receive_into: Any, size: int) -> int:
 class Gateway:
     """The gateway's decisions, apart from the TCP server: :meth:`serve` answers one connection."""
 
-    def __init__(self, site: Any, tokens: PodTokens | None = None, timeout: float = 60.0):
+    def __init__(
+        self, site: Any, tokens: PodTokens | None = None, timeout: float = 60.0, stream_check: float = STREAM_CHECK
+    ):
         self.site = site
         self.tokens = tokens or PodTokens(token_file(site.state_dir))
         self.limits = file_limits(site)
         self.run_dir = str(site.run_dir)
         self.timeout = timeout
+        self.stream_check = stream_check
 
     def identify(self, header: dict[str, Any]) -> PodIdentity:
         token = header.get("token")
@@ -126,7 +145,8 @@ class Gateway:
             )
         return who
 
-    def serve(self, sock: socket.socket) -> dict[str, Any]:
+    def serve(self, sock: socket.socket) -> dict[str, Any] | None:
+        """The answer to one call or report; None for a stream, which answered and ran until it ended."""
         sock.settimeout(self.timeout)
 
         def too_large() -> ChannelError:
@@ -143,6 +163,9 @@ class Gateway:
         who = self.identify(header)
         if "report" in header:
             return self._report(who, header)
+        if "stream" in header:
+            self._stream(who, header, sock, rest)
+            return None
         return self._call(who, header, sock, bytearray(rest))
 
     def _report(self, who: PodIdentity, header: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +180,36 @@ class Gateway:
             timeout=self.timeout,
         )
         return {"ok": True, "result": result}
+
+    def _stream(self, who: PodIdentity, header: dict[str, Any], sock: socket.socket, early: bytes) -> None:
+        if set(header) != STREAM_KEYS or header["stream"] not in STREAMS:
+            raise ChannelError(f"a stream is {sorted(STREAM_KEYS)}, stream one of {', '.join(STREAMS)}", BAD_REQUEST)
+        token = header["token"]
+        gate = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            gate.settimeout(self.timeout)
+            path = egress_socket(self.site)
+            try:
+                gate.connect(str(path))
+            except OSError as e:
+                raise ChannelError(
+                    f"the egress service is not reachable ({e.strerror or e}); outputs are withheld until it is",
+                    UNAVAILABLE,
+                ) from None
+            on_behalf = {"uid": who.uid, "pod": who.pod, "origin": "server", "pid": 0, "start": None}
+            gate.sendall(encode_frame({"id": 0, "op": ON_BEHALF, "on_behalf": on_behalf}))
+            head = _read_frame(gate)
+            if not head.get("ok"):
+                raise ChannelError(str(head.get("error") or "refused"), str(head.get("code") or FORBIDDEN))
+            accepted = {"ok": True, "result": {"user": head.get("user"), "pod": who.pod}}
+            sock.sendall(json.dumps(accepted).encode() + b"\n")
+            if early:
+                gate.sendall(early)
+            keepalive(sock)
+            ended = splice(sock, gate, alive=lambda: self.tokens.lookup(token) == who, every=self.stream_check)
+            log.info("gateway: the egress stream of pod %s (%s) %s", who.pod, who.user, ended)
+        finally:
+            gate.close()
 
     def _call(self, who: PodIdentity, header: dict[str, Any], sock: socket.socket, early: bytearray) -> dict[str, Any]:
         if set(header) != HEADER_KEYS:
@@ -209,6 +262,29 @@ class Gateway:
         return {"ok": True, "result": result}
 
 
+def _read_frame(sock: socket.socket) -> dict[str, Any]:
+    """One frame's header from the egress service (its payload, if any, is read and dropped)."""
+
+    def exactly(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = sock.recv(n - len(buf))
+            except TimeoutError:
+                raise ChannelError("the egress service did not answer in time", UNAVAILABLE) from None
+            if not chunk:
+                raise ChannelError("the egress service closed the connection without answering", UNAVAILABLE)
+            buf.extend(chunk)
+        return bytes(buf)
+
+    try:
+        head, size = decode_header(exactly(header_length(exactly(4))))
+    except FrameError as e:
+        raise ChannelError(f"the egress service's answer is not a frame: {e}", UNAVAILABLE) from None
+    exactly(size)
+    return head
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: GatewayServer
 
@@ -216,6 +292,8 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         try:
             answer = self.server.gateway.serve(sock)
+            if answer is None:  # a stream: answered, and over
+                return
         except ChannelError as e:
             answer = e.to_wire()
         except TimeoutError:
@@ -280,8 +358,16 @@ class GatewayApp(Application):
     site_file = Unicode("", help="The site configuration (TOML); empty: the default place.").tag(config=True)
     ip = Unicode("0.0.0.0", help="The address to listen on (the services' pod's).").tag(config=True)  # noqa: S104
     port = Int(PORT, help="The TCP port to listen on.").tag(config=True)
+    stream_check = Float(
+        STREAM_CHECK, help="Seconds between two checks of an egress stream's pod token (a revoked one ends it)."
+    ).tag(config=True)
 
-    aliases = {"site": "GatewayApp.site_file", "ip": "GatewayApp.ip", "port": "GatewayApp.port"}
+    aliases = {
+        "site": "GatewayApp.site_file",
+        "ip": "GatewayApp.ip",
+        "port": "GatewayApp.port",
+        "stream-check": "GatewayApp.stream_check",
+    }
 
     @default("log_level")
     def _log_level_default(self) -> int:
@@ -301,7 +387,7 @@ class GatewayApp(Application):
             )
             self.exit(2)
             return
-        server = GatewayServer((self.ip, self.port), Gateway(site))
+        server = GatewayServer((self.ip, self.port), Gateway(site, stream_check=self.stream_check))
         stop = StopSignal()
         threading.Thread(target=server.serve_forever, name="gateway", daemon=True).start()
         print(f"{self.name}: listening on {self.ip}:{server.server_address[1]}", file=sys.stderr, flush=True)

@@ -21,6 +21,13 @@ SERVICES`), the sockets every kernel's sandbox binds, with the services' own wir
 
 Every ``report_seconds`` it also sends the gateway the pod's live processes (pid and start time of each it
 sees), which keeps reservations the pod's kernels made alive in the ledger.
+
+It also serves the egress gate's socket (``/run/paitient/egress.sock``, beside the launcher's: a folder the
+server's container mounts and no sandbox binds) for the pod's server alone: a caller it sees (a kernel) is
+refused, as is any other uid. Each connection is one stream to the gateway (``{"token", "stream":
+"egress"}``), carried both ways unread once the gateway accepted it; the egress service reads the frames
+(:mod:`paitient.rules.egress`). A refused connection is answered with one frame in the gate's own format, so
+the server reads the reason and withholds what it could not check.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ from paitient.channel import (
     Peer,
     read_line,
 )
+from paitient.rules.egress import FrameError, decode_header, encode_frame, header_length
 from paitient.services.gateway import PORT, SERVICES, limits_with
 from paitient.services.kit.channel import UnixSocketServer, peer_of, read_request
+from paitient.services.kit.pipe import splice
 from paitient.services.kit.process import process_start
 
 log = logging.getLogger("paitient.services.relay")
@@ -59,8 +68,12 @@ log = logging.getLogger("paitient.services.relay")
 MODULE = "paitient.services.relay"
 HOME = "/home/researcher"
 DATA = "/data"
-RUN_DIR = "/run/paitient/services"
-"""The pod's places, as the pod's launcher has them (:mod:`paitient.services.launcher.pod`)."""
+SOCKETS = "/run/paitient"
+"""An in-memory folder both containers of the pod mount (and no kernel's sandbox)."""
+RUN_DIR = f"{SOCKETS}/services"
+"""Where kernels find the services' sockets (bound read-only into each sandbox)."""
+EGRESS_SOCKET = f"{SOCKETS}/egress.sock"
+"""Where the server's egress gate asks: beside the launcher's socket, in no folder a kernel's sandbox binds."""
 TOKEN_FILE = "/run/paitient-token/token"  # noqa: S105 (a path, not a secret)
 """Where the kernels container mounts the pod's token (a Secret of its own; not the sockets' folder)."""
 SOCKET_MODE = 0o600
@@ -93,6 +106,17 @@ def check_token_file(path: str, bound: dict[str, str]) -> None:
             )
 
 
+def check_egress_socket(path: str, bound: dict[str, str]) -> None:
+    """Refuse an egress socket in anything a kernel's sandbox binds: the gate serves the pod's server alone."""
+    path = os.path.normpath(os.path.abspath(path))
+    for what, folder in bound.items():
+        if _inside(path, os.path.normpath(folder)):
+            raise RelayError(
+                f"the egress gate's socket {path} lies in the {what} folder {folder}, which a kernel's sandbox "
+                f"binds; put it beside the launcher's socket ({EGRESS_SOCKET})"
+            )
+
+
 def live_processes(own: int) -> list[list[int | None]]:
     """[pid, start] of every live process this relay sees, but itself (its pid namespace's: the kernels)."""
     out: list[list[int | None]] = []
@@ -110,10 +134,19 @@ def live_processes(own: int) -> list[list[int | None]]:
 class Relay:
     """The relay's decisions, apart from its sockets: :meth:`forward` carries one call to the gateway."""
 
-    def __init__(self, gateway: tuple[str, int], token: str, limits: dict[str, int], uid: int | None = None):
+    def __init__(
+        self,
+        gateway: tuple[str, int],
+        token: str,
+        limits: dict[str, int],
+        uid: int | None = None,
+        egress_socket: str = "",
+    ):
         self.gateway = gateway
         self.token = token
         self.limits = limits
+        self.egress_socket = egress_socket
+        """Where the egress gate's socket is served; empty: not at all."""
         self.uid = os.getuid() if uid is None else uid
         if self.uid == 0:
             raise RelayError("refusing to run as root: run the kernels container as the pod's user (runAsUser)")
@@ -123,6 +156,16 @@ class Relay:
             raise ChannelError(
                 f"uid {peer.uid} is not this pod's uid {self.uid}; the relay serves its own pod's kernels and "
                 "server only",
+                FORBIDDEN,
+            )
+
+    def admit_server(self, peer: Peer) -> None:
+        """The egress gate's socket: the pod's server (another pid namespace, pid 0) and nothing else."""
+        self.admit(peer)
+        if peer.pid != 0:
+            raise ChannelError(
+                f"pid {peer.pid} is a process of the kernels' container; the egress gate serves the pod's server "
+                "only, which checks every output there",
                 FORBIDDEN,
             )
 
@@ -193,6 +236,22 @@ class Relay:
                     offset += len(chunk)
             return self._answer(sock)
 
+    def open_stream(self, stream: str = "egress") -> socket.socket:
+        """A connection to the gateway that carries ``stream`` once the gateway accepted it."""
+        sock = self._connect()
+        try:
+            sock.settimeout(30)
+            sock.sendall(json.dumps({"token": self.token, "stream": stream}).encode() + b"\n")
+            answer = json.loads(self._answer(sock))
+            if not isinstance(answer, dict) or not answer.get("ok"):
+                error = answer.get("error") if isinstance(answer, dict) else None
+                code = answer.get("code") if isinstance(answer, dict) else None
+                raise ChannelError(str(error or "the gateway refused the stream"), str(code or UNAVAILABLE))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
     def report(self) -> None:
         """Send the gateway the pod's live processes."""
         with self._connect() as sock:
@@ -204,12 +263,16 @@ class Relay:
             log.warning("relay: the gateway refused the pod's report: %s", answer.get("error"))
 
 
-def make_relay(*, gateway: str, token_file: str, bound: dict[str, str], airlock_max_bytes: int) -> Relay:
-    """The relay of this pod: :class:`RelayError` as root, with a token file a sandbox binds (``bound``: what
-    -> folder), an empty or unreadable one, or a gateway that is not ``host:port``."""
+def make_relay(
+    *, gateway: str, token_file: str, bound: dict[str, str], airlock_max_bytes: int, egress_socket: str = ""
+) -> Relay:
+    """The relay of this pod: :class:`RelayError` as root, with a token file or an egress socket a sandbox binds
+    (``bound``: what -> folder), an empty or unreadable token file, or a gateway that is not ``host:port``."""
     if os.getuid() == 0:
         raise RelayError("refusing to run as root: run the kernels container as the pod's user (runAsUser)")
     check_token_file(token_file, bound)
+    if egress_socket:
+        check_egress_socket(egress_socket, bound)
     try:
         token = Path(token_file).read_text().strip()
     except OSError as e:
@@ -219,7 +282,7 @@ def make_relay(*, gateway: str, token_file: str, bound: dict[str, str], airlock_
     host, _, port = gateway.rpartition(":")
     if not host or not port.isdigit():
         raise RelayError(f"the gateway must be host:port, got {gateway!r}")
-    return Relay((host, int(port)), token, limits_with(airlock_max_bytes))
+    return Relay((host, int(port)), token, limits_with(airlock_max_bytes), egress_socket=egress_socket)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -255,6 +318,53 @@ class _Handler(socketserver.BaseRequestHandler):
             pass
 
 
+def refuse_frame(sock: socket.socket, error: ChannelError, timeout: float) -> None:
+    """Answer the gate's first frame on ``sock`` with ``error`` in the gate's format; give up quietly on a
+    caller that sends none (or not a frame): it is closed either way."""
+    sock.settimeout(timeout)
+
+    def exactly(n: int, keep: bool = True) -> bytes:
+        buf = bytearray()
+        left = n
+        while left:
+            chunk = sock.recv(min(left, CHUNK))
+            if not chunk:
+                raise EOFError
+            left -= len(chunk)
+            if keep:
+                buf.extend(chunk)
+        return bytes(buf)
+
+    try:
+        head, size = decode_header(exactly(header_length(exactly(4))))
+        exactly(size, keep=False)  # the piece it wanted checked: not forwarded, dropped
+        sock.sendall(encode_frame({"id": head.get("id"), "ok": False, "code": error.code, "error": str(error)}))
+    except (EOFError, FrameError, OSError):
+        pass
+
+
+class _EgressHandler(socketserver.BaseRequestHandler):
+    server: RelaySocket
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        relay = self.server.relay
+        try:
+            peer = peer_of(sock)
+            relay.admit_server(peer)
+            upstream = relay.open_stream("egress")
+        except ChannelError as e:
+            log.warning("relay: an egress connection refused: %s", e)
+            refuse_frame(sock, e, self.server.timeout_seconds)
+            return
+        except (OSError, ValueError) as e:
+            error = ChannelError(f"the egress stream could not be opened ({e})", UNAVAILABLE)
+            refuse_frame(sock, error, self.server.timeout_seconds)
+            return
+        with upstream:
+            splice(sock, upstream)
+
+
 class RelaySocket(UnixSocketServer):
     """One service's socket in the pod, carried to the gateway."""
 
@@ -262,7 +372,8 @@ class RelaySocket(UnixSocketServer):
         self.service = service
         self.relay = relay
         self.timeout_seconds = timeout_seconds
-        super().__init__(path, _Handler, name=f"relay {service}", mode=SOCKET_MODE)
+        handler = _EgressHandler if service == "egress" else _Handler
+        super().__init__(path, handler, name=f"relay {service}", mode=SOCKET_MODE)
 
 
 class RelayApp(Application):
@@ -278,6 +389,9 @@ class RelayApp(Application):
     home = Unicode(HOME, help="The user's home in the pod (every sandbox binds it).").tag(config=True)
     data_root = Unicode(DATA, help="The pod's data root (every sandbox binds datasets under it).").tag(config=True)
     token_file = Unicode(TOKEN_FILE, help="The pod's token, mounted in this container only.").tag(config=True)
+    egress_socket = Unicode(
+        EGRESS_SOCKET, help="The egress gate's socket, for the pod's server (where no sandbox binds); empty: none."
+    ).tag(config=True)
     gateway = Unicode(f"paitient-services:{PORT}", help="The services' gateway, host:port.").tag(config=True)
     report_seconds = Float(10.0, help="How often the pod's live processes are reported.").tag(config=True)
     airlock_max_bytes = Int(512 << 20, help="The largest file sent to the airlock ([airlock] max_bytes).").tag(
@@ -289,6 +403,7 @@ class RelayApp(Application):
         "home": "RelayApp.home",
         "data-root": "RelayApp.data_root",
         "token-file": "RelayApp.token_file",
+        "egress-socket": "RelayApp.egress_socket",
         "gateway": "RelayApp.gateway",
         "report-seconds": "RelayApp.report_seconds",
         "airlock-max-bytes": "RelayApp.airlock_max_bytes",
@@ -305,6 +420,7 @@ class RelayApp(Application):
             token_file=self.token_file,
             bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
             airlock_max_bytes=self.airlock_max_bytes,
+            egress_socket=self.egress_socket,
         )
 
     def start(self) -> None:
@@ -317,8 +433,19 @@ class RelayApp(Application):
             self.exit(2)
             return
         stop = StopSignal()
-        servers = start_relay(relay, self.run_dir, self.report_seconds, lambda: stop.received)
-        self.log.info("relay: serving %s in %s for uid %d", ", ".join(SERVICES), self.run_dir, relay.uid)
+        try:
+            servers = start_relay(relay, self.run_dir, self.report_seconds, lambda: stop.received)
+        except RelayError as e:
+            print(f"{self.name}: {e}", file=sys.stderr)
+            self.exit(2)
+            return
+        self.log.info(
+            "relay: serving %s in %s and the egress gate at %s for uid %d",
+            ", ".join(SERVICES),
+            self.run_dir,
+            relay.egress_socket or "(none)",
+            relay.uid,
+        )
         try:
             stop.wait()
         finally:
@@ -328,9 +455,21 @@ class RelayApp(Application):
 def start_relay(relay: Relay, run_dir: str, report_seconds: float, stopped: Any) -> list[RelaySocket]:
     """Serve the services' sockets in ``run_dir`` and report the pod's processes every ``report_seconds``
     until ``stopped()``; the sockets, for :func:`stop_relay`. (The pod's launcher runs this in its own process
-    when it is given the gateway and the token: one process for the kernels container.)"""
-    Path(run_dir).mkdir(mode=0o755, parents=True, exist_ok=True)
-    servers = [RelaySocket(os.path.join(run_dir, f"{s}.sock"), s, relay) for s in SERVICES]
+    when it is given the gateway and the token: one process for the kernels container.) :class:`RelayError`,
+    with no socket left behind, when one cannot be made."""
+    places = [(os.path.join(run_dir, f"{s}.sock"), s, 0o755) for s in SERVICES]
+    if relay.egress_socket:
+        places.append((relay.egress_socket, "egress", 0o700))
+    servers: list[RelaySocket] = []
+    try:
+        for path, service, folder_mode in places:
+            Path(path).parent.mkdir(mode=folder_mode, parents=True, exist_ok=True)
+            servers.append(RelaySocket(path, service, relay))
+    except OSError as e:
+        stop_relay(servers, started=False)
+        raise RelayError(
+            f"cannot serve the {service} socket at {path}: {e.strerror or e}; give the pod's user a folder there"
+        ) from None
     for server in servers:
         server.start_in_thread()
 
@@ -348,9 +487,10 @@ def start_relay(relay: Relay, run_dir: str, report_seconds: float, stopped: Any)
     return servers
 
 
-def stop_relay(servers: list[RelaySocket]) -> None:
+def stop_relay(servers: list[RelaySocket], *, started: bool = True) -> None:
     for server in servers:
-        server.shutdown()
+        if started:
+            server.shutdown()
         server.server_close()
 
 

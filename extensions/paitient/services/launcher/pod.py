@@ -44,13 +44,15 @@ from paitient.services.kit.channel import ChannelServer
 from paitient.services.launcher.base import BaseLauncher, Caller
 
 MODULE = "paitient.services.launcher.pod"
-HOME = "/home/researcher"
-DATA = "/data"
-SOCKETS = "/run/paitient"
-"""An in-memory folder both containers of the pod mount (and no kernel's sandbox)."""
+# The pod's places: one set, the relay's (it runs in this process and serves the sockets beside this one).
+HOME, DATA, SOCKETS, RUN_DIR, EGRESS_SOCKET = (
+    pod_relay.HOME,
+    pod_relay.DATA,
+    pod_relay.SOCKETS,
+    pod_relay.RUN_DIR,
+    pod_relay.EGRESS_SOCKET,
+)
 SOCKET = f"{SOCKETS}/launcher.sock"
-RUN_DIR = f"{SOCKETS}/services"
-"""Where kernels find the services' sockets (bound read-only into each sandbox); apart from the launcher's."""
 SOCKET_MODE = 0o600
 
 
@@ -169,6 +171,9 @@ class PodLauncherApp(Application):
     token_file = Unicode(
         pod_relay.TOKEN_FILE, help="The pod's token, for the relay; in no folder a sandbox binds."
     ).tag(config=True)
+    egress_socket = Unicode(
+        EGRESS_SOCKET, help="The egress gate's socket the relay serves for the pod's server; empty: none."
+    ).tag(config=True)
     report_seconds = Float(10.0, help="How often the relay reports the pod's live processes.").tag(config=True)
     airlock_max_bytes = Int(512 << 20, help="The largest file the relay sends the airlock.").tag(config=True)
 
@@ -183,6 +188,7 @@ class PodLauncherApp(Application):
         "cpu-seconds": "PodLauncherApp.cpu_seconds",
         "gateway": "PodLauncherApp.gateway",
         "token-file": "PodLauncherApp.token_file",
+        "egress-socket": "PodLauncherApp.egress_socket",
         "report-seconds": "PodLauncherApp.report_seconds",
         "airlock-max-bytes": "PodLauncherApp.airlock_max_bytes",
         "log-level": "Application.log_level",
@@ -219,6 +225,7 @@ class PodLauncherApp(Application):
                     token_file=self.token_file,
                     bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
                     airlock_max_bytes=self.airlock_max_bytes,
+                    egress_socket=self.egress_socket,
                 )
         except (PodLauncherError, pod_relay.RelayError) as e:
             print(f"{self.name}: {e}", file=sys.stderr)
@@ -232,11 +239,18 @@ class PodLauncherApp(Application):
         stop = StopSignal()
         server.start_in_thread()
         self.log.info("pod launcher: listening on %s for uid %d", server.path, launcher.uid)
-        relayed = (
-            []
-            if relay is None
-            else pod_relay.start_relay(relay, self.run_dir, self.report_seconds, lambda: stop.received)
-        )
+        try:
+            relayed = (
+                []
+                if relay is None
+                else pod_relay.start_relay(relay, self.run_dir, self.report_seconds, lambda: stop.received)
+            )
+        except pod_relay.RelayError as e:
+            server.shutdown()
+            server.server_close()
+            print(f"{self.name}: {e}", file=sys.stderr)
+            self.exit(2)
+            return
         try:
             stop.wait()
         finally:
