@@ -30,7 +30,9 @@ that hand it to KubeSpawner and to the hub.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +42,12 @@ from traitlets.config import Config
 
 from paitient import podtokens
 from paitient.config import SiteConfig
+from paitient.fsutil import locked
 from paitient.hub import podconfig
 from paitient.hub.paths import server_argv
 from paitient.hub.serverconfig import user_server_env
 from paitient.hub.spawner import SERVER_TOKEN_SCOPES, SiteSpawnerMixin
+from paitient.registry import Member, Registry
 from paitient.services import gateway, relay
 from paitient.services.launcher import pod as launcher
 
@@ -92,6 +96,36 @@ def user_uid(site: SiteConfig, hub_user_id: int) -> int:
             f"({site.accounts.uid_min}..{site.accounts.uid_max}); raise [accounts] max_accounts"
         )
     return uid
+
+
+def register_pod_user(
+    site: SiteConfig, username: str, uid: int, *, projects: tuple[str, ...], roles: tuple[str, ...], account: str
+) -> Member:
+    """The user's entry in the services' registry (``<state_dir>/accounts.json``), as a host's account makes it
+    (:func:`paitient.hub.accounts.ensure_account`): the services know a pod's caller by the uid its token names,
+    and look its projects and roles up there. ``account`` names the pod (a pod's uid has no system account).
+    :class:`ProfileError` when the registry gives the user another uid, or the uid to another user (the hub's
+    user ids changed: a new hub database), rather than hand one user's records and budgets to another."""
+    registry = Registry.for_state_dir(site.state_dir)
+    registry.path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(site.state_dir / "accounts.create.lock"):
+        known = registry.by_username(username)
+        if known is not None and known.uid != uid:
+            raise ProfileError(
+                f"the registry {registry.path} gives {username[:40]!r} uid {known.uid}, the hub's id for the user "
+                f"gives uid {uid}: the hub's user ids changed (a new hub database?). The user's files and budgets "
+                "belong to the registry's uid: restore the hub database, or remove the user's registry entry"
+            )
+        holder = registry.by_uid(uid)
+        if holder is not None and holder.username != username:
+            raise ProfileError(
+                f"uid {uid} belongs to {holder.username[:40]!r} in the registry {registry.path}, not to "
+                f"{username[:40]!r}: the hub's user ids changed (a new hub database?); restore it, or remove the "
+                "other user's registry entry once their files and budget are settled"
+            )
+        member = Member(username, account, uid, projects=projects, roles=roles, updated=time.time())
+        registry.put(member)
+    return member
 
 
 def dropped() -> dict[str, Any]:
@@ -393,9 +427,22 @@ class PaitientKubeSpawner(SiteSpawnerMixin, KubeSpawner):
     def token_secret(self) -> str:
         return self._expand_user_properties(self.token_secret_template)
 
+    def register(self) -> Member:
+        """The user's entry in the services' registry: the pod's uid, the user's projects and roles now."""
+        projects, roles = self.member_groups()
+        return register_pod_user(
+            self.site,
+            self.user.name,
+            user_uid(self.site, int(self.user.id)),
+            projects=projects,
+            roles=roles,
+            account=self.pod_name,
+        )
+
     async def start(self) -> Any:
-        """Mint the pod's token (its hash into the hub's token file) and write it into the pod's Secret, then
-        start the pod. Not run on a cluster yet (docs/kubernetes.md)."""
+        """Record the user in the services' registry, mint the pod's token (its hash into the hub's token file)
+        and write it into the pod's Secret, then start the pod. Not run on a cluster yet (docs/kubernetes.md)."""
+        await asyncio.to_thread(self.register)
         token, _ = podtokens.mint(
             podtokens.token_file(self.site.state_dir),
             self.user.name,
