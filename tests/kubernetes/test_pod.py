@@ -181,6 +181,7 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "--cpu-seconds=600",
         "--gateway=paitient-services:8090",
         "--token-file=/run/paitient-token/token",
+        "--gateway-ca=/etc/paitient-gateway-ca/ca.crt",
         f"--airlock-max-bytes={site.airlock.max_bytes}",
     ]
     # what the options name is what the container mounts: the home, the sockets' folder, the data
@@ -203,6 +204,12 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
     )
     assert (app.memory_mb, app.cpu_seconds) == (2048, 600)
     assert (app.gateway, app.token_file) == ("paitient-services:8090", "/run/paitient-token/token")
+    # the relay calls the gateway over TLS, trusting the authority the kernels container (only) mounts
+    assert (app.gateway_ca, app.plain_tcp) == ("/etc/paitient-gateway-ca/ca.crt", False)
+    ca_mount = paths["/etc/paitient-gateway-ca"]
+    assert ca_mount == {"name": "gateway-ca", "mountPath": "/etc/paitient-gateway-ca", "readOnly": True}
+    (ca,) = [v for v in pod["spec"]["volumes"] if v["name"] == "gateway-ca"]
+    assert ca["configMap"] == {"name": "paitient-gateway-ca", "defaultMode": 0o444}
 
 
 async def test_the_pods_token_is_mounted_in_the_kernels_container_only_outside_every_sandbox(site, make_user, render):

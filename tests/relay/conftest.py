@@ -138,6 +138,8 @@ class Pod:
     gateway_port: int
     sockets: Path
     tmp: Path
+    authority: Path
+    """The certificate authority of the gateway's TLS certificate, which the relay trusts."""
 
     @property
     def run_dir(self) -> Path:
@@ -164,6 +166,7 @@ class Pod:
             f"--gateway=127.0.0.1:{self.gateway_port}",
             "--report-seconds=0.3",
             f"--egress-socket={self.egress_sock}",
+            f"--gateway-ca={self.authority}",
         ]
         given = {e.split("=", 1)[0] for e in extra}
         return [
@@ -190,9 +193,75 @@ class Pod:
             yield proc
 
 
-def gateway_call(port: int, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
-    """One call straight to the gateway over TCP, as a relay (or anyone on the pod network) sends it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+def make_authority(folder: Path, name: str, *, sign_for: str | None = None) -> tuple[Path, Path, Path]:
+    """A certificate authority ``name`` and a gateway certificate it signed for ``sign_for`` (an IP address
+    or a DNS name): (authority's certificate, gateway's certificate, gateway's key), PEM files in ``folder``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(mode=0o755, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    target = sign_for or "127.0.0.1"
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(target))
+    except ValueError:
+        alt = x509.DNSName(target)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, target)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = folder / "ca.crt", folder / "gateway.crt", folder / "gateway.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    for path in paths:
+        os.chmod(path, 0o644)
+    os.chmod(paths[2], 0o400)
+    return paths
+
+
+def connect(pod: Pod, timeout: float = 60) -> socket.socket:
+    """A TLS connection to the gateway trusting the pod's authority, as a relay (or anyone on the pod network
+    who has the authority's certificate, which is public) opens it."""
+    from paitient.services.kit.tls import client_context
+
+    raw = socket.create_connection(("127.0.0.1", pod.gateway_port), timeout=timeout)
+    return client_context(str(pod.authority)).wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def gateway_call(pod: Pod, header: dict[str, Any], body: bytes = b"") -> dict[str, Any]:
+    """One call straight to the gateway, as a relay (or anyone on the pod network) sends it."""
+    with connect(pod) as s:
         s.sendall(json.dumps(header).encode() + b"\n" + body)
         return json.loads(s.makefile("rb").readline())
 
@@ -223,6 +292,8 @@ def pod(world_tmp, make_system_user, monkeypatch) -> Iterator[Pod]:
     os.chown(sockets, user.pw_uid, user.pw_gid)
     (world_tmp / "data").mkdir(mode=0o755)
     port = free_port()
+    authority, cert, key = make_authority(world_tmp / "tls", "paitient test authority")
+    os.chown(key, gateway.pw_uid, gateway.pw_gid)
     for name in ("JUPYTERHUB_SERVICE_URL", "JUPYTERHUB_API_TOKEN"):  # the services without their pages
         monkeypatch.setenv(name, "")
     with contextlib.ExitStack() as stack:
@@ -245,9 +316,11 @@ def pod(world_tmp, make_system_user, monkeypatch) -> Iterator[Pod]:
                     "--ip=127.0.0.1",
                     f"--port={port}",
                     "--stream-check=0.3",  # an egress stream learns of its revoked token within 0.3 s
+                    f"--tls-cert={cert}",
+                    f"--tls-key={key}",
                 ],
                 gateway_log,
                 lambda: gateway_log.exists() and b"listening on" in gateway_log.read_bytes(),
             )
         )
-        yield Pod(site, user, other, gateway, identity, token, token_dir / "token", port, sockets, world_tmp)
+        yield Pod(site, user, other, gateway, identity, token, token_dir / "token", port, sockets, world_tmp, authority)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,7 +30,7 @@ from paitient.services.egress.matcher import Matcher
 from paitient.services.egress.service import EgressServer, EgressService, limits_for
 from paitient.services.egress.store import EgressStore
 from tests import workspacegroup
-from tests.relay.conftest import as_account, gateway_call
+from tests.relay.conftest import as_account, connect, gateway_call
 from tests.trail import trail_records
 
 ROW = re.compile(rb"row:(\d+)")
@@ -263,7 +262,7 @@ def test_a_stream_without_a_pods_token_or_for_another_service_is_refused(pod, ga
         ({"token": pod.token, "stream": "ledger"}, "bad_request", "stream one of egress"),
         ({"token": pod.token, "stream": "egress", "origin": "kernel"}, "bad_request", "a stream is"),
     ):
-        refused = gateway_call(pod.gateway_port, header)
+        refused = gateway_call(pod, header)
         assert refused["code"] == code and says in refused["error"], (header, refused)
 
 
@@ -298,7 +297,7 @@ def test_the_relay_refuses_an_egress_socket_a_sandbox_binds(pod):
 
 def test_a_frame_through_the_gateway_is_the_egress_services_own(pod, gate):
     """The gateway carries bytes unread: a frame the service refuses is refused by the service, in its words."""
-    with socket.create_connection(("127.0.0.1", pod.gateway_port), timeout=30) as s:
+    with connect(pod, timeout=30) as s:
         s.sendall(json.dumps({"token": pod.token, "stream": "egress"}).encode() + b"\n")
         f = s.makefile("rb")
         accepted = json.loads(f.readline())

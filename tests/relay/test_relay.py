@@ -127,28 +127,28 @@ def test_another_uid_at_the_relay_is_refused_by_its_peer_credentials(pod):
 
 
 def test_a_call_without_a_token_with_an_unknown_or_a_revoked_one_is_refused(pod):
-    no_token = gateway_call(pod.gateway_port, header(pod, token=""))
+    no_token = gateway_call(pod, header(pod, token=""))
     assert no_token["code"] == "forbidden" and "carries no pod token" in no_token["error"], no_token
-    no_token = gateway_call(pod.gateway_port, {k: v for k, v in header(pod).items() if k != "token"})
+    no_token = gateway_call(pod, {k: v for k, v in header(pod).items() if k != "token"})
     assert no_token["code"] == "forbidden" and "carries no pod token" in no_token["error"], no_token
-    unknown = gateway_call(pod.gateway_port, header(pod, token="A" * 43))
+    unknown = gateway_call(pod, header(pod, token="A" * 43))
     assert unknown["code"] == "forbidden" and "not one the hub issued" in unknown["error"], unknown
     # the pod's own token works, until the hub revokes it (its pod stopped) or mints the next (a new pod)
-    assert gateway_call(pod.gateway_port, header(pod))["ok"] is True
+    assert gateway_call(pod, header(pod))["ok"] is True
     podtokens.revoke(pod.tokens_file(), "alice", group=pod.gateway.pw_gid)
-    revoked = gateway_call(pod.gateway_port, header(pod))
+    revoked = gateway_call(pod, header(pod))
     assert revoked["code"] == "forbidden" and "not one the hub issued" in revoked["error"], revoked
     newer, _ = podtokens.mint(pod.tokens_file(), "alice", pod.user.pw_uid, group=pod.gateway.pw_gid)
-    assert gateway_call(pod.gateway_port, header(pod, token=newer))["ok"] is True
-    assert gateway_call(pod.gateway_port, header(pod))["code"] == "forbidden"
+    assert gateway_call(pod, header(pod, token=newer))["ok"] is True
+    assert gateway_call(pod, header(pod))["code"] == "forbidden"
 
 
 def test_another_pods_token_acts_for_that_pods_user_only(pod):
     bobs, _ = podtokens.mint(pod.tokens_file(), "bob", pod.other.pw_uid, group=pod.gateway.pw_gid)
     # bob's token does not make its holder alice, whatever the call says: alice's project stays hers
-    refused = gateway_call(pod.gateway_port, header(pod, token=bobs, op="reserve", args=RESERVE["args"]))
+    refused = gateway_call(pod, header(pod, token=bobs, op="reserve", args=RESERVE["args"]))
     assert refused["code"] == "forbidden" and "not a member of project 'oncology'" in refused["error"], refused
-    budget = gateway_call(pod.gateway_port, header(pod, token=bobs))
+    budget = gateway_call(pod, header(pod, token=bobs))
     assert budget["ok"] is True and budget["result"]["user"] == "bob", budget
 
 
@@ -184,7 +184,7 @@ def test_a_file_over_the_services_limit_is_refused(pod):
         assert refused["code"] == "too_large" and "takes at most 0 bytes" in refused["error"], refused
     # the gateway refuses a size over the limit before it reads a byte of it
     over = pod.site.airlock.max_bytes + 1
-    refused = gateway_call(pod.gateway_port, header(pod, service="airlock", op="check", files=[over]))
+    refused = gateway_call(pod, header(pod, service="airlock", op="check", files=[over]))
     assert refused["code"] == "too_large" and f"this one has {over}" in refused["error"], refused
 
 
@@ -197,7 +197,7 @@ def test_a_reservation_from_a_pod_counts_in_full_once_its_pod_stops_reporting_it
         state = "reserved"
         while state == "reserved" and time.monotonic() < deadline:
             time.sleep(0.3)
-            gateway_call(pod.gateway_port, header(pod))  # a budget query sweeps
+            gateway_call(pod, header(pod))  # a budget query sweeps
             ledger = Ledger(pod.site)
             try:
                 state = (ledger.run(rid) or {}).get("state")
@@ -226,7 +226,7 @@ def test_a_live_kernels_reservation_stays_while_its_pod_reports_it(pod):
             rid = json.loads(proc.stdout.readline())["reservation"]
             for _ in range(5):
                 time.sleep(0.4)
-                gateway_call(pod.gateway_port, header(pod))
+                gateway_call(pod, header(pod))
             ledger = Ledger(pod.site)
             try:
                 assert ledger.run(rid)["pod"] == pod.identity.pod
@@ -293,7 +293,7 @@ def test_one_address_holding_connections_open_does_not_take_the_gateway_from_oth
             s.close()
     deadline = time.monotonic() + 10
     while True:
-        answer = gateway_call(pod.gateway_port, header(pod))
+        answer = gateway_call(pod, header(pod))
         if answer.get("ok") or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -50,6 +50,7 @@ def test_a_sandboxed_kernel_reaches_the_audit_trail_through_the_relay_and_cannot
         f"--token-file={pod.token_path}",
         "--report-seconds=0.3",
         f"--egress-socket={egress}",
+        f"--gateway-ca={pod.authority}",
     )
     with pod_launcher(user, pod.sockets, pod.tmp / "data", *relay):
         deadline = time.monotonic() + 30

@@ -74,6 +74,11 @@ SERVICE_PORTS = {"airlock": 8410, "ledger": 8411, "audit": 8412, "egress": 8413,
 """Where each service listens in the services pod. The hub and users' servers reach them there only."""
 GATEWAY_PORT = gateway.PORT
 """The services' gateway in the services pod: the one port users' pods reach there (their relay's calls)."""
+GATEWAY_CA = "paitient-gateway-ca"
+"""The ConfigMap with the certificate authority (key ``ca.crt``) of the gateway's TLS certificate; the kernels
+container mounts it for the relay (a public certificate: no Secret needed)."""
+GATEWAY_CA_FOLDER = "/etc/paitient-gateway-ca"
+GATEWAY_CA_FILE = f"{GATEWAY_CA_FOLDER}/ca.crt"
 TOKEN_FOLDER = os.path.dirname(relay.TOKEN_FILE)
 """Where the kernels container (only) mounts the pod's token, the Secret :func:`token_secret_name`."""
 HUB_API_PORT = 8081
@@ -211,6 +216,8 @@ def pod_plan(
         # the pod's token for the services' gateway: the pod's group may read it (0440), the relay does;
         # only the kernels container mounts it, outside everything a kernel's sandbox binds
         {"name": "pod-token", "secret": {"secretName": token_secret, "defaultMode": 0o440}},
+        # the authority the relay trusts for the gateway's certificate
+        {"name": "gateway-ca", "configMap": {"name": GATEWAY_CA, "defaultMode": 0o444}},
     ]
     shared = [
         {"name": "home", "mountPath": HOME},
@@ -235,7 +242,12 @@ def pod_plan(
             {"name": "server-config", "mountPath": podconfig.JUPYTER, "readOnly": True},
             {"name": "server-state", "mountPath": podconfig.STATE},
         ),
-        kernels_mounts=(*shared, *data_mounts, {"name": "pod-token", "mountPath": TOKEN_FOLDER, "readOnly": True}),
+        kernels_mounts=(
+            *shared,
+            *data_mounts,
+            {"name": "pod-token", "mountPath": TOKEN_FOLDER, "readOnly": True},
+            {"name": "gateway-ca", "mountPath": GATEWAY_CA_FOLDER, "readOnly": True},
+        ),
         config_mounts=(
             {"name": "server-config", "mountPath": podconfig.JUPYTER},
             {"name": "server-state", "mountPath": podconfig.STATE},
@@ -259,6 +271,7 @@ def launcher_options(site: SiteConfig, services_host: str = SERVICES) -> list[st
         f"--cpu-seconds={s.cpu_seconds}",
         f"--gateway={services_host}:{GATEWAY_PORT}",
         f"--token-file={relay.TOKEN_FILE}",
+        f"--gateway-ca={GATEWAY_CA_FILE}",
         f"--airlock-max-bytes={site.airlock.max_bytes}",
     ]
 

@@ -31,7 +31,9 @@ then on carries bytes both ways unread (:func:`~paitient.services.kit.pipe.splic
 parsing every frame. It checks the token again every ``stream_check`` seconds (:data:`STREAM_CHECK`) and
 ends the stream once it is revoked (the pod stopped or replaced).
 
-Not encrypted: TLS between the pods is the cluster's (a mesh or the CNI's); see docs/kubernetes.md.
+TLS 1.3 (:mod:`paitient.services.kit.tls`): the gateway presents ``--tls-cert`` with ``--tls-key``, and each
+relay trusts its own certificate authority only. It refuses to start without them unless told ``--plain-tcp``
+(a cluster whose mesh or CNI encrypts the pod network already); see docs/kubernetes.md.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from typing import Any
 
-from traitlets import Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.config import Application
 
 from paitient import __version__
@@ -65,6 +68,7 @@ from paitient.podtokens import PodIdentity, PodTokens, token_file
 from paitient.rules.egress import ON_BEHALF, FrameError, decode_header, encode_frame, header_length
 from paitient.services.egress import socket_path as egress_socket
 from paitient.services.kit.pipe import keepalive, splice
+from paitient.services.kit.tls import TLSSetupError, server_context
 
 log = logging.getLogger("paitient.services.gateway")
 
@@ -290,6 +294,21 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        tls = self.server.tls
+        if tls is not None:
+            sock.settimeout(self.server.gateway.timeout)
+            try:
+                sock = tls.wrap_socket(sock, server_side=True)  # takes the connection over
+            except (ssl.SSLError, OSError) as e:
+                log.warning("gateway: no TLS connection with %s: %s", self.client_address[0], e)
+                return
+        try:
+            self._answer(sock)
+        finally:
+            if tls is not None:
+                sock.close()
+
+    def _answer(self, sock: socket.socket) -> None:
         try:
             answer = self.server.gateway.serve(sock)
             if answer is None:  # a stream: answered, and over
@@ -319,8 +338,10 @@ class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], gateway: Gateway):
+    def __init__(self, address: tuple[str, int], gateway: Gateway, tls: ssl.SSLContext | None = None):
+        """``tls``: the gateway's TLS context (:func:`~paitient.services.kit.tls.server_context`); None: plain TCP."""
         self.gateway = gateway
+        self.tls = tls
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
         self._held: dict[int, str] = {}
@@ -361,17 +382,42 @@ class GatewayApp(Application):
     stream_check = Float(
         STREAM_CHECK, help="Seconds between two checks of an egress stream's pod token (a revoked one ends it)."
     ).tag(config=True)
+    tls_cert = Unicode("", help="The gateway's TLS certificate chain (PEM), for the name the relays call.").tag(
+        config=True
+    )
+    tls_key = Unicode("", help="The key of the TLS certificate (PEM, unencrypted).").tag(config=True)
+    plain_tcp = Bool(
+        False, help="Serve without TLS: only where the cluster's mesh or CNI encrypts the pod network."
+    ).tag(config=True)
 
     aliases = {
         "site": "GatewayApp.site_file",
         "ip": "GatewayApp.ip",
         "port": "GatewayApp.port",
         "stream-check": "GatewayApp.stream_check",
+        "tls-cert": "GatewayApp.tls_cert",
+        "tls-key": "GatewayApp.tls_key",
+    }
+    flags = {
+        "plain-tcp": ({"GatewayApp": {"plain_tcp": True}}, "Serve without TLS (the cluster encrypts the pod network)."),
     }
 
     @default("log_level")
     def _log_level_default(self) -> int:
         return logging.INFO
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context, None with ``--plain-tcp``; :class:`TLSSetupError` when neither is given (or both)."""
+        if self.plain_tcp:
+            if self.tls_cert or self.tls_key:
+                raise TLSSetupError("--plain-tcp and a TLS certificate exclude each other; give one of them")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise TLSSetupError(
+                "the pods' calls cross the cluster's network: give the gateway's certificate and key (--tls-cert, "
+                "--tls-key; docs/kubernetes.md), or --plain-tcp where the cluster encrypts the pod network itself"
+            )
+        return server_context(self.tls_cert, self.tls_key)
 
     def start(self) -> None:
         from paitient.config import load
@@ -387,10 +433,17 @@ class GatewayApp(Application):
             )
             self.exit(2)
             return
-        server = GatewayServer((self.ip, self.port), Gateway(site, stream_check=self.stream_check))
+        try:
+            tls = self.tls_context()
+        except TLSSetupError as e:
+            print(f"{self.name}: {e}", file=sys.stderr)
+            self.exit(2)
+            return
+        server = GatewayServer((self.ip, self.port), Gateway(site, stream_check=self.stream_check), tls)
         stop = StopSignal()
         threading.Thread(target=server.serve_forever, name="gateway", daemon=True).start()
-        print(f"{self.name}: listening on {self.ip}:{server.server_address[1]}", file=sys.stderr, flush=True)
+        how = "TLS" if tls is not None else "plain TCP (--plain-tcp)"
+        print(f"{self.name}: listening on {self.ip}:{server.server_address[1]}, {how}", file=sys.stderr, flush=True)
         try:
             stop.wait()
         finally:

@@ -14,7 +14,8 @@ SERVICES`), the sockets every kernel's sandbox binds, with the services' own wir
    container) is the server; the caller's start time comes from ``/proc``;
 2. reads the request and each descriptor passed with it: a regular file only, at most the service's limit
    (``too_large`` before a byte of it is sent);
-3. sends the gateway (TCP) one header line with the pod's token, the service, the request's ``op`` and
+3. sends the gateway (TLS 1.3, trusting ``--gateway-ca`` alone; plain TCP only with ``--plain-tcp``) one
+   header line with the pod's token, the service, the request's ``op`` and
    ``args`` and its own view of the caller (origin, pid, start), then each file's bytes; whatever else the
    caller's request line says (an origin, a pid, an ``on_behalf``) is dropped;
 4. sends the gateway's answer line back to the caller.
@@ -37,6 +38,7 @@ import logging
 import os
 import socket
 import socketserver
+import ssl
 import stat
 import sys
 import threading
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from traitlets import Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, Unicode, default
 from traitlets.config import Application
 
 from paitient import __version__
@@ -62,6 +64,7 @@ from paitient.services.gateway import PORT, SERVICES, limits_with
 from paitient.services.kit.channel import UnixSocketServer, peer_of, read_request
 from paitient.services.kit.pipe import splice
 from paitient.services.kit.process import process_start
+from paitient.services.kit.tls import TLSSetupError, client_context
 
 log = logging.getLogger("paitient.services.relay")
 
@@ -141,8 +144,12 @@ class Relay:
         limits: dict[str, int],
         uid: int | None = None,
         egress_socket: str = "",
+        tls: ssl.SSLContext | None = None,
     ):
+        """``tls``: the context that trusts the gateway's authority (None: plain TCP); the gateway's host name
+        is the name its certificate must carry."""
         self.gateway = gateway
+        self.tls = tls
         self.token = token
         self.limits = limits
         self.egress_socket = egress_socket
@@ -195,8 +202,26 @@ class Relay:
 
     def _connect(self) -> socket.socket:
         try:
-            return socket.create_connection(self.gateway, timeout=30)
+            sock = socket.create_connection(self.gateway, timeout=30)
         except OSError as e:
+            raise ChannelError(
+                f"the services' gateway is not reachable from this pod ({e.strerror or e}); try again, and tell "
+                "the workspace operator if it keeps happening",
+                UNAVAILABLE,
+            ) from None
+        if self.tls is None:
+            return sock
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.gateway[0])
+        except ssl.SSLCertVerificationError as e:
+            sock.close()
+            raise ChannelError(
+                f"the services' gateway at {self.gateway[0]} is not the one this pod trusts ({e.verify_message}); "
+                "nothing was sent. Tell the workspace operator",
+                UNAVAILABLE,
+            ) from None
+        except OSError as e:
+            sock.close()
             raise ChannelError(
                 f"the services' gateway is not reachable from this pod ({e.strerror or e}); try again, and tell "
                 "the workspace operator if it keeps happening",
@@ -264,10 +289,18 @@ class Relay:
 
 
 def make_relay(
-    *, gateway: str, token_file: str, bound: dict[str, str], airlock_max_bytes: int, egress_socket: str = ""
+    *,
+    gateway: str,
+    token_file: str,
+    bound: dict[str, str],
+    airlock_max_bytes: int,
+    egress_socket: str = "",
+    gateway_ca: str = "",
+    plain_tcp: bool = False,
 ) -> Relay:
     """The relay of this pod: :class:`RelayError` as root, with a token file or an egress socket a sandbox binds
-    (``bound``: what -> folder), an empty or unreadable token file, or a gateway that is not ``host:port``."""
+    (``bound``: what -> folder), an empty or unreadable token file, a gateway that is not ``host:port``, or
+    neither the gateway's certificate authority (``gateway_ca``) nor ``plain_tcp``."""
     if os.getuid() == 0:
         raise RelayError("refusing to run as root: run the kernels container as the pod's user (runAsUser)")
     check_token_file(token_file, bound)
@@ -282,7 +315,19 @@ def make_relay(
     host, _, port = gateway.rpartition(":")
     if not host or not port.isdigit():
         raise RelayError(f"the gateway must be host:port, got {gateway!r}")
-    return Relay((host, int(port)), token, limits_with(airlock_max_bytes), egress_socket=egress_socket)
+    if plain_tcp == bool(gateway_ca):
+        raise RelayError(
+            "give the gateway's certificate authority (--gateway-ca; the pod's token crosses the cluster's network "
+            "inside TLS), or --plain-tcp where the cluster encrypts the pod network itself; not both"
+            if plain_tcp
+            else "the pod's token crosses the cluster's network: give the gateway's certificate authority "
+            "(--gateway-ca), or --plain-tcp where the cluster encrypts the pod network itself"
+        )
+    try:
+        tls = client_context(gateway_ca) if gateway_ca else None
+    except TLSSetupError as e:
+        raise RelayError(str(e)) from None
+    return Relay((host, int(port)), token, limits_with(airlock_max_bytes), egress_socket=egress_socket, tls=tls)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -393,6 +438,12 @@ class RelayApp(Application):
         EGRESS_SOCKET, help="The egress gate's socket, for the pod's server (where no sandbox binds); empty: none."
     ).tag(config=True)
     gateway = Unicode(f"paitient-services:{PORT}", help="The services' gateway, host:port.").tag(config=True)
+    gateway_ca = Unicode("", help="The certificate authority (PEM) the gateway's certificate must come from.").tag(
+        config=True
+    )
+    plain_tcp = Bool(False, help="Call the gateway without TLS (only where the cluster encrypts the pod network).").tag(
+        config=True
+    )
     report_seconds = Float(10.0, help="How often the pod's live processes are reported.").tag(config=True)
     airlock_max_bytes = Int(512 << 20, help="The largest file sent to the airlock ([airlock] max_bytes).").tag(
         config=True
@@ -405,9 +456,13 @@ class RelayApp(Application):
         "token-file": "RelayApp.token_file",
         "egress-socket": "RelayApp.egress_socket",
         "gateway": "RelayApp.gateway",
+        "gateway-ca": "RelayApp.gateway_ca",
         "report-seconds": "RelayApp.report_seconds",
         "airlock-max-bytes": "RelayApp.airlock_max_bytes",
         "log-level": "Application.log_level",
+    }
+    flags = {
+        "plain-tcp": ({"RelayApp": {"plain_tcp": True}}, "Call the gateway without TLS (the cluster encrypts)."),
     }
 
     @default("log_level")
@@ -421,6 +476,8 @@ class RelayApp(Application):
             bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
             airlock_max_bytes=self.airlock_max_bytes,
             egress_socket=self.egress_socket,
+            gateway_ca=self.gateway_ca,
+            plain_tcp=self.plain_tcp,
         )
 
     def start(self) -> None:

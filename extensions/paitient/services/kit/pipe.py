@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -47,10 +48,14 @@ def splice(
             try:
                 for key, _ in sel.select(timeout=every):
                     src, dst = other[key.fd]
-                    data = src.recv(CHUNK)
-                    if not data:
-                        return "closed"
-                    dst.sendall(data)
+                    while True:
+                        data = src.recv(CHUNK)
+                        if not data:
+                            return "closed"
+                        dst.sendall(data)
+                        # a TLS socket may hold decrypted bytes the selector cannot see: take them now
+                        if not (isinstance(src, ssl.SSLSocket) and src.pending()):
+                            break
             except OSError:
                 return "failed"
             if alive is not None and time.monotonic() - asked >= every:

@@ -174,6 +174,8 @@ class PodLauncherApp(Application):
     egress_socket = Unicode(
         EGRESS_SOCKET, help="The egress gate's socket the relay serves for the pod's server; empty: none."
     ).tag(config=True)
+    gateway_ca = Unicode("", help="The certificate authority (PEM) of the gateway's TLS certificate.").tag(config=True)
+    plain_tcp = Bool(False, help="The relay calls the gateway without TLS (the cluster encrypts).").tag(config=True)
     report_seconds = Float(10.0, help="How often the relay reports the pod's live processes.").tag(config=True)
     airlock_max_bytes = Int(512 << 20, help="The largest file the relay sends the airlock.").tag(config=True)
 
@@ -189,9 +191,14 @@ class PodLauncherApp(Application):
         "gateway": "PodLauncherApp.gateway",
         "token-file": "PodLauncherApp.token_file",
         "egress-socket": "PodLauncherApp.egress_socket",
+        "gateway-ca": "PodLauncherApp.gateway_ca",
         "report-seconds": "PodLauncherApp.report_seconds",
         "airlock-max-bytes": "PodLauncherApp.airlock_max_bytes",
         "log-level": "Application.log_level",
+    }
+
+    flags = {
+        "plain-tcp": ({"PodLauncherApp": {"plain_tcp": True}}, "The relay calls the gateway without TLS."),
     }
 
     @default("log_level")
@@ -226,6 +233,8 @@ class PodLauncherApp(Application):
                     bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
                     airlock_max_bytes=self.airlock_max_bytes,
                     egress_socket=self.egress_socket,
+                    gateway_ca=self.gateway_ca,
+                    plain_tcp=self.plain_tcp,
                 )
         except (PodLauncherError, pod_relay.RelayError) as e:
             print(f"{self.name}: {e}", file=sys.stderr)
