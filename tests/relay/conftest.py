@@ -87,6 +87,11 @@ def call_as(pw, sock: Path, request: dict[str, Any]) -> dict[str, Any]:
     return json.loads(r.stdout)
 
 
+def run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``argv`` to its end, with ``stdin``, a bare environment and its output captured."""
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

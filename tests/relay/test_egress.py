@@ -30,7 +30,7 @@ from paitient.services.egress.matcher import Matcher
 from paitient.services.egress.service import EgressServer, EgressService, limits_for
 from paitient.services.egress.store import EgressStore
 from tests import workspacegroup
-from tests.relay.conftest import as_account, connect, gateway_call
+from tests.relay.conftest import as_account, connect, gateway_call, run
 from tests.trail import trail_records
 
 ROW = re.compile(rb"row:(\d+)")
@@ -173,13 +173,9 @@ def test_another_uid_is_refused_at_the_pods_egress_socket(pod, gate):
         sock = pod.egress_sock
         assert (sock.stat().st_mode & 0o777, sock.stat().st_uid) == (0o600, pod.user.pw_uid)
         os.chmod(sock, 0o666)  # past the socket's mode: the relay's own check of the peer's uid
-        bob = subprocess.run(
+        bob = run(
             [*as_account(pod.other), sys.executable, "-c", textwrap.dedent(CLIENT), str(sock)],
-            input=json.dumps(hello()) + "\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
+            stdin=json.dumps(hello()) + "\n",
         )
         refused = json.loads(bob.stdout)
         assert refused["code"] == "forbidden", refused
@@ -209,13 +205,7 @@ for frame in json.loads(sys.argv[2]):
     out.append(head)
 print(json.dumps(out))
 """
-    r = subprocess.run(
-        [*as_account(account), sys.executable, "-c", script, str(socket_path(pod.site)), json.dumps(frames)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    r = run([*as_account(account), sys.executable, "-c", script, str(socket_path(pod.site)), json.dumps(frames)])
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -283,13 +273,7 @@ def test_a_stream_ends_when_its_pods_token_is_revoked(pod, gate):
 
 def test_the_relay_refuses_an_egress_socket_a_sandbox_binds(pod):
     for inside in (pod.run_dir / "egress.sock", pod.tmp / "data" / "egress.sock"):
-        r = subprocess.run(
-            pod.relay_argv(f"--egress-socket={inside}"),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-        )
+        r = run(pod.relay_argv(f"--egress-socket={inside}"))
         assert r.returncode == 2, r.stderr
         assert f"the egress gate's socket {inside} lies in the" in r.stderr, r.stderr
         assert "which a kernel's sandbox binds" in r.stderr
@@ -310,13 +294,7 @@ def test_a_frame_through_the_gateway_is_the_egress_services_own(pod, gate):
 
 def test_a_relay_that_cannot_serve_the_egress_socket_stops_with_the_reason_and_leaves_no_socket(pod):
     unwritable = pod.tmp / "state" / "gate-of-the-pod" / "egress.sock"  # under a folder of root's, 0755
-    r = subprocess.run(
-        pod.relay_argv(f"--egress-socket={unwritable}"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin"},
-    )
+    r = run(pod.relay_argv(f"--egress-socket={unwritable}"))
     assert r.returncode == 2, r.stderr
     assert f"cannot serve the egress socket at {unwritable}: Permission denied" in r.stderr, r.stderr
     assert pod.run_dir.is_dir()  # the services' sockets were made first, and are gone again

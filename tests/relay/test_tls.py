@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 
-from tests.relay.conftest import account_process, as_account, call_as, free_port, make_authority
+from tests.relay.conftest import account_process, as_account, call_as, free_port, make_authority, run
 from tests.trail import trail_records
 
 CANARY = "tls-canary-7731"
@@ -99,10 +98,6 @@ def test_a_call_in_the_clear_is_not_answered_and_not_made(pod):
             answer = b""
     assert b"{" not in answer  # no answer of the gateway's: at most a TLS alert, then the end
     assert not trail_records(pod.site, action="cell.execute")
-
-
-def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
 
 
 def test_neither_end_runs_in_the_clear_unless_told_to(pod):
