@@ -330,6 +330,21 @@ def make_relay(
     return Relay((host, int(port)), token, limits_with(airlock_max_bytes), egress_socket=egress_socket, tls=tls)
 
 
+def relay_of(options: Any) -> Relay:
+    """:func:`make_relay` from an application's options: :class:`RelayApp`'s, or the pod launcher's, which runs
+    the relay in its process and takes the same ones (gateway, token_file, home, data_root, run_dir,
+    airlock_max_bytes, egress_socket, gateway_ca, plain_tcp)."""
+    return make_relay(
+        gateway=options.gateway,
+        token_file=options.token_file,
+        bound={"home": options.home, "data root": options.data_root, "run dir": options.run_dir},
+        airlock_max_bytes=options.airlock_max_bytes,
+        egress_socket=options.egress_socket,
+        gateway_ca=options.gateway_ca,
+        plain_tcp=options.plain_tcp,
+    )
+
+
 class _Handler(socketserver.BaseRequestHandler):
     server: RelaySocket
 
@@ -470,15 +485,7 @@ class RelayApp(Application):
         return logging.INFO
 
     def make_relay(self) -> Relay:
-        return make_relay(
-            gateway=self.gateway,
-            token_file=self.token_file,
-            bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
-            airlock_max_bytes=self.airlock_max_bytes,
-            egress_socket=self.egress_socket,
-            gateway_ca=self.gateway_ca,
-            plain_tcp=self.plain_tcp,
-        )
+        return relay_of(self)
 
     def start(self) -> None:
         from paitient.services.kit.process import StopSignal

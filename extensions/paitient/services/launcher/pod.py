@@ -227,15 +227,7 @@ class PodLauncherApp(Application):
         try:
             launcher = self.make_launcher()
             if self.gateway:
-                relay = pod_relay.make_relay(
-                    gateway=self.gateway,
-                    token_file=self.token_file,
-                    bound={"home": self.home, "data root": self.data_root, "run dir": self.run_dir},
-                    airlock_max_bytes=self.airlock_max_bytes,
-                    egress_socket=self.egress_socket,
-                    gateway_ca=self.gateway_ca,
-                    plain_tcp=self.plain_tcp,
-                )
+                relay = pod_relay.relay_of(self)
         except (PodLauncherError, pod_relay.RelayError) as e:
             print(f"{self.name}: {e}", file=sys.stderr)
             self.exit(2)
