@@ -47,11 +47,24 @@ class ServiceCommand(PaitientCommand):
     token_file = Unicode("", help="With --separate: the file (root 0600) holding the service's API token.").tag(
         config=True
     )
+    hub_api_url = Unicode(
+        "",
+        help="With --separate: the hub's API where it is not on loopback (Kubernetes: http://hub:8081/hub/api); "
+        "then --hub-port is not needed.",
+    ).tag(config=True)
+    listen = Unicode(
+        "",
+        help="With --separate: the address the pages bind where the hub's proxy is not on this machine "
+        "(Kubernetes' services' pod: 0.0.0.0, with the pod's policy letting in the proxy and the hub only). "
+        "Empty: loopback.",
+    ).tag(config=True)
     aliases = {
         **PaitientCommand.aliases,
         "port": "ServiceCommand.port",
         "hub-port": "ServiceCommand.hub_port",
         "token-file": "ServiceCommand.token_file",
+        "hub-api-url": "ServiceCommand.hub_api_url",
+        "listen": "ServiceCommand.listen",
     }
     flags = {"separate": ({"ServiceCommand": {"separate": True}}, "Run on its own, not started by the hub.")}
 
@@ -65,6 +78,8 @@ class ServiceCommand(PaitientCommand):
             self.fail(f"name a service: paitient service {{{','.join(SERVICES)}}}")
         self.require_root()
         die_with_parent()
+        if (self.listen or self.hub_api_url) and not self.separate:
+            self.fail("--listen and --hub-api-url are for a service run with --separate; the hub sets a managed one's")
         site = self.load_site()
         module = importlib.import_module(SERVICES[self.service])
         if self.separate:
@@ -78,12 +93,21 @@ class ServiceCommand(PaitientCommand):
         entry = separate_service(module.hub_service(site, sys.executable, port=self.port), "")
         if entry is None:
             return
-        if not (self.port and self.hub_port and self.token_file):
-            self.fail(f"paitient service {self.service} --separate needs --port, --hub-port and --token-file")
+        if not (self.port and (self.hub_port or self.hub_api_url) and self.token_file):
+            self.fail(
+                f"paitient service {self.service} --separate needs --port, --token-file and --hub-port (or "
+                "--hub-api-url)"
+            )
+        if self.hub_api_url and not self.hub_api_url.startswith(("http://", "https://")):
+            self.fail(f"--hub-api-url must be the hub's API URL (http://HOST:PORT/hub/api), not {self.hub_api_url!r}")
         try:
             token = Path(self.token_file).read_text().strip()
         except OSError as e:
             self.fail(f"cannot read the service's token from {self.token_file}: {e.strerror}")
         if not token:
             self.fail(f"the token file {self.token_file} is empty; run `paitient install` again to write it")
-        os.environ.update(separate_service_env(entry, token, self.hub_port))
+        os.environ.update(separate_service_env(entry, token, self.hub_port, self.hub_api_url))
+        if self.listen:
+            from paitient.services.kit.pages import LISTEN_ENV
+
+            os.environ[LISTEN_ENV] = self.listen

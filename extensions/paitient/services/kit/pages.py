@@ -257,8 +257,15 @@ def loopback_listener(url: str, what: str) -> tuple[str, int]:
     return host, parsed.port or 80
 
 
+LISTEN_ENV = "PAITIENT_SERVICE_LISTEN"
+"""Set by ``paitient service NAME --separate --listen=ADDRESS``: the address the pages bind, where the proxy is
+not on this machine (the services' pod on Kubernetes). Their URL stays loopback's; its port is taken."""
+
+
 def serve_pages(app: web.Application, url: str, what: str, log: Any) -> WebThread:
-    """Serve ``app`` at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread."""
+    """Serve ``app`` at ``url`` (the hub's ``JUPYTERHUB_SERVICE_URL``) on loopback, in a thread; at the port of
+    ``url`` on the address :data:`LISTEN_ENV` names, where the operator named one."""
     host, port = loopback_listener(url, what)
+    host = os.environ.get(LISTEN_ENV) or host
     log.info("%s on %s (prefix %s)", what, url, app.settings["paitient_prefix"])
     return WebThread(app, host, port, name=app.settings["paitient_service"]).start()

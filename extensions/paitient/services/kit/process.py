@@ -112,9 +112,10 @@ def separate_service(entry: dict, token: str) -> dict | None:
     return out
 
 
-def separate_service_env(entry: dict, token: str, hub_port: int) -> dict[str, str]:
+def separate_service_env(entry: dict, token: str, hub_port: int, hub_api_url: str = "") -> dict[str, str]:
     """The environment the hub gives a managed service (its pages' sign-in through the hub's OAuth), for a
-    service run on its own: the same variables JupyterHub's service spawner sets, from the same entry."""
+    service run on its own: the same variables JupyterHub's service spawner sets, from the same entry. The
+    hub's API is ``hub_api_url`` where given (a hub in another pod), else on loopback at ``hub_port``."""
     name = entry["name"]
     prefix = f"/services/{name}/"
     access = ["access:services", f"access:services!service={name}"]
@@ -124,7 +125,7 @@ def separate_service_env(entry: dict, token: str, hub_port: int) -> dict[str, st
         "JUPYTERHUB_SERVICE_PREFIX": prefix,
         "JUPYTERHUB_API_TOKEN": token,
         "JPY_API_TOKEN": token,
-        "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub_port}/hub/api",
+        "JUPYTERHUB_API_URL": hub_api_url or f"http://127.0.0.1:{hub_port}/hub/api",
         "JUPYTERHUB_BASE_URL": "/",
         "JUPYTERHUB_HOST": "",
         "JUPYTERHUB_CLIENT_ID": f"service-{name}",
