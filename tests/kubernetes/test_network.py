@@ -68,10 +68,10 @@ def test_only_the_proxy_and_the_hub_reach_a_users_server():
     assert rule["ports"] == [{"port": NOTEBOOK_PORT, "protocol": "TCP"}]
 
 
-def test_the_services_pod_answers_the_hub_and_users_pods_gateway_and_calls_only_the_hub():
+def test_the_services_pod_answers_the_proxy_and_hub_and_users_pods_gateway_and_calls_only_the_hub():
     spec = by_name()["paitient-services"]
     hub, users = spec["ingress"]
-    assert components(hub["from"]) == ["hub"]
+    assert components(hub["from"]) == ["hub", "proxy"]  # the pages, routed by the proxy
     assert sorted(p["port"] for p in hub["ports"]) == sorted(SERVICE_PORTS.values())
     assert components(users["from"]) == ["singleuser-server"]
     assert users["ports"] == [{"port": GATEWAY_PORT, "protocol": "TCP"}]

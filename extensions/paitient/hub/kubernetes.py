@@ -327,8 +327,8 @@ def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
 
     Users' pods: ingress from the proxy and the hub to the server's port only; egress to the hub's API
     and the services' gateway, and (``dns``) to the cluster's DNS in ``kube-system``, nothing else: no
-    internet, no other pod, no cloud metadata. The services' pod: ingress from the hub on the services'
-    ports and from users' pods on the gateway's port only; egress to the hub's API only.
+    internet, no other pod, no cloud metadata. The services' pod: ingress from the proxy and the hub on the
+    services' ports (their pages) and from users' pods on the gateway's port only; egress to the hub's API only.
     """
     service_ports = [{"port": port, "protocol": "TCP"} for port in sorted(SERVICE_PORTS.values())]
     gateway_port = [{"port": GATEWAY_PORT, "protocol": "TCP"}]
@@ -364,7 +364,9 @@ def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
             "podSelector": {"matchLabels": {**CHART_LABELS, "component": SERVICES}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [
-                {"from": [_pods(HUB)], "ports": service_ports},
+                # the services' pages: the proxy routes researchers' and stewards' browsers to them, the hub
+                # checks their tokens
+                {"from": [_pods(PROXY), _pods(HUB)], "ports": service_ports},
                 {"from": [_pods(SINGLEUSER)], "ports": gateway_port},
             ],
             "egress": [{"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]}],
