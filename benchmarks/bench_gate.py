@@ -132,9 +132,12 @@ def as_uid(uid: int, *, groups: tuple[int, ...] = ()) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", extra]
 
 
-def start_pod(site, base: Path) -> tuple[list[subprocess.Popen], Path]:
-    """The gateway (TLS on a loopback port, as GATEWAY_UID) and a pod's relay (as POD_UID, in a pid namespace
-    of its own) for the member ``bench``; the processes and the relay's egress socket."""
+def start_pod(
+    site, base: Path, *, plain: bool = False, gateway_groups: tuple[int, ...] = ()
+) -> tuple[list[subprocess.Popen], Path]:
+    """The gateway (TLS on a loopback port, or ``plain`` TCP, as GATEWAY_UID with ``gateway_groups``) and a pod's
+    relay (as POD_UID, in a pid namespace of its own) for the member ``bench``, in ``base``; the processes and
+    the relay's egress socket (its other sockets beside it, in ``services/``)."""
     from paitient import podtokens
     from tests.relay.conftest import free_port, make_authority
 
@@ -144,6 +147,7 @@ def start_pod(site, base: Path) -> tuple[list[subprocess.Popen], Path]:
             sys.exit(f"uid {uid} has an account here; change POD_UID and GATEWAY_UID in this benchmark")
         except KeyError:
             pass
+    base.mkdir(mode=0o755, exist_ok=True)
     token, _ = podtokens.mint(podtokens.token_file(site.state_dir), "bench", POD_UID, group=GATEWAY_UID)
     ca, cert, key = make_authority(base / "tls", "bench authority")
     os.chown(key, GATEWAY_UID, GATEWAY_UID)
@@ -160,16 +164,17 @@ def start_pod(site, base: Path) -> tuple[list[subprocess.Popen], Path]:
     port = free_port()
     logs = open(base / "pod.log", "ab")  # noqa: SIM115 (closed with the processes)
     python = [sys.executable, "-I", "-m"]
+    gateway_tls = ["--plain-tcp"] if plain else [f"--tls-cert={cert}", f"--tls-key={key}"]
     gateway = subprocess.Popen(
-        [*as_uid(GATEWAY_UID), *python, "paitient.services.gateway", f"--site={site_file}", "--ip=127.0.0.1",
-         f"--port={port}", f"--tls-cert={cert}", f"--tls-key={key}"],
+        [*as_uid(GATEWAY_UID, groups=gateway_groups), *python, "paitient.services.gateway", f"--site={site_file}",
+         "--ip=127.0.0.1", f"--port={port}", *gateway_tls],
         stdout=logs, stderr=logs, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     relay = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *as_uid(POD_UID), *python,
          "paitient.services.relay", f"--run-dir={pod / 'sockets' / 'services'}", f"--home={pod / 'home'}",
          f"--data-root={pod / 'data'}", f"--token-file={pod / 'token' / 'token'}", f"--gateway=127.0.0.1:{port}",
-         f"--gateway-ca={ca}", f"--egress-socket={pod / 'sockets' / 'egress.sock'}"],
+         "--plain-tcp" if plain else f"--gateway-ca={ca}", f"--egress-socket={pod / 'sockets' / 'egress.sock'}"],
         stdout=logs, stderr=logs, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     deadline = time.monotonic() + 60
