@@ -188,8 +188,9 @@ def start_pod(
 def stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.args[0] == "unshare":  # the relay is unshare's one child, in the namespace
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            os.kill(int(children[0]) if children else proc.pid, signal.SIGTERM)
+            from tests.relay.conftest import only_child
+
+            os.kill(only_child(proc.pid), signal.SIGTERM)
         else:
             proc.terminate()
     for proc in procs:
