@@ -36,6 +36,7 @@ DIRECTORY_PASSWORD = "directory-service-password-7f3a"
 SITE = """\
 [workspace]
 state_dir = "{state}"
+gateway_uid = 60090
 
 [directory]
 url = "ldaps://ad.hospital.example/"

@@ -1,4 +1,5 @@
-"""The profile's NetworkPolicies: users' pods reach the hub's API and the services, nothing else."""
+"""The profile's NetworkPolicies and Service: users' pods reach the hub's API and the services' gateway in the
+hub's pod, nothing else."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from paitient.hub.kubernetes import (
     NOTEBOOK_PORT,
     SERVICE_PORTS,
     configure_kubernetes,
+    manifests_yaml,
     network_policies,
-    network_policies_yaml,
+    service_manifest,
 )
 
 COMMITTED = Path(__file__).resolve().parents[2] / "hub_config" / "kubernetes" / "networkpolicies.yaml"
@@ -30,11 +32,11 @@ def components(peers: list[dict[str, Any]]) -> list[str]:
 
 
 def test_the_committed_policies_are_the_profiles():
-    assert COMMITTED.read_text() == network_policies_yaml(), (
+    assert COMMITTED.read_text() == manifests_yaml(), (
         "hub_config/kubernetes/networkpolicies.yaml is stale; run: "
         "python -m paitient.hub.kubernetes > hub_config/kubernetes/networkpolicies.yaml"
     )
-    assert list(yaml.safe_load_all(COMMITTED.read_text())) == network_policies()
+    assert list(yaml.safe_load_all(COMMITTED.read_text())) == [*network_policies(), service_manifest()]
 
 
 def test_users_pods_reach_the_hubs_api_the_services_and_the_clusters_dns_only():
@@ -49,17 +51,17 @@ def test_users_pods_reach_the_hubs_api_the_services_and_the_clusters_dns_only():
         (tuple(components(r["to"])), tuple(sorted((p["port"], p["protocol"]) for p in r["ports"]))) for r in rules
     }
     assert allowed == {
-        (("hub",), ((HUB_API_PORT, "TCP"),)),
-        (("paitient-services",), ((GATEWAY_PORT, "TCP"),)),  # the gateway only, not the services' own ports
+        # the hub's API and the gateway in the hub's pod, not the services' pages there
+        (("hub",), ((HUB_API_PORT, "TCP"), (GATEWAY_PORT, "TCP"))),
         ((), ((53, "TCP"), (53, "UDP"))),
     }
     (dns,) = [r for r in rules if not components(r["to"])]
     assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}]
 
 
-def test_without_dns_only_the_hub_and_the_services_remain():
+def test_without_dns_only_the_hubs_pod_remains():
     spec = network_policies(dns=False)[0]["spec"]
-    assert [components(r["to"]) for r in spec["egress"]] == [["hub"], ["paitient-services"]]
+    assert [components(r["to"]) for r in spec["egress"]] == [["hub"]]
 
 
 def test_only_the_proxy_and_the_hub_reach_a_users_server():
@@ -68,16 +70,27 @@ def test_only_the_proxy_and_the_hub_reach_a_users_server():
     assert rule["ports"] == [{"port": NOTEBOOK_PORT, "protocol": "TCP"}]
 
 
-def test_the_services_pod_answers_the_proxy_and_hub_and_users_pods_gateway_and_calls_only_the_hub():
+def test_the_hubs_pod_lets_the_proxy_and_hub_reach_the_pages_and_users_pods_the_gateway():
     spec = by_name()["paitient-services"]
+    assert spec["podSelector"]["matchLabels"]["component"] == "hub"  # the services are containers of the hub's pod
+    # ingress only: the pod's egress is the chart's policy for the hub, which this one must not widen
+    assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
     hub, users = spec["ingress"]
     assert components(hub["from"]) == ["hub", "proxy"]  # the pages, routed by the proxy
     assert sorted(p["port"] for p in hub["ports"]) == sorted(SERVICE_PORTS.values())
     assert components(users["from"]) == ["singleuser-server"]
     assert users["ports"] == [{"port": GATEWAY_PORT, "protocol": "TCP"}]
-    (egress,) = spec["egress"]
-    assert components(egress["to"]) == ["hub"]
-    assert egress["ports"] == [{"port": HUB_API_PORT, "protocol": "TCP"}]
+
+
+def test_the_services_host_is_the_hubs_pod_on_the_gateways_and_pages_ports():
+    """The Service the relays call (``paitient-services``, the name the gateway's certificate carries) selects
+    the pod the policy opens, on exactly the ports the policy opens there."""
+    service = service_manifest()
+    assert service["metadata"]["name"] == "paitient-services"
+    assert service["spec"]["selector"] == by_name()["paitient-services"]["podSelector"]["matchLabels"]
+    assert service["spec"]["type"] == "ClusterIP"  # not reachable from outside the cluster
+    ports = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert ports == {p: p for p in (GATEWAY_PORT, *SERVICE_PORTS.values())}
 
 
 async def test_the_policy_selects_the_pods_the_spawner_makes(site, make_user, render):

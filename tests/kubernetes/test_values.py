@@ -27,9 +27,9 @@ def values() -> dict[str, Any]:
     return yaml.safe_load(VALUES.read_text())
 
 
-def get_config(key: str, default: Any = None) -> Any:
-    """z2jh's get_config: a dotted path into the values."""
-    node: Any = values()
+def get_config(key: str, default: Any = None, *, within: dict[str, Any] | None = None) -> Any:
+    """z2jh's get_config: a dotted path into the values (``within``: other values than the file's)."""
+    node: Any = values() if within is None else within
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return default
@@ -37,17 +37,25 @@ def get_config(key: str, default: Any = None) -> Any:
     return node
 
 
-def chart_config(site_file: Path) -> Config:
-    """What the chart's jupyterhub_config.py leaves: hub.services with tokens, then hub.extraConfig run."""
+def chart_config(site_file: Path, *, state_dir: str | None = None) -> Config:
+    """What the chart's jupyterhub_config.py leaves: hub.services with tokens, then hub.extraConfig run. The
+    values' ``custom.paitient.stateDir`` is the test site's state directory (``state_dir``: another), as an
+    operator makes the two the same."""
     c = Config()
     c.JupyterHub.services = [
         {"name": name, "api_token": f"chart-token-{name}", **spec} for name, spec in get_config("hub.services").items()
     ]
+    given = values()
+    given["custom"]["paitient"]["stateDir"] = state_dir or str(site_config.load(site_file).state_dir)
+
+    def chart_get_config(key: str, default: Any = None) -> Any:
+        return get_config(key, default, within=given)
+
     old = os.environ.get("PAITIENT_SITE")
     os.environ["PAITIENT_SITE"] = str(site_file)
     try:
-        for name, code in values()["hub"]["extraConfig"].items():
-            exec(compile(code, f"hub.extraConfig.{name}", "exec"), {"c": c, "get_config": get_config})  # noqa: S102
+        for name, code in given["hub"]["extraConfig"].items():
+            exec(compile(code, f"hub.extraConfig.{name}", "exec"), {"c": c, "get_config": chart_get_config})  # noqa: S102
     finally:
         if old is None:
             os.environ.pop("PAITIENT_SITE")
@@ -76,7 +84,7 @@ def test_the_hub_services_are_the_profiles(site_file):
     for name, port in SERVICE_PORTS.items():
         assert services[name]["url"] == f"http://{host}:{port}"
         assert services[name]["api_token"] == f"chart-token-{name}"  # the chart's token kept
-        assert "command" not in services[name]  # they run in their own pod, not in the hub's
+        assert "command" not in services[name]  # their own containers run them, not the hub
     assert set(c.JupyterHub.custom_scopes) >= {"custom:airlock:review", "custom:audit:read"}
 
 
@@ -175,4 +183,17 @@ def test_a_site_whose_passfile_is_the_mounted_secret_is_the_hubs_database(site_f
 def test_values_with_a_site_without_a_database_make_no_hub(site_file):
     site_file.write_text(site_file.read_text().split("[database]")[0])
     with pytest.raises(ProfileError, match=r"needs \[database\] url"):
+        chart_config(site_file)
+
+
+def test_values_whose_state_dir_is_not_the_sites_make_no_hub(site_file):
+    """The hub would keep the pods' tokens and the registry where the services' containers do not look."""
+    with pytest.raises(ProfileError, match=r"custom\.paitient\.stateDir"):
+        chart_config(site_file, state_dir="/var/lib/elsewhere")
+
+
+def test_values_whose_gateway_uid_is_not_the_sites_make_no_hub(site_file):
+    """The services take a named caller from the site's gateway_uid only: every call would be refused."""
+    site_file.write_text(site_file.read_text().replace("gateway_uid = 60090", "gateway_uid = 60091"))
+    with pytest.raises(ProfileError, match=r"custom\.paitient\.gatewayUid"):
         chart_config(site_file)

@@ -34,6 +34,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubespawner import KubeSpawner
@@ -68,12 +69,14 @@ SINGLEUSER = "singleuser-server"
 HUB = "hub"
 PROXY = "proxy"
 SERVICES = "paitient-services"
-"""The ``component`` label of the pod that runs the root-side services (ledger, audit, airlock, egress, jobs)."""
+"""The Service that names the root-side services (ledger, audit, airlock, egress, jobs) and their gateway:
+containers of the hub's pod (:mod:`paitient.hub.kubeservices`), the host users' pods' relays call."""
 
 SERVICE_PORTS = {"airlock": 8410, "ledger": 8411, "audit": 8412, "egress": 8413, "jobs": 8414}
-"""Where each service listens in the services pod. The hub and users' servers reach them there only."""
+"""Where each service's pages listen in the hub's pod; the proxy routes browsers there."""
 GATEWAY_PORT = gateway.PORT
-"""The services' gateway in the services pod: the one port users' pods reach there (their relay's calls)."""
+"""The services' gateway in the hub's pod: the port users' pods reach there besides the hub's API (their
+relays' calls)."""
 GATEWAY_CA = "paitient-gateway-ca"
 """The ConfigMap with the certificate authority (key ``ca.crt``) of the gateway's TLS certificate; the kernels
 container mounts it for the relay (a public certificate: no Secret needed)."""
@@ -325,16 +328,17 @@ def _pods(component: str) -> dict[str, Any]:
 def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
     """The NetworkPolicies of the profile (they replace the chart's own for users' pods).
 
-    Users' pods: ingress from the proxy and the hub to the server's port only; egress to the hub's API
-    and the services' gateway, and (``dns``) to the cluster's DNS in ``kube-system``, nothing else: no
-    internet, no other pod, no cloud metadata. The services' pod: ingress from the proxy and the hub on the
-    services' ports (their pages) and from users' pods on the gateway's port only; egress to the hub's API only.
+    Users' pods: ingress from the proxy and the hub to the server's port only; egress to the hub's pod on
+    the hub's API and the services' gateway, and (``dns``) to the cluster's DNS in ``kube-system``, nothing
+    else: no internet, no other pod, no cloud metadata. The hub's pod, where the services run
+    (:mod:`paitient.hub.kubeservices`): ingress from the proxy and the hub on the services' pages and from
+    users' pods on the gateway's port, beside what the chart's own policy for the hub lets in (its API);
+    the pod's egress stays the chart's.
     """
     service_ports = [{"port": port, "protocol": "TCP"} for port in sorted(SERVICE_PORTS.values())]
     gateway_port = [{"port": GATEWAY_PORT, "protocol": "TCP"}]
     user_egress: list[dict[str, Any]] = [
-        {"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]},
-        {"to": [_pods(SERVICES)], "ports": gateway_port},
+        {"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}, *gateway_port]},
     ]
     if dns:
         user_egress.append(
@@ -361,18 +365,48 @@ def network_policies(*, dns: bool = True) -> list[dict[str, Any]]:
         "kind": "NetworkPolicy",
         "metadata": {"name": "paitient-services"},
         "spec": {
-            "podSelector": {"matchLabels": {**CHART_LABELS, "component": SERVICES}},
-            "policyTypes": ["Ingress", "Egress"],
+            "podSelector": {"matchLabels": {**CHART_LABELS, "component": HUB}},
+            "policyTypes": ["Ingress"],
             "ingress": [
                 # the services' pages: the proxy routes researchers' and stewards' browsers to them, the hub
                 # checks their tokens
                 {"from": [_pods(PROXY), _pods(HUB)], "ports": service_ports},
                 {"from": [_pods(SINGLEUSER)], "ports": gateway_port},
             ],
-            "egress": [{"to": [_pods(HUB)], "ports": [{"port": HUB_API_PORT, "protocol": "TCP"}]}],
         },
     }
     return [users, services]
+
+
+def service_manifest() -> dict[str, Any]:
+    """The Service ``paitient-services``: the gateway's port and the pages' ports of the hub's pod, the host
+    name users' pods' relays call (and the gateway's certificate names) and the hub routes the pages to."""
+    ports = [{"name": "gateway", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT, "protocol": "TCP"}]
+    ports += [
+        {"name": f"pages-{name}", "port": port, "targetPort": port, "protocol": "TCP"}
+        for name, port in sorted(SERVICE_PORTS.items())
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": SERVICES, "labels": {**CHART_LABELS, "component": SERVICES}},
+        "spec": {"type": "ClusterIP", "selector": {**CHART_LABELS, "component": HUB}, "ports": ports},
+    }
+
+
+def manifests_yaml() -> str:
+    """``hub_config/kubernetes/networkpolicies.yaml``: the policies and the Service ``paitient-services``, as
+    ``kubectl apply -f`` takes them."""
+    import yaml
+
+    header = (
+        "# Generated by `python -m paitient.hub.kubernetes` from paitient.hub.kubernetes.network_policies and\n"
+        "# service_manifest; a test fails when this file is stale.\n"
+        "# Apply with: kubectl apply -n <namespace> -f networkpolicies.yaml\n"
+    )
+    return header + yaml.safe_dump_all(
+        [*network_policies(), service_manifest()], sort_keys=False, default_flow_style=False
+    )
 
 
 # -- the services as hub services -------------------------------------------------------------------
@@ -613,12 +647,15 @@ def configure_kubernetes(
     services_host: str = SERVICES,
     kernels_cmd: list[str] | None = None,
     storage_capacity: str = "10Gi",
+    state_dir: str | None = None,
+    gateway_uid: int | None = None,
 ) -> Config:
     """The hub settings of the profile, on top of :func:`paitient.hub.auth.configure_from_site`'s sign-in.
 
     Zero to JupyterHub's ``hub.extraConfig`` calls this (``hub_config/kubernetes/values.yaml``). The site must
     name a PostgreSQL database (``[database] url``); the hub's schema in it is made here when missing, so the
-    database must be reachable when the hub starts.
+    database must be reachable when the hub starts. ``state_dir`` and ``gateway_uid``: what the values gave
+    the services' containers (``custom.paitient.stateDir`` and ``gatewayUid``), which the site must say too.
     """
     from paitient.hub import landing, tokens
     from paitient.hub.auth import configure_from_site
@@ -633,6 +670,18 @@ def configure_kubernetes(
             "SQLite files on a pod's own disk, lost when the pod moves and not shared between the hub and the "
             'services\' pod. Set [database] url = "postgresql://USER@HOST[:PORT]/DATABASE" and passfile = '
             f'"{DATABASE_PASSFILE}" (the Secret paitient-database; docs/kubernetes.md)'
+        )
+    if state_dir is not None and Path(state_dir) != site.state_dir:
+        raise ProfileError(
+            f"the values mount the state claim at {state_dir} (custom.paitient.stateDir), the site's [workspace] "
+            f"state_dir is {site.state_dir}: the hub would keep the pods' tokens and the registry where the "
+            "services do not look. Make the two the same, then `python -m paitient.hub.kubeservices values.yaml`"
+        )
+    if gateway_uid is not None and gateway_uid != site.workspace.gateway_uid:
+        raise ProfileError(
+            f"the values run the gateway as uid {gateway_uid} (custom.paitient.gatewayUid), the site's [workspace] "
+            f"gateway_uid is {site.workspace.gateway_uid or 'not set'}: the services would refuse every call the "
+            "gateway makes. Make the two the same, then `python -m paitient.hub.kubeservices values.yaml`"
         )
     configure_from_site(c, site)
     # the hub's tables in the schema "hub" of the site's database (made here when missing), as on a host
@@ -680,16 +729,5 @@ def configure_kubernetes(
     return c
 
 
-def network_policies_yaml() -> str:
-    """``hub_config/kubernetes/networkpolicies.yaml``: the policies as ``kubectl apply -f`` takes them."""
-    import yaml
-
-    header = (
-        "# Generated by `python -m paitient.hub.kubernetes` from paitient.hub.kubernetes.network_policies;\n"
-        "# a test fails when this file is stale. Apply with: kubectl apply -n <namespace> -f networkpolicies.yaml\n"
-    )
-    return header + yaml.safe_dump_all(network_policies(), sort_keys=False, default_flow_style=False)
-
-
 if __name__ == "__main__":
-    print(network_policies_yaml(), end="")
+    print(manifests_yaml(), end="")
