@@ -35,6 +35,7 @@ from paitient.services.egress import socket_path as egress_socket
 from tests import rootmember, workspacegroup
 from tests.kubernetes.test_values import VALUES, get_config, values
 from tests.relay.conftest import (
+    SITE,
     Pod,
     account_process,
     call_as,
@@ -148,19 +149,6 @@ def test_the_image_makes_the_workers_accounts_and_the_workspace_group_with_the_g
 
 
 # -- the containers, run here ---------------------------------------------------------------------
-
-SITE = """
-[workspace]
-state_dir = "{state}"
-gateway_uid = {gateway_uid}
-
-[[projects]]
-name = "oncology"
-group = "oncology"
-datasets = ["breast_cancer"]
-stewards = ["sam"]
-budget = {{ epsilon = 10.0, delta = 1e-5 }}
-"""
 
 LEDGER_BUDGET = {"op": "budget", "args": {"project": "oncology"}}
 

@@ -69,6 +69,28 @@ GATEWAY = "gateway"
 PYTHON = ("python", "-I")
 
 
+def _context(uid: int, *, add: tuple[str, ...] = (), bubblewrap: bool = False) -> dict[str, Any]:
+    """A container's security context: ``uid`` (root, or not), no privilege escalation, a read-only root,
+    no capability but ``add``; the runtime's seccomp filter unless it starts ``bubblewrap`` (then the
+    relaxations the users' kernels containers have, :func:`paitient.hub.kubernetes.kernels_context`)."""
+    context: dict[str, Any] = {
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "runAsNonRoot": uid != 0,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], **({"add": list(add)} if add else {})},
+    }
+    if bubblewrap:
+        context["seccompProfile"] = {"type": "Unconfined"}
+        context["appArmorProfile"] = {"type": "Unconfined"}
+        context["procMount"] = "Unmasked"
+    else:
+        context["seccompProfile"] = {"type": "RuntimeDefault"}
+    return context
+
+
 def _no_api_token() -> dict[str, Any]:
     return {"name": "no-api-token", "mountPath": SERVICE_ACCOUNT_TOKEN, "readOnly": True}
 
@@ -169,35 +191,12 @@ class ServicesPod:
 
     def service_context(self, name: str) -> dict[str, Any]:
         """Root in the container, no capability but what its workers need; see the module's text."""
-        context: dict[str, Any] = {
-            "runAsUser": 0,
-            "runAsGroup": 0,
-            "runAsNonRoot": False,
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-        }
         if name in SANDBOXING:
-            context["capabilities"] = {"drop": ["ALL"], "add": ["SETUID", "SETGID"]}
-            context["seccompProfile"] = {"type": "Unconfined"}
-            context["appArmorProfile"] = {"type": "Unconfined"}
-            context["procMount"] = "Unmasked"
-        else:
-            context["capabilities"] = {"drop": ["ALL"]}
-            context["seccompProfile"] = {"type": "RuntimeDefault"}
-        return context
+            return _context(0, add=("SETUID", "SETGID"), bubblewrap=True)
+        return _context(0)
 
     def gateway_context(self) -> dict[str, Any]:
-        return {
-            "runAsUser": self.gateway_uid,
-            "runAsGroup": self.gateway_uid,
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }
+        return _context(self.gateway_uid)
 
     def service_mounts(self, name: str) -> list[dict[str, Any]]:
         mounts: list[dict[str, Any]] = [
@@ -268,16 +267,7 @@ class ServicesPod:
                     f"install -m 0400 {TLS_SOURCE}/tls.key {TLS_FOLDER}/tls.key && "
                     f"chown {uid}:{uid} {TLS_FOLDER}/tls.key",
                 ],
-                "securityContext": {
-                    "runAsUser": 0,
-                    "runAsGroup": 0,
-                    "runAsNonRoot": False,
-                    "allowPrivilegeEscalation": False,
-                    "privileged": False,
-                    "readOnlyRootFilesystem": True,
-                    "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
-                    "seccompProfile": {"type": "RuntimeDefault"},
-                },
+                "securityContext": _context(0, add=("CHOWN",)),
                 "volumeMounts": [
                     {"name": "paitient-gateway-tls-source", "mountPath": TLS_SOURCE, "readOnly": True},
                     {"name": "paitient-gateway-tls", "mountPath": TLS_FOLDER},
