@@ -11,6 +11,7 @@ writable, and the ServiceAccount's token out of reach. The pod's paths stand for
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -38,6 +39,7 @@ from tests.relay.conftest import (
     SITE,
     Pod,
     account_process,
+    as_account,
     call_as,
     free_port,
     gateway_call,
@@ -103,7 +105,7 @@ def test_what_each_container_may_do():
         assert ctx["seccompProfile"] == {"type": "RuntimeDefault"} and "procMount" not in ctx
     for name in ("airlock", "jobs"):  # their workers run as accounts of their own, in bubblewrap
         ctx = by_name[name]["securityContext"]
-        assert ctx["capabilities"]["add"] == ["SETUID", "SETGID"]
+        assert ctx["capabilities"]["add"] == ["CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID"]
         assert ctx["procMount"] == "Unmasked" and ctx["seccompProfile"] == {"type": "Unconfined"}
     gateway = by_name["gateway"]["securityContext"]
     uid = get_config("custom.paitient.gatewayUid")
@@ -236,10 +238,14 @@ def as_hub(code: str) -> subprocess.CompletedProcess[str]:
 def world(world_tmp, make_system_user) -> World:
     gateway = make_system_user("gateway")
     user = make_system_user("pod")
+    # the runner's account, which the services image makes (a container's root is read-only: no useradd)
+    runner = make_system_user("jobs", member=False)
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
     site_file = world_tmp / "site.toml"
-    site_file.write_text(SITE.format(state=state, gateway_uid=gateway.pw_uid))
+    site_file.write_text(
+        SITE.format(state=state, gateway_uid=gateway.pw_uid) + f'\n[jobs]\naccount = "{runner.pw_name}"\n'
+    )
     site_file.chmod(0o644)
     site = load(site_file)
     rootmember.put(
@@ -331,12 +337,9 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.e2e
-def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches_the_services(world):
-    """The pod's containers as the values give them: each service and the gateway start (read-only root,
-    their own pid namespace, no capability but theirs); a token the hub minted as the hub's container does
-    lets a pod's relay reach the ledger as its user, the gateway opens an egress stream for the pod's
-    server, and a service's pages answer on the pod network with the hub's sign-in."""
+def minted_pod(world: World) -> Pod:
+    """A user's pod as the hub makes it: its token minted as the hub's container mints it, in a file only the
+    pod's user reads, and a folder for the relay's sockets."""
     mint = (
         f"{sys.executable}\0-c\0from paitient import podtokens; "
         f"t, who = podtokens.mint({str(podtokens.token_file(world.state))!r}, 'alice', {world.user.pw_uid}, "
@@ -355,7 +358,7 @@ def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches
         os.chown(p, world.user.pw_uid, world.user.pw_gid)
     (world.root / "data").mkdir(mode=0o755, exist_ok=True)
     site = load(world.site_file)
-    relay_pod = Pod(
+    return Pod(
         site,
         world.user,
         None,
@@ -368,6 +371,15 @@ def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches
         world.root,
         world.tls_source / "ca.crt",
     )
+
+
+@pytest.mark.e2e
+def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches_the_services(world):
+    """The pod's containers as the values give them: each service and the gateway start (read-only root,
+    their own pid namespace, no capability but theirs); a token the hub minted as the hub's container does
+    lets a pod's relay reach the ledger as its user, the gateway opens an egress stream for the pod's
+    server, and a service's pages answer on the pod network with the hub's sign-in."""
+    relay_pod = minted_pod(world)
     with services_pod(world) as running:
         for name, proc in running.items():  # each in a pid namespace of its own: pid 1 there
             status = Path(f"/proc/{only_child(proc.pid)}/status").read_text().splitlines()
@@ -378,7 +390,7 @@ def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches
             assert "ok" in budget, budget
             # answered for the token's user, found in the registry by the uid the token names
             assert budget["ok"]["user"] == "alice" and list(budget["ok"]["projects"]) == ["oncology"]
-        stream = gateway_call(relay_pod, {"token": token, "stream": "egress"})
+        stream = gateway_call(relay_pod, {"token": relay_pod.token, "stream": "egress"})
         assert stream.get("ok") is not None, stream
         refused = gateway_call(relay_pod, {"token": "not-a-token", "stream": "egress"})
         assert refused.get("code") == "forbidden", refused
@@ -387,3 +399,50 @@ def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches
             f"http://127.0.0.1:{world.ports['ledger']}/services/ledger/", allow_redirects=False, timeout=30
         )
         assert page.status_code == 302 and "/hub/api/oauth2/authorize" in page.headers["Location"]
+
+
+SUBMIT = """
+import json, sys
+from torch import nn
+from paitient.kernel.jobs import submit
+job = submit(nn.Sequential(nn.Linear(30, 2)), dataset="breast_cancer", target="target", epochs=2, batch_size=64,
+             max_grad_norm=1.0, target_epsilon=1.0, lr=0.5)
+job.wait(timeout=300, widget=False, poll=0.5)
+print(json.dumps({"id": job.id, "state": job.state, "record": job.record}))
+"""
+
+
+@pytest.mark.e2e
+def test_a_job_submitted_in_a_pod_trains_in_the_jobs_container_and_its_record_verifies(world):
+    """The jobs container as the values give it (root with setuid and setgid only, no privilege escalation,
+    a read-only root) takes a model submitted from a user's pod through the relay and the gateway, trains it
+    in bubblewrap as the runner's account, and signs a record that verifies with the workspace's key."""
+    from paitient.ops.demodata import publish_demo
+    from paitient.rules import training_record
+    from paitient.services.jobs import keys
+    from paitient.services.jobs.store import JobStore
+
+    publish_demo(load(world.site_file))
+    relay_pod = minted_pod(world)
+    with services_pod(world), relay_pod.relay():
+        r = subprocess.run(
+            [*as_account(world.user, groups="--clear-groups"), sys.executable, "-c", SUBMIT],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={"PATH": "/usr/bin:/bin", "HOME": world.user.pw_dir, "PAITIENT_RUN_DIR": str(relay_pod.run_dir)},
+        )
+        assert r.returncode == 0, r.stderr[-3000:] + (world.root / "jobs.log").read_text(errors="replace")[-3000:]
+        done = json.loads(r.stdout.strip().splitlines()[-1])
+    assert done["state"] == "done", done
+    store = JobStore(world.state)
+    try:
+        weights, published = store.released(done["id"])
+        job = store.get(done["id"])
+    finally:
+        store.close()
+    assert published == done["record"] and job.username == "alice"
+    record = training_record.verify(
+        done["record"], keys.load_public_key(keys.public_key_path(load(world.site_file))), weights
+    )
+    assert record["epsilon"] <= 1.0 + 1e-6 and record["dataset"] == "breast_cancer"

@@ -530,3 +530,39 @@ def test_records_waiting_for_the_trail_outlive_a_kill_9_of_the_service(site, sta
         ("ledger.settle", first, None, True),
         ("ledger.reserve", third, None, False),
     ]
+
+
+def test_a_jobs_reservation_made_unseen_lives_while_renewed_and_counts_in_full_once_not(service, site, state_dir):
+    """The jobs service in a pid namespace the ledger does not see (its own container of the hub's pod) reserves
+    as pid 0: the ledger cannot watch that process, so the reservation is held by lease. Renewed, it stays;
+    once the runner stops renewing (killed mid-job), it counts in full; a kernel cannot renew it."""
+    from paitient.channel import Peer
+    from paitient.services.ledger.service import Leases
+
+    register(state_dir, "alice", 65534, ("oncology",))
+    now = [1000.0]
+    service.leases = Leases(stale=60.0, clock=lambda: now[0])
+    unseen = Peer(pid=0, uid=0, gid=0)
+    args = {"project": "oncology", "dataset": "breast_cancer", "epsilon": 1.0, "delta": 1e-7, "user": "alice"}
+    kept = service.reserve_job(unseen, {**args, "job_id": "kept"}, [])["reservation"]
+    dropped = service.reserve_job(unseen, {**args, "job_id": "dropped"}, [])["reservation"]
+    for _ in range(3):  # three minutes of a job whose runner renews every 10 s
+        now[0] += 50
+        assert service.renew_job(unseen, {"reservation": kept}, []) == {"reservation": kept, "state": "reserved"}
+        service.sweep()
+    assert service.ledger.run(kept)["state"] == "reserved"
+    assert service.ledger.run(dropped)["state"] == "lost"  # not renewed for more than a minute: in full
+    with pytest.raises(ChannelError) as e:
+        service.renew_job(unseen, {"reservation": dropped}, [])
+    assert e.value.code == "not_open"
+    with pytest.raises(ChannelError) as e:  # a kernel keeps no job alive
+        service.renew_job(Peer(pid=4242, uid=65534, gid=65534), {"reservation": kept}, [])
+    assert e.value.code == "forbidden"
+    register(state_dir, "bob", 65533, ("oncology",))
+    kernel = Peer(pid=os.getpid(), uid=65533, gid=65533)  # a kernel's own reservation: not a job's
+    kernels = service.reserve(kernel, {k: args[k] for k in args if k != "user"}, [])
+    with pytest.raises(ChannelError) as e:
+        service.renew_job(unseen, {"reservation": kernels["reservation"]}, [])
+    assert e.value.code == "bad_request"
+    settled = service.settle_job(unseen, {"reservation": kept, "epsilon_spent": 0.9, "record": {}}, [])
+    assert settled["epsilon_spent"] == 0.9 and service.ledger.run(kept)["state"] == "settled"

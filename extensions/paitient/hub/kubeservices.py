@@ -13,8 +13,8 @@ The containers (:meth:`ServicesPod.containers`; ``hub.extraContainers`` in
 - ``ledger``, ``audit``, ``egress``: ``paitient service NAME --separate``, as root (the services' files are
   root's, as on a host) with no capability, no privilege escalation, the runtime's seccomp filter and a
   read-only root.
-- ``airlock``, ``jobs``: the same, but with ``setuid`` and ``setgid`` (they start their workers, the
-  membership-inference audit and the training, as accounts of their own, made in the image) and
+- ``airlock``, ``jobs``: the same, but with what starting their workers (the membership-inference audit,
+  the training) as accounts of their own, made in the image, needs of root (:data:`WORKER_CAPABILITIES`) and
   bubblewrap's needs as the users' ``kernels`` containers have them (no seccomp or AppArmor profile of the
   runtime's, an unmasked ``/proc``; the pod in a user namespace of its own, ``hostUsers: false``).
 - ``gateway``: :mod:`paitient.services.gateway` as ``[workspace] gateway_uid``, no capability, a read-only
@@ -64,6 +64,10 @@ SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa:
 CONTAINED = ("ledger", "audit", "egress")
 SANDBOXING = ("airlock", "jobs")
 """The services that start workers in bubblewrap as accounts of their own (the audit's, the runner's)."""
+WORKER_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID")
+"""What a service that runs workers as another account needs of root: to start them as that account (SETUID,
+SETGID), to hand them their scratch folder and take it back (CHOWN, FOWNER), to read what they wrote there
+and remove it (DAC_OVERRIDE), and to stop them (KILL). Nothing that reaches beyond the container."""
 READS_DATA = ("airlock", "egress", "jobs")
 GATEWAY = "gateway"
 PYTHON = ("python", "-I")
@@ -192,7 +196,7 @@ class ServicesPod:
     def service_context(self, name: str) -> dict[str, Any]:
         """Root in the container, no capability but what its workers need; see the module's text."""
         if name in SANDBOXING:
-            return _context(0, add=("SETUID", "SETGID"), bubblewrap=True)
+            return _context(0, add=WORKER_CAPABILITIES, bubblewrap=True)
         return _context(0)
 
     def gateway_context(self) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class Runner:
         ``running``: at the next start it is ``failed`` and the ledger counts its reservation in full."""
         reservation = ""
         ledger = JobsLedger(self.site.run_dir)
+        renewing = _Renewal(self.log, job.id)
         try:
             program = self.store.graph_path(job.graph_sha256).read_bytes()
             initialisation, init_weights = self._initialisation(job, program)
@@ -146,6 +147,7 @@ class Runner:
                 delta=delta,
             )
             self.store.set_reservation(job.id, reservation)
+            renewing.start(ledger, reservation)
             outcome = run_worker(
                 program=program,
                 arrays=_arrays(prepared),
@@ -200,6 +202,7 @@ class Runner:
             details = {"epsilon": epsilon, "weights_sha256": weights_sha256, "steps": the_plan.steps, **trained}
             if not self._record_end(job, "done", "ok", details):
                 return self.store.get(job.id)
+            renewing.stop()
             ledger.settle(reservation, epsilon, _ledger_record(record))
             return self.store.finish(job.id, "done")
         except Exception as e:
@@ -212,8 +215,11 @@ class Runner:
             if not self._record_end(job, state, "ok" if state == "cancelled" else "error", {"reason": reason}):
                 return self.store.get(job.id)
             if reservation:
+                renewing.stop()
                 self._settle_in_full(ledger, reservation, job)
             return self.store.finish(job.id, state, reason)
+        finally:
+            renewing.stop()
 
     def _initialisation(self, job: Job, program: bytes) -> tuple[dict[str, Any], bytes | None]:
         """How the job's parameters start, as the record states it, and the values to start from when that is
@@ -291,6 +297,36 @@ class Runner:
             outcome=outcome,
             details={"project": job.project, "dataset": job.dataset, "state": state, **details},
         )
+
+
+class _Renewal:
+    """Renews a running job's reservation every :data:`~paitient.services.ledger.api.RENEW_SECONDS` until
+    stopped: the ledger keeps one it cannot tie to this process (another pid namespace) while it is renewed."""
+
+    def __init__(self, log: Any, job_id: str):
+        self.log = log
+        self.job_id = job_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, ledger: JobsLedger, reservation: str) -> None:
+        from paitient.services.ledger.api import RENEW_SECONDS
+
+        def renew() -> None:
+            while not self._stop.wait(RENEW_SECONDS):
+                try:
+                    ledger.renew(reservation)
+                except ChannelError as e:
+                    self.log.warning("jobs: %s: the ledger did not renew %s: %s", self.job_id, reservation, e)
+
+        self._thread = threading.Thread(target=renew, name=f"renew-{self.job_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _trained_how(report: dict[str, Any]) -> dict[str, str | bool]:

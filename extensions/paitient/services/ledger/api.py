@@ -17,6 +17,10 @@ from paitient.config import Budget
 READ_SCOPE = "custom:ledger:read"
 """The hub scope of the stewards' page."""
 
+RENEW_SECONDS = 10.0
+"""How often the jobs runner renews a running job's reservation (``renew_job``): a reservation the ledger
+cannot tie to the runner's process (another pid namespace) lives while renewed within a minute."""
+
 HIDDEN_FIELDS = ("pid", "pid_start")
 """Process details of a run: the ledger's own business, never shown or sent."""
 
@@ -81,6 +85,10 @@ class JobsLedger(LedgerReader):
             },
         )
         return str(answer["reservation"])
+
+    def renew(self, reservation: str) -> None:
+        """The job still runs: keeps a reservation the ledger cannot tie to this process alive."""
+        self.call("renew_job", {"reservation": reservation})
 
     def settle(self, reservation: str, epsilon_spent: float, record: dict[str, Any]) -> dict[str, Any]:
         answer: dict[str, Any] = self.call(

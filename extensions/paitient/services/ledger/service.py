@@ -18,6 +18,12 @@ relay reports its pod's live processes through the gateway (``pod_report``, forw
 only), and such a reservation is lost once its pod's last report is older than ``pod_stale_seconds`` or
 does not name its kernel (:class:`PodReports`).
 
+A job's reservation whose runner the ledger cannot see (pid 0: the jobs service in another pid namespace,
+its own container of the hub's pod on Kubernetes) is held by lease instead: the runner renews it
+(``renew_job``) every :data:`RENEW_SECONDS` while the job runs, and it is lost once the last renewal is
+older than ``pod_stale_seconds`` (:class:`Leases`). A runner killed mid-job renews nothing: its job's
+reservation counts in full a minute later.
+
 Nothing changes in the ledger unrecorded for long: each reservation, refusal and settlement is written to
 the audit trail as it happens. A record the trail cannot take waits in the service, in order, and is
 written before anything else once the trail takes records again; it is held in the ledger's database
@@ -89,6 +95,35 @@ def alive(pid: int, start: int | None) -> bool:
     """Is the process that reserved still running (same pid *and* same start time, so no reused pid)?"""
     now = process_start(pid)
     return now is not None and (start is None or now == start)
+
+
+class Leases:
+    """The renewals of reservations whose reserving process the ledger cannot see (pid 0).
+
+    Such a reservation is alive while its last renewal (or its making) is at most ``stale`` seconds old.
+    One this service has not heard of since it started (a restarted ledger) is given ``stale`` seconds."""
+
+    def __init__(self, stale: float = POD_STALE_SECONDS, clock=time.monotonic):
+        self.stale = stale
+        self.clock = clock
+        self.started = clock()
+        self._lock = threading.Lock()
+        self._renewed: dict[str, float] = {}
+
+    def renew(self, reservation: str) -> None:
+        with self._lock:
+            self._renewed[reservation] = self.clock()
+
+    def alive(self, reservation: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._renewed.get(reservation, self.started)
+        return now - last <= self.stale
+
+    def forget(self, reservations: list[str]) -> None:
+        with self._lock:
+            for rid in reservations:
+                self._renewed.pop(rid, None)
 
 
 class PodReports:
@@ -188,6 +223,7 @@ class LedgerService:
     ):
         self.site = site
         self.pods = PodReports(pod_stale_seconds)
+        self.leases = Leases(pod_stale_seconds)
         self.ledger = ledger
         self.registry = registry
         self.log = log
@@ -202,6 +238,7 @@ class LedgerService:
             "settle": self.settle,
             "reserve_job": self.reserve_job,
             "settle_job": self.settle_job,
+            "renew_job": self.renew_job,
             "budget": self.budget,
             "total": self.total,
             "records": self.records,
@@ -244,7 +281,8 @@ class LedgerService:
             )
 
     def sweep(self) -> list[str]:
-        gone = self.ledger.mark_lost(self.is_alive, self.pods.alive)
+        gone = self.ledger.mark_lost(self.is_alive, self.pods.alive, self.leases.alive)
+        self.leases.forget(gone)
         for rid in gone:
             run = self.ledger.run(rid) or {}
             self.log.warning("ledger: run %s ended without settling; counted in full", rid)
@@ -418,6 +456,19 @@ class LedgerService:
         if not isinstance(job_id, str) or not job_id or len(JOB_RUN_PREFIX + job_id) > MAX_RUN_ID:
             raise ChannelError("job_id must be the job's id", BAD_REQUEST)
         return self._reserve(peer, member, args, JOB_RUN_PREFIX + job_id, {"job": job_id})
+
+    def renew_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """The runner says its job still runs: a reservation it made unseen (pid 0) lives on (:class:`Leases`)."""
+        _only(args, {"reservation"})
+        self._runner(peer)
+        rid = self._reservation(args)
+        row = self.ledger.run(rid)
+        if row is None or not row["run_id"].startswith(JOB_RUN_PREFIX):
+            raise ChannelError("renew_job renews a training job's reservation only", BAD_REQUEST)
+        if row["state"] != "reserved":
+            raise ChannelError(f"reservation {rid} is {row['state']}, not open: it cannot be renewed", "not_open")
+        self.leases.renew(rid)
+        return {"reservation": rid, "state": row["state"]}
 
     def settle_job(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """The runner settles a job's reservation with what its accountant spent."""

@@ -391,16 +391,22 @@ class Ledger:
         self,
         alive: Callable[[int, int | None], bool],
         pod_alive: Callable[[str, int, int | None], bool] | None = None,
+        leased: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Mark open reservations whose process is gone as lost (counted in full); return their ids. A
-        reservation made from a pod is alive while ``pod_alive(pod, pid, start)`` says so (without it: gone)."""
+        reservation made from a pod is alive while ``pod_alive(pod, pid, start)`` says so; one whose process
+        the ledger could not see (pid 0, no pod) while ``leased(id)`` says so (without them: gone)."""
+
+        def still(rid: str, pid: int, start: int | None, pod: str | None) -> bool:
+            if pod:
+                return pod_alive is not None and pod_alive(pod, pid, start)
+            if pid == 0:
+                return leased is not None and leased(rid)
+            return alive(pid, start)
+
         with _queries(self.db, write=True) as q:
             open_rows = q("SELECT id, pid, pid_start, pod FROM runs WHERE state = 'reserved'")
-            gone = [
-                rid
-                for rid, pid, start, pod in open_rows
-                if not (pod_alive is not None and pod_alive(pod, pid, start) if pod else alive(pid, start))
-            ]
+            gone = [rid for rid, pid, start, pod in open_rows if not still(rid, pid, start, pod)]
             now = time.time()
             for rid in gone:
                 q(
