@@ -160,6 +160,23 @@ def read_line(receive: Callable[[], bytes], limit: int, too_large: Callable[[], 
     return bytes(buf)
 
 
+def recv_exactly(
+    sock: socket.socket, n: int, closed: Callable[[], BaseException], *, keep: bool = True, chunk: int = 1 << 20
+) -> bytes:
+    """Exactly ``n`` bytes from ``sock``, or ``closed()`` raised once the peer closes before they all came.
+    ``keep=False`` drops them as they come (and returns nothing): what must be read, not kept."""
+    buf = bytearray()
+    left = n
+    while left:
+        got = sock.recv(min(left, chunk))
+        if not got:
+            raise closed()
+        left -= len(got)
+        if keep:
+            buf.extend(got)
+    return bytes(buf)
+
+
 def call(
     path: str | os.PathLike[str],
     op: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -217,6 +217,11 @@ def header_length(prefix: bytes) -> int:
     if not 0 < n <= MAX_HEADER:
         raise FrameError(f"frame header length {n} out of range")
     return n
+
+
+def read_header(read: Callable[[int], bytes]) -> tuple[dict[str, Any], int]:
+    """The next frame's header and its payload's length, from ``read(n)``, which gives exactly n bytes."""
+    return decode_header(read(header_length(read(4))))
 
 
 def decode_header(raw: bytes) -> tuple[dict[str, Any], int]:

@@ -28,11 +28,11 @@ from typing import Any
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import OutputTransform
 
+from paitient.channel import recv_exactly
 from paitient.rules.egress import (
     FrameError,
-    decode_header,
     encode_frame,
-    header_length,
+    read_header,
     unchecked,
 )
 from paitient.rules.outputcap import OutputCap
@@ -65,15 +65,11 @@ class _Link:
         self.sock: socket.socket | None = None
         self.lock = threading.Lock()
 
-    def _recv(self, n: int) -> bytes:
+    def _recv(self, n: int, keep: bool = True) -> bytes:
         assert self.sock is not None
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("the egress service closed the connection")
-            buf.extend(chunk)
-        return bytes(buf)
+        return recv_exactly(
+            self.sock, n, lambda: ConnectionError("the egress service closed the connection"), keep=keep
+        )
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
         with self.lock:
@@ -86,9 +82,8 @@ class _Link:
                         s.connect(self.path)
                         self.sock = s
                     self.sock.sendall(encode_frame(header, payload))
-                    head, size = decode_header(self._recv(header_length(self._recv(4))))
-                    if size:
-                        self._recv(size)
+                    head, size = read_header(self._recv)
+                    self._recv(size, keep=False)
                     return head
                 except (OSError, FrameError) as e:
                     last = e

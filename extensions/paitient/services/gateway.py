@@ -63,9 +63,10 @@ from paitient.channel import (
     ChannelError,
     call,
     read_line,
+    recv_exactly,
 )
 from paitient.podtokens import PodIdentity, PodTokens, token_file
-from paitient.rules.egress import ON_BEHALF, FrameError, decode_header, encode_frame, header_length
+from paitient.rules.egress import ON_BEHALF, FrameError, encode_frame, read_header
 from paitient.services.egress import socket_path as egress_socket
 from paitient.services.kit.pipe import keepalive, splice
 from paitient.services.kit.tls import TLSSetupError, server_context
@@ -269,23 +270,21 @@ class Gateway:
 def _read_frame(sock: socket.socket) -> dict[str, Any]:
     """One frame's header from the egress service (its payload, if any, is read and dropped)."""
 
-    def exactly(n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = sock.recv(n - len(buf))
-            except TimeoutError:
-                raise ChannelError("the egress service did not answer in time", UNAVAILABLE) from None
-            if not chunk:
-                raise ChannelError("the egress service closed the connection without answering", UNAVAILABLE)
-            buf.extend(chunk)
-        return bytes(buf)
+    def exactly(n: int, keep: bool = True) -> bytes:
+        return recv_exactly(
+            sock,
+            n,
+            lambda: ChannelError("the egress service closed the connection without answering", UNAVAILABLE),
+            keep=keep,
+        )
 
     try:
-        head, size = decode_header(exactly(header_length(exactly(4))))
+        head, size = read_header(exactly)
+        exactly(size, keep=False)
+    except TimeoutError:
+        raise ChannelError("the egress service did not answer in time", UNAVAILABLE) from None
     except FrameError as e:
         raise ChannelError(f"the egress service's answer is not a frame: {e}", UNAVAILABLE) from None
-    exactly(size)
     return head
 
 

@@ -58,8 +58,9 @@ from paitient.channel import (
     ChannelError,
     Peer,
     read_line,
+    recv_exactly,
 )
-from paitient.rules.egress import FrameError, decode_header, encode_frame, header_length
+from paitient.rules.egress import FrameError, encode_frame, read_header
 from paitient.services.gateway import PORT, SERVICES, limits_with
 from paitient.services.kit.channel import UnixSocketServer, peer_of, read_request
 from paitient.services.kit.pipe import splice
@@ -384,19 +385,10 @@ def refuse_frame(sock: socket.socket, error: ChannelError, timeout: float) -> No
     sock.settimeout(timeout)
 
     def exactly(n: int, keep: bool = True) -> bytes:
-        buf = bytearray()
-        left = n
-        while left:
-            chunk = sock.recv(min(left, CHUNK))
-            if not chunk:
-                raise EOFError
-            left -= len(chunk)
-            if keep:
-                buf.extend(chunk)
-        return bytes(buf)
+        return recv_exactly(sock, n, EOFError, keep=keep, chunk=CHUNK)
 
     try:
-        head, size = decode_header(exactly(header_length(exactly(4))))
+        head, size = read_header(exactly)
         exactly(size, keep=False)  # the piece it wanted checked: not forwarded, dropped
         sock.sendall(encode_frame({"id": head.get("id"), "ok": False, "code": error.code, "error": str(error)}))
     except (EOFError, FrameError, OSError):

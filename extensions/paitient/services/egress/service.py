@@ -38,16 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from paitient.channel import FORBIDDEN, ChannelError, Peer
+from paitient.channel import FORBIDDEN, ChannelError, Peer, recv_exactly
 from paitient.config import EgressLimits, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules.egress import (
     ON_BEHALF,
     FrameError,
     decide,
-    decode_header,
     encode_frame,
-    header_length,
+    read_header,
 )
 from paitient.rules.records import Event
 from paitient.services.audit import trail_writer
@@ -347,13 +346,7 @@ class _Connection(socketserver.BaseRequestHandler):
         self.server.service.metrics.connections.dec()
 
     def _recv(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.request.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
-                raise EOFError
-            buf.extend(chunk)
-        return bytes(buf)
+        return recv_exactly(self.request, n, EOFError)
 
     def _send(self, header: dict[str, Any]) -> None:
         self.request.sendall(encode_frame(header))
@@ -368,7 +361,7 @@ class _Connection(socketserver.BaseRequestHandler):
         try:
             first = True
             while True:
-                head, size = decode_header(self._recv(header_length(self._recv(4))))
+                head, size = read_header(self._recv)
                 payload = self._recv(size) if size else b""
                 if first and head.get("op") == ON_BEHALF:
                     if not self.speak_for(Peer(pid=pid, uid=uid, gid=gid), head):
