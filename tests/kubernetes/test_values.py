@@ -197,3 +197,13 @@ def test_values_whose_gateway_uid_is_not_the_sites_make_no_hub(site_file):
     site_file.write_text(site_file.read_text().replace("gateway_uid = 60090", "gateway_uid = 60091"))
     with pytest.raises(ProfileError, match=r"custom\.paitient\.gatewayUid"):
         chart_config(site_file)
+
+
+def test_values_whose_data_root_is_not_the_sites_make_no_hub(site_file, tmp_path):
+    """The airlock, the egress service and the jobs would look for the projects' data where none is mounted."""
+    elsewhere = tmp_path / "published"
+    site_file.write_text(
+        site_file.read_text().replace("gateway_uid = 60090", f'gateway_uid = 60090\ndata_root = "{elsewhere}"')
+    )
+    with pytest.raises(ProfileError, match=r"custom\.paitient\.dataRoot"):
+        chart_config(site_file)

@@ -157,19 +157,21 @@ def notebook_context(uid: int, gid: int) -> dict[str, Any]:
     }
 
 
-def kernels_context(uid: int, gid: int) -> dict[str, Any]:
-    """The kernels' container: bubblewrap makes namespaces and mounts /proc again, which the runtime's default
-    seccomp filter and AppArmor profile forbid and a masked /proc refuses. The kernel inside gets the
-    workspace's own filter (:mod:`paitient.rules.seccomp`) from bubblewrap."""
+def bubblewrap_needs() -> dict[str, Any]:
+    """What a container that starts bubblewrap needs of its security context: bubblewrap makes namespaces and
+    mounts /proc again, which the runtime's default seccomp filter and AppArmor profile forbid and a masked
+    /proc refuses. What runs inside gets the workspace's own filter (:mod:`paitient.rules.seccomp`) from
+    bubblewrap."""
     return {
-        **dropped(),
-        "runAsUser": uid,
-        "runAsGroup": gid,
-        "readOnlyRootFilesystem": True,
         "seccompProfile": {"type": "Unconfined"},
         "appArmorProfile": {"type": "Unconfined"},
         "procMount": "Unmasked",
     }
+
+
+def kernels_context(uid: int, gid: int) -> dict[str, Any]:
+    """The kernels' container: non-root, bubblewrap's needs (:func:`bubblewrap_needs`), a read-only root."""
+    return {**dropped(), "runAsUser": uid, "runAsGroup": gid, "readOnlyRootFilesystem": True, **bubblewrap_needs()}
 
 
 @dataclass(frozen=True)
@@ -648,14 +650,16 @@ def configure_kubernetes(
     kernels_cmd: list[str] | None = None,
     storage_capacity: str = "10Gi",
     state_dir: str | None = None,
+    data_root: str | None = None,
     gateway_uid: int | None = None,
 ) -> Config:
     """The hub settings of the profile, on top of :func:`paitient.hub.auth.configure_from_site`'s sign-in.
 
     Zero to JupyterHub's ``hub.extraConfig`` calls this (``hub_config/kubernetes/values.yaml``). The site must
     name a PostgreSQL database (``[database] url``); the hub's schema in it is made here when missing, so the
-    database must be reachable when the hub starts. ``state_dir`` and ``gateway_uid``: what the values gave
-    the services' containers (``custom.paitient.stateDir`` and ``gatewayUid``), which the site must say too.
+    database must be reachable when the hub starts. ``state_dir``, ``data_root`` and ``gateway_uid``: what the
+    values gave the services' containers (``custom.paitient.stateDir``, ``dataRoot`` (empty: ``<stateDir>/data``)
+    and ``gatewayUid``), which the site must say too.
     """
     from paitient.hub import landing, tokens
     from paitient.hub.auth import configure_from_site
@@ -676,6 +680,13 @@ def configure_kubernetes(
             f"the values mount the state claim at {state_dir} (custom.paitient.stateDir), the site's [workspace] "
             f"state_dir is {site.state_dir}: the hub would keep the pods' tokens and the registry where the "
             "services do not look. Make the two the same, then `python -m paitient.hub.kubeservices values.yaml`"
+        )
+    if state_dir is not None and Path(data_root or Path(state_dir) / "data") != site.data_root:
+        raise ProfileError(
+            f"the values mount the projects' data at {data_root or Path(state_dir) / 'data'} in the services "
+            f"(custom.paitient.dataRoot), the site's data root is {site.data_root}: the airlock, the egress service "
+            "and the jobs would find no dataset. Make the two the same, then `python -m paitient.hub.kubeservices "
+            "values.yaml`"
         )
     if gateway_uid is not None and gateway_uid != site.workspace.gateway_uid:
         raise ProfileError(

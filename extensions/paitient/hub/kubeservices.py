@@ -44,6 +44,7 @@ from paitient.hub.kubernetes import (
     GATEWAY_PORT,
     HUB_API_PORT,
     SERVICE_PORTS,
+    bubblewrap_needs,
     data_volume_name,
 )
 
@@ -61,7 +62,6 @@ TLS_SOURCE = "/etc/paitient-gateway-tls-source"
 TLS_FOLDER = "/etc/paitient-gateway-tls"
 """The gateway's certificate and key, the key owned by the gateway's uid, 0400 (an in-memory folder)."""
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105 - a path
-CONTAINED = ("ledger", "audit", "egress")
 SANDBOXING = ("airlock", "jobs")
 """The services that start workers in bubblewrap as accounts of their own (the audit's, the runner's)."""
 WORKER_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID")
@@ -75,8 +75,8 @@ PYTHON = ("python", "-I")
 
 def _context(uid: int, *, add: tuple[str, ...] = (), bubblewrap: bool = False) -> dict[str, Any]:
     """A container's security context: ``uid`` (root, or not), no privilege escalation, a read-only root,
-    no capability but ``add``; the runtime's seccomp filter unless it starts ``bubblewrap`` (then the
-    relaxations the users' kernels containers have, :func:`paitient.hub.kubernetes.kernels_context`)."""
+    no capability but ``add``; the runtime's seccomp filter unless it starts ``bubblewrap`` (then what the
+    users' kernels containers have for it, :func:`~paitient.hub.kubernetes.bubblewrap_needs`)."""
     context: dict[str, Any] = {
         "runAsUser": uid,
         "runAsGroup": uid,
@@ -86,13 +86,12 @@ def _context(uid: int, *, add: tuple[str, ...] = (), bubblewrap: bool = False) -
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"], **({"add": list(add)} if add else {})},
     }
-    if bubblewrap:
-        context["seccompProfile"] = {"type": "Unconfined"}
-        context["appArmorProfile"] = {"type": "Unconfined"}
-        context["procMount"] = "Unmasked"
-    else:
-        context["seccompProfile"] = {"type": "RuntimeDefault"}
-    return context
+    return {**context, **(bubblewrap_needs() if bubblewrap else {"seccompProfile": {"type": "RuntimeDefault"}})}
+
+
+def _env() -> list[dict[str, str]]:
+    """Every container's whole environment: no credential, no setting of the hub's."""
+    return [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "PYTHONNOUSERSITE", "value": "1"}]
 
 
 def _no_api_token() -> dict[str, Any]:
@@ -226,7 +225,7 @@ class ServicesPod:
                 "image": self.image,
                 "imagePullPolicy": "IfNotPresent",
                 "args": self.service_argv(name),
-                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "PYTHONNOUSERSITE", "value": "1"}],
+                "env": _env(),
                 "ports": [{"name": f"pages-{name}", "containerPort": self.service_ports[name]}],
                 "securityContext": self.service_context(name),
                 "volumeMounts": self.service_mounts(name),
@@ -239,7 +238,7 @@ class ServicesPod:
                 "image": self.image,
                 "imagePullPolicy": "IfNotPresent",
                 "args": self.gateway_argv(),
-                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "PYTHONNOUSERSITE", "value": "1"}],
+                "env": _env(),
                 "ports": [{"name": "gateway", "containerPort": GATEWAY_PORT}],
                 "securityContext": self.gateway_context(),
                 "volumeMounts": [
