@@ -446,3 +446,53 @@ def test_a_job_submitted_in_a_pod_trains_in_the_jobs_container_and_its_record_ve
         done["record"], keys.load_public_key(keys.public_key_path(load(world.site_file))), weights
     )
     assert record["epsilon"] <= 1.0 + 1e-6 and record["dataset"] == "breast_cancer"
+
+
+AUDIT = """
+import json, sys
+import torch
+from safetensors.torch import save
+from paitient.rules.split import split_indices
+from paitient.services.airlock.mia import AuditJob, prepare_work_root, run_audit
+from tests.airlock.helpers import breast_cancer
+
+source = "import torch\\nclass Model(torch.nn.Module):\\n    def __init__(self):\\n        super().__init__()\\n" \\
+    "        self.net = torch.nn.Linear(30, 2)\\n    def forward(self, x):\\n        return self.net(x)\\n"
+ns = {}
+exec(source, ns)
+df = breast_cancer()
+train, _ = split_indices(len(df), holdout=0.5, seed=0)
+job = AuditJob(model_source=source, weights=save(ns["Model"]().state_dict()), data=df,
+               members=[int(i) for i in train], features=[c for c in df.columns if c != "target"],
+               target="target", preprocess="standardize")
+print(json.dumps(run_audit(job, account=sys.argv[1], timeout=300, work_root=prepare_work_root(sys.argv[2]))))
+"""
+
+
+@pytest.mark.e2e
+def test_the_airlock_containers_context_runs_the_membership_inference_audit(world, make_system_user):
+    """The airlock's membership-inference audit, as the airlock's container runs it (root with the workers'
+    capabilities only, no privilege escalation, a read-only root, its own pid namespace): the model runs in
+    bubblewrap as the audit's account, and the numbers come back."""
+    account = make_system_user("audit", member=False)  # the services image makes paitient-audit
+    (airlock,) = [c for c in world.pod.containers() if c["name"] == "airlock"]
+    work = world.state / "airlock-audit"  # as the airlock names it (Airlock.audit_work_root)
+    ctmp = world.root / "tmp-airlock"
+    ctmp.mkdir(mode=0o700)
+    container = {**airlock, "args": ["python", "-c", AUDIT, account.pw_name, str(work)]}
+    r = subprocess.run(
+        [
+            "env",
+            f"TMPDIR={ctmp}",
+            f"PYTHONPATH={Path(__file__).resolve().parents[2]}",
+            *container_argv(world, container, writable=[world.state, ctmp], readonly=[]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    answer = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "error" not in answer, answer
+    assert {"mia_loss", "mia_calibrated", "mia_advantage", "holdout_accuracy"} <= set(answer), answer
+    assert not any(work.iterdir())  # the worker's scratch taken back and removed
