@@ -542,10 +542,13 @@ def test_a_jobs_reservation_made_unseen_lives_while_renewed_and_counts_in_full_o
     register(state_dir, "alice", 65534, ("oncology",))
     now = [1000.0]
     service.leases = Leases(stale=60.0, clock=lambda: now[0])
+    now[0] += 3600  # the ledger has run for an hour: its start gives a new reservation no time
     unseen = Peer(pid=0, uid=0, gid=0)
     args = {"project": "oncology", "dataset": "breast_cancer", "epsilon": 1.0, "delta": 1e-7, "user": "alice"}
     kept = service.reserve_job(unseen, {**args, "job_id": "kept"}, [])["reservation"]
     dropped = service.reserve_job(unseen, {**args, "job_id": "dropped"}, [])["reservation"]
+    service.sweep()  # before the runner's first renewal: both alive, the making counts as one
+    assert service.ledger.run(kept)["state"] == service.ledger.run(dropped)["state"] == "reserved"
     for _ in range(3):  # three minutes of a job whose runner renews every 10 s
         now[0] += 50
         assert service.renew_job(unseen, {"reservation": kept}, []) == {"reservation": kept, "state": "reserved"}
@@ -566,3 +569,4 @@ def test_a_jobs_reservation_made_unseen_lives_while_renewed_and_counts_in_full_o
     assert e.value.code == "bad_request"
     settled = service.settle_job(unseen, {"reservation": kept, "epsilon_spent": 0.9, "record": {}}, [])
     assert settled["epsilon_spent"] == 0.9 and service.ledger.run(kept)["state"] == "settled"
+    assert not service.leases.held()  # settled and lost alike: the ledger holds no lease for them

@@ -100,13 +100,14 @@ def alive(pid: int, start: int | None) -> bool:
 class Leases:
     """The renewals of reservations whose reserving process the ledger cannot see (pid 0).
 
-    Such a reservation is alive while its last renewal (or its making) is at most ``stale`` seconds old.
-    One this service has not heard of since it started (a restarted ledger) is given ``stale`` seconds."""
+    Such a reservation is alive while its last renewal is at most ``stale`` seconds old. One not renewed yet
+    (just made, or inherited by a restarted ledger) counts from the first time it is asked about, which a
+    sweep does within :data:`SWEEP_SECONDS` of its making: a runner killed before it renewed at all still
+    has its reservation counted in full."""
 
     def __init__(self, stale: float = POD_STALE_SECONDS, clock=time.monotonic):
         self.stale = stale
         self.clock = clock
-        self.started = clock()
         self._lock = threading.Lock()
         self._renewed: dict[str, float] = {}
 
@@ -117,8 +118,13 @@ class Leases:
     def alive(self, reservation: str) -> bool:
         now = self.clock()
         with self._lock:
-            last = self._renewed.get(reservation, self.started)
+            last = self._renewed.setdefault(reservation, now)
         return now - last <= self.stale
+
+    def held(self) -> list[str]:
+        """The reservations a lease is kept for."""
+        with self._lock:
+            return sorted(self._renewed)
 
     def forget(self, reservations: list[str]) -> None:
         with self._lock:
@@ -477,7 +483,9 @@ class LedgerService:
         row = self.ledger.run(self._reservation(args))
         if row is None or not row["run_id"].startswith(JOB_RUN_PREFIX):
             raise ChannelError("settle_job settles a training job's reservation only", BAD_REQUEST)
-        return self._settle(args, row["username"], {"job": row["run_id"].removeprefix(JOB_RUN_PREFIX)})
+        settled = self._settle(args, row["username"], {"job": row["run_id"].removeprefix(JOB_RUN_PREFIX)})
+        self.leases.forget([row["id"]])
+        return settled
 
     def _dataset_budget(self, project: str, dataset: str) -> dict[str, Any]:
         return next(b for b in self.ledger.budget(project) if b["dataset"] == dataset)
