@@ -18,11 +18,13 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import requests
 
@@ -399,6 +401,43 @@ def test_the_values_containers_run_as_their_contexts_say_and_a_pods_call_reaches
             f"http://127.0.0.1:{world.ports['ledger']}/services/ledger/", allow_redirects=False, timeout=30
         )
         assert page.status_code == 302 and "/hub/api/oauth2/authorize" in page.headers["Location"]
+
+
+@pytest.mark.e2e
+def test_the_egress_container_indexes_what_ingest_on_a_host_published_into_the_state_claim(world):
+    """Ingest runs on a host: it publishes into the data volumes and keeps its row indexes and their key in
+    the host's state. The egress container, whose state is the claim, finds the published versions without
+    an index there and builds them itself, under its own context (root with no capability, a read-only root),
+    with a key of its own; the index finds the rows of a printed slice of the data."""
+    from paitient.ops.demodata import publish_demo
+    from paitient.rules.edm import Scan
+    from paitient.services.data import rowindex
+
+    site = load(world.site_file)
+    host_state = world.root / "host-state"
+    host_state.mkdir(mode=0o755)
+    host = load(
+        world.site_file, overrides={"workspace": {"state_dir": str(host_state), "data_root": str(site.data_root)}}
+    )
+    publish_demo(host)
+    where = rowindex.index_dir(site, "oncology", "breast_cancer", 1)
+    assert rowindex.index_dir(host, "oncology", "breast_cancer", 1).is_dir()
+    assert not where.exists() and not rowindex.key_path(site).exists()
+    log = world.root / "egress.log"
+    built = "egress: built the row index of oncology/breast_cancer version 1"
+    with services_pod(world):
+        deadline = time.monotonic() + 240
+        while built not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = log.read_text(errors="replace")
+    assert built in text, text[-3000:]
+    assert "oncology/breast_cancer has no row index here: building it" in text
+    assert where.is_dir()  # renamed into place whole before the line was written
+    key = rowindex.load_key(site)  # root's, 0600: load_key refuses anything else
+    assert key != rowindex.load_key(host)
+    frame = pq.read_table(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet").to_pandas()
+    found = Scan(frame.iloc[3:8].to_string()).rows(rowindex.load(where, key))
+    assert set(range(3, 8)) <= {int(i) for i in found}, found
 
 
 SUBMIT = """

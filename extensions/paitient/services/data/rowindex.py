@@ -9,25 +9,33 @@ the egress service loads it, with the key, to tell which rows an outgoing text r
 be readable by a researcher's account: with both, the values of a dataset could be tested one by one.
 So they live outside the data root (which members read), in folders only root can enter.
 
+Ingest builds a version's index before the version becomes current. Where the indexes live on another
+volume than ingest writes to (the services' claim of a Kubernetes hub pod), the egress service builds the
+missing ones itself: ``python -m paitient.services.data.rowindex`` indexes one version in a process of its
+own (:mod:`paitient.services.egress.indexer`).
+
 A version's index is written into a temporary folder beside its place, fsync'd and renamed into
 place (a rebuilt index replaces the old one the same way), so a reader finds a whole index or none.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+import signal
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from paitient.config import ConfigError, SiteConfig
+from paitient.config import ConfigError
 from paitient.fsutil import fsync_dir
 from paitient.rules.edm import KEY_BYTES, EDMIndex, IndexError_, Keyed
 from paitient.services.data.publish import DATA_FILE, dataset_dir, read_manifest, versions
@@ -40,29 +48,47 @@ INDEX_ROOT = ("egress", "index")
 HEADER = "header.json"
 
 
+class Places(Protocol):
+    """Where indexes and data live: a :class:`~paitient.config.SiteConfig`, or :class:`Folders`."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    @property
+    def data_root(self) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Folders:
+    """The two folders an index is built from and into, for a process that has no site configuration."""
+
+    state_dir: Path
+    data_root: Path
+
+
 class IndexRefused(Exception):
     """A row-detection index or its key cannot be built, saved or used; the message says what to do."""
 
 
-def key_path(site: SiteConfig) -> Path:
+def key_path(site: Places) -> Path:
     return site.state_dir / "keys" / KEY_NAME
 
 
-def index_root(site: SiteConfig) -> Path:
+def index_root(site: Places) -> Path:
     return site.state_dir.joinpath(*INDEX_ROOT)
 
 
-def index_dir(site: SiteConfig, project: str, dataset: str, version: int) -> Path:
+def index_dir(site: Places, project: str, dataset: str, version: int) -> Path:
     return index_root(site) / project / dataset / str(int(version))
 
 
-def ensure_key(site: SiteConfig) -> bytes:
+def ensure_key(site: Places) -> bytes:
     """The row-detection key, created on first use (32 random bytes, root 0600), checked either way."""
     create_secret(site.state_dir, key_path(site), KEY_BYTES)  # never replaces a key created meanwhile
     return load_key(site)
 
 
-def load_key(site: SiteConfig) -> bytes:
+def load_key(site: Places) -> bytes:
     """Read the key, refusing a missing, short, non-root or group/world-accessible file."""
     try:
         return read_secret(
@@ -88,7 +114,7 @@ def build(table: Any, manifest: dict[str, Any], key: bytes) -> EDMIndex:
         raise IndexRefused(f"row-detection index: {e}") from None
 
 
-def save(site: SiteConfig, index: EDMIndex, path: Path) -> Path:
+def save(site: Places, index: EDMIndex, path: Path) -> Path:
     """Publish ``index`` at ``path`` (a version's folder under the site's index root) whole or not at
     all; replaces an older one."""
     private_dirs(site.state_dir, path.parent)
@@ -154,7 +180,7 @@ class Reindexed:
     path: Path
 
 
-def stale(site: SiteConfig, project: str, dataset: str, version: int, key: bytes) -> bool:
+def stale(site: Places, project: str, dataset: str, version: int, key: bytes) -> bool:
     """Whether the version has no usable index for ``key`` (missing, another key, another format)."""
     try:
         load(index_dir(site, project, dataset, version), key)
@@ -163,7 +189,7 @@ def stale(site: SiteConfig, project: str, dataset: str, version: int, key: bytes
     return False
 
 
-def reindex(site: SiteConfig, *, project: str = "", every: bool = False) -> list[Reindexed]:
+def reindex(site: Places, *, project: str = "", every: bool = False) -> list[Reindexed]:
     """Build the indexes of published versions that have none (or, with ``every``, all of them)."""
     key = ensure_key(site)
     done = []
@@ -181,7 +207,7 @@ def reindex(site: SiteConfig, *, project: str = "", every: bool = False) -> list
     return done
 
 
-def reindex_version(site: SiteConfig, project: str, dataset: str, version: int, key: bytes) -> Reindexed:
+def reindex_version(site: Places, project: str, dataset: str, version: int, key: bytes) -> Reindexed:
     ds = dataset_dir(site.data_root, project, dataset)
     manifest = read_manifest(ds, version)
     if manifest is None:
@@ -190,3 +216,40 @@ def reindex_version(site: SiteConfig, project: str, dataset: str, version: int, 
     index = build(table, manifest, key)
     path = save(site, index, index_dir(site, project, dataset, version))
     return Reindexed(project, dataset, version, len(index), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Index one published version (the egress service's builder process): prints the result as one JSON
+    line, or the reason on stderr with exit status 1. Runs at a lower CPU priority than the service."""
+    parser = argparse.ArgumentParser(
+        prog="python -m paitient.services.data.rowindex",
+        description="Build the row-detection index of one published dataset version (root only).",
+    )
+    parser.add_argument("--state-dir", required=True, type=Path, help="the site's state directory")
+    parser.add_argument("--data-root", required=True, type=Path, help="the site's data root")
+    parser.add_argument("project")
+    parser.add_argument("dataset")
+    parser.add_argument("version", type=int)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("row-detection indexes are root's: run as root", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    # stopped by the service: end as an exception, so that a folder being written is removed (save's cleanup)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    places = Folders(args.state_dir.absolute(), args.data_root.absolute())
+    try:
+        done = reindex_version(places, args.project, args.dataset, args.version, ensure_key(places))
+    except IndexRefused as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # an unreadable or malformed published file
+        print(f"{args.project}/{args.dataset} version {args.version} cannot be indexed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({**asdict(done), "path": str(done.path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

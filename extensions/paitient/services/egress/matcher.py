@@ -2,7 +2,8 @@
 
 The indexes are built root-side when a dataset version is published (:mod:`paitient.services.data`) and
 hold keyed fingerprints only. The matcher loads the index of each dataset's *current* version, memory-mapped,
-and notices a newer version when one is published.
+and notices a newer version when one is published. A current version without a usable index (or a missing
+key) is reported to ``on_missing``, which the service gives to its :class:`~paitient.services.egress.indexer.Indexer`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +50,16 @@ class _Loaded:
 
 
 class Matcher:
-    def __init__(self, site: SiteConfig, log: logging.Logger | None = None):
+    def __init__(
+        self,
+        site: SiteConfig,
+        log: logging.Logger | None = None,
+        *,
+        on_missing: Callable[[str, str, int], None] | None = None,
+    ):
         self.site = site
         self.log = log or logging.getLogger("paitient.services.egress")
+        self.on_missing = on_missing
         self._loaded: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
         self._index_key: bytes | None = None
@@ -79,7 +87,10 @@ class Matcher:
             if version is not None:
                 try:
                     index = rowindex.load(rowindex.index_dir(self.site, project, dataset, version), self._key())
-                except rowindex.IndexRefused as e:
+                except (rowindex.IndexRefused, MissingIndex) as e:
+                    self._index_key = None  # read again next time: a rebuilt index may come with a new key
+                    if self.on_missing is not None:
+                        self.on_missing(project, dataset, version)
                     raise MissingIndex(f"{key} version {version}: {e}") from None
             self._loaded[key] = _Loaded(version, index, now)
             return index
@@ -99,10 +110,17 @@ class Matcher:
         (the caller then treats the output as unchecked).
         """
         indexes = {}
+        missing: MissingIndex | None = None
         for key in self.datasets(projects):
-            index = self._index(key)
+            try:
+                index = self._index(key)
+            except MissingIndex as e:  # each dataset is looked at, so that every missing index is asked for
+                missing = missing or e
+                continue
             if index is not None:
                 indexes[key] = index
+        if missing is not None:
+            raise missing
         if not indexes or not text:
             return {}
         found = reveal(unescape(text), indexes)

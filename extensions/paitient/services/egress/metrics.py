@@ -4,7 +4,8 @@ Counted by the process since it started (by channel, verdict and reason): bytes 
 pieces withheld, the time a verdict takes, and how long an output's record waits to be durable in the audit
 trail. Read from the store at each scrape: today's (UTC) totals over every user, which survive a restart.
 Gauges: records waiting for the trail, whether the trail records, counts waiting for the store (today's
-totals lag them), users' servers connected.
+totals lag them), users' servers connected, row indexes waiting to be built. Counted too: the row indexes the
+service built itself (:mod:`.indexer`), by outcome.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
+from paitient.services.egress.indexer import Built
 from paitient.services.egress.store import EgressStore, today
 from paitient.services.kit.metrics import MetricsRegistry, Reading, gauge
 
@@ -88,7 +90,22 @@ class EgressMetrics:
         self.connections = Gauge(
             "paitient_egress_connections", "Users' servers connected to the egress service now", registry=r
         )
+        self.index_builds = Counter(
+            "paitient_egress_index_builds",
+            "Row-detection indexes the service built itself for published versions without one, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.index_waiting = Gauge(
+            "paitient_egress_index_builds_waiting",
+            "Published versions whose row index the service is building or will build; outputs of their projects "
+            "are unchecked until it is built",
+            registry=r,
+        )
         r.register(Reading(lambda: read_today(service.store)))
+
+    def index_built(self, built: Built) -> None:
+        self.index_builds.labels("ok" if built.ok else "failed").inc()
 
 
 def read_today(store: EgressStore) -> Iterator[Metric]:

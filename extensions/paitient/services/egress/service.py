@@ -52,6 +52,7 @@ from paitient.rules.records import Event
 from paitient.services.audit import trail_writer
 from paitient.services.egress import socket_path
 from paitient.services.egress.counts import Counts
+from paitient.services.egress.indexer import Indexer
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.metrics import EgressMetrics
 from paitient.services.egress.store import EgressStore, today
@@ -71,6 +72,8 @@ WRITER_WAIT = 40.0
 RECORD_BATCH = 256
 """At most this many queued records go into the trail in one append."""
 RECORD_LINGER = 0.05
+MISSING_SECONDS = 60.0
+"""How often the service looks for newly published versions without a row index (outputs find them sooner)."""
 """Seconds the writer waits after a record for more to write with it (a record is on disk this much later)."""
 
 log = logging.getLogger("paitient.services.egress")
@@ -531,17 +534,42 @@ def serve(site: SiteConfig, logger: logging.Logger) -> None:
         store.close()
 
 
+def assemble(
+    site: SiteConfig, store: EgressStore, registry: Registry, logger: logging.Logger
+) -> tuple[EgressService, Indexer]:
+    """The service with its matcher, and the indexer that builds what the matcher finds missing."""
+    indexer = Indexer(site, logger)
+    matcher = Matcher(site, logger, on_missing=indexer.want)
+    service = EgressService(site, store, matcher, registry, logger=logger)
+    indexer.on_built = service.metrics.index_built
+    service.metrics.index_waiting.set_function(indexer.waiting)
+    return service, indexer
+
+
 def _serve(site: SiteConfig, store: EgressStore, logger: logging.Logger) -> None:
     from paitient.services.kit.process import StopSignal
 
-    matcher = Matcher(site, logger)
-    service = EgressService(site, store, matcher, Registry.for_state_dir(site.state_dir), logger=logger)
-    for key in matcher.missing():
-        logger.error(
-            "egress: %s has no row index: outputs of its project fail closed until "
-            "`paitient datasets --reindex` builds it",
-            key,
-        )
+    service, indexer = assemble(site, store, Registry.for_state_dir(site.state_dir), logger)
+    matcher = service.matcher
+    reported: set[str] = set()
+
+    def look_for_missing() -> None:
+        # every dataset of the site, not only those outputs asked about: the airlock's checks read the indexes too
+        try:
+            missing = set(matcher.missing())
+        except Exception:  # an unreadable data root: the outputs' own checks say so; the service goes on
+            logger.exception("egress: could not look for published versions without a row index")
+            return
+        for key in sorted(missing - reported):
+            logger.warning(
+                "egress: %s has no row index here: building it from the published data; until it is built, "
+                "outputs of its projects are unchecked (at most unchecked_bytes pass)",
+                key,
+            )
+        reported.clear()
+        reported.update(missing)
+
+    look_for_missing()
     server = EgressServer(socket_path(site), service, group=workspace_group(site))
     stop = StopSignal()
     server.start_in_thread()
@@ -553,11 +581,13 @@ def _serve(site: SiteConfig, store: EgressStore, logger: logging.Logger) -> None
             from paitient.services.egress.web import run_in_thread
 
             page = run_in_thread(site, store, url, logger, service.metrics.registry)
-        stop.wait()
+        while not stop.wait(MISSING_SECONDS):
+            look_for_missing()
     finally:
         if page is not None:
             page.stop()
         server.shutdown()
         server.server_close()
+        indexer.close()
         service.close()
         logger.info("egress: stopped")
