@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import secrets
 import socket
 import stat
@@ -242,11 +243,13 @@ def world(world_tmp, make_system_user) -> World:
     user = make_system_user("pod")
     # the runner's account, which the services image makes (a container's root is read-only: no useradd)
     runner = make_system_user("jobs", member=False)
+    audit = make_system_user("audit", member=False)  # the services image makes paitient-audit
     state = world_tmp / "state"
     state.mkdir(mode=0o755)
     site_file = world_tmp / "site.toml"
     site_file.write_text(
-        SITE.format(state=state, gateway_uid=gateway.pw_uid) + f'\n[jobs]\naccount = "{runner.pw_name}"\n'
+        SITE.format(state=state, gateway_uid=gateway.pw_uid)
+        + f'\n[jobs]\naccount = "{runner.pw_name}"\n\n[airlock]\naudit_account = "{audit.pw_name}"\n'
     )
     site_file.chmod(0o644)
     site = load(site_file)
@@ -509,11 +512,11 @@ print(json.dumps(run_audit(job, account=sys.argv[1], timeout=300, work_root=prep
 
 
 @pytest.mark.e2e
-def test_the_airlock_containers_context_runs_the_membership_inference_audit(world, make_system_user):
+def test_the_airlock_containers_context_runs_the_membership_inference_audit(world):
     """The airlock's membership-inference audit, as the airlock's container runs it (root with the workers'
     capabilities only, no privilege escalation, a read-only root, its own pid namespace): the model runs in
     bubblewrap as the audit's account, and the numbers come back."""
-    account = make_system_user("audit", member=False)  # the services image makes paitient-audit
+    account = pwd.getpwnam(load(world.site_file).airlock.audit_account)
     (airlock,) = [c for c in world.pod.containers() if c["name"] == "airlock"]
     work = world.state / "airlock-audit"  # as the airlock names it (Airlock.audit_work_root)
     ctmp = world.root / "tmp-airlock"
@@ -535,3 +538,74 @@ def test_the_airlock_containers_context_runs_the_membership_inference_audit(worl
     assert "error" not in answer, answer
     assert {"mia_loss", "mia_calibrated", "mia_advantage", "holdout_accuracy"} <= set(answer), answer
     assert not any(work.iterdir())  # the worker's scratch taken back and removed
+
+
+LINEAR = """
+import torch
+class Model(torch.nn.Module):
+    def __init__(self, d=30):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, 2)
+    def forward(self, x):
+        return self.lin(x)
+"""
+
+REQUEST = """
+import json, sys, time
+from paitient import airlock
+rid = airlock.request(sys.argv[1], kind="weights", confirm=True, justification="for the paper",
+                      model_source=sys.argv[2], target="target", split={"holdout": 0.3, "seed": 0},
+                      dataset="breast_cancer")
+end = time.monotonic() + 400
+while time.monotonic() < end:
+    status = airlock.status(rid)
+    if status["state"] not in ("submitted", "checking"):
+        break
+    time.sleep(1)
+print(json.dumps(status))
+"""
+
+
+@pytest.mark.e2e
+def test_a_weights_request_from_a_pod_is_audited_by_the_airlock_container(world):
+    """The whole request path of the membership-inference audit in the hub's pod: a researcher's kernel in
+    their pod asks for weights through the relay and the gateway; the airlock container (its own command,
+    under its context) takes the file, runs the audit in bubblewrap as the audit's account over the dataset,
+    and the researcher reads the checks back the same way."""
+    from safetensors.torch import save
+    from torch import nn
+
+    from tests.airlock.helpers import breast_cancer, give, publish
+
+    # weights trained in a kernel are refused unless the project allows them, with two stewards' approval
+    budget = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
+    allow = (
+        'stewards = ["sam", "kim"]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n'
+        'self_reported_weights = "two-person"\nself_reported_reason = "an audit of the request path"'
+    )
+    assert budget in world.site_file.read_text()
+    world.site_file.write_text(world.site_file.read_text().replace(budget, allow, 1))
+    publish(load(world.site_file), "oncology", "breast_cancer", breast_cancer())
+    untrained = {f"lin.{k}": v for k, v in nn.Linear(30, 2).state_dict().items()}  # LINEAR's parameters
+    weights = give(world.root / "model.safetensors", save(untrained), world.user.pw_uid)
+    relay_pod = minted_pod(world)
+    with services_pod(world), relay_pod.relay():
+        r = subprocess.run(
+            [*as_account(world.user, groups="--clear-groups"), sys.executable, "-c", REQUEST, str(weights), LINEAR],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={"PATH": "/usr/bin:/bin", "HOME": world.user.pw_dir, "PAITIENT_RUN_DIR": str(relay_pod.run_dir)},
+        )
+        airlock_log = (world.root / "airlock.log").read_text(errors="replace")
+    assert r.returncode == 0, r.stderr[-3000:] + airlock_log[-3000:]
+    status = json.loads(r.stdout.strip().splitlines()[-1])
+    assert status["state"] == "in_review", (status, airlock_log[-3000:])
+    checks = {c["check"]: c for c in status["checks"]}
+    # an untrained linear model does not memorise: the audit ran over the dataset's 569 rows and passed
+    mia = checks["membership_inference"]
+    assert mia["status"] == "pass" and "the airlock's audit of the model's outputs" in mia["reason"], mia
+    assert (mia["details"]["members"], mia["details"]["nonmembers"]) == (398, 171)  # 569 rows, 30 % held out
+    assert checks["training_record"]["status"] == "fail"  # no runner signed it, and no kernel's record
+    work = world.state / "airlock-audit"
+    assert work.is_dir() and not any(work.iterdir())  # the worker's scratch taken back and removed
