@@ -118,8 +118,9 @@ class Indexer:
             return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop: nothing more is started, a build under way is ended (its half-written folder is a temporary
-        one, which the next build of that version replaces)."""
+        """Stop: nothing more is started, and a build under way is ended (the builder takes SIGTERM as an
+        exception and removes the temporary folder it was writing; the version has no index until the next
+        start builds it)."""
         with self._cond:
             self._closed = True
             self._queue.clear()
