@@ -540,16 +540,6 @@ def test_the_airlock_containers_context_runs_the_membership_inference_audit(worl
     assert not any(work.iterdir())  # the worker's scratch taken back and removed
 
 
-LINEAR = """
-import torch
-class Model(torch.nn.Module):
-    def __init__(self, d=30):
-        super().__init__()
-        self.lin = torch.nn.Linear(d, 2)
-    def forward(self, x):
-        return self.lin(x)
-"""
-
 REQUEST = """
 import json, sys, time
 from paitient import airlock
@@ -576,6 +566,7 @@ def test_a_weights_request_from_a_pod_is_audited_by_the_airlock_container(world)
     from torch import nn
 
     from tests.airlock.helpers import breast_cancer, give, publish
+    from tests.airlock.test_service import LINEAR
 
     # weights trained in a kernel are refused unless the project allows them, with two stewards' approval
     budget = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
