@@ -72,9 +72,9 @@ WRITER_WAIT = 40.0
 RECORD_BATCH = 256
 """At most this many queued records go into the trail in one append."""
 RECORD_LINGER = 0.05
+"""Seconds the writer waits after a record for more to write with it (a record is on disk this much later)."""
 MISSING_SECONDS = 60.0
 """How often the service looks for newly published versions without a row index (outputs find them sooner)."""
-"""Seconds the writer waits after a record for more to write with it (a record is on disk this much later)."""
 
 log = logging.getLogger("paitient.services.egress")
 
