@@ -216,14 +216,8 @@ class Counts:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every count made so far is stored; False if that took longer than ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._waiting:  # (what is being stored stays in it until stored)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        with self._cond:  # (what is being stored stays in _waiting until stored)
+            return self._cond.wait_for(lambda: not self._waiting, timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         """Store what waits, then stop the writer."""

@@ -108,14 +108,8 @@ class Indexer:
 
     def idle(self, timeout: float) -> bool:
         """Wait until nothing is queued or being built; whether that happened within ``timeout`` seconds."""
-        end = time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._building is not None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            return self._cond.wait_for(lambda: not self._queue and self._building is None, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop: nothing more is started, and a build under way is ended (the builder takes SIGTERM as an
