@@ -199,6 +199,10 @@ ATTEMPTS = {
         "--state=/run/paitient/state meets /run/paitient",
     ),
     "a relative folder": (lambda a: with_option(a, "into", "jupyter"), "--into must be an absolute, normal path"),
+    "no state volume mounted": (
+        lambda a: with_option(a, "state", "/var/lib/paitient/not-mounted"),
+        "--state=/var/lib/paitient/not-mounted is not a folder: the manifest mounts the volume server-state there",
+    ),
 }
 
 

@@ -137,7 +137,11 @@ def write_pod_config(into: str, state: str, server_config: str) -> None:
     if _inside(into, state) or _inside(state, into):
         raise PodConfigError(f"--into={into} and --state={state} must be two folders apart")
     config = parse_config(server_config)
-    for d in (Path(state), Path(state) / "lab", Path(state) / "notary"):
+    if not Path(state).is_dir():
+        raise PodConfigError(f"--state={state} is not a folder: the manifest mounts the volume server-state there")
+    # the volume's own folder is the runtime's (an emptyDir: root's and the fsGroup's, 2777), which the pod's
+    # uid may not chmod; the folders in it are the user's alone
+    for d in (Path(state) / "lab", Path(state) / "notary"):
         d.mkdir(mode=0o700, exist_ok=True)
         os.chmod(d, 0o700)
     write_server_files(config, Path(into) / "config", Path(into) / "data")
