@@ -31,13 +31,13 @@ PROXY_TOKEN = "proxy-token-5d1e"
 SERVICE_TOKENS = {name: f"service-token-{name}-91b2" for name in SERVICE_PORTS}
 
 
-def profile(site: site_config.SiteConfig) -> Config:
+def profile(site: site_config.SiteConfig, image: str = IMAGE) -> Config:
     """The hub's configuration as the chart and the profile leave it (the chart's service tokens included)."""
     c = Config()
     c.JupyterHub.cookie_secret = bytes.fromhex(COOKIE_SECRET)
     c.ConfigurableHTTPProxy.auth_token = PROXY_TOKEN
     c.JupyterHub.services = [{"name": n, "api_token": t} for n, t in SERVICE_TOKENS.items()]
-    configure_kubernetes(c, site, image=IMAGE)
+    configure_kubernetes(c, site, image=image)
     c.PaitientKubeSpawner.project_gids = GIDS
     return c
 
