@@ -5,8 +5,9 @@ A data integration centre's build host often reaches a Debian mirror and a Pytho
 container registry. ``python -m paitient.ops.images`` builds there:
 
 1. the Debian 12 base, unless ``--base`` names one: ``mmdebstrap`` makes a minimal root file system from the
-   host's own apt sources (with the packages the ``singleuser`` stage installs, so its ``apt-get`` finds them
-   there) and ``podman import`` makes it the image ``localhost/paitient-debian:12``;
+   host's own apt sources (:func:`host_sources`, which the image keeps, so the builds' ``apt-get`` asks the
+   same mirror), with the packages the ``singleuser`` stage installs, and ``podman import`` makes it the
+   image ``localhost/paitient-debian:12``;
 2. ``singleuser`` and ``services`` from the Containerfile on that base (``--build-arg BASE``), in the repository
    root as the build context. The build's steps reach the network through the host's (Debian's packages, the
    package index). ``--wheels DIR`` lets pip take wheels from a folder first (a CPU build of torch, where
@@ -133,12 +134,28 @@ class Builder:
         """True when ``target``'s image exists and was built from the tree at ``context`` as it is now."""
         return self.label(image_tag(target), SOURCE_LABEL) == source_digest(context)
 
-    def make_base(self, tag: str = BASE_TAG, log: Path | None = None) -> None:
-        """Debian 12 from the host's apt sources, with :data:`BASE_PACKAGES`, imported as ``tag``."""
+    def make_base(self, tag: str = BASE_TAG, log: Path | None = None, sources: list[Path] | None = None) -> None:
+        """Debian 12 with :data:`BASE_PACKAGES`, imported as ``tag``, from ``sources`` (default: the host's
+        apt sources for :data:`SUITE`, :func:`host_sources`), which the image keeps as its own."""
         if shutil.which("mmdebstrap") is None:
             raise ImageError("mmdebstrap is not installed (it makes the Debian base); run: apt-get install mmdebstrap")
+        sources = host_sources() if sources is None else sources
+        if not sources:
+            raise ImageError(
+                f"no apt source of this host names {SUITE} (/etc/apt/sources.list, /etc/apt/sources.list.d/): "
+                "the base is made from the mirror the host uses; add one, or build on an image with --base"
+            )
         tar = subprocess.Popen(
-            ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, "-"],
+            [
+                "mmdebstrap",
+                "--quiet",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                SUITE,
+                "-",
+                *map(str, sources),
+            ],  # fmt: skip
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 - the child holds it
         )
@@ -177,6 +194,23 @@ class Builder:
         self.run(*args, "-f", str(context / CONTAINERFILE), "--target", target, "-t", tag, str(context),
                  timeout=1800, log=log)  # fmt: skip
         return tag
+
+
+def host_sources(root: Path = Path("/etc/apt")) -> list[Path]:
+    """The host's apt source files with an entry for :data:`SUITE` or one of its own (``bookworm-updates``,
+    ``bookworm-security``), in apt's order; others (a vendor's repository, another release) are left out."""
+    files = [root / "sources.list"] + sorted((root / "sources.list.d").glob("*.list"))
+    files += sorted((root / "sources.list.d").glob("*.sources"))
+    found = []
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        words = {w for line in lines for w in line.split("#", 1)[0].split()}
+        if any(w == SUITE or w.startswith(f"{SUITE}-") for w in words):
+            found.append(path)
+    return found
 
 
 def default_cert() -> Path | None:
