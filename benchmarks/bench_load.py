@@ -150,6 +150,13 @@ def idle_memory(ws: Workspace, users: list[str]) -> tuple[list[float], dict[str,
     return per_user, per_kind
 
 
+def cpu_busy_seconds() -> float:
+    """CPU time the whole machine has spent not idle since boot (``/proc/stat``, every core)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest is inside user
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--users", type=int, default=50)
@@ -201,6 +208,7 @@ def measure(spawner: str, users: int, singles_count: int, idle_seconds: float) -
                 failures[user] = f"{type(e).__name__}: {e}"[:300]
                 traceback.print_exc()
 
+        busy0 = cpu_busy_seconds()
         t0 = time.perf_counter()
         threads = [threading.Thread(target=run, args=(user,)) for user in crowd]
         for th in threads:
@@ -208,6 +216,7 @@ def measure(spawner: str, users: int, singles_count: int, idle_seconds: float) -
         for th in threads:
             th.join()
         wall = time.perf_counter() - t0
+        busy = cpu_busy_seconds() - busy0
 
         time.sleep(idle_seconds)
         memory, by_kind = idle_memory(ws, [u for u in singles + crowd if u not in failures])
@@ -222,6 +231,13 @@ def measure(spawner: str, users: int, singles_count: int, idle_seconds: float) -
             print(f"  alone (baseline, median of {len(baseline)}): {base:.2f} s")
             print(f"  p50 {p50:.2f} s  ratio {p50 / base:.2f}")
             print(f"  p95 {p95:.2f} s  ratio {p95 / base:.2f}  (goal <= 3)")
+            cores, per = os.cpu_count() or 1, busy / len(crowd)
+            # the machine's CPU time while the crowd ran (every process, the test's clients included), per
+            # researcher; the last result cannot come before the crowd's CPU time spread over every core
+            print(
+                f"  CPU while the crowd ran: {busy:.1f} s on {cores} cores, {per:.2f} s per researcher; the last "
+                f"result no sooner than {len(crowd) * per / cores:.1f} s, {len(crowd) * per / cores / base:.1f}x alone"
+            )
         if memory:
             print(
                 f"  idle memory per user (PSS of server, kernel, keeper, network wrapper): median "

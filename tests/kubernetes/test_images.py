@@ -16,6 +16,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 UID = 20001  # uid_min + the hub's id of the first user
 DATA = "id,size\n1,2.5\n2,3.1\n"
+IMAGE_VENV = "/opt/paitient/venv"  # where the Containerfile puts the environment
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +99,7 @@ def test_the_singleuser_image_holds_the_package_of_this_tree_and_starts_as_nobod
     assert seen["version"] == paitient.__version__
     assert seen["torch"].startswith("2.13.0") and seen["cuda"] is None  # the CPU build, not an accelerator's
     assert seen["bwrap"] == "/usr/bin/bwrap" and seen["tini"] == "/usr/bin/tini"
-    assert seen["kernel"][0] == "/opt/paitient/venv/bin/python" and seen["home"]
+    assert seen["kernel"][0] == f"{IMAGE_VENV}/bin/python" and seen["home"]
     assert seen["wheels"] == [] and seen["uid"] == UID  # the build's mount point is left empty
 
 
@@ -327,7 +329,10 @@ async def test_the_rendered_pod_runs_a_cell_in_bubblewrap_in_its_kernels_contain
         written = pod.volume("server-config")
         args, expected, _ = standing_in(init_container(rendered)["args"], tmp_path)
         assert run_init(args).returncode == 0
-        assert tree(written) == tree(expected) and (written / "config" / "jupyter_server_config.json").is_file()
+        # the kernel spec names the environment's python: the image's where this one's is
+        here = {k: v.replace(sys.prefix.encode(), IMAGE_VENV.encode()) if isinstance(v, bytes) else v
+                for k, v in tree(expected).items()}  # fmt: skip
+        assert tree(written) == here and (written / "config" / "jupyter_server_config.json").is_file()
         assert {f.stat().st_uid for f in written.rglob("*")} == {UID}  # written as the user
 
         pod.run(containers(rendered)[KERNELS_CONTAINER], detach=True)
