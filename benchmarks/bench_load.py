@@ -15,7 +15,9 @@ researchers of the oncology project to its directory, then:
    container's monitor (conmon).
 
 Prints the success count, p50/p95 of the concurrent runs, their ratios to the baseline (goal: 50 of 50,
-p95 <= 3x), and the idle memory per user (goal: <= 150 MiB). Stops the workspace and removes its accounts.
+p95 <= 3x), the whole machine's CPU time while the crowd ran (per researcher, and the earliest the last
+result could come on this many cores), and the idle memory per user (goal: <= 150 MiB). Stops the workspace
+and removes its accounts.
 """
 
 from __future__ import annotations
