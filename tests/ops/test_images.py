@@ -6,7 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from paitient.ops.images import host_sources, source_digest
+import pytest
+
+from paitient.ops.images import Builder, ImageError, host_sources, source_digest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,3 +58,10 @@ def test_an_image_is_older_than_a_tree_whose_sources_changed_but_not_than_its_ca
     (tree / "extensions" / "paitient" / "new.py").unlink()
     (tree / "kernels" / "image" / "Containerfile").write_text("FROM scratch\n")
     assert source_digest(tree) != built
+
+
+def test_a_host_with_no_source_for_bookworm_gets_the_reason_and_what_to_do():
+    with pytest.raises(
+        ImageError, match=r"no apt source of this host names bookworm .* or build on an image with --base"
+    ):
+        Builder().make_base(sources=[])

@@ -27,6 +27,7 @@ code is recognised (:func:`built_from`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -97,29 +98,24 @@ class Builder:
         return {**os.environ, **(self.engine.env if self.engine else {})}
 
     def run(self, *args: str, timeout: float, stdin: int | None = None, log: Path | None = None) -> None:
-        """``podman args``; :class:`ImageError` with the output's tail when it fails."""
-        out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115 - closed below
-        try:
-            r = subprocess.run(
-                self.command(*args), stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                timeout=timeout, check=False,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise ImageError(f"podman {args[0]} did not finish within {timeout:.0f}s") from None
-        finally:
-            if log:
-                out.close()  # type: ignore[union-attr]
+        """``podman args``, its output appended to ``log``; :class:`ImageError` with the output's tail when it
+        fails."""
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(log, "ab")) if log else subprocess.PIPE
+            try:
+                r = subprocess.run(
+                    self.command(*args), stdin=stdin, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                    timeout=timeout, check=False,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise ImageError(f"podman {args[0]} did not finish within {timeout:.0f}s") from None
         if r.returncode != 0:
             tail = log.read_bytes()[-1500:] if log else (r.stdout or b"")[-1500:]
             raise ImageError(f"podman {args[0]} failed (exit {r.returncode}): {tail.decode(errors='replace')}")
 
     def has(self, tag: str) -> bool:
-        return (
-            subprocess.run(
-                self.command("image", "exists", tag), env=self.env, capture_output=True, check=False
-            ).returncode
-            == 0
-        )
+        r = subprocess.run(self.command("image", "exists", tag), env=self.env, capture_output=True, check=False)
+        return r.returncode == 0
 
     def label(self, tag: str, name: str) -> str | None:
         """The image's label ``name``; None when the image or the label is missing."""
@@ -145,29 +141,21 @@ class Builder:
                 f"no apt source of this host names {SUITE} (/etc/apt/sources.list, /etc/apt/sources.list.d/): "
                 "the base is made from the mirror the host uses; add one, or build on an image with --base"
             )
-        tar = subprocess.Popen(
-            [
-                "mmdebstrap",
-                "--quiet",
-                "--variant=minbase",
-                f"--include={','.join(BASE_PACKAGES)}",
-                SUITE,
-                "-",
-                *map(str, sources),
-            ],  # fmt: skip
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 - the child holds it
-        )
+        argv = ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", SUITE, "-"]
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
+            tar = subprocess.Popen([*argv, *map(str, sources)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=err)  # fmt: skip
         assert tar.stdout is not None
         try:
             self.run("import", "--change", 'CMD ["/bin/bash"]', "-", tag, stdin=tar.stdout.fileno(), timeout=900,
                      log=log)  # fmt: skip
         finally:
-            tar.stdout.close()
+            tar.stdout.close()  # mmdebstrap, if it still writes, ends on the closed pipe
             code = tar.wait(timeout=900)
         if code != 0:
-            self.run("rmi", "--ignore", tag, timeout=60)
+            with contextlib.suppress(ImageError):
+                self.run("rmi", "--ignore", tag, timeout=60)
             raise ImageError(f"mmdebstrap failed (exit {code}); its output is in {log or 'its standard error'}")
 
     def build(
