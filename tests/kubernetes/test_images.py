@@ -128,7 +128,9 @@ def context_args(pod_context: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
     merged = {**pod_context, **ctx}
     uid, gid = merged["runAsUser"], merged["runAsGroup"]
     assert not (merged["runAsNonRoot"] and uid == 0)
-    args = [f"--user={uid}:{gid}", *(f"--group-add={g}" for g in merged.get("supplementalGroups") or [])]
+    # the runtime adds the pod's fsGroup to every container's groups, beside its supplementalGroups
+    groups = [*([merged["fsGroup"]] if "fsGroup" in merged else []), *(merged.get("supplementalGroups") or [])]
+    args = [f"--user={uid}:{gid}", *(f"--group-add={g}" for g in groups)]
     assert merged["privileged"] is False
     args += [f"--cap-drop={c}" for c in merged["capabilities"].get("drop") or []]
     args += [f"--cap-add={c}" for c in merged["capabilities"].get("add") or []]
@@ -339,7 +341,8 @@ async def test_the_rendered_pod_runs_a_cell_in_bubblewrap_in_its_kernels_contain
         kernels = f"{pod.name}-{KERNELS_CONTAINER}"
         host = json.loads(podman(builder, "container", "inspect", kernels).stdout)[0]
         assert host["Config"]["User"] == f"{UID}:{UID}" and host["HostConfig"]["ReadonlyRootfs"] is True
-        assert host["HostConfig"]["GroupAdd"] == [str(GIDS["oncology"])] and not host["HostConfig"]["CapAdd"]
+        assert host["HostConfig"]["GroupAdd"] == [str(UID), str(GIDS["oncology"])]  # fsGroup, the project's
+        assert not host["HostConfig"]["CapAdd"]
         deadline = time.monotonic() + 60
         while podman(builder, "exec", kernels, "test", "-S", "/run/paitient/launcher.sock", check=False).returncode:
             assert time.monotonic() < deadline, podman(builder, "logs", kernels, check=False).stderr[-1500:]
