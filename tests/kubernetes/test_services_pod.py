@@ -93,6 +93,18 @@ def test_no_container_but_the_hubs_holds_the_service_account_token():
     assert kubeservices.SERVICE_ACCOUNT_TOKEN not in {m["mountPath"] for m in get_config("hub.extraVolumeMounts")}
 
 
+def test_every_volume_a_container_of_the_hubs_pod_mounts_is_one_of_the_pods():
+    """Kubernetes refuses a pod with a mount of a volume the pod does not have, and the hub's Deployment then
+    never starts: every mount of the hub's, the services', the gateway's and the init container's names one of
+    the generated volumes."""
+    volumes = [v["name"] for v in get_config("hub.extraVolumes")]
+    assert len(volumes) == len(set(volumes))
+    hub = {"name": "hub", "volumeMounts": get_config("hub.extraVolumeMounts")}
+    for c in [hub, *get_config("hub.extraContainers"), *get_config("hub.initContainers")]:
+        missing = {m["name"] for m in c["volumeMounts"]} - set(volumes)
+        assert not missing, f"the container {c['name']} mounts {sorted(missing)}, which the pod does not have"
+
+
 def test_what_each_container_may_do():
     by_name = containers_of_values()
     for c in by_name.values():

@@ -140,6 +140,7 @@ class ServicesPod:
             {"name": "no-api-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         ]
         out += [{"name": f"tmp-{name}", "emptyDir": {"sizeLimit": "2Gi"}} for name in self._services()]
+        out.append({"name": f"tmp-{GATEWAY}", "emptyDir": {"sizeLimit": "64Mi"}})
         out += [
             {
                 "name": data_volume_name(project),
@@ -246,7 +247,7 @@ class ServicesPod:
                     # the token file (root's, 0640 with the gateway's group) and the services' sockets
                     {"name": "paitient-state", "mountPath": self.state_dir, "readOnly": True},
                     {"name": "paitient-gateway-tls", "mountPath": TLS_FOLDER, "readOnly": True},
-                    {"name": "tmp-gateway", "mountPath": "/tmp"},  # noqa: S108 - the container's own
+                    {"name": f"tmp-{GATEWAY}", "mountPath": "/tmp"},  # noqa: S108 - the container's own
                     _no_api_token(),
                 ],
             }
