@@ -129,7 +129,8 @@ def context_args(pod_context: dict[str, Any], ctx: dict[str, Any]) -> list[str]:
     uid, gid = merged["runAsUser"], merged["runAsGroup"]
     assert not (merged["runAsNonRoot"] and uid == 0)
     # the runtime adds the pod's fsGroup to every container's groups, beside its supplementalGroups
-    groups = [*([merged["fsGroup"]] if "fsGroup" in merged else []), *(merged.get("supplementalGroups") or [])]
+    fs_group = [merged["fsGroup"]] if merged.get("fsGroup") is not None else []
+    groups = [*fs_group, *(merged.get("supplementalGroups") or [])]
     args = [f"--user={uid}:{gid}", *(f"--group-add={g}" for g in groups)]
     assert merged["privileged"] is False
     args += [f"--cap-drop={c}" for c in merged["capabilities"].get("drop") or []]
@@ -175,7 +176,8 @@ class Pod:
 
     def setup(self) -> None:
         podman(self.builder, "pod", "create", f"--name={self.name}", "--network=none", "--share=net,ipc,uts")
-        fs_group = self.manifest["spec"]["securityContext"]["fsGroup"]
+        # without an fsGroup (the hub's pod), what the runtime makes stays root's group
+        fs_group = self.manifest["spec"]["securityContext"].get("fsGroup") or 0
         for v in self.manifest["spec"]["volumes"]:
             name = v["name"]
             if "persistentVolumeClaim" in v or "emptyDir" in v:
@@ -194,7 +196,7 @@ class Pod:
                 folder.mkdir()
                 for key, text in self.files[name].items():
                     (folder / key).write_text(text)
-                    (folder / key).chmod(v[kind]["defaultMode"])
+                    (folder / key).chmod(v[kind].get("defaultMode", 0o644))  # Kubernetes' default
                     # a runtime gives a Secret's and a ConfigMap's files to root and the pod's fsGroup
                     shutil.chown(folder / key, 0, fs_group)
                 source = str(folder)
@@ -208,6 +210,9 @@ class Pod:
         args += [f"--env={e['name']}={e['value']}" for e in container.get("env") or []]
         for m in container.get("volumeMounts") or []:
             source = self.volumes[m["name"]]
+            if m.get("subPath"):  # one key of a Secret or a ConfigMap, as a file
+                assert source.startswith("/"), f"a subPath of a volume this test does not map: {m}"
+                source = f"{source}/{m['subPath']}"
             # nocopy: a runtime does not fill a claim or an empty folder with the image's files under its path
             options = [] if source.startswith("/") else ["nocopy"]
             if m.get("readOnly") or claims.get(m["name"], {}).get("readOnly"):
@@ -215,10 +220,12 @@ class Pod:
             args.append(f"--volume={source}:{m['mountPath']}" + (f":{','.join(options)}" if options else ""))
         if container.get("workingDir"):
             args.append(f"--workdir={container['workingDir']}")
-        assert not container.get("command"), "the image's entrypoint (tini) runs the args"
+        if container.get("command"):  # a command replaces the image's entrypoint (tini)
+            args.append(f"--entrypoint={json.dumps(container['command'])}")
+        argv = [container["image"], *(container.get("args") or [])]
         if detach:
-            return podman(self.builder, "run", "--detach", *args, container["image"], *container["args"]).stdout
-        return podman(self.builder, "run", "--rm", *args, container["image"], *container["args"], timeout=120).stdout
+            return podman(self.builder, "run", "--detach", *args, *argv).stdout
+        return podman(self.builder, "run", "--rm", *args, *argv, timeout=120).stdout
 
     def remove(self) -> None:
         podman(self.builder, "pod", "rm", "--force", "--time=5", self.name, check=False, timeout=120)
