@@ -5,7 +5,8 @@ its security context. Here the same containers (:class:`paitient.hub.kubeservice
 values hold) run from the image ``bash scripts/setup test`` built, on podman, with the pod's security
 context merged into each container's (:class:`~tests.kubernetes.test_images.Pod`). A user's side stands in
 beside them: a container of the ``singleuser`` image as the user's uid, with no capability, holding the pod
-token the hub minted and the gateway's authority, that runs the relay and calls through it. It shares the
+token the hub minted and the gateway's authority, that runs the relay, calls the ledger through it and
+submits a model, which the jobs container trains in bubblewrap as the image's runner account. It shares the
 hub pod's network namespace (only a loopback), since no pod network joins two podman pods here, and so
 the pod's supplementary group too (it mounts nothing of the state that group opens); the policies that let
 users' pods reach the gateway's port are tested in ``test_network.py``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,14 @@ import pytest
 
 from paitient import podtokens
 from paitient.config import load
-from paitient.hub.kubernetes import GATEWAY_CA_FOLDER, GATEWAY_PORT, SERVICE_PORTS
+from paitient.hub.kubernetes import GATEWAY_CA_FOLDER, GATEWAY_PORT, SERVICE_PORTS, data_volume_name
 from paitient.hub.kubeservices import GATEWAY, ServicesPod
+from paitient.ops.demodata import publish_demo
 from paitient.ops.images import image_tag
 from paitient.registry import Member, Registry
+from paitient.rules import training_record
+from paitient.services.jobs import keys
+from paitient.services.jobs.store import JobStore
 from paitient.services.relay import TOKEN_FILE
 from tests import rootmember
 from tests.kubernetes.test_images import Pod, builder, podman  # noqa: F401 - builder is a fixture
@@ -46,7 +52,7 @@ SERVICES_GID = 60090  # the workspace's group in the services image, and the gat
 ACCOUNTS = '\n[jobs]\naccount = "paitient-jobs"\n\n[airlock]\naudit_account = "paitient-audit"\n'
 
 CLIENT = """
-import http.client, json, socket, ssl, subprocess, sys, time
+import http.client, json, os, socket, ssl, subprocess, sys, time
 from pathlib import Path
 from paitient import channel
 
@@ -79,6 +85,16 @@ pages = http.client.HTTPConnection("127.0.0.1", %(ledger)d, timeout=30)
 pages.request("GET", "/services/ledger/")
 reply = pages.getresponse()
 answer["pages"] = [reply.status, reply.getheader("Location")]
+
+# a model submitted as the kernel submits it, through the relay
+os.environ.update(HOME="/tmp/home", PAITIENT_RUN_DIR="/tmp/sockets/services")
+from torch import nn
+from paitient.kernel.jobs import submit
+job = submit(nn.Sequential(nn.Linear(30, 2)), dataset="breast_cancer", target="target", epochs=2, batch_size=64,
+             max_grad_norm=1.0, target_epsilon=1.0, lr=0.5)
+job.wait(timeout=300, widget=False, poll=0.5)
+answer["job"] = {"id": job.id, "state": job.state, "reason": job.reason,
+                 "record": job.record if job.state == "done" else None}
 relay.terminate()
 relay.wait(timeout=30)
 print(json.dumps(answer))
@@ -143,7 +159,7 @@ def status_of(b: Any, container: str) -> dict[str, str]:
     return {k: v.strip() for k, v in (line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)}
 
 
-def test_the_services_run_from_their_image_as_the_values_say_and_a_users_call_reaches_the_ledger(
+def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_reach_the_ledger_and_the_jobs(
     builder,  # noqa: F811 - the fixture
     tmp_path,
 ):
@@ -183,6 +199,13 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_call_re
         # as a user's pod has its Secret: root's and the pod's fsGroup's (the user's gid), 0440
         token_file.chmod(0o440)
         os.chown(token_file, 0, USER_UID)
+        # a dataset ingested on a host into the claims: its catalogue in the state, its files in the
+        # project's data claim
+        here = load(_written(tmp_path / "site-host.toml", SITE.format(state=state, gateway_uid=SERVICES_GID)))
+        publish_demo(here)
+        data = pod.volume(data_volume_name("oncology"))
+        for item in (here.data_root / "oncology").iterdir():
+            subprocess.run(["cp", "-a", str(item), str(data)], check=True)
 
         (init,) = rendered["spec"]["initContainers"]
         pod.run(init, detach=False)
@@ -204,6 +227,12 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_call_re
         seen = {n: status_of(builder, f"{pod.name}-{n}") for n in names}
         out = pod.run(rendered["spec"]["containers"][-1], detach=False)
         answer = json.loads(out.strip().splitlines()[-1])
+        public_key = keys.load_public_key(keys.public_key_path(here))
+        store = JobStore(state)
+        try:
+            weights = {answer["job"]["id"]: store.released(answer["job"]["id"])[0]} if answer.get("job") else {}
+        finally:
+            store.close()
     finally:
         logs = {n: logs_of(builder, f"{pod.name}-{n}") for n in names}
         pod.remove()
@@ -227,6 +256,12 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_call_re
     assert answer["forged"].get("code") == "forbidden", answer
     status, location = answer["pages"]
     assert status == 302 and "/hub/api/oauth2/authorize" in location, answer
+    # the model trained in the jobs container, in bubblewrap as the image's runner account, and the record
+    # it signed verifies with the workspace's public key over the weights it released
+    done = answer["job"]
+    assert done["state"] == "done", (done, logs["jobs"])
+    record = training_record.verify(done["record"], public_key, weights[done["id"]])
+    assert record["epsilon"] <= 1.0 + 1e-6 and record["dataset"] == "breast_cancer"
 
 
 CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7}
