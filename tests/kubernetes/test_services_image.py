@@ -36,6 +36,7 @@ from paitient.ops.demodata import publish_demo
 from paitient.ops.images import image_tag
 from paitient.registry import Member, Registry
 from paitient.rules import training_record
+from paitient.services.egress import socket_path as egress_socket
 from paitient.services.jobs import keys
 from paitient.services.jobs.store import JobStore
 from paitient.services.relay import TOKEN_FILE
@@ -201,7 +202,9 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_r
         os.chown(token_file, 0, USER_UID)
         # a dataset ingested on a host into the claims: its catalogue in the state, its files in the
         # project's data claim
-        here = load(_written(tmp_path / "site-host.toml", SITE.format(state=state, gateway_uid=SERVICES_GID)))
+        here_file = tmp_path / "site-host.toml"
+        here_file.write_text(SITE.format(state=state, gateway_uid=SERVICES_GID))
+        here = load(here_file)
         publish_demo(here)
         data = pod.volume(data_volume_name("oncology"))
         for item in (here.data_root / "oncology").iterdir():
@@ -211,11 +214,9 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_r
         pod.run(init, detach=False)
         for c in services.containers():
             pod.run(c, detach=True)
-        # each service is up once its socket is in the claim's run folder; the gateway once it listens
-        site = load(_written(tmp_path / "site-here.toml", site_text))
-        run_dir = state / site.run_dir.relative_to(site.state_dir)
-        sockets = {n: run_dir / f"{n}.sock" for n in SERVICE_PORTS}
-        sockets["egress"] = state / "gate" / "egress.sock"
+        # each service is up once its socket is in the state claim (the same files as the host's site names)
+        sockets = {n: here.run_dir / f"{n}.sock" for n in SERVICE_PORTS}
+        sockets["egress"] = egress_socket(here)
         deadline = time.monotonic() + 120
         while not all(s.is_socket() for s in sockets.values()):
             for n in names:
@@ -274,8 +275,3 @@ def capabilities(mask: str) -> set[str]:
     others = bits & ~sum(1 << bit for bit in CAPABILITY_BITS.values())
     assert not others, f"capabilities this test does not name: {others:#x}"
     return named
-
-
-def _written(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
