@@ -5,8 +5,10 @@ its security context. Here the same containers (:class:`paitient.hub.kubeservice
 values hold) run from the image ``bash scripts/setup test`` built, on podman, with the pod's security
 context merged into each container's (:class:`~tests.kubernetes.test_images.Pod`). A user's side stands in
 beside them: a container of the ``singleuser`` image as the user's uid, with no capability, holding the pod
-token the hub minted and the gateway's authority, that runs the relay, calls the ledger through it and
-submits a model, which the jobs container trains in bubblewrap as the image's runner account. It shares the
+token the hub minted and the gateway's authority, that runs the relay and calls through it: the ledger; a
+model it submits, which the jobs container trains in bubblewrap as the image's runner account; that job's
+weights asked for through the airlock, and weights from the kernel, which the airlock container audits in
+bubblewrap as the image's audit account. It shares the
 hub pod's network namespace (only a loopback), since no pod network joins two podman pods here, and so
 the pod's supplementary group too (it mounts nothing of the state that group opens); the policies that let
 users' pods reach the gateway's port are tested in ``test_network.py``.
@@ -41,6 +43,7 @@ from paitient.services.jobs import keys
 from paitient.services.jobs.store import JobStore
 from paitient.services.relay import TOKEN_FILE
 from tests import rootmember
+from tests.airlock.test_service import LINEAR
 from tests.kubernetes.test_images import Pod, builder, podman  # noqa: F401 - builder is a fixture
 from tests.kubernetes.test_values import get_config
 from tests.relay.conftest import SITE, make_authority
@@ -51,6 +54,12 @@ STATE = "/var/lib/paitient"
 USER_UID = 20001  # a user's uid as the profile gives it: uid_min + the hub's id
 SERVICES_GID = 60090  # the workspace's group in the services image, and the gateway's uid
 ACCOUNTS = '\n[jobs]\naccount = "paitient-jobs"\n\n[airlock]\naudit_account = "paitient-audit"\n'
+# weights trained in a kernel are refused unless the project allows them, with two stewards' approval
+BUDGET = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
+ALLOW = (
+    'stewards = ["sam", "kim"]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n'
+    'self_reported_weights = "two-person"\nself_reported_reason = "an audit of the request path"'
+)
 
 CLIENT = """
 import http.client, json, os, socket, ssl, subprocess, sys, time
@@ -96,6 +105,28 @@ job = submit(nn.Sequential(nn.Linear(30, 2)), dataset="breast_cancer", target="t
 job.wait(timeout=300, widget=False, poll=0.5)
 answer["job"] = {"id": job.id, "state": job.state, "reason": job.reason,
                  "record": job.record if job.state == "done" else None}
+
+# its weights asked for, and weights trained in the kernel: the airlock's checks, read back the same way
+from paitient import airlock
+from safetensors.torch import save_file
+
+def checked(rid):
+    end = time.monotonic() + 400
+    while time.monotonic() < end:
+        status = airlock.status(rid)
+        if status["state"] not in ("submitted", "checking"):
+            break
+        time.sleep(1)
+    return status
+
+if job.state == "done":
+    answer["certified"] = checked(airlock.request(job, justification="for the paper"))
+# weights of LINEAR's shape, on the features the runner trained on (its record names them)
+save_file({f"lin.{k}": v for k, v in nn.Linear(30, 2).state_dict().items()}, "/tmp/model.safetensors")
+answer["self_reported"] = checked(airlock.request(
+    "/tmp/model.safetensors", kind="weights", confirm=True, justification="for the paper",
+    model_source=%(linear)s, target="target", features=answer["job"]["record"]["record"]["features"],
+    split={"holdout": 0.3, "seed": 0}, dataset="breast_cancer"))
 relay.terminate()
 relay.wait(timeout=30)
 print(json.dumps(answer))
@@ -127,7 +158,13 @@ def client_container() -> dict[str, Any]:
         "command": ["python", "-I", "-c"],
         "args": [
             CLIENT
-            % {"gateway": GATEWAY_PORT, "ledger": SERVICE_PORTS["ledger"], "token": TOKEN_FILE, "ca": GATEWAY_CA_FOLDER}
+            % {
+                "gateway": GATEWAY_PORT,
+                "ledger": SERVICE_PORTS["ledger"],
+                "token": TOKEN_FILE,
+                "ca": GATEWAY_CA_FOLDER,
+                "linear": json.dumps(LINEAR),
+            }
         ],
         "securityContext": {
             "runAsUser": USER_UID,
@@ -160,7 +197,7 @@ def status_of(b: Any, container: str) -> dict[str, str]:
     return {k: v.strip() for k, v in (line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)}
 
 
-def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_reach_the_ledger_and_the_jobs(
+def test_the_services_run_from_their_image_as_the_values_say_and_a_users_job_and_requests_go_through_them(
     builder,  # noqa: F811 - the fixture
     tmp_path,
 ):
@@ -171,7 +208,8 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_r
         gateway_uid=SERVICES_GID,
         projects=("oncology",),
     )
-    site_text = SITE.format(state=STATE, gateway_uid=SERVICES_GID) + ACCOUNTS
+    site_text = SITE.format(state=STATE, gateway_uid=SERVICES_GID).replace(BUDGET, ALLOW, 1) + ACCOUNTS
+    assert ALLOW in site_text
     authority, cert, key = make_authority(tmp_path / "ca", "paitient test gateway authority")
     tokens = {name: secrets.token_hex(16) for name in SERVICE_PORTS}
     files = {
@@ -229,6 +267,7 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_r
         out = pod.run(rendered["spec"]["containers"][-1], detach=False)
         answer = json.loads(out.strip().splitlines()[-1])
         public_key = keys.load_public_key(keys.public_key_path(here))
+        audit_left = sorted(p.name for p in (state / "airlock-audit").iterdir())
         store = JobStore(state)
         try:
             weights = {answer["job"]["id"]: store.released(answer["job"]["id"])[0]} if answer.get("job") else {}
@@ -263,6 +302,20 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_calls_r
     assert done["state"] == "done", (done, logs["jobs"])
     record = training_record.verify(done["record"], public_key, weights[done["id"]])
     assert record["epsilon"] <= 1.0 + 1e-6 and record["dataset"] == "breast_cancer"
+    # the airlock container took the job's weights and record from the runner and verified the signature
+    certified = answer["certified"]
+    checks = {c["check"]: c for c in certified["checks"]}
+    assert certified["state"] == "in_review" and checks["training_record"]["status"] == "pass", certified
+    # weights from the kernel: the airlock container ran the membership-inference audit in bubblewrap as
+    # the image's audit account over the dataset's 569 rows; no runner signed them
+    reported = answer["self_reported"]
+    checks = {c["check"]: c for c in reported["checks"]}
+    assert reported["state"] == "in_review", (reported, logs["airlock"])
+    mia = checks["membership_inference"]
+    assert mia["status"] == "pass" and "the airlock's audit of the model's outputs" in mia["reason"], mia
+    assert (mia["details"]["members"], mia["details"]["nonmembers"]) == (398, 171)  # 30 % held out
+    assert checks["training_record"]["status"] == "fail"
+    assert audit_left == []  # the audit's scratch folder taken back from its account and emptied
 
 
 CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7}
