@@ -45,6 +45,7 @@ from paitient.services.relay import TOKEN_FILE
 from tests import rootmember
 from tests.airlock.test_service import LINEAR
 from tests.kubernetes.test_images import Pod, builder, podman  # noqa: F401 - builder is a fixture
+from tests.kubernetes.test_services_pod import CHECKED, ONE_STEWARD, SELF_REPORTED_ALLOWED
 from tests.kubernetes.test_values import get_config
 from tests.relay.conftest import SITE, make_authority
 
@@ -54,12 +55,6 @@ STATE = "/var/lib/paitient"
 USER_UID = 20001  # a user's uid as the profile gives it: uid_min + the hub's id
 SERVICES_GID = 60090  # the workspace's group in the services image, and the gateway's uid
 ACCOUNTS = '\n[jobs]\naccount = "paitient-jobs"\n\n[airlock]\naudit_account = "paitient-audit"\n'
-# weights trained in a kernel are refused unless the project allows them, with two stewards' approval
-BUDGET = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
-ALLOW = (
-    'stewards = ["sam", "kim"]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n'
-    'self_reported_weights = "two-person"\nself_reported_reason = "an audit of the request path"'
-)
 
 CLIENT = """
 import http.client, json, os, socket, ssl, subprocess, sys, time
@@ -109,16 +104,7 @@ answer["job"] = {"id": job.id, "state": job.state, "reason": job.reason,
 # its weights asked for, and weights trained in the kernel: the airlock's checks, read back the same way
 from paitient import airlock
 from safetensors.torch import save_file
-
-def checked(rid):
-    end = time.monotonic() + 400
-    while time.monotonic() < end:
-        status = airlock.status(rid)
-        if status["state"] not in ("submitted", "checking"):
-            break
-        time.sleep(1)
-    return status
-
+%(checked)s
 if job.state == "done":
     answer["certified"] = checked(airlock.request(job, justification="for the paper"))
 # weights of LINEAR's shape, on the features the runner trained on (its record names them)
@@ -164,6 +150,7 @@ def client_container() -> dict[str, Any]:
                 "token": TOKEN_FILE,
                 "ca": GATEWAY_CA_FOLDER,
                 "linear": json.dumps(LINEAR),
+                "checked": CHECKED,
             }
         ],
         "securityContext": {
@@ -208,8 +195,10 @@ def test_the_services_run_from_their_image_as_the_values_say_and_a_users_job_and
         gateway_uid=SERVICES_GID,
         projects=("oncology",),
     )
-    site_text = SITE.format(state=STATE, gateway_uid=SERVICES_GID).replace(BUDGET, ALLOW, 1) + ACCOUNTS
-    assert ALLOW in site_text
+    # weights trained in a kernel are refused unless the project allows them, with two stewards' approval
+    site = SITE.format(state=STATE, gateway_uid=SERVICES_GID)
+    site_text = site.replace(ONE_STEWARD, SELF_REPORTED_ALLOWED, 1) + ACCOUNTS
+    assert SELF_REPORTED_ALLOWED in site_text
     authority, cert, key = make_authority(tmp_path / "ca", "paitient test gateway authority")
     tokens = {name: secrets.token_hex(16) for name in SERVICE_PORTS}
     files = {

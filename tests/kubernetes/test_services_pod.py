@@ -552,20 +552,41 @@ def test_the_airlock_containers_context_runs_the_membership_inference_audit(worl
     assert not any(work.iterdir())  # the worker's scratch taken back and removed
 
 
-REQUEST = """
+CHECKED = """
+def checked(rid):
+    # the request's status once the airlock's checks have run on it (or after 400 s)
+    end = time.monotonic() + 400
+    while time.monotonic() < end:
+        status = airlock.status(rid)
+        if status["state"] not in ("submitted", "checking"):
+            break
+        time.sleep(1)
+    return status
+"""
+"""A kernel's wait for a request's checks: ``checked(rid)``, in code that has imported ``time`` and
+:mod:`paitient.airlock`."""
+
+REQUEST = (
+    """
 import json, sys, time
 from paitient import airlock
+"""
+    + CHECKED
+    + """
 rid = airlock.request(sys.argv[1], kind="weights", confirm=True, justification="for the paper",
                       model_source=sys.argv[2], target="target", split={"holdout": 0.3, "seed": 0},
                       dataset="breast_cancer")
-end = time.monotonic() + 400
-while time.monotonic() < end:
-    status = airlock.status(rid)
-    if status["state"] not in ("submitted", "checking"):
-        break
-    time.sleep(1)
-print(json.dumps(status))
+print(json.dumps(checked(rid)))
 """
+)
+
+ONE_STEWARD = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
+"""The oncology project of :data:`tests.relay.conftest.SITE`: one steward, weights from a kernel refused."""
+SELF_REPORTED_ALLOWED = (
+    'stewards = ["sam", "kim"]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n'
+    'self_reported_weights = "two-person"\nself_reported_reason = "an audit of the request path"'
+)
+"""The same project allowing weights trained in a kernel, with two stewards' approval."""
 
 
 @pytest.mark.e2e
@@ -581,13 +602,8 @@ def test_a_weights_request_from_a_pod_is_audited_by_the_airlock_container(world)
     from tests.airlock.test_service import LINEAR
 
     # weights trained in a kernel are refused unless the project allows them, with two stewards' approval
-    budget = 'stewards = ["sam"]\nbudget = { epsilon = 10.0, delta = 1e-5 }'
-    allow = (
-        'stewards = ["sam", "kim"]\nbudget = { epsilon = 10.0, delta = 1e-5 }\n'
-        'self_reported_weights = "two-person"\nself_reported_reason = "an audit of the request path"'
-    )
-    assert budget in world.site_file.read_text()
-    world.site_file.write_text(world.site_file.read_text().replace(budget, allow, 1))
+    assert ONE_STEWARD in world.site_file.read_text()
+    world.site_file.write_text(world.site_file.read_text().replace(ONE_STEWARD, SELF_REPORTED_ALLOWED, 1))
     publish(load(world.site_file), "oncology", "breast_cancer", breast_cancer())
     untrained = {f"lin.{k}": v for k, v in nn.Linear(30, 2).state_dict().items()}  # LINEAR's parameters
     weights = give(world.root / "model.safetensors", save(untrained), world.user.pw_uid)
