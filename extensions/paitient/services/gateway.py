@@ -68,6 +68,7 @@ from paitient.channel import (
 from paitient.podtokens import PodIdentity, PodTokens, token_file
 from paitient.rules.egress import ON_BEHALF, FrameError, encode_frame, read_header
 from paitient.services.egress import socket_path as egress_socket
+from paitient.services.kit.channel import STOP_POLL
 from paitient.services.kit.pipe import keepalive, splice
 from paitient.services.kit.tls import TLSSetupError, server_context
 
@@ -345,6 +346,9 @@ class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: dict[str, int] = {}
         self._held: dict[int, str] = {}
         super().__init__(address, _Handler)
+
+    def serve_forever(self, poll_interval: float = STOP_POLL) -> None:
+        super().serve_forever(poll_interval)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])

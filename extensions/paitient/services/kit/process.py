@@ -66,7 +66,9 @@ class StopSignal:
     thread inside ``Event.wait()`` while it holds the event's lock, and then waits for that lock forever.
     """
 
-    def __init__(self, tick: float = 0.2):
+    def __init__(self, tick: float = 0.05):
+        """``tick``: how often the flag is looked at, the most a stop waits for it (a sleeping main thread
+        wakes for the signal's handler, then sleeps out the rest of its tick)."""
         self.received = False
         self.tick = tick
         signal.signal(signal.SIGTERM, self._handle)
