@@ -9,7 +9,7 @@ import pytest
 
 from paitient import data
 from paitient.config import load
-from paitient.ops.demodata import demo_sources, publish_demo
+from paitient.ops.demodata import demo_sources, gbsg2_table, publish_demo
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,14 @@ def test_publishes_the_demo_projects_datasets(demo):
         "oncology/gbsg2": (686, True),
         "cardiometabolic/diabetes": (442, True),
     }
+
+
+def test_the_gbsg2_table_read_from_its_file_is_the_one_lifelines_loads():
+    from lifelines.datasets import load_gbsg2
+
+    table = gbsg2_table()
+    assert table.shape == (686, 10)
+    pd.testing.assert_frame_equal(table, load_gbsg2())
 
 
 def test_identifiers_are_gone_and_clinical_values_are_the_real_ones(demo):

@@ -185,14 +185,24 @@ def _years_before(when: list[date], years: np.ndarray, rng: np.random.Generator)
     ]
 
 
+def gbsg2_table() -> pd.DataFrame:
+    """The GBSG2 table lifelines ships, read from its file: importing lifelines (its fitters, scipy's
+    statistics) would take longer than the rest of the demo's data together, on every ``paitient up``."""
+    from importlib.util import find_spec
+
+    spec = find_spec("lifelines")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the demo data needs lifelines' GBSG2 table; run: bash scripts/setup install")
+    return pd.read_csv(Path(spec.origin).parent / "datasets" / "gbsg2.csv", engine="python")
+
+
 def demo_sources() -> dict[str, pd.DataFrame]:
     """The three raw demo tables, with identities, exactly as a hospital export might deliver them."""
-    from lifelines.datasets import load_gbsg2
     from sklearn.datasets import load_breast_cancer, load_diabetes
 
     rng = np.random.default_rng(SEED)
     # GBSG2 trial: 686 women; surgery 1984-1989, follow-up `time` days later
-    g = load_gbsg2()
+    g = gbsg2_table()
     gid = _identities(len(g), rng, np.ones(len(g), bool), start=4_100_000)
     surgery = _day(date(1984, 7, 1), 5 * 365, rng, len(g))
     gid["birth_date"] = _years_before(surgery, g["age"].to_numpy(), rng)
@@ -220,15 +230,17 @@ def demo_sources() -> dict[str, pd.DataFrame]:
     did = _identities(len(d), rng, d["sex"].to_numpy() == 1, start=4_300_000)
     baseline = _day(date(2015, 1, 1), 8 * 365, rng, len(d))
     did["birth_date"] = _years_before(baseline, d["age"].to_numpy(), rng)
-    shared = [i for i in range(len(breast)) if breast.loc[i, "birth_date"] < date(1975, 1, 1)][:200]
+    births = breast["birth_date"].tolist()  # looked up ~40,000 times below: a list, not the frame
+    ages = d["age"].tolist()
+    shared = [i for i in range(len(breast)) if births[i] < date(1975, 1, 1)][:200]
     women = np.flatnonzero(d["sex"].to_numpy() == 1)
     used = 0
     for j in women:
         if used == 60:
             break
         for i in shared:
-            bd = breast.loc[i, "birth_date"]
-            when = bd + timedelta(days=int(d.loc[j, "age"] * 365.25) + 100)
+            bd = births[i]
+            when = bd + timedelta(days=int(ages[j] * 365.25) + 100)
             if date(2015, 1, 1) <= when <= date(2023, 12, 31):
                 did.loc[j, gid.columns] = breast.loc[i, gid.columns].to_numpy()
                 did.loc[j, "birth_date"] = bd
