@@ -68,7 +68,7 @@ from paitient.channel import (
 from paitient.podtokens import PodIdentity, PodTokens, token_file
 from paitient.rules.egress import ON_BEHALF, FrameError, encode_frame, read_header
 from paitient.services.egress import socket_path as egress_socket
-from paitient.services.kit.channel import STOP_POLL
+from paitient.services.kit.channel import PromptStop
 from paitient.services.kit.pipe import keepalive, splice
 from paitient.services.kit.tls import TLSSetupError, server_context
 
@@ -329,7 +329,7 @@ class _Handler(socketserver.BaseRequestHandler):
             pass
 
 
-class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class GatewayServer(PromptStop, socketserver.ThreadingMixIn, socketserver.TCPServer):
     """The TCP server: a thread per connection, at most :data:`PER_ADDRESS` connections at once from one
     address (a pod) and :data:`TOTAL` in all; a connection over either is closed unanswered before its
     thread starts, so one pod holding connections open cannot take the gateway from the others."""
@@ -346,9 +346,6 @@ class GatewayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: dict[str, int] = {}
         self._held: dict[int, str] = {}
         super().__init__(address, _Handler)
-
-    def serve_forever(self, poll_interval: float = STOP_POLL) -> None:
-        super().serve_forever(poll_interval)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])

@@ -299,7 +299,14 @@ STOP_POLL = 0.05
 socketserver's default of half a second, every service's stop and every restart waited for it."""
 
 
-class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class PromptStop(socketserver.BaseServer):
+    """A socketserver whose ``serve_forever`` looks for ``shutdown()`` every :data:`STOP_POLL` seconds."""
+
+    def serve_forever(self, poll_interval: float = STOP_POLL) -> None:
+        super().serve_forever(poll_interval)
+
+
+class UnixSocketServer(PromptStop, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A threaded unix-socket server at ``path`` with ``mode``: an old socket there is replaced, anything else
     is refused; the socket goes when the server closes. Subclasses name their request handler."""
 
@@ -329,9 +336,6 @@ class UnixSocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
         if group is not None:
             os.chown(self.path, -1, group)
         os.chmod(self.path, mode)
-
-    def serve_forever(self, poll_interval: float = STOP_POLL) -> None:
-        super().serve_forever(poll_interval)
 
     def start_in_thread(self) -> threading.Thread:
         t = threading.Thread(target=self.serve_forever, name=f"{self.name}-socket", daemon=True)
