@@ -8,6 +8,7 @@ restarted without touching the proxy, the directory or the researchers' servers.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from typing import Any
 
@@ -79,10 +80,19 @@ def service_ports(text: str) -> dict[str, int]:
     return out
 
 
+SERVICE_POLL = 0.05
+"""How often the hub looks whether a managed service it started has opened its pages (JupyterHub's own wait
+starts at 0.2 s and doubles, so a service ready after 1.5 s may be noticed after 3 s; and the services start one
+after another)."""
+
+
 def hub_class(site: site_config.SiteConfig) -> Any:
     """JupyterHub, which at its start also revokes any API token a researcher still holds
-    (:func:`paitient.hub.tokens.sweep`), each revocation in the audit trail."""
+    (:func:`paitient.hub.tokens.sweep`), each revocation in the audit trail, and notices a managed service
+    ready within :data:`SERVICE_POLL`."""
     from jupyterhub.app import JupyterHub
+    from jupyterhub.objects import Server
+    from jupyterhub.utils import AnyTimeoutError
 
     from paitient.hub import tokens
     from paitient.services import audit
@@ -96,6 +106,37 @@ def hub_class(site: site_config.SiteConfig) -> Any:
                 audit.emit(
                     site, actor="system", action="auth.token", object=name, details=tokens.revoked_details(prefixes)
                 )
+
+        async def start_service(self, service_name: str, service: Any, ssl_context: Any = None) -> bool:
+            """As JupyterHub's, in the same order and with the same verdicts, but a managed service with pages
+            is watched every :data:`SERVICE_POLL` until it accepts connections (then JupyterHub's own HTTP
+            check, which passes at its first try) or exits."""
+            if not (service.managed and service.url):
+                return bool(await super().start_service(service_name, service, ssl_context))
+            self.log.info("Starting managed service %s at %s", service_name, service.url)
+            try:
+                await service.start()
+            except Exception:
+                self.log.critical("Failed to start service %s", service_name, exc_info=True)
+                return False
+            server = Server.from_orm(service.orm.server)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + service.timeout
+            while not server.is_up():
+                status = await service.spawner.poll()
+                if status is not None:
+                    self.log.critical("Service %s exited with status %s", service_name, status)
+                    return False
+                if loop.time() > deadline:
+                    self.log.critical("Cannot connect to %s service %s", service_name, service.kind)
+                    return False
+                await asyncio.sleep(SERVICE_POLL)
+            try:
+                await server.wait_up(http=True, timeout=max(1.0, deadline - loop.time()), ssl_context=ssl_context)
+            except AnyTimeoutError:
+                self.log.critical("Cannot connect to %s service %s", service_name, service.kind)
+                return False
+            return True
 
     return PaitientHub
 
