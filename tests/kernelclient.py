@@ -31,6 +31,10 @@ class CellResult:
     """The content of the execute_reply (None when the kernel went idle and none came within REPLY_GRACE)."""
     buffers: list[bytes] = field(default_factory=list)
     """The binary buffers of the iopub messages that reached the client (comm messages, display data)."""
+    frames: list[bytes] = field(default_factory=list)
+    """Every websocket frame this execution received, as it came (str frames encoded)."""
+    parents: list[dict] = field(default_factory=list)
+    """The parent header of each of this execution's messages that reached the client."""
 
 
 REPLY_GRACE = 10.0
@@ -99,6 +103,7 @@ async def execute(
             if raw is None:
                 raise RuntimeError("kernel websocket closed")
             out.wire_bytes += len(raw)
+            out.frames.append(raw if isinstance(raw, bytes) else raw.encode())
             if v1:
                 ch, parts = deserialize_msg_from_ws_v1(raw)
                 msg = {
@@ -117,6 +122,7 @@ async def execute(
                 msg = json.loads(raw)
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
+            out.parents.append(msg["parent_header"])
             kind, content = msg["msg_type"], msg["content"]
             if kind == "input_request" and stdin_reply is not None:
                 out.prompts.append(content.get("prompt", ""))

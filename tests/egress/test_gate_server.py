@@ -134,6 +134,38 @@ def test_rows_on_stderr_are_withheld(world):
     assert "row:5" not in res.stderr and "output withheld" in res.stderr
 
 
+HEADER_CELL = """
+k = get_ipython().kernel
+rows = '\\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {first} + 100))
+parent = dict(k.get_parent()['header'], stash=rows)
+header = k.session.msg_header('stream')
+header['stash'] = rows
+k.session.send(k.iopub_socket, 'stream', {{'name': 'stdout', 'text': 'plain text\\n'}}, parent=parent, header=header)
+k.session.send(k.iopub_socket, 'status', {{'execution_state': 'busy'}}, parent=parent)
+odd = dict(header, msg_type='stream ' + rows)
+k.session.send(k.iopub_socket, 'stream', {{'name': 'stdout', 'text': 'odd type\\n'}}, parent=parent, header=odd)
+print('done')
+"""
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["json", "v1"])
+def test_nothing_a_kernel_writes_into_a_message_header_or_its_parent_reaches_the_browser(world, v1):
+    # The gate reads content, metadata and buffers; a header or parent header the kernel filled with rows
+    # (even one of a status message, which bypasses the output cap) must not carry them past it.
+    _, server, _, _, _ = world
+    first = 5000 if v1 else 6000
+    res = server.run(HEADER_CELL.format(first=first), v1=v1)
+    wire = b"".join(res.frames)
+    assert res.error is None and "plain text" in res.stdout and "done" in res.stdout
+    assert [r for r in (f"row:{i},".encode() for i in range(first, first + 100)) if r in wire] == []
+    assert b'"stash"' not in wire
+    # the message of an invalid type is dropped; the others go on with the client's own request header
+    assert "odd type" not in res.stdout
+    assert res.parents and all(set(p) <= {"msg_id", "msg_type", "session", "username", "date", "version"}
+                               for p in res.parents)  # fmt: skip
+    assert {p["msg_type"] for p in res.parents} == {"execute_request"}
+
+
 def test_a_data_file_renamed_to_source_is_not_served(world):
     _, server, _, home, user = world
     _put(

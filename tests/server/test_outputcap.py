@@ -1,6 +1,7 @@
-"""The output cap as plain logic: per message, per execution, forged parents, protocol messages."""
+"""The output cap as plain logic: per message, per execution, forged parents, protocol messages, and the
+headers a kernel's messages go on with."""
 
-from paitient.rules.outputcap import OutputCap, Verdict, replacement
+from paitient.rules.outputcap import TRACKED_REQUESTS, OutputCap, Verdict, message_type, replacement
 
 
 def cap() -> OutputCap:
@@ -96,3 +97,37 @@ def test_stripped_messages_keep_only_protocol_fields():
 def test_cut_reply_becomes_an_error_reply():
     _, content = replacement(Verdict.CUT, "inspect_reply", {"status": "ok", "data": {"text/plain": "x" * 9000}}, cap())
     assert content["status"] == "error" and "data" not in content
+
+
+def test_the_parent_of_a_kernel_message_is_the_clients_own_request_header_and_nothing_the_kernel_added():
+    c = cap()
+    request = {"msg_id": "m1", "msg_type": "execute_request", "session": "s", "username": "u", "date": "d",
+               "version": "5.3", "extra": "from the client, not kept", "date2": 1}  # fmt: skip
+    c.note_request(request)
+    forged = {**request, "stash": "row:1,2\n" * 100, "session": "row:1,2"}
+    assert c.parent(forged) == {k: request[k] for k in ("msg_id", "msg_type", "session", "username", "date", "version")}
+    # a request no client sent, or a parent that is not a mapping: no parent at all
+    assert c.parent({"msg_id": "row:1,2"}) == {}
+    assert c.parent("row:1,2") == {} and c.parent({"msg_id": 7}) == {}
+    # a client's over-long field is not kept, and a header without a message id is not noted
+    c.note_request({"msg_id": "m2", "session": "x" * 257})
+    assert c.parent({"msg_id": "m2"}) == {"msg_id": "m2"}
+    c.note_request({"session": "s"})
+    c.note_request("not a header")
+    assert list(c.requests) == ["m1", "m2"]
+
+
+def test_tracked_requests_are_bounded_and_the_latest_kept():
+    c = cap()
+    for i in range(TRACKED_REQUESTS + 10):
+        c.note_request({"msg_id": f"m{i}"})
+    assert len(c.requests) == TRACKED_REQUESTS
+    assert c.parent({"msg_id": "m0"}) == {} and c.parent({"msg_id": f"m{TRACKED_REQUESTS + 9}"})
+
+
+def test_only_a_plain_type_name_is_a_message_type():
+    assert message_type({"msg_type": "comm_msg"}) == "comm_msg"
+    assert message_type({"msg_type": "x" * 64}) == "x" * 64
+    for bad in ("x" * 65, "Stream", "stream row:1,2", "stream\n", "", "1stream", None, 3):
+        assert message_type({"msg_type": bad}) is None, bad
+    assert message_type("stream") is None

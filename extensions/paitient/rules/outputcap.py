@@ -5,6 +5,11 @@ ask for (an ``execute_request`` passing through the server), so a kernel cannot 
 inventing parent ids: a message whose parent is not one of those executions is charged to the latest
 one. :func:`verdict` decides per message; :func:`replacement` builds what the browser gets instead.
 
+Nothing of a kernel's message header reaches the browser: the server sends each message on under a header
+of its own, with the kernel's message type only when it is a plain type name (:func:`message_type`), and as
+its parent the header the client itself sent with the request the kernel names (:meth:`OutputCap.parent`),
+so neither can carry what the gate did not read.
+
 Rules:
 - a message larger than ``message_bytes`` is cut (stream text keeps its head) or replaced by a notice;
 - once an execution has sent ``execution_bytes``, its next output message becomes one notice and every
@@ -15,12 +20,20 @@ Rules:
 from __future__ import annotations
 
 import enum
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_TYPES = frozenset({"status", "clear_output", "comm_close", "shutdown_reply"})
 TRACKED_EXECUTIONS = 256
+TRACKED_REQUESTS = 4096
+"""Requests of clients whose headers are kept, the latest, to be the parent of the kernel's answers."""
+REQUEST_FIELDS = ("msg_id", "msg_type", "session", "username", "date", "version", "subshell_id")
+"""The fields of a client's request header its answers carry back; each kept only as a string of at most
+:data:`REQUEST_FIELD_CHARS` characters."""
+REQUEST_FIELD_CHARS = 256
+MESSAGE_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 CUT_OVERHEAD = 1024
 """Bytes a cut message carries besides the kept text (headers and the notice)."""
 NOTICE = (
@@ -40,6 +53,13 @@ class Verdict(enum.Enum):
     DROP = "drop"
 
 
+def message_type(header: Any) -> str | None:
+    """The message type of a kernel's header, when it is a plain type name (lower-case letters, digits and
+    underscores, at most 64); else None, and the message does not go on."""
+    msg_type = header.get("msg_type") if isinstance(header, dict) else None
+    return msg_type if isinstance(msg_type, str) and MESSAGE_TYPE.match(msg_type) else None
+
+
 def is_protocol(msg_type: str) -> bool:
     return msg_type in PROTOCOL_TYPES or msg_type.endswith("_reply")
 
@@ -53,6 +73,29 @@ class OutputCap:
     withheld: set[str] = field(default_factory=set)
     """Executions whose output the egress gate withheld (their notice was sent)."""
     current: str = ""
+    requests: OrderedDict[str, dict[str, str]] = field(default_factory=OrderedDict)
+    """The headers (:data:`REQUEST_FIELDS`) of the latest requests clients sent the kernel, by message id."""
+
+    def note_request(self, header: Any) -> None:
+        """A client sent the kernel a message with ``header``: the kernel's answers to it get that header back
+        as their parent (the client's own bytes, whatever the kernel writes into theirs)."""
+        if not isinstance(header, dict):
+            return
+        fields = {k: v for k in REQUEST_FIELDS if isinstance(v := header.get(k), str) and len(v) <= REQUEST_FIELD_CHARS}
+        msg_id = fields.get("msg_id")
+        if not msg_id:
+            return
+        self.requests[msg_id] = fields
+        self.requests.move_to_end(msg_id)
+        while len(self.requests) > TRACKED_REQUESTS:
+            self.requests.popitem(last=False)
+
+    def parent(self, parent_header: Any) -> dict[str, str]:
+        """The parent header a kernel's message goes on with: the header a client sent with the request that
+        ``parent_header`` names, or none when no client of this server sent it (the kernel's own messages,
+        or a request too old to be kept). Nothing the kernel wrote into ``parent_header`` is kept."""
+        msg_id = parent_header.get("msg_id") if isinstance(parent_header, dict) else None
+        return dict(self.requests.get(msg_id, {})) if isinstance(msg_id, str) else {}
 
     def note_execute(self, msg_id: str) -> None:
         """A client's execute_request went to the kernel: it opens a new budget."""

@@ -33,7 +33,7 @@ from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
-from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, replacement, strip_protocol
+from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, message_type, replacement, strip_protocol
 from paitient.server.gate import EgressGate
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -86,6 +86,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         except Exception:
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
+        self.cap.note_request(header)  # the parent the kernel's answers to it go out with
         # ipykernel runs an execute_request from the control channel as well as from shell.
         if header.get("msg_type") == "execute_request":
             msg_id = str(header.get("msg_id", ""))
@@ -199,20 +200,33 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     def _message(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any]) -> list[Any]:
         return self.session.serialize(self.session.msg(msg_type, content=content, parent=parent))
 
+    def _forwarded(self, msg_type: str, parent: dict[str, Any], metadata: Any, fed: list[Any]) -> list[Any]:
+        """A kernel's message as the browser gets it: a header of this server's session, the client's own
+        ``parent``, and the kernel's metadata (a mapping, else none), content and buffers, which the gate reads."""
+        msg = self.session.msg(msg_type, parent=parent, metadata=metadata if isinstance(metadata, dict) else {})
+        msg["content"] = _bytes(fed[4])  # as the kernel packed it
+        return [*self.session.serialize(msg), *fed[5:]]
+
     async def _through_gate(self, outgoing: list[Any]) -> list[Any] | None:
-        """What of ``outgoing`` may reach the browser: the message itself, a replacement, or nothing."""
+        """What of ``outgoing`` may reach the browser: the message under a header of the server's, a
+        replacement, or nothing."""
         gate = self.gate
         _, fed = self.session.feed_identities(outgoing)
         try:
             header = self.session.unpack(fed[1])
-            parent = self.session.unpack(fed[2])
+            raw_parent = self.session.unpack(fed[2])
+            metadata = self.session.unpack(fed[3])
             content = self.session.unpack(fed[4])
         except Exception:
             self.log.warning("Dropping a malformed message from kernel %s", self.kernel_id)
             return None
-        msg_type = str(header.get("msg_type", ""))
-        parent_id = str(parent.get("msg_id", ""))
+        msg_type = message_type(header)
+        if msg_type is None or not isinstance(content, dict):
+            self.log.warning("Dropping a message of kernel %s that is not of the protocol's form", self.kernel_id)
+            return None
         cap = self.cap
+        parent = cap.parent(raw_parent)
+        parent_id = parent.get("msg_id", "")
         execution = cap.key(parent_id)
         if msg_type in REBUILT:
             # Nothing of the kernel's but the protocol's own fields.
@@ -221,7 +235,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         verdict = cap.charge(msg_type, parent_id, size)
         if verdict is Verdict.DROP:
             return None
-        candidate: list[Any] | None = outgoing
+        candidate: list[Any] | None = self._forwarded(msg_type, parent, metadata, fed)
         scan = True
         if verdict is not Verdict.FORWARD:
             new_type, new_content = replacement(verdict, msg_type, content, cap)
