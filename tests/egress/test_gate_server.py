@@ -15,6 +15,7 @@ import os
 import pickle
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from paitient.registry import Registry
@@ -244,6 +245,85 @@ def test_file_names_in_a_listing_are_checked(world):
         _put(folder, user, f"row:{i}", b"")
     r = server.get("/api/contents/names?content=1")
     assert r.status_code == 403 and "listing withheld" in r.json()["message"]
+
+
+def test_a_key_the_kernel_adds_at_a_notebooks_top_level_stays_behind(world):
+    # nbformat reads a notebook with keys of its own at the top level (it only logs the schema error); only
+    # the checked metadata and cells, and the format version, go out
+    _, server, _, _, _ = world
+    res = server.run(
+        "import json\n"
+        "rows = ''.join(f'row:{i},1.5\\n' for i in range(960, 1060))\n"
+        "doc = {'nbformat': 4, 'nbformat_minor': 10**40, 'metadata': {}, 'cells': [], 'stash': rows}\n"
+        "json.dump(doc, open('extra.ipynb', 'w'))"
+    )
+    assert res.error is None
+    r = server.get("/api/contents/extra.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    assert "row:" not in r.text
+    nb = r.json()["content"]
+    assert set(nb) == {"nbformat", "nbformat_minor", "metadata", "cells"} and nb["nbformat"] == 4
+    assert nb["nbformat_minor"] == nbformat.v4.nbformat_minor
+
+
+def test_a_file_that_does_not_parse_as_a_notebook_is_refused_without_quoting_it(world):
+    _, server, _, home, user = world
+    rows = "".join(f"row:{i},1.5\n" for i in range(1100, 1200))
+    _put(
+        home,
+        user,
+        "bad.ipynb",
+        json.dumps({"nbformat": rows, "nbformat_minor": 5, "metadata": {}, "cells": []}).encode(),
+    )
+    r = server.get("/api/contents/bad.ipynb?content=1")
+    assert r.status_code == 400 and "Unreadable Notebook: bad.ipynb" in r.json()["message"]
+    assert "row:" not in r.text
+
+
+def test_an_error_answered_to_a_contents_get_is_checked_too(world):
+    # the contents manager checks the bodies it sends; an error's text (here the path asked for, which
+    # jupyter_server quotes) goes through the output transform
+    _, server, _, _, _ = world
+    missing = "/".join(f"row:{i}" for i in range(1200, 1250))
+    r = server.get(f"/api/contents/{missing}?content=1")
+    assert r.status_code == 403 and r.json()["reason"] == "egress-withheld", r.text[:300] + server.logs()
+    assert "row:" not in r.text
+    assert server.get("/api/contents/row:1300?content=1").status_code == 404  # a few rows: the error itself
+
+
+def test_a_listing_is_checked_whole_and_counted_again_only_when_it_changed(world):
+    # sizes and times in a listing are values the kernel sets (truncate, utime): they count like the names
+    _, server, service, home, user = world
+    folder = home / "sizes"
+    folder.mkdir()
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    values = [17990, 10380, 122800, 10010]
+    for n, v in enumerate(values):
+        with open(folder / f"f{n}", "wb") as f:
+            f.truncate(v)
+        os.utime(folder / f"f{n}", ns=(0, 1_700_000_000_000_000_000 + v * 1000))
+        os.chown(folder / f"f{n}", user.pw_uid, user.pw_gid)
+
+    def day() -> int:
+        return stored(service).day(user.pw_name, today()).bytes
+
+    before = day()
+    r = server.get("/api/contents/sizes?content=1")
+    assert r.status_code == 200 and sorted(e["size"] for e in r.json()["content"]) == sorted(values)
+    listed = len(json.dumps(r.json()["content"]))
+    first = day()
+    assert first - before >= listed * 0.9, (before, first, listed)
+    # the file browser asks again every few seconds: the same listing is not counted again
+    assert server.get("/api/contents/sizes?content=1").status_code == 200
+    assert day() == first
+    os.utime(folder / "f0", ns=(0, 1_700_000_000_000_000_000 + 55555 * 1000))
+    assert server.get("/api/contents/sizes?content=1").status_code == 200
+    assert day() >= first + listed * 0.9
+    # a model without content (size, times) goes through the output transform and is counted too
+    then = day()
+    r = server.get("/api/contents/sizes/f2?content=0")
+    assert r.status_code == 200 and r.json()["size"] == 122800
+    assert day() >= then + len(r.content)
 
 
 def test_images_pass_and_count_against_the_day(world):

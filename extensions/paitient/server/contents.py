@@ -11,7 +11,14 @@ Bodies (``GET /api/contents/<path>`` with content) are what the browser can save
 - text and notebooks go to the egress gate (:mod:`paitient.server.gate`), which finds the dataset rows they
   reveal: a text file showing too many is refused; in a notebook, each output is checked like a live one and
   replaced by the notice when withheld (its code and the rest of the notebook still open);
-- directory listings go through the gate too (file names are text the kernel chose).
+- directory listings go through the gate too, whole: names, sizes and times are all values the kernel chose
+  (a listing the browser polls is checked again only when it changed since this server last sent it);
+- a notebook goes out rebuilt from what was checked (its metadata, its cells and its format version), so a
+  key the kernel added at its top level stays behind; a file that does not parse as a notebook is refused
+  without quoting it.
+
+Models without content (``content=0``) and error responses are checked by the output transform
+(:mod:`paitient.server.routes`).
 
 Copies inside the home (the file browser's Duplicate) read nothing out, so they are not checked.
 """
@@ -20,9 +27,11 @@ from __future__ import annotations
 
 import base64
 import contextvars
+import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import nbformat
@@ -45,6 +54,10 @@ def inside(root: str, path: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
+REMEMBERED_LISTINGS = 1024
+"""Folders whose last listing sent is remembered (by its SHA-256), the latest used."""
+
+
 def _refuse(message: str) -> HTTPError:
     return HTTPError(403, message.replace("%", "%%"))
 
@@ -56,6 +69,10 @@ class ConfinedContentsManager(AsyncLargeFileManager):
     max_content_bytes = site_trait(Server, "contents_cap_bytes")
     max_text_bytes = site_trait(EgressLimits, "contents_bytes")
     egress_gate = AnyTrait(None, allow_none=True, help="The server's egress gate (set by the server extension).")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._listings_sent: OrderedDict[str, bytes] = OrderedDict()
 
     def _get_os_path(self, path: str) -> str:
         os_path = super()._get_os_path(path)
@@ -85,8 +102,7 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         os_path = self._get_os_path(path)
         if os.path.isdir(os_path):
             model = await super().get(path, content=True, type=type, format=format, **kwargs)
-            names = "\n".join(str(entry.get("name", "")) for entry in model.get("content") or [])
-            await self._check_whole(path, names.encode(), what="this folder's listing")
+            await self._check_listing(path, json.dumps(model.get("content") or [], default=str).encode())
             return model
         if not os.path.isfile(os_path):
             return await super().get(path, content=True, type=type, format=format, **kwargs)
@@ -139,6 +155,18 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         if not check.forward:
             raise _refuse(check.notice.replace("output withheld", f"{what or path} withheld", 1))
 
+    async def _check_listing(self, path: str, text: bytes) -> None:
+        """Check a folder's listing, unless it is the one this server last sent for that folder (the browser
+        has it already: the file browser asks again every few seconds)."""
+        digest = hashlib.sha256(text).digest()
+        if self._listings_sent.get(path) != digest:
+            self._listings_sent.pop(path, None)
+            await self._check_whole(path, text, what="this folder's listing")
+            self._listings_sent[path] = digest
+            while len(self._listings_sent) > REMEMBERED_LISTINGS:
+                self._listings_sent.popitem(last=False)
+        self._listings_sent.move_to_end(path)
+
     async def _as_file(
         self, model: dict[str, Any], path: str, data: bytes, mimetype: str, format: str | None, *, image: bool = False
     ) -> dict[str, Any]:
@@ -162,7 +190,10 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         try:
             nb = nbformat.reads(data.decode("utf-8"), as_version=4)
         except Exception as e:
-            raise HTTPError(400, f"Unreadable Notebook: {path} {e!r}") from e
+            # nbformat's message quotes the file; the file is the kernel's
+            raise HTTPError(
+                400, f"Unreadable Notebook: {path} is not a notebook nbformat can read ({type(e).__name__})"
+            ) from e
         gate = self._gate()
         base = f"contents:{path}:{uuid.uuid4().hex}"
 
@@ -204,10 +235,26 @@ class ConfinedContentsManager(AsyncLargeFileManager):
                 )
             if "outputs" in cell:
                 cell["outputs"] = outputs
+        nb = _rebuilt(nb)
         self.mark_trusted_cells(nb, path)
         model.update(content=nb, format="json", type="notebook", mimetype=None, size=len(data))
         self.validate_notebook_model(model)
         return model
+
+
+def _rebuilt(nb: Any) -> Any:
+    """The notebook of ``nb``'s checked parts only: its metadata, its cells and its format's minor version
+    (kept where it is one nbformat knows); any other top-level key stays behind."""
+    minor = nb.get("nbformat_minor")
+    known = isinstance(minor, int) and not isinstance(minor, bool) and 0 <= minor <= nbformat.v4.nbformat_minor
+    return nbformat.from_dict(
+        {
+            "nbformat": 4,
+            "nbformat_minor": minor if known else nbformat.v4.nbformat_minor,
+            "metadata": nb.metadata,
+            "cells": nb.cells,
+        }
+    )
 
 
 def _comment(notice: str, cell_type: str | None) -> str:

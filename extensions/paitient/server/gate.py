@@ -210,13 +210,18 @@ class EgressGate:
 # Every other HTTP response
 
 
+IF_OK = "if-ok"
+"""A request's tag for a response the output transform lets through untouched when its status is 200 (the
+contents manager checked that body) and checks otherwise (an error's text may quote what it read)."""
+
+
 class EgressTransform(OutputTransform):
     """Holds back each response body until it is whole, asks the gate, and sends it or a refusal.
 
     Installed first in the application's transforms, so it sees the body before compression. The route
     policy (:func:`paitient.server.routes.install`) tags each request with its category: static assets of
     the software (JupyterLab's own files) pass untouched, GETs of file contents were checked by the
-    contents manager, everything else is checked here.
+    contents manager (unless they failed), everything else is checked here.
     """
 
     def __init__(self, request: HTTPServerRequest):
@@ -225,12 +230,14 @@ class EgressTransform(OutputTransform):
         self.held: list[bytes] = []
         self.status = 200
         self.headers: HTTPHeaders | None = None
-        self.passthrough = getattr(request, "_paitient_passthrough", False)
+        self.passthrough: bool | str = getattr(request, "_paitient_passthrough", False)
         self.gate: EgressGate | None = getattr(request, "_paitient_gate", None)
 
     def transform_first_chunk(
         self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
     ) -> tuple[int, HTTPHeaders, bytes]:
+        if self.passthrough == IF_OK:
+            self.passthrough = status_code == 200
         if self.passthrough or self.gate is None:
             return status_code, headers, chunk
         self.status, self.headers = status_code, headers

@@ -4,8 +4,9 @@ The server is jupyter_server with JupyterLab and this extension. Each handler cl
 listed in :data:`POLICY` with how its responses reach the browser:
 
 - ``kernel``: the kernel websocket; every message is checked by the gate (:mod:`paitient.server.websocket`).
-- ``contents``: the contents API; file and notebook bodies are checked by the contents manager
-  (:mod:`paitient.server.contents`), anything else it answers by the output transform.
+- ``contents``: the contents API; the bodies of a GET with content (files, notebooks, listings) are
+  checked by the contents manager (:mod:`paitient.server.contents`), everything else it answers (models
+  without content, errors, what a save or a rename returns) by the output transform.
 - ``checked``: an API or a page; its whole response is checked by the output transform
   (:class:`paitient.server.gate.EgressTransform`).
 - ``software``: what the software serves from its own root-owned files (JupyterLab's code, settings
@@ -27,11 +28,13 @@ from typing import Any
 from tornado import web
 from tornado.httputil import HTTPServerRequest
 
+from paitient.server.gate import IF_OK
 from paitient.server.handlers import BlockedHandler
 
 log = logging.getLogger("paitient.server.routes")
 
 KERNEL, CONTENTS, CHECKED, SOFTWARE, REFUSED = "kernel", "contents", "checked", "software", "refused"
+
 
 POLICY: dict[str, str] = {
     # the kernel websocket
@@ -143,7 +146,9 @@ def install(app: web.Application, gate: Any) -> None:
             )
             delegate = app.get_handler_delegate(request, BlockedHandler)
             kind = REFUSED
-        passthrough = kind in (SOFTWARE, REFUSED, KERNEL) or (kind == CONTENTS and request.method == "GET")
+        passthrough: bool | str = kind in (SOFTWARE, REFUSED, KERNEL)
+        if kind == CONTENTS and request.method == "GET" and request.query_arguments.get("content", [b"1"])[-1] == b"1":
+            passthrough = IF_OK  # the contents manager checked the body; an error's text is checked here
         request._paitient_passthrough = passthrough  # type: ignore[attr-defined]
         request._paitient_gate = gate  # type: ignore[attr-defined]
         return delegate
