@@ -9,10 +9,12 @@ text (``row:<n>`` marks row n of ``onc/bc``) so the plumbing is tested apart fro
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 
 import nbformat
@@ -345,6 +347,34 @@ def test_other_api_responses_pass_the_transform_and_are_counted(world):
     assert server.get("/api/sessions").status_code == 200
     assert server.get("/api/kernels").status_code == 200
     assert stored(service).day(user.pw_name, today()).outputs >= before + 2
+
+
+def test_a_checked_response_carries_no_hash_of_its_body_and_answers_no_guess(world):
+    # tornado hashes a body (Etag) and answers 304 to a matching If-None-Match before the output transform
+    # reads it: for a body the gate withholds, the hash and the 304 would confirm a guess at it
+    _, server, _, _, _ = world
+    kernel = server.start_kernel()
+    rows = "-".join(f"row:{i}" for i in range(1300, 1350))
+    # the server records the state a kernel reports (after the cell's own idle, here) and lists it
+    res = server.run(
+        "import threading\n"
+        "k, parent = get_ipython().kernel, get_ipython().kernel.get_parent()\n"
+        f"state = {{'execution_state': {rows!r}}}\n"
+        "threading.Timer(0.5, lambda: k.session.send(k.iopub_socket, 'status', state, parent=parent)).start()",
+        kernel,
+    )
+    assert res.error is None
+    deadline = time.monotonic() + 20
+    while (r := server.get(f"/api/kernels/{kernel}")).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.status_code == 403 and r.json()["reason"] == "egress-withheld" and "row:" not in r.text
+    assert "Etag" not in r.headers
+    server.run("k = get_ipython().kernel", kernel)  # its state is the kernel's own again
+    r = server.get(f"/api/kernels/{kernel}")
+    assert r.status_code == 200 and "Etag" not in r.headers
+    guess = '"' + hashlib.sha1(r.content).hexdigest() + '"'  # noqa: S324 - tornado's Etag is a SHA-1
+    assert server.get(f"/api/kernels/{kernel}", headers={"If-None-Match": guess}).status_code == 200
+    assert server.get(f"/api/kernels/{kernel}", headers={"If-None-Match": "*"}).status_code == 200
 
 
 UNCHECKED = 6000

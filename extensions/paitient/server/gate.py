@@ -241,6 +241,7 @@ class EgressTransform(OutputTransform):
         if self.passthrough or self.gate is None:
             return status_code, headers, chunk
         self.status, self.headers = status_code, headers
+        headers.pop("Etag", None)  # the SHA-1 of the body as the handler wrote it, before the gate read it
         if not finishing:
             # A streamed response: nothing of it leaves before the end. Headers go now (tornado sends
             # them with the first flush), so the length is no longer known.
