@@ -24,7 +24,7 @@ from paitient.config import parse
 from paitient.hub.serverconfig import server_config
 from paitient.registry import Member
 from paitient.server import routes
-from paitient.server.gate import EgressTransform
+from paitient.server.gate import IF_OK, EgressTransform
 from paitient.server.handlers import BlockedHandler
 
 
@@ -120,9 +120,9 @@ def test_the_kernel_and_contents_routes_are_the_gated_ones(built):
     } <= refused
 
 
-def _request(method: str, path: str) -> HTTPServerRequest:
+def _request(method: str, path: str, **headers: str) -> HTTPServerRequest:
     return HTTPServerRequest(
-        headers=HTTPHeaders({"Host": "127.0.0.1"}), start_line=RequestStartLine(method, path, "HTTP/1.1")
+        headers=HTTPHeaders({"Host": "127.0.0.1", **headers}), start_line=RequestStartLine(method, path, "HTTP/1.1")
     )
 
 
@@ -141,7 +141,11 @@ def test_a_handler_nobody_classified_is_refused_at_request_time(built):
 @pytest.mark.parametrize(
     "method,path,passthrough",
     [
-        ("GET", "/api/contents/notes.txt", True),
+        # a contents GET with content: the manager checked a 200's body; the transform checks anything else
+        ("GET", "/api/contents/notes.txt", IF_OK),
+        ("GET", "/api/contents/notes.txt?content=1", IF_OK),
+        ("GET", "/api/contents/notes.txt?content=1&content=0", False),
+        ("GET", "/api/contents/notes.txt?content=0", False),
         ("PUT", "/api/contents/notes.txt", False),
         ("GET", "/api/sessions", False),
         ("GET", "/lab/api/settings", True),
@@ -151,6 +155,8 @@ def test_a_handler_nobody_classified_is_refused_at_request_time(built):
     ],
 )
 def test_requests_are_tagged_for_the_output_transform(built, method, path, passthrough):
-    request = _request(method, built.base_url.rstrip("/") + path)
+    request = _request(method, built.base_url.rstrip("/") + path, **{"If-None-Match": '"abc"'})
     built.web_app.find_handler(request)
-    assert request._paitient_passthrough is passthrough
+    assert request._paitient_passthrough == passthrough
+    # a checked request asks no 304 (an answer on the hash of a body before the gate read it)
+    assert ("If-None-Match" in request.headers) == bool(passthrough)
