@@ -152,6 +152,33 @@ def test_forged_parent_ids_do_not_open_new_budgets(alice_kernel):
     assert res.wire_bytes < 460_000, res.wire_bytes  # 5.4 MB were sent by the kernel
 
 
+def test_past_the_execution_cap_made_up_replies_and_comm_closes_carry_nothing(alice_kernel):
+    # Past the budget, replies still go (stripped) and used to keep an execution count and a comm id, so a
+    # kernel sent one reply after another, each with a number of its choosing.
+    res = alice_kernel.run(
+        "import time\n"
+        "_k, _p = get_ipython().kernel, get_ipython().kernel.get_parent()\n"
+        "_send = lambda kind, content: _k.session.send(_k.iopub_socket, kind, content, parent=_p)\n"
+        "for _i in range(9): print('x' * 49_000, flush=True)\n"  # past 400 kB
+        "time.sleep(0.5)\n"
+        "for _i in range(200):\n"
+        "    _send('x_reply', {'status': 'ok', 'execution_count': 7 ** 400 + _i})\n"
+        "    _send('execute_reply', {'status': 'ok', 'execution_count': 5 ** 400})\n"
+        "    _send('comm_close', {'comm_id': 'Q' * 64, 'data': {}})\n"
+        "    _send('kernel_info_reply', {'status': 'ok', 'language_info': {'name': 'Z' * 3000}})\n"
+        "time.sleep(1)\n"
+    )
+    wire = b"".join(res.frames)
+    assert "exceeded 400,000 bytes" in res.stderr
+    assert str(7**400)[:40].encode() not in wire and str(5**400)[:40].encode() not in wire
+    assert b"Q" * 64 not in wire and b"Z" * 100 not in wire
+    # one reply to the request (the first the kernel sent, past the cap: stripped of its count)
+    assert res.reply == {"status": "ok"}
+    replies = [o for o in res.outputs if o["msg_type"].endswith("_reply")]
+    assert [o["msg_type"] for o in replies] == ["execute_reply"], replies
+    assert res.wire_bytes < 460_000, res.wire_bytes
+
+
 @pytest.mark.parametrize(
     "name,query",
     [

@@ -1,7 +1,7 @@
 """The output cap as plain logic: per message, per execution, forged parents, protocol messages, and the
 headers a kernel's messages go on with."""
 
-from paitient.rules.outputcap import TRACKED_REQUESTS, OutputCap, Verdict, message_type, replacement
+from paitient.rules.outputcap import KERNEL_INFO, TRACKED_REQUESTS, OutputCap, Verdict, message_type, replacement
 
 
 def cap() -> OutputCap:
@@ -89,9 +89,32 @@ def test_stripped_messages_keep_only_protocol_fields():
     kind, content = replacement(
         Verdict.STRIP, "execute_reply", {"status": "ok", "execution_count": 2, "payload": [{"text": "x" * 100}]}, c
     )
-    assert content == {"status": "ok", "execution_count": 2}
+    assert content == {"status": "ok"}  # an execution count is a number the kernel chose
     _, forged = replacement(Verdict.STRIP, "status", {"execution_state": "x" * 100}, c)
     assert forged == {"execution_state": "idle"}
+    _, info = replacement(Verdict.STRIP, "kernel_info_reply", {"status": "ok", "language_info": {"x": "y" * 99}}, c)
+    assert info == KERNEL_INFO and info["language_info"]["name"] == "python"
+
+
+def test_over_the_budget_replies_are_stripped_and_everything_else_dropped():
+    c = cap()
+    c.charge("stream", "e1", 3500)
+    for _ in range(5):
+        c.charge("stream", "e1", 900)
+    assert c.charge("comm_close", "e1", 50) is Verdict.DROP  # its comm id is the kernel's
+    assert c.charge("comm_msg", "e1", 50) is Verdict.DROP
+    assert c.charge("x_reply", "e1", 50) is Verdict.STRIP
+
+
+def test_a_reply_goes_on_once_and_only_to_a_request_a_client_sent():
+    c = cap()
+    c.note_request({"msg_id": "m1", "msg_type": "execute_request"})
+    assert not c.first_reply("m1", "x_reply") and not c.first_reply("m1", "kernel_info_reply")
+    assert c.first_reply("m1", "execute_reply") and not c.first_reply("m1", "execute_reply")
+    assert not c.first_reply("never-asked", "execute_reply") and not c.first_reply("", "execute_reply")
+    for i in range(TRACKED_REQUESTS):
+        c.note_request({"msg_id": f"n{i}"})
+    assert "m1" not in c.answered  # forgotten with its request
 
 
 def test_cut_reply_becomes_an_error_reply():

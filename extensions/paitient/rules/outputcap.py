@@ -14,18 +14,24 @@ Rules:
 - a message larger than ``message_bytes`` is cut (stream text keeps its head) or replaced by a notice;
 - once an execution has sent ``execution_bytes``, its next output message becomes one notice and every
   later one is dropped; status messages and replies (which the protocol needs) still pass, stripped to
-  their protocol fields so they cannot carry data.
+  their protocol fields so they cannot carry data (:func:`strip_protocol`);
+- a reply goes on only as the first reply, of the matching type, to a request a client sent
+  (:meth:`OutputCap.first_reply`): the protocol has one, and a kernel that sent more, or replies nobody
+  asked for, could otherwise make each stripped reply carry a little past the cap.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_TYPES = frozenset({"status", "clear_output", "comm_close", "shutdown_reply"})
+PROTOCOL_TYPES = frozenset({"status", "clear_output", "shutdown_reply"})
+"""Messages the protocol needs even past the cap (with every ``*_reply``), stripped to fields that carry none of
+the kernel's values. A ``comm_close`` is not one: its comm id is the kernel's, so past the cap it is dropped."""
 TRACKED_EXECUTIONS = 256
 TRACKED_REQUESTS = 4096
 """Requests of clients whose headers are kept, the latest, to be the parent of the kernel's answers."""
@@ -75,6 +81,8 @@ class OutputCap:
     current: str = ""
     requests: OrderedDict[str, dict[str, str]] = field(default_factory=OrderedDict)
     """The headers (:data:`REQUEST_FIELDS`) of the latest requests clients sent the kernel, by message id."""
+    answered: set[str] = field(default_factory=set)
+    """The requests of :attr:`requests` a reply went on to."""
 
     def note_request(self, header: Any) -> None:
         """A client sent the kernel a message with ``header``: the kernel's answers to it get that header back
@@ -88,7 +96,8 @@ class OutputCap:
         self.requests[msg_id] = fields
         self.requests.move_to_end(msg_id)
         while len(self.requests) > TRACKED_REQUESTS:
-            self.requests.popitem(last=False)
+            old, _ = self.requests.popitem(last=False)
+            self.answered.discard(old)
 
     def parent(self, parent_header: Any) -> dict[str, str]:
         """The parent header a kernel's message goes on with: the header a client sent with the request that
@@ -96,6 +105,18 @@ class OutputCap:
         or a request too old to be kept). Nothing the kernel wrote into ``parent_header`` is kept."""
         msg_id = parent_header.get("msg_id") if isinstance(parent_header, dict) else None
         return dict(self.requests.get(msg_id, {})) if isinstance(msg_id, str) else {}
+
+    def first_reply(self, parent_id: str, msg_type: str) -> bool:
+        """Whether a reply of ``msg_type`` to ``parent_id`` goes on: the first reply to a request a client
+        sent that is still kept, of the type that answers it (``x_reply`` to ``x_request``); not a second
+        one, nor one to a request no client of this server sent."""
+        request = self.requests.get(parent_id)
+        if request is None or parent_id in self.answered:
+            return False
+        if request.get("msg_type") != msg_type.removesuffix("_reply") + "_request":
+            return False
+        self.answered.add(parent_id)
+        return True
 
     def note_execute(self, msg_id: str) -> None:
         """A client's execute_request went to the kernel: it opens a new budget."""
@@ -135,25 +156,37 @@ def notice_text(what: str, limit: int) -> str:
     return NOTICE.format(what=what, limit=limit)
 
 
+KERNEL_INFO: dict[str, Any] = {
+    "status": "ok",
+    "protocol_version": "5.3",
+    "implementation": "ipython",
+    "language_info": {
+        "name": "python",
+        "version": "{}.{}.{}".format(*sys.version_info[:3]),
+        "mimetype": "text/x-python",
+        "file_extension": ".py",
+        "codemirror_mode": {"name": "ipython", "version": 3},
+        "pygments_lexer": "ipython3",
+        "nbconvert_exporter": "python",
+    },
+}
+"""A stripped kernel_info_reply: the workspace's one kernel, the Python the server runs (the kernel's), as the
+server knows it; nothing of the kernel's reply."""
+
+
 def strip_protocol(msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
+    """The protocol's own fields of a message, with none of the kernel's values but a status or an execution
+    state from a fixed few: a reply keeps its status and no execution count."""
     if msg_type == "status":
         state = content.get("execution_state")
         return {"execution_state": state if state in ("busy", "idle", "starting") else "idle"}
     if msg_type == "clear_output":
         return {"wait": bool(content.get("wait", False))}
-    if msg_type == "comm_close":
-        return {"comm_id": str(content.get("comm_id", ""))[:64], "data": {}}
+    if msg_type == "kernel_info_reply":
+        return dict(KERNEL_INFO)
     out: dict[str, Any] = {"status": content.get("status") if content.get("status") in ("ok", "abort") else "error"}
-    if isinstance(content.get("execution_count"), int):
-        out["execution_count"] = content["execution_count"]
     if out["status"] == "error":
         out.update(ename="OutputCapped", evalue="reply withheld by the output cap", traceback=[])
-    if msg_type == "kernel_info_reply":
-        out = {
-            k: content[k]
-            for k in ("status", "protocol_version", "implementation", "language_info")
-            if k in content and len(repr(content[k])) < 4096
-        }
     return out
 
 

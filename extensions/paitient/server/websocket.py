@@ -33,7 +33,7 @@ from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
-from paitient.rules.outputcap import OutputCap, Verdict, is_protocol, message_type, replacement, strip_protocol
+from paitient.rules.outputcap import OutputCap, Verdict, message_type, replacement, strip_protocol
 from paitient.server.gate import EgressGate
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -228,6 +228,9 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")
         execution = cap.key(parent_id)
+        if msg_type.endswith("_reply") and not cap.first_reply(parent_id, msg_type):
+            self.log.info("Dropping a %s of kernel %s: it answers no request of a client", msg_type, self.kernel_id)
+            return None
         if msg_type in REBUILT:
             # Nothing of the kernel's but the protocol's own fields.
             return self._message(msg_type, strip_protocol(msg_type, content), parent)
@@ -280,7 +283,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if msg_type == "input_request":
             # The kernel waits for an answer: the prompt becomes the notice, the question still stands.
             return self._message(msg_type, {"prompt": notice + "\n> ", "password": False}, parent)
-        if is_protocol(msg_type):
+        if msg_type.endswith("_reply"):
             stripped = strip_protocol(msg_type, content)
             if msg_type.endswith("_reply") and stripped.get("status") == "error":
                 stripped.update(ename="OutputWithheld", evalue=notice, traceback=[notice])
