@@ -35,7 +35,6 @@ log = logging.getLogger("paitient.server.routes")
 
 KERNEL, CONTENTS, CHECKED, SOFTWARE, REFUSED = "kernel", "contents", "checked", "software", "refused"
 
-
 POLICY: dict[str, str] = {
     # the kernel websocket
     "jupyter_server.services.kernels.websocket.KernelWebsocketHandler": KERNEL,

@@ -238,9 +238,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         verdict = cap.charge(msg_type, parent_id, size)
         if verdict is Verdict.DROP:
             return None
-        candidate: list[Any] | None = self._forwarded(msg_type, parent, metadata, fed)
+        candidate: list[Any] | None
         scan = True
-        if verdict is not Verdict.FORWARD:
+        if verdict is Verdict.FORWARD:
+            candidate = self._forwarded(msg_type, parent, metadata, fed)
+        else:
             new_type, new_content = replacement(verdict, msg_type, content, cap)
             self.log.info(
                 "Output cap (%s) on a %s message of %d bytes from kernel %s",
@@ -285,7 +287,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             return self._message(msg_type, {"prompt": notice + "\n> ", "password": False}, parent)
         if msg_type.endswith("_reply"):
             stripped = strip_protocol(msg_type, content)
-            if msg_type.endswith("_reply") and stripped.get("status") == "error":
+            if stripped.get("status") == "error":
                 stripped.update(ename="OutputWithheld", evalue=notice, traceback=[notice])
             return self._message(msg_type, stripped, parent)
         if execution in cap.withheld:
