@@ -171,7 +171,7 @@ def test_figure_check_names_what_rides_along():
     assert check_image(clean.getvalue())["status"] == "pass"
 
 
-def test_the_requesters_view_quotes_no_cell():
+def test_the_requesters_view_quotes_nothing_a_check_read_or_the_kernel_wrote():
     checks = [
         {
             "check": "minimum_count",
@@ -181,17 +181,38 @@ def test_the_requesters_view_quotes_no_cell():
         },
         {"check": "readable", "status": "fail", "reason": "t.csv: not a readable CSV file (line 3: 'Smith, J')"},
         {"check": "format", "status": "fail", "reason": "tensor 'age=87 sex=F': unknown or missing dtype"},
+        {"check": "recipe", "status": "fail", "reason": "unknown recipe keys ['Kestrel-9,120']"},
+        {
+            "check": "training_record",
+            "status": "pass",
+            "reason": "trained with differential privacy on x: epsilon=0.123457",
+            "details": {"record": {"record.noise": 1.2345678901234567, "record.payload": 4242424242}},
+        },
         {"check": "row_level", "status": "pass", "reason": "x" * 1000, "details": {"shared_columns": ["a", "b"]}},
+        {"check": "Smith-J", "status": "Smith-K", "reason": "a check of another version"},
     ]
-    info = views.requester_info({"justification": "j" * 5000, "checks": checks, "state": "in_review"})
+    info = views.requester_info(
+        {"justification": "Smith " * 800, "filename": "Smith.csv", "checks": checks, "state": "in_review"}
+    )
     shown = json.dumps(info)
-    for leak in ("HIV_positive", "3.0", "Smith", "age=87"):
-        assert leak not in shown
+    for leak in ("HIV_positive", "3.0", "Smith", "age=87", "Kestrel", "0.123", "1.2345", "4242", "xxxx"):
+        assert leak not in shown, leak
     by = {c["check"]: c for c in info["checks"]}
-    assert by["minimum_count"]["details"] == {"threshold": 10, "cells_count": 1}
-    assert by["readable"]["reason"].startswith("the file could not be read as a table")
-    assert len(by["row_level"]["reason"]) == views.SHOWN_REASON and by["row_level"]["details"] == {
-        "shared_columns_count": 2
+    assert by["minimum_count"] == {
+        "check": "minimum_count",
+        "status": "fail",
+        "reason": "every count is at least the project's minimum: failed; airlock.status(id) in your notebook says why",
+        "details": {},
     }
-    assert info["justification"].startswith("j" * 299 + "…") and "(5000 characters" in info["justification"]
+    assert by["row_level"]["reason"] == "the table is not row-level data of the project's datasets: passed"
+    assert by["internal"]["status"] == "error"  # an unknown check is named by none of its own words
+    assert info["justification"].startswith("(4800 characters;") and info["filename"] == views.UNNAMED
     assert info["state"] == "in_review"
+    # Released, the name is the released file's, which the steward approved.
+    released = views.requester_info({"justification": "j", "filename": "t.csv", "checks": [], "state": "released"})
+    assert released["filename"] == "t.csv"
+    # What airlock.check hands the kernel to display keeps the capped reason and the numbers.
+    notebook = {c["check"]: views.notebook_check(c) for c in checks}
+    assert notebook["minimum_count"]["details"] == {"threshold": 10, "cells_count": 1}
+    assert notebook["readable"]["reason"].startswith("the file could not be read as a table")
+    assert len(notebook["row_level"]["reason"]) == views.SHOWN_REASON

@@ -7,6 +7,7 @@ and the specific refusal is asserted.
 from __future__ import annotations
 
 import hashlib
+import html
 import io
 import json
 
@@ -19,6 +20,7 @@ from tornado.testing import bind_unused_port
 from paitient.channel import ChannelError
 from paitient.rules import review
 from paitient.rules.records import AuditError
+from paitient.services.airlock import views
 from paitient.services.airlock.service import Airlock, AirlockSettings
 from paitient.services.airlock.web import make_app
 from paitient.services.audit import emit, trail_dir
@@ -95,17 +97,20 @@ async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, peop
     own = await web.fetch("alice", f"requests/{rid}")
     assert own.code == 200
     text = own.body.decode()
-    assert "in review" in text and 'data-check="minimum_count"' in text and "wards.csv" in text
+    assert "in review" in text and 'data-check="minimum_count"' in text
     for cell in CELL_TEXTS:
         assert cell not in text, cell
     assert 'id="preview-table"' not in text and "&quot;value&quot;" not in text
-    assert f"({len(LONG)} characters; the reviewers read all of it)" in text
+    # The justification and the file's name came from the kernel: the requester's browser gets neither.
+    assert "counts by ward" not in text and "wards.csv" not in text
+    assert f"({len(LONG)} characters; the reviewers read all of it" in text
     api = (await web.fetch("alice", f"api/requests/{rid}")).body.decode()
-    for cell in CELL_TEXTS:
+    for cell in (*CELL_TEXTS, "counts by ward", "wards.csv"):
         assert cell not in api, cell
-    assert json.loads(api)["justification"].endswith(f"({len(LONG)} characters; the reviewers read all of it)")
-    listing = json.loads((await web.fetch("alice", "api/requests")).body)
-    assert len(listing["requests"][0]["justification"]) < 400
+    assert json.loads(api)["justification"].startswith(f"({len(LONG)} characters; the reviewers read all of it")
+    listing = (await web.fetch("alice", "api/requests")).body.decode()
+    assert "counts by ward" not in listing and "wards.csv" not in listing
+    assert json.loads(listing)["requests"][0]["filename"] == views.UNNAMED
     assert trail(airlock, "airlock.preview") == []  # the requester's page renders no preview
 
     # The steward's page: the parsed cells, the small one marked, the whole justification.
@@ -132,6 +137,52 @@ async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, peop
     # A table has no image preview.
     r = await web.fetch("sam", f"requests/{rid}/preview")
     assert r.code == 404 and b"this request&#x27;s preview is table" in r.body
+
+
+async def test_what_the_kernel_wrote_into_a_request_reaches_no_browser_but_a_reviewers(web, airlock, people):
+    """A kernel files a request whose justification, file name and recipe carry rows: the reason of the recipe
+    check quotes the recipe's keys. None of it reaches the requester's or a colleague's browser, before or
+    after release (but the released file's name); the steward reads all of it."""
+    row = "PATIENT-Zq7 87 F HIV+"
+    recipe = {"dataset": "breast_cancer", "index": ["stage"], row: 1}
+    rid = submit(airlock, people, "alice", GOOD, name=f"{row}.csv", justification=f"{row}; " * 40, recipe=recipe)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    steward = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert "unknown recipe keys" in steward and html.escape(f"{row}.csv") in steward
+    assert html.escape(f"{row}; " * 40).strip() in steward
+
+    async def browsers(*users: str) -> dict[str, str]:
+        pages = {}
+        for user in users:
+            for path in ("", "api/requests", f"requests/{rid}", f"api/requests/{rid}"):
+                r = await web.fetch(user, path)
+                assert r.code == 200, (user, path, r.code)
+                pages[f"{user} {path}"] = r.body.decode()
+        return pages
+
+    for where, text in (await browsers("alice")).items():
+        assert "Zq7" not in text and "unknown recipe keys" not in text, where
+    own = json.loads((await web.fetch("alice", f"api/requests/{rid}")).body)
+    by = {c["check"]: c for c in own["checks"]}
+    assert by["recipe"] == {
+        "check": "recipe",
+        "status": "fail",
+        "reason": "the table's recipe recomputes exactly its numbers from the dataset: failed; "
+        "airlock.status(id) in your notebook says why",
+        "details": {},
+    }
+    assert own["filename"] == views.UNNAMED and own["justification"].startswith(f"({len(row) * 40 + 80 - 1} ")
+    # In the notebook the researcher gets every word back (the kernel wrote them).
+    notebook = airlock.describe(airlock.store.get(rid), for_steward=False)
+    assert any("unknown recipe keys" in c["reason"] for c in notebook["checks"])
+
+    why = "the recipe's extra key is a typo; the counts are the ones it recomputes"
+    r = await web.decide_with("sam", rid, action="approve", comment="counts fine", override=why)
+    assert r.code == 303 and airlock.store.get(rid).state == review.RELEASED
+    for where, text in (await browsers("alice", "carol")).items():
+        assert "unknown recipe keys" not in text and f"{row}; " not in text, where
+        if where.endswith(rid):  # the released file's name, as the steward released it
+            assert "Zq7" in text, where
 
 
 async def test_a_steward_sees_no_preview_of_their_own_request(web, airlock, people):
@@ -215,7 +266,8 @@ async def test_no_audit_record_no_preview(web_without_trail, people):
     page = (await web.fetch("sam", f"requests/{table}")).body.decode()
     # Nothing of the upload is shown without its record: no cells, and the checks as the requester sees them.
     assert "the preview could not be recorded in the audit trail, so it is not shown" in page
-    assert all(cell not in page for cell in CELL_TEXTS) and "&quot;cells_count&quot;: 1" in page
+    assert all(cell not in page for cell in CELL_TEXTS) and "every count is at least" in page
+    assert "&quot;cells_count&quot;" not in page and "1 cell(s) count fewer" not in page
     r = await web.fetch("sam", f"requests/{figure}/preview")
     assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is not shown" in r.body
     assert not r.body.startswith(b"\x89PNG")

@@ -98,12 +98,12 @@ async def test_steward_sees_checks_preview_and_justification_escaped(web, airloc
     assert 'data-check="minimum_count"' in page and "1 cell(s) count fewer than 10" in page
     assert '<td class="flagged" title="fails a disclosure check">3</td>' in page  # the small cell, marked
     assert 'id="decision-form"' in page
-    # Which cells fail: the steward sees them; the researcher's page gives the outcome and the numbers (which
-    # cells: in the notebook), and only the steward gets a decision form.
+    # Which cells fail: the steward sees them; the researcher's page gives each check's outcome and what it
+    # looks at (why: in the notebook), and only the steward gets a decision form.
     assert "&quot;threshold&quot;: 10" in page and "&quot;value&quot;: 3.0" in page
     own = (await web.fetch("alice", f"requests/{rid}")).body.decode()
-    assert "1 cell(s) count fewer than 10" in own and "&quot;threshold&quot;: 10" in own
-    assert "&quot;cells_count&quot;: 1" in own and "&quot;value&quot;" not in own
+    assert "every count is at least the project&#x27;s minimum: failed; airlock.status(id) in your notebook" in own
+    assert "1 cell(s) count fewer than 10" not in own and "&quot;value&quot;" not in own
     assert 'id="decision-form"' not in own
 
 

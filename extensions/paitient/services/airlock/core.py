@@ -533,7 +533,7 @@ class Airlock:
                 "reason": c["reason"],
                 "details": {k: v for k, v in (c.get("details") or {}).items() if k != "error"},
             }
-            checks.append({**kept, "fix": fix_for(kept, min_count=min_count), "shown": views.requester_check(kept)})
+            checks.append({**kept, "fix": fix_for(kept, min_count=min_count), "shown": views.notebook_check(kept)})
         return {
             "project": project,
             "kind": kind,

@@ -1,17 +1,21 @@
 """What a browser that is not a reviewer's may be sent about a request. Pure.
 
 The requester's browser (and a colleague's) is outside the workspace: every byte the airlock's pages send it
-leaves. Before release they get the request's state, the checks' outcomes, the reviewers' decisions and the
-file's name, size and hash, and nothing of the upload's content:
+leaves. What the researcher's kernel wrote into a request (the file, its name, the justification, the recipe
+or model it came with) reaches a check's reason and details, so none of it goes to such a browser. Before
+release it gets the request's id, project, kind, state, size, SHA-256 and times, the reviewers' decisions,
+and for each check its name, its outcome and a fixed sentence saying what the check looks at
+(:data:`CHECKS`):
 
-- the justification the researcher typed comes back capped at :data:`SHOWN_JUSTIFICATION` characters;
-- a check's details keep numbers only (thresholds, counts, scores); lists (which cells, which columns) become
-  their length, text is left out, so no cell value and no column name of the table is quoted;
-- a check whose reason can carry a parser's message about the file (:data:`PARSER_CHECKS`) gets a fixed
-  reason instead, and every other reason is capped at :data:`SHOWN_REASON` characters.
+- the justification becomes its length (:func:`shown_justification`);
+- the file's name is shown once the file is released (the steward released it with that name), and before
+  that a fixed placeholder (:data:`UNNAMED`);
+- a check's reason and details stay in the workspace: ``paitient.kernel.airlock.status(id)`` in the
+  notebook gives every one of them (the kernel holds the file already, and what it displays passes the
+  egress gate).
 
-Inside the workspace, ``paitient.kernel.airlock.status(id)`` still gives the researcher every detail: the
-kernel holds the file already.
+What ``airlock.check`` hands the caller's kernel to display is :func:`notebook_check`: the reason capped, a
+parser's message about the file replaced, numbers only in the details.
 """
 
 from __future__ import annotations
@@ -19,10 +23,46 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SHOWN_JUSTIFICATION = 300
-"""Characters of the requester's own justification shown back to their browser."""
+from paitient.rules import review
+
 SHOWN_REASON = 300
-"""Characters of a check's reason shown to a browser that is not a reviewer's."""
+"""Characters of a check's reason in what ``airlock.check`` hands the kernel to display."""
+
+UNNAMED = "(named once released; airlock.status(id) in your notebook gives the name)"
+"""The file name a browser that is not a reviewer's sees before the file is released."""
+
+CHECKS = {
+    "published_copy": "the file is not a copy of a published dataset file",
+    "row_level": "the table is not row-level data of the project's datasets",
+    "labels": "every label of the table is a catalogued category, a column name or one of the project's labels",
+    "row_content": "the table reveals no row of the project's datasets",
+    "readable": "the file reads as a table (UTF-8 CSV, TSV or Parquet)",
+    "recipe": "the table's recipe recomputes exactly its numbers from the dataset",
+    "minimum_count": "every count is at least the project's minimum",
+    "zeros": "no zero cell discloses that nobody has an attribute",
+    "dominance": "no cell is dominated by a few of the people behind it",
+    "p_ratio": "no one's value can be estimated closely from a cell",
+    "missing": "no cell is missing",
+    "negative": "no cell is negative",
+    "differencing": "no difference with the project's earlier tables counts a small group",
+    "format": "the file is a valid safetensors file",
+    "certified": "the weights carry the training runner's signed record",
+    "training_record": "the privacy ledger holds a matching training record within the project's budget",
+    "membership_inference": "the membership-inference audit finds no leak beyond the project's threshold",
+    "policy": "the project's policy allows this kind of output",
+    "image": "the file is an image the airlock shows as pixels only",
+    "manual_review": "a steward reviews the output by hand",
+    "canonical": "the airlock stores and releases the file in its own re-encoding",
+    "internal": "the automatic checks ran",
+}
+"""What each check looks at, in the words a requester's browser gets instead of its reason."""
+
+OUTCOMES = {
+    "pass": "passed",
+    "fail": "failed",
+    "review": "left to a steward's judgement",
+    "error": "could not run; a steward checks by hand",
+}
 
 PARSER_CHECKS = {
     "readable": "the file could not be read as a table (UTF-8 CSV, TSV or Parquet); "
@@ -30,8 +70,8 @@ PARSER_CHECKS = {
     "format": "the file is not a valid safetensors file; airlock.status(id) in your notebook says why",
     "image": "the file is not an image the airlock can show as it is; airlock.status(id) in your notebook says why",
 }
-"""Checks whose reason can quote what a parser found in the file, with what a requester's browser gets instead
-(when they do not pass)."""
+"""Checks whose reason can quote what a parser found in the file, with what the kernel is handed to display
+instead (when they do not pass)."""
 
 
 def cap(text: str, limit: int) -> str:
@@ -39,9 +79,12 @@ def cap(text: str, limit: int) -> str:
 
 
 def shown_justification(text: str) -> str:
-    if len(text) <= SHOWN_JUSTIFICATION:
-        return text
-    return cap(text, SHOWN_JUSTIFICATION) + f" ({len(text)} characters; the reviewers read all of it)"
+    """The justification as a browser that is not a reviewer's gets it: its length only."""
+    return f"({len(text)} characters; the reviewers read all of it, and your notebook has it)"
+
+
+def shown_filename(req: Any) -> str:
+    return str(req.filename) if req.state == review.RELEASED else UNNAMED
 
 
 def numbers_only(details: Any) -> dict[str, Any]:
@@ -58,7 +101,8 @@ def numbers_only(details: Any) -> dict[str, Any]:
     return out
 
 
-def requester_check(check: dict[str, Any]) -> dict[str, Any]:
+def notebook_check(check: dict[str, Any]) -> dict[str, Any]:
+    """A check as ``airlock.check`` hands it to the caller's kernel to display (kernel output, under the gate)."""
     name, status = str(check.get("check", "")), str(check.get("status", ""))
     reason = str(check.get("reason", ""))
     if name in PARSER_CHECKS and status != "pass":
@@ -71,20 +115,39 @@ def requester_check(check: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def requester_info(info: dict[str, Any]) -> dict[str, Any]:
-    """:meth:`Airlock.describe` of a request, cut down to what the requester's browser may get."""
+def requester_check(check: dict[str, Any]) -> dict[str, Any]:
+    """A check as a browser that is not a reviewer's gets it: its name, its outcome and what it looks at."""
+    name, status = str(check.get("check", "")), str(check.get("status", ""))
+    known = name if name in CHECKS else "internal"
+    outcome = OUTCOMES.get(status, "unknown")
     return {
+        "check": known,
+        "status": status if status in OUTCOMES else "error",
+        "reason": f"{CHECKS[known]}: {outcome}"
+        + ("" if status == "pass" else "; airlock.status(id) in your notebook says why"),
+        "details": {},
+    }
+
+
+def requester_info(info: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`Airlock.describe` of a request, cut down to what a browser that is not a reviewer's may get."""
+    out = {
         **info,
         "justification": shown_justification(str(info.get("justification", ""))),
         "checks": [requester_check(c) for c in info.get("checks", [])],
     }
+    if info.get("state") != review.RELEASED:
+        out["filename"] = UNNAMED
+    return out
 
 
 def public_for(req: Any, *, reviewer: bool) -> dict[str, Any]:
-    """A request's listing entry: whole for its reviewers, the justification capped for anyone else."""
+    """A request's listing entry: whole for its reviewers; for anyone else the justification as its length
+    and the file's name only once released."""
     out = req.public()
     if not reviewer:
         out["justification"] = shown_justification(out["justification"])
+        out["filename"] = shown_filename(req)
     return out
 
 

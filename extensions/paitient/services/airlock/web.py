@@ -76,10 +76,11 @@ class AirlockHandler(pages.ScopedPage):
 
 class ListHandler(AirlockHandler):
     async def get(self) -> None:
-        reqs, reviewable, overridden = await self.run(self._listing, self.username, self.scopes)
+        reqs, names, reviewable, overridden = await self.run(self._listing, self.username, self.scopes)
         self.render_page(
             "list.html",
             requests=reqs,
+            names=names,
             reviewable=reviewable,
             overridden=overridden,
             can_request=SCOPE_REQUEST in self.scopes,
@@ -88,8 +89,10 @@ class ListHandler(AirlockHandler):
 
     def _listing(self, username: str, scopes: set[str]):
         reqs = self.airlock.visible(username, scopes)
+        may = self.airlock.may_preview
+        names = {r.id: r.filename if may(username, scopes, r) else views.shown_filename(r) for r in reqs}
         reviewable = set(self.airlock.steward_projects(username, scopes))
-        return reqs, reviewable, self.airlock.store.overridden([r.id for r in reqs])
+        return reqs, names, reviewable, self.airlock.store.overridden([r.id for r in reqs])
 
 
 class DetailHandler(AirlockHandler):
@@ -127,6 +130,7 @@ class DetailHandler(AirlockHandler):
             req=req,
             info=info,
             justification=info["justification"],
+            filename=req.filename if sees_content else views.shown_filename(req),
             events=airlock.store.events(rid),
             record=record,
             flagged=flagged,
