@@ -319,6 +319,47 @@ def test_counts_for_all_but_two_patients_are_refused_naming_the_earlier_release(
     assert {"age_band": "65+"} in [f["cell"] for f in diff["details"]["findings"]]
 
 
+def test_a_table_of_counts_the_kernel_made_up_is_not_released_without_a_steward(site, airlock, people):
+    """A project releases tables automatically. A kernel writes nine patients' ages (each plus 10, so no count
+    is small) as the counts of a table of catalogued labels: every check of the table alone passes, because
+    nothing ties the numbers to the data. Only a table its recipe recomputed is released automatically; this
+    one waits for a steward."""
+    df = registry_counts(site)
+    ages = df.age.to_numpy()[:9]
+    counts = (ages + 10).reshape(3, 3)
+    made_up = pd.DataFrame(counts, columns=["age", "sex", "age_band"], index=pd.Index(["0-44", "45-64", "65+"]))
+    made_up = made_up.rename_axis("age_band").reset_index(names="band")
+    rid = submit(airlock, people, "ren", csv_bytes(made_up))
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert {c: v["status"] for c, v in checks.items()} == {
+        "published_copy": "pass",
+        "row_level": "pass",
+        "labels": "pass",
+        "row_content": "pass",
+        "minimum_count": "pass",
+        "zeros": "pass",
+        "dominance": "pass",
+        "differencing": "pass",
+        "canonical": "pass",
+    }
+    airlock.wait_idle()
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    moved = airlock.store.events(rid, "state")[-1].data
+    assert moved["to"] == review.IN_REVIEW and "automatic" not in moved
+    assert "recipe" in moved["not_automatic"]
+
+    # The same cells with the recipe that makes them fail the recipe check; the true counts pass and leave.
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    forged = submit(airlock, people, "ren", csv_bytes(made_up), recipe=recipe)
+    wait_state(airlock, forged, review.IN_REVIEW)
+    assert by_check(airlock, forged)["recipe"]["status"] == "fail"
+    true = df.groupby("age_band").size().rename("n").reset_index()
+    rid = submit(airlock, people, "ren", csv_bytes(true), recipe=recipe)
+    wait_state(airlock, rid, review.RELEASED)
+    assert airlock.store.events(rid, "state")[-1].data["automatic"] is True
+
+
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):
     df = registry_counts(site)
     by_sex = df.groupby("sex").size().rename("n").reset_index()

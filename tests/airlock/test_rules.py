@@ -88,8 +88,10 @@ def test_overall_status_and_auto_release():
     assert review.overall_status(["error", "pass"]) == "review"
     assert review.overall_status(["review", "fail"]) == "fail"
     assert review.overall_status([]) == "review"
-    assert review.may_auto_release("table", ["table"], ["pass"])
-    assert not review.may_auto_release("table", ["table"], ["pass", "review"])
+    assert review.may_auto_release("table", ["table"], ["pass"], recomputed=True)
+    assert not review.may_auto_release("table", ["table"], ["pass"])  # numbers no recipe recomputed
+    assert "recomputed it from its recipe" in review.auto_release_refusal("table", ["table"], ["pass"])
+    assert not review.may_auto_release("table", ["table"], ["pass", "review"], recomputed=True)
     assert not review.may_auto_release("figure", ["table"], ["pass"])
     # weights only with the runner's signature; any other kind never, whatever a project lists
     assert review.may_auto_release("weights", ["weights"], ["pass"], certified=True)

@@ -33,6 +33,7 @@ from tests.airlock.helpers import (
     Client,
     csv_bytes,
     hub_api_double,
+    registry_counts,
     submit,
     wait_state,
 )
@@ -213,8 +214,12 @@ async def test_download_only_by_requester_and_members_each_recorded(web, airlock
     ]
 
 
-async def test_automatic_release_only_when_allowed_and_every_check_passed(web, airlock, people):
-    clean = submit(airlock, people, "ren", GOOD)
+async def test_automatic_release_only_when_allowed_and_every_check_passed(site, web, airlock, people):
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    clean = submit(
+        airlock, people, "ren", csv_bytes(df.groupby("age_band").size().rename("n").reset_index()), recipe=recipe
+    )
     small = submit(airlock, people, "ren", csv_bytes(pd.DataFrame({"x": ["a"], "n": [4]})), name="s.csv")
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (0, 90, 200)).save(png, "PNG")

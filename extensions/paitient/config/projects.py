@@ -71,7 +71,8 @@ class Project(Model):
 
     auto_release = Names(
         help=f"Airlock kinds ({', '.join(AUTO_RELEASE_KINDS)}) released without review when every automatic "
-        "check passed; weights only when a training job's runner certified them. Empty: every request is "
+        "check passed; tables only when the airlock recomputed them from their recipe, weights only when a "
+        "training job's runner certified them (figures always go to a steward). Empty: every request is "
         "reviewed."
     )
 

@@ -188,13 +188,43 @@ def overall_status(statuses: Iterable[str]) -> str:
     return "pass"
 
 
-def may_auto_release(
-    kind: str, auto_release_kinds: Iterable[str], statuses: Iterable[str], *, certified: bool = False
-) -> bool:
-    """Automatic release only for tables, figures and certified weights whose kind the stewards allowed, and
-    only when every automatic check passed; never for any other kind, nor for weights no runner signed."""
+def auto_release_refusal(
+    kind: str,
+    auto_release_kinds: Iterable[str],
+    statuses: Iterable[str],
+    *,
+    certified: bool = False,
+    recomputed: bool = False,
+) -> str | None:
+    """Why a request is not released automatically, or ``None`` when it is.
+
+    Only kinds the stewards allowed, and only when every automatic check passed. A table's numbers are the
+    kernel's unless the airlock recomputed them: only a table whose recipe check passed (``recomputed``)
+    leaves without a steward, since one of made-up counts (data written as numbers above the minimum count)
+    passes every check of a table alone. Weights only when a training runner signed them; figures and other
+    kinds never (no check of theirs passes on its own)."""
     if kind not in AUTO_RELEASE_KINDS or kind not in set(auto_release_kinds):
-        return False
+        return f"the project does not release {kind} outputs automatically"
     if kind == "weights" and not certified:
-        return False
-    return overall_status(statuses) == "pass"
+        return "weights are released automatically only when a training job's runner signed them"
+    if kind == "table" and not recomputed:
+        return (
+            "a table is released automatically only when the airlock recomputed it from its recipe; "
+            "without one its numbers are the kernel's, so a steward reviews it"
+        )
+    if overall_status(statuses) != "pass":
+        return "not every automatic check passed"
+    return None
+
+
+def may_auto_release(
+    kind: str,
+    auto_release_kinds: Iterable[str],
+    statuses: Iterable[str],
+    *,
+    certified: bool = False,
+    recomputed: bool = False,
+) -> bool:
+    """:func:`auto_release_refusal` found nothing."""
+    why = auto_release_refusal(kind, auto_release_kinds, statuses, certified=certified, recomputed=recomputed)
+    return why is None

@@ -713,15 +713,20 @@ class Airlock:
                 "checks": {r["check"]: r["status"] for r in results},
             },
         )
-        self.store.transition(rid, review.IN_REVIEW, actor="airlock", data={"overall": overall})
         project = self.site.project(req.project)
-        certified = any(r["check"] == "certified" and r["status"] == "pass" for r in results)
-        if review.may_auto_release(
+        not_automatic = review.auto_release_refusal(
             req.kind,
             project.auto_release,
             [r["status"] for r in results],
-            certified=certified and bool(req.meta.get("job")),
-        ):
+            certified=any(r["check"] == "certified" and r["status"] == "pass" for r in results)
+            and bool(req.meta.get("job")),
+            recomputed=any(r["check"] == "recipe" and r["status"] == "pass" for r in results),
+        )
+        moved: dict[str, Any] = {"overall": overall}
+        if not_automatic and req.kind in project.auto_release:
+            moved["not_automatic"] = not_automatic
+        self.store.transition(rid, review.IN_REVIEW, actor="airlock", data=moved)
+        if not_automatic is None:
             try:  # recorded first: without its audit record the output waits for a steward instead
                 self.emit(
                     actor="airlock",
