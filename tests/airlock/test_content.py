@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from paitient.channel import ChannelError
 from paitient.ops.demodata import publish_demo
 from paitient.rules import differencing as dif
 from paitient.rules import disclosure, review
-from tests.airlock.helpers import csv_bytes, registry_counts, submit, wait_state
+from tests.airlock.helpers import STEWARD, csv_bytes, registry_counts, submit, wait_state
 
 
 def by_check(airlock, rid: str) -> dict:
@@ -275,6 +276,42 @@ def test_patient_rows_under_other_names_are_found_by_their_values(airlock, peopl
     assert checks["labels"]["status"] == "pass"  # ... and no text in it ...
     assert checks["row_content"]["status"] == "fail"  # ... but its lines are 15 patients' rows
     assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 15}
+
+
+def test_an_other_output_is_read_whole_by_the_checks_and_the_steward(site, airlock, people, demo):
+    """Kind ``other`` has no disclosure check of its own, and a steward judged it from a preview of its first
+    20,000 characters. A kernel files a text whose first 20,000 characters are prose and whose tail is
+    patient rows; and the same rows as a table, whose preview shows 20 rows."""
+    from paitient.services.airlock.canonical import TEXT_MAX_CHARS
+
+    prose = ("The model's calibration is adequate across age bands. " * 400)[:20_000]
+    rows = demo[["patient", "mean radius", "mean texture", "mean perimeter"]][40:80].to_csv(index=False)
+    rid = submit(airlock, people, "alice", (prose + "\n" + rows).encode(), kind="other", name="notes.txt")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert checks["manual_review"]["status"] == "review"
+    assert checks["row_content"]["status"] == "fail"
+    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 40}
+    assert checks["row_content"]["reason"].startswith("the text holds patient rows (40 of oncology/breast_cancer)")
+
+    table = demo[["mean radius", "mean texture", "mean perimeter", "mean area"]][:300]
+    rid = submit(airlock, people, "alice", csv_bytes(table), kind="other", name="appendix.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    checks = by_check(airlock, rid)
+    assert checks["row_content"]["status"] == "fail" and checks["row_level"]["status"] == "pass"  # 4 of 32 columns
+    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 300}
+
+    # A text the steward cannot read whole is refused at the request; one that fits is previewed whole.
+    long = ("x" * 99 + "\n") * (TEXT_MAX_CHARS // 100 + 1)
+    with pytest.raises(ChannelError, match=f"more than the {TEXT_MAX_CHARS} a steward reads whole") as e:
+        submit(airlock, people, "alice", long.encode(), kind="other", name="long.txt")
+    assert e.value.code == "refused"
+    fits = prose * 4
+    rid = submit(airlock, people, "alice", fits.encode(), kind="other", name="fits.txt")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    assert by_check(airlock, rid)["row_content"]["status"] == "pass"
+    shown = airlock.previews.show(rid, username="sam", scopes=set(STEWARD), via="page")
+    assert shown.text == fits and not shown.truncated
 
 
 def test_an_aggregate_by_catalogued_categories_passes_the_content_checks(airlock, people, demo):

@@ -15,7 +15,7 @@ judge, what reviewers preview and what is released, and its SHA-256 is the reque
   trailing bytes (:mod:`paitient.services.airlock.images`), within :data:`MAX_PIXELS` and
   :data:`MAX_IMAGE_BYTES`;
 - ``other``: an image if it starts like one, a table if it is Parquet or named like a table, else UTF-8 text,
-  normalised as above;
+  normalised as above, of at most :data:`TEXT_MAX_CHARS` characters (a steward reads it whole);
 - ``weights``: the tensors re-serialised by safetensors without metadata
   (:func:`paitient.services.airlock.weights.canonical_bytes`), so the file's SHA-256 is the canonical parameter
   hash. Certified weights of a training job are not re-encoded: they come from the runner, whose signature
@@ -28,7 +28,8 @@ released bytes:
 
 - ``image``: the PNG itself;
 - ``table``: the first rows and columns rendered cell by cell from the parsed values (as JSON);
-- ``text``: the first :data:`PREVIEW_TEXT_CHARS` characters of the normalised text.
+- ``text``: the normalised text, whole (up to :data:`PREVIEW_TEXT_CHARS` characters, as many as the airlock
+  takes).
 
 Anything that does not parse into one of these has no preview, and :class:`NoPreview` says why.
 :attr:`Canonical.data` holds exactly what a preview shows; the audit trail records its SHA-256.
@@ -66,8 +67,11 @@ PREVIEW_COLUMNS = 30
 """Columns of a table a preview shows."""
 PREVIEW_CELL_CHARS = 200
 """Characters of one text cell (or column name) a preview shows."""
-PREVIEW_TEXT_CHARS = 20_000
-"""Characters of a text file a preview shows."""
+TEXT_MAX_CHARS = 100_000
+"""Most characters a text output (kind ``other``) may have: a steward reads it whole before it leaves, so the
+preview shows all of it and a longer text is refused at the request."""
+PREVIEW_TEXT_CHARS = TEXT_MAX_CHARS
+"""Characters of a text file a preview shows: all of a text the airlock takes."""
 
 TSV_SUFFIXES = (".tsv", ".tab")
 TABLE_SUFFIXES = (".csv", ".parquet", *TSV_SUFFIXES)
@@ -493,4 +497,10 @@ def text_output(filename: str, data: bytes) -> Output:
         ) from None
     if "\x00" in text:
         raise Refused("the file holds NUL bytes, so it is binary, not text; export it as a table, figure or text")
-    return Output(clean_text(text).encode("utf-8"), filename, "text")
+    text = clean_text(text)
+    if len(text) > TEXT_MAX_CHARS:
+        raise Refused(
+            f"the text has {len(text)} characters, more than the {TEXT_MAX_CHARS} a steward reads whole before it "
+            "leaves; release a shorter text, or the numbers as a table"
+        )
+    return Output(text.encode("utf-8"), filename, "text")

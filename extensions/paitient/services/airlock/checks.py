@@ -7,7 +7,8 @@
 - ``figure``: the file must decode as a PNG, JPEG or GIF image (:mod:`paitient.services.airlock.images`); what it
   carries beyond its pixels (metadata, trailing bytes, more frames) is named for the reviewer, who sees the
   pixels only. No automatic disclosure check exists: a steward reviews every figure by hand.
-- ``other``: no automatic check exists; the result says a steward reviews by hand.
+- ``other``: no automatic disclosure check exists, so a steward reviews it by hand; a table is still checked
+  not to be row-level data, and a table or text not to hold patient rows (``row_content``).
 
 Every kind is also checked not to be a copy of a published dataset file, and tables not to be row-level
 data (:mod:`paitient.services.airlock.published`).
@@ -137,7 +138,27 @@ def run_checks(req: Request, data: bytes, ctx: CheckContext) -> list[dict[str, A
             **details,
         ),
     ]
-    return [*out, check_image(data)] if req.kind == "figure" else out
+    return [*out, check_image(data)] if req.kind == "figure" else [*out, *check_other(req, data, ctx, files)]
+
+
+def check_other(
+    req: Request, data: bytes, ctx: CheckContext, files: Sequence[published.Published] = ()
+) -> list[dict[str, Any]]:
+    """An output of kind ``other``, by the form the airlock stored it in: a table is checked not to be row-level
+    data and not to hold patient rows, a text not to hold patient rows, all of it (the steward reads a text
+    whole, :data:`paitient.services.airlock.canonical.TEXT_MAX_CHARS`; a table's preview shows its first
+    rows)."""
+    form = (req.meta.get("canonical") or {}).get("form")
+    if form == "csv":
+        try:
+            df = canonical.read_frame(data, req.filename)
+        except disclosure.TableError as e:
+            return [result("readable", "fail", str(e))]
+        df = formulas.restore_frame(df)
+        return [published.check_row_level(df, list(files)), check_row_content(req.project, df, ctx)]
+    if form == "text":
+        return [check_text_rows(req.project, data, ctx, "the text")]
+    return []
 
 
 def check_image(data: bytes) -> dict[str, Any]:
@@ -212,10 +233,15 @@ def check_labels(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict[str,
 
 def check_row_content(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict[str, Any]:
     """Rows of the project's datasets the table reveals by its content, found with the egress gate's index."""
+    return check_text_rows(project, disclosure.table_text(df), ctx, "the table")
+
+
+def check_text_rows(project: str, text: bytes, ctx: CheckContext, what: str) -> dict[str, Any]:
+    """Rows of the project's datasets ``text`` reveals, found with the egress gate's index (``what`` names it)."""
     if ctx.reveal is None:
         return result("row_content", "error", "the checks were given no row index; a steward checks for patient rows")
     try:
-        found = {k: int(n) for k, n in ctx.reveal(project, disclosure.table_text(df)).items() if n}
+        found = {k: int(n) for k, n in ctx.reveal(project, text).items() if n}
     except LookupError as e:
         return result("row_content", "error", f"the rows cannot be looked up ({e}); a steward checks by hand")
     total = sum(found.values())
@@ -224,12 +250,12 @@ def check_row_content(project: str, df: pd.DataFrame, ctx: CheckContext) -> dict
         return result(
             "row_content",
             "fail",
-            f"the table holds patient rows ({named}): pseudonyms or values of one patient's row together, found "
+            f"{what} holds patient rows ({named}): pseudonyms or values of one patient's row together, found "
             "by content whatever the columns are called; row-level data never leaves, export an aggregate",
             rows=found,
             limit=ROW_CONTENT_LIMIT,
         )
-    return result("row_content", "pass", "the table reveals no row of the project's datasets", limit=ROW_CONTENT_LIMIT)
+    return result("row_content", "pass", f"{what} reveals no row of the project's datasets", limit=ROW_CONTENT_LIMIT)
 
 
 def from_frame(df: pd.DataFrame) -> differencing.CountTable | None:
