@@ -4,15 +4,26 @@ import json
 
 import pytest
 
+from paitient.config import parse
+from paitient.registry import Member, Registry
 from paitient.services.audit import emit
 from paitient.services.audit.web import make_app
+from tests import rootmember
 from tests.scrape import Served, header_auth
 
 PREFIX = "/services/audit/"
 
 
+def register(site, username: str, uid: int, projects=(), roles=("researcher",)) -> None:
+    member = Member(username=username, account=f"pt-{username}", uid=uid, projects=tuple(projects), roles=roles)
+    rootmember.put(Registry.for_state_dir(site.state_dir), member)
+
+
 @pytest.fixture
 async def view(site):
+    """The view as steward1; steward1 and steward2 are admins (who read every record)."""
+    register(site, "steward1", 31000, roles=("steward", "admin"))
+    register(site, "steward2", 31004, roles=("steward", "admin"))
     served = Served(make_app(site, PREFIX, hub_auth=header_auth(PREFIX, "audit")), PREFIX)
     yield served.as_user("steward1", "custom:audit:read")
     served.close()
@@ -98,3 +109,60 @@ async def test_verify_page_reports_a_broken_chain(view, events, site):
     path.write_bytes(path.read_bytes().replace(b"df.head()", b"df.tail()"))
     r = await view("verify")
     assert b"BROKEN at trail-000001.jsonl line 2 (seq 1)" in r.body
+
+
+async def test_a_steward_reads_their_projects_and_nothing_of_their_own_doing(view, site):
+    """sam stewards oncology and also works in it. sam's kernel reports a cell with rows in its details and
+    files an airlock request whose refusal quotes its file's name: none of that reaches sam's browser, which
+    gets those records as their action and outcome only. sam reads oncology's and its members' records, not
+    cardiometabolic's; an admin reads everything."""
+    projects = [
+        {"name": "oncology", "group": "oncology", "datasets": ["breast_cancer"], "stewards": ["sam"]},
+        {"name": "cardiometabolic", "group": "cardiometabolic", "datasets": ["diabetes"], "stewards": ["tina"]},
+    ]
+    site = parse({"workspace": {"state_dir": str(site.state_dir)}, "projects": projects})
+    served = Served(make_app(site, PREFIX, hub_auth=header_auth(PREFIX, "audit")), PREFIX)
+    view = served.as_user("steward1", "custom:audit:read")
+    register(site, "sam", 31001, ("oncology",), roles=("researcher", "steward"))
+    register(site, "alice", 31002, ("oncology",))
+    register(site, "bob", 31003, ("cardiometabolic",))
+    row = "P-LGVLFVU6FADIJTQS,1984-07-19,F,HIV+"
+    emit(site, actor="sam", action="cell.execute", object=f"k-{row}", details={"code": row * 50})
+    emit(
+        site,
+        actor="sam",
+        action="airlock.request",
+        outcome="denied",
+        details={"project": "oncology", "filename": f"{row}.csv", "reason": f"{row}: not a table"},
+    )
+    emit(site, actor="airlock", action="airlock.release", object="r1", details={"user": "sam", "note": row})
+    emit(site, actor="alice", action="cell.execute", object="k1", details={"code": "alice_analysis()"})
+    emit(site, actor="bob", action="cell.execute", object="k2", details={"code": "bob_analysis()"})
+    emit(
+        site,
+        actor="bob",
+        action="ledger.reserve",
+        object="cardiometabolic/diabetes",
+        details={"project": "cardiometabolic"},
+    )
+    for path in ("", "api/records", "api/records?user=sam", "api/records?action=cell.execute"):
+        r = await view(path, user="sam")
+        body = r.body.decode()
+        assert r.code == 200 and "LGVLFVU6" not in body, path
+        assert "bob_analysis" not in body and "cardiometabolic/diabetes" not in body, path
+    records = json.loads((await view("api/records", user="sam")).body)["records"]
+    mine = [r for r in records if "withheld" in r["details"]]
+    assert {r["action"] for r in mine[:4]} == {"audit.view"}  # sam's readings above, also sam's own doing
+    mine = [r for r in mine if r["action"] != "audit.view"]
+    assert [(r["action"], r["outcome"]) for r in mine] == [
+        ("airlock.release", "ok"),
+        ("airlock.request", "denied"),
+        ("cell.execute", "ok"),
+    ]
+    assert all(r["details"] == {"withheld": mine[0]["details"]["withheld"]} and r["object"] == "" for r in mine)
+    assert mine[0]["details"]["withheld"].startswith("a record of your own activity")
+    assert "alice_analysis()" in json.dumps(records)  # a member of the project sam stewards
+    # An admin reads all of it; another steward of oncology would, through the same rule as alice's.
+    admin = (await view("api/records")).body.decode()
+    assert "LGVLFVU6" in admin and "bob_analysis" in admin
+    served.close()

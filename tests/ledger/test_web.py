@@ -59,6 +59,29 @@ async def test_non_steward_sees_nothing_and_scope_is_required(page, runs, state_
     assert r.code == 403 and json.loads(r.body)["status"] == 403
 
 
+async def test_a_steward_reads_no_record_their_own_kernel_wrote(page, runs, state_dir, ledger):
+    """sam stewards oncology and also trains in it: what sam's kernel settles (a record's text fields, the run
+    id, the weights' hash, an epsilon chosen to the last digit) would reach sam's browser unread by the gate.
+    sam's page and API show that run's budget only, rounded; an admin reads all of it."""
+    register(state_dir, "sam", 30003, ("oncology",), roles=("researcher", "steward"))
+    row = "P-LGVLFVU6FADIJTQS,1984-07-19,F,HIV+"
+    own = ledger.reserve("oncology", "breast_cancer", 0.1234567891, 1e-6, user="sam", run_id=f"run {row}", pid=1)
+    ledger.settle(own, 0.0987654321, record={"mode": row, "note": row * 100, "weights_sha256": "cd" * 32})
+    for path in ("", "api/budget"):
+        r = await page(path)
+        body = r.body.decode()
+        assert r.code == 200 and "LGVLFVU6" not in body and "cdcdcdcd" not in body and "987654321" not in body
+        assert "abababababababab" in body  # alice's run, which sam reviews, whole
+    runs = json.loads((await page("api/budget")).body)["projects"]["oncology"]["runs"]
+    mine = next(r for r in runs if r["id"] == own)
+    assert mine["record"] == {} and mine["weights_sha256"] is None and "run_id" not in mine
+    assert (mine["epsilon"], mine["epsilon_spent"]) == (0.1235, 0.09877)
+    assert mine["withheld"].startswith("a record of your own activity")
+    register(state_dir, "ada", 30004, (), roles=("admin",))
+    admin = (await page("api/budget", user="ada")).body.decode()
+    assert "LGVLFVU6" in admin and "cd" * 32 in admin
+
+
 async def test_anonymous_is_sent_to_the_hub_login(page):
     r = await page(user=None)
     assert r.code == 302 and r.headers["Location"].startswith("/hub/api/oauth2/authorize")

@@ -10,7 +10,7 @@ import datetime as dt
 import fnmatch
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,11 +147,18 @@ def newest_first(directory: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def select(
-    directory: str | Path, flt: Filter, *, limit: int = 200, before: int | None = None, include_internal: bool = False
+    directory: str | Path,
+    flt: Filter,
+    *,
+    limit: int = 200,
+    before: int | None = None,
+    include_internal: bool = False,
+    visible: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` matching records, newest first; ``before`` pages back (records with seq < before).
 
-    File headers (``audit.file``) are left out unless ``include_internal``. Reading stops at ``since``.
+    File headers (``audit.file``) are left out unless ``include_internal``; so is every record ``visible``
+    (when given) says no to. Reading stops at ``since``.
     """
     out: list[dict[str, Any]] = []
     for rec in newest_first(directory):
@@ -161,7 +168,7 @@ def select(
             break
         if rec["action"] == "audit.file" and not include_internal:
             continue
-        if matches(rec, flt):
+        if matches(rec, flt) and (visible is None or visible(rec)):
             out.append(rec)
             if len(out) >= limit:
                 break

@@ -1,5 +1,9 @@
 """The read-only web view of the trail for stewards and admins, served by the audit service.
 
+A steward reads the records of the projects they steward and of those projects' members; an admin reads
+every record; nobody reads the content of a record about themselves (:func:`as_read_by`,
+:mod:`paitient.services.kit.stewards`).
+
 Pages of the service kit (:mod:`paitient.services.kit.pages`) behind the hub's OAuth; every page needs the
 custom scope ``custom:audit:read`` (:data:`paitient.services.audit.api.READ_SCOPE`). There is nothing to
 change here, only filters to read with. Records are untrusted input: the templates escape every value, the
@@ -17,12 +21,14 @@ from urllib.parse import urlencode
 
 from tornado import web
 
+from paitient.registry import Registry
 from paitient.services.audit import emit, trail_dir
 from paitient.services.audit.api import READ_SCOPE
 from paitient.services.audit.metrics import AuditMetrics
-from paitient.services.audit.query import Filter, FilterError, select
+from paitient.services.audit.query import Filter, FilterError, projects_of, select
 from paitient.services.audit.verify import verify_dir
 from paitient.services.kit import metrics, pages
+from paitient.services.kit.stewards import OWN_RECORD, Reader
 
 PREFIX = "/services/audit/"
 FILTER_KEYS = ("user", "project", "action", "outcome", "since", "until")
@@ -45,6 +51,36 @@ def older_link(records: list[dict[str, Any]], flt_args: dict[str, str], *, limit
     query = {k: v for k, v in flt_args.items() if v}
     query.update(before=str(records[-1]["seq"]), limit=str(limit))
     return "?" + urlencode(query)
+
+
+def readable(record: dict[str, Any], reader: Reader, known_projects: frozenset[str]) -> bool:
+    """Whether ``reader`` sees ``record`` at all: an admin every record; a steward those naming a project they
+    steward, and those naming no project about a member of one (or about themselves, shown as
+    :func:`as_read_by` gives it)."""
+    if reader.admin:
+        return True
+    named = projects_of(record) & known_projects
+    if named:
+        return bool(named & set(reader.projects))
+    return any(reader.reads_user(u) or reader.is_self(u) for u in subjects(record))
+
+
+def subjects(record: dict[str, Any]) -> list[str]:
+    """Whom a record is about: its actor and the user its details name."""
+    details = record.get("details")
+    if not isinstance(details, dict):
+        details = {}
+    return [u for u in (record.get("actor"), details.get("user")) if isinstance(u, str)]
+
+
+def as_read_by(record: dict[str, Any], reader: Reader) -> dict[str, Any]:
+    """``record`` as ``reader`` sees it: whole, unless it is about the reader. Then only its sequence number,
+    time, actor, action and outcome: what their server or kernel wrote into its object and details (a cell's
+    code, a file's name, a parser's message) would otherwise reach their browser past the egress gate."""
+    if not any(reader.is_self(u) for u in subjects(record)):
+        return record
+    kept = {k: record.get(k) for k in ("seq", "time", "actor", "action", "outcome")}
+    return {**kept, "object": "", "details": {"withheld": OWN_RECORD}}
 
 
 class ReaderPage(pages.ScopedPage):
@@ -75,7 +111,16 @@ class ReaderPage(pages.ScopedPage):
             until=args["until"],
         )
         site = self.settings["paitient_site"]
-        records = await self.blocking(lambda: select(trail_dir(site), flt, limit=limit, before=before))
+        reader = await self.blocking(Reader.of, site, Registry.for_state_dir(site.state_dir), self.username)
+        known = frozenset(p.name for p in site.projects)
+        records = await self.blocking(
+            lambda: [
+                as_read_by(r, reader)
+                for r in select(
+                    trail_dir(site), flt, limit=limit, before=before, visible=lambda r: readable(r, reader, known)
+                )
+            ]
+        )
         filters: dict[str, Any] = {k: v for k, v in args.items() if v}
         if before is not None:
             filters["before"] = before

@@ -21,6 +21,7 @@ from paitient.registry import Registry
 from paitient.services.egress.metrics import read_today
 from paitient.services.egress.store import Day, EgressStore
 from paitient.services.kit import metrics, pages
+from paitient.services.kit.stewards import Reader
 
 READ_SCOPE = "custom:egress:read"
 DAYS = 30
@@ -29,11 +30,8 @@ PREFIX = "/services/egress/"
 
 def visible_users(site: SiteConfig, registry: Registry, steward: str) -> set[str] | None:
     """Users whose egress ``steward`` may see: members of the projects they steward (None: everyone)."""
-    member = registry.by_username(steward)
-    if member is not None and "admin" in member.roles:
-        return None
-    projects = {p.name for p in site.projects if steward in p.stewards}
-    return {m.username for m in registry.all() if projects & set(m.projects)}
+    members = Reader.of(site, registry, steward).members
+    return None if members is None else set(members)
 
 
 def egress_view(store: EgressStore, users: set[str] | None, days: int = DAYS) -> list[Day]:

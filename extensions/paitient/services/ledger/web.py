@@ -1,7 +1,8 @@
 """The stewards' web page of the privacy ledger, served by the ledger service behind the hub's OAuth.
 
 Each steward sees the projects that name them in ``stewards`` (admins see all): per dataset the
-total, spent, reserved and left epsilon and delta, and the runs with their training records. Read
+total, spent, reserved and left epsilon and delta, and the runs with their training records; of their own
+runs, which their kernel settled, only the budget (:func:`own_run`). Read
 only; the page is a template of the service kit (:mod:`paitient.services.kit.pages`), so everything
 shown is escaped and it carries no script. ``<prefix>api/budget`` answers the same as JSON. Both need
 the scope ``custom:ledger:read`` (:data:`paitient.services.ledger.api.READ_SCOPE`). ``<prefix>metrics`` has
@@ -21,6 +22,7 @@ from tornado import web
 
 from paitient.registry import Registry
 from paitient.services.kit import metrics, pages, render
+from paitient.services.kit.stewards import OWN_RECORD, Reader
 from paitient.services.ledger.api import READ_SCOPE, public_run
 from paitient.services.ledger.metrics import ledger_registry
 
@@ -30,15 +32,50 @@ PREFIX = "/services/ledger/"
 
 def visible_projects(site, registry: Registry, username: str) -> list[str]:
     """Projects ``username`` stewards (named in the project's ``stewards``); all of them for an admin."""
-    member = registry.by_username(username)
-    if member is not None and "admin" in member.roles:
-        return [p.name for p in site.projects]
-    return [p.name for p in site.projects if username in p.stewards]
+    return list(Reader.of(site, registry, username).projects)
 
 
-def ledger_view(ledger, projects: list[str]) -> dict[str, Any]:
-    """Budgets and runs of ``projects`` (blocking: call it off the event loop)."""
-    return {p: {"budget": ledger.budget(p), "runs": [public_run(r) for r in ledger.runs(p)]} for p in projects}
+OWN_RUN_FIELDS = ("id", "project", "dataset", "username", "state", "created", "closed")
+"""What a reader sees of a run of their own (the numbers rounded: :func:`own_run`)."""
+OWN_RUN_NUMBERS = ("epsilon", "delta", "epsilon_spent", "delta_spent")
+
+
+def significant(value: Any, digits: int = 4) -> Any:
+    """A number to ``digits`` significant digits (as the page prints it); anything else as it is."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def shown_budget(entry: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's budget as the page prints it: epsilon and delta figures to four significant digits. The
+    sums take in what each researcher's kernel reserved and settled, to the last digit it chose."""
+    return {k: significant(v) if k.startswith(("epsilon_", "delta_")) else v for k, v in entry.items()}
+
+
+def own_run(row: dict[str, Any]) -> dict[str, Any]:
+    """A run as its own researcher sees it on a steward's page: its budget to four significant digits, without
+    the training record, the run id and the weights' hash that their kernel wrote
+    (:mod:`paitient.services.kit.stewards`)."""
+    out: dict[str, Any] = {k: row.get(k) for k in OWN_RUN_FIELDS}
+    for key in OWN_RUN_NUMBERS:
+        value = row.get(key)
+        out[key] = significant(value) if isinstance(value, int | float) else None
+    out.update(record={}, weights_sha256=None, withheld=OWN_RECORD)
+    return out
+
+
+def ledger_view(ledger, projects: list[str], reader: str = "") -> dict[str, Any]:
+    """Budgets (:func:`shown_budget`) and runs of ``projects`` (blocking: call it off the event loop); the runs
+    of ``reader`` as :func:`own_run` gives them."""
+
+    def shown(row: dict[str, Any]) -> dict[str, Any]:
+        return own_run(row) if reader and row.get("username") == reader else public_run(row)
+
+    return {
+        p: {"budget": [shown_budget(b) for b in ledger.budget(p)], "runs": [shown(r) for r in ledger.runs(p)]}
+        for p in projects
+    }
 
 
 def utc_time(ts: float | None) -> str:
@@ -73,7 +110,7 @@ class StewardPage(pages.ScopedPage):
     async def view(self) -> dict[str, Any]:
         site = self.settings["paitient_site"]
         projects = visible_projects(site, Registry.for_state_dir(site.state_dir), self.username)
-        return await self.blocking(ledger_view, self.settings["paitient_ledger"], projects)
+        return await self.blocking(ledger_view, self.settings["paitient_ledger"], projects, self.username)
 
 
 class LedgerPage(StewardPage):
