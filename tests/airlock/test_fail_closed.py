@@ -11,7 +11,7 @@ from paitient.channel import ChannelError
 from paitient.rules import review
 from paitient.services.airlock.metrics import airlock_registry
 from paitient.services.airlock.service import Airlock, AirlockSettings
-from tests.airlock.helpers import GOOD, STEWARD, submit, wait_state
+from tests.airlock.helpers import GOOD, STEWARD, csv_bytes, registry_counts, submit, wait_state
 from tests.scrape import value
 
 
@@ -68,15 +68,21 @@ def test_a_decision_is_not_taken_while_the_trail_is_down(trail_and_airlock, peop
     assert record["object"] == rid and record["details"]["state"] == review.RELEASED
 
 
-def test_an_automatic_release_waits_for_a_steward_while_the_trail_is_down(trail_and_airlock, people):
+def test_an_automatic_release_waits_for_a_steward_while_the_trail_is_down(site, trail_and_airlock, people):
     trail, airlock = trail_and_airlock
     trail.refuse = {"airlock.decision"}
-    rid = submit(airlock, people, "ren", GOOD)  # registry releases clean tables automatically
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    table = csv_bytes(df.groupby("age_band").size().rename("n").reset_index())
+    rid = submit(airlock, people, "ren", table, recipe=recipe)  # registry releases recomputed counts itself
     airlock.wait_idle()
     assert airlock.store.get(rid).state == review.IN_REVIEW
-    assert not any(e.data.get("automatic") for e in airlock.store.events(rid, "state"))
+    moved = airlock.store.events(rid, "state")
+    assert "not_automatic" not in moved[-1].data  # it would have left, but for the trail
+    assert not any(e.data.get("automatic") for e in moved)
+    assert airlock.store.get(rid).filename == "t.csv"  # and its file is still the one filed
     trail.refuse = set()
-    again = submit(airlock, people, "ren", GOOD, name="again.csv")
+    again = submit(airlock, people, "ren", table, name="again.csv", recipe=recipe)
     airlock.wait_idle()
     assert airlock.store.get(again).state == review.RELEASED  # with the trail back, as before
 

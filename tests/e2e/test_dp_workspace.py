@@ -30,6 +30,7 @@ from paitient.kernel.dp.run import default_delta
 from paitient.rules.sandbox import KERNEL_MODULE
 from paitient.services.kit.process import process_start
 from paitient.services.ledger.store import Ledger
+from paitient.services.ledger.web import shown_budget
 from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
 
 # the root-side PRV recomputations below warn about RDP orders, as make_private used to in the kernel
@@ -781,7 +782,7 @@ def test_stewards_ledger_page_through_the_hub(workspace):
     assert view["user"] == "sam" and set(view["projects"]) == {"oncology", "cardiometabolic"}
     ledger = root_ledger(workspace)
     for project, data in view["projects"].items():
-        assert data["budget"] == ledger.budget(project)
+        assert data["budget"] == [shown_budget(b) for b in ledger.budget(project)]  # to four significant digits
         assert [r["id"] for r in data["runs"]] == [r["id"] for r in ledger.runs(project)]
     shown = next(r for r in view["projects"]["cardiometabolic"]["runs"] if r["id"] == made["id"])
     assert shown["record"] == made["record"] and shown["username"] == "carol" and "pid" not in shown
