@@ -153,12 +153,13 @@ def select(
     limit: int = 200,
     before: int | None = None,
     include_internal: bool = False,
-    visible: Callable[[dict[str, Any]], bool] | None = None,
+    view: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` matching records, newest first; ``before`` pages back (records with seq < before).
 
-    File headers (``audit.file``) are left out unless ``include_internal``; so is every record ``visible``
-    (when given) says no to. Reading stops at ``since``.
+    File headers (``audit.file``) are left out unless ``include_internal``. With ``view``, each record is
+    taken as ``view`` gives it (``None``: left out), and the filter matches what it gives: a reader's filter
+    learns nothing of what their view of a record leaves out. Reading stops at ``since``.
     """
     out: list[dict[str, Any]] = []
     for rec in newest_first(directory):
@@ -168,8 +169,9 @@ def select(
             break
         if rec["action"] == "audit.file" and not include_internal:
             continue
-        if matches(rec, flt) and (visible is None or visible(rec)):
-            out.append(rec)
+        seen = rec if view is None else view(rec)
+        if seen is not None and matches(seen, flt):
+            out.append(seen)
             if len(out) >= limit:
                 break
     return out

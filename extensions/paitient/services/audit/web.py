@@ -113,14 +113,11 @@ class ReaderPage(pages.ScopedPage):
         site = self.settings["paitient_site"]
         reader = await self.blocking(Reader.of, site, Registry.for_state_dir(site.state_dir), self.username)
         known = frozenset(p.name for p in site.projects)
-        records = await self.blocking(
-            lambda: [
-                as_read_by(r, reader)
-                for r in select(
-                    trail_dir(site), flt, limit=limit, before=before, visible=lambda r: readable(r, reader, known)
-                )
-            ]
-        )
+
+        def view(record: dict[str, Any]) -> dict[str, Any] | None:
+            return as_read_by(record, reader) if readable(record, reader, known) else None
+
+        records = await self.blocking(lambda: select(trail_dir(site), flt, limit=limit, before=before, view=view))
         filters: dict[str, Any] = {k: v for k, v in args.items() if v}
         if before is not None:
             filters["before"] = before
