@@ -134,10 +134,10 @@ def test_tsv_by_name_and_parquet_by_content():
 
 
 def test_wide_and_long_tables_show_the_first_rows_and_columns():
-    df = pd.DataFrame({f"c{i}": range(100) for i in range(40)})
+    df = pd.DataFrame({f"c{i}": range(300) for i in range(40)})
     t = canonical_for("table", "t.csv", csv_bytes(df)).table
     assert len(t.rows) == canonical.PREVIEW_ROWS and len(t.columns) == canonical.PREVIEW_COLUMNS
-    assert (t.total_rows, t.total_columns) == (100, 40)
+    assert (t.total_rows, t.total_columns) == (300, 40)
 
 
 def test_a_parquet_file_with_too_many_cells_is_not_parsed(monkeypatch):

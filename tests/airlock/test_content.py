@@ -3,6 +3,9 @@ differencing with earlier releases. Attacks are tried for real against published
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -294,12 +297,22 @@ def test_an_other_output_is_read_whole_by_the_checks_and_the_steward(site, airlo
     assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 40}
     assert checks["row_content"]["reason"].startswith("the text holds patient rows (40 of oncology/breast_cancer)")
 
-    table = demo[["mean radius", "mean texture", "mean perimeter", "mean area"]][:300]
+    table = demo[["mean radius", "mean texture", "mean perimeter", "mean area"]][:150]
     rid = submit(airlock, people, "alice", csv_bytes(table), kind="other", name="appendix.csv")
     wait_state(airlock, rid, review.IN_REVIEW)
     checks = by_check(airlock, rid)
     assert checks["row_content"]["status"] == "fail" and checks["row_level"]["status"] == "pass"  # 4 of 32 columns
-    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 300}
+    assert checks["row_content"]["details"]["rows"] == {"oncology/breast_cancer": 150}
+    # Rows the checks cannot match (each value moved a little) are what the steward reads: all of them.
+    moved = pd.concat([table[:20], demo[["mean radius", "mean texture"]][20:150] + 0.001], ignore_index=True)
+    rid = submit(airlock, people, "alice", csv_bytes(moved), kind="other", name="moved.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    shown = airlock.previews.show(rid, username="sam", scopes=set(STEWARD), via="page")
+    assert shown.table.total_rows == len(shown.table.rows) == 150
+    longer = demo[["mean radius"]][:201] + 0.001
+    with pytest.raises(ChannelError, match="a steward reads it whole, so it may have at most 200 rows") as e:
+        submit(airlock, people, "alice", csv_bytes(longer), kind="other", name="longer.csv")
+    assert e.value.code == "refused"
 
     # A text the steward cannot read whole is refused at the request; one that fits is previewed whole.
     long = ("x" * 99 + "\n") * (TEXT_MAX_CHARS // 100 + 1)
@@ -395,6 +408,49 @@ def test_a_table_of_counts_the_kernel_made_up_is_not_released_without_a_steward(
     rid = submit(airlock, people, "ren", csv_bytes(true), recipe=recipe)
     wait_state(airlock, rid, review.RELEASED)
     assert airlock.store.events(rid, "state")[-1].data["automatic"] is True
+
+
+def test_what_leaves_without_a_steward_is_the_airlocks_own_table(site, airlock, people):
+    """The recipe check compares numbers, not text, layout or empty rows: a kernel adds a column of patients'
+    values and rows without numbers to the true counts under a kernel-chosen file name, and the recipe
+    passes. What leaves without a steward is the airlock's own computation of the recipe, under the request's
+    id: none of the kernel's text, layout or name. Recipes that are not plain counts over catalogued
+    populations go to a steward."""
+    from paitient.services.airlock.checks import computed_table
+
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    counts = df.groupby("age_band").size().rename("n").reset_index()
+    payload = [f"{a}-{a * 7 + 0.53:.2f}" for a in df.age[:40]]  # "number-like" text passes as a label
+    padded = pd.concat([counts, pd.DataFrame({"age_band": ["0-44"] * 40, "n": [np.nan] * 40})], ignore_index=True)
+    padded["band"] = ["x"] * 3 + payload
+    padded["band"] = padded["band"].where(padded.index >= 3, "0-44")
+    name = f"{payload[0]} {payload[1]}.csv"
+    rid = submit(airlock, people, "ren", csv_bytes(padded), name=name, recipe=recipe)
+    wait_state(airlock, rid, review.RELEASED)
+    assert by_check(airlock, rid)["recipe"]["status"] == "pass"  # the numbers are the recipe's ...
+    req = airlock.store.get(rid)
+    released = airlock.store.read_blob(req.sha256).decode()
+    assert released == computed_table(df, recipe).to_csv(index=False)  # ... and what left is the airlock's own
+    assert released == "age_band,n\n" + "".join(f"{b},{n}\n" for b, n in zip(counts.age_band, counts.n, strict=True))
+    assert payload[0] not in released and req.filename == f"{rid}.csv"
+    shown = airlock.describe_for_requester(req)
+    assert shown["filename"] == f"{rid}.csv" and payload[0] not in json.dumps(shown)
+    moved = airlock.store.events(rid, "state")[-1].data
+    assert moved["file"]["replaces"] == hashlib.sha256(csv_bytes(padded)).hexdigest()
+
+    # A sum, and a count over a population picked by values no catalogue lists, wait for a steward.
+    total = df.groupby("sex").age.sum().rename("age").reset_index()
+    summed = submit(
+        airlock, people, "ren", csv_bytes(total), recipe={**recipe, "index": ["sex"], "values": "age", "aggfunc": "sum"}
+    )
+    picked = {**recipe, "filter": {"age_band": {"in": ["0-44", "45-64", "65+", "Zq-7"]}}}
+    chosen = submit(airlock, people, "ren", csv_bytes(counts), recipe=picked)
+    for rid, says in ((summed, "only count tables leave without a steward"), (chosen, "no catalogue lists")):
+        wait_state(airlock, rid, review.IN_REVIEW)
+        airlock.wait_idle()
+        assert airlock.store.get(rid).state == review.IN_REVIEW
+        assert says in airlock.store.events(rid, "state")[-1].data["not_automatic"], rid
 
 
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):

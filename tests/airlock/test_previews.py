@@ -185,6 +185,25 @@ async def test_what_the_kernel_wrote_into_a_request_reaches_no_browser_but_a_rev
             assert "Zq7" in text, where
 
 
+async def test_a_steward_reads_no_earlier_table_of_their_own_beside_a_colleagues(web, airlock, people):
+    """steph stewards oncology and works in it. Her kernel files a count table whose counts carry digits of its
+    choosing; a colleague's table differs from it by a small group, so the colleague's request page would show
+    it side by side. steph reviewing the colleague's request does not get her own table's cells back; sam
+    does."""
+    stages = ["I", "II", "III", "IV"]
+    mine = csv_bytes(pd.DataFrame({"stage": stages, "n": [1984, 719, 4242, 5151]}))
+    own = submit(airlock, people, "steph", mine, project="oncology")
+    wait_state(airlock, own, review.IN_REVIEW)
+    theirs = submit(airlock, people, "alice", csv_bytes(pd.DataFrame({"stage": stages, "n": [1982, 719, 4242, 5151]})))
+    wait_state(airlock, theirs, review.IN_REVIEW)
+    checks = {c["check"]: c for c in airlock.store.checks(theirs)}
+    assert own in checks["differencing"]["details"]["earlier"]
+    sam = (await web.fetch("sam", f"requests/{theirs}")).body.decode()
+    assert 'id="differences"' in sam and "<td>1984</td>" in sam and 'id="differences-own"' not in sam
+    steph = (await web.fetch("steph", f"requests/{theirs}")).body.decode()
+    assert 'id="differences-own"' in steph and own in steph and "1984" not in steph
+
+
 async def test_a_steward_sees_no_preview_of_their_own_request(web, airlock, people):
     rid = submit(airlock, people, "steph", csv_bytes(CELLS), project="oncology")
     wait_state(airlock, rid, review.IN_REVIEW)

@@ -348,6 +348,29 @@ def check_with_recipe(
     return out
 
 
+def unseen_release_refusal(recipe: dict[str, Any], known: Labels) -> str | None:
+    """Why a (validated, matching) recipe's table may not leave without a steward, or ``None`` when it may.
+
+    Only counts: the mean, sum, minimum or maximum of a group can be one person's value (a maximum always
+    is), and two sums over populations one person apart give that person's value, which the differencing of
+    counts does not look at. And only populations a catalogue describes: a filter listing values no catalogue
+    lists (pseudonyms, dates, free text) picks people one by one."""
+    if recipe["aggfunc"] != "count":
+        return (
+            f"only count tables leave without a steward: a {recipe['aggfunc']} can be one person's value, "
+            "or give one by difference with another"
+        )
+    for col, cond in (recipe.get("filter") or {}).items():
+        for op in ("in", "not"):
+            odd = [v for v in cond.get(op, []) if not isinstance(v, bool | int | float) and not is_label(v, known)]
+            if odd:
+                return (
+                    f"the filter on {col!r} lists {len(odd)} value(s) no catalogue lists: a population picked "
+                    "value by value goes to a steward"
+                )
+    return None
+
+
 def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]) -> dict[str, Any]:
     """Does the submitted table hold the recomputed numbers (compared as a sorted multiset of values)?"""
     index, columns, values = _crosstab_frame(data, recipe)

@@ -14,8 +14,9 @@ judge, what reviewers preview and what is released, and its SHA-256 is the reque
 - ``figure``: decoded as PNG, JPEG or GIF and its first frame's pixels re-encoded as a PNG without metadata or
   trailing bytes (:mod:`paitient.services.airlock.images`), within :data:`MAX_PIXELS` and
   :data:`MAX_IMAGE_BYTES`;
-- ``other``: an image if it starts like one, a table if it is Parquet or named like a table, else UTF-8 text,
-  normalised as above, of at most :data:`TEXT_MAX_CHARS` characters (a steward reads it whole);
+- ``other``: an image if it starts like one, a table if it is Parquet or named like a table (of at most
+  :data:`PREVIEW_ROWS` rows and :data:`PREVIEW_COLUMNS` columns), else UTF-8 text, normalised as above, of at
+  most :data:`TEXT_MAX_CHARS` characters: no disclosure check reads them, so a steward reads them whole;
 - ``weights``: the tensors re-serialised by safetensors without metadata
   (:func:`paitient.services.airlock.weights.canonical_bytes`), so the file's SHA-256 is the canonical parameter
   hash. Certified weights of a training job are not re-encoded: they come from the runner, whose signature
@@ -61,8 +62,9 @@ PREVIEW_MAX_IMAGE_BYTES = 32 << 20
 """Largest re-encoded PNG a preview serves."""
 PREVIEW_MAX_CELLS = 20_000_000
 """Most cells (rows x columns, from the Parquet footer) a table preview parses."""
-PREVIEW_ROWS = 20
-"""Rows of a table a preview shows."""
+PREVIEW_ROWS = 200
+"""Rows of a table a preview shows: all of an ``other`` table (which may have no more), the first ones of a
+``table`` (whose every cell the checks read)."""
 PREVIEW_COLUMNS = 30
 """Columns of a table a preview shows."""
 PREVIEW_CELL_CHARS = 200
@@ -366,7 +368,7 @@ def canonical_output(kind: str, filename: str, data: bytes, *, table_format: str
     if data.startswith(IMAGE_MAGIC):
         return image_output(filename, data)  # a file that starts like an image is released as one or not at all
     if data[:4] == b"PAR1" or filename.lower().endswith(TABLE_SUFFIXES):
-        return table_output(filename, data, "csv")
+        return table_output(filename, data, "csv", whole=True)
     return text_output(filename, data)
 
 
@@ -386,8 +388,10 @@ def image_output(filename: str, data: bytes) -> Output:
     return Output(im.png, _renamed(filename, ".png"), "png", dropped=im.beyond_pixels)
 
 
-def table_output(filename: str, data: bytes, table_format: str) -> Output:
-    """Parse a table and re-write it from its cells: CSV, or XLSX (with the same cells as CSV alongside)."""
+def table_output(filename: str, data: bytes, table_format: str, *, whole: bool = False) -> Output:
+    """Parse a table and re-write it from its cells: CSV, or XLSX (with the same cells as CSV alongside).
+    ``whole``: the table of an ``other`` output, which no disclosure check reads, so a steward's preview must
+    show all of it: refused beyond :data:`PREVIEW_ROWS` rows or :data:`PREVIEW_COLUMNS` columns."""
     dropped: list[str] = []
     if data[:4] == b"PAR1":
         if (cells := _parquet_cells(data, Refused)) > MAX_CELLS:
@@ -398,6 +402,12 @@ def table_output(filename: str, data: bytes, table_format: str) -> Output:
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
     frame = canonical_frame(df)
+    if whole and (len(frame) > PREVIEW_ROWS or len(frame.columns) > PREVIEW_COLUMNS):
+        raise Refused(
+            f"the table has {len(frame)} rows and {len(frame.columns)} columns; as kind 'other' (no automatic "
+            f"disclosure check) a steward reads it whole, so it may have at most {PREVIEW_ROWS} rows and "
+            f"{PREVIEW_COLUMNS} columns: release an aggregate as kind='table', or a smaller table"
+        )
     # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
     shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)
     csv = frame_csv(shown)

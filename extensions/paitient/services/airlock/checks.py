@@ -212,9 +212,24 @@ def check_table(
         failed = result("recipe", "fail", str(e))
         return [*content, failed, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
     out = [*content, *disclosure.check_with_recipe(df, source, recipe, ctx.rules)]
-    matches = any(r["check"] == "recipe" and r["status"] == "pass" for r in out)
-    table = recipe_counts(source, recipe) if matches and recipe["aggfunc"] == "count" else alone
+    matched = next((r for r in out if r["check"] == "recipe" and r["status"] == "pass"), None)
+    if matched is not None:
+        known = ctx.labels(req.project) if ctx.labels is not None else disclosure.Labels.of([])
+        why = disclosure.unseen_release_refusal(recipe, known)
+        matched["details"]["automatic"] = why or True
+    table = recipe_counts(source, recipe) if matched and recipe["aggfunc"] == "count" else alone
     return [*out, check_differencing(req, table, ctx)]
+
+
+def computed_table(source: pd.DataFrame, recipe: dict[str, Any]) -> pd.DataFrame:
+    """The table a (validated) count recipe makes, as the airlock releases it without a steward: one row per
+    cell that counts anyone, its variables' values (from the dataset) and the count. Nothing in it is the
+    kernel's: not a label, not a number, not a column name but the recipe's variables."""
+    recipe = disclosure.validate_recipe(recipe)
+    variables = [*recipe["index"], *recipe["columns"]]
+    rows = disclosure.recipe_rows(source, recipe)
+    name = "n" if "n" not in variables else "count"
+    return rows.groupby(variables, dropna=False, observed=True).size().rename(name).reset_index()
 
 
 ROW_CONTENT_LIMIT = 0

@@ -28,20 +28,20 @@ from paitient import sysaccounts
 from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, TOO_LARGE, ChannelError, Peer
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
-from paitient.rules import review
+from paitient.rules import disclosure, review
 from paitient.rules.disclosure import Labels, TableRules, result
 from paitient.rules.fixes import fix_for
 from paitient.rules.records import Event
 from paitient.services.airlock import published, views
-from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output
-from paitient.services.airlock.checks import CheckContext, load_published, run_checks
+from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output, frame_csv
+from paitient.services.airlock.checks import CheckContext, computed_table, load_published, run_checks
 from paitient.services.airlock.feedback import Bounded
 from paitient.services.airlock.mia import prepare_work_root
 from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
-from paitient.services.airlock.store import Request, Store, StoreError
+from paitient.services.airlock.store import ReleasedFile, Request, Store, StoreError
 from paitient.services.audit import trail_writer
 from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.ledger.api import LedgerReader
@@ -238,6 +238,13 @@ class Airlock:
             raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace", FORBIDDEN)
         return member
 
+    @staticmethod
+    def _named_project(member: Member, args: dict[str, Any]) -> str | None:
+        """The project a refused call named, for its audit record: one of the caller's, or none (the record's
+        project decides who reads it, so a kernel does not get to write any name there)."""
+        project = args.get("project")
+        return project if isinstance(project, str) and project in member.projects else None
+
     def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         member = self._caller(peer)
         try:
@@ -248,7 +255,7 @@ class Airlock:
                 action="airlock.request",
                 object="",
                 outcome="denied",
-                details={"reason": str(e), "project": args.get("project")},
+                details={"reason": str(e), "project": self._named_project(member, args)},
             )
             raise
         if kind == "weights" and self.site.project(project).self_reported_weights != review.TWO_PERSON:
@@ -423,7 +430,12 @@ class Airlock:
                 action="airlock.check_preview",
                 object=str(details.get("sha256") or details.get("upload_sha256") or ""),
                 outcome=outcome,
-                details={"project": args.get("project"), "kind": args.get("kind"), "filename": filename, **details},
+                details={
+                    "project": self._named_project(member, args),
+                    "kind": args.get("kind") if args.get("kind") in AIRLOCK_KINDS else None,
+                    "filename": filename,
+                    **details,
+                },
             )
 
         try:
@@ -714,40 +726,75 @@ class Airlock:
             },
         )
         project = self.site.project(req.project)
+        recipe = next((r for r in results if r["check"] == "recipe" and r["status"] == "pass"), None)
+        automatic = (recipe or {}).get("details", {}).get("automatic")
         not_automatic = review.auto_release_refusal(
             req.kind,
             project.auto_release,
             [r["status"] for r in results],
             certified=any(r["check"] == "certified" and r["status"] == "pass" for r in results)
             and bool(req.meta.get("job")),
-            recomputed=any(r["check"] == "recipe" and r["status"] == "pass" for r in results),
+            recomputed=automatic is True,
         )
+        if isinstance(automatic, str) and req.kind == "table" and not_automatic and "recipe" in not_automatic:
+            not_automatic = automatic
+        released: tuple[ReleasedFile, list[bytes]] | None = None
+        if not_automatic is None and req.kind == "table":
+            try:
+                released = self._computed_release(req)
+            except Exception as e:
+                self.log.exception("the table of %s could not be computed for release", rid)
+                not_automatic = (
+                    f"the airlock could not compute the table itself ({type(e).__name__}); a steward reviews it"
+                )
         moved: dict[str, Any] = {"overall": overall}
         if not_automatic and req.kind in project.auto_release:
             moved["not_automatic"] = not_automatic
         self.store.transition(rid, review.IN_REVIEW, actor="airlock", data=moved)
         if not_automatic is None:
+            decision = {"project": req.project, "user": req.username, "action": "approve", "automatic": True}
+            if released is not None:
+                decision.update(sha256=released[0].sha256, size=released[0].size, submitted_sha256=req.sha256)
             try:  # recorded first: without its audit record the output waits for a steward instead
-                self.emit(
-                    actor="airlock",
-                    action="airlock.decision",
-                    object=rid,
-                    required=True,
-                    details={"project": req.project, "user": req.username, "action": "approve", "automatic": True},
-                )
+                self.emit(actor="airlock", action="airlock.decision", object=rid, required=True, details=decision)
             except Exception:
                 self.log.error("automatic release of %s skipped: the audit trail cannot record it", rid)
                 return
-            self.store.transition(
-                rid,
-                review.RELEASED,
-                actor="airlock",
-                data={
-                    "automatic": True,
-                    "reason": f"every automatic check passed and project "
-                    f"{req.project} releases {req.kind} outputs automatically",
-                },
-            )
+            release: dict[str, Any] = {
+                "automatic": True,
+                "reason": f"every automatic check passed and project "
+                f"{req.project} releases {req.kind} outputs automatically",
+            }
+            file = None
+            if released is not None:
+                release["reason"] += "; the file released is the airlock's own computation of the table's recipe"
+                file, blobs = released
+                for blob in blobs:  # stored once the release is recorded: nothing is kept for one that is not
+                    self.store.put_blob(blob)
+            self.store.transition(rid, review.RELEASED, actor="airlock", data=release, file=file)
+
+    def _computed_release(self, req: Request) -> tuple[ReleasedFile, list[bytes]]:
+        """The file a table released without a steward leaves as, and the blobs to store for it: the airlock's
+        own computation of its recipe (:func:`paitient.services.airlock.checks.computed_table`), named after
+        the request, in the format asked. Nothing of the kernel's file leaves: not its labels, its layout, its
+        extra columns or its name."""
+        recipe = disclosure.validate_recipe(req.meta.get("recipe"))
+        source = self._load_dataset(req.project, recipe["dataset"], recipe.get("version"))
+        table = computed_table(source, recipe)
+        fmt = req.meta.get("format") or "csv"
+        out = canonical_output("table", f"{req.id}.csv", frame_csv(table), table_format=fmt)
+        canonical: dict[str, Any] = {"form": out.form, "dropped": [], "computed": True}
+        blobs = [out.data]
+        if out.cells:
+            canonical["cells_sha256"] = hashlib.sha256(out.cells).hexdigest()
+            blobs.append(out.cells)
+        file = ReleasedFile(
+            filename=out.filename,
+            sha256=hashlib.sha256(out.data).hexdigest(),
+            size=len(out.data),
+            meta={**req.meta, "canonical": canonical},
+        )
+        return file, blobs
 
     def checked_form(self, req: Request) -> tuple[Request, bytes]:
         """What the checks and the preview read of ``req``: its stored file, or for a table released as XLSX the

@@ -100,6 +100,16 @@ class Request:
 
 
 @dataclass(frozen=True)
+class ReleasedFile:
+    """A file a request leaves as instead of the one it was filed with (its blob stored already)."""
+
+    filename: str
+    sha256: str
+    size: int
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Event:
     seq: int
     request_id: str
@@ -311,8 +321,17 @@ class Store:
         with self._connect() as db:
             return self._get(db, rid)
 
-    def transition(self, rid: str, new_state: str, *, actor: str, data: dict[str, Any] | None = None) -> Request:
-        """Move a request to ``new_state`` (checked by :func:`review.check_transition`) and record it."""
+    def transition(
+        self,
+        rid: str,
+        new_state: str,
+        *,
+        actor: str,
+        data: dict[str, Any] | None = None,
+        file: ReleasedFile | None = None,
+    ) -> Request:
+        """Move a request to ``new_state`` (checked by :func:`review.check_transition`) and record it; with
+        ``file``, in the same transaction, the request's file becomes that one (a blob already stored)."""
         with self._transaction() as db:
             req = self._get(db, rid)
             review.check_transition(req.state, new_state)
@@ -321,7 +340,23 @@ class Store:
                 sa.text("UPDATE requests SET state = :state, updated = :now WHERE id = :id"),
                 {"state": new_state, "now": now, "id": rid},
             )
-            self._event(db, rid, actor, "state", {"from": req.state, "to": new_state, **(data or {})}, now)
+            event = {"from": req.state, "to": new_state, **(data or {})}
+            if file is not None:
+                db.execute(
+                    sa.text(
+                        "UPDATE requests SET filename = :filename, sha256 = :sha256, size = :size, meta = :meta "
+                        "WHERE id = :id"
+                    ),
+                    {
+                        "filename": file.filename,
+                        "sha256": file.sha256,
+                        "size": file.size,
+                        "meta": json.dumps(file.meta, sort_keys=True),
+                        "id": rid,
+                    },
+                )
+                event["file"] = {"sha256": file.sha256, "size": file.size, "replaces": req.sha256}
+            self._event(db, rid, actor, "state", event, now)
         return self.get(rid)
 
     def record_checks(self, rid: str, results: list[dict[str, Any]], *, actor: str = "airlock") -> None:

@@ -8,8 +8,8 @@ and for each check its name, its outcome and a fixed sentence saying what the ch
 (:data:`CHECKS`):
 
 - the justification becomes its length (:func:`shown_justification`);
-- the file's name is shown once the file is released (the steward released it with that name), and before
-  that a fixed placeholder (:data:`UNNAMED`);
+- the file's name is shown once the file is released (a steward released it with that name, or the airlock
+  released its own table under the request's id), and before that a fixed placeholder (:data:`UNNAMED`);
 - a check's reason and details stay in the workspace: ``paitient.kernel.airlock.status(id)`` in the
   notebook gives every one of them (the kernel holds the file already, and what it displays passes the
   egress gate).
@@ -154,14 +154,14 @@ def public_for(req: Any, *, reviewer: bool) -> dict[str, Any]:
 CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
     ("job_id", "Training job"),
     ("project", "Project"),
-    ("dataset", "Dataset"),
+    ("dataset", "Dataset (the researcher's choice)"),
     ("dataset_version", "Dataset version"),
     ("dataset_sha256", "SHA-256 of the dataset version read"),
     ("n_train", "Rows trained on"),
     ("n_holdout", "Rows held out (never trained on)"),
-    ("target", "Target column"),
-    ("features", "Feature columns"),
-    ("preprocessing", "Preprocessing (declared steps)"),
+    ("target", "Target column (the researcher's choice)"),
+    ("features", "Feature columns (the researcher's choice)"),
+    ("preprocessing", "Preprocessing (the researcher's declared steps and constants, applied as declared)"),
     ("graph_sha256", "SHA-256 of the model graph executed"),
     ("initialisation", "Initial parameters"),
     ("sampling_rate", "Poisson sampling rate"),
@@ -176,7 +176,9 @@ CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
     ("runner_version", "Runner version"),
     ("finished", "Finished (UTC)"),
 )
-"""The facts of a signed training record, in the order a steward reads them, with their labels."""
+"""The facts of a signed training record, in the order a steward reads them, with their labels. The runner
+computed every fact but those labelled as the researcher's: those it checked for their form (a column of the
+dataset, a finite number) and applied, and they leave with the record as the researcher wrote them."""
 
 
 def _fact_text(value: Any) -> str:

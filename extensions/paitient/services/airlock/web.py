@@ -150,26 +150,37 @@ class DetailHandler(AirlockHandler):
                 (e.data["override"] for e in airlock.store.events(rid, "decision") if e.data.get("override")), ""
             ),
             min_override=review.MIN_OVERRIDE,
-            differences=self._differences(req, info["checks"]) if sees_content else [],
+            differences=self._differences(req, info["checks"], username) if sees_content else [],
         )
 
-    def _differences(self, req: Any, checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _differences(self, req: Any, checks: list[dict[str, Any]], reader: str) -> list[dict[str, Any]]:
         """The request's count table beside the earlier releases its differencing check found differences
-        with, for a reviewer's page; empty when the check found none."""
+        with, for a reviewer's page; empty when the check found none. A table the reader filed themselves is
+        left out (their kernel wrote its labels and numbers; another steward reads them): the page says so."""
         check = next((c for c in checks if c["check"] == "differencing"), None)
         details = (check or {}).get("details") or {}
         if not details.get("findings"):
             return []
         tables = self.airlock.tables
         ids = [str(r) for r in details.get("earlier", [])]
+        own = {rid for rid in ids if self._filed_by(rid) == reader}
         found = tables.tables(req.project, [req.id, *ids])
         if req.id not in found:
             return []
-        earlier = [(rid, found[rid][0]) for rid in ids if rid in found]
-        return [
-            {"view": view, "states": [(rid, found[rid][1]) for rid in view.earlier]}
+        earlier = [(rid, found[rid][0]) for rid in ids if rid in found and rid not in own]
+        views = [
+            {"view": view, "states": [(rid, found[rid][1]) for rid in view.earlier], "own": []}
             for view in differencing.side_by_side(found[req.id][0], earlier, self.airlock.settings.min_count)
         ]
+        if own:
+            views.append({"view": None, "states": [], "own": sorted(own)})
+        return views
+
+    def _filed_by(self, rid: str) -> str | None:
+        try:
+            return self.airlock.store.get(rid).username
+        except StoreError:
+            return None
 
     def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
         """What the page shows as the preview: from the canonical form, recorded; or why there is none."""
