@@ -313,9 +313,12 @@ def test_restart_keeps_every_request_and_decision(site, alice, registry):
 def test_row_level_data_does_not_leave(site, channel, airlock, alice):
     df = breast_cancer()
     where = publish(site, "oncology", "breast_cancer", df)
-    # The published file itself, under another name and kind ...
+    # The published file itself, under another name ...
     copy = give(Path(alice.pw_dir) / "notes.bin", (where / "data.parquet").read_bytes(), alice.pw_uid)
-    rid = submit(alice, site, copy, "other")["id"]
+    rid = submit(alice, site, copy, "table")["id"]
+    # ... and as kind "other", which a steward would read whole: refused at the request, far too long for that.
+    refused = submit(alice, site, copy, "other")["error"]
+    assert "as kind 'other' (no automatic disclosure check) a steward reads it whole" in refused
     # ... and the rows re-exported as a "table", a few columns dropped and some rows sampled.
     export = df.drop(columns=df.columns[:5]).sample(frac=0.6, random_state=0)
     rows = give(Path(alice.pw_dir) / "cohort.csv", csv_bytes(export), alice.pw_uid)

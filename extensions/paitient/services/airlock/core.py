@@ -238,12 +238,12 @@ class Airlock:
             raise ChannelError(f"uid {peer.uid} is not a paitient account; sign in through the workspace", FORBIDDEN)
         return member
 
-    @staticmethod
-    def _named_project(member: Member, args: dict[str, Any]) -> str | None:
-        """The project a refused call named, for its audit record: one of the caller's, or none (the record's
-        project decides who reads it, so a kernel does not get to write any name there)."""
+    def _named_project(self, args: dict[str, Any]) -> str | None:
+        """The project a refused call named, for its audit record: one of the site's (a non-member's attempt is
+        its stewards' business), or none: the record's project decides who reads it, and a kernel does not
+        get to write any other name there."""
         project = args.get("project")
-        return project if isinstance(project, str) and project in member.projects else None
+        return project if isinstance(project, str) and project in {p.name for p in self.site.projects} else None
 
     def op_request(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         member = self._caller(peer)
@@ -255,7 +255,7 @@ class Airlock:
                 action="airlock.request",
                 object="",
                 outcome="denied",
-                details={"reason": str(e), "project": self._named_project(member, args)},
+                details={"reason": str(e), "project": self._named_project(args)},
             )
             raise
         if kind == "weights" and self.site.project(project).self_reported_weights != review.TWO_PERSON:
@@ -431,7 +431,7 @@ class Airlock:
                 object=str(details.get("sha256") or details.get("upload_sha256") or ""),
                 outcome=outcome,
                 details={
-                    "project": self._named_project(member, args),
+                    "project": self._named_project(args),
                     "kind": args.get("kind") if args.get("kind") in AIRLOCK_KINDS else None,
                     "filename": filename,
                     **details,
