@@ -18,7 +18,10 @@ Bodies (``GET /api/contents/<path>`` with content) are what the browser can save
   without quoting it.
 
 Models without content (``content=0``) and error responses are checked by the output transform
-(:mod:`paitient.server.routes`).
+(:mod:`paitient.server.routes`). A model's own fields (name, size, times: a kernel sets a file's times to
+any value) are checked with its body. A GET with content leaves untouched only when this manager vouches for
+the model (:data:`paitient.server.gate.BODY_CHECKED`): a path that is neither a file nor a folder is answered
+here, never by the stock manager, which would look again and send whatever a kernel renamed there.
 
 Copies inside the home (the file browser's Duplicate) read nothing out, so they are not checked.
 """
@@ -42,6 +45,7 @@ from traitlets import Any as AnyTrait
 from paitient.config import EgressLimits, Server, site_trait
 from paitient.rules.egress import file_notice
 from paitient.rules.sniff import Kind, sniff
+from paitient.server.gate import BODY_CHECKED
 
 _INTERNAL = contextvars.ContextVar("paitient_contents_internal", default=False)
 """Set while the manager reads files for its own work (copies), which sends nothing to the browser."""
@@ -102,10 +106,13 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         os_path = self._get_os_path(path)
         if os.path.isdir(os_path):
             model = await super().get(path, content=True, type=type, format=format, **kwargs)
-            await self._check_listing(path, json.dumps(model.get("content") or [], default=str).encode())
-            return model
+            if model.get("type") != "directory":  # the folder became a file between the two looks
+                raise HTTPError(409, f"{path} changed while it was read; open it again")
+            await self._check_listing(path, _described(model, json.dumps(model.get("content") or [], default=str)))
+            return _vouched(model)
         if not os.path.isfile(os_path):
-            return await super().get(path, content=True, type=type, format=format, **kwargs)
+            # Never the stock manager's read here: a file that appears now would go out unchecked.
+            raise HTTPError(404, f"No such file or directory: {path}")
         data = self._read_capped(path, os_path)
         limit = self.max_text_bytes
         sniffed = sniff(data)
@@ -119,11 +126,12 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         model = await super().get(path, content=False, type=type, format=format, **kwargs)
         if sniffed.kind is Kind.NOTEBOOK:
             if type not in (None, "notebook") or format not in (None, "json"):
-                return await self._as_file(model, path, data, "text/plain", format)
-            return await self._notebook(model, path, data)
+                return _vouched(await self._as_file(model, path, data, "text/plain", format))
+            return _vouched(await self._notebook(model, path, data))
         if type == "notebook":
             raise HTTPError(400, f"{path} is not a notebook")
-        return await self._as_file(model, path, data, sniffed.mimetype, format, image=sniffed.kind is Kind.IMAGE)
+        image = sniffed.kind is Kind.IMAGE
+        return _vouched(await self._as_file(model, path, data, sniffed.mimetype, format, image=image))
 
     def _read_capped(self, path: str, os_path: str) -> bytes:
         cap = self.max_content_bytes
@@ -170,10 +178,11 @@ class ConfinedContentsManager(AsyncLargeFileManager):
     async def _as_file(
         self, model: dict[str, Any], path: str, data: bytes, mimetype: str, format: str | None, *, image: bool = False
     ) -> dict[str, Any]:
+        model["size"] = len(data)
         if image:
-            await self._check_whole(path, b"", binary=data)
+            await self._check_whole(path, _described(model), binary=data)
         else:
-            await self._check_whole(path, data)
+            await self._check_whole(path, _described(model, data.decode("utf-8", "replace")))
         if image or format == "base64":
             model.update(
                 content=base64.encodebytes(data).decode("ascii"),
@@ -183,7 +192,6 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         else:
             model.update(content=data.decode("utf-8"), format="text", mimetype=mimetype or "text/plain")
         model["type"] = "file"
-        model["size"] = len(data)
         return model
 
     async def _notebook(self, model: dict[str, Any], path: str, data: bytes) -> dict[str, Any]:
@@ -194,6 +202,8 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             raise HTTPError(
                 400, f"Unreadable Notebook: {path} is not a notebook nbformat can read ({type(e).__name__})"
             ) from e
+        model["size"] = len(data)
+        await self._check_whole(path, _described(model), what=f"{path}'s name, size and times")
         gate = self._gate()
         base = f"contents:{path}:{uuid.uuid4().hex}"
 
@@ -240,6 +250,19 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         model.update(content=nb, format="json", type="notebook", mimetype=None, size=len(data))
         self.validate_notebook_model(model)
         return model
+
+
+def _described(model: dict[str, Any], content: str = "") -> bytes:
+    """What the gate reads of a model besides its body: its name, path, size, times and flags (the kernel sets
+    a file's times to any value it likes), then ``content``."""
+    fields = {k: v for k, v in model.items() if k != "content"}
+    return (json.dumps(fields, sort_keys=True, default=str) + "\n" + content).encode()
+
+
+def _vouched(model: dict[str, Any]) -> dict[str, Any]:
+    """``model``, built from what the gate passed: its response may leave untouched (:data:`BODY_CHECKED`)."""
+    BODY_CHECKED.set(True)
+    return model
 
 
 def _rebuilt(nb: Any) -> Any:

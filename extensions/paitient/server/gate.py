@@ -18,6 +18,7 @@ neither a new websocket nor a new cell renews it; only an answer of the service 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import threading
@@ -211,8 +212,14 @@ class EgressGate:
 
 
 IF_OK = "if-ok"
-"""A request's tag for a response the output transform lets through untouched when its status is 200 (the
-contents manager checked that body) and checks otherwise (an error's text may quote what it read)."""
+"""A request's tag for a response the output transform lets through untouched when its status is 200 and the
+contents manager says it checked that body (:data:`BODY_CHECKED`), and checks otherwise (an error's text may
+quote what it read; a model the manager did not build from what it checked is the stock manager's)."""
+
+BODY_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar("paitient_body_checked", default=False)
+"""Set by the contents manager, in the request's own task, when the model it returns was built from what the
+gate passed; read by the output transform of that same request. Nothing else sets it, so a response the
+manager did not vouch for (a file that appeared between two looks at its path) is checked like any other."""
 
 
 class EgressTransform(OutputTransform):
@@ -237,7 +244,7 @@ class EgressTransform(OutputTransform):
         self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool
     ) -> tuple[int, HTTPHeaders, bytes]:
         if self.passthrough == IF_OK:
-            self.passthrough = status_code == 200
+            self.passthrough = status_code == 200 and BODY_CHECKED.get()
         if self.passthrough or self.gate is None:
             return status_code, headers, chunk
         self.status, self.headers = status_code, headers
