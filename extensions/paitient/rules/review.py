@@ -194,9 +194,10 @@ def auto_release_refusal(
     statuses: Iterable[str],
     *,
     certified: bool = False,
-    recomputed: bool = False,
+    recomputed: bool | str = False,
 ) -> str | None:
-    """Why a request is not released automatically, or ``None`` when it is.
+    """Why a request is not released automatically, or ``None`` when it is. ``recomputed``: the airlock
+    recomputed a table from its recipe and may release that (``True``), or the reason it may not (a string).
 
     Only kinds the stewards allowed, and only when every automatic check passed. A table's numbers are the
     kernel's unless the airlock recomputed them: only a table whose recipe check passed (``recomputed``)
@@ -207,7 +208,9 @@ def auto_release_refusal(
         return f"the project does not release {kind} outputs automatically"
     if kind == "weights" and not certified:
         return "weights are released automatically only when a training job's runner signed them"
-    if kind == "table" and not recomputed:
+    if kind == "table" and recomputed is not True:
+        if isinstance(recomputed, str) and recomputed:
+            return recomputed
         return (
             "a table is released automatically only when the airlock recomputed it from its recipe; "
             "without one its numbers are the kernel's, so a steward reviews it"
@@ -223,7 +226,7 @@ def may_auto_release(
     statuses: Iterable[str],
     *,
     certified: bool = False,
-    recomputed: bool = False,
+    recomputed: bool | str = False,
 ) -> bool:
     """:func:`auto_release_refusal` found nothing."""
     why = auto_release_refusal(kind, auto_release_kinds, statuses, certified=certified, recomputed=recomputed)

@@ -734,10 +734,8 @@ class Airlock:
             [r["status"] for r in results],
             certified=any(r["check"] == "certified" and r["status"] == "pass" for r in results)
             and bool(req.meta.get("job")),
-            recomputed=automatic is True,
+            recomputed=automatic if isinstance(automatic, str) else automatic is True,
         )
-        if isinstance(automatic, str) and req.kind == "table" and not_automatic and "recipe" in not_automatic:
-            not_automatic = automatic
         released: tuple[ReleasedFile, list[bytes]] | None = None
         if not_automatic is None and req.kind == "table":
             try:
