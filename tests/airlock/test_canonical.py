@@ -206,7 +206,7 @@ def test_the_requesters_view_quotes_nothing_a_check_read_or_the_kernel_wrote():
     }
     assert by["row_level"]["reason"] == "the table is not row-level data of the project's datasets: passed"
     assert by["internal"]["status"] == "error"  # an unknown check is named by none of its own words
-    assert info["justification"].startswith("(4800 characters;") and info["filename"] == views.UNNAMED
+    assert info["justification"].startswith("(about 4800 characters;") and info["filename"] == views.UNNAMED
     assert info["state"] == "in_review"
     # Released, the name is the released file's, which the steward approved.
     released = views.requester_info({"justification": "j", "filename": "t.csv", "checks": [], "state": "released"})
@@ -216,3 +216,34 @@ def test_the_requesters_view_quotes_nothing_a_check_read_or_the_kernel_wrote():
     assert notebook["minimum_count"]["details"] == {"threshold": 10, "cells_count": 1}
     assert notebook["readable"]["reason"].startswith("the file could not be read as a table")
     assert len(notebook["row_level"]["reason"]) == views.SHOWN_REASON
+
+
+def test_a_requesters_browser_gets_sizes_to_two_digits_and_times_to_the_minute():
+    assert [views.rounded_size(n) for n in (0, 99, 100, 12_345, 987_654_321)] == [0, 99, 100, 12_000, 990_000_000]
+    assert views.minute(1_700_000_059.999) == 1_700_000_040.0 and views.minute(1_700_000_100.0) == 1_700_000_100.0
+    pending = {
+        "id": "r",
+        "state": "in_review",
+        "filename": "cohort_Zq7.csv",
+        "sha256": "ab" * 32,
+        "size": 123_456,
+        "justification": "j" * 1234,
+        "created": 1_700_000_059.25,
+        "updated": 1_700_000_123.5,
+        "decisions": [{"by": "sam", "ts": 1_700_000_170.125, "action": "return"}],
+    }
+    shown = views.shown_request(pending)
+    assert shown == {
+        **pending,
+        "filename": views.UNNAMED,
+        "sha256": views.UNHASHED,
+        "size": 120_000,
+        "justification": "(about 1200 characters; the reviewers read all of it, and your notebook has it)",
+        "created": 1_700_000_040.0,
+        "updated": 1_700_000_100.0,
+        "decisions": [{"by": "sam", "ts": 1_700_000_160.0, "action": "return"}],
+    }
+    # Released, the file left as it is: its name, hash and size are shown whole; the times stay rounded.
+    released = views.shown_request({**pending, "state": "released"})
+    assert (released["filename"], released["sha256"], released["size"]) == ("cohort_Zq7.csv", "ab" * 32, 123_456)
+    assert released["created"] == 1_700_000_040.0

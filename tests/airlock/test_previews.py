@@ -10,6 +10,8 @@ import hashlib
 import html
 import io
 import json
+import re
+import time
 
 import pandas as pd
 import pytest
@@ -103,14 +105,26 @@ async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, peop
     assert 'id="preview-table"' not in text and "&quot;value&quot;" not in text
     # The justification and the file's name came from the kernel: the requester's browser gets neither.
     assert "counts by ward" not in text and "wards.csv" not in text
-    assert f"({len(LONG)} characters; the reviewers read all of it" in text
+    assert len(LONG) == 1499 and "(about 1500 characters; the reviewers read all of it" in text
+    # Nor the file's hash (a few bits of the kernel's choice by grinding), its exact size or exact times.
+    req = airlock.store.get(rid)
+    assert req.sha256 not in text and req.sha256[:16] not in text
+    assert f"{views.UNHASHED}</code>" in html.unescape(text)
+    history = re.findall(r"<li>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", text)
+    assert len(history) >= 3 and all(t.endswith(":00") for t in history), history
+    assert history[0] == time.strftime("%Y-%m-%d %H:%M:00", time.gmtime(req.created))
     api = (await web.fetch("alice", f"api/requests/{rid}")).body.decode()
-    for cell in (*CELL_TEXTS, "counts by ward", "wards.csv"):
+    for cell in (*CELL_TEXTS, "counts by ward", "wards.csv", req.sha256):
         assert cell not in api, cell
-    assert json.loads(api)["justification"].startswith(f"({len(LONG)} characters; the reviewers read all of it")
+    answer = json.loads(api)
+    assert answer["justification"].startswith("(about 1500 characters; the reviewers read all of it")
+    assert answer["sha256"] == views.UNHASHED and answer["size"] == views.rounded_size(req.size)
+    assert answer["created"] == req.created // 60 * 60 and answer["updated"] % 60 == 0
     listing = (await web.fetch("alice", "api/requests")).body.decode()
-    assert "counts by ward" not in listing and "wards.csv" not in listing
-    assert json.loads(listing)["requests"][0]["filename"] == views.UNNAMED
+    assert "counts by ward" not in listing and "wards.csv" not in listing and req.sha256 not in listing
+    entry = json.loads(listing)["requests"][0]
+    assert entry["filename"] == views.UNNAMED and entry["sha256"] == views.UNHASHED
+    assert entry["created"] % 60 == 0 and entry["updated"] % 60 == 0
     assert trail(airlock, "airlock.preview") == []  # the requester's page renders no preview
 
     # The steward's page: the parsed cells, the small one marked, the whole justification.
@@ -171,7 +185,8 @@ async def test_what_the_kernel_wrote_into_a_request_reaches_no_browser_but_a_rev
         "airlock.status(id) in your notebook says why",
         "details": {},
     }
-    assert own["filename"] == views.UNNAMED and own["justification"].startswith(f"({len(row) * 40 + 80 - 1} ")
+    assert len(row) * 40 + 80 - 1 == 919
+    assert own["filename"] == views.UNNAMED and own["justification"].startswith("(about 920 characters;")
     # In the notebook the researcher gets every word back (the kernel wrote them).
     notebook = airlock.describe(airlock.store.get(rid), for_steward=False)
     assert any("unknown recipe keys" in c["reason"] for c in notebook["checks"])

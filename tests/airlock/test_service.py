@@ -252,6 +252,34 @@ def test_bad_requests_say_what_to_do(site, channel, airlock, alice):
     assert "recipe (dict) goes with kind='table' only" in submit(alice, site, path, "figure", recipe={"a": 1})["error"]
 
 
+def test_a_researcher_files_at_most_requests_per_day(site, alice, registry):
+    """Over the socket, as alice's own process: with two requests a day, the third is refused before its file
+    is read, says when the next can be filed, and is recorded as denied; nothing of it is stored."""
+    from paitient.services.kit.channel import ChannelServer
+
+    airlock = Airlock(site, settings=AirlockSettings(requests_per_day=2))
+    airlock.start()
+    srv = ChannelServer(site.run_dir / "airlock.sock", airlock.handlers(), name="airlock")
+    srv.start_in_thread()
+    try:
+        path = give(Path(alice.pw_dir) / "t.csv", b"stage,patients\nI,120\nII,48\n", alice.pw_uid)
+        ids = [submit(alice, site, path, "table")["id"] for _ in range(2)]
+        blobs = sorted(p.name for p in airlock.store.blobs.rglob("*") if p.is_file())
+        third = give(Path(alice.pw_dir) / "u.csv", b"stage,patients\nI,121\nII,49\n", alice.pw_uid)
+        answer = submit(alice, site, third, "table")
+        assert "you have filed 2 airlock requests in the last 24 hours" in answer["error"]
+        assert "requests_per_day = 2" in answer["error"] and "the next can be filed from" in answer["error"]
+        assert [r.id for r in airlock.store.list(username="alice")] == ids[::-1]
+        assert sorted(p.name for p in airlock.store.blobs.rglob("*") if p.is_file()) == blobs
+        denied = audit_records(site, "airlock.request")[0]
+        assert (denied["actor"], denied["outcome"], denied["details"]["filed_in_24h"]) == ("alice", "denied", 2)
+        assert denied["details"]["project"] == "oncology" and "requests_per_day" in denied["details"]["reason"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        airlock.stop()
+
+
 def test_restart_keeps_every_request_and_decision(site, alice, registry):
     from paitient.services.kit.channel import ChannelServer
 

@@ -2,11 +2,14 @@
 and a request or decision filed only together with its audit record."""
 
 import sqlite3
+import threading
+import time
 
 import pytest
+import sqlalchemy as sa
 
 from paitient.rules import review
-from paitient.services.airlock.store import Store
+from paitient.services.airlock.store import DAY, Store, TooManyRequests
 from paitient.services.kit.db import Location
 from tests import legacy_schemas
 
@@ -62,6 +65,47 @@ def test_nothing_is_filed_when_the_audit_record_cannot_be_written(store):
     assert decision.new_state == review.RELEASED and store.get(req.id).state == review.RELEASED
     assert [r.id for r in store.list(projects=["oncology"], states_=[review.RELEASED])] == [req.id]
     assert store.list(projects=[]) == [] and store.list(projects=[], username="alice")[0].id == req.id
+
+
+def test_a_user_files_at_most_their_daily_requests_even_all_at_once(store):
+    """Eight filings at once with three left: three are filed, five refused, on SQLite and PostgreSQL alike;
+    another user is not held back, and a request filed over 24 hours ago no longer counts."""
+    first = store.create(**REQUEST, per_day=4)
+    filed: list[str] = []
+    refused: list[TooManyRequests] = []
+    go = threading.Barrier(8)
+
+    def file() -> None:
+        go.wait()
+        try:
+            filed.append(store.create(**REQUEST, per_day=4).id)
+        except TooManyRequests as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=file) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(filed), len(refused)) == (3, 5)
+    assert len(store.list(username="alice")) == 4
+    e = refused[0]
+    assert (e.filed, e.limit) == (4, 4) and e.next_at == pytest.approx(first.created + DAY)
+    assert "filed 4 airlock requests in the last 24 hours" in str(e) and "requests_per_day = 4" in str(e)
+    assert time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first.created + DAY + 60)) in str(e)
+    with pytest.raises(TooManyRequests):
+        store.may_file("alice", 4)
+    store.may_file("alice", 5)
+    assert store.create(**{**REQUEST, "username": "bob"}, per_day=4).username == "bob"
+    # The oldest leaves the window: one more may be filed, and only one.
+    with store.db.transaction() as db:
+        db.execute(
+            sa.text("UPDATE requests SET created = :t WHERE id = :id"), {"t": time.time() - DAY - 1, "id": first.id}
+        )
+    store.may_file("alice", 4)
+    store.create(**REQUEST, per_day=4)
+    with pytest.raises(TooManyRequests):
+        store.create(**REQUEST, per_day=4)
 
 
 @pytest.mark.parametrize("with_count_tables", [False, True], ids=["before-checks", "after-checks"])

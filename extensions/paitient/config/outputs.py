@@ -100,6 +100,13 @@ class Airlock(Model):
     zeros_disclosive = Flag(
         True, help="Treat zero cells as disclosive (a zero tells that nobody in the group has the property)."
     )
+    requests_per_day = WholeNumber(
+        50,
+        rule=POSITIVE,
+        help="Requests one researcher may file in any 24 hours (all projects, whatever became of them); the next "
+        "is refused with the time it can be filed. Each request carries a few bits its checks' outcomes and its "
+        "rounded size and times tell its requester's browser, so this bounds that channel too.",
+    )
     mia_max_auc = Number(
         0.6,
         rule=Rule("lie in (0.5, 1] (0.5 is guessing)", lambda v: 0.5 < v <= 1),

@@ -25,7 +25,7 @@ import unicodedata
 from typing import Any
 
 from paitient import sysaccounts
-from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, TOO_LARGE, ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, NOT_FOUND, RATE_LIMITED, TOO_LARGE, ChannelError, Peer
 from paitient.config import AIRLOCK_KINDS, SiteConfig
 from paitient.registry import Member, Registry
 from paitient.rules import disclosure, review
@@ -41,7 +41,7 @@ from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
-from paitient.services.airlock.store import ReleasedFile, Request, Store, StoreError
+from paitient.services.airlock.store import ReleasedFile, Request, Store, StoreError, TooManyRequests
 from paitient.services.audit import trail_writer
 from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.ledger.api import LedgerReader
@@ -276,6 +276,7 @@ class Airlock:
         _one_regular_file(fds)
         filename = _clean_filename(args.get("filename"))
         denied = {"project": project, "kind": kind, "filename": filename}
+        self._within_quota(member, denied)
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
         try:
             upload = _read_all(fds[0], limit)
@@ -368,6 +369,7 @@ class Airlock:
                 details={"reason": str(e), "kind": "weights", "job": job_id},
             )
             raise ChannelError(str(e), getattr(e, "code", "refused")) from None
+        self._within_quota(member, {"project": project, "kind": "weights", "job": job_id})
         fd = os.memfd_create("paitient-job-weights", 0)
         try:
             os.write(fd, data)
@@ -393,15 +395,36 @@ class Airlock:
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
 
+    def _within_quota(self, member: Member, details: dict[str, Any]) -> None:
+        """Refuse a request over the caller's [airlock] requests_per_day before its upload is read."""
+        try:
+            self.store.may_file(member.username, self.settings.requests_per_day)
+        except TooManyRequests as e:
+            raise self._over_quota(member, details, e) from None
+
+    def _over_quota(self, member: Member, details: dict[str, Any], e: TooManyRequests) -> ChannelError:
+        """The refusal of a request over the caller's quota, its audit record written."""
+        self.emit(
+            actor=member.username,
+            action="airlock.request",
+            object="",
+            outcome="denied",
+            details={"reason": str(e), "filed_in_24h": e.filed, **details},
+        )
+        return ChannelError(str(e), RATE_LIMITED)
+
     def _file(self, member: Member, details: dict[str, Any], **request: Any) -> Request:
         """File a request whose ``airlock.request`` audit record is written before the request is committed:
-        when the audit trail cannot record it, nothing is filed and the researcher is told why."""
+        when the audit trail cannot record it, nothing is filed and the researcher is told why. The caller's
+        requests of the last 24 hours are counted again in the same transaction (:meth:`Store.create`)."""
 
         def record(rid: str) -> None:
             self.emit(actor=member.username, action="airlock.request", object=rid, details=details, required=True)
 
         try:
-            return self.store.create(**request, before_commit=record)
+            return self.store.create(**request, before_commit=record, per_day=self.settings.requests_per_day)
+        except TooManyRequests as e:
+            raise self._over_quota(member, details, e) from None
         except (ChannelError, StoreError):
             raise
         except Exception:

@@ -65,6 +65,23 @@ class StoreError(Exception):
     """The store refused an operation; the message says why."""
 
 
+DAY = 24 * 3600
+
+
+class TooManyRequests(StoreError):
+    """A user has filed as many requests in the last 24 hours as they may; ``next_at`` is when the oldest of
+    them leaves that window."""
+
+    def __init__(self, filed: int, limit: int, next_at: float):
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(next_at + 60))
+        super().__init__(
+            f"you have filed {filed} airlock requests in the last 24 hours, as many as the workspace allows "
+            f"([airlock] requests_per_day = {limit}); the next can be filed from {when}. Check an output "
+            "first with airlock.check(...), which files nothing, and ask a steward if you need more"
+        )
+        self.filed, self.limit, self.next_at = filed, limit, next_at
+
+
 @dataclass(frozen=True)
 class Request:
     id: str
@@ -261,12 +278,18 @@ class Store:
         justification: str,
         meta: dict[str, Any],
         before_commit: Callable[[str], None] | None = None,
+        per_day: int | None = None,
     ) -> Request:
         """File a request. ``before_commit(id)`` runs inside the transaction, after the request is written and
-        before it is committed: if it raises (the audit record could not be written), nothing is filed."""
+        before it is committed: if it raises (the audit record could not be written), nothing is filed.
+
+        With ``per_day``, :class:`TooManyRequests` when ``username`` has filed that many in the last 24 hours:
+        counted in the same write transaction as the insert, so two filings at once cannot both pass."""
         now = time.time()
         rid = new_request_id()
         with self._transaction() as db:
+            if per_day is not None:
+                self._within_day(db, username, per_day, now)
             db.execute(
                 sa.text(
                     "INSERT INTO requests (id, project, username, account, uid, kind, filename, sha256, size, "
@@ -293,6 +316,21 @@ class Store:
             if before_commit is not None:
                 before_commit(rid)
         return self.get(rid)
+
+    @staticmethod
+    def _within_day(db: sa.Connection, username: str, limit: int, now: float) -> None:
+        filed, oldest = db.execute(
+            sa.text("SELECT COUNT(*), MIN(created) FROM requests WHERE username = :u AND created > :since"),
+            {"u": username, "since": now - DAY},
+        ).one()
+        if int(filed) >= limit:
+            raise TooManyRequests(int(filed), limit, float(oldest) + DAY)
+
+    def may_file(self, username: str, limit: int) -> None:
+        """:class:`TooManyRequests` when ``username`` may file no request now (an early answer, before the
+        upload is read; :meth:`create` checks again as it files)."""
+        with self._connect() as db:
+            self._within_day(db, username, limit, time.time())
 
     @staticmethod
     def _event(

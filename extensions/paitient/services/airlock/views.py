@@ -3,13 +3,16 @@
 The requester's browser (and a colleague's) is outside the workspace: every byte the airlock's pages send it
 leaves. What the researcher's kernel wrote into a request (the file, its name, the justification, the recipe
 or model it came with) reaches a check's reason and details, so none of it goes to such a browser. Before
-release it gets the request's id, project, kind, state, size, SHA-256 and times, the reviewers' decisions,
-and for each check its name, its outcome and a fixed sentence saying what the check looks at
-(:data:`CHECKS`):
+release it gets the request's id, project, kind and state, its size to two digits and its times to the
+minute, the reviewers' decisions, and for each check its name, its outcome and a fixed sentence saying what
+the check looks at (:data:`CHECKS`); see :func:`shown_request`:
 
-- the justification becomes its length (:func:`shown_justification`);
-- the file's name is shown once the file is released (a steward released it with that name, or the airlock
-  released its own table under the request's id), and before that a fixed placeholder (:data:`UNNAMED`);
+- the justification becomes its length, to two digits (:func:`shown_justification`);
+- the file's name and SHA-256 are shown once the file is released (a steward released it with that name, or
+  the airlock released its own table under the request's id), and before that fixed placeholders
+  (:data:`UNNAMED`, :data:`UNHASHED`);
+- what is left (the outcomes, the rounded size and times) is a few dozen bits a request, and a researcher
+  files at most [airlock] requests_per_day requests in any 24 hours;
 - a check's reason and details stay in the workspace: ``paitient.kernel.airlock.status(id)`` in the
   notebook gives every one of them (the kernel holds the file already, and what it displays passes the
   egress gate).
@@ -80,11 +83,41 @@ def cap(text: str, limit: int) -> str:
 
 def shown_justification(text: str) -> str:
     """The justification as a browser that is not a reviewer's gets it: its length only."""
-    return f"({len(text)} characters; the reviewers read all of it, and your notebook has it)"
+    return f"(about {rounded_size(len(text))} characters; the reviewers read all of it, and your notebook has it)"
 
 
 def shown_filename(req: Any) -> str:
     return str(req.filename) if req.state == review.RELEASED else UNNAMED
+
+
+UNHASHED = "(shown once released; airlock.status(id) in your notebook gives it)"
+"""The SHA-256 a browser that is not a reviewer's sees before the file is released."""
+
+
+def rounded_size(size: int) -> int:
+    """A size to two significant digits: what a browser that is not a reviewer's gets before release (the
+    kernel chose the file, so its exact size is some thirty bits of its choice)."""
+    return int(float(f"{size:.2g}")) if size >= 100 else size
+
+
+def minute(ts: float) -> float:
+    """A time to the whole minute below it (the kernel chose when it filed, and the checks' run time)."""
+    return float(int(ts // 60) * 60)
+
+
+def shown_request(public: dict[str, Any]) -> dict[str, Any]:
+    """A request's fields (:meth:`Request.public`, or an answer built on it) as a browser that is not a
+    reviewer's gets them: the justification as its length; before release the file's name and SHA-256 as
+    placeholders and its size to two digits; the times to the minute, and the decisions' too."""
+    out = {**public, "justification": shown_justification(str(public.get("justification", "")))}
+    if out.get("state") != review.RELEASED:
+        out.update(filename=UNNAMED, sha256=UNHASHED, size=rounded_size(int(out.get("size") or 0)))
+    for key in ("created", "updated"):
+        if isinstance(out.get(key), int | float):
+            out[key] = minute(out[key])
+    if isinstance(out.get("decisions"), list):
+        out["decisions"] = [{**d, "ts": minute(d["ts"])} if "ts" in d else d for d in out["decisions"]]
+    return out
 
 
 def numbers_only(details: Any) -> dict[str, Any]:
@@ -131,24 +164,12 @@ def requester_check(check: dict[str, Any]) -> dict[str, Any]:
 
 def requester_info(info: dict[str, Any]) -> dict[str, Any]:
     """:meth:`Airlock.describe` of a request, cut down to what a browser that is not a reviewer's may get."""
-    out = {
-        **info,
-        "justification": shown_justification(str(info.get("justification", ""))),
-        "checks": [requester_check(c) for c in info.get("checks", [])],
-    }
-    if info.get("state") != review.RELEASED:
-        out["filename"] = UNNAMED
-    return out
+    return {**shown_request(info), "checks": [requester_check(c) for c in info.get("checks", [])]}
 
 
 def public_for(req: Any, *, reviewer: bool) -> dict[str, Any]:
-    """A request's listing entry: whole for its reviewers; for anyone else the justification as its length
-    and the file's name only once released."""
-    out = req.public()
-    if not reviewer:
-        out["justification"] = shown_justification(out["justification"])
-        out["filename"] = shown_filename(req)
-    return out
+    """A request's listing entry: whole for its reviewers, :func:`shown_request` for anyone else."""
+    return req.public() if reviewer else shown_request(req.public())
 
 
 CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (

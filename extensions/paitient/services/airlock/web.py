@@ -14,6 +14,7 @@ requester's included, gets the request without its content (:mod:`paitient.servi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import partial
@@ -76,11 +77,10 @@ class AirlockHandler(pages.ScopedPage):
 
 class ListHandler(AirlockHandler):
     async def get(self) -> None:
-        reqs, names, reviewable, overridden = await self.run(self._listing, self.username, self.scopes)
+        reqs, reviewable, overridden = await self.run(self._listing, self.username, self.scopes)
         self.render_page(
             "list.html",
             requests=reqs,
-            names=names,
             reviewable=reviewable,
             overridden=overridden,
             can_request=SCOPE_REQUEST in self.scopes,
@@ -88,11 +88,12 @@ class ListHandler(AirlockHandler):
         )
 
     def _listing(self, username: str, scopes: set[str]):
-        reqs = self.airlock.visible(username, scopes)
+        """Each visible request as the reader may see it (:func:`views.public_for`)."""
+        found = self.airlock.visible(username, scopes)
         may = self.airlock.may_preview
-        names = {r.id: r.filename if may(username, scopes, r) else views.shown_filename(r) for r in reqs}
+        reqs = [views.public_for(r, reviewer=may(username, scopes, r)) for r in found]
         reviewable = set(self.airlock.steward_projects(username, scopes))
-        return reqs, names, reviewable, self.airlock.store.overridden([r.id for r in reqs])
+        return reqs, reviewable, self.airlock.store.overridden([r.id for r in found])
 
 
 class DetailHandler(AirlockHandler):
@@ -126,12 +127,13 @@ class DetailHandler(AirlockHandler):
             approvals, refused = airlock.approvals_needed(req), None
         except review.TransitionError as e:
             approvals, refused = None, str(e)
+        events = airlock.store.events(rid)
         return dict(
             req=req,
+            shown=info if sees_content else views.shown_request(req.public()),
             info=info,
             justification=info["justification"],
-            filename=req.filename if sees_content else views.shown_filename(req),
-            events=airlock.store.events(rid),
+            events=events if sees_content else [dataclasses.replace(e, ts=views.minute(e.ts)) for e in events],
             record=record,
             flagged=flagged,
             preview=preview,
