@@ -247,3 +247,27 @@ def test_a_requesters_browser_gets_sizes_to_two_digits_and_times_to_the_minute()
     released = views.shown_request({**pending, "state": "released"})
     assert (released["filename"], released["sha256"], released["size"]) == ("cohort_Zq7.csv", "ab" * 32, 123_456)
     assert released["created"] == 1_700_000_040.0
+
+
+def test_a_table_preview_is_read_page_by_page():
+    from paitient.services.airlock.canonical import PREVIEW_COLUMNS, PREVIEW_ROWS, Page, pages_of
+
+    assert (PREVIEW_ROWS, PREVIEW_COLUMNS) == (200, 30)
+    assert pages_of(0, 0) == (Page(),) and pages_of(200, 30) == (Page(),)
+    assert pages_of(201, 31) == (Page(0, 0), Page(200, 0), Page(0, 30), Page(200, 30))
+    frame = pd.DataFrame({f"c{j}": [i * 100 + j for i in range(250)] for j in range(32)})
+    upload = frame.to_csv(index=False).encode()
+    first = canonical_for("table", "t.csv", upload)
+    assert first.table is not None and first.table.page == Page() and len(first.table.pages) == 4
+    assert first.table.rows[0][:2] == ("0", "1") and len(first.table.rows) == 200 and len(first.table.columns) == 30
+    corner = canonical_for("table", "t.csv", upload, Page(200, 30))
+    assert corner.table is not None and corner.table.columns == ("c30", "c31")
+    assert corner.table.rows[0] == ("20030", "20031") and len(corner.table.rows) == 50
+    assert json.loads(corner.data)["first_row"] == 200 and corner.sha256 != first.sha256
+    assert Page(200, 30).describe(250, 32) == "rows 201-250, columns 31-32"
+    with pytest.raises(NoPreview, match="there is no page at row 401, column 1"):
+        canonical_for("table", "t.csv", upload, Page(400, 0))
+    with pytest.raises(NoPreview, match="there is no page at row 11"):
+        canonical_for("table", "t.csv", upload, Page(10, 0))
+    with pytest.raises(NoPreview, match="only a table's preview has pages"):
+        canonical_for("other", "notes.txt", b"plain words", Page(200, 0))

@@ -305,3 +305,45 @@ async def test_no_audit_record_no_preview(web_without_trail, people):
     r = await web.fetch("sam", f"requests/{figure}/preview")
     assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is not shown" in r.body
     assert not r.body.startswith(b"\x89PNG")
+
+
+async def test_a_table_longer_than_a_page_is_approved_only_once_every_page_was_read(web, airlock, people):
+    """450 rows of numbers near the data's (no patient row to the index): the steward's preview shows them
+    200 at a time; approving before every page was opened is refused naming the unread pages, each page
+    shown is audited with where it starts, and after the last page the approval goes through."""
+    values = [f"{1000 + 7 * i}.{i % 10}" for i in range(450)]
+    upload = ("band,value\n" + "".join(f"b{i},{v}\n" for i, v in enumerate(values))).encode()
+    rid = submit(airlock, people, "alice", upload, name="long.csv")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    why = "the values are model scores over bands, checked against the protocol"
+    first = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert "Rows 1–200 of 450, columns 1–2 of 2" in first and values[199] in first and values[200] not in first
+    assert "you have not opened 2 of them yet" in first and first.count("(not read)") == 2
+    r = await web.decide_with("sam", rid, action="approve", comment="fine", override=why)
+    assert r.code == 409
+    assert "you have not opened 2 of them (rows 201-400, columns 1-2; rows 401-450, columns 1-2)" in html.unescape(
+        r.body.decode()
+    )
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    refused = trail(airlock, "airlock.decision")[0]
+    assert refused["outcome"] == "denied" and "read every page first" in refused["details"]["reason"]
+
+    # Not a page: where none starts, or not a number.
+    odd = (await web.fetch("sam", f"requests/{rid}?rows=100")).body.decode()
+    assert 'id="no-preview"' in odd and "there is no page at row 101, column 1" in odd
+    assert (await web.fetch("sam", f"requests/{rid}?rows=-200")).code == 400
+    last = (await web.fetch("sam", f"requests/{rid}?rows=400&columns=0")).body.decode()
+    assert "Rows 401–450 of 450" in last and values[449] in last and values[0] not in last
+    # Another reviewer's reading does not count for sam, nor sam's for another.
+    assert (await web.fetch("steph", f"requests/{rid}?rows=200")).code == 200
+    r = await web.decide_with("sam", rid, action="approve", comment="fine", override=why)
+    assert r.code == 409 and "rows 201-400, columns 1-2)" in html.unescape(r.body.decode())
+    middle = (await web.fetch("sam", f"requests/{rid}?rows=200")).body.decode()
+    assert values[200] in middle and "you have read them all" in middle
+    pages = [
+        (p["actor"], p["details"]["page"]) for p in reversed(trail(airlock, "airlock.preview")) if p["outcome"] == "ok"
+    ]
+    assert ("sam", {"first_row": 400, "first_column": 0, "pages": 3}) in pages
+    assert ("steph", {"first_row": 200, "first_column": 0, "pages": 3}) in pages
+    r = await web.decide_with("sam", rid, action="approve", comment="fine", override=why)
+    assert r.code == 303 and airlock.store.get(rid).state == review.RELEASED

@@ -28,7 +28,9 @@ Anything that does not parse into its declared kind is refused (:class:`Refused`
 released bytes:
 
 - ``image``: the PNG itself;
-- ``table``: the first rows and columns rendered cell by cell from the parsed values (as JSON);
+- ``table``: one page of :data:`PREVIEW_ROWS` rows and :data:`PREVIEW_COLUMNS` columns rendered cell by cell
+  from the parsed values (as JSON); a longer or wider table is read page by page (:class:`Page`), and a
+  reviewer approves it only once they have opened every page;
 - ``text``: the normalised text, whole (up to :data:`PREVIEW_TEXT_CHARS` characters, as many as the airlock
   takes).
 
@@ -96,6 +98,35 @@ class Table:
     total_columns: int
     keys: tuple[str, ...] = ()
     """The parsed column names as the checks name them (to mark the cells a check flags; never shown)."""
+    page: Page = field(default_factory=lambda: Page())
+    """Where the shown rows and columns start in the table."""
+
+    @property
+    def pages(self) -> tuple[Page, ...]:
+        """Every page of the table, row pages within column pages."""
+        return pages_of(self.total_rows, self.total_columns)
+
+
+@dataclass(frozen=True, order=True)
+class Page:
+    """A page of a table's preview: its first row and first column (multiples of the page's size)."""
+
+    first_row: int = 0
+    first_column: int = 0
+
+    def describe(self, total_rows: int, total_columns: int) -> str:
+        last_row = min(self.first_row + PREVIEW_ROWS, total_rows)
+        last_column = min(self.first_column + PREVIEW_COLUMNS, total_columns)
+        return f"rows {self.first_row + 1}-{last_row}, columns {self.first_column + 1}-{last_column}"
+
+
+def pages_of(total_rows: int, total_columns: int) -> tuple[Page, ...]:
+    """The pages a table of this shape is read in (one, for an empty table)."""
+    return tuple(
+        Page(r, c)
+        for c in range(0, max(total_columns, 1), PREVIEW_COLUMNS)
+        for r in range(0, max(total_rows, 1), PREVIEW_ROWS)
+    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +154,15 @@ class Canonical:
         return len(self.data)
 
 
-def canonical_for(kind: str, filename: str, data: bytes) -> Canonical:
-    """The canonical form of an upload of request kind ``kind``; raises :class:`NoPreview` saying why not."""
+def canonical_for(kind: str, filename: str, data: bytes, page: Page | None = None) -> Canonical:
+    """The canonical form of an upload of request kind ``kind`` (of a table, its ``page``, the first by
+    default); raises :class:`NoPreview` saying why not."""
+    page = page or Page()
+    if page != Page():
+        shown = canonical_for(kind, filename, data)
+        if shown.kind != "table":
+            raise NoPreview(f"this preview is {shown.kind}, shown whole: only a table's preview has pages")
+        return canonical_table(data, filename, page)
     if len(data) > PREVIEW_MAX_SOURCE_BYTES:
         raise NoPreview(
             f"the file has {len(data)} bytes, more than the {PREVIEW_MAX_SOURCE_BYTES} a preview parses; "
@@ -186,15 +224,25 @@ def _parquet_cells(data: bytes, error: type[Exception] = NoPreview) -> int:
     return int(meta.num_rows) * int(meta.num_columns)
 
 
-def canonical_table(data: bytes, filename: str) -> Canonical:
-    """Parse a table into typed columns and render the first rows and columns from the parsed values."""
+def canonical_table(data: bytes, filename: str, page: Page | None = None) -> Canonical:
+    """Parse a table into typed columns and render one page of its rows and columns (the first by default)
+    from the parsed values."""
+    page = page or Page()
     if data[:4] == b"PAR1" and (cells := _parquet_cells(data)) > PREVIEW_MAX_CELLS:
         raise NoPreview(f"the table has {cells} cells, more than the {PREVIEW_MAX_CELLS} a preview parses")
     try:
         df = read_frame(data, filename)
     except TableError as e:
         raise NoPreview(f"no table preview: {e}") from None
-    head = df.iloc[:PREVIEW_ROWS, :PREVIEW_COLUMNS]
+    if page not in pages_of(len(df), len(df.columns)):
+        raise NoPreview(
+            f"the table has {len(df)} rows and {len(df.columns)} columns, read in pages that start every "
+            f"{PREVIEW_ROWS} rows and {PREVIEW_COLUMNS} columns: there is no page at row {page.first_row + 1}, "
+            f"column {page.first_column + 1}"
+        )
+    head = df.iloc[
+        page.first_row : page.first_row + PREVIEW_ROWS, page.first_column : page.first_column + PREVIEW_COLUMNS
+    ]
     types = tuple(_column_type(head[c]) for c in head.columns)
     table = Table(
         columns=tuple(clean_text(str(c), PREVIEW_CELL_CHARS) for c in head.columns),
@@ -205,6 +253,7 @@ def canonical_table(data: bytes, filename: str) -> Canonical:
         total_rows=len(df),
         total_columns=len(df.columns),
         keys=tuple(str(c) for c in head.columns),
+        page=page,
     )
     shown = {
         "columns": table.columns,
@@ -212,6 +261,7 @@ def canonical_table(data: bytes, filename: str) -> Canonical:
         "rows": table.rows,
         "total_rows": table.total_rows,
         "total_columns": table.total_columns,
+        **({"first_row": page.first_row, "first_column": page.first_column} if page != Page() else {}),
     }
     body = json.dumps(shown, ensure_ascii=False, separators=(",", ":")).encode()
     return Canonical("table", "application/json", body, table=table)

@@ -944,6 +944,8 @@ class Airlock:
         req = self.store.get(rid)
         try:
             may_review = self.may_review(username, scopes, req)
+            if may_review and action == "approve":
+                self._read_whole(req, username)
             try:
                 needed = self.approvals_needed(req)
             except review.TransitionError:
@@ -971,6 +973,23 @@ class Airlock:
             )
             raise
         return decision
+
+    def _read_whole(self, req: Request, username: str) -> None:
+        """Refuse an approval of a table of several preview pages that ``username`` has not all opened: what
+        is approved leaves whole, so it is read whole (the checks read every cell, but rows of values moved
+        off the data are no patient rows to them)."""
+        table, unread = self.previews.unread(req, username)
+        if table is None or not unread:
+            return
+        shown = "; ".join(p.describe(table.total_rows, table.total_columns) for p in unread[:5])
+        more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
+        raise review.TransitionError(
+            f"the table has {table.total_rows} rows and {table.total_columns} columns, {len(table.pages)} pages of "
+            f"preview, and you have not opened {len(unread)} of them ({shown}{more}): what you approve leaves "
+            "whole, so read every page first (the page links are under the preview), or return the request "
+            "for a shorter table",
+            409,
+        )
 
     def _record_decision(
         self, req: Request, username: str, action: str, comment: str, decision: review.Decision

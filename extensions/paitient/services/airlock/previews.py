@@ -16,7 +16,15 @@ import os
 import threading
 from collections.abc import Callable
 
-from paitient.services.airlock.canonical import PREVIEW_MAX_SOURCE_BYTES, Canonical, NoPreview, canonical_for
+from paitient.services.airlock.canonical import (
+    PREVIEW_MAX_SOURCE_BYTES,
+    Canonical,
+    NoPreview,
+    Page,
+    Table,
+    canonical_for,
+    pages_of,
+)
 from paitient.services.airlock.store import Request, Store
 
 
@@ -47,12 +55,14 @@ class Previews:
         self.checked_form = checked_form or (lambda req: (req, self.store.read_blob(req.sha256)))
         self.emit = emit
         self.may_preview = may_preview
-        self._cache: dict[tuple[str, str, str], Canonical | NoPreview] = {}
+        self._cache: dict[tuple[str, str, str, Page], Canonical | NoPreview] = {}
         self._lock = threading.Lock()
 
-    def canonical(self, req: Request) -> Canonical:
-        """The canonical form of ``req``'s upload; raises :class:`NoPreview` saying why there is none."""
-        key = (req.sha256, req.kind, os.path.splitext(req.filename)[1].lower())
+    def canonical(self, req: Request, page: Page | None = None) -> Canonical:
+        """The canonical form of ``req``'s upload (of a table, one ``page``, the first by default); raises
+        :class:`NoPreview` saying why there is none."""
+        page = page or Page()
+        key = (req.sha256, req.kind, os.path.splitext(req.filename)[1].lower(), page)
         with self._lock:
             hit = self._cache.get(key)
         if hit is None and req.size > PREVIEW_MAX_SOURCE_BYTES:
@@ -63,7 +73,7 @@ class Previews:
         if hit is None:
             try:
                 shown, data = self.checked_form(req)
-                hit = canonical_for(req.kind, shown.filename, data)
+                hit = canonical_for(req.kind, shown.filename, data, page)
             except NoPreview as e:
                 hit = e
             with self._lock:
@@ -78,8 +88,26 @@ class Previews:
             return dataclasses.replace(hit, beyond=tuple(str(d) for d in form["dropped"]))
         return hit
 
-    def show(self, rid: str, *, username: str, scopes: set[str], via: str) -> Canonical:
-        """The preview of request ``rid`` for one of its reviewers, recorded in the audit trail first.
+    def unread(self, req: Request, username: str) -> tuple[Table | None, list[Page]]:
+        """The pages of a table's preview ``username`` has not opened (none for a preview of one page, or
+        for an upload with no preview), with the table's first page."""
+        try:
+            table = self.canonical(req).table
+        except NoPreview:
+            return None, []
+        if table is None or len(table.pages) == 1:
+            return table, []
+        read = {
+            Page(int(e.data.get("first_row", 0)), int(e.data.get("first_column", 0)))
+            for e in self.store.events(req.id, "preview")
+            if e.actor == username and e.data.get("sha256") == req.sha256
+        }
+        return table, [p for p in table.pages if p not in read]
+
+    def show(self, rid: str, *, username: str, scopes: set[str], via: str, page: Page | None = None) -> Canonical:
+        """The preview of request ``rid`` (of a table, one ``page``) for one of its reviewers, recorded in the
+        audit trail first and, for a table, in the request's history (approving a table of several pages
+        needs every page read: :meth:`unread`).
 
         ``via`` says where it is shown (``page``, ``image``). Raises PermissionError (recorded) for anyone
         else, :class:`NoPreview` when the upload has none, and :class:`PreviewUnrecorded` when the audit record
@@ -101,7 +129,13 @@ class Previews:
                 details={"project": req.project, "via": via, "reason": reason},
             )
             raise PermissionError(reason)
-        shown = self.canonical(req)
+        shown = self.canonical(req, page)
+        at = {}
+        if shown.table is not None:
+            t = shown.table
+            at = {"first_row": t.page.first_row, "first_column": t.page.first_column}
+            if len(pages_of(t.total_rows, t.total_columns)) > 1:
+                at["pages"] = len(pages_of(t.total_rows, t.total_columns))
         try:
             self.emit(
                 actor=username,
@@ -117,8 +151,11 @@ class Previews:
                     "size": shown.size,
                     "file_sha256": req.sha256,
                     "upload_sha256": (req.meta.get("upload") or {}).get("sha256", req.sha256),
+                    **({"page": at} if "pages" in at else {}),
                 },
             )
+            if "pages" in at:
+                self.store.record_preview(rid, actor=username, data={**at, "sha256": req.sha256})
         except Exception as e:
             raise PreviewUnrecorded(
                 "the preview could not be recorded in the audit trail, so it is not shown; ask the workspace operator"

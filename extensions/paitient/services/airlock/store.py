@@ -58,7 +58,7 @@ TABLES = {
 }
 """The tables and their columns as the first migration makes them."""
 
-EVENT_TYPES = ("state", "check", "decision", "download", "note")
+EVENT_TYPES = ("state", "check", "decision", "download", "note", "preview")
 
 
 class StoreError(Exception):
@@ -508,6 +508,12 @@ class Store:
             if req.state != review.RELEASED:
                 raise StoreError(f"request {rid} is {req.state}, not released; it cannot be downloaded")
             self._event(db, rid, actor, "download", data)
+
+    def record_preview(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
+        """That ``actor`` was shown a page of the request's table (``data``: where the page starts)."""
+        with self._transaction() as db:
+            self._get(db, rid)
+            self._event(db, rid, actor, "preview", data)
 
     def events(self, rid: str, type_: str | None = None) -> list[Event]:
         q = (

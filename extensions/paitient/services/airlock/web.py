@@ -26,7 +26,7 @@ from tornado import web
 
 from paitient.rules import differencing, review
 from paitient.services.airlock import views
-from paitient.services.airlock.canonical import Canonical, NoPreview
+from paitient.services.airlock.canonical import Canonical, NoPreview, Page
 from paitient.services.airlock.core import Airlock
 from paitient.services.airlock.metrics import airlock_registry
 from paitient.services.airlock.previews import PreviewUnrecorded
@@ -98,13 +98,23 @@ class ListHandler(AirlockHandler):
 
 class DetailHandler(AirlockHandler):
     async def get(self, rid: str) -> None:
-        self.render_page("detail.html", **await self.run(self._detail, rid, self.username, self.scopes))
+        page = Page(self._start("rows"), self._start("columns"))
+        self.render_page("detail.html", **await self.run(self._detail, rid, self.username, self.scopes, page))
 
-    def _detail(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
+    def _start(self, name: str) -> int:
+        """Where the table preview's page starts (``?rows=200&columns=30``: 0-based), 0 when not given."""
+        value = self.get_query_argument(name, "0")
+        if not value.isdigit() or len(value) > 9:
+            raise web.HTTPError(400, f"{name} must be a row or column number where a preview page starts")
+        return int(value)
+
+    def _detail(self, rid: str, username: str, scopes: set[str], page: Page | None = None) -> dict[str, Any]:
         req = self._load(rid, username, scopes)
         airlock = self.airlock
         is_reviewer = airlock.may_review(username, scopes, req)
-        preview = self._preview(rid, username, scopes) if airlock.may_preview(username, scopes, req) else None
+        may_preview = airlock.may_preview(username, scopes, req)
+        preview = self._preview(rid, username, scopes, page) if may_preview else None
+        unread = airlock.previews.unread(req, username)[1] if may_preview else []
         # Without its audit record a reviewer's page shows nothing of the upload: not even the checks' details.
         sees_content = preview is not None and not preview.get("unrecorded")
         info = airlock.describe(req, for_steward=True) if sees_content else airlock.describe_for_requester(req)
@@ -153,6 +163,7 @@ class DetailHandler(AirlockHandler):
             ),
             min_override=review.MIN_OVERRIDE,
             differences=self._differences(req, info["checks"], username) if sees_content else [],
+            unread=unread,
         )
 
     def _differences(self, req: Any, checks: list[dict[str, Any]], reader: str) -> list[dict[str, Any]]:
@@ -184,10 +195,10 @@ class DetailHandler(AirlockHandler):
         except StoreError:
             return None
 
-    def _preview(self, rid: str, username: str, scopes: set[str]) -> dict[str, Any]:
+    def _preview(self, rid: str, username: str, scopes: set[str], page: Page | None) -> dict[str, Any]:
         """What the page shows as the preview: from the canonical form, recorded; or why there is none."""
         try:
-            shown = self.airlock.previews.show(rid, username=username, scopes=scopes, via="page")
+            shown = self.airlock.previews.show(rid, username=username, scopes=scopes, via="page", page=page)
         except NoPreview as e:
             return {"error": str(e)}
         except PreviewUnrecorded as e:
