@@ -54,14 +54,19 @@ def model() -> nn.Module:
     return m
 
 
-def standardise(site) -> list[dict]:
-    """What a researcher computes in the notebook and passes as constants: each feature's mean and spread."""
+def standardise(site, digits: int | None = 4) -> list[dict]:
+    """What a researcher computes in the notebook and passes as constants: each feature's mean and spread, to
+    the significant digits a request takes (``None``: exact, to compare with the catalogue's)."""
     import pyarrow.parquet as pq
 
     frame = pq.read_table(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet").to_pandas()
     columns = [c for c in frame.columns if c != "target" and frame[c].dtype.kind == "f"]
-    return [{"op": "standardise", "columns": columns, "mean": [float(frame[c].mean()) for c in columns],
-             "std": [float(frame[c].std()) for c in columns]}]  # fmt: skip
+
+    def cut(v) -> float:
+        return float(v) if digits is None else float(f"{v:.{digits}g}")
+
+    return [{"op": "standardise", "columns": columns, "mean": [cut(frame[c].mean()) for c in columns],
+             "std": [cut(frame[c].std()) for c in columns]}]  # fmt: skip
 
 
 def request(**change):
@@ -86,9 +91,8 @@ def test_a_job_trains_under_dp_and_its_record_verifies(world):
     assert record["n_train"] + record["n_holdout"] == 569 and len(record["features"]) == 30
     (step,) = record["preprocessing"]
     assert step == {**step, "op": "standardise", "columns": columns, "from": "catalogue"}
-    assert step["mean"] == pytest.approx(standardise(site)[0]["mean"]) and step["std"] == pytest.approx(
-        standardise(site)[0]["std"]
-    )
+    exact = standardise(site, digits=None)[0]
+    assert step["mean"] == pytest.approx(exact["mean"]) and step["std"] == pytest.approx(exact["std"])
     assert {"test_accuracy", "mia_loss", "mia_calibrated"} <= set(record["metrics"])
     assert record["metrics"]["test_accuracy"] >= 0.9
     tensors = load_weights(weights)
@@ -269,3 +273,33 @@ def test_kill_9_of_the_runner_mid_job_leaves_no_weights_and_counts_the_reservati
         server.shutdown()
         server.server_close()
         log.close()
+
+
+def test_weights_leave_without_a_steward_only_when_their_records_constants_are_the_catalogues(world):
+    """A project that releases certified weights automatically: a job standardised with the researcher's own
+    constants waits for a steward, who reads them (they leave with the signed record); one whose constants
+    all came from the catalogue is not held back for them."""
+    from paitient import airlock as kernel_airlock
+    from paitient.rules import review
+
+    site, store, ledger, gate = world
+    oncology = site.project("oncology").replace(auto_release=("table", "weights"))
+    gate.site = site.replace(projects=tuple(oncology if p.name == "oncology" else p for p in site.projects))
+    columns = standardise(site)[0]["columns"]
+    own = submit(model(), **request(preprocessing=standardise(site), epochs=2))
+    catalogued = submit(model(), **request(preprocessing=[{"op": "standardise", "columns": columns}], epochs=2))
+    reasons = {}
+    for job in (own, catalogued):
+        job.wait(timeout=300, widget=False, poll=0.5)
+        rid = kernel_airlock.request(job, justification="a logistic regression the runner trained")
+        gate.wait_idle()
+        moved = [e.data for e in gate.store.events(rid, "state") if e.data.get("to") == review.IN_REVIEW]
+        reasons[job] = (gate.store.get(rid).state, moved[0].get("not_automatic", ""))
+    assert reasons[own] == (
+        review.IN_REVIEW,
+        "the signed record carries preprocessing constants the researcher chose (not the catalogue's), which "
+        "leave with the weights: a steward reads them",
+    )
+    # The catalogue's constants pass; only the membership audit may still leave it to a steward by chance.
+    state, why = reasons[catalogued]
+    assert state == review.RELEASED or why == "not every automatic check passed", (state, why)

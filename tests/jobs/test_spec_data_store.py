@@ -75,7 +75,10 @@ def data_file(tmp_path):
     return path
 
 
-def test_rows_are_preprocessed_as_declared_and_split_by_the_runners_seed(data_file):
+def test_rows_are_preprocessed_as_declared_and_split_by_the_runners_seed(tmp_path, data_file):
+    import pyarrow.parquet as pq
+
+    data_file = _publish_like(pq.read_table(data_file).to_pandas(), tmp_path / "cohort" / "versions" / "1")
     spec = check_request(
         {
             **BASE,
@@ -187,12 +190,58 @@ def test_a_catalogue_without_the_statistic_says_what_to_give_instead(tmp_path, d
     published = _publish_like(frame, tmp_path / "cohort" / "versions" / "2")
     onehot = check_request({**BASE, "preprocessing": [{"op": "onehot", "column": "code"}]})
     with pytest.raises(
-        SpecError, match=r"catalogue of cohort version 2 lists no categories for code .*give categories="
+        SpecError, match=r"catalogue of cohort version 2 lists no categories for code .*leave the column out"
     ):
         prepare(published, onehot, split_seed=1)
     standardise = check_request({**BASE, "preprocessing": [{"op": "standardise", "columns": ["age"]}]})
     with pytest.raises(SpecError, match=r"no mean and spread for age .*give mean= and std="):
         prepare(data_file, standardise, split_seed=1)  # a version with no manifest at all
+
+
+def test_a_onehot_takes_only_categories_the_catalogue_names(tmp_path):
+    """A value held by too few rows for the catalogue to name cannot leave as a category of the signed record."""
+    frame = pd.DataFrame(
+        {"age": [float(i) for i in range(60)], "ward": ["north"] * 30 + ["south"] * 28 + ["Zq7-rare"] * 2,
+         "site": ["a", "b"] * 30, "target": [0, 1] * 30}
+    )  # fmt: skip
+    published = _publish_like(frame, tmp_path / "cohort" / "versions" / "4")
+    rare = check_request({**BASE, "preprocessing": [{"op": "onehot", "column": "ward", "categories": ["Zq7-rare"]}]})
+    named = r"^1 of the 1 categories given for ward are not among those the catalogue of cohort version 4 names"
+    with pytest.raises(SpecError, match=named + r" for it \(0\): a onehot step takes only"):
+        prepare(published, rare, split_seed=1)
+    made_up = check_request({**BASE, "features": ["age", "site"], "preprocessing": [
+        {"op": "onehot", "column": "site", "categories": ["b", "PATIENT 4711"]}]})  # fmt: skip
+    with pytest.raises(SpecError, match=r"^1 of the 2 categories given for site .* names for it \(2\)") as e:
+        prepare(published, made_up, split_seed=1)
+    assert "4711" not in str(e.value)
+    chosen = check_request({**BASE, "features": ["age", "site"], "preprocessing": [
+        {"op": "onehot", "column": "site", "categories": ["b"]}]})  # fmt: skip
+    p = prepare(published, chosen, split_seed=1)
+    assert p.features == ["age", "site=b"] and p.preprocessing[0]["categories"] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_grad_norm", 1.23456, "max_grad_norm must have at most 4 significant digits .*1.235 instead of 1.23456"),
+        ("target_epsilon", 0.987654321, "target_epsilon must have at most 4 significant digits .*give 0.9877"),
+        ("preprocessing", [{"op": "standardise", "columns": ["a"], "mean": [14.127], "std": [3.5]}],
+         "standardise mean must have at most 4 significant digits .*give 14.13 instead of 14.127"),
+        ("preprocessing", [{"op": "standardise", "columns": ["a"], "mean": [14.13], "std": [3.52401]}],
+         "standardise std must have at most 4 significant digits"),
+        ("preprocessing", [{"op": "fill", "columns": ["a"], "value": 1234567}],
+         r"fill value must have at most 4 significant digits .*give 1.235e\+06"),
+    ],
+)  # fmt: skip
+def test_numbers_that_leave_with_the_signed_record_have_four_significant_digits(field, value, message):
+    with pytest.raises(SpecError, match=message):
+        check_request({**BASE, field: value})
+    short = {"max_grad_norm": 1.235, "target_epsilon": 0.9877, "preprocessing": [
+        {"op": "standardise", "columns": ["a", "b"], "mean": [14.13, -0.001234], "std": [3.5, 1e-7]},
+        {"op": "fill", "columns": ["a"], "value": 1.235e6}]}  # fmt: skip
+    spec = check_request({**BASE, **short, "lr": 0.123456789})  # lr is not in the record: any precision
+    assert (spec["max_grad_norm"], spec["target_epsilon"], spec["lr"]) == (1.235, 0.9877, 0.123456789)
+    assert spec["preprocessing"][0]["mean"] == [14.13, -0.001234] and spec["preprocessing"][1]["value"] == 1.235e6
 
 
 @pytest.mark.parametrize(

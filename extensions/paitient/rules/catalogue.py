@@ -67,7 +67,19 @@ class CatalogueMissing(LookupError):
 
 def resolve_step(step: Mapping[str, Any], statistics: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, Any]:
     """A preprocessing step with ``"from": "catalogue"`` made concrete from ``statistics`` (the manifest's, of
-    the version ``where`` names); any other step as it is."""
+    the version ``where`` names); a onehot step's own categories checked to be among the catalogue's (they
+    leave with the signed record: a value too rare to be catalogued may not); any other step as it is."""
+    if step["op"] == "onehot" and step.get("from") != "catalogue":
+        named = {str(c) for c in statistics.get(step["column"], {}).get("categories") or ()}
+        foreign = [c for c in step["categories"] if str(c) not in named]
+        if not named or foreign:
+            raise CatalogueMissing(
+                f"{len(foreign)} of the {len(step['categories'])} categories given for {step['column']} are not "
+                f"among those the catalogue of {where} names for it ({len(named)}): a onehot step takes only "
+                "catalogued categories, since they leave with the signed record; leave categories= out to take "
+                "the catalogue's, or leave the column out of the features"
+            )
+        return dict(step)
     if step.get("from") != "catalogue":
         return dict(step)
     if step["op"] == "standardise":
@@ -90,6 +102,8 @@ def resolve_step(step: Mapping[str, Any], statistics: Mapping[str, Mapping[str, 
     if not categories:
         raise CatalogueMissing(
             f"the catalogue of {where} lists no categories for {column} (more than {MAX_CATEGORIES} values, a "
-            "value too rare to name, or published before the catalogue kept them): give categories= in the step"
+            "value too rare to name, or published before the catalogue kept them): a onehot step takes only "
+            "catalogued categories, so leave the column out of the features, or ask the data team to publish "
+            "the dataset again"
         )
     return {"op": "onehot", "column": column, "categories": list(categories), "from": "catalogue"}

@@ -13,6 +13,13 @@ A standardise step without ``mean``/``std`` and a onehot step without ``categori
 ``"from": "catalogue"``) take them from the catalogue of the dataset version the runner reads
 (:mod:`paitient.rules.catalogue`); the signed record holds the constants it used.
 
+What the researcher writes into the request and the signed record states leaves with the weights, so it is
+kept to what a steward reads at a glance: each number of their own that the record carries (the clipping
+bound, the target epsilon, a standardise step's means and spreads, a fill value) has at most
+:data:`SIGNIFICANT_DIGITS` significant digits, and a onehot step's own categories must be among those the
+catalogue names for the column (checked by the runner against the version it reads): a value too rare for
+the catalogue to name cannot leave as a category.
+
 ``checkpoint`` (optional) names a pretrained checkpoint of the operator's registry to start from instead
 of the runner's own initialisation: a name, never values.
 """
@@ -31,6 +38,11 @@ MAX_COLUMNS = 4096
 MAX_STEPS_IN_PREPROCESSING = 64
 MAX_CATEGORIES = 1000
 MAX_COLUMN_NAME = 200
+SIGNIFICANT_DIGITS = 4
+"""Significant digits of a number of the researcher's that the signed record carries (enough for any
+standardisation or clipping bound; more would be a few dozen bits of the kernel's choice each)."""
+IN_THE_RECORD = frozenset({"max_grad_norm", "target_epsilon"})
+"""Numbers of the request that the signed record states as given."""
 
 
 class SpecError(ValueError):
@@ -74,10 +86,21 @@ def _number(field: str, value: Any, low: float, high: float, whole: bool) -> flo
     return int(value) if whole else float(value)
 
 
+def _short(field: str, value: float) -> float:
+    """``value`` when it has at most :data:`SIGNIFICANT_DIGITS` significant digits, else :class:`SpecError`."""
+    rounded = float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+    if rounded != value:
+        raise SpecError(
+            f"{field} must have at most {SIGNIFICANT_DIGITS} significant digits (it leaves with the signed "
+            f"record, which a steward reads): give {rounded:g} instead of {value!r:.40}"
+        )
+    return value
+
+
 def _numbers(field: str, value: Any, n: int) -> list[float]:
     if not isinstance(value, list) or len(value) != n:
         raise SpecError(f"{field} must be a list of {n} numbers, one per column")
-    return [float(_number(field, v, -1e300, 1e300, False)) for v in value]
+    return [_short(field, float(_number(field, v, -1e300, 1e300, False))) for v in value]
 
 
 def check_step(step: Any) -> dict[str, Any]:
@@ -100,7 +123,7 @@ def check_step(step: Any) -> dict[str, Any]:
         return {
             "op": op,
             "columns": columns,
-            "value": float(_number("fill value", step.get("value"), -1e300, 1e300, False)),
+            "value": _short("fill value", float(_number("fill value", step.get("value"), -1e300, 1e300, False))),
         }
     if op == "onehot":
         _only(step, {"op", "column", "categories", "from"}, "a onehot step")
@@ -167,6 +190,8 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
         if value is None:
             raise SpecError(f"{name} is required: {'a whole number' if whole else 'a number'} from {low:g} to {high:g}")
         spec[name] = _number(name, value, low, high, whole)
+        if name in IN_THE_RECORD:
+            _short(name, spec[name])
     steps = args.get("preprocessing", [])
     if not isinstance(steps, list) or len(steps) > MAX_STEPS_IN_PREPROCESSING:
         raise SpecError(f"preprocessing must be a list of at most {MAX_STEPS_IN_PREPROCESSING} steps")

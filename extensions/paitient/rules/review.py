@@ -195,9 +195,12 @@ def auto_release_refusal(
     *,
     certified: bool = False,
     recomputed: bool | str = False,
+    own_constants: bool = False,
 ) -> str | None:
     """Why a request is not released automatically, or ``None`` when it is. ``recomputed``: the airlock
     recomputed a table from its recipe and may release that (``True``), or the reason it may not (a string).
+    ``own_constants``: the signed record of certified weights carries preprocessing constants the researcher
+    chose (not the catalogue's), which leave with it: a steward reads them.
 
     Only kinds the stewards allowed, and only when every automatic check passed. A table's numbers are the
     kernel's unless the airlock recomputed them: only a table whose recipe check passed (``recomputed``)
@@ -208,6 +211,11 @@ def auto_release_refusal(
         return f"the project does not release {kind} outputs automatically"
     if kind == "weights" and not certified:
         return "weights are released automatically only when a training job's runner signed them"
+    if kind == "weights" and own_constants:
+        return (
+            "the signed record carries preprocessing constants the researcher chose (not the catalogue's), "
+            "which leave with the weights: a steward reads them"
+        )
     if kind == "table" and recomputed is not True:
         if isinstance(recomputed, str) and recomputed:
             return recomputed
@@ -227,7 +235,10 @@ def may_auto_release(
     *,
     certified: bool = False,
     recomputed: bool | str = False,
+    own_constants: bool = False,
 ) -> bool:
     """:func:`auto_release_refusal` found nothing."""
-    why = auto_release_refusal(kind, auto_release_kinds, statuses, certified=certified, recomputed=recomputed)
+    why = auto_release_refusal(
+        kind, auto_release_kinds, statuses, certified=certified, recomputed=recomputed, own_constants=own_constants
+    )
     return why is None

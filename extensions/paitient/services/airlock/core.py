@@ -751,13 +751,15 @@ class Airlock:
         project = self.site.project(req.project)
         recipe = next((r for r in results if r["check"] == "recipe" and r["status"] == "pass"), None)
         automatic = (recipe or {}).get("details", {}).get("automatic")
+        certified = next((r for r in results if r["check"] == "certified" and r["status"] == "pass"), None)
+        steps = ((certified or {}).get("details", {}).get("record") or {}).get("preprocessing") or []
         not_automatic = review.auto_release_refusal(
             req.kind,
             project.auto_release,
             [r["status"] for r in results],
-            certified=any(r["check"] == "certified" and r["status"] == "pass" for r in results)
-            and bool(req.meta.get("job")),
+            certified=certified is not None and bool(req.meta.get("job")),
             recomputed=automatic if isinstance(automatic, str) else automatic is True,
+            own_constants=any(s.get("from") != "catalogue" for s in steps),
         )
         released: tuple[ReleasedFile, list[bytes]] | None = None
         if not_automatic is None and req.kind == "table":

@@ -107,9 +107,9 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
 
 
 def _resolved(steps: list[dict[str, Any]], data_file: Path) -> list[dict[str, Any]]:
-    """The job's steps with the constants of those that take them from the catalogue: the manifest published
-    beside ``data_file`` (root's, never the kernel's)."""
-    if not any(s.get("from") == "catalogue" for s in steps):
+    """The job's steps with the constants of those that take them from the catalogue, and a onehot step's own
+    categories checked against it: the manifest published beside ``data_file`` (root's, never the kernel's)."""
+    if not any(s.get("from") == "catalogue" or s["op"] == "onehot" for s in steps):
         return [dict(s) for s in steps]
     where = f"{data_file.parent.parent.parent.name} version {data_file.parent.name}"
     try:
