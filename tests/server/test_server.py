@@ -69,6 +69,30 @@ def test_kernel_lifecycle_and_executed_code_land_in_the_audit_trail(site, world_
     assert [r["object"] for r in stopped] == [kid] and stopped[0]["details"]["datasets"] == ["onc/bc"]
 
 
+def test_a_kernels_activity_leaves_the_server_to_the_minute(site, world_tmp, make_system_user, audit_service):
+    """The kernel chooses when it prints: the kernels API (and what the server reports to the hub) give that
+    time to the minute, not to the microsecond."""
+    from datetime import UTC, datetime
+
+    from paitient.server.kernels import SandboxMappingKernelManager
+
+    user = make_system_user("timed")
+    server = UserServer(site, user, ("onc",), world_tmp)
+    Registry.for_state_dir(site.state_dir).put(server.member)
+    with server:
+        kid = server.start_kernel()
+        before = datetime.now(UTC)
+        assert server.run("import time; time.sleep(0.137); print('signal')", kid).stdout.strip() == "signal"
+        models = [server.get(f"/api/kernels/{kid}").json(), *server.get("/api/kernels").json()]
+    times = [datetime.fromisoformat(m["last_activity"].replace("Z", "+00:00")) for m in models]
+    assert all((t.second, t.microsecond) == (0, 0) for t in times), times
+    assert all(before.replace(second=0, microsecond=0) <= t <= datetime.now(UTC) for t in times), times
+    # The server's own latest kernel activity, which it reports to the hub, is kept the same way.
+    manager = SandboxMappingKernelManager()
+    manager.last_kernel_activity = datetime(2026, 12, 6, 6, 40, 17, 123456, tzinfo=UTC)
+    assert manager.last_kernel_activity == datetime(2026, 12, 6, 6, 40, tzinfo=UTC)
+
+
 def test_code_in_user_expressions_is_audited_before_it_runs(site, world_tmp, make_system_user, audit_service):
     """Attack: an execute_request whose cell is empty and whose code is in ``user_expressions``, which IPython
     evaluates after the cell in the user's namespace. It runs (the file it writes appears) only with its text

@@ -4,17 +4,24 @@ A stock server starts any spec it can find (and ``allowed_kernelspecs`` only fil
 specs from the user's own data dir, and adds a native kernel. Here specs come only from the root-owned
 folders the spawner configured (``kernel_dirs``), only the allowed names start, every spec is forced onto
 the ``paitient-sandbox`` provisioner, and a client cannot choose a kernel id that escapes the runtime dir.
+
+A kernel's activity times leave the server to the minute only (:func:`to_the_minute`): the kernels API and
+sessions API give each kernel's ``last_activity``, and the server reports its last activity (its kernels'
+latest) to the hub, whose API the user's browser reads. To the microsecond, the time of a kernel's last
+output would be some twenty bits of the kernel's choice in each report, stored until the browser reads it.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
+from jupyter_server._tz import isoformat
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from tornado import web
-from traitlets import List, Unicode, default
+from traitlets import List, Unicode, default, observe
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -76,8 +83,30 @@ class SandboxKernelSpecManager(KernelSpecManager):
         return out
 
 
+def to_the_minute(when: datetime) -> datetime:
+    """``when`` without its seconds: the whole minute it falls in."""
+    return when.replace(second=0, microsecond=0)
+
+
 class SandboxMappingKernelManager(AsyncMappingKernelManager):
-    """Refuses kernel names that are not allowed and client-chosen kernel ids that are not UUIDs."""
+    """Refuses kernel names that are not allowed and client-chosen kernel ids that are not UUIDs; shows
+    kernels' activity times to the minute."""
+
+    @observe("last_kernel_activity")
+    def _last_kernel_activity_to_the_minute(self, change: dict[str, Any]) -> None:
+        # What the server reports to the hub (ServerWebApplication.last_activity takes the latest of this, the
+        # server's start and the browser's own API requests). Setting the rounded value notifies once more,
+        # with nothing left to round.
+        when = change["new"]
+        if isinstance(when, datetime) and to_the_minute(when) != when:
+            self.last_kernel_activity = to_the_minute(when)
+
+    def kernel_model(self, kernel_id: str) -> dict[str, Any]:
+        model = super().kernel_model(kernel_id)
+        when = getattr(self._kernels[kernel_id], "last_activity", None)
+        if isinstance(when, datetime):
+            model["last_activity"] = isoformat(to_the_minute(when))
+        return model
 
     # The async manager replaces the synchronous MultiKernelManager.start_kernel with a coroutine itself; mypy
     # compares against the synchronous signature.
