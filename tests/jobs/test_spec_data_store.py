@@ -218,6 +218,60 @@ def test_a_onehot_takes_only_categories_the_catalogue_names(tmp_path):
         {"op": "onehot", "column": "site", "categories": ["b"]}]})  # fmt: skip
     p = prepare(published, chosen, split_seed=1)
     assert p.features == ["age", "site=b"] and p.preprocessing[0]["categories"] == ["b"]
+    # A category is the catalogue's as it types it: 1 and "1" are not one category, and none is named twice.
+    typed = pd.DataFrame({"age": [float(i) for i in range(60)], "stage": [1, 2] * 30, "target": [0, 1] * 30})
+    staged = _publish_like(typed, tmp_path / "staged" / "versions" / "1")
+    as_text = check_request({**BASE, "features": ["age", "stage"], "preprocessing": [
+        {"op": "onehot", "column": "stage", "categories": [2, "1"]}]})  # fmt: skip
+    with pytest.raises(SpecError, match=r"^1 of the 2 categories given for stage .*as the catalogue types them"):
+        prepare(staged, as_text, split_seed=1)
+    with pytest.raises(SpecError, match="onehot categories name a category twice"):
+        check_request({**BASE, "preprocessing": [{"op": "onehot", "column": "stage", "categories": [1, 2, 1]}]})
+    # The record lists them in the catalogue's order, whatever order they were given in.
+    reordered = check_request({**BASE, "features": ["age", "stage"], "preprocessing": [
+        {"op": "onehot", "column": "stage", "categories": [2, 1]}]})  # fmt: skip
+    assert prepare(staged, reordered, split_seed=1).preprocessing[0]["categories"] == [1, 2]
+
+
+def test_the_arrangement_of_steps_and_features_is_the_runners_not_the_researchers(tmp_path):
+    """Steps in any order, columns in any order, split across steps: the record states one arrangement, the
+    same for all of them (an order or a split of the researcher's choosing would be bits of theirs in it)."""
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame(
+        {c: rng.normal(50, 10, 80) for c in ("a", "b", "c", "d")} | {"site": rng.choice(["x", "y"], 80),
+         "target": rng.integers(0, 2, 80)}
+    )  # fmt: skip
+    frame.loc[5, "c"] = np.nan
+    published = _publish_like(frame, tmp_path / "cohort" / "versions" / "1")
+    arrangements = [
+        [{"op": "standardise", "columns": ["d", "b"]}, {"op": "onehot", "column": "site"},
+         {"op": "fill", "columns": ["c"], "value": 50}, {"op": "standardise", "columns": ["c", "a"]}],
+        [{"op": "fill", "columns": ["c"], "value": 50.0}, {"op": "standardise", "columns": ["a", "b", "c", "d"]},
+         {"op": "onehot", "column": "site"}],
+        [{"op": "onehot", "column": "site"}, {"op": "standardise", "columns": ["a"]},
+         {"op": "standardise", "columns": ["d"]}, {"op": "standardise", "columns": ["c", "b"]},
+         {"op": "fill", "columns": ["c"], "value": 50}],
+    ]  # fmt: skip
+    features = [["site", "d", "c", "b", "a"], ["a", "b", "c", "d", "site"], ["c", "site", "a", "d", "b"]]
+    prepared = [
+        prepare(published, check_request({**BASE, "features": f, "preprocessing": steps}), split_seed=4)
+        for f, steps in zip(features, arrangements, strict=True)
+    ]
+    first = prepared[0]
+    assert [s["op"] for s in first.preprocessing] == ["fill", "standardise", "onehot"]
+    assert first.preprocessing[1]["columns"] == ["a", "b", "c", "d"] and first.preprocessing[1]["from"] == "catalogue"
+    assert first.features == ["a", "b", "c", "d", "site=x", "site=y"]
+    for p in prepared[1:]:
+        assert (p.preprocessing, p.features) == (first.preprocessing, first.features)
+        assert np.array_equal(p.x_train, first.x_train)
+    # The fill comes first whatever its place: the filled value is standardised like the others.
+    assert not np.isnan(first.x_train).any()
+    twice = [{"op": "standardise", "columns": ["a"]}, {"op": "standardise", "columns": ["b", "a"]}]
+    with pytest.raises(SpecError, match="standardise names column 'a' twice; name each column in one"):
+        prepare(published, check_request({**BASE, "features": ["a", "b"], "preprocessing": twice}), split_seed=1)
+    with pytest.raises(SpecError, match="fill names column 'zz', which the dataset does not have"):
+        prepare(published, check_request({**BASE, "features": ["a"], "preprocessing": [
+            {"op": "fill", "columns": ["zz"], "value": 1}]}), split_seed=1)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -231,17 +285,24 @@ def test_a_onehot_takes_only_categories_the_catalogue_names(tmp_path):
          "standardise std must have at most 4 significant digits"),
         ("preprocessing", [{"op": "fill", "columns": ["a"], "value": 1234567}],
          r"fill value must have at most 4 significant digits .*give 1.235e\+06"),
+        # Four digits at any size would still leave the exponent free: sizes are bounded too.
+        ("preprocessing", [{"op": "fill", "columns": ["a"], "value": 1.234e-300}],
+         r"fill value must be 0 or between 1e-06 and 1e\+09 in size .*got 1.234e-300"),
+        ("preprocessing", [{"op": "standardise", "columns": ["a"], "mean": [-9.999e299], "std": [1]}],
+         "standardise mean must be 0 or between 1e-06 and 1e"),
+        ("max_grad_norm", 5e-7, "max_grad_norm must be a number from 1e-06 to 1000"),
     ],
 )  # fmt: skip
 def test_numbers_that_leave_with_the_signed_record_have_four_significant_digits(field, value, message):
     with pytest.raises(SpecError, match=message):
         check_request({**BASE, field: value})
     short = {"max_grad_norm": 1.235, "target_epsilon": 0.9877, "preprocessing": [
-        {"op": "standardise", "columns": ["a", "b"], "mean": [14.13, -0.001234], "std": [3.5, 1e-7]},
-        {"op": "fill", "columns": ["a"], "value": 1.235e6}]}  # fmt: skip
+        {"op": "standardise", "columns": ["a", "b"], "mean": [14.13, -0.001234], "std": [3.5, 1e-6]},
+        {"op": "fill", "columns": ["a"], "value": -0.0}]}  # fmt: skip
     spec = check_request({**BASE, **short, "lr": 0.123456789})  # lr is not in the record: any precision
     assert (spec["max_grad_norm"], spec["target_epsilon"], spec["lr"]) == (1.235, 0.9877, 0.123456789)
-    assert spec["preprocessing"][0]["mean"] == [14.13, -0.001234] and spec["preprocessing"][1]["value"] == 1.235e6
+    assert spec["preprocessing"][0]["mean"] == [14.13, -0.001234]
+    assert str(spec["preprocessing"][1]["value"]) == "0.0"  # not -0.0: its sign bit would be one more bit
 
 
 @pytest.mark.parametrize(

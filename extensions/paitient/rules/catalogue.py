@@ -70,16 +70,17 @@ def resolve_step(step: Mapping[str, Any], statistics: Mapping[str, Mapping[str, 
     the version ``where`` names); a onehot step's own categories checked to be among the catalogue's (they
     leave with the signed record: a value too rare to be catalogued may not); any other step as it is."""
     if step["op"] == "onehot" and step.get("from") != "catalogue":
-        named = {str(c) for c in statistics.get(step["column"], {}).get("categories") or ()}
-        foreign = [c for c in step["categories"] if str(c) not in named]
-        if not named or foreign:
+        catalogued = list(statistics.get(step["column"], {}).get("categories") or ())
+        given = {(type(c), c) for c in step["categories"]}
+        foreign = given - {(type(c), c) for c in catalogued}
+        if not catalogued or foreign:
             raise CatalogueMissing(
                 f"{len(foreign)} of the {len(step['categories'])} categories given for {step['column']} are not "
-                f"among those the catalogue of {where} names for it ({len(named)}): a onehot step takes only "
-                "catalogued categories, since they leave with the signed record; leave categories= out to take "
-                "the catalogue's, or leave the column out of the features"
+                f"among those the catalogue of {where} names for it ({len(catalogued)}): a onehot step takes only "
+                "catalogued categories, as the catalogue types them, since they leave with the signed record; "
+                "leave categories= out to take the catalogue's, or leave the column out of the features"
             )
-        return dict(step)
+        return {**step, "categories": [c for c in catalogued if (type(c), c) in given]}  # the catalogue's order
     if step.get("from") != "catalogue":
         return dict(step)
     if step["op"] == "standardise":

@@ -86,8 +86,20 @@ def _number(field: str, value: Any, low: float, high: float, whole: bool) -> flo
     return int(value) if whole else float(value)
 
 
+SMALLEST, LARGEST = 1e-6, 1e9
+"""The sizes a number of the researcher's in the record may have (or 0): within them its exponent is a few bits."""
+
+
 def _short(field: str, value: float) -> float:
-    """``value`` when it has at most :data:`SIGNIFICANT_DIGITS` significant digits, else :class:`SpecError`."""
+    """``value`` when it has at most :data:`SIGNIFICANT_DIGITS` significant digits and is 0 or between
+    :data:`SMALLEST` and :data:`LARGEST` in size (-0.0 becomes 0.0), else :class:`SpecError`."""
+    if value == 0:
+        return 0.0
+    if not SMALLEST <= abs(value) <= LARGEST:
+        raise SpecError(
+            f"{field} must be 0 or between {SMALLEST:g} and {LARGEST:g} in size (it leaves with the signed "
+            f"record); got {value!r:.40}"
+        )
     rounded = float(f"{value:.{SIGNIFICANT_DIGITS}g}")
     if rounded != value:
         raise SpecError(
@@ -134,6 +146,8 @@ def check_step(step: Any) -> dict[str, Any]:
             raise SpecError(f"onehot categories must be a list of 1 to {MAX_CATEGORIES} values")
         if not all(isinstance(c, str | int) and not isinstance(c, bool) for c in categories):
             raise SpecError("onehot categories are strings or whole numbers")
+        if len({(type(c), c) for c in categories}) != len(categories):
+            raise SpecError("onehot categories name a category twice")
         return {"op": op, "column": _name("onehot column", step.get("column")), "categories": list(categories)}
     raise SpecError(f"preprocessing op {op!r:.40} is not one of standardise, fill, onehot")
 
@@ -197,3 +211,49 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
         raise SpecError(f"preprocessing must be a list of at most {MAX_STEPS_IN_PREPROCESSING} steps")
     spec["preprocessing"] = [check_step(s) for s in steps]
     return spec
+
+
+OP_ORDER = ("fill", "standardise", "onehot")
+"""The order the runner applies preprocessing in, whatever order the steps were given in."""
+
+
+def canonical_preprocessing(steps: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    """The steps (constants resolved) as the runner applies them and the signed record states them, so that
+    nothing of their arrangement is the researcher's to choose: the fills first, then the standardising,
+    then the one-hot encoding; each op names a column at most once; columns in the dataset's order
+    (``columns``); the standardise steps merged into one from the catalogue and one with the researcher's
+    constants, fills of the same value merged, one onehot step per column. :class:`SpecError` for a column the
+    dataset lacks or one an op names twice."""
+    position = {c: i for i, c in enumerate(columns)}
+    named: dict[str, set[str]] = {op: set() for op in OP_ORDER}
+    for step in steps:
+        op = step["op"]
+        for c in step["columns"] if "columns" in step else [step["column"]]:
+            if c not in position:
+                raise SpecError(f"{op} names column {c!r:.80}, which the dataset does not have")
+            if c in named[op]:
+                raise SpecError(f"{op} names column {c!r:.80} twice; name each column in one {op} step only")
+            named[op].add(c)
+    out: list[dict[str, Any]] = []
+    fills: dict[float, list[str]] = {}
+    for step in steps:
+        if step["op"] == "fill":
+            fills.setdefault(float(step["value"]), []).extend(step["columns"])
+    for value, cols in sorted(fills.items(), key=lambda kv: min(position[c] for c in kv[1])):
+        out.append({"op": "fill", "columns": sorted(cols, key=position.__getitem__), "value": value})
+    for catalogue in (True, False):
+        group = [s for s in steps if s["op"] == "standardise" and (s.get("from") == "catalogue") == catalogue]
+        if group:
+            rows = sorted(
+                (t for s in group for t in zip(s["columns"], s["mean"], s["std"], strict=True)),
+                key=lambda t: position[t[0]],
+            )
+            merged: dict[str, Any] = {
+                "op": "standardise",
+                "columns": [r[0] for r in rows],
+                "mean": [r[1] for r in rows],
+                "std": [r[2] for r in rows],
+            }
+            out.append({**merged, "from": "catalogue"} if catalogue else merged)
+    out.extend(sorted((dict(s) for s in steps if s["op"] == "onehot"), key=lambda s: position[s["column"]]))
+    return out

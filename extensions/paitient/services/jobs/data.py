@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from paitient.rules import catalogue
-from paitient.rules.jobspec import SpecError
+from paitient.rules.jobspec import SpecError, canonical_preprocessing
 from paitient.services.data.publish import MANIFEST_FILE
 
 CLASSIFICATION = ("cross_entropy", "bce_with_logits")
@@ -58,7 +58,8 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
     """Read ``data_file`` (a dataset version's Parquet) and make the job's arrays; :class:`SpecError` says
     what in the request does not fit the data."""
     frame = pq.read_table(data_file).to_pandas()
-    steps = _resolved(spec["preprocessing"], data_file)
+    columns = [str(c) for c in frame.columns]
+    steps = canonical_preprocessing(_resolved(spec["preprocessing"], data_file), columns)
     target = spec["target"]
     if target not in frame.columns:
         raise SpecError(f"the dataset has no column {target!r}; its columns: {', '.join(map(str, frame.columns))}")
@@ -67,6 +68,9 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise SpecError(f"the dataset has no column(s) {', '.join(missing)}")
+    # In the dataset's order, whatever order they were named in: the record states them, and an order of the
+    # researcher's choosing would be bits of theirs in it (a one-hot's columns come after, as it expands them).
+    features = sorted(features, key=columns.index)
     x = frame[features].copy()
     for step in steps:
         x = _apply(x, step, features)
