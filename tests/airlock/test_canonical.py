@@ -271,3 +271,18 @@ def test_a_table_preview_is_read_page_by_page():
         canonical_for("table", "t.csv", upload, Page(10, 0))
     with pytest.raises(NoPreview, match="only a table's preview has pages"):
         canonical_for("other", "notes.txt", b"plain words", Page(200, 0))
+
+
+def test_a_cell_longer_than_a_preview_shows_is_refused_at_the_request():
+    from paitient.services.airlock.canonical import PREVIEW_CELL_CHARS, Refused, canonical_output
+
+    long = "x" * (PREVIEW_CELL_CHARS + 1)
+    for kind, name in (("table", "t.csv"), ("other", "t.csv")):
+        with pytest.raises(Refused, match=r"^1 column name\(s\) or text cell\(s\) of the table have more than 200"):
+            canonical_output(kind, name, f"stage,note\nI,{long}\n".encode())
+        with pytest.raises(Refused, match="release long text as a text file"):
+            canonical_output(kind, name, f"stage,{long}\nI,1\n".encode())
+    fits = canonical_output("other", "t.csv", f"stage,note\nI,{'x' * PREVIEW_CELL_CHARS}\n".encode())
+    assert fits.data.endswith(b"x" * PREVIEW_CELL_CHARS + b"\n")
+    # As text, it is read whole.
+    assert canonical_output("other", "notes.txt", long.encode()).data == long.encode()

@@ -312,3 +312,30 @@ def test_the_service_refuses_a_format_for_anything_but_a_table(airlock, people):
     with pytest.raises(ChannelError, match="format= goes with kind='table' only and is one of csv, xlsx") as e:
         submit(airlock, people, "alice", b"hello\n", kind="other", name="n.txt", format="xlsx")
     assert e.value.code == "bad_request" and airlock.store.list(username="alice") == []
+
+
+@pytest.mark.parametrize("table_format", ["csv", "xlsx"])
+async def test_digits_the_checks_and_the_preview_never_read_are_not_released(web, airlock, people, table_format):
+    """Text cells that read back as numbers: a zero-width space after a number of 70 digits makes it text in
+    the upload, and once cleaned it would be written as those digits while the checks and the preview read
+    120.0. What is released is what they read; so for Parquet's 'NA' text and a number's leading zeros."""
+    pi = "120.0000000000000000000031415926535897932384626433832795028841971693993751"
+    upload = f"stage,patients\nI,{pi}\u200b\nII,48.0\u200b\n".encode()
+    args = {"format": "xlsx"} if table_format == "xlsx" else {}
+    rid = submit(airlock, people, "alice", upload, name="stages.csv", **args)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    assert "<td>120.0</td>" in page and "31415" not in page
+    got = await release(web, airlock, people, rid)
+    if table_format == "xlsx":
+        cells = [[c.value for c in row] for row in load_workbook(io.BytesIO(got.body)).active.iter_rows()]
+        assert cells == [["stage", "patients"], ["I", 120.0], ["II", 48.0]]
+    else:
+        assert got.body == b"stage,patients\nI,120.0\nII,48.0\n"
+    assert b"31415" not in got.body
+    # A Parquet text column: 'NA' and leading zeros read back as nothing and as a number.
+    table = pa.table({"stage": ["I", "II", "III"], "note": ["NA", "null", "#N/A"], "n": ["000120", "00048", "0011"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    out = canonical_output("table", "t.parquet", buf.getvalue())
+    assert out.data == b"stage,note,n\nI,,120\nII,,48\nIII,,11\n"

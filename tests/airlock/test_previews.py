@@ -30,7 +30,9 @@ from paitient.services.audit.query import newest_first
 from tests.airlock.helpers import (
     GOOD,
     PREFIX,
+    RESEARCHER,
     SECRET,
+    STEWARD,
     Client,
     csv_bytes,
     figure_with_payload,
@@ -347,3 +349,37 @@ async def test_a_table_longer_than_a_page_is_approved_only_once_every_page_was_r
     assert ("steph", {"first_row": 200, "first_column": 0, "pages": 3}) in pages
     r = await web.decide_with("sam", rid, action="approve", comment="fine", override=why)
     assert r.code == 303 and airlock.store.get(rid).state == review.RELEASED
+
+
+async def test_a_table_no_reviewer_can_read_is_not_approved_and_its_shape_reaches_no_requester(
+    web, airlock, people, monkeypatch
+):
+    """A table too large for a preview cannot be read, so cannot be approved; a steward who filed a long
+    table learns nothing of its shape by trying to approve it; and the requester's page says neither which
+    pages a steward read nor, by a missing 'about', whether the size is round."""
+    from paitient.services.airlock import canonical, previews
+
+    values = "".join(f"b{i},{1000 + i}.5\n" for i in range(450))
+    rid = submit(airlock, people, "steph", f"band,value\n{values}".encode(), name="long.csv", project="oncology")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    with pytest.raises(review.TransitionError) as own:
+        airlock.decide(rid, username="steph", scopes={*STEWARD, *RESEARCHER}, action="approve", comment="mine")
+    assert "450" not in str(own.value) and "pages" not in str(own.value) and own.value.status == 403
+    for start in (0, 200, 400):
+        assert (await web.fetch("sam", f"requests/{rid}?rows={start}")).code == 200
+    mine = (await web.fetch("steph", f"requests/{rid}")).body.decode()
+    assert "preview of the page" not in mine and ": preview" not in mine and "sam" not in mine
+    assert re.search(r"\(about \d+ bytes\)", mine)
+
+    monkeypatch.setattr(canonical, "PREVIEW_MAX_SOURCE_BYTES", 5000)
+    monkeypatch.setattr(previews, "PREVIEW_MAX_SOURCE_BYTES", 5000)
+    big = submit(airlock, people, "alice", f"band,count\n{values}".encode(), name="big.csv")
+    wait_state(airlock, big, review.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{big}")).body.decode()
+    assert 'id="no-preview"' in page and "more than the 5000 a preview parses" in page
+    r = await web.decide_with("sam", big, action="approve", comment="fine", override="reviewed from the checks only")
+    assert r.code == 409 and "no reviewer can read this output" in html.unescape(r.body.decode())
+    assert airlock.store.get(big).state == review.IN_REVIEW
+    # Returning it stays possible.
+    r = await web.decide_with("sam", big, action="return", comment="send a shorter table")
+    assert r.code == 303 and airlock.store.get(big).state == review.RETURNED

@@ -451,7 +451,8 @@ def table_output(filename: str, data: bytes, table_format: str, *, whole: bool =
         df = read_frame(data, filename)
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
-    frame = canonical_frame(df)
+    frame, plain = read_back(canonical_frame(df))
+    _within_a_preview_cell(frame)
     if whole and (len(frame) > PREVIEW_ROWS or len(frame.columns) > PREVIEW_COLUMNS):
         raise Refused(
             f"the table has {len(frame)} rows and {len(frame.columns)} columns; as kind 'other' (no automatic "
@@ -460,7 +461,7 @@ def table_output(filename: str, data: bytes, table_format: str, *, whole: bool =
         )
     # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
     shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)
-    csv = frame_csv(shown)
+    csv = plain if quoted == 0 else frame_csv(shown)
     if csv.startswith((*IMAGE_MAGIC, b"PAR1")):
         raise Refused(
             "the table's first column name makes its CSV start like an image or a Parquet file; rename that column"
@@ -525,6 +526,66 @@ def _text_column(name: str, s: pd.Series) -> pd.Series:
         s = s.copy()
         s[odd] = s[odd].map(clean_text)
     return s
+
+
+def _within_a_preview_cell(frame: pd.DataFrame) -> None:
+    """Refuse a table with a column name or text cell longer than a preview shows of one
+    (:data:`PREVIEW_CELL_CHARS`): the steward would approve characters they were never shown."""
+    long = sum(len(str(c)) > PREVIEW_CELL_CHARS for c in frame.columns)
+    for i in range(len(frame.columns)):
+        column = frame.iloc[:, i]
+        if column.dtype == object:
+            try:
+                lengths = column.str.len()  # NaN (no text) is not long
+            except AttributeError:  # dates, decimals or mixed values: only the text among them
+                lengths = column.map(lambda v: len(v) if isinstance(v, str) else 0)
+            long += int((lengths > PREVIEW_CELL_CHARS).sum())
+    if long:
+        raise Refused(
+            f"{long} column name(s) or text cell(s) of the table have more than {PREVIEW_CELL_CHARS} characters, "
+            "more than a steward's preview shows of one: shorten them, or release long text as a text file "
+            "(kind='other', .txt), which a steward reads whole"
+        )
+
+
+READ_BACK_ROUNDS = 3
+
+
+def read_back(frame: pd.DataFrame) -> tuple[pd.DataFrame, bytes]:
+    """``frame`` as the checks and the previews read its CSV back, once that reading is stable, with that CSV:
+    what is released is then written from exactly the values they judged and showed. A text cell that reads
+    back as a number (``0120``, ``120.000000000000000000031415``, a zero-width character after the digits) or
+    as nothing (``NA``) is released as what it reads as, so no digit or word the checks did not see leaves
+    with it. A column that reads back unchanged keeps its type (an XLSX keeps its dates as dates)."""
+    current = frame
+    for _ in range(READ_BACK_ROUNDS):
+        csv = frame_csv(current)
+        again = canonical_frame(read_frame(csv, "cells.csv"))
+        if list(again.columns) != list(current.columns):
+            current = again
+            continue
+        changed = [i for i in range(len(current.columns)) if not _reads_back(current.iloc[:, i], again.iloc[:, i])]
+        if not changed:
+            return current, csv
+        current = current.copy()
+        for i in changed:
+            current.isetitem(i, again.iloc[:, i])
+    raise Refused(
+        "the table's cells do not read back the same after being written as CSV; write its columns as plain "
+        "numbers, text or dates and send it again"
+    )
+
+
+def _reads_back(written: pd.Series, read: pd.Series) -> bool:
+    """Does a column read back as it was written: the same values of the same type, or else (a date read
+    back as text) the same CSV?"""
+    if written.dtype == read.dtype and written.equals(read):
+        return True
+
+    def text(s: pd.Series) -> str:
+        return str(s.to_csv(index=False, header=False, lineterminator="\n"))
+
+    return text(written) == text(read)
 
 
 def frame_csv(frame: pd.DataFrame) -> bytes:

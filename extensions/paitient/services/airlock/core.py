@@ -33,7 +33,14 @@ from paitient.rules.disclosure import Labels, TableRules, result
 from paitient.rules.fixes import fix_for
 from paitient.rules.records import Event
 from paitient.services.airlock import published, views
-from paitient.services.airlock.canonical import MAX_SOURCE_BYTES, TABLE_FORMATS, Refused, canonical_output, frame_csv
+from paitient.services.airlock.canonical import (
+    MAX_SOURCE_BYTES,
+    TABLE_FORMATS,
+    NoPreview,
+    Refused,
+    canonical_output,
+    frame_csv,
+)
 from paitient.services.airlock.checks import CheckContext, computed_table, load_published, run_checks
 from paitient.services.airlock.feedback import Bounded
 from paitient.services.airlock.mia import prepare_work_root
@@ -946,7 +953,7 @@ class Airlock:
         req = self.store.get(rid)
         try:
             may_review = self.may_review(username, scopes, req)
-            if may_review and action == "approve":
+            if may_review and action == "approve" and username != req.username:  # one's own is refused below
                 self._read_whole(req, username)
             try:
                 needed = self.approvals_needed(req)
@@ -980,7 +987,16 @@ class Airlock:
         """Refuse an approval of a table of several preview pages that ``username`` has not all opened: what
         is approved leaves whole, so it is read whole (the checks read every cell, but rows of values moved
         off the data are no patient rows to them)."""
-        table, unread = self.previews.unread(req, username)
+        try:
+            table, unread = self.previews.unread(req, username)
+        except NoPreview as e:
+            if req.kind not in ("table", "other"):
+                return  # weights are reviewed from their checks and record, a figure from its pixels
+            raise review.TransitionError(
+                f"no reviewer can read this output ({e}), and what is approved leaves whole: return the request "
+                "for a smaller one",
+                409,
+            ) from None
         if table is None or not unread:
             return
         shown = "; ".join(p.describe(table.total_rows, table.total_columns) for p in unread[:5])

@@ -89,12 +89,9 @@ class Previews:
         return hit
 
     def unread(self, req: Request, username: str) -> tuple[Table | None, list[Page]]:
-        """The pages of a table's preview ``username`` has not opened (none for a preview of one page, or
-        for an upload with no preview), with the table's first page."""
-        try:
-            table = self.canonical(req).table
-        except NoPreview:
-            return None, []
+        """The pages of a table's preview ``username`` has not opened (none for a preview of one page), with
+        the table's first page; :class:`NoPreview` for an upload with no preview."""
+        table = self.canonical(req).table
         if table is None or len(table.pages) == 1:
             return table, []
         read = {

@@ -114,7 +114,7 @@ class DetailHandler(AirlockHandler):
         is_reviewer = airlock.may_review(username, scopes, req)
         may_preview = airlock.may_preview(username, scopes, req)
         preview = self._preview(rid, username, scopes, page) if may_preview else None
-        unread = airlock.previews.unread(req, username)[1] if may_preview else []
+        unread = self._unread(req, username) if may_preview else []
         # Without its audit record a reviewer's page shows nothing of the upload: not even the checks' details.
         sees_content = preview is not None and not preview.get("unrecorded")
         info = airlock.describe(req, for_steward=True) if sees_content else airlock.describe_for_requester(req)
@@ -143,7 +143,12 @@ class DetailHandler(AirlockHandler):
             shown=info if sees_content else views.shown_request(req.public()),
             info=info,
             justification=info["justification"],
-            events=events if sees_content else [dataclasses.replace(e, ts=views.minute(e.ts)) for e in events],
+            # A requester's history leaves out the reviewers' page views (they tell the table's shape) and
+            # keeps the rest to the minute.
+            events=events
+            if sees_content
+            else [dataclasses.replace(e, ts=views.minute(e.ts)) for e in events if e.type != "preview"],
+            rounded=not sees_content and req.state != review.RELEASED,
             record=record,
             flagged=flagged,
             preview=preview,
@@ -188,6 +193,12 @@ class DetailHandler(AirlockHandler):
         if own:
             views.append({"view": None, "states": [], "own": sorted(own)})
         return views
+
+    def _unread(self, req: Any, username: str) -> list[Page]:
+        try:
+            return self.airlock.previews.unread(req, username)[1]
+        except NoPreview:
+            return []  # the page says why there is no preview
 
     def _filed_by(self, rid: str) -> str | None:
         try:
