@@ -470,3 +470,22 @@ def test_a_requeued_job_waits_as_it_was_and_a_cancel_in_between_ends_it(open_sto
     ended = store.requeue(first.id, "waiting for the trail")
     assert (ended.state, ended.reason) == ("cancelled", "cancelled before it started") and ended.finished
     assert store.claim().id == second.id and store.requeue(first.id, "x").state == "cancelled"
+
+
+def test_odd_arrangements_get_a_clear_error_or_work(tmp_path):
+    from paitient.rules.jobspec import canonical_preprocessing
+
+    frame = pd.DataFrame({"age": [float(i) for i in range(60)], "grade": [1, 2, 3] * 20, "target": [0, 1] * 30})
+    published = _publish_like(frame, tmp_path / "graded" / "versions" / "1")
+    both = check_request({**BASE, "features": ["age", "grade"], "preprocessing": [
+        {"op": "standardise", "columns": ["grade"]}, {"op": "onehot", "column": "grade"}]})  # fmt: skip
+    with pytest.raises(SpecError, match="'grade' is both standardised and one-hot encoded"):
+        prepare(published, both, split_seed=1)
+    # A one-hot of a number column that is a default feature: expanded once.
+    default = check_request({**BASE, "preprocessing": [{"op": "onehot", "column": "grade"}]})
+    assert prepare(published, default, split_seed=1).features == ["age", "grade=1", "grade=2", "grade=3"]
+    with pytest.raises(SpecError, match="constants are not resolved yet"):
+        canonical_preprocessing([{"op": "standardise", "columns": ["age"], "from": "catalogue"}], ["age"])
+    with pytest.raises(SpecError, match="holdout must have at most 2 significant digits .*give 0.23 instead of 0.2345"):
+        check_request({**BASE, "holdout": 0.2345})
+    assert check_request({**BASE, "holdout": 0.25})["holdout"] == 0.25

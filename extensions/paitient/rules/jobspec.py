@@ -43,6 +43,9 @@ SIGNIFICANT_DIGITS = 4
 standardisation or clipping bound; more would be a few dozen bits of the kernel's choice each)."""
 IN_THE_RECORD = frozenset({"max_grad_norm", "target_epsilon"})
 """Numbers of the request that the signed record states as given."""
+HOLDOUT_DIGITS = 2
+"""Significant digits of ``holdout``: the record states the rows it held out, so a share of any precision
+would choose that count among hundreds."""
 
 
 class SpecError(ValueError):
@@ -206,6 +209,11 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
         spec[name] = _number(name, value, low, high, whole)
         if name in IN_THE_RECORD:
             _short(name, spec[name])
+        if name == "holdout" and float(f"{spec[name]:.{HOLDOUT_DIGITS}g}") != spec[name]:
+            raise SpecError(
+                f"holdout must have at most {HOLDOUT_DIGITS} significant digits (the record states the rows held "
+                f"out): give {float(f'{spec[name]:.{HOLDOUT_DIGITS}g}'):g} instead of {spec[name]!r:.40}"
+            )
     steps = args.get("preprocessing", [])
     if not isinstance(steps, list) or len(steps) > MAX_STEPS_IN_PREPROCESSING:
         raise SpecError(f"preprocessing must be a list of at most {MAX_STEPS_IN_PREPROCESSING} steps")
@@ -228,12 +236,20 @@ def canonical_preprocessing(steps: list[dict[str, Any]], columns: list[str]) -> 
     named: dict[str, set[str]] = {op: set() for op in OP_ORDER}
     for step in steps:
         op = step["op"]
+        if op == "standardise" and ("mean" not in step or "std" not in step):
+            raise SpecError("a standardise step's constants are not resolved yet: resolve them from the catalogue")
         for c in step["columns"] if "columns" in step else [step["column"]]:
             if c not in position:
                 raise SpecError(f"{op} names column {c!r:.80}, which the dataset does not have")
             if c in named[op]:
                 raise SpecError(f"{op} names column {c!r:.80} twice; name each column in one {op} step only")
             named[op].add(c)
+    both = sorted(named["standardise"] & named["onehot"], key=position.__getitem__)
+    if both:
+        raise SpecError(
+            f"{', '.join(map(repr, both))} is both standardised and one-hot encoded; a column is one or the other "
+            "(one-hot encoding compares its values with the categories, so standardise only number columns)"
+        )
     out: list[dict[str, Any]] = []
     fills: dict[float, list[str]] = {}
     for step in steps:

@@ -70,7 +70,7 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
         raise SpecError(f"the dataset has no column(s) {', '.join(missing)}")
     # In the dataset's order, whatever order they were named in: the record states them, and an order of the
     # researcher's choosing would be bits of theirs in it (a one-hot's columns come after, as it expands them).
-    features = sorted(features, key=columns.index)
+    features = sorted(dict.fromkeys(features), key=columns.index)  # a one-hot of a default feature: once
     x = frame[features].copy()
     for step in steps:
         x = _apply(x, step, features)
