@@ -286,3 +286,24 @@ def test_a_cell_longer_than_a_preview_shows_is_refused_at_the_request():
     assert fits.data.endswith(b"x" * PREVIEW_CELL_CHARS + b"\n")
     # As text, it is read whole.
     assert canonical_output("other", "notes.txt", long.encode()).data == long.encode()
+
+
+def test_what_a_page_does_not_show_of_a_cell_or_a_text_does_not_leave():
+    """Invisible code points, whitespace a table cell does not show as it is, and a formula's quote pushing a
+    cell past what a preview shows: each would carry characters the steward never saw."""
+    from paitient.services.airlock.canonical import PREVIEW_CELL_CHARS, Refused, canonical_output
+
+    hidden = "\ufe0f\ufe0e\u034f" * 10 + "".join(map(chr, range(0xE0100, 0xE0164))) + "\u3164\u2800"
+    out = canonical_output("table", "t.csv", f"stage,note\nI,x{hidden}\u00a0y\u2009z\n".encode())
+    assert out.data == b"stage,note\nI,x y z\n"
+    spaced = canonical_output("other", "t.csv", b'stage,note\nI,"  x \t\t y\n\n z  "\n')
+    assert spaced.data == b"stage,note\nI,x y z\n"
+    named = canonical_output("table", "t.csv", b'" stage\t ",n\nI,1\n')
+    assert named.data == b"stage,n\nI,1\n"
+    text = canonical_output("other", "notes.txt", b"a\tb   \nc \t\n\n\n")
+    assert text.data == b"a       b\nc\n"
+    # A formula's quote counts: a 200-character cell starting with '=' is stored with 201.
+    formula = "=" + "A" * (PREVIEW_CELL_CHARS - 2) + "Z"
+    with pytest.raises(Refused, match="1 column name\\(s\\) or text cell\\(s\\) of the table have more than 200"):
+        canonical_output("table", "t.csv", f"stage,note\nI,{formula}\n".encode())
+    assert canonical_output("table", "t.csv", f"stage,note\nI,{formula}\n".encode(), table_format="xlsx").data

@@ -32,6 +32,8 @@ TEXT = [
     None,
 ]
 """Text cells a spreadsheet could take for something else: formulas, markup, white space, escapes."""
+RELEASED = [None if t is None else " ".join(t.split()) for t in TEXT]
+"""The same cells as released: no whitespace around a cell's text, a run of it one space (as a page shows)."""
 
 
 def typed_table() -> pd.DataFrame:
@@ -83,7 +85,7 @@ def test_every_cell_reads_back_with_its_value_and_type():
     assert [(c.value, c.data_type) for c in rows[0]] == [(name, "s") for name in df.columns]
     for i, row in enumerate(rows[1:]):
         got = {name: cell for name, cell in zip(df.columns, row, strict=True)}
-        text = TEXT[i]
+        text = RELEASED[i]
         if text is None:
             assert got["text"].value is None
         else:  # text is text, whatever it starts with: no formula, no quote added
@@ -111,7 +113,7 @@ def test_every_cell_reads_back_with_its_value_and_type():
 def test_pandas_reads_the_same_frame_back():
     df = typed_table()[["text", "count", "share", "alive", "when"]]
     back = xlsx_frame(released(df))
-    expected = df.assign(text=df["text"].replace({None: np.nan}))
+    expected = df.assign(text=pd.Series(RELEASED, dtype=object).replace({None: np.nan}))
     pd.testing.assert_frame_equal(back, expected, check_dtype=True)
 
 
@@ -125,7 +127,7 @@ def test_text_cells_are_shared_strings_and_no_cell_is_a_formula():
     texts = [si.find("m:t", ns).text for si in strings.findall("m:si", ns)]
     column_a = [c for c in sheet.findall(".//m:c", ns) if c.get("r").startswith("A") and c.get("r") != "A1"]
     assert [c.get("t") for c in column_a] == ["s"] * (len(TEXT) - 1)
-    assert [texts[int(c.find("m:v", ns).text)] for c in column_a] == [t for t in TEXT if t is not None]
+    assert [texts[int(c.find("m:v", ns).text)] for c in column_a] == [t for t in RELEASED if t is not None]
 
 
 def test_the_same_cells_give_the_same_bytes_and_nothing_but_the_sheet():

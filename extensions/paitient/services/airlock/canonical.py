@@ -313,13 +313,37 @@ def render_cell(value: Any, kind: str) -> str:
 # Text
 
 
+INVISIBLE = frozenset(
+    [0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0]
+    + list(range(0x180B, 0x1810))
+    + list(range(0xFE00, 0xFE10))
+    + list(range(0xE0100, 0xE01F0))
+)
+"""Code points a screen shows as nothing though they are no control or format character (combining grapheme
+joiner, variation selectors, Hangul fillers, Mongolian selectors, the braille blank): dropped, or a cell could
+look like ``x`` and carry hundreds of bits."""
+
+
 def clean_text(text: str, limit: int | None = None) -> str:
-    """NFC, ``\\n`` line ends, no control or format characters (tabs and newlines stay), capped at ``limit``."""
+    """NFC, ``\\n`` line ends, no control or format characters (tabs and newlines stay), none of
+    :data:`INVISIBLE`, every other space (no-break, thin, ideographic ...) a plain one; capped at ``limit``."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c)[0] != "C")
+    text = "".join(
+        " " if unicodedata.category(c) == "Zs" else c
+        for c in text
+        if c in "\n\t" or (unicodedata.category(c)[0] != "C" and ord(c) not in INVISIBLE)
+    )
     if limit is not None and len(text) > limit:
         return text[: limit - 1] + "…"
     return text
+
+
+def shown_text(text: str) -> str:
+    """A text output as it is released: :func:`clean_text`, tabs expanded to spaces (every 8 columns), no
+    whitespace at a line's end and at most one line end at the end of the text: what a preview shows of it
+    is then every character that leaves."""
+    lines = [line.expandtabs(8).rstrip() for line in clean_text(text).split("\n")]
+    return "\n".join(lines).rstrip("\n") + ("\n" if text.endswith(("\n", "\r")) else "")
 
 
 def canonical_text(data: bytes) -> Canonical:
@@ -452,7 +476,6 @@ def table_output(filename: str, data: bytes, table_format: str, *, whole: bool =
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
     frame, plain = read_back(canonical_frame(df))
-    _within_a_preview_cell(frame)
     if whole and (len(frame) > PREVIEW_ROWS or len(frame.columns) > PREVIEW_COLUMNS):
         raise Refused(
             f"the table has {len(frame)} rows and {len(frame.columns)} columns; as kind 'other' (no automatic "
@@ -461,6 +484,7 @@ def table_output(filename: str, data: bytes, table_format: str, *, whole: bool =
         )
     # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
     shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)
+    _within_a_preview_cell(shown)  # as stored: a formula's quote counts
     csv = plain if quoted == 0 else frame_csv(shown)
     if csv.startswith((*IMAGE_MAGIC, b"PAR1")):
         raise Refused(
@@ -496,7 +520,7 @@ def canonical_frame(df: pd.DataFrame) -> pd.DataFrame:
     if isinstance(df.columns, pd.MultiIndex):
         df.columns = [" / ".join(str(p) for p in c) for c in df.columns]
     out = {}
-    names = [clean_text(str(c)) for c in df.columns]
+    names = [cell_text(str(c)) for c in df.columns]
     for i, name in enumerate(names):
         s = df.iloc[:, i]
         if s.dtype == object or isinstance(s.dtype, pd.StringDtype | pd.CategoricalDtype):
@@ -521,11 +545,23 @@ def _text_column(name: str, s: pd.Series) -> pd.Series:
     if inferred != "string":
         return s
     s = s.astype(object)
-    odd = s.str.contains(_PLAIN, regex=True, na=False)
+    odd = s.str.contains(_PLAIN, regex=True, na=False) | s.str.contains(_LOOSE_SPACE, regex=True, na=False)
     if odd.any():
         s = s.copy()
-        s[odd] = s[odd].map(clean_text)
+        s[odd] = s[odd].map(cell_text)
     return s
+
+
+_LOOSE_SPACE = r"^\s|\s$|\s\s|[\t\n]"
+"""A text cell with whitespace a preview's cell does not show as it is (leading, trailing, a run of it, a tab
+or a line end): normalised with :func:`cell_text`."""
+
+
+def cell_text(text: str) -> str:
+    """A table's text cell or column name as it is released: :func:`clean_text`, with no leading or trailing
+    whitespace and every run of it (tabs and line ends too) one space, as a page shows a cell anyway: the
+    steward sees every character that leaves."""
+    return " ".join(clean_text(text).split())
 
 
 def _within_a_preview_cell(frame: pd.DataFrame) -> None:
@@ -618,7 +654,7 @@ def text_output(filename: str, data: bytes) -> Output:
         ) from None
     if "\x00" in text:
         raise Refused("the file holds NUL bytes, so it is binary, not text; export it as a table, figure or text")
-    text = clean_text(text)
+    text = shown_text(text)
     if len(text) > TEXT_MAX_CHARS:
         raise Refused(
             f"the text has {len(text)} characters, more than the {TEXT_MAX_CHARS} a steward reads whole before it "
