@@ -157,12 +157,19 @@ class Canonical:
 def canonical_for(kind: str, filename: str, data: bytes, page: Page | None = None) -> Canonical:
     """The canonical form of an upload of request kind ``kind`` (of a table, its ``page``, the first by
     default); raises :class:`NoPreview` saying why not."""
-    page = page or Page()
-    if page != Page():
-        shown = canonical_for(kind, filename, data)
-        if shown.kind != "table":
-            raise NoPreview(f"this preview is {shown.kind}, shown whole: only a table's preview has pages")
+    shown_as = preview_kind(kind, filename, data)
+    if page is not None and page != Page() and shown_as != "table":
+        raise NoPreview(f"this preview is {shown_as}, shown whole: only a table's preview has pages")
+    if shown_as == "image":
+        return canonical_image(data)
+    if shown_as == "table":
         return canonical_table(data, filename, page)
+    return canonical_text(data)
+
+
+def preview_kind(kind: str, filename: str, data: bytes) -> str:
+    """What an upload of request kind ``kind`` is previewed as (``image``, ``table`` or ``text``), read from
+    its kind, its first bytes and its name only; :class:`NoPreview` when it has none."""
     if len(data) > PREVIEW_MAX_SOURCE_BYTES:
         raise NoPreview(
             f"the file has {len(data)} bytes, more than the {PREVIEW_MAX_SOURCE_BYTES} a preview parses; "
@@ -170,17 +177,15 @@ def canonical_for(kind: str, filename: str, data: bytes, page: Page | None = Non
         )
     if kind == "weights":
         raise NoPreview("model weights have no preview: review the format, training record and audit checks")
-    if kind == "figure":
-        return canonical_image(data)
-    if kind == "table":
-        return canonical_table(data, filename)
+    if kind in ("figure", "table"):
+        return "image" if kind == "figure" else "table"
     if kind != "other":
         raise NoPreview(f"requests of kind {kind!r} have no preview")
     if data.startswith(IMAGE_MAGIC):
-        return canonical_image(data)  # a file that starts like an image is previewed as one or not at all
+        return "image"  # a file that starts like an image is previewed as one or not at all
     if data[:4] == b"PAR1" or filename.lower().endswith(TABLE_SUFFIXES):
-        return canonical_table(data, filename)
-    return canonical_text(data)
+        return "table"
+    return "text"
 
 
 def canonical_image(data: bytes) -> Canonical:
