@@ -88,15 +88,17 @@ def test_overall_status_and_auto_release():
     assert review.overall_status(["error", "pass"]) == "review"
     assert review.overall_status(["review", "fail"]) == "fail"
     assert review.overall_status([]) == "review"
-    assert review.may_auto_release("table", ["table"], ["pass"], recomputed=True)
-    assert not review.may_auto_release("table", ["table"], ["pass"])  # numbers no recipe recomputed
+    assert review.auto_release_refusal("table", ["table"], ["pass"], recomputed=True) is None
+    assert review.auto_release_refusal("table", ["table"], ["pass"]) is not None  # numbers no recipe recomputed
     assert "recomputed it from its recipe" in review.auto_release_refusal("table", ["table"], ["pass"])
-    assert not review.may_auto_release("table", ["table"], ["pass", "review"], recomputed=True)
-    assert not review.may_auto_release("figure", ["table"], ["pass"])
+    assert review.auto_release_refusal("table", ["table"], ["pass", "review"], recomputed=True) is not None
+    assert review.auto_release_refusal("figure", ["table"], ["pass"]) is not None
     # weights only with the runner's signature; any other kind never, whatever a project lists
-    assert review.may_auto_release("weights", ["weights"], ["pass"], certified=True)
-    assert not review.may_auto_release("weights", ["weights"], ["pass"], certified=False)
-    assert not review.may_auto_release("other", ["other"], ["pass"])
+    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True) is None
+    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=False) is not None
+    assert review.auto_release_refusal("other", ["other"], ["pass"]) is not None
+    own = review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True, own_constants=True)
+    assert own is not None and "preprocessing constants the researcher chose" in own
 
 
 def test_approving_over_failed_checks_needs_a_written_reason_that_a_second_approver_confirms():

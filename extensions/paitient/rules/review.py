@@ -226,19 +226,3 @@ def auto_release_refusal(
     if overall_status(statuses) != "pass":
         return "not every automatic check passed"
     return None
-
-
-def may_auto_release(
-    kind: str,
-    auto_release_kinds: Iterable[str],
-    statuses: Iterable[str],
-    *,
-    certified: bool = False,
-    recomputed: bool | str = False,
-    own_constants: bool = False,
-) -> bool:
-    """:func:`auto_release_refusal` found nothing."""
-    why = auto_release_refusal(
-        kind, auto_release_kinds, statuses, certified=certified, recomputed=recomputed, own_constants=own_constants
-    )
-    return why is None
