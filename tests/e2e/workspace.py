@@ -32,8 +32,8 @@ import requests
 
 from paitient.config import EMBEDDED_SITE
 from paitient.hub.paths import SERVER_MODULE
-from paitient.ops.up import free_port
 from paitient.registry import Registry
+from paitient.services.kit.process import free_port
 from tests import accounts
 from tests.kernelclient import CellResult, execute
 

@@ -33,7 +33,7 @@ from paitient.hub.engine import Engine, EngineError, image_tag
 from paitient.hub.paths import HubPaths, default_proxy_command
 from paitient.ops.commands import PROXY_TOKEN_ENV, hub_command, proxy_command, service_command
 from paitient.services import PAGES, SERVICES
-from paitient.services.kit.process import SEPARATE_PORTS, free_port, parent_death_signal, token_secret
+from paitient.services.kit.process import SEPARATE_PORTS, free_ports, parent_death_signal, token_secret
 
 if TYPE_CHECKING:
     from paitient.ops.directory import DemoDirectory
@@ -297,8 +297,10 @@ class UpCommand(_StateCommand):
             self.log.warning(
                 "data folders that name no project of the site were made root-only: %s", ", ".join(orphans)
             )
-        hub_port = w.hub_port or free_port()
-        proxy_api_port = w.proxy_api_port or free_port()
+        # Chosen together, so that no two of them are the same (the hub and the proxy's API once were).
+        ports = iter(free_ports(2 + len(SEPARATE_PORTS), avoid=(w.port, w.hub_port, w.proxy_api_port)))
+        hub_port = w.hub_port or next(ports)
+        proxy_api_port = w.proxy_api_port or next(ports)
         proxy_token = paths.secret("proxy_token")
         host = "127.0.0.1" if w.bind_ip in ("0.0.0.0", "::") else w.bind_ip
         url = f"http://{host}:{w.port}/"
@@ -308,7 +310,7 @@ class UpCommand(_StateCommand):
             self._start_engine(site, paths)
         service_ports = None
         if self.separate_services:
-            service_ports = {name: free_port() for name in SEPARATE_PORTS}
+            service_ports = {name: next(ports) for name in SEPARATE_PORTS}
             for name in SERVICES:
                 paths.secret(token_secret(name))  # made once, before the hub and the service both read it
                 command = service_command(site, name, hub_port=hub_port, port=service_ports.get(name, 0))

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -34,9 +35,28 @@ def die_with_parent() -> None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (loopback by default)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Iterable[int | None] = ()) -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now, none of ``avoid`` (ports configured for
+    something else). Each is held open until all are chosen: asked one at a time, the system may hand out a
+    port it just gave back, and two servers were then told to listen on the same one."""
+    configured = {p for p in avoid if p}
+    held: list[socket.socket] = []
+    chosen: list[int] = []
+    try:
+        while len(chosen) < count:
+            s = socket.socket()
+            held.append(s)  # a port of ``avoid`` stays held too, so it is not offered again
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in configured and port not in chosen:
+                chosen.append(port)
+        return chosen
+    finally:
+        for s in held:
+            s.close()
 
 
 def managed_service(site, name: str, python: str, *, port: int, scopes: list[str], description: str) -> dict:
