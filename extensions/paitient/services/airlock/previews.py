@@ -23,7 +23,6 @@ from paitient.services.airlock.canonical import (
     Page,
     Table,
     canonical_for,
-    pages_of,
 )
 from paitient.services.airlock.store import Request, Store
 
@@ -127,12 +126,13 @@ class Previews:
             )
             raise PermissionError(reason)
         shown = self.canonical(req, page)
-        at = {}
-        if shown.table is not None:
-            t = shown.table
-            at = {"first_row": t.page.first_row, "first_column": t.page.first_column}
-            if len(pages_of(t.total_rows, t.total_columns)) > 1:
-                at["pages"] = len(pages_of(t.total_rows, t.total_columns))
+        t = shown.table
+        # Where the page shown starts, for a table read in several pages (recorded: approving needs them all).
+        at = (
+            {"first_row": t.page.first_row, "first_column": t.page.first_column, "pages": len(t.pages)}
+            if t is not None and len(t.pages) > 1
+            else {}
+        )
         try:
             self.emit(
                 actor=username,
@@ -148,10 +148,10 @@ class Previews:
                     "size": shown.size,
                     "file_sha256": req.sha256,
                     "upload_sha256": (req.meta.get("upload") or {}).get("sha256", req.sha256),
-                    **({"page": at} if "pages" in at else {}),
+                    **({"page": at} if at else {}),
                 },
             )
-            if "pages" in at:
+            if at:
                 self.store.record_preview(rid, actor=username, data={**at, "sha256": req.sha256})
         except Exception as e:
             raise PreviewUnrecorded(
