@@ -86,10 +86,6 @@ def shown_justification(text: str) -> str:
     return f"(about {rounded_size(len(text))} characters; the reviewers read all of it, and your notebook has it)"
 
 
-def shown_filename(req: Any) -> str:
-    return str(req.filename) if req.state == review.RELEASED else UNNAMED
-
-
 UNHASHED = "(shown once released; airlock.status(id) in your notebook gives it)"
 """The SHA-256 a browser that is not a reviewer's sees before the file is released."""
 
