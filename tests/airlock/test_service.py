@@ -280,6 +280,49 @@ def test_a_researcher_files_at_most_requests_per_day(site, alice, registry):
         airlock.stop()
 
 
+def test_a_table_longer_than_max_table_pages_is_refused_when_filed_and_by_a_check(site, alice, registry):
+    """Over the socket, as alice's own process, with [airlock] max_table_pages = 2: a table of 401 rows fills
+    three pages of 200, so no steward would open them all; its request is refused saying why and what to do,
+    audited as denied, and nothing of it is stored. A check before the request says the same, and a table of
+    400 rows (two pages) is filed."""
+    from paitient.services.kit.channel import ChannelServer
+
+    airlock = Airlock(site, settings=AirlockSettings(max_table_pages=2))
+    airlock.start()
+    srv = ChannelServer(site.run_dir / "airlock.sock", airlock.handlers(), name="airlock")
+    srv.start_in_thread()
+    try:
+        rows = "".join(f"b{i},{1000 + 3 * i}\n" for i in range(401))
+        long = give(Path(alice.pw_dir) / "long.csv", f"band,patients\n{rows}".encode(), alice.pw_uid)
+        answer = submit(alice, site, long, "table")
+        assert "the table has 401 rows and 2 columns, 3 preview pages of 200 rows by 30 columns" in answer["error"]
+        assert "at most 2 ([airlock] max_table_pages): release an aggregate" in answer["error"]
+        assert airlock.store.list(username="alice") == []
+        assert not [p for p in airlock.store.blobs.rglob("*") if p.is_file()]
+        denied = audit_records(site, "airlock.request")[0]
+        assert (denied["actor"], denied["outcome"]) == ("alice", "denied")
+        assert "max_table_pages" in denied["details"]["reason"]
+        code = f"""
+            import json
+            from paitient import airlock
+            print(json.dumps(airlock.check({str(long)!r}, kind="table").checks))
+        """
+        proc = run_as(alice.pw_uid, code, site.run_dir, cwd=long.parent)
+        assert proc.returncode == 0, proc.stderr
+        checked = {c["check"]: c for c in json.loads(proc.stdout.strip().splitlines()[-1])}
+        assert checked["canonical"]["status"] == "fail"
+        assert "3 preview pages" in checked["canonical"]["reason"]
+        fits = give(
+            Path(alice.pw_dir) / "fits.csv", f"band,patients\n{rows.rpartition('b400,')[0]}".encode(), alice.pw_uid
+        )
+        rid = submit(alice, site, fits, "table")["id"]
+        assert airlock.store.get(rid).size > 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        airlock.stop()
+
+
 def test_restart_keeps_every_request_and_decision(site, alice, registry):
     from paitient.services.kit.channel import ChannelServer
 

@@ -107,6 +107,13 @@ class Airlock(Model):
         "is refused with the time it can be filed. Each request carries a few bits its checks' outcomes and its "
         "rounded size and times tell its requester's browser, so this bounds that channel too.",
     )
+    max_table_pages = WholeNumber(
+        50,
+        rule=POSITIVE,
+        help="Most preview pages (of 200 rows by 30 columns) a released table may fill. A steward approves a table "
+        "only once they have opened every page, so a longer one is refused when it is filed, and by airlock.check, "
+        "saying to release an aggregate or to split it.",
+    )
     mia_max_auc = Number(
         0.6,
         rule=Rule("lie in (0.5, 1] (0.5 is guessing)", lambda v: 0.5 < v <= 1),

@@ -420,8 +420,11 @@ class Output:
         return hashlib.sha256(self.data).hexdigest()
 
 
-def canonical_output(kind: str, filename: str, data: bytes, *, table_format: str | None = None) -> Output:
-    """The release form of an upload of request kind ``kind``; raises :class:`Refused` saying why not."""
+def canonical_output(
+    kind: str, filename: str, data: bytes, *, table_format: str | None = None, max_pages: int | None = None
+) -> Output:
+    """The release form of an upload of request kind ``kind``; raises :class:`Refused` saying why not.
+    ``max_pages``: the most preview pages (:func:`pages_of`) a table may fill, as a steward must open each."""
     if table_format not in (None, *TABLE_FORMATS):
         raise Refused(f"format must be one of {', '.join(TABLE_FORMATS)}; got {table_format!r}")
     if table_format is not None and kind != "table":
@@ -441,7 +444,7 @@ def canonical_output(kind: str, filename: str, data: bytes, *, table_format: str
     if kind == "figure":
         return image_output(filename, data)
     if kind == "table":
-        return table_output(filename, data, table_format or "csv")
+        return table_output(filename, data, table_format or "csv", max_pages=max_pages)
     if kind != "other":
         raise Refused(f"the airlock has no release form for kind {kind!r}")
     if data.startswith(IMAGE_MAGIC):
@@ -467,10 +470,13 @@ def image_output(filename: str, data: bytes) -> Output:
     return Output(im.png, _renamed(filename, ".png"), "png", dropped=im.beyond_pixels)
 
 
-def table_output(filename: str, data: bytes, table_format: str, *, whole: bool = False) -> Output:
+def table_output(
+    filename: str, data: bytes, table_format: str, *, whole: bool = False, max_pages: int | None = None
+) -> Output:
     """Parse a table and re-write it from its cells: CSV, or XLSX (with the same cells as CSV alongside).
     ``whole``: the table of an ``other`` output, which no disclosure check reads, so a steward's preview must
-    show all of it: refused beyond :data:`PREVIEW_ROWS` rows or :data:`PREVIEW_COLUMNS` columns."""
+    show all of it: refused beyond :data:`PREVIEW_ROWS` rows or :data:`PREVIEW_COLUMNS` columns.
+    ``max_pages``: refused beyond that many preview pages, which a steward would have to open one by one."""
     dropped: list[str] = []
     if data[:4] == b"PAR1":
         if (cells := _parquet_cells(data, Refused)) > MAX_CELLS:
@@ -486,6 +492,13 @@ def table_output(filename: str, data: bytes, table_format: str, *, whole: bool =
             f"the table has {len(frame)} rows and {len(frame.columns)} columns; as kind 'other' (no automatic "
             f"disclosure check) a steward reads it whole, so it may have at most {PREVIEW_ROWS} rows and "
             f"{PREVIEW_COLUMNS} columns: release an aggregate as kind='table', or a smaller table"
+        )
+    if max_pages is not None and (pages := len(pages_of(len(frame), len(frame.columns)))) > max_pages:
+        raise Refused(
+            f"the table has {len(frame)} rows and {len(frame.columns)} columns, {pages} preview pages of "
+            f"{PREVIEW_ROWS} rows by {PREVIEW_COLUMNS} columns; a steward opens every page before approving, so "
+            f"a table may fill at most {max_pages} ([airlock] max_table_pages): release an aggregate of it, or "
+            "split it into smaller tables"
         )
     # A CSV says nothing of types, so text a spreadsheet would run is quoted; an XLSX types its text cells.
     shown, quoted = (frame, 0) if table_format == "xlsx" else formulas.quote_frame(frame)

@@ -287,7 +287,9 @@ class Airlock:
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
         try:
             upload = _read_all(fds[0], limit)
-            out = canonical_output(kind, filename, upload, table_format=meta.get("format"))
+            out = canonical_output(
+                kind, filename, upload, table_format=meta.get("format"), max_pages=self.settings.max_table_pages
+            )
         except (StoreError, Refused) as e:
             self.emit(
                 actor=member.username,
@@ -524,7 +526,9 @@ class Airlock:
         size = 0
         released_as = filename
         try:
-            out = canonical_output(kind, filename, upload, table_format=meta.get("format"))
+            out = canonical_output(
+                kind, filename, upload, table_format=meta.get("format"), max_pages=self.settings.max_table_pages
+            )
         except Refused as e:
             results = [result("canonical", "fail", f"the airlock would refuse this request: {e}")]
         else:

@@ -45,6 +45,7 @@ class AirlockSettings(Configurable):
     p_ratio = site_trait(Airlock, "p_ratio")
     zeros_disclosive = site_trait(Airlock, "zeros_disclosive")
     requests_per_day = site_trait(Airlock, "requests_per_day")
+    max_table_pages = site_trait(Airlock, "max_table_pages")
     mia_max_auc = site_trait(Airlock, "mia_max_auc")
     mia_max_advantage = site_trait(Airlock, "mia_max_advantage")
     audit_account = site_trait(Airlock, "audit_account")
