@@ -307,3 +307,41 @@ def test_what_a_page_does_not_show_of_a_cell_or_a_text_does_not_leave():
     with pytest.raises(Refused, match="1 column name\\(s\\) or text cell\\(s\\) of the table have more than 200"):
         canonical_output("table", "t.csv", f"stage,note\nI,{formula}\n".encode())
     assert canonical_output("table", "t.csv", f"stage,note\nI,{formula}\n".encode(), table_format="xlsx").data
+
+
+def test_an_xlsx_types_each_column_as_the_preview_does():
+    """Text digits and text booleans read back from the CSV as numbers and booleans, so the preview types
+    them so: the XLSX writes them so too, not as text cells a steward never saw typed as text. Dates with a
+    time zone are written as the text the preview shows, not moved to UTC; dates without one stay dates."""
+    import datetime
+
+    import openpyxl
+
+    frame = pd.DataFrame(
+        {
+            "code": ["123", "0456", "789"],
+            "flag": ["True", "False", "True"],
+            "at": pd.to_datetime(["2024-01-01 10:00", "2024-02-01 11:30", "2024-03-01 12:00"]).tz_localize(
+                "Europe/Berlin"
+            ),
+            "day": pd.to_datetime(["2024-01-01", "2024-02-01", "2024-03-01"]),
+            "stage": ["I", "II", "III"],
+        }
+    )
+    buf = io.BytesIO()
+    frame.to_parquet(buf)
+    out = canonical.canonical_output("table", "t.parquet", buf.getvalue(), table_format="xlsx")
+    preview = canonical_for("table", "t.csv", out.cells).table
+    assert preview is not None
+    assert preview.types[:2] == ("integer", "boolean") and preview.types[4] == "text"
+    assert preview.rows[0][:3] == ("123", "true", "2024-01-01 10:00:00+01:00")
+    sheet = openpyxl.load_workbook(io.BytesIO(out.data)).active
+    first = [(c.value, c.data_type) for c in sheet[2]]
+    assert first == [
+        (123, "n"),
+        (True, "b"),
+        ("2024-01-01 10:00:00+01:00", "s"),
+        (datetime.datetime(2024, 1, 1), "d"),
+        ("I", "s"),
+    ]
+    assert [c.value for c in sheet["A"]][1:] == [123, 456, 789]

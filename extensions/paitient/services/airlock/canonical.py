@@ -486,7 +486,7 @@ def table_output(
         df = read_frame(data, filename)
     except TableError as e:
         raise Refused(f"the file is not a table the airlock releases: {e}") from None
-    frame, plain = read_back(canonical_frame(df))
+    frame, plain, read = read_back(canonical_frame(df))
     if whole and (len(frame) > PREVIEW_ROWS or len(frame.columns) > PREVIEW_COLUMNS):
         raise Refused(
             f"the table has {len(frame)} rows and {len(frame.columns)} columns; as kind 'other' (no automatic "
@@ -509,7 +509,9 @@ def table_output(
             "the table's first column name makes its CSV start like an image or a Parquet file; rename that column"
         )
     if table_format == "xlsx":
-        return Output(frame_xlsx(frame), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv)
+        return Output(
+            frame_xlsx(xlsx_cells(frame, read)), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv
+        )
     return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped), quoted=quoted)
 
 
@@ -605,12 +607,13 @@ def _within_a_preview_cell(frame: pd.DataFrame) -> None:
 READ_BACK_ROUNDS = 3
 
 
-def read_back(frame: pd.DataFrame) -> tuple[pd.DataFrame, bytes]:
-    """``frame`` as the checks and the previews read its CSV back, once that reading is stable, with that CSV:
-    what is released is then written from exactly the values they judged and showed. A text cell that reads
-    back as a number (``0120``, ``120.000000000000000000031415``, a zero-width character after the digits) or
-    as nothing (``NA``) is released as what it reads as, so no digit or word the checks did not see leaves
-    with it. A column that reads back unchanged keeps its type (an XLSX keeps its dates as dates)."""
+def read_back(frame: pd.DataFrame) -> tuple[pd.DataFrame, bytes, pd.DataFrame]:
+    """``frame`` as the checks and the previews read its CSV back, once that reading is stable, with that CSV
+    and the frame they read from it: what is released is then written from exactly the values they judged and
+    showed. A text cell that reads back as a number (``0120``, ``120.000000000000000000031415``, a zero-width
+    character after the digits) or as nothing (``NA``) is released as what it reads as, so no digit or word the
+    checks did not see leaves with it. A column that reads back as the same CSV keeps its type (an XLSX keeps
+    its dates as dates; :func:`xlsx_cells` says which it does not)."""
     current = frame
     for _ in range(READ_BACK_ROUNDS):
         csv = frame_csv(current)
@@ -620,7 +623,7 @@ def read_back(frame: pd.DataFrame) -> tuple[pd.DataFrame, bytes]:
             continue
         changed = [i for i in range(len(current.columns)) if not _reads_back(current.iloc[:, i], again.iloc[:, i])]
         if not changed:
-            return current, csv
+            return current, csv, again
         current = current.copy()
         for i in changed:
             current.isetitem(i, again.iloc[:, i])
@@ -640,6 +643,31 @@ def _reads_back(written: pd.Series, read: pd.Series) -> bool:
         return str(s.to_csv(index=False, header=False, lineterminator="\n"))
 
     return text(written) == text(read)
+
+
+def xlsx_cells(frame: pd.DataFrame, read: pd.DataFrame) -> pd.DataFrame:
+    """The cells an XLSX is written from, so that it types each column as the preview does: ``frame``'s (see
+    :func:`read_back`), but a column the preview reads from the CSV (``read``) as numbers or booleans (text
+    digits, ``True``) is written as those, and dates with a time zone as the text the preview shows (a sheet
+    holds no time zone; it would show them in UTC). Dates without one stay dates."""
+    cells = frame
+    for i in range(len(frame.columns)):
+        written, shown = frame.iloc[:, i], read.iloc[:, i]
+        if written.dtype == shown.dtype:
+            continue
+        numbers = pd.api.types.is_numeric_dtype(shown.dtype) or pd.api.types.is_bool_dtype(shown.dtype)
+        if numbers or _zoned(written):
+            if cells is frame:
+                cells = frame.copy()
+            cells.isetitem(i, shown)
+    return cells
+
+
+def _zoned(s: pd.Series) -> bool:
+    """Does a column hold dates with a time zone?"""
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        return True
+    return s.dtype == object and any(getattr(v, "tzinfo", None) is not None for v in s.to_numpy())
 
 
 def frame_csv(frame: pd.DataFrame) -> bytes:
