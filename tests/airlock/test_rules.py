@@ -94,10 +94,15 @@ def test_overall_status_and_auto_release():
     assert review.auto_release_refusal("table", ["table"], ["pass", "review"], recomputed=True) is not None
     assert review.auto_release_refusal("figure", ["table"], ["pass"]) is not None
     # weights only with the runner's signature; any other kind never, whatever a project lists
-    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True) is None
-    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=False) is not None
+    # and of a graph the stewards approved
+    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True, approved_graph=True) is None
+    assert review.auto_release_refusal("weights", ["weights"], ["pass"], certified=False, approved_graph=True)
     assert review.auto_release_refusal("other", ["other"], ["pass"]) is not None
-    own = review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True, own_constants=True)
+    unapproved = review.auto_release_refusal("weights", ["weights"], ["pass"], certified=True)
+    assert unapproved is not None and "not one the project's stewards approved" in unapproved
+    own = review.auto_release_refusal(
+        "weights", ["weights"], ["pass"], certified=True, own_constants=True, approved_graph=True
+    )
     assert own is not None and "preprocessing constants the researcher chose" in own
 
 

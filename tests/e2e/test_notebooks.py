@@ -209,6 +209,9 @@ def test_a_steward_sees_what_the_runner_certified_approves_and_alice_verifies_he
         f"<th>Epsilon spent (the runner's accountant)</th><td>{record['epsilon']}</td>",
         f"<td>{record['graph_sha256']}</td>",
         'id="approvals-needed">1<',
+        # the graph the runner trained, which the researcher chose: no number in it steers the weights
+        "p0 = parameter 0.weight [16, 30]",
+        'id="graph-numbers">Numbers the operations compute with (0):none</p>',
     ):
         assert fact in text, fact
     token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)
@@ -220,6 +223,8 @@ def test_a_steward_sees_what_the_runner_certified_approves_and_alice_verifies_he
     assert r.status_code == 200 and 'id="state">released<' in r.text.replace("\n", "")
 
     alice = workspace.login("alice")
+    mine = _airlock_page(workspace, alice, f"requests/{request_id}")
+    assert mine.status_code == 200 and 'id="graph"' not in mine.text and "p0 = parameter" not in mine.text
     files = {}
     for part, name in (("download", "weights.safetensors"), ("record", "record.json")):
         got = _airlock_page(workspace, alice, f"requests/{request_id}/{part}")

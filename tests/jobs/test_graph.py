@@ -1048,3 +1048,38 @@ def test_hostile_names_and_metadata_change_nothing(kind, names, data):
     graph = load_graph(json.dumps(doc).encode())
     assert graph.built == load_graph(program).built
     assert outputs_agree(graph, model, rows(5))
+
+
+class Steered(nn.Module):
+    """A model whose graph pulls a parameter towards numbers the kernel chose (``pull``), beside a linear model."""
+
+    def __init__(self, pull: list[float]):
+        super().__init__()
+        self.pull = pull
+        self.lin = nn.Linear(30, 1)
+        self.carrier = nn.Parameter(torch.zeros(len(pull)))
+
+    def forward(self, x):
+        d = self.carrier - torch.cat([self.carrier[i : i + 1] * 0 + v for i, v in enumerate(self.pull)])
+        penalty = (d * d).sum()
+        return self.lin(x) + penalty * 1000.0 + 50.0
+
+
+def test_the_listing_shows_every_parameter_operation_and_number_a_steward_must_read():
+    """The runner's listing of a graph names each parameter with its shape, each operation with every
+    argument, and lists the numbers the operations compute with: the kernel's numbers in a graph steer what
+    training writes into the weights, so they are what a steward reads before weights leave."""
+    graph = runner(kernel(Steered([0.4172, 0.8391]), torch.zeros(2, 30)))
+    lines = graph.listing
+    assert lines[:3] == (
+        "p0 = parameter carrier [2]",
+        "p1 = parameter lin.weight [1, 30]",
+        "p2 = parameter lin.bias [1]",
+    )
+    assert "x3 = input [batch, 30]" in lines and lines[-1].startswith("output t")
+    assert any(re.fullmatch(r"t\d+ = add\.Tensor\(self=t\d+, other=0\.4172\)", line) for line in lines)
+    assert "t5 = mul.Tensor(self=t4, other=0)" in lines  # an integer it computes with is a number too
+    assert any(re.fullmatch(r"t\d+ = linear\.default\(input=x3, weight=p1, bias=p2\)", line) for line in lines)
+    assert graph.numbers == (0.0, 0.4172, 0.8391, 1000.0, 50.0)
+    plain = runner(kernel(mlp(), torch.zeros(2, 30)))
+    assert plain.numbers == () and all(" = parameter " in line for line in plain.listing[:4])

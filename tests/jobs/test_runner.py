@@ -275,22 +275,33 @@ def test_kill_9_of_the_runner_mid_job_leaves_no_weights_and_counts_the_reservati
         log.close()
 
 
-def test_weights_leave_without_a_steward_only_when_their_records_constants_are_the_catalogues(world):
-    """A project that releases certified weights automatically: a job standardised with the researcher's own
-    constants waits for a steward, who reads them (they leave with the signed record); one whose constants
-    all came from the catalogue is not held back for them."""
+def test_weights_leave_without_a_steward_only_when_their_graph_was_approved_and_constants_are_the_catalogues(
+    world,
+):
+    """A project that releases certified weights automatically, of the graphs its stewards approved: a job
+    of another graph waits for a steward, who reads the graph (its numbers steer what training writes into
+    the weights: tests/jobs/test_train.py); a job standardised with the researcher's own constants waits
+    for a steward, who reads them (they leave with the signed record); one of an approved graph whose
+    constants all came from the catalogue is not held back for either."""
     from paitient import airlock as kernel_airlock
     from paitient.rules import review
 
     site, store, ledger, gate = world
-    oncology = site.project("oncology").replace(auto_release=("table", "weights"))
-    gate.site = site.replace(projects=tuple(oncology if p.name == "oncology" else p for p in site.projects))
     columns = standardise(site)[0]["columns"]
+    catalogue = [{"op": "standardise", "columns": columns}]
     own = submit(model(), **request(preprocessing=standardise(site), epochs=2))
-    catalogued = submit(model(), **request(preprocessing=[{"op": "standardise", "columns": columns}], epochs=2))
-    reasons = {}
-    for job in (own, catalogued):
+    catalogued = submit(model(), **request(preprocessing=catalogue, epochs=2))
+    other = submit(
+        nn.Sequential(nn.Linear(30, 4), nn.ReLU(), nn.Linear(4, 2)), **request(preprocessing=catalogue, epochs=2)
+    )
+    for job in (own, catalogued, other):
         job.wait(timeout=300, widget=False, poll=0.5)
+    approved = catalogued.record["record"]["graph_sha256"]
+    assert own.record["record"]["graph_sha256"] == approved != other.record["record"]["graph_sha256"]
+    oncology = site.project("oncology").replace(auto_release=("table", "weights"), auto_release_graphs=(approved,))
+    gate.site = site.replace(projects=tuple(oncology if p.name == "oncology" else p for p in site.projects))
+    reasons = {}
+    for job in (own, catalogued, other):
         rid = kernel_airlock.request(job, justification="a logistic regression the runner trained")
         gate.wait_idle()
         moved = [e.data for e in gate.store.events(rid, "state") if e.data.get("to") == review.IN_REVIEW]
@@ -300,6 +311,17 @@ def test_weights_leave_without_a_steward_only_when_their_records_constants_are_t
         "the signed record carries preprocessing constants the researcher chose (not the catalogue's), which "
         "leave with the weights: a steward reads them",
     )
+    assert reasons[other] == (
+        review.IN_REVIEW,
+        "the model's graph is not one the project's stewards approved for automatic release "
+        "(auto_release_graphs): its numbers and structure steer what training writes into the weights, so a "
+        "steward reads it",
+    )
+    # The steward's page reads the graph the runner trained from what the runner handed the airlock.
+    req = next(r for r in gate.store.list(username="alice") if r.meta.get("job") == other.id)
+    listing = json.loads(gate.store.read_blob(req.meta["graph_listing"]))
+    assert listing["lines"][:2] == ["p0 = parameter 0.weight [4, 30]", "p1 = parameter 0.bias [4]"]
+    assert listing["numbers"] == []
     # The catalogue's constants pass; only the membership audit may still leave it to a steward by chance.
     state, why = reasons[catalogued]
     assert state == review.RELEASED or why == "not every automatic check passed", (state, why)

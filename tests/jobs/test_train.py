@@ -298,3 +298,22 @@ def test_a_run_trains_without_tf32_and_gives_the_settings_back(monkeypatch):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_numbers_in_the_graph_reach_the_trained_weights_so_a_steward_reads_them(cancer):
+    """What a graph lets out: DP-SGD bounds what the weights say of any one row, not what the graph says.
+    Numbers the kernel writes into the graph (read from the data in the notebook, say) are pulled into a
+    parameter by training, at epsilon 1 from the runner's own start, and leave with the weights. So the
+    graph is the researcher's choice, listed for the steward, and weights of a graph the stewards did not
+    approve are never released without one (tests/jobs/test_runner.py)."""
+    from tests.jobs.test_graph import Steered
+
+    xt, yt, _, _ = cancer
+    pull = [0.4172, 0.8391, 0.1234, 0.9876]
+    g, forward = graph_of(Steered(pull))
+    start = initialise(g, "default", seed=3)
+    assert torch.equal(start["carrier"], torch.zeros(4))  # nothing of the kernel's values
+    result = train(forward, start, xt, yt.float(), spec(loss="mse", lr=0.1))
+    assert result.epsilon <= 1.0
+    assert torch.allclose(result.params["carrier"], torch.tensor(pull), atol=0.1), result.params["carrier"]
+    assert {0.4172, 0.8391, 0.1234, 0.9876} <= set(g.numbers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 from traitlets import Bunch, TraitError, validate
 
@@ -75,6 +76,19 @@ class Project(Model):
         "training job's runner certified them (figures always go to a steward). Empty: every request is "
         "reviewed."
     )
+
+    auto_release_graphs = Names(
+        help="SHA-256 of the model graphs (as a training record names them) whose certified weights may be "
+        "released without review where auto_release holds weights; a steward approves a graph after reading it "
+        "on a request's page. A graph's numbers and structure steer what training writes into the weights, so "
+        "weights of any other graph go to a steward. Empty: none.",
+    )
+
+    @validate("auto_release_graphs")
+    def _auto_release_graphs(self, proposal: Bunch) -> tuple[str, ...]:
+        for sha in proposal.value:
+            must(re.fullmatch(r"[0-9a-f]{64}", sha) is not None, "be SHA-256 digests (64 lowercase hex digits)", sha)
+        return proposal.value
 
     @validate("auto_release")
     def _auto_release(self, proposal: Bunch) -> tuple[str, ...]:

@@ -196,11 +196,13 @@ def auto_release_refusal(
     certified: bool = False,
     recomputed: bool | str = False,
     own_constants: bool = False,
+    approved_graph: bool = False,
 ) -> str | None:
     """Why a request is not released automatically, or ``None`` when it is. ``recomputed``: the airlock
     recomputed a table from its recipe and may release that (``True``), or the reason it may not (a string).
     ``own_constants``: the signed record of certified weights carries preprocessing constants the researcher
-    chose (not the catalogue's), which leave with it: a steward reads them.
+    chose (not the catalogue's), which leave with it: a steward reads them. ``approved_graph``: the job trained
+    a graph the project's stewards approved for automatic release (``auto_release_graphs``).
 
     Only kinds the stewards allowed, and only when every automatic check passed. A table's numbers are the
     kernel's unless the airlock recomputed them: only a table whose recipe check passed (``recomputed``)
@@ -211,6 +213,12 @@ def auto_release_refusal(
         return f"the project does not release {kind} outputs automatically"
     if kind == "weights" and not certified:
         return "weights are released automatically only when a training job's runner signed them"
+    if kind == "weights" and not approved_graph:
+        return (
+            "the model's graph is not one the project's stewards approved for automatic release "
+            "(auto_release_graphs): its numbers and structure steer what training writes into the weights, so "
+            "a steward reads it"
+        )
     if kind == "weights" and own_constants:
         return (
             "the signed record carries preprocessing constants the researcher chose (not the catalogue's), "

@@ -363,7 +363,7 @@ class Airlock:
             raise ChannelError("job_id must be a training job's id (job.id)", BAD_REQUEST)
         wire = {k: v for k, v in args.items() if k in ("justification", "project")}
         try:
-            envelope, data = JobsReader(self.site.run_dir).release(job_id, member.username)
+            envelope, data, graph = JobsReader(self.site.run_dir).release(job_id, member.username)
             record = training_record.verify(envelope, self.jobs_public_key(), data)
             project = record["project"]
             _, project, justification, _ = self._validate_request(
@@ -383,6 +383,7 @@ class Airlock:
         try:
             os.write(fd, data)
             sha, size = self.store.put_blob_from_fd(fd, self.settings.max_bytes)
+            listing = self.store.put_blob(json.dumps(graph).encode())[0]  # the graph trained, for the steward
         except StoreError as e:
             raise ChannelError(str(e), "refused") from None
         finally:
@@ -399,7 +400,7 @@ class Airlock:
             sha256=sha,
             size=size,
             justification=justification,
-            meta={"job": job_id, "record": envelope},
+            meta={"job": job_id, "record": envelope, "graph_listing": listing},
         )
         self._queue.put(req.id)
         return {"id": req.id, "state": req.state, "project": project, "sha256": sha, "size": size}
@@ -771,6 +772,8 @@ class Airlock:
             certified=certified is not None and bool(req.meta.get("job")),
             recomputed=automatic if isinstance(automatic, str) else automatic is True,
             own_constants=any(s.get("from") != "catalogue" for s in steps),
+            approved_graph=((certified or {}).get("details", {}).get("record") or {}).get("graph_sha256")
+            in project.auto_release_graphs,
         )
         released: tuple[ReleasedFile, list[bytes]] | None = None
         if not_automatic is None and req.kind == "table":

@@ -24,6 +24,7 @@ parser's message about the file replaced, numbers only in the details.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from paitient.rules import review
@@ -196,6 +197,22 @@ CERTIFIED_FACTS: tuple[tuple[str, str], ...] = (
 """The facts of a signed training record, in the order a steward reads them, with their labels. The runner
 computed every fact but those labelled as the researcher's: those it checked for their form (a column of the
 dataset, a finite number) and applied, and they leave with the record as the researcher wrote them."""
+
+
+@dataclass(frozen=True)
+class GraphListing:
+    """The graph a training job trained, as the runner listed it, for a reviewer's page."""
+
+    lines: tuple[str, ...]
+    numbers: tuple[float, ...]
+    """Every distinct number its operations compute with (:func:`paitient.services.jobs.graph.numbers`)."""
+    error: str = ""
+
+
+def graph_listing(stored: bytes) -> GraphListing:
+    """The runner's listing of a graph as the airlock stored it (JSON: ``lines``, ``numbers``)."""
+    doc = json.loads(stored)
+    return GraphListing(tuple(str(x) for x in doc["lines"]), tuple(float(n) for n in doc["numbers"]))
 
 
 def _fact_text(value: Any) -> str:

@@ -160,6 +160,7 @@ class DetailHandler(AirlockHandler):
             approvals_needed=approvals,
             refused=refused,
             certified=views.certified_facts(info["checks"]) if sees_content else None,
+            graph=self._graph(req) if sees_content else None,
             self_reported=req.kind == "weights" and not req.meta.get("job"),
             policy=next((c for c in info["checks"] if c["check"] == "policy"), None),
             failed=[c["check"] for c in info["checks"] if c["status"] == "fail"],
@@ -170,6 +171,16 @@ class DetailHandler(AirlockHandler):
             differences=self._differences(req, info["checks"], username) if sees_content else [],
             unread=unread,
         )
+
+    def _graph(self, req: Any) -> views.GraphListing | None:
+        """The listing of the graph a training job trained (from the runner), for a reviewer's page."""
+        sha = req.meta.get("graph_listing") if req.kind == "weights" else None
+        if not isinstance(sha, str):
+            return None
+        try:
+            return views.graph_listing(self.airlock.store.read_blob(sha))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return views.GraphListing((), (), f"the graph's listing cannot be read ({type(e).__name__})")
 
     def _differences(self, req: Any, checks: list[dict[str, Any]], reader: str) -> list[dict[str, Any]]:
         """The request's count table beside the earlier releases its differencing check found differences

@@ -19,7 +19,8 @@ class JobsReader(ServiceClient):
     def __init__(self, run_dir: str | os.PathLike[str], *, timeout: float | None = None):
         super().__init__(run_dir, timeout=timeout)
 
-    def release(self, job_id: str, user: str) -> tuple[dict[str, Any], bytes]:
-        """The signed record and the weights of ``user``'s finished job ``job_id``."""
+    def release(self, job_id: str, user: str) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+        """The signed record and the weights of ``user``'s finished job ``job_id``, and the graph it trained
+        as a steward reads it: ``lines`` (:func:`paitient.services.jobs.graph.listing`) and ``numbers``."""
         answer = self.call("release", {"job_id": job_id, "user": user})
-        return answer["record"], base64.b64decode(answer["weights"])
+        return answer["record"], base64.b64decode(answer["weights"]), dict(answer["graph"])

@@ -211,6 +211,83 @@ class Graph:
     """The JSON of the document the loader wrote and built the module from (every name, size and
     argument in it chosen or checked by the loader)."""
 
+    @property
+    def listing(self) -> tuple[str, ...]:
+        """The graph as a steward reads it (:func:`listing`)."""
+        return listing(json.loads(self.built))
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        """Every number the graph computes with (:func:`numbers`)."""
+        return numbers(json.loads(self.built))
+
+
+_ARITHMETIC_ARGS = frozenset({"other", "alpha"})
+"""Integer arguments that are values a node computes with, not sizes or dimensions."""
+
+
+def _shown(arg: dict[str, Any]) -> str:
+    """One argument of the loader's document, as a line of the listing shows it."""
+    (kind, value), *_ = arg.items()
+    if kind == "as_tensor":
+        return str(value["name"])
+    if kind == "as_tensors":
+        return "[" + ", ".join(str(t["name"]) for t in value) + "]"
+    if kind == "as_sym_int":
+        return "batch"
+    if kind == "as_sym_ints":
+        return "[" + ", ".join("batch" if "as_name" in v else str(v.get("as_int")) for v in value) + "]"
+    if kind == "as_none":
+        return "None"
+    if kind == "as_float":
+        return repr(float(value))
+    return json.dumps(value)
+
+
+def _dim(size: dict[str, Any]) -> str:
+    return str(size["as_int"]) if "as_int" in size else "batch"
+
+
+def listing(document: dict[str, Any]) -> tuple[str, ...]:
+    """A document the loader wrote (:attr:`Graph.built`), one line per input, parameter, operation and output,
+    every argument shown with its value: what the runner trains, as a steward reads it on a request's page.
+    A graph's numbers and its structure steer what training writes into the weights (a node that pulls a
+    parameter towards a number the kernel chose leaves that number in the released weights), so a steward
+    reads them before weights leave."""
+    gm = document["graph_module"]
+    tensors = gm["graph"]["tensor_values"]
+    lines = []
+    for spec in gm["signature"]["input_specs"]:
+        if "parameter" in spec:
+            name = spec["parameter"]["arg"]["name"]
+            shape = ", ".join(_dim(d) for d in tensors[name]["sizes"])
+            lines.append(f"{name} = parameter {spec['parameter']['parameter_name']} [{shape}]")
+        else:
+            name = spec["user_input"]["arg"]["as_tensor"]["name"]
+            shape = ", ".join(_dim(d) for d in tensors[name]["sizes"])
+            lines.append(f"{name} = input [{shape}]")
+    for node in gm["graph"]["nodes"]:
+        op = str(node["target"]).removeprefix("torch.ops.aten.")
+        args = ", ".join(f"{a['name']}={_shown(a['arg'])}" for a in node["inputs"])
+        outs = ", ".join(_shown(o) for o in node["outputs"])
+        lines.append(f"{outs} = {op}({args})")
+    lines.append("output " + ", ".join(_shown(o["user_output"]["arg"]) for o in gm["signature"]["output_specs"]))
+    return tuple(lines)
+
+
+def numbers(document: dict[str, Any]) -> tuple[float, ...]:
+    """The distinct numbers a document's operations compute with, in order of first use: every float
+    argument (a scale, an epsilon, a dropout rate), and integers added, subtracted or multiplied."""
+    seen: dict[float, None] = {}
+    for node in document["graph_module"]["graph"]["nodes"]:
+        for a in node["inputs"]:
+            arg = a["arg"]
+            if "as_float" in arg:
+                seen.setdefault(float(arg["as_float"]), None)
+            elif "as_int" in arg and a["name"] in _ARITHMETIC_ARGS:
+                seen.setdefault(float(arg["as_int"]), None)
+    return tuple(seen)
+
 
 def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
     """Check ``program`` (an exported program's JSON), rebuild it and build the module from the rebuilt

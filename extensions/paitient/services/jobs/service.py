@@ -168,7 +168,8 @@ class JobsService:
         return self.store.released(job.id)[1]
 
     def release(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        """For the airlock (root): a finished job's signed record and weights (base64), if ``user`` owns it."""
+        """For the airlock (root): a finished job's signed record and weights (base64), if ``user`` owns it,
+        and the listing of the graph it trained (one line per node, every number shown), for the steward."""
         if not peer.is_root:
             raise ChannelError("only the airlock takes a job's weights out of the runner", FORBIDDEN)
         job_id, user = args.get("job_id"), args.get("user")
@@ -184,8 +185,15 @@ class JobsService:
             )
         import base64
 
+        from paitient.services.jobs.graph import load_graph
+
         weights, envelope = self.store.released(job.id)
-        return {"record": envelope, "weights": base64.b64encode(weights).decode()}
+        graph = load_graph(self.store.graph_path(job.graph_sha256).read_bytes(), max_bytes=MAX_GRAPH_BYTES)
+        return {
+            "record": envelope,
+            "weights": base64.b64encode(weights).decode(),
+            "graph": {"lines": list(graph.listing), "numbers": list(graph.numbers)},
+        }
 
     def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> bool:
         """Write the record; False (and logged) when the trail cannot take it."""
