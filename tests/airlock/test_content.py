@@ -453,6 +453,45 @@ def test_what_leaves_without_a_steward_is_the_airlocks_own_table(site, airlock, 
         assert says in airlock.store.events(rid, "state")[-1].data["not_automatic"], rid
 
 
+def test_a_population_picked_by_number_waits_for_a_steward_as_it_can_spell_a_patients_value(site, airlock, people):
+    """The kernel reads every row, so a filter by number lets it choose a population whose count is whatever
+    it wants: women aged below a threshold, or of a list of ages, chosen so that the count is an over-90
+    patient's exact age less 80 (a group the minimum count protects). Every check of such a table passes, so
+    it is never released without a steward, who reads the filter; a filter on catalogued labels still leaves
+    by itself."""
+    df = registry_counts(site)
+    women = df[df.sex == "F"]
+    recipe = {"dataset": "counts", "index": ["sex"], "aggfunc": "count"}
+    value = int(df.age[df.age >= 90].max())
+    k = value - 80
+    threshold = next(float(t) for t in sorted(set(women.age)) if (women.age < t).sum() >= k)
+    listed = sorted(women.age.unique().tolist())[:k]
+    filters = {
+        "threshold": {"sex": ["F"], "age": {"<": threshold}},
+        "lists": {"sex": ["F"], "age": {"in": listed}},
+    }
+    requests = {}
+    for how, where in filters.items():
+        picked = women[women.age < threshold] if how == "threshold" else women[women.age.isin(listed)]
+        table = pd.DataFrame({"sex": ["F"], "n": [len(picked)]})
+        requests[how] = submit(airlock, people, "ren", csv_bytes(table), recipe={**recipe, "filter": where})
+    for how, rid in requests.items():
+        wait_state(airlock, rid, review.IN_REVIEW)
+        airlock.wait_idle()
+        checks = by_check(airlock, rid)
+        assert checks["recipe"]["status"] == "pass" and checks["minimum_count"]["status"] == "pass"
+        why = airlock.store.events(rid, "state")[-1].data["not_automatic"]
+        if how == "lists":
+            assert f"the filter on 'age' lists {k} number(s)" in why, why
+        else:
+            assert "the filter on 'age' picks people by a threshold (<)" in why, why
+        assert airlock.store.get(rid).state == review.IN_REVIEW
+    # Labels the catalogue lists still leave without a steward.
+    banded = df[df.age_band.isin(["45-64", "65+"])].groupby("sex").size().rename("n").reset_index()
+    labelled = {**recipe, "filter": {"age_band": {"in": ["45-64", "65+"]}}}
+    wait_state(airlock, submit(airlock, people, "ren", csv_bytes(banded), recipe=labelled), review.RELEASED)
+
+
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):
     df = registry_counts(site)
     by_sex = df.groupby("sex").size().rename("n").reset_index()
