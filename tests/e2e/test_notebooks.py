@@ -212,6 +212,7 @@ def test_a_steward_sees_what_the_runner_certified_approves_and_alice_verifies_he
         # the graph the runner trained, which the researcher chose: no number in it steers the weights
         "p0 = parameter 0.weight [16, 30]",
         'id="graph-numbers">Numbers the operations compute with (0):none</p>',
+        "Parameter names (4, 28 characters)",
     ):
         assert fact in text, fact
     token = re.search(r'name="_xsrf" value="([^"]+)"', page.text).group(1)

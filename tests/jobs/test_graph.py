@@ -1083,3 +1083,22 @@ def test_the_listing_shows_every_parameter_operation_and_number_a_steward_must_r
     assert graph.numbers == (0.0, 0.4172, 0.8391, 1000.0, 50.0)
     plain = runner(kernel(mlp(), torch.zeros(2, 30)))
     assert plain.numbers == () and all(" = parameter " in line for line in plain.listing[:4])
+
+
+class Bounded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 2)
+
+    def forward(self, x):
+        return nn.functional.hardtanh(self.lin(x), -1234567, 7654321)[:, 0:2]
+
+
+def test_every_number_but_a_dimension_size_or_index_is_listed():
+    """An integer bound steers a parameter as a float does: it is among the numbers a steward reads; the
+    slice's start and end, which only say where, are not."""
+    graph = runner(kernel(Bounded(), torch.zeros(2, 30)))
+    assert graph.numbers == (-1234567.0, 7654321.0)
+    assert any(
+        "hardtanh.default(self=t" in line and "min_val=-1234567, max_val=7654321)" in line for line in graph.listing
+    )

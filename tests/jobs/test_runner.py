@@ -319,9 +319,14 @@ def test_weights_leave_without_a_steward_only_when_their_graph_was_approved_and_
     )
     # The steward's page reads the graph the runner trained from what the runner handed the airlock.
     req = next(r for r in gate.store.list(username="alice") if r.meta.get("job") == other.id)
-    listing = json.loads(gate.store.read_blob(req.meta["graph_listing"]))
+    from paitient.services.airlock import views
+
+    stored = gate.store.read_blob(req.meta["graph_listing"])
+    listing = json.loads(stored)
     assert listing["lines"][:2] == ["p0 = parameter 0.weight [4, 30]", "p1 = parameter 0.bias [4]"]
     assert listing["numbers"] == []
+    # The parameters' names are the researcher's text and stay in the weights file: the page lists them.
+    assert views.graph_listing(stored).parameter_names == ("0.weight", "0.bias", "2.weight", "2.bias")
     # The catalogue's constants pass; only the membership audit may still leave it to a steward by chance.
     state, why = reasons[catalogued]
     assert state == review.RELEASED or why == "not every automatic check passed", (state, why)

@@ -24,6 +24,7 @@ parser's message about the file replaced, numbers only in the details.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,14 @@ class GraphListing:
     numbers: tuple[float, ...]
     """Every distinct number its operations compute with (:func:`paitient.services.jobs.graph.numbers`)."""
     error: str = ""
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The parameters' names: the researcher's text, kept in the released weights file."""
+        return tuple(m.group(1) for line in self.lines if (m := _PARAMETER_LINE.match(line)))
+
+
+_PARAMETER_LINE = re.compile(r"p\d+ = parameter (\S+) \[")
 
 
 def graph_listing(stored: bytes) -> GraphListing:

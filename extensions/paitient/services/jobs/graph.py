@@ -222,8 +222,15 @@ class Graph:
         return numbers(json.loads(self.built))
 
 
-_ARITHMETIC_ARGS = frozenset({"other", "alpha"})
-"""Integer arguments that are values a node computes with, not sizes or dimensions."""
+_STRUCTURAL_ARGS = frozenset(
+    {
+        "dim", "dims", "size", "start", "end", "step", "index", "start_dim", "end_dim", "normalized_shape",
+        "num_groups", "kernel_size", "stride", "padding", "dilation", "groups", "output_size", "padding_idx",
+        "dim0", "dim1",
+    }
+)  # fmt: skip
+"""Integer arguments that say where or how big (a dimension, a size, an index), not values a node computes
+with; every other number (a float, an integer added or multiplied, a bound) is listed for the steward."""
 
 
 def _shown(arg: dict[str, Any]) -> str:
@@ -277,14 +284,15 @@ def listing(document: dict[str, Any]) -> tuple[str, ...]:
 
 def numbers(document: dict[str, Any]) -> tuple[float, ...]:
     """The distinct numbers a document's operations compute with, in order of first use: every float
-    argument (a scale, an epsilon, a dropout rate), and integers added, subtracted or multiplied."""
+    argument (a scale, an epsilon, a dropout rate, a bound) and every integer but a dimension, size or index
+    (:data:`_STRUCTURAL_ARGS`)."""
     seen: dict[float, None] = {}
     for node in document["graph_module"]["graph"]["nodes"]:
         for a in node["inputs"]:
             arg = a["arg"]
             if "as_float" in arg:
                 seen.setdefault(float(arg["as_float"]), None)
-            elif "as_int" in arg and a["name"] in _ARITHMETIC_ARGS:
+            elif "as_int" in arg and a["name"] not in _STRUCTURAL_ARGS:
                 seen.setdefault(float(arg["as_int"]), None)
     return tuple(seen)
 
