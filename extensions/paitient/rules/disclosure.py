@@ -348,41 +348,27 @@ def check_with_recipe(
     return out
 
 
-def unseen_release_refusal(recipe: dict[str, Any], known: Labels) -> str | None:
+def unseen_release_refusal(recipe: dict[str, Any]) -> str | None:
     """Why a (validated, matching) recipe's table may not leave without a steward, or ``None`` when it may.
 
     Only counts: the mean, sum, minimum or maximum of a group can be one person's value (a maximum always
     is), and two sums over populations one person apart give that person's value, which the differencing of
-    counts does not look at. And only populations a catalogue describes by its labels: a filter listing values
-    no catalogue lists (pseudonyms, dates, free text) picks people one by one, and one that picks by number (a
-    threshold, or a list of numbers) lets the kernel choose the population so that each count says what it
-    wants (ages 20 to 20 + k for a count of k, k a patient's value), which no check of the table can tell."""
+    counts does not look at. And only counts of the whole dataset: the kernel reads every row, so a filter
+    lets it choose the population, and with it each count. A threshold or a list of values makes a count any
+    number it wants (a patient's age as the count of women aged 20 to 20 + k), and even a filter of catalogued
+    labels is a subset of the kernel's choosing (a bit per category), which no check of the table can tell."""
     if recipe["aggfunc"] != "count":
         return (
             f"only count tables leave without a steward: a {recipe['aggfunc']} can be one person's value, "
             "or give one by difference with another"
         )
-    for col, cond in (recipe.get("filter") or {}).items():
-        thresholds = sorted(op for op in cond if op not in ("in", "not"))
-        if thresholds:
-            return (
-                f"the filter on {col!r} picks people by a threshold ({', '.join(thresholds)}): the kernel can "
-                "choose it to make the counts say anything, so a steward reads it"
-            )
-        for op in ("in", "not"):
-            values = cond.get(op, [])
-            numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-            if numbers:
-                return (
-                    f"the filter on {col!r} lists {len(numbers)} number(s): a population picked number by number "
-                    "lets the kernel choose the counts, so a steward reads it"
-                )
-            odd = [v for v in values if not isinstance(v, bool) and normalise_label(v) not in known.labels]
-            if odd:
-                return (
-                    f"the filter on {col!r} lists {len(odd)} value(s) no catalogue lists: a population picked "
-                    "value by value goes to a steward"
-                )
+    if recipe.get("filter"):
+        columns = ", ".join(repr(c) for c in recipe["filter"])
+        return (
+            f"the recipe filters its population (on {columns}): which people a filter picks is the kernel's "
+            "choice, and with it each count, so a steward reads it; a count table of the whole dataset leaves "
+            "by itself"
+        )
     return None
 
 

@@ -214,8 +214,7 @@ def check_table(
     out = [*content, *disclosure.check_with_recipe(df, source, recipe, ctx.rules)]
     matched = next((r for r in out if r["check"] == "recipe" and r["status"] == "pass"), None)
     if matched is not None:
-        known = ctx.labels(req.project) if ctx.labels is not None else disclosure.Labels.of([])
-        why = disclosure.unseen_release_refusal(recipe, known)
+        why = disclosure.unseen_release_refusal(recipe)
         matched["details"]["automatic"] = why or True
     table = recipe_counts(source, recipe) if matched and recipe["aggfunc"] == "count" else alone
     return [*out, check_differencing(req, table, ctx)]
