@@ -1080,7 +1080,7 @@ def test_the_listing_shows_every_parameter_operation_and_number_a_steward_must_r
     assert any(re.fullmatch(r"t\d+ = add\.Tensor\(self=t\d+, other=0\.4172\)", line) for line in lines)
     assert "t5 = mul.Tensor(self=t4, other=0)" in lines  # an integer it computes with is a number too
     assert any(re.fullmatch(r"t\d+ = linear\.default\(input=x3, weight=p1, bias=p2\)", line) for line in lines)
-    assert graph.numbers == (0.0, 0.4172, 0.8391, 1000.0, 50.0)
+    assert graph.numbers == (0.0, 1.0, 0.4172, 2.0, 0.8391, 1000.0, 50.0)  # a slice's bounds too
     plain = runner(kernel(mlp(), torch.zeros(2, 30)))
     assert plain.numbers == () and all(" = parameter " in line for line in plain.listing[:4])
 
@@ -1094,11 +1094,42 @@ class Bounded(nn.Module):
         return nn.functional.hardtanh(self.lin(x), -1234567, 7654321)[:, 0:2]
 
 
-def test_every_number_but_a_dimension_size_or_index_is_listed():
-    """An integer bound steers a parameter as a float does: it is among the numbers a steward reads; the
-    slice's start and end, which only say where, are not."""
+class Counted(nn.Module):
+    """A value made of sizes alone: a slice of a row of ones, summed, is its length."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 1)
+        self.src = nn.Parameter(torch.zeros(10000))
+        self.carrier = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        ones = torch.softmax(self.src.view(10000, 1), dim=1).view(10000)
+        d = self.carrier - ones[:4172].sum() / ones[:10000].sum()
+        return self.lin(x) + (d * d).sum() * 1000.0
+
+
+def test_every_number_in_an_argument_is_listed_integers_and_sizes_too():
+    """An integer bound steers a parameter as a float does, and so does a slice's end (a slice of ones,
+    summed, is its length): every number in an operation's argument is among those a steward reads, but a
+    slice's "to the end". An integer sent as a size is written, and listed, as the integer it is."""
     graph = runner(kernel(Bounded(), torch.zeros(2, 30)))
-    assert graph.numbers == (-1234567.0, 7654321.0)
+    assert graph.numbers == (-1234567.0, 7654321.0, 0.0)
+    counted = kernel(Counted(), torch.zeros(2, 30))
+    assert {4172.0, 10000.0, 1000.0} <= set(runner(counted).numbers)
+    doc = json.loads(counted)
+    ends = 0
+    for node in doc["graph_module"]["graph"]["nodes"]:
+        for a in node["inputs"]:
+            if a["name"] == "end" and "as_int" in a["arg"]:
+                a["arg"] = {"as_sym_int": {"as_int": a["arg"]["as_int"]}}
+                ends += 1
+    assert ends == 2
+    hidden = runner(json.dumps(doc).encode())
+    assert {4172.0, 10000.0} <= set(hidden.numbers)
+    assert sum("end=4172)" in line for line in hidden.listing) == 1 and not any(
+        "end=batch" in line for line in hidden.listing
+    )
     assert any(
         "hardtanh.default(self=t" in line and "min_val=-1234567, max_val=7654321)" in line for line in graph.listing
     )

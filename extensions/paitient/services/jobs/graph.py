@@ -222,17 +222,6 @@ class Graph:
         return numbers(json.loads(self.built))
 
 
-_STRUCTURAL_ARGS = frozenset(
-    {
-        "dim", "dims", "size", "start", "end", "step", "index", "start_dim", "end_dim", "normalized_shape",
-        "num_groups", "kernel_size", "stride", "padding", "dilation", "groups", "output_size", "padding_idx",
-        "dim0", "dim1",
-    }
-)  # fmt: skip
-"""Integer arguments that say where or how big (a dimension, a size, an index), not values a node computes
-with; every other number (a float, an integer added or multiplied, a bound) is listed for the steward."""
-
-
 def _shown(arg: dict[str, Any]) -> str:
     """One argument of the loader's document, as a line of the listing shows it."""
     (kind, value), *_ = arg.items()
@@ -241,7 +230,7 @@ def _shown(arg: dict[str, Any]) -> str:
     if kind == "as_tensors":
         return "[" + ", ".join(str(t["name"]) for t in value) + "]"
     if kind == "as_sym_int":
-        return "batch"
+        return "batch" if "as_name" in value else str(value.get("as_int"))
     if kind == "as_sym_ints":
         return "[" + ", ".join("batch" if "as_name" in v else str(v.get("as_int")) for v in value) + "]"
     if kind == "as_none":
@@ -282,18 +271,38 @@ def listing(document: dict[str, Any]) -> tuple[str, ...]:
     return tuple(lines)
 
 
+_TO_THE_END = 2**63 - 1
+"""A slice's end when it runs to the end of its dimension (``x[:, 1:]``), as the exporter writes it."""
+
+
 def numbers(document: dict[str, Any]) -> tuple[float, ...]:
-    """The distinct numbers a document's operations compute with, in order of first use: every float
-    argument (a scale, an epsilon, a dropout rate, a bound) and every integer but a dimension, size or index
-    (:data:`_STRUCTURAL_ARGS`)."""
+    """The distinct numbers in a document's operations' arguments, in order of first use: every float and
+    every integer, whatever the argument (a scale, a bound, a slice's end, a size, a dimension), since any of
+    them can become a value the graph computes with (a slice of a row of ones, summed, is its length). Not a
+    complete account: a parameter's shape can become one too (the sum of ones the size of a parameter)."""
     seen: dict[float, None] = {}
+
+    def one(v: float) -> None:
+        if v != _TO_THE_END:
+            seen.setdefault(float(v), None)
+
+    def add(arg: dict[str, Any]) -> None:
+        (kind, value), *_ = arg.items()
+        if kind in ("as_int", "as_float"):
+            one(value)
+        elif kind in ("as_ints", "as_floats"):
+            for v in value:
+                one(v)
+        elif kind == "as_sym_int" and "as_int" in value:
+            one(value["as_int"])
+        elif kind == "as_sym_ints":
+            for v in value:
+                if "as_int" in v:
+                    one(v["as_int"])
+
     for node in document["graph_module"]["graph"]["nodes"]:
         for a in node["inputs"]:
-            arg = a["arg"]
-            if "as_float" in arg:
-                seen.setdefault(float(arg["as_float"]), None)
-            elif "as_int" in arg and a["name"] not in _STRUCTURAL_ARGS:
-                seen.setdefault(float(arg["as_int"]), None)
+            add(a["arg"])
     return tuple(seen)
 
 
@@ -842,10 +851,12 @@ class _Reader:
             if not isinstance(payload, str) or not any(payload in words for words in _WORDS.values()):
                 raise _refuse(f"{where} is the string {_quote(payload)}; the runner's operators take none such")
             return {kind: payload}
-        if kind == "as_sym_int":
-            return {kind: self.sym_argument(payload, where)}
+        if kind == "as_sym_int":  # a plain integer is written as one, so the listing shows it as one
+            sym = self.sym_argument(payload, where)
+            return sym if "as_int" in sym else {kind: sym}
         if kind == "as_sym_ints":
-            return {kind: [self.sym_argument(v, where) for v in self.list_(payload, where, 16)]}
+            syms = [self.sym_argument(v, where) for v in self.list_(payload, where, 16)]
+            return {"as_ints": [v["as_int"] for v in syms]} if all("as_int" in v for v in syms) else {kind: syms}
         raise _refuse(
             f"{where} is of kind {_quote(kind)}: the runner's operators take tensors, numbers and sizes only "
             "(no nested graphs, operators, objects, devices or dtypes)"
