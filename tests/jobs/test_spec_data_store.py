@@ -291,6 +291,8 @@ def test_the_arrangement_of_steps_and_features_is_the_runners_not_the_researcher
         ("preprocessing", [{"op": "standardise", "columns": ["a"], "mean": [-9.999e299], "std": [1]}],
          "standardise mean must be 0 or between 1e-06 and 1e"),
         ("max_grad_norm", 5e-7, "max_grad_norm must be a number from 1e-06 to 1000"),
+        # Not in the record, but it moves the weights: a learning rate of any precision is bits in them.
+        ("lr", 0.123456789, r"lr must have at most 2 significant digits \(it moves the released weights\): give 0.12"),
     ],
 )  # fmt: skip
 def test_numbers_that_leave_with_the_signed_record_have_four_significant_digits(field, value, message):
@@ -299,8 +301,8 @@ def test_numbers_that_leave_with_the_signed_record_have_four_significant_digits(
     short = {"max_grad_norm": 1.235, "target_epsilon": 0.9877, "preprocessing": [
         {"op": "standardise", "columns": ["a", "b"], "mean": [14.13, -0.001234], "std": [3.5, 1e-6]},
         {"op": "fill", "columns": ["a"], "value": -0.0}]}  # fmt: skip
-    spec = check_request({**BASE, **short, "lr": 0.123456789})  # lr is not in the record: any precision
-    assert (spec["max_grad_norm"], spec["target_epsilon"], spec["lr"]) == (1.235, 0.9877, 0.123456789)
+    spec = check_request({**BASE, **short, "lr": 0.00012})
+    assert (spec["max_grad_norm"], spec["target_epsilon"], spec["lr"]) == (1.235, 0.9877, 0.00012)
     assert spec["preprocessing"][0]["mean"] == [14.13, -0.001234]
     assert str(spec["preprocessing"][1]["value"]) == "0.0"  # not -0.0: its sign bit would be one more bit
 

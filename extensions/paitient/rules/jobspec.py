@@ -46,6 +46,10 @@ IN_THE_RECORD = frozenset({"max_grad_norm", "target_epsilon"})
 HOLDOUT_DIGITS = 2
 """Significant digits of ``holdout``: the record states the rows it held out, so a share of any precision
 would choose that count among hundreds."""
+SHORT_NUMBERS = {"holdout": HOLDOUT_DIGITS, "lr": 2}
+"""Numbers of the request with a few significant digits only: ``holdout`` (above) and ``lr``, which the record
+does not state but which moves the released weights, so a learning rate of any precision would be a few
+bits of the kernel's choice in them."""
 
 
 class SpecError(ValueError):
@@ -209,10 +213,12 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
         spec[name] = _number(name, value, low, high, whole)
         if name in IN_THE_RECORD:
             _short(name, spec[name])
-        if name == "holdout" and float(f"{spec[name]:.{HOLDOUT_DIGITS}g}") != spec[name]:
+        digits = SHORT_NUMBERS.get(name)
+        if digits is not None and float(f"{spec[name]:.{digits}g}") != spec[name]:
+            why = "the record states the rows held out" if name == "holdout" else "it moves the released weights"
             raise SpecError(
-                f"holdout must have at most {HOLDOUT_DIGITS} significant digits (the record states the rows held "
-                f"out): give {float(f'{spec[name]:.{HOLDOUT_DIGITS}g}'):g} instead of {spec[name]!r:.40}"
+                f"{name} must have at most {digits} significant digits ({why}): give "
+                f"{float(f'{spec[name]:.{digits}g}'):g} instead of {spec[name]!r:.40}"
             )
     steps = args.get("preprocessing", [])
     if not isinstance(steps, list) or len(steps) > MAX_STEPS_IN_PREPROCESSING:
