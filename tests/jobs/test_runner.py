@@ -95,6 +95,7 @@ def test_a_job_trains_under_dp_and_its_record_verifies(world):
     assert step["mean"] == pytest.approx(exact["mean"]) and step["std"] == pytest.approx(exact["std"])
     assert {"test_accuracy", "mia_loss", "mia_calibrated"} <= set(record["metrics"])
     assert record["metrics"]["test_accuracy"] >= 0.9
+    assert record["finished"].endswith(":00Z")  # to the minute: when it ran is the kernel's choice
     tensors = load_weights(weights)
     assert set(tensors) == {"0.weight", "0.bias"}
     assert not any(torch.isclose(t, torch.tensor(MARK), atol=1.0).any() for t in tensors.values())
