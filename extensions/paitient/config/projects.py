@@ -72,8 +72,9 @@ class Project(Model):
 
     auto_release = Names(
         help=f"Airlock kinds ({', '.join(AUTO_RELEASE_KINDS)}) released without review when every automatic "
-        "check passed; tables only when the airlock recomputed them from their recipe, weights only when a "
-        "training job's runner certified them (figures always go to a steward). Empty: every request is "
+        "check passed; tables only counts of the whole dataset (no filter) that the airlock recomputed from their "
+        "recipe, weights only when a training job's runner certified them, of a graph in auto_release_graphs "
+        "(figures always go to a steward). Empty: every request is "
         "reviewed."
     )
 
