@@ -1133,3 +1133,33 @@ def test_every_number_in_an_argument_is_listed_integers_and_sizes_too():
     assert any(
         "hardtanh.default(self=t" in line and "min_val=-1234567, max_val=7654321)" in line for line in graph.listing
     )
+
+
+class Sized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 1)
+        self.src = nn.Parameter(torch.zeros(4172))
+
+    def forward(self, x):
+        return self.lin(x.view(x.shape[0], -1)) + self.src.sum()
+
+
+@pytest.mark.parametrize("size", ["integer", "batch"])
+def test_a_size_read_from_a_parameter_is_refused_as_the_listing_would_call_it_batch(size):
+    """The listing calls every size read from a tensor ``batch``, and its numbers leave sizes out: a graph
+    edited to read a parameter's length (4172) as a size, declared as that integer or as the batch symbol,
+    would compute with a number the steward never sees. Only the batch size, read where a tensor holds it,
+    is taken; the unedited graph, which reads the input's first dimension, loads."""
+    program = kernel(Sized(), torch.zeros(2, 30))
+    assert runner(program).numbers == (0.0, -1.0)  # the dimension read, and the view's "the rest"
+    doc = json.loads(program)
+    graph = doc["graph_module"]["graph"]
+    first = graph["nodes"][0]
+    assert first["target"] == "torch.ops.aten.sym_size.int"
+    name = first["outputs"][0]["as_sym_int"]["as_name"]
+    first["inputs"][0]["arg"] = {"as_tensor": {"name": "p_src"}}
+    if size == "integer":
+        graph["sym_int_values"][name] = {"as_int": 4172}
+    with pytest.raises(GraphRefused, match="reads a size other than the batch size; the runner's graphs read only"):
+        runner(json.dumps(doc).encode())

@@ -649,6 +649,18 @@ class _Reader:
             out["hint"] = {"as_int": self.int_(self.union(hint, where)[1], where, 0, 2**62)}
         return {"as_expr": out}
 
+    def _batch_size_only(self, label: str, size: dict[str, Any], source: str | None, dim: Any) -> None:
+        """A size read from a tensor (``sym_size.int``) is the batch size, read where the tensor holds it: the
+        listing calls it ``batch``, so a parameter's length read as a size would be a number no one sees."""
+        sizes = self.new_tensor_values.get(source or "", {}).get("sizes", [])
+        held = sizes[dim] if isinstance(dim, int) and -len(sizes) <= dim < len(sizes) else None
+        batch = size.get("as_expr", {}).get("expr_str") == _BATCH
+        if not batch or held is None or held.get("as_expr", {}).get("expr_str") != _BATCH:
+            raise _refuse(
+                f"{label} reads a size other than the batch size; the runner's graphs read only the batch size "
+                "from a tensor (x.shape[0]): write other sizes as numbers"
+            )
+
     def tensor_meta(self, name: str, where: str, dtypes: set[int]) -> dict[str, Any]:
         meta = self.obj(self.tensor_values.get(name), f"tensor_values of {where}", _TENSOR_META)
         if type(meta["dtype"]) is not int or meta["dtype"] not in dtypes or meta["layout"] != _STRIDED:
@@ -749,8 +761,10 @@ class _Reader:
                 if kind != "as_sym_int":
                     raise _shape_error(f"{label} output")
                 name = self.obj(payload, f"{label} output", {"as_name"})["as_name"]
+                size = self.sym_int(self.sym_int_values.get(name), f"{label}'s size")
+                self._batch_size_only(label, size, tensors.get("self"), numbers.get("dim"))
                 new = self.define(name, "size", f"{label} output")
-                self.new_sym_int_values[new] = self.sym_int(self.sym_int_values.get(name), f"{label}'s size")
+                self.new_sym_int_values[new] = size
                 output = {"as_sym_int": {"as_name": new}}
             else:
                 if kind != "as_tensor":
