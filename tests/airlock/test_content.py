@@ -490,6 +490,28 @@ def test_a_filtered_population_waits_for_a_steward_as_it_can_spell_a_patients_va
     wait_state(airlock, submit(airlock, people, "ren", csv_bytes(whole), recipe=recipe), review.RELEASED)
 
 
+def test_the_airlocks_own_table_is_checked_again_before_it_leaves(site, airlock, people):
+    """A categorical column with one missing value: the recipe's crosstab and ACRO leave that group out, so
+    every check passes, but the airlock's own table keeps it as a cell of 1. That table is checked again,
+    cell by cell, before it leaves: the request waits for a steward saying why."""
+    from tests.airlock.helpers import publish_indexed
+
+    n = 200
+    stage = pd.Categorical(["I", "II"] * (n // 2) + [None], categories=["I", "II"])
+    df = pd.DataFrame({"stage": stage, "sex": ["F", "M", "M", "F"] * (n // 4) + ["F"]})
+    publish_indexed(site, "registry", "counts", df, categories={"stage": ["I", "II"], "sex": ["F", "M"]})
+    recipe = {"dataset": "counts", "index": ["sex"], "columns": ["stage"], "aggfunc": "count"}
+    table = pd.crosstab(df.sex, df.stage).reset_index()
+    rid = submit(airlock, people, "ren", csv_bytes(table), recipe=recipe)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    airlock.wait_idle()
+    checks = by_check(airlock, rid)
+    assert checks["recipe"]["status"] == "pass" and checks["minimum_count"]["status"] == "pass"
+    why = airlock.store.events(rid, "state")[-1].data["not_automatic"]
+    assert why.startswith("the table the airlock computed for release has 1 cell(s) under the minimum count"), why
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+
+
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):
     df = registry_counts(site)
     by_sex = df.groupby("sex").size().rename("n").reset_index()
