@@ -95,6 +95,13 @@ def test_nested_populations_reveal_the_dropped_patients_cell_by_cell():
     # another dataset is not compared
     other = dif.CountTable(everyone.facts, dataset="e", version=1, population={})
     assert dif.compare(but_old, [("r", other)], 10) == []
+    # Another version holds other patients: everyone in version 2, one patient more than in version 1,
+    # gives that patient's band, though each table counts everyone.
+    later = dif.CountTable(cells(b0_44=100, b45_64=121, b65_=80), dataset="d", version=2, population={})
+    found = dif.compare(later, [("r-v1", everyone)], 10)
+    assert [(f.kind, f.earlier, f.cell, f.count, f.sure) for f in found] == [
+        ("nested", ("r-v1",), (("band", "b45-64"),), 1.0, False)
+    ]
 
 
 def test_tables_without_recipes_that_look_nested_go_to_a_steward():

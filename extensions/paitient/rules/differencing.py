@@ -121,8 +121,8 @@ def _same_population(a: CountTable, b: CountTable) -> bool | None:
     """True/False when both are known, None when either is not."""
     if a.population is None or b.population is None:
         return None
-    if a.dataset != b.dataset:
-        return False
+    if a.dataset != b.dataset or a.version != b.version:
+        return False  # another version holds other patients, whatever the filter
     return population_within(a.population, b.population) and population_within(b.population, a.population)
 
 
@@ -140,10 +140,12 @@ def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[
     common = set(new.facts) & set(old.facts)
     if not common:
         return []
-    sure = new.population is not None and old.population is not None
+    # Two versions of a dataset differ by the patients added or removed between them: their tables are
+    # compared as tables of unknown populations are, cell by cell.
+    sure = new.population is not None and old.population is not None and new.version == old.version
     if sure:
         assert new.population is not None and old.population is not None
-        if new.version != old.version or _same_population(new, old):
+        if _same_population(new, old):
             return []
         if population_within(new.population, old.population):
             big, small = old, new
