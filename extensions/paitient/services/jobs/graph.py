@@ -309,18 +309,7 @@ def numbers(document: dict[str, Any]) -> tuple[float, ...]:
 def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
     """Check ``program`` (an exported program's JSON), rebuild it and build the module from the rebuilt
     document; raises :class:`GraphRefused`, naming what is refused and what to change."""
-    if len(program) > max_bytes:
-        raise GraphRefused(f"the graph has {len(program)} bytes, more than {max_bytes}; use a smaller model")
-    try:
-        doc = json.loads(program)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise GraphRefused("the graph is not JSON: send what paitient.jobs.export_graph exports") from None
-    try:
-        reading = _Reader().read(doc)
-    except GraphRefused:
-        raise
-    except (TypeError, KeyError, AttributeError, IndexError, ValueError, RecursionError) as e:  # a shape unforeseen
-        raise GraphRefused(f"the graph's JSON is not an exported program's ({type(e).__name__})") from None
+    reading = _read(program, max_bytes)
     module = _build(reading)
     try:
         eval_module = _without_dropout(module)
@@ -338,6 +327,30 @@ def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
         inits=reading.inits,
         built=json.dumps(reading.document).encode(),
     )
+
+
+def described(program: bytes, *, max_bytes: int = 2_000_000) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The :func:`listing` and :func:`numbers` of a program already taken by :func:`load_graph`, from the
+    loader's document alone: nothing is built or run."""
+    document = _read(program, max_bytes).document
+    return listing(document), numbers(document)
+
+
+def _read(program: bytes, max_bytes: int) -> _Reading:
+    """The loader's reading of ``program``: every part checked, the document rewritten."""
+    if len(program) > max_bytes:
+        raise GraphRefused(f"the graph has {len(program)} bytes, more than {max_bytes}; use a smaller model")
+    try:
+        doc = json.loads(program)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise GraphRefused("the graph is not JSON: send what paitient.jobs.export_graph exports") from None
+    try:
+        reading = _Reader().read(doc)
+    except GraphRefused:
+        raise
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError, RecursionError) as e:  # a shape unforeseen
+        raise GraphRefused(f"the graph's JSON is not an exported program's ({type(e).__name__})") from None
+    return reading
 
 
 def initialise(graph: Graph, scheme: str, seed: int) -> dict[str, torch.Tensor]:

@@ -185,14 +185,14 @@ class JobsService:
             )
         import base64
 
-        from paitient.services.jobs.graph import load_graph
+        from paitient.services.jobs.graph import described
 
         weights, envelope = self.store.released(job.id)
-        graph = load_graph(self.store.graph_path(job.graph_sha256).read_bytes(), max_bytes=MAX_GRAPH_BYTES)
+        lines, numbers = described(self.store.graph_path(job.graph_sha256).read_bytes(), max_bytes=MAX_GRAPH_BYTES)
         return {
             "record": envelope,
             "weights": base64.b64encode(weights).decode(),
-            "graph": {"lines": list(graph.listing), "numbers": list(graph.numbers)},
+            "graph": {"lines": list(lines), "numbers": list(numbers)},
         }
 
     def _audit(self, actor: str, action: str, job: Job, details: dict[str, Any], outcome: str = "ok") -> bool:
