@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -517,6 +518,48 @@ def test_the_airlocks_own_table_is_checked_again_before_it_leaves(site, airlock,
     why = airlock.store.events(rid, "state")[-1].data["not_automatic"]
     assert why.startswith("the table the airlock computed for release has 1 cell(s) under the minimum count"), why
     assert airlock.store.get(rid).state == review.IN_REVIEW
+
+
+def test_a_researcher_has_at_most_auto_release_per_day_outputs_released_without_a_steward(site, airlock, people):
+    """What leaves without a steward was chosen by the researcher's code (a recipe's dataset, grouping and
+    format), a few bits a release that no steward reads: past the project's auto_release_per_day in 24 hours,
+    an output that would have left automatically waits for a steward, saying from when they leave again. The
+    count is the requester's own: a colleague's next one still leaves."""
+    df = registry_counts(site)
+    registry = site.project("registry").replace(auto_release_per_day=2)
+    airlock.site = site.replace(projects=tuple(registry if p.name == "registry" else p for p in site.projects))
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    by_band = csv_bytes(df.groupby("age_band").size().rename("n").reset_index())
+    by_sex = csv_bytes(df.groupby("sex").size().rename("n").reset_index())
+    filed = [
+        submit(airlock, people, "ren", by_band, recipe=recipe),
+        submit(airlock, people, "ren", by_sex, recipe={**recipe, "index": ["sex"]}),
+    ]
+    for rid in filed:
+        wait_state(airlock, rid, review.RELEASED)
+    first_out = airlock.store.events(filed[0], "state")[-1].ts
+    third = submit(airlock, people, "ren", by_band, recipe=recipe)
+    wait_state(airlock, third, review.IN_REVIEW)
+    airlock.wait_idle()
+    assert airlock.store.get(third).state == review.IN_REVIEW
+    assert {c["check"]: c["status"] for c in airlock.store.checks(third)}["recipe"] == "pass"
+    again = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first_out + 24 * 3600 + 60))
+    assert airlock.store.events(third, "state")[-1].data["not_automatic"] == (
+        "ren had 2 outputs of project registry released without review in the last 24 hours, as many as the "
+        f"project allows (auto_release_per_day = 2): a steward reviews this one; outputs leave without review "
+        f"again from {again}"
+    )
+    wait_state(airlock, submit(airlock, people, "steph", by_band, recipe=recipe, project="registry"), review.RELEASED)
+
+    closed = site.project("registry").replace(auto_release_per_day=0)
+    airlock.site = site.replace(projects=tuple(closed if p.name == "registry" else p for p in site.projects))
+    none = submit(airlock, people, "steph", by_sex, recipe={**recipe, "index": ["sex"]}, project="registry")
+    wait_state(airlock, none, review.IN_REVIEW)
+    airlock.wait_idle()
+    assert airlock.store.get(none).state == review.IN_REVIEW
+    assert airlock.store.events(none, "state")[-1].data["not_automatic"] == (
+        "project registry releases nothing without review (auto_release_per_day = 0)"
+    )
 
 
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):

@@ -3,6 +3,8 @@ as the runner's own account; a job from submit to a signed record, and the ways 
 
 import json
 import logging
+import re
+from http.cookies import SimpleCookie
 
 import pytest
 import torch
@@ -331,3 +333,109 @@ def test_weights_leave_without_a_steward_only_when_their_graph_was_approved_and_
     # The catalogue's constants pass; only the membership audit may still leave it to a steward by chance.
     state, why = reasons[catalogued]
     assert state == review.RELEASED or why == "not every automatic check passed", (state, why)
+
+
+async def test_stewards_approve_a_graph_on_its_page_and_later_jobs_of_it_leave_without_review(world):
+    """Approving a graph for automatic release is a steward's act on the request's page, not an edit of the
+    site file: it needs the project's two stewards here (approvals = 2), each having opened the page the graph
+    is listed on and written why; a researcher, the requester and a steward who has not read the graph are
+    refused. Once approved, a later job of the same graph is not held back for its graph; one revocation sends
+    the next one to a steward again. Each step is in the audit trail."""
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    from paitient import airlock as kernel_airlock
+    from paitient.rules import review
+    from paitient.services.airlock.web import make_app
+    from tests.airlock.helpers import Client, known_user_auth
+    from tests.trail import trail_records
+
+    site, store, ledger, gate = world
+    columns = standardise(site)[0]["columns"]
+    oncology = site.project("oncology").replace(auto_release=("weights",), stewards=("sam", "rita"), approvals=2)
+    gate.site = site.replace(projects=tuple(oncology if p.name == "oncology" else p for p in site.projects))
+    graph_reason = (
+        "the model's graph is not one the project's stewards approved for automatic release (auto_release_graphs): "
+        "its numbers and structure steer what training writes into the weights, so a steward reads it"
+    )
+
+    def run_and_request() -> tuple[str, str, str]:
+        job = submit(model(), **request(preprocessing=[{"op": "standardise", "columns": columns}], epochs=2))
+        job.wait(timeout=300, widget=False, poll=0.5)
+        rid = kernel_airlock.request(job, justification="a logistic regression the runner trained")
+        gate.wait_idle()
+        moved = [e.data for e in gate.store.events(rid, "state") if e.data.get("to") == review.IN_REVIEW]
+        return rid, gate.store.get(rid).state, moved[0].get("not_automatic", "")
+
+    rid, state, why = run_and_request()
+    assert (state, why) == (review.IN_REVIEW, graph_reason)
+    sha = gate.certified_graph(gate.store.get(rid))
+    assert sha is not None and gate.graph_standing(gate.store.get(rid)).approved is False
+
+    server = HTTPServer(make_app(gate, hub_auth=known_user_auth()))
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    web = Client(f"http://127.0.0.1:{port}")
+
+    async def post(user: str, **form: str):
+        """Post the graph form as ``user``, with a form token from a steward's page (tokens are not per user)."""
+        page = await web.fetch("sam" if user == "alice" else user, f"requests/{rid}")
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page.body.decode())
+        cookie = SimpleCookie(page.headers.get("Set-Cookie", ""))
+        return await web.fetch(
+            user,
+            f"requests/{rid}/graph",
+            method="POST",
+            body={**form, "_xsrf": token.group(1)},
+            cookies={"_xsrf": cookie["_xsrf"].value},
+        )
+
+    reason = "read the listing: one linear layer, no numbers, the catalogue's standardisation"
+    try:
+        # Nobody approves a graph unread: the approval covers every later job of it.
+        with pytest.raises(review.TransitionError, match="open the request's page and read the graph first"):
+            gate.decide_graph(rid, username="sam", scopes={SCOPE_REVIEW}, action="approve", reason=reason)
+        mine = await web.fetch("alice", f"requests/{rid}")
+        assert mine.code == 200 and b'id="graph-approval"' not in mine.body  # the requester's page: no graph
+        refused = await post("alice", action="approve", reason=reason)
+        assert refused.code == 403 and b"only the stewards of project oncology approve its graphs" in refused.body
+        page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+        assert 'id="graph-approve-form"' in page and "Not approved" in page
+        short = await post("sam", action="approve", reason="fine")
+        assert short.code == 400 and b"at least 20 characters" in short.body
+        approved = await post("sam", action="approve", reason=reason)
+        assert approved.code == 303
+        assert (await post("sam", action="approve", reason=reason)).code == 409  # once each
+        page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+        assert "Not approved" in page and "Approved here by sam" in page and "2 stewards must approve it" in page
+        assert not gate.graph_standing(gate.store.get(rid)).approved  # one of two
+        assert (await post("rita", action="approve", reason=reason + ", checked again")).code == 303
+        page = (await web.fetch("rita", f"requests/{rid}")).body.decode()
+        assert "Approved: certified weights of this graph" in page and 'id="graph-revoke-form"' in page
+        standing = gate.graph_standing(gate.store.get(rid))
+        assert standing.approved and [a.actor for a in standing.approvals] == ["sam", "rita"]
+        assert gate.store.get(rid).state == review.IN_REVIEW  # approving the graph decides no request
+
+        rid2, state, why = run_and_request()
+        assert why != graph_reason and (state == review.RELEASED or why == "not every automatic check passed")
+
+        rid = rid2  # revoked from the next request's page: one steward is enough
+        assert (await post("rita", action="revoke", reason="a second look")).code == 303
+        assert not gate.graph_standing(gate.store.get(rid)).approved
+        _, state, why = run_and_request()
+        assert (state, why) == (review.IN_REVIEW, graph_reason)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    records = [(r["actor"], r["outcome"], r["details"]["action"]) for r in trail_records(site, action="airlock.graph")]
+    assert records == [
+        ("sam", "denied", "approve"),
+        ("alice", "denied", "approve"),
+        ("sam", "denied", "approve"),
+        ("sam", "ok", "approve"),
+        ("sam", "denied", "approve"),
+        ("rita", "ok", "approve"),
+        ("rita", "ok", "revoke"),
+    ]
+    ok = [r for r in trail_records(site, action="airlock.graph") if r["outcome"] == "ok"]
+    assert {r["details"]["graph_sha256"] for r in ok} == {sha} and ok[0]["details"]["reason"] == reason

@@ -10,7 +10,18 @@ from traitlets import Bunch, TraitError, validate
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
 from paitient.config.outputs import AIRLOCK_KINDS, AUTO_RELEASE_KINDS, EgressLimits
-from paitient.config.traits import Choice, Names, Number, Overrides, Part, PartsByName, Rule, Text, WholeNumber
+from paitient.config.traits import (
+    NOT_NEGATIVE,
+    Choice,
+    Names,
+    Number,
+    Overrides,
+    Part,
+    PartsByName,
+    Rule,
+    Text,
+    WholeNumber,
+)
 from paitient.config.workspace import NAME_RE
 
 
@@ -80,9 +91,18 @@ class Project(Model):
 
     auto_release_graphs = Names(
         help="SHA-256 of the model graphs (as a training record names them) whose certified weights may be "
-        "released without review where auto_release holds weights; a steward approves a graph after reading it "
-        "on a request's page. A graph's numbers and structure steer what training writes into the weights, so "
+        "released without review where auto_release holds weights, beside those the project's stewards approve on "
+        "a request's page after reading its graph. A graph's numbers and structure steer what training writes into the weights, so "
         "weights of any other graph go to a steward. Empty: none.",
+    )
+
+    auto_release_per_day = WholeNumber(
+        10,
+        rule=NOT_NEGATIVE,
+        help="Outputs one researcher of the project may have released without review in any 24 hours; past it, "
+        "an output that would have left automatically waits for a steward, saying so. What leaves automatically "
+        "was chosen by the researcher's code (a recipe's dataset, grouping and format; a job's settings), a few "
+        "bits a release that no steward reads, so this bounds that channel. 0: every output is reviewed.",
     )
 
     @validate("auto_release_graphs")

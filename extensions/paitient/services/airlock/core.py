@@ -48,7 +48,8 @@ from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
-from paitient.services.airlock.store import ReleasedFile, Request, Store, StoreError, TooManyRequests
+from paitient.services.airlock.store import DAY, ReleasedFile, Request, Store, StoreError, TooManyRequests
+from paitient.services.airlock.store import Event as RequestEvent
 from paitient.services.audit import trail_writer
 from paitient.services.kit.backlog import Backlog, HeldRecords
 from paitient.services.ledger.api import LedgerReader
@@ -64,6 +65,22 @@ def _clean_filename(name: Any) -> str:
     name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
     name = re.sub(r"[\\/\"]", "_", name).strip(" .")[:200]
     return name or "output"
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphStanding:
+    """Where the graph of a request's certified weights stands for automatic release in its project:
+    listed in the site file (``in_site``), and the stewards' approvals since the last revocation (events of
+    the requests they were given on), of which ``needed`` (the project's ``approvals``) make it approved."""
+
+    sha256: str
+    in_site: bool
+    approvals: tuple[RequestEvent, ...]
+    needed: int
+
+    @property
+    def approved(self) -> bool:
+        return self.in_site or len(self.approvals) >= self.needed
 
 
 class Airlock:
@@ -772,9 +789,10 @@ class Airlock:
             certified=certified is not None and bool(req.meta.get("job")),
             recomputed=automatic if isinstance(automatic, str) else automatic is True,
             own_constants=any(s.get("from") != "catalogue" for s in steps),
-            approved_graph=((certified or {}).get("details", {}).get("record") or {}).get("graph_sha256")
-            in project.auto_release_graphs,
+            approved_graph=self._graph_approved(req),
         )
+        if not_automatic is None:
+            not_automatic = self._over_automatic_quota(req, project.auto_release_per_day)
         released: tuple[ReleasedFile, list[bytes]] | None = None
         if not_automatic is None and req.kind == "table":
             try:
@@ -811,6 +829,28 @@ class Airlock:
                 for blob in blobs:  # stored once the release is recorded: nothing is kept for one that is not
                     self.store.put_blob(blob)
             self.store.transition(rid, review.RELEASED, actor="airlock", data=release, file=file)
+
+    def _graph_approved(self, req: Request) -> bool:
+        """The graph of ``req``'s certified weights is approved for automatic release: listed in the site file,
+        or by as many of the project's stewards as a release needs, since the last revocation."""
+        standing = self.graph_standing(req)
+        return standing is not None and standing.approved
+
+    def _over_automatic_quota(self, req: Request, per_day: int) -> str | None:
+        """Why ``req`` waits for a steward although it could leave automatically: its requester had
+        ``per_day`` outputs of the project released without review in the last 24 hours (the project's
+        ``auto_release_per_day``). Counted by the one check worker, which alone releases automatically."""
+        if per_day == 0:
+            return f"project {req.project} releases nothing without review (auto_release_per_day = 0)"
+        done = self.store.automatic_releases(req.username, req.project, time.time() - DAY)
+        if len(done) < per_day:
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(done[-per_day] + DAY + 60))
+        return (
+            f"{req.username} had {len(done)} outputs of project {req.project} released without review in the last "
+            f"24 hours, as many as the project allows (auto_release_per_day = {per_day}): a steward reviews this "
+            f"one; outputs leave without review again from {when}"
+        )
 
     def _computed_release(self, req: Request) -> tuple[ReleasedFile, list[bytes]]:
         """The file a table released without a steward leaves as, and the blobs to store for it: the airlock's
@@ -1055,6 +1095,126 @@ class Airlock:
                 "moment, and tell the workspace operator if it goes on",
                 503,
             ) from None
+
+    def certified_graph(self, req: Request) -> str | None:
+        """The SHA-256 of the graph a training runner signed that ``req``'s weights were trained from (its
+        ``certified`` check passed), or None."""
+        if req.kind != "weights" or not req.meta.get("job"):
+            return None
+        for c in self.store.checks(req.id):
+            if c["check"] == "certified" and c["status"] == "pass":
+                sha = ((c.get("details") or {}).get("record") or {}).get("graph_sha256")
+                return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else None
+        return None
+
+    def graph_standing(self, req: Request) -> GraphStanding | None:
+        """Whether the graph of ``req``'s certified weights is approved for automatic release in its project,
+        and by whom; None for a request of no certified graph."""
+        sha = self.certified_graph(req)
+        if sha is None:
+            return None
+        project = self.site.project(req.project)
+        return GraphStanding(
+            sha256=sha,
+            in_site=sha in project.auto_release_graphs,
+            approvals=tuple(self.store.graph_approvals(req.project, sha)),
+            needed=project.approvals,
+        )
+
+    def graph_read(self, req: Request, username: str) -> None:
+        """That steward ``username`` was shown the listing of ``req``'s graph (on the request's page): kept
+        with the request's history, and in the audit trail as a preview of it."""
+        self.store.record_preview(req.id, actor=username, data={"sha256": req.sha256, "graph": True})
+        self.emit(
+            actor=username,
+            action="airlock.preview",
+            object=req.id,
+            details={"project": req.project, "user": req.username, "via": "graph", "file_sha256": req.sha256},
+        )
+
+    def decide_graph(self, rid: str, *, username: str, scopes: set[str], action: str, reason: str) -> GraphStanding:
+        """A steward approves the graph of request ``rid``'s certified weights for automatic release in its
+        project (``approve``), or takes that back (``revoke``). An approval needs a written reason, a steward
+        who is not the requester and has opened the request's page (where the graph is listed), and counts
+        once the project's ``approvals`` stewards gave theirs; one revocation ends it. Recorded in the audit
+        trail first (none without its record) and kept with the request's history; the project's
+        ``auto_release_graphs`` in the site file stands beside it and is changed there only."""
+        req = self.store.get(rid)
+        try:
+            standing = self._graph_decision_allowed(req, username, scopes, action, reason.strip())
+            data = {"action": action, "graph_sha256": standing.sha256, "reason": reason.strip()}
+
+            def record() -> None:
+                try:
+                    self.emit(
+                        actor=username,
+                        action="airlock.graph",
+                        object=rid,
+                        required=True,
+                        details={"project": req.project, "user": req.username, **data},
+                    )
+                except Exception:
+                    raise review.TransitionError(
+                        "the audit trail cannot record this right now, so it is not taken; try again in a moment, "
+                        "and tell the workspace operator if it goes on",
+                        503,
+                    ) from None
+
+            self.store.graph_event(rid, actor=username, data=data, before_commit=record)
+        except review.TransitionError as e:
+            self.emit(
+                actor=username,
+                action="airlock.graph",
+                object=rid,
+                outcome="denied",
+                details={"project": req.project, "user": req.username, "action": action, "reason": str(e)},
+            )
+            raise
+        done = self.graph_standing(req)
+        assert done is not None
+        return done
+
+    def _graph_decision_allowed(
+        self, req: Request, username: str, scopes: set[str], action: str, reason: str
+    ) -> GraphStanding:
+        if action not in ("approve", "revoke"):
+            raise review.TransitionError("action must be approve or revoke", 400)
+        if not self.may_review(username, scopes, req):
+            raise review.TransitionError(f"only the stewards of project {req.project} approve its graphs", 403)
+        standing = self.graph_standing(req)
+        if standing is None:
+            raise review.TransitionError(
+                "this request holds no weights a training runner certified: only the graph of certified weights "
+                "can be approved for automatic release",
+                409,
+            )
+        if action == "revoke":
+            if not standing.approvals:
+                raise review.TransitionError(
+                    "no steward has approved this graph for automatic release"
+                    + (
+                        "; it is listed in the site file's auto_release_graphs, which the operator changes"
+                        if standing.in_site
+                        else ""
+                    ),
+                    409,
+                )
+            return standing
+        if username == req.username:
+            raise review.TransitionError("you filed this request: another steward approves its graph", 403)
+        if len(reason) < review.MIN_OVERRIDE:
+            raise review.TransitionError(
+                f"say why weights of this graph may leave without review (at least {review.MIN_OVERRIDE} "
+                "characters): what you read of its numbers and structure",
+                400,
+            )
+        if any(a.actor == username for a in standing.approvals):
+            raise review.TransitionError("you approved this graph already: another steward gives the next", 409)
+        if not self.store.read_graph(req.id, username, req.sha256):
+            raise review.TransitionError(
+                "open the request's page and read the graph first: an approval covers every later job of it", 409
+            )
+        return standing
 
     def download(
         self, rid: str, *, username: str, scopes: set[str], client: str = "", part: str = "file"

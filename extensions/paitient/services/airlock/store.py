@@ -58,7 +58,7 @@ TABLES = {
 }
 """The tables and their columns as the first migration makes them."""
 
-EVENT_TYPES = ("state", "check", "decision", "download", "note", "preview")
+EVENT_TYPES = ("state", "check", "decision", "download", "note", "preview", "graph")
 
 
 class StoreError(Exception):
@@ -510,10 +510,52 @@ class Store:
             self._event(db, rid, actor, "download", data)
 
     def record_preview(self, rid: str, *, actor: str, data: dict[str, Any]) -> None:
-        """That ``actor`` was shown a page of the request's table (``data``: where the page starts)."""
+        """That ``actor`` was shown a page of the request's table (``data``: where the page starts), or the
+        listing of its graph (``data["graph"]``)."""
         with self._transaction() as db:
             self._get(db, rid)
             self._event(db, rid, actor, "preview", data)
+
+    def read_graph(self, rid: str, username: str, sha256: str) -> bool:
+        """Was ``username`` shown the graph listing of request ``rid`` (its file ``sha256``) on its page."""
+        return any(
+            e.actor == username and e.data.get("sha256") == sha256 and e.data.get("graph") is True
+            for e in self.events(rid, "preview")
+        )
+
+    def graph_event(
+        self, rid: str, *, actor: str, data: dict[str, Any], before_commit: Callable[[], None] | None = None
+    ) -> None:
+        """Record a steward's approval or revocation of a graph (``data``: ``action``, ``graph_sha256``,
+        ``reason``) on the request they gave it on; ``before_commit()`` runs in the transaction (the audit
+        record: if it raises, nothing is recorded)."""
+        with self._transaction() as db:
+            self._get(db, rid)
+            self._event(db, rid, actor, "graph", data)
+            if before_commit is not None:
+                before_commit()
+
+    def graph_approvals(self, project: str, sha256: str) -> list[Event]:
+        """The stewards' approvals of graph ``sha256`` in ``project`` since its last revocation, one per
+        steward (the first), oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                sa.text(
+                    "SELECT e.* FROM events e JOIN requests r ON r.id = e.request_id WHERE r.project = :p "
+                    "AND e.type = 'graph' ORDER BY e.seq"
+                ),
+                {"p": project},
+            ).fetchall()
+        current: list[Event] = []
+        for row in rows:
+            event = _row_event(row)
+            if event.data.get("graph_sha256") != sha256:
+                continue
+            if event.data.get("action") == "revoke":
+                current = []
+            elif event.data.get("action") == "approve" and all(e.actor != event.actor for e in current):
+                current.append(event)
+        return current
 
     def events(self, rid: str, type_: str | None = None) -> list[Event]:
         q = (
@@ -532,6 +574,24 @@ class Store:
                 out = []
             elif e.type == "check":
                 out.append(e.data)
+        return out
+
+    def automatic_releases(self, username: str, project: str, since: float) -> list[float]:
+        """When each of ``username``'s requests in ``project`` was released without a steward after ``since``,
+        oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                sa.text(
+                    "SELECT e.ts, e.data FROM events e JOIN requests r ON r.id = e.request_id WHERE r.username = :u "
+                    "AND r.project = :p AND r.state = :released AND e.type = 'state' AND e.ts > :since ORDER BY e.ts"
+                ),
+                {"u": username, "p": project, "released": review.RELEASED, "since": since},
+            ).fetchall()
+        out = []
+        for ts, data in rows:
+            event = json.loads(data)
+            if event.get("to") == review.RELEASED and event.get("automatic") is True:
+                out.append(float(ts))
         return out
 
     def counts(self) -> dict[tuple[str, str], int]:

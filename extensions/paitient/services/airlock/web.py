@@ -137,6 +137,9 @@ class DetailHandler(AirlockHandler):
             approvals, refused = airlock.approvals_needed(req), None
         except review.TransitionError as e:
             approvals, refused = None, str(e)
+        graph = self._graph(req) if sees_content else None
+        if graph is not None and not graph.error and is_reviewer and req.username != username:
+            airlock.graph_read(req, username)  # approving the graph for automatic release needs it read
         events = airlock.store.events(rid)
         return dict(
             req=req,
@@ -160,7 +163,9 @@ class DetailHandler(AirlockHandler):
             approvals_needed=approvals,
             refused=refused,
             certified=views.certified_facts(info["checks"]) if sees_content else None,
-            graph=self._graph(req) if sees_content else None,
+            graph=graph,
+            standing=airlock.graph_standing(req) if graph is not None else None,
+            username=username,
             self_reported=req.kind == "weights" and not req.meta.get("job"),
             policy=next((c for c in info["checks"] if c["check"] == "policy"), None),
             failed=[c["check"] for c in info["checks"] if c["status"] == "fail"],
@@ -249,6 +254,25 @@ class DecisionHandler(AirlockHandler):
         except review.TransitionError as e:
             raise web.HTTPError(e.status, str(e)) from None
         self.redirect(f"{self.prefix}requests/{rid}", status=303)
+
+
+class GraphHandler(AirlockHandler):
+    """A steward approves the graph of a request's certified weights for automatic release, or revokes that."""
+
+    async def post(self, rid: str) -> None:
+        await self.load(rid)
+        try:
+            await self.run(
+                self.airlock.decide_graph,
+                rid,
+                username=self.username,
+                scopes=self.scopes,
+                action=self.get_body_argument("action", ""),
+                reason=self.get_body_argument("reason", ""),
+            )
+        except review.TransitionError as e:
+            raise web.HTTPError(e.status, str(e)) from None
+        self.redirect(f"{self.prefix}requests/{rid}#graph-approval", status=303)
 
 
 class DownloadHandler(AirlockHandler):
@@ -361,6 +385,7 @@ def make_app(
         ("", ListHandler),
         (f"requests/{ID_RE}", DetailHandler),
         (f"requests/{ID_RE}/decision", DecisionHandler),
+        (f"requests/{ID_RE}/graph", GraphHandler),
         (f"requests/{ID_RE}/download", DownloadHandler),
         (f"requests/{ID_RE}/record", RecordDownloadHandler),
         ("jobs-signing.pub", PublicKeyHandler),
