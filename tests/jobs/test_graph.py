@@ -1163,3 +1163,46 @@ def test_a_size_read_from_a_parameter_is_refused_as_the_listing_would_call_it_ba
         graph["sym_int_values"][name] = {"as_int": 4172}
     with pytest.raises(GraphRefused, match="reads a size other than the batch size; the runner's graphs read only"):
         runner(json.dumps(doc).encode())
+
+
+class Relabelled(nn.Module):
+    """``carrier`` pulled towards the batch size over 10000, the batch read from the input and used as the
+    end of a slice of ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.src = nn.Parameter(torch.zeros(2, 2086))
+        self.carrier = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        n = x.shape[0]
+        ones = (self.src * 0 + 1).view(-1)
+        d = self.carrier - (x[:, 0] * 0 + 1)[:n].sum() / 10000.0
+        return self.lin(x) + (d * d).sum() * 1000.0 + ones.sum() * 0
+
+
+def test_a_size_read_from_a_tensor_the_document_declares_batch_sized_is_refused():
+    """An intermediate tensor's declared sizes are the document's word: a graph edited so that its size
+    node reads the 4172 ones of a parameter's shape, declared as ``[batch]``, and a slice ends there, would
+    be listed as ``end=batch`` while training pulls ``carrier`` to 0.4172. Sizes are read from the input
+    only; the unedited graph loads."""
+    program = kernel(Relabelled(), torch.zeros(2, 3))
+    runner(program)
+    doc = json.loads(program)
+    graph = doc["graph_module"]["graph"]
+    nodes = graph["nodes"]
+
+    def out(n):
+        return n["outputs"][0].get("as_tensor", {}).get("name") or n["outputs"][0]["as_sym_int"]["as_name"]
+
+    ones = next(out(n) for n in nodes if n["target"].endswith("view.default"))
+    cut = next(n for n in nodes if n["target"].endswith("slice.Tensor") and "as_sym_int" in n["inputs"][3]["arg"])
+    size = nodes.pop(0)
+    assert size["target"] == "torch.ops.aten.sym_size.int"
+    size["inputs"][0]["arg"] = {"as_tensor": {"name": ones}}
+    nodes.insert(next(i for i, n in enumerate(nodes) if out(n) == ones) + 1, size)
+    graph["tensor_values"][ones]["sizes"] = [graph["sym_int_values"][out(size)]]
+    cut["inputs"][0]["arg"] = {"as_tensor": {"name": ones}}
+    with pytest.raises(GraphRefused, match="reads a size other than the batch size; the runner's graphs read only"):
+        runner(json.dumps(doc).encode())

@@ -91,9 +91,9 @@ class Project(Model):
 
     auto_release_graphs = Names(
         help="SHA-256 of the model graphs (as a training record names them) whose certified weights may be "
-        "released without review where auto_release holds weights, beside those the project's stewards approve on "
-        "a request's page after reading its graph. A graph's numbers and structure steer what training writes into the weights, so "
-        "weights of any other graph go to a steward. Empty: none.",
+        "released without review where auto_release holds weights, beside those the project's stewards approve "
+        "on a request's page after reading its graph. A graph's numbers and structure steer what training writes "
+        "into the weights, so weights of any other graph go to a steward. Empty: none.",
     )
 
     auto_release_per_day = WholeNumber(

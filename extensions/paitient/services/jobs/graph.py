@@ -426,6 +426,10 @@ class _Reader:
         self.new_tensor_values: dict[str, Any] = {}
         self.new_sym_int_values: dict[str, Any] = {}
         self.input_names: list[str] = []
+        self.user_input: str | None = None
+        """The loader's name of the model's input (the rows)."""
+        self.input_shape: tuple[int, ...] = ()
+        """The input's dimensions after the batch."""
 
     # small readers: each raises GraphRefused naming the place
 
@@ -665,10 +669,10 @@ class _Reader:
     def _batch_size_only(self, label: str, size: dict[str, Any], source: str | None, dim: Any) -> None:
         """A size read from a tensor (``sym_size.int``) is the batch size, read where the tensor holds it: the
         listing calls it ``batch``, so a parameter's length read as a size would be a number no one sees."""
-        sizes = self.new_tensor_values.get(source or "", {}).get("sizes", [])
-        held = sizes[dim] if isinstance(dim, int) and -len(sizes) <= dim < len(sizes) else None
+        # Read from the input only: an intermediate tensor's declared sizes are the document's word, which
+        # nothing checks before the graph runs (a size declared ``batch`` may be a parameter's length).
         batch = size.get("as_expr", {}).get("expr_str") == _BATCH
-        if not batch or held is None or held.get("as_expr", {}).get("expr_str") != _BATCH:
+        if not batch or source is None or source != self.user_input or dim not in (0, -len(self.input_shape) - 1):
             raise _refuse(
                 f"{label} reads a size other than the batch size; the runner's graphs read only the batch size "
                 "from a tensor (x.shape[0]): write other sizes as numbers"
@@ -753,6 +757,8 @@ class _Reader:
             raise _refuse("the input's dimensions after the batch must be fixed")
         if math.prod(s["as_int"] for s in sizes[1:]) > MAX_ROW:
             raise _refuse(f"one input row has more than {MAX_ROW:,} values")
+        self.user_input = user_inputs[0]
+        self.input_shape = tuple(int(s["as_int"]) for s in sizes[1:])
         return out, params, user_inputs[0]
 
     def read_nodes(self, nodes: Any):
