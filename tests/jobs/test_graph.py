@@ -1206,3 +1206,102 @@ def test_a_size_read_from_a_tensor_the_document_declares_batch_sized_is_refused(
     cut["inputs"][0]["arg"] = {"as_tensor": {"name": ones}}
     with pytest.raises(GraphRefused, match="reads a size other than the batch size; the runner's graphs read only"):
         runner(json.dumps(doc).encode())
+
+
+class Gated(nn.Module):
+    """Mixes rows only for a value no ordinary row holds: a mean over the batch of relu(x - 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 2)
+
+    def forward(self, x):
+        return self.lin(x * 0.001 + torch.relu(x - 6.0).mean(0, keepdim=True) * 100.0)
+
+
+class Mixing(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(30, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.how == "gram":
+            return h + (x @ x.t() @ x)[:, :2] * 0.01
+        if self.how == "softmax over the batch":
+            return torch.softmax(h, 0)
+        if self.how == "first row":
+            return h + x[0, :2]
+        if self.how == "total":
+            return h + x.sum() * 0.01
+        if self.how == "transposed":
+            return h.t().flatten().view(x.shape[0], 2)
+        if self.how == "first rows":
+            return h + h[:1]
+        raise AssertionError(self.how)
+
+
+@pytest.mark.parametrize("how", ["gram", "softmax over the batch", "first row", "total", "transposed", "first rows"])
+def test_a_graph_that_reads_other_rows_is_never_clipped_the_fast_way(how):
+    """The fast way of clipping takes each row's gradient norm from that row's activations: right only where
+    no output row reads another row. Whether it does is read from the graph's operators and shapes, not from
+    a probe of values."""
+    try:
+        program = kernel(Mixing(how), torch.zeros(2, 30))
+    except ModelNotExportable:
+        pytest.fail(f"{how}: the exporter refused the model")
+    assert runner(program).rows_independent is False
+
+
+def test_rows_are_found_independent_in_the_layers_models_are_made_of():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.lin = nn.Linear(4 * 26 * 26, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.lin(h.view(h.shape[0], -1)).log_softmax(-1)
+
+    assert runner(kernel(mlp(), torch.zeros(2, 30))).rows_independent
+    assert runner(kernel(cnn(), torch.zeros(2, 1, 28, 28))).rows_independent
+    assert runner(kernel(Flat(), torch.zeros(2, 1, 28, 28))).rows_independent
+    normed_graph = runner(kernel(normed(), torch.zeros(2, 30)))
+    assert normed_graph.rows_independent, normed_graph.listing
+
+
+def test_a_mean_over_the_batch_that_no_probe_row_reaches_still_trains_the_exact_way():
+    """A graph that mixes rows only when a row holds a value above 6 agrees with the exact way on every
+    probe of ordinary rows, and one outlying row then moves the fast way's clipped sum by 74 times the
+    bound. The graph is found to mix rows from its structure, and the runner clips it the exact way: one
+    row moves the clipped sum by at most the bound."""
+    from paitient.services.jobs.persample import FastClipper, exact_clipped_sum, fast_path_agrees
+    from paitient.services.jobs.train import sample_losses
+
+    graph = runner(kernel(Gated(), torch.zeros(2, 30)))
+    assert graph.rows_independent is False
+
+    def forward(p, xb):
+        return torch.func.functional_call(graph.module, p, (xb,))
+
+    params = initialise(graph, "default", seed=1)
+    torch.manual_seed(0)
+    x = torch.randn(64, 30).clamp(-3, 3)
+    x[0, 7] = 20.0
+    y = torch.ones(64, dtype=torch.long)
+    clipper = FastClipper(forward, sample_losses("cross_entropy"))
+    assert fast_path_agrees(clipper, params, x, y, seed=0, loss="cross_entropy")  # the probe alone is fooled
+
+    def fast(xb, yb):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        total = clipper.clipped_sum(leaves, xb, yb, 1.0)[0]
+        return torch.cat([total[k].flatten() for k in sorted(total)])
+
+    def exact(xb, yb):
+        total = exact_clipped_sum(forward, sample_losses("cross_entropy"), params, xb, yb, 1.0)[0]
+        return torch.cat([total[k].flatten() for k in sorted(total)])
+
+    assert (fast(x, y) - fast(x[1:], y[1:])).norm() > 10  # what the fast way would have let one row do
+    assert (exact(x, y) - exact(x[1:], y[1:])).norm() <= 1.0 + 1e-5

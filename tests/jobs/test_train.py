@@ -24,6 +24,7 @@ from paitient.services.jobs.train import (
     plan,
     poisson_rows,
     train,
+    worst_membership_audit,
 )
 
 # the configuration of the utility figures (benchmarks/bench_jobs_utility.py): a few large batches
@@ -247,6 +248,42 @@ def test_the_audit_tells_an_overfit_model_from_a_private_one(cancer):
     assert min(loud["mia_loss_low"], loud["mia_calibrated_low"]) > 0.15
     assert max(quiet["mia_loss"], quiet["mia_calibrated"]) < 0.1
     assert membership_audit(forward, leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0) == loud
+
+
+class Switched(nn.Module):
+    """A classifier while training; a constant (logits 0) with dropout off, where the audit looked."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(30, 256)
+        self.out = nn.Linear(256, 2)
+
+    def forward(self, x):
+        d = nn.functional.dropout(x[:, :1] * 0 + 1, 0.5)  # 0 or 2 while training, 1 without dropout
+        on = d * (d * -1 + 2)  # 0 while training, 1 without dropout
+        return self.out(torch.relu(self.hidden(x))) * (on * -1 + 1)
+
+
+def test_the_audit_reads_the_weights_as_trained_too_where_dropout_switches_the_graph(cancer):
+    """Audited with dropout off only, a graph that computes a constant there and a classifier while training
+    shows a coin's membership numbers for weights that memorised their rows. The audit takes both ways and
+    each attack's worse."""
+    xt, _, xh, _ = cancer
+    labels = torch.from_numpy(np.random.default_rng(1).integers(0, 2, len(xt) + len(xh)))
+    few_x, few_y, yh = xt[:60], labels[:60], labels[len(xt) :]
+    g, forward = graph_of(Switched())
+
+    def evaluated(p, x):
+        return torch.func.functional_call(g.eval_module, p, (x,))
+
+    leaky = train(
+        forward, initialise(g, "default", 0), few_x, few_y, spec(lr=0.5, epochs=400, batch_size=60, max_grad_norm=1e6),
+        the_plan=Plan(sample_rate=1.0, steps=400, noise_multiplier=0.0), )  # fmt: skip
+    off = membership_audit(evaluated, leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
+    assert off["mia_loss"] == off["mia_calibrated"] == 0.0  # what the audit alone would have signed
+    both = worst_membership_audit([evaluated, forward], leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
+    assert set(both) == set(off)
+    assert min(both["mia_loss"], both["mia_calibrated"]) > 0.2, both
 
 
 def test_calibration_offsets_by_class_and_by_target_bin():

@@ -210,6 +210,9 @@ class Graph:
     built: bytes
     """The JSON of the document the loader wrote and built the module from (every name, size and
     argument in it chosen or checked by the loader)."""
+    rows_independent: bool = False
+    """Each output row is computed from its own input row alone (:func:`rows_independent`): only then may
+    the trainer clip the fast way."""
 
     @property
     def listing(self) -> tuple[str, ...]:
@@ -326,6 +329,7 @@ def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
         ops=frozenset(reading.ops),
         inits=reading.inits,
         built=json.dumps(reading.document).encode(),
+        rows_independent=rows_independent(module, reading.input_shape, reading.input_dtype),
     )
 
 
@@ -1102,6 +1106,170 @@ def _size(size: dict[str, Any], batch: int) -> int:
         return int(size["as_int"])
     expr = size["as_expr"]["expr_str"]
     return batch if expr == _BATCH else int(expr.removeprefix("Mul(Integer(").split(")")[0]) * batch
+
+
+_PROBE_BATCHES = (5, 7)
+"""Batch sizes the row analysis (:func:`rows_independent`) runs the graph at, on shapes only."""
+_UNARY = frozenset(
+    {"relu", "gelu", "silu", "sigmoid", "tanh", "elu", "leaky_relu", "hardtanh", "neg", "dropout", "contiguous"}
+)
+_ELEMENTWISE = frozenset({"add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor"})
+_PER_ROW = frozenset(
+    {
+        "linear.default",
+        "conv1d.default",
+        "conv1d.padding",
+        "conv2d.default",
+        "conv2d.padding",
+        "layer_norm.default",
+        "group_norm.default",
+        "max_pool1d.default",
+        "max_pool2d.default",
+        "avg_pool1d.default",
+        "avg_pool2d.default",
+        "adaptive_avg_pool1d.default",
+        "adaptive_avg_pool2d.default",
+    }
+)
+"""Layers that compute each row of their first argument from that row alone (the rest: parameters)."""
+_RESHAPES = frozenset({"flatten.using_ints", "view.default", "reshape.default"})
+
+
+def rows_independent(module: torch.nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype) -> bool:
+    """Whether each row of the graph's output is computed from the same row of its input alone, read from
+    the graph's structure: every operator keeps the batch as the first dimension of what it computes from the
+    rows, and none reduces, reorders, selects or joins along it, nor multiplies one row by another. Decided
+    from the operators, their arguments and the shapes the graph computes at two batch sizes (on the ``meta``
+    device), never from values: a graph that mixes rows only for some values (a mean over the batch of a
+    term that is zero for ordinary rows) is found as surely as one that always does. Clipping each row's
+    gradient the fast way is right only for such a graph (:func:`paitient.services.jobs.persample`)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return False
+    shapes: list[dict[torch.fx.Node, tuple[int, ...]]] = []
+    for batch in _PROBE_BATCHES:
+        seen: dict[torch.fx.Node, tuple[int, ...]] = {}
+        try:
+            _ShapeRecorder(module, seen).run(torch.zeros((batch, *input_shape), dtype=input_dtype, device="meta"))
+        except Exception:
+            return False
+        shapes.append(seen)
+    state: dict[torch.fx.Node, str] = {}
+    for node in module.graph.nodes:
+        if node.op == "get_attr":
+            state[node] = "fixed"
+        elif node.op == "placeholder":
+            state[node] = "rows"
+        elif node.op == "call_function":
+            state[node] = _row_state(node, state, shapes)
+        elif node.op == "output":
+            outs: list[torch.fx.Node] = []
+            torch.fx.node.map_arg(node.args, outs.append)
+            return all(state.get(o) == "rows" for o in outs) and "mixed" not in state.values()
+        else:
+            return False
+    return False
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs a graph on ``meta`` tensors (its parameters' shapes, no values), noting each tensor's shape."""
+
+    def __init__(self, module: torch.fx.GraphModule, seen: dict[torch.fx.Node, tuple[int, ...]]):
+        super().__init__(module)
+        self.seen = seen
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.seen[n] = tuple(out.shape)
+        return out
+
+
+def _row_state(node: torch.fx.Node, state: dict[torch.fx.Node, str], shapes: list[dict[Any, tuple[int, ...]]]) -> str:
+    """``rows`` (batch first, each row from its own), ``fixed`` (no row read) or ``mixed``, of one call."""
+    op = str(node.target).removeprefix("aten.")
+    args = list(node.args)
+    inputs: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
+    kinds = [state.get(n, "mixed") for n in inputs]
+    if op == "sym_size.int":
+        return "fixed" if args and args[0] is not None and state.get(args[0]) == "rows" and args[1] == 0 else "mixed"
+    if "mixed" in kinds:
+        return "mixed"
+    if "rows" not in kinds:
+        return "fixed"
+
+    def rows(i: int) -> bool:
+        return i < len(args) and isinstance(args[i], torch.fx.Node) and state.get(args[i]) == "rows"
+
+    def rank(i: int) -> int:
+        return len(shapes[0].get(args[i], ())) if isinstance(args[i], torch.fx.Node) else 0
+
+    def dims(value: Any, of: int) -> list[int] | None:
+        values = value if isinstance(value, list | tuple) else [value]
+        if of == 0 or not all(isinstance(d, int) for d in values):
+            return None
+        return [d % of for d in values]
+
+    def batch_first() -> bool:
+        return all(seen.get(node, ())[:1] == (batch,) for seen, batch in zip(shapes, _PROBE_BATCHES, strict=True))
+
+    only_first = rows(0) and all(state.get(n) != "rows" for n in inputs if n is not args[0])
+    base = op.split(".")[0]
+    if base in _UNARY:
+        ok = only_first
+    elif op in _ELEMENTWISE:
+        ok = all(len(shapes[0].get(n, ())) == len(shapes[0].get(node, ())) for n in inputs if state[n] == "rows")
+    elif op in _PER_ROW:
+        shape = args[1] if op == "layer_norm.default" and isinstance(args[1], list | tuple) else ()
+        ok = only_first and (op != "layer_norm.default" or 0 < len(shape) < rank(0))
+    elif op == "embedding.default":
+        ok = rows(1) and isinstance(args[0], torch.fx.Node) and state.get(args[0]) == "fixed"
+    elif op == "addmm.default":
+        ok = rows(1) and not rows(2) and rank(1) >= 2
+    elif op in ("mm.default", "matmul.default"):
+        ok = only_first and rank(0) >= 2
+    elif op in ("softmax.int", "log_softmax.int"):
+        ok = only_first and dims(args[1], rank(0)) not in (None, [0])
+    elif op in ("mean.dim", "sum.dim_IntList"):
+        picked = dims(args[1], rank(0)) if len(args) > 1 and args[1] is not None else None
+        ok = only_first and picked is not None and 0 not in picked
+    elif op in _RESHAPES:
+        ok = only_first
+    elif op == "unsqueeze.default":
+        ok = only_first and dims(args[1], rank(0) + 1) not in (None, [0])
+    elif op in ("squeeze.dim", "squeeze.dims"):
+        picked = dims(args[1], rank(0))
+        ok = only_first and picked is not None and 0 not in picked
+    elif op == "permute.default":
+        picked = dims(args[1], rank(0))
+        ok = only_first and picked is not None and picked[0] == 0
+    elif op == "transpose.int":
+        picked = dims([args[1], args[2]], rank(0))
+        ok = only_first and picked is not None and 0 not in picked
+    elif op == "t.default":
+        ok = only_first and rank(0) < 2
+    elif op == "select.int":
+        ok = only_first and dims(args[1], rank(0)) not in (None, [0])
+    elif op == "slice.Tensor":
+        at = dims(args[1] if len(args) > 1 else 0, rank(0))
+        whole = (len(args) < 3 or args[2] in (None, 0)) and (len(args) < 5 or args[4] in (None, 1))
+        ok = only_first and at is not None and (at != [0] or whole)
+    elif op == "cat.default":
+        tensors = args[0] if isinstance(args[0], list | tuple) else []
+        first = tensors[0] if tensors and isinstance(tensors[0], torch.fx.Node) else None
+        of = len(shapes[0].get(first, ())) if first is not None else 0
+        ok = (
+            bool(tensors)
+            and all(isinstance(t, torch.fx.Node) and state.get(t) == "rows" for t in tensors)
+            and dims(args[1] if len(args) > 1 else 0, of) not in (None, [0])
+        )
+    else:
+        ok = False
+    return "rows" if ok and batch_first() else "mixed"
 
 
 def _without_dropout(module: torch.nn.Module) -> torch.nn.Module:

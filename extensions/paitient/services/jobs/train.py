@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -539,6 +539,31 @@ def membership_audit(
     return membership.attack_numbers(
         m_loss, h_loss, _keys(ym), _keys(yh), classes=loss != "mse", seed=int(seed), resamples=BOOTSTRAP
     )
+
+
+def worst_membership_audit(
+    forwards: Sequence[Forward],
+    params: dict[str, torch.Tensor],
+    x_members: torch.Tensor,
+    y_members: torch.Tensor,
+    x_holdout: torch.Tensor,
+    y_holdout: torch.Tensor,
+    loss: str,
+    seed: int,
+) -> dict[str, float]:
+    """:func:`membership_audit` of each way of computing the model from the same weights (with dropout off,
+    and as trained, with it on), each attack's numbers from the way it does best on. A graph can compute
+    anything from dropout's switch (``d * (2 - d)`` of a dropout of ones is 0 while training, 1 without):
+    audited only with dropout off, weights trained as a classifier could show a constant and pass."""
+    audits = []
+    for forward in forwards:
+        torch.manual_seed(int(seed))  # dropout's draws, where it is on
+        audits.append(membership_audit(forward, params, x_members, y_members, x_holdout, y_holdout, loss, seed))
+    out: dict[str, float] = {}
+    for attack in ("mia_loss", "mia_calibrated"):
+        worst = max(audits, key=lambda audit: audit[attack])
+        out.update({k: v for k, v in worst.items() if k == attack or k.startswith(attack + "_")})
+    return out
 
 
 def _sample(n: int, rng: np.random.Generator) -> torch.Tensor:
