@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
@@ -560,6 +561,72 @@ def test_a_researcher_has_at_most_auto_release_per_day_outputs_released_without_
     assert airlock.store.events(none, "state")[-1].data["not_automatic"] == (
         "project registry releases nothing without review (auto_release_per_day = 0)"
     )
+
+
+def test_a_patient_added_in_a_new_version_is_not_released_by_counts_of_everyone(site, airlock, people):
+    """Counts of everyone, left without a version, once before and once after a version that adds one
+    patient: each table alone is safe, the two differ by that patient. The check reads the version `current`
+    points to and compares the versions' tables, on the variables both have (a finer grouping of the new
+    version too): the later ones wait for a steward, and what a steward would release is that version's."""
+    import json as json_
+
+    from paitient.services.data import rowindex
+    from tests.airlock.helpers import AGES, publish
+
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
+    first = submit(airlock, people, "ren", csv_bytes(df.groupby("age_band").size().rename("n").reset_index()),
+                   recipe=recipe)  # fmt: skip
+    wait_state(airlock, first, review.RELEASED)
+    later = pd.concat([df, pd.DataFrame({"age": [57], "age_band": ["45-64"], "sex": ["F"]})], ignore_index=True)
+    where = publish(site, "registry", "counts", later, version=2)
+    columns = [{"name": c, "action": "keep"} for c in later.columns]
+    columns[1]["categories"], columns[2]["categories"] = ["0-44", "45-64", "65+"], ["F", "M"]
+    (where / "manifest.json").write_text(json_.dumps({"version": 2, "columns": columns}))
+    rowindex.reindex_version(site, "registry", "counts", 2, rowindex.ensure_key(site))
+    link = site.data_root / "registry" / "counts" / "current"
+    os.symlink("versions/2", link.with_name("current.new"))
+    os.replace(link.with_name("current.new"), link)
+    assert len(AGES) + 1 == len(later)
+
+    by_band = later.groupby("age_band").size().rename("n").reset_index()
+    again = submit(airlock, people, "ren", csv_bytes(by_band), recipe=recipe)
+    by_both = later.groupby(["age_band", "sex"]).size().rename("n").reset_index()
+    finer = submit(airlock, people, "ren", csv_bytes(by_both), recipe={**recipe, "index": ["age_band", "sex"]})
+    for rid in (again, finer):
+        wait_state(airlock, rid, review.IN_REVIEW)
+        airlock.wait_idle()
+        assert airlock.store.get(rid).state == review.IN_REVIEW
+        checks = {c["check"]: c for c in airlock.store.checks(rid)}
+        assert checks["recipe"]["status"] == "pass" and checks["recipe"]["details"]["version"] == 2
+        assert checks["differencing"]["status"] == "review"
+        cells = [(f["earlier"], f["cell"], f["count"]) for f in checks["differencing"]["details"]["findings"]]
+        assert ([first], {"age_band": "45-64"}, 1.0) in cells, cells
+
+
+def test_a_finer_grouping_of_everyone_does_not_hide_the_patients_a_released_filter_dropped(site, airlock, people):
+    """A steward released the patients under 90 by age band (each cell large). Everyone by age band and sex,
+    a recipe that would leave without a steward, adds up to everyone by age band: minus the first, the two
+    patients over 90. It is compared on the variable both have, and refused naming the earlier release."""
+    df = registry_counts(site)
+    recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count", "filter": {"age": {"<": 90}}}
+    young = df[df.age < 90].groupby("age_band").size().rename("n").reset_index()
+    first = submit(airlock, people, "ren", csv_bytes(young), recipe=recipe)
+    wait_state(airlock, first, review.IN_REVIEW)
+    airlock.previews.show(first, username="sam", scopes=set(STEWARD), via="page")
+    airlock.decide(first, username="sam", scopes=set(STEWARD), action="approve", comment="every cell over 10")
+    assert airlock.store.get(first).state == review.RELEASED
+    both = df.groupby(["age_band", "sex"]).size().rename("n").reset_index()
+    assert both.n.min() >= 10
+    rid = submit(airlock, people, "ren", csv_bytes(both), recipe={"dataset": "counts", "index": ["age_band", "sex"],
+                                                                  "aggfunc": "count"})  # fmt: skip
+    wait_state(airlock, rid, review.IN_REVIEW)
+    airlock.wait_idle()
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    check = {c["check"]: c for c in airlock.store.checks(rid)}["differencing"]
+    assert check["status"] == "fail"
+    found = [(f["kind"], f["earlier"], f["cell"], f["count"], f["sure"]) for f in check["details"]["findings"]]
+    assert found == [("nested", [first], {"age_band": "65+"}, 2.0, True)]
 
 
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):

@@ -134,46 +134,64 @@ def _comparable(a: CountTable, b: CountTable) -> bool:
 # Nested populations
 
 
+def _variables(t: CountTable) -> frozenset[str]:
+    """The variables of the table's full cells (the keys with the most variables; margins have fewer)."""
+    widest = max((len(k) for k in t.facts), default=0)
+    return next((frozenset(v for v, _ in k) for k in t.facts if len(k) == widest), frozenset())
+
+
+def marginal(t: CountTable, variables: frozenset[str]) -> dict[Key, float]:
+    """The table's full cells added up over every variable but ``variables`` (``frozenset()``: the total)."""
+    full = _variables(t)
+    out: dict[Key, float] = defaultdict(float)
+    for k, n in t.facts.items():
+        if frozenset(v for v, _ in k) == full:
+            out[frozenset(p for p in k if p[0] in variables)] += n
+    return dict(out)
+
+
 def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[Finding]:
+    """Two tables over populations of which one holds the other, compared on what both count: each table's
+    cells added up over the variables the other does not have (the total, where they share none), so a finer
+    grouping of one population does not hide the patients a filter or another version drops or adds."""
     if not _comparable(new, old):
         return []
-    common = set(new.facts) & set(old.facts)
-    if not common:
-        return []
-    # Two versions of a dataset differ by the patients added or removed between them: their tables are
-    # compared as tables of unknown populations are, cell by cell.
-    sure = new.population is not None and old.population is not None and new.version == old.version
+    common = _variables(new) & _variables(old)
+    known = new.population is not None and old.population is not None
+    # Two versions of a dataset differ by the patients added, removed or changed between them, whichever
+    # the filters: each shared cell's difference either way counts some of them (a suspicion for a steward).
+    versions = known and new.version != old.version
+    sure = known and not versions
+    mn, mo = marginal(new, common), marginal(old, common)
     if sure:
         assert new.population is not None and old.population is not None
         if _same_population(new, old):
             return []
         if population_within(new.population, old.population):
-            big, small = old, new
+            big, small = mo, mn
         elif population_within(old.population, new.population):
-            big, small = new, old
+            big, small = mn, mo
         else:
             return []
-        # both recomputed from the data: a cell one lists and the other does not is zero there
-        keys = set(big.facts) | set(small.facts)
-        vars_ = {frozenset(v for v, _ in k) for k in keys}
-        if len(vars_) != 1:
-            keys = common
+    elif versions:
+        big, small = mn, mo
     else:
-        # populations unknown: one table counts a subgroup of the other if no cell of it is larger
-        if new.facts.keys() != old.facts.keys():
+        # populations unknown: one table counts a subgroup of the other if no cell of it is larger; on a
+        # variable both have (two totals alone would pair any tables whose sizes are close)
+        if not common or not (set(mn) & set(mo)):
             return []
-        if all(new.facts[k] <= old.facts[k] for k in common):
-            big, small = old, new
-        elif all(old.facts[k] <= new.facts[k] for k in common):
-            big, small = new, old
+        if all(mn.get(k, 0.0) <= mo.get(k, 0.0) for k in set(mn) | set(mo)):
+            big, small = mo, mn
+        elif all(mo.get(k, 0.0) <= mn.get(k, 0.0) for k in set(mn) | set(mo)):
+            big, small = mn, mo
         else:
             return []
-        keys = common
     out = []
-    for k in sorted(keys, key=sorted):
-        d = big.facts.get(k, 0.0) - small.facts.get(k, 0.0)
-        if _small(d, min_count):
-            out.append(Finding("nested", (rid,), tuple(sorted(k)), d, sure))
+    # both recomputed from the data where known: a cell one lists and the other does not is zero there
+    for k in sorted(set(big) | set(small), key=sorted):
+        d = big.get(k, 0.0) - small.get(k, 0.0)
+        if _small(abs(d) if versions else d, min_count):
+            out.append(Finding("nested", (rid,), tuple(sorted(k)), abs(d), sure))
     return out
 
 
@@ -546,14 +564,20 @@ def side_by_side(
             for k, n in tables[rid].facts.items():
                 before.setdefault(k, n)
         keys = set(new.facts) | set(before)
+        now = dict(new.facts)
+        for f in found:  # a difference of sums over variables one table does not have: the sums, beside
+            cell = frozenset(f.cell)
+            if f.kind == "nested" and cell not in keys and len(f.earlier) == 1:
+                variables = frozenset(v for v, _ in cell)
+                now[cell] = marginal(new, variables).get(cell, 0.0)
+                before[cell] = marginal(tables[f.earlier[0]], variables).get(cell, 0.0)
+                keys.add(cell)
         flagged = set().union(*(involved(f, keys) for f in found))
         ordered = sorted(keys, key=_row_order)
         shown = [k for k in ordered if k in flagged]
         room = max(0, max_rows - len(shown))
         rest = [k for k in ordered if k not in flagged]
         chosen = set(shown) | set(rest[:room])
-        rows = tuple(
-            SideRow(cell_text(k), before.get(k), new.facts.get(k), k in flagged) for k in ordered if k in chosen
-        )
+        rows = tuple(SideRow(cell_text(k), before.get(k), now.get(k), k in flagged) for k in ordered if k in chosen)
         out.append(SideBySide(rids, rows, max(0, len(rest) - room), tuple(found)))
     return out

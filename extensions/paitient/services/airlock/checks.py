@@ -100,6 +100,9 @@ class CheckContext:
     earlier_tables: Callable[[str, str], list[tuple[str, differencing.CountTable, bool]]] | None = None
     """``(project, request id) -> [(earlier request id, table, released)]``: the project's count tables released
     or in review, but the request's own."""
+    current_version: Callable[[str, str], int | None] | None = None
+    """``(project, dataset) -> the version `current` points to, or None``: a recipe that names no version is
+    checked, compared and released as that version."""
     membership_audit: bool = True
     """Run the membership-inference audit of self-reported weights; False for a check before a request
     (:mod:`paitient.services.airlock.feedback`), whose answer then says the audit runs on the request."""
@@ -207,6 +210,10 @@ def check_table(
         return [*content, unchecked, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
     try:
         recipe = disclosure.validate_recipe(recipe)
+        if recipe.get("version") in (None, "") and ctx.current_version is not None:
+            # pinned: the differencing compares versions, and the table released is this version's
+            pinned = ctx.current_version(req.project, recipe["dataset"])
+            recipe = recipe if pinned is None else {**recipe, "version": pinned}
         source = ctx.load_dataset(req.project, recipe["dataset"], recipe.get("version"))
     except (disclosure.TableError, FileNotFoundError, KeyError) as e:
         failed = result("recipe", "fail", str(e))
@@ -216,6 +223,7 @@ def check_table(
     if matched is not None:
         why = disclosure.unseen_release_refusal(recipe)
         matched["details"]["automatic"] = why or True
+        matched["details"]["version"] = recipe.get("version")
     table = recipe_counts(source, recipe) if matched and recipe["aggfunc"] == "count" else alone
     return [*out, check_differencing(req, table, ctx)]
 

@@ -162,6 +162,7 @@ class Airlock:
             lookup_run=self.lookup_run,
             budget_for=self.budget_for,
             load_dataset=self._load_dataset,
+            current_version=self._current_version,
             published=self.published.files,
             mia_max_auc=s.mia_max_auc,
             mia_max_advantage=s.mia_max_advantage,
@@ -237,6 +238,11 @@ class Airlock:
         from paitient.services.jobs.keys import load_public_key, public_key_path
 
         return load_public_key(public_key_path(self.site))
+
+    def _current_version(self, project: str, dataset: str) -> int | None:
+        from paitient.services.data.publish import current_version, dataset_dir
+
+        return current_version(dataset_dir(self.site.data_root, project, dataset.split("/")[-1]))
 
     def _load_dataset(self, project: str, dataset: str, version: Any):
         name = dataset.split("/")[-1]
@@ -796,7 +802,7 @@ class Airlock:
         released: tuple[ReleasedFile, list[bytes]] | None = None
         if not_automatic is None and req.kind == "table":
             try:
-                released = self._computed_release(req)
+                released = self._computed_release(req, (recipe or {}).get("details", {}).get("version"))
             except _Unreleasable as e:
                 not_automatic = str(e)
             except Exception as e:
@@ -852,12 +858,14 @@ class Airlock:
             f"one; outputs leave without review again from {when}"
         )
 
-    def _computed_release(self, req: Request) -> tuple[ReleasedFile, list[bytes]]:
+    def _computed_release(self, req: Request, version: Any) -> tuple[ReleasedFile, list[bytes]]:
         """The file a table released without a steward leaves as, and the blobs to store for it: the airlock's
         own computation of its recipe (:func:`paitient.services.airlock.checks.computed_table`), named after
         the request, in the format asked. Nothing of the kernel's file leaves: not its labels, its layout, its
         extra columns or its name."""
         recipe = disclosure.validate_recipe(req.meta.get("recipe"))
+        if version is not None:  # the version the checks read (the recipe's, or where `current` pointed then)
+            recipe = {**recipe, "version": version}
         source = self._load_dataset(req.project, recipe["dataset"], recipe.get("version"))
         table = computed_table(source, recipe)
         # The checks count what pandas' crosstab and ACRO count, which can leave out a missing category's

@@ -1196,14 +1196,17 @@ def _row_state(node: torch.fx.Node, state: dict[torch.fx.Node, str], shapes: lis
     torch.fx.node.map_arg((node.args, node.kwargs), inputs.append)
     kinds = [state.get(n, "mixed") for n in inputs]
     if op == "sym_size.int":
-        return "fixed" if args and args[0] is not None and state.get(args[0]) == "rows" and args[1] == 0 else "mixed"
+        source = args[0] if args else None
+        read = isinstance(source, torch.fx.Node) and state.get(source) == "rows" and args[1] == 0
+        return "fixed" if read else "mixed"
     if "mixed" in kinds:
         return "mixed"
     if "rows" not in kinds:
         return "fixed"
 
     def rows(i: int) -> bool:
-        return i < len(args) and isinstance(args[i], torch.fx.Node) and state.get(args[i]) == "rows"
+        arg = args[i] if i < len(args) else None
+        return isinstance(arg, torch.fx.Node) and state.get(arg) == "rows"
 
     def rank(i: int) -> int:
         return len(shapes[0].get(args[i], ())) if isinstance(args[i], torch.fx.Node) else 0
