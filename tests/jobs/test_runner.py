@@ -149,6 +149,18 @@ def test_a_graph_the_runner_refuses_is_never_queued(world):
         submit(bn, **request())
     assert getattr(e.value, "code", "") == "graph_refused"
     assert JobsClient().list() == []
+    # A graph of whole-number rows (an embedding's indices) loads, but the runner gives float32 features.
+    from paitient.kernel.jobs.export import export_graph
+
+    indexed = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(4 * 30, 2))
+    program = export_graph(indexed, torch.zeros(2, 30, dtype=torch.long))
+    with pytest.raises(
+        Exception, match="it takes torch.int64 rows, and the runner gives it the features as float32"
+    ) as e:
+        wire = {**request(), "loss": "cross_entropy", "optimizer": "sgd", "holdout": 0.2, "preprocessing": []}
+        JobsClient().submit(program, wire)
+    assert getattr(e.value, "code", "") == "graph_refused"
+    assert JobsClient().list() == []
 
 
 def test_certified_weights_pass_the_airlock_on_the_runners_word_alone(world):

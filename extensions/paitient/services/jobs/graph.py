@@ -1143,6 +1143,13 @@ def rows_independent(module: torch.nn.Module, input_shape: tuple[int, ...], inpu
     device), never from values: a graph that mixes rows only for some values (a mean over the batch of a
     term that is zero for ordinary rows) is found as surely as one that always does. Clipping each row's
     gradient the fast way is right only for such a graph (:func:`paitient.services.jobs.persample`)."""
+    try:
+        return _rows_independent(module, input_shape, input_dtype)
+    except Exception:  # an argument of a form the analysis does not read: the exact way, which is always right
+        return False
+
+
+def _rows_independent(module: torch.nn.Module, input_shape: tuple[int, ...], input_dtype: torch.dtype) -> bool:
     if not isinstance(module, torch.fx.GraphModule):
         return False
     shapes: list[dict[torch.fx.Node, tuple[int, ...]]] = []
@@ -1203,6 +1210,8 @@ def _row_state(node: torch.fx.Node, state: dict[torch.fx.Node, str], shapes: lis
         return "mixed"
     if "rows" not in kinds:
         return "fixed"
+    if node.kwargs:  # the rules below read arguments by position, as the exporter writes them
+        return "mixed"
 
     def rows(i: int) -> bool:
         arg = args[i] if i < len(args) else None

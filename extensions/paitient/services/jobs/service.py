@@ -83,6 +83,13 @@ class JobsService:
             graph = load_graph(program, max_bytes=MAX_GRAPH_BYTES)
         except GraphRefused as e:
             raise ChannelError(f"the model cannot be trained by the runner: {e}", "graph_refused") from None
+        if not graph.input_dtype.is_floating_point:
+            raise ChannelError(
+                f"the model cannot be trained by the runner: it takes {graph.input_dtype} rows, and the runner "
+                "gives it the features as float32 (whole numbers an embedding could index would be read from "
+                "fractions): one-hot the categories in preprocessing and start with a Linear layer",
+                "graph_refused",
+            )
         if spec["checkpoint"] is not None:
             spec["checkpoint_sha256"] = self._checkpoint_for(spec["checkpoint"], graph)
         self.store.keep_graph(graph.sha256, program)
