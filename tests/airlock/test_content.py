@@ -408,11 +408,15 @@ def test_a_table_of_counts_the_kernel_made_up_is_not_released_without_a_steward(
     assert moved["to"] == review.IN_REVIEW and "automatic" not in moved
     assert "recipe" in moved["not_automatic"]
 
-    # The same cells with the recipe that makes them fail the recipe check; the true counts pass and leave.
+    # The same cells with the recipe that makes them fail the recipe check; the true counts pass and leave
+    # once a steward rejected the made-up ones (while they wait, their cells, labelled as the dataset's age
+    # bands, are compared with every later table of the project).
     recipe = {"dataset": "counts", "index": ["age_band"], "aggfunc": "count"}
     forged = submit(airlock, people, "ren", csv_bytes(made_up), recipe=recipe)
     wait_state(airlock, forged, review.IN_REVIEW)
     assert by_check(airlock, forged)["recipe"]["status"] == "fail"
+    for made in (rid, forged):
+        airlock.decide(made, username="sam", scopes=set(STEWARD), action="reject", comment="numbers made up")
     true = df.groupby("age_band").size().rename("n").reset_index()
     rid = submit(airlock, people, "ren", csv_bytes(true), recipe=recipe)
     wait_state(airlock, rid, review.RELEASED)
@@ -627,6 +631,32 @@ def test_a_finer_grouping_of_everyone_does_not_hide_the_patients_a_released_filt
     assert check["status"] == "fail"
     found = [(f["kind"], f["earlier"], f["cell"], f["count"], f["sure"]) for f in check["details"]["findings"]]
     assert found == [("nested", [first], {"age_band": "65+"}, 2.0, True)]
+
+
+@pytest.mark.parametrize("header", ["AGE_BAND", "band"])
+def test_a_table_without_a_recipe_is_compared_under_the_datasets_names(site, airlock, people, header):
+    """A steward released the patients under 90 by age band from a table without a recipe, its header
+    written ``AGE_BAND`` or ``band``. Everyone by ``age_band`` from a recipe would leave without a steward,
+    and minus the first counts the two patients over 90. The first table's header is read as the dataset's
+    column (by its name but for case, or by its labels, the categories of that column alone), so the two
+    are compared: the second waits for a steward."""
+    df = registry_counts(site)
+    young = df[df.age < 90].groupby("age_band").size().rename("n").reset_index().rename(columns={"age_band": header})
+    first = submit(airlock, people, "ren", csv_bytes(young))
+    wait_state(airlock, first, review.IN_REVIEW)
+    airlock.previews.show(first, username="sam", scopes=set(STEWARD), via="page")
+    airlock.decide(first, username="sam", scopes=set(STEWARD), action="approve", comment="under 90, cells over 10")
+    assert airlock.store.get(first).state == review.RELEASED
+    everyone = df.groupby("age_band").size().rename("n").reset_index()
+    rid = submit(airlock, people, "ren", csv_bytes(everyone), recipe={"dataset": "counts", "index": ["age_band"],
+                                                                      "aggfunc": "count"})  # fmt: skip
+    wait_state(airlock, rid, review.IN_REVIEW)
+    airlock.wait_idle()
+    assert airlock.store.get(rid).state == review.IN_REVIEW
+    check = {c["check"]: c for c in airlock.store.checks(rid)}["differencing"]
+    assert check["status"] == "review"
+    found = [(f["kind"], f["earlier"], f["cell"], f["count"], f["sure"]) for f in check["details"]["findings"]]
+    assert found == [("nested", [first], {"age_band": "65+"}, 2.0, False)]
 
 
 def test_a_table_counts_as_released_only_with_its_request(site, airlock, people):

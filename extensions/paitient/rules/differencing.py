@@ -440,6 +440,38 @@ def from_frame(df: Any, count_columns: Sequence[str], label_columns: Sequence[st
     return CountTable(facts=facts)
 
 
+def in_dataset_terms(t: CountTable, columns: Mapping[str, Iterable[str]]) -> CountTable:
+    """A table read without its recipe, under the dataset's names: a header that is a column's name but for
+    case, or whose labels are all categories of exactly one column, is that column, and each label is
+    spelt as the catalogue spells it. Otherwise a header written ``AGE_BAND`` or ``band`` keys cells that no
+    recipe's table shares, and nothing is compared."""
+    folded = {name.casefold(): name for name in columns}
+    spelt = {name: {_category(c).casefold(): _category(c) for c in cats} for name, cats in columns.items()}
+    labels: dict[str, set[str]] = defaultdict(set)
+    for k in t.facts:
+        for v, c in k:
+            labels[v].add(c)
+    rename: dict[str, str] = {}
+    for variable, cats in labels.items():
+        if variable == COLUMNS_VARIABLE:
+            continue
+        name = folded.get(variable.casefold())
+        if name is None:
+            fits = [n for n, known in spelt.items() if known and {c.casefold() for c in cats} <= set(known)]
+            name = fits[0] if len(fits) == 1 else None
+        if name is not None:
+            rename[variable] = name
+
+    def term(v: str, c: str) -> Pair:
+        name = rename.get(v)
+        return (name, spelt[name].get(c.casefold(), c)) if name is not None else (v, c)
+
+    if not rename or len(set(rename.values())) != len(rename):
+        return t
+    facts = {frozenset(term(v, c) for v, c in k): n for k, n in t.facts.items()}
+    return CountTable(facts=facts, dataset=t.dataset, version=t.version, population=t.population, domains=t.domains)
+
+
 def from_counts(
     counts: Mapping[tuple[Any, ...], float],
     variables: Sequence[str],

@@ -100,6 +100,9 @@ class CheckContext:
     earlier_tables: Callable[[str, str], list[tuple[str, differencing.CountTable, bool]]] | None = None
     """``(project, request id) -> [(earlier request id, table, released)]``: the project's count tables released
     or in review, but the request's own."""
+    catalogue_columns: Callable[[str], dict[str, frozenset[str]]] | None = None
+    """``project -> {column: its catalogued categories}`` of the project's datasets: a table without a recipe
+    is compared under the dataset's names for its headers and labels."""
     current_version: Callable[[str, str], int | None] | None = None
     """``(project, dataset) -> the version `current` points to, or None``: a recipe that names no version is
     checked, compared and released as that version."""
@@ -203,6 +206,8 @@ def check_table(
     content.append(check_row_content(req.project, df, ctx))
     recipe = req.meta.get("recipe")
     alone = from_frame(df)
+    if alone is not None and ctx.catalogue_columns is not None:
+        alone = differencing.in_dataset_terms(alone, ctx.catalogue_columns(req.project))
     if not recipe:
         return [*content, *disclosure.check_table_alone(df, ctx.rules), check_differencing(req, alone, ctx)]
     if ctx.load_dataset is None:

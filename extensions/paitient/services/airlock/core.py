@@ -174,6 +174,7 @@ class Airlock:
             jobs_public_key=self.jobs_public_key,
             self_reported_policy=self._self_reported_policy,
             labels=self.table_labels,
+            catalogue_columns=self.catalogue_columns,
             reveal=self.reveal_rows,
             stage_table=self.tables.stage,
             earlier_tables=self.tables.earlier,
@@ -203,6 +204,20 @@ class Airlock:
                         texts.append(column.get("name", ""))
                         texts.extend(column.get("categories") or [])
         return Labels.of(texts)
+
+    def catalogue_columns(self, project: str) -> dict[str, frozenset[str]]:
+        """The columns of the project's datasets (every published version), each with the categories the
+        catalogue lists for it (none for a column of numbers)."""
+        from paitient.services.data.publish import dataset_dir, read_manifest, versions
+
+        out: dict[str, set[str]] = {}
+        for name in self.site.project(project).datasets:
+            ds = dataset_dir(self.site.data_root, project, name)
+            for version in versions(ds):
+                for column in (read_manifest(ds, version) or {}).get("columns", []):
+                    if isinstance(column, dict) and isinstance(column.get("name"), str):
+                        out.setdefault(column["name"], set()).update(map(str, column.get("categories") or []))
+        return {name: frozenset(cats) for name, cats in out.items()}
 
     def reveal_rows(self, project: str, text: bytes) -> dict[str, int]:
         """Rows of the project's datasets ``text`` reveals, by the exact-data-match indexes the egress gate uses
