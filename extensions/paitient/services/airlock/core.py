@@ -1054,15 +1054,19 @@ class Airlock:
                 before_commit=lambda d: self._record_decision(req, username, action, comment, d),
             )
         except review.TransitionError as e:
-            self.emit(
-                actor=username,
-                action="airlock.decision",
-                object=rid,
-                outcome="denied",
-                details={"project": req.project, "user": req.username, "action": action, "reason": str(e)},
-            )
+            self._denied("airlock.decision", req, username, action, e)
             raise
         return decision
+
+    def _denied(self, record: str, req: Request, username: str, action: str, why: Exception) -> None:
+        """The audit record of a steward's act on ``req`` that was refused, with the reason."""
+        self.emit(
+            actor=username,
+            action=record,
+            object=req.id,
+            outcome="denied",
+            details={"project": req.project, "user": req.username, "action": action, "reason": str(why)},
+        )
 
     def _read_whole(self, req: Request, username: str) -> None:
         """Refuse an approval of a table of several preview pages that ``username`` has not all opened: what
@@ -1185,13 +1189,7 @@ class Airlock:
 
             self.store.graph_event(rid, actor=username, data=data, before_commit=record)
         except review.TransitionError as e:
-            self.emit(
-                actor=username,
-                action="airlock.graph",
-                object=rid,
-                outcome="denied",
-                details={"project": req.project, "user": req.username, "action": action, "reason": str(e)},
-            )
+            self._denied("airlock.graph", req, username, action, e)
             raise
         done = self.graph_standing(req)
         assert done is not None
