@@ -106,6 +106,32 @@ def test_nested_populations_reveal_the_dropped_patients_cell_by_cell():
     ]
 
 
+def test_populations_are_compared_by_the_rows_they_hold_not_the_columns_their_filters_name():
+    """'Everyone' written as a filter that lets every row through (stage not in [], which keeps the rows
+    without a stage too) and 'everyone under 90' filter different columns, so by their filters neither
+    lies within the other and the pair was never compared; the difference counts the two patients over 90.
+    Each recipe's population is kept as the rows of the version it holds: the second lies within the first,
+    and the filter that keeps everyone is everyone."""
+    from paitient.services.airlock.checks import recipe_counts
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"sex": rng.choice(["F", "M"], 400), "age": rng.integers(20, 89, 400).astype(float),
+                       "stage": rng.choice(["I", "II", "III", "IV"], 400).astype(object)})  # fmt: skip
+    df.loc[:1, "age"] = [93.0, 95.0]
+    df.loc[5:9, "stage"] = None
+    base = {"dataset": "counts", "version": 1, "index": ["sex"], "columns": [], "aggfunc": "count"}
+    everyone = recipe_counts(df, disclosure.validate_recipe({**base, "filter": {"stage": {"not": []}}}))
+    under_90 = recipe_counts(df, disclosure.validate_recipe({**base, "filter": {"age": {"<": 90}}}))
+    plain = recipe_counts(df, disclosure.validate_recipe(base))
+    assert set(everyone.population) == {"stage"} and set(under_90.population) == {"age"}
+    for first, then in ((everyone, under_90), (under_90, everyone)):
+        found = [(f.kind, f.cell, f.count, f.sure) for f in dif.compare(then, [("r1", first)], 10)]
+        gone = sorted(df.sex[:2])
+        assert found == [("nested", (("sex", s),), 1.0 if gone[0] != gone[1] else 2.0, True) for s in sorted(set(gone))]
+    assert dif.compare(plain, [("r1", everyone)], 10) == []  # one population, however the filter is written
+    assert dif.CountTable.from_json(json.loads(json.dumps(under_90.to_json()))) == under_90
+
+
 def test_tables_without_recipes_that_look_nested_go_to_a_steward():
     a, b = dif.CountTable(cells(x=100, y=50)), dif.CountTable(cells(x=97, y=50))
     [f] = dif.compare(b, [("r1", a)], 10)

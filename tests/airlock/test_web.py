@@ -309,3 +309,34 @@ async def test_api_answers_json_errors(web, airlock, people):
 
     listing = json.loads((await web.fetch("alice", "api/requests")).body)
     assert [x["id"] for x in listing["requests"]] == [rid]
+
+
+def test_a_stewards_approval_of_a_graph_does_not_count_for_their_own_weights(site, airlock, people):
+    """steph is a researcher and a steward of oncology (one approval needed). She approves graph G on
+    alice's request; her own weights of G still wait for another steward's approval, which then counts for
+    both. (The runner's signed record is stood in for by the check result the worker writes for it: the
+    approvals are counted the same whatever signed it; tests/jobs/test_runner.py runs real jobs.)"""
+    graph = "ab" * 32
+
+    def weights(user: str, uid: int) -> str:
+        req = airlock.store.create(
+            project="oncology", username=user, account=f"pt-{user}", uid=uid, kind="weights", filename="j.safetensors",
+            sha256=f"{uid % 256:02x}" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
+        )  # fmt: skip
+        checked = {"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}
+        airlock.store.record_checks(req.id, [checked])
+        return req.id
+
+    alices, stephs = weights("alice", 30001), weights("steph", 30005)
+    scopes = {"custom:airlock:review"}
+    with pytest.raises(review.TransitionError, match="you filed this request: another steward approves its graph"):
+        airlock.decide_graph(stephs, username="steph", scopes=scopes, action="approve", reason="my own graph, read")
+    airlock.graph_read(airlock.store.get(alices), "steph")
+    airlock.decide_graph(alices, username="steph", scopes=scopes, action="approve", reason="read whole: one layer")
+    assert airlock.graph_standing(airlock.store.get(alices)).approved
+    own = airlock.graph_standing(airlock.store.get(stephs))
+    assert not own.approved and own.approvals == ()
+    airlock.graph_read(airlock.store.get(stephs), "sam")
+    airlock.decide_graph(stephs, username="sam", scopes=scopes, action="approve", reason="read whole: one layer too")
+    assert [a.actor for a in airlock.graph_standing(airlock.store.get(stephs)).approvals] == ["sam"]
+    assert [a.actor for a in airlock.graph_standing(airlock.store.get(alices)).approvals] == ["steph", "sam"]

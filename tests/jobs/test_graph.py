@@ -1305,3 +1305,38 @@ def test_a_mean_over_the_batch_that_no_probe_row_reaches_still_trains_the_exact_
 
     assert (fast(x, y) - fast(x[1:], y[1:])).norm() > 10  # what the fast way would have let one row do
     assert (exact(x, y) - exact(x[1:], y[1:])).norm() <= 1.0 + 1e-5
+
+
+class Alternating(nn.Module):
+    """Each row's output is the sum of the first ``batch`` of 40 columns +h, -h, +h, ...: h for an odd
+    batch, 0 for an even one."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x).unsqueeze(2)
+        cols = torch.cat([h if j % 2 == 0 else -h for j in range(40)], dim=2)
+        if self.how == "slice":
+            return cols[:, :, : x.shape[0]].sum(2)
+        return cols.select(2, x.shape[0])
+
+
+@pytest.mark.parametrize("how", ["slice", "select"])
+def test_a_graph_that_reads_the_batch_size_as_an_index_is_clipped_the_exact_way(how):
+    """The batch size used as a bound or an index (``h[:, :, :x.shape[0]]``) makes each row's output depend
+    on how many rows are in the batch. Exported by hand (the kernel's exporter refuses it), the graph loads,
+    and the fast way, which agrees at a batch of 1 and at the probe's, let one row move the clipped sum by 6.7
+    times the bound. Such a graph counts as mixing rows."""
+    from torch._export.serde import serialize as serde
+
+    exported = torch.export.export(
+        Alternating(how).train(),
+        (torch.zeros(3, 4),),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=2, max=39)},),
+        strict=False,
+    )
+    graph = runner(bytes(serde.serialize(exported).exported_program))
+    assert graph.rows_independent is False

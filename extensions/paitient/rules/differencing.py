@@ -22,12 +22,16 @@ suspicion for a steward (the populations of tables without recipes are guessed f
 
 from __future__ import annotations
 
+import base64
 import math
 import re
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from paitient.rules.values import once_per_value
 
@@ -50,6 +54,9 @@ class CountTable:
     """Column -> the values the filter lets through; ``{}``: everyone; ``None``: not known."""
     domains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Variable -> every category it has in the dataset (from the recipe's data), where known."""
+    members: str | None = None
+    """Which rows of the dataset's version the population holds (:func:`members_of`), where known: two
+    filters on different columns can let the same rows through, or one the other's."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +65,7 @@ class CountTable:
             "version": self.version,
             "population": None if self.population is None else {k: list(v) for k, v in self.population.items()},
             "domains": {k: list(v) for k, v in self.domains.items()},
+            **({"members": self.members} if self.members is not None else {}),
         }
 
     @classmethod
@@ -69,6 +77,7 @@ class CountTable:
             version=data.get("version"),
             population=None if pop is None else {str(k): tuple(map(str, v)) for k, v in pop.items()},
             domains={str(k): tuple(map(str, v)) for k, v in (data.get("domains") or {}).items()},
+            members=data.get("members") if isinstance(data.get("members"), str) else None,
         )
 
 
@@ -117,13 +126,36 @@ def population_within(inner: Mapping[str, Sequence[str]], outer: Mapping[str, Se
     return all(col in inner and set(inner[col]) <= set(vals) for col, vals in outer.items())
 
 
+def members_of(mask: Sequence[bool]) -> str:
+    """A population as the rows of its dataset's version it holds: one bit a row, compressed (a filter's
+    rows come in runs), as text for the table's JSON."""
+    bits = np.asarray(mask, dtype=bool)
+    packed = np.packbits(bits).tobytes()
+    return f"{len(bits)}:" + base64.b64encode(zlib.compress(packed, 9)).decode()
+
+
+def _rows(members: str) -> Any:
+    n, _, packed = members.partition(":")
+    return np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(packed)), np.uint8))[: int(n)].astype(bool)
+
+
+def _within(inner: CountTable, outer: CountTable) -> bool:
+    """Is every person ``inner`` counts counted by ``outer`` (of one dataset and version): by the rows both
+    hold where known, else by their filters."""
+    if inner.members is not None and outer.members is not None:
+        a, b = _rows(inner.members), _rows(outer.members)
+        return bool(len(a) == len(b) and not (a & ~b).any())
+    assert inner.population is not None and outer.population is not None
+    return population_within(inner.population, outer.population)
+
+
 def _same_population(a: CountTable, b: CountTable) -> bool | None:
     """True/False when both are known, None when either is not."""
     if a.population is None or b.population is None:
         return None
     if a.dataset != b.dataset or a.version != b.version:
         return False  # another version holds other patients, whatever the filter
-    return population_within(a.population, b.population) and population_within(b.population, a.population)
+    return _within(a, b) and _within(b, a)
 
 
 def _comparable(a: CountTable, b: CountTable) -> bool:
@@ -167,9 +199,9 @@ def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[
         assert new.population is not None and old.population is not None
         if _same_population(new, old):
             return []
-        if population_within(new.population, old.population):
+        if _within(new, old):
             big, small = mo, mn
-        elif population_within(old.population, new.population):
+        elif _within(old, new):
             big, small = mn, mo
         else:
             return []
@@ -480,6 +512,7 @@ def from_counts(
     version: int | None,
     population: Mapping[str, tuple[str, ...]],
     domains: Mapping[str, tuple[str, ...]],
+    members: str | None = None,
 ) -> CountTable:
     """The facts of a count table recomputed from its recipe: ``counts`` maps each cell's categories (in the
     order of ``variables``) to its count."""
@@ -487,7 +520,9 @@ def from_counts(
         frozenset((var, _category(c)) for var, c in zip(variables, cats, strict=True)): float(n)
         for cats, n in counts.items()
     }
-    return CountTable(facts=facts, dataset=dataset, version=version, population=population, domains=domains)
+    return CountTable(
+        facts=facts, dataset=dataset, version=version, population=population, domains=domains, members=members
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -310,6 +310,7 @@ def recipe_counts(data: pd.DataFrame, recipe: dict[str, Any]) -> differencing.Co
         version=int(version) if version not in (None, "") else None,
         population=disclosure.population(data, recipe.get("filter") or {}),
         domains={v: tuple(sorted({differencing._category(x) for x in data[v].dropna().unique()})) for v in variables},
+        members=differencing.members_of(disclosure.filter_mask(data, recipe.get("filter") or {})),
     )
 
 

@@ -1144,7 +1144,8 @@ class Airlock:
         return GraphStanding(
             sha256=sha,
             in_site=sha in project.auto_release_graphs,
-            approvals=tuple(self.store.graph_approvals(req.project, sha)),
+            # a steward's approval counts for colleagues' requests only: for their own, others approve
+            approvals=tuple(a for a in self.store.graph_approvals(req.project, sha) if a.actor != req.username),
             needed=project.approvals,
         )
 

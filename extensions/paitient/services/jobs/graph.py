@@ -1212,6 +1212,9 @@ def _row_state(node: torch.fx.Node, state: dict[torch.fx.Node, str], shapes: lis
         return "fixed"
     if node.kwargs:  # the rules below read arguments by position, as the exporter writes them
         return "mixed"
+    sized = [n for n in inputs if n.op == "call_function" and str(n.target) == "aten.sym_size.int"]
+    if sized and op not in _RESHAPES and op != "slice.Tensor":
+        return "mixed"  # a size as an index or a bound makes each row's value depend on how many rows there are
 
     def rows(i: int) -> bool:
         arg = args[i] if i < len(args) else None
@@ -1269,7 +1272,8 @@ def _row_state(node: torch.fx.Node, state: dict[torch.fx.Node, str], shapes: lis
     elif op == "slice.Tensor":
         at = dims(args[1] if len(args) > 1 else 0, rank(0))
         whole = (len(args) < 3 or args[2] in (None, 0)) and (len(args) < 5 or args[4] in (None, 1))
-        ok = only_first and at is not None and (at != [0] or whole)
+        # the batch as a bound only where it is the batch's own dimension (x[:n], all of it)
+        ok = only_first and at is not None and (at == [0] and whole or at != [0] and not sized)
     elif op == "cat.default":
         tensors = args[0] if isinstance(args[0], list | tuple) else []
         first = tensors[0] if tensors and isinstance(tensors[0], torch.fx.Node) else None
