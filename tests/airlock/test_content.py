@@ -88,7 +88,8 @@ def test_nested_populations_reveal_the_dropped_patients_cell_by_cell():
     but_old = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=78), dataset="d", version=1, population={"age": ("1",)})
     found = dif.compare(but_old, [("r-all", everyone)], 10)
     assert [(f.kind, f.earlier, f.cell, f.count, f.sure) for f in found] == [
-        ("nested", ("r-all",), (("band", "b65-"),), 2.0, True)
+        ("nested", ("r-all",), (), 2.0, True),  # everyone: two fewer
+        ("nested", ("r-all",), (("band", "b65-"),), 2.0, True),
     ]
     # the same populations, or a difference of at least the threshold, reveal nothing
     assert dif.compare(everyone, [("r", everyone)], 10) == []
@@ -102,7 +103,8 @@ def test_nested_populations_reveal_the_dropped_patients_cell_by_cell():
     later = dif.CountTable(cells(b0_44=100, b45_64=121, b65_=80), dataset="d", version=2, population={})
     found = dif.compare(later, [("r-v1", everyone)], 10)
     assert [(f.kind, f.earlier, f.cell, f.count, f.sure) for f in found] == [
-        ("nested", ("r-v1",), (("band", "b45-64"),), 1.0, False)
+        ("nested", ("r-v1",), (), 1.0, False),
+        ("nested", ("r-v1",), (("band", "b45-64"),), 1.0, False),
     ]
 
 
@@ -127,9 +129,57 @@ def test_populations_are_compared_by_the_rows_they_hold_not_the_columns_their_fi
     for first, then in ((everyone, under_90), (under_90, everyone)):
         found = [(f.kind, f.cell, f.count, f.sure) for f in dif.compare(then, [("r1", first)], 10)]
         gone = sorted(df.sex[:2])
-        assert found == [("nested", (("sex", s),), 1.0 if gone[0] != gone[1] else 2.0, True) for s in sorted(set(gone))]
+        by_sex = [("nested", (("sex", s),), 1.0 if gone[0] != gone[1] else 2.0, True) for s in sorted(set(gone))]
+        assert found == [("nested", (), 2.0, True), *by_sex]
     assert dif.compare(plain, [("r1", everyone)], 10) == []  # one population, however the filter is written
     assert dif.CountTable.from_json(json.loads(json.dumps(under_90.to_json()))) == under_90
+
+
+def one(var, **counts):
+    return {frozenset({(var, k.replace("_", "-"))}): float(n) for k, n in counts.items()}
+
+
+def test_bins_are_compared_beside_other_variables_across_versions_and_past_a_missing_group():
+    """Bands 0-44 and 0-43 of one population: the piece between (the 4 patients aged 44) was found only
+    when neither table had another variable, both were of one version and neither counted a missing age.
+    Each variable's bins are now compared alone (the others added up), across versions, without the
+    missing-value group (which is no bin)."""
+    bands = one("age_band", **{"0_44": 100, "45_64": 80, "65+": 100})
+    sexed = {
+        frozenset({("age_band2", b), ("sex", s)}): n / 2
+        for b, n in (("0-43", 96), ("44-64", 84), ("65+", 100))
+        for s in ("F", "M")
+    }
+    first = dif.CountTable(bands, dataset="d", version=1, population={})
+    beside = [(f.kind, f.cell, f.count) for f in dif.compare(dif.CountTable(sexed, "d", 1, {}), [("a", first)], 10)]
+    assert ("bins", (("age_band2/age_band", "[44, 45)"),), 4.0) in beside
+    later = dif.CountTable(one("age_band2", **{"0_43": 96, "44_64": 84, "65+": 100}), "d", 2, {})
+    across = [(f.kind, f.cell, f.count, f.sure) for f in dif.compare(later, [("a", first)], 10)]
+    assert across == [("bins", (("age_band2/age_band", "[44, 45)"),), 4.0, False)]
+    missing = {frozenset({("age_band", "nan")}): 12.0}
+    with_nan = dif.CountTable({**bands, **missing}, "d", 1, {})
+    then = dif.CountTable({**one("age_band2", **{"0_43": 96, "44_64": 84, "65+": 100}), **missing}, "d", 1, {})
+    assert [(f.kind, f.count) for f in dif.compare(then, [("a", with_nan)], 10)] == [("bins", 4.0)]
+
+
+def test_a_wide_or_stacked_table_without_a_recipe_is_compared_on_each_of_its_groupings():
+    """Patients under 90 by age band and sex, written wide (F and M as count columns) or as a stacked
+    'Table 1' (age band rows, then sex rows), released by a steward; then everyone by sex from a recipe.
+    The wide table's headers are the categories of sex, and each grouping of the stacked one is compared:
+    both give the two patients over 90 (one F, one M) and send the second to a steward."""
+    columns = {"age_band": ["0-44", "45-64", "65+"], "sex": ["F", "M"], "age": []}
+    wide = dif.CountTable(
+        {
+            frozenset({("age_band", b), (dif.COLUMNS_VARIABLE, s)}): n
+            for b, n in (("0-44", 50.0), ("45-64", 40.0), ("65+", 50.0))
+            for s in ("F", "M")
+        }
+    )
+    stacked = dif.CountTable({**one("age_band", **{"0_44": 100, "45_64": 80, "65+": 100}), **one("sex", F=140, M=140)})
+    everyone = dif.CountTable(one("sex", F=141, M=141), dataset="counts", version=1, population={})
+    for earlier in (dif.in_dataset_terms(wide, columns), dif.in_dataset_terms(stacked, columns)):
+        found = [(f.kind, f.cell, f.count, f.sure) for f in dif.compare(everyone, [("r1", earlier)], 10)]
+        assert {("nested", (("sex", "F"),), 1.0, False), ("nested", (("sex", "M"),), 1.0, False)} <= set(found)
 
 
 def test_tables_without_recipes_that_look_nested_go_to_a_steward():
@@ -169,11 +219,12 @@ def test_a_steward_sees_each_difference_beside_the_tables_it_is_taken_from():
     [view] = dif.side_by_side(but_old, [("r-all", everyone)], 10)
     assert view.earlier == ("r-all",) and view.hidden == 0
     assert [(r.cell, r.before, r.now, r.difference, r.flagged) for r in view.rows] == [
+        ("everyone", 300.0, 298.0, -2.0, True),  # the totals: two fewer
         ("band = b0-44", 100.0, 100.0, 0.0, False),
         ("band = b45-64", 120.0, 120.0, 0.0, False),
         ("band = b65-", 80.0, 78.0, -2.0, True),  # the two dropped patients are all in this cell
     ]
-    assert [f.group() for f in view.findings] == ["band = b65-"]
+    assert [f.group() for f in view.findings] == ["everyone", "band = b65-"]
     # nothing found, nothing to show
     assert dif.side_by_side(everyone, [("r", everyone)], 10) == []
 

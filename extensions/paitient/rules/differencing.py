@@ -38,6 +38,8 @@ from paitient.rules.values import once_per_value
 Pair = tuple[str, str]
 Key = frozenset[Pair]
 
+MISSING_LABELS = frozenset({"nan", "none", "<na>", "nat", ""})
+"""How a missing value's group is spelt (``recipe_counts`` keeps it): not a bin of a binned variable."""
 TOTAL_LABELS = frozenset({"all", "total", "totals", "overall"})
 """Categories that mark a margin (``pd.crosstab(margins=True)`` writes ``All``)."""
 COLUMNS_VARIABLE = "(columns)"
@@ -166,15 +168,27 @@ def _comparable(a: CountTable, b: CountTable) -> bool:
 # Nested populations
 
 
+MAX_SHARED = 4
+"""Variables two tables share up to which every grouping of them is compared (2**4 groupings)."""
+
+
+def _variable_sets(t: CountTable) -> list[frozenset[str]]:
+    """The groupings of the table's cells that are not a margin of another of its groupings: one for a
+    recipe's table; several for a table that stacks one-way counts (``age_band`` rows, then ``sex`` rows)."""
+    sets = {frozenset(v for v, _ in k) for k in t.facts}
+    return sorted((s for s in sets if not any(s < o for o in sets)), key=sorted)
+
+
 def _variables(t: CountTable) -> frozenset[str]:
-    """The variables of the table's full cells (the keys with the most variables; margins have fewer)."""
-    widest = max((len(k) for k in t.facts), default=0)
-    return next((frozenset(v for v, _ in k) for k in t.facts if len(k) == widest), frozenset())
+    """The variables of the table's full cells (the widest grouping; margins have fewer)."""
+    sets = _variable_sets(t)
+    return max(sets, key=len) if sets else frozenset()
 
 
-def marginal(t: CountTable, variables: frozenset[str]) -> dict[Key, float]:
-    """The table's full cells added up over every variable but ``variables`` (``frozenset()``: the total)."""
-    full = _variables(t)
+def marginal(t: CountTable, variables: frozenset[str], grouping: frozenset[str] | None = None) -> dict[Key, float]:
+    """The table's cells of ``grouping`` (default: its widest) added up over every variable but
+    ``variables`` (``frozenset()``: the total)."""
+    full = _variables(t) if grouping is None else grouping
     out: dict[Key, float] = defaultdict(float)
     for k, n in t.facts.items():
         if frozenset(v for v, _ in k) == full:
@@ -182,49 +196,62 @@ def marginal(t: CountTable, variables: frozenset[str]) -> dict[Key, float]:
     return dict(out)
 
 
+def _groupings(shared: frozenset[str], known: bool) -> list[frozenset[str]]:
+    """The groupings two tables sharing ``shared`` are compared on: every subset (the total too, where both
+    populations are known: a category spelt otherwise in one table hides no change of the total), up to
+    :data:`MAX_SHARED` shared variables; else the shared ones alone."""
+    from itertools import combinations
+
+    names = sorted(shared)
+    if len(names) > MAX_SHARED:
+        return [shared]
+    low = 0 if known else 1
+    return [frozenset(c) for r in range(low, len(names) + 1) for c in combinations(names, r)]
+
+
 def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[Finding]:
     """Two tables over populations of which one holds the other, compared on what both count: each table's
-    cells added up over the variables the other does not have (the total, where they share none), so a finer
-    grouping of one population does not hide the patients a filter or another version drops or adds."""
+    cells added up over the variables the other does not have, and over every grouping of those they share
+    (the total too, where both are known), so a finer grouping of one population, or a category spelt
+    otherwise, does not hide the patients a filter or another version drops or adds."""
     if not _comparable(new, old):
         return []
-    common = _variables(new) & _variables(old)
     known = new.population is not None and old.population is not None
     # Two versions of a dataset differ by the patients added, removed or changed between them, whichever
     # the filters: each shared cell's difference either way counts some of them (a suspicion for a steward).
     versions = known and new.version != old.version
     sure = known and not versions
-    mn, mo = marginal(new, common), marginal(old, common)
     if sure:
-        assert new.population is not None and old.population is not None
         if _same_population(new, old):
             return []
-        if _within(new, old):
-            big, small = mo, mn
-        elif _within(old, new):
-            big, small = mn, mo
-        else:
+        if not (_within(new, old) or _within(old, new)):
             return []
-    elif versions:
-        big, small = mn, mo
-    else:
-        # populations unknown: one table counts a subgroup of the other if no cell of it is larger; on a
-        # variable both have (two totals alone would pair any tables whose sizes are close)
-        if not common or not (set(mn) & set(mo)):
-            return []
-        if all(mn.get(k, 0.0) <= mo.get(k, 0.0) for k in set(mn) | set(mo)):
-            big, small = mo, mn
-        elif all(mo.get(k, 0.0) <= mn.get(k, 0.0) for k in set(mn) | set(mo)):
-            big, small = mn, mo
-        else:
-            return []
-    out = []
-    # both recomputed from the data where known: a cell one lists and the other does not is zero there
-    for k in sorted(set(big) | set(small), key=sorted):
-        d = big.get(k, 0.0) - small.get(k, 0.0)
-        if _small(abs(d) if versions else d, min_count):
-            out.append(Finding("nested", (rid,), tuple(sorted(k)), abs(d), sure))
-    return out
+    out: dict[Key, Finding] = {}
+    for gn in _variable_sets(new):
+        for go in _variable_sets(old):
+            for shared in _groupings(gn & go, known):
+                mn, mo = marginal(new, shared, gn), marginal(old, shared, go)
+                if sure:
+                    big, small = (mo, mn) if _within(new, old) else (mn, mo)
+                elif versions:
+                    big, small = mn, mo
+                else:
+                    # populations unknown: one table counts a subgroup of the other if no cell of it is larger
+                    keys = set(mn) | set(mo)
+                    if not (set(mn) & set(mo)):
+                        continue
+                    if all(mn.get(k, 0.0) <= mo.get(k, 0.0) for k in keys):
+                        big, small = mo, mn
+                    elif all(mo.get(k, 0.0) <= mn.get(k, 0.0) for k in keys):
+                        big, small = mn, mo
+                    else:
+                        continue
+                # both recomputed from the data where known: a cell one lists and the other does not is zero
+                for k in set(big) | set(small):
+                    d = big.get(k, 0.0) - small.get(k, 0.0)
+                    if _small(abs(d) if versions else d, min_count):
+                        out.setdefault(k, Finding("nested", (rid,), tuple(sorted(k)), abs(d), sure))
+    return [out[k] for k in sorted(out, key=sorted)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,13 +344,13 @@ def _binned(t: CountTable) -> dict[str, dict[Key, dict[tuple[float, float], floa
             cats[v].add(c)
     out: dict[str, dict[Key, dict[tuple[float, float], float]]] = {}
     for var, labels in cats.items():
-        bins = {c: parse_bin(c) for c in labels}
+        bins = {c: parse_bin(c) for c in labels if c.casefold() not in MISSING_LABELS}
         if len(bins) < 2 or any(b is None for b in bins.values()):
             continue
         by_rest: dict[Key, dict[tuple[float, float], float]] = defaultdict(dict)
         for k, n in t.facts.items():
             label = next((c for v, c in k if v == var), None)
-            if label is not None:
+            if label is not None and label in bins:
                 b = bins[label]
                 assert b is not None
                 by_rest[k - {(var, label)}][b] = n
@@ -399,8 +426,18 @@ def compare(new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_coun
             continue
         same = _same_population(new, old)
         found += _nested(new, rid, old, min_count)
+        # bins on each variable alone too: another variable beside one table's bins hides no piece
+        for gn in _variable_sets(new):
+            for go in _variable_sets(old):
+                for vn in gn:
+                    for vo in go:
+                        one, other = (
+                            CountTable(marginal(new, frozenset({vn}), gn)),
+                            CountTable(marginal(old, frozenset({vo}), go)),
+                        )
+                        found += _bins(one, rid, other, bool(same), min_count)
         if same is False:
-            continue
+            continue  # another version or a population not within the other: the bins above check both
         if same:
             pooled_sure.append((rid, old))
         else:  # unknown populations: each earlier table alone, as a suspicion
@@ -485,9 +522,8 @@ def in_dataset_terms(t: CountTable, columns: Mapping[str, Iterable[str]]) -> Cou
             labels[v].add(c)
     rename: dict[str, str] = {}
     for variable, cats in labels.items():
-        if variable == COLUMNS_VARIABLE:
-            continue
-        name = folded.get(variable.casefold())
+        # a wide table's count headers (F, M) are a variable too: matched by their labels alone
+        name = None if variable == COLUMNS_VARIABLE else folded.get(variable.casefold())
         if name is None:
             fits = [n for n, known in spelt.items() if known and {c.casefold() for c in cats} <= set(known)]
             name = fits[0] if len(fits) == 1 else None

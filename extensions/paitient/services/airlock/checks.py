@@ -342,7 +342,11 @@ def check_differencing(req: Request, table: differencing.CountTable | None, ctx:
         f"{len(findings)} difference(s) count fewer than {ctx.rules.min_count} people: {first.describe()} "
         "(the cells are in the check's details)"
         + (f"; requests {', '.join(pending)} are still in review" if pending else "")
-        + ("" if fail else "; the populations are not known from recipes, so a steward judges")
+        + (
+            ""
+            if fail
+            else "; a population is not known from a recipe, or the tables are of two versions, so a steward judges"
+        )
         + "; merge categories, drop the filter or the table, or release the same cells as before",
         findings=[f.to_json() for f in findings],
         earlier=sorted({rid for f in findings for rid in f.earlier}),
