@@ -221,10 +221,12 @@ def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[
     # the filters: each shared cell's difference either way counts some of them (a suspicion for a steward).
     versions = known and new.version != old.version
     sure = known and not versions
+    inside = False  # the new population lies within the old one (where both are known, of one version)
     if sure:
         if _same_population(new, old):
             return []
-        if not (_within(new, old) or _within(old, new)):
+        inside = _within(new, old)
+        if not (inside or _within(old, new)):
             return []
     out: dict[Key, Finding] = {}
     for gn in _variable_sets(new):
@@ -232,7 +234,7 @@ def _nested(new: CountTable, rid: str, old: CountTable, min_count: int) -> list[
             for shared in _groupings(gn & go, known):
                 mn, mo = marginal(new, shared, gn), marginal(old, shared, go)
                 if sure:
-                    big, small = (mo, mn) if _within(new, old) else (mn, mo)
+                    big, small = (mo, mn) if inside else (mn, mo)
                 elif versions:
                     big, small = mn, mo
                 else:
@@ -413,6 +415,11 @@ def _bins(new: CountTable, rid: str, old: CountTable, sure: bool, min_count: int
 # ---------------------------------------------------------------------------------------------------
 
 
+def _one_way(t: CountTable) -> list[CountTable]:
+    """The table's counts by each of its variables alone, one table for each (of each of its groupings)."""
+    return [CountTable(marginal(t, frozenset({v}), grouping)) for grouping in _variable_sets(t) for v in grouping]
+
+
 def compare(new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_count: int) -> list[Finding]:
     """Differences of ``new`` with itself and with each earlier release (``(request id, table)``) that count
     fewer than ``min_count`` people (and more than none)."""
@@ -421,21 +428,16 @@ def compare(new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_coun
     if own is not None:
         found += _margins(own, {""}, True, min_count)  # one table: one population
     pooled_sure: list[tuple[str, CountTable]] = [("", new)]
+    new_alone = _one_way(new)
     for rid, old in earlier:
         if not _comparable(new, old):
             continue
         same = _same_population(new, old)
         found += _nested(new, rid, old, min_count)
         # bins on each variable alone too: another variable beside one table's bins hides no piece
-        for gn in _variable_sets(new):
-            for go in _variable_sets(old):
-                for vn in gn:
-                    for vo in go:
-                        one, other = (
-                            CountTable(marginal(new, frozenset({vn}), gn)),
-                            CountTable(marginal(old, frozenset({vo}), go)),
-                        )
-                        found += _bins(one, rid, other, bool(same), min_count)
+        for one in new_alone:
+            for other in _one_way(old):
+                found += _bins(one, rid, other, bool(same), min_count)
         if same is False:
             continue  # another version or a population not within the other: the bins above check both
         if same:

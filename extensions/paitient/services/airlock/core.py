@@ -192,17 +192,10 @@ class Airlock:
     def table_labels(self, project: str) -> Labels:
         """What text the project's tables may hold: the categories and column names the catalogue lists for
         every published version of its datasets, and the project's ``table_labels``."""
-        from paitient.services.data.publish import dataset_dir, read_manifest, versions
-
-        p = self.site.project(project)
-        texts: list[Any] = list(p.table_labels)
-        for name in p.datasets:
-            ds = dataset_dir(self.site.data_root, project, name)
-            for version in versions(ds):
-                for column in (read_manifest(ds, version) or {}).get("columns", []):
-                    if isinstance(column, dict):
-                        texts.append(column.get("name", ""))
-                        texts.extend(column.get("categories") or [])
+        texts: list[Any] = list(self.site.project(project).table_labels)
+        for name, categories in self.catalogue_columns(project).items():
+            texts.append(name)
+            texts.extend(categories)
         return Labels.of(texts)
 
     def catalogue_columns(self, project: str) -> dict[str, frozenset[str]]:
