@@ -117,3 +117,33 @@ def test_what_the_airlock_refused_while_the_trail_was_down_is_recorded_once_it_i
         assert again.backlog.waiting == 0
     finally:
         again.stop()
+
+
+def test_a_graph_is_not_approved_while_the_trail_is_down(trail_and_airlock):
+    """A steward's approval of a graph for automatic release counts only once its ``airlock.graph`` record is
+    written: with the trail down the steward is told why (503) and the graph's standing is unchanged."""
+    trail, airlock = trail_and_airlock
+    req = airlock.store.create(
+        project="oncology", username="alice", account="pt-alice", uid=30001, kind="weights",
+        filename="j.safetensors", sha256="ab" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
+    )  # fmt: skip
+    graph = "cd" * 32
+    airlock.store.record_checks(
+        req.id, [{"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}]
+    )
+    airlock.graph_read(airlock.store.get(req.id), "sam")
+    trail.down = True
+    with pytest.raises(review.TransitionError, match="cannot record this right now, so it is not taken") as refused:
+        airlock.decide_graph(req.id, username="sam", scopes={"custom:airlock:review"}, action="approve",
+                             reason="read whole: one linear layer")  # fmt: skip
+    assert refused.value.status == 503
+    standing = airlock.graph_standing(airlock.store.get(req.id))
+    assert standing is not None and standing.sha256 == graph
+    assert not standing.approved and standing.approvals == ()
+    assert airlock.store.graph_approvals("oncology", graph) == []
+    trail.down = False
+    airlock.decide_graph(req.id, username="sam", scopes={"custom:airlock:review"}, action="approve",
+                         reason="read whole: one linear layer")  # fmt: skip
+    assert airlock.graph_standing(airlock.store.get(req.id)).approved
+    (record,) = [r for r in trail.records if r["action"] == "airlock.graph"]
+    assert record["object"] == req.id and record["details"]["graph_sha256"] == graph

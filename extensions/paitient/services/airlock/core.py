@@ -60,6 +60,14 @@ BACKLOG_RETRY = 5.0
 MAX_MODEL_SOURCE = 200_000
 
 
+def unrecordable(what: str, outcome: str) -> str:
+    """What a researcher or steward is told when the audit trail cannot record ``what``, so it is ``outcome``."""
+    return (
+        f"the audit trail cannot record {what} right now, so it is {outcome}; try again in a moment, and tell the "
+        "workspace operator if it goes on"
+    )
+
+
 def _clean_filename(name: Any) -> str:
     name = os.path.basename(str(name or ""))
     name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
@@ -469,11 +477,7 @@ class Airlock:
         except (ChannelError, StoreError):
             raise
         except Exception:
-            raise ChannelError(
-                "the audit trail cannot record this request right now, so it is not filed; try again in a "
-                "moment, and tell the workspace operator if it goes on",
-                "unavailable",
-            ) from None
+            raise ChannelError(unrecordable("this request", "not filed"), "unavailable") from None
 
     def op_check(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """Run a request's checks on a file without filing it: the feedback ``airlock.check`` shows before a request.
@@ -1110,11 +1114,7 @@ class Airlock:
                 },
             )
         except Exception:
-            raise review.TransitionError(
-                "the audit trail cannot record this decision right now, so it is not taken; try again in a "
-                "moment, and tell the workspace operator if it goes on",
-                503,
-            ) from None
+            raise review.TransitionError(unrecordable("this decision", "not taken"), 503) from None
 
     def certified_graph(self, req: Request) -> str | None:
         """The SHA-256 of the graph a training runner signed that ``req``'s weights were trained from (its
@@ -1175,11 +1175,7 @@ class Airlock:
                         details={"project": req.project, "user": req.username, **data},
                     )
                 except Exception:
-                    raise review.TransitionError(
-                        "the audit trail cannot record this right now, so it is not taken; try again in a moment, "
-                        "and tell the workspace operator if it goes on",
-                        503,
-                    ) from None
+                    raise review.TransitionError(unrecordable("this", "not taken"), 503) from None
 
             self.store.graph_event(rid, actor=username, data=data, before_commit=record)
         except review.TransitionError as e:
