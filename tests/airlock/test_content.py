@@ -213,6 +213,26 @@ def test_overlapping_bins_reveal_the_pieces_between_their_edges():
     assert dif.compare(wide, [("r-tens", tens)], 10) == []
 
 
+def test_bins_with_a_unit_are_read_as_bins_and_compared_only_on_the_same_scale():
+    assert dif.parse_bin("45-64 years") == (45, 65) and dif.bin_unit("45-64 years") == "year"
+    assert dif.parse_bin("65+ yrs") == (65, np.inf) and dif.bin_unit("65+ yrs") == "year"
+    assert dif.parse_bin("< 18 y") == (-np.inf, 18) and dif.parse_bin("20-25 kg/m2") == (20, 26)
+    assert dif.parse_bin("years") is None and dif.parse_bin("2019") is None and dif.bin_unit("40-49") == ""
+    tens = dif.CountTable({frozenset({("age", "40-49 years")}): 30.0, frozenset({("age", "50-59 years")}): 30.0})
+    shifted = dif.CountTable({frozenset({("age", "40-44 yrs")}): 28.0, frozenset({("age", "45-59 yrs")}): 32.0})
+    [f] = dif.compare(shifted, [("r-tens", tens)], 10)
+    assert (f.kind, f.cell, f.count) == ("bins", (("age", "[45, 50)"),), 2.0)
+    # the same variable without its unit is the same scale
+    [f] = dif.compare(dif.CountTable({frozenset({("age", "40-44")}): 28.0, frozenset({("age", "45-59")}): 32.0}),
+                      [("r-tens", tens)], 10)  # fmt: skip
+    assert (f.kind, f.cell, f.count) == ("bins", (("age", "[45, 50)"),), 2.0)
+    # months are not years, and one table's bins in two units are not one scale
+    months = dif.CountTable({frozenset({("age", "40-44 months")}): 28.0, frozenset({("age", "45-59 months")}): 32.0})
+    assert dif.compare(months, [("r-tens", tens)], 10) == []
+    mixed = dif.CountTable({frozenset({("age", "40-44 months")}): 28.0, frozenset({("age", "45-59 years")}): 32.0})
+    assert dif.compare(mixed, [("r-tens", tens)], 10) == []
+
+
 def test_a_steward_sees_each_difference_beside_the_tables_it_is_taken_from():
     everyone = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=80), dataset="d", version=1, population={})
     but_old = dif.CountTable(cells(b0_44=100, b45_64=120, b65_=78), dataset="d", version=1, population={"age": ("1",)})

@@ -312,10 +312,40 @@ def _whole(x: float) -> bool:
     return float(x).is_integer()
 
 
+_UNIT = re.compile(r"^(.*?[\d+)\]])\s*([^\W\d_][\w/.]*|%)$")
+_UNIT_NAMES = {
+    **dict.fromkeys(("y", "yr", "yrs", "year", "years"), "year"),
+    **dict.fromkeys(("mo", "mos", "month", "months"), "month"),
+    **dict.fromkeys(("wk", "wks", "week", "weeks"), "week"),
+    **dict.fromkeys(("d", "day", "days"), "day"),
+}
+
+
+def bin_unit(label: str) -> str:
+    """The unit a bin label ends in (``45-64 years``: ``year``), casefolded, its usual spellings one; "" if none."""
+    s = label.strip()
+    if _parse_interval(s) is not None:
+        return ""
+    m = _UNIT.match(s)
+    if m is None:
+        return ""
+    unit = m[2].casefold()
+    return _UNIT_NAMES.get(unit, unit)
+
+
 def parse_bin(label: str) -> tuple[float, float] | None:
     """A bin label as a half-open interval ``[low, high)``; whole-number ranges are inclusive (``40-49`` is
-    ``[40, 50)``, ``90+`` is ``[90, inf)``, ``(40, 50]`` of whole numbers is ``[41, 51)``). None if not a bin."""
+    ``[40, 50)``, ``90+`` is ``[90, inf)``, ``(40, 50]`` of whole numbers is ``[41, 51)``); a unit after it
+    is read apart (``45-64 years`` is ``[45, 65)``, unit :func:`bin_unit`). None if not a bin."""
     s = label.strip()
+    if (b := _parse_interval(s)) is not None:
+        return b
+    if (m := _UNIT.match(s)) is not None:
+        return _parse_interval(m[1].strip())
+    return None
+
+
+def _parse_interval(s: str) -> tuple[float, float] | None:
     if m := _RANGE.match(s):
         lo, hi = float(m[1]), float(m[2])
         if lo <= hi and _whole(lo) and _whole(hi):
@@ -338,17 +368,18 @@ def parse_bin(label: str) -> tuple[float, float] | None:
     return None
 
 
-def _binned(t: CountTable) -> dict[str, dict[Key, dict[tuple[float, float], float]]]:
-    """Variable whose every category is a bin -> rest of the key -> {bin: count}."""
+def _binned(t: CountTable) -> dict[str, tuple[str, dict[Key, dict[tuple[float, float], float]]]]:
+    """Variable whose every category is a bin -> (the bins' unit, rest of the key -> {bin: count})."""
     cats: dict[str, set[str]] = defaultdict(set)
     for k in t.facts:
         for v, c in k:
             cats[v].add(c)
-    out: dict[str, dict[Key, dict[tuple[float, float], float]]] = {}
+    out: dict[str, tuple[str, dict[Key, dict[tuple[float, float], float]]]] = {}
     for var, labels in cats.items():
         bins = {c: parse_bin(c) for c in labels if c.casefold() not in MISSING_LABELS}
-        if len(bins) < 2 or any(b is None for b in bins.values()):
-            continue
+        units = {bin_unit(c) for c in bins} - {""}  # a unit on some labels only ("1-4", "65+ years") is theirs
+        if len(bins) < 2 or any(b is None for b in bins.values()) or len(units) > 1:
+            continue  # not all bins, or bins in more than one unit (months beside years): not one scale
         by_rest: dict[Key, dict[tuple[float, float], float]] = defaultdict(dict)
         for k, n in t.facts.items():
             label = next((c for v, c in k if v == var), None)
@@ -356,7 +387,7 @@ def _binned(t: CountTable) -> dict[str, dict[Key, dict[tuple[float, float], floa
                 b = bins[label]
                 assert b is not None
                 by_rest[k - {(var, label)}][b] = n
-        out[var] = by_rest
+        out[var] = (next(iter(units), ""), by_rest)
     return out
 
 
@@ -380,8 +411,10 @@ def _fmt(x: float) -> str:
 def _bins(new: CountTable, rid: str, old: CountTable, sure: bool, min_count: int) -> list[Finding]:
     out = []
     old_binned = _binned(old)
-    for var, new_rest in _binned(new).items():
-        for old_var, old_rest in old_binned.items():
+    for var, (unit, new_rest) in _binned(new).items():
+        for old_var, (old_unit, old_rest) in old_binned.items():
+            if unit != old_unit and not (var == old_var and "" in (unit, old_unit)):
+                continue  # another scale: years beside months; a unit-less label is taken as its variable's
             for rest, nb in new_rest.items():
                 ob = old_rest.get(rest)
                 if ob is None or set(nb) == set(ob):
