@@ -340,3 +340,43 @@ def test_a_stewards_approval_of_a_graph_does_not_count_for_their_own_weights(sit
     airlock.decide_graph(stephs, username="sam", scopes=scopes, action="approve", reason="read whole: one layer too")
     assert [a.actor for a in airlock.graph_standing(airlock.store.get(stephs)).approvals] == ["sam"]
     assert [a.actor for a in airlock.graph_standing(airlock.store.get(alices)).approvals] == ["steph", "sam"]
+
+
+def test_a_graph_approval_is_revoked_on_the_approvers_own_request_and_ends_with_their_stewardship(
+    site, airlock, people
+):
+    """steph's approval of graph G, given on alice's request, is in force on steph's own request too (shown,
+    not counted): sam revokes it there. And an approval counts only while its steward is one of the
+    project's: steph taken off oncology's stewards takes hers along."""
+    from paitient.config import parse
+    from tests.airlock.conftest import SITE
+
+    graph = "ef" * 32
+
+    def weights(user: str, uid: int) -> str:
+        req = airlock.store.create(
+            project="oncology", username=user, account=f"pt-{user}", uid=uid, kind="weights", filename="j.safetensors",
+            sha256=f"{uid % 256:02x}" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
+        )  # fmt: skip
+        checked = {"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}
+        airlock.store.record_checks(req.id, [checked])
+        return req.id
+
+    scopes = {"custom:airlock:review"}
+    alices, stephs = weights("alice", 30001), weights("steph", 30005)
+    airlock.graph_read(airlock.store.get(alices), "steph")
+    airlock.decide_graph(alices, username="steph", scopes=scopes, action="approve", reason="read whole: one layer")
+    own = airlock.graph_standing(airlock.store.get(stephs))
+    assert not own.approved and own.approvals == () and [a.actor for a in own.in_force] == ["steph"]
+    airlock.decide_graph(stephs, username="sam", scopes=scopes, action="revoke", reason="")
+    assert not airlock.graph_standing(airlock.store.get(alices)).approved  # revoked on steph's page, for all
+    # approved again, then steph is no longer a steward of oncology: her approval no longer counts
+    airlock.decide_graph(alices, username="steph", scopes=scopes, action="approve", reason="read whole: one layer")
+    assert airlock.graph_standing(airlock.store.get(alices)).approved
+    projects = [dict(p) for p in SITE["projects"]]
+    projects[0]["stewards"] = ["sam", "rita"]
+    airlock.site = parse({**SITE, "projects": projects}, overrides={"workspace": {"state_dir": str(site.state_dir)}})
+    gone = airlock.graph_standing(airlock.store.get(alices))
+    assert not gone.approved and gone.approvals == () and gone.in_force == ()
+    with pytest.raises(review.TransitionError, match="no steward has approved this graph"):
+        airlock.decide_graph(alices, username="sam", scopes=scopes, action="revoke", reason="")

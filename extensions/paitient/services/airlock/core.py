@@ -79,12 +79,16 @@ def _clean_filename(name: Any) -> str:
 class GraphStanding:
     """Where the graph of a request's certified weights stands for automatic release in its project:
     listed in the site file (``in_site``), and the stewards' approvals since the last revocation (events of
-    the requests they were given on), of which ``needed`` (the project's ``approvals``) make it approved."""
+    the requests they were given on) that count for this request, of which ``needed`` (the project's
+    ``approvals``) make it approved. ``in_force``: every approval since the last revocation by a steward of
+    the project now, the requester's own included (it counts for colleagues' weights, and is revoked here
+    too)."""
 
     sha256: str
     in_site: bool
     approvals: tuple[RequestEvent, ...]
     needed: int
+    in_force: tuple[RequestEvent, ...] = ()
 
     @property
     def approved(self) -> bool:
@@ -1134,12 +1138,15 @@ class Airlock:
         if sha is None:
             return None
         project = self.site.project(req.project)
+        # an approval counts while its steward is one of the project's: a steward removed takes theirs along
+        in_force = tuple(a for a in self.store.graph_approvals(req.project, sha) if a.actor in project.stewards)
         return GraphStanding(
             sha256=sha,
             in_site=sha in project.auto_release_graphs,
             # a steward's approval counts for colleagues' requests only: for their own, others approve
-            approvals=tuple(a for a in self.store.graph_approvals(req.project, sha) if a.actor != req.username),
+            approvals=tuple(a for a in in_force if a.actor != req.username),
             needed=project.approvals,
+            in_force=in_force,
         )
 
     def graph_read(self, req: Request, username: str) -> None:
@@ -1200,7 +1207,7 @@ class Airlock:
                 409,
             )
         if action == "revoke":
-            if not standing.approvals:
+            if not standing.in_force:
                 raise review.TransitionError(
                     "no steward has approved this graph for automatic release"
                     + (
