@@ -226,11 +226,52 @@ def test_bins_with_a_unit_are_read_as_bins_and_compared_only_on_the_same_scale()
     [f] = dif.compare(dif.CountTable({frozenset({("age", "40-44")}): 28.0, frozenset({("age", "45-59")}): 32.0}),
                       [("r-tens", tens)], 10)  # fmt: skip
     assert (f.kind, f.cell, f.count) == ("bins", (("age", "[45, 50)"),), 2.0)
-    # months are not years, and one table's bins in two units are not one scale
+    # a unit no list knows, or spelt another way, hides nothing: taken as the variable's scale, under another
+    # header too; with a total row spelt out, and a group that is not a bin, beside the bins
+    for unit in ("yo", "y.o.", "Jahre", "years-old", "yrs."):
+        other = dif.CountTable(
+            {
+                frozenset({("Age", f"40-44 {unit}")}): 28.0,
+                frozenset({("Age", f"45-59 {unit}")}): 32.0,
+                frozenset({("Age", "unknown")}): 3.0,
+            }
+        )
+        [f] = dif.compare(other, [("r-tens", tens)], 10)
+        assert (f.kind, f.cell, f.count) == ("bins", (("Age/age", "[45, 50)"),), 2.0), unit
+    frame = pd.DataFrame({"age": ["40-44 years", "45-59 years", "All ages"], "n": [28, 32, 60]})
+    [f] = dif.compare(dif.from_frame(frame, ["n"], ["age"]), [("r-tens", tens)], 10)
+    assert (f.kind, f.cell, f.count) == ("bins", (("age", "[45, 50)"),), 2.0)
+    # months are not years, and one table's bins in two units of time are not one scale
     months = dif.CountTable({frozenset({("age", "40-44 months")}): 28.0, frozenset({("age", "45-59 months")}): 32.0})
     assert dif.compare(months, [("r-tens", tens)], 10) == []
     mixed = dif.CountTable({frozenset({("age", "40-44 months")}): 28.0, frozenset({("age", "45-59 years")}): 32.0})
     assert dif.compare(mixed, [("r-tens", tens)], 10) == []
+
+
+def test_a_total_row_is_read_as_a_margin_however_it_is_spelt():
+    for total in ("Total", "Grand total", "All ages", "Sum", "Total patients", "ALL"):
+        frame = pd.DataFrame({"age_band": ["0-44", "45-64", total], "n": [50, 47, 100]})  # 3 people left out
+        [f] = dif.compare(dif.from_frame(frame, ["n"], ["age_band"]), [], 10)
+        assert (f.kind, f.cell, f.count) == ("margin", (("age_band", "not 0-44, 45-64"),), 3.0), total
+    # a category that only begins like a total is a category
+    assert not dif.is_total("Total knee replacement") and not dif.is_total("all-cause")
+
+
+def test_two_of_the_datasets_binned_columns_recomputed_from_recipes_are_two_quantities():
+    """Bins of age and of BMI over the same people are not one scale: no 'difference' between them holds a
+    colleague's recipe table back. A table without a recipe, under a header no column has, is still
+    compared with every binned column."""
+
+    def recomputed(var: str, counts: dict[str, float]) -> dif.CountTable:
+        return dif.CountTable({frozenset({(var, k)}): v for k, v in counts.items()}, dataset="counts", version=1,
+                              population={}, domains={var: tuple(counts)})  # fmt: skip
+
+    age = recomputed("age_band", {"0-29": 100, "30-59": 500, "60+": 400})
+    bmi = recomputed("bmi_band", {"0-24": 95, "25-34": 600, "35+": 305})
+    assert dif.compare(bmi, [("r-age", age)], 10) == []
+    written = dif.CountTable({frozenset({("BMI", k)}): v for k, v in {"0-24": 95, "25-34": 600, "35+": 305}.items()})
+    [f] = dif.compare(written, [("r-age", age)], 10)
+    assert (f.kind, f.cell, f.count) == ("bins", (("BMI/age_band", "[25, 30)"),), 5.0)
 
 
 def test_a_steward_sees_each_difference_beside_the_tables_it_is_taken_from():

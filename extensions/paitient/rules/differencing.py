@@ -41,7 +41,16 @@ Key = frozenset[Pair]
 MISSING_LABELS = frozenset({"nan", "none", "<na>", "nat", ""})
 """How a missing value's group is spelt (``recipe_counts`` keeps it): not a bin of a binned variable."""
 TOTAL_LABELS = frozenset({"all", "total", "totals", "overall"})
-"""Categories that mark a margin (``pd.crosstab(margins=True)`` writes ``All``)."""
+"""Categories that mark a margin (``pd.crosstab(margins=True)`` writes ``All``); :func:`is_total` reads
+their usual longer spellings too."""
+_TOTAL = re.compile(r"^(?:grand\s+)?(?:all|totals?|overall|sum)(?:\s+(?:ages?|patients|persons|people|cases|groups))?$")
+
+
+def is_total(label: str) -> bool:
+    """Does a category mark a margin: ``All``, ``Total``, ``Grand total``, ``All ages``, ``Total patients``, ``Sum``."""
+    return _TOTAL.match(" ".join(label.casefold().split())) is not None
+
+
 COLUMNS_VARIABLE = "(columns)"
 """The variable whose categories are the headers of a table with several count columns."""
 MAX_FINDINGS = 50
@@ -312,7 +321,7 @@ def _whole(x: float) -> bool:
     return float(x).is_integer()
 
 
-_UNIT = re.compile(r"^(.*?[\d+)\]])\s*([^\W\d_][\w/.]*|%)$")
+_UNIT = re.compile(r"^(.*?[\d+)\]])\s*([^\W\d_][\w/.\-]*|%)$")
 _UNIT_NAMES = {
     **dict.fromkeys(("y", "yr", "yrs", "year", "years"), "year"),
     **dict.fromkeys(("mo", "mos", "month", "months"), "month"),
@@ -322,15 +331,16 @@ _UNIT_NAMES = {
 
 
 def bin_unit(label: str) -> str:
-    """The unit a bin label ends in (``45-64 years``: ``year``), casefolded, its usual spellings one; "" if none."""
+    """The unit of time a bin label ends in (``45-64 years``: ``year``), its usual spellings one; "" for none
+    or any other (``20-25 kg/m2``, ``45-64 yo``): bins in another unit of time are another scale, and an
+    unknown unit is taken as the same scale as its variable's other bins, so that no spelling hides one."""
     s = label.strip()
     if _parse_interval(s) is not None:
         return ""
     m = _UNIT.match(s)
     if m is None:
         return ""
-    unit = m[2].casefold()
-    return _UNIT_NAMES.get(unit, unit)
+    return _UNIT_NAMES.get(m[2].casefold(), "")
 
 
 def parse_bin(label: str) -> tuple[float, float] | None:
@@ -376,10 +386,11 @@ def _binned(t: CountTable) -> dict[str, tuple[str, dict[Key, dict[tuple[float, f
             cats[v].add(c)
     out: dict[str, tuple[str, dict[Key, dict[tuple[float, float], float]]]] = {}
     for var, labels in cats.items():
-        bins = {c: parse_bin(c) for c in labels if c.casefold() not in MISSING_LABELS}
+        parsed = {c: parse_bin(c) for c in labels if c.casefold() not in MISSING_LABELS}
+        bins = {c: b for c, b in parsed.items() if b is not None}
         units = {bin_unit(c) for c in bins} - {""}  # a unit on some labels only ("1-4", "65+ years") is theirs
-        if len(bins) < 2 or any(b is None for b in bins.values()) or len(units) > 1:
-            continue  # not all bins, or bins in more than one unit (months beside years): not one scale
+        if len(bins) < 2 or 2 * len(bins) <= len(parsed) or len(units) > 1:
+            continue  # mostly not bins, or bins in more than one unit of time (months beside years)
         by_rest: dict[Key, dict[tuple[float, float], float]] = defaultdict(dict)
         for k, n in t.facts.items():
             label = next((c for v, c in k if v == var), None)
@@ -413,8 +424,10 @@ def _bins(new: CountTable, rid: str, old: CountTable, sure: bool, min_count: int
     old_binned = _binned(old)
     for var, (unit, new_rest) in _binned(new).items():
         for old_var, (old_unit, old_rest) in old_binned.items():
-            if unit != old_unit and not (var == old_var and "" in (unit, old_unit)):
-                continue  # another scale: years beside months; a unit-less label is taken as its variable's
+            if unit and old_unit and unit != old_unit:
+                continue  # another scale: years beside months
+            if var != old_var and var in new.domains and old_var in old.domains:
+                continue  # two of the dataset's columns, each recomputed from its recipe: two quantities
             for rest, nb in new_rest.items():
                 ob = old_rest.get(rest)
                 if ob is None or set(nb) == set(ob):
@@ -450,7 +463,11 @@ def _bins(new: CountTable, rid: str, old: CountTable, sure: bool, min_count: int
 
 def _one_way(t: CountTable) -> list[CountTable]:
     """The table's counts by each of its variables alone, one table for each (of each of its groupings)."""
-    return [CountTable(marginal(t, frozenset({v}), grouping)) for grouping in _variable_sets(t) for v in grouping]
+    return [
+        CountTable(marginal(t, frozenset({v}), grouping), domains=t.domains)
+        for grouping in _variable_sets(t)
+        for v in grouping
+    ]
 
 
 def compare(new: CountTable, earlier: Sequence[tuple[str, CountTable]], min_count: int) -> list[Finding]:
@@ -523,15 +540,12 @@ def from_frame(df: Any, count_columns: Sequence[str], label_columns: Sequence[st
     for col in label_columns:
         variable = _category(col)
         labels.append(
-            [
-                None if cat is None or cat.casefold() in TOTAL_LABELS else (variable, cat)
-                for cat in _categories(_values(df, col))
-            ]
+            [None if cat is None or is_total(cat) else (variable, cat) for cat in _categories(_values(df, col))]
         )
     counts: list[tuple[frozenset[Pair], list[Any]]] = []
     for col in count_columns:
         header = _category(col)
-        extra = frozenset({(COLUMNS_VARIABLE, header)} if several and header.casefold() not in TOTAL_LABELS else ())
+        extra = frozenset({(COLUMNS_VARIABLE, header)} if several and not is_total(header) else ())
         counts.append((extra, _values(df, col)))
     rows = zip(*labels, strict=True) if labels else ((),) * len(df)
     for i, row in enumerate(rows):
