@@ -283,6 +283,53 @@ def test_parquet_source_with_dictionaries_and_row_groups(site, tmp_path, patient
     assert unused.encode() not in (pub.path / "data.parquet").read_bytes()
 
 
+def test_no_dictionary_publishes_values_that_no_published_row_holds(site, tmp_path):
+    # pandas Categoricals keep their whole category list: names, addresses and an insurance number of
+    # people who are not in this table sit in the Parquet dictionaries of kept, undeclared, generalised
+    # and rare-to-other columns, and in the patient id's
+    import pandas as pd
+    import pyarrow as pa
+
+    others = ["Hauptstraße 5, Berlin", "Erika Mustermann", "Z123456789"]
+    n = 12
+    pd.DataFrame(
+        {
+            "mrn": pd.Categorical(
+                [f"{i % 6:06d}" for i in range(n)], categories=[f"{i:06d}" for i in range(6)] + others
+            ),
+            "age": [40 + i for i in range(n)],
+            "ward": pd.Categorical(["A", "B"] * (n // 2), categories=["A", "B", *others]),
+            "site": pd.Categorical(["north"] * n, categories=["north", *others]),
+            "postcode": pd.Categorical(["10115"] * n, categories=["10115", "99999 Erika Mustermann"]),
+            "unit": pd.Categorical(["icu"] * n, categories=["icu", *others]),
+        }
+    ).to_parquet(tmp_path / "cat.parquet", index=False)
+    columns = {
+        "mrn": "pseudonym",
+        "age": {"action": "generalise", "method": "age_band", "width": 10},
+        "ward": "keep",
+        "postcode": {"action": "generalise", "method": "prefix", "length": 2},
+        "unit": {"action": "generalise", "method": "rare", "min_count": 2},
+    }
+    pub = ing.ingest(site, make_spec(tmp_path / "cat.parquet", columns, patient_id="mrn"), operator="t")
+    path = pub.path / "data.parquet"
+    names = pq.read_schema(path).names
+    assert names == ["mrn", "age", "ward", "site", "postcode", "unit"]
+    table = pq.ParquetFile(path, read_dictionary=names).read()
+    for name in names:
+        column = table.column(name)
+        assert pa.types.is_dictionary(column.type), name
+        used = set(column.cast(column.type.value_type).to_pylist())
+        for chunk in column.chunks:
+            assert set(chunk.dictionary.to_pylist()) <= used, name
+    assert set(table.column("site").cast(pa.string()).to_pylist()) == {"north"}
+    assert sorted(table.column("age").chunk(0).dictionary.to_pylist()) == ["40-49", "50-59"]  # not 0-9 .. 90+
+    raw = path.read_bytes()
+    for other in others:
+        assert other.encode() not in raw
+    assert all(o not in json.dumps(pub.manifest) for o in others)
+
+
 def test_refuses_an_empty_source(site, tmp_path):
     empty = write_csv(tmp_path / "empty.csv", HEADER, [])
     assert "empty.csv holds no data rows" in refusal(site, make_spec(empty, COLUMNS, patient_id="mrn"))

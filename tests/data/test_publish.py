@@ -148,3 +148,15 @@ def test_dictionaries_read_back_as_values_and_only_numbers_and_dates_carry_stati
     stats = {rg.column(i).path_in_schema: rg.column(i).is_stats_set for i in range(rg.num_columns)}
     assert stats == {"patient": False, "sex": False, "score": True, "seen": True}
     assert rg.column(2).statistics.max == 3.0
+
+
+def test_a_dictionary_is_published_with_the_values_its_rows_use_only(tmp_path):
+    # whoever hands the publisher a table, a dictionary value that no row holds (another person's name
+    # in a category list) does not reach the file
+    ward = pa.DictionaryArray.from_arrays(pa.array([0, 2, 0], pa.int32()), pa.array(["A", "Erika Mustermann", "B"]))
+    pub = Publisher(tmp_path / "data", tmp_path / "locks").publish("oncology", "gbsg2", pa.table({"ward": ward}), {})
+    path = pub.path / "data.parquet"
+    column = pq.ParquetFile(path, read_dictionary=["ward"]).read().column("ward")
+    assert column.chunk(0).dictionary.to_pylist() == ["A", "B"]
+    assert column.cast(pa.string()).to_pylist() == ["A", "B", "A"]
+    assert b"Erika Mustermann" not in path.read_bytes()

@@ -215,3 +215,18 @@ def test_a_dictionary_holding_an_identifier_twice_still_gives_one_code_and_pseud
     holes = pa.DictionaryArray.from_arrays(pa.array([0, 1, 2, 0, 3], pa.int32()), pa.array(["a", None, " b", ""]))
     codes, values, _ = tf.hashed_identifiers(holes, KEY_A)  # missing and empty values inside the dictionary
     assert codes.tolist() == [0, -1, 1, 0, -1] and values.to_pylist() == ["a", "b"]
+
+
+def test_used_values_only_drops_dictionary_values_no_row_holds():
+    # a Parquet text column as read: one dictionary per row group, each listing values of other people
+    unused = ["Erika Mustermann", "Hauptstraße 5, Berlin"]
+    chunks = [
+        pa.DictionaryArray.from_arrays(pa.array([1, None, 1], pa.int32()), pa.array([unused[0], "A", unused[1]])),
+        pa.DictionaryArray.from_arrays(pa.array([0, 2], pa.int32()), pa.array(["B", unused[1], "A"])),
+    ]
+    out = tf.used_values_only(pa.chunked_array(chunks))
+    assert sorted(out.dictionary.to_pylist()) == ["A", "B"]
+    assert plain(out) == ["A", None, "A", "B", "A"]
+    table = tf.used_values_only_table(pa.table({"c": pa.chunked_array(chunks), "n": [1, 2, 3, 4, 5]}))
+    assert table.column("c").chunk(0).dictionary.to_pylist() == out.dictionary.to_pylist()
+    assert table.column("n").to_pylist() == [1, 2, 3, 4, 5]

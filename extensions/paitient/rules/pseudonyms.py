@@ -77,6 +77,32 @@ def _dictionary(codes: np.ndarray, values: pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(idx), values)
 
 
+def used_values_only(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A dictionary-encoded column whose dictionary holds only the values its rows use; others unchanged.
+
+    A Parquet file's dictionary may list values no row holds (a pandas Categorical keeps all its
+    categories: a master list of names or addresses, of people who are not in the table). Written back
+    as it came, such a dictionary would publish them; every step that looks at rows would never see them.
+    """
+    if not pa.types.is_dictionary(arr.type):
+        return arr
+    single = _single(arr)
+    codes = _indices(single)
+    used = np.bincount(codes[codes >= 0], minlength=len(single.dictionary)) > 0
+    if used.all():
+        return single
+    kept = np.where(codes < 0, -1, _take(np.cumsum(used) - 1, codes))
+    return _dictionary(kept, single.dictionary.filter(pa.array(used)))
+
+
+def used_values_only_table(table: pa.Table) -> pa.Table:
+    """:func:`used_values_only` for every column of ``table``."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, used_values_only(table.column(i)))
+    return table
+
+
 def _recode(codes: np.ndarray, values: pa.Array, before: pa.Array | None = None) -> tuple[np.ndarray, pa.Array]:
     """Merge distinct values that became equal (or missing) after cleaning; codes follow.
 

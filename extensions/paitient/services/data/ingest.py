@@ -166,6 +166,8 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     if table.num_rows == 0:
         raise IngestRefused(f"{spec.source.name} holds no data rows; there is nothing to publish")
     pkey = keys.project_key(master, spec.project)
+    # From here on, a dictionary holds only what rows use: detection, transforms and the file see the same.
+    table = tf.used_values_only_table(table)
     problems = _undeclared(spec, table) if spec.strict else []
     patient = offsets = digests = None
     if spec.patient_id:
@@ -201,7 +203,7 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         )
     if problems:
         raise IngestRefused(problems)
-    result = pa.table(out_cols)
+    result = tf.used_values_only_table(pa.table(out_cols))  # generated labels (bands, 'other') no row took
     for d in described:
         t = result.schema.field(d["name"]).type
         d["type"] = str(t.value_type if pa.types.is_dictionary(t) else t)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from paitient.fsutil import fsync_dir, locked
+from paitient.rules.pseudonyms import used_values_only_table
 
 DATA_FILE = "data.parquet"
 MANIFEST_FILE = "manifest.json"
@@ -158,6 +159,8 @@ class Publisher:
 
     def write_version(self, tmp: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
         data, man = tmp / DATA_FILE, tmp / MANIFEST_FILE
+        # A dictionary is written as it is: values no row uses would be published with it.
+        table = used_values_only_table(table)
         # Without the Arrow schema, dictionary-encoded columns read back as plain values. Min/max
         # statistics only for numbers and dates: for text (pseudonyms, categories) they cost a third
         # of the write and prune nothing.
