@@ -330,6 +330,33 @@ def test_no_dictionary_publishes_values_that_no_published_row_holds(site, tmp_pa
     assert all(o not in json.dumps(pub.manifest) for o in others)
 
 
+@pytest.mark.parametrize("declared", [False, True])
+def test_refuses_a_rename_onto_another_source_column(site, tmp_path, declared):
+    # the raw record number in a column called "patient" must not replace the pseudonyms renamed to it
+    rows = [[f"{4100000 + i // 2}", f"{4100000 + i // 2}", "2021-06-01"] for i in range(10)]
+    src = write_csv(tmp_path / "r.csv", ["mrn", "patient", "diagnosed"], rows)
+    columns = {"mrn": {"action": "pseudonym", "rename": "patient"}, "diagnosed": "date_shift"}
+    if declared:  # renamed away, the raw column still carries the name in the source: also refused
+        columns["patient"] = {"action": "keep", "rename": "patient_raw"}
+    text = refusal(site, make_spec(src, columns, patient_id="mrn", strict=False))
+    assert "[columns] 'mrn' is renamed to 'patient', but the source also has a column 'patient'" in text
+    assert "rename 'mrn' to a name no other column has, or drop the other column (patient = \"drop\")" in text
+    # dropping the raw column makes the name free
+    columns["patient"] = "drop"
+    pub = ing.ingest(site, make_spec(src, columns, patient_id="mrn"), operator="t")
+    assert pq.read_schema(pub.path / "data.parquet").names == ["patient", "diagnosed"]
+    assert all(p.startswith("P-") for p in pq.read_table(pub.path / "data.parquet").column("patient").to_pylist())
+
+
+def test_two_columns_never_come_out_under_one_name_even_unchecked(site, tmp_path, monkeypatch):
+    # the transform loop itself refuses a second column for a name, should the check before it miss one
+    src = write_csv(tmp_path / "r.csv", ["mrn", "patient"], [["000101", "000101"], ["000102", "000102"]])
+    spec = make_spec(src, {"mrn": {"action": "pseudonym", "rename": "patient"}}, strict=False)
+    monkeypatch.setattr(ing, "_collisions", lambda spec, table: [])
+    with pytest.raises(IngestRefused, match="two columns would come out as 'patient'; rename one of them"):
+        ing.transform(site, spec, ing.readers.read_csv(src, spec), keys.load_master_key(site))
+
+
 def test_refuses_an_empty_source(site, tmp_path):
     empty = write_csv(tmp_path / "empty.csv", HEADER, [])
     assert "empty.csv holds no data rows" in refusal(site, make_spec(empty, COLUMNS, patient_id="mrn"))

@@ -90,6 +90,31 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
     return problems
 
 
+def _collisions(spec: Spec, table: pa.Table) -> list[str]:
+    """Two columns that would come out under one name: the later would silently replace the earlier
+    (a raw identifier published as the pseudonym column). Dropped columns come out as nothing."""
+    kept = [c for c in table.column_names if (spec.rules.get(c) is None or spec.rules[c].action != "drop")]
+    problems = []
+    for col in kept:
+        rule = spec.rules.get(col)
+        if rule is None or rule.output == col:
+            continue
+        if rule.output in kept:
+            other = spec.rules.get(rule.output)
+            if other is None:
+                why = "not in the spec, so it is kept as it is and would take the name"
+            elif other.output == other.column:
+                why = f"declared {other.action}, under the same name"
+            else:  # renamed away: still one name for two different columns, the source's and the published one
+                why = f"declared {other.action}, renamed to {other.output!r}"
+            problems.append(
+                f"[columns] {col!r} is renamed to {rule.output!r}, but the source also has a column {rule.output!r} "
+                f"({why}); rename {col!r} to a name no other column has, or drop the other column "
+                f'({rule.output} = "drop")'
+            )
+    return problems
+
+
 def _apply(
     rule: Rule,
     arr: pa.ChunkedArray,
@@ -168,7 +193,8 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     pkey = keys.project_key(master, spec.project)
     # From here on, a dictionary holds only what rows use: detection, transforms and the file see the same.
     table = tf.used_values_only_table(table)
-    problems = _undeclared(spec, table) if spec.strict else []
+    problems = _collisions(spec, table)
+    problems += _undeclared(spec, table) if spec.strict else []
     patient = offsets = digests = None
     if spec.patient_id:
         pcodes, pvalues, digests = tf.hashed_identifiers(table.column(spec.patient_id), pkey)
@@ -179,6 +205,10 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     for col in table.column_names:
         rule = spec.rules.get(col) or Rule(column=col, action="keep")
         if rule.action == "drop":
+            continue
+        if rule.output in out_cols:  # never let one column replace another; _collisions has said why
+            if not problems:
+                raise IngestRefused(f"two columns would come out as {rule.output!r}; rename one of them")
             continue
         try:
             out_cols[rule.output] = _apply(
