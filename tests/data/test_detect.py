@@ -143,3 +143,12 @@ def test_the_sample_spans_the_whole_column_not_its_first_rows():
     assert detect.by_content(ints) == ("record numbers", 30_001)
     dates = pa.array([None] * 30_000 + [0], pa.int32()).cast(pa.date32())
     assert detect.by_content(dates) == ("real dates (unshifted, they link records to real events)", 30_001)
+
+
+def test_integer_record_numbers_repeating_over_a_patients_rows_are_caught():
+    # a long table: 100 patients with 5 rows each; a first-rows-distinct rule would pass this column
+    repeated = [4_100_000 + i // 5 for i in range(500)]
+    assert detect.by_content(pa.array(repeated)) == ("record numbers", 1)
+    assert detect.by_content(pa.array(repeated, pa.int32()).dictionary_encode())[0] == "record numbers"
+    # large numbers that take few values (a code list) are no identifier
+    assert detect.by_content(pa.array([100_001, 100_002, 100_003] * 100)) is None

@@ -113,6 +113,11 @@ def _sample(arr: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     return taken, rows
 
 
+def _varied(n_distinct: int, n: int) -> bool:
+    """Identifiers repeat (one patient, many rows) but take many values; categories take few."""
+    return n_distinct >= 20 or n_distinct >= 0.25 * n
+
+
 def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
     """(what, first matching sampled row, 1-based) if most sampled values look like direct identifiers."""
     typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
@@ -123,15 +128,14 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
         return None
     arr, rows = _sample(arr)
     if pa.types.is_integer(arr.type):
-        if len(arr) >= 5 and pc.min(arr).as_py() >= 100_000 and pc.count_distinct(arr).as_py() > 0.9 * len(arr):
+        # record numbers repeat in a long table (a patient's many rows) as much as text identifiers do
+        if len(arr) >= 5 and pc.min(arr).as_py() >= 100_000 and _varied(pc.count_distinct(arr).as_py(), len(arr)):
             return "record numbers", 1 + int(rows[0])
         return None
     values = [(int(rows[i]), v.strip()) for i, v in enumerate(arr.to_pylist()) if v.strip()]
     if not values:
         return None
-    n_distinct = len({v for _, v in values})
-    # identifiers repeat (one patient, many rows) but take many values; categories take few
-    varied = n_distinct >= 20 or n_distinct >= 0.25 * len(values)
+    varied = _varied(len({v for _, v in values}), len(values))
     for what, pattern, needs_varied in _CONTENT_RULES:
         if needs_varied and not varied:
             continue
