@@ -357,6 +357,25 @@ def test_two_columns_never_come_out_under_one_name_even_unchecked(site, tmp_path
         ing.transform(site, spec, ing.readers.read_csv(src, spec), keys.load_master_key(site))
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_dropped_patient_id_still_shifts_dates_and_counts_k_but_is_not_published(site, tmp_path, patients_csv, fmt):
+    src = patients_csv
+    if fmt == "parquet":
+        import pyarrow.csv as pcsv
+
+        table = pcsv.read_csv(patients_csv, convert_options=pcsv.ConvertOptions(column_types={"mrn": "string"}))
+        pq.write_table(table, src := tmp_path / "p.parquet")
+    dropped = make_spec(src, {**COLUMNS, "mrn": "drop"}, patient_id="mrn", quasi_identifiers=["age", "postcode"])
+    pub = ing.ingest(site, dropped, operator="t")
+    kept = ing.ingest(site, make_spec(src, COLUMNS, patient_id="mrn", dataset="gbsg2"), operator="t")
+    assert pq.read_schema(pub.path / "data.parquet").names == ["diagnosed", "age", "postcode", "score"]
+    # the same per-patient offsets as when the id is published as a pseudonym
+    assert [r["diagnosed"] for r in published_rows(pub.path)] == [r["diagnosed"] for r in published_rows(kept.path)]
+    assert pub.manifest["patients"] == 4 and pub.manifest["k"] == 2 and pub.manifest["k_unit"] == "patients"
+    assert pub.manifest["dropped"] == ["mrn", "name", "email"]
+    assert b"000101" not in (pub.path / "data.parquet").read_bytes()
+
+
 def test_refuses_an_empty_source(site, tmp_path):
     empty = write_csv(tmp_path / "empty.csv", HEADER, [])
     assert "empty.csv holds no data rows" in refusal(site, make_spec(empty, COLUMNS, patient_id="mrn"))

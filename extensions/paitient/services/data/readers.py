@@ -51,6 +51,13 @@ def _header(path: Path, spec: Spec) -> list[str]:
     return [c.strip() for c in header]
 
 
+def _read(spec: Spec, column: str) -> bool:
+    """Whether to read a column: all but dropped ones, and always the patient id (dates are shifted and
+    k counted by it even when it is not published)."""
+    rule = spec.rules.get(column)
+    return rule is None or rule.action != "drop" or column == spec.patient_id
+
+
 def read_csv(path: Path, spec: Spec) -> pa.Table:
     """Identifier-like columns are read as text (leading zeros matter); others get inferred types."""
     try:
@@ -62,6 +69,7 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
         c: pa.string()
         for c, r in spec.rules.items()
         if r.action in ("pseudonym", "date_shift")
+        or c == spec.patient_id
         or r.method in ("prefix", "rare", "year")
         or (r.action == "keep" and r.params.get("type") in ("string", "date"))
     }
@@ -87,7 +95,7 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
             ),
             convert_options=pcsv.ConvertOptions(
                 column_types={c: t for c, t in text_cols.items() if c in columns},
-                include_columns=[c for c in columns if spec.rules.get(c) is None or spec.rules[c].action != "drop"],
+                include_columns=[c for c in columns if _read(spec, c)],
                 strings_can_be_null=True,
             ),
         )
@@ -107,11 +115,11 @@ def read_csv(path: Path, spec: Spec) -> pa.Table:
 
 
 def read_parquet(path: Path, spec: Spec) -> tuple[pa.Table, list[str]]:
-    """Dropped columns are not read; text columns come as dictionaries (identifiers repeat, so every
-    later step works on distinct values and codes instead of a million strings)."""
+    """Dropped columns (but the patient id) are not read; text columns come as dictionaries (identifiers
+    repeat, so every later step works on distinct values and codes instead of a million strings)."""
     try:
         schema = pq.read_schema(path)
-        wanted = [f.name for f in schema if spec.rules.get(f.name) is None or spec.rules[f.name].action != "drop"]
+        wanted = [f.name for f in schema if _read(spec, f.name)]
         text = [
             f.name
             for f in schema
@@ -125,7 +133,7 @@ def read_parquet(path: Path, spec: Spec) -> tuple[pa.Table, list[str]]:
 
 
 def read_source(spec: Spec) -> tuple[pa.Table, list[str]]:
-    """The source as a table plus all its column names (dropped columns are not even read)."""
+    """The source as a table plus all its column names (dropped columns, but the patient id, are not even read)."""
     path = spec.source
     if not path.is_file():
         raise IngestRefused(f"source {path} does not exist or is not a file")
