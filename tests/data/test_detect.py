@@ -152,3 +152,47 @@ def test_integer_record_numbers_repeating_over_a_patients_rows_are_caught():
     assert detect.by_content(pa.array(repeated, pa.int32()).dictionary_encode())[0] == "record numbers"
     # large numbers that take few values (a code list) are no identifier
     assert detect.by_content(pa.array([100_001, 100_002, 100_003] * 100)) is None
+
+
+DAYS = ["2021-01-29", "2020-12-03", "2019-07-31", "2021-02-28", "2020-02-29", "2018-11-05"]
+
+
+@pytest.mark.parametrize(
+    "form, fmt",
+    [
+        ("%d.%m.%Y", "%d.%m.%Y"),
+        ("%d/%m/%Y", "%d/%m/%Y"),
+        ("%m/%d/%Y", "%m/%d/%Y"),
+        ("%d-%m-%Y", "%d-%m-%Y"),
+        ("%Y/%m/%d", "%Y/%m/%d"),
+        ("%Y%m%d", "%Y%m%d"),
+        ("%d %b %Y", "%d %b %Y"),
+        ("%d-%b-%Y", "%d-%b-%Y"),
+        ("%b %d, %Y", "%b %d, %Y"),
+        ("%d.%m.%Y %H:%M", "%d.%m.%Y"),
+        ("%d %B %Y", "?"),  # a month's full name: a date, but no format to suggest
+    ],
+)
+def test_undeclared_dates_in_other_forms_are_caught_with_their_format(form, fmt):
+    import datetime as dt
+
+    values = [dt.datetime.fromisoformat(d).strftime(form) for d in DAYS]
+    found = detect.by_content(pa.array([None, *values]))
+    assert found == (detect.DATES, 2)
+    assert detect.date_format(pa.array(values)) == fmt
+
+
+def test_dates_as_integers_are_caught_and_impossible_days_are_not_dates():
+    ints = [int(d.replace("-", "")) for d in DAYS]
+    assert detect.by_content(pa.array(ints * 3)) == (detect.DATES, 1)
+    assert detect.date_format(pa.array(ints)) == "%Y%m%d"
+    # German dates, day first: 29.01.2021 starts no phone number, 01.02.2021 neither
+    assert detect.by_content(pa.array(["01.02.2021", "03.04.2020", "05.06.2019"] * 3))[0] == detect.DATES
+    # no such days (or years out of 1850-2100): not dates
+    for values in (["31.02.2021", "32.01.2021", "00.13.2020"], ["1.2.3456", "12.11.1234"], ["Jan 32, 2021"]):
+        assert detect.date_format(pa.array(values * 3)) is None
+        found = detect.by_content(pa.array(values * 3))
+        assert found is None or found[0] != detect.DATES
+    assert detect.by_content(pa.array([20211345, 20210230, 41000012] * 3)) == ("record numbers", 1)  # not dates
+    assert detect.by_content(pa.array([None] * 10, pa.int64())) is None
+    assert detect.date_format(pa.array([None] * 10, pa.int64())) is None

@@ -387,6 +387,32 @@ def test_refuses_undeclared_real_dates(site, tmp_path):
     assert "column 'admitted' is not in the spec and has values like real dates" in text and '"date_shift"' in text
 
 
+@pytest.mark.parametrize(
+    "form, rule",
+    [
+        ("%d.%m.%Y", '{ action = "date_shift", format = "%d.%m.%Y" }'),
+        ("%d/%m/%Y", '{ action = "date_shift", format = "%d/%m/%Y" }'),
+        ("%Y%m%d", '{ action = "date_shift", format = "%Y%m%d" }'),  # read as a number
+        ("%d %b %Y", '{ action = "date_shift", format = "%d %b %Y" }'),
+    ],
+)
+def test_refuses_undeclared_real_dates_in_other_forms_and_its_advice_publishes_them_shifted(site, tmp_path, form, rule):
+    import tomllib
+
+    days = [dt.date(2021, 1, 1) + dt.timedelta(days=37 * i % 365) for i in range(30)]
+    written = [int(d.strftime(form)) if form == "%Y%m%d" else d.strftime(form) for d in days]
+    src = write_csv(tmp_path / "d.csv", ["mrn", "admitted"], [[f"{i % 10:06d}", w] for i, w in enumerate(written)])
+    text = refusal(site, make_spec(src, {"mrn": "pseudonym"}, patient_id="mrn"))
+    assert "column 'admitted' is not in the spec and has values like real dates" in text
+    assert f"declare it as a date in [columns] (admitted = {rule}, or generalise it to years), or drop it" in text
+    declared = {"mrn": "pseudonym", "admitted": tomllib.loads(f"r = {rule}")["r"]}
+    pub = ing.ingest(site, make_spec(src, declared, patient_id="mrn"), operator="t")
+    shifted = pq.read_table(pub.path / "data.parquet").column("admitted").to_pylist()
+    moved = [(s - d).days for s, d in zip(shifted, days, strict=True)]
+    assert all(m != 0 and abs(m) <= 180 for m in moved)
+    assert moved[:10] == moved[10:20] == moved[20:]  # one offset per patient
+
+
 def test_a_csv_larger_than_one_read_block(site, tmp_path):
     n = 60_000  # ~3 MB: several Arrow chunks per column
     rows = [

@@ -230,3 +230,10 @@ def test_used_values_only_drops_dictionary_values_no_row_holds():
     table = tf.used_values_only_table(pa.table({"c": pa.chunked_array(chunks), "n": [1, 2, 3, 4, 5]}))
     assert table.column("c").chunk(0).dictionary.to_pylist() == out.dictionary.to_pylist()
     assert table.column("n").to_pylist() == [1, 2, 3, 4, 5]
+
+
+def test_dates_written_as_integers_parse_with_a_format():
+    out = tf.parse_dates(pa.array([20210129, None, 19991231]), "admitted", "%Y%m%d")
+    assert out.to_pylist() == [dt.date(2021, 1, 29), None, dt.date(1999, 12, 31)]
+    with pytest.raises(ColumnError, match="row 2: not a date in format '%Y%m%d'"):
+        tf.parse_dates(pa.array([20210129, 99]), "admitted", "%Y%m%d")

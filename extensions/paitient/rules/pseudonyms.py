@@ -267,10 +267,14 @@ def shift_days(values: list[str] | pa.Array, key: bytes, window: int) -> np.ndar
 
 
 def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> pa.Array:
-    """Dates stay dates; text becomes date32 (``YYYY-MM-DD`` only) or a timestamp (with a time)."""
+    """Dates stay dates; text becomes date32 (``YYYY-MM-DD`` only) or a timestamp (with a time).
+
+    With ``fmt``, text (or integers such as 20210129) is read in that strptime format."""
     arr = _plain(arr)
     if pa.types.is_date(arr.type) or pa.types.is_timestamp(arr.type):
         return arr
+    if fmt and pa.types.is_integer(arr.type):  # 20210129 with format = "%Y%m%d"
+        arr = arr.cast(pa.string())
     if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
         raise ColumnError(column, f"expected dates, found {arr.type} values; use keep or generalise instead")
     arr = pc.utf8_trim_whitespace(arr)

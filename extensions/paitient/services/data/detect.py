@@ -3,8 +3,10 @@
 The sample is up to 2000 non-missing values spread evenly over the whole column (every value of a
 smaller column), so its cost does not grow with the table, and an identifying column is seen wherever
 its values sit in the file. A sample can still miss a column whose identifying values are rare (most
-rows harmless): the rules need most sampled values to match. Dates are not sampled: any real date
-anywhere refuses the column.
+rows harmless): the rules need most sampled values to match. A column of a date or time type is not
+sampled: any value anywhere refuses it. Dates written as text or numbers are sampled like the rest:
+ISO 8601, 29.01.2021, 29/01/2021, 01/29/2021, 29-01-2021, 2021/01/29, 20210129 (text or integer),
+29 Jan 2021, Jan 29, 2021 (English or German month names), each a real calendar day of 1850-2100.
 
 Strict mode (the default) refuses such a column until the spec says what happens to it. The checks err
 on the side of refusing: a false alarm costs one line in the spec, a miss costs a patient's identity.
@@ -12,6 +14,7 @@ on the side of refusing: a false alarm costs one line in the spec, a miss costs 
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 import numpy as np
@@ -50,7 +53,41 @@ _NAME_RULES: list[tuple[str, str]] = [
     ("a birth date", r"(^|_)(date_of_birth|birth_?(date|day)|dob|geburts_?datum)$"),
 ]
 
-_DATES = "real dates (unshifted, they link records to real events)"
+DATES = "real dates (unshifted, they link records to real events)"
+
+# Real dates in the forms people write them, each with the strptime format that reads it (the format a
+# date_shift rule needs). Years 1850-2100 only, and the day must exist: 20211345 is not a date.
+_MONTHS = {
+    **dict.fromkeys(("jan", "january", "januar", "jän", "jänner"), 1),
+    **dict.fromkeys(("feb", "february", "februar"), 2),
+    **dict.fromkeys(("mar", "march", "mär", "märz", "maerz"), 3),
+    **dict.fromkeys(("apr", "april"), 4),
+    **dict.fromkeys(("may", "mai"), 5),
+    **dict.fromkeys(("jun", "june", "juni"), 6),
+    **dict.fromkeys(("jul", "july", "juli"), 7),
+    **dict.fromkeys(("aug", "august"), 8),
+    **dict.fromkeys(("sep", "sept", "september"), 9),
+    **dict.fromkeys(("oct", "october", "okt", "oktober"), 10),
+    **dict.fromkeys(("nov", "november"), 11),
+    **dict.fromkeys(("dec", "december", "dez", "dezember"), 12),
+}
+_TIME = r"(?:[T ]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?"
+_DATE_FORMS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"(?P<y>\d{4})-(?P<m>\d{1,2})-(?P<d>\d{1,2})" + _TIME + r"(?:Z|[+-]\d{2}:?\d{2})?"), ""),
+    (re.compile(r"(?P<d>\d{1,2})\.(?P<m>\d{1,2})\.(?P<y>\d{4})" + _TIME), "%d.%m.%Y"),
+    (re.compile(r"(?P<d>\d{1,2})/(?P<m>\d{1,2})/(?P<y>\d{4})" + _TIME), "%d/%m/%Y"),
+    (re.compile(r"(?P<m>\d{1,2})/(?P<d>\d{1,2})/(?P<y>\d{4})" + _TIME), "%m/%d/%Y"),
+    (re.compile(r"(?P<d>\d{1,2})-(?P<m>\d{1,2})-(?P<y>\d{4})" + _TIME), "%d-%m-%Y"),
+    (re.compile(r"(?P<y>\d{4})[/.](?P<m>\d{1,2})[/.](?P<d>\d{1,2})" + _TIME), "%Y/%m/%d"),
+    (re.compile(r"(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})"), "%Y%m%d"),
+    (re.compile(r"(?i)(?P<d>\d{1,2}) (?P<mon>[a-z]{3}) (?P<y>\d{4})"), "%d %b %Y"),
+    (re.compile(r"(?i)(?P<d>\d{1,2})-(?P<mon>[a-z]{3})-(?P<y>\d{4})"), "%d-%b-%Y"),
+    (re.compile(r"(?i)(?P<mon>[a-z]{3}) (?P<d>\d{1,2}), (?P<y>\d{4})"), "%b %d, %Y"),
+    # other ways with a month's name (29. Januar 2021, 29th January 2021): no format to suggest
+    (re.compile(r"(?i)(?P<d>\d{1,2})(?:st|nd|rd|th)?\.?[ -](?P<mon>[a-zä]{3,9})\.?[ -](?P<y>\d{4})" + _TIME), "?"),
+    (re.compile(r"(?i)(?P<mon>[a-zä]{3,9})\.? (?P<d>\d{1,2})(?:st|nd|rd|th)?,? (?P<y>\d{4})" + _TIME), "?"),
+]
+_EN_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")  # what %b reads
 
 _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
     # (what, pattern, needs mostly distinct values)
@@ -76,7 +113,7 @@ _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
         ),
         False,
     ),
-    (_DATES, re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?"), False),
+    (DATES, re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?"), False),
     ("person names", re.compile(r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
 ]
 
@@ -113,6 +150,57 @@ def _sample(arr: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     return taken, rows
 
 
+def _date_forms(value: str) -> list[str]:
+    """The strptime formats (one "" for ISO 8601) in which ``value`` is a real calendar date."""
+    out = []
+    for pattern, fmt in _DATE_FORMS:
+        m = pattern.fullmatch(value)
+        if m is None:
+            continue
+        g = m.groupdict()
+        month = _MONTHS.get(g["mon"].lower()) if g.get("mon") else int(g["m"])
+        if month is None or ("%b" in fmt and g["mon"].lower() not in _EN_MONTHS):
+            continue
+        try:
+            day = dt.date(int(g["y"]), month, int(g["d"]))
+        except ValueError:
+            continue
+        if 1850 <= day.year <= 2100:
+            out.append(fmt)
+    return out
+
+
+def _dates(values: list[tuple[int, str]]) -> tuple[int, str] | None:
+    """(first row, format) if most values are real dates; the format that reads most of them."""
+    counts: dict[str, int] = {}
+    first, hits = -1, 0
+    for i, v in values:
+        forms = _date_forms(v)
+        if forms:
+            first = i if first < 0 else first
+            hits += 1
+        for f in forms:
+            counts[f] = counts.get(f, 0) + 1
+    if hits < SHARE * len(values) or not hits:
+        return None
+    return first, max(counts, key=lambda f: (counts[f], f != "?"))
+
+
+def date_format(arr: pa.Array | pa.ChunkedArray) -> str | None:
+    """The strptime format most sampled values of a column of real dates are written in: what a date_shift
+    rule for the column says. "" for ISO 8601 (no format needed), "?" for a form without a format to
+    suggest, None when the values are not mostly real dates."""
+    typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_date(typ) or pa.types.is_timestamp(typ):
+        return ""
+    if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        return None
+    sample, rows = _sample(arr)
+    values = [(int(rows[i]), str(v).strip()) for i, v in enumerate(sample.to_pylist()) if str(v).strip()]
+    found = _dates(values) if values else None
+    return found[1] if found else None
+
+
 def _varied(n_distinct: int, n: int) -> bool:
     """Identifiers repeat (one patient, many rows) but take many values; categories take few."""
     return n_distinct >= 20 or n_distinct >= 0.25 * n
@@ -123,11 +211,15 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
     typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
     if pa.types.is_date(typ) or pa.types.is_timestamp(typ):  # any real date at all, anywhere
         valid = pc.is_valid(arr)
-        return (_DATES, 1 + int(pc.index(valid, True).as_py())) if pc.any(valid).as_py() else None
+        return (DATES, 1 + int(pc.index(valid, True).as_py())) if pc.any(valid).as_py() else None
     if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         return None
     arr, rows = _sample(arr)
     if pa.types.is_integer(arr.type):
+        if len(arr) and pc.max(arr).as_py() >= 18500101:  # dates as numbers: 20210129
+            found = _dates([(int(rows[i]), str(v)) for i, v in enumerate(arr.to_pylist())])
+            if found:
+                return DATES, found[0] + 1
         # record numbers repeat in a long table (a patient's many rows) as much as text identifiers do
         if len(arr) >= 5 and pc.min(arr).as_py() >= 100_000 and _varied(pc.count_distinct(arr).as_py(), len(arr)):
             return "record numbers", 1 + int(rows[0])
@@ -136,6 +228,9 @@ def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
     if not values:
         return None
     varied = _varied(len({v for _, v in values}), len(values))
+    found = _dates(values)  # before the other rules: 01.02.2021 would pass for a phone number
+    if found:
+        return DATES, found[0] + 1
     for what, pattern, needs_varied in _CONTENT_RULES:
         if needs_varied and not varied:
             continue

@@ -81,7 +81,16 @@ def _undeclared(spec: Spec, table: pa.Table) -> list[str]:
                 what = f"values like {what}" + (f" (first at row {row})" if row else "")
         else:
             what = f"a name that suggests {what}"
-        if what:
+        if what and what.startswith(f"values like {detect.DATES}"):
+            fmt = detect.date_format(table.column(col))
+            rule = '"date_shift"' if not fmt else f'{{ action = "date_shift", format = "{fmt}" }}'
+            if fmt == "?":
+                rule = '{ action = "date_shift", format = "<the strptime format its dates are written in>" }'
+            problems.append(
+                f"column {col!r} is not in the spec and has {what}; declare it as a date in [columns] "
+                f'({col} = {rule}, or generalise it to years), or drop it ({col} = "drop")'
+            )
+        elif what:
             problems.append(
                 f"column {col!r} is not in the spec and has {what}; declare it in [columns] "
                 f'({col} = "drop", "pseudonym" for an identifier you need to link rows, "date_shift" '
