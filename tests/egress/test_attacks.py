@@ -11,6 +11,7 @@ row of another table.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -192,3 +193,34 @@ def test_a_part_of_the_table_reveals_the_rows_printed_and_hardly_another(demo, l
     got = set(demo.rows(show(df.iloc[picks]), "breast_cancer").tolist())
     assert set(picks) <= got
     assert len(got - set(picks)) <= 2
+
+
+def _rows_of(part: pd.DataFrame, cell, sep: str = " ", end: str = "") -> str:
+    """Each row on a line, each value printed by ``cell`` (from its repr), joined by ``sep``."""
+    return "".join(sep.join(cell(repr(float(v))) for v in row) + end + "\n" for row in part.to_numpy())
+
+
+_FULL_WIDTH = str.maketrans("0123456789.", "０１２３４５６７８９．")
+_ARABIC_INDIC = str.maketrans("0123456789.", "٠١٢٣٤٥٦٧٨٩٫")
+
+
+# forms a researcher gets without trying to hide anything: a German locale, a terminal-colouring library,
+# prose; and their neighbours
+READABLE = [
+    ("ANSI colour around each value", lambda part: _rows_of(part, lambda v: f"\x1b[32m{v}\x1b[0m")),
+    (
+        "ANSI colour, as the kernel message's JSON carries it",
+        lambda part: json.dumps({"name": "stdout", "text": _rows_of(part, lambda v: f"\x1b[1;32m{v}\x1b[0m")}),
+    ),
+    ("full-width digits", lambda part: _rows_of(part, lambda v: v.translate(_FULL_WIDTH))),
+    ("Arabic-Indic digits", lambda part: _rows_of(part, lambda v: v.translate(_ARABIC_INDIC))),
+]
+
+
+@pytest.mark.parametrize(("label", "show"), READABLE, ids=[a[0] for a in READABLE])
+def test_readable_forms_reveal_the_rows_printed(demo, label, show):
+    df = without_id(demo.frames["breast_cancer"])
+    picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
+    got = set(demo.rows(show(df.iloc[picks].select_dtypes("number")), "breast_cancer").tolist())
+    assert set(picks) <= got
+    assert len(got - set(picks)) <= CHANCE

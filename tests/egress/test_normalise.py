@@ -45,6 +45,9 @@ def numbers(text: str) -> list[tuple[float, int]]:
         ("0 0.0 0.000", []),
         ("[101, 102, 103, 104] 7.25", [(7.25, 3)]),  # a counting sequence is labels
         ("[101.0, 102.0, 103.5]", [(101.0, 4), (102.0, 4), (103.5, 4)]),
+        # what a terminal or another script shows as digits
+        ("\x1b[1;32m17.99\x1b[0m \\u001b[31m10.38\\u001b[0m", [(17.99, 4), (10.38, 4)]),
+        ("\uff11\uff17\uff0e\uff19\uff19 \u0661\u0660\u066b\u0663\u0668", [(17.99, 4), (10.38, 4)]),
     ],
 )
 def test_what_counts_as_a_number(text, expected):

@@ -94,8 +94,11 @@ FRAGMENTS = [
     b"<td>17.99</td></tr>",
     b"12:30",
     b"\\n",
+    b"\x1b[32m17.99\x1b[0m",
+    b"\\u001b[1m10.38\\u001b[0m",
+    "\uff11\uff17\uff0e\uff19\uff19 \u0661\u0667\u066b\u0669\u0669".encode(),
 ]
-ALPHABET = list(b"0123456789.eE+-_:\"' \n\t,;[]{}()/\\TtaZ") + [0xC3, 0xBC, 0xFF, 0x80, 0x00]
+ALPHABET = list(b"0123456789.eE+-_:\"' \n\t,;[]{}()/\\TtaZ") + [0xC3, 0xBC, 0xFF, 0x80, 0x00, 0x1B]
 
 
 def _decimal_strings() -> st.SearchStrategy[bytes]:

@@ -30,6 +30,8 @@ decimal exponent.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +47,63 @@ _EXP_DIGITS = 4
 _P10 = 10.0 ** np.arange(0, 23)
 
 
+_ESCAPE_CHAR = rb"(?:\x1b|\\u001[bB])"
+_ANSI = re.compile(
+    _ESCAPE_CHAR
+    + rb"(?:\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves
+    + rb"|\][^\x07\x1b\n]{0,512}?(?:\x07|\\u0007|\x1b\\|\\u001[bB]\\\\))"  # OSC: titles, links
+)
+"""ANSI escape sequences, raw or as JSON writes them (``\\u001b``): terminal colours and the like."""
+
+
+def _ascii_forms() -> dict[int, int]:
+    """Non-ASCII characters that print as ASCII digits or number punctuation: every decimal digit of Unicode
+    (Arabic-Indic, Devanagari, full-width, ...), the full-width forms of ASCII, the Arabic decimal and
+    thousands separators."""
+    table = {}
+    for c in range(0x80, 0x20000):  # no decimal digit lies beyond
+        d = unicodedata.decimal(chr(c), None)
+        if d is not None:
+            table[c] = 48 + d
+    for c in range(0xFF01, 0xFF5F):
+        table[c] = c - 0xFF01 + 0x21
+    table[0x066B] = ord(".")
+    table[0x066C] = ord(",")
+    return table
+
+
+_ASCII_FORMS = _ascii_forms()
+
+
+def _first_bytes() -> tuple[np.ndarray, np.ndarray]:
+    """Which bytes begin the UTF-8 of a character of :data:`_ASCII_FORMS`, and which pairs of bytes do."""
+    lead = np.zeros(256, dtype=bool)
+    pairs = np.zeros(1 << 16, dtype=bool)
+    for c in _ASCII_FORMS:
+        e = chr(c).encode()
+        lead[e[0]] = True
+        pairs[e[0] << 8 | e[1]] = True
+    return lead, pairs
+
+
+_LEAD, _PAIRS = _first_bytes()
+
+
+def normalised(data: bytes) -> bytes:
+    """The text as a reader sees it: without ANSI escape sequences (a coloured table prints
+    ``\\x1b[32m17.99\\x1b[0m``), and with the digits of other scripts and the full-width forms as their ASCII
+    characters (``１７．９９``, ``١٧٫٩٩``). A plain ASCII text without escapes costs two searches."""
+    if b"\x1b" in data or b"\\u001" in data:
+        data = _ANSI.sub(b"", data)
+    if not data.isascii():
+        b = np.frombuffer(data, dtype=np.uint8)
+        at = np.flatnonzero(_LEAD[b[:-1]])  # rare: the Latin letters' and most symbols' bytes are not among them
+        if len(at) and _PAIRS[(b[at].astype(np.int64) << 8) | b[at + 1]].any():
+            text = data.decode("utf-8", "surrogateescape")
+            data = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
+    return data
+
+
 def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
     """The text's UTF-8 bytes behind FRONT and before PAD zero bytes (uint8), and the text's length."""
     if isinstance(data, str):
@@ -53,6 +112,10 @@ def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
     buf = np.zeros(FRONT + n + PAD, dtype=np.uint8)
     buf[FRONT : FRONT + n] = np.frombuffer(data, dtype=np.uint8)
     return buf, n
+
+
+def _bytes(data: bytes | str) -> bytes:
+    return data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
 
 
 def runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,14 +216,15 @@ class Tokens:
 
 
 def tokenize(data: bytes | str) -> Tokens:
-    """The tokens of ``data``, found in compiled passes over its bytes (:mod:`.compiled_tokens`)."""
-    buf, n = as_buffer(data)
+    """The tokens of ``data`` (:func:`normalised`), found in compiled passes over its bytes
+    (:mod:`.compiled_tokens`)."""
+    buf, n = as_buffer(normalised(_bytes(data)))
     return Tokens(buf, n, *scan(buf, n))
 
 
 def tokenize_arrays(data: bytes | str) -> Tokens:
     """The tokens of ``data``, found with whole-array operations: the reference :func:`tokenize` is held to."""
-    buf, n = as_buffer(data)
+    buf, n = as_buffer(normalised(_bytes(data)))
     b = buf
     isdig = (b - np.uint8(48)) < 10
     low = b | np.uint8(32)
