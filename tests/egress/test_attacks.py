@@ -204,6 +204,12 @@ _FULL_WIDTH = str.maketrans("0123456789.", "０１２３４５６７８９．")
 _ARABIC_INDIC = str.maketrans("0123456789.", "٠١٢٣٤٥٦٧٨٩٫")
 
 
+def _sentences_of(part: pd.DataFrame) -> str:
+    return "\n".join(
+        " ".join(f"{c} {float(v)!r}." for c, v in zip(part.columns, row, strict=True)) for row in part.to_numpy()
+    )
+
+
 # forms a researcher gets without trying to hide anything: a German locale, a terminal-colouring library,
 # prose; and their neighbours
 READABLE = [
@@ -212,8 +218,18 @@ READABLE = [
         "ANSI colour, as the kernel message's JSON carries it",
         lambda part: json.dumps({"name": "stdout", "text": _rows_of(part, lambda v: f"\x1b[1;32m{v}\x1b[0m")}),
     ),
+    ("to_csv(sep=';', decimal=',')", lambda part: part.to_csv(sep=";", decimal=",")),
+    ("to_csv(sep='\\t', decimal=',')", lambda part: part.to_csv(sep="\t", decimal=",")),
+    ("to_string(decimal=',')", lambda part: part.to_string(decimal=",")),
+    ("to_html(decimal=',')", lambda part: part.to_html(decimal=",")),
+    ("style.format(decimal=',', precision=6)", lambda part: part.style.format(decimal=",", precision=6).to_html()),
+    ("values with ',' for the point", lambda part: _rows_of(part, lambda v: v.replace(".", ","), sep="\t")),
     ("full-width digits", lambda part: _rows_of(part, lambda v: v.translate(_FULL_WIDTH))),
     ("Arabic-Indic digits", lambda part: _rows_of(part, lambda v: v.translate(_ARABIC_INDIC))),
+    ("a full stop after each value", _sentences_of),
+    ("values joined by '-'", lambda part: _rows_of(part, lambda v: v, sep="-")),
+    ("values joined by '+'", lambda part: _rows_of(part, lambda v: v, sep="+")),
+    ("values joined by '-', a full stop after the row", lambda part: _rows_of(part, lambda v: v, sep="-", end=".")),
 ]
 
 

@@ -30,10 +30,16 @@ Entries = tuple[np.ndarray, np.ndarray, np.ndarray, int, set[int]]
 """Packed entries, the position each comes from, whether each is exact; values indexed, tiers used."""
 
 
-def _jit(function: Callable[..., Any]) -> Any:
+def _jit(function: Callable[..., Any], inline: bool = False) -> Any:
     """``function`` compiled at its first call, the machine code kept in ``__pycache__`` for the next
     process (compiling takes about two seconds, loading it a tenth); where nothing can be kept, compiled anew
-    in each process."""
+    in each process. With ``inline``, numba puts its code into each compiled caller (a small check on the
+    hot path of a loop, which a call would slow down)."""
+    if inline:
+        try:
+            return numba.njit(cache=True, inline="always")(function)
+        except RuntimeError:
+            return numba.njit(cache=False, inline="always")(function)
     try:
         return numba.njit(cache=True)(function)
     except RuntimeError:  # no cache folder numba may write

@@ -79,6 +79,7 @@ _EXP_DIGITS = 6
 """An exponent of more digits (leading zeros included) counts as 10**6 towards the digits printed."""
 
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_Numbers = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _digit(b: np.ndarray, i: int) -> bool:
@@ -86,6 +87,70 @@ def _digit(b: np.ndarray, i: int) -> bool:
 
 
 _isdigit = _jit(_digit)
+
+
+def _comma_point_py(b: np.ndarray, c: int) -> bool:
+    """Whether the comma at ``c`` is a decimal comma (``17,99``, ``-0,123``, ``1234,5``): between two runs of
+    digits, the one before not after a point, a comma with a digit before it (``1.5,25``, ``1,5,25``: lists)
+    or a word byte but a sign's ``-`` (``e5,25``, ``2019-03-04,12``), the one after not before a word byte
+    (``1,1984-08-07``) nor a point or comma and a digit (``12,34.5``, ``12,34,56``), and the two not a
+    thousands group (1 to 3 digits, the first not 0, then 3 digits: ``1,234``)."""
+    if b[c] != 44 or not _isdigit(b, c - 1) or not _isdigit(b, c + 1):
+        return False
+    s = c - 1
+    while _isdigit(b, s - 1):
+        s -= 1
+    if b[s - 1] == 46 or (b[s - 1] == 44 and _isdigit(b, s - 2)):
+        return False
+    if _CLASS[b[s - 1]] & _WORD_BYTE and not (b[s - 1] == 45 and not _CLASS[b[s - 2]] & _WORD_BYTE):
+        return False
+    t = c + 1
+    while _isdigit(b, t):
+        t += 1
+    if _CLASS[b[t]] & _WORD_BYTE or ((b[t] == 44 or b[t] == 46) and _isdigit(b, t + 1)):
+        return False
+    return t - c - 1 != 3 or c - s > 3 or b[s] == 48
+
+
+_comma_point = _jit(_comma_point_py, inline=True)
+
+
+def _point_py(b: np.ndarray, i: int) -> bool:
+    """Whether the byte at ``i`` is a number's point: ``.``, or a decimal comma."""
+    if b[i] == 46:
+        return True
+    if b[i] != 44:
+        return False
+    return bool(_comma_point(b, i))
+
+
+_point = _jit(_point_py, inline=True)
+
+
+def _full_stop_py(b: np.ndarray, i: int) -> bool:
+    """Whether the byte at ``i`` is a point before whitespace or the end (``17.99. Next``): punctuation, no
+    part of a number."""
+    if b[i] != 46:
+        return False
+    x = b[i + 1]
+    return bool(x == 32 or x == 10 or x == 9 or x == 13 or x == 0)
+
+
+_full_stop = _jit(_full_stop_py, inline=True)
+
+
+def _split_py(b: np.ndarray, i: int) -> bool:
+    """Whether the sign at ``i`` begins a number of its own: it follows the digits after a number's point
+    (``17.99-10.38``, ``17,99+10,38``), where it cannot be an exponent's sign."""
+    if not _CLASS[b[i]] & _SIGN or not _isdigit(b, i - 1):
+        return False
+    j = i - 1
+    while _isdigit(b, j - 1):
+        j -= 1
+    return bool(_point(b, j - 1))
+
+
+_split = _jit(_split_py, inline=True)
 
 
 def _dotted_date_py(b: np.ndarray, i: int) -> bool:
@@ -183,6 +248,7 @@ def _number_runs_py(
     slow: np.ndarray,
     slow_end: np.ndarray,
     nslow: int,
+    commas: np.ndarray,
 ) -> tuple[int, int, int]:
     """:func:`_numbers_py` from offset ``i`` on, until ``end`` or until an output array is full: (where it
     stopped, numbers, numbers left to Arrow)."""
@@ -210,7 +276,11 @@ def _number_runs_py(
             i += 1
         digits = i - first
         frac = 0
-        if buf[i] == 46:
+        point = buf[i] == 46
+        if not point and digits > 0 and buf[i] == 44 and _comma_point(buf, i):
+            point = True
+            commas[0] = True
+        if point:
             i += 1
             first = i
             while True:
@@ -226,7 +296,9 @@ def _number_runs_py(
         # the exponent; more than _EXP_DIGITS digits count as 10**_EXP_DIGITS
         exp = 0
         exp_digits = 1
+        has_exp = False
         if digits > 0 and cls[buf[i]] & _E:
+            has_exp = True
             i += 1
             negative = buf[i] == 45
             if cls[buf[i]] & _SIGN:
@@ -244,8 +316,22 @@ def _number_runs_py(
                 exp = 10**_EXP_DIGITS
             if negative:
                 exp = -exp
-        if digits == 0 or exp_digits == 0 or cls[buf[i]] & _NUMBER_BYTE:
-            while cls[buf[i]] & _NUMBER_BYTE:  # not a number: the rest of the run (zero bytes end it)
+        # what follows may go on with the run: a number byte but a full stop or a sign that begins the next
+        # number; a decimal comma only after an exponent (after the mantissa it would have been its point)
+        c = cls[buf[i]]
+        more = c & _NUMBER_BYTE and not (_full_stop(buf, i) or _split(buf, i))
+        if not more and has_exp and buf[i] == 44 and _comma_point(buf, i):
+            more = True
+            commas[0] = True
+        if digits == 0 or exp_digits == 0 or more:
+            while True:  # not a number: the rest of the run (zero bytes end it)
+                if cls[buf[i]] & _NUMBER_BYTE:
+                    if _full_stop(buf, i) or _split(buf, i):
+                        break
+                elif buf[i] == 44 and _comma_point(buf, i):
+                    commas[0] = True
+                else:
+                    break
                 i += 1
             continue
         ce = i
@@ -278,9 +364,10 @@ def _number_runs_py(
 _number_runs = _jit(_number_runs_py)
 
 
-def _numbers_py(buf: np.ndarray, start: int, end: int, powers: np.ndarray, bias: int) -> _Arrays:
+def _numbers_py(buf: np.ndarray, start: int, end: int, powers: np.ndarray, bias: int) -> _Numbers:
     """Number candidates of ``buf[start:end]``: (start, |value|, lead, digits printed less lead; the
-    candidates that Arrow parses, and their ends). Candidates with no nonzero digit are left out (zero is no
+    candidates that Arrow parses, and their ends; whether any comma of the text is a decimal comma: every
+    one that is stands after a run of digits this pass reads). Candidates with no nonzero digit are left out (zero is no
     value).
 
     A candidate is a whole run of number bytes that reads ``[+-] digits [. digits] [e [+-] digits]`` with a
@@ -296,12 +383,13 @@ def _numbers_py(buf: np.ndarray, start: int, end: int, powers: np.ndarray, bias:
     base = np.empty(cap, dtype=np.int64)
     slow = np.empty(cap // 8 + 16, dtype=np.int64)
     slow_end = np.empty(cap // 8 + 16, dtype=np.int64)
+    commas = np.zeros(1, dtype=np.bool_)  # whether a comma was a decimal comma
     count = 0
     nslow = 0
     i = start
     while True:
         i, count, nslow = _number_runs(
-            buf, i, end, powers, bias, starts, value, lead, base, count, slow, slow_end, nslow
+            buf, i, end, powers, bias, starts, value, lead, base, count, slow, slow_end, nslow, commas
         )
         if i >= end:
             break
@@ -309,7 +397,7 @@ def _numbers_py(buf: np.ndarray, start: int, end: int, powers: np.ndarray, bias:
             starts, value, lead, base = _grow(starts), _grow(value), _grow(lead), _grow(base)
         if nslow == len(slow):
             slow, slow_end = _grow(slow), _grow(slow_end)
-    return starts[:count], value[:count], lead[:count], base[:count], slow[:nslow], slow_end[:nslow]
+    return starts[:count], value[:count], lead[:count], base[:count], slow[:nslow], slow_end[:nslow], commas
 
 
 _numbers = _jit(_numbers_py)
@@ -330,7 +418,7 @@ def _gather_py(
     at = 0
     for j in range(len(which)):
         for p in range(starts[which[j]], ends[j]):
-            data[at] = buf[p]
+            data[at] = 46 if buf[p] == 44 else buf[p]  # a decimal comma
             at += 1
     return data, offsets
 
@@ -360,9 +448,11 @@ def _finish_py(
     value: np.ndarray,
     lead: np.ndarray,
     base: np.ndarray,
+    commas: bool,
 ) -> _Arrays:
     """(word start, word length, number start, |value|, lead, digits printed): the numbers that are values
-    (no zero or infinity, not in a counting run), then the words."""
+    (no zero or infinity, not in a counting run), then the words. ``commas``: whether the text has a decimal
+    comma (the numbers pass tells), which only then need be looked for beside a word."""
     k = len(starts)
     usable = np.empty(k, dtype=np.int64)
     u = 0
@@ -427,6 +517,9 @@ def _finish_py(
         # digits next to a decimal point that has a digit on its other side are part of a number
         frac = buf[ws - 1] == 46 and _isdigit(buf, ws - 2) and _isdigit(buf, ws)
         head = buf[we] == 46 and _isdigit(buf, we + 1) and _isdigit(buf, we - 1)
+        if commas:
+            frac = frac or (buf[ws - 1] == 44 and _comma_point(buf, ws - 1))
+            head = head or (buf[we] == 44 and _comma_point(buf, we))
         signed = False
         if buf[ws] == 45 and _isdigit(buf, ws + 1):  # a signed whole number is a number, no word
             while nxt < kept and num_start[nxt] < ws:
@@ -458,16 +551,17 @@ _finish = _jit(_finish_py)
 
 def _scan_py(
     buf: np.ndarray, start: int, end: int, max_word: int, powers: np.ndarray, bias: int
-) -> tuple[bool, _Arrays, _Arrays]:
+) -> tuple[bool, _Arrays, _Numbers]:
     """The numbers pass and, where it leaves no number to Arrow, the finishing pass: (finished, the tokens,
     the numbers pass's arrays where not finished)."""
     numbers = _numbers(buf, start, end, powers, bias)
-    starts, value, lead, base, slow, _ = numbers
+    starts, value, lead, base, slow, _, commas = numbers
     ints = np.zeros(0, dtype=np.int64)
     floats = np.zeros(0, dtype=np.float64)
     if len(slow):
         return False, (ints, ints, ints, floats, ints, ints), numbers
-    return True, _finish(buf, start, end, max_word, starts, value, lead, base), (ints, floats, ints, ints, ints, ints)
+    tokens = _finish(buf, start, end, max_word, starts, value, lead, base, commas[0])
+    return True, tokens, (ints, floats, ints, ints, ints, ints, commas)
 
 
 _scan = _jit(_scan_py)
@@ -483,9 +577,9 @@ def scan(buf: np.ndarray, n: int) -> _Arrays:
     if finished:
         result: _Arrays = tokens
         return result
-    starts, value, lead, base, slow, ends = numbers
+    starts, value, lead, base, slow, ends, commas = numbers
     _parse_slow(buf, starts, value, lead, slow, ends)
-    result = _finish(buf, FRONT, FRONT + n, MAX_WORD, starts, value, lead, base)
+    result = _finish(buf, FRONT, FRONT + n, MAX_WORD, starts, value, lead, base, bool(commas[0]))
     return result
 
 

@@ -6,7 +6,11 @@ Two kinds of token, each with its byte offset:
   that is not glued to a letter, digit, ``_``, ``-``, ``+`` or ``.`` on either side, with a nonzero
   digit. ``17.99``, ``-0.0001184``, ``1.184e-01`` are numbers; ``2019-03-04``, ``v1.2.3``, ``x86``
   are not. A number followed by a colon (``"174":``, ``{174: ...}``, ``12:30``) is a key or a label,
-  not a value. The sign is ignored.
+  not a value. The sign is ignored. Three readings a German locale or prose gives: a decimal comma
+  (``17,99``, ``-0,1184``) is a point where the comma cannot be a thousands group or a list's separator
+  (:func:`paitient.rules.edm.compiled_tokens._comma_point_py`); a point before whitespace or the end is a
+  full stop (``17.99.``); and a sign after the digits that follow a number's point begins the next
+  number (``17.99-10.38+122.8``), where it cannot be an exponent's sign (``2019-03-04`` stays a word).
 - words: maximal runs of ``[A-Za-z0-9_-]`` of 4 to 64 bytes, ASCII case-folded, that are not part of
   a number (a pseudonym ``P-ABCDEFGHIJKLMNOP`` or an ISO date ``2019-03-04`` is one word). An integer
   of 4 or more digits written without sign is a word too (an identifier kept as text), and an ISO
@@ -17,6 +21,8 @@ Two kinds of token, each with its byte offset:
   finds the rows whose date the index holds as ``2019-03-04``, with no entry more.
 
 Non-ASCII bytes end a word (``Müller`` gives ``ller``): the index side tokenises cells the same way.
+The text is first read as it is shown (:func:`normalised`): ANSI escape sequences dropped, the digits of
+other scripts and the full-width forms made ASCII.
 
 :func:`tokenize` finds them in compiled passes over the bytes (:mod:`.compiled_tokens`).
 :func:`tokenize_arrays` is the reference it is held to, in whole-array numpy and Arrow operations:
@@ -93,7 +99,7 @@ def normalised(data: bytes) -> bytes:
     """The text as a reader sees it: without ANSI escape sequences (a coloured table prints
     ``\\x1b[32m17.99\\x1b[0m``), and with the digits of other scripts and the full-width forms as their ASCII
     characters (``１７．９９``, ``١٧٫٩٩``). A plain ASCII text without escapes costs two searches."""
-    if b"\x1b" in data or b"\\u001" in data:
+    if b"\x1b" in data or (b"\\" in data and b"\\u001" in data):
         data = _ANSI.sub(b"", data)
     if not data.isascii():
         b = np.frombuffer(data, dtype=np.uint8)
@@ -231,15 +237,16 @@ def tokenize_arrays(data: bytes | str) -> Tokens:
     alpha = (low - np.uint8(97)) < 26
     under, minus = b == 95, b == 45
     word = isdig | alpha | minus | under
-    ns, ne, plain, value, lead, nd = _numbers(b, isdig, alpha, low, under, minus)
+    nbuf = _decimal_commas(b, isdig, word)
+    ns, ne, plain, value, lead, nd = _numbers(nbuf, isdig, alpha, nbuf | np.uint8(32), under, minus)
 
     ws, wl = word_runs(b, word)
     if len(ws):
         # the "1184" of "0.1184" (and the "17" of "17.99") is no word: a run of digits next to a decimal
         # point that has a digit on its other side is part of a number
         we = ws + wl
-        frac = (b[ws - 1] == 46) & isdig[ws - 2] & isdig[ws]
-        head = (b[we] == 46) & isdig[we + 1] & isdig[we - 1]
+        frac = (nbuf[ws - 1] == 46) & isdig[ws - 2] & isdig[ws]
+        head = (nbuf[we] == 46) & isdig[we + 1] & isdig[we - 1]
         keep = ~(frac | head)
         signed = np.flatnonzero((b[ws] == 45) & isdig[ws + 1])  # "-123456", "-1e-05": whole numbers
         if len(signed) and len(ns):
@@ -248,6 +255,42 @@ def tokenize_arrays(data: bytes | str) -> Tokens:
         if not keep.all():
             ws, wl = ws[keep], wl[keep]
     return Tokens(buf, n, ws, wl, ns, value, lead, nd)
+
+
+def _decimal_commas(b: np.ndarray, isdig: np.ndarray, word: np.ndarray) -> np.ndarray:
+    """``b``, or a copy of it with each decimal comma (``17,99``) a point: a comma between two runs of digits,
+    the one before not after a point, a comma with a digit before it or a word byte but a sign's ``-``, the
+    one after not before a word byte nor a point or comma and a digit, and the two no thousands group (1 to
+    3 digits, the first not 0, then 3); :func:`paitient.rules.edm.compiled_tokens._comma_point`."""
+    c = np.flatnonzero((b[1:-1] == 44) & isdig[:-2] & isdig[2:]) + 1
+    if not len(c):
+        return b
+    pos = np.arange(len(b))
+    last_other = np.maximum.accumulate(np.where(isdig, 0, pos))  # the last byte at or before that is no digit
+    next_other = np.minimum.accumulate(np.where(isdig, len(b) - 1, pos)[::-1])[::-1]
+    s = last_other[c - 1] + 1  # the first digit before the comma
+    t = next_other[c + 1]  # the byte after the digits after it
+    before = b[s - 1]
+    ok = ~((before == 46) | ((before == 44) & isdig[s - 2]))
+    ok &= ~word[s - 1] | ((before == 45) & ~word[s - 2])
+    ok &= ~word[t] & ~(((b[t] == 44) | (b[t] == 46)) & isdig[np.minimum(t + 1, len(b) - 1)])
+    ok &= (t - c - 1 != 3) | (c - s > 3) | (b[s] == 48)
+    if not ok.any():
+        return b
+    out = b.copy()
+    out[c[ok]] = 46
+    return out
+
+
+def _splits(b: np.ndarray, isdig: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """Where a sign begins a number of its own: after the digits after a number's point (``17.99-10.38``)."""
+    k = np.flatnonzero(sign[1:] & isdig[:-1]) + 1
+    if not len(k):
+        return k
+    pos = np.arange(len(b))
+    last_other = np.maximum.accumulate(np.where(isdig, 0, pos))
+    result: np.ndarray = k[b[last_other[k - 1]] == 46]
+    return result
 
 
 _Numbers = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -261,7 +304,13 @@ def _numbers(
     dot = b == 46
     ee = low == 101
     sign = (b == 43) | minus
-    numc = isdig | dot | ee | sign
+    # a point before whitespace or the end is a full stop (17.99. Next): no number byte
+    after = b[np.minimum(np.arange(1, len(b) + 1), len(b) - 1)]
+    stop = dot & ((after == 32) | (after == 10) | (after == 9) | (after == 13) | (after == 0))
+    numc = isdig | (dot & ~stop) | ee | sign
+    split = _splits(b, isdig, sign)
+    starts_run = np.zeros(len(b), dtype=bool)
+    starts_run[split] = True
     # what may not touch a number: letters (other than an exponent's e), '_'
     glue = (alpha & ~ee) | under
     # bytes that break the grammar where they stand, judged by their neighbours (slices of the padded
@@ -274,7 +323,7 @@ def _numbers(
     d, dt, sg, e = isdig, dot, sign, ee
     bad = np.zeros(n, dtype=bool)
     m = bad[8 : n - 8]
-    m |= x(sg, 0) & ~((~x(numc, -1) & (x(d, 1) | (x(dt, 1) & x(d, 2)))) | (x(e, -1) & x(d, 1)))
+    m |= x(sg, 0) & ~(((~x(numc, -1) | x(starts_run, 0)) & (x(d, 1) | (x(dt, 1) & x(d, 2)))) | (x(e, -1) & x(d, 1)))
     m |= x(e, 0) & ~((x(d, -1) | (x(dt, -1) & x(d, -2))) & (x(d, 1) | (x(sg, 1) & x(d, 2))))
     m |= x(dt, 0) & ~(x(d, -1) | x(d, 1))
     # a second point after a short run of digits (1.2.3, 127.0.0.1); longer ones Arrow's parse refuses
@@ -283,10 +332,12 @@ def _numbers(
         m |= x(dt, 0) & run & x(dt, -k)
         run = run & x(d, -k)
     cs, ce = runs(numc)
+    if len(split):
+        cs, ce = np.sort(np.concatenate((cs, split))), np.sort(np.concatenate((ce, split)))
     ok = ~glue[cs - 1] & ~glue[ce]
     after = b[ce]
     ok &= b[ce + ((after == 34) | (after == 39))] != 58  # "174": or 174: is a key
-    badpos = np.flatnonzero(bad)
+    badpos = np.flatnonzero(bad & numc)
     if len(badpos):
         i = np.searchsorted(cs, badpos, "right") - 1
         hit = (i >= 0) & (badpos < ce[np.maximum(i, 0)])
