@@ -230,7 +230,24 @@ READABLE = [
     ("values joined by '-'", lambda part: _rows_of(part, lambda v: v, sep="-")),
     ("values joined by '+'", lambda part: _rows_of(part, lambda v: v, sep="+")),
     ("values joined by '-', a full stop after the row", lambda part: _rows_of(part, lambda v: v, sep="-", end=".")),
+    ("values joined by '_'", lambda part: _rows_of(part, lambda v: v, sep="_")),
+    ("values joined by ':'", lambda part: _rows_of(part, lambda v: v, sep=":")),
+    (
+        "inverted dict {value: column} per row",
+        lambda part: "\n".join(str(_inverted(r)) for r in part.to_dict("records")),
+    ),
+    (
+        'inverted JSON {"value": column} per row',
+        lambda part: "\n".join(
+            json.dumps({repr(v): c for v, c in _inverted(r).items()}) for r in part.to_dict("records")
+        ),
+    ),
+    ("Fortran's D exponent", lambda part: _rows_of(part, lambda v: f"{float(v):.6E}".replace("E", "D"))),
 ]
+
+
+def _inverted(record: dict) -> dict:
+    return {float(v): c for c, v in record.items()}
 
 
 @pytest.mark.parametrize(("label", "show"), READABLE, ids=[a[0] for a in READABLE])

@@ -54,6 +54,10 @@ def numbers(text: str) -> list[tuple[float, int]]:
         ("radius 17.99. texture 10.38.\nend 174.", [(17.99, 4), (10.38, 4), (174.0, 3)]),
         ("17.99-10.38+122.8 1.5e-3", [(17.99, 4), (10.38, 4), (122.8, 4), (0.0015, 2)]),
         ("1.5e5-3 1990-2000", []),
+        # a number with a point joined to others by '_' or ':', or a key; Fortran's exponent
+        ("17.99_10.38:122.8 {17.99: 'mean radius'}", [(17.99, 4), (10.38, 4), (122.8, 4), (17.99, 4)]),
+        ("feature_0 x86_64 {174: 1} 17.99mm x17.99", [(1.0, 1)]),
+        ("1.799000D+01 1.0379999d1 12D+01", [(17.99, 7), (10.379999, 8)]),
         # what a terminal or another script shows as digits
         ("\x1b[1;32m17.99\x1b[0m \\u001b[31m10.38\\u001b[0m", [(17.99, 4), (10.38, 4)]),
         ("\uff11\uff17\uff0e\uff19\uff19 \u0661\u0660\u066b\u0663\u0668", [(17.99, 4), (10.38, 4)]),

@@ -234,6 +234,22 @@ def _grow_py(a: np.ndarray) -> np.ndarray:
 _grow = _jit(_grow_py)
 
 
+def _d_exponent_py(b: np.ndarray, i: int) -> bool:
+    """Whether the ``d`` or ``D`` at ``i`` is a Fortran exponent (``1.799000D+01``): after the digits that
+    follow a number's point, before a digit or a sign and a digit."""
+    if b[i] | 32 != 100 or not _isdigit(b, i - 1):
+        return False
+    if not (_isdigit(b, i + 1) or (_CLASS[b[i + 1]] & _SIGN and _isdigit(b, i + 2))):
+        return False
+    j = i - 1
+    while _isdigit(b, j - 1):
+        j -= 1
+    return bool(_point(b, j - 1))
+
+
+_d_exponent = _jit(_d_exponent_py, inline=True)
+
+
 def _number_runs_py(
     buf: np.ndarray,
     i: int,
@@ -254,7 +270,7 @@ def _number_runs_py(
     stopped, numbers, numbers left to Arrow)."""
     cls = _CLASS
     while i < end:
-        if not cls[buf[i]] & _NUMBER_BYTE:
+        if not cls[buf[i]] & _NUMBER_BYTE or _full_stop(buf, i):
             i += 1
             continue
         if count == len(starts) or nslow == len(slow):
@@ -276,7 +292,7 @@ def _number_runs_py(
             i += 1
         digits = i - first
         frac = 0
-        point = buf[i] == 46
+        point = buf[i] == 46 and not _full_stop(buf, i)
         if not point and digits > 0 and buf[i] == 44 and _comma_point(buf, i):
             point = True
             commas[0] = True
@@ -297,7 +313,7 @@ def _number_runs_py(
         exp = 0
         exp_digits = 1
         has_exp = False
-        if digits > 0 and cls[buf[i]] & _E:
+        if digits > 0 and (cls[buf[i]] & _E or (frac > 0 and _d_exponent(buf, i))):
             has_exp = True
             i += 1
             negative = buf[i] == 45
@@ -330,16 +346,25 @@ def _number_runs_py(
                         break
                 elif buf[i] == 44 and _comma_point(buf, i):
                     commas[0] = True
-                else:
+                elif not _d_exponent(buf, i):
                     break
                 i += 1
             continue
         ce = i
         # zero; glued to a letter or '_' on either side; followed by ':' (a key or a label)
-        if sig == 0 or cls[buf[cs - 1]] & _GLUE or cls[buf[ce]] & _GLUE:
+        if sig == 0:
             continue
+        # glued to a letter, or to '_' or a key where it has no point (one with a point is a value joined to
+        # others, 17.99_10.38, or used as a key, {17.99: 'mean radius'})
+        if cls[buf[cs - 1]] & _GLUE or cls[buf[ce]] & _GLUE:
+            if (
+                not point
+                or (buf[cs - 1] != 95 and cls[buf[cs - 1]] & _GLUE)
+                or (buf[ce] != 95 and cls[buf[ce]] & _GLUE)
+            ):
+                continue
         after = ce + 1 if buf[ce] == 34 or buf[ce] == 39 else ce
-        if buf[after] == 58:
+        if buf[after] == 58 and not point:
             continue
         starts[count] = cs
         base[count] = frac + 1 - exp
@@ -418,7 +443,8 @@ def _gather_py(
     at = 0
     for j in range(len(which)):
         for p in range(starts[which[j]], ends[j]):
-            data[at] = 46 if buf[p] == 44 else buf[p]  # a decimal comma
+            x = buf[p]
+            data[at] = 46 if x == 44 else 101 if x | 32 == 100 else x  # a decimal comma, a Fortran exponent
             at += 1
     return data, offsets
 

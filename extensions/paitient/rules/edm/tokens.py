@@ -11,6 +11,9 @@ Two kinds of token, each with its byte offset:
   (:func:`paitient.rules.edm.compiled_tokens._comma_point_py`); a point before whitespace or the end is a
   full stop (``17.99.``); and a sign after the digits that follow a number's point begins the next
   number (``17.99-10.38+122.8``), where it cannot be an exponent's sign (``2019-03-04`` stays a word).
+  A number with a point may be glued to ``_`` and followed by a colon (``17.99_10.38``, ``17.99:10.38``,
+  ``{17.99: 'mean radius'}``): only whole numbers are labels there (``feature_0``, ``{174: ...}``). A
+  Fortran exponent, ``D`` after the digits after a point, is an exponent (``1.799000D+01``).
 - words: maximal runs of ``[A-Za-z0-9_-]`` of 4 to 64 bytes, ASCII case-folded, that are not part of
   a number (a pseudonym ``P-ABCDEFGHIJKLMNOP`` or an ISO date ``2019-03-04`` is one word). An integer
   of 4 or more digits written without sign is a word too (an identifier kept as text), and an ISO
@@ -237,7 +240,7 @@ def tokenize_arrays(data: bytes | str) -> Tokens:
     alpha = (low - np.uint8(97)) < 26
     under, minus = b == 95, b == 45
     word = isdig | alpha | minus | under
-    nbuf = _decimal_commas(b, isdig, word)
+    nbuf = _fortran_exponents(_decimal_commas(b, isdig, word), isdig)
     ns, ne, plain, value, lead, nd = _numbers(nbuf, isdig, alpha, nbuf | np.uint8(32), under, minus)
 
     ws, wl = word_runs(b, word)
@@ -279,6 +282,25 @@ def _decimal_commas(b: np.ndarray, isdig: np.ndarray, word: np.ndarray) -> np.nd
         return b
     out = b.copy()
     out[c[ok]] = 46
+    return out
+
+
+def _fortran_exponents(b: np.ndarray, isdig: np.ndarray) -> np.ndarray:
+    """``b``, or a copy with each Fortran exponent's ``D`` an ``e`` (``1.799000D+01``): a ``d`` or ``D``
+    after the digits that follow a number's point (or decimal comma: ``b`` has those as points), before a
+    digit or a sign and a digit."""
+    at = np.flatnonzero(((b[1:-2] | 32) == 100) & isdig[:-3]) + 1
+    if not len(at):
+        return b
+    sign = (b[at + 1] == 43) | (b[at + 1] == 45)
+    at = at[isdig[at + 1] | (sign & isdig[at + 2])]
+    pos = np.arange(len(b))
+    last_other = np.maximum.accumulate(np.where(isdig, 0, pos))
+    at = at[b[last_other[at - 1]] == 46]
+    if not len(at):
+        return b
+    out = b.copy()
+    out[at] = 101
     return out
 
 
@@ -334,9 +356,13 @@ def _numbers(
     cs, ce = runs(numc)
     if len(split):
         cs, ce = np.sort(np.concatenate((cs, split))), np.sort(np.concatenate((ce, split)))
-    ok = ~glue[cs - 1] & ~glue[ce]
+    # glued to a letter; glued to '_' or a key ("174": or 174:) where it has no point
+    dots = np.cumsum(dot)
+    pointed = dots[ce - 1] > dots[cs - 1]
+    letter = glue & ~under
+    ok = ~letter[cs - 1] & ~letter[ce] & ((~under[cs - 1] & ~under[ce]) | pointed)
     after = b[ce]
-    ok &= b[ce + ((after == 34) | (after == 39))] != 58  # "174": or 174: is a key
+    ok &= (b[ce + ((after == 34) | (after == 39))] != 58) | pointed
     badpos = np.flatnonzero(bad & numc)
     if len(badpos):
         i = np.searchsorted(cs, badpos, "right") - 1
