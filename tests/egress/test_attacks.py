@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from paitient.services.egress.matcher import unescape
+from paitient.services.egress.service import next_tail, with_tail
+
 SHARED_WITH_GBSG2 = 150
 CHANCE = 2  # rows of a table that was not printed, matched by equal values
 
@@ -255,5 +258,24 @@ def test_readable_forms_reveal_the_rows_printed(demo, label, show):
     df = without_id(demo.frames["breast_cancer"])
     picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
     got = set(demo.rows(show(df.iloc[picks].select_dtypes("number")), "breast_cancer").tolist())
+    assert set(picks) <= got
+    assert len(got - set(picks)) <= CHANCE
+
+
+@pytest.mark.parametrize("per_message", [1, 2])
+def test_a_row_printed_a_value_at_a_time_over_many_messages_is_found(demo, per_message):
+    """``print(v, end=',', flush=True)``: each message holds one or two values, the browser shows them as
+    one text. The service reads each piece after the tail of the output's text before it."""
+    df = without_id(demo.frames["breast_cancer"])
+    picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
+    values = df.iloc[picks].select_dtypes("number").to_numpy().tolist()
+    printed = [repr(v) + ("\n" if j == len(row) - 1 else ",") for row in values for j, v in enumerate(row)]
+    got: set[int] = set()
+    tail = b""
+    for k in range(0, len(printed), per_message):
+        content = json.dumps({"name": "stdout", "text": "".join(printed[k : k + per_message])}).encode()
+        scanned = with_tail(tail, content + b"\n{}")  # what the gate sends: content, metadata
+        got |= set(demo.rows(unescape(scanned), "breast_cancer").tolist())
+        tail = next_tail(scanned)
     assert set(picks) <= got
     assert len(got - set(picks)) <= CHANCE

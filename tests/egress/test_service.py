@@ -29,10 +29,12 @@ from tests.scrape import value
 from tests.trail import trail_records
 
 ROW = re.compile(rb"row:(\d+)")
+HALF = re.compile(rb"half:(\d+)")
 
 
 class MarkedRows(Matcher):
-    """Rows are whatever ``row:<n>`` marks the text carries; ``broken`` makes matching fail."""
+    """Rows are whatever ``row:<n>`` marks the text carries, and those whose ``half:<n>`` it carries twice;
+    ``broken`` makes matching fail."""
 
     broken = False
     crash_on: bytes | None = None
@@ -43,7 +45,8 @@ class MarkedRows(Matcher):
             raise MissingIndex("onc/bc version 1 has no row index")
         if self.crash_on is not None and self.crash_on in text:
             raise RuntimeError("the matcher failed on this text")
-        ids = sorted({int(m) for m in ROW.findall(text)})
+        halves = [int(m) for m in HALF.findall(text)]
+        ids = sorted({int(m) for m in ROW.findall(text)} | {h for h in halves if halves.count(h) > 1})
         return {"onc/bc": np.array(ids, dtype=np.int64)} if ids and "onc" in projects else {}
 
 
@@ -113,6 +116,23 @@ def test_rows_add_up_over_the_pieces_of_one_output(site, running):
     assert "30 rows of bc" in third.notice and "airlock" in third.notice
     # another output starts from zero
     assert gate.check_blocking(context="k:2", channel="kernel", object="k", text=rows(40, 10)).forward
+
+
+def test_a_row_printed_over_several_pieces_of_one_output_is_found(site, running):
+    """The browser shows an output's stream messages as one text: each piece is read after the end of the
+    output's text before it, so a row whose values come a message at a time is found."""
+    _, gate = running
+
+    def check(context: str, text: bytes):
+        return gate.check_blocking(context=context, channel="kernel", object="k", text=text)
+
+    assert check("k:1", b"half:7,").rows == {}
+    assert check("k:1", b"half:7\n").rows == {"onc/bc": 1}
+    # other outputs, and what lies farther back than the tail, do not join
+    assert check("k:2", b"half:8").rows == {} and check("k:3", b"half:8").rows == {}
+    check("k:4", b"half:9")
+    check("k:4", b"x" * 8192)
+    assert check("k:4", b"half:9").rows == {}
 
 
 def test_the_same_rows_again_do_not_count_twice_in_a_day(site, running):

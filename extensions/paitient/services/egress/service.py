@@ -75,12 +75,30 @@ RECORD_LINGER = 0.05
 """Seconds the writer waits after a record for more to write with it (a record is on disk this much later)."""
 MISSING_SECONDS = 60.0
 """How often the service looks for newly published versions without a row index (outputs find them sooner)."""
+TAIL_BYTES = 4096
+"""The end of an output's forwarded text that the row detection reads again with its next piece: a row that
+a kernel prints a value at a time (``print(v, end=',', flush=True)``) reaches the browser as many messages,
+which it shows as one text."""
 
 log = logging.getLogger("paitient.services.egress")
 
 
 class CountsUnavailable(RuntimeError):
     """The counts of what left cannot be stored (:meth:`paitient.services.egress.counts.Counts.trouble`)."""
+
+
+def with_tail(tail: bytes, text: bytes) -> bytes:
+    """The text the row detection reads for a piece: the piece after the end of the output's text before it,
+    on a line of its own, so that a record can span the two (a row printed over several messages)."""
+    return tail + b"\n" + text if tail else text
+
+
+def next_tail(scanned: bytes) -> bytes:
+    """The last :data:`TAIL_BYTES` (at most) of ``scanned``, from the start of a line."""
+    if len(scanned) <= TAIL_BYTES:
+        return scanned
+    cut = scanned.find(b"\n", len(scanned) - TAIL_BYTES)
+    return scanned[cut + 1 :] if cut >= 0 else b""
 
 
 def limits_for(site: SiteConfig, member: Member) -> EgressLimits:
@@ -104,6 +122,8 @@ class Context:
     """The Kubernetes pod whose server sent it, as the gateway vouched for it; empty on a host."""
     sha256: Any = field(default_factory=hashlib.sha256)
     last: float = field(default_factory=time.monotonic)
+    tail: bytes = b""
+    """The end of the text forwarded so far (:func:`with_tail`)."""
 
     def record(self) -> dict[str, Any]:
         verdict = "forwarded" if not self.withheld else ("withheld" if not self.size else "partly withheld")
@@ -253,8 +273,9 @@ class EgressService:
         # A matcher that fails on this text (not for want of an index) may fail because of what the text is:
         # the piece is withheld outright, so no text made to fail it passes on the unchecked allowance.
         failed_on_text = False
+        scanned = with_tail(ctx.tail, text)  # rows of the tail found again count once: they are sets
         try:
-            found = self.matcher.reveal(text, member.projects)
+            found = self.matcher.reveal(scanned, member.projects)
         except MissingIndex as e:
             self.log.error("egress: %s", e)
             found, checked = {}, False
@@ -302,6 +323,7 @@ class EgressService:
             self.metrics.bytes.labels(ctx.channel).inc(len(payload))
             ctx.size += len(payload)
             ctx.sha256.update(payload)
+            ctx.tail = next_tail(scanned)
         else:
             reason = decision.reason.value if decision.reason else ""
             self.metrics.withheld.labels(ctx.channel, reason).inc()
