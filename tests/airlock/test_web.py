@@ -311,23 +311,29 @@ async def test_api_answers_json_errors(web, airlock, people):
     assert [x["id"] for x in listing["requests"]] == [rid]
 
 
+def certified_weights(airlock, user: str, uid: int, graph: str) -> str:
+    """A weights request of oncology whose certified check passed for graph ``graph``. (The runner's signed
+    record is stood in for by the check result the worker writes for it: approvals are counted the same
+    whatever signed it; tests/jobs/test_runner.py runs real jobs.)"""
+    req = airlock.store.create(
+        project="oncology", username=user, account=f"pt-{user}", uid=uid, kind="weights", filename="j.safetensors",
+        sha256=f"{uid % 256:02x}" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
+    )  # fmt: skip
+    checked = {"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}
+    airlock.store.record_checks(req.id, [checked])
+    return req.id
+
+
 def test_a_stewards_approval_of_a_graph_does_not_count_for_their_own_weights(site, airlock, people):
     """steph is a researcher and a steward of oncology (one approval needed). She approves graph G on
     alice's request; her own weights of G still wait for another steward's approval, which then counts for
     both. (The runner's signed record is stood in for by the check result the worker writes for it: the
     approvals are counted the same whatever signed it; tests/jobs/test_runner.py runs real jobs.)"""
     graph = "ab" * 32
-
-    def weights(user: str, uid: int) -> str:
-        req = airlock.store.create(
-            project="oncology", username=user, account=f"pt-{user}", uid=uid, kind="weights", filename="j.safetensors",
-            sha256=f"{uid % 256:02x}" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
-        )  # fmt: skip
-        checked = {"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}
-        airlock.store.record_checks(req.id, [checked])
-        return req.id
-
-    alices, stephs = weights("alice", 30001), weights("steph", 30005)
+    alices, stephs = (
+        certified_weights(airlock, "alice", 30001, graph),
+        certified_weights(airlock, "steph", 30005, graph),
+    )
     scopes = {"custom:airlock:review"}
     with pytest.raises(review.TransitionError, match="you filed this request: another steward approves its graph"):
         airlock.decide_graph(stephs, username="steph", scopes=scopes, action="approve", reason="my own graph, read")
@@ -352,18 +358,11 @@ def test_a_graph_approval_is_revoked_on_the_approvers_own_request_and_ends_with_
     from tests.airlock.conftest import SITE
 
     graph = "ef" * 32
-
-    def weights(user: str, uid: int) -> str:
-        req = airlock.store.create(
-            project="oncology", username=user, account=f"pt-{user}", uid=uid, kind="weights", filename="j.safetensors",
-            sha256=f"{uid % 256:02x}" * 32, size=1, justification="a model", meta={"job": "job-abcdef"},
-        )  # fmt: skip
-        checked = {"check": "certified", "status": "pass", "details": {"record": {"graph_sha256": graph}}}
-        airlock.store.record_checks(req.id, [checked])
-        return req.id
-
     scopes = {"custom:airlock:review"}
-    alices, stephs = weights("alice", 30001), weights("steph", 30005)
+    alices, stephs = (
+        certified_weights(airlock, "alice", 30001, graph),
+        certified_weights(airlock, "steph", 30005, graph),
+    )
     airlock.graph_read(airlock.store.get(alices), "steph")
     airlock.decide_graph(alices, username="steph", scopes=scopes, action="approve", reason="read whole: one layer")
     own = airlock.graph_standing(airlock.store.get(stephs))
