@@ -71,3 +71,19 @@ def patients_csv(tmp_path) -> Path:
 @pytest.fixture
 def patients_spec(patients_csv) -> Spec:
     return make_spec(patients_csv, COLUMNS, patient_id="mrn", quasi_identifiers=["age", "postcode"])
+
+
+def in_source_order(rows: list[dict], column: str, source_values: list) -> list[dict]:
+    """Published rows (which come in a keyed order of their own, never the source's) matched back to the
+    source's rows by a published column whose values are unique per row, as test sources have."""
+    by = {r[column]: r for r in rows}
+    assert len(by) == len(rows), f"{column!r} does not tell the rows apart"
+    return [by[v] for v in source_values]
+
+
+def pseudonyms(site, project: str, identifiers: list[str]) -> list[str]:
+    """The pseudonyms ``identifiers`` get in ``project`` (a test may derive them: it holds the key)."""
+    from paitient.rules import pseudonyms as tf
+
+    pkey = keys.project_key(keys.load_master_key(site), project)
+    return tf.pseudonym_strings([str(i) for i in identifiers], pkey).to_pylist()

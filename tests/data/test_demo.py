@@ -11,6 +11,13 @@ from paitient import data
 from paitient.config import load
 from paitient.ops.demodata import demo_sources, gbsg2_table, publish_demo
 
+from .conftest import pseudonyms
+
+
+def with_pseudonyms(site, project, raw):
+    """The raw export with each row's pseudonym (published rows come in a keyed order, not the export's)."""
+    return raw.assign(patient=pseudonyms(site, project, list(raw["mrn"])))
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -59,7 +66,8 @@ def test_identifiers_are_gone_and_clinical_values_are_the_real_ones(demo):
         g = data.load("gbsg2")
     finally:
         del os.environ["PAITIENT_DATA_DIR"]
-    assert g["time"].tolist() == raw["gbsg2"]["time"].tolist()
+    src = with_pseudonyms(site, "oncology", raw["gbsg2"]).set_index("patient").loc[g["patient"]]
+    assert g["time"].tolist() == src["time"].tolist()
     assert ((g["last_followup"] - g["surgery_date"]).dt.days == g["time"]).all()  # intervals survive the shift
 
 
@@ -78,8 +86,14 @@ def test_shared_patients_link_within_a_project_and_not_across(demo):
     assert not set(read["diabetes"]["patient"]) & oncology
     # a shared oncology patient keeps one date offset across both tables: biopsy 7-60 days before surgery
     bc = read["breast_cancer"]
-    b = raw["breast_cancer"].assign(patient=bc["patient"], shifted=bc["diagnosis_date"])
-    g = raw["gbsg2"].assign(patient=read["gbsg2"]["patient"], shifted=read["gbsg2"]["surgery_date"])
+    gs = read["gbsg2"]
+    b = with_pseudonyms(site, "oncology", raw["breast_cancer"]).merge(
+        pd.DataFrame({"patient": bc["patient"], "shifted": bc["diagnosis_date"]}), on="patient"
+    )
+    g = with_pseudonyms(site, "oncology", raw["gbsg2"]).merge(
+        pd.DataFrame({"patient": gs["patient"], "shifted": gs["surgery_date"]}), on="patient"
+    )
+    assert len(b) == len(bc) and len(g) == len(gs)
     m = b.merge(g, on="patient")
     gap_raw = (pd.to_datetime(m["surgery_date"]) - pd.to_datetime(m["diagnosis_date"])).dt.days
     assert len(m) == 150 and ((m["shifted_y"] - m["shifted_x"]).dt.days == gap_raw).all()

@@ -9,7 +9,7 @@ from paitient.services.data import fhir
 from paitient.services.data import ingest as ing
 from paitient.services.data.errors import IngestRefused
 
-from .conftest import make_spec
+from .conftest import in_source_order, make_spec
 
 PATIENT = {
     "resourceType": "Patient",
@@ -103,6 +103,7 @@ def test_observations_ingest_with_patient_pseudonyms_and_shifted_zoned_times(sit
     pub = ing.ingest(site, spec, operator="t")
     rows = pq.read_table(pub.path / "data.parquet").to_pylist()
     assert pub.manifest["source_format"] == "fhir:Observation" and len(rows) == 4
+    rows = in_source_order(rows, "value_number", [6.5, 7.5, 8.5, 9.5])  # published in a keyed order
     assert rows[0]["patient"] == rows[1]["patient"] != rows[2]["patient"]
     assert (rows[1]["effective_date"] - rows[0]["effective_date"]).days == 1
     assert rows[0]["effective_date"].tzinfo is not None and rows[0]["value_number"] == 6.5

@@ -15,11 +15,16 @@ from paitient.services.data import ingest as ing
 from paitient.services.data.errors import IngestRefused
 from paitient.services.data.publish import current_version, dataset_dir, versions
 
-from .conftest import COLUMNS, HEADER, PATIENTS, make_spec, write_csv
+from .conftest import COLUMNS, HEADER, PATIENTS, in_source_order, make_spec, pseudonyms, write_csv
 
 
 def published_rows(path):
     return pq.read_table(path / "data.parquet").to_pylist()
+
+
+def patients_rows(path):
+    """The published rows of PATIENTS, matched back to the source rows by their (unique) score."""
+    return in_source_order(published_rows(path), "score", [r[6] for r in PATIENTS])
 
 
 def audit_records(site):
@@ -66,7 +71,7 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
         ("postcode", "string"),
         ("score", "double"),
     ]
-    rows = published_rows(pub.path)
+    rows = patients_rows(pub.path)
     assert [r["age"] for r in rows] == ["0-49", "0-49", "0-49", "50-89", "50-89", "50-89"]
     assert {r["postcode"] for r in rows} == {"1"} and [r["score"] for r in rows] == [1.5, 2.5, 3.5, 4.5, 5.5, 6.5]
     assert rows[0]["patient"] == rows[2]["patient"] != rows[1]["patient"]
@@ -76,7 +81,7 @@ def test_publishes_a_read_only_root_owned_version_with_a_manifest(site, patients
 
 
 def test_dates_move_per_patient_and_intervals_survive(site, patients_spec):
-    rows = published_rows(ing.ingest(site, patients_spec, operator="t").path)
+    rows = patients_rows(ing.ingest(site, patients_spec, operator="t").path)
     raw = [dt.date.fromisoformat(r[3]) for r in PATIENTS]
     shift = [(r["diagnosed"] - d).days for r, d in zip(rows, raw, strict=True)]
     assert all(s != 0 and abs(s) <= 180 for s in shift)
@@ -101,13 +106,14 @@ def test_pseudonyms_and_shifts_are_stable_across_datasets_and_differ_across_proj
     spec_c = make_spec(
         b, {"mrn": "pseudonym", "seen": "date_shift"}, patient_id="mrn", project="cardiometabolic", dataset="diabetes"
     )
-    ra = published_rows(ing.ingest(site, spec_a, operator="t").path)
+    ra = patients_rows(ing.ingest(site, spec_a, operator="t").path)
     rb = published_rows(ing.ingest(site, spec_b, operator="t").path)
     rc = published_rows(ing.ingest(site, spec_c, operator="t").path)
-    assert rb[0]["mrn"] == ra[3]["patient"] and rb[1]["mrn"] == ra[0]["patient"]
-    assert rb[1]["seen"] == ra[0]["diagnosed"]  # same patient, same raw date, same shifted date
+    seen = {r["mrn"]: r["seen"] for r in rb}
+    assert set(seen) == {ra[3]["patient"], ra[0]["patient"]}
+    assert seen[ra[0]["patient"]] == ra[0]["diagnosed"]  # same patient, same raw date, same shifted date
     assert {r["mrn"] for r in rc}.isdisjoint(r["patient"] for r in ra)
-    assert [r["seen"] for r in rc] != [r["seen"] for r in rb]
+    assert sorted(r["seen"] for r in rc) != sorted(r["seen"] for r in rb)
 
 
 def refusal(site, spec) -> str:
@@ -140,7 +146,7 @@ def test_refuses_undeclared_identifiers_by_name_and_by_content(site, tmp_path):
 def test_strict_off_passes_undeclared_columns(site, tmp_path):
     src = write_csv(tmp_path / "s.csv", ["mrn", "contact"], [[f"{i:06d}", f"p{i}@mail.example"] for i in range(3)])
     pub = ing.ingest(site, make_spec(src, {"mrn": "pseudonym"}, strict=False), operator="t")
-    assert published_rows(pub.path)[0]["contact"] == "p0@mail.example"
+    assert sorted(r["contact"] for r in published_rows(pub.path)) == [f"p{i}@mail.example" for i in range(3)]
     assert pub.manifest["columns"][1]["action"] == "keep (undeclared)"
 
 
@@ -174,7 +180,7 @@ def test_refuses_bad_encoding_by_line(site, tmp_path):
     assert "e.csv line 3: not valid utf-8 text" in text and 'encoding = "latin-1"' in text
     # ... and with the encoding named, it goes through
     spec = make_spec(p, {"mrn": "pseudonym", "city": "keep"}, encoding="latin-1")
-    assert published_rows(ing.ingest(site, spec, operator="t").path)[1]["city"] == "München"
+    assert {r["city"] for r in published_rows(ing.ingest(site, spec, operator="t").path)} == {"Berlin", "München"}
 
 
 def test_refuses_values_that_do_not_parse_by_row_and_line(site, tmp_path):
@@ -370,7 +376,7 @@ def test_a_dropped_patient_id_still_shifts_dates_and_counts_k_but_is_not_publish
     kept = ing.ingest(site, make_spec(src, COLUMNS, patient_id="mrn", dataset="gbsg2"), operator="t")
     assert pq.read_schema(pub.path / "data.parquet").names == ["diagnosed", "age", "postcode", "score"]
     # the same per-patient offsets as when the id is published as a pseudonym
-    assert [r["diagnosed"] for r in published_rows(pub.path)] == [r["diagnosed"] for r in published_rows(kept.path)]
+    assert [r["diagnosed"] for r in patients_rows(pub.path)] == [r["diagnosed"] for r in patients_rows(kept.path)]
     assert pub.manifest["patients"] == 4 and pub.manifest["k"] == 2 and pub.manifest["k_unit"] == "patients"
     assert pub.manifest["dropped"] == ["mrn", "name", "email"]
     assert b"000101" not in (pub.path / "data.parquet").read_bytes()
@@ -401,13 +407,15 @@ def test_refuses_undeclared_real_dates_in_other_forms_and_its_advice_publishes_t
 
     days = [dt.date(2021, 1, 1) + dt.timedelta(days=37 * i % 365) for i in range(30)]
     written = [int(d.strftime(form)) if form == "%Y%m%d" else d.strftime(form) for d in days]
-    src = write_csv(tmp_path / "d.csv", ["mrn", "admitted"], [[f"{i % 10:06d}", w] for i, w in enumerate(written)])
+    rows = [[f"{i % 10:06d}", w, i] for i, w in enumerate(written)]  # "row": to match published rows back
+    src = write_csv(tmp_path / "d.csv", ["mrn", "admitted", "row"], rows)
     text = refusal(site, make_spec(src, {"mrn": "pseudonym"}, patient_id="mrn"))
     assert "column 'admitted' is not in the spec and has values like real dates" in text
     assert f"declare it as a date in [columns] (admitted = {rule}, or generalise it to years), or drop it" in text
-    declared = {"mrn": "pseudonym", "admitted": tomllib.loads(f"r = {rule}")["r"]}
+    declared = {"mrn": "pseudonym", "admitted": tomllib.loads(f"r = {rule}")["r"], "row": "keep"}
     pub = ing.ingest(site, make_spec(src, declared, patient_id="mrn"), operator="t")
-    shifted = pq.read_table(pub.path / "data.parquet").column("admitted").to_pylist()
+    published = in_source_order(published_rows(pub.path), "row", list(range(len(days))))
+    shifted = [r["admitted"] for r in published]
     moved = [(s - d).days for s, d in zip(shifted, days, strict=True)]
     assert all(m != 0 and abs(m) <= 180 for m in moved)
     assert moved[:10] == moved[10:20] == moved[20:]  # one offset per patient
@@ -431,8 +439,8 @@ def test_a_csv_larger_than_one_read_block(site, tmp_path):
     pub = ing.ingest(site, make_spec(src, COLUMNS, patient_id="mrn", quasi_identifiers=["age"]), operator="t")
     t = pq.read_table(pub.path / "data.parquet")
     assert t.num_rows == n and pub.manifest["patients"] == 7000
-    got = t.slice(n - 1).to_pylist()[0]
-    assert got["score"] == (n - 1) / 10 and got["patient"] == t.column("patient")[(n - 1) % 7000].as_py()
+    patient_of_score = dict(zip(t.column("score").to_pylist(), t.column("patient").to_pylist(), strict=True))
+    assert patient_of_score[(n - 1) / 10] == patient_of_score[((n - 1) % 7000) / 10]  # source rows 59999, 4999
 
 
 def test_k_counts_a_patient_once_when_the_source_dictionary_holds_the_id_twice(site, tmp_path):
@@ -452,3 +460,88 @@ def test_k_counts_a_patient_once_when_the_source_dictionary_holds_the_id_twice(s
     assert "k-anonymity 1 is below the minimum 2" in str(e.value)
     ok = ing.transform(site, replace(spec, quasi_identifiers=[]), table, master)
     assert ok.info["patients"] == 1 and ok.table.column("mrn")[0] == ok.table.column("mrn")[1]
+
+
+def _ranks(values: list) -> list[int]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    rank = [0] * len(values)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
+
+
+def _spearman(a: list, b: list) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
+
+
+def test_published_row_order_carries_nothing_of_the_source_order(site, tmp_path):
+    import random
+
+    import pyarrow as pa
+
+    # an export sorted by record number (so by rank of patient), 400 rows of 100 patients; "row" is the
+    # source position, kept so the test can see where each source row went
+    rng = random.Random(7)
+    mrns = sorted(f"{rng.randint(1, 99_999_999):08d}" for _ in range(100))
+    rows = [
+        [mrns[i // 4], f"2021-{1 + i % 12:02d}-{1 + i % 28:02d}", 30 + i % 40, f"1{i % 3}115", i] for i in range(400)
+    ]
+    header = ["mrn", "admitted", "age", "postcode", "row"]
+    columns = {
+        "mrn": {"action": "pseudonym", "rename": "patient"},
+        "admitted": "date_shift",
+        "age": {"action": "generalise", "method": "age_band", "width": 50},
+        "postcode": {"action": "generalise", "method": "prefix", "length": 1},
+        "row": "keep",
+    }
+    src = write_csv(tmp_path / "sorted.csv", header, rows)
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    src2 = write_csv(tmp_path / "shuffled.csv", header, shuffled)
+
+    def publish(source, project, dataset):
+        spec = make_spec(source, columns, patient_id="mrn", project=project, dataset=dataset)
+        return pq.read_table(ing.ingest(site, spec, operator="t").path / "data.parquet")
+
+    onc = publish(src, "oncology", "breast_cancer")
+    cardio = publish(src, "cardiometabolic", "diabetes")
+    source_order = list(range(400))
+    a, b = onc.column("row").to_pylist(), cardio.column("row").to_pylist()
+    assert sorted(a) == sorted(b) == source_order
+    assert a != source_order and b != source_order and a != b
+    # published position against source position, and one project's order against the other's: no relation
+    assert abs(_spearman(list(range(400)), a)) < 0.25
+    position_in_b = {row: i for i, row in enumerate(b)}
+    assert abs(_spearman(list(range(400)), [position_in_b[row] for row in a])) < 0.25
+    # the same project again, and the same rows exported in another order: the very same table
+    assert publish(src, "oncology", "breast_cancer").equals(onc)
+    assert publish(src2, "oncology", "gbsg2").equals(onc)
+    # dictionaries list their values in the order published rows first hold them, not the source's
+    path = dataset_dir(site.data_root, "oncology", "breast_cancer") / "current" / "data.parquet"
+    for name in ("patient", "age", "postcode"):
+        column = pq.ParquetFile(path, read_dictionary=[name]).read().column(name)
+        assert isinstance(column.type, pa.DictionaryType)
+        for chunk in column.chunks:
+            assert chunk.dictionary.to_pylist() == list(dict.fromkeys(chunk.to_pylist())), name
+    source_patients = pseudonyms(site, "oncology", list(dict.fromkeys(r[0] for r in rows)))
+    assert list(dict.fromkeys(onc.column("patient").to_pylist())) != source_patients
+
+
+def test_a_parquet_sources_dictionary_order_is_not_published(site, tmp_path):
+    import pandas as pd
+
+    # a warehouse extract: record numbers as a Categorical whose categories are sorted, rows shuffled
+    mrns = [f"{i * 7919 % 100_000:08d}" for i in range(60)]
+    df = pd.DataFrame(
+        {"mrn": pd.Categorical(mrns, categories=sorted(set(mrns))), "age": [30 + i % 40 for i in range(60)]}
+    ).sample(frac=1, random_state=3)
+    df.to_parquet(src := tmp_path / "src.parquet", index=False)
+    spec = make_spec(src, {"mrn": {"action": "pseudonym", "rename": "patient"}, "age": "keep"}, patient_id="mrn")
+    pub = ing.ingest(site, spec, operator="t")
+    published = pq.ParquetFile(pub.path / "data.parquet", read_dictionary=["patient"]).read()
+    dictionary = published.column("patient").chunk(0).dictionary.to_pylist()
+    assert dictionary == list(dict.fromkeys(published.column("patient").to_pylist()))
+    assert dictionary != pseudonyms(site, "oncology", sorted(set(mrns)))
+    assert published.column("patient").to_pylist() != pseudonyms(site, "oncology", list(df["mrn"].astype(str)))

@@ -13,7 +13,7 @@ from paitient.config import load
 from paitient.services.data import keys
 from paitient.services.data.ingest import ingest
 
-from .conftest import make_spec, write_csv
+from .conftest import make_spec, pseudonyms, write_csv
 
 ID_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"
 word = st.text("abcdefghijklmnopqrstuvwxyzäöüß", min_size=4, max_size=9).map(str.capitalize)
@@ -71,5 +71,12 @@ def test_no_dropped_value_or_raw_identifier_is_published(patients):
                 assert secret.encode() not in raw and secret not in text, secret
         published = pq.read_table(pub.path / "data.parquet").to_pylist()
         assert len(published) == len(rows)
-        assert all(r["seen"] != dt.date.fromisoformat(s[4]) for r, s in zip(published, rows, strict=True))
+        # rows come in a keyed order, not the source's: each patient's dates, matched by the pseudonym the
+        # test derives under the key, all moved by one offset that is not 0
+        ids = [p["id"] for p in patients]
+        for p, pseudonym in zip(patients, pseudonyms(site, "oncology", ids), strict=True):
+            seen = sorted(r["seen"] for r in published if r["patient"] == pseudonym)
+            assert len(seen) == len(p["visits"])
+            moved = {(s - d).days for s, d in zip(seen, sorted(p["visits"]), strict=True)}
+            assert len(moved) == 1 and 0 not in moved
         assert len({r["patient"] for r in published}) == len(patients)
