@@ -16,6 +16,7 @@ from paitient.channel import ChannelError
 from paitient.ops.demodata import publish_demo
 from paitient.rules import differencing as dif
 from paitient.rules import disclosure, review
+from paitient.services.data import keys
 from tests.airlock.helpers import STEWARD, csv_bytes, registry_counts, submit, wait_state
 
 
@@ -397,7 +398,12 @@ def test_a_table_read_column_by_column_has_the_facts_of_its_rows():
 
 @pytest.fixture
 def demo(site):
-    """oncology/breast_cancer published through the real ingest: pseudonyms, catalogue, row index."""
+    """oncology/breast_cancer published through the real ingest: pseudonyms, catalogue, row index.
+
+    Under a fixed pseudonym key: rows are published in an order keyed by it (never the export's), and the
+    tests take rows by position, so under a new key each run they would read other rows each time."""
+    site.key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys.create_once(site.key_file, hashlib.sha256(b"paitient airlock tests: demo pseudonym key").digest())
     assert publish_demo(site) == ["oncology/breast_cancer@v1"]
     return pd.read_parquet(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet")
 

@@ -7,6 +7,7 @@ the index itself do), and the indexes are loaded back from disk as the egress se
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -22,7 +23,7 @@ import pytest
 from paitient.config import SiteConfig, load
 from paitient.ops.demodata import DEMO, publish_demo
 from paitient.rules.edm import EDMIndex, Scan
-from paitient.services.data import rowindex
+from paitient.services.data import keys, rowindex
 
 
 @dataclass
@@ -54,6 +55,10 @@ def demo() -> Demo:
                 "accounts": {"prefix": "t" + secrets.token_hex(2)},
             },
         )
+        # a fixed pseudonym key: published rows come in an order keyed by it (never the export's), and the
+        # tests pick rows by position, so with a new key each session they would read other rows each time
+        site.key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.create_once(site.key_file, hashlib.sha256(b"paitient egress tests: demo pseudonym key").digest())
         publish_demo(site)
         os.chmod(site.state_dir, 0o755)
         key = rowindex.load_key(site)
