@@ -155,7 +155,7 @@ _after_fraction = _jit(_after_fraction_py, inline=True)
 def _split_py(b: np.ndarray, i: int) -> bool:
     """Whether the sign at ``i`` begins a number of its own: it follows the digits after a number's point
     (``17.99-10.38``, ``17,99+10,38``), where it cannot be an exponent's sign."""
-    return bool(_CLASS[b[i]] & _SIGN) and _after_fraction(b, i)
+    return bool(_CLASS[b[i]] & _SIGN) and bool(_after_fraction(b, i))
 
 
 _split = _jit(_split_py, inline=True)
@@ -249,7 +249,7 @@ def _d_exponent_py(b: np.ndarray, i: int) -> bool:
         return False
     if not (_isdigit(b, i + 1) or (_CLASS[b[i + 1]] & _SIGN and _isdigit(b, i + 2))):
         return False
-    return _after_fraction(b, i)
+    return bool(_after_fraction(b, i))
 
 
 _d_exponent = _jit(_d_exponent_py, inline=True)
