@@ -243,9 +243,9 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     if problems:
         raise IngestRefused(problems)
     # Published as the values and the key say, never as the source had it: rows in a keyed order of their
-    # values, dictionaries cut to used values (generated labels no row took) and sorted. The source's row
-    # order (an export sorted by record number or admission) would rank patients and let two projects'
-    # copies of one export be joined row by row.
+    # values, dictionaries cut to used values (generated labels no row took) and listed in the order those
+    # rows first hold them. The source's row order (an export sorted by record number or admission) would
+    # rank patients and let two projects' copies of one export be joined row by row.
     result, order = tf.in_keyed_order(pa.table(out_cols), pkey)
     if patient is not None:
         patient = (patient[0][order], patient[1])
