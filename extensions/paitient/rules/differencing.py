@@ -40,10 +40,12 @@ Key = frozenset[Pair]
 
 MISSING_LABELS = frozenset({"nan", "none", "<na>", "nat", ""})
 """How a missing value's group is spelt (``recipe_counts`` keeps it): not a bin of a binned variable."""
-TOTAL_LABELS = frozenset({"all", "total", "totals", "overall"})
+TOTAL_LABELS = frozenset({"all", "total", "totals", "overall", "sum"})
 """Categories that mark a margin (``pd.crosstab(margins=True)`` writes ``All``); :func:`is_total` reads
 their usual longer spellings too."""
-_TOTAL = re.compile(r"^(?:grand\s+)?(?:all|totals?|overall|sum)(?:\s+(?:ages?|patients|persons|people|cases|groups))?$")
+_TOTAL = re.compile(
+    rf"^(?:grand\s+)?(?:{'|'.join(sorted(TOTAL_LABELS))})(?:\s+(?:ages?|patients|persons|people|cases|groups))?$"
+)
 
 
 def is_total(label: str) -> bool:
@@ -379,7 +381,8 @@ def _parse_interval(s: str) -> tuple[float, float] | None:
 
 
 def _binned(t: CountTable) -> dict[str, tuple[str, dict[Key, dict[tuple[float, float], float]]]]:
-    """Variable whose every category is a bin -> (the bins' unit, rest of the key -> {bin: count})."""
+    """Variable whose categories are mostly bins -> (the bins' unit, rest of the key -> {bin: count}); its
+    other categories (``unknown``, a missing value's group) are left out."""
     cats: dict[str, set[str]] = defaultdict(set)
     for k in t.facts:
         for v, c in k:
@@ -395,9 +398,7 @@ def _binned(t: CountTable) -> dict[str, tuple[str, dict[Key, dict[tuple[float, f
         for k, n in t.facts.items():
             label = next((c for v, c in k if v == var), None)
             if label is not None and label in bins:
-                b = bins[label]
-                assert b is not None
-                by_rest[k - {(var, label)}][b] = n
+                by_rest[k - {(var, label)}][bins[label]] = n
         out[var] = (next(iter(units), ""), by_rest)
     return out
 
