@@ -88,7 +88,7 @@ class GraphStanding:
     in_site: bool
     approvals: tuple[RequestEvent, ...]
     needed: int
-    in_force: tuple[RequestEvent, ...] = ()
+    in_force: tuple[RequestEvent, ...]
 
     @property
     def approved(self) -> bool:
