@@ -15,7 +15,7 @@ compiled one to.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -35,15 +35,11 @@ def _jit(function: Callable[..., Any], inline: bool = False) -> Any:
     process (compiling takes about two seconds, loading it a tenth); where nothing can be kept, compiled anew
     in each process. With ``inline``, numba puts its code into each compiled caller (a small check on the
     hot path of a loop, which a call would slow down)."""
-    if inline:
-        try:
-            return numba.njit(cache=True, inline="always")(function)
-        except RuntimeError:
-            return numba.njit(cache=False, inline="always")(function)
+    how: Literal["always", "never"] = "always" if inline else "never"  # numba's default is never
     try:
-        return numba.njit(cache=True)(function)
+        return numba.njit(cache=True, inline=how)(function)
     except RuntimeError:  # no cache folder numba may write
-        return numba.njit(cache=False)(function)
+        return numba.njit(cache=False, inline=how)(function)
 
 
 def _prefetch(typingctx: Any, array: Any, at: Any) -> Any:
