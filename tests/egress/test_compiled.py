@@ -97,18 +97,19 @@ def test_the_egress_service_tokenises_after_warm_up_as_the_reference_does():
     assert out.stdout.strip() == "True"
 
 
-def test_without_a_folder_for_compiled_code_each_process_compiles_anew(monkeypatch):
+@pytest.mark.parametrize(("inline", "how"), [(False, "never"), (True, "always")])
+def test_without_a_folder_for_compiled_code_each_process_compiles_anew(monkeypatch, inline, how):
     calls = []
 
-    def njit(*, cache):
-        calls.append(cache)
+    def njit(*, cache, inline):
+        calls.append((cache, inline))
         if cache:
             raise RuntimeError("cannot cache function: no locator available")
         return lambda function: function
 
     monkeypatch.setattr(compiled.numba, "njit", njit)
-    assert compiled._jit(len) is len
-    assert calls == [True, False]
+    assert compiled._jit(len, inline=inline) is len
+    assert calls == [(True, how), (False, how)]
 
 
 def _env() -> dict[str, str]:
