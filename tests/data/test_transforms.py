@@ -75,6 +75,21 @@ def test_parse_dates_names_the_bad_row_not_the_value(fmt):
     assert "31.31" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "good", "impossible"),
+    [
+        ("%d.%m.%Y", "1.2.2021", "31.02.2021"),
+        ("%Y%m%d", "20210129", "20210229"),
+        ("%d/%m/%Y %H:%M", "01/02/2021 10:00", "30/02/2021 10:00"),
+    ],
+)
+def test_a_day_the_month_does_not_have_is_refused_not_moved_to_the_next_month(fmt, good, impossible):
+    assert tf.parse_dates(pa.array([good, good]), "admitted", fmt)[0].as_py().day in (1, 29)
+    with pytest.raises(ColumnError) as e:
+        tf.parse_dates(pa.array([good, impossible, good]), "admitted", fmt)
+    assert e.value.row == 2 and "not a date in format" in str(e.value)
+
+
 def test_age_bands_width_top_and_edges():
     ages = pa.array([0, 9, 10, 45.5, 89, 90, 104, None])
     assert plain(tf.age_bands(ages, "age")) == ["0-9", "0-9", "10-19", "40-49", "80-89", "90+", "90+", None]

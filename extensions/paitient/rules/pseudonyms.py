@@ -7,6 +7,7 @@ Error messages name the column and row (1-based, header not counted), never the 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 
 import numpy as np
@@ -281,7 +282,7 @@ def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> 
     arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, arr.type), arr)
     if fmt:
         out = pc.strptime(arr, format=fmt, unit="s", error_is_null=True)
-        bad = pc.and_(pc.is_null(out), pc.is_valid(arr))
+        bad = pc.or_(pc.and_(pc.is_null(out), pc.is_valid(arr)), _rolled_over(arr, out, fmt))
         if pc.any(bad).as_py():
             row = int(pc.index(bad, True).as_py()) + 1
             raise ColumnError(column, f"not a date in format {fmt!r}; fix the source or the format", row)
@@ -306,6 +307,21 @@ def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> 
             "not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS); give format = '...' for other forms",
             first_bad,
         ) from None
+
+
+def _rolled_over(arr: pa.Array, out: pa.Array, fmt: str) -> pa.Array:
+    """Where Arrow's ``strptime`` read a day the month does not have (``31.02.2021``) as a later day (3 March):
+    the values that do not print back as written are read once more by Python's, which refuses such a day
+    (most print back, so only unpadded ``1.2.2021`` and the like take the slow path)."""
+    again = pc.strftime(out, format=fmt)
+    differs = pc.fill_null(pc.not_equal(again, arr), False)
+    flags = np.zeros(len(arr), dtype=bool)
+    for i in np.flatnonzero(differs.to_numpy(zero_copy_only=False)):
+        try:
+            dt.datetime.strptime(arr[int(i)].as_py(), fmt)
+        except ValueError:
+            flags[i] = True
+    return pa.array(flags)
 
 
 def shift_dates(arr: pa.Array, offsets: np.ndarray, column: str) -> pa.Array:
