@@ -10,6 +10,7 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 import pytest
 
+from paitient.config.errors import SettingError
 from paitient.services.data import access, keys
 from paitient.services.data import ingest as ing
 from paitient.services.data.errors import IngestRefused
@@ -114,6 +115,25 @@ def test_pseudonyms_and_shifts_are_stable_across_datasets_and_differ_across_proj
     assert seen[ra[0]["patient"]] == ra[0]["diagnosed"]  # same patient, same raw date, same shifted date
     assert {r["mrn"] for r in rc}.isdisjoint(r["patient"] for r in ra)
     assert sorted(r["seen"] for r in rc) != sorted(r["seen"] for r in rb)
+
+
+def test_shifts_in_whole_weeks_keep_each_dates_weekday_and_are_recorded(site, patients_csv):
+    weekly = site.replace(workspace=site.workspace.replace(date_shift_unit="week"))
+    spec = make_spec(patients_csv, COLUMNS, patient_id="mrn")
+    pub = ing.ingest(weekly, spec, operator="t")
+    rows = patients_rows(pub.path)  # in source order
+    moved = [(r["diagnosed"] - dt.date.fromisoformat(src[3])).days for r, src in zip(rows, PATIENTS, strict=True)]
+    assert all(m % 7 == 0 and m != 0 and abs(m) <= 175 for m in moved) and len(set(moved)) > 1
+    assert [r["diagnosed"].weekday() for r in rows] == [dt.date.fromisoformat(src[3]).weekday() for src in PATIENTS]
+    m = json.loads((pub.path / "manifest.json").read_text())
+    assert m["date_shift_unit"] == "week"
+    assert m["spec_sha256"] == spec.digest(min_k=2, date_shift_days=180, date_shift_unit="week")
+    assert m["spec_sha256"] != spec.digest(min_k=2, date_shift_days=180)  # a re-ingest in days is not current
+
+
+def test_weeks_need_a_window_of_at_least_a_week(site):
+    with pytest.raises(SettingError, match='date_shift_days: must be at least 7 when date_shift_unit is "week"'):
+        site.workspace.replace(date_shift_unit="week", date_shift_days=6)
 
 
 def refusal(site, spec) -> str:

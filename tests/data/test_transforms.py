@@ -51,6 +51,16 @@ def test_shift_days_stay_in_window_never_zero_and_are_keyed():
     assert (tf.shift_days(ids, KEY_B, 30) != a).mean() > 0.9
 
 
+def test_shifts_in_whole_weeks_keep_the_weekday_and_use_every_week_of_the_window():
+    ids = [f"{i:06d}" for i in range(5000)]
+    w = tf.shift_days(ids, KEY_A, 30, unit=7)  # 30 days hold 4 whole weeks either way
+    assert not (w % 7).any() and not (w == 0).any()
+    assert sorted(set(w.tolist())) == [-28, -21, -14, -7, 7, 14, 21, 28]
+    assert (tf.shift_days(ids, KEY_A, 30, unit=7) == w).all()
+    with pytest.raises(ValueError, match="a window of 6 days holds no whole offset of 7 days"):
+        tf.shift_days(ids, KEY_A, 6, unit=7)
+
+
 def test_shift_dates_moves_each_patient_by_one_offset():
     dates = pa.array([dt.date(2020, 1, 10), dt.date(2020, 3, 15), dt.date(2021, 1, 1)], pa.date32())
     out = tf.shift_dates(dates, np.array([5, 5, -7]), "d").to_pylist()

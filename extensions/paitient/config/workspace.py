@@ -98,6 +98,15 @@ class Workspace(Model):
         "+date_shift_days], the same shift for all of a patient's rows and datasets within a project.",
     )
 
+    date_shift_unit = Choice(
+        ("day", "week"),
+        "day",
+        help='What the date offsets are counted in. "week": whole weeks, 1 to date_shift_days // 7 either way '
+        "(date_shift_days then at least 7), so every shifted date keeps its weekday: weekday and weekend "
+        "effects stay analysable, and a weekday known of a real date (a clinic's operating day) says nothing "
+        'of the offset. "day" draws from seven times as many offsets, and changes weekdays.',
+    )
+
     ledger_url = Text(
         "",
         help="Deprecated: set url in the database table below instead, which moves the hub and every store. "
@@ -113,6 +122,15 @@ class Workspace(Model):
         if problem:
             raise TraitError(problem)
         return proposal.value
+
+    def check(self) -> None:
+        if self.date_shift_unit == "week" and self.date_shift_days < 7:
+            raise SettingError(
+                (),
+                "date_shift_days",
+                f'must be at least 7 when date_shift_unit is "week" (offsets are then whole weeks), '
+                f"got {self.date_shift_days}",
+            )
 
 
 class Accounts(Model):

@@ -254,17 +254,21 @@ def pseudonyms_by_code(
     return _dictionary(codes, encode_pseudonyms(d, prefix))
 
 
-def shifts_from_digests(d: np.ndarray, window: int) -> np.ndarray:
-    """Each patient's offset in days: uniform over -window..-1 and 1..window (never 0)."""
-    u = np.ascontiguousarray(d[:, PSEUDONYM_BYTES:DIGEST_BYTES]).view("<u8").reshape(-1) % np.uint64(2 * window)
-    off = u.astype(np.int64) - window
+def shifts_from_digests(d: np.ndarray, window: int, unit: int = 1) -> np.ndarray:
+    """Each patient's offset in days: uniform over -window..-1 and 1..window (never 0). With ``unit`` 7, whole
+    weeks: uniform over -(window // 7)..-1 and 1..window // 7 weeks, so each date keeps its weekday."""
+    count = window // unit
+    if count < 1:
+        raise ValueError(f"a window of {window} days holds no whole offset of {unit} days")
+    u = np.ascontiguousarray(d[:, PSEUDONYM_BYTES:DIGEST_BYTES]).view("<u8").reshape(-1) % np.uint64(2 * count)
+    off = u.astype(np.int64) - count
     off[off >= 0] += 1
-    return off
+    return off * unit
 
 
-def shift_days(values: list[str] | pa.Array, key: bytes, window: int) -> np.ndarray:
+def shift_days(values: list[str] | pa.Array, key: bytes, window: int, unit: int = 1) -> np.ndarray:
     """Per-patient offsets from the patients' identifiers under the project key."""
-    return shifts_from_digests(digests(values, key), window)
+    return shifts_from_digests(digests(values, key), window, unit)
 
 
 def parse_dates(arr: pa.Array | pa.ChunkedArray, column: str, fmt: str = "") -> pa.Array:

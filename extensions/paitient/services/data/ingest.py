@@ -208,7 +208,9 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     if spec.patient_id:
         pcodes, pvalues, digests = tf.hashed_identifiers(table.column(spec.patient_id), pkey)
         patient = (pcodes, pvalues)
-        offsets = tf.row_offsets(patient[0], tf.shifts_from_digests(digests, site.workspace.date_shift_days))
+        ws = site.workspace
+        step = 7 if ws.date_shift_unit == "week" else 1  # days in one unit of offset
+        offsets = tf.row_offsets(patient[0], tf.shifts_from_digests(digests, ws.date_shift_days, step))
     out_cols: dict[str, pa.Array | pa.ChunkedArray] = {}
     described = []
     for col in table.column_names:
@@ -278,8 +280,9 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         "k_unit": "patients" if patient is not None else "rows",
         "min_k": min_k,
         "date_shift_days": site.workspace.date_shift_days,
+        "date_shift_unit": site.workspace.date_shift_unit,
         "key_id": keys.key_id(pkey),
-        "spec_sha256": spec.digest(min_k=site.workspace.min_k, date_shift_days=site.workspace.date_shift_days),
+        "spec_sha256": _spec_digest(spec, site),
     }
     return Outcome(result, info)
 
@@ -299,13 +302,18 @@ def manifest_for(spec: Spec, outcome: Outcome, source_sha256: str, operator: str
     }
 
 
+def _spec_digest(spec: Spec, site: SiteConfig) -> str:
+    ws = site.workspace
+    return spec.digest(min_k=ws.min_k, date_shift_days=ws.date_shift_days, date_shift_unit=ws.date_shift_unit)
+
+
 def is_current(site: SiteConfig, spec: Spec, source_sha256: str, master: bytes) -> bool:
     """Whether the current version came from this very spec, source and key (a re-ingest would repeat it)."""
     m = read_manifest(dataset_dir(site.data_root, spec.project, spec.dataset))
     if not m:
         return False
     return (
-        m.get("spec_sha256") == spec.digest(min_k=site.workspace.min_k, date_shift_days=site.workspace.date_shift_days)
+        m.get("spec_sha256") == _spec_digest(spec, site)
         and m.get("source_sha256") == source_sha256
         and m.get("key_id") == keys.key_id(keys.project_key(master, spec.project))
     )

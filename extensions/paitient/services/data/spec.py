@@ -95,13 +95,15 @@ class Spec:
     resource: str = ""
     description: str = ""
 
-    def digest(self, *, min_k: int, date_shift_days: int) -> str:
+    def digest(self, *, min_k: int, date_shift_days: int, date_shift_unit: str = "day") -> str:
         """SHA-256 of everything that decides the output, except where the source lies."""
         d = asdict(self)
         for k in ("source", "description"):
             d.pop(k)
         d["rules"] = [asdict(r) for r in self.rules.values()]
         d["effective"] = {"min_k": max(min_k, self.min_k), "date_shift_days": date_shift_days}
+        if date_shift_unit != "day":  # named only where it is not the default, so earlier digests still hold
+            d["effective"]["date_shift_unit"] = date_shift_unit
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
