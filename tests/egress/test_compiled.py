@@ -1,4 +1,5 @@
-"""The index build's compiled pass over a numeric column: the same entries as the interpreter's run of it."""
+"""The index build's compiled passes: a numeric column's entries as the interpreter's run of them gives, a text
+column's rows grouped by value as a stable sort gives."""
 
 from __future__ import annotations
 
@@ -133,3 +134,14 @@ def test_the_compiled_sort_key_is_the_whole_array_one(values):
     x = np.array(values + [999999.5, 9.999995, 0.1235, 1e-300, 1e300], dtype=np.float64)
     lead, s6 = nb.lead_and_six(x)
     assert np.array_equal(compiled.sort_key(lead, s6, nb.STORED_NOISE), _numpy_key(lead, s6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 50), st.lists(st.integers(-1, 49), max_size=300))
+def test_a_text_columns_rows_grouped_by_value_are_its_stable_argsort_without_nulls(n, raw):
+    codes = np.array([min(c, n - 1) for c in raw], dtype=np.int64)
+    first, rows = compiled.rows_by_code(codes, n)
+    order = np.argsort(codes, kind="stable")
+    assert np.array_equal(rows, order[codes[order] >= 0])
+    assert np.array_equal(np.diff(first), np.bincount(codes[codes >= 0], minlength=n))
+    assert first[0] == 0 and first[-1] == len(rows)

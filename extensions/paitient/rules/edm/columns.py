@@ -166,8 +166,9 @@ def words(
         value, fps = value[keep], fps[keep]
     if not len(value):
         return empty, empty, 0
-    by_value = np.argsort(codes, kind="stable")
-    first = np.searchsorted(codes[by_value], np.arange(len(values)))
+    from paitient.rules.edm.compiled import rows_by_code  # the compiler loads with the first index built
+
+    first, by_value = rows_by_code(codes, len(values))
     n = per_value[value]
     at = np.repeat(first[value] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))
     rows = by_value[at]

@@ -246,5 +246,33 @@ def number_entries_py(
     return _typed(*_entries(key, int(thr), bool(rounded)))
 
 
+def _grouped(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    first = np.zeros(n + 1, dtype=np.int64)
+    for c in codes:
+        if c >= 0:
+            first[c + 1] += 1
+    for v in range(n):
+        first[v + 1] += first[v]
+    fill = first[:n].copy()
+    rows = np.empty(first[n], dtype=np.int64)
+    for i in range(len(codes)):
+        c = codes[i]
+        if c >= 0:
+            rows[fill[c]] = i
+            fill[c] += 1
+    return first, rows
+
+
+_grouped_jit = _jit(_grouped)
+
+
+def rows_by_code(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of each code 0..n-1 (``codes`` int64, -1 for none), in one pass and a counting sort: ``rows``
+    lists code 0's rows in ascending order, then code 1's, ...; code v's lie at ``first[v]:first[v + 1]``.
+    The same as a stable argsort of ``codes`` without its -1s, in linear time."""
+    first, rows = _grouped_jit(codes.astype(np.int64, copy=False), int(n))
+    return first, rows
+
+
 def _typed(packed: np.ndarray, position: np.ndarray, exact: np.ndarray, cells: int, used: np.ndarray) -> Entries:
     return packed, position, exact, int(cells), {t for t in TIERS if used[t]}
