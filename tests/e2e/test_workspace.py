@@ -1,16 +1,19 @@
 """The workspace through its front door: real directory, proxy, hub, spawner, servers and kernels."""
 
+import base64
 import json
 import os
 import pwd
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
 from paitient.hub.paths import SERVER_MODULE, HubPaths
 from paitient.hub.signon import NO_PROJECT_MESSAGE
+from paitient.hub.tokens import WITHDRAWN_REASON
 from paitient.ops.up import Running, hub_api
 from paitient.services import SERVICES
 from paitient.services.audit.query import newest_first
@@ -416,6 +419,92 @@ def test_a_token_held_from_before_joining_a_project_is_revoked(fresh_workspace):
     assert r.status_code == 403 and r.json()["message"] == NO_TOKENS_MESSAGE, r.text
     revoked = [r for r in newest_first(ws.state_dir / "audit") if r["action"] == "auth.token" and r["outcome"] == "ok"]
     assert [(r["actor"], r["object"], r["details"]["revoked"]) for r in revoked] == [("system", "sam", 2)]
+
+
+def _token_in_server_cookie(s: requests.Session, user: str) -> str:
+    """The OAuth token inside the server's cookie (tornado signs its cookies, it does not encrypt them): what the
+    server checks with the hub, and what a researcher's browser holds and could use elsewhere."""
+    value = next(c.value for c in s.cookies if c.name.startswith(f"jupyterhub-user-{user}"))
+    return base64.b64decode(value.split("|")[4].split(":", 1)[1]).decode()
+
+
+def _withdrawn(ws, name: str) -> list[dict]:
+    return [
+        r
+        for r in newest_first(ws.state_dir / "audit")
+        if r["action"] == "auth.token" and r["object"] == name and r["details"]["reason"] == WITHDRAWN_REASON
+    ]
+
+
+def test_a_researcher_taken_out_of_her_project_loses_her_server_and_every_token_at_the_next_refresh(
+    fresh_workspace,
+):
+    # Alice works in JupyterLab; the directory's admins take her out of her only project. Her browser
+    # holds the OAuth token of her server's cookie, which the hub would otherwise honour until it expires.
+    from paitient.ops.demo import DEMO_BASE_DN
+
+    ws = fresh_workspace
+    ws.site_file.write_text(ws.site_file.read_text().replace("[directory]\n", "[directory]\nrefresh_seconds = 1\n", 1))
+    ws.start()
+    s = ws.login("alice")
+    ws.start_server(s, "alice")
+    kernel = ws.start_kernel(s, "alice")
+    assert "oncology" in ws.run_cell(s, "alice", "import os; print(os.listdir('/data'))", kernel).stdout
+    pid = ws.server_pid("alice")
+    auth = {"Authorization": f"token {_token_in_server_cookie(s, 'alice')}"}
+    assert requests.get(ws.url + "hub/api/user", headers=auth, timeout=30).status_code == 200
+
+    ws.directory_modify(
+        f"dn: cn=oncology,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+        f"delete: member\nmember: uid=alice,ou=people,{DEMO_BASE_DN}\n"
+    )
+    time.sleep(1.5)  # refresh_seconds: the next request made with her token reads the directory again
+    r = requests.get(ws.url + "hub/api/user", headers=auth, timeout=30)
+    assert r.status_code == 403, r.text  # the very request that finds out
+    assert requests.get(ws.url + "hub/api/user", headers=auth, timeout=30).status_code == 403  # and it is gone
+    assert s.get(ws.url + "hub/api/user", timeout=30).status_code == 403  # her hub session too
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists(), "her server still runs"
+    r = ws.api(s, "alice", "GET", "kernels", allow_redirects=False)
+    assert r.status_code != 200, r.text
+    (record,) = _withdrawn(ws, "alice")
+    assert record["actor"] == "system" and record["details"]["revoked"] >= 2  # the server's and the sign-ins
+
+
+def test_a_steward_taken_out_of_the_steward_group_loses_his_tokens_at_the_next_refresh(fresh_workspace):
+    # Stewards may hold API tokens (review scripts). One that outlived his stewardship would keep the audit
+    # trail and the airlock open to him for as long as it lives: without an expiry, for ever.
+    from paitient.ops.demo import DEMO_BASE_DN
+
+    ws = fresh_workspace
+    ws.site_file.write_text(ws.site_file.read_text().replace("[directory]\n", "[directory]\nrefresh_seconds = 1\n", 1))
+    ws.start()
+    sam = ws.login("sam")
+    r = sam.post(ws.url + "hub/api/users/sam/tokens", json={"note": "review script"}, headers=hub_xsrf(sam), timeout=30)
+    assert r.status_code == 201, r.text
+    auth = {"Authorization": f"token {r.json()['token']}"}
+    assert requests.get(ws.url + "services/audit/api/records", headers=auth, timeout=30).status_code == 200
+
+    ws.directory_modify(
+        f"dn: cn=data-stewards,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+        f"delete: member\nmember: uid=sam,ou=people,{DEMO_BASE_DN}\n"
+    )
+    time.sleep(1.5)
+    assert requests.get(ws.url + "hub/api/user", headers=auth, timeout=30).status_code == 403
+    # a service that checked the token before keeps its answer for a minute (its HubOAuth cache), then asks again
+    for path in ("services/audit/api/records", "services/airlock/api/requests"):
+        deadline = time.monotonic() + 90
+        while (r := requests.get(ws.url + path, headers=auth, timeout=30)).status_code == 200:
+            assert time.monotonic() < deadline, f"{path} still answers his token"
+            time.sleep(2)
+        assert r.status_code == 403, (path, r.status_code, r.text[:200])
+    r = requests.post(ws.url + "hub/api/users/sam/tokens", json={"note": "again"}, headers=auth, timeout=30)
+    assert r.status_code == 403, r.text
+    (record,) = _withdrawn(ws, "sam")
+    assert record["details"]["revoked"] >= 1
+    assert json.loads((ws.state_dir / "hub" / "role_holders.json").read_text())["sam"] == []  # kept over restarts
 
 
 def test_the_servers_own_token_cannot_mint_a_token_either(workspace):

@@ -126,8 +126,10 @@ class Directory(Model):
         300.0,
         rule=Rule("be seconds between 0 and 86400", lambda v: 0 <= v <= 86400),
         help="How often a signed-in user's projects and roles are read again from the directory (with the service "
-        "account), on their next request after that: a user taken out of every project is signed out, and one "
-        "who became a researcher loses any API token they held. 0: only when they sign in.",
+        "account), on their next request after that (their server's own checks with the hub included): a user "
+        "taken out of every project, or a steward out of the steward group with no project, is signed out, every "
+        "token they hold is deleted and their server stopped; one who became a researcher loses any API token they "
+        "held. 0: only when they sign in.",
     )
 
     def check(self) -> None:

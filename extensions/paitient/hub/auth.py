@@ -324,12 +324,7 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             roles=state.get("roles", []),
             must_record=True,
         )
-        if self.site is not None:
-            from paitient.hub import roleholders
-
-            await asyncio.get_running_loop().run_in_executor(
-                None, roleholders.record, self.site.state_dir, auth_model["name"], state.get("roles", [])
-            )
+        await self._record_roles(auth_model["name"], state.get("roles", []))
         await self._revoke_tokens(handler, auth_model)
         return auth_model
 
@@ -357,12 +352,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         if current is not None and any(t is current for t in gone):
             raise web.HTTPError(403, signon.NO_TOKENS_MESSAGE)
 
-    async def _audit_revoked(self, name: str, prefixes: list[str]) -> None:
+    async def _audit_revoked(self, name: str, prefixes: list[str], reason: str = "") -> None:
         if self.site is None:
             return
         from paitient.hub import tokens
 
-        details = tokens.revoked_details(prefixes)
+        details = tokens.revoked_details(prefixes, reason or tokens.RESEARCHER_REASON)
         site = self.site
         # needs no record first: one the trail cannot take now waits for it (paitient.hub.records)
         await asyncio.get_running_loop().run_in_executor(
@@ -413,10 +408,48 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         if signed is None or not signed.membership.may_sign_in:
             self.log.warning("%s lost access in the directory; signing out", signon.shown(user.name))
             await self._audit(user.name, "denied", reason="access withdrawn in the directory")
+            await self._withdraw(user, handler)
             return False
         model = self._model(user.name, signed)
+        await self._record_roles(user.name, model["auth_state"]["roles"])
         await self._revoke_tokens(handler, model)
         return model
+
+    async def _withdraw(self, user: Any, handler: web.RequestHandler | None) -> None:
+        """The directory withdrew ``user``'s access: every token they hold is deleted (API tokens, their
+        server's and the OAuth sign-ins of their server and the services), so neither a script nor the
+        server accepts them any longer, and their running server is stopped, which ends its kernels. With
+        ``auth_refresh_strict`` (:func:`configure_from_site`) the request that found it is refused too."""
+        from paitient.hub import tokens
+
+        await self._record_roles(user.name, [])
+        orm_user = getattr(user, "orm_user", None)
+        db = getattr(user, "db", None)
+        if orm_user is not None and db is not None:
+            gone = tokens.revoke_all(db, orm_user)
+            if gone:
+                self.log.warning("revoked %d token(s) of %s: access withdrawn", len(gone), signon.shown(user.name))
+                await self._audit_revoked(user.name, [t.prefix for t in gone], tokens.WITHDRAWN_REASON)
+        spawner = getattr(user, "spawners", {}).get("")
+        if spawner is None or not spawner.active or spawner.pending:
+            return
+        self.log.warning("stopping the server of %s: access withdrawn", signon.shown(user.name))
+        try:
+            if handler is not None and hasattr(handler, "stop_single_user"):
+                await handler.stop_single_user(user, "")  # off the proxy, then stopped
+            else:
+                await user.stop("")
+        except Exception as e:  # its tokens are gone already: the server accepts no request
+            self.log.error("could not stop the server of %s: %s", signon.shown(user.name), e)
+
+    async def _record_roles(self, name: str, roles: list[str]) -> None:
+        """Keep the directory-managed roles a hub restart gives back (:mod:`paitient.hub.roleholders`) as the
+        directory has them now, not as at the latest sign-in."""
+        if self.site is None:
+            return
+        from paitient.hub import roleholders
+
+        await asyncio.get_running_loop().run_in_executor(None, roleholders.record, self.site.state_dir, name, roles)
 
     async def load_managed_roles(self) -> list[dict]:
         specs = signon.role_specs(self.steward_scopes, self.researcher_scopes)
@@ -478,6 +511,8 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.tls_kwargs = tls.tls_kwargs
     a.timeout = d.timeout
     a.auth_refresh_age = int(d.refresh_seconds)
+    # A refresh that finds access withdrawn refuses token requests too (JupyterHub's default keeps them).
+    a.auth_refresh_strict = True
     a.lookup_dn = d.lookup_dn
     if d.lookup_dn:
         a.user_search_base = d.search_base

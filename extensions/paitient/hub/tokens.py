@@ -96,9 +96,25 @@ def sweep(db: Any) -> dict[str, list[str]]:
     return revoked
 
 
-def revoked_details(prefixes: list[str]) -> dict[str, Any]:
+def revoke_all(db: Any, orm_user: orm.User) -> list[orm.APIToken]:
+    """Delete every token ``orm_user`` holds: API tokens, their servers' own and the OAuth sign-ins of their
+    servers and the services (for an account whose access the directory withdrew); returns the deleted rows
+    (committed)."""
+    gone = list(orm_user.api_tokens)
+    for token in gone:
+        db.delete(token)
+    if gone:
+        db.commit()
+    return gone
+
+
+RESEARCHER_REASON = "researchers hold no API token"
+WITHDRAWN_REASON = "access withdrawn in the directory"
+
+
+def revoked_details(prefixes: list[str], reason: str = RESEARCHER_REASON) -> dict[str, Any]:
     """The details of the audit record ``auth.token`` of a revocation."""
-    return {"reason": "researchers hold no API token", "revoked": len(prefixes), "prefixes": prefixes}
+    return {"reason": reason, "revoked": len(prefixes), "prefixes": prefixes}
 
 
 def offers_tokens(user: Any) -> bool:
