@@ -18,6 +18,8 @@ from paitient.config import ConfigError, parse
 from paitient.hub.auth import PaitientLDAPAuthenticator
 from paitient.hub.signon import normalise_dn
 from paitient.ops.directory import DEFAULT_SCHEMAS, ldif_entry, ssha
+from paitient.services.audit import trail_dir
+from paitient.services.audit.query import newest_first
 
 BASE = "dc=corp,dc=example"
 USERS = f"ou=Users,{BASE}"
@@ -318,3 +320,23 @@ async def test_embedded_demo_directory_brings_its_service_account(slapd, demo_si
         slapd, "cn=oncology,ou=groups,dc=hospital,dc=example", "delete", "uid=alice,ou=people,dc=hospital,dc=example"
     )
     assert await auth.refresh_user(hub_user("alice")) is False
+
+
+async def test_an_account_the_directory_marks_inactive_is_refused_and_signed_out(corp_auth, corp):
+    # A leaver's entry and groups often stay for a while; the hospital marks the account instead.
+    auth = corp_auth(active_filter="(!(employeeType=left))")
+    user = hub_user("aadler")
+    assert (await sign_in(auth, "aadler", "alice-pw-1"))["groups"] == ["oncology"]
+    assert (await auth.refresh_user(user))["groups"] == ["oncology"]
+    ldif = f"dn: {user_dn('Alice Adler')}\nchangetype: modify\nadd: employeeType\nemployeeType: left\n"
+    subprocess.run(
+        ["ldapmodify", "-x", "-H", corp.url, "-D", corp.rootdn, "-y", str(corp.rootpw_file)],
+        input=ldif.encode(),
+        check=True,
+        capture_output=True,
+    )
+    assert await sign_in(auth, "aadler", "alice-pw-1") is None  # her password still binds
+    reasons = [r["details"]["reason"] for r in newest_first(trail_dir(auth.site)) if r["action"] == "auth.login"]
+    assert reasons[0] == "account not active (active_filter)"
+    assert await auth.refresh_user(user) is False
+    assert (await sign_in(corp_auth(), "aadler", "alice-pw-1"))["groups"] == ["oncology"]  # no filter: as before

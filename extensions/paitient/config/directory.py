@@ -116,6 +116,28 @@ class Directory(Model):
         "A steward need not be in any project.",
     )
     admin_group = Text("", help="Members become JupyterHub admins. Empty: nobody is made admin by the directory.")
+    active_filter = Text(
+        "",
+        help="An LDAP filter a user's entry must match to sign in and, at each refresh, to stay signed in: a "
+        "disabled account is then treated as one removed from every project (signed out, tokens deleted, server "
+        'stopped). Active Directory: "(!(userAccountControl:1.2.840.113556.1.4.803:=2))"; OpenLDAP with the '
+        'password policy overlay: "(!(pwdAccountLockedTime=*))"; or an attribute the hospital sets on leavers, '
+        'such as "(!(employeeType=left))". Empty: every entry whose password binds.',
+    )
+
+    @validate("active_filter")
+    def _active_filter(self, proposal: Bunch) -> str:
+        value = proposal.value.strip()
+        if value:
+            from ldap3.operation.search import parse_filter
+
+            must(value.startswith("(") and value.endswith(")"), "be an LDAP filter in parentheses", value)
+            try:
+                parse_filter(value, None, False, False, None, False)
+            except Exception as e:
+                raise TraitError(f"{value!r} is not an LDAP filter: {e}") from None
+        return value
+
     timeout = Number(
         5.0,
         rule=Rule("be seconds between 0 and 120", lambda v: 0 < v <= 120),

@@ -60,6 +60,10 @@ class ServiceAccountRefused(Exception):
     """The service account used for search-then-bind could not bind."""
 
 
+class AccountRefused(Exception):
+    """The password bound, but the account may not sign in (the reason is for the audit trail, not the user)."""
+
+
 @dataclass(frozen=True)
 class Signed:
     dn: str
@@ -86,6 +90,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         "", config=True, help="Subtree holding the groups; empty: each configured group DN is read directly."
     )
     timeout = Float(5.0, config=True, help="Seconds to wait for the directory to connect and to answer.")
+    active_filter = Unicode(
+        "",
+        config=True,
+        help="An LDAP filter a user's entry must match to sign in and to stay signed in (a disabled account does "
+        "not); empty: every entry that binds.",
+    )
     service_password_file = Unicode("", config=True, help="Root-only file holding the lookup_dn_search_user password.")
     site = Instance(SiteConfig, allow_none=True, config=True, help="The site configuration (audit trail location).")
 
@@ -213,17 +223,49 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         except (*UNAVAILABLE, LDAPResponseTimeoutError) as e:
             raise DirectoryUnavailable(f"{type(e).__name__}: {e}") from e
 
+    def _candidates(self, login: str) -> list[str]:
+        """The DNs ``login`` may have under the bind-DN templates."""
+        return [t.format(username=escape_rdn(login)) for t in self.bind_dn_template]
+
+    def _existing(self, conn: ldap3.Connection, dns: list[str]) -> list[str]:
+        """Those of ``dns`` that are entries ``conn`` can see."""
+        return [dn for dn in dns if conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=[])]
+
+    def _active(self, conn: ldap3.Connection, dn: str) -> bool:
+        """Whether the entry ``dn`` matches ``active_filter`` (a disabled account does not)."""
+        if not self.active_filter:
+            return True
+        return bool(conn.search(dn, self.active_filter, ldap3.BASE, attributes=[]))
+
+    def _ambiguous(self, login: str, found: list[str]) -> bool:
+        """One login name, entries under several templates: both people would be one hub user, one system
+        account and one home, with the first template's groups. Refused, for the operator to resolve."""
+        if len(found) < 2:
+            return False
+        self.log.error(
+            "%s has entries under %d bind_dn_templates (%s); refusing: make the templates' subtrees disjoint "
+            "or use lookup_dn",
+            signon.shown(login),
+            len(found),
+            "; ".join(found),
+        )
+        return True
+
     def _sign_in(self, login: str, password: str) -> Signed | None:
         if self.lookup_dn:
             dn = self._lookup(login)
             candidates = [dn] if dn else []
         else:
-            candidates = [t.format(username=escape_rdn(login)) for t in self.bind_dn_template]
+            candidates = self._candidates(login)
         for dn in candidates:
             conn = self.get_connection(dn, password)
             if conn is None:
                 continue
             try:
+                if len(candidates) > 1 and self._ambiguous(login, self._seen_by_service(candidates, conn)):
+                    raise AccountRefused("a name under several bind_dn_templates")
+                if not self._active(conn, dn):
+                    raise AccountRefused("account not active (active_filter)")
                 in_groups = self._groups_of(conn, dn)
             finally:
                 conn.unbind()
@@ -232,6 +274,19 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
                 membership=signon.membership(in_groups, self.project_groups, self.steward_group, self.admin_group),
             )
         return None
+
+    def _seen_by_service(self, dns: list[str], fallback: ldap3.Connection) -> list[str]:
+        """Those of ``dns`` that exist, as the service account sees the directory (or, without one, as the
+        user's own connection does)."""
+        if not self.lookup_dn_search_user:
+            return self._existing(fallback, dns)
+        conn = self.get_connection(self.lookup_dn_search_user, self.lookup_dn_search_password)
+        if conn is None:
+            raise ServiceAccountRefused(self.lookup_dn_search_user)
+        try:
+            return self._existing(conn, dns)
+        finally:
+            conn.unbind()
 
     # ------------------------------------------------------------------ JupyterHub hooks
     def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
@@ -271,6 +326,10 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self.log.error("the directory refused the service account %r; check its password file", str(e))
             await self._audit(actor, "error", reason="service account refused")
             raise web.HTTPError(503, signon.SERVICE_ACCOUNT_MESSAGE) from None
+        except AccountRefused as e:
+            self.log.warning("sign-in refused for %s: %s", signon.shown(login), e)
+            await self._audit(actor, "denied", reason=str(e))
+            return None
         if signed is None:
             self.log.warning("sign-in refused for %s: wrong password or unknown user", signon.shown(login))
             await self._audit(actor, "denied", reason="wrong password or unknown user")
@@ -377,13 +436,9 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             if self.lookup_dn:
                 dn = self._lookup(username)
             else:
-                dn = None
-                for template in self.bind_dn_template:
-                    candidate = template.format(username=escape_rdn(username))
-                    if conn.search(candidate, "(objectClass=*)", ldap3.BASE, attributes=[]):
-                        dn = candidate
-                        break
-            if dn is None:
+                found = self._existing(conn, self._candidates(username))
+                dn = None if self._ambiguous(username, found) else next(iter(found), None)
+            if dn is None or not self._active(conn, dn):
                 return None
             in_groups = self._groups_of(conn, dn)
         except (*UNAVAILABLE, LDAPResponseTimeoutError) as e:
@@ -510,6 +565,7 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.tls_strategy = tls.strategy
     a.tls_kwargs = tls.tls_kwargs
     a.timeout = d.timeout
+    a.active_filter = d.active_filter
     a.auth_refresh_age = int(d.refresh_seconds)
     # A refresh that finds access withdrawn refuses token requests too (JupyterHub's default keeps them).
     a.auth_refresh_strict = True
