@@ -25,7 +25,8 @@ Two kinds of token, each with its byte offset:
 
 Non-ASCII bytes end a word (``Müller`` gives ``ller``): the index side tokenises cells the same way.
 The text is first read as it is shown (:func:`normalised`): ANSI escape sequences dropped, the digits of
-other scripts and the full-width forms made ASCII.
+other scripts, the full-width forms and the look-alikes of number punctuation made ASCII, and characters
+a browser shows as nothing dropped.
 
 :func:`tokenize` finds them in compiled passes over the bytes (:mod:`.compiled_tokens`).
 :func:`tokenize_arrays` is the reference it is held to, in whole-array numpy and Arrow operations:
@@ -65,51 +66,91 @@ _ANSI = re.compile(
 """ANSI escape sequences, raw or as JSON writes them (``\\u001b``): terminal colours and the like."""
 
 
-def _ascii_forms() -> dict[int, int]:
+DOTS = (0x00B7, 0x0387, 0x2024, 0x2027, 0x2219, 0x22C5, 0x2E31, 0x30FB, 0xFE52, 0xFF0E, 0xFF65)
+"""Marks that a reader takes for a decimal point: the middle dot (a traditional decimal point), the one dot
+leader, the hyphenation point, the small and full-width full stops, the dot operators."""
+DASHES = (0x02D7, 0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2015, 0x2043, 0x2212, 0x2796, 0xFE58, 0xFE63, 0xFF0D)
+"""Marks that a reader takes for ``-``: the hyphens (the non-breaking one looks the same), the dashes, the
+minus signs."""
+INVISIBLE = (0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF)
+"""Characters a browser shows as nothing (the soft hyphen, except at a line break; the zero-width spaces,
+joiners and invisible operators): ``17\u200b.99`` reads ``17.99``."""
+
+
+def _ascii_forms() -> dict[int, int | None]:
     """Non-ASCII characters that print as ASCII digits or number punctuation: every decimal digit of Unicode
     (Arabic-Indic, Devanagari, full-width, ...), the full-width forms of ASCII, the Arabic decimal and
-    thousands separators."""
-    table = {}
+    thousands separators, the look-alikes of ``.``, ``,``, ``+`` and ``-`` (:data:`DOTS`, :data:`DASHES`, and
+    every character whose compatibility form is one of them: ``\ufe52``, ``\ufe50``, ``\ufe62``); and, as
+    nothing, the characters a browser does not show (:data:`INVISIBLE`)."""
+    table: dict[int, int | None] = {}
     for c in range(0x80, 0x20000):  # no decimal digit lies beyond
         d = unicodedata.decimal(chr(c), None)
         if d is not None:
             table[c] = 48 + d
+        elif unicodedata.normalize("NFKC", chr(c)) in (".", ",", "+", "-"):
+            table[c] = ord(unicodedata.normalize("NFKC", chr(c)))
     for c in range(0xFF01, 0xFF5F):
         table[c] = c - 0xFF01 + 0x21
     table[0x066B] = ord(".")
     table[0x066C] = ord(",")
+    table.update(dict.fromkeys(DOTS, ord(".")))
+    table.update(dict.fromkeys(DASHES, ord("-")))
+    table.update(dict.fromkeys(INVISIBLE, None))
     return table
 
 
 _ASCII_FORMS = _ascii_forms()
 
 
-def _first_bytes() -> tuple[np.ndarray, np.ndarray]:
-    """Which bytes begin the UTF-8 of a character of :data:`_ASCII_FORMS`, and which pairs of bytes do."""
+def _first_bytes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which bytes begin the UTF-8 of a character of :data:`_ASCII_FORMS`, which pairs of bytes do, and
+    which triples (sorted, as ``b0 << 16 | b1 << 8 | b2``): the curly quotes and the ellipsis share their
+    first two bytes with the dashes."""
     lead = np.zeros(256, dtype=bool)
     pairs = np.zeros(1 << 16, dtype=bool)
+    triples = set()
     for c in _ASCII_FORMS:
         e = chr(c).encode()
         lead[e[0]] = True
         pairs[e[0] << 8 | e[1]] = True
-    return lead, pairs
+        if len(e) > 2:
+            triples.add(e[0] << 16 | e[1] << 8 | e[2])
+    return lead, pairs, np.array(sorted(triples), dtype=np.int64)
 
 
-_LEAD, _PAIRS = _first_bytes()
+_LEAD, _PAIRS, _TRIPLES = _first_bytes()
+
+
+def _has_forms(data: bytes) -> bool:
+    """Whether ``data`` (not all ASCII) holds a character of :data:`_ASCII_FORMS`: the bytes of the common
+    non-ASCII letters and symbols begin none, so most texts are done after the first look."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    at = np.flatnonzero(_LEAD[b[:-1]])
+    if not len(at):
+        return False
+    at = at[_PAIRS[(b[at].astype(np.int64) << 8) | b[at + 1]]]
+    if not len(at):
+        return False
+    if (b[at] < 0xE0).any():  # a two-byte character: the pair is the character
+        return True
+    at = at[at + 2 < len(b)]
+    three = (b[at].astype(np.int64) << 16) | (b[at + 1].astype(np.int64) << 8) | b[at + 2]
+    i = np.minimum(np.searchsorted(_TRIPLES, three), len(_TRIPLES) - 1)
+    return bool((_TRIPLES[i] == three).any())
 
 
 def normalised(data: bytes) -> bytes:
     """The text as a reader sees it: without ANSI escape sequences (a coloured table prints
-    ``\\x1b[32m17.99\\x1b[0m``), and with the digits of other scripts and the full-width forms as their ASCII
-    characters (``１７．９９``, ``١٧٫٩٩``). A plain ASCII text without escapes costs two searches."""
+    ``\\x1b[32m17.99\\x1b[0m``), and with the digits of other scripts, the full-width forms and the look-alikes
+    of ``.``, ``,``, ``+``, ``-`` as their ASCII characters (``１７．９９``, ``١٧٫٩٩``, ``17·99``,
+    ``P‑7F3S...``), without the characters a browser does not show (``17\\u200b.99``). A plain ASCII text
+    without escapes costs two searches."""
     if b"\x1b" in data or (b"\\" in data and b"\\u001" in data):
         data = _ANSI.sub(b"", data)
-    if not data.isascii():
-        b = np.frombuffer(data, dtype=np.uint8)
-        at = np.flatnonzero(_LEAD[b[:-1]])  # rare: the Latin letters' and most symbols' bytes are not among them
-        if len(at) and _PAIRS[(b[at].astype(np.int64) << 8) | b[at + 1]].any():
-            text = data.decode("utf-8", "surrogateescape")
-            data = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
+    if not data.isascii() and _has_forms(data):
+        text = data.decode("utf-8", "surrogateescape")
+        data = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
     return data
 
 
