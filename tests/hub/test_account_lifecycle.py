@@ -329,6 +329,31 @@ def _prepare_like_the_hub(site, username: str):
     return spawner._prepare()
 
 
+def test_an_accounts_server_configuration_is_closed_to_the_other_accounts(world_tmp, prefix):
+    # Each server's configuration names its account's projects and datasets; the other researchers' servers
+    # run as accounts of their own and must not read it.
+    site = site_for(world_tmp, prefix)
+    try:
+        alice, bob = _prepare_like_the_hub(site, "alice"), _prepare_like_the_hub(site, "bob")
+        config = site.state_dir / "users" / alice.account / "config" / "jupyter_server_config.json"
+
+        def read_as(account: str) -> subprocess.CompletedProcess:
+            pw = pwd.getpwnam(account)
+            return subprocess.run(
+                ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "cat", str(config)],
+                capture_output=True,
+                text=True,
+            )
+
+        assert read_as(alice.account).returncode == 0 and '"ServerApp"' in read_as(alice.account).stdout
+        denied = read_as(bob.account)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        st = config.parent.parent.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, pwd.getpwnam(alice.account).pw_gid, 0o750)
+    finally:
+        sysaccounts.prune(site.state_dir, home_root=site.accounts.home_root, worker_accounts={}, everything=True)
+
+
 def test_fifty_fresh_state_directories_in_a_row_leave_no_account_behind(world_tmp, prefix):
     """Each round: a new state directory, alice's spawn preparation as the hub does it, `paitient accounts
     prune --all` (what uninstall runs); then no account of the prefix may remain."""

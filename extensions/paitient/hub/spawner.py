@@ -172,6 +172,12 @@ class WorkspaceServerMixin(SiteSpawnerMixin):
         config_dir, data_dir = user_dir / "config", user_dir / "data"
         for d in (user_dir, config_dir, data_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # The account reads its own folder through its own group; other accounts cannot enter it (the server
+        # configuration names the account's projects and datasets). Root's either way: nothing in it is theirs
+        # to change.
+        os.chown(user_dir, 0, pwd.getpwnam(member.account).pw_gid)
+        os.chmod(user_dir, 0o750)
+        for d in (config_dir, data_dir):
             os.chown(d, 0, 0)
             os.chmod(d, 0o755)
         write_user_server_config(self.site, member, config_dir, data_dir)
