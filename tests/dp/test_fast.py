@@ -166,3 +166,35 @@ def test_detach_restores_plain_training():
     clipper.detach()
     nn.CrossEntropyLoss()(model(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long)).backward()
     assert model[0].weight.grad is not None and "forward" not in model[0].__dict__
+
+
+class Cancelling(nn.Module):
+    """A Linear fed the same row twice, its output ``o1 + s (o1 - o2)`` with ``s`` a feature squared: the steps'
+    backprops ``(1 + s) g`` and ``-s g`` cancel, and a norm computed without the row's gradient rounds to
+    anything (zero: the row unclipped) at ``s`` of raw clinical features."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 2)
+
+    def forward(self, x):
+        u = x.unsqueeze(1)
+        o = self.lin(torch.cat([u, u], dim=1))
+        o1, o2 = o[:, 0], o[:, 1]
+        s = x[:, 23:24] * x[:, 23:24]
+        return o1 + s * (o1 - o2)
+
+
+def test_a_sequence_whose_steps_cancel_adds_at_most_the_bound_per_sample():
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(1)
+    model = Cancelling()
+    clip = 1.0
+    worst = 0.0
+    for i in range(0, len(x), 3):  # each sample alone: its clipped gradient is what it adds to any batch
+        grads = fast_grads(model, x[i : i + 1], y[i : i + 1], clip=clip, reduction="sum", expected=1)
+        worst = max(worst, float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
+    assert worst <= clip * (1 + 1e-3)

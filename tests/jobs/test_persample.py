@@ -196,3 +196,76 @@ def test_poisson_batches_of_no_row_or_one_row(name, rows):
         assert float(total.sqrt()) <= 2.0 * 0.1 * rows + 1e-5
         if rows == 1:
             torch.testing.assert_close(total.sqrt(), torch.tensor(0.2), rtol=1e-4, atol=1e-6)
+
+
+class Cancelling(nn.Module):
+    """One Linear fed the same row twice (a sequence of two steps), its output ``o1 + s (o1 - o2)``: equal to
+    ``o1``, but the two steps' backprops are ``(1 + s) g`` and ``-s g``. The row's gradient is ``g a^T``; a norm
+    computed without it sums terms ``s^2`` larger, which at ``s`` ~ 1e5..1e7 (a raw feature squared) cancel
+    to anything in float32, zero included. ``feature`` picks ``s``: one raw feature squared, or the row's
+    squared length."""
+
+    def __init__(self, feature=23):
+        super().__init__()
+        self.lin = nn.Linear(30, 2)
+        self.feature = feature
+
+    def forward(self, x):
+        u = x.unsqueeze(1)
+        o = self.lin(torch.cat([u, u], dim=1))
+        o1, o2 = o[:, 0], o[:, 1]
+        if self.feature is None:
+            s = (x * x).sum(1, keepdim=True)
+        else:
+            s = x[:, self.feature : self.feature + 1] * x[:, self.feature : self.feature + 1]
+        return o1 + s * (o1 - o2)
+
+
+def raw_breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+
+
+def contributions(clipper, params, x, y, clip):
+    """Each row's own contribution to the clipped sum: the sum of a batch of that row alone (the graph treats
+    rows independently, so it is the row's share of any batch's sum)."""
+    out = []
+    for i in range(len(x)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        total, _, _ = clipper.clipped_sum(leaves, x[i : i + 1], y[i : i + 1], clip)
+        out.append(float(torch.sqrt(sum(t.double().square().sum() for t in total.values()))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("feature", [23, None])
+def test_a_sequence_whose_steps_cancel_adds_at_most_the_bound_per_row(feature):
+    model = Cancelling(feature)
+    graph = load_graph(export_graph(model, torch.zeros(2, 30)))
+    assert graph.rows_independent  # so the runner would take the fast way when the probe agrees
+    forward = lambda p, x: torch.func.functional_call(graph.module, p, (x,))  # noqa: E731
+    params = initialise(graph, "default", seed=1)
+    x, y = raw_breast_cancer()  # not standardised: s is 1e5..1e7 where the probe's rows make it ~1
+    clipper = FastClipper(forward, sample_losses("cross_entropy"))
+    clip = 1.0
+    each = contributions(clipper, params, x, y, clip)
+    assert float(each.max()) <= clip * (1 + 1e-3), f"{int((each > clip * 1.001).sum())} rows add more than the bound"
+    # the whole batch's norms are those of what each row adds: the sum of the batch is the rows' shares summed
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    total, norms, _ = clipper.clipped_sum(leaves, x, y, clip)
+    assert torch.isfinite(norms).all()
+    assert float(torch.sqrt(sum(t.double().square().sum() for t in total.values()))) <= len(x) * clip * (1 + 1e-3)
+
+
+def test_linear_layers_on_sequences_are_clipped_from_materialised_gradients():
+    from paitient.rules.clipping import linear_sample_grads, linear_sample_norms
+
+    gen = torch.Generator().manual_seed(0)
+    a, g = torch.randn(5, 3, 4, generator=gen), torch.randn(5, 3, 2, generator=gen)
+    weight, bias = linear_sample_grads(a, g, True)
+    for i in range(5):
+        torch.testing.assert_close(weight[i], sum(torch.outer(g[i, t], a[i, t]) for t in range(3)))
+        torch.testing.assert_close(bias[i], g[i].sum(0))
+    with pytest.raises(ValueError, match="linear_sample_grads"):
+        linear_sample_norms(a, g, True)  # no norm of a sequence's gradient without the gradient

@@ -453,3 +453,46 @@ async def test_stewards_approve_a_graph_on_its_page_and_later_jobs_of_it_leave_w
     ]
     ok = [r for r in trail_records(site, action="airlock.graph") if r["outcome"] == "ok"]
     assert {r["details"]["graph_sha256"] for r in ok} == {sha} and ok[0]["details"]["reason"] == reason
+
+
+def test_a_graph_whose_sequence_gradients_cancel_moves_the_weights_by_one_row_at_most(world, monkeypatch):
+    """The graph feeds each row twice through one Linear and cancels the two steps' backprops by a raw feature
+    squared: a norm computed without the row's gradient came out zero for rows whose gradient was over a
+    thousand times the bound, and replacing one row moved the trained weights 600 times further than DP-SGD
+    allows. Two jobs through the runner on neighbouring rows (one training row replaced by another), with the
+    runner's seeds fixed so that only that row differs: their weights are as close as the bound says."""
+    from dataclasses import replace
+
+    from paitient.services.jobs import runner as runner_module
+    from tests.jobs.test_persample import Cancelling
+
+    site, store, ledger, gate = world
+    monkeypatch.setattr(runner_module, "_seed", lambda: 20261206)  # the same split, start, sampling and noise
+    prepare = runner_module.prepare
+    neighbour = {"on": False, "row": -1}
+
+    def prepared(*args, **kwargs):
+        p = prepare(*args, **kwargs)
+        if not neighbour["on"]:
+            return p
+        x, y = p.x_train.copy(), p.y_train.copy()
+        row = neighbour["row"] = int(x[:, 23].argmax())  # the largest s: where the two steps cancel most
+        x[row], y[row] = x[0], y[0]
+        return replace(p, x_train=x, y_train=y)
+
+    monkeypatch.setattr(runner_module, "prepare", prepared)
+    torch.manual_seed(0)
+    spec = request(epochs=5, batch_size=455, lr=0.1, target_epsilon=1.0)  # every row, 5 steps; raw features
+    weights = []
+    for on in (False, True):
+        neighbour["on"] = on
+        job = submit(Cancelling(), **spec)
+        job.wait(timeout=300, widget=False, poll=0.5)
+        record = job.record["record"]
+        assert record["epsilon"] == pytest.approx(1.0, rel=0.03) and record["n_train"] == 455
+        weights.append(load_weights(store.released(job.id)[0]))
+    assert neighbour["row"] > 0
+    moved = float(torch.sqrt(sum((weights[0][k] - weights[1][k]).double().square().sum() for k in weights[0])))
+    # each of the 5 steps (sampling rate 1) moves the weights by lr / 455 times the two rows' clipped
+    # gradients, at most 2 C between them
+    assert moved <= 2 * 5 * 0.1 * 1.0 / 455, moved

@@ -4,14 +4,24 @@ For a linear layer with activations ``a`` (B x in) and backprops ``g`` (B x out;
 summed per-sample losses with respect to the layer's output), sample i's weight gradient is the outer
 product ``g_i a_i^T``, so
 
-- its norm is ``|g_i| * |a_i|`` (with the bias: ``|g_i| * sqrt(|a_i|^2 + 1)``; for 3-D inputs,
-  B x T x d, ``sqrt(sum((g g^T) * (a a^T)))`` or the norm of ``g^T a``, whichever is cheaper),
+- its norm is ``|g_i| * |a_i|`` (with the bias: ``|g_i| * sqrt(|a_i|^2 + 1)``): a product of norms, no
+  sum of terms that can cancel,
 - the sum of the clipped per-sample gradients is one matrix product: ``(c * g)^T a``.
+
+For a layer fed a sequence (B x T x in) sample i's gradient is ``sum_t g_it a_it^T``, a sum over the
+steps whose terms can cancel: a graph can make two steps' backprops ``(1 + S) g`` and ``-S g``, so the
+gradient is ``g a^T`` while each term is S times larger. Its norm computed without the gradient (the
+"ghost" norm ``sum_ts (g_t . g_s)(a_t . a_s)``, terms S^2 larger) rounds to anything at S ~ 1e5 in float32,
+zero or below included, and the row then went into the sum unclipped. So for sequences
+:func:`linear_sample_grads` materialises each sample's gradient (``g_i^T a_i``) and the caller takes its
+norm and adds ``sum_i c_i G_i`` from that same tensor: whatever rounding made ``G_i``, the row adds at most
+the bound.
 
 :class:`CaptureLinear` is ``F.linear`` whose backward computes only the gradient of its input and hands
 ``(a, g)`` to a slot; :func:`linear_sample_norms` and :func:`add_clipped_linear` turn them into norms and
-the clipped sum. The kernel's fast DP path (module layers) and the jobs runner's (functional graphs) both
-clip with these, so both give the same numbers.
+the clipped sum (2-D), :func:`linear_sample_grads` into per-sample gradients (sequences). The kernel's fast
+DP path (module layers) and the jobs runner's (functional graphs) both clip with these, so both give the
+same numbers.
 """
 
 from __future__ import annotations
@@ -54,25 +64,31 @@ capture_linear = CaptureLinear.apply  # torch leaves ``apply`` unannotated: its 
 def linear_sample_norms(a: torch.Tensor, g: torch.Tensor, bias: bool, one: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample norm of one linear layer's gradient (weight and bias) from activations and backprops.
 
-    ``a`` and ``g`` are B x in and B x out, or B x T x in and B x T x out; ``one`` is a scalar 1 of their
-    dtype (passed in so a caller stepping often does not make it each time).
+    ``a`` and ``g`` are B x in and B x out (for sequences, :func:`linear_sample_grads`); ``one`` is a scalar
+    1 of their dtype (passed in so a caller stepping often does not make it each time).
     """
-    if a.dim() == 2:  # |g_i a_i^T| = |g_i| |a_i|; with the bias |g_i| sqrt(|a_i|^2 + 1)
-        gn: torch.Tensor = torch.linalg.vector_norm(g, dim=1)
-        an: torch.Tensor = torch.linalg.vector_norm(a, dim=1)
-        if not bias:
-            return gn.mul_(an)
-        if one is None:
-            one = torch.ones((), dtype=a.dtype, device=a.device)
-        return gn.mul_(torch.hypot(an, one))
-    t = a.shape[1]
-    if t * t <= a.shape[2] * g.shape[2]:  # ghost norm: sum over (t, s) of (g_t . g_s)(a_t . a_s)
-        sq = (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
-    else:
-        sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    if bias:
-        sq = sq + g.sum(1).square().sum(1)
-    return sq.clamp_(min=0).sqrt_()
+    if a.dim() != 2 or g.dim() != 2:
+        raise ValueError("linear_sample_norms takes B x in activations; for sequences use linear_sample_grads")
+    # |g_i a_i^T| = |g_i| |a_i|; with the bias |g_i| sqrt(|a_i|^2 + 1)
+    gn: torch.Tensor = torch.linalg.vector_norm(g, dim=1)
+    an: torch.Tensor = torch.linalg.vector_norm(a, dim=1)
+    if not bias:
+        return gn.mul_(an)
+    if one is None:
+        one = torch.ones((), dtype=a.dtype, device=a.device)
+    return gn.mul_(torch.hypot(an, one))
+
+
+def linear_sample_grads(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each sample's weight gradient (B x out x in) and bias gradient (B x out, or None) of a linear layer fed
+    a sequence: ``a`` B x T x in, ``g`` B x T x out.
+
+    The caller clips from these tensors themselves: their norms and ``tensordot(factor, G)`` (see the
+    module's description for why not from the ghost norm).
+    """
+    if a.dim() != 3 or g.dim() != 3:
+        raise ValueError("linear_sample_grads takes B x T x in activations and B x T x out backprops")
+    return torch.bmm(g.transpose(1, 2), a), (g.sum(1) if bias else None)
 
 
 def add_clipped_linear(
@@ -80,18 +96,15 @@ def add_clipped_linear(
 ) -> None:
     """Add ``sum_i factor_i * grad_i`` of one linear layer into ``grad_w`` (and ``grad_b``), in place.
 
-    ``a`` and ``g`` as for :func:`linear_sample_norms`; ``factor`` holds one number per sample.
+    ``a`` and ``g`` are B x in and B x out, as for :func:`linear_sample_norms`; ``factor`` holds one number per
+    sample.
     """
-    if g.dim() == 2:
-        gt = g.t()
-        grad_w.addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
-        if grad_b is not None:
-            grad_b.addmv_(gt, factor)
-        return
-    cg = (g * factor[:, None, None]).reshape(-1, g.shape[-1])
-    grad_w.addmm_(cg.t(), a.reshape(-1, a.shape[-1]))
+    if a.dim() != 2 or g.dim() != 2:
+        raise ValueError("add_clipped_linear takes B x in activations; for sequences use linear_sample_grads")
+    gt = g.t()
+    grad_w.addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
     if grad_b is not None:
-        grad_b.add_(cg.sum(0))
+        grad_b.addmv_(gt, factor)
 
 
 def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

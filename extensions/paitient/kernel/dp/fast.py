@@ -4,8 +4,11 @@ Opacus materialises one gradient per sample (hooks) or runs a second backward pa
 For a linear layer neither is needed. With activations ``a`` (B x in) and backprops ``g`` (B x out),
 sample i's weight gradient is the outer product ``g_i a_i^T``, so
 
-- its norm is ``|g_i| * |a_i|`` (for 3-D inputs, B x T x d, ``sqrt(sum((g g^T) * (a a^T)))``),
+- its norm is ``|g_i| * |a_i|``,
 - the sum of the clipped per-sample gradients is one matrix product: ``(c * g)^T a``.
+
+For 3-D inputs (B x T x d) each sample's gradient ``g_i^T a_i`` is materialised and clipped from those
+numbers (a norm computed without it can cancel to zero: :mod:`paitient.rules.clipping`).
 
 So the backward pass here computes only the gradients of the layer inputs (the weight gradients of
 plain autograd are skipped), keeps ``a`` and ``g``, and the optimizer step computes the clip factors
@@ -36,7 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from paitient.kernel.dp.options import LossReduction
-from paitient.rules.clipping import add_clipped_linear, capture_linear, linear_sample_norms
+from paitient.rules.clipping import add_clipped_linear, capture_linear, linear_sample_grads, linear_sample_norms
 
 PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 """Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
@@ -179,8 +182,17 @@ class FastClipper:
                 continue
             a, g = s.pairs[0]
             layer = s.module
-            if a.dim() != 2:
+            if a.dim() != 2:  # a sequence: each sample's gradient materialised, clipped from those numbers
                 a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
+                weight, bias_grad = linear_sample_grads(a, g, layer.bias is not None)
+                per_sample = {layer.weight: weight}
+                if bias_grad is not None:
+                    per_sample[layer.bias] = bias_grad
+                for gs in per_sample.values():
+                    sq = gs.reshape(n, -1).square().sum(1)
+                    total = sq if total is None else total.add_(sq)
+                others.append(per_sample)
+                continue
             part = linear_sample_norms(a, g, layer.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
             views.append((layer, a, g))

@@ -12,6 +12,8 @@ there are no layer objects to hook. Two computations give the clipped sum
   - a linear layer (``aten.linear``) runs as :class:`paitient.rules.clipping.CaptureLinear`: its backward
     computes only its input's gradient and keeps (activation, backprop), from which the per-sample norms
     and the clipped sum follow without per-sample gradients (book-keeping, :mod:`paitient.rules.clipping`);
+    fed a sequence (B x T x in), its per-sample gradients are materialised (``g_i^T a_i``) and clipped as
+    they are, since a norm computed without them can cancel to anything;
   - a convolution (``aten.conv1d``/``conv2d``, one group) keeps the same pair; its per-sample gradients are
     products of the backprop and the unfolded input, small for the kernels small models use;
   - any other operator that reads a parameter (normalisation, embedding, elementwise arithmetic) keeps its
@@ -38,7 +40,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from paitient.rules.clipping import add_clipped_linear, capture_linear, clip_factors, linear_sample_norms
+from paitient.rules.clipping import (
+    add_clipped_linear,
+    capture_linear,
+    clip_factors,
+    linear_sample_grads,
+    linear_sample_norms,
+)
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 SampleLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -254,20 +262,25 @@ class FastClipper:
             inputs, g = use.pairs[0]
             if use.kind == "linear":
                 a = inputs if isinstance(inputs, torch.Tensor) else inputs[0]
-                if a.dim() > 3:
-                    a, g = a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1])
                 bias = len(use.params()) > 1
-                sq.add_(linear_sample_norms(a, g, bias).square_())
-                kept.append((use, (a, g)))
-                continue
-            per = _conv_per_sample(use, inputs[0], g) if use.kind == "conv" else _op_per_sample(use, leaves, inputs, g)
+                if a.dim() == 2:
+                    sq.add_(linear_sample_norms(a, g, bias).square_())
+                    kept.append((use, (a, g)))
+                    continue
+                if held + n * a.shape[-1] * g.shape[-1] > PER_SAMPLE_BUDGET:  # before making them
+                    raise Unsupported("the per-sample gradients of the layers clipped row by row are too large to hold")
+                per = _linear_per_sample(use, a.reshape(n, -1, a.shape[-1]), g.reshape(n, -1, g.shape[-1]), bias)
+            elif use.kind == "conv":
+                per = _conv_per_sample(use, inputs[0], g)
+            else:
+                per = _op_per_sample(use, leaves, inputs, g)
             for name, gs in per.items():
                 held += gs.numel()
                 if gs.shape[0] != n:
                     raise Unsupported(f"per-sample gradients of {name} have no batch dimension")
                 sq.add_(gs.reshape(n, -1).square().sum(1))
             if held > PER_SAMPLE_BUDGET:
-                raise Unsupported("the per-sample gradients of the non-linear layers are too large to hold")
+                raise Unsupported("the per-sample gradients of the layers clipped row by row are too large to hold")
             kept.append((use, per))
         factor = clip_factors(sq, max_grad_norm)
         if weights is not None:
@@ -276,7 +289,7 @@ class FastClipper:
             factor = factor.mul_(scale)
         total = into if into is not None else {k: torch.zeros_like(v) for k, v in leaves.items()}
         for use, held_for in kept:
-            if use.kind == "linear":
+            if isinstance(held_for, tuple):  # a 2-D linear layer's (activation, backprop)
                 a, g = held_for
                 names = use.params()
                 add_clipped_linear(total[names[0]], total[names[1]] if len(names) > 1 else None, a, g, factor)
@@ -285,6 +298,17 @@ class FastClipper:
                     total[name].add_(torch.tensordot(factor, gs, dims=1))
             use.pairs.clear()
         return total, sq.sqrt_(), losses
+
+
+def _linear_per_sample(use: _Use, a: torch.Tensor, g: torch.Tensor, bias: bool) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of a linear layer fed a sequence (B x T x in): materialised, so that its rows'
+    norms and their clipped sum come from the same numbers (:mod:`paitient.rules.clipping`)."""
+    names = use.params()
+    weight, bias_grad = linear_sample_grads(a, g, bias)
+    out = {names[0]: weight}
+    if bias_grad is not None:
+        out[names[1]] = bias_grad
+    return out
 
 
 def _conv_per_sample(use: _Use, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
