@@ -496,3 +496,60 @@ def test_a_graph_whose_sequence_gradients_cancel_moves_the_weights_by_one_row_at
     # each of the 5 steps (sampling rate 1) moves the weights by lr / 455 times the two rows' clipped
     # gradients, at most 2 C between them
     assert moved <= 2 * 5 * 0.1 * 1.0 / 455, moved
+
+
+def test_a_job_that_cannot_run_says_why_quoting_no_row_and_reserves_nothing(world):
+    """A text target for mse made pandas' error quote a row's pseudonym ("could not convert string to float:
+    'P-...'") into the job's reason and its jobs.run record; a model with fewer outputs than the target's
+    classes failed in the sandbox with torch's "Target 172 is out of bounds", after its budget was reserved
+    (a failed job's reservation counts in full). Each is refused before any budget is reserved, by the
+    runner's own words, and no reason quotes a value of the rows."""
+    import pyarrow.parquet as pq
+
+    site, store, ledger, gate = world
+    frame = pq.read_table(site.data_root / "oncology" / "breast_cancer" / "current" / "data.parquet").to_pandas()
+    pseudonyms = {str(v) for v in frame["patient"]}
+    cases = [
+        (nn.Linear(30, 1), {"target": "patient", "loss": "mse"}, "the target 'patient' holds text, not numbers"),
+        (nn.Linear(30, 2), {"target": "mean radius"}, "the target has more classes than the model's 2 outputs"),
+        (nn.Linear(29, 2), {}, "the model takes rows of shape (29,), and the job has 30 features"),
+        (nn.Linear(30, 2), {"loss": "bce_with_logits"}, "bce_with_logits needs one output per row"),
+    ]
+    ids = []
+    for net, change, message in cases:
+        job = submit(nn.Sequential(net), **request(**change))
+        with pytest.raises(JobFailed, match=re.escape(message)) as failed:
+            job.wait(timeout=120, widget=False, poll=0.3)
+        assert not any(p in str(failed.value) for p in pseudonyms)
+        ids.append(job.id)
+    assert not [r for r in ledger.runs("oncology") if r["run_id"] in {f"job:{i}" for i in ids}]  # nothing reserved
+    reasons = [
+        json.loads(line)["details"]["reason"]
+        for f in (site.state_dir / "audit").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+        if '"jobs.run"' in line and any(i in line for i in ids) and '"failed"' in line
+    ]
+    assert len(reasons) == len(cases) and not any(p in r for r in reasons for p in pseudonyms)
+
+
+def test_the_sandboxs_error_output_stays_in_the_operators_log(tmp_path, caplog):
+    """The worker's stderr ends with the exception's message, which can quote a value of its rows; the reason
+    names the exception's type only, the runner's log (root's) keeps the rest."""
+    import os
+    import sys
+
+    from paitient.services.jobs.execute import ExecutionFailed, _supervise
+
+    script = "import sys; sys.stderr.write('noise\\n'); raise IndexError('Target 172 is out of bounds.')"
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with caplog.at_level(logging.WARNING, logger="paitient.services.jobs"):
+            with pytest.raises(ExecutionFailed) as failed:
+                _supervise([sys.executable, "-c", script], fd, 60, lambda line: True)
+    finally:
+        os.close(fd)
+    assert (
+        str(failed.value)
+        == "the training sandbox exited with status 1 (IndexError); the operator's log has the details"
+    )
+    assert "Target 172 is out of bounds" in caplog.text

@@ -2,6 +2,7 @@
 SQLite and on PostgreSQL."""
 
 import math
+import re
 import sqlite3
 import stat
 import threading
@@ -102,10 +103,49 @@ def test_rows_are_preprocessed_as_declared_and_split_by_the_runners_seed(tmp_pat
 def test_missing_values_and_text_are_refused_with_what_to_do(data_file):
     with pytest.raises(SpecError, match="bmi have missing values; add a fill step"):
         prepare(data_file, check_request(BASE), split_seed=1)
-    with pytest.raises(SpecError, match="site are not numbers; one-hot encode them"):
+    with pytest.raises(SpecError, match="feature 'site' holds text, not numbers: one-hot encode it"):
         prepare(data_file, check_request({**BASE, "features": ["age", "site"]}), split_seed=1)
     with pytest.raises(SpecError, match="has no column 'outcome'"):
         prepare(data_file, check_request({**BASE, "target": "outcome"}), split_seed=1)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target": "patient", "loss": "mse"}, "the target 'patient' holds text, not numbers: mse needs a numeric"),
+        ({"target": "note", "loss": "mse"}, "the target 'note' holds text"),
+        ({"features": ["age", "note"]}, "feature 'note' holds text, not numbers: one-hot encode it"),
+        ({"features": ["age", "seen"]}, "feature 'seen' holds dates or times, not numbers"),
+        (
+            {"features": ["age", "note"], "preprocessing": [{"op": "fill", "columns": ["note"], "value": 0}]},
+            "fill names column 'note', which holds text, not numbers: one-hot encode it",
+        ),
+        (
+            {"features": ["age", "patient"],
+             "preprocessing": [{"op": "standardise", "columns": ["patient"], "mean": [0], "std": [1]}]},
+            "standardise names column 'patient', which holds text",
+        ),
+    ],
+)  # fmt: skip
+def test_a_text_column_where_numbers_are_needed_is_refused_by_name_quoting_no_value(tmp_path, change, message):
+    """pandas' and numpy's own errors quote the cell they failed on ("could not convert string to float:
+    'P-7f3a91c2'"), and a job's reason goes to its owner and the audit trail: the column's kind is checked from
+    its dtype first, and the refusal names the column and what to do."""
+    frame = pd.DataFrame(
+        {
+            "patient": [f"P-{i:04d}7f3a" for i in range(20)],
+            "note": ["Jane Roe, HIV+", "Smith J., diabetic"] * 10,
+            "seen": pd.date_range("2020-01-01", periods=20),
+            "age": np.linspace(30, 70, 20),
+            "target": [0, 1] * 10,
+        }
+    )
+    path = tmp_path / "data.parquet"
+    frame.to_parquet(path)
+    with pytest.raises(SpecError, match=re.escape(message)) as refused:
+        prepare(path, check_request({**BASE, **change}), split_seed=1)
+    said = str(refused.value)
+    assert not any(str(v) in said for c in ("patient", "note") for v in frame[c])
 
 
 def _publish_like(frame: pd.DataFrame, folder: Path, min_count: int = 5) -> Path:

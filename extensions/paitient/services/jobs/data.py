@@ -71,6 +71,7 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
     # In the dataset's order, whatever order they were named in: the record states them, and an order of the
     # researcher's choosing would be bits of theirs in it (a one-hot's columns come after, as it expands them).
     features = sorted(dict.fromkeys(features), key=columns.index)  # a one-hot of a default feature: once
+    _check_kinds(frame, features, steps, target, spec["loss"])
     x = frame[features].copy()
     for step in steps:
         x = _apply(x, step, features)
@@ -87,7 +88,8 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
     if spec["loss"] in CLASSIFICATION:
         labels = np.sort(y_raw.unique())
         if spec["loss"] == "bce_with_logits" and len(labels) != 2:
-            raise SpecError(f"bce_with_logits needs a target with 2 values; {target!r} has {len(labels)}")
+            fewer = "fewer" if len(labels) < 2 else "more"
+            raise SpecError(f"bce_with_logits needs a target with 2 values; {target!r} has {fewer}")
         y = np.searchsorted(labels, y_raw.to_numpy()).astype(np.int64)
         classes = len(labels)
     else:
@@ -108,6 +110,49 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
         split_seed=split_seed,
         preprocessing=steps,
     )
+
+
+def _kind(series: pd.Series) -> str | None:
+    """What a column holds when it is not numbers (``text``, ``dates``, ...), None when it is numbers (booleans
+    count). Read from its dtype alone: a message naming it quotes no value."""
+    dtype = series.dtype
+    if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_numeric_dtype(dtype):
+        return None
+    if pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype):
+        return "dates or times"
+    if isinstance(dtype, pd.CategoricalDtype):
+        return "categories"
+    return "text"
+
+
+def _check_kinds(frame: pd.DataFrame, features: list[str], steps: list[dict[str, Any]], target: str, loss: str) -> None:
+    """Refuse, naming the column and what to do, a column that is not numbers where numbers are needed: a
+    feature not one-hot encoded, a fill or standardise step's column, a regression target. Checked before any
+    conversion: pandas' and numpy's own errors quote the value they could not convert (a row's pseudonym,
+    a note), and a job's reason is read by its owner and kept in the audit trail."""
+    encoded = {s["column"] for s in steps if s["op"] == "onehot"}
+    for step in steps:
+        if step["op"] in ("fill", "standardise"):
+            for column in step["columns"]:
+                kind = _kind(frame[column]) if column in frame.columns else None
+                if kind:
+                    raise SpecError(
+                        f"{step['op']} names column {column!r}, which holds {kind}, not numbers: one-hot encode it "
+                        "(an onehot step) or leave it out of the features"
+                    )
+    for column in features:
+        kind = None if column in encoded else _kind(frame[column])
+        if kind:
+            raise SpecError(
+                f"feature {column!r} holds {kind}, not numbers: one-hot encode it (an onehot step) or leave it out "
+                "of the features"
+            )
+    kind = _kind(frame[target])
+    if kind and loss not in CLASSIFICATION:
+        raise SpecError(
+            f"the target {target!r} holds {kind}, not numbers: {loss} needs a numeric target; choose another target, "
+            "or cross_entropy to predict it as classes"
+        )
 
 
 def _resolved(steps: list[dict[str, Any]], data_file: Path) -> list[dict[str, Any]]:

@@ -13,7 +13,9 @@ reads and the runner's library path (:func:`gpu_nodes`, :data:`GPU_SYSFS`, :data
 
 from __future__ import annotations
 
+import builtins
 import json
+import logging
 import os
 import pwd
 import shutil
@@ -40,6 +42,8 @@ from paitient.rules.sandbox import (
     python_roots,
 )
 from paitient.rules.seccomp import seccomp_program
+
+LOG = logging.getLogger("paitient.services.jobs")
 
 MAX_WEIGHTS_BYTES = 1 << 30
 MAX_LINE = 65536
@@ -241,9 +245,34 @@ def _supervise(
     if timed_out.is_set():
         raise ExecutionFailed(f"the job did not finish within {timeout:g} s")
     if code != 0 or not last.get("done"):
-        tail = b"".join(errors).decode("utf-8", "replace").strip().splitlines()[-3:]
-        raise ExecutionFailed(f"the training sandbox exited with status {code}: {' | '.join(tail)}"[:2000])
+        lines = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
+        # The worker's own words stay in the runner's log (root's): an exception's message can quote a value
+        # of the rows it trained on ("Target 172 is out of bounds"), and the reason goes to the job's owner
+        # and into the audit trail. The reason names the exception's type only.
+        LOG.warning("jobs: the training sandbox exited with status %s: %s", code, " | ".join(lines[-20:])[:8000])
+        kind = exception_type(lines)
+        raise ExecutionFailed(
+            f"the training sandbox exited with status {code}{f' ({kind})' if kind else ''}; the operator's log "
+            "has the details"
+        )
     return last
+
+
+KNOWN_EXCEPTIONS = frozenset(
+    {n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    | {"OutOfMemoryError", "AcceleratorError", "GraphRefused", "TrainError", "Unsupported"}
+)
+"""Exception types a reason may name: Python's own and a few of torch's and the trainer's. A last line of
+stderr that looks like a type but is none of these (a message's own last line can be any text) is not named."""
+
+
+def exception_type(lines: list[str]) -> str:
+    """The type of the exception a Python traceback in ``lines`` ends with (its last line, ``Type: message``),
+    without the module or the message, when it is one of :data:`KNOWN_EXCEPTIONS`; "" otherwise."""
+    if not lines:
+        return ""
+    name = lines[-1].split(":", 1)[0].strip().rsplit(".", 1)[-1]
+    return name if name in KNOWN_EXCEPTIONS else ""
 
 
 def _write(path: Path, data: bytes, gid: int) -> None:

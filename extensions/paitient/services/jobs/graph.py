@@ -309,6 +309,15 @@ def numbers(document: dict[str, Any]) -> tuple[float, ...]:
     return tuple(seen)
 
 
+def row_output_shape(graph: Graph) -> tuple[int, ...]:
+    """The shape of one row's output (without the batch dimension), from a run on the ``meta`` device: shapes
+    only, no values."""
+    params = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in graph.params.items()}
+    x = torch.empty((1, *graph.input_shape), dtype=graph.input_dtype, device="meta")
+    out = torch.func.functional_call(graph.eval_module, params, (x,))
+    return tuple(int(d) for d in out.shape[1:])
+
+
 def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
     """Check ``program`` (an exported program's JSON), rebuild it and build the module from the rebuilt
     document; raises :class:`GraphRefused`, naming what is refused and what to change."""

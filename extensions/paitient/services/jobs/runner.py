@@ -22,6 +22,7 @@ settled in full):
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
@@ -121,6 +122,7 @@ class Runner:
             initialisation, init_weights = self._initialisation(job, program)
             data_file, version = self._version(job)
             prepared = prepare(data_file, job.spec, split_seed=_seed())
+            _check_fits(program, prepared, job.spec["loss"])  # a job that can never run reserves nothing
             from paitient.services.jobs.train import TrainSpec, plan
 
             total = self._dataset_total(job)
@@ -207,8 +209,9 @@ class Runner:
             ledger.settle(reservation, epsilon, _ledger_record(record))
             return self.store.finish(job.id, "done")
         except Exception as e:
-            known = (JobFailed, ExecutionFailed, ChannelError, ValueError, LookupError)
-            reason = str(e) if isinstance(e, known) else ""
+            # Only the runner's own messages reach the job's reason and the audit trail: a library's (pandas',
+            # numpy's, torch's) may quote the value it failed on, a row's pseudonym or note.
+            reason = str(e) if _own_message(e) else ""
             if not reason:
                 self.log.exception("jobs: %s failed", job.id)
                 reason = f"the runner failed ({type(e).__name__}); the operator's log has the details"
@@ -340,6 +343,53 @@ def _trained_how(report: dict[str, Any]) -> dict[str, str | bool]:
             if type(value) is type(a) and value == a:
                 facts[key] = a
     return facts
+
+
+def _own_message(e: Exception) -> bool:
+    """Whether ``e``'s message is the runner's own, worded for the researcher and quoting no row: the errors
+    the runner, its checks and its services raise. Any other exception (a plain ``ValueError`` or
+    ``IndexError`` from pandas, numpy or torch) is reported by its type only."""
+    from paitient.catalogue import DatasetNotFound
+    from paitient.rules.jobspec import SpecError
+    from paitient.services.jobs.checkpoints import CheckpointRefused
+    from paitient.services.jobs.graph import GraphRefused
+    from paitient.services.jobs.store import JobError
+    from paitient.services.jobs.train import TrainError
+
+    own = (JobFailed, ExecutionFailed, ChannelError, SpecError, GraphRefused, CheckpointRefused, TrainError, JobError)
+    return isinstance(e, (*own, DatasetNotFound))
+
+
+def _check_fits(program: bytes, prepared: Prepared, loss: str) -> None:
+    """Refuse a job whose graph cannot take its rows or give its loss what it needs: the input's width against
+    the features, the output's against the classes. Such a job would fail in the sandbox after its budget was
+    reserved, which a failed job spends in full."""
+    from paitient.services.jobs.graph import load_graph, row_output_shape
+
+    graph = load_graph(program)
+    features = len(prepared.features)
+    if graph.input_shape != (features,):
+        raise JobFailed(
+            f"the model takes rows of shape {graph.input_shape}, and the job has {features} features: export it "
+            f"with an input of shape (batch, {features}), or choose the features it was made for"
+        )
+    out = row_output_shape(graph)
+    width = math.prod(out)
+    if loss == "cross_entropy" and len(out) != 1:
+        raise JobFailed(
+            f"cross_entropy needs one logit per class in each row's output (batch, classes), and the model gives "
+            f"{out} per row: end it with a Linear layer of one output per class"
+        )
+    if loss == "cross_entropy" and width < prepared.classes:
+        raise JobFailed(
+            f"the target has more classes than the model's {width} outputs: give the last layer one output per "
+            "class, or choose another target (or mse, for a number)"
+        )
+    if loss == "bce_with_logits" and width != 1:
+        raise JobFailed(
+            f"bce_with_logits needs one output per row (the logit), and the model gives {out}: give the last "
+            "layer one output"
+        )
 
 
 def _seed() -> int:
