@@ -285,6 +285,26 @@ def test_a_whole_table_with_look_alike_points_and_hyphens_reveals_every_row(demo
     assert len(demo.rows(text, "breast_cancer")) == len(df)
 
 
+_MATHEMATICAL = str.maketrans("0123456789", "".join(chr(0x1D7CE + d) for d in range(10)))
+ESCAPED = [
+    ("every character as \\u00XX", lambda df: "".join(f"\\u{ord(c):04x}" for c in df.to_csv())),
+    ("full-width digits, escaped", lambda df: json.dumps(without_id(df).to_csv().translate(_FULL_WIDTH))[1:-1]),
+    (
+        "mathematical digits, escaped as surrogate pairs",
+        lambda df: json.dumps(without_id(df).to_csv().translate(_MATHEMATICAL))[1:-1],
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "escape"), ESCAPED, ids=[a[0] for a in ESCAPED])
+def test_a_kernel_message_that_escapes_its_characters_reveals_every_row(demo, label, escape):
+    """A message's JSON as a kernel may write it itself, characters as ``\\uXXXX`` escapes: the browser shows
+    the characters, and so does what the gate reads (before, none of the rows was found)."""
+    df = demo.frames["breast_cancer"]
+    content = ('{"name": "stdout", "text": "' + escape(df) + '"}').encode()
+    assert b"\\u" in content and len(demo.rows(unescape(content), "breast_cancer")) == len(df)
+
+
 @pytest.mark.parametrize("per_message", [1, 2])
 def test_a_row_printed_a_value_at_a_time_over_many_messages_is_found(demo, per_message):
     """``print(v, end=',', flush=True)``: each message holds one or two values, the browser shows them as

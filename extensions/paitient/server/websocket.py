@@ -200,11 +200,17 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     def _message(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any]) -> list[Any]:
         return self.session.serialize(self.session.msg(msg_type, content=content, parent=parent))
 
-    def _forwarded(self, msg_type: str, parent: dict[str, Any], metadata: Any, fed: list[Any]) -> list[Any]:
+    def _forwarded(
+        self, msg_type: str, parent: dict[str, Any], metadata: Any, content: dict[str, Any], fed: list[Any]
+    ) -> list[Any]:
         """A kernel's message as the browser gets it: a header of this server's session, the client's own
-        ``parent``, and the kernel's metadata (a mapping, else none), content and buffers, which the gate reads."""
-        msg = self.session.msg(msg_type, parent=parent, metadata=metadata if isinstance(metadata, dict) else {})
-        msg["content"] = _bytes(fed[4])  # as the kernel packed it
+        ``parent``, and the kernel's metadata (a mapping, else none), content and buffers, which the gate reads.
+        Metadata and content are the values the kernel sent, written anew by this server's packer (JSON,
+        non-ASCII characters as UTF-8): never the kernel's own bytes, whose JSON may spell any character as an
+        escape (``\\u0031`` for ``1``) that the browser reads as the character."""
+        msg = self.session.msg(
+            msg_type, content=content, parent=parent, metadata=metadata if isinstance(metadata, dict) else {}
+        )
         return [*self.session.serialize(msg), *fed[5:]]
 
     async def _through_gate(self, outgoing: list[Any]) -> list[Any] | None:
@@ -241,7 +247,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         candidate: list[Any] | None
         scan = True
         if verdict is Verdict.FORWARD:
-            candidate = self._forwarded(msg_type, parent, metadata, fed)
+            candidate = self._forwarded(msg_type, parent, metadata, content, fed)
         else:
             new_type, new_content = replacement(verdict, msg_type, content, cap)
             self.log.info(

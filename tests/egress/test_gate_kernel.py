@@ -1,0 +1,33 @@
+"""Kernels that write their own messages, against the egress gate in a real user's server with real sandboxed
+kernels: what they send is read as the browser will read it, and counted against the execution that is running.
+
+The world (a user, their server, the egress service in this process whose matcher reads ``row:<n>`` marks) is
+the one of tests/egress/test_gate_server.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.egress.test_gate_server import world  # noqa: F401 (the module's fixture)
+
+ESCAPED_CELL = r"""
+k = get_ipython().kernel
+rows = '\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {first} + 60))
+escaped = ''.join('\\u%04x' % ord(c) for c in rows)
+k.session.send(k.iopub_socket, 'stream', content=('{{"name": "stdout", "text": "' + escaped + '"}}').encode(),
+               parent=k.get_parent())
+print('done')
+"""
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["json", "v1"])
+def test_a_message_the_kernel_packed_with_every_character_escaped_is_read_as_the_browser_reads_it(world, v1):  # noqa: F811
+    # The kernel writes its message's JSON itself, every character as \u00XX: the browser's JSON parser gives
+    # the plain rows. The server packs what it forwards anew, so the gate reads the rows the browser would get.
+    _, server, _, _, _ = world
+    first = 7000 if v1 else 7100
+    res = server.run(ESCAPED_CELL.format(first=first), v1=v1)
+    # withheld, and the rest of the cell's output with it
+    assert res.error is None and "done" not in res.stdout
+    assert "row:" not in res.stdout and "60 rows of bc" in res.stderr, (res.stdout[:300], res.stderr[:300])
