@@ -31,3 +31,28 @@ def test_a_message_the_kernel_packed_with_every_character_escaped_is_read_as_the
     # withheld, and the rest of the cell's output with it
     assert res.error is None and "done" not in res.stdout
     assert "row:" not in res.stdout and "60 rows of bc" in res.stderr, (res.stdout[:300], res.stderr[:300])
+
+
+LATE_CELL = r"""
+k = get_ipython().kernel
+for i, parent in enumerate(P):
+    rows = '\n'.join(f'row:{{j}},1.5' for j in range({first} + 15 * i, {first} + 15 * (i + 1)))
+    k.session.send(k.iopub_socket, 'stream', {{'name': 'stdout', 'text': rows + '\n'}}, parent=parent)
+"""
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["json", "v1"])
+def test_output_sent_as_that_of_executions_that_ended_counts_against_the_running_one(world, v1):  # noqa: F811
+    # Each earlier cell's output ended at its reply; a later cell sends 15 rows as the output of each of three
+    # of them (their parents kept by the kernel). Before, each started from zero rows and all 45 reached the
+    # browser with no notice; they count against the cell that sends them.
+    _, server, _, _, _ = world
+    first = 7200 if v1 else 7300
+    kernel = server.start_kernel()
+    server.run("P = []", kernel, v1=v1)
+    for _ in range(3):
+        assert server.run("P.append(get_ipython().kernel.get_parent())", kernel, v1=v1).error is None
+    res = server.run(LATE_CELL.format(first=first), kernel, v1=v1)
+    wire = b"".join(res.frames)
+    shown = [i for i in range(first, first + 45) if f"row:{i},".encode() in wire]
+    assert len(shown) <= 20 and b"output withheld" in wire, (len(shown), res.stderr[:300])

@@ -19,6 +19,7 @@ import pytest
 from paitient.config import parse
 from paitient.registry import Member, Registry
 from paitient.server.gate import EgressGate
+from paitient.services.egress import service as service_module
 from paitient.services.egress import socket_path
 from paitient.services.egress.matcher import Matcher, MissingIndex
 from paitient.services.egress.service import Context, EgressServer, EgressService
@@ -116,6 +117,33 @@ def test_rows_add_up_over_the_pieces_of_one_output(site, running):
     assert "30 rows of bc" in third.notice and "airlock" in third.notice
     # another output starts from zero
     assert gate.check_blocking(context="k:2", channel="kernel", object="k", text=rows(40, 10)).forward
+
+
+def test_an_output_closed_at_its_reply_or_idle_counts_on_from_the_rows_it_showed(site, running, monkeypatch):
+    """A kernel's later message charged to an execution whose output was closed (at its reply, or idle for a
+    minute) counts on from the rows that output showed; before, it started from zero, 15 rows at a time."""
+    _, gate = running
+
+    def check(context: str, text: bytes):
+        return gate.check_blocking(context=context, channel="kernel", object="k", text=text)
+
+    assert check("k:1", rows(0, 15)).forward
+    gate.close_blocking("k:1")  # its reply
+    assert check("k:1", b"epoch 3 loss 0.21").forward  # a later message without rows passes
+    later = check("k:1", rows(100, 10))
+    assert not later.forward and later.reason == "rows" and "25 rows of bc" in later.notice
+    # a withheld output stays over its limit once closed: one more row of it is withheld
+    assert not check("k:2", rows(200, 30)).forward
+    gate.close_blocking("k:2")
+    assert not check("k:2", rows(300, 1)).forward
+    # idle: every context is closed after each piece
+    monkeypatch.setattr(service_module, "IDLE_SECONDS", 0.0)
+    assert check("k:3", rows(400, 15)).forward
+    time.sleep(0.01)
+    idle = check("k:3", rows(500, 10))
+    assert not idle.forward and "25 rows of bc" in idle.notice
+    # other outputs still start from zero
+    assert check("k:4", rows(600, 15)).forward
 
 
 def test_a_row_printed_over_several_pieces_of_one_output_is_found(site, running):

@@ -234,6 +234,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")
         execution = cap.key(parent_id)
+        if execution != cap.current and execution in cap.answered:
+            # Output of an execution that has ended (its reply went on): the kernel is running another one now,
+            # and what it sends counts against that one, so no ended execution opens a fresh budget of rows or
+            # bytes. (Late output of the latest one counts on from what it showed: the egress service keeps it.)
+            execution = cap.current
         if msg_type.endswith("_reply") and not cap.first_reply(parent_id, msg_type):
             self.log.info("Dropping a %s of kernel %s: it answers no request of a client", msg_type, self.kernel_id)
             return None
@@ -241,7 +246,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             # Nothing of the kernel's but the protocol's own fields.
             return self._message(msg_type, strip_protocol(msg_type, content), parent)
         size = sum(_size(p) for p in fed[1:])
-        verdict = cap.charge(msg_type, parent_id, size)
+        verdict = cap.charge(msg_type, execution, size)
         if verdict is Verdict.DROP:
             return None
         candidate: list[Any] | None

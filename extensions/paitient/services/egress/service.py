@@ -64,6 +64,10 @@ MAX_CONTEXTS = 512
 """Open contexts per connection; the oldest is closed (and recorded) beyond this."""
 IDLE_SECONDS = 60.0
 """A context without a piece for this long is closed and recorded."""
+CLOSED_OUTPUTS = 4096
+"""Closed executions per connection whose rows are kept (:attr:`Context.before`), the latest that showed rows:
+at least as many as the executions the user's servers charge output to (256 a kernel,
+:data:`paitient.rules.outputcap.TRACKED_EXECUTIONS`) across a server's kernels."""
 CHANNELS = frozenset({"kernel", "contents", "http"})
 RECORD_QUEUE = 10_000
 """Audit records waiting for the trail; beyond this the trail counts as down (outputs fail closed)."""
@@ -124,6 +128,25 @@ class Context:
     last: float = field(default_factory=time.monotonic)
     tail: bytes = b""
     """The end of the text forwarded so far (:func:`with_tail`)."""
+    before: dict[str, frozenset[int]] = field(default_factory=dict)
+    """The rows an earlier context of the same execution showed before it was closed (at its reply, idle, or
+    crowded out): a kernel's later messages charged to that execution count on from them, never from zero.
+    At most ``max_rows_per_output + 1`` of a dataset are kept: enough to know that one more is too many."""
+
+    def output_rows(self) -> dict[str, int]:
+        """Distinct rows per dataset of the whole output, those shown before it was closed included."""
+        if not self.before:
+            return {k: len(v) for k, v in self.rows.items()}
+        return {k: len(v | self.before.get(k, frozenset())) for k, v in self.rows.items()}
+
+    def kept(self, limit: int) -> dict[str, frozenset[int]]:
+        """What :attr:`before` holds once this context is closed: its rows, and those before it, ``limit + 1``
+        of a dataset at most."""
+        out = {}
+        for key in self.rows.keys() | self.before.keys():
+            rows = self.rows.get(key, set()) | self.before.get(key, frozenset())
+            out[key] = frozenset(sorted(rows)[: limit + 1]) if len(rows) > limit + 1 else frozenset(rows)
+        return out
 
     def record(self) -> dict[str, Any]:
         verdict = "forwarded" if not self.withheld else ("withheld" if not self.size else "partly withheld")
@@ -284,7 +307,7 @@ class EgressService:
             found, checked, failed_on_text = {}, False, True
         for key, ids in found.items():
             ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
-        output_rows = {k: len(v) for k, v in ctx.rows.items()}
+        output_rows = ctx.output_rows()
         day = today()
         over = any(n > limits.max_rows_per_output for n in output_rows.values())
         new_rows = {} if over else {k: [int(i) for i in v] for k, v in found.items()}
@@ -363,6 +386,9 @@ class _Connection(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.contexts: OrderedDict[str, Context] = OrderedDict()
+        self.closed: OrderedDict[str, dict[str, frozenset[int]]] = OrderedDict()
+        """The rows of closed kernel outputs, by context (:attr:`Context.before`): the latest
+        :data:`CLOSED_OUTPUTS` that showed rows, for the life of the connection."""
         self.member: Member | None = None
         self.pod = ""
         self.server.service.metrics.connections.inc()
@@ -445,10 +471,11 @@ class _Connection(socketserver.BaseRequestHandler):
         ctx = self.contexts.get(name)
         if ctx is None:
             ctx = self.contexts[name] = Context(name, channel, str(head.get("object") or name)[:1024], pod=self.pod)
+            if channel == "kernel":
+                ctx.before = self.closed.pop(name, {})
             while len(self.contexts) > MAX_CONTEXTS:
                 _, old = self.contexts.popitem(last=False)
-                assert self.member is not None
-                self.server.service.record_context(self.member, old)
+                self._retire(old)
         self.contexts.move_to_end(name)
         return ctx
 
@@ -468,14 +495,12 @@ class _Connection(socketserver.BaseRequestHandler):
                 ctx = self.context(head)
                 result = service.check(self.member, ctx, payload[:text_size], payload)
                 if head.get("final"):
-                    service.record_context(self.member, self.contexts.pop(ctx.name))
+                    self._retire(self.contexts.pop(ctx.name))
                 self._sweep()
                 return {"id": rid, "ok": True, **result}
             if op == "close":
                 name = str(head.get("context") or "")[:512]
-                recorded = (
-                    service.record_context(self.member, self.contexts.pop(name)) if name in self.contexts else True
-                )
+                recorded = self._retire(self.contexts.pop(name)) if name in self.contexts else True
                 return {"id": rid, "ok": True, "recorded": recorded}
             return {"id": rid, "ok": False, "code": "unknown_op", "error": f"unknown operation {op!r}"}
         except ValueError as e:
@@ -491,7 +516,18 @@ class _Connection(socketserver.BaseRequestHandler):
         now = time.monotonic()
         assert self.member is not None
         for name in [n for n, c in self.contexts.items() if now - c.last > IDLE_SECONDS]:
-            self.server.service.record_context(self.member, self.contexts.pop(name))
+            self._retire(self.contexts.pop(name))
+
+    def _retire(self, ctx: Context) -> bool:
+        """Record a closed context; keep the rows of an execution's (:attr:`closed`): the kernel may send more
+        of its output later (after its reply, or an idle minute), charged to it."""
+        assert self.member is not None
+        if ctx.channel == "kernel" and (ctx.rows or ctx.before):
+            self.closed[ctx.name] = ctx.kept(limits_for(self.server.service.site, self.member).max_rows_per_output)
+            self.closed.move_to_end(ctx.name)
+            while len(self.closed) > CLOSED_OUTPUTS:
+                self.closed.popitem(last=False)
+        return self.server.service.record_context(self.member, ctx)
 
 
 class EgressServer(UnixSocketServer):
