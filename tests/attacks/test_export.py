@@ -1,5 +1,6 @@
 """Export attacks against a real user server: downloads, exports, paths outside the home, terminals, output."""
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -27,6 +28,36 @@ def _forbidden(r):
 )
 def test_raw_download_and_nbconvert_routes_are_refused(world, path):
     _forbidden(world.server_a.get(path))
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/view"),  # the stock page of a file, at a URL no pattern of handlers.BLOCKED covers
+        ("GET", "/view/"),
+        ("GET", "/lab/api/build"),  # JupyterLab's build
+        ("POST", "/lab/api/build"),
+        ("GET", "/api/events/subscribe"),  # the server's event stream (contents events name every file saved)
+    ],
+)
+def test_routes_classified_refused_are_refused_whatever_their_url(world, method, path):
+    _forbidden(world.server_a.request(method, path))
+
+
+def test_the_event_stream_websocket_does_not_open(world):
+    """Before, it opened and streamed the contents events (each file's path as it was saved or renamed)."""
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    server = world.server_a
+    url = server.url.replace("http://", "ws://", 1) + "/api/events/subscribe"
+
+    async def connect():
+        return await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {server.token}"}))
+
+    with pytest.raises(HTTPClientError) as refused:
+        asyncio.run(connect())
+    assert refused.value.code == 403
 
 
 def test_nbconvert_post_is_refused(world):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import threading
 
 import jupyterhub
@@ -136,6 +137,40 @@ def test_a_handler_nobody_classified_is_refused_at_request_time(built):
     built.web_app.add_handlers(".*$", [(built.base_url + r"new-extension/route", Unclassified)])
     delegate = built.web_app.find_handler(_request("GET", built.base_url + "new-extension/route"))
     assert delegate.handler_class is BlockedHandler
+
+
+_GROUPS = ((r"(.*)", "nb.ipynb"), (r"(?P<format>\w+)", "html"), (r"(?P<path>(?:(?:/[^/]+)+|/?))", "/nb.ipynb"))
+
+
+def _a_path_of(pattern: str) -> str:
+    """A URL the route's pattern matches."""
+    path = pattern.removesuffix("$")
+    for group, value in (
+        (r"(.*)", "nb.ipynb"),
+        (r"(?P<format>\w+)", "html"),
+        (r"(?P<path>(?:(?:/[^/]+)+|/?))", "/nb.ipynb"),
+    ):
+        path = path.replace(group, value)
+    assert re.fullmatch(pattern, path), (pattern, path)
+    return path
+
+
+def test_every_route_classified_refused_is_answered_by_the_refusal(built):
+    """Not only the URLs a pattern of handlers.BLOCKED covers: the stock handler of a refused route never runs
+    (before, /view, /lab/api/build and the event stream's websocket ran theirs)."""
+    refused = [(p, cls) for p, cls in routes.routes(built.web_app) if routes.category(cls) == routes.REFUSED]
+    assert {routes.class_name(cls) for _, cls in refused} >= {
+        "jupyterlab.handlers.build_handler.BuildHandler",
+        "jupyter_server.view.handlers.ViewHandler",
+        "jupyter_server.services.events.handlers.SubscribeWebsocket",
+    }
+    for pattern, _ in refused:
+        for method in ("GET", "POST"):
+            delegate = built.web_app.find_handler(_request(method, _a_path_of(pattern)))
+            assert issubclass(delegate.handler_class, BlockedHandler), (method, pattern, delegate.handler_class)
+    for path in ("view", "view/", "lab/api/build", "api/events/subscribe"):
+        delegate = built.web_app.find_handler(_request("GET", built.base_url + path))
+        assert delegate.handler_class is BlockedHandler, path
 
 
 @pytest.mark.parametrize(

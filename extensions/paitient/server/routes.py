@@ -15,8 +15,9 @@ listed in :data:`POLICY` with how its responses reach the browser:
   data, so neither scanned nor counted against the day's bytes.
 - ``refused``: answered 403 before the handler runs (downloads, exports, builds, the event stream).
 
-:func:`install` wraps the application's handler lookup: a request routed to a class missing from the
-policy (a handler a later extension or upgrade added) is refused and logged. The tests walk the routes of a
+:func:`install` wraps the application's handler lookup: a request routed to a ``refused`` class, or to a
+class missing from the policy (a handler a later extension or upgrade added, also logged), is answered by
+:class:`~paitient.server.handlers.BlockedHandler` instead. The tests walk the routes of a
 running server and fail on any unclassified one, so a new route is a decision, not an accident.
 """
 
@@ -143,6 +144,9 @@ def install(app: web.Application, gate: Any) -> None:
                 request.path[:200],
                 class_name(delegate.handler_class),
             )
+        if kind in (None, REFUSED) and not issubclass(delegate.handler_class, BlockedHandler):
+            # refused means refused: the stock handler never runs, whether or not a pattern of
+            # handlers.BLOCKED also covers its URL
             delegate = app.get_handler_delegate(request, BlockedHandler)
             kind = REFUSED
         passthrough: bool | str = kind in (SOFTWARE, REFUSED, KERNEL)
