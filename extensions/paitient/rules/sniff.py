@@ -3,7 +3,9 @@
 The contents API sends the browser what an editor needs (notebooks, source and plain text, images) and
 never a data file, whatever it is called: a CSV renamed ``notes.py`` is still a table. :func:`sniff` reads
 the leading bytes for the magic numbers of binary formats, decodes text, and looks at the shape of the
-lines for delimited tables and record-per-line data. Pure: it is given bytes and says what they are.
+lines for delimited tables and record-per-line data. A file with an image's magic number is an image only
+when it is one to its last byte (:mod:`paitient.rules.imagecheck`); else it is data. Pure: it is given
+bytes and says what they are.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pickletools
 import struct
 from collections import Counter
 from dataclasses import dataclass
+
+from paitient.rules.imagecheck import NotAnImage, carried
 
 
 class Kind(enum.Enum):
@@ -32,6 +36,8 @@ class Sniffed:
     what: str
     """For a person: ``a Parquet file``, ``delimited text (a table)``, ``text``, ..."""
     mimetype: str = ""
+    carried: bytes = b""
+    """For an image: what it carries besides its pixels (text, profiles, metadata), to be read for rows."""
 
     @property
     def served(self) -> bool:
@@ -150,7 +156,12 @@ def sniff(data: bytes) -> Sniffed:
             return Sniffed(Kind.DATA, what)
     for magic, mimetype in IMAGES:
         if data.startswith(magic):
-            return Sniffed(Kind.IMAGE, "an image", mimetype)
+            # eight bytes in front of a table do not make it a picture: an image is served only when it is
+            # that image to its last byte
+            try:
+                return Sniffed(Kind.IMAGE, "an image", mimetype, carried(data, mimetype))
+            except NotAnImage:
+                return Sniffed(Kind.DATA, "a file that starts like an image but is not one")
     if _is_safetensors(data):
         return Sniffed(Kind.DATA, "a safetensors file (model weights)")
     if _is_pickle(data):
