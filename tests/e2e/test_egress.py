@@ -217,6 +217,52 @@ def test_a_crafted_notebook_keeps_its_code_and_loses_its_row_outputs(alice, samp
     assert not any(v in r.text for v in sample)
 
 
+CRAFTED = """
+import json, os
+fw = str.maketrans({c: chr(ord(c) + 0xFEE0) for c in '0123456789.-ABCDEFGHIJKLMNOPQRSTUVWXYZ,'})
+def nb(cells, metadata=None):
+    return json.dumps({'nbformat': 4, 'nbformat_minor': 5, 'metadata': metadata or {}, 'cells': cells})
+code = {'cell_type': 'code', 'metadata': {}, 'id': 'c1', 'source': '1+1', 'outputs': [], 'execution_count': 1}
+spec = {'name': 'python3', 'display_name': 'Python 3', 'language': 'python', 'rows': df.to_csv()}
+open('ks.ipynb', 'w').write(nb([], {'kernelspec': spec, 'x': df.head(40).to_csv()}))
+open('ds.ipynb', 'w').write(nb([{'cell_type': 'markdown', 'metadata': {}, 'id': 'm1', 'source': {'x': df.to_csv()}}]))
+open('ek.ipynb', 'w').write(nb([dict(code, extra=df.to_csv())]))
+out = {'output_type': 'stream', 'name': 'stdout', 'text': df.to_csv().translate(fw)}
+open('fw.ipynb', 'w').write(nb([dict(code, outputs=[out])]))
+open('plot.png', 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n' + df.to_csv().encode())
+os.makedirs('fwdir', exist_ok=True)
+for _, r in df.head(100).iterrows():
+    name = f"{r['patient']} {r['mean radius']} {r['mean texture']} {r['mean perimeter']}".translate(fw)
+    open(os.path.join('fwdir', name), 'w').write('x')
+"""
+
+
+def test_notebooks_names_and_images_crafted_to_slip_rows_past_the_checks_carry_none(alice, sample):
+    """Rows in a withheld notebook's kernelspec, in a cell whose source is a dict, in a key of the kernel's own
+    in a cell, in full-width digits in an output and in file names, and behind a PNG's magic number: each
+    once reached the browser. What comes back now shows none of them, read as the browser shows it."""
+    import base64
+    import unicodedata
+
+    ws, s, _ = alice
+    assert run(alice, CRAFTED).error is None
+    for path, status in (
+        ("ks.ipynb", 200),
+        ("ds.ipynb", 200),
+        ("ek.ipynb", 200),
+        ("fw.ipynb", 200),
+        ("plot.png", 403),
+        ("fwdir", 403),
+    ):
+        r = ws.api(s, "alice", "GET", f"contents/{path}?content=1")
+        assert r.status_code == status, (path, r.status_code, r.text[:300])
+        shown = unicodedata.normalize("NFKC", json.dumps(r.json(), ensure_ascii=False))
+        if path == "plot.png" and r.json().get("format") == "base64":
+            shown += base64.b64decode(r.json()["content"]).decode("utf-8", "replace")
+        assert not any(v in shown for v in sample), (path, shown[:300])
+        assert not re.search(r"P-[A-Z0-9]{16}", shown), (path, shown[:300])
+
+
 def test_a_text_file_with_a_few_rows_opens(alice):
     ws, s, _ = alice
     assert run(alice, "open('few.txt', 'w').write(df.head(3).to_string())").error is None

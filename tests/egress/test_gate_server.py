@@ -16,12 +16,14 @@ import json
 import os
 import pickle
 import time
+import zlib
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from paitient.registry import Registry
+from paitient.rules.edm.tokens import normalised
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
@@ -29,6 +31,15 @@ from tests import accounts, workspacegroup
 from tests.egress.conftest import stored
 from tests.egress.test_service import MarkedRows
 from tests.server.harness import UserServer, make_site, publish
+
+
+class ReadAsShown(MarkedRows):
+    """Row marks read in the text as the row detection reads it (:func:`normalised`): the digits of every
+    script are ASCII, so ``row:７００`` in full-width digits marks row 700 as ``row:700`` does."""
+
+    def reveal(self, text: bytes, projects):
+        return super().reveal(normalised(text), projects)
+
 
 ROWS_CELL = "print('\\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {last})))"
 
@@ -67,7 +78,7 @@ def world(tmp_path_factory):
     user = pwd.getpwnam(name)
     os.chmod(user.pw_dir, 0o700)
     store = EgressStore.for_site(site)
-    service = EgressService(site, store, MarkedRows(site), Registry.for_state_dir(site.state_dir))
+    service = EgressService(site, store, ReadAsShown(site), Registry.for_state_dir(site.state_dir))
     egress = EgressServer(socket_path(site), service, group=workspacegroup.gid())
     egress.start_in_thread()
     server = UserServer(site, user, ("onc",), root, start_egress=False)
@@ -267,6 +278,163 @@ def test_a_key_the_kernel_adds_at_a_notebooks_top_level_stays_behind(world):
     nb = r.json()["content"]
     assert set(nb) == {"nbformat", "nbformat_minor", "metadata", "cells"} and nb["nbformat"] == 4
     assert nb["nbformat_minor"] == nbformat.v4.nbformat_minor
+
+
+def _kernel_writes(server, name: str, doc: str) -> None:
+    """The kernel writes ``name``: the JSON of the Python expression ``doc``, in which ``rows`` is 100 rows."""
+    first = FIRST[name]
+    kernel = server.start_kernel()
+    try:
+        res = server.run(
+            "import json\n"
+            f"rows = ''.join(f'row:{{i}},{{i * 1.5}}\\n' for i in range({first}, {first + 100}))\n"
+            f"json.dump({doc}, open({name!r}, 'w'))",
+            kernel,
+        )
+    finally:
+        server.request("DELETE", f"/api/kernels/{kernel}")
+    assert res.error is None, res
+
+
+FIRST = {"ks.ipynb": 1400, "dict-source.ipynb": 1500, "list-source.ipynb": 1600, "extra-key.ipynb": 1700}
+
+
+def test_a_withheld_notebooks_kernelspec_is_the_servers_own_not_the_files(world):
+    # the metadata was withheld (rows in one key), and its kernelspec, unchecked, went out as the file had it
+    _, server, _, _, _ = world
+    _kernel_writes(
+        server,
+        "ks.ipynb",
+        "{'nbformat': 4, 'nbformat_minor': 5, 'cells': [], 'metadata': {"
+        "'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python', 'rows': rows},"
+        "'stash': rows[:400]}}",
+    )
+    r = server.get("/api/contents/ks.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    assert "row:" not in r.text
+    metadata = r.json()["content"]["metadata"]
+    assert set(metadata) <= {"kernelspec"}, metadata
+    if metadata:  # a kernel this server has, described by the server's spec
+        assert set(metadata["kernelspec"]) == {"name", "display_name", "language"}, metadata
+
+
+def test_a_cell_whose_source_is_not_text_is_replaced_not_sent(world):
+    # a source that is a dict was checked by its keys only ("".join(dict)), and the cell went out whole
+    _, server, _, _, _ = world
+    for name, source in (("dict-source.ipynb", "{'x': rows}"), ("list-source.ipynb", "['notes', {'x': rows}]")):
+        _kernel_writes(
+            server,
+            name,
+            "{'nbformat': 4, 'nbformat_minor': 5, 'metadata': {}, 'cells': ["
+            f"{{'cell_type': 'markdown', 'metadata': {{}}, 'id': 'a1', 'source': {source}}},"
+            "{'cell_type': 'markdown', 'metadata': {}, 'id': 'a2', 'source': 'notes'}]}",
+        )
+    r = server.get("/api/contents/dict-source.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    assert "row:" not in r.text
+    cells = r.json()["content"]["cells"]
+    assert cells[0]["source"] == "This cell is not in the notebook format and is not shown.", cells[0]
+    assert cells[1]["source"] == "notes"
+    assert "1 part of this notebook that do not follow the notebook format" in r.json()["message"]
+    # a list with a dict in it is a notebook nbformat does not read at all: refused, not quoted
+    r = server.get("/api/contents/list-source.ipynb?content=1")
+    assert r.status_code == 400 and "Unreadable Notebook: list-source.ipynb" in r.json()["message"]
+    assert "row:" not in r.text
+
+
+def test_a_cell_is_sent_rebuilt_from_the_formats_own_fields(world):
+    # a withheld cell kept every key but its source, attachments and metadata: rows in a key of the kernel's
+    # own went out beside the notice. A cell is now a new one, of the format's fields only (a key of the
+    # kernel's own stays behind, withheld or not); a withheld one is the notice and nothing of the file's; an
+    # output with a key of its own is replaced; a repeated cell id is replaced (the notebook still opens)
+    _, server, _, _, _ = world
+    _kernel_writes(
+        server,
+        "extra-key.ipynb",
+        "{'nbformat': 4, 'nbformat_minor': 5, 'metadata': {}, 'cells': ["
+        "{'cell_type': 'code', 'metadata': {'stash': rows[:400]}, 'id': 'a1', 'source': '1+1', 'outputs': [],"
+        " 'execution_count': 1, 'extra': rows},"
+        "{'cell_type': 'code', 'metadata': {}, 'id': 'a2', 'source': '2+2', 'execution_count': 2, 'extra': rows,"
+        " 'outputs': [{'output_type': 'stream', 'name': 'stdout', 'text': '4', 'extra': rows}]},"
+        "{'cell_type': 'markdown', 'metadata': {}, 'id': 'a2', 'source': 'notes', 'extra': rows}]}",
+    )
+    r = server.get("/api/contents/extra-key.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    assert "row:" not in r.text and '"extra"' not in r.text
+    first, second, third = r.json()["content"]["cells"]
+    fields = {"cell_type", "id", "metadata", "source", "execution_count", "outputs"}
+    assert set(first) == set(second) == fields and set(third) == {"cell_type", "id", "metadata", "source"}
+    # the first cell was withheld: a brand-new cell with the notice; none of it is the file's
+    assert "withheld" in first["source"] and first["id"] != "a1" and first["execution_count"] is None
+    assert set(first["metadata"]) <= {"trusted"}, first
+    # the others passed, without the key; the second one's output, not in the format, is replaced
+    assert second["source"] == "2+2" and second["execution_count"] == 2 and second["id"] == "a2"
+    assert second["outputs"] == [
+        {
+            "output_type": "stream",
+            "name": "stderr",
+            "text": "This output is not in the notebook format and is not shown.\n",
+        }
+    ]
+    assert third["source"] == "notes" and third["id"] not in ("a2", first["id"])  # a repeated id is replaced
+
+
+def test_rows_in_full_width_digits_are_read_in_a_notebooks_outputs(world):
+    """A notebook's outputs and metadata were checked as JSON with every non-ASCII character escaped
+    (``\\uff17``): the row detection reads full-width digits as digits, but not their escapes, and the
+    browser shows the digits. The gate now reads the text as it is shown."""
+    _, server, _, home, user = world
+    full = str.maketrans("0123456789.", "０１２３４５６７８９．")
+    rows = "".join(f"row:{i},{i * 1.5}\n".translate(full) for i in range(1800, 1850))
+    nb = nbformat.v4.new_notebook(metadata={})
+    nb.cells = [
+        nbformat.v4.new_code_cell("df", outputs=[nbformat.v4.new_output("stream", name="stdout", text=rows)]),
+        nbformat.v4.new_markdown_cell("notes"),
+    ]
+    _put(home, user, "full-width.ipynb", nbformat.writes(nb).encode())
+    r = server.get("/api/contents/full-width.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    cells = r.json()["content"]["cells"]
+    assert "row:" not in cells[0]["outputs"][0]["text"] and "output withheld" in cells[0]["outputs"][0]["text"]
+    assert cells[1]["source"] == "notes"
+
+
+def test_file_names_in_full_width_digits_are_read_in_a_listing(world):
+    # the listing was checked as JSON with its names escaped: 50 rows in file names went out
+    _, server, _, home, user = world
+    full = str.maketrans("0123456789.", "０１２３４５６７８９．")
+    folder = home / "full-width-names"
+    folder.mkdir()
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    for i in range(1900, 1950):
+        _put(folder, user, f"row:{i} {i * 1.5}".translate(full), b"")
+    r = server.get("/api/contents/full-width-names?content=1")
+    assert r.status_code == 403 and "listing withheld" in r.json()["message"], r.text[:300]
+    assert "row:" not in r.text
+
+
+def test_a_table_behind_an_images_magic_number_is_not_served(world):
+    # eight bytes in front of a CSV made it an image, served whole as base64 and counted, never read
+    _, server, _, home, user = world
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(png, format="PNG")
+    rows = "".join(f"row:{i},{i * 1.5}\n" for i in range(2000, 2100)).encode()
+    for name, data in (("plot.png", b"\x89PNG\r\n\x1a\n" + rows), ("after-iend.png", png.getvalue() + rows)):
+        _put(home, user, name, data)
+        r = server.get(f"/api/contents/{name}?content=1")
+        assert r.status_code == 403, (name, r.status_code, r.text[:300])
+        assert "starts like an image but is not one" in r.json()["message"] and "airlock" in r.json()["message"]
+        assert b"row:" not in base64.b64decode(r.json().get("content") or "")
+    # what an image carries as text (a comment chunk here) is read for rows like any text
+    data = png.getvalue()
+    iend = data.rindex(b"IEND") - 4
+    body = b"Comment\0" + rows
+    chunk = len(body).to_bytes(4, "big") + b"tEXt" + body + zlib.crc32(b"tEXt" + body).to_bytes(4, "big")
+    _put(home, user, "comment.png", data[:iend] + chunk + data[iend:])
+    r = server.get("/api/contents/comment.png?content=1")
+    assert r.status_code == 403 and "withheld" in r.json()["message"] and "row:" not in r.text, r.text[:300]
 
 
 def test_a_file_that_does_not_parse_as_a_notebook_is_refused_without_quoting_it(world):

@@ -7,15 +7,24 @@ Bodies (``GET /api/contents/<path>`` with content) are what the browser can save
 - the file is read once, and what is sent is built from those bytes (a file swapped underneath after the
   check is not what goes);
 - what it is comes from its bytes (:func:`paitient.rules.sniff.sniff`), not its name: notebooks, text and
-  images are served, data formats and other binary never are, with a notice that says how outputs leave;
+  images are served, data formats and other binary never are, with a notice that says how outputs leave; an
+  image is one only when it is that format to its last byte (a table behind a PNG signature is data), and
+  what it carries besides its pixels (text chunks, profiles, Exif, comments) is read for rows with its name;
 - text and notebooks go to the egress gate (:mod:`paitient.server.gate`), which finds the dataset rows they
   reveal: a text file showing too many is refused; in a notebook, each output is checked like a live one and
   replaced by the notice when withheld (its code and the rest of the notebook still open);
 - directory listings go through the gate too, whole: names, sizes and times are all values the kernel chose
   (a listing the browser polls is checked again only when it changed since this server last sent it);
-- a notebook goes out rebuilt from what was checked (its metadata, its cells and its format version), so a
-  key the kernel added at its top level stays behind; a file that does not parse as a notebook is refused
-  without quoting it.
+- what the gate reads is the text as the browser shows it: JSON is serialised for the check with its
+  non-ASCII characters as they are (``ensure_ascii=False``), not as ``\\uXXXX`` escapes that would hide
+  full-width and other digits from the row detection;
+- a notebook goes out rebuilt, and what is checked is the JSON of the very parts that are sent: new cells of
+  the format's own fields only (a key the kernel added to a cell or at the top level stays behind), each of
+  the type the format gives it; a withheld cell becomes a brand-new cell with the notice, withheld
+  metadata the server's own description of the kernel it names (if this server has it). A cell or output
+  that does not follow the format (a source that is not text, an output with a key of its own) is replaced
+  by a notice saying so, a repeated cell id by a fresh one, and the notebook sent is validated again; a
+  file that does not parse as a notebook is refused without quoting it.
 
 Models without content (``content=0``) and error responses are checked by the output transform
 (:mod:`paitient.server.routes`). A model's own fields (name, size, times: a kernel sets a file's times to
@@ -33,6 +42,7 @@ import contextvars
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -108,7 +118,8 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             model = await super().get(path, content=True, type=type, format=format, **kwargs)
             if model.get("type") != "directory":  # the folder became a file between the two looks
                 raise HTTPError(409, f"{path} changed while it was read; open it again")
-            await self._check_listing(path, _described(model, json.dumps(model.get("content") or [], default=str)))
+            listing = json.dumps(model.get("content") or [], ensure_ascii=False, default=str)
+            await self._check_listing(path, _described(model, listing))
             return _vouched(model)
         if not os.path.isfile(os_path):
             # Never the stock manager's read here: a file that appears now would go out unchecked.
@@ -130,7 +141,7 @@ class ConfinedContentsManager(AsyncLargeFileManager):
             return _vouched(await self._notebook(model, path, data))
         if type == "notebook":
             raise HTTPError(400, f"{path} is not a notebook")
-        image = sniffed.kind is Kind.IMAGE
+        image = sniffed.carried if sniffed.kind is Kind.IMAGE else None
         return _vouched(await self._as_file(model, path, data, sniffed.mimetype, format, image=image))
 
     def _read_capped(self, path: str, os_path: str) -> bytes:
@@ -176,14 +187,22 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         self._listings_sent.move_to_end(path)
 
     async def _as_file(
-        self, model: dict[str, Any], path: str, data: bytes, mimetype: str, format: str | None, *, image: bool = False
+        self,
+        model: dict[str, Any],
+        path: str,
+        data: bytes,
+        mimetype: str,
+        format: str | None,
+        *,
+        image: bytes | None = None,
     ) -> dict[str, Any]:
+        """``image``: for an image, what it carries besides its pixels (read as text; the file is counted)."""
         model["size"] = len(data)
-        if image:
-            await self._check_whole(path, _described(model), binary=data)
+        if image is not None:
+            await self._check_whole(path, _described(model, image.decode("utf-8", "replace")), binary=data)
         else:
             await self._check_whole(path, _described(model, data.decode("utf-8", "replace")))
-        if image or format == "base64":
+        if image is not None or format == "base64":
             model.update(
                 content=base64.encodebytes(data).decode("ascii"),
                 format="base64",
@@ -208,76 +227,172 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         base = f"contents:{path}:{uuid.uuid4().hex}"
 
         # Each cell is one output, as it was when it ran: its rows are limited like a live cell's; the day's
-        # rows and bytes bound the notebook as a whole.
-        async def check(context: str, text: bytes, binary: bytes = b"", final: bool = False) -> Any:
-            return await gate.check(
-                context=context, channel="contents", object=path, text=text, binary=binary, final=final
-            )
+        # rows and bytes bound the notebook as a whole. What is checked is the JSON of the very objects that
+        # are sent (rebuilt here, as the browser will read them): nothing rides along unchecked.
+        async def check(context: str, piece: Any, final: bool = False) -> Any:
+            return await gate.check(context=context, channel="contents", object=path, text=_text(piece), final=final)
 
-        meta = await check(f"{base}:metadata", json.dumps(nb.metadata).encode(), final=True)
-        if not meta.forward:
-            nb.metadata = nbformat.from_dict({"kernelspec": nb.metadata.get("kernelspec", {})})
-        for index, cell in enumerate(nb.cells):
+        minor = _minor(nb)
+        unreadable = 0
+        metadata = nb.get("metadata")
+        if not isinstance(metadata, dict) or not _fits(
+            {"nbformat": 4, "nbformat_minor": minor, "metadata": metadata, "cells": []}, None, minor
+        ):
+            unreadable += 1
+            metadata = self._plain_metadata(metadata)
+        elif not (await check(f"{base}:metadata", metadata, final=True)).forward:
+            metadata = self._plain_metadata(metadata)
+        cells_in = nb.get("cells")
+        cells: list[dict[str, Any]] = []
+        ids: set[str] = set()
+        for index, cell in enumerate(cells_in if isinstance(cells_in, list) else ()):
             context = f"{base}:{index}"
-            source = cell.get("source", "")
-            rest = {k: v for k, v in cell.items() if k not in ("source", "outputs", "attachments")}
-            attachments = json.dumps(cell.get("attachments", {})).encode()
-            outputs_in = list(cell.get("outputs", ()))
-            text = b"\n".join(
-                (
-                    (source if isinstance(source, str) else "".join(source)).encode(),
-                    json.dumps(rest).encode(),
-                    attachments,
-                )
-            )
-            verdict = await check(context, text, final=not outputs_in)
+            rebuilt = _cell(cell, minor)
+            if rebuilt is None:
+                unreadable += 1
+                kind = cell.get("cell_type") if isinstance(cell, dict) else None
+                rebuilt = _notice_cell(UNREADABLE_CELL, kind if kind in CELL_TYPES else "markdown", minor)
+            if "id" in rebuilt:  # ids are unique in a notebook: a repeated one is replaced, as nbformat repairs it
+                while rebuilt["id"] in ids:
+                    rebuilt["id"] = uuid.uuid4().hex[:8]
+                ids.add(rebuilt["id"])
+            outputs_in = rebuilt.pop("outputs", None)
+            outputs_in = outputs_in if isinstance(outputs_in, list) else None
+            verdict = await check(context, rebuilt, final=not outputs_in)
             if not verdict.forward:
-                cell["source"] = _comment(verdict.notice, cell.get("cell_type"))
-                cell.pop("attachments", None)
-                cell["metadata"] = {}
-            outputs = []
-            for n, output in enumerate(outputs_in):
-                verdict = await check(context, json.dumps(output).encode(), final=n == len(outputs_in) - 1)
-                outputs.append(
-                    output
-                    if verdict.forward
-                    else nbformat.v4.new_output("stream", name="stderr", text=verdict.notice + "\n")
-                )
-            if "outputs" in cell:
-                cell["outputs"] = outputs
-        nb = _rebuilt(nb)
-        self.mark_trusted_cells(nb, path)
-        model.update(content=nb, format="json", type="notebook", mimetype=None, size=len(data))
-        self.validate_notebook_model(model)
+                rebuilt = _notice_cell(verdict.notice, rebuilt["cell_type"], minor)
+                ids.add(rebuilt.get("id", ""))
+            if rebuilt["cell_type"] == "code":
+                outputs = []
+                for n, output in enumerate(outputs_in or ()):
+                    if not _fits(output, "output", minor):
+                        unreadable += 1
+                        output = _notice_output(UNREADABLE_OUTPUT)
+                    verdict = await check(context, output, final=n == len(outputs_in or ()) - 1)
+                    outputs.append(output if verdict.forward else _notice_output(verdict.notice))
+                rebuilt["outputs"] = outputs
+            cells.append(rebuilt)
+        sent = nbformat.from_dict({"nbformat": 4, "nbformat_minor": minor, "metadata": metadata, "cells": cells})
+        if not _fits(sent, None, minor):
+            # every part was rebuilt to the format above; a notebook that still fails is not sent at all
+            raise HTTPError(400, f"Unreadable Notebook: {path} is not in the notebook format and is not opened")
+        self.mark_trusted_cells(sent, path)
+        model.update(content=sent, format="json", type="notebook", mimetype=None, size=len(data))
+        if unreadable:
+            model["message"] = (
+                f"{path}: {unreadable} part{'s' if unreadable > 1 else ''} of this notebook that do not follow the "
+                "notebook format are not shown (replaced by a notice or left out)."
+            )
         return model
+
+    def _plain_metadata(self, metadata: Any) -> dict[str, Any]:
+        """Metadata in place of metadata that is withheld or not in the format: only a kernelspec, and that
+        only when it names a kernel this server has, described by the server's own spec (not by the file)."""
+        spec = metadata.get("kernelspec") if isinstance(metadata, dict) else None
+        name = spec.get("name") if isinstance(spec, dict) else None
+        try:
+            specs = getattr(self.parent, "kernel_spec_manager", None)
+            if specs is None:
+                return {}
+            if not isinstance(name, str) or name not in specs.find_kernel_specs():
+                return {}
+            own = specs.get_kernel_spec(name)
+        except Exception:
+            return {}
+        return {"kernelspec": {"name": name, "display_name": str(own.display_name), "language": str(own.language)}}
+
+
+CELL_TYPES = ("code", "markdown", "raw")
+UNREADABLE_CELL = "This cell is not in the notebook format and is not shown."
+UNREADABLE_OUTPUT = "This output is not in the notebook format and is not shown."
+CELL_ID = re.compile(r"^[a-zA-Z0-9-_]{1,64}$")
+
+
+def _text(piece: Any) -> bytes:
+    """What the gate reads of a piece of a notebook: its JSON with every character as the browser shows it
+    (not as a ``\\uXXXX`` escape, which would hide full-width digits and the like from the row detection)."""
+    return json.dumps(piece, ensure_ascii=False).encode("utf-8", "replace")
+
+
+def _minor(nb: Any) -> int:
+    """The notebook's format minor version where it is one nbformat knows, else the current one."""
+    minor = nb.get("nbformat_minor")
+    known = isinstance(minor, int) and not isinstance(minor, bool) and 0 <= minor <= nbformat.v4.nbformat_minor
+    return minor if known else nbformat.v4.nbformat_minor
+
+
+def _fits(piece: Any, ref: str | None, minor: int) -> bool:
+    """True if ``piece`` follows the notebook format (``ref``: the part of the schema, None for a notebook)."""
+    try:
+        return bool(nbformat.validator.isvalid(piece, ref=ref, version=4, version_minor=minor))
+    except Exception:
+        return False
+
+
+def _cell(cell: Any, minor: int) -> dict[str, Any] | None:
+    """A new cell of ``cell``'s fields that the format has, each of the type it has there; any other key stays
+    behind. None when the cell is not one (its type unknown, its source not text)."""
+    if not isinstance(cell, dict) or cell.get("cell_type") not in CELL_TYPES:
+        return None
+    source = cell.get("source", "")
+    if isinstance(source, list) and all(isinstance(line, str) for line in source):
+        source = "".join(source)
+    if not isinstance(source, str):
+        return None
+    metadata = cell.get("metadata")
+    new: dict[str, Any] = {"cell_type": cell["cell_type"], "metadata": metadata if isinstance(metadata, dict) else {}}
+    if minor >= 5:
+        cell_id = cell.get("id")
+        new["id"] = cell_id if isinstance(cell_id, str) and CELL_ID.match(cell_id) else uuid.uuid4().hex[:8]
+    new["source"] = source
+    if cell["cell_type"] == "code":
+        count = cell.get("execution_count")
+        new["execution_count"] = (
+            count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+        )
+        new["outputs"] = []
+    elif isinstance(cell.get("attachments"), dict):
+        new["attachments"] = cell["attachments"]
+    ref = f"{cell['cell_type']}_cell"
+    if not _fits(new, ref, minor):
+        new["metadata"] = {}
+        new.pop("attachments", None)
+        if not _fits(new, ref, minor):
+            return None
+    if cell["cell_type"] == "code":
+        new["outputs"] = cell.get("outputs")
+    return new
+
+
+def _notice_cell(notice: str, cell_type: str, minor: int) -> dict[str, Any]:
+    """A brand-new cell that shows ``notice``: nothing of the cell it replaces."""
+    new: dict[str, Any] = {"cell_type": cell_type, "metadata": {}}
+    if minor >= 5:
+        new["id"] = uuid.uuid4().hex[:8]
+    new["source"] = _comment(notice, cell_type)
+    if cell_type == "code":
+        new.update(execution_count=None, outputs=[])
+    return new
+
+
+def _notice_output(notice: str) -> dict[str, Any]:
+    return {"output_type": "stream", "name": "stderr", "text": notice + "\n"}
 
 
 def _described(model: dict[str, Any], content: str = "") -> bytes:
     """What the gate reads of a model besides its body: its name, path, size, times and flags (the kernel sets
     a file's times to any value it likes), then ``content``."""
     fields = {k: v for k, v in model.items() if k != "content"}
-    return (json.dumps(fields, sort_keys=True, default=str) + "\n" + content).encode()
+    described = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
+    # as the browser shows it: a name in full-width digits is read as digits, not as ``\\uff11`` escapes; a
+    # name that is not UTF-8 (its bytes kept as lone surrogates) is read with those replaced
+    return (described + "\n" + content).encode("utf-8", "replace")
 
 
 def _vouched(model: dict[str, Any]) -> dict[str, Any]:
     """``model``, built from what the gate passed: its response may leave untouched (:data:`BODY_CHECKED`)."""
     BODY_CHECKED.set(True)
     return model
-
-
-def _rebuilt(nb: Any) -> Any:
-    """The notebook of ``nb``'s checked parts only: its metadata, its cells and its format's minor version
-    (kept where it is one nbformat knows); any other top-level key stays behind."""
-    minor = nb.get("nbformat_minor")
-    known = isinstance(minor, int) and not isinstance(minor, bool) and 0 <= minor <= nbformat.v4.nbformat_minor
-    return nbformat.from_dict(
-        {
-            "nbformat": 4,
-            "nbformat_minor": minor if known else nbformat.v4.nbformat_minor,
-            "metadata": nb.metadata,
-            "cells": nb.cells,
-        }
-    )
 
 
 def _comment(notice: str, cell_type: str | None) -> str:
