@@ -61,7 +61,10 @@ def unescape(text: bytes) -> bytes:
         if escaped in text:
             text = text.replace(escaped, plain)
     if b"\\u" in text:
-        text = _UNICODE_ESCAPE.sub(_unicode, text)
+        # the escape JSON writers must use most (a terminal colour's ESC) first, without a call per match
+        text = text.replace(b"\\u001b", b"\x1b").replace(b"\\u001B", b"\x1b")
+        if b"\\u" in text:
+            text = _UNICODE_ESCAPE.sub(_unicode, text)
     return text
 
 
