@@ -198,3 +198,19 @@ def test_a_sequence_whose_steps_cancel_adds_at_most_the_bound_per_sample():
         grads = fast_grads(model, x[i : i + 1], y[i : i + 1], clip=clip, reduction="sum", expected=1)
         worst = max(worst, float(torch.sqrt(sum(g.double().square().sum() for g in grads))))
     assert worst <= clip * (1 + 1e-3)
+
+
+def test_a_sample_whose_gradient_is_not_finite_adds_nothing():
+    """A sample whose output is infinite has a NaN gradient: it adds nothing, and the others' clipped sum is
+    what it is without it (one NaN made every gradient NaN)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    bad = x.clone()
+    bad[4] = float("inf")
+    others = torch.arange(12) != 4
+    got = fast_grads(model, bad, y, clip=0.5, reduction="sum", expected=12)
+    want = fast_grads(model, x[others], y[others], clip=0.5, reduction="sum", expected=12)
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

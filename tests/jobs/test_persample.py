@@ -269,3 +269,38 @@ def test_linear_layers_on_sequences_are_clipped_from_materialised_gradients():
         torch.testing.assert_close(bias[i], g[i].sum(0))
     with pytest.raises(ValueError, match="linear_sample_grads"):
         linear_sample_norms(a, g, True)  # no norm of a sequence's gradient without the gradient
+
+
+class Infinite(nn.Module):
+    """A logistic regression whose output is infinite for a row whose first feature is above 27 (a mean radius
+    only outliers have): ``relu(x_0 - 27) * 1e30 * 1e30``. Such a row's gradient is NaN; one NaN in the sum
+    made every weight NaN, so whether the weights were numbers told whether the dataset held such a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(30, 2)
+
+    def forward(self, x):
+        return self.lin(x) + torch.relu(x[:, 0:1] - 27.0) * 1e30 * 1e30
+
+
+@pytest.mark.parametrize("way", ["fast", "exact"])
+def test_a_row_whose_gradient_is_not_finite_adds_nothing(way):
+    graph = load_graph(export_graph(Infinite(), torch.zeros(2, 30)))
+    forward = lambda p, x: torch.func.functional_call(graph.module, p, (x,))  # noqa: E731
+    params = initialise(graph, "default", seed=1)
+    x, y = raw_breast_cancer()
+    outliers = x[:, 0] > 27
+    assert 0 < int(outliers.sum()) < 5
+    losses = sample_losses("cross_entropy")
+
+    def clipped(xs, ys):
+        if way == "exact":
+            return exact_clipped_sum(forward, losses, params, xs, ys, 1.0)[0]
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        return FastClipper(forward, losses).clipped_sum(leaves, xs, ys, 1.0)[0]
+
+    with_them, without = clipped(x, y), clipped(x[~outliers], y[~outliers])
+    for k in without:
+        assert torch.isfinite(with_them[k]).all()
+        torch.testing.assert_close(with_them[k], without[k], rtol=1e-5, atol=1e-4)

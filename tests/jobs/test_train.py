@@ -354,3 +354,19 @@ def test_numbers_in_the_graph_reach_the_trained_weights_so_a_steward_reads_them(
     assert result.epsilon <= 1.0
     assert torch.allclose(result.params["carrier"], torch.tensor(pull), atol=0.1), result.params["carrier"]
     assert {0.4172, 0.8391, 0.1234, 0.9876} <= set(g.numbers)
+
+
+def test_weights_are_numbers_whether_or_not_a_row_makes_the_gradient_infinite():
+    """Through the trainer, both ways: a row whose output is infinite (``test_persample.Infinite``) adds
+    nothing, so the weights are numbers with it or without it."""
+    from tests.jobs.test_persample import Infinite, raw_breast_cancer
+
+    graph = load_graph(export_graph(Infinite(), torch.zeros(2, 30)))
+    forward = lambda p, x: torch.func.functional_call(graph.module, p, (x,))  # noqa: E731
+    params = initialise(graph, "default", seed=1)
+    x, y = raw_breast_cancer()
+    spec = TrainSpec(epochs=2, batch_size=256, lr=0.1, optimizer="sgd", max_grad_norm=1.0, target_epsilon=1.0,
+                     delta=1e-5, accountant="prv", loss="cross_entropy", seed=3)  # fmt: skip
+    for way in ("auto", "exact"):
+        result = train(forward, params, x, y, spec, clipping=way, device="cpu")
+        assert all(torch.isfinite(v).all() for v in result.params.values()), way

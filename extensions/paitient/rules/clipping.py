@@ -101,12 +101,24 @@ def add_clipped_linear(
     """
     if a.dim() != 2 or g.dim() != 2:
         raise ValueError("add_clipped_linear takes B x in activations; for sequences use linear_sample_grads")
-    gt = g.t()
-    grad_w.addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
+    # (c g)^T a: the sum of the clipped per-sample gradients. A row whose gradient is not finite has factor 0
+    # (clip_factors), and its infinities must not make 0 * inf = NaN in the sum: both sides are made finite
+    # (a no-op for every other row, whose values are finite)
+    cg = (g.t() * factor).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    grad_w.addmm_(cg, a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
     if grad_b is not None:
-        grad_b.addmv_(gt, factor)
+        grad_b.add_(cg.sum(1))
 
 
 def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Each sample's clip factor ``min(1, C / (|grad_i| + 1e-6))`` from its squared gradient norm."""
-    return (max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp_(max=1.0)
+    """Each sample's clip factor ``min(1, C / (|grad_i| + 1e-6))`` from its squared gradient norm; 0 for a
+    sample whose squared norm is not finite (an infinity or a NaN in its gradient, or a norm beyond float
+    range): such a row adds nothing, where one NaN would have made the whole sum NaN, and the weights'
+    being NaN or not would tell whether the dataset holds such a row."""
+    return (max_grad_norm / (sq_norms.sqrt() + 1e-6)).nan_to_num_(nan=0.0).clamp_(max=1.0)
+
+
+def add_clipped(total: torch.Tensor, factor: torch.Tensor, per_sample: torch.Tensor) -> None:
+    """Add ``sum_i factor_i * per_sample_i`` into ``total``, in place; a row with factor 0 (one whose gradient
+    is not finite, :func:`clip_factors`) adds exactly nothing, infinities and NaNs included."""
+    total.add_(torch.tensordot(factor, per_sample.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), dims=1))

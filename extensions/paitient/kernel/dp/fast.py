@@ -39,7 +39,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from paitient.kernel.dp.options import LossReduction
-from paitient.rules.clipping import add_clipped_linear, capture_linear, linear_sample_grads, linear_sample_norms
+from paitient.rules.clipping import (
+    add_clipped,
+    add_clipped_linear,
+    capture_linear,
+    linear_sample_grads,
+    linear_sample_norms,
+)
 
 PER_SAMPLE_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 """Layers the fast path takes per-sample gradients of (from Opacus' grad samplers): small ones only."""
@@ -202,7 +208,7 @@ class FastClipper:
             # Opacus' clip factor min(1, C / (s |g_i| + 1e-6)) (s: the mean-loss scale), times s / E,
             # computed as min(s / E, (C / E) / (|g_i| + 1e-6 / s))
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / denom)
-            factor = factor.clamp_(max=scale / denom)
+            factor = factor.nan_to_num_(nan=0.0).clamp_(max=scale / denom)  # not finite: adds nothing
         grads = dict(zip(self.params, self._views, strict=True))
         for layer, a, g in views:
             bias = None
@@ -211,7 +217,7 @@ class FastClipper:
             add_clipped_linear(grads[layer.weight], bias, a, g, factor)
         for per_sample in others:
             for p, gs in per_sample.items():
-                grads[p].add_(torch.tensordot(factor, gs, dims=1))
+                add_clipped(grads[p], factor, gs)
         for p, grad in grads.items():
             p.grad = grad
         self.clear()

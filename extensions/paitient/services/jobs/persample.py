@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from paitient.rules.clipping import (
+    add_clipped,
     add_clipped_linear,
     capture_linear,
     clip_factors,
@@ -295,7 +296,7 @@ class FastClipper:
                 add_clipped_linear(total[names[0]], total[names[1]] if len(names) > 1 else None, a, g, factor)
             else:
                 for name, gs in held_for.items():
-                    total[name].add_(torch.tensordot(factor, gs, dims=1))
+                    add_clipped(total[name], factor, gs)
             use.pairs.clear()
         return total, sq.sqrt_(), losses
 
@@ -429,7 +430,7 @@ def exact_clipped_sum(
             if weights is not None:
                 factor = factor.mul_(weights[start : start + chunk])
             for k, g in grads.items():
-                total[k] += torch.tensordot(factor, g, dims=1)
+                add_clipped(total[k], factor, g)
             norms.append(sq.sqrt())
             losses.append(loss.detach())
         if into is not None:
