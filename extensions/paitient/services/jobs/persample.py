@@ -476,6 +476,10 @@ def fast_path_agrees(
     choice does not depend on the training rows' values; its size is :func:`probe_size` of the input's and
     parameters' shapes, so a dimension that only equals the batch by coincidence shows. The clipping bound
     is the median exact norm: some rows are clipped, some not.
+
+    This is a check of correctness (the fast way computes the rows' true gradients on ordinary rows), not
+    what the privacy bound rests on: each row's share of the fast way's sum is computed from the same
+    numbers as its norm, so it is at most the bound on any row, at any scale, whatever this probe saw.
     """
     gen = torch.Generator().manual_seed(int(seed))
     n = probe_size([x.shape[1:], *(v.shape for v in params.values()), y.shape[1:]])
