@@ -12,7 +12,9 @@ import os
 import struct
 import tempfile
 import zipfile
+import zlib
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +26,7 @@ from paitient.channel import ChannelError, Peer
 from paitient.rules import review
 from paitient.services.airlock import weights
 from paitient.services.airlock.canonical import Refused, canonical_output, xlsx_frame
+from paitient.services.airlock.images import shown_pixels
 from paitient.services.audit import trail_dir
 from paitient.services.audit.query import newest_first
 from tests.airlock.helpers import SECRET, figure_with_payload, png_chunks, submit, wait_state
@@ -225,7 +228,7 @@ async def test_a_png_is_released_without_its_text_chunks_or_trailing_bytes(web, 
     kinds, trailing = png_chunks(got.body)
     assert set(kinds) == {b"IHDR", b"IDAT", b"IEND"} and trailing == b""
     assert SECRET.encode() not in got.body and b"age,sex" not in got.body
-    assert Image.open(io.BytesIO(got.body)).tobytes() == original.tobytes()
+    assert Image.open(io.BytesIO(got.body)).tobytes() == shown_pixels(original).tobytes()
     # The reviewer saw exactly the bytes released.
     assert preview.body == got.body and got.headers["X-Airlock-SHA256"] == preview.headers["X-Preview-SHA256"]
     checks = {c["check"]: c for c in airlock.store.checks(rid)}
@@ -346,3 +349,106 @@ async def test_digits_the_checks_and_the_preview_never_read_are_not_released(web
     pq.write_table(table, buf)
     out = canonical_output("table", "t.parquet", buf.getvalue())
     assert out.data == b"stage,note,n\nI,,120\nII,,48\nIII,,11\n"
+
+
+def patients_csv(n: int = 300) -> bytes:
+    """A dataset's rows, as a kernel would pack them into a figure: pseudonym, age, a measurement."""
+    rng = np.random.default_rng(7)
+    rows = pd.DataFrame(
+        {
+            "patient": [f"P{rng.integers(10**9):09d}" for _ in range(n)],
+            "age": rng.integers(20, 90, n),
+            "mean_radius": rng.normal(14, 3.5, n).round(3),
+        }
+    )
+    return rows.to_csv(index=False).encode()
+
+
+def histogram_png(*, transparent: bool) -> bytes:
+    """The histogram a researcher saves for a paper (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.hist(np.random.default_rng(1).normal(14, 3.5, 500), bins=30)
+    ax.set_xlabel("mean radius")
+    ax.set_ylabel("patients")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", transparent=transparent)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def packed(payload: bytes) -> bytes:
+    blob = zlib.compress(payload, 9)
+    return len(blob).to_bytes(4, "big") + blob
+
+
+def unpacked(data: bytes) -> bytes | None:
+    """What :func:`packed` put into ``data``, or None when it no longer reads back."""
+    n = int.from_bytes(data[:4], "big")
+    try:
+        return zlib.decompress(data[4 : 4 + n])
+    except zlib.error:
+        return None
+
+
+async def test_a_dataset_under_a_figures_transparent_pixels_is_not_released(web, airlock, people):
+    """A transparent figure's fully transparent pixels show nothing, whatever colour they hold: three bytes per
+    pixel of a histogram carried a compressed dataset past a steward who saw a clean plot. The figure is
+    released flattened onto white, as RGB: under the plot's background there is nothing left but white."""
+    rows = patients_csv()
+    px = np.array(Image.open(io.BytesIO(histogram_png(transparent=True))).convert("RGBA"))
+    hidden = px[..., 3] == 0
+    blob = packed(rows)
+    assert len(blob) <= int(hidden.sum()) * 3  # the background alone holds the dataset
+    rgb = px[..., :3][hidden].reshape(-1)
+    rgb[: len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    colours = px[..., :3].copy()
+    colours[hidden] = rgb.reshape(-1, 3)
+    px[..., :3] = colours
+    buf = io.BytesIO()
+    Image.fromarray(px, "RGBA").save(buf, "PNG")
+    upload = buf.getvalue()
+    assert unpacked(np.array(Image.open(io.BytesIO(upload)).convert("RGBA"))[..., :3][hidden].tobytes()) == rows
+
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="figure2.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    preview = await web.fetch("sam", f"requests/{rid}/preview")
+    got = await release(web, airlock, people, rid)
+    assert got.body == preview.body  # the steward saw what leaves
+    out = Image.open(io.BytesIO(got.body))
+    assert out.mode == "RGB"  # no alpha channel, so no colour a screen does not show
+    released = np.array(out)
+    assert (released[hidden] == 255).all()  # every transparent pixel is the white it was shown on
+    assert unpacked(released[hidden].tobytes()) is None and unpacked(released.tobytes()) is None
+    # The plot itself is the one the steward was shown on a white page.
+    shown = Image.alpha_composite(Image.new("RGBA", out.size, "white"), Image.open(io.BytesIO(upload)).convert("RGBA"))
+    assert np.abs(released.astype(int) - np.array(shown.convert("RGB")).astype(int)).max() <= 3
+
+
+async def test_a_dataset_in_a_figures_low_bits_is_not_released(web, airlock, people):
+    """The lowest bit of each colour channel is a change of 1 in 255 nobody sees: a 600x400 histogram carried
+    a compressed dataset in them. A released figure keeps 6 bits of each channel and repeats its high bits
+    below them, so no low bit is free and the dataset does not read back from the download."""
+    rows = patients_csv()
+    px = np.array(Image.open(io.BytesIO(histogram_png(transparent=False))).convert("RGB"))
+    bits = np.unpackbits(np.frombuffer(packed(rows), dtype=np.uint8))
+    flat = px.reshape(-1)
+    assert len(bits) <= flat.size
+    flat[: len(bits)] = (flat[: len(bits)] & 0xFE) | bits
+    buf = io.BytesIO()
+    Image.fromarray(flat.reshape(px.shape)).save(buf, "PNG")
+    upload = buf.getvalue()
+    assert unpacked(np.packbits(np.array(Image.open(io.BytesIO(upload))).reshape(-1) & 1).tobytes()) == rows
+
+    rid = submit(airlock, people, "alice", upload, kind="figure", name="figure2.png")
+    got = await release(web, airlock, people, rid)
+    released = np.array(Image.open(io.BytesIO(got.body)).convert("RGB")).astype(int)
+    assert unpacked(np.packbits(released.reshape(-1) & 1).tobytes()) is None
+    # Each channel's two low bits are its two high bits: nothing below them is the kernel's to choose.
+    assert ((released & 3) == (released >> 6)).all()
+    # The figure a reader sees: every channel within 3 of the upload's.
+    assert np.abs(released - px.astype(int)).max() <= 3

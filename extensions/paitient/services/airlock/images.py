@@ -4,7 +4,9 @@ file carries. Pure: bytes in, bytes out.
 The preview of a figure is never the uploaded file. Only the PNG, JPEG and GIF decoders are tried; the pixel
 count is checked before any pixel is decoded, so a decompression bomb is refused with a reason; the first
 frame's pixels go into a new image that has no metadata, and that is saved as PNG (IHDR, IDAT and IEND chunks
-only). A file that only starts like an image (a table behind a PNG header) does not decode and has no preview.
+only). The pixels are those a page shows (:func:`shown_pixels`): flattened onto white as RGB, with no colour
+under a transparent pixel and no low bit of a channel that is not derived from the bits above it. A file that
+only starts like an image (a table behind a PNG header) does not decode and has no preview.
 
 :func:`beyond_pixels` walks the file's own structure (PNG chunks, JPEG segments, GIF blocks) and names what
 the preview leaves out: metadata blocks by type and size, bytes after the end of the image, more frames. It
@@ -17,6 +19,7 @@ import io
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 FORMATS = ("PNG", "JPEG", "GIF")
 """The decoders the airlock lets Pillow try; every other format has no image preview."""
@@ -70,19 +73,42 @@ def reencode(data: bytes, *, max_pixels: int, max_bytes: int) -> Reencoded:
             frames = int(getattr(im, "n_frames", 1))
             im.seek(0)
             im.load()
-            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-            mode = "RGBA" if alpha else "RGB"
-            pixels = im.convert(mode).tobytes()
+            clean = shown_pixels(im)
         except Exception as e:
             raise ImageRefused(f"its pixels do not decode ({type(e).__name__}: {str(e)[:200]})") from None
         fmt = str(im.format)
-    clean = Image.frombytes(mode, (width, height), pixels)
     out = io.BytesIO()
     clean.save(out, format="PNG", compress_level=6)
     png = out.getvalue()
     if len(png) > max_bytes:
         raise ImageRefused(f"re-encoded as PNG it has {len(png)} bytes, more than the {max_bytes} a preview shows")
     return Reencoded(png, fmt, width, height, frames, beyond_pixels(data, fmt, frames))
+
+
+BACKGROUND = (255, 255, 255)
+"""What a transparent figure is flattened onto: the white of the page a preview shows it on."""
+KEPT_BITS = 6
+"""Bits of each colour channel a released figure keeps; the low ones are each pixel's high bits repeated."""
+_QUANTISE = [(v >> (8 - KEPT_BITS) << (8 - KEPT_BITS)) | (v >> KEPT_BITS) for v in range(256)]
+"""A channel's value with its low ``8 - KEPT_BITS`` bits replaced by its high ones (bit replication): black stays
+0 and white 255, a colour moves by at most 3 of 255, and applying it twice changes nothing."""
+
+
+def shown_pixels(im: Any) -> Any:
+    """The pixels of ``im`` (a loaded Pillow image) as a released figure holds them: flattened onto
+    :data:`BACKGROUND` as RGB, each channel with its low bits derived from its high ones.
+
+    A colour under a fully transparent pixel is never seen, and a low bit of a visible one is a change of 1 in
+    255 nobody sees: kept, either carries a file of data inside a figure that looks like a plot. Flattening
+    leaves no alpha channel; the quantisation leaves no bit that is not a function of the bits above it."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    else:
+        flat = im.convert("RGB")
+    return flat.point(_QUANTISE * 3)
 
 
 def beyond_pixels(data: bytes, fmt: str, frames: int = 1) -> tuple[str, ...]:
@@ -115,7 +141,7 @@ def _name(raw: bytes) -> str:
 
 
 def _png_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
-    """Ancillary chunks (but tRNS, which the preview's alpha keeps) and where IEND ends."""
+    """Ancillary chunks (but tRNS, the transparency the figure is flattened with) and where IEND ends."""
     pos = 8
     blocks: list[tuple[str, int]] = []
     while True:
