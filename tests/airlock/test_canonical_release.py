@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import io
 import json
 import os
+import re
 import struct
 import tempfile
+import urllib.parse
 import zipfile
 import zlib
 
@@ -452,3 +455,42 @@ async def test_a_dataset_in_a_figures_low_bits_is_not_released(web, airlock, peo
     assert ((released & 3) == (released >> 6)).all()
     # The figure a reader sees: every channel within 3 of the upload's.
     assert np.abs(released - px.astype(int)).max() <= 3
+
+
+INVISIBLE_NAMES = {
+    "variation selectors": lambda b: chr(0xE0100 + b),
+    "Hangul fillers": lambda b: "\u3164" if b & 1 else "\u115f",
+    "braille blank and odd spaces": lambda b: "\u2800" if b & 1 else "\u2009",
+    "look-alike letters": lambda b: "\u0430" if b & 1 else "a",
+}
+
+
+@pytest.mark.parametrize("how", INVISIBLE_NAMES)
+async def test_a_file_name_leaves_as_the_steward_reads_it_character_for_character(web, airlock, people, how):
+    """A file name is released in the download's Content-Disposition, its link and the JSON API. Characters
+    a page shows as nothing, or as another letter, carried a patient's row in a name the steward read as
+    ``figure.png``. Released names are ASCII letters, digits, ``._-`` and single spaces: the steward's page
+    shows every character of the name that leaves, and the row is not in it."""
+    row = b"P0000000042,61,13.205,548.2"
+    bits = [(byte >> i) & 1 for byte in row for i in range(8)]
+    hidden = "".join(map(INVISIBLE_NAMES[how], row if how == "variation selectors" else bits))
+    name = "figure" + hidden + ".png"
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 88, 200)).save(png, "PNG")
+    rid = submit(airlock, people, "alice", png.getvalue(), kind="figure", name=name)
+    released_as = airlock.store.get(rid).filename
+    assert re.fullmatch(r"[A-Za-z0-9._-]+( [A-Za-z0-9._-]+)*", released_as)
+    if how in ("variation selectors", "Hangul fillers"):
+        assert released_as == "figure_.png"  # nothing of the row is left in it
+    else:  # what was a bit the page did not show is a character it does show: "_" or a single space
+        assert "\u0430" not in released_as and released_as.startswith("figure") and "_" in released_as
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    shown = html.unescape(re.search(r'<dd id="filename">(.*?) \(', page, re.S).group(1))
+    got = await release(web, airlock, people, rid)
+    disposition = urllib.parse.unquote(got.headers["Content-Disposition"].split("''", 1)[1])
+    api = json.loads((await web.fetch("alice", f"api/requests/{rid}")).body)
+    assert shown == disposition == api["filename"] == released_as  # one name, seen whole and released
+    assert len(released_as) <= 100 and "P0000000042" not in released_as
+    # An ordinary name is released as it is written.
+    rid = submit(airlock, people, "alice", png.getvalue(), kind="figure", name="Figure 2 - mean_radius.v3.png")
+    assert airlock.store.get(rid).filename == "Figure 2 - mean_radius.v3.png"

@@ -68,11 +68,26 @@ def unrecordable(what: str, outcome: str) -> str:
     )
 
 
+FILENAME_CHARS = 100
+"""Most characters of a released file's name."""
+
+
 def _clean_filename(name: Any) -> str:
-    name = os.path.basename(str(name or ""))
-    name = "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c)[0] != "C")
-    name = re.sub(r"[\\/\"]", "_", name).strip(" .")[:200]
-    return name or "output"
+    """The name a file is stored and released under: letters and digits of ASCII, ``.``, ``_``, ``-`` and single
+    spaces only, at most :data:`FILENAME_CHARS` of them. Accents are dropped (``é`` is ``e``), compatibility forms
+    taken as their letters (fullwidth ``Ａ`` is ``A``), every other character is ``_``. A name travels in the
+    download's Content-Disposition, its link and the JSON API, where a character a page shows as nothing (a
+    variation selector, a filler, an odd space) or one that looks like another (Cyrillic ``а``) would carry
+    bits the steward never saw: the steward sees exactly the name that leaves, character for character."""
+    name = os.path.basename(str(name or "").replace("\\", "/"))
+    name = "".join(c for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    name = re.sub(r"[^A-Za-z0-9._ -]", "_", name)
+    name = re.sub(r"_{2,}", "_", re.sub(r" {2,}", " ", name))
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or len(suffix) > 10 or not suffix.strip(" ._"):
+        stem, suffix = name, ""
+    stem = stem[: FILENAME_CHARS - len(suffix) - 1].strip(" .") or "output"
+    return stem + "." + suffix.strip(" ") if suffix.strip(" ") else stem
 
 
 @dataclasses.dataclass(frozen=True)
