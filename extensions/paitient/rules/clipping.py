@@ -92,19 +92,31 @@ def linear_sample_grads(a: torch.Tensor, g: torch.Tensor, bias: bool) -> tuple[t
 
 
 def add_clipped_linear(
-    grad_w: torch.Tensor, grad_b: torch.Tensor | None, a: torch.Tensor, g: torch.Tensor, factor: torch.Tensor
+    grad_w: torch.Tensor,
+    grad_b: torch.Tensor | None,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    factor: torch.Tensor,
+    *,
+    finite: bool = False,
 ) -> None:
     """Add ``sum_i factor_i * grad_i`` of one linear layer into ``grad_w`` (and ``grad_b``), in place.
 
     ``a`` and ``g`` are B x in and B x out, as for :func:`linear_sample_norms`; ``factor`` holds one number per
-    sample.
+    sample. ``finite``: the caller knows every row's norm is finite (so are ``a`` and ``g``), and the step
+    that makes a non-finite row add nothing is left out.
     """
     if a.dim() != 2 or g.dim() != 2:
         raise ValueError("add_clipped_linear takes B x in activations; for sequences use linear_sample_grads")
-    # (c g)^T a: the sum of the clipped per-sample gradients. A row whose gradient is not finite has factor 0
-    # (clip_factors), and its infinities must not make 0 * inf = NaN in the sum: both sides are made finite
-    # (a no-op for every other row, whose values are finite)
-    cg = (g.t() * factor).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    gt = g.t()
+    if finite:
+        grad_w.addmm_(gt * factor, a)  # (c g)^T a: the sum of the clipped per-sample gradients
+        if grad_b is not None:
+            grad_b.addmv_(gt, factor)
+        return
+    # A row whose gradient is not finite has factor 0 (clip_factors), and its infinities must not make
+    # 0 * inf = NaN in the sum: both sides are made finite (a no-op for every other row, whose values are)
+    cg = (gt * factor).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     grad_w.addmm_(cg, a.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0))
     if grad_b is not None:
         grad_b.add_(cg.sum(1))
@@ -118,7 +130,10 @@ def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (sq_norms.sqrt() + 1e-6)).nan_to_num_(nan=0.0).clamp_(max=1.0)
 
 
-def add_clipped(total: torch.Tensor, factor: torch.Tensor, per_sample: torch.Tensor) -> None:
+def add_clipped(total: torch.Tensor, factor: torch.Tensor, per_sample: torch.Tensor, *, finite: bool = False) -> None:
     """Add ``sum_i factor_i * per_sample_i`` into ``total``, in place; a row with factor 0 (one whose gradient
-    is not finite, :func:`clip_factors`) adds exactly nothing, infinities and NaNs included."""
-    total.add_(torch.tensordot(factor, per_sample.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), dims=1))
+    is not finite, :func:`clip_factors`) adds exactly nothing, infinities and NaNs included. ``finite`` as for
+    :func:`add_clipped_linear`."""
+    if not finite:
+        per_sample = per_sample.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    total.add_(torch.tensordot(factor, per_sample, dims=1))

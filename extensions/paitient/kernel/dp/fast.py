@@ -27,6 +27,7 @@ whose norms join the Linear layers' in the clip factor.
 
 from __future__ import annotations
 
+import math
 import types
 from collections import defaultdict
 from collections.abc import Callable
@@ -202,9 +203,15 @@ class FastClipper:
             part = linear_sample_norms(a, g, layer.bias is not None, self._one)
             total = part.square() if total is None else total.addcmul_(part, part)
             views.append((layer, a, g))
+        # Rows whose gradient is not finite add nothing (their factor is 0 and their values are made finite).
+        # On the CPU the values are made finite only when some row needs it: one look at the norms costs
+        # less than the extra passes, and in the kernel the step's time tells its own code nothing it could
+        # not read. On a GPU a look would wait for the device, so the passes always run there.
+        finite = False
         if not n:  # an empty Poisson batch: the gradient is the noise alone
             views, others = [], []
         elif total is not None:
+            finite = total.device.type == "cpu" and math.isfinite(float(total.sum()))  # squares: no cancelling
             # Opacus' clip factor min(1, C / (s |g_i| + 1e-6)) (s: the mean-loss scale), times s / E,
             # computed as min(s / E, (C / E) / (|g_i| + 1e-6 / s))
             factor = total.sqrt_().add_(1e-6 / scale).reciprocal_().mul_(max_grad_norm / denom)
@@ -214,10 +221,10 @@ class FastClipper:
             bias = None
             if layer.bias is not None:  # nn.Linear types it as always there; bias=False leaves None
                 bias = grads[layer.bias]
-            add_clipped_linear(grads[layer.weight], bias, a, g, factor)
+            add_clipped_linear(grads[layer.weight], bias, a, g, factor, finite=finite)
         for per_sample in others:
             for p, gs in per_sample.items():
-                add_clipped(grads[p], factor, gs)
+                add_clipped(grads[p], factor, gs, finite=finite)
         for p, grad in grads.items():
             p.grad = grad
         self.clear()
