@@ -285,6 +285,24 @@ def test_a_whole_table_with_look_alike_points_and_hyphens_reveals_every_row(demo
     assert len(demo.rows(text, "breast_cancer")) == len(df)
 
 
+_CYRILLIC = str.maketrans("ABEKMHOPCTXY", "АВЕКМНОРСТХУ")
+_GREEK = str.maketrans("ABEZHIKMNOPTYX", "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ")
+_BOLD = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "".join(chr(0x1D400 + i) for i in range(26)))
+LETTER_FORMS = [("Cyrillic", _CYRILLIC), ("Greek", _GREEK), ("mathematical bold", _BOLD)]
+
+
+@pytest.mark.parametrize("table", [t for _, t in LETTER_FORMS], ids=[label for label, _ in LETTER_FORMS])
+def test_pseudonyms_spelt_with_look_alike_letters_reveal_their_rows(demo, table):
+    """The pseudonyms with their Latin capitals written in other scripts' look-alikes (``Р-СNLSΥ6UКSОЕF4ТΒК``:
+    a reader sees the pseudonym), beside an age band and a mean: every row is found (before, none)."""
+    df = demo.frames["breast_cancer"]
+    shown = zip(df["patient"], df["mean area"], df["mean texture"], strict=True)
+    lines = [f"{p.translate(table)} {a:.1f} {t:.2f}" for p, a, t in shown]
+    assert any(ch > "\u007f" for ch in lines[0])
+    assert len(demo.rows("\n".join(lines[:60]), "breast_cancer")) == 60
+    assert len(demo.rows(df.to_csv().translate(table), "breast_cancer")) == len(df)
+
+
 _MATHEMATICAL = str.maketrans("0123456789", "".join(chr(0x1D7CE + d) for d in range(10)))
 ESCAPED = [
     ("every character as \\u00XX", lambda df: "".join(f"\\u{ord(c):04x}" for c in df.to_csv())),

@@ -72,28 +72,53 @@ leader, the hyphenation point, the small and full-width full stops, the dot oper
 DASHES = (0x02D7, 0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2015, 0x2043, 0x2212, 0x2796, 0xFE58, 0xFE63, 0xFF0D)
 """Marks that a reader takes for ``-``: the hyphens (the non-breaking one looks the same), the dashes, the
 minus signs."""
+LETTERS = {
+    # Cyrillic
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T",
+    "Х": "X", "У": "Y", "Ү": "Y", "І": "I", "Ӏ": "I", "Ј": "J", "Ѕ": "S", "Ԛ": "Q", "Ԝ": "W", "Һ": "H",
+    "З": "3", "Ѵ": "V",
+    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "х": "x", "у": "y", "і": "i", "ј": "j", "ѕ": "s",
+    "һ": "h", "ԛ": "q", "ԝ": "w", "ӏ": "l", "ѵ": "v",
+    # Greek
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
+    "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "ϒ": "Y",
+    "ο": "o", "ν": "v", "ρ": "p", "κ": "k", "ι": "i", "α": "a", "υ": "u",
+    # Armenian, Cherokee and Latin letters that look like others
+    "Օ": "O", "օ": "o", "Ս": "U", "ս": "u", "Ꭺ": "A", "Ᏼ": "B", "Ꮯ": "C", "Ꭼ": "E", "Ꮋ": "H", "Ꮶ": "K",
+    "Ꮇ": "M", "Ꮲ": "P", "Ꭲ": "T", "Ꮪ": "S", "Ɩ": "l", "ǀ": "l",
+}  # fmt: skip
+"""Letters of other scripts that print as a Latin letter or digit (the confusables of Unicode's security
+report that matter to pseudonyms, ``P-`` and base32): ``Р-СNLSΥ6UКSОЕF4ТΒК`` reads as a pseudonym. Letters
+whose compatibility form is one ASCII letter or digit (``𝐏``, ``ℙ``, ``Ｐ``, ``²``, ``①``) are read as it too."""
 INVISIBLE = (0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF)
 """Characters a browser shows as nothing (the soft hyphen, except at a line break; the zero-width spaces,
 joiners and invisible operators): ``17\u200b.99`` reads ``17.99``."""
 
 
 def _ascii_forms() -> dict[int, int | None]:
-    """Non-ASCII characters that print as ASCII digits or number punctuation: every decimal digit of Unicode
-    (Arabic-Indic, Devanagari, full-width, ...), the full-width forms of ASCII, the Arabic decimal and
-    thousands separators, the look-alikes of ``.``, ``,``, ``+`` and ``-`` (:data:`DOTS`, :data:`DASHES`, and
-    every character whose compatibility form is one of them: ``\ufe52``, ``\ufe50``, ``\ufe62``); and, as
-    nothing, the characters a browser does not show (:data:`INVISIBLE`)."""
+    """Non-ASCII characters that print as ASCII digits, letters or number punctuation: every decimal digit of
+    Unicode (Arabic-Indic, Devanagari, full-width, ...), the full-width forms of ASCII, every character whose
+    compatibility form is one ASCII letter or digit (mathematical, superscript, circled), the look-alike letters
+    of other scripts (:data:`LETTERS`), the Arabic decimal and thousands separators, the look-alikes of ``.``,
+    ``,``, ``+`` and ``-`` (:data:`DOTS`, :data:`DASHES`, and every character whose compatibility form is one
+    of them: ``\ufe52``, ``\ufe50``, ``\ufe62``); and, as nothing, the characters a browser does not show
+    (:data:`INVISIBLE`)."""
     table: dict[int, int | None] = {}
     for c in range(0x80, 0x20000):  # no decimal digit lies beyond
         d = unicodedata.decimal(chr(c), None)
         if d is not None:
             table[c] = 48 + d
-        elif unicodedata.normalize("NFKC", chr(c)) in (".", ",", "+", "-"):
-            table[c] = ord(unicodedata.normalize("NFKC", chr(c)))
+        else:
+            compatible = unicodedata.normalize("NFKC", chr(c))
+            if compatible in (".", ",", "+", "-") or (
+                len(compatible) == 1 and compatible.isascii() and compatible.isalnum()
+            ):
+                table[c] = ord(compatible)
     for c in range(0xFF01, 0xFF5F):
         table[c] = c - 0xFF01 + 0x21
     table[0x066B] = ord(".")
     table[0x066C] = ord(",")
+    table.update({ord(k): ord(v) for k, v in LETTERS.items()})
     table.update(dict.fromkeys(DOTS, ord(".")))
     table.update(dict.fromkeys(DASHES, ord("-")))
     table.update(dict.fromkeys(INVISIBLE, None))
