@@ -4,6 +4,7 @@ differencing with earlier releases. Attacks are tried for real against published
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -821,3 +822,69 @@ def test_a_kernel_recipe_carries_its_filter_to_the_airlock():
     assert TableRecipe.from_dict(recipe.to_wire()) == TableRecipe(**recipe.to_wire())
     with pytest.raises(RequestSpecError, match="takes a number"):
         TableRecipe(dataset="counts", index="age_band", filter={"age": {"<": "ninety"}})
+
+
+def test_a_recipe_table_holds_the_recipes_numbers_under_their_labels_to_every_digit_written(airlock, people, demo):
+    """The recipe check compared the table's numbers as a sorted multiset within a relative 1e-6: the 8th to
+    16th significant digits of a table of means carried a patient's pseudonym, counts moved under other labels
+    passed, and so did counts with decimals (209.000187). Each number is now compared with the recipe's cell
+    under its own labels, exactly, or rounded to the decimals it is written with; a count is a whole number."""
+    recipe = {"dataset": "breast_cancer", "index": ["age"], "columns": ["target"], "values": "mean area"}
+    recipe = {**recipe, "aggfunc": "mean"}
+    means = pd.crosstab(demo["age"], demo["target"], values=demo["mean area"], aggfunc="mean")
+    secret = demo["patient"].iloc[0]
+    digits = "".join(f"{ord(c):03d}" for c in secret)
+    carried = means.to_numpy().ravel().copy()
+    chunks = [digits[i : i + 6].ljust(6, "0") for i in range(0, len(digits), 6)]
+    assert len(chunks) <= np.isfinite(carried).sum()
+    for i, chunk in enumerate(chunks):  # 7 significant digits of the mean, then 6 of the pseudonym
+        base = float(f"{carried[i]:.7g}")
+        unit = 10 ** (np.floor(np.log10(abs(base))) - 7)
+        carried[i] = base + (int(chunk) + 0.5) * unit * 1e-6
+    assert np.allclose(carried, means.to_numpy().ravel(), rtol=1e-6, equal_nan=True)  # what passed before
+    tables = {
+        "digits": pd.DataFrame(carried.reshape(means.shape), index=means.index, columns=means.columns),
+        "true": means,
+        "rounded": means.round(2),
+    }
+    filed = {
+        how: submit(airlock, people, "alice", csv_bytes(t.reset_index()), recipe=recipe) for how, t in tables.items()
+    }
+
+    counts = pd.crosstab(demo["age"], demo["target"])
+    count_recipe = {"dataset": "breast_cancer", "index": ["age"], "columns": ["target"], "aggfunc": "count"}
+    moved = counts.copy()
+    moved.iloc[:, :] = counts.to_numpy().ravel()[::-1].reshape(counts.shape)  # the same numbers, other labels
+    decimals = counts.astype(float)
+    big = np.unravel_index(int(np.argmax(counts.to_numpy())), counts.shape)  # where 1e-6 covers the decimals
+    assert counts.iloc[big] * 1e-6 > 0.00005
+    decimals.iloc[big] += 0.00005
+    for how, t in {"moved": moved, "decimals": decimals, "counts": counts}.items():
+        filed[how] = submit(airlock, people, "alice", csv_bytes(t.reset_index()), recipe=count_recipe)
+
+    for rid in filed.values():
+        wait_state(airlock, rid, review.IN_REVIEW)
+    got = {how: by_check(airlock, rid)["recipe"] for how, rid in filed.items()}
+    assert {how: r["status"] for how, r in got.items()} == {
+        "digits": "fail",
+        "true": "pass",
+        "rounded": "pass",
+        "moved": "fail",
+        "decimals": "fail",
+        "counts": "pass",
+    }
+    assert "differ from what the recipe recomputes under their labels" in got["digits"]["reason"]
+    assert len(got["digits"]["details"]["cells"]) == len(chunks)
+    assert got["decimals"]["details"]["cells"] == [
+        {
+            "row": int(big[0]),
+            "column": str(counts.columns[big[1]]),
+            "value": float(counts.iloc[big]) + 0.00005,
+            "recipe": float(counts.iloc[big]),
+        }
+    ]
+    assert "to every digit written" in got["true"]["reason"]
+    # The released file of a passing table holds the recipe's numbers: nothing but them to the digits shown.
+    blob = airlock.store.read_blob(airlock.store.get(filed["true"]).sha256)
+    released = pd.read_csv(io.BytesIO(blob), float_precision="round_trip").set_index("age")
+    assert np.array_equal(released.to_numpy(), means.to_numpy(), equal_nan=True)

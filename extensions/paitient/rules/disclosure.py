@@ -18,8 +18,10 @@ Every function returns check results: ``{"check", "status" (pass|fail|review|err
 
 from __future__ import annotations
 
+import decimal
 import io
 import logging
+import math
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -372,33 +374,162 @@ def unseen_release_refusal(recipe: dict[str, Any]) -> str | None:
     return None
 
 
-def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]) -> dict[str, Any]:
-    """Does the submitted table hold the recomputed numbers (compared as a sorted multiset of values)?"""
+def recomputed(data: pd.DataFrame, recipe: dict[str, Any]) -> pd.DataFrame:
+    """The recipe's table as pandas computes it from ``data`` (rows: the index variables; columns: the column
+    variables, or one column ``n`` or the ``values`` name)."""
     index, columns, values = _crosstab_frame(data, recipe)
     agg = recipe["aggfunc"]
     if columns is None:
-        table = (
-            pd.crosstab(index, columns=pd.Series(["n"] * len(data), index=data.index))
-            if agg == "count"
-            else data.groupby(recipe["index"])[recipe["values"]].agg(agg).to_frame()
+        if agg == "count":
+            return pd.crosstab(index, columns=pd.Series(["n"] * len(data), index=data.index))
+        return data.groupby(recipe["index"])[recipe["values"]].agg(agg).to_frame()
+    if agg == "count":
+        return pd.crosstab(index, columns)
+    return pd.crosstab(index, columns, values=values, aggfunc=agg)
+
+
+def _key_text(v: Any) -> str:
+    """A category as it is compared between the dataset and a submitted table: its text, whole numbers
+    without ``.0``, white space collapsed (as a released cell is)."""
+    if isinstance(v, float | np.floating) and float(v).is_integer():
+        v = int(v)
+    if isinstance(v, np.generic):
+        v = v.item()
+    return " ".join(unicodedata.normalize("NFC", str(v)).split())
+
+
+def _expected_cells(table: pd.DataFrame, recipe: dict[str, Any]) -> dict[tuple[str, ...], float]:
+    """Each non-empty cell of the recomputed table under its categories, in the order of the recipe's index
+    then column variables (none for a table without column variables)."""
+    cells: dict[tuple[str, ...], float] = {}
+    with_columns = bool(recipe["columns"])
+    for row_key, row in table.iterrows():
+        rows = row_key if isinstance(row_key, tuple) else (row_key,)
+        for col_key, value in row.items():
+            if pd.isna(value):
+                continue
+            cols = (col_key if isinstance(col_key, tuple) else (col_key,)) if with_columns else ()
+            cells[tuple(_key_text(v) for v in (*rows, *cols))] = value
+    return cells
+
+
+def _submitted_cells(
+    submitted: pd.DataFrame, recipe: dict[str, Any]
+) -> tuple[dict[tuple[str, ...], list[tuple[int, str, Any]]], str | None]:
+    """The submitted table's numbers under their categories, read from its label columns (named after the
+    recipe's variables, or, for variables no column is named after, its other text columns in order) and,
+    for the one variable no column holds (a wide table's column variable), the number's header. Each key
+    lists every cell found under it (row, header, value). The second value says why the table cannot be read
+    this way, or is None."""
+    variables = [*recipe["index"], *recipe["columns"]]
+    wanted = {normalise_label(v): v for v in variables}
+    by_var: dict[str, Any] = {}
+    for col in submitted.columns:
+        var = wanted.get(normalise_label(col))
+        if var is not None and var not in by_var:
+            by_var[var] = col
+    labelled = set(by_var.values())
+    numbers = [
+        c
+        for c in submitted.columns
+        if c not in labelled
+        and pd.api.types.is_numeric_dtype(submitted[c])
+        and not pd.api.types.is_bool_dtype(submitted[c])
+    ]
+    others = [c for c in submitted.columns if c not in labelled and c not in numbers]
+    for var in variables:
+        if var not in by_var and others:
+            by_var[var] = others.pop(0)
+    missing = [v for v in variables if v not in by_var]
+    if len(missing) > 1:
+        return {}, (
+            f"the table names no column for {len(missing)} of the recipe's variables; give each variable but one "
+            "a column of its categories, named after it (df.reset_index()), and the last one's categories as headers"
         )
-    elif agg == "count":
-        table = pd.crosstab(index, columns)
-    else:
-        table = pd.crosstab(index, columns, values=values, aggfunc=agg)
-    expected = np.sort(table.to_numpy(dtype=float).ravel())
-    expected = expected[~np.isnan(expected)]
-    got = submitted.select_dtypes("number").to_numpy(dtype=float).ravel()
-    got = np.sort(got[~np.isnan(got)])
-    if len(got) == len(expected) and np.allclose(got, expected, rtol=1e-6, atol=1e-9):
-        return result("recipe", "pass", "the submitted table holds exactly the numbers its recipe produces")
+    cells: dict[tuple[str, ...], list[tuple[int, str, Any]]] = {}
+    for col in numbers:
+        values = submitted[col].tolist()
+        for r, value in enumerate(values):
+            if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)):
+                continue
+            found = {v: _key_text(submitted[by_var[v]].iloc[r]) for v in by_var}
+            if missing:
+                found[missing[0]] = _key_text(col)
+            key = tuple(found[v] for v in variables)
+            cells.setdefault(key, []).append((r, str(col), value))
+    return cells, None
+
+
+def written_as(value: Any, expected: Any) -> bool:
+    """Is ``value`` (a number read from the released file) the recomputed ``expected`` exactly, or that value
+    rounded to the decimals ``value`` is written with? A whole-number value (a count) must equal it exactly."""
+    try:
+        got = float(value)
+        want = float(expected)
+    except (TypeError, ValueError):
+        return False
+    if not (math.isfinite(got) and math.isfinite(want)):
+        return False
+    if got == want:
+        return True
+    if isinstance(expected, int | np.integer) or want.is_integer() and isinstance(value, int | np.integer):
+        return False
+    written = decimal.Decimal(repr(got))
+    exponent = written.as_tuple().exponent
+    assert isinstance(exponent, int)
+    try:
+        rounded = decimal.Decimal(want).quantize(decimal.Decimal(1).scaleb(exponent), rounding=decimal.ROUND_HALF_EVEN)
+    except decimal.InvalidOperation:
+        return False
+    if rounded == written:
+        return True
+    return bool(exponent <= 0 and float(np.round(want, -exponent)) == got)  # numpy's own rounding (df.round)
+
+
+def _compare(submitted: pd.DataFrame, data: pd.DataFrame, recipe: dict[str, Any]) -> dict[str, Any]:
+    """Does each number of the submitted table stand under the categories the recipe gives it, and is it the
+    number the recipe recomputes there (exactly, or rounded to the decimals it is written with)? Every
+    recomputed cell must be there once, and no other number."""
+    expected = _expected_cells(recomputed(data, recipe), recipe)
+    cells, unreadable = _submitted_cells(submitted, recipe)
+    fix = "submit the table the recipe makes (its numbers, rounded or not, under their labels), or correct the recipe"
+    if unreadable:
+        return result("recipe", "fail", f"{unreadable}; {fix}", expected_cells=len(expected))
+    wrong: list[dict[str, Any]] = []
+    unknown = twice = 0
+    for key, found in cells.items():
+        if len(found) > 1:
+            twice += 1
+        if key not in expected:
+            unknown += len(found)
+        for r, col, value in found:
+            if key in expected and not written_as(value, expected[key]):
+                wrong.append({"row": r, "column": col, "value": float(value), "recipe": float(expected[key])})
+    absent = len(set(expected) - set(cells))
+    if not (wrong or unknown or twice or absent):
+        return result(
+            "recipe",
+            "pass",
+            f"each of the table's {len(expected)} numbers is the one its recipe recomputes from the dataset under its "
+            "labels, to every digit written",
+            cells=len(expected),
+        )
+    problems = [
+        f"{len(wrong)} number(s) differ from what the recipe recomputes under their labels (exactly, or rounded to "
+        "the decimals written)" * bool(wrong),
+        f"{unknown} number(s) stand under labels the recipe's table has no cell for" * bool(unknown),
+        f"{twice} cell(s) of the recipe's table appear more than once" * bool(twice),
+        f"{absent} cell(s) of the recipe's table are missing" * bool(absent),
+    ]
     return result(
         "recipe",
         "fail",
-        "the submitted table does not hold the numbers its recipe produces from the dataset; "
-        "submit the table the recipe makes, or correct the recipe",
-        expected_cells=int(len(expected)),
-        submitted_cells=int(len(got)),
+        "the submitted table does not hold the numbers its recipe produces from the dataset: "
+        + "; ".join(p for p in problems if p)
+        + f"; {fix}",
+        expected_cells=len(expected),
+        submitted_cells=sum(len(f) for f in cells.values()),
+        cells=wrong[:MAX_CELLS_LISTED],
     )
 
 
