@@ -494,3 +494,42 @@ async def test_a_file_name_leaves_as_the_steward_reads_it_character_for_characte
     # An ordinary name is released as it is written.
     rid = submit(airlock, people, "alice", png.getvalue(), kind="figure", name="Figure 2 - mean_radius.v3.png")
     assert airlock.store.get(rid).filename == "Figure 2 - mean_radius.v3.png"
+
+
+async def test_an_empty_text_cell_and_a_missing_one_are_the_same_cell_in_an_xlsx(web, airlock, people):
+    """The checks and the steward's preview read an XLSX table as its CSV, where a text cell "" and a missing
+    cell are both nothing; the workbook wrote the first as a shared string and left the second out: a bit per
+    blank cell (a pseudonym in the blank statistic columns of a "Table 1" sent as Parquet). Empty text is now
+    released as no cell at all, and the bits do not read back from the download."""
+    from openpyxl.utils import get_column_letter
+
+    secret = b"P0000000042"
+    bits = [(b >> i) & 1 for b in secret for i in range(8)]
+    table = pd.DataFrame({"stage": ["I", "II", "III", "IV"] * 2, "n": [120, 48, 31, 17] * 2})
+    per = len(table) - 1  # the last row of each column holds a label, keeping it a text column
+    names = ["lower", "upper", "ci", "se", "sd", "rate", "ratio", "share", "pct", "proportion", "median"]
+    names += ["mean", "min", "max"]
+    assert len(names) * per >= len(bits)
+    for j, name in enumerate(names):
+        column = ["" if k < len(bits) and bits[k] else None for k in range(j * per, (j + 1) * per)]
+        table[name] = pd.Series([*column, "All"], dtype="string")
+    buf = io.BytesIO()
+    table.to_parquet(buf)
+    rid = submit(airlock, people, "alice", buf.getvalue(), name="table1.parquet", format="xlsx")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    page = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    got = await release(web, airlock, people, rid)
+    with zipfile.ZipFile(io.BytesIO(got.body)) as z:
+        sheet = z.read("xl/worksheets/sheet1.xml").decode()
+        strings = z.read("xl/sharedStrings.xml").decode()
+    assert "<t></t>" not in strings and "<t/>" not in strings  # no empty text to point at
+    read = []
+    for j in range(len(names)):
+        letter = get_column_letter(3 + j)
+        read += [1 if re.search(rf'<c r="{letter}{r}"', sheet) else 0 for r in range(2, 2 + per)]
+    assert sum(read) == 0  # every blank is the same: no cell
+    assert bytes(sum(read[k * 8 + i] << i for i in range(8)) for k in range(len(read) // 8)) != secret
+    # The steward saw blanks, and blanks is all the sheet holds there.
+    assert "<td></td>" in page
+    cells = [[c.value for c in row] for row in load_workbook(io.BytesIO(got.body)).active.iter_rows(min_row=2)]
+    assert all(v is None for row in cells[:per] for v in row[2:]) and cells[per][2:] == ["All"] * len(names)

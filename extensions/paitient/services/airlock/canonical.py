@@ -569,6 +569,12 @@ def _text_column(name: str, s: pd.Series) -> pd.Series:
     if odd.any():
         s = s.copy()
         s[odd] = s[odd].map(cell_text)
+    # Empty text is no text: the CSV the checks and the preview read writes both as nothing, so an XLSX must
+    # too, or each blank cell would be a bit (a cell holding "" or no cell) nobody saw.
+    blank = s.map(lambda v: isinstance(v, str) and not v).astype(bool)
+    if blank.any():
+        s = s.copy()
+        s[blank] = None
     return s
 
 

@@ -174,7 +174,7 @@ def _mixed(letter: str, rows: list[str], values: list[Any], strings: _Strings) -
     """The cells of Python values of any type: text as shared strings (numbered already), the rest by type."""
     index = strings.index
     return [
-        f'<c r="{letter}{r}" t="s"><v>{index[v]}</v></c>' if isinstance(v, str) else _value(letter + r, v)
+        _value(letter + r, v) if not isinstance(v, str) else f'<c r="{letter}{r}" t="s"><v>{index[v]}</v></c>' * bool(v)
         for r, v in zip(rows, values, strict=True)
     ]
 
@@ -214,12 +214,13 @@ class _Column:
         codes, uniques = pd.factorize(values)
         index = strings.index
         if all(isinstance(u, str) for u in uniques):
-            numbers = np.array([index.setdefault(u, len(index)) for u in uniques] + [-1], dtype=np.int64)
+            # Empty text is written as no cell, as the CSV the checks read has it (nothing), never as a "".
+            numbers = np.array([index.setdefault(u, len(index)) if u else -1 for u in uniques] + [-1], dtype=np.int64)
             self.kind, self.values = "text", numbers[codes]
-            strings.count += int((codes >= 0).sum())
+            strings.count += int((self.values >= 0).sum())
             return
         for v in values:
-            if isinstance(v, str):
+            if isinstance(v, str) and v:
                 index.setdefault(v, len(index))
                 strings.count += 1
         self.kind, self.values = "mixed", values
@@ -243,9 +244,9 @@ class _Column:
 def _sheet_rows(frame: pd.DataFrame, letters: list[str], strings: _Strings) -> Iterator[bytes]:
     """The sheet's ``<row>`` elements, the header first, a chunk of rows at a time."""
     names = [str(c) for c in frame.columns]
-    for name in names:
+    for name in filter(None, names):
         strings.index.setdefault(name, len(strings.index))
-    strings.count += len(names)
+        strings.count += 1
     columns = [_Column(frame.iloc[:, j], strings) for j in range(len(letters))]
     header = _mixed("", [f"{letter}1" for letter in letters], names, strings)  # A1, B1, ...
     yield ('<row r="1">' + "".join(header) + "</row>").encode("utf-8")
