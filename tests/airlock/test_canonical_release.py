@@ -533,3 +533,56 @@ async def test_an_empty_text_cell_and_a_missing_one_are_the_same_cell_in_an_xlsx
     assert "<td></td>" in page
     cells = [[c.value for c in row] for row in load_workbook(io.BytesIO(got.body)).active.iter_rows(min_row=2)]
     assert all(v is None for row in cells[:per] for v in row[2:]) and cells[per][2:] == ["All"] * len(names)
+
+
+LOOK_ALIKES = {"a": "\u0430", "e": "\u0435", "o": "\u043e", "p": "\u0440", "c": "\u0441", "x": "\u0445", "y": "\u0443"}
+PROSE = (
+    "We describe the cohort of the oncology project and the approach used to compare tumour measurements "
+    "across age bands. The analysis uses open methods; the code is in the repository. "
+) * 12
+ROWS = b"P0000000042,61,13.205,548.2\nP0000000043,47,11.830,431.9\n"
+
+
+def _bits(data: bytes) -> list[int]:
+    return [(b >> i) & 1 for b in data for i in range(8)]
+
+
+def _bytes(bits: list[int]) -> bytes:
+    return bytes(sum(bits[k * 8 + i] << i for i in range(8)) for k in range(len(bits) // 8))
+
+
+async def test_a_text_carries_no_bit_in_look_alike_letters_or_runs_of_spaces(web, airlock, people):
+    """A text output (kind 'other') read as ordinary prose while each a, e, o, p, c, x or y was Latin or its
+    Cyrillic look-alike, and each gap between words one space or two: about a bit per letter and per word, and
+    two patients' rows in a methods section. A word that mixes scripts is refused at the request, saying why;
+    spaces between words are released as one; the line and paragraph separators are line ends."""
+    bits = _bits(ROWS)
+    out, k = [], 0
+    for ch in PROSE:
+        if ch in LOOK_ALIKES and k < len(bits):
+            out.append(LOOK_ALIKES[ch] if bits[k] else ch)
+            k += 1
+        else:
+            out.append(ch)
+    assert k == len(bits)
+    with pytest.raises(ChannelError, match=r"word\(s\) of the text mix letters of different scripts") as e:
+        submit(airlock, people, "alice", "".join(out).encode(), kind="other", name="methods.txt")
+    assert e.value.code == "refused" and airlock.store.list(username="alice") == []
+
+    words = (PROSE * 2).split(" ")
+    assert len(words) > len(bits)
+    gaps = "".join(w + ("  " if i < len(bits) and bits[i] else " ") for i, w in enumerate(words))
+    text = gaps.replace(". ", ".\u2028", 3)
+    rid = submit(airlock, people, "alice", text.encode(), kind="other", name="methods.txt")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    shown = (await web.fetch("sam", f"requests/{rid}")).body.decode()
+    got = (await release(web, airlock, people, rid)).body.decode()
+    assert "  " not in got and "\u2028" not in got and got.count("\n") == 3
+    found = [1 if gap == "  " else 0 for gap in re.findall(r"(?<=\S)( +)(?=\S)", got)]
+    assert ROWS not in _bytes(found) and not any(found)
+    assert html.escape(got.strip().split("\n")[0]) in shown  # the steward read it as it leaves
+    # Prose in another script, and a Greek letter written apart, are ordinary text.
+    for fine in ("Мы описываем когорту.", "The TNF-α and IL-6 levels; café, naïve, 東京 Tokyo."):
+        assert canonical_output("other", "t.txt", fine.encode()).data.decode() == fine
+    with pytest.raises(Refused, match="mix letters of different scripts"):
+        canonical_output("other", "t.txt", "TNFα levels".encode())

@@ -45,6 +45,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,9 +331,11 @@ look like ``x`` and carry hundreds of bits."""
 
 
 def clean_text(text: str, limit: int | None = None) -> str:
-    """NFC, ``\\n`` line ends, no control or format characters (tabs and newlines stay), none of
+    """NFC, ``\\n`` line ends (the line and paragraph separators too), no control or format characters (tabs and
+    newlines stay), none of
     :data:`INVISIBLE`, every other space (no-break, thin, ideographic ...) a plain one; capped at ``limit``."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n")
+    text = unicodedata.normalize("NFC", text)
     text = "".join(
         " " if unicodedata.category(c) == "Zs" else c
         for c in text
@@ -344,11 +347,44 @@ def clean_text(text: str, limit: int | None = None) -> str:
 
 
 def shown_text(text: str) -> str:
-    """A text output as it is released: :func:`clean_text`, tabs expanded to spaces (every 8 columns), no
-    whitespace at a line's end and at most one line end at the end of the text: what a preview shows of it
-    is then every character that leaves."""
-    lines = [line.expandtabs(8).rstrip() for line in clean_text(text).split("\n")]
-    return "\n".join(lines).rstrip("\n") + ("\n" if text.endswith(("\n", "\r")) else "")
+    """A text output as it is released: :func:`clean_text`, tabs expanded to spaces (every 8 columns), every
+    run of spaces after a line's indentation one space, no whitespace at a line's end and at most one line end
+    at the end of the text: what a preview shows of it is then every character that leaves (a reader does not
+    count the spaces between two words)."""
+    lines = []
+    for line in clean_text(text).split("\n"):
+        line = line.expandtabs(8).rstrip()
+        body = line.lstrip(" ")
+        lines.append(line[: len(line) - len(body)] + _SPACES.sub(" ", body))
+    return "\n".join(lines).rstrip("\n") + ("\n" if text.endswith(("\n", "\r", "\u2028", "\u2029")) else "")
+
+
+_SPACES = re.compile(" {2,}")
+_LETTERS = re.compile(r"[^\W\d_]+")
+_WITH_LATIN = frozenset({"CJK", "HIRAGANA", "KATAKANA", "HANGUL", "BOPOMOFO"})
+"""Scripts a word may mix with Latin letters (Japanese, Chinese and Korean writing do; UTS #39's highly
+restrictive level)."""
+
+
+def _script(letter: str) -> str:
+    """A letter's script as its Unicode name begins (``LATIN``, ``CYRILLIC``, ``GREEK``, ``MATHEMATICAL``,
+    ``FULLWIDTH`` ...); ``""`` for modifier letters, which go with any script."""
+    name = unicodedata.name(letter, "")
+    first = name.split(" ", 1)[0]
+    return "" if first == "MODIFIER" else first
+
+
+def mixed_script_words(text: str) -> int:
+    """How many words of ``text`` mix letters of different scripts (Latin with Cyrillic or Greek look-alikes,
+    mathematical or fullwidth letters among plain ones): a reader sees one word, and each letter is a bit."""
+    count = 0
+    for word in _LETTERS.findall(text):
+        if word.isascii():
+            continue
+        scripts = {_script(c) for c in word} - {""}
+        if len(scripts) > 1 and not scripts <= {"LATIN", *_WITH_LATIN}:
+            count += 1
+    return count
 
 
 def canonical_text(data: bytes) -> Canonical:
@@ -707,6 +743,12 @@ def text_output(filename: str, data: bytes) -> Output:
     if "\x00" in text:
         raise Refused("the file holds NUL bytes, so it is binary, not text; export it as a table, figure or text")
     text = shown_text(text)
+    if mixed := mixed_script_words(text):
+        raise Refused(
+            f"{mixed} word(s) of the text mix letters of different scripts (a Cyrillic or Greek letter among "
+            "Latin ones, a mathematical or fullwidth letter among plain ones), which a reader cannot tell from "
+            "one word: write each word in one script (a Greek letter apart, as in TNF-α, or spelt out)"
+        )
     if len(text) > TEXT_MAX_CHARS:
         raise Refused(
             f"the text has {len(text)} characters, more than the {TEXT_MAX_CHARS} a steward reads whole before it "
