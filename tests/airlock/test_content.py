@@ -888,3 +888,46 @@ def test_a_recipe_table_holds_the_recipes_numbers_under_their_labels_to_every_di
     blob = airlock.store.read_blob(airlock.store.get(filed["true"]).sha256)
     released = pd.read_csv(io.BytesIO(blob), float_precision="round_trip").set_index("age")
     assert np.array_equal(released.to_numpy(), means.to_numpy(), equal_nan=True)
+
+
+def test_a_label_leaves_only_as_the_catalogue_writes_it(airlock, people):
+    """Labels compare case-folded, so a table whose labels spelt a pseudonym in their case (``i``, ``II``,
+    ``iIi``), or in letters that case-fold to a label's (the long s of ``ſtage``; the Kelvin sign, which is
+    ``K`` once normalised), passed the labels check and left as written: a bit per letter. A text cell must
+    now be written as the catalogue writes it; a header's words as the catalogue writes them, in lower case,
+    capitalised or in capitals."""
+    secret = b"P42"
+    bits = [(b >> i) & 1 for b in secret for i in range(8)]
+    labels = ["I", "II", "III", "IV"] * 6
+    cased, k = [], 0
+    for label in labels:
+        letters = []
+        for c in label:
+            letters.append(c.lower() if k < len(bits) and bits[k] else c)
+            k += 1
+        cased.append("".join(letters))
+    assert k >= len(bits) and [c.upper() for c in cased] == labels
+    table = pd.DataFrame({"stage": cased, "n": [120] * len(cased)})
+    rid = submit(airlock, people, "alice", csv_bytes(table))
+    wait_state(airlock, rid, review.IN_REVIEW)
+    labels_check = by_check(airlock, rid)["labels"]
+    assert (
+        labels_check["status"] == "fail"
+        and "written otherwise than the catalogue writes them" in (labels_check["reason"])
+    )
+    assert {c["value"] for c in labels_check["details"]["respelt"]} == {c for c in cased if c not in labels}
+    assert labels_check["details"]["cells"] == []  # every one of them is a label, but not as it leaves
+    # Letters that case-fold to a label's: the long s, the Kelvin sign (K once the table is normalised).
+    for header, cell in (("\u017ftage", "I"), ("stage", "\u212a"), ("stage", "ii")):
+        odd = csv_bytes(pd.DataFrame({header: [cell, "II"], "n": [120, 48]}))
+        assert by_check_of(airlock, people, odd)["labels"]["status"] == "fail", (header, cell)
+    # As the catalogue writes them, with a header in its ordinary cases, the table passes.
+    for header in ("stage", "Stage", "STAGE"):
+        fine = csv_bytes(pd.DataFrame({header: labels, "N": [120] * len(labels)}))
+        assert by_check_of(airlock, people, fine)["labels"]["status"] == "pass", header
+
+
+def by_check_of(airlock, people, data: bytes) -> dict:
+    rid = submit(airlock, people, "alice", data)
+    wait_state(airlock, rid, review.IN_REVIEW)
+    return by_check(airlock, rid)

@@ -555,19 +555,37 @@ def normalise_label(text: Any) -> str:
     return " ".join(unicodedata.normalize("NFC", str(text)).casefold().split())
 
 
+def spelling(text: Any) -> str:
+    """A label as it is written (and released): NFC, runs of white space as one space, case kept."""
+    return " ".join(unicodedata.normalize("NFC", str(text)).split())
+
+
+TOTALS = frozenset({"All", "Total", "Overall", "Totals", "all", "total", "overall", "totals"})
+"""How a total may be written: capitalised or in lower case (pandas' margins are ``All``)."""
+
+
 @dataclass(frozen=True)
 class Labels:
     """What text a table may hold: the catalogued categories and column names of the project's datasets and the
-    project's own ``table_labels``."""
+    project's own ``table_labels``. ``labels`` and ``words`` compare case-folded (is it a label at all?);
+    ``spellings`` and ``spelt_words`` are the same texts as the catalogue writes them, which a released label
+    must match: its case (and a letter that case-folds to another, the Kelvin sign to k) is otherwise a bit
+    the steward cannot tell from a label."""
 
     labels: frozenset[str]
     words: frozenset[str]
+    spellings: frozenset[str] = frozenset()
+    spelt_words: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, texts: Iterable[Any]) -> Labels:
-        labels = frozenset(normalise_label(t) for t in texts if str(t).strip())
+        texts = [t for t in texts if str(t).strip()]
+        labels = frozenset(normalise_label(t) for t in texts)
         words = frozenset(w for t in labels for w in _WORD.findall(t)) | STATISTIC_WORDS
-        return cls(labels, words)
+        spellings = frozenset(spelling(t) for t in texts)
+        spelt: set[str] = {w for t in spellings for w in _WORD.findall(t)} | STATISTIC_WORDS
+        forms = frozenset(form for w in spelt for form in (w, w.lower(), w.capitalize(), w.upper()))
+        return cls(labels, words, spellings, forms)
 
 
 def number_like(text: str) -> bool:
@@ -586,6 +604,19 @@ def is_label(text: Any, known: Labels, *, header: bool = False) -> bool:
         return bool(_UNNAMED.match(str(text).strip())) or (
             bool(words) and all(w in known.words or number_like(w) for w in words)
         )
+    return False
+
+
+def spelt_as_catalogued(text: Any, known: Labels, *, header: bool = False) -> bool:
+    """Is a label (:func:`is_label` holds) written as the catalogue writes it: the spelling of a catalogued
+    label or total, a number as its own digits, a header's words each as a label writes it, in lower case,
+    capitalised or in capitals (``Mean age``, ``N``)?"""
+    s = spelling(text)
+    if not s or s in known.spellings or s in TOTALS or number_like(s):
+        return True
+    if header:
+        words = _WORD.findall(s)
+        return bool(_UNNAMED.match(s)) or (bool(words) and all(w in known.spelt_words or number_like(w) for w in words))
     return False
 
 
@@ -610,22 +641,51 @@ def text_columns(df: pd.DataFrame) -> list[Any]:
 def check_labels(df: pd.DataFrame, known: Labels) -> dict[str, Any]:
     """Text in a table must be labels (:func:`is_label`); anything else is free text and fails."""
     df = with_index(df)
-    bad_headers = [h for h in header_texts(df) if not is_label(h, known, header=True)]
+    headers = header_texts(df)
+    bad_headers = [h for h in headers if not is_label(h, known, header=True)]
+    respelt_headers = [h for h in headers if h not in bad_headers and not spelt_as_catalogued(h, known, header=True)]
     bad: list[dict[str, Any]] = []
-    count = 0
+    respelt: list[dict[str, Any]] = []
+    count = respelt_count = 0
+
+    def verdict(v: Any) -> str | None:
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+            return None
+        if not is_label(v, known):
+            return "free"
+        return "label" if spelt_as_catalogued(v, known) else "respelt"
+
     for col in text_columns(df):
         if pd.api.types.is_bool_dtype(df[col]):
             continue
         cells = df[col].tolist()
-        verdicts = once_per_value(
-            cells,
-            lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else is_label(v, known),
-        )
-        for i, (v, ok) in enumerate(zip(cells, verdicts, strict=True)):
-            if ok is False:
+        for i, (v, what) in enumerate(zip(cells, once_per_value(cells, verdict), strict=True)):
+            if what == "free":
                 count += 1
                 if len(bad) < MAX_CELLS_LISTED:
                     bad.append({"row": i, "column": str(col), "value": str(v)[:100]})
+            elif what == "respelt":
+                respelt_count += 1
+                if len(respelt) < MAX_CELLS_LISTED:
+                    respelt.append({"row": i, "column": str(col), "value": str(v)[:100]})
+    if respelt_count or respelt_headers:
+        return result(
+            "labels",
+            "fail",
+            f"{respelt_count} text cell(s) and {len(respelt_headers)} header(s) are labels written otherwise than "
+            "the catalogue writes them (in case, or with a letter that only case-folds to one of its letters): "
+            "a label leaves as it is written, so write each one as the catalogue does"
+            + (
+                f"; and {count} cell(s) and {len(bad_headers)} header(s) are not labels at all"
+                if count or bad_headers
+                else ""
+            ),
+            cells=bad,
+            respelt=respelt,
+            headers=[h[:100] for h in bad_headers[:MAX_CELLS_LISTED]],
+            respelt_headers=[h[:100] for h in respelt_headers[:MAX_CELLS_LISTED]],
+            known_labels=len(known.labels),
+        )
     if count or bad_headers:
         return result(
             "labels",
@@ -640,7 +700,8 @@ def check_labels(df: pd.DataFrame, known: Labels) -> dict[str, Any]:
     return result(
         "labels",
         "pass",
-        "every text cell and header is a catalogued category, an allowed label or a number",
+        "every text cell and header is a catalogued category, an allowed label or a number, written as the "
+        "catalogue writes it",
         known_labels=len(known.labels),
     )
 
