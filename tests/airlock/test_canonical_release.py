@@ -586,3 +586,9 @@ async def test_a_text_carries_no_bit_in_look_alike_letters_or_runs_of_spaces(web
         assert canonical_output("other", "t.txt", fine.encode()).data.decode() == fine
     with pytest.raises(Refused, match="mix letters of different scripts"):
         canonical_output("other", "t.txt", "TNFα levels".encode())
+    # An 'other' table has no labels check to hold its text to the catalogue: the same rule.
+    with pytest.raises(Refused, match="have a word that mixes letters of different scripts"):
+        canonical_output("other", "notes.csv", "stage,note\nI,c\u043ehort\n".encode())
+    assert (
+        canonical_output("other", "notes.csv", "stage,note\nI,когорта\n".encode()).data.decode().endswith("когорта\n")
+    )

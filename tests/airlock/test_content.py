@@ -862,10 +862,16 @@ def test_a_recipe_table_holds_the_recipes_numbers_under_their_labels_to_every_di
     for how, t in {"moved": moved, "decimals": decimals, "counts": counts}.items():
         filed[how] = submit(airlock, people, "alice", csv_bytes(t.reset_index()), recipe=count_recipe)
 
+    # The table of notebooks/03-request-export.ipynb: a mean per age band, one column of numbers.
+    by_age = demo.groupby("age")["mean radius"].mean().reset_index()
+    by_age_recipe = {"dataset": "breast_cancer", "index": ["age"], "values": "mean radius", "aggfunc": "mean"}
+    filed["notebook"] = submit(airlock, people, "alice", csv_bytes(by_age), recipe=by_age_recipe)
+
     for rid in filed.values():
         wait_state(airlock, rid, review.IN_REVIEW)
     got = {how: by_check(airlock, rid)["recipe"] for how, rid in filed.items()}
     assert {how: r["status"] for how, r in got.items()} == {
+        "notebook": "pass",
         "digits": "fail",
         "true": "pass",
         "rounded": "pass",

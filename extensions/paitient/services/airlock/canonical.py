@@ -529,6 +529,12 @@ def table_output(
             f"disclosure check) a steward reads it whole, so it may have at most {PREVIEW_ROWS} rows and "
             f"{PREVIEW_COLUMNS} columns: release an aggregate as kind='table', or a smaller table"
         )
+    if whole and (mixed := _mixed_script_cells(frame)):
+        raise Refused(
+            f"{mixed} column name(s) or text cell(s) of the table have a word that mixes letters of different "
+            "scripts (a Cyrillic or Greek letter among Latin ones, a mathematical or fullwidth letter among plain "
+            "ones), which a reader cannot tell from one word: write each word in one script"
+        )
     if max_pages is not None and (pages := len(pages_of(len(frame), len(frame.columns)))) > max_pages:
         raise Refused(
             f"the table has {len(frame)} rows and {len(frame.columns)} columns, {pages} preview pages of "
@@ -549,6 +555,15 @@ def table_output(
             frame_xlsx(xlsx_cells(frame, read)), _renamed(filename, ".xlsx"), "xlsx", tuple(dropped), cells=csv
         )
     return Output(csv, _renamed(filename, ".csv"), "csv", tuple(dropped), quoted=quoted)
+
+
+def _mixed_script_cells(frame: pd.DataFrame) -> int:
+    """How many column names and text cells of ``frame`` hold a word that mixes scripts (an ``other`` table has
+    no labels check, which holds a table's text to the catalogue's spellings)."""
+    texts = [str(c) for c in frame.columns]
+    for i in range(len(frame.columns)):
+        texts.extend(v for v in frame.iloc[:, i].tolist() if isinstance(v, str) and not v.isascii())
+    return sum(mixed_script_words(t) > 0 for t in texts)
 
 
 def _parquet_metadata(data: bytes) -> list[str]:
