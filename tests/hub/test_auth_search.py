@@ -270,7 +270,11 @@ def hub_user(name: str) -> User:
 
 def modify_group(server, group_dn: str, change: str, member_dn: str) -> None:
     """Change a group as the directory's root, the way the hospital's directory admins would."""
-    ldif = f"dn: {group_dn}\nchangetype: modify\n{change}: member\nmember: {member_dn}\n"
+    modify_entry(server, f"dn: {group_dn}\nchangetype: modify\n{change}: member\nmember: {member_dn}\n")
+
+
+def modify_entry(server, ldif: str) -> None:
+    """Apply an LDIF change as the directory's root."""
     subprocess.run(
         ["ldapmodify", "-x", "-H", server.url, "-D", server.rootdn, "-y", str(server.rootpw_file)],
         input=ldif.encode(),
@@ -328,13 +332,7 @@ async def test_an_account_the_directory_marks_inactive_is_refused_and_signed_out
     user = hub_user("aadler")
     assert (await sign_in(auth, "aadler", "alice-pw-1"))["groups"] == ["oncology"]
     assert (await auth.refresh_user(user))["groups"] == ["oncology"]
-    ldif = f"dn: {user_dn('Alice Adler')}\nchangetype: modify\nadd: employeeType\nemployeeType: left\n"
-    subprocess.run(
-        ["ldapmodify", "-x", "-H", corp.url, "-D", corp.rootdn, "-y", str(corp.rootpw_file)],
-        input=ldif.encode(),
-        check=True,
-        capture_output=True,
-    )
+    modify_entry(corp, f"dn: {user_dn('Alice Adler')}\nchangetype: modify\nadd: employeeType\nemployeeType: left\n")
     assert await sign_in(auth, "aadler", "alice-pw-1") is None  # her password still binds
     reasons = [r["details"]["reason"] for r in newest_first(trail_dir(auth.site)) if r["action"] == "auth.login"]
     assert reasons[0] == "account not active (active_filter)"
