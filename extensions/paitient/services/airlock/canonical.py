@@ -54,6 +54,7 @@ import pandas as pd
 
 from paitient.rules import formulas
 from paitient.rules.disclosure import TableError, read_table
+from paitient.rules.edm.tokens import LETTERS
 from paitient.services.airlock import xlsx
 from paitient.services.airlock.images import ImageRefused, reencode
 
@@ -374,16 +375,28 @@ def _script(letter: str) -> str:
     return "" if first == "MODIFIER" else first
 
 
+def _looks_latin(letter: str) -> bool:
+    """Whether a reader takes ``letter`` for a Latin letter or a digit (Cyrillic ``о``, Greek ``Ρ``,
+    mathematical ``𝐏``, fullwidth ``Ｐ``)."""
+    return letter in LETTERS or unicodedata.normalize("NFKC", letter).isascii()
+
+
 def mixed_script_words(text: str) -> int:
     """How many words of ``text`` mix letters of different scripts (Latin with Cyrillic or Greek look-alikes,
-    mathematical or fullwidth letters among plain ones): a reader sees one word, and each letter is a bit."""
+    mathematical or fullwidth letters among plain ones): a reader sees one word, and each letter is a bit.
+    Greek letters no reader takes for Latin ones may stand in a Latin word, as medicine writes them (``TNFα``,
+    ``IFNγ``, ``μg``)."""
     count = 0
     for word in _LETTERS.findall(text):
         if word.isascii():
             continue
         scripts = {_script(c) for c in word} - {""}
-        if len(scripts) > 1 and not scripts <= {"LATIN", *_WITH_LATIN}:
-            count += 1
+        if len(scripts) < 2 or scripts <= {"LATIN", *_WITH_LATIN}:
+            continue
+        others = [c for c in word if _script(c) not in ("LATIN", "")]
+        if scripts <= {"LATIN", "GREEK", "MICRO"} and not any(_looks_latin(c) for c in others):
+            continue
+        count += 1
     return count
 
 
@@ -762,7 +775,8 @@ def text_output(filename: str, data: bytes) -> Output:
         raise Refused(
             f"{mixed} word(s) of the text mix letters of different scripts (a Cyrillic or Greek letter among "
             "Latin ones, a mathematical or fullwidth letter among plain ones), which a reader cannot tell from "
-            "one word: write each word in one script (a Greek letter apart, as in TNF-α, or spelt out)"
+            "one word: write each word in one script (a Greek letter that looks like no Latin one may stand "
+            "in a Latin word, as in TNFα)"
         )
     if len(text) > TEXT_MAX_CHARS:
         raise Refused(
