@@ -22,15 +22,20 @@ def project_groups() -> set[str]:
     return {g.gr_name for g in grp.getgrall() if PROJECT_GROUP.match(g.gr_name)}
 
 
+KEPT: set[str] = set()
+"""Project groups of a workspace that outlives the test or module that happened to start it (the session's
+shared e2e workspace): its own teardown removes them, no block that ends before it."""
+
+
 @contextmanager
 def made_groups_removed(workspace: bool = False) -> Iterator[None]:
-    """Every project group made inside the block is deleted at its end; with ``workspace``, the workspace's
-    group too when the block made it."""
+    """Every project group made inside the block is deleted at its end (but those in :data:`KEPT`); with
+    ``workspace``, the workspace's group too when the block made it."""
     before, had_workspace = project_groups(), workspacegroup.exists()
     try:
         yield
     finally:
-        for name in sorted(project_groups() - before):
+        for name in sorted(project_groups() - before - KEPT):
             subprocess.run(["groupdel", name], capture_output=True)
         if workspace and not had_workspace and workspacegroup.exists():
             subprocess.run(["groupdel", workspacegroup.GROUP], capture_output=True)
