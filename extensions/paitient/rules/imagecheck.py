@@ -81,15 +81,13 @@ def _inflate(data: bytes, limit: int) -> bytes:
     return out
 
 
-def _png(data: bytes) -> bytes:
+def png_chunks(data: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """Every chunk of the PNG ``data`` as (type, body), each length, type and CRC checked, up to and including
+    IEND; and where IEND ends (what follows it is the caller's to judge). Raises :class:`NotAnImage`."""
     if not data.startswith(PNG_SIGNATURE):
         raise NotAnImage("no PNG signature")
     pos = len(PNG_SIGNATURE)
-    header: tuple[int, ...] | None = None
-    idat: list[bytes] = []
-    idat_done = False
-    texts: list[bytes] = []
-    budget = MAX_CARRIED_BYTES
+    chunks: list[tuple[bytes, bytes]] = []
     while True:
         if pos + 12 > len(data):
             raise NotAnImage("a chunk breaks off before IEND")
@@ -101,8 +99,23 @@ def _png(data: bytes) -> bytes:
         if zlib.crc32(kind + body) != crc:
             raise NotAnImage("a chunk's CRC does not match its bytes")
         pos += 12 + length
+        chunks.append((kind, body))
+        if kind == b"IEND":
+            return chunks, pos
+
+
+def _png(data: bytes) -> bytes:
+    chunks, end = png_chunks(data)
+    if end != len(data):
+        raise NotAnImage("there are bytes after IEND")
+    header: tuple[int, ...] | None = None
+    idat: list[bytes] = []
+    idat_done = False
+    texts: list[bytes] = []
+    budget = MAX_CARRIED_BYTES
+    for kind, body in chunks:
         if header is None:
-            if kind != b"IHDR" or length != 13:
+            if kind != b"IHDR" or len(body) != 13:
                 raise NotAnImage("the first chunk is not IHDR")
             header = struct.unpack(">IIBBBBB", body)
             width, height, depth, colour, compression, filtering, interlace = header
@@ -112,8 +125,8 @@ def _png(data: bytes) -> bytes:
                 raise NotAnImage("IHDR declares a method PNG does not have")
             continue
         if kind == b"IEND":
-            if length or pos != len(data):
-                raise NotAnImage("there are bytes after IEND" if pos != len(data) else "IEND is not empty")
+            if body:
+                raise NotAnImage("IEND is not empty")
             break
         if kind == b"IDAT":
             if idat_done:
@@ -122,7 +135,7 @@ def _png(data: bytes) -> bytes:
             continue
         idat_done = bool(idat)
         if kind == b"PLTE":
-            if idat or length % 3 or not 0 < length <= 768:
+            if idat or len(body) % 3 or not 0 < len(body) <= 768:
                 raise NotAnImage("PLTE is not a palette")
             continue
         if kind not in PNG_ANCILLARY:
@@ -132,7 +145,7 @@ def _png(data: bytes) -> bytes:
         if budget < 0:
             raise NotAnImage("it carries more text and metadata than an image does")
         texts.append(text)
-    if not idat:
+    if header is None or not idat:
         raise NotAnImage("it has no image data")
     _png_pixels(b"".join(idat), header)
     return b"\n".join(texts)
@@ -202,12 +215,14 @@ def _line_starts(rows: list[tuple[int, int]]) -> Iterator[int]:
             pos += n
 
 
-def _jpeg(data: bytes) -> list[bytes]:
+def jpeg_segments(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """Every marker segment of the JPEG ``data`` with a length, as (marker, body), up to EOI, entropy-coded data
+    skipped; and where EOI ends. Only the markers of a baseline, progressive, lossless or arithmetic-coded
+    image are accepted. Raises :class:`NotAnImage`."""
     if not data.startswith(b"\xff\xd8"):
         raise NotAnImage("no JPEG start of image")
     pos = 2
-    blocks: list[bytes] = []
-    frame = scan = False
+    segments: list[tuple[int, bytes]] = []
     while True:
         if data[pos] != 0xFF:
             raise NotAnImage("a byte stands where a JPEG marker belongs")
@@ -216,25 +231,38 @@ def _jpeg(data: bytes) -> list[bytes]:
             pos += 1
             continue
         if marker == 0xD9:
-            if pos + 2 != len(data):
-                raise NotAnImage("there are bytes after the end of the image")
-            if not (frame and scan):
-                raise NotAnImage("it has no frame or no scan")
-            return blocks
+            return segments, pos + 2
         if not (0xE0 <= marker <= 0xEF or marker in (0xFE, 0xDA) or marker in JPEG_SEGMENTS):
             raise NotAnImage("it has a marker JPEG images do not have here")
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
         if length < 2 or pos + 2 + length > len(data):
             raise NotAnImage("a segment breaks off")
-        body = data[pos + 4 : pos + 2 + length]
+        segments.append((marker, data[pos + 4 : pos + 2 + length]))
         pos += 2 + length
-        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
-            blocks.append(body)
-        frame = frame or 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
-        if marker == 0xDA:  # entropy-coded data runs to the next marker other than RSTn (decoded below)
-            scan = True
+        if marker == 0xDA:  # entropy-coded data runs to the next marker other than RSTn (decoded by Pillow)
             while not (data[pos] == 0xFF and data[pos + 1] not in (0x00, *range(0xD0, 0xD8))):
                 pos += 1
+
+
+def is_jpeg_metadata(marker: int) -> bool:
+    """APPn and COM: the segments that carry something other than how to decode the pixels."""
+    return 0xE0 <= marker <= 0xEF or marker == 0xFE
+
+
+def _jpeg(data: bytes) -> list[bytes]:
+    segments, end = jpeg_segments(data)
+    if end != len(data):
+        raise NotAnImage("there are bytes after the end of the image")
+    frame = any(0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC) for m, _ in segments)
+    if not (frame and any(m == 0xDA for m, _ in segments)):
+        raise NotAnImage("it has no frame or no scan")
+    return [body for marker, body in segments if is_jpeg_metadata(marker)]
+
+
+GIF_IMAGE = 0x2C
+"""The image descriptor's introducer; :func:`gif_blocks` lists each image under it (with no payload)."""
+GIF_GRAPHIC_CONTROL = 0xF9
+"""The one extension that says only how a frame is drawn (delay, disposal, transparent index)."""
 
 
 def _gif_sub_blocks(data: bytes, pos: int) -> tuple[int, bytes]:
@@ -248,37 +276,45 @@ def _gif_sub_blocks(data: bytes, pos: int) -> tuple[int, bytes]:
     return pos + 1, b"".join(parts)
 
 
-def _gif(data: bytes) -> list[bytes]:
+def gif_blocks(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """Every block of the GIF ``data`` up to its trailer: each extension as (label, payload), each image as
+    (:data:`GIF_IMAGE`, b""); and where the trailer ends. Raises :class:`NotAnImage`."""
     if data[:6] not in (b"GIF87a", b"GIF89a"):
         raise NotAnImage("no GIF header")
     flags = data[10]
     pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
-    blocks: list[bytes] = []
+    blocks: list[tuple[int, bytes]] = []
     frames = 0
     while True:
         introducer = data[pos]
         if introducer == 0x3B:
-            if pos + 1 != len(data):
-                raise NotAnImage("there are bytes after the trailer")
-            if not frames:
-                raise NotAnImage("it has no image")
-            return blocks
+            return blocks, pos + 1
         if introducer == 0x21:
             label = data[pos + 1]
             pos, payload = _gif_sub_blocks(data, pos + 2)
-            if label != 0xF9:  # comment, plain text, application and any other extension: read as text
-                blocks.append(payload)
-        elif introducer == 0x2C:
+            blocks.append((label, payload))
+        elif introducer == GIF_IMAGE:
             flags = data[pos + 9]
             pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
             if not 2 <= data[pos] <= 12:
                 raise NotAnImage("an image's LZW code size is not one GIF has")
             pos, _ = _gif_sub_blocks(data, pos + 1)
+            blocks.append((GIF_IMAGE, b""))
             frames += 1
             if frames > MAX_FRAMES:
                 raise NotAnImage("it has more frames than this opens")
         else:
             raise NotAnImage("a block GIF does not have")
+
+
+def _gif(data: bytes) -> list[bytes]:
+    blocks, end = gif_blocks(data)
+    if end != len(data):
+        raise NotAnImage("there are bytes after the trailer")
+    if not any(label == GIF_IMAGE for label, _ in blocks):
+        raise NotAnImage("it has no image")
+    # comment, plain text, application and any other extension: read as text
+    return [payload for label, payload in blocks if label not in (GIF_IMAGE, GIF_GRAPHIC_CONTROL)]
 
 
 def _decodes(data: bytes, fmt: str) -> None:

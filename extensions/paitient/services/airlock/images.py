@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from paitient.rules import imagecheck
+
 FORMATS = ("PNG", "JPEG", "GIF")
 """The decoders the airlock lets Pillow try; every other format has no image preview."""
 
@@ -112,7 +114,11 @@ def shown_pixels(im: Any) -> Any:
 
 
 def beyond_pixels(data: bytes, fmt: str, frames: int = 1) -> tuple[str, ...]:
-    """Lines that name what a ``fmt`` file carries besides its first frame's pixels (empty: nothing found)."""
+    """Lines that name what a ``fmt`` file carries besides its first frame's pixels (empty: nothing found).
+
+    The file's structure is followed by the walkers the egress gate judges images with
+    (:mod:`paitient.rules.imagecheck`); here what they find is named, not judged, except that a structure they
+    cannot follow to its end is said to be one."""
     walk = {"PNG": _png_blocks, "JPEG": _jpeg_blocks, "GIF": _gif_blocks}.get(fmt)
     if walk is None:
         return ()
@@ -135,85 +141,29 @@ def beyond_pixels(data: bytes, fmt: str, frames: int = 1) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _name(raw: bytes) -> str:
-    text = raw.decode("latin-1")
-    return text if text.isascii() and text.isalnum() else "unnamed"
-
-
 def _png_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
     """Ancillary chunks (but tRNS, the transparency the figure is flattened with) and where IEND ends."""
-    pos = 8
-    blocks: list[tuple[str, int]] = []
-    while True:
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        if len(kind) != 4 or pos + 12 + length > len(data):
-            raise ValueError("truncated chunk")
-        pos += 12 + length
-        if kind == b"IEND":
-            return blocks, pos
-        if kind not in PNG_CRITICAL and kind != b"tRNS":
-            blocks.append((_name(kind), length))
+    chunks, end = imagecheck.png_chunks(data)
+    return [(k.decode("ascii"), len(b)) for k, b in chunks if k not in PNG_CRITICAL and k != b"tRNS"], end
 
 
 def _jpeg_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
-    """APPn and COM segments and where the EOI marker ends (entropy-coded data skipped byte by byte)."""
-    pos = 2
-    blocks: list[tuple[str, int]] = []
-    while True:
-        if data[pos] != 0xFF:
-            raise ValueError("not a marker")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xD9:
-            return blocks, pos + 2
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if length < 2 or pos + 2 + length > len(data):
-            raise ValueError("truncated segment")
-        if 0xE0 <= marker <= 0xEF:
-            blocks.append((f"APP{marker - 0xE0}", length - 2))
-        elif marker == 0xFE:
-            blocks.append(("COM", length - 2))
-        pos += 2 + length
-        if marker == 0xDA:  # start of scan: entropy-coded data runs to the next marker other than RSTn
-            while not (data[pos] == 0xFF and data[pos + 1] not in (0x00, *range(0xD0, 0xD8))):
-                pos += 1
+    """APPn and COM segments and where the EOI marker ends."""
+    segments, end = imagecheck.jpeg_segments(data)
+    return [
+        ("COM" if m == 0xFE else f"APP{m - 0xE0}", len(b)) for m, b in segments if imagecheck.is_jpeg_metadata(m)
+    ], end
 
 
-def _sub_blocks(data: bytes, pos: int) -> tuple[int, int]:
-    """Skip GIF data sub-blocks from ``pos``; return (position after the terminator, payload bytes)."""
-    total = 0
-    while (size := data[pos]) != 0:
-        total += size
-        pos += 1 + size
-    if pos >= len(data):
-        raise ValueError("truncated sub-blocks")
-    return pos + 1, total
+GIF_EXTENSIONS = {0xFE: "comment", 0xFF: "application", 0x01: "plain-text"}
 
 
 def _gif_blocks(data: bytes) -> tuple[list[tuple[str, int]], int]:
     """Extension blocks other than graphic control, and where the trailer ends."""
-    flags = data[10]
-    pos = 13 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
-    blocks: list[tuple[str, int]] = []
-    while True:
-        introducer = data[pos]
-        if introducer == 0x3B:
-            return blocks, pos + 1
-        if introducer == 0x21:
-            label = data[pos + 1]
-            pos, size = _sub_blocks(data, pos + 2)
-            if label != 0xF9:
-                name = {0xFE: "comment", 0xFF: "application", 0x01: "plain-text"}.get(label, f"extension-{label:02x}")
-                blocks.append((name, size))
-        elif introducer == 0x2C:
-            flags = data[pos + 9]
-            pos += 10 + (3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0)
-            pos, _ = _sub_blocks(data, pos + 1)  # LZW minimum code size, then the image data
-        else:
-            raise ValueError("unknown block")
+    blocks, end = imagecheck.gif_blocks(data)
+    named = [
+        (GIF_EXTENSIONS.get(label, f"extension-{label:02x}"), len(payload))
+        for label, payload in blocks
+        if label not in (imagecheck.GIF_IMAGE, imagecheck.GIF_GRAPHIC_CONTROL)
+    ]
+    return named, end
