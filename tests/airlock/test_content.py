@@ -937,3 +937,20 @@ def by_check_of(airlock, people, data: bytes) -> dict:
     rid = submit(airlock, people, "alice", data)
     wait_state(airlock, rid, review.IN_REVIEW)
     return by_check(airlock, rid)
+
+
+def test_a_number_label_leaves_only_in_ascii_digits():
+    """``\\d`` reads every script's digits, so a bin written ``٤٠-٤٩`` or ``４０-４９`` was a number label: the
+    script of each digit (Arabic-Indic, full-width, Devanagari, ...) was a choice of some twenty, a few bits a
+    digit that no steward reads off the table. A number label is now one only in ASCII digits."""
+    known = disclosure.Labels.of(["stage"])
+    for text in ("40-49", "90+", "3.5%", "1,204", "≥ 65"):
+        assert disclosure.is_label(text, known) and disclosure.spelt_as_catalogued(text, known), text
+    for text in ("٤٠-٤٩", "４０-４９", "४०", "4０", "1,2٠4", "９0+"):
+        assert not disclosure.number_like(text), text
+        assert not disclosure.is_label(text, known), text
+    # In a header, a number among known words is ASCII too.
+    assert disclosure.is_label("stage 2", known, header=True)
+    assert not disclosure.is_label("stage ２", known, header=True)
+    assert disclosure.is_label("Unnamed: 0", known, header=True)
+    assert not disclosure.is_label("Unnamed: ٣", known, header=True)

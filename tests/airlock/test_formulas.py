@@ -33,6 +33,8 @@ from paitient.services.airlock.store import Request
         ("-.5", False),
         (" -2", True),  # ... but only exactly a number
         ("-2,5", True),
+        ("-٢", True),  # digits of another script: no spreadsheet reads them as a number
+        ("+２", True),
         ("'=1+1", False),  # a quote first: text
         ("a=1", False),
         ("Stage I", False),

@@ -127,6 +127,7 @@ def test_a_broken_envelope_says_what_is_wrong(key):
         ({"metrics": {"mia": "0.5 (passes)"}}, "metrics must be"),
         ({"preprocessing": [{"columns": ["a"]}]}, "preprocessing must be"),
         ({"finished": "yesterday"}, "finished must be"),
+        ({"finished": "٢٠٢٦-12-04T10:00:00Z"}, "finished must be"),
         ({"target": "line\nbreak"}, "target must be"),
     ],
 )

@@ -544,9 +544,10 @@ STATISTIC_WORDS = frozenset(
 """Words a column header may be made of besides the labels of the project (``mean_age``, ``n patients``)."""
 _NUMBER_LIKE = re.compile(
     r"^[(\[]?\s*(?:[<>≤≥]=?\s*)?[-+]?(?:\d[\d,]*)?\.?\d+(?:[eE][-+]?\d+)?\s*%?\s*"
-    r"(?:(?:-|–|to|,)\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*%?)?\s*\+?\s*[)\]]?$"
+    r"(?:(?:-|–|to|,)\s*[-+]?(?:\d[\d,]*)?\.?\d+\s*%?)?\s*\+?\s*[)\]]?$",
+    re.ASCII,  # ASCII digits only: the script a digit is written in would be a choice no steward reads
 )
-_UNNAMED = re.compile(r"^Unnamed: \d+(?:_level_\d+)?$")
+_UNNAMED = re.compile(r"^Unnamed: \d+(?:_level_\d+)?$", re.ASCII)
 _WORD = re.compile(r"[^\W_]+")
 
 

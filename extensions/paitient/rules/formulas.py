@@ -28,7 +28,7 @@ import pandas as pd
 FORMULA_START = frozenset("=+-@\t\r\n")
 """First characters that make a spreadsheet read a cell as a formula (or skip to one that does)."""
 QUOTE = "'"
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _SUSPECT = FORMULA_START | {" "}
 
 

@@ -38,7 +38,7 @@ MAX_PREPROCESSING_BYTES = 64_000
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 _JOB_ID = re.compile(r"[0-9a-z][0-9a-z-]{3,63}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", re.ASCII)
 
 
 class RecordInvalid(ValueError):
