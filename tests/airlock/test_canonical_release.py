@@ -593,6 +593,18 @@ async def test_a_text_carries_no_bit_in_look_alike_letters_or_runs_of_spaces(web
     for mixed in ("\u0410spirin was given", "the p\u03bfst-operative course", "ΤNFα levels"):  # Cyrillic А, Greek ο, Τ
         with pytest.raises(Refused, match="mix letters of different scripts"):
             canonical_output("other", "t.txt", mixed.encode())
+    # A word written wholly in letters that look Latin: Cyrillic (a bit a word, whichever way it is written),
+    # Greek capitals, mathematical bold, fullwidth.
+    for whole in (
+        "a \u0421\u043e\u0445 model",
+        "\u0391\u0392 blood group",
+        "\U0001d40f\U0001d41a\U0001d42d",
+        "\uff30\uff41\uff54",
+    ):
+        with pytest.raises(Refused, match="written wholly in letters that look Latin and are not"):
+            canonical_output("other", "t.txt", whole.encode())
+    with pytest.raises(Refused, match="written wholly in letters that look Latin and are not"):
+        canonical_output("other", "notes.csv", "stage,note\nI,\u0421\u043e\u0445\n".encode())
     # An 'other' table has no labels check to hold its text to the catalogue: the same rule.
     with pytest.raises(Refused, match="have a word that mixes letters of different scripts"):
         canonical_output("other", "notes.csv", "stage,note\nI,c\u043ehort\n".encode())

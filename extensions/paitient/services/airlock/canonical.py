@@ -383,14 +383,18 @@ def _looks_latin(letter: str) -> bool:
 
 def mixed_script_words(text: str) -> int:
     """How many words of ``text`` mix letters of different scripts (Latin with Cyrillic or Greek look-alikes,
-    mathematical or fullwidth letters among plain ones): a reader sees one word, and each letter is a bit.
-    Greek letters no reader takes for Latin ones may stand in a Latin word, as medicine writes them (``TNFα``,
-    ``IFNγ``, ``μg``)."""
+    mathematical or fullwidth letters among plain ones), or are written wholly in letters a reader takes for
+    Latin ones and are not (Cyrillic ``Сох``, mathematical ``𝐏𝐚𝐭𝐢𝐞𝐧𝐭``): a reader sees one word, and each
+    letter, or each word, is a bit. Greek letters no reader takes for Latin ones may stand in a Latin word, as
+    medicine writes them (``TNFα``, ``IFNγ``, ``μg``)."""
     count = 0
     for word in _LETTERS.findall(text):
         if word.isascii():
             continue
         scripts = {_script(c) for c in word} - {""}
+        if scripts - {"LATIN"} and all(_looks_latin(c) for c in word):
+            count += 1  # wholly look-alike: a Latin word by sight, another by its code points
+            continue
         if len(scripts) < 2 or scripts <= {"LATIN", *_WITH_LATIN}:
             continue
         others = [c for c in word if _script(c) not in ("LATIN", "")]
@@ -546,7 +550,8 @@ def table_output(
         raise Refused(
             f"{mixed} column name(s) or text cell(s) of the table have a word that mixes letters of different "
             "scripts (a Cyrillic or Greek letter among Latin ones, a mathematical or fullwidth letter among plain "
-            "ones), which a reader cannot tell from one word: write each word in one script"
+            "ones) or is written wholly in letters that look Latin and are not, which a reader cannot tell from a "
+            "Latin word: write each word in one script, and a Latin word in plain Latin letters"
         )
     if max_pages is not None and (pages := len(pages_of(len(frame), len(frame.columns)))) > max_pages:
         raise Refused(
@@ -774,9 +779,10 @@ def text_output(filename: str, data: bytes) -> Output:
     if mixed := mixed_script_words(text):
         raise Refused(
             f"{mixed} word(s) of the text mix letters of different scripts (a Cyrillic or Greek letter among "
-            "Latin ones, a mathematical or fullwidth letter among plain ones), which a reader cannot tell from "
-            "one word: write each word in one script (a Greek letter that looks like no Latin one may stand "
-            "in a Latin word, as in TNFα)"
+            "Latin ones, a mathematical or fullwidth letter among plain ones) or are written wholly in letters "
+            "that look Latin and are not, which a reader cannot tell from a Latin word: write each word in one "
+            "script, and a Latin word in plain Latin letters (a Greek letter that looks like no Latin one may "
+            "stand in a Latin word, as in TNFα)"
         )
     if len(text) > TEXT_MAX_CHARS:
         raise Refused(
