@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
@@ -131,6 +134,29 @@ def test_steward_reviews_and_researcher_downloads_in_the_browser(served, browser
     assert [e.actor for e in airlock.store.events(rid, "download")] == ["alice"]
 
 
+def test_a_figure_wider_than_the_page_is_shown_at_full_size_not_shrunk(served, browser, airlock, people):
+    """A figure was shown shrunk to the page's width, which hid a block of data in its corner; it is now shown
+    one pixel of the figure to one of the page, in a frame that scrolls."""
+    pixels = np.full((1200, 1900, 3), 255, np.uint8)
+    pixels[-300:, -160:] = np.random.default_rng(3).integers(0, 2, (300, 160, 1), np.uint8) * 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    rid = submit(airlock, people, "alice", buf.getvalue(), kind="figure", name="bars.png")
+    wait_state(airlock, rid, review.IN_REVIEW)
+    sam = _page(browser, served, "sam")
+    sam.set_viewport_size({"width": 1024, "height": 768})
+    sam.goto(f"{served}requests/{rid}")
+    image = sam.locator("#preview-image")
+    image.wait_for()
+    shown = image.evaluate("el => el.complete && [el.naturalWidth, el.naturalHeight, el.width, el.height]")
+    assert shown == [1900, 1200, 1900, 1200]
+    frame = sam.locator("div.figure-frame")
+    assert frame.evaluate("el => el.scrollWidth > el.clientWidth && el.scrollHeight > el.clientHeight")
+    assert "one pixel of the figure to one of the page; scroll to see all of it" in (
+        sam.locator("#preview-scale").inner_text()
+    )
+
+
 def test_own_request_has_no_decision_form_in_the_browser(served, browser, airlock, people):
     rid = submit(airlock, people, "steph", GOOD, project="oncology")
     wait_state(airlock, rid, review.IN_REVIEW)
@@ -155,6 +181,7 @@ def test_the_steward_sees_the_reencoded_figure_in_the_browser(served, browser, a
     image = sam.locator("#preview-image")
     image.wait_for()
     assert image.evaluate("el => el.complete && [el.naturalWidth, el.naturalHeight]") == list(original.size)
+    assert "Shown at full size: 64x48 pixels" in sam.locator("#preview-scale").inner_text()
     assert "bytes after the end of the image" in sam.locator("#preview-beyond").inner_text()
     alice = _page(browser, served, "alice")
     alice.goto(f"{served}requests/{rid}")

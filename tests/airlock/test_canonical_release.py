@@ -280,6 +280,36 @@ async def test_a_table_behind_a_png_header_asked_as_a_figure_is_refused(airlock,
         submit(airlock, people, "alice", upload, kind="table", name="figure.png")
 
 
+async def test_a_figure_larger_than_a_steward_sees_at_full_size_is_refused_at_the_request(airlock, people):
+    """A 7000x5000 bar chart was shown to the steward shrunk six times to fit the page, so a 300x1600 block of
+    full-contrast noise in a corner (480,000 bits) looked like a grey legend patch and was approved. A steward
+    now sees a figure at full size, and a figure may have at most ``[airlock] max_figure_side`` pixels a
+    side (2000 by default); a larger one is refused at the request, as by ``airlock.check``, saying why."""
+    side = airlock.settings.max_figure_side
+    assert side == 2000
+    rng = np.random.default_rng(7)
+    pixels = np.full((500, side + 1, 3), 255, np.uint8)
+    pixels[:300, :160] = rng.integers(0, 2, (300, 160, 1), np.uint8) * 255  # a block of bits
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    for kind in ("figure", "other"):
+        with pytest.raises(ChannelError, match=rf"the figure is {side + 1}x500 pixels; .* at most {side} pixels") as e:
+            submit(airlock, people, "alice", buf.getvalue(), kind=kind, name="bars.png")
+        assert e.value.code == "refused"
+    assert airlock.store.list(username="alice") == []
+    # Tall as wide; and one pixel less on each side is a figure like any other.
+    with pytest.raises(Refused, match="at most 2000 pixels wide and high"):
+        canonical_output("figure", "bars.png", _png(side, side + 1), max_side=side)
+    fits = canonical_output("figure", "bars.png", _png(side, side), max_side=side)
+    assert Image.open(io.BytesIO(fits.data)).size == (side, side)
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 255, 255)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def test_text_is_released_normalised_and_binary_is_refused():
     out = canonical_output("other", "notes.txt", "\ufeffCafe\u0301\r\nline two\x1b[31m\u202e\n".encode())
     assert (out.form, out.filename, out.data) == ("text", "notes.txt", "Café\nline two[31m\n".encode())

@@ -114,6 +114,13 @@ class Airlock(Model):
         "only once they have opened every page, so a longer one is refused when it is filed, and by airlock.check, "
         "saying to release an aggregate or to split it.",
     )
+    max_figure_side = WholeNumber(
+        2000,
+        rule=POSITIVE,
+        help="Most pixels a released figure may have in width and in height. A steward sees a figure at full size, "
+        "one pixel of it to one of the page (a figure shown shrunk hides detail, a block of data among its bars), "
+        "so a larger one is refused when it is filed, and by airlock.check, saying to save it smaller.",
+    )
     mia_max_auc = Number(
         0.6,
         rule=Rule("lie in (0.5, 1] (0.5 is guessing)", lambda v: 0.5 < v <= 1),

@@ -474,10 +474,17 @@ class Output:
 
 
 def canonical_output(
-    kind: str, filename: str, data: bytes, *, table_format: str | None = None, max_pages: int | None = None
+    kind: str,
+    filename: str,
+    data: bytes,
+    *,
+    table_format: str | None = None,
+    max_pages: int | None = None,
+    max_side: int | None = None,
 ) -> Output:
     """The release form of an upload of request kind ``kind``; raises :class:`Refused` saying why not.
-    ``max_pages``: the most preview pages (:func:`pages_of`) a table may fill, as a steward must open each."""
+    ``max_pages``: the most preview pages (:func:`pages_of`) a table may fill, as a steward must open each;
+    ``max_side``: the most pixels a figure may have in width and in height, as a steward sees it at full size."""
     if table_format not in (None, *TABLE_FORMATS):
         raise Refused(f"format must be one of {', '.join(TABLE_FORMATS)}; got {table_format!r}")
     if table_format is not None and kind != "table":
@@ -495,13 +502,14 @@ def canonical_output(
             "release a smaller output (a summary table, a figure at a lower resolution)"
         )
     if kind == "figure":
-        return image_output(filename, data)
+        return image_output(filename, data, max_side=max_side)
     if kind == "table":
         return table_output(filename, data, table_format or "csv", max_pages=max_pages)
     if kind != "other":
         raise Refused(f"the airlock has no release form for kind {kind!r}")
     if data.startswith(IMAGE_MAGIC):
-        return image_output(filename, data)  # a file that starts like an image is released as one or not at all
+        # a file that starts like an image is released as one or not at all
+        return image_output(filename, data, max_side=max_side)
     if data[:4] == b"PAR1" or filename.lower().endswith(TABLE_SUFFIXES):
         return table_output(filename, data, "csv", whole=True)
     return text_output(filename, data)
@@ -513,13 +521,19 @@ def _renamed(filename: str, suffix: str) -> str:
     return base + suffix
 
 
-def image_output(filename: str, data: bytes) -> Output:
+def image_output(filename: str, data: bytes, *, max_side: int | None = None) -> Output:
     try:
         im = reencode(data, max_pixels=MAX_PIXELS, max_bytes=MAX_IMAGE_BYTES)
     except ImageRefused as e:
         raise Refused(
             f"the file is not a figure the airlock releases: {e}; save figures as PNG, e.g. plt.savefig('figure.png')"
         ) from None
+    if max_side is not None and max(im.width, im.height) > max_side:
+        raise Refused(
+            f"the figure is {im.width}x{im.height} pixels; a steward sees a figure at full size, one pixel of it to "
+            f"one of the page, so it may be at most {max_side} pixels wide and high ([airlock] max_figure_side): "
+            "save it smaller, e.g. plt.savefig('figure.png', dpi=150)"
+        )
     return Output(im.png, _renamed(filename, ".png"), "png", dropped=im.beyond_pixels)
 
 

@@ -346,7 +346,12 @@ class Airlock:
         try:
             upload = _read_all(fds[0], limit)
             out = canonical_output(
-                kind, filename, upload, table_format=meta.get("format"), max_pages=self.settings.max_table_pages
+                kind,
+                filename,
+                upload,
+                table_format=meta.get("format"),
+                max_pages=self.settings.max_table_pages,
+                max_side=self.settings.max_figure_side,
             )
         except (StoreError, Refused) as e:
             self.emit(
@@ -582,7 +587,12 @@ class Airlock:
         released_as = filename
         try:
             out = canonical_output(
-                kind, filename, upload, table_format=meta.get("format"), max_pages=self.settings.max_table_pages
+                kind,
+                filename,
+                upload,
+                table_format=meta.get("format"),
+                max_pages=self.settings.max_table_pages,
+                max_side=self.settings.max_figure_side,
             )
         except Refused as e:
             results = [result("canonical", "fail", f"the airlock would refuse this request: {e}")]

@@ -46,6 +46,7 @@ class AirlockSettings(Configurable):
     zeros_disclosive = site_trait(Airlock, "zeros_disclosive")
     requests_per_day = site_trait(Airlock, "requests_per_day")
     max_table_pages = site_trait(Airlock, "max_table_pages")
+    max_figure_side = site_trait(Airlock, "max_figure_side")
     mia_max_auc = site_trait(Airlock, "mia_max_auc")
     mia_max_advantage = site_trait(Airlock, "mia_max_advantage")
     audit_account = site_trait(Airlock, "audit_account")
