@@ -7,6 +7,7 @@ import threading
 
 import psycopg
 import pytest
+import sqlalchemy
 
 from paitient.rules.budget import BudgetExceeded
 from paitient.services.kit.db import DatabaseError
@@ -225,3 +226,32 @@ def test_a_password_file_others_can_read_is_refused(state_dir, postgres_db):
             Ledger(site)
     finally:
         os.chmod(postgres_db.passfile, 0o600)
+
+
+def test_a_kernels_run_cannot_claim_a_training_jobs_weights(ledger):
+    """A project member read a finished job's weights hash from the project's records and settled a run of
+    her own (epsilon 0) with it; the airlock then found her run for the job's weights, and the job's
+    certified release failed its ledger check. A kernel's run may no longer settle a job's weights hash,
+    and the job's run is the one found for them."""
+    job = ledger.reserve("oncology", "breast_cancer", 1.0, 1e-6, user="alice", run_id="job:job-eb9a8988d2a3")
+    ledger.settle(job, 1.0, record={"weights_sha256": SHA, "steps": 40})
+    mine = ledger.reserve("oncology", "breast_cancer", 0.001, 1e-9, user="carol", run_id="x")
+    with pytest.raises(LedgerError, match="these weights are a training job's, settled by the runner") as e:
+        ledger.settle(mine, 0.0, record={"weights_sha256": SHA}, user="carol")
+    assert e.value.code == "bad_request"
+    assert ledger.run(mine)["state"] == "reserved"  # nothing settled; her reservation stays hers to close
+    assert ledger.record_by_hash(SHA)["run_id"] == "job:job-eb9a8988d2a3"
+    # Other weights settle as ever.
+    assert ledger.settle(mine, 0.0, record={"weights_sha256": "cd" * 32}, user="carol")["state"] == "settled"
+
+
+def test_the_job_run_is_found_for_its_weights_even_beside_a_later_run_with_the_same_hash(ledger):
+    """A self-settled run with the same hash, settled before the job's (or kept from before this rule), closed
+    later than the job's: the job's run is still the one the airlock is given."""
+    mine = ledger.reserve("oncology", "breast_cancer", 0.5, 1e-9, user="carol", run_id="x")
+    job = ledger.reserve("oncology", "breast_cancer", 1.0, 1e-6, user="alice", run_id="job:job-1")
+    ledger.settle(mine, 0.0, record={"weights_sha256": SHA}, user="carol")
+    ledger.settle(job, 1.0, record={"weights_sha256": SHA})
+    with ledger.db.transaction() as conn:
+        conn.execute(sqlalchemy.text("UPDATE runs SET closed = closed + 3600 WHERE id = :id"), {"id": mine})
+    assert ledger.record_by_hash(SHA)["id"] == job

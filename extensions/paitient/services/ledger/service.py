@@ -56,7 +56,7 @@ from paitient.services.kit.backlog import Backlog
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, process_start, socket_path
 from paitient.services.ledger.api import READ_SCOPE, custom_scopes, public_run, role_scopes
-from paitient.services.ledger.store import Ledger, LedgerError
+from paitient.services.ledger.store import JOB_RUN_PREFIX, Ledger, LedgerError
 
 __all__ = ["READ_SCOPE", "LedgerService", "custom_scopes", "hub_service", "public_run", "role_scopes", "serve"]
 
@@ -65,8 +65,6 @@ POD_STALE_SECONDS = 60.0
 """How long a pod's last report of its live processes holds (its relay reports every 10 s by default)."""
 MAX_POD_PROCESSES = 4096
 MAX_RUN_ID = 128
-JOB_RUN_PREFIX = "job:"
-"""The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
 NOT_RECORDED = (
     "the budget was not reserved: the audit trail cannot record it; try again in a while, and tell the "
     "workspace's operator if it goes on"

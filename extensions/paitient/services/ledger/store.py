@@ -44,6 +44,8 @@ from paitient.services.kit.db import Database, Location
 __all__ = ["BudgetExceeded", "Ledger", "LedgerError", "db_path", "RECORD_FIELDS"]
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+JOB_RUN_PREFIX = "job:"
+"""The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
 RECORD_FIELDS = frozenset(
     {
         "dataset",
@@ -371,6 +373,21 @@ class Ledger:
                 )
             if delta_spent is None:
                 delta_spent = row["delta"] if epsilon_spent > 0 else 0.0
+            sha = (record or {}).get("weights_sha256")
+            if sha and not str(row["run_id"]).startswith(JOB_RUN_PREFIX):
+                # A job's weights are settled by the runner alone: a kernel's run that claimed them would
+                # stand beside the job's settlement, as if the weights had been trained twice.
+                jobs = q(
+                    "SELECT 1 FROM runs WHERE weights_sha256 = :sha AND state = 'settled' AND run_id LIKE :job",
+                    sha=sha,
+                    job=JOB_RUN_PREFIX + "%",
+                )
+                if jobs:
+                    raise LedgerError(
+                        "these weights are a training job's, settled by the runner; a run of your own settles the "
+                        "hash of weights it trained itself",
+                        "bad_request",
+                    )
             try:
                 check_settle(row["epsilon"], row["delta"], epsilon_spent, delta_spent)
             except ValueError as e:
@@ -438,13 +455,16 @@ class Ledger:
         return _row(rows[0]) if rows else None
 
     def record_by_hash(self, sha256: str) -> dict[str, Any] | None:
-        """The settled run whose saved weights have this SHA-256 (the latest, if several), or None."""
+        """The settled run whose saved weights have this SHA-256, or None: a training job's when there is one
+        (settled by the runner alone), else the latest. A kernel's run cannot stand in for a job's weights."""
         sha256 = sha256.lower()
         if not SHA256_RE.match(sha256):
             raise LedgerError("a SHA-256 is 64 hex digits", "bad_request")
         with _queries(self.db, write=False) as q:
             rows = q(
-                _SELECT_RUNS + " WHERE weights_sha256 = :sha AND state = 'settled' ORDER BY closed DESC LIMIT 1",
+                _SELECT_RUNS + " WHERE weights_sha256 = :sha AND state = 'settled' "
+                "ORDER BY CASE WHEN run_id LIKE :job THEN 0 ELSE 1 END, closed DESC LIMIT 1",
                 sha=sha256,
+                job=JOB_RUN_PREFIX + "%",
             )
         return _row(rows[0]) if rows else None
