@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -61,10 +62,11 @@ _INTERNAL = contextvars.ContextVar("paitient_contents_internal", default=False)
 """Set while the manager reads files for its own work (copies), which sends nothing to the browser."""
 
 
-def inside(root: str, path: str) -> bool:
-    """True if ``path``, with every symlink resolved, lies in ``root`` (also resolved)."""
+def inside(root: str, path: str, *, resolved: bool = False) -> bool:
+    """True if ``path``, with every symlink resolved, lies in ``root`` (also resolved). ``resolved``: ``path``
+    is a resolved one already (the kernel's name of an open file), taken as it is."""
     real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
+    real = path if resolved else os.path.realpath(path)
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
@@ -145,8 +147,20 @@ class ConfinedContentsManager(AsyncLargeFileManager):
         return _vouched(await self._as_file(model, path, data, sniffed.mimetype, format, image=image))
 
     def _read_capped(self, path: str, os_path: str) -> bytes:
+        """The file's bytes, read from what was opened: the path was checked before, and a kernel may have
+        swapped it for a symlink out of the home, or a FIFO, since. What the descriptor names is checked."""
         cap = self.max_content_bytes
-        with open(os_path, "rb") as f:
+        try:
+            fd = os.open(os_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise HTTPError(404, f"No such file or directory: {path}") from None
+        except OSError as e:
+            raise HTTPError(403, f"{path} cannot be opened ({e.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            if not inside(self.root_dir, os.readlink(f"/proc/self/fd/{fd}"), resolved=True):
+                raise HTTPError(404, f"{path} is outside the home folder")
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise HTTPError(409, f"{path} is not a file (it changed while it was read); open it again")
             data = f.read(cap + 1) if cap else f.read()
         if cap and len(data) > cap:
             raise _refuse(
