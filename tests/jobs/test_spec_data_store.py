@@ -425,10 +425,10 @@ def test_cancelling_a_queued_job_is_immediate_a_running_one_at_its_next_step(ope
 
 def test_workers_of_two_runners_never_claim_the_same_job(open_store):
     """Writers are serialised by the database: 8 threads on two stores (two engines, as two processes would
-    have) claim 40 jobs, each exactly once."""
+    have) claim 40 jobs of ten accounts (4 each, the most one may have waiting), each exactly once."""
     stores = [open_store(), open_store()]
     submitted = {
-        stores[0].submit(username="alice", project="onc", dataset="bc", spec={"n": n}, graph_sha256="f" * 64).id
+        stores[0].submit(username=f"user{n % 10}", project="onc", dataset="bc", spec={"n": n}, graph_sha256="f" * 64).id
         for n in range(40)
     }
     claimed: list[list[str]] = [[] for _ in range(8)]

@@ -151,6 +151,14 @@ class Jobs(Model):
     section = "jobs"
 
     concurrency = WholeNumber(1, rule=POSITIVE, help="Jobs trained at the same time.")
+    max_per_user = WholeNumber(
+        4,
+        rule=Rule("be a whole number from 1 to 1000", lambda v: 1 <= v <= 1000),
+        help="Jobs one account may have queued or running at once (1 to 1000); a further submission is refused, "
+        "saying to wait for one to end or cancel one (jobs.cancel). Workers take the next job from the account "
+        "with the fewest running, then the one served longest ago, so one account's backlog does not hold up "
+        "another's.",
+    )
     account = Text(
         "paitient-jobs",
         rule=WORKER_ACCOUNT,
