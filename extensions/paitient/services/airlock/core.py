@@ -37,6 +37,7 @@ from paitient.services.airlock.canonical import (
     MAX_SOURCE_BYTES,
     TABLE_FORMATS,
     NoPreview,
+    Output,
     Refused,
     canonical_output,
     frame_csv,
@@ -345,14 +346,7 @@ class Airlock:
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
         try:
             upload = _read_all(fds[0], limit)
-            out = canonical_output(
-                kind,
-                filename,
-                upload,
-                table_format=meta.get("format"),
-                max_pages=self.settings.max_table_pages,
-                max_side=self.settings.max_figure_side,
-            )
+            out = self._release_form(kind, filename, upload, meta)
         except (StoreError, Refused) as e:
             self.emit(
                 actor=member.username,
@@ -577,6 +571,18 @@ class Airlock:
             self.check_context(), stage_table=lambda _rid, _project, _table: None, membership_audit=False
         )
 
+    def _release_form(self, kind: str, filename: str, upload: bytes, meta: dict[str, Any]) -> Output:
+        """The upload's canonical form under the site's limits, as a request stores it and a check judges it;
+        raises :class:`Refused`."""
+        return canonical_output(
+            kind,
+            filename,
+            upload,
+            table_format=meta.get("format"),
+            max_pages=self.settings.max_table_pages,
+            max_side=self.settings.max_figure_side,
+        )
+
     def _check_preview(
         self, member: Member, uid: int, kind: str, project: str, filename: str, upload: bytes, meta: dict[str, Any]
     ) -> dict[str, Any]:
@@ -586,14 +592,7 @@ class Airlock:
         size = 0
         released_as = filename
         try:
-            out = canonical_output(
-                kind,
-                filename,
-                upload,
-                table_format=meta.get("format"),
-                max_pages=self.settings.max_table_pages,
-                max_side=self.settings.max_figure_side,
-            )
+            out = self._release_form(kind, filename, upload, meta)
         except Refused as e:
             results = [result("canonical", "fail", f"the airlock would refuse this request: {e}")]
         else:
