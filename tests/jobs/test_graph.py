@@ -1340,3 +1340,49 @@ def test_a_graph_that_reads_the_batch_size_as_an_index_is_clipped_the_exact_way(
     )
     graph = runner(bytes(serde.serialize(exported).exported_program))
     assert graph.rows_independent is False
+
+
+def test_graphs_loaded_from_many_threads_at_once_all_load():
+    """torch's deserialiser keeps the graph it is reading in module state and refuses a second meanwhile
+    ("_CURRENT_DESERIALIZER is already set"); the runner loads graphs from its socket's threads and its workers'
+    at once, and a collision refused a good graph at submit, or failed a job after its budget was reserved
+    (charged in full). Every graph loads, however many threads load them together."""
+    import threading
+
+    programs = [kernel(mlp(), torch.zeros(2, 30)), kernel(normed(), torch.zeros(2, 30))]
+    threads, rounds = 8, 6
+    start = threading.Barrier(threads)
+    errors: list[str] = []
+    loaded: list[str] = []
+
+    def load(i: int) -> None:
+        start.wait()
+        for r in range(rounds):
+            try:
+                loaded.append(load_graph(programs[(i + r) % len(programs)]).sha256)
+            except Exception as e:  # noqa: BLE001 - what a collision raises is the point
+                errors.append(f"{type(e).__name__}: {e}")
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(120)
+    assert errors == []
+    assert len(loaded) == threads * rounds
+
+
+def test_the_deserialisers_shared_state_is_only_touched_under_the_lock(monkeypatch):
+    """Every way into torch's deserialiser is under :data:`graph.BUILDING`: the lock is held whenever it runs."""
+    from torch._export.serde import serialize as ser
+
+    held: list[bool] = []
+    deserialize = ser.ExportedProgramDeserializer.deserialize
+
+    def watched(self, *args, **kwargs):
+        held.append(graph_mod.BUILDING.locked())
+        return deserialize(self, *args, **kwargs)
+
+    monkeypatch.setattr(ser.ExportedProgramDeserializer, "deserialize", watched)
+    load_graph(kernel(mlp(), torch.zeros(2, 30)))
+    assert held == [True]

@@ -35,6 +35,7 @@ import json
 import keyword
 import math
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,13 +322,15 @@ def row_output_shape(graph: Graph) -> tuple[int, ...]:
 def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
     """Check ``program`` (an exported program's JSON), rebuild it and build the module from the rebuilt
     document; raises :class:`GraphRefused`, naming what is refused and what to change."""
-    reading = _read(program, max_bytes)
-    module = _build(reading)
-    try:
-        eval_module = _without_dropout(module)
-    except Exception as e:  # torch's graph checks
-        raise GraphRefused(f"the graph cannot be built: {type(e).__name__}: {str(e)[:300]}") from None
-    _check_runs(module, eval_module, reading)
+    reading = _read(program, max_bytes)  # (pure: any number of threads at once)
+    with BUILDING:
+        module = _build(reading)
+        try:
+            eval_module = _without_dropout(module)
+        except Exception as e:  # torch's graph checks
+            raise GraphRefused(f"the graph cannot be built: {type(e).__name__}: {str(e)[:300]}") from None
+        _check_runs(module, eval_module, reading)
+        independent = rows_independent(module, reading.input_shape, reading.input_dtype)
     return Graph(
         module=module,
         eval_module=eval_module,
@@ -338,7 +341,7 @@ def load_graph(program: bytes, *, max_bytes: int = 2_000_000) -> Graph:
         ops=frozenset(reading.ops),
         inits=reading.inits,
         built=json.dumps(reading.document).encode(),
-        rows_independent=rows_independent(module, reading.input_shape, reading.input_dtype),
+        rows_independent=independent,
     )
 
 
@@ -1064,7 +1067,16 @@ def _init(shape: tuple[int, ...], use: _Use, shapes: dict[str, tuple[int, ...]])
 # -- building -------------------------------------------------------------------------------------------
 
 
+BUILDING = threading.Lock()
+"""Held while a graph is built and run on shapes (:func:`load_graph`), one at a time in the process: torch's
+``ExportedProgramDeserializer`` keeps the graph it is deserialising in module state (``_CURRENT_DESERIALIZER``)
+and refuses a second one meanwhile ("already set"), and the runner loads graphs from its socket's threads
+(submit) and its workers' (a checkpoint's match, the fit to the rows, the weights' check) at once; a collision
+refused a good graph, or failed a job whose budget was reserved."""
+
+
 def _build(reading: _Reading) -> torch.nn.Module:
+    """The module of a checked document; only under :data:`BUILDING` (torch's deserialiser is not re-entrant)."""
     from torch._export.serde import serialize as ser
     from torch._export.serde.schema import ExportedProgram as Schema
 
