@@ -553,3 +553,22 @@ def test_the_sandboxs_error_output_stays_in_the_operators_log(tmp_path, caplog):
         == "the training sandbox exited with status 1 (IndexError); the operator's log has the details"
     )
     assert "Target 172 is out of bounds" in caplog.text
+
+
+def test_a_request_beyond_what_the_runner_plans_is_refused_at_submission_and_reserves_nothing(world):
+    """The red team's request (epsilon 100, 20 epochs of one row in 455: 9,100 steps) made the root runner's
+    planning exhaust the host's memory before any budget was reserved. It is refused at submit, saying what to ask
+    for; nothing is queued or reserved. A request within the bound is taken."""
+    site, store, ledger, gate = world
+    net = nn.Sequential(nn.Linear(30, 2))
+    asked = dict(loss="cross_entropy", epochs=20, batch_size=1, max_grad_norm=1.0, target_epsilon=100.0)
+    with pytest.raises(Exception, match=r"target_epsilon 100 over 9100 steps .* the privacy accountant can plan") as e:
+        submit(net, **request(**asked))
+    assert getattr(e.value, "code", "") == "bad_request"
+    assert "ask for fewer epochs or a larger batch_size" in str(e.value)
+    with pytest.raises(Exception, match=r"1000 epochs of batch_size 1 on 455 training rows is 455000 steps") as e:
+        submit(net, **request(**{**asked, "epochs": 1000, "target_epsilon": 0.001}))
+    assert getattr(e.value, "code", "") == "bad_request"
+    assert JobsClient().list() == []
+    assert not [r for r in ledger.runs("oncology") if r["run_id"].startswith("job:")]
+

@@ -370,3 +370,61 @@ def test_weights_are_numbers_whether_or_not_a_row_makes_the_gradient_infinite():
     for way in ("auto", "exact"):
         result = train(forward, params, x, y, spec, clipping=way, device="cpu")
         assert all(torch.isfinite(v).all() for v in result.params.values()), way
+
+
+def _domains(monkeypatch) -> list[int]:
+    """The sizes of every discretisation Opacus' PRV accountant makes from now on."""
+    from opacus.accountants import PRVAccountant
+
+    sizes: list[int] = []
+    get_domain = PRVAccountant._get_domain
+
+    def watched(self, **kwargs):
+        domain = get_domain(self, **kwargs)
+        sizes.append(domain.size)
+        return domain
+
+    monkeypatch.setattr(PRVAccountant, "_get_domain", watched)
+    return sizes
+
+
+def test_a_plan_beyond_the_accountants_bound_is_refused_before_the_accountant_runs(monkeypatch):
+    """The red team's request: epsilon 100 over 20 epochs of one row in 455 (9,100 steps) took the root runner's
+    planning from 0.7 to 3.3 GB and MemoryError (1000 epochs: 22.6 GB and the OOM killer; epsilon 0.001: 14 s of
+    CPU). It is refused, saying what to ask for, before the accountant discretises anything."""
+    import paitient.services.jobs.train as train_mod
+
+    def no_accountant(name):
+        raise AssertionError("the accountant ran")
+
+    monkeypatch.setattr(train_mod, "_accountant", no_accountant)
+    sizes = _domains(monkeypatch)
+    with pytest.raises(
+        TrainError, match=r"target_epsilon 100 over 9100 steps .* ask for fewer epochs or a larger batch_size"
+    ):
+        plan(spec(epochs=20, batch_size=1, target_epsilon=100.0, delta=1 / 4550), 455)
+    with pytest.raises(
+        TrainError, match=r"is 455000 steps, more than the 20000 the runner plans: ask for at most 43 epochs"
+    ):
+        plan(spec(epochs=1000, batch_size=1, target_epsilon=0.001, delta=1 / 4550), 455)
+    assert sizes == []
+
+
+def test_a_plan_at_the_bound_plans_and_no_discretisation_is_beyond_it(monkeypatch):
+    """At :data:`jobspec.MAX_STEPS` steps (40 epochs of one row in 500) the plan is made, and neither it nor a
+    request whose bisection Opacus would have taken through 5.5 M points (epsilon 10 over 9,100 steps) ever
+    discretises over more than :data:`jobspec.MAX_ACCOUNTING_POINTS`; what it plans spends at most the target."""
+    from paitient.rules.jobspec import MAX_ACCOUNTING_POINTS, MAX_STEPS
+
+    sizes = _domains(monkeypatch)
+    at_bound = spec(epochs=40, batch_size=1, target_epsilon=1.0, delta=1 / 5000)
+    p = plan(at_bound, 500)
+    assert p.steps == MAX_STEPS == 20_000
+    assert epsilon_after(p.noise_multiplier, p.sample_rate, p.steps, 1 / 5000, "prv") <= 1.0
+    wide = spec(epochs=20, batch_size=1, target_epsilon=10.0, delta=1 / 4550)
+    q = plan(wide, 455)
+    assert q.steps == 9100 and epsilon_after(q.noise_multiplier, q.sample_rate, q.steps, 1 / 4550, "prv") <= 10.0
+    assert sizes and max(sizes) <= MAX_ACCOUNTING_POINTS
+    with pytest.raises(TrainError, match="cannot account for 9100 steps at noise 0.3 within"):
+        epsilon_after(0.3, q.sample_rate, q.steps, 1 / 4550, "prv")
+    assert max(sizes) <= MAX_ACCOUNTING_POINTS

@@ -32,7 +32,7 @@ from typing import Any
 from paitient.catalogue import DatasetNotFound, find, scan
 from paitient.channel import BAD_REQUEST, FORBIDDEN, UNAVAILABLE, ChannelError, Peer
 from paitient.registry import Member, Registry
-from paitient.rules.jobspec import SpecError, check_request
+from paitient.rules.jobspec import SpecError, check_request, check_steps
 from paitient.services.audit import emit
 from paitient.services.jobs.store import Job, JobError, JobStore
 from paitient.services.kit.access import channel_options
@@ -77,6 +77,7 @@ class JobsService:
             raise ChannelError("send the model's exported graph as one file descriptor with the request", BAD_REQUEST)
         program = _read_fd(fds[0], MAX_GRAPH_BYTES)
         info = self._dataset(member, spec)
+        _within_planning(spec, info)
         from paitient.services.jobs.graph import GraphRefused, load_graph
 
         try:
@@ -218,6 +219,21 @@ class JobsService:
             log.error("jobs: audit record %s for %s not written: %s", action, job.id, e)
             return False
         return True
+
+
+def _within_planning(spec: dict[str, Any], info: Any) -> None:
+    """Refuse, before anything is queued or reserved, a request whose steps on the dataset's training rows (the
+    catalogue's row count less the held-out share, as the runner splits it) are more than the runner plans
+    (:func:`paitient.rules.jobspec.check_steps`); a dataset whose manifest has no row count is checked by the
+    runner on the rows it reads, before it reserves anything."""
+    rows = info.rows
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 3:
+        return
+    n_train = rows - max(1, round(rows * spec["holdout"]))
+    try:
+        check_steps(spec, n_train)
+    except SpecError as e:
+        raise ChannelError(str(e), BAD_REQUEST) from None
 
 
 def _read_fd(fd: int, limit: int) -> bytes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from paitient.rules import membership
-from paitient.rules.jobspec import LOSSES, OPTIMIZERS
+from paitient.rules.jobspec import LOSSES, MAX_ACCOUNTING_POINTS, OPTIMIZERS, SpecError, check_steps
 from paitient.services.jobs.padded import PaddedStep, Stepper, capacity
 from paitient.services.jobs.persample import (
     FastClipper,
@@ -178,25 +179,75 @@ def _accountant(name: str) -> Any:
     return PRVAccountant() if name == "prv" else RDPAccountant()
 
 
+MAX_SIGMA = 1e6
+"""The most noise :func:`plan` tries before it says no noise reaches the target (Opacus' bound)."""
+
+
+CAPPED_PRECISION = 0.01
+"""Where the accounting bound stops :func:`plan`'s bisection short of the target, it stops once the noise is
+within this share of the least it can account for (rather than halving towards that edge for ever)."""
+
+
+def prv_points(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> int:
+    """The points Opacus' PRV accountant discretises over for ``steps`` steps at ``noise_multiplier`` and
+    ``sample_rate`` at ``delta`` (its domain and mesh, worked out as it does from the RDP accountant: cheap)."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    from paitient.rules.jobspec import ACCOUNTANT_EPS_ERROR
+
+    delta_error = delta / 1000  # Opacus' default
+    half_width = compute_safe_domain_size(
+        prvs=[PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)],
+        max_self_compositions=[steps],
+        eps_error=ACCOUNTANT_EPS_ERROR,
+        delta_error=delta_error,
+    )
+    mesh = ACCOUNTANT_EPS_ERROR / math.sqrt(steps * math.log(12 / delta_error) / 2)
+    return int(2 * half_width / mesh) + 2
+
+
+def _affordable(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> bool:
+    """Whether the accountant's work for these steps is within :data:`~paitient.rules.jobspec.MAX_ACCOUNTING_POINTS`
+    (the RDP accountant's is a few dozen orders, always)."""
+    if accountant != "prv":
+        return True
+    return prv_points(noise_multiplier, sample_rate, steps, delta) <= MAX_ACCOUNTING_POINTS
+
+
 def epsilon_after(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """Epsilon spent by ``steps`` steps at ``noise_multiplier`` and ``sample_rate``, at ``delta``."""
+    """Epsilon spent by ``steps`` steps at ``noise_multiplier`` and ``sample_rate``, at ``delta``. A PRV
+    discretisation larger than :data:`~paitient.rules.jobspec.MAX_ACCOUNTING_POINTS` is refused
+    (:class:`TrainError`) before it is allocated."""
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    if not _affordable(noise_multiplier, sample_rate, steps, delta, accountant):
+        raise TrainError(
+            f"the {accountant} accountant cannot account for {steps} steps at noise {noise_multiplier:.4g} within "
+            f"{MAX_ACCOUNTING_POINTS} points; ask for fewer epochs or a larger batch_size"
+        )
     acc = _accountant(accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     return float(acc.get_epsilon(delta=delta))
 
 
+PLANNING = threading.Lock()
+"""Held while :func:`plan` runs the accountant: the runner's workers plan one at a time, so the memory the
+accounting bound allows is the runner's at most, not once per worker."""
+
+
 def plan(spec: TrainSpec, n: int) -> Plan:
     """Sampling rate, steps and the noise multiplier that reaches ``spec.target_epsilon`` on ``n`` rows.
 
-    The multiplier is the smallest Opacus' bisection finds with the accountant at or below the target
-    (to within 0.5% of it); a target no noise reaches is refused with what to change.
+    The steps must be within :func:`paitient.rules.jobspec.check_steps` (checked at submission on the
+    catalogue's row count, again here on the training rows, before the accountant runs). The multiplier is
+    Opacus' bisection (``get_noise_multiplier``: doubling from 20, then halving the interval), the smallest it
+    finds with the accountant at or below the target (to within 0.5% of it), except that a noise whose
+    accounting would take more than :data:`~paitient.rules.jobspec.MAX_ACCOUNTING_POINTS` is not evaluated
+    and counts as too little (more noise is always allowed: it only spends less); a target no noise reaches
+    within that bound is refused with what to change.
     """
-    from opacus.accountants.utils import get_noise_multiplier
-
     if n < 1:
         raise TrainError("there are no training rows")
     if spec.batch_size > n:
@@ -204,24 +255,59 @@ def plan(spec: TrainSpec, n: int) -> Plan:
     rate = spec.batch_size / n
     steps = max(1, round(spec.epochs / rate))
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=spec.target_epsilon,
-            target_delta=spec.delta,
-            sample_rate=rate,
-            steps=steps,
-            accountant=spec.accountant,
-            epsilon_tolerance=0.005 * spec.target_epsilon,
-        )
-    except (ValueError, ArithmeticError) as e:
-        raise TrainError(
+        check_steps({"epochs": spec.epochs, "batch_size": spec.batch_size, "target_epsilon": spec.target_epsilon}, n)
+    except SpecError as e:
+        raise TrainError(str(e)) from None
+    with PLANNING:  # one plan at a time in the process: the bound above is then the runner's, not each worker's
+        sigma = _bisect(spec, rate, steps)
+    return Plan(sample_rate=rate, steps=steps, noise_multiplier=sigma)
+
+
+def _bisect(spec: TrainSpec, rate: float, steps: int) -> float:
+    """:func:`plan`'s noise multiplier (Opacus' bisection, within the accounting bound)."""
+    target, tolerance = spec.target_epsilon, 0.005 * spec.target_epsilon
+    capped = False
+
+    def epsilon(sigma: float) -> float:
+        """The accountant's epsilon at ``sigma``; infinity where accounting it would be beyond the bound."""
+        nonlocal capped
+        if not _affordable(sigma, rate, steps, spec.delta, spec.accountant):
+            capped = True
+            return math.inf
+        acc = _accountant(spec.accountant)
+        acc.history = [(sigma, rate, steps)]
+        return float(acc.get_epsilon(delta=spec.delta))
+
+    def unreachable(why: str) -> TrainError:
+        return TrainError(
             f"epsilon {spec.target_epsilon:g} at delta {spec.delta:g} cannot be reached by the {spec.accountant} "
-            f"accountant with {steps} steps at sampling rate {rate:.3g}, whatever the noise ({e}); ask for a "
-            "larger target_epsilon, fewer epochs or a smaller batch_size"
-            + (", or use the prv accountant" if spec.accountant == "rdp" else "")
-        ) from None
-    if not math.isfinite(sigma) or sigma <= 0:
+            f"accountant with {steps} steps at sampling rate {rate:.3g}{why}; ask for a larger target_epsilon, "
+            "fewer epochs or a smaller batch_size" + (", or use the prv accountant" if spec.accountant == "rdp" else "")
+        )
+
+    try:
+        low, high, high_epsilon = 0.0, 10.0, math.inf
+        while high_epsilon > target:
+            high *= 2
+            high_epsilon = epsilon(high)
+            if high > MAX_SIGMA:
+                raise unreachable(", whatever the noise (The privacy budget is too low.)")
+        while target - high_epsilon > tolerance and not (capped and high - low <= CAPPED_PRECISION * high):
+            # (the second: the bound stops the bisection short of the target, within 1% of the least noise it
+            # can account for; that noise spends less than the target)
+            sigma = (low + high) / 2
+            at = epsilon(sigma)
+            if at < target:
+                high, high_epsilon = sigma, at
+            else:
+                low = sigma
+    except TrainError:
+        raise
+    except (ValueError, ArithmeticError) as e:
+        raise unreachable(f", whatever the noise ({e})") from None
+    if not math.isfinite(high) or high <= 0:
         raise TrainError(f"no usable noise multiplier for epsilon {spec.target_epsilon:g}; ask for a larger one")
-    return Plan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma))
+    return float(high)
 
 
 def pick_device(name: str) -> torch.device:
