@@ -572,3 +572,30 @@ def test_a_request_beyond_what_the_runner_plans_is_refused_at_submission_and_res
     assert JobsClient().list() == []
     assert not [r for r in ledger.runs("oncology") if r["run_id"].startswith("job:")]
 
+
+def test_a_graph_sent_as_a_pipe_is_refused_at_once_and_the_accounts_next_call_works(world):
+    """The graph's descriptor was read to its end with no check: a pipe whose write end the caller kept open
+    held the connection's thread for ever, and nine such calls gave too_many_connections to every jobs
+    operation of the account. Only a regular file is read; anything else is refused at once."""
+    import os
+    import time
+
+    from paitient.kernel.jobs.export import export_graph
+    from paitient.services.jobs.service import NOT_A_FILE
+
+    wire = {**request(), "loss": "cross_entropy", "optimizer": "sgd", "holdout": 0.2, "preprocessing": []}
+    held = []
+    try:
+        for _ in range(12):
+            r, w = os.pipe()
+            held.append(w)
+            os.write(w, export_graph(model(), torch.zeros(2, 30))[:1000])
+            start = time.monotonic()
+            with pytest.raises(Exception, match=re.escape(NOT_A_FILE)) as e:
+                JobsClient(timeout=10).call("submit", wire, fds=[r])
+            assert getattr(e.value, "code", "") == "bad_request" and time.monotonic() - start < 5
+            os.close(r)
+        assert JobsClient(timeout=10).list() == []  # the account's connections are all free
+    finally:
+        for w in held:
+            os.close(w)

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from paitient.catalogue import DatasetNotFound, find, scan
-from paitient.channel import BAD_REQUEST, FORBIDDEN, UNAVAILABLE, ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, TOO_LARGE, UNAVAILABLE, ChannelError, Peer
 from paitient.registry import Member, Registry
 from paitient.rules.jobspec import SpecError, check_request, check_steps
 from paitient.services.audit import emit
@@ -236,17 +237,36 @@ def _within_planning(spec: dict[str, Any], info: Any) -> None:
         raise ChannelError(str(e), BAD_REQUEST) from None
 
 
+NOT_A_FILE = (
+    "send the model's exported graph as a regular file opened for reading (paitient.jobs.submit sends one); "
+    "not a pipe, socket, directory, device or a path-only descriptor"
+)
+
+
 def _read_fd(fd: int, limit: int) -> bytes:
+    """The graph the caller sent as ``fd``: a regular file only, read from its start to at most its size when
+    sent (and at most ``limit`` bytes). Anything else is refused at once: a pipe or socket whose other end the
+    caller holds open would keep the connection's thread waiting for ever, and a few such calls would use up
+    the caller's connections for every jobs operation."""
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
+        info = os.fstat(fd)
+        regular = stat.S_ISREG(info.st_mode) and os.pread(fd, 0, 0) == b""
     except OSError:
-        pass  # a pipe: read from where it is
+        regular = False
+    if not regular:
+        raise ChannelError(NOT_A_FILE, BAD_REQUEST)
+    if info.st_size > limit:
+        raise ChannelError(f"the model's graph has {info.st_size} bytes, more than {limit}", TOO_LARGE)
     chunks, size = [], 0
-    while chunk := os.read(fd, 1 << 16):
+    while size < info.st_size:  # a file that grows meanwhile is read as it was: to the size it had
+        try:
+            chunk = os.pread(fd, min(1 << 16, info.st_size - size), size)
+        except OSError:
+            raise ChannelError(NOT_A_FILE, BAD_REQUEST) from None
+        if not chunk:
+            break
         chunks.append(chunk)
         size += len(chunk)
-        if size > limit:
-            raise ChannelError(f"the model's graph is larger than {limit} bytes", "too_large")
     return b"".join(chunks)
 
 
