@@ -18,7 +18,7 @@ from paitient.ops.demodata import publish_demo
 from paitient.rules import differencing as dif
 from paitient.rules import disclosure, review
 from paitient.services.data import keys
-from tests.airlock.helpers import STEWARD, csv_bytes, registry_counts, submit, wait_state
+from tests.airlock.helpers import GOOD, STEWARD, csv_bytes, registry_counts, submit, wait_state
 
 
 def by_check(airlock, rid: str) -> dict:
@@ -954,3 +954,46 @@ def test_a_number_label_leaves_only_in_ascii_digits():
     assert not disclosure.is_label("stage ２", known, header=True)
     assert disclosure.is_label("Unnamed: 0", known, header=True)
     assert not disclosure.is_label("Unnamed: ٣", known, header=True)
+
+
+def test_an_oversized_text_is_refused_from_its_size_and_one_account_reads_one_upload_at_a_time(airlock, people):
+    """Three 48 MB texts filed at once took the airlock's memory from 225 MB to 1.75 GB before each was
+    refused for being longer than a steward reads (decoded and normalised first), and a refused request
+    costs no quota, so it could be repeated. A text is now refused from its byte size before it is decoded;
+    and an account's upload is read into its release form one at a time."""
+    import threading
+
+    from paitient.services.airlock.canonical import TEXT_MAX_BYTES, TEXT_MAX_CHARS
+
+    big = b"x" * (TEXT_MAX_BYTES + 1)
+    with pytest.raises(ChannelError, match=rf"the file has {len(big)} bytes, so more than the {TEXT_MAX_CHARS}") as e:
+        submit(airlock, people, "alice", big, kind="other", name="notes.txt")
+    assert e.value.code == "refused"
+    # At the bound, a text of four-byte characters is read, and refused (or not) by its characters.
+    assert len(("\U0001f600" * TEXT_MAX_CHARS).encode()) + 3 == TEXT_MAX_BYTES
+
+    entered, release = threading.Event(), threading.Event()
+    read = airlock._release_form
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return read(*args, **kwargs)
+
+    airlock._release_form = held
+    first: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: first.setdefault("id", submit(airlock, people, "alice", GOOD)))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(ChannelError, match="your previous request is still being read") as busy:
+            submit(airlock, people, "alice", GOOD)
+        assert busy.value.code == "busy"
+        airlock._release_form = read
+        other = submit(airlock, people, "carol", GOOD, project="oncology")  # another account is not held up
+    finally:
+        release.set()
+        worker.join(30)
+        airlock._release_form = read
+    assert first["id"] and other
+    assert submit(airlock, people, "alice", GOOD)  # and the account files again once the first is read

@@ -779,7 +779,17 @@ def xlsx_frame(data: bytes) -> pd.DataFrame:
     return pd.read_excel(io.BytesIO(data), engine="openpyxl")
 
 
+TEXT_MAX_BYTES = 4 * TEXT_MAX_CHARS + 3
+"""A text longer than this (a BOM and four bytes a character at most) has more than :data:`TEXT_MAX_CHARS`
+characters: refused from its size, before the airlock decodes and normalises it."""
+
+
 def text_output(filename: str, data: bytes) -> Output:
+    if len(data) > TEXT_MAX_BYTES:
+        raise Refused(
+            f"the file has {len(data)} bytes, so more than the {TEXT_MAX_CHARS} characters a steward reads whole "
+            "before a text leaves; release a shorter text, or the numbers as a table"
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

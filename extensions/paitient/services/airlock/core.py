@@ -43,7 +43,7 @@ from paitient.services.airlock.canonical import (
     frame_csv,
 )
 from paitient.services.airlock.checks import CheckContext, computed_table, load_published, run_checks
-from paitient.services.airlock.feedback import Bounded
+from paitient.services.airlock.feedback import BUSY, Bounded
 from paitient.services.airlock.mia import prepare_work_root
 from paitient.services.airlock.previews import Previews
 from paitient.services.airlock.published import PublishedIndex
@@ -143,6 +143,9 @@ class Airlock:
             self.store, emit=self.emit, may_preview=self.may_preview, checked_form=self.checked_form
         )
         self.feedback = Bounded(self.settings.check_concurrency, self.settings.check_timeout)
+        self._reading: set[str] = set()
+        """Accounts whose upload is being read into its release form now: one at a time each."""
+        self._reading_lock = threading.Lock()
         self.backlog = Backlog(HeldRecords(self.store.db), self._write_records, self.log, "airlock")
         """Records the trail refused and that did not have to be written first; the check worker retries them."""
 
@@ -344,6 +347,12 @@ class Airlock:
         denied = {"project": project, "kind": kind, "filename": filename}
         self._within_quota(member, denied)
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
+        with self._reading_lock:
+            if member.username in self._reading:
+                raise ChannelError(
+                    "your previous request is still being read; wait for its answer, then file the next", BUSY
+                )
+            self._reading.add(member.username)
         try:
             upload = _read_all(fds[0], limit)
             out = self._release_form(kind, filename, upload, meta)
@@ -356,6 +365,9 @@ class Airlock:
                 details={"reason": str(e), **denied},
             )
             raise ChannelError(str(e), "refused") from None
+        finally:
+            with self._reading_lock:
+                self._reading.discard(member.username)
         # Only the canonical form is kept: the upload's bytes are never stored, so nothing but what the checks
         # judge, the reviewers see and a release hands out can leave. Its hash and size stay, for the audit.
         try:
