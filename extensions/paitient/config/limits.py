@@ -92,6 +92,25 @@ class Audit(Model):
     user_details_bytes = WholeNumber(
         262144,
         rule=at_least(1024),
-        help="Details of one user-side event larger than this many bytes (as JSON) are replaced by their length "
-        "and SHA-256. At least 1024.",
+        help="Details of one event from a user's server larger than this many bytes (as JSON) are replaced by their "
+        "length and SHA-256. It holds a cell's code (the server sends up to 200,000 characters of it, cut to "
+        "user_string_chars here). At least 1024.",
+    )
+
+    kernel_details_bytes = WholeNumber(
+        4096,
+        rule=at_least(1024),
+        help="The same, for an event sent from inside a kernel (or a sender whose origin cannot be told): the "
+        "workspace's kernels report nothing themselves (the user's server records cells and kernel starts), so "
+        "a kernel has no need for large details. At least 1024.",
+    )
+
+    user_daily_bytes = WholeNumber(
+        64 << 20,
+        rule=at_least(1 << 20),
+        help="Bytes of details one account's server and kernels may have recorded in the last 24 hours (counted in "
+        "hourly steps; kept across restarts of the audit service in <state_dir>/audit-budget.json). Past it an "
+        "event is still recorded (actor, action, object, outcome, time), with its details replaced by their length "
+        "and SHA-256, and an audit.budget record (at most one an hour per account) says the budget was reached. "
+        "A cell is never refused for it. Records of the hub and the services are never cut. At least 1 MiB.",
     )

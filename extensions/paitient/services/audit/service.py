@@ -20,8 +20,16 @@ from typing import Any
 from paitient.channel import BAD_REQUEST, FORBIDDEN, UNAVAILABLE, ChannelError, Peer
 from paitient.registry import Registry
 from paitient.rules.records import OUTCOMES, AuditError, RecordError, cap_details
-from paitient.services.audit import emit, trail_dir
+from paitient.services.audit import emit, emit_many, trail_dir
 from paitient.services.audit.api import READ_SCOPE, custom_scopes, role_scopes
+from paitient.services.audit.budget import (
+    BUDGET_ACTION,
+    STATE_FILE,
+    WINDOW_SLOTS,
+    ByteBudget,
+    details_size,
+    over_budget_details,
+)
 from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import projects_of
 from paitient.services.kit.access import channel_options
@@ -35,6 +43,10 @@ USER_ACTIONS = frozenset({"cell.execute", "kernel.start", "kernel.stop"})
 
 REQUEST_KEYS = frozenset({"action", "object", "outcome", "details"})
 MAX_OBJECT_CHARS = 1024
+SERVER_ORIGINS = frozenset({"host", "server"})
+"""Origins of a user's server (local profile, pod). Only the server sends large details (a cell's code); from
+any other origin (a kernel, or a sender gone before it was looked at) details are capped at
+``[audit] kernel_details_bytes``."""
 
 
 def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
@@ -121,27 +133,74 @@ def user_event(
     }
 
 
-def handlers(site, log: logging.Logger, metrics: AuditMetrics | None = None) -> dict[str, Any]:
+def budget_for(site) -> ByteBudget:
+    """The accounts' daily byte budget of ``site``, kept in ``<state_dir>/audit-budget.json``."""
+    return ByteBudget(site.audit.user_daily_bytes, Path(site.state_dir) / STATE_FILE)
+
+
+def within_budget(event: dict[str, Any], budget: ByteBudget) -> list[dict[str, Any]]:
+    """The records to write for a user-side ``event``: the event, its details charged to the actor's budget or,
+    past it, replaced by their length and SHA-256; before it an ``audit.budget`` record the first time in an
+    hour that the account is over. Never refuses: a cell must not be refused because of the budget."""
+    details = dict(event["details"])
+    peer = details.pop("peer", None)
+    size, digest = details_size(details)
+    fits, used = budget.charge(event["actor"], size)
+    if fits:
+        return [event]
+    cut = over_budget_details(size, digest, budget.limit)
+    if peer is not None:
+        cut["peer"] = peer
+    out = [{**event, "details": cut}]
+    if budget.should_notice(event["actor"]):
+        notice = {
+            "actor": event["actor"],
+            "action": BUDGET_ACTION,
+            "object": event["actor"],
+            "outcome": "denied",
+            "details": {
+                "budget_bytes": budget.limit,
+                "used_bytes": used,
+                "window_hours": WINDOW_SLOTS,
+                "reason": "the account's server and kernels had more details recorded in the last 24 hours than "
+                "[audit] user_daily_bytes; their events are still recorded, with details replaced by length and "
+                "SHA-256",
+                "peer": peer,
+            },
+        }
+        out.insert(0, notice)
+    return out
+
+
+def handlers(
+    site, log: logging.Logger, metrics: AuditMetrics | None = None, budget: ByteBudget | None = None
+) -> dict[str, Any]:
     registry = Registry.for_state_dir(site.state_dir)
     counted = metrics or AuditMetrics(site)
+    budgeted = budget or budget_for(site)
 
     known = tuple(p.name for p in site.projects)
 
     def record(peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         arrived = time.monotonic()
         member = registry.by_uid(peer.uid)
+        origin = peer.origin if peer.delegated else peer_origin(peer.pid)
         event = user_event(
             member.username if member else f"uid:{peer.uid}",
             peer,
             args,
             string_chars=site.audit.user_string_chars,
-            details_bytes=site.audit.user_details_bytes,
-            origin=peer.origin if peer.delegated else peer_origin(peer.pid),
+            details_bytes=(
+                site.audit.user_details_bytes if origin in SERVER_ORIGINS else site.audit.kernel_details_bytes
+            ),
+            origin=origin,
             projects=member.projects if member else (),
             known_projects=known,
         )
+        # root's own records are never cut; every other caller's count against its account's daily budget
+        events = [event] if peer.is_root and not peer.delegated else within_budget(event, budgeted)
         try:
-            rec = emit(site, **event)
+            rec = emit_many(site, events)[-1]  # type: ignore[arg-type]
         except RecordError as e:
             raise ChannelError(str(e), BAD_REQUEST) from None
         except AuditError as e:
@@ -165,8 +224,9 @@ def serve(site, log: logging.Logger) -> None:
         raise SystemExit(1) from None
     path = Path(socket_path(site, "audit"))
     metrics = AuditMetrics(site)
+    budget = budget_for(site)
     server = ChannelServer(
-        path, handlers(site, log, metrics), name="audit", **channel_options(site, "audit", partial(emit, site))
+        path, handlers(site, log, metrics, budget), name="audit", **channel_options(site, "audit", partial(emit, site))
     )
     log.info("audit: recording to %s, listening on %s", directory, path)
     url = os.environ.get("JUPYTERHUB_SERVICE_URL", "")
@@ -184,5 +244,6 @@ def serve(site, log: logging.Logger) -> None:
             web.stop()
         server.shutdown()
         server.server_close()
+        budget.save()
         emit(site, actor="system", action="audit.stop", details={"pid": os.getpid()})
         log.info("audit: stopped")
