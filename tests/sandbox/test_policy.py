@@ -74,8 +74,8 @@ def test_data_is_read_only_under_data_and_nothing_else_of_the_data_root():
     assert ("/var/lib/paitient/data/onc/bc/versions/3", "/data/onc/bc") in ro
     assert not any(src.startswith("/var/lib/paitient/data") and dst != "/data/onc/bc" for src, dst in ro)
     assert not any(src.startswith("/var/lib/paitient/data") for src, _ in pairs(argv, "--bind"))
-    i = argv.index("--remount-ro")
-    assert argv[i + 1] == "/data" and argv.index("/data/onc/bc") < i
+    i = next(i for i, a in enumerate(argv) if a == "--remount-ro" and argv[i + 1] == "/data")
+    assert argv.index("/data/onc/bc") < i
 
 
 def test_only_allowlisted_etc_files_no_shadow():
@@ -207,3 +207,24 @@ def test_software_installed_under_tmp_is_bound_after_the_private_tmp():
     tmp_at = next(i for i, a in enumerate(argv) if a == "--tmpfs" and argv[i + 1] == "/tmp")
     src_at = argv.index("/tmp/checkout/extensions/paitient")
     assert argv[src_at - 1] == "--ro-bind" and src_at > tmp_at
+
+
+def test_every_writable_tmpfs_is_sized_and_dev_is_read_only():
+    """F3: unsized, /tmp, /dev (and /dev/shm in it) and the runtime dir's mask would each take up to half the
+    host's memory, charged to no process. What a real sandbox does with them:
+    tests/launcher/test_launcher.py::test_a_kernels_tmp_and_dev_shm_are_sized_and_its_oom_score_cannot_be_lowered."""
+    kernel_dir = "/home/pt-alice/.local/share/jupyter/runtime/kabc"
+    argv = build_bwrap_argv(
+        policy(tmp_bytes=8 << 20, kernel_dir=kernel_dir, connection_file=kernel_dir[:-5] + "/kernel-abc.json")
+    )
+    sized = {argv[i + 3]: int(argv[i + 1]) for i, a in enumerate(argv) if a == "--size"}
+    assert argv[argv.index("--size") + 2] == "--tmpfs"
+    assert sized == {"/tmp": 8 << 20, "/dev/shm": 8 << 20, "/home/pt-alice/.local/share/jupyter/runtime": 1 << 20}
+    tmpfs = {argv[i + 1] for i, a in enumerate(argv) if a == "--tmpfs"}
+    assert tmpfs - set(sized) == {"/data"}  # and /data is made read-only
+    ro = [argv[i + 1] for i, a in enumerate(argv) if a == "--remount-ro"]
+    assert ro == ["/dev", "/data", "/"]
+    assert argv.index("--dev") < argv.index("/dev/shm") < argv.index("--remount-ro")  # its nodes first
+    for bad in (0, 4096, -1):
+        with pytest.raises(PolicyError, match="tmp_bytes"):
+            build_bwrap_argv(policy(tmp_bytes=bad))

@@ -45,6 +45,11 @@ USR_MERGE_LINKS: tuple[str, ...] = ("bin", "sbin", "lib", "lib32", "lib64", "lib
 
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
+TMP_BYTES = 1 << 30
+"""Default size of a sandbox's /tmp and of its /dev/shm, each (``[sandbox] tmp_bytes``)."""
+RUNTIME_TMPFS_BYTES = 1 << 20
+"""Size of the empty tmpfs that hides the runtime dir (it only holds the mount points of one kernel)."""
+
 
 def user_runtime_dir(home: str) -> str:
     """The Jupyter runtime dir of a user's server (connection files, kernels' sockets), as the spawner sets it."""
@@ -122,6 +127,9 @@ class SandboxPolicy:
     devices: tuple[str, ...] = ()
     """Host device nodes bound into the private /dev at the same path (a GPU's, for the training runner's
     worker; none for kernels)."""
+    tmp_bytes: int = TMP_BYTES
+    """Size of the private /tmp and of /dev/shm, each, in bytes. tmpfs pages are charged to no process:
+    unsized, each would take up to half the host's memory, out of the rlimits' and the OOM killer's sight."""
 
 
 def resolve_datasets(data_root: str | os.PathLike[str], projects: dict[str, list[str]]) -> list[Mount]:
@@ -192,7 +200,12 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
     parent; with ``seccomp_fd``, the filter of :mod:`paitient.rules.seccomp` read from that descriptor.
     Filesystem: read-only system, a minimal /etc, private /proc, /dev and /tmp, the home
     read-write, the datasets read-only, the service sockets and the runtime dir at their host paths.
+    Every writable tmpfs is sized (/tmp and /dev/shm: ``policy.tmp_bytes`` each; the runtime dir's mask:
+    :data:`RUNTIME_TMPFS_BYTES`) and /dev itself is read-only, so no write in the sandbox fills memory
+    past those bounds.
     """
+    if policy.tmp_bytes < 1 << 20:
+        raise PolicyError(f"tmp_bytes must be at least 1 MiB, got {policy.tmp_bytes!r}")
     _check_abs("home", policy.home)
     _check_abs("runtime_dir", policy.runtime_dir)
     _check_abs("run_dir", policy.run_dir)
@@ -215,11 +228,16 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
         argv += ["--setenv", key, value]
     # The private /proc, /dev and /tmp first: what is bound below may lie under /tmp (a workspace
     # installed from a checkout there) and must not be covered by the empty /tmp.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/data"]  # noqa: S108
+    # bwrap's /dev is a tmpfs of the default size (half the host's memory), its /dev/shm a folder in it:
+    # /dev/shm gets a sized tmpfs of its own, and /dev is made read-only once its nodes are in place.
+    size = str(policy.tmp_bytes)
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/dev/shm"]  # noqa: S108
+    argv += ["--size", size, "--tmpfs", "/tmp", "--tmpfs", "/data"]  # noqa: S108
     for node in policy.devices:
-        if not node.startswith("/dev/") or os.path.normpath(node) != node:
+        if not node.startswith("/dev/") or os.path.normpath(node) != node or node.startswith("/dev/shm/"):  # noqa: S108
             raise PolicyError(f"device {node!r} must be a node under /dev/")
         argv += ["--dev-bind", node, node]
+    argv += ["--remount-ro", "/dev"]
     for path in policy.system_ro:
         _check_abs("system_ro entry", path)
         argv += ["--ro-bind", path, path]
@@ -249,6 +267,8 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
             if os.path.dirname(os.path.normpath(path)) != os.path.normpath(policy.runtime_dir):
                 raise PolicyError(f"{what} {path!r} must lie directly in the runtime dir {policy.runtime_dir!r}")
         argv += [
+            "--size",
+            str(RUNTIME_TMPFS_BYTES),
             "--tmpfs",
             policy.runtime_dir,
             "--bind",

@@ -55,6 +55,7 @@ from typing import IO, Any
 
 from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
 from paitient.rules.sandbox import (
+    TMP_BYTES,
     Limits,
     PolicyError,
     SandboxPolicy,
@@ -196,6 +197,7 @@ class BaseLauncher(abc.ABC):
         prlimit: str = "/usr/bin/prlimit",
         python: str = sys.executable,
         seccomp: bool = True,
+        tmp_bytes: int = TMP_BYTES,
     ):
         self.data_root = str(data_root)
         self.run_dir = str(run_dir)
@@ -206,6 +208,7 @@ class BaseLauncher(abc.ABC):
         self.python = python
         self.kernels = kernel_commands(python)
         self.seccomp = seccomp
+        self.tmp_bytes = tmp_bytes
         self.handles: dict[str, tuple[subprocess.Popen, int]] = {}
         """Handle -> the kernel's keeper and the uid it was started for, while it runs."""
         self._lock = threading.Lock()
@@ -259,6 +262,7 @@ class BaseLauncher(abc.ABC):
             cwd=work_dir(cwd, caller.home),
             kernel_dir=kernel_dir,
             connection_file=connection_file,
+            tmp_bytes=self.tmp_bytes,
         )
 
     def argv(
