@@ -8,6 +8,8 @@ groups and mounts, seen from ``/proc``.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +25,7 @@ from paitient.registry import Member, Registry
 from paitient.rules.sandbox import user_runtime_dir
 from paitient.services.data import access
 from paitient.services.launcher import socket_path
-from paitient.services.launcher.service import Launcher, LauncherServer
+from paitient.services.launcher.service import Launcher, LauncherServer, has_sys_resource
 from tests import workspacegroup
 from tests.launcher.asking import ask_as, connection_file, sandbox_of, staying
 from tests.server.harness import make_site, publish
@@ -302,3 +304,149 @@ def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(w
         timeout=60,
     )
     assert r.stdout.split() == ["denied", "13", f"[{workspacegroup.gid()}]"], r.stderr
+
+
+# -- bounds of what a kernel can take from the host: its log, its tmpfs, the OOM killer's choice ------------
+
+BOUNDED_LOG = 64 * 1024
+BOUNDED_TMP = 8 << 20
+
+PROBE = """
+import json, os, sys, time
+conn = json.load(open(sys.argv[1]))
+out = os.path.join(os.path.dirname(conn["ip"]), "probe.json")
+result = {}
+os.write(2, b"probe: first words\\n")
+chunk = b"x" * (1 << 20)
+t = time.monotonic()
+for _ in range(50):
+    os.write(2, chunk)
+result["flood_seconds"] = time.monotonic() - t
+os.write(2, b"probe: still here\\n")
+def fill(path):
+    n = 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as e:
+        return [n, e.errno]
+    try:
+        while n < (64 << 20):
+            n += os.write(fd, chunk)
+    except OSError as e:
+        return [n, e.errno]
+    finally:
+        os.close(fd)
+    return [n, 0]
+try:
+    result["tmp"] = fill("/tmp/fill")
+    result["shm"] = fill("/dev/shm/fill")
+    result["dev"] = fill("/dev/fill")
+except Exception as e:
+    result["error"] = repr(e)
+result["oom"] = open("/proc/self/oom_score_adj").read().strip()
+try:
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("0")
+    result["lowered"] = 0
+except OSError as e:
+    result["lowered"] = e.errno
+with open(out + ".tmp", "w") as f:
+    json.dump(result, f)
+os.rename(out + ".tmp", out)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def bounded(world_tmp, make_system_user):
+    site = make_site(
+        world_tmp,
+        {"onc": ["bc"]},
+        accounts={"prefix": "tl" + os.urandom(2).hex()},
+        sandbox={"kernel_log_bytes": BOUNDED_LOG, "tmp_bytes": BOUNDED_TMP},
+    )
+    alice = make_system_user("alice")
+    registry = Registry.for_state_dir(site.state_dir)
+    registry.put(Member(username="alice", account=alice.pw_name, uid=alice.pw_uid, projects=("onc",)))
+    access.sync(site)
+    launcher = Launcher(site, registry)
+    # the real launcher, sandbox and log pump; the kernel's command is a probe (a real kernel's output and
+    # files are what the probe writes)
+    launcher.kernels["python3"] = [sys.executable, "-I", "-c", PROBE, "{connection_file}"]
+    server = LauncherServer(socket_path(site), launcher, group=workspacegroup.gid())
+    server.start_in_thread()
+    try:
+        yield site, launcher, server.path, alice
+    finally:
+        server.shutdown()
+        server.server_close()
+        for proc in list(launcher.children.values()):
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _pumps(account: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(a.endswith(b"pump.py") for a in argv) and account.encode() in argv:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_a_kernel_flooding_its_output_fills_its_log_only_to_the_cap_and_keeps_running(bounded):
+    """F1. Attack: the kernel writes 50 MiB to fd 2. The log holds its first kernel_log_bytes and the
+    notices; the kernel is neither blocked nor killed; no pump stays once the kernel has ended."""
+    site, launcher, sock, alice = bounded
+    conn = connection_file(alice)
+    log = site.state_dir / "logs" / f"kernels-{alice.pw_name}.log"
+    probe = conn.parent / "kabc123" / "probe.json"
+    with staying(alice, sock, {"connection_file": str(conn), "kernel": "python3"}) as (_, answer):
+        pid = answer["ok"]["pid"]
+        bwrap, _ = sandbox_of(pid)
+        deadline = time.monotonic() + 60
+        while not probe.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert probe.exists(), log.read_bytes()[-3000:]
+        result = json.loads(probe.read_text())
+        assert result["flood_seconds"] < 20, result
+        assert Path(f"/proc/{bwrap}").exists() and pid in launcher.children  # still running
+        time.sleep(0.5)
+        text = log.read_bytes()
+        assert len(text) <= BOUNDED_LOG + 1024, len(text)
+        assert b"probe: first words\n" in text and b"the rest is dropped" in text
+        assert b"probe: still here" not in text  # past the cap
+        assert len(_pumps(alice.pw_name)) == 1
+    deadline = time.monotonic() + 20
+    while (launcher.children or _pumps(alice.pw_name)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert launcher.children == {} and _pumps(alice.pw_name) == []
+    text = log.read_bytes()
+    assert len(text) <= BOUNDED_LOG + 1024, len(text)
+    dropped = int(text.rsplit(b"ended: ", 1)[1].split()[0])
+    assert dropped == 50 * (1 << 20) + len("probe: first words\nprobe: still here\n") - BOUNDED_LOG
+
+
+def test_a_kernels_tmp_and_dev_shm_are_sized_and_its_oom_score_cannot_be_lowered(bounded):
+    """F3. Attack: the kernel fills /tmp, /dev/shm and /dev (tmpfs: memory of no process), and lowers its
+    oom_score_adj. Each write stops with ENOSPC at tmp_bytes (EROFS for /dev); the score stays 1000."""
+    site, launcher, sock, alice = bounded
+    conn = connection_file(alice)
+    probe = conn.parent / "kabc123" / "probe.json"
+    with staying(alice, sock, {"connection_file": str(conn), "kernel": "python3"}) as (_, answer):
+        deadline = time.monotonic() + 60
+        while not probe.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        result = json.loads(probe.read_text())
+    for where in ("tmp", "shm"):
+        written, err = result[where]
+        assert err == errno.ENOSPC and BOUNDED_TMP - (1 << 20) <= written <= BOUNDED_TMP, (where, result)
+    assert result["dev"] == [0, errno.EROFS], result
+    assert result["oom"] == "1000"
+    if not has_sys_resource():
+        pytest.skip("the launcher lacks CAP_SYS_RESOURCE here (a container's root): the score's floor is unset")
+    assert result["lowered"] in (errno.EACCES, errno.EPERM), result

@@ -23,6 +23,21 @@ class Sandbox(Model):
         help="CPU seconds per kernel process (RLIMIT_CPU); 0: no limit.",
     )
 
+    tmp_bytes = WholeNumber(
+        1 << 30,
+        rule=at_least(1 << 20),
+        help="Size of a kernel's private /tmp and of its /dev/shm, each, in bytes (a write past it fails with "
+        "ENOSPC). Their memory is charged to no process, so it comes on top of memory_mb. At least 1 MiB.",
+    )
+    kernel_log_bytes = WholeNumber(
+        1 << 20,
+        rule=at_least(4096),
+        help="Bytes of one kernel's stdout and stderr kept in <state_dir>/logs/kernels-<account>.log (the first "
+        "ones: a crash's traceback at start); the rest is read and dropped, and a line says how much. An "
+        "account's file is moved to .log.1 (replacing the last) when a kernel starts and it holds 16 times this. "
+        "At least 4096.",
+    )
+
 
 class Server(Model):
     """Each researcher's Jupyter server."""

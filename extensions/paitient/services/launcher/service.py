@@ -5,7 +5,8 @@ What is the host's own: the caller is who ``SO_PEERCRED`` says, and must be an a
 (root and uids the registry does not know are refused, ``forbidden``); the kernel gets the datasets of the
 caller's projects in the site configuration, and runs as the caller's account with exactly the groups of
 those projects (:mod:`paitient.services.data.access`) and the workspace's, no new privileges (``setpriv``).
-The kernel's output goes to a file of root's. The kernels it started stay when it ends (a hub restart keeps
+The kernel's output goes to a file of root's, through a pump that keeps the first
+``[sandbox] kernel_log_bytes`` of it (:mod:`.pump`). The kernels it started stay when it ends (a hub restart keeps
 researchers' kernels); each ends with its server.
 """
 
@@ -16,7 +17,9 @@ import grp
 import logging
 import os
 import pwd
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -56,9 +59,14 @@ class Launcher(BaseLauncher):
             prlimit=prlimit,
             python=python,
             seccomp=seccomp,
+            tmp_bytes=s.tmp_bytes,
         )
         self.site = site
         self.registry = registry
+        if not has_sys_resource():
+            self.log.warning(
+                "launcher: no CAP_SYS_RESOURCE: kernels start with oom_score_adj %d but may lower it", OOM_SCORE_ADJ
+            )
 
     def caller(self, peer: Peer) -> Caller:
         if peer.is_root:
@@ -101,7 +109,14 @@ class Launcher(BaseLauncher):
         return gids
 
     def identity(self, caller: Caller) -> list[str]:
+        # choom as root: oom_score_adj 1000 and, written with CAP_SYS_RESOURCE, its floor too; the keeper,
+        # bubblewrap and the kernel inherit both and cannot lower them. The OOM killer then takes a kernel
+        # before any service (whatever its size), tmpfs and shared memory of a sandbox going with it.
         return [
+            "choom",
+            "-n",
+            str(OOM_SCORE_ADJ),
+            "--",
             "setpriv",
             f"--reuid={caller.uid}",
             f"--regid={caller.gid}",
@@ -112,12 +127,59 @@ class Launcher(BaseLauncher):
 
     @contextlib.contextmanager
     def output(self, caller: Caller) -> Iterator[IO[bytes] | None]:
-        # A file of root's, not the launcher's own stderr: that is a pipe of the hub's, and a kernel writing
-        # to it after the hub ended would die of SIGPIPE.
+        """A pipe whose other end a pump of root's (:mod:`.pump`) copies into ``<state_dir>/logs/kernels-
+        <account>.log``, the first ``[sandbox] kernel_log_bytes`` of each kernel, dropping the rest. Not the
+        file itself: a kernel would fill the state directory's disk (and the audit trail's with it). Not the
+        launcher's own stderr: that is a pipe of the hub's, and a kernel writing to it after the hub ended would
+        die of SIGPIPE; the pump is a process of its own and outlives the launcher as the kernel does."""
+        cap = self.site.sandbox.kernel_log_bytes
         logs = Path(self.site.state_dir) / "logs"
         logs.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(logs / f"kernels-{caller.name}.log", "ab") as log:
-            yield log
+        path = logs / f"kernels-{caller.name}.log"
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size >= LOG_FILE_KERNELS * cap:
+                os.replace(path, path.with_name(path.name + ".1"))
+        read, write = os.pipe()
+        try:
+            with open(path, "ab") as log:
+                pump = subprocess.Popen(
+                    [self.python, "-I", "-S", str(PUMP), str(cap), caller.name],
+                    env={"PATH": "/usr/bin:/bin"},
+                    cwd="/",
+                    stdin=read,
+                    stdout=log,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+        except BaseException:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        threading.Thread(target=pump.wait, name=f"pump-{pump.pid}", daemon=True).start()
+        with open(write, "wb", buffering=0) as out:
+            yield out
+
+
+OOM_SCORE_ADJ = 1000
+"""The kernels' oom_score_adj: the OOM killer's first choice."""
+CAP_SYS_RESOURCE = 24
+
+
+def has_sys_resource() -> bool:
+    """Whether this process may set the floor of an oom_score_adj (root in a container may not)."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+
+
+LOG_FILE_KERNELS = 16
+"""An account's kernel log is moved aside (``.log.1``) at a kernel's start once it holds this many kernels'
+caps: with the kernels that run, what an account's kernels can put on the state directory's disk is bounded."""
+PUMP = Path(__file__).with_name("pump.py")
 
 
 class LauncherServer(ChannelServer):
