@@ -447,6 +447,9 @@ def test_a_kernels_tmp_and_dev_shm_are_sized_and_its_oom_score_cannot_be_lowered
         assert err == errno.ENOSPC and BOUNDED_TMP - (1 << 20) <= written <= BOUNDED_TMP, (where, result)
     assert result["dev"] == [0, errno.EROFS], result
     assert result["oom"] == "1000"
-    if not has_sys_resource():
-        pytest.skip("the launcher lacks CAP_SYS_RESOURCE here (a container's root): the score's floor is unset")
-    assert result["lowered"] in (errno.EACCES, errno.EPERM), result
+    if has_sys_resource():
+        assert result["lowered"] in (errno.EACCES, errno.EPERM), result
+    else:
+        # Root in a container may not set the floor: the kernel can lower its score, as the launcher warns
+        # at its start and docs/security-model.md (1-3) says. Here it did.
+        assert result["lowered"] == 0, result
