@@ -476,3 +476,48 @@ def test_any_accepted_name_is_plain_ascii_without_ldap_syntax(text):
             assert set(text.lower()) <= allowed
             assert text.lower()[0] not in "._-@"
             assert text.count("@") <= 1
+
+
+async def test_password_guessing_is_paused_per_name_without_asking_the_directory(demo):
+    """Attack: guess alice's password. Each failure reached the directory (whose own lockout then locks the
+    hospital account) and wrote a record. Past failed_signins failures in failed_signin_pause seconds the
+    name waits: the attempt is refused with 429 and when to try again, the directory is not asked, and one
+    refusal is recorded per wait. Another name is not held up; the right password, once the wait is over,
+    signs in and clears the count."""
+    site, auth, creds = demo
+    clock = [1000.0]
+    auth.failed_signins, auth.failed_signin_pause = 3, 300.0
+    auth._throttle = signon.SignInThrottle(3, 300.0, clock=lambda: clock[0])
+    for guess in ("letmein", "hunter2", "alice123"):
+        assert await sign_in(auth, "alice", guess) is None
+    binds = len(auth.binds)
+    for attempt in ("password1", creds["alice"]):  # the right password too: the name waits
+        with pytest.raises(web.HTTPError) as e:
+            await sign_in(auth, "Alice", attempt)
+        assert e.value.status_code == 429
+        assert e.value.log_message.startswith("Too many failed sign-ins with this name. Try again in 5 minutes")
+    assert len(auth.binds) == binds  # the directory was not asked
+    reasons = [r["details"]["reason"] for r in reversed(login_records(site))]
+    assert reasons == ["wrong password or unknown user"] * 3 + [
+        "too many failed sign-ins (later attempts not recorded)"
+    ]
+    assert (await sign_in(auth, "carol", creds["carol"]))["name"] == "carol"
+    clock[0] += 299
+    with pytest.raises(web.HTTPError) as e:
+        await sign_in(auth, "alice", creds["alice"])
+    assert "Try again in 1 minute;" in e.value.log_message
+    clock[0] += 2
+    assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
+    for guess in ("a1", "a2"):  # the count started again at the sign-in
+        assert await sign_in(auth, "alice", guess) is None
+    assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
+
+
+def test_the_throttle_forgets_the_oldest_names_first_when_flooded_with_new_ones():
+    clock = [0.0]
+    throttle = signon.SignInThrottle(1, 60.0, clock=lambda: clock[0])
+    throttle.failed("first")
+    for i in range(signon.THROTTLED_NAMES):
+        throttle.failed(f"name{i}")
+    assert throttle.wait("first") == 0.0 and throttle.wait("name0") == 60.0
+    assert len(throttle._failures) == signon.THROTTLED_NAMES

@@ -10,7 +10,7 @@ from traitlets import Bunch, TraitError, validate
 
 from paitient.config.errors import SettingError, must
 from paitient.config.model import Model
-from paitient.config.traits import Choice, Flag, Names, Number, Rule, Text
+from paitient.config.traits import POSITIVE, Choice, Flag, Names, Number, Rule, Text, WholeNumber
 
 
 def is_loopback(host: str) -> bool:
@@ -143,6 +143,20 @@ class Directory(Model):
         rule=Rule("be seconds between 0 and 120", lambda v: 0 < v <= 120),
         help="Seconds to wait for the directory to connect and to answer. When it does not, the login page says "
         "the directory cannot be reached and the hub keeps running.",
+    )
+    failed_signins = WholeNumber(
+        5,
+        rule=POSITIVE,
+        help="Failed sign-ins (a wrong password, or a name the directory does not know) one name may have within "
+        "failed_signin_pause seconds; the next attempts with that name are refused without asking the "
+        "directory until the oldest of them is that old, saying when to try again. Password guessing through "
+        "the workspace then cannot lock the hospital account (the directory's own lockout counts only the "
+        "attempts that reach it), nor fill the audit trail with refusals: one is recorded per pause.",
+    )
+    failed_signin_pause = Number(
+        300.0,
+        rule=Rule("be seconds between 1 and 86400", lambda v: 1 <= v <= 86400),
+        help="The window of failed_signins, in seconds.",
     )
     refresh_seconds = Number(
         300.0,

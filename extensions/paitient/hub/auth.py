@@ -42,7 +42,7 @@ from ldap3.utils.dn import escape_rdn
 from ldapauthenticator import LDAPAuthenticator
 from ldapauthenticator.ldapauthenticator import TlsStrategy
 from tornado import web
-from traitlets import Bool, Dict, Float, Instance, List, Unicode, default
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default
 
 from paitient.config import ConfigError, SiteConfig, check_owner
 from paitient.hub import records, signon
@@ -90,6 +90,8 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         "", config=True, help="Subtree holding the groups; empty: each configured group DN is read directly."
     )
     timeout = Float(5.0, config=True, help="Seconds to wait for the directory to connect and to answer.")
+    failed_signins = Integer(5, config=True, help="Failed sign-ins a name may have within failed_signin_pause.")
+    failed_signin_pause = Float(300.0, config=True, help="Seconds a name's failed sign-ins count against it.")
     active_filter = Unicode(
         "",
         config=True,
@@ -296,6 +298,13 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
 
         return [*tokens.handlers(), *super().get_handlers(app)]
 
+    @property
+    def throttle(self) -> signon.SignInThrottle:
+        """Failed sign-ins per name (:class:`paitient.hub.signon.SignInThrottle`), made at the first use."""
+        if getattr(self, "_throttle", None) is None:
+            self._throttle = signon.SignInThrottle(self.failed_signins, self.failed_signin_pause)
+        return self._throttle
+
     async def authenticate(self, handler: web.RequestHandler | None, data: dict[str, Any]) -> dict | None:
         raw = data.get("username", "")
         if handler is not None:
@@ -312,6 +321,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             await self._audit(actor, "denied", reason=f"invalid username: {problem}")
             return None
         login = raw.lower()
+        wait = self.throttle.wait(login)
+        if wait:
+            if self.throttle.first_refusal(login):
+                self.log.warning("sign-in refused for %s: too many failed sign-ins", signon.shown(login))
+                await self._audit(actor, "denied", reason="too many failed sign-ins (later attempts not recorded)")
+            raise web.HTTPError(429, signon.throttled_message(wait))
         if not password.strip():
             self.log.warning("sign-in refused for %s: empty password", signon.shown(login))
             await self._audit(actor, "denied", reason="empty password")
@@ -331,9 +346,11 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             await self._audit(actor, "denied", reason=str(e))
             return None
         if signed is None:
+            self.throttle.failed(login)
             self.log.warning("sign-in refused for %s: wrong password or unknown user", signon.shown(login))
             await self._audit(actor, "denied", reason="wrong password or unknown user")
             return None
+        self.throttle.succeeded(login)
         m = signed.membership
         if not m.may_sign_in:
             self.log.warning("sign-in refused for %s: in no paitient project", signon.shown(login))
@@ -566,6 +583,8 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.tls_kwargs = tls.tls_kwargs
     a.timeout = d.timeout
     a.active_filter = d.active_filter
+    a.failed_signins = int(d.failed_signins)
+    a.failed_signin_pause = float(d.failed_signin_pause)
     a.auth_refresh_age = int(d.refresh_seconds)
     # A refresh that finds access withdrawn refuses token requests too (JupyterHub's default keeps them).
     a.auth_refresh_strict = True

@@ -6,7 +6,9 @@ The authenticator (:mod:`paitient.hub.auth`) is a thin stateful wrapper around t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from ldap3.core.exceptions import LDAPInvalidDnError
@@ -228,3 +230,73 @@ def hub_roles(
     if m.admin:
         out.append({"name": "admin"})
     return out
+
+
+THROTTLED_NAMES = 10_000
+"""Names whose failed sign-ins are kept (the latest failing ones): a flood of new names drops the oldest."""
+
+
+class SignInThrottle:
+    """Failed sign-ins per name: at most ``limit`` within ``pause`` seconds; then the name waits.
+
+    Kept in the hub's memory: a restart of the hub forgets them, which costs an attacker a restart it cannot
+    cause. Names are compared as signed in (lower case)."""
+
+    def __init__(self, limit: int, pause: float, clock: Callable[[], float] = time.monotonic):
+        self.limit = max(1, int(limit))
+        self.pause = float(pause)
+        self.clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._told: dict[str, float] = {}
+
+    def _recent(self, name: str) -> deque[float]:
+        failures = self._failures.get(name)
+        if failures is None:
+            return deque()
+        horizon = self.clock() - self.pause
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        if not failures:
+            self._failures.pop(name, None)
+            self._told.pop(name, None)
+        return failures
+
+    def wait(self, name: str) -> float:
+        """Seconds before ``name`` may try again (0: now)."""
+        failures = self._recent(name)
+        if len(failures) < self.limit:
+            return 0.0
+        return max(0.0, failures[-self.limit] + self.pause - self.clock())
+
+    def first_refusal(self, name: str) -> bool:
+        """Whether this is the first attempt refused for ``name`` in its current wait (recorded; the rest are
+        not, so that refusals do not fill the audit trail)."""
+        until = self._told.get(name)
+        now = self.clock()
+        if until is not None and now < until:
+            return False
+        self._told[name] = now + self.wait(name)
+        return True
+
+    def failed(self, name: str) -> None:
+        failures = self._recent(name)
+        failures.append(self.clock())
+        while len(failures) > self.limit:
+            failures.popleft()
+        self._failures[name] = failures
+        self._failures.move_to_end(name)
+        while len(self._failures) > THROTTLED_NAMES:
+            old, _ = self._failures.popitem(last=False)
+            self._told.pop(old, None)
+
+    def succeeded(self, name: str) -> None:
+        self._failures.pop(name, None)
+        self._told.pop(name, None)
+
+
+def throttled_message(wait: float) -> str:
+    minutes = max(1, -(-int(wait) // 60))
+    return (
+        f"Too many failed sign-ins with this name. Try again in {minutes} minute{'s' if minutes > 1 else ''}; "
+        "if you have forgotten your password, ask your hospital's IT service."
+    )
