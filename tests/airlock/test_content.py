@@ -960,7 +960,7 @@ def test_an_oversized_text_is_refused_from_its_size_and_one_account_reads_one_up
     """Three 48 MB texts filed at once took the airlock's memory from 225 MB to 1.75 GB before each was
     refused for being longer than a steward reads (decoded and normalised first), and a refused request
     costs no quota, so it could be repeated. A text is now refused from its byte size before it is decoded;
-    and an account's upload is read into its release form one at a time."""
+    and an account's uploads are read into their release form one at a time: the next waits its turn."""
     import threading
 
     from paitient.services.airlock.canonical import TEXT_MAX_BYTES, TEXT_MAX_CHARS
@@ -981,19 +981,21 @@ def test_an_oversized_text_is_refused_from_its_size_and_one_account_reads_one_up
         return read(*args, **kwargs)
 
     airlock._release_form = held
-    first: dict[str, object] = {}
-    worker = threading.Thread(target=lambda: first.setdefault("id", submit(airlock, people, "alice", GOOD)))
-    worker.start()
+    got: dict[str, object] = {}
+    first = threading.Thread(target=lambda: got.setdefault("first", submit(airlock, people, "alice", GOOD)))
+    first.start()
     try:
         assert entered.wait(30)
-        with pytest.raises(ChannelError, match="your previous request is still being read") as busy:
-            submit(airlock, people, "alice", GOOD)
-        assert busy.value.code == "busy"
         airlock._release_form = read
-        other = submit(airlock, people, "carol", GOOD, project="oncology")  # another account is not held up
+        # The account's next request waits for the first to be read; another account's does not.
+        second = threading.Thread(target=lambda: got.setdefault("second", submit(airlock, people, "alice", GOOD)))
+        second.start()
+        other = submit(airlock, people, "carol", GOOD, project="oncology")
+        second.join(1)
+        assert second.is_alive() and "second" not in got
     finally:
         release.set()
-        worker.join(30)
+        first.join(30)
         airlock._release_form = read
-    assert first["id"] and other
-    assert submit(airlock, people, "alice", GOOD)  # and the account files again once the first is read
+    second.join(30)
+    assert got["first"] and got["second"] and other

@@ -111,6 +111,10 @@ class GraphStanding:
         return self.in_site or len(self.approvals) >= self.needed
 
 
+READ_TURN_SECONDS = 120.0
+"""How long a request waits for the same account's earlier ones to be read into their release form."""
+
+
 class Airlock:
     """The service's logic over its store; the socket and web layers are thin around it."""
 
@@ -143,8 +147,8 @@ class Airlock:
             self.store, emit=self.emit, may_preview=self.may_preview, checked_form=self.checked_form
         )
         self.feedback = Bounded(self.settings.check_concurrency, self.settings.check_timeout)
-        self._reading: set[str] = set()
-        """Accounts whose upload is being read into its release form now: one at a time each."""
+        self._reading: dict[str, threading.Lock] = {}
+        """An account's uploads are read into their release form one at a time (the next waits its turn)."""
         self._reading_lock = threading.Lock()
         self.backlog = Backlog(HeldRecords(self.store.db), self._write_records, self.log, "airlock")
         """Records the trail refused and that did not have to be written first; the check worker retries them."""
@@ -348,11 +352,13 @@ class Airlock:
         self._within_quota(member, denied)
         limit = self.settings.max_bytes if kind == "weights" else min(self.settings.max_bytes, MAX_SOURCE_BYTES)
         with self._reading_lock:
-            if member.username in self._reading:
-                raise ChannelError(
-                    "your previous request is still being read; wait for its answer, then file the next", BUSY
-                )
-            self._reading.add(member.username)
+            turn = self._reading.setdefault(member.username, threading.Lock())
+        if not turn.acquire(timeout=READ_TURN_SECONDS):
+            raise ChannelError(
+                f"your earlier requests were still being read after {READ_TURN_SECONDS:g} s; file this one again "
+                "once they are answered",
+                BUSY,
+            )
         try:
             upload = _read_all(fds[0], limit)
             out = self._release_form(kind, filename, upload, meta)
@@ -366,8 +372,7 @@ class Airlock:
             )
             raise ChannelError(str(e), "refused") from None
         finally:
-            with self._reading_lock:
-                self._reading.discard(member.username)
+            turn.release()
         # Only the canonical form is kept: the upload's bytes are never stored, so nothing but what the checks
         # judge, the reviewers see and a release hands out can leave. Its hash and size stay, for the audit.
         try:
