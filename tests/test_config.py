@@ -28,6 +28,14 @@ def test_overrides_win():
         ({"workspace": {"port": "80"}}, r"\[workspace\] port: expected a whole number"),
         ({"workspace": {"port": 70000}}, "not a usable port"),
         ({"workspace": {"bind_ip": "example"}}, "not an IP address"),
+        ({"workspace": {"subdomain_host": "paitient.example.org"}}, r"does not start with https://.*give https://HOST"),
+        (
+            {"workspace": {"subdomain_host": "https://paitient.example.org/hub"}},
+            "more than a scheme, a host and a port",
+        ),
+        ({"workspace": {"subdomain_host": "https://10.0.0.1"}}, "an IP address, which has no subdomains"),
+        ({"workspace": {"subdomain_host": "https://pait_ient.example"}}, "no host of DNS labels"),
+        ({"workspace": {"subdomain_host": "https://paitient.example:0x1"}}, "no usable port"),
         ({"directory": {"url": "http://x"}}, "must start with ldap://"),
         (
             {

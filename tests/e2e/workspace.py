@@ -49,10 +49,14 @@ def site_toml(
     prefix: str,
     extra: str = "",
     project_settings: dict[str, str] | None = None,
+    subdomains: bool = False,
 ) -> str:
-    """The demo site with test paths: same directory layout and projects, private state and homes."""
+    """The demo site with test paths: same directory layout and projects, private state and homes; with
+    ``subdomains``, every server and service on a subdomain of ``localhost`` (browsers resolve ``*.localhost``
+    to loopback themselves)."""
+    origins = f'\nsubdomain_host = "http://localhost:{port}"' if subdomains else ""
     body = EMBEDDED_SITE.read_text().replace(
-        'state_dir = "/var/lib/paitient"', f'state_dir = "{state_dir}"\nport = {port}'
+        'state_dir = "/var/lib/paitient"', f'state_dir = "{state_dir}"\nport = {port}{origins}'
     )
     for project, lines in (project_settings or {}).items():
         name = f'name = "{project}"\n'
@@ -72,15 +76,22 @@ def own_workspace(
     extra_site: str = "",
     project_settings: dict[str, str] | None = None,
     up_args: tuple[str, ...] = (),
+    subdomains: bool = False,
 ) -> Iterator[Workspace]:
     """A workspace in a fresh directory under /tmp (traversable by the spawned accounts), started unless
     ``start`` is false; stopped, its accounts removed and its directory deleted afterwards. ``extra_site`` is
     TOML appended to the site file (e.g. an ``[egress]`` section); ``project_settings`` adds TOML lines to
-    a demo project's table, by project name; ``up_args`` are given to `paitient up` only."""
+    a demo project's table, by project name; ``up_args`` are given to `paitient up` only; ``subdomains``: see
+    :func:`site_toml`."""
     root = Path(tempfile.mkdtemp(prefix=dir_prefix, dir="/tmp"))
     os.chmod(root, 0o755)  # spawned accounts traverse it to reach their homes and the service sockets
     ws = Workspace(
-        root, prefix=account_prefix, extra_site=extra_site, project_settings=project_settings, up_args=up_args
+        root,
+        prefix=account_prefix,
+        extra_site=extra_site,
+        project_settings=project_settings,
+        up_args=up_args,
+        subdomains=subdomains,
     )
     try:
         if start:
@@ -99,6 +110,7 @@ class Workspace:
         extra_site: str = "",
         project_settings: dict[str, str] | None = None,
         up_args: tuple[str, ...] = (),
+        subdomains: bool = False,
     ):
         self.root = root
         self.up_args = up_args
@@ -106,10 +118,12 @@ class Workspace:
         self.home_root = root / "homes"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.browser_url = f"http://localhost:{self.port}/" if subdomains else self.url
+        """Where a browser opens the workspace (the hub's origin)."""
         self.site_file = root / "site.toml"
         self.prefix = prefix
         self.site_file.write_text(
-            site_toml(self.state_dir, self.home_root, self.port, prefix, extra_site, project_settings)
+            site_toml(self.state_dir, self.home_root, self.port, prefix, extra_site, project_settings, subdomains)
         )
         os.chmod(self.site_file, 0o644)
         self.proc: subprocess.Popen | None = None

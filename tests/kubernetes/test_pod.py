@@ -289,6 +289,15 @@ def test_the_profile_needs_a_database_the_hub_and_the_services_share(site_file):
     assert "db_url" not in c.JupyterHub
 
 
+def test_the_profile_refuses_subdomains_it_cannot_route(site_file):
+    """The chart's proxy routes by path: a hub naming hosts in its routes would reach no server."""
+    site = site_config.load(site_file, overrides={"workspace": {"subdomain_host": "https://paitient.example.org"}})
+    c = Config()
+    with pytest.raises(ProfileError, match=r"leave \[workspace\] subdomain_host empty there"):
+        configure_kubernetes(c, site, image=IMAGE)
+    assert "subdomain_host" not in c.JupyterHub
+
+
 def test_the_hubs_database_is_the_sites(site, hub_database):
     c = configure_kubernetes(Config(), site, image=IMAGE)
     url = make_url(c.JupyterHub.db_url)

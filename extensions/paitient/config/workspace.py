@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import urlsplit
 
 from traitlets import Bunch, TraitError, validate
 
@@ -13,6 +14,28 @@ from paitient.config.traits import ABSOLUTE, Choice, Rule, Text, WholeNumber, at
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 """Project and dataset names: lower-case letters, digits, '-' or '_', starting with a letter, at most 32."""
+
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def origin_problem(url: str) -> str:
+    """What is wrong with ``url`` as an origin (``http(s)://host[:port]``, nothing after), or ``""``."""
+    parsed = urlsplit(url.rstrip("/"))
+    if parsed.scheme not in ("http", "https"):
+        return f"{url!r} does not start with https:// or http://"
+    if parsed.username or parsed.password or parsed.path or parsed.query or parsed.fragment:
+        return f"{url!r} has more than a scheme, a host and a port"
+    host = parsed.hostname or ""
+    try:
+        parsed.port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError:
+        return f"{url!r} has no usable port"
+    labels = host.split(".")
+    if not host or not all(_LABEL.match(label) for label in labels):
+        return f"{url!r} names no host of DNS labels (lower-case letters, digits and '-')"
+    if all(label.isdigit() for label in labels):
+        return f"{url!r} names an IP address, which has no subdomains"
+    return ""
 
 
 class Workspace(Model):
@@ -48,6 +71,27 @@ class Workspace(Model):
         return proposal.value
 
     port = WholeNumber(8000, help="The port researchers open in their browser (the proxy listens here).")
+
+    subdomain_host = Text(
+        "",
+        help="The workspace's address as browsers open it (https://HOST[:PORT], no path), to give every origin "
+        "its own: the hub at HOST, each researcher's server at <account>.HOST, each service's pages at "
+        "<service>--service.HOST. Then no page a researcher's server sends can act on the stewards' pages (see "
+        "docs/security-model.md, 17b). Needs a wildcard DNS name (*.HOST) and, behind TLS, a wildcard "
+        "certificate. Empty: one origin for all, every part under a path of the workspace's address.",
+    )
+
+    @validate("subdomain_host")
+    def _subdomain_host(self, proposal: Bunch) -> str:
+        value = proposal.value
+        if value:
+            problem = origin_problem(value)
+            if problem:
+                raise TraitError(
+                    f"{problem}: give https://HOST or https://HOST:PORT, e.g. https://paitient.example.org"
+                )
+        return value.rstrip("/")
+
     hub_port = WholeNumber(0, help="The hub's internal API port, on loopback. 0 picks a free port at start.")
     proxy_api_port = WholeNumber(0, help="The proxy's API port, on loopback. 0 picks a free port at start.")
 
@@ -198,3 +242,13 @@ class Accounts(Model):
     @property
     def uid_max(self) -> int:
         return self.uid_min + self.max_accounts - 1
+
+
+def service_origin(subdomain_host: str, service: str) -> str:
+    """Where a service's pages are served when ``subdomain_host`` (an origin, :func:`origin_problem`) is set:
+    ``<scheme>://<service>--service.<host>[:<port>]``, the name JupyterHub's ``idna`` subdomain hook gives a
+    service of a plain lower-case name. Empty ``subdomain_host``: ``""`` (the workspace's own origin)."""
+    if not subdomain_host:
+        return ""
+    parsed = urlsplit(subdomain_host)
+    return f"{parsed.scheme}://{service}--service.{parsed.netloc}"

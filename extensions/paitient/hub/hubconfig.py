@@ -80,6 +80,11 @@ def configure(
     c.ConfigurableHTTPProxy.should_start = False
     c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{proxy_api_port}"
     c.ConfigurableHTTPProxy.auth_token = paths.secret("proxy_token")
+    if w.subdomain_host:
+        # Each server and each service on an origin of its own (security model, 17b); the proxy routes by
+        # host (`--host-routing`, paitient.ops.commands.proxy_command), the hub stays at the host itself.
+        # JupyterHub's default subdomain hook ("idna") names them; services.kit.render links to the same names.
+        c.JupyterHub.subdomain_host = w.subdomain_host
 
     # -- state ----------------------------------------------------------------------------------------
     c.JupyterHub.db_url = hub_db_url(site)

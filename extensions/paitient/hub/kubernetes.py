@@ -668,6 +668,12 @@ def configure_kubernetes(
 
     if not site.directory.url:
         raise ProfileError("the Kubernetes profile needs [directory] url: there is no embedded directory in a cluster")
+    if site.workspace.subdomain_host:
+        # the chart's proxy routes by path only; a hub that names hosts in its routes would reach no server
+        raise ProfileError(
+            "the Kubernetes profile does not give each server and service an origin of its own yet: leave "
+            "[workspace] subdomain_host empty there (docs/security-model.md, 17b, says what one origin allows)"
+        )
     if not site.database.url:
         raise ProfileError(
             "the Kubernetes profile needs [database] url: without it the hub and the services keep their state in "

@@ -40,4 +40,6 @@ def default_url(handler: Any) -> str:
         return ""  # not signed in: the hub sends them to the login form, and back here afterwards
     held = {role.name for role in roles.get_roles_for(user.orm_user)}
     service = handler.services.get(REVIEW_SERVICE)
-    return landing(held, hub_prefix=handler.hub.base_url, review_prefix=service.href if service else None)
+    # the service's own origin where it has one (JupyterHub's `href` would leave out a port)
+    review = (service.host + service.prefix) if service and service.host else (service.prefix if service else None)
+    return landing(held, hub_prefix=handler.hub.base_url, review_prefix=review)

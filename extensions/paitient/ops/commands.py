@@ -26,7 +26,8 @@ class Command:
 
 
 def proxy_command(site: SiteConfig, proxy: str, *, hub_port: int, proxy_api_port: int) -> Command:
-    """configurable-http-proxy on the public address, its API on loopback, everything else to the hub."""
+    """configurable-http-proxy on the public address, its API on loopback, everything else to the hub; routing
+    by host where the site gives every server its own origin (``[workspace] subdomain_host``)."""
     w = site.workspace
     return Command(
         [
@@ -43,6 +44,8 @@ def proxy_command(site: SiteConfig, proxy: str, *, hub_port: int, proxy_api_port
             f"http://127.0.0.1:{hub_port}",
             "--error-target",
             f"http://127.0.0.1:{hub_port}/hub/error",
+            # with subdomains the hub's routes name a host ("alice.HOST/user/alice/"), matched on Host
+            *(["--host-routing"] if w.subdomain_host else []),
         ],
         (PROXY_TOKEN_ENV,),
     )

@@ -334,6 +334,11 @@ class UpCommand(_StateCommand):
         atomic_write_json(paths.up_file, self.running.__dict__, mode=0o644)
         self._wait_ready(url, proxy_api_port, paths)
         print(f"{READY_PREFIX}{url}", flush=True)
+        if w.subdomain_host:
+            print(
+                f"paitient: browsers open {w.subdomain_host}/ (the hub; each server and service on a subdomain)",
+                flush=True,
+            )
         if demo is not None:
             print("paitient: demo accounts (hospital directory, embedded):", flush=True)
             for line in describe_demo_accounts(demo.credentials()):
@@ -374,7 +379,10 @@ class UpCommand(_StateCommand):
                     hub_ok = r.status == 200
                 # the hub adds its services' routes to the proxy last: ready means every page answers
                 routes = proxy_routes(proxy_api_port, paths.secret("proxy_token"))
-                missing = [f"/services/{name}" for name in PAGES if f"/services/{name}" not in routes]
+                # (by host too, "/<name>--service.HOST/services/<name>", where the site sets subdomain_host)
+                missing = [
+                    f"/services/{name}" for name in PAGES if not any(r.endswith(f"/services/{name}") for r in routes)
+                ]
                 if hub_ok and not missing:
                     return
                 last = f"proxy has no route yet for {', '.join(missing)}" if missing else "hub not ready"

@@ -106,7 +106,9 @@ class ServiceCommand(PaitientCommand):
             self.fail(f"cannot read the service's token from {self.token_file}: {e.strerror}")
         if not token:
             self.fail(f"the token file {self.token_file} is empty; run `paitient install` again to write it")
-        os.environ.update(separate_service_env(entry, token, self.hub_port, self.hub_api_url))
+        os.environ.update(
+            separate_service_env(entry, token, self.hub_port, self.hub_api_url, site.workspace.subdomain_host)
+        )
         if self.listen:
             from paitient.services.kit.pages import LISTEN_ENV
 

@@ -82,6 +82,7 @@ class BasePage(web.RequestHandler):
             prefix=self.prefix,
             user=self.known_user(),
             hub_prefix=self.settings["paitient_hub_auth"].hub_prefix,
+            hub_host=self.settings["paitient_hub_auth"].hub_host,
             static_url=self.static_url,
             xsrf_form_html=self.xsrf_form_html,
         )

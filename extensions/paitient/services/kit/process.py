@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from paitient.config.workspace import service_origin
+
 
 def parent_death_signal(sig: int = signal.SIGTERM) -> None:
     """Have the kernel send ``sig`` to this process when the thread that started it ends, however it
@@ -134,10 +136,14 @@ def separate_service(entry: dict, token: str) -> dict | None:
     return out
 
 
-def separate_service_env(entry: dict, token: str, hub_port: int, hub_api_url: str = "") -> dict[str, str]:
+def separate_service_env(
+    entry: dict, token: str, hub_port: int, hub_api_url: str = "", subdomain_host: str = ""
+) -> dict[str, str]:
     """The environment the hub gives a managed service (its pages' sign-in through the hub's OAuth), for a
     service run on its own: the same variables JupyterHub's service spawner sets, from the same entry. The
-    hub's API is ``hub_api_url`` where given (a hub in another pod), else on loopback at ``hub_port``."""
+    hub's API is ``hub_api_url`` where given (a hub in another pod), else on loopback at ``hub_port``. With
+    ``subdomain_host`` (``[workspace]``) the hub is there and the service on an origin of its own, where the
+    hub sends the browser back after sign-in."""
     name = entry["name"]
     prefix = f"/services/{name}/"
     access = ["access:services", f"access:services!service={name}"]
@@ -149,9 +155,9 @@ def separate_service_env(entry: dict, token: str, hub_port: int, hub_api_url: st
         "JPY_API_TOKEN": token,
         "JUPYTERHUB_API_URL": hub_api_url or f"http://127.0.0.1:{hub_port}/hub/api",
         "JUPYTERHUB_BASE_URL": "/",
-        "JUPYTERHUB_HOST": "",
+        "JUPYTERHUB_HOST": subdomain_host,
         "JUPYTERHUB_CLIENT_ID": f"service-{name}",
-        "JUPYTERHUB_OAUTH_CALLBACK_URL": f"{prefix}oauth_callback",
+        "JUPYTERHUB_OAUTH_CALLBACK_URL": f"{service_origin(subdomain_host, name)}{prefix}oauth_callback",
         "JUPYTERHUB_OAUTH_SCOPES": json.dumps(access),
         "JUPYTERHUB_OAUTH_ACCESS_SCOPES": json.dumps(access),
         "JUPYTERHUB_OAUTH_CLIENT_ALLOWED_SCOPES": json.dumps(entry.get("oauth_client_allowed_scopes", [])),

@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from paitient.config.workspace import service_origin
 from paitient.services import PAGES
 
 HERE = Path(__file__).parent
@@ -45,8 +46,12 @@ def environment(template_dir: str | os.PathLike[str] | None = None) -> jinja2.En
     )
 
 
-def nav_links(prefix: str, service: str, hub_prefix: str) -> list[dict[str, Any]]:
-    """The header's links: every service's pages (siblings of ``prefix`` under the hub) and the hub's home."""
+def nav_links(prefix: str, service: str, hub_prefix: str, hub_host: str = "") -> list[dict[str, Any]]:
+    """The header's links: every service's pages (siblings of ``prefix`` under the hub) and the hub's home.
+
+    ``hub_host`` is the hub's origin where the site gives each service one of its own (``[workspace]
+    subdomain_host``; JupyterHub tells a service in ``JUPYTERHUB_HOST``): the other services' pages and the
+    hub are then on other origins, linked in full."""
     links = []
     suffix = f"/{service}/"
     root = prefix[: -len(suffix) + 1] if prefix.endswith(suffix) else None
@@ -54,8 +59,8 @@ def nav_links(prefix: str, service: str, hub_prefix: str) -> list[dict[str, Any]
         if name == service:
             links.append({"title": title, "href": prefix, "current": True})
         elif root is not None:
-            links.append({"title": title, "href": f"{root}{name}/", "current": False})
-    links.append({"title": "Hub", "href": hub_prefix.rstrip("/") + "/home", "current": False})
+            links.append({"title": title, "href": f"{service_origin(hub_host, name)}{root}{name}/", "current": False})
+    links.append({"title": "Hub", "href": hub_host + hub_prefix.rstrip("/") + "/home", "current": False})
     return links
 
 
@@ -65,6 +70,7 @@ def base_namespace(
     prefix: str,
     user: dict[str, Any] | None,
     hub_prefix: str = "/hub/",
+    hub_host: str = "",
     static_url: Callable[[str], str] | None = None,
     xsrf_form_html: Callable[[], str] | None = None,
 ) -> dict[str, Any]:
@@ -77,7 +83,7 @@ def base_namespace(
         "prefix": prefix,
         "user": user,
         "service_title": PAGES.get(service, service),
-        "nav": nav_links(prefix, service, hub_prefix),
+        "nav": nav_links(prefix, service, hub_prefix, hub_host),
         "static_url": static_url or (lambda path: f"{prefix}static/{path}"),
         # tornado's hidden input with the XSRF token (its value escaped by tornado)
         "xsrf_form_html": lambda: Markup((xsrf_form_html or no_forms)()),  # noqa: S704
