@@ -513,6 +513,43 @@ async def test_password_guessing_is_paused_per_name_without_asking_the_directory
     assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"
 
 
+async def test_refusals_of_ever_new_names_fill_the_trail_only_to_a_count_a_minute(demo):
+    """Attack: from the login form, with no account, sign in as ever-new names (the per-name throttle never
+    holds one) and with names refused outright, to fill the audit trail, whose being full stops every
+    researcher's cells. Past refusals_recorded in a window the refusals are counted, not recorded: the
+    window's count goes into one record when it is over. The next window records one by one again."""
+    site, auth, creds = demo
+    auth._refusals = signon.RefusalRecords(3, window=1.0)
+    before = len(login_records(site))
+    for i in range(9):
+        assert await sign_in(auth, f"guess{i}", "wrong") is None
+    assert await sign_in(auth, "not a name!", "x") is None
+    assert await sign_in(auth, "guess9", "") is None
+    assert len(login_records(site)) == before + 3  # the window's first three
+    await asyncio.sleep(1.3)  # the window ends; the count is recorded
+    records = login_records(site)[: len(login_records(site)) - before]
+    assert len(records) == 4
+    summary = records[0]
+    assert summary["actor"] == "system" and summary["outcome"] == "denied"
+    assert summary["details"]["refusals"] == 8
+    assert summary["details"]["reason"] == "8 more sign-ins refused within a minute (not recorded one by one)"
+    assert [r["details"]["reason"] for r in records[1:]] == ["wrong password or unknown user"] * 3
+    assert await sign_in(auth, "guess10", "wrong") is None  # a new window: recorded by itself
+    assert login_records(site)[0]["details"]["reason"] == "wrong password or unknown user"
+    assert (await sign_in(auth, "alice", creds["alice"]))["name"] == "alice"  # a sign-in is always recorded
+    assert login_records(site)[0]["outcome"] == "ok"
+
+
+def test_refusal_windows_record_their_first_ones_and_count_the_rest():
+    clock = [0.0]
+    refusals = signon.RefusalRecords(2, window=60.0, clock=lambda: clock[0])
+    assert [refusals.take() for _ in range(4)] == [(True, False), (True, False), (False, True), (False, False)]
+    assert refusals.seconds_left() == 60.0
+    clock[0] = 60.0
+    assert refusals.take() == (True, False) and refusals.seconds_left() == 60.0
+    assert refusals.release() == 2 and refusals.release() == 0
+
+
 def test_the_throttle_forgets_the_oldest_names_first_when_flooded_with_new_ones():
     clock = [0.0]
     throttle = signon.SignInThrottle(1, 60.0, clock=lambda: clock[0])

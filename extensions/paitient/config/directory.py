@@ -158,6 +158,14 @@ class Directory(Model):
         rule=Rule("be seconds between 1 and 86400", lambda v: 1 <= v <= 86400),
         help="The window of failed_signins, in seconds.",
     )
+    refusals_recorded = WholeNumber(
+        60,
+        rule=POSITIVE,
+        help="Refused sign-ins (any name, any reason before the directory says who it is) recorded in the audit "
+        "trail one by one in a minute; the others of that minute are recorded as one record with their count. "
+        "Refusals need no account: without this bound, anyone who reaches the login form could fill the disk "
+        "of the audit trail, whose being full stops every researcher's cells, at the hub's pace.",
+    )
     refresh_seconds = Number(
         300.0,
         rule=Rule("be seconds between 0 and 86400", lambda v: 0 <= v <= 86400),

@@ -92,6 +92,9 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
     timeout = Float(5.0, config=True, help="Seconds to wait for the directory to connect and to answer.")
     failed_signins = Integer(5, config=True, help="Failed sign-ins a name may have within failed_signin_pause.")
     failed_signin_pause = Float(300.0, config=True, help="Seconds a name's failed sign-ins count against it.")
+    refusals_recorded = Integer(
+        60, config=True, help="Refused sign-ins recorded one by one in a minute; the rest as one count."
+    )
     active_filter = Unicode(
         "",
         config=True,
@@ -305,6 +308,34 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self._throttle = signon.SignInThrottle(self.failed_signins, self.failed_signin_pause)
         return self._throttle
 
+    @property
+    def refusals(self) -> signon.RefusalRecords:
+        """How many refused sign-ins are recorded one by one (:class:`paitient.hub.signon.RefusalRecords`)."""
+        if getattr(self, "_refusals", None) is None:
+            self._refusals = signon.RefusalRecords(self.refusals_recorded)
+        return self._refusals
+
+    async def _refused(self, actor: str, reason: str) -> None:
+        """Record a refused sign-in, or count it with the others of its minute past ``refusals_recorded``."""
+        recorded, first_held = self.refusals.take()
+        if recorded:
+            await self._audit(actor, "denied", reason=reason)
+        elif first_held:
+            asyncio.get_running_loop().call_later(
+                self.refusals.seconds_left(), lambda: asyncio.ensure_future(self._record_held_refusals())
+            )
+
+    async def _record_held_refusals(self) -> None:
+        held = self.refusals.release()
+        if held:
+            self.log.warning("%d more sign-ins refused in a minute, recorded as one count", held)
+            await self._audit(
+                "system",
+                "denied",
+                reason=f"{held} more sign-ins refused within a minute (not recorded one by one)",
+                refusals=held,
+            )
+
     async def authenticate(self, handler: web.RequestHandler | None, data: dict[str, Any]) -> dict | None:
         raw = data.get("username", "")
         if handler is not None:
@@ -318,18 +349,18 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         problem = signon.username_problem(raw, allow_at=self._allow_at)
         if problem:
             self.log.warning("sign-in refused for %s: %s", signon.shown(raw), problem)
-            await self._audit(actor, "denied", reason=f"invalid username: {problem}")
+            await self._refused(actor, f"invalid username: {problem}")
             return None
         login = raw.lower()
         wait = self.throttle.wait(login)
         if wait:
             if self.throttle.first_refusal(login):
                 self.log.warning("sign-in refused for %s: too many failed sign-ins", signon.shown(login))
-                await self._audit(actor, "denied", reason="too many failed sign-ins (later attempts not recorded)")
+                await self._refused(actor, "too many failed sign-ins (later attempts not recorded)")
             raise web.HTTPError(429, signon.throttled_message(wait))
         if not password.strip():
             self.log.warning("sign-in refused for %s: empty password", signon.shown(login))
-            await self._audit(actor, "denied", reason="empty password")
+            await self._refused(actor, "empty password")
             return None
         try:
             signed = await asyncio.get_running_loop().run_in_executor(None, self.sign_in, login, password)
@@ -343,12 +374,12 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             raise web.HTTPError(503, signon.SERVICE_ACCOUNT_MESSAGE) from None
         except AccountRefused as e:
             self.log.warning("sign-in refused for %s: %s", signon.shown(login), e)
-            await self._audit(actor, "denied", reason=str(e))
+            await self._refused(actor, str(e))
             return None
         if signed is None:
             self.throttle.failed(login)
             self.log.warning("sign-in refused for %s: wrong password or unknown user", signon.shown(login))
-            await self._audit(actor, "denied", reason="wrong password or unknown user")
+            await self._refused(actor, "wrong password or unknown user")
             return None
         self.throttle.succeeded(login)
         m = signed.membership
@@ -585,6 +616,7 @@ def configure_from_site(c: Any, site: SiteConfig, directory_url: str | None = No
     a.active_filter = d.active_filter
     a.failed_signins = int(d.failed_signins)
     a.failed_signin_pause = float(d.failed_signin_pause)
+    a.refusals_recorded = int(d.refusals_recorded)
     a.auth_refresh_age = int(d.refresh_seconds)
     # A refresh that finds access withdrawn refuses token requests too (JupyterHub's default keeps them).
     a.auth_refresh_strict = True

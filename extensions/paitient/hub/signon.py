@@ -294,6 +294,42 @@ class SignInThrottle:
         self._told.pop(name, None)
 
 
+class RefusalRecords:
+    """Refused sign-ins recorded one by one: at most ``per_window`` in each ``window`` seconds; the others are
+    counted, and their count recorded once the window is over (by whoever holds this, see
+    :meth:`take`). Refusals need no account, so without a bound anyone who reaches the login form writes to
+    the audit trail at the hub's pace; a per-name throttle does not bound ever-new names."""
+
+    def __init__(self, per_window: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.per_window = max(1, int(per_window))
+        self.window = float(window)
+        self.clock = clock
+        self._start: float | None = None
+        self._taken = 0
+        self._held = 0
+
+    def take(self) -> tuple[bool, bool]:
+        """For one refusal: whether it is recorded by itself; and whether it is the first held back since the
+        last :meth:`release` (its holder then calls :meth:`release` after :meth:`seconds_left`)."""
+        now = self.clock()
+        if self._start is None or now >= self._start + self.window:
+            self._start, self._taken = now, 0
+        if self._taken < self.per_window:
+            self._taken += 1
+            return True, False
+        self._held += 1
+        return False, self._held == 1
+
+    def seconds_left(self) -> float:
+        """Seconds until the current window is over."""
+        return 0.0 if self._start is None else max(0.0, self._start + self.window - self.clock())
+
+    def release(self) -> int:
+        """The number of refusals held back since the last release (counted from zero again)."""
+        held, self._held = self._held, 0
+        return held
+
+
 def throttled_message(wait: float) -> str:
     minutes = max(1, -(-int(wait) // 60))
     return (
