@@ -25,6 +25,7 @@ MIRRORS = {
     (SandboxProvisioner, "max_processes"): (Sandbox, "max_processes"),
     (SandboxProvisioner, "max_open_files"): (Sandbox, "max_open_files"),
     (SandboxProvisioner, "cpu_seconds"): (Sandbox, "cpu_seconds"),
+    (SandboxProvisioner, "tmp_bytes"): (Sandbox, "tmp_bytes"),
     **{(AirlockSettings, name): (Airlock, name) for name in Airlock.settings()},
 }
 
@@ -83,7 +84,13 @@ def test_the_user_servers_config_carries_every_server_side_mirror_from_the_site(
     site = parse(
         {
             "workspace": {"state_dir": str(tmp_path)},
-            "sandbox": {"memory_mb": 1000, "max_processes": 99, "max_open_files": 77, "cpu_seconds": 66},
+            "sandbox": {
+                "memory_mb": 1000,
+                "max_processes": 99,
+                "max_open_files": 77,
+                "cpu_seconds": 66,
+                "tmp_bytes": 5 << 20,
+            },
             "server": {"output_cap_message_bytes": 11, "output_cap_execution_bytes": 22, "contents_cap_bytes": 33},
         }
     )

@@ -179,6 +179,7 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "--max-processes=256",
         "--max-open-files=1024",
         "--cpu-seconds=600",
+        f"--tmp-bytes={site.sandbox.tmp_bytes}",
         "--gateway=paitient-services:8090",
         "--token-file=/run/paitient-token/token",
         "--gateway-ca=/etc/paitient-gateway-ca/ca.crt",
@@ -202,7 +203,7 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "/data",
         "/run/paitient/services",
     )
-    assert (app.memory_mb, app.cpu_seconds) == (2048, 600)
+    assert (app.memory_mb, app.cpu_seconds, app.tmp_bytes) == (2048, 600, site.sandbox.tmp_bytes)
     assert (app.gateway, app.token_file) == ("paitient-services:8090", "/run/paitient-token/token")
     # the relay calls the gateway over TLS, trusting the authority the kernels container (only) mounts
     assert (app.gateway_ca, app.plain_tcp) == ("/etc/paitient-gateway-ca/ca.crt", False)

@@ -39,8 +39,12 @@ print(json.dumps({
     "cwd": os.getcwd(),
     "sockets": sorted(os.listdir(SOCKETS)),
     "env": sorted(os.environ),
+    "tmp": [os.statvfs(p).f_blocks * os.statvfs(p).f_frsize for p in ("/tmp", "/dev/shm")],
 }))
 """
+
+POD_TMP_BYTES = 5 << 20
+"""The size of /tmp and /dev/shm the pod fixture's launcher is given (``--tmp-bytes``, from the site)."""
 
 RUN_CELL = (
     ASK
@@ -174,7 +178,7 @@ def pod(world_tmp, make_system_user):
     sockets = world_tmp / "sockets"
     sockets.mkdir(mode=0o755)
     os.chown(sockets, user.pw_uid, user.pw_gid)
-    with pod_launcher(user, sockets, data) as launcher:
+    with pod_launcher(user, sockets, data, f"--tmp-bytes={POD_TMP_BYTES}") as launcher:
         yield user, other, sockets / "launcher.sock", launcher
 
 
@@ -216,6 +220,7 @@ def test_a_kernel_for_the_pods_own_uid_runs_a_cell_with_only_the_mounted_data(po
         # the launcher's socket is not in the sandbox (no kernel asks for kernels): only the services' folder is
         assert seen["sockets"] == ["services"]
         assert "JUPYTERHUB_API_TOKEN" not in seen["env"] and "LD_PRELOAD" not in seen["env"]
+        assert seen["tmp"] == [POD_TMP_BYTES, POD_TMP_BYTES]  # the size the hub gave the launcher, not 1 GiB
 
         # the process tree, from outside: the launcher (as the user) -> keeper -> bubblewrap, no setpriv
         pid = answer["ok"]["pid"]

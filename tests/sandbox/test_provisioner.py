@@ -45,6 +45,10 @@ def test_policy_mounts_the_configured_projects_and_stays_in_the_home(tmp_path):
     assert pol.system_ro[0] == "/usr" and any(p.endswith("paitient") or "venv" in p for p in pol.system_ro[1:])
 
 
-def test_limits_come_from_configuration():
+def test_limits_come_from_configuration(tmp_path):
     p = provisioner(memory_mb=100, max_processes=7, max_open_files=33, cpu_seconds=5)
     assert vars(p.limits()) == {"memory_mb": 100, "max_processes": 7, "max_open_files": 33, "cpu_seconds": 5}
+    # the sizes of /tmp and /dev/shm too, where the server builds the sandbox itself
+    sized = provisioner(run_dir="/srv/run", data_root=str(tmp_path), tmp_bytes=3 << 20)
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    assert sized.policy(f"{home}/.local/share/jupyter/runtime/kernel-1.json", cwd=None).tmp_bytes == 3 << 20

@@ -12,17 +12,20 @@ from paitient.config.limits import Sandbox
 from paitient.config.traits import SiteTrait, site_trait
 
 
-def sandbox_traits() -> tuple[SiteTrait, SiteTrait, SiteTrait, SiteTrait, Unicode, Unicode]:
-    """``memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path``, new traits each
-    call, for a class body::
+def sandbox_traits() -> tuple[SiteTrait, SiteTrait, SiteTrait, SiteTrait, SiteTrait, Unicode, Unicode]:
+    """``memory_mb, max_processes, max_open_files, cpu_seconds, tmp_bytes, bwrap_path, prlimit_path``, new
+    traits each call, for a class body::
 
-        memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
+        memory_mb, max_processes, max_open_files, cpu_seconds, tmp_bytes, bwrap_path, prlimit_path = (
+            sandbox_traits()
+        )
     """
     return (
         site_trait(Sandbox, "memory_mb"),
         site_trait(Sandbox, "max_processes"),
         site_trait(Sandbox, "max_open_files"),
         site_trait(Sandbox, "cpu_seconds"),
+        site_trait(Sandbox, "tmp_bytes"),
         Unicode("/usr/bin/bwrap", help="The bubblewrap binary.").tag(config=True),
         Unicode("/usr/bin/prlimit", help="util-linux prlimit, sets the rlimits.").tag(config=True),
     )

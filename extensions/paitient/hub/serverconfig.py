@@ -206,6 +206,7 @@ def server_config_at(site: SiteConfig, projects: tuple[str, ...], places: Server
             "max_processes": site.sandbox.max_processes,
             "max_open_files": site.sandbox.max_open_files,
             "cpu_seconds": site.sandbox.cpu_seconds,
+            "tmp_bytes": site.sandbox.tmp_bytes,
         },
         "CappedWebsocketConnection": {
             "output_cap_message_bytes": site.server.output_cap_message_bytes,

@@ -83,7 +83,7 @@ class SandboxProvisioner(LocalProvisioner):
         {},
         help="Project name -> dataset names this user may read. Written by the spawner from the registry.",
     ).tag(config=True)
-    memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
+    memory_mb, max_processes, max_open_files, cpu_seconds, tmp_bytes, bwrap_path, prlimit_path = sandbox_traits()
     system_ro = List(Unicode(), help="Host folders bound read-only at the same path.").tag(config=True)
     extra_ro = List(
         Unicode(),
@@ -137,6 +137,7 @@ class SandboxProvisioner(LocalProvisioner):
             cwd=work,
             kernel_dir=kernel_dir,
             connection_file=connection_file if kernel_dir else "",
+            tmp_bytes=self.tmp_bytes,
         )
 
     # ------------------------------------------------------------------ provisioner hooks

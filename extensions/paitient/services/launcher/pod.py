@@ -161,7 +161,7 @@ class PodLauncherApp(Application):
     run_dir = Unicode(RUN_DIR, help="Folder of the services' sockets, bound read-only into each sandbox.").tag(
         config=True
     )
-    memory_mb, max_processes, max_open_files, cpu_seconds, bwrap_path, prlimit_path = sandbox_traits()
+    memory_mb, max_processes, max_open_files, cpu_seconds, tmp_bytes, bwrap_path, prlimit_path = sandbox_traits()
     seccomp = Bool(True, help="Load the workspace's seccomp filter into every kernel.").tag(config=True)
     gateway = Unicode(
         "",
@@ -188,6 +188,7 @@ class PodLauncherApp(Application):
         "max-processes": "PodLauncherApp.max_processes",
         "max-open-files": "PodLauncherApp.max_open_files",
         "cpu-seconds": "PodLauncherApp.cpu_seconds",
+        "tmp-bytes": "PodLauncherApp.tmp_bytes",
         "gateway": "PodLauncherApp.gateway",
         "token-file": "PodLauncherApp.token_file",
         "egress-socket": "PodLauncherApp.egress_socket",
@@ -216,6 +217,7 @@ class PodLauncherApp(Application):
             prlimit=self.prlimit_path,
             python=sys.executable,
             seccomp=self.seccomp,
+            tmp_bytes=self.tmp_bytes,
         )
         launcher.check_socket(self.socket)
         return launcher
