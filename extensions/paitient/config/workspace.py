@@ -75,7 +75,7 @@ class Workspace(Model):
     subdomain_host = Text(
         "",
         help="The workspace's address as browsers open it (https://HOST[:PORT], no path), to give every origin "
-        "its own: the hub at HOST, each researcher's server at <account>.HOST, each service's pages at "
+        "its own: the hub at HOST, each researcher's server at <name>.HOST (her sign-in name), each service's pages at "
         "<service>--service.HOST. Then no page a researcher's server sends can act on the stewards' pages (see "
         "docs/security-model.md, 17b). Needs a wildcard DNS name (*.HOST) and, behind TLS, a wildcard "
         "certificate. Empty: one origin for all, every part under a path of the workspace's address.",
