@@ -255,3 +255,39 @@ def test_the_job_run_is_found_for_its_weights_even_beside_a_later_run_with_the_s
     with ledger.db.transaction() as conn:
         conn.execute(sqlalchemy.text("UPDATE runs SET closed = closed + 3600 WHERE id = :id"), {"id": mine})
     assert ledger.record_by_hash(SHA)["id"] == job
+
+
+def test_a_member_takes_at_most_her_share_and_the_others_keep_theirs(state_dir):
+    """Attack (availability): one member reserves all that is left of a dataset's budget in a kernel she keeps
+    alive, or spends it, and her colleagues' runs are refused. With member_share 0.5 her runs and reservations
+    together stop at half; a colleague still gets the other half; the project's total still binds them all."""
+    import tomllib
+
+    from paitient.config import parse
+    from tests.ledger.conftest import SITE_TOML
+
+    text = SITE_TOML.format(state_dir=state_dir).replace(
+        'name = "oncology"\n', 'name = "oncology"\nmember_share = 0.5\n', 1
+    )
+    ledger = Ledger(parse(tomllib.loads(text)))
+    try:
+        held = ledger.reserve("oncology", "breast_cancer", 3.0, 1e-7, user="alice")
+        ledger.settle(ledger.reserve("oncology", "breast_cancer", 1.5, 1e-7, user="alice"), 1.0, user="alice")
+        # 3 reserved (held, not spent) and 1 spent: 4 of her 5
+        with pytest.raises(BudgetExceeded) as e:
+            ledger.reserve("oncology", "breast_cancer", 1.5, 1e-7, user="alice")
+        assert str(e.value) == (
+            "privacy budget exceeded: epsilon 1.5 asked, but alice has used 4 (1 spent, 3 reserved) of the 5 one "
+            "member of the project may use of oncology/breast_cancer's 10 (member_share 0.5), so that every member "
+            "keeps a part of it. Ask for at most 1, or ask a data steward."
+        )
+        ledger.reserve("oncology", "breast_cancer", 1.0, 1e-7, user="alice")  # exactly her share
+        ledger.reserve("oncology", "breast_cancer", 5.0, 1e-7, user="carol")  # the other half is carol's
+        with pytest.raises(BudgetExceeded, match="has 0 left of 10"):  # the total still binds
+            ledger.reserve("oncology", "breast_cancer", 0.5, 1e-7, user="dave")
+        ledger.settle(held, 0.5, user="alice")  # what she did not spend comes back to her share
+        ledger.reserve("oncology", "breast_cancer", 2.5, 1e-7, user="alice")
+        # the other project has no share: one member may use all of it
+        ledger.reserve("cardio", "diabetes", 5.0, 1e-7, user="bob")
+    finally:
+        ledger.close()

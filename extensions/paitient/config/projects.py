@@ -12,6 +12,7 @@ from paitient.config.model import Model
 from paitient.config.outputs import AIRLOCK_KINDS, AUTO_RELEASE_KINDS, EgressLimits
 from paitient.config.traits import (
     NOT_NEGATIVE,
+    SHARE,
     Choice,
     Names,
     Number,
@@ -94,6 +95,15 @@ class Project(Model):
         "released without review where auto_release holds weights, beside those the project's stewards approve "
         "on a request's page after reading its graph. A graph's numbers and structure steer what training writes "
         "into the weights, so weights of any other graph go to a steward. Empty: none.",
+    )
+
+    member_share = Number(
+        1.0,
+        rule=SHARE,
+        help="The share of each dataset's epsilon budget one member of the project may have spent and reserved, "
+        "all of her runs and training jobs together (in-kernel trainings and the runner's alike). Below 1, "
+        "no member can take, or hold in a long-lived reservation, what the others need: with 4 members, 0.25 "
+        "gives each an equal part. 1: the first to ask may use all that is left.",
     )
 
     auto_release_per_day = WholeNumber(

@@ -116,6 +116,23 @@ def check_reserve(where: str, total: Budget, used: Usage, epsilon: float, delta:
     )
 
 
+def check_member_share(
+    where: str, member: str, share: float, total: Budget, member_used: Usage, epsilon: float
+) -> None:
+    """Raise :class:`BudgetExceeded` unless ``member``'s spent and reserved epsilon of the dataset, with
+    ``epsilon`` more, stays within ``share`` of its total (a project's ``member_share``; 1: no bound)."""
+    if share >= 1 or _fits(member_used.epsilon, epsilon, total.epsilon * share):
+        return
+    allowed = total.epsilon * share
+    raise BudgetExceeded(
+        f"privacy budget exceeded: epsilon {epsilon:g} asked, but {member} has used {member_used.epsilon:g} "
+        f"({member_used.spent_epsilon:g} spent, {member_used.reserved_epsilon:g} reserved) of the "
+        f"{allowed:g} one member of the project may use of {where}'s {total.epsilon:g} (member_share "
+        f"{share:g}), so that every member keeps a part of it. Ask for at most "
+        f"{max(0.0, allowed - member_used.epsilon):g}, or ask a data steward."
+    )
+
+
 def check_settle(reserved_epsilon: float, reserved_delta: float, epsilon_spent: object, delta_spent: object) -> None:
     """A run may not settle more than it reserved (it would spend budget nobody checked); the amounts spent
     come from the caller's request."""

@@ -33,6 +33,7 @@ from paitient.rules.budget import (
     BudgetExceeded,
     Entry,
     check_amounts,
+    check_member_share,
     check_reserve,
     check_settle,
     left,
@@ -317,12 +318,15 @@ class Ledger:
         with _queries(self.db, write=True) as q:
             total, _ = self._total(q, project, dataset)
             rows = q(
-                "SELECT state, epsilon, delta, epsilon_spent, delta_spent FROM runs "
+                "SELECT state, epsilon, delta, epsilon_spent, delta_spent, username FROM runs "
                 "WHERE project = :project AND dataset = :dataset",
                 project=project,
                 dataset=dataset,
             )
-            check_reserve(f"{project}/{dataset}", total, usage(Entry(*r) for r in rows), epsilon, delta)
+            check_reserve(f"{project}/{dataset}", total, usage(Entry(*r[:5]) for r in rows), epsilon, delta)
+            mine = usage(Entry(*r[:5]) for r in rows if r[5] == user)
+            share = self.site.project(project).member_share
+            check_member_share(f"{project}/{dataset}", user, share, total, mine, epsilon)
             q(
                 "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, pod, epsilon, delta, "
                 "state, created) VALUES (:id, :project, :dataset, :user, :run_id, :pid, :pid_start, :pod, "
