@@ -13,7 +13,7 @@ from paitient.kernel.dp.run import dataset_version, default_delta, resolve_targe
 from paitient.kernel.dp.sampling import PoissonSampler, poisson_loader
 from paitient.kernel.dp.validate import DPModelError, check_model, group_count, problems
 from paitient.kernel.dp.weights import file_sha256, save_weights, weights_sha256
-from paitient.kernel.dp.widget import spending_series
+from paitient.kernel.dp.widget import budget_table_html, spending_series
 
 
 def test_poisson_sampler_takes_each_row_with_probability_q():
@@ -123,6 +123,26 @@ def test_spending_series():
         {"dataset": "b", "state": "settled", "epsilon": 1, "epsilon_spent": 0.0, "created": 4, "closed": 6},
     ]
     assert spending_series(runs) == {"a": [(5, 1.0), (10, 2.5)], "b": [(6, 0.0)]}
+
+
+def test_the_budget_table_shows_the_callers_part_only_where_the_project_shares_its_budget():
+    row = {
+        "dataset": "bc",
+        "epsilon_total": 10.0,
+        "epsilon_spent": 1.0,
+        "epsilon_reserved": 3.0,
+        "epsilon_left": 6.0,
+        "delta_total": 1e-5,
+        "delta_left": 1e-5,
+        "runs": 2,
+        "member_share": 1.0,
+        "epsilon_left_member": 6.0,
+    }
+    plain = budget_table_html("onc", [row])
+    assert "left for you" not in plain and "member_share" not in plain
+    shared = budget_table_html("onc", [{**row, "member_share": 0.5, "epsilon_left_member": 1.0}])
+    assert "<th>left for you</th>" in shared and "<td><b>6</b></td><td><b>1</b></td>" in shared
+    assert "at most 0.5 of each dataset's epsilon" in shared
 
 
 def test_without_a_ledger_nothing_trains(monkeypatch, tmp_path):

@@ -282,6 +282,11 @@ def test_a_member_takes_at_most_her_share_and_the_others_keep_theirs(state_dir):
             "keeps a part of it. Ask for at most 1, or ask a data steward."
         )
         ledger.reserve("oncology", "breast_cancer", 1.0, 1e-7, user="alice")  # exactly her share
+        rows = {r["dataset"]: r for r in ledger.budget("oncology", "alice")}
+        assert rows["breast_cancer"]["member_share"] == 0.5
+        assert rows["breast_cancer"]["epsilon_left_member"] == 0.0 and rows["breast_cancer"]["epsilon_left"] == 5.0
+        assert rows["gbsg2"]["epsilon_left_member"] == 1.0  # half of its 2
+        assert "epsilon_left_member" not in ledger.budget("oncology")[0]  # no member asked: no member's part
         ledger.reserve("oncology", "breast_cancer", 5.0, 1e-7, user="carol")  # the other half is carol's
         with pytest.raises(BudgetExceeded, match="has 0 left of 10"):  # the total still binds
             ledger.reserve("oncology", "breast_cancer", 0.5, 1e-7, user="dave")

@@ -39,18 +39,27 @@ def spending_series(runs: Iterable[dict[str, Any]]) -> dict[str, list[tuple[floa
 
 
 def budget_table_html(project: str, rows: list[dict[str, Any]]) -> str:
-    """An HTML table of one project's budget rows (as the ledger's ``budget`` call answers them)."""
+    """An HTML table of one project's budget rows (as the ledger's ``budget`` call answers them); where the
+    project bounds each member's share, a column with the epsilon still open to the caller."""
+    shared = any(r.get("member_share", 1.0) < 1 and "epsilon_left_member" in r for r in rows)
     head = (
         "<tr><th>dataset</th><th>epsilon total</th><th>spent</th><th>reserved</th><th>left</th>"
-        "<th>delta total</th><th>delta left</th><th>runs</th></tr>"
+        + ("<th>left for you</th>" if shared else "")
+        + "<th>delta total</th><th>delta left</th><th>runs</th></tr>"
     )
     body = "".join(
         f"<tr><td>{escape(r['dataset'])}</td><td>{r['epsilon_total']:.4g}</td><td>{r['epsilon_spent']:.4g}</td>"
         f"<td>{r['epsilon_reserved']:.4g}</td><td><b>{r['epsilon_left']:.4g}</b></td>"
-        f"<td>{r['delta_total']:.3g}</td><td>{r['delta_left']:.3g}</td><td>{r['runs']}</td></tr>"
+        + (f"<td><b>{r.get('epsilon_left_member', r['epsilon_left']):.4g}</b></td>" if shared else "")
+        + f"<td>{r['delta_total']:.3g}</td><td>{r['delta_left']:.3g}</td><td>{r['runs']}</td></tr>"
         for r in rows
     )
-    return f"<h4>Privacy budget of {escape(project)}</h4><table>{head}{body}</table>"
+    note = (
+        f"<p>One member may use at most {rows[0]['member_share']:.3g} of each dataset's epsilon (member_share).</p>"
+        if shared
+        else ""
+    )
+    return f"<h4>Privacy budget of {escape(project)}</h4><table>{head}{body}</table>{note}"
 
 
 def spending_png(series: dict[str, list[tuple[float, float]]], totals: dict[str, float]) -> bytes:

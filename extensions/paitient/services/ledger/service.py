@@ -496,9 +496,10 @@ class LedgerService:
             self._project_for(peer, project)
             projects = [project]
         self.sweep()
+        user = None if peer.is_root else self.member(peer).username
         return {
-            "user": "root" if peer.is_root else self.member(peer).username,
-            "projects": {p: self.ledger.budget(p) for p in projects},
+            "user": user or "root",
+            "projects": {p: self.ledger.budget(p, user) for p in projects},
         }
 
     def total(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:

@@ -255,8 +255,10 @@ class Ledger:
                 dataset=dataset,
             )
 
-    def budget(self, project: str) -> list[dict[str, Any]]:
-        """Per dataset of ``project``: total, spent, reserved and left, for epsilon and delta."""
+    def budget(self, project: str, member: str | None = None) -> list[dict[str, Any]]:
+        """Per dataset of ``project``: total, spent, reserved and left, for epsilon and delta; the project's
+        ``member_share``; and with ``member``, the epsilon still open to that member (``epsilon_left_member``:
+        what is left, within what is left of her share)."""
         try:
             proj = self.site.project(project)
         except KeyError as e:
@@ -273,6 +275,10 @@ class Ledger:
                 ]
                 used = usage(_entry(r) for r in rows)
                 eps_left, delta_left = left(total, used)
+                mine: dict[str, float] = {}
+                if member is not None:
+                    own = usage(_entry(r) for r in rows if r["username"] == member).epsilon
+                    mine["epsilon_left_member"] = min(eps_left, max(0.0, total.epsilon * proj.member_share - own))
                 out.append(
                     {
                         "project": project,
@@ -287,6 +293,8 @@ class Ledger:
                         "epsilon_left": eps_left,
                         "delta_left": delta_left,
                         "runs": len(rows),
+                        "member_share": proj.member_share,
+                        **mine,
                     }
                 )
         return out
