@@ -13,6 +13,7 @@ from paitient.services.kit import pages, render
 from tests.scrape import Served, header_auth
 
 PREFIX = "/services/ledger/"
+SERVICE = "ledger"
 SCOPE = "custom:ledger:read"
 HOSTILE = "<script>alert('x')</script>\"&"
 
@@ -154,3 +155,60 @@ def test_standalone_rendering_escapes_too(templates):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;&amp;" in html and "<script" not in html
     with pytest.raises(RuntimeError, match="a form needs a request's XSRF token"):
         namespace["xsrf_form_html"]()
+
+
+class Poster(pages.ScopedPage):
+    required_scope = SCOPE
+
+    def post(self) -> None:
+        self.write("done")
+
+    def get(self) -> None:
+        self.write(f"hello {self.username}")
+
+
+def test_a_post_whose_xsrf_cookie_names_another_sign_in_is_refused_and_the_service_answers_on(templates):
+    """Attack (availability): a POST with the steward's own sign-in cookie and an XSRF cookie signed for
+    another sign-in (a second session's, or one a page of a sibling origin set for the parent domain). The
+    hub's client, asked who signed in, made a new XSRF cookie and asked again from inside, on the one thread
+    its first look held: the service hung for everyone until it was killed. Now the POST is refused at
+    once, and the service goes on answering. The hub's own client runs here, with its two HTTP calls
+    answered locally (tests/airlock/helpers.py)."""
+    import base64
+
+    import requests
+    from tornado.web import create_signed_value
+
+    from paitient.services.kit.process import free_port
+    from tests.airlock.helpers import HubApiDouble
+
+    access = f"access:services!service={SERVICE}"
+    auth = HubApiDouble(
+        codes={"c1": {"name": "sam", "scopes": [SCOPE, access]}},
+        api_token="not-used",
+        api_url="http://127.0.0.1:9/hub/api",
+        hub_prefix="/hub/",
+        base_url=PREFIX,
+        oauth_client_id=f"service-{SERVICE}",
+        access_scopes={access},
+        oauth_redirect_uri=f"http://127.0.0.1:8000{PREFIX}oauth_callback",
+    )
+    secret = b"s" * 32
+    app = pages.make_app(
+        [("", Poster)], service=SERVICE, prefix=PREFIX, template_dir=templates, hub_auth=auth, cookie_secret=secret
+    )
+    port = free_port()
+    web_thread = pages.WebThread(app, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}{PREFIX}"
+        signed_in = {auth.cookie_name: create_signed_value(secret, auth.cookie_name, "token-x-c1").decode()}
+        assert requests.get(url, cookies=signed_in, timeout=10).text == "hello sam"  # the sign-in works
+        other = base64.urlsafe_b64encode(create_signed_value(secret, "_xsrf", "another-session:id")).rstrip(b"=")
+        posted = requests.post(
+            url, cookies={**signed_in, "_xsrf": other.decode()}, data={"_xsrf": other.decode()}, timeout=10
+        )
+        assert posted.status_code == 403, posted.text
+        assert "XSRF cookie does not match" in posted.text
+        assert requests.get(url, cookies=signed_in, timeout=10).text == "hello sam"  # still answering
+    finally:
+        web_thread.stop()
