@@ -34,6 +34,7 @@ def test_overrides_win():
             "more than a scheme, a host and a port",
         ),
         ({"workspace": {"subdomain_host": "https://10.0.0.1"}}, "an IP address, which has no subdomains"),
+        ({"workspace": {"subdomain_host": "http://paitient.example.org"}}, r"plain http .* serve it over https"),
         ({"workspace": {"subdomain_host": "https://pait_ient.example"}}, "no host of DNS labels"),
         ({"workspace": {"subdomain_host": "https://paitient.example:0x1"}}, "no usable port"),
         ({"directory": {"url": "http://x"}}, "must start with ldap://"),

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 from paitient.hub.paths import HubPaths
 from paitient.ops.up import Running
@@ -34,9 +35,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-c
 ATTACK = """<!doctype html>
 <title>alice's page</title>
 <button id="go">open</button>
+<button id="hub">hub</button>
 <pre id="out"></pre>
 <script>
 const AIRLOCK = %(airlock)s;
+const STEWARD = "sam";
 document.getElementById("go").onclick = async () => {
   const out = {};
   const w = window.open(AIRLOCK);
@@ -49,6 +52,22 @@ document.getElementById("go").onclick = async () => {
     out.window = "read: " + w.document.title + " | " + (w.document.body.innerText.includes("signed in as")
       ? "signed in" : "not signed in");
   } catch (e) { out.window = "refused: " + e.name; }
+  document.getElementById("out").textContent = JSON.stringify(out);
+};
+document.getElementById("hub").onclick = async () => {
+  const out = {};
+  try {
+    const r = await fetch("/hub/home", {credentials: "include"});
+    const text = await r.text();
+    const xsrf = /xsrf_token: "([^"]+)"/.exec(text);
+    out.home = "read: " + r.status + (xsrf ? " with the xsrf token" : " without one");
+    const t = await fetch("/hub/api/users/" + STEWARD + "/tokens", {
+      method: "POST", credentials: "include",
+      headers: {"Content-Type": "application/json", "X-XSRFToken": xsrf ? xsrf[1] : ""},
+      body: JSON.stringify({note: "from alice's page"}),
+    });
+    out.token = "answered: " + t.status;
+  } catch (e) { out.home = out.home || "refused: " + e.name; }
   document.getElementById("out").textContent = JSON.stringify(out);
 };
 </script>
@@ -105,17 +124,19 @@ def sign_in(page, url: str, user: str, password: str) -> None:
     page.wait_for_load_state("networkidle", timeout=60_000)
 
 
-def attack_as_viewed_by_the_steward(ws: Workspace, browser, page_url: str) -> dict[str, str]:
-    """Sign the steward in (he lands on the airlock's review page), then have him open ``page_url`` and press
-    its button; the page's findings."""
+def attack_as_viewed_by_the_steward(
+    ws: Workspace, browser, page_url: str, button: str = "go", sign_in_at: str = ""
+) -> dict[str, str]:
+    """Sign the steward in (he lands on the airlock's review page; ``sign_in_at``: from that address instead
+    of the workspace's), then have him open ``page_url`` and press its ``button``; the page's findings."""
     context = browser.new_context()
     try:
         page = context.new_page()
-        sign_in(page, ws.browser_url, "sam", ws.password("sam"))
+        sign_in(page, sign_in_at or ws.browser_url, "sam", ws.password("sam"))
         assert "/services/airlock/" in page.url, page.url
         assert "signed in as" in page.inner_text("header")
         page.goto(page_url, timeout=60_000)
-        page.click("#go")
+        page.click(f"#{button}")
         page.wait_for_function("document.getElementById('out').textContent !== ''", timeout=60_000)
         return json.loads(page.inner_text("#out"))
     finally:
@@ -200,3 +221,49 @@ def test_with_subdomains_each_part_answers_on_its_own_origin_and_the_links_betwe
         assert "42" in page.locator(".jp-Notebook .jp-OutputArea").first.inner_text()
     finally:
         context.close()
+
+
+def test_with_subdomains_the_hub_answers_on_its_own_host_only(origins):
+    """The proxy sends every host without a route of its own to the hub, which answered on any host: its
+    sign-in form on alice's origin left the steward's hub cookies there. Now a host below the hub's domain
+    gets only JupyterHub's answer for a server that is not running; every other page is on the hub's host."""
+    port = origins.port
+    hub = f"http://localhost:{port}"
+
+    def ask(method: str, host: str, path: str) -> requests.Response:
+        return requests.request(
+            method,
+            f"http://127.0.0.1:{port}{path}",
+            headers={"Host": f"{host}:{port}"},
+            allow_redirects=False,
+            timeout=10,
+        )
+
+    for host in ("alice.localhost", "airlock--service.localhost", "nobody.localhost"):
+        for path in ("/hub/login?next=%2Fhub%2Fhome", "/hub/home", "/hub/token", "/"):
+            r = ask("GET", host, path)
+            assert (r.status_code, r.headers.get("Location")) == (302, hub + path), (host, path)
+        r = ask("POST", host, "/hub/api/users/sam/tokens")
+        assert r.status_code == 404 and f"the hub answers at {hub}/ only" in r.text
+    assert ask("GET", "localhost", "/hub/login").status_code == 200  # the hub's own host
+    # a server that is not running: JupyterHub's own answer, on to the hub's host to start it
+    r = ask("GET", "carol.localhost", "/user/carol/lab")
+    assert r.status_code == 302 and r.headers["Location"].startswith(f"{hub}/hub/user/carol/"), r.headers
+
+
+def test_with_subdomains_a_servers_page_cannot_mint_the_stewards_token(origins, browser):
+    """The attack the one-host rule stops: the steward's sign-in starts on alice's host (a link she sent),
+    then her page asks the hub on its own origin for his token. He signs in on the hub's host instead, and
+    her page reaches no page of the hub's."""
+    port = origins.port
+    airlock = f"http://airlock--service.localhost:{port}/services/airlock/"
+    with hostile_page(origins, "alice.localhost", "/user/alice/stand-in/", airlock) as path:
+        found = attack_as_viewed_by_the_steward(
+            origins,
+            browser,
+            f"http://alice.localhost:{port}{path}",
+            button="hub",
+            sign_in_at=f"http://alice.localhost:{port}/hub/login",
+        )
+    # /hub/home on alice's host sends the page to the hub's host, another origin, which it may not read
+    assert found == {"home": "refused: TypeError"}, found

@@ -78,7 +78,8 @@ class Workspace(Model):
         "its own: the hub at HOST, each researcher's server at <name>.HOST (her sign-in name), each service's pages at "
         "<service>--service.HOST. Then no page a researcher's server sends can act on the stewards' pages (see "
         "docs/security-model.md, 17b). Needs a wildcard DNS name (*.HOST) and, behind TLS, a wildcard "
-        "certificate. Empty: one origin for all, every part under a path of the workspace's address.",
+        "certificate; plain http only for http://localhost:PORT on this machine. Empty: one origin for all, every "
+        "part under a path of the workspace's address.",
     )
 
     @validate("subdomain_host")
@@ -86,6 +87,15 @@ class Workspace(Model):
         value = proposal.value
         if value:
             problem = origin_problem(value)
+            host = urlsplit(value).hostname or ""
+            if not problem and value.startswith("http://") and host != "localhost" and not host.endswith(".localhost"):
+                # Browsers send no Sec-Fetch-* headers to a plain-http origin that is not this machine, and
+                # without them JupyterHub takes a signed-in GET from any origin for the viewer's own.
+                problem = (
+                    f"{value!r} is plain http on a name other than localhost, which leaves the stewards' pages "
+                    "open to other origins' requests; serve it over https (the TLS-terminating reverse proxy), or "
+                    "use http://localhost:PORT to try it on this machine"
+                )
             if problem:
                 raise TraitError(
                     f"{problem}: give https://HOST or https://HOST:PORT, e.g. https://paitient.example.org"

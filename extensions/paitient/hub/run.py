@@ -88,8 +88,9 @@ after another)."""
 
 def hub_class(site: site_config.SiteConfig) -> Any:
     """JupyterHub, which at its start also revokes any API token a researcher still holds
-    (:func:`paitient.hub.tokens.sweep`), each revocation in the audit trail, and notices a managed service
-    ready within :data:`SERVICE_POLL`."""
+    (:func:`paitient.hub.tokens.sweep`), each revocation in the audit trail, notices a managed service
+    ready within :data:`SERVICE_POLL`, and with subdomains answers its pages on its own host only
+    (:mod:`paitient.hub.hosts`)."""
     from jupyterhub.app import JupyterHub
     from jupyterhub.objects import Server
     from jupyterhub.utils import AnyTimeoutError
@@ -98,6 +99,13 @@ def hub_class(site: site_config.SiteConfig) -> Any:
     from paitient.services import audit
 
     class PaitientHub(JupyterHub):  # type: ignore[misc]
+        def init_tornado_application(self) -> None:
+            super().init_tornado_application()
+            if self.subdomain_host:
+                from paitient.hub import hosts
+
+                hosts.install(self.tornado_application, self.subdomain_host, self.base_url)
+
         async def init_role_assignment(self) -> None:
             await super().init_role_assignment()
             revoked = tokens.sweep(self.db)
