@@ -321,9 +321,11 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         if recorded:
             await self._audit(actor, "denied", reason=reason)
         elif first_held:
-            asyncio.get_running_loop().call_later(
-                self.refusals.seconds_left(), lambda: asyncio.ensure_future(self._record_held_refusals())
-            )
+            asyncio.get_running_loop().call_later(self.refusals.seconds_left(), self._start_recording_held)
+
+    def _start_recording_held(self) -> None:
+        # the task is kept until it is done: the loop holds only a weak reference to it
+        self._recording_held = asyncio.ensure_future(self._record_held_refusals())
 
     async def _record_held_refusals(self) -> None:
         held = self.refusals.release()
