@@ -96,8 +96,9 @@ def root_ledger(ws: Workspace) -> Ledger:
     return Ledger(load(ws.site_file))
 
 
-def dataset_row(ledger: Ledger, project: str, dataset: str) -> dict:
-    return next(b for b in ledger.budget(project) if b["dataset"] == dataset)
+def dataset_row(ledger: Ledger, project: str, dataset: str, member: str | None = None) -> dict:
+    """The ledger's budget row of ``dataset``; with ``member``, as that member is shown it (her part included)."""
+    return next(b for b in ledger.budget(project, member) if b["dataset"] == dataset)
 
 
 def set_budget(ws: Workspace, project: str, dataset: str, epsilon: float, delta: float = 1e-5) -> None:
@@ -488,7 +489,8 @@ def test_kernel_killed_mid_training_counts_its_whole_reservation(small, how):
     assert row["epsilon_spent"] == pytest.approx(before["epsilon_spent"] + 2.0)
     assert row["epsilon_left"] == pytest.approx(before["epsilon_left"] - 2.0)
     assert row["epsilon_reserved"] == before["epsilon_reserved"] == 0.0
-    assert row == dataset_row(ledger, "cardiometabolic", "diabetes")
+    assert row == dataset_row(ledger, "cardiometabolic", "diabetes", "bob")
+    assert row["epsilon_left_member"] == row["epsilon_left"]  # the project shares no budget: all of it is his
 
     # dp.budget() shows it to bob as widgets (the table's numbers travel in the widget's state) ...
     shown = small.run_cell(bob, "bob", 'dp.budget("cardiometabolic")', kernel_id=after)
