@@ -64,7 +64,10 @@ def site_toml(
         body = body.replace(name, name + lines.strip() + "\n")
     accounts_table = f'\n[accounts]\nprefix = "{prefix}"\nhome_root = "{home_root}"\n'
     workers = f'\n[jobs]\naccount = "{prefix}-jobs"\n\n[airlock]\naudit_account = "{prefix}-audit"\n'
-    return body + accounts_table + workers + extra
+    # The shared e2e workspace's few accounts hold the kernels of every module that uses them (a module's
+    # fixture keeps its kernel for all its tests), more than the default limit a researcher has at once.
+    kernels = "\n[sandbox]\nkernels_per_account = 32\n"
+    return body + accounts_table + workers + kernels + extra
 
 
 @contextlib.contextmanager
@@ -327,8 +330,14 @@ class Workspace:
         *,
         stdin_reply: str | None = None,
     ) -> CellResult:
-        kernel_id = kernel_id or self.start_kernel(s, user)
-        return asyncio.run(self._execute(s, user, kernel_id, code, timeout, stdin_reply))
+        if kernel_id is not None:
+            return asyncio.run(self._execute(s, user, kernel_id, code, timeout, stdin_reply))
+        # a kernel for this cell only, shut down after it
+        once = self.start_kernel(s, user)
+        try:
+            return asyncio.run(self._execute(s, user, once, code, timeout, stdin_reply))
+        finally:
+            self.api(s, user, "DELETE", f"kernels/{once}")
 
     def kernel_url(self, s: requests.Session, user: str, kernel_id: str) -> tuple[str, dict[str, str]]:
         """The kernel's websocket URL and the headers a browser would send with it."""

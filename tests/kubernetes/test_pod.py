@@ -161,7 +161,9 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
 ):
     """The image's entrypoint stays (no ``command``): the launcher is its argument, as the server is the
     notebook's. Its options are the mounts the pod has and the site's [sandbox] limits."""
-    site_file.write_text(site_file.read_text() + "\n[sandbox]\nmemory_mb = 2048\ncpu_seconds = 600\n")
+    site_file.write_text(
+        site_file.read_text() + "\n[sandbox]\nmemory_mb = 2048\ncpu_seconds = 600\nkernels_per_account = 3\n"
+    )
     site = site_config.load(site_file)
     pod = await render(make_user("alice", ("oncology",)), profile(site))
     kernels = containers(pod)[KERNELS_CONTAINER]
@@ -180,6 +182,7 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "--max-open-files=1024",
         "--cpu-seconds=600",
         f"--tmp-bytes={site.sandbox.tmp_bytes}",
+        "--kernels-per-account=3",
         "--gateway=paitient-services:8090",
         "--token-file=/run/paitient-token/token",
         "--gateway-ca=/etc/paitient-gateway-ca/ca.crt",
@@ -203,7 +206,12 @@ async def test_the_kernels_container_runs_the_pod_launcher_with_the_pods_paths_a
         "/data",
         "/run/paitient/services",
     )
-    assert (app.memory_mb, app.cpu_seconds, app.tmp_bytes) == (2048, 600, site.sandbox.tmp_bytes)
+    assert (app.memory_mb, app.cpu_seconds, app.tmp_bytes, app.kernels_per_account) == (
+        2048,
+        600,
+        site.sandbox.tmp_bytes,
+        3,
+    )
     assert (app.gateway, app.token_file) == ("paitient-services:8090", "/run/paitient-token/token")
     # the relay calls the gateway over TLS, trusting the authority the kernels container (only) mounts
     assert (app.gateway_ca, app.plain_tcp) == ("/etc/paitient-gateway-ca/ca.crt", False)

@@ -86,11 +86,11 @@ def sandbox_of(pid: int, timeout: float = 20.0) -> tuple[int, list[str]]:
     raise AssertionError(f"pid {pid} never started bwrap")
 
 
-@contextlib.contextmanager
-def staying(pw, sock: Path, args: dict):
-    """``start`` asked by a process of ``pw`` that stays (as a server does) until the block ends."""
+def asking(pw, sock: Path, args: dict) -> subprocess.Popen:
+    """A process of ``pw`` that asks ``start`` with ``args``, prints the answer as one line and stays (as a
+    server does) until its stdin is closed."""
     code = ASK + "sys.stdout.flush()\nsys.stdin.read()\n"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [
             "setpriv",
             f"--reuid={pw.pw_uid}",
@@ -107,6 +107,12 @@ def staying(pw, sock: Path, args: dict):
         text=True,
         env={"PATH": "/usr/bin:/bin"},
     )
+
+
+@contextlib.contextmanager
+def staying(pw, sock: Path, args: dict):
+    """``start`` asked by a process of ``pw`` that stays (as a server does) until the block ends."""
+    proc = asking(pw, sock, args)
     try:
         yield proc, json.loads(proc.stdout.readline())
     finally:

@@ -27,7 +27,7 @@ from paitient.services.data import access
 from paitient.services.launcher import socket_path
 from paitient.services.launcher.service import Launcher, LauncherServer, has_sys_resource
 from tests import workspacegroup
-from tests.launcher.asking import ask_as, connection_file, sandbox_of, staying
+from tests.launcher.asking import ask_as, asking, connection_file, sandbox_of, staying
 from tests.server.harness import make_site, publish
 
 
@@ -453,3 +453,95 @@ def test_a_kernels_tmp_and_dev_shm_are_sized_and_its_oom_score_cannot_be_lowered
         # Root in a container may not set the floor: the kernel can lower its score, as the launcher warns
         # at its start and docs/security-model.md (1-3) says. Here it did.
         assert result["lowered"] == 0, result
+
+
+# -- how many kernels one account may run ---------------------------------------------------------------------
+
+SLEEPER = "import time; time.sleep(600)"
+
+
+@pytest.fixture
+def capped(world_tmp, make_system_user):
+    """A launcher whose site lets an account run two kernels; the kernels are sleepers in the real sandbox."""
+    site = make_site(
+        world_tmp,
+        {"onc": ["bc"]},
+        accounts={"prefix": "tl" + os.urandom(2).hex()},
+        sandbox={"kernels_per_account": 2},
+    )
+    alice, bob = make_system_user("alice"), make_system_user("bob")
+    registry = Registry.for_state_dir(site.state_dir)
+    for name, pw in (("alice", alice), ("bob", bob)):
+        registry.put(Member(username=name, account=pw.pw_name, uid=pw.pw_uid, projects=("onc",)))
+    access.sync(site)
+    launchers, servers = [], []
+
+    def serve(path: Path) -> Path:
+        launcher = Launcher(site, registry)
+        launcher.kernels["python3"] = [sys.executable, "-I", "-c", SLEEPER, "{connection_file}"]
+        server = LauncherServer(path, launcher, group=workspacegroup.gid())
+        server.start_in_thread()
+        launchers.append(launcher)
+        servers.append(server)
+        return Path(server.path)
+
+    try:
+        yield site, serve, {"alice": alice, "bob": bob}
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        for launcher in launchers:
+            for proc in list(launcher.children.values()):
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_an_account_runs_at_most_kernels_per_account_and_a_restarted_launcher_still_counts_them(capped):
+    """Attack: alice asks for a third kernel at a limit of two, twice at once for the last place, and again
+    from a launcher that restarted (it never started her kernels). Each is refused with kernel_limit, naming
+    the limit and how to end a kernel; bob's first kernel is not held; once alice ends one, she gets one."""
+    site, serve, users = capped
+    alice, bob = users["alice"], users["bob"]
+    sock = serve(socket_path(site))
+    askers: list[subprocess.Popen] = []
+
+    def ask(pw, name: str, where: Path = sock) -> subprocess.Popen:
+        conn = connection_file(pw, f"kernel-{name}.json")
+        askers.append(asking(pw, where, {"connection_file": str(conn), "kernel": "python3"}))
+        return askers[-1]
+
+    try:
+        first = json.loads(ask(alice, "a1").stdout.readline())["ok"]
+        # two at once for her last place: one kernel starts, the other request is refused
+        racing = [ask(alice, "a2"), ask(alice, "a3")]
+        answers = [json.loads(p.stdout.readline()) for p in racing]
+        assert sorted("ok" in a for a in answers) == [False, True], answers
+        refused = next(a for a in answers if "error" in a)
+        assert refused["code"] == "kernel_limit", refused
+        assert f"{alice.pw_name} already runs 2 kernels" in refused["error"]
+        assert "kernels_per_account = 2" in refused["error"] and "Shut Down Kernel" in refused["error"]
+        assert sandbox_of(first["pid"])
+        # another account is not held by hers
+        assert "ok" in json.loads(ask(bob, "b1").stdout.readline())
+        # a launcher that restarted knows none of her kernels by their handles: it counts them from /proc
+        restarted = serve(socket_path(site).with_name("launcher-restarted.sock"))
+        again = json.loads(ask(alice, "a4", restarted).stdout.readline())
+        assert again["code"] == "kernel_limit" and "already runs 2 kernels" in again["error"], again
+        # she ends her first kernel (its server goes): the next one starts
+        askers[0].stdin.close()
+        askers[0].wait(timeout=30)
+        assert _gone(first["pid"])
+        assert "ok" in json.loads(ask(alice, "a5", restarted).stdout.readline())
+    finally:
+        for p in askers:
+            if p.stdin and not p.stdin.closed:
+                p.stdin.close()
+            p.wait(timeout=30)

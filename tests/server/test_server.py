@@ -300,3 +300,28 @@ def test_idle_kernels_are_culled_and_then_the_idle_server_stops(world_tmp, make_
         # with no kernel and no activity the server stops itself (the server looks once a minute)
         assert wait_for(lambda: server.proc.poll() is not None, timeout=90), server.logs()
         assert "No kernels for 4 seconds" in server.logs() or "shutting down" in server.logs().lower()
+
+
+def test_a_kernel_past_the_accounts_limit_is_refused_with_what_to_do(world_tmp, make_system_user):
+    """Through the kernels API as JupyterLab asks: at ``kernels_per_account = 1`` the second kernel is refused,
+    and the answer's message (what Lab shows in its "Error Starting Kernel" dialog) says why and what to do.
+    Ending the first frees the place."""
+    site = make_site(world_tmp, {"onc": ["bc"]}, sandbox={"kernels_per_account": 1})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("capped")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        first = server.start_kernel()
+        refused = server.request("POST", "/api/kernels", json={})
+        assert refused.status_code == 403, refused.text
+        message = refused.json()["message"]
+        assert "already runs 1 kernel, the most one account may run" in message, message
+        assert "kernels_per_account = 1" in message and "Shut Down Kernel" in message
+        assert [k["id"] for k in server.get("/api/kernels").json()] == [first]
+        assert server.request("DELETE", f"/api/kernels/{first}").status_code == 204
+        second = wait_for(lambda: server.request("POST", "/api/kernels", json={}), timeout=20)
+        deadline = time.monotonic() + 20
+        while second.status_code != 201 and time.monotonic() < deadline:  # the keeper ends after the kernel
+            time.sleep(0.2)
+            second = server.request("POST", "/api/kernels", json={})
+        assert second.status_code == 201, second.text
+        assert server.run("print(1 + 1)", second.json()["id"]).stdout.strip() == "2"

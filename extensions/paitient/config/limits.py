@@ -29,6 +29,13 @@ class Sandbox(Model):
         help="Size of a kernel's private /tmp and of its /dev/shm, each, in bytes (a write past it fails with "
         "ENOSPC). Their memory is charged to no process, so it comes on top of memory_mb. At least 1 MiB.",
     )
+    kernels_per_account = WholeNumber(
+        8,
+        rule=POSITIVE,
+        help="Kernels one account may run at once; the launcher refuses the next, saying how many run and how "
+        "to end one. With memory_mb it bounds the memory one researcher's kernels can hold (8 x 4096 MiB by "
+        "default), so one account opening notebook after notebook cannot push the others' kernels out of memory.",
+    )
     kernel_log_bytes = WholeNumber(
         1 << 20,
         rule=at_least(4096),

@@ -275,6 +275,7 @@ def launcher_options(site: SiteConfig, services_host: str = SERVICES) -> list[st
         f"--max-open-files={s.max_open_files}",
         f"--cpu-seconds={s.cpu_seconds}",
         f"--tmp-bytes={s.tmp_bytes}",
+        f"--kernels-per-account={s.kernels_per_account}",
         f"--gateway={services_host}:{GATEWAY_PORT}",
         f"--token-file={relay.TOKEN_FILE}",
         f"--gateway-ca={GATEWAY_CA_FILE}",

@@ -23,6 +23,8 @@ from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelMana
 from tornado import web
 from traitlets import List, Unicode, default, observe
 
+from paitient.rules.sandbox import PolicyError
+
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -122,4 +124,10 @@ class SandboxMappingKernelManager(AsyncMappingKernelManager):
             if name not in specs:
                 raise KernelNotInSandbox(name, sorted(specs))
             kwargs["kernel_name"] = name
-        return await super().start_kernel(*args, kernel_id=kernel_id, **kwargs)
+        try:
+            return await super().start_kernel(*args, kernel_id=kernel_id, **kwargs)
+        except PolicyError as e:
+            # The sandbox's refusal says why and what to do (the launcher's limit on an account's kernels, a
+            # connection file out of place); as a plain exception it would reach JupyterLab's "Error Starting
+            # Kernel" dialog as "Unhandled error".
+            raise web.HTTPError(403, str(e).replace("%", "%%")) from None

@@ -20,6 +20,11 @@ variants differ only in what they must (:meth:`BaseLauncher.caller`, :meth:`Base
 changes to its account; the pod's (:mod:`.pod`) runs as the pod's uid, serves that uid only and offers what
 the pod has mounted.
 
+An account runs at most ``kernels_per_account`` kernels at once; the next request is refused with
+``kernel_limit``, naming how many run. They are counted from ``/proc`` (the keepers running as the account,
+those a launcher that has since restarted started included) and from the launcher's own kernels still
+starting, one request of an account at a time, so two requests at once cannot both take the last place.
+
 The answer is the kernel's pid and start time, and a handle (``kernel``: random, the launcher's name for
 it). Its parent is a keeper (:mod:`.keeper`) that ends it when the server that asked for it is gone (where
 the launcher can see that server) and keeps it when the launcher ends. ``watched`` says whether the
@@ -76,6 +81,8 @@ PATH_REFUSED = "path_refused"
 """The connection file, its socket folder or the working folder is not where, or not what, the caller's own
 kernel would use."""
 UNKNOWN_KERNEL = "unknown_kernel"
+KERNEL_LIMIT = "kernel_limit"
+"""The caller's account already runs as many kernels as ``[sandbox] kernels_per_account`` allows."""
 
 FIELDS = frozenset({"connection_file", "kernel", "cwd"})
 HANDLE = re.compile(r"^[0-9a-f]{32}\Z")
@@ -198,6 +205,7 @@ class BaseLauncher(abc.ABC):
         python: str = sys.executable,
         seccomp: bool = True,
         tmp_bytes: int = TMP_BYTES,
+        kernels_per_account: int = 8,
     ):
         self.data_root = str(data_root)
         self.run_dir = str(run_dir)
@@ -209,9 +217,12 @@ class BaseLauncher(abc.ABC):
         self.kernels = kernel_commands(python)
         self.seccomp = seccomp
         self.tmp_bytes = tmp_bytes
+        self.kernels_per_account = kernels_per_account
         self.handles: dict[str, tuple[subprocess.Popen, int]] = {}
         """Handle -> the kernel's keeper and the uid it was started for, while it runs."""
         self._lock = threading.Lock()
+        self._starting: dict[int, threading.Lock] = {}
+        """Per uid: held while one of its kernels is counted and started."""
 
     def handlers(self) -> dict[str, Any]:
         return {"start": self.start, "alive": self.alive, "stop": self.stop}
@@ -308,31 +319,52 @@ class BaseLauncher(abc.ABC):
             policy = self.policy(caller, connection_file, kernel_dir, args.get("cwd", ""))
         except PolicyError as e:
             raise ChannelError(str(e), BAD_REQUEST) from None
-        seccomp_fd = _seccomp_fd() if self.seccomp else None
-        try:
-            argv = self.argv(caller, policy, args["kernel"], seccomp_fd, server)
-            with self.output(caller) as out:
-                proc = subprocess.Popen(
-                    argv,
-                    env={"PATH": "/usr/bin:/bin"},
-                    cwd="/",
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    pass_fds=() if seccomp_fd is None else (seccomp_fd,),
-                    start_new_session=True,
-                )
-        finally:
-            if seccomp_fd is not None:
-                os.close(seccomp_fd)
-        start = process_start(proc.pid)
-        handle = secrets.token_hex(16)
         with self._lock:
-            self.handles[handle] = (proc, caller.uid)
+            starting = self._starting.setdefault(caller.uid, threading.Lock())
+        with starting:
+            self.check_count(caller)
+            seccomp_fd = _seccomp_fd() if self.seccomp else None
+            try:
+                argv = self.argv(caller, policy, args["kernel"], seccomp_fd, server)
+                with self.output(caller) as out:
+                    proc = subprocess.Popen(
+                        argv,
+                        env={"PATH": "/usr/bin:/bin"},
+                        cwd="/",
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=out,
+                        pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+                        start_new_session=True,
+                    )
+            finally:
+                if seccomp_fd is not None:
+                    os.close(seccomp_fd)
+            handle = secrets.token_hex(16)
+            with self._lock:
+                self.handles[handle] = (proc, caller.uid)
+        start = process_start(proc.pid)
         threading.Thread(target=self._reap, args=(proc, handle), name=f"kernel-{proc.pid}", daemon=True).start()
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
         self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, caller.name, datasets)
         return {"pid": proc.pid, "start": start, "datasets": datasets, "kernel": handle, "watched": server[0] > 0}
+
+    def check_count(self, caller: Caller) -> None:
+        """Refuse a kernel past ``kernels_per_account`` (``kernel_limit``): the keepers running as the caller's
+        uid in ``/proc``, and this launcher's own kernels for it whose keeper has not yet become one (a
+        process between ``choom``, ``setpriv`` and the keeper's start runs under another name)."""
+        with self._lock:
+            mine = {proc.pid for proc, uid in self.handles.values() if uid == caller.uid and proc.poll() is None}
+        running = len(mine | keepers_of(caller.uid))
+        if running >= self.kernels_per_account:
+            raise ChannelError(
+                f"{caller.name} already runs {running} kernel{'s' if running != 1 else ''}, the most one account "
+                "may run at once "
+                f"([sandbox] kernels_per_account = {self.kernels_per_account}); shut one down (in JupyterLab: "
+                "the Running Terminals and Kernels tab, or Kernel > Shut Down Kernel in a notebook) and start "
+                "this one again",
+                KERNEL_LIMIT,
+            )
 
     def _kernel(self, peer: Peer, args: dict[str, Any], fds: list[int]) -> subprocess.Popen | None:
         """The running kernel (its keeper) that ``args`` names by its handle, if the caller asked for it."""
@@ -373,6 +405,26 @@ class BaseLauncher(abc.ABC):
         for proc in self.children.values():
             proc.kill()
             proc.wait(timeout=10)
+
+
+def keepers_of(uid: int) -> set[int]:
+    """The pids of the kernel keepers (:data:`KEEPER`, as :meth:`BaseLauncher.argv` starts them) running as
+    ``uid``. A process of the account's own that only looks like one counts against that account alone."""
+    keeper = os.fsencode(KEEPER)
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if len(argv) > 3 and argv[1:4] == [b"-I", b"-S", keeper]:
+            found.add(int(name))
+    return found
 
 
 def _seccomp_fd() -> int:

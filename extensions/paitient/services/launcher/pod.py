@@ -37,7 +37,9 @@ from traitlets.config import Application
 from paitient import __version__
 from paitient.channel import FORBIDDEN, ChannelError, Peer
 from paitient.config import NAME_RE
+from paitient.config.limits import Sandbox
 from paitient.config.sandboxtraits import sandbox_traits
+from paitient.config.traits import site_trait
 from paitient.rules.sandbox import Limits
 from paitient.services import relay as pod_relay
 from paitient.services.kit.channel import ChannelServer
@@ -162,6 +164,7 @@ class PodLauncherApp(Application):
         config=True
     )
     memory_mb, max_processes, max_open_files, cpu_seconds, tmp_bytes, bwrap_path, prlimit_path = sandbox_traits()
+    kernels_per_account = site_trait(Sandbox, "kernels_per_account")
     seccomp = Bool(True, help="Load the workspace's seccomp filter into every kernel.").tag(config=True)
     gateway = Unicode(
         "",
@@ -189,6 +192,7 @@ class PodLauncherApp(Application):
         "max-open-files": "PodLauncherApp.max_open_files",
         "cpu-seconds": "PodLauncherApp.cpu_seconds",
         "tmp-bytes": "PodLauncherApp.tmp_bytes",
+        "kernels-per-account": "PodLauncherApp.kernels_per_account",
         "gateway": "PodLauncherApp.gateway",
         "token-file": "PodLauncherApp.token_file",
         "egress-socket": "PodLauncherApp.egress_socket",
@@ -218,6 +222,7 @@ class PodLauncherApp(Application):
             python=sys.executable,
             seccomp=self.seccomp,
             tmp_bytes=self.tmp_bytes,
+            kernels_per_account=self.kernels_per_account,
         )
         launcher.check_socket(self.socket)
         return launcher

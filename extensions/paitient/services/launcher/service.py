@@ -60,6 +60,7 @@ class Launcher(BaseLauncher):
             python=python,
             seccomp=seccomp,
             tmp_bytes=s.tmp_bytes,
+            kernels_per_account=s.kernels_per_account,
         )
         self.site = site
         self.registry = registry
