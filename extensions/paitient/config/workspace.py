@@ -19,7 +19,8 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 def origin_problem(url: str) -> str:
-    """What is wrong with ``url`` as an origin (``http(s)://host[:port]``, nothing after), or ``""``."""
+    """What is wrong with ``url`` as the workspace's origin (``https://host[:port]``, nothing after; plain
+    http only on ``localhost`` and its subdomains), or ``""``."""
     parsed = urlsplit(url.rstrip("/"))
     if parsed.scheme not in ("http", "https"):
         return f"{url!r} does not start with https:// or http://"
@@ -35,6 +36,14 @@ def origin_problem(url: str) -> str:
         return f"{url!r} names no host of DNS labels (lower-case letters, digits and '-')"
     if all(label.isdigit() for label in labels):
         return f"{url!r} names an IP address, which has no subdomains"
+    if parsed.scheme == "http" and host != "localhost" and not host.endswith(".localhost"):
+        # Browsers send no Sec-Fetch-* headers to a plain-http origin that is not this machine, and without
+        # them JupyterHub takes a signed-in GET from any origin for the viewer's own.
+        return (
+            f"{url!r} is plain http on a name other than localhost, which leaves the stewards' pages open to "
+            "other origins' requests; serve it over https (the TLS-terminating reverse proxy), or use "
+            "http://localhost:PORT to try it on this machine"
+        )
     return ""
 
 
@@ -87,15 +96,6 @@ class Workspace(Model):
         value = proposal.value
         if value:
             problem = origin_problem(value)
-            host = urlsplit(value).hostname or ""
-            if not problem and value.startswith("http://") and host != "localhost" and not host.endswith(".localhost"):
-                # Browsers send no Sec-Fetch-* headers to a plain-http origin that is not this machine, and
-                # without them JupyterHub takes a signed-in GET from any origin for the viewer's own.
-                problem = (
-                    f"{value!r} is plain http on a name other than localhost, which leaves the stewards' pages "
-                    "open to other origins' requests; serve it over https (the TLS-terminating reverse proxy), or "
-                    "use http://localhost:PORT to try it on this machine"
-                )
             if problem:
                 raise TraitError(
                     f"{problem}: give https://HOST or https://HOST:PORT, e.g. https://paitient.example.org"
