@@ -116,20 +116,26 @@ def check_reserve(where: str, total: Budget, used: Usage, epsilon: float, delta:
     )
 
 
+def member_left(share: float, total: Budget, member_used: Usage) -> float:
+    """The epsilon of a dataset still open to one member within her ``share`` of its total (a project's
+    ``member_share``), having spent and reserved ``member_used``; what is left of the dataset may be less."""
+    return max(0.0, float(total.epsilon) * share - member_used.epsilon)
+
+
 def check_member_share(
     where: str, member: str, share: float, total: Budget, member_used: Usage, epsilon: float
 ) -> None:
     """Raise :class:`BudgetExceeded` unless ``member``'s spent and reserved epsilon of the dataset, with
     ``epsilon`` more, stays within ``share`` of its total (a project's ``member_share``; 1: no bound)."""
-    if share >= 1 or _fits(member_used.epsilon, epsilon, total.epsilon * share):
-        return
     allowed = total.epsilon * share
+    if share >= 1 or _fits(member_used.epsilon, epsilon, allowed):
+        return
     raise BudgetExceeded(
         f"privacy budget exceeded: epsilon {epsilon:g} asked, but {member} has used {member_used.epsilon:g} "
         f"({member_used.spent_epsilon:g} spent, {member_used.reserved_epsilon:g} reserved) of the "
         f"{allowed:g} one member of the project may use of {where}'s {total.epsilon:g} (member_share "
         f"{share:g}), so that every member keeps a part of it. Ask for at most "
-        f"{max(0.0, allowed - member_used.epsilon):g}, or ask a data steward."
+        f"{member_left(share, total, member_used):g}, or ask a data steward."
     )
 
 

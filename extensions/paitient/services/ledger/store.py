@@ -37,6 +37,7 @@ from paitient.rules.budget import (
     check_reserve,
     check_settle,
     left,
+    member_left,
     usage,
 )
 from paitient.services.kit.backlog import HeldRecords
@@ -277,8 +278,8 @@ class Ledger:
                 eps_left, delta_left = left(total, used)
                 mine: dict[str, float] = {}
                 if member is not None:
-                    own = usage(_entry(r) for r in rows if r["username"] == member).epsilon
-                    mine["epsilon_left_member"] = min(eps_left, max(0.0, total.epsilon * proj.member_share - own))
+                    own = usage(_entry(r) for r in rows if r["username"] == member)
+                    mine["epsilon_left_member"] = min(eps_left, member_left(proj.member_share, total, own))
                 out.append(
                     {
                         "project": project,
