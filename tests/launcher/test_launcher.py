@@ -545,3 +545,113 @@ def test_an_account_runs_at_most_kernels_per_account_and_a_restarted_launcher_st
             if p.stdin and not p.stdin.closed:
                 p.stdin.close()
             p.wait(timeout=30)
+
+
+# -- the CPU, shared per account ----------------------------------------------------------------------------
+
+SPINNER = """
+import os, sys
+os.sched_setaffinity(0, {0})  # every spinner on one CPU, so they contend however many the machine has
+for _ in range(int(sys.argv[2])):
+    if os.fork() == 0:
+        os.setsid()  # a session, and so a scheduling group, of its own
+        break
+while True:
+    pass
+"""
+
+
+def _cpu_ticks(uid: int) -> int:
+    """User and system time of all processes of ``uid``, in clock ticks."""
+    ticks = 0
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            text = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def _spinners(uid: int) -> list[int]:
+    """The spinning processes of ``uid`` (not the keepers and sandboxes whose command lines name them)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            if os.stat(f"/proc/{name}").st_uid == uid and argv[1:4] == [b"-I", b"-c", SPINNER.encode()]:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float, dict]:
+    """Alice runs three spinning kernels, one of which forks two more spinners in sessions of their own; bob
+    runs one. Bob's CPU time over three seconds against alice's, and what each account's group holds."""
+    site = make_site(world_tmp / f"cpu-{cpu_groups}", {"onc": ["bc"]}, accounts={"prefix": "tl" + os.urandom(2).hex()})
+    alice, bob = make_system_user("alice"), make_system_user("bob")
+    registry = Registry.for_state_dir(site.state_dir)
+    for name, pw in (("alice", alice), ("bob", bob)):
+        registry.put(Member(username=name, account=pw.pw_name, uid=pw.pw_uid, projects=("onc",)))
+    launcher = Launcher(site, registry, cpu_groups=cpu_groups)
+    assert (launcher.cpu is not None) == cpu_groups
+    for n in (0, 2):
+        launcher.kernels[f"spin{n}"] = [sys.executable, "-I", "-c", SPINNER, "{connection_file}", str(n)]
+    server = LauncherServer(socket_path(site), launcher, group=workspacegroup.gid())
+    server.start_in_thread()
+    askers = []
+    try:
+        kernels = ((alice, "a1", "spin0"), (alice, "a2", "spin2"), (alice, "a3", "spin0"), (bob, "b1", "spin0"))
+        for pw, name, kernel in kernels:
+            conn = connection_file(pw, f"kernel-{name}.json")
+            askers.append(asking(pw, Path(server.path), {"connection_file": str(conn), "kernel": kernel}))
+            assert "ok" in json.loads(askers[-1].stdout.readline())
+        time.sleep(1.0)  # all spinning
+        before = {pw.pw_name: _cpu_ticks(pw.pw_uid) for pw in (alice, bob)}
+        time.sleep(3.0)
+        used = {name: _cpu_ticks(pw.pw_uid) - before[name] for name, pw in ((alice.pw_name, alice), (bob.pw_name, bob))}
+        groups = {}
+        if launcher.cpu is not None:
+            groups = {pw.pw_name: launcher.cpu.members(pw.pw_name) for pw in (alice, bob)}
+            groups["spinners"] = {pw.pw_name: _spinners(pw.pw_uid) for pw in (alice, bob)}
+            # alice's own process outside the sandbox (where her server runs) cannot take a kernel out
+            kernel = groups[alice.pw_name][-1]
+            root_procs = launcher.cpu.base.parent / "cgroup.procs"
+            moved = subprocess.run(
+                ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", "--clear-groups", "sh", "-c",
+                 f"echo {kernel} > {root_procs}"],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            groups["moved"] = [moved.returncode, moved.stderr]
+            groups["still"] = kernel in launcher.cpu.members(alice.pw_name)
+        return used[bob.pw_name] / max(1, used[alice.pw_name]), groups
+    finally:
+        for p in askers:
+            p.stdin.close()
+            p.wait(timeout=30)
+        server.shutdown()
+        server.server_close()
+        for proc in list(launcher.children.values()):
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_each_accounts_kernels_share_the_cpu_as_one_however_many_kernels_and_sessions(world_tmp, make_system_user):
+    """Attack: alice takes the CPU with three kernels and two more processes in sessions of their own (five
+    spinners), against bob's one. Per session (no cpu groups) bob gets about a fifth of what she gets; with
+    the launcher's groups about as much as she does, and her processes cannot leave her group."""
+    per_session, _ = _share_of_bob(world_tmp, make_system_user, cpu_groups=False)
+    per_account, groups = _share_of_bob(world_tmp, make_system_user, cpu_groups=True)
+    assert per_session < 0.4, per_session  # the attack works where the CPU is shared per session
+    assert per_account > 0.6, (per_account, groups)
+    alice, bob = (k for k in groups if k not in ("moved", "still", "spinners"))
+    # every spinner is in its account's group: alice's five (two in sessions of their own) and bob's one
+    assert [len(groups["spinners"][alice]), len(groups["spinners"][bob])] == [5, 1], groups
+    assert set(groups["spinners"][alice]) <= set(groups[alice]), groups
+    assert set(groups["spinners"][bob]) <= set(groups[bob]), groups
+    assert groups["moved"][0] != 0 and "Permission denied" in groups["moved"][1], groups
+    assert groups["still"] is True

@@ -147,6 +147,8 @@ def test_the_units_verify_and_carry_their_hardening(site, world_tmp):
             writable = [str(site.state_dir), *([site.accounts.home_root] if name == "launcher" else [])]
             assert sv["ReadWritePaths"].split() == writable
             assert sv["ProtectHome"] == ("no" if name == "launcher" else "yes")
+        # control groups are read-only but to the launcher, which makes each account's cpu group
+        assert sv["ProtectControlGroups"] == ("no" if name == "launcher" else "yes")
     for name, port in SEPARATE_PORTS.items():
         argv = shlex.split(services[name]["Service"]["ExecStart"])
         token_file = site.state_dir / "hub" / f"service_{name}_token"

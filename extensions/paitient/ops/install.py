@@ -72,6 +72,7 @@ SANDBOXING = {"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}
 """What a service that runs bubblewrap needs: namespaces, and netlink to bring up each sandbox's loopback."""
 CONTAINED = {
     "ProtectHome": "yes",
+    "ProtectControlGroups": "yes",
     "PrivateDevices": "yes",
     "RestrictNamespaces": "yes",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
@@ -81,13 +82,15 @@ SERVICE_HARDENING: dict[str, dict[str, str]] = {
     "ledger": CONTAINED,
     "audit": CONTAINED,
     "egress": CONTAINED,
-    "airlock": {"ProtectHome": "yes", **SANDBOXING},
-    "jobs": {"ProtectHome": "yes", **SANDBOXING},
-    # the kernels' homes are bound into their sandboxes, and their runtime dirs read, by the launcher
-    "launcher": {"ProtectHome": "no", **SANDBOXING},
+    "airlock": {"ProtectHome": "yes", "ProtectControlGroups": "yes", **SANDBOXING},
+    "jobs": {"ProtectHome": "yes", "ProtectControlGroups": "yes", **SANDBOXING},
+    # the kernels' homes are bound into their sandboxes, and their runtime dirs read, by the launcher; it puts
+    # each account's kernels in a cpu control group (paitient.services.launcher.cpu), so it writes those
+    "launcher": {"ProtectHome": "no", "ProtectControlGroups": "no", **SANDBOXING},
 }
 """Per service, the hardening beside what every service unit has (no new privileges, a read-only system but
-the state directory, private tmp, no kernel modules or tunables, no control groups)."""
+the state directory, private tmp, no kernel modules or tunables); control groups are read-only to all but
+the launcher."""
 
 
 class InstallError(Exception):
@@ -183,7 +186,6 @@ ReadWritePaths={" ".join(_service_writable(site, name))}
 PrivateTmp=yes
 ProtectKernelModules=yes
 ProtectKernelTunables=yes
-ProtectControlGroups=yes
 LockPersonality=yes
 UMask=0022
 {extra}

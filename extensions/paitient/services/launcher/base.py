@@ -53,12 +53,13 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from paitient.channel import BAD_REQUEST, FORBIDDEN, ChannelError, Peer
+from paitient.channel import BAD_REQUEST, FORBIDDEN, INTERNAL, ChannelError, Peer
 from paitient.rules.sandbox import (
     TMP_BYTES,
     Limits,
@@ -74,6 +75,7 @@ from paitient.rules.sandbox import (
 )
 from paitient.rules.seccomp import seccomp_program
 from paitient.services.kit.process import process_start
+from paitient.services.launcher.cpu import CpuGroups
 
 FIELD_REFUSED = "field_refused"
 """The request carries a field the launcher does not take (it decides mounts, environment, command itself)."""
@@ -206,6 +208,7 @@ class BaseLauncher(abc.ABC):
         seccomp: bool = True,
         tmp_bytes: int = TMP_BYTES,
         kernels_per_account: int = 8,
+        cpu: CpuGroups | None = None,
     ):
         self.data_root = str(data_root)
         self.run_dir = str(run_dir)
@@ -218,11 +221,15 @@ class BaseLauncher(abc.ABC):
         self.seccomp = seccomp
         self.tmp_bytes = tmp_bytes
         self.kernels_per_account = kernels_per_account
+        self.cpu = cpu
+        """Where each account's kernels are scheduled as one (:mod:`.cpu`); None: per session."""
         self.handles: dict[str, tuple[subprocess.Popen, int]] = {}
         """Handle -> the kernel's keeper and the uid it was started for, while it runs."""
         self._lock = threading.Lock()
         self._starting: dict[int, threading.Lock] = {}
-        """Per uid: held while one of its kernels is counted and started."""
+        """Per uid: held while one of its kernels is counted and started, or its cpu group removed."""
+        self._names: dict[int, str] = {}
+        """Per uid: its account's name (its cpu group's)."""
 
     def handlers(self) -> dict[str, Any]:
         return {"start": self.start, "alive": self.alive, "stop": self.stop}
@@ -321,6 +328,7 @@ class BaseLauncher(abc.ABC):
             raise ChannelError(str(e), BAD_REQUEST) from None
         with self._lock:
             starting = self._starting.setdefault(caller.uid, threading.Lock())
+            self._names[caller.uid] = caller.name
         with starting:
             self.check_count(caller)
             seccomp_fd = _seccomp_fd() if self.seccomp else None
@@ -331,7 +339,7 @@ class BaseLauncher(abc.ABC):
                         argv,
                         env={"PATH": "/usr/bin:/bin"},
                         cwd="/",
-                        stdin=subprocess.DEVNULL,
+                        stdin=subprocess.PIPE,  # the keeper starts the sandbox once this closes
                         stdout=out,
                         stderr=out,
                         pass_fds=() if seccomp_fd is None else (seccomp_fd,),
@@ -340,6 +348,7 @@ class BaseLauncher(abc.ABC):
             finally:
                 if seccomp_fd is not None:
                     os.close(seccomp_fd)
+            self._place(proc, caller)
             handle = secrets.token_hex(16)
             with self._lock:
                 self.handles[handle] = (proc, caller.uid)
@@ -348,6 +357,24 @@ class BaseLauncher(abc.ABC):
         datasets = [m.dest.removeprefix("/data/") for m in policy.data]
         self.log.info("launcher: kernel pid %d for %s with datasets %s", proc.pid, caller.name, datasets)
         return {"pid": proc.pid, "start": start, "datasets": datasets, "kernel": handle, "watched": server[0] > 0}
+
+    def _place(self, proc: subprocess.Popen, caller: Caller) -> None:
+        """Put the keeper in its account's cpu group, then let it start the sandbox. A keeper that cannot be
+        placed is ended: its kernel would take a share of the CPU of its own."""
+        assert proc.stdin is not None
+        try:
+            if self.cpu is not None:
+                self.cpu.place(proc.pid, caller.name)
+        except OSError as e:
+            proc.kill()
+            proc.wait()
+            raise ChannelError(
+                f"the kernel could not be put in its account's CPU group ({e.strerror or e}); ask the workspace "
+                "operator to look at the launcher's log",
+                INTERNAL,
+            ) from None
+        finally:
+            proc.stdin.close()
 
     def check_count(self, caller: Caller) -> None:
         """Refuse a kernel past ``kernels_per_account`` (``kernel_limit``): the keepers running as the caller's
@@ -397,8 +424,33 @@ class BaseLauncher(abc.ABC):
     def _reap(self, proc: subprocess.Popen, handle: str) -> None:
         code = proc.wait()
         with self._lock:
-            self.handles.pop(handle, None)
+            found = self.handles.pop(handle, None)
+            starting = None if found is None else self._starting.get(found[1])
+        if self.cpu is not None and found is not None and starting is not None:
+            self._release(self.cpu, found[1], starting)
         self.log.info("launcher: kernel pid %d ended (%s)", proc.pid, code)
+
+    def _release(self, cpu: CpuGroups, uid: int, starting: threading.Lock, wait: float = 5.0) -> None:
+        """Remove the account's cpu group once its last kernel has ended: the sandbox ends a moment after its
+        keeper (bubblewrap's parent-death signal), so a group that still holds processes is given ``wait``
+        seconds where no other kernel of the account is known to run."""
+        name = self._names.get(uid, "")
+        if not name:
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            with self._lock:
+                others = any(u == uid and p.poll() is None for p, u in self.handles.values())
+            with starting:  # not while a kernel of the account is being placed
+                try:
+                    if others or cpu.release(name):
+                        return
+                except OSError as e:
+                    self.log.warning("launcher: cannot remove the cpu group of %s: %s", name, e)
+                    return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
     def stop_all(self) -> None:
         """Kill every kernel this launcher started that still runs (tests; a pod's launcher on its way out)."""

@@ -2,7 +2,9 @@
 
     keeper.py SERVER_PID SERVER_START SECCOMP_FD -- prlimit ... bwrap ... kernel ...
 
-It starts the command (passing the seccomp filter's descriptor on) and waits for it. bubblewrap dies with its
+It waits for its stdin to close (the launcher first puts it in its account's cpu group, :mod:`.cpu`, so all
+the kernel starts lands there), starts the command (passing the seccomp filter's descriptor on, and no
+stdin) and waits for it. bubblewrap dies with its
 parent (``--die-with-parent``): with the keeper as that parent, a launcher that ends (it ends with the hub)
 takes no kernel with it, and the kernel still ends with the server that asked for it: the keeper checks that
 server (pid and start time) every half second and kills the kernel when it is gone. A SERVER_PID of 0 names no
@@ -37,7 +39,8 @@ def main(argv: list[str]) -> int:
         print("usage: keeper.py SERVER_PID SERVER_START SECCOMP_FD -- COMMAND...", file=sys.stderr)
         return 2
     server_pid, server_start, fd = int(argv[1]), int(argv[2]), int(argv[3])
-    proc = subprocess.Popen(argv[5:], pass_fds=(fd,) if fd >= 0 else ())
+    sys.stdin.buffer.read()  # until the launcher has placed this process
+    proc = subprocess.Popen(argv[5:], pass_fds=(fd,) if fd >= 0 else (), stdin=subprocess.DEVNULL)
 
     def end(_signum: int, _frame: object) -> None:
         proc.kill()

@@ -5,7 +5,8 @@ What is the host's own: the caller is who ``SO_PEERCRED`` says, and must be an a
 (root and uids the registry does not know are refused, ``forbidden``); the kernel gets the datasets of the
 caller's projects in the site configuration, and runs as the caller's account with exactly the groups of
 those projects (:mod:`paitient.services.data.access`) and the workspace's, no new privileges (``setpriv``).
-The kernel's output goes to a file of root's, through a pump that keeps the first
+Each account's kernels are scheduled as one, in a cpu control group of root's (:mod:`.cpu`), where the host
+lets root make one. The kernel's output goes to a file of root's, through a pump that keeps the first
 ``[sandbox] kernel_log_bytes`` of it (:mod:`.pump`). The kernels it started stay when it ends (a hub restart keeps
 researchers' kernels); each ends with its server.
 """
@@ -31,7 +32,7 @@ from paitient.rules.sandbox import Limits
 from paitient.services.data import access
 from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import ChannelServer
-from paitient.services.launcher import socket_path
+from paitient.services.launcher import cpu, socket_path
 from paitient.services.launcher.base import BaseLauncher, Caller
 
 
@@ -48,6 +49,7 @@ class Launcher(BaseLauncher):
         prlimit: str = "/usr/bin/prlimit",
         python: str = sys.executable,
         seccomp: bool = True,
+        cpu_groups: bool = True,
     ):
         s = site.sandbox
         super().__init__(
@@ -61,9 +63,17 @@ class Launcher(BaseLauncher):
             seccomp=seccomp,
             tmp_bytes=s.tmp_bytes,
             kernels_per_account=s.kernels_per_account,
+            cpu=cpu.find() if cpu_groups else None,
         )
         self.site = site
         self.registry = registry
+        if cpu_groups and self.cpu is None:
+            self.log.warning(
+                "launcher: no cpu control group this process may write: kernels share the CPU per session, not "
+                "per account (docs/operations.md, 'CPU per account')"
+            )
+        elif self.cpu is not None:
+            self.log.info("launcher: each account's kernels share one cpu group under %s", self.cpu.base)
         if not has_sys_resource():
             self.log.warning(
                 "launcher: no CAP_SYS_RESOURCE: kernels start with oom_score_adj %d but may lower it", OOM_SCORE_ADJ
