@@ -131,3 +131,26 @@ def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_s
             assert "withheld" not in page.locator(".jp-Notebook").inner_text()
         finally:
             browser.close()
+
+
+def test_a_kernel_past_the_accounts_limit_shows_the_researcher_why_and_what_to_do(world_tmp, make_system_user):
+    """At ``kernels_per_account = 1`` with one kernel running, a new notebook's kernel is refused: Lab's dialog
+    shows the launcher's reason and what to do, not "Unhandled error"."""
+    from playwright.sync_api import sync_playwright
+
+    site = make_site(world_tmp, {"onc": ["bc"]}, sandbox={"kernels_per_account": 1})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("ui")
+    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
+        server.start_kernel()
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
+            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+            dialog = page.wait_for_selector(".jp-Dialog", timeout=60_000)
+            text = dialog.inner_text()
+            assert "already runs 1 kernel, the most one account may run at once" in text, text
+            assert "Shut Down Kernel" in text and "Unhandled error" not in text, text
+        finally:
+            browser.close()
