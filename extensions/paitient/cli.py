@@ -27,9 +27,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ledger": ("paitient.services.ledger.cli.LedgerCommand", "Show the privacy-budget ledger of a project."),
     "audit": ("paitient.services.audit.cli.AuditCommand", "Verify the audit trail or show its records."),
     "airlock": ("paitient.services.airlock.cli.AirlockCommand", "List airlock requests and their state."),
-    "jobs": ("paitient.services.jobs.cli.JobsCommand", "Check a signed training record and its weights offline."),
+    "jobs": (
+        "paitient.services.jobs.cli.JobsCommand",
+        "Check a signed training record and its weights offline; manage pretrained checkpoints.",
+    ),
     "accounts": ("paitient.accounts_cli.AccountsCommand", "List the workspace's system accounts; prune unwanted ones."),
-    "service": ("paitient.services.ServiceCommand", "Run one root-side service (ledger, audit, airlock)."),
+    "service": (
+        "paitient.services.ServiceCommand",
+        "Run one root-side service (ledger, audit, airlock, egress, jobs, launcher).",
+    ),
     "config": ("paitient.cli.ConfigCommand", "Print the effective site configuration; --help-all lists every setting."),
 }
 
