@@ -1,5 +1,7 @@
 """A researcher's first minutes in the locked-down JupyterLab, in the system Chromium."""
 
+import time
+
 import pytest
 
 from tests.server.harness import UserServer, make_site, publish
@@ -152,5 +154,35 @@ def test_a_kernel_past_the_accounts_limit_shows_the_researcher_why_and_what_to_d
             text = dialog.inner_text()
             assert "already runs 1 kernel, the most one account may run at once" in text, text
             assert "Shut Down Kernel" in text and "Unhandled error" not in text, text
+        finally:
+            browser.close()
+
+
+def test_closing_a_notebook_shuts_its_kernel_down(world_tmp, make_system_user):
+    """The workspace's default: closing a notebook's tab ends its kernel (its memory, its budget reservation and
+    its place among the account's kernels are free at once), as the server's kernels API then shows."""
+    from playwright.sync_api import sync_playwright
+
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("ui")
+    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
+            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            deadline = time.monotonic() + 60
+            while not server.get("/api/kernels").json() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(server.get("/api/kernels").json()) == 1
+            page.click(".lm-TabBar-tab.jp-mod-current .lm-TabBar-tabCloseIcon")
+            # the new notebook was never saved: Lab asks first
+            page.click(".jp-Dialog button:has([aria-label='Discard changes to file'])", timeout=30_000)
+            deadline = time.monotonic() + 30
+            while server.get("/api/kernels").json() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert server.get("/api/kernels").json() == [], page.content()[-2000:]
         finally:
             browser.close()

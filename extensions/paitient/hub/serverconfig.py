@@ -49,6 +49,9 @@ DISABLED_LAB_PLUGINS: tuple[str, ...] = (
 # "none"; the server could not fetch news anyway (LabApp.news_url is unset below).
 LAB_SETTING_OVERRIDES: dict[str, dict[str, Any]] = {
     "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+    # closing a notebook ends its kernel: its memory, its privacy-budget reservation and its place among the
+    # account's [sandbox] kernels_per_account are free at once, not an idle_timeout later
+    "@jupyterlab/notebook-extension:tracker": {"kernelShutdown": True},
 }
 
 
