@@ -476,8 +476,10 @@ def capped(world_tmp, make_system_user):
     access.sync(site)
     launchers, servers = [], []
 
-    def serve(path: Path) -> Path:
+    def serve(path: Path, cpu=None) -> Path:
         launcher = Launcher(site, registry)
+        if cpu is not None:
+            launcher.cpu = cpu
         launcher.kernels["python3"] = [sys.executable, "-I", "-c", SLEEPER, "{connection_file}"]
         server = LauncherServer(path, launcher, group=workspacegroup.gid())
         server.start_in_thread()
@@ -655,3 +657,20 @@ def test_each_accounts_kernels_share_the_cpu_as_one_however_many_kernels_and_ses
     assert set(groups["spinners"][bob]) <= set(groups[bob]), groups
     assert groups["moved"][0] != 0 and "Permission denied" in groups["moved"][1], groups
     assert groups["still"] is True
+
+
+def test_a_kernel_that_cannot_be_put_in_its_cpu_group_is_not_started(capped):
+    """Where the account's group cannot be made (here: a place in /proc, where nothing can be), the request is
+    refused with what to do, and the keeper is ended before it starts anything: no process of alice's runs."""
+    from paitient.services.launcher.cpu import CpuGroups
+
+    site, serve, users = capped
+    alice = users["alice"]
+    sock = serve(socket_path(site), cpu=CpuGroups(Path("/proc/no-such-hierarchy"), 1))
+    conn = connection_file(alice)
+    answer = ask_as(alice, sock, {"connection_file": str(conn), "kernel": "python3"})
+    assert answer["code"] == "internal" and "could not be put in its account's CPU group" in answer["error"], answer
+    time.sleep(0.5)
+    # (by its connection file: a uid freed by an earlier test's account may still have that test's processes)
+    left = subprocess.run(["pgrep", "-a", "-f", str(conn)], capture_output=True, text=True).stdout
+    assert left == "", left

@@ -365,12 +365,13 @@ class BaseLauncher(abc.ABC):
         try:
             if self.cpu is not None:
                 self.cpu.place(proc.pid, caller.name)
-        except OSError as e:
-            proc.kill()
+        except (OSError, ValueError) as e:
+            proc.kill()  # before its stdin closes: the keeper has started nothing
             proc.wait()
+            self.log.error("launcher: cannot put a kernel of %s in its cpu group: %s", caller.name, e)
             raise ChannelError(
-                f"the kernel could not be put in its account's CPU group ({e.strerror or e}); ask the workspace "
-                "operator to look at the launcher's log",
+                f"the kernel could not be put in its account's CPU group ({getattr(e, 'strerror', None) or e}); "
+                "ask the workspace operator to look at the launcher's log",
                 INTERNAL,
             ) from None
         finally:
