@@ -620,6 +620,10 @@ def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float,
         if launcher.cpu is not None:
             groups = {pw.pw_name: launcher.cpu.members(pw.pw_name) for pw in (alice, bob)}
             groups["spinners"] = {pw.pw_name: _spinners(pw.pw_uid) for pw in (alice, bob)}
+            # what works for the kernels outside their sandboxes: the servers that asked (here the askers)
+            # and the root pumps of their output
+            groups["servers"] = {alice.pw_name: [a.pid for a in askers[:3]], bob.pw_name: [askers[3].pid]}
+            groups["pumps"] = {pw.pw_name: _pumps(pw.pw_name) for pw in (alice, bob)}
             # alice's own process outside the sandbox (where her server runs) cannot take a kernel out
             kernel = groups[alice.pw_name][-1]
             root_procs = launcher.cpu.base.parent / "cgroup.procs"
@@ -645,16 +649,21 @@ def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float,
 def test_each_accounts_kernels_share_the_cpu_as_one_however_many_kernels_and_sessions(world_tmp, make_system_user):
     """Attack: alice takes the CPU with three kernels and two more processes in sessions of their own (five
     spinners), against bob's one. Per session (no cpu groups) bob gets about a fifth of what she gets; with
-    the launcher's groups about as much as she does, and her processes cannot leave her group."""
+    the launcher's groups about as much as she does, her processes cannot leave her group, and the server
+    that asked for her kernels and the pumps of their output are in it too."""
     per_session, _ = _share_of_bob(world_tmp, make_system_user, cpu_groups=False)
     per_account, groups = _share_of_bob(world_tmp, make_system_user, cpu_groups=True)
     assert per_session < 0.4, per_session  # the attack works where the CPU is shared per session
     assert per_account > 0.6, (per_account, groups)
-    alice, bob = (k for k in groups if k not in ("moved", "still", "spinners"))
+    alice, bob = (k for k in groups if k not in ("moved", "still", "spinners", "servers", "pumps"))
     # every spinner is in its account's group: alice's five (two in sessions of their own) and bob's one
     assert [len(groups["spinners"][alice]), len(groups["spinners"][bob])] == [5, 1], groups
-    assert set(groups["spinners"][alice]) <= set(groups[alice]), groups
-    assert set(groups["spinners"][bob]) <= set(groups[bob]), groups
+    # and so are the servers that asked for the kernels and the pumps of the kernels' output (the work a kernel
+    # makes them do is its account's)
+    assert [len(groups["pumps"][alice]), len(groups["pumps"][bob])] == [3, 1], groups
+    for account in (alice, bob):
+        for what in ("spinners", "servers", "pumps"):
+            assert set(groups[what][account]) <= set(groups[account]), (what, account, groups)
     assert groups["moved"][0] != 0 and "Permission denied" in groups["moved"][1], groups
     assert groups["still"] is True
 
@@ -674,3 +683,29 @@ def test_a_kernel_that_cannot_be_put_in_its_cpu_group_is_not_started(capped):
     # (by its connection file: a uid freed by an earlier test's account may still have that test's processes)
     left = subprocess.run(["pgrep", "-a", "-f", str(conn)], capture_output=True, text=True).stdout
     assert left == "", left
+
+
+def test_a_sweep_removes_the_groups_no_process_is_left_in_and_keeps_the_others():
+    """The groups of accounts whose servers ended after their kernels, or that an earlier launcher made, go at
+    the next sweep (a launcher's start, a kernel's end); a group with a process in it stays."""
+    from paitient.services.launcher import cpu
+
+    groups = cpu.find()
+    assert groups is not None, "this machine's cpu control groups are not writable by root"
+    tag = os.urandom(3).hex()
+    busy, empty = f"ptsweep{tag}b", f"ptsweep{tag}e"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        groups.place(sleeper.pid, busy)
+        groups.group(empty).mkdir()
+        removed = groups.sweep()
+        assert empty in removed and busy not in removed
+        assert not groups.group(empty).exists() and groups.members(busy) == [sleeper.pid]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    deadline = time.monotonic() + 10
+    while groups.group(busy).exists() and time.monotonic() < deadline:
+        groups.sweep()
+        time.sleep(0.1)
+    assert not groups.group(busy).exists()

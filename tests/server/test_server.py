@@ -1,5 +1,6 @@
 """A real user server as a real account, with the real audit service: what it records, what it refuses."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -325,3 +326,29 @@ def test_a_kernel_past_the_accounts_limit_is_refused_with_what_to_do(world_tmp, 
             second = server.request("POST", "/api/kernels", json={})
         assert second.status_code == 201, second.text
         assert server.run("print(1 + 1)", second.json()["id"]).stdout.strip() == "2"
+
+
+def test_the_server_and_its_kernel_share_the_accounts_cpu_group(world_tmp, make_system_user):
+    """With the real launcher service: once a kernel is asked for, the server that asked (whose work for the
+    kernel's output is the account's) and the kernel's processes are in the account's cpu group, nothing
+    else of the host is."""
+    from paitient.services.launcher import cpu
+
+    groups = cpu.find()
+    assert groups is not None, "this machine's cpu control groups are not writable by root"
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("grouped")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        kid = server.start_kernel()
+        assert server.run("import os; print(os.getpid())", kid).stdout.strip()  # the kernel answers
+        members = groups.members(user.pw_name)
+        assert server.proc is not None and server.proc.pid in members
+        for pid in members:  # the account's own processes, and root's pump of the kernel's output
+            try:
+                owner = os.stat(f"/proc/{pid}").st_uid
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue  # ended meanwhile
+            assert owner == user.pw_uid or (owner == 0 and b"pump.py" in argv), (pid, owner, argv)
+        assert len(members) >= 4  # the server, the kernel's keeper, its sandbox, the kernel

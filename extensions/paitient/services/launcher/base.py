@@ -331,6 +331,7 @@ class BaseLauncher(abc.ABC):
             self._names[caller.uid] = caller.name
         with starting:
             self.check_count(caller)
+            self._place_server(server[0], caller)
             seccomp_fd = _seccomp_fd() if self.seccomp else None
             try:
                 argv = self.argv(caller, policy, args["kernel"], seccomp_fd, server)
@@ -376,6 +377,21 @@ class BaseLauncher(abc.ABC):
             ) from None
         finally:
             proc.stdin.close()
+
+    def _place_server(self, pid: int, caller: Caller) -> None:
+        """Put the asking server in its account's cpu group too: what a kernel makes its server do (each output
+        it reads, checks and sends on) is then the account's CPU, not a share of its own beside every
+        researcher's kernels together. Only a server in the launcher's own pid namespace (the local spawner's):
+        one in a container is in the container's group, which its engine keeps."""
+        if self.cpu is None or pid <= 0:
+            return
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid"):
+                return
+            if pid not in self.cpu.members(caller.name):
+                self.cpu.place(pid, caller.name)
+        except (OSError, ValueError) as e:
+            self.log.warning("launcher: cannot put the server of %s (pid %d) in its cpu group: %s", caller.name, pid, e)
 
     def check_count(self, caller: Caller) -> None:
         """Refuse a kernel past ``kernels_per_account`` (``kernel_limit``): the keepers running as the caller's
@@ -445,6 +461,7 @@ class BaseLauncher(abc.ABC):
             with starting:  # not while a kernel of the account is being placed
                 try:
                     if others or cpu.release(name):
+                        cpu.sweep()  # and the groups of accounts whose servers have ended since
                         return
                 except OSError as e:
                     self.log.warning("launcher: cannot remove the cpu group of %s: %s", name, e)

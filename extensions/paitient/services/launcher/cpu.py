@@ -44,14 +44,20 @@ class CpuGroups:
         return self.base / account
 
     def place(self, pid: int, account: str) -> Path:
-        """Move process ``pid`` (and the threads it has) into ``account``'s group, made as needed."""
+        """Move process ``pid`` (and the threads it has) into ``account``'s group, made as needed (again, where
+        a :meth:`sweep` removed it between the two steps)."""
         group = self.group(account)
-        try:
-            group.mkdir(mode=0o755, exist_ok=True)
-        except FileExistsError:  # not a folder: nothing here makes one
-            raise OSError(errno.EEXIST, f"{group} is not a cgroup") from None
-        (group / "cgroup.procs").write_text(f"{pid}\n")
-        return group
+        for _ in range(3):
+            try:
+                group.mkdir(mode=0o755, exist_ok=True)
+            except FileExistsError:  # not a folder: nothing here makes one
+                raise OSError(errno.EEXIST, f"{group} is not a cgroup") from None
+            try:
+                (group / "cgroup.procs").write_text(f"{pid}\n")
+            except FileNotFoundError:
+                continue
+            return group
+        raise OSError(errno.ENOENT, f"{group} went away as it was made, three times")
 
     def members(self, account: str) -> list[int]:
         """The processes in ``account``'s group (none when it has none)."""
@@ -72,6 +78,20 @@ class CpuGroups:
                 return False
             raise
         return True
+
+    def sweep(self) -> list[str]:
+        """Remove every account's group that holds no process (one whose server ended after its kernels, or
+        that a launcher which has since restarted made); the names removed."""
+        removed: list[str] = []
+        try:
+            names = [e.name for e in os.scandir(self.base) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return removed
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                if self.release(name):
+                    removed.append(name)
+        return removed
 
 
 def _v2_cpu(root: Path) -> bool:

@@ -74,6 +74,7 @@ class Launcher(BaseLauncher):
             )
         elif self.cpu is not None:
             self.log.info("launcher: each account's kernels share one cpu group under %s", self.cpu.base)
+            self.cpu.sweep()  # what an earlier launcher left empty
         if not has_sys_resource():
             self.log.warning(
                 "launcher: no CAP_SYS_RESOURCE: kernels start with oom_score_adj %d but may lower it", OOM_SCORE_ADJ
@@ -168,6 +169,12 @@ class Launcher(BaseLauncher):
         finally:
             os.close(read)
         threading.Thread(target=pump.wait, name=f"pump-{pump.pid}", daemon=True).start()
+        if self.cpu is not None:
+            # the pump's copying is the kernel's doing: the account's CPU, not a session of its own
+            try:
+                self.cpu.place(pump.pid, caller.name)
+            except (OSError, ValueError) as e:
+                self.log.warning("launcher: cannot put the log pump of %s in its cpu group: %s", caller.name, e)
         with open(write, "wb", buffering=0) as out:
             yield out
 
