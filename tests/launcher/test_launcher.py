@@ -563,6 +563,21 @@ while True:
 """
 
 
+PINGPONG = """
+import os
+os.sched_setaffinity(0, {0})
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(w)
+    while os.read(r, 65536):
+        pass
+    os._exit(0)
+os.close(r)
+while True:
+    os.write(w, b"x")  # a byte at a time: the reader wakes all the time
+"""
+
+
 def _cpu_ticks(uid: int) -> int:
     """User and system time of all processes of ``uid``, in clock ticks."""
     ticks = 0
@@ -591,10 +606,14 @@ def _spinners(uid: int) -> list[int]:
     return found
 
 
-def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float, dict]:
-    """Alice runs three spinning kernels, one of which forks two more spinners in sessions of their own; bob
-    runs one. Bob's CPU time over three seconds against alice's, and what each account's group holds."""
-    site = make_site(world_tmp / f"cpu-{cpu_groups}", {"onc": ["bc"]}, accounts={"prefix": "tl" + os.urandom(2).hex()})
+def _share_of_bob(
+    world_tmp, make_system_user, cpu_groups: bool, alice_runs: tuple[str, ...] = ("spin0", "spin2", "spin0")
+) -> tuple[float, dict]:
+    """Alice runs ``alice_runs`` (by default three spinning kernels, one of which forks two more spinners in
+    sessions of their own); bob runs one spinner. Bob's CPU time over three seconds against alice's, and what
+    each account's group holds."""
+    where = world_tmp / f"cpu-{cpu_groups}-{len(alice_runs)}"
+    site = make_site(where, {"onc": ["bc"]}, accounts={"prefix": "tl" + os.urandom(2).hex()})
     alice, bob = make_system_user("alice"), make_system_user("bob")
     registry = Registry.for_state_dir(site.state_dir)
     for name, pw in (("alice", alice), ("bob", bob)):
@@ -603,11 +622,12 @@ def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float,
     assert (launcher.cpu is not None) == cpu_groups
     for n in (0, 2):
         launcher.kernels[f"spin{n}"] = [sys.executable, "-I", "-c", SPINNER, "{connection_file}", str(n)]
+    launcher.kernels["pingpong"] = [sys.executable, "-I", "-c", PINGPONG, "{connection_file}"]
     server = LauncherServer(socket_path(site), launcher, group=workspacegroup.gid())
     server.start_in_thread()
     askers = []
     try:
-        kernels = ((alice, "a1", "spin0"), (alice, "a2", "spin2"), (alice, "a3", "spin0"), (bob, "b1", "spin0"))
+        kernels = [*((alice, f"a{i}", run) for i, run in enumerate(alice_runs)), (bob, "b1", "spin0")]
         for pw, name, kernel in kernels:
             conn = connection_file(pw, f"kernel-{name}.json")
             askers.append(asking(pw, Path(server.path), {"connection_file": str(conn), "kernel": kernel}))
@@ -622,7 +642,7 @@ def _share_of_bob(world_tmp, make_system_user, cpu_groups: bool) -> tuple[float,
             groups["spinners"] = {pw.pw_name: _spinners(pw.pw_uid) for pw in (alice, bob)}
             # what works for the kernels outside their sandboxes: the servers that asked (here the askers)
             # and the root pumps of their output
-            groups["servers"] = {alice.pw_name: [a.pid for a in askers[:3]], bob.pw_name: [askers[3].pid]}
+            groups["servers"] = {alice.pw_name: [a.pid for a in askers[:-1]], bob.pw_name: [askers[-1].pid]}
             groups["pumps"] = {pw.pw_name: _pumps(pw.pw_name) for pw in (alice, bob)}
             # alice's own process outside the sandbox (where her server runs) cannot take a kernel out
             kernel = groups[alice.pw_name][-1]
@@ -709,3 +729,13 @@ def test_a_sweep_removes_the_groups_no_process_is_left_in_and_keeps_the_others()
         groups.sweep()
         time.sleep(0.1)
     assert not groups.group(busy).exists()
+
+
+def test_a_kernel_whose_processes_wake_each_other_all_the_time_does_not_starve_another_account(
+    world_tmp, make_system_user
+):
+    """Attack: alice's one kernel writes a pipe a byte at a time to a reader of its own, against bob's one
+    spinner, on one CPU. While each kernel's keeper polled its child twenty times a second, this took bob's
+    share from 0.50 (per session) to 0.00 (per account); with the keeper waiting on a pidfd it was 0.41."""
+    share, _ = _share_of_bob(world_tmp, make_system_user, cpu_groups=True, alice_runs=("pingpong",))
+    assert share > 0.45, share  # bob's time against alice's: 0.69 measured, 0 while starved
