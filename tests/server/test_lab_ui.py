@@ -1,6 +1,9 @@
 """A researcher's first minutes in the locked-down JupyterLab, in the system Chromium."""
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -9,20 +12,37 @@ from tests.server.harness import UserServer, make_site, publish
 pytestmark = pytest.mark.browser
 
 
-def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system_user):
+@contextlib.contextmanager
+def new_notebook(server: UserServer, before: Callable[[Any], object] | None = None) -> Iterator[Any]:
+    """The system Chromium on ``server``'s JupyterLab, a new notebook opened from the launcher; ``before`` is
+    given the page before it loads (to listen to its console)."""
     from playwright.sync_api import sync_playwright
 
-    site = make_site(world_tmp, {"onc": ["bc"]})
-    publish(site, "onc", "bc", "tumour,size\nA,2.5\n")
-    user = make_system_user("ui")
-    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            failures: list[str] = []
-            page.on("console", lambda m: failures.append(m.text) if "activat" in m.text else None)
+            if before is not None:
+                before(page)
             page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
             page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def listen(failures: list[str]) -> Callable[[Any], object]:
+    """Keep the console messages about plugins that failed to activate."""
+    return lambda page: page.on("console", lambda m: failures.append(m.text) if "activat" in m.text else None)
+
+
+def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system_user):
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "tumour,size\nA,2.5\n")
+    user = make_system_user("ui")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        failures: list[str] = []
+        with new_notebook(server, listen(failures)) as page:
             page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=30_000)
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
             editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
@@ -50,8 +70,6 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
                 )
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
-        finally:
-            browser.close()
 
 
 def _run_last_cell(page, code: str, wait_for: str, server) -> None:
@@ -79,18 +97,12 @@ def _run_last_cell(page, code: str, wait_for: str, server) -> None:
 def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_system_user):
     """Through the egress gate, with the site's egress service and the dataset's row index: the table of
     df.head() and a plot show, the notebook saves, and after a reload Lab opens it again with both outputs."""
-    from playwright.sync_api import sync_playwright
-
     site = make_site(world_tmp, {"onc": ["bc"]})
     rows = "\n".join(f"{i},{10 + i * 0.731:.3f},{20 + i * 1.377:.3f},{i * 3.113:.3f}" for i in range(60))
     publish(site, "onc", "bc", "id,size,weight,score\n" + rows + "\n")
     user = make_system_user("ui")
-    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
-            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        with new_notebook(server) as page:
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
             _run_last_cell(
                 page,
@@ -131,47 +143,31 @@ def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_s
             page.wait_for_selector(".jp-Notebook .jp-OutputArea-output table", timeout=60_000)
             page.wait_for_selector(".jp-Notebook .jp-OutputArea-output img", timeout=30_000)
             assert "withheld" not in page.locator(".jp-Notebook").inner_text()
-        finally:
-            browser.close()
 
 
 def test_a_kernel_past_the_accounts_limit_shows_the_researcher_why_and_what_to_do(world_tmp, make_system_user):
     """At ``kernels_per_account = 1`` with one kernel running, a new notebook's kernel is refused: Lab's dialog
     shows the launcher's reason and what to do, not "Unhandled error"."""
-    from playwright.sync_api import sync_playwright
-
     site = make_site(world_tmp, {"onc": ["bc"]}, sandbox={"kernels_per_account": 1})
     publish(site, "onc", "bc", "a\n1\n")
     user = make_system_user("ui")
-    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
+    with UserServer(site, user, ("onc",), world_tmp) as server:
         server.start_kernel()
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
-            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+        with new_notebook(server) as page:
             dialog = page.wait_for_selector(".jp-Dialog", timeout=60_000)
             text = dialog.inner_text()
             assert "already runs 1 kernel, the most one account may run at once" in text, text
             assert "Shut Down Kernel" in text and "Unhandled error" not in text, text
-        finally:
-            browser.close()
 
 
 def test_closing_a_notebook_shuts_its_kernel_down(world_tmp, make_system_user):
     """The workspace's default: closing a notebook's tab ends its kernel (its memory, its budget reservation and
     its place among the account's kernels are free at once), as the server's kernels API then shows."""
-    from playwright.sync_api import sync_playwright
-
     site = make_site(world_tmp, {"onc": ["bc"]})
     publish(site, "onc", "bc", "a\n1\n")
     user = make_system_user("ui")
-    with UserServer(site, user, ("onc",), world_tmp) as server, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(f"{server.url}/lab?token={server.token}", timeout=60_000)
-            page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        with new_notebook(server) as page:
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
             deadline = time.monotonic() + 60
             while not server.get("/api/kernels").json() and time.monotonic() < deadline:
@@ -184,5 +180,3 @@ def test_closing_a_notebook_shuts_its_kernel_down(world_tmp, make_system_user):
             while server.get("/api/kernels").json() and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert server.get("/api/kernels").json() == [], page.content()[-2000:]
-        finally:
-            browser.close()
