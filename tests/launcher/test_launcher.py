@@ -306,6 +306,17 @@ def test_the_server_as_the_spawner_starts_it_reads_no_dataset_not_even_its_own(w
     assert r.stdout.split() == ["denied", "13", f"[{workspacegroup.gid()}]"], r.stderr
 
 
+def _onc_site(where: Path, make_system_user, names: tuple[str, ...], **sandbox: int):
+    """A site with project ``onc`` (its ``[sandbox]`` section from ``sandbox``), a system account for each of
+    ``names``, all members of ``onc`` in its registry: (site, registry, name -> passwd entry)."""
+    site = make_site(where, {"onc": ["bc"]}, accounts={"prefix": "tl" + os.urandom(2).hex()}, sandbox=sandbox)
+    users = {name: make_system_user(name) for name in names}
+    registry = Registry.for_state_dir(site.state_dir)
+    for name, pw in users.items():
+        registry.put(Member(username=name, account=pw.pw_name, uid=pw.pw_uid, projects=("onc",)))
+    return site, registry, users
+
+
 # -- bounds of what a kernel can take from the host: its log, its tmpfs, the OOM killer's choice ------------
 
 BOUNDED_LOG = 64 * 1024
@@ -359,15 +370,10 @@ time.sleep(600)
 
 @pytest.fixture
 def bounded(world_tmp, make_system_user):
-    site = make_site(
-        world_tmp,
-        {"onc": ["bc"]},
-        accounts={"prefix": "tl" + os.urandom(2).hex()},
-        sandbox={"kernel_log_bytes": BOUNDED_LOG, "tmp_bytes": BOUNDED_TMP},
+    site, registry, users = _onc_site(
+        world_tmp, make_system_user, ("alice",), kernel_log_bytes=BOUNDED_LOG, tmp_bytes=BOUNDED_TMP
     )
-    alice = make_system_user("alice")
-    registry = Registry.for_state_dir(site.state_dir)
-    registry.put(Member(username="alice", account=alice.pw_name, uid=alice.pw_uid, projects=("onc",)))
+    alice = users["alice"]
     access.sync(site)
     launcher = Launcher(site, registry)
     # the real launcher, sandbox and log pump; the kernel's command is a probe (a real kernel's output and
@@ -463,16 +469,7 @@ SLEEPER = "import time; time.sleep(600)"
 @pytest.fixture
 def capped(world_tmp, make_system_user):
     """A launcher whose site lets an account run two kernels; the kernels are sleepers in the real sandbox."""
-    site = make_site(
-        world_tmp,
-        {"onc": ["bc"]},
-        accounts={"prefix": "tl" + os.urandom(2).hex()},
-        sandbox={"kernels_per_account": 2},
-    )
-    alice, bob = make_system_user("alice"), make_system_user("bob")
-    registry = Registry.for_state_dir(site.state_dir)
-    for name, pw in (("alice", alice), ("bob", bob)):
-        registry.put(Member(username=name, account=pw.pw_name, uid=pw.pw_uid, projects=("onc",)))
+    site, registry, users = _onc_site(world_tmp, make_system_user, ("alice", "bob"), kernels_per_account=2)
     access.sync(site)
     launchers, servers = [], []
 
@@ -488,7 +485,7 @@ def capped(world_tmp, make_system_user):
         return Path(server.path)
 
     try:
-        yield site, serve, {"alice": alice, "bob": bob}
+        yield site, serve, users
     finally:
         for server in servers:
             server.shutdown()
@@ -613,11 +610,8 @@ def _share_of_bob(
     sessions of their own); bob runs one spinner. Bob's CPU time over three seconds against alice's, and what
     each account's group holds."""
     where = world_tmp / f"cpu-{cpu_groups}-{len(alice_runs)}"
-    site = make_site(where, {"onc": ["bc"]}, accounts={"prefix": "tl" + os.urandom(2).hex()})
-    alice, bob = make_system_user("alice"), make_system_user("bob")
-    registry = Registry.for_state_dir(site.state_dir)
-    for name, pw in (("alice", alice), ("bob", bob)):
-        registry.put(Member(username=name, account=pw.pw_name, uid=pw.pw_uid, projects=("onc",)))
+    site, registry, users = _onc_site(where, make_system_user, ("alice", "bob"))
+    alice, bob = users["alice"], users["bob"]
     launcher = Launcher(site, registry, cpu_groups=cpu_groups)
     assert (launcher.cpu is not None) == cpu_groups
     for n in (0, 2):
