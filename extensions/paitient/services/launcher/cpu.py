@@ -10,9 +10,11 @@ The groups are root's: ``<cpu hierarchy>/paitient-kernels/<account>``, each of t
 ``cpu.weight`` 100, v1 ``cpu.shares`` 1024), beside the host's own top-level groups. ``paitient-kernels``
 itself weighs as one of them, so however busy the kernels are the hub and the services keep their part.
 The launcher moves a kernel's keeper into its account's group before the keeper starts anything (the keeper
-waits for it on its stdin, :mod:`.keeper`); everything the kernel starts stays in the group. A kernel cannot
-leave it: its sandbox has no cgroup file system, and outside the sandbox only root may write a group's
-``cgroup.procs``. A group is removed when its account's last kernel has ended.
+waits for it on its stdin, :mod:`.keeper`); everything the kernel starts stays in the group. The server that
+asked for the kernel and root's pump of its output go there too: the work a kernel makes them do is its
+account's. A kernel cannot leave the group: its sandbox has no cgroup file system, and outside the sandbox only
+root may write a group's ``cgroup.procs``. A group is removed once nothing is left in it (looked at when a
+kernel ends and when the launcher starts, :meth:`CpuGroups.sweep`).
 
 Where no cpu hierarchy is writable (a launcher in a container that does not own its cgroups, the
 ``paitient install`` unit without its cgroup access), :func:`find` gives None, the launcher warns once, and
