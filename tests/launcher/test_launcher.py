@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -482,8 +483,10 @@ def capped(world_tmp, make_system_user):
         server.start_in_thread()
         launchers.append(launcher)
         servers.append(server)
+        serve.launcher_at[Path(server.path)] = launcher  # type: ignore[attr-defined]
         return Path(server.path)
 
+    serve.launcher_at = {}  # type: ignore[attr-defined]
     try:
         yield site, serve, users
     finally:
@@ -723,6 +726,40 @@ def test_a_sweep_removes_the_groups_no_process_is_left_in_and_keeps_the_others()
         groups.sweep()
         time.sleep(0.1)
     assert not groups.group(busy).exists()
+
+
+def test_a_kernels_end_does_not_wait_on_a_group_its_running_server_keeps(capped, caplog):
+    """When alice's kernel ends while the server that asked for it runs, her group cannot go (the server is in
+    it): the launcher leaves it at once instead of trying for five seconds, under her start lock, to remove
+    it. Once her server has ended too, the next sweep removes it."""
+    site, serve, users = capped
+    alice = users["alice"]
+    sock = serve(socket_path(site))
+    launcher = serve.launcher_at[sock]
+    assert launcher.cpu is not None, "this machine's cpu control groups are not writable by root"
+    conn = connection_file(alice, "kernel-rel1.json")
+    server = asking(alice, sock, {"connection_file": str(conn), "kernel": "python3"})
+    try:
+        kernel = json.loads(server.stdout.readline())["ok"]
+        assert sandbox_of(kernel["pid"])
+        assert server.pid in launcher.cpu.members(alice.pw_name)
+        caplog.set_level(logging.INFO, logger="paitient.services.launcher")
+        stopped = time.monotonic()
+        assert ask_as(alice, sock, {"kernel": kernel["kernel"]}, op="stop") == {"ok": {"stopped": True}}
+        ended = f"kernel pid {kernel['pid']} ended"
+        while not any(ended in r.getMessage() for r in caplog.records) and time.monotonic() - stopped < 15:
+            time.sleep(0.05)
+        took = time.monotonic() - stopped
+        assert any(ended in r.getMessage() for r in caplog.records), caplog.text
+        assert took < 2.5, took  # 5 s and more while it waited for a group the server keeps
+        assert launcher.cpu.members(alice.pw_name) == [server.pid]
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while alice.pw_name not in launcher.cpu.sweep() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not launcher.cpu.group(alice.pw_name).exists()
 
 
 def test_a_kernel_whose_processes_wake_each_other_all_the_time_does_not_starve_another_account(

@@ -230,6 +230,8 @@ class BaseLauncher(abc.ABC):
         """Per uid: held while one of its kernels is counted and started, or its cpu group removed."""
         self._names: dict[int, str] = {}
         """Per uid: its account's name (its cpu group's)."""
+        self._servers: dict[int, set[int]] = {}
+        """Per uid: the pids of the servers put in its cpu group (:meth:`_place_server`)."""
 
     def handlers(self) -> dict[str, Any]:
         return {"start": self.start, "alive": self.alive, "stop": self.stop}
@@ -390,6 +392,8 @@ class BaseLauncher(abc.ABC):
                 return
             if pid not in self.cpu.members(caller.name):
                 self.cpu.place(pid, caller.name)
+            with self._lock:
+                self._servers.setdefault(caller.uid, set()).add(pid)
         except (OSError, ValueError) as e:
             self.log.warning("launcher: cannot put the server of %s (pid %d) in its cpu group: %s", caller.name, pid, e)
 
@@ -450,7 +454,9 @@ class BaseLauncher(abc.ABC):
     def _release(self, cpu: CpuGroups, uid: int, starting: threading.Lock, wait: float = 5.0) -> None:
         """Remove the account's cpu group once its last kernel has ended: the sandbox ends a moment after its
         keeper (bubblewrap's parent-death signal), so a group that still holds processes is given ``wait``
-        seconds where no other kernel of the account is known to run."""
+        seconds where no other kernel of the account is known to run. Not while the server that asked for a
+        kernel is still in it: the group stays until the server has ended too (a later :meth:`CpuGroups.sweep`
+        removes it)."""
         name = self._names.get(uid, "")
         if not name:
             return
@@ -460,6 +466,8 @@ class BaseLauncher(abc.ABC):
                 others = any(u == uid and p.poll() is None for p, u in self.handles.values())
             with starting:  # not while a kernel of the account is being placed
                 try:
+                    if not others and self._server_holds(cpu, uid, name):
+                        return
                     if others or cpu.release(name):
                         cpu.sweep()  # and the groups of accounts whose servers have ended since
                         return
@@ -469,6 +477,18 @@ class BaseLauncher(abc.ABC):
             if time.monotonic() > deadline:
                 return
             time.sleep(0.1)
+
+    def _server_holds(self, cpu: CpuGroups, uid: int, name: str) -> bool:
+        """Whether a server placed in ``name``'s group is still in it (and so the group cannot go); forgets
+        the servers that have left it. Called with the account's start lock held."""
+        members = set(cpu.members(name))
+        with self._lock:
+            servers = self._servers.get(uid, set()) & members
+            if servers:
+                self._servers[uid] = servers
+            else:
+                self._servers.pop(uid, None)
+        return bool(servers)
 
     def stop_all(self) -> None:
         """Kill every kernel this launcher started that still runs (tests; a pod's launcher on its way out)."""
