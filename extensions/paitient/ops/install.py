@@ -68,29 +68,29 @@ def service_unit(name: str) -> str:
     return f"paitient-{name}.service"
 
 
+PROTECTED = {"ProtectHome": "yes", "ProtectControlGroups": "yes"}
+"""What a service may not write: the homes and the control groups (the launcher alone writes both)."""
 SANDBOXING = {"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK"}
 """What a service that runs bubblewrap needs: namespaces, and netlink to bring up each sandbox's loopback."""
 CONTAINED = {
-    "ProtectHome": "yes",
-    "ProtectControlGroups": "yes",
     "PrivateDevices": "yes",
     "RestrictNamespaces": "yes",
     "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
 }
-"""A service that runs no sandbox and reads no home: no namespaces, no devices, no homes."""
+"""A service that runs no sandbox: no namespaces, no devices."""
 SERVICE_HARDENING: dict[str, dict[str, str]] = {
-    "ledger": CONTAINED,
-    "audit": CONTAINED,
-    "egress": CONTAINED,
-    "airlock": {"ProtectHome": "yes", "ProtectControlGroups": "yes", **SANDBOXING},
-    "jobs": {"ProtectHome": "yes", "ProtectControlGroups": "yes", **SANDBOXING},
+    "ledger": {**PROTECTED, **CONTAINED},
+    "audit": {**PROTECTED, **CONTAINED},
+    "egress": {**PROTECTED, **CONTAINED},
+    "airlock": {**PROTECTED, **SANDBOXING},
+    "jobs": {**PROTECTED, **SANDBOXING},
     # the kernels' homes are bound into their sandboxes, and their runtime dirs read, by the launcher; it puts
     # each account's kernels in a cpu control group (paitient.services.launcher.cpu), so it writes those
     "launcher": {"ProtectHome": "no", "ProtectControlGroups": "no", **SANDBOXING},
 }
 """Per service, the hardening beside what every service unit has (no new privileges, a read-only system but
-the state directory, private tmp, no kernel modules or tunables); control groups are read-only to all but
-the launcher."""
+the state directory, private tmp, no kernel modules or tunables); homes and control groups are read-only to
+all but the launcher."""
 
 
 class InstallError(Exception):
