@@ -53,9 +53,8 @@ def world(tmp_path_factory):
 
     root = Path(tempfile.mkdtemp(prefix="ptg-", dir="/tmp"))
     os.chmod(root, 0o755)
-    # one account and server for the whole module, whose cells each run in a kernel of their own: more than
-    # the kernels a researcher may run at once
-    site = make_site(root, {"onc": ["bc"]}, sandbox={"kernels_per_account": 64})
+    # one account and server for the whole module; each cell runs in a kernel of its own, shut down after it
+    site = make_site(root, {"onc": ["bc"]})
     publish(site, "onc", "bc", "a,b\n1,2\n")
     name = f"ptg{os.getpid() % 100000}"
     subprocess.run(

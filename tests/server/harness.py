@@ -371,9 +371,16 @@ class UserServer:
     ) -> CellResult:
         """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
         protocol JupyterLab speaks; ``channel`` is where the execute_request goes; ``stdin_reply`` answers
-        ``input()``; ``user_expressions`` go with the request."""
-        kernel_id = kernel_id or self.start_kernel()
-        return asyncio.run(self._execute(kernel_id, code, timeout, v1, channel, stdin_reply, user_expressions))
+        ``input()``; ``user_expressions`` go with the request. Without ``kernel_id``, in a kernel for this
+        cell only, shut down after it (as the e2e workspace's ``run_cell``)."""
+        args = (code, timeout, v1, channel, stdin_reply, user_expressions)
+        if kernel_id is not None:
+            return asyncio.run(self._execute(kernel_id, *args))
+        once = self.start_kernel()
+        try:
+            return asyncio.run(self._execute(once, *args))
+        finally:
+            self.request("DELETE", f"/api/kernels/{once}")
 
     async def _execute(
         self,

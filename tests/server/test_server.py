@@ -197,7 +197,7 @@ def test_kernels_die_with_a_killed_server(site, world_tmp, make_system_user):
     user = make_system_user("orphan")
     server = UserServer(site, user, ("onc",), world_tmp).start()
     try:
-        server.run("print(1)")
+        server.run("print(1)", server.start_kernel())
         kernels = server.kernel_pids()
         assert len(kernels) >= 3  # prlimit->bwrap, bwrap's init, the kernel
         server.proc.kill()  # no clean shutdown: the server cannot stop its kernels
