@@ -29,6 +29,7 @@ def test_a_request_gets_its_defaults():
     assert (spec["lr"], spec["holdout"], spec["preprocessing"], spec["project"]) == (0.1, 0.2, [], None)
     assert spec["checkpoint"] is None  # the runner's own initialisation
     assert check_request({**BASE, "checkpoint": "mlp-public"})["checkpoint"] == "mlp-public"
+    assert spec["momentum"] == 0.0 and check_request({**BASE, "momentum": 0.5})["momentum"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,10 @@ def test_a_request_gets_its_defaults():
         ({"epochs": 2.5}, "epochs must be a whole number"),
         ({"target_epsilon": math.inf}, "target_epsilon must be a number"),
         ({"target_epsilon": None}, "target_epsilon is required"),
-        ({"loss": "hinge"}, "loss must be one of cross_entropy, bce_with_logits, mse"),
+        ({"loss": "hinge"}, "loss must be one of cross_entropy, bce_with_logits, smooth_hinge, mse"),
+        ({"momentum": 1.0}, "momentum must be a number from 0 to 0.99"),
+        ({"momentum": 0.123}, "momentum must have at most 2 significant digits"),
+        ({"optimizer": "adam", "momentum": 0.5}, "momentum is sgd's; adam takes none"),
         ({"dataset": "../etc"}, "dataset must be a dataset's name"),
         ({"features": ["a", "a"]}, "features names a column twice"),
         ({"features": ["target"]}, "the target cannot be one of the features"),

@@ -182,13 +182,82 @@ def test_an_unreachable_target_is_refused_with_what_to_do():
         (dict(delta=1.0), "delta must be a number above 0 and below 1"),
         (dict(optimizer="rmsprop"), "optimizer must be one of sgd, adam"),
         (dict(accountant="gdp"), "accountant must be one of prv, rdp"),
-        (dict(loss="hinge"), "loss must be one of cross_entropy, bce_with_logits, mse"),
+        (dict(loss="hinge"), "loss must be one of cross_entropy, bce_with_logits, smooth_hinge, mse"),
         (dict(seed=True), "seed must be a whole number"),
+        (dict(momentum=1.0), "momentum must be a number from 0 to below 1"),
+        (dict(momentum=-0.1), "momentum must be a number from 0 to below 1"),
+        (dict(optimizer="adam", momentum=0.5), "momentum is sgd's; adam takes none"),
     ],
 )
 def test_a_spec_is_checked_when_made(change, message):
     with pytest.raises(TrainError, match=message):
         spec(**change)
+
+
+def _smooth_hinge(z: float, y: int) -> float:
+    """The loss as docs/jobs.md states it, one row at a time."""
+    m = (2 * y - 1) * z
+    return 0.0 if m >= 1 else 0.5 * (1 - m) ** 2 if m > 0 else 0.5 - m
+
+
+def test_smooth_hinge_is_the_rounded_hinge_and_its_step_the_clipped_noised_sum_a_loop_computes():
+    """Each row's loss is the stated formula on either side of its corners; one step (both ways of clipping) is
+    the sum of each row's gradient of that loss, clipped, plus the noise, as a loop with autograd computes."""
+    from paitient.services.jobs.train import sample_losses
+
+    z = torch.tensor([[-2.0], [0.0], [0.3], [0.99], [1.0], [4.0], [-0.5], [2.0]])
+    y = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0], [1.0], [0.0], [0.0]])
+    got = sample_losses("smooth_hinge")(z, y)
+    want = [_smooth_hinge(float(a), int(b)) for a, b in zip(z.reshape(-1), y.reshape(-1), strict=True)]
+    torch.testing.assert_close(got, torch.tensor(want))
+
+    torch.manual_seed(0)
+    g, forward = graph_of(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1)), (6,))
+    start = initialise(g, "default", seed=3)
+    x, yb = torch.randn(40, 6) * 3, torch.randint(0, 2, (40, 1)).float()
+    one = Plan(sample_rate=1.0, steps=1, noise_multiplier=0.8)
+    clipped = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in range(len(x)):
+        p = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+        out = float(forward(p, x[i : i + 1]).detach())
+        m = (2 * float(yb[i]) - 1) * forward(p, x[i : i + 1]).reshape(())
+        loss = torch.where(m > 0, 0.5 * (1 - m).clamp(min=0) ** 2, 0.5 - m)
+        assert float(loss) == pytest.approx(_smooth_hinge(out, int(yb[i])), abs=1e-6)
+        loss.backward()
+        norm = torch.sqrt(sum((v.grad**2).sum() for v in p.values()))
+        for k, v in p.items():
+            clipped[k] += v.grad * min(1.0, 0.5 / (float(norm) + 1e-6))
+    sizes = [v.numel() for v in start.values()]
+    noise = torch.empty(sum(sizes)).normal_(0.0, 0.8 * 0.5 / len(x), generator=torch.Generator().manual_seed(7))
+    for clipping in ("auto", "exact"):
+        step = spec(lr=1.0, max_grad_norm=0.5, seed=7, loss="smooth_hinge")
+        result = train(forward, start, x, yb, step, the_plan=one, clipping=clipping)
+        assert result.clipping == ("fast" if clipping == "auto" else "exact")
+        for (k, v), part in zip(start.items(), torch.split(noise, sizes), strict=True):
+            want = v - (clipped[k] / len(x) + part.view(v.shape))
+            torch.testing.assert_close(result.params[k], want, rtol=1e-4, atol=1e-5)
+
+
+def test_momentum_is_heavy_ball_over_the_noised_steps(cancer):
+    """With momentum, each step moves by lr times the sum of this step's noised gradient and momentum times
+    the last move's: three steps of full batches replayed by hand from each step's gradient without momentum,
+    and the run without momentum differs."""
+    xt, yt, _, _ = cancer
+    g, forward = graph_of(nn.Sequential(nn.Linear(30, 2)))
+    start = initialise(g, "zeros", 0)
+    three = Plan(sample_rate=1.0, steps=3, noise_multiplier=0.0)
+    base = dict(epochs=3, batch_size=len(xt), lr=0.5, max_grad_norm=1.0, seed=2)
+    heavy = train(forward, start, xt, yt, spec(**base, momentum=0.9), the_plan=three).params
+    params, velocity = dict(start), {k: torch.zeros_like(v) for k, v in start.items()}
+    for _ in range(3):  # one step from params without momentum, at lr 1, is params minus the step's gradient
+        one = train(forward, params, xt, yt, spec(**{**base, "lr": 1.0, "epochs": 1}), the_plan=Plan(1.0, 1, 0.0))
+        grad = {k: params[k] - one.params[k] for k in params}
+        velocity = {k: 0.9 * velocity[k] + grad[k] for k in params}
+        params = {k: params[k] - 0.5 * velocity[k] for k in params}
+    for k in params:
+        torch.testing.assert_close(heavy[k], params[k], rtol=1e-4, atol=1e-6)
+    plain = train(forward, start, xt, yt, spec(**base), the_plan=three).params
+    assert not torch.allclose(plain["0.weight"], heavy["0.weight"])
 
 
 def test_logistic_regression_at_epsilon_1_keeps_most_of_its_accuracy(cancer):
@@ -224,6 +293,12 @@ def test_evaluate_matches_sklearn():
     assert got["auroc"] == pytest.approx(roc_auc_score(yb.numpy(), torch.sigmoid(logits).numpy()))
     assert got["accuracy"] == pytest.approx(float(((logits >= 0).float() == yb).float().mean()))
     assert set(evaluate(forward1, params1, x, x[:, 1], "mse")) == {"loss"}
+    # smooth_hinge: the output is a score, positive for the positive class
+    got = evaluate(forward1, params1, x, yb, "smooth_hinge")
+    assert got["auroc"] == pytest.approx(roc_auc_score(yb.numpy(), logits.numpy()))
+    assert got["accuracy"] == pytest.approx(float(((logits > 0).float() == yb).float().mean()))
+    rows = [_smooth_hinge(float(a), int(b)) for a, b in zip(logits, yb, strict=True)]
+    assert got["loss"] == pytest.approx(float(np.mean(rows)), rel=1e-5)
 
 
 def test_the_audit_tells_an_overfit_model_from_a_private_one(cancer):

@@ -32,7 +32,7 @@ from typing import Any
 
 from paitient.config import NAME_RE
 
-LOSSES = ("cross_entropy", "bce_with_logits", "mse")
+LOSSES = ("cross_entropy", "bce_with_logits", "smooth_hinge", "mse")
 OPTIMIZERS = ("sgd", "adam")
 MAX_COLUMNS = 4096
 MAX_STEPS_IN_PREPROCESSING = 64
@@ -46,10 +46,10 @@ IN_THE_RECORD = frozenset({"max_grad_norm", "target_epsilon"})
 HOLDOUT_DIGITS = 2
 """Significant digits of ``holdout``: the record states the rows it held out, so a share of any precision
 would choose that count among hundreds."""
-SHORT_NUMBERS = {"holdout": HOLDOUT_DIGITS, "lr": 2}
-"""Numbers of the request with a few significant digits only: ``holdout`` (above) and ``lr``, which the record
-does not state but which moves the released weights, so a learning rate of any precision would be a few
-bits of the kernel's choice in them."""
+SHORT_NUMBERS = {"holdout": HOLDOUT_DIGITS, "lr": 2, "momentum": 2}
+"""Numbers of the request with a few significant digits only: ``holdout`` (above), ``lr`` and ``momentum``,
+which the record does not state but which move the released weights, so a learning rate of any precision
+would be a few bits of the kernel's choice in them."""
 
 
 class SpecError(ValueError):
@@ -120,6 +120,7 @@ _NUMBERS: dict[str, tuple[float, float, bool, Any]] = {
     "max_grad_norm": (1e-6, 1e3, False, None),
     "target_epsilon": (1e-3, 100.0, False, None),
     "lr": (1e-8, 10.0, False, 0.1),
+    "momentum": (0.0, 0.99, False, 0.0),
     "holdout": (0.05, 0.5, False, 0.2),
 }
 _FIELDS = {"dataset", "project", "target", "features", "loss", "optimizer", "preprocessing", "checkpoint", *_NUMBERS}
@@ -277,6 +278,8 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
                 f"{name} must have at most {digits} significant digits ({why}): give "
                 f"{float(f'{spec[name]:.{digits}g}'):g} instead of {spec[name]!r:.40}"
             )
+    if spec["momentum"] and optimizer != "sgd":
+        raise SpecError(f"momentum is sgd's; {optimizer} takes none: leave momentum out, or use optimizer='sgd'")
     steps = args.get("preprocessing", [])
     if not isinstance(steps, list) or len(steps) > MAX_STEPS_IN_PREPROCESSING:
         raise SpecError(f"preprocessing must be a list of at most {MAX_STEPS_IN_PREPROCESSING} steps")

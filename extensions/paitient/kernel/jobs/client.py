@@ -197,6 +197,7 @@ def submit(
     preprocessing: list[dict[str, Any]] | None = None,
     lr: float = 0.1,
     optimizer: str = "sgd",
+    momentum: float = 0.0,
     project: str | None = None,
     holdout: float = 0.2,
     n_features: int | None = None,
@@ -209,6 +210,8 @@ def submit(
     model's first layer's ``in_features``). ``checkpoint``: the name of a pretrained checkpoint of the
     operator's registry (:func:`checkpoints` lists them) to start from instead; its parameter names and
     shapes must be exactly the model's, and the runner reads its values from the registry itself.
+    ``loss``: ``cross_entropy`` (one output per class), ``bce_with_logits`` or ``smooth_hinge`` (one output,
+    two classes) or ``mse``. ``momentum``: ``sgd``'s heavy-ball momentum (two significant digits, below 1).
     """
     import torch
 
@@ -229,6 +232,8 @@ def submit(
         "holdout": holdout,
         "preprocessing": preprocessing or [],
     }
+    if momentum:
+        request["momentum"] = momentum
     if features is not None:
         request["features"] = features
     if project is not None:

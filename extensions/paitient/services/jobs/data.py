@@ -22,7 +22,7 @@ from paitient.rules import catalogue
 from paitient.rules.jobspec import SpecError, canonical_preprocessing
 from paitient.services.data.publish import MANIFEST_FILE
 
-CLASSIFICATION = ("cross_entropy", "bce_with_logits")
+CLASSIFICATION = ("cross_entropy", "bce_with_logits", "smooth_hinge")
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ def prepare(data_file: Path, spec: dict[str, Any], split_seed: int) -> Prepared:
         raise SpecError(f"the target {target!r} has missing values in {int(y_raw.isna().sum())} rows")
     if spec["loss"] in CLASSIFICATION:
         labels = np.sort(y_raw.unique())
-        if spec["loss"] == "bce_with_logits" and len(labels) != 2:
+        if spec["loss"] in ("bce_with_logits", "smooth_hinge") and len(labels) != 2:
             fewer = "fewer" if len(labels) < 2 else "more"
-            raise SpecError(f"bce_with_logits needs a target with 2 values; {target!r} has {fewer}")
+            raise SpecError(f"{spec['loss']} needs a target with 2 values; {target!r} has {fewer}")
         y = np.searchsorted(labels, y_raw.to_numpy()).astype(np.int64)
         classes = len(labels)
     else:

@@ -493,7 +493,7 @@ def fast_path_agrees(
         if out.dim() < 2:
             return False
         yp = torch.randint(0, out.shape[1], (n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)
-    elif loss == "bce_with_logits":
+    elif loss in ("bce_with_logits", "smooth_hinge"):
         yp = torch.randint(0, 2, (n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)
     else:
         yp = torch.randn((n, *y.shape[1:]), generator=gen).to(y.device, y.dtype)

@@ -132,6 +132,7 @@ class Runner:
                 batch_size=job.spec["batch_size"],
                 lr=job.spec["lr"],
                 optimizer=job.spec["optimizer"],
+                momentum=job.spec.get("momentum", 0.0),  # (a job queued before momentum was asked for)
                 max_grad_norm=job.spec["max_grad_norm"],
                 target_epsilon=job.spec["target_epsilon"],
                 delta=delta,
@@ -385,9 +386,9 @@ def _check_fits(program: bytes, prepared: Prepared, loss: str) -> None:
             f"the target has more classes than the model's {width} outputs: give the last layer one output per "
             "class, or choose another target (or mse, for a number)"
         )
-    if loss == "bce_with_logits" and width != 1:
+    if loss in ("bce_with_logits", "smooth_hinge") and width != 1:
         raise JobFailed(
-            f"bce_with_logits needs one output per row (the logit), and the model gives {out}: give the last "
+            f"{loss} needs one output per row (the logit or score), and the model gives {out}: give the last "
             "layer one output"
         )
 

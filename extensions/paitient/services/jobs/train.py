@@ -86,9 +86,12 @@ class TrainSpec:
     accountant: str
     """``prv`` (Opacus' PRV accountant, the tighter) or ``rdp``."""
     loss: str
-    """``cross_entropy`` (targets are class indices), ``bce_with_logits`` (0/1 targets) or ``mse``."""
+    """``cross_entropy`` (targets are class indices), ``bce_with_logits`` or ``smooth_hinge`` (0/1 targets,
+    one output) or ``mse``."""
     seed: int
     """Seeds the sampling, the noise and the membership audit's resampling."""
+    momentum: float = 0.0
+    """Heavy-ball momentum of ``sgd`` (0: none); ``adam`` takes none."""
 
     def __post_init__(self) -> None:
         _whole("epochs", self.epochs, 1)
@@ -98,6 +101,11 @@ class TrainSpec:
         _positive("target_epsilon", self.target_epsilon)
         _positive("delta", self.delta, 1.0)
         _whole("seed", self.seed, 0)
+        ok = isinstance(self.momentum, int | float) and not isinstance(self.momentum, bool)
+        if not ok or not 0 <= self.momentum < 1:
+            raise TrainError(f"momentum must be a number from 0 to below 1; got {self.momentum!r:.40}")
+        if self.momentum and self.optimizer != "sgd":
+            raise TrainError(f"momentum is sgd's; {self.optimizer} takes none (leave momentum at 0)")
         for name, value, allowed in (
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("accountant", self.accountant, ACCOUNTANTS),
@@ -335,7 +343,12 @@ def step_mode(name: str, device: torch.device) -> str:
 def sample_losses(name: str) -> SampleLosses:
     """Each row's loss (outputs and targets of B rows -> B losses); a row with several outputs averages them.
 
-    ``cross_entropy`` takes class indices, ``bce_with_logits`` 0/1 targets, ``mse`` numbers.
+    ``cross_entropy`` takes class indices, ``bce_with_logits`` and ``smooth_hinge`` 0/1 targets, ``mse``
+    numbers. ``smooth_hinge`` is the hinge loss of a margin classifier with its corner rounded off: of the
+    margin m = (2y - 1) * output, 0 from m = 1 up, (1 - m)^2 / 2 between 0 and 1, 1/2 - m below 0. A row's
+    gradient keeps its full size while the row is on the wrong side, however well the others fit, which under
+    DP-SGD's clipping and noise can keep a linear model closer to its non-private accuracy than the logistic
+    loss, whose rows' gradients fade as the fit improves (``docs/jobs.md``).
     """
 
     def rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -347,6 +360,14 @@ def sample_losses(name: str) -> SampleLosses:
         return lambda out, y: F.binary_cross_entropy_with_logits(
             rows(out, len(out)), rows(y, len(out)).to(out.dtype), reduction="none"
         ).mean(1)
+    if name == "smooth_hinge":
+
+        def smooth_hinge(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            margin = rows(out, len(out)) * (2 * rows(y, len(out)).to(out.dtype) - 1)
+            short = (1 - margin).clamp(min=0)
+            return torch.where(margin > 0, 0.5 * short.square(), 0.5 - margin).mean(1)
+
+        return smooth_hinge
     if name == "mse":
         return lambda out, y: (rows(out, len(out)) - rows(y, len(out)).to(out.dtype)).square().mean(1)
     raise TrainError(f"loss {name!r} is not one of {', '.join(LOSSES)}")
@@ -440,7 +461,7 @@ def train(
         capturable = on.type == "cuda" and mode != "eager"
         optimizer = torch.optim.Adam(list(leaves.values()), lr=spec.lr, capturable=capturable)
     else:
-        optimizer = torch.optim.SGD(list(leaves.values()), lr=spec.lr)
+        optimizer = torch.optim.SGD(list(leaves.values()), lr=spec.lr, momentum=spec.momentum)
     clipper = FastClipper(forward, losses_of)
     fast: FastClipper | None = None
     if clipping == "auto" and fast_path_agrees(clipper, leaves, x, y, seed=spec.seed, loss=spec.loss):
@@ -558,8 +579,9 @@ def evaluate(
     """``loss`` (the mean over the rows); for classification also ``accuracy`` and ``auroc``.
 
     AUROC for two classes is of the positive class's probability (the sigmoid of the logit for
-    ``bce_with_logits``, the softmax's second column for ``cross_entropy``); for more classes the macro
-    average of one-vs-rest AUROCs. It is left out when the rows hold a single class.
+    ``bce_with_logits``, the softmax's second column for ``cross_entropy``) or score (the output for
+    ``smooth_hinge``, positive for the positive class); for more classes the macro average of one-vs-rest
+    AUROCs. It is left out when the rows hold a single class.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -573,6 +595,9 @@ def evaluate(
         prob = torch.sigmoid(out.reshape(-1).double()).numpy()
         predicted = (prob >= 0.5).astype(np.int64)
         scores: np.ndarray = prob
+    elif loss == "smooth_hinge":
+        scores = out.reshape(-1).double().numpy()
+        predicted = (scores > 0).astype(np.int64)
     else:
         probs = torch.softmax(out.double(), dim=1).numpy()
         predicted = probs.argmax(axis=1)
