@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -257,7 +258,35 @@ READABLE = [
         "a zero-width space and a soft hyphen in each value",
         lambda part: _rows_of(part, lambda v: f"{v[0]}\u200b{v[1:]}\u00ad"),
     ),
+    # what JupyterLab's text renderer hides that no terminal grammar calls a sequence, and characters it
+    # follows as a terminal does (a red team's finding: each value showed clean in Lab, and passed)
+    ("'\\x1b[ 0m' in each value (Lab drops it)", lambda part: _rows_of(part, lambda v: f"{v[:2]}\x1b[ 0m{v[2:]}")),
+    (
+        "'\\x1b[ 0m' in each value, as the kernel message's JSON carries it",
+        lambda part: json.dumps({"name": "stdout", "text": _rows_of(part, lambda v: f"{v[:2]}\x1b[ 0m{v[2:]}")}),
+    ),
+    ("a letter and a backspace after each value", lambda part: _rows_of(part, lambda v: f"{v}x\b")),
+    (
+        "a letter and a backspace after each value, in a notebook's JSON",
+        lambda part: json.dumps({"output_type": "stream", "text": _rows_of(part, lambda v: f"{v}x\b")}),
+    ),
+    (
+        "each line written in pieces over letters, a carriage return between them",
+        lambda part: "".join(_overwritten(line) for line in _rows_of(part, lambda v: v).splitlines()),
+    ),
 ]
+
+
+def _overwritten(line: str) -> str:
+    """``line`` as JupyterLab shows it, written as pieces that each start at the line's start (after a
+    carriage return) with letters up to where the piece before it ends, the longest first: each piece's
+    digits run from the middle of one value to the middle of the next, glued to the letters before them."""
+    cuts = [0]
+    for word in re.finditer(r"\S+", line):
+        cuts.append(word.start() + len(word.group()) // 2)
+    cuts.append(len(line))
+    pieces = ["Z" * cuts[j] + line[cuts[j] : cuts[j + 1]] for j in range(len(cuts) - 1)]
+    return "\r".join(reversed(pieces)) + "\n"
 
 
 def _inverted(record: dict) -> dict:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import re
 import time
 import zlib
 from pathlib import Path
@@ -150,6 +151,46 @@ def test_rows_on_stderr_are_withheld(world):
     assert "row:5" not in res.stderr and "output withheld" in res.stderr
 
 
+# Rows a cell prints so that no message of it shows one, and JupyterLab, which goes on with each message of a
+# stream where the last one left its cursor, shows each row whole: written over letters after a carriage
+# return, a letter taken back with a backspace, or a row printed in two halves.
+ACROSS_MESSAGES = {
+    "carriage return": "print(f'Zow:{i},1.5', end='', flush=True); time.sleep(0.003); print('\\rr', flush=True)",
+    "backspace": "print('rowx', end='', flush=True); time.sleep(0.003); print(f'\\b:{i},1.5', flush=True)",
+    "halves": "print('ro', end='', flush=True); time.sleep(0.003); print(f'w:{i},1.5', flush=True)",
+}
+
+
+@pytest.mark.parametrize("how", list(ACROSS_MESSAGES))
+def test_rows_that_only_messages_together_show_are_read_as_jupyterlab_shows_them(world, how):
+    """Attack: 60 rows, each printed over two messages of stdout that show no row on their own. The server
+    follows the cell's stream from message to message as JupyterLab does, and the row detection reads what
+    each message makes it show: the output is withheld after the rows one output may show, and what
+    JupyterLab would show of what reached the client holds no more than those (before: all 60)."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    _, server, _, _, _ = world
+    first = {"carriage return": 7000, "backspace": 7100, "halves": 7200}[how]
+    code = f"import time\nfor i in range({first}, {first + 60}):\n    " + ACROSS_MESSAGES[how]
+    res = server.run(code)
+    shown = as_lab_shows(res.stdout.encode())
+    rows = {int(m) for m in re.findall(rb"row:(\d+)", shown)}
+    assert 0 < len(rows) <= 20, (len(rows), shown[:300])
+    assert "output withheld" in res.stderr
+
+
+def test_a_progress_bar_that_overwrites_its_line_reaches_the_browser(world):
+    """What a training loop prints (tqdm's carriage returns, one message each) passes as it did."""
+    _, server, _, _, _ = world
+    code = (
+        "import time\nfor i in range(101):\n"
+        "    print(f'\\repoch 3 {i:3d}% loss {1 / (i + 1):.4f}', end='', flush=True); time.sleep(0.002)\nprint()"
+    )
+    res = server.run(code)
+    assert res.error is None and "output withheld" not in res.stderr
+    assert res.stdout.count("\repoch 3") == 101 and res.stdout.endswith("100% loss 0.0099\n")
+
+
 HEADER_CELL = """
 k = get_ipython().kernel
 rows = '\\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {first} + 100))
@@ -234,6 +275,28 @@ def test_a_notebook_written_by_the_kernel_has_its_row_outputs_replaced(world):
     assert cells[0]["outputs"][0]["text"].count("row:") == 3
     assert "row:7" not in json.dumps(cells[1]) and "output withheld" in cells[1]["outputs"][0]["text"]
     assert cells[2]["source"] == "notes"
+
+
+@pytest.mark.parametrize(
+    "hide",
+    [lambda i: f"rowx\b:{i}", lambda i: f"Zow:{i}\rr", lambda i: f"ro\x1b[ 0mw:{i}"],
+    ids=["backspace", "carriage return", "escape JupyterLab drops"],
+)
+def test_rows_a_notebook_shows_only_through_its_control_characters_are_withheld(world, hide):
+    """Attack (a red team's, with real rows): a notebook the kernel wrote, whose stream output spells each row
+    with a control character that JupyterLab follows, so that its JSON shows no row and the notebook opened
+    in JupyterLab shows each one whole. Read as JupyterLab shows it, the output is replaced."""
+    import nbformat
+
+    _, server, _, home, user = world
+    text = "".join(hide(i) + "\n" for i in range(900, 950))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(df)", outputs=[nbformat.v4.new_output("stream", text=text)])]
+    _put(home, user, "controls.ipynb", nbformat.writes(nb).encode())
+    r = server.get("/api/contents/controls.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    output = r.json()["content"]["cells"][0]["outputs"][0]
+    assert ":90" not in json.dumps(output) and "output withheld" in output["text"]
 
 
 def test_rows_in_attachments_and_metadata_do_not_pass(world):

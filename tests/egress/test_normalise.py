@@ -213,3 +213,55 @@ def test_empty_and_odd_texts():
     for text in ("", b"", "\n", b"\xff\xfe\x00", "ü" * 50, "." * 100, "-" * 100, "e" * 100, "9" * 200):
         assert list(Scan(text).rows(index)) == []
     assert found(index, "17.99") == [0]  # the helper prints it in three columns: a, b and c
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # JupyterLab drops "\x1b[" up to the first character from "@" to "~" on the line, after escaping the
+        # text for HTML (so "<" there ends at the "l" of "&lt;")
+        (b"13\x1b[ 0m.71", b"13.71"),
+        (b"13\x1b[?!#m.71", b"13.71"),
+        (b"\x1b[<13.71", b"t;13.71"),
+        (b"a\x1b[12\nB", b"a\x1b[12\nB"),  # not across a line
+        # a backspace removes the character before it (and the one under the cursor); not a line's end
+        (b"13.71x\x08,", b"13.71,"),
+        (b"a\n\x08b", b"a\nb"),
+        # a carriage return goes back to the line's start; what follows writes over the line
+        (b"Z3.71\r1", b"13.71"),
+        (b"ZZZZ\rab\ncd", b"abZZ\ncd"),
+        (b"a,b\r\n1,2\r\n", b"a,b\n1,2\n"),
+        # the same as JSON writes them (a notebook's outputs); an escaped backslash before "b" is no backspace
+        (b'"13.71x\\b,20.83x\\u0008\\nZ3.71\\r1\\n"', b'\n"\n13.71,20.83\n13.71\n\n"\n'),
+        (b'["Z3.71\\r1\\n", "2"]', b'[\n"\n13.71\n\n"\n, \n"\n2\n"\n]'),  # each string from its start
+        (b'"13\\u001b[ 0m.71"', b'\n"\n13.71\n"\n'),
+        (b'"a\\\\b \\"x\\r"', b'\n"\na\\\\b \\"x\n"\n'),  # an escaped backslash, then "b"; an escaped quote
+    ],
+)
+def test_the_text_is_read_as_jupyterlab_shows_it(text, shown):
+    from paitient.rules.edm.tokens import as_lab_shows, normalised
+
+    assert as_lab_shows(text) == shown
+    # the row detection reads both the text and, where it shows otherwise, JupyterLab's view of it
+    assert normalised(text).replace(b"\r\n", b"\n").endswith(shown)
+
+
+def test_the_values_of_lab_view_are_numbers_of_their_own():
+    assert numbers("13.71x\b,20.83x\b") == [(13.71, 4), (20.83, 4)]
+    assert (13.71, 4) in numbers("Z3.71\r1\x1b[ 0m") and (13.71, 4) not in numbers("Z3.71 1")
+
+
+def test_overwriting_beyond_the_bound_is_refused_and_a_progress_bar_is_read_in_time():
+    """A text whose backspaces would move megabytes each is refused (the egress service withholds a text it
+    cannot read) rather than followed at quadratic cost; a progress bar's thousand updates are read at once."""
+    import time
+
+    from paitient.rules.edm.tokens import as_lab_shows
+    from paitient.rules.shown import TooManyOverwrites
+
+    with pytest.raises(TooManyOverwrites, match="backspaces and carriage returns"):
+        as_lab_shows(b"A" * 2_000_000 + b"\r" + b"x\x08" * 100_000)
+    bar = b"".join(b"\r%3d%%|" % (i // 10) + b"#" * (i // 20) + b"| %d/1000" % i for i in range(1001))
+    started = time.perf_counter()
+    assert as_lab_shows(bar).endswith(b"| 1000/1000")
+    assert time.perf_counter() - started < 1.0

@@ -180,3 +180,25 @@ def test_closing_a_notebook_shuts_its_kernel_down(world_tmp, make_system_user):
             while server.get("/api/kernels").json() and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert server.get("/api/kernels").json() == [], page.content()[-2000:]
+
+
+def test_the_gate_reads_a_streams_control_characters_as_jupyterlab_shows_them(world_tmp, make_system_user):
+    """JupyterLab follows a stream's carriage returns and backspaces from one message to the next and drops
+    escape sequences of a looser grammar than a terminal's; the row detection's view of the same text
+    (``as_lab_shows``, which the server's :func:`paitient.rules.shown.follow_stream` feeds message by
+    message) is what this Chromium shows, character for character."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    texts = ["Z3.71", "\r1", "\n13.71x", "\b,20.83", "\nro", "w:7\n", "abcdef\rab\bX\n", "q\x1b[ 0m.5\n", "ab\b\b\bc\n"]
+    typed = repr([*texts, "END\n"])
+    code = f"import sys, time; [(sys.stdout.write(t), sys.stdout.flush(), time.sleep(0.05)) for t in {typed}];"
+    want = as_lab_shows("".join(texts).encode()).decode()
+    assert want == "13.71\n13.71,20.83\nrow:7\naXef\nq.5\nc\n"
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("shown")
+    with UserServer(site, user, ("onc",), world_tmp) as server, new_notebook(server) as page:
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
+        _run_last_cell(page, code, ".jp-OutputArea-output:has-text('END')", server)
+        output = page.locator(".jp-Notebook .jp-Cell").nth(-2).locator(".jp-OutputArea-output").first
+        assert output.inner_text() == want + "END\n", repr(output.inner_text())

@@ -34,6 +34,7 @@ from traitlets import Float, Unicode
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
 from paitient.rules.outputcap import OutputCap, Verdict, message_type, replacement, strip_protocol
+from paitient.rules.shown import StreamLine, follow_stream
 from paitient.server.gate import EgressGate
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -62,6 +63,9 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         self._receiver: asyncio.Future[None] | None = None
         self._outbox: asyncio.Queue[tuple[Any, list[Any]]] | None = None
         self._drainer: asyncio.Future[None] | None = None
+        self._streams: dict[str, StreamLine] = {}
+        """Per cell (its request's msg_id): the last line its stream output shows in JupyterLab, which the
+        next message of that stream goes on from (:func:`paitient.rules.shown.follow_stream`)."""
 
     # ---------------------------------------------------------------- browser -> kernel
 
@@ -243,6 +247,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             self.log.info("Dropping a %s of kernel %s: it answers no request of a client", msg_type, self.kernel_id)
             return None
         if msg_type in REBUILT:
+            if msg_type == "clear_output":
+                self._streams.pop(parent_id, None)
             # Nothing of the kernel's but the protocol's own fields.
             return self._message(msg_type, strip_protocol(msg_type, content), parent)
         size = sum(_size(p) for p in fed[1:])
@@ -251,10 +257,12 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             return None
         candidate: list[Any] | None
         scan = True
+        sent_type, sent_content = msg_type, content
         if verdict is Verdict.FORWARD:
             candidate = self._forwarded(msg_type, parent, metadata, content, fed)
         else:
             new_type, new_content = replacement(verdict, msg_type, content, cap)
+            sent_type, sent_content = new_type, new_content
             self.log.info(
                 "Output cap (%s) on a %s message of %d bytes from kernel %s",
                 verdict.value,
@@ -269,7 +277,11 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             # Binary buffers (comm messages, display data) that hold text are scanned with the content;
             # the others (images, packed numbers) are counted only.
             buffers = [(b, looks_like_text(b)) for b in map(_bytes, parts[5:])]
-            text = b"\n".join([_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t)])
+            # A stream's message goes on from where the cell's last one left it: what it makes JupyterLab
+            # show (a value written over another, a row printed a value at a time) is read with it.
+            shown, line = self._stream_shown(parent_id, sent_type, sent_content)
+            texts = [_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t), *([shown] if shown else [])]
+            text = b"\n".join(texts)
             binary = b"".join(b for b, t in buffers if not t)
             context = f"kernel:{self.kernel_id}:{execution}"
             check = await gate.check(
@@ -277,9 +289,31 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             )
             if not check.forward:
                 candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
+            self._note_output(parent_id, sent_type if check.forward else "withheld", line)
         if msg_type == "execute_reply":
             asyncio.ensure_future(gate.close(f"kernel:{self.kernel_id}:{execution}"))
         return candidate
+
+    def _stream_shown(self, parent_id: str, msg_type: str, content: dict[str, Any]) -> tuple[bytes, StreamLine | None]:
+        """For a stream message the browser would get: what it makes the cell's stream output show around
+        what it changed (empty where that is its own text), and the output's last line after it. None for
+        any other message: an output of another kind starts a new one in JupyterLab."""
+        name, text = content.get("name"), content.get("text")
+        if msg_type != "stream" or not isinstance(name, str) or not isinstance(text, str):
+            return b"", None
+        return follow_stream(self._streams.get(parent_id), name, text)
+
+    def _note_output(self, parent_id: str, sent_type: str, line: StreamLine | None) -> None:
+        """Keep the cell's stream line after a stream message it got; forget it after an output that starts a
+        new one in JupyterLab (a display, a result, an error, a notice of what was withheld); other messages
+        (replies, comms) change nothing of what the cell shows."""
+        if line is not None and sent_type == "stream":
+            self._streams.pop(parent_id, None)
+            self._streams[parent_id] = line
+            while len(self._streams) > MAX_STREAMS:  # the cells longest without output first
+                del self._streams[next(iter(self._streams))]
+        elif sent_type in NEW_OUTPUTS:
+            self._streams.pop(parent_id, None)
 
     def _withheld(
         self,
@@ -362,6 +396,10 @@ def audit_refusal(code: str) -> str:
 
 
 REBUILT = frozenset({"status", "clear_output"})
+NEW_OUTPUTS = frozenset({"display_data", "execute_result", "error", "input_request", "withheld"})
+"""What starts a new output in a cell's output area, after which a stream's message starts one too."""
+MAX_STREAMS = 64
+"""Cells whose stream output's last line a connection keeps (a cell without output for longest goes first)."""
 """Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
 
 

@@ -52,6 +52,7 @@ from paitient.rules.edm import compiled_tokens
 from paitient.rules.edm.compiled_tokens import MIN_WORD, scan
 from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
 from paitient.rules.edm.numbers import leading_exponent
+from paitient.rules.shown import follow
 
 _EXP_DIGITS = 4
 _P10 = 10.0 ** np.arange(0, 23)
@@ -169,14 +170,78 @@ def normalised(data: bytes) -> bytes:
     """The text as a reader sees it: without ANSI escape sequences (a coloured table prints
     ``\\x1b[32m17.99\\x1b[0m``), and with the digits of other scripts, the full-width forms and the look-alikes
     of ``.``, ``,``, ``+``, ``-`` as their ASCII characters (``１７．９９``, ``١٧٫٩٩``, ``17·99``,
-    ``P‑7F3S...``), without the characters a browser does not show (``17\\u200b.99``). A plain ASCII text
-    without escapes costs two searches."""
+    ``P‑7F3S...``), without the characters a browser does not show (``17\\u200b.99``). Where JupyterLab's
+    text renderer shows the text otherwise (:func:`as_lab_shows`: escape sequences of a looser grammar, and
+    backspaces and carriage returns that overwrite what came before), that view follows on a line of its own,
+    so the rows either view shows are found. A plain ASCII text without escapes or control characters costs
+    a few searches."""
+    view = data
     if b"\x1b" in data or (b"\\" in data and b"\\u001" in data):
-        data = _ANSI.sub(b"", data)
-    if not data.isascii() and _has_forms(data):
-        text = data.decode("utf-8", "surrogateescape")
-        data = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
-    return data
+        view = _ANSI.sub(b"", data)
+    if _lab_view_signs(data):
+        lab = as_lab_shows(data)
+        if lab != view.replace(b"\r\n", b"\n"):
+            view = view + b"\n" + lab
+    if not view.isascii() and _has_forms(view):
+        text = view.decode("utf-8", "surrogateescape")
+        view = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
+    return view
+
+
+def _lab_view_signs(data: bytes) -> bool:
+    """Whether ``data`` holds what can make JupyterLab show it otherwise than it reads: an escape character, a
+    backspace, a carriage return, raw or as JSON writes them (a kernel message, a notebook). Substring
+    searches: a tenth of a millisecond a megabyte of plain text, half of one of JSON."""
+    if b"\x1b" in data or b"\x08" in data or b"\r" in data:
+        return True
+    return b"\\" in data and _JSON_SIGN.search(data) is not None
+
+
+_JSON_SIGN = re.compile(rb"\\[bru]")
+_JSON_CONTROLS = re.compile(rb"(?<!\\)((?:\\\\)*)\\(?:(b)|(r)|(n)|u00(?:(1[bB])|(08)|(0[dD])|(0[aA])))")
+_JSON_QUOTE = re.compile(rb'(?<!\\)((?:\\\\)*)"')
+_LAB_CSI = re.compile(rb"\x1b\[(?:(?!\xe2\x80[\xa8\xa9])[^\n\r])*?[@-~]")
+"""JupyterLab's grammar of the escape sequences its text renderer drops (``ansiSpan``: an escape, ``[``, then
+anything up to the first character from ``@`` to ``~`` on the same line), applied to the text as it escapes
+it for HTML first: ``\\x1b[ 0m`` is dropped, though no terminal would take it for a sequence."""
+_HTML_ESCAPES = ((b"&", b"&amp;"), (b"<", b"&lt;"), (b">", b"&gt;"), (b'"', b"&quot;"), (b"'", b"&#39;"))
+
+
+def _json_control(m: re.Match[bytes]) -> bytes:
+    backslashes = m.group(1)
+    if m.group(2) or m.group(6):
+        return backslashes + b"\x08"
+    if m.group(3) or m.group(7):
+        return backslashes + b"\r"
+    if m.group(4) or m.group(8):
+        return backslashes + b"\n"
+    return backslashes + b"\x1b"
+
+
+def as_lab_shows(data: bytes) -> bytes:
+    """``data`` as JupyterLab's output area shows it (JupyterLab 4's ``processText`` and ``ansiSpan``), with
+    the JSON escapes of control characters (a notebook's outputs read through the contents API) read as the
+    characters, and each JSON string on a line of its own (JupyterLab follows the control characters of an
+    output's text, which a kernel message and a notebook carry as JSON); the text escaped for HTML, the escape
+    sequences of its grammar dropped, the entities read back; then each backspace removes the character
+    before it and the one after the cursor, each carriage return moves the cursor to the line's start, where
+    what follows overwrites the line, and a line feed starts a new line at the end (:func:`.shown.follow`,
+    which refuses a text that would cost too much to follow: :class:`.shown.TooManyOverwrites`)."""
+    if b"\\" in data:
+        data = _JSON_CONTROLS.sub(_json_control, data)
+    if b'"' in data:  # a JSON string starts a text of its own: a carriage return in it goes back to its start
+        data = _JSON_QUOTE.sub(b'\\1\n"\n', data)
+    if b"\x1b" in data:
+        for raw, entity in _HTML_ESCAPES:
+            data = data.replace(raw, entity)
+        data = _LAB_CSI.sub(b"", data)
+        for raw, entity in reversed(_HTML_ESCAPES):
+            data = data.replace(entity, raw)
+    if b"\x08" not in data and b"\r" not in data:
+        return data
+    out = bytearray()
+    follow(out, 0, data)
+    return bytes(out)
 
 
 def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
