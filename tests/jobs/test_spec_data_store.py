@@ -30,6 +30,7 @@ def test_a_request_gets_its_defaults():
     assert spec["checkpoint"] is None  # the runner's own initialisation
     assert check_request({**BASE, "checkpoint": "mlp-public"})["checkpoint"] == "mlp-public"
     assert spec["momentum"] == 0.0 and check_request({**BASE, "momentum": 0.5})["momentum"] == 0.5
+    assert spec["init"] == "default" and check_request({**BASE, "init": "zeros"})["init"] == "zeros"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,8 @@ def test_a_request_gets_its_defaults():
         ({"momentum": 1.0}, "momentum must be a number from 0 to 0.99"),
         ({"momentum": 0.123}, "momentum must have at most 2 significant digits"),
         ({"optimizer": "adam", "momentum": 0.5}, "momentum is sgd's; adam takes none"),
+        ({"init": "ones"}, "init must be one of default, zeros"),
+        ({"init": "zeros", "checkpoint": "mlp-public"}, "give a checkpoint or init, not both"),
         ({"dataset": "../etc"}, "dataset must be a dataset's name"),
         ({"features": ["a", "a"]}, "features names a column twice"),
         ({"features": ["target"]}, "the target cannot be one of the features"),

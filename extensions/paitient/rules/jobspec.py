@@ -34,6 +34,9 @@ from paitient.config import NAME_RE
 
 LOSSES = ("cross_entropy", "bce_with_logits", "smooth_hinge", "mse")
 OPTIMIZERS = ("sgd", "adam")
+INIT_SCHEMES = ("default", "zeros")
+"""How the runner starts a model's parameters without a checkpoint: PyTorch's own initialisation of each
+layer kind, or all 0 (a linear model trained under DP from 0 keeps no random start in its noise)."""
 MAX_COLUMNS = 4096
 MAX_STEPS_IN_PREPROCESSING = 64
 MAX_CATEGORIES = 1000
@@ -123,7 +126,18 @@ _NUMBERS: dict[str, tuple[float, float, bool, Any]] = {
     "momentum": (0.0, 0.99, False, 0.0),
     "holdout": (0.05, 0.5, False, 0.2),
 }
-_FIELDS = {"dataset", "project", "target", "features", "loss", "optimizer", "preprocessing", "checkpoint", *_NUMBERS}
+_FIELDS = {
+    "dataset",
+    "project",
+    "target",
+    "features",
+    "loss",
+    "optimizer",
+    "init",
+    "preprocessing",
+    "checkpoint",
+    *_NUMBERS,
+}
 
 
 def _name(field: str, value: Any) -> str:
@@ -253,6 +267,12 @@ def check_request(args: Mapping[str, Any]) -> dict[str, Any]:
             f"got {checkpoint!r:.60}"
         )
     spec["checkpoint"] = checkpoint
+    init = args.get("init", "default")
+    if init not in INIT_SCHEMES:
+        raise SpecError(f"init must be one of {', '.join(INIT_SCHEMES)}; got {init!r:.40}")
+    if checkpoint is not None and init != "default":
+        raise SpecError("init is how parameters start without a checkpoint: give a checkpoint or init, not both")
+    spec["init"] = init
     features = args.get("features")
     spec["features"] = None if features is None else _names("features", features)
     if spec["features"] is not None and spec["target"] in spec["features"]:

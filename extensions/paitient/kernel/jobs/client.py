@@ -198,6 +198,7 @@ def submit(
     lr: float = 0.1,
     optimizer: str = "sgd",
     momentum: float = 0.0,
+    init: str = "default",
     project: str | None = None,
     holdout: float = 0.2,
     n_features: int | None = None,
@@ -212,6 +213,8 @@ def submit(
     shapes must be exactly the model's, and the runner reads its values from the registry itself.
     ``loss``: ``cross_entropy`` (one output per class), ``bce_with_logits`` or ``smooth_hinge`` (one output,
     two classes) or ``mse``. ``momentum``: ``sgd``'s heavy-ball momentum (two significant digits, below 1).
+    ``init``: how the runner starts the parameters without a checkpoint, ``default`` (PyTorch's own
+    initialisation of each layer kind, from a seed it draws) or ``zeros``.
     """
     import torch
 
@@ -234,6 +237,8 @@ def submit(
     }
     if momentum:
         request["momentum"] = momentum
+    if init != "default":
+        request["init"] = init
     if features is not None:
         request["features"] = features
     if project is not None:

@@ -232,7 +232,7 @@ class Runner:
         its parameters exactly the graph's, made float32. Refused before any budget is reserved."""
         name = job.spec.get("checkpoint")
         if name is None:
-            return {"scheme": INIT_SCHEME, "seed": _seed()}, None
+            return {"scheme": job.spec.get("init", INIT_SCHEME), "seed": _seed()}, None
         import torch
         from safetensors.torch import save
 
