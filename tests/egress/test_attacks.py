@@ -274,7 +274,28 @@ READABLE = [
         "each line written in pieces over letters, a carriage return between them",
         lambda part: "".join(_overwritten(line) for line in _rows_of(part, lambda v: v).splitlines()),
     ),
+    # a second red team's: what JupyterLab and Chromium show that the first fix did not read
+    ("a two-byte letter and a backspace inside each value", lambda part: _rows_of(part, _cut("\u00e9\b"))),
+    (
+        "an escape JupyterLab drops, taken back by backspaces first, in a notebook's JSON",
+        lambda part: json.dumps({"output_type": "stream", "text": _rows_of(part, _cut("\x1b[\b\b"), sep="|")}),
+    ),
+    ("a left-to-right mark between every two characters", lambda part: "\u200e".join(_rows_of(part, lambda v: v))),
+    ("a variation selector inside each value", lambda part: _rows_of(part, _cut("\ufe0f"))),
+    ("a tag character inside each value", lambda part: _rows_of(part, _cut("\U000e0041"))),
+    ("a NUL inside each value", lambda part: _rows_of(part, _cut("\x00"))),
+    ("a form feed inside each value", lambda part: _rows_of(part, _cut("\x0c"))),
+    ("a combining mark inside each value", lambda part: _rows_of(part, _cut("\u0301"))),
+    (
+        "each line written backwards inside a right-to-left override",
+        lambda part: "".join(f"\u202e{line[::-1]}\u202c\n" for line in _rows_of(part, lambda v: v).splitlines()),
+    ),
 ]
+
+
+def _cut(middle: str):
+    """Each value with ``middle`` in its middle."""
+    return lambda v: v[: len(v) // 2] + middle + v[len(v) // 2 :]
 
 
 def _overwritten(line: str) -> str:

@@ -299,6 +299,36 @@ def test_rows_a_notebook_shows_only_through_its_control_characters_are_withheld(
     assert ":90" not in json.dumps(output) and "output withheld" in output["text"]
 
 
+def test_rows_cut_at_the_ends_of_stream_outputs_are_read_as_jupyterlab_joins_them(world):
+    """Attack (a second red team's): a notebook whose cell holds each row as two stream outputs, cut in the
+    middle of its marker, which JupyterLab joins into one text as it loads the notebook. The server joins
+    them too, and the one output is withheld."""
+    import nbformat
+
+    _, server, _, home, user = world
+    halves = [nbformat.v4.new_output("stream", text=t) for i in range(960, 1010) for t in ("ro", f"w:{i}\n")]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(df)", outputs=halves)]
+    _put(home, user, "halves.ipynb", nbformat.writes(nb).encode())
+    r = server.get("/api/contents/halves.ipynb?content=1")
+    assert r.status_code == 200, r.text[:300]
+    (output,) = r.json()["content"]["cells"][0]["outputs"]
+    assert "w:9" not in json.dumps(output) and "output withheld" in output["text"]
+
+
+def test_rows_cut_at_the_ends_of_an_output_widgets_stream_outputs_are_withheld(world):
+    """The same through an ipywidgets Output widget's state, which its view loads as a notebook's outputs."""
+    _, server, _, _, _ = world
+    code = (
+        "import ipywidgets as w\nfrom IPython.display import display\no = w.Output()\n"
+        "o.outputs = tuple({'output_type': 'stream', 'name': 'stdout', 'text': t}"
+        " for i in range(1100, 1150) for t in ('ro', f'w:{i}\\n'))\ndisplay(o)"
+    )
+    res = server.run(code)
+    wire = b"".join(res.frames)
+    assert b"w:1100" not in wire and "output withheld" in res.stderr, res.stderr[-500:]
+
+
 def test_rows_in_attachments_and_metadata_do_not_pass(world):
     import nbformat
 

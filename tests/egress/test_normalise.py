@@ -248,7 +248,7 @@ def test_the_text_is_read_as_jupyterlab_shows_it(text, shown):
 
 def test_the_values_of_lab_view_are_numbers_of_their_own():
     assert numbers("13.71x\b,20.83x\b") == [(13.71, 4), (20.83, 4)]
-    assert (13.71, 4) in numbers("Z3.71\r1\x1b[ 0m") and (13.71, 4) not in numbers("Z3.71 1")
+    assert (13.71, 4) in numbers("Z3.71\r1\n\x1b[ 0m") and (13.71, 4) not in numbers("Z3.71 1")
 
 
 def test_overwriting_beyond_the_bound_is_refused_and_a_progress_bar_is_read_in_time():

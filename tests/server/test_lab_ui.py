@@ -190,10 +190,11 @@ def test_the_gate_reads_a_streams_control_characters_as_jupyterlab_shows_them(wo
     from paitient.rules.edm.tokens import as_lab_shows
 
     texts = ["Z3.71", "\r1", "\n13.71x", "\b,20.83", "\nro", "w:7\n", "abcdef\rab\bX\n", "q\x1b[ 0m.5\n", "ab\b\b\bc\n"]
+    texts += ["14\u00e9", "\b.26\n", "17\x1b[\b\b.99|\n"]  # a whole character; backspaces before escapes
     typed = repr([*texts, "END\n"])
     code = f"import sys, time; [(sys.stdout.write(t), sys.stdout.flush(), time.sleep(0.05)) for t in {typed}];"
     want = as_lab_shows("".join(texts).encode()).decode()
-    assert want == "13.71\n13.71,20.83\nrow:7\naXef\nq.5\nc\n"
+    assert want == "13.71\n13.71,20.83\nrow:7\naXef\nq.5\nc\n14.26\n17.99|\n"
     site = make_site(world_tmp, {"onc": ["bc"]})
     publish(site, "onc", "bc", "a\n1\n")
     user = make_system_user("shown")

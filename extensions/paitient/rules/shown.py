@@ -15,19 +15,21 @@ message to the next (:class:`StreamLine`, :func:`follow_stream`) to give it the 
 from __future__ import annotations
 
 import re
+from array import array
 from dataclasses import dataclass
+from typing import Any
 
 MAX_WORK = 1 << 24
-"""The most bytes :func:`follow` moves for one text: a text that needs more is refused
+"""The most characters :func:`follow` moves for one text: a text that needs more is refused
 (:class:`TooManyOverwrites`) rather than followed at quadratic cost."""
 MAX_LINE = 1 << 16
-"""The bytes of a stream's last line kept from one message to the next (its head: a carriage return goes back
+"""The characters of a stream's last line kept from one message to the next (its head: a carriage return goes back
 to the line's start, which the head keeps; what is written past it is not followed)."""
 CONTEXT = 4096
-"""Bytes of the shown line on either side of what a message changed, read with it: a row printed a value at
+"""Characters of the shown line on either side of what a message changed, read with it: a row printed a value at
 a time, or a value written over another, is read whole."""
-CONTROLS = re.compile(rb"[\n\x08\r]")
-_SPLIT = re.compile(rb"([\n\x08\r])")
+_CONTROLS = re.compile(r"[\n\x08\r]")
+_SPLIT = re.compile(r"([\n\x08\r])")
 
 
 class TooManyOverwrites(ValueError):
@@ -44,38 +46,60 @@ class Followed:
     """The position after the last one the text wrote to (its end when it wrote nothing)."""
 
 
-def follow(out: bytearray, cursor: int, text: bytes) -> Followed:
-    """Write ``text`` into ``out`` (what is shown so far, the cursor at ``cursor``) as JupyterLab does:
-    ``out`` is changed in place. :class:`TooManyOverwrites` when that would move more than :data:`MAX_WORK`
-    bytes."""
+def follow(out: array[int], cursor: int, text: str) -> Followed:
+    """Write ``text`` into ``out`` (what is shown so far, code points, the cursor at ``cursor``, no line feed
+    before it) as JupyterLab does: ``out`` is changed in place. A backspace removes whole characters, as in
+    JupyterLab's strings (``\u00e9\b`` leaves nothing of the ``\u00e9``). :class:`TooManyOverwrites` when
+    that would move more than :data:`MAX_WORK` characters."""
     cursor = min(max(cursor, 0), len(out))
-    line = out.rfind(b"\n", 0, cursor) + 1
+    line = 0
     low, high, work = cursor, -1, 0
-    for part in _SPLIT.split(text) if CONTROLS.search(text) else (text,):
-        if part == b"\n":
-            out += b"\n"
+    for part in _SPLIT.split(text) if _CONTROLS.search(text) else (text,):
+        if part == "\n":
+            out.append(10)
             low, cursor = min(low, len(out) - 1), len(out)
             line = high = cursor
-        elif part == b"\x08":
+        elif part == "\x08":
             if cursor > line:
                 work += len(out) - cursor
                 del out[cursor - 1 : cursor + 1]
                 cursor -= 1
                 low = min(low, cursor)
-        elif part == b"\r":
+        elif part == "\r":
             cursor = line
         elif part:
-            end = cursor + len(part)
+            points = code_points(part)
+            end = cursor + len(points)
             if end < len(out):
-                work += len(part)
-            out[cursor:end] = part
+                work += len(points)
+            out[cursor:end] = points
             low, cursor = min(low, cursor), end
             high = max(high, end)
         if work > MAX_WORK:
             raise TooManyOverwrites(
-                f"the text's backspaces and carriage returns overwrite it more than {MAX_WORK} bytes' worth"
+                f"the text's backspaces and carriage returns overwrite it more than {MAX_WORK} characters' worth"
             )
     return Followed(cursor=cursor, low=low, high=max(high, cursor))
+
+
+def code_points(text: str) -> array[int]:
+    """``text`` as an array of its code points (lone surrogates too)."""
+    points = array("I")
+    points.frombytes(text.encode("utf-32-le", "surrogatepass"))
+    return points
+
+
+def text_of(points: array[int]) -> str:
+    return points.tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def shown(text: str) -> str:
+    """``text`` as JupyterLab shows it, written into an empty output."""
+    if "\x08" not in text and "\r" not in text:
+        return text
+    out = array("I")
+    follow(out, 0, text)
+    return text_of(out)
 
 
 @dataclass(frozen=True)
@@ -84,24 +108,57 @@ class StreamLine:
 
     name: str
     """``stdout`` or ``stderr``: a message of the other stream starts an output of its own."""
-    head: bytes = b""
-    """The line's first :data:`MAX_LINE` bytes as shown."""
+    head: str = ""
+    """The line's first :data:`MAX_LINE` characters as shown."""
     cursor: int = 0
 
 
 def follow_stream(line: StreamLine | None, name: str, text: str) -> tuple[bytes, StreamLine]:
     """What a message of stream ``name`` with ``text`` makes JupyterLab show, where it goes on from ``line``
     (the stream's last line before it; None: it starts an output): the shown text around what the message
-    changed (:data:`CONTEXT` bytes on either side, from the line's start at most), and the stream's last line
-    after it. The text is empty where the message shows exactly its own text on lines of its own (a message
-    after a line feed, with no backspace or carriage return), which the gate reads anyway."""
-    data = text.encode("utf-8", "surrogatepass")
+    changed (:data:`CONTEXT` characters on either side, from the line's start at most), as UTF-8, and the
+    stream's last line after it. The text is empty where the message shows exactly its own text on lines of
+    its own (a message after a line feed, with no backspace or carriage return), which the gate reads anyway."""
     if line is None or line.name != name:
         line = StreamLine(name)
-    out = bytearray(line.head)
-    done = follow(out, line.cursor, data)
-    last = out.rfind(b"\n") + 1
-    after = StreamLine(name, bytes(out[last : last + MAX_LINE]), done.cursor - last)
-    if not line.head and b"\x08" not in data and b"\r" not in data:
+    out = code_points(line.head)
+    done = follow(out, line.cursor, text)
+    shown_text = text_of(out)
+    last = shown_text.rfind("\n") + 1
+    after = StreamLine(name, shown_text[last : last + MAX_LINE], done.cursor - last)
+    if not line.head and "\x08" not in text and "\r" not in text:
         return b"", after
-    return bytes(out[max(0, done.low - CONTEXT) : done.high + CONTEXT]), after
+    region = shown_text[max(0, done.low - CONTEXT) : done.high + CONTEXT]
+    return region.encode("utf-8", "surrogatepass"), after
+
+
+def merged_streams(value: Any) -> Any:
+    """``value`` (a message's content, a notebook's cells, a widget's state) with each run of consecutive
+    stream outputs of one name in a list of outputs joined into one, as JupyterLab joins them when it loads
+    outputs (a notebook, an ``Output`` widget's state): a value cut in two at an output's end is then one
+    value in the text the gate reads, as on the screen. What is not a list of outputs is returned as it is."""
+    if isinstance(value, dict):
+        changed = {k: merged_streams(v) for k, v in value.items()}
+        return changed if any(changed[k] is not value[k] for k in value) else value
+    if not isinstance(value, list):
+        return value
+    items = [merged_streams(v) for v in value]
+    out: list[Any] = []
+    for item in items:
+        last: Any = out[-1] if out else None
+        if _is_stream(item) and _is_stream(last) and item.get("name") == last.get("name"):
+            out[-1] = {**last, "text": _stream_text(last) + _stream_text(item)}
+        else:
+            out.append(item)
+    return out if len(out) != len(value) or any(a is not b for a, b in zip(out, value, strict=True)) else value
+
+
+def _is_stream(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("output_type") == "stream" and isinstance(_stream_text(item), str)
+
+
+def _stream_text(item: dict[str, Any]) -> Any:
+    text = item.get("text")
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
+        return "".join(text)
+    return text

@@ -55,6 +55,7 @@ from traitlets import Any as AnyTrait
 
 from paitient.config import EgressLimits, Server, site_trait
 from paitient.rules.egress import file_notice
+from paitient.rules.shown import merged_streams
 from paitient.rules.sniff import Kind, sniff
 from paitient.server.gate import BODY_CHECKED
 
@@ -271,7 +272,9 @@ class ConfinedContentsManager(AsyncLargeFileManager):
                     rebuilt["id"] = uuid.uuid4().hex[:8]
                 ids.add(rebuilt["id"])
             outputs_in = rebuilt.pop("outputs", None)
-            outputs_in = outputs_in if isinstance(outputs_in, list) else None
+            # consecutive stream outputs of one name are one text in JupyterLab, which joins them as it loads
+            # the notebook: so they are checked, and sent, as one
+            outputs_in = merged_streams(outputs_in) if isinstance(outputs_in, list) else None
             verdict = await check(context, rebuilt, final=not outputs_in)
             if not verdict.forward:
                 rebuilt = _notice_cell(verdict.notice, rebuilt["cell_type"], minor)

@@ -34,7 +34,7 @@ from traitlets import Float, Unicode
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
 from paitient.rules.outputcap import OutputCap, Verdict, message_type, replacement, strip_protocol
-from paitient.rules.shown import StreamLine, follow_stream
+from paitient.rules.shown import StreamLine, follow_stream, merged_streams
 from paitient.server.gate import EgressGate
 
 V1 = "v1.kernel.websocket.jupyter.org"
@@ -234,6 +234,9 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if msg_type is None or not isinstance(content, dict):
             self.log.warning("Dropping a message of kernel %s that is not of the protocol's form", self.kernel_id)
             return None
+        # Outputs a message carries as a list (an Output widget's state) go joined as JupyterLab joins them:
+        # a value cut in two at an output's end is one value for the gate, as on the screen.
+        content = merged_streams(content)
         cap = self.cap
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")

@@ -52,7 +52,7 @@ from paitient.rules.edm import compiled_tokens
 from paitient.rules.edm.compiled_tokens import MIN_WORD, scan
 from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
 from paitient.rules.edm.numbers import leading_exponent
-from paitient.rules.shown import follow
+from paitient.rules.shown import shown
 
 _EXP_DIGITS = 4
 _P10 = 10.0 ** np.arange(0, 23)
@@ -96,6 +96,10 @@ INVISIBLE = (0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2
 joiners and invisible operators): ``17\u200b.99`` reads ``17.99``."""
 
 
+SHOWN_FORMAT = frozenset(range(0x0600, 0x0606)) | {0x06DD, 0x070F, 0x0890, 0x0891, 0x08E2, 0x110BD, 0x110CD}
+"""Format characters a browser draws (the number signs that stand before or over digits): not dropped."""
+
+
 def _ascii_forms() -> dict[int, int | None]:
     """Non-ASCII characters that print as ASCII digits, letters or number punctuation: every decimal digit of
     Unicode (Arabic-Indic, Devanagari, full-width, ...), the full-width forms of ASCII, every character whose
@@ -103,7 +107,8 @@ def _ascii_forms() -> dict[int, int | None]:
     of other scripts (:data:`LETTERS`), the Arabic decimal and thousands separators, the look-alikes of ``.``,
     ``,``, ``+`` and ``-`` (:data:`DOTS`, :data:`DASHES`, and every character whose compatibility form is one
     of them: ``\ufe52``, ``\ufe50``, ``\ufe62``); and, as nothing, the characters a browser does not show
-    (:data:`INVISIBLE`)."""
+    (:data:`INVISIBLE`, and every other format character, combining mark and variation selector: the bidi
+    marks, embeddings and isolates, the tags; but :data:`SHOWN_FORMAT`)."""
     table: dict[int, int | None] = {}
     for c in range(0x80, 0x20000):  # no decimal digit lies beyond
         d = unicodedata.decimal(chr(c), None)
@@ -123,6 +128,9 @@ def _ascii_forms() -> dict[int, int | None]:
     table.update(dict.fromkeys(DOTS, ord(".")))
     table.update(dict.fromkeys(DASHES, ord("-")))
     table.update(dict.fromkeys(INVISIBLE, None))
+    for c in (*range(0x80, 0x20000), *range(0xE0000, 0xE0080), *range(0xE0100, 0xE01F0)):
+        if c not in table and unicodedata.category(chr(c)) in ("Cf", "Mn", "Me") and c not in SHOWN_FORMAT:
+            table[c] = None
     return table
 
 
@@ -182,6 +190,10 @@ def normalised(data: bytes) -> bytes:
         lab = as_lab_shows(data)
         if lab != view.replace(b"\r\n", b"\n"):
             view = view + b"\n" + lab
+    if b"\xe2\x80\xae" in view:  # a right-to-left override: as drawn, too
+        view = view + b"\n" + as_drawn(view)
+    if b"\x00" in view or b"\x0b" in view or b"\x0c" in view:  # drawn as nothing
+        view = view.translate(None, b"\x00\x0b\x0c")
     if not view.isascii() and _has_forms(view):
         text = view.decode("utf-8", "surrogateescape")
         view = text.translate(_ASCII_FORMS).encode("utf-8", "surrogateescape")
@@ -226,22 +238,31 @@ def as_lab_shows(data: bytes) -> bytes:
     sequences of its grammar dropped, the entities read back; then each backspace removes the character
     before it and the one after the cursor, each carriage return moves the cursor to the line's start, where
     what follows overwrites the line, and a line feed starts a new line at the end (:func:`.shown.follow`,
-    which refuses a text that would cost too much to follow: :class:`.shown.TooManyOverwrites`)."""
+    which refuses a text that would cost too much to follow: :class:`.shown.TooManyOverwrites`). JupyterLab
+    follows those as it adds an output and drops escape sequences when it draws it, so in that order."""
     if b"\\" in data:
         data = _JSON_CONTROLS.sub(_json_control, data)
     if b'"' in data:  # a JSON string starts a text of its own: a carriage return in it goes back to its start
         data = _JSON_QUOTE.sub(b'\\1\n"\n', data)
-    if b"\x1b" in data:
+    if b"\x08" in data or b"\r" in data:  # followed as the output is added, before it is drawn
+        data = shown(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+    if b"\x1b" in data:  # when it is drawn
         for raw, entity in _HTML_ESCAPES:
             data = data.replace(raw, entity)
         data = _LAB_CSI.sub(b"", data)
         for raw, entity in reversed(_HTML_ESCAPES):
             data = data.replace(entity, raw)
-    if b"\x08" not in data and b"\r" not in data:
-        return data
-    out = bytearray()
-    follow(out, 0, data)
-    return bytes(out)
+    return data
+
+
+_OVERRIDE = re.compile("\u202e([^\u202c\n]*)\u202c?")
+
+
+def as_drawn(data: bytes) -> bytes:
+    """``data`` with what a right-to-left override (U+202E up to U+202C or the line's end) holds reversed, as a
+    browser draws it: ``\u202e17.31\u202c`` shows ``13.71``."""
+    text = data.decode("utf-8", "surrogateescape")
+    return _OVERRIDE.sub(lambda m: m.group(1)[::-1], text).encode("utf-8", "surrogateescape")
 
 
 def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
