@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paitient.services.egress.matcher import unescape
+from paitient.rules.edm.tokens import unescape
 from paitient.services.egress.service import next_tail, with_tail
 
 SHARED_WITH_GBSG2 = 150
@@ -291,6 +291,42 @@ READABLE = [
         lambda part: "".join(f"\u202e{line[::-1]}\u202c\n" for line in _rows_of(part, lambda v: v).splitlines()),
     ),
 ]
+
+
+AS_JSON = [
+    ("a letter and a backspace after each value", lambda part: _rows_of(part, lambda v: f"{v}x\b")),
+    (
+        "each line written in pieces over letters",
+        lambda part: "".join(_overwritten(line) for line in _rows_of(part, lambda v: v).splitlines()),
+    ),
+    ("'\\x1b[ 0m' in each value", lambda part: _rows_of(part, _cut("\x1b[ 0m"))),
+    ("an escape taken back by backspaces", lambda part: _rows_of(part, _cut("\x1b[\b\b"), sep="|")),
+    (
+        "each line over letters after a NUL in each value",
+        lambda part: "".join(_overwritten(line) for line in _rows_of(part, _cut("\x00")).splitlines()),
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "show"), AS_JSON, ids=[a[0] for a in AS_JSON])
+@pytest.mark.parametrize("where", ["kernel message", "notebook"])
+def test_control_characters_in_json_are_read_as_the_egress_service_reads_them(demo, label, show, where):
+    """Through ``as_read``, what the egress service's matcher scans of a JSON output: the escapes undone (a
+    carriage return a line's end there), and JupyterLab's view made from the JSON as it came (a carriage
+    return still one). Before, the notebook path read a carriage return as a line's end only: the rows
+    written over letters passed."""
+    from paitient.rules.edm.tokens import as_read
+
+    df = without_id(demo.frames["breast_cancer"])
+    picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
+    text = show(df.iloc[picks].select_dtypes("number"))
+    # (a notebook's output as the server reads and checks it: nbformat joins a text stored as lines)
+    wrapped = {"name": "stdout", "text": text}
+    if where == "notebook":
+        wrapped = {"output_type": "stream", **wrapped}
+    got = set(demo.rows(as_read(json.dumps(wrapped, ensure_ascii=False).encode()), "breast_cancer").tolist())
+    assert set(picks) <= got
+    assert len(got - set(picks)) <= CHANCE
 
 
 def _cut(middle: str):

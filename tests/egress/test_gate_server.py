@@ -24,7 +24,7 @@ import nbformat
 import pytest
 
 from paitient.registry import Registry
-from paitient.rules.edm.tokens import normalised
+from paitient.rules.edm.tokens import as_read, normalised
 from paitient.services.egress import socket_path
 from paitient.services.egress.service import EgressServer, EgressService
 from paitient.services.egress.store import EgressStore, today
@@ -35,11 +35,12 @@ from tests.server.harness import UserServer, make_site, publish
 
 
 class ReadAsShown(MarkedRows):
-    """Row marks read in the text as the row detection reads it (:func:`normalised`): the digits of every
-    script are ASCII, so ``row:７００`` in full-width digits marks row 700 as ``row:700`` does."""
+    """Row marks read in the text as the egress service's row detection reads it (:func:`as_read`, then
+    :func:`normalised`): the digits of every script are ASCII, so ``row:７００`` in full-width digits marks
+    row 700 as ``row:700`` does, and JupyterLab's view of the JSON is read too."""
 
     def reveal(self, text: bytes, projects):
-        return super().reveal(normalised(text), projects)
+        return super().reveal(normalised(as_read(text)), projects)
 
 
 ROWS_CELL = "print('\\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range({first}, {last})))"

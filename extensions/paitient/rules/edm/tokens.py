@@ -186,7 +186,7 @@ def normalised(data: bytes) -> bytes:
     view = data
     if b"\x1b" in data or (b"\\" in data and b"\\u001" in data):
         view = _ANSI.sub(b"", data)
-    if _lab_view_signs(data):
+    if lab_view_signs(data):
         lab = as_lab_shows(data)
         if lab != view.replace(b"\r\n", b"\n"):
             view = view + b"\n" + lab
@@ -200,7 +200,51 @@ def normalised(data: bytes) -> bytes:
     return view
 
 
-def _lab_view_signs(data: bytes) -> bool:
+_ESCAPES = (
+    (b"\\n", b"\n"),
+    (b"\\r", b"\n"),
+    (b"\\t", b"\t"),
+    (b'\\"', b'"'),
+    (b"\\/", b"/"),
+    (b"\\b", b"\b"),
+    (b"\\f", b"\f"),
+)
+_UNICODE_ESCAPE = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})")
+"""JSON's ``\\uXXXX``: a surrogate pair (a character beyond the BMP), or one code unit."""
+
+
+def _unicode(m: re.Match[bytes]) -> bytes:
+    high, low, one = m.groups()
+    if one is None:
+        code = 0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00)
+    else:
+        code = int(one, 16)
+        if 0xD800 <= code < 0xE000:  # a lone surrogate: the browser shows the replacement character
+            code = 0xFFFD
+    return chr(code).encode()
+
+
+def unescape(text: bytes, carriage_return: bytes = b"\n") -> bytes:
+    """Kernel messages and notebooks arrive as JSON: a printed table is one string with ``\\n`` escapes.
+    Undo the escapes so the row detection sees the text the browser will show: those that separate values
+    (lines, tabs, quotes), and every ``\\uXXXX`` (a JSON writer may escape any character, ASCII ones too:
+    ``\\u0031\\u0037`` is ``17``), surrogate pairs as the one character they make. Over-undoing (a literal
+    backslash-n, or a literal ``\\u0031``, in the text) only splits a line or reads an escape as what it
+    names; nothing is lost. A text without ``\\u`` pays one search for it. ``\\r`` becomes
+    ``carriage_return``: a line's end for the text as it reads, a carriage return for JupyterLab's view of it
+    (:func:`as_lab_shows`)."""
+    for escaped, plain in _ESCAPES:
+        if escaped in text:
+            text = text.replace(escaped, carriage_return if escaped == b"\\r" else plain)
+    if b"\\u" in text:
+        # the escape JSON writers must use most (a terminal colour's ESC) first, without a call per match
+        text = text.replace(b"\\u001b", b"\x1b").replace(b"\\u001B", b"\x1b")
+        if b"\\u" in text:
+            text = _UNICODE_ESCAPE.sub(_unicode, text)
+    return text
+
+
+def lab_view_signs(data: bytes) -> bool:
     """Whether ``data`` holds what can make JupyterLab show it otherwise than it reads: an escape character, a
     backspace, a carriage return, raw or as JSON writes them (a kernel message, a notebook). Substring
     searches: a tenth of a millisecond a megabyte of plain text, half of one of JSON."""
@@ -210,24 +254,12 @@ def _lab_view_signs(data: bytes) -> bool:
 
 
 _JSON_SIGN = re.compile(rb"\\[bru]")
-_JSON_CONTROLS = re.compile(rb"(?<!\\)((?:\\\\)*)\\(?:(b)|(r)|(n)|u00(?:(1[bB])|(08)|(0[dD])|(0[aA])))")
 _JSON_QUOTE = re.compile(rb'(?<!\\)((?:\\\\)*)"')
 _LAB_CSI = re.compile(rb"\x1b\[(?:(?!\xe2\x80[\xa8\xa9])[^\n\r])*?[@-~]")
 """JupyterLab's grammar of the escape sequences its text renderer drops (``ansiSpan``: an escape, ``[``, then
 anything up to the first character from ``@`` to ``~`` on the same line), applied to the text as it escapes
 it for HTML first: ``\\x1b[ 0m`` is dropped, though no terminal would take it for a sequence."""
 _HTML_ESCAPES = ((b"&", b"&amp;"), (b"<", b"&lt;"), (b">", b"&gt;"), (b'"', b"&quot;"), (b"'", b"&#39;"))
-
-
-def _json_control(m: re.Match[bytes]) -> bytes:
-    backslashes = m.group(1)
-    if m.group(2) or m.group(6):
-        return backslashes + b"\x08"
-    if m.group(3) or m.group(7):
-        return backslashes + b"\r"
-    if m.group(4) or m.group(8):
-        return backslashes + b"\n"
-    return backslashes + b"\x1b"
 
 
 def as_lab_shows(data: bytes) -> bytes:
@@ -240,10 +272,9 @@ def as_lab_shows(data: bytes) -> bytes:
     what follows overwrites the line, and a line feed starts a new line at the end (:func:`.shown.follow`,
     which refuses a text that would cost too much to follow: :class:`.shown.TooManyOverwrites`). JupyterLab
     follows those as it adds an output and drops escape sequences when it draws it, so in that order."""
-    if b"\\" in data:
-        data = _JSON_CONTROLS.sub(_json_control, data)
-    if b'"' in data:  # a JSON string starts a text of its own: a carriage return in it goes back to its start
-        data = _JSON_QUOTE.sub(b'\\1\n"\n', data)
+    if b"\\" in data:  # JSON: each string starts a text of its own (a carriage return in it goes back to its
+        # start, not to the line's the JSON began on); then its escapes undone, a carriage return kept as one
+        data = unescape(_JSON_QUOTE.sub(b'\\1\n"\n', data), carriage_return=b"\r")
     if b"\x08" in data or b"\r" in data:  # followed as the output is added, before it is drawn
         data = shown(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
     if b"\x1b" in data:  # when it is drawn
@@ -253,6 +284,16 @@ def as_lab_shows(data: bytes) -> bytes:
         for raw, entity in reversed(_HTML_ESCAPES):
             data = data.replace(entity, raw)
     return data
+
+
+def as_read(text: bytes) -> bytes:
+    """What the egress service's row detection reads of an output that arrives as JSON (a kernel message, a
+    notebook): the text with its escapes undone, and where JupyterLab would show it otherwise, JupyterLab's
+    view of it made from the JSON as it came (a carriage return still one, each string from its start)."""
+    scanned = unescape(text)
+    if lab_view_signs(text):
+        scanned = scanned + b"\n" + as_lab_shows(text)
+    return scanned
 
 
 _OVERRIDE = re.compile("\u202e([^\u202c\n]*)\u202c?")

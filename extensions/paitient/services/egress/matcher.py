@@ -9,7 +9,6 @@ key) is reported to ``on_missing``, which the service gives to its :class:`~pait
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,53 +18,12 @@ import numpy as np
 
 from paitient.config import SiteConfig
 from paitient.rules.edm import EDMIndex, reveal
+from paitient.rules.edm.tokens import as_read
 from paitient.services.data import rowindex
 from paitient.services.data.publish import current_version, dataset_dir
 
 RECHECK_SECONDS = 30.0
 """How often the matcher looks for a newer published version of a dataset."""
-
-
-_ESCAPES = (
-    (b"\\n", b"\n"),
-    (b"\\r", b"\n"),
-    (b"\\t", b"\t"),
-    (b'\\"', b'"'),
-    (b"\\/", b"/"),
-    (b"\\b", b"\b"),
-    (b"\\f", b"\f"),
-)
-_UNICODE_ESCAPE = re.compile(rb"\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})|\\u([0-9a-fA-F]{4})")
-"""JSON's ``\\uXXXX``: a surrogate pair (a character beyond the BMP), or one code unit."""
-
-
-def _unicode(m: re.Match[bytes]) -> bytes:
-    high, low, one = m.groups()
-    if one is None:
-        code = 0x10000 + ((int(high, 16) - 0xD800) << 10) + (int(low, 16) - 0xDC00)
-    else:
-        code = int(one, 16)
-        if 0xD800 <= code < 0xE000:  # a lone surrogate: the browser shows the replacement character
-            code = 0xFFFD
-    return chr(code).encode()
-
-
-def unescape(text: bytes) -> bytes:
-    """Kernel messages and notebooks arrive as JSON: a printed table is one string with ``\\n`` escapes.
-    Undo the escapes so the row detection sees the text the browser will show: those that separate values
-    (lines, tabs, quotes), and every ``\\uXXXX`` (a JSON writer may escape any character, ASCII ones too:
-    ``\\u0031\\u0037`` is ``17``), surrogate pairs as the one character they make. Over-undoing (a literal
-    backslash-n, or a literal ``\\u0031``, in the text) only splits a line or reads an escape as what it
-    names; nothing is lost. A text without ``\\u`` pays one search for it."""
-    for escaped, plain in _ESCAPES:
-        if escaped in text:
-            text = text.replace(escaped, plain)
-    if b"\\u" in text:
-        # the escape JSON writers must use most (a terminal colour's ESC) first, without a call per match
-        text = text.replace(b"\\u001b", b"\x1b").replace(b"\\u001B", b"\x1b")
-        if b"\\u" in text:
-            text = _UNICODE_ESCAPE.sub(_unicode, text)
-    return text
 
 
 class MissingIndex(LookupError):
@@ -153,7 +111,7 @@ class Matcher:
             raise missing
         if not indexes or not text:
             return {}
-        found = reveal(unescape(text), indexes)
+        found = reveal(as_read(text), indexes)
         return {key: rows for key, rows in found.items() if len(rows)}
 
     def missing(self) -> list[str]:
