@@ -280,15 +280,16 @@ READABLE = [
         "an escape JupyterLab drops, taken back by backspaces first, in a notebook's JSON",
         lambda part: json.dumps({"output_type": "stream", "text": _rows_of(part, _cut("\x1b[\b\b"), sep="|")}),
     ),
-    ("a left-to-right mark between every two characters", lambda part: "\u200e".join(_rows_of(part, lambda v: v))),
     ("a variation selector inside each value", lambda part: _rows_of(part, _cut("\ufe0f"))),
     ("a tag character inside each value", lambda part: _rows_of(part, _cut("\U000e0041"))),
     ("a NUL inside each value", lambda part: _rows_of(part, _cut("\x00"))),
+    ("a zero-width space between every two characters", lambda part: "\u200b".join(_rows_of(part, lambda v: v))),
     ("a form feed inside each value", lambda part: _rows_of(part, _cut("\x0c"))),
     ("a combining mark inside each value", lambda part: _rows_of(part, _cut("\u0301"))),
-    (
-        "each line written backwards inside a right-to-left override",
-        lambda part: "".join(f"\u202e{line[::-1]}\u202c\n" for line in _rows_of(part, lambda v: v).splitlines()),
+    # a third red team's: marks a reader takes for a point
+    *(
+        (f"U+{c:04X} for the point", lambda part, c=c: _rows_of(part, lambda v: v.replace(".", chr(c))))
+        for c in (0x02D1, 0x2022, 0x2218, 0x25E6, 0x1427, 0x3002)
     ),
 ]
 
@@ -327,6 +328,48 @@ def test_control_characters_in_json_are_read_as_the_egress_service_reads_them(de
     got = set(demo.rows(as_read(json.dumps(wrapped, ensure_ascii=False).encode()), "breast_cancer").tolist())
     assert set(picks) <= got
     assert len(got - set(picks)) <= CHANCE
+
+
+def _halves_swapped(v: str) -> str:
+    """Each value's halves in isolates, the second first, inside a right-to-left override."""
+    return " ".join(f"\u202e\u2066{x[len(x) // 2 :]}\u2069\u2066{x[: len(x) // 2]}\u2069\u202c" for x in v.split())
+
+
+BIDI = [
+    ("a left-to-right mark between every two characters", lambda v: "\u200e".join(v)),
+    ("each line written backwards inside a right-to-left override", lambda v: f"\u202e{v[::-1]}\u202c"),
+    ("each value's halves in isolates, swapped, inside an override", _halves_swapped),
+    ("each line backwards in HTML's <bdo dir=rtl>", lambda v: f"<bdo dir='rtl'>{v[::-1]}</bdo>"),
+    ("each line in a <span dir=rtl> of swapped <bdi> halves", lambda v: f'<span dir="rtl"><bdi>{v[3:]}</bdi>'
+     f"<bdi>{v[:3]}</bdi></span>"),
+    ("each line backwards under CSS unicode-bidi", lambda v: f'<p style="unicode-bidi: bidi-override; '
+     f'direction: rtl">{v[::-1]}</p>'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "line"), BIDI, ids=[a[0] for a in BIDI])
+def test_a_text_a_browser_may_draw_in_another_order_is_not_read_at_all(demo, label, line):
+    """Attack (two red teams'): bidirectional controls, or their HTML and CSS forms, make a browser draw rows
+    whole from a text that holds none in order. Such a text is refused as unreadable (the egress service
+    withholds it); the same rows without them are found."""
+    from paitient.rules.edm.tokens import UnreadableText
+
+    df = without_id(demo.frames["breast_cancer"])
+    picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
+    lines = _rows_of(df.iloc[picks].select_dtypes("number"), lambda v: v).splitlines()
+    with pytest.raises(UnreadableText, match="bidirectional controls"):
+        demo.rows("\n".join(line(v) for v in lines), "breast_cancer")
+    assert set(picks) <= set(demo.rows("\n".join(lines), "breast_cancer").tolist())
+
+
+def test_ordinary_html_and_text_with_the_words_are_read():
+    """What the refusal looks for is no word an ordinary output uses: a directory listing, a plot's
+    JavaScript options, a dir() of an object."""
+    from paitient.rules.edm.tokens import normalised
+
+    for text in (b"<td>directory</td><td>dirname: /data</td>", b"{direction: 'clockwise', dir: 'x'}",
+                 b"<div style='unicode-bidi: normal'>17.99</div>", b"['__dir__', 'direction']"):  # fmt: skip
+        assert normalised(text)
 
 
 def _cut(middle: str):

@@ -64,8 +64,12 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         self._outbox: asyncio.Queue[tuple[Any, list[Any]]] | None = None
         self._drainer: asyncio.Future[None] | None = None
         self._streams: dict[str, StreamLine] = {}
-        """Per cell (its request's msg_id): the last line its stream output shows in JupyterLab, which the
-        next message of that stream goes on from (:func:`paitient.rules.shown.follow_stream`)."""
+        """Per output area (a cell's, by its request's msg_id, or an Output widget's while it captures that
+        cell's output): the last line its stream output shows in JupyterLab, which the next message of that
+        stream goes on from (:func:`paitient.rules.shown.follow_stream`)."""
+        self._captures: dict[str, str] = {}
+        """Output widgets (comm id) capturing a cell's output (its request's msg_id): JupyterLab shows what
+        that cell sends meanwhile in the widget, not in the cell."""
 
     # ---------------------------------------------------------------- browser -> kernel
 
@@ -240,6 +244,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         cap = self.cap
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")
+        self._note_capture(msg_type, content)
+        area = self._area(parent_id)
         execution = cap.key(parent_id)
         if execution != cap.current and execution in cap.answered:
             # Output of an execution that has ended (its reply went on): the kernel is running another one now,
@@ -251,7 +257,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             return None
         if msg_type in REBUILT:
             if msg_type == "clear_output":
-                self._streams.pop(parent_id, None)
+                self._streams.pop(area, None)
             # Nothing of the kernel's but the protocol's own fields.
             return self._message(msg_type, strip_protocol(msg_type, content), parent)
         size = sum(_size(p) for p in fed[1:])
@@ -282,7 +288,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             buffers = [(b, looks_like_text(b)) for b in map(_bytes, parts[5:])]
             # A stream's message goes on from where the cell's last one left it: what it makes JupyterLab
             # show (a value written over another, a row printed a value at a time) is read with it.
-            shown, line = self._stream_shown(parent_id, sent_type, sent_content)
+            shown, line = self._stream_shown(area, sent_type, sent_content)
             texts = [_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t), *([shown] if shown else [])]
             text = b"\n".join(texts)
             binary = b"".join(b for b, t in buffers if not t)
@@ -292,19 +298,42 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             )
             if not check.forward:
                 candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
-            self._note_output(parent_id, sent_type if check.forward else "withheld", line)
+            self._note_output(area, sent_type if check.forward else "withheld", line)
         if msg_type == "execute_reply":
             asyncio.ensure_future(gate.close(f"kernel:{self.kernel_id}:{execution}"))
         return candidate
 
-    def _stream_shown(self, parent_id: str, msg_type: str, content: dict[str, Any]) -> tuple[bytes, StreamLine | None]:
+    def _stream_shown(self, area: str, msg_type: str, content: dict[str, Any]) -> tuple[bytes, StreamLine | None]:
         """For a stream message the browser would get: what it makes the cell's stream output show around
         what it changed (empty where that is its own text), and the output's last line after it. None for
         any other message: an output of another kind starts a new one in JupyterLab."""
         name, text = content.get("name"), content.get("text")
         if msg_type != "stream" or not isinstance(name, str) or not isinstance(text, str):
             return b"", None
-        return follow_stream(self._streams.get(parent_id), name, text)
+        return follow_stream(self._streams.get(area), name, text)
+
+    def _note_capture(self, msg_type: str, content: dict[str, Any]) -> None:
+        """Follow which Output widget captures which cell's output: the kernel sets a widget's ``msg_id``
+        (``with out:``) and clears it again in the widget's state; a closed comm captures nothing."""
+        comm_id = content.get("comm_id")
+        if not isinstance(comm_id, str) or msg_type not in ("comm_open", "comm_msg", "comm_close"):
+            return
+        data = content.get("data")
+        state = data.get("state") if isinstance(data, dict) else None
+        if msg_type == "comm_close":
+            self._captures.pop(comm_id, None)
+        elif isinstance(state, dict) and "msg_id" in state:
+            self._captures.pop(comm_id, None)
+            if isinstance(state["msg_id"], str) and state["msg_id"]:
+                self._captures[comm_id] = state["msg_id"]
+                while len(self._captures) > MAX_STREAMS:
+                    del self._captures[next(iter(self._captures))]
+
+    def _area(self, parent_id: str) -> str:
+        """The output area JupyterLab shows a message of the cell ``parent_id`` in: the Output widget that
+        captures it last, or the cell's own."""
+        widgets = [comm for comm, captured in self._captures.items() if captured == parent_id]
+        return f"{parent_id} {widgets[-1]}" if widgets else parent_id
 
     def _note_output(self, parent_id: str, sent_type: str, line: StreamLine | None) -> None:
         """Keep the cell's stream line after a stream message it got; forget it after an output that starts a

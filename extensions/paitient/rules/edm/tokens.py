@@ -67,9 +67,15 @@ _ANSI = re.compile(
 """ANSI escape sequences, raw or as JSON writes them (``\\u001b``): terminal colours and the like."""
 
 
-DOTS = (0x00B7, 0x0387, 0x2024, 0x2027, 0x2219, 0x22C5, 0x2E31, 0x30FB, 0xFE52, 0xFF0E, 0xFF65)
+DOTS = (
+    0x00B7, 0x0387, 0x2024, 0x2027, 0x2219, 0x22C5, 0x2E31, 0x30FB, 0xFE52, 0xFF0E, 0xFF65,
+    0x02D1, 0x02D9, 0x0701, 0x0F0B, 0x1427, 0x16EB, 0x2022, 0x2218, 0x25E6, 0x2E30, 0x2E33, 0x3002, 0xA78F,
+    0xFF61, 0x10101,
+)  # fmt: skip
 """Marks that a reader takes for a decimal point: the middle dot (a traditional decimal point), the one dot
-leader, the hyphenation point, the small and full-width full stops, the dot operators."""
+leader, the hyphenation point, the small and full-width full stops, the dot operators; the half triangular
+colon, the dot above, the bullets, the ring operator, the ideographic full stops, the Syriac, Tibetan,
+Canadian syllabics, runic, Latin sinological and Aegean dots (a red team's)."""
 DASHES = (0x02D7, 0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2015, 0x2043, 0x2212, 0x2796, 0xFE58, 0xFE63, 0xFF0D)
 """Marks that a reader takes for ``-``: the hyphens (the non-breaking one looks the same), the dashes, the
 minus signs."""
@@ -190,8 +196,11 @@ def normalised(data: bytes) -> bytes:
         lab = as_lab_shows(data)
         if lab != view.replace(b"\r\n", b"\n"):
             view = view + b"\n" + lab
-    if b"\xe2\x80\xae" in view:  # a right-to-left override: as drawn, too
-        view = view + b"\n" + as_drawn(view)
+    if (not view.isascii() and _BIDI.search(view)) or (b"<" in view and _BIDI_HTML.search(view)):
+        raise UnreadableText(
+            "the text holds bidirectional controls, which can draw its characters in another order than it "
+            "reads (explicit embeddings, overrides, isolates or marks, or HTML's bdo, bdi, dir and direction)"
+        )
     if b"\x00" in view or b"\x0b" in view or b"\x0c" in view:  # drawn as nothing
         view = view.translate(None, b"\x00\x0b\x0c")
     if not view.isascii() and _has_forms(view):
@@ -296,14 +305,22 @@ def as_read(text: bytes) -> bytes:
     return scanned
 
 
-_OVERRIDE = re.compile("\u202e([^\u202c\n]*)\u202c?")
+_BIDI = re.compile(rb"\xd8\x9c|\xe2\x80[\x8e\x8f\xaa-\xae]|\xe2\x81[\xa6-\xa9]")
+_BIDI_HTML = re.compile(
+    rb"(?i:<bd[io]\b|\bdir\s*=\s*[\"']?\s*(?:rtl|auto)|direction\s*:\s*rtl|unicode-bidi\s*:(?!\s*normal))"
+)
+"""What can make a browser draw a text's characters in another order than the text holds them: the
+explicit bidirectional controls of Unicode (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069;
+a right-to-left override draws a line written backwards forwards, isolates draw chunks of a value in the
+order that makes it whole), and their HTML and CSS forms (:data:`_BIDI_HTML`: ``<bdo>``, ``<bdi>``,
+``dir=rtl`` or ``auto``, ``direction: rtl``, a ``unicode-bidi`` other than ``normal``). Rows could be
+drawn whole from a text that holds none in order, so a text with one is not read at all
+(:class:`UnreadableText`): the egress service withholds it. Ordinary output holds none."""
 
 
-def as_drawn(data: bytes) -> bytes:
-    """``data`` with what a right-to-left override (U+202E up to U+202C or the line's end) holds reversed, as a
-    browser draws it: ``\u202e17.31\u202c`` shows ``13.71``."""
-    text = data.decode("utf-8", "surrogateescape")
-    return _OVERRIDE.sub(lambda m: m.group(1)[::-1], text).encode("utf-8", "surrogateescape")
+class UnreadableText(ValueError):
+    """A text whose characters a browser may draw in another order than it holds them (:data:`_BIDI`,
+    :data:`_BIDI_HTML`)."""
 
 
 def as_buffer(data: bytes | str) -> tuple[np.ndarray, int]:
