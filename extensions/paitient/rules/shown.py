@@ -33,7 +33,7 @@ _SPLIT = re.compile(r"([\n\x08\r])")
 
 
 class TooManyOverwrites(ValueError):
-    """A text whose backspaces and carriage returns would move more than :data:`MAX_WORK` bytes."""
+    """A text whose backspaces and carriage returns would move more than :data:`MAX_WORK` characters."""
 
 
 @dataclass(frozen=True)
