@@ -337,6 +337,16 @@ def test_rows_cut_at_the_ends_of_an_output_widgets_stream_outputs_are_withheld(w
     assert b"w:1100" not in wire and "output withheld" in res.stderr, res.stderr[-500:]
 
 
+def test_an_output_with_bidirectional_controls_is_withheld_saying_why(world):
+    """A browser may draw such text in another order than it holds it: the service does not read it and
+    withholds it whatever its size, with a notice that says what to change; the next output passes."""
+    _, server, _, _, _ = world
+    res = server.run("print('\\u202e' + 'row:1200, 1.5'[::-1] + '\\u202c')")
+    assert "row:" not in res.stdout and "1200" not in res.stdout
+    assert "output withheld: it holds bidirectional controls" in res.stderr and "airlock" in res.stderr
+    assert server.run("print('plain')").stdout == "plain\n"
+
+
 def test_rows_in_attachments_and_metadata_do_not_pass(world):
     import nbformat
 

@@ -42,6 +42,9 @@ class Reason(enum.Enum):
     """The user has received as many bytes today as allowed."""
     UNCHECKED = "unchecked"
     """Rows could not be matched, or the audit trail could not record, and the output is not small."""
+    UNREADABLE = "unreadable"
+    """The output holds what makes a browser show it otherwise than the row detection can read it (bidirectional
+    controls, overwrites beyond the bound)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ def decide(
     size: int,
     checked: bool = True,
     unchecked_spent: int = 0,
+    unreadable: str = "",
 ) -> Decision:
     """The verdict on one piece of output.
 
@@ -75,8 +79,11 @@ def decide(
     same execution, file or notebook) reveals; ``new_day_rows``: rows this piece would add to what the user
     saw today; ``day_rows``/``day_bytes``: today's totals before this piece; ``size``: its bytes;
     ``checked``: False when the rows could not be matched or the trail could not record;
-    ``unchecked_spent``: bytes that passed unchecked since outputs were last checked.
+    ``unchecked_spent``: bytes that passed unchecked since outputs were last checked; ``unreadable``: why
+    the row detection refused to read the piece, which is then withheld whatever its size.
     """
+    if unreadable:
+        return Decision(Verdict.WITHHOLD, Reason.UNREADABLE, unreadable_notice(unreadable))
     if not checked:
         refusal = unchecked(size, unchecked_spent, limits.fail_closed_bytes, limits.unchecked_bytes)
         if refusal is not None:
@@ -162,6 +169,13 @@ def unchecked_notice(size: int) -> str:
         f"[paitient] output withheld: the workspace cannot check outputs right now, and this one "
         f"({size:,} bytes) is too large to pass unchecked. Run the cell again in a minute; if this stays, "
         "ask the workspace operator."
+    )
+
+
+def unreadable_notice(why: str) -> str:
+    return (
+        f"[paitient] output withheld: {why}. Print it without them (for text in a right-to-left script, "
+        "without explicit direction marks); to take such a result out, request it through the airlock."
     )
 
 

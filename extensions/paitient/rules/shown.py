@@ -77,7 +77,8 @@ def follow(out: array[int], cursor: int, text: str) -> Followed:
             high = max(high, end)
         if work > MAX_WORK:
             raise TooManyOverwrites(
-                f"the text's backspaces and carriage returns overwrite it more than {MAX_WORK} characters' worth"
+                f"its backspaces and carriage returns overwrite it more than {MAX_WORK:,} characters' worth, "
+                "more than the workspace follows to read what it shows"
             )
     return Followed(cursor=cursor, low=low, high=max(high, cursor))
 

@@ -335,17 +335,17 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         widgets = [comm for comm, captured in self._captures.items() if captured == parent_id]
         return f"{parent_id} {widgets[-1]}" if widgets else parent_id
 
-    def _note_output(self, parent_id: str, sent_type: str, line: StreamLine | None) -> None:
-        """Keep the cell's stream line after a stream message it got; forget it after an output that starts a
-        new one in JupyterLab (a display, a result, an error, a notice of what was withheld); other messages
-        (replies, comms) change nothing of what the cell shows."""
+    def _note_output(self, area: str, sent_type: str, line: StreamLine | None) -> None:
+        """Keep the output area's stream line after a stream message it got; forget it after an output that
+        starts a new one in JupyterLab (a display, a result, an error, a notice of what was withheld); other
+        messages (replies, comms) change nothing of what the area shows."""
         if line is not None and sent_type == "stream":
-            self._streams.pop(parent_id, None)
-            self._streams[parent_id] = line
-            while len(self._streams) > MAX_STREAMS:  # the cells longest without output first
+            self._streams.pop(area, None)
+            self._streams[area] = line
+            while len(self._streams) > MAX_STREAMS:  # the areas longest without output first
                 del self._streams[next(iter(self._streams))]
         elif sent_type in NEW_OUTPUTS:
-            self._streams.pop(parent_id, None)
+            self._streams.pop(area, None)
 
     def _withheld(
         self,
@@ -428,11 +428,12 @@ def audit_refusal(code: str) -> str:
 
 
 REBUILT = frozenset({"status", "clear_output"})
+"""Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
 NEW_OUTPUTS = frozenset({"display_data", "execute_result", "error", "input_request", "withheld"})
 """What starts a new output in a cell's output area, after which a stream's message starts one too."""
 MAX_STREAMS = 64
-"""Cells whose stream output's last line a connection keeps (a cell without output for longest goes first)."""
-"""Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
+"""Output areas whose stream's last line a connection keeps, and Output widgets whose capture it follows
+(the one longest without output first)."""
 
 
 def _bytes(part: Any) -> bytes:

@@ -198,8 +198,9 @@ def normalised(data: bytes) -> bytes:
             view = view + b"\n" + lab
     if (not view.isascii() and _BIDI.search(view)) or (b"<" in view and _BIDI_HTML.search(view)):
         raise UnreadableText(
-            "the text holds bidirectional controls, which can draw its characters in another order than it "
-            "reads (explicit embeddings, overrides, isolates or marks, or HTML's bdo, bdi, dir and direction)"
+            "it holds bidirectional controls (right-to-left overrides, embeddings, isolates or marks, or HTML's "
+            "bdo, bdi, dir=rtl or CSS direction), which can show its characters in another order than the "
+            "workspace reads them"
         )
     if b"\x00" in view or b"\x0b" in view or b"\x0c" in view:  # drawn as nothing
         view = view.translate(None, b"\x00\x0b\x0c")

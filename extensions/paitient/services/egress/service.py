@@ -41,6 +41,7 @@ from typing import Any, cast
 from paitient.channel import FORBIDDEN, ChannelError, Peer, recv_exactly
 from paitient.config import EgressLimits, SiteConfig
 from paitient.registry import Member, Registry
+from paitient.rules.edm.tokens import UnreadableText
 from paitient.rules.egress import (
     ON_BEHALF,
     FrameError,
@@ -49,6 +50,7 @@ from paitient.rules.egress import (
     read_header,
 )
 from paitient.rules.records import Event
+from paitient.rules.shown import TooManyOverwrites
 from paitient.services.audit import trail_writer
 from paitient.services.egress import socket_path
 from paitient.services.egress.counts import Counts
@@ -296,12 +298,16 @@ class EgressService:
         # A matcher that fails on this text (not for want of an index) may fail because of what the text is:
         # the piece is withheld outright, so no text made to fail it passes on the unchecked allowance.
         failed_on_text = False
+        unreadable = ""
         scanned = with_tail(ctx.tail, text)  # rows of the tail found again count once: they are sets
         try:
             found = self.matcher.reveal(scanned, member.projects)
         except MissingIndex as e:
             self.log.error("egress: %s", e)
             found, checked = {}, False
+        except (UnreadableText, TooManyOverwrites) as e:  # the text, not the matcher: withheld with why
+            self.log.info("egress: an output of %s is not read: %s", member.username, e)
+            found, unreadable = {}, str(e)
         except Exception:
             self.log.exception("egress: matching failed")
             found, checked, failed_on_text = {}, False, True
@@ -331,6 +337,7 @@ class EgressService:
                     size=len(payload),
                     checked=checked,
                     unchecked_spent=spent,
+                    unreadable=unreadable,
                 )
                 if not checked and decision.forward:
                     self._unchecked[member.username] = self._unchecked.get(member.username, 0) + len(payload)
