@@ -276,6 +276,7 @@ READABLE = [
     ),
     # a second red team's: what JupyterLab and Chromium show that the first fix did not read
     ("a two-byte letter and a backspace inside each value", lambda part: _rows_of(part, _cut("\u00e9\b"))),
+    ("an emoji and two backspaces inside each value", lambda part: _rows_of(part, _cut("\U0001f600\b\b"))),
     (
         "an escape JupyterLab drops, taken back by backspaces first, in a notebook's JSON",
         lambda part: json.dumps({"output_type": "stream", "text": _rows_of(part, _cut("\x1b[\b\b"), sep="|")}),
@@ -370,6 +371,20 @@ def test_ordinary_html_and_text_with_the_words_are_read():
     for text in (b"<td>directory</td><td>dirname: /data</td>", b"{direction: 'clockwise', dir: 'x'}",
                  b"<div style='unicode-bidi: normal'>17.99</div>", b"['__dir__', 'direction']"):  # fmt: skip
         assert normalised(text)
+
+
+def test_a_literal_json_escape_after_each_value_in_a_file_is_read_as_written(demo):
+    """Attack (a fourth red team's): a text file with ``\\u0041`` written after each value, which an editor
+    shows as written and which the service's JSON unescaping would read as a glued ``A``. The server gives a
+    file's body to the gate as a JSON string (as every other text), so the escape stays what it is."""
+    from paitient.rules.edm.tokens import as_read
+
+    df = without_id(demo.frames["breast_cancer"])
+    picks = sorted(np.random.default_rng(11).choice(len(df), 40, replace=False).tolist())
+    text = _rows_of(df.iloc[picks].select_dtypes("number"), lambda v: v + "\\u0041")
+    assert len(set(demo.rows(as_read(text.encode()), "breast_cancer").tolist()) & set(picks)) < 20  # raw: glued
+    got = set(demo.rows(as_read(json.dumps(text, ensure_ascii=False).encode()), "breast_cancer").tolist())
+    assert set(picks) <= got
 
 
 def _cut(middle: str):

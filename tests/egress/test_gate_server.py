@@ -164,7 +164,22 @@ ACROSS_MESSAGES = {
     "a widget's letter between": "print('ro', end='', flush=True)\n    with o: print('x', end='', flush=True)\n"
     "    print(f'w:{i},1.5', flush=True)",
 }
-PRELUDE = {"a widget's letter between": "import ipywidgets\no = ipywidgets.Output()\n"}
+# (a fourth's) a message withheld, and so dropped, between a row's letter and the backspace that takes it
+# back: JupyterLab never sees it and goes on with its cursor after the letter
+ACROSS_MESSAGES["a dropped message between"] = (
+    "print('rowZ', end='', flush=True); time.sleep(0.003); print('\\u202e', end='', flush=True)\n"
+    "    time.sleep(0.003); print(f'\\b:{i},1.5', flush=True)"
+)
+# two widgets capture the cell; the first's capture, sent again unchanged, moves nothing in JupyterLab
+ACROSS_MESSAGES["a capture sent again"] = (
+    "with a:\n        with b:\n            print('rowZ', end='', flush=True); a.send_state('msg_id')\n"
+    "            print(f'\\b:{i},1.5', flush=True)"
+)
+PRELUDE = {
+    "a widget's letter between": "import ipywidgets\no = ipywidgets.Output()\n",
+    "a dropped message between": "print('\\u202e')\n",
+    "a capture sent again": "import ipywidgets\na, b = ipywidgets.Output(), ipywidgets.Output()\n",
+}
 
 
 @pytest.mark.parametrize("how", list(ACROSS_MESSAGES))
@@ -176,15 +191,40 @@ def test_rows_that_only_messages_together_show_are_read_as_jupyterlab_shows_them
     from paitient.rules.edm.tokens import as_lab_shows
 
     _, server, _, _, _ = world
-    first = {"carriage return": 7000, "backspace": 7100, "halves": 7200, "a widget's letter between": 7300}[how]
+    first = 7000 + 100 * list(ACROSS_MESSAGES).index(how)
     code = PRELUDE.get(how, "") + f"import time\nfor i in range({first}, {first + 60}):\n    " + ACROSS_MESSAGES[how]
     res = server.run(code)
-    # (the cell's area: without the letters the widget captured, which this client reads as stdout too)
-    cell = res.stdout.replace("x", "") if how == "a widget's letter between" else res.stdout
+    # what the cell's area shows: its stdout, where another output (the notice on stderr) ends one stdout
+    # output and the next starts another; without the letters the widget captured, which reach this client
+    # as stdout too
+    parts = []
+    for out in res.outputs:
+        content = out.get("content") or {}
+        if out["msg_type"] == "stream" and content.get("name") == "stdout":
+            parts.append(content["text"])
+        elif out["msg_type"] in ("stream", "display_data", "execute_result", "error"):
+            parts.append("\n")
+    cell = "".join(parts)
+    cell = cell.replace("x", "") if how == "a widget's letter between" else cell
     shown = as_lab_shows(cell.encode())
     rows = {int(m) for m in re.findall(rb"row:(\d+)", shown)}
     assert 0 < len(rows) <= 20, (len(rows), shown[:300])
     assert "output withheld" in res.stderr
+
+
+def test_a_row_ended_in_an_output_widget_whose_outputs_the_kernel_set_is_read_whole(world):
+    """Attack (a fourth red team's): a widget whose ``outputs`` the kernel sets to a stream ending in a
+    letter, then a captured backspace that takes it back: JupyterLab shows each row whole in the widget.
+    The server follows the widget's area from the outputs it set, and withholds after the rows allowed."""
+    _, server, _, _, _ = world
+    code = (
+        "import ipywidgets\nfor i in range(7900, 7960):\n    w = ipywidgets.Output()\n"
+        "    w.outputs = ({'output_type': 'stream', 'name': 'stdout', 'text': 'rowZ'},)\n"
+        "    with w: print(f'\\b:{i},1.5', flush=True)"
+    )
+    res = server.run(code)
+    assert "output withheld" in res.stderr, res.stderr[-300:]
+    assert 0 < res.stdout.count("\b:79") <= 20, res.stdout.count("\b:79")
 
 
 def test_a_progress_bar_that_overwrites_its_line_reaches_the_browser(world):

@@ -19,7 +19,7 @@ from paitient.rules.shown import (
 
 
 def shown(*texts: str) -> str:
-    out: array[int] = array("I")
+    out: array[int] = array("H")
     cursor = 0
     for text in texts:
         cursor = follow(out, cursor, text).cursor
@@ -37,6 +37,8 @@ def shown(*texts: str) -> str:
         (("abcd\r\bX",), "Xbcd"),
         (("abcdef\rab\bX",), "aXef"),  # a backspace takes the character before the cursor and the one under it
         (("14\u00e9", "\b.26"), "14.26"),  # a whole character, as in JupyterLab's strings, not a byte of it
+        (("1\U0001f600\b\b7.99",), "17.99"),  # a UTF-16 code unit at a time: two for a character past the BMP
+        (("a\U0001f600\bb",), "a\ud83db"),  # one leaves half of it
     ],
 )
 def test_messages_of_a_stream_show_what_one_text_of_them_shows(texts, want):
@@ -46,30 +48,30 @@ def test_messages_of_a_stream_show_what_one_text_of_them_shows(texts, want):
 
 def test_a_message_is_read_with_the_line_it_changes_and_no_more():
     first, line = follow_stream(None, "stdout", "row:1\nZow:2")
-    assert first == b"" and line == StreamLine("stdout", "Zow:2", 5)  # its own text, on lines of its own
+    assert first == "" and line == StreamLine("stdout", "Zow:2", 5)  # its own text, on lines of its own
     region, line = follow_stream(line, "stdout", "\rr")
-    assert region == b"row:2" and line.cursor == 1
+    assert region == "row:2" and line.cursor == 1
     # another stream starts an output of its own
     region, other = follow_stream(line, "stderr", "\rr")
-    assert region == b"r" and other == StreamLine("stderr", "r", 1)
+    assert region == "r" and other == StreamLine("stderr", "r", 1)
     # on a long line, what a message changes and CONTEXT bytes on either side
     _, long = follow_stream(None, "stdout", "x" * 50_000)
     region, _ = follow_stream(long, "stdout", "\rAB")
-    assert region == b"AB" + b"x" * CONTEXT
+    assert region == "AB" + "x" * CONTEXT
     region, _ = follow_stream(long, "stdout", "tail")
-    assert region == b"x" * CONTEXT + b"tail"
+    assert region == "x" * CONTEXT + "tail"
 
 
 def test_a_line_longer_than_the_head_kept_is_followed_from_its_start():
     _, line = follow_stream(None, "stdout", "Z" + "x" * (2 * MAX_LINE))
     assert len(line.head) == MAX_LINE and line.cursor == 2 * MAX_LINE + 1
     region, line = follow_stream(line, "stdout", "\r1")
-    assert region.startswith(b"1xxx") and line.cursor == 1
+    assert region.startswith("1xxx") and line.cursor == 1
 
 
 def test_backspaces_that_would_cost_too_much_are_refused():
     with pytest.raises(TooManyOverwrites, match="backspaces and carriage returns"):
-        follow(array("I", b"A" * 2_000_000), 0, "x\b" * 100_000)
+        follow(array("H", b"A" * 2_000_000), 0, "x\b" * 100_000)
 
 
 def test_consecutive_stream_outputs_of_one_name_are_joined_wherever_a_list_of_outputs_stands():

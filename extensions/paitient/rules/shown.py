@@ -47,10 +47,10 @@ class Followed:
 
 
 def follow(out: array[int], cursor: int, text: str) -> Followed:
-    """Write ``text`` into ``out`` (what is shown so far, code points, the cursor at ``cursor``, no line feed
-    before it) as JupyterLab does: ``out`` is changed in place. A backspace removes whole characters, as in
-    JupyterLab's strings (``\u00e9\b`` leaves nothing of the ``\u00e9``). :class:`TooManyOverwrites` when
-    that would move more than :data:`MAX_WORK` characters."""
+    """Write ``text`` into ``out`` (what is shown so far, UTF-16 code units, the cursor at ``cursor``, no line
+    feed before it) as JupyterLab does: ``out`` is changed in place. A backspace removes a code unit, as in
+    JupyterLab's strings (``\u00e9\b`` leaves nothing of the ``\u00e9``, ``\U0001f600\b`` half of the emoji).
+    :class:`TooManyOverwrites` when that would move more than :data:`MAX_WORK` code units."""
     cursor = min(max(cursor, 0), len(out))
     line = 0
     low, high, work = cursor, -1, 0
@@ -84,21 +84,23 @@ def follow(out: array[int], cursor: int, text: str) -> Followed:
 
 
 def code_points(text: str) -> array[int]:
-    """``text`` as an array of its code points (lone surrogates too)."""
-    points = array("I")
-    points.frombytes(text.encode("utf-32-le", "surrogatepass"))
-    return points
+    """``text`` as an array of its UTF-16 code units, as JupyterLab's strings hold it: a character beyond
+    the BMP is two (``\U0001f600\b\b`` leaves nothing of it, one backspace half of it)."""
+    units = array("H")
+    units.frombytes(text.encode("utf-16-le", "surrogatepass"))
+    return units
 
 
-def text_of(points: array[int]) -> str:
-    return points.tobytes().decode("utf-32-le", "surrogatepass")
+def text_of(units: array[int]) -> str:
+    """The text of UTF-16 code units (a half of a character left alone kept as a lone surrogate)."""
+    return units.tobytes().decode("utf-16-le", "surrogatepass")
 
 
 def shown(text: str) -> str:
     """``text`` as JupyterLab shows it, written into an empty output."""
     if "\x08" not in text and "\r" not in text:
         return text
-    out = array("I")
+    out = array("H")
     follow(out, 0, text)
     return text_of(out)
 
@@ -114,11 +116,11 @@ class StreamLine:
     cursor: int = 0
 
 
-def follow_stream(line: StreamLine | None, name: str, text: str) -> tuple[bytes, StreamLine]:
+def follow_stream(line: StreamLine | None, name: str, text: str) -> tuple[str, StreamLine]:
     """What a message of stream ``name`` with ``text`` makes JupyterLab show, where it goes on from ``line``
     (the stream's last line before it; None: it starts an output): the shown text around what the message
-    changed (:data:`CONTEXT` characters on either side, from the line's start at most), as UTF-8, and the
-    stream's last line after it. The text is empty where the message shows exactly its own text on lines of
+    changed (:data:`CONTEXT` code units on either side, from the line's start at most), and the stream's last
+    line after it. The text is empty where the message shows exactly its own text on lines of
     its own (a message after a line feed, with no backspace or carriage return), which the gate reads anyway."""
     if line is None or line.name != name:
         line = StreamLine(name)
@@ -128,9 +130,8 @@ def follow_stream(line: StreamLine | None, name: str, text: str) -> tuple[bytes,
     last = shown_text.rfind("\n") + 1
     after = StreamLine(name, shown_text[last : last + MAX_LINE], done.cursor - last)
     if not line.head and "\x08" not in text and "\r" not in text:
-        return b"", after
-    region = shown_text[max(0, done.low - CONTEXT) : done.high + CONTEXT]
-    return region.encode("utf-8", "surrogatepass"), after
+        return "", after
+    return shown_text[max(0, done.low - CONTEXT) : done.high + CONTEXT], after
 
 
 def merged_streams(value: Any) -> Any:

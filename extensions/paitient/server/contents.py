@@ -403,7 +403,10 @@ def _described(model: dict[str, Any], content: str = "") -> bytes:
     described = json.dumps(fields, sort_keys=True, ensure_ascii=False, default=str)
     # as the browser shows it: a name in full-width digits is read as digits, not as ``\\uff11`` escapes; a
     # name that is not UTF-8 (its bytes kept as lone surrogates) is read with those replaced
-    return (described + "\n" + content).encode("utf-8", "replace")
+    # the body as a JSON string, as every other text the gate reads: the egress service undoes JSON's escapes,
+    # which a file may spell literally (``0.1184\\u0041`` is not ``0.1184A``)
+    body = json.dumps(content, ensure_ascii=False) if content else ""
+    return (described + "\n" + body).encode("utf-8", "replace")
 
 
 def _vouched(model: dict[str, Any]) -> dict[str, Any]:

@@ -244,7 +244,6 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         cap = self.cap
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")
-        self._note_capture(msg_type, content)
         area = self._area(parent_id)
         execution = cap.key(parent_id)
         if execution != cap.current and execution in cap.answered:
@@ -289,51 +288,71 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             # A stream's message goes on from where the cell's last one left it: what it makes JupyterLab
             # show (a value written over another, a row printed a value at a time) is read with it.
             shown, line = self._stream_shown(area, sent_type, sent_content)
-            texts = [_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t), *([shown] if shown else [])]
+            # (as JSON, as the rest: the service undoes JSON's escapes, which a shown text may spell literally)
+            region = [json.dumps(shown, ensure_ascii=False).encode("utf-8", "surrogatepass")] if shown else []
+            texts = [_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t), *region]
             text = b"\n".join(texts)
             binary = b"".join(b for b, t in buffers if not t)
             context = f"kernel:{self.kernel_id}:{execution}"
             check = await gate.check(
                 context=context, channel="kernel", object=str(self.kernel_id), text=text, binary=binary
             )
-            if not check.forward:
+            if check.forward:
+                self._note_widget(sent_type, sent_content)
+            else:
                 candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
-            self._note_output(area, sent_type if check.forward else "withheld", line)
+            # a withheld message's notice starts an output; one dropped after it (the execution's notice went
+            # already) changes nothing the browser shows
+            self._note_output(area, sent_type if check.forward else "withheld" if candidate else "dropped", line)
         if msg_type == "execute_reply":
             asyncio.ensure_future(gate.close(f"kernel:{self.kernel_id}:{execution}"))
         return candidate
 
-    def _stream_shown(self, area: str, msg_type: str, content: dict[str, Any]) -> tuple[bytes, StreamLine | None]:
-        """For a stream message the browser would get: what it makes the cell's stream output show around
+    def _stream_shown(self, area: str, msg_type: str, content: dict[str, Any]) -> tuple[str, StreamLine | None]:
+        """For a stream message the browser would get: what it makes the area's stream output show around
         what it changed (empty where that is its own text), and the output's last line after it. None for
         any other message: an output of another kind starts a new one in JupyterLab."""
         name, text = content.get("name"), content.get("text")
         if msg_type != "stream" or not isinstance(name, str) or not isinstance(text, str):
-            return b"", None
+            return "", None
         return follow_stream(self._streams.get(area), name, text)
 
-    def _note_capture(self, msg_type: str, content: dict[str, Any]) -> None:
-        """Follow which Output widget captures which cell's output: the kernel sets a widget's ``msg_id``
-        (``with out:``) and clears it again in the widget's state; a closed comm captures nothing."""
+    def _note_widget(self, msg_type: str, content: dict[str, Any]) -> None:
+        """After an Output widget's state reached the browser: which cell's output it captures (the kernel
+        sets its ``msg_id`` for ``with out:`` and clears it after; JupyterLab notices a change only, so one
+        sent again unchanged keeps its place), and what its own output area shows when the kernel sets its
+        ``outputs`` (JupyterLab rebuilds the area from them, and a captured stream goes on at their end)."""
         comm_id = content.get("comm_id")
         if not isinstance(comm_id, str) or msg_type not in ("comm_open", "comm_msg", "comm_close"):
             return
-        data = content.get("data")
-        state = data.get("state") if isinstance(data, dict) else None
         if msg_type == "comm_close":
             self._captures.pop(comm_id, None)
-        elif isinstance(state, dict) and "msg_id" in state:
+            self._streams.pop(_widget_area(comm_id), None)
+            return
+        data = content.get("data")
+        state = data.get("state") if isinstance(data, dict) else None
+        if not isinstance(state, dict):
+            return
+        if "msg_id" in state and self._captures.get(comm_id) != state["msg_id"]:
             self._captures.pop(comm_id, None)
             if isinstance(state["msg_id"], str) and state["msg_id"]:
                 self._captures[comm_id] = state["msg_id"]
                 while len(self._captures) > MAX_STREAMS:
                     del self._captures[next(iter(self._captures))]
+        outputs = state.get("outputs")
+        if isinstance(outputs, list):
+            area, last = _widget_area(comm_id), outputs[-1] if outputs else None
+            self._streams.pop(area, None)
+            if isinstance(last, dict) and last.get("output_type") == "stream":
+                _, line = self._stream_shown(area, "stream", last)
+                if line is not None:
+                    self._streams[area] = line
 
     def _area(self, parent_id: str) -> str:
-        """The output area JupyterLab shows a message of the cell ``parent_id`` in: the Output widget that
-        captures it last, or the cell's own."""
+        """The output area JupyterLab shows a message of the cell ``parent_id`` in: that of the Output widget
+        that captures it last, or the cell's own."""
         widgets = [comm for comm, captured in self._captures.items() if captured == parent_id]
-        return f"{parent_id} {widgets[-1]}" if widgets else parent_id
+        return _widget_area(widgets[-1]) if widgets else parent_id
 
     def _note_output(self, area: str, sent_type: str, line: StreamLine | None) -> None:
         """Keep the output area's stream line after a stream message it got; forget it after an output that
@@ -427,13 +446,18 @@ def audit_refusal(code: str) -> str:
     )
 
 
+def _widget_area(comm_id: str) -> str:
+    """An Output widget's own output area: one for the widget, whichever cell it captures."""
+    return f"widget {comm_id}"
+
+
 REBUILT = frozenset({"status", "clear_output"})
 """Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
 NEW_OUTPUTS = frozenset({"display_data", "execute_result", "error", "input_request", "withheld"})
 """What starts a new output in a cell's output area, after which a stream's message starts one too."""
-MAX_STREAMS = 64
+MAX_STREAMS = 1024
 """Output areas whose stream's last line a connection keeps, and Output widgets whose capture it follows
-(the one longest without output first)."""
+(the one longest without output first): a kernel that makes more loses the ones it used longest ago."""
 
 
 def _bytes(part: Any) -> bytes:

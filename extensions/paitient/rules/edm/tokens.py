@@ -286,7 +286,8 @@ def as_lab_shows(data: bytes) -> bytes:
         # start, not to the line's the JSON began on); then its escapes undone, a carriage return kept as one
         data = unescape(_JSON_QUOTE.sub(b'\\1\n"\n', data), carriage_return=b"\r")
     if b"\x08" in data or b"\r" in data:  # followed as the output is added, before it is drawn
-        data = shown(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+        # (a half of a character a backspace left is a lone surrogate: written out as one, a byte no word has)
+        data = shown(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogatepass")
     if b"\x1b" in data:  # when it is drawn
         for raw, entity in _HTML_ESCAPES:
             data = data.replace(raw, entity)
