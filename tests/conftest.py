@@ -69,6 +69,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 _GROUP_EXISTED: list[bool] = []
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A failed test's report ends with the logs of the workspaces and servers it ran against
+    (:mod:`tests.logtails`), read before its fixtures stop them and remove their directories."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        from tests import logtails
+
+        for title, text in logtails.sections():
+            report.sections.append((title, text))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The workspace's group (which the services and the account fixture make) goes at the end of a session
     that made it."""

@@ -18,3 +18,25 @@ def test_make_system_user_creates_a_private_real_account(make_system_user):
     )
     assert r.returncode != 0 and "Permission denied" in r.stderr
     assert pwd.getpwnam(a.pw_name).pw_dir == a.pw_dir
+
+
+def test_a_failed_tests_report_carries_the_notable_lines_and_the_end_of_each_running_servers_log(tmp_path):
+    from tests import logtails
+
+    log = tmp_path / "server.log"
+    lines = [f"[I 10:00 x] line {i}" for i in range(200)]
+    lines[20] = "[E 10:00 gate] Withholding a message from kernel k: the gate failed on it"
+    log.write_text("\n".join(lines) + "\n")
+    owner = object()
+    logtails.watch(owner, lambda: [log, tmp_path / "not-made.log"])
+    try:
+        # (a workspace the session keeps for its e2e tests may be running too)
+        ours = [(title, text) for title, text in logtails.sections() if str(tmp_path) in title]
+    finally:
+        logtails.unwatch(owner)
+    [(title, text)] = ours
+    assert title == f"log {log}"
+    shown = text.splitlines()
+    assert shown[1] == lines[20] and shown[-logtails.TAIL_LINES :] == lines[-logtails.TAIL_LINES :]
+    assert "line 100" not in text
+    assert not [title for title, _ in logtails.sections() if str(tmp_path) in title]

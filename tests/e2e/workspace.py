@@ -34,7 +34,7 @@ from paitient.config import EMBEDDED_SITE
 from paitient.hub.paths import SERVER_MODULE
 from paitient.registry import Registry
 from paitient.services.kit.process import free_port
-from tests import accounts
+from tests import accounts, logtails
 from tests.kernelclient import CellResult, execute
 
 PAITIENT = [sys.executable, "-m", "paitient.cli"]
@@ -138,6 +138,7 @@ class Workspace:
         return [f"--site={self.site_file}"]
 
     def start(self, timeout: float = 120.0) -> Workspace:
+        logtails.watch(self, lambda: (self.state_dir / "logs").glob("*.log"))
         self.proc = subprocess.Popen(
             [*PAITIENT, "up", *self.args(), *self.up_args],
             stdout=subprocess.PIPE,
@@ -178,6 +179,7 @@ class Workspace:
         return "".join(out)
 
     def stop(self, remove_accounts: bool = True) -> None:
+        logtails.unwatch(self)
         if self.proc is not None and self.proc.poll() is None:
             subprocess.run([*PAITIENT, "stop", *self.args()], capture_output=True, timeout=90)
             try:

@@ -27,7 +27,7 @@ from paitient.config import SiteConfig, parse
 from paitient.hub.serverconfig import user_server_env, write_user_server_config
 from paitient.registry import Member, Registry
 from paitient.services.kit.process import free_port
-from tests import workspacegroup
+from tests import logtails, workspacegroup
 from tests.kernelclient import CellResult, execute
 
 PYTHON = sys.executable
@@ -269,6 +269,7 @@ class UserServer:
             f"--IdentityProvider.token={self.token}",
             *self.extra_args,
         ]
+        logtails.watch(self, lambda: [self.log_path, *self.site.state_dir.glob("*-service.log")])
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.proc = subprocess.Popen(
@@ -295,6 +296,7 @@ class UserServer:
             return ""
 
     def stop(self) -> None:
+        logtails.unwatch(self)
         try:
             if self.proc is None or self.proc.poll() is not None:
                 return
