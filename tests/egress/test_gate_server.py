@@ -227,6 +227,53 @@ def test_a_row_ended_in_an_output_widget_whose_outputs_the_kernel_set_is_read_wh
     assert 0 < res.stdout.count("\b:79") <= 20, res.stdout.count("\b:79")
 
 
+def test_a_message_the_iopub_rate_limit_drops_is_not_read_into_the_line_the_browser_shows(world):
+    """Attack: each row printed as ``row``, a letter and the rest, with a burst of messages (under no cell's
+    header, so the rate limit's notice shows in no cell) that makes jupyter_server's IOPub rate limit drop
+    the letter. The stock connection applied the limit after the gate: the gate read the letter into the
+    line (``rowZ:7800``, no row) and the browser never got it (``row:7800``): all 25 rows shown. The limit
+    now applies before the gate, so the gate reads the line the browser shows, and withholds after 20."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    site, _, _, home, user = world
+    limits = (
+        "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=40",
+        "--ZMQChannelsWebsocketConnection.rate_limit_window=0.5",
+    )
+    code = (
+        "import time\nk = get_ipython().kernel\nfor i in range(7800, 7825):\n"
+        "    print('row', end='', flush=True)\n"
+        "    for _ in range(30):\n"
+        "        k.session.send(k.iopub_socket, 'comm_msg', {'comm_id': 'burst', 'data': {}}, parent={})\n"
+        "    print('Z', end='', flush=True)\n"
+        "    time.sleep(0.6)\n"
+        "    print(f':{i},1.5', flush=True)\n"
+    )
+    # and a burst under the cell's own header, which the kernel wrote a field into
+    burst = (
+        "k = get_ipython().kernel\nparent = {'header': {**k.get_parent()['header'], 'note': 'row:7700'}}\n"
+        "for _ in range(30):\n"
+        "    k.session.send(k.iopub_socket, 'comm_msg', {'comm_id': 'b', 'data': {}}, parent=parent)\n"
+        "print('after', flush=True)"
+    )
+    with UserServer(site, user, ("onc",), home.parent, start_egress=False, extra_args=limits) as server:
+        res = server.run(code)
+        own = server.run(burst)
+    # the rate limit's notice: in the cell, in its place, under the client's header (not the kernel's)
+    assert "IOPub message rate exceeded" in own.stderr and "after" not in own.stdout, own.outputs[-3:]
+    assert own.parents and all("note" not in p for p in own.parents), own.parents[:2]
+    assert res.stdout.count("Z") < 25, "the rate limit dropped none of the letters: the attack did not run"
+    # what the cell's area shows: its stdout, an output of another kind (the gate's notice) ending one
+    cell = "".join(
+        o["content"]["text"] if o["msg_type"] == "stream" and o["content"]["name"] == "stdout" else "\n"
+        for o in res.outputs
+        if o["msg_type"] in ("stream", "display_data", "execute_result", "error")
+    )
+    rows = set(re.findall(rb"row:(\d+)", as_lab_shows(cell.encode())))
+    assert 0 < len(rows) <= 20, (len(rows), cell[-300:])
+    assert "output withheld" in res.stderr, res.stderr[-300:]
+
+
 def test_a_progress_bar_that_overwrites_its_line_reaches_the_browser(world):
     """What a training loop prints (tqdm's carriage returns, one message each) passes as it did."""
     _, server, _, _, _ = world

@@ -175,10 +175,42 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     # they came, each after its check.
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
+        if self._over_rate(stream, outgoing_msg):
+            return
+        self._queue(stream, outgoing_msg)
+
+    def _queue(self, stream: Any, outgoing_msg: list[Any]) -> None:
         if self._outbox is None:
             self._outbox = asyncio.Queue()
             self._drainer = asyncio.ensure_future(self._drain())
         self._outbox.put_nowait((stream, outgoing_msg))
+
+    def _over_rate(self, stream: Any, outgoing_msg: list[Any]) -> bool:
+        """Whether jupyter_server's IOPub rate limit drops this message of the kernel's (``limit_rate`` and the
+        ``iopub_*_rate_limit`` settings). It applies here, before the gate, to what the kernel sent: a message
+        it drops reaches neither the browser nor the gate, so each output area the server follows is the one
+        the browser shows. (The stock connection applies it to what is about to be sent: a message the gate had
+        already read into an area's line could then be dropped, and the browser's line differ from the gate's.)"""
+        channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+        try:
+            _, fed = self.session.feed_identities(outgoing_msg)
+            blank: dict[str, Any] = {"header": None, "parent_header": None, "content": None}
+            return bool(ZMQChannelsWebsocketConnection._limit_rate(self, channel, blank, fed[1:]))
+        except Exception:
+            return False  # not of the protocol's form: the gate drops it
+
+    def _limit_rate(self, channel: Any, msg: Any, msg_list: Any) -> bool:
+        """Not again after the gate: :meth:`_over_rate` applied it before."""
+        return False
+
+    def write_stderr(self, error_message: str, parent_header: Any) -> None:
+        """The rate limit's notice (the messages it drops from now on): in the queue behind the messages before
+        it, as the browser is to see it, and through the gate as they go, under the header of the client's
+        request (``parent_header`` is the kernel's, which the stock connection sent on as it was)."""
+        self.log.warning(error_message)
+        parent = parent_header if isinstance(parent_header, dict) else {}
+        notice = self.session.msg("stream", content={"text": error_message + "\n", "name": "stderr"}, parent=parent)
+        self._queue("iopub", self.session.serialize(notice))
 
     async def _drain(self) -> None:
         assert self._outbox is not None
