@@ -146,6 +146,32 @@ def test_an_output_closed_at_its_reply_or_idle_counts_on_from_the_rows_it_showed
     assert check("k:4", rows(600, 15)).forward
 
 
+def test_an_output_counts_on_from_its_rows_when_the_gate_connects_anew(site, running):
+    """The gate connects anew when its connection breaks; the rows each output showed were the old
+    connection's, and an execution's output on the new one started from zero (20 more rows each time).
+    Now an output counts on from what it showed, on a connection still open or closed, and others do not."""
+    service, gate = running
+
+    def check(context: str, text: bytes):
+        return gate.check_blocking(context=context, channel="kernel", object="k", text=text)
+
+    assert check("k:1", rows(0, 15)).forward
+    assert check("k:2", rows(1000, 5)).forward
+    other = make_gate(site)  # a second connection while the first is open (a server whose link broke)
+    try:
+        later = other.check_blocking(context="k:1", channel="kernel", object="k", text=rows(100, 10))
+        assert not later.forward and later.reason == "rows" and "25 rows of bc" in later.notice
+        gate._sync_link.close()  # the first connection ends, and its outputs close with it
+        deadline = time.monotonic() + 10
+        while ("alice", "k:2") in service.outputs._open and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = other.check_blocking(context="k:2", channel="kernel", object="k", text=rows(2000, 16))
+        assert not again.forward and "21 rows of bc" in again.notice
+        assert other.check_blocking(context="k:3", channel="kernel", object="k", text=rows(3000, 20)).forward
+    finally:
+        other.shutdown()
+
+
 def test_a_row_printed_over_several_pieces_of_one_output_is_found(site, running):
     """The browser shows an output's stream messages as one text: each piece is read after the end of the
     output's text before it, so a row whose values come a message at a time is found."""

@@ -67,7 +67,7 @@ MAX_CONTEXTS = 512
 IDLE_SECONDS = 60.0
 """A context without a piece for this long is closed and recorded."""
 CLOSED_OUTPUTS = 4096
-"""Closed executions per connection whose rows are kept (:attr:`Context.before`), the latest that showed rows:
+"""Closed executions per user whose rows are kept (:attr:`Context.before`), the latest that showed rows:
 at least as many as the executions the user's servers charge output to (256 a kernel,
 :data:`paitient.rules.outputcap.TRACKED_EXECUTIONS`) across a server's kernels."""
 CHANNELS = frozenset({"kernel", "contents", "http"})
@@ -166,6 +166,51 @@ class Context:
         }
 
 
+class KernelOutputs:
+    """The rows each user's kernel outputs showed, kept across the connections of their servers.
+
+    A server's gate keeps one connection, but it connects anew when one breaks (a timeout, the service busy):
+    an execution's output then goes on in a context of the new connection, which counts on from the rows the
+    same output showed on the old one, open there still or closed (:attr:`Context.before`), never from zero.
+    Each user keeps the latest :data:`CLOSED_OUTPUTS` closed outputs that showed rows."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        """Held while a context's rows change, so that another connection reads them whole."""
+        self._open: dict[tuple[str, str], list[Context]] = {}
+        self._closed: dict[str, OrderedDict[str, dict[str, frozenset[int]]]] = {}
+
+    def opened(self, user: str, ctx: Context, limit: int) -> None:
+        """A connection opens the kernel output ``ctx``: it starts from what the output of its name showed."""
+        with self.lock:
+            before = self._closed.get(user, OrderedDict()).pop(ctx.name, {})
+            for other in self._open.get((user, ctx.name), []):
+                before = _union(before, other.kept(limit))
+            ctx.before = before
+            self._open.setdefault((user, ctx.name), []).append(ctx)
+
+    def retired(self, user: str, ctx: Context, limit: int) -> None:
+        """A connection closed ``ctx`` (its reply, an idle minute, crowded out, or the connection's end)."""
+        with self.lock:
+            key = (user, ctx.name)
+            others = [c for c in self._open.get(key, []) if c is not ctx]
+            if others:
+                self._open[key] = others
+            else:
+                self._open.pop(key, None)
+            if not (ctx.rows or ctx.before):
+                return
+            closed = self._closed.setdefault(user, OrderedDict())
+            closed[ctx.name] = _union(closed.get(ctx.name, {}), ctx.kept(limit))
+            closed.move_to_end(ctx.name)
+            while len(closed) > CLOSED_OUTPUTS:
+                closed.popitem(last=False)
+
+
+def _union(a: dict[str, frozenset[int]], b: dict[str, frozenset[int]]) -> dict[str, frozenset[int]]:
+    return {k: a.get(k, frozenset()) | b.get(k, frozenset()) for k in a.keys() | b.keys()}
+
+
 class EgressService:
     """What the socket's handlers call; one instance per process."""
 
@@ -183,6 +228,7 @@ class EgressService:
         self.log = logger or log
         self.counts = Counts(store, self.log)
         """Today's counts: decided on in memory, written to ``store`` behind the answers (:mod:`.counts`)."""
+        self.outputs = KernelOutputs()
         self._write = trail_writer(site, emit)
         self.audit_ok = True
         # Bytes each user received unchecked since their outputs were last checked (bounded by unchecked_bytes).
@@ -311,8 +357,9 @@ class EgressService:
         except Exception:
             self.log.exception("egress: matching failed")
             found, checked, failed_on_text = {}, False, True
-        for key, ids in found.items():
-            ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
+        with self.outputs.lock:
+            for key, ids in found.items():
+                ctx.rows.setdefault(key, set()).update(int(i) for i in ids)
         output_rows = ctx.output_rows()
         day = today()
         over = any(n > limits.max_rows_per_output for n in output_rows.values())
@@ -393,9 +440,6 @@ class _Connection(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.contexts: OrderedDict[str, Context] = OrderedDict()
-        self.closed: OrderedDict[str, dict[str, frozenset[int]]] = OrderedDict()
-        """The rows of closed kernel outputs, by context (:attr:`Context.before`): the latest
-        :data:`CLOSED_OUTPUTS` that showed rows, for the life of the connection."""
         self.member: Member | None = None
         self.pod = ""
         self.server.service.metrics.connections.inc()
@@ -444,7 +488,7 @@ class _Connection(socketserver.BaseRequestHandler):
         finally:
             if self.member is not None:
                 for ctx in self.contexts.values():
-                    service.record_context(self.member, ctx)
+                    self._retire(ctx)
             self.contexts.clear()
 
     def speak_for(self, peer: Peer, head: dict[str, Any]) -> bool:
@@ -479,7 +523,8 @@ class _Connection(socketserver.BaseRequestHandler):
         if ctx is None:
             ctx = self.contexts[name] = Context(name, channel, str(head.get("object") or name)[:1024], pod=self.pod)
             if channel == "kernel":
-                ctx.before = self.closed.pop(name, {})
+                assert self.member is not None
+                self.server.service.outputs.opened(self.member.username, ctx, self._limit())
             while len(self.contexts) > MAX_CONTEXTS:
                 _, old = self.contexts.popitem(last=False)
                 self._retire(old)
@@ -526,15 +571,16 @@ class _Connection(socketserver.BaseRequestHandler):
             self._retire(self.contexts.pop(name))
 
     def _retire(self, ctx: Context) -> bool:
-        """Record a closed context; keep the rows of an execution's (:attr:`closed`): the kernel may send more
-        of its output later (after its reply, or an idle minute), charged to it."""
+        """Record a closed context; keep the rows of an execution's (:class:`KernelOutputs`): the kernel may send
+        more of its output later (after its reply, an idle minute, or on a new connection), charged to it."""
         assert self.member is not None
-        if ctx.channel == "kernel" and (ctx.rows or ctx.before):
-            self.closed[ctx.name] = ctx.kept(limits_for(self.server.service.site, self.member).max_rows_per_output)
-            self.closed.move_to_end(ctx.name)
-            while len(self.closed) > CLOSED_OUTPUTS:
-                self.closed.popitem(last=False)
+        if ctx.channel == "kernel":
+            self.server.service.outputs.retired(self.member.username, ctx, self._limit())
         return self.server.service.record_context(self.member, ctx)
+
+    def _limit(self) -> int:
+        assert self.member is not None
+        return limits_for(self.server.service.site, self.member).max_rows_per_output
 
 
 class EgressServer(UnixSocketServer):
