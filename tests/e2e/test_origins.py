@@ -27,6 +27,7 @@ import requests
 from paitient.hub.paths import HubPaths
 from paitient.ops.up import Running
 from tests.e2e.workspace import Workspace, own_workspace
+from tests.labpage import run_cell, wait_for_kernel
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -206,19 +207,9 @@ def test_with_subdomains_each_part_answers_on_its_own_origin_and_the_links_betwe
         sign_in(page, origins.browser_url, "alice", origins.password("alice"))
         page.wait_for_url(re.compile(rf"http://alice\.localhost:{port}/user/alice/lab.*"), timeout=120_000)
         page.click(".jp-LauncherCard[title*='Python 3 (sandbox)']", timeout=60_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-        editor = page.locator(".jp-Notebook .jp-Cell .cm-content").last
-        editor.click()
-        page.keyboard.type("6 * 7")
-        for _ in range(3):  # a first Shift+Enter now and then sends nothing (tests/server/test_lab_ui.py)
-            editor.click()
-            page.keyboard.press("Shift+Enter")
-            try:
-                page.locator(".jp-OutputArea-output:has-text('42')").first.wait_for(timeout=40_000)
-                break
-            except Exception:  # noqa: BLE001, S112 - retried; the assertion below reports a run that never answered
-                continue
-        assert "42" in page.locator(".jp-Notebook .jp-OutputArea").first.inner_text()
+        wait_for_kernel(page)
+        cell = run_cell(page, "6 * 7", ".jp-OutputArea-output:has-text('42')")
+        assert "42" in cell.locator(".jp-OutputArea").inner_text()
     finally:
         context.close()
 

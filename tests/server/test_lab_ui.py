@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.labpage import run_cell, wait_for_kernel
 from tests.server.harness import UserServer, make_site, publish
 
 pytestmark = pytest.mark.browser
@@ -43,55 +44,13 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
     with UserServer(site, user, ("onc",), world_tmp) as server:
         failures: list[str] = []
         with new_notebook(server, listen(failures)) as page:
-            page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=30_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
-            editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-            editor.click()
-            page.keyboard.type("import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')")
-            assert "read_csv" in editor.inner_text()
-            # Now and then the first Shift+Enter sends nothing (seen twice in full runs: the server never
-            # received an execute request, the kernel was idle). Press again, as a researcher would; the
-            # cell is idempotent, and a run that never shows the table still fails.
-            table = None
-            for _ in range(3):
-                editor.click()
-                page.keyboard.press("Shift+Enter")
-                try:
-                    table = page.wait_for_selector(".jp-OutputArea-output table", timeout=40_000)
-                    break
-                except Exception:  # noqa: BLE001, S112 - retried, and reported below when it never came
-                    continue
-            if table is None:
-                raise AssertionError(
-                    "no table; output: "
-                    + page.locator(".jp-OutputArea").first.inner_text()
-                    + "\n"
-                    + server.logs()[-2000:]
-                )
+            wait_for_kernel(page)
+            cell = run_cell(
+                page, "import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')", ".jp-OutputArea-output table"
+            )
+            table = cell.locator(".jp-OutputArea-output table").first
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
-
-
-def _run_last_cell(page, code: str, wait_for: str, server) -> None:
-    """Type ``code`` into the last cell, run it, and wait for ``wait_for`` in its output (pressing again when
-    the first Shift+Enter sends nothing, as above)."""
-    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").last
-    editor.click()
-    page.keyboard.type(code)
-    for _ in range(3):
-        editor.click()
-        page.keyboard.press("Shift+Enter")
-        try:
-            page.locator(".jp-Notebook .jp-Cell").nth(-2).locator(wait_for).first.wait_for(timeout=40_000)
-            return
-        except Exception:  # noqa: BLE001, S112 - retried, and reported below when it never came
-            continue
-    raise AssertionError(
-        f"no {wait_for} after {code!r}: "
-        + page.locator(".jp-Notebook").inner_text()[-1500:]
-        + "\n"
-        + server.logs()[-2000:]
-    )
 
 
 def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_system_user):
@@ -103,18 +62,16 @@ def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_s
     user = make_system_user("ui")
     with UserServer(site, user, ("onc",), world_tmp) as server:
         with new_notebook(server) as page:
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
-            _run_last_cell(
+            wait_for_kernel(page)
+            run_cell(
                 page,
                 "import pandas as pd; df = pd.read_csv('/data/onc/bc/data.csv'); df.head()",
                 ".jp-OutputArea-output table",
-                server,
             )
-            _run_last_cell(
+            run_cell(
                 page,
                 "import matplotlib.pyplot as plt; plt.plot(df['size'], df['score']); plt.show()",
                 ".jp-OutputArea-output img",
-                server,
             )
             page.locator(".jp-Notebook .jp-Cell .cm-content").last.click()
             page.keyboard.press("Control+s")
@@ -168,7 +125,7 @@ def test_closing_a_notebook_shuts_its_kernel_down(world_tmp, make_system_user):
     user = make_system_user("ui")
     with UserServer(site, user, ("onc",), world_tmp) as server:
         with new_notebook(server) as page:
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            wait_for_kernel(page)
             deadline = time.monotonic() + 60
             while not server.get("/api/kernels").json() and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -199,7 +156,7 @@ def test_the_gate_reads_a_streams_control_characters_as_jupyterlab_shows_them(wo
     publish(site, "onc", "bc", "a\n1\n")
     user = make_system_user("shown")
     with UserServer(site, user, ("onc",), world_tmp) as server, new_notebook(server) as page:
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
-        _run_last_cell(page, code, ".jp-OutputArea-output:has-text('END')", server)
-        output = page.locator(".jp-Notebook .jp-Cell").nth(-2).locator(".jp-OutputArea-output").first
+        wait_for_kernel(page)
+        cell = run_cell(page, code, ".jp-OutputArea-output:has-text('END')")
+        output = cell.locator(".jp-OutputArea-output").first
         assert output.inner_text() == want + "END\n", repr(output.inner_text())
