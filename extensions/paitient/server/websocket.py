@@ -70,6 +70,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         self._captures: dict[str, str] = {}
         """Output widgets (comm id) capturing a cell's output (its request's msg_id): JupyterLab shows what
         that cell sends meanwhile in the widget, not in the cell."""
+        self._rate_notices: list[str] = []
 
     # ---------------------------------------------------------------- browser -> kernel
 
@@ -175,49 +176,40 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
     # they came, each after its check.
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
-        if self._over_rate(stream, outgoing_msg):
-            return
-        self._queue(stream, outgoing_msg)
-
-    def _queue(self, stream: Any, outgoing_msg: list[Any]) -> None:
         if self._outbox is None:
             self._outbox = asyncio.Queue()
             self._drainer = asyncio.ensure_future(self._drain())
         self._outbox.put_nowait((stream, outgoing_msg))
 
-    def _over_rate(self, stream: Any, outgoing_msg: list[Any]) -> bool:
-        """Whether jupyter_server's IOPub rate limit drops this message of the kernel's (``limit_rate`` and the
-        ``iopub_*_rate_limit`` settings). It applies here, before the gate, to what the kernel sent: a message
-        it drops reaches neither the browser nor the gate, so each output area the server follows is the one
-        the browser shows. (The stock connection applies it to what is about to be sent: a message the gate had
-        already read into an area's line could then be dropped, and the browser's line differ from the gate's.)"""
-        channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
-        try:
-            _, fed = self.session.feed_identities(outgoing_msg)
-            blank: dict[str, Any] = {"header": None, "parent_header": None, "content": None}
-            return bool(ZMQChannelsWebsocketConnection._limit_rate(self, channel, blank, fed[1:]))
-        except Exception:
-            return False  # not of the protocol's form: the gate drops it
+    def _over_rate(self, channel: Any, candidate: list[Any]) -> bool:
+        """Whether jupyter_server's IOPub rate limit (``limit_rate``, ``iopub_msg_rate_limit``,
+        ``iopub_data_rate_limit``) drops ``candidate``, what the browser would get of a kernel's message (after
+        the output cap). It applies here, before the gate reads the message into an output area's line, so a
+        message it drops changes nothing the server follows: the stock connection applies it to what is about
+        to be sent, and the browser's line could then differ from the gate's. When it starts dropping, its
+        notice waits in :attr:`_rate_notices`."""
+        _, fed = self.session.feed_identities(candidate)
+        blank: dict[str, Any] = {"header": None, "parent_header": None, "content": None}
+        return bool(ZMQChannelsWebsocketConnection._limit_rate(self, channel, blank, fed[1:]))
 
     def _limit_rate(self, channel: Any, msg: Any, msg_list: Any) -> bool:
-        """Not again after the gate: :meth:`_over_rate` applied it before."""
+        """Not again as the message leaves: :meth:`_over_rate` applied it before the gate."""
         return False
 
     def write_stderr(self, error_message: str, parent_header: Any) -> None:
-        """The rate limit's notice (the messages it drops from now on): in the queue behind the messages before
-        it, as the browser is to see it, and through the gate as they go, under the header of the client's
-        request (``parent_header`` is the kernel's, which the stock connection sent on as it was)."""
+        """The rate limit's notice that it drops messages from now on: it takes the place of the message it
+        drops first, and goes through the gate as that message would have (the stock connection sent it at
+        once, under the parent header it had)."""
         self.log.warning(error_message)
-        parent = parent_header if isinstance(parent_header, dict) else {}
-        notice = self.session.msg("stream", content={"text": error_message + "\n", "name": "stderr"}, parent=parent)
-        self._queue("iopub", self.session.serialize(notice))
+        self._rate_notices.append(error_message + "\n")
 
     async def _drain(self) -> None:
         assert self._outbox is not None
         while True:
             stream, outgoing = await self._outbox.get()
             try:
-                checked = await self._through_gate(outgoing)
+                channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+                checked = await self._through_gate(outgoing, channel)
             except Exception:
                 self.log.exception("Withholding a message from kernel %s: the gate failed on it", self.kernel_id)
                 checked = None
@@ -253,9 +245,9 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         )
         return [*self.session.serialize(msg), *fed[5:]]
 
-    async def _through_gate(self, outgoing: list[Any]) -> list[Any] | None:
-        """What of ``outgoing`` may reach the browser: the message under a header of the server's, a
-        replacement, or nothing."""
+    async def _through_gate(self, outgoing: list[Any], channel: str | None = "iopub") -> list[Any] | None:
+        """What of ``outgoing`` (from the kernel's ``channel``) may reach the browser: the message under a
+        header of the server's, a replacement, or nothing."""
         gate = self.gate
         _, fed = self.session.feed_identities(outgoing)
         try:
@@ -286,32 +278,42 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         if msg_type.endswith("_reply") and not cap.first_reply(parent_id, msg_type):
             self.log.info("Dropping a %s of kernel %s: it answers no request of a client", msg_type, self.kernel_id)
             return None
-        if msg_type in REBUILT:
-            if msg_type == "clear_output":
-                self._streams.pop(area, None)
-            # Nothing of the kernel's but the protocol's own fields.
-            return self._message(msg_type, strip_protocol(msg_type, content), parent)
-        size = sum(_size(p) for p in fed[1:])
-        verdict = cap.charge(msg_type, execution, size)
-        if verdict is Verdict.DROP:
-            return None
         candidate: list[Any] | None
         scan = True
         sent_type, sent_content = msg_type, content
-        if verdict is Verdict.FORWARD:
-            candidate = self._forwarded(msg_type, parent, metadata, content, fed)
+        if msg_type in REBUILT:
+            # Nothing of the kernel's but the protocol's own fields.
+            sent_content = strip_protocol(msg_type, content)
+            candidate, scan = self._message(msg_type, sent_content, parent), False
         else:
-            new_type, new_content = replacement(verdict, msg_type, content, cap)
-            sent_type, sent_content = new_type, new_content
-            self.log.info(
-                "Output cap (%s) on a %s message of %d bytes from kernel %s",
-                verdict.value,
-                msg_type,
-                size,
-                self.kernel_id,
-            )
-            candidate = self._message(new_type, new_content, parent)
-            scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
+            size = sum(_size(p) for p in fed[1:])
+            verdict = cap.charge(msg_type, execution, size)
+            if verdict is Verdict.DROP:
+                return None
+            if verdict is Verdict.FORWARD:
+                candidate = self._forwarded(msg_type, parent, metadata, content, fed)
+            else:
+                new_type, new_content = replacement(verdict, msg_type, content, cap)
+                sent_type, sent_content = new_type, new_content
+                self.log.info(
+                    "Output cap (%s) on a %s message of %d bytes from kernel %s",
+                    verdict.value,
+                    msg_type,
+                    size,
+                    self.kernel_id,
+                )
+                candidate = self._message(new_type, new_content, parent)
+                scan = verdict is Verdict.CUT  # a cut message keeps the head of the kernel's text
+        if self._over_rate(channel, candidate):
+            if not self._rate_notices:
+                return None  # dropped: the browser never sees it, and nothing it shows changes
+            sent_type, sent_content = "stream", {"name": "stderr", "text": self._rate_notices.pop()}
+            self._rate_notices.clear()
+            candidate, scan = self._message(sent_type, sent_content, parent), True
+        elif msg_type in REBUILT:
+            if msg_type == "clear_output":
+                self._streams.pop(area, None)
+            return candidate
         if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
             # Binary buffers (comm messages, display data) that hold text are scanned with the content;
