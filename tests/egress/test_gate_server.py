@@ -194,9 +194,17 @@ def test_rows_that_only_messages_together_show_are_read_as_jupyterlab_shows_them
     first = 7000 + 100 * list(ACROSS_MESSAGES).index(how)
     code = PRELUDE.get(how, "") + f"import time\nfor i in range({first}, {first + 60}):\n    " + ACROSS_MESSAGES[how]
     res = server.run(code)
-    # what the cell's area shows: its stdout, where another output (the notice on stderr) ends one stdout
-    # output and the next starts another; without the letters the widget captured, which reach this client
-    # as stdout too
+    # (without the letters the widget captured, which reach this client as stdout too)
+    cell = cell_stdout(res).replace("x", "") if how == "a widget's letter between" else cell_stdout(res)
+    shown = as_lab_shows(cell.encode())
+    rows = {int(m) for m in re.findall(rb"row:(\d+)", shown)}
+    assert 0 < len(rows) <= 20, (len(rows), shown[:300])
+    assert "output withheld" in res.stderr
+
+
+def cell_stdout(res) -> str:
+    """What a cell's area shows of the stdout that reached the client: another output (the gate's notice on
+    stderr, a display) ends one stdout output, and the next starts another, on a line of its own."""
     parts = []
     for out in res.outputs:
         content = out.get("content") or {}
@@ -204,12 +212,7 @@ def test_rows_that_only_messages_together_show_are_read_as_jupyterlab_shows_them
             parts.append(content["text"])
         elif out["msg_type"] in ("stream", "display_data", "execute_result", "error"):
             parts.append("\n")
-    cell = "".join(parts)
-    cell = cell.replace("x", "") if how == "a widget's letter between" else cell
-    shown = as_lab_shows(cell.encode())
-    rows = {int(m) for m in re.findall(rb"row:(\d+)", shown)}
-    assert 0 < len(rows) <= 20, (len(rows), shown[:300])
-    assert "output withheld" in res.stderr
+    return "".join(parts)
 
 
 def test_a_row_ended_in_an_output_widget_whose_outputs_the_kernel_set_is_read_whole(world):
@@ -263,12 +266,7 @@ def test_a_message_the_iopub_rate_limit_drops_is_not_read_into_the_line_the_brow
     assert "IOPub message rate exceeded" in own.stderr and "after" not in own.stdout, own.outputs[-3:]
     assert own.parents and all("note" not in p for p in own.parents), own.parents[:2]
     assert res.stdout.count("Z") < 25, "the rate limit dropped none of the letters: the attack did not run"
-    # what the cell's area shows: its stdout, an output of another kind (the gate's notice) ending one
-    cell = "".join(
-        o["content"]["text"] if o["msg_type"] == "stream" and o["content"]["name"] == "stdout" else "\n"
-        for o in res.outputs
-        if o["msg_type"] in ("stream", "display_data", "execute_result", "error")
-    )
+    cell = cell_stdout(res)
     rows = set(re.findall(rb"row:(\d+)", as_lab_shows(cell.encode())))
     assert 0 < len(rows) <= 20, (len(rows), cell[-300:])
     assert "output withheld" in res.stderr, res.stderr[-300:]
