@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 _GROUP_EXISTED: list[bool] = []
 
 
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED] = time.time()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     """A failed test's report ends with the logs of the workspaces and servers it ran against
-    (:mod:`tests.logtails`), read before its fixtures stop them and remove their directories."""
+    (:mod:`tests.logtails`: those written to since its setup began), read before its fixtures stop them
+    and remove their directories."""
     outcome = yield
     report = outcome.get_result()
     if report.failed:
         from tests import logtails
 
-        for title, text in logtails.sections():
+        for title, text in logtails.sections(since=item.stash.get(_STARTED, 0.0) - 1):
             report.sections.append((title, text))
 
 

@@ -50,13 +50,19 @@ def tail(path: Path) -> str:
     return "\n".join(parts)
 
 
-def sections() -> list[tuple[str, str]]:
-    """One report section per log of every workspace and server running now."""
+def sections(since: float = 0.0) -> list[tuple[str, str]]:
+    """One report section per log of every workspace and server running now that was written to at
+    ``since`` (a time as :func:`time.time` gives it) or later: a server the session keeps for other tests,
+    quiet while this one ran, adds nothing."""
     with _lock:
         sources = list(_running.values())
     out = []
     for logs in sources:
         for path in sorted(set(logs())):
-            if path.is_file():
+            try:
+                written = path.stat().st_mtime
+            except OSError:
+                continue
+            if written >= since:
                 out.append((f"log {path}", tail(path)))
     return out

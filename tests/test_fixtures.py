@@ -40,3 +40,11 @@ def test_a_failed_tests_report_carries_the_notable_lines_and_the_end_of_each_run
     assert shown[1] == lines[20] and shown[-logtails.TAIL_LINES :] == lines[-logtails.TAIL_LINES :]
     assert "line 100" not in text
     assert not [title for title, _ in logtails.sections() if str(tmp_path) in title]
+    # a server the session keeps that wrote nothing while the failed test ran adds nothing
+    logtails.watch(owner, lambda: [log])
+    try:
+        os.utime(log, (1_000_000, 1_000_000))
+        assert not [title for title, _ in logtails.sections(since=2_000_000) if str(tmp_path) in title]
+        assert [title for title, _ in logtails.sections(since=500_000) if str(tmp_path) in title]
+    finally:
+        logtails.unwatch(owner)
