@@ -37,27 +37,57 @@ def test_raw_download_and_nbconvert_routes_are_refused(world, path):
         ("GET", "/view/"),
         ("GET", "/lab/api/build"),  # JupyterLab's build
         ("POST", "/lab/api/build"),
-        ("GET", "/api/events/subscribe"),  # the server's event stream (contents events name every file saved)
     ],
 )
 def test_routes_classified_refused_are_refused_whatever_their_url(world, method, path):
     _forbidden(world.server_a.request(method, path))
 
 
-def test_the_event_stream_websocket_does_not_open(world):
-    """Before, it opened and streamed the contents events (each file's path as it was saved or renamed)."""
+def test_the_event_stream_websocket_opens_and_carries_no_event(world):
+    """The stock socket streamed the contents events (each file's path as it was saved or renamed). It is
+    answered with a socket that stays open and silent, so JupyterLab does not subscribe again and again."""
     from tornado.httpclient import HTTPClientError, HTTPRequest
     from tornado.websocket import websocket_connect
 
     server = world.server_a
     url = server.url.replace("http://", "ws://", 1) + "/api/events/subscribe"
+    secret = "events-probe-7c1f"
 
-    async def connect():
-        return await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {server.token}"}))
+    async def subscribe_and_save():
+        with pytest.raises(HTTPClientError) as anonymous:
+            await websocket_connect(HTTPRequest(url))
+        socket = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"token {server.token}"}))
+        loop = asyncio.get_running_loop()
 
-    with pytest.raises(HTTPClientError) as refused:
-        asyncio.run(connect())
-    assert refused.value.code == 403
+        def act():
+            file = {"type": "file", "format": "text", "content": "x"}
+            for r in (
+                server.request("PUT", f"/api/contents/{secret}.txt", json=file),
+                server.request("PATCH", f"/api/contents/{secret}.txt", json={"path": f"{secret}-renamed.txt"}),
+                server.request("DELETE", f"/api/contents/{secret}-renamed.txt"),
+            ):
+                assert r.status_code in (200, 201, 204), (r.status_code, r.text[:200])
+
+        await loop.run_in_executor(None, act)
+        await socket.write_message(json.dumps({"schema_id": "x", "version": "1", "data": {"path": secret}}))
+        heard = []
+        try:
+            while True:
+                message = await asyncio.wait_for(socket.read_message(), timeout=3)
+                if message is None:
+                    break
+                heard.append(message)
+        except TimeoutError:
+            still_open = socket.protocol is not None
+        else:
+            still_open = False
+        socket.close()
+        return anonymous.value.code, heard, still_open
+
+    anonymous, heard, still_open = asyncio.run(subscribe_and_save())
+    assert anonymous == 403
+    assert heard == []
+    assert still_open
 
 
 def test_nbconvert_post_is_refused(world):

@@ -26,7 +26,7 @@ from paitient.hub.serverconfig import server_config
 from paitient.registry import Member
 from paitient.server import routes
 from paitient.server.gate import IF_OK, EgressTransform
-from paitient.server.handlers import BlockedHandler
+from paitient.server.handlers import BlockedHandler, SilentEventsWebsocket
 
 
 class _HubVersion(http.server.BaseHTTPRequestHandler):
@@ -117,8 +117,8 @@ def test_the_kernel_and_contents_routes_are_the_gated_ones(built):
     assert {
         "jupyter_server.view.handlers.ViewHandler",
         "jupyter_server.nbconvert.handlers.NbconvertFileHandler",
-        "jupyter_server.services.events.handlers.SubscribeWebsocket",
     } <= refused
+    assert kinds["jupyter_server.services.events.handlers.SubscribeWebsocket"] == routes.SILENT
 
 
 def _request(method: str, path: str, **headers: str) -> HTTPServerRequest:
@@ -162,15 +162,28 @@ def test_every_route_classified_refused_is_answered_by_the_refusal(built):
     assert {routes.class_name(cls) for _, cls in refused} >= {
         "jupyterlab.handlers.build_handler.BuildHandler",
         "jupyter_server.view.handlers.ViewHandler",
-        "jupyter_server.services.events.handlers.SubscribeWebsocket",
     }
     for pattern, _ in refused:
         for method in ("GET", "POST"):
             delegate = built.web_app.find_handler(_request(method, _a_path_of(pattern)))
             assert issubclass(delegate.handler_class, BlockedHandler), (method, pattern, delegate.handler_class)
-    for path in ("view", "view/", "lab/api/build", "api/events/subscribe"):
+    for path in ("view", "view/", "lab/api/build"):
         delegate = built.web_app.find_handler(_request("GET", built.base_url + path))
         assert delegate.handler_class is BlockedHandler, path
+
+
+def test_the_event_streams_route_is_answered_by_the_silent_socket(built):
+    """The stock subscriber, which adds a listener to the server's event bus, never runs."""
+    silent = [(p, cls) for p, cls in routes.routes(built.web_app) if routes.category(cls) == routes.SILENT]
+    assert {routes.class_name(cls) for _, cls in silent} == {
+        "jupyter_server.services.events.handlers.SubscribeWebsocket"
+    }
+    for pattern, _ in silent:
+        delegate = built.web_app.find_handler(_request("GET", _a_path_of(pattern)))
+        assert delegate.handler_class is SilentEventsWebsocket, (pattern, delegate.handler_class)
+    request = _request("GET", built.base_url + "api/events/subscribe")
+    assert built.web_app.find_handler(request).handler_class is SilentEventsWebsocket
+    assert request._paitient_passthrough is True
 
 
 @pytest.mark.parametrize(

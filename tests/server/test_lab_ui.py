@@ -38,12 +38,21 @@ def listen(failures: list[str]) -> Callable[[Any], object]:
 
 
 def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system_user):
+    """And JupyterLab subscribes to the server's event stream once (it subscribed again, backing off to
+    every 30 s, for as long as the stream was refused)."""
     site = make_site(world_tmp, {"onc": ["bc"]})
     publish(site, "onc", "bc", "tumour,size\nA,2.5\n")
     user = make_system_user("ui")
     with UserServer(site, user, ("onc",), world_tmp) as server:
         failures: list[str] = []
-        with new_notebook(server, listen(failures)) as page:
+        sockets: list[str] = []
+
+        def before(page: Any) -> None:
+            listen(failures)(page)
+            page.on("websocket", lambda socket: sockets.append(socket.url))
+
+        loaded = time.monotonic()
+        with new_notebook(server, before) as page:
             wait_for_kernel(page)
             cell = run_cell(
                 page, "import pandas as pd; pd.read_csv('/data/onc/bc/data.csv')", ".jp-OutputArea-output table"
@@ -51,6 +60,11 @@ def test_new_notebook_reads_a_dataset_and_no_plugin_fails(world_tmp, make_system
             table = cell.locator(".jp-OutputArea-output table").first
             assert "tumour" in table.inner_text() and "2.5" in table.inner_text()
             assert failures == []
+            # a refused subscription is retried after about 1, then 2.5 and 6 s
+            page.wait_for_timeout(max(0.0, loaded + 10 - time.monotonic()) * 1000)
+            assert [url for url in sockets if "/api/events/subscribe" in url] == [
+                server.url.replace("http://", "ws://", 1) + "/api/events/subscribe"
+            ]
 
 
 def test_a_notebook_with_head_and_a_plot_is_saved_and_reopened(world_tmp, make_system_user):

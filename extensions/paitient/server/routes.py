@@ -13,7 +13,9 @@ listed in :data:`POLICY` with how its responses reach the browser:
   schemas, translations, themes, licences, the kernel spec's logos) or keeps for the browser alone (the
   user's Lab settings and workspace layouts, outside every kernel's reach): nothing of the workspace's
   data, so neither scanned nor counted against the day's bytes.
-- ``refused``: answered 403 before the handler runs (downloads, exports, builds, the event stream).
+- ``refused``: answered 403 before the handler runs (downloads, exports, builds).
+- ``silent``: the event stream's websocket, answered by :class:`~paitient.server.handlers.SilentEventsWebsocket`,
+  which opens and sends nothing.
 
 :func:`install` wraps the application's handler lookup: a request routed to a ``refused`` class, or to a
 class missing from the policy (a handler a later extension or upgrade added, also logged), is answered by
@@ -30,11 +32,11 @@ from tornado import web
 from tornado.httputil import HTTPServerRequest
 
 from paitient.server.gate import IF_OK
-from paitient.server.handlers import BlockedHandler
+from paitient.server.handlers import BlockedHandler, SilentEventsWebsocket
 
 log = logging.getLogger("paitient.server.routes")
 
-KERNEL, CONTENTS, CHECKED, SOFTWARE, REFUSED = "kernel", "contents", "checked", "software", "refused"
+KERNEL, CONTENTS, CHECKED, SOFTWARE, REFUSED, SILENT = "kernel", "contents", "checked", "software", "refused", "silent"
 
 POLICY: dict[str, str] = {
     # the kernel websocket
@@ -97,8 +99,10 @@ POLICY: dict[str, str] = {
     "jupyter_server.nbconvert.handlers.NbconvertFileHandler": REFUSED,
     "jupyter_server.nbconvert.handlers.NbconvertPostHandler": REFUSED,
     "jupyter_server.services.nbconvert.handlers.NbconvertRootHandler": REFUSED,
-    "jupyter_server.services.events.handlers.SubscribeWebsocket": REFUSED,
     "jupyterlab.handlers.build_handler.BuildHandler": REFUSED,
+    # opens, sends nothing
+    "jupyter_server.services.events.handlers.SubscribeWebsocket": SILENT,
+    "paitient.server.handlers.SilentEventsWebsocket": SILENT,
 }
 
 
@@ -149,7 +153,9 @@ def install(app: web.Application, gate: Any) -> None:
             # handlers.BLOCKED also covers its URL
             delegate = app.get_handler_delegate(request, BlockedHandler)
             kind = REFUSED
-        passthrough: bool | str = kind in (SOFTWARE, REFUSED, KERNEL)
+        elif kind == SILENT and delegate.handler_class is not SilentEventsWebsocket:
+            delegate = app.get_handler_delegate(request, SilentEventsWebsocket)
+        passthrough: bool | str = kind in (SOFTWARE, REFUSED, KERNEL, SILENT)
         if kind == CONTENTS and request.method == "GET" and request.query_arguments.get("content", [b"1"])[-1] == b"1":
             passthrough = IF_OK  # the contents manager checked the body; an error's text is checked here
         if not passthrough:
