@@ -8,6 +8,7 @@ text (``row:<n>`` marks row n of ``onc/bc``) so the plumbing is tested apart fro
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -270,6 +271,95 @@ def test_a_message_the_iopub_rate_limit_drops_is_not_read_into_the_line_the_brow
     rows = set(re.findall(rb"row:(\d+)", as_lab_shows(cell.encode())))
     assert 0 < len(rows) <= 20, (len(rows), cell[-300:])
     assert "output withheld" in res.stderr, res.stderr[-300:]
+
+
+async def _reconnecting_run(server, kernel_id: str, code: str, again_after: str, timeout: float = 120) -> list[dict]:
+    """Run ``code`` as JupyterLab's "Reconnect to Kernel" would see it, pressed each time a stream message
+    ends in ``again_after``: the kernel websocket closed and opened anew with the same session (the server
+    keeps what the kernel sends meanwhile and replays it). The execution's messages that reached the client,
+    in order."""
+    import uuid
+
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    session = uuid.uuid4().hex
+    url = f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id={session}"
+    headers = {"Authorization": f"token {server.token}"}
+    msg_id = uuid.uuid4().hex
+    header = {"msg_id": msg_id, "msg_type": "execute_request", "username": server.user.pw_name, "session": session}
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
+    ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 30)
+    request = {"header": {**header, "date": "", "version": "5.3"}, "parent_header": {}, "metadata": {}}
+    ws.write_message(json.dumps({**request, "content": content, "channel": "shell", "buffers": []}))
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = await asyncio.wait_for(ws.read_message(), timeout=max(0.1, deadline - time.monotonic()))
+        assert raw is not None, "the kernel websocket closed"
+        msg = json.loads(raw)
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        got.append(msg)
+        if msg["msg_type"] == "execute_reply":
+            break
+        if msg["msg_type"] == "stream" and msg["content"].get("text", "").endswith(again_after):
+            ws.close()
+            ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 30)
+    ws.close()
+    return got
+
+
+def test_a_row_whose_halves_come_on_either_side_of_a_reconnect_is_not_shown_whole(world):
+    """Attack: each row printed in two halves, with JupyterLab's "Reconnect to Kernel" between them. The
+    cell keeps its output, and went on with each row's first half; the server, which followed the cell's
+    line on the connection that closed, read the second half on a line of its own: 25 of 25 rows reached
+    the client, none read. A new connection now sends the first message of a line it did not follow after
+    a line feed, so the browser shows the halves on lines of their own too, as the gate read them."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    _, server, _, _, _ = world
+    code = (
+        "import time\nfor i in range(7400, 7425):\n"
+        "    print('ro', end='', flush=True)\n    time.sleep(0.3)\n    print(f'w:{i},1.5', flush=True)\n"
+    )
+    kernel_id = server.start_kernel()
+    try:
+        got = asyncio.run(_reconnecting_run(server, kernel_id, code, again_after="ro"))
+    finally:
+        server.request("DELETE", f"/api/kernels/{kernel_id}")
+    streams = [m["content"] for m in got if m["msg_type"] == "stream"]
+    assert sum(1 for c in streams if c["text"].endswith("ro")) > 20, "the client reconnected too seldom"
+    cell = "".join(c["text"] if c["name"] == "stdout" else "\n" for c in streams)
+    assert not re.findall(rb"row:(\d+)", as_lab_shows(cell.encode())), cell[-300:]
+    # nothing lost: each second half came, on a line of its own
+    assert sum(1 for c in streams if re.fullmatch(r"\nw:74\d\d,1\.5\n", c["text"])) > 20, streams[-4:]
+
+
+def test_a_row_continued_in_an_area_the_server_let_go_of_is_not_shown_whole(world):
+    """Attack: a widget shows ``ro``; then 1,100 more widgets, each printed into, make the server let go of
+    the first one's line (it keeps 1,024); then the first widget gets ``w:7300,1.5`` and 20 whole rows.
+    Before, JupyterLab showed 21 rows in it and the gate read 20 (the first as ``w:7300``), so all passed.
+    Now the message to the let-go area starts a line of its own, and the widget shows 20 rows."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    _, server, _, _, _ = world
+    code = (
+        "import ipywidgets, sys, time\n"
+        "first = ipywidgets.Output()\nwith first:\n    print('ro', end='', flush=True)\n"
+        "for n in range(1100):\n"
+        "    other = ipywidgets.Output()\n"
+        "    with other:\n        print(f'x{n}', end='', file=sys.stderr, flush=True)\n"
+        "    if n % 100 == 99:\n        time.sleep(0.5)  # under jupyter_server's IOPub message rate\n"
+        "with first:\n    print('w:7300,1.5')\n"
+        "    print('\\n'.join(f'row:{i},1.5' for i in range(7301, 7321)), flush=True)\n"
+    )
+    res = server.run(code, timeout=180)
+    assert "rate exceeded" not in res.stderr and "withheld" not in res.stderr, res.stderr[-300:]
+    # on stdout, the cell prints only what the first widget captures
+    assert res.stdout.startswith("ro") and "w:7300" in res.stdout, res.stdout[:100]
+    rows = set(re.findall(rb"row:(\d+)", as_lab_shows(res.stdout.encode())))
+    assert len(rows) == 20 and b"7300" not in rows, (len(rows), res.stdout[:60])
 
 
 def test_a_progress_bar_that_overwrites_its_line_reaches_the_browser(world):

@@ -34,8 +34,9 @@ from traitlets import Float, Unicode
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
 from paitient.rules.outputcap import OutputCap, Verdict, message_type, replacement, strip_protocol
-from paitient.rules.shown import StreamLine, follow_stream, merged_streams
+from paitient.rules.shown import merged_streams
 from paitient.server.gate import EgressGate
+from paitient.server.outputlines import OutputLines
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_AUDITED_CODE = 200_000
@@ -63,13 +64,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         self._receiver: asyncio.Future[None] | None = None
         self._outbox: asyncio.Queue[tuple[Any, list[Any]]] | None = None
         self._drainer: asyncio.Future[None] | None = None
-        self._streams: dict[str, StreamLine] = {}
-        """Per output area (a cell's, by its request's msg_id, or an Output widget's while it captures that
-        cell's output): the last line its stream output shows in JupyterLab, which the next message of that
-        stream goes on from (:func:`paitient.rules.shown.follow_stream`)."""
-        self._captures: dict[str, str] = {}
-        """Output widgets (comm id) capturing a cell's output (its request's msg_id): JupyterLab shows what
-        that cell sends meanwhile in the widget, not in the cell."""
+        self._lines = OutputLines()
+        """What this connection's JupyterLab shows of each output area's stream line, as far as it knows."""
         self._rate_notices: list[str] = []
 
     # ---------------------------------------------------------------- browser -> kernel
@@ -96,6 +92,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
         self.cap.note_request(header)  # the parent the kernel's answers to it go out with
+        self._lines.started(str(header.get("msg_id", "")))  # its output area shows nothing yet
         # ipykernel runs an execute_request from the control channel as well as from shell.
         if header.get("msg_type") == "execute_request":
             msg_id = str(header.get("msg_id", ""))
@@ -268,7 +265,12 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         cap = self.cap
         parent = cap.parent(raw_parent)
         parent_id = parent.get("msg_id", "")
-        area = self._area(parent_id)
+        lines = self._lines
+        area = lines.area(parent_id)
+        if msg_type == "stream" and isinstance(content.get("text"), str) and lines.unknown(area):
+            # a line this connection did not follow may show there (a cell running across a reconnect, an
+            # area let go of): the message starts a line of its own, in the browser as here
+            content = {**content, "text": "\n" + content["text"]}
         execution = cap.key(parent_id)
         if execution != cap.current and execution in cap.answered:
             # Output of an execution that has ended (its reply went on): the kernel is running another one now,
@@ -312,7 +314,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             candidate, scan = self._message(sent_type, sent_content, parent), True
         elif msg_type in REBUILT:
             if msg_type == "clear_output":
-                self._streams.pop(area, None)
+                lines.cleared(area)
             return candidate
         if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
@@ -321,7 +323,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             buffers = [(b, looks_like_text(b)) for b in map(_bytes, parts[5:])]
             # A stream's message goes on from where the cell's last one left it: what it makes JupyterLab
             # show (a value written over another, a row printed a value at a time) is read with it.
-            shown, line = self._stream_shown(area, sent_type, sent_content)
+            shown, line = lines.shown(area, sent_type, sent_content)
             # (as JSON, as the rest: the service undoes JSON's escapes, which a shown text may spell literally)
             region = [json.dumps(shown, ensure_ascii=False).encode("utf-8", "surrogatepass")] if shown else []
             texts = [_bytes(parts[4]), _bytes(parts[3]), *(b for b, t in buffers if t), *region]
@@ -332,73 +334,15 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
                 context=context, channel="kernel", object=str(self.kernel_id), text=text, binary=binary
             )
             if check.forward:
-                self._note_widget(sent_type, sent_content)
+                lines.note_widget(sent_type, sent_content)
             else:
                 candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
             # a withheld message's notice starts an output; one dropped after it (the execution's notice went
             # already) changes nothing the browser shows
-            self._note_output(area, sent_type if check.forward else "withheld" if candidate else "dropped", line)
+            lines.note_output(area, sent_type if check.forward else "withheld" if candidate else "dropped", line)
         if msg_type == "execute_reply":
             asyncio.ensure_future(gate.close(f"kernel:{self.kernel_id}:{execution}"))
         return candidate
-
-    def _stream_shown(self, area: str, msg_type: str, content: dict[str, Any]) -> tuple[str, StreamLine | None]:
-        """For a stream message the browser would get: what it makes the area's stream output show around
-        what it changed (empty where that is its own text), and the output's last line after it. None for
-        any other message: an output of another kind starts a new one in JupyterLab."""
-        name, text = content.get("name"), content.get("text")
-        if msg_type != "stream" or not isinstance(name, str) or not isinstance(text, str):
-            return "", None
-        return follow_stream(self._streams.get(area), name, text)
-
-    def _note_widget(self, msg_type: str, content: dict[str, Any]) -> None:
-        """After an Output widget's state reached the browser: which cell's output it captures (the kernel
-        sets its ``msg_id`` for ``with out:`` and clears it after; JupyterLab notices a change only, so one
-        sent again unchanged keeps its place), and what its own output area shows when the kernel sets its
-        ``outputs`` (JupyterLab rebuilds the area from them, and a captured stream goes on at their end)."""
-        comm_id = content.get("comm_id")
-        if not isinstance(comm_id, str) or msg_type not in ("comm_open", "comm_msg", "comm_close"):
-            return
-        if msg_type == "comm_close":
-            self._captures.pop(comm_id, None)
-            self._streams.pop(_widget_area(comm_id), None)
-            return
-        data = content.get("data")
-        state = data.get("state") if isinstance(data, dict) else None
-        if not isinstance(state, dict):
-            return
-        if "msg_id" in state and self._captures.get(comm_id) != state["msg_id"]:
-            self._captures.pop(comm_id, None)
-            if isinstance(state["msg_id"], str) and state["msg_id"]:
-                self._captures[comm_id] = state["msg_id"]
-                while len(self._captures) > MAX_STREAMS:
-                    del self._captures[next(iter(self._captures))]
-        outputs = state.get("outputs")
-        if isinstance(outputs, list):
-            area, last = _widget_area(comm_id), outputs[-1] if outputs else None
-            self._streams.pop(area, None)
-            if isinstance(last, dict) and last.get("output_type") == "stream":
-                _, line = self._stream_shown(area, "stream", last)
-                if line is not None:
-                    self._streams[area] = line
-
-    def _area(self, parent_id: str) -> str:
-        """The output area JupyterLab shows a message of the cell ``parent_id`` in: that of the Output widget
-        that captures it last, or the cell's own."""
-        widgets = [comm for comm, captured in self._captures.items() if captured == parent_id]
-        return _widget_area(widgets[-1]) if widgets else parent_id
-
-    def _note_output(self, area: str, sent_type: str, line: StreamLine | None) -> None:
-        """Keep the output area's stream line after a stream message it got; forget it after an output that
-        starts a new one in JupyterLab (a display, a result, an error, a notice of what was withheld); other
-        messages (replies, comms) change nothing of what the area shows."""
-        if line is not None and sent_type == "stream":
-            self._streams.pop(area, None)
-            self._streams[area] = line
-            while len(self._streams) > MAX_STREAMS:  # the areas longest without output first
-                del self._streams[next(iter(self._streams))]
-        elif sent_type in NEW_OUTPUTS:
-            self._streams.pop(area, None)
 
     def _withheld(
         self,
@@ -480,20 +424,8 @@ def audit_refusal(code: str) -> str:
     )
 
 
-def _widget_area(comm_id: str) -> str:
-    """An Output widget's own output area: one for the widget, whichever cell it captures."""
-    return f"widget {comm_id}"
-
-
 REBUILT = frozenset({"status", "clear_output"})
 """Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
-NEW_OUTPUTS = frozenset({"display_data", "execute_result", "error", "input_request", "withheld"})
-"""What starts a new output in a cell's output area, after which a stream's message starts one too."""
-MAX_STREAMS = 1024
-"""Output areas whose stream's last line a connection keeps, and Output widgets whose capture it follows
-(the one longest without output first): a kernel that makes more loses the ones it used longest ago."""
-
-
 def _bytes(part: Any) -> bytes:
     if isinstance(part, bytes):
         return part
