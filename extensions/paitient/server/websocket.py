@@ -426,6 +426,8 @@ def audit_refusal(code: str) -> str:
 
 REBUILT = frozenset({"status", "clear_output"})
 """Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
+
+
 def _bytes(part: Any) -> bytes:
     if isinstance(part, bytes):
         return part
