@@ -208,3 +208,17 @@ def test_requests_are_tagged_for_the_output_transform(built, method, path, passt
     assert request._paitient_passthrough == passthrough
     # a checked request asks no 304 (an answer on the hash of a body before the gate read it)
     assert ("If-None-Match" in request.headers) == bool(passthrough)
+
+
+def test_a_removed_kernels_output_cap_is_let_go(built):
+    """Each kernel's output cap (the headers of its latest requests among it) stayed as long as the server."""
+    gate = built.web_app.settings["paitient_gate"]
+    manager = built.kernel_manager
+    kernel_id = "0b7c1f9e-2f4c-4a51-9a3e-5d2f8c6b1a70"
+    cap = gate.cap(kernel_id, 1000, 1000)
+    cap.note_request({"msg_id": "m1", "msg_type": "execute_request", "session": "s"})
+    manager._kernels[kernel_id] = object()  # as a started kernel is kept, until it is shut down
+    manager.remove_kernel(kernel_id)
+    assert kernel_id not in manager._kernels
+    assert gate.cap(kernel_id, 1000, 1000) is not cap and gate.cap(kernel_id, 1000, 1000).requests == {}
+    gate.forget_kernel(kernel_id)

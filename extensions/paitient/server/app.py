@@ -44,6 +44,7 @@ class PaitientServerExtension(ExtensionApp):
     def initialize_settings(self) -> None:
         from paitient.server import routes
         from paitient.server.contents import ConfinedContentsManager
+        from paitient.server.kernels import SandboxMappingKernelManager
 
         serverapp = self.serverapp
         if serverapp is None:
@@ -55,6 +56,8 @@ class PaitientServerExtension(ExtensionApp):
         web_app.settings["paitient_gate"] = self.gate
         if isinstance(serverapp.contents_manager, ConfinedContentsManager):
             serverapp.contents_manager.egress_gate = self.gate
+        if isinstance(serverapp.kernel_manager, SandboxMappingKernelManager):
+            serverapp.kernel_manager.egress_gate = self.gate
         # First, so it sees bodies before any compression.
         web_app.transforms.insert(0, EgressTransform)
         routes.install(web_app, self.gate)

@@ -92,7 +92,18 @@ def to_the_minute(when: datetime) -> datetime:
 
 class SandboxMappingKernelManager(AsyncMappingKernelManager):
     """Refuses kernel names that are not allowed and client-chosen kernel ids that are not UUIDs; shows
-    kernels' activity times to the minute."""
+    kernels' activity times to the minute; lets the egress gate drop a removed kernel's output cap."""
+
+    egress_gate: Any = None
+    """The server's :class:`~paitient.server.gate.EgressGate`, set by the server extension."""
+
+    def remove_kernel(self, kernel_id: str) -> Any:
+        # Called once a kernel is shut down for good (not on a restart, which keeps its id): its output cap,
+        # which holds the headers of its latest requests, would otherwise stay as long as the server.
+        removed = super().remove_kernel(kernel_id)
+        if self.egress_gate is not None:
+            self.egress_gate.forget_kernel(str(kernel_id))
+        return removed
 
     @observe("last_kernel_activity")
     def _last_kernel_activity_to_the_minute(self, change: dict[str, Any]) -> None:
