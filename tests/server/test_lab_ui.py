@@ -174,3 +174,25 @@ def test_the_gate_reads_a_streams_control_characters_as_jupyterlab_shows_them(wo
         cell = run_cell(page, code, ".jp-OutputArea-output:has-text('END')")
         output = cell.locator(".jp-OutputArea-output").first
         assert output.inner_text() == want + "END\n", repr(output.inner_text())
+
+
+def test_a_cell_running_across_a_reconnect_shows_the_line_the_gate_read(world_tmp, make_system_user):
+    """JupyterLab's "Reconnect to Kernel" opens a new kernel websocket while a cell runs, and the cell goes on
+    with the line it shows. The new connection did not follow that line, so its next message starts a line
+    of its own: this Chromium shows the halves on two lines, as the gate read them (before, it showed
+    ``row:7,1.5`` whole, which the gate never read)."""
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("recon")
+    with UserServer(site, user, ("onc",), world_tmp) as server:
+        sockets: list[str] = []
+        with new_notebook(server, lambda page: page.on("websocket", lambda s: sockets.append(s.url))) as page:
+            wait_for_kernel(page)
+            code = "import time; print('ro', end='', flush=True); time.sleep(8); print('w:7,1.5'); print('END')"
+            cell = run_cell(page, code, ".jp-OutputArea-output:has-text('ro')")
+            page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+            page.locator(".lm-Menu-item", has_text="Reconnect to Kernel").click()
+            cell.locator(".jp-OutputArea-output:has-text('END')").wait_for(timeout=60_000)
+            assert cell.locator(".jp-OutputArea-output").first.inner_text() == "ro\nw:7,1.5\nEND\n"
+        channels = [url for url in sockets if "/channels" in url]
+        assert len(channels) == 2 and len(set(channels)) == 1, channels  # the same session's, again
