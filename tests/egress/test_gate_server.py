@@ -273,11 +273,14 @@ def test_a_message_the_iopub_rate_limit_drops_is_not_read_into_the_line_the_brow
     assert "output withheld" in res.stderr, res.stderr[-300:]
 
 
-async def _reconnecting_run(server, kernel_id: str, code: str, again_after: str, timeout: float = 120) -> list[dict]:
+async def _reconnecting_run(
+    server, kernel_id: str, code: str, again_after: str, *, resend: bool = False, timeout: float = 120
+) -> list[dict]:
     """Run ``code`` as JupyterLab's "Reconnect to Kernel" would see it, pressed each time a stream message
     ends in ``again_after``: the kernel websocket closed and opened anew with the same session (the server
-    keeps what the kernel sends meanwhile and replays it). The execution's messages that reached the client,
-    in order."""
+    keeps what the kernel sends meanwhile and replays it). With ``resend``, each new connection first sends
+    a request under the running execution's msg_id. The execution's messages that reached the client, in
+    order, until one shows ``END``."""
     import uuid
 
     from tornado.httpclient import HTTPRequest
@@ -301,31 +304,38 @@ async def _reconnecting_run(server, kernel_id: str, code: str, again_after: str,
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             continue
         got.append(msg)
-        if msg["msg_type"] == "execute_reply":
+        text = msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""
+        if msg["msg_type"] == "execute_reply" or "END" in text:
             break
-        if msg["msg_type"] == "stream" and msg["content"].get("text", "").endswith(again_after):
+        if text.endswith(again_after):
             ws.close()
             ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 30)
+            if resend:
+                again = {"header": {**request["header"], "msg_type": "kernel_info_request"}, "content": {}}
+                ws.write_message(json.dumps({**request, **again, "channel": "shell", "buffers": []}))
     ws.close()
     return got
 
 
-def test_a_row_whose_halves_come_on_either_side_of_a_reconnect_is_not_shown_whole(world):
+@pytest.mark.parametrize("resend", [False, True], ids=["reconnect", "the running request's id sent again"])
+def test_a_row_whose_halves_come_on_either_side_of_a_reconnect_is_not_shown_whole(world, resend):
     """Attack: each row printed in two halves, with JupyterLab's "Reconnect to Kernel" between them. The
     cell keeps its output, and went on with each row's first half; the server, which followed the cell's
     line on the connection that closed, read the second half on a line of its own: 25 of 25 rows reached
     the client, none read. A new connection now sends the first message of a line it did not follow after
-    a line feed, so the browser shows the halves on lines of their own too, as the gate read them."""
+    a line feed, so the browser shows the halves on lines of their own too, as the gate read them. A
+    request under the running cell's msg_id, sent on the new connection, does not make its area new."""
     from paitient.rules.edm.tokens import as_lab_shows
 
     _, server, _, _, _ = world
     code = (
         "import time\nfor i in range(7400, 7425):\n"
         "    print('ro', end='', flush=True)\n    time.sleep(0.3)\n    print(f'w:{i},1.5', flush=True)\n"
+        "print('END')\n"
     )
     kernel_id = server.start_kernel()
     try:
-        got = asyncio.run(_reconnecting_run(server, kernel_id, code, again_after="ro"))
+        got = asyncio.run(_reconnecting_run(server, kernel_id, code, again_after="ro", resend=resend))
     finally:
         server.request("DELETE", f"/api/kernels/{kernel_id}")
     streams = [m["content"] for m in got if m["msg_type"] == "stream"]

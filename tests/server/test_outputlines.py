@@ -1,7 +1,7 @@
 """What a connection knows of the lines its client's JupyterLab shows (:mod:`paitient.server.outputlines`)."""
 
 from paitient.server import outputlines
-from paitient.server.outputlines import OutputLines, widget_area
+from paitient.server.outputlines import OutputLines, cell_area, widget_area
 
 
 def _print(lines: OutputLines, area: str, text: str, name: str = "stdout") -> str:
@@ -13,12 +13,19 @@ def _print(lines: OutputLines, area: str, text: str, name: str = "stdout") -> st
 
 def test_an_area_is_known_once_the_client_asked_for_it_or_the_kernel_opened_it():
     lines = OutputLines()
-    assert lines.unknown("cell-1") and lines.unknown(widget_area("w"))
-    lines.started("cell-1")
+    cell = lines.area("m1")
+    assert cell == cell_area("m1") and lines.unknown(cell) and lines.unknown(widget_area("w"))
+    lines.requested("m1")
     lines.note_widget("comm_open", {"comm_id": "w", "data": {"state": {}}})
-    assert not lines.unknown("cell-1") and not lines.unknown(widget_area("w"))
-    assert _print(lines, "cell-1", "ro") == ""  # its own text, on a line of its own
-    assert _print(lines, "cell-1", "\bw:7,1.5\n") == "rw:7,1.5\n"  # read with the line it goes on from
+    assert not lines.unknown(cell) and not lines.unknown(widget_area("w"))
+    assert _print(lines, cell, "ro") == ""  # its own text, on a line of its own
+    assert _print(lines, cell, "\bw:7,1.5\n") == "rw:7,1.5\n"  # read with the line it goes on from
+
+
+def test_a_request_cannot_name_a_widgets_area():
+    lines = OutputLines()
+    lines.requested("widget w")
+    assert lines.unknown(widget_area("w"))
 
 
 def test_the_line_let_go_of_longest_ago_is_unknown_and_the_rest_are_followed():
@@ -44,13 +51,14 @@ def test_lines_a_kernel_sets_as_widget_outputs_are_bounded_too():
 def test_a_capture_let_go_of_leaves_the_captured_cells_area_unknown():
     """JupyterLab goes on showing the cell's output in the widget; the gate no longer knows that."""
     lines = OutputLines()
-    lines.started("cell-0")
-    lines.note_widget("comm_msg", {"comm_id": "w0", "data": {"state": {"msg_id": "cell-0"}}})
-    assert lines.area("cell-0") == widget_area("w0")
+    lines.requested("m0")
+    lines.note_widget("comm_msg", {"comm_id": "w0", "data": {"state": {"msg_id": "m0"}}})
+    assert lines.area("m0") == widget_area("w0")
     for n in range(1, outputlines.MAX_STREAMS + 1):
-        lines.note_widget("comm_msg", {"comm_id": f"w{n}", "data": {"state": {"msg_id": f"cell-{n}"}}})
-    assert lines.area("cell-0") == "cell-0" and lines.unknown("cell-0")
-    assert lines.area("cell-1") == widget_area("w1")
+        lines.requested(f"m{n}")
+        lines.note_widget("comm_msg", {"comm_id": f"w{n}", "data": {"state": {"msg_id": f"m{n}"}}})
+    assert lines.area("m0") == cell_area("m0") and lines.unknown(cell_area("m0"))
+    assert lines.area("m1") == widget_area("w1") and not lines.unknown(cell_area("m1"))
 
 
 def test_another_output_or_a_clear_makes_an_unknown_area_known_again():

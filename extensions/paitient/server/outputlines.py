@@ -38,6 +38,11 @@ MAX_FRESH = 65_536
 latest kept (their keys only); one let go of is unknown again, and costs a line break at most."""
 
 
+def cell_area(msg_id: str) -> str:
+    """A cell's output area: where JupyterLab shows the output of its request ``msg_id``."""
+    return f"cell {msg_id}"
+
+
 def widget_area(comm_id: str) -> str:
     """An Output widget's own output area: one for the widget, whichever cell it captures."""
     return f"widget {comm_id}"
@@ -60,11 +65,15 @@ class OutputLines:
         """The output area JupyterLab shows a message of the cell ``parent_id`` in: that of the Output widget
         that captures it last, or the cell's own."""
         widgets = [comm for comm, captured in self.captures.items() if captured == parent_id]
-        return widget_area(widgets[-1]) if widgets else parent_id
+        return widget_area(widgets[-1]) if widgets else cell_area(parent_id)
+
+    def requested(self, msg_id: str) -> None:
+        """The client sent a request ``msg_id`` (one the kernel had not had): its output area shows nothing
+        yet."""
+        self.started(cell_area(msg_id))
 
     def started(self, area: str) -> None:
-        """The client sent a request (whose output area is ``area``), or the kernel opened a widget: nothing
-        is shown there yet."""
+        """A new output area (a request's, a widget the kernel opened): nothing is shown there yet."""
         if area not in self.streams:
             self._fresh(area)
 
@@ -120,7 +129,7 @@ class OutputLines:
                 while len(self.captures) > MAX_STREAMS:
                     # JupyterLab goes on showing that cell's output in the widget: the gate no longer
                     # knows the line it goes on from
-                    self._let_go(self.captures.popitem(last=False)[1])
+                    self._let_go(cell_area(self.captures.popitem(last=False)[1]))
         outputs = state.get("outputs")
         if isinstance(outputs, list):
             area, last = widget_area(comm_id), outputs[-1] if outputs else None

@@ -91,11 +91,14 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         except Exception:
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
+        msg_id = str(header.get("msg_id", ""))
+        if msg_id not in self.cap.requests:
+            # its output area shows nothing yet (a msg_id sent again names an area JupyterLab may show a
+            # line in, which this connection need not have followed)
+            self._lines.requested(msg_id)
         self.cap.note_request(header)  # the parent the kernel's answers to it go out with
-        self._lines.started(str(header.get("msg_id", "")))  # its output area shows nothing yet
         # ipykernel runs an execute_request from the control channel as well as from shell.
         if header.get("msg_type") == "execute_request":
-            msg_id = str(header.get("msg_id", ""))
             self.cap.note_execute(msg_id)
             refusal = await self._audit_execute(msg_id, header, content)
             if refusal:
