@@ -196,3 +196,23 @@ def test_a_cell_running_across_a_reconnect_shows_the_line_the_gate_read(world_tm
             assert cell.locator(".jp-OutputArea-output").first.inner_text() == "ro\nw:7,1.5\nEND\n"
         channels = [url for url in sockets if "/channels" in url]
         assert len(channels) == 2 and len(set(channels)) == 1, channels  # the same session's, again
+
+
+def test_an_output_widget_printed_into_across_a_reconnect_shows_the_line_the_gate_read(world_tmp, make_system_user):
+    """The same for an Output widget: after "Reconnect to Kernel", a later cell prints into a widget an
+    earlier one made and left on ``ro``. JupyterLab keeps the widget's view and its line; the new connection
+    did not follow it, so the print starts a line of its own there."""
+    site = make_site(world_tmp, {"onc": ["bc"]})
+    publish(site, "onc", "bc", "a\n1\n")
+    user = make_system_user("wrecon")
+    with UserServer(site, user, ("onc",), world_tmp) as server, new_notebook(server) as page:
+        wait_for_kernel(page)
+        code = "import ipywidgets; w = ipywidgets.Output(); display(w)\nwith w: print('ro', end='', flush=True)"
+        cell = run_cell(page, code, ".jp-OutputArea-output:has-text('ro')")
+        page.locator(".lm-MenuBar-item", has_text="Kernel").click()
+        page.locator(".lm-Menu-item", has_text="Reconnect to Kernel").click()
+        page.wait_for_timeout(3_000)
+        wait_for_kernel(page)
+        run_cell(page, "with w: print('w:7,1.5', flush=True)\nprint('END')", ".jp-OutputArea-output:has-text('END')")
+        cell.locator(".jp-OutputArea-output:has-text('w:7')").first.wait_for(timeout=30_000)
+        assert cell.locator(".jp-OutputArea-output").first.inner_text() == "ro\nw:7,1.5\n"
