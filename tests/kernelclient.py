@@ -41,6 +41,39 @@ REPLY_GRACE = 10.0
 """Seconds to wait, once the kernel is idle, for an execute_reply still on its way."""
 
 
+def execute_request(
+    code: str,
+    username: str,
+    *,
+    session: str | None = None,
+    msg_id: str | None = None,
+    allow_stdin: bool = False,
+    user_expressions: dict[str, str] | None = None,
+) -> dict:
+    """An execute_request as JupyterLab sends it (header, parent header, metadata and content; the caller
+    adds ``channel`` and ``buffers`` for the legacy protocol), under a new msg_id and session unless given."""
+    return {
+        "header": {
+            "msg_id": msg_id or uuid.uuid4().hex,
+            "msg_type": "execute_request",
+            "username": username,
+            "session": session or uuid.uuid4().hex,
+            "date": "",
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": user_expressions or {},
+            "allow_stdin": allow_stdin,
+            "stop_on_error": True,
+        },
+    }
+
+
 async def execute(
     url: str,
     headers: dict[str, str],
@@ -68,27 +101,8 @@ async def execute(
     ws = await websocket_connect(
         HTTPRequest(url, headers=headers), max_message_size=1 << 30, subprotocols=[V1] if v1 else None
     )
-    msg_id = uuid.uuid4().hex
-    request = {
-        "header": {
-            "msg_id": msg_id,
-            "msg_type": "execute_request",
-            "username": username,
-            "session": uuid.uuid4().hex,
-            "date": "",
-            "version": "5.3",
-        },
-        "parent_header": {},
-        "metadata": {},
-        "content": {
-            "code": code,
-            "silent": False,
-            "store_history": True,
-            "user_expressions": user_expressions or {},
-            "allow_stdin": stdin_reply is not None,
-            "stop_on_error": True,
-        },
-    }
+    request = execute_request(code, username, allow_stdin=stdin_reply is not None, user_expressions=user_expressions)
+    msg_id = request["header"]["msg_id"]
     if v1:
         assert ws.selected_subprotocol == V1, ws.selected_subprotocol
         ws.write_message(serialize_msg_to_ws_v1(request, channel, lambda obj: json.dumps(obj).encode()), binary=True)

@@ -16,7 +16,6 @@ import pwd
 import signal
 import subprocess
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from paitient.services.kit.process import process_start
 from paitient.services.ledger.store import Ledger
 from paitient.services.ledger.web import shown_budget
 from tests.e2e.workspace import PAITIENT, Workspace, own_workspace
+from tests.kernelclient import execute_request
 
 # the root-side PRV recomputations below warn about RDP orders, as make_private used to in the kernel
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")]
@@ -131,33 +131,9 @@ def start_cell_until(ws: Workspace, s, user: str, kernel: str, code: str, marker
         cookie = "; ".join(f"{c.name}={c.value}" for c in s.cookies)
         url = ws.url.replace("http://", "ws://") + f"user/{user}/api/kernels/{kernel}/channels"
         conn = await websocket_connect(HTTPRequest(url, headers={"Cookie": cookie, **ws.xsrf_headers(s, user)}))
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "msg_type": "execute_request",
-                        "username": user,
-                        "session": uuid.uuid4().hex,
-                        "date": "",
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "channel": "shell",
-                    "buffers": [],
-                    "content": {
-                        "code": code,
-                        "silent": False,
-                        "store_history": True,
-                        "user_expressions": {},
-                        "allow_stdin": False,
-                        "stop_on_error": True,
-                    },
-                }
-            )
-        )
+        request = execute_request(code, user)
+        msg_id = request["header"]["msg_id"]
+        conn.write_message(json.dumps({**request, "channel": "shell", "buffers": []}))
         seen = ""
         deadline = time.monotonic() + timeout
         try:

@@ -11,11 +11,11 @@ import asyncio
 import json
 import re
 import time
-import uuid
 
 import pytest
 
 from tests.e2e.workspace import Workspace, own_workspace
+from tests.kernelclient import execute_request
 
 pytestmark = pytest.mark.e2e
 
@@ -355,29 +355,8 @@ def test_reconnecting_in_the_middle_of_an_execution_renews_nothing(alice, sample
         from tornado.httpclient import HTTPRequest
         from tornado.websocket import websocket_connect
 
-        msg_id = uuid.uuid4().hex
-        request = {
-            "header": {
-                "msg_id": msg_id,
-                "msg_type": "execute_request",
-                "username": "alice",
-                "session": uuid.uuid4().hex,
-                "date": "",
-                "version": "5.3",
-            },
-            "parent_header": {},
-            "metadata": {},
-            "channel": "shell",
-            "buffers": [],
-            "content": {
-                "code": code,
-                "silent": False,
-                "store_history": True,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": True,
-            },
-        }
+        request = {**execute_request(code, "alice"), "channel": "shell", "buffers": []}
+        msg_id = request["header"]["msg_id"]
         first = await websocket_connect(HTTPRequest(url, headers=headers))
         first.write_message(json.dumps(request))
         got = ""

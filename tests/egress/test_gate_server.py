@@ -32,6 +32,7 @@ from paitient.services.egress.store import EgressStore, today
 from tests import accounts, workspacegroup
 from tests.egress.conftest import stored
 from tests.egress.test_service import MarkedRows
+from tests.kernelclient import execute_request
 from tests.server.harness import UserServer, make_site, publish
 
 
@@ -289,12 +290,10 @@ async def _reconnecting_run(
     session = uuid.uuid4().hex
     url = f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels?session_id={session}"
     headers = {"Authorization": f"token {server.token}"}
-    msg_id = uuid.uuid4().hex
-    header = {"msg_id": msg_id, "msg_type": "execute_request", "username": server.user.pw_name, "session": session}
-    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False}
+    request = execute_request(code, server.user.pw_name, session=session)
+    msg_id = request["header"]["msg_id"]
     ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 30)
-    request = {"header": {**header, "date": "", "version": "5.3"}, "parent_header": {}, "metadata": {}}
-    ws.write_message(json.dumps({**request, "content": content, "channel": "shell", "buffers": []}))
+    ws.write_message(json.dumps({**request, "channel": "shell", "buffers": []}))
     got: list[dict] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
