@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -74,6 +75,49 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def hand_over_folder(parent: int, name: str, uid: int, gid: int, mode: int = 0o700) -> int:
+    """Make ``name``, in the folder open as ``parent``, a folder of ``uid``:``gid`` with ``mode``, and return it
+    open (the caller closes it). Root calls this in a folder an account can write: a chmod and chown by path
+    would follow a link the account put there, and hand it whatever folder the link names (``/etc``).
+
+    Nothing here follows a link: the folder is opened with ``O_NOFOLLOW`` and changed through its descriptor.
+    Whatever else stands at ``name`` (a link, a file, a FIFO) was put there by the folder's account and is
+    replaced by a new folder. If something takes its place again at once, this raises :class:`OSError`."""
+    for attempt in (1, 2):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=parent)
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=parent)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR) or attempt == 2:
+                raise OSError(
+                    e.errno, f"{name} is not a folder and could not be made one ({e.strerror}): remove it", name
+                ) from e
+            os.unlink(name, dir_fd=parent)
+            continue
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def open_folder(path: str | os.PathLike[str]) -> Iterator[int]:
+    """``path``, a folder, open for the ``dir_fd`` of other calls; its last part must not be a link."""
+    fd = os.open(path, _FOLDER_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -104,6 +104,51 @@ def test_a_symlinked_spec_dir_is_replaced(tmp_path):
     assert list(elsewhere.iterdir()) == []
 
 
+def test_links_the_account_puts_in_its_state_folder_hand_it_nothing(tmp_path):
+    """Attack: the account owns ``state`` (its server writes there) and replaces ``state/lab`` with a link to
+    a folder of root's and ``state/notary`` with a link to another. The spawner, as root, made
+    each folder the account's by path before every start, following the links: the folder became the
+    account's (0700), and with it whatever root keeps there (``/etc``). Now each is changed through a
+    descriptor opened without following links, and what the account put in their place is replaced."""
+    import pwd
+    import subprocess
+
+    pw = pwd.getpwnam("nobody")
+    os.chmod(tmp_path, 0o755)
+    user_dir = tmp_path / "users" / "nobody"
+    cdir, ddir = user_dir / "config", user_dir / "data"
+    user_dir.mkdir(parents=True)
+    os.chmod(tmp_path / "users", 0o755)
+    os.chown(user_dir, 0, pw.pw_gid)
+    os.chmod(user_dir, 0o750)
+    account = Member(username="alice", account="nobody", uid=pw.pw_uid, projects=("onc",))
+    write_user_server_config(site(tmp_path), account, cdir, ddir)
+    roots = tmp_path / "roots"
+    (roots / "sub").mkdir(parents=True)
+    (roots / "file").write_text("root's\n")
+    for path, mode in ((roots, 0o755), (roots / "sub", 0o755), (roots / "file", 0o644)):
+        os.chmod(path, mode)
+    state = user_dir / "state"
+    plant = f"rm -r lab notary && ln -s {roots} lab && ln -s {roots}/sub notary"
+    as_account = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "sh", "-c"]
+    subprocess.run([*as_account, plant], check=True, cwd=state)  # the test's folders above are root's 0700
+    assert (state / "lab").is_symlink() and (state / "notary").is_symlink()
+
+    write_user_server_config(site(tmp_path), account, cdir, ddir)
+
+    for path in (roots, roots / "sub", roots / "file"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (0, 0), path
+        assert stat.S_IMODE(st.st_mode) in (0o755, 0o644), oct(st.st_mode)
+    for name in ("lab", "notary"):
+        st = os.lstat(state / name)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700, (name, oct(st.st_mode))
+        assert (st.st_uid, st.st_gid) == (pw.pw_uid, pw.pw_gid), name
+    r = subprocess.run([*as_account, "rm -f file && echo theirs > file"], capture_output=True, text=True, cwd=roots)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    assert (roots / "file").read_text() == "root's\n"
+
+
 def test_shipped_kernel_spec_is_the_generated_one():
     shipped = json.loads((REPO / "kernels" / KERNEL_NAME / "kernel.json").read_text())
     assert shipped == kernel_spec("/opt/paitient/venv/bin/python")

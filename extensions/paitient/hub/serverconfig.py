@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from paitient.config import SiteConfig
-from paitient.fsutil import atomic_write_json, atomic_write_text
+from paitient.fsutil import atomic_write_json, atomic_write_text, hand_over_folder, open_folder
 from paitient.registry import Member
 from paitient.rules.sandbox import kernel_argv, user_runtime_dir
 from paitient.services import egress, launcher
@@ -305,9 +305,14 @@ def write_user_server_config(
     config_dir = Path(dest_config_dir)
     pw = pwd.getpwnam(member.account)
     state_dir = config_dir.parent / "state"
-    for d in (state_dir, state_dir / "lab", state_dir / "notary"):
-        d.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(d, 0o700)
-        os.chown(d, pw.pw_uid, pw.pw_gid)
+    # The account owns ``state`` and may have put links in it: each folder is changed through a descriptor
+    # opened without following one (a chown by path through state/lab -> /etc would hand it /etc).
+    with open_folder(config_dir.parent) as user_dir:
+        state = hand_over_folder(user_dir, "state", pw.pw_uid, pw.pw_gid)
+        try:
+            for name in ("lab", "notary"):
+                os.close(hand_over_folder(state, name, pw.pw_uid, pw.pw_gid))
+        finally:
+            os.close(state)
     config = server_config(site, member, pw.pw_dir, str(dest_data_dir), str(state_dir))
     write_server_files(config, config_dir, dest_data_dir)
