@@ -148,6 +148,67 @@ def test_a_request_larger_than_the_limit_is_refused_and_a_large_answer_arrives_w
     assert call(server.path, "echo", {"text": text}) == text
 
 
+def _fds_of_this_process() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_sent_with_each_piece_of_a_request_are_refused_not_kept(server):
+    """Attack: a request line sent a byte at a time, each byte with 4 descriptors (the most one read takes),
+    and no newline. The service kept every descriptor until the line ended, so a kernel (the sockets are in
+    every sandbox) filled its descriptor table, and it could open nothing for anyone: the second piece
+    got no answer, and the descriptors stayed open. Now the request is refused at the fifth descriptor, and
+    the service holds none of them."""
+    import socket
+    import time
+
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        before = _fds_of_this_process()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(server.path))
+            socket.send_fds(s, [b"{"], [fd] * 4)
+            time.sleep(0.2)  # the service reads the first piece on its own
+            socket.send_fds(s, [b" "], [fd] * 4)
+            answer = s.recv(1000)
+        assert b'"code": "bad_request"' in answer and b"at most 4 descriptors" in answer, answer
+        deadline = time.monotonic() + 5
+        while _fds_of_this_process() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _fds_of_this_process() == before  # the service's side is closed, the descriptors with it
+    finally:
+        os.close(fd)
+    assert call(server.path, "echo", {"text": "still serving"}) == "still serving"
+
+
+def test_a_request_trickled_a_byte_at_a_time_is_answered_at_the_timeout(world_tmp):
+    """Attack: a byte every 0.2 s, under a service timeout of 1 s. The timeout applied to each read, so the
+    connection (and a place of the caller's account) was held as long as the bytes kept coming. Now the
+    whole line must come within the timeout: the service answers ``timeout`` while the bytes still come."""
+    import socket
+    import time
+
+    srv = ChannelServer(world_tmp / "run" / "slow.sock", {"echo": lambda p, a, f: a}, name="test", timeout_seconds=1.0)
+    srv.start_in_thread()
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(srv.path))
+            s.settimeout(0.2)
+            started = time.monotonic()
+            answer = b""
+            while not answer and time.monotonic() - started < 6:
+                s.sendall(b" ")
+                try:
+                    answer = s.recv(1000)
+                except TimeoutError:
+                    pass
+        assert b'"code": "timeout"' in answer, answer
+        assert time.monotonic() - started < 3
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_read_line_stops_at_the_newline_at_the_end_and_past_the_limit():
     chunks = iter([b'{"a"', b": 1}\n", b"never read"])
     assert read_line(lambda: next(chunks), 100, lambda: ValueError("too large")) == b'{"a": 1}\n'

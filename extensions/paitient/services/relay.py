@@ -357,7 +357,7 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             peer = peer_of(sock)
             server.relay.admit(peer)
-            msg, fds = read_request(sock)
+            msg, fds = read_request(sock, within=server.timeout_seconds)
             line = server.relay.forward(server.service, peer, msg, fds, server.timeout_seconds * 20)
         except ChannelError as e:
             line = json.dumps(e.to_wire()).encode() + b"\n"

@@ -151,18 +151,34 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
-def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+def read_request(sock: socket.socket, within: float | None = None) -> tuple[dict[str, Any], list[int]]:
     """One request line and the descriptors that came with it; :class:`ChannelError` if it is malformed.
 
     The request is ``{"op", "args"}``, with ``on_behalf`` when the line named a caller (who may do that is
-    the server's decision, :func:`delegated_peer`); nothing else of the line is kept."""
+    the server's decision, :func:`delegated_peer`); nothing else of the line is kept.
+
+    At most :data:`MAX_FDS` descriptors come with one request, however many pieces its line comes in: each
+    piece may bring some, and a caller that sent a few with every byte made the service hold all of them,
+    until it could open nothing for anyone. With ``within``, the whole line must come within that many
+    seconds (:class:`TimeoutError`), not each piece of it: a byte every few seconds held a connection."""
     fds: list[int] = []
+    deadline = None if within is None else time.monotonic() + within
 
     def receive() -> bytes:
-        data, new_fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request line did not come in time")
+            sock.settimeout(left)
+        data, new_fds, flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
         fds.extend(new_fds)
+        if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
+            raise ChannelError(
+                f"a request carries at most {MAX_FDS} descriptors, sent with its line; send fewer", BAD_REQUEST
+            )
         return data
 
+    timeout = sock.gettimeout()
     try:
         buf = read_line(
             receive, MAX_REQUEST, lambda: ChannelError(f"request larger than {MAX_REQUEST} bytes; send less", TOO_LARGE)
@@ -170,6 +186,8 @@ def read_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     except BaseException:
         _close_all(fds)
         raise
+    finally:
+        sock.settimeout(timeout)  # the answer is sent under the connection's own timeout, not what was left
     line = buf.split(b"\n", 1)[0]
     try:
         msg = json.loads(line)
@@ -251,7 +269,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         server = self.server
         held: Peer | None = None
         try:
-            msg, fds = read_request(sock)
+            msg, fds = read_request(sock, within=server.timeout_seconds)
             if "on_behalf" in msg:
                 try:
                     caller = delegated_peer(peer, msg["on_behalf"], server.admission.delegate_uid, server.name)
