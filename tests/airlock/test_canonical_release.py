@@ -630,6 +630,8 @@ async def test_a_text_carries_no_bit_in_look_alike_letters_or_runs_of_spaces(web
         "\u0391\u0392 blood group",
         "\U0001d40f\U0001d41a\U0001d42d",
         "\uff30\uff41\uff54",
+        "THE \ua4da\ua4f3\ua4e7\ua4f3\ua4e3\ua4d4 STUDY",  # Lisu, whose capitals are Latin ones: COHORT
+        "\u2ca2\u2c9e\u2ca6",  # Coptic: POT
     ):
         with pytest.raises(Refused, match="written wholly in letters that look Latin and are not"):
             canonical_output("other", "t.txt", whole.encode())
@@ -641,3 +643,28 @@ async def test_a_text_carries_no_bit_in_look_alike_letters_or_runs_of_spaces(web
     assert (
         canonical_output("other", "notes.csv", "stage,note\nI,когорта\n".encode()).data.decode().endswith("когорта\n")
     )
+
+
+async def test_a_text_carries_no_bit_in_the_style_of_its_digits(web, airlock, people):
+    """A results text whose every digit was an ASCII one or the mathematical sans-serif digit of the same
+    value (``2`` or ``𝟤``, which a page shows alike): a bit a digit, and two patients' rows released through
+    an ordinary approval, decoded from the download. So was an ``other`` table's cell. Every decimal digit now
+    leaves as the ASCII one of its value, so the download holds no bit of them."""
+    bits = _bits(ROWS)
+    digits = "".join(str(i % 10) for i in range(len(bits)))
+    styled = "".join(chr(0x1D7E2 + int(d)) if bit else d for d, bit in zip(digits, bits, strict=True))
+    words = " ".join(styled[k : k + 4] for k in range(0, len(styled), 4))
+    text = f"Results: the fold scores were {words}.\n"
+    rid = submit(airlock, people, "alice", text.encode(), kind="other", name="results.txt")
+    got = (await release(web, airlock, people, rid)).body.decode()
+    shown = [c for c in got if c.isdigit()]
+    assert len(shown) == len(bits) and "".join(shown) == digits  # every digit, each as the ASCII one
+    assert ROWS not in _bytes([0 if c.isascii() else 1 for c in shown])
+    for other, value in (
+        ("\uff12\uff10\uff12\uff16", "2026"),
+        ("\u0662\u0660\u0662\u0666", "2026"),
+        ("\U0001d7f8\U0001d7f6", "20"),
+    ):
+        assert canonical_output("other", "t.txt", f"in {other}\n".encode()).data.decode() == f"in {value}\n"
+    table = canonical_output("other", "t.csv", f"stage,score\nI,x{styled[:10]}\n".encode()).data.decode()
+    assert table.endswith(f"I,x{digits[:10]}\n"), table

@@ -97,6 +97,44 @@ LETTERS = {
 """Letters of other scripts that print as a Latin letter or digit (the confusables of Unicode's security
 report that matter to pseudonyms, ``P-`` and base32): ``Р-СNLSΥ6UКSОЕF4ТΒК`` reads as a pseudonym. Letters
 whose compatibility form is one ASCII letter or digit (``𝐏``, ``ℙ``, ``Ｐ``, ``²``, ``①``) are read as it too."""
+LETTERS.update(
+    (chr(c), latin)
+    for c, latin in (
+        # Lisu: its capitals are Latin ones
+        (0xA4D0, "B"), (0xA4D1, "P"), (0xA4D2, "d"), (0xA4D3, "D"), (0xA4D4, "T"), (0xA4D6, "G"), (0xA4D7, "K"),
+        (0xA4D9, "J"), (0xA4DA, "C"), (0xA4DC, "Z"), (0xA4DD, "F"), (0xA4DF, "M"), (0xA4E0, "N"), (0xA4E1, "L"),
+        (0xA4E2, "S"), (0xA4E3, "R"), (0xA4E6, "V"), (0xA4E7, "H"), (0xA4EA, "W"), (0xA4EB, "X"), (0xA4EC, "Y"),
+        (0xA4EE, "A"), (0xA4F0, "E"), (0xA4F2, "l"), (0xA4F3, "O"), (0xA4F4, "U"),
+        # Coptic
+        (0x03ED, "o"), (0x2C82, "B"), (0x2C85, "r"), (0x2C8E, "H"), (0x2C92, "l"), (0x2C93, "i"), (0x2C94, "K"),
+        (0x2C98, "M"), (0x2C9A, "N"), (0x2C9E, "O"), (0x2C9F, "o"), (0x2CA2, "P"), (0x2CA3, "p"), (0x2CA4, "C"),
+        (0x2CA5, "c"), (0x2CA6, "T"), (0x2CA8, "Y"), (0x2CA9, "y"), (0x2CAC, "X"), (0x2CBD, "w"), (0x2CCE, "P"),
+        (0x2CCF, "p"), (0x2CD0, "L"),
+        # Warang Citi
+        (0x118A0, "V"), (0x118A2, "F"), (0x118A3, "L"), (0x118A4, "Y"), (0x118A6, "E"), (0x118A9, "Z"),
+        (0x118AE, "E"), (0x118B2, "L"), (0x118B5, "O"), (0x118B8, "U"), (0x118BC, "T"), (0x118C0, "v"),
+        (0x118C1, "s"), (0x118C2, "F"), (0x118C3, "i"), (0x118C4, "z"), (0x118C8, "o"), (0x118D7, "o"),
+        (0x118D8, "u"), (0x118DC, "y"),
+        # Carian, Lycian, Old Italic
+        (0x102A0, "A"), (0x102A1, "B"), (0x102A2, "C"), (0x102A5, "F"), (0x102AB, "O"), (0x102B0, "M"),
+        (0x102B1, "T"), (0x102B2, "Y"), (0x102B4, "X"), (0x102CF, "H"),
+        (0x10282, "B"), (0x10286, "E"), (0x10287, "F"), (0x1028A, "l"), (0x10290, "X"), (0x10292, "O"),
+        (0x10295, "P"), (0x10296, "S"), (0x10297, "T"),
+        (0x10301, "B"), (0x10302, "C"), (0x10309, "l"), (0x10311, "M"), (0x10315, "T"), (0x10317, "X"),
+        # Deseret, Osage, Elbasan
+        (0x10404, "O"), (0x10415, "C"), (0x1041B, "L"), (0x10420, "S"), (0x1042C, "o"), (0x1043D, "c"),
+        (0x10448, "s"),
+        (0x104B4, "R"), (0x104C2, "O"), (0x104CE, "U"), (0x104EA, "o"), (0x104F6, "u"),
+        (0x10513, "N"), (0x10516, "O"), (0x10518, "K"), (0x1051C, "C"), (0x1051D, "V"), (0x10525, "F"),
+        (0x10526, "L"), (0x10527, "X"),
+        # Miao, Tifinagh
+        (0x16F08, "V"), (0x16F0A, "T"), (0x16F16, "L"), (0x16F28, "l"), (0x16F35, "R"), (0x16F3A, "S"),
+        (0x16F40, "A"), (0x16F42, "U"), (0x16F43, "Y"),
+        (0x2D38, "V"), (0x2D39, "E"), (0x2D4F, "l"), (0x2D54, "O"), (0x2D55, "Q"), (0x2D5D, "X"),
+    )
+)  # fmt: skip
+"""And the look-alikes, after Unicode's confusables, of scripts in which a whole word can be written that reads
+as a Latin one (Lisu's capitals are all Latin ones: ``ꓚꓳꓧꓳꓣꓔ`` reads ``COHORT``)."""
 INVISIBLE = (0x00AD, 0x180E, 0x200B, 0x200C, 0x200D, 0x2060, 0x2061, 0x2062, 0x2063, 0x2064, 0xFEFF)
 """Characters a browser shows as nothing (the soft hyphen, except at a line break; the zero-width spaces,
 joiners and invisible operators): ``17\u200b.99`` reads ``17.99``."""

@@ -331,12 +331,20 @@ joiner, variation selectors, Hangul fillers, Mongolian selectors, the braille bl
 look like ``x`` and carry hundreds of bits."""
 
 
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")
+"""A decimal digit of another style or script (mathematical ``𝟤``, full-width ``２``, Arabic-Indic ``٢``)."""
+
+
 def clean_text(text: str, limit: int | None = None) -> str:
     """NFC, ``\\n`` line ends (the line and paragraph separators too), no control or format characters (tabs and
     newlines stay), none of
-    :data:`INVISIBLE`, every other space (no-break, thin, ideographic ...) a plain one; capped at ``limit``."""
+    :data:`INVISIBLE`, every other space (no-break, thin, ideographic ...) a plain one, every decimal digit an
+    ASCII one (a mathematical ``𝟤`` reads as ``2``: which of the two a text holds was a bit a digit that the
+    steward could not see); capped at ``limit``."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n")
     text = unicodedata.normalize("NFC", text)
+    if not text.isascii():
+        text = _OTHER_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
     text = "".join(
         " " if unicodedata.category(c) == "Zs" else c
         for c in text
