@@ -144,6 +144,24 @@ def test_count_table_rules():
     assert {r["status"] for r in disclosure.check_table_alone(df, relaxed)} == {"pass"}
 
 
+def test_a_small_count_written_as_text_is_not_passed_as_checked():
+    """Attack: a count of 3 written ``3+``, ``(3)``, ``3, 1.5%`` or ``3 (1.5%)`` beside an ordinary count column:
+    the labels check took it for a number written as text, and the count checks, reading numeric columns only,
+    never saw it, so every check passed and the steward read ``overall: pass``. The minimum count now asks for
+    review and names the cells; a percentage alone, and counts written as text that are large enough, do not."""
+    for small in ("3+", "(3)", "3, 1.5%", "3 (1.5%)", " 3 "):
+        df = pd.DataFrame({"stage": ["I", "II"], "n": [100, 100], "cases": [small, "97+"]})
+        by = {r["check"]: r for r in disclosure.check_table_alone(df, RULES)}
+        assert by["minimum_count"]["status"] == "review", small
+        assert "written as text" in by["minimum_count"]["reason"]
+        assert by["minimum_count"]["details"]["cells"] == [{"row": 0, "column": "cases", "value": 3.0}]
+    fine = pd.DataFrame({"stage": ["I", "II"], "n": [100, 100], "share": ["3%", "97%"], "cases": ["(30)", "70+"]})
+    assert {r["status"] for r in disclosure.check_table_alone(fine, RULES)} == {"pass"}
+    # A numeric count below the minimum still fails: the text cells do not soften it.
+    both = pd.DataFrame({"stage": ["I", "II"], "n": [100, 2], "cases": ["3+", "97+"]})
+    assert {r["check"]: r for r in disclosure.check_table_alone(both, RULES)}["minimum_count"]["status"] == "fail"
+
+
 def test_magnitude_table_without_recipe_needs_review():
     df = pd.DataFrame({"site": ["a", "b"], "n": [25, 30], "mean_age": [61.2, 58.9]})
     by = {r["check"]: r for r in disclosure.check_table_alone(df, RULES)}

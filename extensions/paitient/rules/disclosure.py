@@ -98,6 +98,25 @@ def count_cells(df: pd.DataFrame) -> list[tuple[int, str, float]]:
     return cells
 
 
+_TEXT_COUNT = re.compile(r"^\(?\s*(\d+)\s*\+?\s*\)?\s*(?:[,(]\s*\d+(?:\.\d+)?\s*%\s*\)?)?$", re.ASCII)
+"""A whole number written as text as tables write counts: ``3``, ``(3)``, ``3+``, ``3, 1.5%``, ``3 (1.5%)``; not
+a percentage alone (``3%``)."""
+
+
+def text_count_cells(df: pd.DataFrame) -> list[tuple[int, str, float]]:
+    """The text cells that read as a count (:data:`_TEXT_COUNT`): (row, column, the whole number), row by row
+    within each column. The checks read counts from numeric columns; a count written ``3+`` is text to them."""
+    cells: list[tuple[int, str, float]] = []
+    for col in df.columns:
+        if pd.api.types.is_numeric_dtype(df[col]):
+            continue
+        for row, value in enumerate(df[col].tolist()):
+            m = _TEXT_COUNT.match(value.strip()) if isinstance(value, str) else None
+            if m:
+                cells.append((row, str(col), float(m.group(1))))
+    return cells
+
+
 def _listed(cells: list[tuple[int, str, float]]) -> list[dict[str, Any]]:
     return [{"row": r, "column": c, "value": v} for r, c, v in cells[:MAX_CELLS_LISTED]]
 
@@ -145,6 +164,17 @@ def check_table_alone(df: pd.DataFrame, rules: TableRules) -> list[dict[str, Any
     else:
         out.append(check_min_count(cells, rules.min_count))
         out.append(check_zeros(cells, rules.zeros_disclosive))
+    written = [c for c in text_count_cells(df) if 0 < c[2] < rules.min_count]
+    if written and out[0]["status"] != "fail":
+        out[0] = result(
+            "minimum_count",
+            "review",
+            f"{len(written)} cell(s) hold a number below {rules.min_count} written as text (such as '3+', '(3)' or "
+            "'3, 1.5%'), which the checks do not read as a count: if they count individuals, merge categories or "
+            "suppress them, and write counts as numbers",
+            threshold=rules.min_count,
+            cells=_listed(written),
+        )
     non_count = sorted({str(c) for c in numeric} - {c for _, c, _ in cells})
     if cells and not non_count:
         out.append(
