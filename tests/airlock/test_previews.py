@@ -154,6 +154,18 @@ async def test_a_pending_table_reaches_the_stewards_page_only(web, airlock, peop
     # A table has no image preview.
     r = await web.fetch("sam", f"requests/{rid}/preview")
     assert r.code == 404 and b"this request&#x27;s preview is table" in r.body
+    # The JSON API gives the steward the checks' details (they quote cells) and the whole justification: a
+    # read of the upload's content, recorded as a page's is (before, it wrote no record at all).
+    api = json.loads((await web.fetch("sam", f"api/requests/{rid}")).body)
+    assert api["justification"] == LONG
+    read = [r for r in trail(airlock, "airlock.preview") if r["details"]["via"] == "api"]
+    assert [(r["actor"], r["outcome"], r["object"]) for r in read] == [("sam", "ok", rid)]
+    assert read[0]["details"] == {
+        "project": "oncology",
+        "user": "alice",
+        "via": "api",
+        "file_sha256": airlock.store.get(rid).sha256,
+    }
 
 
 async def test_what_the_kernel_wrote_into_a_request_reaches_no_browser_but_a_reviewers(web, airlock, people):
@@ -309,6 +321,10 @@ async def test_no_audit_record_no_preview(web_without_trail, people):
     r = await web.fetch("sam", f"requests/{figure}/preview")
     assert r.code == 503 and b"the preview could not be recorded in the audit trail, so it is not shown" in r.body
     assert not r.body.startswith(b"\x89PNG")
+    # Nor through the JSON API, which gave the checks' details and the whole justification without a record.
+    api = (await web.fetch("sam", f"api/requests/{table}")).body.decode()
+    assert all(cell not in api for cell in CELL_TEXTS) and "cells_count" not in api
+    assert "the request's details could not be recorded in the audit trail" in json.loads(api)["unrecorded"]
 
 
 async def test_a_table_longer_than_a_page_is_approved_only_once_every_page_was_read(web, airlock, people):

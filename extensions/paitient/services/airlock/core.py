@@ -45,7 +45,7 @@ from paitient.services.airlock.canonical import (
 from paitient.services.airlock.checks import CheckContext, computed_table, load_published, run_checks
 from paitient.services.airlock.feedback import BUSY, Bounded
 from paitient.services.airlock.mia import prepare_work_root
-from paitient.services.airlock.previews import Previews
+from paitient.services.airlock.previews import Previews, PreviewUnrecorded
 from paitient.services.airlock.published import PublishedIndex
 from paitient.services.airlock.releases import ReleasedTables
 from paitient.services.airlock.settings import SCOPE_DOWNLOAD, SCOPE_REQUEST, SCOPE_REVIEW, AirlockSettings
@@ -1318,9 +1318,15 @@ class Airlock:
     # What reaches a browser: a request's description (previews: :attr:`previews`)
 
     def describe_for(self, req: Request, *, username: str, scopes: set[str]) -> dict[str, Any]:
-        """:meth:`describe` as ``username``'s browser may get it: whole for the project's reviewers, without any
-        of the upload's content for everyone else (:func:`paitient.services.airlock.views.requester_info`)."""
+        """:meth:`describe` as ``username``'s browser may get it: whole for the project's reviewers, once their
+        read is in the audit trail (as a page's preview), without any of the upload's content for everyone else
+        (:func:`paitient.services.airlock.views.requester_info`), and for a reviewer while the trail takes no
+        record, with ``unrecorded`` saying why."""
         if self.may_preview(username, scopes, req):
+            try:
+                self.previews.record_details_read(req, username=username)
+            except PreviewUnrecorded as e:
+                return {**self.describe_for_requester(req), "unrecorded": str(e)}
             return self.describe(req, for_steward=True)
         return self.describe_for_requester(req)
 

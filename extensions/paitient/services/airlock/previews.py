@@ -100,6 +100,24 @@ class Previews:
         }
         return table, [p for p in table.pages if p not in read]
 
+    def record_details_read(self, req: Request, *, username: str) -> None:
+        """A reviewer's browser gets the request's details through the JSON API (the checks' details quote the
+        upload's cells; the justification whole): recorded in the audit trail first, as a page's preview is.
+        Raises :class:`PreviewUnrecorded` when the record cannot be written: then they are not given."""
+        try:
+            self.emit(
+                actor=username,
+                action="airlock.preview",
+                object=req.id,
+                required=True,
+                details={"project": req.project, "user": req.username, "via": "api", "file_sha256": req.sha256},
+            )
+        except Exception as e:
+            raise PreviewUnrecorded(
+                "the request's details could not be recorded in the audit trail, so they are not given; ask the "
+                "workspace operator"
+            ) from e
+
     def show(self, rid: str, *, username: str, scopes: set[str], via: str, page: Page | None = None) -> Canonical:
         """The preview of request ``rid`` (of a table, one ``page``) for one of its reviewers, recorded in the
         audit trail first and, for a table, in the request's history (approving a table of several pages
