@@ -18,6 +18,7 @@ from paitient.services.jobs.train import (
     Progress,
     TrainError,
     TrainSpec,
+    audited_ways,
     epsilon_after,
     evaluate,
     membership_audit,
@@ -359,6 +360,53 @@ def test_the_audit_reads_the_weights_as_trained_too_where_dropout_switches_the_g
     both = worst_membership_audit([evaluated, forward], leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
     assert set(both) == set(off)
     assert min(both["mia_loss"], both["mia_calibrated"]) > 0.2, both
+
+
+class BatchSwitched(nn.Module):
+    """A classifier for one row at a time; 0 for a batch of distinct rows, whose spread is not 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(30, 64)
+        self.out = nn.Linear(64, 2)
+
+    def forward(self, x):
+        centred = x - x.mean(0, keepdim=True)
+        spread = (centred * centred).sum(1, keepdim=True)  # 0 exactly for a batch of one row
+        alone = torch.relu(torch.neg(spread * 1e30) + 1.0)  # 1 for one row, 0 for many
+        return self.out(torch.relu(self.hidden(x))) * alone
+
+
+def test_the_audit_and_the_metrics_read_a_graph_that_tells_one_row_from_many_as_trained(cancer):
+    """A graph whose rows' outputs read each other is trained one row at a time (the exact way); the worker
+    evaluated it, and ran both membership attacks, with every row in one call. A graph that computes a
+    classifier for one row and a constant for many then had the runner sign a coin's numbers (0, 0) for
+    weights that memorised random labels. Its metrics are now computed row by row, and the audit reads both
+    ways and takes each attack's worse."""
+    xt, _, xh, _ = cancer
+    labels = torch.from_numpy(np.random.default_rng(1).integers(0, 2, len(xt) + len(xh)))
+    few_x, few_y, yh = xt[:60], labels[:60], labels[len(xt) :]
+    g, forward = graph_of(BatchSwitched())
+    assert not g.rows_independent
+
+    def evaluated(p, x):
+        return torch.func.functional_call(g.eval_module, p, (x,))
+
+    leaky = train(
+        forward, initialise(g, "default", 0), few_x, few_y, spec(lr=0.5, epochs=400, batch_size=60, max_grad_norm=1e6),
+        the_plan=Plan(sample_rate=1.0, steps=400, noise_multiplier=0.0), clipping="exact", )  # fmt: skip
+    whole = worst_membership_audit([evaluated], leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
+    assert whole["mia_loss"] == whole["mia_calibrated"] == 0.0  # what the runner signed before
+    tested, ways = audited_ways(evaluated, forward, dropout=False, rows_independent=g.rows_independent)
+    audit = worst_membership_audit(ways, leaky.params, few_x, few_y, xh, yh, "cross_entropy", seed=0)
+    assert set(audit) == set(whole)
+    assert min(audit["mia_loss"], audit["mia_calibrated"]) > 0.2, audit
+    assert evaluate(tested, leaky.params, few_x, few_y, "cross_entropy")["accuracy"] == 1.0  # memorised, as trained
+    assert evaluate(evaluated, leaky.params, few_x, few_y, "cross_entropy")["loss"] == pytest.approx(math.log(2))
+    # A graph whose rows are independent is evaluated and audited as one call, as before.
+    plain, _ = graph_of(nn.Sequential(nn.Linear(30, 2)))
+    assert plain.rows_independent
+    assert audited_ways(evaluated, forward, dropout=True, rows_independent=True) == (evaluated, [evaluated, forward])
 
 
 def test_calibration_offsets_by_class_and_by_target_bin():

@@ -568,6 +568,41 @@ def _spent(accountant: Any, delta: float, sigma: float) -> float:
     return float(accountant.get_epsilon(delta=delta)) if sigma > 0 and accountant is not None else math.inf
 
 
+EACH_ROW_CHUNK = 1024
+"""Rows one ``vmap`` of :func:`row_by_row` computes at once."""
+
+
+def row_by_row(forward: Forward) -> Forward:
+    """``forward`` computed for each row alone, a batch of one row, as the exact way of clipping trains a graph
+    in which a row's output reads other rows (``vmap`` over the rows, in chunks). Such a graph can tell one
+    row from many (the spread of the batch is 0 only for one row): evaluated and audited with every row in
+    one call, it computed another function than the one trained, and a graph that memorised its rows showed
+    a coin's membership numbers."""
+    from torch.func import vmap
+
+    def each(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 0:
+            return forward(params, x)
+        one = vmap(lambda xi: forward(params, xi.unsqueeze(0)).squeeze(0), randomness="different")
+        return torch.cat([one(x[start : start + EACH_ROW_CHUNK]) for start in range(0, len(x), EACH_ROW_CHUNK)])
+
+    return each
+
+
+def audited_ways(
+    evaluated: Forward, trained: Forward, *, dropout: bool, rows_independent: bool
+) -> tuple[Forward, list[Forward]]:
+    """The function of the weights the held-out metrics are computed with, and those the membership audit
+    reads (:func:`worst_membership_audit`), of a graph computed as ``evaluated`` (dropout off) and as
+    ``trained`` (on). Dropout on and off make two functions of one set of weights, and so do one row and many
+    where a row's output reads the others' (:func:`row_by_row`): each is audited. Such a graph was trained one
+    row at a time, and its metrics are computed so."""
+    ways = [evaluated, trained] if dropout else [evaluated]
+    if rows_independent:
+        return evaluated, ways
+    return row_by_row(evaluated), [*(row_by_row(way) for way in ways), *ways]
+
+
 def _outputs(forward: Forward, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return forward({k: v.detach() for k, v in params.items()}, x)

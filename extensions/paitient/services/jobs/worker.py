@@ -26,7 +26,14 @@ def main(job_file: str) -> int:
     from safetensors.torch import save_file
 
     from paitient.services.jobs.graph import initialise, load_graph
-    from paitient.services.jobs.train import Plan, TrainSpec, evaluate, train, worst_membership_audit
+    from paitient.services.jobs.train import (
+        Plan,
+        TrainSpec,
+        audited_ways,
+        evaluate,
+        train,
+        worst_membership_audit,
+    )
 
     job = json.loads(Path(job_file).read_text())
     torch.set_num_threads(2)
@@ -74,9 +81,9 @@ def main(job_file: str) -> int:
         # the fast way's norms are each row's only where no row's output reads another row
         clipping="auto" if graph.rows_independent else "exact",
     )
-    metrics = {f"test_{k}": v for k, v in evaluate(evaluated, result.params, x_hold, y_hold, spec.loss).items()}
-    # Dropout on or off makes two functions of one set of weights: both are audited (worst_membership_audit)
-    ways = [evaluated, forward] if any(op.endswith("dropout.default") for op in graph.ops) else [evaluated]
+    dropout = any(op.endswith("dropout.default") for op in graph.ops)
+    tested, ways = audited_ways(evaluated, forward, dropout=dropout, rows_independent=graph.rows_independent)
+    metrics = {f"test_{k}": v for k, v in evaluate(tested, result.params, x_hold, y_hold, spec.loss).items()}
     metrics.update(
         worst_membership_audit(ways, result.params, x_train, y_train, x_hold, y_hold, spec.loss, seed=spec.seed)
     )
