@@ -295,3 +295,46 @@ def test_the_researcher_gets_the_refusal_and_can_submit_again_after_a_cancel(wor
         again = jobs.submit(model(), **request(epochs=2))
         assert again.state == "queued"
         assert world.store.graph_path(world.store.get(again.id).graph_sha256).exists()
+
+
+@pytest.mark.e2e
+def test_an_account_is_refused_before_its_graph_is_checked_at_its_cap_or_while_another_is(
+    world_tmp, make_system_user, monkeypatch
+):
+    """Checking a graph holds the service's one graph-building lock: about 12 s for the largest a request may
+    send. A stream of submissions from one account, each over the cap or failing at the end (and so never
+    queued), kept every other account's submissions, and the workers' checks, waiting behind it. Now an
+    account's graphs are checked one at a time, and the cap is asked before a graph is checked."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from paitient.kernel import jobs
+    from paitient.services.jobs import graph as graph_module
+    from tests.jobs.jobsworld import jobs_world
+    from tests.jobs.test_runner import model, request
+
+    real, checked = graph_module.load_graph, []
+    checking, go_on = threading.Event(), threading.Event()
+
+    def held(program, **kw):
+        checked.append(1)
+        checking.set()
+        assert go_on.wait(60)
+        return real(program, **kw)
+
+    monkeypatch.setattr(graph_module, "load_graph", held)
+    with jobs_world(world_tmp / "state", make_system_user("jobs").pw_name, monkeypatch), ThreadPoolExecutor(1) as pool:
+        first = pool.submit(jobs.submit, model(), **request(epochs=2))
+        assert checking.wait(60)
+        with pytest.raises(jobs.ChannelError) as busy:
+            jobs.submit(model(), **request(epochs=2))
+        assert busy.value.code == "busy" and "another model of yours is being checked" in str(busy.value)
+        assert len(checked) == 1
+        go_on.set()
+        assert first.result(60).state == "queued"
+        for _ in range(3):
+            jobs.submit(model(), **request(epochs=2))
+        assert len(checked) == 4
+        with pytest.raises(jobs.ChannelError) as full:
+            jobs.submit(model(), **request(epochs=2))
+        assert full.value.code == "too_many_jobs" and len(checked) == 4  # refused before its graph was checked

@@ -26,6 +26,8 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, socket_path
 
 MAX_GRAPH_BYTES = 2_000_000
+CHECKING = "busy"
+"""The refusal's code when one of the caller's graphs is still being checked."""
 log = logging.getLogger("paitient.services.jobs")
 
 
@@ -50,6 +54,9 @@ class JobsService:
     def __init__(self, site: Any, store: JobStore, registry: Registry, *, wake: threading.Event | None = None):
         self.site, self.store, self.registry = site, store, registry
         self.wake = wake or threading.Event()
+        self._checking: set[str] = set()
+        """Accounts one of whose graphs is being checked: one at a time each (:meth:`_one_check`)."""
+        self._checking_lock = threading.Lock()
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -79,12 +86,17 @@ class JobsService:
         program = _read_fd(fds[0], MAX_GRAPH_BYTES)
         info = self._dataset(member, spec)
         _within_planning(spec, info)
+        # Checking a graph holds the process's one graph-building lock (seconds for the largest): an account at
+        # its cap is refused before, and one account's graphs are checked one at a time, so that no account
+        # keeps the others' submissions (and the workers' checks) waiting behind a stream of its own.
+        self.store.check_room(member.username)
         from paitient.services.jobs.graph import GraphRefused, load_graph
 
-        try:
-            graph = load_graph(program, max_bytes=MAX_GRAPH_BYTES)
-        except GraphRefused as e:
-            raise ChannelError(f"the model cannot be trained by the runner: {e}", "graph_refused") from None
+        with self._one_check(member.username):
+            try:
+                graph = load_graph(program, max_bytes=MAX_GRAPH_BYTES)
+            except GraphRefused as e:
+                raise ChannelError(f"the model cannot be trained by the runner: {e}", "graph_refused") from None
         if not graph.input_dtype.is_floating_point:
             raise ChannelError(
                 f"the model cannot be trained by the runner: it takes {graph.input_dtype} rows, and the runner "
@@ -111,6 +123,22 @@ class JobsService:
             )
         self.wake.set()
         return job.public()
+
+    @contextmanager
+    def _one_check(self, username: str) -> Iterator[None]:
+        with self._checking_lock:
+            if username in self._checking:
+                raise ChannelError(
+                    "the job was not submitted: another model of yours is being checked right now; submit one at a "
+                    "time (wait for jobs.submit to return, then submit the next)",
+                    CHECKING,
+                )
+            self._checking.add(username)
+        try:
+            yield
+        finally:
+            with self._checking_lock:
+                self._checking.discard(username)
 
     def _checkpoint_for(self, name: str, graph: Any) -> str:
         """The SHA-256 of checkpoint ``name`` if its parameters are exactly the graph's (the job is pinned to

@@ -250,26 +250,35 @@ class JobStore:
         self._submitted(graph_sha256)
         return self.get(job_id)
 
+    def check_room(self, username: str) -> None:
+        """:class:`QueueFull` if ``username`` has ``max_per_user`` jobs queued or running now; what a submission
+        asks before the work of checking its graph (the cap holds in :meth:`submit`'s transaction)."""
+        with self._read() as db:
+            self._room(db, username)
+
+    def _room(self, db: sa.Connection, username: str) -> None:
+        rows = db.execute(
+            sa.text(
+                "SELECT state, COUNT(*) FROM jobs WHERE username = :username "
+                "AND state IN ('queued', 'running') GROUP BY state"
+            ),
+            {"username": username},
+        ).all()
+        held = {state: int(n) for state, n in rows}
+        queued, running = held.get("queued", 0), held.get("running", 0)
+        if queued + running >= self.max_per_user:
+            raise QueueFull(
+                f"the job was not submitted: you have {queued} job(s) queued and {running} running, and an "
+                f"account may have {self.max_per_user} at once ([jobs] max_per_user). Wait for one to end, or "
+                "cancel one you no longer need with jobs.cancel(job) (jobs.list() shows yours), then "
+                "submit again."
+            )
+
     def _insert(
         self, job_id: str, username: str, project: str, dataset: str, spec: dict[str, Any], graph_sha256: str
     ) -> None:
         with self._tx() as db:  # the count and the row in one write transaction: racing submissions queue
-            rows = db.execute(
-                sa.text(
-                    "SELECT state, COUNT(*) FROM jobs WHERE username = :username "
-                    "AND state IN ('queued', 'running') GROUP BY state"
-                ),
-                {"username": username},
-            ).all()
-            held = {state: int(n) for state, n in rows}
-            queued, running = held.get("queued", 0), held.get("running", 0)
-            if queued + running >= self.max_per_user:
-                raise QueueFull(
-                    f"the job was not submitted: you have {queued} job(s) queued and {running} running, and an "
-                    f"account may have {self.max_per_user} at once ([jobs] max_per_user). Wait for one to end, or "
-                    "cancel one you no longer need with jobs.cancel(job) (jobs.list() shows yours), then "
-                    "submit again."
-                )
+            self._room(db, username)
             db.execute(
                 sa.text(
                     "INSERT INTO jobs (id, username, project, dataset, state, spec, graph_sha256, created) "
