@@ -94,6 +94,22 @@ def test_verify_refuses_edited_records_and_other_weights(site, released):
     assert out.returncode == 1 and "not the weights the runner trained" in out.stdout
 
 
+def test_verify_refuses_a_record_file_that_names_a_field_twice(site, released):
+    """Attack: other values before the signed ones (``"epsilon": 0.5`` ahead of the signed 0.98). JSON keeps the
+    last of two, so the signature held and the file verified; a reader taking the first saw 0.5."""
+    rec, weights = released
+    text = rec.read_text()
+    assert text.count('"record": {') == 1
+    rec.write_text(text.replace('"record": {', '"record": {"epsilon": 0.5, '))
+    assert json.loads(rec.read_text())["record"]["epsilon"] == 0.98  # what the signature covers
+    out = verify_cli(site, f"--record={rec}", f"--weights={weights}")
+    assert out.returncode == 1, out.stdout
+    assert "NOT VERIFIED" in out.stdout and "names 'epsilon' twice" in out.stdout
+    rec.write_text("{not json")
+    out = verify_cli(site, f"--record={rec}", f"--weights={weights}")
+    assert out.returncode == 1 and "NOT VERIFIED" in out.stdout and "is not JSON" in out.stdout
+
+
 def test_verify_says_what_is_missing(site, tmp_path):
     out = verify_cli(site)
     assert out.returncode == 2 and "--record=FILE" in out.stderr

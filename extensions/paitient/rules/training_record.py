@@ -162,6 +162,27 @@ def sign(record: Mapping[str, Any], private: Ed25519PrivateKey) -> dict[str, Any
     return {"format": FORMAT, "key_id": kid, "record": checked, "signature": base64.b64encode(signature).decode()}
 
 
+def parse_envelope(data: bytes | str) -> Any:
+    """A record file's JSON, with no key twice in any object: JSON keeps the last of two, so a file could carry
+    other values before the signed ones, which a reader taking the first would see. Raises
+    :class:`RecordInvalid` (not JSON, or a key twice)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise RecordInvalid(f"the record file names {key!r:.40} twice; a signed record names each field once")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(data, object_pairs_hook=unique)
+    except RecordInvalid:
+        raise
+    except ValueError as e:
+        raise RecordInvalid(f"the record file is not JSON ({e})") from None
+
+
 def verify(envelope: Any, public: Ed25519PublicKey, weights: bytes | None = None) -> dict[str, Any]:
     """The record of ``envelope`` if ``public`` signed it as it is (and, given ``weights``, they are the
     record's); raises :class:`RecordInvalid` naming the check that failed."""

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import getpass
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from traitlets import Unicode
 
 from paitient.app import CommandGroup, PaitientCommand
-from paitient.rules.training_record import RecordInvalid, key_id, verify
+from paitient.rules.training_record import RecordInvalid, key_id, parse_envelope, verify
 from paitient.services.jobs import checkpoints
 from paitient.services.jobs.keys import load_public_key, public_key_path
 
@@ -93,9 +92,9 @@ class JobsVerify(PaitientCommand):
         if len(data) > MAX_RECORD_BYTES:
             self.fail(f"{path} has {len(data)} bytes; a training record has at most {MAX_RECORD_BYTES}")
         try:
-            return json.loads(data)
-        except ValueError as e:
-            print(f"paitient {self.name}: NOT VERIFIED: {path} is not JSON ({e})")
+            return parse_envelope(data)
+        except RecordInvalid as e:
+            print(f"paitient {self.name}: NOT VERIFIED: {path}: {e}")
             self.exit(1)
 
 
