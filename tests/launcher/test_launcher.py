@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 from jupyterhub.utils import random_port
 
+from paitient.channel import ChannelError, Peer
 from paitient.registry import Member, Registry
 from paitient.rules.sandbox import user_runtime_dir
 from paitient.services.data import access
+from paitient.services.kit.process import process_start, process_uid
 from paitient.services.launcher import socket_path
 from paitient.services.launcher.service import Launcher, LauncherServer, has_sys_resource
 from tests import workspacegroup
@@ -775,3 +777,28 @@ def test_a_kernel_whose_processes_wake_each_other_all_the_time_does_not_starve_a
     share from 0.50 (per session) to 0.00 (per account); with the keeper waiting on a pidfd it was 0.41."""
     share, _ = _share_of_bob(world_tmp, make_system_user, cpu_groups=True, alice_runs=("pingpong",))
     assert share > 0.45, share  # bob's time against alice's: 0.69 measured, 0 while starved
+
+
+def test_a_pid_the_caller_no_longer_holds_is_not_taken_for_its_server(world):
+    """The socket records the caller's pid at ``connect``. A caller that connects, hands the socket on and
+    ends leaves that pid to whatever process the kernel gives it next: another account's, or root's, which
+    the launcher then put in the caller's cpu group and the keeper watched. Now a pid that is not a process
+    of the caller's account is a caller gone."""
+    _, launcher, _, users = world
+    alice = users["alice"]
+    mine = subprocess.Popen(  # noqa: S603 - the test's own child, as alice
+        ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", "--clear-groups", "sleep", "60"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while process_uid(mine.pid) != alice.pw_uid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        as_alice = Peer(pid=mine.pid, uid=alice.pw_uid, gid=alice.pw_gid)
+        assert launcher.server(as_alice) == (mine.pid, process_start(mine.pid))
+        for other in (os.getpid(), 1):  # root's processes under alice's name
+            with pytest.raises(ChannelError, match="the asking process is gone") as e:
+                launcher.server(Peer(pid=other, uid=alice.pw_uid, gid=alice.pw_gid))
+            assert e.value.code == "forbidden"
+    finally:
+        mine.kill()
+        mine.wait(timeout=10)

@@ -164,6 +164,18 @@ def separate_service_env(
     }
 
 
+def process_uid(pid: int) -> int | None:
+    """The real uid of process ``pid``; None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
+
+
 def process_start(pid: int) -> int | None:
     """The start time (clock ticks after boot) of a live, non-zombie process; None if there is none. With the
     pid it names one process: a pid the kernel gives again later has another start time."""

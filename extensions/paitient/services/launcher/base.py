@@ -74,7 +74,7 @@ from paitient.rules.sandbox import (
     user_runtime_dir,
 )
 from paitient.rules.seccomp import seccomp_program
-from paitient.services.kit.process import process_start
+from paitient.services.kit.process import process_start, process_uid
 from paitient.services.launcher.cpu import CpuGroups
 
 FIELD_REFUSED = "field_refused"
@@ -261,9 +261,14 @@ class BaseLauncher(abc.ABC):
     # -- the request and the sandbox ------------------------------------------------------------------
 
     def server(self, peer: Peer) -> tuple[int, int]:
-        """(pid, start time) of the asking server for the keeper to watch; (0, 0): none it can see."""
+        """(pid, start time) of the asking server for the keeper to watch; (0, 0): none it can see.
+
+        The pid is the one the socket recorded at ``connect``: a caller that connected, handed the socket on and
+        ended leaves a pid the kernel may give another process, another account's or root's, which the launcher
+        would then put in the caller's cpu group and the keeper watch. So the process must be the caller's
+        account's, before and after its start time is read."""
         start = process_start(peer.pid) if peer.pid > 0 else None
-        if start is not None:
+        if start is not None and process_uid(peer.pid) == peer.uid and process_start(peer.pid) == start:
             return peer.pid, start
         if peer.pid > 0 or self.watch_required:
             raise ChannelError("the asking process is gone", FORBIDDEN)
