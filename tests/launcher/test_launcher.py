@@ -802,3 +802,34 @@ def test_a_pid_the_caller_no_longer_holds_is_not_taken_for_its_server(world):
     finally:
         mine.kill()
         mine.wait(timeout=10)
+
+
+HOLD = """
+import json, socket, sys
+path = sys.argv[1]
+held = []
+for _ in range(8):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    held.append(s)  # connected, sending nothing: each holds one of the launcher's threads until its timeout
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(path)
+print(s.recv(4096).decode().strip())
+"""
+
+
+def test_an_account_holds_at_most_eight_of_the_launchers_connections(world):
+    """Attack: a server's account opens connections and sends nothing. The launcher took any number, a root
+    thread each, waiting for a request line; now the ninth at once is refused, saying why."""
+    _, _, sock, users = world
+    alice = users["alice"]
+    r = subprocess.run(  # noqa: S603 - the test's own child, as alice with the workspace's group
+        ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", workspacegroup.setpriv_groups(),
+         sys.executable, "-c", HOLD, str(sock)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["ok"] is False and answer["code"] == "too_many_connections", answer
+    assert "already holds 8 connections" in answer["error"]

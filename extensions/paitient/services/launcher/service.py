@@ -32,6 +32,7 @@ from paitient.rules.sandbox import Limits
 from paitient.services.data import access
 from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.channel import Limits as ConnectionLimits
 from paitient.services.launcher import cpu, socket_path
 from paitient.services.launcher.base import BaseLauncher, Caller
 
@@ -205,7 +206,15 @@ class LauncherServer(ChannelServer):
     callers are root); who is served is then decided per request (:meth:`Launcher.caller`)."""
 
     def __init__(self, path: str | os.PathLike[str], launcher: Launcher, *, group: int | None = None):
-        super().__init__(path, launcher.handlers(), name="launcher", mode=SOCKET_MODE, group=group)
+        super().__init__(
+            path, launcher.handlers(), name="launcher", mode=SOCKET_MODE, group=group, limits=LAUNCHER_LIMITS
+        )
+
+
+LAUNCHER_LIMITS = ConnectionLimits(rate=20.0, burst=40, per_uid=8, total=256)
+"""Per uid: 8 connections at once, 20 requests a second (bursts of 40); 256 connections at once in all (a
+class opening its notebooks together). Without them a server's account could hold any number of the
+launcher's threads, each waiting up to its timeout for a request line."""
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:
