@@ -219,8 +219,9 @@ async def test_what_the_kernel_wrote_into_a_request_reaches_no_browser_but_a_rev
 async def test_a_steward_reads_no_earlier_table_of_their_own_beside_a_colleagues(web, airlock, people):
     """steph stewards oncology and works in it. Her kernel files a count table whose counts carry digits of its
     choosing; a colleague's table differs from it by a small group, so the colleague's request page would show
-    it side by side. steph reviewing the colleague's request does not get her own table's cells back; sam
-    does."""
+    it side by side. steph reviewing the colleague's request does not get her own table's cells back, nor the
+    differences with them, which the check's details listed (``"count": 2.0``: 1982 on the page plus 2 is
+    her 1984), on the page or through the JSON API; sam does."""
     stages = ["I", "II", "III", "IV"]
     mine = csv_bytes(pd.DataFrame({"stage": stages, "n": [1984, 719, 4242, 5151]}))
     own = submit(airlock, people, "steph", mine, project="oncology")
@@ -231,8 +232,13 @@ async def test_a_steward_reads_no_earlier_table_of_their_own_beside_a_colleagues
     assert own in checks["differencing"]["details"]["earlier"]
     sam = (await web.fetch("sam", f"requests/{theirs}")).body.decode()
     assert 'id="differences"' in sam and "<td>1984</td>" in sam and 'id="differences-own"' not in sam
+    assert "&quot;count&quot;: 2.0" in sam  # the difference, in the check's details
     steph = (await web.fetch("steph", f"requests/{theirs}")).body.decode()
     assert 'id="differences-own"' in steph and own in steph and "1984" not in steph
+    assert "&quot;count&quot;" not in steph and "difference(s) with tables you filed" in steph
+    api = json.loads((await web.fetch("steph", f"api/requests/{theirs}")).body)
+    details = {c["check"]: c for c in api["checks"]}["differencing"]["details"]
+    assert details["findings"] == [] and details["own"] == [own] and own not in details["earlier"]
 
 
 async def test_a_steward_sees_no_preview_of_their_own_request(web, airlock, people):

@@ -1317,6 +1317,38 @@ class Airlock:
     # ------------------------------------------------------------------------------------------------
     # What reaches a browser: a request's description (previews: :attr:`previews`)
 
+    def describe_for_reviewer(self, req: Request, username: str) -> dict[str, Any]:
+        """:meth:`describe` for a reviewer's browser: whole, but for the differences the differencing check
+        found with tables ``username`` filed. Their kernel chose those tables' numbers, and a difference
+        with a colleague's table, whose cells the page shows, gives them back (the side-by-side view leaves
+        those tables out for the same reason); another steward reads them."""
+        info = self.describe(req, for_steward=True)
+        checks = []
+        for check in info["checks"]:
+            details = check.get("details") or {}
+            own = {rid for rid in details.get("earlier", []) if self._filed_by(str(rid)) == username}
+            if check["check"] == "differencing" and own:
+                kept = [f for f in details.get("findings", []) if not own & set(f.get("earlier", []))]
+                left = len(details.get("findings", [])) - len(kept)
+                check = {
+                    **check,
+                    "details": {
+                        **details,
+                        "findings": kept,
+                        "earlier": [rid for rid in details["earlier"] if rid not in own],
+                        "own": sorted(own),
+                        "left_out": f"{left} difference(s) with tables you filed; another steward reads them",
+                    },
+                }
+            checks.append(check)
+        return {**info, "checks": checks}
+
+    def _filed_by(self, rid: str) -> str | None:
+        try:
+            return self.store.get(rid).username
+        except StoreError:
+            return None
+
     def describe_for(self, req: Request, *, username: str, scopes: set[str]) -> dict[str, Any]:
         """:meth:`describe` as ``username``'s browser may get it: whole for the project's reviewers, once their
         read is in the audit trail (as a page's preview), without any of the upload's content for everyone else
@@ -1327,7 +1359,7 @@ class Airlock:
                 self.previews.record_details_read(req, username=username)
             except PreviewUnrecorded as e:
                 return {**self.describe_for_requester(req), "unrecorded": str(e)}
-            return self.describe(req, for_steward=True)
+            return self.describe_for_reviewer(req, username)
         return self.describe_for_requester(req)
 
     def describe_for_requester(self, req: Request) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class DetailHandler(AirlockHandler):
         unread = self._unread(req, username) if may_preview else []
         # Without its audit record a reviewer's page shows nothing of the upload: not even the checks' details.
         sees_content = preview is not None and not preview.get("unrecorded")
-        info = airlock.describe(req, for_steward=True) if sees_content else airlock.describe_for_requester(req)
+        info = airlock.describe_for_reviewer(req, username) if sees_content else airlock.describe_for_requester(req)
         record = next(
             (
                 c["details"].get("record")
@@ -173,7 +173,7 @@ class DetailHandler(AirlockHandler):
                 (e.data["override"] for e in airlock.store.events(rid, "decision") if e.data.get("override")), ""
             ),
             min_override=review.MIN_OVERRIDE,
-            differences=self._differences(req, info["checks"], username) if sees_content else [],
+            differences=self._differences(req, info["checks"]) if sees_content else [],
             unread=unread,
         )
 
@@ -187,17 +187,18 @@ class DetailHandler(AirlockHandler):
         except (OSError, ValueError, KeyError, TypeError) as e:
             return views.GraphListing((), (), f"the graph's listing cannot be read ({type(e).__name__})")
 
-    def _differences(self, req: Any, checks: list[dict[str, Any]], reader: str) -> list[dict[str, Any]]:
+    def _differences(self, req: Any, checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The request's count table beside the earlier releases its differencing check found differences
         with, for a reviewer's page; empty when the check found none. A table the reader filed themselves is
         left out (their kernel wrote its labels and numbers; another steward reads them): the page says so."""
         check = next((c for c in checks if c["check"] == "differencing"), None)
         details = (check or {}).get("details") or {}
-        if not details.get("findings"):
+        # the reader's own tables are named apart (Airlock.describe_for_reviewer), their differences left out
+        own = {str(r) for r in details.get("own", [])}
+        if not details.get("findings") and not own:
             return []
         tables = self.airlock.tables
-        ids = [str(r) for r in details.get("earlier", [])]
-        own = {rid for rid in ids if self._filed_by(rid) == reader}
+        ids = [str(r) for r in details.get("earlier", []) if str(r) not in own]
         found = tables.tables(req.project, [req.id, *ids])
         if req.id not in found:
             return []
@@ -215,12 +216,6 @@ class DetailHandler(AirlockHandler):
             return self.airlock.previews.unread(req, username)[1]
         except NoPreview:
             return []  # the page says why there is no preview
-
-    def _filed_by(self, rid: str) -> str | None:
-        try:
-            return self.airlock.store.get(rid).username
-        except StoreError:
-            return None
 
     def _preview(self, rid: str, username: str, scopes: set[str], page: Page | None) -> dict[str, Any]:
         """What the page shows as the preview: from the canonical form, recorded; or why there is none."""
