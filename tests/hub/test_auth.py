@@ -218,6 +218,9 @@ def test_hub_level_validation_refuses_the_same_names():
         ("cn=Zo\\C3\\AB,dc=x", "cn=Zoë,dc=x", True),
         ("cn=a\\,b=c,dc=x", "cn=a,b=c,dc=x", False),
         ("cn=oncology,ou=groups,dc=x", "cn=oncology-2,ou=groups,dc=x", False),
+        # one entry whose name has two values is not an entry in a unit of that name
+        ("cn=data-stewards+ou=restricted,ou=groups,dc=x", "cn=data-stewards,ou=restricted,ou=groups,dc=x", False),
+        ("CN=a + OU=b,dc=x", "cn=a+ou=b,dc=x", True),
     ],
 )
 def test_group_dns_compare_by_meaning_not_spelling(a, b, same):

@@ -338,3 +338,101 @@ async def test_an_account_the_directory_marks_inactive_is_refused_and_signed_out
     assert reasons[0] == "account not active (active_filter)"
     assert await auth.refresh_user(user) is False
     assert (await sign_in(corp_auth(), "aadler", "alice-pw-1"))["groups"] == ["oncology"]  # no filter: as before
+
+
+async def test_a_project_or_role_the_directory_takes_away_leaves_the_registry_and_the_running_server(
+    corp_auth, corp, make_system_user
+):
+    """The hospital takes Alice out of one of her two projects, and out of the stewards, while her server
+    runs. The hub followed at its next refresh, but the accounts registry, which the launcher (a kernel's
+    datasets and data groups) and the services (the airlock's projects, the stewards' pages) read, was
+    written at her server's start only: her next kernels had the project's data for as long as she kept the
+    server running. Now the refresh narrows the registry (her account leaves the project's group) and stops
+    the server; a role the hub's own configuration gives (admin, without an admin group) stays."""
+    import grp
+    from types import SimpleNamespace
+
+    from paitient.registry import Member, Registry
+    from paitient.services.data import access
+
+    auth = corp_auth()
+    account = make_system_user("aadler")
+    modify_group(corp, f"cn=Cardio,{GROUPS}", "add", user_dn("Alice Adler"))
+    assert (await sign_in(auth, "aadler", "alice-pw-1"))["groups"] == ["cardiometabolic", "oncology"]
+    site = auth.site
+    registry = Registry.for_state_dir(site.state_dir)
+    # as the spawner's ensure_account wrote it at her server's start (a steward then, and a hub admin)
+    registry.put(
+        Member(
+            "aadler",
+            account.pw_name,
+            account.pw_uid,
+            ("cardiometabolic", "oncology"),
+            ("admin", "researcher", "steward"),
+        )
+    )
+    access.sync_members(site)
+    cardio = access.group_name(site, "cardiometabolic")
+    assert account.pw_name in grp.getgrnam(cardio).gr_mem
+    stopped: list[str] = []
+
+    async def stop(name: str) -> None:
+        stopped.append(name)
+
+    user = SimpleNamespace(name="aadler", spawners={"": SimpleNamespace(active=True, pending=None)}, stop=stop)
+    # She is not in Data Stewards: the role is taken, and the server it was started with stopped.
+    assert (await auth.refresh_user(user))["groups"] == ["cardiometabolic", "oncology"]
+    assert registry.by_username("aadler").roles == ("admin", "researcher") and stopped == [""]
+    assert account.pw_name in grp.getgrnam(cardio).gr_mem
+    stopped.clear()
+
+    modify_group(corp, f"cn=Cardio,{GROUPS}", "delete", user_dn("Alice Adler"))
+    assert (await auth.refresh_user(user))["groups"] == ["oncology"]
+    member = registry.by_username("aadler")
+    assert member.projects == ("oncology",) and member.roles == ("admin", "researcher")
+    assert account.pw_name not in grp.getgrnam(cardio).gr_mem
+    assert account.pw_name in grp.getgrnam(access.group_name(site, "oncology")).gr_mem
+    assert stopped == [""]
+    narrowed = [
+        r
+        for r in newest_first(trail_dir(site))
+        if r["action"] == "auth.login" and r["details"].get("reason") == "access narrowed in the directory"
+    ]
+    assert [r["details"]["lost"] for r in narrowed] == [["project cardiometabolic"], ["role steward"]]
+    assert (await auth.refresh_user(user))["groups"] == ["oncology"] and stopped == [""]  # nothing more to take
+
+
+def add_entry(server, dn: str, attrs: dict) -> None:
+    """Add an entry as the directory's root: what anyone the hospital lets manage groups can do."""
+    modify_entry(server, ldif_entry(dn, attrs).rstrip("\n").replace(f"dn: {dn}\n", f"dn: {dn}\nchangetype: add\n", 1))
+
+
+async def test_a_group_made_to_look_like_a_configured_one_grants_nothing(corp_auth, corp):
+    """Attack, by someone who may make groups somewhere under the group base (often delegated to teams):
+    Dave, in no project, puts himself in a team group with a second cn value ``Cardio`` (the cardiometabolic
+    project is configured by that name); in a group ``cn=Cardio`` of a unit of his own; and, with the group
+    base above ``ou=Groups``, in ``cn=Oncology Researchers+ou=Groups``, one entry whose name has two values.
+    Each made him a member of the project. Now a name counts only as the one group whose own name it is,
+    and a DN's separators count: none of them grants anything, and a name that names two groups grants
+    nothing until its DN is configured (Carl, the real Cardio's member, loses it meanwhile)."""
+    dave = user_dn("Dave Dorn")
+    auth = corp_auth()
+    assert auth.current_membership("ddorn").membership.projects == ()
+    assert auth.current_membership("ccarl").membership.projects == ("cardiometabolic",)
+    add_entry(
+        corp, f"cn=Team Dave,{GROUPS}", {"objectClass": "groupOfNames", "cn": ["Team Dave", "Cardio"], "member": dave}
+    )
+    assert auth.current_membership("ddorn").membership.projects == ()
+    assert auth.current_membership("ccarl").membership.projects == ("cardiometabolic",)
+    add_entry(corp, f"ou=Team,{GROUPS}", {"objectClass": "organizationalUnit", "ou": "Team"})
+    add_entry(corp, f"cn=Cardio,ou=Team,{GROUPS}", {"objectClass": "groupOfNames", "cn": "Cardio", "member": dave})
+    assert auth.current_membership("ddorn").membership.projects == ()
+    assert auth.current_membership("ccarl").membership.projects == ()
+    add_entry(
+        corp,
+        f"cn=Oncology Researchers+ou=Groups,{BASE}",
+        {"objectClass": "groupOfNames", "cn": "Oncology Researchers", "ou": "Groups", "member": dave},
+    )
+    wide = corp_auth(group_base=BASE)
+    assert wide.current_membership("ddorn").membership.projects == ()
+    assert wide.current_membership("aadler").membership.projects == ("oncology",)

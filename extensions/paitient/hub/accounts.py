@@ -17,6 +17,7 @@ state directories come and go. Any other existing account is never used.
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import os
 import pwd
@@ -140,6 +141,39 @@ def join_workspace_group(site: SiteConfig, account: str) -> None:
             f"could not add {account} to the workspace group {site.accounts.group} (exit {r.returncode}): "
             f"{r.stderr.strip()}; run: usermod --append --groups {site.accounts.group} {account}"
         )
+
+
+def narrow_member(
+    site: SiteConfig,
+    username: str,
+    *,
+    projects: tuple[str, ...],
+    roles: tuple[str, ...],
+    managed: frozenset[str] = frozenset({"researcher", "steward", "admin"}),
+) -> list[str]:
+    """Take from the registry's entry of ``username`` the projects not in ``projects`` and the ``managed`` roles
+    not in ``roles`` (the directory's now), and the account out of those projects' groups; what was taken
+    (``project X``, ``role Y``), nothing when the entry holds no more than they grant. Nothing is added: a
+    project or role granted since is the next server start's (:func:`ensure_account`)."""
+    registry = Registry.for_state_dir(site.state_dir)
+    with locked(site.state_dir / "accounts.create.lock"):
+        known = registry.by_username(username)
+        if known is None:
+            return []
+        lost = [f"project {p}" for p in known.projects if p not in projects]
+        lost += [f"role {r}" for r in known.roles if r in managed and r not in roles]
+        if not lost:
+            return []
+        registry.put(
+            dataclasses.replace(
+                known,
+                projects=tuple(p for p in known.projects if p in projects),
+                roles=tuple(r for r in known.roles if r in roles or r not in managed),
+                updated=time.time(),
+            )
+        )
+        access.sync_members(site)
+    return lost
 
 
 def ensure_account(site: SiteConfig, username: str, *, projects: tuple[str, ...], roles: tuple[str, ...]) -> Member:

@@ -210,13 +210,31 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             searches = [(self.group_base, ldap3.SUBTREE)]
         else:
             searches = [(group, ldap3.BASE) for group in sorted(w for w in wanted if signon.is_dn(w))]
-        found: list[tuple[str, list[str]]] = []
+        found: list[str] = []
         for base, scope in searches:
             conn.search(base, member_filter, scope, attributes=["cn"])
             if conn.result.get("description") != "success":  # a group or group_base that is not there
                 self.log.error("group search under %r failed: %s", base, conn.result.get("description"))
-            found += [(r["dn"], _values(r, "cn")) for r in conn.response or () if r.get("type") == "searchResEntry"]
-        return signon.matching_groups(found, wanted)
+            found += [r["dn"] for r in conn.response or () if r.get("type") == "searchResEntry"]
+        named = {w: dn for w in wanted if not signon.is_dn(w) and (dn := self._group_named(conn, w)) is not None}
+        return signon.matching_groups(found, wanted, named)
+
+    def _group_named(self, conn: ldap3.Connection, name: str) -> str | None:
+        """The DN of the one group under ``group_base`` whose name is ``cn=<name>``; None (and an error in the
+        log) when there is none, or several: a group configured by name then grants nothing until the
+        operator gives its DN."""
+        conn.search(self.group_base, f"(cn={escape_filter_chars(name)})", ldap3.SUBTREE, attributes=["cn"])
+        entries = [r["dn"] for r in conn.response or () if r.get("type") == "searchResEntry"]
+        dn, count = signon.group_named(name, entries)
+        if count > 1:
+            self.log.error(
+                "%d groups under %s are named cn=%s; the one configured by that name grants nothing until its "
+                "full DN is configured instead",
+                count,
+                self.group_base,
+                name,
+            )
+        return dn
 
     def sign_in(self, login: str, password: str) -> Signed | None:
         """Blocking: bind as the user and read their groups. None when the credentials are refused.
@@ -518,7 +536,37 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
         model = self._model(user.name, signed)
         await self._record_roles(user.name, model["auth_state"]["roles"])
         await self._revoke_tokens(handler, model)
+        await self._narrow(user, handler, signed.membership)
         return model
+
+    async def _narrow(self, user: Any, handler: web.RequestHandler | None, membership: Membership) -> None:
+        """The directory took a project or a role from a user who may still sign in (a steward taken out of
+        every project, a researcher out of one of hers, an admin out of the admin group). The accounts
+        registry, which the launcher and the services read, was written at the server's start only: the
+        server's next kernels had the project's data, and the services' pages the role, for as long as the
+        user kept it running. The registry is narrowed to the directory's now (the account leaves the
+        project's group), and a running server is stopped, which ends its kernels; the next start has what
+        the directory grants."""
+        site = self.site
+        if site is None:
+            return
+        from paitient.hub.accounts import narrow_member
+
+        # the roles the directory decides here: a hub admin named in the hub's own configuration stays one
+        managed = {"researcher"}
+        managed |= {"steward"} if self.steward_group else set()
+        managed |= {"admin"} if self.admin_group else set()
+        lost = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: narrow_member(
+                site, user.name, projects=membership.projects, roles=membership.roles, managed=frozenset(managed)
+            ),
+        )
+        if not lost:
+            return
+        self.log.warning("%s lost %s in the directory", signon.shown(user.name), ", ".join(lost))
+        await self._audit(user.name, "denied", reason="access narrowed in the directory", lost=lost)
+        await self._stop_server(user, handler, "access narrowed")
 
     async def _withdraw(self, user: Any, handler: web.RequestHandler | None) -> None:
         """The directory withdrew ``user``'s access: every token they hold is deleted (API tokens, their
@@ -535,10 +583,15 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             if gone:
                 self.log.warning("revoked %d token(s) of %s: access withdrawn", len(gone), signon.shown(user.name))
                 await self._audit_revoked(user.name, [t.prefix for t in gone], tokens.WITHDRAWN_REASON)
+        await self._stop_server(user, handler, "access withdrawn")
+
+    async def _stop_server(self, user: Any, handler: web.RequestHandler | None, why: str) -> None:
+        """Stop ``user``'s running server (which ends its kernels), off the proxy first where a request is
+        being handled."""
         spawner = getattr(user, "spawners", {}).get("")
         if spawner is None or not spawner.active or spawner.pending:
             return
-        self.log.warning("stopping the server of %s: access withdrawn", signon.shown(user.name))
+        self.log.warning("stopping the server of %s: %s", signon.shown(user.name), why)
         try:
             if handler is not None and hasattr(handler, "stop_single_user"):
                 await handler.stop_single_user(user, "")  # off the proxy, then stopped
@@ -582,11 +635,6 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self.log.error("audit record auth.login (%s) for %s not written: %s", outcome, signon.shown(actor), e)
             if must_record:
                 raise web.HTTPError(503, signon.AUDIT_MESSAGE) from None
-
-
-def _values(response: dict, attr: str) -> list[str]:
-    value = (response.get("attributes") or {}).get(attr, [])
-    return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 # ---------------------------------------------------------------------- configuration from the site file

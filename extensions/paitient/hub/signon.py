@@ -126,13 +126,16 @@ def _unescape_dn_value(value: str) -> str:
 
 
 def normalise_dn(dn: str) -> str:
-    """A DN in a form fit for comparison: escapes resolved, names and values lower-cased, spaces trimmed."""
+    """A DN in a form fit for comparison: escapes resolved, names and values lower-cased, spaces trimmed, and
+    each attribute's separator kept: ``cn=a+ou=b,...`` (one entry whose name has two values) is not
+    ``cn=a,ou=b,...`` (an entry ``cn=a`` in the unit ``ou=b``), or a group made beside the configured one
+    under a two-valued name passed for it."""
     try:
         parts = parse_dn(dn, escape=False, strip=True)
     except LDAPInvalidDnError:
         return dn.strip().lower()
-    return ",".join(
-        f"{attr.strip().lower()}={_unescape_dn_value(value.strip()).lower()!r}" for attr, value, _sep in parts
+    return "".join(
+        f"{attr.strip().lower()}={_unescape_dn_value(value.strip()).lower()!r}{sep or ''}" for attr, value, sep in parts
     )
 
 
@@ -140,15 +143,33 @@ def is_dn(text: str) -> bool:
     return "=" in text
 
 
-def matching_groups(found: Iterable[tuple[str, Iterable[str]]], wanted: Iterable[str]) -> set[str]:
-    """Which of the configured groups ``wanted`` (full DNs, or plain names matched against cn) are among
-    the groups ``found`` (pairs of DN and cn values) the user is a member of."""
-    dns: set[str] = set()
-    cns: set[str] = set()
-    for dn, cn_values in found:
-        dns.add(normalise_dn(dn))
-        cns.update(c.lower() for c in cn_values)
-    return {w for w in wanted if (normalise_dn(w) in dns if is_dn(w) else w.lower() in cns)}
+def matching_groups(found: Iterable[str], wanted: Iterable[str], named: Mapping[str, str]) -> set[str]:
+    """Which of the configured groups ``wanted`` (full DNs, or plain names) are among the groups ``found`` (their
+    DNs) the user is a member of. A plain name counts only as the one group ``named`` gives it (the directory's
+    one group of that name, :func:`group_named`): matched against any cn value, any group someone could make
+    under the group base, or a second cn value on a team group, passed for it."""
+    dns = {normalise_dn(dn) for dn in found}
+    out = set()
+    for w in wanted:
+        dn = w if is_dn(w) else named.get(w)
+        if dn is not None and normalise_dn(dn) in dns:
+            out.add(w)
+    return out
+
+
+def group_named(name: str, entries: Iterable[str]) -> tuple[str | None, int]:
+    """The DN among ``entries`` (those a search for ``cn=<name>`` under the group base found) whose own name is
+    exactly ``cn=<name>`` (one value), and how many there are: a group counts by name only when it is the only
+    one (the DN itself when there are several)."""
+    own = []
+    for dn in entries:
+        try:
+            attr, value, sep = parse_dn(dn, escape=False, strip=True)[0]
+        except (LDAPInvalidDnError, IndexError):
+            continue
+        if attr.strip().lower() == "cn" and sep == "," and _unescape_dn_value(value.strip()).lower() == name.lower():
+            own.append(dn)
+    return (own[0] if len(own) == 1 else None), len(own)
 
 
 NO_TOKENS_MESSAGE = (
