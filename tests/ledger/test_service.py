@@ -312,6 +312,9 @@ def test_attacks_from_a_kernel_are_refused(service, site, state_dir):
         attempt("nan", lambda: c._call("reserve", {{"project": "oncology", "dataset": "gbsg2",
                                                     "epsilon": float("nan"), "delta": 1e-7}}))
         attempt("others_run", lambda: c.settle({carols!r}, 0.0))
+        attempt("job_in_capitals", lambda: c.reserve("oncology", "gbsg2", 0.1, 1e-7, run_id="JOB:x"))
+        attempt("past_a_float", lambda: c._call("reserve", {{"project": "oncology", "dataset": "gbsg2",
+                                                             "epsilon": 10**400, "delta": 1e-7}}))
         mine = c.reserve("oncology", "gbsg2", 0.5, 1e-7)["reservation"]
         attempt("overspend", lambda: c.settle(mine, 0.9))
         attempt("negative_spend", lambda: c.settle(mine, -1.0))
@@ -322,6 +325,8 @@ def test_attacks_from_a_kernel_are_refused(service, site, state_dir):
     assert res["negative"][0] == "bad_request" and "epsilon must be a positive number" in res["negative"][1]
     assert res["nan"][0] == "bad_request"
     assert res["others_run"] == ["forbidden", "this reservation belongs to another user"]
+    assert res["job_in_capitals"] == ["bad_request", "run ids starting 'job:' belong to training jobs"]
+    assert res["past_a_float"][0] == "bad_request" and "epsilon must be a finite number" in res["past_a_float"][1]
     assert res["overspend"][0] == "over_reservation" and "more than the 0.5 reserved" in res["overspend"][1]
     assert res["negative_spend"][0] == "over_reservation" and "must be a number >= 0" in res["negative_spend"][1]
     b = {x["dataset"]: x for x in service.ledger.budget("oncology")}["gbsg2"]

@@ -296,3 +296,52 @@ def test_a_member_takes_at_most_her_share_and_the_others_keep_theirs(state_dir):
         ledger.reserve("cardio", "diabetes", 5.0, 1e-7, user="bob")
     finally:
         ledger.close()
+
+
+def test_a_member_takes_at_most_her_share_of_delta_too(state_dir):
+    """Attack (availability): with member_share 0.5, a member reserves a tiny epsilon with almost all of a
+    dataset's delta, and holds or spends it; every colleague's run was refused (no delta left), while the page
+    still showed 9.99 epsilon left. The share now bounds her delta as it bounds her epsilon."""
+    import tomllib
+
+    from paitient.config import parse
+    from tests.ledger.conftest import SITE_TOML
+
+    text = SITE_TOML.format(state_dir=state_dir).replace(
+        'name = "oncology"\n', 'name = "oncology"\nmember_share = 0.5\n', 1
+    )
+    ledger = Ledger(parse(tomllib.loads(text)))
+    try:
+        with pytest.raises(BudgetExceeded) as e:
+            ledger.reserve("oncology", "breast_cancer", 0.01, 9.9e-6, user="alice")
+        assert "delta 9.9e-06 asked, but alice has used 0" in str(e.value)
+        assert "of the 5e-06 one member of the project may use of oncology/breast_cancer's delta 1e-05" in str(e.value)
+        ledger.settle(ledger.reserve("oncology", "breast_cancer", 0.01, 5e-6, user="alice"), 0.01, user="alice")
+        with pytest.raises(BudgetExceeded, match="delta 1e-07 asked"):
+            ledger.reserve("oncology", "breast_cancer", 0.01, 1e-7, user="alice")
+        ledger.reserve("oncology", "breast_cancer", 1.0, 4e-6, user="carol")  # the other half is carol's
+    finally:
+        ledger.close()
+
+
+def test_a_member_holds_a_bounded_number_of_open_reservations(state_dir):
+    """Attack (availability): one kernel reserving a tiny epsilon again and again, settling none. Before each
+    reservation the ledger looks at every open one under its write lock: 200,000 of one account's made every
+    other account's call take 5 s. A member now holds at most MAX_OPEN_PER_MEMBER open at once; settling one
+    makes room, and a colleague is not bound by hers."""
+    from paitient.services.ledger.store import MAX_OPEN_PER_MEMBER
+
+    ledger = Ledger(make_site(state_dir))
+    try:
+        held = [
+            ledger.reserve("oncology", "breast_cancer", 1e-6, 0.0, user="alice") for _ in range(MAX_OPEN_PER_MEMBER)
+        ]
+        with pytest.raises(LedgerError) as e:
+            ledger.reserve("cardio", "diabetes", 1e-6, 0.0, user="alice")  # over all projects
+        assert e.value.code == "too_many_reservations"
+        assert f"you hold {MAX_OPEN_PER_MEMBER} reservations not yet settled" in str(e.value)
+        ledger.reserve("oncology", "breast_cancer", 1e-6, 0.0, user="carol")
+        ledger.settle(held[0], 0.0, user="alice")
+        ledger.reserve("oncology", "breast_cancer", 1e-6, 0.0, user="alice")
+    finally:
+        ledger.close()

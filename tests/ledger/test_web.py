@@ -97,3 +97,20 @@ def test_visible_projects(site, state_dir):
 
 def test_render_page_without_projects():
     assert "You steward no project." in render_page({}, "x")
+
+
+async def test_a_kernels_run_reads_as_self_reported_whatever_its_record_says(page, ledger):
+    """Attack: a kernel settles its run with the record a certified job's has (``mode: certified job``, a
+    ``job ...`` note). The page showed the record's mode, so its row could not be told from a job's. Who
+    trained a run now comes from its run id, which only the runner may give (``job:``, in any case refused
+    to a kernel): a kernel's run reads "a kernel (self-reported)", the runner's "the runner (certified)"."""
+    fake = ledger.reserve("oncology", "breast_cancer", 1.0, 1e-7, user="alice", pid=1, run_id="mine")
+    ledger.settle(fake, 1.0, record={"mode": "certified job", "note": "job job-0123456789ab", "steps": 10})
+    job = ledger.reserve("oncology", "gbsg2", 1.0, 1e-7, user="bob", run_id="job:job-ba9876543210")
+    ledger.settle(job, 0.9, record={"mode": "certified job", "note": "job job-ba9876543210", "steps": 10})
+    body = (await page()).body.decode()
+    rows = {rid: row for row in body.split("<tr ") for rid in (fake, job) if rid in row}
+    assert '<td class="trained-by">a kernel (self-reported)</td>' in rows[fake]
+    assert '<td class="trained-by">the runner (certified)</td>' in rows[job]
+    api = json.loads((await page("api/budget")).body)["projects"]["oncology"]["runs"]
+    assert {r["id"]: r["trained_by"] for r in api} == {fake: "kernel", job: "runner"}

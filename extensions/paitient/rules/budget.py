@@ -123,20 +123,32 @@ def member_left(share: float, total: Budget, member_used: Usage) -> float:
 
 
 def check_member_share(
-    where: str, member: str, share: float, total: Budget, member_used: Usage, epsilon: float
+    where: str, member: str, share: float, total: Budget, member_used: Usage, epsilon: float, delta: float = 0.0
 ) -> None:
     """Raise :class:`BudgetExceeded` unless ``member``'s spent and reserved epsilon of the dataset, with
-    ``epsilon`` more, stays within ``share`` of its total (a project's ``member_share``; 1: no bound)."""
-    allowed = total.epsilon * share
-    if share >= 1 or _fits(member_used.epsilon, epsilon, allowed):
+    ``epsilon`` more, and their delta, with ``delta`` more, stay within ``share`` of its totals (a project's
+    ``member_share``; 1: no bound). Delta is shared as epsilon is: a member holding a dataset's whole delta
+    with a tiny epsilon left every other member nothing to reserve."""
+    if share >= 1:
         return
-    raise BudgetExceeded(
-        f"privacy budget exceeded: epsilon {epsilon:g} asked, but {member} has used {member_used.epsilon:g} "
-        f"({member_used.spent_epsilon:g} spent, {member_used.reserved_epsilon:g} reserved) of the "
-        f"{allowed:g} one member of the project may use of {where}'s {total.epsilon:g} (member_share "
-        f"{share:g}), so that every member keeps a part of it. Ask for at most "
-        f"{member_left(share, total, member_used):g}, or ask a data steward."
-    )
+    allowed = total.epsilon * share
+    if not _fits(member_used.epsilon, epsilon, allowed):
+        raise BudgetExceeded(
+            f"privacy budget exceeded: epsilon {epsilon:g} asked, but {member} has used {member_used.epsilon:g} "
+            f"({member_used.spent_epsilon:g} spent, {member_used.reserved_epsilon:g} reserved) of the "
+            f"{allowed:g} one member of the project may use of {where}'s {total.epsilon:g} (member_share "
+            f"{share:g}), so that every member keeps a part of it. Ask for at most "
+            f"{member_left(share, total, member_used):g}, or ask a data steward."
+        )
+    allowed_delta = total.delta * share
+    if not _fits(member_used.delta, delta, allowed_delta):
+        raise BudgetExceeded(
+            f"privacy budget exceeded: delta {delta:g} asked, but {member} has used {member_used.delta:g} "
+            f"({member_used.spent_delta:g} spent, {member_used.reserved_delta:g} reserved) of the "
+            f"{allowed_delta:g} one member of the project may use of {where}'s delta {total.delta:g} "
+            f"(member_share {share:g}), so that every member keeps a part of it. Ask for at most "
+            f"{max(0.0, allowed_delta - member_used.delta):g} (target_delta), or ask a data steward."
+        )
 
 
 def check_settle(reserved_epsilon: float, reserved_delta: float, epsilon_spent: object, delta_spent: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from paitient.channel import ChannelError, ServiceClient
 from paitient.config import Budget
+from paitient.services.ledger.store import JOB_RUN_PREFIX
 
 READ_SCOPE = "custom:ledger:read"
 """The hub scope of the stewards' page."""
@@ -26,8 +27,14 @@ HIDDEN_FIELDS = ("pid", "pid_start")
 
 
 def public_run(row: dict[str, Any]) -> dict[str, Any]:
-    """A run as shown to users and other services: without the process details."""
-    return {k: v for k, v in row.items() if k not in HIDDEN_FIELDS}
+    """A run as shown to users and other services: without the process details, and with ``trained_by``:
+    ``runner`` for a certified job's run (its run id is the runner's, which no kernel may take), ``kernel``
+    for every other. The training record's ``mode`` is what the kernel wrote, ``certified job`` too."""
+    return {**{k: v for k, v in row.items() if k not in HIDDEN_FIELDS}, "trained_by": trained_by(row)}
+
+
+def trained_by(row: dict[str, Any]) -> str:
+    return "runner" if str(row.get("run_id") or "").startswith(JOB_RUN_PREFIX) else "kernel"
 
 
 def custom_scopes() -> dict[str, dict[str, str]]:

@@ -198,9 +198,13 @@ def _num_arg(args: dict[str, Any], name: str, *, required: bool = True) -> float
     value = args.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ChannelError(f"{name} must be a number, got {value!r}", BAD_REQUEST)
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # a JSON integer past a float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ChannelError(f"{name} must be a finite number, got {str(value)[:40]}", BAD_REQUEST)
+    return number
 
 
 def _only(args: dict[str, Any], allowed: set[str]) -> None:
@@ -317,7 +321,7 @@ class LedgerService:
         run_id = args.get("run_id", "")
         if not isinstance(run_id, str) or len(run_id) > MAX_RUN_ID:
             raise ChannelError(f"run_id must be a string of at most {MAX_RUN_ID} characters", BAD_REQUEST)
-        if run_id.startswith(JOB_RUN_PREFIX):
+        if run_id.lower().startswith(JOB_RUN_PREFIX):
             raise ChannelError(f"run ids starting {JOB_RUN_PREFIX!r} belong to training jobs", BAD_REQUEST)
         return self._reserve(peer, member, args, run_id, {})
 

@@ -47,6 +47,11 @@ __all__ = ["BudgetExceeded", "Ledger", "LedgerError", "db_path", "RECORD_FIELDS"
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 JOB_RUN_PREFIX = "job:"
+MAX_OPEN_PER_MEMBER = 64
+"""Reservations one member may hold unsettled at once, over all projects: the ledger looks at each open one
+(is its process alive?) before each reservation, under its write lock, so that one account holding many
+thousands slowed every account's calls. A workspace's kernels (8 per account) and jobs (4) hold far fewer."""
+TOO_MANY_RESERVATIONS = "too_many_reservations"
 """The run id of a training job's reservation: this prefix and the job's id. Kernels may not use it."""
 RECORD_FIELDS = frozenset(
     {
@@ -335,7 +340,15 @@ class Ledger:
             check_reserve(f"{project}/{dataset}", total, usage(Entry(*r[:5]) for r in rows), epsilon, delta)
             mine = usage(Entry(*r[:5]) for r in rows if r[5] == user)
             share = self.site.project(project).member_share
-            check_member_share(f"{project}/{dataset}", user, share, total, mine, epsilon)
+            check_member_share(f"{project}/{dataset}", user, share, total, mine, epsilon, delta)
+            ((open_,),) = q("SELECT COUNT(*) FROM runs WHERE username = :user AND state = 'reserved'", user=user)
+            if int(open_) >= MAX_OPEN_PER_MEMBER:
+                raise LedgerError(
+                    f"you hold {open_} reservations not yet settled, the most one member may hold at once; "
+                    "finish or interrupt the trainings that hold them (a kernel's end settles its own), then "
+                    "reserve again",
+                    TOO_MANY_RESERVATIONS,
+                )
             q(
                 "INSERT INTO runs (id, project, dataset, username, run_id, pid, pid_start, pod, epsilon, delta, "
                 "state, created) VALUES (:id, :project, :dataset, :user, :run_id, :pid, :pid_start, :pod, "
@@ -391,9 +404,11 @@ class Ledger:
                 # A job's weights are settled by the runner alone: a kernel's run that claimed them would
                 # stand beside the job's settlement, as if the weights had been trained twice.
                 jobs = q(
-                    "SELECT 1 FROM runs WHERE weights_sha256 = :sha AND state = 'settled' AND run_id LIKE :job",
+                    "SELECT 1 FROM runs WHERE weights_sha256 = :sha AND state = 'settled' "
+                    "AND substr(run_id, 1, :n) = :job",
                     sha=sha,
-                    job=JOB_RUN_PREFIX + "%",
+                    job=JOB_RUN_PREFIX,
+                    n=len(JOB_RUN_PREFIX),
                 )
                 if jobs:
                     raise LedgerError(
@@ -476,8 +491,9 @@ class Ledger:
         with _queries(self.db, write=False) as q:
             rows = q(
                 _SELECT_RUNS + " WHERE weights_sha256 = :sha AND state = 'settled' "
-                "ORDER BY CASE WHEN run_id LIKE :job THEN 0 ELSE 1 END, closed DESC LIMIT 1",
+                "ORDER BY CASE WHEN substr(run_id, 1, :n) = :job THEN 0 ELSE 1 END, closed DESC LIMIT 1",
                 sha=sha256,
-                job=JOB_RUN_PREFIX + "%",
+                job=JOB_RUN_PREFIX,
+                n=len(JOB_RUN_PREFIX),
             )
         return _row(rows[0]) if rows else None

@@ -23,7 +23,7 @@ from tornado import web
 from paitient.registry import Registry
 from paitient.services.kit import metrics, pages, render
 from paitient.services.kit.stewards import OWN_RECORD, Reader
-from paitient.services.ledger.api import READ_SCOPE, public_run
+from paitient.services.ledger.api import READ_SCOPE, public_run, trained_by
 from paitient.services.ledger.metrics import ledger_registry
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -61,7 +61,7 @@ def own_run(row: dict[str, Any]) -> dict[str, Any]:
     for key in OWN_RUN_NUMBERS:
         value = row.get(key)
         out[key] = significant(value) if isinstance(value, int | float) else None
-    out.update(record={}, weights_sha256=None, withheld=OWN_RECORD)
+    out.update(record={}, weights_sha256=None, withheld=OWN_RECORD, trained_by=trained_by(row))
     return out
 
 
