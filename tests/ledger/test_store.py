@@ -345,3 +345,23 @@ def test_a_member_holds_a_bounded_number_of_open_reservations(state_dir):
         ledger.reserve("oncology", "breast_cancer", 1e-6, 0.0, user="alice")
     finally:
         ledger.close()
+
+
+def test_a_run_cannot_settle_the_hash_of_another_members_weights(state_dir):
+    """Attack: every member reads the project's records, weights hashes included. Alice settled a tiny run of
+    another project with bob's weights' hash; the airlock, reading the latest run of a hash, took hers for
+    the weights' training record, and bob's request failed its check ("belongs to project 'cardio'"). A run
+    now settles only a hash no other member's run has."""
+    ledger = Ledger(make_site(state_dir))
+    try:
+        bobs = ledger.reserve("oncology", "breast_cancer", 1.0, 1e-7, user="bob")
+        ledger.settle(bobs, 0.8, record={"weights_sha256": "cd" * 32}, user="bob")
+        alices = ledger.reserve("cardio", "diabetes", 0.01, 1e-7, user="alice")
+        with pytest.raises(LedgerError, match="these weights are another member's") as e:
+            ledger.settle(alices, 0.01, record={"weights_sha256": "cd" * 32}, user="alice")
+        assert e.value.code == "bad_request" and ledger.run(alices)["state"] == "reserved"
+        assert ledger.record_by_hash("cd" * 32)["id"] == bobs
+        again = ledger.reserve("oncology", "breast_cancer", 0.5, 1e-7, user="bob")  # bob's own, again: fine
+        ledger.settle(again, 0.5, record={"weights_sha256": "cd" * 32}, user="bob")
+    finally:
+        ledger.close()

@@ -416,6 +416,20 @@ class Ledger:
                         "hash of weights it trained itself",
                         "bad_request",
                     )
+                # Nor another member's: the airlock reads the latest run of a hash, and a colleague's tiny run
+                # settled with the hash (every member reads the project's records) stood in for the weights'
+                # own training record, in another project too.
+                theirs = q(
+                    "SELECT 1 FROM runs WHERE weights_sha256 = :sha AND state = 'settled' AND username <> :user",
+                    sha=sha,
+                    user=row["username"],
+                )
+                if theirs:
+                    raise LedgerError(
+                        "these weights are another member's, settled with her run; a run of your own settles the "
+                        "hash of weights it trained itself",
+                        "bad_request",
+                    )
             try:
                 check_settle(row["epsilon"], row["delta"], epsilon_spent, delta_spent)
             except ValueError as e:
