@@ -44,7 +44,12 @@ class ToTheHubsHost(web.RequestHandler):
         self.hub_origin = hub_origin
 
     def get(self) -> None:
-        self.redirect(self.hub_origin + self.request.uri)
+        uri = self.request.uri or "/"
+        if not uri.startswith("/") or uri.startswith("//"):
+            # a request line in absolute form, or a path that reads as a host: the hub's origin followed by
+            # it (``https://HOST`` + ``@elsewhere/``) would name another host
+            raise web.HTTPError(404)
+        self.redirect(self.hub_origin + uri)
 
     def head(self) -> None:
         self.get()
