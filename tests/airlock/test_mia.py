@@ -296,3 +296,95 @@ def test_declared_splits():
         members_from_spec({"train_rows": [0, 1]}, 2)
     with pytest.raises(SplitError, match="declare the split"):
         members_from_spec(None, 2)
+
+
+INIT_KEPT_ALIVE = """
+import os
+# bubblewrap's init (pid 1 here) runs as this account and its memory is writable through /proc: its code where it
+# waits for its child becomes prctl(PR_SET_PDEATHSIG, 0); for (;;) pause(); (x86-64)
+nr, *rest = open("/proc/1/syscall").read().split()
+with open("/proc/1/mem", "r+b", buffering=0) as mem:
+    mem.seek(int(rest[-1], 16))
+    mem.write(bytes.fromhex("bf0100000031f6b89d0000000f05b8220000000f05ebf7"))
+os._exit(0)
+"""
+
+
+def _processes_of(uid: int) -> list[int]:
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uids = next(line for line in f if line.startswith("Uid:")).split()
+        except (OSError, StopIteration):
+            continue
+        if int(uids[1]) == uid:
+            found.append(int(pid))
+    return found
+
+
+def test_model_code_that_keeps_the_sandboxs_init_alive_leaves_nothing_running(data, audit_account):
+    """Attack: the model's code rewrites the code of bubblewrap's init (its pid 1, of the audit's account)
+    so that it neither dies with its parent nor exits. The sandbox outlived the audit, its timeout and the
+    service: 62 processes left behind took the account's places, and the next user's audit could not start.
+    The airlock now kills that init at the end of each run, and with it the whole sandbox."""
+    import platform
+    import pwd
+    import time
+
+    assert platform.machine() == "x86_64", "the attack's machine code is x86-64's; write it for this machine"
+    df, features, train = data[:3]
+    uid = pwd.getpwnam(audit_account).pw_uid
+    job = _job(df, features, train, b"", source=INIT_KEPT_ALIVE)
+    answer = run_audit(job, account=audit_account, timeout=8)
+    assert answer == {"error": "the audit did not finish within 8 s"}  # the outer bubblewrap waits for its init
+    deadline = time.monotonic() + 5
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_of(uid) == []
+
+
+def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(data, audit_account):
+    """Attack: the model's code puts a FIFO where the worker writes its outputs, and exits. The airlock's one
+    check thread waited in ``open`` for a writer for ever (and again after each restart, re-checking the
+    request). Now the file is opened without waiting, and refused as no file."""
+    df, features, train = data[:3]
+    fifo = (
+        "import json, os, sys\nout = json.load(open(sys.argv[1]))['out']\nos.unlink(out)\nos.mkfifo(out)\nos._exit(0)\n"
+    )
+    got: dict = {}
+    t = threading.Thread(
+        target=lambda: got.update(
+            answer=run_audit(_job(df, features, train, b"", source=fifo), account=audit_account, timeout=60)
+        ),
+        daemon=True,
+    )
+    t.start()
+    t.join(90)
+    assert not t.is_alive(), "the audit waits on the FIFO"
+    assert got["answer"] == {"error": "the audit's outputs are not a file of the size the airlock reads"}
+
+
+def test_what_model_code_prints_is_not_held_by_the_airlock(data, audit_account):
+    """Attack: the model's code writes 1 GiB to its stdout and 1 GiB to its stderr. The airlock kept every byte
+    (3 GiB written took it from 106 MiB to 6.2 GiB): now stdout goes nowhere and a tail of stderr is kept, and
+    the service's peak memory grows by less than 200 MiB."""
+    df, features, train = data[:3]
+    flood = (
+        "import os\nchunk = b'x' * (1 << 20)\nfor _ in range(1024):\n    os.write(1, chunk)\n    os.write(2, chunk)\n"
+        "raise SystemExit(3)\n"
+    )
+
+    def peak_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from the present one
+    before = peak_kib()
+    answer = run_audit(_job(df, features, train, b"", source=flood), account=audit_account, timeout=120)
+    assert answer["error"].startswith("the audit sandbox exited with status 3: ")
+    assert len(answer["error"]) <= 2000
+    assert peak_kib() - before < 200 * 1024

@@ -635,3 +635,109 @@ def test_a_graph_sent_as_a_pipe_is_refused_at_once_and_the_accounts_next_call_wo
     finally:
         for w in held:
             os.close(w)
+
+
+KEEP_INIT_ALIVE = """
+import os, sys
+print('{"step": 1, "steps": 9, "epsilon": 0.1, "loss": 1.0}', flush=True)
+# bubblewrap's init (pid 1 here) runs as this account, its memory writable through /proc: its code where it waits
+# for its child becomes prctl(PR_SET_PDEATHSIG, 0); for (;;) pause(); (x86-64)
+nr, *rest = open("/proc/1/syscall").read().split()
+with open("/proc/1/mem", "r+b", buffering=0) as mem:
+    mem.seek(int(rest[-1], 16))
+    mem.write(bytes.fromhex("bf0100000031f6b89d0000000f05b8220000000f05ebf7"))
+os._exit(0)
+"""
+FLOOD = """
+import os
+os.write(1, b'{"step": 1, "loss": "')
+for _ in range(1024):
+    os.write(1, b"x" * (1 << 20))
+os.write(1, b'"}\\n')
+for _ in range(1024):
+    os.write(2, b"e" * (1 << 20))
+raise SystemExit(3)
+"""
+
+
+def _run_in_the_worker_sandbox(monkeypatch, world_tmp, account, code, timeout):
+    """``code`` run in the worker's real sandbox (``run_worker``: the account, limits, seccomp, bubblewrap), in
+    place of the worker, as a worker whose graph took it over would run."""
+    import numpy as np
+
+    from paitient.services.jobs import execute
+
+    real = execute.sandbox_argv
+
+    def argv(**kw):
+        full = real(**kw)
+        assert full[-3:-1] == ["-m", "paitient.services.jobs.worker"]
+        return [*full[:-3], "-c", code, full[-1]]
+
+    monkeypatch.setattr(execute, "sandbox_argv", argv)
+    arrays = {
+        "x_train": np.zeros((4, 2), np.float32),
+        "y_train": np.zeros(4, np.int64),
+        "x_holdout": np.zeros((2, 2), np.float32),
+        "y_holdout": np.zeros(2, np.int64),
+    }
+    seen: list[dict] = []
+    with pytest.raises(execute.ExecutionFailed) as failed:
+        execute.run_worker(
+            program=b"{}", arrays=arrays, plan={"device": "cpu"}, account=account.pw_name, timeout=timeout,
+            memory_mb=2048, on_progress=lambda line: seen.append(line) or True, work_root=world_tmp / "work",
+            state_dir=world_tmp,
+        )  # fmt: skip
+    return str(failed.value), seen
+
+
+def test_a_worker_that_keeps_its_sandboxs_init_alive_ends_at_its_timeout_and_leaves_nothing(
+    monkeypatch, world_tmp, make_system_user
+):
+    """Attack (a worker its graph took over): the sandbox's init, of the runner's account, rewritten to live on
+    without its parent. It held the worker's output pipe open: the runner read on past the job's timeout
+    (25 s past 5 s, until the process was killed by hand), its queue stalled, and the sandbox lived on. The
+    runner now kills that init at the end of the run, and with it everything in the sandbox."""
+    import platform
+    import threading
+    import time
+
+    from tests.airlock.test_mia import _processes_of
+
+    assert platform.machine() == "x86_64", "the attack's machine code is x86-64's; write it for this machine"
+    account = make_system_user("jobs")
+    got: dict = {}
+    t = threading.Thread(
+        target=lambda: got.update(
+            out=_run_in_the_worker_sandbox(monkeypatch, world_tmp, account, KEEP_INIT_ALIVE, timeout=5)
+        ),
+        daemon=True,
+    )
+    started = time.monotonic()
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the runner is still reading the worker's output"
+    assert time.monotonic() - started < 20
+    reason, seen = got["out"]
+    assert reason == "the job did not finish within 5 s" and seen[0]["step"] == 1
+    deadline = time.monotonic() + 5
+    while _processes_of(account.pw_uid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_of(account.pw_uid) == []
+
+
+def test_what_a_worker_writes_is_read_to_a_bound(monkeypatch, world_tmp, make_system_user):
+    """Attack (a worker its graph took over): a 1 GiB progress line and 1 GiB on stderr. The runner read the
+    line whole and kept all of stderr (2 GiB written took it to 4.2 GiB). Now each line is cut at MAX_LINE
+    and a tail of stderr is kept: the runner's peak memory grows by less than 200 MiB."""
+
+    def peak_kib() -> int:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident size starts again from the present one
+    before = peak_kib()
+    reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), FLOOD, timeout=120)
+    assert reason.startswith("the training sandbox exited with status 3") and seen == []
+    assert peak_kib() - before < 200 * 1024

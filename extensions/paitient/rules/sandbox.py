@@ -192,12 +192,16 @@ def _check_abs(what: str, path: str) -> None:
         raise PolicyError(f"{what} may not be {path!r}: it would hide or expose a system folder")
 
 
-def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", seccomp_fd: int | None = None) -> list[str]:
+def build_bwrap_argv(
+    policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", seccomp_fd: int | None = None, info_fd: int | None = None
+) -> list[str]:
     """The ``bwrap`` command line (without the kernel command) that enforces ``policy``.
 
     Namespaces: every one bwrap knows (network, pid, ipc, uts, cgroup, user), nested user namespaces
     disabled; no capabilities; a new session (no TIOCSTI into the server's terminal); dies with its
-    parent; with ``seccomp_fd``, the filter of :mod:`paitient.rules.seccomp` read from that descriptor.
+    parent; with ``seccomp_fd``, the filter of :mod:`paitient.rules.seccomp` read from that descriptor; with
+    ``info_fd``, bubblewrap writes there the host pid of the sandbox's init (``child-pid``), which its caller
+    kills to end the whole sandbox (:class:`paitient.services.kit.sandboxed.SandboxInit`).
     Filesystem: read-only system, a minimal /etc, private /proc, /dev and /tmp, the home
     read-write, the datasets read-only, the service sockets and the runtime dir at their host paths.
     Every writable tmpfs is sized (/tmp and /dev/shm: ``policy.tmp_bytes`` each; the runtime dir's mask:
@@ -224,6 +228,8 @@ def build_bwrap_argv(policy: SandboxPolicy, bwrap: str = "/usr/bin/bwrap", secco
     ]
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        argv += ["--info-fd", str(info_fd)]
     for key, value in sorted(policy.env.items()):
         argv += ["--setenv", key, value]
     # The private /proc, /dev and /tmp first: what is bound below may lie under /tmp (a workspace

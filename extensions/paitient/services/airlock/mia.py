@@ -37,6 +37,7 @@ from paitient.rules import membership
 from paitient.rules.disclosure import result
 from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, drop_to, prlimit_argv
 from paitient.rules.seccomp import seccomp_program
+from paitient.services.kit.sandboxed import SandboxInit, Tail
 
 WORKER = Path(__file__).with_name("mia_worker.py")
 FRAME_MAGIC = b"PAITIENT-OUTPUTS/1\n"
@@ -60,7 +61,16 @@ class AuditJob:
 
 
 def sandbox_argv(
-    *, uid: int, gid: int, scratch: str, job_dir: str, prefix: str, python: str, limits: Limits, seccomp_fd: int | None
+    *,
+    uid: int,
+    gid: int,
+    scratch: str,
+    job_dir: str,
+    prefix: str,
+    python: str,
+    limits: Limits,
+    seccomp_fd: int | None,
+    info_fd: int | None = None,
 ) -> list[str]:
     """The command that runs the worker: privileges dropped, rlimits set, then the kernels' bubblewrap policy.
 
@@ -86,7 +96,7 @@ def sandbox_argv(
     return [
         *drop_to(uid, gid),
         *prlimit_argv(limits),
-        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
+        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd, info_fd=info_fd),
         python,
         "-I",
         os.path.join(job_dir, "worker.py"),
@@ -190,6 +200,7 @@ def run_model(
         seccomp_fd = os.memfd_create("paitient-audit-seccomp", 0)
         os.write(seccomp_fd, seccomp_program())
         os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        init = SandboxInit()
         argv = sandbox_argv(
             uid=pw.pw_uid,
             gid=pw.pw_gid,
@@ -199,21 +210,36 @@ def run_model(
             python=sys.executable,
             limits=limits,
             seccomp_fd=seccomp_fd,
+            info_fd=init.info_fd,
         )
+        # What the model prints is never read: stdout goes nowhere, and of stderr a tail is kept (a model
+        # writing gigabytes had the service hold them all).
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 argv,
-                capture_output=True,
-                timeout=timeout,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
                 cwd="/",
                 env={"PATH": "/usr/bin:/bin"},
-                pass_fds=(seccomp_fd,),
+                pass_fds=(seccomp_fd, init.info_fd),
             )
+        except BaseException:
+            init.kill()
+            raise
+        try:
+            init.started()
+            errors = Tail(proc.stderr)
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"the audit did not finish within {timeout:g} s"}
-        if proc.returncode != 0:
-            tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-            return {"error": f"the audit sandbox exited with status {proc.returncode}: {' | '.join(tail)}"[:2000]}
+        finally:
+            init.kill()  # the whole sandbox, whatever its code did to its init
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            tail = errors.text().strip().splitlines()[-3:]
+            return {"error": f"the audit sandbox exited with status {code}: {' | '.join(tail)}"[:2000]}
         return read_frame(out, len(rows))
     finally:
         if seccomp_fd is not None:
@@ -226,7 +252,9 @@ def read_frame(path: Path, rows: int) -> np.ndarray | dict[str, Any]:
     after them; anything else is an error (a second answer, a forged or truncated one)."""
     head = len(FRAME_MAGIC) + 8
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # not blocking: the model's account owns the folder, and a FIFO put in the file's place held the
+        # airlock's one check thread for ever
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return {"error": "the audit wrote no outputs"}
     try:

@@ -42,6 +42,7 @@ from paitient.rules.sandbox import (
     python_roots,
 )
 from paitient.rules.seccomp import seccomp_program
+from paitient.services.kit.sandboxed import SandboxInit, Tail, read_lines
 
 LOG = logging.getLogger("paitient.services.jobs")
 
@@ -95,7 +96,15 @@ def gpu_nodes(dev: str = "/dev") -> tuple[str, ...]:
 
 
 def sandbox_argv(
-    *, uid: int, gid: int, scratch: str, job_dir: str, limits: Limits, seccomp_fd: int, gpu: tuple[str, ...] = ()
+    *,
+    uid: int,
+    gid: int,
+    scratch: str,
+    job_dir: str,
+    limits: Limits,
+    seccomp_fd: int,
+    gpu: tuple[str, ...] = (),
+    info_fd: int | None = None,
 ) -> list[str]:
     """The worker's command line: as the runner's account, limited, in bubblewrap. ``gpu``: device nodes to
     bind (:func:`gpu_nodes`), with the sysfs the driver reads and the runner's :data:`GPU_ENV`."""
@@ -121,7 +130,7 @@ def sandbox_argv(
     return [
         *drop_to(uid, gid),
         *prlimit_argv(limits),
-        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd),
+        *build_bwrap_argv(policy, seccomp_fd=seccomp_fd, info_fd=info_fd),
         sys.executable,
         "-m",
         "paitient.services.jobs.worker",
@@ -173,6 +182,7 @@ def run_worker(
         os.write(seccomp_fd, seccomp_program())
         os.lseek(seccomp_fd, 0, os.SEEK_SET)
         gpu = gpu_nodes() if plan.get("device", "auto") != "cpu" else ()
+        init = SandboxInit()
         argv = sandbox_argv(
             uid=pw.pw_uid,
             gid=pw.pw_gid,
@@ -181,8 +191,9 @@ def run_worker(
             limits=limits,
             seccomp_fd=seccomp_fd,
             gpu=gpu,
+            info_fd=init.info_fd,
         )
-        report = _supervise(argv, seccomp_fd, timeout, on_progress)
+        report = _supervise(argv, seccomp_fd, timeout, on_progress, init)
         weights = out / "weights.safetensors"
         if not weights.is_file() or weights.is_symlink():
             raise ExecutionFailed("the worker finished without writing weights")
@@ -196,56 +207,75 @@ def run_worker(
 
 
 def _supervise(
-    argv: list[str], seccomp_fd: int, timeout: float, on_progress: Callable[[dict[str, Any]], bool]
+    argv: list[str],
+    seccomp_fd: int,
+    timeout: float,
+    on_progress: Callable[[dict[str, Any]], bool],
+    init: SandboxInit | None = None,
 ) -> dict[str, Any]:
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin"},
-        pass_fds=(seccomp_fd,),
-    )
+    """Run the worker, following its progress lines (each read to at most :data:`MAX_LINE` bytes; of stderr a
+    tail is kept), until it ends, is cancelled or runs past ``timeout``. ``init``: the sandbox's init, killed
+    at the end, which ends everything in the sandbox: a worker whose code kept that init alive held the
+    output pipe open, and the runner waited past the timeout."""
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin"},
+            pass_fds=(seccomp_fd, *([init.info_fd] if init is not None else [])),
+        )
+    except BaseException:
+        if init is not None:
+            init.kill()
+        raise
+    if init is not None:
+        init.started()
     timed_out = threading.Event()
+
+    def stop() -> None:
+        if init is not None:
+            init.kill()
+        proc.kill()
 
     def expire() -> None:
         timed_out.set()
-        proc.kill()
+        stop()
 
     timer = threading.Timer(timeout, expire)
     timer.start()
-    errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
-    drain.start()
+    errors = Tail(proc.stderr)
     last: dict[str, Any] = {}
     cancelled = False
     try:
         assert proc.stdout is not None
-        for raw in proc.stdout:
+        for raw in read_lines(proc.stdout, MAX_LINE):
             try:
-                line = json.loads(raw[:MAX_LINE])
-            except ValueError:
+                line = json.loads(raw)
+            except (ValueError, RecursionError):
                 continue
             if not isinstance(line, dict):
                 continue
             last = line
             if not line.get("done") and not on_progress(line):
                 cancelled = True
-                proc.kill()
+                stop()
                 break
         code = proc.wait()
     finally:
         timer.cancel()
+        if init is not None:
+            init.kill()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        drain.join(5)
     if cancelled:
         raise ExecutionFailed("cancelled")
     if timed_out.is_set():
         raise ExecutionFailed(f"the job did not finish within {timeout:g} s")
     if code != 0 or not last.get("done"):
-        lines = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
+        lines = errors.text().strip().splitlines()
         # The worker's own words stay in the runner's log (root's): an exception's message can quote a value
         # of the rows it trained on ("Target 172 is out of bounds"), and the reason goes to the job's owner
         # and into the audit trail. The reason names the exception's type only.
