@@ -833,3 +833,42 @@ def test_an_account_holds_at_most_eight_of_the_launchers_connections(world):
     answer = json.loads(r.stdout)
     assert answer["ok"] is False and answer["code"] == "too_many_connections", answer
     assert "already holds 8 connections" in answer["error"]
+
+
+def test_a_kernel_that_keeps_its_sandboxs_init_alive_ends_with_its_stop(world):
+    """Attack: the kernel rewrites the code of its sandbox's init (bubblewrap's pid 1, of alice's account, its
+    memory writable through /proc/1/mem) so that it neither dies with its parent nor exits, and ends. Stopped,
+    the keeper killed the outer bubblewrap, and the init lived on with the sandbox: its mounts (the project's
+    datasets) and its processes, uncounted among alice's kernels. The keeper now kills the init itself."""
+    import platform
+
+    from tests.airlock.test_mia import INIT_KEPT_ALIVE, _processes_of
+
+    assert platform.machine() == "x86_64", "the attack's machine code is x86-64's; write it for this machine"
+    _, launcher, sock, users = world
+    alice = users["alice"]
+    launcher.kernels["patched"] = [sys.executable, "-I", "-c", INIT_KEPT_ALIVE, "{connection_file}"]
+
+    def sandboxes() -> list[int]:
+        found = []
+        for pid in _processes_of(alice.pw_uid):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"bwrap"):
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    args = {"connection_file": str(connection_file(alice)), "kernel": "patched"}
+    with staying(alice, sock, args) as (_, answer):
+        handle = answer["ok"]["kernel"]
+        deadline = time.monotonic() + 20
+        while len(sandboxes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the outer bubblewrap and its init
+        time.sleep(1)  # the kernel has patched the init and ended
+        assert ask_as(alice, sock, {"kernel": handle}, op="alive") == {"ok": {"alive": True}}
+        assert ask_as(alice, sock, {"kernel": handle}, op="stop") == {"ok": {"stopped": True}}
+        deadline = time.monotonic() + 10
+        while sandboxes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandboxes() == []
