@@ -16,6 +16,7 @@ from paitient.rules.membership import roc_auc_advantage
 from paitient.rules.split import SplitError, members_from_spec, split_indices
 from paitient.services.airlock.mia import AuditJob, Limits, judge, prepared_rows, row_losses, run_audit, sandbox_argv
 from tests.airlock.helpers import breast_cancer
+from tests.processes import peak_memory, processes_of, reset_peak_memory
 
 MLP = """
 import torch
@@ -310,21 +311,6 @@ os._exit(0)
 """
 
 
-def _processes_of(uid: int) -> list[int]:
-    import os
-
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                uids = next(line for line in f if line.startswith("Uid:")).split()
-        except (OSError, StopIteration):
-            continue
-        if int(uids[1]) == uid:
-            found.append(int(pid))
-    return found
-
-
 def test_model_code_that_keeps_the_sandboxs_init_alive_leaves_nothing_running(data, audit_account):
     """Attack: the model's code rewrites the code of bubblewrap's init (its pid 1, of the audit's account)
     so that it neither dies with its parent nor exits. The sandbox outlived the audit, its timeout and the
@@ -341,9 +327,9 @@ def test_model_code_that_keeps_the_sandboxs_init_alive_leaves_nothing_running(da
     answer = run_audit(job, account=audit_account, timeout=8)
     assert answer == {"error": "the audit did not finish within 8 s"}  # the outer bubblewrap waits for its init
     deadline = time.monotonic() + 5
-    while _processes_of(uid) and time.monotonic() < deadline:
+    while processes_of(uid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_of(uid) == []
+    assert processes_of(uid) == []
 
 
 def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(data, audit_account):
@@ -376,15 +362,8 @@ def test_what_model_code_prints_is_not_held_by_the_airlock(data, audit_account):
         "import os\nchunk = b'x' * (1 << 20)\nfor _ in range(1024):\n    os.write(1, chunk)\n    os.write(2, chunk)\n"
         "raise SystemExit(3)\n"
     )
-
-    def peak_kib() -> int:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size starts again from the present one
-    before = peak_kib()
+    before = reset_peak_memory()
     answer = run_audit(_job(df, features, train, b"", source=flood), account=audit_account, timeout=120)
     assert answer["error"].startswith("the audit sandbox exited with status 3: ")
     assert len(answer["error"]) <= 2000
-    assert peak_kib() - before < 200 * 1024
+    assert peak_memory() - before < 200 * 1024

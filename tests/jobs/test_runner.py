@@ -702,7 +702,7 @@ def test_a_worker_that_keeps_its_sandboxs_init_alive_ends_at_its_timeout_and_lea
     import threading
     import time
 
-    from tests.airlock.test_mia import _processes_of
+    from tests.processes import processes_of
 
     assert platform.machine() == "x86_64", "the attack's machine code is x86-64's; write it for this machine"
     account = make_system_user("jobs")
@@ -721,9 +721,9 @@ def test_a_worker_that_keeps_its_sandboxs_init_alive_ends_at_its_timeout_and_lea
     reason, seen = got["out"]
     assert reason == "the job did not finish within 5 s" and seen[0]["step"] == 1
     deadline = time.monotonic() + 5
-    while _processes_of(account.pw_uid) and time.monotonic() < deadline:
+    while processes_of(account.pw_uid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_of(account.pw_uid) == []
+    assert processes_of(account.pw_uid) == []
 
 
 def test_what_a_worker_writes_is_read_to_a_bound(monkeypatch, world_tmp, make_system_user):
@@ -731,13 +731,9 @@ def test_what_a_worker_writes_is_read_to_a_bound(monkeypatch, world_tmp, make_sy
     line whole and kept all of stderr (2 GiB written took it to 4.2 GiB). Now each line is cut at MAX_LINE
     and a tail of stderr is kept: the runner's peak memory grows by less than 200 MiB."""
 
-    def peak_kib() -> int:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    from tests.processes import peak_memory, reset_peak_memory
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak resident size starts again from the present one
-    before = peak_kib()
+    before = reset_peak_memory()
     reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), FLOOD, timeout=120)
     assert reason.startswith("the training sandbox exited with status 3") and seen == []
-    assert peak_kib() - before < 200 * 1024
+    assert peak_memory() - before < 200 * 1024

@@ -842,7 +842,8 @@ def test_a_kernel_that_keeps_its_sandboxs_init_alive_ends_with_its_stop(world):
     datasets) and its processes, uncounted among alice's kernels. The keeper now kills the init itself."""
     import platform
 
-    from tests.airlock.test_mia import INIT_KEPT_ALIVE, _processes_of
+    from tests.airlock.test_mia import INIT_KEPT_ALIVE
+    from tests.processes import processes_of
 
     assert platform.machine() == "x86_64", "the attack's machine code is x86-64's; write it for this machine"
     _, launcher, sock, users = world
@@ -851,7 +852,7 @@ def test_a_kernel_that_keeps_its_sandboxs_init_alive_ends_with_its_stop(world):
 
     def sandboxes() -> list[int]:
         found = []
-        for pid in _processes_of(alice.pw_uid):
+        for pid in processes_of(alice.pw_uid):
             try:
                 if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"bwrap"):
                     found.append(pid)

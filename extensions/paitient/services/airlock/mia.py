@@ -214,20 +214,8 @@ def run_model(
         )
         # What the model prints is never read: stdout goes nowhere, and of stderr a tail is kept (a model
         # writing gigabytes had the service hold them all).
+        proc = init.start(argv, stdout=subprocess.DEVNULL, pass_fds=(seccomp_fd,))
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                cwd="/",
-                env={"PATH": "/usr/bin:/bin"},
-                pass_fds=(seccomp_fd, init.info_fd),
-            )
-        except BaseException:
-            init.kill()
-            raise
-        try:
-            init.started()
             errors = Tail(proc.stderr)
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -217,21 +217,17 @@ def _supervise(
     tail is kept), until it ends, is cancelled or runs past ``timeout``. ``init``: the sandbox's init, killed
     at the end, which ends everything in the sandbox: a worker whose code kept that init alive held the
     output pipe open, and the runner waited past the timeout."""
-    try:
+    if init is not None:
+        proc = init.start(argv, stdout=subprocess.PIPE, pass_fds=(seccomp_fd,))
+    else:  # a command without bubblewrap (the tests' own)
         proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd="/",
             env={"PATH": "/usr/bin:/bin"},
-            pass_fds=(seccomp_fd, *([init.info_fd] if init is not None else [])),
+            pass_fds=(seccomp_fd,),
         )
-    except BaseException:
-        if init is not None:
-            init.kill()
-        raise
-    if init is not None:
-        init.started()
     timed_out = threading.Event()
 
     def stop() -> None:

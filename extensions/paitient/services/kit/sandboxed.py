@@ -20,6 +20,7 @@ import json
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +40,24 @@ class SandboxInit:
         os.set_inheritable(self.info_fd, True)
         self._pidfd: int | None = None
         self.pid = 0
+
+    def start(self, argv: list[str], *, stdout: int, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (whose bubblewrap was given :attr:`info_fd`) from ``/`` with a bare ``PATH``, stderr
+        to a pipe, and hold its init; if it cannot start, let go of everything."""
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+                pass_fds=(*pass_fds, self.info_fd),
+            )
+        except BaseException:
+            self.kill()
+            raise
+        self.started()
+        return proc
 
     def started(self, timeout: float = INFO_SECONDS) -> None:
         """Read the init's pid from bubblewrap and hold it; nothing to hold when bubblewrap ended first."""
