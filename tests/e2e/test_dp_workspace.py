@@ -749,7 +749,8 @@ def test_stewards_ledger_page_through_the_hub(workspace):
     assert "Signed in as sam" in page.text and "<script" not in page.text
     assert "<h2>oncology</h2>" in page.text and "<h2>cardiometabolic</h2>" in page.text
     assert (
-        f"<td>carol</td><td>settled</td><td>0.2</td><td>{made['epsilon_spent']:.4g}</td><td>fast</td>"
+        f"<td>carol</td><td>settled</td><td>0.2</td><td>{made['epsilon_spent']:.4g}</td>"
+        '<td class="trained-by">a kernel (self-reported)</td><td>fast</td>'
         f"<td>{made['record']['steps']}</td><td><code>{made['weights_sha256'][:16]}</code></td>"
         f"<td>{made['id']}</td>"
     ) in page.text

@@ -108,7 +108,10 @@ class Directory(Model):
         "",
         help="Where groups live. Group membership is read from groupOfNames / AD group `member` attributes "
         "holding the user's DN (nested groups are not followed). With group_base set, a project's group may be "
-        'given as a plain cn ("Oncology Researchers"); without it, groups must be full DNs.',
+        'given as a plain cn ("Oncology Researchers"): it is then the one group under group_base whose own name '
+        "is that cn (a group with a second cn value of it does not count), and a name two groups under "
+        "group_base have grants nothing until its full DN is configured (the hub's log says so). Without "
+        "group_base, groups must be full DNs.",
     )
     steward_group = Text(
         "",

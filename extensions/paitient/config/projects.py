@@ -100,7 +100,8 @@ class Project(Model):
     member_share = Number(
         1.0,
         rule=SHARE,
-        help="The share of each dataset's epsilon budget one member of the project may have spent and reserved, "
+        help="The share of each dataset's epsilon and delta budgets one member of the project may have spent and "
+        "reserved, "
         "all of her runs and training jobs together (in-kernel trainings and the runner's alike). Below 1, "
         "no member can take, or hold in a long-lived reservation, what the others need: with 4 members, 0.25 "
         "gives each an equal part. 1: the first to ask may use all that is left.",
