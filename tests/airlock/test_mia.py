@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 
@@ -14,7 +15,19 @@ from sklearn.metrics import roc_auc_score
 
 from paitient.rules.membership import roc_auc_advantage
 from paitient.rules.split import SplitError, members_from_spec, split_indices
-from paitient.services.airlock.mia import AuditJob, Limits, judge, prepared_rows, row_losses, run_audit, sandbox_argv
+from paitient.services.airlock.mia import (
+    FRAME_MAGIC,
+    MAX_OUTPUT_COLUMNS,
+    AuditJob,
+    Limits,
+    judge,
+    prepared_rows,
+    read_frame,
+    row_losses,
+    run_audit,
+    run_model,
+    sandbox_argv,
+)
 from tests.airlock.helpers import breast_cancer
 from tests.processes import peak_memory, processes_of, reset_peak_memory
 
@@ -268,7 +281,11 @@ def test_sandbox_command_drops_privileges_then_uses_the_kernel_policy():
         limits=Limits(memory_mb=512),
         seccomp_fd=7,
     )
-    assert argv[:6] == [
+    assert argv[:10] == [
+        "choom",
+        "-n",
+        "1000",
+        "--",
         "setpriv",
         "--reuid=65534",
         "--regid=65534",
@@ -276,7 +293,7 @@ def test_sandbox_command_drops_privileges_then_uses_the_kernel_policy():
         "--no-new-privs",
         "--pdeathsig=KILL",
     ]
-    assert argv[6].endswith("prlimit") and "--data=536870912:536870912" in argv
+    assert argv[10].endswith("prlimit") and "--data=536870912:536870912" in argv
     b = argv.index("/usr/bin/bwrap")
     assert {"--unshare-all", "--disable-userns", "--clearenv"} <= set(argv[b:])
     assert argv[argv.index("--seccomp") + 1] == "7"
@@ -332,10 +349,11 @@ def test_model_code_that_keeps_the_sandboxs_init_alive_leaves_nothing_running(da
     assert processes_of(uid) == []
 
 
-def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(data, audit_account):
+def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(data, audit_account, tmp_path):
     """Attack: the model's code puts a FIFO where the worker writes its outputs, and exits. The airlock's one
     check thread waited in ``open`` for a writer for ever (and again after each restart, re-checking the
-    request). Now the file is opened without waiting, and refused as no file."""
+    request). The outputs file is now the airlock's, bound into the sandbox, so the model's code cannot
+    replace it; and a FIFO at the path the airlock reads is opened without waiting and refused as no file."""
     df, features, train = data[:3]
     fifo = (
         "import json, os, sys\nout = json.load(open(sys.argv[1]))['out']\nos.unlink(out)\nos.mkfifo(out)\nos._exit(0)\n"
@@ -350,7 +368,71 @@ def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(d
     t.start()
     t.join(90)
     assert not t.is_alive(), "the audit waits on the FIFO"
-    assert got["answer"] == {"error": "the audit's outputs are not a file of the size the airlock reads"}
+    assert got["answer"]["error"].startswith("the audit sandbox exited with status 1: "), got
+    assert "Device or resource busy" in got["answer"]["error"]
+    os.mkfifo(tmp_path / "outputs.bin")
+    assert read_frame(tmp_path / "outputs.bin", 3) == {
+        "error": "the audit's outputs are not a file of the size the airlock reads"
+    }
+
+
+HOME_AND_OOM = """
+import errno, json, os, signal, sys, torch
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+    def forward(self, x):
+        home = os.statvfs(os.environ["HOME"])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        out, wrote, refused = json.load(open("job.json"))["out"], 0, 0
+        with open(out, "r+b", buffering=0) as f:
+            try:
+                for _ in range(64):
+                    wrote += f.write(bytes(1 << 20))
+            except OSError as e:
+                refused = e.errno
+            f.truncate(0)
+        oom = int(open("/proc/self/oom_score_adj").read())
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+            lowered = 0
+        except OSError as e:
+            lowered = e.errno
+        os.close(fd)
+        row = [home.f_blocks * home.f_frsize / 2**20, wrote / 2**20, refused, oom, lowered]
+        return torch.tensor([row], dtype=torch.float64).expand(len(x), 5)
+"""
+
+
+def test_model_code_writes_nothing_to_the_hosts_disk_and_is_the_oom_killers_first_choice(data, audit_account):
+    """Attack: the model's code writes where it can, to fill the disk the airlock's state lies on (its home
+    was a folder there, so an audit could write until the disk was full), and lowers its oom_score_adj
+    (the audits ran at 0, beside the services). Its home is now a sized tmpfs, the one host file it can
+    write (its outputs) stops at one frame's size, and its oom_score_adj is 1000 with a floor it cannot
+    lower where the service may set one (CAP_SYS_RESOURCE)."""
+    import errno
+
+    from paitient.rules.sandbox import TMP_BYTES
+    from paitient.services.launcher.service import has_sys_resource
+
+    df, features, train = data[:3]
+    weights = save(_model(HOME_AND_OOM).state_dict())
+    job = _job(df, features, train, weights, source=HOME_AND_OOM)
+    rows = prepared_rows(job)
+    outputs = run_model(job, rows, account=audit_account, timeout=120)
+    assert not isinstance(outputs, dict), outputs
+    home_mib, wrote_mib, refused, oom, lowered = outputs[0]
+    assert home_mib == TMP_BYTES / 2**20
+    frame = len(FRAME_MAGIC) + 8 + len(rows) * MAX_OUTPUT_COLUMNS * 4
+    assert refused == errno.EFBIG and wrote_mib * 2**20 <= frame < 64 * 2**20
+    assert oom == 1000
+    if has_sys_resource():
+        assert lowered == errno.EACCES
+    else:
+        # Root in a container may not set the floor (the launcher warns of it for kernels): lowered here.
+        assert lowered == 0
 
 
 def test_what_model_code_prints_is_not_held_by_the_airlock(data, audit_account):

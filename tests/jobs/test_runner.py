@@ -737,3 +737,31 @@ def test_what_a_worker_writes_is_read_to_a_bound(monkeypatch, world_tmp, make_sy
     reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), FLOOD, timeout=120)
     assert reason.startswith("the training sandbox exited with status 3") and seen == []
     assert peak_memory() - before < 200 * 1024
+
+
+OOM_SCORE = """
+import json, os
+oom = int(open("/proc/self/oom_score_adj").read())
+fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+try:
+    os.write(fd, b"0")
+    lowered = 0
+except OSError as e:
+    lowered = e.errno
+print(json.dumps({"step": 1, "steps": 9, "oom": oom, "lowered": lowered}), flush=True)
+raise SystemExit(3)
+"""
+
+
+def test_a_workers_sandbox_is_the_oom_killers_first_choice(monkeypatch, world_tmp, make_system_user):
+    """A worker's sandbox ran at oom_score_adj 0, beside the services: under memory pressure the OOM killer could
+    end a service before a job. It now starts at 1000, as kernels do, with a floor the worker cannot lower
+    where the runner holds CAP_SYS_RESOURCE (root in a container does not: there the worker can lower it)."""
+    import errno
+
+    from paitient.services.launcher.service import has_sys_resource
+
+    reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), OOM_SCORE, timeout=60)
+    assert reason.startswith("the training sandbox exited with status 3")
+    assert [line["oom"] for line in seen] == [1000]
+    assert seen[0]["lowered"] == (errno.EACCES if has_sys_resource() else 0)

@@ -47,7 +47,13 @@ def test_policy_mounts_the_configured_projects_and_stays_in_the_home(tmp_path):
 
 def test_limits_come_from_configuration(tmp_path):
     p = provisioner(memory_mb=100, max_processes=7, max_open_files=33, cpu_seconds=5)
-    assert vars(p.limits()) == {"memory_mb": 100, "max_processes": 7, "max_open_files": 33, "cpu_seconds": 5}
+    assert vars(p.limits()) == {
+        "memory_mb": 100,
+        "max_processes": 7,
+        "max_open_files": 33,
+        "cpu_seconds": 5,
+        "max_file_bytes": 0,  # a kernel's files: bounded by its home's disk, as any account's
+    }
     # the sizes of /tmp and /dev/shm too, where the server builds the sandbox itself
     sized = provisioner(run_dir="/srv/run", data_root=str(tmp_path), tmp_bytes=3 << 20)
     home = pwd.getpwuid(os.getuid()).pw_dir

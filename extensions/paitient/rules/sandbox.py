@@ -56,10 +56,31 @@ def user_runtime_dir(home: str) -> str:
     return os.path.join(home, ".local", "share", "jupyter", "runtime")
 
 
+OOM_SCORE_ADJ = 1000
+"""The oom_score_adj of every sandbox (kernels, the training runner's workers, the airlock's audits): the OOM
+killer's first choice, before any service whatever its size."""
+
+
+def oom_first() -> list[str]:
+    """The ``choom`` prefix that, run as root, gives what follows :data:`OOM_SCORE_ADJ` and, written with
+    CAP_SYS_RESOURCE, that as the floor: the process and its children cannot lower it."""
+    return ["choom", "-n", str(OOM_SCORE_ADJ), "--"]
+
+
 def drop_to(uid: int, gid: int) -> list[str]:
-    """The ``setpriv`` prefix that runs a root-side worker as ``uid``/``gid``: no groups, no new privileges,
-    and SIGKILL when the process that started it dies (kept through the exec of prlimit and bwrap)."""
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--pdeathsig=KILL"]
+    """The prefix that runs a root-side worker as ``uid``/``gid``: ``choom`` as root sets its oom_score_adj
+    to :data:`OOM_SCORE_ADJ` and, written with CAP_SYS_RESOURCE, the floor the sandbox cannot lower it below;
+    then ``setpriv``: no groups, no new privileges, and SIGKILL when the process that started it dies (kept
+    through the exec of prlimit and bwrap)."""
+    return [
+        *oom_first(),
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={gid}",
+        "--clear-groups",
+        "--no-new-privs",
+        "--pdeathsig=KILL",
+    ]
 
 
 def python_roots() -> list[str]:
@@ -87,6 +108,8 @@ class Limits:
     max_processes: int = 256
     max_open_files: int = 1024
     cpu_seconds: int = 0
+    max_file_bytes: int = 0
+    """RLIMIT_FSIZE: the largest file a process may write (0: no limit). Past it a write fails (or SIGXFSZ)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,11 @@ class SandboxPolicy:
     devices: tuple[str, ...] = ()
     """Host device nodes bound into the private /dev at the same path (a GPU's, for the training runner's
     worker; none for kernels)."""
+    home_tmpfs: bool = False
+    """The home is an empty tmpfs of ``tmp_bytes`` at ``home`` instead of the host folder: nothing the sandbox
+    writes reaches the host's disk (the airlock's audit, whose model code would otherwise fill it)."""
+    home_mounts: tuple[Mount, ...] = ()
+    """Host paths bound at their ``dest`` once the home is in place (a tmpfs home's inputs and output)."""
     tmp_bytes: int = TMP_BYTES
     """Size of the private /tmp and of /dev/shm, each, in bytes. tmpfs pages are charged to no process:
     unsized, each would take up to half the host's memory, out of the rlimits' and the OOM killer's sight."""
@@ -203,8 +231,9 @@ def build_bwrap_argv(
     ``info_fd``, bubblewrap writes there the host pid of the sandbox's init (``child-pid``), which its caller
     kills to end the whole sandbox (:class:`paitient.services.kit.sandboxed.SandboxInit`).
     Filesystem: read-only system, a minimal /etc, private /proc, /dev and /tmp, the home
-    read-write, the datasets read-only, the service sockets and the runtime dir at their host paths.
-    Every writable tmpfs is sized (/tmp and /dev/shm: ``policy.tmp_bytes`` each; the runtime dir's mask:
+    read-write (or a tmpfs, ``home_tmpfs``), the datasets read-only, the service sockets and the runtime dir
+    at their host paths. Every writable tmpfs is sized (/tmp, /dev/shm and a tmpfs home: ``policy.tmp_bytes``
+    each; the runtime dir's mask:
     :data:`RUNTIME_TMPFS_BYTES`) and /dev itself is read-only, so no write in the sandbox fills memory
     past those bounds.
     """
@@ -265,7 +294,13 @@ def build_bwrap_argv(
             raise PolicyError(f"dataset mount {m.dest!r} must lie under /data/")
         argv += ["--bind" if m.writable else "--ro-bind", m.source, m.dest]
     argv += ["--remount-ro", "/data"]
-    argv += ["--bind", policy.home, policy.home]
+    if policy.home_tmpfs:
+        argv += ["--size", size, "--tmpfs", policy.home]
+    else:
+        argv += ["--bind", policy.home, policy.home]
+    for m in policy.home_mounts:
+        _check_abs("home_mounts entry", m.dest)
+        argv += ["--bind" if m.writable else "--ro-bind", m.source, m.dest]
     if policy.kernel_dir:
         # Other kernels' keys and the server's cookie secret live in the runtime dir: hide it, then
         # bring back only what this kernel needs.
@@ -307,4 +342,6 @@ def prlimit_argv(limits: Limits, prlimit: str = "/usr/bin/prlimit") -> list[str]
     ]
     if limits.cpu_seconds:
         argv.append(f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds}")
+    if limits.max_file_bytes:
+        argv.append(f"--fsize={limits.max_file_bytes}:{limits.max_file_bytes}")
     return [*argv, "--"]

@@ -25,7 +25,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,15 @@ import pandas as pd
 from paitient.config.traits import SHARED_ACCOUNTS
 from paitient.rules import membership
 from paitient.rules.disclosure import result
-from paitient.rules.sandbox import SANDBOX_PATH, Limits, SandboxPolicy, build_bwrap_argv, drop_to, prlimit_argv
+from paitient.rules.sandbox import (
+    SANDBOX_PATH,
+    Limits,
+    Mount,
+    SandboxPolicy,
+    build_bwrap_argv,
+    drop_to,
+    prlimit_argv,
+)
 from paitient.rules.seccomp import seccomp_program
 from paitient.services.kit.sandboxed import SandboxInit, Tail
 
@@ -44,6 +52,9 @@ FRAME_MAGIC = b"PAITIENT-OUTPUTS/1\n"
 """The start of the worker's output frame (:mod:`paitient.services.airlock.mia_worker`)."""
 MAX_OUTPUT_COLUMNS = 4096
 MAX_OUTPUT_BYTES = 1 << 30
+OUTPUTS = "outputs.bin"
+"""The worker's outputs file in the scratch folder: made by the airlock, the one host file the sandbox can
+write, bound into its tmpfs home."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +90,14 @@ def sandbox_argv(
 
     The policy is the one every kernel gets (:mod:`paitient.rules.sandbox`): all namespaces unshared,
     no capabilities, the seccomp filter, a minimal /etc, read-only system and Python. Its home is an empty
-    scratch folder (the account's only writable place, removed afterwards); its service-socket folder is
-    an empty one, so the model code reaches no service; there is no dataset mount: the rows it needs are
-    in the job folder, which belongs to root and is read-only for the account.
+    tmpfs of the sandbox's /tmp size at the scratch folder's path, so what the model code writes never
+    reaches the host's disk; the one host file it can write is the outputs file (:data:`OUTPUTS`), which
+    ``limits.max_file_bytes`` bounds. Its service-socket folder is an empty one, so the model code reaches
+    no service; there is no dataset mount: the rows it needs are in the job folder, which belongs to root
+    and is read-only for the account.
     """
     system_ro = ("/usr",) if prefix.startswith("/usr/") else ("/usr", prefix)
+    out = os.path.join(scratch, OUTPUTS)
     policy = SandboxPolicy(
         home=scratch,
         runtime_dir=scratch,
@@ -92,6 +106,8 @@ def sandbox_argv(
         env={"PATH": SANDBOX_PATH, "HOME": scratch, "OMP_NUM_THREADS": "1", "PYTHONNOUSERSITE": "1"},
         cwd=job_dir,
         hostname="airlock-audit",
+        home_tmpfs=True,
+        home_mounts=(Mount(job_dir, job_dir), Mount(out, out, writable=True)),
     )
     return [
         *drop_to(uid, gid),
@@ -167,11 +183,14 @@ def run_model(
     if pw.pw_uid == 0 or pw.pw_gid == 0:
         raise ValueError(f"the audit may not run as {account!r}: it has uid or gid 0")
     limits = limits or Limits(memory_mb=4096, max_processes=64, max_open_files=256, cpu_seconds=int(timeout) + 1)
+    # no file of the sandbox's grows past one frame of these rows (the outputs file is the only one on disk)
+    frame = len(FRAME_MAGIC) + 8 + min(MAX_OUTPUT_BYTES, len(rows) * MAX_OUTPUT_COLUMNS * 4)
+    limits = replace(limits, max_file_bytes=frame)
     scratch = Path(tempfile.mkdtemp(prefix="audit-" if work_root else "paitient-audit-", dir=work_root))
     seccomp_fd = None
     try:
-        os.chown(scratch, pw.pw_uid, pw.pw_gid)
-        os.chmod(scratch, 0o700)
+        # root's, 0711: the account reaches the job folder and the outputs file, and writes nothing else here
+        os.chmod(scratch, 0o711)
         (scratch / "run").mkdir(mode=0o755)
         work = scratch / "job"
         work.mkdir()
@@ -187,7 +206,10 @@ def run_model(
         }
         for name, data in files.items():
             _write(work / name, data, pw.pw_gid)
-        out = scratch / "outputs.bin"
+        out = scratch / OUTPUTS
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.fchown(fd, pw.pw_uid, pw.pw_gid)
+        os.close(fd)
         spec = {
             "model_source": str(work / "model.py"),
             "weights": str(work / "weights.safetensors"),

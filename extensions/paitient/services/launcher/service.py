@@ -28,7 +28,7 @@ from typing import IO, Any
 from paitient.channel import FORBIDDEN, ChannelError, Peer
 from paitient.config import SiteConfig
 from paitient.registry import Member, Registry
-from paitient.rules.sandbox import Limits
+from paitient.rules.sandbox import OOM_SCORE_ADJ, Limits, oom_first
 from paitient.services.data import access
 from paitient.services.kit.access import SOCKET_MODE, workspace_group
 from paitient.services.kit.channel import ChannelServer
@@ -126,10 +126,7 @@ class Launcher(BaseLauncher):
         # bubblewrap and the kernel inherit both and cannot lower them. The OOM killer then takes a kernel
         # before any service (whatever its size), tmpfs and shared memory of a sandbox going with it.
         return [
-            "choom",
-            "-n",
-            str(OOM_SCORE_ADJ),
-            "--",
+            *oom_first(),
             "setpriv",
             f"--reuid={caller.uid}",
             f"--regid={caller.gid}",
@@ -180,8 +177,6 @@ class Launcher(BaseLauncher):
             yield out
 
 
-OOM_SCORE_ADJ = 1000
-"""The kernels' oom_score_adj: the OOM killer's first choice."""
 CAP_SYS_RESOURCE = 24
 
 
