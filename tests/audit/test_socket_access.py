@@ -290,3 +290,49 @@ def test_a_registered_account_reaches_the_service(site, make_system_user, name):
     line = out.stdout.strip()
     assert "unknown_caller" not in line and "may not open" not in line, line
     assert workspacegroup.GROUP == site.accounts.group
+
+
+HOLD = """
+    import socket, sys, time
+    held = []
+    for _ in range(9):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sys.argv[1] + "/audit.sock")
+        held.append(s)
+    held[-1].settimeout(10)
+    print(held[-1].recv(4096).decode().strip(), flush=True)  # the ninth: refused at once
+    sys.stdin.read()  # the other eight held, sending nothing, until the test is done
+"""
+
+
+def test_a_kernel_holding_its_accounts_connections_does_not_refuse_its_servers_records(site, make_system_user):
+    """Attack: a kernel (another pid namespace, its account's uid) opens eight connections to the audit socket
+    and sends nothing. The caps were per uid, so the server's own records were refused with
+    ``too_many_connections`` (its ``kernel.start`` of another kernel was lost, only logged). A user's server and
+    its kernels now have caps of their own: the kernel's ninth connection is refused, the server's record is
+    written."""
+    alice = make_system_user("alice")
+    Registry.for_state_dir(site.state_dir).put(Member(username="alice", account=alice.pw_name, uid=alice.pw_uid))
+    with services(site, ("audit",)):
+        kernel = subprocess.Popen(  # noqa: S603 - the test's own child, as alice in a pid namespace of its own
+            ["unshare", "--pid", "--fork", "setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}",
+             "--init-groups", sys.executable, "-c", textwrap.dedent(HOLD), str(site.run_dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+        )  # fmt: skip
+        try:
+            assert kernel.stdout is not None
+            ninth = json.loads(kernel.stdout.readline())
+            assert ninth["code"] == "too_many_connections" and "kernels already hold 8" in ninth["error"], ninth
+            server = as_account(
+                alice,
+                f"""
+                from paitient.server.audit import send
+                print(send({str(site.run_dir)!r}, action="kernel.start", object="k2", details={{}})["seq"])
+                """,
+            )
+            assert server.returncode == 0, server.stderr
+        finally:
+            kernel.communicate(input="", timeout=30)
+    started = [r for r in records(site) if r["action"] == "kernel.start"]
+    assert [(r["actor"], r["object"], r["details"]["peer"]["origin"]) for r in started] == [("alice", "k2", "host")]

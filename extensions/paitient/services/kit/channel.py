@@ -70,8 +70,27 @@ class Limits:
     total: int = 64
 
 
+Side = tuple[int, str]
+"""Whose share of a service a connection takes: the caller's uid, and ``server`` for a process in the
+service's pid namespace (a user's server here) or a pod's caller its relay saw as the server, ``kernel``
+for any other (a sandboxed kernel)."""
+
+
+def side_of(peer: Peer) -> Side:
+    """The share ``peer`` draws on. A user's server and its kernels share a uid; each has caps of its own, so
+    a kernel that holds its account's connections (or spends its requests) does not refuse its server's."""
+    if peer.delegated:
+        return peer.uid, "server" if peer.origin == "server" else "kernel"
+    try:
+        same = os.readlink(f"/proc/{peer.pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        same = False  # gone before we looked: the stricter share
+    return peer.uid, "server" if same else "kernel"
+
+
 class Admission:
-    """Who may hold a connection now: the ``admit`` rule, the connection caps and a token bucket per uid."""
+    """Who may hold a connection now: the ``admit`` rule, the connection caps and a token bucket per uid and
+    side (:func:`side_of`: an account's server, its kernels)."""
 
     def __init__(
         self,
@@ -85,26 +104,28 @@ class Admission:
         self.name = name
         self.delegate_uid = delegate_uid
         self._lock = threading.Lock()
-        self._open: dict[int, int] = {}
+        self._open: dict[Side, int] = {}
         self._total = 0
-        self._buckets: dict[int, tuple[float, float]] = {}
+        self._buckets: dict[Side, tuple[float, float]] = {}
 
-    def enter(self, peer: Peer) -> bool:
-        """Admit ``peer`` or raise :class:`ChannelError`; True when a slot was taken (give it back with
-        :meth:`leave`). The gateway's own connection takes no slot: the caller it speaks for is admitted once
-        its request is read."""
+    def enter(self, peer: Peer) -> Side | None:
+        """Admit ``peer`` or raise :class:`ChannelError`; the share it took when a slot was taken (give it back
+        with :meth:`leave`), None when none was. The gateway's own connection takes no slot: the caller it
+        speaks for is admitted once its request is read."""
         if peer.is_root or (self.delegate_uid is not None and peer.uid == self.delegate_uid and not peer.delegated):
-            return False
+            return None
         if self.admit is not None:
             self.admit(peer)
         limits = self.limits
         if limits is None:
-            return False
+            return None
+        side = side_of(peer)
         with self._lock:
-            mine = self._open.get(peer.uid, 0)
+            mine = self._open.get(side, 0)
             if mine >= limits.per_uid:
+                holder = "your account already holds" if side[1] == "server" else "your account's kernels already hold"
                 raise ChannelError(
-                    f"{self.name}: your account already holds {mine} connections, the most it may hold at once; "
+                    f"{self.name}: {holder} {mine} connections, the most it may hold at once; "
                     "wait for your earlier requests to finish and try again",
                     TOO_MANY_CONNECTIONS,
                 )
@@ -115,32 +136,33 @@ class Admission:
                     TOO_MANY_CONNECTIONS,
                 )
             now = time.monotonic()
-            tokens, then = self._buckets.get(peer.uid, (float(limits.burst), now))
+            tokens, then = self._buckets.get(side, (float(limits.burst), now))
             tokens = min(float(limits.burst), tokens + (now - then) * limits.rate)
             if tokens < 1.0:
-                self._buckets[peer.uid] = (tokens, now)
+                self._buckets[side] = (tokens, now)
                 wait = (1.0 - tokens) / limits.rate
+                sender = "your account" if side[1] == "server" else "your account's kernels"
                 raise ChannelError(
-                    f"{self.name}: your account sent more than {limits.rate:g} requests per second (bursts of "
+                    f"{self.name}: {sender} sent more than {limits.rate:g} requests per second (bursts of "
                     f"{limits.burst}); wait {wait:.2f} s and try again",
                     RATE_LIMITED,
                 )
-            self._buckets[peer.uid] = (tokens - 1.0, now)
-            self._open[peer.uid] = mine + 1
+            self._buckets[side] = (tokens - 1.0, now)
+            self._open[side] = mine + 1
             self._total += 1
             if len(self._buckets) > 4 * limits.total + 1024:  # forget full buckets of uids gone quiet
-                full = [u for u, (t, _) in self._buckets.items() if t >= limits.burst and u not in self._open]
-                for u in full:
-                    del self._buckets[u]
-        return True
+                full = [k for k, (t, _) in self._buckets.items() if t >= limits.burst and k not in self._open]
+                for k in full:
+                    del self._buckets[k]
+        return side
 
-    def leave(self, peer: Peer) -> None:
+    def leave(self, side: Side) -> None:
         with self._lock:
-            left = self._open.get(peer.uid, 0) - 1
+            left = self._open.get(side, 0) - 1
             if left > 0:
-                self._open[peer.uid] = left
+                self._open[side] = left
             else:
-                self._open.pop(peer.uid, None)
+                self._open.pop(side, None)
             self._total -= 1
 
 
@@ -262,12 +284,12 @@ class _RequestHandler(socketserver.BaseRequestHandler):
         try:
             self._serve(sock, peer, fds)
         finally:
-            if held:
-                server.admission.leave(peer)
+            if held is not None:
+                server.admission.leave(held)
 
     def _serve(self, sock: socket.socket, peer: Peer, fds: list[int]) -> None:
         server = self.server
-        held: Peer | None = None
+        held: Side | None = None
         try:
             msg, fds = read_request(sock, within=server.timeout_seconds)
             if "on_behalf" in msg:
@@ -277,8 +299,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                     server.refused(peer, e)  # who tried to speak for another is on record
                     raise
                 try:
-                    if server.admission.enter(caller):
-                        held = caller
+                    held = server.admission.enter(caller)
                 except ChannelError as e:
                     server.refused(caller, e)
                     raise
