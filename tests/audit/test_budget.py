@@ -85,8 +85,9 @@ def service(site, accounts):
     stop(proc)
 
 
-def send_as(site, user, n: int, details: dict, *, unshare: bool = False) -> list[str]:
-    """Send ``n`` cell.execute events as ``user`` (a server would); one line per send: ``OK seq`` or ``REFUSED``."""
+def send_as(site, user, n: int, details: dict, *, unshare: bool = False, obj: str = "k{i}") -> list[str]:
+    """Send ``n`` cell.execute events as ``user`` (a server would), the ``i``-th with ``obj.format(i=i)`` as its
+    object; one line per send: ``OK seq`` or ``REFUSED``."""
     code = textwrap.dedent(f"""
         import json, sys
         from paitient.server.audit import send
@@ -94,7 +95,7 @@ def send_as(site, user, n: int, details: dict, *, unshare: bool = False) -> list
         details = json.loads(sys.stdin.read())
         for i in range({n}):
             try:
-                answer = send({str(site.run_dir)!r}, action="cell.execute", object=f"k{{i}}", details=details)
+                answer = send({str(site.run_dir)!r}, action="cell.execute", object={obj!r}.format(i=i), details=details)
                 print("OK", answer["seq"])
             except AuditError as e:
                 print("REFUSED", e.code, e)
@@ -163,6 +164,33 @@ def test_an_account_past_its_budget_is_recorded_with_details_cut_and_never_refus
     assert trail_records(site, action="cell.execute")[-1]["details"]["over_budget"] is True
     send_as(site, alice, 1, {"code": "1 + 1"})
     assert trail_records(site, action="cell.execute")[-1]["details"]["code"] == "1 + 1"
+
+
+def test_the_bytes_of_an_events_object_are_charged_and_a_long_one_is_cut_past_the_budget(site, accounts, service):
+    """Attack: objects of 1,024 emoji and no details. Only details were charged, and the trail writes each emoji
+    as a 12-byte escape: 600 such records grew the trail by 7.6 MB and charged the account nothing (some 50 GB
+    a day at the request rate). The object is now charged as the trail writes it, and past the budget it is
+    cut to 128 bytes, its length and SHA-256 in the details."""
+    alice, _ = accounts
+    emoji = "\U0001f600" * 1020  # and 4 digits: the longest object a service keeps (1,024 characters)
+    per_event = len(json.dumps(emoji + "0000")) + len(canonical({}))
+    assert per_event > 12_000
+    send_as(site, alice, 4, BIG)  # most of the budget
+    fit = (BUDGET - 4 * (len(canonical(BIG)) + len('"k0"'))) // per_event
+    before = trail_bytes(site)
+    lines = send_as(site, alice, fit + 6, {}, obj=emoji + "{i:04d}")
+    assert [line.split()[0] for line in lines] == ["OK"] * (fit + 6), lines
+    assert trail_bytes(site) - before <= fit * (per_event + SMALL_RECORD) + 7 * SMALL_RECORD
+
+    mine = [r for r in trail_records(site, action="cell.execute") if r["actor"] == "alice"][4:]
+    assert [r["object"] for r in mine[:fit]] == [f"{emoji}{i:04d}" for i in range(fit)]
+    for i, r in enumerate(mine[fit:], start=fit):
+        assert len(json.dumps(r["object"])) <= 128 and r["object"].endswith("...")
+        assert emoji.startswith(r["object"][:-3]) and len(r["object"]) > 5
+        assert r["details"]["over_budget"] is True and r["details"]["object_length"] == 1024
+        whole = f"{emoji}{i:04d}".encode("utf-8", "surrogatepass")
+        assert r["details"]["object_sha256"] == hashlib.sha256(whole).hexdigest()
+    assert [n["actor"] for n in trail_records(site, action="audit.budget")] == ["alice"]
 
 
 def test_another_account_and_root_are_untouched_by_one_accounts_budget(site, accounts, service):

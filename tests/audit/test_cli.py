@@ -61,6 +61,20 @@ def test_show_text_output_cannot_drive_the_terminal(site, events):
     assert "  mallory\\x1b]0;owned\\x07  kernel.stop  k\\u202e9  ok" in out.stdout
 
 
+def test_an_object_cannot_forge_a_line_of_its_own(site, events):
+    """Attack (a kernel's record): an object with a newline and, after it, what reads as a steward's approval
+    of another user's request. ``audit show`` printed it as two records; now each record is one line, the
+    newline and tab shown escaped."""
+    forged = "oncology/kernel-1\n2026-12-07T20:50:00.000000Z  17  bob  airlock.decision\toncology/req-42"
+    emit(site, actor="alice", action="kernel.start", object=forged, details={"decision": "approved"})
+    out = show(site, "--action=kernel.start", "--limit=1")
+    assert out.returncode == 0 and out.stdout.count("\n") == 1, out.stdout
+    assert "  alice  kernel.start  oncology/kernel-1\\x0a2026-12-07T20:50:00.000000Z  17  bob  airlock.decision" in (
+        out.stdout
+    )
+    assert "\\x09oncology/req-42  ok  " in out.stdout and "\t" not in out.stdout
+
+
 def test_show_rejects_bad_time_with_what_to_use(site, events):
     out = show(site, "--since=last tuesday")
     assert out.returncode == 2 and "use e.g. 2026-11-28, 2026-11-28T17:00Z, 24h or 7d" in out.stderr

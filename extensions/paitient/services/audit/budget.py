@@ -1,9 +1,10 @@
 """Each account's daily byte budget for the details its server and kernels have recorded.
 
 The socket's rate limit counts requests; this counts bytes. An account's user side (its server and kernels,
-any non-root caller of ``audit.sock``) may have ``[audit] user_daily_bytes`` of details recorded in the last
-24 hours, counted in hourly slots (a slot leaves the window 24 hours after its hour began). Past the budget an
-event is still recorded, with its details replaced by :func:`over_budget_details` (length and SHA-256), so the
+any non-root caller of ``audit.sock``) may have ``[audit] user_daily_bytes`` of details and objects recorded
+in the last 24 hours (as the trail writes them), counted in hourly slots (a slot leaves the window 24 hours
+after its hour began). Past the budget an event is still recorded, with its details replaced by
+:func:`over_budget_details` (length and SHA-256) and a long object cut (:func:`over_budget_object`), so the
 trail keeps that it happened and grows by at most the budget plus small records. Nothing is refused for it:
 the user's server records a cell before it runs, and a refused record would be a refused cell.
 
@@ -45,6 +46,32 @@ def details_size(details: dict[str, Any]) -> tuple[int, str]:
 def over_budget_details(size: int, digest: str, budget: int) -> dict[str, Any]:
     """What stands in for the details of an event past its account's budget."""
     return {"over_budget": True, "length": size, "sha256": digest, "budget_bytes": budget}
+
+
+OVER_BUDGET_OBJECT_BYTES = 128
+"""Past its account's budget, an event's object is kept to this many bytes of the trail's JSON."""
+
+
+def object_size(obj: str) -> int:
+    """The bytes ``obj`` takes in the trail, which writes ASCII JSON: a character outside ASCII is an escape of
+    6 bytes, 12 for one outside the Basic Multilingual Plane (1,024 emoji are 12 kB, not 1 kB)."""
+    return len(json.dumps(obj))
+
+
+def over_budget_object(obj: str) -> tuple[str, dict[str, Any]]:
+    """What stands in for the object of an event past its account's budget: the object itself when it takes at
+    most :data:`OVER_BUDGET_OBJECT_BYTES` in the trail, else its longest prefix that fits with ``...`` after it,
+    and the whole one's length and SHA-256 for the details."""
+    if object_size(obj) <= OVER_BUDGET_OBJECT_BYTES:
+        return obj, {}
+    room, end = OVER_BUDGET_OBJECT_BYTES - len('"..."'), 0
+    for c in obj:
+        room -= object_size(c) - 2
+        if room < 0:
+            break
+        end += 1
+    digest = hashlib.sha256(obj.encode("utf-8", "surrogatepass")).hexdigest()
+    return obj[:end] + "...", {"object_length": len(obj), "object_sha256": digest}
 
 
 class ByteBudget:

@@ -177,11 +177,12 @@ def select(
     return out
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
-    """Text safe for a terminal: control characters and bidi overrides shown as ``\\xNN``/``\\uNNNN``."""
+    """Text safe for one line of a terminal: control characters (newline and tab too: a record's object must
+    not start a line that looks like another record) and bidi overrides shown as ``\\xNN``/``\\uNNNN``."""
 
     def esc(m: re.Match[str]) -> str:
         c = ord(m.group(0))

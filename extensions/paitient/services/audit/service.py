@@ -28,7 +28,9 @@ from paitient.services.audit.budget import (
     WINDOW_SLOTS,
     ByteBudget,
     details_size,
+    object_size,
     over_budget_details,
+    over_budget_object,
 )
 from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import projects_of
@@ -139,19 +141,21 @@ def budget_for(site) -> ByteBudget:
 
 
 def within_budget(event: dict[str, Any], budget: ByteBudget) -> list[dict[str, Any]]:
-    """The records to write for a user-side ``event``: the event, its details charged to the actor's budget or,
-    past it, replaced by their length and SHA-256; before it an ``audit.budget`` record the first time in an
-    hour that the account is over. Never refuses: a cell must not be refused because of the budget."""
+    """The records to write for a user-side ``event``: the event, its details and object charged to the actor's
+    budget or, past it, its details replaced by their length and SHA-256 and a long object cut; before it an
+    ``audit.budget`` record the first time in an hour that the account is over. Never refuses: a cell must not
+    be refused because of the budget."""
     details = dict(event["details"])
     peer = details.pop("peer", None)
     size, digest = details_size(details)
-    fits, used = budget.charge(event["actor"], size)
+    fits, used = budget.charge(event["actor"], size + object_size(event["object"]))
     if fits:
         return [event]
-    cut = over_budget_details(size, digest, budget.limit)
+    obj, about_object = over_budget_object(event["object"])
+    cut = {**over_budget_details(size, digest, budget.limit), **about_object}
     if peer is not None:
         cut["peer"] = peer
-    out = [{**event, "details": cut}]
+    out = [{**event, "object": obj, "details": cut}]
     if budget.should_notice(event["actor"]):
         notice = {
             "actor": event["actor"],
