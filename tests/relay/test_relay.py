@@ -18,11 +18,11 @@ import pytest
 
 from paitient import podtokens
 from paitient.channel import Peer
-from paitient.services.gateway import PER_ADDRESS, SEALS, sealed_file
+from paitient.services.gateway import FILES_PER_POD, PER_ADDRESS, SEALS, sealed_file
 from paitient.services.kit.channel import ChannelServer
 from paitient.services.ledger.service import PodReports
 from paitient.services.ledger.store import Ledger
-from tests.relay.conftest import as_account, call_as, gateway_call
+from tests.relay.conftest import as_account, call_as, connect, gateway_call
 from tests.trail import trail_records
 
 RECORD = {"op": "record", "args": {"action": "cell.execute", "object": "cell 1", "details": {"n": 1}}}
@@ -186,6 +186,43 @@ def test_a_file_over_the_services_limit_is_refused(pod):
     over = pod.site.airlock.max_bytes + 1
     refused = gateway_call(pod, header(pod, service="airlock", op="check", files=[over]))
     assert refused["code"] == "too_large" and f"this one has {over}" in refused["error"], refused
+
+
+def test_the_files_the_gateway_holds_for_a_pod_are_bounded_per_call_and_per_pod(pod):
+    """Attack: the gateway holds a call's files in memory (sealed memfds, the hub pod's memory, not the pod's)
+    and checked each file against the service's limit, not their sum nor how many calls a pod had under way.
+    One sparse 32 MiB file passed four times in four calls at once became 512 MiB there (at the default
+    [airlock] max_bytes, 32 calls of 4 files: 64 GiB). Now a call's files total at most the limit, and a pod's
+    calls under way at most FILES_PER_POD times it: the next is refused before a byte of it is read."""
+    limit = pod.site.airlock.max_bytes
+    refused = gateway_call(pod, header(pod, service="airlock", op="check", files=[limit, limit]))
+    assert refused["code"] == "too_large" and f"these have {2 * limit}" in refused["error"], refused
+    held = []
+    try:
+        for _ in range(FILES_PER_POD):  # calls whose files come slowly: one byte of each, then nothing
+            s = connect(pod)
+            s.sendall(json.dumps(header(pod, service="airlock", op="check", files=[limit])).encode() + b"\nx")
+            held.append(s)
+        deadline = time.monotonic() + 10
+        while True:
+            refused = gateway_call(pod, header(pod, service="airlock", op="check", files=[8]), b"a,b\n1,2\n")
+            if refused.get("code") == "too_many_connections" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert refused["code"] == "too_many_connections", refused
+        assert f"takes at most {FILES_PER_POD * limit} at once" in refused["error"]
+    finally:
+        for s in held:
+            s.close()
+    # once those calls are gone, their bytes are given back: a call with a file is served again
+    args = {"kind": "table", "project": "oncology"}
+    deadline = time.monotonic() + 10
+    while True:
+        answer = gateway_call(pod, header(pod, service="airlock", op="check", args=args, files=[8]), b"a,b\n1,2\n")
+        if answer.get("ok") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert answer["ok"] is True, answer
 
 
 def test_a_reservation_from_a_pod_counts_in_full_once_its_pod_stops_reporting_its_kernel(pod):

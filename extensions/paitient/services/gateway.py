@@ -59,6 +59,7 @@ from paitient.channel import (
     MAX_FDS,
     MAX_REQUEST,
     TOO_LARGE,
+    TOO_MANY_CONNECTIONS,
     UNAVAILABLE,
     ChannelError,
     call,
@@ -87,6 +88,11 @@ PER_ADDRESS = 32
 """Connections one address (a pod) may hold at once; its relay makes one per call of its kernels and server."""
 TOTAL = 512
 HEADER_KEYS = frozenset({"token", "service", "op", "args", "origin", "pid", "start", "files"})
+FILES_PER_POD = 2
+"""Calls' worth of files (each up to its service's largest) one pod may have the gateway hold at once."""
+FILES_TOTAL = 8
+"""Calls' worth of files the gateway holds at once for all pods. Files are held in memory (sealed memfds,
+charged to the gateway, not to the pod) from the first byte until the service has answered."""
 REPORT_KEYS = frozenset({"token", "report"})
 STREAM_KEYS = frozenset({"token", "stream"})
 STREAMS = ("egress",)
@@ -127,6 +133,45 @@ def sealed_file(name: str, receive_into: Any, size: int) -> int:
     return fd
 
 
+class HeldBytes:
+    """The bytes of files the gateway holds for calls under way, per pod and in all, each bounded: taken
+    before the first byte of a call's files is read, given back when its service has answered."""
+
+    def __init__(self, per_pod: int, total: int):
+        self.per_pod = per_pod
+        self.total = total
+        self._lock = threading.Lock()
+        self._pods: dict[str, int] = {}
+        self._all = 0
+
+    def take(self, pod: str, n: int) -> None:
+        with self._lock:
+            mine = self._pods.get(pod, 0)
+            if mine + n > self.per_pod:
+                raise ChannelError(
+                    f"the gateway holds {mine} bytes of files for your pod's calls under way, and takes at most "
+                    f"{self.per_pod} at once; wait for them to finish and try again",
+                    TOO_MANY_CONNECTIONS,
+                )
+            if self._all + n > self.total:
+                raise ChannelError(
+                    f"the gateway holds {self._all} bytes of files for calls under way, the most it takes at once; "
+                    "try again in a moment, and tell the workspace operator if it keeps happening",
+                    UNAVAILABLE,
+                )
+            self._pods[pod] = mine + n
+            self._all += n
+
+    def give_back(self, pod: str, n: int) -> None:
+        with self._lock:
+            left = self._pods.get(pod, 0) - n
+            if left > 0:
+                self._pods[pod] = left
+            else:
+                self._pods.pop(pod, None)
+            self._all -= n
+
+
 class Gateway:
     """The gateway's decisions, apart from the TCP server: :meth:`serve` answers one connection."""
 
@@ -136,6 +181,8 @@ class Gateway:
         self.site = site
         self.tokens = tokens or PodTokens(token_file(site.state_dir))
         self.limits = file_limits(site)
+        largest = max(self.limits.values())
+        self.held = HeldBytes(FILES_PER_POD * largest, FILES_TOTAL * largest)
         self.run_dir = str(site.run_dir)
         self.timeout = timeout
         self.stream_check = stream_check
@@ -234,6 +281,21 @@ class Gateway:
                     f"the {service} service takes files of at most {limit} bytes with a call; this one has {n}",
                     TOO_LARGE,
                 )
+        if sum(files) > limit:  # one file sent four times was four times the limit in memory
+            raise ChannelError(
+                f"the {service} service takes at most {limit} bytes of files with a call; these have {sum(files)}",
+                TOO_LARGE,
+            )
+        self.held.take(who.pod, sum(files))
+        try:
+            return self._forward(who, header, sock, early)
+        finally:
+            self.held.give_back(who.pod, sum(files))
+
+    def _forward(
+        self, who: PodIdentity, header: dict[str, Any], sock: socket.socket, early: bytearray
+    ) -> dict[str, Any]:
+        service, op, args, files = header["service"], header["op"], header["args"], header["files"]
 
         def receive_into(view: memoryview) -> int:
             if early:
