@@ -85,11 +85,13 @@ async def execute(
     channel: str = "shell",
     stdin_reply: str | None = None,
     user_expressions: dict[str, str] | None = None,
+    msg_id: str | None = None,
 ) -> CellResult:
     """Send ``code`` as an execute_request on ``channel`` and read until the kernel is idle again.
 
     With ``stdin_reply``, the request allows stdin and each ``input()`` prompt is answered with it (the
-    legacy protocol only); ``user_expressions`` go with the request (IPython evaluates them after the code)."""
+    legacy protocol only); ``user_expressions`` go with the request (IPython evaluates them after the code);
+    ``msg_id``: the request's, as a browser chose it (a new one otherwise)."""
     from jupyter_server.services.kernels.connection.base import (
         deserialize_binary_message,
         deserialize_msg_from_ws_v1,
@@ -101,7 +103,9 @@ async def execute(
     ws = await websocket_connect(
         HTTPRequest(url, headers=headers), max_message_size=1 << 30, subprotocols=[V1] if v1 else None
     )
-    request = execute_request(code, username, allow_stdin=stdin_reply is not None, user_expressions=user_expressions)
+    request = execute_request(
+        code, username, allow_stdin=stdin_reply is not None, user_expressions=user_expressions, msg_id=msg_id
+    )
     msg_id = request["header"]["msg_id"]
     if v1:
         assert ws.selected_subprotocol == V1, ws.selected_subprotocol

@@ -56,3 +56,29 @@ def test_output_sent_as_that_of_executions_that_ended_counts_against_the_running
     wire = b"".join(res.frames)
     shown = [i for i in range(first, first + 45) if f"row:{i},".encode() in wire]
     assert len(shown) <= 20 and b"output withheld" in wire, (len(shown), res.stderr[:300])
+
+
+ROWS_CELL = r"""
+import time
+open("ran-{mark}", "w").close()
+for k in range({first}, {first} + 600, 100):
+    print('\n'.join(f'row:{{i}},{{i * 1.5}}' for i in range(k, k + 100)), flush=True)
+    time.sleep(0.03)
+"""
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["json", "v1"])
+def test_a_request_with_a_msg_id_too_long_to_check_its_outputs_by_is_not_run(world, v1):  # noqa: F811
+    """Attack (the browser): an execute_request whose msg_id has 70,000 characters. Each of its outputs' questions
+    to the egress service named it and was too large to put; the gate took that for the service being away, and
+    pieces under fail_closed_bytes passed on the unchecked allowance, which any other answered check renewed: 5,000
+    of 5,000 rows reached the browser, none counted or recorded. The server now drops such a message, logging why
+    (and a question the gate cannot put withholds its piece: tests/egress/test_service.py)."""
+    _, server, _, _, _ = world
+    first, mark = (7400, "v1") if v1 else (7500, "json")
+    kernel = server.start_kernel()
+    with pytest.raises(TimeoutError):
+        server.run(ROWS_CELL.format(first=first, mark=mark), kernel, v1=v1, msg_id="m" * 70_000, timeout=8)
+    assert "its msg_id has 70000 characters (at most 256)" in server.logs()
+    res = server.run(f"import os; print(os.path.exists('ran-{mark}'))", kernel, v1=v1)
+    assert res.error is None and res.stdout.strip() == "False", res

@@ -320,6 +320,19 @@ def test_while_rows_cannot_be_matched_small_outputs_pass_only_up_to_the_allowanc
         other.shutdown()
 
 
+def test_a_piece_whose_question_cannot_be_put_is_withheld_not_passed_unchecked(site, running):
+    """Attack: an output named by a context too long for the wire's header (the browser chose its msg_id). The
+    gate took the error for the service being away and passed each small piece on the unchecked allowance,
+    which the next answered check renewed. Now such a piece is withheld, the allowance untouched."""
+    _, gate = running
+    long_context = "kernel:k:" + "m" * 70_000
+    for _ in range(3):
+        check = gate.check_blocking(context=long_context, channel="kernel", object="k", text=rows(0, 3))
+        assert not check.forward and check.reason == "unaskable" and "could not be checked" in check.notice
+    assert gate.unchecked_spent == 0
+    assert gate.check_blocking(context="k:fine", channel="kernel", object="k", text=rows(0, 3)).forward
+
+
 def test_while_the_service_is_down_small_outputs_pass_only_up_to_the_allowance(site):
     """Attack: the egress service is down and a server's outputs come in small pieces, many outputs (cells)
     long: the gate lets through unchecked_bytes in all, then withholds everything until the service answers

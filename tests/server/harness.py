@@ -370,12 +370,13 @@ class UserServer:
         channel: str = "shell",
         stdin_reply: str | None = None,
         user_expressions: dict[str, str] | None = None,
+        msg_id: str | None = None,
     ) -> CellResult:
         """Execute ``code`` over the kernel websocket: the legacy JSON protocol, or (``v1``) the binary
         protocol JupyterLab speaks; ``channel`` is where the execute_request goes; ``stdin_reply`` answers
-        ``input()``; ``user_expressions`` go with the request. Without ``kernel_id``, in a kernel for this
-        cell only, shut down after it (as the e2e workspace's ``run_cell``)."""
-        args = (code, timeout, v1, channel, stdin_reply, user_expressions)
+        ``input()``; ``user_expressions`` and ``msg_id`` go with the request. Without ``kernel_id``, in a
+        kernel for this cell only, shut down after it (as the e2e workspace's ``run_cell``)."""
+        args = (code, timeout, v1, channel, stdin_reply, user_expressions, msg_id)
         if kernel_id is not None:
             return asyncio.run(self._execute(kernel_id, *args))
         once = self.start_kernel()
@@ -393,6 +394,7 @@ class UserServer:
         channel: str = "shell",
         stdin_reply: str | None = None,
         user_expressions: dict[str, str] | None = None,
+        msg_id: str | None = None,
     ) -> CellResult:
         url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels"
         try:
@@ -406,6 +408,7 @@ class UserServer:
                 channel=channel,
                 stdin_reply=stdin_reply,
                 user_expressions=user_expressions,
+                msg_id=msg_id,
             )
         except TimeoutError as e:
             raise TimeoutError(f"{e}\n{self.logs()}") from None

@@ -172,6 +172,14 @@ def unchecked_notice(size: int) -> str:
     )
 
 
+def unaskable_notice() -> str:
+    return (
+        "[paitient] output withheld: it could not be checked, as the request it answers carries names too long "
+        "to check (a message id of thousands of characters, say). Run the cell again from JupyterLab; if this "
+        "stays, ask the workspace operator."
+    )
+
+
 def unreadable_notice(why: str) -> str:
     return (
         f"[paitient] output withheld: {why}. Print it without them (for text in a right-to-left script, "

@@ -34,6 +34,7 @@ from paitient.rules.egress import (
     FrameError,
     encode_frame,
     read_header,
+    unaskable_notice,
     unchecked,
 )
 from paitient.rules.outputcap import OutputCap
@@ -73,6 +74,10 @@ class _Link:
         )
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> dict[str, Any]:
+        """The service's answer to one question; :class:`GateUnavailable` when it did not answer. A question
+        this gate cannot put (its header over the wire's bound: names the browser chose, too long) raises
+        :class:`FrameError`: that is the question's fault, not the service's, and passes nothing unchecked."""
+        frame = encode_frame(header, payload)
         with self.lock:
             last: Exception | None = None
             for _ in range(2):
@@ -82,7 +87,7 @@ class _Link:
                         s.settimeout(self.timeout)
                         s.connect(self.path)
                         self.sock = s
-                    self.sock.sendall(encode_frame(header, payload))
+                    self.sock.sendall(frame)
                     head, size = read_header(self._recv)
                     self._recv(size, keep=False)
                     return head
@@ -149,6 +154,13 @@ class EgressGate:
         return Check(False, refusal.notice, "unchecked")
 
     @staticmethod
+    def _unaskable(size: int, error: FrameError) -> Check:
+        """A piece whose question cannot be put: withheld, whatever the unchecked allowance (a 70,000-character
+        msg_id made every question of its execution too large, and its whole output passed unchecked)."""
+        log.error("withheld %d bytes: the question about them cannot be put to the egress service (%s)", size, error)
+        return Check(False, unaskable_notice(), "unaskable")
+
+    @staticmethod
     def _header(context: str, channel: str, obj: str, text: bytes, final: bool = False) -> dict[str, Any]:
         return {
             "op": "check",
@@ -171,6 +183,8 @@ class EgressGate:
         except GateUnavailable as e:
             log.error("%s", e)
             return self._unchecked(len(payload))
+        except FrameError as e:
+            return self._unaskable(len(payload), e)
         return self._answer(head, len(payload))
 
     async def check(
@@ -185,6 +199,8 @@ class EgressGate:
         except GateUnavailable as e:
             log.error("%s", e)
             return self._unchecked(len(payload))
+        except FrameError as e:
+            return self._unaskable(len(payload), e)
         return self._answer(head, len(payload))
 
     async def close(self, context: str) -> None:
@@ -193,13 +209,13 @@ class EgressGate:
             await asyncio.get_running_loop().run_in_executor(
                 None, self._async_link.request, {"op": "close", "context": context}
             )
-        except GateUnavailable as e:
+        except (GateUnavailable, FrameError) as e:
             log.error("could not close egress context %s: %s", context, e)
 
     def close_blocking(self, context: str) -> None:
         try:
             self._sync_link.request({"op": "close", "context": context})
-        except GateUnavailable as e:
+        except (GateUnavailable, FrameError) as e:
             log.error("could not close egress context %s: %s", context, e)
 
     def shutdown(self) -> None:

@@ -40,6 +40,8 @@ from paitient.server.outputlines import OutputLines
 
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_AUDITED_CODE = 200_000
+MAX_MSG_ID = 256
+"""The longest msg_id a browser's message may have (JupyterLab's are a UUID and a count, under 80)."""
 
 
 def _size(part: Any) -> int:
@@ -92,6 +94,15 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             self.log.warning("Dropping a malformed message from the browser for kernel %s", self.kernel_id)
             return
         msg_id = str(header.get("msg_id", ""))
+        if len(msg_id) > MAX_MSG_ID:
+            # it would name its outputs' questions to the egress service, and those would be too long to put
+            self.log.warning(
+                "Dropping a message from the browser for kernel %s: its msg_id has %d characters (at most %d)",
+                self.kernel_id,
+                len(msg_id),
+                MAX_MSG_ID,
+            )
+            return
         if msg_id not in self.cap.requests:
             # its output area shows nothing yet (a msg_id sent again names an area JupyterLab may show a
             # line in, which this connection need not have followed)
