@@ -82,3 +82,96 @@ def test_a_request_with_a_msg_id_too_long_to_check_its_outputs_by_is_not_run(wor
     assert "its msg_id has 70000 characters (at most 256)" in server.logs()
     res = server.run(f"import os; print(os.path.exists('ran-{mark}'))", kernel, v1=v1)
     assert res.error is None and res.stdout.strip() == "False", res
+
+
+STATUS_CELL = r"""
+k = get_ipython().kernel
+import time
+# the bytes of a table, one per status: the parent names one of the requests the browser sent, the state too
+for n, b in enumerate(b'row:8000,12000.0\nrow:8001,12001.5\n'):
+    for state in ('busy', 'idle', 'starting'):
+        k.session.send(k.iopub_socket, 'status', {'execution_state': state}, parent={'msg_id': 'p%03d' % (b % 16)})
+    if n % 8 == 7:
+        time.sleep(0.05)
+print('sent')
+"""
+
+
+async def _statuses_after_planting(server, kernel_id: str, v1: bool) -> tuple[list[tuple[str, str]], str]:
+    """The browser sends 16 requests of a type the kernel does not know (p000 to p015), then the cell; what
+    statuses reach it (parent, state) until the cell's idle, and the cell's stdout."""
+    import asyncio
+    import json
+    import uuid
+
+    from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1, serialize_msg_to_ws_v1
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    from tests.kernelclient import V1, execute_request
+
+    ws = await websocket_connect(
+        HTTPRequest(
+            f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels",
+            headers={"Authorization": f"token {server.token}"},
+        ),
+        subprotocols=[V1] if v1 else None,
+    )
+
+    def send(msg):
+        if v1:
+            ws.write_message(serialize_msg_to_ws_v1(msg, "shell", lambda o: json.dumps(o).encode()), binary=True)
+        else:
+            ws.write_message(json.dumps({**msg, "channel": "shell", "buffers": []}))
+
+    session = uuid.uuid4().hex
+    for i in range(16):
+        header = {"msg_id": f"p{i:03d}", "msg_type": "rt_request", "username": "u", "session": session}
+        send({"header": {**header, "date": "", "version": "5.3"}, "parent_header": {}, "metadata": {}, "content": {}})
+    request = execute_request(STATUS_CELL, server.user.pw_name, session=session)
+    send(request)
+    statuses: list[tuple[str, str]] = []
+    stdout = ""
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.read_message(), timeout=60)
+            assert raw is not None, "the websocket closed"
+            if v1:
+                _, parts = deserialize_msg_from_ws_v1(raw)
+                header, parent, content = json.loads(parts[0]), json.loads(parts[1]), json.loads(parts[3])
+            else:
+                msg = json.loads(raw)
+                header, parent, content = msg["header"], msg["parent_header"], msg["content"]
+            if header["msg_type"] == "stream":
+                stdout += content["text"]
+            if header["msg_type"] == "status":
+                statuses.append((parent.get("msg_id", ""), content["execution_state"]))
+                if statuses[-1] == (request["header"]["msg_id"], "idle"):
+                    return statuses, stdout
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["json", "v1"])
+def test_a_kernels_status_messages_carry_no_parent_or_state_of_its_choosing(world, v1):  # noqa: F811
+    """Attack (kernel and browser together): the browser sends 16 requests the kernel never answers; a cell then
+    sends a table one byte per status message, the byte in the parent it names (one of the 16) and the state it
+    picks. Statuses were never checked or counted, and went on with any kept request as parent: a 1,000-row
+    table reached the browser at about 1 KB/s. Now the statuses that go on are one busy and one idle per request,
+    in the order the requests were sent: none of the cell's 102 chosen ones."""
+    import asyncio
+
+    _, server, _, _, _ = world
+    kernel = server.start_kernel()
+    statuses, stdout = asyncio.run(_statuses_after_planting(server, kernel, v1))
+    assert "sent" in stdout
+    planted = [p for p, _ in statuses if p.startswith("p0")]
+    # the kernel's own busy and idle for each request it took in turn (ipykernel answers an unknown type with
+    # both), and nothing of the cell's: no request named twice as busy or idle, none out of its turn
+    assert planted == sorted(planted) and len(planted) <= 32, statuses
+    for state in ("busy", "idle"):
+        named = [p for p, s in statuses if s == state and p.startswith("p0")]
+        assert len(named) == len(set(named)), statuses
+    assert not [s for p, s in statuses if s == "starting"], statuses
+    cell = [s for p, s in statuses if not p.startswith("p0")]
+    assert cell == ["busy", "idle"], statuses

@@ -154,3 +154,45 @@ def test_only_a_plain_type_name_is_a_message_type():
     for bad in ("x" * 65, "Stream", "stream row:1,2", "stream\n", "", "1stream", None, 3):
         assert message_type({"msg_type": bad}) is None, bad
     assert message_type("stream") is None
+
+
+def _sent(c: OutputCap, channel: str, *ids: str) -> None:
+    for msg_id in ids:
+        header = {"msg_id": msg_id, "msg_type": "execute_request", "session": "s"}
+        c.note_request(header)
+        c.forwarded(channel, header)
+
+
+def test_a_status_goes_on_once_per_request_and_state_in_the_order_the_requests_were_sent():
+    c = cap()
+    _sent(c, "shell", "a", "b", "c")
+    _sent(c, "control", "x")
+    assert c.status("k1", "a", "busy") and not c.status("k2", "a", "busy")  # one busy each
+    assert not c.status("k3", "a", "starting")  # a state of no request's
+    assert c.status("k4", "x", "busy") and c.status("k5", "x", "idle")  # another channel: its own order
+    assert c.status("k6", "a", "idle") and not c.status("k7", "a", "idle")  # one idle, then the request is done
+    assert c.status("k8", "c", "busy")  # passes over b, which gets none now
+    assert not c.status("k9", "b", "busy") and not c.status("k10", "b", "idle")
+    assert not c.status("k11", "nobody-sent-this", "busy")
+    # a clear_output: of the latest execution, of what the kernel works on now, or of none; not of another request
+    assert c.may_clear("e1") and c.may_clear("c") and c.may_clear("")
+    assert not c.may_clear("b") and not c.may_clear("a")
+
+
+def test_each_status_message_is_decided_once_for_every_connection():
+    c = cap()
+    _sent(c, "shell", "a", "b")
+    assert c.status("k1", "a", "busy")
+    assert c.status("k1", "a", "busy")  # the same message, seen by a second connection: the same decision
+    assert not c.status("k1", "b", "busy")  # the same message id again with another parent: nowhere
+    assert not c.status("", "a", "idle")  # a status without an id cannot be decided once
+
+
+def test_of_no_request_only_a_start_goes_on_and_it_ends_what_the_last_process_left():
+    c = cap()
+    _sent(c, "shell", "a")
+    assert not c.status("k1", "", "busy") and not c.status("k2", "", "idle")
+    assert c.status("k3", "", "starting")
+    assert not c.status("k4", "a", "busy")  # the kernel that had it is gone
+    assert all(c.status(f"s{i}", "", "starting") for i in range(63))
+    assert not c.status("s63", "", "starting")  # at most MAX_STARTS

@@ -32,6 +32,9 @@ from typing import Any
 PROTOCOL_TYPES = frozenset({"status", "clear_output", "shutdown_reply"})
 """Messages the protocol needs even past the cap (with every ``*_reply``), stripped to fields that carry none of
 the kernel's values. A ``comm_close`` is not one: its comm id is the kernel's, so past the cap it is dropped."""
+MAX_STARTS = 64
+"""``starting`` statuses of no request a kernel's messages may carry to the browser (one each time its process
+starts); the rest are dropped."""
 TRACKED_EXECUTIONS = 256
 TRACKED_REQUESTS = 4096
 """Requests of clients whose headers are kept, the latest, to be the parent of the kernel's answers."""
@@ -83,6 +86,16 @@ class OutputCap:
     """The headers (:data:`REQUEST_FIELDS`) of the latest requests clients sent the kernel, by message id."""
     answered: set[str] = field(default_factory=set)
     """The requests of :attr:`requests` a reply went on to."""
+    queues: dict[str, list[str]] = field(default_factory=dict)
+    """The requests a client sent on to the kernel that have had no ``idle`` status yet, oldest first, per
+    channel and subshell: a kernel works through each in order, so their statuses come in that order."""
+    busy: set[str] = field(default_factory=set)
+    """The requests at the head of :attr:`queues` whose ``busy`` status went on."""
+    starts: int = 0
+    """``starting`` statuses of no request (a kernel process starting) seen."""
+    decided: OrderedDict[str, tuple[str, str, bool]] = field(default_factory=OrderedDict)
+    """The latest statuses decided, by the kernel's message id: every connection to the kernel gets each status
+    (iopub goes to all), and the first to see it decides for all."""
 
     def note_request(self, header: Any) -> None:
         """A client sent the kernel a message with ``header``: the kernel's answers to it get that header back
@@ -117,6 +130,78 @@ class OutputCap:
             return False
         self.answered.add(parent_id)
         return True
+
+    def forwarded(self, channel: str, header: Any) -> None:
+        """A client's request (``header``) went on to the kernel on ``channel``: its statuses are due after
+        those of the requests sent before it on the same channel and subshell."""
+        if not isinstance(header, dict):
+            return
+        msg_id = header.get("msg_id")
+        if not isinstance(msg_id, str) or msg_id not in self.requests:
+            return
+        subshell = header.get("subshell_id")
+        queue = self.queues.setdefault(f"{channel}/{subshell if isinstance(subshell, str) else ''}", [])
+        queue.append(msg_id)
+        if len(queue) > TRACKED_REQUESTS:
+            self.busy.discard(queue.pop(0))
+
+    def status(self, message_id: str, parent_id: str, state: str) -> bool:
+        """:meth:`decide_status` once per status message (``message_id``, the kernel's): what another connection
+        to the kernel decided for the same message holds for this one, and a message id the kernel sends again
+        with another parent or state goes nowhere."""
+        if not message_id:
+            return False
+        seen = self.decided.get(message_id)
+        if seen is not None:
+            return seen == (parent_id, state, True)
+        ok = self.decide_status(parent_id, state)
+        self.decided[message_id] = (parent_id, state, ok)
+        while len(self.decided) > TRACKED_REQUESTS:
+            self.decided.popitem(last=False)
+        return ok
+
+    def decide_status(self, parent_id: str, state: str) -> bool:
+        """Whether a kernel's status of ``state`` for the request ``parent_id`` goes on: one ``busy``, then one
+        ``idle``, for each request a client sent on, in the order they were sent on each channel (a status for a
+        later request means the kernel passed over the ones before it: they get none). Its parent and its state
+        were the kernel's free choice in every status, never checked: one byte of a table per status, a parent
+        named from 256 requests the browser had sent. Now a status says no more than whether, and when, the
+        kernel answered each request. Of no request, only ``starting`` goes on (a kernel process starting, which
+        ends what the one before left unanswered), at most :data:`MAX_STARTS` times."""
+        if not parent_id:
+            if state != "starting":
+                return False
+            self.queues.clear()
+            self.busy.clear()
+            self.starts += 1
+            return self.starts <= MAX_STARTS
+        for queue in self.queues.values():
+            if parent_id in queue:
+                break
+        else:
+            return False  # no request on its way, or one that had its idle
+        skipped = queue.index(parent_id)
+        for passed in queue[:skipped]:
+            self.busy.discard(passed)
+        del queue[:skipped]
+        if state == "busy":
+            if parent_id in self.busy:
+                return False
+            self.busy.add(parent_id)
+            return True
+        if state == "idle":
+            queue.pop(0)
+            self.busy.discard(parent_id)
+            return True
+        return False
+
+    def may_clear(self, parent_id: str) -> bool:
+        """Whether a ``clear_output`` naming ``parent_id`` goes on: of the latest execution, of a request the
+        kernel is working on now (busy, at the head of its queue: a widget's callback), or of none; not of any
+        other request a client once sent, which would make the parent a choice of the kernel's."""
+        if parent_id in ("", self.current):
+            return True
+        return parent_id in self.busy and any(q and q[0] == parent_id for q in self.queues.values())
 
     def note_execute(self, msg_id: str) -> None:
         """A client's execute_request went to the kernel: it opens a new budget."""

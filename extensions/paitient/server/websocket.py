@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from typing import Any
 
 from jupyter_server.services.kernels.connection.base import deserialize_binary_message, deserialize_msg_from_ws_v1
@@ -33,7 +34,14 @@ from traitlets import Float, Unicode
 
 from paitient.config import Server, site_trait
 from paitient.rules.egress import looks_like_text
-from paitient.rules.outputcap import OutputCap, Verdict, message_type, replacement, strip_protocol
+from paitient.rules.outputcap import (
+    TRACKED_REQUESTS,
+    OutputCap,
+    Verdict,
+    message_type,
+    replacement,
+    strip_protocol,
+)
 from paitient.rules.shown import merged_streams
 from paitient.server.gate import EgressGate
 from paitient.server.outputlines import OutputLines
@@ -69,6 +77,10 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         self._lines = OutputLines()
         """What this connection's JupyterLab shows of each output area's stream line, as far as it knows."""
         self._rate_notices: list[str] = []
+        self._own_statuses: set[str] = set()
+        """Statuses this connection made itself (for a cell it refused), by their message ids."""
+        self._statuses: OrderedDict[str, None] = OrderedDict()
+        """The kernel's status messages (by its message id) this connection sent on: each at most once."""
 
     # ---------------------------------------------------------------- browser -> kernel
 
@@ -115,6 +127,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             if refusal:
                 self._refuse_execute(channel, header, refusal)
                 return
+        self.cap.forwarded(channel, header)  # its statuses are due in this order
         super().handle_incoming_message(incoming_msg)
 
     def _peek_incoming(self, ws_msg: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -173,12 +186,20 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             "payload": [],
             **error,
         }
-        self.handle_outgoing_message("iopub", self._message("status", {"execution_state": "busy"}, request))
+
+        def own_status(state: str) -> list[Any]:
+            # the server's own: not held to the order the kernel's statuses keep (the kernel never had it)
+            msg = self.session.msg("status", content={"execution_state": state}, parent=request)
+            self._own_statuses.add(msg["header"]["msg_id"])
+            return list(self.session.serialize(msg))
+
+        busy, idle = own_status("busy"), own_status("idle")
+        self.handle_outgoing_message("iopub", busy)
         self.handle_outgoing_message("iopub", self._message("error", error, request))
         self.handle_outgoing_message(
             channel if channel in ("shell", "control") else "shell", self._message("execute_reply", reply, request)
         )
-        self.handle_outgoing_message("iopub", self._message("status", {"execution_state": "idle"}, request))
+        self.handle_outgoing_message("iopub", idle)
 
     # ---------------------------------------------------------------- kernel -> browser
     #
@@ -298,9 +319,24 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
         scan = True
         sent_type, sent_content = msg_type, content
         if msg_type in REBUILT:
-            # Nothing of the kernel's but the protocol's own fields.
+            # Nothing of the kernel's but the protocol's own fields, and those only in the protocol's order: a
+            # status for each request in turn, a clear_output of what runs now (rules/outputcap.py).
             sent_content = strip_protocol(msg_type, content)
-            candidate, scan = self._message(msg_type, sent_content, parent), False
+            if msg_type == "status":
+                message_id = header.get("msg_id") if isinstance(header.get("msg_id"), str) else ""
+                if message_id in self._own_statuses:
+                    self._own_statuses.discard(message_id)
+                elif message_id in self._statuses or not cap.status(
+                    message_id, parent_id, sent_content["execution_state"]
+                ):
+                    return None  # out of the protocol's order, or this connection had it already
+                self._statuses[message_id] = None
+                while len(self._statuses) > TRACKED_REQUESTS:
+                    self._statuses.popitem(last=False)
+            if msg_type == "clear_output" and not cap.may_clear(parent_id):
+                return None
+            # a status is not checked (one for each request); a clear_output is, as an output: its bytes count
+            candidate, scan = self._message(msg_type, sent_content, parent), msg_type == "clear_output"
         else:
             size = sum(_size(p) for p in fed[1:])
             verdict = cap.charge(msg_type, execution, size)
@@ -326,9 +362,7 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             sent_type, sent_content = "stream", {"name": "stderr", "text": self._rate_notices.pop()}
             self._rate_notices.clear()
             candidate, scan = self._message(sent_type, sent_content, parent), True
-        elif msg_type in REBUILT:
-            if msg_type == "clear_output":
-                lines.cleared(area)
+        elif msg_type == "status":
             return candidate
         if scan and candidate is not None:
             _, parts = self.session.feed_identities(candidate)
@@ -349,6 +383,8 @@ class CappedWebsocketConnection(ZMQChannelsWebsocketConnection):
             )
             if check.forward:
                 lines.note_widget(sent_type, sent_content)
+                if sent_type == "clear_output":
+                    lines.cleared(area)
             else:
                 candidate = self._withheld(msg_type, content, parent, execution, check.notice, cap)
             # a withheld message's notice starts an output; one dropped after it (the execution's notice went
@@ -439,7 +475,7 @@ def audit_refusal(code: str) -> str:
 
 
 REBUILT = frozenset({"status", "clear_output"})
-"""Message types rebuilt from their protocol fields alone, never checked: they carry no output."""
+"""Message types rebuilt from their protocol fields alone, in the protocol's order; a status is not checked."""
 
 
 def _bytes(part: Any) -> bytes:
