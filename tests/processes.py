@@ -30,3 +30,20 @@ def peak_memory() -> int:
     """This process's peak resident size since :func:`reset_peak_memory`, in KiB."""
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+
+OOM_PROBE = """
+def oom_probe():
+    import os
+    score = int(open("/proc/self/oom_score_adj").read())
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+    try:
+        os.write(fd, b"0")
+        return score, 0
+    except OSError as e:
+        return score, e.errno
+    finally:
+        os.close(fd)
+"""
+"""Source of ``oom_probe()``, for code a test runs in a sandbox: the process's oom_score_adj, and the errno of
+its attempt to lower it to 0 (0: it could)."""

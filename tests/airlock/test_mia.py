@@ -29,7 +29,7 @@ from paitient.services.airlock.mia import (
     sandbox_argv,
 )
 from tests.airlock.helpers import breast_cancer
-from tests.processes import peak_memory, processes_of, reset_peak_memory
+from tests.processes import OOM_PROBE, peak_memory, processes_of, reset_peak_memory
 
 MLP = """
 import torch
@@ -376,7 +376,9 @@ def test_model_code_that_puts_a_fifo_for_its_outputs_does_not_hold_the_airlock(d
     }
 
 
-HOME_AND_OOM = """
+HOME_AND_OOM = (
+    OOM_PROBE
+    + """
 import errno, json, os, signal, sys, torch
 class Model(torch.nn.Module):
     def __init__(self):
@@ -393,17 +395,11 @@ class Model(torch.nn.Module):
             except OSError as e:
                 refused = e.errno
             f.truncate(0)
-        oom = int(open("/proc/self/oom_score_adj").read())
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-            lowered = 0
-        except OSError as e:
-            lowered = e.errno
-        os.close(fd)
+        oom, lowered = oom_probe()
         row = [home.f_blocks * home.f_frsize / 2**20, wrote / 2**20, refused, oom, lowered]
         return torch.tensor([row], dtype=torch.float64).expand(len(x), 5)
 """
+)
 
 
 def test_model_code_writes_nothing_to_the_hosts_disk_and_is_the_oom_killers_first_choice(data, audit_account):

@@ -740,14 +740,8 @@ def test_what_a_worker_writes_is_read_to_a_bound(monkeypatch, world_tmp, make_sy
 
 
 OOM_SCORE = """
-import json, os
-oom = int(open("/proc/self/oom_score_adj").read())
-fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-try:
-    os.write(fd, b"0")
-    lowered = 0
-except OSError as e:
-    lowered = e.errno
+import json
+oom, lowered = oom_probe()
 print(json.dumps({"step": 1, "steps": 9, "oom": oom, "lowered": lowered}), flush=True)
 raise SystemExit(3)
 """
@@ -760,8 +754,10 @@ def test_a_workers_sandbox_is_the_oom_killers_first_choice(monkeypatch, world_tm
     import errno
 
     from paitient.services.launcher.service import has_sys_resource
+    from tests.processes import OOM_PROBE
 
-    reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), OOM_SCORE, timeout=60)
+    code = OOM_PROBE + OOM_SCORE
+    reason, seen = _run_in_the_worker_sandbox(monkeypatch, world_tmp, make_system_user("jobs"), code, timeout=60)
     assert reason.startswith("the training sandbox exited with status 3")
     assert [line["oom"] for line in seen] == [1000]
     assert seen[0]["lowered"] == (errno.EACCES if has_sys_resource() else 0)
