@@ -35,7 +35,16 @@ STORED_NOISE = 1e-12
 PRINTED_NOISE = 1.2e-7
 """The same for a printed number, which may have gone through float32 (a tensor's values)."""
 _EXP_BIAS = 1024
-_POWERS = 10.0 ** np.arange(-324, 309, dtype=np.float64)
+
+
+def powers_of_ten(low: int, high: int) -> np.ndarray:
+    """``10**k`` for ``low <= k < high``, each the double nearest to it (0 below the subnormals, inf past the
+    largest double). Not ``10.0 ** np.arange(...)``: numpy's vectorised power is not correctly rounded on
+    every machine (on one with FMA it gave 1.0000000000000001e23 for 10**23, and 1e23 read as below it)."""
+    return np.array([float(f"1e{k}") for k in range(low, high)], dtype=np.float64)
+
+
+_POWERS = powers_of_ten(-324, 309)
 _POWER_BIAS = 324
 
 

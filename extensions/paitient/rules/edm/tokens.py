@@ -51,11 +51,11 @@ import pyarrow.compute as pc
 from paitient.rules.edm import compiled_tokens
 from paitient.rules.edm.compiled_tokens import MIN_WORD, scan
 from paitient.rules.edm.hashing import FRONT, MAX_WORD, PAD, word_view
-from paitient.rules.edm.numbers import leading_exponent
+from paitient.rules.edm.numbers import leading_exponent, powers_of_ten
 from paitient.rules.shown import shown
 
 _EXP_DIGITS = 4
-_P10 = 10.0 ** np.arange(0, 23)
+_P10 = powers_of_ten(0, 23)
 
 
 _ESCAPE_CHAR = rb"(?:\x1b|\\u001[bB])"
