@@ -106,14 +106,15 @@ def only_child(pid: int) -> int:
 
 @contextlib.contextmanager
 def account_process(
-    argv: list[str], log_path: Path, ready: Any, *, in_namespace: bool = False
+    argv: list[str], log_path: Path, ready: Any, *, in_namespace: bool = False, within: float = 60.0
 ) -> Iterator[subprocess.Popen]:
-    """``argv`` started, yielded once ``ready()`` is true; ended by its pid (SIGTERM, then SIGKILL).
-    ``in_namespace``: ``argv`` is ``unshare --fork ...``: the process it started is the one signalled."""
+    """``argv`` started, yielded once ``ready()`` is true (within ``within`` seconds); ended by its pid (SIGTERM,
+    then SIGKILL). ``in_namespace``: ``argv`` is ``unshare --fork ...``: the process it started is the one
+    signalled."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + within
         while not ready():
             assert proc.poll() is None, log_path.read_text(errors="replace")
             assert time.monotonic() < deadline, f"{argv[-1]} did not get ready: {log_path.read_text()}"
