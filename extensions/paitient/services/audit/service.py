@@ -35,7 +35,7 @@ from paitient.services.audit.budget import (
 from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import projects_of
 from paitient.services.kit.access import channel_options
-from paitient.services.kit.channel import ChannelServer
+from paitient.services.kit.channel import ChannelServer, pid_namespace_of
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 
 __all__ = ["READ_SCOPE", "USER_ACTIONS", "custom_scopes", "handlers", "hub_service", "role_scopes", "serve"]
@@ -74,11 +74,8 @@ def peer_origin(pid: int) -> str:
     sandbox is marked as such even though it carries the same uid as the user's server. A pod's caller
     (through the gateway) is marked by what its pod's relay saw instead: ``kernel`` or ``server``.
     """
-    try:
-        theirs = os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return "gone"
-    return "host" if theirs == os.readlink("/proc/self/ns/pid") else "namespaced"
+    same = pid_namespace_of(pid)
+    return "gone" if same is None else "host" if same else "namespaced"
 
 
 def user_event(

@@ -76,16 +76,23 @@ service's pid namespace (a user's server here) or a pod's caller its relay saw a
 for any other (a sandboxed kernel)."""
 
 
+def pid_namespace_of(pid: int) -> bool | None:
+    """Whether the process ``pid`` shares this one's pid namespace (the kernel vouches for it: a sandboxed
+    kernel runs in another); None if it exited before we looked."""
+    try:
+        theirs = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return theirs == os.readlink("/proc/self/ns/pid")
+
+
 def side_of(peer: Peer) -> Side:
     """The share ``peer`` draws on. A user's server and its kernels share a uid; each has caps of its own, so
     a kernel that holds its account's connections (or spends its requests) does not refuse its server's."""
     if peer.delegated:
         return peer.uid, "server" if peer.origin == "server" else "kernel"
-    try:
-        same = os.readlink(f"/proc/{peer.pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
-    except OSError:
-        same = False  # gone before we looked: the stricter share
-    return peer.uid, "server" if same else "kernel"
+    # gone before we looked: the stricter share
+    return peer.uid, "server" if pid_namespace_of(peer.pid) else "kernel"
 
 
 class Admission:
