@@ -551,6 +551,56 @@ def test_an_account_runs_at_most_kernels_per_account_and_a_restarted_launcher_st
             p.wait(timeout=30)
 
 
+LOOKALIKE = """
+import ctypes, os, sys, time
+# write the command line given in argv[1] over this process's own (the memory /proc/PID/cmdline reads)
+fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+start, end = int(fields[45]), int(fields[46])
+want = b"\\0".join(os.fsencode(a) for a in sys.argv[1].split("|")) + b"\\0"
+ctypes.memmove(start, want.ljust(end - start, b"\\0"), end - start)
+if sys.argv[2] == "fork" and os.fork() == 0:
+    pass  # the child, as a keeper's is between its fork and its exec: the same command line
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_keepers_child_before_its_exec_is_not_counted_as_a_second_kernel(make_system_user):
+    """A keeper starting its sandbox forks, and the child shows the keeper's command line until it execs: the
+    count read one kernel as two (a request right after a kernel started was refused at a limit of two with
+    "already runs 2 kernels"). Real processes of the account with a keeper's command line: one with such a
+    child counts once; one without still counts, child or not of anything else."""
+    from paitient.services.launcher.base import KEEPER, keepers_of
+
+    user = make_system_user("lookalike")
+    line = "|".join([sys.executable, "-I", "-S", str(KEEPER), "0", "0", "-1", "--", "true"])
+    padding = ["x" * 200]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-I", "-c", LOOKALIKE, line, how, *padding],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for how in ("fork", "alone")
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        forked, alone = procs
+        children = [int(p) for p in Path(f"/proc/{forked.pid}/task/{forked.pid}/children").read_text().split()]
+        assert len(children) == 1
+        looks = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:4] for pid in (forked.pid, *children)]
+        assert looks == [[b"-I", b"-S", os.fsencode(KEEPER)]] * 2  # parent and child both look like keepers
+        assert keepers_of(user.pw_uid) == {forked.pid, alone.pid}
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 # -- the CPU, shared per account ----------------------------------------------------------------------------
 
 SPINNER = """

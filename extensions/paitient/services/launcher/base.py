@@ -504,9 +504,12 @@ class BaseLauncher(abc.ABC):
 
 def keepers_of(uid: int) -> set[int]:
     """The pids of the kernel keepers (:data:`KEEPER`, as :meth:`BaseLauncher.argv` starts them) running as
-    ``uid``. A process of the account's own that only looks like one counts against that account alone."""
+    ``uid``. A process of the account's own that only looks like one counts against that account alone.
+
+    A keeper's child between its fork and its exec (the sandbox the keeper is starting) shows the keeper's
+    command line, so one whose parent is a keeper is that keeper's, not a kernel of its own."""
     keeper = os.fsencode(KEEPER)
-    found = set()
+    parents: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -515,11 +518,13 @@ def keepers_of(uid: int) -> set[int]:
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except OSError:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        except (OSError, IndexError, ValueError):
             continue  # ended meanwhile
         if len(argv) > 3 and argv[1:4] == [b"-I", b"-S", keeper]:
-            found.add(int(name))
-    return found
+            parents[int(name)] = ppid
+    return {pid for pid, ppid in parents.items() if ppid not in parents}
 
 
 def _seccomp_fd() -> int:
