@@ -70,6 +70,10 @@ class Peer:
     another pid namespace: the user's server). Empty for a caller on this machine."""
     start: int | None = None
     """For a pod's caller: its start time as the pod's relay read it (``pid`` is the pid the relay sees)."""
+    same_pid_namespace: bool | None = None
+    """For a caller on this machine: whether the process that connected shares the service's pid namespace (a
+    user's server) or runs in another (a sandboxed kernel), as the kernel answered for that very process when
+    the connection was taken; None if it had ended by then."""
 
     @property
     def delegated(self) -> bool:

@@ -14,11 +14,13 @@ import grp
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -336,3 +338,84 @@ def test_a_kernel_holding_its_accounts_connections_does_not_refuse_its_servers_r
             kernel.communicate(input="", timeout=30)
     started = [r for r in records(site) if r["action"] == "kernel.start"]
     assert [(r["actor"], r["object"], r["details"]["peer"]["origin"]) for r in started] == [("alice", "k2", "host")]
+
+
+HAND_OVER = """
+    import array, socket, sys, time
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(sys.argv[1] + "/audit.sock")
+    out = socket.socket(fileno=int(sys.argv[2]))  # the test's end of a socketpair: the connection goes there
+    out.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [conn.fileno()]))])
+    time.sleep(0.5)  # the service has taken the connection by now
+"""
+
+
+def _take_pid(pid: int) -> subprocess.Popen | None:
+    """A process of this pid namespace started with ``pid`` (the kernel's last-given pid set just below it),
+    or None where another process took it first."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    proc = subprocess.Popen(["sleep", "60"])  # noqa: S607 - the test's own child, ended below
+    if proc.pid == pid:
+        return proc
+    proc.kill()
+    proc.wait()
+    return None
+
+
+def test_a_kernels_connection_is_not_taken_for_its_servers_when_a_server_side_process_gets_its_pid(
+    site, make_system_user
+):
+    """Attack: a kernel (its account's uid, a pid namespace of its own) connects to the audit socket, hands
+    the connection to another process and ends; a process of the host's pid namespace gets its pid; the
+    record sent on the connection was then marked ``host``, as the user's server's (the service read the
+    namespace of whatever had the pid when the record came). The namespace is now read at the connection, of
+    the process that connected: ``namespaced``."""
+    alice = make_system_user("alice")
+    Registry.for_state_dir(site.state_dir).put(Member(username="alice", account=alice.pw_name, uid=alice.pw_uid))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    taker = None
+    with services(site, ("audit",)), ours:
+        try:
+            kernel = subprocess.Popen(  # noqa: S603 - the test's own child, as alice in a pid namespace of its own
+                ["unshare", "--pid", "--fork", "setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}",
+                 "--init-groups", sys.executable, "-c", textwrap.dedent(HAND_OVER), str(site.run_dir),
+                 str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
+                env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+            )  # fmt: skip
+            theirs.close()
+            # the kernel's pid as the host sees it: the child unshare forked into the new namespace
+            time.sleep(0.2)
+            children = Path(f"/proc/{kernel.pid}/task/{kernel.pid}/children").read_text().split()
+            assert len(children) == 1, children
+            pid = int(children[0])
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+            assert len(fds) == 1
+            conn = socket.socket(fileno=fds[0])
+            _, err = kernel.communicate(timeout=30)
+            assert kernel.returncode == 0, err
+            assert not Path(f"/proc/{pid}").exists()  # ended, and its pid free
+            for _ in range(5):
+                taker = _take_pid(pid)
+                if taker is not None:
+                    break
+            assert taker is not None, f"no process of this namespace could be started with pid {pid}"
+            with conn:
+                conn.sendall(
+                    json.dumps(
+                        {
+                            "op": "record",
+                            "args": {"action": "kernel.start", "object": "k7", "outcome": "ok", "details": {}},
+                        }
+                    ).encode()
+                )
+                conn.sendall(b"\n")
+                answer = json.loads(conn.makefile().readline())
+            assert answer["ok"], answer
+        finally:
+            if taker is not None:
+                taker.kill()
+                taker.wait()
+    started = [r for r in records(site) if r["action"] == "kernel.start"]
+    assert [(r["object"], r["details"]["peer"]["origin"]) for r in started] == [("k7", "namespaced")]

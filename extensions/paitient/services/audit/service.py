@@ -35,7 +35,7 @@ from paitient.services.audit.budget import (
 from paitient.services.audit.metrics import AuditMetrics
 from paitient.services.audit.query import projects_of
 from paitient.services.kit.access import channel_options
-from paitient.services.kit.channel import ChannelServer, pid_namespace_of
+from paitient.services.kit.channel import ChannelServer
 from paitient.services.kit.process import StopSignal, managed_service, socket_path
 
 __all__ = ["READ_SCOPE", "USER_ACTIONS", "custom_scopes", "handlers", "hub_service", "role_scopes", "serve"]
@@ -66,15 +66,17 @@ def hub_service(site, python: str, *, port: int = 0) -> dict[str, Any]:
     )
 
 
-def peer_origin(pid: int) -> str:
+def peer_origin(peer: Peer) -> str:
     """``host`` if the sender shares the service's pid namespace (a user's server in the local profile),
-    ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it exited before we looked.
+    ``namespaced`` if it runs in another one (a sandboxed kernel), ``gone`` if it had ended when its
+    connection was taken.
 
-    The kernel vouches for the namespace; the sender cannot choose it, so a record reported from inside a
-    sandbox is marked as such even though it carries the same uid as the user's server. A pod's caller
-    (through the gateway) is marked by what its pod's relay saw instead: ``kernel`` or ``server``.
+    The kernel vouches for the namespace, of the process that connected (:func:`peer_pid_namespace`); the
+    sender cannot choose it, so a record reported from inside a sandbox is marked as such even though it
+    carries the same uid as the user's server. A pod's caller (through the gateway) is marked by what its pod's
+    relay saw instead: ``kernel`` or ``server``.
     """
-    same = pid_namespace_of(pid)
+    same = peer.same_pid_namespace
     return "gone" if same is None else "host" if same else "namespaced"
 
 
@@ -185,7 +187,7 @@ def handlers(
     def record(peer: Peer, args: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         arrived = time.monotonic()
         member = registry.by_uid(peer.uid)
-        origin = peer.origin if peer.delegated else peer_origin(peer.pid)
+        origin = peer.origin if peer.delegated else peer_origin(peer)
         event = user_event(
             member.username if member else f"uid:{peer.uid}",
             peer,

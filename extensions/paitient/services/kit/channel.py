@@ -16,6 +16,7 @@ A server accepts that only from the uid it was given as the gateway's (``delegat
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -76,9 +77,14 @@ service's pid namespace (a user's server here) or a pod's caller its relay saw a
 for any other (a sandboxed kernel)."""
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+"""A pidfd of the process that connected (Linux 6.5), which a later process given the same pid is not."""
+
+
 def pid_namespace_of(pid: int) -> bool | None:
     """Whether the process ``pid`` shares this one's pid namespace (the kernel vouches for it: a sandboxed
-    kernel runs in another); None if it exited before we looked."""
+    kernel runs in another); None if it exited before we looked. Only for a process that cannot end and
+    leave its pid to another meanwhile: a connection's peer is read by :func:`peer_pid_namespace`."""
     try:
         theirs = os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
@@ -86,13 +92,45 @@ def pid_namespace_of(pid: int) -> bool | None:
     return theirs == os.readlink("/proc/self/ns/pid")
 
 
+def peer_pid_namespace(sock: socket.socket, pid: int) -> bool | None:
+    """Whether the process that connected ``sock`` (``pid``, from ``SO_PEERCRED``) shares this one's pid
+    namespace; None if it has ended.
+
+    Read through the pidfd the kernel keeps for the connection (``SO_PEERPIDFD``): a pid names whichever
+    process has it now, so a sandboxed kernel that connected and ended left the pid to the next process to
+    start, and one started in this namespace (a user's server, a service's helper) made the connection read as
+    its server's. A pidfd's ``NSpid`` lists the process's pid in this namespace and in each one below it:
+    one entry is a process of this namespace, ``-1`` one that ended. Only where the kernel has no
+    ``SO_PEERPIDFD`` (before Linux 6.5) is the pid read as :func:`pid_namespace_of` does."""
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        if e.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            return pid_namespace_of(pid)
+        return None  # ESRCH: it ended before the connection was taken
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        seen, levels = int(fields["Pid"]), fields["NSpid"].split()
+    except (KeyError, ValueError):
+        return None
+    if seen < 0:
+        return None  # ended
+    return seen > 0 and len(levels) == 1  # 0: a process of a namespace above this one
+
+
 def side_of(peer: Peer) -> Side:
     """The share ``peer`` draws on. A user's server and its kernels share a uid; each has caps of its own, so
     a kernel that holds its account's connections (or spends its requests) does not refuse its server's."""
     if peer.delegated:
         return peer.uid, "server" if peer.origin == "server" else "kernel"
-    # gone before we looked: the stricter share
-    return peer.uid, "server" if pid_namespace_of(peer.pid) else "kernel"
+    # ended before the connection was taken: the stricter share
+    return peer.uid, "server" if peer.same_pid_namespace else "kernel"
 
 
 class Admission:
@@ -177,7 +215,7 @@ def peer_of(sock: socket.socket) -> Peer:
     """The process on the other end of a connected unix socket, as the kernel recorded it at ``connect``."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
-    return Peer(pid=pid, uid=uid, gid=gid)
+    return Peer(pid=pid, uid=uid, gid=gid, same_pid_namespace=peer_pid_namespace(sock, pid))
 
 
 def read_request(sock: socket.socket, within: float | None = None) -> tuple[dict[str, Any], list[int]]:
