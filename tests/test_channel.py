@@ -181,6 +181,34 @@ def test_descriptors_sent_with_each_piece_of_a_request_are_refused_not_kept(serv
     assert call(server.path, "echo", {"text": "still serving"}) == "still serving"
 
 
+def test_a_request_nested_too_deeply_is_refused_and_its_descriptors_closed(server):
+    """Attack: a request line of arrays nested 100,000 deep, with 4 descriptors. The JSON parser's recursion
+    error was not taken for a malformed line: the caller got ``internal``, and the descriptors that came
+    with the line were never closed, so a few hundred such requests filled the service's descriptor table.
+    Now it is ``bad_request``, and the service holds none of them."""
+    import socket
+    import time
+
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        before = _fds_of_this_process()
+        depth = 100_000
+        line = b'{"op": "echo", "args": {"text": ' + b"[" * depth + b"]" * depth + b"}}\n"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(server.path))
+            socket.send_fds(s, [line], [fd] * 4)
+            answer = s.makefile("rb").readline()
+        assert b'"code": "bad_request"' in answer and b"one JSON line" in answer, answer
+        deadline = time.monotonic() + 5
+        while _fds_of_this_process() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _fds_of_this_process() == before  # the service's copies are closed with the connection
+    finally:
+        os.close(fd)
+    assert call(server.path, "echo", {"text": "still serving"}) == "still serving"
+
+
 def test_a_request_trickled_a_byte_at_a_time_is_answered_at_the_timeout(world_tmp):
     """Attack: a byte every 0.2 s, under a service timeout of 1 s. The timeout applied to each read, so the
     connection (and a place of the caller's account) was held as long as the bytes kept coming. Now the

@@ -292,6 +292,20 @@ def test_a_frame_through_the_gateway_is_the_egress_services_own(pod, gate):
         assert size == 0
 
 
+def test_a_header_nested_too_deeply_is_refused_as_malformed(pod, gate):
+    """Attack: a header line of arrays nested 100,000 deep. The parser's recursion error was not taken for a
+    malformed header, and the caller got ``internal``; now ``bad_request``, and the gateway serves on."""
+    depth = 100_000
+    with connect(pod, timeout=30) as s:
+        s.sendall(b'{"token": ' + b"[" * depth + b"]" * depth + b"}\n")
+        answer = json.loads(s.makefile("rb").readline())
+    assert answer["ok"] is False and answer["code"] == "bad_request", answer
+    assert "one JSON header line per call" in answer["error"], answer
+    with connect(pod, timeout=30) as s:
+        s.sendall(json.dumps({"token": pod.token, "stream": "egress"}).encode() + b"\n")
+        assert json.loads(s.makefile("rb").readline())["ok"] is True
+
+
 def test_a_relay_that_cannot_serve_the_egress_socket_stops_with_the_reason_and_leaves_no_socket(pod):
     unwritable = pod.tmp / "state" / "gate-of-the-pod" / "egress.sock"  # under a folder of root's, 0755
     r = run(pod.relay_argv(f"--egress-socket={unwritable}"))

@@ -250,7 +250,7 @@ def decode_header(raw: bytes) -> tuple[dict[str, Any], int]:
     """The header and the number of payload bytes that follow it."""
     try:
         head = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise FrameError("frame header is not JSON") from None
     if not isinstance(head, dict):
         raise FrameError("frame header is not a JSON object")

@@ -209,7 +209,7 @@ class Gateway:
         line, _, rest = raw.partition(b"\n")
         try:
             header = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             header = None
         if not isinstance(header, dict):
             raise ChannelError("the gateway takes one JSON header line per call", BAD_REQUEST)

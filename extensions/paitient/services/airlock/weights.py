@@ -86,7 +86,7 @@ def _parse(data: bytes) -> dict[str, dict[str, Any]]:
         raise WeightsFormatError(f"no valid safetensors header (declared length {n}); {_SAVE_HINT}")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise WeightsFormatError(f"the safetensors header is not JSON; {_SAVE_HINT}") from None
     if not isinstance(header, dict):
         raise WeightsFormatError("the safetensors header is not a JSON object")

@@ -196,7 +196,7 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
                 continue
             try:
                 r = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise IngestRefused(
                     f"{path.name} line {n}: not a JSON resource ({type(e).__name__}); "
                     "each line must hold one FHIR resource"

@@ -258,7 +258,7 @@ def read_request(sock: socket.socket, within: float | None = None) -> tuple[dict
     line = buf.split(b"\n", 1)[0]
     try:
         msg = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's recursion: as malformed as any other
         msg = None
     try:
         if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):

@@ -159,7 +159,7 @@ def check_connection(path: str, uid: int, runtime_dir: str) -> tuple[str, str]:
         os.close(fd)
     try:
         info = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ChannelError(f"the connection file {path} is not JSON", PATH_REFUSED) from None
     ip = info.get("ip") if isinstance(info, dict) else None
     if not isinstance(info, dict) or info.get("transport") != "ipc" or not isinstance(ip, str):
