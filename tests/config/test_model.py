@@ -146,3 +146,9 @@ def test_copies_are_the_object_and_a_pickle_loads_back_equal():
     assert again == site and again.project("oncology").budget_for("gbsg2") == Budget(10.0, 1e-5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         again.workspace.port = 1
+
+
+def test_the_time_zone_is_one_the_zone_database_knows():
+    assert load(None, overrides={"workspace": {"time_zone": "Europe/Berlin"}}).workspace.time_zone == "Europe/Berlin"
+    with pytest.raises(ConfigError, match=r"time_zone: must name a time zone of the IANA database.*got 'Mars/Olympus'"):
+        load(None, overrides={"workspace": {"time_zone": "Mars/Olympus"}})

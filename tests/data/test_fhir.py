@@ -90,7 +90,21 @@ def test_refusals_name_the_line(tmp_path):
         fhir.read_ndjson(mixed, "Observation")
 
 
+def _zoned_site(site, zone: str = "Europe/Berlin"):
+    """The test's site with ``[workspace] time_zone`` set (the same state dir and key)."""
+    from paitient.config import load
+
+    return load(
+        None,
+        overrides={
+            "workspace": {"state_dir": str(site.state_dir), "min_k": 2, "time_zone": zone},
+            "accounts": {"prefix": site.accounts.prefix},
+        },
+    )
+
+
 def test_observations_ingest_with_patient_pseudonyms_and_shifted_zoned_times(site, tmp_path):
+    site = _zoned_site(site)
     src = ndjson(tmp_path / "obs.ndjson", OBSERVATIONS)
     cols = {
         "id": "drop",
@@ -106,7 +120,62 @@ def test_observations_ingest_with_patient_pseudonyms_and_shifted_zoned_times(sit
     rows = in_source_order(rows, "value_number", [6.5, 7.5, 8.5, 9.5])  # published in a keyed order
     assert rows[0]["patient"] == rows[1]["patient"] != rows[2]["patient"]
     assert (rows[1]["effective_date"] - rows[0]["effective_date"]).days == 1
-    assert rows[0]["effective_date"].tzinfo is not None and rows[0]["value_number"] == 6.5
+    # the wall clock in the site's zone, without an offset (09:00+01:00 was 09:00 in Berlin)
+    assert rows[0]["effective_date"].tzinfo is None and rows[0]["effective_date"].hour == 9
+    assert rows[0]["value_number"] == 6.5
+    assert pub.manifest["time_zone"] == "Europe/Berlin"
+
+
+def _visits(times: list[str]) -> list[dict]:
+    return [
+        {
+            "resourceType": "Observation",
+            "id": f"v-{i}",
+            "status": "final",
+            "subject": {"reference": "Patient/pat-1" if i % 2 else "Patient/pat-2"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+            "effectiveDateTime": t,
+            "valueQuantity": {"value": float(i), "unit": "mmol/L"},
+        }
+        for i, t in enumerate(times)
+    ]
+
+
+# Visits at 08:00 Berlin time on both sides of the changes of the clocks (28 March and 31 October 2021): with
+# their offsets, and the same moments in UTC
+BERLIN_8AM = ["2021-03-20T08:00:00+01:00", "2021-03-21T08:00:00+01:00", "2021-04-03T08:00:00+02:00",
+              "2021-04-04T08:00:00+02:00", "2021-10-30T08:00:00+02:00", "2021-11-06T08:00:00+01:00"]  # fmt: skip
+BERLIN_8AM_UTC = ["2021-03-20T07:00:00Z", "2021-03-21T07:00:00Z", "2021-04-03T06:00:00Z",
+                  "2021-04-04T06:00:00Z", "2021-10-30T06:00:00Z", "2021-11-06T07:00:00Z"]  # fmt: skip
+
+
+@pytest.mark.parametrize("times", [BERLIN_8AM, BERLIN_8AM_UTC], ids=["offsets", "utc"])
+def test_shifted_zoned_times_keep_no_trace_of_summer_time(site, tmp_path, times):
+    """Attack: each patient's visits at 08:00 local time, in winter and summer time. Kept in UTC and shifted by
+    whole days, a winter visit published at 07:00Z and a summer one at 06:00Z said which real dates fell in
+    summer time; trying each offset of the window against that left 4 of 360 for a patient. Published as the
+    wall clock in the site's zone, every visit is at 08:00 with no offset: nothing tells the seasons apart."""
+    site = _zoned_site(site)
+    src = ndjson(tmp_path / "visits.ndjson", _visits(times))
+    cols = {"id": "drop", "patient": "pseudonym", "encounter": "drop", "effective_date": "date_shift"}
+    spec = make_spec(src, cols, patient_id="patient", format="fhir", resource="Observation")
+    table = pq.read_table(ing.ingest(site, spec, operator="t").path / "data.parquet")
+    assert table.schema.field("effective_date").type.tz is None
+    rows = table.to_pylist()
+    assert {(r["effective_date"].hour, r["effective_date"].minute) for r in rows} == {(8, 0)}
+    # the intervals within a patient are the wall clock's: a week from Saturday to Saturday, in either season
+    by_value = {r["value_number"]: r["effective_date"] for r in rows}
+    assert (by_value[2.0] - by_value[0.0]).days == 14 and (by_value[3.0] - by_value[1.0]).days == 14
+
+
+def test_zoned_times_to_shift_are_refused_until_the_site_names_its_time_zone(site, tmp_path):
+    src = ndjson(tmp_path / "visits.ndjson", _visits(BERLIN_8AM))
+    cols = {"id": "drop", "patient": "pseudonym", "encounter": "drop", "effective_date": "date_shift"}
+    spec = make_spec(src, cols, patient_id="patient", format="fhir", resource="Observation")
+    with pytest.raises(
+        IngestRefused, match=r"'effective_date': holds times with a UTC offset.*Set \[workspace\] time_zone"
+    ):
+        ing.ingest(site, spec, operator="t")
 
 
 def test_patient_table_with_undeclared_identifiers_is_refused(site, tmp_path):

@@ -18,6 +18,17 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
+def _known_zone(name: str) -> bool:
+    """Whether ``name`` is a zone of the IANA database this machine has."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
 def origin_problem(url: str) -> str:
     """What is wrong with ``url`` as the workspace's origin (``https://host[:port]``, nothing after; plain
     http only on ``localhost`` and its subdomains), or ``""``."""
@@ -159,6 +170,19 @@ class Workspace(Model):
         "(date_shift_days then at least 7), so every shifted date keeps its weekday: weekday and weekend "
         "effects stay analysable, and a weekday known of a real date (a clinic's operating day) says nothing "
         'of the offset. "day" draws from seven times as many offsets, and changes weekdays.',
+    )
+
+    time_zone = Text(
+        "",
+        rule=Rule(
+            "name a time zone of the IANA database, such as Europe/Berlin (or be empty)",
+            lambda v: v == "" or _known_zone(v),
+        ),
+        help="The zone the hospital's clinical times are recorded in (an IANA name, such as Europe/Berlin). "
+        "A date_shift column whose times carry a UTC offset (2020-01-10T08:00:00+01:00, or a Parquet timestamp "
+        "with a zone) is published as each time's wall clock in this zone, without an offset: shifted by whole "
+        "days, an offset or a UTC hour would still tell summer from winter time, and so give the shift away. "
+        "Empty: such a column is refused, saying to set this.",
     )
 
     ledger_url = Text(

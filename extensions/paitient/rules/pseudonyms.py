@@ -328,6 +328,28 @@ def _rolled_over(arr: pa.Array, out: pa.Array, fmt: str) -> pa.Array:
     return pa.array(flags)
 
 
+def wall_clock(arr: pa.Array, column: str, zone: str) -> pa.Array:
+    """Times that carry a zone (a UTC offset in the text, or a Parquet timestamp with a zone) as their wall
+    clock in ``zone``, without one; any other dates as they are.
+
+    A whole-day shift keeps a time's UTC hour and offset, and an event at 08:00 local time is 07:00 UTC in
+    winter and 06:00 in summer: each shifted time would still say whether its real date fell in summer
+    time, and a patient's times on both sides of a change of the clocks narrow the patient's shift to a few
+    days of the window. The wall clock is the same in both seasons."""
+    arr = _plain(arr)
+    if not pa.types.is_timestamp(arr.type) or arr.type.tz is None:
+        return arr
+    if not zone:
+        raise ColumnError(
+            column,
+            "holds times with a UTC offset, which a shift by whole days keeps: an offset or UTC hour tells summer "
+            "from winter time and so gives each patient's shift away. Set [workspace] time_zone in the site "
+            "file to the zone the times were recorded in (such as Europe/Berlin): ingest then publishes each "
+            "as its wall clock there, without an offset",
+        )
+    return pc.local_timestamp(arr.cast(pa.timestamp(arr.type.unit, zone)))
+
+
 def shift_dates(arr: pa.Array, offsets: np.ndarray, column: str) -> pa.Array:
     """Move every date by its row's offset in days; intervals within a patient are kept exactly."""
     arr = _plain(arr)

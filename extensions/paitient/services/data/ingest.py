@@ -133,6 +133,7 @@ def _apply(
     patient_col: str,
     patient_digests: np.ndarray | None,
     offsets: np.ndarray | None,
+    time_zone: str = "",
 ) -> pa.Array:
     col, p = rule.column, rule.params
     if rule.action == "pseudonym":
@@ -148,7 +149,7 @@ def _apply(
             )
         return tf.pseudonymise(arr, pkey, domain=p["domain"], prefix=p["prefix"], column=col)
     if rule.action == "date_shift":
-        dates = tf.parse_dates(arr, col, p["format"])
+        dates = tf.wall_clock(tf.parse_dates(arr, col, p["format"]), col, time_zone)
         if patient is None or offsets is None:  # parse_spec requires patient_id for date_shift
             raise ColumnError(col, "date_shift needs patient_id = <column> in the spec")
         unknown = patient[0] < 0
@@ -230,6 +231,7 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
                 patient_col=spec.patient_id,
                 patient_digests=digests,
                 offsets=offsets,
+                time_zone=site.workspace.time_zone,
             )
         except ColumnError as e:
             problems.append(_row_hint(spec, e))
@@ -281,6 +283,7 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         "min_k": min_k,
         "date_shift_days": site.workspace.date_shift_days,
         "date_shift_unit": site.workspace.date_shift_unit,
+        **({"time_zone": site.workspace.time_zone} if site.workspace.time_zone else {}),
         "key_id": keys.key_id(pkey),
         "spec_sha256": _spec_digest(spec, site),
     }
@@ -304,7 +307,9 @@ def manifest_for(spec: Spec, outcome: Outcome, source_sha256: str, operator: str
 
 def _spec_digest(spec: Spec, site: SiteConfig) -> str:
     ws = site.workspace
-    return spec.digest(min_k=ws.min_k, date_shift_days=ws.date_shift_days, date_shift_unit=ws.date_shift_unit)
+    return spec.digest(
+        min_k=ws.min_k, date_shift_days=ws.date_shift_days, date_shift_unit=ws.date_shift_unit, time_zone=ws.time_zone
+    )
 
 
 def is_current(site: SiteConfig, spec: Spec, source_sha256: str, master: bytes) -> bool:

@@ -95,7 +95,7 @@ class Spec:
     resource: str = ""
     description: str = ""
 
-    def digest(self, *, min_k: int, date_shift_days: int, date_shift_unit: str = "day") -> str:
+    def digest(self, *, min_k: int, date_shift_days: int, date_shift_unit: str = "day", time_zone: str = "") -> str:
         """SHA-256 of everything that decides the output, except where the source lies."""
         d = asdict(self)
         for k in ("source", "description"):
@@ -104,6 +104,8 @@ class Spec:
         d["effective"] = {"min_k": max(min_k, self.min_k), "date_shift_days": date_shift_days}
         if date_shift_unit != "day":  # named only where it is not the default, so earlier digests still hold
             d["effective"]["date_shift_unit"] = date_shift_unit
+        if time_zone:  # the same: a zone decides the output of a column of zoned times only
+            d["effective"]["time_zone"] = time_zone
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
