@@ -4,14 +4,22 @@ job may take its preprocessing from. Pure.
 At publish, :func:`column_statistics` computes, for each column of the pseudonymised table:
 
 - a number column (integers or floats, not booleans): its count of values, mean and standard deviation
-  (``ddof=1``), used by a job's ``standardise`` step that gives no constants of its own;
+  (``ddof=1``), each to :data:`SIGNIFICANT_DIGITS` significant digits, used by a job's ``standardise`` step
+  that gives no constants of its own;
 - a column of few values (text or whole numbers, at most :data:`MAX_CATEGORIES` distinct), each held by at
-  least ``min_count`` rows: its sorted categories, used by a ``onehot`` step that names none.
+  least ``min_count`` patients (rows, in a table without patients): its sorted categories, used by a
+  ``onehot`` step that names none.
 
-Pseudonyms and shifted dates get neither. A column with a value held by fewer than ``min_count`` rows lists
-no categories at all: the catalogue would otherwise name a rare value. These are aggregates over the whole
-published version, which every member of the project can compute from the data they see; the runner takes
-them from the manifest it reads (root-published), never from a kernel.
+Pseudonyms and shifted dates get neither. A column with a value held by fewer than ``min_count`` patients
+lists no categories at all: the catalogue would otherwise name a rare value, and a catalogued value may leave
+in a signed training record and as a label of an airlock table without a steward. Counted by rows, one
+patient's six rows of a rare occupation made it a category. These are aggregates over the whole published
+version, which every member of the project can compute from the data they see; the runner takes them from the
+manifest it reads (root-published), never from a kernel.
+
+Why rounded: a training record states the rows it read beside the catalogue's mean, and two records of
+versions one patient apart (one withdrew consent) gave back that patient's value exactly, as the difference of
+``n * mean``. A researcher's own constants are held to the same digits (:mod:`paitient.rules.jobspec`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,23 @@ import pyarrow.compute as pc
 
 MAX_CATEGORIES = 50
 NO_STATISTICS = frozenset({"pseudonym", "date_shift"})
+SIGNIFICANT_DIGITS = 4
+"""Of the mean and standard deviation the catalogue keeps (those of :mod:`paitient.rules.jobspec` too)."""
+
+
+def rounded(value: float) -> float:
+    """``value`` to :data:`SIGNIFICANT_DIGITS` significant digits."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _holders(column: pa.ChunkedArray | pa.Array, patients: pa.Array | None) -> tuple[list[Any], list[int]]:
+    """The column's values, and for each how many patients hold it (rows, without ``patients``)."""
+    if patients is None:
+        counts = pc.value_counts(column.drop_null())
+        return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    held = pa.table({"value": column, "patient": patients}).filter(pc.is_valid(column))
+    grouped = held.group_by("value").aggregate([("patient", "count_distinct")])
+    return grouped.column("value").to_pylist(), grouped.column("patient_count_distinct").to_pylist()
 
 
 def _number_type(t: pa.DataType) -> bool:
@@ -32,10 +57,12 @@ def _number_type(t: pa.DataType) -> bool:
 
 
 def column_statistics(
-    table: pa.Table, columns: Iterable[Mapping[str, Any]], min_count: int
+    table: pa.Table, columns: Iterable[Mapping[str, Any]], min_count: int, patients: Any = None
 ) -> dict[str, dict[str, Any]]:
     """``{column: {"count", "mean", "std"} and/or {"categories"}}`` for the described ``columns`` of ``table``
-    (each a manifest column entry with ``name`` and ``action``)."""
+    (each a manifest column entry with ``name`` and ``action``); ``patients``: each row's patient (any values
+    that tell patients apart, such as codes), where the table has them."""
+    patient_array = None if patients is None else pa.array(patients)
     out: dict[str, dict[str, Any]] = {}
     for described in columns:
         name, action = str(described["name"]), str(described.get("action", ""))
@@ -51,11 +78,13 @@ def column_statistics(
             mean = pc.mean(values).as_py() if count else None
             std = pc.stddev(values, ddof=1).as_py() if count > 1 else None
             if mean is not None and std is not None and math.isfinite(mean) and math.isfinite(std) and std > 0:
-                stats.update(count=count, mean=float(mean), std=float(std))
+                stats.update(count=count, mean=rounded(mean), std=rounded(std))
         if pa.types.is_integer(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            counts = pc.value_counts(column.drop_null())
-            if 0 < len(counts) <= MAX_CATEGORIES and min(c.as_py() for c in counts.field("counts")) >= min_count:
-                stats["categories"] = sorted(v.as_py() for v in counts.field("values"))
+            distinct = pc.count_distinct(column, mode="only_valid").as_py()
+            if 0 < distinct <= MAX_CATEGORIES:
+                values, held = _holders(column, patient_array)
+                if min(held) >= min_count:
+                    stats["categories"] = sorted(values)
         if stats:
             out[name] = stats
     return out
@@ -94,8 +123,9 @@ def resolve_step(step: Mapping[str, Any], statistics: Mapping[str, Mapping[str, 
         return {
             "op": "standardise",
             "columns": list(step["columns"]),
-            "mean": [float(statistics[c]["mean"]) for c in step["columns"]],
-            "std": [float(statistics[c]["std"]) for c in step["columns"]],
+            # rounded here too: a version published before the catalogue rounded them keeps full precision
+            "mean": [rounded(float(statistics[c]["mean"])) for c in step["columns"]],
+            "std": [rounded(float(statistics[c]["std"])) for c in step["columns"]],
             "from": "catalogue",
         }
     column = step["column"]

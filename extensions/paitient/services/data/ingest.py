@@ -256,7 +256,9 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
     for d in described:
         t = result.schema.field(d["name"]).type
         d["type"] = str(t.value_type if pa.types.is_dictionary(t) else t)
-    statistics = catalogue.column_statistics(result, described, min_count=min_k)
+    statistics = catalogue.column_statistics(
+        result, described, min_count=min_k, patients=patient[0] if patient is not None else None
+    )
     for d in described:
         d.update(statistics.get(d["name"], {}))
     qis = [spec.rules[q].output for q in spec.quasi_identifiers]
