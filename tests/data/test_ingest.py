@@ -141,7 +141,7 @@ def refusal(site, spec) -> str:
         ing.ingest(site, spec, operator="t")
     assert_nothing_published(site, spec.project, spec.dataset)
     (rec,) = audit_records(site)
-    assert rec["outcome"] == "denied" and rec["details"]["problems"] == e.value.problems
+    assert rec["outcome"] == "denied" and rec["details"]["problems"] == e.value.recorded
     return str(e.value)
 
 
@@ -170,11 +170,20 @@ def test_strict_off_passes_undeclared_columns(site, tmp_path):
     assert pub.manifest["columns"][1]["action"] == "keep (undeclared)"
 
 
-def test_refuses_k_below_the_minimum_naming_the_group(site, patients_csv):
+def test_refuses_k_below_the_minimum_naming_the_group_to_the_operator_alone(site, patients_csv):
+    """The operator reads the smallest group's values, to see what to generalise. The audit trail, which
+    stewards read in the browser and no record can take back, named them too: values of fewer than min_k
+    patients, of a dataset never published. It names the columns now."""
     cols = {**COLUMNS, "age": {"action": "generalise", "method": "age_band", "width": 5}}
     text = refusal(site, make_spec(patients_csv, cols, patient_id="mrn", quasi_identifiers=["age", "postcode"]))
     assert "k-anonymity 1 is below the minimum 2" in text and "has only 1 patients" in text
     assert "generalise the quasi-identifiers more" in text
+    group = text.split("the group (", 1)[1].split(")", 1)[0]
+    assert "age = " in group and "postcode = '1" in group  # the operator's message names the values
+    (rec,) = audit_records(site)
+    (recorded,) = rec["details"]["problems"]
+    assert "the smallest group over age, postcode has only 1 patients" in recorded
+    assert group not in recorded and "'1" not in json.dumps(rec)  # no postcode of the source on the trail
 
 
 def test_spec_may_raise_min_k_but_not_lower_it(site, patients_csv):

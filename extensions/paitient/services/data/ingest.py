@@ -269,10 +269,17 @@ def transform(site: SiteConfig, spec: Spec, table: pa.Table, master: bytes) -> O
         if k < min_k:
             group = ", ".join(f"{c} = {v!r}" for c, v in smallest.items())
             unit = "patients" if patient is not None else "rows"
+            advice = (
+                "generalise the quasi-identifiers more (wider age bands, shorter postcode prefixes, rare "
+                "categories to 'other')"
+            )
             raise IngestRefused(
-                f"k-anonymity {k} is below the minimum {min_k}: the group ({group}) has only {k} {unit}; "
-                "generalise the quasi-identifiers more (wider age bands, shorter postcode prefixes, "
-                "rare categories to 'other')"
+                f"k-anonymity {k} is below the minimum {min_k}: the group ({group}) has only {k} {unit}; {advice}",
+                # the trail names the columns, not the group's values
+                [
+                    f"k-anonymity {k} is below the minimum {min_k}: the smallest group over "
+                    f"{', '.join(smallest)} has only {k} {unit}; {advice}"
+                ],
             )
     info = {
         "rows": result.num_rows,
@@ -368,7 +375,7 @@ def ingest(
                 action="ingest.publish",
                 object=obj,
                 outcome="denied",
-                details={"project": spec.project, "dataset": spec.dataset, "problems": e.problems[:20]},
+                details={"project": spec.project, "dataset": spec.dataset, "problems": e.recorded[:20]},
             )
         raise
     if dry_run:
