@@ -185,3 +185,18 @@ def test_patient_table_with_undeclared_identifiers_is_refused(site, tmp_path):
         ing.ingest(site, spec, operator="t")
     for col in ("identifier", "family", "given", "birth_date", "phone", "email", "address_line"):
         assert f"column {col!r} is not in the spec" in str(e.value)
+
+
+def test_a_value_of_the_wrong_kind_is_refused_by_its_line_without_quoting_it(tmp_path):
+    """A name where FHIR has a boolean, an object where it has an id: Arrow's own error escaped ingest (no
+    refusal, no audit record) and one quoted the value ("Could not convert 'Anna Mueller'")."""
+    good = {"resourceType": "Patient", "id": "a", "birthDate": "1970-01-01"}
+    for bad, column, words in (
+        ({"resourceType": "Patient", "id": "b", "deceasedBoolean": "Anna Mueller"}, "deceased", "true or false"),
+        ({"resourceType": "Patient", "id": {"value": "b"}}, "id", "text"),
+    ):
+        src = ndjson(tmp_path / "p.ndjson", [good, bad])
+        with pytest.raises(IngestRefused) as e:
+            fhir.read_ndjson(src, "Patient")
+        assert f"p.ndjson line 2: the value behind column {column!r} is not {words} as FHIR writes it" in str(e.value)
+        assert "Anna" not in str(e.value)

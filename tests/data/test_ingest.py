@@ -574,3 +574,51 @@ def test_a_parquet_sources_dictionary_order_is_not_published(site, tmp_path):
     assert dictionary == list(dict.fromkeys(published.column("patient").to_pylist()))
     assert dictionary != pseudonyms(site, "oncology", sorted(set(mrns)))
     assert published.column("patient").to_pylist() != pseudonyms(site, "oncology", list(df["mrn"].astype(str)))
+
+
+def test_a_failure_after_the_switch_keeps_the_current_versions_row_index(site, patients_csv):
+    """A publication that fails after ``current`` was switched (an fsync of the folder, a signal) leaves the
+    new version current; ingest removed its row-detection index all the same, and the egress gate then had no
+    index to match that version's rows by. The index of a version that became current stays."""
+    from paitient.services.data.publish import Publisher
+    from paitient.services.data.rowindex import index_dir
+
+    class SwitchThenFail(Publisher):
+        def switch_current(self, ds, version):
+            super().switch_current(ds, version)
+            raise OSError(5, "EIO from fsync, after the switch")
+
+    publisher = SwitchThenFail(
+        site.data_root, site.state_dir / "locks", group_of=lambda project: access.project_gid(site, project)
+    )
+    with pytest.raises(OSError, match="after the switch"):
+        ing.ingest(site, make_spec(patients_csv, COLUMNS, patient_id="mrn"), operator="t", publisher=publisher)
+    ds = dataset_dir(site.data_root, "oncology", "breast_cancer")
+    assert current_version(ds) == 1
+    assert index_dir(site, "oncology", "breast_cancer", 1).is_dir()
+
+
+def test_the_catalogue_counts_the_patients_who_hold_a_category(site, tmp_path):
+    """Ingest counts categories by patient: a ward one patient holds on three rows is no category at a
+    minimum of 2, the wards two patients hold are."""
+    rows = [["000101", "a", 1.0], ["000102", "a", 2.0], ["000103", "b", 3.0], ["000104", "b", 4.0]]
+    rows += [["000105", "rare", 5.0 + i] for i in range(3)]
+    src = write_csv(tmp_path / "w.csv", ["mrn", "ward", "score"], rows)
+    spec = make_spec(src, {"mrn": "pseudonym", "ward": "keep", "score": "keep"}, patient_id="mrn")
+    pub = ing.ingest(site, spec, operator="t")
+    ward = next(c for c in pub.manifest["columns"] if c["name"] == "ward")
+    assert "categories" not in ward
+    without = write_csv(tmp_path / "w2.csv", ["mrn", "ward", "score"], rows[:4])
+    again = ing.ingest(
+        site, make_spec(without, {"mrn": "pseudonym", "ward": "keep", "score": "keep"}, patient_id="mrn"), operator="t"
+    )
+    assert next(c for c in again.manifest["columns"] if c["name"] == "ward")["categories"] == ["a", "b"]
+
+
+def test_a_column_named_twice_once_with_spaces_is_refused(site, tmp_path):
+    """``mrn, mrn`` (one name once the spaces go, as the spec reads names) gave two columns ``mrn`` and a
+    KeyError of Arrow's instead of a refusal."""
+    p = tmp_path / "d.csv"
+    p.write_text("mrn, mrn,score\n000101,000101,1\n")
+    text = refusal(site, make_spec(p, {"mrn": "pseudonym", "score": "keep"}))
+    assert "d.csv line 1: column(s) named twice: mrn" in text

@@ -190,6 +190,7 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
     if resource and resource not in _FLATTEN:
         raise IngestRefused(f"resource = {resource!r} is not supported; supported: {', '.join(_FLATTEN)}")
     rows: dict[str, list[dict]] = {}
+    lines: dict[str, list[int]] = {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -207,6 +208,7 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
             if kind in _FLATTEN and (not resource or kind == resource):
                 try:
                     rows.setdefault(kind, []).append(_FLATTEN[kind](r))
+                    lines.setdefault(kind, []).append(n)
                 except (AttributeError, TypeError, ValueError) as e:
                     raise IngestRefused(f"{path.name} line {n}: malformed {kind} ({e})") from None
     if not resource:
@@ -217,6 +219,27 @@ def read_ndjson(path: Path, resource: str = "") -> pa.Table:
     if resource not in rows:
         raise IngestRefused(f"{path.name} holds no {resource} resources")
     cols = COLUMNS[resource]
-    data = {c: [row[c] for row in rows[resource]] for c in cols}
-    schema = pa.schema([(c, _TYPES.get(c, pa.string())) for c in cols])
-    return pa.table(data, schema=schema)
+    arrays = [_column(path, c, [row[c] for row in rows[resource]], lines[resource]) for c in cols]
+    return pa.Table.from_arrays(arrays, schema=pa.schema([(c, _TYPES.get(c, pa.string())) for c in cols]))
+
+
+def _column(path: Path, column: str, values: list[Any], lines: list[int]) -> pa.Array:
+    """One flattened column; a value of the wrong kind (a number where FHIR has text, text for a boolean) is
+    refused by its line, without quoting it (it may be a name)."""
+    kind = _TYPES.get(column, pa.string())
+    try:
+        return pa.array(values, type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        for value, n in zip(values, lines, strict=True):
+            try:
+                pa.array([value], type=kind)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                words = _KIND_WORDS.get(str(kind), str(kind))
+                raise IngestRefused(
+                    f"{path.name} line {n}: the value behind column {column!r} is not {words} as FHIR writes it; "
+                    "fix the resource"
+                ) from None
+        raise
+
+
+_KIND_WORDS = {"string": "text", "bool": "true or false", "double": "a number"}

@@ -24,7 +24,7 @@ from paitient.rules import catalogue
 from paitient.rules import pseudonyms as tf
 from paitient.services.data import access, detect, keys, readers, rowindex
 from paitient.services.data.errors import ColumnError, IngestRefused
-from paitient.services.data.publish import Published, Publisher, dataset_dir, read_manifest
+from paitient.services.data.publish import Published, Publisher, current_version, dataset_dir, read_manifest
 from paitient.services.data.spec import Rule, Spec, check_against
 
 MANIFEST_FORMAT = 1
@@ -385,17 +385,23 @@ def ingest(
     publisher = publisher or Publisher(
         site.data_root, site.state_dir / "locks", group_of=lambda project: access.project_gid(site, project)
     )
-    placed: list[Path] = []
+    placed: list[tuple[int, Path]] = []
 
     def place_index(version: int, _path: Path) -> None:
         # the version's row-detection index is in place before the version becomes current
-        placed.append(rowindex.save(site, index, rowindex.index_dir(site, spec.project, spec.dataset, version)))
+        placed.append(
+            (version, rowindex.save(site, index, rowindex.index_dir(site, spec.project, spec.dataset, version)))
+        )
 
     try:
         published = publisher.publish(spec.project, spec.dataset, outcome.table, manifest, before_switch=place_index)
     except BaseException:
-        for path in placed:
-            rowindex.remove(path)
+        # a version that became current before the failure (an fsync after the switch) keeps its index: the
+        # egress gate matches its rows by it
+        current = current_version(dataset_dir(site.data_root, spec.project, spec.dataset))
+        for version, path in placed:
+            if version != current:
+                rowindex.remove(path)
         raise
     audit.emit(
         site,

@@ -45,10 +45,11 @@ def _header(path: Path, spec: Spec) -> list[str]:
         raise IngestRefused(_bad_encoding_line(path, spec.encoding)) from None
     if not header:
         raise IngestRefused(f"{path.name}: empty file; the first line must name the columns")
+    header = [c.strip() for c in header]  # "mrn" and " mrn" are one name, as the spec names them
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise IngestRefused(f"{path.name} line 1: column(s) named twice: {', '.join(dupes)}")
-    return [c.strip() for c in header]
+    return header
 
 
 def _read(spec: Spec, column: str) -> bool:
@@ -119,6 +120,12 @@ def read_parquet(path: Path, spec: Spec) -> tuple[pa.Table, list[str]]:
     repeat, so every later step works on distinct values and codes instead of a million strings)."""
     try:
         schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IngestRefused(f"{path.name}: not a readable Parquet file ({e})") from None
+    dupes = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if dupes:
+        raise IngestRefused(f"{path.name}: column(s) named twice: {', '.join(dupes)}; write each once")
+    try:
         wanted = [f.name for f in schema if _read(spec, f.name)]
         text = [
             f.name
