@@ -196,3 +196,32 @@ def test_dates_as_integers_are_caught_and_impossible_days_are_not_dates():
     assert detect.by_content(pa.array([20211345, 20210230, 41000012] * 3)) == ("record numbers", 1)  # not dates
     assert detect.by_content(pa.array([None] * 10, pa.int64())) is None
     assert detect.date_format(pa.array([None] * 10, pa.int64())) is None
+
+
+def test_identifiers_in_the_types_and_names_strict_mode_did_not_read_are_caught():
+    """Attack (a review's): a raw MRN column as floats (pandas writes an integer column with one missing value
+    so), names stored as bytes (Spark and Hive write text so), a list of aliases, FHIR's UUIDs and references,
+    and identifier columns named hospital_no, identifier, encounter, subject. Each was published as
+    "keep (undeclared)": only integers and text were examined, and the names were not known."""
+    import uuid
+
+    mrns = pa.array([7_000_000.0 + i for i in range(40)] + [None])
+    assert detect.by_content(mrns) == ("record numbers", 1)
+    assert detect.date_format(pa.array([20210129.0, 20200202.0, 19991231.0])) == "%Y%m%d"
+    given, family = ("Anna", "Peter", "Maria", "Klaus"), ("Müller", "Weber", "Becker", "Schmidt", "Wagner")
+    names = pa.array([f"{g} {f}".encode() for g in given for f in family])
+    assert detect.by_content(names) == ("person names", 1)
+    what, row = detect.by_content(pa.array([["Anna M."], ["Peter S."]]))
+    assert what.startswith("nested values (list<") and "strict mode cannot examine" in what and row == 1
+    assert (
+        detect.by_content(pa.array([b"\xffraw"]))[0]
+        == "bytes that are not UTF-8 text, which strict mode cannot examine"
+    )
+    ids = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(30)]
+    assert detect.by_content(pa.array(ids)) == ("record identifiers (UUIDs)", 1)
+    assert detect.by_content(pa.array([f"Patient/{i}" for i in ids])) == ("record identifiers (UUIDs)", 1)
+    for name in ("hospital_no", "hosp_nr", "identifier", "encounter", "subject", "mrn_number", "MedicalRecordNumber"):
+        assert detect.by_name(name) == "a record number", name
+    # measurements with fractions, and booleans, are not identifiers
+    assert detect.by_content(pa.array([1.5, 2.25, 3.0, None])) is None
+    assert detect.by_content(pa.array([True, False, None])) is None

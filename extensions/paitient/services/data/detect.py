@@ -47,8 +47,10 @@ _NAME_RULES: list[tuple[str, str]] = [
     ),
     (
         "a record number",
-        r"^id$|(^|_)(mrn|medical_record(_number)?|record_?(number|no)|patient_?(id|number|no|nr)"
-        r"|pat_?id|pid|case_?(id|number|no)|fall_?(nummer|nr)|encounter_?id|visit_?id|admission_?id)$",
+        r"^(id|identifier|encounter|subject|medicalrecordnumber)$"
+        r"|(^|_)(mrn(_?(number|no|nr))?|medical_record(_number)?|record_?(number|no)|patient_?(id|number|no|nr)"
+        r"|pat_?id|pid|case_?(id|number|no)|fall_?(nummer|nr)|encounter_?id|visit_?id|admission_?id"
+        r"|hosp(ital)?_?(number|no|nr|id)|krankenversichertennummer)$",
     ),
     ("a birth date", r"(^|_)(date_of_birth|birth_?(date|day)|dob|geburts_?datum)$"),
 ]
@@ -115,6 +117,12 @@ _CONTENT_RULES: list[tuple[str, re.Pattern[str], bool]] = [
     ),
     (DATES, re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?"), False),
     ("person names", re.compile(r"[A-ZÄÖÜ][a-zäöüßéèç'-]+,?(\s+[A-ZÄÖÜ][a-zäöüßéèç'.-]+){1,3}"), True),
+    # a source system's own identifiers (FHIR resource ids and references): they link back to its records
+    (
+        "record identifiers (UUIDs)",
+        re.compile(r"(?i)(\w+/)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+        True,
+    ),
 ]
 
 
@@ -193,6 +201,10 @@ def date_format(arr: pa.Array | pa.ChunkedArray) -> str | None:
     typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
     if pa.types.is_date(typ) or pa.types.is_timestamp(typ):
         return ""
+    examined = _examinable(arr)
+    if isinstance(examined, str):
+        return None
+    arr, typ = examined, examined.type
     if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         return None
     sample, rows = _sample(arr)
@@ -206,12 +218,50 @@ def _varied(n_distinct: int, n: int) -> bool:
     return n_distinct >= 20 or n_distinct >= 0.25 * n
 
 
+def _examinable(arr: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray | str:
+    """The column in a type the rules read: whole numbers written as floats (an integer column with one
+    missing value, as pandas writes it) as integers; text stored as bytes (as Spark and Hive write it) as
+    text; text as large or view text as text. Numbers with fractions, booleans and times of day as they are
+    (no identifier is written so). For a type no rule can read (lists, structs, maps, bytes that are not
+    UTF-8 text), what to call it: strict mode refuses what it cannot examine."""
+    typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(typ)
+    if pa.types.is_floating(typ) or pa.types.is_decimal(typ):
+        values = arr.cast(pa.float64()).drop_null()
+        finite = pc.is_finite(values)
+        whole = values.filter(finite)
+        if len(whole) and pc.all(pc.equal(pc.floor(whole), whole)).as_py() and pc.all(finite).as_py():
+            if pc.max(pc.abs(whole)).as_py() < 2**53:
+                return arr.cast(pa.float64()).cast(pa.int64())
+        return arr
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_fixed_size_binary(typ):
+        try:
+            return arr.cast(pa.binary()).cast(pa.string())  # Arrow checks the UTF-8
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return "bytes that are not UTF-8 text"
+    if pa.types.is_string_view(typ):
+        return arr.cast(pa.string())
+    if pa.types.is_nested(typ):
+        return f"nested values ({typ})"
+    return arr
+
+
 def by_content(arr: pa.Array | pa.ChunkedArray) -> tuple[str, int] | None:
-    """(what, first matching sampled row, 1-based) if most sampled values look like direct identifiers."""
+    """(what, first matching sampled row, 1-based) if most sampled values look like direct identifiers, or if
+    the column is of a type the rules cannot read."""
     typ = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
     if pa.types.is_date(typ) or pa.types.is_timestamp(typ):  # any real date at all, anywhere
         valid = pc.is_valid(arr)
         return (DATES, 1 + int(pc.index(valid, True).as_py())) if pc.any(valid).as_py() else None
+    examined = _examinable(arr)
+    if isinstance(examined, str):
+        valid = pc.is_valid(arr)
+        if not pc.any(valid).as_py():
+            return None
+        return f"{examined}, which strict mode cannot examine", 1 + int(pc.index(valid, True).as_py())
+    arr = examined
+    typ = arr.type
     if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
         return None
     arr, rows = _sample(arr)
