@@ -999,3 +999,28 @@ def test_an_oversized_text_is_refused_from_its_size_and_one_account_reads_one_up
         airlock._release_form = read
     second.join(30)
     assert got["first"] and got["second"] and other
+
+
+def test_a_category_a_later_version_generalised_away_is_no_label(site):
+    """Attack (a review's): version 1 of a dataset catalogued a rare occupation (a value one patient held on
+    many rows, when the catalogue counted rows); the data team published version 2 with it made 'other'. The
+    airlock took labels from every version, so "astronaut" stayed a label a table could carry without a
+    steward. Categories come from the current version now; every version's column names still count."""
+    from paitient.services.airlock.core import Airlock
+    from tests.airlock.helpers import publish
+
+    frame = pd.DataFrame({"occupation": ["nurse", "other"], "ward": [1, 2]})
+    base = site.data_root / "oncology" / "breast_cancer"
+    for version, categories in ((1, ["astronaut", "nurse"]), (2, ["nurse", "other"])):
+        where = publish(site, "oncology", "breast_cancer", frame, version=version)
+        columns = [{"name": "occupation", "action": "keep", "categories": categories}]
+        if version == 1:
+            columns.append({"name": "old_ward", "action": "keep"})
+        (where / "manifest.json").write_text(json.dumps({"version": version, "columns": columns}))
+    os.symlink("versions/2", base / "current.new")
+    os.replace(base / "current.new", base / "current")
+    airlock = Airlock(site)
+    assert airlock.catalogue_columns("oncology") == {
+        "occupation": frozenset({"nurse", "other"}),
+        "old_ward": frozenset(),
+    }

@@ -225,8 +225,9 @@ class Airlock:
         return name
 
     def table_labels(self, project: str) -> Labels:
-        """What text the project's tables may hold: the categories and column names the catalogue lists for
-        every published version of its datasets, and the project's ``table_labels``."""
+        """What text the project's tables may hold: the column names the catalogue lists for every published
+        version of its datasets, the categories it lists for the current one, and the project's
+        ``table_labels``."""
         texts: list[Any] = list(self.site.project(project).table_labels)
         for name, categories in self.catalogue_columns(project).items():
             texts.append(name)
@@ -235,16 +236,22 @@ class Airlock:
 
     def catalogue_columns(self, project: str) -> dict[str, frozenset[str]]:
         """The columns of the project's datasets (every published version), each with the categories the
-        catalogue lists for it (none for a column of numbers)."""
-        from paitient.services.data.publish import dataset_dir, read_manifest, versions
+        catalogue lists for it in the dataset's current version (none for a column of numbers). Only the
+        current one's: a value the data team generalised away in a later version (a rare occupation made
+        'other') is no label any more, and versions published before the catalogue counted patients listed
+        values that one patient held on many rows."""
+        from paitient.services.data.publish import current_version, dataset_dir, read_manifest, versions
 
         out: dict[str, set[str]] = {}
         for name in self.site.project(project).datasets:
             ds = dataset_dir(self.site.data_root, project, name)
+            current = current_version(ds)
             for version in versions(ds):
                 for column in (read_manifest(ds, version) or {}).get("columns", []):
                     if isinstance(column, dict) and isinstance(column.get("name"), str):
-                        out.setdefault(column["name"], set()).update(map(str, column.get("categories") or []))
+                        categories = out.setdefault(column["name"], set())
+                        if version == current:
+                            categories.update(map(str, column.get("categories") or []))
         return {name: frozenset(cats) for name, cats in out.items()}
 
     def reveal_rows(self, project: str, text: bytes) -> dict[str, int]:
