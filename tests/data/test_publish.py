@@ -97,9 +97,13 @@ def test_a_crash_leaves_the_previous_version_current_and_is_cleaned_up(roots, st
     assert_still_v1(ds)
     if step == "place":  # the written version never got its name
         assert versions(ds) == [1] and [p.name for p in ds.iterdir() if p.name.startswith(".tmp-")]
+    else:  # in place, never current: no reader saw it
+        assert versions(ds) == [1, 2]
     pub = Publisher(data_root, locks).publish("oncology", "gbsg2", TABLE, {"note": "third"})
     assert current_version(ds) == pub.version and read_manifest(ds)["note"] == "third"
     assert not [p for p in ds.iterdir() if p.name.startswith(".")]
+    # what the crash left is gone, and its number is not taken again
+    assert versions(ds) == [1, pub.version] and pub.version == (2 if step == "place" else 3)
 
 
 def test_readers_see_whole_versions_only_while_publishing(roots):

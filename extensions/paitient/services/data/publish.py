@@ -10,7 +10,8 @@ Who may read it: the project's group (:mod:`paitient.services.data.access`). Eve
 A version is written into a temporary directory beside ``versions/``, fsync'd, made read-only to the
 project's group (files 0440, directory 0750) and renamed into place; then ``current`` is switched by
 renaming a new symlink over it. A reader sees the previous version or the new one, never a part. A crash
-leaves at most a ``.tmp-*`` directory that the next publication of that dataset removes.
+leaves at most a ``.tmp-*`` directory, or a version in place that never became current, and the next
+publication of that dataset removes either (a later version's number is not taken again).
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ class Publisher:
             ds = dataset_dir(self.data_root, project, dataset)
             _mkdir(ds, gid=self._gid)
             _mkdir(ds / "versions", gid=self._gid)
+            version = max(versions(ds), default=0) + 1  # a number a crashed publication took is not taken again
             self._clean_stale(ds)
-            version = max(versions(ds), default=0) + 1
             manifest = {**manifest, "version": version}
             tmp = ds / f".tmp-v{version}-{secrets.token_hex(4)}"
             tmp.mkdir(mode=0o700)
@@ -196,11 +197,20 @@ class Publisher:
         fsync_dir(ds)
 
     def _clean_stale(self, ds: Path) -> None:
+        """What a crashed publication left: its temporary folder and symlink, and a version it put in place
+        but never made current (every publication makes its version current, so one above ``current`` never
+        was; no reader has seen it)."""
         for p in ds.iterdir():
             if p.name.startswith(".tmp-v"):
                 _remove(p)
             elif p.name.startswith(".current-") and p.is_symlink():
                 p.unlink()
+        current = current_version(ds)
+        orphans = [v for v in versions(ds) if current is None or v > current]
+        for v in orphans:
+            _remove(ds / "versions" / str(v))
+        if orphans:
+            fsync_dir(ds / "versions")
 
 
 def _remove(path: Path) -> None:
