@@ -622,3 +622,19 @@ def test_a_column_named_twice_once_with_spaces_is_refused(site, tmp_path):
     p.write_text("mrn, mrn,score\n000101,000101,1\n")
     text = refusal(site, make_spec(p, {"mrn": "pseudonym", "score": "keep"}))
     assert "d.csv line 1: column(s) named twice: mrn" in text
+
+
+def test_an_error_no_refusal_foresaw_is_on_the_trail_by_its_kind_alone(site, patients_csv, monkeypatch):
+    """An error inside ingest that is no refusal (a bug, a library's own error, which may quote a value) ended
+    the attempt with no audit record; it is recorded as ``error``, naming the error's kind, not its text."""
+
+    def broken(*args, **kwargs):
+        raise KeyError("Anna Müller")
+
+    monkeypatch.setattr(ing, "transform", broken)
+    with pytest.raises(KeyError):
+        ing.ingest(site, make_spec(patients_csv, COLUMNS, patient_id="mrn"), operator="t")
+    assert_nothing_published(site)
+    (rec,) = audit_records(site)
+    assert rec["outcome"] == "error" and rec["details"]["error"] == "KeyError"
+    assert "Anna" not in json.dumps(rec, ensure_ascii=False)

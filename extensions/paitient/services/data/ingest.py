@@ -378,6 +378,19 @@ def ingest(
                 details={"project": spec.project, "dataset": spec.dataset, "problems": e.recorded[:20]},
             )
         raise
+    except Exception as e:
+        # not a refusal this code foresaw: the attempt is on the trail all the same, by the error's kind alone
+        # (its message may quote a source value)
+        if not dry_run:
+            audit.emit(
+                site,
+                actor=operator,
+                action="ingest.publish",
+                object=obj,
+                outcome="error",
+                details={"project": spec.project, "dataset": spec.dataset, "error": type(e).__name__},
+            )
+        raise
     if dry_run:
         return outcome
     assert index is not None  # built above whenever this is no dry run
