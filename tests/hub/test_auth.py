@@ -97,21 +97,28 @@ async def test_login_name_case_does_not_make_another_user(demo):
     assert model["name"] == "alice"
 
 
-async def test_admin_group_makes_hub_admins(slapd, demo_site, make_authenticator):
+async def test_admin_group_makes_hub_admins_of_accounts_in_no_project(slapd, demo_site, make_authenticator, caplog):
+    """Dave (in no project) in the admin group is a hub admin. Bob (a researcher) in it is not: JupyterHub's
+    admin role opens every researcher's server and mints API tokens for anyone, so a researcher holding it
+    could take a steward's token and approve her own release (a review's attack). He signs in as a
+    researcher, and the log says why."""
     # the group is edited as the directory's root, the way the hospital's directory admins would
     subprocess.run(
         ["ldapmodify", "-x", "-H", slapd.url, "-D", slapd.rootdn, "-y", str(slapd.rootpw_file)],
         input=(
             f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
-            f"add: member\nmember: uid=bob,{PEOPLE}\n"
+            f"add: member\nmember: uid=bob,{PEOPLE}\nmember: uid=dave,{PEOPLE}\n"
         ).encode(),
         check=True,
         capture_output=True,
     )
     auth = make_authenticator(demo_site(), slapd.url)
+    model = await sign_in(auth, "dave", slapd.credentials()["dave"])
+    assert model["admin"] is True and [r["name"] for r in model["roles"]] == ["user", "admin"]
     model = await sign_in(auth, "bob", slapd.credentials()["bob"])
-    assert model["admin"] is True
-    assert [r["name"] for r in model["roles"]] == ["user", "researcher", "admin"]
+    assert model["admin"] is False
+    assert [r["name"] for r in model["roles"]] == ["user", "researcher"]
+    assert "bob is in the admin group and in project(s)" in caplog.text and "not a hub admin" in caplog.text
     model = await sign_in(auth, "alice", slapd.credentials()["alice"])
     assert model["admin"] is False
 

@@ -407,6 +407,14 @@ class PaitientLDAPAuthenticator(LDAPAuthenticator):
             self.log.warning("sign-in refused for %s: in no paitient project", signon.shown(login))
             await self._audit(actor, "denied", reason="not a member of any project")
             raise web.HTTPError(403, signon.NO_PROJECT_MESSAGE)
+        if m.admin_withheld:
+            self.log.warning(
+                "%s is in the admin group and in project(s) %s: signed in as a researcher, not a hub admin "
+                "(the admin role opens every researcher's server); operate the workspace from an account of no "
+                "project",
+                signon.shown(login),
+                ", ".join(m.projects),
+            )
         return self._model(login, signed)
 
     def _model(self, name: str, signed: Signed) -> dict:

@@ -216,6 +216,8 @@ class Membership:
     admin: bool
     groups: tuple[str, ...]
     """The configured group identifiers the user is in (for LDAPAuthenticator.allowed_groups)."""
+    admin_withheld: bool = False
+    """In the admin group and in a project: no hub admin (see :func:`membership`)."""
 
     @property
     def may_sign_in(self) -> bool:
@@ -225,17 +227,29 @@ class Membership:
 def membership(
     in_groups: set[str], project_groups: Mapping[str, str], steward_group: str, admin_group: str
 ) -> Membership:
-    """Projects and paitient roles from the configured groups the user is in."""
+    """Projects and paitient roles from the configured groups the user is in.
+
+    A member of a project is no hub admin, whatever the admin group says: JupyterHub's admin role cannot be
+    narrowed, and it opens every researcher's server and mints API tokens for anyone, so a researcher holding
+    it could run other projects' kernels, or take a steward's token and approve her own release. Whoever
+    operates the workspace does so from an account of no project."""
     projects = tuple(sorted(p for p, g in project_groups.items() if g in in_groups))
     roles = []
     if projects:
         roles.append("researcher")
     if steward_group and steward_group in in_groups:
         roles.append("steward")
-    admin = bool(admin_group) and admin_group in in_groups
+    in_admin_group = bool(admin_group) and admin_group in in_groups
+    admin = in_admin_group and not projects
     if admin:
         roles.append("admin")
-    return Membership(projects=projects, roles=tuple(roles), admin=admin, groups=tuple(sorted(in_groups)))
+    return Membership(
+        projects=projects,
+        roles=tuple(roles),
+        admin=admin,
+        groups=tuple(sorted(in_groups)),
+        admin_withheld=in_admin_group and not admin,
+    )
 
 
 def hub_roles(

@@ -109,6 +109,11 @@ def revoke_all(db: Any, orm_user: orm.User) -> list[orm.APIToken]:
 
 
 RESEARCHER_REASON = "researchers hold no API token"
+OTHERS_REASON = "an API token is made by its own account only"
+FOR_ANOTHER_MESSAGE = (
+    "An API token is made by its own account only, not for another (not by an admin either): the other account "
+    "signs in and makes its own."
+)
 WITHDRAWN_REASON = "access withdrawn in the directory"
 
 
@@ -127,6 +132,18 @@ class TokenRequestHandler(UserTokenListAPIHandler):
 
     async def post(self, user_name: str) -> None:
         owner = self.find_user(user_name)
+        asking = self.current_user
+        if (
+            owner is not None
+            and asking is not None
+            and getattr(asking, "kind", "") == "user"
+            and asking.name != owner.name
+        ):
+            # JupyterHub lets an admin make a token for anyone: for a steward, it reviews and approves as that
+            # steward. Nobody here needs a token in another account's name.
+            self.log.warning("API token for %s refused to %s: not their account", shown(owner.name), shown(asking.name))
+            await self._audit(asking.name, owner.name, OTHERS_REASON)
+            raise web.HTTPError(403, FOR_ANOTHER_MESSAGE)
         if owner is None or not refuses_tokens(owner):
             body = self.get_json_body() or {}
             note = body.get("note") if isinstance(body, dict) else None
@@ -158,13 +175,15 @@ class TokenRequestHandler(UserTokenListAPIHandler):
             return authenticated.get("name")
         return authenticated or None
 
-    async def _audit(self, requester: str, owner: str) -> None:
+    async def _audit(
+        self, requester: str, owner: str, reason: str = "the workspace issues no API tokens to researchers"
+    ) -> None:
         site = getattr(self.authenticator, "site", None)
         if site is None:
             return
         from paitient.hub import records
 
-        details = {"reason": "the workspace issues no API tokens to researchers"}
+        details = {"reason": reason}
         if requester != owner:
             details["user"] = owner
         # nothing was issued: the record needs not come first, and one the trail cannot take waits for it
