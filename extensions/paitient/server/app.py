@@ -10,12 +10,20 @@ lost one of those refuses to start rather than run open.
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+from typing import Any
+
 from jupyter_server.extension.application import ExtensionApp
+from tornado.web import HTTPError
 from traitlets import Bool, Unicode
 
 from paitient.config import EgressLimits, site_trait
 from paitient.server.gate import EgressGate, EgressTransform
 from paitient.server.handlers import BLOCKED, BlockedHandler
+
+log = logging.getLogger(__name__)
 
 
 class LockdownError(RuntimeError):
@@ -58,6 +66,8 @@ class PaitientServerExtension(ExtensionApp):
             serverapp.contents_manager.egress_gate = self.gate
         if isinstance(serverapp.kernel_manager, SandboxMappingKernelManager):
             serverapp.kernel_manager.egress_gate = self.gate
+        if hasattr(serverapp.identity_provider, "hub_auth"):  # a hub's user's server (not a bare one, as tests run)
+            owner_only(serverapp.identity_provider, os.environ.get("JUPYTERHUB_USER", ""))
         # First, so it sees bodies before any compression.
         web_app.transforms.insert(0, EgressTransform)
         routes.install(web_app, self.gate)
@@ -81,6 +91,44 @@ class PaitientServerExtension(ExtensionApp):
     async def stop_extension(self) -> None:
         if self.gate is not None:
             self.gate.shutdown()
+
+
+def owner_only(provider: Any, owner: str) -> None:
+    """Let ``provider`` (the server's identity provider, JupyterHub's) sign in the server's owner alone.
+
+    JupyterHub lets into a user's server whoever holds ``access:servers`` on it, and its admin role holds it
+    for every server and cannot be narrowed: an admin helping a researcher ran her kernels, and her saved
+    notebook's script ran in his browser on the hub's origin, where it could make a token in his name. Anyone
+    else but the owner is answered 403, as JupyterHub answers a user without the scope. With no owner named
+    (not started by the hub) nobody is let in."""
+    if getattr(provider, "_paitient_owner_only", ""):
+        return
+    signed_in = provider.get_user
+
+    async def get_user(handler: Any) -> Any:
+        user = signed_in(handler)
+        if inspect.isawaitable(user):
+            user = await user
+        if user is None:
+            return None
+        hub_user = getattr(user, "hub_user", None) or {}
+        if hub_user.get("kind", "user") == "user" and owner and getattr(user, "username", None) == owner:
+            return user
+        log.warning(
+            "refused %s %r on the server of %r: only its owner signs in here",
+            hub_user.get("kind", "user"),
+            getattr(user, "username", None),
+            owner,
+        )
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise HTTPError(403, f"This is the server of {owner}; only its owner signs in here.")
+
+        handler.redirect = refuse  # as JupyterHub's refusal: tornado's sign-in redirect becomes the 403
+        return None
+
+    provider.get_user = get_user
+    provider._paitient_owner_only = owner or "(nobody)"
 
 
 def lockdown_problems(serverapp) -> list[str]:
@@ -112,4 +160,15 @@ def lockdown_problems(serverapp) -> list[str]:
         problems.append("the egress transform is not the first output transform")
     if web_app is not None and not getattr(web_app, "_paitient_routes", False):
         problems.append("the route policy is not installed")
+    problem = identity_problem(serverapp.identity_provider)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def identity_problem(provider: Any) -> str:
+    """What is wrong with who the server signs in (``""``: nothing): the hub's identity provider must let in
+    the server's owner alone (:func:`owner_only`)."""
+    if hasattr(provider, "hub_auth") and not getattr(provider, "_paitient_owner_only", ""):
+        return "the hub's identity provider lets in others than the server's owner"
+    return ""
