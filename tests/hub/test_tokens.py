@@ -38,6 +38,17 @@ def test_researcher_roles_carry_no_token_scope_and_the_stewards_do():
     assert "tokens!user=sam" in expanded(specs["steward"]["scopes"], "sam")
 
 
+def test_no_role_of_a_researcher_or_steward_reads_other_accounts_or_groups_through_the_hub():
+    """A steward held list:users, read:users:name and read:groups over everyone: any project's member list
+    (GET /hub/api/groups/<project>), where the services show a steward their own projects' alone."""
+    specs = signon.role_specs(STEWARD_SCOPES, RESEARCHER_SCOPES)
+    for role, name in (("steward", "sam"), ("researcher", "alice")):
+        held = expanded(specs[role]["scopes"], name)
+        over_others = {s for s in held if "!" not in s and not s.startswith(("access:services", "custom:"))}
+        assert over_others == set(), (role, over_others)
+        assert not {"list:users", "list:groups", "read:groups", "read:users:name"} & held
+
+
 def test_hub_configuration_gives_the_user_role_no_token_scope_and_installs_the_pages(tmp_path):
     import tomllib
 

@@ -22,7 +22,7 @@ from paitient.hub.kubernetes import (
     user_uid,
 )
 from paitient.hub.paths import server_argv
-from tests.kubernetes.conftest import DIRECTORY_PASSWORD, PROJECTS, containers
+from tests.kubernetes.conftest import DIRECTORY_PASSWORD, PROJECTS, containers, spawner_for
 
 IMAGE = "paitient-singleuser:0.1.0"
 GIDS = {"oncology": 30001, "cardiometabolic": 30002, "genomics": 30003}
@@ -261,7 +261,6 @@ async def test_the_pod_carries_no_secret_but_the_servers_own_token(site, make_us
 
 
 async def test_the_servers_token_carries_only_what_a_server_needs(site, make_user):
-    from tests.kubernetes.conftest import spawner_for
 
     spawner = spawner_for(make_user("alice", ("oncology",)), profile(site))
     assert sorted(spawner.server_token_scopes) == ["access:servers!server", "users:activity!user"]
@@ -320,3 +319,26 @@ def test_the_profile_needs_the_hospitals_directory():
     c = Config()
     with pytest.raises(ProfileError, match=r"\[directory\] url"):
         configure_kubernetes(c, site_config.load(None), image=IMAGE)
+
+
+async def test_a_start_with_options_is_refused_and_a_charts_profile_list_is_set_aside(site, make_user, render):
+    """Attack (a review's): the hub's API takes a dict of options with a start and keeps them; KubeSpawner
+    applies them through a profile list (image, volumes, resources) once the chart's values name one. A
+    start with any option is refused with a 400 saying why, and a profile list from the chart is cleared."""
+    from tornado import web
+
+    from paitient.hub.hubconfig import NO_OPTIONS_MESSAGE
+
+    c = Config()
+    c.KubeSpawner.profile_list = [{"display_name": "big", "kubespawner_override": {"image": "someone/else:latest"}}]
+    c.PaitientKubeSpawner.profile_list = c.KubeSpawner.profile_list
+    c.merge(profile(site))
+    alice = make_user("alice", ("oncology",))
+    spawner = spawner_for(alice, c)
+    assert spawner.profile_list == []
+    with pytest.raises(web.HTTPError) as e:
+        await spawner._run_apply_user_options({"profile": "big", "image": "someone/else:latest"})
+    assert e.value.status_code == 400 and e.value.log_message == NO_OPTIONS_MESSAGE
+    await spawner._run_apply_user_options({})  # JupyterLab's start sends none: it starts
+    pod = await render(alice, c)
+    assert {container["image"] for container in all_containers(pod)} == {IMAGE}

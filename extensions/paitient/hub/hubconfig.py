@@ -29,6 +29,8 @@ METRICS_SERVICE = "paitient-metrics"
 
 # A researcher's own-account scopes leave out `tokens` (see paitient.hub.tokens); a steward's `self` keeps it.
 RESEARCHER_SCOPES = [*OWN_SCOPES, "access:services", "custom:airlock:request", "custom:airlock:download"]
+# Nothing over every account or group: the services say which users a steward reads (their projects' members);
+# list:users, read:users:name and read:groups gave any project's member list through the hub's API.
 STEWARD_SCOPES = [
     "self",
     "access:services",
@@ -36,10 +38,23 @@ STEWARD_SCOPES = [
     "custom:ledger:read",
     "custom:audit:read",
     "custom:egress:read",
-    "list:users",
-    "read:users:name",
-    "read:groups",
 ]
+
+
+NO_OPTIONS_MESSAGE = (
+    "This workspace takes no server options: every server starts as the site configuration says. Start it "
+    "without options (JupyterLab and the hub's home page send none)."
+)
+
+
+def refuse_user_options(spawner: Any, user_options: dict[str, Any]) -> None:
+    """``Spawner.apply_user_options``: any option the browser sends with a start (the REST API takes a dict of
+    them, and a spawner that reads one, KubeSpawner with a profile list, would take an image, volumes or
+    resources from it) is refused with a 400 saying so; none starts nothing different."""
+    from tornado import web
+
+    if user_options:
+        raise web.HTTPError(400, NO_OPTIONS_MESSAGE)
 
 
 def managed_services(site: SiteConfig) -> list[Any]:
@@ -122,6 +137,7 @@ def configure(
     # -- what they get --------------------------------------------------------------------------------
     c.JupyterHub.spawner_class = site.workspace.spawner
     c.JupyterHub.allow_named_servers = False
+    c.Spawner.apply_user_options = refuse_user_options
     c.Spawner.site_file = site.source
     c.Spawner.site_state_dir = str(site.state_dir)
     c.Spawner.default_url = "/lab"

@@ -665,7 +665,13 @@ def configure_kubernetes(
     """
     from paitient.hub import landing, tokens
     from paitient.hub.auth import configure_from_site
-    from paitient.hub.hubconfig import RESEARCHER_SCOPES, STEWARD_SCOPES, hub_db_url, managed_services
+    from paitient.hub.hubconfig import (
+        RESEARCHER_SCOPES,
+        STEWARD_SCOPES,
+        hub_db_url,
+        managed_services,
+        refuse_user_options,
+    )
     from paitient.hub.signon import OWN_SCOPES
 
     if not site.directory.url:
@@ -717,9 +723,11 @@ def configure_kubernetes(
     c.JupyterHub.template_vars = {"paitient_offers_tokens": tokens.offers_tokens}
     c.JupyterHub.spawner_class = "paitient.hub.kubernetes.PaitientKubeSpawner"
     c.JupyterHub.allow_named_servers = False
+    c.Spawner.apply_user_options = refuse_user_options
     c.Spawner.site_file = site.source
     c.Spawner.site_state_dir = str(site.state_dir)
     k = c.PaitientKubeSpawner
+    k.profile_list = []  # a chart's profileList would let a start choose its image, volumes and resources
     k.image = image
     k.image_pull_policy = "IfNotPresent"
     k.cmd = server_argv("python")

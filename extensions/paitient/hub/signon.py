@@ -187,7 +187,7 @@ OWN_SCOPES = (
 """What JupyterHub's ``self`` scope gives a user over their own account, less ``tokens``: a researcher's
 roles carry these instead of ``self``, so no role lets them create, list or revoke API tokens."""
 
-BASE_STEWARD_SCOPES = ("self", "read:users:name", "read:groups:name")
+BASE_STEWARD_SCOPES = ("self",)
 BASE_RESEARCHER_SCOPES = OWN_SCOPES
 
 
