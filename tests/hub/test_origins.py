@@ -76,3 +76,30 @@ def test_a_separately_run_service_signs_in_to_the_hubs_origin_and_comes_back_to_
     assert (
         plain["JUPYTERHUB_HOST"] == "" and plain["JUPYTERHUB_OAUTH_CALLBACK_URL"] == "/services/airlock/oauth_callback"
     )
+
+
+def test_the_config_file_for_jupyterhubs_own_hub_refuses_subdomains_it_cannot_guard(tmp_path, monkeypatch):
+    """Run by stock ``jupyterhub -f hub_config/jupyterhub_config.py``, the hub has no host rule (only
+    ``paitient up``'s hub class installs it), and a review found subdomains open to the attack of 17b again:
+    a steward signing in on alice's host. The file refuses the setting, saying what to do; without it, it
+    configures the hub."""
+    from pathlib import Path
+
+    from traitlets.config.loader import PyFileConfigLoader
+
+    from paitient.config.reference import effective_toml
+
+    config_file = Path(__file__).parents[2] / "hub_config" / "jupyterhub_config.py"
+    for subdomain_host in (HOST, ""):
+        s = site(tmp_path, subdomain_host).replace(
+            directory=site(tmp_path).directory.replace(url="ldap://127.0.0.1:3890/")
+        )
+        site_file = tmp_path / "site.toml"
+        site_file.write_text(effective_toml(s))
+        monkeypatch.setenv("PAITIENT_SITE", str(site_file))
+        loader = PyFileConfigLoader(config_file.name, str(config_file.parent))
+        if subdomain_host:
+            with pytest.raises(SystemExit, match="cannot serve \\[workspace\\] subdomain_host.*paitient up"):
+                loader.load_config()
+        else:
+            assert loader.load_config().JupyterHub.allow_named_servers is False
