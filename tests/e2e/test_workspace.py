@@ -383,6 +383,51 @@ def test_researcher_gets_no_api_token_steward_does(workspace):
     assert hub_api(base, token, "/users/alice")["name"] == "alice"
 
 
+def test_an_admin_makes_no_token_for_another_account_and_no_researcher_is_an_admin(fresh_workspace):
+    """Attack (a review's): JupyterHub lets an admin make an API token for any account, and its admin role
+    cannot be narrowed. A researcher in the admin group made a steward's token and approved her own release as
+    him; and an admin reached every researcher's server. An admin (Dave, in no project) is now refused a token
+    for Sam, on the record, and Alice's server turns him away; Bob, a researcher in the admin group, signs in
+    as a researcher alone."""
+    from paitient.hub import tokens
+    from paitient.hub.hubconfig import NO_OPTIONS_MESSAGE
+    from paitient.ops.demo import DEMO_BASE_DN
+
+    ws = fresh_workspace
+    ws.start()
+    ws.directory_modify(
+        f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
+        f"add: member\nmember: uid=dave,ou=people,{DEMO_BASE_DN}\nmember: uid=bob,ou=people,{DEMO_BASE_DN}\n"
+    )
+    dave = ws.login("dave")
+    assert dave.get(ws.url + "hub/api/user", timeout=30).json()["admin"] is True
+    r = dave.post(ws.url + "hub/api/users/sam/tokens", json={"note": "x"}, headers=hub_xsrf(dave), timeout=30)
+    assert r.status_code == 403 and r.json()["message"] == tokens.FOR_ANOTHER_MESSAGE, r.text
+    refused = [r for r in newest_first(ws.state_dir / "audit") if r["action"] == "auth.token"][0]
+    assert (refused["actor"], refused["object"], refused["outcome"]) == ("dave", "sam", "denied")
+    assert refused["details"]["reason"] == tokens.OTHERS_REASON
+    # his own token he may still make
+    r = dave.post(ws.url + "hub/api/users/dave/tokens", json={"note": "operate"}, headers=hub_xsrf(dave), timeout=30)
+    assert r.status_code == 201, r.text
+    bob = ws.login("bob").get(ws.url + "hub/api/user", timeout=30).json()
+    assert bob["admin"] is False and "researcher" in bob["roles"] and "admin" not in bob["roles"]
+    # the hub lets the admin through its sign-in to alice's server (the admin role holds access:servers);
+    # her server signs in its owner alone
+    alice = ws.login("alice")
+    # a start with options (the hub's API keeps them for a spawner that reads them) is refused, saying why
+    r = alice.post(
+        ws.url + "hub/api/users/alice/server",
+        json={"user_options": {"image": "someone/else"}},
+        headers=hub_xsrf(alice),
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["message"] == NO_OPTIONS_MESSAGE, r.text
+    ws.start_server(alice, "alice")
+    assert alice.get(ws.url + "user/alice/api/status", timeout=30).status_code == 200
+    r = dave.get(ws.url + "user/alice/api/status", timeout=30)
+    assert r.status_code == 403 and "only its owner signs in here" in r.text, (r.status_code, r.url, r.text[:300])
+
+
 def test_a_token_held_from_before_joining_a_project_is_revoked(fresh_workspace):
     # Sam, a steward, holds API tokens; then the directory's admins put him in a project, which makes
     # him a researcher. His tokens must stop working, the very request that finds out included.
