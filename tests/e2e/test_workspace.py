@@ -1,9 +1,11 @@
 """The workspace through its front door: real directory, proxy, hub, spawner, servers and kernels."""
 
 import base64
+import html
 import json
 import os
 import pwd
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -425,6 +427,13 @@ def test_an_admin_makes_no_token_for_another_account_and_no_researcher_is_an_adm
     ws.start_server(alice, "alice")
     assert alice.get(ws.url + "user/alice/api/status", timeout=30).status_code == 200
     r = dave.get(ws.url + "user/alice/api/status", timeout=30)
+    # JupyterHub asks him to confirm the access to another account's server, and then grants it
+    assert "/hub/api/oauth2/authorize" in r.url and r.status_code == 200 and "Authorize" in r.text, r.url
+    confirm = {
+        "_xsrf": html.unescape(re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)),
+        "scopes": re.findall(r'name="scopes" value="([^"]+)"', r.text),
+    }
+    r = dave.post(r.url, data=confirm, timeout=30)
     assert r.status_code == 403 and "only its owner signs in here" in r.text, (r.status_code, r.url, r.text[:300])
 
 
