@@ -118,7 +118,7 @@ async def test_admin_group_makes_hub_admins_of_accounts_in_no_project(slapd, dem
     model = await sign_in(auth, "bob", slapd.credentials()["bob"])
     assert model["admin"] is False
     assert [r["name"] for r in model["roles"]] == ["user", "researcher"]
-    assert "bob is in the admin group and in project(s)" in caplog.text and "not a hub admin" in caplog.text
+    assert "'bob' is in the admin group and in project(s)" in caplog.text and "not a hub admin" in caplog.text
     model = await sign_in(auth, "alice", slapd.credentials()["alice"])
     assert model["admin"] is False
 
