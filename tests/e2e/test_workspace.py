@@ -401,6 +401,7 @@ def test_an_admin_makes_no_token_for_another_account_and_no_researcher_is_an_adm
         f"dn: cn=workspace-admins,ou=groups,{DEMO_BASE_DN}\nchangetype: modify\n"
         f"add: member\nmember: uid=dave,ou=people,{DEMO_BASE_DN}\nmember: uid=bob,ou=people,{DEMO_BASE_DN}\n"
     )
+    ws.login("sam")  # the steward has signed in before: the hub knows his account
     dave = ws.login("dave")
     assert dave.get(ws.url + "hub/api/user", timeout=30).json()["admin"] is True
     r = dave.post(ws.url + "hub/api/users/sam/tokens", json={"note": "x"}, headers=hub_xsrf(dave), timeout=30)
@@ -426,7 +427,7 @@ def test_an_admin_makes_no_token_for_another_account_and_no_researcher_is_an_adm
     assert r.status_code == 400 and r.json()["message"] == NO_OPTIONS_MESSAGE, r.text
     ws.start_server(alice, "alice")
     assert alice.get(ws.url + "user/alice/api/status", timeout=30).status_code == 200
-    r = dave.get(ws.url + "user/alice/api/status", timeout=30)
+    r = dave.get(ws.url + "user/alice/lab", timeout=30)  # a page: the server sends him to the hub's sign-in
     # JupyterHub asks him to confirm the access to another account's server, and then grants it
     assert "/hub/api/oauth2/authorize" in r.url and r.status_code == 200 and "Authorize" in r.text, r.url
     confirm = {

@@ -50,11 +50,22 @@ NO_OPTIONS_MESSAGE = (
 def refuse_user_options(spawner: Any, user_options: dict[str, Any]) -> None:
     """``Spawner.apply_user_options``: any option the browser sends with a start (the REST API takes a dict of
     them, and a spawner that reads one, KubeSpawner with a profile list, would take an image, volumes or
-    resources from it) is refused with a 400 saying so; none starts nothing different."""
+    resources from it) is refused with a 400 saying so; none starts nothing different. JupyterHub keeps a
+    start's options as the default of every later start, so they are dropped too: the next start, without
+    options, is not refused again."""
+    from sqlalchemy import inspect
     from tornado import web
 
-    if user_options:
-        raise web.HTTPError(400, NO_OPTIONS_MESSAGE)
+    if not user_options:
+        return
+    spawner.user_options = {}
+    orm_spawner = getattr(spawner, "orm_spawner", None)
+    if orm_spawner is not None and orm_spawner.user_options:
+        orm_spawner.user_options = {}
+        session = inspect(orm_spawner).session
+        if session is not None:
+            session.commit()
+    raise web.HTTPError(400, NO_OPTIONS_MESSAGE)
 
 
 def managed_services(site: SiteConfig) -> list[Any]:
