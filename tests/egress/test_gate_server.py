@@ -217,6 +217,34 @@ def cell_stdout(res) -> str:
     return "".join(parts)
 
 
+def rows_shown_in_widgets(outputs: list[dict], row: str) -> int:
+    """Lines matching ``row`` that JupyterLab shows in the Output widgets of a cell, from the iopub messages
+    that reached the client: a widget exists once its comm_open came, its area shows the stream text its
+    ``outputs`` state gave it, and a stream message goes on from that text while the widget captures the
+    cell (its ``msg_id``); a message no widget the browser has captures shows in the cell instead."""
+    from paitient.rules.edm.tokens import as_lab_shows
+
+    shown: dict[str, str] = {}
+    capturing: str | None = None
+    count = 0
+    for out in outputs:
+        kind, content = out["msg_type"], out["content"]
+        comm = content.get("comm_id")
+        if kind == "comm_open":
+            shown[comm] = ""
+        elif kind == "comm_msg" and comm in shown:
+            state = (content.get("data") or {}).get("state") or {}
+            if "outputs" in state:
+                shown[comm] = "".join(o.get("text", "") for o in state["outputs"] if o.get("output_type") == "stream")
+            if "msg_id" in state:
+                capturing = comm if state["msg_id"] else None
+        elif kind == "stream" and capturing in shown:
+            before = len(re.findall(row, as_lab_shows(shown[capturing].encode()).decode()))
+            shown[capturing] += content["text"]
+            count += len(re.findall(row, as_lab_shows(shown[capturing].encode()).decode())) - before
+    return count
+
+
 def test_a_row_ended_in_an_output_widget_whose_outputs_the_kernel_set_is_read_whole(world):
     """Attack (a fourth red team's): a widget whose ``outputs`` the kernel sets to a stream ending in a
     letter, then a captured backspace that takes it back: JupyterLab shows each row whole in the widget.
@@ -229,7 +257,10 @@ def test_a_row_ended_in_an_output_widget_whose_outputs_the_kernel_set_is_read_wh
     )
     res = server.run(code)
     assert "output withheld" in res.stderr, res.stderr[-300:]
-    assert 0 < res.stdout.count("\b:79") <= 20, res.stdout.count("\b:79")
+    # Counted as the browser shows them: once the rows allowed are spent, a widget's messages may pass in part
+    # (its comm_open withheld, or its "rowZ"), and a print into it then shows no row (":7950,1.5"), in the
+    # widget or in the cell: the browser's own view of the widgets is rebuilt from what reached it.
+    assert 0 < rows_shown_in_widgets(res.outputs, r"row:79\d\d,1\.5") <= 20
 
 
 def test_a_message_the_iopub_rate_limit_drops_is_not_read_into_the_line_the_browser_shows(world):
