@@ -367,21 +367,11 @@ def ingest(
                 index = rowindex.build(outcome.table, {"columns": outcome.info["columns"]}, rowindex.ensure_key(site))
             except rowindex.IndexRefused as e:
                 raise IngestRefused(str(e)) from None
-    except IngestRefused as e:
-        if not dry_run:
-            audit.emit(
-                site,
-                actor=operator,
-                action="ingest.publish",
-                object=obj,
-                outcome="denied",
-                details={"project": spec.project, "dataset": spec.dataset, "problems": e.recorded[:20]},
-            )
-        raise
     except Exception as e:
-        # not a refusal this code foresaw: the attempt is on the trail all the same, by the error's kind alone
-        # (its message may quote a source value)
+        # a refusal with its problems; anything else (not a refusal this code foresaw) is on the trail all
+        # the same, by the error's kind alone: its message may quote a source value
         if not dry_run:
+            refused = isinstance(e, IngestRefused)
             audit.emit(
                 site,
                 actor=operator,
