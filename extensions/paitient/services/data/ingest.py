@@ -377,8 +377,12 @@ def ingest(
                 actor=operator,
                 action="ingest.publish",
                 object=obj,
-                outcome="error",
-                details={"project": spec.project, "dataset": spec.dataset, "error": type(e).__name__},
+                outcome="denied" if refused else "error",
+                details={
+                    "project": spec.project,
+                    "dataset": spec.dataset,
+                    **({"problems": e.recorded[:20]} if isinstance(e, IngestRefused) else {"error": type(e).__name__}),
+                },
             )
         raise
     if dry_run:
