@@ -371,18 +371,18 @@ def ingest(
         # a refusal with its problems; anything else (not a refusal this code foresaw) is on the trail all
         # the same, by the error's kind alone: its message may quote a source value
         if not dry_run:
-            refused = isinstance(e, IngestRefused)
+            said: dict[str, Any]
+            if isinstance(e, IngestRefused):
+                verdict, said = "denied", {"problems": e.recorded[:20]}
+            else:
+                verdict, said = "error", {"error": type(e).__name__}
             audit.emit(
                 site,
                 actor=operator,
                 action="ingest.publish",
                 object=obj,
-                outcome="denied" if refused else "error",
-                details={
-                    "project": spec.project,
-                    "dataset": spec.dataset,
-                    **({"problems": e.recorded[:20]} if isinstance(e, IngestRefused) else {"error": type(e).__name__}),
-                },
+                outcome=verdict,
+                details={"project": spec.project, "dataset": spec.dataset, **said},
             )
         raise
     if dry_run:
