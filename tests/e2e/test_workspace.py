@@ -406,9 +406,16 @@ def test_an_admin_makes_no_token_for_another_account_and_no_researcher_is_an_adm
     assert dave.get(ws.url + "hub/api/user", timeout=30).json()["admin"] is True
     r = dave.post(ws.url + "hub/api/users/sam/tokens", json={"note": "x"}, headers=hub_xsrf(dave), timeout=30)
     assert r.status_code == 403 and r.json()["message"] == tokens.FOR_ANOTHER_MESSAGE, r.text
-    refused = [r for r in newest_first(ws.state_dir / "audit") if r["action"] == "auth.token"][0]
-    assert (refused["actor"], refused["object"], refused["outcome"]) == ("dave", "sam", "denied")
-    assert refused["details"]["reason"] == tokens.OTHERS_REASON
+    # the same with his password in the body instead of a session (JupyterHub's handler takes both)
+    r = requests.post(
+        ws.url + "hub/api/users/sam/tokens",
+        json={"auth": {"username": "dave", "password": ws.password("dave")}},
+        timeout=30,
+    )
+    assert r.status_code == 403 and r.json()["message"] == tokens.FOR_ANOTHER_MESSAGE, r.text
+    refused = [r for r in newest_first(ws.state_dir / "audit") if r["action"] == "auth.token"][:2]
+    assert [(r["actor"], r["object"], r["outcome"]) for r in refused] == [("dave", "sam", "denied")] * 2
+    assert {r["details"]["reason"] for r in refused} == {tokens.OTHERS_REASON}
     # his own token he may still make
     r = dave.post(ws.url + "hub/api/users/dave/tokens", json={"note": "operate"}, headers=hub_xsrf(dave), timeout=30)
     assert r.status_code == 201, r.text

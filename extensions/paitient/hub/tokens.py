@@ -133,16 +133,17 @@ class TokenRequestHandler(UserTokenListAPIHandler):
     async def post(self, user_name: str) -> None:
         owner = self.find_user(user_name)
         asking = self.current_user
-        if (
-            owner is not None
-            and asking is not None
-            and getattr(asking, "kind", "") == "user"
-            and asking.name != owner.name
-        ):
+        # who asks: the session's or token's user, else the credentials in the body (JupyterHub takes both)
+        asking_user = (
+            (asking.name if getattr(asking, "kind", "") == "user" else None)
+            if asking is not None
+            else await self._requester()
+        )
+        if owner is not None and asking_user is not None and asking_user != owner.name:
             # JupyterHub lets an admin make a token for anyone: for a steward, it reviews and approves as that
             # steward. Nobody here needs a token in another account's name.
-            self.log.warning("API token for %s refused to %s: not their account", shown(owner.name), shown(asking.name))
-            await self._audit(asking.name, owner.name, OTHERS_REASON)
+            self.log.warning("API token for %s refused to %s: not their account", shown(owner.name), shown(asking_user))
+            await self._audit(asking_user, owner.name, OTHERS_REASON)
             raise web.HTTPError(403, FOR_ANOTHER_MESSAGE)
         if owner is None or not refuses_tokens(owner):
             body = self.get_json_body() or {}
@@ -160,9 +161,14 @@ class TokenRequestHandler(UserTokenListAPIHandler):
 
     async def _requester(self) -> str | None:
         """The name of who asks: the session or token of the request, else the credentials in its body
-        (as JupyterHub's handler accepts them), else None."""
+        (as JupyterHub's handler accepts them), else None. Credentials are checked once per request."""
         if self.current_user is not None:
             return self.current_user.name
+        if not hasattr(self, "_body_requester"):
+            self._body_requester = await self._body_credentials()
+        return self._body_requester
+
+    async def _body_credentials(self) -> str | None:
         body = self.get_json_body() or {}
         if not isinstance(body, dict) or not body.get("auth"):
             return None
